@@ -1,0 +1,306 @@
+//! Multi-document YAML → typed resources, with errors a person can act on.
+//!
+//! The YAML stream is read twice. Pass one only learns each document's
+//! `kind` (ignoring everything else); pass two deserializes each document
+//! strictly into the struct for that kind, through `serde_path_to_error` so a
+//! failure names the field path (`spec.endpoints[0].address`) as well as the
+//! line and column serde_yaml reports. Reading twice keeps the positions
+//! (a `serde_yaml::Value` detour would lose them) and costs nothing at
+//! config-file sizes.
+
+use std::collections::HashSet;
+use std::fmt;
+
+use serde::de::{DeserializeOwned, IgnoredAny};
+use serde::Deserialize;
+
+use crate::resource::{Document, Resource, KNOWN_KINDS};
+use crate::API_VERSION;
+
+/// Why a file was rejected. `Display` gives one line:
+/// `FILE: document N, line L, column C: FIELD: MESSAGE`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub struct ParseError {
+    /// The file name (or `-` for stdin) as the user gave it.
+    pub source_name: String,
+    /// 1-based index of the YAML document inside the file.
+    pub document: usize,
+    /// 1-based line and column, when known.
+    pub line: Option<usize>,
+    pub column: Option<usize>,
+    /// Dotted path of the offending field, empty for the document itself.
+    pub field: String,
+    pub message: String,
+}
+
+impl fmt::Display for ParseError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: document {}", self.source_name, self.document)?;
+        if let Some(line) = self.line {
+            write!(f, ", line {line}")?;
+            if let Some(column) = self.column {
+                write!(f, ", column {column}")?;
+            }
+        }
+        if !self.field.is_empty() {
+            write!(f, ": field `{}`", self.field)?;
+        }
+        write!(f, ": {}", self.message)
+    }
+}
+
+/// Just enough of a document to pick the type for pass two.
+#[derive(Deserialize)]
+struct KindProbe {
+    kind: Option<String>,
+}
+
+/// Parses every document of `text` (named `source_name` in errors) and
+/// validates each one. All or nothing: the first error is returned and no
+/// resource is.
+pub fn parse_documents(source_name: &str, text: &str) -> Result<Vec<Resource>, ParseError> {
+    let starts = document_start_lines(text);
+    let error =
+        |document: usize, field: &str, message: String, pos: Option<(usize, usize)>| ParseError {
+            source_name: source_name.to_owned(),
+            document,
+            line: pos
+                .map(|p| p.0)
+                .or_else(|| starts.get(document - 1).copied()),
+            column: pos.map(|p| p.1),
+            field: field.to_owned(),
+            message,
+        };
+
+    // Pass one: the kind of each document (None for an empty document).
+    let mut kinds = Vec::new();
+    for (i, doc) in serde_yaml::Deserializer::from_str(text).enumerate() {
+        let probe: Option<KindProbe> = Option::deserialize(doc)
+            .map_err(|e| error(i + 1, "", strip_position(&e), position(&e)))?;
+        kinds.push(probe.map(|p| p.kind));
+    }
+
+    // Pass two: strict typed deserialization.
+    let mut resources = Vec::new();
+    let mut names = HashSet::new();
+    for (i, doc) in serde_yaml::Deserializer::from_str(text).enumerate() {
+        let number = i + 1;
+        let kind = match kinds.get(i) {
+            Some(Some(Some(kind))) => kind.as_str(),
+            Some(Some(None)) => {
+                return Err(error(
+                    number,
+                    "kind",
+                    "missing field `kind`".to_owned(),
+                    None,
+                ))
+            }
+            // An empty document (`---` at the end of a file) is harmless.
+            _ => {
+                let _ = IgnoredAny::deserialize(doc);
+                continue;
+            }
+        };
+        let resource = match kind {
+            "Service" => {
+                Resource::Service(typed(doc).map_err(|(f, m, p)| error(number, &f, m, p))?)
+            }
+            other => {
+                return Err(error(
+                    number,
+                    "kind",
+                    format!(
+                        "unknown kind {other:?}; this release knows {}",
+                        KNOWN_KINDS.join(", ")
+                    ),
+                    None,
+                ))
+            }
+        };
+        let api_version = match &resource {
+            Resource::Service(d) => &d.api_version,
+        };
+        if api_version != API_VERSION {
+            return Err(error(
+                number,
+                "apiVersion",
+                format!("unsupported apiVersion {api_version:?}; expected {API_VERSION:?}"),
+                None,
+            ));
+        }
+        resource
+            .validate()
+            .map_err(|(field, message)| error(number, &field, message, None))?;
+        let meta = resource.metadata();
+        let key = (resource.kind(), meta.namespace.clone(), meta.name.clone());
+        if !names.insert(key) {
+            return Err(error(
+                number,
+                "metadata.name",
+                format!(
+                    "{} {}/{} is defined twice in this file",
+                    resource.kind(),
+                    meta.namespace,
+                    meta.name
+                ),
+                None,
+            ));
+        }
+        resources.push(resource);
+    }
+    Ok(resources)
+}
+
+type FieldError = (String, String, Option<(usize, usize)>);
+
+fn typed<S: DeserializeOwned>(
+    doc: serde_yaml::Deserializer<'_>,
+) -> Result<Document<S>, FieldError> {
+    serde_path_to_error::deserialize(doc).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner();
+        let field = if path == "." { String::new() } else { path };
+        (field, strip_position(&inner), position(&inner))
+    })
+}
+
+fn position(e: &serde_yaml::Error) -> Option<(usize, usize)> {
+    e.location().map(|l| (l.line(), l.column()))
+}
+
+/// serde_yaml appends " at line L column C" to its messages; we report the
+/// position separately, so drop it from the text.
+fn strip_position(e: &serde_yaml::Error) -> String {
+    let text = e.to_string();
+    match text.rfind(" at line ") {
+        Some(idx) if e.location().is_some() => text[..idx].to_owned(),
+        _ => text,
+    }
+}
+
+/// The 1-based line on which each document starts, for errors found after
+/// deserialization (when serde no longer knows positions).
+fn document_start_lines(text: &str) -> Vec<usize> {
+    let mut starts = Vec::new();
+    let mut pending = Some(1);
+    for (idx, line) in text.lines().enumerate() {
+        let trimmed = line.trim_end();
+        if trimmed == "---" || trimmed.starts_with("--- ") {
+            if let Some(start) = pending.take() {
+                // A leading `---` before any content does not end a document.
+                if text.lines().take(idx).any(|l| !is_blank_or_comment(l)) {
+                    starts.push(start);
+                }
+            }
+            pending = Some(idx + 2);
+        }
+    }
+    if let Some(start) = pending {
+        starts.push(start);
+    }
+    starts
+}
+
+fn is_blank_or_comment(line: &str) -> bool {
+    let t = line.trim();
+    t.is_empty() || t.starts_with('#') || t == "---"
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = "\
+apiVersion: meshlet.dev/v1alpha1
+kind: Service
+metadata: {name: orders}
+spec:
+  endpoints:
+    - address: 127.0.0.1:8081
+      labels: {version: v1}
+    - address: 127.0.0.1:8082
+---
+apiVersion: meshlet.dev/v1alpha1
+kind: Service
+metadata:
+  name: inventory
+  namespace: shop
+spec: {}
+---
+";
+
+    fn check_err(text: &str, expect: &str) {
+        let err = parse_documents("f.yaml", text).expect_err("should be rejected");
+        assert_eq!(err.to_string(), expect);
+    }
+
+    #[test]
+    fn parses_multiple_documents() {
+        let resources = parse_documents("f.yaml", GOOD).unwrap();
+        assert_eq!(resources.len(), 2);
+        let Resource::Service(orders) = &resources[0];
+        assert_eq!(orders.metadata.name, "orders");
+        assert_eq!(orders.metadata.namespace, "default");
+        assert_eq!(orders.spec.endpoints.len(), 2);
+        assert_eq!(orders.spec.endpoints[0].labels["version"], "v1");
+        assert_eq!(resources[1].metadata().namespace, "shop");
+    }
+
+    #[test]
+    fn unknown_field_names_line_column_and_path() {
+        let text = GOOD.replace("      labels: {version: v1}", "      lables: {version: v1}");
+        let err = parse_documents("f.yaml", &text).unwrap_err();
+        assert_eq!(err.document, 1);
+        assert_eq!(err.line, Some(7));
+        assert_eq!(err.field, "spec.endpoints[0].lables");
+        assert!(err.message.contains("unknown field `lables`"), "{err}");
+    }
+
+    #[test]
+    fn bad_address_is_located() {
+        let text = GOOD.replace("127.0.0.1:8082", "not-an-address");
+        let err = parse_documents("f.yaml", &text).unwrap_err();
+        assert_eq!((err.document, err.line), (1, Some(8)));
+        assert_eq!(err.field, "spec.endpoints[1].address");
+    }
+
+    #[test]
+    fn semantic_errors_name_document_start() {
+        let text = GOOD.replace("name: inventory", "name: Inventory_1");
+        check_err(
+            &text,
+            "f.yaml: document 2, line 10: field `metadata.name`: \"Inventory_1\" is not a valid name: \
+             use 1-63 lower-case letters, digits or '-', starting and ending with a letter or digit",
+        );
+    }
+
+    #[test]
+    fn unknown_kind_and_version_and_duplicates() {
+        check_err(
+            "apiVersion: meshlet.dev/v1alpha1\nkind: Pod\nmetadata: {name: a}\nspec: {}\n",
+            "f.yaml: document 1, line 1: field `kind`: unknown kind \"Pod\"; this release knows Service",
+        );
+        check_err(
+            "apiVersion: v1\nkind: Service\nmetadata: {name: a}\nspec: {}\n",
+            "f.yaml: document 1, line 1: field `apiVersion`: unsupported apiVersion \"v1\"; expected \"meshlet.dev/v1alpha1\"",
+        );
+        let twice =
+            "apiVersion: meshlet.dev/v1alpha1\nkind: Service\nmetadata: {name: a}\nspec: {}\n";
+        let err = parse_documents("f.yaml", &format!("{twice}---\n{twice}")).unwrap_err();
+        assert_eq!(err.document, 2);
+        assert!(err.message.contains("defined twice"));
+    }
+
+    #[test]
+    fn syntax_error_is_located() {
+        let err = parse_documents("f.yaml", "kind: Service\nmetadata: {name: [\n").unwrap_err();
+        assert_eq!(err.document, 1);
+        assert!(err.line.is_some(), "{err}");
+    }
+
+    #[test]
+    fn empty_file_is_empty() {
+        assert!(parse_documents("f.yaml", "").unwrap().is_empty());
+        assert!(parse_documents("f.yaml", "# nothing\n").unwrap().is_empty());
+    }
+}
