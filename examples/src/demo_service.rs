@@ -1,1 +1,328 @@
-fn main() {}
+//! `demo-service`: a tiny HTTP/1.1 service to put behind meshlet sidecars.
+//!
+//! It exists for the local demo (`examples/demo.sh`), the end-to-end tests and
+//! anyone who wants something to proxy while trying the sidecar. It is plain
+//! hyper on purpose: no framework, nothing the mesh could be hiding behind.
+//!
+//! ```text
+//! demo-service --name frontend --port 18080 --version v1 --calls orders
+//! ```
+//!
+//! Routes:
+//! - `GET /health` → `{"status":"healthy","service":NAME}`
+//! - `GET /`       → `{"service","version","port","headers"}`; `headers` holds
+//!   the request headers a mesh adds or forwards (`x-forwarded-for`,
+//!   `traceparent`, ...) so you can see what the sidecar did.
+//! - `POST /echo`  → streams the request body back.
+//! - `GET /work`   → calls `GET http://SERVICE/` for every `--calls SERVICE`
+//!   through the outbound sidecar named by `HTTP_PROXY` (absolute-form URI,
+//!   exactly what an HTTP client library does with a proxy) and answers with
+//!   every downstream status and body, or the error and the
+//!   `x-meshlet-reason` header when the mesh refused. The incoming
+//!   `traceparent` is copied onto the downstream calls. The answer is 200
+//!   when every call got a 2xx, 502 otherwise.
+//!
+//! SIGTERM or SIGINT stops accepting and lets in-flight requests finish.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use clap::Parser;
+use http_body_util::{combinators::BoxBody, BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper::header::{HeaderMap, HeaderValue, CONTENT_TYPE, HOST};
+use hyper::{Method, Request, Response, StatusCode, Uri};
+use hyper_util::rt::TokioIo;
+use hyper_util::server::graceful::GracefulShutdown;
+use serde_json::{json, Value};
+use tokio::net::{TcpListener, TcpStream};
+
+/// Downstream calls give up after this long (connect + response + body).
+const CALL_TIMEOUT: Duration = Duration::from_secs(5);
+/// Downstream bodies larger than this are reported as an error.
+const MAX_DOWNSTREAM_BODY: usize = 64 * 1024;
+/// Request headers reported back by `GET /` (plus any `x-meshlet-*`).
+const SHOWN_HEADERS: &[&str] = &[
+    "host",
+    "x-forwarded-for",
+    "x-forwarded-proto",
+    "x-forwarded-host",
+    "forwarded",
+    "via",
+    "traceparent",
+    "tracestate",
+    "x-request-id",
+];
+
+type Body = BoxBody<Bytes, hyper::Error>;
+
+/// A demo HTTP service for trying meshlet.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "demo-service", version)]
+struct Args {
+    /// Service name, reported in every answer.
+    #[arg(long)]
+    name: String,
+    /// Port to listen on (127.0.0.1).
+    #[arg(long)]
+    port: u16,
+    /// Version label, reported by `GET /` (handy for traffic splits).
+    #[arg(long, default_value = "v1")]
+    version: String,
+    /// A service that `GET /work` calls through the sidecar (repeatable).
+    #[arg(long = "calls", value_name = "SERVICE")]
+    calls: Vec<String>,
+}
+
+/// What every request handler gets to see.
+struct App {
+    args: Args,
+    /// `host:port` of the outbound sidecar, from `HTTP_PROXY`.
+    proxy: Option<String>,
+}
+
+#[tokio::main]
+async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let args = Args::parse();
+    let addr = SocketAddr::from(([127, 0, 0, 1], args.port));
+    let listener = TcpListener::bind(addr)
+        .await
+        .map_err(|e| format!("cannot listen on {addr}: {e}"))?;
+    let proxy = outbound_proxy();
+    eprintln!(
+        "demo-service {} ({}) listening on http://{addr}, calls {:?} via {}",
+        args.name,
+        args.version,
+        args.calls,
+        proxy.as_deref().unwrap_or("<HTTP_PROXY not set>")
+    );
+
+    let app = Arc::new(App { args, proxy });
+
+    let graceful = GracefulShutdown::new();
+    let shutdown = shutdown_signal();
+    tokio::pin!(shutdown);
+    loop {
+        let (stream, _peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(conn) => conn,
+                Err(e) => {
+                    eprintln!("accept failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = &mut shutdown => break,
+        };
+        let app = app.clone();
+        let service = hyper::service::service_fn(move |req| {
+            let app = app.clone();
+            async move { handle(&app, req).await }
+        });
+        let conn = hyper::server::conn::http1::Builder::new()
+            .serve_connection(TokioIo::new(stream), service);
+        let conn = graceful.watch(conn);
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                eprintln!("connection error: {e}");
+            }
+        });
+    }
+
+    drop(listener);
+    let name = &app.args.name;
+    eprintln!("demo-service {name}: shutting down");
+    if tokio::time::timeout(Duration::from_secs(10), graceful.shutdown())
+        .await
+        .is_err()
+    {
+        eprintln!("demo-service {name}: gave up waiting for connections");
+    }
+    Ok(())
+}
+
+/// Resolves on SIGINT (Ctrl-C) or SIGTERM.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("cannot install a SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}
+
+/// The outbound sidecar's `host:port`, from `HTTP_PROXY` (or `http_proxy`).
+fn outbound_proxy() -> Option<String> {
+    let raw = std::env::var("HTTP_PROXY")
+        .or_else(|_| std::env::var("http_proxy"))
+        .ok()?;
+    let uri: Uri = raw.trim().parse().ok()?;
+    let authority = uri.authority()?;
+    Some(format!(
+        "{}:{}",
+        authority.host(),
+        authority.port_u16().unwrap_or(80)
+    ))
+}
+
+async fn handle(app: &App, req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
+    let args = &app.args;
+    eprintln!("{} {} {}", args.name, req.method(), req.uri());
+    let response = match (req.method(), req.uri().path()) {
+        (&Method::GET, "/health") => json_response(
+            StatusCode::OK,
+            &json!({"status": "healthy", "service": args.name}),
+        ),
+        (&Method::GET, "/") => json_response(
+            StatusCode::OK,
+            &json!({
+                "service": args.name,
+                "version": args.version,
+                "port": args.port,
+                "headers": shown_headers(req.headers()),
+            }),
+        ),
+        (&Method::POST, "/echo") => {
+            let mut response = Response::new(req.into_body().boxed());
+            response.headers_mut().insert(
+                CONTENT_TYPE,
+                HeaderValue::from_static("application/octet-stream"),
+            );
+            response
+        }
+        (&Method::GET, "/work") => work(app, req.headers()).await,
+        (_, "/health" | "/" | "/echo" | "/work") => json_response(
+            StatusCode::METHOD_NOT_ALLOWED,
+            &json!({"error": "method not allowed", "service": args.name}),
+        ),
+        _ => json_response(
+            StatusCode::NOT_FOUND,
+            &json!({"error": "not found", "service": args.name}),
+        ),
+    };
+    Ok(response)
+}
+
+/// `GET /work`: call every downstream service, one after the other.
+async fn work(app: &App, incoming: &HeaderMap) -> Response<Body> {
+    let args = &app.args;
+    let traceparent = incoming.get("traceparent").cloned();
+    let mut calls = Vec::new();
+    let mut all_ok = true;
+    for service in &args.calls {
+        let outcome = match &app.proxy {
+            None => Err("HTTP_PROXY is not set: demo-service calls other services \
+                         through its sidecar's outbound listener"
+                .to_string()),
+            Some(proxy) => {
+                match tokio::time::timeout(CALL_TIMEOUT, call(proxy, service, traceparent.clone()))
+                    .await
+                {
+                    Ok(result) => result,
+                    Err(_) => Err(format!("no answer within {CALL_TIMEOUT:?}")),
+                }
+            }
+        };
+        let entry = match outcome {
+            Ok(entry) => entry,
+            Err(error) => json!({"service": service, "error": error}),
+        };
+        let ok = entry["status"]
+            .as_u64()
+            .is_some_and(|s| (200..300).contains(&s));
+        all_ok &= ok;
+        calls.push(entry);
+    }
+    let status = if all_ok {
+        StatusCode::OK
+    } else {
+        StatusCode::BAD_GATEWAY
+    };
+    json_response(
+        status,
+        &json!({"service": args.name, "version": args.version, "calls": calls}),
+    )
+}
+
+/// One `GET http://SERVICE/` through the outbound proxy at `proxy`.
+async fn call(
+    proxy: &str,
+    service: &str,
+    traceparent: Option<HeaderValue>,
+) -> Result<Value, String> {
+    let stream = TcpStream::connect(proxy)
+        .await
+        .map_err(|e| format!("cannot connect to the outbound sidecar at {proxy}: {e}"))?;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .map_err(|e| format!("handshake with {proxy}: {e}"))?;
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+
+    let mut request = Request::get(format!("http://{service}/"))
+        .header(HOST, service)
+        .body(Full::new(Bytes::new()))
+        .map_err(|e| format!("bad service name {service:?}: {e}"))?;
+    if let Some(value) = traceparent {
+        request.headers_mut().insert("traceparent", value);
+    }
+
+    let response = sender
+        .send_request(request)
+        .await
+        .map_err(|e| format!("request via {proxy}: {e}"))?;
+    let status = response.status();
+    let reason = response
+        .headers()
+        .get("x-meshlet-reason")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    let bytes = Limited::new(response.into_body(), MAX_DOWNSTREAM_BODY)
+        .collect()
+        .await
+        .map_err(|e| format!("reading the answer of {service}: {e}"))?
+        .to_bytes();
+    let body = serde_json::from_slice::<Value>(&bytes)
+        .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned()));
+
+    let mut entry = json!({"service": service, "status": status.as_u16(), "body": body});
+    if let Some(reason) = reason {
+        entry["x-meshlet-reason"] = Value::String(reason);
+    }
+    if !status.is_success() {
+        entry["error"] = Value::String(format!("{service} answered {status}"));
+    }
+    Ok(entry)
+}
+
+fn shown_headers(headers: &HeaderMap) -> Value {
+    let mut shown = serde_json::Map::new();
+    for (name, value) in headers {
+        let name = name.as_str();
+        if SHOWN_HEADERS.contains(&name) || name.starts_with("x-meshlet-") {
+            let value = String::from_utf8_lossy(value.as_bytes());
+            // A repeated header is shown as one comma-separated list.
+            let joined = match shown.get(name).and_then(Value::as_str) {
+                Some(earlier) => format!("{earlier}, {value}"),
+                None => value.into_owned(),
+            };
+            shown.insert(name.to_owned(), Value::String(joined));
+        }
+    }
+    Value::Object(shown)
+}
+
+fn json_response(status: StatusCode, value: &Value) -> Response<Body> {
+    let mut text = value.to_string();
+    text.push('\n');
+    let mut response = Response::new(Full::new(Bytes::from(text)).map_err(|e| match e {}).boxed());
+    *response.status_mut() = status;
+    response
+        .headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    response
+}

@@ -1,1 +1,90 @@
-fn main() {}
+//! The `sidecar` binary: parse flags, load config, bind, run until
+//! SIGTERM/SIGINT, drain, exit. Everything else lives in the library.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use meshlet_sidecar::cli::{Args, LogFormat, Mode};
+use meshlet_sidecar::error::StartupError;
+use meshlet_sidecar::{load_config, run, Listeners};
+use tracing_subscriber::EnvFilter;
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    init_logging(args.log_format);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            eprintln!("sidecar: error: cannot start the async runtime: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(start(args)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("sidecar: error: {err}");
+            tracing::error!(error = %err, "sidecar did not start");
+            match err {
+                StartupError::Config(_)
+                | StartupError::ReadConfig { .. }
+                | StartupError::Unsupported(_) => ExitCode::from(2),
+                StartupError::Bind { .. } => ExitCode::FAILURE,
+            }
+        }
+    }
+}
+
+async fn start(args: Args) -> Result<(), StartupError> {
+    if let Some(url) = &args.control_plane {
+        return Err(StartupError::Unsupported(format!(
+            "--control-plane {url}: control-plane mode is not available in this release; \
+             run standalone with --config FILE"
+        )));
+    }
+    if args.mode == Mode::Transparent {
+        return Err(StartupError::Unsupported(
+            "--mode transparent is not available in this release; use --mode explicit".to_owned(),
+        ));
+    }
+    let (resources, source) = match &args.config {
+        Some(path) => (load_config(path)?, path.display().to_string()),
+        None => (
+            Vec::new(),
+            "none (no --config: every destination passes through)".to_owned(),
+        ),
+    };
+    let settings = args.settings();
+    let listeners = Listeners::bind(&settings).await?;
+    run(settings, resources, source, listeners, shutdown_signal()).await;
+    Ok(())
+}
+
+/// Completes on SIGTERM or SIGINT.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        tracing::error!("cannot install signal handlers; stop with SIGKILL");
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM received"),
+        _ = int.recv() => tracing::info!("SIGINT received"),
+    }
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}

@@ -1,0 +1,123 @@
+//! The sidecar's errors, and the **one place** where a request-path error
+//! becomes an HTTP response.
+//!
+//! Every response the mesh generates itself carries a status that says who
+//! failed (4xx: the request; 502: the upstream; 503: the mesh has nowhere to
+//! send it; 504: the upstream was too slow), a header `x-meshlet-reason`
+//! with a stable machine-readable reason, and a one-line plain-text body
+//! saying why in words, so that "why was my request refused" never needs a
+//! debugger (the top complaint about Envoy's bare 503s).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use http::{header, HeaderValue, Response, StatusCode};
+
+use crate::body::ProxyBody;
+
+/// Header naming why the mesh answered instead of the upstream.
+pub const REASON_HEADER: &str = "x-meshlet-reason";
+
+/// Errors that stop the sidecar from starting.
+#[derive(Debug, thiserror::Error)]
+pub enum StartupError {
+    #[error("cannot read config file {path}: {source}")]
+    ReadConfig {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("invalid config: {0}")]
+    Config(#[from] meshlet_api::ParseError),
+    #[error("cannot listen on {addr} ({listener} listener): {source}")]
+    Bind {
+        listener: &'static str,
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Unsupported(String),
+}
+
+/// Why the proxy answered a request itself.
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    #[error("request has no Host header or absolute URI to route by")]
+    MissingHost,
+    #[error("request has both Content-Length and Transfer-Encoding (ambiguous framing)")]
+    AmbiguousFraming,
+    #[error("{method} is not supported on the {listener} listener")]
+    MethodNotAllowed {
+        method: http::Method,
+        listener: &'static str,
+    },
+    #[error("no service named {host:?} is known to the mesh and the name does not resolve")]
+    UnknownService { host: String },
+    #[error("service {service:?} has no healthy endpoint")]
+    NoHealthyEndpoint { service: String },
+    #[error("request to {addr} would loop back into this sidecar")]
+    Loop { addr: SocketAddr },
+    #[error("cannot connect to upstream {addr}: {source}")]
+    ConnectFailed {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("upstream {upstream} did not send response headers within {}", humantime::format_duration(*timeout))]
+    UpstreamTimeout { upstream: String, timeout: Duration },
+    #[error("upstream {addr} failed: {source}")]
+    Upstream {
+        addr: SocketAddr,
+        source: hyper::Error,
+    },
+}
+
+impl ProxyError {
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ProxyError::MissingHost | ProxyError::AmbiguousFraming => StatusCode::BAD_REQUEST,
+            ProxyError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
+            ProxyError::UnknownService { .. } | ProxyError::NoHealthyEndpoint { .. } => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
+            ProxyError::Loop { .. }
+            | ProxyError::ConnectFailed { .. }
+            | ProxyError::Upstream { .. } => StatusCode::BAD_GATEWAY,
+            ProxyError::UpstreamTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
+        }
+    }
+
+    /// Stable value of [`REASON_HEADER`]; documented in the README.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            ProxyError::MissingHost => "missing_host",
+            ProxyError::AmbiguousFraming => "bad_request",
+            ProxyError::MethodNotAllowed { .. } => "method_not_allowed",
+            ProxyError::UnknownService { .. } => "unknown_service",
+            ProxyError::NoHealthyEndpoint { .. } => "no_healthy_endpoint",
+            ProxyError::Loop { .. } => "loop_detected",
+            ProxyError::ConnectFailed { .. } => "upstream_connect_failed",
+            ProxyError::UpstreamTimeout { .. } => "upstream_timeout",
+            ProxyError::Upstream { .. } => "upstream_reset",
+        }
+    }
+
+    /// The response sent to the client in place of the upstream's.
+    pub fn into_response(self) -> Response<ProxyBody> {
+        let status = self.status();
+        let body = format!("meshlet: {self}\n");
+        let mut response = Response::new(ProxyBody::full(body));
+        *response.status_mut() = status;
+        let headers = response.headers_mut();
+        headers.insert(REASON_HEADER, HeaderValue::from_static(self.reason()));
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; charset=utf-8"),
+        );
+        if status.is_client_error() && status != StatusCode::METHOD_NOT_ALLOWED {
+            // After a malformed request the connection's framing can't be
+            // trusted: close it (RFC 9112 §6.3).
+            headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
+        response
+    }
+}

@@ -1,0 +1,198 @@
+//! meshlet's sidecar: the per-service proxy of the data plane.
+//!
+//! Three listeners share one immutable view of the mesh ([`snapshot`]):
+//!
+//! ```text
+//!  other services ──► inbound :15006 ──► proxy::Inbound ──► forward ──► local app
+//!  local app ──────► outbound :15001 ──► proxy::Outbound ─► route ─► forward ─► service endpoint
+//!  operator ───────► admin :15020 ────► admin::Admin (/live /ready /config_dump /metrics)
+//! ```
+//!
+//! [`run`] wires them together from already bound [`Listeners`], serves
+//! until the shutdown future completes, then drains in-flight requests up
+//! to the drain deadline. `main.rs` only parses flags and waits for signals.
+//!
+//! **Architecture invariant:** nothing on the request path waits on
+//! configuration loading or the control plane; requests read the current
+//! snapshot through an atomic pointer.
+
+pub mod admin;
+pub mod balance;
+pub mod body;
+pub mod cli;
+pub mod error;
+pub mod forward;
+pub mod headers;
+pub mod metrics;
+pub mod pool;
+pub mod proxy;
+pub mod route;
+pub mod server;
+pub mod settings;
+pub mod snapshot;
+pub mod tunnel;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use meshlet_api::Resource;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::balance::{Balancer, Endpoint};
+use crate::error::StartupError;
+use crate::metrics::{Direction, Metrics};
+use crate::pool::ConnPool;
+use crate::snapshot::{ServiceTarget, Snapshot};
+
+pub use crate::settings::{Limits, Settings};
+
+/// Reads and validates a standalone config file (`--config`).
+pub fn load_config(path: &Path) -> Result<Vec<Resource>, StartupError> {
+    let text = std::fs::read_to_string(path).map_err(|source| StartupError::ReadConfig {
+        path: path.to_owned(),
+        source,
+    })?;
+    Ok(meshlet_api::parse_documents(
+        &path.display().to_string(),
+        &text,
+    )?)
+}
+
+/// The three bound listeners.
+#[derive(Debug)]
+pub struct Listeners {
+    pub inbound: TcpListener,
+    pub outbound: TcpListener,
+    pub admin: TcpListener,
+}
+
+impl Listeners {
+    pub async fn bind(settings: &Settings) -> Result<Self, StartupError> {
+        async fn bind(
+            listener: &'static str,
+            addr: SocketAddr,
+        ) -> Result<TcpListener, StartupError> {
+            TcpListener::bind(addr)
+                .await
+                .map_err(|source| StartupError::Bind {
+                    listener,
+                    addr,
+                    source,
+                })
+        }
+        Ok(Listeners {
+            inbound: bind("inbound", settings.inbound_addr).await?,
+            outbound: bind("outbound", settings.outbound_addr).await?,
+            admin: bind("admin", settings.admin_addr).await?,
+        })
+    }
+}
+
+/// How the drain after shutdown ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Drained {
+    /// Every in-flight request finished.
+    Completely,
+    /// The drain deadline passed with connections still open.
+    DeadlineReached,
+}
+
+/// Runs the sidecar until `shutdown` completes, then drains.
+pub async fn run(
+    settings: Settings,
+    resources: Vec<Resource>,
+    source: String,
+    listeners: Listeners,
+    shutdown: impl Future<Output = ()>,
+) -> Drained {
+    let settings = Arc::new(settings);
+    let limits = Arc::new(settings.limits.clone());
+    let metrics = Metrics::new();
+    let snapshot = Arc::new(ArcSwap::from_pointee(Snapshot::build(
+        &resources, 0, source, None, &limits, &metrics,
+    )));
+
+    let app = Arc::new(ServiceTarget {
+        name: settings.service.clone(),
+        namespace: String::new(),
+        balancer: Balancer::new(vec![Arc::new(Endpoint::new(
+            settings.app_addr,
+            Default::default(),
+            ConnPool::new(settings.app_addr, Arc::clone(&limits)),
+        ))]),
+        requests: metrics.requests(Direction::Inbound, &settings.service),
+    });
+    let own_listeners = [&listeners.inbound, &listeners.outbound]
+        .iter()
+        .filter_map(|l| l.local_addr().ok())
+        .collect();
+    let router = Arc::new(route::Router::new(
+        Arc::clone(&snapshot),
+        own_listeners,
+        Arc::clone(&limits),
+        metrics.clone(),
+    ));
+    let inbound = proxy::Inbound::new(app, Arc::clone(&limits), metrics.clone());
+    let outbound = proxy::Outbound::new(router, Arc::clone(&limits), metrics.clone());
+    let admin = admin::Admin::new(Arc::clone(&settings), snapshot, metrics.clone());
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    admin.spawn_app_probe(stop_rx.clone());
+    let gauge = |direction: &str| metrics.active_connections.with_label_values(&[direction]);
+    let servers = [
+        tokio::spawn(server::serve(
+            "inbound",
+            listeners.inbound,
+            inbound,
+            Arc::clone(&limits),
+            gauge("inbound"),
+            stop_rx.clone(),
+        )),
+        tokio::spawn(server::serve(
+            "outbound",
+            listeners.outbound,
+            outbound,
+            Arc::clone(&limits),
+            gauge("outbound"),
+            stop_rx.clone(),
+        )),
+        tokio::spawn(server::serve(
+            "admin",
+            listeners.admin,
+            admin,
+            Arc::clone(&limits),
+            gauge("admin"),
+            stop_rx,
+        )),
+    ];
+    tracing::info!(service = %settings.service, app = %settings.app_addr, "sidecar started");
+
+    shutdown.await;
+    tracing::info!(deadline = ?settings.drain_timeout, "shutting down: draining in-flight requests");
+    let _ = stop_tx.send(true);
+    let mut drains = Vec::new();
+    for server in servers {
+        if let Ok(graceful) = server.await {
+            drains.push(graceful.shutdown());
+        }
+    }
+    let all_drained = async {
+        for drain in drains {
+            drain.await;
+        }
+    };
+    match tokio::time::timeout(settings.drain_timeout, all_drained).await {
+        Ok(()) => {
+            tracing::info!("drained; exiting");
+            Drained::Completely
+        }
+        Err(_) => {
+            tracing::warn!("drain deadline reached with requests still in flight; exiting");
+            Drained::DeadlineReached
+        }
+    }
+}

@@ -1,0 +1,232 @@
+//! Upstream connections to one endpoint: HTTP/1.1 keep-alive pool and one
+//! shared HTTP/2 (h2c, prior knowledge) connection.
+//!
+//! Why our own pool instead of hyper-util's `Client`: the proxy must know
+//! *when* a request failed. A refused connection happens before the request
+//! is sent, so the request (with its still unread streaming body) comes back
+//! to the caller, which retries it on another endpoint. A pooled keep-alive
+//! connection that the upstream closed while idle is detected by
+//! `try_send_request`, which also hands the request back, and we retry on a
+//! fresh connection. Neither case costs the user a failed request.
+//!
+//! Flow: `send` → take an idle h1 connection (or connect) → send → on the
+//! response, a small task waits until the connection is ready for the next
+//! request and puts it back. HTTP/2 requests share one multiplexed
+//! connection per endpoint.
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use http::{Request, Response, Version};
+use hyper::body::Incoming;
+use hyper::client::conn::{http1, http2};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::net::TcpStream;
+
+use crate::body::ProxyBody;
+use crate::settings::Limits;
+
+/// Idle HTTP/1.1 connections kept per endpoint.
+const MAX_IDLE_PER_ENDPOINT: usize = 128;
+
+/// Why a request could not be sent.
+#[derive(Debug)]
+pub enum SendError {
+    /// No connection could be made; the request was not sent and is returned.
+    Connect {
+        source: io::Error,
+        request: Request<ProxyBody>,
+    },
+    /// The request was (at least partly) sent; it is gone.
+    Upstream(hyper::Error),
+}
+
+struct IdleConn {
+    sender: http1::SendRequest<ProxyBody>,
+    since: Instant,
+}
+
+/// Connections to one upstream address.
+pub struct ConnPool {
+    addr: SocketAddr,
+    limits: Arc<Limits>,
+    idle: Mutex<Vec<IdleConn>>,
+    h2: Mutex<Option<http2::SendRequest<ProxyBody>>>,
+}
+
+impl std::fmt::Debug for ConnPool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ConnPool")
+            .field("addr", &self.addr)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ConnPool {
+    pub fn new(addr: SocketAddr, limits: Arc<Limits>) -> Arc<Self> {
+        Arc::new(ConnPool {
+            addr,
+            limits,
+            idle: Mutex::new(Vec::new()),
+            h2: Mutex::new(None),
+        })
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Number of idle HTTP/1.1 connections (for `/config_dump` and tests).
+    pub fn idle_count(&self) -> usize {
+        self.idle.lock().map(|idle| idle.len()).unwrap_or(0)
+    }
+
+    /// Sends `request` to this endpoint over HTTP/2 if the request is
+    /// HTTP/2, otherwise HTTP/1.1.
+    pub async fn send(
+        self: &Arc<Self>,
+        request: Request<ProxyBody>,
+    ) -> Result<Response<Incoming>, SendError> {
+        if request.version() == Version::HTTP_2 {
+            self.send_h2(request).await
+        } else {
+            self.send_h1(request).await
+        }
+    }
+
+    async fn send_h1(
+        self: &Arc<Self>,
+        mut request: Request<ProxyBody>,
+    ) -> Result<Response<Incoming>, SendError> {
+        *request.version_mut() = Version::HTTP_11;
+        loop {
+            let (mut sender, reused) = match self.take_idle() {
+                Some(sender) => (sender, true),
+                None => match self.connect_h1().await {
+                    Ok(sender) => (sender, false),
+                    Err(source) => return Err(SendError::Connect { source, request }),
+                },
+            };
+            match sender.try_send_request(request).await {
+                Ok(response) => {
+                    self.recycle_when_ready(sender);
+                    return Ok(response);
+                }
+                Err(mut err) => match err.take_message() {
+                    // The pooled connection died while idle; the request was
+                    // not sent, so try again on another connection.
+                    Some(unsent) if reused => request = unsent,
+                    _ => return Err(SendError::Upstream(err.into_error())),
+                },
+            }
+        }
+    }
+
+    async fn send_h2(
+        self: &Arc<Self>,
+        request: Request<ProxyBody>,
+    ) -> Result<Response<Incoming>, SendError> {
+        let shared = self
+            .h2
+            .lock()
+            .ok()
+            .and_then(|h2| h2.as_ref().filter(|s| !s.is_closed()).cloned());
+        let mut sender = match shared {
+            Some(sender) => sender,
+            None => match self.connect_h2().await {
+                Ok(sender) => {
+                    if let Ok(mut slot) = self.h2.lock() {
+                        *slot = Some(sender.clone());
+                    }
+                    sender
+                }
+                Err(source) => return Err(SendError::Connect { source, request }),
+            },
+        };
+        if let Err(err) = sender.ready().await {
+            return Err(SendError::Upstream(err));
+        }
+        sender
+            .send_request(request)
+            .await
+            .map_err(SendError::Upstream)
+    }
+
+    fn take_idle(&self) -> Option<http1::SendRequest<ProxyBody>> {
+        let mut idle = self.idle.lock().ok()?;
+        while let Some(conn) = idle.pop() {
+            let fresh = conn.since.elapsed() < self.limits.idle_timeout;
+            if fresh && conn.sender.is_ready() {
+                return Some(conn.sender);
+            }
+            // Dropping a stale sender closes its connection.
+        }
+        None
+    }
+
+    /// Returns the connection to the pool once the response has been read
+    /// and the connection can take the next request.
+    fn recycle_when_ready(self: &Arc<Self>, mut sender: http1::SendRequest<ProxyBody>) {
+        let pool = Arc::clone(self);
+        tokio::spawn(async move {
+            if sender.ready().await.is_err() {
+                return;
+            }
+            if let Ok(mut idle) = pool.idle.lock() {
+                if idle.len() < MAX_IDLE_PER_ENDPOINT {
+                    idle.push(IdleConn {
+                        sender,
+                        since: Instant::now(),
+                    });
+                }
+            }
+        });
+    }
+
+    async fn connect_tcp(&self) -> io::Result<TcpStream> {
+        let stream =
+            tokio::time::timeout(self.limits.connect_timeout, TcpStream::connect(self.addr))
+                .await
+                .map_err(|_| {
+                    io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        format!("connect timed out after {:?}", self.limits.connect_timeout),
+                    )
+                })??;
+        stream.set_nodelay(true)?;
+        Ok(stream)
+    }
+
+    async fn connect_h1(&self) -> io::Result<http1::SendRequest<ProxyBody>> {
+        let stream = self.connect_tcp().await?;
+        let (sender, conn) = http1::Builder::new()
+            .handshake(TokioIo::new(stream))
+            .await
+            .map_err(io::Error::other)?;
+        let addr = self.addr;
+        tokio::spawn(async move {
+            if let Err(err) = conn.with_upgrades().await {
+                tracing::debug!(%addr, error = %err, "upstream http/1 connection ended with an error");
+            }
+        });
+        Ok(sender)
+    }
+
+    async fn connect_h2(&self) -> io::Result<http2::SendRequest<ProxyBody>> {
+        let stream = self.connect_tcp().await?;
+        let (sender, conn) = http2::Builder::new(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .handshake(TokioIo::new(stream))
+            .await
+            .map_err(io::Error::other)?;
+        let addr = self.addr;
+        tokio::spawn(async move {
+            if let Err(err) = conn.await {
+                tracing::debug!(%addr, error = %err, "upstream h2 connection ended with an error");
+            }
+        });
+        Ok(sender)
+    }
+}

@@ -1,0 +1,298 @@
+//! The request path of both listeners, each readable top to bottom in one
+//! function ([`Inbound::proxy`], [`Outbound::proxy`]).
+//!
+//! Inbound: check framing → strip hop-by-hop, add `x-forwarded-*` →
+//! forward to the local app → response back.
+//! Outbound: check framing → `CONNECT` tunnels → find the destination
+//! (absolute URI or `Host`; a mesh service or passthrough) → strip
+//! hop-by-hop → forward (balanced, connect failures retried) → response.
+//!
+//! Errors from any step travel up as [`ProxyError`] and become a response
+//! in one place ([`ProxyError::into_response`]). Upgrades (WebSocket) are
+//! forwarded as ordinary requests; a `101` answer splices the two
+//! connections together.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use http::header::{self, HeaderValue};
+use http::uri::{PathAndQuery, Uri};
+use http::{Method, Request, Response, StatusCode, Version};
+use hyper::body::Incoming;
+use hyper::upgrade::OnUpgrade;
+use tokio::net::TcpStream;
+
+use crate::balance::Tried;
+use crate::body::ProxyBody;
+use crate::error::ProxyError;
+use crate::forward::forward;
+use crate::headers::{add_forwarded, strip_hop_by_hop, wants_upgrade};
+use crate::metrics::{Direction, Metrics};
+use crate::route::{Authority, Router};
+use crate::server::Handler;
+use crate::settings::Limits;
+use crate::snapshot::ServiceTarget;
+use crate::tunnel;
+
+/// Traffic from other services to the local app.
+#[derive(Clone)]
+pub struct Inbound {
+    app: Arc<ServiceTarget>,
+    limits: Arc<Limits>,
+    metrics: Metrics,
+}
+
+impl Inbound {
+    pub fn new(app: Arc<ServiceTarget>, limits: Arc<Limits>, metrics: Metrics) -> Self {
+        Inbound {
+            app,
+            limits,
+            metrics,
+        }
+    }
+
+    async fn proxy(
+        &self,
+        request: Request<Incoming>,
+        peer: SocketAddr,
+    ) -> Result<Response<ProxyBody>, ProxyError> {
+        check_framing(&request)?;
+        if request.method() == Method::CONNECT {
+            return Err(ProxyError::MethodNotAllowed {
+                method: Method::CONNECT,
+                listener: "inbound",
+            });
+        }
+        self.app.requests.inc();
+        let (mut request, downstream_upgrade) =
+            prepare(request, self.app.balancer.endpoints()[0].addr);
+        add_forwarded(request.headers_mut(), peer.ip(), "http");
+        let response = forward(&self.app, request, &self.limits).await?;
+        Ok(finish(response, downstream_upgrade))
+    }
+}
+
+impl Handler for Inbound {
+    async fn handle(&self, request: Request<Incoming>, peer: SocketAddr) -> Response<ProxyBody> {
+        let log = RequestLog::start(&request, Direction::Inbound);
+        let response = match self.proxy(request, peer).await {
+            Ok(response) => response,
+            Err(err) => refuse(err, Direction::Inbound, &self.metrics),
+        };
+        log.finish(&response);
+        response
+    }
+}
+
+/// Traffic from the local app to other services (or anywhere else).
+#[derive(Clone)]
+pub struct Outbound {
+    router: Arc<Router>,
+    limits: Arc<Limits>,
+    metrics: Metrics,
+}
+
+impl Outbound {
+    pub fn new(router: Arc<Router>, limits: Arc<Limits>, metrics: Metrics) -> Self {
+        Outbound {
+            router,
+            limits,
+            metrics,
+        }
+    }
+
+    async fn proxy(&self, request: Request<Incoming>) -> Result<Response<ProxyBody>, ProxyError> {
+        check_framing(&request)?;
+        let authority = Authority::of(&request).ok_or(ProxyError::MissingHost)?;
+        let target = self.router.resolve(&authority).await?;
+        if request.method() == Method::CONNECT {
+            return self.tunnel(request, &target).await;
+        }
+        target.requests.inc();
+        let fallback_authority = target.balancer.endpoints()[0].addr;
+        let version = request.version();
+        let (request, downstream_upgrade) = prepare(request, fallback_authority);
+        let response = forward(&target, request, &self.limits).await?;
+        Ok(finish(response, version, downstream_upgrade))
+    }
+
+    /// `CONNECT host:port`: open TCP to the destination (a service endpoint
+    /// or the address itself), answer 200, then splice the bytes.
+    async fn tunnel(
+        &self,
+        mut request: Request<Incoming>,
+        target: &ServiceTarget,
+    ) -> Result<Response<ProxyBody>, ProxyError> {
+        if request.version() != Version::HTTP_11 {
+            return Err(ProxyError::MethodNotAllowed {
+                method: Method::CONNECT,
+                listener: "outbound (HTTP/2)",
+            });
+        }
+        let (_, endpoint) = target.balancer.pick(Tried::default()).ok_or_else(|| {
+            ProxyError::NoHealthyEndpoint {
+                service: target.name.clone(),
+            }
+        })?;
+        let addr = endpoint.addr;
+        let connected =
+            tokio::time::timeout(self.limits.connect_timeout, TcpStream::connect(addr)).await;
+        let stream = match connected {
+            Ok(Ok(stream)) => stream,
+            Ok(Err(source)) => return Err(ProxyError::ConnectFailed { addr, source }),
+            Err(_) => {
+                let source = std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out");
+                return Err(ProxyError::ConnectFailed { addr, source });
+            }
+        };
+        tunnel::splice_connect(hyper::upgrade::on(&mut request), stream);
+        Ok(Response::new(ProxyBody::empty()))
+    }
+}
+
+impl Handler for Outbound {
+    async fn handle(&self, request: Request<Incoming>, _peer: SocketAddr) -> Response<ProxyBody> {
+        let log = RequestLog::start(&request, Direction::Outbound);
+        let response = match self.proxy(request).await {
+            Ok(response) => response,
+            Err(err) => refuse(err, Direction::Outbound, &self.metrics),
+        };
+        log.finish(&response);
+        response
+    }
+}
+
+/// Rejects requests whose body length is ambiguous (request smuggling):
+/// `Content-Length` together with `Transfer-Encoding` (RFC 9112 §6.3).
+fn check_framing<B>(request: &Request<B>) -> Result<(), ProxyError> {
+    let headers = request.headers();
+    if headers.contains_key(header::CONTENT_LENGTH)
+        && headers.contains_key(header::TRANSFER_ENCODING)
+    {
+        return Err(ProxyError::AmbiguousFraming);
+    }
+    Ok(())
+}
+
+/// Turns a received request into the one sent upstream: hop-by-hop headers
+/// removed, URI in the form the upstream protocol wants (origin-form for
+/// HTTP/1.1, absolute for HTTP/2), body streamed as is. Returns the
+/// client's pending upgrade if the request asks for one.
+fn prepare(
+    mut request: Request<Incoming>,
+    fallback_authority: SocketAddr,
+) -> (Request<ProxyBody>, Option<OnUpgrade>) {
+    let upgrade = request.version() == Version::HTTP_11 && wants_upgrade(request.headers());
+    let downstream_upgrade = upgrade.then(|| hyper::upgrade::on(&mut request));
+    strip_hop_by_hop(request.headers_mut(), upgrade);
+
+    let path = request
+        .uri()
+        .path_and_query()
+        .cloned()
+        .unwrap_or_else(|| PathAndQuery::from_static("/"));
+    let uri = if request.version() == Version::HTTP_2 {
+        let authority = request
+            .uri()
+            .authority()
+            .map(|a| a.to_string())
+            .or_else(|| {
+                request
+                    .headers()
+                    .get(header::HOST)
+                    .and_then(|h| h.to_str().ok())
+                    .map(str::to_owned)
+            })
+            .unwrap_or_else(|| fallback_authority.to_string());
+        Uri::builder()
+            .scheme("http")
+            .authority(authority)
+            .path_and_query(path)
+            .build()
+    } else {
+        if !request.headers().contains_key(header::HOST) {
+            if let Some(value) = request
+                .uri()
+                .authority()
+                .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+            {
+                request.headers_mut().insert(header::HOST, value);
+            }
+        }
+        Uri::builder().path_and_query(path).build()
+    };
+    if let Ok(uri) = uri {
+        *request.uri_mut() = uri;
+    }
+    (request.map(ProxyBody::streamed), downstream_upgrade)
+}
+
+/// Prepares the upstream's response for the client; on `101` splices the
+/// two upgraded connections.
+fn finish(
+    mut response: Response<ProxyBody>,
+    downstream_upgrade: Option<OnUpgrade>,
+) -> Response<ProxyBody> {
+    if response.status() == StatusCode::SWITCHING_PROTOCOLS {
+        if let Some(downstream) = downstream_upgrade {
+            let upstream = hyper::upgrade::on(&mut response);
+            tunnel::splice_upgrade(downstream, upstream);
+            strip_hop_by_hop(response.headers_mut(), true);
+            return response;
+        }
+    }
+    strip_hop_by_hop(response.headers_mut(), false);
+    response
+}
+
+fn refuse(err: ProxyError, direction: Direction, metrics: &Metrics) -> Response<ProxyBody> {
+    let reason = err.reason();
+    if err.status().is_server_error() {
+        tracing::warn!(direction = direction.as_str(), reason, error = %err, "request refused by the mesh");
+    } else {
+        tracing::debug!(direction = direction.as_str(), reason, error = %err, "bad request");
+    }
+    metrics.mesh_response(direction, reason);
+    err.into_response()
+}
+
+/// One debug line per proxied request; captures details only when debug
+/// logging is on, so the fast path pays for a timestamp and nothing else.
+struct RequestLog {
+    started: Instant,
+    direction: Direction,
+    detail: Option<(Method, Uri, Version)>,
+}
+
+impl RequestLog {
+    fn start<B>(request: &Request<B>, direction: Direction) -> Self {
+        let detail = tracing::enabled!(tracing::Level::DEBUG).then(|| {
+            (
+                request.method().clone(),
+                request.uri().clone(),
+                request.version(),
+            )
+        });
+        RequestLog {
+            started: Instant::now(),
+            direction,
+            detail,
+        }
+    }
+
+    fn finish(self, response: &Response<ProxyBody>) {
+        if let Some((method, uri, version)) = self.detail {
+            tracing::debug!(
+                direction = self.direction.as_str(),
+                %method,
+                %uri,
+                ?version,
+                status = response.status().as_u16(),
+                reason = response.headers().get(crate::error::REASON_HEADER).and_then(|v| v.to_str().ok()),
+                elapsed_us = self.started.elapsed().as_micros() as u64,
+                "proxied"
+            );
+        }
+    }
+}

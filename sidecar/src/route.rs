@@ -1,0 +1,176 @@
+//! Outbound destination resolution: which [`ServiceTarget`] does a request
+//! of the app go to?
+//!
+//! The destination host comes from the absolute-form URI (HTTP proxy style)
+//! or else the `Host` header. A host that names a service of the current
+//! snapshot goes to that service's endpoints; any other host passes through
+//! unchanged to the address it names (an IP literal, or a name resolved by
+//! DNS). A name that is neither a service nor resolvable is answered with
+//! 503 `unknown_service`. A destination that is one of this sidecar's own
+//! listeners is refused (502 `loop_detected`) rather than proxied forever.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
+
+use http::{header, Request};
+
+use crate::balance::{Balancer, Endpoint};
+use crate::error::ProxyError;
+use crate::metrics::{Direction, Metrics};
+use crate::pool::ConnPool;
+use crate::settings::Limits;
+use crate::snapshot::{ServiceTarget, SharedSnapshot};
+
+/// Passthrough destinations kept (with their connection pools) at most.
+const MAX_PASSTHROUGH_TARGETS: usize = 1024;
+
+/// The host and port a request is addressed to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Authority {
+    pub host: String,
+    pub port: u16,
+}
+
+impl Authority {
+    /// From the absolute-form URI, else the `Host` header; port 80 if none.
+    pub fn of<B>(request: &Request<B>) -> Option<Authority> {
+        let from_uri = request
+            .uri()
+            .authority()
+            .map(|a| (a.host().to_owned(), a.port_u16()));
+        let (host, port) = match from_uri {
+            Some(found) => found,
+            None => {
+                let value = request.headers().get(header::HOST)?.to_str().ok()?;
+                let parsed: http::uri::Authority = value.parse().ok()?;
+                (parsed.host().to_owned(), parsed.port_u16())
+            }
+        };
+        // `[::1]` arrives bracketed; the bare form parses as an address.
+        let host = host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_owned();
+        Some(Authority {
+            host,
+            port: port.unwrap_or(80),
+        })
+    }
+}
+
+#[derive(Debug)]
+pub struct Router {
+    snapshot: SharedSnapshot,
+    /// Addresses of this sidecar's own listeners, to refuse loops.
+    own_listeners: Vec<SocketAddr>,
+    limits: Arc<Limits>,
+    metrics: Metrics,
+    passthrough: Mutex<HashMap<SocketAddr, Arc<ServiceTarget>>>,
+}
+
+impl Router {
+    pub fn new(
+        snapshot: SharedSnapshot,
+        own_listeners: Vec<SocketAddr>,
+        limits: Arc<Limits>,
+        metrics: Metrics,
+    ) -> Self {
+        Router {
+            snapshot,
+            own_listeners,
+            limits,
+            metrics,
+            passthrough: Mutex::new(HashMap::new()),
+        }
+    }
+
+    pub async fn resolve(&self, authority: &Authority) -> Result<Arc<ServiceTarget>, ProxyError> {
+        if let Some(target) = self.snapshot.load().service(&authority.host) {
+            return Ok(Arc::clone(target));
+        }
+        let addr = match authority.host.parse::<IpAddr>() {
+            Ok(ip) => SocketAddr::new(ip, authority.port),
+            Err(_) => tokio::net::lookup_host((authority.host.as_str(), authority.port))
+                .await
+                .ok()
+                .and_then(|mut addrs| addrs.next())
+                .ok_or_else(|| ProxyError::UnknownService {
+                    host: authority.host.clone(),
+                })?,
+        };
+        if self.is_own_listener(addr) {
+            return Err(ProxyError::Loop { addr });
+        }
+        Ok(self.passthrough_target(addr))
+    }
+
+    fn is_own_listener(&self, addr: SocketAddr) -> bool {
+        self.own_listeners.iter().any(|own| {
+            own.port() == addr.port()
+                && (own.ip() == addr.ip() || own.ip().is_unspecified() || addr.ip().is_loopback())
+        })
+    }
+
+    /// One pool per passthrough address, so keep-alive works there too.
+    fn passthrough_target(&self, addr: SocketAddr) -> Arc<ServiceTarget> {
+        let mut map = match self.passthrough.lock() {
+            Ok(map) => map,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        if let Some(target) = map.get(&addr) {
+            return Arc::clone(target);
+        }
+        if map.len() >= MAX_PASSTHROUGH_TARGETS {
+            // Bounded memory beats perfect reuse for a long tail of hosts.
+            map.clear();
+        }
+        let endpoint = Endpoint::new(
+            addr,
+            Default::default(),
+            ConnPool::new(addr, Arc::clone(&self.limits)),
+        );
+        let target = Arc::new(ServiceTarget {
+            name: addr.to_string(),
+            namespace: String::new(),
+            balancer: Balancer::new(vec![Arc::new(endpoint)]),
+            requests: self.metrics.requests(Direction::Outbound, "passthrough"),
+        });
+        map.insert(addr, Arc::clone(&target));
+        target
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn authority(uri: &str, host: Option<&str>) -> Option<Authority> {
+        let mut builder = Request::builder().uri(uri);
+        if let Some(host) = host {
+            builder = builder.header("host", host);
+        }
+        Authority::of(&builder.body(()).unwrap())
+    }
+
+    #[test]
+    fn authority_from_uri_then_host_header() {
+        let a = |h: &str, p| {
+            Some(Authority {
+                host: h.into(),
+                port: p,
+            })
+        };
+        assert_eq!(
+            authority("http://orders/x", Some("ignored")),
+            a("orders", 80)
+        );
+        assert_eq!(
+            authority("http://10.1.2.3:8080/x", None),
+            a("10.1.2.3", 8080)
+        );
+        assert_eq!(authority("/x", Some("orders:81")), a("orders", 81));
+        assert_eq!(authority("/x", Some("[::1]:81")), a("::1", 81));
+        assert_eq!(authority("/x", None), None);
+    }
+}

@@ -1,0 +1,72 @@
+//! Runtime settings of one sidecar, independent of where they came from
+//! (flags, environment, tests). Built once at start-up and shared read-only.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use serde::Serialize;
+
+/// Everything the sidecar needs to know about itself.
+#[derive(Debug, Clone, Serialize)]
+pub struct Settings {
+    /// The service this sidecar stands next to.
+    pub service: String,
+    /// Where the local app listens.
+    pub app_addr: SocketAddr,
+    pub inbound_addr: SocketAddr,
+    pub outbound_addr: SocketAddr,
+    pub admin_addr: SocketAddr,
+    /// How long in-flight requests may take to finish after SIGTERM.
+    #[serde(with = "humantime_serde_compat")]
+    pub drain_timeout: Duration,
+    pub limits: Limits,
+}
+
+/// Protective limits and timeouts applied on both listeners.
+#[derive(Debug, Clone, Serialize)]
+pub struct Limits {
+    #[serde(with = "humantime_serde_compat")]
+    pub connect_timeout: Duration,
+    /// Deadline for response headers from the upstream; `None` waits forever.
+    #[serde(with = "humantime_serde_compat::option")]
+    pub upstream_timeout: Option<Duration>,
+    #[serde(with = "humantime_serde_compat")]
+    pub header_read_timeout: Duration,
+    pub max_header_bytes: usize,
+    #[serde(with = "humantime_serde_compat")]
+    pub idle_timeout: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            connect_timeout: Duration::from_secs(1),
+            upstream_timeout: Some(Duration::from_secs(15)),
+            header_read_timeout: Duration::from_secs(10),
+            max_header_bytes: 64 * 1024,
+            idle_timeout: Duration::from_secs(90),
+        }
+    }
+}
+
+/// Durations appear in `/config_dump` the way users write them (`1s`).
+mod humantime_serde_compat {
+    use std::time::Duration;
+
+    use serde::Serializer;
+
+    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(&humantime::format_duration(*d))
+    }
+
+    pub mod option {
+        use super::*;
+
+        pub fn serialize<S: Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+            match d {
+                Some(d) => super::serialize(d, s),
+                None => s.serialize_none(),
+            }
+        }
+    }
+}
