@@ -228,12 +228,15 @@ fn prepare(
     (request.map(ProxyBody::streamed), downstream_upgrade)
 }
 
-/// Prepares the upstream's response for the client; on `101` splices the
-/// two upgraded connections.
+/// Prepares the upstream's response for the client, in the client's HTTP
+/// version (an HTTP/1.0 app must not end a client's keep-alive); on `101`
+/// splices the two upgraded connections.
 fn finish(
     mut response: Response<ProxyBody>,
+    client_version: Version,
     downstream_upgrade: Option<OnUpgrade>,
 ) -> Response<ProxyBody> {
+    *response.version_mut() = client_version;
     if response.status() == StatusCode::SWITCHING_PROTOCOLS {
         if let Some(downstream) = downstream_upgrade {
             let upstream = hyper::upgrade::on(&mut response);
