@@ -65,11 +65,12 @@ impl Inbound {
             });
         }
         self.app.requests.inc();
+        let version = request.version();
         let (mut request, downstream_upgrade) =
             prepare(request, self.app.balancer.endpoints()[0].addr);
         add_forwarded(request.headers_mut(), peer.ip(), "http");
         let response = forward(&self.app, request, &self.limits).await?;
-        Ok(finish(response, downstream_upgrade))
+        Ok(finish(response, version, downstream_upgrade))
     }
 }
 
