@@ -54,6 +54,9 @@
 #   BENCH_THREADS=1 BENCH_CONNS=32   wrk threads / connections, throughput
 #   BENCH_LAT_CONNS=16  connections of the latency runs
 #   BENCH_WARMUP=2s     warm-up per target
+#   BENCH_ROUNDS=1      repeat the three targets this many times, interleaved
+#                       (direct, sidecar, nginx, direct, ...); the table shows
+#                       each target's median over the rounds
 #   BENCH_KEEP=1        keep the temp dir (configs, logs) after the run
 # Output: the table on stdout and in target/bench/results.md.
 set -euo pipefail
@@ -67,6 +70,7 @@ THREADS="${BENCH_THREADS:-1}"
 CONNS="${BENCH_CONNS:-32}"
 LAT_CONNS="${BENCH_LAT_CONNS:-16}"
 WARMUP="${BENCH_WARMUP:-2s}"
+ROUNDS="${BENCH_ROUNDS:-1}"
 NGINX=/usr/sbin/nginx
 SIDECAR="$ROOT/target/release/sidecar"
 OUT_DIR="$ROOT/target/bench"
@@ -275,45 +279,47 @@ declare -A LABEL=(
     [nginx]="nginx peer (1 worker)"
 )
 
-# bench NAME PORT: warm-up, throughput run, fixed-rate latency run.
+# bench NAME PORT ROUND: warm-up, throughput run, fixed-rate latency run.
+# Results go to RPS/P50/P99/ERRS[NAME,ROUND].
 bench() {
-    local name=$1 port=$2 url="http://127.0.0.1:$2/"
+    local name=$1 port=$2 round=$3 url="http://127.0.0.1:$2/"
+    local tag="$name-r$round"
     local body
     body=$(curl -fsS --max-time 2 "$url") || die "$name: GET $url failed"
     [[ "$body" == ok ]] || die "$name: GET $url answered '$body', expected 'ok'"
 
-    log "$name: warm-up $WARMUP"
-    run_wrk "$TMP/$name-warmup.out" -t"$THREADS" -c"$CONNS" -d"$WARMUP" -s "$TMP/report.lua" "$url"
+    log "$tag: warm-up $WARMUP"
+    run_wrk "$TMP/$tag-warmup.out" -t"$THREADS" -c"$CONNS" -d"$WARMUP" -s "$TMP/report.lua" "$url"
 
-    log "$name: throughput, -t$THREADS -c$CONNS -d$DURATION"
-    run_wrk "$TMP/$name-tput.out" -t"$THREADS" -c"$CONNS" -d"$DURATION" -s "$TMP/report.lua" "$url"
+    log "$tag: throughput, -t$THREADS -c$CONNS -d$DURATION"
+    run_wrk "$TMP/$tag-tput.out" -t"$THREADS" -c"$CONNS" -d"$DURATION" -s "$TMP/report.lua" "$url"
     local req dur
-    req=$(field "$TMP/$name-tput.out" requests)
-    dur=$(field "$TMP/$name-tput.out" duration_us)
-    RPS[$name]=$(awk -v r="$req" -v d="$dur" 'BEGIN { printf "%.0f", r / (d / 1e6) }')
+    req=$(field "$TMP/$tag-tput.out" requests)
+    dur=$(field "$TMP/$tag-tput.out" duration_us)
+    RPS[$name,$round]=$(awk -v r="$req" -v d="$dur" 'BEGIN { printf "%.0f", r / (d / 1e6) }')
 
-    log "$name: latency at $RATE req/s, -t1 -c$LAT_CONNS -d$DURATION"
-    run_wrk "$TMP/$name-lat.out" -t1 -c"$LAT_CONNS" -d"$DURATION" -s "$TMP/paced.lua" "$url" -- "$RATE"
-    P50[$name]=$(field "$TMP/$name-lat.out" p50_us)
-    P99[$name]=$(field "$TMP/$name-lat.out" p99_us)
-    req=$(field "$TMP/$name-lat.out" requests)
-    dur=$(field "$TMP/$name-lat.out" duration_us)
+    log "$tag: latency at $RATE req/s, -t1 -c$LAT_CONNS -d$DURATION"
+    run_wrk "$TMP/$tag-lat.out" -t1 -c"$LAT_CONNS" -d"$DURATION" -s "$TMP/paced.lua" "$url" -- "$RATE"
+    P50[$name,$round]=$(field "$TMP/$tag-lat.out" p50_us)
+    P99[$name,$round]=$(field "$TMP/$tag-lat.out" p99_us)
+    req=$(field "$TMP/$tag-lat.out" requests)
+    dur=$(field "$TMP/$tag-lat.out" duration_us)
     local achieved
     achieved=$(awk -v r="$req" -v d="$dur" 'BEGIN { printf "%.0f", r / (d / 1e6) }')
     if ((achieved < RATE * 95 / 100)); then
-        log "WARNING: $name latency run reached only $achieved of $RATE req/s"
+        log "WARNING: $tag latency run reached only $achieved of $RATE req/s"
     fi
 
     local errs=0 f s st
-    for f in "$TMP/$name-tput.out" "$TMP/$name-lat.out"; do
+    for f in "$TMP/$tag-tput.out" "$TMP/$tag-lat.out"; do
         s=$(field "$f" socket_errors)
         st=$(field "$f" status_errors)
         errs=$((errs + s + st))
     done
-    ERRS[$name]=$errs
-    ((errs == 0)) || log "WARNING: $name had $errs errors (see wrk output below)"
-    ((errs == 0)) || cat "$TMP/$name-tput.out" "$TMP/$name-lat.out" >&2
-    log "$name: ${RPS[$name]} req/s, p50 ${P50[$name]} us, p99 ${P99[$name]} us, $achieved req/s paced, $errs errors"
+    ERRS[$name,$round]=$errs
+    ((errs == 0)) || log "WARNING: $tag had $errs errors (see wrk output below)"
+    ((errs == 0)) || cat "$TMP/$tag-tput.out" "$TMP/$tag-lat.out" >&2
+    log "$tag: ${RPS[$name,$round]} req/s, p50 ${P50[$name,$round]} us, p99 ${P99[$name,$round]} us, $achieved req/s paced, $errs errors"
 }
 
 # --------------------------------------------------------------- services --
@@ -355,22 +361,50 @@ wait_http "http://127.0.0.1:$ADMIN_PORT/ready" "$SIDECAR_PID" sidecar
 SIDECAR_RSS_IDLE=$(status_kb "$SIDECAR_PID" VmRSS)
 
 # -------------------------------------------------------------- the runs --
-bench direct "$UP_PORT"
+LOAD_BEFORE=$(cut -d' ' -f1 /proc/loadavg)
+if awk -v l="$LOAD_BEFORE" 'BEGIN { exit !(l > 0.5) }'; then
+    log "WARNING: 1-min load average is $LOAD_BEFORE before the runs; other work on this"
+    log "         2-core machine (e.g. a cargo build) will skew the numbers"
+fi
 
+# The sidecar's VmRSS is sampled for the whole of the runs (it idles while the
+# other targets run, so the peak is its peak under its own load).
 sample_rss "$SIDECAR_PID" "$TMP/sidecar-rss-peak" &
 SAMPLER_PID=$!
 PIDS+=("$SAMPLER_PID")
-bench sidecar "$IN_PORT"
+
+declare -A PORT=([direct]=$UP_PORT [sidecar]=$IN_PORT [nginx]=$PEER_PORT)
+for ((round = 1; round <= ROUNDS; round++)); do
+    for t in "${TARGETS[@]}"; do
+        bench "$t" "${PORT[$t]}" "$round"
+    done
+done
+
 kill "$SAMPLER_PID" 2>/dev/null || true
 wait "$SAMPLER_PID" 2>/dev/null || true
 kill -0 "$SIDECAR_PID" 2>/dev/null || die "sidecar exited during the benchmark"
 SIDECAR_RSS_PEAK=$(cat "$TMP/sidecar-rss-peak" 2>/dev/null || echo 0)
 SIDECAR_RSS_AFTER=$(status_kb "$SIDECAR_PID" VmRSS)
 SIDECAR_HWM=$(status_kb "$SIDECAR_PID" VmHWM)
-
-bench nginx "$PEER_PORT"
 PEER_WORKER=$(ps --ppid "$PEER_PID" -o pid= | head -n1 | tr -d ' ')
-PEER_HWM=$( [[ -n "$PEER_WORKER" ]] && status_kb "$PEER_WORKER" VmHWM || echo 0)
+PEER_HWM=$([[ -n "$PEER_WORKER" ]] && status_kb "$PEER_WORKER" VmHWM || echo 0)
+LOAD_AFTER=$(cut -d' ' -f1 /proc/loadavg)
+
+# Per target: the median over the rounds (errors: the sum).
+median() { printf '%s\n' "$@" | sort -n | awk '{ a[NR] = $1 } END { if (NR % 2) print a[(NR + 1) / 2]; else printf "%.0f\n", (a[NR / 2] + a[NR / 2 + 1]) / 2 }'; }
+for t in "${TARGETS[@]}"; do
+    vals_rps=() vals_p50=() vals_p99=() errs=0
+    for ((round = 1; round <= ROUNDS; round++)); do
+        vals_rps+=("${RPS[$t,$round]}")
+        vals_p50+=("${P50[$t,$round]}")
+        vals_p99+=("${P99[$t,$round]}")
+        errs=$((errs + ERRS[$t,$round]))
+    done
+    RPS[$t]=$(median "${vals_rps[@]}")
+    P50[$t]=$(median "${vals_p50[@]}")
+    P99[$t]=$(median "${vals_p99[@]}")
+    ERRS[$t]=$errs
+done
 
 # ----------------------------------------------------------------- report --
 mib() { awk -v k="$1" 'BEGIN { printf "%.1f", k / 1024 }'; }
@@ -409,7 +443,7 @@ c_p99=$(awk -v s="${P99[sidecar]}" -v n="${P99[nginx]}" 'BEGIN { print (s <= n) 
 c_rss=$(awk -v h="$SIDECAR_HWM" -v p="$SIDECAR_RSS_PEAK" 'BEGIN { m = (h > p ? h : p); print (m <= 20 * 1024) }')
 targets="targets: sidecar req/s >= nginx: $(check "$c_tput"); added p50 <= nginx's: $(check "$c_p50"); added p99 <= nginx's: $(check "$c_p99"); RSS <= 20 MiB: $(check "$c_rss")"
 
-params="loopback, $(nproc) cores, $(uname -r); throughput: wrk -t$THREADS -c$CONNS -d$DURATION; latency: $RATE req/s fixed rate, -t1 -c$LAT_CONNS -d$DURATION; warm-up $WARMUP per target; $(wrk -v 2>&1 | head -n1 | awk '{print $1, $2}'), $("$NGINX" -v 2>&1 | sed 's/^nginx version: //')"
+params="loopback, $(nproc) cores, $(uname -r); throughput: wrk -t$THREADS -c$CONNS -d$DURATION; latency: $RATE req/s fixed rate, -t1 -c$LAT_CONNS -d$DURATION; warm-up $WARMUP per target; $ROUNDS round(s), median shown; load average $LOAD_BEFORE before, $LOAD_AFTER after; $(wrk -v 2>&1 | head -n1 | awk '{print $1, $2}'), $("$NGINX" -v 2>&1 | sed 's/^nginx version: //')"
 
 printf '\n%s\n\n%s\n%s\n%s\n' "$table" "$rss_line" "$targets" "$params"
 

@@ -1,1 +1,25 @@
-//! e2e harness
+//! End-to-end test harness: real `sidecar` processes on free loopback ports,
+//! real upstream servers (in-process hyper servers on real sockets), and
+//! small clients.
+//!
+//! A test reads like a sentence:
+//!
+//! ```ignore
+//! let app = Upstream::start("orders").await;
+//! let sidecar = SidecarProcess::builder("orders", app.port()).start().await;
+//! let response = client::get(sidecar.inbound, "/").await;
+//! ```
+//!
+//! Binaries are found next to the test executable's `deps/` folder
+//! (`target/<profile>/sidecar`) or in `$MESHLET_BIN_DIR`; the test command
+//! builds them first (`cargo build --bins` before `cargo test`). Waiting is
+//! always on a condition with a deadline ([`wait::until`]), never a bare
+//! sleep.
+
+pub mod client;
+pub mod process;
+pub mod upstream;
+pub mod wait;
+
+pub use process::{SidecarBuilder, SidecarProcess};
+pub use upstream::Upstream;

@@ -1,0 +1,97 @@
+//! Minimal HTTP clients for tests: one fresh connection per request, so a
+//! test controls exactly which protocol and connection it uses.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderMap, Request, Version};
+use http_body_util::{BodyExt, Full};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+pub type Error = Box<dyn std::error::Error + Send + Sync>;
+
+/// A fully read response.
+#[derive(Debug)]
+pub struct Reply {
+    pub status: u16,
+    pub version: Version,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+    pub trailers: Option<HeaderMap>,
+}
+
+impl Reply {
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+}
+
+/// `GET path` over HTTP/1.1 to `addr`.
+pub async fn get(addr: SocketAddr, path: &str) -> Result<Reply, Error> {
+    let request = Request::get(path)
+        .header("host", addr.to_string())
+        .body(Full::new(Bytes::new()))?;
+    send(addr, request).await
+}
+
+/// Sends `request` over a new HTTP/1.1 connection to `addr`.
+pub async fn send<B>(addr: SocketAddr, request: Request<B>) -> Result<Reply, Error>
+where
+    B: hyper::body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Error>,
+{
+    let stream = TcpStream::connect(addr).await?;
+    let (mut sender, connection) =
+        hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+    tokio::spawn(connection);
+    let response = sender.send_request(request).await?;
+    read_reply(response).await
+}
+
+/// Sends `request` over a new h2c (prior knowledge) connection to `addr`.
+pub async fn send_h2(addr: SocketAddr, request: Request<Full<Bytes>>) -> Result<Reply, Error> {
+    let stream = TcpStream::connect(addr).await?;
+    let (mut sender, connection) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream)).await?;
+    tokio::spawn(connection);
+    let response = sender.send_request(request).await?;
+    read_reply(response).await
+}
+
+async fn read_reply(response: http::Response<hyper::body::Incoming>) -> Result<Reply, Error> {
+    let (parts, body) = response.into_parts();
+    let collected = body.collect().await?;
+    let trailers = collected.trailers().cloned();
+    Ok(Reply {
+        status: parts.status.as_u16(),
+        version: parts.version,
+        headers: parts.headers,
+        body: collected.to_bytes(),
+        trailers,
+    })
+}
+
+/// Writes raw bytes and reads until the server closes the connection (or
+/// `patience` passes). Returns what was read and whether the server closed.
+pub async fn raw(addr: SocketAddr, request: &[u8], patience: Duration) -> (String, bool) {
+    let mut stream = TcpStream::connect(addr).await.expect("connect");
+    stream.write_all(request).await.expect("write");
+    let mut received = Vec::new();
+    let mut buf = [0u8; 4096];
+    let closed = loop {
+        match tokio::time::timeout(patience, stream.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => break true,
+            Ok(Ok(n)) => received.extend_from_slice(&buf[..n]),
+            Err(_) => break false,
+        }
+    };
+    (String::from_utf8_lossy(&received).into_owned(), closed)
+}

@@ -1,0 +1,255 @@
+//! In-process upstream servers on real loopback sockets, speaking HTTP/1.1
+//! and h2c (auto-detected), with routes that exercise a proxy:
+//!
+//! | route | answer |
+//! |---|---|
+//! | `/` | `hello from NAME`, header `x-upstream: NAME` |
+//! | `/headers` | the request's headers and version as JSON |
+//! | `/echo` | the request body streamed back, request trailers too |
+//! | `/upload` | the number of body bytes received |
+//! | `/download?bytes=N` | N bytes, streamed in 64 KiB chunks |
+//! | `/trailers` | a body and a trailer `x-checksum: 1234` |
+//! | `/slow?ms=N` | answers after N ms |
+//! | `/status?code=N` | that status |
+//! | `/ws` | WebSocket echo |
+//!
+//! [`Upstream::kill`] closes the listener and every open connection, as a
+//! crashed process would.
+
+use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::{SinkExt, StreamExt};
+use http::{HeaderMap, Request, Response, StatusCode};
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Full, StreamBody};
+use hyper::body::{Frame, Incoming};
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
+use tokio_tungstenite::tungstenite::protocol::Role;
+use tokio_tungstenite::WebSocketStream;
+
+type Body = BoxBody<Bytes, hyper::Error>;
+
+#[derive(Debug)]
+pub struct Upstream {
+    pub name: String,
+    pub addr: SocketAddr,
+    requests: Arc<AtomicUsize>,
+    stop: watch::Sender<bool>,
+    accept: JoinHandle<()>,
+}
+
+impl Upstream {
+    pub async fn start(name: &str) -> Upstream {
+        Self::start_on(name, SocketAddr::from(([127, 0, 0, 1], 0))).await
+    }
+
+    pub async fn start_on(name: &str, addr: SocketAddr) -> Upstream {
+        let listener = TcpListener::bind(addr).await.expect("bind upstream");
+        let addr = listener.local_addr().expect("local addr");
+        let requests = Arc::new(AtomicUsize::new(0));
+        let (stop, stopped) = watch::channel(false);
+        let accept = tokio::spawn(accept_loop(
+            listener,
+            name.to_owned(),
+            Arc::clone(&requests),
+            stopped,
+        ));
+        Upstream {
+            name: name.to_owned(),
+            addr,
+            requests,
+            stop,
+            accept,
+        }
+    }
+
+    pub fn port(&self) -> u16 {
+        self.addr.port()
+    }
+
+    /// Requests received so far.
+    pub fn requests(&self) -> usize {
+        self.requests.load(Ordering::SeqCst)
+    }
+
+    /// Closes the listener and all connections.
+    pub fn kill(&self) {
+        let _ = self.stop.send(true);
+        self.accept.abort();
+    }
+}
+
+impl Drop for Upstream {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    name: String,
+    requests: Arc<AtomicUsize>,
+    stopped: watch::Receiver<bool>,
+) {
+    let builder = auto::Builder::new(TokioExecutor::new());
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
+        let (name, requests) = (name.clone(), Arc::clone(&requests));
+        let service = service_fn(move |request| {
+            requests.fetch_add(1, Ordering::SeqCst);
+            route(name.clone(), request)
+        });
+        let connection = builder
+            .serve_connection_with_upgrades(TokioIo::new(stream), service)
+            .into_owned();
+        let mut stopped = stopped.clone();
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = connection => {}
+                _ = stopped.wait_for(|stop| *stop) => {}
+            }
+        });
+    }
+}
+
+fn query_number(request: &Request<Incoming>, key: &str) -> u64 {
+    request
+        .uri()
+        .query()
+        .unwrap_or("")
+        .split('&')
+        .find_map(|kv| kv.strip_prefix(key).and_then(|v| v.strip_prefix('=')))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+fn full(text: impl Into<Bytes>) -> Body {
+    Full::new(text.into())
+        .map_err(|never| match never {})
+        .boxed()
+}
+
+async fn route(name: String, mut request: Request<Incoming>) -> Result<Response<Body>, Infallible> {
+    let response = match request.uri().path() {
+        "/" => Response::builder()
+            .header("x-upstream", &name)
+            .body(full(format!("hello from {name}"))),
+        "/headers" => {
+            let headers: BTreeMap<String, Vec<String>> = request
+                .headers()
+                .keys()
+                .map(|k| (k.to_string(), values(request.headers(), k.as_str())))
+                .collect();
+            let json = serde_json::json!({"version": format!("{:?}", request.version()), "headers": headers, "upstream": name});
+            Response::builder()
+                .header("content-type", "application/json")
+                .body(full(json.to_string()))
+        }
+        "/echo" => Response::builder().body(request.into_body().boxed()),
+        "/upload" => {
+            let mut body = request.into_body();
+            let mut total: u64 = 0;
+            while let Some(frame) = body.frame().await {
+                match frame {
+                    Ok(frame) => total += frame.data_ref().map_or(0, |d| d.len() as u64),
+                    Err(err) => {
+                        return Ok(Response::builder()
+                            .status(400)
+                            .body(full(err.to_string()))
+                            .unwrap())
+                    }
+                }
+            }
+            Response::builder().body(full(total.to_string()))
+        }
+        "/download" => {
+            let total = query_number(&request, "bytes");
+            let chunk = Bytes::from(vec![b'x'; 64 * 1024]);
+            let chunks = futures_util::stream::unfold(total, move |left| {
+                let chunk = chunk.clone();
+                async move {
+                    (left > 0).then(|| {
+                        let n = left.min(chunk.len() as u64);
+                        (
+                            Ok::<_, hyper::Error>(Frame::data(chunk.slice(..n as usize))),
+                            left - n,
+                        )
+                    })
+                }
+            });
+            Response::builder().body(BodyExt::boxed(StreamBody::new(chunks)))
+        }
+        "/trailers" => {
+            let mut trailers = HeaderMap::new();
+            trailers.insert("x-checksum", "1234".parse().unwrap());
+            let frames = futures_util::stream::iter([
+                Ok::<_, hyper::Error>(Frame::data(Bytes::from_static(b"body with trailers"))),
+                Ok(Frame::trailers(trailers)),
+            ]);
+            Response::builder().body(BodyExt::boxed(StreamBody::new(frames)))
+        }
+        "/slow" => {
+            tokio::time::sleep(Duration::from_millis(query_number(&request, "ms"))).await;
+            Response::builder().body(full("slow done"))
+        }
+        "/status" => {
+            let code = StatusCode::from_u16(query_number(&request, "code") as u16)
+                .unwrap_or(StatusCode::OK);
+            Response::builder()
+                .status(code)
+                .body(full(format!("status {code}")))
+        }
+        "/ws" => websocket_echo(&mut request),
+        _ => Response::builder().status(404).body(full("no such route")),
+    };
+    Ok(response.expect("valid response"))
+}
+
+fn values(headers: &HeaderMap, name: &str) -> Vec<String> {
+    headers
+        .get_all(name)
+        .iter()
+        .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+        .collect()
+}
+
+fn websocket_echo(request: &mut Request<Incoming>) -> http::Result<Response<Body>> {
+    let Some(key) = request.headers().get("sec-websocket-key").cloned() else {
+        return Response::builder()
+            .status(400)
+            .body(full("not a websocket request"));
+    };
+    let on_upgrade = hyper::upgrade::on(request);
+    tokio::spawn(async move {
+        let Ok(upgraded) = on_upgrade.await else {
+            return;
+        };
+        let mut ws =
+            WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, None).await;
+        while let Some(Ok(message)) = ws.next().await {
+            if message.is_close() || ws.send(message).await.is_err() {
+                break;
+            }
+        }
+    });
+    Response::builder()
+        .status(StatusCode::SWITCHING_PROTOCOLS)
+        .header("connection", "upgrade")
+        .header("upgrade", "websocket")
+        .header("sec-websocket-accept", derive_accept_key(key.as_bytes()))
+        .body(full(Bytes::new()))
+}
