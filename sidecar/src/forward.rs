@@ -59,7 +59,7 @@ async fn send_to_some_endpoint(
                     "upstream connect failed; endpoint ejected");
                 endpoint.eject();
                 last_refusal = Some((endpoint.addr, source));
-                request = unsent;
+                request = *unsent;
             }
             Err(SendError::Upstream(source)) => {
                 return Err(ProxyError::Upstream {

@@ -37,7 +37,7 @@ pub enum SendError {
     /// No connection could be made; the request was not sent and is returned.
     Connect {
         source: io::Error,
-        request: Request<ProxyBody>,
+        request: Box<Request<ProxyBody>>,
     },
     /// The request was (at least partly) sent; it is gone.
     Upstream(hyper::Error),
@@ -106,7 +106,12 @@ impl ConnPool {
                 Some(sender) => (sender, true),
                 None => match self.connect_h1().await {
                     Ok(sender) => (sender, false),
-                    Err(source) => return Err(SendError::Connect { source, request }),
+                    Err(source) => {
+                        return Err(SendError::Connect {
+                            source,
+                            request: Box::new(request),
+                        })
+                    }
                 },
             };
             match sender.try_send_request(request).await {
@@ -142,7 +147,12 @@ impl ConnPool {
                     }
                     sender
                 }
-                Err(source) => return Err(SendError::Connect { source, request }),
+                Err(source) => {
+                    return Err(SendError::Connect {
+                        source,
+                        request: Box::new(request),
+                    })
+                }
             },
         };
         if let Err(err) = sender.ready().await {

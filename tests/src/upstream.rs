@@ -19,7 +19,7 @@
 use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -46,6 +46,8 @@ pub struct Upstream {
     pub name: String,
     pub addr: SocketAddr,
     requests: Arc<AtomicUsize>,
+    connections: Arc<AtomicUsize>,
+    delay_ms: Arc<AtomicU64>,
     stop: watch::Sender<bool>,
     accept: JoinHandle<()>,
 }
@@ -59,17 +61,22 @@ impl Upstream {
         let listener = TcpListener::bind(addr).await.expect("bind upstream");
         let addr = listener.local_addr().expect("local addr");
         let requests = Arc::new(AtomicUsize::new(0));
+        let delay_ms = Arc::new(AtomicU64::new(0));
+        let connections = Arc::new(AtomicUsize::new(0));
         let (stop, stopped) = watch::channel(false);
-        let accept = tokio::spawn(accept_loop(
-            listener,
-            name.to_owned(),
-            Arc::clone(&requests),
-            stopped,
-        ));
+        let state = State {
+            name: name.to_owned(),
+            requests: Arc::clone(&requests),
+            connections: Arc::clone(&connections),
+            delay_ms: Arc::clone(&delay_ms),
+        };
+        let accept = tokio::spawn(accept_loop(listener, state, stopped));
         Upstream {
             name: name.to_owned(),
             addr,
             requests,
+            connections,
+            delay_ms,
             stop,
             accept,
         }
@@ -82,6 +89,18 @@ impl Upstream {
     /// Requests received so far.
     pub fn requests(&self) -> usize {
         self.requests.load(Ordering::SeqCst)
+    }
+
+    /// Connections that carried at least one request (TCP-only health
+    /// probes don't count).
+    pub fn connections(&self) -> usize {
+        self.connections.load(Ordering::SeqCst)
+    }
+
+    /// Delays every answer by `delay` from now on (a struggling instance).
+    pub fn set_delay(&self, delay: Duration) {
+        self.delay_ms
+            .store(delay.as_millis() as u64, Ordering::SeqCst);
     }
 
     /// Closes the listener and all connections.
@@ -97,21 +116,34 @@ impl Drop for Upstream {
     }
 }
 
-async fn accept_loop(
-    listener: TcpListener,
+#[derive(Debug, Clone)]
+struct State {
     name: String,
     requests: Arc<AtomicUsize>,
-    stopped: watch::Receiver<bool>,
-) {
+    connections: Arc<AtomicUsize>,
+    delay_ms: Arc<AtomicU64>,
+}
+
+async fn accept_loop(listener: TcpListener, state: State, stopped: watch::Receiver<bool>) {
     let builder = auto::Builder::new(TokioExecutor::new());
     loop {
         let Ok((stream, _)) = listener.accept().await else {
             continue;
         };
-        let (name, requests) = (name.clone(), Arc::clone(&requests));
+        let state = state.clone();
+        let first_request = std::sync::atomic::AtomicBool::new(true);
         let service = service_fn(move |request| {
-            requests.fetch_add(1, Ordering::SeqCst);
-            route(name.clone(), request)
+            state.requests.fetch_add(1, Ordering::SeqCst);
+            if first_request.swap(false, Ordering::SeqCst) {
+                state.connections.fetch_add(1, Ordering::SeqCst);
+            }
+            let (name, delay) = (state.name.clone(), state.delay_ms.load(Ordering::SeqCst));
+            async move {
+                if delay > 0 {
+                    tokio::time::sleep(Duration::from_millis(delay)).await;
+                }
+                route(name, request).await
+            }
         });
         let connection = builder
             .serve_connection_with_upgrades(TokioIo::new(stream), service)
@@ -200,7 +232,10 @@ async fn route(name: String, mut request: Request<Incoming>) -> Result<Response<
                 Ok::<_, hyper::Error>(Frame::data(Bytes::from_static(b"body with trailers"))),
                 Ok(Frame::trailers(trailers)),
             ]);
-            Response::builder().body(BodyExt::boxed(StreamBody::new(frames)))
+            Response::builder()
+                // HTTP/1.1 sends only trailer fields announced here.
+                .header("trailer", "x-checksum")
+                .body(BodyExt::boxed(StreamBody::new(frames)))
         }
         "/slow" => {
             tokio::time::sleep(Duration::from_millis(query_number(&request, "ms"))).await;

@@ -1,0 +1,210 @@
+//! Protocols through the mesh (issue 2, point 3 and the streaming rules):
+//! h2c end to end, WebSocket through two sidecars, chunked bodies,
+//! trailers, hop-by-hop headers.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::{SinkExt, StreamExt};
+use http::{Request, Version};
+use http_body_util::{Full, StreamBody};
+use hyper::body::Frame;
+use meshlet_e2e::{client, SidecarProcess, Upstream};
+use serde_json::Value;
+use tokio_tungstenite::tungstenite::Message;
+
+/// frontend's sidecar knows `orders`, whose sidecar fronts the orders app.
+struct Mesh {
+    orders_app: Upstream,
+    orders: SidecarProcess,
+    frontend: SidecarProcess,
+    _frontend_app: Upstream,
+}
+
+async fn mesh() -> Mesh {
+    let orders_app = Upstream::start("orders").await;
+    let orders = SidecarProcess::builder("orders", orders_app.port())
+        .start()
+        .await;
+    let frontend_app = Upstream::start("frontend").await;
+    let config = format!(
+        "apiVersion: meshlet.dev/v1alpha1\nkind: Service\nmetadata: {{name: orders}}\nspec:\n  endpoints:\n    - address: {}\n",
+        orders.inbound
+    );
+    let frontend = SidecarProcess::builder("frontend", frontend_app.port())
+        .config(&config)
+        .start()
+        .await;
+    Mesh {
+        orders_app,
+        orders,
+        frontend,
+        _frontend_app: frontend_app,
+    }
+}
+
+fn get(uri: &str) -> Request<Full<Bytes>> {
+    Request::get(uri).body(Full::new(Bytes::new())).unwrap()
+}
+
+#[tokio::test]
+async fn h2c_client_through_both_sidecars_to_an_h2c_upstream() {
+    let mesh = mesh().await;
+    let reply = client::send_h2(mesh.frontend.outbound, get("http://orders/headers"))
+        .await
+        .unwrap();
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    assert_eq!(reply.version, Version::HTTP_2);
+    let json: Value = serde_json::from_slice(&reply.body).unwrap();
+    assert_eq!(json["upstream"], "orders");
+    assert_eq!(json["version"], "HTTP/2.0", "the app was reached over h2c");
+
+    // Many concurrent streams on one client connection, through the inbound side.
+    let inbound = mesh.orders.inbound;
+    let calls = (0..20).map(|i| async move {
+        client::send_h2(inbound, get(&format!("http://orders/slow?ms={}", i % 5)))
+            .await
+            .unwrap()
+            .status
+    });
+    let statuses = futures_util::future::join_all(calls).await;
+    assert!(statuses.iter().all(|&s| s == 200), "{statuses:?}");
+
+    // h2 trailers arrive end to end.
+    let reply = client::send_h2(mesh.frontend.outbound, get("http://orders/trailers"))
+        .await
+        .unwrap();
+    assert_eq!(reply.text(), "body with trailers");
+    assert_eq!(
+        reply
+            .trailers
+            .as_ref()
+            .and_then(|t| t.get("x-checksum"))
+            .unwrap(),
+        "1234"
+    );
+}
+
+#[tokio::test]
+async fn websocket_echo_through_both_sidecars() {
+    let mesh = mesh().await;
+    let stream = tokio::net::TcpStream::connect(mesh.frontend.outbound)
+        .await
+        .unwrap();
+    let (mut ws, response) = tokio_tungstenite::client_async("ws://orders/ws", stream)
+        .await
+        .expect("handshake");
+    assert_eq!(response.status(), 101);
+    for i in 0..5 {
+        let text = format!("message {i}");
+        ws.send(Message::text(text.clone())).await.unwrap();
+        let echoed = tokio::time::timeout(Duration::from_secs(5), ws.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        assert_eq!(echoed.into_text().unwrap().as_str(), text);
+    }
+    let big = vec![7u8; 1 << 20];
+    ws.send(Message::binary(big.clone())).await.unwrap();
+    let echoed = tokio::time::timeout(Duration::from_secs(5), ws.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(echoed.into_data().as_ref(), &big[..]);
+    ws.close(None).await.unwrap();
+    assert_eq!(
+        mesh.orders_app.requests(),
+        1,
+        "one upgrade request, then frames"
+    );
+}
+
+#[tokio::test]
+async fn chunked_request_body_and_http1_trailers_pass_through() {
+    let mesh = mesh().await;
+    // No Content-Length: the client sends the body chunked, in pieces.
+    let pieces = ["hello", " ", "chunked", " world"]
+        .map(|p| Ok::<_, std::convert::Infallible>(Frame::data(Bytes::from(p))));
+    let body = StreamBody::new(futures_util::stream::iter(pieces));
+    let request = Request::post("http://orders/echo").body(body).unwrap();
+    let reply = client::send(mesh.frontend.outbound, request).await.unwrap();
+    assert_eq!(reply.status, 200);
+    assert_eq!(reply.text(), "hello chunked world");
+    assert_eq!(reply.header("transfer-encoding"), Some("chunked"));
+
+    // A client that accepts trailers (TE: trailers) gets them over HTTP/1.1.
+    let request = Request::get("http://orders/trailers")
+        .header("te", "trailers")
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let reply = client::send(mesh.frontend.outbound, request).await.unwrap();
+    assert_eq!(reply.text(), "body with trailers");
+    assert_eq!(
+        reply
+            .trailers
+            .as_ref()
+            .and_then(|t| t.get("x-checksum"))
+            .map(|v| v.to_str().unwrap()),
+        Some("1234")
+    );
+}
+
+#[tokio::test]
+async fn hop_by_hop_headers_are_removed_and_forwarded_headers_added() {
+    let mesh = mesh().await;
+    let request = Request::get("http://orders/headers")
+        .header("connection", "keep-alive, x-private")
+        .header("x-private", "secret")
+        .header("keep-alive", "timeout=5")
+        .header("proxy-authorization", "Basic Zm9vOmJhcg==")
+        .header("x-forwarded-for", "10.9.8.7")
+        .header("x-end-to-end", "kept")
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let reply = client::send(mesh.frontend.outbound, request).await.unwrap();
+    let json: Value = serde_json::from_slice(&reply.body).unwrap();
+    let headers = &json["headers"];
+    for gone in [
+        "x-private",
+        "keep-alive",
+        "proxy-authorization",
+        "proxy-connection",
+    ] {
+        assert!(
+            headers.get(gone).is_none(),
+            "{gone} must not be forwarded: {headers}"
+        );
+    }
+    assert_eq!(headers["x-end-to-end"][0], "kept");
+    assert_eq!(headers["x-forwarded-for"][0], "10.9.8.7, 127.0.0.1");
+    assert_eq!(headers["x-forwarded-proto"][0], "http");
+}
+
+#[tokio::test]
+async fn keep_alive_connections_are_reused_upstream() {
+    let mesh = mesh().await;
+    // 20 clients, each on its own connection, one after another: the
+    // sidecar serves them all over one pooled connection to the app.
+    for _ in 0..20 {
+        assert_eq!(
+            client::get(mesh.orders.inbound, "/").await.unwrap().status,
+            200
+        );
+    }
+    assert_eq!(mesh.orders_app.requests(), 20);
+    assert_eq!(
+        mesh.orders_app.connections(),
+        1,
+        "upstream connections were not reused"
+    );
+    // The same through both sidecars.
+    for _ in 0..10 {
+        let reply = client::send(mesh.frontend.outbound, get("http://orders/"))
+            .await
+            .unwrap();
+        assert_eq!(reply.status, 200);
+    }
+    assert_eq!(mesh.orders_app.connections(), 1);
+}
