@@ -160,7 +160,14 @@ fn typed<S: DeserializeOwned>(
         let path = e.path().to_string();
         let inner = e.into_inner();
         let field = if path == "." { String::new() } else { path };
-        (field, strip_position(&inner), position(&inner))
+        // serde_yaml prefixes its message with (part of) the path we
+        // report separately: "spec.endpoints[0]: unknown field ...".
+        let message = strip_position(&inner);
+        let message = match message.split_once(": ") {
+            Some((head, rest)) if !field.is_empty() && field.starts_with(head) => rest.to_owned(),
+            _ => message,
+        };
+        (field, message, position(&inner))
     })
 }
 
@@ -253,7 +260,7 @@ spec: {}
         assert_eq!(err.document, 1);
         assert_eq!(err.line, Some(7));
         assert_eq!(err.field, "spec.endpoints[0].lables");
-        assert!(err.message.contains("unknown field `lables`"), "{err}");
+        assert!(err.message.starts_with("unknown field `lables`"), "{err}");
     }
 
     #[test]

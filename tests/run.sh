@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# meshlet's whole test suite: README command (2), and exactly what CI runs
+# (.ci/run calls this script). Works on a fresh Debian machine with Rust
+# installed; installs anything else it needs.
+#
+#   1. style gates: cargo fmt --check, cargo clippy -D warnings
+#   2. build every binary once (release), then run every test against them:
+#      unit tests in each crate, end-to-end tests in tests/e2e/ that start
+#      the real `sidecar` processes on free loopback ports
+#   3. the local demo (examples/demo.sh) as a smoke test of README command (1)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+step() { printf '\n==> %s\n' "$*"; }
+
+need_apt=()
+command -v curl >/dev/null || need_apt+=(curl)
+if ((${#need_apt[@]})); then
+    step "installing ${need_apt[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq && apt-get install -y -qq "${need_apt[@]}" >/dev/null
+fi
+
+step "cargo fmt --check"
+cargo fmt --all -- --check
+
+step "cargo clippy -D warnings"
+cargo clippy --workspace --all-targets --release -- -D warnings
+
+step "build all binaries (release)"
+cargo build --workspace --bins --release
+
+step "unit and end-to-end tests"
+cargo test --workspace --release
+
+step "local demo smoke test (examples/demo.sh)"
+bash examples/demo.sh
+
+printf '\nall checks passed\n'
