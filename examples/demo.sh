@@ -164,11 +164,12 @@ done
 start_orders_app
 start frontend-app env HTTP_PROXY="http://127.0.0.1:$FRONTEND_OUT" \
   "$BIN/demo-service" --name frontend --port "$FRONTEND_APP" --version v1 --calls orders
-# MESHLET_INBOUND_IP keeps the demo's inbound listeners off the network.
-start orders-sidecar env MESHLET_INBOUND_IP=127.0.0.1 "$BIN/sidecar" --service orders \
+# MESHLET_INBOUND_IP keeps the demo's inbound listeners off the network;
+# NO_COLOR keeps the log files free of terminal escapes.
+start orders-sidecar env MESHLET_INBOUND_IP=127.0.0.1 NO_COLOR=1 "$BIN/sidecar" --service orders \
   --app-port "$ORDERS_APP" --inbound-port "$ORDERS_IN" --outbound-port "$ORDERS_OUT" \
   --admin-port "$ORDERS_ADMIN" --config "$CONFIG"
-start frontend-sidecar env MESHLET_INBOUND_IP=127.0.0.1 "$BIN/sidecar" --service frontend \
+start frontend-sidecar env MESHLET_INBOUND_IP=127.0.0.1 NO_COLOR=1 "$BIN/sidecar" --service frontend \
   --app-port "$FRONTEND_APP" --inbound-port "$FRONTEND_IN" --outbound-port "$FRONTEND_OUT" \
   --admin-port "$FRONTEND_ADMIN" --config "$CONFIG"
 
@@ -187,18 +188,26 @@ request() {
   CODE=${out%% *}
   TIME_MS=$(awk -v t="${out##* }" 'BEGIN { printf "%.0f", t * 1000 }')
   BODY=$(tr -d '\r\n' <"$WORK/body")
-  [[ -s $WORK/err ]] && BODY="curl: $(tr -d '\r\n' <"$WORK/err") $BODY"
+  [[ -s $WORK/err ]] && BODY="$(tr -d '\r\n' <"$WORK/err") $BODY"
   REASON=$(grep -i '^x-meshlet-reason:' "$WORK/headers" | head -n 1 | cut -d: -f2- | tr -d ' \r') || true
 }
 
 # field NAME: first string value of "NAME":"..." in BODY.
 field() { grep -o "\"$1\":\"[^\"]*\"" <<<"$BODY" | head -n 1 | cut -d'"' -f4 || true; }
 
+# quoted ARGS...: the arguments as one would type them.
+quoted() {
+  local arg
+  for arg in "$@"; do
+    if [[ $arg =~ [^A-Za-z0-9_./:=@-] ]]; then printf " '%s'" "$arg"; else printf ' %s' "$arg"; fi
+  done
+}
+
 # show EXPECTED_CODE DESCRIPTION CURL_ARGS...: run one request and print it.
 show() {
   local want=$1 what=$2
   shift 2
-  printf '\n   %s%s%s\n   $ curl %s\n' "$BOLD" "$what" "$RESET" "$*"
+  printf '\n   %s%s%s\n   $ curl%s\n' "$BOLD" "$what" "$RESET" "$(quoted "$@")"
   request "$@"
   info "-> HTTP $CODE${REASON:+  x-meshlet-reason: $REASON}  (${TIME_MS} ms)"
   info "   ${DIM}${BODY:0:300}${RESET}"
@@ -301,6 +310,9 @@ if ((KEEP_RUNNING)); then
   IN_KEEP_RUNNING=1
   round_header
   for ((i = 1; ; i++)); do
+    for name in "${!PID_OF[@]}"; do
+      kill -0 "${PID_OF[$name]}" 2>/dev/null || die "$name exited (log: $LOG_DIR/$name.log)"
+    done
     one_round "$i"
     sleep 1
   done

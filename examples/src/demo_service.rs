@@ -172,11 +172,11 @@ async fn handle(app: &App, req: Request<Incoming>) -> Result<Response<Body>, Inf
     let args = &app.args;
     eprintln!("{} {} {}", args.name, req.method(), req.uri());
     let response = match (req.method(), req.uri().path()) {
-        (&Method::GET, "/health") => json_response(
+        (&Method::GET | &Method::HEAD, "/health") => json_response(
             StatusCode::OK,
             &json!({"status": "healthy", "service": args.name}),
         ),
-        (&Method::GET, "/") => json_response(
+        (&Method::GET | &Method::HEAD, "/") => json_response(
             StatusCode::OK,
             &json!({
                 "service": args.name,

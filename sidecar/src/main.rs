@@ -1,6 +1,7 @@
 //! The `sidecar` binary: parse flags, load config, bind, run until
 //! SIGTERM/SIGINT, drain, exit. Everything else lives in the library.
 
+use std::io::IsTerminal;
 use std::process::ExitCode;
 
 use clap::Parser;

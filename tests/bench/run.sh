@@ -81,11 +81,15 @@ die() { printf '[bench] ERROR: %s\n' "$*" >&2; exit 1; }
 
 # ---------------------------------------------------------------- cleanup --
 TMP=""
-PIDS=()
+PIDS=()         # the services: upstream, peer, sidecar
+WRK_PID=""      # the wrk run in progress, if any
+SAMPLER_PID=""  # the RSS sampler, while it runs
 cleanup() {
     local rc=$?
     trap - EXIT INT TERM
     local pid
+    [[ -z "$WRK_PID" ]] || PIDS+=("$WRK_PID")
+    [[ -z "$SAMPLER_PID" ]] || PIDS+=("$SAMPLER_PID")
     for pid in "${PIDS[@]}"; do
         kill -TERM "$pid" 2>/dev/null || true
     done
@@ -249,7 +253,13 @@ EOF
 run_wrk() {
     local out=$1
     shift
-    wrk "$@" >"$out" 2>&1 || { cat "$out" >&2; die "wrk $* failed"; }
+    # In the background so that a signal to this script is handled at once.
+    wrk "$@" >"$out" 2>&1 &
+    WRK_PID=$!
+    local rc=0
+    wait "$WRK_PID" || rc=$?
+    WRK_PID=""
+    ((rc == 0)) || { cat "$out" >&2; die "wrk $* failed"; }
     grep -q '^RESULT ' "$out" || { cat "$out" >&2; die "wrk $* printed no result"; }
 }
 
@@ -371,7 +381,6 @@ fi
 # other targets run, so the peak is its peak under its own load).
 sample_rss "$SIDECAR_PID" "$TMP/sidecar-rss-peak" &
 SAMPLER_PID=$!
-PIDS+=("$SAMPLER_PID")
 
 declare -A PORT=([direct]=$UP_PORT [sidecar]=$IN_PORT [nginx]=$PEER_PORT)
 for ((round = 1; round <= ROUNDS; round++)); do
@@ -382,6 +391,7 @@ done
 
 kill "$SAMPLER_PID" 2>/dev/null || true
 wait "$SAMPLER_PID" 2>/dev/null || true
+SAMPLER_PID=""
 kill -0 "$SIDECAR_PID" 2>/dev/null || die "sidecar exited during the benchmark"
 SIDECAR_RSS_PEAK=$(cat "$TMP/sidecar-rss-peak" 2>/dev/null || echo 0)
 SIDECAR_RSS_AFTER=$(status_kb "$SIDECAR_PID" VmRSS)

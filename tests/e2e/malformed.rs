@@ -1,0 +1,304 @@
+//! Requests a proxy must refuse without falling over (issue point 5): a
+//! malformed request line, a request head over the size limit, conflicting
+//! `Content-Length`/`Transfer-Encoding`, and a client that never finishes
+//! its head (slowloris). Each gets the right 4xx (or, for slowloris, a
+//! timely close), the connection is closed, nothing reaches the app, and
+//! the sidecar goes on serving. A well-formed keep-alive connection, by
+//! contrast, stays open across requests: closing happens only on errors.
+//!
+//! Every case is sent as raw bytes to both the inbound and the outbound
+//! listener; the outbound side knows the app as service `app`.
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::Request;
+use http_body_util::Full;
+use meshlet_e2e::{client, SidecarProcess, Upstream};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// How long a refused connection may take to be closed by the sidecar.
+const PATIENCE: Duration = Duration::from_secs(5);
+
+/// An app and its sidecar, whose outbound listener also knows the app as
+/// service `app`.
+struct Mesh {
+    app: Upstream,
+    sidecar: SidecarProcess,
+}
+
+impl Mesh {
+    async fn start(args: &[&str]) -> Mesh {
+        let app = Upstream::start("app").await;
+        let config = format!(
+            "apiVersion: meshlet.dev/v1alpha1\nkind: Service\nmetadata: {{name: app}}\nspec:\n  endpoints:\n    - address: {}\n",
+            app.addr
+        );
+        let mut builder = SidecarProcess::builder("app", app.port()).config(&config);
+        for arg in args {
+            builder = builder.arg(arg);
+        }
+        let sidecar = builder.start().await;
+        Mesh { app, sidecar }
+    }
+
+    /// Both proxy listeners, named for assertion messages.
+    fn listeners(&self) -> [(&'static str, SocketAddr); 2] {
+        [
+            ("inbound", self.sidecar.inbound),
+            ("outbound", self.sidecar.outbound),
+        ]
+    }
+
+    /// Sends `request` raw to `listener` and asserts the sidecar answers
+    /// `status`, closes the connection, and the app never hears of it.
+    async fn assert_refused(&self, listener: &str, request: &[u8], status: u16) {
+        let addr = self.listener(listener);
+        let before = self.app.requests();
+        let (text, closed) = client::raw(addr, request, PATIENCE).await;
+        let first_line = text.lines().next().unwrap_or("");
+        assert!(
+            first_line.starts_with(&format!("HTTP/1.1 {status} ")),
+            "{listener}: expected {status}, got {first_line:?}\n{text}"
+        );
+        assert!(
+            closed,
+            "{listener}: connection still open {PATIENCE:?} after a {status}\n{text}"
+        );
+        assert_eq!(
+            self.app.requests(),
+            before,
+            "{listener}: a refused request reached the app"
+        );
+    }
+
+    /// A normal request through each listener still works, and /live is 200.
+    async fn assert_still_serving(&self) {
+        let inbound = client::get(self.sidecar.inbound, "/").await.unwrap();
+        assert_eq!(
+            (inbound.status, inbound.text().as_str()),
+            (200, "hello from app")
+        );
+        let outbound = client::send(
+            self.sidecar.outbound,
+            Request::get("http://app/")
+                .body(Full::new(Bytes::new()))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+        assert_eq!(
+            (outbound.status, outbound.text().as_str()),
+            (200, "hello from app")
+        );
+        let live = client::get(self.sidecar.admin, "/live").await.unwrap();
+        assert_eq!(live.status, 200);
+    }
+
+    fn listener(&self, name: &str) -> SocketAddr {
+        self.listeners()
+            .into_iter()
+            .find_map(|(n, addr)| (n == name).then_some(addr))
+            .expect("known listener")
+    }
+}
+
+/// A `GET /` whose head carries one header of `bytes` bytes.
+fn request_with_header_of(bytes: usize) -> Vec<u8> {
+    format!(
+        "GET / HTTP/1.1\r\nHost: app\r\nX-Big: {}\r\n\r\n",
+        "a".repeat(bytes)
+    )
+    .into_bytes()
+}
+
+/// One raw TCP connection that a test reads from step by step, to see
+/// whether and when the sidecar closes it.
+struct RawConnection {
+    stream: TcpStream,
+    received: Vec<u8>,
+}
+
+impl RawConnection {
+    async fn open(addr: SocketAddr) -> RawConnection {
+        let stream = TcpStream::connect(addr).await.expect("connect");
+        RawConnection {
+            stream,
+            received: Vec::new(),
+        }
+    }
+
+    async fn send(&mut self, bytes: &[u8]) {
+        self.stream.write_all(bytes).await.expect("write");
+    }
+
+    /// Reads until `needle` has arrived (counting only what arrived since
+    /// the last call), or panics after `patience` or on close.
+    async fn read_until(&mut self, needle: &str, patience: Duration) -> String {
+        self.received.clear();
+        let deadline = Instant::now() + patience;
+        loop {
+            let text = String::from_utf8_lossy(&self.received).into_owned();
+            if text.contains(needle) {
+                return text;
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            let mut buf = [0u8; 4096];
+            match tokio::time::timeout(left, self.stream.read(&mut buf)).await {
+                Ok(Ok(0)) | Ok(Err(_)) => panic!("connection closed before {needle:?}: {text}"),
+                Ok(Ok(n)) => self.received.extend_from_slice(&buf[..n]),
+                Err(_) => panic!("no {needle:?} within {patience:?}: {text}"),
+            }
+        }
+    }
+
+    /// Reads until the peer closes. Returns what arrived, or `None` if the
+    /// connection is still open after `patience`.
+    async fn read_to_close(&mut self, patience: Duration) -> Option<String> {
+        self.received.clear();
+        let deadline = Instant::now() + patience;
+        let mut buf = [0u8; 4096];
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match tokio::time::timeout(left, self.stream.read(&mut buf)).await {
+                Ok(Ok(0)) | Ok(Err(_)) => {
+                    return Some(String::from_utf8_lossy(&self.received).into_owned())
+                }
+                Ok(Ok(n)) => self.received.extend_from_slice(&buf[..n]),
+                Err(_) => return None,
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_malformed_request_line_gets_400_and_the_connection_closes() {
+    let mesh = Mesh::start(&[]).await;
+    for (listener, _) in mesh.listeners() {
+        for request in [
+            &b"GARBAGE\r\n\r\n"[..],
+            b"GET / HTTP/9.9\r\nHost: app\r\n\r\n",
+            b"GET /has space HTTP/1.1\r\nHost: app\r\n\r\n",
+        ] {
+            mesh.assert_refused(listener, request, 400).await;
+        }
+    }
+    mesh.assert_still_serving().await;
+}
+
+#[tokio::test]
+async fn a_head_over_the_default_64k_limit_gets_431_and_the_connection_closes() {
+    let mesh = Mesh::start(&[]).await;
+    for (listener, _) in mesh.listeners() {
+        mesh.assert_refused(listener, &request_with_header_of(70 * 1024), 431)
+            .await;
+    }
+    mesh.assert_still_serving().await;
+}
+
+#[tokio::test]
+async fn a_configured_header_limit_is_enforced_and_heads_under_it_pass() {
+    let mesh = Mesh::start(&["--max-header-bytes", "16384"]).await;
+    for (listener, addr) in mesh.listeners() {
+        mesh.assert_refused(listener, &request_with_header_of(20 * 1024), 431)
+            .await;
+        // 8 KB is under the configured limit: served, so the 431 above came
+        // from that limit and not from some smaller one.
+        let (text, _) = client::raw(
+            addr,
+            &[
+                &request_with_header_of(8 * 1024)[..],
+                b"GET / HTTP/1.1\r\nHost: app\r\nConnection: close\r\n\r\n",
+            ]
+            .concat(),
+            PATIENCE,
+        )
+        .await;
+        assert!(text.starts_with("HTTP/1.1 200 "), "{listener}: {text}");
+    }
+    mesh.assert_still_serving().await;
+}
+
+#[tokio::test]
+async fn conflicting_content_length_and_transfer_encoding_get_400_and_never_reach_the_app() {
+    let mesh = Mesh::start(&[]).await;
+    for (listener, _) in mesh.listeners() {
+        // Both orders: each is a request-smuggling vector on its own.
+        for request in [
+            &b"POST /upload HTTP/1.1\r\nHost: app\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n"[..],
+            b"POST /upload HTTP/1.1\r\nHost: app\r\nTransfer-Encoding: chunked\r\nContent-Length: 5\r\n\r\n0\r\n\r\n",
+        ] {
+            mesh.assert_refused(listener, request, 400).await;
+        }
+    }
+    mesh.assert_still_serving().await;
+}
+
+#[tokio::test]
+async fn a_slowloris_client_is_cut_off_after_the_header_read_timeout() {
+    let mesh = Mesh::start(&["--header-read-timeout", "500ms"]).await;
+    for (listener, addr) in mesh.listeners() {
+        let mut slow = RawConnection::open(addr).await;
+        slow.send(b"GET / HTTP/1.1\r\nHost: app\r\nX-Still-Typ")
+            .await;
+        let stalled_at = Instant::now();
+
+        // While that client stalls, others are served.
+        mesh.assert_still_serving().await;
+
+        let closed = slow.read_to_close(PATIENCE).await;
+        let took = stalled_at.elapsed();
+        assert!(
+            closed.is_some(),
+            "{listener}: a stalled head was still open after {PATIENCE:?}"
+        );
+        assert!(
+            took < Duration::from_secs(3),
+            "{listener}: closed only after {took:?} (timeout is 500ms)"
+        );
+        assert!(
+            took >= Duration::from_millis(400),
+            "{listener}: closed after {took:?}, before the 500ms timeout"
+        );
+    }
+    assert_eq!(
+        mesh.app.requests(),
+        4,
+        "only the well-formed requests arrived"
+    );
+    mesh.assert_still_serving().await;
+}
+
+#[tokio::test]
+async fn a_keep_alive_connection_carries_two_requests_in_a_row() {
+    let mesh = Mesh::start(&[]).await;
+    for (listener, addr) in mesh.listeners() {
+        let mut connection = RawConnection::open(addr).await;
+        connection
+            .send(b"GET / HTTP/1.1\r\nHost: app\r\n\r\n")
+            .await;
+        let first = connection.read_until("hello from app", PATIENCE).await;
+        assert!(first.starts_with("HTTP/1.1 200 "), "{listener}: {first}");
+        assert!(
+            !first.to_ascii_lowercase().contains("connection: close"),
+            "{listener}: a good request must not close the connection: {first}"
+        );
+
+        // Same connection, second request.
+        connection
+            .send(b"GET /headers HTTP/1.1\r\nHost: app\r\nConnection: close\r\n\r\n")
+            .await;
+        let second = connection
+            .read_to_close(PATIENCE)
+            .await
+            .unwrap_or_else(|| panic!("{listener}: not closed after Connection: close"));
+        assert!(second.starts_with("HTTP/1.1 200 "), "{listener}: {second}");
+        assert!(
+            second.contains(r#""upstream":"app""#),
+            "{listener}: {second}"
+        );
+    }
+    assert_eq!(mesh.app.requests(), 4);
+}
