@@ -46,6 +46,8 @@ pub enum ProxyError {
     MissingHost,
     #[error("request has both Content-Length and Transfer-Encoding (ambiguous framing)")]
     AmbiguousFraming,
+    #[error("request head is larger than {limit} bytes")]
+    HeadTooLarge { limit: usize },
     #[error("{method} is not supported on the {listener} listener")]
     MethodNotAllowed {
         method: http::Method,
@@ -75,6 +77,7 @@ impl ProxyError {
     pub fn status(&self) -> StatusCode {
         match self {
             ProxyError::MissingHost | ProxyError::AmbiguousFraming => StatusCode::BAD_REQUEST,
+            ProxyError::HeadTooLarge { .. } => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             ProxyError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             ProxyError::UnknownService { .. } | ProxyError::NoHealthyEndpoint { .. } => {
                 StatusCode::SERVICE_UNAVAILABLE
@@ -91,6 +94,7 @@ impl ProxyError {
         match self {
             ProxyError::MissingHost => "missing_host",
             ProxyError::AmbiguousFraming => "bad_request",
+            ProxyError::HeadTooLarge { .. } => "header_too_large",
             ProxyError::MethodNotAllowed { .. } => "method_not_allowed",
             ProxyError::UnknownService { .. } => "unknown_service",
             ProxyError::NoHealthyEndpoint { .. } => "no_healthy_endpoint",
@@ -99,6 +103,22 @@ impl ProxyError {
             ProxyError::UpstreamTimeout { .. } => "upstream_timeout",
             ProxyError::Upstream { .. } => "upstream_reset",
         }
+    }
+
+    /// The same response as raw HTTP/1.1 bytes, for the few places that
+    /// answer below hyper (the framing guard).
+    pub fn to_http1_bytes(&self) -> Vec<u8> {
+        let status = self.status();
+        let body = format!("meshlet: {self}\n");
+        format!(
+            "HTTP/1.1 {} {}\r\n{REASON_HEADER}: {}\r\ncontent-type: text/plain; charset=utf-8\r\n\
+             connection: close\r\ncontent-length: {}\r\n\r\n{body}",
+            status.as_u16(),
+            status.canonical_reason().unwrap_or(""),
+            self.reason(),
+            body.len()
+        )
+        .into_bytes()
     }
 
     /// The response sent to the client in place of the upstream's.

@@ -22,6 +22,7 @@ pub mod body;
 pub mod cli;
 pub mod error;
 pub mod forward;
+pub mod framing;
 pub mod headers;
 pub mod metrics;
 pub mod pool;
@@ -142,14 +143,14 @@ pub async fn run(
 
     let (stop_tx, stop_rx) = watch::channel(false);
     admin.spawn_app_probe(stop_rx.clone());
-    let gauge = |direction: &str| metrics.active_connections.with_label_values(&[direction]);
+    let listener = |name: &str| metrics.listener(name);
     let servers = [
         tokio::spawn(server::serve(
             "inbound",
             listeners.inbound,
             inbound,
             Arc::clone(&limits),
-            gauge("inbound"),
+            listener("inbound"),
             stop_rx.clone(),
         )),
         tokio::spawn(server::serve(
@@ -157,7 +158,7 @@ pub async fn run(
             listeners.outbound,
             outbound,
             Arc::clone(&limits),
-            gauge("outbound"),
+            listener("outbound"),
             stop_rx.clone(),
         )),
         tokio::spawn(server::serve(
@@ -165,7 +166,7 @@ pub async fn run(
             listeners.admin,
             admin,
             Arc::clone(&limits),
-            gauge("admin"),
+            listener("admin"),
             stop_rx,
         )),
     ];
@@ -174,15 +175,11 @@ pub async fn run(
     shutdown.await;
     tracing::info!(deadline = ?settings.drain_timeout, "shutting down: draining in-flight requests");
     let _ = stop_tx.send(true);
-    let mut drains = Vec::new();
-    for server in servers {
-        if let Ok(graceful) = server.await {
-            drains.push(graceful.shutdown());
-        }
-    }
     let all_drained = async {
-        for drain in drains {
-            drain.await;
+        for server in servers {
+            if let Ok(drain) = server.await {
+                drain.wait().await;
+            }
         }
     };
     match tokio::time::timeout(settings.drain_timeout, all_drained).await {

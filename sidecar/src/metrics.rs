@@ -6,7 +6,9 @@
 //! Label handles are resolved once (per listener, per service target at
 //! snapshot build) so the hot path only increments an atomic.
 
-use prometheus::{Encoder, IntCounter, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder};
+use prometheus::{
+    Encoder, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
+};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Direction {
@@ -23,11 +25,21 @@ impl Direction {
     }
 }
 
+/// Per-listener metric handles, resolved once at start-up.
+#[derive(Debug, Clone)]
+pub struct ListenerMetrics {
+    /// `active_connections{direction=listener}`.
+    pub connections: IntGauge,
+    /// Requests refused below hyper (see `framing`), by reason.
+    pub ambiguous_framing: IntCounter,
+    pub head_too_large: IntCounter,
+}
+
 #[derive(Debug, Clone)]
 pub struct Metrics {
     registry: Registry,
     requests: IntCounterVec,
-    pub active_connections: IntGaugeVec,
+    active_connections: IntGaugeVec,
     mesh_responses: IntCounterVec,
 }
 
@@ -80,6 +92,19 @@ impl Metrics {
     pub fn requests(&self, direction: Direction, service: &str) -> IntCounter {
         self.requests
             .with_label_values(&[direction.as_str(), service])
+    }
+
+    /// Handles for one listener (`inbound`, `outbound` or `admin`).
+    pub fn listener(&self, name: &str) -> ListenerMetrics {
+        ListenerMetrics {
+            connections: self.active_connections.with_label_values(&[name]),
+            ambiguous_framing: self
+                .mesh_responses
+                .with_label_values(&[name, "bad_request"]),
+            head_too_large: self
+                .mesh_responses
+                .with_label_values(&[name, "header_too_large"]),
+        }
     }
 
     /// Counts a response the mesh generated (errors are off the fast path).

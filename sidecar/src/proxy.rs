@@ -1,9 +1,11 @@
 //! The request path of both listeners, each readable top to bottom in one
 //! function ([`Inbound::proxy`], [`Outbound::proxy`]).
 //!
-//! Inbound: check framing → strip hop-by-hop, add `x-forwarded-*` →
+//! (Ambiguous framing is refused earlier, below hyper: see `framing`.)
+//!
+//! Inbound: strip hop-by-hop, add `x-forwarded-*` →
 //! forward to the local app → response back.
-//! Outbound: check framing → `CONNECT` tunnels → find the destination
+//! Outbound: `CONNECT` tunnels → find the destination
 //! (absolute URI or `Host`; a mesh service or passthrough) → strip
 //! hop-by-hop → forward (balanced, connect failures retried) → response.
 //!
@@ -57,7 +59,6 @@ impl Inbound {
         request: Request<Incoming>,
         peer: SocketAddr,
     ) -> Result<Response<ProxyBody>, ProxyError> {
-        check_framing(&request)?;
         if request.method() == Method::CONNECT {
             return Err(ProxyError::MethodNotAllowed {
                 method: Method::CONNECT,
@@ -104,7 +105,6 @@ impl Outbound {
     }
 
     async fn proxy(&self, request: Request<Incoming>) -> Result<Response<ProxyBody>, ProxyError> {
-        check_framing(&request)?;
         let authority = Authority::of(&request).ok_or(ProxyError::MissingHost)?;
         let target = self.router.resolve(&authority).await?;
         if request.method() == Method::CONNECT {
@@ -162,18 +162,6 @@ impl Handler for Outbound {
         log.finish(&response);
         response
     }
-}
-
-/// Rejects requests whose body length is ambiguous (request smuggling):
-/// `Content-Length` together with `Transfer-Encoding` (RFC 9112 §6.3).
-fn check_framing<B>(request: &Request<B>) -> Result<(), ProxyError> {
-    let headers = request.headers();
-    if headers.contains_key(header::CONTENT_LENGTH)
-        && headers.contains_key(header::TRANSFER_ENCODING)
-    {
-        return Err(ProxyError::AmbiguousFraming);
-    }
-    Ok(())
 }
 
 /// Turns a received request into the one sent upstream: hop-by-hop headers

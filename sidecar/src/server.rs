@@ -1,29 +1,37 @@
 //! Accept loop shared by all listeners: one hyper connection per accepted
-//! socket (HTTP/1.1 or h2c prior knowledge, detected per connection), with
-//! the protective limits applied, tracked for graceful shutdown.
+//! socket, with the protective limits applied, tracked for graceful
+//! shutdown.
+//!
+//! Per connection: peek to tell HTTP/1.1 from h2c prior knowledge (bounded
+//! by the header read timeout) → HTTP/1.1 goes through the
+//! [`FramingGuard`] (request-smuggling check) into hyper's http1 server with
+//! upgrades; h2c goes to hyper's http2 server.
 //!
 //! [`serve`] takes an already bound listener (tests bind port 0) and a
 //! shutdown signal. When the signal fires it stops accepting and closes the
-//! listener — new connections are refused from then on — and returns the
-//! [`GracefulShutdown`] handle with which the caller drains the open ones.
+//! listener — new connections are refused from then on — every open
+//! connection finishes its in-flight requests and closes, and `serve`
+//! returns a [`Drain`] that completes when the last one has.
 
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::{pin, Pin};
 use std::sync::Arc;
 use std::time::Duration;
 
 use http::{Request, Response};
 use hyper::body::Incoming;
+use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
-use prometheus::IntGauge;
-use tokio::net::TcpListener;
-use tokio::sync::watch;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, watch};
 
 use crate::body::ProxyBody;
+use crate::error::ProxyError;
+use crate::framing::{FramingGuard, GuardConfig};
+use crate::metrics::ListenerMetrics;
 use crate::settings::Limits;
 
 /// What a listener does with each request.
@@ -41,11 +49,23 @@ pub async fn serve<H: Handler>(
     listener: TcpListener,
     handler: H,
     limits: Arc<Limits>,
-    connections: IntGauge,
+    metrics: ListenerMetrics,
     mut shutdown: watch::Receiver<bool>,
-) -> GracefulShutdown {
-    let builder = connection_builder(&limits);
-    let graceful = GracefulShutdown::new();
+) -> Drain {
+    let protocols = Arc::new(Protocols::new(&limits));
+    let guard = Arc::new(GuardConfig {
+        max_head: limits.max_header_bytes,
+        ambiguous_framing_response: ProxyError::AmbiguousFraming.to_http1_bytes(),
+        head_too_large_response: ProxyError::HeadTooLarge {
+            limit: limits.max_header_bytes,
+        }
+        .to_http1_bytes(),
+        ambiguous_framing_count: metrics.ambiguous_framing.clone(),
+        head_too_large_count: metrics.head_too_large.clone(),
+    });
+    // Every connection task holds a sender; when the last one is gone the
+    // drain is complete (the receiver sees the channel close).
+    let (open_tx, open_rx) = mpsc::channel::<()>(1);
     loop {
         let accepted = tokio::select! {
             accepted = listener.accept() => accepted,
@@ -66,36 +86,145 @@ pub async fn serve<H: Handler>(
             let handler = handler.clone();
             async move { Ok::<_, Infallible>(handler.handle(request, peer).await) }
         });
-        let connection = builder
-            .serve_connection_with_upgrades(TokioIo::new(stream), service)
-            .into_owned();
-        let connection = graceful.watch(connection);
-        let connections = connections.clone();
-        connections.inc();
+        let (protocols, limits, metrics, guard) = (
+            Arc::clone(&protocols),
+            Arc::clone(&limits),
+            metrics.clone(),
+            Arc::clone(&guard),
+        );
+        let (open, stop) = (open_tx.clone(), shutdown.clone());
+        metrics.connections.inc();
         tokio::spawn(async move {
-            if let Err(err) = connection.await {
+            let detected = tokio::select! {
+                detected = detect_protocol(&stream, limits.header_read_timeout) => detected,
+                _ = wait_for_stop(stop.clone()) => Err(std::io::ErrorKind::Interrupted.into()),
+            };
+            let served = match detected {
+                Ok(Protocol::Http1) => {
+                    let guarded = FramingGuard::new(stream, guard);
+                    let connection = protocols
+                        .http1
+                        .serve_connection(TokioIo::new(guarded), service);
+                    let connection = connection.with_upgrades();
+                    drive(connection, stop, |c| c.graceful_shutdown()).await
+                }
+                Ok(Protocol::Http2) => {
+                    let connection = protocols
+                        .http2
+                        .serve_connection(TokioIo::new(stream), service);
+                    drive(connection, stop, |c| c.graceful_shutdown()).await
+                }
+                Err(err) => {
+                    tracing::debug!(listener = name, %peer, error = %err, "connection closed before a request");
+                    Ok(())
+                }
+            };
+            if let Err(err) = served {
                 tracing::debug!(listener = name, %peer, error = %err, "connection closed with an error");
             }
-            connections.dec();
+            metrics.connections.dec();
+            drop(open);
         });
     }
     drop(listener);
     tracing::info!(listener = name, "stopped accepting connections");
-    graceful
+    Drain(open_rx)
 }
 
-fn connection_builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(limits.header_read_timeout)
-        // hyper answers 431 when the request head exceeds its read buffer.
-        .max_buf_size(limits.max_header_bytes.max(8192))
-        .keep_alive(true);
-    builder
-        .http2()
-        .timer(TokioTimer::new())
-        .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX));
-    builder
+/// Completes when every connection of a stopped listener has closed.
+#[derive(Debug)]
+pub struct Drain(mpsc::Receiver<()>);
+
+impl Drain {
+    pub async fn wait(mut self) {
+        // No one ever sends: `recv` returns `None` once all senders dropped.
+        let _ = self.0.recv().await;
+    }
+}
+
+async fn wait_for_stop(mut stop: watch::Receiver<bool>) {
+    let _ = stop.wait_for(|stop| *stop).await;
+}
+
+/// Runs a connection; on shutdown asks it to finish gracefully (answer
+/// in-flight requests, accept no new ones, close idle keep-alive) and keeps
+/// driving it until it has.
+async fn drive<C, E>(
+    connection: C,
+    stop: watch::Receiver<bool>,
+    graceful: impl FnOnce(Pin<&mut C>),
+) -> Result<(), E>
+where
+    C: Future<Output = Result<(), E>>,
+{
+    let mut connection = pin!(connection);
+    tokio::select! {
+        result = connection.as_mut() => return result,
+        _ = wait_for_stop(stop) => graceful(connection.as_mut()),
+    }
+    connection.await
+}
+
+/// The HTTP/2 connection preface (RFC 9113 §3.4).
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Protocol {
+    Http1,
+    Http2,
+}
+
+/// Tells HTTP/1 from h2c prior knowledge by peeking at the first bytes,
+/// within `patience` (a client that connects and sends nothing, or a few
+/// bytes, is cut off like any slow head). HTTP/1 is known from the first
+/// byte that differs from the HTTP/2 preface.
+async fn detect_protocol(stream: &TcpStream, patience: Duration) -> std::io::Result<Protocol> {
+    let peek = async {
+        let mut buf = [0u8; H2_PREFACE.len()];
+        let mut seen = 0;
+        loop {
+            let n = stream.peek(&mut buf).await?;
+            if n == 0 {
+                return Err(std::io::ErrorKind::UnexpectedEof.into());
+            }
+            if buf[..n] != H2_PREFACE[..n] {
+                return Ok(Protocol::Http1);
+            }
+            if n == H2_PREFACE.len() {
+                return Ok(Protocol::Http2);
+            }
+            if n == seen {
+                // Part of the preface and nothing new yet: peek would
+                // return at once, so wait a little before looking again.
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            seen = n;
+        }
+    };
+    tokio::time::timeout(patience, peek)
+        .await
+        .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into()))
+}
+
+/// The connection builders for both protocols, configured once.
+struct Protocols {
+    http1: http1::Builder,
+    http2: http2::Builder<TokioExecutor>,
+}
+
+impl Protocols {
+    fn new(limits: &Limits) -> Self {
+        let mut http1 = http1::Builder::new();
+        http1
+            .timer(TokioTimer::new())
+            .header_read_timeout(limits.header_read_timeout)
+            // hyper answers 431 when the request head exceeds its read buffer.
+            .max_buf_size(limits.max_header_bytes.max(8192))
+            .keep_alive(true);
+        let mut http2 = http2::Builder::new(TokioExecutor::new());
+        http2
+            .timer(TokioTimer::new())
+            .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX));
+        Protocols { http1, http2 }
+    }
 }

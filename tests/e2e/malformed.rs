@@ -54,7 +54,7 @@ impl Mesh {
 
     /// Sends `request` raw to `listener` and asserts the sidecar answers
     /// `status`, closes the connection, and the app never hears of it.
-    async fn assert_refused(&self, listener: &str, request: &[u8], status: u16) {
+    async fn assert_refused(&self, listener: &str, request: &[u8], status: u16) -> String {
         let addr = self.listener(listener);
         let before = self.app.requests();
         let (text, closed) = client::raw(addr, request, PATIENCE).await;
@@ -72,6 +72,7 @@ impl Mesh {
             before,
             "{listener}: a refused request reached the app"
         );
+        text
     }
 
     /// A normal request through each listener still works, and /live is 200.
@@ -192,8 +193,14 @@ async fn a_malformed_request_line_gets_400_and_the_connection_closes() {
 async fn a_head_over_the_default_64k_limit_gets_431_and_the_connection_closes() {
     let mesh = Mesh::start(&[]).await;
     for (listener, _) in mesh.listeners() {
-        mesh.assert_refused(listener, &request_with_header_of(70 * 1024), 431)
+        let text = mesh
+            .assert_refused(listener, &request_with_header_of(70 * 1024), 431)
             .await;
+        // The mesh says why (the framing guard answers before hyper).
+        assert!(
+            text.contains("x-meshlet-reason: header_too_large"),
+            "{text}"
+        );
     }
     mesh.assert_still_serving().await;
 }
@@ -230,7 +237,9 @@ async fn conflicting_content_length_and_transfer_encoding_get_400_and_never_reac
             &b"POST /upload HTTP/1.1\r\nHost: app\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n"[..],
             b"POST /upload HTTP/1.1\r\nHost: app\r\nTransfer-Encoding: chunked\r\nContent-Length: 5\r\n\r\n0\r\n\r\n",
         ] {
-            mesh.assert_refused(listener, request, 400).await;
+            let text = mesh.assert_refused(listener, request, 400).await;
+            assert!(text.contains("x-meshlet-reason: bad_request"), "{text}");
+            assert!(text.contains("Content-Length and Transfer-Encoding"), "{text}");
         }
     }
     mesh.assert_still_serving().await;
@@ -301,4 +310,59 @@ async fn a_keep_alive_connection_carries_two_requests_in_a_row() {
         );
     }
     assert_eq!(mesh.app.requests(), 4);
+}
+
+#[tokio::test]
+async fn a_client_that_connects_and_sends_nothing_is_cut_off() {
+    let mesh = Mesh::start(&["--header-read-timeout", "500ms"]).await;
+    for (listener, addr) in mesh.listeners() {
+        let mut idle = RawConnection::open(addr).await;
+        let started = Instant::now();
+        assert!(
+            idle.read_to_close(PATIENCE).await.is_some(),
+            "{listener}: a silent connection was still open after {PATIENCE:?}"
+        );
+        assert!(
+            started.elapsed() >= Duration::from_millis(400),
+            "{listener}: closed too early"
+        );
+    }
+    mesh.assert_still_serving().await;
+}
+
+#[tokio::test]
+async fn a_smuggling_attempt_later_on_a_keep_alive_connection_is_refused() {
+    let mesh = Mesh::start(&[]).await;
+    for (listener, addr) in mesh.listeners() {
+        let before = mesh.app.requests();
+        let mut connection = RawConnection::open(addr).await;
+        // A good request with a body, answered; then, on the same
+        // connection, one with both framing headers whose "body" hides a
+        // second request.
+        connection
+            .send(b"POST /upload HTTP/1.1\r\nHost: app\r\nContent-Length: 5\r\n\r\nhello")
+            .await;
+        let first = connection.read_until("\r\n\r\n5", PATIENCE).await;
+        assert!(first.starts_with("HTTP/1.1 200 OK"), "{listener}: {first}");
+        connection
+            .send(
+                b"POST /upload HTTP/1.1\r\nHost: app\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n\
+                  0\r\n\r\nGET /smuggled HTTP/1.1\r\nHost: app\r\n\r\n",
+            )
+            .await;
+        let text = connection
+            .read_to_close(PATIENCE)
+            .await
+            .expect("connection closed");
+        assert!(
+            text.starts_with("HTTP/1.1 400 Bad Request"),
+            "{listener}: {text}"
+        );
+        assert!(text.contains("x-meshlet-reason: bad_request"), "{text}");
+        assert_eq!(
+            mesh.app.requests(),
+            before + 1,
+            "{listener}: only the first request reached the app"
+        );
+    }
 }

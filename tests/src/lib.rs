@@ -4,7 +4,7 @@
 //!
 //! A test reads like a sentence:
 //!
-//! ```ignore
+//! ```text
 //! let app = Upstream::start("orders").await;
 //! let sidecar = SidecarProcess::builder("orders", app.port()).start().await;
 //! let response = client::get(sidecar.inbound, "/").await;
