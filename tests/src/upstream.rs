@@ -41,6 +41,9 @@ use tokio_tungstenite::WebSocketStream;
 
 type Body = BoxBody<Bytes, hyper::Error>;
 
+/// High bit of the request counter: set once the upstream is killed.
+const KILLED: usize = 1 << (usize::BITS - 1);
+
 #[derive(Debug)]
 pub struct Upstream {
     pub name: String,
@@ -88,7 +91,7 @@ impl Upstream {
 
     /// Requests received so far.
     pub fn requests(&self) -> usize {
-        self.requests.load(Ordering::SeqCst)
+        self.requests.load(Ordering::SeqCst) & !KILLED
     }
 
     /// Connections that carried at least one request (TCP-only health
@@ -103,8 +106,11 @@ impl Upstream {
             .store(delay.as_millis() as u64, Ordering::SeqCst);
     }
 
-    /// Closes the listener and all connections.
+    /// Closes the listener and all connections. From the moment this
+    /// returns, no request is counted or answered any more (requests
+    /// already inside the server are dropped unanswered), as with a crash.
     pub fn kill(&self) {
+        self.requests.fetch_or(KILLED, Ordering::SeqCst);
         let _ = self.stop.send(true);
         self.accept.abort();
     }
@@ -133,16 +139,25 @@ async fn accept_loop(listener: TcpListener, state: State, stopped: watch::Receiv
         let state = state.clone();
         let first_request = std::sync::atomic::AtomicBool::new(true);
         let service = service_fn(move |request| {
-            state.requests.fetch_add(1, Ordering::SeqCst);
-            if first_request.swap(false, Ordering::SeqCst) {
+            // Count the request unless killed, in one atomic step.
+            let alive = state
+                .requests
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
+                    (n & KILLED == 0).then_some(n + 1)
+                })
+                .is_ok();
+            if alive && first_request.swap(false, Ordering::SeqCst) {
                 state.connections.fetch_add(1, Ordering::SeqCst);
             }
             let (name, delay) = (state.name.clone(), state.delay_ms.load(Ordering::SeqCst));
             async move {
+                if !alive {
+                    return Err("killed");
+                }
                 if delay > 0 {
                     tokio::time::sleep(Duration::from_millis(delay)).await;
                 }
-                route(name, request).await
+                route(name, request).await.map_err(|never| match never {})
             }
         });
         let connection = builder
