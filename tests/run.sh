@@ -31,9 +31,14 @@ step "build all binaries (release)"
 cargo build --workspace --bins --release
 
 step "unit and end-to-end tests"
-cargo test --workspace --release
+test_log=$(mktemp)
+trap 'rm -f "$test_log"' EXIT
+cargo test --workspace --release 2>&1 | tee "$test_log"
+# Totals over every test binary (cargo prints one "test result" per binary).
+read -r passed failed < <(awk '/^test result:/ { p += $4; f += $6 } END { print p + 0, f + 0 }' "$test_log")
 
 step "local demo smoke test (examples/demo.sh)"
 bash examples/demo.sh
 
 printf '\nall checks passed\n'
+printf 'tests: %d passed, %d failed\n' "$passed" "$failed"
