@@ -431,11 +431,9 @@ for pid in "${PIDS[@]}"; do
 done
 
 # -------------------------------------------------------------- the runs --
+# Only informative: the load average still counts the build above and earlier
+# runs; each run measures the other processes' CPU itself (cpu_mark).
 LOAD_BEFORE=$(cut -d' ' -f1 /proc/loadavg)
-if awk -v l="$LOAD_BEFORE" 'BEGIN { exit !(l > 0.5) }'; then
-    log "WARNING: 1-min load average is $LOAD_BEFORE before the runs; other work on this"
-    log "         2-core machine (e.g. a cargo build) will skew the numbers"
-fi
 
 # The sidecar's VmRSS is sampled for the whole of the runs (it idles while the
 # other targets run, so the peak is its peak under its own load).
