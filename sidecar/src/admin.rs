@@ -19,7 +19,7 @@ use tokio::sync::watch;
 
 use crate::body::ProxyBody;
 use crate::metrics::Metrics;
-use crate::server::Handler;
+use crate::server::{Handler, Peer};
 use crate::settings::Settings;
 use crate::snapshot::SharedSnapshot;
 
@@ -77,7 +77,7 @@ async fn probe(addr: SocketAddr) -> bool {
 }
 
 impl Handler for Admin {
-    async fn handle(&self, request: Request<Incoming>, _peer: SocketAddr) -> Response<ProxyBody> {
+    async fn handle(&self, request: Request<Incoming>, _peer: &Peer) -> Response<ProxyBody> {
         match request.uri().path() {
             "/live" => text(StatusCode::OK, "live\n"),
             "/ready" if self.app_reachable.load(Ordering::Relaxed) => {

@@ -8,7 +8,7 @@
 //! so [`FramingGuard`] sits between the socket and hyper and inspects every
 //! request head *before* hyper sees a byte of it.
 //!
-//! How bytes flow: reads fill a small pending buffer; the [`Scanner`] walks
+//! How bytes flow: reads fill a small per-connection buffer; the [`Scanner`] walks
 //! it and marks bytes *cleared* — a complete request head that passed the
 //! check, or body bytes whose extent the head announced (`Content-Length`,
 //! chunked framing). Only cleared bytes are handed to hyper. While a body of
@@ -34,16 +34,20 @@ use std::task::{ready, Context, Poll};
 use prometheus::IntCounter;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-/// Bytes read from the socket per read while looking for a head.
-const READ_CHUNK: usize = 8 * 1024;
+/// Initial size of the per-connection buffer used while looking for a head
+/// (most heads are far smaller; it grows for larger ones, up to the limit).
+const READ_CHUNK: usize = 4 * 1024;
 
 /// Wraps a server-side connection; see the module docs.
 #[derive(Debug)]
 pub struct FramingGuard<T> {
     inner: T,
-    /// Read from the socket, not yet handed to hyper: `pending[start..]`.
-    pending: Vec<u8>,
+    /// `buf[start..end]`: read from the socket, not yet handed to hyper.
+    /// The buffer stays initialized (allocated on first use, reused), so a
+    /// read never pays for zeroing memory.
+    buf: Vec<u8>,
     start: usize,
+    end: usize,
     scanner: Scanner,
     config: Arc<GuardConfig>,
     /// Once refused: the refusal and how much of its response is written.
@@ -85,8 +89,9 @@ impl<T> FramingGuard<T> {
     pub fn new(inner: T, config: Arc<GuardConfig>) -> Self {
         FramingGuard {
             inner,
-            pending: Vec::new(),
+            buf: Vec::new(),
             start: 0,
+            end: 0,
             scanner: Scanner::new(config.max_head),
             config,
             refusal: None,
@@ -108,37 +113,36 @@ impl<T: AsyncRead + Unpin> AsyncRead for FramingGuard<T> {
             let cleared = this.scanner.cleared;
             if cleared > 0 {
                 let n = cleared.min(out.remaining());
-                out.put_slice(&this.pending[this.start..this.start + n]);
+                out.put_slice(&this.buf[this.start..this.start + n]);
                 this.start += n;
                 this.scanner.cleared -= n;
-                if this.start == this.pending.len() {
-                    this.pending.clear();
-                    this.start = 0;
+                if this.start == this.end {
+                    (this.start, this.end) = (0, 0);
                 }
                 return Poll::Ready(Ok(()));
             }
-            if this.start == this.pending.len() {
+            if this.start == this.end {
                 if let Some(limit) = this.scanner.direct_read_limit() {
                     return this.read_direct(cx, out, limit);
                 }
             }
-            // Slow path: read into the pending buffer and scan.
-            let mut chunk = [0u8; READ_CHUNK];
-            let mut chunk_buf = ReadBuf::new(&mut chunk);
-            ready!(Pin::new(&mut this.inner).poll_read(cx, &mut chunk_buf))?;
-            let read = chunk_buf.filled();
-            if read.is_empty() {
+            // Slow path: read into our buffer and scan.
+            this.make_room();
+            let mut spare = ReadBuf::new(&mut this.buf[this.end..]);
+            ready!(Pin::new(&mut this.inner).poll_read(cx, &mut spare))?;
+            let read = spare.filled().len();
+            if read == 0 {
                 // End of input: hand over whatever is left (a truncated
                 // head) and let hyper report it.
-                this.scanner.cleared = this.pending.len() - this.start;
+                this.scanner.cleared = this.end - this.start;
                 this.scanner.state = State::Opaque;
                 if this.scanner.cleared == 0 {
                     return Poll::Ready(Ok(()));
                 }
                 continue;
             }
-            this.pending.extend_from_slice(read);
-            if let Err(refusal) = this.scanner.scan(&this.pending[this.start..]) {
+            this.end += read;
+            if let Err(refusal) = this.scanner.scan(&this.buf[this.start..this.end]) {
                 tracing::debug!(?refusal, "refusing a request below hyper");
                 match refusal {
                     Refusal::AmbiguousFraming => this.config.ambiguous_framing_count.inc(),
@@ -146,6 +150,23 @@ impl<T: AsyncRead + Unpin> AsyncRead for FramingGuard<T> {
                 }
                 this.refusal = Some((refusal, 0));
             }
+        }
+    }
+}
+
+impl<T> FramingGuard<T> {
+    /// Ensures free space after `end`: move pending bytes to the front, or
+    /// grow (a head larger than the buffer; the scanner bounds it).
+    fn make_room(&mut self) {
+        if self.end < self.buf.len() {
+            return;
+        }
+        if self.start > 0 {
+            self.buf.copy_within(self.start..self.end, 0);
+            (self.start, self.end) = (0, self.end - self.start);
+        } else {
+            let grow = self.buf.len().max(READ_CHUNK);
+            self.buf.resize(self.buf.len() + grow, 0);
         }
     }
 }

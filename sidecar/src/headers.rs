@@ -2,8 +2,6 @@
 //! removed before forwarding, `Upgrade` survives only for a real upgrade,
 //! and the inbound side records the client in `x-forwarded-*`.
 
-use std::net::IpAddr;
-
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 
 const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
@@ -74,12 +72,21 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
 
 /// Appends the client's address to `x-forwarded-for` and sets
 /// `x-forwarded-proto` (inbound side).
-pub fn add_forwarded(headers: &mut HeaderMap, client: IpAddr, proto: &'static str) {
-    let value = match headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
-        Some(prior) => format!("{prior}, {client}"),
-        None => client.to_string(),
+/// `client_ip` is the client's address as a header value (built once per
+/// connection), so the common case — no prior `x-forwarded-for` — copies
+/// nothing.
+pub fn add_forwarded(headers: &mut HeaderMap, client_ip: &HeaderValue, proto: &'static str) {
+    let value = match headers.get(&X_FORWARDED_FOR) {
+        Some(prior) => {
+            let mut joined = Vec::with_capacity(prior.len() + 2 + client_ip.len());
+            joined.extend_from_slice(prior.as_bytes());
+            joined.extend_from_slice(b", ");
+            joined.extend_from_slice(client_ip.as_bytes());
+            HeaderValue::from_bytes(&joined).ok()
+        }
+        None => Some(client_ip.clone()),
     };
-    if let Ok(value) = HeaderValue::try_from(value) {
+    if let Some(value) = value {
         headers.insert(X_FORWARDED_FOR, value);
     }
     headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(proto));
@@ -148,7 +155,7 @@ mod tests {
     #[test]
     fn appends_forwarded_for() {
         let mut h = map(&[("x-forwarded-for", "10.0.0.1")]);
-        add_forwarded(&mut h, "127.0.0.2".parse().unwrap(), "http");
+        add_forwarded(&mut h, &HeaderValue::from_static("127.0.0.2"), "http");
         assert_eq!(h["x-forwarded-for"], "10.0.0.1, 127.0.0.2");
         assert_eq!(h["x-forwarded-proto"], "http");
     }

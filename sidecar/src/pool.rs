@@ -9,10 +9,10 @@
 //! `try_send_request`, which also hands the request back, and we retry on a
 //! fresh connection. Neither case costs the user a failed request.
 //!
-//! Flow: `send` → take an idle h1 connection (or connect) → send → on the
-//! response, a small task waits until the connection is ready for the next
-//! request and puts it back. HTTP/2 requests share one multiplexed
-//! connection per endpoint.
+//! Flow: `send` → take a ready h1 connection (or connect) → send → keep the
+//! connection in the pool at once; it becomes ready again when its response
+//! has been read, and only ready connections are handed out. HTTP/2
+//! requests share one multiplexed connection per endpoint.
 
 use std::io;
 use std::net::SocketAddr;
@@ -28,7 +28,7 @@ use tokio::net::TcpStream;
 use crate::body::ProxyBody;
 use crate::settings::Limits;
 
-/// Idle HTTP/1.1 connections kept per endpoint.
+/// HTTP/1.1 connections kept per endpoint (busy or idle).
 const MAX_IDLE_PER_ENDPOINT: usize = 128;
 
 /// Why a request could not be sent.
@@ -43,16 +43,16 @@ pub enum SendError {
     Upstream(hyper::Error),
 }
 
-struct IdleConn {
+struct PooledConn {
     sender: http1::SendRequest<ProxyBody>,
-    since: Instant,
+    last_used: Instant,
 }
 
 /// Connections to one upstream address.
 pub struct ConnPool {
     addr: SocketAddr,
     limits: Arc<Limits>,
-    idle: Mutex<Vec<IdleConn>>,
+    http1: Mutex<Vec<PooledConn>>,
     h2: Mutex<Option<http2::SendRequest<ProxyBody>>>,
 }
 
@@ -69,7 +69,7 @@ impl ConnPool {
         Arc::new(ConnPool {
             addr,
             limits,
-            idle: Mutex::new(Vec::new()),
+            http1: Mutex::new(Vec::new()),
             h2: Mutex::new(None),
         })
     }
@@ -78,9 +78,9 @@ impl ConnPool {
         self.addr
     }
 
-    /// Number of idle HTTP/1.1 connections (for `/config_dump` and tests).
-    pub fn idle_count(&self) -> usize {
-        self.idle.lock().map(|idle| idle.len()).unwrap_or(0)
+    /// Number of pooled HTTP/1.1 connections (for `/config_dump`).
+    pub fn pooled_connections(&self) -> usize {
+        self.http1.lock().map(|conns| conns.len()).unwrap_or(0)
     }
 
     /// Sends `request` to this endpoint over HTTP/2 if the request is
@@ -102,7 +102,7 @@ impl ConnPool {
     ) -> Result<Response<Incoming>, SendError> {
         *request.version_mut() = Version::HTTP_11;
         loop {
-            let (mut sender, reused) = match self.take_idle() {
+            let (mut sender, reused) = match self.take_ready() {
                 Some(sender) => (sender, true),
                 None => match self.connect_h1().await {
                     Ok(sender) => (sender, false),
@@ -116,7 +116,7 @@ impl ConnPool {
             };
             match sender.try_send_request(request).await {
                 Ok(response) => {
-                    self.recycle_when_ready(sender);
+                    self.keep(sender);
                     return Ok(response);
                 }
                 Err(mut err) => match err.take_message() {
@@ -164,35 +164,40 @@ impl ConnPool {
             .map_err(SendError::Upstream)
     }
 
-    fn take_idle(&self) -> Option<http1::SendRequest<ProxyBody>> {
-        let mut idle = self.idle.lock().ok()?;
-        while let Some(conn) = idle.pop() {
-            let fresh = conn.since.elapsed() < self.limits.idle_timeout;
-            if fresh && conn.sender.is_ready() {
-                return Some(conn.sender);
+    /// Takes a connection that is ready for a request, dropping (and so
+    /// closing) connections that are closed or were idle too long. Busy
+    /// connections (a response still streaming) stay for later.
+    fn take_ready(&self) -> Option<http1::SendRequest<ProxyBody>> {
+        let mut conns = self.http1.lock().ok()?;
+        let mut i = conns.len();
+        while i > 0 {
+            i -= 1;
+            let conn = &conns[i];
+            if conn.sender.is_closed() {
+                conns.swap_remove(i);
+            } else if conn.sender.is_ready() {
+                let conn = conns.swap_remove(i);
+                if conn.last_used.elapsed() < self.limits.idle_timeout {
+                    return Some(conn.sender);
+                }
             }
-            // Dropping a stale sender closes its connection.
         }
         None
     }
 
-    /// Returns the connection to the pool once the response has been read
-    /// and the connection can take the next request.
-    fn recycle_when_ready(self: &Arc<Self>, mut sender: http1::SendRequest<ProxyBody>) {
-        let pool = Arc::clone(self);
-        tokio::spawn(async move {
-            if sender.ready().await.is_err() {
-                return;
+    /// Keeps a connection that just carried a request. It becomes ready
+    /// again by itself once the response has been read (hyper's dispatcher
+    /// signals it); `take_ready` only hands out ready ones. This costs no task
+    /// per request, unlike waiting for readiness in a spawned task.
+    fn keep(&self, sender: http1::SendRequest<ProxyBody>) {
+        if let Ok(mut conns) = self.http1.lock() {
+            if conns.len() < MAX_IDLE_PER_ENDPOINT {
+                conns.push(PooledConn {
+                    sender,
+                    last_used: Instant::now(),
+                });
             }
-            if let Ok(mut idle) = pool.idle.lock() {
-                if idle.len() < MAX_IDLE_PER_ENDPOINT {
-                    idle.push(IdleConn {
-                        sender,
-                        since: Instant::now(),
-                    });
-                }
-            }
-        });
+        }
     }
 
     async fn connect_tcp(&self) -> io::Result<TcpStream> {

@@ -32,7 +32,7 @@ use crate::forward::forward;
 use crate::headers::{add_forwarded, strip_hop_by_hop, wants_upgrade};
 use crate::metrics::{Direction, Metrics};
 use crate::route::{Authority, Router};
-use crate::server::Handler;
+use crate::server::{Handler, Peer};
 use crate::settings::Limits;
 use crate::snapshot::ServiceTarget;
 use crate::tunnel;
@@ -57,7 +57,7 @@ impl Inbound {
     async fn proxy(
         &self,
         request: Request<Incoming>,
-        peer: SocketAddr,
+        peer: &Peer,
     ) -> Result<Response<ProxyBody>, ProxyError> {
         if request.method() == Method::CONNECT {
             return Err(ProxyError::MethodNotAllowed {
@@ -69,14 +69,14 @@ impl Inbound {
         let version = request.version();
         let (mut request, downstream_upgrade) =
             prepare(request, self.app.balancer.endpoints()[0].addr);
-        add_forwarded(request.headers_mut(), peer.ip(), "http");
+        add_forwarded(request.headers_mut(), &peer.ip_header, "http");
         let response = forward(&self.app, request, &self.limits).await?;
         Ok(finish(response, version, downstream_upgrade))
     }
 }
 
 impl Handler for Inbound {
-    async fn handle(&self, request: Request<Incoming>, peer: SocketAddr) -> Response<ProxyBody> {
+    async fn handle(&self, request: Request<Incoming>, peer: &Peer) -> Response<ProxyBody> {
         let log = RequestLog::start(&request, Direction::Inbound);
         let response = match self.proxy(request, peer).await {
             Ok(response) => response,
@@ -153,7 +153,7 @@ impl Outbound {
 }
 
 impl Handler for Outbound {
-    async fn handle(&self, request: Request<Incoming>, _peer: SocketAddr) -> Response<ProxyBody> {
+    async fn handle(&self, request: Request<Incoming>, _peer: &Peer) -> Response<ProxyBody> {
         let log = RequestLog::start(&request, Direction::Outbound);
         let response = match self.proxy(request).await {
             Ok(response) => response,
@@ -176,6 +176,22 @@ fn prepare(
     let downstream_upgrade = upgrade.then(|| hyper::upgrade::on(&mut request));
     strip_hop_by_hop(request.headers_mut(), upgrade);
 
+    if let Some(uri) = upstream_uri(&mut request, fallback_authority) {
+        *request.uri_mut() = uri;
+    }
+    (request.map(ProxyBody::streamed), downstream_upgrade)
+}
+
+/// The URI in the form the upstream protocol wants, or `None` if the
+/// request's URI is already right (the common HTTP/1.1 origin-form case):
+/// HTTP/1.1 gets origin-form with the authority moved to `Host`; HTTP/2
+/// gets an absolute URI.
+fn upstream_uri<B>(request: &mut Request<B>, fallback_authority: SocketAddr) -> Option<Uri> {
+    let origin_form =
+        request.uri().authority().is_none() && request.uri().path_and_query().is_some();
+    if request.version() != Version::HTTP_2 && origin_form {
+        return None;
+    }
     let path = request
         .uri()
         .path_and_query()
@@ -211,10 +227,7 @@ fn prepare(
         }
         Uri::builder().path_and_query(path).build()
     };
-    if let Ok(uri) = uri {
-        *request.uri_mut() = uri;
-    }
-    (request.map(ProxyBody::streamed), downstream_upgrade)
+    uri.ok()
 }
 
 /// Prepares the upstream's response for the client, in the client's HTTP

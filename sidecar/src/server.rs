@@ -20,7 +20,7 @@ use std::pin::{pin, Pin};
 use std::sync::Arc;
 use std::time::Duration;
 
-use http::{Request, Response};
+use http::{HeaderValue, Request, Response};
 use hyper::body::Incoming;
 use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
@@ -39,8 +39,25 @@ pub trait Handler: Clone + Send + Sync + 'static {
     fn handle(
         &self,
         request: Request<Incoming>,
-        peer: SocketAddr,
+        peer: &Peer,
     ) -> impl Future<Output = Response<ProxyBody>> + Send;
+}
+
+/// The client at the other end of a connection; built once per connection.
+#[derive(Debug, Clone)]
+pub struct Peer {
+    pub addr: SocketAddr,
+    /// The client's IP as a header value, for `x-forwarded-for` (formatting
+    /// it per request would cost an allocation each time).
+    pub ip_header: HeaderValue,
+}
+
+impl Peer {
+    pub fn new(addr: SocketAddr) -> Self {
+        let ip_header = HeaderValue::try_from(addr.ip().to_string())
+            .expect("an IP address is a valid header value");
+        Peer { addr, ip_header }
+    }
 }
 
 /// Serves `listener` until `shutdown` turns true.
@@ -82,9 +99,10 @@ pub async fn serve<H: Handler>(
         };
         let _ = stream.set_nodelay(true);
         let handler = handler.clone();
+        let client = Peer::new(peer);
         let service = service_fn(move |request| {
-            let handler = handler.clone();
-            async move { Ok::<_, Infallible>(handler.handle(request, peer).await) }
+            let (handler, client) = (handler.clone(), client.clone());
+            async move { Ok::<_, Infallible>(handler.handle(request, &client).await) }
         });
         let (protocols, limits, metrics, guard) = (
             Arc::clone(&protocols),

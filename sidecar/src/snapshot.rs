@@ -134,7 +134,7 @@ impl Snapshot {
                             "labels": ep.labels,
                             "inFlight": ep.in_flight(),
                             "ejected": ep.is_ejected(),
-                            "idleConnections": ep.pool.idle_count(),
+                            "pooledConnections": ep.pool.pooled_connections(),
                         })
                     })
                     .collect();

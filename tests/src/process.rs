@@ -30,11 +30,24 @@ pub fn binary(name: &str) -> PathBuf {
 }
 
 /// A loopback port that was free a moment ago.
+///
+/// Ports come from 15000-31999, below Linux's ephemeral range (32768+), so
+/// they don't collide with the client side of the tests' own connections,
+/// and each test process walks its own sequence (seeded by its pid), so
+/// tests running in parallel don't pick the same one.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("free port")
-        .port()
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    const FIRST: u32 = 15000;
+    const SPAN: u32 = 17000;
+    let seed = std::process::id().wrapping_mul(7919) % SPAN;
+    for _ in 0..SPAN {
+        let port = (FIRST + (seed + NEXT.fetch_add(1, Ordering::Relaxed)) % SPAN) as u16;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free loopback port in {FIRST}..{}", FIRST + SPAN);
 }
 
 fn loopback(port: u16) -> SocketAddr {
