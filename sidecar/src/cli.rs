@@ -91,6 +91,10 @@ pub struct Args {
     #[arg(long, env = "MESHLET_DRAIN_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
     pub drain_timeout: Duration,
 
+    /// Threads that serve traffic (1 = a single-threaded runtime).
+    #[arg(long, env = "MESHLET_WORKER_THREADS", default_value_t = 1)]
+    pub worker_threads: usize,
+
     /// Log format (filter with RUST_LOG, e.g. RUST_LOG=debug).
     #[arg(long, env = "MESHLET_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,

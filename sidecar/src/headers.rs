@@ -26,6 +26,11 @@ fn connection_has(headers: &HeaderMap, token: &str) -> bool {
 /// Removes hop-by-hop headers in place. With `keep_upgrade`, `Upgrade` is
 /// kept and `Connection: upgrade` restored so the next hop sees the upgrade.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
+    // Most messages carry none of them: one pass over the names (cheap
+    // comparisons of well-known names) avoids hashing seven lookups.
+    if !headers.keys().any(is_hop_by_hop) {
+        return;
+    }
     // Fields named by Connection are hop-by-hop too. Collect first: the map
     // can't be changed while its Connection values are borrowed.
     let named: Vec<HeaderName> = headers
@@ -68,6 +73,20 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
     } else {
         headers.remove(header::UPGRADE);
     }
+}
+
+fn is_hop_by_hop(name: &HeaderName) -> bool {
+    [
+        &header::CONNECTION,
+        &PROXY_CONNECTION,
+        &KEEP_ALIVE,
+        &header::TE,
+        &header::TRANSFER_ENCODING,
+        &header::UPGRADE,
+        &header::PROXY_AUTHORIZATION,
+        &header::PROXY_AUTHENTICATE,
+    ]
+    .contains(&name)
 }
 
 /// Appends the client's address to `x-forwarded-for` and sets

@@ -104,7 +104,7 @@ impl ConnPool {
         loop {
             let (mut sender, reused) = match self.take_ready() {
                 Some(sender) => (sender, true),
-                None => match self.connect_h1().await {
+                None => match Box::pin(self.connect_h1()).await {
                     Ok(sender) => (sender, false),
                     Err(source) => {
                         return Err(SendError::Connect {
@@ -140,7 +140,7 @@ impl ConnPool {
             .and_then(|h2| h2.as_ref().filter(|s| !s.is_closed()).cloned());
         let mut sender = match shared {
             Some(sender) => sender,
-            None => match self.connect_h2().await {
+            None => match Box::pin(self.connect_h2()).await {
                 Ok(sender) => {
                     if let Ok(mut slot) = self.h2.lock() {
                         *slot = Some(sender.clone());

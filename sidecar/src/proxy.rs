@@ -265,29 +265,25 @@ fn refuse(err: ProxyError, direction: Direction, metrics: &Metrics) -> Response<
 /// One debug line per proxied request; captures details only when debug
 /// logging is on, so the fast path pays for a timestamp and nothing else.
 struct RequestLog {
-    started: Instant,
     direction: Direction,
-    detail: Option<(Method, Uri, Version)>,
+    detail: Option<(Instant, Method, Uri, Version)>,
 }
 
 impl RequestLog {
     fn start<B>(request: &Request<B>, direction: Direction) -> Self {
         let detail = tracing::enabled!(tracing::Level::DEBUG).then(|| {
             (
+                Instant::now(),
                 request.method().clone(),
                 request.uri().clone(),
                 request.version(),
             )
         });
-        RequestLog {
-            started: Instant::now(),
-            direction,
-            detail,
-        }
+        RequestLog { direction, detail }
     }
 
     fn finish(self, response: &Response<ProxyBody>) {
-        if let Some((method, uri, version)) = self.detail {
+        if let Some((started, method, uri, version)) = self.detail {
             tracing::debug!(
                 direction = self.direction.as_str(),
                 %method,
@@ -295,7 +291,7 @@ impl RequestLog {
                 ?version,
                 status = response.status().as_u16(),
                 reason = response.headers().get(crate::error::REASON_HEADER).and_then(|v| v.to_str().ok()),
-                elapsed_us = self.started.elapsed().as_micros() as u64,
+                elapsed_us = started.elapsed().as_micros() as u64,
                 "proxied"
             );
         }
