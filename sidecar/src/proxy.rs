@@ -67,8 +67,8 @@ impl Inbound {
         }
         self.app.requests.inc();
         let version = request.version();
-        let (mut request, downstream_upgrade) =
-            prepare(request, self.app.balancer.endpoints()[0].addr);
+        let app_addr = self.app.balancer.endpoints().first().map(|e| e.addr);
+        let (mut request, downstream_upgrade) = prepare(request, app_addr);
         add_forwarded(request.headers_mut(), &peer.ip_header, "http");
         let response = forward(&self.app, request, &self.limits).await?;
         Ok(finish(response, version, downstream_upgrade))
@@ -111,7 +111,7 @@ impl Outbound {
             return self.tunnel(request, &target).await;
         }
         target.requests.inc();
-        let fallback_authority = target.balancer.endpoints()[0].addr;
+        let fallback_authority = target.balancer.endpoints().first().map(|e| e.addr);
         let version = request.version();
         let (request, downstream_upgrade) = prepare(request, fallback_authority);
         let response = forward(&target, request, &self.limits).await?;
@@ -170,7 +170,7 @@ impl Handler for Outbound {
 /// client's pending upgrade if the request asks for one.
 fn prepare(
     mut request: Request<Incoming>,
-    fallback_authority: SocketAddr,
+    fallback_authority: Option<SocketAddr>,
 ) -> (Request<ProxyBody>, Option<OnUpgrade>) {
     let upgrade = request.version() == Version::HTTP_11 && wants_upgrade(request.headers());
     let downstream_upgrade = upgrade.then(|| hyper::upgrade::on(&mut request));
@@ -186,7 +186,10 @@ fn prepare(
 /// request's URI is already right (the common HTTP/1.1 origin-form case):
 /// HTTP/1.1 gets origin-form with the authority moved to `Host`; HTTP/2
 /// gets an absolute URI.
-fn upstream_uri<B>(request: &mut Request<B>, fallback_authority: SocketAddr) -> Option<Uri> {
+fn upstream_uri<B>(
+    request: &mut Request<B>,
+    fallback_authority: Option<SocketAddr>,
+) -> Option<Uri> {
     let origin_form =
         request.uri().authority().is_none() && request.uri().path_and_query().is_some();
     if request.version() != Version::HTTP_2 && origin_form {
@@ -209,7 +212,8 @@ fn upstream_uri<B>(request: &mut Request<B>, fallback_authority: SocketAddr) -> 
                     .and_then(|h| h.to_str().ok())
                     .map(str::to_owned)
             })
-            .unwrap_or_else(|| fallback_authority.to_string());
+            .or_else(|| fallback_authority.map(|a| a.to_string()))
+            .unwrap_or_else(|| "localhost".to_owned());
         Uri::builder()
             .scheme("http")
             .authority(authority)

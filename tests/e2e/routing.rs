@@ -18,13 +18,18 @@ fn empty() -> Full<Bytes> {
     Full::new(Bytes::new())
 }
 
+fn empty_body() -> Full<Bytes> {
+    empty()
+}
+
 fn service_yaml(name: &str, addrs: &[String]) -> String {
     let endpoints: Vec<String> = addrs
         .iter()
         .map(|a| format!("    - address: {a}\n"))
         .collect();
     format!(
-        "apiVersion: meshlet.dev/v1alpha1\nkind: Service\nmetadata: {{name: {name}}}\nspec:\n  endpoints:\n{}---\n",
+        "apiVersion: meshlet.dev/v1alpha1\nkind: Service\nmetadata: {{name: {name}}}\nspec:\n  endpoints:{}\n{}---\n",
+        if addrs.is_empty() { " []" } else { "" },
         endpoints.concat()
     )
 }
@@ -153,11 +158,9 @@ async fn qualified_service_names_route_too() {
 #[tokio::test]
 async fn unroutable_requests_get_a_status_and_a_reason() {
     let dead = format!("127.0.0.1:{}", free_port());
-    let mesh = two_services(
-        &service_yaml("gone", &[dead]),
-        &["--upstream-timeout", "300ms"],
-    )
-    .await;
+    // `gone` has an endpoint where nothing listens; `empty` has none.
+    let config = service_yaml("gone", &[dead]) + &service_yaml("empty", &[]);
+    let mesh = two_services(&config, &["--upstream-timeout", "300ms"]).await;
     let outbound = mesh.frontend.outbound;
     let call = |uri: &str| client::send(outbound, request(uri).body(empty()).unwrap());
 
@@ -169,6 +172,20 @@ async fn unroutable_requests_get_a_status_and_a_reason() {
         "{}",
         unknown.text()
     );
+
+    let empty = call("http://empty/").await.unwrap();
+    assert_eq!(empty.status, 503);
+    assert_eq!(
+        empty.header("x-meshlet-reason"),
+        Some("no_healthy_endpoint")
+    );
+    let empty_h2 = client::send_h2(
+        outbound,
+        request("http://empty/").body(empty_body()).unwrap(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(empty_h2.status, 503, "h2 too");
 
     let down = call("http://gone/").await.unwrap();
     assert_eq!(down.status, 502);
