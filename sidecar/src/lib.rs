@@ -143,32 +143,15 @@ pub async fn run(
 
     let (stop_tx, stop_rx) = watch::channel(false);
     admin.spawn_app_probe(stop_rx.clone());
-    let listener = |name: &str| metrics.listener(name);
+    let servers = Servers {
+        limits: &limits,
+        metrics: &metrics,
+        stop: &stop_rx,
+    };
     let servers = [
-        tokio::spawn(server::serve(
-            "inbound",
-            listeners.inbound,
-            inbound,
-            Arc::clone(&limits),
-            listener("inbound"),
-            stop_rx.clone(),
-        )),
-        tokio::spawn(server::serve(
-            "outbound",
-            listeners.outbound,
-            outbound,
-            Arc::clone(&limits),
-            listener("outbound"),
-            stop_rx.clone(),
-        )),
-        tokio::spawn(server::serve(
-            "admin",
-            listeners.admin,
-            admin,
-            Arc::clone(&limits),
-            listener("admin"),
-            stop_rx,
-        )),
+        servers.spawn("inbound", listeners.inbound, inbound),
+        servers.spawn("outbound", listeners.outbound, outbound),
+        servers.spawn("admin", listeners.admin, admin),
     ];
     tracing::info!(service = %settings.service, app = %settings.app_addr, "sidecar started");
 
@@ -191,5 +174,30 @@ pub async fn run(
             tracing::warn!("drain deadline reached with requests still in flight; exiting");
             Drained::DeadlineReached
         }
+    }
+}
+
+/// What every listener's server shares.
+struct Servers<'a> {
+    limits: &'a Arc<Limits>,
+    metrics: &'a Metrics,
+    stop: &'a watch::Receiver<bool>,
+}
+
+impl Servers<'_> {
+    fn spawn<H: server::Handler>(
+        &self,
+        name: &'static str,
+        listener: TcpListener,
+        handler: H,
+    ) -> tokio::task::JoinHandle<server::Drain> {
+        tokio::spawn(server::serve(
+            name,
+            listener,
+            handler,
+            Arc::clone(self.limits),
+            self.metrics.listener(name),
+            self.stop.clone(),
+        ))
     }
 }

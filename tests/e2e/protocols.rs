@@ -75,14 +75,7 @@ async fn h2c_client_through_both_sidecars_to_an_h2c_upstream() {
         .await
         .unwrap();
     assert_eq!(reply.text(), "body with trailers");
-    assert_eq!(
-        reply
-            .trailers
-            .as_ref()
-            .and_then(|t| t.get("x-checksum"))
-            .unwrap(),
-        "1234"
-    );
+    assert_eq!(reply.trailer("x-checksum"), Some("1234"));
 }
 
 #[tokio::test]
@@ -141,14 +134,7 @@ async fn chunked_request_body_and_http1_trailers_pass_through() {
         .unwrap();
     let reply = client::send(mesh.frontend.outbound, request).await.unwrap();
     assert_eq!(reply.text(), "body with trailers");
-    assert_eq!(
-        reply
-            .trailers
-            .as_ref()
-            .and_then(|t| t.get("x-checksum"))
-            .map(|v| v.to_str().unwrap()),
-        Some("1234")
-    );
+    assert_eq!(reply.trailer("x-checksum"), Some("1234"));
 }
 
 #[tokio::test]

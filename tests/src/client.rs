@@ -31,6 +31,13 @@ impl Reply {
     pub fn header(&self, name: &str) -> Option<&str> {
         self.headers.get(name).and_then(|v| v.to_str().ok())
     }
+
+    pub fn trailer(&self, name: &str) -> Option<&str> {
+        self.trailers
+            .as_ref()?
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+    }
 }
 
 /// `GET path` over HTTP/1.1 to `addr`.
