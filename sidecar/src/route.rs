@@ -5,13 +5,15 @@
 //! or else the `Host` header. A host that names a service of the current
 //! snapshot goes to that service's endpoints; any other host passes through
 //! unchanged to the address it names (an IP literal, or a name resolved by
-//! DNS). A name that is neither a service nor resolvable is answered with
-//! 503 `unknown_service`. A destination that is one of this sidecar's own
-//! listeners is refused (502 `loop_detected`) rather than proxied forever.
+//! DNS, cached for a few seconds). A name that is neither a service nor
+//! resolvable is answered with 503 `unknown_service`. A destination that is
+//! one of this sidecar's own listeners is refused (502 `loop_detected`)
+//! rather than proxied forever.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use http::{header, Request};
 
@@ -67,6 +69,7 @@ pub struct Router {
     limits: Arc<Limits>,
     metrics: Metrics,
     passthrough: Mutex<HashMap<SocketAddr, Arc<ServiceTarget>>>,
+    dns: DnsCache,
 }
 
 impl Router {
@@ -82,6 +85,7 @@ impl Router {
             limits,
             metrics,
             passthrough: Mutex::new(HashMap::new()),
+            dns: DnsCache::default(),
         }
     }
 
@@ -91,13 +95,14 @@ impl Router {
         }
         let addr = match authority.host.parse::<IpAddr>() {
             Ok(ip) => SocketAddr::new(ip, authority.port),
-            Err(_) => tokio::net::lookup_host((authority.host.as_str(), authority.port))
-                .await
-                .ok()
-                .and_then(|mut addrs| addrs.next())
-                .ok_or_else(|| ProxyError::UnknownService {
-                    host: authority.host.clone(),
-                })?,
+            Err(_) => {
+                self.dns
+                    .lookup(authority)
+                    .await
+                    .ok_or_else(|| ProxyError::UnknownService {
+                        host: authority.host.clone(),
+                    })?
+            }
         };
         if self.is_own_listener(addr) {
             return Err(ProxyError::Loop { addr });
@@ -138,6 +143,53 @@ impl Router {
         });
         map.insert(addr, Arc::clone(&target));
         target
+    }
+}
+
+/// Passthrough host names resolved recently. Without it every request to a
+/// host name would cost a `getaddrinfo` on the blocking pool; with it, one
+/// per name per [`DNS_TTL`]. Failures are remembered briefly too, so a
+/// flood of requests to an unknown name does not become a flood of lookups.
+#[derive(Debug, Default)]
+struct DnsCache {
+    entries: Mutex<HashMap<(String, u16), (Option<SocketAddr>, Instant)>>,
+}
+
+const DNS_TTL: Duration = Duration::from_secs(10);
+const DNS_NEGATIVE_TTL: Duration = Duration::from_secs(2);
+const DNS_MAX_ENTRIES: usize = 1024;
+
+impl DnsCache {
+    async fn lookup(&self, authority: &Authority) -> Option<SocketAddr> {
+        let key = (authority.host.clone(), authority.port);
+        if let Some((addr, expires)) = self.lock().get(&key) {
+            if *expires > Instant::now() {
+                return *addr;
+            }
+        }
+        let addr = tokio::net::lookup_host((authority.host.as_str(), authority.port))
+            .await
+            .ok()
+            .and_then(|mut addrs| addrs.next());
+        let ttl = if addr.is_some() {
+            DNS_TTL
+        } else {
+            DNS_NEGATIVE_TTL
+        };
+        let mut entries = self.lock();
+        if entries.len() >= DNS_MAX_ENTRIES {
+            entries.clear();
+        }
+        entries.insert(key, (addr, Instant::now() + ttl));
+        addr
+    }
+
+    fn lock(
+        &self,
+    ) -> std::sync::MutexGuard<'_, HashMap<(String, u16), (Option<SocketAddr>, Instant)>> {
+        self.entries
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 }
 
