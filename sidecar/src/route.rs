@@ -152,8 +152,12 @@ impl Router {
 /// flood of requests to an unknown name does not become a flood of lookups.
 #[derive(Debug, Default)]
 struct DnsCache {
-    entries: Mutex<HashMap<(String, u16), (Option<SocketAddr>, Instant)>>,
+    entries: Mutex<HashMap<HostPort, Resolved>>,
 }
+
+type HostPort = (String, u16);
+/// The address (none if the name did not resolve) and when to forget it.
+type Resolved = (Option<SocketAddr>, Instant);
 
 const DNS_TTL: Duration = Duration::from_secs(10);
 const DNS_NEGATIVE_TTL: Duration = Duration::from_secs(2);
