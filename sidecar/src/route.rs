@@ -188,9 +188,7 @@ impl DnsCache {
         addr
     }
 
-    fn lock(
-        &self,
-    ) -> std::sync::MutexGuard<'_, HashMap<(String, u16), (Option<SocketAddr>, Instant)>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<HostPort, Resolved>> {
         self.entries
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
