@@ -310,4 +310,45 @@ spec: {}
         assert!(parse_documents("f.yaml", "").unwrap().is_empty());
         assert!(parse_documents("f.yaml", "# nothing\n").unwrap().is_empty());
     }
+
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        proptest! {
+            /// Whatever the input, parsing returns resources or an error
+            /// that names a document within the file; it never panics.
+            #[test]
+            fn arbitrary_text_never_panics(text in "(?s).{0,300}") {
+                if let Err(err) = parse_documents("f.yaml", &text) {
+                    prop_assert!(err.document >= 1);
+                }
+            }
+
+            /// Generated Service documents parse back to what was written.
+            #[test]
+            fn generated_services_round_trip(
+                services in prop::collection::btree_map("[a-z][a-z0-9-]{0,10}[a-z0-9]", prop::collection::btree_set(1u16..65535, 0..4), 1..4)
+            ) {
+                let mut text = String::new();
+                for (name, ports) in &services {
+                    text += &format!("---\napiVersion: meshlet.dev/v1alpha1\nkind: Service\nmetadata: {{name: {name}}}\nspec:\n  endpoints:\n");
+                    for port in ports {
+                        text += &format!("    - address: 127.0.0.1:{port}\n");
+                    }
+                    if ports.is_empty() {
+                        text += "    []\n";
+                    }
+                }
+                let resources = parse_documents("f.yaml", &text).map_err(|e| TestCaseError::fail(e.to_string()))?;
+                prop_assert_eq!(resources.len(), services.len());
+                for (resource, (name, ports)) in resources.iter().zip(&services) {
+                    let Resource::Service(doc) = resource;
+                    prop_assert_eq!(&doc.metadata.name, name);
+                    let got: Vec<u16> = doc.spec.endpoints.iter().map(|e| e.address.port()).collect();
+                    prop_assert_eq!(got, ports.iter().copied().collect::<Vec<_>>());
+                }
+            }
+        }
+    }
 }

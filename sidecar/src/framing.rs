@@ -599,4 +599,72 @@ mod tests {
         assert_eq!(scanner.state, State::Head);
         assert_eq!(scanner.direct_read_limit(), None);
     }
+
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        /// One well-formed request: a GET, a sized POST, or a chunked POST
+        /// with random chunk sizes, extensions and trailers.
+        fn message() -> impl Strategy<Value = String> {
+            let path = "/[a-z0-9]{0,12}";
+            let body = "[a-zA-Z0-9 ]{0,40}";
+            prop_oneof![
+                path.prop_map(|p| format!("GET {p} HTTP/1.1\r\nHost: a\r\n\r\n")),
+                (path, body).prop_map(|(p, b)| format!(
+                    "POST {p} HTTP/1.1\r\nContent-Length: {}\r\n\r\n{b}",
+                    b.len()
+                )),
+                (path, prop::collection::vec(body, 0..4), any::<bool>()).prop_map(
+                    |(p, chunks, trailer)| {
+                        let mut m =
+                            format!("POST {p} HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n");
+                        for c in chunks.iter().filter(|c| !c.is_empty()) {
+                            m += &format!("{:x};ext=1\r\n{c}\r\n", c.len());
+                        }
+                        m += if trailer {
+                            "0\r\nx-sum: 1\r\n\r\n"
+                        } else {
+                            "0\r\n\r\n"
+                        };
+                        m
+                    }
+                ),
+            ]
+        }
+
+        proptest! {
+            /// However reads split a stream of valid requests, everything
+            /// is cleared, and nothing is cleared early: the cleared prefix
+            /// always ends on a message boundary or inside a body.
+            #[test]
+            fn valid_streams_pass_whole_in_any_pieces(
+                messages in prop::collection::vec(message(), 1..5),
+                piece in 1usize..64,
+            ) {
+                let stream = messages.concat();
+                prop_assert_eq!(scan_in_pieces(stream.as_bytes(), piece), Ok(stream.len()));
+            }
+
+            /// Any bytes at all: the scanner neither panics nor clears more
+            /// than it was given.
+            #[test]
+            fn arbitrary_bytes_never_panic(bytes in prop::collection::vec(any::<u8>(), 0..512), piece in 1usize..64) {
+                if let Ok(cleared) = scan_in_pieces(&bytes, piece) {
+                    prop_assert!(cleared <= bytes.len());
+                }
+            }
+
+            /// A smuggling head is refused wherever it sits in the stream.
+            #[test]
+            fn ambiguous_heads_are_refused_after_valid_messages(
+                messages in prop::collection::vec(message(), 0..4),
+                piece in 1usize..64,
+            ) {
+                let bad = "POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n";
+                let stream = messages.concat() + bad;
+                prop_assert_eq!(scan_in_pieces(stream.as_bytes(), piece), Err(Refusal::AmbiguousFraming));
+            }
+        }
+    }
 }
