@@ -81,6 +81,9 @@ pub struct Args {
     /// Time a client has to send a complete request head (slowloris guard).
     #[arg(long, env = "MESHLET_HEADER_READ_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
     pub header_read_timeout: Duration,
+    /// How long a client connection may sit idle between requests.
+    #[arg(long, env = "MESHLET_CLIENT_IDLE_TIMEOUT", default_value = "5m", value_parser = parse_duration)]
+    pub client_idle_timeout: Duration,
     /// Largest request head accepted, in bytes (431 beyond).
     #[arg(long, env = "MESHLET_MAX_HEADER_BYTES", default_value_t = 64 * 1024)]
     pub max_header_bytes: usize,
@@ -118,6 +121,7 @@ impl Args {
                 upstream_timeout: (!self.upstream_timeout.is_zero())
                     .then_some(self.upstream_timeout),
                 header_read_timeout: self.header_read_timeout,
+                client_idle_timeout: self.client_idle_timeout,
                 max_header_bytes: self.max_header_bytes,
                 idle_timeout: self.idle_timeout,
             },

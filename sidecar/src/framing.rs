@@ -21,18 +21,26 @@
 //! `x-meshlet-reason: header_too_large`: the guard is the one component
 //! that sees a head before it is complete, so it enforces the size too.
 //!
+//! Because it sees a head arrive, the guard also times it: a head must be
+//! complete within the header read timeout of its first byte (slowloris),
+//! while an idle connection between requests is hyper's business (its head
+//! timer, set to the longer client idle timeout).
+//!
 //! The guard only needs to find where messages start; it leaves every other
 //! judgement to hyper. Anything it does not understand (a head hyper will
 //! reject anyway, an upgraded or `CONNECT` connection) switches it to
 //! *opaque*: from then on bytes pass through untouched.
 
+use std::future::Future;
 use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
+use std::time::Duration;
 
 use prometheus::IntCounter;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::time::{Instant, Sleep};
 
 /// Initial size of the per-connection buffer used while looking for a head
 /// (most heads are far smaller; it grows for larger ones, up to the limit).
@@ -52,6 +60,10 @@ pub struct FramingGuard<T> {
     config: Arc<GuardConfig>,
     /// Once refused: the refusal and how much of its response is written.
     refusal: Option<(Refusal, usize)>,
+    /// Deadline for the head being received; only armed while a head is
+    /// incomplete, so a head that arrives in one read costs no timer.
+    head_timer: Option<Pin<Box<Sleep>>>,
+    head_timer_armed: bool,
 }
 
 /// Why the guard refused a request.
@@ -68,6 +80,8 @@ pub enum Refusal {
 pub struct GuardConfig {
     /// Longest request head accepted, in bytes.
     pub max_head: usize,
+    /// Time from a head's first byte to its end (slowloris guard).
+    pub head_timeout: Duration,
     /// The full HTTP/1.1 responses sent for each refusal.
     pub ambiguous_framing_response: Vec<u8>,
     pub head_too_large_response: Vec<u8>,
@@ -95,6 +109,8 @@ impl<T> FramingGuard<T> {
             scanner: Scanner::new(config.max_head),
             config,
             refusal: None,
+            head_timer: None,
+            head_timer_armed: false,
         }
     }
 }
@@ -127,6 +143,12 @@ impl<T: AsyncRead + Unpin> AsyncRead for FramingGuard<T> {
                 }
             }
             // Slow path: read into our buffer and scan.
+            if this.head_expired(cx) {
+                return Poll::Ready(Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "request head not received within the header read timeout",
+                )));
+            }
             this.make_room();
             let mut spare = ReadBuf::new(&mut this.buf[this.end..]);
             ready!(Pin::new(&mut this.inner).poll_read(cx, &mut spare))?;
@@ -155,6 +177,27 @@ impl<T: AsyncRead + Unpin> AsyncRead for FramingGuard<T> {
 }
 
 impl<T> FramingGuard<T> {
+    /// True once a head that has started has taken longer than allowed.
+    /// Arms the timer when a head is incomplete, disarms it otherwise.
+    fn head_expired(&mut self, cx: &mut Context<'_>) -> bool {
+        let head_pending = self.scanner.state == State::Head && self.start < self.end;
+        if !head_pending {
+            self.head_timer_armed = false;
+            return false;
+        }
+        if !self.head_timer_armed {
+            self.head_timer_armed = true;
+            let deadline = Instant::now() + self.config.head_timeout;
+            match &mut self.head_timer {
+                Some(timer) => timer.as_mut().reset(deadline),
+                None => self.head_timer = Some(Box::pin(tokio::time::sleep_until(deadline))),
+            }
+        }
+        self.head_timer
+            .as_mut()
+            .is_some_and(|timer| timer.as_mut().poll(cx).is_ready())
+    }
+
     /// Ensures free space after `end`: move pending bytes to the front, or
     /// grow (a head larger than the buffer; the scanner bounds it).
     fn make_room(&mut self) {

@@ -72,6 +72,7 @@ pub async fn serve<H: Handler>(
     let protocols = Arc::new(Protocols::new(&limits));
     let guard = Arc::new(GuardConfig {
         max_head: limits.max_header_bytes,
+        head_timeout: limits.header_read_timeout,
         ambiguous_framing_response: ProxyError::AmbiguousFraming.to_http1_bytes(),
         head_too_large_response: ProxyError::HeadTooLarge {
             limit: limits.max_header_bytes,
@@ -235,7 +236,10 @@ impl Protocols {
         let mut http1 = http1::Builder::new();
         http1
             .timer(TokioTimer::new())
-            .header_read_timeout(limits.header_read_timeout)
+            // hyper's head timer runs from the moment it waits for a head,
+            // so between requests too: it is our idle timeout. The guard
+            // times the head itself (from its first byte).
+            .header_read_timeout(limits.client_idle_timeout)
             // hyper answers 431 when the request head exceeds its read buffer.
             .max_buf_size(limits.max_header_bytes.max(8192))
             .keep_alive(true);

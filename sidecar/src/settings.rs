@@ -32,6 +32,9 @@ pub struct Limits {
     pub upstream_timeout: Option<Duration>,
     #[serde(with = "humantime_serde_compat")]
     pub header_read_timeout: Duration,
+    /// An idle client keep-alive connection is closed after this.
+    #[serde(with = "humantime_serde_compat")]
+    pub client_idle_timeout: Duration,
     pub max_header_bytes: usize,
     #[serde(with = "humantime_serde_compat")]
     pub idle_timeout: Duration,
@@ -43,6 +46,7 @@ impl Default for Limits {
             connect_timeout: Duration::from_secs(1),
             upstream_timeout: Some(Duration::from_secs(15)),
             header_read_timeout: Duration::from_secs(10),
+            client_idle_timeout: Duration::from_secs(300),
             max_header_bytes: 64 * 1024,
             idle_timeout: Duration::from_secs(90),
         }

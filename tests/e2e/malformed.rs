@@ -366,3 +366,39 @@ async fn a_smuggling_attempt_later_on_a_keep_alive_connection_is_refused() {
         );
     }
 }
+
+#[tokio::test]
+async fn an_idle_keep_alive_connection_outlives_the_head_timeout_but_not_the_idle_timeout() {
+    let mesh = Mesh::start(&[
+        "--header-read-timeout",
+        "300ms",
+        "--client-idle-timeout",
+        "1500ms",
+    ])
+    .await;
+    for (listener, addr) in mesh.listeners() {
+        let mut connection = RawConnection::open(addr).await;
+        connection
+            .send(b"GET / HTTP/1.1\r\nHost: app\r\n\r\n")
+            .await;
+        connection.read_until("hello from app", PATIENCE).await;
+        // Idle for longer than the head timeout: that timer is for heads
+        // being received, not for the quiet between requests.
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        connection
+            .send(b"GET / HTTP/1.1\r\nHost: app\r\n\r\n")
+            .await;
+        connection.read_until("hello from app", PATIENCE).await;
+        // Then quiet for good: closed once the idle timeout has passed.
+        let idle_since = Instant::now();
+        assert!(
+            connection.read_to_close(PATIENCE).await.is_some(),
+            "{listener}: idle connection never closed"
+        );
+        let idle = idle_since.elapsed();
+        assert!(
+            idle >= Duration::from_millis(1200),
+            "{listener}: closed after only {idle:?} of idleness"
+        );
+    }
+}
