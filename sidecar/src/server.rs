@@ -69,18 +69,7 @@ pub async fn serve<H: Handler>(
     metrics: ListenerMetrics,
     mut shutdown: watch::Receiver<bool>,
 ) -> Drain {
-    let protocols = Arc::new(Protocols::new(&limits));
-    let guard = Arc::new(GuardConfig {
-        max_head: limits.max_header_bytes,
-        head_timeout: limits.header_read_timeout,
-        ambiguous_framing_response: ProxyError::AmbiguousFraming.to_http1_bytes(),
-        head_too_large_response: ProxyError::HeadTooLarge {
-            limit: limits.max_header_bytes,
-        }
-        .to_http1_bytes(),
-        ambiguous_framing_count: metrics.ambiguous_framing.clone(),
-        head_too_large_count: metrics.head_too_large.clone(),
-    });
+    let shared = Arc::new(Shared::new(name, handler, limits, metrics));
     // Every connection task holds a sender; when the last one is gone the
     // drain is complete (the receiver sees the channel close).
     let (open_tx, open_rx) = mpsc::channel::<()>(1);
@@ -89,65 +78,105 @@ pub async fn serve<H: Handler>(
             accepted = listener.accept() => accepted,
             _ = shutdown.wait_for(|stop| *stop) => break,
         };
-        let (stream, peer) = match accepted {
-            Ok(accepted) => accepted,
+        match accepted {
+            Ok((stream, peer)) => {
+                let (shared, open, stop) = (Arc::clone(&shared), open_tx.clone(), shutdown.clone());
+                tokio::spawn(async move {
+                    shared.serve_connection(stream, peer, stop).await;
+                    drop(open);
+                });
+            }
             Err(err) => {
                 // Usually EMFILE: back off instead of spinning.
                 tracing::warn!(listener = name, error = %err, "accept failed");
                 tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
             }
-        };
+        }
+    }
+    drop(listener);
+    tracing::info!(listener = name, "stopped accepting connections");
+    Drain(open_rx)
+}
+
+/// What all connections of one listener share, built once.
+struct Shared<H> {
+    name: &'static str,
+    handler: H,
+    limits: Arc<Limits>,
+    metrics: ListenerMetrics,
+    protocols: Protocols,
+    guard: Arc<GuardConfig>,
+}
+
+impl<H: Handler> Shared<H> {
+    fn new(name: &'static str, handler: H, limits: Arc<Limits>, metrics: ListenerMetrics) -> Self {
+        let guard = Arc::new(GuardConfig {
+            max_head: limits.max_header_bytes,
+            head_timeout: limits.header_read_timeout,
+            ambiguous_framing_response: ProxyError::AmbiguousFraming.to_http1_bytes(),
+            head_too_large_response: ProxyError::HeadTooLarge {
+                limit: limits.max_header_bytes,
+            }
+            .to_http1_bytes(),
+            ambiguous_framing_count: metrics.ambiguous_framing.clone(),
+            head_too_large_count: metrics.head_too_large.clone(),
+        });
+        Shared {
+            name,
+            handler,
+            protocols: Protocols::new(&limits),
+            limits,
+            metrics,
+            guard,
+        }
+    }
+
+    /// One accepted connection, from protocol detection to close.
+    async fn serve_connection(
+        &self,
+        stream: TcpStream,
+        peer: SocketAddr,
+        stop: watch::Receiver<bool>,
+    ) {
         let _ = stream.set_nodelay(true);
-        let handler = handler.clone();
+        self.metrics.connections.inc();
+        let handler = self.handler.clone();
         let client = Peer::new(peer);
         let service = service_fn(move |request| {
             let (handler, client) = (handler.clone(), client.clone());
             async move { Ok::<_, Infallible>(handler.handle(request, &client).await) }
         });
-        let (protocols, limits, metrics, guard) = (
-            Arc::clone(&protocols),
-            Arc::clone(&limits),
-            metrics.clone(),
-            Arc::clone(&guard),
-        );
-        let (open, stop) = (open_tx.clone(), shutdown.clone());
-        metrics.connections.inc();
-        tokio::spawn(async move {
-            let detected = tokio::select! {
-                detected = detect_protocol(&stream, limits.header_read_timeout) => detected,
-                _ = wait_for_stop(stop.clone()) => Err(std::io::ErrorKind::Interrupted.into()),
-            };
-            let served = match detected {
-                Ok(Protocol::Http1) => {
-                    let guarded = FramingGuard::new(stream, guard);
-                    let connection = protocols
-                        .http1
-                        .serve_connection(TokioIo::new(guarded), service);
-                    let connection = connection.with_upgrades();
-                    drive(connection, stop, |c| c.graceful_shutdown()).await
-                }
-                Ok(Protocol::Http2) => {
-                    let connection = protocols
-                        .http2
-                        .serve_connection(TokioIo::new(stream), service);
-                    drive(connection, stop, |c| c.graceful_shutdown()).await
-                }
-                Err(err) => {
-                    tracing::debug!(listener = name, %peer, error = %err, "connection closed before a request");
-                    Ok(())
-                }
-            };
-            if let Err(err) = served {
-                tracing::debug!(listener = name, %peer, error = %err, "connection closed with an error");
+        let detected = tokio::select! {
+            detected = detect_protocol(&stream, self.limits.header_read_timeout) => detected,
+            _ = wait_for_stop(stop.clone()) => Err(std::io::ErrorKind::Interrupted.into()),
+        };
+        let served = match detected {
+            Ok(Protocol::Http1) => {
+                let guarded = TokioIo::new(FramingGuard::new(stream, Arc::clone(&self.guard)));
+                let connection = self
+                    .protocols
+                    .http1
+                    .serve_connection(guarded, service)
+                    .with_upgrades();
+                drive(connection, stop, |c| c.graceful_shutdown()).await
             }
-            metrics.connections.dec();
-            drop(open);
-        });
+            Ok(Protocol::Http2) => {
+                let connection = self
+                    .protocols
+                    .http2
+                    .serve_connection(TokioIo::new(stream), service);
+                drive(connection, stop, |c| c.graceful_shutdown()).await
+            }
+            Err(err) => {
+                tracing::debug!(listener = self.name, %peer, error = %err, "connection closed before a request");
+                Ok(())
+            }
+        };
+        if let Err(err) = served {
+            tracing::debug!(listener = self.name, %peer, error = %err, "connection closed with an error");
+        }
+        self.metrics.connections.dec();
     }
-    drop(listener);
-    tracing::info!(listener = name, "stopped accepting connections");
-    Drain(open_rx)
 }
 
 /// Completes when every connection of a stopped listener has closed.
