@@ -16,11 +16,13 @@ use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 
 use crate::balance::InFlight;
+use crate::framing::RequestGuard;
 
 #[derive(Debug)]
 pub struct ProxyBody {
     kind: Kind,
     guard: Option<InFlight>,
+    request: Option<RequestGuard>,
 }
 
 #[derive(Debug)]
@@ -35,6 +37,7 @@ impl ProxyBody {
         ProxyBody {
             kind: Kind::Empty,
             guard: None,
+            request: None,
         }
     }
 
@@ -42,6 +45,7 @@ impl ProxyBody {
         ProxyBody {
             kind: Kind::Full(Some(bytes.into())),
             guard: None,
+            request: None,
         }
     }
 
@@ -49,12 +53,20 @@ impl ProxyBody {
         ProxyBody {
             kind: Kind::Streamed(body),
             guard: None,
+            request: None,
         }
     }
 
     /// Keeps `guard` alive until the body has been fully sent or dropped.
     pub fn with_guard(mut self, guard: InFlight) -> Self {
         self.guard = Some(guard);
+        self
+    }
+
+    /// Marks the client connection's request as answered once this
+    /// (response) body has been fully sent or dropped.
+    pub fn with_request_guard(mut self, request: RequestGuard) -> Self {
+        self.request = Some(request);
         self
     }
 }
@@ -75,6 +87,7 @@ impl Body for ProxyBody {
         };
         if let Poll::Ready(None) | Poll::Ready(Some(Err(_))) = &polled {
             this.guard = None;
+            this.request = None;
         }
         polled
     }

@@ -14,7 +14,8 @@
 //! chunked framing). Only cleared bytes are handed to hyper. While a body of
 //! known remaining length is being read, reads go straight into hyper's
 //! buffer (no copy). A head with both headers is never handed over: hyper
-//! sees a clean end of input, finishes what it was doing and shuts the
+//! sees a clean end of input (once every earlier request on the connection
+//! has been answered), finishes what it was doing and shuts the
 //! connection down, and the guard writes a `400` with
 //! `x-meshlet-reason: bad_request` just before the shutdown. A head longer
 //! than the limit is refused the same way with `431` and
@@ -34,8 +35,9 @@
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
-use std::sync::Arc;
-use std::task::{ready, Context, Poll};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{ready, Context, Poll, Waker};
 use std::time::Duration;
 
 use prometheus::IntCounter;
@@ -45,6 +47,51 @@ use tokio::time::{Instant, Sleep};
 /// Initial size of the per-connection buffer used while looking for a head
 /// (most heads are far smaller; it grows for larger ones, up to the limit).
 const READ_CHUNK: usize = 4 * 1024;
+
+/// Requests of one client connection that have not been fully answered.
+/// The guard must not end hyper's input while one is in flight (hyper would
+/// abandon it), so on a refusal it waits for this to reach zero.
+#[derive(Debug, Default)]
+pub struct InFlightRequests {
+    count: AtomicUsize,
+    waiting_reader: Mutex<Option<Waker>>,
+}
+
+impl InFlightRequests {
+    /// Counts one request until the returned guard is dropped (with the
+    /// response body, once sent).
+    pub fn start(self: &Arc<Self>) -> RequestGuard {
+        self.count.fetch_add(1, Ordering::AcqRel);
+        RequestGuard(Arc::clone(self))
+    }
+
+    /// True if none is in flight; otherwise registers `cx` to be woken
+    /// when the last one is answered.
+    fn none_or_wake_later(&self, cx: &Context<'_>) -> bool {
+        if self.count.load(Ordering::Acquire) == 0 {
+            return true;
+        }
+        if let Ok(mut slot) = self.waiting_reader.lock() {
+            *slot = Some(cx.waker().clone());
+        }
+        // Re-check: the last request may have ended before the waker was stored.
+        self.count.load(Ordering::Acquire) == 0
+    }
+}
+
+/// One request in flight on a client connection; see [`InFlightRequests`].
+#[derive(Debug)]
+pub struct RequestGuard(Arc<InFlightRequests>);
+
+impl Drop for RequestGuard {
+    fn drop(&mut self) {
+        if self.0.count.fetch_sub(1, Ordering::AcqRel) == 1 {
+            if let Some(waker) = self.0.waiting_reader.lock().ok().and_then(|mut w| w.take()) {
+                waker.wake();
+            }
+        }
+    }
+}
 
 /// Wraps a server-side connection; see the module docs.
 #[derive(Debug)]
@@ -64,6 +111,7 @@ pub struct FramingGuard<T> {
     /// incomplete, so a head that arrives in one read costs no timer.
     head_timer: Option<Pin<Box<Sleep>>>,
     head_timer_armed: bool,
+    in_flight: Arc<InFlightRequests>,
 }
 
 /// Why the guard refused a request.
@@ -100,7 +148,7 @@ impl GuardConfig {
 }
 
 impl<T> FramingGuard<T> {
-    pub fn new(inner: T, config: Arc<GuardConfig>) -> Self {
+    pub fn new(inner: T, config: Arc<GuardConfig>, in_flight: Arc<InFlightRequests>) -> Self {
         FramingGuard {
             inner,
             buf: Vec::new(),
@@ -111,6 +159,7 @@ impl<T> FramingGuard<T> {
             refusal: None,
             head_timer: None,
             head_timer_armed: false,
+            in_flight,
         }
     }
 }
@@ -123,9 +172,6 @@ impl<T: AsyncRead + Unpin> AsyncRead for FramingGuard<T> {
     ) -> Poll<io::Result<()>> {
         let this = &mut *self;
         loop {
-            if this.refusal.is_some() {
-                return Poll::Ready(Ok(())); // end of input, as far as hyper knows
-            }
             let cleared = this.scanner.cleared;
             if cleared > 0 {
                 let n = cleared.min(out.remaining());
@@ -136,6 +182,15 @@ impl<T: AsyncRead + Unpin> AsyncRead for FramingGuard<T> {
                     (this.start, this.end) = (0, 0);
                 }
                 return Poll::Ready(Ok(()));
+            }
+            if this.refusal.is_some() {
+                // End of input, as far as hyper knows; but only once every
+                // earlier (pipelined) request has been answered.
+                return if this.in_flight.none_or_wake_later(cx) {
+                    Poll::Ready(Ok(()))
+                } else {
+                    Poll::Pending
+                };
             }
             if this.start == this.end {
                 if let Some(limit) = this.scanner.direct_read_limit() {

@@ -30,7 +30,7 @@ use tokio::sync::{mpsc, watch};
 
 use crate::body::ProxyBody;
 use crate::error::ProxyError;
-use crate::framing::{FramingGuard, GuardConfig};
+use crate::framing::{FramingGuard, GuardConfig, InFlightRequests};
 use crate::metrics::ListenerMetrics;
 use crate::settings::Limits;
 
@@ -142,9 +142,15 @@ impl<H: Handler> Shared<H> {
         self.metrics.connections.inc();
         let handler = self.handler.clone();
         let client = Peer::new(peer);
+        let in_flight = Arc::new(InFlightRequests::default());
+        let requests = Arc::clone(&in_flight);
         let service = service_fn(move |request| {
             let (handler, client) = (handler.clone(), client.clone());
-            async move { Ok::<_, Infallible>(handler.handle(request, &client).await) }
+            let answered = requests.start();
+            async move {
+                let response = handler.handle(request, &client).await;
+                Ok::<_, Infallible>(response.map(|body| body.with_request_guard(answered)))
+            }
         });
         let detected = tokio::select! {
             detected = detect_protocol(&stream, self.limits.header_read_timeout) => detected,
@@ -152,7 +158,11 @@ impl<H: Handler> Shared<H> {
         };
         let served = match detected {
             Ok(Protocol::Http1) => {
-                let guarded = TokioIo::new(FramingGuard::new(stream, Arc::clone(&self.guard)));
+                let guarded = TokioIo::new(FramingGuard::new(
+                    stream,
+                    Arc::clone(&self.guard),
+                    in_flight,
+                ));
                 let connection = self
                     .protocols
                     .http1

@@ -402,3 +402,41 @@ async fn an_idle_keep_alive_connection_outlives_the_head_timeout_but_not_the_idl
         );
     }
 }
+
+#[tokio::test]
+async fn a_pipelined_smuggling_attempt_still_lets_the_earlier_request_finish() {
+    let mesh = Mesh::start(&[]).await;
+    for (listener, addr) in mesh.listeners() {
+        let before = mesh.app.requests();
+        let mut connection = RawConnection::open(addr).await;
+        // Both requests in one write: the guard sees the bad head while the
+        // slow first request is still in flight.
+        connection
+            .send(
+                b"GET /slow?ms=300 HTTP/1.1\r\nHost: app\r\n\r\n\
+                  POST /upload HTTP/1.1\r\nHost: app\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n\
+                  0\r\n\r\nGET /smuggled HTTP/1.1\r\nHost: app\r\n\r\n",
+            )
+            .await;
+        let text = connection
+            .read_to_close(PATIENCE)
+            .await
+            .expect("connection closed");
+        // Status lines in order (a body need not end with a newline).
+        let statuses: Vec<&str> = text
+            .match_indices("HTTP/1.1 ")
+            .map(|(at, _)| &text[at..at + 12])
+            .collect();
+        assert_eq!(
+            statuses,
+            ["HTTP/1.1 200", "HTTP/1.1 400"],
+            "{listener}: {text}"
+        );
+        assert!(text.contains("slow done"), "{listener}: {text}");
+        assert_eq!(
+            mesh.app.requests(),
+            before + 1,
+            "{listener}: only the first request reached the app"
+        );
+    }
+}
