@@ -3,10 +3,11 @@
 //!
 //! It is either a streamed body from the other side (`hyper::body::Incoming`,
 //! never buffered), a small body the mesh generated itself (error
-//! responses), or empty. It can carry a guard that lives exactly as long as
-//! the body is streaming: the load balancer's in-flight counter for the
-//! endpoint is released when the last frame has passed (or the body is
-//! dropped), not when the response headers arrive.
+//! responses), or empty. It can carry guards that live exactly as long as
+//! the body is streaming, released when the last frame has passed (or the
+//! body is dropped), not when the response headers arrive: the load
+//! balancer's in-flight count for the endpoint, and the client
+//! connection's count of unanswered requests (see `framing`).
 
 use std::pin::Pin;
 use std::task::{Context, Poll};
@@ -21,7 +22,9 @@ use crate::framing::RequestGuard;
 #[derive(Debug)]
 pub struct ProxyBody {
     kind: Kind,
+    /// The upstream endpoint's outstanding request.
     guard: Option<InFlight>,
+    /// The client connection's unanswered request.
     request: Option<RequestGuard>,
 }
 

@@ -8,8 +8,8 @@
 //! so [`FramingGuard`] sits between the socket and hyper and inspects every
 //! request head *before* hyper sees a byte of it.
 //!
-//! How bytes flow: reads fill a small per-connection buffer; the [`Scanner`] walks
-//! it and marks bytes *cleared* — a complete request head that passed the
+//! How bytes flow: reads fill a small per-connection buffer; the
+//! [`Scanner`] walks it and marks bytes *cleared* — a complete request head that passed the
 //! check, or body bytes whose extent the head announced (`Content-Length`,
 //! chunked framing). Only cleared bytes are handed to hyper. While a body of
 //! known remaining length is being read, reads go straight into hyper's
