@@ -137,11 +137,17 @@ pub async fn run(
         Arc::clone(&limits),
         metrics.clone(),
     ));
+    let (stop_tx, stop_rx) = watch::channel(false);
+    spawn_idle_sweep(
+        &app,
+        &snapshot,
+        &router,
+        limits.idle_timeout,
+        stop_rx.clone(),
+    );
     let inbound = proxy::Inbound::new(app, Arc::clone(&limits), metrics.clone());
     let outbound = proxy::Outbound::new(router, Arc::clone(&limits), metrics.clone());
     let admin = admin::Admin::new(Arc::clone(&settings), snapshot, metrics.clone());
-
-    let (stop_tx, stop_rx) = watch::channel(false);
     admin.spawn_app_probe(stop_rx.clone());
     let servers = Servers {
         limits: &limits,
@@ -175,6 +181,40 @@ pub async fn run(
             Drained::DeadlineReached
         }
     }
+}
+
+/// Closes idle upstream connections of every pool (app, services,
+/// passthrough) twice per idle timeout, until shutdown.
+fn spawn_idle_sweep(
+    app: &Arc<ServiceTarget>,
+    snapshot: &snapshot::SharedSnapshot,
+    router: &Arc<route::Router>,
+    idle_timeout: std::time::Duration,
+    mut stop: watch::Receiver<bool>,
+) {
+    let (app, snapshot, router) = (Arc::clone(app), Arc::clone(snapshot), Arc::clone(router));
+    let period = (idle_timeout / 2).max(std::time::Duration::from_millis(100));
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(period) => {}
+                _ = stop.wait_for(|stop| *stop) => return,
+            }
+            let mut closed = 0;
+            for endpoint in app
+                .balancer
+                .endpoints()
+                .iter()
+                .chain(snapshot.load().endpoints())
+            {
+                closed += endpoint.pool.evict_idle();
+            }
+            router.sweep_passthrough();
+            if closed > 0 {
+                tracing::debug!(closed, "closed idle upstream connections");
+            }
+        }
+    });
 }
 
 /// What every listener's server shares.

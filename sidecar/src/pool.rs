@@ -185,6 +185,23 @@ impl ConnPool {
         None
     }
 
+    /// Drops (and so closes) HTTP/1.1 connections that the upstream closed
+    /// or that have been idle past the idle timeout. Checkouts do this too;
+    /// the periodic sweep makes sure a pool nobody uses any more does not
+    /// hold its sockets forever. Returns how many were dropped.
+    pub fn evict_idle(&self) -> usize {
+        let Ok(mut conns) = self.http1.lock() else {
+            return 0;
+        };
+        let before = conns.len();
+        let idle_timeout = self.limits.idle_timeout;
+        conns.retain(|c| {
+            let expired = c.sender.is_ready() && c.last_used.elapsed() >= idle_timeout;
+            !c.sender.is_closed() && !expired
+        });
+        before - conns.len()
+    }
+
     /// Keeps a connection that just carried a request. It becomes ready
     /// again by itself once the response has been read (hyper's dispatcher
     /// signals it); `take_ready` only hands out ready ones. This costs no task

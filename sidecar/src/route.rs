@@ -110,6 +110,21 @@ impl Router {
         Ok(self.passthrough_target(addr))
     }
 
+    /// Closes idle connections of passthrough destinations and forgets the
+    /// destinations left with none.
+    pub fn sweep_passthrough(&self) {
+        let mut map = self
+            .passthrough
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        map.retain(|_, target| {
+            target.balancer.endpoints().iter().any(|ep| {
+                ep.pool.evict_idle();
+                ep.pool.pooled_connections() > 0 || ep.in_flight() > 0
+            })
+        });
+    }
+
     fn is_own_listener(&self, addr: SocketAddr) -> bool {
         self.own_listeners.iter().any(|own| {
             own.port() == addr.port()

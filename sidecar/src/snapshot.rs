@@ -112,6 +112,12 @@ impl Snapshot {
         self.services.get(host)
     }
 
+    /// Every endpoint of every service (for housekeeping such as the idle
+    /// connection sweep).
+    pub fn endpoints(&self) -> impl Iterator<Item = &Arc<Endpoint>> {
+        self.services.values().flat_map(|t| t.balancer.endpoints())
+    }
+
     /// JSON for `/config_dump`.
     pub fn to_json(&self) -> serde_json::Value {
         let mut targets: Vec<_> = self

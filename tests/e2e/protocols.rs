@@ -194,3 +194,24 @@ async fn keep_alive_connections_are_reused_upstream() {
     }
     assert_eq!(mesh.orders_app.connections(), 1);
 }
+
+#[tokio::test]
+async fn idle_upstream_connections_are_closed_after_the_idle_timeout() {
+    let app = Upstream::start("orders").await;
+    let sidecar = SidecarProcess::builder("orders", app.port())
+        .arg("--idle-timeout")
+        .arg("300ms")
+        .start()
+        .await;
+    assert_eq!(client::get(sidecar.inbound, "/").await.unwrap().status, 200);
+    // Nobody uses the pool again: the sweep still closes its connection.
+    meshlet_e2e::wait::until(
+        "the pooled connection to close",
+        Duration::from_secs(5),
+        || async { (app.open_connections() == 0).then_some(()) },
+    )
+    .await;
+    // And the next request simply opens a new one.
+    assert_eq!(client::get(sidecar.inbound, "/").await.unwrap().status, 200);
+    assert_eq!(app.connections(), 2);
+}

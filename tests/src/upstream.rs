@@ -50,6 +50,7 @@ pub struct Upstream {
     pub addr: SocketAddr,
     requests: Arc<AtomicUsize>,
     connections: Arc<AtomicUsize>,
+    open: Arc<AtomicUsize>,
     delay_ms: Arc<AtomicU64>,
     stop: watch::Sender<bool>,
     accept: JoinHandle<()>,
@@ -66,11 +67,13 @@ impl Upstream {
         let requests = Arc::new(AtomicUsize::new(0));
         let delay_ms = Arc::new(AtomicU64::new(0));
         let connections = Arc::new(AtomicUsize::new(0));
+        let open = Arc::new(AtomicUsize::new(0));
         let (stop, stopped) = watch::channel(false);
         let state = State {
             name: name.to_owned(),
             requests: Arc::clone(&requests),
             connections: Arc::clone(&connections),
+            open: Arc::clone(&open),
             delay_ms: Arc::clone(&delay_ms),
         };
         let accept = tokio::spawn(accept_loop(listener, state, stopped));
@@ -79,6 +82,7 @@ impl Upstream {
             addr,
             requests,
             connections,
+            open,
             delay_ms,
             stop,
             accept,
@@ -98,6 +102,11 @@ impl Upstream {
     /// probes don't count).
     pub fn connections(&self) -> usize {
         self.connections.load(Ordering::SeqCst)
+    }
+
+    /// Connections open right now (any, including TCP-only probes).
+    pub fn open_connections(&self) -> usize {
+        self.open.load(Ordering::SeqCst)
     }
 
     /// Delays every answer by `delay` from now on (a struggling instance).
@@ -127,6 +136,7 @@ struct State {
     name: String,
     requests: Arc<AtomicUsize>,
     connections: Arc<AtomicUsize>,
+    open: Arc<AtomicUsize>,
     delay_ms: Arc<AtomicU64>,
 }
 
@@ -164,11 +174,14 @@ async fn accept_loop(listener: TcpListener, state: State, stopped: watch::Receiv
             .serve_connection_with_upgrades(TokioIo::new(stream), service)
             .into_owned();
         let mut stopped = stopped.clone();
+        let open = Arc::clone(&state.open);
+        open.fetch_add(1, Ordering::SeqCst);
         tokio::spawn(async move {
             tokio::select! {
                 _ = connection => {}
                 _ = stopped.wait_for(|stop| *stop) => {}
             }
+            open.fetch_sub(1, Ordering::SeqCst);
         });
     }
 }
