@@ -184,23 +184,13 @@ fn prepare(
 
 /// The URI in the form the upstream protocol wants, or `None` if the
 /// request's URI is already right (the common HTTP/1.1 origin-form case):
-/// HTTP/1.1 gets origin-form with the authority moved to `Host`; HTTP/2
-/// gets an absolute URI.
+/// HTTP/1.1 gets origin-form and always a `Host`; HTTP/2 gets an absolute
+/// URI.
 fn upstream_uri<B>(
     request: &mut Request<B>,
     fallback_authority: Option<SocketAddr>,
 ) -> Option<Uri> {
-    let origin_form =
-        request.uri().authority().is_none() && request.uri().path_and_query().is_some();
-    if request.version() != Version::HTTP_2 && origin_form {
-        return None;
-    }
-    let path = request
-        .uri()
-        .path_and_query()
-        .cloned()
-        .unwrap_or_else(|| PathAndQuery::from_static("/"));
-    let uri = if request.version() == Version::HTTP_2 {
+    if request.version() == Version::HTTP_2 {
         let authority = request
             .uri()
             .authority()
@@ -214,24 +204,40 @@ fn upstream_uri<B>(
             })
             .or_else(|| fallback_authority.map(|a| a.to_string()))
             .unwrap_or_else(|| "localhost".to_owned());
-        Uri::builder()
+        let path = request
+            .uri()
+            .path_and_query()
+            .cloned()
+            .unwrap_or_else(|| PathAndQuery::from_static("/"));
+        return Uri::builder()
             .scheme("http")
             .authority(authority)
             .path_and_query(path)
             .build()
-    } else {
-        if !request.headers().contains_key(header::HOST) {
-            if let Some(value) = request
-                .uri()
-                .authority()
-                .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
-            {
-                request.headers_mut().insert(header::HOST, value);
-            }
+            .ok();
+    }
+    // HTTP/1.1 upstream: it needs a Host. HTTP/1.0 clients may send none;
+    // then the URI's authority, or the upstream's address, stands in.
+    if !request.headers().contains_key(header::HOST) {
+        let host = match request.uri().authority() {
+            Some(authority) => HeaderValue::from_str(authority.as_str()).ok(),
+            None => fallback_authority.and_then(|a| HeaderValue::try_from(a.to_string()).ok()),
+        };
+        if let Some(host) = host {
+            request.headers_mut().insert(header::HOST, host);
         }
-        Uri::builder().path_and_query(path).build()
-    };
-    uri.ok()
+    }
+    let origin_form =
+        request.uri().authority().is_none() && request.uri().path_and_query().is_some();
+    if origin_form {
+        return None;
+    }
+    let path = request
+        .uri()
+        .path_and_query()
+        .cloned()
+        .unwrap_or_else(|| PathAndQuery::from_static("/"));
+    Uri::builder().path_and_query(path).build().ok()
 }
 
 /// Prepares the upstream's response for the client, in the client's HTTP

@@ -257,3 +257,24 @@ async fn expect_100_continue_is_honoured_before_the_body_is_sent() {
     assert!(text.starts_with("HTTP/1.1 100 Continue"), "{text}");
     assert!(text.contains("HTTP/1.1 200 OK"), "{text}");
 }
+
+#[tokio::test]
+async fn an_http_1_0_request_without_host_reaches_the_app_with_one() {
+    let mesh = mesh().await;
+    let (text, closed) = client::raw(
+        mesh.orders.inbound,
+        b"GET /headers HTTP/1.0\r\n\r\n",
+        Duration::from_secs(5),
+    )
+    .await;
+    assert!(closed, "HTTP/1.0 without keep-alive closes");
+    assert!(
+        text.starts_with("HTTP/1.0 200 OK"),
+        "answered in the client's version: {text}"
+    );
+    let expected_host = format!("\"host\":[\"{}\"]", mesh.orders_app.addr);
+    assert!(
+        text.contains(&expected_host),
+        "the app got a Host header: {text}"
+    );
+}
