@@ -9,12 +9,15 @@
 //! balancer's in-flight count for the endpoint, and the client
 //! connection's count of unanswered requests (see `framing`).
 
+use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
+use tokio::time::{Instant, Sleep};
 
 use crate::balance::InFlight;
 use crate::framing::RequestGuard;
@@ -32,7 +35,41 @@ pub struct ProxyBody {
 enum Kind {
     Empty,
     Full(Option<Bytes>),
-    Streamed(Incoming),
+    Streamed(Incoming, Option<IdleTimer>),
+}
+
+/// Errors a [`ProxyBody`] yields: the other side's, or our idle timeout.
+pub type BodyError = Box<dyn std::error::Error + Send + Sync>;
+
+/// A stream that went quiet for longer than the stream idle timeout.
+#[derive(Debug, thiserror::Error)]
+#[error("no body data for {} (stream idle timeout)", humantime::format_duration(*.0))]
+pub struct StreamIdle(pub Duration);
+
+/// Fails a streamed body that makes no progress for `timeout`. The timer
+/// is only created once the body actually has to wait, so bodies whose data
+/// is already there (most small ones) never touch the timer wheel.
+#[derive(Debug)]
+struct IdleTimer {
+    timeout: Duration,
+    sleep: Option<Pin<Box<Sleep>>>,
+    /// A frame arrived since the timer was last set.
+    progressed: bool,
+}
+
+impl IdleTimer {
+    fn poll_expired(&mut self, cx: &mut Context<'_>) -> bool {
+        let deadline = Instant::now() + self.timeout;
+        match &mut self.sleep {
+            None => self.sleep = Some(Box::pin(tokio::time::sleep_until(deadline))),
+            Some(sleep) if self.progressed => sleep.as_mut().reset(deadline),
+            Some(_) => {}
+        }
+        self.progressed = false;
+        self.sleep
+            .as_mut()
+            .is_some_and(|sleep| sleep.as_mut().poll(cx).is_ready())
+    }
 }
 
 impl ProxyBody {
@@ -52,9 +89,16 @@ impl ProxyBody {
         }
     }
 
-    pub fn streamed(body: Incoming) -> Self {
+    /// A body streamed from the other side; with `idle_timeout`, it fails
+    /// if no data arrives for that long.
+    pub fn streamed(body: Incoming, idle_timeout: Option<Duration>) -> Self {
+        let timer = idle_timeout.map(|timeout| IdleTimer {
+            timeout,
+            sleep: None,
+            progressed: false,
+        });
         ProxyBody {
-            kind: Kind::Streamed(body),
+            kind: Kind::Streamed(body, timer),
             guard: None,
             request: None,
         }
@@ -76,17 +120,34 @@ impl ProxyBody {
 
 impl Body for ProxyBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BodyError;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         let this = &mut *self;
         let polled = match &mut this.kind {
             Kind::Empty => Poll::Ready(None),
             Kind::Full(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
-            Kind::Streamed(body) => Pin::new(body).poll_frame(cx),
+            Kind::Streamed(body, timer) => match Pin::new(body).poll_frame(cx) {
+                Poll::Ready(frame) => {
+                    if let Some(timer) = timer {
+                        timer.progressed = true;
+                    }
+                    Poll::Ready(frame.map(|f| f.map_err(BodyError::from)))
+                }
+                Poll::Pending => match timer {
+                    Some(timer) => {
+                        if timer.poll_expired(cx) {
+                            Poll::Ready(Some(Err(StreamIdle(timer.timeout).into())))
+                        } else {
+                            Poll::Pending
+                        }
+                    }
+                    None => Poll::Pending,
+                },
+            },
         };
         if let Poll::Ready(None) | Poll::Ready(Some(Err(_))) = &polled {
             this.guard = None;
@@ -99,7 +160,7 @@ impl Body for ProxyBody {
         match &self.kind {
             Kind::Empty => true,
             Kind::Full(bytes) => bytes.is_none(),
-            Kind::Streamed(body) => body.is_end_stream(),
+            Kind::Streamed(body, _) => body.is_end_stream(),
         }
     }
 
@@ -107,7 +168,7 @@ impl Body for ProxyBody {
         match &self.kind {
             Kind::Empty => SizeHint::with_exact(0),
             Kind::Full(bytes) => SizeHint::with_exact(bytes.as_ref().map_or(0, |b| b.len() as u64)),
-            Kind::Streamed(body) => body.size_hint(),
+            Kind::Streamed(body, _) => body.size_hint(),
         }
     }
 }

@@ -90,6 +90,9 @@ pub struct Args {
     /// How long an idle pooled upstream connection is kept.
     #[arg(long, env = "MESHLET_IDLE_TIMEOUT", default_value = "90s", value_parser = parse_duration)]
     pub idle_timeout: Duration,
+    /// A body (either direction) that brings no data this long is failed (0s = never).
+    #[arg(long, env = "MESHLET_STREAM_IDLE_TIMEOUT", default_value = "5m", value_parser = parse_duration)]
+    pub stream_idle_timeout: Duration,
     /// On SIGTERM/SIGINT, how long in-flight requests may take to finish.
     #[arg(long, env = "MESHLET_DRAIN_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
     pub drain_timeout: Duration,
@@ -124,6 +127,8 @@ impl Args {
                 client_idle_timeout: self.client_idle_timeout,
                 max_header_bytes: self.max_header_bytes,
                 idle_timeout: self.idle_timeout,
+                stream_idle_timeout: (!self.stream_idle_timeout.is_zero())
+                    .then_some(self.stream_idle_timeout),
             },
         }
     }

@@ -24,9 +24,9 @@ pub async fn forward(
     limits: &Limits,
 ) -> Result<Response<ProxyBody>, ProxyError> {
     let Some(timeout) = limits.upstream_timeout else {
-        return send_to_some_endpoint(target, request).await;
+        return send_to_some_endpoint(target, request, limits).await;
     };
-    match tokio::time::timeout(timeout, send_to_some_endpoint(target, request)).await {
+    match tokio::time::timeout(timeout, send_to_some_endpoint(target, request, limits)).await {
         Ok(result) => result,
         Err(_) => Err(ProxyError::UpstreamTimeout {
             upstream: target.name.clone(),
@@ -38,6 +38,7 @@ pub async fn forward(
 async fn send_to_some_endpoint(
     target: &ServiceTarget,
     mut request: Request<ProxyBody>,
+    limits: &Limits,
 ) -> Result<Response<ProxyBody>, ProxyError> {
     let mut tried = Tried::default();
     let mut last_refusal = None;
@@ -49,7 +50,9 @@ async fn send_to_some_endpoint(
         let in_flight = endpoint.start_request();
         match endpoint.pool.send(request).await {
             Ok(response) => {
-                return Ok(response.map(|body| ProxyBody::streamed(body).with_guard(in_flight)))
+                return Ok(response.map(|body| {
+                    ProxyBody::streamed(body, limits.stream_idle_timeout).with_guard(in_flight)
+                }))
             }
             Err(SendError::Connect {
                 source,

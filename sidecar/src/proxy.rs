@@ -68,7 +68,7 @@ impl Inbound {
         self.app.requests.inc();
         let version = request.version();
         let app_addr = self.app.balancer.endpoints().first().map(|e| e.addr);
-        let (mut request, downstream_upgrade) = prepare(request, app_addr);
+        let (mut request, downstream_upgrade) = prepare(request, app_addr, &self.limits);
         add_forwarded(request.headers_mut(), &peer.ip_header, "http");
         let response = forward(&self.app, request, &self.limits).await?;
         Ok(finish(response, version, downstream_upgrade))
@@ -113,7 +113,7 @@ impl Outbound {
         target.requests.inc();
         let fallback_authority = target.balancer.endpoints().first().map(|e| e.addr);
         let version = request.version();
-        let (request, downstream_upgrade) = prepare(request, fallback_authority);
+        let (request, downstream_upgrade) = prepare(request, fallback_authority, &self.limits);
         let response = forward(&target, request, &self.limits).await?;
         Ok(finish(response, version, downstream_upgrade))
     }
@@ -171,6 +171,7 @@ impl Handler for Outbound {
 fn prepare(
     mut request: Request<Incoming>,
     fallback_authority: Option<SocketAddr>,
+    limits: &Limits,
 ) -> (Request<ProxyBody>, Option<OnUpgrade>) {
     let upgrade = request.version() == Version::HTTP_11 && wants_upgrade(request.headers());
     let downstream_upgrade = upgrade.then(|| hyper::upgrade::on(&mut request));
@@ -179,7 +180,11 @@ fn prepare(
     if let Some(uri) = upstream_uri(&mut request, fallback_authority) {
         *request.uri_mut() = uri;
     }
-    (request.map(ProxyBody::streamed), downstream_upgrade)
+    let idle_timeout = limits.stream_idle_timeout;
+    (
+        request.map(|body| ProxyBody::streamed(body, idle_timeout)),
+        downstream_upgrade,
+    )
 }
 
 /// The URI in the form the upstream protocol wants, or `None` if the

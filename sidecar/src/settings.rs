@@ -38,6 +38,10 @@ pub struct Limits {
     pub max_header_bytes: usize,
     #[serde(with = "humantime_serde_compat")]
     pub idle_timeout: Duration,
+    /// A request or response body that brings no data for this long is
+    /// failed (the connection is reset); `None` waits forever.
+    #[serde(with = "humantime_serde_compat::option")]
+    pub stream_idle_timeout: Option<Duration>,
 }
 
 impl Default for Limits {
@@ -49,6 +53,7 @@ impl Default for Limits {
             client_idle_timeout: Duration::from_secs(300),
             max_header_bytes: 64 * 1024,
             idle_timeout: Duration::from_secs(90),
+            stream_idle_timeout: Some(Duration::from_secs(300)),
         }
     }
 }

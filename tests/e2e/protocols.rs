@@ -278,3 +278,33 @@ async fn an_http_1_0_request_without_host_reaches_the_app_with_one() {
         "the app got a Host header: {text}"
     );
 }
+
+#[tokio::test]
+async fn a_response_that_stalls_mid_body_is_cut_off_after_the_stream_idle_timeout() {
+    let app = Upstream::start("orders").await;
+    let sidecar = SidecarProcess::builder("orders", app.port())
+        .arg("--stream-idle-timeout")
+        .arg("400ms")
+        .start()
+        .await;
+    let started = std::time::Instant::now();
+    let (text, closed) = client::raw(
+        sidecar.inbound,
+        b"GET /stall HTTP/1.1\r\nHost: orders\r\n\r\n",
+        Duration::from_secs(5),
+    )
+    .await;
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    assert!(
+        text.contains("partial"),
+        "the data that came was passed on: {text}"
+    );
+    assert!(closed, "the stalled response was never cut off");
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_millis(350) && took < Duration::from_secs(4),
+        "cut off after {took:?}"
+    );
+    // The sidecar is fine afterwards.
+    assert_eq!(client::get(sidecar.inbound, "/").await.unwrap().status, 200);
+}

@@ -10,6 +10,7 @@
 //! | `/download?bytes=N` | N bytes, streamed in 64 KiB chunks |
 //! | `/trailers` | a body and a trailer `x-checksum: 1234` |
 //! | `/slow?ms=N` | answers after N ms |
+//! | `/stall` | headers and `partial`, then nothing, ever |
 //! | `/status?code=N` | that status |
 //! | `/ws` | WebSocket echo |
 //!
@@ -264,6 +265,15 @@ async fn route(name: String, mut request: Request<Incoming>) -> Result<Response<
                 // HTTP/1.1 sends only trailer fields announced here.
                 .header("trailer", "x-checksum")
                 .body(BodyExt::boxed(StreamBody::new(frames)))
+        }
+        "/stall" => {
+            // Headers and a first piece of body, then silence forever.
+            let first = futures_util::stream::iter([Ok::<_, hyper::Error>(Frame::data(
+                Bytes::from_static(b"partial"),
+            ))]);
+            Response::builder().body(BodyExt::boxed(StreamBody::new(
+                first.chain(futures_util::stream::pending()),
+            )))
         }
         "/slow" => {
             tokio::time::sleep(Duration::from_millis(query_number(&request, "ms"))).await;
