@@ -48,6 +48,8 @@ pub enum ProxyError {
     AmbiguousFraming,
     #[error("request head is larger than {limit} bytes")]
     HeadTooLarge { limit: usize },
+    #[error("malformed request head (not HTTP/1.x)")]
+    MalformedHead,
     #[error("{method} is not supported on the {listener} listener")]
     MethodNotAllowed {
         method: http::Method,
@@ -76,7 +78,9 @@ pub enum ProxyError {
 impl ProxyError {
     pub fn status(&self) -> StatusCode {
         match self {
-            ProxyError::MissingHost | ProxyError::AmbiguousFraming => StatusCode::BAD_REQUEST,
+            ProxyError::MissingHost | ProxyError::AmbiguousFraming | ProxyError::MalformedHead => {
+                StatusCode::BAD_REQUEST
+            }
             ProxyError::HeadTooLarge { .. } => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             ProxyError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             ProxyError::UnknownService { .. } | ProxyError::NoHealthyEndpoint { .. } => {
@@ -93,7 +97,7 @@ impl ProxyError {
     pub fn reason(&self) -> &'static str {
         match self {
             ProxyError::MissingHost => "missing_host",
-            ProxyError::AmbiguousFraming => "bad_request",
+            ProxyError::AmbiguousFraming | ProxyError::MalformedHead => "bad_request",
             ProxyError::HeadTooLarge { .. } => "header_too_large",
             ProxyError::MethodNotAllowed { .. } => "method_not_allowed",
             ProxyError::UnknownService { .. } => "unknown_service",

@@ -119,8 +119,11 @@ pub struct FramingGuard<T> {
 pub enum Refusal {
     /// `Content-Length` together with `Transfer-Encoding`.
     AmbiguousFraming,
-    /// The head is longer than the limit.
+    /// The head is longer than the limit, or has more header fields than
+    /// hyper accepts.
     HeadTooLarge,
+    /// The head is not HTTP/1.x (bad request line, version, field syntax).
+    MalformedHead,
 }
 
 /// Per-listener settings of the guard, shared by its connections.
@@ -130,19 +133,26 @@ pub struct GuardConfig {
     pub max_head: usize,
     /// Time from a head's first byte to its end (slowloris guard).
     pub head_timeout: Duration,
-    /// The full HTTP/1.1 responses sent for each refusal.
-    pub ambiguous_framing_response: Vec<u8>,
-    pub head_too_large_response: Vec<u8>,
-    /// `meshlet_mesh_responses_total` for each refusal.
-    pub ambiguous_framing_count: IntCounter,
-    pub head_too_large_count: IntCounter,
+    pub ambiguous_framing: RefusalAnswer,
+    pub head_too_large: RefusalAnswer,
+    pub malformed_head: RefusalAnswer,
+}
+
+/// What the guard sends for one kind of refusal, and the counter it bumps
+/// (`meshlet_mesh_responses_total{reason=...}`).
+#[derive(Debug)]
+pub struct RefusalAnswer {
+    /// A complete HTTP/1.1 response (see `ProxyError::to_http1_bytes`).
+    pub response: Vec<u8>,
+    pub count: IntCounter,
 }
 
 impl GuardConfig {
-    fn response(&self, refusal: Refusal) -> &[u8] {
+    fn answer(&self, refusal: Refusal) -> &RefusalAnswer {
         match refusal {
-            Refusal::AmbiguousFraming => &self.ambiguous_framing_response,
-            Refusal::HeadTooLarge => &self.head_too_large_response,
+            Refusal::AmbiguousFraming => &self.ambiguous_framing,
+            Refusal::HeadTooLarge => &self.head_too_large,
+            Refusal::MalformedHead => &self.malformed_head,
         }
     }
 }
@@ -221,10 +231,7 @@ impl<T: AsyncRead + Unpin> AsyncRead for FramingGuard<T> {
             this.end += read;
             if let Err(refusal) = this.scanner.scan(&this.buf[this.start..this.end]) {
                 tracing::debug!(?refusal, "refusing a request below hyper");
-                match refusal {
-                    Refusal::AmbiguousFraming => this.config.ambiguous_framing_count.inc(),
-                    Refusal::HeadTooLarge => this.config.head_too_large_count.inc(),
-                }
+                this.config.answer(refusal).count.inc();
                 this.refusal = Some((refusal, 0));
             }
         }
@@ -327,7 +334,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for FramingGuard<T> {
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = &mut *self;
         if let Some((refusal, written)) = &mut this.refusal {
-            let response = this.config.response(*refusal);
+            let response = &this.config.answer(*refusal).response;
             while *written < response.len() {
                 match ready!(Pin::new(&mut this.inner).poll_write(cx, &response[*written..])) {
                     Ok(0) | Err(_) => break, // the client is gone; nothing to tell it
@@ -458,20 +465,32 @@ impl Scanner {
 
     /// Decides how the message after this complete head is framed.
     fn inspect_head(&self, head: &[u8]) -> Result<State, Refusal> {
-        let mut headers = [httparse::EMPTY_HEADER; 128];
+        // hyper's default limit on header fields; beyond it hyper answers 431.
+        let mut headers = [httparse::EMPTY_HEADER; 100];
         let mut request = httparse::Request::new(&mut headers);
-        if !matches!(request.parse(head), Ok(httparse::Status::Complete(_))) {
-            return Ok(State::Opaque); // hyper will answer (400/431), or it is h2
+        match request.parse(head) {
+            Ok(httparse::Status::Complete(_)) => {}
+            Ok(httparse::Status::Partial) => return Ok(State::Opaque),
+            // hyper parses with httparse's defaults too, so it would refuse
+            // these the same way, but without saying why.
+            Err(httparse::Error::TooManyHeaders) => return Err(Refusal::HeadTooLarge),
+            Err(_) => return Err(Refusal::MalformedHead),
         }
         let (mut length, mut has_length, mut has_te, mut chunked, mut upgrade) =
             (None, false, false, false, false);
         for header in request.headers.iter() {
             let name = header.name;
             if name.eq_ignore_ascii_case("content-length") {
-                has_length = true;
-                length = std::str::from_utf8(header.value)
+                let this_length = std::str::from_utf8(header.value)
                     .ok()
                     .and_then(|v| v.trim().parse::<u64>().ok());
+                // Unparsable, or a second one that disagrees: hyper refuses
+                // these too (RFC 9112 §6.3), we say why.
+                if this_length.is_none() || (has_length && this_length != length) {
+                    return Err(Refusal::MalformedHead);
+                }
+                has_length = true;
+                length = this_length;
             } else if name.eq_ignore_ascii_case("transfer-encoding") {
                 has_te = true;
                 chunked = header
@@ -486,19 +505,18 @@ impl Scanner {
         if has_length && has_te {
             return Err(Refusal::AmbiguousFraming);
         }
+        // Transfer-Encoding must end in chunked, and does not exist in HTTP/1.0.
+        if has_te && (!chunked || request.version == Some(0)) {
+            return Err(Refusal::MalformedHead);
+        }
         Ok(if upgrade || request.method == Some("CONNECT") {
             State::Opaque // after the head, the bytes may stop being HTTP
         } else if has_te {
-            if chunked {
-                State::Chunked(Chunk::Size { size: 0, digits: 0 })
-            } else {
-                State::Opaque // hyper rejects it
-            }
+            State::Chunked(Chunk::Size { size: 0, digits: 0 })
         } else {
-            match (has_length, length) {
-                (false, _) | (true, Some(0)) => State::Head,
-                (true, Some(n)) => State::Fixed(n),
-                (true, None) => State::Opaque, // invalid length: hyper rejects it
+            match length {
+                None | Some(0) => State::Head,
+                Some(n) => State::Fixed(n),
             }
         })
     }
@@ -657,15 +675,42 @@ mod tests {
     }
 
     #[test]
-    fn leaves_what_it_does_not_understand_to_hyper() {
-        // Garbage, upgrades, CONNECT: opaque, everything passes.
+    fn passes_upgraded_and_tunnelled_bytes_untouched() {
+        // After an upgrade or CONNECT head the bytes are no longer HTTP.
         for stream in [
-            "GARBAGE\r\n\r\nmore",
             "GET /ws HTTP/1.1\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\n\x01\x05hello",
             "CONNECT a:443 HTTP/1.1\r\n\r\n\x16\x03\x01",
         ] {
             check(stream, Ok(stream.len()));
         }
+    }
+
+    #[test]
+    fn refuses_heads_that_are_not_http() {
+        for head in [
+            "GARBAGE\r\n\r\n",
+            "GET / HTTP/9.9\r\n\r\n",
+            "GET /a b HTTP/1.1\r\n\r\n",
+            "GET / HTTP/1.1\r\nbad header\r\n\r\n",
+        ] {
+            check(head, Err(Refusal::MalformedHead));
+        }
+        // Framing hyper would refuse as well.
+        for head in [
+            "POST / HTTP/1.1\r\nContent-Length: 5x\r\n\r\n",
+            "POST / HTTP/1.1\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\n",
+            "POST / HTTP/1.1\r\nTransfer-Encoding: gzip\r\n\r\n",
+            "POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n",
+        ] {
+            check(head, Err(Refusal::MalformedHead));
+        }
+        let twice = "POST / HTTP/1.1\r\nContent-Length: 2\r\nContent-Length: 2\r\n\r\nok";
+        check(twice, Ok(twice.len()));
+        let many: String = (0..101).map(|i| format!("x{i}: 1\r\n")).collect();
+        check(
+            &format!("GET / HTTP/1.1\r\n{many}\r\n"),
+            Err(Refusal::HeadTooLarge),
+        );
     }
 
     #[test]

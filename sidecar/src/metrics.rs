@@ -31,7 +31,7 @@ pub struct ListenerMetrics {
     /// `active_connections{direction=listener}`.
     pub connections: IntGauge,
     /// Requests refused below hyper (see `framing`), by reason.
-    pub ambiguous_framing: IntCounter,
+    pub bad_request: IntCounter,
     pub head_too_large: IntCounter,
 }
 
@@ -98,7 +98,7 @@ impl Metrics {
     pub fn listener(&self, name: &str) -> ListenerMetrics {
         ListenerMetrics {
             connections: self.active_connections.with_label_values(&[name]),
-            ambiguous_framing: self
+            bad_request: self
                 .mesh_responses
                 .with_label_values(&[name, "bad_request"]),
             head_too_large: self

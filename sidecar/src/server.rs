@@ -30,7 +30,7 @@ use tokio::sync::{mpsc, watch};
 
 use crate::body::ProxyBody;
 use crate::error::ProxyError;
-use crate::framing::{FramingGuard, GuardConfig, InFlightRequests};
+use crate::framing::{FramingGuard, GuardConfig, InFlightRequests, RefusalAnswer};
 use crate::metrics::ListenerMetrics;
 use crate::settings::Limits;
 
@@ -113,13 +113,21 @@ impl<H: Handler> Shared<H> {
         let guard = Arc::new(GuardConfig {
             max_head: limits.max_header_bytes,
             head_timeout: limits.header_read_timeout,
-            ambiguous_framing_response: ProxyError::AmbiguousFraming.to_http1_bytes(),
-            head_too_large_response: ProxyError::HeadTooLarge {
-                limit: limits.max_header_bytes,
-            }
-            .to_http1_bytes(),
-            ambiguous_framing_count: metrics.ambiguous_framing.clone(),
-            head_too_large_count: metrics.head_too_large.clone(),
+            ambiguous_framing: RefusalAnswer {
+                response: ProxyError::AmbiguousFraming.to_http1_bytes(),
+                count: metrics.bad_request.clone(),
+            },
+            head_too_large: RefusalAnswer {
+                response: ProxyError::HeadTooLarge {
+                    limit: limits.max_header_bytes,
+                }
+                .to_http1_bytes(),
+                count: metrics.head_too_large.clone(),
+            },
+            malformed_head: RefusalAnswer {
+                response: ProxyError::MalformedHead.to_http1_bytes(),
+                count: metrics.bad_request.clone(),
+            },
         });
         Shared {
             name,

@@ -182,9 +182,34 @@ async fn a_malformed_request_line_gets_400_and_the_connection_closes() {
             &b"GARBAGE\r\n\r\n"[..],
             b"GET / HTTP/9.9\r\nHost: app\r\n\r\n",
             b"GET /has space HTTP/1.1\r\nHost: app\r\n\r\n",
+            b"GET / HTTP/1.1\r\nHost: app\r\nno colon here\r\n\r\n",
         ] {
-            mesh.assert_refused(listener, request, 400).await;
+            let text = mesh.assert_refused(listener, request, 400).await;
+            // The mesh says why, like every response it generates.
+            assert!(
+                text.contains("x-meshlet-reason: bad_request"),
+                "{listener}: {text}"
+            );
+            assert!(
+                text.contains("malformed request head"),
+                "{listener}: {text}"
+            );
         }
+    }
+    mesh.assert_still_serving().await;
+}
+
+#[tokio::test]
+async fn more_header_fields_than_allowed_get_431_with_a_reason() {
+    let mesh = Mesh::start(&[]).await;
+    let fields: String = (0..150).map(|i| format!("x-field-{i}: 1\r\n")).collect();
+    let request = format!("GET / HTTP/1.1\r\nHost: app\r\n{fields}\r\n");
+    for (listener, _) in mesh.listeners() {
+        let text = mesh.assert_refused(listener, request.as_bytes(), 431).await;
+        assert!(
+            text.contains("x-meshlet-reason: header_too_large"),
+            "{listener}: {text}"
+        );
     }
     mesh.assert_still_serving().await;
 }
