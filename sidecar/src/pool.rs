@@ -74,10 +74,6 @@ impl ConnPool {
         })
     }
 
-    pub fn addr(&self) -> SocketAddr {
-        self.addr
-    }
-
     /// Number of pooled HTTP/1.1 connections (for `/config_dump`).
     pub fn pooled_connections(&self) -> usize {
         self.http1.lock().map(|conns| conns.len()).unwrap_or(0)
