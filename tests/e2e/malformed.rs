@@ -15,9 +15,8 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http::Request;
 use http_body_util::Full;
+use meshlet_e2e::client::RawConnection;
 use meshlet_e2e::{client, SidecarProcess, Upstream};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 
 /// How long a refused connection may take to be closed by the sidecar.
 const PATIENCE: Duration = Duration::from_secs(5);
@@ -54,7 +53,13 @@ impl Mesh {
 
     /// Sends `request` raw to `listener` and asserts the sidecar answers
     /// `status`, closes the connection, and the app never hears of it.
-    async fn assert_refused(&self, listener: &str, request: &[u8], status: u16) -> String {
+    async fn assert_refused(
+        &self,
+        listener: &str,
+        request: &[u8],
+        status: u16,
+        reason: &str,
+    ) -> String {
         let addr = self.listener(listener);
         let before = self.app.requests();
         let (text, closed) = client::raw(addr, request, PATIENCE).await;
@@ -66,6 +71,11 @@ impl Mesh {
         assert!(
             closed,
             "{listener}: connection still open {PATIENCE:?} after a {status}\n{text}"
+        );
+        // The mesh says why, like in every response it generates.
+        assert!(
+            text.contains(&format!("x-meshlet-reason: {reason}\r\n")),
+            "{listener}: expected reason {reason}\n{text}"
         );
         assert_eq!(
             self.app.requests(),
@@ -115,65 +125,6 @@ fn request_with_header_of(bytes: usize) -> Vec<u8> {
     .into_bytes()
 }
 
-/// One raw TCP connection that a test reads from step by step, to see
-/// whether and when the sidecar closes it.
-struct RawConnection {
-    stream: TcpStream,
-    received: Vec<u8>,
-}
-
-impl RawConnection {
-    async fn open(addr: SocketAddr) -> RawConnection {
-        let stream = TcpStream::connect(addr).await.expect("connect");
-        RawConnection {
-            stream,
-            received: Vec::new(),
-        }
-    }
-
-    async fn send(&mut self, bytes: &[u8]) {
-        self.stream.write_all(bytes).await.expect("write");
-    }
-
-    /// Reads until `needle` has arrived (counting only what arrived since
-    /// the last call), or panics after `patience` or on close.
-    async fn read_until(&mut self, needle: &str, patience: Duration) -> String {
-        self.received.clear();
-        let deadline = Instant::now() + patience;
-        loop {
-            let text = String::from_utf8_lossy(&self.received).into_owned();
-            if text.contains(needle) {
-                return text;
-            }
-            let left = deadline.saturating_duration_since(Instant::now());
-            let mut buf = [0u8; 4096];
-            match tokio::time::timeout(left, self.stream.read(&mut buf)).await {
-                Ok(Ok(0)) | Ok(Err(_)) => panic!("connection closed before {needle:?}: {text}"),
-                Ok(Ok(n)) => self.received.extend_from_slice(&buf[..n]),
-                Err(_) => panic!("no {needle:?} within {patience:?}: {text}"),
-            }
-        }
-    }
-
-    /// Reads until the peer closes. Returns what arrived, or `None` if the
-    /// connection is still open after `patience`.
-    async fn read_to_close(&mut self, patience: Duration) -> Option<String> {
-        self.received.clear();
-        let deadline = Instant::now() + patience;
-        let mut buf = [0u8; 4096];
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match tokio::time::timeout(left, self.stream.read(&mut buf)).await {
-                Ok(Ok(0)) | Ok(Err(_)) => {
-                    return Some(String::from_utf8_lossy(&self.received).into_owned())
-                }
-                Ok(Ok(n)) => self.received.extend_from_slice(&buf[..n]),
-                Err(_) => return None,
-            }
-        }
-    }
-}
-
 #[tokio::test]
 async fn a_malformed_request_line_gets_400_and_the_connection_closes() {
     let mesh = Mesh::start(&[]).await;
@@ -184,12 +135,9 @@ async fn a_malformed_request_line_gets_400_and_the_connection_closes() {
             b"GET /has space HTTP/1.1\r\nHost: app\r\n\r\n",
             b"GET / HTTP/1.1\r\nHost: app\r\nno colon here\r\n\r\n",
         ] {
-            let text = mesh.assert_refused(listener, request, 400).await;
-            // The mesh says why, like every response it generates.
-            assert!(
-                text.contains("x-meshlet-reason: bad_request"),
-                "{listener}: {text}"
-            );
+            let text = mesh
+                .assert_refused(listener, request, 400, "bad_request")
+                .await;
             assert!(
                 text.contains("malformed request head"),
                 "{listener}: {text}"
@@ -205,11 +153,8 @@ async fn more_header_fields_than_allowed_get_431_with_a_reason() {
     let fields: String = (0..150).map(|i| format!("x-field-{i}: 1\r\n")).collect();
     let request = format!("GET / HTTP/1.1\r\nHost: app\r\n{fields}\r\n");
     for (listener, _) in mesh.listeners() {
-        let text = mesh.assert_refused(listener, request.as_bytes(), 431).await;
-        assert!(
-            text.contains("x-meshlet-reason: header_too_large"),
-            "{listener}: {text}"
-        );
+        mesh.assert_refused(listener, request.as_bytes(), 431, "header_too_large")
+            .await;
     }
     mesh.assert_still_serving().await;
 }
@@ -218,14 +163,13 @@ async fn more_header_fields_than_allowed_get_431_with_a_reason() {
 async fn a_head_over_the_default_64k_limit_gets_431_and_the_connection_closes() {
     let mesh = Mesh::start(&[]).await;
     for (listener, _) in mesh.listeners() {
-        let text = mesh
-            .assert_refused(listener, &request_with_header_of(70 * 1024), 431)
-            .await;
-        // The mesh says why (the framing guard answers before hyper).
-        assert!(
-            text.contains("x-meshlet-reason: header_too_large"),
-            "{text}"
-        );
+        mesh.assert_refused(
+            listener,
+            &request_with_header_of(70 * 1024),
+            431,
+            "header_too_large",
+        )
+        .await;
     }
     mesh.assert_still_serving().await;
 }
@@ -234,8 +178,13 @@ async fn a_head_over_the_default_64k_limit_gets_431_and_the_connection_closes() 
 async fn a_configured_header_limit_is_enforced_and_heads_under_it_pass() {
     let mesh = Mesh::start(&["--max-header-bytes", "16384"]).await;
     for (listener, addr) in mesh.listeners() {
-        mesh.assert_refused(listener, &request_with_header_of(20 * 1024), 431)
-            .await;
+        mesh.assert_refused(
+            listener,
+            &request_with_header_of(20 * 1024),
+            431,
+            "header_too_large",
+        )
+        .await;
         // 8 KB is under the configured limit: served, so the 431 above came
         // from that limit and not from some smaller one.
         let (text, _) = client::raw(
@@ -262,8 +211,7 @@ async fn conflicting_content_length_and_transfer_encoding_get_400_and_never_reac
             &b"POST /upload HTTP/1.1\r\nHost: app\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n"[..],
             b"POST /upload HTTP/1.1\r\nHost: app\r\nTransfer-Encoding: chunked\r\nContent-Length: 5\r\n\r\n0\r\n\r\n",
         ] {
-            let text = mesh.assert_refused(listener, request, 400).await;
-            assert!(text.contains("x-meshlet-reason: bad_request"), "{text}");
+            let text = mesh.assert_refused(listener, request, 400, "bad_request").await;
             assert!(text.contains("Content-Length and Transfer-Encoding"), "{text}");
         }
     }

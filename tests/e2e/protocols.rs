@@ -9,6 +9,7 @@ use futures_util::{SinkExt, StreamExt};
 use http::{Request, Version};
 use http_body_util::{Full, StreamBody};
 use hyper::body::Frame;
+use meshlet_e2e::client::RawConnection;
 use meshlet_e2e::{client, SidecarProcess, Upstream};
 use serde_json::Value;
 use tokio_tungstenite::tungstenite::Message;
@@ -218,44 +219,18 @@ async fn idle_upstream_connections_are_closed_after_the_idle_timeout() {
 
 #[tokio::test]
 async fn expect_100_continue_is_honoured_before_the_body_is_sent() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mesh = mesh().await;
-    let mut stream = tokio::net::TcpStream::connect(mesh.frontend.outbound)
-        .await
-        .unwrap();
-    let head = "POST /upload HTTP/1.1\r\nHost: orders\r\nContent-Length: 5000\r\nExpect: 100-continue\r\n\r\n";
-    stream.write_all(head.as_bytes()).await.unwrap();
+    let mut connection = RawConnection::open(mesh.frontend.outbound).await;
+    let patience = Duration::from_secs(5);
+    connection
+        .send(b"POST /upload HTTP/1.1\r\nHost: orders\r\nContent-Length: 5000\r\nExpect: 100-continue\r\n\r\n")
+        .await;
     // The client waits for the interim response before sending its body.
-    let mut received = Vec::new();
-    let mut buf = [0u8; 1024];
-    while !String::from_utf8_lossy(&received).contains("100 Continue") {
-        let n = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buf))
-            .await
-            .unwrap()
-            .unwrap();
-        assert!(
-            n > 0,
-            "closed before 100 Continue: {}",
-            String::from_utf8_lossy(&received)
-        );
-        received.extend_from_slice(&buf[..n]);
-    }
-    stream.write_all(&[b'x'; 5000]).await.unwrap();
-    while !String::from_utf8_lossy(&received).ends_with("5000") {
-        let n = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buf))
-            .await
-            .unwrap()
-            .unwrap();
-        assert!(
-            n > 0,
-            "closed early: {}",
-            String::from_utf8_lossy(&received)
-        );
-        received.extend_from_slice(&buf[..n]);
-    }
-    let text = String::from_utf8_lossy(&received);
-    assert!(text.starts_with("HTTP/1.1 100 Continue"), "{text}");
-    assert!(text.contains("HTTP/1.1 200 OK"), "{text}");
+    let interim = connection.read_until("\r\n\r\n", patience).await;
+    assert!(interim.starts_with("HTTP/1.1 100 Continue"), "{interim}");
+    connection.send(&[b'x'; 5000]).await;
+    let response = connection.read_until("5000", patience).await;
+    assert!(response.contains("HTTP/1.1 200 OK"), "{response}");
 }
 
 #[tokio::test]

@@ -2,7 +2,7 @@
 //! test controls exactly which protocol and connection it uses.
 
 use std::net::SocketAddr;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::{HeaderMap, Request, Version};
@@ -101,4 +101,63 @@ pub async fn raw(addr: SocketAddr, request: &[u8], patience: Duration) -> (Strin
         }
     };
     (String::from_utf8_lossy(&received).into_owned(), closed)
+}
+
+/// One raw TCP connection that a test reads from step by step, to see
+/// whether and when the sidecar closes it.
+pub struct RawConnection {
+    stream: TcpStream,
+    received: Vec<u8>,
+}
+
+impl RawConnection {
+    pub async fn open(addr: SocketAddr) -> RawConnection {
+        let stream = TcpStream::connect(addr).await.expect("connect");
+        RawConnection {
+            stream,
+            received: Vec::new(),
+        }
+    }
+
+    pub async fn send(&mut self, bytes: &[u8]) {
+        self.stream.write_all(bytes).await.expect("write");
+    }
+
+    /// Reads until `needle` has arrived (counting only what arrived since
+    /// the last call), or panics after `patience` or on close.
+    pub async fn read_until(&mut self, needle: &str, patience: Duration) -> String {
+        self.received.clear();
+        let deadline = Instant::now() + patience;
+        loop {
+            let text = String::from_utf8_lossy(&self.received).into_owned();
+            if text.contains(needle) {
+                return text;
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            let mut buf = [0u8; 4096];
+            match tokio::time::timeout(left, self.stream.read(&mut buf)).await {
+                Ok(Ok(0)) | Ok(Err(_)) => panic!("connection closed before {needle:?}: {text}"),
+                Ok(Ok(n)) => self.received.extend_from_slice(&buf[..n]),
+                Err(_) => panic!("no {needle:?} within {patience:?}: {text}"),
+            }
+        }
+    }
+
+    /// Reads until the peer closes. Returns what arrived, or `None` if the
+    /// connection is still open after `patience`.
+    pub async fn read_to_close(&mut self, patience: Duration) -> Option<String> {
+        self.received.clear();
+        let deadline = Instant::now() + patience;
+        let mut buf = [0u8; 4096];
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match tokio::time::timeout(left, self.stream.read(&mut buf)).await {
+                Ok(Ok(0)) | Ok(Err(_)) => {
+                    return Some(String::from_utf8_lossy(&self.received).into_owned())
+                }
+                Ok(Ok(n)) => self.received.extend_from_slice(&buf[..n]),
+                Err(_) => return None,
+            }
+        }
+    }
 }
