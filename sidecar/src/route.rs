@@ -27,37 +27,44 @@ use crate::snapshot::{ServiceTarget, SharedSnapshot};
 /// Passthrough destinations kept (with their connection pools) at most.
 const MAX_PASSTHROUGH_TARGETS: usize = 1024;
 
-/// The host and port a request is addressed to.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Authority {
-    pub host: String,
+/// The host and port a request is addressed to, borrowed from the request
+/// (routing a request allocates nothing for it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Authority<'a> {
+    pub host: &'a str,
     pub port: u16,
 }
 
-impl Authority {
+impl<'a> Authority<'a> {
     /// From the absolute-form URI, else the `Host` header; port 80 if none.
-    pub fn of<B>(request: &Request<B>) -> Option<Authority> {
-        let from_uri = request
-            .uri()
-            .authority()
-            .map(|a| (a.host().to_owned(), a.port_u16()));
-        let (host, port) = match from_uri {
-            Some(found) => found,
-            None => {
-                let value = request.headers().get(header::HOST)?.to_str().ok()?;
-                let parsed: http::uri::Authority = value.parse().ok()?;
-                (parsed.host().to_owned(), parsed.port_u16())
-            }
+    pub fn of<B>(request: &'a Request<B>) -> Option<Authority<'a>> {
+        let (host, port) = match request.uri().authority() {
+            Some(authority) => (authority.host(), authority.port_u16()),
+            None => split_host_port(request.headers().get(header::HOST)?.to_str().ok()?)?,
         };
         // `[::1]` arrives bracketed; the bare form parses as an address.
-        let host = host
-            .trim_start_matches('[')
-            .trim_end_matches(']')
-            .to_owned();
-        Some(Authority {
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        (!host.is_empty()).then_some(Authority {
             host,
             port: port.unwrap_or(80),
         })
+    }
+}
+
+/// `host`, `host:port`, `[v6]` or `[v6]:port` (a `Host` header value).
+fn split_host_port(value: &str) -> Option<(&str, Option<u16>)> {
+    let (host, port) = if value.starts_with('[') {
+        let end = value.find(']')? + 1;
+        (&value[..end], value[end..].strip_prefix(':'))
+    } else {
+        match value.rsplit_once(':') {
+            Some((host, port)) => (host, Some(port)),
+            None => (value, None),
+        }
+    };
+    match port {
+        Some(port) => Some((host, Some(port.parse().ok()?))),
+        None => Some((host, None)),
     }
 }
 
@@ -89,8 +96,11 @@ impl Router {
         }
     }
 
-    pub async fn resolve(&self, authority: &Authority) -> Result<Arc<ServiceTarget>, ProxyError> {
-        if let Some(target) = self.snapshot.load().service(&authority.host) {
+    pub async fn resolve(
+        &self,
+        authority: &Authority<'_>,
+    ) -> Result<Arc<ServiceTarget>, ProxyError> {
+        if let Some(target) = self.snapshot.load().service(authority.host) {
             return Ok(Arc::clone(target));
         }
         let addr = match authority.host.parse::<IpAddr>() {
@@ -100,7 +110,7 @@ impl Router {
                     .lookup(authority)
                     .await
                     .ok_or_else(|| ProxyError::UnknownService {
-                        host: authority.host.clone(),
+                        host: authority.host.to_owned(),
                     })?
             }
         };
@@ -179,14 +189,14 @@ const DNS_NEGATIVE_TTL: Duration = Duration::from_secs(2);
 const DNS_MAX_ENTRIES: usize = 1024;
 
 impl DnsCache {
-    async fn lookup(&self, authority: &Authority) -> Option<SocketAddr> {
-        let key = (authority.host.clone(), authority.port);
+    async fn lookup(&self, authority: &Authority<'_>) -> Option<SocketAddr> {
+        let key = (authority.host.to_owned(), authority.port);
         if let Some((addr, expires)) = self.lock().get(&key) {
             if *expires > Instant::now() {
                 return *addr;
             }
         }
-        let addr = tokio::net::lookup_host((authority.host.as_str(), authority.port))
+        let addr = tokio::net::lookup_host((authority.host, authority.port))
             .await
             .ok()
             .and_then(|mut addrs| addrs.next());
@@ -214,22 +224,18 @@ impl DnsCache {
 mod tests {
     use super::*;
 
-    fn authority(uri: &str, host: Option<&str>) -> Option<Authority> {
+    fn authority(uri: &str, host: Option<&str>) -> Option<(String, u16)> {
         let mut builder = Request::builder().uri(uri);
         if let Some(host) = host {
             builder = builder.header("host", host);
         }
-        Authority::of(&builder.body(()).unwrap())
+        let request = builder.body(()).unwrap();
+        Authority::of(&request).map(|a| (a.host.to_owned(), a.port))
     }
 
     #[test]
     fn authority_from_uri_then_host_header() {
-        let a = |h: &str, p| {
-            Some(Authority {
-                host: h.into(),
-                port: p,
-            })
-        };
+        let a = |h: &str, p| Some((h.to_owned(), p));
         assert_eq!(
             authority("http://orders/x", Some("ignored")),
             a("orders", 80)
@@ -240,6 +246,8 @@ mod tests {
         );
         assert_eq!(authority("/x", Some("orders:81")), a("orders", 81));
         assert_eq!(authority("/x", Some("[::1]:81")), a("::1", 81));
+        assert_eq!(authority("/x", Some("[::1]")), a("::1", 80));
+        assert_eq!(authority("/x", Some("orders:nope")), None);
         assert_eq!(authority("/x", None), None);
     }
 }
