@@ -1,18 +1,29 @@
-//! meshlet's user-facing resources: the Kubernetes-style YAML kinds that
-//! users write (`kind: Service`, later the policy kinds) and the one parser
-//! that turns a multi-document YAML file into typed, validated resources.
+//! meshlet's user-facing resources and the wire types of its control plane.
 //!
-//! Data flow: YAML text → [`parse_documents`] (strict serde with unknown
-//! fields rejected, errors carry file, document, line, column and field path)
-//! → semantic validation ([`Resource::validate`]) → `Vec<Resource>`. Both the
-//! sidecar (standalone `--config`) and the control plane (`meshctl apply`)
-//! use this crate, so a file that one accepts the other accepts too.
+//! - [`resource`]: the Kubernetes-style YAML kinds users write (`Service`,
+//!   `HealthCheckPolicy`, later the other policy kinds).
+//! - [`parse_documents`]: the one parser that turns a multi-document YAML
+//!   file into typed, validated resources (strict serde with unknown fields
+//!   rejected; errors carry file, document, line, column and field path),
+//!   then semantic validation ([`Resource::validate`]).
+//! - [`mesh`]: what the control plane, sidecars and meshctl exchange
+//!   (registration, heartbeats, the revisioned watch stream, API answers).
+//!
+//! Both the sidecar (standalone `--config`) and the control plane
+//! (`meshctl apply`) use this crate, so a file that one accepts the other
+//! accepts too.
 //!
 //! **Invariant:** nothing here does I/O or knows about networking; it only
-//! describes and checks what users wrote.
+//! describes and checks data.
 
+mod duration;
+pub mod mesh;
 mod parse;
-mod resource;
+pub mod resource;
 
+pub use duration::HumanDuration;
 pub use parse::{parse_documents, ParseError};
-pub use resource::{EndpointSpec, ObjectMeta, Resource, ServiceResource, ServiceSpec, API_VERSION};
+pub use resource::{
+    EndpointSpec, HealthCheckPolicy, HealthCheckSpec, ObjectMeta, Resource, ResourceKey,
+    ServiceResource, ServiceSpec, TargetRef, API_VERSION,
+};

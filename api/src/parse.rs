@@ -105,6 +105,9 @@ pub fn parse_documents(source_name: &str, text: &str) -> Result<Vec<Resource>, P
             "Service" => {
                 Resource::Service(typed(doc).map_err(|(f, m, p)| error(number, &f, m, p))?)
             }
+            "HealthCheckPolicy" => Resource::HealthCheckPolicy(
+                typed(doc).map_err(|(f, m, p)| error(number, &f, m, p))?,
+            ),
             other => {
                 return Err(error(
                     number,
@@ -117,9 +120,7 @@ pub fn parse_documents(source_name: &str, text: &str) -> Result<Vec<Resource>, P
                 ))
             }
         };
-        let api_version = match &resource {
-            Resource::Service(d) => &d.api_version,
-        };
+        let api_version = resource.api_version();
         if api_version != API_VERSION {
             return Err(error(
                 number,
@@ -245,7 +246,9 @@ spec: {}
     fn parses_multiple_documents() {
         let resources = parse_documents("f.yaml", GOOD).unwrap();
         assert_eq!(resources.len(), 2);
-        let Resource::Service(orders) = &resources[0];
+        let Resource::Service(orders) = &resources[0] else {
+            panic!("not a Service")
+        };
         assert_eq!(orders.metadata.name, "orders");
         assert_eq!(orders.metadata.namespace, "default");
         assert_eq!(orders.spec.endpoints.len(), 2);
@@ -285,7 +288,7 @@ spec: {}
     fn unknown_kind_and_version_and_duplicates() {
         check_err(
             "apiVersion: meshlet.dev/v1alpha1\nkind: Pod\nmetadata: {name: a}\nspec: {}\n",
-            "f.yaml: document 1, line 1: field `kind`: unknown kind \"Pod\"; this release knows Service",
+            "f.yaml: document 1, line 1: field `kind`: unknown kind \"Pod\"; this release knows Service, HealthCheckPolicy",
         );
         check_err(
             "apiVersion: v1\nkind: Service\nmetadata: {name: a}\nspec: {}\n",
@@ -343,7 +346,7 @@ spec: {}
                 let resources = parse_documents("f.yaml", &text).map_err(|e| TestCaseError::fail(e.to_string()))?;
                 prop_assert_eq!(resources.len(), services.len());
                 for (resource, (name, ports)) in resources.iter().zip(&services) {
-                    let Resource::Service(doc) = resource;
+                    let Resource::Service(doc) = resource else { panic!("not a Service") };
                     prop_assert_eq!(&doc.metadata.name, name);
                     let got: Vec<u16> = doc.spec.endpoints.iter().map(|e| e.address.port()).collect();
                     prop_assert_eq!(got, ports.iter().copied().collect::<Vec<_>>());

@@ -6,7 +6,9 @@
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 
-use serde::{Deserialize, Serialize};
+use serde::{Deserialize, Deserializer, Serialize};
+
+use crate::duration::HumanDuration;
 
 /// The only `apiVersion` this release understands.
 pub const API_VERSION: &str = "meshlet.dev/v1alpha1";
@@ -57,27 +59,171 @@ pub struct EndpointSpec {
     pub labels: BTreeMap<String, String>,
 }
 
+/// Which service a policy applies to.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct TargetRef {
+    pub service: String,
+    /// Defaults to the policy's own namespace.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
+}
+
+/// `kind: HealthCheckPolicy`: how each sidecar of the target service probes
+/// its local app. Without one, the defaults below apply (the seed's
+/// `/health`).
+pub type HealthCheckPolicy = Document<HealthCheckSpec>;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct HealthCheckSpec {
+    pub target_ref: TargetRef,
+    /// HTTP path probed with GET; a 2xx or 3xx answer is a success.
+    #[serde(default = "HealthCheckSpec::default_path")]
+    pub path: String,
+    #[serde(default = "HealthCheckSpec::default_interval")]
+    pub interval: HumanDuration,
+    #[serde(default = "HealthCheckSpec::default_timeout")]
+    pub timeout: HumanDuration,
+    /// Consecutive failures that mark a healthy instance unhealthy.
+    #[serde(default = "HealthCheckSpec::default_unhealthy")]
+    pub unhealthy_threshold: u32,
+    /// Consecutive successes that mark an unhealthy instance healthy.
+    #[serde(default = "HealthCheckSpec::default_healthy")]
+    pub healthy_threshold: u32,
+}
+
+impl HealthCheckSpec {
+    fn default_path() -> String {
+        "/health".to_owned()
+    }
+    fn default_interval() -> HumanDuration {
+        HumanDuration::from_secs(5)
+    }
+    fn default_timeout() -> HumanDuration {
+        HumanDuration::from_secs(1)
+    }
+    fn default_unhealthy() -> u32 {
+        3
+    }
+    fn default_healthy() -> u32 {
+        1
+    }
+
+    /// The check used when no policy targets a service.
+    pub fn defaults_for(service: &str) -> Self {
+        HealthCheckSpec {
+            target_ref: TargetRef {
+                service: service.to_owned(),
+                namespace: None,
+            },
+            path: Self::default_path(),
+            interval: Self::default_interval(),
+            timeout: Self::default_timeout(),
+            unhealthy_threshold: Self::default_unhealthy(),
+            healthy_threshold: Self::default_healthy(),
+        }
+    }
+
+    fn validate(&self) -> Result<(), (String, String)> {
+        let field = |f: &str, m: &str| Err((format!("spec.{f}"), m.to_owned()));
+        if !self.path.starts_with('/') {
+            return field("path", "must start with '/'");
+        }
+        if self.interval.get().is_zero() {
+            return field("interval", "must be greater than 0");
+        }
+        if self.timeout.get().is_zero() {
+            return field("timeout", "must be greater than 0");
+        }
+        if self.unhealthy_threshold == 0 {
+            return field("unhealthyThreshold", "must be at least 1");
+        }
+        if self.healthy_threshold == 0 {
+            return field("healthyThreshold", "must be at least 1");
+        }
+        check_dns_label(&self.target_ref.service)
+            .map_err(|m| ("spec.targetRef.service".to_owned(), m))
+    }
+}
+
 /// One parsed and validated resource of any known kind.
+///
+/// Serializes as the document users wrote (with `kind`); deserializing
+/// (from the control plane's JSON) dispatches on `kind`.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(untagged)]
 pub enum Resource {
     Service(ServiceResource),
+    HealthCheckPolicy(HealthCheckPolicy),
 }
 
 /// The kinds this release accepts, in the order error messages list them.
-pub(crate) const KNOWN_KINDS: &[&str] = &["Service"];
+pub(crate) const KNOWN_KINDS: &[&str] = &["Service", "HealthCheckPolicy"];
+
+/// Identifies a resource: kind, namespace and name.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct ResourceKey {
+    pub kind: String,
+    pub namespace: String,
+    pub name: String,
+}
+
+impl std::fmt::Display for ResourceKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{}/{}",
+            self.kind.to_ascii_lowercase(),
+            if self.namespace == "default" {
+                self.name.clone()
+            } else {
+                format!("{}.{}", self.name, self.namespace)
+            }
+        )
+    }
+}
 
 impl Resource {
     pub fn kind(&self) -> &'static str {
         match self {
             Resource::Service(_) => "Service",
+            Resource::HealthCheckPolicy(_) => "HealthCheckPolicy",
         }
     }
 
     pub fn metadata(&self) -> &ObjectMeta {
         match self {
             Resource::Service(doc) => &doc.metadata,
+            Resource::HealthCheckPolicy(doc) => &doc.metadata,
         }
+    }
+
+    pub fn api_version(&self) -> &str {
+        match self {
+            Resource::Service(doc) => &doc.api_version,
+            Resource::HealthCheckPolicy(doc) => &doc.api_version,
+        }
+    }
+
+    pub fn key(&self) -> ResourceKey {
+        let meta = self.metadata();
+        ResourceKey {
+            kind: self.kind().to_owned(),
+            namespace: meta.namespace.clone(),
+            name: meta.name.clone(),
+        }
+    }
+
+    /// The service a policy targets, as `(namespace, name)`; `None` for a
+    /// `Service`.
+    pub fn target(&self) -> Option<(&str, &str)> {
+        let (meta, target) = match self {
+            Resource::Service(_) => return None,
+            Resource::HealthCheckPolicy(doc) => (&doc.metadata, &doc.spec.target_ref),
+        };
+        let namespace = target.namespace.as_deref().unwrap_or(&meta.namespace);
+        Some((namespace, &target.service))
     }
 
     /// Semantic checks that the type system cannot express. Returns the
@@ -105,7 +251,25 @@ impl Resource {
                 }
                 Ok(())
             }
+            Resource::HealthCheckPolicy(doc) => doc.spec.validate(),
         }
+    }
+}
+
+impl<'de> Deserialize<'de> for Resource {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        use serde::de::Error;
+        let value = serde_json::Value::deserialize(d)?;
+        let kind = value
+            .get("kind")
+            .and_then(|k| k.as_str())
+            .ok_or_else(|| D::Error::missing_field("kind"))?;
+        let typed = match kind {
+            "Service" => serde_json::from_value(value).map(Resource::Service),
+            "HealthCheckPolicy" => serde_json::from_value(value).map(Resource::HealthCheckPolicy),
+            other => return Err(D::Error::custom(format!("unknown kind {other:?}"))),
+        };
+        typed.map_err(D::Error::custom)
     }
 }
 

@@ -66,7 +66,9 @@ impl Snapshot {
             .collect();
         let mut services = HashMap::new();
         for resource in resources {
-            let Resource::Service(doc) = resource;
+            let Resource::Service(doc) = resource else {
+                continue;
+            };
             let endpoints = doc
                 .spec
                 .endpoints

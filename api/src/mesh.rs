@@ -1,0 +1,455 @@
+//! Wire types between the control plane, the sidecars and meshctl.
+//!
+//! Data flow:
+//!
+//! ```text
+//! sidecar ── POST /api/v1/instances (Registration) ──────────► control plane
+//!         ── PUT  /api/v1/instances/{id}/heartbeat (Heartbeat) ►   (registry)
+//!         ◄─ GET  /api/v1/watch?revision=N (NDJSON WatchEvents) ─  (push)
+//! ```
+//!
+//! The control plane numbers every change of the mesh with a revision. A
+//! watcher gets a [`MeshState`] (everything) on its first connect or when
+//! it is too far behind, then one [`MeshDelta`] per revision: the services
+//! and resources that changed since the revision it holds, each in full.
+//! A sidecar applies an event to its [`MeshState`] and rebuilds its routing
+//! snapshot from it; it also persists the state so that a restart with the
+//! control plane down still routes.
+//!
+//! JSON field names are camelCase like the YAML resources.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+
+use serde::{Deserialize, Serialize};
+
+use crate::resource::{Resource, ResourceKey};
+
+/// Paths of the control plane's HTTP API (v1).
+pub mod paths {
+    pub const INSTANCES: &str = "/api/v1/instances";
+    pub const WATCH: &str = "/api/v1/watch";
+    pub const SERVICES: &str = "/api/v1/services";
+    pub const RESOURCES: &str = "/api/v1/resources";
+    pub const APPLY: &str = "/api/v1/apply";
+    pub const REVISIONS: &str = "/api/v1/revisions";
+    pub const HEALTH: &str = "/healthz";
+
+    /// `PUT` target of a heartbeat.
+    pub fn heartbeat(instance_id: &str) -> String {
+        format!("{INSTANCES}/{instance_id}/heartbeat")
+    }
+
+    /// `DELETE` target of a graceful deregistration.
+    pub fn instance(instance_id: &str) -> String {
+        format!("{INSTANCES}/{instance_id}")
+    }
+}
+
+/// A sidecar announcing its app instance (`POST /api/v1/instances`).
+/// Registering an id that exists replaces it (a restarted sidecar).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct Registration {
+    /// Unique per instance; stable across restarts of the same instance.
+    pub id: String,
+    pub service: String,
+    #[serde(default = "default_namespace")]
+    pub namespace: String,
+    /// Where other sidecars reach this instance (its sidecar's inbound
+    /// listener).
+    pub address: SocketAddr,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    /// The app's health as the sidecar's own probe last saw it.
+    pub healthy: bool,
+}
+
+/// The control plane's answer to a registration.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RegistrationReply {
+    /// How often the sidecar must send heartbeats.
+    pub heartbeat_interval_ms: u64,
+    /// An instance without a heartbeat for this long is removed.
+    pub ttl_ms: u64,
+    /// The revision that includes this registration.
+    pub revision: u64,
+}
+
+/// `PUT /api/v1/instances/{id}/heartbeat`. The control plane answers 404
+/// for an id it does not know (expired or never registered); the sidecar
+/// then registers again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct Heartbeat {
+    pub healthy: bool,
+}
+
+/// A service and all of its registered endpoints, healthy or not.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ServiceEntry {
+    pub name: String,
+    pub namespace: String,
+    pub endpoints: Vec<EndpointEntry>,
+}
+
+impl ServiceEntry {
+    pub fn key(&self) -> ServiceKey {
+        ServiceKey {
+            namespace: self.namespace.clone(),
+            name: self.name.clone(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ServiceKey {
+    pub namespace: String,
+    pub name: String,
+}
+
+/// One instance of a service as sidecars see it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct EndpointEntry {
+    pub address: SocketAddr,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+    /// Unhealthy endpoints are listed but get no traffic.
+    pub healthy: bool,
+    /// The registered instance id; `None` for static endpoints from a
+    /// `Service` resource.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub instance_id: Option<String>,
+}
+
+/// Everything a sidecar needs at one revision.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct MeshState {
+    pub revision: u64,
+    /// Sorted by (namespace, name).
+    pub services: Vec<ServiceEntry>,
+    /// Every applied resource other than registrations (policies, static
+    /// `Service`s), sorted by key.
+    pub resources: Vec<Resource>,
+}
+
+/// What changed between `from_revision` and `revision`: changed or new
+/// services and resources in full, removed ones by key.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct MeshDelta {
+    pub from_revision: u64,
+    pub revision: u64,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub services: Vec<ServiceEntry>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub removed_services: Vec<ServiceKey>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub resources: Vec<Resource>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub removed_resources: Vec<ResourceKey>,
+}
+
+/// One line of the watch stream (newline-delimited JSON).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "camelCase")]
+pub enum WatchEvent {
+    /// The whole state; replaces whatever the watcher held.
+    Snapshot(MeshState),
+    /// Changes on top of the revision the watcher holds.
+    Delta(MeshDelta),
+    /// Sent when nothing changed for a while, so that a watcher can tell a
+    /// quiet control plane from a dead connection.
+    Keepalive { revision: u64 },
+}
+
+/// Why an event could not be applied: the watcher must reconnect and ask
+/// for a full snapshot.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("delta from revision {delta_from} does not apply to revision {held}")]
+pub struct RevisionGap {
+    pub held: u64,
+    pub delta_from: u64,
+}
+
+impl MeshState {
+    /// Applies one watch event. A snapshot replaces the state; a delta must
+    /// start at the held revision; a keepalive changes nothing. Returns
+    /// whether the state changed.
+    pub fn apply(&mut self, event: WatchEvent) -> Result<bool, RevisionGap> {
+        match event {
+            WatchEvent::Snapshot(state) => {
+                let changed = *self != state;
+                *self = state;
+                Ok(changed)
+            }
+            WatchEvent::Keepalive { .. } => Ok(false),
+            WatchEvent::Delta(delta) => {
+                if delta.from_revision != self.revision {
+                    return Err(RevisionGap {
+                        held: self.revision,
+                        delta_from: delta.from_revision,
+                    });
+                }
+                let mut services: BTreeMap<ServiceKey, ServiceEntry> =
+                    std::mem::take(&mut self.services)
+                        .into_iter()
+                        .map(|s| (s.key(), s))
+                        .collect();
+                for key in delta.removed_services {
+                    services.remove(&key);
+                }
+                for service in delta.services {
+                    services.insert(service.key(), service);
+                }
+                self.services = services.into_values().collect();
+                let mut resources: BTreeMap<ResourceKey, Resource> =
+                    std::mem::take(&mut self.resources)
+                        .into_iter()
+                        .map(|r| (r.key(), r))
+                        .collect();
+                for key in delta.removed_resources {
+                    resources.remove(&key);
+                }
+                for resource in delta.resources {
+                    resources.insert(resource.key(), resource);
+                }
+                self.resources = resources.into_values().collect();
+                self.revision = delta.revision;
+                Ok(true)
+            }
+        }
+    }
+
+    /// The state a standalone sidecar builds from its `--config` file:
+    /// `Service` resources become services with healthy endpoints, the rest
+    /// are kept as resources.
+    pub fn from_resources(resources: &[Resource]) -> MeshState {
+        let mut services = Vec::new();
+        let mut others = Vec::new();
+        for resource in resources {
+            match resource {
+                Resource::Service(doc) => services.push(ServiceEntry {
+                    name: doc.metadata.name.clone(),
+                    namespace: doc.metadata.namespace.clone(),
+                    endpoints: doc
+                        .spec
+                        .endpoints
+                        .iter()
+                        .map(|ep| EndpointEntry {
+                            address: ep.address,
+                            labels: ep.labels.clone(),
+                            healthy: true,
+                            instance_id: None,
+                        })
+                        .collect(),
+                }),
+                other => others.push(other.clone()),
+            }
+        }
+        services.sort_by_key(ServiceEntry::key);
+        others.sort_by_key(Resource::key);
+        MeshState {
+            revision: 0,
+            services,
+            resources: others,
+        }
+    }
+}
+
+/// A service as `GET /api/v1/services` lists it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ServiceSummary {
+    pub name: String,
+    pub namespace: String,
+    pub instances: usize,
+    pub healthy: usize,
+}
+
+/// One registered instance with what the registry knows about it
+/// (`GET /api/v1/services/{namespace}/{name}`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct InstanceInfo {
+    pub id: String,
+    pub address: SocketAddr,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    pub healthy: bool,
+    /// Unix time in milliseconds of the registration.
+    pub registered_at_ms: u64,
+    /// Milliseconds since the last heartbeat, as the control plane answers.
+    pub last_heartbeat_ms_ago: u64,
+}
+
+/// `GET /api/v1/services/{namespace}/{name}`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ServiceDetail {
+    pub name: String,
+    pub namespace: String,
+    pub instances: Vec<InstanceInfo>,
+    /// Static endpoints from an applied `Service` resource, if any.
+    #[serde(default)]
+    pub static_endpoints: Vec<EndpointEntry>,
+    /// Applied policies that target this service.
+    #[serde(default)]
+    pub policies: Vec<Resource>,
+}
+
+/// One file of a `meshctl apply -f` request (`POST /api/v1/apply`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct ApplyFile {
+    /// The name errors refer to (as the user typed it).
+    pub name: String,
+    /// The YAML text.
+    pub text: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct ApplyRequest {
+    pub files: Vec<ApplyFile>,
+    /// Who applied (shown by `meshctl history`); meshctl sends `$USER@host`.
+    #[serde(default)]
+    pub actor: Option<String>,
+}
+
+/// What an apply did to one resource.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum ApplyAction {
+    Created,
+    Configured,
+    Unchanged,
+}
+
+impl std::fmt::Display for ApplyAction {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            ApplyAction::Created => "created",
+            ApplyAction::Configured => "configured",
+            ApplyAction::Unchanged => "unchanged",
+        })
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ApplyOutcome {
+    pub key: ResourceKey,
+    pub action: ApplyAction,
+}
+
+/// `POST /api/v1/apply` answer: the revision the apply created (the
+/// current one when nothing changed) and one outcome per resource.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ApplyReply {
+    pub revision: u64,
+    pub outcomes: Vec<ApplyOutcome>,
+}
+
+/// One entry of `GET /api/v1/revisions` (newest first).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RevisionRecord {
+    pub revision: u64,
+    /// Unix time in milliseconds.
+    pub at_ms: u64,
+    /// `registry` for registrations, heartbeats' health changes and
+    /// expiries; the applying user otherwise.
+    pub actor: String,
+    /// One line per change, e.g. `registered orders/orders-1 at 127.0.0.1:8081`.
+    pub changes: Vec<String>,
+}
+
+/// The body of every error answer of the API: `{"error": "..."}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ApiError {
+    pub error: String,
+}
+
+fn default_namespace() -> String {
+    "default".to_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn service(name: &str, ports: &[u16]) -> ServiceEntry {
+        ServiceEntry {
+            name: name.into(),
+            namespace: "default".into(),
+            endpoints: ports
+                .iter()
+                .map(|p| EndpointEntry {
+                    address: SocketAddr::from(([127, 0, 0, 1], *p)),
+                    labels: BTreeMap::new(),
+                    healthy: true,
+                    instance_id: Some(format!("{name}-{p}")),
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn delta_applies_on_its_base_revision_only() {
+        let mut state = MeshState {
+            revision: 3,
+            services: vec![service("a", &[1]), service("b", &[2])],
+            resources: vec![],
+        };
+        let delta = WatchEvent::Delta(MeshDelta {
+            from_revision: 3,
+            revision: 5,
+            services: vec![service("c", &[3]), service("a", &[1, 4])],
+            removed_services: vec![service("b", &[]).key()],
+            ..Default::default()
+        });
+        assert_eq!(state.apply(delta.clone()), Ok(true));
+        assert_eq!(state.revision, 5);
+        let names: Vec<_> = state.services.iter().map(|s| s.name.as_str()).collect();
+        assert_eq!(names, ["a", "c"]);
+        assert_eq!(state.services[0].endpoints.len(), 2);
+        assert_eq!(
+            state.apply(delta),
+            Err(RevisionGap {
+                held: 5,
+                delta_from: 3
+            })
+        );
+    }
+
+    #[test]
+    fn events_round_trip_as_json_lines() {
+        let event = WatchEvent::Snapshot(MeshState {
+            revision: 7,
+            services: vec![service("a", &[1])],
+            resources: crate::parse_documents(
+                "t",
+                "apiVersion: meshlet.dev/v1alpha1\nkind: HealthCheckPolicy\nmetadata: {name: a}\nspec: {targetRef: {service: a}, interval: 200ms}\n",
+            )
+            .unwrap(),
+        });
+        let line = serde_json::to_string(&event).unwrap();
+        assert!(!line.contains('\n'));
+        assert!(
+            line.starts_with(r#"{"type":"snapshot","revision":7"#),
+            "{line}"
+        );
+        let back: WatchEvent = serde_json::from_str(&line).unwrap();
+        assert_eq!(back, event);
+        let keepalive: WatchEvent =
+            serde_json::from_str(r#"{"type":"keepalive","revision":7}"#).unwrap();
+        assert_eq!(keepalive, WatchEvent::Keepalive { revision: 7 });
+    }
+}
