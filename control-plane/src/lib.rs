@@ -1,8 +1,33 @@
 //! meshlet's control plane and its command-line client, `meshctl`.
 //!
-//! Today this crate holds `meshctl validate`, which checks resource files
-//! offline with the same parser the sidecar and (later) the control plane
-//! use. The registry, policy store, push to sidecars and the `control-plane`
-//! binary arrive with the control-plane issue; see ARCHITECTURE.md.
+//! Control plane (binary `control-plane`), data flow:
+//!
+//! ```text
+//! HTTP (api) ─► controller (one writer) ─► registry plans a revision
+//!                    │                      store commits it (redb)
+//!                    │                      registry applies it
+//!                    └─► push: Published revision on a watch channel ─► watch streams
+//! ```
+//!
+//! - [`server`]: settings, startup and graceful shutdown of the binary.
+//! - [`api`]: axum routes. [`controller`]: the writer and the reaper.
+//! - [`registry`]: in-memory state and the plans that change it.
+//! - [`store`]: durable state (redb) behind a trait.
+//! - [`push`]: published revisions, deltas, watch streams.
+//! - [`error`]: error types.
+//!
+//! meshctl (binary `meshctl`): [`validate`] (offline checks), [`client`]
+//! (a small HTTP client on hyper), [`commands`] (get, describe, apply,
+//! broadcast) and [`output`] (tables, JSON, YAML).
 
+pub mod api;
+pub mod client;
+pub mod commands;
+pub mod controller;
+pub mod error;
+pub mod output;
+pub mod push;
+pub mod registry;
+pub mod server;
+pub mod store;
 pub mod validate;

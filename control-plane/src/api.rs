@@ -1,0 +1,266 @@
+//! The HTTP API (axum): thin handlers that decode a request, call the
+//! [`Controller`] or read the current [`Published`] revision, and encode the
+//! answer. Every failure leaves through [`ApiFailure`] as a JSON `ApiError`.
+//!
+//! Writes go through the controller (one writer); reads never wait for it:
+//! they use the latest published revision.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::{Body, Bytes};
+use axum::extract::rejection::{BytesRejection, QueryRejection};
+use axum::extract::{Path, Query, State};
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post, put};
+use axum::{Json, Router};
+use meshlet_api::mesh::{
+    paths, ApplyRequest, Heartbeat, InstanceInfo, Registration, ServiceDetail, ServiceKey,
+    ServiceSummary,
+};
+use meshlet_api::Resource;
+use serde::de::DeserializeOwned;
+use serde::Deserialize;
+use tokio::sync::watch;
+
+use crate::controller::{now_ms, Controller};
+use crate::error::ApiFailure;
+use crate::push::{watch_stream, Published};
+
+/// Default and maximum of `GET /api/v1/revisions?limit=`.
+const DEFAULT_HISTORY: usize = 100;
+const MAX_HISTORY: usize = 10_000;
+
+#[derive(Clone)]
+pub struct AppState {
+    pub controller: Arc<Controller>,
+    pub keepalive: Duration,
+    /// Becomes true on shutdown; ends every watch stream.
+    pub shutdown: watch::Receiver<bool>,
+}
+
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route(paths::HEALTH, get(|| async { "ok" }))
+        .route(paths::INSTANCES, post(register))
+        .route(
+            &format!("{}/{{id}}", paths::INSTANCES),
+            axum::routing::delete(deregister),
+        )
+        .route(
+            &format!("{}/{{id}}/heartbeat", paths::INSTANCES),
+            put(heartbeat),
+        )
+        .route(paths::WATCH, get(watch))
+        .route(paths::SERVICES, get(services))
+        .route(
+            &format!("{}/{{namespace}}/{{name}}", paths::SERVICES),
+            get(service_detail),
+        )
+        .route(paths::RESOURCES, get(resources))
+        .route(paths::APPLY, post(apply))
+        .route(paths::REVISIONS, get(revisions))
+        .fallback(|| async { ApiFailure::NotFound("no such API path".into()) })
+        .method_not_allowed_fallback(|| async {
+            let body = meshlet_api::mesh::ApiError {
+                error: "method not allowed on this path".into(),
+            };
+            (StatusCode::METHOD_NOT_ALLOWED, Json(body))
+        })
+        .with_state(state)
+}
+
+/// Decodes a JSON body strictly; any problem is a 400 naming it.
+fn json_body<T: DeserializeOwned>(body: Result<Bytes, BytesRejection>) -> Result<T, ApiFailure> {
+    let body = body.map_err(|e| ApiFailure::BadRequest(format!("cannot read the body: {e}")))?;
+    serde_json::from_slice(&body)
+        .map_err(|e| ApiFailure::BadRequest(format!("invalid request body: {e}")))
+}
+
+fn query<T>(query: Result<Query<T>, QueryRejection>) -> Result<T, ApiFailure> {
+    query
+        .map(|Query(q)| q)
+        .map_err(|e| ApiFailure::BadRequest(format!("invalid query: {}", e.body_text())))
+}
+
+async fn register(
+    State(state): State<AppState>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiFailure> {
+    let registration: Registration = json_body(body)?;
+    let reply = state.controller.register(registration).await?;
+    Ok(Json(reply).into_response())
+}
+
+async fn heartbeat(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<StatusCode, ApiFailure> {
+    let heartbeat: Heartbeat = json_body(body)?;
+    state.controller.heartbeat(&id, heartbeat).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn deregister(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<StatusCode, ApiFailure> {
+    state.controller.deregister(&id).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct WatchParams {
+    revision: Option<u64>,
+}
+
+async fn watch(
+    State(state): State<AppState>,
+    params: Result<Query<WatchParams>, QueryRejection>,
+) -> Result<Response, ApiFailure> {
+    let params = query(params)?;
+    let stream = watch_stream(
+        state.controller.hub().clone(),
+        params.revision,
+        state.keepalive,
+        state.shutdown.clone(),
+    );
+    Ok((
+        [
+            (header::CONTENT_TYPE, "application/x-ndjson"),
+            (header::CACHE_CONTROL, "no-cache"),
+        ],
+        Body::from_stream(stream),
+    )
+        .into_response())
+}
+
+/// Every service key: registered or static (even without endpoints).
+fn service_keys(published: &Published) -> BTreeSet<ServiceKey> {
+    let mut keys: BTreeSet<ServiceKey> = published.services.keys().cloned().collect();
+    for resource in published.resources.values() {
+        if let Resource::Service(doc) = resource {
+            keys.insert(ServiceKey {
+                namespace: doc.metadata.namespace.clone(),
+                name: doc.metadata.name.clone(),
+            });
+        }
+    }
+    keys
+}
+
+async fn services(State(state): State<AppState>) -> Json<Vec<ServiceSummary>> {
+    let published = state.controller.published();
+    let summaries = service_keys(&published)
+        .into_iter()
+        .map(|key| {
+            let endpoints = published
+                .services
+                .get(&key)
+                .map(|s| s.endpoints.as_slice())
+                .unwrap_or_default();
+            ServiceSummary {
+                instances: endpoints.len(),
+                healthy: endpoints.iter().filter(|e| e.healthy).count(),
+                name: key.name,
+                namespace: key.namespace,
+            }
+        })
+        .collect();
+    Json(summaries)
+}
+
+async fn service_detail(
+    State(state): State<AppState>,
+    Path((namespace, name)): Path<(String, String)>,
+) -> Result<Json<ServiceDetail>, ApiFailure> {
+    let published = state.controller.published();
+    let key = ServiceKey { namespace, name };
+    if !service_keys(&published).contains(&key) {
+        return Err(ApiFailure::NotFound(format!(
+            "service {:?} not found in namespace {:?}",
+            key.name, key.namespace
+        )));
+    }
+    let now = now_ms();
+    let instances = published
+        .instances
+        .values()
+        .filter(|i| i.registration.service == key.name && i.registration.namespace == key.namespace)
+        .map(|i| {
+            let reg = &i.registration;
+            InstanceInfo {
+                id: reg.id.clone(),
+                address: reg.address,
+                labels: reg.labels.clone(),
+                healthy: reg.healthy,
+                registered_at_ms: i.registered_at_ms,
+                last_heartbeat_ms_ago: state
+                    .controller
+                    .last_heartbeat_ago(&reg.id)
+                    .map(|d| d.as_millis() as u64)
+                    .unwrap_or_else(|| now.saturating_sub(i.registered_at_ms)),
+            }
+        })
+        .collect();
+    let static_endpoints = published
+        .services
+        .get(&key)
+        .map(|s| {
+            s.endpoints
+                .iter()
+                .filter(|e| e.instance_id.is_none())
+                .cloned()
+                .collect()
+        })
+        .unwrap_or_default();
+    let policies = published
+        .resources
+        .values()
+        .filter(|r| r.target() == Some((key.namespace.as_str(), key.name.as_str())))
+        .cloned()
+        .collect();
+    Ok(Json(ServiceDetail {
+        name: key.name,
+        namespace: key.namespace,
+        instances,
+        static_endpoints,
+        policies,
+    }))
+}
+
+async fn resources(State(state): State<AppState>) -> Json<Vec<Resource>> {
+    let published = state.controller.published();
+    Json(published.resources.values().cloned().collect())
+}
+
+async fn apply(
+    State(state): State<AppState>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiFailure> {
+    let request: ApplyRequest = json_body(body)?;
+    let reply = state.controller.apply(request).await?;
+    Ok(Json(reply).into_response())
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RevisionParams {
+    limit: Option<usize>,
+}
+
+async fn revisions(
+    State(state): State<AppState>,
+    params: Result<Query<RevisionParams>, QueryRejection>,
+) -> Result<Response, ApiFailure> {
+    let limit = query(params)?
+        .limit
+        .unwrap_or(DEFAULT_HISTORY)
+        .min(MAX_HISTORY);
+    let records = state.controller.history(limit).await?;
+    Ok(Json(records).into_response())
+}

@@ -1,0 +1,417 @@
+//! The controller: the one writer of the mesh state.
+//!
+//! Data flow of every change (register, deregister, health change, expiry,
+//! apply): take the writer lock → the registry plans the next revision →
+//! the store commits it (on the blocking pool) → the registry applies it →
+//! the hub publishes it to watchers. A failed commit changes nothing.
+//!
+//! Heartbeats that do not change health never take the writer lock: they
+//! only refresh the instance's deadline in the in-memory liveness table,
+//! which the reaper scans to expire instances.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use meshlet_api::mesh::{
+    ApplyReply, ApplyRequest, Heartbeat, Registration, RegistrationReply, RevisionRecord,
+};
+use meshlet_api::{parse_documents, Resource, ResourceKey};
+use tokio::sync::watch;
+
+use crate::error::{ApiFailure, StoreError};
+use crate::push::{Hub, Published};
+use crate::registry::{Plan, Registry};
+use crate::store::Store;
+
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Liveness {
+    last_heartbeat: Instant,
+    healthy: bool,
+}
+
+pub struct Controller {
+    writer: tokio::sync::Mutex<Registry>,
+    store: Arc<dyn Store>,
+    hub: Arc<Hub>,
+    liveness: Mutex<HashMap<String, Liveness>>,
+    ttl: Duration,
+}
+
+impl Controller {
+    /// Loads the store (blocking) and gives every loaded instance a fresh
+    /// TTL.
+    pub fn load(store: Arc<dyn Store>, ttl: Duration) -> Result<Controller, StoreError> {
+        let registry = Registry::from_loaded(store.load()?);
+        let now = Instant::now();
+        let liveness = registry
+            .instances()
+            .values()
+            .map(|i| {
+                let live = Liveness {
+                    last_heartbeat: now,
+                    healthy: i.registration.healthy,
+                };
+                (i.registration.id.clone(), live)
+            })
+            .collect();
+        let hub = Arc::new(Hub::new(Published::new(&registry, None)));
+        Ok(Controller {
+            writer: tokio::sync::Mutex::new(registry),
+            store,
+            hub,
+            liveness: Mutex::new(liveness),
+            ttl,
+        })
+    }
+
+    pub fn hub(&self) -> &Arc<Hub> {
+        &self.hub
+    }
+
+    pub fn published(&self) -> Arc<Published> {
+        self.hub.current()
+    }
+
+    pub fn ttl(&self) -> Duration {
+        self.ttl
+    }
+
+    pub fn heartbeat_interval(&self) -> Duration {
+        self.ttl / 3
+    }
+
+    /// How long ago the instance's last heartbeat (or registration, or the
+    /// control plane's start) was.
+    pub fn last_heartbeat_ago(&self, id: &str) -> Option<Duration> {
+        let liveness = self.liveness.lock().unwrap();
+        liveness.get(id).map(|l| l.last_heartbeat.elapsed())
+    }
+
+    /// Writes a plan, applies it and publishes it; returns the revision.
+    async fn commit(&self, registry: &mut Registry, plan: Plan) -> Result<u64, StoreError> {
+        let store = self.store.clone();
+        let commit = plan.commit.clone();
+        tokio::task::spawn_blocking(move || store.commit(&commit))
+            .await
+            .map_err(|e| StoreError::Task(e.to_string()))??;
+        registry.apply(&plan);
+        let published = Published::new(registry, Some(&plan.changes));
+        self.hub.publish(published, plan.changes);
+        tracing::info!(
+            revision = plan.commit.revision,
+            actor = %plan.commit.record.actor,
+            changes = ?plan.commit.record.changes,
+            "revision"
+        );
+        Ok(plan.commit.revision)
+    }
+
+    pub async fn register(
+        &self,
+        registration: Registration,
+    ) -> Result<RegistrationReply, ApiFailure> {
+        let mut registry = self.writer.lock().await;
+        let id = registration.id.clone();
+        let healthy = registration.healthy;
+        let revision = match registry.plan_register(registration, now_ms()) {
+            Some(plan) => self.commit(&mut registry, plan).await?,
+            None => registry.revision(),
+        };
+        self.liveness.lock().unwrap().insert(
+            id,
+            Liveness {
+                last_heartbeat: Instant::now(),
+                healthy,
+            },
+        );
+        Ok(RegistrationReply {
+            heartbeat_interval_ms: self.heartbeat_interval().as_millis() as u64,
+            ttl_ms: self.ttl.as_millis() as u64,
+            revision,
+        })
+    }
+
+    pub async fn heartbeat(&self, id: &str, heartbeat: Heartbeat) -> Result<(), ApiFailure> {
+        let not_found = || ApiFailure::NotFound(format!("instance {id:?} is not registered"));
+        {
+            let mut liveness = self.liveness.lock().unwrap();
+            let live = liveness.get_mut(id).ok_or_else(not_found)?;
+            if live.healthy == heartbeat.healthy {
+                live.last_heartbeat = Instant::now();
+                return Ok(());
+            }
+        }
+        let mut registry = self.writer.lock().await;
+        if registry.instance(id).is_none() {
+            return Err(not_found());
+        }
+        if let Some(plan) = registry.plan_health(id, heartbeat.healthy, now_ms()) {
+            self.commit(&mut registry, plan).await?;
+        }
+        let mut liveness = self.liveness.lock().unwrap();
+        if let Some(live) = liveness.get_mut(id) {
+            live.healthy = heartbeat.healthy;
+            live.last_heartbeat = Instant::now();
+        }
+        Ok(())
+    }
+
+    pub async fn deregister(&self, id: &str) -> Result<(), ApiFailure> {
+        let mut registry = self.writer.lock().await;
+        let plan = registry
+            .plan_deregister(id, now_ms())
+            .ok_or_else(|| ApiFailure::NotFound(format!("instance {id:?} is not registered")))?;
+        self.commit(&mut registry, plan).await?;
+        self.liveness.lock().unwrap().remove(id);
+        Ok(())
+    }
+
+    /// Removes every instance whose last heartbeat is older than the TTL at
+    /// `now`, in one revision. Returns how many expired.
+    pub async fn reap(&self, now: Instant) -> Result<usize, StoreError> {
+        let expired = |liveness: &HashMap<String, Liveness>| -> Vec<String> {
+            let mut ids: Vec<String> = liveness
+                .iter()
+                .filter(|(_, l)| now.saturating_duration_since(l.last_heartbeat) > self.ttl)
+                .map(|(id, _)| id.clone())
+                .collect();
+            ids.sort();
+            ids
+        };
+        if expired(&self.liveness.lock().unwrap()).is_empty() {
+            return Ok(0);
+        }
+        let mut registry = self.writer.lock().await;
+        // Look again under the writer lock: a heartbeat may have come in.
+        let ids = expired(&self.liveness.lock().unwrap());
+        let Some(plan) = registry.plan_expire(&ids, now_ms()) else {
+            let mut liveness = self.liveness.lock().unwrap();
+            for id in &ids {
+                liveness.remove(id);
+            }
+            return Ok(0);
+        };
+        let count = plan.commit.delete_instances.len();
+        self.commit(&mut registry, plan).await?;
+        let mut liveness = self.liveness.lock().unwrap();
+        for id in &ids {
+            liveness.remove(id);
+        }
+        Ok(count)
+    }
+
+    /// Runs [`Controller::reap`] every ttl/10 (at least every 50 ms apart)
+    /// until `shutdown`.
+    pub async fn run_reaper(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
+        let period = (self.ttl / 10).max(Duration::from_millis(50));
+        let mut tick = tokio::time::interval(period);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = crate::push::stopped(&mut shutdown) => return,
+                _ = tick.tick() => {
+                    if let Err(err) = self.reap(Instant::now()).await {
+                        tracing::error!(error = %err, "expiring instances failed");
+                    }
+                }
+            }
+        }
+    }
+
+    /// `POST /api/v1/apply`: parse everything first, then one revision for
+    /// all changes (or none).
+    pub async fn apply(&self, request: ApplyRequest) -> Result<ApplyReply, ApiFailure> {
+        let resources = parse_request(&request)?;
+        let actor = request
+            .actor
+            .filter(|a| !a.trim().is_empty())
+            .unwrap_or_else(|| "unknown".to_owned());
+        let mut registry = self.writer.lock().await;
+        let (outcomes, plan) = registry.plan_apply(resources, &actor, now_ms());
+        let revision = match plan {
+            Some(plan) => self.commit(&mut registry, plan).await?,
+            None => registry.revision(),
+        };
+        Ok(ApplyReply { revision, outcomes })
+    }
+
+    pub async fn history(&self, limit: usize) -> Result<Vec<RevisionRecord>, StoreError> {
+        let store = self.store.clone();
+        tokio::task::spawn_blocking(move || store.history(limit))
+            .await
+            .map_err(|e| StoreError::Task(e.to_string()))?
+    }
+}
+
+/// Parses every file of an apply request; a parse error or a resource
+/// defined twice is a bad request.
+pub fn parse_request(request: &ApplyRequest) -> Result<Vec<Resource>, ApiFailure> {
+    let mut seen: BTreeMap<ResourceKey, &str> = BTreeMap::new();
+    let mut all = Vec::new();
+    for file in &request.files {
+        let resources = parse_documents(&file.name, &file.text)
+            .map_err(|e| ApiFailure::BadRequest(e.to_string()))?;
+        for resource in resources {
+            let key = resource.key();
+            if let Some(first) = seen.insert(key.clone(), &file.name) {
+                let message = if first == file.name {
+                    format!("{key} is defined twice in {first}")
+                } else {
+                    format!("{key} is defined in both {first} and {}", file.name)
+                };
+                return Err(ApiFailure::BadRequest(message));
+            }
+            all.push(resource);
+        }
+    }
+    Ok(all)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::registry::tests::registration;
+    use crate::store::MemoryStore;
+    use meshlet_api::mesh::{ApplyAction, ApplyFile};
+
+    fn controller(store: Arc<MemoryStore>) -> Controller {
+        Controller::load(store, Duration::from_secs(10)).unwrap()
+    }
+
+    const POLICY: &str = "apiVersion: meshlet.dev/v1alpha1\nkind: HealthCheckPolicy\nmetadata: {name: p}\nspec: {targetRef: {service: orders}}\n";
+
+    #[tokio::test]
+    async fn heartbeats_refresh_or_change_health() {
+        let store = Arc::new(MemoryStore::new());
+        let c = controller(store.clone());
+        let reply = c
+            .register(registration("o1", "orders", 8081))
+            .await
+            .unwrap();
+        assert_eq!(reply.revision, 1);
+        assert_eq!(reply.heartbeat_interval_ms, 3333);
+        assert_eq!(reply.ttl_ms, 10_000);
+        c.heartbeat("o1", Heartbeat { healthy: true })
+            .await
+            .unwrap();
+        assert_eq!(
+            c.published().revision,
+            1,
+            "unchanged heartbeat: no revision"
+        );
+        assert_eq!(store.history(10).unwrap().len(), 1);
+        c.heartbeat("o1", Heartbeat { healthy: false })
+            .await
+            .unwrap();
+        assert_eq!(c.published().revision, 2);
+        assert!(!c.published().instances["o1"].registration.healthy);
+        let err = c
+            .heartbeat("x", Heartbeat { healthy: true })
+            .await
+            .unwrap_err();
+        assert!(matches!(err, ApiFailure::NotFound(_)));
+    }
+
+    #[tokio::test]
+    async fn reaper_expires_in_one_revision() {
+        let store = Arc::new(MemoryStore::new());
+        let c = controller(store.clone());
+        c.register(registration("o1", "orders", 8081))
+            .await
+            .unwrap();
+        c.register(registration("o2", "orders", 8082))
+            .await
+            .unwrap();
+        assert_eq!(c.reap(Instant::now()).await.unwrap(), 0);
+        let later = Instant::now() + Duration::from_secs(11);
+        assert_eq!(c.reap(later).await.unwrap(), 2);
+        assert_eq!(c.published().revision, 3);
+        assert!(c.published().services.is_empty());
+        assert!(c.last_heartbeat_ago("o1").is_none());
+        let history = store.history(1).unwrap();
+        assert_eq!(
+            history[0].changes,
+            ["expired orders/o1", "expired orders/o2"]
+        );
+    }
+
+    #[tokio::test]
+    async fn failed_commit_changes_nothing() {
+        let store = Arc::new(MemoryStore::new());
+        let c = controller(store.clone());
+        store.fail_commits(true);
+        let err = c
+            .register(registration("o1", "orders", 8081))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, ApiFailure::Store(_)));
+        assert_eq!(c.published().revision, 0);
+        assert!(c.last_heartbeat_ago("o1").is_none());
+        store.fail_commits(false);
+        assert_eq!(
+            c.register(registration("o1", "orders", 8081))
+                .await
+                .unwrap()
+                .revision,
+            1
+        );
+    }
+
+    #[tokio::test]
+    async fn apply_checks_everything_first() {
+        let c = controller(Arc::new(MemoryStore::new()));
+        let file = |name: &str, text: &str| ApplyFile {
+            name: name.into(),
+            text: text.into(),
+        };
+        let request = |files| ApplyRequest {
+            files,
+            actor: Some("me@host".into()),
+        };
+        let bad = c
+            .apply(request(vec![
+                file("a.yaml", POLICY),
+                file("b.yaml", "kind: Nope\n"),
+            ]))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(bad, ApiFailure::BadRequest(ref m) if m.contains("b.yaml")),
+            "{bad}"
+        );
+        let twice = c
+            .apply(request(vec![
+                file("a.yaml", POLICY),
+                file("b.yaml", POLICY),
+            ]))
+            .await
+            .unwrap_err();
+        assert_eq!(
+            twice.to_string(),
+            "healthcheckpolicy/p is defined in both a.yaml and b.yaml"
+        );
+        assert_eq!(c.published().revision, 0);
+        let reply = c
+            .apply(request(vec![file("a.yaml", POLICY)]))
+            .await
+            .unwrap();
+        assert_eq!(reply.revision, 1);
+        assert_eq!(reply.outcomes[0].action, ApplyAction::Created);
+        let reply = c
+            .apply(request(vec![file("a.yaml", POLICY)]))
+            .await
+            .unwrap();
+        assert_eq!(reply.revision, 1);
+        assert_eq!(reply.outcomes[0].action, ApplyAction::Unchanged);
+        let history = c.history(10).await.unwrap();
+        assert_eq!(history[0].actor, "me@host");
+    }
+}

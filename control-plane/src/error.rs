@@ -1,0 +1,104 @@
+//! Error types of the control plane.
+//!
+//! - [`StoreError`]: a durable-store operation failed; carries what was being
+//!   done (opening which file, committing which revision).
+//! - [`StartupError`]: the `control-plane` binary could not start (data dir,
+//!   store, listener); `main` prints it as one line and exits non-zero.
+//! - [`ApiFailure`]: what an HTTP handler answers instead of a success; it is
+//!   the one place a failure becomes a status code and an `ApiError` body.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use meshlet_api::mesh::ApiError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("cannot open the store {path}: {source}")]
+    Open {
+        path: PathBuf,
+        #[source]
+        source: redb::Error,
+    },
+    #[error("cannot read the store: {0}")]
+    Read(#[source] redb::Error),
+    #[error("cannot commit revision {revision} to the store: {source}")]
+    Commit {
+        revision: u64,
+        #[source]
+        source: redb::Error,
+    },
+    #[error("the store holds an unreadable {what} record {key:?}: {source}")]
+    Decode {
+        what: &'static str,
+        key: String,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("cannot encode a {what} record: {source}")]
+    Encode {
+        what: &'static str,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("the store task failed: {0}")]
+    Task(String),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartupError {
+    #[error("data directory {path} is not usable: {source}")]
+    DataDir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Store(#[from] StoreError),
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot install the signal handler: {0}")]
+    Signal(#[source] std::io::Error),
+    #[error("serving the API failed: {0}")]
+    Serve(#[source] std::io::Error),
+}
+
+/// A failed API request: status and message of the `ApiError` body.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiFailure {
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    Store(#[from] StoreError),
+}
+
+impl ApiFailure {
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ApiFailure::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ApiFailure::NotFound(_) => StatusCode::NOT_FOUND,
+            ApiFailure::Store(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+}
+
+impl IntoResponse for ApiFailure {
+    fn into_response(self) -> Response {
+        if let ApiFailure::Store(err) = &self {
+            tracing::error!(error = %err, "store failure");
+        }
+        let body = ApiError {
+            error: self.to_string(),
+        };
+        (self.status(), Json(body)).into_response()
+    }
+}

@@ -1,0 +1,491 @@
+//! The in-memory registry: registered instances, applied resources and the
+//! current revision, and the *plans* that change them.
+//!
+//! Data flow: a request asks the registry for a [`Plan`] (`plan_*`), which
+//! describes the next revision without changing anything: the store
+//! [`Commit`] and the service and resource keys it touches. The controller
+//! writes the commit to the store and only then calls [`Registry::apply`],
+//! so memory never runs ahead of the disk. Everything here is synchronous
+//! and pure, which is what the unit tests exercise.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use meshlet_api::mesh::{
+    ApplyAction, ApplyOutcome, EndpointEntry, MeshState, Registration, RevisionRecord,
+    ServiceEntry, ServiceKey,
+};
+use meshlet_api::{Resource, ResourceKey};
+
+use crate::store::{Commit, Loaded, StoredInstance};
+
+/// The actor of revisions made by registrations, health changes and expiry.
+pub const REGISTRY_ACTOR: &str = "registry";
+
+/// The next revision, not yet written or applied.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Plan {
+    pub commit: Commit,
+    pub changes: Changes,
+}
+
+/// The keys one or more revisions touched (as watchers see them: a `Service`
+/// resource changes a service, not a resource).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Changes {
+    pub services: BTreeSet<ServiceKey>,
+    pub resources: BTreeSet<ResourceKey>,
+}
+
+impl Changes {
+    pub fn extend(&mut self, other: &Changes) {
+        self.services.extend(other.services.iter().cloned());
+        self.resources.extend(other.resources.iter().cloned());
+    }
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct Registry {
+    revision: u64,
+    instances: BTreeMap<String, StoredInstance>,
+    resources: BTreeMap<ResourceKey, Resource>,
+}
+
+/// `orders/orders-1`, or `orders.shop/orders-1` outside `default`.
+fn instance_label(reg: &Registration) -> String {
+    if reg.namespace == "default" {
+        format!("{}/{}", reg.service, reg.id)
+    } else {
+        format!("{}.{}/{}", reg.service, reg.namespace, reg.id)
+    }
+}
+
+fn service_key_of(reg: &Registration) -> ServiceKey {
+    ServiceKey {
+        namespace: reg.namespace.clone(),
+        name: reg.service.clone(),
+    }
+}
+
+impl Registry {
+    pub fn from_loaded(loaded: Loaded) -> Registry {
+        Registry {
+            revision: loaded.revision,
+            instances: loaded
+                .instances
+                .into_iter()
+                .map(|i| (i.registration.id.clone(), i))
+                .collect(),
+            resources: loaded.resources.into_iter().map(|r| (r.key(), r)).collect(),
+        }
+    }
+
+    pub fn revision(&self) -> u64 {
+        self.revision
+    }
+
+    pub fn instances(&self) -> &BTreeMap<String, StoredInstance> {
+        &self.instances
+    }
+
+    pub fn instance(&self, id: &str) -> Option<&StoredInstance> {
+        self.instances.get(id)
+    }
+
+    pub fn resources(&self) -> &BTreeMap<ResourceKey, Resource> {
+        &self.resources
+    }
+
+    fn plan(&self, actor: &str, at_ms: u64, changes: Vec<String>) -> Plan {
+        let revision = self.revision + 1;
+        Plan {
+            commit: Commit {
+                revision,
+                record: RevisionRecord {
+                    revision,
+                    at_ms,
+                    actor: actor.to_owned(),
+                    changes,
+                },
+                ..Commit::default()
+            },
+            changes: Changes::default(),
+        }
+    }
+
+    /// Registers or replaces an instance. `None` when the same registration
+    /// is already there (nothing changes).
+    pub fn plan_register(&self, registration: Registration, now_ms: u64) -> Option<Plan> {
+        let old = self.instances.get(&registration.id);
+        if old.is_some_and(|o| o.registration == registration) {
+            return None;
+        }
+        let line = format!(
+            "registered {} at {}",
+            instance_label(&registration),
+            registration.address
+        );
+        let mut plan = self.plan(REGISTRY_ACTOR, now_ms, vec![line]);
+        if let Some(old) = old {
+            plan.changes
+                .services
+                .insert(service_key_of(&old.registration));
+        }
+        plan.changes.services.insert(service_key_of(&registration));
+        plan.commit.put_instances.push(StoredInstance {
+            registration,
+            registered_at_ms: now_ms,
+        });
+        Some(plan)
+    }
+
+    /// Graceful deregistration; `None` for an unknown id.
+    pub fn plan_deregister(&self, id: &str, now_ms: u64) -> Option<Plan> {
+        let old = self.instances.get(id)?;
+        let line = format!("deregistered {}", instance_label(&old.registration));
+        let mut plan = self.plan(REGISTRY_ACTOR, now_ms, vec![line]);
+        plan.changes
+            .services
+            .insert(service_key_of(&old.registration));
+        plan.commit.delete_instances.push(id.to_owned());
+        Some(plan)
+    }
+
+    /// A heartbeat whose health differs from the stored one; `None` when the
+    /// id is unknown or the health is unchanged.
+    pub fn plan_health(&self, id: &str, healthy: bool, now_ms: u64) -> Option<Plan> {
+        let old = self.instances.get(id)?;
+        if old.registration.healthy == healthy {
+            return None;
+        }
+        let word = if healthy { "healthy" } else { "unhealthy" };
+        let line = format!("{} {word}", instance_label(&old.registration));
+        let mut plan = self.plan(REGISTRY_ACTOR, now_ms, vec![line]);
+        plan.changes
+            .services
+            .insert(service_key_of(&old.registration));
+        let mut updated = old.clone();
+        updated.registration.healthy = healthy;
+        plan.commit.put_instances.push(updated);
+        Some(plan)
+    }
+
+    /// Removes expired instances in one revision; `None` if none of the ids
+    /// is registered.
+    pub fn plan_expire(&self, ids: &[String], now_ms: u64) -> Option<Plan> {
+        let expired: Vec<&StoredInstance> =
+            ids.iter().filter_map(|id| self.instances.get(id)).collect();
+        if expired.is_empty() {
+            return None;
+        }
+        let lines = expired
+            .iter()
+            .map(|i| format!("expired {}", instance_label(&i.registration)))
+            .collect();
+        let mut plan = self.plan(REGISTRY_ACTOR, now_ms, lines);
+        for i in expired {
+            plan.changes
+                .services
+                .insert(service_key_of(&i.registration));
+            plan.commit.delete_instances.push(i.registration.id.clone());
+        }
+        Some(plan)
+    }
+
+    /// Applies resources (already parsed and checked for duplicates): one
+    /// outcome per resource, and a plan if anything changed.
+    pub fn plan_apply(
+        &self,
+        resources: Vec<Resource>,
+        actor: &str,
+        now_ms: u64,
+    ) -> (Vec<ApplyOutcome>, Option<Plan>) {
+        let mut plan = self.plan(actor, now_ms, Vec::new());
+        let mut outcomes = Vec::with_capacity(resources.len());
+        for resource in resources {
+            let key = resource.key();
+            let action = match self.resources.get(&key) {
+                None => ApplyAction::Created,
+                Some(old) if *old != resource => ApplyAction::Configured,
+                Some(_) => ApplyAction::Unchanged,
+            };
+            if action != ApplyAction::Unchanged {
+                plan.commit.record.changes.push(format!("{action} {key}"));
+                if let Resource::Service(doc) = &resource {
+                    plan.changes.services.insert(ServiceKey {
+                        namespace: doc.metadata.namespace.clone(),
+                        name: doc.metadata.name.clone(),
+                    });
+                } else {
+                    plan.changes.resources.insert(key.clone());
+                }
+                plan.commit.put_resources.push(resource);
+            }
+            outcomes.push(ApplyOutcome { key, action });
+        }
+        let plan = (!plan.commit.put_resources.is_empty()).then_some(plan);
+        (outcomes, plan)
+    }
+
+    /// Makes a committed plan the current state.
+    pub fn apply(&mut self, plan: &Plan) {
+        let commit = &plan.commit;
+        for id in &commit.delete_instances {
+            self.instances.remove(id);
+        }
+        for i in &commit.put_instances {
+            self.instances.insert(i.registration.id.clone(), i.clone());
+        }
+        for key in &commit.delete_resources {
+            self.resources.remove(key);
+        }
+        for r in &commit.put_resources {
+            self.resources.insert(r.key(), r.clone());
+        }
+        self.revision = commit.revision;
+    }
+
+    /// Registered instances grouped by service, merged with the static
+    /// endpoints of `Service` resources; endpoints sorted by address,
+    /// services without endpoints left out.
+    pub fn services(&self) -> BTreeMap<ServiceKey, ServiceEntry> {
+        let mut services: BTreeMap<ServiceKey, ServiceEntry> = BTreeMap::new();
+        fn entry(
+            services: &mut BTreeMap<ServiceKey, ServiceEntry>,
+            key: ServiceKey,
+        ) -> &mut ServiceEntry {
+            services.entry(key.clone()).or_insert_with(|| ServiceEntry {
+                name: key.name,
+                namespace: key.namespace,
+                endpoints: Vec::new(),
+            })
+        }
+        for i in self.instances.values() {
+            let reg = &i.registration;
+            entry(&mut services, service_key_of(reg))
+                .endpoints
+                .push(EndpointEntry {
+                    address: reg.address,
+                    labels: reg.labels.clone(),
+                    healthy: reg.healthy,
+                    instance_id: Some(reg.id.clone()),
+                });
+        }
+        for resource in self.resources.values() {
+            if let Resource::Service(doc) = resource {
+                let key = ServiceKey {
+                    namespace: doc.metadata.namespace.clone(),
+                    name: doc.metadata.name.clone(),
+                };
+                let endpoints = &mut entry(&mut services, key).endpoints;
+                endpoints.extend(doc.spec.endpoints.iter().map(|ep| EndpointEntry {
+                    address: ep.address,
+                    labels: ep.labels.clone(),
+                    healthy: true,
+                    instance_id: None,
+                }));
+            }
+        }
+        services.retain(|_, s| !s.endpoints.is_empty());
+        for s in services.values_mut() {
+            s.endpoints
+                .sort_by(|a, b| (a.address, &a.instance_id).cmp(&(b.address, &b.instance_id)));
+        }
+        services
+    }
+
+    /// The resources watchers get: every kind except `Service` (whose
+    /// endpoints are merged into the services).
+    pub fn mesh_resources(&self) -> BTreeMap<ResourceKey, Resource> {
+        self.resources
+            .iter()
+            .filter(|(_, r)| !matches!(r, Resource::Service(_)))
+            .map(|(k, r)| (k.clone(), r.clone()))
+            .collect()
+    }
+
+    pub fn mesh_state(&self) -> MeshState {
+        MeshState {
+            revision: self.revision,
+            services: self.services().into_values().collect(),
+            resources: self.mesh_resources().into_values().collect(),
+        }
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    pub(crate) fn registration(id: &str, service: &str, port: u16) -> Registration {
+        Registration {
+            id: id.into(),
+            service: service.into(),
+            namespace: "default".into(),
+            address: ([127, 0, 0, 1], port).into(),
+            labels: BTreeMap::new(),
+            healthy: true,
+        }
+    }
+
+    pub(crate) fn parse(text: &str) -> Vec<Resource> {
+        meshlet_api::parse_documents("t.yaml", text).unwrap()
+    }
+
+    pub(crate) fn policy(name: &str, interval: &str) -> Resource {
+        parse(&format!(
+            "apiVersion: meshlet.dev/v1alpha1\nkind: HealthCheckPolicy\nmetadata: {{name: {name}}}\nspec: {{targetRef: {{service: orders}}, interval: {interval}}}\n"
+        ))
+        .remove(0)
+    }
+
+    pub(crate) fn run(
+        registry: &mut Registry,
+        plan: impl FnOnce(&Registry) -> Option<Plan>,
+    ) -> Option<Plan> {
+        let plan = plan(registry);
+        if let Some(p) = &plan {
+            registry.apply(p);
+        }
+        plan
+    }
+
+    #[test]
+    fn register_creates_revisions_and_groups_services() {
+        let mut r = Registry::default();
+        let p = run(&mut r, |r| {
+            r.plan_register(registration("o1", "orders", 8082), 1)
+        })
+        .unwrap();
+        assert_eq!(p.commit.revision, 1);
+        assert_eq!(
+            p.commit.record.changes,
+            ["registered orders/o1 at 127.0.0.1:8082"]
+        );
+        assert_eq!(p.commit.record.actor, "registry");
+        run(&mut r, |r| {
+            r.plan_register(registration("o2", "orders", 8081), 2)
+        });
+        run(&mut r, |r| {
+            r.plan_register(registration("p1", "payments", 9000), 3)
+        });
+        assert_eq!(r.revision(), 3);
+        let state = r.mesh_state();
+        assert_eq!(state.services.len(), 2);
+        let orders = &state.services[0];
+        assert_eq!(orders.name, "orders");
+        let ports: Vec<u16> = orders.endpoints.iter().map(|e| e.address.port()).collect();
+        assert_eq!(ports, [8081, 8082], "sorted by address");
+        assert_eq!(orders.endpoints[0].instance_id.as_deref(), Some("o2"));
+        // The same registration again changes nothing.
+        assert!(r
+            .plan_register(registration("o1", "orders", 8082), 4)
+            .is_none());
+        // A changed one replaces the old one.
+        let p = run(&mut r, |r| {
+            r.plan_register(registration("o1", "orders", 8083), 5)
+        })
+        .unwrap();
+        assert_eq!(p.commit.revision, 4);
+        assert_eq!(r.instances().len(), 3);
+    }
+
+    #[test]
+    fn heartbeat_health_changes_only_when_different() {
+        let mut r = Registry::default();
+        run(&mut r, |r| {
+            r.plan_register(registration("o1", "orders", 8081), 1)
+        });
+        assert!(r.plan_health("o1", true, 2).is_none(), "unchanged health");
+        assert!(r.plan_health("nope", false, 2).is_none(), "unknown id");
+        let p = run(&mut r, |r| r.plan_health("o1", false, 2)).unwrap();
+        assert_eq!(p.commit.revision, 2);
+        assert_eq!(p.commit.record.changes, ["orders/o1 unhealthy"]);
+        assert!(!r.mesh_state().services[0].endpoints[0].healthy);
+        assert!(!r.instance("o1").unwrap().registration.healthy);
+        assert_eq!(r.instance("o1").unwrap().registered_at_ms, 1);
+    }
+
+    #[test]
+    fn expiry_and_deregistration_remove_empty_services() {
+        let mut r = Registry::default();
+        run(&mut r, |r| {
+            r.plan_register(registration("o1", "orders", 8081), 1)
+        });
+        run(&mut r, |r| {
+            r.plan_register(registration("o2", "orders", 8082), 1)
+        });
+        run(&mut r, |r| {
+            r.plan_register(registration("p1", "payments", 9000), 1)
+        });
+        let p = run(&mut r, |r| {
+            r.plan_expire(&["o1".into(), "p1".into(), "x".into()], 2)
+        })
+        .unwrap();
+        assert_eq!(p.commit.revision, 4, "one revision per reaping pass");
+        assert_eq!(
+            p.commit.record.changes,
+            ["expired orders/o1", "expired payments/p1"]
+        );
+        let names: Vec<_> = r
+            .mesh_state()
+            .services
+            .into_iter()
+            .map(|s| s.name)
+            .collect();
+        assert_eq!(names, ["orders"]);
+        assert!(r.plan_expire(&["x".into()], 3).is_none());
+        let p = run(&mut r, |r| r.plan_deregister("o2", 3)).unwrap();
+        assert_eq!(p.commit.record.changes, ["deregistered orders/o2"]);
+        assert!(r.mesh_state().services.is_empty());
+        assert!(r.plan_deregister("o2", 4).is_none());
+    }
+
+    #[test]
+    fn apply_created_configured_unchanged() {
+        let mut r = Registry::default();
+        let (outcomes, plan) = r.plan_apply(vec![policy("a", "1s"), policy("b", "1s")], "me@h", 1);
+        assert!(outcomes.iter().all(|o| o.action == ApplyAction::Created));
+        let plan = run(&mut r, |_| plan).unwrap();
+        assert_eq!(plan.commit.record.actor, "me@h");
+        assert_eq!(
+            plan.commit.record.changes,
+            ["created healthcheckpolicy/a", "created healthcheckpolicy/b"]
+        );
+        let (outcomes, plan) = r.plan_apply(vec![policy("a", "2s"), policy("b", "1s")], "me@h", 2);
+        let actions: Vec<_> = outcomes.iter().map(|o| o.action).collect();
+        assert_eq!(actions, [ApplyAction::Configured, ApplyAction::Unchanged]);
+        let plan = run(&mut r, |_| plan).unwrap();
+        assert_eq!(plan.commit.revision, 2);
+        assert_eq!(
+            plan.commit.record.changes,
+            ["configured healthcheckpolicy/a"]
+        );
+        let (outcomes, plan) = r.plan_apply(vec![policy("a", "2s")], "me@h", 3);
+        assert_eq!(outcomes[0].action, ApplyAction::Unchanged);
+        assert!(plan.is_none(), "nothing changed, no revision");
+        assert_eq!(r.revision(), 2);
+    }
+
+    #[test]
+    fn static_services_merge_with_registrations() {
+        let mut r = Registry::default();
+        run(&mut r, |r| {
+            r.plan_register(registration("o1", "orders", 8082), 1)
+        });
+        let service = parse(
+            "apiVersion: meshlet.dev/v1alpha1\nkind: Service\nmetadata: {name: orders}\nspec:\n  endpoints:\n  - address: 127.0.0.1:8081\n",
+        );
+        let plan = run(&mut r, |r| r.plan_apply(service, "me", 2).1).unwrap();
+        assert!(plan.changes.resources.is_empty());
+        assert_eq!(plan.changes.services.len(), 1);
+        r.plan_apply(vec![policy("a", "1s")], "me", 3);
+        let state = r.mesh_state();
+        assert_eq!(state.services[0].endpoints.len(), 2);
+        assert_eq!(state.services[0].endpoints[0].instance_id, None);
+        assert!(
+            state.resources.is_empty(),
+            "Service resources are not listed"
+        );
+        assert_eq!(r.resources().len(), 1);
+    }
+}

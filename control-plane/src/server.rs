@@ -1,0 +1,140 @@
+//! The `control-plane` binary's settings, startup and shutdown.
+//!
+//! Startup: check the data directory → open the redb store → load it into
+//! the controller → bind the listener → serve the API and run the reaper.
+//! SIGTERM/SIGINT flips one shutdown flag that ends the watch streams, the
+//! reaper and (gracefully) the HTTP server. Any startup failure is a
+//! [`StartupError`] that `main` prints as one line.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::{Parser, ValueEnum};
+use tokio::sync::watch;
+
+use crate::api::{router, AppState};
+use crate::controller::Controller;
+use crate::error::StartupError;
+use crate::store::RedbStore;
+
+fn parse_duration(text: &str) -> Result<Duration, String> {
+    let d = humantime::parse_duration(text).map_err(|e| e.to_string())?;
+    if d.is_zero() {
+        return Err("must be greater than 0".into());
+    }
+    Ok(d)
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// Flags of `control-plane`; each is also a `MESHLET_*` environment variable.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "control-plane", version, about = "meshlet control plane")]
+pub struct Settings {
+    /// Address of the HTTP API and watch stream.
+    #[arg(long, env = "MESHLET_LISTEN", default_value = "127.0.0.1:15010")]
+    pub listen: SocketAddr,
+    /// Where the durable store (meshlet.redb) lives.
+    #[arg(long, env = "MESHLET_DATA_DIR", default_value = "./meshlet-data")]
+    pub data_dir: PathBuf,
+    /// An instance without a heartbeat for this long is removed; sidecars
+    /// are told to send heartbeats every ttl/3.
+    #[arg(long, env = "MESHLET_TTL", default_value = "10s", value_parser = parse_duration)]
+    pub ttl: Duration,
+    /// A watch stream without events gets a keepalive line this often.
+    #[arg(long, env = "MESHLET_KEEPALIVE", default_value = "5s", value_parser = parse_duration)]
+    pub keepalive: Duration,
+    #[arg(long, env = "MESHLET_LOG_FORMAT", value_enum, default_value = "text")]
+    pub log_format: LogFormat,
+}
+
+/// Logs to stderr; `RUST_LOG` overrides the default level (info).
+pub fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+/// Creates the data directory and proves it writable.
+fn check_data_dir(dir: &Path) -> Result<(), StartupError> {
+    let fail = |source| StartupError::DataDir {
+        path: dir.to_owned(),
+        source,
+    };
+    std::fs::create_dir_all(dir).map_err(fail)?;
+    let probe = dir.join(".meshlet-write-test");
+    std::fs::write(&probe, b"ok").map_err(fail)?;
+    std::fs::remove_file(&probe).map_err(fail)
+}
+
+/// Resolves when SIGTERM or SIGINT arrives.
+async fn signalled() -> Result<(), StartupError> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).map_err(StartupError::Signal)?;
+    let mut int = signal(SignalKind::interrupt()).map_err(StartupError::Signal)?;
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    Ok(())
+}
+
+/// Runs the control plane until SIGTERM/SIGINT.
+pub async fn run(settings: Settings) -> Result<(), StartupError> {
+    check_data_dir(&settings.data_dir)?;
+    let store = RedbStore::open(&settings.data_dir)?;
+    let controller = Arc::new(Controller::load(Arc::new(store), settings.ttl)?);
+    let listener = tokio::net::TcpListener::bind(settings.listen)
+        .await
+        .map_err(|source| StartupError::Listen {
+            addr: settings.listen,
+            source,
+        })?;
+    let (stop, shutdown) = watch::channel(false);
+    let signal_stop = stop.clone();
+    let signals = tokio::spawn(async move {
+        if let Err(err) = signalled().await {
+            tracing::error!(error = %err, "no signal handling");
+            return;
+        }
+        tracing::info!("shutting down");
+        signal_stop.send_replace(true);
+    });
+    tracing::info!(
+        listen = %settings.listen,
+        data_dir = %settings.data_dir.display(),
+        revision = controller.published().revision,
+        instances = controller.published().instances.len(),
+        ttl = ?settings.ttl,
+        "control plane ready"
+    );
+    let reaper = tokio::spawn(controller.clone().run_reaper(shutdown.clone()));
+    let app = router(AppState {
+        controller,
+        keepalive: settings.keepalive,
+        shutdown: shutdown.clone(),
+    });
+    let mut server_shutdown = shutdown;
+    let served = axum::serve(listener, app)
+        .with_graceful_shutdown(async move {
+            crate::push::stopped(&mut server_shutdown).await;
+        })
+        .await
+        .map_err(StartupError::Serve);
+    stop.send_replace(true);
+    signals.abort();
+    let _ = reaper.await;
+    served
+}

@@ -1,0 +1,448 @@
+//! The durable store: everything that must survive a restart or `kill -9`.
+//!
+//! Data flow: at start the control plane calls [`Store::load`] once and
+//! builds its in-memory registry from it. Afterwards every revision is one
+//! [`Commit`] — instances and resources put or deleted, the
+//! [`RevisionRecord`] appended, the current revision set — written
+//! atomically *before* the revision is published to watchers. Reads of the
+//! API are served from memory; only [`Store::history`] reads the store.
+//!
+//! Heartbeat times are not stored: after a restart every loaded instance
+//! gets a fresh TTL.
+//!
+//! Two implementations: [`RedbStore`] (a redb file, every commit durable
+//! before it returns) and [`MemoryStore`] for tests.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use meshlet_api::mesh::{Registration, RevisionRecord};
+use meshlet_api::{Resource, ResourceKey};
+use redb::{ReadableDatabase, ReadableTable, TableDefinition};
+use serde::{Deserialize, Serialize};
+
+use crate::error::StoreError;
+
+/// How many revision records are kept; older ones are dropped on commit.
+pub const HISTORY_LIMIT: u64 = 10_000;
+
+/// A registered instance as stored: the registration (with its current
+/// health) and when it registered.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct StoredInstance {
+    pub registration: Registration,
+    pub registered_at_ms: u64,
+}
+
+/// Everything the store holds, as loaded at start.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Loaded {
+    pub revision: u64,
+    pub instances: Vec<StoredInstance>,
+    pub resources: Vec<Resource>,
+}
+
+/// One revision's writes, applied all or nothing.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Commit {
+    pub revision: u64,
+    pub put_instances: Vec<StoredInstance>,
+    pub delete_instances: Vec<String>,
+    pub put_resources: Vec<Resource>,
+    pub delete_resources: Vec<ResourceKey>,
+    pub record: RevisionRecord,
+}
+
+impl Default for Commit {
+    fn default() -> Commit {
+        Commit {
+            revision: 0,
+            put_instances: Vec::new(),
+            delete_instances: Vec::new(),
+            put_resources: Vec::new(),
+            delete_resources: Vec::new(),
+            record: RevisionRecord {
+                revision: 0,
+                at_ms: 0,
+                actor: String::new(),
+                changes: Vec::new(),
+            },
+        }
+    }
+}
+
+/// The durable store. Methods block; async callers run them on the
+/// blocking pool, one writer at a time.
+pub trait Store: Send + Sync + 'static {
+    fn load(&self) -> Result<Loaded, StoreError>;
+    fn commit(&self, commit: &Commit) -> Result<(), StoreError>;
+    /// The newest `limit` revision records, newest first.
+    fn history(&self, limit: usize) -> Result<Vec<RevisionRecord>, StoreError>;
+}
+
+const INSTANCES: TableDefinition<&str, &[u8]> = TableDefinition::new("instances");
+const RESOURCES: TableDefinition<&str, &[u8]> = TableDefinition::new("resources");
+const REVISIONS: TableDefinition<u64, &[u8]> = TableDefinition::new("revisions");
+const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+const CURRENT_REVISION: &str = "revision";
+
+/// The store key of a resource: `Kind/namespace/name`.
+fn resource_key(key: &ResourceKey) -> String {
+    format!("{}/{}/{}", key.kind, key.namespace, key.name)
+}
+
+fn encode<T: Serialize>(what: &'static str, value: &T) -> Result<Vec<u8>, StoreError> {
+    serde_json::to_vec(value).map_err(|source| StoreError::Encode { what, source })
+}
+
+fn decode<T: for<'de> Deserialize<'de>>(
+    what: &'static str,
+    key: String,
+    bytes: &[u8],
+) -> Result<T, StoreError> {
+    serde_json::from_slice(bytes).map_err(|source| StoreError::Decode { what, key, source })
+}
+
+/// The store in `{data-dir}/meshlet.redb`.
+pub struct RedbStore {
+    db: redb::Database,
+}
+
+impl RedbStore {
+    pub const FILE_NAME: &'static str = "meshlet.redb";
+
+    /// Opens (or creates) the store file in `dir`.
+    pub fn open(dir: &Path) -> Result<RedbStore, StoreError> {
+        let path: PathBuf = dir.join(Self::FILE_NAME);
+        let open_error = |source: redb::Error| StoreError::Open {
+            path: path.clone(),
+            source,
+        };
+        let db = redb::Database::create(&path).map_err(|e| open_error(e.into()))?;
+        // Create the tables so that readers never meet a missing one.
+        let create = || -> Result<(), redb::Error> {
+            let txn = db.begin_write()?;
+            txn.open_table(INSTANCES)?;
+            txn.open_table(RESOURCES)?;
+            txn.open_table(REVISIONS)?;
+            txn.open_table(META)?;
+            txn.commit()?;
+            Ok(())
+        };
+        create().map_err(open_error)?;
+        Ok(RedbStore { db })
+    }
+}
+
+type RawRows = Vec<(String, Vec<u8>)>;
+
+impl Store for RedbStore {
+    fn load(&self) -> Result<Loaded, StoreError> {
+        let read = || -> Result<(u64, RawRows, RawRows), redb::Error> {
+            let txn = self.db.begin_read()?;
+            let revision = txn
+                .open_table(META)?
+                .get(CURRENT_REVISION)?
+                .map(|v| v.value())
+                .unwrap_or(0);
+            let rows = |def: TableDefinition<&str, &[u8]>| -> Result<RawRows, redb::Error> {
+                let table = txn.open_table(def)?;
+                let mut out = Vec::new();
+                for entry in table.iter()? {
+                    let (k, v) = entry?;
+                    out.push((k.value().to_owned(), v.value().to_vec()));
+                }
+                Ok(out)
+            };
+            let instances = rows(INSTANCES)?;
+            let resources = rows(RESOURCES)?;
+            Ok((revision, instances, resources))
+        };
+        let (revision, instances, resources) = read().map_err(StoreError::Read)?;
+        Ok(Loaded {
+            revision,
+            instances: instances
+                .into_iter()
+                .map(|(k, v)| decode("instance", k, &v))
+                .collect::<Result<_, _>>()?,
+            resources: resources
+                .into_iter()
+                .map(|(k, v)| decode("resource", k, &v))
+                .collect::<Result<_, _>>()?,
+        })
+    }
+
+    fn commit(&self, commit: &Commit) -> Result<(), StoreError> {
+        // Encode first so that the write transaction only writes.
+        let instances = commit
+            .put_instances
+            .iter()
+            .map(|i| Ok((i.registration.id.as_str(), encode("instance", i)?)))
+            .collect::<Result<Vec<_>, StoreError>>()?;
+        let resources = commit
+            .put_resources
+            .iter()
+            .map(|r| Ok((resource_key(&r.key()), encode("resource", r)?)))
+            .collect::<Result<Vec<_>, StoreError>>()?;
+        let record = encode("revision", &commit.record)?;
+        let write = || -> Result<(), redb::Error> {
+            let mut txn = self.db.begin_write()?;
+            txn.set_durability(redb::Durability::Immediate)?;
+            {
+                let mut table = txn.open_table(INSTANCES)?;
+                for id in &commit.delete_instances {
+                    table.remove(id.as_str())?;
+                }
+                for (id, bytes) in &instances {
+                    table.insert(*id, bytes.as_slice())?;
+                }
+                let mut table = txn.open_table(RESOURCES)?;
+                for key in &commit.delete_resources {
+                    table.remove(resource_key(key).as_str())?;
+                }
+                for (key, bytes) in &resources {
+                    table.insert(key.as_str(), bytes.as_slice())?;
+                }
+                let mut table = txn.open_table(REVISIONS)?;
+                table.insert(commit.revision, record.as_slice())?;
+                if commit.revision > HISTORY_LIMIT {
+                    table.remove(commit.revision - HISTORY_LIMIT)?;
+                }
+                txn.open_table(META)?
+                    .insert(CURRENT_REVISION, commit.revision)?;
+            }
+            txn.commit()?;
+            Ok(())
+        };
+        write().map_err(|source| StoreError::Commit {
+            revision: commit.revision,
+            source,
+        })
+    }
+
+    fn history(&self, limit: usize) -> Result<Vec<RevisionRecord>, StoreError> {
+        let read = || -> Result<Vec<(u64, Vec<u8>)>, redb::Error> {
+            let txn = self.db.begin_read()?;
+            let table = txn.open_table(REVISIONS)?;
+            let mut out = Vec::new();
+            for entry in table.iter()?.rev().take(limit) {
+                let (k, v) = entry?;
+                out.push((k.value(), v.value().to_vec()));
+            }
+            Ok(out)
+        };
+        read()
+            .map_err(StoreError::Read)?
+            .into_iter()
+            .map(|(k, v)| decode("revision", k.to_string(), &v))
+            .collect()
+    }
+}
+
+/// An in-memory store for tests; `fail_commits` makes every commit fail.
+#[derive(Default)]
+pub struct MemoryStore {
+    inner: Mutex<MemoryInner>,
+}
+
+#[derive(Default)]
+struct MemoryInner {
+    revision: u64,
+    instances: BTreeMap<String, StoredInstance>,
+    resources: BTreeMap<ResourceKey, Resource>,
+    history: BTreeMap<u64, RevisionRecord>,
+    fail_commits: bool,
+}
+
+impl MemoryStore {
+    pub fn new() -> MemoryStore {
+        MemoryStore::default()
+    }
+
+    /// Makes every later commit fail (to test error paths).
+    pub fn fail_commits(&self, fail: bool) {
+        self.inner.lock().unwrap().fail_commits = fail;
+    }
+}
+
+impl Store for MemoryStore {
+    fn load(&self) -> Result<Loaded, StoreError> {
+        let inner = self.inner.lock().unwrap();
+        Ok(Loaded {
+            revision: inner.revision,
+            instances: inner.instances.values().cloned().collect(),
+            resources: inner.resources.values().cloned().collect(),
+        })
+    }
+
+    fn commit(&self, commit: &Commit) -> Result<(), StoreError> {
+        let mut inner = self.inner.lock().unwrap();
+        if inner.fail_commits {
+            return Err(StoreError::Commit {
+                revision: commit.revision,
+                source: redb::Error::Corrupted("memory store set to fail".into()),
+            });
+        }
+        for id in &commit.delete_instances {
+            inner.instances.remove(id);
+        }
+        for i in &commit.put_instances {
+            inner.instances.insert(i.registration.id.clone(), i.clone());
+        }
+        for key in &commit.delete_resources {
+            inner.resources.remove(key);
+        }
+        for r in &commit.put_resources {
+            inner.resources.insert(r.key(), r.clone());
+        }
+        inner.history.insert(commit.revision, commit.record.clone());
+        if commit.revision > HISTORY_LIMIT {
+            inner.history.remove(&(commit.revision - HISTORY_LIMIT));
+        }
+        inner.revision = commit.revision;
+        Ok(())
+    }
+
+    fn history(&self, limit: usize) -> Result<Vec<RevisionRecord>, StoreError> {
+        let inner = self.inner.lock().unwrap();
+        Ok(inner.history.values().rev().take(limit).cloned().collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeMap;
+
+    fn instance(id: &str, port: u16) -> StoredInstance {
+        StoredInstance {
+            registration: Registration {
+                id: id.into(),
+                service: "orders".into(),
+                namespace: "default".into(),
+                address: ([127, 0, 0, 1], port).into(),
+                labels: BTreeMap::from([("version".to_owned(), "v1".to_owned())]),
+                healthy: true,
+            },
+            registered_at_ms: 42,
+        }
+    }
+
+    fn policy(name: &str) -> Resource {
+        let text = format!(
+            "apiVersion: meshlet.dev/v1alpha1\nkind: HealthCheckPolicy\nmetadata: {{name: {name}}}\nspec: {{targetRef: {{service: orders}}}}\n"
+        );
+        meshlet_api::parse_documents("t", &text).unwrap().remove(0)
+    }
+
+    fn record(revision: u64) -> RevisionRecord {
+        RevisionRecord {
+            revision,
+            at_ms: revision * 10,
+            actor: "registry".into(),
+            changes: vec![format!("change {revision}")],
+        }
+    }
+
+    fn round_trip(store: &dyn Store) {
+        assert_eq!(store.load().unwrap(), Loaded::default());
+        store
+            .commit(&Commit {
+                revision: 1,
+                put_instances: vec![instance("a", 1), instance("b", 2)],
+                put_resources: vec![policy("p1"), policy("p2")],
+                record: record(1),
+                ..Default::default()
+            })
+            .unwrap();
+        store
+            .commit(&Commit {
+                revision: 2,
+                delete_instances: vec!["a".into()],
+                delete_resources: vec![policy("p1").key()],
+                record: record(2),
+                ..Default::default()
+            })
+            .unwrap();
+        let loaded = store.load().unwrap();
+        assert_eq!(loaded.revision, 2);
+        assert_eq!(loaded.instances, vec![instance("b", 2)]);
+        assert_eq!(loaded.resources, vec![policy("p2")]);
+        assert_eq!(store.history(10).unwrap(), vec![record(2), record(1)]);
+        assert_eq!(store.history(1).unwrap(), vec![record(2)]);
+    }
+
+    #[test]
+    fn memory_store_round_trip() {
+        round_trip(&MemoryStore::new());
+    }
+
+    #[test]
+    fn redb_store_round_trip_and_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = RedbStore::open(dir.path()).unwrap();
+            round_trip(&store);
+        }
+        let store = RedbStore::open(dir.path()).unwrap();
+        let loaded = store.load().unwrap();
+        assert_eq!(loaded.revision, 2);
+        assert_eq!(loaded.instances, vec![instance("b", 2)]);
+        assert_eq!(loaded.resources, vec![policy("p2")]);
+        assert_eq!(store.history(5).unwrap().len(), 2);
+    }
+
+    #[test]
+    fn redb_commit_is_atomic_with_many_puts() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = RedbStore::open(dir.path()).unwrap();
+        let many: Vec<_> = (0..200)
+            .map(|i| instance(&format!("i{i}"), 1000 + i))
+            .collect();
+        store
+            .commit(&Commit {
+                revision: 1,
+                put_instances: many.clone(),
+                put_resources: vec![policy("p")],
+                record: record(1),
+                ..Default::default()
+            })
+            .unwrap();
+        drop(store);
+        let loaded = RedbStore::open(dir.path()).unwrap().load().unwrap();
+        assert_eq!(loaded.instances.len(), 200);
+        assert_eq!(loaded.resources.len(), 1);
+        assert_eq!(loaded.revision, 1);
+    }
+
+    #[test]
+    fn history_is_trimmed() {
+        let store = MemoryStore::new();
+        for r in 1..=HISTORY_LIMIT + 3 {
+            store
+                .commit(&Commit {
+                    revision: r,
+                    record: record(r),
+                    ..Default::default()
+                })
+                .unwrap();
+        }
+        let all = store.history(usize::MAX).unwrap();
+        assert_eq!(all.len() as u64, HISTORY_LIMIT);
+        assert_eq!(all[0].revision, HISTORY_LIMIT + 3);
+    }
+
+    #[test]
+    fn corrupt_file_is_an_open_error() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join(RedbStore::FILE_NAME),
+            b"not a database at all",
+        )
+        .unwrap();
+        let err = RedbStore::open(dir.path()).err().unwrap();
+        assert!(err.to_string().contains("cannot open the store"), "{err}");
+    }
+}
