@@ -1,92 +1,98 @@
 //! The admin listener (127.0.0.1:15020 by default): `/live`, `/ready`,
 //! `/config_dump`, `/metrics`.
 //!
-//! `/ready` is true once the config is loaded (it is, before this listener
-//! starts) and the local app accepts TCP connections; a background task
-//! probes the app once a second. Kubernetes' readiness probe and the local
-//! demo both wait on it.
+//! `/ready` follows the local app's health as the prober sees it
+//! ([`crate::health`]) and, with a control plane, also needs a
+//! configuration (pushed, or the persisted one): a sidecar that cannot
+//! route yet is not ready. Kubernetes' readiness probe and the local demo
+//! both wait on it.
 
-use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Duration;
 
 use http::{header, HeaderValue, Request, Response, StatusCode};
 use hyper::body::Incoming;
 use serde_json::json;
-use tokio::net::TcpStream;
 use tokio::sync::watch;
 
 use crate::body::ProxyBody;
+use crate::control::ControlClient;
+use crate::health::AppHealth;
 use crate::metrics::Metrics;
 use crate::server::{Handler, Peer};
 use crate::settings::Settings;
 use crate::snapshot::SharedSnapshot;
-
-const APP_PROBE_INTERVAL: Duration = Duration::from_secs(1);
 
 #[derive(Clone)]
 pub struct Admin {
     settings: Arc<Settings>,
     snapshot: SharedSnapshot,
     metrics: Metrics,
-    app_reachable: Arc<AtomicBool>,
+    health: watch::Receiver<AppHealth>,
+    control: Option<ControlClient>,
 }
 
 impl Admin {
-    pub fn new(settings: Arc<Settings>, snapshot: SharedSnapshot, metrics: Metrics) -> Self {
+    pub fn new(
+        settings: Arc<Settings>,
+        snapshot: SharedSnapshot,
+        metrics: Metrics,
+        health: watch::Receiver<AppHealth>,
+        control: Option<ControlClient>,
+    ) -> Self {
         Admin {
             settings,
             snapshot,
             metrics,
-            app_reachable: Arc::new(AtomicBool::new(false)),
+            health,
+            control,
         }
     }
 
-    /// Probes the app's port until shutdown, updating readiness.
-    pub fn spawn_app_probe(&self, mut shutdown: watch::Receiver<bool>) {
-        let (addr, reachable) = (self.settings.app_addr, Arc::clone(&self.app_reachable));
-        tokio::spawn(async move {
-            loop {
-                let ok = probe(addr).await;
-                if reachable.swap(ok, Ordering::Relaxed) != ok {
-                    tracing::info!(app = %addr, reachable = ok, "local app reachability changed");
-                }
-                tokio::select! {
-                    _ = tokio::time::sleep(APP_PROBE_INTERVAL) => {}
-                    _ = shutdown.wait_for(|stop| *stop) => return,
-                }
+    /// `Ok` when ready, else why not.
+    fn readiness(&self) -> Result<(), String> {
+        let health = self.health.borrow();
+        if !health.healthy {
+            return Err(format!(
+                "not ready: local app is not healthy (GET {} on {}: {})\n",
+                health.path, self.settings.app_addr, health.last_result
+            ));
+        }
+        if let Some(control) = &self.control {
+            if !control.status.has_state.load(Ordering::Relaxed) {
+                return Err("not ready: no configuration from the control plane yet\n".to_owned());
             }
-        });
+        }
+        Ok(())
     }
 
     fn config_dump(&self) -> serde_json::Value {
+        let health = self.health.borrow().clone();
         json!({
             "settings": &*self.settings,
             "snapshot": self.snapshot.load().to_json(),
-            "appReachable": self.app_reachable.load(Ordering::Relaxed),
+            "app": {
+                "healthy": health.healthy,
+                "healthCheckPath": health.path,
+                "lastProbe": health.last_result,
+            },
+            "controlPlane": self.control.as_ref().map(|c| c.status.to_json(c.cp_settings())),
         })
     }
-}
-
-async fn probe(addr: SocketAddr) -> bool {
-    matches!(
-        tokio::time::timeout(Duration::from_secs(1), TcpStream::connect(addr)).await,
-        Ok(Ok(_))
-    )
 }
 
 impl Handler for Admin {
     async fn handle(&self, request: Request<Incoming>, _peer: &Peer) -> Response<ProxyBody> {
         match request.uri().path() {
             "/live" => text(StatusCode::OK, "live\n"),
-            "/ready" if self.app_reachable.load(Ordering::Relaxed) => {
-                text(StatusCode::OK, "ready\n")
-            }
-            "/ready" => text(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "not ready: local app is not reachable\n",
-            ),
+            "/ready" => match self.readiness() {
+                Ok(()) => text(StatusCode::OK, "ready\n"),
+                Err(why) => {
+                    let mut response = text(StatusCode::SERVICE_UNAVAILABLE, "");
+                    *response.body_mut() = ProxyBody::full(why);
+                    response
+                }
+            },
             "/config_dump" => {
                 let body = serde_json::to_vec_pretty(&self.config_dump()).unwrap_or_default();
                 with_type(Response::new(ProxyBody::full(body)), "application/json")

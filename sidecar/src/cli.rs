@@ -12,7 +12,8 @@ use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
 
-use crate::settings::{Limits, Settings};
+use crate::error::StartupError;
+use crate::settings::{ControlPlaneSettings, Limits, Settings};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum Mode {
@@ -36,6 +37,13 @@ pub struct Args {
     /// Name of the service this sidecar stands next to.
     #[arg(long, env = "MESHLET_SERVICE")]
     pub service: String,
+    /// Namespace of the service.
+    #[arg(long, env = "MESHLET_NAMESPACE", default_value = "default")]
+    pub namespace: String,
+    /// Labels of this instance, e.g. `version=v2,zone=a` (registered with
+    /// the control plane; traffic splits select on them).
+    #[arg(long, env = "MESHLET_LABELS", value_delimiter = ',', value_parser = parse_label)]
+    pub labels: Vec<(String, String)>,
     /// Port where the local app listens; inbound traffic is forwarded there.
     #[arg(long, env = "MESHLET_APP_PORT")]
     pub app_port: u16,
@@ -62,12 +70,27 @@ pub struct Args {
     #[arg(long, env = "MESHLET_ADMIN_IP", default_value_t = IpAddr::V4(Ipv4Addr::LOCALHOST))]
     pub admin_ip: IpAddr,
 
-    /// Control plane URL (arrives with the control plane; see README).
-    #[arg(long, env = "MESHLET_CONTROL_PLANE")]
+    /// Control plane URL, e.g. http://127.0.0.1:15010: register this
+    /// instance there and route with the configuration it pushes.
+    #[arg(long, env = "MESHLET_CONTROL_PLANE", conflicts_with = "config")]
     pub control_plane: Option<String>,
-    /// Standalone mode: YAML file with `kind: Service` resources.
+    /// Standalone mode: YAML file with `kind: Service` resources and
+    /// policies (reloaded on SIGHUP).
     #[arg(long, env = "MESHLET_CONFIG")]
     pub config: Option<PathBuf>,
+    /// Id of this instance in the registry [default: SERVICE-IP-PORT of
+    /// the advertised address; the pod name on Kubernetes].
+    #[arg(long, env = "MESHLET_INSTANCE_ID")]
+    pub instance_id: Option<String>,
+    /// IP other sidecars use to reach this one [default: the inbound IP,
+    /// or 127.0.0.1 when that is 0.0.0.0; the pod IP on Kubernetes].
+    #[arg(long, env = "MESHLET_ADVERTISE_IP")]
+    pub advertise_ip: Option<IpAddr>,
+    /// Where the last configuration from the control plane is kept, so a
+    /// restart while the control plane is down still routes [default:
+    /// TMPDIR/meshlet-INSTANCE_ID.snapshot.json].
+    #[arg(long, env = "MESHLET_SNAPSHOT_FILE")]
+    pub snapshot_file: Option<PathBuf>,
     /// How outbound traffic reaches the sidecar.
     #[arg(long, env = "MESHLET_MODE", value_enum, default_value_t = Mode::Explicit)]
     pub mode: Mode,
@@ -110,12 +133,76 @@ fn parse_duration(text: &str) -> Result<Duration, String> {
     humantime::parse_duration(text).map_err(|e| format!("{e} (examples: 250ms, 2s, 1m)"))
 }
 
+fn parse_label(text: &str) -> Result<(String, String), String> {
+    match text.split_once('=') {
+        Some((key, value)) if !key.trim().is_empty() => {
+            Ok((key.trim().to_owned(), value.trim().to_owned()))
+        }
+        _ => Err(format!("{text:?} is not a label; write key=value")),
+    }
+}
+
+/// `http://host:port` (or `host:port`) → `host:port`.
+fn control_plane_authority(url: &str) -> Result<String, StartupError> {
+    let invalid = |why: &str| StartupError::Usage(format!("--control-plane {url:?}: {why}"));
+    let uri: http::Uri = url
+        .parse()
+        .map_err(|_| invalid("not a URL; expected http://HOST:PORT"))?;
+    match uri.scheme_str() {
+        None | Some("http") => {}
+        Some(other) => {
+            return Err(invalid(&format!(
+                "scheme {other}:// is not supported; use http://"
+            )))
+        }
+    }
+    let authority = uri
+        .authority()
+        .ok_or_else(|| invalid("no host; expected http://HOST:PORT"))?;
+    Ok(format!(
+        "{}:{}",
+        authority.host(),
+        authority.port_u16().unwrap_or(15010)
+    ))
+}
+
 impl Args {
-    pub fn settings(&self) -> Settings {
-        Settings {
+    pub fn settings(&self) -> Result<Settings, StartupError> {
+        let inbound_addr = SocketAddr::new(self.inbound_ip, self.inbound_port);
+        let control_plane = match &self.control_plane {
+            None => None,
+            Some(url) => {
+                let ip = self
+                    .advertise_ip
+                    .unwrap_or(if self.inbound_ip.is_unspecified() {
+                        IpAddr::V4(Ipv4Addr::LOCALHOST)
+                    } else {
+                        self.inbound_ip
+                    });
+                let advertise_addr = SocketAddr::new(ip, self.inbound_port);
+                let instance_id = self.instance_id.clone().unwrap_or_else(|| {
+                    format!("{}-{}-{}", self.service, ip, self.inbound_port)
+                        .replace([':', '.'], "-")
+                });
+                let snapshot_file = self.snapshot_file.clone().unwrap_or_else(|| {
+                    std::env::temp_dir().join(format!("meshlet-{instance_id}.snapshot.json"))
+                });
+                Some(ControlPlaneSettings {
+                    url: url.clone(),
+                    authority: control_plane_authority(url)?,
+                    instance_id,
+                    advertise_addr,
+                    snapshot_file,
+                })
+            }
+        };
+        Ok(Settings {
             service: self.service.clone(),
+            namespace: self.namespace.clone(),
+            labels: self.labels.iter().cloned().collect(),
+            control_plane,
             app_addr: SocketAddr::new(self.app_host, self.app_port),
-            inbound_addr: SocketAddr::new(self.inbound_ip, self.inbound_port),
+            inbound_addr,
             outbound_addr: SocketAddr::new(self.outbound_ip, self.outbound_port),
             admin_addr: SocketAddr::new(self.admin_ip, self.admin_port),
             drain_timeout: self.drain_timeout,
@@ -130,6 +217,59 @@ impl Args {
                 stream_idle_timeout: (!self.stream_idle_timeout.is_zero())
                     .then_some(self.stream_idle_timeout),
             },
-        }
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn control_plane_url_forms() {
+        assert_eq!(
+            control_plane_authority("http://127.0.0.1:15010").unwrap(),
+            "127.0.0.1:15010"
+        );
+        assert_eq!(
+            control_plane_authority("http://meshlet-control-plane.meshlet").unwrap(),
+            "meshlet-control-plane.meshlet:15010"
+        );
+        assert_eq!(control_plane_authority("cp:9000").unwrap(), "cp:9000");
+        assert!(control_plane_authority("https://cp:9000").is_err());
+        assert!(control_plane_authority("http://").is_err());
+    }
+
+    #[test]
+    fn defaults_derive_instance_id_and_advertise_address() {
+        let args = Args::parse_from([
+            "sidecar",
+            "--service",
+            "orders",
+            "--app-port",
+            "8080",
+            "--inbound-port",
+            "18006",
+            "--control-plane",
+            "http://127.0.0.1:15010",
+            "--labels",
+            "version=v2,zone=a",
+        ]);
+        let settings = args.settings().unwrap();
+        let cp = settings.control_plane.unwrap();
+        assert_eq!(cp.instance_id, "orders-127-0-0-1-18006");
+        assert_eq!(cp.advertise_addr.to_string(), "127.0.0.1:18006");
+        assert_eq!(settings.labels["version"], "v2");
+        assert_eq!(settings.labels["zone"], "a");
+        assert!(Args::try_parse_from([
+            "sidecar",
+            "--service",
+            "a",
+            "--app-port",
+            "1",
+            "--labels",
+            "novalue"
+        ])
+        .is_err());
     }
 }

@@ -37,6 +37,8 @@ pub enum StartupError {
     },
     #[error("{0}")]
     Unsupported(String),
+    #[error("{0}")]
+    Usage(String),
 }
 
 /// Why the proxy answered a request itself.

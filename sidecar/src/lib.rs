@@ -6,11 +6,14 @@
 //!  other services ──► inbound :15006 ──► proxy::Inbound ──► forward ──► local app
 //!  local app ──────► outbound :15001 ──► proxy::Outbound ─► route ─► forward ─► service endpoint
 //!  operator ───────► admin :15020 ────► admin::Admin (/live /ready /config_dump /metrics)
+//!  control plane ──► control (register, heartbeat, watch) ─► snapshot swap
+//!  local app ◄────── health (probe) ─► /ready and heartbeats
 //! ```
 //!
 //! [`run`] wires them together from already bound [`Listeners`], serves
-//! until the shutdown future completes, then drains in-flight requests up
-//! to the drain deadline. `main.rs` only parses flags and waits for signals.
+//! until the shutdown future completes, deregisters from the control plane,
+//! then drains in-flight requests up to the drain deadline. `main.rs` only
+//! parses flags and waits for signals.
 //!
 //! **Architecture invariant:** nothing on the request path waits on
 //! configuration loading or the control plane; requests read the current
@@ -20,10 +23,13 @@ pub mod admin;
 pub mod balance;
 pub mod body;
 pub mod cli;
+pub mod client;
+pub mod control;
 pub mod error;
 pub mod forward;
 pub mod framing;
 pub mod headers;
+pub mod health;
 pub mod metrics;
 pub mod pool;
 pub mod proxy;
@@ -39,6 +45,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
+use meshlet_api::mesh::MeshState;
 use meshlet_api::Resource;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -102,19 +109,80 @@ pub enum Drained {
     DeadlineReached,
 }
 
+/// Where the first configuration comes from.
+#[derive(Debug)]
+pub struct InitialConfig {
+    pub state: MeshState,
+    /// Shown in `/config_dump` (file path, or the persisted snapshot).
+    pub source: String,
+    /// With a control plane: whether `state` is a persisted one (the
+    /// sidecar can route before the control plane answers).
+    pub persisted: bool,
+}
+
+impl InitialConfig {
+    /// A standalone sidecar's configuration: the `--config` file, if any.
+    pub fn standalone(config: Option<&Path>) -> Result<Self, StartupError> {
+        Ok(match config {
+            Some(path) => InitialConfig {
+                state: MeshState::from_resources(&load_config(path)?),
+                source: path.display().to_string(),
+                persisted: false,
+            },
+            None => InitialConfig {
+                state: MeshState::default(),
+                source: "none (no --config: every destination passes through)".to_owned(),
+                persisted: false,
+            },
+        })
+    }
+
+    /// A sidecar with a control plane starts from its persisted snapshot
+    /// when there is a readable one, else empty until the first push.
+    pub fn persisted(snapshot_file: &Path) -> Self {
+        match control::load_persisted(snapshot_file) {
+            Ok(Some(state)) => {
+                tracing::info!(file = %snapshot_file.display(), revision = state.revision, "starting from the persisted snapshot");
+                InitialConfig {
+                    state,
+                    source: format!("persisted snapshot {}", snapshot_file.display()),
+                    persisted: true,
+                }
+            }
+            Ok(None) => InitialConfig {
+                state: MeshState::default(),
+                source: "none yet (waiting for the control plane)".to_owned(),
+                persisted: false,
+            },
+            Err(error) => {
+                tracing::warn!(%error, "ignoring the persisted snapshot");
+                InitialConfig {
+                    state: MeshState::default(),
+                    source: "none yet (waiting for the control plane)".to_owned(),
+                    persisted: false,
+                }
+            }
+        }
+    }
+}
+
 /// Runs the sidecar until `shutdown` completes, then drains.
 pub async fn run(
     settings: Settings,
-    resources: Vec<Resource>,
-    source: String,
+    initial: InitialConfig,
     listeners: Listeners,
     shutdown: impl Future<Output = ()>,
 ) -> Drained {
     let settings = Arc::new(settings);
     let limits = Arc::new(settings.limits.clone());
     let metrics = Metrics::new();
+    metrics.set_config_revision(initial.state.revision);
     let snapshot = Arc::new(ArcSwap::from_pointee(Snapshot::build(
-        &resources, 0, source, None, &limits, &metrics,
+        &initial.state,
+        initial.source,
+        None,
+        &limits,
+        &metrics,
     )));
 
     let app = Arc::new(ServiceTarget {
@@ -125,6 +193,7 @@ pub async fn run(
             Default::default(),
             ConnPool::new(settings.app_addr, Arc::clone(&limits)),
         ))]),
+        unhealthy: Vec::new(),
         requests: metrics.requests(Direction::Inbound, &settings.service),
     });
     let own_listeners = [&listeners.inbound, &listeners.outbound]
@@ -147,8 +216,34 @@ pub async fn run(
     );
     let inbound = proxy::Inbound::new(app, Arc::clone(&limits), metrics.clone());
     let outbound = proxy::Outbound::new(router, Arc::clone(&limits), metrics.clone());
-    let admin = admin::Admin::new(Arc::clone(&settings), snapshot, metrics.clone());
-    admin.spawn_app_probe(stop_rx.clone());
+    let health = health::spawn_prober(
+        settings.app_addr,
+        settings.namespace.clone(),
+        settings.service.clone(),
+        Arc::clone(&snapshot),
+        stop_rx.clone(),
+    );
+    let mut registration = None;
+    let control = settings.control_plane.clone().map(|cp| {
+        let client = control::ControlClient::new(
+            Arc::clone(&settings),
+            cp,
+            Arc::clone(&snapshot),
+            Arc::clone(&limits),
+            metrics.clone(),
+            initial.persisted,
+        );
+        client.spawn_watch(initial.state, stop_rx.clone());
+        registration = Some(client.spawn_registration(health.clone(), stop_rx.clone()));
+        client
+    });
+    let admin = admin::Admin::new(
+        Arc::clone(&settings),
+        Arc::clone(&snapshot),
+        metrics.clone(),
+        health,
+        control,
+    );
     let servers = Servers {
         limits: &limits,
         metrics: &metrics,
@@ -164,6 +259,11 @@ pub async fn run(
     shutdown.await;
     tracing::info!(deadline = ?settings.drain_timeout, "shutting down: draining in-flight requests");
     let _ = stop_tx.send(true);
+    if let Some(registration) = registration {
+        // Deregister first, so that other sidecars stop sending here while
+        // in-flight requests finish.
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(3), registration).await;
+    }
     let all_drained = async {
         for server in servers {
             if let Ok(drain) = server.await {

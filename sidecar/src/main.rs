@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use clap::Parser;
 use meshlet_sidecar::cli::{Args, LogFormat, Mode};
 use meshlet_sidecar::error::StartupError;
-use meshlet_sidecar::{load_config, run, Listeners};
+use meshlet_sidecar::{run, InitialConfig, Listeners};
 use tracing_subscriber::EnvFilter;
 
 fn main() -> ExitCode {
@@ -28,6 +28,7 @@ fn main() -> ExitCode {
             match err {
                 StartupError::Config(_)
                 | StartupError::ReadConfig { .. }
+                | StartupError::Usage(_)
                 | StartupError::Unsupported(_) => ExitCode::from(2),
                 StartupError::Bind { .. } => ExitCode::FAILURE,
             }
@@ -36,27 +37,18 @@ fn main() -> ExitCode {
 }
 
 async fn start(args: Args) -> Result<(), StartupError> {
-    if let Some(url) = &args.control_plane {
-        return Err(StartupError::Unsupported(format!(
-            "--control-plane {url}: control-plane mode is not available in this release; \
-             run standalone with --config FILE"
-        )));
-    }
     if args.mode == Mode::Transparent {
         return Err(StartupError::Unsupported(
             "--mode transparent is not available in this release; use --mode explicit".to_owned(),
         ));
     }
-    let (resources, source) = match &args.config {
-        Some(path) => (load_config(path)?, path.display().to_string()),
-        None => (
-            Vec::new(),
-            "none (no --config: every destination passes through)".to_owned(),
-        ),
+    let settings = args.settings()?;
+    let initial = match &settings.control_plane {
+        Some(cp) => InitialConfig::persisted(&cp.snapshot_file),
+        None => InitialConfig::standalone(args.config.as_deref())?,
     };
-    let settings = args.settings();
     let listeners = Listeners::bind(&settings).await?;
-    run(settings, resources, source, listeners, shutdown_signal()).await;
+    run(settings, initial, listeners, shutdown_signal()).await;
     Ok(())
 }
 

@@ -41,6 +41,9 @@ pub struct Metrics {
     requests: IntCounterVec,
     active_connections: IntGaugeVec,
     mesh_responses: IntCounterVec,
+    config_revision: IntGauge,
+    config_applied: IntGauge,
+    control_plane_connected: IntGauge,
 }
 
 impl Metrics {
@@ -70,10 +73,28 @@ impl Metrics {
             &["direction", "reason"],
         )
         .expect("valid metric");
+        let config_revision = IntGauge::new(
+            "meshlet_config_revision",
+            "Revision of the mesh configuration this sidecar routes with (0: standalone)",
+        )
+        .expect("valid metric");
+        let config_applied = IntGauge::new(
+            "meshlet_config_applied_timestamp_seconds",
+            "Unix time at which the current configuration revision was applied",
+        )
+        .expect("valid metric");
+        let control_plane_connected = IntGauge::new(
+            "meshlet_control_plane_connected",
+            "1 while the watch stream to the control plane is open",
+        )
+        .expect("valid metric");
         for collector in [
             Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(active_connections.clone()),
             Box::new(mesh_responses.clone()),
+            Box::new(config_revision.clone()),
+            Box::new(config_applied.clone()),
+            Box::new(control_plane_connected.clone()),
         ] {
             registry
                 .register(collector)
@@ -84,7 +105,24 @@ impl Metrics {
             requests,
             active_connections,
             mesh_responses,
+            config_revision,
+            config_applied,
+            control_plane_connected,
         }
+    }
+
+    /// Records that configuration `revision` was just applied.
+    pub fn set_config_revision(&self, revision: u64) {
+        self.config_revision.set(revision as i64);
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs() as i64)
+            .unwrap_or(0);
+        self.config_applied.set(now);
+    }
+
+    pub fn set_control_plane_connected(&self, connected: bool) {
+        self.control_plane_connected.set(connected as i64);
     }
 
     /// The counter for requests in `direction` to `service`; resolve once

@@ -164,6 +164,7 @@ impl Router {
             name: addr.to_string(),
             namespace: String::new(),
             balancer: Balancer::new(vec![Arc::new(endpoint)]),
+            unhealthy: Vec::new(),
             requests: self.metrics.requests(Direction::Outbound, "passthrough"),
         });
         map.insert(addr, Arc::clone(&target));

@@ -1,7 +1,9 @@
 //! Runtime settings of one sidecar, independent of where they came from
 //! (flags, environment, tests). Built once at start-up and shared read-only.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use serde::Serialize;
@@ -11,6 +13,9 @@ use serde::Serialize;
 pub struct Settings {
     /// The service this sidecar stands next to.
     pub service: String,
+    pub namespace: String,
+    /// Labels of this instance (e.g. `version`), sent with its registration.
+    pub labels: BTreeMap<String, String>,
     /// Where the local app listens.
     pub app_addr: SocketAddr,
     pub inbound_addr: SocketAddr,
@@ -20,6 +25,23 @@ pub struct Settings {
     #[serde(with = "humantime_serde_compat")]
     pub drain_timeout: Duration,
     pub limits: Limits,
+    /// `None` runs standalone from `--config`.
+    pub control_plane: Option<ControlPlaneSettings>,
+}
+
+/// How this sidecar reaches and announces itself to the control plane.
+#[derive(Debug, Clone, Serialize)]
+pub struct ControlPlaneSettings {
+    /// As the user gave it (`http://127.0.0.1:15010`).
+    pub url: String,
+    /// `host:port` to connect to.
+    pub authority: String,
+    /// This instance's id in the registry.
+    pub instance_id: String,
+    /// Where other sidecars reach this one (its inbound listener).
+    pub advertise_addr: SocketAddr,
+    /// Where the last applied state is kept across restarts.
+    pub snapshot_file: PathBuf,
 }
 
 /// Protective limits and timeouts applied on both listeners.

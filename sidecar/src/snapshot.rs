@@ -1,9 +1,9 @@
 //! The sidecar's immutable view of the mesh: which services exist and
 //! where their endpoints are.
 //!
-//! A [`Snapshot`] is built from resources (today the `--config` file; with
-//! the control plane, each pushed revision) and published through
-//! [`SharedSnapshot`], an atomic pointer swap. Requests load the current
+//! A [`Snapshot`] is built from a [`MeshState`] (the `--config` file of a
+//! standalone sidecar, or the revision the control plane pushed) and
+//! published through [`SharedSnapshot`], an atomic pointer swap. Requests load the current
 //! snapshot without locking; a new snapshot never disturbs requests that
 //! already hold the old one.
 //!
@@ -14,8 +14,11 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
+use std::net::SocketAddr;
+
 use arc_swap::ArcSwap;
-use meshlet_api::Resource;
+use meshlet_api::mesh::MeshState;
+use meshlet_api::{HealthCheckSpec, Resource};
 use prometheus::IntCounter;
 use serde_json::json;
 
@@ -30,29 +33,34 @@ use crate::settings::Limits;
 pub struct ServiceTarget {
     pub name: String,
     pub namespace: String,
+    /// The healthy endpoints; only they get traffic.
     pub balancer: Balancer,
+    /// Registered endpoints whose app failed its health check.
+    pub unhealthy: Vec<SocketAddr>,
     /// `request_total{direction="outbound",service=name}`, resolved once.
     pub requests: IntCounter,
 }
 
 #[derive(Debug, Default)]
 pub struct Snapshot {
-    /// 0 for a standalone config file; the control plane's revision later.
+    /// 0 for a standalone config file; the control plane's revision.
     pub revision: u64,
     /// Where this snapshot came from (file path or control plane URL).
     pub source: String,
     /// Keyed by `name` (services in namespace `default`) and `name.namespace`.
     services: HashMap<String, Arc<ServiceTarget>>,
+    /// Policies and other resources of the state, for lookups such as
+    /// [`Snapshot::health_check`].
+    resources: Vec<Resource>,
 }
 
 pub type SharedSnapshot = Arc<ArcSwap<Snapshot>>;
 
 impl Snapshot {
-    /// Builds a snapshot from validated resources, reusing endpoints of
-    /// `previous` where the address is unchanged.
+    /// Builds a snapshot from a mesh state, reusing endpoints of
+    /// `previous` where the address and labels are unchanged.
     pub fn build(
-        resources: &[Resource],
-        revision: u64,
+        state: &MeshState,
         source: String,
         previous: Option<&Snapshot>,
         limits: &Arc<Limits>,
@@ -65,14 +73,11 @@ impl Snapshot {
             .map(|ep| (ep.addr, Arc::clone(ep)))
             .collect();
         let mut services = HashMap::new();
-        for resource in resources {
-            let Resource::Service(doc) = resource else {
-                continue;
-            };
-            let endpoints = doc
-                .spec
+        for entry in &state.services {
+            let endpoints = entry
                 .endpoints
                 .iter()
+                .filter(|spec| spec.healthy)
                 .map(|spec| match old_endpoints.get(&spec.address) {
                     Some(ep) if ep.labels == spec.labels => Arc::clone(ep),
                     _ => Arc::new(Endpoint::new(
@@ -82,11 +87,18 @@ impl Snapshot {
                     )),
                 })
                 .collect();
+            let unhealthy = entry
+                .endpoints
+                .iter()
+                .filter(|spec| !spec.healthy)
+                .map(|spec| spec.address)
+                .collect();
             let target = Arc::new(ServiceTarget {
-                name: doc.metadata.name.clone(),
-                namespace: doc.metadata.namespace.clone(),
+                name: entry.name.clone(),
+                namespace: entry.namespace.clone(),
                 balancer: Balancer::new(endpoints),
-                requests: metrics.requests(Direction::Outbound, &doc.metadata.name),
+                unhealthy,
+                requests: metrics.requests(Direction::Outbound, &entry.name),
             });
             if target.namespace == "default" {
                 services.insert(target.name.clone(), Arc::clone(&target));
@@ -94,10 +106,22 @@ impl Snapshot {
             services.insert(format!("{}.{}", target.name, target.namespace), target);
         }
         Snapshot {
-            revision,
+            revision: state.revision,
             source,
             services,
+            resources: state.resources.clone(),
         }
+    }
+
+    /// The health check that applies to `service` in `namespace`, if a
+    /// `HealthCheckPolicy` targets it.
+    pub fn health_check(&self, namespace: &str, service: &str) -> Option<&HealthCheckSpec> {
+        self.resources.iter().find_map(|r| match r {
+            Resource::HealthCheckPolicy(doc) if r.target() == Some((namespace, service)) => {
+                Some(&doc.spec)
+            }
+            _ => None,
+        })
     }
 
     /// Finds the service a host name refers to: `orders`, `orders.shop`,
@@ -146,10 +170,20 @@ impl Snapshot {
                         })
                     })
                     .collect();
-                json!({"name": t.name, "namespace": t.namespace, "endpoints": endpoints})
+                json!({
+                    "name": t.name,
+                    "namespace": t.namespace,
+                    "endpoints": endpoints,
+                    "unhealthyEndpoints": t.unhealthy.iter().map(|a| a.to_string()).collect::<Vec<_>>(),
+                })
             })
             .collect();
-        json!({"revision": self.revision, "source": self.source, "services": services})
+        json!({
+            "revision": self.revision,
+            "source": self.source,
+            "services": services,
+            "resources": self.resources,
+        })
     }
 }
 
@@ -157,8 +191,8 @@ impl Snapshot {
 mod tests {
     use super::*;
 
-    fn resources(yaml: &str) -> Vec<Resource> {
-        meshlet_api::parse_documents("t.yaml", yaml).unwrap()
+    fn state(yaml: &str) -> MeshState {
+        MeshState::from_resources(&meshlet_api::parse_documents("t.yaml", yaml).unwrap())
     }
 
     const MESH: &str = "\
@@ -176,14 +210,7 @@ spec: {endpoints: [{address: '127.0.0.1:9003'}]}
     #[test]
     fn looks_up_short_and_qualified_names() {
         let limits = Arc::new(Limits::default());
-        let snap = Snapshot::build(
-            &resources(MESH),
-            0,
-            "t".into(),
-            None,
-            &limits,
-            &Metrics::new(),
-        );
+        let snap = Snapshot::build(&state(MESH), "t".into(), None, &limits, &Metrics::new());
         assert_eq!(
             snap.service("orders").unwrap().balancer.endpoints().len(),
             2
@@ -203,11 +230,10 @@ spec: {endpoints: [{address: '127.0.0.1:9003'}]}
     fn rebuild_keeps_unchanged_endpoints() {
         let limits = Arc::new(Limits::default());
         let metrics = Metrics::new();
-        let first = Snapshot::build(&resources(MESH), 1, "t".into(), None, &limits, &metrics);
+        let first = Snapshot::build(&state(MESH), "t".into(), None, &limits, &metrics);
         let changed = MESH.replace("127.0.0.1:9002", "127.0.0.1:9009");
         let second = Snapshot::build(
-            &resources(&changed),
-            2,
+            &state(&changed),
             "t".into(),
             Some(&first),
             &limits,

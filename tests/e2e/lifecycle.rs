@@ -2,7 +2,7 @@
 //! while refusing new connections and exits 0, and gives up at the drain
 //! deadline (issue point 7); an invalid `--config` stops it before it binds
 //! anything, with exit code 2 and a message naming the line and the field
-//! (point 8); `/ready` follows whether the local app is listening.
+//! (point 8); `/ready` follows the local app's health check.
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -159,19 +159,45 @@ async fn an_unknown_kind_is_named_with_its_document_and_line() {
     assert!(log.contains("\"Pod\""), "{log}");
 }
 
+/// A fast health check so that the tests below see state changes quickly.
+const FAST_HEALTH_CHECK: &str = "\
+apiVersion: meshlet.dev/v1alpha1
+kind: HealthCheckPolicy
+metadata: {name: app-health}
+spec: {targetRef: {service: app}, interval: 100ms, timeout: 500ms, unhealthyThreshold: 2}
+";
+
 #[tokio::test]
-async fn ready_is_503_until_the_app_listens_then_200() {
+async fn ready_is_503_until_the_app_is_healthy_then_200() {
     let app_addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
     let sidecar = SidecarProcess::builder("app", app_addr.port())
+        .config(FAST_HEALTH_CHECK)
         .start()
         .await;
     let admin = sidecar.admin;
     let ready = client::get(admin, "/ready").await.unwrap();
     assert_eq!(ready.status, 503, "{}", ready.text());
-    assert!(ready.text().contains("not reachable"), "{}", ready.text());
+    assert!(ready.text().contains("not healthy"), "{}", ready.text());
+    assert!(ready.text().contains("GET /health"), "{}", ready.text());
 
     let app = Upstream::start_on("app", app_addr).await;
     wait::until("/ready turns 200", Duration::from_secs(5), || async {
+        let ready = client::get(admin, "/ready").await.ok()?;
+        (ready.status == 200).then_some(())
+    })
+    .await;
+    assert!(app.health_probes() >= 1);
+
+    // The app's /health failing makes the sidecar unready, with the reason.
+    app.set_healthy(false);
+    let text = wait::until("/ready turns 503", Duration::from_secs(5), || async {
+        let ready = client::get(admin, "/ready").await.ok()?;
+        (ready.status == 503).then(|| ready.text())
+    })
+    .await;
+    assert!(text.contains("503"), "{text}");
+    app.set_healthy(true);
+    wait::until("/ready turns 200 again", Duration::from_secs(5), || async {
         let ready = client::get(admin, "/ready").await.ok()?;
         (ready.status == 200).then_some(())
     })

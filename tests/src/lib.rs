@@ -21,5 +21,5 @@ pub mod process;
 pub mod upstream;
 pub mod wait;
 
-pub use process::{SidecarBuilder, SidecarProcess};
+pub use process::{meshctl, ControlPlaneProcess, SidecarBuilder, SidecarProcess, TempDir};
 pub use upstream::Upstream;

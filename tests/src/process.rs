@@ -119,6 +119,189 @@ impl SidecarProcess {
     pub fn is_running(&mut self) -> bool {
         matches!(self.child.try_wait(), Ok(None))
     }
+
+    /// `/config_dump` as JSON.
+    pub async fn config_dump(&self) -> serde_json::Value {
+        let reply = client::get(self.admin, "/config_dump")
+            .await
+            .expect("config_dump answers");
+        serde_json::from_slice(&reply.body).expect("config_dump is JSON")
+    }
+
+    /// Addresses of the healthy endpoints of `service` in this sidecar's
+    /// current snapshot, sorted.
+    pub async fn endpoints_of(&self, service: &str) -> Vec<String> {
+        let dump = self.config_dump().await;
+        let mut addrs: Vec<String> = dump["snapshot"]["services"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|s| s["name"] == service)
+            .flat_map(|s| s["endpoints"].as_array().cloned().unwrap_or_default())
+            .filter_map(|e| e["address"].as_str().map(str::to_owned))
+            .collect();
+        addrs.sort();
+        addrs
+    }
+
+    /// The configuration revision the sidecar routes with.
+    pub async fn revision(&self) -> u64 {
+        self.config_dump().await["snapshot"]["revision"]
+            .as_u64()
+            .expect("revision in config_dump")
+    }
+
+    /// Waits until `/ready` answers 200.
+    pub async fn wait_ready(&self, patience: Duration) {
+        let admin = self.admin;
+        wait::until("sidecar /ready", patience, || async {
+            let ready = client::get(admin, "/ready").await.ok()?;
+            (ready.status == 200).then_some(())
+        })
+        .await;
+    }
+}
+
+/// A running `control-plane` process with its own data directory. Killed
+/// on drop (the data directory goes with its [`TempDir`]).
+#[derive(Debug)]
+pub struct ControlPlaneProcess {
+    child: Child,
+    pub addr: SocketAddr,
+    pub data_dir: PathBuf,
+    pub log: PathBuf,
+    args: Vec<String>,
+}
+
+impl ControlPlaneProcess {
+    /// Starts a control plane on a free port with `data_dir` and extra
+    /// flags (e.g. `["--ttl", "2s"]`), and waits for `/healthz`.
+    pub async fn start(data_dir: &std::path::Path, args: &[&str]) -> ControlPlaneProcess {
+        let addr = loopback(free_port());
+        Self::start_on(addr, data_dir, args.iter().map(|a| a.to_string()).collect()).await
+    }
+
+    async fn start_on(addr: SocketAddr, data_dir: &std::path::Path, args: Vec<String>) -> Self {
+        let log = data_dir.with_extension(format!("{}.log", addr.port()));
+        let child = Command::new(binary("control-plane"))
+            .arg("--listen")
+            .arg(addr.to_string())
+            .arg("--data-dir")
+            .arg(data_dir)
+            .args(&args)
+            .env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
+            )
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(&log)
+                    .expect("log file"),
+            )
+            .kill_on_drop(true)
+            .spawn()
+            .expect("spawn control-plane");
+        let mut cp = ControlPlaneProcess {
+            child,
+            addr,
+            data_dir: data_dir.to_owned(),
+            log,
+            args,
+        };
+        wait::until(
+            "control-plane /healthz",
+            Duration::from_secs(10),
+            || async {
+                match client::get(addr, "/healthz").await {
+                    Ok(response) if response.status == 200 => Some(()),
+                    _ => None,
+                }
+            },
+        )
+        .await;
+        assert!(
+            matches!(cp.child.try_wait(), Ok(None)),
+            "control-plane exited: {}",
+            cp.log_text()
+        );
+        cp
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// `kill -9`, and wait for the process to be gone.
+    pub async fn kill9(&mut self) {
+        let _ = self.child.start_kill();
+        let _ = self.child.wait().await;
+    }
+
+    /// Starts again on the same address and data directory.
+    pub async fn restart(&mut self) {
+        self.kill9().await;
+        let again = Self::start_on(self.addr, &self.data_dir, self.args.clone()).await;
+        *self = again;
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// GET an API path and decode JSON.
+    pub async fn get_json(&self, path: &str) -> serde_json::Value {
+        let reply = client::get(self.addr, path).await.expect("API answers");
+        assert_eq!(reply.status, 200, "GET {path}: {}", reply.text());
+        serde_json::from_slice(&reply.body).expect("API answers JSON")
+    }
+}
+
+impl Drop for ControlPlaneProcess {
+    fn drop(&mut self) {
+        let _ = self.child.start_kill();
+    }
+}
+
+/// What a `meshctl` run printed and how it exited.
+#[derive(Debug)]
+pub struct MeshctlOutput {
+    pub code: Option<i32>,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl MeshctlOutput {
+    pub fn success(&self) -> bool {
+        self.code == Some(0)
+    }
+}
+
+/// Runs `meshctl ARGS` against `server` (None: no --server flag).
+pub async fn meshctl(server: Option<&str>, args: &[&str]) -> MeshctlOutput {
+    let mut command = Command::new(binary("meshctl"));
+    if let Some(server) = server {
+        command.arg("--server").arg(server);
+    }
+    let output = tokio::time::timeout(
+        Duration::from_secs(30),
+        command
+            .args(args)
+            .env_remove("MESHLET_SERVER")
+            .stdin(Stdio::null())
+            .output(),
+    )
+    .await
+    .expect("meshctl finishes within 30s")
+    .expect("run meshctl");
+    MeshctlOutput {
+        code: output.status.code(),
+        stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+    }
 }
 
 fn proc_status_kb(pid: u32, field: &str) -> u64 {
@@ -151,6 +334,13 @@ impl SidecarBuilder {
     pub fn env(mut self, key: &str, value: &str) -> Self {
         self.env.push((key.to_owned(), value.to_owned()));
         self
+    }
+
+    /// Registers with and routes from the control plane at `url`. The
+    /// snapshot file goes to the sidecar's temp dir unless the test passes
+    /// `--snapshot-file` itself.
+    pub fn control_plane(self, url: &str) -> Self {
+        self.arg("--control-plane").arg(url)
     }
 
     /// Spawns the process without waiting for it (for start-up failures).
@@ -188,6 +378,12 @@ impl SidecarBuilder {
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).expect("log file"))
             .kill_on_drop(true);
+        let has_cp = self.args.iter().any(|a| a == "--control-plane");
+        if has_cp && !self.args.iter().any(|a| a == "--snapshot-file") {
+            command
+                .arg("--snapshot-file")
+                .arg(dir.path.join("snapshot.json"));
+        }
         if let Some(yaml) = &self.config {
             let path = dir.path.join("mesh.yaml");
             std::fs::write(&path, yaml).expect("write config");

@@ -13,6 +13,7 @@
 //! | `/stall` | headers and `partial`, then nothing, ever |
 //! | `/status?code=N` | that status |
 //! | `/ws` | WebSocket echo |
+//! | `/health` | 200, or 503 after [`Upstream::set_healthy`]`(false)`; not counted as a request |
 //!
 //! [`Upstream::kill`] closes the listener and every open connection, as a
 //! crashed process would.
@@ -20,7 +21,7 @@
 use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -53,6 +54,8 @@ pub struct Upstream {
     connections: Arc<AtomicUsize>,
     open: Arc<AtomicUsize>,
     delay_ms: Arc<AtomicU64>,
+    healthy: Arc<AtomicBool>,
+    health_probes: Arc<AtomicUsize>,
     stop: watch::Sender<bool>,
     accept: JoinHandle<()>,
 }
@@ -69,6 +72,8 @@ impl Upstream {
         let delay_ms = Arc::new(AtomicU64::new(0));
         let connections = Arc::new(AtomicUsize::new(0));
         let open = Arc::new(AtomicUsize::new(0));
+        let healthy = Arc::new(AtomicBool::new(true));
+        let health_probes = Arc::new(AtomicUsize::new(0));
         let (stop, stopped) = watch::channel(false);
         let state = State {
             name: name.to_owned(),
@@ -76,6 +81,8 @@ impl Upstream {
             connections: Arc::clone(&connections),
             open: Arc::clone(&open),
             delay_ms: Arc::clone(&delay_ms),
+            healthy: Arc::clone(&healthy),
+            health_probes: Arc::clone(&health_probes),
         };
         let accept = tokio::spawn(accept_loop(listener, state, stopped));
         Upstream {
@@ -85,9 +92,21 @@ impl Upstream {
             connections,
             open,
             delay_ms,
+            healthy,
+            health_probes,
             stop,
             accept,
         }
+    }
+
+    /// Makes `/health` answer 200 (true) or 503 (false).
+    pub fn set_healthy(&self, healthy: bool) {
+        self.healthy.store(healthy, Ordering::SeqCst);
+    }
+
+    /// `/health` requests received so far.
+    pub fn health_probes(&self) -> usize {
+        self.health_probes.load(Ordering::SeqCst)
     }
 
     pub fn port(&self) -> u16 {
@@ -139,6 +158,23 @@ struct State {
     connections: Arc<AtomicUsize>,
     open: Arc<AtomicUsize>,
     delay_ms: Arc<AtomicU64>,
+    healthy: Arc<AtomicBool>,
+    health_probes: Arc<AtomicUsize>,
+}
+
+/// `/health`: answered before any counting, so that a sidecar's probes do
+/// not show up in [`Upstream::requests`].
+fn health(state: &State) -> Response<Body> {
+    state.health_probes.fetch_add(1, Ordering::SeqCst);
+    let (status, text) = if state.healthy.load(Ordering::SeqCst) {
+        (StatusCode::OK, "healthy")
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "unhealthy")
+    };
+    Response::builder()
+        .status(status)
+        .body(full(text))
+        .expect("valid response")
 }
 
 async fn accept_loop(listener: TcpListener, state: State, stopped: watch::Receiver<bool>) {
@@ -148,20 +184,28 @@ async fn accept_loop(listener: TcpListener, state: State, stopped: watch::Receiv
             continue;
         };
         let state = state.clone();
+        let open = Arc::clone(&state.open);
         let first_request = std::sync::atomic::AtomicBool::new(true);
-        let service = service_fn(move |request| {
+        let service = service_fn(move |request: Request<Incoming>| {
+            let probe = (request.uri().path() == "/health"
+                && state.requests.load(Ordering::SeqCst) & KILLED == 0)
+                .then(|| health(&state));
             // Count the request unless killed, in one atomic step.
-            let alive = state
-                .requests
-                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
-                    (n & KILLED == 0).then_some(n + 1)
-                })
-                .is_ok();
+            let alive = probe.is_none()
+                && state
+                    .requests
+                    .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
+                        (n & KILLED == 0).then_some(n + 1)
+                    })
+                    .is_ok();
             if alive && first_request.swap(false, Ordering::SeqCst) {
                 state.connections.fetch_add(1, Ordering::SeqCst);
             }
             let (name, delay) = (state.name.clone(), state.delay_ms.load(Ordering::SeqCst));
             async move {
+                if let Some(response) = probe {
+                    return Ok(response);
+                }
                 if !alive {
                     return Err("killed");
                 }
@@ -175,7 +219,6 @@ async fn accept_loop(listener: TcpListener, state: State, stopped: watch::Receiv
             .serve_connection_with_upgrades(TokioIo::new(stream), service)
             .into_owned();
         let mut stopped = stopped.clone();
-        let open = Arc::clone(&state.open);
         open.fetch_add(1, Ordering::SeqCst);
         tokio::spawn(async move {
             tokio::select! {

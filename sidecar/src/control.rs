@@ -1,0 +1,492 @@
+//! The sidecar's side of the control plane: registration, heartbeats, the
+//! watch stream, and the persisted last-good state.
+//!
+//! Two background tasks, neither on the request path:
+//!
+//! ```text
+//! registration task: POST /api/v1/instances ─► every heartbeatInterval (or
+//!     at once when the app's health changes) PUT …/heartbeat ─► 404? register
+//!     again ─► on shutdown DELETE …/{id}
+//! watch task: GET /api/v1/watch?revision=R ─► NDJSON WatchEvents ─►
+//!     MeshState::apply ─► Snapshot::build ─► ArcSwap::store ─► persist file
+//! ```
+//!
+//! Either task retries a failed control plane with jittered exponential
+//! backoff (200 ms doubling to 5 s) and never blocks traffic: requests keep
+//! reading the last snapshot. Each applied state is written to the snapshot
+//! file (write to a temporary file, then rename), and a sidecar restarted
+//! while the control plane is down starts from that file.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::BytesMut;
+use http::{Method, StatusCode};
+use http_body_util::BodyExt;
+use meshlet_api::mesh::{paths, Heartbeat, MeshState, Registration, RegistrationReply, WatchEvent};
+use serde_json::json;
+use tokio::sync::watch;
+
+use crate::client::{self, ClientError};
+use crate::health::AppHealth;
+use crate::metrics::Metrics;
+use crate::settings::{ControlPlaneSettings, Limits, Settings};
+use crate::snapshot::{SharedSnapshot, Snapshot};
+
+/// Deadline of one registration, heartbeat or deregistration call.
+const CALL_TIMEOUT: Duration = Duration::from_secs(2);
+/// A watch stream that brings nothing (not even a keepalive) this long is
+/// presumed dead and reopened.
+const WATCH_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Heartbeat period until the control plane says otherwise.
+const DEFAULT_HEARTBEAT: Duration = Duration::from_secs(3);
+
+/// Why talking to the control plane failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    #[error(transparent)]
+    Client(#[from] ClientError),
+    #[error("watch stream: {0}")]
+    Stream(String),
+    #[error("control plane sent an invalid {what}: {source}")]
+    Decode {
+        what: &'static str,
+        source: serde_json::Error,
+    },
+    #[error(transparent)]
+    Gap(#[from] meshlet_api::mesh::RevisionGap),
+}
+
+/// Errors of the persisted snapshot file.
+#[derive(Debug, thiserror::Error)]
+pub enum PersistError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path} is not a valid snapshot: {source}")]
+    Decode {
+        path: PathBuf,
+        source: serde_json::Error,
+    },
+    #[error("cannot write {path}: {source}")]
+    Write {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// What `/config_dump` and `/ready` need to know about the connection.
+#[derive(Debug, Default)]
+pub struct ControlStatus {
+    /// The watch stream is open.
+    pub connected: AtomicBool,
+    /// The instance is registered (the last call succeeded).
+    pub registered: AtomicBool,
+    /// A state arrived from the control plane or the snapshot file.
+    pub has_state: AtomicBool,
+    /// Unix milliseconds of the last applied state.
+    pub last_update_ms: AtomicU64,
+    pub last_error: Mutex<Option<String>>,
+}
+
+impl ControlStatus {
+    fn failed(&self, error: &ControlError) {
+        *self.last_error.lock().unwrap() = Some(error.to_string());
+    }
+
+    pub fn to_json(&self, settings: &ControlPlaneSettings) -> serde_json::Value {
+        json!({
+            "url": settings.url,
+            "instanceId": settings.instance_id,
+            "advertiseAddress": settings.advertise_addr.to_string(),
+            "snapshotFile": settings.snapshot_file,
+            "connected": self.connected.load(Ordering::Relaxed),
+            "registered": self.registered.load(Ordering::Relaxed),
+            "lastUpdateUnixMs": self.last_update_ms.load(Ordering::Relaxed),
+            "lastError": *self.last_error.lock().unwrap(),
+        })
+    }
+}
+
+/// Reads a snapshot file written by an earlier run.
+pub fn load_persisted(path: &Path) -> Result<Option<MeshState>, PersistError> {
+    let text = match std::fs::read(path) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(source) => {
+            return Err(PersistError::Read {
+                path: path.to_owned(),
+                source,
+            })
+        }
+    };
+    serde_json::from_slice(&text)
+        .map(Some)
+        .map_err(|source| PersistError::Decode {
+            path: path.to_owned(),
+            source,
+        })
+}
+
+fn persist(path: &Path, state: &MeshState) -> Result<(), PersistError> {
+    let write = || -> std::io::Result<()> {
+        let tmp = path.with_extension("tmp");
+        std::fs::write(&tmp, serde_json::to_vec(state)?)?;
+        std::fs::rename(&tmp, path)
+    };
+    write().map_err(|source| PersistError::Write {
+        path: path.to_owned(),
+        source,
+    })
+}
+
+/// Everything the two tasks share.
+#[derive(Clone)]
+pub struct ControlClient {
+    pub settings: Arc<Settings>,
+    cp: Arc<ControlPlaneSettings>,
+    snapshot: SharedSnapshot,
+    limits: Arc<Limits>,
+    metrics: Metrics,
+    pub status: Arc<ControlStatus>,
+}
+
+impl ControlClient {
+    pub fn new(
+        settings: Arc<Settings>,
+        cp: ControlPlaneSettings,
+        snapshot: SharedSnapshot,
+        limits: Arc<Limits>,
+        metrics: Metrics,
+        has_state: bool,
+    ) -> Self {
+        let status = ControlStatus::default();
+        status.has_state.store(has_state, Ordering::Relaxed);
+        ControlClient {
+            settings,
+            cp: Arc::new(cp),
+            snapshot,
+            limits,
+            metrics,
+            status: Arc::new(status),
+        }
+    }
+
+    pub fn cp_settings(&self) -> &ControlPlaneSettings {
+        &self.cp
+    }
+
+    /// Starts the watch task.
+    pub fn spawn_watch(&self, initial: MeshState, mut stop: watch::Receiver<bool>) {
+        let this = self.clone();
+        tokio::spawn(async move {
+            let mut state = initial;
+            let mut backoff = Backoff::default();
+            loop {
+                let result = tokio::select! {
+                    result = this.watch_once(&mut state, &mut backoff) => result,
+                    _ = stop.wait_for(|stop| *stop) => return,
+                };
+                this.status.connected.store(false, Ordering::Relaxed);
+                this.metrics.set_control_plane_connected(false);
+                if let Err(error) = result {
+                    if backoff.attempts == 0 {
+                        tracing::warn!(control_plane = %this.cp.url, %error, "watch failed; serving the last known snapshot and retrying");
+                    } else {
+                        tracing::debug!(%error, "watch retry failed");
+                    }
+                    this.status.failed(&error);
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff.next_delay()) => {}
+                    _ = stop.wait_for(|stop| *stop) => return,
+                }
+            }
+        });
+    }
+
+    /// One watch connection: returns when it ends or fails.
+    async fn watch_once(
+        &self,
+        state: &mut MeshState,
+        backoff: &mut Backoff,
+    ) -> Result<(), ControlError> {
+        let path = format!("{}?revision={}", paths::WATCH, state.revision);
+        let response =
+            client::send(&self.cp.authority, Method::GET, &path, None, CALL_TIMEOUT).await?;
+        if response.status() != StatusCode::OK {
+            return Err(ControlError::Stream(format!(
+                "control plane answered {}",
+                response.status()
+            )));
+        }
+        self.status.connected.store(true, Ordering::Relaxed);
+        self.metrics.set_control_plane_connected(true);
+        if backoff.attempts > 0 {
+            tracing::info!(control_plane = %self.cp.url, "watch connected again");
+        }
+        backoff.reset();
+        let mut body = response.into_body();
+        let mut buffer = BytesMut::new();
+        loop {
+            let frame = match tokio::time::timeout(WATCH_IDLE_TIMEOUT, body.frame()).await {
+                Err(_) => {
+                    return Err(ControlError::Stream(format!(
+                        "nothing received for {WATCH_IDLE_TIMEOUT:?}"
+                    )))
+                }
+                Ok(None) => return Err(ControlError::Stream("closed by the control plane".into())),
+                Ok(Some(Err(e))) => return Err(ControlError::Stream(e.to_string())),
+                Ok(Some(Ok(frame))) => frame,
+            };
+            let Ok(data) = frame.into_data() else {
+                continue;
+            };
+            buffer.extend_from_slice(&data);
+            let mut changed = false;
+            while let Some(end) = buffer.iter().position(|b| *b == b'\n') {
+                let line = buffer.split_to(end + 1);
+                let line = &line[..end];
+                if line.iter().all(u8::is_ascii_whitespace) {
+                    continue;
+                }
+                let event: WatchEvent =
+                    serde_json::from_slice(line).map_err(|source| ControlError::Decode {
+                        what: "watch event",
+                        source,
+                    })?;
+                changed |= state.apply(event)?;
+            }
+            if changed || !self.status.has_state.load(Ordering::Relaxed) {
+                self.publish(state).await;
+            }
+        }
+    }
+
+    /// Swaps in a snapshot built from `state` and persists the state.
+    async fn publish(&self, state: &MeshState) {
+        let previous = self.snapshot.load_full();
+        let snapshot = Snapshot::build(
+            state,
+            format!("control plane {}", self.cp.url),
+            Some(&previous),
+            &self.limits,
+            &self.metrics,
+        );
+        self.snapshot.store(Arc::new(snapshot));
+        self.metrics.set_config_revision(state.revision);
+        self.status.has_state.store(true, Ordering::Relaxed);
+        self.status
+            .last_update_ms
+            .store(unix_ms(), Ordering::Relaxed);
+        tracing::debug!(revision = state.revision, "applied control plane revision");
+        let (path, state) = (self.cp.snapshot_file.clone(), state.clone());
+        let written = tokio::task::spawn_blocking(move || persist(&path, &state)).await;
+        if let Ok(Err(error)) = written {
+            tracing::warn!(%error, "cannot persist the snapshot; a restart without the control plane will start empty");
+        }
+    }
+
+    /// Starts the registration and heartbeat task; it deregisters when
+    /// `stop` fires. Await the handle to know deregistration finished.
+    pub fn spawn_registration(
+        &self,
+        mut health: watch::Receiver<AppHealth>,
+        mut stop: watch::Receiver<bool>,
+    ) -> tokio::task::JoinHandle<()> {
+        let this = self.clone();
+        tokio::spawn(async move {
+            let mut backoff = Backoff::default();
+            let mut heartbeat = DEFAULT_HEARTBEAT;
+            let mut registered = false;
+            loop {
+                if !registered {
+                    let healthy = health.borrow_and_update().healthy;
+                    match this.register(healthy).await {
+                        Ok(reply) => {
+                            registered = true;
+                            backoff.reset();
+                            heartbeat = Duration::from_millis(reply.heartbeat_interval_ms.max(50));
+                            tracing::info!(instance = %this.cp.instance_id, revision = reply.revision, healthy, "registered with the control plane");
+                        }
+                        Err(error) => {
+                            if backoff.attempts == 0 {
+                                tracing::warn!(control_plane = %this.cp.url, %error, "cannot register; retrying");
+                            }
+                            this.status.failed(&error);
+                        }
+                    }
+                    this.status.registered.store(registered, Ordering::Relaxed);
+                }
+                let wait = if registered {
+                    heartbeat
+                } else {
+                    backoff.next_delay()
+                };
+                let stopping = tokio::select! {
+                    _ = tokio::time::sleep(wait) => false,
+                    Ok(()) = health.changed() => false,
+                    _ = stop.wait_for(|stop| *stop) => true,
+                };
+                if stopping {
+                    if registered {
+                        this.deregister().await;
+                    }
+                    return;
+                }
+                if registered {
+                    let healthy = health.borrow_and_update().healthy;
+                    match this.heartbeat(healthy).await {
+                        Ok(()) => {}
+                        Err(ControlError::Client(e))
+                            if e.status() == Some(StatusCode::NOT_FOUND) =>
+                        {
+                            tracing::info!("control plane does not know this instance (expired or restarted empty); registering again");
+                            registered = false;
+                        }
+                        Err(error) => {
+                            tracing::debug!(%error, "heartbeat failed");
+                            this.status.failed(&error);
+                            this.status.registered.store(false, Ordering::Relaxed);
+                        }
+                    }
+                }
+            }
+        })
+    }
+
+    async fn register(&self, healthy: bool) -> Result<RegistrationReply, ControlError> {
+        let registration = Registration {
+            id: self.cp.instance_id.clone(),
+            service: self.settings.service.clone(),
+            namespace: self.settings.namespace.clone(),
+            address: self.cp.advertise_addr,
+            labels: self.settings.labels.clone(),
+            healthy,
+        };
+        let body = serde_json::to_vec(&registration).expect("serializable");
+        let reply = client::call(
+            &self.cp.authority,
+            Method::POST,
+            paths::INSTANCES,
+            Some(body),
+            CALL_TIMEOUT,
+        )
+        .await?;
+        serde_json::from_slice(&reply).map_err(|source| ControlError::Decode {
+            what: "registration reply",
+            source,
+        })
+    }
+
+    async fn heartbeat(&self, healthy: bool) -> Result<(), ControlError> {
+        let body = serde_json::to_vec(&Heartbeat { healthy }).expect("serializable");
+        client::call(
+            &self.cp.authority,
+            Method::PUT,
+            &paths::heartbeat(&self.cp.instance_id),
+            Some(body),
+            CALL_TIMEOUT,
+        )
+        .await?;
+        self.status.registered.store(true, Ordering::Relaxed);
+        Ok(())
+    }
+
+    async fn deregister(&self) {
+        let result = client::call(
+            &self.cp.authority,
+            Method::DELETE,
+            &paths::instance(&self.cp.instance_id),
+            None,
+            CALL_TIMEOUT,
+        )
+        .await;
+        match result {
+            Ok(_) => {
+                tracing::info!(instance = %self.cp.instance_id, "deregistered from the control plane")
+            }
+            Err(error) => {
+                tracing::warn!(%error, "cannot deregister; the control plane will expire this instance after its TTL")
+            }
+        }
+        self.status.registered.store(false, Ordering::Relaxed);
+    }
+}
+
+/// Exponential backoff with full jitter: 200 ms doubling up to 5 s.
+#[derive(Debug, Default)]
+struct Backoff {
+    attempts: u32,
+}
+
+impl Backoff {
+    const BASE: Duration = Duration::from_millis(200);
+    const MAX: Duration = Duration::from_secs(5);
+
+    fn next_delay(&mut self) -> Duration {
+        let ceiling = Self::BASE
+            .saturating_mul(1 << self.attempts.min(10))
+            .min(Self::MAX);
+        self.attempts += 1;
+        // Full jitter keeps a fleet of sidecars from reconnecting in step
+        // after a control plane restart.
+        let ms = ceiling.as_millis() as u64;
+        Duration::from_millis(ms / 2 + fastrand::u64(0..=ms / 2))
+    }
+
+    fn reset(&mut self) {
+        self.attempts = 0;
+    }
+}
+
+fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_to_a_ceiling_with_jitter() {
+        let mut backoff = Backoff::default();
+        let first = backoff.next_delay();
+        assert!(first >= Duration::from_millis(100) && first <= Duration::from_millis(200));
+        for _ in 0..20 {
+            let delay = backoff.next_delay();
+            assert!(delay <= Backoff::MAX, "{delay:?}");
+        }
+        let late = backoff.next_delay();
+        assert!(late >= Backoff::MAX / 2, "{late:?}");
+        backoff.reset();
+        assert!(backoff.next_delay() <= Duration::from_millis(200));
+    }
+
+    #[test]
+    fn persisted_state_round_trips() {
+        let dir = std::env::temp_dir().join(format!("meshlet-persist-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("snap.json");
+        assert_eq!(load_persisted(&path).unwrap(), None);
+        let state = MeshState {
+            revision: 9,
+            ..Default::default()
+        };
+        persist(&path, &state).unwrap();
+        assert_eq!(load_persisted(&path).unwrap(), Some(state));
+        std::fs::write(&path, "{not json").unwrap();
+        assert!(matches!(
+            load_persisted(&path),
+            Err(PersistError::Decode { .. })
+        ));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
