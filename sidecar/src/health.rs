@@ -17,6 +17,7 @@
 //! The app starts unhealthy until its first successful probe(s).
 
 use std::net::SocketAddr;
+use std::time::{Duration, Instant};
 
 use http::Method;
 use meshlet_api::HealthCheckSpec;
@@ -24,6 +25,9 @@ use tokio::sync::watch;
 
 use crate::client;
 use crate::snapshot::SharedSnapshot;
+
+/// Longest wait before the policy is looked up again.
+const RECHECK: Duration = Duration::from_millis(500);
 
 /// What the prober currently believes about the app.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -81,12 +85,27 @@ pub fn spawn_prober(
     let authority = app.to_string();
     tokio::spawn(async move {
         let mut counts = Thresholds::default();
+        let mut last_probe: Option<Instant> = None;
         loop {
             let spec = snapshot
                 .load()
                 .health_check(&namespace, &service)
                 .cloned()
                 .unwrap_or_else(|| HealthCheckSpec::defaults_for(&service));
+            // Wake at least every RECHECK so that a newly pushed policy with
+            // a shorter interval applies without waiting out the old one.
+            if let Some(at) = last_probe {
+                let due = at + spec.interval.get();
+                let now = Instant::now();
+                if now < due {
+                    tokio::select! {
+                        _ = tokio::time::sleep((due - now).min(RECHECK)) => {}
+                        _ = stop.wait_for(|stop| *stop) => return,
+                    }
+                    continue;
+                }
+            }
+            last_probe = Some(Instant::now());
             let (success, last_result) = probe(&authority, &spec).await;
             let healthy = counts.record(success, &spec);
             tx.send_if_modified(|state| {
@@ -101,10 +120,6 @@ pub fn spawn_prober(
                 };
                 changed
             });
-            tokio::select! {
-                _ = tokio::time::sleep(spec.interval.get()) => {}
-                _ = stop.wait_for(|stop| *stop) => return,
-            }
         }
     });
     rx

@@ -48,6 +48,79 @@ pub async fn get(addr: SocketAddr, path: &str) -> Result<Reply, Error> {
     send(addr, request).await
 }
 
+/// `POST path` with a JSON body.
+pub async fn post_json(addr: SocketAddr, path: &str, body: &serde_json::Value) -> Reply {
+    let request = Request::post(path)
+        .header("host", addr.to_string())
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(body.to_string())))
+        .expect("valid request");
+    send(addr, request).await.expect("POST answered")
+}
+
+/// A client of the control plane's watch stream (newline-delimited JSON
+/// events), tracking the revision it holds.
+#[derive(Debug)]
+pub struct WatchStream {
+    body: hyper::body::Incoming,
+    buffer: Vec<u8>,
+    pub revision: u64,
+}
+
+impl WatchStream {
+    /// Opens `GET /api/v1/watch?revision=R` and reads the first event.
+    pub async fn open(addr: SocketAddr, revision: u64) -> WatchStream {
+        let stream = TcpStream::connect(addr).await.expect("connect");
+        let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .expect("handshake");
+        tokio::spawn(connection);
+        let request = Request::get(format!("/api/v1/watch?revision={revision}"))
+            .header("host", addr.to_string())
+            .body(Full::new(Bytes::new()))
+            .expect("valid request");
+        let response = sender.send_request(request).await.expect("watch answered");
+        assert_eq!(response.status(), 200);
+        let mut watch = WatchStream {
+            body: response.into_body(),
+            buffer: Vec::new(),
+            revision,
+        };
+        watch.next_event().await;
+        watch
+    }
+
+    /// Reads the next event and returns it; updates [`Self::revision`].
+    pub async fn next_event(&mut self) -> serde_json::Value {
+        loop {
+            if let Some(end) = self.buffer.iter().position(|b| *b == b'\n') {
+                let line: Vec<u8> = self.buffer.drain(..=end).collect();
+                let event: serde_json::Value =
+                    serde_json::from_slice(&line).expect("watch event is JSON");
+                if let Some(revision) = event["revision"].as_u64() {
+                    self.revision = revision;
+                }
+                return event;
+            }
+            let frame = tokio::time::timeout(Duration::from_secs(30), self.body.frame())
+                .await
+                .expect("watch event within 30s")
+                .expect("watch stream open")
+                .expect("watch stream readable");
+            if let Ok(data) = frame.into_data() {
+                self.buffer.extend_from_slice(&data);
+            }
+        }
+    }
+
+    /// Reads events until the held revision is above `revision`.
+    pub async fn until_revision_above(&mut self, revision: u64) {
+        while self.revision <= revision {
+            self.next_event().await;
+        }
+    }
+}
+
 /// Sends `request` over a new HTTP/1.1 connection to `addr`.
 pub async fn send<B>(addr: SocketAddr, request: Request<B>) -> Result<Reply, Error>
 where

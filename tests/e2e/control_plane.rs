@@ -1,0 +1,474 @@
+//! The control plane with real sidecars (issue 3): registration and
+//! discovery, TTL expiry after `kill -9`, health checking, restarts of the
+//! control plane (durable store), sidecars surviving a control plane that
+//! is down (persisted snapshot), `meshctl` against it, and broadcast.
+//!
+//! Every instance here is a real `sidecar` process in front of an
+//! in-process upstream, registered with a real `control-plane` process on
+//! loopback. Waiting is always on a condition with a deadline.
+
+use std::collections::BTreeSet;
+use std::time::{Duration, Instant};
+
+use meshlet_e2e::process::free_port;
+use meshlet_e2e::{client, meshctl, wait, ControlPlaneProcess, SidecarProcess, TempDir, Upstream};
+
+/// Instance expiry used by these tests (heartbeats every TTL/3).
+const TTL: Duration = Duration::from_secs(2);
+
+/// A fast health check for every service of these tests: 200 ms × 2.
+const HEALTH_POLICIES: &str = "\
+apiVersion: meshlet.dev/v1alpha1
+kind: HealthCheckPolicy
+metadata: {name: orders-health}
+spec: {targetRef: {service: orders}, interval: 200ms, timeout: 500ms, unhealthyThreshold: 2, healthyThreshold: 1}
+---
+apiVersion: meshlet.dev/v1alpha1
+kind: HealthCheckPolicy
+metadata: {name: frontend-health}
+spec: {targetRef: {service: frontend}, interval: 200ms, timeout: 500ms}
+";
+
+/// An app and its sidecar.
+struct Instance {
+    app: Upstream,
+    sidecar: SidecarProcess,
+}
+
+impl Instance {
+    async fn start(cp: &ControlPlaneProcess, service: &str, version: &str) -> Instance {
+        let app = Upstream::start(&format!("{service}-{version}")).await;
+        let sidecar = SidecarProcess::builder(service, app.port())
+            .control_plane(&cp.url())
+            .arg("--labels")
+            .arg(&format!("version={version}"))
+            .start()
+            .await;
+        Instance { app, sidecar }
+    }
+
+    fn address(&self) -> String {
+        self.sidecar.inbound.to_string()
+    }
+}
+
+/// A control plane (with the health policies applied) and a data dir.
+async fn control_plane(dir: &TempDir) -> ControlPlaneProcess {
+    let cp = ControlPlaneProcess::start(&dir.path.join("data"), &["--ttl", "2s"]).await;
+    let policies = dir.path.join("health.yaml");
+    std::fs::write(&policies, HEALTH_POLICIES).unwrap();
+    let out = meshctl(
+        Some(&cp.url()),
+        &["apply", "-f", policies.to_str().unwrap()],
+    )
+    .await;
+    assert!(out.success(), "apply: {out:?}");
+    cp
+}
+
+/// Addresses of the registered instances of `service`, with health.
+async fn registered(cp: &ControlPlaneProcess, service: &str) -> Vec<(String, bool)> {
+    let reply = client::get(cp.addr, &format!("/api/v1/services/default/{service}"))
+        .await
+        .expect("API answers");
+    if reply.status == 404 {
+        return Vec::new();
+    }
+    let detail: serde_json::Value = serde_json::from_slice(&reply.body).unwrap();
+    let mut out: Vec<(String, bool)> = detail["instances"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| {
+            (
+                i["address"].as_str().unwrap().to_owned(),
+                i["healthy"].as_bool().unwrap(),
+            )
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+fn sorted(addrs: impl IntoIterator<Item = String>) -> Vec<String> {
+    let mut v: Vec<String> = addrs.into_iter().collect();
+    v.sort();
+    v
+}
+
+/// Sends `n` requests for `service` through `via`'s outbound listener and
+/// asserts they all succeed.
+async fn call_many(via: &SidecarProcess, service: &str, n: usize) {
+    for i in 0..n {
+        let request = http::Request::get(format!("http://{service}/"))
+            .body(http_body_util::Full::new(bytes::Bytes::new()))
+            .unwrap();
+        let reply = client::send(via.outbound, request).await.expect("answer");
+        assert_eq!(reply.status, 200, "request {i}: {}", reply.text());
+    }
+}
+
+/// Waits until every sidecar routes `service` to exactly `expected`.
+async fn converged(
+    sidecars: &[&SidecarProcess],
+    service: &str,
+    expected: &[String],
+    patience: Duration,
+) {
+    wait::until(
+        &format!("every sidecar routes {service} to {expected:?}"),
+        patience,
+        || async {
+            for sidecar in sidecars {
+                if sidecar.endpoints_of(service).await != expected {
+                    return None;
+                }
+            }
+            Some(())
+        },
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn instances_register_expire_after_kill_and_follow_their_health() {
+    let dir = TempDir::new();
+    let cp = control_plane(&dir).await;
+    let mut orders = Vec::new();
+    for version in ["v1", "v2", "v3"] {
+        orders.push(Instance::start(&cp, "orders", version).await);
+    }
+    let frontend = Instance::start(&cp, "frontend", "v1").await;
+
+    // 1. Everyone registers; meshctl lists the three orders endpoints.
+    let all_orders = sorted(orders.iter().map(Instance::address));
+    wait::until(
+        "3 healthy orders instances",
+        Duration::from_secs(10),
+        || async {
+            let got = registered(&cp, "orders").await;
+            (got.len() == 3 && got.iter().all(|(_, healthy)| *healthy)).then_some(())
+        },
+    )
+    .await;
+    assert_eq!(registered(&cp, "frontend").await.len(), 1);
+    let out = meshctl(Some(&cp.url()), &["get", "endpoints", "orders"]).await;
+    assert!(out.success(), "{out:?}");
+    for address in &all_orders {
+        assert!(
+            out.stdout.contains(address.as_str()),
+            "{address} missing:\n{}",
+            out.stdout
+        );
+    }
+    let sidecars: Vec<&SidecarProcess> = orders
+        .iter()
+        .map(|i| &i.sidecar)
+        .chain([&frontend.sidecar])
+        .collect();
+    converged(&sidecars, "orders", &all_orders, Duration::from_secs(5)).await;
+    frontend.sidecar.wait_ready(Duration::from_secs(5)).await;
+
+    // Traffic through the frontend's sidecar reaches all three.
+    call_many(&frontend.sidecar, "orders", 30).await;
+    for instance in &orders {
+        assert!(
+            instance.app.requests() > 0,
+            "{} got no traffic",
+            instance.app.name
+        );
+    }
+
+    // 3. An app whose /health fails is marked unhealthy and gets no
+    // traffic within interval × threshold (200 ms × 2), then comes back.
+    orders[0].app.set_healthy(false);
+    let failing = orders[0].address();
+    let others = sorted(orders[1..].iter().map(Instance::address));
+    let started = Instant::now();
+    converged(
+        &sidecars,
+        "orders",
+        &others,
+        Duration::from_millis(400) + Duration::from_secs(1),
+    )
+    .await;
+    let took = started.elapsed();
+    assert!(
+        registered(&cp, "orders")
+            .await
+            .contains(&(failing.clone(), false)),
+        "stays registered, marked unhealthy"
+    );
+    let before = orders[0].app.requests();
+    call_many(&frontend.sidecar, "orders", 20).await;
+    assert_eq!(
+        orders[0].app.requests(),
+        before,
+        "unhealthy instance got traffic"
+    );
+    println!("unhealthy instance removed from every sidecar after {took:?}");
+    orders[0].app.set_healthy(true);
+    converged(&sidecars, "orders", &all_orders, Duration::from_secs(2)).await;
+    call_many(&frontend.sidecar, "orders", 30).await;
+    assert!(
+        orders[0].app.requests() > before,
+        "healthy again, gets traffic"
+    );
+
+    // 2. kill -9 of an instance's sidecar and app: gone from the registry
+    // and from every sidecar within TTL + 1 s.
+    let victim = orders.pop().unwrap();
+    let victim_address = victim.address();
+    let killed_at = Instant::now();
+    victim.app.kill();
+    drop(victim); // SIGKILL to the sidecar
+    let survivors = sorted(orders.iter().map(Instance::address));
+    let sidecars: Vec<&SidecarProcess> = orders
+        .iter()
+        .map(|i| &i.sidecar)
+        .chain([&frontend.sidecar])
+        .collect();
+    wait::until(
+        "expired from the registry",
+        TTL + Duration::from_secs(1),
+        || async {
+            let got = registered(&cp, "orders").await;
+            (!got.iter().any(|(a, _)| *a == victim_address)).then_some(())
+        },
+    )
+    .await;
+    converged(
+        &sidecars,
+        "orders",
+        &survivors,
+        (TTL + Duration::from_secs(1)).saturating_sub(killed_at.elapsed()),
+    )
+    .await;
+    println!(
+        "killed instance gone from every sidecar after {:?}",
+        killed_at.elapsed()
+    );
+    call_many(&frontend.sidecar, "orders", 20).await;
+
+    // The registry's history recorded all of it.
+    let history = cp.get_json("/api/v1/revisions?limit=1000").await;
+    let changes: Vec<String> = history
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|r| r["changes"].as_array().unwrap().clone())
+        .map(|c| c.as_str().unwrap().to_owned())
+        .collect();
+    let text = changes.join("\n");
+    assert!(text.contains("expired"), "{text}");
+    assert!(text.contains("unhealthy"), "{text}");
+}
+
+#[tokio::test]
+async fn control_plane_restart_and_outage() {
+    let dir = TempDir::new();
+    let mut cp = control_plane(&dir).await;
+    let orders = [
+        Instance::start(&cp, "orders", "v1").await,
+        Instance::start(&cp, "orders", "v2").await,
+    ];
+    let snapshot_file = dir.path.join("frontend-snapshot.json");
+    let frontend_app = Upstream::start("frontend").await;
+    let cp_url = cp.url();
+    let start_frontend = || {
+        SidecarProcess::builder("frontend", frontend_app.port())
+            .control_plane(&cp_url)
+            .arg("--snapshot-file")
+            .arg(snapshot_file.to_str().unwrap())
+            .start()
+    };
+    let frontend = start_frontend().await;
+    let all_orders = sorted(orders.iter().map(Instance::address));
+    converged(&[&frontend], "orders", &all_orders, Duration::from_secs(10)).await;
+    let revisions_before = cp.get_json("/api/v1/revisions?limit=1000").await;
+    let services_before = registered(&cp, "orders").await;
+    let revision_before = frontend.revision().await;
+    assert!(revision_before > 0);
+
+    // 5. kill -9 and restart: registry and history intact.
+    cp.restart().await;
+    assert_eq!(registered(&cp, "orders").await, services_before);
+    let revisions_after = cp.get_json("/api/v1/revisions?limit=1000").await;
+    let after = revisions_after.as_array().unwrap();
+    for record in revisions_before.as_array().unwrap() {
+        assert!(
+            after.contains(record),
+            "revision lost after restart: {record}"
+        );
+    }
+    // Sidecars reconnect and converge on the next change.
+    let newcomer = Instance::start(&cp, "orders", "v3").await;
+    let with_newcomer = sorted(orders.iter().chain([&newcomer]).map(Instance::address));
+    converged(
+        &[&frontend, &orders[0].sidecar, &orders[1].sidecar],
+        "orders",
+        &with_newcomer,
+        Duration::from_secs(10),
+    )
+    .await;
+    assert!(frontend.revision().await > revision_before);
+
+    // 6. Control plane down: existing sidecars keep routing...
+    cp.kill9().await;
+    call_many(&frontend, "orders", 20).await;
+    let dump = frontend.config_dump().await;
+    assert_eq!(dump["controlPlane"]["connected"], false, "{dump}");
+    // ...and a sidecar restarted meanwhile routes from its persisted
+    // snapshot.
+    drop(frontend);
+    let restarted = start_frontend().await;
+    assert_eq!(restarted.endpoints_of("orders").await, with_newcomer);
+    call_many(&restarted, "orders", 20).await;
+    restarted.wait_ready(Duration::from_secs(5)).await;
+    let dump = restarted.config_dump().await;
+    assert!(
+        dump["snapshot"]["source"]
+            .as_str()
+            .unwrap()
+            .contains("persisted"),
+        "{dump}"
+    );
+
+    // 7. meshctl against the stopped control plane: one line, exit 1.
+    let out = meshctl(Some(&cp.url()), &["get", "services"]).await;
+    assert_eq!(out.code, Some(1), "{out:?}");
+    assert_eq!(out.stderr.trim().lines().count(), 1, "{:?}", out.stderr);
+    assert!(
+        out.stderr.contains("cannot reach the control plane"),
+        "{:?}",
+        out.stderr
+    );
+    assert!(!out.stderr.contains("panicked"));
+}
+
+#[tokio::test]
+async fn broadcast_reaches_every_healthy_instance_and_reports_failures() {
+    let dir = TempDir::new();
+    let cp = control_plane(&dir).await;
+    let orders = [
+        Instance::start(&cp, "orders", "v1").await,
+        Instance::start(&cp, "orders", "v2").await,
+    ];
+    let frontend = Instance::start(&cp, "frontend", "v1").await;
+    let everyone: Vec<&Instance> = orders.iter().chain([&frontend]).collect();
+    wait::until(
+        "all registered and healthy",
+        Duration::from_secs(10),
+        || async {
+            let o = registered(&cp, "orders").await;
+            let f = registered(&cp, "frontend").await;
+            (o.len() == 2 && f.len() == 1 && o.iter().chain(&f).all(|(_, h)| *h)).then_some(())
+        },
+    )
+    .await;
+
+    let message = dir.path.join("msg.json");
+    std::fs::write(&message, r#"{"event":"cache-flush"}"#).unwrap();
+    let data = format!("@{}", message.display());
+    let out = meshctl(
+        Some(&cp.url()),
+        &["broadcast", "--path", "/echo", "--data", &data],
+    )
+    .await;
+    assert!(out.success(), "{out:?}");
+    for instance in &everyone {
+        assert_eq!(
+            instance.app.requests(),
+            1,
+            "{} not reached once",
+            instance.app.name
+        );
+        assert!(out.stdout.contains(&instance.address()), "{}", out.stdout);
+    }
+
+    // Only some services; a slow instance is reported as a failure.
+    orders[1].app.set_delay(Duration::from_secs(5));
+    let out = meshctl(
+        Some(&cp.url()),
+        &[
+            "broadcast",
+            "--service",
+            "orders",
+            "--path",
+            "/echo",
+            "--data",
+            &data,
+            "--timeout",
+            "1s",
+        ],
+    )
+    .await;
+    assert_eq!(out.code, Some(1), "{out:?}");
+    assert_eq!(frontend.app.requests(), 1, "--service orders only");
+    assert_eq!(orders[0].app.requests(), 2);
+    let slow_line = out
+        .stdout
+        .lines()
+        .find(|l| l.contains(&orders[1].address()))
+        .unwrap_or_else(|| panic!("no line for the slow instance:\n{}", out.stdout));
+    assert!(
+        slow_line.to_lowercase().contains("timeout")
+            || slow_line.to_lowercase().contains("timed out"),
+        "{slow_line}"
+    );
+}
+
+/// 4. Push latency: with many watchers (200 by default;
+/// `MESHLET_WATCHERS=1000` from the benchmark), the time from a registry
+/// change until every watcher holds the new revision. Reported, and the
+/// p99 must stay under a second.
+#[tokio::test]
+async fn a_change_reaches_every_watcher_quickly() {
+    let watchers: usize = std::env::var("MESHLET_WATCHERS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(200);
+    let dir = TempDir::new();
+    let cp = ControlPlaneProcess::start(&dir.path.join("data"), &[]).await;
+    let mut streams = Vec::new();
+    for _ in 0..watchers {
+        streams.push(client::WatchStream::open(cp.addr, 0).await);
+    }
+    let mut latencies = Vec::new();
+    for round in 0..5u16 {
+        let current = streams[0].revision;
+        let registration = serde_json::json!({
+            "id": format!("bench-{round}"),
+            "service": "bench",
+            "address": format!("127.0.0.1:{}", free_port()),
+            "healthy": true,
+        });
+        let started = Instant::now();
+        let reply = client::post_json(cp.addr, "/api/v1/instances", &registration).await;
+        assert_eq!(reply.status, 200, "{}", reply.text());
+        let mut set = tokio::task::JoinSet::new();
+        for mut stream in streams.drain(..) {
+            set.spawn(async move {
+                stream.until_revision_above(current).await;
+                (started.elapsed(), stream)
+            });
+        }
+        while let Some(done) = set.join_next().await {
+            let (latency, stream) = done.unwrap();
+            latencies.push(latency);
+            streams.push(stream);
+        }
+    }
+    latencies.sort();
+    let pct = |p: f64| latencies[((latencies.len() as f64 * p) as usize).min(latencies.len() - 1)];
+    let (p50, p99, max) = (pct(0.50), pct(0.99), *latencies.last().unwrap());
+    println!(
+        "push latency, {watchers} watchers × 5 changes: p50 {p50:?}, p99 {p99:?}, max {max:?}"
+    );
+    assert!(
+        p99 < Duration::from_secs(1),
+        "p99 {p99:?} with {watchers} watchers"
+    );
+    let distinct: BTreeSet<u64> = streams.iter().map(|s| s.revision).collect();
+    assert_eq!(distinct.len(), 1, "all watchers hold one revision");
+}
