@@ -1,1 +1,486 @@
+//! meshctl's commands that talk to the control plane: `get`, `describe`,
+//! `apply` and `broadcast`. Each fetches through [`ControlPlane`], formats
+//! with [`crate::output`] and returns whether it fully succeeded; failures
+//! that stop a command are [`CommandError`]s, printed by `main` as one line.
 
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{header, Method, Request};
+use http_body_util::Full;
+use meshlet_api::mesh::{
+    paths, ApplyFile, ApplyReply, ApplyRequest, EndpointEntry, ServiceDetail, ServiceSummary,
+};
+use serde::Serialize;
+
+use crate::client::{send, ClientError, ControlPlane, CONNECT_TIMEOUT};
+use crate::controller::now_ms;
+use crate::output::{age, labels, structured, table, Format};
+use crate::validate::{read_files, ValidateError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum CommandError {
+    #[error(transparent)]
+    Client(#[from] ClientError),
+    #[error("service {0:?} not found")]
+    ServiceNotFound(String),
+    #[error(transparent)]
+    Files(#[from] ValidateError),
+    #[error("cannot read {path}: {source}")]
+    Data {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Usage(String),
+}
+
+/// A service named on the command line: `name`, `name.namespace`, or
+/// `name` with `-n namespace`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServiceRef {
+    pub name: String,
+    pub namespace: String,
+}
+
+impl ServiceRef {
+    pub fn parse(arg: &str, namespace: Option<&str>) -> ServiceRef {
+        match (arg.split_once('.'), namespace) {
+            (Some((name, ns)), _) => ServiceRef {
+                name: name.to_owned(),
+                namespace: ns.to_owned(),
+            },
+            (None, ns) => ServiceRef {
+                name: arg.to_owned(),
+                namespace: ns.unwrap_or("default").to_owned(),
+            },
+        }
+    }
+
+    /// As users write it: `orders`, or `orders.shop` outside `default`.
+    pub fn display(&self) -> String {
+        if self.namespace == "default" {
+            self.name.clone()
+        } else {
+            format!("{}.{}", self.name, self.namespace)
+        }
+    }
+}
+
+fn print_structured<T: Serialize>(format: Format, value: &T) -> bool {
+    match structured(format, value) {
+        Some(text) => {
+            print!("{text}");
+            true
+        }
+        None => false,
+    }
+}
+
+async fn service_detail(
+    cp: &ControlPlane,
+    service: &ServiceRef,
+) -> Result<ServiceDetail, CommandError> {
+    let path = format!("{}/{}/{}", paths::SERVICES, service.namespace, service.name);
+    cp.get(&path).await.map_err(|err| match err {
+        ClientError::Api { status, .. } if status == http::StatusCode::NOT_FOUND => {
+            CommandError::ServiceNotFound(service.display())
+        }
+        other => other.into(),
+    })
+}
+
+/// `meshctl get services`.
+pub async fn get_services(cp: &ControlPlane, format: Format) -> Result<bool, CommandError> {
+    let services: Vec<ServiceSummary> = cp.get(paths::SERVICES).await?;
+    if print_structured(format, &services) {
+        return Ok(true);
+    }
+    let rows: Vec<Vec<String>> = services
+        .iter()
+        .map(|s| {
+            vec![
+                s.namespace.clone(),
+                s.name.clone(),
+                s.instances.to_string(),
+                s.healthy.to_string(),
+            ]
+        })
+        .collect();
+    print!(
+        "{}",
+        table(&["NAMESPACE", "NAME", "INSTANCES", "HEALTHY"], &rows)
+    );
+    Ok(true)
+}
+
+/// All endpoints of a service: registered instances, then static ones.
+fn endpoints_of(detail: &ServiceDetail) -> Vec<EndpointEntry> {
+    let mut endpoints: Vec<EndpointEntry> = detail
+        .instances
+        .iter()
+        .map(|i| EndpointEntry {
+            address: i.address,
+            labels: i.labels.clone(),
+            healthy: i.healthy,
+            instance_id: Some(i.id.clone()),
+        })
+        .collect();
+    endpoints.extend(detail.static_endpoints.iter().cloned());
+    endpoints
+}
+
+fn health_word(healthy: bool) -> String {
+    if healthy { "healthy" } else { "unhealthy" }.to_owned()
+}
+
+/// `meshctl get endpoints SERVICE`.
+pub async fn get_endpoints(
+    cp: &ControlPlane,
+    service: &ServiceRef,
+    format: Format,
+) -> Result<bool, CommandError> {
+    let detail = service_detail(cp, service).await?;
+    let endpoints = endpoints_of(&detail);
+    if print_structured(format, &endpoints) {
+        return Ok(true);
+    }
+    let rows: Vec<Vec<String>> = endpoints
+        .iter()
+        .map(|e| {
+            vec![
+                e.address.to_string(),
+                health_word(e.healthy),
+                e.instance_id.clone().unwrap_or_else(|| "<static>".into()),
+                labels(&e.labels),
+            ]
+        })
+        .collect();
+    print!(
+        "{}",
+        table(&["ADDRESS", "HEALTH", "INSTANCE", "LABELS"], &rows)
+    );
+    Ok(true)
+}
+
+/// The text of `meshctl describe service`.
+pub fn describe_text(detail: &ServiceDetail, now_ms: u64) -> String {
+    let healthy = detail.instances.iter().filter(|i| i.healthy).count();
+    let mut out = format!(
+        "Name:        {}\nNamespace:   {}\nInstances:   {} ({healthy} healthy)\n",
+        detail.name,
+        detail.namespace,
+        detail.instances.len()
+    );
+    if !detail.instances.is_empty() {
+        let rows: Vec<Vec<String>> = detail
+            .instances
+            .iter()
+            .map(|i| {
+                vec![
+                    i.id.clone(),
+                    i.address.to_string(),
+                    health_word(i.healthy),
+                    age(Duration::from_millis(i.last_heartbeat_ms_ago)) + " ago",
+                    age(Duration::from_millis(
+                        now_ms.saturating_sub(i.registered_at_ms),
+                    )),
+                    labels(&i.labels),
+                ]
+            })
+            .collect();
+        out.push('\n');
+        out.push_str(&table(
+            &[
+                "INSTANCE",
+                "ADDRESS",
+                "HEALTH",
+                "LAST HEARTBEAT",
+                "AGE",
+                "LABELS",
+            ],
+            &rows,
+        ));
+    }
+    if !detail.static_endpoints.is_empty() {
+        let rows: Vec<Vec<String>> = detail
+            .static_endpoints
+            .iter()
+            .map(|e| vec![e.address.to_string(), labels(&e.labels)])
+            .collect();
+        out.push_str("\nStatic endpoints:\n");
+        out.push_str(&table(&["ADDRESS", "LABELS"], &rows));
+    }
+    out.push_str("\nPolicies:");
+    if detail.policies.is_empty() {
+        out.push_str(" <none>\n");
+    } else {
+        out.push('\n');
+        for policy in &detail.policies {
+            out.push_str(&format!("  {}\n", policy.key()));
+        }
+    }
+    out
+}
+
+/// `meshctl describe service NAME`.
+pub async fn describe_service(
+    cp: &ControlPlane,
+    service: &ServiceRef,
+    format: Format,
+) -> Result<bool, CommandError> {
+    let detail = service_detail(cp, service).await?;
+    if !print_structured(format, &detail) {
+        print!("{}", describe_text(&detail, now_ms()));
+    }
+    Ok(true)
+}
+
+/// `$USER@$HOSTNAME` (the hostname from /etc/hostname if not exported).
+pub fn actor() -> String {
+    let user = std::env::var("USER").unwrap_or_else(|_| "unknown".into());
+    let host = std::env::var("HOSTNAME")
+        .ok()
+        .filter(|h| !h.is_empty())
+        .or_else(|| {
+            std::fs::read_to_string("/etc/hostname")
+                .ok()
+                .map(|h| h.trim().to_owned())
+        })
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "localhost".into());
+    format!("{user}@{host}")
+}
+
+/// `meshctl apply -f FILE|DIR|-`.
+pub async fn apply(cp: &ControlPlane, path: &Path) -> Result<bool, CommandError> {
+    let files = read_files(path)?
+        .into_iter()
+        .map(|f| ApplyFile {
+            name: f.name,
+            text: f.text,
+        })
+        .collect();
+    let request = ApplyRequest {
+        files,
+        actor: Some(actor()),
+    };
+    let reply: ApplyReply = cp.post(paths::APPLY, &request).await?;
+    for outcome in &reply.outcomes {
+        println!("{} {}", outcome.key, outcome.action);
+    }
+    Ok(true)
+}
+
+/// Options of `meshctl broadcast`.
+#[derive(Debug, Clone)]
+pub struct Broadcast {
+    pub path: String,
+    /// The body, or `@file`.
+    pub data: String,
+    pub service: Option<ServiceRef>,
+    pub method: Method,
+    pub timeout: Duration,
+}
+
+/// One row of the broadcast table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Delivery {
+    pub service: String,
+    pub instance: String,
+    pub address: String,
+    pub status: String,
+    pub latency: String,
+    pub ok: bool,
+}
+
+fn read_data(data: &str) -> Result<Bytes, CommandError> {
+    match data.strip_prefix('@') {
+        Some("-") => {
+            let mut buf = Vec::new();
+            std::io::Read::read_to_end(&mut std::io::stdin(), &mut buf).map_err(|source| {
+                CommandError::Data {
+                    path: "-".into(),
+                    source,
+                }
+            })?;
+            Ok(Bytes::from(buf))
+        }
+        Some(path) => std::fs::read(path)
+            .map(Bytes::from)
+            .map_err(|source| CommandError::Data {
+                path: path.to_owned(),
+                source,
+            }),
+        None => Ok(Bytes::from(data.to_owned())),
+    }
+}
+
+/// `meshctl broadcast`: the same request to every healthy instance of every
+/// (or one) service, at its registered address (its sidecar's inbound
+/// listener), concurrently. Returns false if any delivery failed.
+pub async fn broadcast(cp: &ControlPlane, opts: &Broadcast) -> Result<bool, CommandError> {
+    if !opts.path.starts_with('/') {
+        return Err(CommandError::Usage(format!(
+            "--path {:?} must start with '/'",
+            opts.path
+        )));
+    }
+    let body = read_data(&opts.data)?;
+    let services: Vec<ServiceRef> = match &opts.service {
+        Some(service) => vec![service.clone()],
+        None => cp
+            .get::<Vec<ServiceSummary>>(paths::SERVICES)
+            .await?
+            .into_iter()
+            .map(|s| ServiceRef {
+                name: s.name,
+                namespace: s.namespace,
+            })
+            .collect(),
+    };
+    let mut tasks = tokio::task::JoinSet::new();
+    for service in &services {
+        let detail = service_detail(cp, service).await?;
+        for instance in detail.instances.into_iter().filter(|i| i.healthy) {
+            let request = Request::builder()
+                .method(opts.method.clone())
+                .uri(&opts.path)
+                .header(header::HOST, &service.name)
+                .header(header::CONTENT_TYPE, "application/json")
+                .header(header::USER_AGENT, "meshctl")
+                .body(Full::new(body.clone()))
+                .map_err(|e| CommandError::Usage(format!("invalid request: {e}")))?;
+            let timeout = opts.timeout;
+            let service = service.display();
+            tasks.spawn(async move {
+                let started = Instant::now();
+                let address = instance.address.to_string();
+                let result = send(&address, request, CONNECT_TIMEOUT.min(timeout), timeout).await;
+                let latency = format!("{}ms", started.elapsed().as_millis());
+                let (status, ok) = match result {
+                    Ok((status, _)) => (status.to_string(), status.is_success()),
+                    Err(err) => (err.to_string(), false),
+                };
+                Delivery {
+                    service,
+                    instance: instance.id,
+                    address,
+                    status,
+                    latency,
+                    ok,
+                }
+            });
+        }
+    }
+    if tasks.is_empty() {
+        eprintln!("meshctl: no healthy instances to broadcast to");
+        return Ok(false);
+    }
+    let mut deliveries = Vec::new();
+    while let Some(joined) = tasks.join_next().await {
+        if let Ok(delivery) = joined {
+            deliveries.push(delivery);
+        }
+    }
+    deliveries.sort_by(|a, b| (&a.service, &a.instance).cmp(&(&b.service, &b.instance)));
+    print!("{}", broadcast_table(&deliveries));
+    Ok(deliveries.iter().all(|d| d.ok))
+}
+
+pub fn broadcast_table(deliveries: &[Delivery]) -> String {
+    let rows: Vec<Vec<String>> = deliveries
+        .iter()
+        .map(|d| {
+            vec![
+                d.service.clone(),
+                d.instance.clone(),
+                d.address.clone(),
+                d.status.clone(),
+                d.latency.clone(),
+            ]
+        })
+        .collect();
+    table(
+        &["SERVICE", "INSTANCE", "ADDRESS", "STATUS", "LATENCY"],
+        &rows,
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use meshlet_api::mesh::InstanceInfo;
+    use std::collections::BTreeMap;
+
+    #[test]
+    fn service_refs() {
+        assert_eq!(
+            ServiceRef::parse("orders", None),
+            ServiceRef {
+                name: "orders".into(),
+                namespace: "default".into()
+            }
+        );
+        assert_eq!(ServiceRef::parse("orders.shop", None).namespace, "shop");
+        assert_eq!(ServiceRef::parse("orders", Some("shop")).namespace, "shop");
+        assert_eq!(
+            ServiceRef::parse("orders.shop", None).display(),
+            "orders.shop"
+        );
+        assert_eq!(ServiceRef::parse("orders", None).display(), "orders");
+    }
+
+    #[test]
+    fn describe_lists_instances_and_policies() {
+        let detail = ServiceDetail {
+            name: "orders".into(),
+            namespace: "default".into(),
+            instances: vec![InstanceInfo {
+                id: "orders-1".into(),
+                address: ([127, 0, 0, 1], 8081).into(),
+                labels: BTreeMap::from([("version".into(), "v1".into())]),
+                healthy: false,
+                registered_at_ms: 1_000,
+                last_heartbeat_ms_ago: 1_500,
+            }],
+            static_endpoints: vec![],
+            policies: meshlet_api::parse_documents(
+                "t",
+                "apiVersion: meshlet.dev/v1alpha1\nkind: HealthCheckPolicy\nmetadata: {name: hc}\nspec: {targetRef: {service: orders}}\n",
+            )
+            .unwrap(),
+        };
+        let text = describe_text(&detail, 61_000);
+        assert_eq!(
+            text,
+            "Name:        orders\n\
+             Namespace:   default\n\
+             Instances:   1 (0 healthy)\n\
+             \n\
+             INSTANCE   ADDRESS          HEALTH      LAST HEARTBEAT   AGE    LABELS\n\
+             orders-1   127.0.0.1:8081   unhealthy   1s ago           1m0s   version=v1\n\
+             \n\
+             Policies:\n  healthcheckpolicy/hc\n"
+        );
+    }
+
+    #[test]
+    fn broadcast_rows() {
+        let d = Delivery {
+            service: "orders".into(),
+            instance: "o1".into(),
+            address: "127.0.0.1:1".into(),
+            status: "connection refused".into(),
+            latency: "0ms".into(),
+            ok: false,
+        };
+        assert_eq!(
+            broadcast_table(&[d]),
+            "SERVICE   INSTANCE   ADDRESS       STATUS               LATENCY\n\
+             orders    o1         127.0.0.1:1   connection refused   0ms\n"
+        );
+    }
+}

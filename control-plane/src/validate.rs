@@ -20,9 +20,16 @@ pub enum ValidateError {
     EmptyDirectory { path: PathBuf },
 }
 
-/// Reads `path` (a file, a directory of `*.yaml`/`*.yml`, or `-` for
-/// stdin) and returns every resource, or the first error.
-pub fn validate_path(path: &Path) -> Result<Vec<Resource>, ValidateError> {
+/// One resource file as read: the name errors refer to, and its text.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SourceFile {
+    pub name: String,
+    pub text: String,
+}
+
+/// Reads `path` (a file, a directory of `*.yaml`/`*.yml` in name order, or
+/// `-` for stdin) without parsing it.
+pub fn read_files(path: &Path) -> Result<Vec<SourceFile>, ValidateError> {
     let read = |p: &Path| {
         std::fs::read_to_string(p).map_err(|source| ValidateError::Read {
             path: p.to_owned(),
@@ -37,7 +44,10 @@ pub fn validate_path(path: &Path) -> Result<Vec<Resource>, ValidateError> {
                 path: path.to_owned(),
                 source,
             })?;
-        return Ok(parse_documents("-", &text)?);
+        return Ok(vec![SourceFile {
+            name: "-".to_owned(),
+            text,
+        }]);
     }
     if path.is_dir() {
         let entries = std::fs::read_dir(path).map_err(|source| ValidateError::Read {
@@ -54,11 +64,28 @@ pub fn validate_path(path: &Path) -> Result<Vec<Resource>, ValidateError> {
             });
         }
         files.sort();
-        let mut all = Vec::new();
-        for file in files {
-            all.extend(parse_documents(&file.display().to_string(), &read(&file)?)?);
-        }
-        return Ok(all);
+        return files
+            .iter()
+            .map(|file| {
+                Ok(SourceFile {
+                    name: file.display().to_string(),
+                    text: read(file)?,
+                })
+            })
+            .collect();
     }
-    Ok(parse_documents(&path.display().to_string(), &read(path)?)?)
+    Ok(vec![SourceFile {
+        name: path.display().to_string(),
+        text: read(path)?,
+    }])
+}
+
+/// Reads `path` (see [`read_files`]) and returns every resource, or the
+/// first error.
+pub fn validate_path(path: &Path) -> Result<Vec<Resource>, ValidateError> {
+    let mut all = Vec::new();
+    for file in read_files(path)? {
+        all.extend(parse_documents(&file.name, &file.text)?);
+    }
+    Ok(all)
 }
