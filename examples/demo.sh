@@ -1,27 +1,36 @@
 #!/usr/bin/env bash
-# meshlet local demo: two services, each with a standalone sidecar, on 127.0.0.1.
+# meshlet local demo: a control plane and three services with sidecars on
+# 127.0.0.1, every instance registered and every sidecar fed by the control
+# plane's push.
 #
-#   frontend app :18080  <- frontend sidecar  inbound :18006  outbound :18001  admin :18020
-#   orders   app :18081  <- orders   sidecar  inbound :18106  outbound :18101  admin :18120
+#   control plane  :18010  (API, watch stream; data in the log directory)
+#   frontend    app :18080  sidecar in :18006 out :18001 admin :18020
+#   orders v1   app :18081  sidecar in :18106 out :18101 admin :18120
+#   orders v2   app :18082  sidecar in :18206 out :18201 admin :18220
+#   inventory   app :18083  sidecar in :18306 out :18301 admin :18320
 #
 # `curl http://127.0.0.1:18006/work` enters frontend through its sidecar;
-# frontend calls `orders` through its outbound sidecar (HTTP_PROXY), which
-# sends the call to the orders sidecar's inbound listener (examples/mesh.yaml),
-# which hands it to the orders app.
+# frontend calls orders, orders calls inventory, each call through the
+# caller's outbound sidecar (HTTP_PROXY) to a registered instance's inbound
+# sidecar. The tour then shows meshctl, broadcast, an instance failing its
+# health check, an instance killed with SIGKILL, and a control plane
+# restart, with traffic checked at every step.
 #
 # Usage: examples/demo.sh [--keep-running] [--rounds N]
 #   --keep-running  after the tour, keep sending traffic until Ctrl-C
-#   --rounds N      requests in the traffic phase (default 20)
+#   --rounds N      requests per traffic phase (default 12)
 #
-# Needs only Rust (cargo) and curl; curl is installed with apt-get if missing.
-# Every process logs to a temporary directory that is printed at the end.
+# Needs only Rust (cargo), curl and jq; curl and jq are installed with
+# apt-get if missing. Every process logs to a temporary directory that is
+# printed at the end.
 set -euo pipefail
 
-ROUNDS=20
+ROUNDS=12
 KEEP_RUNNING=0
 READY_TIMEOUT=${DEMO_READY_TIMEOUT:-30} # seconds
+TTL=5s                                  # instance expiry (the default is 10s)
 
-usage() { sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,25p' "$0" | sed 's/^# \{0,1\}//'; }
 
 while (($#)); do
   case "$1" in
@@ -39,12 +48,17 @@ done
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT"
-CONFIG=examples/mesh.yaml
 
-# Demo ports (keep in sync with examples/mesh.yaml).
-FRONTEND_APP=18080 ORDERS_APP=18081
-FRONTEND_IN=18006 FRONTEND_OUT=18001 FRONTEND_ADMIN=18020
-ORDERS_IN=18106 ORDERS_OUT=18101 ORDERS_ADMIN=18120
+CP_PORT=18010
+export MESHLET_SERVER=http://127.0.0.1:$CP_PORT
+# name → "app inbound outbound admin version calls"
+declare -A INSTANCE=(
+  [frontend]="18080 18006 18001 18020 v1 orders"
+  [orders-v1]="18081 18106 18101 18120 v1 inventory"
+  [orders-v2]="18082 18206 18201 18220 v2 inventory"
+  [inventory]="18083 18306 18301 18320 v1 -"
+)
+INSTANCES=(inventory orders-v1 orders-v2 frontend)
 
 if [[ -t 1 ]]; then BOLD=$'\e[1m' DIM=$'\e[2m' RED=$'\e[31m' GREEN=$'\e[32m' RESET=$'\e[0m'
 else BOLD='' DIM='' RED='' GREEN='' RESET=''; fi
@@ -57,34 +71,37 @@ die() { printf '%serror:%s %s\n' "$RED" "$RESET" "$*" >&2; exit 1; }
 
 # ---------------------------------------------------------------- prerequisites
 section "Prerequisites"
-if ! command -v curl >/dev/null 2>&1; then
-  info "curl is missing; installing it with apt-get"
+missing=()
+for tool in curl jq; do command -v "$tool" >/dev/null 2>&1 || missing+=("$tool"); done
+if ((${#missing[@]})); then
+  info "${missing[*]} missing; installing with apt-get"
   SUDO=()
   if [[ $(id -u) -ne 0 ]]; then
-    command -v sudo >/dev/null 2>&1 || die "curl is missing and neither root nor sudo is available"
+    command -v sudo >/dev/null 2>&1 || die "${missing[*]} missing and neither root nor sudo is available"
     SUDO=(sudo)
   fi
   "${SUDO[@]}" apt-get update
-  "${SUDO[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends curl ca-certificates
+  "${SUDO[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends "${missing[@]}" ca-certificates
 fi
 if ! command -v cargo >/dev/null 2>&1 && [[ -f $HOME/.cargo/env ]]; then
   # shellcheck disable=SC1091
   source "$HOME/.cargo/env"
 fi
 command -v cargo >/dev/null 2>&1 || die "cargo not found; install Rust from https://rustup.rs"
-info "curl: $(command -v curl), cargo: $(command -v cargo)"
+info "curl: $(command -v curl), jq: $(command -v jq), cargo: $(command -v cargo)"
 
 # All demo traffic goes to 127.0.0.1 directly: a proxy from the user's
-# environment must not capture it (the children get their own HTTP_PROXY).
+# environment must not capture it (the apps get their own HTTP_PROXY).
 unset http_proxy HTTP_PROXY https_proxy HTTPS_PROXY all_proxy ALL_PROXY no_proxy NO_PROXY
 
 section "Building (cargo build --release --bins)"
 cargo build --release --bins
-TARGET_DIR=$(cargo metadata --format-version 1 --no-deps | grep -o '"target_directory":"[^"]*"' | cut -d'"' -f4)
+TARGET_DIR=$(cargo metadata --format-version 1 --no-deps | jq -r .target_directory)
 BIN=$TARGET_DIR/release
-for exe in sidecar demo-service; do
+for exe in sidecar control-plane meshctl demo-service; do
   [[ -x $BIN/$exe ]] || die "$BIN/$exe was not built"
 done
+meshctl() { "$BIN/meshctl" "$@"; }
 
 # ---------------------------------------------------------------- processes
 LOG_DIR=$(mktemp -d "${TMPDIR:-/tmp}/meshlet-demo.XXXXXX")
@@ -125,15 +142,16 @@ start() {
   shift
   "$@" >>"$LOG_DIR/$name.log" 2>&1 &
   PID_OF[$name]=$!
-  info "started $name (pid $!): $*"
+  info "started $name (pid $!)"
 }
 
+# stop NAME [SIGNAL]
 stop() {
-  local name=$1 pid=${PID_OF[$1]}
-  kill -TERM "$pid" 2>/dev/null || true
+  local name=$1 signal=${2:-TERM} pid=${PID_OF[$1]}
+  kill "-$signal" "$pid" 2>/dev/null || true
   wait "$pid" 2>/dev/null || true
   unset "PID_OF[$name]"
-  info "stopped $name (pid $pid)"
+  info "stopped $name (pid $pid) with SIG$signal"
 }
 
 # wait_for NAME URL: poll until URL answers 200, NAME exits, or the deadline passes.
@@ -153,33 +171,48 @@ wait_for() {
   ok "$name ready ($url)"
 }
 
-start_orders_app() {
-  start orders-app "$BIN/demo-service" --name orders --port "$ORDERS_APP" --version v1
+# wait_until DESCRIPTION SECONDS COMMAND...: poll COMMAND until it succeeds.
+wait_until() {
+  local what=$1 patience=$2 started=$SECONDS
+  shift 2
+  local deadline=$((SECONDS + patience))
+  until "$@" >/dev/null 2>&1; do
+    if ((SECONDS >= deadline)); then bad "$what: not within ${patience}s"; return 1; fi
+    sleep 0.1
+  done
+  ok "$what (after ~$((SECONDS - started))s)"
 }
 
-section "Starting two services and their sidecars (logs in $LOG_DIR)"
-for port in $FRONTEND_APP $ORDERS_APP $FRONTEND_IN $FRONTEND_OUT $FRONTEND_ADMIN $ORDERS_IN $ORDERS_OUT $ORDERS_ADMIN; do
-  port_in_use "$port" && die "port $port on 127.0.0.1 is already in use (another demo still running?)"
-done
-start_orders_app
-start frontend-app env HTTP_PROXY="http://127.0.0.1:$FRONTEND_OUT" \
-  "$BIN/demo-service" --name frontend --port "$FRONTEND_APP" --version v1 --calls orders
-# MESHLET_INBOUND_IP keeps the demo's inbound listeners off the network;
-# NO_COLOR keeps the log files free of terminal escapes.
-start orders-sidecar env MESHLET_INBOUND_IP=127.0.0.1 NO_COLOR=1 "$BIN/sidecar" --service orders \
-  --app-port "$ORDERS_APP" --inbound-port "$ORDERS_IN" --outbound-port "$ORDERS_OUT" \
-  --admin-port "$ORDERS_ADMIN" --config "$CONFIG"
-start frontend-sidecar env MESHLET_INBOUND_IP=127.0.0.1 NO_COLOR=1 "$BIN/sidecar" --service frontend \
-  --app-port "$FRONTEND_APP" --inbound-port "$FRONTEND_IN" --outbound-port "$FRONTEND_OUT" \
-  --admin-port "$FRONTEND_ADMIN" --config "$CONFIG"
+start_control_plane() {
+  start control-plane env NO_COLOR=1 "$BIN/control-plane" --listen "127.0.0.1:$CP_PORT" \
+    --data-dir "$LOG_DIR/data" --ttl "$TTL"
+  wait_for control-plane "$MESHLET_SERVER/healthz"
+}
 
-wait_for orders-app "http://127.0.0.1:$ORDERS_APP/health"
-wait_for frontend-app "http://127.0.0.1:$FRONTEND_APP/health"
-wait_for orders-sidecar "http://127.0.0.1:$ORDERS_ADMIN/ready"
-wait_for frontend-sidecar "http://127.0.0.1:$FRONTEND_ADMIN/ready"
+# start_instance NAME: the app and its sidecar, registered with the control plane.
+start_instance() {
+  local name=$1 service=${1%-v*}
+  read -r app in out admin version calls <<<"${INSTANCE[$name]}"
+  local call_args=()
+  [[ $calls != - ]] && call_args=(--calls "$calls")
+  start "$name-app" env HTTP_PROXY="http://127.0.0.1:$out" \
+    "$BIN/demo-service" --name "$service" --port "$app" --version "$version" "${call_args[@]}"
+  # NO_COLOR keeps the log files free of terminal escapes.
+  start "$name-sidecar" env NO_COLOR=1 "$BIN/sidecar" --service "$service" --app-port "$app" \
+    --inbound-ip 127.0.0.1 --inbound-port "$in" --outbound-port "$out" --admin-port "$admin" \
+    --labels "version=$version" --control-plane "$MESHLET_SERVER" \
+    --snapshot-file "$LOG_DIR/$name.snapshot.json"
+}
+
+wait_instance() {
+  local name=$1
+  read -r app _ _ admin _ _ <<<"${INSTANCE[$name]}"
+  wait_for "$name-app" "http://127.0.0.1:$app/health"
+  wait_for "$name-sidecar" "http://127.0.0.1:$admin/ready"
+}
 
 # ---------------------------------------------------------------- helpers
-# request ARGS...: run curl; sets CODE, BODY (one line), REASON (x-meshlet-reason), TIME_MS.
+# request ARGS...: run curl; sets CODE, BODY, REASON (x-meshlet-reason), TIME_MS.
 request() {
   local out
   : >"$WORK/headers"
@@ -187,128 +220,147 @@ request() {
   out=$(curl -sS --max-time 10 -D "$WORK/headers" -o "$WORK/body" -w '%{http_code} %{time_total}' "$@" 2>"$WORK/err") || true
   CODE=${out%% *}
   TIME_MS=$(awk -v t="${out##* }" 'BEGIN { printf "%.0f", t * 1000 }')
-  BODY=$(tr -d '\r\n' <"$WORK/body")
+  BODY=$(cat "$WORK/body")
   [[ -s $WORK/err ]] && BODY="$(tr -d '\r\n' <"$WORK/err") $BODY"
   REASON=$(grep -i '^x-meshlet-reason:' "$WORK/headers" | head -n 1 | cut -d: -f2- | tr -d ' \r') || true
 }
 
-# field NAME: first string value of "NAME":"..." in BODY.
-field() { grep -o "\"$1\":\"[^\"]*\"" <<<"$BODY" | head -n 1 | cut -d'"' -f4 || true; }
-
-# quoted ARGS...: the arguments as one would type them.
-quoted() {
-  local arg
-  for arg in "$@"; do
-    if [[ $arg =~ [^A-Za-z0-9_./:=@-] ]]; then printf " '%s'" "$arg"; else printf ' %s' "$arg"; fi
-  done
-}
-
-# show EXPECTED_CODE DESCRIPTION CURL_ARGS...: run one request and print it.
-show() {
-  local want=$1 what=$2
-  shift 2
-  printf '\n   %s%s%s\n   $ curl%s\n' "$BOLD" "$what" "$RESET" "$(quoted "$@")"
-  request "$@"
-  info "-> HTTP $CODE${REASON:+  x-meshlet-reason: $REASON}  (${TIME_MS} ms)"
-  info "   ${DIM}${BODY:0:300}${RESET}"
-  if [[ $CODE == "$want" ]]; then ok "got $want as expected"; else bad "expected $want, got $CODE"; fi
-}
-
-declare -A STATUS_COUNT=() ANSWERED_COUNT=()
-# one_round N: one request through frontend's inbound listener, one summary line.
+declare -A ANSWERED=()
+ROUND_OK=0
+# one_round N: one request through frontend's sidecar, one summary line.
 one_round() {
-  local n=$1 trace_id span_id seen trace answered xff
+  local n=$1 trace_id span_id chain kept
   trace_id=$(od -An -tx1 -N16 /dev/urandom | tr -d ' \n')
   span_id=$(od -An -tx1 -N8 /dev/urandom | tr -d ' \n')
-  request -H "traceparent: 00-$trace_id-$span_id-01" "http://127.0.0.1:$FRONTEND_IN/work"
-  STATUS_COUNT[$CODE]=$((${STATUS_COUNT[$CODE]:-0} + 1))
-  # orders' `GET /` answer is nested in frontend's: {"port":..,"service":..,"version":..}
-  answered=$(grep -o '"port":[0-9]*,"service":"[^"]*","version":"[^"]*"' <<<"$BODY" | head -n 1 |
-    sed -E 's/"port":([0-9]*),"service":"([^"]*)","version":"([^"]*)"/\2 \3 (:\1)/') || true
-  xff=$(field x-forwarded-for)
-  seen=$(field traceparent)
-  if [[ -z $seen ]]; then trace=missing
-  elif [[ $seen == 00-$trace_id-* ]]; then trace=kept
-  else trace=changed; fi
-  if [[ $CODE == 200 && -n $answered ]]; then
-    ANSWERED_COUNT[$answered]=$((${ANSWERED_COUNT[$answered]:-0} + 1))
-    printf '   %4s  %s  %-22s %-16s %-8s %5s ms\n' "$n" "$CODE" "$answered" "${xff:--}" "$trace" "$TIME_MS"
+  request -H "traceparent: 00-$trace_id-$span_id-01" "http://127.0.0.1:18006/work"
+  # frontend's answer nests orders' answer, which nests inventory's.
+  chain=$(jq -r '[.service + " " + .version,
+                   (.calls[0].body | .service + " " + .version + " :" + (.port|tostring)),
+                   (.calls[0].body.calls[0].body | .service + " " + .version)] | join(" -> ")' \
+    <<<"$BODY" 2>/dev/null) || chain=""
+  kept=$(jq -r --arg t "$trace_id" '.calls[0].body.calls[0].body.headers.traceparent // "" | if startswith("00-" + $t) then "kept" else "lost" end' <<<"$BODY" 2>/dev/null) || kept="?"
+  if [[ $CODE == 200 && -n $chain ]]; then
+    ROUND_OK=$((ROUND_OK + 1))
+    local orders
+    orders=$(jq -r '.calls[0].body | .version + " :" + (.port|tostring)' <<<"$BODY")
+    ANSWERED[$orders]=$((${ANSWERED[$orders]:-0} + 1))
+    printf '   %4s  %s  %-52s %-6s %5s ms\n' "$n" "$CODE" "$chain" "$kept" "$TIME_MS"
   else
-    local why=${REASON:-$(field x-meshlet-reason)}
-    printf '   %4s  %s%s%s  %s\n' "$n" "$RED" "$CODE" "$RESET" "${why:+x-meshlet-reason=$why  }${BODY:0:160}"
+    printf '   %4s  %s%s%s  %s\n' "$n" "$RED" "$CODE" "$RESET" "${REASON:+x-meshlet-reason=$REASON  }$(tr -d '\n' <<<"${BODY:0:200}")"
   fi
 }
-round_header() {
-  printf '   %s%4s  %s  %-22s %-16s %-8s %8s%s\n' "$DIM" '#' 'st.' 'answered by' 'x-fwd-for@orders' 'trace' 'time' "$RESET"
+
+# traffic TITLE: ROUNDS requests; checks they all succeed; prints who answered.
+traffic() {
+  printf '\n   %s%s%s\n' "$BOLD" "$1" "$RESET"
+  printf '   %s%4s  %s  %-52s %-6s %8s%s\n' "$DIM" '#' 'st.' 'frontend -> orders (instance) -> inventory' 'trace' 'time' "$RESET"
+  ANSWERED=()
+  ROUND_OK=0
+  local i
+  for ((i = 1; i <= ROUNDS; i++)); do one_round "$i"; done
+  local who line=""
+  for who in "${!ANSWERED[@]}"; do line+="  orders $who: ${ANSWERED[$who]}"; done
+  info "answered by:${line:- nobody}"
+  if ((ROUND_OK == ROUNDS)); then ok "all $ROUNDS requests succeeded"; else bad "$((ROUNDS - ROUND_OK)) of $ROUNDS requests failed"; fi
 }
 
-# ---------------------------------------------------------------- traffic
-section "Traffic: $ROUNDS x curl http://127.0.0.1:$FRONTEND_IN/work"
-info "client -> frontend sidecar :$FRONTEND_IN -> frontend :$FRONTEND_APP -> outbound :$FRONTEND_OUT"
-info "       -> orders sidecar :$ORDERS_IN -> orders :$ORDERS_APP   (each request carries a fresh traceparent)"
-round_header
-for ((i = 1; i <= ROUNDS; i++)); do one_round "$i"; done
-TRAFFIC_OK=${STATUS_COUNT[200]:-0}
-summary=""
-for code in "${!STATUS_COUNT[@]}"; do summary+=" $code x${STATUS_COUNT[$code]}"; done
-info "status codes:$summary"
-for who in "${!ANSWERED_COUNT[@]}"; do info "answered by $who: ${ANSWERED_COUNT[$who]}"; done
-if ((TRAFFIC_OK == ROUNDS)); then ok "all $ROUNDS requests succeeded"; else bad "$((ROUNDS - TRAFFIC_OK)) of $ROUNDS requests failed"; fi
+# run_shown COMMAND...: print and run a command, indented.
+run_shown() {
+  printf '\n   %s$ %s%s\n' "$BOLD" "$*" "$RESET"
+  local status=0
+  "$@" 2>&1 | sed 's/^/     /' || status=$?
+  return "$status"
+}
 
-section "Three ways to reach a service through the outbound listener"
-show 200 "1. HTTP proxy, absolute-form URI (what HTTP_PROXY does)" \
-  -x "http://127.0.0.1:$FRONTEND_OUT" http://orders/
-show 200 "2. plain request whose Host names the service" \
-  -H 'Host: orders' "http://127.0.0.1:$FRONTEND_OUT/"
-show 200 "3. an address that is not in the registry passes through (straight to the orders app)" \
-  -x "http://127.0.0.1:$FRONTEND_OUT" "http://127.0.0.1:$ORDERS_APP/"
+# registered SERVICE ADDRESS HEALTHY: is ADDRESS registered with that health?
+registered() {
+  curl -fsS --max-time 2 "$MESHLET_SERVER/api/v1/services/default/$1" |
+    jq -e --arg a "$2" --argjson h "$3" '[.instances[] | select(.address == $a and .healthy == $h)] | length == 1'
+}
+# not_registered SERVICE ADDRESS
+not_registered() {
+  curl -fsS --max-time 2 "$MESHLET_SERVER/api/v1/services/default/$1" |
+    jq -e --arg a "$2" '[.instances[] | select(.address == $a)] | length == 0'
+}
+# routes_to ADMIN_PORT SERVICE N: the sidecar routes SERVICE to N healthy endpoints.
+routes_to() {
+  curl -fsS --max-time 2 "http://127.0.0.1:$1/config_dump" |
+    jq -e --arg s "$2" --argjson n "$3" '[.snapshot.services[] | select(.name == $s) | .endpoints[]] | length == $n'
+}
 
-section "When the mesh refuses: errors carry x-meshlet-reason"
-show 503 "unknown service" -x "http://127.0.0.1:$FRONTEND_OUT" http://no-such-service/
-[[ $CODE != 503 || $REASON == unknown_service ]] || bad "expected x-meshlet-reason: unknown_service, got '${REASON}'"
-
-printf '\n'
-stop orders-app
-show 502 "orders' app is down: direct call through the outbound listener" \
-  -x "http://127.0.0.1:$FRONTEND_OUT" http://orders/
-[[ -n $REASON ]] || bad "the 502 carries no x-meshlet-reason header"
-show 502 "orders' app is down: frontend's /work reports the refused call" \
-  "http://127.0.0.1:$FRONTEND_IN/work"
-[[ -n $(field x-meshlet-reason) ]] || bad "frontend saw no x-meshlet-reason from the mesh"
-printf '\n'
-start_orders_app
-wait_for orders-app "http://127.0.0.1:$ORDERS_APP/health"
-wait_for orders-sidecar "http://127.0.0.1:$ORDERS_ADMIN/ready"
-show 200 "orders is back" "http://127.0.0.1:$FRONTEND_IN/work"
-
-# ---------------------------------------------------------------- metrics
-section "Observability"
-for pair in "frontend:$FRONTEND_ADMIN" "orders:$ORDERS_ADMIN"; do
-  name=${pair%%:*} port=${pair##*:}
-  if metrics=$(curl -fsS --max-time 5 "http://127.0.0.1:$port/metrics"); then
-    info "$name sidecar: $(wc -l <<<"$metrics") lines at http://127.0.0.1:$port/metrics," \
-      "$(grep -c '^request_total' <<<"$metrics" || true) request_total series"
-  else
-    bad "$name sidecar: /metrics did not answer"
-  fi
+# ---------------------------------------------------------------- the tour
+for port in $CP_PORT 18080 18081 18082 18083 18006 18001 18020 18106 18101 18120 18206 18201 18220 18306 18301 18320; do
+  port_in_use "$port" && die "port $port on 127.0.0.1 is already in use (another demo still running?)"
 done
-info "also: http://127.0.0.1:$FRONTEND_ADMIN/config_dump  http://127.0.0.1:$FRONTEND_ADMIN/ready"
+
+section "Control plane (logs and data in $LOG_DIR)"
+start_control_plane
+run_shown meshctl apply -f examples/policies/health-checks.yaml || bad "meshctl apply failed"
+
+section "Three services, four instances, each with a sidecar registered with the control plane"
+for name in "${INSTANCES[@]}"; do start_instance "$name"; done
+for name in "${INSTANCES[@]}"; do wait_instance "$name"; done
+wait_until "frontend's sidecar routes orders to both instances" 10 routes_to 18020 orders 2
+
+section "What the control plane knows"
+run_shown meshctl get services || bad "meshctl get services failed"
+run_shown meshctl get endpoints orders || bad "meshctl get endpoints failed"
+
+section "Traffic: curl http://127.0.0.1:18006/work"
+info "client -> frontend sidecar -> frontend -> outbound sidecar -> orders sidecar (v1 or v2) -> orders"
+info "       -> outbound sidecar -> inventory sidecar -> inventory   (each request carries a fresh traceparent)"
+traffic "$ROUNDS requests"
+((${#ANSWERED[@]} == 2)) && ok "load spread over both orders instances" || bad "expected both orders instances to answer"
+
+section "Broadcast: one message to every healthy instance, through its sidecar"
+printf '{"event":"cache-flush","from":"demo"}' >"$WORK/msg.json"
+run_shown meshctl broadcast --path /broadcast --data "@$WORK/msg.json" || bad "broadcast reported failures"
+
+section "Health checking: orders v2 starts failing /health"
+run_shown curl -sS -X POST http://127.0.0.1:18082/health/fail
+wait_until "orders v2 marked unhealthy in the registry (2 failed probes, 1s apart)" 10 registered orders 127.0.0.1:18206 false
+wait_until "frontend's sidecar stopped routing to it" 5 routes_to 18020 orders 1
+traffic "$ROUNDS requests while orders v2 is unhealthy"
+[[ -z ${ANSWERED["v2 :18082"]:-} ]] && ok "no request reached the unhealthy instance" || bad "the unhealthy instance got traffic"
+run_shown curl -sS -X POST http://127.0.0.1:18082/health/pass
+wait_until "orders v2 healthy again and routed to" 10 routes_to 18020 orders 2
+
+section "Crash: orders v2's sidecar and app are killed with SIGKILL (no deregistration)"
+stop orders-v2-sidecar KILL
+stop orders-v2-app KILL
+traffic "$ROUNDS requests right after the crash (a refused connection is retried on another instance)"
+wait_until "the registry expired orders v2 (TTL $TTL)" 15 not_registered orders 127.0.0.1:18206
+wait_until "frontend's sidecar routes orders to one instance" 5 routes_to 18020 orders 1
+
+section "Control plane outage: killed with SIGKILL, sidecars keep routing"
+stop control-plane KILL
+traffic "$ROUNDS requests with the control plane down"
+run_shown meshctl get services && bad "meshctl should fail with the control plane down" || ok "meshctl says why, in one line"
+start_control_plane
+run_shown meshctl get endpoints orders || bad "meshctl get endpoints failed after the restart"
+info "the registry came back from $LOG_DIR/data; the instance restarts and registers again:"
+start_instance orders-v2
+wait_instance orders-v2
+wait_until "frontend's sidecar routes orders to both instances again" 10 routes_to 18020 orders 2
+traffic "$ROUNDS requests after the restart"
 
 section "Summary"
-info "traffic: $TRAFFIC_OK/$ROUNDS requests OK; status codes:$summary"
-info "logs:    $LOG_DIR/{frontend,orders}-{app,sidecar}.log"
+run_shown meshctl describe service orders || bad "meshctl describe failed"
 if ((FAILURES)); then
   printf '   %s%d check(s) did not go as expected (see FAIL above)%s\n' "$RED" "$FAILURES" "$RESET"
 else
   ok "every step went as expected"
 fi
+info "logs: $LOG_DIR"
 
 if ((KEEP_RUNNING)); then
   section "Keeping traffic flowing (one request per second); Ctrl-C to stop"
-  info "meanwhile, try: curl -x http://127.0.0.1:$FRONTEND_OUT http://orders/"
-  info "                curl http://127.0.0.1:$FRONTEND_ADMIN/metrics"
+  info "meanwhile, in another terminal:"
+  info "  export MESHLET_SERVER=$MESHLET_SERVER PATH=$BIN:\$PATH"
+  info "  meshctl get services; meshctl describe service orders"
+  info "  curl -X POST http://127.0.0.1:18081/health/fail    # watch orders v1 drop out"
+  info "  curl http://127.0.0.1:18020/config_dump | jq .snapshot   # what frontend's sidecar routes with"
   IN_KEEP_RUNNING=1
-  round_header
   for ((i = 1; ; i++)); do
     for name in "${!PID_OF[@]}"; do
       kill -0 "${PID_OF[$name]}" 2>/dev/null || die "$name exited (log: $LOG_DIR/$name.log)"
@@ -317,6 +369,6 @@ if ((KEEP_RUNNING)); then
     sleep 1
   done
 else
-  info "to keep it running and poke at it: $0 --keep-running"
+  info "to keep it running and poke at it with meshctl: $0 --keep-running"
 fi
 ((FAILURES == 0))

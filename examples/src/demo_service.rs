@@ -14,18 +14,25 @@
 //!   the request headers a mesh adds or forwards (`x-forwarded-for`,
 //!   `traceparent`, ...) so you can see what the sidecar did.
 //! - `POST /echo`  → streams the request body back.
-//! - `GET /work`   → calls `GET http://SERVICE/` for every `--calls SERVICE`
-//!   through the outbound sidecar named by `HTTP_PROXY` (absolute-form URI,
-//!   exactly what an HTTP client library does with a proxy) and answers with
-//!   every downstream status and body, or the error and the
-//!   `x-meshlet-reason` header when the mesh refused. The incoming
-//!   `traceparent` is copied onto the downstream calls. The answer is 200
-//!   when every call got a 2xx, 502 otherwise.
+//! - `GET /work`   → calls `GET http://SERVICE/work` for every `--calls
+//!   SERVICE` through the outbound sidecar named by `HTTP_PROXY`
+//!   (absolute-form URI, exactly what an HTTP client library does with a
+//!   proxy) and answers with its own identity and every downstream status
+//!   and body, or the error and the `x-meshlet-reason` header when the mesh
+//!   refused. So `frontend --calls orders` and `orders --calls inventory`
+//!   make a chain. The incoming `traceparent` is copied onto the downstream
+//!   calls. The answer is 200 when every call got a 2xx, 502 otherwise.
+//! - `POST /broadcast` → logs the message and answers what it received
+//!   (target of `meshctl broadcast`).
+//! - `POST /health/fail` and `POST /health/pass` → make `/health` answer
+//!   503 or 200 from now on (to watch the mesh react to an unhealthy
+//!   instance).
 //!
 //! SIGTERM or SIGINT stops accepting and lets in-flight requests finish.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -82,6 +89,8 @@ struct App {
     args: Args,
     /// `host:port` of the outbound sidecar, from `HTTP_PROXY`.
     proxy: Option<String>,
+    /// What `/health` answers (`POST /health/fail|pass` flips it).
+    healthy: AtomicBool,
 }
 
 #[tokio::main]
@@ -100,7 +109,11 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         proxy.as_deref().unwrap_or("<HTTP_PROXY not set>")
     );
 
-    let app = Arc::new(App { args, proxy });
+    let app = Arc::new(App {
+        args,
+        proxy,
+        healthy: AtomicBool::new(true),
+    });
 
     let graceful = GracefulShutdown::new();
     let shutdown = shutdown_signal();
@@ -172,10 +185,23 @@ async fn handle(app: &App, req: Request<Incoming>) -> Result<Response<Body>, Inf
     let args = &app.args;
     eprintln!("{} {} {}", args.name, req.method(), req.uri());
     let response = match (req.method(), req.uri().path()) {
+        (&Method::GET | &Method::HEAD, "/health") if app.healthy.load(Ordering::Relaxed) => {
+            json_response(
+                StatusCode::OK,
+                &json!({"status": "healthy", "service": args.name}),
+            )
+        }
         (&Method::GET | &Method::HEAD, "/health") => json_response(
-            StatusCode::OK,
-            &json!({"status": "healthy", "service": args.name}),
+            StatusCode::SERVICE_UNAVAILABLE,
+            &json!({"status": "unhealthy", "service": args.name}),
         ),
+        (&Method::POST, "/health/fail" | "/health/pass") => {
+            let healthy = req.uri().path() == "/health/pass";
+            app.healthy.store(healthy, Ordering::Relaxed);
+            eprintln!("{}: /health now answers {}", args.name, if healthy { 200 } else { 503 });
+            json_response(StatusCode::OK, &json!({"service": args.name, "healthy": healthy}))
+        }
+        (&Method::POST, "/broadcast") => broadcast(args, req).await,
         (&Method::GET | &Method::HEAD, "/") => json_response(
             StatusCode::OK,
             &json!({
@@ -194,7 +220,7 @@ async fn handle(app: &App, req: Request<Incoming>) -> Result<Response<Body>, Inf
             response
         }
         (&Method::GET, "/work") => work(app, req.headers()).await,
-        (_, "/health" | "/" | "/echo" | "/work") => json_response(
+        (_, "/health" | "/" | "/echo" | "/work" | "/broadcast") => json_response(
             StatusCode::METHOD_NOT_ALLOWED,
             &json!({"error": "method not allowed", "service": args.name}),
         ),
@@ -243,11 +269,37 @@ async fn work(app: &App, incoming: &HeaderMap) -> Response<Body> {
     };
     json_response(
         status,
-        &json!({"service": args.name, "version": args.version, "calls": calls}),
+        &json!({
+            "service": args.name,
+            "version": args.version,
+            "port": args.port,
+            "headers": shown_headers(incoming),
+            "calls": calls,
+        }),
     )
 }
 
-/// One `GET http://SERVICE/` through the outbound proxy at `proxy`.
+/// `POST /broadcast`: log the message and say what arrived.
+async fn broadcast(args: &Args, req: Request<Incoming>) -> Response<Body> {
+    let bytes = match Limited::new(req.into_body(), MAX_DOWNSTREAM_BODY).collect().await {
+        Ok(collected) => collected.to_bytes(),
+        Err(e) => {
+            return json_response(
+                StatusCode::BAD_REQUEST,
+                &json!({"error": format!("reading the message: {e}")}),
+            )
+        }
+    };
+    let message = serde_json::from_slice::<Value>(&bytes)
+        .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned()));
+    eprintln!("{} ({}) received broadcast: {message}", args.name, args.version);
+    json_response(
+        StatusCode::OK,
+        &json!({"service": args.name, "version": args.version, "port": args.port, "received": message}),
+    )
+}
+
+/// One `GET http://SERVICE/work` through the outbound proxy at `proxy`.
 async fn call(
     proxy: &str,
     service: &str,
@@ -263,7 +315,7 @@ async fn call(
         let _ = conn.await;
     });
 
-    let mut request = Request::get(format!("http://{service}/"))
+    let mut request = Request::get(format!("http://{service}/work"))
         .header(HOST, service)
         .body(Full::new(Bytes::new()))
         .map_err(|e| format!("bad service name {service:?}: {e}"))?;
