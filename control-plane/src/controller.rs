@@ -118,6 +118,7 @@ impl Controller {
         &self,
         registration: Registration,
     ) -> Result<RegistrationReply, ApiFailure> {
+        check_registration(&registration)?;
         let mut registry = self.writer.lock().await;
         let id = registration.id.clone();
         let healthy = registration.healthy;
@@ -249,6 +250,21 @@ impl Controller {
             .await
             .map_err(|e| StoreError::Task(e.to_string()))?
     }
+}
+
+/// A registration needs an id, a service name and a real port.
+fn check_registration(registration: &Registration) -> Result<(), ApiFailure> {
+    let bad = |m: &str| Err(ApiFailure::BadRequest(format!("invalid registration: {m}")));
+    if registration.id.trim().is_empty() || registration.id.contains('/') {
+        return bad("id must be non-empty and contain no '/'");
+    }
+    if registration.service.trim().is_empty() || registration.namespace.trim().is_empty() {
+        return bad("service and namespace must be non-empty");
+    }
+    if registration.address.port() == 0 {
+        return bad("address port must not be 0");
+    }
+    Ok(())
 }
 
 /// Parses every file of an apply request; a parse error or a resource

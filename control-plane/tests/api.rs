@@ -1,0 +1,510 @@
+//! Process-level tests: the real `control-plane` binary on a free loopback
+//! port with a temporary data directory, driven over HTTP. No fixed sleeps:
+//! every wait polls a condition against a deadline.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{Method, Request, StatusCode};
+use http_body_util::Full;
+use meshlet_api::mesh::{
+    paths, ApiError, ApplyAction, ApplyFile, ApplyReply, ApplyRequest, Heartbeat, MeshState,
+    Registration, RegistrationReply, RevisionRecord, ServiceSummary, WatchEvent,
+};
+use meshlet_control_plane::client::send;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::TcpStream;
+
+const DEADLINE: Duration = Duration::from_secs(10);
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+struct ControlPlane {
+    child: Child,
+    addr: SocketAddr,
+}
+
+impl ControlPlane {
+    async fn start(data_dir: &Path, extra: &[&str]) -> ControlPlane {
+        let addr: SocketAddr = ([127, 0, 0, 1], free_port()).into();
+        let child = Command::new(env!("CARGO_BIN_EXE_control-plane"))
+            .arg("--listen")
+            .arg(addr.to_string())
+            .arg("--data-dir")
+            .arg(data_dir)
+            .args(extra)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("start control-plane");
+        let mut cp = ControlPlane { child, addr };
+        let started = Instant::now();
+        loop {
+            if let Ok((StatusCode::OK, _)) = cp.call(Method::GET, paths::HEALTH, None).await {
+                return cp;
+            }
+            if let Ok(Some(status)) = cp.child.try_wait() {
+                panic!("control-plane exited early: {status}");
+            }
+            assert!(started.elapsed() < DEADLINE, "control-plane not ready");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    async fn call(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Vec<u8>>,
+    ) -> Result<(StatusCode, Bytes), meshlet_control_plane::client::HttpError> {
+        let request = Request::builder()
+            .method(method)
+            .uri(path)
+            .header("host", self.addr.to_string())
+            .header("content-type", "application/json")
+            .body(Full::new(Bytes::from(body.unwrap_or_default())))
+            .unwrap();
+        send(
+            &self.addr.to_string(),
+            request,
+            Duration::from_secs(2),
+            Duration::from_secs(10),
+        )
+        .await
+    }
+
+    async fn json<T: serde::de::DeserializeOwned>(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Vec<u8>>,
+    ) -> (StatusCode, T) {
+        let (status, bytes) = self.call(method, path, body).await.unwrap();
+        let value = serde_json::from_slice(&bytes).unwrap_or_else(|e| {
+            panic!("{status} {path}: {e}: {}", String::from_utf8_lossy(&bytes))
+        });
+        (status, value)
+    }
+
+    async fn register(&self, id: &str, service: &str, port: u16) -> RegistrationReply {
+        let reg = Registration {
+            id: id.into(),
+            service: service.into(),
+            namespace: "default".into(),
+            address: ([127, 0, 0, 1], port).into(),
+            labels: Default::default(),
+            healthy: true,
+        };
+        let body = serde_json::to_vec(&reg).unwrap();
+        let (status, reply) = self.json(Method::POST, paths::INSTANCES, Some(body)).await;
+        assert_eq!(status, StatusCode::OK);
+        reply
+    }
+
+    async fn heartbeat(&self, id: &str, healthy: bool) -> StatusCode {
+        let body = serde_json::to_vec(&Heartbeat { healthy }).unwrap();
+        let (status, _) = self
+            .call(Method::PUT, &paths::heartbeat(id), Some(body))
+            .await
+            .unwrap();
+        status
+    }
+
+    async fn watch(&self, revision: Option<u64>) -> Watch {
+        let mut stream = TcpStream::connect(self.addr).await.unwrap();
+        let query = revision
+            .map(|r| format!("?revision={r}"))
+            .unwrap_or_default();
+        let head = format!("GET {}{query} HTTP/1.0\r\n\r\n", paths::WATCH);
+        stream.write_all(head.as_bytes()).await.unwrap();
+        let mut reader = BufReader::new(stream);
+        let mut line = String::new();
+        reader.read_line(&mut line).await.unwrap();
+        assert!(line.contains(" 200 "), "{line}");
+        let mut saw_ndjson = false;
+        loop {
+            line.clear();
+            reader.read_line(&mut line).await.unwrap();
+            saw_ndjson |= line.eq_ignore_ascii_case("content-type: application/x-ndjson\r\n");
+            if line == "\r\n" {
+                break;
+            }
+        }
+        assert!(saw_ndjson);
+        Watch {
+            reader,
+            state: MeshState::default(),
+        }
+    }
+
+    fn kill9(mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
+}
+
+impl Drop for ControlPlane {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+struct Watch {
+    reader: BufReader<TcpStream>,
+    state: MeshState,
+}
+
+impl Watch {
+    /// The next event (within the deadline), applied to the held state.
+    async fn next(&mut self) -> Option<WatchEvent> {
+        let mut line = String::new();
+        let read = tokio::time::timeout(DEADLINE, self.reader.read_line(&mut line))
+            .await
+            .expect("no watch event within the deadline")
+            .unwrap();
+        if read == 0 {
+            return None;
+        }
+        let event: WatchEvent = serde_json::from_str(&line).unwrap();
+        self.state.apply(event.clone()).expect("event applies");
+        Some(event)
+    }
+
+    /// Reads events until `done(state)`; returns the events read.
+    async fn until(&mut self, done: impl Fn(&MeshState) -> bool) -> Vec<WatchEvent> {
+        let mut events = Vec::new();
+        while !done(&self.state) {
+            events.push(self.next().await.expect("stream ended"));
+        }
+        events
+    }
+}
+
+fn healthy_of(state: &MeshState, id: &str) -> Option<bool> {
+    state
+        .services
+        .iter()
+        .flat_map(|s| &s.endpoints)
+        .find(|e| e.instance_id.as_deref() == Some(id))
+        .map(|e| e.healthy)
+}
+
+#[tokio::test]
+async fn registrations_reach_watchers_as_snapshot_then_deltas() {
+    let dir = tempfile::tempdir().unwrap();
+    let cp = ControlPlane::start(dir.path(), &[]).await;
+    let mut watch = cp.watch(None).await;
+    let first = watch.next().await.unwrap();
+    assert!(
+        matches!(first, WatchEvent::Snapshot(ref s) if s.revision == 0),
+        "{first:?}"
+    );
+
+    let reply = cp.register("orders-1", "orders", 8081).await;
+    assert_eq!(reply.revision, 1);
+    assert_eq!(reply.ttl_ms, 10_000);
+    assert_eq!(reply.heartbeat_interval_ms, 3_333);
+    cp.register("orders-2", "orders", 8082).await;
+    cp.register("orders-3", "orders", 8083).await;
+    cp.register("payments-1", "payments", 9091).await;
+    let events = watch.until(|s| s.revision == 4).await;
+    let mut held = 0;
+    for event in &events {
+        let WatchEvent::Delta(d) = event else {
+            panic!("expected deltas, got {event:?}");
+        };
+        assert_eq!(d.from_revision, held);
+        assert!(d.revision > held);
+        held = d.revision;
+    }
+    assert_eq!(watch.state.services.len(), 2);
+    assert_eq!(watch.state.services[0].endpoints.len(), 3);
+
+    // Health change: a delta with healthy=false. An unchanged heartbeat: none.
+    assert_eq!(cp.heartbeat("orders-2", true).await, StatusCode::NO_CONTENT);
+    assert_eq!(
+        cp.heartbeat("orders-2", false).await,
+        StatusCode::NO_CONTENT
+    );
+    let event = watch.next().await.unwrap();
+    let WatchEvent::Delta(delta) = event else {
+        panic!("expected a delta");
+    };
+    assert_eq!((delta.from_revision, delta.revision), (4, 5));
+    assert_eq!(healthy_of(&watch.state, "orders-2"), Some(false));
+    assert_eq!(cp.heartbeat("nobody", true).await, StatusCode::NOT_FOUND);
+
+    // Bad bodies change nothing.
+    let (status, err): (_, ApiError) = cp
+        .json(Method::POST, paths::INSTANCES, Some(b"{\"id\": 1".to_vec()))
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert!(err.error.contains("invalid request body"), "{}", err.error);
+    let (status, _): (_, ApiError) = cp
+        .json(
+            Method::PUT,
+            &paths::heartbeat("orders-1"),
+            Some(b"{\"healthy\": true, \"extra\": 1}".to_vec()),
+        )
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+
+    // A second watcher resuming from revision 2 gets one delta to 5.
+    let mut resumed = cp.watch(Some(2)).await;
+    resumed.state = MeshState {
+        revision: 2,
+        ..Default::default()
+    };
+    let WatchEvent::Delta(d) = resumed.next().await.unwrap() else {
+        panic!("expected a delta");
+    };
+    assert_eq!((d.from_revision, d.revision), (2, 5));
+
+    // Graceful deregistration.
+    let (status, _) = cp
+        .call(Method::DELETE, &paths::instance("payments-1"), None)
+        .await
+        .unwrap();
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    let (status, _) = cp
+        .call(Method::DELETE, &paths::instance("payments-1"), None)
+        .await
+        .unwrap();
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    watch.until(|s| s.services.len() == 1).await;
+
+    let (_, services): (_, Vec<ServiceSummary>) = cp.json(Method::GET, paths::SERVICES, None).await;
+    assert_eq!(services.len(), 1);
+    assert_eq!((services[0].instances, services[0].healthy), (3, 2));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_reaches_a_thousand_watchers() {
+    const WATCHERS: usize = 1000;
+    let dir = tempfile::tempdir().unwrap();
+    let cp = std::sync::Arc::new(ControlPlane::start(dir.path(), &[]).await);
+    let ready = std::sync::Arc::new(tokio::sync::Barrier::new(WATCHERS + 1));
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..WATCHERS {
+        let (cp, ready) = (cp.clone(), ready.clone());
+        tasks.spawn(async move {
+            let mut watch = cp.watch(None).await;
+            assert!(matches!(watch.next().await, Some(WatchEvent::Snapshot(_))));
+            ready.wait().await;
+            let event = watch.next().await;
+            assert!(matches!(event, Some(WatchEvent::Delta(ref d)) if d.revision == 1));
+            Instant::now()
+        });
+    }
+    ready.wait().await;
+    let changed = Instant::now();
+    cp.register("orders-1", "orders", 8081).await;
+    let mut slowest = Duration::ZERO;
+    while let Some(received) = tasks.join_next().await {
+        slowest = slowest.max(received.unwrap() - changed);
+    }
+    eprintln!("{WATCHERS} watchers got the change within {slowest:?}");
+    // A generous bound for a loaded 2-core machine; typical is tens of ms.
+    assert!(slowest < Duration::from_secs(3), "{slowest:?}");
+}
+
+#[tokio::test]
+async fn instances_without_heartbeats_expire() {
+    let dir = tempfile::tempdir().unwrap();
+    let cp = ControlPlane::start(dir.path(), &["--ttl", "1s"]).await;
+    let reply = cp.register("orders-1", "orders", 8081).await;
+    assert_eq!(reply.heartbeat_interval_ms, 333);
+    let registered = Instant::now();
+    let mut watch = cp.watch(None).await;
+    watch
+        .until(|s| s.revision >= 1 && s.services.is_empty())
+        .await;
+    let took = registered.elapsed();
+    assert!(took < Duration::from_secs(2), "expired after {took:?}");
+    assert!(
+        took >= Duration::from_millis(900),
+        "expired early: {took:?}"
+    );
+    assert_eq!(cp.heartbeat("orders-1", true).await, StatusCode::NOT_FOUND);
+    let (_, history): (_, Vec<RevisionRecord>) = cp.json(Method::GET, paths::REVISIONS, None).await;
+    assert_eq!(history[0].changes, ["expired orders/orders-1"]);
+}
+
+const POLICY: &str = "apiVersion: meshlet.dev/v1alpha1
+kind: HealthCheckPolicy
+metadata: {name: orders-hc}
+spec: {targetRef: {service: orders}, interval: 1s}
+";
+
+fn apply_body(name: &str, text: &str) -> Vec<u8> {
+    serde_json::to_vec(&ApplyRequest {
+        files: vec![ApplyFile {
+            name: name.into(),
+            text: text.into(),
+        }],
+        actor: Some("tester@host".into()),
+    })
+    .unwrap()
+}
+
+#[tokio::test]
+async fn apply_and_state_survive_kill_9() {
+    let dir = tempfile::tempdir().unwrap();
+    let cp = ControlPlane::start(dir.path(), &[]).await;
+    cp.register("orders-1", "orders", 8081).await;
+    cp.register("orders-2", "orders", 8082).await;
+    assert_eq!(
+        cp.heartbeat("orders-2", false).await,
+        StatusCode::NO_CONTENT
+    );
+
+    let (status, reply): (_, ApplyReply) = cp
+        .json(
+            Method::POST,
+            paths::APPLY,
+            Some(apply_body("p.yaml", POLICY)),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(reply.revision, 4);
+    assert_eq!(reply.outcomes[0].action, ApplyAction::Created);
+    let (_, reply): (_, ApplyReply) = cp
+        .json(
+            Method::POST,
+            paths::APPLY,
+            Some(apply_body("p.yaml", POLICY)),
+        )
+        .await;
+    assert_eq!(
+        (reply.revision, reply.outcomes[0].action),
+        (4, ApplyAction::Unchanged)
+    );
+    let invalid = POLICY.replace("interval", "intervall");
+    let (status, err): (_, ApiError) = cp
+        .json(
+            Method::POST,
+            paths::APPLY,
+            Some(apply_body("bad.yaml", &invalid)),
+        )
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert!(err.error.contains("bad.yaml"), "{}", err.error);
+    assert!(err.error.contains("intervall"), "{}", err.error);
+
+    let (_, history_before): (_, Vec<RevisionRecord>) =
+        cp.json(Method::GET, paths::REVISIONS, None).await;
+    assert_eq!(history_before.len(), 4);
+    assert_eq!(history_before[0].actor, "tester@host");
+    assert_eq!(
+        history_before[0].changes,
+        ["created healthcheckpolicy/orders-hc"]
+    );
+
+    cp.kill9();
+    let cp = ControlPlane::start(dir.path(), &[]).await;
+    let (_, history): (_, Vec<RevisionRecord>) = cp.json(Method::GET, paths::REVISIONS, None).await;
+    assert_eq!(history, history_before);
+    let mut watch = cp.watch(None).await;
+    let Some(WatchEvent::Snapshot(state)) = watch.next().await else {
+        panic!("expected a snapshot");
+    };
+    assert_eq!(state.revision, 4);
+    assert_eq!(state.services[0].endpoints.len(), 2);
+    assert_eq!(healthy_of(&state, "orders-2"), Some(false));
+    assert_eq!(state.resources.len(), 1);
+    // Instances loaded from the store accept heartbeats (fresh TTL).
+    assert_eq!(cp.heartbeat("orders-1", true).await, StatusCode::NO_CONTENT);
+    let (status, detail): (_, meshlet_api::mesh::ServiceDetail) = cp
+        .json(Method::GET, "/api/v1/services/default/orders", None)
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(detail.instances.len(), 2);
+    assert_eq!(detail.policies.len(), 1);
+    let (status, _): (_, ApiError) = cp
+        .json(Method::GET, "/api/v1/services/default/nope", None)
+        .await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+}
+
+#[tokio::test]
+async fn sigterm_ends_watch_streams_and_exits_cleanly() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cp = ControlPlane::start(dir.path(), &[]).await;
+    let mut watch = cp.watch(None).await;
+    watch.next().await.unwrap();
+    let status = Command::new("kill")
+        .arg("-TERM")
+        .arg(cp.child.id().to_string())
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let mut rest = Vec::new();
+    tokio::time::timeout(DEADLINE, watch.reader.read_to_end(&mut rest))
+        .await
+        .expect("watch stream did not end")
+        .unwrap();
+    let started = Instant::now();
+    loop {
+        if let Some(status) = cp.child.try_wait().unwrap() {
+            assert!(status.success(), "{status}");
+            break;
+        }
+        assert!(started.elapsed() < DEADLINE, "control-plane did not exit");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn second_instance_on_the_same_port_fails_with_one_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let cp = ControlPlane::start(dir.path(), &[]).await;
+    let other = tempfile::tempdir().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_control-plane"))
+        .arg("--listen")
+        .arg(cp.addr.to_string())
+        .arg("--data-dir")
+        .arg(other.path())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let last = stderr.lines().last().unwrap_or_default();
+    assert!(
+        last.starts_with("control-plane: error: cannot listen on"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}
+
+#[test]
+fn meshctl_without_a_control_plane_prints_one_line() {
+    let port = free_port();
+    let out = Command::new(env!("CARGO_BIN_EXE_meshctl"))
+        .args([
+            "--server",
+            &format!("http://127.0.0.1:{port}"),
+            "get",
+            "services",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        stderr,
+        format!(
+            "meshctl: error: cannot reach the control plane at http://127.0.0.1:{port}: \
+             connection refused (is control-plane running? set --server or MESHLET_SERVER)\n"
+        )
+    );
+}
