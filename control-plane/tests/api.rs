@@ -508,3 +508,156 @@ fn meshctl_without_a_control_plane_prints_one_line() {
         )
     );
 }
+
+/// A one-request HTTP server on a thread: answers 200 and hands back the
+/// raw request it got.
+fn one_shot_server() -> (u16, std::thread::JoinHandle<String>) {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let handle = std::thread::spawn(move || {
+        let (mut conn, _) = listener.accept().unwrap();
+        let mut raw = Vec::new();
+        let mut buf = [0u8; 1024];
+        loop {
+            let n = conn.read(&mut buf).unwrap();
+            raw.extend_from_slice(&buf[..n]);
+            let text = String::from_utf8_lossy(&raw).to_string();
+            if let Some(end) = text.find("\r\n\r\n") {
+                let length = text
+                    .lines()
+                    .find_map(|l| {
+                        l.to_ascii_lowercase()
+                            .strip_prefix("content-length: ")
+                            .map(|v| v.trim().parse::<usize>().unwrap())
+                    })
+                    .unwrap_or(0);
+                if raw.len() >= end + 4 + length || n == 0 {
+                    break;
+                }
+            }
+            if n == 0 {
+                break;
+            }
+        }
+        conn.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok")
+            .unwrap();
+        String::from_utf8_lossy(&raw).to_string()
+    });
+    (port, handle)
+}
+
+fn meshctl(server: SocketAddr, args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_meshctl"))
+        .arg("--server")
+        .arg(format!("http://{server}"))
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).to_string(),
+        String::from_utf8_lossy(&out.stderr).to_string(),
+    )
+}
+
+#[tokio::test]
+async fn meshctl_apply_get_describe_and_broadcast() {
+    let dir = tempfile::tempdir().unwrap();
+    let cp = ControlPlane::start(dir.path(), &[]).await;
+    let (live_port, received) = one_shot_server();
+    cp.register("orders-1", "orders", live_port).await;
+    cp.register("orders-2", "orders", free_port()).await;
+    cp.register("orders-3", "orders", free_port()).await;
+    assert_eq!(
+        cp.heartbeat("orders-3", false).await,
+        StatusCode::NO_CONTENT
+    );
+
+    let file = dir.path().join("policy.yaml");
+    std::fs::write(&file, POLICY).unwrap();
+    let file = file.to_str().unwrap();
+    let (code, stdout, _) = meshctl(cp.addr, &["apply", "-f", file]);
+    assert_eq!(
+        (code, stdout.as_str()),
+        (0, "healthcheckpolicy/orders-hc created\n")
+    );
+    let (code, stdout, _) = meshctl(cp.addr, &["apply", "-f", file]);
+    assert_eq!(
+        (code, stdout.as_str()),
+        (0, "healthcheckpolicy/orders-hc unchanged\n")
+    );
+    let bad = dir.path().join("bad.yaml");
+    std::fs::write(&bad, "kind: Nope\n").unwrap();
+    let (code, _, stderr) = meshctl(cp.addr, &["apply", "-f", bad.to_str().unwrap()]);
+    assert_eq!(code, 1);
+    assert!(
+        stderr.starts_with("meshctl: error: ") && stderr.contains("bad.yaml"),
+        "{stderr}"
+    );
+
+    let (code, stdout, _) = meshctl(cp.addr, &["get", "services"]);
+    assert_eq!(code, 0);
+    assert_eq!(
+        stdout,
+        "NAMESPACE   NAME     INSTANCES   HEALTHY\ndefault     orders   3           2\n"
+    );
+    let (code, stdout, _) = meshctl(cp.addr, &["get", "endpoints", "orders", "-o", "json"]);
+    assert_eq!(code, 0);
+    let endpoints: Vec<meshlet_api::mesh::EndpointEntry> = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(endpoints.len(), 3);
+    let (code, stdout, _) = meshctl(cp.addr, &["describe", "service", "orders.default"]);
+    assert_eq!(code, 0);
+    assert!(stdout.contains("Instances:   3 (2 healthy)"), "{stdout}");
+    assert!(stdout.contains("healthcheckpolicy/orders-hc"), "{stdout}");
+    let (code, _, stderr) = meshctl(cp.addr, &["describe", "service", "nope"]);
+    assert_eq!(
+        (code, stderr.as_str()),
+        (1, "meshctl: error: service \"nope\" not found\n")
+    );
+
+    let (code, stdout, _) = meshctl(
+        cp.addr,
+        &[
+            "broadcast",
+            "--path",
+            "/broadcast",
+            "--data",
+            r#"{"msg":"hi"}"#,
+            "--timeout",
+            "1s",
+        ],
+    );
+    assert_eq!(code, 1, "orders-2 is down: {stdout}");
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(
+        lines.len(),
+        3,
+        "header and the two healthy instances: {stdout}"
+    );
+    assert!(
+        lines[0].starts_with("SERVICE   INSTANCE   ADDRESS"),
+        "{stdout}"
+    );
+    assert!(
+        lines[1].contains("orders-1") && lines[1].contains("200 OK"),
+        "{stdout}"
+    );
+    assert!(
+        lines[2].contains("orders-2") && lines[2].contains("connection refused"),
+        "{stdout}"
+    );
+    let request = received.join().unwrap();
+    assert!(
+        request.starts_with("POST /broadcast HTTP/1.1\r\n"),
+        "{request}"
+    );
+    assert!(
+        request
+            .to_ascii_lowercase()
+            .contains("\r\nhost: orders\r\n"),
+        "{request}"
+    );
+    assert!(request.contains("application/json"), "{request}");
+    assert!(request.ends_with(r#"{"msg":"hi"}"#), "{request}");
+}
