@@ -198,8 +198,15 @@ async fn handle(app: &App, req: Request<Incoming>) -> Result<Response<Body>, Inf
         (&Method::POST, "/health/fail" | "/health/pass") => {
             let healthy = req.uri().path() == "/health/pass";
             app.healthy.store(healthy, Ordering::Relaxed);
-            eprintln!("{}: /health now answers {}", args.name, if healthy { 200 } else { 503 });
-            json_response(StatusCode::OK, &json!({"service": args.name, "healthy": healthy}))
+            eprintln!(
+                "{}: /health now answers {}",
+                args.name,
+                if healthy { 200 } else { 503 }
+            );
+            json_response(
+                StatusCode::OK,
+                &json!({"service": args.name, "healthy": healthy}),
+            )
         }
         (&Method::POST, "/broadcast") => broadcast(args, req).await,
         (&Method::GET | &Method::HEAD, "/") => json_response(
@@ -281,7 +288,10 @@ async fn work(app: &App, incoming: &HeaderMap) -> Response<Body> {
 
 /// `POST /broadcast`: log the message and say what arrived.
 async fn broadcast(args: &Args, req: Request<Incoming>) -> Response<Body> {
-    let bytes = match Limited::new(req.into_body(), MAX_DOWNSTREAM_BODY).collect().await {
+    let bytes = match Limited::new(req.into_body(), MAX_DOWNSTREAM_BODY)
+        .collect()
+        .await
+    {
         Ok(collected) => collected.to_bytes(),
         Err(e) => {
             return json_response(
@@ -292,7 +302,10 @@ async fn broadcast(args: &Args, req: Request<Incoming>) -> Response<Body> {
     };
     let message = serde_json::from_slice::<Value>(&bytes)
         .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned()));
-    eprintln!("{} ({}) received broadcast: {message}", args.name, args.version);
+    eprintln!(
+        "{} ({}) received broadcast: {message}",
+        args.name, args.version
+    );
     json_response(
         StatusCode::OK,
         &json!({"service": args.name, "version": args.version, "port": args.port, "received": message}),
