@@ -472,3 +472,142 @@ async fn a_change_reaches_every_watcher_quickly() {
     let distinct: BTreeSet<u64> = streams.iter().map(|s| s.revision).collect();
     assert_eq!(distinct.len(), 1, "all watchers hold one revision");
 }
+
+#[tokio::test]
+async fn sigterm_deregisters_at_once_and_pushes_keep_connections() {
+    let dir = TempDir::new();
+    // A long TTL: only deregistration can remove an instance quickly.
+    let cp = ControlPlaneProcess::start(&dir.path.join("data"), &["--ttl", "60s"]).await;
+    let policies = dir.path.join("health.yaml");
+    std::fs::write(&policies, HEALTH_POLICIES).unwrap();
+    assert!(meshctl(
+        Some(&cp.url()),
+        &["apply", "-f", policies.to_str().unwrap()]
+    )
+    .await
+    .success());
+    let mut orders = vec![
+        Instance::start(&cp, "orders", "v1").await,
+        Instance::start(&cp, "orders", "v2").await,
+    ];
+    let frontend = Instance::start(&cp, "frontend", "v1").await;
+    let both = sorted(orders.iter().map(Instance::address));
+    converged(
+        &[&frontend.sidecar],
+        "orders",
+        &both,
+        Duration::from_secs(10),
+    )
+    .await;
+
+    // Pooled connections and in-flight requests survive a pushed change.
+    call_many(&frontend.sidecar, "orders", 20).await;
+    let pooled: Vec<usize> = orders.iter().map(|i| i.app.connections()).collect();
+    let slow = {
+        let outbound = frontend.sidecar.outbound;
+        tokio::spawn(async move {
+            let request = http::Request::get("http://orders/slow?ms=1500")
+                .body(http_body_util::Full::new(bytes::Bytes::new()))
+                .unwrap();
+            client::send(outbound, request).await.expect("slow answer")
+        })
+    };
+    let newcomer = Instance::start(&cp, "orders", "v3").await;
+    let three = sorted(orders.iter().chain([&newcomer]).map(Instance::address));
+    converged(
+        &[&frontend.sidecar],
+        "orders",
+        &three,
+        Duration::from_secs(5),
+    )
+    .await;
+    assert!(
+        !slow.is_finished(),
+        "the slow request is still in flight across the push"
+    );
+    let reply = slow.await.unwrap();
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    call_many(&frontend.sidecar, "orders", 30).await;
+    for (instance, before) in orders.iter().zip(&pooled) {
+        // One more connection at most: the slow request held one busy.
+        assert!(
+            instance.app.connections() <= before + 1,
+            "{}: {} connections after the push, {before} before: pools were rebuilt",
+            instance.app.name,
+            instance.app.connections()
+        );
+    }
+    assert!(newcomer.app.requests() > 0, "the new instance gets traffic");
+
+    // SIGTERM: the sidecar deregisters before draining, so the instance
+    // leaves every sidecar long before the 60 s TTL.
+    let mut leaving = orders.remove(0);
+    let leaving_address = leaving.address();
+    let stopped_at = Instant::now();
+    leaving.sidecar.signal(nix::sys::signal::Signal::SIGTERM);
+    let status = leaving.sidecar.wait_exit(Duration::from_secs(10)).await;
+    assert!(status.success(), "{}", leaving.sidecar.log_text());
+    assert!(
+        leaving.sidecar.log_text().contains("deregistered"),
+        "{}",
+        leaving.sidecar.log_text()
+    );
+    let remaining = sorted(orders.iter().chain([&newcomer]).map(Instance::address));
+    converged(
+        &[&frontend.sidecar],
+        "orders",
+        &remaining,
+        Duration::from_secs(3),
+    )
+    .await;
+    assert!(!registered(&cp, "orders")
+        .await
+        .iter()
+        .any(|(a, _)| *a == leaving_address));
+    println!(
+        "deregistered instance gone from the frontend's sidecar after {:?}",
+        stopped_at.elapsed()
+    );
+}
+
+#[tokio::test]
+async fn a_control_plane_that_lost_its_data_gets_every_instance_back() {
+    let dir = TempDir::new();
+    let mut cp = control_plane(&dir).await;
+    let orders = [
+        Instance::start(&cp, "orders", "v1").await,
+        Instance::start(&cp, "orders", "v2").await,
+    ];
+    let frontend = Instance::start(&cp, "frontend", "v1").await;
+    let both = sorted(orders.iter().map(Instance::address));
+    converged(
+        &[&frontend.sidecar],
+        "orders",
+        &both,
+        Duration::from_secs(10),
+    )
+    .await;
+
+    // The disk is gone: the control plane starts empty. Heartbeats get 404,
+    // sidecars register again, and every sidecar converges on the rebuilt
+    // registry (the policies must be applied again by the operator).
+    cp.wipe_and_restart().await;
+    wait::until(
+        "instances registered again",
+        Duration::from_secs(10),
+        || async {
+            (registered(&cp, "orders").await.len() == 2
+                && registered(&cp, "frontend").await.len() == 1)
+                .then_some(())
+        },
+    )
+    .await;
+    converged(
+        &[&frontend.sidecar],
+        "orders",
+        &both,
+        Duration::from_secs(5),
+    )
+    .await;
+    call_many(&frontend.sidecar, "orders", 10).await;
+}

@@ -241,6 +241,15 @@ impl ControlPlaneProcess {
         let _ = self.child.wait().await;
     }
 
+    /// `kill -9`, deletes the data directory (a lost disk), and starts
+    /// again empty on the same address.
+    pub async fn wipe_and_restart(&mut self) {
+        self.kill9().await;
+        std::fs::remove_dir_all(&self.data_dir).expect("remove data dir");
+        let again = Self::start_on(self.addr, &self.data_dir, self.args.clone()).await;
+        *self = again;
+    }
+
     /// Starts again on the same address and data directory.
     pub async fn restart(&mut self) {
         self.kill9().await;
