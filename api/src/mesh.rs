@@ -130,6 +130,12 @@ pub struct EndpointEntry {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct MeshState {
+    /// Identity of the control plane's store (random, fixed when the store
+    /// is created; 0 for a standalone config). A watcher resuming with an
+    /// epoch that is not the control plane's held its revision from another
+    /// store (one that was lost), so it gets a snapshot, never a delta.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub epoch: u64,
     pub revision: u64,
     /// Sorted by (namespace, name).
     pub services: Vec<ServiceEntry>,
@@ -255,6 +261,7 @@ impl MeshState {
         services.sort_by_key(ServiceEntry::key);
         others.sort_by_key(Resource::key);
         MeshState {
+            epoch: 0,
             revision: 0,
             services,
             resources: others,
@@ -377,6 +384,10 @@ pub struct ApiError {
     pub error: String,
 }
 
+fn is_zero(n: &u64) -> bool {
+    *n == 0
+}
+
 fn default_namespace() -> String {
     "default".to_owned()
 }
@@ -404,6 +415,7 @@ mod tests {
     #[test]
     fn delta_applies_on_its_base_revision_only() {
         let mut state = MeshState {
+            epoch: 1,
             revision: 3,
             services: vec![service("a", &[1]), service("b", &[2])],
             resources: vec![],
@@ -432,6 +444,7 @@ mod tests {
     #[test]
     fn events_round_trip_as_json_lines() {
         let event = WatchEvent::Snapshot(MeshState {
+            epoch: 42,
             revision: 7,
             services: vec![service("a", &[1])],
             resources: crate::parse_documents(
@@ -443,7 +456,7 @@ mod tests {
         let line = serde_json::to_string(&event).unwrap();
         assert!(!line.contains('\n'));
         assert!(
-            line.starts_with(r#"{"type":"snapshot","revision":7"#),
+            line.starts_with(r#"{"type":"snapshot","epoch":42,"revision":7"#),
             "{line}"
         );
         let back: WatchEvent = serde_json::from_str(&line).unwrap();

@@ -116,6 +116,8 @@ async fn deregister(
 #[serde(deny_unknown_fields)]
 struct WatchParams {
     revision: Option<u64>,
+    /// The epoch of the store the watcher's revision came from.
+    epoch: Option<u64>,
 }
 
 async fn watch(
@@ -126,6 +128,7 @@ async fn watch(
     let stream = watch_stream(
         state.controller.hub().clone(),
         params.revision,
+        params.epoch,
         state.keepalive,
         state.shutdown.clone(),
     );

@@ -62,7 +62,11 @@ impl Controller {
                 (i.registration.id.clone(), live)
             })
             .collect();
-        let hub = Arc::new(Hub::new(Published::new(&registry, None)));
+        // Sidecars that survived a lost store re-register within one
+        // heartbeat interval (their heartbeat gets 404); a second on top
+        // covers the call itself.
+        let warmup = ttl / 3 + Duration::from_secs(1);
+        let hub = Arc::new(Hub::with_warmup(Published::new(&registry, None), warmup));
         Ok(Controller {
             writer: tokio::sync::Mutex::new(registry),
             store,

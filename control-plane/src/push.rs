@@ -31,6 +31,7 @@ pub const CHANGE_LOG_LEN: usize = 1024;
 /// One revision as readers and watchers see it. Immutable once published.
 #[derive(Debug)]
 pub struct Published {
+    pub epoch: u64,
     pub revision: u64,
     pub services: BTreeMap<ServiceKey, ServiceEntry>,
     /// Resources watchers get (every kind but `Service`).
@@ -59,6 +60,7 @@ impl Published {
     /// touched (`None` at start, when there is no previous revision here).
     pub fn new(registry: &Registry, changes: Option<&Changes>) -> Published {
         let mut published = Published {
+            epoch: registry.epoch(),
             revision: registry.revision(),
             services: registry.services(),
             mesh_resources: registry.mesh_resources(),
@@ -76,6 +78,7 @@ impl Published {
 
     pub fn mesh_state(&self) -> MeshState {
         MeshState {
+            epoch: self.epoch,
             revision: self.revision,
             services: self.services.values().cloned().collect(),
             resources: self.mesh_resources.values().cloned().collect(),
@@ -150,13 +153,26 @@ impl ChangeLog {
 pub struct Hub {
     current: watch::Sender<Arc<Published>>,
     log: Mutex<ChangeLog>,
+    /// Until then, watchers from another epoch wait for their snapshot.
+    warmup_until: Instant,
 }
 
 impl Hub {
     pub fn new(initial: Published) -> Hub {
+        Self::with_warmup(initial, Duration::ZERO)
+    }
+
+    /// A hub that makes watchers from another epoch (sidecars that held a
+    /// revision of a store this control plane does not have: its data was
+    /// lost) wait `warmup` from now before their first snapshot. By then
+    /// those sidecars' heartbeats have been answered 404 and they have
+    /// registered again, so they are not sent a registry emptied by the
+    /// loss — a push that would make every sidecar drop every endpoint.
+    pub fn with_warmup(initial: Published, warmup: Duration) -> Hub {
         Hub {
             current: watch::Sender::new(Arc::new(initial)),
             log: Mutex::new(ChangeLog::default()),
+            warmup_until: Instant::now() + warmup,
         }
     }
 
@@ -208,30 +224,45 @@ struct Watcher {
     rx: watch::Receiver<Arc<Published>>,
     held: u64,
     first: Option<Bytes>,
+    /// Set for a watcher from another epoch during the warm-up.
+    snapshot_after: Option<Instant>,
     keepalive: Duration,
     next_keepalive: Instant,
     shutdown: watch::Receiver<bool>,
 }
 
 /// The NDJSON body of one watch request. `requested` is the revision the
-/// watcher holds (`None` or 0: none). Ends when `shutdown` becomes true.
+/// watcher holds (`None` or 0: none) and `requested_epoch` the epoch of the
+/// store it came from (`None`: not checked). Ends when `shutdown` becomes
+/// true.
 pub fn watch_stream(
     hub: Arc<Hub>,
     requested: Option<u64>,
+    requested_epoch: Option<u64>,
     keepalive: Duration,
     shutdown: watch::Receiver<bool>,
 ) -> impl Stream<Item = Result<Bytes, Infallible>> + Send + 'static {
     let mut rx = hub.current.subscribe();
     let current = rx.borrow_and_update().clone();
+    // A revision of another store must not be resumed: same numbers,
+    // different history.
+    let foreign =
+        requested.is_some_and(|r| r != 0) && requested_epoch.is_some_and(|e| e != current.epoch);
     // A revision from the future (the control plane lost state) or 0 gets a
     // snapshot, like a revision too old for the log.
-    let held = requested.filter(|r| *r != 0 && *r <= current.revision);
-    let first = hub.catch_up(held, &current);
+    let held = requested.filter(|r| *r != 0 && *r <= current.revision && !foreign);
+    let warming_up = foreign && Instant::now() < hub.warmup_until;
+    let first = if warming_up {
+        None
+    } else {
+        hub.catch_up(held, &current)
+    };
     let watcher = Watcher {
-        hub,
         rx,
         held: current.revision,
         first,
+        snapshot_after: warming_up.then_some(hub.warmup_until),
+        hub,
         keepalive,
         next_keepalive: Instant::now() + keepalive,
         shutdown,
@@ -240,6 +271,26 @@ pub fn watch_stream(
         if let Some(first) = w.first.take() {
             w.next_keepalive = Instant::now() + w.keepalive;
             return Some((Ok(first), w));
+        }
+        if let Some(at) = w.snapshot_after {
+            // A watcher from a lost store: keep it waiting (with keepalives)
+            // until the warm-up is over, then send the whole state.
+            let wake = tokio::select! {
+                biased;
+                _ = stopped(&mut w.shutdown) => return None,
+                _ = tokio::time::sleep_until(at) => None,
+                _ = tokio::time::sleep_until(w.next_keepalive) => {
+                    Some(line(&WatchEvent::Keepalive { revision: 0 }))
+                }
+            };
+            w.next_keepalive = Instant::now() + w.keepalive;
+            if let Some(keepalive) = wake {
+                return Some((Ok(keepalive), w));
+            }
+            w.snapshot_after = None;
+            let published = w.rx.borrow_and_update().clone();
+            w.held = published.revision;
+            return Some((Ok(published.snapshot_line()), w));
         }
         loop {
             let woke = tokio::select! {
@@ -378,6 +429,7 @@ mod tests {
         let mut stream = Box::pin(watch_stream(
             hub.clone(),
             Some(0),
+            None,
             Duration::from_secs(60),
             stopped.clone(),
         ));
@@ -387,6 +439,7 @@ mod tests {
         let mut current = Box::pin(watch_stream(
             hub.clone(),
             Some(6),
+            None,
             Duration::from_secs(60),
             stopped,
         ));
@@ -410,10 +463,53 @@ mod tests {
         let mut stream = Box::pin(watch_stream(
             Arc::new(hub),
             Some(6),
+            None,
             Duration::from_secs(5),
             stopped,
         ));
         let event = decode(&stream.next().await.unwrap().unwrap());
         assert_eq!(event, WatchEvent::Keepalive { revision: 6 });
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_watcher_from_another_epoch_waits_out_the_warm_up_then_gets_a_snapshot() {
+        let (r, _, _) = setup();
+        let epoch = r.epoch();
+        let hub = Arc::new(Hub::with_warmup(
+            Published::new(&r, None),
+            Duration::from_secs(4),
+        ));
+        let (_stop, stopped) = watch::channel(false);
+        // Same revision number, another store: no delta, and no snapshot
+        // before the warm-up is over (keepalives meanwhile).
+        let started = Instant::now();
+        let mut foreign = Box::pin(watch_stream(
+            hub.clone(),
+            Some(6),
+            Some(epoch + 1),
+            Duration::from_secs(3),
+            stopped.clone(),
+        ));
+        let first = decode(&foreign.next().await.unwrap().unwrap());
+        assert_eq!(first, WatchEvent::Keepalive { revision: 0 });
+        let second = decode(&foreign.next().await.unwrap().unwrap());
+        assert!(
+            matches!(second, WatchEvent::Snapshot(ref s) if s.revision == 6 && s.epoch == epoch),
+            "{second:?}"
+        );
+        assert!(started.elapsed() >= Duration::from_secs(4));
+        // The same request with the right epoch resumes at once: it holds
+        // the current revision, so nothing is sent until a keepalive.
+        let mut native = Box::pin(watch_stream(
+            hub,
+            Some(6),
+            Some(epoch),
+            Duration::from_secs(3),
+            stopped,
+        ));
+        let started = Instant::now();
+        let event = decode(&native.next().await.unwrap().unwrap());
+        assert_eq!(event, WatchEvent::Keepalive { revision: 6 });
+        assert_eq!(started.elapsed(), Duration::from_secs(3));
     }
 }

@@ -45,6 +45,7 @@ impl Changes {
 
 #[derive(Debug, Clone, Default)]
 pub struct Registry {
+    epoch: u64,
     revision: u64,
     instances: BTreeMap<String, StoredInstance>,
     resources: BTreeMap<ResourceKey, Resource>,
@@ -69,6 +70,7 @@ fn service_key_of(reg: &Registration) -> ServiceKey {
 impl Registry {
     pub fn from_loaded(loaded: Loaded) -> Registry {
         Registry {
+            epoch: loaded.epoch,
             revision: loaded.revision,
             instances: loaded
                 .instances
@@ -81,6 +83,10 @@ impl Registry {
 
     pub fn revision(&self) -> u64 {
         self.revision
+    }
+
+    pub fn epoch(&self) -> u64 {
+        self.epoch
     }
 
     pub fn instances(&self) -> &BTreeMap<String, StoredInstance> {
@@ -305,6 +311,7 @@ impl Registry {
 
     pub fn mesh_state(&self) -> MeshState {
         MeshState {
+            epoch: self.epoch,
             revision: self.revision,
             services: self.services().into_values().collect(),
             resources: self.mesh_resources().into_values().collect(),

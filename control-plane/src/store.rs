@@ -39,6 +39,9 @@ pub struct StoredInstance {
 /// Everything the store holds, as loaded at start.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Loaded {
+    /// Random identity of this store, fixed at its creation (see
+    /// `MeshState::epoch`).
+    pub epoch: u64,
     pub revision: u64,
     pub instances: Vec<StoredInstance>,
     pub resources: Vec<Resource>,
@@ -87,6 +90,22 @@ const RESOURCES: TableDefinition<&str, &[u8]> = TableDefinition::new("resources"
 const REVISIONS: TableDefinition<u64, &[u8]> = TableDefinition::new("revisions");
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 const CURRENT_REVISION: &str = "revision";
+const EPOCH: &str = "epoch";
+
+/// A random non-zero epoch for a new store.
+fn new_epoch() -> u64 {
+    use std::hash::BuildHasher;
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    // RandomState is seeded from the operating system's randomness. The
+    // epoch stays below 2^53 so that JSON readers that use doubles keep it
+    // exact.
+    let random =
+        std::collections::hash_map::RandomState::new().hash_one((nanos, std::process::id()));
+    (random >> 11).max(1)
+}
 
 /// The store key of a resource: `Kind/namespace/name`.
 fn resource_key(key: &ResourceKey) -> String {
@@ -127,7 +146,12 @@ impl RedbStore {
             txn.open_table(INSTANCES)?;
             txn.open_table(RESOURCES)?;
             txn.open_table(REVISIONS)?;
-            txn.open_table(META)?;
+            {
+                let mut meta = txn.open_table(META)?;
+                if meta.get(EPOCH)?.is_none() {
+                    meta.insert(EPOCH, new_epoch())?;
+                }
+            }
             txn.commit()?;
             Ok(())
         };
@@ -140,13 +164,11 @@ type RawRows = Vec<(String, Vec<u8>)>;
 
 impl Store for RedbStore {
     fn load(&self) -> Result<Loaded, StoreError> {
-        let read = || -> Result<(u64, RawRows, RawRows), redb::Error> {
+        let read = || -> Result<(u64, u64, RawRows, RawRows), redb::Error> {
             let txn = self.db.begin_read()?;
-            let revision = txn
-                .open_table(META)?
-                .get(CURRENT_REVISION)?
-                .map(|v| v.value())
-                .unwrap_or(0);
+            let meta = txn.open_table(META)?;
+            let revision = meta.get(CURRENT_REVISION)?.map(|v| v.value()).unwrap_or(0);
+            let epoch = meta.get(EPOCH)?.map(|v| v.value()).unwrap_or(0);
             let rows = |def: TableDefinition<&str, &[u8]>| -> Result<RawRows, redb::Error> {
                 let table = txn.open_table(def)?;
                 let mut out = Vec::new();
@@ -158,10 +180,11 @@ impl Store for RedbStore {
             };
             let instances = rows(INSTANCES)?;
             let resources = rows(RESOURCES)?;
-            Ok((revision, instances, resources))
+            Ok((epoch, revision, instances, resources))
         };
-        let (revision, instances, resources) = read().map_err(StoreError::Read)?;
+        let (epoch, revision, instances, resources) = read().map_err(StoreError::Read)?;
         Ok(Loaded {
+            epoch,
             revision,
             instances: instances
                 .into_iter()
@@ -249,6 +272,7 @@ pub struct MemoryStore {
 
 #[derive(Default)]
 struct MemoryInner {
+    epoch: u64,
     revision: u64,
     instances: BTreeMap<String, StoredInstance>,
     resources: BTreeMap<ResourceKey, Resource>,
@@ -269,8 +293,12 @@ impl MemoryStore {
 
 impl Store for MemoryStore {
     fn load(&self) -> Result<Loaded, StoreError> {
-        let inner = self.inner.lock().unwrap();
+        let mut inner = self.inner.lock().unwrap();
+        if inner.epoch == 0 {
+            inner.epoch = new_epoch();
+        }
         Ok(Loaded {
+            epoch: inner.epoch,
             revision: inner.revision,
             instances: inner.instances.values().cloned().collect(),
             resources: inner.resources.values().cloned().collect(),
@@ -347,7 +375,15 @@ mod tests {
     }
 
     fn round_trip(store: &dyn Store) {
-        assert_eq!(store.load().unwrap(), Loaded::default());
+        let empty = store.load().unwrap();
+        assert_ne!(empty.epoch, 0, "a new store gets an epoch");
+        assert_eq!(
+            empty,
+            Loaded {
+                epoch: empty.epoch,
+                ..Loaded::default()
+            }
+        );
         store
             .commit(&Commit {
                 revision: 1,
@@ -367,6 +403,7 @@ mod tests {
             })
             .unwrap();
         let loaded = store.load().unwrap();
+        assert_eq!(loaded.epoch, empty.epoch, "the epoch is stable");
         assert_eq!(loaded.revision, 2);
         assert_eq!(loaded.instances, vec![instance("b", 2)]);
         assert_eq!(loaded.resources, vec![policy("p2")]);
@@ -382,12 +419,14 @@ mod tests {
     #[test]
     fn redb_store_round_trip_and_reopen() {
         let dir = tempfile::tempdir().unwrap();
-        {
+        let epoch = {
             let store = RedbStore::open(dir.path()).unwrap();
             round_trip(&store);
-        }
+            store.load().unwrap().epoch
+        };
         let store = RedbStore::open(dir.path()).unwrap();
         let loaded = store.load().unwrap();
+        assert_eq!(loaded.epoch, epoch, "the epoch survives a reopen");
         assert_eq!(loaded.revision, 2);
         assert_eq!(loaded.instances, vec![instance("b", 2)]);
         assert_eq!(loaded.resources, vec![policy("p2")]);

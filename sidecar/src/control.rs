@@ -215,7 +215,12 @@ impl ControlClient {
         state: &mut MeshState,
         backoff: &mut Backoff,
     ) -> Result<(), ControlError> {
-        let path = format!("{}?revision={}", paths::WATCH, state.revision);
+        let path = format!(
+            "{}?revision={}&epoch={}",
+            paths::WATCH,
+            state.revision,
+            state.epoch
+        );
         let response =
             client::send(&self.cp.authority, Method::GET, &path, None, CALL_TIMEOUT).await?;
         if response.status() != StatusCode::OK {

@@ -591,6 +591,34 @@ async fn a_control_plane_that_lost_its_data_gets_every_instance_back() {
     // The disk is gone: the control plane starts empty. Heartbeats get 404,
     // sidecars register again, and every sidecar converges on the rebuilt
     // registry (the policies must be applied again by the operator).
+    // Throughout, the frontend's sidecar never routes orders to nothing: the
+    // control plane holds back its (empty) snapshot from sidecars of the
+    // lost store until they have had time to register again.
+    let (stop_watching, watching) = {
+        let admin = frontend.sidecar.admin;
+        let (stop, mut stopped) = tokio::sync::watch::channel(false);
+        let task = tokio::spawn(async move {
+            let mut fewest = usize::MAX;
+            loop {
+                if let Ok(reply) = client::get(admin, "/config_dump").await {
+                    let dump: serde_json::Value = serde_json::from_slice(&reply.body).unwrap();
+                    let count: usize = dump["snapshot"]["services"]
+                        .as_array()
+                        .unwrap()
+                        .iter()
+                        .filter(|s| s["name"] == "orders")
+                        .map(|s| s["endpoints"].as_array().unwrap().len())
+                        .sum();
+                    fewest = fewest.min(count);
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_millis(10)) => {}
+                    _ = stopped.changed() => return fewest,
+                }
+            }
+        });
+        (stop, task)
+    };
     cp.wipe_and_restart().await;
     wait::until(
         "instances registered again",
@@ -609,5 +637,21 @@ async fn a_control_plane_that_lost_its_data_gets_every_instance_back() {
         Duration::from_secs(5),
     )
     .await;
+    // Converged on the new store: a later change arrives as usual.
+    let newcomer = Instance::start(&cp, "orders", "v3").await;
+    let three = sorted(orders.iter().chain([&newcomer]).map(Instance::address));
+    converged(
+        &[&frontend.sidecar],
+        "orders",
+        &three,
+        Duration::from_secs(5),
+    )
+    .await;
+    stop_watching.send(true).unwrap();
+    let fewest = watching.await.unwrap();
+    assert!(
+        fewest >= 2,
+        "orders was routed to {fewest} endpoints at some point"
+    );
     call_many(&frontend.sidecar, "orders", 10).await;
 }
