@@ -46,6 +46,16 @@ pub mod paths {
     }
 }
 
+/// Whether `id` is usable as an instance id: 1-253 characters from
+/// `A-Z a-z 0-9 . _ -` (it appears in URL paths and in metrics).
+pub fn valid_instance_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= 253
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}
+
 /// A sidecar announcing its app instance (`POST /api/v1/instances`).
 /// Registering an id that exists replaces it (a restarted sidecar).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

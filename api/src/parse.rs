@@ -302,6 +302,42 @@ spec: {}
     }
 
     #[test]
+    fn health_check_policy_defaults_and_checks() {
+        let head =
+            "apiVersion: meshlet.dev/v1alpha1\nkind: HealthCheckPolicy\nmetadata: {name: h}\n";
+        let resources = parse_documents(
+            "f.yaml",
+            &format!("{head}spec: {{targetRef: {{service: orders}}}}\n"),
+        )
+        .unwrap();
+        let Resource::HealthCheckPolicy(policy) = &resources[0] else {
+            panic!("not a HealthCheckPolicy")
+        };
+        assert_eq!(policy.spec, crate::HealthCheckSpec::defaults_for("orders"));
+        assert_eq!(resources[0].target(), Some(("default", "orders")));
+
+        let err = parse_documents(
+            "f.yaml",
+            &format!("{head}spec:\n  targetRef: {{service: orders}}\n  interval: 5 parsecs\n"),
+        )
+        .unwrap_err();
+        // serde_yaml places errors raised while converting a value at the
+        // enclosing mapping; the field path names the value exactly.
+        assert_eq!(err.field, "spec.interval", "{err}");
+        assert!(err.message.contains("invalid duration"), "{err}");
+        for (spec, field) in [
+            ("interval: 500000000000y", "spec.interval"),
+            ("timeout: 0s", "spec.timeout"),
+            ("unhealthyThreshold: 0", "spec.unhealthyThreshold"),
+            ("path: health", "spec.path"),
+        ] {
+            let text = format!("{head}spec:\n  targetRef: {{service: orders}}\n  {spec}\n");
+            let err = parse_documents("f.yaml", &text).unwrap_err();
+            assert_eq!(err.field, field, "{spec}: {err}");
+        }
+    }
+
+    #[test]
     fn syntax_error_is_located() {
         let err = parse_documents("f.yaml", "kind: Service\nmetadata: {name: [\n").unwrap_err();
         assert_eq!(err.document, 1);

@@ -130,11 +130,12 @@ impl HealthCheckSpec {
         if !self.path.starts_with('/') {
             return field("path", "must start with '/'");
         }
-        if self.interval.get().is_zero() {
-            return field("interval", "must be greater than 0");
+        const HOUR: std::time::Duration = std::time::Duration::from_secs(3600);
+        if self.interval.get().is_zero() || self.interval.get() > HOUR {
+            return field("interval", "must be greater than 0 and at most 1h");
         }
-        if self.timeout.get().is_zero() {
-            return field("timeout", "must be greater than 0");
+        if self.timeout.get().is_zero() || self.timeout.get() > HOUR {
+            return field("timeout", "must be greater than 0 and at most 1h");
         }
         if self.unhealthy_threshold == 0 {
             return field("unhealthyThreshold", "must be at least 1");

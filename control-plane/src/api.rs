@@ -26,7 +26,7 @@ use serde::Deserialize;
 use tokio::sync::watch;
 
 use crate::controller::{now_ms, Controller};
-use crate::error::ApiFailure;
+use crate::error::{ApiFailure, StoreError};
 use crate::push::{watch_stream, Published};
 
 /// Default and maximum of `GET /api/v1/revisions?limit=`.
@@ -85,12 +85,26 @@ fn query<T>(query: Result<Query<T>, QueryRejection>) -> Result<T, ApiFailure> {
         .map_err(|e| ApiFailure::BadRequest(format!("invalid query: {}", e.body_text())))
 }
 
+/// Runs a state change to completion even if the client goes away.
+///
+/// axum drops a handler's future when its client disconnects; a change cut
+/// off between the store commit and the in-memory apply would leave disk
+/// and memory apart. A spawned task is not cancelled with the request.
+async fn detached<T: Send + 'static>(
+    change: impl std::future::Future<Output = Result<T, ApiFailure>> + Send + 'static,
+) -> Result<T, ApiFailure> {
+    tokio::spawn(change)
+        .await
+        .map_err(|e| ApiFailure::Store(StoreError::Task(e.to_string())))?
+}
+
 async fn register(
     State(state): State<AppState>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiFailure> {
     let registration: Registration = json_body(body)?;
-    let reply = state.controller.register(registration).await?;
+    let controller = state.controller.clone();
+    let reply = detached(async move { controller.register(registration).await }).await?;
     Ok(Json(reply).into_response())
 }
 
@@ -100,7 +114,8 @@ async fn heartbeat(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<StatusCode, ApiFailure> {
     let heartbeat: Heartbeat = json_body(body)?;
-    state.controller.heartbeat(&id, heartbeat).await?;
+    let controller = state.controller.clone();
+    detached(async move { controller.heartbeat(&id, heartbeat).await }).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -108,7 +123,8 @@ async fn deregister(
     State(state): State<AppState>,
     Path(id): Path<String>,
 ) -> Result<StatusCode, ApiFailure> {
-    state.controller.deregister(&id).await?;
+    let controller = state.controller.clone();
+    detached(async move { controller.deregister(&id).await }).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -246,7 +262,8 @@ async fn apply(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiFailure> {
     let request: ApplyRequest = json_body(body)?;
-    let reply = state.controller.apply(request).await?;
+    let controller = state.controller.clone();
+    let reply = detached(async move { controller.apply(request).await }).await?;
     Ok(Json(reply).into_response())
 }
 

@@ -69,10 +69,20 @@ impl ServiceRef {
     }
 }
 
+/// Writes to stdout. A closed stdout (`meshctl get services | head -1`)
+/// is not an error worth a panic; the rest of the output is dropped.
+pub fn emit(text: &str) {
+    use std::io::Write;
+    let mut stdout = std::io::stdout().lock();
+    let _ = stdout
+        .write_all(text.as_bytes())
+        .and_then(|()| stdout.flush());
+}
+
 fn print_structured<T: Serialize>(format: Format, value: &T) -> bool {
     match structured(format, value) {
         Some(text) => {
-            print!("{text}");
+            emit(&text);
             true
         }
         None => false,
@@ -109,10 +119,10 @@ pub async fn get_services(cp: &ControlPlane, format: Format) -> Result<bool, Com
             ]
         })
         .collect();
-    print!(
-        "{}",
-        table(&["NAMESPACE", "NAME", "INSTANCES", "HEALTHY"], &rows)
-    );
+    emit(&table(
+        &["NAMESPACE", "NAME", "INSTANCES", "HEALTHY"],
+        &rows,
+    ));
     Ok(true)
 }
 
@@ -158,10 +168,7 @@ pub async fn get_endpoints(
             ]
         })
         .collect();
-    print!(
-        "{}",
-        table(&["ADDRESS", "HEALTH", "INSTANCE", "LABELS"], &rows)
-    );
+    emit(&table(&["ADDRESS", "HEALTH", "INSTANCE", "LABELS"], &rows));
     Ok(true)
 }
 
@@ -233,7 +240,7 @@ pub async fn describe_service(
 ) -> Result<bool, CommandError> {
     let detail = service_detail(cp, service).await?;
     if !print_structured(format, &detail) {
-        print!("{}", describe_text(&detail, now_ms()));
+        emit(&describe_text(&detail, now_ms()));
     }
     Ok(true)
 }
@@ -269,7 +276,7 @@ pub async fn apply(cp: &ControlPlane, path: &Path) -> Result<bool, CommandError>
     };
     let reply: ApplyReply = cp.post(paths::APPLY, &request).await?;
     for outcome in &reply.outcomes {
-        println!("{} {}", outcome.key, outcome.action);
+        emit(&format!("{} {}\n", outcome.key, outcome.action));
     }
     Ok(true)
 }
@@ -386,7 +393,7 @@ pub async fn broadcast(cp: &ControlPlane, opts: &Broadcast) -> Result<bool, Comm
         }
     }
     deliveries.sort_by(|a, b| (&a.service, &a.instance).cmp(&(&b.service, &b.instance)));
-    print!("{}", broadcast_table(&deliveries));
+    emit(&broadcast_table(&deliveries));
     Ok(deliveries.iter().all(|d| d.ok))
 }
 

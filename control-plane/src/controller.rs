@@ -14,7 +14,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use meshlet_api::mesh::{
-    ApplyReply, ApplyRequest, Heartbeat, Registration, RegistrationReply, RevisionRecord,
+    valid_instance_id, ApplyReply, ApplyRequest, Heartbeat, Registration, RegistrationReply,
+    RevisionRecord,
 };
 use meshlet_api::{parse_documents, Resource, ResourceKey};
 use tokio::sync::watch;
@@ -195,21 +196,28 @@ impl Controller {
             return Ok(0);
         }
         let mut registry = self.writer.lock().await;
-        // Look again under the writer lock: a heartbeat may have come in.
-        let ids = expired(&self.liveness.lock().unwrap());
-        let Some(plan) = registry.plan_expire(&ids, now_ms()) else {
+        // Look again under the writer lock (a heartbeat may have come in)
+        // and forget the expired ids in the same step: from here on their
+        // heartbeats get 404 and the sidecars register again (after this
+        // revision, as registering waits for the writer lock). Were a
+        // heartbeat acknowledged while the expiry commits, its instance
+        // would vanish with the sidecar believing it registered.
+        let ids = {
             let mut liveness = self.liveness.lock().unwrap();
+            let ids = expired(&liveness);
             for id in &ids {
                 liveness.remove(id);
             }
+            ids
+        };
+        let Some(plan) = registry.plan_expire(&ids, now_ms()) else {
             return Ok(0);
         };
         let count = plan.commit.delete_instances.len();
+        // Should the commit fail, the instances stay registered without a
+        // liveness entry: their next heartbeat gets 404 and they register
+        // again.
         self.commit(&mut registry, plan).await?;
-        let mut liveness = self.liveness.lock().unwrap();
-        for id in &ids {
-            liveness.remove(id);
-        }
         Ok(count)
     }
 
@@ -259,8 +267,8 @@ impl Controller {
 /// A registration needs an id, a service name and a real port.
 fn check_registration(registration: &Registration) -> Result<(), ApiFailure> {
     let bad = |m: &str| Err(ApiFailure::BadRequest(format!("invalid registration: {m}")));
-    if registration.id.trim().is_empty() || registration.id.contains('/') {
-        return bad("id must be non-empty and contain no '/'");
+    if !valid_instance_id(&registration.id) {
+        return bad("id must be 1-253 characters from A-Z a-z 0-9 . _ -");
     }
     if registration.service.trim().is_empty() || registration.namespace.trim().is_empty() {
         return bad("service and namespace must be non-empty");

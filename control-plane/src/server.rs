@@ -19,6 +19,14 @@ use crate::controller::Controller;
 use crate::error::StartupError;
 use crate::store::RedbStore;
 
+fn parse_keepalive(text: &str) -> Result<Duration, String> {
+    let d = parse_duration(text)?;
+    if d > Duration::from_secs(10) {
+        return Err("must be at most 10s (sidecars reopen a watch that is silent for 30s)".into());
+    }
+    Ok(d)
+}
+
 fn parse_duration(text: &str) -> Result<Duration, String> {
     let d = humantime::parse_duration(text).map_err(|e| e.to_string())?;
     if d.is_zero() {
@@ -47,8 +55,9 @@ pub struct Settings {
     /// are told to send heartbeats every ttl/3.
     #[arg(long, env = "MESHLET_TTL", default_value = "10s", value_parser = parse_duration)]
     pub ttl: Duration,
-    /// A watch stream without events gets a keepalive line this often.
-    #[arg(long, env = "MESHLET_KEEPALIVE", default_value = "5s", value_parser = parse_duration)]
+    /// A watch stream without events gets a keepalive line this often (at
+    /// most 10s: sidecars reopen a watch that is silent for 30s).
+    #[arg(long, env = "MESHLET_KEEPALIVE", default_value = "5s", value_parser = parse_keepalive)]
     pub keepalive: Duration,
     #[arg(long, env = "MESHLET_LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: LogFormat,

@@ -184,6 +184,11 @@ impl Args {
                     format!("{}-{}-{}", self.service, ip, self.inbound_port)
                         .replace([':', '.'], "-")
                 });
+                if !meshlet_api::mesh::valid_instance_id(&instance_id) {
+                    return Err(StartupError::Usage(format!(
+                        "--instance-id {instance_id:?}: use 1-253 characters from A-Z a-z 0-9 . _ -"
+                    )));
+                }
                 let snapshot_file = self.snapshot_file.clone().unwrap_or_else(|| {
                     std::env::temp_dir().join(format!("meshlet-{instance_id}.snapshot.json"))
                 });

@@ -133,14 +133,35 @@ pub fn load_persisted(path: &Path) -> Result<Option<MeshState>, PersistError> {
 }
 
 fn persist(path: &Path, state: &MeshState) -> Result<(), PersistError> {
-    let write = || -> std::io::Result<()> {
-        let tmp = path.with_extension("tmp");
-        std::fs::write(&tmp, serde_json::to_vec(state)?)?;
-        std::fs::rename(&tmp, path)
-    };
-    write().map_err(|source| PersistError::Write {
+    use std::io::Write;
+    let failed = |source| PersistError::Write {
         path: path.to_owned(),
         source,
+    };
+    // A temporary file next to the target, created exclusively (never
+    // following a planted symlink), synced, then renamed over the target:
+    // a crash leaves the old file or the new one, never half of one.
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp = path.with_file_name(format!(
+        ".{name}.{}.{}.tmp",
+        std::process::id(),
+        fastrand::u32(..)
+    ));
+    let write = || -> std::io::Result<()> {
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&tmp)?;
+        file.write_all(&serde_json::to_vec(state)?)?;
+        file.sync_all()?;
+        std::fs::rename(&tmp, path)
+    };
+    write().map_err(|e| {
+        let _ = std::fs::remove_file(&tmp);
+        failed(e)
     })
 }
 
@@ -231,10 +252,6 @@ impl ControlClient {
         }
         self.status.connected.store(true, Ordering::Relaxed);
         self.metrics.set_control_plane_connected(true);
-        if backoff.attempts > 0 {
-            tracing::info!(control_plane = %self.cp.url, "watch connected again");
-        }
-        backoff.reset();
         let mut body = response.into_body();
         let mut buffer = BytesMut::new();
         loop {
@@ -252,22 +269,23 @@ impl ControlClient {
                 continue;
             };
             buffer.extend_from_slice(&data);
-            let mut changed = false;
-            while let Some(end) = buffer.iter().position(|b| *b == b'\n') {
-                let line = buffer.split_to(end + 1);
-                let line = &line[..end];
-                if line.iter().all(u8::is_ascii_whitespace) {
-                    continue;
-                }
-                let event: WatchEvent =
-                    serde_json::from_slice(line).map_err(|source| ControlError::Decode {
-                        what: "watch event",
-                        source,
-                    })?;
-                changed |= state.apply(event)?;
-            }
-            if changed || !self.status.has_state.load(Ordering::Relaxed) {
+            let mut applied = ApplyOutcome::default();
+            let result = apply_lines(&mut buffer, state, &mut applied);
+            // Whatever applied before an error is published: the sidecar
+            // must never serve one revision while asking for the next.
+            if applied.changed
+                || (applied.state_event && !self.status.has_state.load(Ordering::Relaxed))
+            {
                 self.publish(state).await;
+            }
+            result?;
+            if applied.state_event {
+                // Only a stream that delivers state counts as recovered; one
+                // that answers 200 and then fails must keep backing off.
+                if backoff.attempts > 0 {
+                    tracing::info!(control_plane = %self.cp.url, revision = state.revision, "watch connected again");
+                }
+                backoff.reset();
             }
         }
     }
@@ -423,6 +441,50 @@ impl ControlClient {
     }
 }
 
+/// What one batch of watch lines did.
+#[derive(Debug, Default)]
+struct ApplyOutcome {
+    /// The state changed.
+    changed: bool,
+    /// A snapshot or delta arrived (not just keepalives).
+    state_event: bool,
+}
+
+/// Applies every complete line in `buffer` to `state`, stopping at the
+/// first bad one. A keepalive naming a revision other than the held one
+/// means the two sides disagree: the watch must be reopened.
+fn apply_lines(
+    buffer: &mut BytesMut,
+    state: &mut MeshState,
+    outcome: &mut ApplyOutcome,
+) -> Result<(), ControlError> {
+    while let Some(end) = buffer.iter().position(|b| *b == b'\n') {
+        let line = buffer.split_to(end + 1);
+        let line = &line[..end];
+        if line.iter().all(u8::is_ascii_whitespace) {
+            continue;
+        }
+        let event: WatchEvent =
+            serde_json::from_slice(line).map_err(|source| ControlError::Decode {
+                what: "watch event",
+                source,
+            })?;
+        match &event {
+            // Revision 0: the control plane is still warming up.
+            WatchEvent::Keepalive { revision } if *revision != 0 && *revision != state.revision => {
+                return Err(ControlError::Stream(format!(
+                    "control plane is at revision {revision}, this sidecar at {}; resyncing",
+                    state.revision
+                )));
+            }
+            WatchEvent::Keepalive { .. } => {}
+            WatchEvent::Snapshot(_) | WatchEvent::Delta(_) => outcome.state_event = true,
+        }
+        outcome.changed |= state.apply(event)?;
+    }
+    Ok(())
+}
+
 /// Exponential backoff with full jitter: 200 ms doubling up to 5 s.
 #[derive(Debug, Default)]
 struct Backoff {
@@ -493,5 +555,58 @@ mod tests {
             Err(PersistError::Decode { .. })
         ));
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    fn lines(text: &str) -> BytesMut {
+        BytesMut::from(text)
+    }
+
+    #[test]
+    fn lines_apply_until_a_bad_one_and_keep_what_applied() {
+        let mut state = MeshState::default();
+        let mut outcome = ApplyOutcome::default();
+        let mut buffer = lines(concat!(
+            r#"{"type":"snapshot","epoch":5,"revision":3,"services":[],"resources":[]}"#,
+            "\n",
+            r#"{"type":"delta","fromRevision":3,"revision":4}"#,
+            "\n",
+            "not json\n",
+            r#"{"type":"delta","fromRevision":4,"revision":5}"#,
+            "\n",
+        ));
+        let result = apply_lines(&mut buffer, &mut state, &mut outcome);
+        assert!(
+            matches!(result, Err(ControlError::Decode { .. })),
+            "{result:?}"
+        );
+        assert_eq!(
+            (state.epoch, state.revision),
+            (5, 4),
+            "the good lines applied"
+        );
+        assert!(outcome.changed && outcome.state_event);
+    }
+
+    #[test]
+    fn a_keepalive_for_another_revision_forces_a_resync() {
+        let mut state = MeshState {
+            revision: 4,
+            ..Default::default()
+        };
+        let mut outcome = ApplyOutcome::default();
+        let mut same = lines(
+            "{\"type\":\"keepalive\",\"revision\":4}\n{\"type\":\"keepalive\",\"revision\":0}\n",
+        );
+        apply_lines(&mut same, &mut state, &mut outcome).unwrap();
+        assert!(!outcome.changed && !outcome.state_event);
+        let mut other = lines("{\"type\":\"keepalive\",\"revision\":6}\n");
+        assert!(matches!(
+            apply_lines(&mut other, &mut state, &mut outcome),
+            Err(ControlError::Stream(_))
+        ));
+        // A partial line waits for the rest.
+        let mut partial = lines("{\"type\":\"keepalive\"");
+        apply_lines(&mut partial, &mut state, &mut outcome).unwrap();
+        assert_eq!(&partial[..], b"{\"type\":\"keepalive\"");
     }
 }

@@ -95,7 +95,8 @@ pub fn spawn_prober(
             // Wake at least every RECHECK so that a newly pushed policy with
             // a shorter interval applies without waiting out the old one.
             if let Some(at) = last_probe {
-                let due = at + spec.interval.get();
+                // Validation bounds the interval; never panic on overflow.
+                let due = at.checked_add(spec.interval.get()).unwrap_or(at + RECHECK);
                 let now = Instant::now();
                 if now < due {
                     tokio::select! {

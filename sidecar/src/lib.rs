@@ -109,6 +109,12 @@ pub enum Drained {
     DeadlineReached,
 }
 
+/// How long shutdown waits for the deregistration call.
+const DEREGISTER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3);
+/// How long a deregistered sidecar keeps serving before its listeners
+/// close, for the change to reach the other sidecars.
+const DEREGISTER_GRACE: std::time::Duration = std::time::Duration::from_millis(500);
+
 /// Where the first configuration comes from.
 #[derive(Debug)]
 pub struct InitialConfig {
@@ -223,6 +229,9 @@ pub async fn run(
         Arc::clone(&snapshot),
         stop_rx.clone(),
     );
+    // Shutdown runs in two steps: deregister (while still serving), then
+    // stop the listeners and drain.
+    let (deregister_tx, deregister_rx) = watch::channel(false);
     let mut registration = None;
     let control = settings.control_plane.clone().map(|cp| {
         let client = control::ControlClient::new(
@@ -234,7 +243,7 @@ pub async fn run(
             initial.persisted,
         );
         client.spawn_watch(initial.state, stop_rx.clone());
-        registration = Some(client.spawn_registration(health.clone(), stop_rx.clone()));
+        registration = Some(client.spawn_registration(health.clone(), deregister_rx));
         client
     });
     let admin = admin::Admin::new(
@@ -258,12 +267,15 @@ pub async fn run(
 
     shutdown.await;
     tracing::info!(deadline = ?settings.drain_timeout, "shutting down: draining in-flight requests");
-    let _ = stop_tx.send(true);
     if let Some(registration) = registration {
-        // Deregister first, so that other sidecars stop sending here while
-        // in-flight requests finish.
-        let _ = tokio::time::timeout(std::time::Duration::from_secs(3), registration).await;
+        // Deregister first and keep serving a moment, so that other
+        // sidecars get the change (pushed within milliseconds) and stop
+        // sending here before the listeners close.
+        let _ = deregister_tx.send(true);
+        let _ = tokio::time::timeout(DEREGISTER_TIMEOUT, registration).await;
+        tokio::time::sleep(DEREGISTER_GRACE.min(settings.drain_timeout)).await;
     }
+    let _ = stop_tx.send(true);
     let all_drained = async {
         for server in servers {
             if let Ok(drain) = server.await {

@@ -506,7 +506,7 @@ async fn sigterm_deregisters_at_once_and_pushes_keep_connections() {
     let slow = {
         let outbound = frontend.sidecar.outbound;
         tokio::spawn(async move {
-            let request = http::Request::get("http://orders/slow?ms=1500")
+            let request = http::Request::get("http://orders/slow?ms=4000")
                 .body(http_body_util::Full::new(bytes::Bytes::new()))
                 .unwrap();
             client::send(outbound, request).await.expect("slow answer")
@@ -543,6 +543,27 @@ async fn sigterm_deregisters_at_once_and_pushes_keep_connections() {
     // leaves every sidecar long before the 60 s TTL.
     let mut leaving = orders.remove(0);
     let leaving_address = leaving.address();
+    // Traffic keeps flowing through the shutdown, without a single error.
+    let (stop_traffic, traffic) = {
+        let outbound = frontend.sidecar.outbound;
+        let (stop, stopped) = tokio::sync::watch::channel(false);
+        let task = tokio::spawn(async move {
+            let (mut sent, mut failed) = (0, Vec::new());
+            while !*stopped.borrow() {
+                let request = http::Request::get("http://orders/")
+                    .body(http_body_util::Full::new(bytes::Bytes::new()))
+                    .unwrap();
+                sent += 1;
+                match client::send(outbound, request).await {
+                    Ok(reply) if reply.status == 200 => {}
+                    Ok(reply) => failed.push(format!("{} {}", reply.status, reply.text())),
+                    Err(e) => failed.push(e.to_string()),
+                }
+            }
+            (sent, failed)
+        });
+        (stop, task)
+    };
     let stopped_at = Instant::now();
     leaving.sidecar.signal(nix::sys::signal::Signal::SIGTERM);
     let status = leaving.sidecar.wait_exit(Duration::from_secs(10)).await;
@@ -568,6 +589,14 @@ async fn sigterm_deregisters_at_once_and_pushes_keep_connections() {
         "deregistered instance gone from the frontend's sidecar after {:?}",
         stopped_at.elapsed()
     );
+    stop_traffic.send(true).unwrap();
+    let (sent, failed) = traffic.await.unwrap();
+    assert!(
+        failed.is_empty(),
+        "{} of {sent} requests failed during the shutdown: {failed:?}",
+        failed.len()
+    );
+    println!("{sent} requests during the shutdown, none failed");
 }
 
 #[tokio::test]

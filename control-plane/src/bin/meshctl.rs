@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use meshlet_control_plane::client::ControlPlane;
-use meshlet_control_plane::commands::{self, Broadcast, CommandError, ServiceRef};
+use meshlet_control_plane::commands::{self, emit, Broadcast, CommandError, ServiceRef};
 use meshlet_control_plane::output::Format;
 use meshlet_control_plane::validate::validate_path;
 
@@ -106,11 +106,11 @@ fn validate(file: PathBuf) -> ExitCode {
     match validate_path(&file) {
         Ok(resources) => {
             for r in resources {
-                println!(
-                    "{}/{} valid",
+                emit(&format!(
+                    "{}/{} valid\n",
                     r.kind().to_ascii_lowercase(),
                     r.metadata().name
-                );
+                ));
             }
             ExitCode::SUCCESS
         }
