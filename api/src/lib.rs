@@ -1,7 +1,8 @@
 //! meshlet's user-facing resources and the wire types of its control plane.
 //!
-//! - [`resource`]: the Kubernetes-style YAML kinds users write (`Service`,
-//!   `HealthCheckPolicy`, later the other policy kinds).
+//! - [`resource`]: the Kubernetes-style YAML kinds users write (`Service`
+//!   and the policies) and [`policy`]: the policies' specs, defaults and
+//!   checks.
 //! - [`parse_documents`]: the one parser that turns a multi-document YAML
 //!   file into typed, validated resources (strict serde with unknown fields
 //!   rejected; errors carry file, document, line, column and field path),
@@ -19,11 +20,14 @@
 mod duration;
 pub mod mesh;
 mod parse;
+pub mod policy;
 pub mod resource;
 
 pub use duration::HumanDuration;
 pub use parse::{parse_documents, ParseError};
+pub use policy::{HealthCheckSpec, RouteMatch, TargetRef};
 pub use resource::{
-    EndpointSpec, HealthCheckPolicy, HealthCheckSpec, ObjectMeta, Resource, ResourceKey,
-    ServiceResource, ServiceSpec, TargetRef, API_VERSION,
+    CircuitBreakerPolicy, EndpointSpec, HealthCheckPolicy, ObjectMeta, RateLimitPolicy, Resource,
+    ResourceKey, RetryPolicy, ServiceResource, ServiceSpec, TimeoutPolicy, TrafficSplit,
+    API_VERSION, KNOWN_KINDS,
 };

@@ -14,7 +14,7 @@ use std::fmt;
 use serde::de::{DeserializeOwned, IgnoredAny};
 use serde::Deserialize;
 
-use crate::resource::{Document, Resource, KNOWN_KINDS};
+use crate::resource::{typed_resource, Document, Resource, TypedDeserializer, KNOWN_KINDS};
 use crate::API_VERSION;
 
 /// Why a file was rejected. `Display` gives one line:
@@ -101,19 +101,20 @@ pub fn parse_documents(source_name: &str, text: &str) -> Result<Vec<Resource>, P
                 continue;
             }
         };
-        let resource = match kind {
-            "Service" => {
-                Resource::Service(typed(doc).map_err(|(f, m, p)| error(number, &f, m, p))?)
+        struct FromYaml<'a>(serde_yaml::Deserializer<'a>);
+        impl TypedDeserializer<FieldError> for FromYaml<'_> {
+            fn doc<S: DeserializeOwned>(self) -> Result<Document<S>, FieldError> {
+                typed(self.0)
             }
-            "HealthCheckPolicy" => Resource::HealthCheckPolicy(
-                typed(doc).map_err(|(f, m, p)| error(number, &f, m, p))?,
-            ),
-            other => {
+        }
+        let resource = match typed_resource(kind, FromYaml(doc)) {
+            Some(result) => result.map_err(|(f, m, p)| error(number, &f, m, p))?,
+            None => {
                 return Err(error(
                     number,
                     "kind",
                     format!(
-                        "unknown kind {other:?}; this release knows {}",
+                        "unknown kind {kind:?}; this release knows {}",
                         KNOWN_KINDS.join(", ")
                     ),
                     None,
@@ -288,7 +289,7 @@ spec: {}
     fn unknown_kind_and_version_and_duplicates() {
         check_err(
             "apiVersion: meshlet.dev/v1alpha1\nkind: Pod\nmetadata: {name: a}\nspec: {}\n",
-            "f.yaml: document 1, line 1: field `kind`: unknown kind \"Pod\"; this release knows Service, HealthCheckPolicy",
+            "f.yaml: document 1, line 1: field `kind`: unknown kind \"Pod\"; this release knows Service, HealthCheckPolicy, RateLimitPolicy, CircuitBreakerPolicy, RetryPolicy, TimeoutPolicy, TrafficSplit",
         );
         check_err(
             "apiVersion: v1\nkind: Service\nmetadata: {name: a}\nspec: {}\n",
@@ -335,6 +336,111 @@ spec: {}
             let err = parse_documents("f.yaml", &text).unwrap_err();
             assert_eq!(err.field, field, "{spec}: {err}");
         }
+    }
+
+    #[test]
+    fn example_policies_parse() {
+        let text = include_str!("../../examples/policies/orders.yaml");
+        let resources = parse_documents("orders.yaml", text).unwrap();
+        let kinds: Vec<&str> = resources.iter().map(Resource::kind).collect();
+        assert_eq!(
+            kinds,
+            [
+                "RateLimitPolicy",
+                "RateLimitPolicy",
+                "CircuitBreakerPolicy",
+                "RetryPolicy",
+                "TimeoutPolicy",
+                "TrafficSplit"
+            ]
+        );
+        assert!(resources
+            .iter()
+            .all(|r| r.target() == Some(("default", "orders"))));
+        // Round trip through the control plane's JSON.
+        let json = serde_json::to_string(&resources).unwrap();
+        let back: Vec<Resource> = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, resources);
+        let health = include_str!("../../examples/policies/health-checks.yaml");
+        assert_eq!(
+            parse_documents("health-checks.yaml", health).unwrap().len(),
+            3
+        );
+    }
+
+    #[test]
+    fn policy_errors_name_the_field() {
+        let doc = |kind: &str, spec: &str| {
+            format!("apiVersion: meshlet.dev/v1alpha1\nkind: {kind}\nmetadata: {{name: p}}\nspec:\n  targetRef: {{service: orders}}\n{spec}")
+        };
+        for (kind, spec, field, message) in [
+            (
+                "RateLimitPolicy",
+                "  tokenBucket: {capacity: 0, refillPerSecond: 1}\n",
+                "spec.tokenBucket.capacity",
+                "at least 1",
+            ),
+            ("RateLimitPolicy", "", "spec.tokenBucket", "missing"),
+            (
+                "RateLimitPolicy",
+                "  slidingWindow: {requests: 5, window: 1m}\n  key: user\n",
+                "spec.key",
+                "invalid key",
+            ),
+            (
+                "RateLimitPolicy",
+                "  slidingWindow: {requests: 5, window: 1m}\n  scope: cluster\n",
+                "spec.scope",
+                "unknown variant",
+            ),
+            (
+                "CircuitBreakerPolicy",
+                "  openDuration: soon\n",
+                "spec.openDuration",
+                "invalid duration",
+            ),
+            (
+                "CircuitBreakerPolicy",
+                "  failureOn: [4xx]\n",
+                "spec.failureOn[0]",
+                "unknown variant",
+            ),
+            (
+                "RetryPolicy",
+                "  attempts: 0\n",
+                "spec.attempts",
+                "between 1 and 10",
+            ),
+            (
+                "RetryPolicy",
+                "  match: {methods: [get]}\n",
+                "spec.match.methods[0]",
+                "upper-case",
+            ),
+            ("TimeoutPolicy", "", "spec.request", "give request"),
+            (
+                "TrafficSplit",
+                "  splits: [{labels: {version: v1}, weight: 0}]\n",
+                "spec.splits",
+                "more than 0",
+            ),
+            (
+                "TrafficSplit",
+                "  splitz: []\n",
+                "spec.splitz",
+                "unknown field",
+            ),
+        ] {
+            let err = parse_documents("p.yaml", &doc(kind, spec)).unwrap_err();
+            assert_eq!(err.field, field, "{kind} {spec:?}: {err}");
+            assert!(err.message.contains(message), "{kind} {spec:?}: {err}");
+        }
+        let err = parse_documents(
+            "p.yaml",
+            "apiVersion: meshlet.dev/v1alpha1\nkind: TimeoutPolicy\nmetadata: {name: p}\nspec: {targetRef: {service: Orders}, request: 1s}\n",
+        )
+        .unwrap_err();
+        assert_eq!(err.field, "spec.targetRef.service", "{err}");
     }
 
     #[test]

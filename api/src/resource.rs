@@ -8,7 +8,10 @@ use std::net::SocketAddr;
 
 use serde::{Deserialize, Deserializer, Serialize};
 
-use crate::duration::HumanDuration;
+use crate::policy::{
+    CircuitBreakerSpec, HealthCheckSpec, RateLimitSpec, RetrySpec, TargetRef, TimeoutSpec,
+    TrafficSplitSpec,
+};
 
 /// The only `apiVersion` this release understands.
 pub const API_VERSION: &str = "meshlet.dev/v1alpha1";
@@ -59,94 +62,18 @@ pub struct EndpointSpec {
     pub labels: BTreeMap<String, String>,
 }
 
-/// Which service a policy applies to.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
-pub struct TargetRef {
-    pub service: String,
-    /// Defaults to the policy's own namespace.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub namespace: Option<String>,
-}
-
-/// `kind: HealthCheckPolicy`: how each sidecar of the target service probes
-/// its local app. Without one, the defaults below apply (the seed's
-/// `/health`).
+/// `kind: HealthCheckPolicy`.
 pub type HealthCheckPolicy = Document<HealthCheckSpec>;
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
-pub struct HealthCheckSpec {
-    pub target_ref: TargetRef,
-    /// HTTP path probed with GET; a 2xx or 3xx answer is a success.
-    #[serde(default = "HealthCheckSpec::default_path")]
-    pub path: String,
-    #[serde(default = "HealthCheckSpec::default_interval")]
-    pub interval: HumanDuration,
-    #[serde(default = "HealthCheckSpec::default_timeout")]
-    pub timeout: HumanDuration,
-    /// Consecutive failures that mark a healthy instance unhealthy.
-    #[serde(default = "HealthCheckSpec::default_unhealthy")]
-    pub unhealthy_threshold: u32,
-    /// Consecutive successes that mark an unhealthy instance healthy.
-    #[serde(default = "HealthCheckSpec::default_healthy")]
-    pub healthy_threshold: u32,
-}
-
-impl HealthCheckSpec {
-    fn default_path() -> String {
-        "/health".to_owned()
-    }
-    fn default_interval() -> HumanDuration {
-        HumanDuration::from_secs(5)
-    }
-    fn default_timeout() -> HumanDuration {
-        HumanDuration::from_secs(1)
-    }
-    fn default_unhealthy() -> u32 {
-        3
-    }
-    fn default_healthy() -> u32 {
-        1
-    }
-
-    /// The check used when no policy targets a service.
-    pub fn defaults_for(service: &str) -> Self {
-        HealthCheckSpec {
-            target_ref: TargetRef {
-                service: service.to_owned(),
-                namespace: None,
-            },
-            path: Self::default_path(),
-            interval: Self::default_interval(),
-            timeout: Self::default_timeout(),
-            unhealthy_threshold: Self::default_unhealthy(),
-            healthy_threshold: Self::default_healthy(),
-        }
-    }
-
-    fn validate(&self) -> Result<(), (String, String)> {
-        let field = |f: &str, m: &str| Err((format!("spec.{f}"), m.to_owned()));
-        if !self.path.starts_with('/') {
-            return field("path", "must start with '/'");
-        }
-        const HOUR: std::time::Duration = std::time::Duration::from_secs(3600);
-        if self.interval.get().is_zero() || self.interval.get() > HOUR {
-            return field("interval", "must be greater than 0 and at most 1h");
-        }
-        if self.timeout.get().is_zero() || self.timeout.get() > HOUR {
-            return field("timeout", "must be greater than 0 and at most 1h");
-        }
-        if self.unhealthy_threshold == 0 {
-            return field("unhealthyThreshold", "must be at least 1");
-        }
-        if self.healthy_threshold == 0 {
-            return field("healthyThreshold", "must be at least 1");
-        }
-        check_dns_label(&self.target_ref.service)
-            .map_err(|m| ("spec.targetRef.service".to_owned(), m))
-    }
-}
+/// `kind: RateLimitPolicy`.
+pub type RateLimitPolicy = Document<RateLimitSpec>;
+/// `kind: CircuitBreakerPolicy`.
+pub type CircuitBreakerPolicy = Document<CircuitBreakerSpec>;
+/// `kind: RetryPolicy`.
+pub type RetryPolicy = Document<RetrySpec>;
+/// `kind: TimeoutPolicy`.
+pub type TimeoutPolicy = Document<TimeoutSpec>;
+/// `kind: TrafficSplit`.
+pub type TrafficSplit = Document<TrafficSplitSpec>;
 
 /// One parsed and validated resource of any known kind.
 ///
@@ -157,10 +84,61 @@ impl HealthCheckSpec {
 pub enum Resource {
     Service(ServiceResource),
     HealthCheckPolicy(HealthCheckPolicy),
+    RateLimitPolicy(RateLimitPolicy),
+    CircuitBreakerPolicy(CircuitBreakerPolicy),
+    RetryPolicy(RetryPolicy),
+    TimeoutPolicy(TimeoutPolicy),
+    TrafficSplit(TrafficSplit),
 }
 
 /// The kinds this release accepts, in the order error messages list them.
-pub(crate) const KNOWN_KINDS: &[&str] = &["Service", "HealthCheckPolicy"];
+pub const KNOWN_KINDS: &[&str] = &[
+    "Service",
+    "HealthCheckPolicy",
+    "RateLimitPolicy",
+    "CircuitBreakerPolicy",
+    "RetryPolicy",
+    "TimeoutPolicy",
+    "TrafficSplit",
+];
+
+/// Evaluates `$body` with `$doc` bound to the document of any kind.
+macro_rules! each_kind {
+    ($resource:expr, $doc:ident => $body:expr) => {
+        match $resource {
+            Resource::Service($doc) => $body,
+            Resource::HealthCheckPolicy($doc) => $body,
+            Resource::RateLimitPolicy($doc) => $body,
+            Resource::CircuitBreakerPolicy($doc) => $body,
+            Resource::RetryPolicy($doc) => $body,
+            Resource::TimeoutPolicy($doc) => $body,
+            Resource::TrafficSplit($doc) => $body,
+        }
+    };
+}
+
+/// Turns one document of a known kind into a [`Resource`] through
+/// `deserialize` (strict, typed per kind); `None` for an unknown kind.
+pub(crate) fn typed_resource<E>(
+    kind: &str,
+    deserialize: impl TypedDeserializer<E>,
+) -> Option<Result<Resource, E>> {
+    Some(match kind {
+        "Service" => deserialize.doc().map(Resource::Service),
+        "HealthCheckPolicy" => deserialize.doc().map(Resource::HealthCheckPolicy),
+        "RateLimitPolicy" => deserialize.doc().map(Resource::RateLimitPolicy),
+        "CircuitBreakerPolicy" => deserialize.doc().map(Resource::CircuitBreakerPolicy),
+        "RetryPolicy" => deserialize.doc().map(Resource::RetryPolicy),
+        "TimeoutPolicy" => deserialize.doc().map(Resource::TimeoutPolicy),
+        "TrafficSplit" => deserialize.doc().map(Resource::TrafficSplit),
+        _ => return None,
+    })
+}
+
+/// Something that can deserialize one document into any `Document<S>`.
+pub(crate) trait TypedDeserializer<E> {
+    fn doc<S: serde::de::DeserializeOwned>(self) -> Result<Document<S>, E>;
+}
 
 /// Identifies a resource: kind, namespace and name.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -190,21 +168,20 @@ impl Resource {
         match self {
             Resource::Service(_) => "Service",
             Resource::HealthCheckPolicy(_) => "HealthCheckPolicy",
+            Resource::RateLimitPolicy(_) => "RateLimitPolicy",
+            Resource::CircuitBreakerPolicy(_) => "CircuitBreakerPolicy",
+            Resource::RetryPolicy(_) => "RetryPolicy",
+            Resource::TimeoutPolicy(_) => "TimeoutPolicy",
+            Resource::TrafficSplit(_) => "TrafficSplit",
         }
     }
 
     pub fn metadata(&self) -> &ObjectMeta {
-        match self {
-            Resource::Service(doc) => &doc.metadata,
-            Resource::HealthCheckPolicy(doc) => &doc.metadata,
-        }
+        each_kind!(self, doc => &doc.metadata)
     }
 
     pub fn api_version(&self) -> &str {
-        match self {
-            Resource::Service(doc) => &doc.api_version,
-            Resource::HealthCheckPolicy(doc) => &doc.api_version,
-        }
+        each_kind!(self, doc => &doc.api_version)
     }
 
     pub fn key(&self) -> ResourceKey {
@@ -219,12 +196,22 @@ impl Resource {
     /// The service a policy targets, as `(namespace, name)`; `None` for a
     /// `Service`.
     pub fn target(&self) -> Option<(&str, &str)> {
-        let (meta, target) = match self {
-            Resource::Service(_) => return None,
-            Resource::HealthCheckPolicy(doc) => (&doc.metadata, &doc.spec.target_ref),
-        };
+        let target = self.target_ref()?;
+        let meta = self.metadata();
         let namespace = target.namespace.as_deref().unwrap_or(&meta.namespace);
         Some((namespace, &target.service))
+    }
+
+    fn target_ref(&self) -> Option<&TargetRef> {
+        Some(match self {
+            Resource::Service(_) => return None,
+            Resource::HealthCheckPolicy(doc) => &doc.spec.target_ref,
+            Resource::RateLimitPolicy(doc) => &doc.spec.target_ref,
+            Resource::CircuitBreakerPolicy(doc) => &doc.spec.target_ref,
+            Resource::RetryPolicy(doc) => &doc.spec.target_ref,
+            Resource::TimeoutPolicy(doc) => &doc.spec.target_ref,
+            Resource::TrafficSplit(doc) => &doc.spec.target_ref,
+        })
     }
 
     /// Semantic checks that the type system cannot express. Returns the
@@ -253,7 +240,20 @@ impl Resource {
                 Ok(())
             }
             Resource::HealthCheckPolicy(doc) => doc.spec.validate(),
+            Resource::RateLimitPolicy(doc) => doc.spec.validate(),
+            Resource::CircuitBreakerPolicy(doc) => doc.spec.validate(),
+            Resource::RetryPolicy(doc) => doc.spec.validate(),
+            Resource::TimeoutPolicy(doc) => doc.spec.validate(),
+            Resource::TrafficSplit(doc) => doc.spec.validate(),
+        }?;
+        if let Some(target) = self.target_ref() {
+            check_dns_label(&target.service)
+                .map_err(|m| ("spec.targetRef.service".to_owned(), m))?;
+            if let Some(ns) = &target.namespace {
+                check_dns_label(ns).map_err(|m| ("spec.targetRef.namespace".to_owned(), m))?;
+            }
         }
+        Ok(())
     }
 }
 
@@ -264,13 +264,17 @@ impl<'de> Deserialize<'de> for Resource {
         let kind = value
             .get("kind")
             .and_then(|k| k.as_str())
-            .ok_or_else(|| D::Error::missing_field("kind"))?;
-        let typed = match kind {
-            "Service" => serde_json::from_value(value).map(Resource::Service),
-            "HealthCheckPolicy" => serde_json::from_value(value).map(Resource::HealthCheckPolicy),
-            other => return Err(D::Error::custom(format!("unknown kind {other:?}"))),
-        };
-        typed.map_err(D::Error::custom)
+            .ok_or_else(|| D::Error::missing_field("kind"))?
+            .to_owned();
+        struct FromValue(serde_json::Value);
+        impl TypedDeserializer<serde_json::Error> for FromValue {
+            fn doc<S: serde::de::DeserializeOwned>(self) -> Result<Document<S>, serde_json::Error> {
+                serde_json::from_value(self.0)
+            }
+        }
+        typed_resource(&kind, FromValue(value))
+            .ok_or_else(|| D::Error::custom(format!("unknown kind {kind:?}")))?
+            .map_err(D::Error::custom)
     }
 }
 
