@@ -27,6 +27,8 @@
 //! - `POST /health/fail` and `POST /health/pass` → make `/health` answer
 //!   503 or 200 from now on (to watch the mesh react to an unhealthy
 //!   instance).
+//! - `POST /fail` and `POST /recover` → make `/` and `/work` answer 500
+//!   from now on, or normally again (to watch a circuit breaker open).
 //!
 //! SIGTERM or SIGINT stops accepting and lets in-flight requests finish.
 
@@ -91,6 +93,8 @@ struct App {
     proxy: Option<String>,
     /// What `/health` answers (`POST /health/fail|pass` flips it).
     healthy: AtomicBool,
+    /// `/` and `/work` answer 500 while set (`POST /fail|recover`).
+    failing: AtomicBool,
 }
 
 #[tokio::main]
@@ -113,6 +117,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         args,
         proxy,
         healthy: AtomicBool::new(true),
+        failing: AtomicBool::new(false),
     });
 
     let graceful = GracefulShutdown::new();
@@ -209,6 +214,25 @@ async fn handle(app: &App, req: Request<Incoming>) -> Result<Response<Body>, Inf
             )
         }
         (&Method::POST, "/broadcast") => broadcast(args, req).await,
+        (&Method::POST, "/fail" | "/recover") => {
+            let failing = req.uri().path() == "/fail";
+            app.failing.store(failing, Ordering::Relaxed);
+            eprintln!(
+                "{}: / and /work now answer {}",
+                args.name,
+                if failing { 500 } else { 200 }
+            );
+            json_response(
+                StatusCode::OK,
+                &json!({"service": args.name, "failing": failing}),
+            )
+        }
+        (&Method::GET | &Method::HEAD, "/" | "/work") if app.failing.load(Ordering::Relaxed) => {
+            json_response(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                &json!({"service": args.name, "version": args.version, "port": args.port, "error": "simulated failure (POST /recover to stop)"}),
+            )
+        }
         (&Method::GET | &Method::HEAD, "/") => json_response(
             StatusCode::OK,
             &json!({
