@@ -28,6 +28,7 @@ use tokio::sync::watch;
 use crate::controller::{now_ms, Controller};
 use crate::error::{ApiFailure, StoreError};
 use crate::push::{watch_stream, Published};
+use crate::wire::{self, DeleteRequest, ResourceInfo, RollbackRequest};
 
 /// Default and maximum of `GET /api/v1/revisions?limit=`.
 const DEFAULT_HISTORY: usize = 100;
@@ -61,6 +62,10 @@ pub fn router(state: AppState) -> Router {
         )
         .route(paths::RESOURCES, get(resources))
         .route(paths::APPLY, post(apply))
+        .route(wire::paths::DELETE, post(delete))
+        .route(wire::paths::DIFF, post(diff))
+        .route(wire::paths::ROLLBACK, post(rollback))
+        .route(wire::paths::RESOURCE_INFO, get(resource_info))
         .route(paths::REVISIONS, get(revisions))
         .fallback(|| async { ApiFailure::NotFound("no such API path".into()) })
         .method_not_allowed_fallback(|| async {
@@ -267,20 +272,66 @@ async fn apply(
     Ok(Json(reply).into_response())
 }
 
+async fn resource_info(State(state): State<AppState>) -> Json<Vec<ResourceInfo>> {
+    let published = state.controller.published();
+    let infos = published
+        .resources
+        .iter()
+        .map(|(key, resource)| ResourceInfo {
+            resource: resource.clone(),
+            last_change: published.last_changes.get(key).cloned(),
+        })
+        .collect();
+    Json(infos)
+}
+
+async fn delete(
+    State(state): State<AppState>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiFailure> {
+    let request: DeleteRequest = json_body(body)?;
+    let controller = state.controller.clone();
+    let reply = detached(async move { controller.delete(request).await }).await?;
+    Ok(Json(reply).into_response())
+}
+
+/// Changes nothing, so it needs no detaching.
+async fn diff(
+    State(state): State<AppState>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiFailure> {
+    let request: ApplyRequest = json_body(body)?;
+    Ok(Json(state.controller.diff(&request)?).into_response())
+}
+
+async fn rollback(
+    State(state): State<AppState>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiFailure> {
+    let request: RollbackRequest = json_body(body)?;
+    let controller = state.controller.clone();
+    let reply = detached(async move { controller.rollback(request).await }).await?;
+    Ok(Json(reply).into_response())
+}
+
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
 struct RevisionParams {
     limit: Option<usize>,
+    /// Leave out the registry's revisions.
+    #[serde(default)]
+    resources_only: bool,
 }
 
 async fn revisions(
     State(state): State<AppState>,
     params: Result<Query<RevisionParams>, QueryRejection>,
 ) -> Result<Response, ApiFailure> {
-    let limit = query(params)?
-        .limit
-        .unwrap_or(DEFAULT_HISTORY)
-        .min(MAX_HISTORY);
-    let records = state.controller.history(limit).await?;
+    let params = query(params)?;
+    let limit = params.limit.unwrap_or(DEFAULT_HISTORY).min(MAX_HISTORY);
+    let records = state
+        .controller
+        .history(limit, params.resources_only)
+        .await?;
     Ok(Json(records).into_response())
 }

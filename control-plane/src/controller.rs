@@ -1,29 +1,38 @@
 //! The controller: the one writer of the mesh state.
 //!
 //! Data flow of every change (register, deregister, health change, expiry,
-//! apply): take the writer lock → the registry plans the next revision →
+//! apply, delete, rollback): take the writer lock → the registry plans the next revision →
 //! the store commits it (on the blocking pool) → the registry applies it →
 //! the hub publishes it to watchers. A failed commit changes nothing.
 //!
 //! Heartbeats that do not change health never take the writer lock: they
 //! only refresh the instance's deadline in the in-memory liveness table,
 //! which the reaper scans to expire instances.
+//!
+//! `diff` changes nothing and reads the latest published revision. A
+//! rollback asks the store for the change records after the target
+//! revision (under the writer lock, so no revision lands in between),
+//! rebuilds the resources at that revision with [`rewind`] and plans the
+//! difference to the current ones as one new revision.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use meshlet_api::mesh::{
-    valid_instance_id, ApplyReply, ApplyRequest, Heartbeat, Registration, RegistrationReply,
-    RevisionRecord,
+    valid_instance_id, ApplyAction, ApplyReply, ApplyRequest, Heartbeat, Registration,
+    RegistrationReply, RevisionRecord,
 };
 use meshlet_api::{parse_documents, Resource, ResourceKey};
 use tokio::sync::watch;
 
 use crate::error::{ApiFailure, StoreError};
 use crate::push::{Hub, Published};
-use crate::registry::{Plan, Registry};
-use crate::store::Store;
+use crate::registry::{classify, rewind, Plan, Registry};
+use crate::store::{Rewind, Store};
+use crate::wire::{
+    DeleteReply, DeleteRequest, DiffOutcome, DiffReply, RollbackReply, RollbackRequest,
+};
 
 pub fn now_ms() -> u64 {
     SystemTime::now()
@@ -243,10 +252,7 @@ impl Controller {
     /// all changes (or none).
     pub async fn apply(&self, request: ApplyRequest) -> Result<ApplyReply, ApiFailure> {
         let resources = parse_request(&request)?;
-        let actor = request
-            .actor
-            .filter(|a| !a.trim().is_empty())
-            .unwrap_or_else(|| "unknown".to_owned());
+        let actor = actor_of(request.actor);
         let mut registry = self.writer.lock().await;
         let (outcomes, plan) = registry.plan_apply(resources, &actor, now_ms());
         let revision = match plan {
@@ -256,12 +262,148 @@ impl Controller {
         Ok(ApplyReply { revision, outcomes })
     }
 
-    pub async fn history(&self, limit: usize) -> Result<Vec<RevisionRecord>, StoreError> {
-        let store = self.store.clone();
-        tokio::task::spawn_blocking(move || store.history(limit))
-            .await
-            .map_err(|e| StoreError::Task(e.to_string()))?
+    /// `POST /api/v1/delete`: the resources named by the files (parsed and
+    /// validated like an apply) and the keys, in one revision.
+    pub async fn delete(&self, request: DeleteRequest) -> Result<DeleteReply, ApiFailure> {
+        let mut keys: Vec<ResourceKey> = parse_request(&ApplyRequest {
+            files: request.files,
+            actor: None,
+        })?
+        .iter()
+        .map(Resource::key)
+        .collect();
+        for key in request.keys {
+            if !meshlet_api::KNOWN_KINDS.contains(&key.kind.as_str()) {
+                return Err(ApiFailure::BadRequest(format!(
+                    "unknown kind {:?}: expected one of {}",
+                    key.kind,
+                    meshlet_api::KNOWN_KINDS.join(", ")
+                )));
+            }
+            if !keys.contains(&key) {
+                keys.push(key);
+            }
+        }
+        if keys.is_empty() {
+            return Err(ApiFailure::BadRequest("nothing to delete".into()));
+        }
+        let actor = actor_of(request.actor);
+        let mut registry = self.writer.lock().await;
+        let (outcomes, plan) = registry
+            .plan_delete(keys, request.ignore_not_found, &actor, now_ms())
+            .map_err(|missing| {
+                let names: Vec<String> = missing.iter().map(|k| format!("{k} not found")).collect();
+                ApiFailure::NotFound(format!("{}; nothing was deleted", names.join(", ")))
+            })?;
+        let revision = match plan {
+            Some(plan) => self.commit(&mut registry, plan).await?,
+            None => registry.revision(),
+        };
+        Ok(DeleteReply { revision, outcomes })
     }
+
+    /// `POST /api/v1/diff`: what an apply of the request would do, with a
+    /// YAML line diff for each configured resource. Changes nothing.
+    pub fn diff(&self, request: &ApplyRequest) -> Result<DiffReply, ApiFailure> {
+        let resources = parse_request(request)?;
+        let published = self.published();
+        let outcomes = resources
+            .iter()
+            .map(|resource| {
+                let key = resource.key();
+                let old = published.resources.get(&key);
+                let action = classify(old, resource);
+                let diff = match (action, old) {
+                    (ApplyAction::Configured, Some(old)) => {
+                        Some(crate::diff::line_diff(&to_yaml(old), &to_yaml(resource)))
+                    }
+                    _ => None,
+                };
+                DiffOutcome { key, action, diff }
+            })
+            .collect();
+        Ok(DiffReply {
+            revision: published.revision,
+            outcomes,
+        })
+    }
+
+    /// `POST /api/v1/rollback`: the resources as right after
+    /// `request.revision`, as one new revision (instances are untouched).
+    pub async fn rollback(&self, request: RollbackRequest) -> Result<RollbackReply, ApiFailure> {
+        let to = request.revision;
+        let actor = format!("rollback to {to} by {}", actor_of(request.actor));
+        let mut registry = self.writer.lock().await;
+        let current = registry.revision();
+        if to == 0 || to > current {
+            return Err(ApiFailure::NotFound(format!(
+                "revision {to} does not exist (the latest is {current})"
+            )));
+        }
+        let store = self.store.clone();
+        let rewound = tokio::task::spawn_blocking(move || store.rewind(to))
+            .await
+            .map_err(|e| StoreError::Task(e.to_string()))??;
+        let changes = match rewound {
+            Rewind::Changes(changes) => changes,
+            Rewind::NotRetained { oldest } => {
+                let hint = match oldest {
+                    Some(oldest) => format!("the oldest revision to roll back to is {oldest}"),
+                    None => "no revision is retained".to_owned(),
+                };
+                return Err(ApiFailure::BadRequest(format!(
+                    "revision {to} is no longer retained ({hint})"
+                )));
+            }
+        };
+        let target = rewind(registry.resources(), &changes);
+        match registry.plan_rollback(target, &actor, now_ms()) {
+            Some(plan) => {
+                let lines = plan.commit.record.changes.clone();
+                let revision = self.commit(&mut registry, plan).await?;
+                Ok(RollbackReply {
+                    revision,
+                    rolled_back: true,
+                    changes: lines,
+                })
+            }
+            None => Ok(RollbackReply {
+                revision: current,
+                rolled_back: false,
+                changes: Vec::new(),
+            }),
+        }
+    }
+
+    /// The newest `limit` revision records; with `resources_only`, records
+    /// of the registry (registrations, health, expiry) are skipped.
+    pub async fn history(
+        &self,
+        limit: usize,
+        resources_only: bool,
+    ) -> Result<Vec<RevisionRecord>, StoreError> {
+        let store = self.store.clone();
+        let fetch = if resources_only { usize::MAX } else { limit };
+        let records = tokio::task::spawn_blocking(move || store.history(fetch))
+            .await
+            .map_err(|e| StoreError::Task(e.to_string()))??;
+        Ok(records
+            .into_iter()
+            .filter(|r| !resources_only || r.actor != crate::registry::REGISTRY_ACTOR)
+            .take(limit)
+            .collect())
+    }
+}
+
+/// The resource as users write it, in YAML.
+pub fn to_yaml(resource: &Resource) -> String {
+    serde_yaml::to_string(resource).unwrap_or_else(|e| format!("# cannot render: {e}\n"))
+}
+
+fn actor_of(actor: Option<String>) -> String {
+    actor
+        .filter(|a| !a.trim().is_empty())
+        .unwrap_or_else(|| "unknown".to_owned())
 }
 
 /// A registration needs an id, a service name and a real port.
@@ -308,7 +450,7 @@ mod tests {
     use super::*;
     use crate::registry::tests::registration;
     use crate::store::MemoryStore;
-    use meshlet_api::mesh::{ApplyAction, ApplyFile};
+    use meshlet_api::mesh::ApplyFile;
 
     fn controller(store: Arc<MemoryStore>) -> Controller {
         Controller::load(store, Duration::from_secs(10)).unwrap()
@@ -439,7 +581,7 @@ mod tests {
             .unwrap();
         assert_eq!(reply.revision, 1);
         assert_eq!(reply.outcomes[0].action, ApplyAction::Unchanged);
-        let history = c.history(10).await.unwrap();
+        let history = c.history(10, false).await.unwrap();
         assert_eq!(history[0].actor, "me@host");
     }
 }

@@ -23,7 +23,7 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 
 use crate::registry::{Changes, Registry};
-use crate::store::StoredInstance;
+use crate::store::{ChangeStamp, StoredInstance};
 
 /// How many revisions' changed keys are kept for resuming watchers.
 pub const CHANGE_LOG_LEN: usize = 1024;
@@ -39,6 +39,8 @@ pub struct Published {
     /// Every applied resource, `Service`s included.
     pub resources: BTreeMap<ResourceKey, Resource>,
     pub instances: BTreeMap<String, StoredInstance>,
+    /// The revision that last changed each resource.
+    pub last_changes: BTreeMap<ResourceKey, ChangeStamp>,
     /// The delta from `revision - 1`, as one NDJSON line.
     delta_line: Option<Bytes>,
     snapshot_line: OnceLock<Bytes>,
@@ -66,6 +68,7 @@ impl Published {
             mesh_resources: registry.mesh_resources(),
             resources: registry.resources().clone(),
             instances: registry.instances().clone(),
+            last_changes: registry.last_changes().clone(),
             delta_line: None,
             snapshot_line: OnceLock::new(),
         };

@@ -7,6 +7,10 @@
 //! writes the commit to the store and only then calls [`Registry::apply`],
 //! so memory never runs ahead of the disk. Everything here is synchronous
 //! and pure, which is what the unit tests exercise.
+//!
+//! Resource plans (apply, delete, rollback) stage every change through one
+//! function, so the store's puts and deletes, the before/after rollback
+//! records and the keys pushed to watchers always agree.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -16,7 +20,8 @@ use meshlet_api::mesh::{
 };
 use meshlet_api::{Resource, ResourceKey};
 
-use crate::store::{Commit, Loaded, StoredInstance};
+use crate::store::{ChangeStamp, Commit, Loaded, ResourceChange, StoredInstance};
+use crate::wire::{DeleteAction, DeleteOutcome};
 
 /// The actor of revisions made by registrations, health changes and expiry.
 pub const REGISTRY_ACTOR: &str = "registry";
@@ -49,6 +54,57 @@ pub struct Registry {
     revision: u64,
     instances: BTreeMap<String, StoredInstance>,
     resources: BTreeMap<ResourceKey, Resource>,
+    /// The revision that last changed each resource (when recorded).
+    last_changes: BTreeMap<ResourceKey, ChangeStamp>,
+}
+
+/// What an apply of `resource` would do given the current `old` one.
+pub fn classify(old: Option<&Resource>, resource: &Resource) -> ApplyAction {
+    match old {
+        None => ApplyAction::Created,
+        Some(old) if old != resource => ApplyAction::Configured,
+        Some(_) => ApplyAction::Unchanged,
+    }
+}
+
+/// The resources right after an older revision: `current` with the
+/// changes of every later revision (`changes`, oldest first) undone,
+/// newest first.
+pub fn rewind(
+    current: &BTreeMap<ResourceKey, Resource>,
+    changes: &[(u64, Vec<ResourceChange>)],
+) -> BTreeMap<ResourceKey, Resource> {
+    let mut set = current.clone();
+    for (_, revision) in changes.iter().rev() {
+        for change in revision.iter().rev() {
+            match &change.before {
+                Some(before) => set.insert(change.key.clone(), before.clone()),
+                None => set.remove(&change.key),
+            };
+        }
+    }
+    set
+}
+
+impl Plan {
+    /// Adds one resource change: `after` `None` deletes it.
+    fn stage(&mut self, key: ResourceKey, before: Option<Resource>, after: Option<Resource>) {
+        if key.kind == "Service" {
+            self.changes.services.insert(ServiceKey {
+                namespace: key.namespace.clone(),
+                name: key.name.clone(),
+            });
+        } else {
+            self.changes.resources.insert(key.clone());
+        }
+        match &after {
+            Some(resource) => self.commit.put_resources.push(resource.clone()),
+            None => self.commit.delete_resources.push(key.clone()),
+        }
+        self.commit
+            .resource_changes
+            .push(ResourceChange { key, before, after });
+    }
 }
 
 /// `orders/orders-1`, or `orders.shop/orders-1` outside `default`.
@@ -78,7 +134,12 @@ impl Registry {
                 .map(|i| (i.registration.id.clone(), i))
                 .collect(),
             resources: loaded.resources.into_iter().map(|r| (r.key(), r)).collect(),
+            last_changes: loaded.last_changes,
         }
+    }
+
+    pub fn last_changes(&self) -> &BTreeMap<ResourceKey, ChangeStamp> {
+        &self.last_changes
     }
 
     pub fn revision(&self) -> u64 {
@@ -209,27 +270,77 @@ impl Registry {
         let mut outcomes = Vec::with_capacity(resources.len());
         for resource in resources {
             let key = resource.key();
-            let action = match self.resources.get(&key) {
-                None => ApplyAction::Created,
-                Some(old) if *old != resource => ApplyAction::Configured,
-                Some(_) => ApplyAction::Unchanged,
-            };
+            let old = self.resources.get(&key);
+            let action = classify(old, &resource);
             if action != ApplyAction::Unchanged {
                 plan.commit.record.changes.push(format!("{action} {key}"));
-                if let Resource::Service(doc) = &resource {
-                    plan.changes.services.insert(ServiceKey {
-                        namespace: doc.metadata.namespace.clone(),
-                        name: doc.metadata.name.clone(),
-                    });
-                } else {
-                    plan.changes.resources.insert(key.clone());
-                }
-                plan.commit.put_resources.push(resource);
+                plan.stage(key.clone(), old.cloned(), Some(resource));
             }
             outcomes.push(ApplyOutcome { key, action });
         }
-        let plan = (!plan.commit.put_resources.is_empty()).then_some(plan);
+        let plan = (!plan.commit.resource_changes.is_empty()).then_some(plan);
         (outcomes, plan)
+    }
+
+    /// Deletes resources in one revision. A key that does not exist is an
+    /// error naming every missing key (nothing is deleted) unless
+    /// `ignore_not_found`, when its outcome is `NotFound`.
+    pub fn plan_delete(
+        &self,
+        keys: Vec<ResourceKey>,
+        ignore_not_found: bool,
+        actor: &str,
+        now_ms: u64,
+    ) -> Result<(Vec<DeleteOutcome>, Option<Plan>), Vec<ResourceKey>> {
+        let missing: Vec<ResourceKey> = keys
+            .iter()
+            .filter(|k| !self.resources.contains_key(k))
+            .cloned()
+            .collect();
+        if !missing.is_empty() && !ignore_not_found {
+            return Err(missing);
+        }
+        let mut plan = self.plan(actor, now_ms, Vec::new());
+        let mut outcomes = Vec::with_capacity(keys.len());
+        for key in keys {
+            let action = match self.resources.get(&key) {
+                Some(old) => {
+                    plan.commit.record.changes.push(format!("deleted {key}"));
+                    plan.stage(key.clone(), Some(old.clone()), None);
+                    DeleteAction::Deleted
+                }
+                None => DeleteAction::NotFound,
+            };
+            outcomes.push(DeleteOutcome { key, action });
+        }
+        let plan = (!plan.commit.resource_changes.is_empty()).then_some(plan);
+        Ok((outcomes, plan))
+    }
+
+    /// Makes the resources equal to `target` (the set right after an older
+    /// revision, see [`rewind`]) in one revision; `None` when they already
+    /// are. Change lines say what was re-created, configured or deleted.
+    pub fn plan_rollback(
+        &self,
+        target: BTreeMap<ResourceKey, Resource>,
+        actor: &str,
+        now_ms: u64,
+    ) -> Option<Plan> {
+        let mut plan = self.plan(actor, now_ms, Vec::new());
+        let keys: BTreeSet<&ResourceKey> = self.resources.keys().chain(target.keys()).collect();
+        for key in keys {
+            let old = self.resources.get(key);
+            let new = target.get(key);
+            let word = match (old, new) {
+                (None, Some(_)) => "re-created",
+                (Some(o), Some(n)) if o != n => "configured",
+                (Some(_), None) => "deleted",
+                _ => continue,
+            };
+            plan.commit.record.changes.push(format!("{word} {key}"));
+            plan.stage(key.clone(), old.cloned(), new.cloned());
+        }
+        (!plan.commit.resource_changes.is_empty()).then_some(plan)
     }
 
     /// Makes a committed plan the current state.
@@ -246,6 +357,14 @@ impl Registry {
         }
         for r in &commit.put_resources {
             self.resources.insert(r.key(), r.clone());
+        }
+        for change in &commit.resource_changes {
+            if change.after.is_some() {
+                let stamp = ChangeStamp::of(&commit.record);
+                self.last_changes.insert(change.key.clone(), stamp);
+            } else {
+                self.last_changes.remove(&change.key);
+            }
         }
         self.revision = commit.revision;
     }

@@ -10,6 +10,20 @@
 //! Heartbeat times are not stored: after a restart every loaded instance
 //! gets a fresh TTL.
 //!
+//! **Rollback data.** Each revision that changes resources also records,
+//! in the same transaction, its [`ResourceChange`]s: every touched key with
+//! the resource *before* and *after* (table `changes`, keyed by revision,
+//! trimmed with the revision records). The set of resources right after
+//! revision N is rebuilt by starting from the current set and undoing the
+//! changes of every later revision, newest first (put back each `before`).
+//! Storing before/after pairs (rather than full sets per revision or
+//! forward deltas) costs only what a revision changed, needs no base
+//! snapshot when old history is trimmed, and makes "what did revision N
+//! do" and "when did this resource last change" answerable from one table.
+//! A store written before this table existed records, in `meta`, the
+//! revision from which change records are complete (`changes_since`);
+//! older revisions cannot be rolled back to.
+//!
 //! Two implementations: [`RedbStore`] (a redb file, every commit durable
 //! before it returns) and [`MemoryStore`] for tests.
 
@@ -36,6 +50,47 @@ pub struct StoredInstance {
     pub registered_at_ms: u64,
 }
 
+/// One resource change of a revision: the resource before and after
+/// (`None`: absent).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ResourceChange {
+    pub key: ResourceKey,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub before: Option<Resource>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub after: Option<Resource>,
+}
+
+/// The revision that last changed a resource, when and by whom.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ChangeStamp {
+    pub revision: u64,
+    pub at_ms: u64,
+    pub actor: String,
+}
+
+impl ChangeStamp {
+    pub fn of(record: &RevisionRecord) -> ChangeStamp {
+        ChangeStamp {
+            revision: record.revision,
+            at_ms: record.at_ms,
+            actor: record.actor.clone(),
+        }
+    }
+}
+
+/// The resource changes needed to go back to a revision.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Rewind {
+    /// The changes of every revision after it, oldest first.
+    Changes(Vec<(u64, Vec<ResourceChange>)>),
+    /// Its record or the change records after it are no longer kept;
+    /// `oldest` is the oldest revision that can still be rolled back to.
+    NotRetained { oldest: Option<u64> },
+}
+
 /// Everything the store holds, as loaded at start.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Loaded {
@@ -45,6 +100,9 @@ pub struct Loaded {
     pub revision: u64,
     pub instances: Vec<StoredInstance>,
     pub resources: Vec<Resource>,
+    /// The last recorded change of each current resource (resources last
+    /// changed before change records existed have none).
+    pub last_changes: BTreeMap<ResourceKey, ChangeStamp>,
 }
 
 /// One revision's writes, applied all or nothing.
@@ -55,6 +113,9 @@ pub struct Commit {
     pub delete_instances: Vec<String>,
     pub put_resources: Vec<Resource>,
     pub delete_resources: Vec<ResourceKey>,
+    /// Before/after of every resource this revision changes (the rollback
+    /// data; consistent with `put_resources` and `delete_resources`).
+    pub resource_changes: Vec<ResourceChange>,
     pub record: RevisionRecord,
 }
 
@@ -66,6 +127,7 @@ impl Default for Commit {
             delete_instances: Vec::new(),
             put_resources: Vec::new(),
             delete_resources: Vec::new(),
+            resource_changes: Vec::new(),
             record: RevisionRecord {
                 revision: 0,
                 at_ms: 0,
@@ -83,14 +145,45 @@ pub trait Store: Send + Sync + 'static {
     fn commit(&self, commit: &Commit) -> Result<(), StoreError>;
     /// The newest `limit` revision records, newest first.
     fn history(&self, limit: usize) -> Result<Vec<RevisionRecord>, StoreError>;
+    /// What it takes to go back to the state right after `revision`
+    /// (at most the current revision).
+    fn rewind(&self, revision: u64) -> Result<Rewind, StoreError>;
+}
+
+/// The last change of each key in `current`, from change records read
+/// newest first.
+fn last_changes(
+    current: &[Resource],
+    newest_first: impl Iterator<Item = (u64, Vec<ResourceChange>)>,
+    record: impl Fn(u64) -> Option<ChangeStamp>,
+) -> BTreeMap<ResourceKey, ChangeStamp> {
+    let mut wanted: std::collections::BTreeSet<ResourceKey> =
+        current.iter().map(Resource::key).collect();
+    let mut out = BTreeMap::new();
+    for (revision, changes) in newest_first {
+        if wanted.is_empty() {
+            break;
+        }
+        for change in changes {
+            if wanted.remove(&change.key) {
+                if let Some(stamp) = record(revision) {
+                    out.insert(change.key, stamp);
+                }
+            }
+        }
+    }
+    out
 }
 
 const INSTANCES: TableDefinition<&str, &[u8]> = TableDefinition::new("instances");
 const RESOURCES: TableDefinition<&str, &[u8]> = TableDefinition::new("resources");
 const REVISIONS: TableDefinition<u64, &[u8]> = TableDefinition::new("revisions");
+const CHANGES: TableDefinition<u64, &[u8]> = TableDefinition::new("changes");
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 const CURRENT_REVISION: &str = "revision";
 const EPOCH: &str = "epoch";
+/// The revision from which change records are complete.
+const CHANGES_SINCE: &str = "changes_since";
 
 /// A random non-zero epoch for a new store.
 fn new_epoch() -> u64 {
@@ -146,10 +239,17 @@ impl RedbStore {
             txn.open_table(INSTANCES)?;
             txn.open_table(RESOURCES)?;
             txn.open_table(REVISIONS)?;
+            txn.open_table(CHANGES)?;
             {
                 let mut meta = txn.open_table(META)?;
                 if meta.get(EPOCH)?.is_none() {
                     meta.insert(EPOCH, new_epoch())?;
+                }
+                if meta.get(CHANGES_SINCE)?.is_none() {
+                    // A store from before change records: only the current
+                    // state (and later ones) can be rebuilt.
+                    let current = meta.get(CURRENT_REVISION)?.map(|v| v.value()).unwrap_or(0);
+                    meta.insert(CHANGES_SINCE, current)?;
                 }
             }
             txn.commit()?;
@@ -164,7 +264,8 @@ type RawRows = Vec<(String, Vec<u8>)>;
 
 impl Store for RedbStore {
     fn load(&self) -> Result<Loaded, StoreError> {
-        let read = || -> Result<(u64, u64, RawRows, RawRows), redb::Error> {
+        type RawChanges = Vec<(u64, Vec<u8>)>;
+        let read = || -> Result<(u64, u64, RawRows, RawRows, RawChanges), redb::Error> {
             let txn = self.db.begin_read()?;
             let meta = txn.open_table(META)?;
             let revision = meta.get(CURRENT_REVISION)?.map(|v| v.value()).unwrap_or(0);
@@ -180,9 +281,30 @@ impl Store for RedbStore {
             };
             let instances = rows(INSTANCES)?;
             let resources = rows(RESOURCES)?;
-            Ok((epoch, revision, instances, resources))
+            let mut changes = Vec::new();
+            for entry in txn.open_table(CHANGES)?.iter()?.rev() {
+                let (k, v) = entry?;
+                changes.push((k.value(), v.value().to_vec()));
+            }
+            Ok((epoch, revision, instances, resources, changes))
         };
-        let (epoch, revision, instances, resources) = read().map_err(StoreError::Read)?;
+        let (epoch, revision, instances, resources, changes) = read().map_err(StoreError::Read)?;
+        let resources: Vec<Resource> = resources
+            .into_iter()
+            .map(|(k, v)| decode("resource", k, &v))
+            .collect::<Result<_, _>>()?;
+        let changes: Vec<(u64, Vec<ResourceChange>)> = changes
+            .into_iter()
+            .map(|(k, v)| Ok((k, decode("change", k.to_string(), &v)?)))
+            .collect::<Result<_, StoreError>>()?;
+        let records: BTreeMap<u64, RevisionRecord> = self
+            .history(usize::MAX)?
+            .into_iter()
+            .map(|r| (r.revision, r))
+            .collect();
+        let last_changes = last_changes(&resources, changes.into_iter(), |r| {
+            records.get(&r).map(ChangeStamp::of)
+        });
         Ok(Loaded {
             epoch,
             revision,
@@ -190,10 +312,8 @@ impl Store for RedbStore {
                 .into_iter()
                 .map(|(k, v)| decode("instance", k, &v))
                 .collect::<Result<_, _>>()?,
-            resources: resources
-                .into_iter()
-                .map(|(k, v)| decode("resource", k, &v))
-                .collect::<Result<_, _>>()?,
+            resources,
+            last_changes,
         })
     }
 
@@ -210,6 +330,11 @@ impl Store for RedbStore {
             .map(|r| Ok((resource_key(&r.key()), encode("resource", r)?)))
             .collect::<Result<Vec<_>, StoreError>>()?;
         let record = encode("revision", &commit.record)?;
+        let changes = if commit.resource_changes.is_empty() {
+            None
+        } else {
+            Some(encode("change", &commit.resource_changes)?)
+        };
         let write = || -> Result<(), redb::Error> {
             let mut txn = self.db.begin_write()?;
             txn.set_durability(redb::Durability::Immediate)?;
@@ -230,6 +355,13 @@ impl Store for RedbStore {
                 }
                 let mut table = txn.open_table(REVISIONS)?;
                 table.insert(commit.revision, record.as_slice())?;
+                if commit.revision > HISTORY_LIMIT {
+                    table.remove(commit.revision - HISTORY_LIMIT)?;
+                }
+                let mut table = txn.open_table(CHANGES)?;
+                if let Some(changes) = &changes {
+                    table.insert(commit.revision, changes.as_slice())?;
+                }
                 if commit.revision > HISTORY_LIMIT {
                     table.remove(commit.revision - HISTORY_LIMIT)?;
                 }
@@ -262,6 +394,37 @@ impl Store for RedbStore {
             .map(|(k, v)| decode("revision", k.to_string(), &v))
             .collect()
     }
+
+    fn rewind(&self, revision: u64) -> Result<Rewind, StoreError> {
+        type Read = (u64, Option<u64>, bool, Vec<(u64, Vec<u8>)>);
+        let read = || -> Result<Read, redb::Error> {
+            let txn = self.db.begin_read()?;
+            let meta = txn.open_table(META)?;
+            let since = meta.get(CHANGES_SINCE)?.map(|v| v.value()).unwrap_or(0);
+            let records = txn.open_table(REVISIONS)?;
+            let oldest_record = records.first()?.map(|(k, _)| k.value());
+            let known = records.get(revision)?.is_some();
+            let mut changes = Vec::new();
+            if known && revision >= since {
+                for entry in txn.open_table(CHANGES)?.range(revision + 1..)? {
+                    let (k, v) = entry?;
+                    changes.push((k.value(), v.value().to_vec()));
+                }
+            }
+            Ok((since, oldest_record, known, changes))
+        };
+        let (since, oldest_record, known, changes) = read().map_err(StoreError::Read)?;
+        if !known || revision < since {
+            let oldest = oldest_record.map(|o| o.max(since));
+            return Ok(Rewind::NotRetained { oldest });
+        }
+        Ok(Rewind::Changes(
+            changes
+                .into_iter()
+                .map(|(k, v)| Ok((k, decode("change", k.to_string(), &v)?)))
+                .collect::<Result<_, StoreError>>()?,
+        ))
+    }
 }
 
 /// An in-memory store for tests; `fail_commits` makes every commit fail.
@@ -277,6 +440,7 @@ struct MemoryInner {
     instances: BTreeMap<String, StoredInstance>,
     resources: BTreeMap<ResourceKey, Resource>,
     history: BTreeMap<u64, RevisionRecord>,
+    changes: BTreeMap<u64, Vec<ResourceChange>>,
     fail_commits: bool,
 }
 
@@ -297,11 +461,17 @@ impl Store for MemoryStore {
         if inner.epoch == 0 {
             inner.epoch = new_epoch();
         }
+        let resources: Vec<Resource> = inner.resources.values().cloned().collect();
+        let changes = inner.changes.iter().rev().map(|(r, c)| (*r, c.clone()));
+        let last_changes = last_changes(&resources, changes, |r| {
+            inner.history.get(&r).map(ChangeStamp::of)
+        });
         Ok(Loaded {
             epoch: inner.epoch,
             revision: inner.revision,
             instances: inner.instances.values().cloned().collect(),
-            resources: inner.resources.values().cloned().collect(),
+            resources,
+            last_changes,
         })
     }
 
@@ -326,8 +496,14 @@ impl Store for MemoryStore {
             inner.resources.insert(r.key(), r.clone());
         }
         inner.history.insert(commit.revision, commit.record.clone());
+        if !commit.resource_changes.is_empty() {
+            inner
+                .changes
+                .insert(commit.revision, commit.resource_changes.clone());
+        }
         if commit.revision > HISTORY_LIMIT {
             inner.history.remove(&(commit.revision - HISTORY_LIMIT));
+            inner.changes.remove(&(commit.revision - HISTORY_LIMIT));
         }
         inner.revision = commit.revision;
         Ok(())
@@ -336,6 +512,21 @@ impl Store for MemoryStore {
     fn history(&self, limit: usize) -> Result<Vec<RevisionRecord>, StoreError> {
         let inner = self.inner.lock().unwrap();
         Ok(inner.history.values().rev().take(limit).cloned().collect())
+    }
+
+    fn rewind(&self, revision: u64) -> Result<Rewind, StoreError> {
+        let inner = self.inner.lock().unwrap();
+        if !inner.history.contains_key(&revision) {
+            let oldest = inner.history.keys().next().copied();
+            return Ok(Rewind::NotRetained { oldest });
+        }
+        Ok(Rewind::Changes(
+            inner
+                .changes
+                .range(revision + 1..)
+                .map(|(r, c)| (*r, c.clone()))
+                .collect(),
+        ))
     }
 }
 
