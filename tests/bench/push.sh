@@ -21,16 +21,16 @@ OUT=target/bench/push.md
 {
   echo "# Control plane push latency ($(date -u +%Y-%m-%dT%H:%MZ), $(nproc) cores)"
   echo
-  echo "| watchers | p50 | p99 | max |"
-  echo "|---:|---:|---:|---:|"
+  echo "| watchers | p50 | p99 | max | control plane RSS |"
+  echo "|---:|---:|---:|---:|---:|"
 } >"$OUT"
 for n in "${COUNTS[@]}"; do
   line=$(MESHLET_WATCHERS=$n cargo test --release -q -p meshlet-e2e --test control_plane \
     a_change_reaches_every_watcher_quickly -- --nocapture 2>&1 | grep '^push latency') ||
     { echo "the push latency test failed for $n watchers" >&2; exit 1; }
   echo "$line"
-  # "push latency, N watchers × 5 changes: p50 X, p99 Y, max Z"
-  sed -E 's/^push latency, ([0-9]+) watchers.*: p50 ([^,]+), p99 ([^,]+), max (.+)$/| \1 | \2 | \3 | \4 |/' <<<"$line" >>"$OUT"
+  # "push latency, N watchers × 5 changes: p50 X, p99 Y, max Z; control plane RSS R MiB"
+  sed -E 's/^push latency, ([0-9]+) watchers.*: p50 ([^,]+), p99 ([^,]+), max ([^;]+); control plane RSS (.+)$/| \1 | \2 | \3 | \4 | \5 |/' <<<"$line" >>"$OUT"
 done
 echo
 cat "$OUT"

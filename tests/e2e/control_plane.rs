@@ -463,7 +463,9 @@ async fn a_change_reaches_every_watcher_quickly() {
     let pct = |p: f64| latencies[((latencies.len() as f64 * p) as usize).min(latencies.len() - 1)];
     let (p50, p99, max) = (pct(0.50), pct(0.99), *latencies.last().unwrap());
     println!(
-        "push latency, {watchers} watchers × 5 changes: p50 {p50:?}, p99 {p99:?}, max {max:?}"
+        "push latency, {watchers} watchers × 5 changes: p50 {p50:?}, p99 {p99:?}, max {max:?}; \
+         control plane RSS {:.1} MiB",
+        cp.rss_bytes() as f64 / (1024.0 * 1024.0)
     );
     assert!(
         p99 < Duration::from_secs(1),

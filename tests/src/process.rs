@@ -235,6 +235,12 @@ impl ControlPlaneProcess {
         format!("http://{}", self.addr)
     }
 
+    /// Resident memory (VmRSS) in bytes, from /proc.
+    pub fn rss_bytes(&self) -> u64 {
+        let pid = self.child.id().expect("process running");
+        proc_status_kb(pid, "VmRSS:") * 1024
+    }
+
     /// `kill -9`, and wait for the process to be gone.
     pub async fn kill9(&mut self) {
         let _ = self.child.start_kill();
