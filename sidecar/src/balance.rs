@@ -109,8 +109,19 @@ impl Balancer {
 
     /// Picks an endpoint not in `tried`; returns it with its index.
     pub fn pick(&self, tried: Tried) -> Option<(usize, &Arc<Endpoint>)> {
-        self.pick_where(|i, ep| !tried.contains(i) && !ep.is_ejected())
-            .or_else(|| self.pick_where(|i, _| !tried.contains(i)))
+        self.pick_among(tried, |_| true)
+    }
+
+    /// Like [`Balancer::pick`], among the endpoints whose index `allowed`
+    /// accepts (a traffic split's subset, endpoints whose circuit breaker
+    /// admits requests). Panic mode ignores ejection, never `allowed`.
+    pub fn pick_among(
+        &self,
+        tried: Tried,
+        allowed: impl Fn(usize) -> bool,
+    ) -> Option<(usize, &Arc<Endpoint>)> {
+        self.pick_where(|i, ep| !tried.contains(i) && !ep.is_ejected() && allowed(i))
+            .or_else(|| self.pick_where(|i, _| !tried.contains(i) && allowed(i)))
     }
 
     fn pick_where(

@@ -17,6 +17,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
+use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::{Instant, Sleep};
 
 use crate::balance::InFlight;
@@ -29,6 +30,8 @@ pub struct ProxyBody {
     guard: Option<InFlight>,
     /// The client connection's unanswered request.
     request: Option<RequestGuard>,
+    /// A circuit breaker's concurrency slot for the target.
+    slot: Option<OwnedSemaphorePermit>,
 }
 
 #[derive(Debug)]
@@ -78,6 +81,7 @@ impl ProxyBody {
             kind: Kind::Empty,
             guard: None,
             request: None,
+            slot: None,
         }
     }
 
@@ -86,6 +90,7 @@ impl ProxyBody {
             kind: Kind::Full(Some(bytes.into())),
             guard: None,
             request: None,
+            slot: None,
         }
     }
 
@@ -101,12 +106,21 @@ impl ProxyBody {
             kind: Kind::Streamed(body, timer),
             guard: None,
             request: None,
+            slot: None,
         }
     }
 
     /// Keeps `guard` alive until the body has been fully sent or dropped.
     pub fn with_guard(mut self, guard: InFlight) -> Self {
         self.guard = Some(guard);
+        self
+    }
+
+    /// Holds a concurrency slot until the body has been fully sent.
+    pub fn with_slot(mut self, slot: Option<OwnedSemaphorePermit>) -> Self {
+        if slot.is_some() {
+            self.slot = slot;
+        }
         self
     }
 
@@ -152,6 +166,7 @@ impl Body for ProxyBody {
         if let Poll::Ready(None) | Poll::Ready(Some(Err(_))) = &polled {
             this.guard = None;
             this.request = None;
+            this.slot = None;
         }
         polled
     }

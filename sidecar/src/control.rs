@@ -33,7 +33,7 @@ use crate::client::{self, ClientError};
 use crate::health::AppHealth;
 use crate::metrics::Metrics;
 use crate::settings::{ControlPlaneSettings, Limits, Settings};
-use crate::snapshot::{SharedSnapshot, Snapshot};
+use crate::snapshot::{Own, SharedSnapshot, Snapshot};
 
 /// Deadline of one registration, heartbeat or deregistration call.
 const CALL_TIMEOUT: Duration = Duration::from_secs(2);
@@ -297,6 +297,10 @@ impl ControlClient {
             state,
             format!("control plane {}", self.cp.url),
             Some(&previous),
+            Own {
+                namespace: &self.settings.namespace,
+                service: &self.settings.service,
+            },
             &self.limits,
             &self.metrics,
         );

@@ -15,6 +15,7 @@ use std::time::Duration;
 use http::{header, HeaderValue, Response, StatusCode};
 
 use crate::body::ProxyBody;
+use crate::ratelimit::Refusal;
 
 /// Header naming why the mesh answered instead of the upstream.
 pub const REASON_HEADER: &str = "x-meshlet-reason";
@@ -75,6 +76,12 @@ pub enum ProxyError {
         addr: SocketAddr,
         source: hyper::Error,
     },
+    #[error("rate limited by policy {:?} ({} requests per {}s for this instance); retry in {}s", .0.policy, .0.quota, .0.window_secs, .0.retry_after_secs)]
+    RateLimited(Box<Refusal>),
+    #[error("circuit breaker open for every endpoint of service {service:?} (policy {policy:?}); not sent")]
+    CircuitOpen { service: String, policy: String },
+    #[error("service {service:?} already has {max} requests in flight from this sidecar (circuit breaker maxConcurrentRequests); not sent")]
+    Overflow { service: String, max: u32 },
 }
 
 impl ProxyError {
@@ -92,6 +99,22 @@ impl ProxyError {
             | ProxyError::ConnectFailed { .. }
             | ProxyError::Upstream { .. } => StatusCode::BAD_GATEWAY,
             ProxyError::UpstreamTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
+            ProxyError::RateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
+            ProxyError::CircuitOpen { .. } | ProxyError::Overflow { .. } => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
+        }
+    }
+
+    /// How a try ended, for breakers and retries (`None`: the request was
+    /// refused before reaching any upstream).
+    pub fn outcome(&self) -> Option<crate::policy::Outcome> {
+        use crate::policy::Outcome;
+        match self {
+            ProxyError::ConnectFailed { .. } => Some(Outcome::ConnectFailure),
+            ProxyError::Upstream { .. } => Some(Outcome::Reset),
+            ProxyError::UpstreamTimeout { .. } => Some(Outcome::Timeout),
+            _ => None,
         }
     }
 
@@ -108,6 +131,9 @@ impl ProxyError {
             ProxyError::ConnectFailed { .. } => "upstream_connect_failed",
             ProxyError::UpstreamTimeout { .. } => "upstream_timeout",
             ProxyError::Upstream { .. } => "upstream_reset",
+            ProxyError::RateLimited(_) => "rate_limited",
+            ProxyError::CircuitOpen { .. } => "circuit_open",
+            ProxyError::Overflow { .. } => "overflow",
         }
     }
 
@@ -139,11 +165,42 @@ impl ProxyError {
             header::CONTENT_TYPE,
             HeaderValue::from_static("text/plain; charset=utf-8"),
         );
-        if status.is_client_error() && status != StatusCode::METHOD_NOT_ALLOWED {
+        if let ProxyError::RateLimited(refusal) = &self {
+            add_rate_limit_headers(headers, refusal);
+        }
+        let keeps_framing = matches!(
+            status,
+            StatusCode::METHOD_NOT_ALLOWED | StatusCode::TOO_MANY_REQUESTS
+        );
+        if status.is_client_error() && !keeps_framing {
             // After a malformed request the connection's framing can't be
             // trusted: close it (RFC 9112 §6.3).
             headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
         }
         response
+    }
+}
+
+/// `Retry-After` and the IETF httpapi ratelimit-headers (structured-field
+/// form): `RateLimit-Policy: "name";q=10;w=1`, `RateLimit: "name";r=0;t=1`.
+fn add_rate_limit_headers(headers: &mut http::HeaderMap, refusal: &Refusal) {
+    let values = [
+        (header::RETRY_AFTER, refusal.retry_after_secs.to_string()),
+        (
+            http::HeaderName::from_static("ratelimit-policy"),
+            format!(
+                "\"{}\";q={};w={}",
+                refusal.policy, refusal.quota, refusal.window_secs
+            ),
+        ),
+        (
+            http::HeaderName::from_static("ratelimit"),
+            format!("\"{}\";r=0;t={}", refusal.policy, refusal.retry_after_secs),
+        ),
+    ];
+    for (name, value) in values {
+        if let Ok(value) = HeaderValue::try_from(value) {
+            headers.insert(name, value);
+        }
     }
 }

@@ -2,6 +2,10 @@
 //! removed before forwarding, `Upgrade` survives only for a real upgrade,
 //! and the inbound side records the client in `x-forwarded-*`.
 
+/// Added by the outbound side to requests for mesh services: the calling
+/// sidecar's service, read by rate limits keyed by `sourceService`.
+pub const SOURCE_HEADER: &str = "x-meshlet-source";
+
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 
 const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");

@@ -22,6 +22,7 @@
 pub mod admin;
 pub mod balance;
 pub mod body;
+pub mod breaker;
 pub mod cli;
 pub mod client;
 pub mod control;
@@ -31,8 +32,11 @@ pub mod framing;
 pub mod headers;
 pub mod health;
 pub mod metrics;
+pub mod policy;
 pub mod pool;
 pub mod proxy;
+pub mod ratelimit;
+pub mod retry;
 pub mod route;
 pub mod server;
 pub mod settings;
@@ -54,7 +58,7 @@ use crate::balance::{Balancer, Endpoint};
 use crate::error::StartupError;
 use crate::metrics::{Direction, Metrics};
 use crate::pool::ConnPool;
-use crate::snapshot::{ServiceTarget, Snapshot};
+use crate::snapshot::{Own, ServiceTarget, Snapshot};
 
 pub use crate::settings::{Limits, Settings};
 
@@ -187,6 +191,10 @@ pub async fn run(
         &initial.state,
         initial.source,
         None,
+        Own {
+            namespace: &settings.namespace,
+            service: &settings.service,
+        },
         &limits,
         &metrics,
     )));
@@ -201,6 +209,7 @@ pub async fn run(
         ))]),
         unhealthy: Vec::new(),
         requests: metrics.requests(Direction::Inbound, &settings.service),
+        policies: Default::default(),
     });
     let own_listeners = [&listeners.inbound, &listeners.outbound]
         .iter()
@@ -220,8 +229,18 @@ pub async fn run(
         limits.idle_timeout,
         stop_rx.clone(),
     );
-    let inbound = proxy::Inbound::new(app, Arc::clone(&limits), metrics.clone());
-    let outbound = proxy::Outbound::new(router, Arc::clone(&limits), metrics.clone());
+    let inbound = proxy::Inbound::new(
+        app,
+        Arc::clone(&snapshot),
+        Arc::clone(&limits),
+        metrics.clone(),
+    );
+    let outbound = proxy::Outbound::new(
+        router,
+        Arc::clone(&limits),
+        metrics.clone(),
+        &settings.service,
+    );
     let health = health::spawn_prober(
         settings.app_addr,
         settings.namespace.clone(),

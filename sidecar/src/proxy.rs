@@ -3,11 +3,14 @@
 //!
 //! (Ambiguous framing is refused earlier, below hyper: see `framing`.)
 //!
-//! Inbound: strip hop-by-hop, add `x-forwarded-*` →
-//! forward to the local app → response back.
+//! Inbound: rate limit of the own service (`ratelimit`, 429) → strip
+//! hop-by-hop, add `x-forwarded-*` → forward to the local app → response
+//! back.
 //! Outbound: `CONNECT` tunnels → find the destination
-//! (absolute URI or `Host`; a mesh service or passthrough) → strip
-//! hop-by-hop → forward (balanced, connect failures retried) → response.
+//! (absolute URI or `Host`; a mesh service or passthrough) → the target's
+//! policies for this method and path (`policy`) → strip hop-by-hop, add
+//! `x-meshlet-source` → forward (concurrency limit, timeout, retries,
+//! split, breakers, balancing: see `forward`) → response.
 //!
 //! Errors from any step travel up as [`ProxyError`] and become a response
 //! in one place ([`ProxyError::into_response`]). Upgrades (WebSocket) are
@@ -29,26 +32,35 @@ use crate::balance::Tried;
 use crate::body::ProxyBody;
 use crate::error::ProxyError;
 use crate::forward::forward;
-use crate::headers::{add_forwarded, strip_hop_by_hop, wants_upgrade};
+use crate::headers::{add_forwarded, strip_hop_by_hop, wants_upgrade, SOURCE_HEADER};
 use crate::metrics::{Direction, Metrics};
+use crate::policy::RoutePolicies;
 use crate::route::{Authority, Router};
 use crate::server::{Handler, Peer};
 use crate::settings::Limits;
-use crate::snapshot::ServiceTarget;
+use crate::snapshot::{ServiceTarget, SharedSnapshot};
 use crate::tunnel;
 
 /// Traffic from other services to the local app.
 #[derive(Clone)]
 pub struct Inbound {
     app: Arc<ServiceTarget>,
+    /// For the rate limits of the own service.
+    snapshot: SharedSnapshot,
     limits: Arc<Limits>,
     metrics: Metrics,
 }
 
 impl Inbound {
-    pub fn new(app: Arc<ServiceTarget>, limits: Arc<Limits>, metrics: Metrics) -> Self {
+    pub fn new(
+        app: Arc<ServiceTarget>,
+        snapshot: SharedSnapshot,
+        limits: Arc<Limits>,
+        metrics: Metrics,
+    ) -> Self {
         Inbound {
             app,
+            snapshot,
             limits,
             metrics,
         }
@@ -66,11 +78,23 @@ impl Inbound {
             });
         }
         self.app.requests.inc();
+        if let Some(limiter) = self
+            .snapshot
+            .load()
+            .inbound
+            .rate_limit(request.method(), request.uri().path())
+        {
+            let key = limiter.key(request.headers());
+            limiter
+                .check(key, std::time::Instant::now())
+                .map_err(ProxyError::RateLimited)?;
+        }
         let version = request.version();
         let app_addr = self.app.balancer.endpoints().first().map(|e| e.addr);
         let (mut request, downstream_upgrade) = prepare(request, app_addr, &self.limits);
         add_forwarded(request.headers_mut(), &peer.ip_header, "http");
-        let response = forward(&self.app, request, &self.limits).await?;
+        let no_policies = RoutePolicies::default();
+        let response = forward(&self.app, request, no_policies, &self.limits).await?;
         Ok(finish(response, version, downstream_upgrade))
     }
 }
@@ -93,14 +117,17 @@ pub struct Outbound {
     router: Arc<Router>,
     limits: Arc<Limits>,
     metrics: Metrics,
+    /// `x-meshlet-source: <own service>`, built once.
+    source: Option<HeaderValue>,
 }
 
 impl Outbound {
-    pub fn new(router: Arc<Router>, limits: Arc<Limits>, metrics: Metrics) -> Self {
+    pub fn new(router: Arc<Router>, limits: Arc<Limits>, metrics: Metrics, service: &str) -> Self {
         Outbound {
             router,
             limits,
             metrics,
+            source: HeaderValue::from_str(service).ok(),
         }
     }
 
@@ -111,10 +138,17 @@ impl Outbound {
             return self.tunnel(request, &target).await;
         }
         target.requests.inc();
+        let policies = target
+            .policies
+            .for_request(request.method(), request.uri().path());
         let fallback_authority = target.balancer.endpoints().first().map(|e| e.addr);
         let version = request.version();
-        let (request, downstream_upgrade) = prepare(request, fallback_authority, &self.limits);
-        let response = forward(&target, request, &self.limits).await?;
+        let (mut request, downstream_upgrade) = prepare(request, fallback_authority, &self.limits);
+        let mesh_service = !target.namespace.is_empty();
+        if let (true, Some(source)) = (mesh_service, &self.source) {
+            request.headers_mut().insert(SOURCE_HEADER, source.clone());
+        }
+        let response = forward(&target, request, policies, &self.limits).await?;
         Ok(finish(response, version, downstream_upgrade))
     }
 

@@ -166,6 +166,7 @@ impl Router {
             balancer: Balancer::new(vec![Arc::new(endpoint)]),
             unhealthy: Vec::new(),
             requests: self.metrics.requests(Direction::Outbound, "passthrough"),
+            policies: Default::default(),
         });
         map.insert(addr, Arc::clone(&target));
         target

@@ -24,6 +24,7 @@ use serde_json::json;
 
 use crate::balance::{Balancer, Endpoint};
 use crate::metrics::{Direction, Metrics};
+use crate::policy::{InboundPolicies, OutboundPolicies, PolicyState};
 use crate::pool::ConnPool;
 use crate::settings::Limits;
 
@@ -39,6 +40,8 @@ pub struct ServiceTarget {
     pub unhealthy: Vec<SocketAddr>,
     /// `request_total{direction="outbound",service=name}`, resolved once.
     pub requests: IntCounter,
+    /// Breakers, retries, timeouts and split that callers apply.
+    pub policies: OutboundPolicies,
 }
 
 #[derive(Debug, Default)]
@@ -52,6 +55,18 @@ pub struct Snapshot {
     /// Policies and other resources of the state, for lookups such as
     /// [`Snapshot::health_check`].
     resources: Vec<Resource>,
+    /// Rate limits of this sidecar's own service (inbound side).
+    pub inbound: InboundPolicies,
+    /// Stateful policy objects by identity, reused by the next build.
+    policy_state: PolicyState,
+}
+
+/// Who is building a snapshot: this sidecar's own service, whose inbound
+/// policies (rate limits) it enforces.
+#[derive(Debug, Clone, Copy)]
+pub struct Own<'a> {
+    pub namespace: &'a str,
+    pub service: &'a str,
 }
 
 pub type SharedSnapshot = Arc<ArcSwap<Snapshot>>;
@@ -63,9 +78,13 @@ impl Snapshot {
         state: &MeshState,
         source: String,
         previous: Option<&Snapshot>,
+        own: Own<'_>,
         limits: &Arc<Limits>,
         metrics: &Metrics,
     ) -> Snapshot {
+        let empty_state = PolicyState::default();
+        let old_state = previous.map_or(&empty_state, |p| &p.policy_state);
+        let mut policy_state = PolicyState::default();
         let old_endpoints: HashMap<_, _> = previous
             .into_iter()
             .flat_map(|s| s.services.values())
@@ -86,7 +105,16 @@ impl Snapshot {
                         ConnPool::new(spec.address, Arc::clone(limits)),
                     )),
                 })
-                .collect();
+                .collect::<Vec<Arc<Endpoint>>>();
+            let by_index: Vec<_> = endpoints.iter().map(|ep| (ep.addr, &ep.labels)).collect();
+            let policies = OutboundPolicies::build(
+                &state.resources,
+                &entry.namespace,
+                &entry.name,
+                &by_index,
+                old_state,
+                &mut policy_state,
+            );
             let unhealthy = entry
                 .endpoints
                 .iter()
@@ -99,17 +127,36 @@ impl Snapshot {
                 balancer: Balancer::new(endpoints),
                 unhealthy,
                 requests: metrics.requests(Direction::Outbound, &entry.name),
+                policies,
             });
             if target.namespace == "default" {
                 services.insert(target.name.clone(), Arc::clone(&target));
             }
             services.insert(format!("{}.{}", target.name, target.namespace), target);
         }
+        // A global rate limit is shared by the healthy instances of the
+        // own service (at least this one).
+        let healthy_instances = state
+            .services
+            .iter()
+            .find(|e| e.namespace == own.namespace && e.name == own.service)
+            .map_or(1, |e| e.endpoints.iter().filter(|ep| ep.healthy).count())
+            .max(1);
+        let inbound = InboundPolicies::build(
+            &state.resources,
+            own.namespace,
+            own.service,
+            healthy_instances,
+            old_state,
+            &mut policy_state,
+        );
         Snapshot {
             revision: state.revision,
             source,
             services,
             resources: state.resources.clone(),
+            inbound,
+            policy_state,
         }
     }
 
@@ -175,6 +222,7 @@ impl Snapshot {
                     "namespace": t.namespace,
                     "endpoints": endpoints,
                     "unhealthyEndpoints": t.unhealthy.iter().map(|a| a.to_string()).collect::<Vec<_>>(),
+                    "policies": t.policies.to_json(),
                 })
             })
             .collect();
@@ -182,6 +230,7 @@ impl Snapshot {
             "revision": self.revision,
             "source": self.source,
             "services": services,
+            "inboundPolicies": self.inbound.to_json(),
             "resources": self.resources,
         })
     }
@@ -194,6 +243,11 @@ mod tests {
     fn state(yaml: &str) -> MeshState {
         MeshState::from_resources(&meshlet_api::parse_documents("t.yaml", yaml).unwrap())
     }
+
+    const OWN: Own<'static> = Own {
+        namespace: "default",
+        service: "orders",
+    };
 
     const MESH: &str = "\
 apiVersion: meshlet.dev/v1alpha1
@@ -210,7 +264,14 @@ spec: {endpoints: [{address: '127.0.0.1:9003'}]}
     #[test]
     fn looks_up_short_and_qualified_names() {
         let limits = Arc::new(Limits::default());
-        let snap = Snapshot::build(&state(MESH), "t".into(), None, &limits, &Metrics::new());
+        let snap = Snapshot::build(
+            &state(MESH),
+            "t".into(),
+            None,
+            OWN,
+            &limits,
+            &Metrics::new(),
+        );
         assert_eq!(
             snap.service("orders").unwrap().balancer.endpoints().len(),
             2
@@ -230,12 +291,13 @@ spec: {endpoints: [{address: '127.0.0.1:9003'}]}
     fn rebuild_keeps_unchanged_endpoints() {
         let limits = Arc::new(Limits::default());
         let metrics = Metrics::new();
-        let first = Snapshot::build(&state(MESH), "t".into(), None, &limits, &metrics);
+        let first = Snapshot::build(&state(MESH), "t".into(), None, OWN, &limits, &metrics);
         let changed = MESH.replace("127.0.0.1:9002", "127.0.0.1:9009");
         let second = Snapshot::build(
             &state(&changed),
             "t".into(),
             Some(&first),
+            OWN,
             &limits,
             &metrics,
         );

@@ -1,0 +1,377 @@
+//! The policy index: which policies apply to a request, found with a cheap
+//! lookup by method and path.
+//!
+//! Data flow: `Snapshot::build` calls [`OutboundPolicies::build`] for each
+//! service (breakers, retries, timeouts, traffic split: enforced by
+//! callers) and [`InboundPolicies::build`] for the sidecar's own service
+//! (rate limits: enforced by the target). Each kind's list is sorted from
+//! most to least specific (`RouteMatch::specificity`), so a lookup returns
+//! the first match. Stateful parts (limiters, breakers, budgets) come from
+//! a [`PolicyState`] of the previous snapshot when the policy's identity
+//! (kind/namespace/name) and spec are unchanged, so swapping snapshots
+//! keeps token buckets, breaker states and budgets; a changed spec starts
+//! fresh.
+//!
+//! [`Outcome`] is how one try ended, shared by breakers and retries.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::{Method, StatusCode};
+use meshlet_api::policy::{FailureKind, RouteMatch, TimeoutSpec};
+use meshlet_api::{Resource, ResourceKey};
+use serde_json::json;
+
+use crate::breaker::BreakerSet;
+use crate::ratelimit::RateLimiter;
+use crate::retry::RetryPolicy;
+
+/// How one try to an endpoint ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Status(StatusCode),
+    ConnectFailure,
+    Reset,
+    Timeout,
+}
+
+impl Outcome {
+    fn is(self, kind: FailureKind) -> bool {
+        match (kind, self) {
+            (FailureKind::ServerError, Outcome::Status(s)) => s.is_server_error(),
+            (FailureKind::GatewayError, Outcome::Status(s)) => matches!(s.as_u16(), 502..=504),
+            (FailureKind::ConnectFailure, Outcome::ConnectFailure) => true,
+            (FailureKind::Reset, Outcome::Reset) => true,
+            (FailureKind::Timeout, Outcome::Timeout) => true,
+            _ => false,
+        }
+    }
+
+    /// Whether this outcome is any of `kinds`.
+    pub fn is_any(self, kinds: &[FailureKind]) -> bool {
+        kinds.iter().any(|&k| self.is(k))
+    }
+}
+
+/// Something with a route match, kept in specificity order.
+pub trait Routed {
+    fn route(&self) -> &RouteMatch;
+}
+
+/// The most specific entry of `list` that matches.
+pub fn lookup<'a, T: Routed>(list: &'a [Arc<T>], method: &Method, path: &str) -> Option<&'a T> {
+    list.iter()
+        .map(|entry| &**entry)
+        .find(|entry| entry.route().matches(method.as_str(), path))
+}
+
+fn sort_by_specificity<T: Routed>(list: &mut [Arc<T>]) {
+    list.sort_by(|a, b| b.route().specificity().cmp(&a.route().specificity()));
+}
+
+impl Routed for RateLimiter {
+    fn route(&self) -> &RouteMatch {
+        &self.route
+    }
+}
+
+impl Routed for BreakerSet {
+    fn route(&self) -> &RouteMatch {
+        &self.route
+    }
+}
+
+impl Routed for RetryPolicy {
+    fn route(&self) -> &RouteMatch {
+        &self.route
+    }
+}
+
+/// A `TimeoutPolicy`, resolved.
+#[derive(Debug)]
+pub struct Timeouts {
+    pub name: String,
+    pub route: RouteMatch,
+    pub request: Option<Duration>,
+    pub idle: Option<Duration>,
+}
+
+impl Timeouts {
+    fn new(name: String, spec: &TimeoutSpec) -> Self {
+        Timeouts {
+            name,
+            route: spec.route.clone().unwrap_or_default(),
+            request: spec.request.map(|d| d.get()),
+            idle: spec.idle.map(|d| d.get()),
+        }
+    }
+}
+
+impl Routed for Timeouts {
+    fn route(&self) -> &RouteMatch {
+        &self.route
+    }
+}
+
+/// A `TrafficSplit` resolved against the balancer's endpoints: subsets
+/// with at least one healthy endpoint, as sorted endpoint indices.
+#[derive(Debug)]
+pub struct SplitPlan {
+    pub name: String,
+    subsets: Vec<Subset>,
+    total_weight: u64,
+}
+
+#[derive(Debug)]
+struct Subset {
+    labels: BTreeMap<String, String>,
+    weight: u64,
+    endpoints: Vec<usize>,
+}
+
+impl SplitPlan {
+    fn new(
+        name: String,
+        splits: &[meshlet_api::policy::Split],
+        endpoints: &[&BTreeMap<String, String>],
+    ) -> Self {
+        let subsets: Vec<Subset> = splits
+            .iter()
+            .map(|split| Subset {
+                labels: split.labels.clone(),
+                weight: u64::from(split.weight),
+                endpoints: endpoints
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, labels)| {
+                        split.labels.iter().all(|(k, v)| labels.get(k) == Some(v))
+                    })
+                    .map(|(i, _)| i)
+                    .collect(),
+            })
+            .collect();
+        // Subsets without a healthy endpoint get nothing; the others share
+        // the traffic in proportion to their weights.
+        let total_weight = subsets
+            .iter()
+            .filter(|s| !s.endpoints.is_empty())
+            .map(|s| s.weight)
+            .sum();
+        SplitPlan {
+            name,
+            subsets,
+            total_weight,
+        }
+    }
+
+    /// Chooses a subset by weight; `None` when no subset has an endpoint
+    /// (then the whole service is used).
+    pub fn choose(&self) -> Option<&[usize]> {
+        if self.total_weight == 0 {
+            return None;
+        }
+        let mut ticket = fastrand::u64(..self.total_weight);
+        for subset in self.subsets.iter().filter(|s| !s.endpoints.is_empty()) {
+            if ticket < subset.weight {
+                return Some(&subset.endpoints);
+            }
+            ticket -= subset.weight;
+        }
+        None
+    }
+
+    fn to_json(&self) -> serde_json::Value {
+        json!({
+            "name": self.name,
+            "subsets": self.subsets.iter().map(|s| json!({
+                "labels": s.labels,
+                "weight": s.weight,
+                "healthyEndpoints": s.endpoints.len(),
+                "share": if s.endpoints.is_empty() || self.total_weight == 0 { 0.0 } else { s.weight as f64 / self.total_weight as f64 },
+            })).collect::<Vec<_>>(),
+        })
+    }
+}
+
+/// The policies callers enforce for one target service.
+#[derive(Debug, Default)]
+pub struct OutboundPolicies {
+    pub breakers: Vec<Arc<BreakerSet>>,
+    pub retries: Vec<Arc<RetryPolicy>>,
+    pub timeouts: Vec<Arc<Timeouts>>,
+    pub split: Option<SplitPlan>,
+}
+
+/// The policies that apply to one request (borrowed from its target).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RoutePolicies<'a> {
+    pub breaker: Option<&'a BreakerSet>,
+    pub retry: Option<&'a RetryPolicy>,
+    pub timeouts: Option<&'a Timeouts>,
+    pub split: Option<&'a SplitPlan>,
+}
+
+impl OutboundPolicies {
+    /// Policies targeting `(namespace, service)` among `resources`, for the
+    /// endpoints `endpoints` (balancer order).
+    pub fn build(
+        resources: &[Resource],
+        namespace: &str,
+        service: &str,
+        endpoints: &[(SocketAddr, &BTreeMap<String, String>)],
+        previous: &PolicyState,
+        state: &mut PolicyState,
+    ) -> Self {
+        let mut policies = OutboundPolicies::default();
+        let addrs: Vec<SocketAddr> = endpoints.iter().map(|(a, _)| *a).collect();
+        for resource in resources
+            .iter()
+            .filter(|r| r.target() == Some((namespace, service)))
+        {
+            let key = resource.key();
+            let name = resource.metadata().name.clone();
+            match resource {
+                Resource::CircuitBreakerPolicy(doc) => {
+                    let set = Arc::new(BreakerSet::new(
+                        name,
+                        doc.spec.clone(),
+                        &addrs,
+                        previous.breakers.get(&key).map(|b| &**b),
+                    ));
+                    state.breakers.insert(key, Arc::clone(&set));
+                    policies.breakers.push(set);
+                }
+                Resource::RetryPolicy(doc) => {
+                    let retry = match previous.retries.get(&key) {
+                        Some(old) if old.spec == doc.spec => Arc::clone(old),
+                        _ => Arc::new(RetryPolicy::new(name, doc.spec.clone())),
+                    };
+                    state.retries.insert(key, Arc::clone(&retry));
+                    policies.retries.push(retry);
+                }
+                Resource::TimeoutPolicy(doc) => {
+                    policies
+                        .timeouts
+                        .push(Arc::new(Timeouts::new(name, &doc.spec)));
+                }
+                Resource::TrafficSplit(doc) => {
+                    // One split per service; with several, the first by key.
+                    let labels: Vec<_> = endpoints.iter().map(|(_, l)| *l).collect();
+                    if policies.split.as_ref().is_none_or(|s| name < s.name) {
+                        policies.split = Some(SplitPlan::new(name, &doc.spec.splits, &labels));
+                    }
+                }
+                _ => {}
+            }
+        }
+        sort_by_specificity(&mut policies.breakers);
+        sort_by_specificity(&mut policies.retries);
+        sort_by_specificity(&mut policies.timeouts);
+        policies
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.breakers.is_empty()
+            && self.retries.is_empty()
+            && self.timeouts.is_empty()
+            && self.split.is_none()
+    }
+
+    /// The policies for one request.
+    pub fn for_request(&self, method: &Method, path: &str) -> RoutePolicies<'_> {
+        if self.is_empty() {
+            return RoutePolicies::default();
+        }
+        RoutePolicies {
+            breaker: lookup(&self.breakers, method, path),
+            retry: lookup(&self.retries, method, path),
+            timeouts: lookup(&self.timeouts, method, path),
+            split: self.split.as_ref(),
+        }
+    }
+
+    pub fn to_json(&self) -> serde_json::Value {
+        let now = std::time::Instant::now();
+        json!({
+            "circuitBreakers": self.breakers.iter().map(|b| b.to_json()).collect::<Vec<_>>(),
+            "retries": self.retries.iter().map(|r| {
+                let (requests, retries) = r.budget.totals(now);
+                json!({"name": r.name, "spec": r.spec,
+                       "budget": {"windowSeconds": crate::retry::BUDGET_WINDOW.as_secs(),
+                                  "requests": requests, "retries": retries}})
+            }).collect::<Vec<_>>(),
+            "timeouts": self.timeouts.iter().map(|t| json!({
+                "name": t.name, "match": t.route,
+                "request": t.request.map(|d| humantime::format_duration(d).to_string()),
+                "idle": t.idle.map(|d| humantime::format_duration(d).to_string()),
+            })).collect::<Vec<_>>(),
+            "trafficSplit": self.split.as_ref().map(SplitPlan::to_json),
+        })
+    }
+}
+
+/// The rate limits this sidecar enforces for its own service.
+#[derive(Debug, Default)]
+pub struct InboundPolicies {
+    pub rate_limits: Vec<Arc<RateLimiter>>,
+}
+
+impl InboundPolicies {
+    /// Rate limits targeting the own service `(namespace, service)`, with
+    /// `healthy_instances` sharing a global limit.
+    pub fn build(
+        resources: &[Resource],
+        namespace: &str,
+        service: &str,
+        healthy_instances: usize,
+        previous: &PolicyState,
+        state: &mut PolicyState,
+    ) -> Self {
+        let mut rate_limits = Vec::new();
+        for resource in resources
+            .iter()
+            .filter(|r| r.target() == Some((namespace, service)))
+        {
+            if let Resource::RateLimitPolicy(doc) = resource {
+                let key = resource.key();
+                let limiter = match previous.limiters.get(&key) {
+                    Some(old) if old.spec == doc.spec => {
+                        old.set_instances(healthy_instances);
+                        Arc::clone(old)
+                    }
+                    _ => Arc::new(RateLimiter::new(
+                        resource.metadata().name.clone(),
+                        doc.spec.clone(),
+                        healthy_instances,
+                    )),
+                };
+                state.limiters.insert(key, Arc::clone(&limiter));
+                rate_limits.push(limiter);
+            }
+        }
+        sort_by_specificity(&mut rate_limits);
+        InboundPolicies { rate_limits }
+    }
+
+    pub fn rate_limit(&self, method: &Method, path: &str) -> Option<&RateLimiter> {
+        if self.rate_limits.is_empty() {
+            return None;
+        }
+        lookup(&self.rate_limits, method, path)
+    }
+
+    pub fn to_json(&self) -> serde_json::Value {
+        json!({"rateLimits": self.rate_limits.iter().map(|l| l.to_json()).collect::<Vec<_>>()})
+    }
+}
+
+/// Stateful policy objects of one snapshot by policy identity, handed to
+/// the next build for reuse.
+#[derive(Debug, Default)]
+pub struct PolicyState {
+    limiters: HashMap<ResourceKey, Arc<RateLimiter>>,
+    breakers: HashMap<ResourceKey, Arc<BreakerSet>>,
+    retries: HashMap<ResourceKey, Arc<RetryPolicy>>,
+}
