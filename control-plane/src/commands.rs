@@ -1,5 +1,6 @@
-//! meshctl's commands that talk to the control plane: `get`, `describe`,
-//! `apply` and `broadcast`. Each fetches through [`ControlPlane`], formats
+//! meshctl's commands that talk to the control plane: `get services`,
+//! `get endpoints`, `describe service`, `apply` and `broadcast` (the
+//! resource commands are in [`crate::pipeline`]). Each fetches through [`ControlPlane`], formats
 //! with [`crate::output`] and returns whether it fully succeeded; failures
 //! that stop a command are [`CommandError`]s, printed by `main` as one line.
 
@@ -102,11 +103,28 @@ async fn service_detail(
     })
 }
 
-/// `meshctl get services`.
-pub async fn get_services(cp: &ControlPlane, format: Format) -> Result<bool, CommandError> {
+/// `meshctl get services [-n NS]`.
+pub async fn get_services(
+    cp: &ControlPlane,
+    namespace: Option<&str>,
+    format: Format,
+) -> Result<bool, CommandError> {
     let services: Vec<ServiceSummary> = cp.get(paths::SERVICES).await?;
+    let services = services
+        .into_iter()
+        .filter(|s| match namespace {
+            Some(ns) => s.namespace == ns,
+            None => true,
+        })
+        .collect();
+    print_services(services, format);
+    Ok(true)
+}
+
+/// The services table (or JSON/YAML).
+pub fn print_services(services: Vec<ServiceSummary>, format: Format) {
     if print_structured(format, &services) {
-        return Ok(true);
+        return;
     }
     let rows: Vec<Vec<String>> = services
         .iter()
@@ -123,7 +141,6 @@ pub async fn get_services(cp: &ControlPlane, format: Format) -> Result<bool, Com
         &["NAMESPACE", "NAME", "INSTANCES", "HEALTHY"],
         &rows,
     ));
-    Ok(true)
 }
 
 /// All endpoints of a service: registered instances, then static ones.
@@ -225,9 +242,14 @@ pub fn describe_text(detail: &ServiceDetail, now_ms: u64) -> String {
         out.push_str(" <none>\n");
     } else {
         out.push('\n');
-        for policy in &detail.policies {
-            out.push_str(&format!("  {}\n", policy.key()));
-        }
+        let rows: Vec<Vec<String>> = detail
+            .policies
+            .iter()
+            .map(|p| vec![format!("  {}", p.key()), crate::pipeline::summary(p)])
+            .collect();
+        // The table's header line is dropped: the section title names it.
+        let text = table(&["", ""], &rows);
+        out.push_str(text.split_once('\n').map_or("", |(_, rest)| rest));
     }
     out
 }
@@ -263,7 +285,7 @@ pub fn actor() -> String {
 
 /// `meshctl apply -f FILE|DIR|-`.
 pub async fn apply(cp: &ControlPlane, path: &Path) -> Result<bool, CommandError> {
-    let files = read_files(path)?
+    let files: Vec<ApplyFile> = read_files(path)?
         .into_iter()
         .map(|f| ApplyFile {
             name: f.name,
@@ -277,6 +299,13 @@ pub async fn apply(cp: &ControlPlane, path: &Path) -> Result<bool, CommandError>
     let reply: ApplyReply = cp.post(paths::APPLY, &request).await?;
     for outcome in &reply.outcomes {
         emit(&format!("{} {}\n", outcome.key, outcome.action));
+    }
+    // Policies may name services that register later; say so, but the
+    // apply stands. A failure to list services only skips the warnings.
+    if let Ok(services) = cp.get::<Vec<ServiceSummary>>(paths::SERVICES).await {
+        for warning in crate::pipeline::target_warnings(&request.files, &services) {
+            eprintln!("{warning}");
+        }
     }
     Ok(true)
 }
@@ -470,7 +499,7 @@ mod tests {
              INSTANCE   ADDRESS          HEALTH      LAST HEARTBEAT   AGE    LABELS\n\
              orders-1   127.0.0.1:8081   unhealthy   1s ago           1m0s   version=v1\n\
              \n\
-             Policies:\n  healthcheckpolicy/hc\n"
+             Policies:\n  healthcheckpolicy/hc   GET /health every 5s, timeout 1s\n"
         );
     }
 

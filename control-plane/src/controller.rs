@@ -317,6 +317,9 @@ impl Controller {
                     (ApplyAction::Configured, Some(old)) => {
                         Some(crate::diff::line_diff(&to_yaml(old), &to_yaml(resource)))
                     }
+                    (ApplyAction::Created, _) => {
+                        Some(crate::diff::line_diff("", &to_yaml(resource)))
+                    }
                     _ => None,
                 };
                 DiffOutcome { key, action, diff }

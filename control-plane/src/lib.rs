@@ -17,8 +17,11 @@
 //! - [`error`]: error types.
 //!
 //! meshctl (binary `meshctl`): [`validate`] (offline checks), [`client`]
-//! (a small HTTP client on hyper), [`commands`] (get, describe, apply,
-//! broadcast) and [`output`] (tables, JSON, YAML).
+//! (a small HTTP client on hyper), [`commands`] (get services/endpoints,
+//! describe service, apply, broadcast), [`pipeline`] (get/describe of
+//! resource kinds, delete, diff, history, rollback) and [`output`]
+//! (tables, JSON, YAML). [`wire`] holds the API types of delete, diff,
+//! rollback and resource details; [`diff`] the line diff.
 
 pub mod api;
 pub mod client;
@@ -27,6 +30,7 @@ pub mod controller;
 pub mod diff;
 pub mod error;
 pub mod output;
+pub mod pipeline;
 pub mod push;
 pub mod registry;
 pub mod server;

@@ -71,7 +71,8 @@ pub struct DeleteReply {
 }
 
 /// What an apply would do to one resource; for `configured`, a line diff
-/// of the YAML (`-` current, `+` applied, two spaces for context).
+/// of the YAML (`-` current, `+` applied, two spaces for context), for
+/// `created` the whole YAML as added lines.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct DiffOutcome {

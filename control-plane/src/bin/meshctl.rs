@@ -9,6 +9,7 @@ use clap::{Parser, Subcommand};
 use meshlet_control_plane::client::ControlPlane;
 use meshlet_control_plane::commands::{self, emit, Broadcast, CommandError, ServiceRef};
 use meshlet_control_plane::output::Format;
+use meshlet_control_plane::pipeline::{self, KindArg};
 use meshlet_control_plane::validate::validate_path;
 
 #[derive(Debug, Parser)]
@@ -34,15 +35,32 @@ enum Command {
         #[arg(short = 'f', long = "filename")]
         file: PathBuf,
     },
-    /// List services or a service's endpoints.
+    /// List services, a service's endpoints, or applied resources of a kind.
+    ///
+    /// KIND: services (svc), endpoints (ep), healthcheckpolicies (hcp),
+    /// ratelimitpolicies (rlp), circuitbreakerpolicies (cbp), retrypolicies
+    /// (rp), timeoutpolicies (tp), trafficsplits (ts); any case, singular or
+    /// plural.
     Get {
-        #[command(subcommand)]
-        what: Get,
+        kind: String,
+        /// `name` or `name.namespace` (required for endpoints).
+        name: Option<String>,
+        /// Only this namespace (default: all when no NAME is given).
+        #[arg(short = 'n', long)]
+        namespace: Option<String>,
+        #[arg(short = 'o', long = "output", value_enum, default_value = "table")]
+        output: Format,
     },
-    /// Show a service in detail: instances, health, heartbeats, policies.
+    /// Show a service (instances, health, policies) or a resource (its
+    /// YAML and the revision that last changed it).
     Describe {
-        #[command(subcommand)]
-        what: Describe,
+        kind: String,
+        /// `name` or `name.namespace`.
+        name: String,
+        #[arg(short = 'n', long)]
+        namespace: Option<String>,
+        #[arg(short = 'o', long = "output", value_enum, default_value = "table")]
+        output: Format,
     },
     /// Apply resource files (YAML) to the control plane, all or nothing.
     Apply {
@@ -50,6 +68,41 @@ enum Command {
         #[arg(short = 'f', long = "filename")]
         file: PathBuf,
     },
+    /// Delete resources (those of files, or KIND NAME...) in one revision;
+    /// nothing is deleted if any does not exist.
+    Delete {
+        /// A file, a directory of *.yaml files, or - for stdin.
+        #[arg(short = 'f', long = "filename", conflicts_with_all = ["kind", "names"])]
+        file: Option<PathBuf>,
+        kind: Option<String>,
+        /// `name` or `name.namespace`.
+        names: Vec<String>,
+        #[arg(short = 'n', long)]
+        namespace: Option<String>,
+        /// Skip resources that do not exist instead of failing.
+        #[arg(long)]
+        ignore_not_found: bool,
+    },
+    /// Show what an apply would change; exit 0 if nothing, 1 if something,
+    /// 2 on error.
+    Diff {
+        /// A file, a directory of *.yaml files, or - for stdin.
+        #[arg(short = 'f', long = "filename")]
+        file: PathBuf,
+    },
+    /// Revisions, newest first: when, who, what changed.
+    History {
+        #[arg(long, default_value_t = 20)]
+        limit: usize,
+        /// Leave out the registry's revisions (registrations, health, expiry).
+        #[arg(long)]
+        resources_only: bool,
+        #[arg(short = 'o', long = "output", value_enum, default_value = "table")]
+        output: Format,
+    },
+    /// Make the applied resources what they were right after REVISION, as
+    /// a new revision (registered instances are not touched).
+    Rollback { revision: u64 },
     /// Send one request to every healthy instance (through its sidecar).
     Broadcast {
         /// The request path.
@@ -66,39 +119,6 @@ enum Command {
         /// Per-instance request timeout.
         #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
         timeout: Duration,
-    },
-}
-
-#[derive(Debug, Subcommand)]
-enum Get {
-    /// All services with their instance counts.
-    #[command(alias = "service", alias = "svc")]
-    Services {
-        #[arg(short = 'o', long = "output", value_enum, default_value = "table")]
-        output: Format,
-    },
-    /// The endpoints of one service.
-    #[command(alias = "endpoint", alias = "ep")]
-    Endpoints {
-        /// `name` or `name.namespace`.
-        service: String,
-        #[arg(short = 'n', long)]
-        namespace: Option<String>,
-        #[arg(short = 'o', long = "output", value_enum, default_value = "table")]
-        output: Format,
-    },
-}
-
-#[derive(Debug, Subcommand)]
-enum Describe {
-    #[command(alias = "services", alias = "svc")]
-    Service {
-        /// `name` or `name.namespace`.
-        name: String,
-        #[arg(short = 'n', long)]
-        namespace: Option<String>,
-        #[arg(short = 'o', long = "output", value_enum, default_value = "table")]
-        output: Format,
     },
 }
 
@@ -125,29 +145,79 @@ async fn online(server: &str, command: Command) -> Result<bool, CommandError> {
     let cp = ControlPlane::new(server)?;
     match command {
         Command::Validate { .. } => Ok(true),
-        Command::Get { what } => match what {
-            Get::Services { output } => commands::get_services(&cp, output).await,
-            Get::Endpoints {
-                service,
-                namespace,
-                output,
-            } => {
-                let service = ServiceRef::parse(&service, namespace.as_deref());
+        Command::Get {
+            kind,
+            name,
+            namespace,
+            output,
+        } => match pipeline::resolve_kind(&kind)? {
+            KindArg::Services => {
+                pipeline::get_services(&cp, name.as_deref(), namespace.as_deref(), output).await
+            }
+            KindArg::Endpoints => {
+                let name = name.ok_or_else(|| {
+                    CommandError::Usage("get endpoints needs a service name".into())
+                })?;
+                let service = ServiceRef::parse(&name, namespace.as_deref());
                 commands::get_endpoints(&cp, &service, output).await
+            }
+            KindArg::Resource(kind) => {
+                pipeline::get_resources(&cp, kind, name.as_deref(), namespace.as_deref(), output)
+                    .await
             }
         },
         Command::Describe {
-            what:
-                Describe::Service {
-                    name,
-                    namespace,
-                    output,
-                },
-        } => {
-            let service = ServiceRef::parse(&name, namespace.as_deref());
-            commands::describe_service(&cp, &service, output).await
-        }
+            kind,
+            name,
+            namespace,
+            output,
+        } => match pipeline::resolve_kind(&kind)? {
+            KindArg::Services => {
+                let service = ServiceRef::parse(&name, namespace.as_deref());
+                commands::describe_service(&cp, &service, output).await
+            }
+            KindArg::Endpoints => Err(CommandError::Usage(
+                "describe endpoints: use describe service NAME".into(),
+            )),
+            KindArg::Resource(kind) => {
+                pipeline::describe_resource(&cp, kind, &name, namespace.as_deref(), output).await
+            }
+        },
         Command::Apply { file } => commands::apply(&cp, &file).await,
+        Command::Delete {
+            file,
+            kind,
+            names,
+            namespace,
+            ignore_not_found,
+        } => match (file, kind) {
+            (Some(file), _) => pipeline::delete_files(&cp, &file, ignore_not_found).await,
+            (None, Some(kind)) if !names.is_empty() => match pipeline::resolve_kind(&kind)? {
+                KindArg::Resource(kind) => {
+                    pipeline::delete_names(
+                        &cp,
+                        kind,
+                        &names,
+                        namespace.as_deref(),
+                        ignore_not_found,
+                    )
+                    .await
+                }
+                _ => Err(CommandError::Usage(
+                    "services and endpoints come from registration; delete a Service resource with delete -f".into(),
+                )),
+            },
+            _ => Err(CommandError::Usage(
+                "delete needs -f FILE or KIND NAME...".into(),
+            )),
+        },
+        Command::Diff { file } => pipeline::diff(&cp, &file).await,
+        Command::History {
+            limit,
+            resources_only,
+            output,
+        } => pipeline::history(&cp, limit, resources_only, output).await,
+        Command::Rollback { revision } => pipeline::rollback(&cp, revision).await,
         Command::Broadcast {
             path,
             data,
@@ -182,6 +252,18 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    // diff follows kubectl: 0 nothing would change, 1 something would,
+    // 2 the diff itself failed.
+    if matches!(args.command, Command::Diff { .. }) {
+        return match runtime.block_on(online(&args.server, args.command)) {
+            Ok(false) => ExitCode::SUCCESS,
+            Ok(true) => ExitCode::from(1),
+            Err(err) => {
+                eprintln!("meshctl: error: {err}");
+                ExitCode::from(2)
+            }
+        };
+    }
     match runtime.block_on(online(&args.server, args.command)) {
         Ok(true) => ExitCode::SUCCESS,
         Ok(false) => ExitCode::FAILURE,

@@ -1,0 +1,592 @@
+//! meshctl's commands for applied resources: `get KIND [NAME]`,
+//! `describe KIND NAME`, `delete`, `diff`, `history` and `rollback`, plus
+//! the warnings `apply` prints for policies whose target service is not
+//! registered yet.
+//!
+//! Data flow: kinds typed on the command line are resolved by
+//! [`resolve_kind`] (any case, singular, plural or a short name); resource
+//! lists come from `GET /api/v1/resources/info` (each resource with the
+//! revision that last changed it) and are filtered here; changes go to
+//! the control plane's `delete`, `diff` and `rollback` routes, which do the
+//! validation and planning; this module only formats.
+
+use std::collections::BTreeSet;
+use std::path::Path;
+use std::time::{Duration, UNIX_EPOCH};
+
+use meshlet_api::mesh::{
+    paths, ApplyAction, ApplyFile, ApplyRequest, RevisionRecord, ServiceSummary,
+};
+use meshlet_api::{Resource, ResourceKey};
+
+use crate::client::ControlPlane;
+use crate::commands::{actor, emit, CommandError};
+use crate::controller::{now_ms, to_yaml};
+use crate::output::{age, labels, structured, table, Format};
+use crate::store::ChangeStamp;
+use crate::validate::read_files;
+use crate::wire::{
+    self, DeleteAction, DeleteReply, DeleteRequest, DiffReply, ResourceInfo, RollbackReply,
+    RollbackRequest,
+};
+
+/// What a kind argument names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KindArg {
+    /// The registry's view of services (`get services` keeps its table).
+    Services,
+    /// The endpoints of one service.
+    Endpoints,
+    /// An applied resource kind (its canonical name, e.g. `RateLimitPolicy`).
+    Resource(&'static str),
+}
+
+/// Canonical kind, plural, short name.
+const KINDS: &[(&str, &str, &str)] = &[
+    ("HealthCheckPolicy", "healthcheckpolicies", "hcp"),
+    ("RateLimitPolicy", "ratelimitpolicies", "rlp"),
+    ("CircuitBreakerPolicy", "circuitbreakerpolicies", "cbp"),
+    ("RetryPolicy", "retrypolicies", "rp"),
+    ("TimeoutPolicy", "timeoutpolicies", "tp"),
+    ("TrafficSplit", "trafficsplits", "ts"),
+];
+
+/// Resolves `ratelimitpolicy`, `RateLimitPolicies`, `rlp`, ... (any case).
+pub fn resolve_kind(arg: &str) -> Result<KindArg, CommandError> {
+    let lower = arg.to_ascii_lowercase();
+    match lower.as_str() {
+        "service" | "services" | "svc" => return Ok(KindArg::Services),
+        "endpoint" | "endpoints" | "ep" => return Ok(KindArg::Endpoints),
+        _ => {}
+    }
+    KINDS
+        .iter()
+        .find(|(kind, plural, short)| {
+            kind.eq_ignore_ascii_case(&lower) || *plural == lower || *short == lower
+        })
+        .map(|(kind, _, _)| KindArg::Resource(kind))
+        .ok_or_else(|| {
+            CommandError::Usage(format!(
+                "unknown kind {arg:?}: use services, endpoints, healthcheckpolicies (hcp), \
+                 ratelimitpolicies (rlp), circuitbreakerpolicies (cbp), retrypolicies (rp), \
+                 timeoutpolicies (tp) or trafficsplits (ts)"
+            ))
+        })
+}
+
+/// A name argument: `name`, or `name.namespace`; `-n` otherwise, then
+/// `default`.
+fn name_and_namespace(arg: &str, namespace: Option<&str>) -> (String, String) {
+    match arg.split_once('.') {
+        Some((name, ns)) => (name.to_owned(), ns.to_owned()),
+        None => (arg.to_owned(), namespace.unwrap_or("default").to_owned()),
+    }
+}
+
+/// `orders`, or `orders.shop` outside `default`.
+fn service_display(namespace: &str, name: &str) -> String {
+    if namespace == "default" {
+        name.to_owned()
+    } else {
+        format!("{name}.{namespace}")
+    }
+}
+
+/// The TARGET column: the service a policy targets.
+pub fn target(resource: &Resource) -> String {
+    match resource.target() {
+        Some((ns, name)) => service_display(ns, name),
+        None => "-".to_owned(),
+    }
+}
+
+fn number(n: f64) -> String {
+    if n.fract() == 0.0 && n.abs() < 1e15 {
+        format!("{}", n as i64)
+    } else {
+        format!("{n}")
+    }
+}
+
+fn route(route: Option<&meshlet_api::RouteMatch>) -> String {
+    let Some(route) = route else {
+        return String::new();
+    };
+    let mut parts = Vec::new();
+    if let Some(prefix) = &route.path_prefix {
+        parts.push(format!("{prefix}*"));
+    }
+    if !route.methods.is_empty() {
+        parts.push(route.methods.join(","));
+    }
+    if parts.is_empty() {
+        String::new()
+    } else {
+        format!(" [{}]", parts.join(" "))
+    }
+}
+
+/// The header of the kind-specific summary column.
+pub fn summary_header(kind: &str) -> &'static str {
+    match kind {
+        "HealthCheckPolicy" => "CHECK",
+        "RateLimitPolicy" => "LIMIT",
+        "CircuitBreakerPolicy" => "BREAKER",
+        "RetryPolicy" => "RETRY",
+        "TimeoutPolicy" => "TIMEOUTS",
+        "TrafficSplit" => "SPLIT",
+        _ => "SUMMARY",
+    }
+}
+
+/// One line saying what a resource does: `10/s burst 20`,
+/// `90% version=v1, 10% version=v2`, ...
+pub fn summary(resource: &Resource) -> String {
+    match resource {
+        Resource::Service(doc) => format!("{} static endpoints", doc.spec.endpoints.len()),
+        Resource::HealthCheckPolicy(doc) => format!(
+            "GET {} every {}, timeout {}",
+            doc.spec.path, doc.spec.interval, doc.spec.timeout
+        ),
+        Resource::RateLimitPolicy(doc) => {
+            let spec = &doc.spec;
+            let limit = match (&spec.token_bucket, &spec.sliding_window) {
+                (Some(bucket), _) => format!(
+                    "{}/s burst {}",
+                    number(bucket.refill_per_second),
+                    bucket.capacity
+                ),
+                (None, Some(window)) => format!("{} per {}", window.requests, window.window),
+                (None, None) => "-".to_owned(),
+            };
+            let key = serde_json::to_value(&spec.key)
+                .ok()
+                .and_then(|v| v.as_str().map(str::to_owned))
+                .unwrap_or_default();
+            let scope = serde_json::to_value(spec.scope)
+                .ok()
+                .and_then(|v| v.as_str().map(str::to_owned))
+                .unwrap_or_default();
+            format!("{limit} per {key}, {scope}{}", route(spec.route.as_ref()))
+        }
+        Resource::CircuitBreakerPolicy(doc) => format!(
+            "{} failures, open {}, max {} concurrent{}",
+            doc.spec.consecutive_failures,
+            doc.spec.open_duration,
+            doc.spec.max_concurrent_requests,
+            route(doc.spec.route.as_ref())
+        ),
+        Resource::RetryPolicy(doc) => {
+            let per_try = doc
+                .spec
+                .per_try_timeout
+                .map(|d| format!(", {d} per try"))
+                .unwrap_or_default();
+            format!(
+                "{} attempts{per_try}{}",
+                doc.spec.attempts,
+                route(doc.spec.route.as_ref())
+            )
+        }
+        Resource::TimeoutPolicy(doc) => {
+            let mut parts = Vec::new();
+            if let Some(d) = doc.spec.request {
+                parts.push(format!("request {d}"));
+            }
+            if let Some(d) = doc.spec.idle {
+                parts.push(format!("idle {d}"));
+            }
+            format!("{}{}", parts.join(", "), route(doc.spec.route.as_ref()))
+        }
+        Resource::TrafficSplit(doc) => {
+            let total: u64 = doc.spec.splits.iter().map(|s| u64::from(s.weight)).sum();
+            doc.spec
+                .splits
+                .iter()
+                .map(|s| {
+                    let percent = (u64::from(s.weight) * 100 + total / 2)
+                        .checked_div(total)
+                        .unwrap_or(0);
+                    format!("{percent}% {}", labels(&s.labels))
+                })
+                .collect::<Vec<_>>()
+                .join(", ")
+        }
+    }
+}
+
+/// `3m ago (2026-01-02 10:04:05 UTC)`.
+pub fn when(at_ms: u64, now_ms: u64) -> String {
+    let at = UNIX_EPOCH + Duration::from_millis(at_ms);
+    let utc = humantime::format_rfc3339_seconds(at)
+        .to_string()
+        .replace('T', " ")
+        .replace('Z', " UTC");
+    format!(
+        "{} ago ({utc})",
+        age(Duration::from_millis(now_ms.saturating_sub(at_ms)))
+    )
+}
+
+/// Resources as users write them: YAML documents separated by `---`
+/// (re-appliable), or JSON (an object for one, an array otherwise).
+fn print_resources(format: Format, resources: &[&Resource], single: bool) -> bool {
+    match format {
+        Format::Table => false,
+        Format::Yaml => {
+            let docs: Vec<String> = resources.iter().map(|r| to_yaml(r)).collect();
+            emit(&docs.join("---\n"));
+            true
+        }
+        Format::Json => {
+            let text = if single && resources.len() == 1 {
+                structured(Format::Json, resources[0])
+            } else {
+                structured(Format::Json, &resources)
+            };
+            emit(&text.unwrap_or_default());
+            true
+        }
+    }
+}
+
+async fn resource_infos(cp: &ControlPlane) -> Result<Vec<ResourceInfo>, CommandError> {
+    Ok(cp.get(wire::paths::RESOURCE_INFO).await?)
+}
+
+fn not_found(kind: &str, name: &str, namespace: &str) -> CommandError {
+    let key = ResourceKey {
+        kind: kind.to_owned(),
+        namespace: namespace.to_owned(),
+        name: name.to_owned(),
+    };
+    CommandError::Usage(format!("{key} not found"))
+}
+
+/// `meshctl get KIND [NAME]` for applied resource kinds. Without `-n` and
+/// a name, every namespace is listed.
+pub async fn get_resources(
+    cp: &ControlPlane,
+    kind: &str,
+    name: Option<&str>,
+    namespace: Option<&str>,
+    format: Format,
+) -> Result<bool, CommandError> {
+    let infos = resource_infos(cp).await?;
+    let wanted = name.map(|n| name_and_namespace(n, namespace));
+    let selected: Vec<&ResourceInfo> = infos
+        .iter()
+        .filter(|i| i.resource.kind() == kind)
+        .filter(|i| {
+            let meta = i.resource.metadata();
+            match (&wanted, namespace) {
+                (Some((name, ns)), _) => &meta.name == name && &meta.namespace == ns,
+                (None, Some(ns)) => meta.namespace == ns,
+                (None, None) => true,
+            }
+        })
+        .collect();
+    if let Some((name, ns)) = &wanted {
+        if selected.is_empty() {
+            return Err(not_found(kind, name, ns));
+        }
+    }
+    let resources: Vec<&Resource> = selected.iter().map(|i| &i.resource).collect();
+    if print_resources(format, &resources, wanted.is_some()) {
+        return Ok(true);
+    }
+    let now = now_ms();
+    let rows: Vec<Vec<String>> = selected
+        .iter()
+        .map(|i| {
+            let meta = i.resource.metadata();
+            let (revision, changed) = match &i.last_change {
+                Some(c) => (
+                    c.revision.to_string(),
+                    age(Duration::from_millis(now.saturating_sub(c.at_ms))),
+                ),
+                None => ("-".to_owned(), "-".to_owned()),
+            };
+            vec![
+                meta.name.clone(),
+                meta.namespace.clone(),
+                target(&i.resource),
+                summary(&i.resource),
+                revision,
+                changed,
+            ]
+        })
+        .collect();
+    emit(&table(
+        &[
+            "NAME",
+            "NAMESPACE",
+            "TARGET",
+            summary_header(kind),
+            "REVISION",
+            "CHANGED",
+        ],
+        &rows,
+    ));
+    Ok(true)
+}
+
+/// `meshctl get services [NAME]`: the registry's view, optionally one.
+pub async fn get_services(
+    cp: &ControlPlane,
+    name: Option<&str>,
+    namespace: Option<&str>,
+    format: Format,
+) -> Result<bool, CommandError> {
+    let Some(name) = name else {
+        return crate::commands::get_services(cp, namespace, format).await;
+    };
+    let (name, ns) = name_and_namespace(name, namespace);
+    let services: Vec<ServiceSummary> = cp.get(paths::SERVICES).await?;
+    if !services.iter().any(|s| s.name == name && s.namespace == ns) {
+        return Err(CommandError::ServiceNotFound(service_display(&ns, &name)));
+    }
+    crate::commands::print_services(
+        services
+            .into_iter()
+            .filter(|s| s.name == name && s.namespace == ns)
+            .collect(),
+        format,
+    );
+    Ok(true)
+}
+
+/// The text of `meshctl describe KIND NAME`.
+pub fn describe_resource_text(info: &ResourceInfo, now_ms: u64) -> String {
+    let r = &info.resource;
+    let meta = r.metadata();
+    let changed = match &info.last_change {
+        Some(ChangeStamp {
+            revision,
+            at_ms,
+            actor,
+        }) => format!("revision {revision}, {} by {actor}", when(*at_ms, now_ms)),
+        None => "<not recorded>".to_owned(),
+    };
+    format!(
+        "Kind:          {}\nName:          {}\nNamespace:     {}\nTarget:        {}\nSummary:       {}\nLast changed:  {changed}\n\n{}",
+        r.kind(),
+        meta.name,
+        meta.namespace,
+        target(r),
+        summary(r),
+        to_yaml(r)
+    )
+}
+
+/// `meshctl describe KIND NAME` for applied resource kinds.
+pub async fn describe_resource(
+    cp: &ControlPlane,
+    kind: &str,
+    name: &str,
+    namespace: Option<&str>,
+    format: Format,
+) -> Result<bool, CommandError> {
+    let (name, ns) = name_and_namespace(name, namespace);
+    let infos = resource_infos(cp).await?;
+    let info = infos
+        .iter()
+        .find(|i| {
+            let meta = i.resource.metadata();
+            i.resource.kind() == kind && meta.name == name && meta.namespace == ns
+        })
+        .ok_or_else(|| not_found(kind, &name, &ns))?;
+    if !print_resources(format, &[&info.resource], true) {
+        emit(&describe_resource_text(info, now_ms()));
+    }
+    Ok(true)
+}
+
+fn apply_files(path: &Path) -> Result<Vec<ApplyFile>, CommandError> {
+    Ok(read_files(path)?
+        .into_iter()
+        .map(|f| ApplyFile {
+            name: f.name,
+            text: f.text,
+        })
+        .collect())
+}
+
+fn print_deleted(reply: &DeleteReply) {
+    for outcome in &reply.outcomes {
+        if outcome.action == DeleteAction::Deleted {
+            emit(&format!("{} deleted\n", outcome.key));
+        }
+    }
+}
+
+/// `meshctl delete -f FILE|DIR|-`: the resources the files define, in one
+/// revision; nothing if any is missing (unless `ignore_not_found`).
+pub async fn delete_files(
+    cp: &ControlPlane,
+    path: &Path,
+    ignore_not_found: bool,
+) -> Result<bool, CommandError> {
+    let request = DeleteRequest {
+        files: apply_files(path)?,
+        keys: Vec::new(),
+        actor: Some(actor()),
+        ignore_not_found,
+    };
+    let reply: DeleteReply = cp.post(wire::paths::DELETE, &request).await?;
+    print_deleted(&reply);
+    Ok(true)
+}
+
+/// `meshctl delete KIND NAME...`.
+pub async fn delete_names(
+    cp: &ControlPlane,
+    kind: &str,
+    names: &[String],
+    namespace: Option<&str>,
+    ignore_not_found: bool,
+) -> Result<bool, CommandError> {
+    let keys = names
+        .iter()
+        .map(|n| {
+            let (name, namespace) = name_and_namespace(n, namespace);
+            ResourceKey {
+                kind: kind.to_owned(),
+                namespace,
+                name,
+            }
+        })
+        .collect();
+    let request = DeleteRequest {
+        files: Vec::new(),
+        keys,
+        actor: Some(actor()),
+        ignore_not_found,
+    };
+    let reply: DeleteReply = cp.post(wire::paths::DELETE, &request).await?;
+    print_deleted(&reply);
+    Ok(true)
+}
+
+/// The text of `meshctl diff`: per resource `key action`, and the diff
+/// lines (indented) of created and configured ones.
+pub fn diff_text(reply: &DiffReply) -> String {
+    let mut out = String::new();
+    for outcome in &reply.outcomes {
+        out.push_str(&format!("{} {}\n", outcome.key, outcome.action));
+        if let Some(diff) = &outcome.diff {
+            for line in diff.lines() {
+                out.push_str("    ");
+                out.push_str(line);
+                out.push('\n');
+            }
+        }
+    }
+    out
+}
+
+/// `meshctl diff -f`: `Ok(true)` when an apply would change something.
+pub async fn diff(cp: &ControlPlane, path: &Path) -> Result<bool, CommandError> {
+    let request = ApplyRequest {
+        files: apply_files(path)?,
+        actor: None,
+    };
+    let reply: DiffReply = cp.post(wire::paths::DIFF, &request).await?;
+    emit(&diff_text(&reply));
+    Ok(reply
+        .outcomes
+        .iter()
+        .any(|o| o.action != ApplyAction::Unchanged))
+}
+
+/// The `meshctl history` table: one row per change line.
+pub fn history_table(records: &[RevisionRecord], now_ms: u64) -> String {
+    let mut rows = Vec::new();
+    for record in records {
+        let mut lines = record.changes.iter();
+        let first = lines.next().cloned().unwrap_or_default();
+        rows.push(vec![
+            record.revision.to_string(),
+            when(record.at_ms, now_ms),
+            record.actor.clone(),
+            first,
+        ]);
+        for line in lines {
+            rows.push(vec![
+                String::new(),
+                String::new(),
+                String::new(),
+                line.clone(),
+            ]);
+        }
+    }
+    table(&["REVISION", "WHEN", "WHO", "WHAT CHANGED"], &rows)
+}
+
+/// `meshctl history`.
+pub async fn history(
+    cp: &ControlPlane,
+    limit: usize,
+    resources_only: bool,
+    format: Format,
+) -> Result<bool, CommandError> {
+    let path = format!(
+        "{}?limit={limit}&resourcesOnly={resources_only}",
+        paths::REVISIONS
+    );
+    let records: Vec<RevisionRecord> = cp.get(&path).await?;
+    if let Some(text) = structured(format, &records) {
+        emit(&text);
+    } else {
+        emit(&history_table(&records, now_ms()));
+    }
+    Ok(true)
+}
+
+/// `meshctl rollback REVISION`.
+pub async fn rollback(cp: &ControlPlane, revision: u64) -> Result<bool, CommandError> {
+    let request = RollbackRequest {
+        revision,
+        actor: Some(actor()),
+    };
+    let reply: RollbackReply = cp.post(wire::paths::ROLLBACK, &request).await?;
+    if !reply.rolled_back {
+        emit("nothing to roll back\n");
+        return Ok(true);
+    }
+    let mut out = format!(
+        "rolled back to revision {revision} as revision {}\n",
+        reply.revision
+    );
+    for line in &reply.changes {
+        out.push_str(&format!("  {line}\n"));
+    }
+    emit(&out);
+    Ok(true)
+}
+
+/// Warnings for applied policies whose target service is not known to the
+/// control plane yet (accepted: services may register later).
+pub fn target_warnings(files: &[ApplyFile], services: &[ServiceSummary]) -> Vec<String> {
+    let known: BTreeSet<(&str, &str)> = services
+        .iter()
+        .map(|s| (s.namespace.as_str(), s.name.as_str()))
+        .collect();
+    let mut missing = BTreeSet::new();
+    for file in files {
+        let Ok(resources) = meshlet_api::parse_documents(&file.name, &file.text) else {
+            continue;
+        };
+        for resource in &resources {
+            if let Some((ns, name)) = resource.target() {
+                if !known.contains(&(ns, name)) {
+                    missing.insert(service_display(ns, name));
+                }
+            }
+        }
+    }
+    missing
+        .into_iter()
+        .map(|s| format!("warning: no service {s} is registered yet"))
+        .collect()
+}
