@@ -66,14 +66,28 @@ pub fn line_diff(old: &str, new: &str) -> String {
     if ops.iter().all(|op| matches!(op, Op::Keep(_))) {
         return String::new();
     }
-    // Distance of every op to the nearest change, to fold far context.
-    let changed: Vec<usize> = ops
-        .iter()
-        .enumerate()
-        .filter(|(_, op)| !matches!(op, Op::Keep(_)))
-        .map(|(i, _)| i)
-        .collect();
-    let near = |i: usize| changed.iter().any(|&c| c.abs_diff(i) <= CONTEXT);
+    // Distance of every op to the nearest change (two linear passes), to
+    // fold far context.
+    let mut distance = vec![usize::MAX; ops.len()];
+    let mut last = None;
+    for (i, op) in ops.iter().enumerate() {
+        if !matches!(op, Op::Keep(_)) {
+            last = Some(i);
+        }
+        if let Some(c) = last {
+            distance[i] = i - c;
+        }
+    }
+    last = None;
+    for (i, op) in ops.iter().enumerate().rev() {
+        if !matches!(op, Op::Keep(_)) {
+            last = Some(i);
+        }
+        if let Some(c) = last {
+            distance[i] = distance[i].min(c - i);
+        }
+    }
+    let near = |i: usize| distance[i] <= CONTEXT;
     let mut out = String::new();
     let mut folded = false;
     for (i, op) in ops.iter().enumerate() {
@@ -132,7 +146,7 @@ mod tests {
         let new = old.replace("l2\n", "").replace("l12\n", "l12\nl13\n");
         assert_eq!(
             line_diff(&old, &new),
-            "  l1\n- l2\n  l3\n  l4\n  l5\n  ...\n  l9\n  l10\n  l11\n  l12\n+ l13\n"
+            "  l1\n- l2\n  l3\n  l4\n  l5\n  ...\n  l10\n  l11\n  l12\n+ l13\n"
         );
         assert_eq!(line_diff("", "a\n"), "+ a\n");
         assert_eq!(line_diff("a\n", ""), "- a\n");

@@ -593,6 +593,83 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn delete_is_all_or_nothing() {
+        let mut r = Registry::default();
+        run(&mut r, |r| {
+            r.plan_apply(vec![policy("a", "1s"), policy("b", "1s")], "me", 1)
+                .1
+        });
+        let a = policy("a", "1s").key();
+        let nope = policy("nope", "1s").key();
+        let missing = r
+            .plan_delete(vec![a.clone(), nope.clone()], false, "me", 2)
+            .unwrap_err();
+        assert_eq!(missing, [nope.clone()]);
+        let (outcomes, plan) = r.plan_delete(vec![a.clone(), nope], true, "me", 2).unwrap();
+        let actions: Vec<_> = outcomes.iter().map(|o| o.action).collect();
+        assert_eq!(actions, [DeleteAction::Deleted, DeleteAction::NotFound]);
+        let plan = run(&mut r, |_| plan).unwrap();
+        assert_eq!(plan.commit.record.changes, ["deleted healthcheckpolicy/a"]);
+        assert_eq!(plan.commit.delete_resources, [a.clone()]);
+        assert_eq!(plan.commit.resource_changes[0].after, None);
+        assert!(plan.changes.resources.contains(&a));
+        assert_eq!(r.resources().len(), 1);
+        assert!(!r.last_changes().contains_key(&a));
+        let (_, plan) = r.plan_delete(vec![a], true, "me", 3).unwrap();
+        assert!(plan.is_none(), "nothing deleted, no revision");
+    }
+
+    #[test]
+    fn rollback_recreates_configures_and_deletes() {
+        let mut r = Registry::default();
+        let mut log = Vec::new();
+        let mut step = |r: &mut Registry, plan: Option<Plan>| {
+            let plan = run(r, |_| plan).unwrap();
+            log.push((plan.commit.revision, plan.commit.resource_changes.clone()));
+        };
+        let p = r
+            .plan_apply(vec![policy("a", "1s"), policy("b", "1s")], "me", 1)
+            .1;
+        step(&mut r, p); // 1: a, b
+        let p = r
+            .plan_apply(vec![policy("a", "2s"), policy("c", "1s")], "me", 2)
+            .1;
+        step(&mut r, p); // 2: a configured, c created
+        let b = policy("b", "1s").key();
+        let p = r.plan_delete(vec![b], false, "me", 3).unwrap().1;
+        step(&mut r, p); // 3: b deleted
+        let after_1: Vec<_> = log[1..].to_vec();
+        let target = rewind(r.resources(), &after_1);
+        let plan = r.plan_rollback(target, "rollback to 1 by me", 4).unwrap();
+        assert_eq!(
+            plan.commit.record.changes,
+            [
+                "configured healthcheckpolicy/a",
+                "re-created healthcheckpolicy/b",
+                "deleted healthcheckpolicy/c"
+            ]
+        );
+        assert_eq!(plan.commit.record.actor, "rollback to 1 by me");
+        run(&mut r, |_| Some(plan));
+        let now: Vec<_> = r.resources().values().cloned().collect();
+        assert_eq!(now, [policy("a", "1s"), policy("b", "1s")]);
+        assert_eq!(r.last_changes()[&policy("a", "1s").key()].revision, 4);
+        // Already equal: nothing to roll back.
+        assert!(r.plan_rollback(r.resources().clone(), "x", 5).is_none());
+    }
+
+    #[test]
+    fn diff_classification() {
+        let a = policy("a", "1s");
+        assert_eq!(classify(None, &a), ApplyAction::Created);
+        assert_eq!(classify(Some(&a), &a), ApplyAction::Unchanged);
+        assert_eq!(
+            classify(Some(&policy("a", "2s")), &a),
+            ApplyAction::Configured
+        );
+    }
+
+    #[test]
     fn static_services_merge_with_registrations() {
         let mut r = Registry::default();
         run(&mut r, |r| {

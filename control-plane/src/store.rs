@@ -647,6 +647,155 @@ mod tests {
         assert_eq!(loaded.revision, 1);
     }
 
+    fn change(before: Option<Resource>, after: Option<Resource>) -> ResourceChange {
+        let key = before.as_ref().or(after.as_ref()).unwrap().key();
+        ResourceChange { key, before, after }
+    }
+
+    fn policy_with(name: &str, interval: &str) -> Resource {
+        crate::registry::tests::policy(name, interval)
+    }
+
+    /// Revision 1 creates p (1s), 2 registers an instance, 3 configures p
+    /// (2s) and creates q.
+    fn commit_rollback_history(store: &dyn Store) {
+        let p1 = policy_with("p", "1s");
+        store
+            .commit(&Commit {
+                revision: 1,
+                put_resources: vec![p1.clone()],
+                resource_changes: vec![change(None, Some(p1.clone()))],
+                record: record(1),
+                ..Default::default()
+            })
+            .unwrap();
+        store
+            .commit(&Commit {
+                revision: 2,
+                put_instances: vec![instance("a", 1)],
+                record: record(2),
+                ..Default::default()
+            })
+            .unwrap();
+        let p2 = policy_with("p", "2s");
+        let q = policy_with("q", "1s");
+        store
+            .commit(&Commit {
+                revision: 3,
+                put_resources: vec![p2.clone(), q.clone()],
+                resource_changes: vec![change(Some(p1), Some(p2)), change(None, Some(q))],
+                record: record(3),
+                ..Default::default()
+            })
+            .unwrap();
+    }
+
+    fn check_rollback_data(store: &dyn Store) {
+        let Rewind::Changes(changes) = store.rewind(1).unwrap() else {
+            panic!("revision 1 is retained");
+        };
+        assert_eq!(changes.len(), 1, "only revision 3 changed resources");
+        assert_eq!(changes[0].0, 3);
+        let loaded = store.load().unwrap();
+        let current = loaded
+            .resources
+            .iter()
+            .map(|r| (r.key(), r.clone()))
+            .collect();
+        let at_1 = crate::registry::rewind(&current, &changes);
+        assert_eq!(
+            at_1.into_values().collect::<Vec<_>>(),
+            vec![policy_with("p", "1s")]
+        );
+        assert_eq!(store.rewind(3).unwrap(), Rewind::Changes(vec![]));
+        assert_eq!(
+            store.rewind(7).unwrap(),
+            Rewind::NotRetained { oldest: Some(1) }
+        );
+        let stamp = &loaded.last_changes[&policy_with("q", "1s").key()];
+        assert_eq!((stamp.revision, stamp.at_ms), (3, 30));
+        assert_eq!(loaded.last_changes.len(), 2);
+    }
+
+    #[test]
+    fn memory_store_keeps_rollback_data() {
+        let store = MemoryStore::new();
+        commit_rollback_history(&store);
+        check_rollback_data(&store);
+    }
+
+    #[test]
+    fn redb_rollback_data_survives_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        commit_rollback_history(&RedbStore::open(dir.path()).unwrap());
+        check_rollback_data(&RedbStore::open(dir.path()).unwrap());
+    }
+
+    #[test]
+    fn failed_commit_records_no_rollback_data() {
+        let store = MemoryStore::new();
+        commit_rollback_history(&store);
+        store.fail_commits(true);
+        let p3 = policy_with("p", "3s");
+        let failed = store.commit(&Commit {
+            revision: 4,
+            put_resources: vec![p3.clone()],
+            resource_changes: vec![change(Some(policy_with("p", "2s")), Some(p3))],
+            record: record(4),
+            ..Default::default()
+        });
+        assert!(failed.is_err());
+        store.fail_commits(false);
+        check_rollback_data(&store);
+    }
+
+    #[test]
+    fn rollback_data_is_trimmed_with_history() {
+        let store = MemoryStore::new();
+        for r in 1..=HISTORY_LIMIT + 2 {
+            let p = policy_with("p", &format!("{r}ms"));
+            store
+                .commit(&Commit {
+                    revision: r,
+                    put_resources: vec![p.clone()],
+                    resource_changes: vec![change(None, Some(p))],
+                    record: record(r),
+                    ..Default::default()
+                })
+                .unwrap();
+        }
+        assert_eq!(
+            store.rewind(2).unwrap(),
+            Rewind::NotRetained { oldest: Some(3) }
+        );
+        let Rewind::Changes(changes) = store.rewind(3).unwrap() else {
+            panic!("the oldest record is retained");
+        };
+        assert_eq!(changes.len() as u64, HISTORY_LIMIT - 1);
+    }
+
+    #[test]
+    fn store_from_before_change_records_cannot_roll_back_further() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = RedbStore::open(dir.path()).unwrap();
+        commit_rollback_history(&store);
+        // Simulate an old store: forget the marker, as a store created
+        // before the change table would have none; reopening sets it to
+        // the current revision.
+        {
+            let txn = store.db.begin_write().unwrap();
+            txn.open_table(META).unwrap().remove(CHANGES_SINCE).unwrap();
+            txn.commit().unwrap();
+        }
+        drop(store);
+        let store = RedbStore::open(dir.path()).unwrap();
+        assert_eq!(
+            store.rewind(1).unwrap(),
+            Rewind::NotRetained { oldest: Some(3) }
+        );
+        assert_eq!(store.rewind(3).unwrap(), Rewind::Changes(vec![]));
+    }
+
     #[test]
     fn history_is_trimmed() {
         let store = MemoryStore::new();
