@@ -604,13 +604,13 @@ pub(crate) mod tests {
         let missing = r
             .plan_delete(vec![a.clone(), nope.clone()], false, "me", 2)
             .unwrap_err();
-        assert_eq!(missing, [nope.clone()]);
+        assert_eq!(missing, std::slice::from_ref(&nope));
         let (outcomes, plan) = r.plan_delete(vec![a.clone(), nope], true, "me", 2).unwrap();
         let actions: Vec<_> = outcomes.iter().map(|o| o.action).collect();
         assert_eq!(actions, [DeleteAction::Deleted, DeleteAction::NotFound]);
         let plan = run(&mut r, |_| plan).unwrap();
         assert_eq!(plan.commit.record.changes, ["deleted healthcheckpolicy/a"]);
-        assert_eq!(plan.commit.delete_resources, [a.clone()]);
+        assert_eq!(plan.commit.delete_resources, std::slice::from_ref(&a));
         assert_eq!(plan.commit.resource_changes[0].after, None);
         assert!(plan.changes.resources.contains(&a));
         assert_eq!(r.resources().len(), 1);

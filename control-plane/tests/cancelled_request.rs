@@ -9,7 +9,7 @@ use meshlet_api::mesh::RevisionRecord;
 use meshlet_control_plane::api::{router, AppState};
 use meshlet_control_plane::controller::Controller;
 use meshlet_control_plane::error::StoreError;
-use meshlet_control_plane::store::{Commit, Loaded, MemoryStore, Store};
+use meshlet_control_plane::store::{Commit, Loaded, MemoryStore, Rewind, Store};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// A store whose commits wait until the test lets them go.
@@ -38,6 +38,10 @@ impl Store for GatedStore {
 
     fn history(&self, limit: usize) -> Result<Vec<RevisionRecord>, StoreError> {
         self.inner.history(limit)
+    }
+
+    fn rewind(&self, revision: u64) -> Result<Rewind, StoreError> {
+        self.inner.rewind(revision)
     }
 }
 
