@@ -45,14 +45,14 @@ pub mod tunnel;
 
 use std::future::Future;
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
 use meshlet_api::mesh::MeshState;
 use meshlet_api::Resource;
 use tokio::net::TcpListener;
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 
 use crate::balance::{Balancer, Endpoint};
 use crate::error::StartupError;
@@ -128,6 +128,8 @@ pub struct InitialConfig {
     /// With a control plane: whether `state` is a persisted one (the
     /// sidecar can route before the control plane answers).
     pub persisted: bool,
+    /// Standalone: the `--config` file, re-read on each reload request.
+    pub config_file: Option<PathBuf>,
 }
 
 impl InitialConfig {
@@ -138,11 +140,13 @@ impl InitialConfig {
                 state: MeshState::from_resources(&load_config(path)?),
                 source: path.display().to_string(),
                 persisted: false,
+                config_file: Some(path.to_owned()),
             },
             None => InitialConfig {
                 state: MeshState::default(),
                 source: "none (no --config: every destination passes through)".to_owned(),
                 persisted: false,
+                config_file: None,
             },
         })
     }
@@ -157,12 +161,14 @@ impl InitialConfig {
                     state,
                     source: format!("persisted snapshot {}", snapshot_file.display()),
                     persisted: true,
+                    config_file: None,
                 }
             }
             Ok(None) => InitialConfig {
                 state: MeshState::default(),
                 source: "none yet (waiting for the control plane)".to_owned(),
                 persisted: false,
+                config_file: None,
             },
             Err(error) => {
                 tracing::warn!(%error, "ignoring the persisted snapshot");
@@ -170,18 +176,21 @@ impl InitialConfig {
                     state: MeshState::default(),
                     source: "none yet (waiting for the control plane)".to_owned(),
                     persisted: false,
+                    config_file: None,
                 }
             }
         }
     }
 }
 
-/// Runs the sidecar until `shutdown` completes, then drains.
+/// Runs the sidecar until `shutdown` completes, then drains. Each message
+/// on `reloads` (SIGHUP in `main.rs`) re-reads a standalone `--config`.
 pub async fn run(
     settings: Settings,
     initial: InitialConfig,
     listeners: Listeners,
     shutdown: impl Future<Output = ()>,
+    reloads: mpsc::UnboundedReceiver<()>,
 ) -> Drained {
     let settings = Arc::new(settings);
     let limits = Arc::new(settings.limits.clone());
@@ -222,6 +231,14 @@ pub async fn run(
         metrics.clone(),
     ));
     let (stop_tx, stop_rx) = watch::channel(false);
+    spawn_config_reloader(
+        initial.config_file.clone(),
+        reloads,
+        Arc::clone(&settings),
+        Arc::clone(&snapshot),
+        Arc::clone(&limits),
+        metrics.clone(),
+    );
     spawn_idle_sweep(
         &app,
         &snapshot,
@@ -312,6 +329,59 @@ pub async fn run(
             Drained::DeadlineReached
         }
     }
+}
+
+/// Re-reads the standalone config file on each reload request: a valid
+/// file replaces the snapshot (policies whose spec did not change keep
+/// their state, endpoints their connections); an invalid one is logged and
+/// the running configuration stays. With a control plane (no file) a
+/// reload request is only logged.
+fn spawn_config_reloader(
+    config_file: Option<PathBuf>,
+    mut reloads: mpsc::UnboundedReceiver<()>,
+    settings: Arc<Settings>,
+    snapshot: snapshot::SharedSnapshot,
+    limits: Arc<Limits>,
+    metrics: Metrics,
+) {
+    tokio::spawn(async move {
+        while reloads.recv().await.is_some() {
+            let Some(path) = &config_file else {
+                tracing::info!("reload requested, but there is no --config file (the control plane pushes configuration); ignored");
+                continue;
+            };
+            let read = {
+                let path = path.clone();
+                tokio::task::spawn_blocking(move || load_config(&path)).await
+            };
+            match read {
+                Ok(Ok(resources)) => {
+                    let state = MeshState::from_resources(&resources);
+                    let previous = snapshot.load_full();
+                    let next = Snapshot::build(
+                        &state,
+                        path.display().to_string(),
+                        Some(&previous),
+                        Own {
+                            namespace: &settings.namespace,
+                            service: &settings.service,
+                        },
+                        &limits,
+                        &metrics,
+                    );
+                    snapshot.store(Arc::new(next));
+                    metrics.set_config_revision(state.revision);
+                    tracing::info!(file = %path.display(), resources = resources.len(), "configuration reloaded");
+                }
+                Ok(Err(error)) => {
+                    tracing::error!(file = %path.display(), %error, "configuration reload failed; keeping the running configuration");
+                }
+                Err(error) => {
+                    tracing::error!(%error, "configuration reload failed; keeping the running configuration");
+                }
+            }
+        }
+    });
 }
 
 /// Closes idle upstream connections of every pool (app, services,

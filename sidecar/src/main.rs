@@ -1,5 +1,5 @@
 //! The `sidecar` binary: parse flags, load config, bind, run until
-//! SIGTERM/SIGINT, drain, exit. Everything else lives in the library.
+//! SIGTERM/SIGINT (SIGHUP reloads a `--config` file), drain, exit. Everything else lives in the library.
 
 use std::io::IsTerminal;
 use std::process::ExitCode;
@@ -48,8 +48,37 @@ async fn start(args: Args) -> Result<(), StartupError> {
         None => InitialConfig::standalone(args.config.as_deref())?,
     };
     let listeners = Listeners::bind(&settings).await?;
-    run(settings, initial, listeners, shutdown_signal()).await;
+    run(
+        settings,
+        initial,
+        listeners,
+        shutdown_signal(),
+        reload_signal(),
+    )
+    .await;
     Ok(())
+}
+
+/// One message per SIGHUP: reload the `--config` file.
+fn reload_signal() -> tokio::sync::mpsc::UnboundedReceiver<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    match signal(SignalKind::hangup()) {
+        Ok(mut hangup) => {
+            tokio::spawn(async move {
+                while hangup.recv().await.is_some() {
+                    tracing::info!("SIGHUP received: reloading the configuration");
+                    if tx.send(()).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+        Err(error) => {
+            tracing::warn!(%error, "cannot listen for SIGHUP; configuration reload disabled")
+        }
+    }
+    rx
 }
 
 /// One thread by default, like Linkerd's proxy: a sidecar shares its pod's

@@ -111,6 +111,12 @@ impl SidecarProcess {
         proc_status_kb(pid, "VmHWM:") * 1024
     }
 
+    /// The `--config` file given with [`SidecarBuilder::config`] (rewrite
+    /// it and send SIGHUP to reload).
+    pub fn config_path(&self) -> PathBuf {
+        self._dir.path.join("mesh.yaml")
+    }
+
     /// The process's log so far (stderr), for assertion messages.
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()

@@ -12,6 +12,7 @@
 //! | `/slow?ms=N` | answers after N ms |
 //! | `/stall` | headers and `partial`, then nothing, ever |
 //! | `/status?code=N` | that status |
+//! | `/flaky?percent=N` | 500 for a random N % of requests, else 200 |
 //! | `/ws` | WebSocket echo |
 //! | `/health` | 200, or 503 after [`Upstream::set_healthy`]`(false)`; not counted as a request |
 //!
@@ -328,6 +329,15 @@ async fn route(name: String, mut request: Request<Incoming>) -> Result<Response<
             Response::builder()
                 .status(code)
                 .body(full(format!("status {code}")))
+        }
+        "/flaky" => {
+            let fail = fastrand::u64(..100) < query_number(&request, "percent");
+            let (status, text) = if fail {
+                (StatusCode::INTERNAL_SERVER_ERROR, "flaky: failed")
+            } else {
+                (StatusCode::OK, "flaky: ok")
+            };
+            Response::builder().status(status).body(full(text))
         }
         "/ws" => websocket_echo(&mut request),
         _ => Response::builder().status(404).body(full("no such route")),

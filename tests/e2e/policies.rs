@@ -1,0 +1,616 @@
+//! Policies enforced by real sidecars (issue 4): rate limits (token bucket,
+//! sliding window, global share), circuit breakers, retries with a budget,
+//! timeouts, traffic split, a policy pushed by the control plane while a
+//! long request keeps going, and SIGHUP reload of a standalone config.
+//!
+//! Waiting is on conditions with deadlines. The only timed assertions are
+//! the ones the acceptance list asks for (breaker refusal latency, timeout
+//! window, push-to-effect time), with generous bounds.
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::Request;
+use http_body_util::Full;
+use meshlet_e2e::client::{self, Reply};
+use meshlet_e2e::{meshctl, wait, ControlPlaneProcess, SidecarProcess, TempDir, Upstream};
+
+fn doc(kind: &str, name: &str, spec: &str) -> String {
+    let spec: String = spec.lines().map(|l| format!("  {l}\n")).collect();
+    format!("---\napiVersion: meshlet.dev/v1alpha1\nkind: {kind}\nmetadata: {{name: {name}}}\nspec:\n{spec}")
+}
+
+fn service(name: &str, endpoints: &[(SocketAddr, &str)]) -> String {
+    let list: String = endpoints
+        .iter()
+        .map(|(addr, version)| {
+            format!("  - {{address: '{addr}', labels: {{version: {version}}}}}\n")
+        })
+        .collect();
+    doc("Service", name, &format!("endpoints:\n{list}"))
+}
+
+async fn get(addr: SocketAddr, uri: &str) -> Reply {
+    let request = Request::get(uri)
+        .body(Full::new(Bytes::new()))
+        .expect("valid request");
+    client::send(addr, request).await.expect("an answer")
+}
+
+/// A request through `sidecar`'s outbound listener to a mesh service.
+async fn call(sidecar: &SidecarProcess, uri: &str) -> Reply {
+    get(sidecar.outbound, uri).await
+}
+
+/// A request to `sidecar`'s inbound listener (as another service would).
+async fn inbound(sidecar: &SidecarProcess, path: &str) -> Reply {
+    let request = Request::get(path)
+        .header("host", "orders")
+        .body(Full::new(Bytes::new()))
+        .expect("valid request");
+    client::send(sidecar.inbound, request)
+        .await
+        .expect("an answer")
+}
+
+fn median(mut v: Vec<Duration>) -> Duration {
+    v.sort();
+    v[v.len() / 2]
+}
+
+// ---------------------------------------------------------------- rate limits
+
+#[tokio::test]
+async fn token_bucket_allows_its_capacity_plus_refill_then_429s_with_headers() {
+    let app = Upstream::start("orders").await;
+    let config = doc(
+        "RateLimitPolicy",
+        "orders-limit",
+        "targetRef: {service: orders}\ntokenBucket: {capacity: 10, refillPerSecond: 10}\nscope: local",
+    );
+    let sidecar = SidecarProcess::builder("orders", app.port())
+        .config(&config)
+        .start()
+        .await;
+
+    let started = Instant::now();
+    let mut replies = Vec::new();
+    for _ in 0..100 {
+        replies.push(inbound(&sidecar, "/").await);
+    }
+    let elapsed = started.elapsed();
+    let ok = replies.iter().filter(|r| r.status == 200).count();
+    println!("100 requests in {elapsed:?}: {ok} accepted");
+    assert!(
+        elapsed < Duration::from_millis(1500),
+        "the burst was meant to take ~1 s or less, took {elapsed:?}"
+    );
+    assert!((10..=21).contains(&ok), "{ok} accepted");
+    assert_eq!(app.requests(), ok, "refused requests never reach the app");
+
+    let refused = replies.iter().find(|r| r.status == 429).expect("a 429");
+    assert_eq!(refused.header("x-meshlet-reason"), Some("rate_limited"));
+    assert_eq!(refused.header("retry-after"), Some("1"));
+    assert_eq!(
+        refused.header("ratelimit-policy"),
+        Some("\"orders-limit\";q=10;w=1")
+    );
+    assert_eq!(
+        refused.header("ratelimit"),
+        Some("\"orders-limit\";r=0;t=1")
+    );
+    assert!(
+        refused.text().contains("orders-limit"),
+        "{}",
+        refused.text()
+    );
+    assert!(
+        replies.iter().all(|r| r.status == 200 || r.status == 429),
+        "only 200s and 429s"
+    );
+}
+
+#[tokio::test]
+async fn sliding_window_allows_n_then_refuses_until_the_window_slides() {
+    let app = Upstream::start("orders").await;
+    let config = doc(
+        "RateLimitPolicy",
+        "orders-window",
+        "targetRef: {service: orders}\nslidingWindow: {requests: 5, window: 2s}\nkey: header:x-user\nscope: local",
+    );
+    let sidecar = SidecarProcess::builder("orders", app.port())
+        .config(&config)
+        .start()
+        .await;
+    let as_user = |user: &'static str| {
+        let addr = sidecar.inbound;
+        async move {
+            let request = Request::get("/")
+                .header("host", "orders")
+                .header("x-user", user)
+                .body(Full::new(Bytes::new()))
+                .unwrap();
+            client::send(addr, request).await.expect("an answer")
+        }
+    };
+    for i in 0..5 {
+        assert_eq!(as_user("alice").await.status, 200, "request {i}");
+    }
+    let refused = as_user("alice").await;
+    assert_eq!(refused.status, 429);
+    assert_eq!(
+        refused.header("ratelimit-policy"),
+        Some("\"orders-window\";q=5;w=2")
+    );
+    let retry_after: u64 = refused.header("retry-after").unwrap().parse().unwrap();
+    assert!((1..=4).contains(&retry_after), "Retry-After {retry_after}");
+    // Another key has its own window.
+    assert_eq!(as_user("bob").await.status, 200);
+    // Alice gets in again once enough of her window has slid by.
+    let started = Instant::now();
+    wait::until("alice allowed again", Duration::from_secs(10), || async {
+        (as_user("alice").await.status == 200).then_some(())
+    })
+    .await;
+    println!("alice allowed again after {:?}", started.elapsed());
+    let dump = sidecar.config_dump().await;
+    let limit = &dump["snapshot"]["inboundPolicies"]["rateLimits"][0];
+    assert_eq!(limit["keys"], 2, "{limit}");
+}
+
+/// Instance expiry and fast health checks for the control-plane tests.
+const HEALTH: &str = "\
+apiVersion: meshlet.dev/v1alpha1
+kind: HealthCheckPolicy
+metadata: {name: orders-health}
+spec: {targetRef: {service: orders}, interval: 200ms, timeout: 500ms, unhealthyThreshold: 2, healthyThreshold: 1}
+";
+
+async fn control_plane(dir: &TempDir) -> ControlPlaneProcess {
+    let cp = ControlPlaneProcess::start(&dir.path.join("data"), &["--ttl", "2s"]).await;
+    apply(&cp, dir, "health.yaml", HEALTH).await;
+    cp
+}
+
+async fn apply(cp: &ControlPlaneProcess, dir: &TempDir, file: &str, yaml: &str) {
+    let path = dir.path.join(file);
+    std::fs::write(&path, yaml).unwrap();
+    let out = meshctl(Some(&cp.url()), &["apply", "-f", path.to_str().unwrap()]).await;
+    assert!(out.success(), "apply {file}: {out:?}");
+}
+
+struct Instance {
+    app: Upstream,
+    sidecar: SidecarProcess,
+}
+
+async fn instance(cp: &ControlPlaneProcess, service: &str) -> Instance {
+    let app = Upstream::start(service).await;
+    let sidecar = SidecarProcess::builder(service, app.port())
+        .control_plane(&cp.url())
+        .start()
+        .await;
+    sidecar.wait_ready(Duration::from_secs(10)).await;
+    Instance { app, sidecar }
+}
+
+#[tokio::test]
+async fn a_global_limit_is_shared_by_the_healthy_instances() {
+    let dir = TempDir::new();
+    let cp = control_plane(&dir).await;
+    let orders = [instance(&cp, "orders").await, instance(&cp, "orders").await];
+    let policy = doc(
+        "RateLimitPolicy",
+        "orders-global",
+        "targetRef: {service: orders}\ntokenBucket: {capacity: 20, refillPerSecond: 20}\nscope: global",
+    );
+    apply(&cp, &dir, "limit.yaml", &policy).await;
+    for i in &orders {
+        wait::until(
+            "both instances share the limit",
+            Duration::from_secs(10),
+            || async {
+                let dump = i.sidecar.config_dump().await;
+                let limit = &dump["snapshot"]["inboundPolicies"]["rateLimits"][0];
+                (limit["instancesSharing"] == 2 && limit["quota"] == 10).then_some(())
+            },
+        )
+        .await;
+    }
+
+    let run_for = Duration::from_secs(3);
+    let started = Instant::now();
+    let loops = orders.iter().map(|i| {
+        let addr = i.sidecar.inbound;
+        async move {
+            let (mut ok, mut refused) = (0u32, 0u32);
+            while started.elapsed() < run_for {
+                let request = Request::get("/")
+                    .header("host", "orders")
+                    .body(Full::new(Bytes::new()))
+                    .unwrap();
+                match client::send(addr, request).await.expect("an answer").status {
+                    200 => ok += 1,
+                    429 => refused += 1,
+                    other => panic!("unexpected status {other}"),
+                }
+            }
+            (ok, refused)
+        }
+    });
+    let results = futures_util::future::join_all(loops).await;
+    let elapsed = started.elapsed().as_secs_f64();
+    let accepted: u32 = results.iter().map(|r| r.0).sum();
+    let refused: u32 = results.iter().map(|r| r.1).sum();
+    // The initial burst (20 in all) plus 20/s.
+    let expected = 20.0 + 20.0 * elapsed;
+    println!(
+        "global 20/s over 2 instances for {elapsed:.2}s: accepted {accepted} (per instance {:?}), refused {refused}, expected ≈{expected:.0}",
+        results.iter().map(|r| r.0).collect::<Vec<_>>()
+    );
+    assert!(refused > 0, "traffic exceeded the limit");
+    let ratio = f64::from(accepted) / expected;
+    assert!(
+        (0.8..=1.2).contains(&ratio),
+        "accepted {accepted}, expected {expected:.0} ± 20%"
+    );
+    let app_total: usize = orders.iter().map(|i| i.app.requests()).sum();
+    assert_eq!(app_total, accepted as usize);
+}
+
+// ---------------------------------------------------------------- breaker
+
+#[tokio::test]
+async fn breaker_opens_after_5_failures_refuses_fast_then_half_opens_and_closes() {
+    let orders = Upstream::start("orders").await;
+    let config = service("orders", &[(orders.addr, "v1")])
+        + &doc(
+            "CircuitBreakerPolicy",
+            "orders-breaker",
+            "targetRef: {service: orders}\nconsecutiveFailures: 5\nopenDuration: 500ms\nhalfOpenRequests: 1",
+        );
+    let frontend = Upstream::start("frontend").await;
+    let sidecar = SidecarProcess::builder("frontend", frontend.port())
+        .config(&config)
+        .start()
+        .await;
+
+    for i in 0..5 {
+        let reply = call(&sidecar, "http://orders/status?code=500").await;
+        assert_eq!(reply.status, 500, "failure {i} passes through");
+    }
+    let seen = orders.requests();
+    assert_eq!(seen, 5);
+    let mut latencies = Vec::new();
+    for _ in 0..20 {
+        let started = Instant::now();
+        let reply = call(&sidecar, "http://orders/").await;
+        latencies.push(started.elapsed());
+        assert_eq!(reply.status, 503, "{}", reply.text());
+        assert_eq!(reply.header("x-meshlet-reason"), Some("circuit_open"));
+        assert!(
+            reply.text().contains("circuit breaker open"),
+            "{}",
+            reply.text()
+        );
+    }
+    println!(
+        "circuit_open refusals: median {:?}, max {:?}",
+        median(latencies.clone()),
+        latencies.iter().max().unwrap()
+    );
+    assert!(
+        latencies.iter().all(|l| *l < Duration::from_millis(10)),
+        "{latencies:?}"
+    );
+    assert_eq!(orders.requests(), seen, "the upstream saw none of them");
+    let dump = sidecar.config_dump().await;
+    let breakers = &dump["snapshot"]["services"][0]["policies"]["circuitBreakers"][0];
+    assert_eq!(breakers["endpoints"][0]["state"], "open", "{breakers}");
+
+    // After openDuration one trial passes; the upstream is fine now, so
+    // the breaker closes and traffic flows again.
+    wait::until("a trial request passes", Duration::from_secs(5), || async {
+        (call(&sidecar, "http://orders/").await.status == 200).then_some(())
+    })
+    .await;
+    assert_eq!(orders.requests(), seen + 1, "exactly one trial request");
+    for _ in 0..5 {
+        assert_eq!(call(&sidecar, "http://orders/").await.status, 200);
+    }
+    let dump = sidecar.config_dump().await;
+    let breakers = &dump["snapshot"]["services"][0]["policies"]["circuitBreakers"][0];
+    assert_eq!(breakers["endpoints"][0]["state"], "closed", "{breakers}");
+    let log = sidecar.log_text();
+    assert!(log.contains("circuit breaker state changed"), "{log}");
+}
+
+#[tokio::test]
+async fn max_concurrent_requests_overflow_is_503() {
+    let orders = Upstream::start("orders").await;
+    let config = service("orders", &[(orders.addr, "v1")])
+        + &doc(
+            "CircuitBreakerPolicy",
+            "orders-breaker",
+            "targetRef: {service: orders}\nmaxConcurrentRequests: 2\nmaxPendingRequests: 0",
+        );
+    let frontend = Upstream::start("frontend").await;
+    let sidecar = SidecarProcess::builder("frontend", frontend.port())
+        .config(&config)
+        .start()
+        .await;
+    let slow: Vec<_> = (0..2)
+        .map(|_| {
+            let outbound = sidecar.outbound;
+            tokio::spawn(async move { get(outbound, "http://orders/slow?ms=1500").await })
+        })
+        .collect();
+    wait::until(
+        "two slow requests upstream",
+        Duration::from_secs(5),
+        || async { (orders.requests() == 2).then_some(()) },
+    )
+    .await;
+    let reply = call(&sidecar, "http://orders/").await;
+    assert_eq!(reply.status, 503);
+    assert_eq!(reply.header("x-meshlet-reason"), Some("overflow"));
+    for task in slow {
+        assert_eq!(task.await.unwrap().status, 200);
+    }
+    assert_eq!(call(&sidecar, "http://orders/").await.status, 200);
+}
+
+// ---------------------------------------------------------------- retries
+
+#[tokio::test]
+async fn retries_raise_the_success_rate_and_the_budget_caps_extra_load() {
+    let orders = Upstream::start("orders").await;
+    let config = service("orders", &[(orders.addr, "v1")])
+        + &doc(
+            "RetryPolicy",
+            "orders-flaky",
+            "targetRef: {service: orders}\nmatch: {pathPrefix: /flaky}\nattempts: 2\nretryOn: [5xx]\nbackoff: {base: 1ms, max: 5ms}\nbudget: {percent: 100, minPerSecond: 1000}",
+        )
+        + &doc(
+            "RetryPolicy",
+            "orders-broken",
+            "targetRef: {service: orders}\nmatch: {pathPrefix: /status}\nattempts: 3\nretryOn: [5xx]\nbackoff: {base: 1ms, max: 5ms}\nbudget: {percent: 20, minPerSecond: 1}",
+        );
+    let frontend = Upstream::start("frontend").await;
+    let sidecar = SidecarProcess::builder("frontend", frontend.port())
+        .config(&config)
+        .start()
+        .await;
+
+    // 50% failing upstream, two tries: ~75% succeed.
+    let n = 400;
+    let mut ok = 0;
+    for _ in 0..n {
+        if call(&sidecar, "http://orders/flaky?percent=50")
+            .await
+            .status
+            == 200
+        {
+            ok += 1;
+        }
+    }
+    let rate = f64::from(ok) / f64::from(n);
+    let upstream = orders.requests();
+    println!(
+        "50% failing upstream, attempts 2: {ok}/{n} succeeded ({:.1}%), upstream saw {upstream} requests",
+        rate * 100.0
+    );
+    assert!((0.65..=0.85).contains(&rate), "success rate {rate}");
+
+    // 100% failing upstream: the budget allows 20% + 1/s × 10 s.
+    let before = orders.requests();
+    let n = 300;
+    for _ in 0..n {
+        assert_eq!(
+            call(&sidecar, "http://orders/status?code=500").await.status,
+            500
+        );
+    }
+    let extra = orders.requests() - before - n;
+    println!("100% failing upstream, budget 20% + 1/s: {n} requests caused {extra} retries");
+    assert!(extra >= 10, "some retries happened ({extra})");
+    assert!(extra <= n / 5 + 10, "{extra} retries for {n} requests");
+    // Not retried: a POST (not idempotent).
+    let before = orders.requests();
+    let request = Request::post("http://orders/status?code=500")
+        .body(Full::new(Bytes::from_static(b"x")))
+        .unwrap();
+    assert_eq!(
+        client::send(sidecar.outbound, request)
+            .await
+            .unwrap()
+            .status,
+        500
+    );
+    assert_eq!(orders.requests(), before + 1);
+}
+
+// ---------------------------------------------------------------- timeouts
+
+#[tokio::test]
+async fn timeout_policy_answers_504_at_its_deadline() {
+    let orders = Upstream::start("orders").await;
+    let config = service("orders", &[(orders.addr, "v1")])
+        + &doc(
+            "TimeoutPolicy",
+            "orders-timeout",
+            "targetRef: {service: orders}\nrequest: 200ms",
+        );
+    let frontend = Upstream::start("frontend").await;
+    let sidecar = SidecarProcess::builder("frontend", frontend.port())
+        .config(&config)
+        .start()
+        .await;
+    let started = Instant::now();
+    let reply = call(&sidecar, "http://orders/slow?ms=2000").await;
+    let elapsed = started.elapsed();
+    println!("504 after {elapsed:?}");
+    assert_eq!(reply.status, 504);
+    assert_eq!(reply.header("x-meshlet-reason"), Some("upstream_timeout"));
+    assert!(reply.text().contains("200ms"), "{}", reply.text());
+    assert!(
+        elapsed >= Duration::from_millis(150) && elapsed < Duration::from_secs(1),
+        "{elapsed:?}"
+    );
+}
+
+// ---------------------------------------------------------------- split
+
+#[tokio::test]
+async fn traffic_split_sends_about_10_percent_to_v2() {
+    let v1 = Upstream::start("orders-v1").await;
+    let v2 = Upstream::start("orders-v2").await;
+    let config = service("orders", &[(v1.addr, "v1"), (v2.addr, "v2")])
+        + &doc(
+            "TrafficSplit",
+            "orders-canary",
+            "targetRef: {service: orders}\nsplits:\n- {labels: {version: v1}, weight: 90}\n- {labels: {version: v2}, weight: 10}",
+        );
+    let frontend = Upstream::start("frontend").await;
+    let sidecar = SidecarProcess::builder("frontend", frontend.port())
+        .config(&config)
+        .start()
+        .await;
+    for _ in 0..1000 {
+        assert_eq!(call(&sidecar, "http://orders/").await.status, 200);
+    }
+    let share = v2.requests() as f64 / 1000.0;
+    println!("v2 got {} of 1000 ({:.1}%)", v2.requests(), share * 100.0);
+    assert_eq!(v1.requests() + v2.requests(), 1000);
+    assert!((0.07..=0.13).contains(&share), "v2 share {share}");
+}
+
+// ---------------------------------------------------------------- push
+
+#[tokio::test]
+async fn a_pushed_policy_takes_effect_within_a_second_while_a_long_request_continues() {
+    let dir = TempDir::new();
+    let cp = control_plane(&dir).await;
+    let orders = instance(&cp, "orders").await;
+    let frontend = instance(&cp, "frontend").await;
+    let expected = vec![orders.sidecar.inbound.to_string()];
+    wait::until("frontend knows orders", Duration::from_secs(10), || async {
+        (frontend.sidecar.endpoints_of("orders").await == expected).then_some(())
+    })
+    .await;
+    assert_eq!(call(&frontend.sidecar, "http://orders/").await.status, 200);
+
+    let long = {
+        let outbound = frontend.sidecar.outbound;
+        tokio::spawn(async move { get(outbound, "http://orders/slow?ms=3000").await })
+    };
+    wait::until(
+        "the long request reached orders",
+        Duration::from_secs(5),
+        || async { (orders.app.requests() == 2).then_some(()) },
+    )
+    .await;
+
+    let policy = doc(
+        "RateLimitPolicy",
+        "orders-tight",
+        "targetRef: {service: orders}\ntokenBucket: {capacity: 1, refillPerSecond: 0.01}\nscope: local",
+    );
+    apply(&cp, &dir, "tight.yaml", &policy).await;
+    let applied = Instant::now();
+    let reply = wait::until(
+        "the pushed limit refuses",
+        Duration::from_secs(5),
+        || async {
+            let reply = call(&frontend.sidecar, "http://orders/").await;
+            (reply.status == 429).then_some(reply)
+        },
+    )
+    .await;
+    let took = applied.elapsed();
+    println!("pushed rate limit in effect {took:?} after meshctl apply returned");
+    assert_eq!(reply.header("x-meshlet-reason"), Some("rate_limited"));
+    assert!(took < Duration::from_secs(1), "{took:?}");
+    assert!(!long.is_finished(), "the long request is still going");
+    let long = long.await.unwrap();
+    assert_eq!(long.status, 200);
+    assert_eq!(long.text(), "slow done");
+}
+
+// ---------------------------------------------------------------- SIGHUP
+
+#[tokio::test]
+async fn sighup_reloads_a_valid_config_and_keeps_the_old_on_error() {
+    let app = Upstream::start("orders").await;
+    let generous = doc(
+        "RateLimitPolicy",
+        "orders-limit",
+        "targetRef: {service: orders}\ntokenBucket: {capacity: 1000, refillPerSecond: 1000}\nscope: local",
+    );
+    let mut sidecar = SidecarProcess::builder("orders", app.port())
+        .config(&generous)
+        .start()
+        .await;
+    for _ in 0..5 {
+        assert_eq!(inbound(&sidecar, "/").await.status, 200);
+    }
+
+    // A valid change: a tight limit.
+    let tight = doc(
+        "RateLimitPolicy",
+        "orders-limit",
+        "targetRef: {service: orders}\ntokenBucket: {capacity: 2, refillPerSecond: 0.01}\nscope: local",
+    );
+    std::fs::write(sidecar.config_path(), &tight).unwrap();
+    sidecar.signal(nix::sys::signal::Signal::SIGHUP);
+    wait::until("the reload applied", Duration::from_secs(5), || async {
+        let dump = sidecar.config_dump().await;
+        (dump["snapshot"]["inboundPolicies"]["rateLimits"][0]["quota"] == 2).then_some(())
+    })
+    .await;
+    let statuses: Vec<u16> = futures_util::future::join_all((0..3).map(|_| inbound(&sidecar, "/")))
+        .await
+        .iter()
+        .map(|r| r.status)
+        .collect();
+    assert_eq!(
+        statuses.iter().filter(|s| **s == 429).count(),
+        1,
+        "{statuses:?}"
+    );
+
+    // An unrelated change keeps the limiter's state (still empty).
+    let with_service = tight.clone() + &service("inventory", &[(app.addr, "v1")]);
+    std::fs::write(sidecar.config_path(), &with_service).unwrap();
+    sidecar.signal(nix::sys::signal::Signal::SIGHUP);
+    wait::until(
+        "the second reload applied",
+        Duration::from_secs(5),
+        || async { (!sidecar.endpoints_of("inventory").await.is_empty()).then_some(()) },
+    )
+    .await;
+    assert_eq!(
+        inbound(&sidecar, "/").await.status,
+        429,
+        "bucket state kept"
+    );
+
+    // An invalid file: logged, old config kept, process alive.
+    std::fs::write(sidecar.config_path(), "kind: RateLimitPolicy\nspec: [oops").unwrap();
+    sidecar.signal(nix::sys::signal::Signal::SIGHUP);
+    wait::until(
+        "the reload error is logged",
+        Duration::from_secs(5),
+        || async {
+            sidecar
+                .log_text()
+                .contains("configuration reload failed")
+                .then_some(())
+        },
+    )
+    .await;
+    assert!(sidecar.is_running(), "{}", sidecar.log_text());
+    assert_eq!(inbound(&sidecar, "/").await.status, 429, "old config kept");
+    assert!(!sidecar.endpoints_of("inventory").await.is_empty());
+}
