@@ -68,7 +68,7 @@ pub fn lookup<'a, T: Routed>(list: &'a [Arc<T>], method: &Method, path: &str) ->
 }
 
 fn sort_by_specificity<T: Routed>(list: &mut [Arc<T>]) {
-    list.sort_by(|a, b| b.route().specificity().cmp(&a.route().specificity()));
+    list.sort_by_key(|entry| std::cmp::Reverse(entry.route().specificity()));
 }
 
 impl Routed for RateLimiter {
