@@ -13,8 +13,9 @@
 # frontend calls orders, orders calls inventory, each call through the
 # caller's outbound sidecar (HTTP_PROXY) to a registered instance's inbound
 # sidecar. The tour then shows meshctl, broadcast, an instance failing its
-# health check, an instance killed with SIGKILL, and a control plane
-# restart, with traffic checked at every step.
+# health check, an instance killed with SIGKILL, a control plane restart,
+# and policies (traffic split, rate limit, circuit breaker, rollback), with
+# traffic checked at every step.
 #
 # Usage: examples/demo.sh [--keep-running] [--rounds N]
 #   --keep-running  after the tour, keep sending traffic until Ctrl-C
@@ -30,7 +31,7 @@ KEEP_RUNNING=0
 READY_TIMEOUT=${DEMO_READY_TIMEOUT:-30} # seconds
 TTL=5s                                  # instance expiry (the default is 10s)
 
-usage() { sed -n '2,25p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,26p' "$0" | sed 's/^# \{0,1\}//'; }
 
 while (($#)); do
   case "$1" in
@@ -343,6 +344,61 @@ start_instance orders-v2
 wait_instance orders-v2
 wait_until "frontend's sidecar routes orders to both instances again" 10 routes_to 18020 orders 2
 traffic "$ROUNDS requests after the restart"
+
+section "Policies: applied with meshctl, enforced by every sidecar within a second"
+POLICIES=examples/policies/demo
+REV_BEFORE_POLICIES=$(curl -fsS "$MESHLET_SERVER/api/v1/revisions?limit=1" | jq '.[0].revision')
+printf '\n   %s$ meshctl diff -f %s%s   (exit 1: something would change)\n' "$BOLD" "$POLICIES" "$RESET"
+meshctl diff -f "$POLICIES" 2>&1 | sed 's/^/     /' || true
+run_shown meshctl apply -f "$POLICIES" || bad "meshctl apply failed"
+wait_until "frontend's sidecar has the traffic split" 5 \
+  bash -c "curl -fsS http://127.0.0.1:18020/config_dump | grep -q orders-canary"
+
+# count_versions N: N calls from frontend's sidecar to orders; prints "v1 count, v2 count".
+count_versions() {
+  local i v1=0 v2=0 version
+  for ((i = 0; i < $1; i++)); do
+    version=$(curl -sS --max-time 5 -x http://127.0.0.1:18001 http://orders/ | jq -r '(objects | .version) // "error"' 2>/dev/null) || version=error
+    case $version in v1) v1=$((v1 + 1)) ;; v2) v2=$((v2 + 1)) ;; esac
+  done
+  echo "$v1 $v2"
+}
+printf '\n   %sTrafficSplit orders-canary: v1 80, v2 20%s\n' "$BOLD" "$RESET"
+read -r v1 v2 < <(count_versions 100)
+info "100 calls from frontend's sidecar to orders: v1 answered $v1, v2 answered $v2"
+((v1 + v2 == 100 && v2 >= 8 && v2 <= 35)) && ok "about a fifth went to v2" || bad "split not as configured"
+
+printf '\n   %sRateLimitPolicy inventory-limit: 5 at once, 5 per second (inbound, at inventory'"'"'s sidecar)%s\n' "$BOLD" "$RESET"
+accepted=0 limited=0
+for ((i = 0; i < 20; i++)); do
+  request -x http://127.0.0.1:18101 http://inventory/work   # through orders v1's outbound sidecar
+  case $CODE in 200) accepted=$((accepted + 1)) ;; 429) limited=$((limited + 1)) ;; esac
+done
+info "20 calls at once to inventory: $accepted accepted, $limited refused with 429"
+((accepted >= 5 && accepted <= 10 && accepted + limited == 20)) && ok "the burst was cut at the bucket's capacity" || bad "rate limit not as configured"
+printf '   one refusal, as the caller sees it:\n'
+grep -iE '^(HTTP/|retry-after|ratelimit|x-meshlet-reason)' "$WORK/headers" | tr -d '\r' | sed 's/^/     /'
+info "     $(tr -d '\n' <"$WORK/body")"
+
+printf '\n   %sCircuitBreakerPolicy orders-breaker: both orders instances start failing%s\n' "$BOLD" "$RESET"
+curl -fsS -X POST http://127.0.0.1:18081/fail >/dev/null && curl -fsS -X POST http://127.0.0.1:18082/fail >/dev/null
+line=""
+for ((i = 1; i <= 10; i++)); do
+  request -x http://127.0.0.1:18001 http://orders/
+  line+=" $CODE${REASON:+($REASON)}"
+done
+info "10 calls from frontend's sidecar to orders:$line"
+[[ $line == *"circuit_open"* ]] && ok "after 3 failures per instance the breakers opened: refused without calling orders" || bad "no circuit_open refusal"
+curl -fsS -X POST http://127.0.0.1:18081/recover >/dev/null && curl -fsS -X POST http://127.0.0.1:18082/recover >/dev/null
+info "orders recovered; after openDuration (3s) a trial request closes each breaker"
+wait_until "calls to orders succeed again" 15 curl -fsS -o /dev/null -x http://127.0.0.1:18001 http://orders/
+
+printf '\n   %sHistory and rollback%s\n' "$BOLD" "$RESET"
+run_shown meshctl history --resources-only --limit 3 || bad "meshctl history failed"
+run_shown meshctl rollback "$REV_BEFORE_POLICIES" || bad "meshctl rollback failed"
+wait_until "frontend's sidecar dropped the traffic split" 5 \
+  bash -c "! curl -fsS http://127.0.0.1:18020/config_dump | grep -q orders-canary"
+run_shown meshctl get ratelimitpolicies || true
 
 section "Summary"
 run_shown meshctl describe service orders || bad "meshctl describe failed"

@@ -366,6 +366,22 @@ spec: {}
             parse_documents("health-checks.yaml", health).unwrap().len(),
             3
         );
+        for (name, text) in [
+            (
+                "orders-canary.yaml",
+                include_str!("../../examples/policies/demo/orders-canary.yaml"),
+            ),
+            (
+                "inventory-limit.yaml",
+                include_str!("../../examples/policies/demo/inventory-limit.yaml"),
+            ),
+            (
+                "orders-breaker.yaml",
+                include_str!("../../examples/policies/demo/orders-breaker.yaml"),
+            ),
+        ] {
+            assert_eq!(parse_documents(name, text).unwrap().len(), 1, "{name}");
+        }
     }
 
     #[test]
