@@ -284,10 +284,10 @@ impl RateLimitSpec {
                 if bucket.capacity == 0 {
                     return field_error("tokenBucket.capacity", "must be at least 1");
                 }
-                if !(bucket.refill_per_second > 0.0 && bucket.refill_per_second <= 1e9) {
+                if !(bucket.refill_per_second >= 0.001 && bucket.refill_per_second <= 1e9) {
                     return field_error(
                         "tokenBucket.refillPerSecond",
-                        "must be greater than 0 (and at most 1e9)",
+                        "must be between 0.001 and 1e9",
                     );
                 }
                 Ok(())

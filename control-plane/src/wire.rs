@@ -1,7 +1,8 @@
-//! The API types of the apply pipeline that are not (yet) in
-//! `meshlet_api::mesh`: delete, diff, rollback and resource details. They
-//! are shared by the control plane's handlers and meshctl, and travel as
-//! camelCase JSON like the rest of the API.
+//! The API types of the apply pipeline: delete, diff, rollback and
+//! resource details. Only this crate (the control plane's handlers and
+//! meshctl) speaks them, so they live here rather than in
+//! `meshlet_api::mesh`, which holds what sidecars also need. They travel
+//! as camelCase JSON like the rest of the API.
 
 use meshlet_api::mesh::{ApplyAction, ApplyFile};
 use meshlet_api::{Resource, ResourceKey};

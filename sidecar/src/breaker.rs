@@ -394,7 +394,10 @@ mod tests {
         assert!(Outcome::Status(http::StatusCode::INTERNAL_SERVER_ERROR)
             .is_any(&[FailureKind::ServerError]));
         assert!(Outcome::Timeout.is_any(&kinds));
-        assert!(!Outcome::Reset.is_any(&kinds));
+        // A reset reaches the client as a 502: a gateway error too.
+        assert!(Outcome::Reset.is_any(&kinds));
+        assert!(!Outcome::Reset.is_any(&[FailureKind::Timeout]));
+        assert!(Outcome::ConnectFailure.is_any(&[FailureKind::ServerError]));
         assert!(!Outcome::Status(http::StatusCode::OK).is_any(&[FailureKind::ServerError]));
     }
 

@@ -82,14 +82,20 @@ pub enum ProxyError {
     CircuitOpen { service: String, policy: String },
     #[error("service {service:?} already has {max} requests in flight from this sidecar (circuit breaker maxConcurrentRequests); not sent")]
     Overflow { service: String, max: u32 },
+    #[error("the request body failed while it was read to be retryable: {detail}")]
+    RequestBodyFailed { detail: String },
+    #[error("the request body did not arrive within {}", humantime::format_duration(*timeout))]
+    RequestBodyTimeout { timeout: Duration },
 }
 
 impl ProxyError {
     pub fn status(&self) -> StatusCode {
         match self {
-            ProxyError::MissingHost | ProxyError::AmbiguousFraming | ProxyError::MalformedHead => {
-                StatusCode::BAD_REQUEST
-            }
+            ProxyError::MissingHost
+            | ProxyError::AmbiguousFraming
+            | ProxyError::MalformedHead
+            | ProxyError::RequestBodyFailed { .. } => StatusCode::BAD_REQUEST,
+            ProxyError::RequestBodyTimeout { .. } => StatusCode::REQUEST_TIMEOUT,
             ProxyError::HeadTooLarge { .. } => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             ProxyError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             ProxyError::UnknownService { .. } | ProxyError::NoHealthyEndpoint { .. } => {
@@ -122,7 +128,10 @@ impl ProxyError {
     pub fn reason(&self) -> &'static str {
         match self {
             ProxyError::MissingHost => "missing_host",
-            ProxyError::AmbiguousFraming | ProxyError::MalformedHead => "bad_request",
+            ProxyError::AmbiguousFraming
+            | ProxyError::MalformedHead
+            | ProxyError::RequestBodyFailed { .. } => "bad_request",
+            ProxyError::RequestBodyTimeout { .. } => "request_timeout",
             ProxyError::HeadTooLarge { .. } => "header_too_large",
             ProxyError::MethodNotAllowed { .. } => "method_not_allowed",
             ProxyError::UnknownService { .. } => "unknown_service",

@@ -27,7 +27,7 @@ use crate::breaker::{BreakerPermit, MAX_PENDING_WAIT};
 use crate::error::ProxyError;
 use crate::policy::{Outcome, RoutePolicies};
 use crate::pool::SendError;
-use crate::retry::RetryPolicy;
+use crate::retry::{NotReplayable, RetryPolicy};
 use crate::settings::Limits;
 use crate::snapshot::ServiceTarget;
 
@@ -42,6 +42,8 @@ pub async fn forward(
 ) -> Result<Response<ProxyBody>, ProxyError> {
     let timeouts = policies.timeouts;
     let timeout = timeouts.and_then(|t| t.request).or(limits.upstream_timeout);
+    // The deadline runs from arrival: time spent waiting for a slot counts.
+    let deadline = timeout.map(|t| (Instant::now() + t, t));
     let slot = match policies.breaker {
         Some(breakers) => {
             let wait = timeout.map_or(MAX_PENDING_WAIT, |t| t.min(MAX_PENDING_WAIT));
@@ -53,7 +55,7 @@ pub async fn forward(
         target,
         policies,
         idle_timeout: timeouts.and_then(|t| t.idle).or(limits.stream_idle_timeout),
-        deadline: timeout.map(|t| (Instant::now() + t, t)),
+        deadline,
     };
     let response = match policies.retry {
         Some(retry) => send.with_retries(retry, request).await,
@@ -78,9 +80,12 @@ impl Send<'_> {
         request: Request<ProxyBody>,
     ) -> Result<Response<ProxyBody>, ProxyError> {
         retry.budget.record_request(std::time::Instant::now());
-        let replay = match retry.replayable(request).await {
+        let replay = match retry.replayable(request, self.deadline).await {
             Ok(replay) => replay,
-            Err(request) => return self.one_try(request, self.deadline).await,
+            Err(NotReplayable::Stream(request)) => {
+                return self.one_try(*request, self.deadline).await
+            }
+            Err(NotReplayable::Failed(error)) => return Err(error),
         };
         let per_try = retry.spec.per_try_timeout.map(|t| t.get());
         let mut tries = 0;
@@ -124,16 +129,21 @@ impl Send<'_> {
     ) -> Result<Response<ProxyBody>, ProxyError> {
         let target = self.target;
         let breakers = self.policies.breaker;
-        let subset = self.policies.split.and_then(|split| split.choose());
+        let admits = |i: usize, now| {
+            breakers.is_none_or(|b| b.breakers.get(i).is_none_or(|b| b.allows(now)))
+        };
+        // A subset whose every endpoint's breaker is open is skipped, like
+        // one without healthy endpoints: the others take its share.
+        let chosen_at = std::time::Instant::now();
+        let subset = self.policies.split.and_then(|split| {
+            split.choose(|endpoints| endpoints.iter().any(|&i| admits(i, chosen_at)))
+        });
         let in_subset = |i: usize| subset.is_none_or(|s| s.binary_search(&i).is_ok());
         let mut tried = Tried::default();
         let mut last_refusal = None;
         for _ in 0..MAX_CONNECT_ATTEMPTS {
             let now = std::time::Instant::now();
-            let allowed = |i: usize| {
-                in_subset(i)
-                    && breakers.is_none_or(|b| b.breakers.get(i).is_none_or(|b| b.allows(now)))
-            };
+            let allowed = |i: usize| in_subset(i) && admits(i, now);
             let Some((index, endpoint)) = target.balancer.pick_among(tried, allowed) else {
                 break;
             };

@@ -38,10 +38,17 @@ pub enum Outcome {
 }
 
 impl Outcome {
+    /// `5xx` and `gateway-error` also cover the failures that happen in
+    /// the sidecar, since the client sees them as 502 or 504 too (as
+    /// Envoy does): a try that timed out, was reset or could not connect.
     fn is(self, kind: FailureKind) -> bool {
         match (kind, self) {
             (FailureKind::ServerError, Outcome::Status(s)) => s.is_server_error(),
             (FailureKind::GatewayError, Outcome::Status(s)) => matches!(s.as_u16(), 502..=504),
+            (
+                FailureKind::ServerError | FailureKind::GatewayError,
+                Outcome::Timeout | Outcome::Reset | Outcome::ConnectFailure,
+            ) => true,
             (FailureKind::ConnectFailure, Outcome::ConnectFailure) => true,
             (FailureKind::Reset, Outcome::Reset) => true,
             (FailureKind::Timeout, Outcome::Timeout) => true,
@@ -166,14 +173,22 @@ impl SplitPlan {
         }
     }
 
-    /// Chooses a subset by weight; `None` when no subset has an endpoint
-    /// (then the whole service is used).
-    pub fn choose(&self) -> Option<&[usize]> {
-        if self.total_weight == 0 {
+    /// Chooses a subset by weight among those that have an endpoint and
+    /// that `usable` accepts (e.g. not every endpoint's breaker is open),
+    /// renormalizing the weights; `None` when there is none (then the
+    /// whole service is used).
+    pub fn choose(&self, usable: impl Fn(&[usize]) -> bool) -> Option<&[usize]> {
+        let candidates = || {
+            self.subsets
+                .iter()
+                .filter(|s| !s.endpoints.is_empty() && s.weight > 0 && usable(&s.endpoints))
+        };
+        let total: u64 = candidates().map(|s| s.weight).sum();
+        if total == 0 {
             return None;
         }
-        let mut ticket = fastrand::u64(..self.total_weight);
-        for subset in self.subsets.iter().filter(|s| !s.endpoints.is_empty()) {
+        let mut ticket = fastrand::u64(..total);
+        for subset in candidates() {
             if ticket < subset.weight {
                 return Some(&subset.endpoints);
             }
@@ -374,4 +389,38 @@ pub struct PolicyState {
     limiters: HashMap<ResourceKey, Arc<RateLimiter>>,
     breakers: HashMap<ResourceKey, Arc<BreakerSet>>,
     retries: HashMap<ResourceKey, Arc<RetryPolicy>>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn plan() -> SplitPlan {
+        let subset = |version: &str, weight, endpoints| Subset {
+            labels: BTreeMap::from([("version".to_owned(), version.to_owned())]),
+            weight,
+            endpoints,
+        };
+        SplitPlan {
+            name: "canary".into(),
+            subsets: vec![subset("v1", 90, vec![0]), subset("v2", 10, vec![1])],
+            total_weight: 100,
+        }
+    }
+
+    #[test]
+    fn a_subset_that_cannot_take_requests_gives_its_share_to_the_others() {
+        let plan = plan();
+        let v1: &[usize] = &[0];
+        let v2: &[usize] = &[1];
+        // v1's breakers are all open: everything goes to v2.
+        for _ in 0..200 {
+            assert_eq!(plan.choose(|endpoints| endpoints != v1), Some(v2));
+        }
+        assert_eq!(plan.choose(|_| false), None, "then the whole service");
+        let to_v2 = (0..10_000)
+            .filter(|_| plan.choose(|_| true) == Some(v2))
+            .count();
+        assert!((700..1300).contains(&to_v2), "{to_v2} of 10000 to v2");
+    }
 }

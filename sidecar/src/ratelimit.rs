@@ -22,9 +22,14 @@
 //!
 //! State is one short `std::sync::Mutex` per limiter, never held across an
 //! await; the key map holds at most [`MAX_KEYS`] keys, evicting the least
-//! recently seen half when full.
+//! recently seen half when full. Keys are stored as 64-bit hashes (SipHash
+//! with a random per-limiter seed, so collisions cannot be aimed at): a
+//! client sending huge header values costs the same few bytes per key as
+//! any other.
 
+use std::collections::hash_map::RandomState;
 use std::collections::HashMap;
+use std::hash::BuildHasher;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -46,7 +51,10 @@ pub struct RateLimiter {
     pub route: RouteMatch,
     /// Healthy instances sharing a `global` limit (1 for `local`).
     share: AtomicU32,
-    keys: Mutex<HashMap<String, KeyState>>,
+    /// Per-key state, keyed by the hash of the key's text.
+    keys: Mutex<HashMap<u64, KeyState>>,
+    /// Seeds the key hash.
+    hasher: RandomState,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -95,6 +103,7 @@ impl RateLimiter {
             spec,
             share: AtomicU32::new(1),
             keys: Mutex::new(HashMap::new()),
+            hasher: RandomState::new(),
         };
         limiter.set_instances(healthy_instances);
         limiter
@@ -148,13 +157,14 @@ impl RateLimiter {
     /// Takes one request for `key` at `now`: `Ok(remaining)` or the refusal.
     pub fn check(&self, key: &str, now: Instant) -> Result<u64, Box<Refusal>> {
         let effective = self.effective();
+        let key = self.hasher.hash_one(key);
         let mut keys = self.keys.lock().unwrap_or_else(|p| p.into_inner());
-        if !keys.contains_key(key) && keys.len() >= MAX_KEYS {
+        if !keys.contains_key(&key) && keys.len() >= MAX_KEYS {
             evict_oldest_half(&mut keys);
         }
-        let state = match keys.get_mut(key) {
+        let state = match keys.get_mut(&key) {
             Some(state) => state,
-            None => keys.entry(key.to_owned()).or_insert(KeyState {
+            None => keys.entry(key).or_insert(KeyState {
                 last_seen: now,
                 algo: match effective {
                     Effective::Bucket { capacity, .. } => AlgoState::Bucket {
@@ -186,10 +196,9 @@ impl RateLimiter {
     /// `q` and `w` of the `RateLimit-Policy` header for this instance.
     pub fn quota_and_window(&self) -> (u32, u64) {
         match self.effective() {
-            Effective::Bucket { capacity, rate } => (
-                capacity as u32,
-                ceil_secs(Duration::from_secs_f64(capacity / rate)),
-            ),
+            Effective::Bucket { capacity, rate } => {
+                (capacity as u32, ceil_secs(secs_f64(capacity / rate)))
+            }
             Effective::Window { limit, window } => (limit as u32, ceil_secs(window)),
         }
     }
@@ -198,7 +207,7 @@ impl RateLimiter {
     pub fn to_json(&self) -> serde_json::Value {
         let keys = self.keys.lock().unwrap_or_else(|p| p.into_inner());
         let (quota, window) = self.quota_and_window();
-        let service_key = keys.get("").map(|s| match s.algo {
+        let service_key = keys.get(&self.hasher.hash_one("")).map(|s| match s.algo {
             AlgoState::Bucket { tokens, .. } => serde_json::json!({"tokens": tokens}),
             AlgoState::Window {
                 current, previous, ..
@@ -220,14 +229,17 @@ impl RateLimiter {
 fn take(state: &mut AlgoState, effective: Effective, now: Instant) -> Result<u64, Duration> {
     match (state, effective) {
         (AlgoState::Bucket { tokens, refilled }, Effective::Bucket { capacity, rate }) => {
-            let elapsed = now.saturating_duration_since(*refilled).as_secs_f64();
+            // With several threads, `now` may be a hair older than the
+            // last refill: never move the refill time backwards.
+            let now = now.max(*refilled);
+            let elapsed = now.duration_since(*refilled).as_secs_f64();
             *tokens = (*tokens + elapsed * rate).min(capacity);
             *refilled = now;
             if *tokens >= 1.0 {
                 *tokens -= 1.0;
                 Ok(*tokens as u64)
             } else {
-                Err(Duration::from_secs_f64((1.0 - *tokens) / rate))
+                Err(secs_f64((1.0 - *tokens) / rate))
             }
         }
         (
@@ -286,15 +298,21 @@ fn window_wait(previous: f64, current: f64, limit: f64, into: f64, w: f64) -> Du
         };
         w + after
     };
-    Duration::from_secs_f64((t - into).max(0.0))
+    secs_f64(t - into)
+}
+
+/// Seconds as a `Duration`, saturating instead of panicking on huge,
+/// negative or non-finite values (a very slow refill rate, say).
+fn secs_f64(secs: f64) -> Duration {
+    Duration::try_from_secs_f64(secs.max(0.0)).unwrap_or(Duration::MAX)
 }
 
 fn ceil_secs(d: Duration) -> u64 {
-    let secs = d.as_secs() + u64::from(d.subsec_nanos() > 0);
+    let secs = d.as_secs().saturating_add(u64::from(d.subsec_nanos() > 0));
     secs.max(1)
 }
 
-fn evict_oldest_half(keys: &mut HashMap<String, KeyState>) {
+fn evict_oldest_half(keys: &mut HashMap<u64, KeyState>) {
     let mut seen: Vec<Instant> = keys.values().map(|s| s.last_seen).collect();
     let middle = seen.len() / 2;
     let (_, cutoff, _) = seen.select_nth_unstable(middle);
@@ -402,5 +420,29 @@ mod tests {
             let _ = limiter.check(&format!("user-{i}"), now + Duration::from_millis(i as u64));
         }
         assert!(limiter.keys.lock().unwrap().len() <= MAX_KEYS);
+    }
+
+    #[test]
+    fn a_very_slow_refill_refuses_without_panicking() {
+        let limiter = RateLimiter::new("slow".into(), spec(Some((1, 1e-12)), None), 1);
+        let now = Instant::now();
+        assert!(limiter.check("", now).is_ok());
+        let refusal = limiter.check("", now).unwrap_err();
+        assert!(refusal.retry_after_secs > 1_000_000, "{refusal:?}");
+        assert_eq!(limiter.to_json()["quota"], 1);
+    }
+
+    #[test]
+    fn keys_cost_the_same_whatever_their_length() {
+        let limiter = RateLimiter::new("big".into(), spec(Some((1, 1.0)), None), 1);
+        let now = Instant::now();
+        let huge = "x".repeat(60 * 1024);
+        assert!(limiter.check(&huge, now).is_ok());
+        assert!(
+            limiter.check(&huge, now).is_err(),
+            "the same key is counted"
+        );
+        assert!(limiter.check(&(huge + "y"), now).is_ok(), "another key");
+        assert_eq!(limiter.keys.lock().unwrap().len(), 2);
     }
 }

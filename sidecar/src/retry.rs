@@ -26,6 +26,7 @@ use http_body_util::BodyExt;
 use meshlet_api::policy::{RetrySpec, RouteMatch};
 
 use crate::body::ProxyBody;
+use crate::error::ProxyError;
 use crate::policy::Outcome;
 
 /// The sliding window of the retry budget.
@@ -83,28 +84,36 @@ impl RetryPolicy {
 
     /// Turns `request` into a [`Replayable`] one when it may be retried:
     /// the method allows it and the body is empty or announces at most
-    /// `maxBodyBytes` (then it is read into memory). `Err` gives the
-    /// request back untouched (streamed, not retried).
+    /// `maxBodyBytes` (then it is read into memory, within `deadline`).
     pub async fn replayable(
         &self,
         request: Request<ProxyBody>,
-    ) -> Result<Replayable, Request<ProxyBody>> {
+        deadline: Option<(tokio::time::Instant, Duration)>,
+    ) -> Result<Replayable, NotReplayable> {
         if !self.method_allowed(request.method()) {
-            return Err(request);
+            return Err(NotReplayable::Stream(Box::new(request)));
         }
         let body_len = http_body::Body::size_hint(request.body()).exact();
         let small = http_body::Body::is_end_stream(request.body())
             || body_len.is_some_and(|len| len <= self.spec.max_body_bytes);
         if !small {
-            return Err(request);
+            return Err(NotReplayable::Stream(Box::new(request)));
         }
         let (parts, body) = request.into_parts();
-        let body = match body.collect().await {
-            Ok(collected) => collected.to_bytes(),
-            // The client's body failed: send what we have once, unretried
-            // (the upstream will see the truncated body fail).
-            Err(_) => Bytes::new(),
+        let collect = body.collect();
+        let collected = match deadline {
+            Some((at, timeout)) => tokio::time::timeout_at(at, collect)
+                .await
+                .map_err(|_| NotReplayable::Failed(ProxyError::RequestBodyTimeout { timeout }))?,
+            None => collect.await,
         };
+        let body = collected
+            .map_err(|e| {
+                NotReplayable::Failed(ProxyError::RequestBodyFailed {
+                    detail: e.to_string(),
+                })
+            })?
+            .to_bytes();
         Ok(Replayable {
             method: parts.method,
             uri: parts.uri,
@@ -113,6 +122,15 @@ impl RetryPolicy {
             body,
         })
     }
+}
+
+/// Why a request is not made replayable.
+#[derive(Debug)]
+pub enum NotReplayable {
+    /// It may not be retried (method, body size): send it once, streamed.
+    Stream(Box<Request<ProxyBody>>),
+    /// Its body failed or stalled while being read: answer with this.
+    Failed(ProxyError),
 }
 
 /// A request kept so that it can be sent more than once.
