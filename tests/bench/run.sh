@@ -61,6 +61,8 @@
 #   BENCH_THREADS=1 BENCH_CONNS=32   wrk threads / connections, throughput
 #   BENCH_LAT_CONNS=16  connections of the latency runs
 #   BENCH_WARMUP=2s     warm-up per target
+#   BENCH_SIDECAR=PATH  the sidecar binary to measure (default target/release/sidecar),
+#                       e.g. an older build, to compare two versions against nginx
 #   BENCH_ROUNDS=1      repeat the three targets this many times, interleaved
 #                       (direct, sidecar, nginx, direct, ...); the table shows
 #                       each target's median over the rounds
@@ -82,7 +84,7 @@ WARMUP="${BENCH_WARMUP:-2s}"
 ROUNDS="${BENCH_ROUNDS:-1}"
 OTHER_CPU_LIMIT="${BENCH_OTHER_CPU_LIMIT:-10}"
 NGINX=/usr/sbin/nginx
-SIDECAR="$ROOT/target/release/sidecar"
+SIDECAR="${BENCH_SIDECAR:-$ROOT/target/release/sidecar}"
 OUT_DIR="$ROOT/target/bench"
 RESULTS="$OUT_DIR/results.md"
 
