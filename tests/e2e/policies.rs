@@ -659,3 +659,61 @@ async fn sighup_reloads_a_valid_config_and_keeps_the_old_on_error() {
     assert_eq!(inbound(&sidecar, "/").await.status, 429, "old config kept");
     assert!(!sidecar.endpoints_of("inventory").await.is_empty());
 }
+
+#[tokio::test]
+async fn a_rollback_restores_the_earlier_policy_in_every_sidecar() {
+    let dir = TempDir::new();
+    let cp = control_plane(&dir).await;
+    let _orders = instance(&cp, "orders").await;
+    let frontend = instance(&cp, "frontend").await;
+    let timeout = |request: &str| {
+        doc(
+            "TimeoutPolicy",
+            "orders-timeout",
+            &format!("targetRef: {{service: orders}}\nrequest: {request}"),
+        )
+    };
+    // Revision A: a 200 ms timeout; revision B: 5 s.
+    apply(&cp, &dir, "timeout.yaml", &timeout("200ms")).await;
+    let revision_a = cp.get_json("/api/v1/revisions?limit=1").await[0]["revision"]
+        .as_u64()
+        .unwrap();
+    apply(&cp, &dir, "timeout.yaml", &timeout("5s")).await;
+    let slow = "http://orders/slow?ms=600";
+    wait::until(
+        "the 5 s timeout is in force",
+        Duration::from_secs(5),
+        || async { (call(&frontend.sidecar, slow).await.status == 200).then_some(()) },
+    )
+    .await;
+
+    let out = meshctl(Some(&cp.url()), &["rollback", &revision_a.to_string()]).await;
+    assert!(out.success(), "{out:?}");
+    assert!(
+        out.stdout
+            .contains("configured timeoutpolicy/orders-timeout"),
+        "{}",
+        out.stdout
+    );
+    // The frontend's sidecar follows: the 600 ms request times out again.
+    let reply = wait::until(
+        "the 200 ms timeout is back",
+        Duration::from_secs(5),
+        || async {
+            let reply = call(&frontend.sidecar, slow).await;
+            (reply.status == 504).then_some(reply)
+        },
+    )
+    .await;
+    assert_eq!(reply.header("x-meshlet-reason"), Some("upstream_timeout"));
+    let listed = meshctl(
+        Some(&cp.url()),
+        &["get", "timeoutpolicy", "orders-timeout", "-o", "yaml"],
+    )
+    .await;
+    assert!(
+        listed.stdout.contains("request: 200ms"),
+        "{}",
+        listed.stdout
+    );
+}
