@@ -346,18 +346,7 @@ impl Registry {
     /// Makes a committed plan the current state.
     pub fn apply(&mut self, plan: &Plan) {
         let commit = &plan.commit;
-        for id in &commit.delete_instances {
-            self.instances.remove(id);
-        }
-        for i in &commit.put_instances {
-            self.instances.insert(i.registration.id.clone(), i.clone());
-        }
-        for key in &commit.delete_resources {
-            self.resources.remove(key);
-        }
-        for r in &commit.put_resources {
-            self.resources.insert(r.key(), r.clone());
-        }
+        commit.apply_to(&mut self.instances, &mut self.resources);
         for change in &commit.resource_changes {
             if change.after.is_some() {
                 let stamp = ChangeStamp::of(&commit.record);

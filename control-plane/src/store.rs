@@ -119,6 +119,29 @@ pub struct Commit {
     pub record: RevisionRecord,
 }
 
+impl Commit {
+    /// Applies the instance and resource writes to in-memory maps (the
+    /// registry's, and the memory store's).
+    pub fn apply_to(
+        &self,
+        instances: &mut BTreeMap<String, StoredInstance>,
+        resources: &mut BTreeMap<ResourceKey, Resource>,
+    ) {
+        for id in &self.delete_instances {
+            instances.remove(id);
+        }
+        for i in &self.put_instances {
+            instances.insert(i.registration.id.clone(), i.clone());
+        }
+        for key in &self.delete_resources {
+            resources.remove(key);
+        }
+        for r in &self.put_resources {
+            resources.insert(r.key(), r.clone());
+        }
+    }
+}
+
 impl Default for Commit {
     fn default() -> Commit {
         Commit {
@@ -483,18 +506,8 @@ impl Store for MemoryStore {
                 source: redb::Error::Corrupted("memory store set to fail".into()),
             });
         }
-        for id in &commit.delete_instances {
-            inner.instances.remove(id);
-        }
-        for i in &commit.put_instances {
-            inner.instances.insert(i.registration.id.clone(), i.clone());
-        }
-        for key in &commit.delete_resources {
-            inner.resources.remove(key);
-        }
-        for r in &commit.put_resources {
-            inner.resources.insert(r.key(), r.clone());
-        }
+        let inner = &mut *inner;
+        commit.apply_to(&mut inner.instances, &mut inner.resources);
         inner.history.insert(commit.revision, commit.record.clone());
         if !commit.resource_changes.is_empty() {
             inner
