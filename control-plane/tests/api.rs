@@ -1,194 +1,20 @@
 //! Process-level tests: the real `control-plane` binary on a free loopback
-//! port with a temporary data directory, driven over HTTP. No fixed sleeps:
-//! every wait polls a condition against a deadline.
+//! port with a temporary data directory, driven over HTTP (harness in
+//! `common/`). No fixed sleeps: every wait polls a condition against a
+//! deadline.
 
-use std::net::SocketAddr;
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
+mod common;
+
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
-use http::{Method, Request, StatusCode};
-use http_body_util::Full;
+use common::{free_port, ControlPlane, DEADLINE};
+use http::{Method, StatusCode};
 use meshlet_api::mesh::{
-    paths, ApiError, ApplyAction, ApplyFile, ApplyReply, ApplyRequest, Heartbeat, MeshState,
-    Registration, RegistrationReply, RevisionRecord, ServiceSummary, WatchEvent,
+    paths, ApiError, ApplyAction, ApplyFile, ApplyReply, ApplyRequest, MeshState, ServiceSummary,
+    WatchEvent,
 };
-use meshlet_control_plane::client::send;
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
-use tokio::net::TcpStream;
-
-const DEADLINE: Duration = Duration::from_secs(10);
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-struct ControlPlane {
-    child: Child,
-    addr: SocketAddr,
-}
-
-impl ControlPlane {
-    async fn start(data_dir: &Path, extra: &[&str]) -> ControlPlane {
-        let addr: SocketAddr = ([127, 0, 0, 1], free_port()).into();
-        let child = Command::new(env!("CARGO_BIN_EXE_control-plane"))
-            .arg("--listen")
-            .arg(addr.to_string())
-            .arg("--data-dir")
-            .arg(data_dir)
-            .args(extra)
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("start control-plane");
-        let mut cp = ControlPlane { child, addr };
-        let started = Instant::now();
-        loop {
-            if let Ok((StatusCode::OK, _)) = cp.call(Method::GET, paths::HEALTH, None).await {
-                return cp;
-            }
-            if let Ok(Some(status)) = cp.child.try_wait() {
-                panic!("control-plane exited early: {status}");
-            }
-            assert!(started.elapsed() < DEADLINE, "control-plane not ready");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-
-    async fn call(
-        &self,
-        method: Method,
-        path: &str,
-        body: Option<Vec<u8>>,
-    ) -> Result<(StatusCode, Bytes), meshlet_control_plane::client::HttpError> {
-        let request = Request::builder()
-            .method(method)
-            .uri(path)
-            .header("host", self.addr.to_string())
-            .header("content-type", "application/json")
-            .body(Full::new(Bytes::from(body.unwrap_or_default())))
-            .unwrap();
-        send(
-            &self.addr.to_string(),
-            request,
-            Duration::from_secs(2),
-            Duration::from_secs(10),
-        )
-        .await
-    }
-
-    async fn json<T: serde::de::DeserializeOwned>(
-        &self,
-        method: Method,
-        path: &str,
-        body: Option<Vec<u8>>,
-    ) -> (StatusCode, T) {
-        let (status, bytes) = self.call(method, path, body).await.unwrap();
-        let value = serde_json::from_slice(&bytes).unwrap_or_else(|e| {
-            panic!("{status} {path}: {e}: {}", String::from_utf8_lossy(&bytes))
-        });
-        (status, value)
-    }
-
-    async fn register(&self, id: &str, service: &str, port: u16) -> RegistrationReply {
-        let reg = Registration {
-            id: id.into(),
-            service: service.into(),
-            namespace: "default".into(),
-            address: ([127, 0, 0, 1], port).into(),
-            labels: Default::default(),
-            healthy: true,
-        };
-        let body = serde_json::to_vec(&reg).unwrap();
-        let (status, reply) = self.json(Method::POST, paths::INSTANCES, Some(body)).await;
-        assert_eq!(status, StatusCode::OK);
-        reply
-    }
-
-    async fn heartbeat(&self, id: &str, healthy: bool) -> StatusCode {
-        let body = serde_json::to_vec(&Heartbeat { healthy }).unwrap();
-        let (status, _) = self
-            .call(Method::PUT, &paths::heartbeat(id), Some(body))
-            .await
-            .unwrap();
-        status
-    }
-
-    async fn watch(&self, revision: Option<u64>) -> Watch {
-        let mut stream = TcpStream::connect(self.addr).await.unwrap();
-        let query = revision
-            .map(|r| format!("?revision={r}"))
-            .unwrap_or_default();
-        let head = format!("GET {}{query} HTTP/1.0\r\n\r\n", paths::WATCH);
-        stream.write_all(head.as_bytes()).await.unwrap();
-        let mut reader = BufReader::new(stream);
-        let mut line = String::new();
-        reader.read_line(&mut line).await.unwrap();
-        assert!(line.contains(" 200 "), "{line}");
-        let mut saw_ndjson = false;
-        loop {
-            line.clear();
-            reader.read_line(&mut line).await.unwrap();
-            saw_ndjson |= line.eq_ignore_ascii_case("content-type: application/x-ndjson\r\n");
-            if line == "\r\n" {
-                break;
-            }
-        }
-        assert!(saw_ndjson);
-        Watch {
-            reader,
-            state: MeshState::default(),
-        }
-    }
-
-    fn kill9(mut self) {
-        self.child.kill().unwrap();
-        self.child.wait().unwrap();
-    }
-}
-
-impl Drop for ControlPlane {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-struct Watch {
-    reader: BufReader<TcpStream>,
-    state: MeshState,
-}
-
-impl Watch {
-    /// The next event (within the deadline), applied to the held state.
-    async fn next(&mut self) -> Option<WatchEvent> {
-        let mut line = String::new();
-        let read = tokio::time::timeout(DEADLINE, self.reader.read_line(&mut line))
-            .await
-            .expect("no watch event within the deadline")
-            .unwrap();
-        if read == 0 {
-            return None;
-        }
-        let event: WatchEvent = serde_json::from_str(&line).unwrap();
-        self.state.apply(event.clone()).expect("event applies");
-        Some(event)
-    }
-
-    /// Reads events until `done(state)`; returns the events read.
-    async fn until(&mut self, done: impl Fn(&MeshState) -> bool) -> Vec<WatchEvent> {
-        let mut events = Vec::new();
-        while !done(&self.state) {
-            events.push(self.next().await.expect("stream ended"));
-        }
-        events
-    }
-}
+use tokio::io::AsyncReadExt;
 
 fn healthy_of(state: &MeshState, id: &str) -> Option<bool> {
     state
@@ -336,7 +162,7 @@ async fn instances_without_heartbeats_expire() {
         "expired early: {took:?}"
     );
     assert_eq!(cp.heartbeat("orders-1", true).await, StatusCode::NOT_FOUND);
-    let (_, history): (_, Vec<RevisionRecord>) = cp.json(Method::GET, paths::REVISIONS, None).await;
+    let history = cp.revisions().await;
     assert_eq!(history[0].changes, ["expired orders/orders-1"]);
 }
 
@@ -401,8 +227,7 @@ async fn apply_and_state_survive_kill_9() {
     assert!(err.error.contains("bad.yaml"), "{}", err.error);
     assert!(err.error.contains("intervall"), "{}", err.error);
 
-    let (_, history_before): (_, Vec<RevisionRecord>) =
-        cp.json(Method::GET, paths::REVISIONS, None).await;
+    let history_before = cp.revisions().await;
     assert_eq!(history_before.len(), 4);
     assert_eq!(history_before[0].actor, "tester@host");
     assert_eq!(
@@ -412,7 +237,7 @@ async fn apply_and_state_survive_kill_9() {
 
     cp.kill9();
     let cp = ControlPlane::start(dir.path(), &[]).await;
-    let (_, history): (_, Vec<RevisionRecord>) = cp.json(Method::GET, paths::REVISIONS, None).await;
+    let history = cp.revisions().await;
     assert_eq!(history, history_before);
     let mut watch = cp.watch(None).await;
     let Some(WatchEvent::Snapshot(state)) = watch.next().await else {
@@ -547,20 +372,6 @@ fn one_shot_server() -> (u16, std::thread::JoinHandle<String>) {
     (port, handle)
 }
 
-fn meshctl(server: SocketAddr, args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_meshctl"))
-        .arg("--server")
-        .arg(format!("http://{server}"))
-        .args(args)
-        .output()
-        .unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).to_string(),
-        String::from_utf8_lossy(&out.stderr).to_string(),
-    )
-}
-
 #[tokio::test]
 async fn meshctl_apply_get_describe_and_broadcast() {
     let dir = tempfile::tempdir().unwrap();
@@ -577,57 +388,54 @@ async fn meshctl_apply_get_describe_and_broadcast() {
     let file = dir.path().join("policy.yaml");
     std::fs::write(&file, POLICY).unwrap();
     let file = file.to_str().unwrap();
-    let (code, stdout, _) = meshctl(cp.addr, &["apply", "-f", file]);
+    let (code, stdout, _) = cp.meshctl(&["apply", "-f", file]);
     assert_eq!(
         (code, stdout.as_str()),
         (0, "healthcheckpolicy/orders-hc created\n")
     );
-    let (code, stdout, _) = meshctl(cp.addr, &["apply", "-f", file]);
+    let (code, stdout, _) = cp.meshctl(&["apply", "-f", file]);
     assert_eq!(
         (code, stdout.as_str()),
         (0, "healthcheckpolicy/orders-hc unchanged\n")
     );
     let bad = dir.path().join("bad.yaml");
     std::fs::write(&bad, "kind: Nope\n").unwrap();
-    let (code, _, stderr) = meshctl(cp.addr, &["apply", "-f", bad.to_str().unwrap()]);
+    let (code, _, stderr) = cp.meshctl(&["apply", "-f", bad.to_str().unwrap()]);
     assert_eq!(code, 1);
     assert!(
         stderr.starts_with("meshctl: error: ") && stderr.contains("bad.yaml"),
         "{stderr}"
     );
 
-    let (code, stdout, _) = meshctl(cp.addr, &["get", "services"]);
+    let (code, stdout, _) = cp.meshctl(&["get", "services"]);
     assert_eq!(code, 0);
     assert_eq!(
         stdout,
         "NAMESPACE   NAME     INSTANCES   HEALTHY\ndefault     orders   3           2\n"
     );
-    let (code, stdout, _) = meshctl(cp.addr, &["get", "endpoints", "orders", "-o", "json"]);
+    let (code, stdout, _) = cp.meshctl(&["get", "endpoints", "orders", "-o", "json"]);
     assert_eq!(code, 0);
     let endpoints: Vec<meshlet_api::mesh::EndpointEntry> = serde_json::from_str(&stdout).unwrap();
     assert_eq!(endpoints.len(), 3);
-    let (code, stdout, _) = meshctl(cp.addr, &["describe", "service", "orders.default"]);
+    let (code, stdout, _) = cp.meshctl(&["describe", "service", "orders.default"]);
     assert_eq!(code, 0);
     assert!(stdout.contains("Instances:   3 (2 healthy)"), "{stdout}");
     assert!(stdout.contains("healthcheckpolicy/orders-hc"), "{stdout}");
-    let (code, _, stderr) = meshctl(cp.addr, &["describe", "service", "nope"]);
+    let (code, _, stderr) = cp.meshctl(&["describe", "service", "nope"]);
     assert_eq!(
         (code, stderr.as_str()),
         (1, "meshctl: error: service \"nope\" not found\n")
     );
 
-    let (code, stdout, _) = meshctl(
-        cp.addr,
-        &[
-            "broadcast",
-            "--path",
-            "/broadcast",
-            "--data",
-            r#"{"msg":"hi"}"#,
-            "--timeout",
-            "1s",
-        ],
-    );
+    let (code, stdout, _) = cp.meshctl(&[
+        "broadcast",
+        "--path",
+        "/broadcast",
+        "--data",
+        r#"{"msg":"hi"}"#,
+        "--timeout",
+        "1s",
+    ]);
     assert_eq!(code, 1, "orders-2 is down: {stdout}");
     let lines: Vec<&str> = stdout.lines().collect();
     assert_eq!(

@@ -1,171 +1,14 @@
 //! Process-level tests of the apply pipeline: the real `control-plane` and
 //! `meshctl` binaries (validation before any change, one revision per
 //! request, diff exit codes, delete, history, rollback with a watcher,
-//! kill -9 after a rollback). Waits poll against deadlines; no fixed sleeps.
+//! kill -9 after a rollback). Harness in `common/`; waits poll against
+//! deadlines, no fixed sleeps.
 
-use std::net::SocketAddr;
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+mod common;
 
-use bytes::Bytes;
-use http::{Method, Request, StatusCode};
-use http_body_util::Full;
-use meshlet_api::mesh::{paths, ApiError, RevisionRecord, WatchEvent};
-use meshlet_control_plane::client::send;
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
-use tokio::net::TcpStream;
-
-const DEADLINE: Duration = Duration::from_secs(10);
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-struct ControlPlane {
-    child: Child,
-    addr: SocketAddr,
-}
-
-impl ControlPlane {
-    async fn start(data_dir: &Path) -> ControlPlane {
-        let addr: SocketAddr = ([127, 0, 0, 1], free_port()).into();
-        let child = Command::new(env!("CARGO_BIN_EXE_control-plane"))
-            .arg("--listen")
-            .arg(addr.to_string())
-            .arg("--data-dir")
-            .arg(data_dir)
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("start control-plane");
-        let mut cp = ControlPlane { child, addr };
-        let started = Instant::now();
-        loop {
-            if let Ok((StatusCode::OK, _)) = cp.call(Method::GET, paths::HEALTH, None).await {
-                return cp;
-            }
-            if let Ok(Some(status)) = cp.child.try_wait() {
-                panic!("control-plane exited early: {status}");
-            }
-            assert!(started.elapsed() < DEADLINE, "control-plane not ready");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-
-    async fn call(
-        &self,
-        method: Method,
-        path: &str,
-        body: Option<Vec<u8>>,
-    ) -> Result<(StatusCode, Bytes), meshlet_control_plane::client::HttpError> {
-        let request = Request::builder()
-            .method(method)
-            .uri(path)
-            .header("host", self.addr.to_string())
-            .header("content-type", "application/json")
-            .body(Full::new(Bytes::from(body.unwrap_or_default())))
-            .unwrap();
-        send(
-            &self.addr.to_string(),
-            request,
-            Duration::from_secs(2),
-            DEADLINE,
-        )
-        .await
-    }
-
-    async fn json<T: serde::de::DeserializeOwned>(
-        &self,
-        method: Method,
-        path: &str,
-        body: Option<Vec<u8>>,
-    ) -> (StatusCode, T) {
-        let (status, bytes) = self.call(method, path, body).await.unwrap();
-        let value = serde_json::from_slice(&bytes).unwrap_or_else(|e| {
-            panic!("{status} {path}: {e}: {}", String::from_utf8_lossy(&bytes))
-        });
-        (status, value)
-    }
-
-    async fn revisions(&self) -> Vec<RevisionRecord> {
-        self.json(Method::GET, paths::REVISIONS, None).await.1
-    }
-
-    async fn register(&self, id: &str, service: &str) {
-        let body = serde_json::json!({
-            "id": id, "service": service, "namespace": "default",
-            "address": format!("127.0.0.1:{}", free_port()), "labels": {}, "healthy": true
-        });
-        let (status, _) = self
-            .call(
-                Method::POST,
-                paths::INSTANCES,
-                Some(serde_json::to_vec(&body).unwrap()),
-            )
-            .await
-            .unwrap();
-        assert_eq!(status, StatusCode::OK);
-    }
-
-    /// `meshctl --server ... ARGS` → (exit code, stdout, stderr).
-    fn meshctl(&self, args: &[&str]) -> (i32, String, String) {
-        let out = Command::new(env!("CARGO_BIN_EXE_meshctl"))
-            .arg("--server")
-            .arg(format!("http://{}", self.addr))
-            .args(args)
-            .env("USER", "tester")
-            .env("HOSTNAME", "box")
-            .output()
-            .unwrap();
-        (
-            out.status.code().unwrap_or(-1),
-            String::from_utf8_lossy(&out.stdout).to_string(),
-            String::from_utf8_lossy(&out.stderr).to_string(),
-        )
-    }
-
-    fn kill9(mut self) {
-        self.child.kill().unwrap();
-        self.child.wait().unwrap();
-    }
-}
-
-impl Drop for ControlPlane {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// Opens `GET /api/v1/watch` and returns the reader after the head.
-async fn watch(addr: SocketAddr) -> BufReader<TcpStream> {
-    let mut stream = TcpStream::connect(addr).await.unwrap();
-    let head = format!("GET {} HTTP/1.0\r\n\r\n", paths::WATCH);
-    stream.write_all(head.as_bytes()).await.unwrap();
-    let mut reader = BufReader::new(stream);
-    let mut line = String::new();
-    loop {
-        line.clear();
-        reader.read_line(&mut line).await.unwrap();
-        if line == "\r\n" {
-            return reader;
-        }
-    }
-}
-
-async fn next_event(reader: &mut BufReader<TcpStream>) -> WatchEvent {
-    let mut line = String::new();
-    tokio::time::timeout(DEADLINE, reader.read_line(&mut line))
-        .await
-        .expect("a watch event within the deadline")
-        .unwrap();
-    serde_json::from_str(&line).unwrap()
-}
+use common::{free_port, ControlPlane};
+use http::{Method, StatusCode};
+use meshlet_api::mesh::{paths, ApiError, WatchEvent};
 
 const LIMIT: &str = "apiVersion: meshlet.dev/v1alpha1
 kind: RateLimitPolicy
@@ -209,8 +52,8 @@ fn docs(parts: &[&str]) -> String {
 #[tokio::test]
 async fn invalid_document_applies_nothing_then_one_revision_diff_and_delete() {
     let dir = tempfile::tempdir().unwrap();
-    let cp = ControlPlane::start(dir.path()).await;
-    cp.register("orders-1", "orders").await;
+    let cp = ControlPlane::start(dir.path(), &[]).await;
+    cp.register("orders-1", "orders", free_port()).await;
     let file = dir.path().join("orders.yaml");
     let f = file.to_str().unwrap();
 
@@ -406,13 +249,13 @@ async fn invalid_document_applies_nothing_then_one_revision_diff_and_delete() {
 #[tokio::test]
 async fn rollback_history_watch_and_kill_9() {
     let dir = tempfile::tempdir().unwrap();
-    let cp = ControlPlane::start(dir.path()).await;
+    let cp = ControlPlane::start(dir.path(), &[]).await;
     let file = dir.path().join("p.yaml");
     let f = file.to_str().unwrap();
     std::fs::write(&file, docs(&[LIMIT, TIMEOUT])).unwrap();
     cp.meshctl(&["apply", "-f", f]); // revision 1: v1
     let (_, v1_yaml, _) = cp.meshctl(&["get", "rlp", "orders-limit", "-o", "yaml"]);
-    cp.register("orders-1", "orders").await; // revision 2: registry
+    cp.register("orders-1", "orders", free_port()).await; // revision 2: registry
     std::fs::write(
         &file,
         docs(&[&LIMIT.replace("capacity: 20", "capacity: 40"), SPLIT]),
@@ -427,9 +270,9 @@ async fn rollback_history_watch_and_kill_9() {
     assert_eq!(stdout, "timeoutpolicy/orders-timeout deleted\n");
     assert_eq!(cp.revisions().await[0].revision, 4);
 
-    let mut events = watch(cp.addr).await;
+    let mut events = cp.watch(None).await;
     assert!(matches!(
-        next_event(&mut events).await,
+        events.next().await.unwrap(),
         WatchEvent::Snapshot(_)
     ));
 
@@ -445,7 +288,7 @@ async fn rollback_history_watch_and_kill_9() {
     );
     let (_, yaml, _) = cp.meshctl(&["get", "rlp", "orders-limit", "-o", "yaml"]);
     assert_eq!(yaml, v1_yaml);
-    let WatchEvent::Delta(delta) = next_event(&mut events).await else {
+    let WatchEvent::Delta(delta) = events.next().await.unwrap() else {
         panic!("expected a delta");
     };
     assert_eq!(delta.revision, 5);
@@ -501,7 +344,7 @@ async fn rollback_history_watch_and_kill_9() {
     let (_, before_yaml, _) = cp.meshctl(&["get", "rlp", "-o", "yaml"]);
     let history_before = cp.revisions().await;
     cp.kill9();
-    let cp = ControlPlane::start(dir.path()).await;
+    let cp = ControlPlane::start(dir.path(), &[]).await;
     assert_eq!(cp.revisions().await, history_before);
     let (_, after_yaml, _) = cp.meshctl(&["get", "rlp", "-o", "yaml"]);
     assert_eq!(after_yaml, before_yaml);

@@ -8,6 +8,7 @@
 //! loopback. Waiting is always on a condition with a deadline.
 
 use std::collections::BTreeSet;
+use std::future::Future;
 use std::time::{Duration, Instant};
 
 use meshlet_e2e::process::free_port;
@@ -54,15 +55,13 @@ impl Instance {
 
 /// A control plane (with the health policies applied) and a data dir.
 async fn control_plane(dir: &TempDir) -> ControlPlaneProcess {
-    let cp = ControlPlaneProcess::start(&dir.path.join("data"), &["--ttl", "2s"]).await;
-    let policies = dir.path.join("health.yaml");
-    std::fs::write(&policies, HEALTH_POLICIES).unwrap();
-    let out = meshctl(
-        Some(&cp.url()),
-        &["apply", "-f", policies.to_str().unwrap()],
-    )
-    .await;
-    assert!(out.success(), "apply: {out:?}");
+    control_plane_with_ttl(dir, "2s").await
+}
+
+/// [`control_plane`] with another instance expiry.
+async fn control_plane_with_ttl(dir: &TempDir, ttl: &str) -> ControlPlaneProcess {
+    let cp = ControlPlaneProcess::start(&dir.path.join("data"), &["--ttl", ttl]).await;
+    cp.apply(&dir.path, "health.yaml", HEALTH_POLICIES).await;
     cp
 }
 
@@ -100,10 +99,9 @@ fn sorted(addrs: impl IntoIterator<Item = String>) -> Vec<String> {
 /// asserts they all succeed.
 async fn call_many(via: &SidecarProcess, service: &str, n: usize) {
     for i in 0..n {
-        let request = http::Request::get(format!("http://{service}/"))
-            .body(http_body_util::Full::new(bytes::Bytes::new()))
-            .unwrap();
-        let reply = client::send(via.outbound, request).await.expect("answer");
+        let reply = client::get_uri(via.outbound, &format!("http://{service}/"))
+            .await
+            .expect("answer");
         assert_eq!(reply.status, 200, "request {i}: {}", reply.text());
     }
 }
@@ -128,6 +126,84 @@ async fn converged(
         },
     )
     .await;
+}
+
+/// Waits until the frontend's sidecar routes `orders` to exactly
+/// `expected`.
+async fn frontend_routes_orders_to(frontend: &Instance, expected: &[String], patience: Duration) {
+    converged(&[&frontend.sidecar], "orders", expected, patience).await;
+}
+
+/// The sidecars of `orders` and of `frontend`.
+fn sidecars_of<'a>(orders: &'a [Instance], frontend: &'a Instance) -> Vec<&'a SidecarProcess> {
+    orders
+        .iter()
+        .map(|i| &i.sidecar)
+        .chain([&frontend.sidecar])
+        .collect()
+}
+
+/// Two `orders` instances (v1, v2) and a `frontend`, returned once the
+/// frontend's sidecar routes orders to both.
+async fn two_orders_and_a_frontend(cp: &ControlPlaneProcess) -> (Vec<Instance>, Instance) {
+    let orders = vec![
+        Instance::start(cp, "orders", "v1").await,
+        Instance::start(cp, "orders", "v2").await,
+    ];
+    let frontend = Instance::start(cp, "frontend", "v1").await;
+    let both = sorted(orders.iter().map(Instance::address));
+    frontend_routes_orders_to(&frontend, &both, Duration::from_secs(10)).await;
+    (orders, frontend)
+}
+
+/// Starts an `orders` v3 and waits (5 s) until the frontend's sidecar
+/// routes orders to it and to `orders`.
+async fn a_newcomer_joins(
+    cp: &ControlPlaneProcess,
+    orders: &[Instance],
+    frontend: &Instance,
+) -> Instance {
+    let newcomer = Instance::start(cp, "orders", "v3").await;
+    let all = sorted(orders.iter().chain([&newcomer]).map(Instance::address));
+    frontend_routes_orders_to(frontend, &all, Duration::from_secs(5)).await;
+    newcomer
+}
+
+/// A task that runs `probe` over and over (`pause` apart, none if zero)
+/// until [`Repeating::stop`], which returns every probe's result.
+struct Repeating<T> {
+    stopper: tokio::sync::watch::Sender<bool>,
+    task: tokio::task::JoinHandle<Vec<T>>,
+}
+
+fn repeatedly<T, F, Fut>(pause: Duration, mut probe: F) -> Repeating<T>
+where
+    T: Send + 'static,
+    F: FnMut() -> Fut + Send + 'static,
+    Fut: Future<Output = T> + Send,
+{
+    let (stopper, mut stopped) = tokio::sync::watch::channel(false);
+    let task = tokio::spawn(async move {
+        let mut results = Vec::new();
+        while !*stopped.borrow_and_update() {
+            results.push(probe().await);
+            if !pause.is_zero() {
+                tokio::select! {
+                    _ = tokio::time::sleep(pause) => {}
+                    _ = stopped.changed() => {}
+                }
+            }
+        }
+        results
+    });
+    Repeating { stopper, task }
+}
+
+impl<T> Repeating<T> {
+    async fn stop(self) -> Vec<T> {
+        self.stopper.send(true).unwrap();
+        self.task.await.unwrap()
+    }
 }
 
 #[tokio::test]
@@ -161,11 +237,7 @@ async fn instances_register_expire_after_kill_and_follow_their_health() {
             out.stdout
         );
     }
-    let sidecars: Vec<&SidecarProcess> = orders
-        .iter()
-        .map(|i| &i.sidecar)
-        .chain([&frontend.sidecar])
-        .collect();
+    let sidecars = sidecars_of(&orders, &frontend);
     converged(&sidecars, "orders", &all_orders, Duration::from_secs(5)).await;
     frontend.sidecar.wait_ready(Duration::from_secs(5)).await;
 
@@ -223,11 +295,7 @@ async fn instances_register_expire_after_kill_and_follow_their_health() {
     victim.app.kill();
     drop(victim); // SIGKILL to the sidecar
     let survivors = sorted(orders.iter().map(Instance::address));
-    let sidecars: Vec<&SidecarProcess> = orders
-        .iter()
-        .map(|i| &i.sidecar)
-        .chain([&frontend.sidecar])
-        .collect();
+    let sidecars = sidecars_of(&orders, &frontend);
     wait::until(
         "expired from the registry",
         TTL + Duration::from_secs(1),
@@ -479,28 +547,8 @@ async fn a_change_reaches_every_watcher_quickly() {
 async fn sigterm_deregisters_at_once_and_pushes_keep_connections() {
     let dir = TempDir::new();
     // A long TTL: only deregistration can remove an instance quickly.
-    let cp = ControlPlaneProcess::start(&dir.path.join("data"), &["--ttl", "60s"]).await;
-    let policies = dir.path.join("health.yaml");
-    std::fs::write(&policies, HEALTH_POLICIES).unwrap();
-    assert!(meshctl(
-        Some(&cp.url()),
-        &["apply", "-f", policies.to_str().unwrap()]
-    )
-    .await
-    .success());
-    let mut orders = vec![
-        Instance::start(&cp, "orders", "v1").await,
-        Instance::start(&cp, "orders", "v2").await,
-    ];
-    let frontend = Instance::start(&cp, "frontend", "v1").await;
-    let both = sorted(orders.iter().map(Instance::address));
-    converged(
-        &[&frontend.sidecar],
-        "orders",
-        &both,
-        Duration::from_secs(10),
-    )
-    .await;
+    let cp = control_plane_with_ttl(&dir, "60s").await;
+    let (mut orders, frontend) = two_orders_and_a_frontend(&cp).await;
 
     // Pooled connections and in-flight requests survive a pushed change.
     call_many(&frontend.sidecar, "orders", 20).await;
@@ -508,21 +556,12 @@ async fn sigterm_deregisters_at_once_and_pushes_keep_connections() {
     let slow = {
         let outbound = frontend.sidecar.outbound;
         tokio::spawn(async move {
-            let request = http::Request::get("http://orders/slow?ms=4000")
-                .body(http_body_util::Full::new(bytes::Bytes::new()))
-                .unwrap();
-            client::send(outbound, request).await.expect("slow answer")
+            client::get_uri(outbound, "http://orders/slow?ms=4000")
+                .await
+                .expect("slow answer")
         })
     };
-    let newcomer = Instance::start(&cp, "orders", "v3").await;
-    let three = sorted(orders.iter().chain([&newcomer]).map(Instance::address));
-    converged(
-        &[&frontend.sidecar],
-        "orders",
-        &three,
-        Duration::from_secs(5),
-    )
-    .await;
+    let newcomer = a_newcomer_joins(&cp, &orders, &frontend).await;
     assert!(
         !slow.is_finished(),
         "the slow request is still in flight across the push"
@@ -546,26 +585,14 @@ async fn sigterm_deregisters_at_once_and_pushes_keep_connections() {
     let mut leaving = orders.remove(0);
     let leaving_address = leaving.address();
     // Traffic keeps flowing through the shutdown, without a single error.
-    let (stop_traffic, traffic) = {
-        let outbound = frontend.sidecar.outbound;
-        let (stop, stopped) = tokio::sync::watch::channel(false);
-        let task = tokio::spawn(async move {
-            let (mut sent, mut failed) = (0, Vec::new());
-            while !*stopped.borrow() {
-                let request = http::Request::get("http://orders/")
-                    .body(http_body_util::Full::new(bytes::Bytes::new()))
-                    .unwrap();
-                sent += 1;
-                match client::send(outbound, request).await {
-                    Ok(reply) if reply.status == 200 => {}
-                    Ok(reply) => failed.push(format!("{} {}", reply.status, reply.text())),
-                    Err(e) => failed.push(e.to_string()),
-                }
-            }
-            (sent, failed)
-        });
-        (stop, task)
-    };
+    let outbound = frontend.sidecar.outbound;
+    let traffic = repeatedly(Duration::ZERO, move || async move {
+        match client::get_uri(outbound, "http://orders/").await {
+            Ok(reply) if reply.status == 200 => Ok(()),
+            Ok(reply) => Err(format!("{} {}", reply.status, reply.text())),
+            Err(e) => Err(e.to_string()),
+        }
+    });
     let stopped_at = Instant::now();
     leaving.sidecar.signal(nix::sys::signal::Signal::SIGTERM);
     let status = leaving.sidecar.wait_exit(Duration::from_secs(10)).await;
@@ -576,13 +603,7 @@ async fn sigterm_deregisters_at_once_and_pushes_keep_connections() {
         leaving.sidecar.log_text()
     );
     let remaining = sorted(orders.iter().chain([&newcomer]).map(Instance::address));
-    converged(
-        &[&frontend.sidecar],
-        "orders",
-        &remaining,
-        Duration::from_secs(3),
-    )
-    .await;
+    frontend_routes_orders_to(&frontend, &remaining, Duration::from_secs(3)).await;
     assert!(!registered(&cp, "orders")
         .await
         .iter()
@@ -591,8 +612,9 @@ async fn sigterm_deregisters_at_once_and_pushes_keep_connections() {
         "deregistered instance gone from the frontend's sidecar after {:?}",
         stopped_at.elapsed()
     );
-    stop_traffic.send(true).unwrap();
-    let (sent, failed) = traffic.await.unwrap();
+    let outcomes = traffic.stop().await;
+    let sent = outcomes.len();
+    let failed: Vec<String> = outcomes.into_iter().filter_map(Result::err).collect();
     assert!(
         failed.is_empty(),
         "{} of {sent} requests failed during the shutdown: {failed:?}",
@@ -605,19 +627,8 @@ async fn sigterm_deregisters_at_once_and_pushes_keep_connections() {
 async fn a_control_plane_that_lost_its_data_gets_every_instance_back() {
     let dir = TempDir::new();
     let mut cp = control_plane(&dir).await;
-    let orders = [
-        Instance::start(&cp, "orders", "v1").await,
-        Instance::start(&cp, "orders", "v2").await,
-    ];
-    let frontend = Instance::start(&cp, "frontend", "v1").await;
+    let (orders, frontend) = two_orders_and_a_frontend(&cp).await;
     let both = sorted(orders.iter().map(Instance::address));
-    converged(
-        &[&frontend.sidecar],
-        "orders",
-        &both,
-        Duration::from_secs(10),
-    )
-    .await;
 
     // The disk is gone: the control plane starts empty. Heartbeats get 404,
     // sidecars register again, and every sidecar converges on the rebuilt
@@ -625,31 +636,19 @@ async fn a_control_plane_that_lost_its_data_gets_every_instance_back() {
     // Throughout, the frontend's sidecar never routes orders to nothing: the
     // control plane holds back its (empty) snapshot from sidecars of the
     // lost store until they have had time to register again.
-    let (stop_watching, watching) = {
-        let admin = frontend.sidecar.admin;
-        let (stop, mut stopped) = tokio::sync::watch::channel(false);
-        let task = tokio::spawn(async move {
-            let mut fewest = usize::MAX;
-            loop {
-                if let Ok(reply) = client::get(admin, "/config_dump").await {
-                    let dump: serde_json::Value = serde_json::from_slice(&reply.body).unwrap();
-                    let count: usize = dump["snapshot"]["services"]
-                        .as_array()
-                        .unwrap()
-                        .iter()
-                        .filter(|s| s["name"] == "orders")
-                        .map(|s| s["endpoints"].as_array().unwrap().len())
-                        .sum();
-                    fewest = fewest.min(count);
-                }
-                tokio::select! {
-                    _ = tokio::time::sleep(Duration::from_millis(10)) => {}
-                    _ = stopped.changed() => return fewest,
-                }
-            }
-        });
-        (stop, task)
-    };
+    let admin = frontend.sidecar.admin;
+    let watching = repeatedly(Duration::from_millis(10), move || async move {
+        let reply = client::get(admin, "/config_dump").await.ok()?;
+        let dump: serde_json::Value = serde_json::from_slice(&reply.body).unwrap();
+        let count: usize = dump["snapshot"]["services"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|s| s["name"] == "orders")
+            .map(|s| s["endpoints"].as_array().unwrap().len())
+            .sum();
+        Some(count)
+    });
     cp.wipe_and_restart().await;
     wait::until(
         "instances registered again",
@@ -661,25 +660,16 @@ async fn a_control_plane_that_lost_its_data_gets_every_instance_back() {
         },
     )
     .await;
-    converged(
-        &[&frontend.sidecar],
-        "orders",
-        &both,
-        Duration::from_secs(5),
-    )
-    .await;
+    frontend_routes_orders_to(&frontend, &both, Duration::from_secs(5)).await;
     // Converged on the new store: a later change arrives as usual.
-    let newcomer = Instance::start(&cp, "orders", "v3").await;
-    let three = sorted(orders.iter().chain([&newcomer]).map(Instance::address));
-    converged(
-        &[&frontend.sidecar],
-        "orders",
-        &three,
-        Duration::from_secs(5),
-    )
-    .await;
-    stop_watching.send(true).unwrap();
-    let fewest = watching.await.unwrap();
+    let _newcomer = a_newcomer_joins(&cp, &orders, &frontend).await;
+    let fewest = watching
+        .stop()
+        .await
+        .into_iter()
+        .flatten()
+        .min()
+        .unwrap_or(usize::MAX);
     assert!(
         fewest >= 2,
         "orders was routed to {fewest} endpoints at some point"

@@ -12,9 +12,6 @@
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
-use http::Request;
-use http_body_util::Full;
 use meshlet_e2e::client::RawConnection;
 use meshlet_e2e::{client, SidecarProcess, Upstream};
 
@@ -92,14 +89,9 @@ impl Mesh {
             (inbound.status, inbound.text().as_str()),
             (200, "hello from app")
         );
-        let outbound = client::send(
-            self.sidecar.outbound,
-            Request::get("http://app/")
-                .body(Full::new(Bytes::new()))
-                .unwrap(),
-        )
-        .await
-        .unwrap();
+        let outbound = client::get_uri(self.sidecar.outbound, "http://app/")
+            .await
+            .unwrap();
         assert_eq!(
             (outbound.status, outbound.text().as_str()),
             (200, "hello from app")

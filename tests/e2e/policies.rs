@@ -32,15 +32,22 @@ fn service(name: &str, endpoints: &[(SocketAddr, &str)]) -> String {
 }
 
 async fn get(addr: SocketAddr, uri: &str) -> Reply {
-    let request = Request::get(uri)
-        .body(Full::new(Bytes::new()))
-        .expect("valid request");
-    client::send(addr, request).await.expect("an answer")
+    client::get_uri(addr, uri).await.expect("an answer")
 }
 
 /// A request through `sidecar`'s outbound listener to a mesh service.
 async fn call(sidecar: &SidecarProcess, uri: &str) -> Reply {
     get(sidecar.outbound, uri).await
+}
+
+/// An app `service` and its standalone sidecar with `config`.
+async fn standalone(service: &str, config: &str) -> (Upstream, SidecarProcess) {
+    let app = Upstream::start(service).await;
+    let sidecar = SidecarProcess::builder(service, app.port())
+        .config(config)
+        .start()
+        .await;
+    (app, sidecar)
 }
 
 /// A request to `sidecar`'s inbound listener (as another service would).
@@ -63,16 +70,12 @@ fn median(mut v: Vec<Duration>) -> Duration {
 
 #[tokio::test]
 async fn token_bucket_allows_its_capacity_plus_refill_then_429s_with_headers() {
-    let app = Upstream::start("orders").await;
     let config = doc(
         "RateLimitPolicy",
         "orders-limit",
         "targetRef: {service: orders}\ntokenBucket: {capacity: 10, refillPerSecond: 10}\nscope: local",
     );
-    let sidecar = SidecarProcess::builder("orders", app.port())
-        .config(&config)
-        .start()
-        .await;
+    let (app, sidecar) = standalone("orders", &config).await;
 
     let started = Instant::now();
     let mut replies = Vec::new();
@@ -116,16 +119,12 @@ async fn token_bucket_allows_its_capacity_plus_refill_then_429s_with_headers() {
 
 #[tokio::test]
 async fn sliding_window_allows_n_then_refuses_until_the_window_slides() {
-    let app = Upstream::start("orders").await;
     let config = doc(
         "RateLimitPolicy",
         "orders-window",
         "targetRef: {service: orders}\nslidingWindow: {requests: 5, window: 2s}\nkey: header:x-user\nscope: local",
     );
-    let sidecar = SidecarProcess::builder("orders", app.port())
-        .config(&config)
-        .start()
-        .await;
+    let (_app, sidecar) = standalone("orders", &config).await;
     let as_user = |user: &'static str| {
         let addr = sidecar.inbound;
         async move {
@@ -172,15 +171,8 @@ spec: {targetRef: {service: orders}, interval: 200ms, timeout: 500ms, unhealthyT
 
 async fn control_plane(dir: &TempDir) -> ControlPlaneProcess {
     let cp = ControlPlaneProcess::start(&dir.path.join("data"), &["--ttl", "2s"]).await;
-    apply(&cp, dir, "health.yaml", HEALTH).await;
+    cp.apply(&dir.path, "health.yaml", HEALTH).await;
     cp
-}
-
-async fn apply(cp: &ControlPlaneProcess, dir: &TempDir, file: &str, yaml: &str) {
-    let path = dir.path.join(file);
-    std::fs::write(&path, yaml).unwrap();
-    let out = meshctl(Some(&cp.url()), &["apply", "-f", path.to_str().unwrap()]).await;
-    assert!(out.success(), "apply {file}: {out:?}");
 }
 
 struct Instance {
@@ -208,7 +200,7 @@ async fn a_global_limit_is_shared_by_the_healthy_instances() {
         "orders-global",
         "targetRef: {service: orders}\ntokenBucket: {capacity: 20, refillPerSecond: 20}\nscope: global",
     );
-    apply(&cp, &dir, "limit.yaml", &policy).await;
+    cp.apply(&dir.path, "limit.yaml", &policy).await;
     for i in &orders {
         wait::until(
             "both instances share the limit",
@@ -224,23 +216,16 @@ async fn a_global_limit_is_shared_by_the_healthy_instances() {
 
     let run_for = Duration::from_secs(3);
     let started = Instant::now();
-    let loops = orders.iter().map(|i| {
-        let addr = i.sidecar.inbound;
-        async move {
-            let (mut ok, mut refused) = (0u32, 0u32);
-            while started.elapsed() < run_for {
-                let request = Request::get("/")
-                    .header("host", "orders")
-                    .body(Full::new(Bytes::new()))
-                    .unwrap();
-                match client::send(addr, request).await.expect("an answer").status {
-                    200 => ok += 1,
-                    429 => refused += 1,
-                    other => panic!("unexpected status {other}"),
-                }
+    let loops = orders.iter().map(|i| async move {
+        let (mut ok, mut refused) = (0u32, 0u32);
+        while started.elapsed() < run_for {
+            match inbound(&i.sidecar, "/").await.status {
+                200 => ok += 1,
+                429 => refused += 1,
+                other => panic!("unexpected status {other}"),
             }
-            (ok, refused)
         }
+        (ok, refused)
     });
     let results = futures_util::future::join_all(loops).await;
     let elapsed = started.elapsed().as_secs_f64();
@@ -273,11 +258,7 @@ async fn breaker_opens_after_5_failures_refuses_fast_then_half_opens_and_closes(
             "orders-breaker",
             "targetRef: {service: orders}\nconsecutiveFailures: 5\nopenDuration: 3s\nhalfOpenRequests: 1",
         );
-    let frontend = Upstream::start("frontend").await;
-    let sidecar = SidecarProcess::builder("frontend", frontend.port())
-        .config(&config)
-        .start()
-        .await;
+    let (_frontend, sidecar) = standalone("frontend", &config).await;
 
     for i in 0..5 {
         let reply = call(&sidecar, "http://orders/status?code=500").await;
@@ -346,11 +327,7 @@ async fn max_concurrent_requests_overflow_is_503() {
             "orders-breaker",
             "targetRef: {service: orders}\nmaxConcurrentRequests: 2\nmaxPendingRequests: 0",
         );
-    let frontend = Upstream::start("frontend").await;
-    let sidecar = SidecarProcess::builder("frontend", frontend.port())
-        .config(&config)
-        .start()
-        .await;
+    let (_frontend, sidecar) = standalone("frontend", &config).await;
     let slow: Vec<_> = (0..2)
         .map(|_| {
             let outbound = sidecar.outbound;
@@ -388,11 +365,7 @@ async fn retries_raise_the_success_rate_and_the_budget_caps_extra_load() {
             "orders-broken",
             "targetRef: {service: orders}\nmatch: {pathPrefix: /status}\nattempts: 3\nretryOn: [5xx]\nbackoff: {base: 1ms, max: 5ms}\nbudget: {percent: 20, minPerSecond: 1}",
         );
-    let frontend = Upstream::start("frontend").await;
-    let sidecar = SidecarProcess::builder("frontend", frontend.port())
-        .config(&config)
-        .start()
-        .await;
+    let (_frontend, sidecar) = standalone("frontend", &config).await;
 
     // With the budget untouched: a failing GET is retried (3 tries), a
     // failing POST (not idempotent) is not.
@@ -454,11 +427,7 @@ async fn timeout_policy_answers_504_at_its_deadline() {
             "orders-timeout",
             "targetRef: {service: orders}\nrequest: 200ms",
         );
-    let frontend = Upstream::start("frontend").await;
-    let sidecar = SidecarProcess::builder("frontend", frontend.port())
-        .config(&config)
-        .start()
-        .await;
+    let (_frontend, sidecar) = standalone("frontend", &config).await;
     let started = Instant::now();
     let reply = call(&sidecar, "http://orders/slow?ms=2000").await;
     let elapsed = started.elapsed();
@@ -484,11 +453,7 @@ async fn traffic_split_sends_about_10_percent_to_v2() {
             "orders-canary",
             "targetRef: {service: orders}\nsplits:\n- {labels: {version: v1}, weight: 90}\n- {labels: {version: v2}, weight: 10}",
         );
-    let frontend = Upstream::start("frontend").await;
-    let sidecar = SidecarProcess::builder("frontend", frontend.port())
-        .config(&config)
-        .start()
-        .await;
+    let (_frontend, sidecar) = standalone("frontend", &config).await;
     for _ in 0..1000 {
         assert_eq!(call(&sidecar, "http://orders/").await.status, 200);
     }
@@ -513,11 +478,7 @@ async fn a_split_subset_whose_breakers_are_open_gives_its_share_to_the_others() 
             "orders-breaker",
             "targetRef: {service: orders}\nconsecutiveFailures: 2\nopenDuration: 60s",
         );
-    let frontend = Upstream::start("frontend").await;
-    let sidecar = SidecarProcess::builder("frontend", frontend.port())
-        .config(&config)
-        .start()
-        .await;
+    let (_frontend, sidecar) = standalone("frontend", &config).await;
     v2.kill();
     let mut failed = 0;
     for _ in 0..200 {
@@ -562,7 +523,7 @@ async fn a_pushed_policy_takes_effect_within_a_second_while_a_long_request_conti
         "orders-tight",
         "targetRef: {service: orders}\ntokenBucket: {capacity: 1, refillPerSecond: 0.01}\nscope: local",
     );
-    apply(&cp, &dir, "tight.yaml", &policy).await;
+    cp.apply(&dir.path, "tight.yaml", &policy).await;
     let applied = Instant::now();
     let reply = wait::until(
         "the pushed limit refuses",
@@ -587,16 +548,12 @@ async fn a_pushed_policy_takes_effect_within_a_second_while_a_long_request_conti
 
 #[tokio::test]
 async fn sighup_reloads_a_valid_config_and_keeps_the_old_on_error() {
-    let app = Upstream::start("orders").await;
     let generous = doc(
         "RateLimitPolicy",
         "orders-limit",
         "targetRef: {service: orders}\ntokenBucket: {capacity: 1000, refillPerSecond: 1000}\nscope: local",
     );
-    let mut sidecar = SidecarProcess::builder("orders", app.port())
-        .config(&generous)
-        .start()
-        .await;
+    let (app, mut sidecar) = standalone("orders", &generous).await;
     for _ in 0..5 {
         assert_eq!(inbound(&sidecar, "/").await.status, 200);
     }
@@ -674,11 +631,11 @@ async fn a_rollback_restores_the_earlier_policy_in_every_sidecar() {
         )
     };
     // Revision A: a 200 ms timeout; revision B: 5 s.
-    apply(&cp, &dir, "timeout.yaml", &timeout("200ms")).await;
+    cp.apply(&dir.path, "timeout.yaml", &timeout("200ms")).await;
     let revision_a = cp.get_json("/api/v1/revisions?limit=1").await[0]["revision"]
         .as_u64()
         .unwrap();
-    apply(&cp, &dir, "timeout.yaml", &timeout("5s")).await;
+    cp.apply(&dir.path, "timeout.yaml", &timeout("5s")).await;
     let slow = "http://orders/slow?ms=600";
     wait::until(
         "the 5 s timeout is in force",

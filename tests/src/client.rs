@@ -48,6 +48,14 @@ pub async fn get(addr: SocketAddr, path: &str) -> Result<Reply, Error> {
     send(addr, request).await
 }
 
+/// `GET uri` over HTTP/1.1 to `addr`, sent as given (no `Host` header
+/// added): through an outbound listener `uri` names the service, as in
+/// `http://orders/path`.
+pub async fn get_uri(addr: SocketAddr, uri: &str) -> Result<Reply, Error> {
+    let request = Request::get(uri).body(Full::new(Bytes::new()))?;
+    send(addr, request).await
+}
+
 /// `POST path` with a JSON body.
 pub async fn post_json(addr: SocketAddr, path: &str, body: &serde_json::Value) -> Reply {
     let request = Request::post(path)

@@ -273,6 +273,15 @@ impl ControlPlaneProcess {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    /// Writes `yaml` to `dir/file` and runs `meshctl apply -f` on it
+    /// against this control plane; asserts that it succeeded.
+    pub async fn apply(&self, dir: &std::path::Path, file: &str, yaml: &str) {
+        let path = dir.join(file);
+        std::fs::write(&path, yaml).expect("write the file to apply");
+        let out = meshctl(Some(&self.url()), &["apply", "-f", path.to_str().unwrap()]).await;
+        assert!(out.success(), "apply {file}: {out:?}");
+    }
+
     /// GET an API path and decode JSON.
     pub async fn get_json(&self, path: &str) -> serde_json::Value {
         let reply = client::get(self.addr, path).await.expect("API answers");

@@ -1,0 +1,231 @@
+//! The harness shared by the process-level tests (`api.rs`, `pipeline.rs`):
+//! the real `control-plane` binary on a free loopback port with a temporary
+//! data directory, driven over HTTP and through `meshctl`. No fixed sleeps:
+//! every wait polls a condition against a deadline.
+//!
+//! Each test file is its own crate and compiles this module again, so an
+//! item that one of them does not use would be reported as dead code there;
+//! those items carry `#[allow(dead_code)]`.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{Method, Request, StatusCode};
+use http_body_util::Full;
+use meshlet_api::mesh::{
+    paths, Heartbeat, MeshState, Registration, RegistrationReply, RevisionRecord, WatchEvent,
+};
+use meshlet_control_plane::client::{send, HttpError};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::TcpStream;
+
+pub const DEADLINE: Duration = Duration::from_secs(10);
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A running `control-plane`; killed when dropped.
+pub struct ControlPlane {
+    pub child: Child,
+    pub addr: SocketAddr,
+}
+
+impl ControlPlane {
+    /// Starts the binary on a free port with `data_dir` and `extra`
+    /// arguments, and waits until `/healthz` answers 200.
+    pub async fn start(data_dir: &Path, extra: &[&str]) -> ControlPlane {
+        let addr: SocketAddr = ([127, 0, 0, 1], free_port()).into();
+        let child = Command::new(env!("CARGO_BIN_EXE_control-plane"))
+            .arg("--listen")
+            .arg(addr.to_string())
+            .arg("--data-dir")
+            .arg(data_dir)
+            .args(extra)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("start control-plane");
+        let mut cp = ControlPlane { child, addr };
+        let started = Instant::now();
+        loop {
+            if let Ok((StatusCode::OK, _)) = cp.call(Method::GET, paths::HEALTH, None).await {
+                return cp;
+            }
+            if let Ok(Some(status)) = cp.child.try_wait() {
+                panic!("control-plane exited early: {status}");
+            }
+            assert!(started.elapsed() < DEADLINE, "control-plane not ready");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    pub async fn call(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Vec<u8>>,
+    ) -> Result<(StatusCode, Bytes), HttpError> {
+        let request = Request::builder()
+            .method(method)
+            .uri(path)
+            .header("host", self.addr.to_string())
+            .header("content-type", "application/json")
+            .body(Full::new(Bytes::from(body.unwrap_or_default())))
+            .unwrap();
+        send(
+            &self.addr.to_string(),
+            request,
+            Duration::from_secs(2),
+            DEADLINE,
+        )
+        .await
+    }
+
+    /// `call`, with the answer parsed as JSON (panics, with the body, if
+    /// it is not a `T`).
+    pub async fn json<T: serde::de::DeserializeOwned>(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Vec<u8>>,
+    ) -> (StatusCode, T) {
+        let (status, bytes) = self.call(method, path, body).await.unwrap();
+        let value = serde_json::from_slice(&bytes).unwrap_or_else(|e| {
+            panic!("{status} {path}: {e}: {}", String::from_utf8_lossy(&bytes))
+        });
+        (status, value)
+    }
+
+    /// The revision history, newest first.
+    pub async fn revisions(&self) -> Vec<RevisionRecord> {
+        self.json(Method::GET, paths::REVISIONS, None).await.1
+    }
+
+    /// Registers a healthy instance at 127.0.0.1:`port` in `default`;
+    /// asserts 200.
+    pub async fn register(&self, id: &str, service: &str, port: u16) -> RegistrationReply {
+        let reg = Registration {
+            id: id.into(),
+            service: service.into(),
+            namespace: "default".into(),
+            address: ([127, 0, 0, 1], port).into(),
+            labels: Default::default(),
+            healthy: true,
+        };
+        let body = serde_json::to_vec(&reg).unwrap();
+        let (status, reply) = self.json(Method::POST, paths::INSTANCES, Some(body)).await;
+        assert_eq!(status, StatusCode::OK);
+        reply
+    }
+
+    #[allow(dead_code)] // used by api.rs only
+    pub async fn heartbeat(&self, id: &str, healthy: bool) -> StatusCode {
+        let body = serde_json::to_vec(&Heartbeat { healthy }).unwrap();
+        let (status, _) = self
+            .call(Method::PUT, &paths::heartbeat(id), Some(body))
+            .await
+            .unwrap();
+        status
+    }
+
+    /// Opens `GET /api/v1/watch[?revision=N]`, checks the head (200,
+    /// NDJSON) and returns the stream positioned at the first event.
+    pub async fn watch(&self, revision: Option<u64>) -> Watch {
+        let mut stream = TcpStream::connect(self.addr).await.unwrap();
+        let query = revision
+            .map(|r| format!("?revision={r}"))
+            .unwrap_or_default();
+        let head = format!("GET {}{query} HTTP/1.0\r\n\r\n", paths::WATCH);
+        stream.write_all(head.as_bytes()).await.unwrap();
+        let mut reader = BufReader::new(stream);
+        let mut line = String::new();
+        reader.read_line(&mut line).await.unwrap();
+        assert!(line.contains(" 200 "), "{line}");
+        let mut saw_ndjson = false;
+        loop {
+            line.clear();
+            reader.read_line(&mut line).await.unwrap();
+            saw_ndjson |= line.eq_ignore_ascii_case("content-type: application/x-ndjson\r\n");
+            if line == "\r\n" {
+                break;
+            }
+        }
+        assert!(saw_ndjson);
+        Watch {
+            reader,
+            state: MeshState::default(),
+        }
+    }
+
+    /// `meshctl --server http://ADDR ARGS` (as tester@box) → (exit code,
+    /// stdout, stderr).
+    pub fn meshctl(&self, args: &[&str]) -> (i32, String, String) {
+        let out = Command::new(env!("CARGO_BIN_EXE_meshctl"))
+            .arg("--server")
+            .arg(format!("http://{}", self.addr))
+            .args(args)
+            .env("USER", "tester")
+            .env("HOSTNAME", "box")
+            .output()
+            .unwrap();
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).to_string(),
+            String::from_utf8_lossy(&out.stderr).to_string(),
+        )
+    }
+
+    /// SIGKILL, no chance to flush or clean up.
+    pub fn kill9(mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
+}
+
+impl Drop for ControlPlane {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A watch stream and the state its events build up.
+pub struct Watch {
+    pub reader: BufReader<TcpStream>,
+    pub state: MeshState,
+}
+
+impl Watch {
+    /// The next event (within the deadline), applied to the held state.
+    pub async fn next(&mut self) -> Option<WatchEvent> {
+        let mut line = String::new();
+        let read = tokio::time::timeout(DEADLINE, self.reader.read_line(&mut line))
+            .await
+            .expect("no watch event within the deadline")
+            .unwrap();
+        if read == 0 {
+            return None;
+        }
+        let event: WatchEvent = serde_json::from_str(&line).unwrap();
+        self.state.apply(event.clone()).expect("event applies");
+        Some(event)
+    }
+
+    /// Reads events until `done(state)`; returns the events read.
+    #[allow(dead_code)] // used by api.rs only
+    pub async fn until(&mut self, done: impl Fn(&MeshState) -> bool) -> Vec<WatchEvent> {
+        let mut events = Vec::new();
+        while !done(&self.state) {
+            events.push(self.next().await.expect("stream ended"));
+        }
+        events
+    }
+}
