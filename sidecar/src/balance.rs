@@ -124,34 +124,44 @@ impl Balancer {
             .or_else(|| self.pick_where(|i, _| !tried.contains(i) && allowed(i)))
     }
 
+    /// Power of two choices among the endpoints `usable` accepts. One pass,
+    /// evaluating `usable` once per endpoint (it may take a lock, and its
+    /// answer may change meanwhile on another thread): reservoir sampling
+    /// keeps two distinct usable endpoints chosen uniformly at random.
     fn pick_where(
         &self,
         usable: impl Fn(usize, &Endpoint) -> bool,
     ) -> Option<(usize, &Arc<Endpoint>)> {
-        let n = self.endpoints.len();
-        let usable_count = (0..n).filter(|&i| usable(i, &self.endpoints[i])).count();
-        let nth_usable = |k: usize| {
-            (0..n)
-                .filter(|&i| usable(i, &self.endpoints[i]))
-                .nth(k)
-                .map(|i| (i, &self.endpoints[i]))
-        };
-        match usable_count {
-            0 => None,
-            1 => nth_usable(0),
-            count => {
-                let a = fastrand::usize(..count);
-                let mut b = fastrand::usize(..count - 1);
-                if b >= a {
-                    b += 1;
-                }
-                let (a, b) = (nth_usable(a)?, nth_usable(b)?);
-                Some(if b.1.in_flight() < a.1.in_flight() {
-                    b
-                } else {
-                    a
-                })
+        let mut chosen: [Option<usize>; 2] = [None, None];
+        let mut seen = 0usize;
+        for (i, endpoint) in self.endpoints.iter().enumerate() {
+            if !usable(i, endpoint) {
+                continue;
             }
+            if seen < 2 {
+                chosen[seen] = Some(i);
+            } else {
+                let slot = fastrand::usize(..=seen);
+                if slot < 2 {
+                    chosen[slot] = Some(i);
+                }
+            }
+            seen += 1;
+        }
+        let pick = |i: usize| (i, &self.endpoints[i]);
+        match chosen {
+            [Some(a), Some(b)] => {
+                let (load_a, load_b) =
+                    (self.endpoints[a].in_flight(), self.endpoints[b].in_flight());
+                Some(pick(match load_a.cmp(&load_b) {
+                    std::cmp::Ordering::Less => a,
+                    std::cmp::Ordering::Greater => b,
+                    std::cmp::Ordering::Equal if fastrand::bool() => a,
+                    std::cmp::Ordering::Equal => b,
+                }))
+            }
+            [Some(a), None] => Some(pick(a)),
+            _ => None,
         }
     }
 }
@@ -195,6 +205,26 @@ mod tests {
             hits[b.pick(Tried::default()).unwrap().0] += 1;
         }
         assert!(hits.iter().all(|&h| h > 50), "{hits:?}");
+    }
+
+    #[test]
+    fn asks_once_per_endpoint_and_is_uniform_among_the_allowed() {
+        let b = balancer(6);
+        let asked = std::cell::Cell::new(0);
+        let mut hits = [0usize; 6];
+        for _ in 0..3000 {
+            asked.set(0);
+            let (i, _) = b
+                .pick_among(Tried::default(), |i| {
+                    asked.set(asked.get() + 1);
+                    i % 2 == 0
+                })
+                .unwrap();
+            assert_eq!(asked.get(), 6, "one question per endpoint");
+            hits[i] += 1;
+        }
+        assert_eq!(hits[1] + hits[3] + hits[5], 0, "only allowed endpoints");
+        assert!([0, 2, 4].iter().all(|&i| hits[i] > 800), "{hits:?}");
     }
 
     #[test]

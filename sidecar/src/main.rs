@@ -37,6 +37,10 @@ fn main() -> ExitCode {
 }
 
 async fn start(args: Args) -> Result<(), StartupError> {
+    // First, so that a SIGHUP during start-up (a config management tool
+    // reloading everything) does not kill the process: it reloads once
+    // the sidecar runs.
+    let reloads = reload_signal();
     if args.mode == Mode::Transparent {
         return Err(StartupError::Unsupported(
             "--mode transparent is not available in this release; use --mode explicit".to_owned(),
@@ -48,14 +52,7 @@ async fn start(args: Args) -> Result<(), StartupError> {
         None => InitialConfig::standalone(args.config.as_deref())?,
     };
     let listeners = Listeners::bind(&settings).await?;
-    run(
-        settings,
-        initial,
-        listeners,
-        shutdown_signal(),
-        reload_signal(),
-    )
-    .await;
+    run(settings, initial, listeners, shutdown_signal(), reloads).await;
     Ok(())
 }
 
