@@ -51,12 +51,8 @@ const KILLED: usize = 1 << (usize::BITS - 1);
 pub struct Upstream {
     pub name: String,
     pub addr: SocketAddr,
-    requests: Arc<AtomicUsize>,
-    connections: Arc<AtomicUsize>,
-    open: Arc<AtomicUsize>,
-    delay_ms: Arc<AtomicU64>,
-    healthy: Arc<AtomicBool>,
-    health_probes: Arc<AtomicUsize>,
+    /// Counters and switches, shared with the serving tasks.
+    state: State,
     stop: watch::Sender<bool>,
     accept: JoinHandle<()>,
 }
@@ -69,32 +65,21 @@ impl Upstream {
     pub async fn start_on(name: &str, addr: SocketAddr) -> Upstream {
         let listener = TcpListener::bind(addr).await.expect("bind upstream");
         let addr = listener.local_addr().expect("local addr");
-        let requests = Arc::new(AtomicUsize::new(0));
-        let delay_ms = Arc::new(AtomicU64::new(0));
-        let connections = Arc::new(AtomicUsize::new(0));
-        let open = Arc::new(AtomicUsize::new(0));
-        let healthy = Arc::new(AtomicBool::new(true));
-        let health_probes = Arc::new(AtomicUsize::new(0));
         let (stop, stopped) = watch::channel(false);
         let state = State {
             name: name.to_owned(),
-            requests: Arc::clone(&requests),
-            connections: Arc::clone(&connections),
-            open: Arc::clone(&open),
-            delay_ms: Arc::clone(&delay_ms),
-            healthy: Arc::clone(&healthy),
-            health_probes: Arc::clone(&health_probes),
+            requests: Arc::default(),
+            connections: Arc::default(),
+            open: Arc::default(),
+            delay_ms: Arc::default(),
+            healthy: Arc::new(AtomicBool::new(true)),
+            health_probes: Arc::default(),
         };
-        let accept = tokio::spawn(accept_loop(listener, state, stopped));
+        let accept = tokio::spawn(accept_loop(listener, state.clone(), stopped));
         Upstream {
             name: name.to_owned(),
             addr,
-            requests,
-            connections,
-            open,
-            delay_ms,
-            healthy,
-            health_probes,
+            state,
             stop,
             accept,
         }
@@ -102,12 +87,12 @@ impl Upstream {
 
     /// Makes `/health` answer 200 (true) or 503 (false).
     pub fn set_healthy(&self, healthy: bool) {
-        self.healthy.store(healthy, Ordering::SeqCst);
+        self.state.healthy.store(healthy, Ordering::SeqCst);
     }
 
     /// `/health` requests received so far.
     pub fn health_probes(&self) -> usize {
-        self.health_probes.load(Ordering::SeqCst)
+        self.state.health_probes.load(Ordering::SeqCst)
     }
 
     pub fn port(&self) -> u16 {
@@ -116,23 +101,24 @@ impl Upstream {
 
     /// Requests received so far.
     pub fn requests(&self) -> usize {
-        self.requests.load(Ordering::SeqCst) & !KILLED
+        self.state.requests.load(Ordering::SeqCst) & !KILLED
     }
 
     /// Connections that carried at least one request (TCP-only health
     /// probes don't count).
     pub fn connections(&self) -> usize {
-        self.connections.load(Ordering::SeqCst)
+        self.state.connections.load(Ordering::SeqCst)
     }
 
     /// Connections open right now (any, including TCP-only probes).
     pub fn open_connections(&self) -> usize {
-        self.open.load(Ordering::SeqCst)
+        self.state.open.load(Ordering::SeqCst)
     }
 
     /// Delays every answer by `delay` from now on (a struggling instance).
     pub fn set_delay(&self, delay: Duration) {
-        self.delay_ms
+        self.state
+            .delay_ms
             .store(delay.as_millis() as u64, Ordering::SeqCst);
     }
 
@@ -140,7 +126,7 @@ impl Upstream {
     /// returns, no request is counted or answered any more (requests
     /// already inside the server are dropped unanswered), as with a crash.
     pub fn kill(&self) {
-        self.requests.fetch_or(KILLED, Ordering::SeqCst);
+        self.state.requests.fetch_or(KILLED, Ordering::SeqCst);
         let _ = self.stop.send(true);
         self.accept.abort();
     }
