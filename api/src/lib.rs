@@ -9,6 +9,8 @@
 //!   then semantic validation ([`Resource::validate`]).
 //! - [`mesh`]: what the control plane, sidecars and meshctl exchange
 //!   (registration, heartbeats, the revisioned watch stream, API answers).
+//! - [`otlp`]: the subset of OpenTelemetry's OTLP trace messages that
+//!   sidecars export and the control plane receives (protobuf).
 //!
 //! Both the sidecar (standalone `--config`) and the control plane
 //! (`meshctl apply`) use this crate, so a file that one accepts the other
@@ -19,6 +21,7 @@
 
 mod duration;
 pub mod mesh;
+pub mod otlp;
 mod parse;
 pub mod policy;
 pub mod resource;
@@ -28,6 +31,6 @@ pub use parse::{parse_documents, ParseError};
 pub use policy::{HealthCheckSpec, RouteMatch, TargetRef};
 pub use resource::{
     CircuitBreakerPolicy, EndpointSpec, HealthCheckPolicy, ObjectMeta, RateLimitPolicy, Resource,
-    ResourceKey, RetryPolicy, ServiceResource, ServiceSpec, TimeoutPolicy, TrafficSplit,
-    API_VERSION, KNOWN_KINDS,
+    ResourceKey, RetryPolicy, ServiceResource, ServiceSpec, TimeoutPolicy, TracingPolicy,
+    TrafficSplit, API_VERSION, KNOWN_KINDS,
 };

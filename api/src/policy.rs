@@ -577,6 +577,37 @@ impl TrafficSplitSpec {
     }
 }
 
+// -------------------------------------------------------------- tracing
+
+/// `kind: TracingPolicy`: what share of the traces that *start* at the
+/// target service are recorded. A request that arrives with a trace
+/// context keeps that context's sampled flag, so one trace is recorded
+/// whole or not at all.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct TracingSpec {
+    pub target_ref: TargetRef,
+    /// From 0.0 (none) to 1.0 (every new trace).
+    #[serde(default = "TracingSpec::default_ratio")]
+    pub sampling_ratio: f64,
+}
+
+impl TracingSpec {
+    /// Without a policy every trace is sampled, as in the demo.
+    pub const DEFAULT_RATIO: f64 = 1.0;
+
+    fn default_ratio() -> f64 {
+        Self::DEFAULT_RATIO
+    }
+
+    pub(crate) fn validate(&self) -> Result<(), FieldError> {
+        if !(0.0..=1.0).contains(&self.sampling_ratio) {
+            return field_error("samplingRatio", "give a ratio from 0.0 to 1.0");
+        }
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

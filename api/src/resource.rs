@@ -10,7 +10,7 @@ use serde::{Deserialize, Deserializer, Serialize};
 
 use crate::policy::{
     CircuitBreakerSpec, HealthCheckSpec, RateLimitSpec, RetrySpec, TargetRef, TimeoutSpec,
-    TrafficSplitSpec,
+    TracingSpec, TrafficSplitSpec,
 };
 
 /// The only `apiVersion` this release understands.
@@ -74,6 +74,8 @@ pub type RetryPolicy = Document<RetrySpec>;
 pub type TimeoutPolicy = Document<TimeoutSpec>;
 /// `kind: TrafficSplit`.
 pub type TrafficSplit = Document<TrafficSplitSpec>;
+/// `kind: TracingPolicy`.
+pub type TracingPolicy = Document<TracingSpec>;
 
 /// One parsed and validated resource of any known kind.
 ///
@@ -89,6 +91,7 @@ pub enum Resource {
     RetryPolicy(RetryPolicy),
     TimeoutPolicy(TimeoutPolicy),
     TrafficSplit(TrafficSplit),
+    TracingPolicy(TracingPolicy),
 }
 
 /// The kinds this release accepts, in the order error messages list them.
@@ -100,6 +103,7 @@ pub const KNOWN_KINDS: &[&str] = &[
     "RetryPolicy",
     "TimeoutPolicy",
     "TrafficSplit",
+    "TracingPolicy",
 ];
 
 /// Evaluates `$body` with `$doc` bound to the document of any kind.
@@ -113,6 +117,7 @@ macro_rules! each_kind {
             Resource::RetryPolicy($doc) => $body,
             Resource::TimeoutPolicy($doc) => $body,
             Resource::TrafficSplit($doc) => $body,
+            Resource::TracingPolicy($doc) => $body,
         }
     };
 }
@@ -131,6 +136,7 @@ pub(crate) fn typed_resource<E>(
         "RetryPolicy" => deserialize.doc().map(Resource::RetryPolicy),
         "TimeoutPolicy" => deserialize.doc().map(Resource::TimeoutPolicy),
         "TrafficSplit" => deserialize.doc().map(Resource::TrafficSplit),
+        "TracingPolicy" => deserialize.doc().map(Resource::TracingPolicy),
         _ => return None,
     })
 }
@@ -173,6 +179,7 @@ impl Resource {
             Resource::RetryPolicy(_) => "RetryPolicy",
             Resource::TimeoutPolicy(_) => "TimeoutPolicy",
             Resource::TrafficSplit(_) => "TrafficSplit",
+            Resource::TracingPolicy(_) => "TracingPolicy",
         }
     }
 
@@ -211,6 +218,7 @@ impl Resource {
             Resource::RetryPolicy(doc) => &doc.spec.target_ref,
             Resource::TimeoutPolicy(doc) => &doc.spec.target_ref,
             Resource::TrafficSplit(doc) => &doc.spec.target_ref,
+            Resource::TracingPolicy(doc) => &doc.spec.target_ref,
         })
     }
 
@@ -245,6 +253,7 @@ impl Resource {
             Resource::RetryPolicy(doc) => doc.spec.validate(),
             Resource::TimeoutPolicy(doc) => doc.spec.validate(),
             Resource::TrafficSplit(doc) => doc.spec.validate(),
+            Resource::TracingPolicy(doc) => doc.spec.validate(),
         }?;
         if let Some(target) = self.target_ref() {
             check_dns_label(&target.service)

@@ -49,6 +49,7 @@ const KINDS: &[(&str, &str, &str)] = &[
     ("RetryPolicy", "retrypolicies", "rp"),
     ("TimeoutPolicy", "timeoutpolicies", "tp"),
     ("TrafficSplit", "trafficsplits", "ts"),
+    ("TracingPolicy", "tracingpolicies", "trp"),
 ];
 
 /// Resolves `ratelimitpolicy`, `RateLimitPolicies`, `rlp`, ... (any case).
@@ -135,6 +136,7 @@ pub fn summary_header(kind: &str) -> &'static str {
         "RetryPolicy" => "RETRY",
         "TimeoutPolicy" => "TIMEOUTS",
         "TrafficSplit" => "SPLIT",
+        "TracingPolicy" => "SAMPLING",
         _ => "SUMMARY",
     }
 }
@@ -211,6 +213,9 @@ pub fn summary(resource: &Resource) -> String {
                 })
                 .collect::<Vec<_>>()
                 .join(", ")
+        }
+        Resource::TracingPolicy(doc) => {
+            format!("{}% of new traces", number(doc.spec.sampling_ratio * 100.0))
         }
     }
 }
