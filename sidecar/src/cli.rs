@@ -13,7 +13,8 @@ use std::time::Duration;
 use clap::{Parser, ValueEnum};
 
 use crate::error::StartupError;
-use crate::settings::{ControlPlaneSettings, Limits, Settings};
+use crate::settings::{ControlPlaneSettings, Limits, Observability, Settings};
+use crate::trace::export::ExportEndpoint;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum Mode {
@@ -127,6 +128,30 @@ pub struct Args {
     /// Log format (filter with RUST_LOG, e.g. RUST_LOG=debug).
     #[arg(long, env = "MESHLET_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
+
+    /// Trace requests: join or start W3C traces, pass `traceparent` on,
+    /// record spans (`off`: headers pass through untouched).
+    #[arg(long, env = "MESHLET_TRACING", value_enum, default_value_t = Switch::On)]
+    pub tracing: Switch,
+
+    /// OTLP/HTTP collector for spans (`http://HOST:PORT[/path]`; no path
+    /// means `/v1/traces`). Default: the control plane. `none`: keep no spans.
+    #[arg(long, env = "MESHLET_TRACE_ENDPOINT")]
+    pub trace_endpoint: Option<String>,
+
+    /// Spans waiting for export at most; more are dropped and counted.
+    #[arg(long, env = "MESHLET_TRACE_QUEUE", default_value_t = 2048)]
+    pub trace_queue: usize,
+
+    /// Print one JSON line per request to standard output.
+    #[arg(long, env = "MESHLET_ACCESS_LOG")]
+    pub access_log: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Switch {
+    On,
+    Off,
 }
 
 fn parse_duration(text: &str) -> Result<Duration, String> {
@@ -201,7 +226,27 @@ impl Args {
                 })
             }
         };
+        let trace_endpoint = match self.trace_endpoint.as_deref() {
+            Some("none") => None,
+            Some(url) => Some(url.to_owned()),
+            None => control_plane
+                .as_ref()
+                .map(|cp| format!("http://{}", cp.authority)),
+        };
+        let trace_endpoint = trace_endpoint
+            .map(|url| {
+                ExportEndpoint::parse(&url)
+                    .map_err(|why| StartupError::Usage(format!("--trace-endpoint {why}")))
+            })
+            .transpose()?;
+        let observability = Observability {
+            tracing: self.tracing == Switch::On,
+            trace_endpoint,
+            trace_queue: self.trace_queue,
+            access_log: self.access_log,
+        };
         Ok(Settings {
+            observability,
             service: self.service.clone(),
             namespace: self.namespace.clone(),
             labels: self.labels.iter().cloned().collect(),

@@ -1,5 +1,5 @@
 //! A minimal HTTP/1.1 client for the sidecar's own calls: health probes of
-//! the local app and the control plane API. One fresh connection per call
+//! the local app, the control plane API and span exports. One fresh connection per call
 //! (these calls are rare; proxied traffic uses [`crate::pool`] instead).
 
 use std::time::Duration;
@@ -62,6 +62,48 @@ pub async fn send(
     body: Option<Vec<u8>>,
     timeout: Duration,
 ) -> Result<Response<Incoming>, ClientError> {
+    let body = body.map(|bytes| (HeaderValue::from_static("application/json"), bytes));
+    send_typed(authority, method, path_and_query, body, timeout).await
+}
+
+/// POSTs `body` of `content_type` and returns the status once the whole
+/// answer was read (an exporter's call: the answer's body is not needed).
+pub async fn post(
+    authority: &str,
+    path: &str,
+    content_type: &'static str,
+    body: Vec<u8>,
+    timeout: Duration,
+) -> Result<StatusCode, ClientError> {
+    let exchange = async {
+        let body = Some((HeaderValue::from_static(content_type), body));
+        let response = send_typed(authority, Method::POST, path, body, timeout).await?;
+        let status = response.status();
+        response
+            .into_body()
+            .collect()
+            .await
+            .map_err(|source| ClientError::Http {
+                authority: authority.to_owned(),
+                source,
+            })?;
+        Ok(status)
+    };
+    tokio::time::timeout(timeout, exchange)
+        .await
+        .map_err(|_| ClientError::Timeout {
+            authority: authority.to_owned(),
+            after: timeout,
+        })?
+}
+
+async fn send_typed(
+    authority: &str,
+    method: Method,
+    path_and_query: &str,
+    body: Option<(HeaderValue, Vec<u8>)>,
+    timeout: Duration,
+) -> Result<Response<Incoming>, ClientError> {
     let exchange = async {
         let stream = connect(authority).await?;
         let _ = stream.set_nodelay(true);
@@ -79,14 +121,15 @@ pub async fn send(
             .uri(path_and_query)
             .header(header::HOST, authority)
             .header(header::USER_AGENT, "meshlet-sidecar");
-        if body.is_some() {
-            request = request.header(
-                header::CONTENT_TYPE,
-                HeaderValue::from_static("application/json"),
-            );
-        }
+        let body = match body {
+            Some((content_type, bytes)) => {
+                request = request.header(header::CONTENT_TYPE, content_type);
+                bytes
+            }
+            None => Vec::new(),
+        };
         let request = request
-            .body(Full::new(Bytes::from(body.unwrap_or_default())))
+            .body(Full::new(Bytes::from(body)))
             .map_err(|source| ClientError::Request {
                 authority: authority.to_owned(),
                 source,

@@ -19,6 +19,7 @@
 //! configuration loading or the control plane; requests read the current
 //! snapshot through an atomic pointer.
 
+pub mod access_log;
 pub mod admin;
 pub mod balance;
 pub mod body;
@@ -41,6 +42,7 @@ pub mod route;
 pub mod server;
 pub mod settings;
 pub mod snapshot;
+pub mod trace;
 pub mod tunnel;
 
 use std::future::Future;

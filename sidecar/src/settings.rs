@@ -8,6 +8,8 @@ use std::time::Duration;
 
 use serde::Serialize;
 
+use crate::trace::export::ExportEndpoint;
+
 /// Everything the sidecar needs to know about itself.
 #[derive(Debug, Clone, Serialize)]
 pub struct Settings {
@@ -27,6 +29,31 @@ pub struct Settings {
     pub limits: Limits,
     /// `None` runs standalone from `--config`.
     pub control_plane: Option<ControlPlaneSettings>,
+    pub observability: Observability,
+}
+
+/// Tracing and access logging.
+#[derive(Debug, Clone, Serialize)]
+pub struct Observability {
+    /// Join/start traces and pass `traceparent` on.
+    pub tracing: bool,
+    /// Where spans are exported; `None` keeps no spans.
+    pub trace_endpoint: Option<ExportEndpoint>,
+    /// Spans waiting for export at most.
+    pub trace_queue: usize,
+    /// One JSON line per request on standard output.
+    pub access_log: bool,
+}
+
+impl Default for Observability {
+    fn default() -> Self {
+        Observability {
+            tracing: true,
+            trace_endpoint: None,
+            trace_queue: 2048,
+            access_log: false,
+        }
+    }
 }
 
 /// How this sidecar reaches and announces itself to the control plane.

@@ -59,6 +59,25 @@ pub struct Snapshot {
     pub inbound: InboundPolicies,
     /// Stateful policy objects by identity, reused by the next build.
     policy_state: PolicyState,
+    /// Share of new traces started here that are recorded (the own
+    /// service's `TracingPolicy`; every trace without one).
+    pub sampling_ratio: f64,
+}
+
+/// The own service's `TracingPolicy` ratio (the first by name if several).
+fn sampling_ratio(resources: &[Resource], own: Own<'_>) -> f64 {
+    resources
+        .iter()
+        .filter(|r| r.target() == Some((own.namespace, own.service)))
+        .filter_map(|r| match r {
+            Resource::TracingPolicy(doc) => Some((&doc.metadata.name, doc.spec.sampling_ratio)),
+            _ => None,
+        })
+        .min_by(|a, b| a.0.cmp(b.0))
+        .map_or(
+            meshlet_api::policy::TracingSpec::DEFAULT_RATIO,
+            |(_, ratio)| ratio,
+        )
 }
 
 /// Who is building a snapshot: this sidecar's own service, whose inbound
@@ -154,6 +173,7 @@ impl Snapshot {
             revision: state.revision,
             source,
             services,
+            sampling_ratio: sampling_ratio(&state.resources, own),
             resources: state.resources.clone(),
             inbound,
             policy_state,

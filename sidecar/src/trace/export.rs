@@ -1,0 +1,386 @@
+//! Span export: finished spans go into a bounded queue; one task takes
+//! them out in batches, turns them into an OTLP
+//! `ExportTraceServiceRequest` and POSTs it (protobuf) to the collector,
+//! by default the control plane's `/v1/traces`.
+//!
+//! ```text
+//! request path ── SpanExporter::submit ──► queue (bounded; full → drop + count)
+//!                                            │
+//!     exporter task: up to BATCH spans or FLUSH_INTERVAL ─► OTLP protobuf ─► POST
+//!                                                     (fails → drop batch + count)
+//! ```
+//!
+//! The request path never waits: a slow or dead collector fills the queue
+//! and further spans are dropped and counted in
+//! `meshlet_spans_dropped_total{reason="queue_full"}`, so memory stays
+//! bounded by the queue capacity and latency does not change.
+
+use std::time::Duration;
+
+use http::Uri;
+use meshlet_api::otlp::{self, KeyValue, Message, SpanKind};
+use prometheus::IntCounter;
+use tokio::sync::{mpsc, watch};
+use tokio::time::Instant;
+
+use super::{context, SpanRecord};
+use crate::client;
+use crate::metrics::Direction;
+
+/// Spans per export request at most.
+const BATCH: usize = 512;
+/// How long a span waits for its batch to fill before it is sent anyway.
+const FLUSH_INTERVAL: Duration = Duration::from_millis(500);
+/// How long one export may take before the batch is given up.
+const EXPORT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How often repeated export failures are logged.
+const FAILURE_LOG_INTERVAL: Duration = Duration::from_secs(60);
+
+/// Where spans are sent: an OTLP/HTTP traces URL.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct ExportEndpoint {
+    /// `host:port`.
+    pub authority: String,
+    pub path: String,
+}
+
+impl ExportEndpoint {
+    /// An `http://` URL. One with no path gets OTLP's `/v1/traces`, like
+    /// an OpenTelemetry SDK's base endpoint; one with a path is used as is.
+    pub fn parse(url: &str) -> Result<Self, String> {
+        let uri: Uri = url
+            .parse()
+            .map_err(|e| format!("{url:?} is not a URL: {e}"))?;
+        if uri.scheme_str() != Some("http") {
+            return Err(format!(
+                "{url:?}: only http:// trace endpoints are supported"
+            ));
+        }
+        let authority = uri
+            .authority()
+            .ok_or_else(|| format!("{url:?} has no host"))?;
+        let host_port = match authority.port_u16() {
+            Some(_) => authority.to_string(),
+            None => format!("{}:80", authority.host()),
+        };
+        let path = match uri.path() {
+            "" | "/" => otlp::TRACES_PATH.to_owned(),
+            path => path.to_owned(),
+        };
+        Ok(ExportEndpoint {
+            authority: host_port,
+            path,
+        })
+    }
+}
+
+impl std::fmt::Display for ExportEndpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "http://{}{}", self.authority, self.path)
+    }
+}
+
+/// Who exports: the OTLP resource attributes of this sidecar's spans.
+#[derive(Debug, Clone)]
+pub struct ExporterIdentity {
+    pub service: String,
+    pub namespace: String,
+    pub instance_id: String,
+}
+
+/// The counters the exporter keeps.
+#[derive(Debug, Clone)]
+pub struct ExportCounters {
+    pub exported: IntCounter,
+    pub dropped_queue_full: IntCounter,
+    pub dropped_export_failed: IntCounter,
+}
+
+/// The request path's handle: cheap to clone, never blocks.
+#[derive(Debug, Clone)]
+pub struct SpanExporter {
+    queue: mpsc::Sender<SpanRecord>,
+    dropped_queue_full: IntCounter,
+}
+
+impl SpanExporter {
+    /// Queues `span`, or drops and counts it when the queue is full.
+    pub fn submit(&self, span: SpanRecord) {
+        if self.queue.try_send(span).is_err() {
+            self.dropped_queue_full.inc();
+        }
+    }
+}
+
+/// Starts the exporter task; it sends what is queued when `stop` turns
+/// true, then ends.
+pub fn spawn(
+    endpoint: ExportEndpoint,
+    identity: ExporterIdentity,
+    queue_capacity: usize,
+    counters: ExportCounters,
+    stop: watch::Receiver<bool>,
+) -> SpanExporter {
+    let (tx, rx) = mpsc::channel(queue_capacity.max(1));
+    let exporter = SpanExporter {
+        queue: tx,
+        dropped_queue_full: counters.dropped_queue_full.clone(),
+    };
+    let task = ExportTask {
+        endpoint,
+        resource: resource(&identity),
+        counters,
+        last_failure_log: None,
+    };
+    tokio::spawn(task.run(rx, stop));
+    exporter
+}
+
+struct ExportTask {
+    endpoint: ExportEndpoint,
+    resource: otlp::Resource,
+    counters: ExportCounters,
+    last_failure_log: Option<Instant>,
+}
+
+impl ExportTask {
+    async fn run(mut self, mut queue: mpsc::Receiver<SpanRecord>, mut stop: watch::Receiver<bool>) {
+        let mut batch = Vec::with_capacity(BATCH);
+        loop {
+            // Wait for a first span, then give the batch FLUSH_INTERVAL to fill.
+            tokio::select! {
+                received = queue.recv_many(&mut batch, BATCH) => {
+                    if received == 0 {
+                        return;
+                    }
+                }
+                _ = stop.wait_for(|stop| *stop) => break,
+            }
+            let flush_at = Instant::now() + FLUSH_INTERVAL;
+            while batch.len() < BATCH {
+                let room = BATCH - batch.len();
+                tokio::select! {
+                    received = queue.recv_many(&mut batch, room) => {
+                        if received == 0 {
+                            break;
+                        }
+                    }
+                    _ = tokio::time::sleep_until(flush_at) => break,
+                }
+            }
+            self.export(&mut batch).await;
+        }
+        // Shutting down: send what is already queued, once.
+        while let Ok(span) = queue.try_recv() {
+            batch.push(span);
+            if batch.len() == BATCH {
+                self.export(&mut batch).await;
+            }
+        }
+        if !batch.is_empty() {
+            self.export(&mut batch).await;
+        }
+    }
+
+    async fn export(&mut self, batch: &mut Vec<SpanRecord>) {
+        let count = batch.len() as u64;
+        let body = encode(&self.resource, batch.drain(..));
+        let sent = client::post(
+            &self.endpoint.authority,
+            &self.endpoint.path,
+            otlp::PROTOBUF_CONTENT_TYPE,
+            body,
+            EXPORT_TIMEOUT,
+        )
+        .await;
+        let failure = match sent {
+            Ok(status) if status.is_success() => {
+                self.counters.exported.inc_by(count);
+                if self.last_failure_log.take().is_some() {
+                    tracing::info!(endpoint = %self.endpoint, "span export works again");
+                }
+                return;
+            }
+            Ok(status) => format!("collector answered {status}"),
+            Err(error) => error.to_string(),
+        };
+        self.counters.dropped_export_failed.inc_by(count);
+        let log_now = self
+            .last_failure_log
+            .is_none_or(|at| at.elapsed() >= FAILURE_LOG_INTERVAL);
+        if log_now {
+            tracing::warn!(endpoint = %self.endpoint, spans = count, error = %failure,
+                "span export failed; dropping the batch (counted in meshlet_spans_dropped_total)");
+            self.last_failure_log = Some(Instant::now());
+        }
+    }
+}
+
+fn resource(identity: &ExporterIdentity) -> otlp::Resource {
+    otlp::Resource {
+        attributes: vec![
+            KeyValue::string("service.name", &identity.service),
+            KeyValue::string("service.namespace", &identity.namespace),
+            KeyValue::string("service.instance.id", &identity.instance_id),
+            KeyValue::string("telemetry.sdk.name", "meshlet-sidecar"),
+            KeyValue::string("telemetry.sdk.version", env!("CARGO_PKG_VERSION")),
+        ],
+        dropped_attributes_count: 0,
+    }
+}
+
+/// One OTLP export request (protobuf) holding `spans`.
+pub fn encode(resource: &otlp::Resource, spans: impl Iterator<Item = SpanRecord>) -> Vec<u8> {
+    let request = otlp::ExportTraceServiceRequest {
+        resource_spans: vec![otlp::ResourceSpans {
+            resource: Some(resource.clone()),
+            scope_spans: vec![otlp::ScopeSpans {
+                scope: Some(otlp::InstrumentationScope {
+                    name: "meshlet-sidecar".to_owned(),
+                    version: env!("CARGO_PKG_VERSION").to_owned(),
+                }),
+                spans: spans.map(to_otlp).collect(),
+                schema_url: String::new(),
+            }],
+            schema_url: String::new(),
+        }],
+    };
+    request.encode_to_vec()
+}
+
+/// A span in OTLP terms, with OpenTelemetry's HTTP attribute names where
+/// one exists and `meshlet.*` for the mesh's own.
+fn to_otlp(span: SpanRecord) -> otlp::Span {
+    let d = span.details;
+    let kind = match d.direction {
+        Direction::Inbound => SpanKind::Server,
+        Direction::Outbound => SpanKind::Client,
+    };
+    let mut attributes = vec![
+        KeyValue::string("meshlet.direction", d.direction.as_str()),
+        KeyValue::string("http.request.method", d.method.as_str()),
+        KeyValue::string("http.route", &*d.route),
+        KeyValue::string("url.path", d.path),
+        KeyValue::int("http.response.status_code", i64::from(d.status)),
+        KeyValue::string("meshlet.destination", &*d.destination),
+        KeyValue::int("meshlet.retries", i64::from(d.retries)),
+    ];
+    if let Some(peer) = d.peer {
+        attributes.push(KeyValue::string("client.address", peer.ip().to_string()));
+    }
+    if let Some(upstream) = d.upstream {
+        attributes.push(KeyValue::string("server.address", upstream.to_string()));
+    }
+    if let Some(reason) = d.reason {
+        attributes.push(KeyValue::string("meshlet.reason", reason));
+        match reason {
+            "rate_limited" => attributes.push(KeyValue::bool("meshlet.rate_limited", true)),
+            "circuit_open" => attributes.push(KeyValue::bool("meshlet.circuit_open", true)),
+            _ => {}
+        }
+    }
+    let failed = d.status >= 500 || d.reason.is_some();
+    otlp::Span {
+        trace_id: span.trace_id.0.to_vec(),
+        span_id: span.span_id.0.to_vec(),
+        trace_state: span
+            .tracestate
+            .and_then(|s| s.to_str().ok().map(str::to_owned))
+            .unwrap_or_default(),
+        parent_span_id: span.parent.map(|p| p.0.to_vec()).unwrap_or_default(),
+        name: format!("{} {}", d.method, d.route),
+        kind: kind as i32,
+        start_time_unix_nano: span.start_unix_nanos,
+        end_time_unix_nano: span.end_unix_nanos,
+        attributes,
+        dropped_attributes_count: 0,
+        status: Some(otlp::Status {
+            message: d.reason.unwrap_or_default().to_owned(),
+            code: if failed {
+                otlp::StatusCode::Error
+            } else {
+                otlp::StatusCode::Unset
+            } as i32,
+        }),
+        flags: 1,
+    }
+}
+
+/// The hex trace id of a span (for logs).
+pub fn trace_id_hex(span: &SpanRecord) -> String {
+    context::hex(&span.trace_id.0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::trace::{Hop, SpanDetails};
+    use http::{HeaderMap, Method};
+
+    #[test]
+    fn endpoints_parse_like_an_otlp_sdk() {
+        let base = ExportEndpoint::parse("http://127.0.0.1:15010").unwrap();
+        assert_eq!(base.authority, "127.0.0.1:15010");
+        assert_eq!(base.path, "/v1/traces");
+        let full = ExportEndpoint::parse("http://collector:4318/custom/traces").unwrap();
+        assert_eq!(
+            (full.authority.as_str(), full.path.as_str()),
+            ("collector:4318", "/custom/traces")
+        );
+        assert_eq!(
+            ExportEndpoint::parse("http://collector/")
+                .unwrap()
+                .authority,
+            "collector:80"
+        );
+        assert!(ExportEndpoint::parse("https://collector:4318").is_err());
+        assert!(ExportEndpoint::parse("not a url").is_err());
+    }
+
+    #[test]
+    fn a_span_encodes_to_an_otlp_request_collectors_decode() {
+        let hop = Hop::start(&HeaderMap::new(), || true);
+        let (trace_id, span_id) = (hop.trace_id, hop.span_id);
+        let span = hop
+            .finish(SpanDetails {
+                direction: Direction::Outbound,
+                method: Method::POST,
+                route: "/api".into(),
+                path: "/api/orders/17".into(),
+                status: 503,
+                peer: Some("127.0.0.1:5000".parse().unwrap()),
+                destination: "orders".into(),
+                upstream: None,
+                retries: 2,
+                reason: Some("circuit_open"),
+            })
+            .unwrap();
+        let identity = ExporterIdentity {
+            service: "frontend".into(),
+            namespace: "default".into(),
+            instance_id: "frontend-1".into(),
+        };
+        let bytes = encode(&resource(&identity), std::iter::once(span));
+        let decoded = otlp::ExportTraceServiceRequest::decode(bytes.as_slice()).unwrap();
+        let spans = &decoded.resource_spans[0].scope_spans[0].spans;
+        assert_eq!(spans.len(), 1);
+        let got = &spans[0];
+        assert_eq!(got.trace_id, trace_id.0);
+        assert_eq!(got.span_id, span_id.0);
+        assert!(got.parent_span_id.is_empty());
+        assert_eq!(got.name, "POST /api");
+        assert_eq!(got.kind, SpanKind::Client as i32);
+        assert_eq!(
+            got.status.as_ref().unwrap().code,
+            otlp::StatusCode::Error as i32
+        );
+        assert_eq!(
+            got.attribute("meshlet.retries"),
+            Some(&otlp::Value::IntValue(2))
+        );
+        assert_eq!(
+            got.attribute("meshlet.circuit_open"),
+            Some(&otlp::Value::BoolValue(true))
+        );
+    }
+}
