@@ -266,7 +266,12 @@ async fn handle(app: &App, req: Request<Incoming>) -> Result<Response<Body>, Inf
 /// `GET /work`: call every downstream service, one after the other.
 async fn work(app: &App, incoming: &HeaderMap) -> Response<Body> {
     let args = &app.args;
-    let traceparent = incoming.get("traceparent").cloned();
+    // The trace context travels on: what a traced app does (an
+    // OpenTelemetry SDK would do the same).
+    let trace_context: Vec<(&str, HeaderValue)> = ["traceparent", "tracestate"]
+        .into_iter()
+        .filter_map(|name| Some((name, incoming.get(name)?.clone())))
+        .collect();
     let mut calls = Vec::new();
     let mut all_ok = true;
     for service in &args.calls {
@@ -275,8 +280,7 @@ async fn work(app: &App, incoming: &HeaderMap) -> Response<Body> {
                          through its sidecar's outbound listener"
                 .to_string()),
             Some(proxy) => {
-                match tokio::time::timeout(CALL_TIMEOUT, call(proxy, service, traceparent.clone()))
-                    .await
+                match tokio::time::timeout(CALL_TIMEOUT, call(proxy, service, &trace_context)).await
                 {
                     Ok(result) => result,
                     Err(_) => Err(format!("no answer within {CALL_TIMEOUT:?}")),
@@ -340,7 +344,7 @@ async fn broadcast(args: &Args, req: Request<Incoming>) -> Response<Body> {
 async fn call(
     proxy: &str,
     service: &str,
-    traceparent: Option<HeaderValue>,
+    trace_context: &[(&'static str, HeaderValue)],
 ) -> Result<Value, String> {
     let stream = TcpStream::connect(proxy)
         .await
@@ -356,8 +360,8 @@ async fn call(
         .header(HOST, service)
         .body(Full::new(Bytes::new()))
         .map_err(|e| format!("bad service name {service:?}: {e}"))?;
-    if let Some(value) = traceparent {
-        request.headers_mut().insert("traceparent", value);
+    for (name, value) in trace_context {
+        request.headers_mut().insert(*name, value.clone());
     }
 
     let response = sender

@@ -17,6 +17,7 @@
 //! sleep.
 
 pub mod client;
+pub mod collector;
 pub mod process;
 pub mod upstream;
 pub mod wait;

@@ -122,6 +122,11 @@ impl SidecarProcess {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    /// What the sidecar wrote to standard output (the access log).
+    pub fn stdout_text(&self) -> String {
+        std::fs::read_to_string(self._dir.path.join("stdout.log")).unwrap_or_default()
+    }
+
     pub fn is_running(&mut self) -> bool {
         matches!(self.child.try_wait(), Ok(None))
     }
@@ -405,7 +410,7 @@ impl SidecarBuilder {
             )
             .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
-            .stdout(Stdio::null())
+            .stdout(std::fs::File::create(dir.path.join("stdout.log")).expect("stdout file"))
             .stderr(std::fs::File::create(&log).expect("log file"))
             .kill_on_drop(true);
         let has_cp = self.args.iter().any(|a| a == "--control-plane");
