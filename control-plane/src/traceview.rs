@@ -67,7 +67,8 @@ impl TraceFilter {
     }
 }
 
-fn now_unix_nanos() -> u64 {
+/// The wall clock in Unix nanoseconds (the spans' time base).
+pub fn now_unix_nanos() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))

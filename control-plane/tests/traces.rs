@@ -7,29 +7,22 @@ mod common;
 
 use std::io::Write;
 use std::process::{Command, Stdio};
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use common::ControlPlane;
 use http::{Method, StatusCode};
 use meshlet_api::mesh::ApiError;
 use meshlet_api::otlp::{
-    ExportTraceServiceRequest, ExportTraceServiceResponse, KeyValue, Message, Resource,
-    ResourceSpans, ScopeSpans, Span, SpanKind, Status, JSON_CONTENT_TYPE, PROTOBUF_CONTENT_TYPE,
-    TRACES_PATH,
+    ExportTraceServiceRequest, ExportTraceServiceResponse, KeyValue, Message, Span, SpanKind,
+    Status, JSON_CONTENT_TYPE, PROTOBUF_CONTENT_TYPE, TRACES_PATH,
 };
+use meshlet_control_plane::traces::model::{export, to_hex};
 use meshlet_control_plane::traces::wire::{
     paths, AttributeValue, SpanKindName, StatusCodeName, TraceDetail, TraceSummary,
 };
+use meshlet_control_plane::traceview::now_unix_nanos;
 use serde_json::json;
 
 const MS: u64 = 1_000_000;
-
-fn now_nanos() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_nanos() as u64
-}
 
 /// One hop of the 3-hop trace: a span of `service` with id `[id; 8]`.
 struct Hop {
@@ -124,23 +117,6 @@ fn hop_span(trace: [u8; 16], t0: u64, hop: &Hop) -> Span {
     }
 }
 
-/// An export of `spans` from `service`.
-fn export(service: &str, spans: Vec<Span>) -> ExportTraceServiceRequest {
-    ExportTraceServiceRequest {
-        resource_spans: vec![ResourceSpans {
-            resource: Some(Resource {
-                attributes: vec![KeyValue::string("service.name", service)],
-                dropped_attributes_count: 0,
-            }),
-            scope_spans: vec![ScopeSpans {
-                spans,
-                ..Default::default()
-            }],
-            schema_url: String::new(),
-        }],
-    }
-}
-
 /// Posts `request` as protobuf; asserts 200 and a response without a
 /// partial success.
 async fn post_protobuf(cp: &ControlPlane, request: &ExportTraceServiceRequest) {
@@ -169,7 +145,7 @@ async fn send_three_hops(cp: &ControlPlane, trace: [u8; 16], t0: u64) -> String 
             .collect();
         post_protobuf(cp, &export(service, spans)).await;
     }
-    trace.iter().map(|b| format!("{b:02x}")).collect()
+    to_hex(&trace)
 }
 
 async fn list(cp: &ControlPlane, query: &str) -> Vec<TraceSummary> {
@@ -201,7 +177,7 @@ async fn api_error(
 async fn a_three_hop_trace_comes_back_as_a_tree_in_the_api_and_meshctl() {
     let dir = tempfile::tempdir().unwrap();
     let cp = ControlPlane::start(dir.path(), &[]).await;
-    let t0 = now_nanos();
+    let t0 = now_unix_nanos();
     let id = send_three_hops(&cp, [0xab; 16], t0).await;
 
     let traces = list(&cp, "").await;
@@ -287,7 +263,7 @@ async fn a_three_hop_trace_comes_back_as_a_tree_in_the_api_and_meshctl() {
 async fn json_exports_are_stored_and_filtered() {
     let dir = tempfile::tempdir().unwrap();
     let cp = ControlPlane::start(dir.path(), &[]).await;
-    let t0 = now_nanos();
+    let t0 = now_unix_nanos();
     let body = json!({
         "resourceSpans": [{
             "resource": {"attributes": [{"key": "service.name", "value": {"stringValue": "orders"}}]},
@@ -452,7 +428,7 @@ fn promtool_check(text: &str) -> Option<(bool, String)> {
 async fn metrics_count_spans_and_watchers_and_pass_promtool() {
     let dir = tempfile::tempdir().unwrap();
     let cp = ControlPlane::start(dir.path(), &[]).await;
-    send_three_hops(&cp, [7; 16], now_nanos()).await;
+    send_three_hops(&cp, [7; 16], now_unix_nanos()).await;
     let mut invalid = hop_span([7; 16], 0, &HOPS[0]);
     invalid.span_id = vec![1; 3];
     let (status, _) = cp

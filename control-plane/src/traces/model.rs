@@ -10,7 +10,9 @@
 use std::fmt;
 use std::sync::Arc;
 
-use meshlet_api::otlp::{AnyValue, ExportTraceServiceRequest, KeyValue, Span, Value};
+use meshlet_api::otlp::{
+    AnyValue, ExportTraceServiceRequest, KeyValue, Resource, ResourceSpans, ScopeSpans, Span, Value,
+};
 
 use super::wire::{AttributeValue, SpanKindName, StatusCodeName};
 
@@ -207,6 +209,24 @@ fn string_value(value: Option<&AnyValue>) -> Option<&str> {
     }
 }
 
+/// An export of `spans` from one service, as a sidecar sends it (one
+/// resource with `service.name`, one scope).
+pub fn export(service: &str, spans: Vec<Span>) -> ExportTraceServiceRequest {
+    ExportTraceServiceRequest {
+        resource_spans: vec![ResourceSpans {
+            resource: Some(Resource {
+                attributes: vec![KeyValue::string(SERVICE_NAME, service)],
+                dropped_attributes_count: 0,
+            }),
+            scope_spans: vec![ScopeSpans {
+                spans,
+                ..Default::default()
+            }],
+            schema_url: String::new(),
+        }],
+    }
+}
+
 /// Spans refused by [`accept_spans`]: how many, and the first reason.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Rejections {
@@ -259,7 +279,7 @@ pub fn accept_spans(request: ExportTraceServiceRequest) -> (Vec<StoredSpan>, Rej
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use meshlet_api::otlp::{Resource, ResourceSpans, ScopeSpans, Status};
+    use meshlet_api::otlp::Status;
 
     /// A span of trace `trace` (its bytes all equal to `trace`) with id
     /// `id`, parent `parent` (0 for none), `start` and `end` in ns.
@@ -272,23 +292,6 @@ pub(crate) mod tests {
             start_time_unix_nano: start,
             end_time_unix_nano: end,
             ..Default::default()
-        }
-    }
-
-    /// An export of `spans` from `service`.
-    pub fn export(service: &str, spans: Vec<Span>) -> ExportTraceServiceRequest {
-        ExportTraceServiceRequest {
-            resource_spans: vec![ResourceSpans {
-                resource: Some(Resource {
-                    attributes: vec![KeyValue::string(SERVICE_NAME, service)],
-                    dropped_attributes_count: 0,
-                }),
-                scope_spans: vec![ScopeSpans {
-                    spans,
-                    ..Default::default()
-                }],
-                schema_url: String::new(),
-            }],
         }
     }
 

@@ -343,7 +343,8 @@ fn span_view(span: StoredSpan) -> SpanView {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::traces::model::tests::{export, span};
+    use crate::traces::model::export;
+    use crate::traces::model::tests::span;
     use meshlet_api::otlp::Status;
 
     const MS: u64 = 1_000_000;
