@@ -405,8 +405,7 @@ async fn trace(
     State(state): State<AppState>,
     Path(id): Path<String>,
 ) -> Result<Json<TraceDetail>, ApiFailure> {
-    let trace_id = TraceId::parse(&id)
-        .map_err(|e| ApiFailure::BadRequest(format!("invalid trace id: {e}")))?;
+    let trace_id = TraceId::parse(&id).map_err(|e| ApiFailure::BadRequest(e.to_string()))?;
     state
         .traces
         .get(trace_id, Instant::now())

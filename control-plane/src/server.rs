@@ -37,6 +37,14 @@ fn parse_duration(text: &str) -> Result<Duration, String> {
     Ok(d)
 }
 
+fn parse_capacity(text: &str) -> Result<usize, String> {
+    match text.parse::<usize>() {
+        Ok(0) => Err("must be at least 1".into()),
+        Ok(n) => Ok(n),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum LogFormat {
     Text,
@@ -64,9 +72,8 @@ pub struct Settings {
     #[arg(long, env = "MESHLET_LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: LogFormat,
     /// Traces kept in memory at most; the least recently updated go first.
-    #[arg(long, env = "MESHLET_TRACE_CAPACITY", default_value_t = 1000,
-          value_parser = clap::value_parser!(u64).range(1..))]
-    pub trace_capacity: u64,
+    #[arg(long, env = "MESHLET_TRACE_CAPACITY", default_value_t = 1000, value_parser = parse_capacity)]
+    pub trace_capacity: usize,
     /// A trace is dropped this long after its last span arrived.
     #[arg(long, env = "MESHLET_TRACE_RETENTION", default_value = "15m", value_parser = parse_duration)]
     pub trace_retention: Duration,
@@ -75,7 +82,7 @@ pub struct Settings {
 impl Settings {
     pub fn trace_limits(&self) -> TraceLimits {
         TraceLimits {
-            capacity: usize::try_from(self.trace_capacity).unwrap_or(usize::MAX),
+            capacity: self.trace_capacity,
             retention: self.trace_retention,
             ..TraceLimits::default()
         }

@@ -63,10 +63,10 @@ pub enum IdError {
     },
     #[error("{what} is all zero")]
     Zero { what: &'static str },
-    #[error("{what} {text:?} is not {expected} hex bytes")]
+    #[error("{what} {text:?} must be {digits} hex digits")]
     Hex {
         what: &'static str,
-        expected: usize,
+        digits: usize,
         text: String,
     },
 }
@@ -86,7 +86,7 @@ fn id_bytes<const N: usize>(what: &'static str, bytes: &[u8]) -> Result<[u8; N],
 fn id_text<const N: usize>(what: &'static str, text: &str) -> Result<[u8; N], IdError> {
     let bad = || IdError::Hex {
         what,
-        expected: N,
+        digits: 2 * N,
         text: text.to_owned(),
     };
     let bytes = from_hex(text).ok_or_else(bad)?;
@@ -303,7 +303,10 @@ pub(crate) mod tests {
         assert_eq!(from_hex("abc"), None);
         let id = TraceId::parse(&"AB".repeat(16)).unwrap();
         assert_eq!(id.to_string(), "ab".repeat(16));
-        assert!(matches!(TraceId::parse("00"), Err(IdError::Hex { .. })));
+        assert_eq!(
+            TraceId::parse("00").unwrap_err().to_string(),
+            "trace id \"00\" must be 32 hex digits"
+        );
         assert!(matches!(
             TraceId::parse(&"0".repeat(32)),
             Err(IdError::Zero { .. })
