@@ -487,3 +487,35 @@ async fn metrics_count_spans_and_watchers_and_pass_promtool() {
         ),
     }
 }
+
+#[tokio::test]
+async fn a_large_export_is_stored_up_to_the_span_cap() {
+    let dir = tempfile::tempdir().unwrap();
+    let cp = ControlPlane::start(dir.path(), &[]).await;
+    let t0 = now_unix_nanos();
+    let spans: Vec<Span> = (1..=1500u64)
+        .map(|i| Span {
+            trace_id: vec![9; 16],
+            span_id: i.to_be_bytes().to_vec(),
+            name: format!("batch item {i} {}", "x".repeat(60)),
+            start_time_unix_nano: t0 + i,
+            end_time_unix_nano: t0 + i + 1,
+            ..Default::default()
+        })
+        .collect();
+    let request = export("batch", spans);
+    assert!(
+        request.encoded_len() > 64 * 1024,
+        "decoded off the API threads"
+    );
+    post_protobuf(&cp, &request).await;
+    let traces = list(&cp, "?service=batch").await;
+    assert_eq!(traces.len(), 1);
+    assert_eq!(traces[0].span_count, 1000);
+    let (_, body) = cp.call(Method::GET, "/metrics", None).await.unwrap();
+    let text = String::from_utf8_lossy(&body);
+    assert!(
+        text.contains("meshlet_spans_dropped_total{reason=\"trace_full\"} 500"),
+        "{text}"
+    );
+}

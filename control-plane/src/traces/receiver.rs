@@ -2,8 +2,9 @@
 //!
 //! Data flow: `content-type` picks the encoding (protobuf or JSON; anything
 //! else is 415) → the body (at most [`MAX_BODY`], else 413) is decoded into
-//! an `ExportTraceServiceRequest` (400 if it cannot be) → the
-//! [`TraceStore`] validates and stores its spans under a short lock → the
+//! an `ExportTraceServiceRequest` (400 if it cannot be; bodies over 64 KiB
+//! on the blocking pool) → the [`TraceStore`] validates and stores its
+//! spans under a short lock → the
 //! answer is an `ExportTraceServiceResponse` in the request's encoding,
 //! with a partial success when some spans were rejected. Failures are
 //! [`ApiFailure`]s, so they carry the API's JSON error body.
@@ -27,6 +28,8 @@ use crate::error::ApiFailure;
 
 /// The largest export body accepted.
 pub const MAX_BODY: usize = 4 * 1024 * 1024;
+/// Larger bodies are decoded on the blocking pool.
+const INLINE_DECODE: usize = 64 * 1024;
 
 /// The two encodings of OTLP/HTTP.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -111,8 +114,19 @@ pub async fn receive(
         )),
         _ => ApiFailure::BadRequest(format!("cannot read the body: {e}")),
     })?;
-    let request = encoding.decode(&body)?;
-    let outcome = store.ingest(request, Instant::now());
+    let body_len = body.len();
+    let work = move || {
+        let request = encoding.decode(&body)?;
+        Ok::<_, ApiFailure>(store.ingest(request, Instant::now()))
+    };
+    // Decoding a large export takes milliseconds: off the API's threads.
+    let outcome = if body_len > INLINE_DECODE {
+        tokio::task::spawn_blocking(work)
+            .await
+            .map_err(|e| ApiFailure::Internal(format!("the decoding task failed: {e}")))??
+    } else {
+        work()?
+    };
     let response = ExportTraceServiceResponse {
         partial_success: (outcome.rejected.count > 0).then(|| ExportTracePartialSuccess {
             rejected_spans: outcome.rejected.count as i64,
