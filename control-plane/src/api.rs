@@ -4,14 +4,18 @@
 //!
 //! Writes go through the controller (one writer); reads never wait for it:
 //! they use the latest published revision.
+//!
+//! Traces take another path: OTLP exports (`POST /v1/traces`, handled by
+//! [`crate::traces::receiver`]) and trace queries go to the in-memory
+//! [`TraceStore`], never to the controller. `/metrics` reads both.
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use axum::body::{Body, Bytes};
 use axum::extract::rejection::{BytesRejection, QueryRejection};
-use axum::extract::{Path, Query, State};
+use axum::extract::{DefaultBodyLimit, FromRef, Path, Query, State};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
@@ -20,6 +24,7 @@ use meshlet_api::mesh::{
     paths, ApplyRequest, Heartbeat, InstanceInfo, Registration, ServiceDetail, ServiceKey,
     ServiceSummary,
 };
+use meshlet_api::otlp::TRACES_PATH;
 use meshlet_api::Resource;
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
@@ -28,6 +33,10 @@ use tokio::sync::watch;
 use crate::controller::{now_ms, Controller};
 use crate::error::{ApiFailure, StoreError};
 use crate::push::{watch_stream, Published};
+use crate::traces::model::TraceId;
+use crate::traces::receiver::{self, MAX_BODY};
+use crate::traces::wire::{self as trace_wire, TraceDetail, TraceSummary};
+use crate::traces::{TraceQuery, TraceStore};
 use crate::wire::{self, DeleteRequest, ResourceInfo, RollbackRequest};
 
 /// Default and maximum of `GET /api/v1/revisions?limit=`.
@@ -40,6 +49,13 @@ pub struct AppState {
     pub keepalive: Duration,
     /// Becomes true on shutdown; ends every watch stream.
     pub shutdown: watch::Receiver<bool>,
+    pub traces: Arc<TraceStore>,
+}
+
+impl FromRef<AppState> for Arc<TraceStore> {
+    fn from_ref(state: &AppState) -> Arc<TraceStore> {
+        state.traces.clone()
+    }
 }
 
 pub fn router(state: AppState) -> Router {
@@ -67,6 +83,13 @@ pub fn router(state: AppState) -> Router {
         .route(wire::paths::ROLLBACK, post(rollback))
         .route(wire::paths::RESOURCE_INFO, get(resource_info))
         .route(paths::REVISIONS, get(revisions))
+        .route(
+            TRACES_PATH,
+            post(receiver::receive).layer(DefaultBodyLimit::max(MAX_BODY)),
+        )
+        .route(trace_wire::paths::TRACES, get(traces))
+        .route(&trace_wire::paths::trace("{id}"), get(trace))
+        .route("/metrics", get(metrics))
         .fallback(|| async { ApiFailure::NotFound("no such API path".into()) })
         .method_not_allowed_fallback(|| async {
             let body = meshlet_api::mesh::ApiError {
@@ -334,4 +357,64 @@ async fn revisions(
         .history(limit, params.resources_only)
         .await?;
     Ok(Json(records).into_response())
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct TraceParams {
+    service: Option<String>,
+    /// `10ms`, `1s`, ...
+    min_duration: Option<String>,
+    limit: Option<usize>,
+}
+
+impl TraceParams {
+    fn into_query(self) -> Result<TraceQuery, ApiFailure> {
+        let min_duration = self
+            .min_duration
+            .map(|text| {
+                humantime::parse_duration(&text).map_err(|e| {
+                    ApiFailure::BadRequest(format!(
+                        "invalid minDuration {text:?}: {e} (examples: 10ms, 1s)"
+                    ))
+                })
+            })
+            .transpose()?;
+        let limit = match self.limit {
+            Some(0) => return Err(ApiFailure::BadRequest("limit must be at least 1".into())),
+            Some(n) => n.min(crate::traces::store::MAX_LIMIT),
+            None => crate::traces::store::DEFAULT_LIMIT,
+        };
+        Ok(TraceQuery {
+            service: self.service.filter(|s| !s.is_empty()),
+            min_duration,
+            limit,
+        })
+    }
+}
+
+async fn traces(
+    State(state): State<AppState>,
+    params: Result<Query<TraceParams>, QueryRejection>,
+) -> Result<Json<Vec<TraceSummary>>, ApiFailure> {
+    let query = query(params)?.into_query()?;
+    Ok(Json(state.traces.list(&query, Instant::now())))
+}
+
+async fn trace(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<TraceDetail>, ApiFailure> {
+    let trace_id = TraceId::parse(&id).map_err(|e| ApiFailure::BadRequest(e.to_string()))?;
+    state
+        .traces
+        .get(trace_id, Instant::now())
+        .map(Json)
+        .ok_or_else(|| ApiFailure::NotFound(format!("trace {trace_id} not found")))
+}
+
+async fn metrics(State(state): State<AppState>) -> Result<Response, ApiFailure> {
+    let text = crate::metrics::render(&state.controller, &state.traces, Instant::now())
+        .map_err(|e| ApiFailure::Internal(format!("cannot encode metrics: {e}")))?;
+    Ok(([(header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)], text).into_response())
 }

@@ -26,6 +26,8 @@ pub enum CommandError {
     Client(#[from] ClientError),
     #[error("service {0:?} not found")]
     ServiceNotFound(String),
+    #[error("trace {0} not found")]
+    TraceNotFound(String),
     #[error(transparent)]
     Files(#[from] ValidateError),
     #[error("cannot read {path}: {source}")]

@@ -78,7 +78,14 @@ pub enum ApiFailure {
     #[error("{0}")]
     NotFound(String),
     #[error("{0}")]
+    PayloadTooLarge(String),
+    #[error("{0}")]
+    UnsupportedMediaType(String),
+    #[error("{0}")]
     Store(#[from] StoreError),
+    /// A bug or an unexpected condition; logged.
+    #[error("internal error: {0}")]
+    Internal(String),
 }
 
 impl ApiFailure {
@@ -86,15 +93,19 @@ impl ApiFailure {
         match self {
             ApiFailure::BadRequest(_) => StatusCode::BAD_REQUEST,
             ApiFailure::NotFound(_) => StatusCode::NOT_FOUND,
-            ApiFailure::Store(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            ApiFailure::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiFailure::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            ApiFailure::Store(_) | ApiFailure::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
 }
 
 impl IntoResponse for ApiFailure {
     fn into_response(self) -> Response {
-        if let ApiFailure::Store(err) = &self {
-            tracing::error!(error = %err, "store failure");
+        match &self {
+            ApiFailure::Store(err) => tracing::error!(error = %err, "store failure"),
+            ApiFailure::Internal(err) => tracing::error!(error = %err, "internal error"),
+            _ => {}
         }
         let body = ApiError {
             error: self.to_string(),

@@ -14,13 +14,16 @@
 //! - [`registry`]: in-memory state and the plans that change it.
 //! - [`store`]: durable state (redb) behind a trait.
 //! - [`push`]: published revisions, deltas, watch streams.
+//! - [`traces`]: the OTLP/HTTP receiver and the in-memory trace store
+//!   (`/v1/traces`, `/api/traces`). [`metrics`]: `/metrics`, read at
+//!   scrape time.
 //! - [`error`]: error types.
 //!
 //! meshctl (binary `meshctl`): [`validate`] (offline checks), [`client`]
 //! (a small HTTP client on hyper), [`commands`] (get services/endpoints,
 //! describe service, apply, broadcast), [`pipeline`] (get/describe of
-//! resource kinds, delete, diff, history, rollback) and [`output`]
-//! (tables, JSON, YAML). [`wire`] holds the API types of delete, diff,
+//! resource kinds, delete, diff, history, rollback), [`traceview`]
+//! (traces, trace) and [`output`] (tables, JSON, YAML). [`wire`] holds the API types of delete, diff,
 //! rollback and resource details; [`diff`] the line diff.
 
 pub mod api;
@@ -29,11 +32,14 @@ pub mod commands;
 pub mod controller;
 pub mod diff;
 pub mod error;
+pub mod metrics;
 pub mod output;
 pub mod pipeline;
 pub mod push;
 pub mod registry;
 pub mod server;
 pub mod store;
+pub mod traces;
+pub mod traceview;
 pub mod validate;
 pub mod wire;

@@ -1,5 +1,6 @@
 //! meshctl's output: aligned text tables (the default), or the API types
-//! as JSON or YAML (`-o json|yaml`), plus small formatters (ages, labels).
+//! as JSON or YAML (`-o json|yaml`), plus small formatters (ages, span
+//! durations, labels).
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -71,6 +72,16 @@ pub fn age(d: Duration) -> String {
     }
 }
 
+/// A span's duration: `850µs`, `1.23ms`, `4.50s`, then as [`age`].
+pub fn duration_us(micros: f64) -> String {
+    match micros {
+        m if m < 1_000.0 => format!("{m:.0}µs"),
+        m if m < 1_000_000.0 => format!("{:.2}ms", m / 1_000.0),
+        m if m < 60_000_000.0 => format!("{:.2}s", m / 1_000_000.0),
+        m => age(Duration::from_secs_f64(m / 1_000_000.0)),
+    }
+}
+
 /// `k=v,k2=v2`, or `<none>`.
 pub fn labels(labels: &BTreeMap<String, String>) -> String {
     if labels.is_empty() {
@@ -115,6 +126,10 @@ mod tests {
         assert_eq!(age(Duration::from_secs(184)), "3m4s");
         assert_eq!(age(Duration::from_secs(7500)), "2h5m");
         assert_eq!(age(Duration::from_secs(3 * 86_400 + 3600)), "3d1h");
+        assert_eq!(duration_us(850.4), "850µs");
+        assert_eq!(duration_us(1_234.0), "1.23ms");
+        assert_eq!(duration_us(4_500_000.0), "4.50s");
+        assert_eq!(duration_us(125_000_000.0), "2m5s");
         assert_eq!(labels(&BTreeMap::new()), "<none>");
         let l = BTreeMap::from([("a".into(), "1".into()), ("b".into(), "2".into())]);
         assert_eq!(labels(&l), "a=1,b=2");

@@ -12,6 +12,7 @@
 
 use std::collections::{BTreeMap, VecDeque};
 use std::convert::Infallible;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
@@ -158,6 +159,8 @@ pub struct Hub {
     log: Mutex<ChangeLog>,
     /// Until then, watchers from another epoch wait for their snapshot.
     warmup_until: Instant,
+    /// Snapshots and deltas written to watchers (keepalives not counted).
+    pushes: AtomicU64,
 }
 
 impl Hub {
@@ -176,7 +179,24 @@ impl Hub {
             current: watch::Sender::new(Arc::new(initial)),
             log: Mutex::new(ChangeLog::default()),
             warmup_until: Instant::now() + warmup,
+            pushes: AtomicU64::new(0),
         }
+    }
+
+    /// Open watch streams (each holds one receiver of the channel).
+    pub fn watchers(&self) -> usize {
+        self.current.receiver_count()
+    }
+
+    /// Snapshots and deltas sent to watchers since start.
+    pub fn pushes(&self) -> u64 {
+        self.pushes.load(Ordering::Relaxed)
+    }
+
+    /// Counts one snapshot or delta on its way to a watcher.
+    fn pushed(&self, line: Bytes) -> Bytes {
+        self.pushes.fetch_add(1, Ordering::Relaxed);
+        line
     }
 
     pub fn current(&self) -> Arc<Published> {
@@ -273,7 +293,7 @@ pub fn watch_stream(
     futures_util::stream::unfold(watcher, |mut w| async move {
         if let Some(first) = w.first.take() {
             w.next_keepalive = Instant::now() + w.keepalive;
-            return Some((Ok(first), w));
+            return Some((Ok(w.hub.pushed(first)), w));
         }
         if let Some(at) = w.snapshot_after {
             // A watcher from a lost store: keep it waiting (with keepalives)
@@ -293,7 +313,7 @@ pub fn watch_stream(
             w.snapshot_after = None;
             let published = w.rx.borrow_and_update().clone();
             w.held = published.revision;
-            return Some((Ok(published.snapshot_line()), w));
+            return Some((Ok(w.hub.pushed(published.snapshot_line())), w));
         }
         loop {
             let woke = tokio::select! {
@@ -310,7 +330,7 @@ pub fn watch_stream(
                     let published = w.rx.borrow_and_update().clone();
                     let out = w.hub.catch_up(Some(w.held), &published);
                     w.held = published.revision;
-                    out
+                    out.map(|line| w.hub.pushed(line))
                 }
                 Wake::Keepalive => Some(line(&WatchEvent::Keepalive { revision: w.held })),
             };

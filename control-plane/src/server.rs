@@ -1,7 +1,8 @@
 //! The `control-plane` binary's settings, startup and shutdown.
 //!
 //! Startup: check the data directory → open the redb store → load it into
-//! the controller → bind the listener → serve the API and run the reaper.
+//! the controller → bind the listener → serve the API (with the OTLP
+//! receiver and its in-memory trace store) and run the reaper.
 //! SIGTERM/SIGINT flips one shutdown flag that ends the watch streams, the
 //! reaper and (gracefully) the HTTP server. Any startup failure is a
 //! [`StartupError`] that `main` prints as one line.
@@ -18,6 +19,7 @@ use crate::api::{router, AppState};
 use crate::controller::Controller;
 use crate::error::StartupError;
 use crate::store::RedbStore;
+use crate::traces::{TraceLimits, TraceStore};
 
 fn parse_keepalive(text: &str) -> Result<Duration, String> {
     let d = parse_duration(text)?;
@@ -33,6 +35,14 @@ fn parse_duration(text: &str) -> Result<Duration, String> {
         return Err("must be greater than 0".into());
     }
     Ok(d)
+}
+
+fn parse_capacity(text: &str) -> Result<usize, String> {
+    match text.parse::<usize>() {
+        Ok(0) => Err("must be at least 1".into()),
+        Ok(n) => Ok(n),
+        Err(e) => Err(e.to_string()),
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -61,6 +71,22 @@ pub struct Settings {
     pub keepalive: Duration,
     #[arg(long, env = "MESHLET_LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: LogFormat,
+    /// Traces kept in memory at most; the least recently updated go first.
+    #[arg(long, env = "MESHLET_TRACE_CAPACITY", default_value_t = 1000, value_parser = parse_capacity)]
+    pub trace_capacity: usize,
+    /// A trace is dropped this long after its last span arrived.
+    #[arg(long, env = "MESHLET_TRACE_RETENTION", default_value = "15m", value_parser = parse_duration)]
+    pub trace_retention: Duration,
+}
+
+impl Settings {
+    pub fn trace_limits(&self) -> TraceLimits {
+        TraceLimits {
+            capacity: self.trace_capacity,
+            retention: self.trace_retention,
+            ..TraceLimits::default()
+        }
+    }
 }
 
 /// Logs to stderr; `RUST_LOG` overrides the default level (info).
@@ -135,6 +161,7 @@ pub async fn run(settings: Settings) -> Result<(), StartupError> {
         controller,
         keepalive: settings.keepalive,
         shutdown: shutdown.clone(),
+        traces: Arc::new(TraceStore::new(settings.trace_limits())),
     });
     let mut server_shutdown = shutdown;
     let served = axum::serve(listener, app)

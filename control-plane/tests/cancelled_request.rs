@@ -10,6 +10,7 @@ use meshlet_control_plane::api::{router, AppState};
 use meshlet_control_plane::controller::Controller;
 use meshlet_control_plane::error::StoreError;
 use meshlet_control_plane::store::{Commit, Loaded, MemoryStore, Rewind, Store};
+use meshlet_control_plane::traces::{TraceLimits, TraceStore};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// A store whose commits wait until the test lets them go.
@@ -71,6 +72,7 @@ async fn a_change_whose_client_hung_up_is_still_applied_and_published() {
         controller: controller.clone(),
         keepalive: Duration::from_secs(5),
         shutdown,
+        traces: Arc::new(TraceStore::new(TraceLimits::default())),
     });
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();

@@ -1,5 +1,6 @@
 //! `meshctl`: the command-line client of meshlet. Flags and dispatch only;
-//! the commands live in the library (`validate`, `commands`).
+//! the commands live in the library (`validate`, `commands`, `pipeline`,
+//! `traceview`).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -10,6 +11,7 @@ use meshlet_control_plane::client::ControlPlane;
 use meshlet_control_plane::commands::{self, emit, Broadcast, CommandError, ServiceRef};
 use meshlet_control_plane::output::Format;
 use meshlet_control_plane::pipeline::{self, KindArg};
+use meshlet_control_plane::traceview::{self, TraceFilter};
 use meshlet_control_plane::validate::validate_path;
 
 #[derive(Debug, Parser)]
@@ -103,6 +105,27 @@ enum Command {
     /// Make the applied resources what they were right after REVISION, as
     /// a new revision (registered instances are not touched).
     Rollback { revision: u64 },
+    /// Recent traces, newest first (from the control plane's trace store).
+    Traces {
+        /// Only traces with a span of this service.
+        #[arg(long)]
+        service: Option<String>,
+        /// Only traces at least this long (`10ms`, `1s`).
+        #[arg(long, value_parser = humantime::parse_duration)]
+        min_duration: Option<Duration>,
+        /// At most this many traces (default 20, at most 1000).
+        #[arg(long)]
+        limit: Option<usize>,
+        #[arg(short = 'o', long = "output", value_enum, default_value = "table")]
+        output: Format,
+    },
+    /// One trace as a waterfall: spans as a tree with their timing.
+    Trace {
+        /// The trace id (32 hex digits).
+        id: String,
+        #[arg(short = 'o', long = "output", value_enum, default_value = "table")]
+        output: Format,
+    },
     /// Send one request to every healthy instance (through its sidecar).
     Broadcast {
         /// The request path.
@@ -218,6 +241,20 @@ async fn online(server: &str, command: Command) -> Result<bool, CommandError> {
             output,
         } => pipeline::history(&cp, limit, resources_only, output).await,
         Command::Rollback { revision } => pipeline::rollback(&cp, revision).await,
+        Command::Traces {
+            service,
+            min_duration,
+            limit,
+            output,
+        } => {
+            let filter = TraceFilter {
+                service,
+                min_duration,
+                limit,
+            };
+            traceview::traces(&cp, &filter, output).await
+        }
+        Command::Trace { id, output } => traceview::trace(&cp, &id, output).await,
         Command::Broadcast {
             path,
             data,

@@ -1,4 +1,5 @@
-//! The harness shared by the process-level tests (`api.rs`, `pipeline.rs`):
+//! The harness shared by the process-level tests (`api.rs`, `pipeline.rs`,
+//! `traces.rs`):
 //! the real `control-plane` binary on a free loopback port with a temporary
 //! data directory, driven over HTTP and through `meshctl`. No fixed sleeps:
 //! every wait polls a condition against a deadline.
@@ -73,12 +74,24 @@ impl ControlPlane {
         path: &str,
         body: Option<Vec<u8>>,
     ) -> Result<(StatusCode, Bytes), HttpError> {
+        self.call_as(method, path, "application/json", body.unwrap_or_default())
+            .await
+    }
+
+    /// A request with a body of any `content_type`.
+    pub async fn call_as(
+        &self,
+        method: Method,
+        path: &str,
+        content_type: &str,
+        body: Vec<u8>,
+    ) -> Result<(StatusCode, Bytes), HttpError> {
         let request = Request::builder()
             .method(method)
             .uri(path)
             .header("host", self.addr.to_string())
-            .header("content-type", "application/json")
-            .body(Full::new(Bytes::from(body.unwrap_or_default())))
+            .header("content-type", content_type)
+            .body(Full::new(Bytes::from(body)))
             .unwrap();
         send(
             &self.addr.to_string(),
@@ -105,6 +118,7 @@ impl ControlPlane {
     }
 
     /// The revision history, newest first.
+    #[allow(dead_code)] // not used by traces.rs
     pub async fn revisions(&self) -> Vec<RevisionRecord> {
         self.json(Method::GET, paths::REVISIONS, None).await.1
     }
@@ -184,6 +198,7 @@ impl ControlPlane {
     }
 
     /// SIGKILL, no chance to flush or clean up.
+    #[allow(dead_code)] // not used by traces.rs
     pub fn kill9(mut self) {
         self.child.kill().unwrap();
         self.child.wait().unwrap();

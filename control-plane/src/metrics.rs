@@ -1,0 +1,167 @@
+//! The control plane's `/metrics` (Prometheus text format).
+//!
+//! Nothing is counted here: every value is read at scrape time from where
+//! it already lives — the published revision (revision, instances,
+//! resources), the push hub (open watch streams, an atomic count of
+//! snapshots and deltas sent) and the trace store's counters (one short
+//! lock). Each scrape builds fresh metric objects and encodes them, so the
+//! push and receive paths carry no metrics code beyond that one atomic.
+
+use std::time::Instant;
+
+use prometheus::core::Collector;
+use prometheus::proto::MetricFamily;
+use prometheus::{IntCounterVec, IntGaugeVec, Opts, TextEncoder};
+
+use crate::controller::Controller;
+use crate::traces::TraceStore;
+
+/// The `content-type` of the text format.
+pub const CONTENT_TYPE: &str = prometheus::TEXT_FORMAT;
+
+/// Metric families under construction.
+#[derive(Default)]
+struct Families(Vec<MetricFamily>);
+
+impl Families {
+    fn add(&mut self, collector: impl Collector) {
+        self.0.extend(collector.collect());
+    }
+
+    /// A gauge with one series per `(label value, value)`; no label if
+    /// `label` is empty.
+    fn gauge(
+        &mut self,
+        name: &str,
+        help: &str,
+        label: &str,
+        series: &[(&str, i64)],
+    ) -> prometheus::Result<()> {
+        let labels: &[&str] = if label.is_empty() { &[] } else { &[label] };
+        let gauge = IntGaugeVec::new(Opts::new(name, help), labels)?;
+        for (value, v) in series {
+            gauge.with_label_values(&label_values(label, value)).set(*v);
+        }
+        self.add(gauge);
+        Ok(())
+    }
+
+    /// A counter, like [`Families::gauge`].
+    fn counter(
+        &mut self,
+        name: &str,
+        help: &str,
+        label: &str,
+        series: &[(&str, u64)],
+    ) -> prometheus::Result<()> {
+        let labels: &[&str] = if label.is_empty() { &[] } else { &[label] };
+        let counter = IntCounterVec::new(Opts::new(name, help), labels)?;
+        for (value, v) in series {
+            counter
+                .with_label_values(&label_values(label, value))
+                .inc_by(*v);
+        }
+        self.add(counter);
+        Ok(())
+    }
+}
+
+fn label_values<'a>(label: &str, value: &'a str) -> Vec<&'a str> {
+    if label.is_empty() {
+        vec![]
+    } else {
+        vec![value]
+    }
+}
+
+fn count(n: usize) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
+}
+
+/// The whole `/metrics` page.
+pub fn render(
+    controller: &Controller,
+    traces: &TraceStore,
+    now: Instant,
+) -> prometheus::Result<String> {
+    let published = controller.published();
+    let hub = controller.hub();
+    let healthy = published
+        .instances
+        .values()
+        .filter(|i| i.registration.healthy)
+        .count();
+    let unhealthy = published.instances.len() - healthy;
+    let spans = traces.stats(now);
+    let revision = i64::try_from(published.revision).unwrap_or(i64::MAX);
+
+    let mut f = Families::default();
+    f.gauge(
+        "meshlet_control_plane_revision",
+        "The current revision of the mesh state.",
+        "",
+        &[("", revision)],
+    )?;
+    f.gauge(
+        "meshlet_control_plane_instances",
+        "Registered service instances, by reported health.",
+        "state",
+        &[("healthy", count(healthy)), ("unhealthy", count(unhealthy))],
+    )?;
+    f.gauge(
+        "meshlet_control_plane_resources",
+        "Applied resources (policies and static services).",
+        "",
+        &[("", count(published.resources.len()))],
+    )?;
+    f.gauge(
+        "meshlet_control_plane_watchers",
+        "Open watch streams (connected sidecars).",
+        "",
+        &[("", count(hub.watchers()))],
+    )?;
+    f.counter(
+        "meshlet_control_plane_pushes_total",
+        "Snapshots and deltas sent to watchers.",
+        "",
+        &[("", hub.pushes())],
+    )?;
+    f.counter(
+        "meshlet_spans_received_total",
+        "Spans received in OTLP exports, valid or not.",
+        "",
+        &[("", spans.spans_received)],
+    )?;
+    f.counter(
+        "meshlet_spans_rejected_total",
+        "Spans rejected for an invalid trace, span or parent id.",
+        "",
+        &[("", spans.spans_rejected)],
+    )?;
+    f.counter(
+        "meshlet_spans_dropped_total",
+        "Valid spans not kept: their trace was full, they were sent twice, or their trace was evicted for capacity.",
+        "reason",
+        &[
+            ("trace_full", spans.spans_dropped_trace_full),
+            ("duplicate", spans.spans_dropped_duplicate),
+            ("capacity", spans.spans_dropped_capacity),
+        ],
+    )?;
+    f.counter(
+        "meshlet_traces_removed_total",
+        "Traces removed from the store: past retention, or evicted for capacity.",
+        "reason",
+        &[
+            ("expired", spans.traces_expired),
+            ("evicted", spans.traces_evicted),
+        ],
+    )?;
+    f.gauge(
+        "meshlet_traces_stored",
+        "Traces held in the trace store.",
+        "",
+        &[("", count(spans.traces_stored))],
+    )?;
+    TextEncoder::new().encode_to_string(&f.0)
+}
