@@ -17,6 +17,8 @@
 //! sleep.
 
 pub mod client;
+pub mod config;
+pub mod metrics;
 pub mod process;
 pub mod upstream;
 pub mod wait;
