@@ -6,7 +6,9 @@
 //! pushes) and sets its share of a `global` limit (the number of healthy
 //! instances of the service in that snapshot). `proxy::Inbound` picks the
 //! most specific matching limiter and calls [`RateLimiter::check`] with the
-//! request's key; a refusal becomes a 429 in `error.rs`.
+//! request's key; a refusal is counted on the limiter's `refused` counter
+//! (`rate_limited_total`, resolved at build) and becomes a 429 in
+//! `error.rs`.
 //!
 //! Two algorithms:
 //!

@@ -8,8 +8,9 @@
 //! body of at most `maxBodyBytes` that is then kept in memory), records
 //! every original request in the budget, and before each retry checks the
 //! outcome against `retryOn`, withdraws from the budget and sleeps the
-//! backoff. Retries happen only before the response is handed to the
-//! client, so no byte of a failed try ever reached it.
+//! backoff (each retry counted on the policy's `retries_total` handle).
+//! Retries happen only before the response is handed to the client, so no
+//! byte of a failed try ever reached it.
 //!
 //! **Budget** (Linkerd/Finagle style): over a sliding window of
 //! [`BUDGET_WINDOW`] (ten one-second buckets), retries are allowed while

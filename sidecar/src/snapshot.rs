@@ -367,4 +367,51 @@ spec: {endpoints: [{address: '127.0.0.1:9003'}]}
         ));
         assert_eq!(b.balancer.endpoints()[1].addr.port(), 9009);
     }
+
+    #[test]
+    fn breaker_samples_list_each_endpoint_once_with_its_destination() {
+        let breakers = "
+---
+apiVersion: meshlet.dev/v1alpha1
+kind: CircuitBreakerPolicy
+metadata: {name: orders-breaker}
+spec: {targetRef: {service: orders}}
+---
+apiVersion: meshlet.dev/v1alpha1
+kind: CircuitBreakerPolicy
+metadata: {name: stock-breaker, namespace: shop}
+spec: {targetRef: {service: stock}}
+";
+        let limits = Arc::new(Limits::default());
+        let snap = Snapshot::build(
+            &state(&(MESH.to_owned() + breakers)),
+            "t".into(),
+            None,
+            OWN,
+            &limits,
+            &Metrics::new("orders"),
+        );
+        let mut samples: Vec<_> = snap
+            .breaker_samples()
+            .iter()
+            .map(|s| {
+                (
+                    s.destination.to_owned(),
+                    s.policy.to_owned(),
+                    s.address.port(),
+                    s.state,
+                )
+            })
+            .collect();
+        samples.sort();
+        let sample = |d: &str, p: &str, port| (d.to_owned(), p.to_owned(), port, 0);
+        assert_eq!(
+            samples,
+            [
+                sample("orders", "orders-breaker", 9001),
+                sample("orders", "orders-breaker", 9002),
+                sample("stock.shop", "stock-breaker", 9003),
+            ]
+        );
+    }
 }
