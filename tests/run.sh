@@ -15,6 +15,8 @@ step() { printf '\n==> %s\n' "$*"; }
 
 need_apt=()
 command -v curl >/dev/null || need_apt+=(curl)
+# The metrics e2e tests run `promtool check metrics` on the sidecar's /metrics.
+command -v promtool >/dev/null || need_apt+=(prometheus)
 if ((${#need_apt[@]})); then
     step "installing ${need_apt[*]}"
     export DEBIAN_FRONTEND=noninteractive

@@ -6,6 +6,9 @@
 //! configuration (pushed, or the persisted one): a sidecar that cannot
 //! route yet is not ready. Kubernetes' readiness probe and the local demo
 //! both wait on it.
+//!
+//! `/metrics` renders the registry plus the current snapshot's breaker
+//! states (computed at scrape time, see `metrics`).
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -98,7 +101,9 @@ impl Handler for Admin {
                 with_type(Response::new(ProxyBody::full(body)), "application/json")
             }
             "/metrics" => with_type(
-                Response::new(ProxyBody::full(self.metrics.render())),
+                Response::new(ProxyBody::full(
+                    self.metrics.render(&self.snapshot.load().breaker_samples()),
+                )),
                 "text/plain; version=0.0.4; charset=utf-8",
             ),
             _ => text(

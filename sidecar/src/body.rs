@@ -6,8 +6,11 @@
 //! responses), or empty. It can carry guards that live exactly as long as
 //! the body is streaming, released when the last frame has passed (or the
 //! body is dropped), not when the response headers arrive: the load
-//! balancer's in-flight count for the endpoint, and the client
-//! connection's count of unanswered requests (see `framing`).
+//! balancer's in-flight count for the endpoint, the client connection's
+//! count of unanswered requests (see `framing`), a circuit breaker's
+//! concurrency slot, and the request's [`RequestRecord`] (whose release
+//! counts the request as complete, see `observe`). A body can also count
+//! its data bytes on a route's byte counter: one atomic add per frame.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -17,21 +20,33 @@ use std::time::Duration;
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
+use prometheus::IntCounter;
 use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::{Instant, Sleep};
 
 use crate::balance::InFlight;
 use crate::framing::RequestGuard;
+use crate::observe::RequestRecord;
 
 #[derive(Debug)]
 pub struct ProxyBody {
     kind: Kind,
+    /// Counts data bytes as they pass.
+    bytes: Option<IntCounter>,
+    guards: Guards,
+}
+
+/// What a body holds until it has been fully sent or dropped.
+#[derive(Debug, Default)]
+struct Guards {
     /// The upstream endpoint's outstanding request.
-    guard: Option<InFlight>,
+    in_flight: Option<InFlight>,
     /// The client connection's unanswered request.
     request: Option<RequestGuard>,
     /// A circuit breaker's concurrency slot for the target.
     slot: Option<OwnedSemaphorePermit>,
+    /// The request's record, finished when released.
+    completion: Option<RequestRecord>,
 }
 
 #[derive(Debug)]
@@ -76,22 +91,20 @@ impl IdleTimer {
 }
 
 impl ProxyBody {
-    pub fn empty() -> Self {
+    fn of(kind: Kind) -> Self {
         ProxyBody {
-            kind: Kind::Empty,
-            guard: None,
-            request: None,
-            slot: None,
+            kind,
+            bytes: None,
+            guards: Guards::default(),
         }
     }
 
+    pub fn empty() -> Self {
+        Self::of(Kind::Empty)
+    }
+
     pub fn full(bytes: impl Into<Bytes>) -> Self {
-        ProxyBody {
-            kind: Kind::Full(Some(bytes.into())),
-            guard: None,
-            request: None,
-            slot: None,
-        }
+        Self::of(Kind::Full(Some(bytes.into())))
     }
 
     /// A body streamed from the other side; with `idle_timeout`, it fails
@@ -102,24 +115,19 @@ impl ProxyBody {
             sleep: None,
             progressed: false,
         });
-        ProxyBody {
-            kind: Kind::Streamed(body, timer),
-            guard: None,
-            request: None,
-            slot: None,
-        }
+        Self::of(Kind::Streamed(body, timer))
     }
 
     /// Keeps `guard` alive until the body has been fully sent or dropped.
     pub fn with_guard(mut self, guard: InFlight) -> Self {
-        self.guard = Some(guard);
+        self.guards.in_flight = Some(guard);
         self
     }
 
     /// Holds a concurrency slot until the body has been fully sent.
     pub fn with_slot(mut self, slot: Option<OwnedSemaphorePermit>) -> Self {
         if slot.is_some() {
-            self.slot = slot;
+            self.guards.slot = slot;
         }
         self
     }
@@ -127,7 +135,20 @@ impl ProxyBody {
     /// Marks the client connection's request as answered once this
     /// (response) body has been fully sent or dropped.
     pub fn with_request_guard(mut self, request: RequestGuard) -> Self {
-        self.request = Some(request);
+        self.guards.request = Some(request);
+        self
+    }
+
+    /// Finishes the request's record once this (response) body has been
+    /// fully sent or dropped.
+    pub fn with_completion(mut self, record: RequestRecord) -> Self {
+        self.guards.completion = Some(record);
+        self
+    }
+
+    /// Adds the length of every data frame to `bytes`.
+    pub fn counting(mut self, bytes: IntCounter) -> Self {
+        self.bytes = Some(bytes);
         self
     }
 }
@@ -163,10 +184,14 @@ impl Body for ProxyBody {
                 },
             },
         };
-        if let Poll::Ready(None) | Poll::Ready(Some(Err(_))) = &polled {
-            this.guard = None;
-            this.request = None;
-            this.slot = None;
+        match &polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let (Some(bytes), Some(data)) = (&this.bytes, frame.data_ref()) {
+                    bytes.inc_by(data.len() as u64);
+                }
+            }
+            Poll::Ready(None | Some(Err(_))) => this.guards = Guards::default(),
+            Poll::Pending => {}
         }
         polled
     }

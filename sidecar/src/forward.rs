@@ -13,6 +13,9 @@
 //!
 //! Retrying a refused connection on another endpoint is always safe (the
 //! pool hands the unsent request back) and happens without a policy.
+//! Each connect failure, try that timed out and policy retry is counted on
+//! the handles resolved at snapshot build (the target's `TargetMetrics`,
+//! the `RetryPolicy`'s counter).
 //! Retries of requests that reached an upstream are the `RetryPolicy`'s,
 //! and only happen before any response byte went to the client.
 
@@ -115,6 +118,7 @@ impl Send<'_> {
                 return result;
             }
             tracing::debug!(target = %self.target.name, policy = %retry.name, try_number = tries + 1, ?outcome, "retrying");
+            retry.retries.inc();
             drop(result);
             tokio::time::sleep(pause).await;
         }
@@ -178,6 +182,7 @@ impl Send<'_> {
                     request: unsent,
                 })) => {
                     record(Outcome::ConnectFailure);
+                    target.metrics.connect_errors.inc();
                     tracing::warn!(target = %target.name, endpoint = %endpoint.addr, error = %source,
                         "upstream connect failed; endpoint ejected");
                     endpoint.eject();
@@ -193,6 +198,7 @@ impl Send<'_> {
                 }
                 Err(_elapsed) => {
                     record(Outcome::Timeout);
+                    target.metrics.timeouts.inc();
                     let timeout = deadline.map_or(Duration::ZERO, |(_, t)| t);
                     return Err(ProxyError::UpstreamTimeout {
                         upstream: target.name.clone(),

@@ -33,12 +33,14 @@ pub mod framing;
 pub mod headers;
 pub mod health;
 pub mod metrics;
+pub mod observe;
 pub mod policy;
 pub mod pool;
 pub mod proxy;
 pub mod ratelimit;
 pub mod retry;
 pub mod route;
+pub mod route_metrics;
 pub mod server;
 pub mod settings;
 pub mod snapshot;
@@ -58,8 +60,9 @@ use tokio::sync::{mpsc, watch};
 
 use crate::balance::{Balancer, Endpoint};
 use crate::error::StartupError;
-use crate::metrics::{Direction, Metrics};
+use crate::metrics::{destination_label, Direction, Metrics};
 use crate::pool::ConnPool;
+use crate::route_metrics::RouteTable;
 use crate::snapshot::{Own, ServiceTarget, Snapshot};
 
 pub use crate::settings::{Limits, Settings};
@@ -196,7 +199,7 @@ pub async fn run(
 ) -> Drained {
     let settings = Arc::new(settings);
     let limits = Arc::new(settings.limits.clone());
-    let metrics = Metrics::new();
+    let metrics = Metrics::new(&destination_label(&settings.namespace, &settings.service));
     metrics.set_config_revision(initial.state.revision);
     let snapshot = Arc::new(ArcSwap::from_pointee(Snapshot::build(
         &initial.state,
@@ -219,7 +222,12 @@ pub async fn run(
             ConnPool::new(settings.app_addr, Arc::clone(&limits)),
         ))]),
         unhealthy: Vec::new(),
-        requests: metrics.requests(Direction::Inbound, &settings.service),
+        // Inbound routes follow the own service's policies: in the snapshot.
+        metrics: metrics.target(
+            Direction::Inbound,
+            metrics.service().to_owned(),
+            RouteTable::default(),
+        ),
         policies: Default::default(),
     });
     let own_listeners = [&listeners.inbound, &listeners.outbound]

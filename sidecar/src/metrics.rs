@@ -1,16 +1,57 @@
 //! Prometheus metrics served on the admin port's `/metrics`.
 //!
-//! Minimal for now (the observability issue adds histograms, per-route
-//! labels and the rest): requests per direction and service, connections
-//! open per direction, and responses the mesh generated per reason.
-//! Label handles are resolved once (per listener, per service target at
-//! snapshot build) so the hot path only increments an atomic.
+//! [`Metrics`] owns the registry and every metric family. Handles are
+//! resolved once and kept where the hot path finds them, so a request only
+//! bumps atomics (no label formatting or hashing):
+//!
+//! - per listener at start-up ([`ListenerMetrics`]: `active_connections`,
+//!   refusals below hyper);
+//! - per route at snapshot build (`route_metrics`: `request_total`,
+//!   `response_time_seconds`, request/response bytes), counted when a
+//!   request completes (`observe`);
+//! - per target at snapshot build ([`TargetMetrics`]: timeouts, upstream
+//!   connect errors) and per policy at snapshot build (rate-limit refusals
+//!   on each `RateLimiter`, retries on each `RetryPolicy`).
+//!
+//! `circuit_breaker_state` is not stored: [`Metrics::render`] computes it
+//! at scrape time from the current snapshot's breakers, so an endpoint or
+//! policy that is gone leaves no stale series. Responses the mesh generated
+//! are counted by reason (`meshlet_mesh_responses_total`); the
+//! configuration revision, when it was applied and the control-plane
+//! connection are gauges set by whoever applies or connects.
+//!
+//! Label values are bounded: services, policy names and path prefixes come
+//! from configuration; passthrough destinations are all `passthrough`,
+//! methods are normalised, paths never appear.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
 
 use prometheus::{
     Encoder, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+use crate::route_metrics::{RouteFamilies, RouteMetrics, RouteTable, ALL_PATHS};
+
+/// The `destination` label of every passthrough destination (never the
+/// raw host: any address could be asked for).
+pub const PASSTHROUGH: &str = "passthrough";
+/// The `destination` label of outbound requests refused before a
+/// destination was known (no `Host`, unknown service, loop).
+pub const UNKNOWN_DESTINATION: &str = "unknown";
+
+/// The `destination` label of a mesh service: its name, qualified with
+/// the namespace outside `default` (two namespaces may reuse a name).
+pub fn destination_label(namespace: &str, service: &str) -> String {
+    if namespace == "default" {
+        service.to_owned()
+    } else {
+        format!("{service}.{namespace}")
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Direction {
     Inbound,
     Outbound,
@@ -35,80 +76,141 @@ pub struct ListenerMetrics {
     pub head_too_large: IntCounter,
 }
 
+/// Handles of one destination (a service target, passthrough, the local
+/// app), resolved when the target is built.
+#[derive(Debug)]
+pub struct TargetMetrics {
+    /// The `destination` label: the service name (`name.namespace` outside
+    /// `default`), [`PASSTHROUGH`], or the own service for inbound.
+    pub destination: String,
+    /// Outbound: this target's routes. Empty for the local app, whose
+    /// routes follow the own service's policies and live in the snapshot.
+    pub routes: RouteTable,
+    /// `timeouts_total`: tries that got no response headers in time.
+    pub timeouts: IntCounter,
+    /// `upstream_connect_errors_total`: connections refused or timed out.
+    pub connect_errors: IntCounter,
+}
+
+/// One breaker's state at scrape time, for `circuit_breaker_state`.
+#[derive(Debug, Clone, Copy)]
+pub struct BreakerSample<'a> {
+    pub destination: &'a str,
+    pub policy: &'a str,
+    pub address: SocketAddr,
+    /// 0 closed, 1 half-open, 2 open.
+    pub state: i64,
+}
+
 #[derive(Debug, Clone)]
 pub struct Metrics {
     registry: Registry,
-    requests: IntCounterVec,
+    /// This sidecar's own service (the `service` label).
+    service: Arc<str>,
+    route_families: RouteFamilies,
+    /// Route handles by label set, shared by every snapshot.
+    routes: Arc<Mutex<HashMap<RouteKey, Arc<RouteMetrics>>>>,
     active_connections: IntGaugeVec,
     mesh_responses: IntCounterVec,
+    rate_limited: IntCounterVec,
+    retries: IntCounterVec,
+    timeouts: IntCounterVec,
+    connect_errors: IntCounterVec,
     config_revision: IntGauge,
     config_applied: IntGauge,
     control_plane_connected: IntGauge,
 }
 
+type RouteKey = (Direction, String, String);
+
+fn counter_vec(name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric")
+}
+
+fn gauge(name: &str, help: &str) -> IntGauge {
+    IntGauge::new(name, help).expect("valid metric")
+}
+
 impl Metrics {
-    pub fn new() -> Self {
-        let registry = Registry::new();
-        let requests = IntCounterVec::new(
-            Opts::new(
-                "request_total",
-                "Requests proxied, by direction and destination service",
-            ),
-            &["direction", "service"],
-        )
-        .expect("valid metric");
-        let active_connections = IntGaugeVec::new(
-            Opts::new(
-                "active_connections",
-                "Client connections currently open, by listener",
-            ),
-            &["direction"],
-        )
-        .expect("valid metric");
-        let mesh_responses = IntCounterVec::new(
-            Opts::new(
+    /// The metrics of a sidecar of `service`.
+    pub fn new(service: &str) -> Self {
+        let metrics = Metrics {
+            registry: Registry::new(),
+            service: service.into(),
+            route_families: RouteFamilies::new(),
+            routes: Arc::default(),
+            active_connections: IntGaugeVec::new(
+                Opts::new(
+                    "active_connections",
+                    "Client connections currently open, by listener",
+                ),
+                &["direction"],
+            )
+            .expect("valid metric"),
+            mesh_responses: counter_vec(
                 "meshlet_mesh_responses_total",
                 "Responses generated by the sidecar itself, by direction and x-meshlet-reason",
+                &["direction", "reason"],
             ),
-            &["direction", "reason"],
-        )
-        .expect("valid metric");
-        let config_revision = IntGauge::new(
-            "meshlet_config_revision",
-            "Revision of the mesh configuration this sidecar routes with (0: standalone)",
-        )
-        .expect("valid metric");
-        let config_applied = IntGauge::new(
-            "meshlet_config_applied_timestamp_seconds",
-            "Unix time at which the current configuration revision was applied",
-        )
-        .expect("valid metric");
-        let control_plane_connected = IntGauge::new(
-            "meshlet_control_plane_connected",
-            "1 while the watch stream to the control plane is open",
-        )
-        .expect("valid metric");
-        for collector in [
-            Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
-            Box::new(active_connections.clone()),
-            Box::new(mesh_responses.clone()),
-            Box::new(config_revision.clone()),
-            Box::new(config_applied.clone()),
-            Box::new(control_plane_connected.clone()),
-        ] {
-            registry
+            rate_limited: counter_vec(
+                "rate_limited_total",
+                "Inbound requests refused with 429 by a RateLimitPolicy (endpoint: its match.pathPrefix)",
+                &["service", "policy", "endpoint"],
+            ),
+            retries: counter_vec(
+                "retries_total",
+                "Retries sent under a RetryPolicy",
+                &["destination", "policy"],
+            ),
+            timeouts: counter_vec(
+                "timeouts_total",
+                "Tries whose response headers did not arrive in time",
+                &["direction", "destination"],
+            ),
+            connect_errors: counter_vec(
+                "upstream_connect_errors_total",
+                "Connections to an upstream that were refused or timed out",
+                &["direction", "destination"],
+            ),
+            config_revision: gauge(
+                "meshlet_config_revision",
+                "Revision of the mesh configuration this sidecar routes with (0: standalone)",
+            ),
+            config_applied: gauge(
+                "meshlet_config_applied_timestamp_seconds",
+                "Unix time at which the current configuration revision was applied",
+            ),
+            control_plane_connected: gauge(
+                "meshlet_control_plane_connected",
+                "1 while the watch stream to the control plane is open",
+            ),
+        };
+        let collectors: Vec<Box<dyn prometheus::core::Collector>> = vec![
+            Box::new(metrics.active_connections.clone()),
+            Box::new(metrics.mesh_responses.clone()),
+            Box::new(metrics.rate_limited.clone()),
+            Box::new(metrics.retries.clone()),
+            Box::new(metrics.timeouts.clone()),
+            Box::new(metrics.connect_errors.clone()),
+            Box::new(metrics.config_revision.clone()),
+            Box::new(metrics.config_applied.clone()),
+            Box::new(metrics.control_plane_connected.clone()),
+        ];
+        for collector in collectors
+            .into_iter()
+            .chain(metrics.route_families.collectors())
+        {
+            metrics
+                .registry
                 .register(collector)
                 .expect("metric registered once");
         }
-        Metrics {
-            registry,
-            requests,
-            active_connections,
-            mesh_responses,
-            config_revision,
-            config_applied,
-            control_plane_connected,
-        }
+        metrics
+    }
+
+    /// The own service (the `service` label).
+    pub fn service(&self) -> &str {
+        &self.service
     }
 
     /// Records that configuration `revision` was just applied.
@@ -125,11 +227,62 @@ impl Metrics {
         self.control_plane_connected.set(connected as i64);
     }
 
-    /// The counter for requests in `direction` to `service`; resolve once
-    /// and keep the handle.
-    pub fn requests(&self, direction: Direction, service: &str) -> IntCounter {
-        self.requests
-            .with_label_values(&[direction.as_str(), service])
+    /// The handles of route `(direction, destination, endpoint)`: the same
+    /// `Arc` every time for the same labels (snapshot builds reuse them).
+    pub fn route(
+        &self,
+        direction: Direction,
+        destination: &str,
+        endpoint: &str,
+    ) -> Arc<RouteMetrics> {
+        let mut routes = self.routes.lock().unwrap_or_else(|p| p.into_inner());
+        let key = (direction, destination.to_owned(), endpoint.to_owned());
+        Arc::clone(routes.entry(key).or_insert_with(|| {
+            Arc::new(RouteMetrics::new(
+                &self.route_families,
+                direction,
+                &self.service,
+                destination,
+                endpoint,
+            ))
+        }))
+    }
+
+    /// Where outbound requests refused before a destination was known
+    /// are counted (inbound: the own service, all paths).
+    pub fn unrouted(&self, direction: Direction) -> Arc<RouteMetrics> {
+        let destination = match direction {
+            Direction::Inbound => &*self.service,
+            Direction::Outbound => UNKNOWN_DESTINATION,
+        };
+        self.route(direction, destination, ALL_PATHS)
+    }
+
+    /// The handles of one destination, with its `routes`.
+    pub fn target(
+        &self,
+        direction: Direction,
+        destination: String,
+        routes: RouteTable,
+    ) -> TargetMetrics {
+        let labels = [direction.as_str(), &destination];
+        TargetMetrics {
+            timeouts: self.timeouts.with_label_values(&labels),
+            connect_errors: self.connect_errors.with_label_values(&labels),
+            destination,
+            routes,
+        }
+    }
+
+    /// `rate_limited_total` of one `RateLimitPolicy` of the own service.
+    pub fn rate_limited(&self, policy: &str, endpoint: &str) -> IntCounter {
+        self.rate_limited
+            .with_label_values(&[&*self.service, policy, endpoint])
+    }
+
+    /// `retries_total` of one `RetryPolicy` for `destination`.
+    pub fn retries(&self, destination: &str, policy: &str) -> IntCounter {
+        self.retries.with_label_values(&[destination, policy])
     }
 
     /// Handles for one listener (`inbound`, `outbound` or `admin`).
@@ -152,16 +305,33 @@ impl Metrics {
             .inc();
     }
 
-    /// Prometheus text exposition format.
-    pub fn render(&self) -> Vec<u8> {
+    /// Prometheus text exposition format, with `circuit_breaker_state`
+    /// computed from `breakers` (the current snapshot's) at this moment.
+    pub fn render(&self, breakers: &[BreakerSample<'_>]) -> Vec<u8> {
+        let mut families = self.registry.gather();
+        let states = IntGaugeVec::new(
+            Opts::new(
+                "circuit_breaker_state",
+                "Circuit breaker state per policy and endpoint: 0 closed, 1 half-open, 2 open",
+            ),
+            &["destination", "policy", "address"],
+        )
+        .expect("valid metric");
+        for sample in breakers {
+            let address = sample.address.to_string();
+            states
+                .with_label_values(&[sample.destination, sample.policy, &address])
+                .set(sample.state);
+        }
+        if !breakers.is_empty() {
+            // (The encoder refuses a family without samples.)
+            families.extend(prometheus::core::Collector::collect(&states));
+            families.sort_by(|a, b| a.name().cmp(b.name()));
+        }
         let mut out = Vec::new();
-        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);
+        if let Err(error) = TextEncoder::new().encode(&families, &mut out) {
+            tracing::warn!(%error, "cannot encode the metrics");
+        }
         out
-    }
-}
-
-impl Default for Metrics {
-    fn default() -> Self {
-        Self::new()
     }
 }

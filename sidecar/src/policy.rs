@@ -12,6 +12,10 @@
 //! keeps token buckets, breaker states and budgets; a changed spec starts
 //! fresh.
 //!
+//! Per-policy metric handles (`retries_total` on each [`RetryPolicy`],
+//! `rate_limited_total` on each [`RateLimiter`]) are resolved here, once
+//! per policy and build, never per request.
+//!
 //! [`Outcome`] is how one try ended, shared by breakers and retries.
 
 use std::collections::{BTreeMap, HashMap};
@@ -25,8 +29,10 @@ use meshlet_api::{Resource, ResourceKey};
 use serde_json::json;
 
 use crate::breaker::BreakerSet;
+use crate::metrics::{destination_label, Metrics};
 use crate::ratelimit::RateLimiter;
 use crate::retry::RetryPolicy;
+use crate::route_metrics::ALL_PATHS;
 
 /// How one try to an endpoint ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -238,7 +244,9 @@ impl OutboundPolicies {
         endpoints: &[(SocketAddr, &BTreeMap<String, String>)],
         previous: &PolicyState,
         state: &mut PolicyState,
+        metrics: &Metrics,
     ) -> Self {
+        let destination = destination_label(namespace, service);
         let mut policies = OutboundPolicies::default();
         let addrs: Vec<SocketAddr> = endpoints.iter().map(|(a, _)| *a).collect();
         for resource in resources
@@ -261,7 +269,10 @@ impl OutboundPolicies {
                 Resource::RetryPolicy(doc) => {
                     let retry = match previous.retries.get(&key) {
                         Some(old) if old.spec == doc.spec => Arc::clone(old),
-                        _ => Arc::new(RetryPolicy::new(name, doc.spec.clone())),
+                        _ => {
+                            let retries = metrics.retries(&destination, &name);
+                            Arc::new(RetryPolicy::new(name, doc.spec.clone(), retries))
+                        }
                     };
                     state.retries.insert(key, Arc::clone(&retry));
                     policies.retries.push(retry);
@@ -343,6 +354,7 @@ impl InboundPolicies {
         healthy_instances: usize,
         previous: &PolicyState,
         state: &mut PolicyState,
+        metrics: &Metrics,
     ) -> Self {
         let mut rate_limits = Vec::new();
         for resource in resources
@@ -356,11 +368,20 @@ impl InboundPolicies {
                         old.set_instances(healthy_instances);
                         Arc::clone(old)
                     }
-                    _ => Arc::new(RateLimiter::new(
-                        resource.metadata().name.clone(),
-                        doc.spec.clone(),
-                        healthy_instances,
-                    )),
+                    _ => {
+                        let name = &resource.metadata().name;
+                        let endpoint = doc
+                            .spec
+                            .route
+                            .as_ref()
+                            .and_then(|r| r.path_prefix.as_deref());
+                        Arc::new(RateLimiter::new(
+                            name.clone(),
+                            doc.spec.clone(),
+                            healthy_instances,
+                            metrics.rate_limited(name, endpoint.unwrap_or(ALL_PATHS)),
+                        ))
+                    }
                 };
                 state.limiters.insert(key, Arc::clone(&limiter));
                 rate_limits.push(limiter);

@@ -16,16 +16,22 @@
 //! in one place ([`ProxyError::into_response`]). Upgrades (WebSocket) are
 //! forwarded as ordinary requests; a `101` answer splices the two
 //! connections together.
+//!
+//! Each request has a [`RequestRecord`] (`observe`) from arrival: the
+//! route it is counted under is set as soon as the path and destination
+//! are known, the request body counts its bytes on that route, and the
+//! record completes with the response body (or at once for a response the
+//! mesh generated).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Instant;
 
 use http::header::{self, HeaderValue};
 use http::uri::{PathAndQuery, Uri};
 use http::{Method, Request, Response, StatusCode, Version};
 use hyper::body::Incoming;
 use hyper::upgrade::OnUpgrade;
+use prometheus::IntCounter;
 use tokio::net::TcpStream;
 
 use crate::balance::Tried;
@@ -34,8 +40,10 @@ use crate::error::ProxyError;
 use crate::forward::forward;
 use crate::headers::{add_forwarded, strip_hop_by_hop, wants_upgrade, SOURCE_HEADER};
 use crate::metrics::{Direction, Metrics};
+use crate::observe::RequestRecord;
 use crate::policy::RoutePolicies;
 use crate::route::{Authority, Router};
+use crate::route_metrics::RouteMetrics;
 use crate::server::{Handler, Peer};
 use crate::settings::Limits;
 use crate::snapshot::{ServiceTarget, SharedSnapshot};
@@ -49,6 +57,8 @@ pub struct Inbound {
     snapshot: SharedSnapshot,
     limits: Arc<Limits>,
     metrics: Metrics,
+    /// Where requests are counted until their route is known.
+    unrouted: Arc<RouteMetrics>,
 }
 
 impl Inbound {
@@ -62,6 +72,7 @@ impl Inbound {
             app,
             snapshot,
             limits,
+            unrouted: metrics.unrouted(Direction::Inbound),
             metrics,
         }
     }
@@ -70,6 +81,7 @@ impl Inbound {
         &self,
         request: Request<Incoming>,
         peer: &Peer,
+        record: &mut RequestRecord,
     ) -> Result<Response<ProxyBody>, ProxyError> {
         if request.method() == Method::CONNECT {
             return Err(ProxyError::MethodNotAllowed {
@@ -77,37 +89,41 @@ impl Inbound {
                 listener: "inbound",
             });
         }
-        self.app.requests.inc();
-        if let Some(limiter) = self
-            .snapshot
-            .load()
-            .inbound
-            .rate_limit(request.method(), request.uri().path())
-        {
-            let key = limiter.key(request.headers());
-            limiter
-                .check(key, std::time::Instant::now())
-                .map_err(ProxyError::RateLimited)?;
-        }
+        self.admit(&request, record)?;
         let version = request.version();
         let app_addr = self.app.balancer.endpoints().first().map(|e| e.addr);
-        let (mut request, downstream_upgrade) = prepare(request, app_addr, &self.limits);
+        let (mut request, downstream_upgrade) =
+            prepare(request, app_addr, &self.limits, record.request_bytes());
         add_forwarded(request.headers_mut(), &peer.ip_header, "http");
         let no_policies = RoutePolicies::default();
         let response = forward(&self.app, request, no_policies, &self.limits).await?;
         Ok(finish(response, version, downstream_upgrade))
     }
+
+    /// The route of the request in the current snapshot, then its rate
+    /// limit (a refusal is counted on the policy).
+    fn admit<B>(&self, request: &Request<B>, record: &mut RequestRecord) -> Result<(), ProxyError> {
+        let snapshot = self.snapshot.load();
+        let path = request.uri().path();
+        record.set_route(snapshot.inbound_routes.select(path));
+        if let Some(limiter) = snapshot.inbound.rate_limit(request.method(), path) {
+            let key = limiter.key(request.headers());
+            limiter
+                .check(key, std::time::Instant::now())
+                .map_err(|refusal| {
+                    limiter.refused.inc();
+                    ProxyError::RateLimited(refusal)
+                })?;
+        }
+        Ok(())
+    }
 }
 
 impl Handler for Inbound {
     async fn handle(&self, request: Request<Incoming>, peer: &Peer) -> Response<ProxyBody> {
-        let log = RequestLog::start(&request, Direction::Inbound);
-        let response = match self.proxy(request, peer).await {
-            Ok(response) => response,
-            Err(err) => refuse(err, Direction::Inbound, &self.metrics),
-        };
-        log.finish(&response);
-        response
+        let mut record = RequestRecord::start(&request, Direction::Inbound, &self.unrouted);
+        let result = self.proxy(request, peer, &mut record).await;
+        answer(record, result, Direction::Inbound, &self.metrics)
     }
 }
 
@@ -119,6 +135,8 @@ pub struct Outbound {
     metrics: Metrics,
     /// `x-meshlet-source: <own service>`, built once.
     source: Option<HeaderValue>,
+    /// Where requests refused before a destination is known are counted.
+    unrouted: Arc<RouteMetrics>,
 }
 
 impl Outbound {
@@ -126,24 +144,34 @@ impl Outbound {
         Outbound {
             router,
             limits,
+            unrouted: metrics.unrouted(Direction::Outbound),
             metrics,
             source: HeaderValue::from_str(service).ok(),
         }
     }
 
-    async fn proxy(&self, request: Request<Incoming>) -> Result<Response<ProxyBody>, ProxyError> {
+    async fn proxy(
+        &self,
+        request: Request<Incoming>,
+        record: &mut RequestRecord,
+    ) -> Result<Response<ProxyBody>, ProxyError> {
         let authority = Authority::of(&request).ok_or(ProxyError::MissingHost)?;
         let target = self.router.resolve(&authority).await?;
+        record.set_route(target.metrics.routes.select(request.uri().path()));
         if request.method() == Method::CONNECT {
             return self.tunnel(request, &target).await;
         }
-        target.requests.inc();
         let policies = target
             .policies
             .for_request(request.method(), request.uri().path());
         let fallback_authority = target.balancer.endpoints().first().map(|e| e.addr);
         let version = request.version();
-        let (mut request, downstream_upgrade) = prepare(request, fallback_authority, &self.limits);
+        let (mut request, downstream_upgrade) = prepare(
+            request,
+            fallback_authority,
+            &self.limits,
+            record.request_bytes(),
+        );
         let mesh_service = !target.namespace.is_empty();
         if let (true, Some(source)) = (mesh_service, &self.source) {
             request.headers_mut().insert(SOURCE_HEADER, source.clone());
@@ -175,8 +203,12 @@ impl Outbound {
             tokio::time::timeout(self.limits.connect_timeout, TcpStream::connect(addr)).await;
         let stream = match connected {
             Ok(Ok(stream)) => stream,
-            Ok(Err(source)) => return Err(ProxyError::ConnectFailed { addr, source }),
+            Ok(Err(source)) => {
+                target.metrics.connect_errors.inc();
+                return Err(ProxyError::ConnectFailed { addr, source });
+            }
             Err(_) => {
+                target.metrics.connect_errors.inc();
                 let source = std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out");
                 return Err(ProxyError::ConnectFailed { addr, source });
             }
@@ -188,24 +220,35 @@ impl Outbound {
 
 impl Handler for Outbound {
     async fn handle(&self, request: Request<Incoming>, _peer: &Peer) -> Response<ProxyBody> {
-        let log = RequestLog::start(&request, Direction::Outbound);
-        let response = match self.proxy(request).await {
-            Ok(response) => response,
-            Err(err) => refuse(err, Direction::Outbound, &self.metrics),
-        };
-        log.finish(&response);
-        response
+        let mut record = RequestRecord::start(&request, Direction::Outbound, &self.unrouted);
+        let result = self.proxy(request, &mut record).await;
+        answer(record, result, Direction::Outbound, &self.metrics)
+    }
+}
+
+/// The response to the client, and the request's record completed with it.
+fn answer(
+    record: RequestRecord,
+    result: Result<Response<ProxyBody>, ProxyError>,
+    direction: Direction,
+    metrics: &Metrics,
+) -> Response<ProxyBody> {
+    match result {
+        Ok(response) => record.respond(response),
+        Err(err) => record.refused(refuse(err, direction, metrics)),
     }
 }
 
 /// Turns a received request into the one sent upstream: hop-by-hop headers
 /// removed, URI in the form the upstream protocol wants (origin-form for
-/// HTTP/1.1, absolute for HTTP/2), body streamed as is. Returns the
-/// client's pending upgrade if the request asks for one.
+/// HTTP/1.1, absolute for HTTP/2), body streamed as is and its bytes
+/// counted on `bytes`. Returns the client's pending upgrade if the request
+/// asks for one.
 fn prepare(
     mut request: Request<Incoming>,
     fallback_authority: Option<SocketAddr>,
     limits: &Limits,
+    bytes: IntCounter,
 ) -> (Request<ProxyBody>, Option<OnUpgrade>) {
     let upgrade = request.version() == Version::HTTP_11 && wants_upgrade(request.headers());
     let downstream_upgrade = upgrade.then(|| hyper::upgrade::on(&mut request));
@@ -216,7 +259,7 @@ fn prepare(
     }
     let idle_timeout = limits.stream_idle_timeout;
     (
-        request.map(|body| ProxyBody::streamed(body, idle_timeout)),
+        request.map(|body| ProxyBody::streamed(body, idle_timeout).counting(bytes)),
         downstream_upgrade,
     )
 }
@@ -309,40 +352,4 @@ fn refuse(err: ProxyError, direction: Direction, metrics: &Metrics) -> Response<
     }
     metrics.mesh_response(direction, reason);
     err.into_response()
-}
-
-/// One debug line per proxied request; captures details only when debug
-/// logging is on, so the fast path pays for a timestamp and nothing else.
-struct RequestLog {
-    direction: Direction,
-    detail: Option<(Instant, Method, Uri, Version)>,
-}
-
-impl RequestLog {
-    fn start<B>(request: &Request<B>, direction: Direction) -> Self {
-        let detail = tracing::enabled!(tracing::Level::DEBUG).then(|| {
-            (
-                Instant::now(),
-                request.method().clone(),
-                request.uri().clone(),
-                request.version(),
-            )
-        });
-        RequestLog { direction, detail }
-    }
-
-    fn finish(self, response: &Response<ProxyBody>) {
-        if let Some((started, method, uri, version)) = self.detail {
-            tracing::debug!(
-                direction = self.direction.as_str(),
-                %method,
-                %uri,
-                ?version,
-                status = response.status().as_u16(),
-                reason = response.headers().get(crate::error::REASON_HEADER).and_then(|v| v.to_str().ok()),
-                elapsed_us = started.elapsed().as_micros() as u64,
-                "proxied"
-            );
-        }
-    }
 }

@@ -6,7 +6,9 @@
 //! pushes) and sets its share of a `global` limit (the number of healthy
 //! instances of the service in that snapshot). `proxy::Inbound` picks the
 //! most specific matching limiter and calls [`RateLimiter::check`] with the
-//! request's key; a refusal becomes a 429 in `error.rs`.
+//! request's key; a refusal is counted on the limiter's `refused` counter
+//! (`rate_limited_total`, resolved at build) and becomes a 429 in
+//! `error.rs`.
 //!
 //! Two algorithms:
 //!
@@ -35,6 +37,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use meshlet_api::policy::{RateLimitKey, RateLimitScope, RateLimitSpec, RouteMatch};
+use prometheus::IntCounter;
 
 /// Keys (callers, header values) tracked per limiter at most.
 pub const MAX_KEYS: usize = 10_000;
@@ -55,6 +58,9 @@ pub struct RateLimiter {
     keys: Mutex<HashMap<u64, KeyState>>,
     /// Seeds the key hash.
     hasher: RandomState,
+    /// `rate_limited_total{service, policy, endpoint}`, resolved at
+    /// snapshot build; the request path counts each refusal on it.
+    pub refused: IntCounter,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -96,7 +102,12 @@ enum Effective {
 }
 
 impl RateLimiter {
-    pub fn new(name: String, spec: RateLimitSpec, healthy_instances: usize) -> Self {
+    pub fn new(
+        name: String,
+        spec: RateLimitSpec,
+        healthy_instances: usize,
+        refused: IntCounter,
+    ) -> Self {
         let limiter = RateLimiter {
             name,
             route: spec.route.clone().unwrap_or_default(),
@@ -104,6 +115,7 @@ impl RateLimiter {
             share: AtomicU32::new(1),
             keys: Mutex::new(HashMap::new()),
             hasher: RandomState::new(),
+            refused,
         };
         limiter.set_instances(healthy_instances);
         limiter
@@ -326,6 +338,10 @@ mod tests {
     use meshlet_api::policy::{SlidingWindow, TargetRef, TokenBucket};
     use meshlet_api::HumanDuration;
 
+    fn refused() -> IntCounter {
+        IntCounter::new("rate_limited_total", "test").unwrap()
+    }
+
     fn spec(bucket: Option<(u32, f64)>, window: Option<(u32, u64)>) -> RateLimitSpec {
         RateLimitSpec {
             target_ref: TargetRef {
@@ -348,7 +364,7 @@ mod tests {
 
     #[test]
     fn token_bucket_allows_capacity_then_refills() {
-        let limiter = RateLimiter::new("l".into(), spec(Some((10, 10.0)), None), 1);
+        let limiter = RateLimiter::new("l".into(), spec(Some((10, 10.0)), None), 1, refused());
         let t0 = Instant::now();
         for _ in 0..10 {
             assert!(limiter.check("", t0).is_ok());
@@ -372,7 +388,7 @@ mod tests {
     fn global_scope_divides_capacity_and_rate() {
         let mut s = spec(Some((20, 20.0)), None);
         s.scope = RateLimitScope::Global;
-        let limiter = RateLimiter::new("l".into(), s, 2);
+        let limiter = RateLimiter::new("l".into(), s, 2, refused());
         let t0 = Instant::now();
         let allowed = (0..50).filter(|_| limiter.check("", t0).is_ok()).count();
         assert_eq!(allowed, 10);
@@ -385,7 +401,7 @@ mod tests {
 
     #[test]
     fn sliding_window_weights_the_previous_window() {
-        let limiter = RateLimiter::new("w".into(), spec(None, Some((100, 60))), 1);
+        let limiter = RateLimiter::new("w".into(), spec(None, Some((100, 60))), 1, refused());
         let t0 = Instant::now();
         for _ in 0..100 {
             assert!(limiter.check("", t0).is_ok());
@@ -407,7 +423,7 @@ mod tests {
     fn keys_are_counted_separately_and_bounded() {
         let mut s = spec(Some((1, 1.0)), None);
         s.key = RateLimitKey::Header("x-user".into());
-        let limiter = RateLimiter::new("k".into(), s, 1);
+        let limiter = RateLimiter::new("k".into(), s, 1, refused());
         let mut headers = http::HeaderMap::new();
         assert_eq!(limiter.key(&headers), UNKNOWN_KEY);
         headers.insert("x-user", "alice".parse().unwrap());
@@ -424,7 +440,7 @@ mod tests {
 
     #[test]
     fn a_very_slow_refill_refuses_without_panicking() {
-        let limiter = RateLimiter::new("slow".into(), spec(Some((1, 1e-12)), None), 1);
+        let limiter = RateLimiter::new("slow".into(), spec(Some((1, 1e-12)), None), 1, refused());
         let now = Instant::now();
         assert!(limiter.check("", now).is_ok());
         let refusal = limiter.check("", now).unwrap_err();
@@ -434,7 +450,7 @@ mod tests {
 
     #[test]
     fn keys_cost_the_same_whatever_their_length() {
-        let limiter = RateLimiter::new("big".into(), spec(Some((1, 1.0)), None), 1);
+        let limiter = RateLimiter::new("big".into(), spec(Some((1, 1.0)), None), 1, refused());
         let now = Instant::now();
         let huge = "x".repeat(60 * 1024);
         assert!(limiter.check(&huge, now).is_ok());

@@ -8,8 +8,9 @@
 //! body of at most `maxBodyBytes` that is then kept in memory), records
 //! every original request in the budget, and before each retry checks the
 //! outcome against `retryOn`, withdraws from the budget and sleeps the
-//! backoff. Retries happen only before the response is handed to the
-//! client, so no byte of a failed try ever reached it.
+//! backoff (each retry counted on the policy's `retries_total` handle).
+//! Retries happen only before the response is handed to the client, so no
+//! byte of a failed try ever reached it.
 //!
 //! **Budget** (Linkerd/Finagle style): over a sliding window of
 //! [`BUDGET_WINDOW`] (ten one-second buckets), retries are allowed while
@@ -24,6 +25,7 @@ use bytes::Bytes;
 use http::{HeaderMap, Method, Request, Uri, Version};
 use http_body_util::BodyExt;
 use meshlet_api::policy::{RetrySpec, RouteMatch};
+use prometheus::IntCounter;
 
 use crate::body::ProxyBody;
 use crate::error::ProxyError;
@@ -39,15 +41,18 @@ pub struct RetryPolicy {
     pub spec: RetrySpec,
     pub route: RouteMatch,
     pub budget: Budget,
+    /// `retries_total{destination, policy}`, resolved at snapshot build.
+    pub retries: IntCounter,
 }
 
 impl RetryPolicy {
-    pub fn new(name: String, spec: RetrySpec) -> Self {
+    pub fn new(name: String, spec: RetrySpec, retries: IntCounter) -> Self {
         RetryPolicy {
             name,
             route: spec.route.clone().unwrap_or_default(),
             budget: Budget::new(spec.budget.percent, spec.budget.min_per_second),
             spec,
+            retries,
         }
     }
 
@@ -271,7 +276,8 @@ mod tests {
             "targetRef": {"service": "s"}, "backoff": {"base": "10ms", "max": "40ms"}
         }))
         .unwrap();
-        let policy = RetryPolicy::new("r".into(), spec);
+        let retries = IntCounter::new("retries_total", "test").unwrap();
+        let policy = RetryPolicy::new("r".into(), spec, retries);
         for _ in 0..100 {
             assert!(policy.backoff(1) <= Duration::from_millis(10));
             assert!(policy.backoff(2) <= Duration::from_millis(20));

@@ -8,7 +8,8 @@
 //! DNS, cached for a few seconds). A name that is neither a service nor
 //! resolvable is answered with 503 `unknown_service`. A destination that is
 //! one of this sidecar's own listeners is refused (502 `loop_detected`)
-//! rather than proxied forever.
+//! rather than proxied forever. Every passthrough destination is counted
+//! under the one `destination="passthrough"` label, never its address.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -19,8 +20,9 @@ use http::{header, Request};
 
 use crate::balance::{Balancer, Endpoint};
 use crate::error::ProxyError;
-use crate::metrics::{Direction, Metrics};
+use crate::metrics::{Direction, Metrics, PASSTHROUGH};
 use crate::pool::ConnPool;
+use crate::route_metrics::{RouteTable, ALL_PATHS};
 use crate::settings::Limits;
 use crate::snapshot::{ServiceTarget, SharedSnapshot};
 
@@ -165,7 +167,14 @@ impl Router {
             namespace: String::new(),
             balancer: Balancer::new(vec![Arc::new(endpoint)]),
             unhealthy: Vec::new(),
-            requests: self.metrics.requests(Direction::Outbound, "passthrough"),
+            metrics: self.metrics.target(
+                Direction::Outbound,
+                PASSTHROUGH.to_owned(),
+                RouteTable::single(
+                    self.metrics
+                        .route(Direction::Outbound, PASSTHROUGH, ALL_PATHS),
+                ),
+            ),
             policies: Default::default(),
         });
         map.insert(addr, Arc::clone(&target));

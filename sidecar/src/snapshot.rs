@@ -10,6 +10,11 @@
 //! **Invariant:** building a snapshot reuses the [`Endpoint`] objects of the
 //! previous one for addresses that did not change, so connection pools and
 //! load counters survive config updates.
+//!
+//! Building also resolves the metric handles the request path uses: each
+//! target's [`TargetMetrics`] with its route table, and the own service's
+//! inbound route table (`route_metrics`). [`Snapshot::breaker_samples`]
+//! gives `/metrics` the breakers' states at scrape time.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -19,13 +24,14 @@ use std::net::SocketAddr;
 use arc_swap::ArcSwap;
 use meshlet_api::mesh::MeshState;
 use meshlet_api::{HealthCheckSpec, Resource};
-use prometheus::IntCounter;
 use serde_json::json;
 
 use crate::balance::{Balancer, Endpoint};
-use crate::metrics::{Direction, Metrics};
+use crate::breaker::State;
+use crate::metrics::{destination_label, BreakerSample, Direction, Metrics, TargetMetrics};
 use crate::policy::{InboundPolicies, OutboundPolicies, PolicyState};
 use crate::pool::ConnPool;
+use crate::route_metrics::RouteTable;
 use crate::settings::Limits;
 
 /// Where a request for one destination goes: a service of the mesh, or a
@@ -38,8 +44,8 @@ pub struct ServiceTarget {
     pub balancer: Balancer,
     /// Registered endpoints whose app failed its health check.
     pub unhealthy: Vec<SocketAddr>,
-    /// `request_total{direction="outbound",service=name}`, resolved once.
-    pub requests: IntCounter,
+    /// Metric handles: destination label, routes, error counters.
+    pub metrics: TargetMetrics,
     /// Breakers, retries, timeouts and split that callers apply.
     pub policies: OutboundPolicies,
 }
@@ -57,6 +63,8 @@ pub struct Snapshot {
     resources: Vec<Resource>,
     /// Rate limits of this sidecar's own service (inbound side).
     pub inbound: InboundPolicies,
+    /// Routes of inbound requests (the own service's policy prefixes).
+    pub inbound_routes: RouteTable,
     /// Stateful policy objects by identity, reused by the next build.
     policy_state: PolicyState,
     /// Share of new traces started here that are recorded (the own
@@ -133,6 +141,16 @@ impl Snapshot {
                 &by_index,
                 old_state,
                 &mut policy_state,
+                metrics,
+            );
+            let destination = destination_label(&entry.namespace, &entry.name);
+            let routes = RouteTable::build(
+                &state.resources,
+                &entry.namespace,
+                &entry.name,
+                Direction::Outbound,
+                &destination,
+                metrics,
             );
             let unhealthy = entry
                 .endpoints
@@ -145,7 +163,7 @@ impl Snapshot {
                 namespace: entry.namespace.clone(),
                 balancer: Balancer::new(endpoints),
                 unhealthy,
-                requests: metrics.requests(Direction::Outbound, &entry.name),
+                metrics: metrics.target(Direction::Outbound, destination, routes),
                 policies,
             });
             if target.namespace == "default" {
@@ -168,6 +186,15 @@ impl Snapshot {
             healthy_instances,
             old_state,
             &mut policy_state,
+            metrics,
+        );
+        let inbound_routes = RouteTable::build(
+            &state.resources,
+            own.namespace,
+            own.service,
+            Direction::Inbound,
+            metrics.service(),
+            metrics,
         );
         Snapshot {
             revision: state.revision,
@@ -176,6 +203,7 @@ impl Snapshot {
             sampling_ratio: sampling_ratio(&state.resources, own),
             resources: state.resources.clone(),
             inbound,
+            inbound_routes,
             policy_state,
         }
     }
@@ -208,17 +236,45 @@ impl Snapshot {
     /// Every endpoint of every service (for housekeeping such as the idle
     /// connection sweep).
     pub fn endpoints(&self) -> impl Iterator<Item = &Arc<Endpoint>> {
-        self.services.values().flat_map(|t| t.balancer.endpoints())
+        self.targets().flat_map(|t| t.balancer.endpoints())
+    }
+
+    /// Every service once (the map holds those of `default` under two keys).
+    fn targets(&self) -> impl Iterator<Item = &Arc<ServiceTarget>> {
+        self.services
+            .iter()
+            .filter(|(key, t)| {
+                let namespace = key
+                    .strip_prefix(t.name.as_str())
+                    .and_then(|k| k.strip_prefix('.'));
+                namespace == Some(t.namespace.as_str())
+            })
+            .map(|(_, t)| t)
+    }
+
+    /// The state of every circuit breaker now, for `circuit_breaker_state`.
+    pub fn breaker_samples(&self) -> Vec<BreakerSample<'_>> {
+        let mut samples = Vec::new();
+        for target in self.targets() {
+            for set in &target.policies.breakers {
+                samples.extend(set.breakers.iter().map(|breaker| BreakerSample {
+                    destination: &target.metrics.destination,
+                    policy: &set.name,
+                    address: breaker.addr,
+                    state: match breaker.state() {
+                        State::Closed { .. } => 0,
+                        State::HalfOpen { .. } => 1,
+                        State::Open { .. } => 2,
+                    },
+                }));
+            }
+        }
+        samples
     }
 
     /// JSON for `/config_dump`.
     pub fn to_json(&self) -> serde_json::Value {
-        let mut targets: Vec<_> = self
-            .services
-            .iter()
-            .filter(|(key, t)| **key == format!("{}.{}", t.name, t.namespace))
-            .map(|(_, t)| t)
-            .collect();
+        let mut targets: Vec<_> = self.targets().collect();
         targets.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
         let services: Vec<_> = targets
             .into_iter()
@@ -290,7 +346,7 @@ spec: {endpoints: [{address: '127.0.0.1:9003'}]}
             None,
             OWN,
             &limits,
-            &Metrics::new(),
+            &Metrics::new("orders"),
         );
         assert_eq!(
             snap.service("orders").unwrap().balancer.endpoints().len(),
@@ -310,7 +366,7 @@ spec: {endpoints: [{address: '127.0.0.1:9003'}]}
     #[test]
     fn rebuild_keeps_unchanged_endpoints() {
         let limits = Arc::new(Limits::default());
-        let metrics = Metrics::new();
+        let metrics = Metrics::new("orders");
         let first = Snapshot::build(&state(MESH), "t".into(), None, OWN, &limits, &metrics);
         let changed = MESH.replace("127.0.0.1:9002", "127.0.0.1:9009");
         let second = Snapshot::build(
@@ -330,5 +386,52 @@ spec: {endpoints: [{address: '127.0.0.1:9003'}]}
             &b.balancer.endpoints()[0]
         ));
         assert_eq!(b.balancer.endpoints()[1].addr.port(), 9009);
+    }
+
+    #[test]
+    fn breaker_samples_list_each_endpoint_once_with_its_destination() {
+        let breakers = "
+---
+apiVersion: meshlet.dev/v1alpha1
+kind: CircuitBreakerPolicy
+metadata: {name: orders-breaker}
+spec: {targetRef: {service: orders}}
+---
+apiVersion: meshlet.dev/v1alpha1
+kind: CircuitBreakerPolicy
+metadata: {name: stock-breaker, namespace: shop}
+spec: {targetRef: {service: stock}}
+";
+        let limits = Arc::new(Limits::default());
+        let snap = Snapshot::build(
+            &state(&(MESH.to_owned() + breakers)),
+            "t".into(),
+            None,
+            OWN,
+            &limits,
+            &Metrics::new("orders"),
+        );
+        let mut samples: Vec<_> = snap
+            .breaker_samples()
+            .iter()
+            .map(|s| {
+                (
+                    s.destination.to_owned(),
+                    s.policy.to_owned(),
+                    s.address.port(),
+                    s.state,
+                )
+            })
+            .collect();
+        samples.sort();
+        let sample = |d: &str, p: &str, port| (d.to_owned(), p.to_owned(), port, 0);
+        assert_eq!(
+            samples,
+            [
+                sample("orders", "orders-breaker", 9001),
+                sample("orders", "orders-breaker", 9002),
+                sample("stock.shop", "stock-breaker", 9003),
+            ]
+        );
     }
 }

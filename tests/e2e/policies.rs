@@ -14,22 +14,8 @@ use bytes::Bytes;
 use http::Request;
 use http_body_util::Full;
 use meshlet_e2e::client::{self, Reply};
+use meshlet_e2e::config::{doc, service, standalone};
 use meshlet_e2e::{meshctl, wait, ControlPlaneProcess, SidecarProcess, TempDir, Upstream};
-
-fn doc(kind: &str, name: &str, spec: &str) -> String {
-    let spec: String = spec.lines().map(|l| format!("  {l}\n")).collect();
-    format!("---\napiVersion: meshlet.dev/v1alpha1\nkind: {kind}\nmetadata: {{name: {name}}}\nspec:\n{spec}")
-}
-
-fn service(name: &str, endpoints: &[(SocketAddr, &str)]) -> String {
-    let list: String = endpoints
-        .iter()
-        .map(|(addr, version)| {
-            format!("  - {{address: '{addr}', labels: {{version: {version}}}}}\n")
-        })
-        .collect();
-    doc("Service", name, &format!("endpoints:\n{list}"))
-}
 
 async fn get(addr: SocketAddr, uri: &str) -> Reply {
     client::get_uri(addr, uri).await.expect("an answer")
@@ -38,16 +24,6 @@ async fn get(addr: SocketAddr, uri: &str) -> Reply {
 /// A request through `sidecar`'s outbound listener to a mesh service.
 async fn call(sidecar: &SidecarProcess, uri: &str) -> Reply {
     get(sidecar.outbound, uri).await
-}
-
-/// An app `service` and its standalone sidecar with `config`.
-async fn standalone(service: &str, config: &str) -> (Upstream, SidecarProcess) {
-    let app = Upstream::start(service).await;
-    let sidecar = SidecarProcess::builder(service, app.port())
-        .config(config)
-        .start()
-        .await;
-    (app, sidecar)
 }
 
 /// A request to `sidecar`'s inbound listener (as another service would).

@@ -122,7 +122,7 @@ async fn a_calls_b_by_name_in_all_three_outbound_styles() {
         .unwrap()
         .text();
     assert!(
-        metrics.contains(r#"request_total{direction="inbound",service="orders"} 2"#),
+        metrics.contains(r#"request_total{destination="orders",direction="inbound",endpoint="/",method="GET",service="orders",status_code="200"} 2"#),
         "{metrics}"
     );
     let metrics = client::get(mesh.frontend.admin, "/metrics")
@@ -130,11 +130,11 @@ async fn a_calls_b_by_name_in_all_three_outbound_styles() {
         .unwrap()
         .text();
     assert!(
-        metrics.contains(r#"request_total{direction="outbound",service="orders"} 2"#),
+        metrics.contains(r#"request_total{destination="orders",direction="outbound",endpoint="/",method="GET",service="frontend",status_code="200"} 2"#),
         "{metrics}"
     );
     assert!(
-        metrics.contains(r#"request_total{direction="outbound",service="passthrough"} 1"#),
+        metrics.contains(r#"request_total{destination="passthrough",direction="outbound",endpoint="/",method="GET",service="frontend",status_code="200"} 1"#),
         "{metrics}"
     );
 }

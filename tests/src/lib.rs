@@ -18,6 +18,8 @@
 
 pub mod client;
 pub mod collector;
+pub mod config;
+pub mod metrics;
 pub mod process;
 pub mod upstream;
 pub mod wait;

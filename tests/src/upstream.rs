@@ -13,6 +13,7 @@
 //! | `/stall` | headers and `partial`, then nothing, ever |
 //! | `/status?code=N` | that status |
 //! | `/flaky?percent=N` | 500 for a random N % of requests, else 200 |
+//! | `/api/...`, `/other/...` | `resource PATH` (REST-style paths with ids) |
 //! | `/ws` | WebSocket echo |
 //! | `/health` | 200, or 503 after [`Upstream::set_healthy`]`(false)`; not counted as a request |
 //!
@@ -326,6 +327,9 @@ async fn route(name: String, mut request: Request<Incoming>) -> Result<Response<
             Response::builder().status(status).body(full(text))
         }
         "/ws" => websocket_echo(&mut request),
+        path if path.starts_with("/api/") || path.starts_with("/other/") => {
+            Response::builder().body(full(format!("resource {path}")))
+        }
         _ => Response::builder().status(404).body(full("no such route")),
     };
     Ok(response.expect("valid response"))
