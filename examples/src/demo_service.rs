@@ -70,7 +70,7 @@ type Body = BoxBody<Bytes, hyper::Error>;
 
 /// A demo HTTP service for trying meshlet.
 #[derive(Debug, Clone, Parser)]
-#[command(name = "demo-service", version)]
+#[command(name = "demo-service")]
 struct Args {
     /// Service name, reported in every answer.
     #[arg(long)]

@@ -10,7 +10,6 @@
 use std::io::Write;
 use std::net::SocketAddr;
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
-use std::sync::Arc;
 use std::time::SystemTime;
 
 use prometheus::IntCounter;
@@ -26,15 +25,13 @@ pub struct AccessRecord {
     #[serde(serialize_with = "rfc3339")]
     pub timestamp: SystemTime,
     pub direction: &'static str,
-    pub service: Arc<str>,
-    pub destination: Arc<str>,
+    pub service: String,
+    pub destination: String,
     pub method: String,
     pub path: String,
-    pub route: Arc<str>,
+    pub route: String,
     pub status: u16,
     pub duration_us: u64,
-    pub request_bytes: u64,
-    pub response_bytes: u64,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub peer: Option<SocketAddr>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -105,7 +102,7 @@ fn write_lines(lines: Receiver<AccessRecord>, out: impl Write) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::Mutex;
+    use std::sync::{Arc, Mutex};
 
     #[derive(Clone, Default)]
     struct Shared(Arc<Mutex<Vec<u8>>>);
@@ -135,8 +132,6 @@ mod tests {
                 route: "/api".into(),
                 status,
                 duration_us: 120,
-                request_bytes: 0,
-                response_bytes: 5,
                 peer: None,
                 upstream: None,
                 trace_id: Some("4bf92f3577b34da6a3ce929d0e0e4736".into()),

@@ -19,6 +19,7 @@
 //! Retries of requests that reached an upstream are the `RetryPolicy`'s,
 //! and only happen before any response byte went to the client.
 
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use http::{Request, Response};
@@ -37,11 +38,22 @@ use crate::snapshot::ServiceTarget;
 /// Endpoints tried for one request before giving up on connect failures.
 const MAX_CONNECT_ATTEMPTS: usize = 3;
 
+/// What happened while forwarding one request, for its span and access
+/// log line.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Trail {
+    /// Tries sent after the first (`RetryPolicy`).
+    pub retries: u32,
+    /// The endpoint the last try went to.
+    pub upstream: Option<SocketAddr>,
+}
+
 pub async fn forward(
     target: &ServiceTarget,
     request: Request<ProxyBody>,
     policies: RoutePolicies<'_>,
     limits: &Limits,
+    trail: &mut Trail,
 ) -> Result<Response<ProxyBody>, ProxyError> {
     let timeouts = policies.timeouts;
     let timeout = timeouts.and_then(|t| t.request).or(limits.upstream_timeout);
@@ -61,8 +73,8 @@ pub async fn forward(
         deadline,
     };
     let response = match policies.retry {
-        Some(retry) => send.with_retries(retry, request).await,
-        None => send.one_try(request, send.deadline).await,
+        Some(retry) => send.with_retries(retry, request, trail).await,
+        None => send.one_try(request, send.deadline, trail).await,
     }?;
     Ok(response.map(|body| body.with_slot(slot)))
 }
@@ -81,12 +93,13 @@ impl Send<'_> {
         &self,
         retry: &RetryPolicy,
         request: Request<ProxyBody>,
+        trail: &mut Trail,
     ) -> Result<Response<ProxyBody>, ProxyError> {
         retry.budget.record_request(std::time::Instant::now());
         let replay = match retry.replayable(request, self.deadline).await {
             Ok(replay) => replay,
             Err(NotReplayable::Stream(request)) => {
-                return self.one_try(*request, self.deadline).await
+                return self.one_try(*request, self.deadline, trail).await
             }
             Err(NotReplayable::Failed(error)) => return Err(error),
         };
@@ -101,7 +114,8 @@ impl Send<'_> {
                 (Some(t), None) => Some((Instant::now() + t, t)),
                 (_, overall) => overall,
             };
-            let result = self.one_try(replay.request(), try_deadline).await;
+            trail.retries = tries - 1;
+            let result = self.one_try(replay.request(), try_deadline, trail).await;
             let outcome = match &result {
                 Ok(response) => Some(Outcome::Status(response.status())),
                 Err(err) => err.outcome(),
@@ -130,6 +144,7 @@ impl Send<'_> {
         &self,
         mut request: Request<ProxyBody>,
         deadline: Option<(Instant, Duration)>,
+        trail: &mut Trail,
     ) -> Result<Response<ProxyBody>, ProxyError> {
         let target = self.target;
         let breakers = self.policies.breaker;
@@ -152,6 +167,7 @@ impl Send<'_> {
                 break;
             };
             tried.insert(index);
+            trail.upstream = Some(endpoint.addr);
             let permit: Option<BreakerPermit> = match breakers.and_then(|b| b.breakers.get(index)) {
                 Some(breaker) => match breaker.try_acquire(now) {
                     Some(permit) => Some(permit),

@@ -256,16 +256,20 @@ pub async fn run(
         limits.idle_timeout,
         stop_rx.clone(),
     );
+    let (flush_spans, flush_spans_rx) = watch::channel(false);
+    let (telemetry, span_export) = start_telemetry(&settings, &snapshot, &metrics, flush_spans_rx);
     let inbound = proxy::Inbound::new(
         app,
         Arc::clone(&snapshot),
         Arc::clone(&limits),
         metrics.clone(),
+        Arc::clone(&telemetry),
     );
     let outbound = proxy::Outbound::new(
         router,
         Arc::clone(&limits),
         metrics.clone(),
+        telemetry,
         &settings.service,
     );
     let health = health::spawn_prober(
@@ -329,7 +333,7 @@ pub async fn run(
             }
         }
     };
-    match tokio::time::timeout(settings.drain_timeout, all_drained).await {
+    let drained = match tokio::time::timeout(settings.drain_timeout, all_drained).await {
         Ok(()) => {
             tracing::info!("drained; exiting");
             Drained::Completely
@@ -338,7 +342,64 @@ pub async fn run(
             tracing::warn!("drain deadline reached with requests still in flight; exiting");
             Drained::DeadlineReached
         }
+    };
+    // The spans of the last requests go out before the process ends.
+    let _ = flush_spans.send(true);
+    if let Some(export) = span_export {
+        let _ = tokio::time::timeout(SPAN_FLUSH_TIMEOUT, export).await;
     }
+    drained
+}
+
+/// How long the exit waits for the last spans to be exported.
+const SPAN_FLUSH_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// The tracing and access-log side of the request path: the span exporter
+/// (when tracing is on and there is an endpoint) and the access log
+/// writer (`--access-log`). Returns the exporter task to await at exit.
+fn start_telemetry(
+    settings: &Settings,
+    snapshot: &snapshot::SharedSnapshot,
+    metrics: &Metrics,
+    flush: watch::Receiver<bool>,
+) -> (Arc<observe::Telemetry>, Option<tokio::task::JoinHandle<()>>) {
+    let observability = &settings.observability;
+    let endpoint = observability
+        .trace_endpoint
+        .clone()
+        .filter(|_| observability.tracing);
+    let (exporter, task) = match endpoint {
+        Some(endpoint) => {
+            let identity = trace::export::ExporterIdentity {
+                service: settings.service.clone(),
+                namespace: settings.namespace.clone(),
+                instance_id: settings.control_plane.as_ref().map_or_else(
+                    || format!("{}-{}", settings.service, settings.inbound_addr),
+                    |cp| cp.instance_id.clone(),
+                ),
+            };
+            tracing::info!(%endpoint, "exporting spans (OTLP/HTTP)");
+            let (exporter, task) = trace::export::spawn(
+                endpoint,
+                identity,
+                observability.trace_queue,
+                metrics.span_counters(),
+                flush,
+            );
+            (Some(exporter), Some(task))
+        }
+        None => (None, None),
+    };
+    let access_log = observability
+        .access_log
+        .then(|| access_log::AccessLog::spawn(metrics.access_log_dropped()));
+    let telemetry = observe::Telemetry {
+        tracing: observability.tracing,
+        exporter,
+        access_log,
+        snapshot: Arc::clone(snapshot),
+    };
+    (Arc::new(telemetry), task)
 }
 
 /// Re-reads the standalone config file on each reload request: a valid

@@ -33,6 +33,7 @@ use prometheus::{
 };
 
 use crate::route_metrics::{RouteFamilies, RouteMetrics, RouteTable, ALL_PATHS};
+use crate::trace::export::ExportCounters;
 
 /// The `destination` label of every passthrough destination (never the
 /// raw host: any address could be asked for).
@@ -119,6 +120,9 @@ pub struct Metrics {
     config_revision: IntGauge,
     config_applied: IntGauge,
     control_plane_connected: IntGauge,
+    spans_exported: IntCounter,
+    spans_dropped: IntCounterVec,
+    access_log_dropped: IntCounter,
 }
 
 type RouteKey = (Direction, String, String);
@@ -184,6 +188,21 @@ impl Metrics {
                 "meshlet_control_plane_connected",
                 "1 while the watch stream to the control plane is open",
             ),
+            spans_exported: IntCounter::new(
+                "meshlet_spans_exported_total",
+                "Spans the collector accepted",
+            )
+            .expect("valid metric"),
+            spans_dropped: counter_vec(
+                "meshlet_spans_dropped_total",
+                "Spans dropped: queue_full (the export queue was full) or export_failed (the collector refused or did not answer)",
+                &["reason"],
+            ),
+            access_log_dropped: IntCounter::new(
+                "meshlet_access_log_dropped_total",
+                "Access log lines dropped because standard output could not keep up",
+            )
+            .expect("valid metric"),
         };
         let collectors: Vec<Box<dyn prometheus::core::Collector>> = vec![
             Box::new(metrics.active_connections.clone()),
@@ -195,6 +214,9 @@ impl Metrics {
             Box::new(metrics.config_revision.clone()),
             Box::new(metrics.config_applied.clone()),
             Box::new(metrics.control_plane_connected.clone()),
+            Box::new(metrics.spans_exported.clone()),
+            Box::new(metrics.spans_dropped.clone()),
+            Box::new(metrics.access_log_dropped.clone()),
         ];
         for collector in collectors
             .into_iter()
@@ -283,6 +305,20 @@ impl Metrics {
     /// `retries_total` of one `RetryPolicy` for `destination`.
     pub fn retries(&self, destination: &str, policy: &str) -> IntCounter {
         self.retries.with_label_values(&[destination, policy])
+    }
+
+    /// The span exporter's counters (both drop reasons appear at 0 from
+    /// the start, so a dashboard sees the series before the first drop).
+    pub fn span_counters(&self) -> ExportCounters {
+        ExportCounters {
+            exported: self.spans_exported.clone(),
+            dropped_queue_full: self.spans_dropped.with_label_values(&["queue_full"]),
+            dropped_export_failed: self.spans_dropped.with_label_values(&["export_failed"]),
+        }
+    }
+
+    pub fn access_log_dropped(&self) -> IntCounter {
+        self.access_log_dropped.clone()
     }
 
     /// Handles for one listener (`inbound`, `outbound` or `admin`).

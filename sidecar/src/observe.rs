@@ -3,9 +3,12 @@
 //!
 //! Data flow: a listener's `Handler::handle` (`proxy`) starts a record as
 //! the request arrives (direction, arrival time, normalised method, the
-//! route it is counted under until a better one is known), the request
-//! path sets the route once it knows it ([`RequestRecord::set_route`]),
-//! then either
+//! route it is counted under until a better one is known, and, with
+//! tracing on, the request's [`Hop`]: the trace it joins or starts). The
+//! request path sets the route once it knows it ([`RequestRecord::set_route`]),
+//! writes the trace context into the request it sends on
+//! ([`RequestRecord::inject_trace`]) and lets `forward` note retries and
+//! the upstream in [`RequestRecord::trail`]; then either
 //!
 //! - [`RequestRecord::respond`]: the response goes to the client and the
 //!   record rides in its body (`ProxyBody::with_completion`) until the
@@ -16,18 +19,50 @@
 //! path the request took; a record dropped before any response (the client
 //! went away) finishes with status 0. [`RequestRecord::finish`] is the one
 //! place that records a completed request: `request_total`,
-//! `response_time_seconds` and, with debug logging on, one log line.
+//! `response_time_seconds`, the span (sampled traces, to the exporter),
+//! the access log line (`--access-log`) and, with debug logging on, one
+//! log line. Request details (method, URI, peer) are only copied when one
+//! of the last three needs them.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Instant, SystemTime};
 
-use http::{Method, Request, Response, Uri, Version};
+use http::{HeaderMap, Method, Request, Response, Uri, Version};
 use prometheus::IntCounter;
 
+use crate::access_log::{AccessLog, AccessRecord};
 use crate::body::ProxyBody;
-use crate::error::REASON_HEADER;
+use crate::forward::Trail;
 use crate::metrics::Direction;
 use crate::route_metrics::{MethodLabel, RouteMetrics};
+use crate::snapshot::SharedSnapshot;
+use crate::trace::export::SpanExporter;
+use crate::trace::{self, Hop, SpanDetails};
+
+/// What every request of one sidecar reports to, besides metrics.
+#[derive(Debug)]
+pub struct Telemetry {
+    /// Join or start traces and pass `traceparent` on.
+    pub tracing: bool,
+    /// Where sampled spans go (`None`: nowhere, headers still flow).
+    pub exporter: Option<SpanExporter>,
+    pub access_log: Option<AccessLog>,
+    /// For the own service's sampling ratio.
+    pub snapshot: SharedSnapshot,
+}
+
+impl Telemetry {
+    /// Neither tracing nor an access log (tests, tools).
+    pub fn off(snapshot: SharedSnapshot) -> Self {
+        Telemetry {
+            tracing: false,
+            exporter: None,
+            access_log: None,
+            snapshot,
+        }
+    }
+}
 
 /// One request from arrival to the end of its response.
 #[derive(Debug)]
@@ -38,28 +73,50 @@ pub struct RequestRecord {
     route: Arc<RouteMetrics>,
     /// The status sent to the client, once there is a response.
     status: Option<u16>,
-    /// Captured only when debug logging is on.
-    log: Option<Box<LogDetail>>,
+    /// `x-meshlet-reason` when the mesh answered itself.
+    reason: Option<&'static str>,
+    trail: Trail,
+    hop: Option<Hop>,
+    /// Copied only when a span, the access log or debug logging needs it.
+    detail: Option<Box<Detail>>,
+    telemetry: Arc<Telemetry>,
 }
 
 #[derive(Debug)]
-struct LogDetail {
+struct Detail {
     method: Method,
     uri: Uri,
     version: Version,
-    reason: Option<String>,
+    peer: SocketAddr,
+    started_at: SystemTime,
 }
 
 impl RequestRecord {
-    /// Starts the record of `request`, counted under `route` unless
-    /// [`RequestRecord::set_route`] finds a better one.
-    pub fn start<B>(request: &Request<B>, direction: Direction, route: &Arc<RouteMetrics>) -> Self {
-        let log = tracing::enabled!(tracing::Level::DEBUG).then(|| {
-            Box::new(LogDetail {
+    /// Starts the record of `request` from `peer`, counted under `route`
+    /// unless [`RequestRecord::set_route`] finds a better one.
+    pub fn start<B>(
+        request: &Request<B>,
+        peer: SocketAddr,
+        direction: Direction,
+        route: &Arc<RouteMetrics>,
+        telemetry: &Arc<Telemetry>,
+    ) -> Self {
+        let hop = telemetry.tracing.then(|| {
+            Hop::start(request.headers(), || {
+                trace::sample(telemetry.snapshot.load().sampling_ratio)
+            })
+        });
+        let span_wanted = telemetry.exporter.is_some() && hop.as_ref().is_some_and(|h| h.sampled);
+        let wants_detail = span_wanted
+            || telemetry.access_log.is_some()
+            || tracing::enabled!(tracing::Level::DEBUG);
+        let detail = wants_detail.then(|| {
+            Box::new(Detail {
                 method: request.method().clone(),
                 uri: request.uri().clone(),
                 version: request.version(),
-                reason: None,
+                peer,
+                started_at: SystemTime::now(),
             })
         });
         RequestRecord {
@@ -68,7 +125,11 @@ impl RequestRecord {
             method: MethodLabel::of(request.method()),
             route: Arc::clone(route),
             status: None,
-            log,
+            reason: None,
+            trail: Trail::default(),
+            hop,
+            detail,
+            telemetry: Arc::clone(telemetry),
         }
     }
 
@@ -86,29 +147,36 @@ impl RequestRecord {
         self.route.request_bytes.clone()
     }
 
+    /// Writes this hop's trace context into the request sent on (nothing
+    /// with tracing off: the headers pass through untouched).
+    pub fn inject_trace(&self, headers: &mut HeaderMap) {
+        if let Some(hop) = &self.hop {
+            hop.inject(headers);
+        }
+    }
+
+    /// Where `forward` notes retries and the upstream it used.
+    pub fn trail(&mut self) -> &mut Trail {
+        &mut self.trail
+    }
+
     /// Hands `response` to the client: its body counts response bytes and
     /// carries this record until it ends.
     pub fn respond(mut self, response: Response<ProxyBody>) -> Response<ProxyBody> {
-        self.note_response(&response);
+        self.status = Some(response.status().as_u16());
         let bytes = self.route.response_bytes.clone();
         response.map(|body| body.counting(bytes).with_completion(self))
     }
 
-    /// A response the mesh generated: finished now.
-    pub fn refused(mut self, response: Response<ProxyBody>) -> Response<ProxyBody> {
-        self.note_response(&response);
-        response
-    }
-
-    fn note_response(&mut self, response: &Response<ProxyBody>) {
+    /// A response the mesh generated for `reason`: finished now.
+    pub fn refused(
+        mut self,
+        reason: &'static str,
+        response: Response<ProxyBody>,
+    ) -> Response<ProxyBody> {
         self.status = Some(response.status().as_u16());
-        if let Some(log) = &mut self.log {
-            log.reason = response
-                .headers()
-                .get(REASON_HEADER)
-                .and_then(|v| v.to_str().ok())
-                .map(str::to_owned);
-        }
+        self.reason = Some(reason);
+        response
     }
 
     /// Records the completed request (from `Drop`, so exactly once).
@@ -116,19 +184,58 @@ impl RequestRecord {
         let elapsed = self.started.elapsed();
         let status = self.status.unwrap_or(0);
         self.route.count(self.method, status, elapsed);
-        if let Some(log) = &self.log {
-            tracing::debug!(
-                direction = self.direction.as_str(),
-                method = %log.method,
-                uri = %log.uri,
-                version = ?log.version,
+        let Some(detail) = self.detail.take() else {
+            return;
+        };
+        let trace_ids = self.hop.as_ref().map(|h| (h.trace_id, h.span_id));
+        if let (Some(hop), Some(exporter)) = (self.hop.take(), &self.telemetry.exporter) {
+            let span = hop.finish(SpanDetails {
+                direction: self.direction,
+                method: detail.method.clone(),
+                route: self.route.endpoint().to_owned(),
+                path: detail.uri.path().to_owned(),
                 status,
-                reason = log.reason.as_deref(),
-                endpoint = self.route.endpoint(),
-                elapsed_us = elapsed.as_micros() as u64,
-                "proxied"
-            );
+                peer: Some(detail.peer),
+                destination: self.route.destination().to_owned(),
+                upstream: self.trail.upstream,
+                retries: self.trail.retries,
+                reason: self.reason,
+            });
+            if let Some(span) = span {
+                exporter.submit(span);
+            }
         }
+        if let Some(access_log) = &self.telemetry.access_log {
+            access_log.log(AccessRecord {
+                timestamp: detail.started_at,
+                direction: self.direction.as_str(),
+                service: self.route.service().to_owned(),
+                destination: self.route.destination().to_owned(),
+                method: detail.method.to_string(),
+                path: detail.uri.path().to_owned(),
+                route: self.route.endpoint().to_owned(),
+                status,
+                duration_us: u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX),
+                peer: Some(detail.peer),
+                upstream: self.trail.upstream,
+                trace_id: trace_ids.map(|(trace, _)| trace.to_string()),
+                span_id: trace_ids.map(|(_, span)| span.to_string()),
+                reason: self.reason,
+                retries: self.trail.retries,
+            });
+        }
+        tracing::debug!(
+            direction = self.direction.as_str(),
+            method = %detail.method,
+            uri = %detail.uri,
+            version = ?detail.version,
+            status,
+            reason = self.reason,
+            endpoint = self.route.endpoint(),
+            retries = self.trail.retries,
+            elapsed_us = elapsed.as_micros() as u64,
+            "proxied"
+        );
     }
 }
 
@@ -147,12 +254,21 @@ mod tests {
         Request::get("/api/items/1").body(()).unwrap()
     }
 
+    fn telemetry() -> Arc<Telemetry> {
+        Arc::new(Telemetry::off(Arc::default()))
+    }
+
+    fn start(route: &Arc<RouteMetrics>, telemetry: &Arc<Telemetry>) -> RequestRecord {
+        let peer = "127.0.0.1:40000".parse().unwrap();
+        RequestRecord::start(&request(), peer, Direction::Inbound, route, telemetry)
+    }
+
     #[test]
     fn a_response_is_counted_when_its_body_is_done_a_refusal_at_once() {
         let metrics = Metrics::new("orders");
         let route = metrics.route(Direction::Inbound, "orders", "/");
-        let response = RequestRecord::start(&request(), Direction::Inbound, &route)
-            .respond(Response::new(ProxyBody::full("hello")));
+        let telemetry = telemetry();
+        let response = start(&route, &telemetry).respond(Response::new(ProxyBody::full("hello")));
         assert_eq!(
             route.counter(MethodLabel::Get, 200).get(),
             0,
@@ -164,7 +280,7 @@ mod tests {
 
         let mut refusal = Response::new(ProxyBody::empty());
         *refusal.status_mut() = http::StatusCode::TOO_MANY_REQUESTS;
-        let refusal = RequestRecord::start(&request(), Direction::Inbound, &route).refused(refusal);
+        let refusal = start(&route, &telemetry).refused("rate_limited", refusal);
         assert_eq!(route.counter(MethodLabel::Get, 429).get(), 1);
         drop(refusal);
         assert_eq!(
@@ -173,8 +289,20 @@ mod tests {
             "exactly once"
         );
 
-        drop(RequestRecord::start(&request(), Direction::Inbound, &route));
+        drop(start(&route, &telemetry));
         assert_eq!(route.counter(MethodLabel::Get, 0).get(), 1, "client left");
         assert_eq!(route.duration.get_sample_count(), 3);
+    }
+
+    #[test]
+    fn with_tracing_off_the_headers_pass_through_untouched() {
+        let metrics = Metrics::new("orders");
+        let route = metrics.route(Direction::Inbound, "orders", "/");
+        let record = start(&route, &telemetry());
+        let mut headers = HeaderMap::new();
+        headers.insert("b3", http::HeaderValue::from_static("1"));
+        record.inject_trace(&mut headers);
+        assert!(headers.get("traceparent").is_none());
+        assert!(headers.get("b3").is_some());
     }
 }

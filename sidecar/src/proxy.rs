@@ -40,7 +40,7 @@ use crate::error::ProxyError;
 use crate::forward::forward;
 use crate::headers::{add_forwarded, strip_hop_by_hop, wants_upgrade, SOURCE_HEADER};
 use crate::metrics::{Direction, Metrics};
-use crate::observe::RequestRecord;
+use crate::observe::{RequestRecord, Telemetry};
 use crate::policy::RoutePolicies;
 use crate::route::{Authority, Router};
 use crate::route_metrics::RouteMetrics;
@@ -57,6 +57,7 @@ pub struct Inbound {
     snapshot: SharedSnapshot,
     limits: Arc<Limits>,
     metrics: Metrics,
+    telemetry: Arc<Telemetry>,
     /// Where requests are counted until their route is known.
     unrouted: Arc<RouteMetrics>,
 }
@@ -67,6 +68,7 @@ impl Inbound {
         snapshot: SharedSnapshot,
         limits: Arc<Limits>,
         metrics: Metrics,
+        telemetry: Arc<Telemetry>,
     ) -> Self {
         Inbound {
             app,
@@ -74,6 +76,7 @@ impl Inbound {
             limits,
             unrouted: metrics.unrouted(Direction::Inbound),
             metrics,
+            telemetry,
         }
     }
 
@@ -95,8 +98,16 @@ impl Inbound {
         let (mut request, downstream_upgrade) =
             prepare(request, app_addr, &self.limits, record.request_bytes());
         add_forwarded(request.headers_mut(), &peer.ip_header, "http");
+        record.inject_trace(request.headers_mut());
         let no_policies = RoutePolicies::default();
-        let response = forward(&self.app, request, no_policies, &self.limits).await?;
+        let response = forward(
+            &self.app,
+            request,
+            no_policies,
+            &self.limits,
+            record.trail(),
+        )
+        .await?;
         Ok(finish(response, version, downstream_upgrade))
     }
 
@@ -121,7 +132,13 @@ impl Inbound {
 
 impl Handler for Inbound {
     async fn handle(&self, request: Request<Incoming>, peer: &Peer) -> Response<ProxyBody> {
-        let mut record = RequestRecord::start(&request, Direction::Inbound, &self.unrouted);
+        let mut record = RequestRecord::start(
+            &request,
+            peer.addr,
+            Direction::Inbound,
+            &self.unrouted,
+            &self.telemetry,
+        );
         let result = self.proxy(request, peer, &mut record).await;
         answer(record, result, Direction::Inbound, &self.metrics)
     }
@@ -133,6 +150,7 @@ pub struct Outbound {
     router: Arc<Router>,
     limits: Arc<Limits>,
     metrics: Metrics,
+    telemetry: Arc<Telemetry>,
     /// `x-meshlet-source: <own service>`, built once.
     source: Option<HeaderValue>,
     /// Where requests refused before a destination is known are counted.
@@ -140,12 +158,19 @@ pub struct Outbound {
 }
 
 impl Outbound {
-    pub fn new(router: Arc<Router>, limits: Arc<Limits>, metrics: Metrics, service: &str) -> Self {
+    pub fn new(
+        router: Arc<Router>,
+        limits: Arc<Limits>,
+        metrics: Metrics,
+        telemetry: Arc<Telemetry>,
+        service: &str,
+    ) -> Self {
         Outbound {
             router,
             limits,
             unrouted: metrics.unrouted(Direction::Outbound),
             metrics,
+            telemetry,
             source: HeaderValue::from_str(service).ok(),
         }
     }
@@ -176,7 +201,8 @@ impl Outbound {
         if let (true, Some(source)) = (mesh_service, &self.source) {
             request.headers_mut().insert(SOURCE_HEADER, source.clone());
         }
-        let response = forward(&target, request, policies, &self.limits).await?;
+        record.inject_trace(request.headers_mut());
+        let response = forward(&target, request, policies, &self.limits, record.trail()).await?;
         Ok(finish(response, version, downstream_upgrade))
     }
 
@@ -219,8 +245,14 @@ impl Outbound {
 }
 
 impl Handler for Outbound {
-    async fn handle(&self, request: Request<Incoming>, _peer: &Peer) -> Response<ProxyBody> {
-        let mut record = RequestRecord::start(&request, Direction::Outbound, &self.unrouted);
+    async fn handle(&self, request: Request<Incoming>, peer: &Peer) -> Response<ProxyBody> {
+        let mut record = RequestRecord::start(
+            &request,
+            peer.addr,
+            Direction::Outbound,
+            &self.unrouted,
+            &self.telemetry,
+        );
         let result = self.proxy(request, &mut record).await;
         answer(record, result, Direction::Outbound, &self.metrics)
     }
@@ -235,7 +267,7 @@ fn answer(
 ) -> Response<ProxyBody> {
     match result {
         Ok(response) => record.respond(response),
-        Err(err) => record.refused(refuse(err, direction, metrics)),
+        Err(err) => record.refused(err.reason(), refuse(err, direction, metrics)),
     }
 }
 

@@ -198,6 +198,16 @@ impl RouteMetrics {
         &self.labels[3]
     }
 
+    /// The `destination` label.
+    pub fn destination(&self) -> &str {
+        &self.labels[2]
+    }
+
+    /// The `service` label (the own service).
+    pub fn service(&self) -> &str {
+        &self.labels[1]
+    }
+
     /// Counts one completed request (`status` 0: no response was sent).
     pub fn count(&self, method: MethodLabel, status: u16, elapsed: Duration) {
         self.duration.observe(elapsed.as_secs_f64());

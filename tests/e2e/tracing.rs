@@ -342,7 +342,7 @@ async fn the_access_log_has_one_json_line_per_request_with_trace_and_reason() {
         .await;
     let mut statuses = Vec::new();
     for _ in 0..3 {
-        let request = Request::get("/items/1")
+        let request = Request::get("/api/items/1")
             .header("host", "orders")
             .header("traceparent", format!("00-{TRACE}-{PARENT}-01"))
             .body(Full::new(Bytes::new()))
@@ -364,7 +364,7 @@ async fn the_access_log_has_one_json_line_per_request_with_trace_and_reason() {
         assert_eq!(line["status"], status);
         assert_eq!(line["direction"], "inbound");
         assert_eq!(line["method"], "GET");
-        assert_eq!(line["path"], "/items/1");
+        assert_eq!(line["path"], "/api/items/1");
         assert_eq!(line["trace_id"], TRACE);
     }
     assert!(lines[0].get("reason").is_none());

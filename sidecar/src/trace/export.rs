@@ -112,15 +112,15 @@ impl SpanExporter {
     }
 }
 
-/// Starts the exporter task; it sends what is queued when `stop` turns
-/// true, then ends.
+/// Starts the exporter task; when `stop` turns true it sends what is
+/// queued, then ends (await the handle to let it finish).
 pub fn spawn(
     endpoint: ExportEndpoint,
     identity: ExporterIdentity,
     queue_capacity: usize,
     counters: ExportCounters,
     stop: watch::Receiver<bool>,
-) -> SpanExporter {
+) -> (SpanExporter, tokio::task::JoinHandle<()>) {
     let (tx, rx) = mpsc::channel(queue_capacity.max(1));
     let exporter = SpanExporter {
         queue: tx,
@@ -132,8 +132,7 @@ pub fn spawn(
         counters,
         last_failure_log: None,
     };
-    tokio::spawn(task.run(rx, stop));
-    exporter
+    (exporter, tokio::spawn(task.run(rx, stop)))
 }
 
 struct ExportTask {
@@ -259,10 +258,10 @@ fn to_otlp(span: SpanRecord) -> otlp::Span {
     let mut attributes = vec![
         KeyValue::string("meshlet.direction", d.direction.as_str()),
         KeyValue::string("http.request.method", d.method.as_str()),
-        KeyValue::string("http.route", &*d.route),
+        KeyValue::string("http.route", &d.route),
         KeyValue::string("url.path", d.path),
         KeyValue::int("http.response.status_code", i64::from(d.status)),
-        KeyValue::string("meshlet.destination", &*d.destination),
+        KeyValue::string("meshlet.destination", d.destination),
         KeyValue::int("meshlet.retries", i64::from(d.retries)),
     ];
     if let Some(peer) = d.peer {

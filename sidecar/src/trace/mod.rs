@@ -25,7 +25,6 @@ pub mod context;
 pub mod export;
 
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use http::{HeaderMap, HeaderValue, Method};
@@ -107,14 +106,14 @@ pub struct SpanDetails {
     pub direction: Direction,
     pub method: Method,
     /// The bounded route label (`/api`, or `/` for all paths).
-    pub route: Arc<str>,
+    pub route: String,
     pub path: String,
     /// The status sent to the client.
     pub status: u16,
     /// The client of this hop (inbound: the caller; outbound: the app).
     pub peer: Option<SocketAddr>,
     /// The service the request went to (inbound: this service).
-    pub destination: Arc<str>,
+    pub destination: String,
     /// The address that answered (an endpoint, or the app).
     pub upstream: Option<SocketAddr>,
     /// Tries after the first.
