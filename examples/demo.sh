@@ -234,6 +234,7 @@ one_round() {
   trace_id=$(od -An -tx1 -N16 /dev/urandom | tr -d ' \n')
   span_id=$(od -An -tx1 -N8 /dev/urandom | tr -d ' \n')
   request -H "traceparent: 00-$trace_id-$span_id-01" "http://127.0.0.1:18006/work"
+  LAST_TRACE=$trace_id
   # frontend's answer nests orders' answer, which nests inventory's.
   chain=$(jq -r '[.service + " " + .version,
                    (.calls[0].body | .service + " " + .version + " :" + (.port|tostring)),
@@ -271,6 +272,11 @@ run_shown() {
   local status=0
   "$@" 2>&1 | sed 's/^/     /' || status=$?
   return "$status"
+}
+
+# trace_has_spans TRACE_ID N: the control plane holds N spans of the trace.
+trace_has_spans() {
+  curl -fsS --max-time 2 "$MESHLET_SERVER/api/traces/$1" | jq -e --argjson n "$2" '.spans | length == $n'
 }
 
 # registered SERVICE ADDRESS HEALTHY: is ADDRESS registered with that health?
@@ -312,6 +318,15 @@ info "client -> frontend sidecar -> frontend -> outbound sidecar -> orders sidec
 info "       -> outbound sidecar -> inventory sidecar -> inventory   (each request carries a fresh traceparent)"
 traffic "$ROUNDS requests"
 ((${#ANSWERED[@]} == 2)) && ok "load spread over both orders instances" || bad "expected both orders instances to answer"
+
+section "Observability: each request above is one trace; every sidecar counts what it proxies"
+info "the last request's trace, as the sidecars exported it (OTLP) to the control plane:"
+wait_until "its 5 spans reached the control plane" 5 trace_has_spans "$LAST_TRACE" 5
+run_shown meshctl trace "$LAST_TRACE" || bad "meshctl trace failed"
+run_shown meshctl traces --service inventory --limit 3 || bad "meshctl traces failed"
+printf '\n   %sfrontend sidecar /metrics (excerpt: request_total, histogram counts)%s\n' "$BOLD" "$RESET"
+curl -fsS http://127.0.0.1:18020/metrics | grep -E '^(request_total|response_time_seconds_count)' | sed 's/^/     /' ||
+  bad "frontend's sidecar /metrics has no request_total"
 
 section "Broadcast: one message to every healthy instance, through its sidecar"
 printf '{"event":"cache-flush","from":"demo"}' >"$WORK/msg.json"
