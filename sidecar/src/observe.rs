@@ -88,7 +88,6 @@ struct Detail {
     uri: Uri,
     version: Version,
     peer: SocketAddr,
-    started_at: SystemTime,
 }
 
 impl RequestRecord {
@@ -101,8 +100,9 @@ impl RequestRecord {
         route: &Arc<RouteMetrics>,
         telemetry: &Arc<Telemetry>,
     ) -> Self {
+        let started = Instant::now();
         let hop = telemetry.tracing.then(|| {
-            Hop::start(request.headers(), || {
+            Hop::start(request.headers(), started, || {
                 trace::sample(telemetry.snapshot.load().sampling_ratio)
             })
         });
@@ -116,12 +116,11 @@ impl RequestRecord {
                 uri: request.uri().clone(),
                 version: request.version(),
                 peer,
-                started_at: SystemTime::now(),
             })
         });
         RequestRecord {
             direction,
-            started: Instant::now(),
+            started,
             method: MethodLabel::of(request.method()),
             route: Arc::clone(route),
             status: None,
@@ -192,11 +191,11 @@ impl RequestRecord {
             let span = hop.finish(SpanDetails {
                 direction: self.direction,
                 method: detail.method.clone(),
-                route: self.route.endpoint().to_owned(),
-                path: detail.uri.path().to_owned(),
+                route: Arc::clone(self.route.endpoint_label()),
+                uri: detail.uri.clone(),
                 status,
                 peer: Some(detail.peer),
-                destination: self.route.destination().to_owned(),
+                destination: Arc::clone(self.route.destination()),
                 upstream: self.trail.upstream,
                 retries: self.trail.retries,
                 reason: self.reason,
@@ -207,10 +206,10 @@ impl RequestRecord {
         }
         if let Some(access_log) = &self.telemetry.access_log {
             access_log.log(AccessRecord {
-                timestamp: detail.started_at,
+                timestamp: SystemTime::now() - elapsed,
                 direction: self.direction.as_str(),
                 service: self.route.service().to_owned(),
-                destination: self.route.destination().to_owned(),
+                destination: self.route.destination().to_string(),
                 method: detail.method.to_string(),
                 path: detail.uri.path().to_owned(),
                 route: self.route.endpoint().to_owned(),

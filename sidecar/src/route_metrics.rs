@@ -156,8 +156,8 @@ impl Default for RouteFamilies {
 /// The handles of one route, resolved once (see the module docs).
 #[derive(Debug)]
 pub struct RouteMetrics {
-    /// `[direction, service, destination, endpoint]`.
-    labels: [String; 4],
+    /// `[direction, service, destination, endpoint]` (shared with spans).
+    labels: [Arc<str>; 4],
     pub duration: Histogram,
     pub request_bytes: IntCounter,
     pub response_bytes: IntCounter,
@@ -181,7 +181,7 @@ impl RouteMetrics {
         destination: &str,
         endpoint: &str,
     ) -> Self {
-        let labels = [direction.as_str(), service, destination, endpoint].map(str::to_owned);
+        let labels = [direction.as_str(), service, destination, endpoint].map(Arc::<str>::from);
         RouteMetrics {
             duration: families.durations.with_label_values(&labels),
             request_bytes: families.request_bytes.with_label_values(&labels),
@@ -199,8 +199,13 @@ impl RouteMetrics {
     }
 
     /// The `destination` label.
-    pub fn destination(&self) -> &str {
+    pub fn destination(&self) -> &Arc<str> {
         &self.labels[2]
+    }
+
+    /// The `endpoint` label, shared.
+    pub fn endpoint_label(&self) -> &Arc<str> {
+        &self.labels[3]
     }
 
     /// The `service` label (the own service).

@@ -13,15 +13,18 @@
 
 use std::fmt;
 
-use http::{HeaderMap, HeaderValue};
+use http::{HeaderMap, HeaderName, HeaderValue};
 
-pub const TRACEPARENT: &str = "traceparent";
-pub const TRACESTATE: &str = "tracestate";
-const B3: &str = "b3";
-const B3_TRACE_ID: &str = "x-b3-traceid";
-const B3_SPAN_ID: &str = "x-b3-spanid";
-const B3_SAMPLED: &str = "x-b3-sampled";
-const B3_FLAGS: &str = "x-b3-flags";
+// Header names as constants: a lookup by `&str` would parse the name on
+// every request.
+pub const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
+pub const TRACESTATE: HeaderName = HeaderName::from_static("tracestate");
+const B3: HeaderName = HeaderName::from_static("b3");
+const B3_TRACE_ID: HeaderName = HeaderName::from_static("x-b3-traceid");
+const B3_SPAN_ID: HeaderName = HeaderName::from_static("x-b3-spanid");
+const B3_PARENT_SPAN_ID: HeaderName = HeaderName::from_static("x-b3-parentspanid");
+const B3_SAMPLED: HeaderName = HeaderName::from_static("x-b3-sampled");
+const B3_FLAGS: HeaderName = HeaderName::from_static("x-b3-flags");
 
 /// The most `tracestate` a sidecar forwards (the spec's "at least 512").
 pub const MAX_TRACESTATE_LEN: usize = 512;
@@ -94,6 +97,8 @@ pub struct Incoming {
     pub sampled: bool,
     /// Forwarded unchanged (only ever present with W3C input).
     pub tracestate: Option<HeaderValue>,
+    /// Read from B3 headers (which the next hop then gets as W3C).
+    pub from_b3: bool,
 }
 
 impl Incoming {
@@ -123,10 +128,16 @@ pub fn traceparent(trace_id: TraceId, span: SpanId, sampled: bool) -> HeaderValu
 
 /// Removes the B3 headers (after they were read): the next hop gets W3C.
 pub fn remove_b3(headers: &mut HeaderMap) {
-    for name in [B3, B3_TRACE_ID, B3_SPAN_ID, B3_SAMPLED, B3_FLAGS] {
+    for name in [
+        B3,
+        B3_TRACE_ID,
+        B3_SPAN_ID,
+        B3_PARENT_SPAN_ID,
+        B3_SAMPLED,
+        B3_FLAGS,
+    ] {
         headers.remove(name);
     }
-    headers.remove("x-b3-parentspanid");
 }
 
 fn from_w3c(headers: &HeaderMap) -> Option<Incoming> {
@@ -141,6 +152,7 @@ fn from_w3c(headers: &HeaderMap) -> Option<Incoming> {
         parent,
         sampled: flags & 1 == 1,
         tracestate: tracestate(headers),
+        from_b3: false,
     })
 }
 
@@ -268,6 +280,7 @@ fn from_b3_single(headers: &HeaderMap) -> Option<Incoming> {
         parent,
         sampled,
         tracestate: None,
+        from_b3: true,
     })
 }
 
@@ -293,6 +306,7 @@ fn from_b3_multi(headers: &HeaderMap) -> Option<Incoming> {
         parent,
         sampled,
         tracestate: None,
+        from_b3: true,
     })
 }
 
@@ -348,6 +362,10 @@ pub fn hex(bytes: &[u8]) -> String {
 mod tests {
     use super::*;
 
+    // (Names as text for the test helper; these shadow the HeaderNames.)
+    const TRACEPARENT: &str = "traceparent";
+    const TRACESTATE: &str = "tracestate";
+    const B3: &str = "b3";
     const TRACE: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
     const PARENT: &str = "00f067aa0ba902b7";
 

@@ -15,17 +15,18 @@
 //! `meshlet_spans_dropped_total{reason="queue_full"}`, so memory stays
 //! bounded by the queue capacity and latency does not change.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use http::Uri;
-use meshlet_api::otlp::{self, KeyValue, Message, SpanKind};
+use meshlet_api::otlp;
 use prometheus::IntCounter;
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
-use super::{context, SpanRecord};
+use super::encode::{self, ResourceAttributes};
+use super::SpanRecord;
 use crate::client;
-use crate::metrics::Direction;
 
 /// Spans per export request at most.
 const BATCH: usize = 512;
@@ -128,7 +129,7 @@ pub fn spawn(
     };
     let task = ExportTask {
         endpoint,
-        resource: resource(&identity),
+        resource: Arc::new(resource(&identity)),
         counters,
         last_failure_log: None,
     };
@@ -137,7 +138,7 @@ pub fn spawn(
 
 struct ExportTask {
     endpoint: ExportEndpoint,
-    resource: otlp::Resource,
+    resource: Arc<ResourceAttributes>,
     counters: ExportCounters,
     last_failure_log: Option<Instant>,
 }
@@ -183,7 +184,16 @@ impl ExportTask {
 
     async fn export(&mut self, batch: &mut Vec<SpanRecord>) {
         let count = batch.len() as u64;
-        let body = encode(&self.resource, batch.drain(..));
+        // Encoding a full batch takes a few hundred microseconds: off the
+        // thread that proxies.
+        let spans = std::mem::replace(batch, Vec::with_capacity(BATCH));
+        let resource = Arc::clone(&self.resource);
+        let encoded =
+            tokio::task::spawn_blocking(move || encode::export_request(&resource, &spans)).await;
+        let Ok(body) = encoded else {
+            self.counters.dropped_export_failed.inc_by(count);
+            return;
+        };
         let sent = client::post(
             &self.endpoint.authority,
             &self.endpoint.path,
@@ -215,106 +225,22 @@ impl ExportTask {
     }
 }
 
-fn resource(identity: &ExporterIdentity) -> otlp::Resource {
-    otlp::Resource {
-        attributes: vec![
-            KeyValue::string("service.name", &identity.service),
-            KeyValue::string("service.namespace", &identity.namespace),
-            KeyValue::string("service.instance.id", &identity.instance_id),
-            KeyValue::string("telemetry.sdk.name", "meshlet-sidecar"),
-            KeyValue::string("telemetry.sdk.version", env!("CARGO_PKG_VERSION")),
-        ],
-        dropped_attributes_count: 0,
-    }
-}
-
-/// One OTLP export request (protobuf) holding `spans`.
-pub fn encode(resource: &otlp::Resource, spans: impl Iterator<Item = SpanRecord>) -> Vec<u8> {
-    let request = otlp::ExportTraceServiceRequest {
-        resource_spans: vec![otlp::ResourceSpans {
-            resource: Some(resource.clone()),
-            scope_spans: vec![otlp::ScopeSpans {
-                scope: Some(otlp::InstrumentationScope {
-                    name: "meshlet-sidecar".to_owned(),
-                    version: env!("CARGO_PKG_VERSION").to_owned(),
-                }),
-                spans: spans.map(to_otlp).collect(),
-                schema_url: String::new(),
-            }],
-            schema_url: String::new(),
-        }],
-    };
-    request.encode_to_vec()
-}
-
-/// A span in OTLP terms, with OpenTelemetry's HTTP attribute names where
-/// one exists and `meshlet.*` for the mesh's own.
-fn to_otlp(span: SpanRecord) -> otlp::Span {
-    let d = span.details;
-    let kind = match d.direction {
-        Direction::Inbound => SpanKind::Server,
-        Direction::Outbound => SpanKind::Client,
-    };
-    let mut attributes = vec![
-        KeyValue::string("meshlet.direction", d.direction.as_str()),
-        KeyValue::string("http.request.method", d.method.as_str()),
-        KeyValue::string("http.route", &d.route),
-        KeyValue::string("url.path", d.path),
-        KeyValue::int("http.response.status_code", i64::from(d.status)),
-        KeyValue::string("meshlet.destination", d.destination),
-        KeyValue::int("meshlet.retries", i64::from(d.retries)),
-    ];
-    if let Some(peer) = d.peer {
-        attributes.push(KeyValue::string("client.address", peer.ip().to_string()));
-    }
-    if let Some(upstream) = d.upstream {
-        attributes.push(KeyValue::string("server.address", upstream.to_string()));
-    }
-    if let Some(reason) = d.reason {
-        attributes.push(KeyValue::string("meshlet.reason", reason));
-        match reason {
-            "rate_limited" => attributes.push(KeyValue::bool("meshlet.rate_limited", true)),
-            "circuit_open" => attributes.push(KeyValue::bool("meshlet.circuit_open", true)),
-            _ => {}
-        }
-    }
-    let failed = d.status >= 500 || d.reason.is_some();
-    otlp::Span {
-        trace_id: span.trace_id.0.to_vec(),
-        span_id: span.span_id.0.to_vec(),
-        trace_state: span
-            .tracestate
-            .and_then(|s| s.to_str().ok().map(str::to_owned))
-            .unwrap_or_default(),
-        parent_span_id: span.parent.map(|p| p.0.to_vec()).unwrap_or_default(),
-        name: format!("{} {}", d.method, d.route),
-        kind: kind as i32,
-        start_time_unix_nano: span.start_unix_nanos,
-        end_time_unix_nano: span.end_unix_nanos,
-        attributes,
-        dropped_attributes_count: 0,
-        status: Some(otlp::Status {
-            message: d.reason.unwrap_or_default().to_owned(),
-            code: if failed {
-                otlp::StatusCode::Error
-            } else {
-                otlp::StatusCode::Unset
-            } as i32,
-        }),
-        flags: 1,
-    }
-}
-
-/// The hex trace id of a span (for logs).
-pub fn trace_id_hex(span: &SpanRecord) -> String {
-    context::hex(&span.trace_id.0)
+fn resource(identity: &ExporterIdentity) -> ResourceAttributes {
+    ResourceAttributes(vec![
+        ("service.name", identity.service.clone()),
+        ("service.namespace", identity.namespace.clone()),
+        ("service.instance.id", identity.instance_id.clone()),
+        ("telemetry.sdk.name", "meshlet-sidecar".to_owned()),
+        (
+            "telemetry.sdk.version",
+            env!("CARGO_PKG_VERSION").to_owned(),
+        ),
+    ])
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::trace::{Hop, SpanDetails};
-    use http::{HeaderMap, Method};
 
     #[test]
     fn endpoints_parse_like_an_otlp_sdk() {
@@ -334,52 +260,5 @@ mod tests {
         );
         assert!(ExportEndpoint::parse("https://collector:4318").is_err());
         assert!(ExportEndpoint::parse("not a url").is_err());
-    }
-
-    #[test]
-    fn a_span_encodes_to_an_otlp_request_collectors_decode() {
-        let hop = Hop::start(&HeaderMap::new(), || true);
-        let (trace_id, span_id) = (hop.trace_id, hop.span_id);
-        let span = hop
-            .finish(SpanDetails {
-                direction: Direction::Outbound,
-                method: Method::POST,
-                route: "/api".into(),
-                path: "/api/orders/17".into(),
-                status: 503,
-                peer: Some("127.0.0.1:5000".parse().unwrap()),
-                destination: "orders".into(),
-                upstream: None,
-                retries: 2,
-                reason: Some("circuit_open"),
-            })
-            .unwrap();
-        let identity = ExporterIdentity {
-            service: "frontend".into(),
-            namespace: "default".into(),
-            instance_id: "frontend-1".into(),
-        };
-        let bytes = encode(&resource(&identity), std::iter::once(span));
-        let decoded = otlp::ExportTraceServiceRequest::decode(bytes.as_slice()).unwrap();
-        let spans = &decoded.resource_spans[0].scope_spans[0].spans;
-        assert_eq!(spans.len(), 1);
-        let got = &spans[0];
-        assert_eq!(got.trace_id, trace_id.0);
-        assert_eq!(got.span_id, span_id.0);
-        assert!(got.parent_span_id.is_empty());
-        assert_eq!(got.name, "POST /api");
-        assert_eq!(got.kind, SpanKind::Client as i32);
-        assert_eq!(
-            got.status.as_ref().unwrap().code,
-            otlp::StatusCode::Error as i32
-        );
-        assert_eq!(
-            got.attribute("meshlet.retries"),
-            Some(&otlp::Value::IntValue(2))
-        );
-        assert_eq!(
-            got.attribute("meshlet.circuit_open"),
-            Some(&otlp::Value::BoolValue(true))
-        );
     }
 }

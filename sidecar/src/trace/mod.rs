@@ -22,12 +22,14 @@
 //! building OTLP messages happens in the exporter task.
 
 pub mod context;
+pub mod encode;
 pub mod export;
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
-use http::{HeaderMap, HeaderValue, Method};
+use http::{HeaderMap, HeaderValue, Method, Uri};
 
 pub use context::{Incoming, SpanId, TraceId};
 
@@ -42,17 +44,26 @@ pub struct Hop {
     pub parent: Option<SpanId>,
     pub sampled: bool,
     tracestate: Option<HeaderValue>,
+    /// The context came in B3 headers, to be replaced by W3C.
+    from_b3: bool,
     started_unix_nanos: u64,
     started: Instant,
 }
 
 impl Hop {
-    /// Joins the request's trace, or starts one; `sample_new` decides
-    /// whether a new trace is recorded (an existing one keeps its flag).
-    pub fn start(headers: &HeaderMap, sample_new: impl FnOnce() -> bool) -> Hop {
-        let (trace_id, parent, sampled, tracestate) = match Incoming::extract(headers) {
-            Some(ctx) => (ctx.trace_id, Some(ctx.parent), ctx.sampled, ctx.tracestate),
-            None => (TraceId::random(), None, sample_new(), None),
+    /// Joins the request's trace, or starts one, for a request that
+    /// arrived at `started`; `sample_new` decides whether a new trace is
+    /// recorded (an existing one keeps its flag).
+    pub fn start(headers: &HeaderMap, started: Instant, sample_new: impl FnOnce() -> bool) -> Hop {
+        let (trace_id, parent, sampled, tracestate, from_b3) = match Incoming::extract(headers) {
+            Some(ctx) => (
+                ctx.trace_id,
+                Some(ctx.parent),
+                ctx.sampled,
+                ctx.tracestate,
+                ctx.from_b3,
+            ),
+            None => (TraceId::random(), None, sample_new(), None, false),
         };
         Hop {
             trace_id,
@@ -60,8 +71,9 @@ impl Hop {
             parent,
             sampled,
             tracestate,
-            started_unix_nanos: unix_nanos(SystemTime::now()),
-            started: Instant::now(),
+            from_b3,
+            started_unix_nanos: unix_nanos(SystemTime::now() - started.elapsed()),
+            started,
         }
     }
 
@@ -73,11 +85,19 @@ impl Hop {
             context::TRACEPARENT,
             context::traceparent(self.trace_id, self.span_id, self.sampled),
         );
-        headers.remove(context::TRACESTATE);
-        if let Some(state) = &self.tracestate {
-            headers.insert(context::TRACESTATE, state.clone());
+        match &self.tracestate {
+            Some(state) => {
+                headers.insert(context::TRACESTATE, state.clone());
+            }
+            // One that came with an invalid traceparent, or was invalid.
+            None if headers.contains_key(context::TRACESTATE) => {
+                headers.remove(context::TRACESTATE);
+            }
+            None => {}
         }
-        context::remove_b3(headers);
+        if self.from_b3 {
+            context::remove_b3(headers);
+        }
     }
 
     /// The finished span, or `None` when the trace is not sampled.
@@ -106,14 +126,15 @@ pub struct SpanDetails {
     pub direction: Direction,
     pub method: Method,
     /// The bounded route label (`/api`, or `/` for all paths).
-    pub route: String,
-    pub path: String,
+    pub route: Arc<str>,
+    /// The request's URI (its path becomes `url.path`).
+    pub uri: Uri,
     /// The status sent to the client.
     pub status: u16,
     /// The client of this hop (inbound: the caller; outbound: the app).
     pub peer: Option<SocketAddr>,
     /// The service the request went to (inbound: this service).
-    pub destination: String,
+    pub destination: Arc<str>,
     /// The address that answered (an endpoint, or the app).
     pub upstream: Option<SocketAddr>,
     /// Tries after the first.
@@ -157,7 +178,9 @@ mod tests {
             HeaderValue::from_static("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"),
         );
         headers.insert("tracestate", HeaderValue::from_static("rojo=1"));
-        let hop = Hop::start(&headers, || panic!("an existing trace is not re-sampled"));
+        let hop = Hop::start(&headers, Instant::now(), || {
+            panic!("an existing trace is not re-sampled")
+        });
         assert_eq!(hop.trace_id.to_string(), "4bf92f3577b34da6a3ce929d0e0e4736");
         assert_eq!(hop.parent.unwrap().to_string(), "00f067aa0ba902b7");
         hop.inject(&mut headers);
@@ -169,13 +192,13 @@ mod tests {
 
     #[test]
     fn a_new_trace_follows_the_sampling_decision() {
-        let hop = Hop::start(&HeaderMap::new(), || false);
+        let hop = Hop::start(&HeaderMap::new(), Instant::now(), || false);
         assert!(hop.parent.is_none() && !hop.sampled);
         let details = SpanDetails {
             direction: Direction::Inbound,
             method: Method::GET,
             route: "/".into(),
-            path: "/".into(),
+            uri: Uri::from_static("/"),
             status: 200,
             peer: None,
             destination: "orders".into(),
@@ -184,7 +207,7 @@ mod tests {
             reason: None,
         };
         assert!(hop.finish(details.clone()).is_none());
-        let hop = Hop::start(&HeaderMap::new(), || true);
+        let hop = Hop::start(&HeaderMap::new(), Instant::now(), || true);
         let span = hop.finish(details).unwrap();
         assert!(span.end_unix_nanos >= span.start_unix_nanos);
         assert!(!sample(0.0) && sample(1.0));
