@@ -289,7 +289,7 @@ spec: {}
     fn unknown_kind_and_version_and_duplicates() {
         check_err(
             "apiVersion: meshlet.dev/v1alpha1\nkind: Pod\nmetadata: {name: a}\nspec: {}\n",
-            "f.yaml: document 1, line 1: field `kind`: unknown kind \"Pod\"; this release knows Service, HealthCheckPolicy, RateLimitPolicy, CircuitBreakerPolicy, RetryPolicy, TimeoutPolicy, TrafficSplit",
+            "f.yaml: document 1, line 1: field `kind`: unknown kind \"Pod\"; this release knows Service, HealthCheckPolicy, RateLimitPolicy, CircuitBreakerPolicy, RetryPolicy, TimeoutPolicy, TrafficSplit, TracingPolicy",
         );
         check_err(
             "apiVersion: v1\nkind: Service\nmetadata: {name: a}\nspec: {}\n",
@@ -351,7 +351,8 @@ spec: {}
                 "CircuitBreakerPolicy",
                 "RetryPolicy",
                 "TimeoutPolicy",
-                "TrafficSplit"
+                "TrafficSplit",
+                "TracingPolicy"
             ]
         );
         assert!(resources
@@ -444,6 +445,18 @@ spec: {}
                 "TrafficSplit",
                 "  splitz: []\n",
                 "spec.splitz",
+                "unknown field",
+            ),
+            (
+                "TracingPolicy",
+                "  samplingRatio: 1.5\n",
+                "spec.samplingRatio",
+                "from 0.0 to 1.0",
+            ),
+            (
+                "TracingPolicy",
+                "  sampleRate: 0.5\n",
+                "spec.sampleRate",
                 "unknown field",
             ),
         ] {
