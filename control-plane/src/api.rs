@@ -8,6 +8,8 @@
 //! Traces take another path: OTLP exports (`POST /v1/traces`, handled by
 //! [`crate::traces::receiver`]) and trace queries go to the in-memory
 //! [`TraceStore`], never to the controller. `/metrics` reads both.
+//!
+//! The dashboard page (`/`, `/ui/...`) comes from [`crate::ui`].
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -90,6 +92,7 @@ pub fn router(state: AppState) -> Router {
         .route(trace_wire::paths::TRACES, get(traces))
         .route(&trace_wire::paths::trace("{id}"), get(trace))
         .route("/metrics", get(metrics))
+        .merge(crate::ui::routes())
         .fallback(|| async { ApiFailure::NotFound("no such API path".into()) })
         .method_not_allowed_fallback(|| async {
             let body = meshlet_api::mesh::ApiError {

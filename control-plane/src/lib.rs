@@ -17,6 +17,7 @@
 //! - [`traces`]: the OTLP/HTTP receiver and the in-memory trace store
 //!   (`/v1/traces`, `/api/traces`). [`metrics`]: `/metrics`, read at
 //!   scrape time.
+//! - [`ui`]: the dashboard page (`control-plane/ui/`, embedded), at `/`.
 //! - [`error`]: error types.
 //!
 //! meshctl (binary `meshctl`): [`validate`] (offline checks), [`client`]
@@ -41,5 +42,6 @@ pub mod server;
 pub mod store;
 pub mod traces;
 pub mod traceview;
+pub mod ui;
 pub mod validate;
 pub mod wire;
