@@ -35,7 +35,7 @@ function build(make, tag, attrs, children) {
     else if (name.startsWith('data-')) node.setAttribute(name, String(value));
     else if (value !== false) node.setAttribute(name, value === true ? '' : String(value));
   }
-  for (const child of children.flat()) {
+  for (const child of children.flat(Infinity)) {
     if (child === undefined || child === null || child === false) continue;
     node.append(child instanceof Node ? child : document.createTextNode(String(child)));
   }
@@ -220,6 +220,8 @@ async function loadTopology(root) {
     return;
   }
   const { at, width, height } = layout(nodes, edges);
+  // Room below the nodes for edges that go back (drawn as a dip).
+  const below = edges.some((e) => at.has(e.from) && at.has(e.to) && at.get(e.to).x <= at.get(e.from).x) ? NODE.gapY : 0;
   const marker = (id) => svg('marker', { id, viewBox: '0 0 10 10', refX: 9, refY: 5, markerWidth: 7, markerHeight: 7, orient: 'auto-start-reverse' },
     svg('path', { d: 'M0,0 L10,5 L0,10 z' }));
   const drawnEdges = edges.filter((e) => at.has(e.from) && at.has(e.to)).map((e) => {
@@ -237,7 +239,7 @@ async function loadTopology(root) {
       svg('text', { x: NODE.w / 2, y: NODE.h / 2 - 6 }, n.name),
       svg('text', { class: 'ns', x: NODE.w / 2, y: NODE.h / 2 + 11 }, n.namespace));
   });
-  const graph = svg('svg', { id: 'topology-graph', viewBox: `0 0 ${width} ${height + NODE.gapY}`, height: height + NODE.gapY },
+  const graph = svg('svg', { id: 'topology-graph', viewBox: `0 0 ${width} ${height + below}`, height: height + below },
     svg('defs', {}, marker('arrow'), marker('arrow-bad')), drawnEdges, drawnNodes);
   root.replaceChildren(el('h2', {}, 'Topology'),
     el('p', { class: 'muted' }, 'Who calls whom, as the callers\' sidecars saw it over the last 30 s; red: more than 5% errors.'), graph);
@@ -283,7 +285,7 @@ async function loadPolicies(root) {
     ], p.rateLimits, (r) => ({ 'data-rate-limit': r.policy, class: r.refusedPerSecond > 0 ? 'bad' : null }))
       : empty('No rate limits in use.'),
     el('h3', {}, 'Resources'),
-    resources.length ? resources : empty('No resources applied.'),
+    resources.length ? el('div', {}, resources) : empty('No resources applied.'),
     el('h3', {}, 'History'),
     p.history.length ? table([
       { title: 'Revision', num: true, cell: (h) => h.revision },
@@ -314,7 +316,7 @@ async function loadTraces() {
   ]);
   if (services) fillServiceFilter(services);
   const list = document.getElementById('trace-list');
-  list.replaceChildren(traces.length ? table([
+  list.replaceChildren(el('p', { class: 'muted' }, 'Newest first; click a trace for its waterfall.'), traces.length ? table([
     { title: 'Trace', cell: (t) => el('code', {}, t.traceId.slice(0, 12)) },
     { title: 'Root', cell: (t) => `${t.rootService}: ${t.rootName}` },
     { title: 'Started', cell: (t) => fmt.time(t.startUnixNano / 1e6) },
@@ -324,9 +326,16 @@ async function loadTraces() {
   ], traces, (t) => ({
     'data-trace-id': t.traceId, 'data-services': t.services.join(' '),
     class: ['clickable', t.error ? 'bad' : '', t.traceId === state.selectedTrace ? 'selected' : ''].join(' ').trim(),
-    onclick: () => { state.selectedTrace = t.traceId; refresh(); },
+    onclick: () => { location.hash = `#traces/${t.traceId}`; },
   })) : empty('No traces match.'));
   if (state.selectedTrace) await loadWaterfall(state.selectedTrace);
+}
+
+// A stable colour per service name.
+function serviceColor(name) {
+  let hash = 0;
+  for (const c of name) hash = (hash * 31 + c.codePointAt(0)) >>> 0;
+  return `hsl(${hash % 360} 55% 48%)`;
 }
 
 // Spans in tree order (children by start time), each with its depth.
@@ -365,6 +374,7 @@ async function loadWaterfall(traceId) {
     const bar = el('div', { class: 'bar', title: `${span.name} ${fmt.micros(span.durationMicros)}` });
     bar.style.left = `${((span.startUnixNano - start) / total) * 100}%`;
     bar.style.width = `${((span.endUnixNano - span.startUnixNano) / total) * 100}%`;
+    if (span.status.code !== 'error') bar.style.background = serviceColor(span.service);
     const label = el('div', { class: 'label' }, el('span', { class: 'service' }, span.service), `${span.name} `, el('span', { class: 'muted' }, span.kind));
     label.style.paddingLeft = `${depth * 16}px`;
     const code = span.attributes && span.attributes['http.response.status_code'];
@@ -378,7 +388,7 @@ async function loadWaterfall(traceId) {
   holder.replaceChildren(
     el('h3', { 'data-trace-id': traceId }, `Trace ${traceId} · ${trace.spans.length} spans · ${fmt.micros(total / 1000)}`),
     el('div', { class: 'span-row muted' }, el('div', {}, 'span'), el('div', {}, 'timeline'), el('div', { class: 'num' }, 'duration'), el('div', {}, 'status')),
-    rows);
+    ...rows);
 }
 
 // ---------------------------------------------------------------- refresh and live updates
@@ -412,9 +422,12 @@ async function refresh() {
   }
 }
 
+// `#VIEW`, or `#traces/TRACE_ID` for one trace's waterfall.
 function showView() {
-  const wanted = location.hash.slice(1);
+  const [wanted, traceId] = location.hash.slice(1).split('/');
   state.view = Object.hasOwn(VIEWS, wanted) ? wanted : 'services';
+  state.selectedTrace = state.view === 'traces' && traceId ? traceId : null;
+  if (!state.selectedTrace) document.getElementById('waterfall').replaceChildren();
   for (const section of document.querySelectorAll('section[data-view]')) section.hidden = section.dataset.view !== state.view;
   for (const tab of document.querySelectorAll('[data-view-tab]')) tab.classList.toggle('active', tab.dataset.viewTab === state.view);
   delete document.body.dataset.loaded;
@@ -450,9 +463,8 @@ function subscribe() {
 
 document.getElementById('trace-filter').addEventListener('submit', (event) => {
   event.preventDefault();
-  state.selectedTrace = null;
-  document.getElementById('waterfall').replaceChildren();
-  refresh();
+  if (location.hash === '#traces') refresh();
+  else location.hash = '#traces'; // closes the open trace
 });
 document.getElementById('trace-service').addEventListener('change', () => {
   document.getElementById('trace-filter').requestSubmit();
