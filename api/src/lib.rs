@@ -8,7 +8,8 @@
 //!   rejected; errors carry file, document, line, column and field path),
 //!   then semantic validation ([`Resource::validate`]).
 //! - [`mesh`]: what the control plane, sidecars and meshctl exchange
-//!   (registration, heartbeats, the revisioned watch stream, API answers).
+//!   (registration, heartbeats, the revisioned watch stream, stats
+//!   reports, API answers) and [`dashboard`]: the dashboard API's answers.
 //! - [`otlp`]: the subset of OpenTelemetry's OTLP trace messages that
 //!   sidecars export and the control plane receives (protobuf).
 //!
@@ -19,6 +20,7 @@
 //! **Invariant:** nothing here does I/O or knows about networking; it only
 //! describes and checks data.
 
+pub mod dashboard;
 mod duration;
 pub mod mesh;
 pub mod otlp;

@@ -44,6 +44,20 @@ pub mod paths {
     pub fn instance(instance_id: &str) -> String {
         format!("{INSTANCES}/{instance_id}")
     }
+
+    /// `POST` target of a sidecar's stats report.
+    pub fn stats(instance_id: &str) -> String {
+        format!("{INSTANCES}/{instance_id}/stats")
+    }
+
+    /// The dashboard's JSON API (`crate::dashboard` types).
+    pub const DASHBOARD_SERVICES: &str = "/api/v1/dashboard/services";
+    pub const DASHBOARD_TOPOLOGY: &str = "/api/v1/dashboard/topology";
+    pub const DASHBOARD_POLICIES: &str = "/api/v1/dashboard/policies";
+    pub const DASHBOARD_SERIES: &str = "/api/v1/dashboard/series";
+    /// Server-sent events: `update` whenever something the dashboard shows
+    /// changed.
+    pub const DASHBOARD_EVENTS: &str = "/api/v1/dashboard/events";
 }
 
 /// Whether `id` is usable as an instance id: 1-253 characters from
@@ -386,6 +400,81 @@ pub struct RevisionRecord {
     pub actor: String,
     /// One line per change, e.g. `registered orders/orders-1 at 127.0.0.1:8081`.
     pub changes: Vec<String>,
+}
+
+/// `POST /api/v1/instances/{id}/stats`: what a sidecar observed since its
+/// previous accepted report (counters are deltas, never totals). The
+/// control plane answers 204, or 404 for an instance it does not know (the
+/// sidecar keeps the deltas for its next report).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct StatsReport {
+    /// The time the deltas cover, in milliseconds.
+    pub interval_ms: u64,
+    #[serde(default)]
+    pub routes: Vec<RouteStats>,
+    /// Every circuit breaker of the sidecar now (states, not deltas).
+    #[serde(default)]
+    pub breakers: Vec<BreakerReport>,
+    #[serde(default)]
+    pub rate_limited: Vec<RateLimitReport>,
+}
+
+/// The requests of one route (`request_total` and `response_time_seconds`
+/// of one `direction, destination, endpoint` label set) in a report.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct RouteStats {
+    pub direction: StatsDirection,
+    /// The `destination` label: a service (`name`, `name.namespace`
+    /// outside `default`), `passthrough` or `unknown`; inbound: the own
+    /// service.
+    pub destination: String,
+    pub endpoint: String,
+    pub requests: u64,
+    /// Requests answered with a status >= 500, or with none (status 0).
+    pub errors: u64,
+    /// Upper bounds of the latency buckets, in milliseconds, ascending.
+    pub latency_buckets_ms: Vec<f64>,
+    /// Requests per bucket (not cumulative): `latency_counts[i]` took at
+    /// most `latency_buckets_ms[i]` and more than the bound before it;
+    /// one more count at the end for those above the last bound.
+    pub latency_counts: Vec<u64>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum StatsDirection {
+    Inbound,
+    Outbound,
+}
+
+/// One circuit breaker (a `CircuitBreakerPolicy` on one endpoint of the
+/// destination) of the reporting sidecar.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct BreakerReport {
+    pub destination: String,
+    pub policy: String,
+    pub address: SocketAddr,
+    pub state: BreakerState,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum BreakerState {
+    Closed,
+    Open,
+    HalfOpen,
+}
+
+/// Requests a `RateLimitPolicy` of the reporting sidecar refused since the
+/// previous report.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct RateLimitReport {
+    pub policy: String,
+    pub refused: u64,
 }
 
 /// The body of every error answer of the API: `{"error": "..."}`.

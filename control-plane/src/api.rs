@@ -8,6 +8,8 @@
 //! Traces take another path: OTLP exports (`POST /v1/traces`, handled by
 //! [`crate::traces::receiver`]) and trace queries go to the in-memory
 //! [`TraceStore`], never to the controller. `/metrics` reads both.
+//! The sidecars' stats reports and the dashboard's API are in
+//! [`crate::dashboard`].
 //!
 //! The dashboard page (`/`, `/ui/...`) comes from [`crate::ui`].
 
@@ -33,8 +35,11 @@ use serde::Deserialize;
 use tokio::sync::watch;
 
 use crate::controller::{now_ms, Controller};
+use crate::dashboard;
 use crate::error::{ApiFailure, StoreError};
+use crate::events::Activity;
 use crate::push::{watch_stream, Published};
+use crate::stats::StatsStore;
 use crate::traces::model::TraceId;
 use crate::traces::receiver::{self, MAX_BODY};
 use crate::traces::wire::{self as trace_wire, TraceDetail, TraceSummary};
@@ -44,6 +49,8 @@ use crate::wire::{self, DeleteRequest, ResourceInfo, RollbackRequest};
 /// Default and maximum of `GET /api/v1/revisions?limit=`.
 const DEFAULT_HISTORY: usize = 100;
 const MAX_HISTORY: usize = 10_000;
+/// Largest stats report accepted (a few hundred routes).
+const STATS_BODY_LIMIT: usize = 1 << 20;
 
 #[derive(Clone)]
 pub struct AppState {
@@ -52,11 +59,21 @@ pub struct AppState {
     /// Becomes true on shutdown; ends every watch stream.
     pub shutdown: watch::Receiver<bool>,
     pub traces: Arc<TraceStore>,
+    /// The sidecars' stats reports, for the dashboard.
+    pub stats: Arc<StatsStore>,
+    /// Wakes the dashboard's event streams.
+    pub activity: Activity,
 }
 
 impl FromRef<AppState> for Arc<TraceStore> {
     fn from_ref(state: &AppState) -> Arc<TraceStore> {
         state.traces.clone()
+    }
+}
+
+impl FromRef<AppState> for Activity {
+    fn from_ref(state: &AppState) -> Activity {
+        state.activity.clone()
     }
 }
 
@@ -72,6 +89,15 @@ pub fn router(state: AppState) -> Router {
             &format!("{}/{{id}}/heartbeat", paths::INSTANCES),
             put(heartbeat),
         )
+        .route(
+            &paths::stats("{id}"),
+            post(dashboard::ingest).layer(DefaultBodyLimit::max(STATS_BODY_LIMIT)),
+        )
+        .route(paths::DASHBOARD_SERVICES, get(dashboard::services))
+        .route(paths::DASHBOARD_TOPOLOGY, get(dashboard::topology))
+        .route(paths::DASHBOARD_POLICIES, get(dashboard::policies))
+        .route(paths::DASHBOARD_SERIES, get(dashboard::series))
+        .route(paths::DASHBOARD_EVENTS, get(dashboard::events))
         .route(paths::WATCH, get(watch))
         .route(paths::SERVICES, get(services))
         .route(
@@ -104,13 +130,15 @@ pub fn router(state: AppState) -> Router {
 }
 
 /// Decodes a JSON body strictly; any problem is a 400 naming it.
-fn json_body<T: DeserializeOwned>(body: Result<Bytes, BytesRejection>) -> Result<T, ApiFailure> {
+pub(crate) fn json_body<T: DeserializeOwned>(
+    body: Result<Bytes, BytesRejection>,
+) -> Result<T, ApiFailure> {
     let body = body.map_err(|e| ApiFailure::BadRequest(format!("cannot read the body: {e}")))?;
     serde_json::from_slice(&body)
         .map_err(|e| ApiFailure::BadRequest(format!("invalid request body: {e}")))
 }
 
-fn query<T>(query: Result<Query<T>, QueryRejection>) -> Result<T, ApiFailure> {
+pub(crate) fn query<T>(query: Result<Query<T>, QueryRejection>) -> Result<T, ApiFailure> {
     query
         .map(|Query(q)| q)
         .map_err(|e| ApiFailure::BadRequest(format!("invalid query: {}", e.body_text())))
@@ -190,7 +218,7 @@ async fn watch(
 }
 
 /// Every service key: registered or static (even without endpoints).
-fn service_keys(published: &Published) -> BTreeSet<ServiceKey> {
+pub(crate) fn service_keys(published: &Published) -> BTreeSet<ServiceKey> {
     let mut keys: BTreeSet<ServiceKey> = published.services.keys().cloned().collect();
     for resource in published.resources.values() {
         if let Resource::Service(doc) = resource {

@@ -17,6 +17,9 @@
 //! - [`traces`]: the OTLP/HTTP receiver and the in-memory trace store
 //!   (`/v1/traces`, `/api/traces`). [`metrics`]: `/metrics`, read at
 //!   scrape time.
+//! - [`stats`]: the sidecars' stats reports (last 5 minutes, in memory)
+//!   and their aggregations; [`dashboard`]: the dashboard's JSON API and
+//!   the stats endpoint; [`events`]: its server-sent update events.
 //! - [`ui`]: the dashboard page (`control-plane/ui/`, embedded), at `/`.
 //! - [`error`]: error types.
 //!
@@ -31,14 +34,17 @@ pub mod api;
 pub mod client;
 pub mod commands;
 pub mod controller;
+pub mod dashboard;
 pub mod diff;
 pub mod error;
+pub mod events;
 pub mod metrics;
 pub mod output;
 pub mod pipeline;
 pub mod push;
 pub mod registry;
 pub mod server;
+pub mod stats;
 pub mod store;
 pub mod traces;
 pub mod traceview;

@@ -84,8 +84,9 @@ fn name_and_namespace(arg: &str, namespace: Option<&str>) -> (String, String) {
     }
 }
 
-/// `orders`, or `orders.shop` outside `default`.
-fn service_display(namespace: &str, name: &str) -> String {
+/// A service as meshctl and the sidecars' `destination` label name it:
+/// `name`, or `name.namespace` outside `default`.
+pub fn service_display(namespace: &str, name: &str) -> String {
     if namespace == "default" {
         name.to_owned()
     } else {

@@ -199,6 +199,11 @@ impl Hub {
         line
     }
 
+    /// A receiver that sees each newly published revision.
+    pub fn subscribe(&self) -> watch::Receiver<Arc<Published>> {
+        self.current.subscribe()
+    }
+
     pub fn current(&self) -> Arc<Published> {
         self.current.borrow().clone()
     }

@@ -18,6 +18,8 @@ use tokio::sync::watch;
 use crate::api::{router, AppState};
 use crate::controller::Controller;
 use crate::error::StartupError;
+use crate::events::Activity;
+use crate::stats::StatsStore;
 use crate::store::RedbStore;
 use crate::traces::{TraceLimits, TraceStore};
 
@@ -157,8 +159,16 @@ pub async fn run(settings: Settings) -> Result<(), StartupError> {
         "control plane ready"
     );
     let reaper = tokio::spawn(controller.clone().run_reaper(shutdown.clone()));
+    let stats = Arc::new(StatsStore::new());
+    let forget = tokio::spawn(crate::dashboard::forget_departed(
+        controller.clone(),
+        stats.clone(),
+        shutdown.clone(),
+    ));
     let app = router(AppState {
         controller,
+        stats,
+        activity: Activity::default(),
         keepalive: settings.keepalive,
         shutdown: shutdown.clone(),
         traces: Arc::new(TraceStore::new(settings.trace_limits())),
@@ -173,5 +183,6 @@ pub async fn run(settings: Settings) -> Result<(), StartupError> {
     stop.send_replace(true);
     signals.abort();
     let _ = reaper.await;
+    let _ = forget.await;
     served
 }

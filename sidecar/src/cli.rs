@@ -92,6 +92,11 @@ pub struct Args {
     /// TMPDIR/meshlet-INSTANCE_ID.snapshot.json].
     #[arg(long, env = "MESHLET_SNAPSHOT_FILE")]
     pub snapshot_file: Option<PathBuf>,
+    /// With a control plane: how often this sidecar reports its request
+    /// counts, latencies, breaker states and rate-limit refusals there
+    /// (for the dashboard; 0s = never).
+    #[arg(long, env = "MESHLET_STATS_INTERVAL", default_value = "5s", value_parser = parse_duration)]
+    pub stats_interval: Duration,
     /// How outbound traffic reaches the sidecar.
     #[arg(long, env = "MESHLET_MODE", value_enum, default_value_t = Mode::Explicit)]
     pub mode: Mode,
@@ -223,6 +228,7 @@ impl Args {
                     instance_id,
                     advertise_addr,
                     snapshot_file,
+                    stats_interval: (!self.stats_interval.is_zero()).then_some(self.stats_interval),
                 })
             }
         };
@@ -311,6 +317,7 @@ mod tests {
         assert_eq!(cp.advertise_addr.to_string(), "127.0.0.1:18006");
         assert_eq!(settings.labels["version"], "v2");
         assert_eq!(settings.labels["zone"], "a");
+        assert_eq!(cp.stats_interval, Some(Duration::from_secs(5)));
         assert!(Args::try_parse_from([
             "sidecar",
             "--service",

@@ -7,6 +7,7 @@
 //!  local app ──────► outbound :15001 ──► proxy::Outbound ─► route ─► forward ─► service endpoint
 //!  operator ───────► admin :15020 ────► admin::Admin (/live /ready /config_dump /metrics)
 //!  control plane ──► control (register, heartbeat, watch) ─► snapshot swap
+//!  control plane ◄── stats (request counts, latencies, breakers, refusals)
 //!  local app ◄────── health (probe) ─► /ready and heartbeats
 //! ```
 //!
@@ -44,6 +45,7 @@ pub mod route_metrics;
 pub mod server;
 pub mod settings;
 pub mod snapshot;
+pub mod stats;
 pub mod trace;
 pub mod tunnel;
 
@@ -293,6 +295,15 @@ pub async fn run(
             initial.persisted,
         );
         client.spawn_watch(initial.state, stop_rx.clone());
+        if let Some(interval) = client.cp_settings().stats_interval {
+            stats::spawn(
+                client.cp_settings(),
+                interval,
+                metrics.clone(),
+                Arc::clone(&snapshot),
+                stop_rx.clone(),
+            );
+        }
         registration = Some(client.spawn_registration(health.clone(), deregister_rx));
         client
     });

@@ -13,6 +13,9 @@
 //!   connect errors) and per policy at snapshot build (rate-limit refusals
 //!   on each `RateLimiter`, retries on each `RetryPolicy`).
 //!
+//! The stats reporter (`stats`) reads the same handles: [`Metrics::routes`]
+//! lists them and `RouteMetrics::totals` reads their counts.
+//!
 //! `circuit_breaker_state` is not stored: [`Metrics::render`] computes it
 //! at scrape time from the current snapshot's breakers, so an endpoint or
 //! policy that is gone leaves no stale series. Responses the mesh generated
@@ -268,6 +271,12 @@ impl Metrics {
                 endpoint,
             ))
         }))
+    }
+
+    /// Every route's handles resolved so far (for the stats reporter).
+    pub fn routes(&self) -> Vec<Arc<RouteMetrics>> {
+        let routes = self.routes.lock().unwrap_or_else(|p| p.into_inner());
+        routes.values().cloned().collect()
     }
 
     /// Where outbound requests refused before a destination was known

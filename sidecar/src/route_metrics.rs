@@ -260,10 +260,53 @@ impl RouteMetrics {
         counter
     }
 
+    /// The `direction` label.
+    pub fn direction(&self) -> &str {
+        &self.labels[0]
+    }
+
+    /// What this route has counted since start, read off the request path
+    /// (the stats reporter diffs two of these).
+    pub fn totals(&self) -> RouteTotals {
+        let mut totals = RouteTotals::default();
+        for (key, counter) in self.counters.load().iter() {
+            let count = counter.get();
+            totals.requests += count;
+            let status = key & 0xffff;
+            if status == 0 || status >= 500 {
+                totals.errors += count;
+            }
+        }
+        let histogram = prometheus::core::Metric::metric(&self.duration);
+        let histogram = histogram.get_histogram();
+        let mut below = 0;
+        for bucket in histogram.get_bucket() {
+            let cumulative = bucket.cumulative_count();
+            totals.latency_bounds_ms.push(bucket.upper_bound() * 1000.0);
+            totals.latency_counts.push(cumulative.saturating_sub(below));
+            below = cumulative;
+        }
+        totals
+            .latency_counts
+            .push(histogram.get_sample_count().saturating_sub(below));
+        totals
+    }
+
     /// Distinct `(method, status)` pairs seen so far.
     pub fn cached(&self) -> usize {
         self.counters.load().len()
     }
+}
+
+/// A route's counts since start: requests, errors (status >= 500 or 0)
+/// and the latency histogram as per-bucket (not cumulative) counts, with
+/// one more count for requests above the last bound.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct RouteTotals {
+    pub requests: u64,
+    pub errors: u64,
+    pub latency_bounds_ms: Vec<f64>,
+    pub latency_counts: Vec<u64>,
 }
 
 fn find(counters: &[(u32, IntCounter)], key: u32) -> Option<IntCounter> {
@@ -431,6 +474,14 @@ spec: {targetRef: {service: stock}, match: {pathPrefix: /stock}, tokenBucket: {c
         assert_eq!(route.cached(), 3);
         assert_eq!(route.counter(MethodLabel::Get, 200).get(), 3);
         assert_eq!(route.duration.get_sample_count(), 5);
+        let totals = route.totals();
+        assert_eq!((totals.requests, totals.errors), (5, 1));
+        assert_eq!(totals.latency_bounds_ms.len(), DURATION_BUCKETS.len());
+        assert_eq!(totals.latency_bounds_ms[0], 0.5);
+        assert_eq!(totals.latency_counts.len(), DURATION_BUCKETS.len() + 1);
+        // 1 ms lands in the (0.5 ms, 1 ms] bucket.
+        assert_eq!(totals.latency_counts[1], 5);
+        assert_eq!(totals.latency_counts.iter().sum::<u64>(), 5);
         let text = String::from_utf8(metrics.render(&[])).unwrap();
         assert!(
             text.contains(r#"request_total{destination="orders",direction="outbound",endpoint="/",method="GET",service="frontend",status_code="200"} 3"#),

@@ -69,6 +69,9 @@ pub struct ControlPlaneSettings {
     pub advertise_addr: SocketAddr,
     /// Where the last applied state is kept across restarts.
     pub snapshot_file: PathBuf,
+    /// How often stats are reported (`stats`); `None`: never.
+    #[serde(with = "humantime_serde_compat::option")]
+    pub stats_interval: Option<Duration>,
 }
 
 /// Protective limits and timeouts applied on both listeners.

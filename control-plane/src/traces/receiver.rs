@@ -25,6 +25,7 @@ use meshlet_api::otlp::{
 use super::otlp_json;
 use super::store::TraceStore;
 use crate::error::ApiFailure;
+use crate::events::Activity;
 
 /// The largest export body accepted.
 pub const MAX_BODY: usize = 4 * 1024 * 1024;
@@ -103,6 +104,7 @@ fn encoding_of(headers: &HeaderMap) -> Result<Encoding, ApiFailure> {
 /// `POST /v1/traces`.
 pub async fn receive(
     State(store): State<Arc<TraceStore>>,
+    State(activity): State<Activity>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiFailure> {
@@ -127,6 +129,9 @@ pub async fn receive(
     } else {
         work()?
     };
+    if outcome.stored > 0 {
+        activity.notify();
+    }
     let response = ExportTraceServiceResponse {
         partial_success: (outcome.rejected.count > 0).then(|| ExportTracePartialSuccess {
             rejected_spans: outcome.rejected.count as i64,
