@@ -247,6 +247,14 @@ async function loadTopology(root) {
 
 // ---------------------------------------------------------------- policies
 
+const BREAKER_RANK = { open: 0, 'half-open': 1, closed: 2 };
+
+// Open breakers first, then by caller, destination and endpoint.
+function byBreakerState(a, b) {
+  const key = (x) => [BREAKER_RANK[x.state] ?? 3, x.service, x.instance, x.destination, x.address].join('\u0000');
+  return key(a).localeCompare(key(b));
+}
+
 async function loadPolicies(root) {
   const p = await getJson(API.policies);
   const byKind = new Map();
@@ -267,13 +275,14 @@ async function loadPolicies(root) {
     el('h3', {}, 'Circuit breakers'),
     p.breakers.length ? table([
       { title: 'Caller', cell: (b) => b.service },
+      { title: 'Caller instance', cell: (b) => el('span', { class: 'muted' }, b.instance) },
       { title: 'Destination', cell: (b) => b.destination },
       { title: 'Endpoint', cell: (b) => b.address },
       { title: 'Policy', cell: (b) => b.policy },
       { title: 'State', cell: (b) => el('span', { class: 'badge', 'data-breaker-state': b.state }, b.state) },
       { title: 'Since', cell: (b) => (b.sinceMs ? fmt.ago(b.sinceMs) : '–') },
-    ], p.breakers, (b) => ({
-      'data-breaker': `${b.service}->${b.destination}@${b.address}`,
+    ], p.breakers.slice().sort(byBreakerState), (b) => ({
+      'data-breaker': `${b.service}/${b.instance}->${b.destination}@${b.address}`,
       class: b.state === 'closed' ? null : 'bad',
     })) : empty('No circuit breakers in use.'),
     el('h3', {}, 'Rate limits'),
