@@ -329,3 +329,94 @@ async fn the_dashboard_shows_the_demo_mesh_live_in_a_real_browser() {
     screenshot(&browser, "services-failing").await;
     assert_no_page_errors(&browser, "at the end");
 }
+
+/// The metric names a PromQL expression selects (each written as
+/// `name{...}` in the Grafana dashboard).
+fn selected_metrics(expr: &str) -> Vec<&str> {
+    let is_name = |c: char| c.is_ascii_alphanumeric() || c == '_' || c == ':';
+    expr.match_indices('{')
+        .filter_map(|(at, _)| {
+            let before = &expr[..at];
+            let start = before.rfind(|c| !is_name(c)).map_or(0, |i| i + 1);
+            let name = &before[start..];
+            (!name.is_empty()).then_some(name)
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn the_grafana_dashboard_is_valid_and_queries_only_metrics_the_sidecar_exports() {
+    let path = workspace().join("manifests/grafana/meshlet-dashboard.json");
+    let text = std::fs::read_to_string(&path).expect("the Grafana dashboard exists");
+    let dashboard: Value = serde_json::from_str(&text).expect("valid JSON");
+    let variables = dashboard["templating"]["list"]
+        .as_array()
+        .expect("variables");
+    assert!(
+        variables
+            .iter()
+            .any(|v| v["type"] == "datasource" && v["query"] == "prometheus"),
+        "a Prometheus data source variable"
+    );
+    let sidecar_source: String = std::fs::read_dir(workspace().join("sidecar/src"))
+        .expect("sidecar sources")
+        .filter_map(|entry| std::fs::read_to_string(entry.ok()?.path()).ok())
+        .collect();
+    let exported = |name: &str| {
+        let base = ["_bucket", "_sum", "_count"]
+            .iter()
+            .find_map(|suffix| name.strip_suffix(suffix))
+            .unwrap_or(name);
+        sidecar_source.contains(&format!("\"{base}\""))
+    };
+    let mut rules = String::from("groups:\n  - name: meshlet-dashboard\n    rules:\n");
+    let panels = dashboard["panels"].as_array().expect("panels");
+    assert!(
+        panels.len() >= 6,
+        "RPS, success, latency, edges, breakers, rate limits"
+    );
+    for panel in panels {
+        assert_eq!(
+            panel["datasource"]["uid"], "${datasource}",
+            "{}",
+            panel["title"]
+        );
+        let targets = panel["targets"].as_array().expect("targets");
+        assert!(!targets.is_empty(), "{} has a query", panel["title"]);
+        for target in targets {
+            let expr = target["expr"].as_str().expect("a PromQL expression");
+            let metrics = selected_metrics(expr);
+            assert!(!metrics.is_empty(), "{expr}");
+            for metric in metrics {
+                assert!(
+                    exported(metric),
+                    "{metric} (in {expr:?}) is not a sidecar metric"
+                );
+            }
+            // Grafana's variables, as Grafana would substitute them.
+            let concrete = expr
+                .replace("$__rate_interval", "1m")
+                .replace("$service", ".*");
+            rules.push_str(&format!(
+                "      - record: meshlet:panel_{}_{}\n        expr: {}\n",
+                panel["id"],
+                target["refId"].as_str().unwrap_or("A"),
+                Value::from(concrete)
+            ));
+        }
+    }
+    let dir = TempDir::new();
+    let rules_file = dir.path.join("dashboard-rules.yaml");
+    std::fs::write(&rules_file, rules).expect("rules written");
+    meshlet_e2e::metrics::promtool_check_rules(&rules_file).unwrap_or_else(|e| panic!("{e}"));
+}
+
+#[test]
+fn metric_names_are_read_from_selectors() {
+    assert_eq!(
+        selected_metrics(
+            r#"histogram_quantile(0.5, sum by (le) (rate(a_bucket{x="{"}[1m]))) / b{}"#
+        ),
+        ["a_bucket", "b"]
+    );
+}
