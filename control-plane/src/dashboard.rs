@@ -297,14 +297,11 @@ pub async fn forget_departed(
     stats: Arc<StatsStore>,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let mut revisions = controller.hub().subscribe();
+    let mut revisions = controller.hub().revisions();
     loop {
-        let registered: BTreeSet<String> = revisions
-            .borrow_and_update()
-            .instances
-            .keys()
-            .cloned()
-            .collect();
+        revisions.mark_unchanged();
+        let published = controller.published();
+        let registered: BTreeSet<String> = published.instances.keys().cloned().collect();
         stats.retain(|id| registered.contains(id));
         tokio::select! {
             _ = stopped(&mut shutdown) => return,

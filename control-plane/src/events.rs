@@ -25,7 +25,7 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 
 use crate::controller::now_ms;
-use crate::push::{stopped, Hub, Published};
+use crate::push::{stopped, Hub};
 
 /// At most one event per this long, per client.
 pub const COALESCE: Duration = Duration::from_secs(1);
@@ -59,7 +59,7 @@ impl Activity {
 
 struct Client {
     hub: Arc<Hub>,
-    revisions: watch::Receiver<Arc<Published>>,
+    revisions: watch::Receiver<u64>,
     activity: watch::Receiver<u64>,
     shutdown: watch::Receiver<bool>,
     /// When the last event went out.
@@ -72,7 +72,7 @@ pub fn stream(
     activity: &Activity,
     shutdown: watch::Receiver<bool>,
 ) -> Sse<impl Stream<Item = Result<Event, Infallible>>> {
-    let mut revisions = hub.subscribe();
+    let mut revisions = hub.revisions();
     revisions.mark_unchanged();
     let mut activity = activity.subscribe();
     activity.mark_unchanged();

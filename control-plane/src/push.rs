@@ -161,6 +161,8 @@ pub struct Hub {
     warmup_until: Instant,
     /// Snapshots and deltas written to watchers (keepalives not counted).
     pushes: AtomicU64,
+    /// The published revision, for observers (dashboard events, stats).
+    revisions: watch::Sender<u64>,
 }
 
 impl Hub {
@@ -176,6 +178,7 @@ impl Hub {
     /// loss — a push that would make every sidecar drop every endpoint.
     pub fn with_warmup(initial: Published, warmup: Duration) -> Hub {
         Hub {
+            revisions: watch::Sender::new(initial.revision),
             current: watch::Sender::new(Arc::new(initial)),
             log: Mutex::new(ChangeLog::default()),
             warmup_until: Instant::now() + warmup,
@@ -199,9 +202,10 @@ impl Hub {
         line
     }
 
-    /// A receiver that sees each newly published revision.
-    pub fn subscribe(&self) -> watch::Receiver<Arc<Published>> {
-        self.current.subscribe()
+    /// A receiver that sees each newly published revision number, for
+    /// observers other than watch streams (not counted in [`Hub::watchers`]).
+    pub fn revisions(&self) -> watch::Receiver<u64> {
+        self.revisions.subscribe()
     }
 
     pub fn current(&self) -> Arc<Published> {
@@ -212,7 +216,9 @@ impl Hub {
     /// revision finds its changes).
     pub fn publish(&self, published: Published, changes: Changes) {
         self.log.lock().unwrap().push(published.revision, changes);
+        let revision = published.revision;
         self.current.send_replace(Arc::new(published));
+        self.revisions.send_replace(revision);
     }
 
     /// What a watcher holding `held` needs to reach `published`: nothing,

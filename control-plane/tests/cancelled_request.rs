@@ -73,6 +73,8 @@ async fn a_change_whose_client_hung_up_is_still_applied_and_published() {
         keepalive: Duration::from_secs(5),
         shutdown,
         traces: Arc::new(TraceStore::new(TraceLimits::default())),
+        stats: Default::default(),
+        activity: Default::default(),
     });
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
