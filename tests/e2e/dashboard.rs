@@ -210,6 +210,31 @@ async fn the_dashboard_shows_the_demo_mesh_live_in_a_real_browser() {
         REQUESTS,
         "the count shown is the count sent"
     );
+    // Sortable: a second click on a column reverses its order.
+    browser
+        .click("th[data-sort=name]")
+        .await
+        .expect("name sorted");
+    browser
+        .wait_for(
+            "services sorted by name, descending",
+            "[...document.querySelectorAll('tr[data-service]')].map(r => r.dataset.service).join() === 'orders,inventory,frontend'",
+            PATIENCE,
+        )
+        .await
+        .expect("sorted descending");
+    browser
+        .click("th[data-sort=name]")
+        .await
+        .expect("name sorted");
+    browser
+        .wait_for(
+            "services sorted by name",
+            "[...document.querySelectorAll('tr[data-service]')].map(r => r.dataset.service).join() === 'frontend,inventory,orders'",
+            PATIENCE,
+        )
+        .await
+        .expect("sorted ascending");
     assert_no_page_errors(&browser, "on the services view");
     screenshot(&browser, "services").await;
 
