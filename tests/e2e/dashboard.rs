@@ -355,6 +355,49 @@ async fn the_dashboard_shows_the_demo_mesh_live_in_a_real_browser() {
     assert_no_page_errors(&browser, "at the end");
 }
 
+#[tokio::test]
+async fn without_the_event_stream_the_page_polls_and_still_updates() {
+    if browser::skipped() {
+        eprintln!("skipped: {}=1", browser::SKIP_ENV);
+        return;
+    }
+    let browser = Browser::launch().await.unwrap_or_else(|e| panic!("{e}"));
+    let dir = TempDir::new();
+    let cp = ControlPlaneProcess::start(&dir.path.join("data"), &[]).await;
+    browser
+        .block_urls(&["*/api/v1/dashboard/events*"])
+        .await
+        .expect("event stream blocked");
+    browser
+        .navigate(&format!("{}/", cp.url()))
+        .await
+        .expect("page opens");
+    browser
+        .wait_for(
+            "the polling badge",
+            "document.getElementById('live').dataset.live === 'polling'",
+            PATIENCE,
+        )
+        .await
+        .expect("polling");
+    let _catalog = DemoService::start(&cp, "catalog", None).await;
+    browser
+        .wait_for(
+            "a service registered after the page opened",
+            "!!document.querySelector('tr[data-service=catalog]')",
+            PATIENCE,
+        )
+        .await
+        .expect("the page polled");
+    let errors = browser.errors();
+    assert!(
+        errors
+            .iter()
+            .all(|e| e.contains("/api/v1/dashboard/events")),
+        "only the blocked stream fails: {errors:#?}"
+    );
+}
+
 /// The metric names a PromQL expression selects (each written as
 /// `name{...}` in the Grafana dashboard).
 fn selected_metrics(expr: &str) -> Vec<&str> {

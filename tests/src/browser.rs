@@ -323,6 +323,14 @@ impl Browser {
         .map(drop)
     }
 
+    /// Makes every request whose URL matches one of `patterns` (`*`
+    /// wildcards) fail, as a network outage would.
+    pub async fn block_urls(&self, patterns: &[&str]) -> Result<(), BrowserError> {
+        self.page("Network.setBlockedURLs", json!({"urls": patterns}))
+            .await
+            .map(drop)
+    }
+
     /// Evaluates a JavaScript expression in the page (promises awaited)
     /// and returns its value as JSON.
     pub async fn evaluate(&self, expression: &str) -> Result<Value, BrowserError> {
