@@ -83,6 +83,12 @@ function table(columns, rows, rowAttrs, sort) {
 
 const empty = (text) => el('p', { class: 'empty' }, text);
 
+// Adds `value` to the list under `key` of a Map of lists.
+function append(map, key, value) {
+  if (!map.has(key)) map.set(key, []);
+  map.get(key).push(value);
+}
+
 // ---------------------------------------------------------------- services
 
 const SERVICE_COLUMNS = [
@@ -258,7 +264,7 @@ function byBreakerState(a, b) {
 async function loadPolicies(root) {
   const p = await getJson(API.policies);
   const byKind = new Map();
-  for (const r of p.resources) (byKind.get(r.kind) || byKind.set(r.kind, []).get(r.kind)).push(r);
+  for (const r of p.resources) append(byKind, r.kind, r);
   const resources = [...byKind.entries()].sort(([a], [b]) => a.localeCompare(b)).map(([kind, list]) => [
     el('h3', {}, kind),
     table([
@@ -354,7 +360,7 @@ function treeOrder(spans) {
   const roots = [];
   for (const s of spans) {
     if (s.parentSpanId && ids.has(s.parentSpanId)) {
-      (children.get(s.parentSpanId) || children.set(s.parentSpanId, []).get(s.parentSpanId)).push(s);
+      append(children, s.parentSpanId, s);
     } else roots.push(s);
   }
   const byStart = (a, b) => a.startUnixNano - b.startUnixNano;

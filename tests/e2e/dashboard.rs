@@ -122,6 +122,33 @@ async fn open_view(browser: &Browser, view: &str) {
         .expect("view drawn");
 }
 
+/// Chromium with a page, or `None` when browser tests are skipped.
+async fn launch_browser() -> Option<Browser> {
+    if browser::skipped() {
+        eprintln!("skipped: {}=1", browser::SKIP_ENV);
+        return None;
+    }
+    Some(Browser::launch().await.unwrap_or_else(|e| panic!("{e}")))
+}
+
+/// Clicks the Service column's header and waits for the rows in `order`.
+async fn sort_by_name(browser: &Browser, order: &str) {
+    browser
+        .click("th[data-sort=name]")
+        .await
+        .expect("header clicked");
+    browser
+        .wait_for(
+            &format!("services in the order {order}"),
+            &format!(
+                "[...document.querySelectorAll('tr[data-service]')].map(r => r.dataset.service).join() === '{order}'"
+            ),
+            PATIENCE,
+        )
+        .await
+        .expect("sorted");
+}
+
 fn assert_no_page_errors(browser: &Browser, when: &str) {
     let errors = browser.errors();
     assert!(
@@ -141,11 +168,9 @@ const SERVICE_ROWS: &str = "[...document.querySelectorAll('tr[data-service]')].m
 
 #[tokio::test]
 async fn the_dashboard_shows_the_demo_mesh_live_in_a_real_browser() {
-    if browser::skipped() {
-        eprintln!("skipped: {}=1", browser::SKIP_ENV);
+    let Some(browser) = launch_browser().await else {
         return;
-    }
-    let browser = Browser::launch().await.unwrap_or_else(|e| panic!("{e}"));
+    };
     let mesh = Mesh::start().await;
     for _ in 0..REQUESTS {
         assert_eq!(mesh.work().await, 200);
@@ -211,30 +236,8 @@ async fn the_dashboard_shows_the_demo_mesh_live_in_a_real_browser() {
         "the count shown is the count sent"
     );
     // Sortable: a second click on a column reverses its order.
-    browser
-        .click("th[data-sort=name]")
-        .await
-        .expect("name sorted");
-    browser
-        .wait_for(
-            "services sorted by name, descending",
-            "[...document.querySelectorAll('tr[data-service]')].map(r => r.dataset.service).join() === 'orders,inventory,frontend'",
-            PATIENCE,
-        )
-        .await
-        .expect("sorted descending");
-    browser
-        .click("th[data-sort=name]")
-        .await
-        .expect("name sorted");
-    browser
-        .wait_for(
-            "services sorted by name",
-            "[...document.querySelectorAll('tr[data-service]')].map(r => r.dataset.service).join() === 'frontend,inventory,orders'",
-            PATIENCE,
-        )
-        .await
-        .expect("sorted ascending");
+    sort_by_name(&browser, "orders,inventory,frontend").await;
+    sort_by_name(&browser, "frontend,inventory,orders").await;
     assert_no_page_errors(&browser, "on the services view");
     screenshot(&browser, "services").await;
 
@@ -357,11 +360,9 @@ async fn the_dashboard_shows_the_demo_mesh_live_in_a_real_browser() {
 
 #[tokio::test]
 async fn without_the_event_stream_the_page_polls_and_still_updates() {
-    if browser::skipped() {
-        eprintln!("skipped: {}=1", browser::SKIP_ENV);
+    let Some(browser) = launch_browser().await else {
         return;
-    }
-    let browser = Browser::launch().await.unwrap_or_else(|e| panic!("{e}"));
+    };
     let dir = TempDir::new();
     let cp = ControlPlaneProcess::start(&dir.path.join("data"), &[]).await;
     browser
