@@ -346,11 +346,12 @@ async function loadTraces() {
   if (state.selectedTrace) await loadWaterfall(state.selectedTrace);
 }
 
-// A stable colour per service name.
+// A stable colour per service name: FNV-1a of the name picks one of 64
+// hues spaced by the golden angle, so that a few names rarely look alike.
 function serviceColor(name) {
-  let hash = 0;
-  for (const c of name) hash = (hash * 31 + c.codePointAt(0)) >>> 0;
-  return `hsl(${hash % 360} 55% 48%)`;
+  let hash = 2166136261;
+  for (const c of name) hash = Math.imul(hash ^ c.codePointAt(0), 16777619) >>> 0;
+  return `hsl(${Math.round((hash % 64) * 137.508) % 360} 55% 45%)`;
 }
 
 // Spans in tree order (children by start time), each with its depth.

@@ -345,6 +345,7 @@ async fn the_dashboard_shows_the_demo_mesh_live_in_a_real_browser() {
         ) => { red.expect("red edge"); }
         _ = mesh.traffic() => unreachable!(),
     }
+    screenshot(&browser, "topology-failing").await;
     open_view(&browser, "services").await;
     browser
         .wait_for(
