@@ -17,6 +17,9 @@ need_apt=()
 command -v curl >/dev/null || need_apt+=(curl)
 # The metrics e2e tests run `promtool check metrics` on the sidecar's /metrics.
 command -v promtool >/dev/null || need_apt+=(prometheus)
+# The dashboard's browser test drives Debian's headless chromium
+# (MESHLET_SKIP_BROWSER=1 skips that test).
+[[ ${MESHLET_SKIP_BROWSER:-} == 1 || -x /usr/bin/chromium ]] || need_apt+=(chromium)
 if ((${#need_apt[@]})); then
     step "installing ${need_apt[*]}"
     export DEBIAN_FRONTEND=noninteractive

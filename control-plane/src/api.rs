@@ -10,6 +10,8 @@
 //! [`TraceStore`], never to the controller. `/metrics` reads both.
 //! The sidecars' stats reports and the dashboard's API are in
 //! [`crate::dashboard`].
+//!
+//! The dashboard page (`/`, `/ui/...`) comes from [`crate::ui`].
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -116,6 +118,7 @@ pub fn router(state: AppState) -> Router {
         .route(trace_wire::paths::TRACES, get(traces))
         .route(&trace_wire::paths::trace("{id}"), get(trace))
         .route("/metrics", get(metrics))
+        .merge(crate::ui::routes())
         .fallback(|| async { ApiFailure::NotFound("no such API path".into()) })
         .method_not_allowed_fallback(|| async {
             let body = meshlet_api::mesh::ApiError {

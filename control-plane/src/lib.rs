@@ -20,6 +20,7 @@
 //! - [`stats`]: the sidecars' stats reports (last 5 minutes, in memory)
 //!   and their aggregations; [`dashboard`]: the dashboard's JSON API and
 //!   the stats endpoint; [`events`]: its server-sent update events.
+//! - [`ui`]: the dashboard page (`control-plane/ui/`, embedded), at `/`.
 //! - [`error`]: error types.
 //!
 //! meshctl (binary `meshctl`): [`validate`] (offline checks), [`client`]
@@ -47,5 +48,6 @@ pub mod stats;
 pub mod store;
 pub mod traces;
 pub mod traceview;
+pub mod ui;
 pub mod validate;
 pub mod wire;

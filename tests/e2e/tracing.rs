@@ -10,6 +10,7 @@ use bytes::Bytes;
 use http::Request;
 use http_body_util::Full;
 use meshlet_e2e::collector::{Collector, HungCollector, ReceivedSpan};
+use meshlet_e2e::demo::DemoService;
 use meshlet_e2e::process::free_port;
 use meshlet_e2e::{client, meshctl, wait, ControlPlaneProcess, SidecarProcess, TempDir, Upstream};
 
@@ -371,41 +372,13 @@ async fn the_access_log_has_one_json_line_per_request_with_trace_and_reason() {
     assert_eq!(lines[2]["reason"], "rate_limited");
 }
 
-/// An app (demo-service) with its sidecar registered at the control plane.
-struct Service {
-    sidecar: SidecarProcess,
-    _app: tokio::process::Child,
-}
-
-impl Service {
-    async fn start(cp: &ControlPlaneProcess, name: &str, calls: Option<&str>) -> Service {
-        let app_port = free_port();
-        let sidecar = SidecarProcess::builder(name, app_port)
-            .control_plane(&cp.url())
-            .start()
-            .await;
-        let mut app = tokio::process::Command::new(meshlet_e2e::process::binary("demo-service"));
-        app.args(["--name", name, "--port", &app_port.to_string()])
-            .env("HTTP_PROXY", format!("http://{}", sidecar.outbound))
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .kill_on_drop(true);
-        if let Some(next) = calls {
-            app.args(["--calls", next]);
-        }
-        let app = app.spawn().expect("demo-service starts");
-        sidecar.wait_ready(Duration::from_secs(10)).await;
-        Service { sidecar, _app: app }
-    }
-}
-
 #[tokio::test]
 async fn a_call_through_three_services_is_one_trace_of_six_spans_in_the_control_plane() {
     let dir = TempDir::new();
     let cp = ControlPlaneProcess::start(&dir.path.join("data"), &[]).await;
-    let _inventory = Service::start(&cp, "inventory", None).await;
-    let orders = Service::start(&cp, "orders", Some("inventory")).await;
-    let frontend = Service::start(&cp, "frontend", Some("orders")).await;
+    let _inventory = DemoService::start(&cp, "inventory", None).await;
+    let orders = DemoService::start(&cp, "orders", Some("inventory")).await;
+    let frontend = DemoService::start(&cp, "frontend", Some("orders")).await;
     // The caller: a load generator with a sidecar (its app is not called).
     let loadgen = SidecarProcess::builder("loadgen", free_port())
         .control_plane(&cp.url())

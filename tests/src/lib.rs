@@ -15,10 +15,16 @@
 //! builds them first (`cargo build --bins` before `cargo test`). Waiting is
 //! always on a condition with a deadline ([`wait::until`]), never a bare
 //! sleep.
+//!
+//! [`demo::DemoService`] is one app of the demo mesh with its sidecar;
+//! [`browser::Browser`] drives a headless chromium over the DevTools
+//! protocol (the dashboard test).
 
+pub mod browser;
 pub mod client;
 pub mod collector;
 pub mod config;
+pub mod demo;
 pub mod metrics;
 pub mod process;
 pub mod upstream;

@@ -149,8 +149,25 @@ fn read_quoted(text: &str) -> Option<(String, &str)> {
 /// reports anything. Without promtool the check fails, saying how to
 /// install it, unless `MESHLET_SKIP_PROMTOOL=1` (then it is skipped).
 pub fn promtool_check(text: &str) -> Result<(), String> {
+    let said = promtool(&["check", "metrics"], text)?;
+    if said.trim().is_empty() {
+        Ok(())
+    } else {
+        Err(format!("promtool check metrics:\n{said}"))
+    }
+}
+
+/// Runs `promtool check rules FILE` (PromQL syntax of every rule's
+/// expression); same rules for a missing promtool.
+pub fn promtool_check_rules(file: &std::path::Path) -> Result<(), String> {
+    promtool(&["check", "rules", &file.to_string_lossy()], "").map(drop)
+}
+
+/// Runs `promtool ARGS` with `input` on stdin: what it said when it exits
+/// 0, else `Err` with its output.
+fn promtool(args: &[&str], input: &str) -> Result<String, String> {
     let spawned = Command::new("promtool")
-        .args(["check", "metrics"])
+        .args(args)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -160,7 +177,7 @@ pub fn promtool_check(text: &str) -> Result<(), String> {
         Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
             if std::env::var("MESHLET_SKIP_PROMTOOL").as_deref() == Ok("1") {
                 eprintln!("promtool not found; check skipped (MESHLET_SKIP_PROMTOOL=1)");
-                return Ok(());
+                return Ok(String::new());
             }
             panic!(
                 "promtool not found: install it with `apt-get install prometheus` \
@@ -173,19 +190,20 @@ pub fn promtool_check(text: &str) -> Result<(), String> {
         .stdin
         .take()
         .expect("piped stdin")
-        .write_all(text.as_bytes())
-        .expect("metrics written to promtool");
+        .write_all(input.as_bytes())
+        .expect("input written to promtool");
     let output = child.wait_with_output().expect("promtool finishes");
     let said = format!(
         "{}{}",
         String::from_utf8_lossy(&output.stdout),
         String::from_utf8_lossy(&output.stderr)
     );
-    if output.status.success() && said.trim().is_empty() {
-        Ok(())
+    if output.status.success() {
+        Ok(said)
     } else {
         Err(format!(
-            "promtool check metrics ({}):\n{said}",
+            "promtool {} ({}):\n{said}",
+            args.join(" "),
             output.status
         ))
     }
