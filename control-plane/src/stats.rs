@@ -27,7 +27,7 @@
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Mutex;
 
-use meshlet_api::mesh::{BreakerReport, RouteStats, ServiceKey, StatsReport};
+use meshlet_api::mesh::{BreakerReport, BreakerState, RouteStats, ServiceKey, StatsReport};
 
 /// How long reports are kept.
 pub const WINDOW_MS: u64 = 5 * 60 * 1000;
@@ -167,6 +167,19 @@ struct InstanceStats {
 }
 
 impl InstanceStats {
+    /// Whether this instance sent requests to `destination` in the kept
+    /// window (every sidecar holds a breaker per endpoint of each service
+    /// with a breaker policy, called or not).
+    fn calls(&self, destination: &str) -> bool {
+        self.reports.iter().any(|stored| {
+            stored.report.routes.iter().any(|r| {
+                r.direction == meshlet_api::mesh::StatsDirection::Outbound
+                    && r.destination == destination
+                    && r.requests > 0
+            })
+        })
+    }
+
     fn forget_before(&mut self, oldest_ms: u64) {
         while self.reports.front().is_some_and(|r| r.at_ms < oldest_ms) {
             self.reports.pop_front();
@@ -361,7 +374,9 @@ impl StatsStore {
             .collect()
     }
 
-    /// Every breaker of every instance, from its latest report.
+    /// The breakers of every instance, from its latest report: those not
+    /// closed, and closed ones of destinations the instance called in the
+    /// window (the others are noise: breakers nobody uses).
     pub fn breakers(&self) -> Vec<BreakerStatus> {
         let mut all: Vec<BreakerStatus> = self
             .lock()
@@ -370,6 +385,10 @@ impl StatsStore {
                 instance
                     .breakers
                     .iter()
+                    .filter(|(breaker, _)| {
+                        breaker.state != BreakerState::Closed
+                            || instance.calls(&breaker.destination)
+                    })
                     .map(|(breaker, since_ms)| BreakerStatus {
                         instance: id.clone(),
                         service: instance.service.clone(),
@@ -629,6 +648,31 @@ mod tests {
         let edge = &edges[&(key("frontend"), key("orders"))];
         assert_eq!((edge.total, edge.recent.errors), (3, 1));
         assert_eq!(edge.recent.error_rate(), Some(1.0 / 3.0));
+    }
+
+    #[test]
+    fn closed_breakers_of_destinations_never_called_are_left_out() {
+        let store = StatsStore::new();
+        let breaker = |destination: &str| BreakerReport {
+            destination: destination.into(),
+            policy: "p".into(),
+            address: "127.0.0.1:9000".parse().unwrap(),
+            state: BreakerState::Closed,
+        };
+        let mut calls_orders = report(
+            5000,
+            vec![route(StatsDirection::Outbound, "orders", [1, 0, 0, 0], 0)],
+        );
+        calls_orders.breakers = vec![breaker("orders"), breaker("payments")];
+        store
+            .ingest("f", key("frontend"), calls_orders, T0)
+            .unwrap();
+        let shown: Vec<String> = store
+            .breakers()
+            .into_iter()
+            .map(|b| b.breaker.destination)
+            .collect();
+        assert_eq!(shown, ["orders"]);
     }
 
     #[test]
