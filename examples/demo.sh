@@ -426,6 +426,7 @@ info "logs: $LOG_DIR"
 
 if ((KEEP_RUNNING)); then
   section "Keeping traffic flowing (one request per second); Ctrl-C to stop"
+  info "the dashboard (services, topology, policies, traces; live): $MESHLET_SERVER/"
   info "meanwhile, in another terminal:"
   info "  export MESHLET_SERVER=$MESHLET_SERVER PATH=$BIN:\$PATH"
   info "  meshctl get services; meshctl describe service orders"
@@ -440,6 +441,6 @@ if ((KEEP_RUNNING)); then
     sleep 1
   done
 else
-  info "to keep it running and poke at it with meshctl: $0 --keep-running"
+  info "to keep it running, open the dashboard and poke at it with meshctl: $0 --keep-running"
 fi
 ((FAILURES == 0))
