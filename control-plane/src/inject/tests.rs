@@ -362,3 +362,17 @@ fn documents_are_numbered_as_yaml_numbers_them() {
     assert_eq!(numbers("---\na: 1\n---\n"), [1, 2]);
     assert_eq!(numbers("a: |\n  ---\n  text\n"), [1]);
 }
+
+#[test]
+fn the_committed_demo_manifests_are_what_inject_makes_of_their_source() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../manifests/examples");
+    let read = |name: &str| std::fs::read_to_string(dir.join(name)).unwrap();
+    let generated = inject_text("apps.yaml", &read("apps.yaml"), &InjectOptions::default())
+        .unwrap()
+        .text;
+    assert!(
+        generated == read("apps.injected.yaml"),
+        "manifests/examples/apps.injected.yaml is stale; regenerate it:\n  \
+         meshctl inject -f manifests/examples/apps.yaml > manifests/examples/apps.injected.yaml"
+    );
+}
