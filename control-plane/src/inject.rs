@@ -154,11 +154,15 @@ pub fn inject_text(
             out.push_str(chunk.raw);
             continue;
         };
-        let workload = workload_name(&doc);
-        let pod = lookup_mut(&mut doc, template)
-            .ok_or_else(|| fail(Some(workload.clone()), shape(template_name, "a mapping")))?;
-        let outcome =
-            inject_pod(pod, options).map_err(|problem| fail(Some(workload.clone()), problem))?;
+        let workload = Workload::of(&doc);
+        let pod = lookup_mut(&mut doc, template).ok_or_else(|| {
+            fail(
+                Some(workload.to_string()),
+                shape(template_name, "a mapping"),
+            )
+        })?;
+        let outcome = inject_pod(pod, options)
+            .map_err(|problem| fail(Some(workload.to_string()), problem))?;
         match outcome {
             Outcome::AlreadyInjected => out.push_str(chunk.raw),
             Outcome::Injected => {
@@ -166,12 +170,12 @@ pub fn inject_text(
                     out.push_str("---\n");
                 }
                 let yaml = serde_yaml::to_string(&doc)
-                    .map_err(|e| fail(Some(workload.clone()), yaml_problem(&e, None)))?;
+                    .map_err(|e| fail(Some(workload.to_string()), yaml_problem(&e, None)))?;
                 out.push_str(&yaml);
             }
         }
         reports.push(Report {
-            workload: kubectl_name(&workload),
+            workload: workload.kubectl_name(),
             outcome,
         });
     }
@@ -269,20 +273,31 @@ fn pod_template_path(doc: &Value) -> Option<(&'static [&'static str], &'static s
     }
 }
 
-fn workload_name(doc: &Value) -> String {
-    let kind = doc.get("kind").and_then(Value::as_str).unwrap_or("?");
-    let name = doc
-        .get("metadata")
-        .and_then(|m| m.get("name"))
-        .and_then(Value::as_str)
-        .unwrap_or("<unnamed>");
-    format!("{kind} {name}")
+/// A workload's kind and name, for errors (`Deployment orders`) and reports
+/// (`deployment/orders`).
+struct Workload {
+    kind: String,
+    name: String,
 }
 
-/// `Deployment orders` → `deployment/orders`.
-fn kubectl_name(workload: &str) -> String {
-    let (kind, name) = workload.split_once(' ').unwrap_or((workload, ""));
-    format!("{}/{name}", kind.to_ascii_lowercase())
+impl Workload {
+    fn of(doc: &Value) -> Self {
+        let text = |v: Option<&Value>, or: &str| v.and_then(Value::as_str).unwrap_or(or).to_owned();
+        Workload {
+            kind: text(doc.get("kind"), "?"),
+            name: text(doc.get("metadata").and_then(|m| m.get("name")), "<unnamed>"),
+        }
+    }
+
+    fn kubectl_name(&self) -> String {
+        format!("{}/{}", self.kind.to_ascii_lowercase(), self.name)
+    }
+}
+
+impl std::fmt::Display for Workload {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} {}", self.kind, self.name)
+    }
 }
 
 fn lookup_mut<'a>(mut value: &'a mut Value, path: &[&str]) -> Option<&'a mut Value> {
