@@ -307,36 +307,33 @@ fn lookup_mut<'a>(mut value: &'a mut Value, path: &[&str]) -> Option<&'a mut Val
     value.is_mapping().then_some(value)
 }
 
-/// The mapping at `key` of `map`, created empty if absent.
+/// The value at `key` of `map`; `empty` when absent or null.
+fn child<'a>(map: &'a mut Mapping, key: &str, empty: Value) -> &'a mut Value {
+    let entry = map.entry(Value::from(key)).or_insert(Value::Null);
+    if entry.is_null() {
+        *entry = empty;
+    }
+    entry
+}
+
 fn child_map<'a>(
     map: &'a mut Mapping,
     key: &str,
     path: &'static str,
 ) -> Result<&'a mut Mapping, Problem> {
-    let entry = map
-        .entry(Value::from(key))
-        .or_insert_with(|| Value::Mapping(Mapping::new()));
-    if entry.is_null() {
-        *entry = Value::Mapping(Mapping::new());
-    }
-    entry
+    child(map, key, Value::Mapping(Mapping::new()))
         .as_mapping_mut()
         .ok_or_else(|| shape(path, "a mapping"))
 }
 
-/// The sequence at `key` of `map`, created empty if absent.
 fn child_seq<'a>(
     map: &'a mut Mapping,
     key: &str,
     path: &'static str,
 ) -> Result<&'a mut Vec<Value>, Problem> {
-    let entry = map
-        .entry(Value::from(key))
-        .or_insert_with(|| Value::Sequence(Vec::new()));
-    if entry.is_null() {
-        *entry = Value::Sequence(Vec::new());
-    }
-    entry.as_sequence_mut().ok_or_else(|| shape(path, "a list"))
+    child(map, key, Value::Sequence(Vec::new()))
+        .as_sequence_mut()
+        .ok_or_else(|| shape(path, "a list"))
 }
 
 fn has_container(containers: Option<&Value>, names: &[&str]) -> bool {

@@ -376,3 +376,27 @@ fn the_committed_demo_manifests_are_what_inject_makes_of_their_source() {
          meshctl inject -f manifests/examples/apps.yaml > manifests/examples/apps.injected.yaml"
     );
 }
+
+#[test]
+fn empty_fields_are_filled_and_wrong_types_are_errors() {
+    let empty = DEPLOYMENT.replace(
+        "    metadata:\n      labels: {app.kubernetes.io/name: orders, version: v1}\n    spec:\n",
+        "    metadata:\n      labels: {app.kubernetes.io/name: orders, version: v1}\n      annotations:\n    spec:\n      initContainers:\n      volumes: ~\n",
+    );
+    let doc = &parse(&inject(&empty).unwrap().text)[0];
+    let template = &doc["spec"]["template"];
+    assert_eq!(
+        template["metadata"]["annotations"]["meshlet.dev/injected"],
+        "true"
+    );
+    assert_eq!(template["spec"]["volumes"][0]["name"], "meshlet-run");
+
+    let wrong = DEPLOYMENT.replace("    spec:\n", "    spec:\n      initContainers: {a: b}\n");
+    assert_eq!(
+        inject(&wrong).unwrap_err().problem,
+        Problem::Shape {
+            path: "template.spec.initContainers",
+            expected: "a list"
+        }
+    );
+}
