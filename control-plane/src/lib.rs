@@ -38,6 +38,7 @@ pub mod dashboard;
 pub mod diff;
 pub mod error;
 pub mod events;
+pub mod inject;
 pub mod metrics;
 pub mod output;
 pub mod pipeline;

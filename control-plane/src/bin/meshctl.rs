@@ -1,6 +1,6 @@
 //! `meshctl`: the command-line client of meshlet. Flags and dispatch only;
 //! the commands live in the library (`validate`, `commands`, `pipeline`,
-//! `traceview`).
+//! `traceview`, `inject`).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -9,10 +9,11 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 use meshlet_control_plane::client::ControlPlane;
 use meshlet_control_plane::commands::{self, emit, Broadcast, CommandError, ServiceRef};
+use meshlet_control_plane::inject::{self, InjectOptions, Outcome};
 use meshlet_control_plane::output::Format;
 use meshlet_control_plane::pipeline::{self, KindArg};
 use meshlet_control_plane::traceview::{self, TraceFilter};
-use meshlet_control_plane::validate::validate_path;
+use meshlet_control_plane::validate::{read_files, validate_path};
 
 #[derive(Debug, Parser)]
 #[command(name = "meshctl", version, about = "meshlet command-line client")]
@@ -36,6 +37,26 @@ enum Command {
         /// A file, a directory of *.yaml files, or - for stdin.
         #[arg(short = 'f', long = "filename")]
         file: PathBuf,
+    },
+    /// Add meshlet (iptables init container, sidecar, annotations) to the
+    /// Deployments, StatefulSets, DaemonSets, Jobs, CronJobs and Pods of
+    /// Kubernetes YAML; other documents pass through unchanged. Offline:
+    /// `kubectl apply -f <(meshctl inject -f deploy.yaml)`.
+    Inject {
+        /// A file, a directory of *.yaml files, or - for stdin.
+        #[arg(short = 'f', long = "filename")]
+        file: PathBuf,
+        /// Image of the sidecar and its init container.
+        #[arg(long, default_value_t = inject::default_image())]
+        image: String,
+        /// The control plane as the sidecars reach it.
+        #[arg(long, default_value = inject::DEFAULT_CONTROL_PLANE)]
+        control_plane: String,
+        /// Add the sidecar as a plain container instead of a native sidecar
+        /// (for Kubernetes < 1.29; the app may start before the sidecar is
+        /// ready, and Job pods do not complete on their own: see README).
+        #[arg(long)]
+        no_native_sidecar: bool,
     },
     /// List services, a service's endpoints, or applied resources of a kind.
     ///
@@ -164,10 +185,52 @@ fn validate(file: PathBuf) -> ExitCode {
     }
 }
 
+/// `meshctl inject`: injected YAML on stdout (files joined by `---`), a
+/// line per workload on stderr.
+fn inject_files(file: PathBuf, options: &InjectOptions) -> ExitCode {
+    let files = match read_files(&file) {
+        Ok(files) => files,
+        Err(err) => {
+            eprintln!("meshctl: error: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let mut out = String::new();
+    let mut reports = Vec::new();
+    for source in files {
+        match inject::inject_text(&source.name, &source.text, options) {
+            Ok(done) => {
+                if !out.is_empty() && !done.text.is_empty() {
+                    out.push_str(if out.ends_with('\n') {
+                        "---\n"
+                    } else {
+                        "\n---\n"
+                    });
+                }
+                out.push_str(&done.text);
+                reports.extend(done.reports);
+            }
+            Err(err) => {
+                eprintln!("meshctl: error: {err}");
+                return ExitCode::FAILURE;
+            }
+        }
+    }
+    emit(&out);
+    for report in reports {
+        let what = match report.outcome {
+            Outcome::Injected => "injected",
+            Outcome::AlreadyInjected => "already injected, unchanged",
+        };
+        eprintln!("{} {what}", report.workload);
+    }
+    ExitCode::SUCCESS
+}
+
 async fn online(server: &str, command: Command) -> Result<bool, CommandError> {
     let cp = ControlPlane::new(server)?;
     match command {
-        Command::Validate { .. } => Ok(true),
+        Command::Validate { .. } | Command::Inject { .. } => Ok(true),
         Command::Get {
             kind,
             name,
@@ -276,8 +339,22 @@ async fn online(server: &str, command: Command) -> Result<bool, CommandError> {
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    if let Command::Validate { file } = args.command {
-        return validate(file);
+    match args.command {
+        Command::Validate { file } => return validate(file),
+        Command::Inject {
+            file,
+            image,
+            control_plane,
+            no_native_sidecar,
+        } => {
+            let options = InjectOptions {
+                image,
+                control_plane,
+                native_sidecar: !no_native_sidecar,
+            };
+            return inject_files(file, &options);
+        }
+        _ => {}
     }
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()

@@ -1,0 +1,402 @@
+//! Unit tests of `meshctl inject`: one per workload kind, idempotence,
+//! pass-through of other kinds, multi-document input and the errors.
+
+use super::*;
+
+const DEPLOYMENT: &str = "\
+apiVersion: apps/v1
+kind: Deployment
+metadata:
+  name: orders
+spec:
+  selector:
+    matchLabels: {app.kubernetes.io/name: orders}
+  template:
+    metadata:
+      labels: {app.kubernetes.io/name: orders, version: v1}
+    spec:
+      containers:
+        - name: orders
+          image: demo:1
+          ports:
+            - containerPort: 8080
+";
+
+const SERVICE: &str = "\
+# the orders Service, kept as written
+apiVersion: v1
+kind: Service
+metadata: {name: orders}   # inline comment
+spec:
+  selector: {app.kubernetes.io/name: orders}
+  ports: [{port: 80, targetPort: 8080}]
+";
+
+const CONFIG_MAP: &str = "\
+apiVersion: v1
+kind: ConfigMap
+metadata:
+  name: settings
+data:
+  key: 'value'
+";
+
+fn inject(text: &str) -> Result<Injected, InjectError> {
+    inject_text("in.yaml", text, &InjectOptions::default())
+}
+
+fn parse(text: &str) -> Vec<Value> {
+    serde_yaml::Deserializer::from_str(text)
+        .map(|d| serde::Deserialize::deserialize(d).unwrap())
+        .collect()
+}
+
+/// A workload of `kind` whose pod template is the Deployment's.
+fn workload(kind: &str) -> String {
+    let pod = "\
+metadata:
+  labels: {app: batch}
+spec:
+  restartPolicy: Never
+  containers:
+    - name: main
+      image: demo:1
+      ports: [{containerPort: 9000}]
+";
+    let indent = |n: usize| {
+        pod.lines()
+            .map(|l| format!("{}{l}\n", " ".repeat(n)))
+            .collect::<String>()
+    };
+    match kind {
+        "CronJob" => format!(
+            "apiVersion: batch/v1\nkind: CronJob\nmetadata: {{name: w}}\nspec:\n  schedule: '* * * * *'\n  jobTemplate:\n    spec:\n      template:\n{}",
+            indent(8)
+        ),
+        "Pod" => format!("apiVersion: v1\nkind: Pod\n{}", pod.replace("metadata:\n", "metadata:\n  name: w\n")),
+        _ => format!(
+            "apiVersion: apps/v1\nkind: {kind}\nmetadata: {{name: w}}\nspec:\n  template:\n{}",
+            indent(4)
+        ),
+    }
+}
+
+fn names(list: Option<&Value>) -> Vec<String> {
+    list.and_then(Value::as_sequence)
+        .into_iter()
+        .flatten()
+        .map(|c| c["name"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+fn env<'a>(container: &'a Value, name: &str) -> &'a Value {
+    container["env"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .find(|e| e["name"].as_str() == Some(name))
+        .unwrap_or_else(|| panic!("no env {name}"))
+}
+
+#[test]
+fn each_workload_kind_gets_init_and_native_sidecar() {
+    let template_of = |kind: &str, doc: &Value| -> Value {
+        match kind {
+            "CronJob" => doc["spec"]["jobTemplate"]["spec"]["template"].clone(),
+            "Pod" => doc.clone(),
+            _ => doc["spec"]["template"].clone(),
+        }
+    };
+    for kind in [
+        "Deployment",
+        "StatefulSet",
+        "DaemonSet",
+        "Job",
+        "CronJob",
+        "Pod",
+    ] {
+        let result = inject(&workload(kind)).unwrap();
+        assert_eq!(result.reports.len(), 1, "{kind}");
+        assert_eq!(result.reports[0].outcome, Outcome::Injected, "{kind}");
+        assert_eq!(
+            result.reports[0].workload,
+            format!("{}/w", kind.to_ascii_lowercase())
+        );
+        let pod = template_of(kind, &parse(&result.text)[0]);
+        let spec = &pod["spec"];
+        assert_eq!(
+            names(spec.get("initContainers")),
+            ["meshlet-init", "meshlet-proxy"],
+            "{kind}"
+        );
+        assert_eq!(names(spec.get("containers")), ["main"], "{kind}");
+        let proxy = &spec["initContainers"][1];
+        assert_eq!(proxy["restartPolicy"], "Always", "{kind}");
+        assert_eq!(env(proxy, "MESHLET_APP_PORT")["value"], "9000");
+        assert_eq!(
+            env(proxy, "MESHLET_SERVICE")["valueFrom"]["fieldRef"]["fieldPath"],
+            "metadata.labels['app']"
+        );
+        let annotations = &pod["metadata"]["annotations"];
+        assert_eq!(annotations["meshlet.dev/injected"], "true", "{kind}");
+        assert_eq!(annotations["prometheus.io/port"], "15020", "{kind}");
+        assert_eq!(spec["volumes"][0]["name"], "meshlet-run");
+    }
+}
+
+#[test]
+fn the_proxy_is_configured_from_the_downward_api_and_locked_down() {
+    let doc = &parse(&inject(DEPLOYMENT).unwrap().text)[0];
+    let spec = &doc["spec"]["template"]["spec"];
+    let proxy = &spec["initContainers"][1];
+    let field = |name: &str| env(proxy, name)["valueFrom"]["fieldRef"]["fieldPath"].clone();
+    assert_eq!(field("MESHLET_INSTANCE_ID"), "metadata.name");
+    assert_eq!(field("MESHLET_NAMESPACE"), "metadata.namespace");
+    assert_eq!(field("MESHLET_ADVERTISE_IP"), "status.podIP");
+    assert_eq!(
+        field("MESHLET_SERVICE"),
+        "metadata.labels['app.kubernetes.io/name']"
+    );
+    assert_eq!(env(proxy, "MESHLET_APP_PORT")["value"], "8080");
+    assert_eq!(
+        env(proxy, "MESHLET_LABELS")["value"],
+        "app.kubernetes.io/name=orders,version=v1"
+    );
+    assert_eq!(
+        env(proxy, "MESHLET_SNAPSHOT_FILE")["value"],
+        "/var/run/meshlet/snapshot.json"
+    );
+    assert_eq!(proxy["image"], default_image());
+    let args: Vec<&str> = proxy["args"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .map(|a| a.as_str().unwrap())
+        .collect();
+    assert_eq!(
+        args[..6],
+        [
+            "--mode",
+            "transparent",
+            "--control-plane",
+            DEFAULT_CONTROL_PLANE,
+            "--admin-ip",
+            "0.0.0.0"
+        ]
+    );
+    let security = &proxy["securityContext"];
+    assert_eq!(security["runAsUser"], 1337);
+    assert_eq!(security["runAsGroup"], 1337);
+    assert_eq!(security["runAsNonRoot"], true);
+    assert_eq!(security["readOnlyRootFilesystem"], true);
+    assert_eq!(security["allowPrivilegeEscalation"], false);
+    assert_eq!(security["capabilities"]["drop"][0], "ALL");
+    assert_eq!(proxy["readinessProbe"]["httpGet"]["path"], "/ready");
+    assert_eq!(proxy["livenessProbe"]["httpGet"]["path"], "/live");
+    assert_eq!(proxy["startupProbe"]["httpGet"]["port"], 15020);
+    assert!(proxy["resources"]["limits"]["memory"].is_string());
+
+    // Only the init container gets root and the network capabilities.
+    let init = &spec["initContainers"][0];
+    assert_eq!(init["command"][0], "sidecar");
+    assert_eq!(init["args"][0], "init-iptables");
+    assert_eq!(init["args"][2], "1337");
+    assert_eq!(init["securityContext"]["runAsUser"], 0);
+    assert_eq!(init["securityContext"]["runAsNonRoot"], false);
+    assert_eq!(
+        init["securityContext"]["capabilities"]["add"],
+        parse("[NET_ADMIN, NET_RAW]")[0]
+    );
+    assert!(spec["containers"][0].get("securityContext").is_none());
+}
+
+#[test]
+fn injecting_twice_gives_the_same_bytes() {
+    let input = format!("{SERVICE}---\n{DEPLOYMENT}---\n{}", workload("Job"));
+    let once = inject(&input).unwrap();
+    let twice = inject(&once.text).unwrap();
+    assert_eq!(twice.text, once.text);
+    assert!(once.reports.iter().all(|r| r.outcome == Outcome::Injected));
+    assert_eq!(twice.reports.len(), 2);
+    assert!(twice
+        .reports
+        .iter()
+        .all(|r| r.outcome == Outcome::AlreadyInjected));
+}
+
+#[test]
+fn a_pod_with_a_proxy_container_but_no_annotation_counts_as_injected() {
+    let input = DEPLOYMENT.replace("- name: orders", "- name: meshlet-proxy");
+    let result = inject(&input).unwrap();
+    assert_eq!(result.text, input);
+    assert_eq!(result.reports[0].outcome, Outcome::AlreadyInjected);
+}
+
+#[test]
+fn other_kinds_pass_through_byte_for_byte() {
+    for input in [
+        SERVICE.to_owned(),
+        CONFIG_MAP.to_owned(),
+        format!("{SERVICE}---\n{CONFIG_MAP}"),
+        format!("---\n{CONFIG_MAP}---\n# only a comment\n"),
+        String::new(),
+    ] {
+        let result = inject(&input).unwrap();
+        assert_eq!(result.text, input);
+        assert!(result.reports.is_empty());
+    }
+}
+
+#[test]
+fn multi_document_input_injects_only_the_workloads() {
+    let input = format!("{SERVICE}---\n{DEPLOYMENT}---\n{CONFIG_MAP}");
+    let result = inject(&input).unwrap();
+    assert!(result.text.starts_with(SERVICE), "{}", result.text);
+    assert!(result.text.ends_with(&format!("---\n{CONFIG_MAP}")));
+    assert_eq!(
+        result.reports,
+        [Report {
+            workload: "deployment/orders".into(),
+            outcome: Outcome::Injected
+        }]
+    );
+    let docs = parse(&result.text);
+    assert_eq!(docs.len(), 3);
+    assert_eq!(docs[1]["metadata"]["name"], "orders");
+    assert_eq!(
+        names(docs[1]["spec"]["template"]["spec"].get("initContainers")),
+        ["meshlet-init", "meshlet-proxy"]
+    );
+}
+
+#[test]
+fn existing_init_containers_run_after_the_proxy() {
+    let input = DEPLOYMENT.replace(
+        "      containers:\n",
+        "      initContainers:\n        - {name: migrate, image: demo:1}\n      containers:\n",
+    );
+    let doc = &parse(&inject(&input).unwrap().text)[0];
+    assert_eq!(
+        names(doc["spec"]["template"]["spec"].get("initContainers")),
+        ["meshlet-init", "meshlet-proxy", "migrate"]
+    );
+}
+
+#[test]
+fn without_native_sidecars_the_proxy_is_the_first_container() {
+    let options = InjectOptions {
+        native_sidecar: false,
+        image: "registry.local/meshlet/sidecar:dev".into(),
+        ..InjectOptions::default()
+    };
+    let result = inject_text("in.yaml", DEPLOYMENT, &options).unwrap();
+    let spec = &parse(&result.text)[0]["spec"]["template"]["spec"];
+    assert_eq!(names(spec.get("initContainers")), ["meshlet-init"]);
+    assert_eq!(names(spec.get("containers")), ["meshlet-proxy", "orders"]);
+    let proxy = &spec["containers"][0];
+    assert!(proxy.get("restartPolicy").is_none());
+    assert_eq!(proxy["image"], "registry.local/meshlet/sidecar:dev");
+    assert_eq!(spec["initContainers"][0]["image"], proxy["image"]);
+}
+
+#[test]
+fn templates_quote_any_option_value() {
+    let options = InjectOptions {
+        image: "img:\"odd\" # not a comment".into(),
+        control_plane: "http://cp: 1/{x}".into(),
+        native_sidecar: true,
+    };
+    let result = inject_text("in.yaml", DEPLOYMENT, &options).unwrap();
+    let spec = &parse(&result.text)[0]["spec"]["template"]["spec"];
+    assert_eq!(spec["initContainers"][1]["image"], options.image.as_str());
+    assert_eq!(
+        spec["initContainers"][1]["args"][3],
+        options.control_plane.as_str()
+    );
+}
+
+#[test]
+fn errors_name_the_file_document_and_workload() {
+    let check = |input: String, expect: &str| {
+        let err = inject(&input).unwrap_err();
+        assert_eq!(err.to_string(), expect);
+        assert!(!err.to_string().contains('\n'));
+    };
+    check(
+        format!(
+            "{SERVICE}---\n{}",
+            DEPLOYMENT.replace("app.kubernetes.io/name: orders, ", "")
+        ),
+        "in.yaml: document 2 (Deployment orders): the pod template has no label \
+         `app.kubernetes.io/name` or `app`; the sidecar needs one for its service name",
+    );
+    check(
+        DEPLOYMENT.replace("          ports:\n            - containerPort: 8080\n", ""),
+        "in.yaml: document 1 (Deployment orders): no container declares a containerPort; \
+         the sidecar forwards inbound traffic to the app's first port",
+    );
+    check(
+        "kind: Deployment\nmetadata: {name: x}\nspec: {template: [1]}\n".into(),
+        "in.yaml: document 1 (Deployment x): `spec.template` is missing or not a mapping",
+    );
+    // The line is counted in the whole input, not in the document.
+    let err = inject(&format!("{CONFIG_MAP}---\nkind: [unclosed\n")).unwrap_err();
+    assert_eq!(err.document, 2);
+    assert!(
+        matches!(err.problem, Problem::Yaml { line: Some(9), .. }),
+        "{err:?}"
+    );
+    assert!(
+        err.to_string()
+            .starts_with("in.yaml: document 2: invalid YAML at line 9: "),
+        "{err}"
+    );
+}
+
+#[test]
+fn documents_are_numbered_as_yaml_numbers_them() {
+    let numbers =
+        |text: &str| -> Vec<usize> { split_documents(text).iter().map(|c| c.number).collect() };
+    assert_eq!(numbers("a: 1\n---\nb: 2\n"), [1, 2]);
+    assert_eq!(numbers("# header\n---\na: 1\n---\nb: 2\n"), [1, 1, 2]);
+    assert_eq!(numbers("---\na: 1\n---\n"), [1, 2]);
+    assert_eq!(numbers("a: |\n  ---\n  text\n"), [1]);
+}
+
+#[test]
+fn the_committed_demo_manifests_are_what_inject_makes_of_their_source() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../manifests/examples");
+    let read = |name: &str| std::fs::read_to_string(dir.join(name)).unwrap();
+    let generated = inject_text("apps.yaml", &read("apps.yaml"), &InjectOptions::default())
+        .unwrap()
+        .text;
+    assert!(
+        generated == read("apps.injected.yaml"),
+        "manifests/examples/apps.injected.yaml is stale; regenerate it:\n  \
+         meshctl inject -f manifests/examples/apps.yaml > manifests/examples/apps.injected.yaml"
+    );
+}
+
+#[test]
+fn empty_fields_are_filled_and_wrong_types_are_errors() {
+    let empty = DEPLOYMENT.replace(
+        "    metadata:\n      labels: {app.kubernetes.io/name: orders, version: v1}\n    spec:\n",
+        "    metadata:\n      labels: {app.kubernetes.io/name: orders, version: v1}\n      annotations:\n    spec:\n      initContainers:\n      volumes: ~\n",
+    );
+    let doc = &parse(&inject(&empty).unwrap().text)[0];
+    let template = &doc["spec"]["template"];
+    assert_eq!(
+        template["metadata"]["annotations"]["meshlet.dev/injected"],
+        "true"
+    );
+    assert_eq!(template["spec"]["volumes"][0]["name"], "meshlet-run");
+
+    let wrong = DEPLOYMENT.replace("    spec:\n", "    spec:\n      initContainers: {a: b}\n");
+    assert_eq!(
+        inject(&wrong).unwrap_err().problem,
+        Problem::Shape {
+            path: "template.spec.initContainers",
+            expected: "a list"
+        }
+    );
+}
