@@ -33,7 +33,11 @@ pub enum LogFormat {
 
 /// meshlet sidecar: proxies a service's inbound and outbound HTTP.
 #[derive(Debug, Parser)]
-#[command(name = "sidecar", version)]
+#[command(
+    name = "sidecar",
+    version,
+    after_help = "Transparent mode: `sidecar init-iptables --help` for the nat rules that redirect a pod's TCP here."
+)]
 pub struct Args {
     /// Name of the service this sidecar stands next to.
     #[arg(long, env = "MESHLET_SERVICE")]

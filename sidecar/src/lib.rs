@@ -33,6 +33,7 @@ pub mod forward;
 pub mod framing;
 pub mod headers;
 pub mod health;
+pub mod iptables;
 pub mod metrics;
 pub mod observe;
 pub mod policy;

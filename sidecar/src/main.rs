@@ -1,5 +1,7 @@
 //! The `sidecar` binary: parse flags, load config, bind, run until
 //! SIGTERM/SIGINT (SIGHUP reloads a `--config` file), drain, exit. Everything else lives in the library.
+//! `sidecar init-iptables ...` instead installs the transparent-mode nat
+//! rules (`meshlet_sidecar::iptables`) and exits.
 
 use std::io::IsTerminal;
 use std::process::ExitCode;
@@ -7,10 +9,18 @@ use std::process::ExitCode;
 use clap::Parser;
 use meshlet_sidecar::cli::{Args, LogFormat, Mode};
 use meshlet_sidecar::error::StartupError;
+use meshlet_sidecar::iptables::{self, InitArgs};
 use meshlet_sidecar::{run, InitialConfig, Listeners};
 use tracing_subscriber::EnvFilter;
 
 fn main() -> ExitCode {
+    if std::env::args_os()
+        .nth(1)
+        .is_some_and(|a| a == "init-iptables")
+    {
+        // `init-iptables` stands in for the program name of its own parser.
+        return iptables::main(InitArgs::parse_from(std::env::args_os().skip(1)));
+    }
     let args = Args::parse();
     init_logging(args.log_format);
     let runtime = match build_runtime(args.worker_threads) {
