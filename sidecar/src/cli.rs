@@ -16,14 +16,7 @@ use crate::error::StartupError;
 use crate::settings::{ControlPlaneSettings, Limits, Observability, Settings};
 use crate::trace::export::ExportEndpoint;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum Mode {
-    /// The app sends its outgoing calls to the outbound listener itself
-    /// (HTTP_PROXY, or a plain request whose Host names a service).
-    Explicit,
-    /// iptables redirects all TCP through the sidecar (not yet implemented).
-    Transparent,
-}
+pub use crate::settings::Mode;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum LogFormat {
@@ -256,6 +249,7 @@ impl Args {
             access_log: self.access_log,
         };
         Ok(Settings {
+            mode: self.mode,
             observability,
             service: self.service.clone(),
             namespace: self.namespace.clone(),

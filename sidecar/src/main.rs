@@ -7,7 +7,7 @@ use std::io::IsTerminal;
 use std::process::ExitCode;
 
 use clap::Parser;
-use meshlet_sidecar::cli::{Args, LogFormat, Mode};
+use meshlet_sidecar::cli::{Args, LogFormat};
 use meshlet_sidecar::error::StartupError;
 use meshlet_sidecar::iptables::{self, InitArgs};
 use meshlet_sidecar::{run, InitialConfig, Listeners};
@@ -51,11 +51,6 @@ async fn start(args: Args) -> Result<(), StartupError> {
     // reloading everything) does not kill the process: it reloads once
     // the sidecar runs.
     let reloads = reload_signal();
-    if args.mode == Mode::Transparent {
-        return Err(StartupError::Unsupported(
-            "--mode transparent is not available in this release; use --mode explicit".to_owned(),
-        ));
-    }
     let settings = args.settings()?;
     let initial = match &settings.control_plane {
         Some(cp) => InitialConfig::persisted(&cp.snapshot_file),

@@ -10,6 +10,11 @@
 //! one of this sidecar's own listeners is refused (502 `loop_detected`)
 //! rather than proxied forever. Every passthrough destination is counted
 //! under the one `destination="passthrough"` label, never its address.
+//!
+//! Transparent mode ([`Router::resolve_intercepted`]) also knows where the
+//! connection was going (`SO_ORIGINAL_DST`): a `Host` naming a service
+//! still wins, then the service whose endpoint is at that address, else
+//! passthrough to the address.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -122,6 +127,28 @@ impl Router {
         Ok(self.passthrough_target(addr))
     }
 
+    /// Transparent mode: the destination of a request whose connection was
+    /// going to `original`. A `Host` (or absolute URI) naming a service
+    /// wins (the app asked for it by name); else a service one of whose
+    /// endpoints is at `original` (`Snapshot::service_at`); else the
+    /// original address itself, passed through (never a DNS lookup of the
+    /// `Host`: the app already resolved it).
+    pub fn resolve_intercepted(
+        &self,
+        authority: Option<Authority<'_>>,
+        original: SocketAddr,
+    ) -> Result<Arc<ServiceTarget>, ProxyError> {
+        let snapshot = self.snapshot.load();
+        let by_name = authority.and_then(|a| snapshot.service(a.host));
+        if let Some(target) = by_name.or_else(|| snapshot.service_at(original)) {
+            return Ok(Arc::clone(target));
+        }
+        if self.is_own_listener(original) {
+            return Err(ProxyError::Loop { addr: original });
+        }
+        Ok(self.passthrough_target(original))
+    }
+
     /// Closes idle connections of passthrough destinations and forgets the
     /// destinations left with none.
     pub fn sweep_passthrough(&self) {
@@ -138,10 +165,7 @@ impl Router {
     }
 
     fn is_own_listener(&self, addr: SocketAddr) -> bool {
-        self.own_listeners.iter().any(|own| {
-            own.port() == addr.port()
-                && (own.ip() == addr.ip() || own.ip().is_unspecified() || addr.ip().is_loopback())
-        })
+        loops_back(&self.own_listeners, addr)
     }
 
     /// One pool per passthrough address, so keep-alive works there too.
@@ -180,6 +204,14 @@ impl Router {
         map.insert(addr, Arc::clone(&target));
         target
     }
+}
+
+/// Whether a connection to `addr` would reach one of `own_listeners`.
+pub fn loops_back(own_listeners: &[SocketAddr], addr: SocketAddr) -> bool {
+    own_listeners.iter().any(|own| {
+        own.port() == addr.port()
+            && (own.ip() == addr.ip() || own.ip().is_unspecified() || addr.ip().is_loopback())
+    })
 }
 
 /// Passthrough host names resolved recently. Without it every request to a
