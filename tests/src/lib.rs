@@ -20,6 +20,7 @@ pub mod client;
 pub mod collector;
 pub mod config;
 pub mod metrics;
+pub mod netns;
 pub mod process;
 pub mod upstream;
 pub mod wait;
