@@ -7,6 +7,8 @@
 //! ```text
 //!  A: curl 10.77.0.2:8080 ─► OUTPUT REDIRECT :15001 ─► A's sidecar (orders: pod IP of an endpoint)
 //!       ─► 10.77.0.2:15006 ─► B's sidecar ─► 127.0.0.1:8080 (B's app)
+//!  A: curl 10.77.0.3:8081 (no service there) ─► A's sidecar (passthrough) ─► B's sidecar
+//!       ─► 127.0.0.1:8081 (the port called)
 //!  A: tcp-echo 10.77.0.2:9000 ─► A's sidecar (opaque) ─► PREROUTING REDIRECT :15006
 //!       ─► B's sidecar (opaque) ─► 127.0.0.1:9000
 //! ```
@@ -19,7 +21,7 @@
 use std::time::Duration;
 
 use meshlet_e2e::metrics::Scrape;
-use meshlet_e2e::netns::{can_run, Netns, NsProcess};
+use meshlet_e2e::netns::{can_run, on_path, Netns, NsProcess};
 use meshlet_e2e::process::binary;
 use meshlet_e2e::{wait, TempDir};
 
@@ -28,6 +30,10 @@ const A_IP: &str = "10.77.0.1";
 const B_IP: &str = "10.77.0.2";
 const APP_PORT: &str = "8080";
 const ECHO_PORT: &str = "9000";
+/// A second address of B that no mesh service has, and an app there that
+/// is not in the mesh either.
+const OTHER_IP: &str = "10.77.0.3";
+const OTHER_PORT: &str = "8081";
 
 fn bin(name: &str) -> String {
     binary(name).display().to_string()
@@ -196,6 +202,15 @@ async fn unmodified_clients_reach_the_other_pod_through_both_sidecars() {
         &[&demo, "--name", "orders", "--port", APP_PORT],
     );
     pods.start(Which::B, "echo", &[&echo, "serve", ECHO_PORT]);
+    pods.start(
+        Which::B,
+        "other-app",
+        &[&demo, "--name", "outside", "--port", OTHER_PORT],
+    );
+    let other_cidr = format!("{OTHER_IP}/24");
+    let b_if = format!("mlb{id}");
+    pods.b
+        .must(&["ip", "addr", "add", &other_cidr, "dev", &b_if]);
 
     // The rules, then the sidecars.
     for ns in [&pods.a, &pods.b] {
@@ -271,7 +286,25 @@ async fn unmodified_clients_reach_the_other_pod_through_both_sidecars() {
     )
     .await;
 
-    // 3. Opaque TCP (a line echo, client speaks first) still passes.
+    // 3. An address no service has passes through A's sidecar unchanged
+    // and B's sidecar hands it to the app on the port that was called.
+    let other_url = format!("http://{OTHER_IP}:{OTHER_PORT}/");
+    let (status, reply) = pods.a.curl(&other_url).await.expect("an answer");
+    assert_eq!(status, 200, "{reply}\n{}", pods.logs());
+    assert!(reply.contains("\"service\":\"outside\""), "{reply}");
+    assert!(
+        !reply.contains("x-meshlet-source"),
+        "not a mesh service: {reply}"
+    );
+    pods.wait_metric(
+        Which::A,
+        "request_total",
+        &[("direction", "outbound"), ("destination", "passthrough")],
+        1.0,
+    )
+    .await;
+
+    // 4. Opaque TCP (a line echo, client speaks first) still passes.
     let echo_addr = format!("{B_IP}:{ECHO_PORT}");
     let out = pods
         .a
@@ -302,7 +335,7 @@ async fn unmodified_clients_reach_the_other_pod_through_both_sidecars() {
     )
     .await;
 
-    // 4. A RateLimitPolicy applied through the control plane refuses.
+    // 5. A RateLimitPolicy applied through the control plane refuses.
     let policy = pods.dir.path.join("limit.yaml");
     std::fs::write(
         &policy,
@@ -356,13 +389,9 @@ async fn init_iptables_twice_leaves_one_set_and_cleanup_leaves_none() {
         return;
     }
     let sidecar = bin("sidecar");
-    let has = |tool: &str| {
-        std::env::var_os("PATH")
-            .is_some_and(|p| std::env::split_paths(&p).any(|d| d.join(tool).is_file()))
-    };
     // Both back ends where both exist (Debian ships both); else the default.
     let flavours: Vec<(Option<&str>, &str)> =
-        if has("iptables-nft-save") && has("iptables-legacy-save") {
+        if on_path("iptables-nft-save") && on_path("iptables-legacy-save") {
             vec![
                 (Some("nft"), "iptables-nft-save"),
                 (Some("legacy"), "iptables-legacy-save"),

@@ -14,15 +14,17 @@ use std::time::Duration;
 
 use tokio::process::{Child, Command};
 
+/// Whether `tool` is a file in a `PATH` directory.
+pub fn on_path(tool: &str) -> bool {
+    std::env::var_os("PATH")
+        .is_some_and(|path| std::env::split_paths(&path).any(|d| d.join(tool).is_file()))
+}
+
 /// Why these tests cannot run here (not root, a tool missing), or `None`.
 pub fn missing_prerequisite(tools: &[&str]) -> Option<String> {
     if !nix::unistd::Uid::effective().is_root() {
         return Some("not running as root (network namespaces and iptables need it)".to_owned());
     }
-    let on_path = |tool: &str| {
-        std::env::var_os("PATH")
-            .is_some_and(|path| std::env::split_paths(&path).any(|d| d.join(tool).is_file()))
-    };
     let missing: Vec<_> = tools.iter().filter(|t| !on_path(t)).collect();
     (!missing.is_empty()).then(|| format!("missing tools: {missing:?}"))
 }

@@ -20,7 +20,11 @@ use self::rules::{Cidr, Family, InboundPorts, Options};
 /// meshlet init-iptables: redirect a pod's TCP to its sidecar (run once,
 /// as root or with NET_ADMIN, before the app starts).
 #[derive(Debug, Parser)]
-#[command(name = "sidecar init-iptables", version)]
+#[command(
+    name = "sidecar init-iptables",
+    bin_name = "sidecar init-iptables",
+    version
+)]
 pub struct InitArgs {
     /// UID the sidecar runs as; its own traffic is never redirected.
     #[arg(long, env = "MESHLET_PROXY_UID", default_value_t = 1337)]
