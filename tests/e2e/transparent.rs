@@ -13,14 +13,15 @@
 //!       ─► B's sidecar (opaque) ─► 127.0.0.1:9000
 //! ```
 //!
-//! Needs root, `ip`, `iptables`, `setpriv` and `curl`: without them the
+//! Needs root, `ip`, `iptables`, `setpriv`, `curl` (and `promtool`, as
+//! the metrics tests do): without them the
 //! tests print why and pass, unless `CI` is set (then they fail). The
 //! namespaces, and with them every rule, are deleted and the processes
 //! killed by Drop guards, also when an assertion fails.
 
 use std::time::Duration;
 
-use meshlet_e2e::metrics::Scrape;
+use meshlet_e2e::metrics::{promtool_check, Scrape};
 use meshlet_e2e::netns::{can_run, on_path, Netns, NsProcess};
 use meshlet_e2e::process::binary;
 use meshlet_e2e::{wait, TempDir};
@@ -247,6 +248,23 @@ async fn unmodified_clients_reach_the_other_pod_through_both_sidecars() {
         assert!(process.is_running(), "{} exited", process.log.display());
     }
 
+    // A's sidecar knows B's as a healthy endpoint of orders (B registers,
+    // then reports its app healthy; each change is pushed to A).
+    let b_endpoint = format!("{B_IP}:15006");
+    let known = wait::within(Duration::from_secs(15), || async {
+        let (_, reply) = pods.a.curl("http://127.0.0.1:15020/config_dump").await?;
+        let dump: serde_json::Value = serde_json::from_str(reply.split_once("\r\n\r\n")?.1).ok()?;
+        let services = dump["snapshot"]["services"].as_array()?;
+        let orders = services.iter().find(|s| s["name"] == "orders")?;
+        let healthy = orders["endpoints"].as_array()?;
+        healthy
+            .iter()
+            .any(|e| e["address"] == b_endpoint.as_str())
+            .then_some(())
+    })
+    .await;
+    assert!(known.is_some(), "A never saw B's endpoint\n{}", pods.logs());
+
     // 1. A plain curl in A to B's pod IP and app port goes through A's
     // outbound (x-meshlet-source) and B's inbound (x-forwarded-for).
     let url = format!("http://{B_IP}:{APP_PORT}/");
@@ -334,6 +352,28 @@ async fn unmodified_clients_reach_the_other_pod_through_both_sidecars() {
         1.0,
     )
     .await;
+    // Bytes are counted when the connection closes: the line each way.
+    let line = "hello through the mesh\n".len() as f64;
+    pods.wait_metric(
+        Which::A,
+        "tcp_sent_bytes_total",
+        &[("direction", "outbound")],
+        line,
+    )
+    .await;
+    pods.wait_metric(
+        Which::B,
+        "tcp_received_bytes_total",
+        &[("direction", "inbound")],
+        line,
+    )
+    .await;
+    for which in [Which::A, Which::B] {
+        let scrape = pods.metrics(which).await;
+        if let Err(problems) = promtool_check(&scrape.text) {
+            panic!("{which:?}: {problems}\n{}", scrape.text);
+        }
+    }
 
     // 5. A RateLimitPolicy applied through the control plane refuses.
     let policy = pods.dir.path.join("limit.yaml");
