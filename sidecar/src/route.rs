@@ -294,3 +294,62 @@ mod tests {
         assert_eq!(authority("/x", None), None);
     }
 }
+
+#[cfg(test)]
+mod intercepted_tests {
+    use super::*;
+    use crate::snapshot::{Own, Snapshot};
+    use arc_swap::ArcSwap;
+    use meshlet_api::mesh::MeshState;
+
+    fn router() -> Router {
+        let yaml = "\
+apiVersion: meshlet.dev/v1alpha1
+kind: Service
+metadata: {name: orders}
+spec: {endpoints: [{address: '10.0.0.2:15006'}]}
+";
+        let state =
+            MeshState::from_resources(&meshlet_api::parse_documents("t.yaml", yaml).unwrap());
+        let (limits, metrics) = (Arc::new(Limits::default()), Metrics::new("frontend"));
+        let own = Own {
+            namespace: "default",
+            service: "frontend",
+        };
+        let snapshot = Snapshot::build(&state, "t".into(), None, own, &limits, &metrics);
+        let own_listeners = vec![
+            "127.0.0.1:15001".parse().unwrap(),
+            "0.0.0.0:15006".parse().unwrap(),
+        ];
+        Router::new(
+            Arc::new(ArcSwap::from_pointee(snapshot)),
+            own_listeners,
+            limits,
+            metrics,
+        )
+    }
+
+    fn resolve(router: &Router, host: Option<&str>, original: &str) -> Result<String, String> {
+        let authority = host.map(|host| Authority { host, port: 80 });
+        router
+            .resolve_intercepted(authority, original.parse().unwrap())
+            .map(|t| t.name.clone())
+            .map_err(|e| e.reason().to_owned())
+    }
+
+    #[test]
+    fn host_then_endpoint_address_then_passthrough_never_a_loop() {
+        let router = router();
+        let to = |host, original| resolve(&router, host, original);
+        assert_eq!(to(Some("orders"), "10.9.9.9:80"), Ok("orders".into()));
+        assert_eq!(to(None, "10.0.0.2:8080"), Ok("orders".into()), "the pod IP");
+        assert_eq!(to(Some("10.0.0.2"), "10.0.0.2:8080"), Ok("orders".into()));
+        assert_eq!(
+            to(Some("example.com"), "10.0.0.7:9000"),
+            Ok("10.0.0.7:9000".into()),
+            "passthrough to the original address, not the Host's"
+        );
+        assert_eq!(to(None, "127.0.0.1:15001"), Err("loop_detected".into()));
+        assert_eq!(to(None, "10.0.0.5:15006"), Err("loop_detected".into()));
+    }
+}
