@@ -82,9 +82,7 @@ pub async fn serve<H: Handler>(
     mut shutdown: watch::Receiver<bool>,
     interception: Option<Arc<Interception>>,
 ) -> Drain {
-    let mut shared = Shared::new(name, handler, limits, metrics);
-    shared.interception = interception;
-    let shared = Arc::new(shared);
+    let shared = Arc::new(Shared::new(name, handler, limits, metrics, interception));
     // Every connection task holds a sender; when the last one is gone the
     // drain is complete (the receiver sees the channel close).
     let (open_tx, open_rx) = mpsc::channel::<()>(1);
@@ -126,7 +124,13 @@ struct Shared<H> {
 }
 
 impl<H: Handler> Shared<H> {
-    fn new(name: &'static str, handler: H, limits: Arc<Limits>, metrics: ListenerMetrics) -> Self {
+    fn new(
+        name: &'static str,
+        handler: H,
+        limits: Arc<Limits>,
+        metrics: ListenerMetrics,
+        interception: Option<Arc<Interception>>,
+    ) -> Self {
         let guard = Arc::new(GuardConfig {
             max_head: limits.max_header_bytes,
             head_timeout: limits.header_read_timeout,
@@ -153,7 +157,7 @@ impl<H: Handler> Shared<H> {
             limits,
             metrics,
             guard,
-            interception: None,
+            interception,
         }
     }
 
