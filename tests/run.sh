@@ -24,6 +24,12 @@ command -v promtool >/dev/null || need_apt+=(prometheus)
 # Python venv (below).
 command -v shellcheck >/dev/null || need_apt+=(shellcheck)
 command -v python3 >/dev/null || need_apt+=(python3 python3-venv)
+# The transparent-mode e2e tests (tests/e2e/transparent.rs) run apps and
+# sidecars in network namespaces (iproute2) with the rules of
+# `sidecar init-iptables` (iptables) and the sidecar as UID 1337 (setpriv).
+command -v ip >/dev/null || need_apt+=(iproute2)
+command -v iptables >/dev/null || need_apt+=(iptables)
+command -v setpriv >/dev/null || need_apt+=(util-linux)
 if ((${#need_apt[@]})); then
     step "installing ${need_apt[*]}"
     export DEBIAN_FRONTEND=noninteractive

@@ -16,14 +16,7 @@ use crate::error::StartupError;
 use crate::settings::{ControlPlaneSettings, Limits, Observability, Settings};
 use crate::trace::export::ExportEndpoint;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum Mode {
-    /// The app sends its outgoing calls to the outbound listener itself
-    /// (HTTP_PROXY, or a plain request whose Host names a service).
-    Explicit,
-    /// iptables redirects all TCP through the sidecar (not yet implemented).
-    Transparent,
-}
+pub use crate::settings::Mode;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum LogFormat {
@@ -33,7 +26,11 @@ pub enum LogFormat {
 
 /// meshlet sidecar: proxies a service's inbound and outbound HTTP.
 #[derive(Debug, Parser)]
-#[command(name = "sidecar", version)]
+#[command(
+    name = "sidecar",
+    version,
+    after_help = "Transparent mode: `sidecar init-iptables --help` for the nat rules that redirect a pod's TCP here."
+)]
 pub struct Args {
     /// Name of the service this sidecar stands next to.
     #[arg(long, env = "MESHLET_SERVICE")]
@@ -252,6 +249,7 @@ impl Args {
             access_log: self.access_log,
         };
         Ok(Settings {
+            mode: self.mode,
             observability,
             service: self.service.clone(),
             namespace: self.namespace.clone(),

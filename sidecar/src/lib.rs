@@ -33,8 +33,10 @@ pub mod forward;
 pub mod framing;
 pub mod headers;
 pub mod health;
+pub mod iptables;
 pub mod metrics;
 pub mod observe;
+pub mod original_dst;
 pub mod policy;
 pub mod pool;
 pub mod proxy;
@@ -45,8 +47,10 @@ pub mod route_metrics;
 pub mod server;
 pub mod settings;
 pub mod snapshot;
+pub mod sniff;
 pub mod stats;
 pub mod trace;
+pub mod transparent;
 pub mod tunnel;
 
 use std::future::Future;
@@ -60,14 +64,11 @@ use meshlet_api::Resource;
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
 
-use crate::balance::{Balancer, Endpoint};
 use crate::error::StartupError;
 use crate::metrics::{destination_label, Direction, Metrics};
-use crate::pool::ConnPool;
-use crate::route_metrics::RouteTable;
 use crate::snapshot::{Own, ServiceTarget, Snapshot};
 
-pub use crate::settings::{Limits, Settings};
+pub use crate::settings::{Limits, Mode, Settings};
 
 /// Reads and validates a standalone config file (`--config`).
 pub fn load_config(path: &Path) -> Result<Vec<Resource>, StartupError> {
@@ -215,23 +216,7 @@ pub async fn run(
         &metrics,
     )));
 
-    let app = Arc::new(ServiceTarget {
-        name: settings.service.clone(),
-        namespace: String::new(),
-        balancer: Balancer::new(vec![Arc::new(Endpoint::new(
-            settings.app_addr,
-            Default::default(),
-            ConnPool::new(settings.app_addr, Arc::clone(&limits)),
-        ))]),
-        unhealthy: Vec::new(),
-        // Inbound routes follow the own service's policies: in the snapshot.
-        metrics: metrics.target(
-            Direction::Inbound,
-            metrics.service().to_owned(),
-            RouteTable::default(),
-        ),
-        policies: Default::default(),
-    });
+    let app = Arc::new(proxy::app_target(settings.app_addr, &limits, &metrics));
     let own_listeners = [&listeners.inbound, &listeners.outbound]
         .iter()
         .filter_map(|l| l.local_addr().ok())
@@ -267,6 +252,7 @@ pub async fn run(
         metrics.clone(),
         Arc::clone(&telemetry),
     );
+    let interceptions = interceptions(&settings, &listeners, &metrics);
     let outbound = proxy::Outbound::new(
         router,
         Arc::clone(&limits),
@@ -319,12 +305,18 @@ pub async fn run(
         metrics: &metrics,
         stop: &stop_rx,
     };
+    let [inbound_interception, outbound_interception] = interceptions;
     let servers = [
-        servers.spawn("inbound", listeners.inbound, inbound),
-        servers.spawn("outbound", listeners.outbound, outbound),
-        servers.spawn("admin", listeners.admin, admin),
+        servers.spawn("inbound", listeners.inbound, inbound, inbound_interception),
+        servers.spawn(
+            "outbound",
+            listeners.outbound,
+            outbound,
+            outbound_interception,
+        ),
+        servers.spawn("admin", listeners.admin, admin, None),
     ];
-    tracing::info!(service = %settings.service, app = %settings.app_addr, "sidecar started");
+    tracing::info!(service = %settings.service, app = %settings.app_addr, mode = ?settings.mode, "sidecar started");
 
     shutdown.await;
     tracing::info!(deadline = ?settings.drain_timeout, "shutting down: draining in-flight requests");
@@ -360,6 +352,36 @@ pub async fn run(
         let _ = tokio::time::timeout(SPAN_FLUSH_TIMEOUT, export).await;
     }
     drained
+}
+
+/// Transparent mode: what the inbound and outbound listeners do with
+/// redirected connections (original destinations, opaque TCP); explicit
+/// mode: nothing.
+fn interceptions(
+    settings: &Settings,
+    listeners: &Listeners,
+    metrics: &Metrics,
+) -> [Option<Arc<transparent::Interception>>; 2] {
+    if settings.mode != Mode::Transparent {
+        return [None, None];
+    }
+    let connect_timeout = settings.limits.connect_timeout;
+    let own_listeners = [&listeners.inbound, &listeners.outbound]
+        .iter()
+        .filter_map(|l| l.local_addr().ok())
+        .collect();
+    [
+        Some(Arc::new(transparent::Interception::inbound(
+            settings.app_addr,
+            connect_timeout,
+            metrics.tcp(Direction::Inbound),
+        ))),
+        Some(Arc::new(transparent::Interception::outbound(
+            own_listeners,
+            connect_timeout,
+            metrics.tcp(Direction::Outbound),
+        ))),
+    ]
 }
 
 /// How long the exit waits for the last spans to be exported.
@@ -513,6 +535,7 @@ impl Servers<'_> {
         name: &'static str,
         listener: TcpListener,
         handler: H,
+        interception: Option<Arc<transparent::Interception>>,
     ) -> tokio::task::JoinHandle<server::Drain> {
         tokio::spawn(server::serve(
             name,
@@ -521,6 +544,7 @@ impl Servers<'_> {
             Arc::clone(self.limits),
             self.metrics.listener(name),
             self.stop.clone(),
+            interception,
         ))
     }
 }

@@ -1,16 +1,26 @@
 //! The `sidecar` binary: parse flags, load config, bind, run until
 //! SIGTERM/SIGINT (SIGHUP reloads a `--config` file), drain, exit. Everything else lives in the library.
+//! `sidecar init-iptables ...` instead installs the transparent-mode nat
+//! rules (`meshlet_sidecar::iptables`) and exits.
 
 use std::io::IsTerminal;
 use std::process::ExitCode;
 
 use clap::Parser;
-use meshlet_sidecar::cli::{Args, LogFormat, Mode};
+use meshlet_sidecar::cli::{Args, LogFormat};
 use meshlet_sidecar::error::StartupError;
+use meshlet_sidecar::iptables::{self, InitArgs};
 use meshlet_sidecar::{run, InitialConfig, Listeners};
 use tracing_subscriber::EnvFilter;
 
 fn main() -> ExitCode {
+    if std::env::args_os()
+        .nth(1)
+        .is_some_and(|a| a == "init-iptables")
+    {
+        // `init-iptables` stands in for the program name of its own parser.
+        return iptables::main(InitArgs::parse_from(std::env::args_os().skip(1)));
+    }
     let args = Args::parse();
     init_logging(args.log_format);
     let runtime = match build_runtime(args.worker_threads) {
@@ -41,11 +51,6 @@ async fn start(args: Args) -> Result<(), StartupError> {
     // reloading everything) does not kill the process: it reloads once
     // the sidecar runs.
     let reloads = reload_signal();
-    if args.mode == Mode::Transparent {
-        return Err(StartupError::Unsupported(
-            "--mode transparent is not available in this release; use --mode explicit".to_owned(),
-        ));
-    }
     let settings = args.settings()?;
     let initial = match &settings.control_plane {
         Some(cp) => InitialConfig::persisted(&cp.snapshot_file),

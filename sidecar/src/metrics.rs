@@ -126,6 +126,20 @@ pub struct Metrics {
     spans_exported: IntCounter,
     spans_dropped: IntCounterVec,
     access_log_dropped: IntCounter,
+    tcp_connections: IntCounterVec,
+    tcp_sent_bytes: IntCounterVec,
+    tcp_received_bytes: IntCounterVec,
+}
+
+/// Handles of one transparent listener's opaque TCP (non-HTTP) splices.
+#[derive(Debug, Clone)]
+pub struct TcpMetrics {
+    /// `tcp_connections_total{direction}`: connections spliced.
+    pub connections: IntCounter,
+    /// `tcp_sent_bytes_total{direction}`: client → destination.
+    pub sent: IntCounter,
+    /// `tcp_received_bytes_total{direction}`: destination → client.
+    pub received: IntCounter,
 }
 
 type RouteKey = (Direction, String, String);
@@ -206,6 +220,21 @@ impl Metrics {
                 "Access log lines dropped because standard output could not keep up",
             )
             .expect("valid metric"),
+            tcp_connections: counter_vec(
+                "tcp_connections_total",
+                "Opaque (non-HTTP) TCP connections spliced through a transparent listener",
+                &["direction"],
+            ),
+            tcp_sent_bytes: counter_vec(
+                "tcp_sent_bytes_total",
+                "Bytes of opaque TCP connections from the client to the destination (counted when the connection closes)",
+                &["direction"],
+            ),
+            tcp_received_bytes: counter_vec(
+                "tcp_received_bytes_total",
+                "Bytes of opaque TCP connections from the destination to the client (counted when the connection closes)",
+                &["direction"],
+            ),
         };
         let collectors: Vec<Box<dyn prometheus::core::Collector>> = vec![
             Box::new(metrics.active_connections.clone()),
@@ -220,6 +249,9 @@ impl Metrics {
             Box::new(metrics.spans_exported.clone()),
             Box::new(metrics.spans_dropped.clone()),
             Box::new(metrics.access_log_dropped.clone()),
+            Box::new(metrics.tcp_connections.clone()),
+            Box::new(metrics.tcp_sent_bytes.clone()),
+            Box::new(metrics.tcp_received_bytes.clone()),
         ];
         for collector in collectors
             .into_iter()
@@ -328,6 +360,16 @@ impl Metrics {
 
     pub fn access_log_dropped(&self) -> IntCounter {
         self.access_log_dropped.clone()
+    }
+
+    /// Opaque TCP handles of a transparent listener.
+    pub fn tcp(&self, direction: Direction) -> TcpMetrics {
+        let labels = [direction.as_str()];
+        TcpMetrics {
+            connections: self.tcp_connections.with_label_values(&labels),
+            sent: self.tcp_sent_bytes.with_label_values(&labels),
+            received: self.tcp_received_bytes.with_label_values(&labels),
+        }
     }
 
     /// Handles for one listener (`inbound`, `outbound` or `admin`).

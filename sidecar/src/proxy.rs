@@ -4,10 +4,11 @@
 //! (Ambiguous framing is refused earlier, below hyper: see `framing`.)
 //!
 //! Inbound: rate limit of the own service (`ratelimit`, 429) → strip
-//! hop-by-hop, add `x-forwarded-*` → forward to the local app → response
-//! back.
+//! hop-by-hop, add `x-forwarded-*` → forward to the local app (transparent
+//! mode: on the port the client was calling) → response back.
 //! Outbound: `CONNECT` tunnels → find the destination
-//! (absolute URI or `Host`; a mesh service or passthrough) → the target's
+//! (absolute URI or `Host`; a mesh service or passthrough; transparent
+//! mode: a `Host` naming a service, else the original destination) → the target's
 //! policies for this method and path (`policy`) → strip hop-by-hop, add
 //! `x-meshlet-source` → forward (concurrency limit, timeout, retries,
 //! split, breakers, balancing: see `forward`) → response.
@@ -23,8 +24,9 @@
 //! record completes with the response body (or at once for a response the
 //! mesh generated).
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use http::header::{self, HeaderValue};
 use http::uri::{PathAndQuery, Uri};
@@ -34,7 +36,7 @@ use hyper::upgrade::OnUpgrade;
 use prometheus::IntCounter;
 use tokio::net::TcpStream;
 
-use crate::balance::Tried;
+use crate::balance::{Balancer, Endpoint, Tried};
 use crate::body::ProxyBody;
 use crate::error::ProxyError;
 use crate::forward::forward;
@@ -42,12 +44,41 @@ use crate::headers::{add_forwarded, strip_hop_by_hop, wants_upgrade, SOURCE_HEAD
 use crate::metrics::{Direction, Metrics};
 use crate::observe::{RequestRecord, Telemetry};
 use crate::policy::RoutePolicies;
+use crate::pool::ConnPool;
 use crate::route::{Authority, Router};
-use crate::route_metrics::RouteMetrics;
+use crate::route_metrics::{RouteMetrics, RouteTable};
 use crate::server::{Handler, Peer};
 use crate::settings::Limits;
 use crate::snapshot::{ServiceTarget, SharedSnapshot};
+use crate::transparent::app_address;
 use crate::tunnel;
+
+/// The local app at `addr` as a forwarding target (one endpoint, its
+/// pool); counted as inbound traffic of the own service.
+pub fn app_target(addr: SocketAddr, limits: &Arc<Limits>, metrics: &Metrics) -> ServiceTarget {
+    ServiceTarget {
+        name: metrics.service().to_owned(),
+        namespace: String::new(),
+        balancer: Balancer::new(vec![Arc::new(Endpoint::new(
+            addr,
+            Default::default(),
+            ConnPool::new(addr, Arc::clone(limits)),
+        ))]),
+        unhealthy: Vec::new(),
+        // Inbound routes follow the own service's policies: in the snapshot.
+        metrics: metrics.target(
+            Direction::Inbound,
+            metrics.service().to_owned(),
+            RouteTable::default(),
+        ),
+        policies: Default::default(),
+    }
+}
+
+/// Transparent mode: the app on ports other than `--app-port` (a client
+/// called another port of the pod), one target per port, made on first
+/// use.
+type OtherPorts = Arc<Mutex<HashMap<u16, Arc<ServiceTarget>>>>;
 
 /// Traffic from other services to the local app.
 #[derive(Clone)]
@@ -60,6 +91,7 @@ pub struct Inbound {
     telemetry: Arc<Telemetry>,
     /// Where requests are counted until their route is known.
     unrouted: Arc<RouteMetrics>,
+    other_ports: OtherPorts,
 }
 
 impl Inbound {
@@ -77,7 +109,27 @@ impl Inbound {
             unrouted: metrics.unrouted(Direction::Inbound),
             metrics,
             telemetry,
+            other_ports: OtherPorts::default(),
         }
+    }
+
+    /// The app target for a connection that was going to `original`.
+    fn app_for(&self, original: Option<SocketAddr>) -> Arc<ServiceTarget> {
+        let Some(configured) = self.app.balancer.endpoints().first().map(|e| e.addr) else {
+            return Arc::clone(&self.app);
+        };
+        let addr = app_address(configured, original);
+        if addr == configured {
+            return Arc::clone(&self.app);
+        }
+        let mut ports = self
+            .other_ports
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let target = ports
+            .entry(addr.port())
+            .or_insert_with(|| Arc::new(app_target(addr, &self.limits, &self.metrics)));
+        Arc::clone(target)
     }
 
     async fn proxy(
@@ -94,20 +146,14 @@ impl Inbound {
         }
         self.admit(&request, record)?;
         let version = request.version();
-        let app_addr = self.app.balancer.endpoints().first().map(|e| e.addr);
+        let app = self.app_for(peer.original_dst);
+        let app_addr = app.balancer.endpoints().first().map(|e| e.addr);
         let (mut request, downstream_upgrade) =
             prepare(request, app_addr, &self.limits, record.request_bytes());
         add_forwarded(request.headers_mut(), &peer.ip_header, "http");
         record.inject_trace(request.headers_mut());
         let no_policies = RoutePolicies::default();
-        let response = forward(
-            &self.app,
-            request,
-            no_policies,
-            &self.limits,
-            record.trail(),
-        )
-        .await?;
+        let response = forward(&app, request, no_policies, &self.limits, record.trail()).await?;
         Ok(finish(response, version, downstream_upgrade))
     }
 
@@ -178,10 +224,18 @@ impl Outbound {
     async fn proxy(
         &self,
         request: Request<Incoming>,
+        peer: &Peer,
         record: &mut RequestRecord,
     ) -> Result<Response<ProxyBody>, ProxyError> {
-        let authority = Authority::of(&request).ok_or(ProxyError::MissingHost)?;
-        let target = self.router.resolve(&authority).await?;
+        let target = match peer.original_dst {
+            Some(original) => self
+                .router
+                .resolve_intercepted(Authority::of(&request), original)?,
+            None => {
+                let authority = Authority::of(&request).ok_or(ProxyError::MissingHost)?;
+                self.router.resolve(&authority).await?
+            }
+        };
         record.set_route(target.metrics.routes.select(request.uri().path()));
         if request.method() == Method::CONNECT {
             return self.tunnel(request, &target).await;
@@ -253,7 +307,7 @@ impl Handler for Outbound {
             &self.unrouted,
             &self.telemetry,
         );
-        let result = self.proxy(request, &mut record).await;
+        let result = self.proxy(request, peer, &mut record).await;
         answer(record, result, Direction::Outbound, &self.metrics)
     }
 }

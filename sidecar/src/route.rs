@@ -10,6 +10,11 @@
 //! one of this sidecar's own listeners is refused (502 `loop_detected`)
 //! rather than proxied forever. Every passthrough destination is counted
 //! under the one `destination="passthrough"` label, never its address.
+//!
+//! Transparent mode ([`Router::resolve_intercepted`]) also knows where the
+//! connection was going (`SO_ORIGINAL_DST`): a `Host` naming a service
+//! still wins, then the service whose endpoint is at that address, else
+//! passthrough to the address.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -122,6 +127,28 @@ impl Router {
         Ok(self.passthrough_target(addr))
     }
 
+    /// Transparent mode: the destination of a request whose connection was
+    /// going to `original`. A `Host` (or absolute URI) naming a service
+    /// wins (the app asked for it by name); else a service one of whose
+    /// endpoints is at `original` (`Snapshot::service_at`); else the
+    /// original address itself, passed through (never a DNS lookup of the
+    /// `Host`: the app already resolved it).
+    pub fn resolve_intercepted(
+        &self,
+        authority: Option<Authority<'_>>,
+        original: SocketAddr,
+    ) -> Result<Arc<ServiceTarget>, ProxyError> {
+        let snapshot = self.snapshot.load();
+        let by_name = authority.and_then(|a| snapshot.service(a.host));
+        if let Some(target) = by_name.or_else(|| snapshot.service_at(original)) {
+            return Ok(Arc::clone(target));
+        }
+        if self.is_own_listener(original) {
+            return Err(ProxyError::Loop { addr: original });
+        }
+        Ok(self.passthrough_target(original))
+    }
+
     /// Closes idle connections of passthrough destinations and forgets the
     /// destinations left with none.
     pub fn sweep_passthrough(&self) {
@@ -138,10 +165,7 @@ impl Router {
     }
 
     fn is_own_listener(&self, addr: SocketAddr) -> bool {
-        self.own_listeners.iter().any(|own| {
-            own.port() == addr.port()
-                && (own.ip() == addr.ip() || own.ip().is_unspecified() || addr.ip().is_loopback())
-        })
+        loops_back(&self.own_listeners, addr)
     }
 
     /// One pool per passthrough address, so keep-alive works there too.
@@ -180,6 +204,14 @@ impl Router {
         map.insert(addr, Arc::clone(&target));
         target
     }
+}
+
+/// Whether a connection to `addr` would reach one of `own_listeners`.
+pub fn loops_back(own_listeners: &[SocketAddr], addr: SocketAddr) -> bool {
+    own_listeners.iter().any(|own| {
+        own.port() == addr.port()
+            && (own.ip() == addr.ip() || own.ip().is_unspecified() || addr.ip().is_loopback())
+    })
 }
 
 /// Passthrough host names resolved recently. Without it every request to a
@@ -260,5 +292,64 @@ mod tests {
         assert_eq!(authority("/x", Some("[::1]")), a("::1", 80));
         assert_eq!(authority("/x", Some("orders:nope")), None);
         assert_eq!(authority("/x", None), None);
+    }
+}
+
+#[cfg(test)]
+mod intercepted_tests {
+    use super::*;
+    use crate::snapshot::{Own, Snapshot};
+    use arc_swap::ArcSwap;
+    use meshlet_api::mesh::MeshState;
+
+    fn router() -> Router {
+        let yaml = "\
+apiVersion: meshlet.dev/v1alpha1
+kind: Service
+metadata: {name: orders}
+spec: {endpoints: [{address: '10.0.0.2:15006'}]}
+";
+        let state =
+            MeshState::from_resources(&meshlet_api::parse_documents("t.yaml", yaml).unwrap());
+        let (limits, metrics) = (Arc::new(Limits::default()), Metrics::new("frontend"));
+        let own = Own {
+            namespace: "default",
+            service: "frontend",
+        };
+        let snapshot = Snapshot::build(&state, "t".into(), None, own, &limits, &metrics);
+        let own_listeners = vec![
+            "127.0.0.1:15001".parse().unwrap(),
+            "0.0.0.0:15006".parse().unwrap(),
+        ];
+        Router::new(
+            Arc::new(ArcSwap::from_pointee(snapshot)),
+            own_listeners,
+            limits,
+            metrics,
+        )
+    }
+
+    fn resolve(router: &Router, host: Option<&str>, original: &str) -> Result<String, String> {
+        let authority = host.map(|host| Authority { host, port: 80 });
+        router
+            .resolve_intercepted(authority, original.parse().unwrap())
+            .map(|t| t.name.clone())
+            .map_err(|e| e.reason().to_owned())
+    }
+
+    #[test]
+    fn host_then_endpoint_address_then_passthrough_never_a_loop() {
+        let router = router();
+        let to = |host, original| resolve(&router, host, original);
+        assert_eq!(to(Some("orders"), "10.9.9.9:80"), Ok("orders".into()));
+        assert_eq!(to(None, "10.0.0.2:8080"), Ok("orders".into()), "the pod IP");
+        assert_eq!(to(Some("10.0.0.2"), "10.0.0.2:8080"), Ok("orders".into()));
+        assert_eq!(
+            to(Some("example.com"), "10.0.0.7:9000"),
+            Ok("10.0.0.7:9000".into()),
+            "passthrough to the original address, not the Host's"
+        );
+        assert_eq!(to(None, "127.0.0.1:15001"), Err("loop_detected".into()));
+        assert_eq!(to(None, "10.0.0.5:15006"), Err("loop_detected".into()));
     }
 }

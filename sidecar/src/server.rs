@@ -2,10 +2,12 @@
 //! socket, with the protective limits applied, tracked for graceful
 //! shutdown.
 //!
-//! Per connection: peek to tell HTTP/1.1 from h2c prior knowledge (bounded
-//! by the header read timeout) → HTTP/1.1 goes through the
+//! Per connection: on a transparent listener, the original destination
+//! (`original_dst`) → peek to tell HTTP/1.1 from h2c prior knowledge (and,
+//! transparent, from opaque TCP: `sniff`) → HTTP/1.1 goes through the
 //! [`FramingGuard`] (request-smuggling check) into hyper's http1 server with
-//! upgrades; h2c goes to hyper's http2 server.
+//! upgrades; h2c goes to hyper's http2 server; opaque TCP is spliced to
+//! its destination (`transparent`).
 //!
 //! [`serve`] takes an already bound listener (tests bind port 0) and a
 //! shutdown signal. When the signal fires it stops accepting and closes the
@@ -32,7 +34,10 @@ use crate::body::ProxyBody;
 use crate::error::ProxyError;
 use crate::framing::{FramingGuard, GuardConfig, InFlightRequests, RefusalAnswer};
 use crate::metrics::ListenerMetrics;
+use crate::original_dst::original_destination;
 use crate::settings::Limits;
+use crate::sniff::{self, Listener, Protocol};
+use crate::transparent::Interception;
 
 /// What a listener does with each request.
 pub trait Handler: Clone + Send + Sync + 'static {
@@ -47,6 +52,9 @@ pub trait Handler: Clone + Send + Sync + 'static {
 #[derive(Debug, Clone)]
 pub struct Peer {
     pub addr: SocketAddr,
+    /// Transparent mode: where the client was connecting to before
+    /// iptables redirected it here (`None`: not redirected).
+    pub original_dst: Option<SocketAddr>,
     /// The client's IP as a header value, for `x-forwarded-for` (formatting
     /// it per request would cost an allocation each time).
     pub ip_header: HeaderValue,
@@ -56,7 +64,11 @@ impl Peer {
     pub fn new(addr: SocketAddr) -> Self {
         let ip_header = HeaderValue::try_from(addr.ip().to_string())
             .expect("an IP address is a valid header value");
-        Peer { addr, ip_header }
+        Peer {
+            addr,
+            original_dst: None,
+            ip_header,
+        }
     }
 }
 
@@ -68,8 +80,9 @@ pub async fn serve<H: Handler>(
     limits: Arc<Limits>,
     metrics: ListenerMetrics,
     mut shutdown: watch::Receiver<bool>,
+    interception: Option<Arc<Interception>>,
 ) -> Drain {
-    let shared = Arc::new(Shared::new(name, handler, limits, metrics));
+    let shared = Arc::new(Shared::new(name, handler, limits, metrics, interception));
     // Every connection task holds a sender; when the last one is gone the
     // drain is complete (the receiver sees the channel close).
     let (open_tx, open_rx) = mpsc::channel::<()>(1);
@@ -106,10 +119,18 @@ struct Shared<H> {
     metrics: ListenerMetrics,
     protocols: Protocols,
     guard: Arc<GuardConfig>,
+    /// Transparent listeners: original destinations and opaque TCP.
+    interception: Option<Arc<Interception>>,
 }
 
 impl<H: Handler> Shared<H> {
-    fn new(name: &'static str, handler: H, limits: Arc<Limits>, metrics: ListenerMetrics) -> Self {
+    fn new(
+        name: &'static str,
+        handler: H,
+        limits: Arc<Limits>,
+        metrics: ListenerMetrics,
+        interception: Option<Arc<Interception>>,
+    ) -> Self {
         let guard = Arc::new(GuardConfig {
             max_head: limits.max_header_bytes,
             head_timeout: limits.header_read_timeout,
@@ -136,6 +157,7 @@ impl<H: Handler> Shared<H> {
             limits,
             metrics,
             guard,
+            interception,
         }
     }
 
@@ -149,7 +171,16 @@ impl<H: Handler> Shared<H> {
         let _ = stream.set_nodelay(true);
         self.metrics.connections.inc();
         let handler = self.handler.clone();
-        let client = Peer::new(peer);
+        let original_dst = self.interception.as_ref().and_then(|_| {
+            original_destination(&stream).unwrap_or_else(|error| {
+                tracing::debug!(listener = self.name, %peer, %error, "no original destination; taken as not redirected");
+                None
+            })
+        });
+        let client = Peer {
+            original_dst,
+            ..Peer::new(peer)
+        };
         let in_flight = Arc::new(InFlightRequests::default());
         let requests = Arc::clone(&in_flight);
         let service = service_fn(move |request| {
@@ -160,8 +191,12 @@ impl<H: Handler> Shared<H> {
                 Ok::<_, Infallible>(response.map(|body| body.with_request_guard(answered)))
             }
         });
+        let listener = match self.interception {
+            Some(_) => Listener::Transparent,
+            None => Listener::Explicit,
+        };
         let detected = tokio::select! {
-            detected = detect_protocol(&stream, self.limits.header_read_timeout) => detected,
+            detected = sniff::detect(&stream, listener, self.limits.header_read_timeout) => detected,
             _ = wait_for_stop(stop.clone()) => Err(std::io::ErrorKind::Interrupted.into()),
         };
         let served = match detected {
@@ -184,6 +219,12 @@ impl<H: Handler> Shared<H> {
                     .http2
                     .serve_connection(TokioIo::new(stream), service);
                 drive(connection, stop, |c| c.graceful_shutdown()).await
+            }
+            Ok(Protocol::Opaque) => {
+                if let Some(interception) = &self.interception {
+                    interception.splice(stream, peer, original_dst).await;
+                }
+                Ok(())
             }
             Err(err) => {
                 tracing::debug!(listener = self.name, %peer, error = %err, "connection closed before a request");
@@ -229,47 +270,6 @@ where
         _ = wait_for_stop(stop) => graceful(connection.as_mut()),
     }
     connection.await
-}
-
-/// The HTTP/2 connection preface (RFC 9113 §3.4).
-const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Protocol {
-    Http1,
-    Http2,
-}
-
-/// Tells HTTP/1 from h2c prior knowledge by peeking at the first bytes,
-/// within `patience` (a client that connects and sends nothing, or a few
-/// bytes, is cut off like any slow head). HTTP/1 is known from the first
-/// byte that differs from the HTTP/2 preface.
-async fn detect_protocol(stream: &TcpStream, patience: Duration) -> std::io::Result<Protocol> {
-    let peek = async {
-        let mut buf = [0u8; H2_PREFACE.len()];
-        let mut seen = 0;
-        loop {
-            let n = stream.peek(&mut buf).await?;
-            if n == 0 {
-                return Err(std::io::ErrorKind::UnexpectedEof.into());
-            }
-            if buf[..n] != H2_PREFACE[..n] {
-                return Ok(Protocol::Http1);
-            }
-            if n == H2_PREFACE.len() {
-                return Ok(Protocol::Http2);
-            }
-            if n == seen {
-                // Part of the preface and nothing new yet: peek would
-                // return at once, so wait a little before looking again.
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
-            seen = n;
-        }
-    };
-    tokio::time::timeout(patience, peek)
-        .await
-        .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into()))
 }
 
 /// The connection builders for both protocols, configured once.

@@ -10,9 +10,24 @@ use serde::Serialize;
 
 use crate::trace::export::ExportEndpoint;
 
+/// How traffic reaches the sidecar.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// The app sends its outgoing calls to the outbound listener itself
+    /// (HTTP_PROXY, or a plain request whose Host names a service).
+    #[default]
+    Explicit,
+    /// iptables (`sidecar init-iptables`) redirects all TCP in and out
+    /// through the listeners, which read the original destination.
+    Transparent,
+}
+
 /// Everything the sidecar needs to know about itself.
 #[derive(Debug, Clone, Serialize)]
 pub struct Settings {
+    /// Explicit or transparent.
+    pub mode: Mode,
     /// The service this sidecar stands next to.
     pub service: String,
     pub namespace: String,

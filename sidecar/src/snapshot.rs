@@ -19,7 +19,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 
 use arc_swap::ArcSwap;
 use meshlet_api::mesh::MeshState;
@@ -58,6 +58,11 @@ pub struct Snapshot {
     pub source: String,
     /// Keyed by `name` (services in namespace `default`) and `name.namespace`.
     services: HashMap<String, Arc<ServiceTarget>>,
+    /// Transparent mode: services by endpoint address (healthy or not).
+    by_address: HashMap<SocketAddr, Arc<ServiceTarget>>,
+    /// ... and by endpoint IP (a pod IP): `None` when several services
+    /// share the IP. Loopback and unspecified IPs are left out.
+    by_ip: HashMap<IpAddr, Option<Arc<ServiceTarget>>>,
     /// Policies and other resources of the state, for lookups such as
     /// [`Snapshot::health_check`].
     resources: Vec<Resource>,
@@ -119,6 +124,8 @@ impl Snapshot {
             .map(|ep| (ep.addr, Arc::clone(ep)))
             .collect();
         let mut services = HashMap::new();
+        let mut by_address = HashMap::new();
+        let mut by_ip: HashMap<IpAddr, Option<Arc<ServiceTarget>>> = HashMap::new();
         for entry in &state.services {
             let endpoints = entry
                 .endpoints
@@ -166,6 +173,21 @@ impl Snapshot {
                 metrics: metrics.target(Direction::Outbound, destination, routes),
                 policies,
             });
+            for spec in &entry.endpoints {
+                by_address.insert(spec.address, Arc::clone(&target));
+                let ip = spec.address.ip();
+                if ip.is_loopback() || ip.is_unspecified() {
+                    continue;
+                }
+                by_ip
+                    .entry(ip)
+                    .and_modify(|known| {
+                        if known.as_ref().is_some_and(|t| !Arc::ptr_eq(t, &target)) {
+                            *known = None;
+                        }
+                    })
+                    .or_insert_with(|| Some(Arc::clone(&target)));
+            }
             if target.namespace == "default" {
                 services.insert(target.name.clone(), Arc::clone(&target));
             }
@@ -200,6 +222,8 @@ impl Snapshot {
             revision: state.revision,
             source,
             services,
+            by_address,
+            by_ip,
             sampling_ratio: sampling_ratio(&state.resources, own),
             resources: state.resources.clone(),
             inbound,
@@ -231,6 +255,16 @@ impl Snapshot {
             return self.services.get(&host.to_ascii_lowercase());
         }
         self.services.get(host)
+    }
+
+    /// Transparent mode: the service a connection to `addr` was meant for:
+    /// the one with an endpoint at exactly `addr`, else the only one with
+    /// an endpoint on its IP (a pod IP; the app called the pod's app port,
+    /// the registry lists its sidecar's inbound port).
+    pub fn service_at(&self, addr: SocketAddr) -> Option<&Arc<ServiceTarget>> {
+        self.by_address
+            .get(&addr)
+            .or_else(|| self.by_ip.get(&addr.ip())?.as_ref())
     }
 
     /// Every endpoint of every service (for housekeeping such as the idle
@@ -361,6 +395,60 @@ spec: {endpoints: [{address: '127.0.0.1:9003'}]}
         assert!(snap.service("stock.shop").is_some());
         assert!(snap.service("stock.shop.svc").is_some());
         assert!(snap.service("orders.example.com").is_none());
+    }
+
+    #[test]
+    fn finds_the_service_of_an_original_destination() {
+        let pods = "\
+apiVersion: meshlet.dev/v1alpha1
+kind: Service
+metadata: {name: orders}
+spec: {endpoints: [{address: '10.0.0.2:15006'}, {address: '10.0.0.3:15006'}]}
+---
+apiVersion: meshlet.dev/v1alpha1
+kind: Service
+metadata: {name: a}
+spec: {endpoints: [{address: '10.0.0.9:15006'}]}
+---
+apiVersion: meshlet.dev/v1alpha1
+kind: Service
+metadata: {name: b}
+spec: {endpoints: [{address: '10.0.0.9:16006'}]}
+";
+        let limits = Arc::new(Limits::default());
+        let metrics = Metrics::new("frontend");
+        let snap = Snapshot::build(&state(pods), "t".into(), None, OWN, &limits, &metrics);
+        let name = |addr: &str| {
+            snap.service_at(addr.parse().unwrap())
+                .map(|t| t.name.clone())
+        };
+        assert_eq!(name("10.0.0.3:15006").as_deref(), Some("orders"));
+        assert_eq!(
+            name("10.0.0.2:8080").as_deref(),
+            Some("orders"),
+            "the pod IP, any port"
+        );
+        assert_eq!(
+            name("10.0.0.9:16006").as_deref(),
+            Some("b"),
+            "exact address first"
+        );
+        assert_eq!(
+            name("10.0.0.9:8080"),
+            None,
+            "two services on one IP: ambiguous"
+        );
+        assert_eq!(name("10.0.0.4:8080"), None);
+        let local = Snapshot::build(&state(MESH), "t".into(), None, OWN, &limits, &metrics);
+        assert!(local
+            .service_at("127.0.0.1:9001".parse().unwrap())
+            .is_some());
+        assert!(
+            local
+                .service_at("127.0.0.1:8080".parse().unwrap())
+                .is_none(),
+            "loopback is never matched by IP alone"
+        );
     }
 
     #[test]

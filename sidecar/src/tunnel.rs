@@ -1,6 +1,7 @@
 //! Byte tunnels for connections that stop being HTTP: a `101 Switching
 //! Protocols` upgrade (WebSocket) and an HTTP `CONNECT`. Each tunnel is a
-//! spawned task copying both ways until either side closes.
+//! spawned task copying both ways until either side closes. Transparent
+//! mode's opaque TCP (`transparent`) copies with [`copy_both_ways`] too.
 
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
@@ -11,7 +12,9 @@ use tokio::net::TcpStream;
 pub fn splice_upgrade(downstream: OnUpgrade, upstream: OnUpgrade) {
     tokio::spawn(async move {
         match tokio::try_join!(downstream, upstream) {
-            Ok((down, up)) => copy_both_ways(TokioIo::new(down), TokioIo::new(up)).await,
+            Ok((down, up)) => {
+                copy_both_ways(TokioIo::new(down), TokioIo::new(up)).await;
+            }
             Err(err) => tracing::debug!(error = %err, "upgrade did not complete"),
         }
     });
@@ -21,19 +24,29 @@ pub fn splice_upgrade(downstream: OnUpgrade, upstream: OnUpgrade) {
 pub fn splice_connect(downstream: OnUpgrade, upstream: TcpStream) {
     tokio::spawn(async move {
         match downstream.await {
-            Ok(down) => copy_both_ways(TokioIo::new(down), upstream).await,
+            Ok(down) => {
+                copy_both_ways(TokioIo::new(down), upstream).await;
+            }
             Err(err) => tracing::debug!(error = %err, "CONNECT upgrade did not complete"),
         }
     });
 }
 
-async fn copy_both_ways<A, B>(mut a: A, mut b: B)
+/// Copies until either side closes; the bytes `a` → `b` and `b` → `a`
+/// (both 0 when the copy ended with an error).
+pub async fn copy_both_ways<A, B>(mut a: A, mut b: B) -> (u64, u64)
 where
     A: AsyncRead + AsyncWrite + Unpin,
     B: AsyncRead + AsyncWrite + Unpin,
 {
     match tokio::io::copy_bidirectional(&mut a, &mut b).await {
-        Ok((sent, received)) => tracing::debug!(sent, received, "tunnel closed"),
-        Err(err) => tracing::debug!(error = %err, "tunnel closed with an error"),
+        Ok((sent, received)) => {
+            tracing::debug!(sent, received, "tunnel closed");
+            (sent, received)
+        }
+        Err(err) => {
+            tracing::debug!(error = %err, "tunnel closed with an error");
+            (0, 0)
+        }
     }
 }

@@ -227,7 +227,11 @@ async fn instances_register_expire_after_kill_and_follow_their_health() {
         },
     )
     .await;
-    assert_eq!(registered(&cp, "frontend").await.len(), 1);
+    // frontend started last: its registration may still be on its way.
+    wait::until("frontend registered", Duration::from_secs(10), || async {
+        (registered(&cp, "frontend").await.len() == 1).then_some(())
+    })
+    .await;
     let out = meshctl(Some(&cp.url()), &["get", "endpoints", "orders"]).await;
     assert!(out.success(), "{out:?}");
     for address in &all_orders {

@@ -26,6 +26,7 @@ pub mod collector;
 pub mod config;
 pub mod demo;
 pub mod metrics;
+pub mod netns;
 pub mod process;
 pub mod upstream;
 pub mod wait;

@@ -1,0 +1,162 @@
+//! Transparent mode at the connection level: what a listener does with a
+//! connection that iptables redirected to it (`sidecar init-iptables`).
+//!
+//! ```text
+//! accept ─► original_dst (where it was going) ─► sniff
+//!     HTTP/1.x, h2 ─► the listener's Handler; the original destination
+//!                     rides on the connection's Peer (route, proxy)
+//!     anything else ─► Interception::splice: TCP to the destination,
+//!                     bytes copied both ways (tunnel), counted (tcp_*)
+//! ```
+//!
+//! Destinations: outbound, the original one (a mesh endpoint's pod IP is
+//! intercepted again there by its own sidecar's inbound rules; a
+//! connection made to the outbound listener itself has none and is
+//! closed; one that would come back to this sidecar is refused); inbound,
+//! the app on the original port ([`app_address`]).
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use tokio::net::TcpStream;
+
+use crate::metrics::{Direction, TcpMetrics};
+use crate::route::loops_back;
+use crate::tunnel::copy_both_ways;
+
+/// The app's address for a connection that was going to `original`: the
+/// app's host on the original port; the configured app address when the
+/// connection was not redirected (another sidecar called the inbound
+/// listener directly).
+pub fn app_address(app: SocketAddr, original: Option<SocketAddr>) -> SocketAddr {
+    original.map_or(app, |original| SocketAddr::new(app.ip(), original.port()))
+}
+
+/// One transparent listener's handling of intercepted connections.
+#[derive(Debug)]
+pub struct Interception {
+    direction: Direction,
+    /// Inbound: the app (its host is where every connection goes).
+    app: Option<SocketAddr>,
+    /// This sidecar's listeners, never a destination.
+    own_listeners: Vec<SocketAddr>,
+    connect_timeout: Duration,
+    metrics: TcpMetrics,
+}
+
+impl Interception {
+    /// The inbound listener's: connections go to the app at `app`'s host.
+    pub fn inbound(app: SocketAddr, connect_timeout: Duration, metrics: TcpMetrics) -> Self {
+        Interception {
+            direction: Direction::Inbound,
+            app: Some(app),
+            own_listeners: Vec::new(),
+            connect_timeout,
+            metrics,
+        }
+    }
+
+    /// The outbound listener's: connections go where they were going.
+    pub fn outbound(
+        own_listeners: Vec<SocketAddr>,
+        connect_timeout: Duration,
+        metrics: TcpMetrics,
+    ) -> Self {
+        Interception {
+            direction: Direction::Outbound,
+            app: None,
+            own_listeners,
+            connect_timeout,
+            metrics,
+        }
+    }
+
+    /// Where an opaque connection that was going to `original` goes.
+    pub fn opaque_destination(&self, original: Option<SocketAddr>) -> Option<SocketAddr> {
+        match self.app {
+            Some(app) => Some(app_address(app, original)),
+            None => original.filter(|dst| !loops_back(&self.own_listeners, *dst)),
+        }
+    }
+
+    /// Splices an opaque connection to its destination until either side
+    /// closes (a destination that cannot be reached closes the client's
+    /// connection: a TCP client sees what it would without the mesh).
+    pub async fn splice(&self, client: TcpStream, peer: SocketAddr, original: Option<SocketAddr>) {
+        let direction = self.direction.as_str();
+        let Some(destination) = self.opaque_destination(original) else {
+            tracing::debug!(direction, %peer, "opaque connection with no destination; closed");
+            return;
+        };
+        let upstream = match tokio::time::timeout(
+            self.connect_timeout,
+            TcpStream::connect(destination),
+        )
+        .await
+        {
+            Ok(Ok(upstream)) => upstream,
+            Ok(Err(error)) => {
+                tracing::debug!(direction, %peer, %destination, %error, "opaque connection: cannot connect");
+                return;
+            }
+            Err(_) => {
+                tracing::debug!(direction, %peer, %destination, "opaque connection: connect timed out");
+                return;
+            }
+        };
+        let _ = upstream.set_nodelay(true);
+        self.metrics.connections.inc();
+        tracing::debug!(direction, %peer, %destination, "opaque TCP spliced");
+        let (sent, received) = copy_both_ways(client, upstream).await;
+        self.metrics.sent.inc_by(sent);
+        self.metrics.received.inc_by(received);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::metrics::Metrics;
+
+    fn addr(text: &str) -> SocketAddr {
+        text.parse().unwrap()
+    }
+
+    #[test]
+    fn inbound_goes_to_the_app_host_on_the_original_port() {
+        let app = addr("127.0.0.1:8080");
+        assert_eq!(app_address(app, None), app);
+        assert_eq!(
+            app_address(app, Some(addr("10.0.0.2:9090"))),
+            addr("127.0.0.1:9090")
+        );
+        let inbound = Interception::inbound(
+            app,
+            Duration::from_secs(1),
+            Metrics::new("orders").tcp(Direction::Inbound),
+        );
+        assert_eq!(inbound.opaque_destination(None), Some(app));
+    }
+
+    #[test]
+    fn outbound_goes_to_the_original_destination_never_back_here() {
+        let outbound = Interception::outbound(
+            vec![addr("127.0.0.1:15001"), addr("0.0.0.0:15006")],
+            Duration::from_secs(1),
+            Metrics::new("orders").tcp(Direction::Outbound),
+        );
+        assert_eq!(outbound.opaque_destination(None), None);
+        assert_eq!(
+            outbound.opaque_destination(Some(addr("10.0.0.2:5432"))),
+            Some(addr("10.0.0.2:5432"))
+        );
+        assert_eq!(
+            outbound.opaque_destination(Some(addr("10.0.0.9:15006"))),
+            None
+        );
+        assert_eq!(
+            outbound.opaque_destination(Some(addr("127.0.0.1:15001"))),
+            None
+        );
+    }
+}
