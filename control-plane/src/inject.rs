@@ -488,8 +488,9 @@ fn proxy_container(options: &InjectOptions, app: &App) -> Value {
         ""
     };
     let labels: Vec<String> = app.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
-    // /ready waits for the app's health, and a native sidecar's startup
-    // probe gates the app's start: so startup is judged on /live.
+    // A native sidecar's startup probe gates the app's start, so it asks
+    // /started (listening and configured), not /ready (which also waits
+    // for the app's health).
     parse_template(&format!(
         r#"name: {PROXY_CONTAINER}
 image: {image}
@@ -514,7 +515,7 @@ env:
 ports:
   - {{name: meshlet-admin, containerPort: {ADMIN_PORT}, protocol: TCP}}
 startupProbe:
-  httpGet: {{path: /live, port: {ADMIN_PORT}}}
+  httpGet: {{path: /started, port: {ADMIN_PORT}}}
   periodSeconds: 1
   failureThreshold: 60
 readinessProbe:

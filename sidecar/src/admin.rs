@@ -1,5 +1,10 @@
-//! The admin listener (127.0.0.1:15020 by default): `/live`, `/ready`,
-//! `/config_dump`, `/metrics`.
+//! The admin listener (127.0.0.1:15020 by default): `/live`, `/started`,
+//! `/ready`, `/config_dump`, `/metrics`.
+//!
+//! `/started` answers 200 once the sidecar can route: its listeners are up
+//! and, with a control plane, it holds a configuration. It ignores the
+//! app, which has not started yet when a Kubernetes native sidecar's
+//! startup probe asks (the app container starts only after it passes).
 //!
 //! `/ready` follows the local app's health as the prober sees it
 //! ([`crate::health`]) and, with a control plane, also needs a
@@ -52,6 +57,22 @@ impl Admin {
         }
     }
 
+    /// Standalone, or a configuration from the control plane (pushed or
+    /// persisted) is loaded.
+    fn configured(&self) -> bool {
+        self.control
+            .as_ref()
+            .is_none_or(|control| control.status.has_state.load(Ordering::Relaxed))
+    }
+
+    /// `Ok` once the sidecar can route, else why not.
+    fn started(&self) -> Result<(), String> {
+        if !self.configured() {
+            return Err("not started: no configuration from the control plane yet\n".to_owned());
+        }
+        Ok(())
+    }
+
     /// `Ok` when ready, else why not.
     fn readiness(&self) -> Result<(), String> {
         let health = self.health.borrow();
@@ -61,10 +82,8 @@ impl Admin {
                 health.path, self.settings.app_addr, health.last_result
             ));
         }
-        if let Some(control) = &self.control {
-            if !control.status.has_state.load(Ordering::Relaxed) {
-                return Err("not ready: no configuration from the control plane yet\n".to_owned());
-            }
+        if !self.configured() {
+            return Err("not ready: no configuration from the control plane yet\n".to_owned());
         }
         Ok(())
     }
@@ -88,14 +107,8 @@ impl Handler for Admin {
     async fn handle(&self, request: Request<Incoming>, _peer: &Peer) -> Response<ProxyBody> {
         match request.uri().path() {
             "/live" => text(StatusCode::OK, "live\n"),
-            "/ready" => match self.readiness() {
-                Ok(()) => text(StatusCode::OK, "ready\n"),
-                Err(why) => {
-                    let mut response = text(StatusCode::SERVICE_UNAVAILABLE, "");
-                    *response.body_mut() = ProxyBody::full(why);
-                    response
-                }
-            },
+            "/started" => check(self.started(), "started\n"),
+            "/ready" => check(self.readiness(), "ready\n"),
             "/config_dump" => {
                 let body = serde_json::to_vec_pretty(&self.config_dump()).unwrap_or_default();
                 with_type(Response::new(ProxyBody::full(body)), "application/json")
@@ -108,7 +121,7 @@ impl Handler for Admin {
             ),
             _ => text(
                 StatusCode::NOT_FOUND,
-                "not found; try /live, /ready, /config_dump, /metrics\n",
+                "not found; try /live, /started, /ready, /config_dump, /metrics\n",
             ),
         }
     }
@@ -128,4 +141,16 @@ fn with_type(mut response: Response<ProxyBody>, content_type: &'static str) -> R
         .headers_mut()
         .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
     response
+}
+
+/// 200 with `ok`, or 503 saying why not.
+fn check(result: Result<(), String>, ok: &'static str) -> Response<ProxyBody> {
+    match result {
+        Ok(()) => text(StatusCode::OK, ok),
+        Err(why) => {
+            let mut response = text(StatusCode::SERVICE_UNAVAILABLE, "");
+            *response.body_mut() = ProxyBody::full(why);
+            response
+        }
+    }
 }

@@ -180,6 +180,11 @@ async fn ready_is_503_until_the_app_is_healthy_then_200() {
     assert!(ready.text().contains("not healthy"), "{}", ready.text());
     assert!(ready.text().contains("GET /health"), "{}", ready.text());
 
+    // /started ignores the app (a native sidecar's startup probe: the app
+    // is started only once it passes); standalone, the sidecar can route.
+    let started = client::get(admin, "/started").await.unwrap();
+    assert_eq!(started.status, 200, "{}", started.text());
+
     let app = Upstream::start_on("app", app_addr).await;
     wait::until("/ready turns 200", Duration::from_secs(5), || async {
         let ready = client::get(admin, "/ready").await.ok()?;
@@ -210,4 +215,26 @@ async fn ready_is_503_until_the_app_is_healthy_then_200() {
         (ready.status == 503).then_some(())
     })
     .await;
+}
+
+#[tokio::test]
+async fn started_waits_for_a_configuration_from_the_control_plane() {
+    // Nothing listens where the control plane should be, and no snapshot
+    // was persisted: the sidecar is up but cannot route yet.
+    let nowhere = format!("http://127.0.0.1:{}", free_port());
+    let sidecar = SidecarProcess::builder("app", free_port())
+        .control_plane(&nowhere)
+        .start()
+        .await;
+    let started = client::get(sidecar.admin, "/started").await.unwrap();
+    assert_eq!(started.status, 503, "{}", started.text());
+    assert!(
+        started
+            .text()
+            .contains("no configuration from the control plane"),
+        "{}",
+        started.text()
+    );
+    let live = client::get(sidecar.admin, "/live").await.unwrap();
+    assert_eq!(live.status, 200);
 }
