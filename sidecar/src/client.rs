@@ -89,12 +89,7 @@ pub async fn post(
             })?;
         Ok(status)
     };
-    tokio::time::timeout(timeout, exchange)
-        .await
-        .map_err(|_| ClientError::Timeout {
-            authority: authority.to_owned(),
-            after: timeout,
-        })?
+    within(authority, timeout, exchange).await
 }
 
 async fn send_typed(
@@ -142,12 +137,7 @@ async fn send_typed(
                 source,
             })
     };
-    tokio::time::timeout(timeout, exchange)
-        .await
-        .map_err(|_| ClientError::Timeout {
-            authority: authority.to_owned(),
-            after: timeout,
-        })?
+    within(authority, timeout, exchange).await
 }
 
 /// Like [`send`], but reads the whole body and turns a non-2xx answer into
@@ -180,12 +170,7 @@ pub async fn call(
         }
         Ok(bytes)
     };
-    tokio::time::timeout(timeout, read)
-        .await
-        .map_err(|_| ClientError::Timeout {
-            authority: authority.to_owned(),
-            after: timeout,
-        })?
+    within(authority, timeout, read).await
 }
 
 async fn connect(authority: &str) -> Result<TcpStream, ClientError> {
@@ -207,4 +192,18 @@ async fn connect(authority: &str) -> Result<TcpStream, ClientError> {
         authority: authority.to_owned(),
         source: last,
     })
+}
+
+/// `call` bounded by `timeout`, which becomes [`ClientError::Timeout`].
+async fn within<T>(
+    authority: &str,
+    timeout: Duration,
+    call: impl std::future::Future<Output = Result<T, ClientError>>,
+) -> Result<T, ClientError> {
+    tokio::time::timeout(timeout, call)
+        .await
+        .map_err(|_| ClientError::Timeout {
+            authority: authority.to_owned(),
+            after: timeout,
+        })?
 }
