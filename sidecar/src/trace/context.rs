@@ -41,31 +41,21 @@ pub struct TraceId(pub [u8; 16]);
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
 pub struct SpanId(pub [u8; 8]);
 
-impl TraceId {
-    pub fn random() -> Self {
-        loop {
-            let id = fastrand::u128(..).to_be_bytes();
-            if id != [0; 16] {
-                return TraceId(id);
+/// Random non-zero ids (drawn from an integer of the id's width) that
+/// print as lower-case hex, in `Display` and `Debug` alike.
+macro_rules! hex_id {
+    ($($id:ident: $int:ident),*) => {$(
+        impl $id {
+            pub fn random() -> Self {
+                loop {
+                    let id = fastrand::$int(..).to_be_bytes();
+                    if id.iter().any(|&b| b != 0) {
+                        return $id(id);
+                    }
+                }
             }
         }
-    }
-}
 
-impl SpanId {
-    pub fn random() -> Self {
-        loop {
-            let id = fastrand::u64(..).to_be_bytes();
-            if id != [0; 8] {
-                return SpanId(id);
-            }
-        }
-    }
-}
-
-/// Ids print as lower-case hex, in `Display` and `Debug` alike.
-macro_rules! hex_id_formatting {
-    ($($id:ty),*) => {$(
         impl fmt::Display for $id {
             fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
                 f.write_str(&hex(&self.0))
@@ -80,7 +70,7 @@ macro_rules! hex_id_formatting {
     )*};
 }
 
-hex_id_formatting!(TraceId, SpanId);
+hex_id!(TraceId: u128, SpanId: u64);
 
 /// The context a request arrived with: whose trace it belongs to, which
 /// span sent it, and whether the trace is being recorded.
