@@ -117,8 +117,8 @@ fn check_data_dir(dir: &Path) -> Result<(), StartupError> {
     std::fs::remove_file(&probe).map_err(fail)
 }
 
-/// Resolves when SIGTERM or SIGINT arrives.
-async fn signalled() -> Result<(), StartupError> {
+/// Resolves when SIGTERM or SIGINT arrives (the binary's shutdown signal).
+pub async fn signalled() -> Result<(), StartupError> {
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = signal(SignalKind::terminate()).map_err(StartupError::Signal)?;
     let mut int = signal(SignalKind::interrupt()).map_err(StartupError::Signal)?;
@@ -129,35 +129,45 @@ async fn signalled() -> Result<(), StartupError> {
     Ok(())
 }
 
-/// Runs the control plane until SIGTERM/SIGINT.
-pub async fn run(settings: Settings) -> Result<(), StartupError> {
-    check_data_dir(&settings.data_dir)?;
-    let store = RedbStore::open(&settings.data_dir)?;
-    let controller = Arc::new(Controller::load(Arc::new(store), settings.ttl)?);
-    let listener = tokio::net::TcpListener::bind(settings.listen)
+/// Binds `settings.listen`: the binary's listener.
+pub async fn bind(settings: &Settings) -> Result<tokio::net::TcpListener, StartupError> {
+    tokio::net::TcpListener::bind(settings.listen)
         .await
         .map_err(|source| StartupError::Listen {
             addr: settings.listen,
             source,
-        })?;
-    let (stop, shutdown) = watch::channel(false);
-    let signal_stop = stop.clone();
-    let signals = tokio::spawn(async move {
-        if let Err(err) = signalled().await {
-            tracing::error!(error = %err, "no signal handling");
-            return;
-        }
+        })
+}
+
+/// Runs the control plane on an already bound `listener` until `shutdown`
+/// completes, then drains (watch streams end, the server finishes its
+/// requests) and returns. Tests bind `127.0.0.1:0` and run it in-process;
+/// the binary passes its signal handler as `shutdown`.
+pub async fn run(
+    listener: tokio::net::TcpListener,
+    settings: Settings,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<(), StartupError> {
+    check_data_dir(&settings.data_dir)?;
+    let store = RedbStore::open(&settings.data_dir)?;
+    let controller = Arc::new(Controller::load(Arc::new(store), settings.ttl)?);
+    let (stop, stopped) = watch::channel(false);
+    let external_stop = stop.clone();
+    let external = tokio::spawn(async move {
+        shutdown.await;
         tracing::info!("shutting down");
-        signal_stop.send_replace(true);
+        external_stop.send_replace(true);
     });
+    let listen = listener.local_addr().unwrap_or(settings.listen);
     tracing::info!(
-        listen = %settings.listen,
+        listen = %listen,
         data_dir = %settings.data_dir.display(),
         revision = controller.published().revision,
         instances = controller.published().instances.len(),
         ttl = ?settings.ttl,
         "control plane ready"
     );
+    let shutdown = stopped;
     let reaper = tokio::spawn(controller.clone().run_reaper(shutdown.clone()));
     let stats = Arc::new(StatsStore::new());
     let forget = tokio::spawn(crate::dashboard::forget_departed(
@@ -181,7 +191,7 @@ pub async fn run(settings: Settings) -> Result<(), StartupError> {
         .await
         .map_err(StartupError::Serve);
     stop.send_replace(true);
-    signals.abort();
+    external.abort();
     let _ = reaper.await;
     let _ = forget.await;
     served

@@ -4,7 +4,7 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use meshlet_control_plane::server::{init_logging, run, Settings};
+use meshlet_control_plane::server::{bind, init_logging, run, signalled, Settings};
 
 fn main() -> ExitCode {
     let settings = Settings::parse();
@@ -19,7 +19,17 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(settings)) {
+    let serve = async move {
+        let listener = bind(&settings).await?;
+        run(listener, settings, async {
+            if let Err(err) = signalled().await {
+                tracing::error!(error = %err, "no signal handling; stop with SIGKILL");
+                std::future::pending::<()>().await;
+            }
+        })
+        .await
+    };
+    match runtime.block_on(serve) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             eprintln!("control-plane: error: {err}");
