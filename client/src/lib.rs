@@ -1,0 +1,332 @@
+//! meshlet's one HTTP/1.1 client, for the calls meshlet's programs make
+//! themselves: a sidecar's registration, heartbeats, watch stream, stats
+//! reports, span exports and health probes of its app; every `meshctl`
+//! command; the tests' plain requests. Proxied traffic never comes here: the
+//! sidecar's upstream pool (`sidecar/src/upstream/`) owns those connections.
+//!
+//! Each call opens a fresh connection (these calls are rare, and a fresh
+//! connection means no stale keep-alive connection to retry around):
+//!
+//! ```text
+//! Client::send(authority, request)
+//!   resolve authority ─► connect (connect timeout, first address that answers)
+//!   ─► hyper http1 handshake, connection driven by its own task
+//!   ─► request (User-Agent added when set) ─► response head    } all within
+//! Client::fetch = send ─► read the whole body and trailers     } the timeout
+//! ```
+//!
+//! Errors are one [`ClientError`] carrying the authority, so a caller's log
+//! line or CLI message says which peer failed and how; [`ClientError::cause`]
+//! gives the short form (`connection refused`, `timeout`) for messages that
+//! name the peer themselves.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{header, HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Version};
+use http_body_util::BodyExt;
+use hyper::body::{Body, Incoming};
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+
+/// The error type bodies sent through the client may have.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Why a call failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("cannot resolve {authority}: {source}")]
+    Resolve {
+        authority: String,
+        source: std::io::Error,
+    },
+    #[error("cannot connect to {authority}: {source}")]
+    Connect {
+        authority: String,
+        source: std::io::Error,
+    },
+    #[error("cannot connect to {authority} within {after:?}")]
+    ConnectTimeout { authority: String, after: Duration },
+    #[error("{authority} did not answer within {after:?}")]
+    Timeout { authority: String, after: Duration },
+    #[error("HTTP error talking to {authority}: {source}")]
+    Http {
+        authority: String,
+        source: hyper::Error,
+    },
+    #[error("invalid request to {authority}: {source}")]
+    Request {
+        authority: String,
+        source: http::Error,
+    },
+    /// A non-2xx answer, from [`Reply::success`].
+    #[error("{authority} answered {status}: {body}")]
+    Status {
+        authority: String,
+        status: StatusCode,
+        body: String,
+    },
+}
+
+impl ClientError {
+    /// The status of a [`ClientError::Status`].
+    pub fn status(&self) -> Option<StatusCode> {
+        match self {
+            ClientError::Status { status, .. } => Some(*status),
+            _ => None,
+        }
+    }
+
+    /// What went wrong, without the peer's name: `connection refused`,
+    /// `connect timeout`, `timeout`, or the underlying error's text.
+    pub fn cause(&self) -> String {
+        match self {
+            ClientError::Connect { source, .. }
+                if source.kind() == std::io::ErrorKind::ConnectionRefused =>
+            {
+                "connection refused".to_owned()
+            }
+            ClientError::Resolve { source, .. } | ClientError::Connect { source, .. } => {
+                source.to_string()
+            }
+            ClientError::ConnectTimeout { .. } => "connect timeout".to_owned(),
+            ClientError::Timeout { .. } => "timeout".to_owned(),
+            ClientError::Http { source, .. } => source.to_string(),
+            ClientError::Request { source, .. } => format!("invalid request: {source}"),
+            ClientError::Status { status, body, .. } => format!("{status}: {body}"),
+        }
+    }
+}
+
+/// A fully read answer.
+#[derive(Debug, Clone)]
+pub struct Reply {
+    pub status: StatusCode,
+    pub version: Version,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+    pub trailers: Option<HeaderMap>,
+}
+
+impl Reply {
+    /// The body as text (invalid UTF-8 replaced).
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+
+    /// A header's value, if present and visible ASCII.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+
+    /// A trailer's value, if the body ended with trailers holding it.
+    pub fn trailer(&self, name: &str) -> Option<&str> {
+        self.trailers
+            .as_ref()?
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+    }
+
+    /// The reply itself if its status is 2xx, else [`ClientError::Status`]
+    /// with the body's text.
+    pub fn success(self, authority: &str) -> Result<Reply, ClientError> {
+        if self.status.is_success() {
+            return Ok(self);
+        }
+        Err(ClientError::Status {
+            authority: authority.to_owned(),
+            status: self.status,
+            body: self.text().trim().to_owned(),
+        })
+    }
+}
+
+/// A request builder for `method path` with `Host: authority`.
+pub fn request(method: Method, authority: &str, path_and_query: &str) -> http::request::Builder {
+    Request::builder()
+        .method(method)
+        .uri(path_and_query)
+        .header(header::HOST, authority)
+}
+
+/// How calls are made: timeouts and the `User-Agent`. Cheap to clone; no
+/// connection is kept between calls.
+#[derive(Debug, Clone, Default)]
+pub struct Client {
+    connect_timeout: Option<Duration>,
+    timeout: Option<Duration>,
+    user_agent: Option<HeaderValue>,
+}
+
+impl Client {
+    /// A client without timeouts or `User-Agent`.
+    pub fn new() -> Client {
+        Client::default()
+    }
+
+    /// Bounds the TCP connect (→ [`ClientError::ConnectTimeout`]).
+    pub fn connect_timeout(mut self, after: Duration) -> Client {
+        self.connect_timeout = Some(after);
+        self
+    }
+
+    /// Bounds the whole call: up to the response head for [`Client::send`],
+    /// up to the last body byte for [`Client::fetch`] (→
+    /// [`ClientError::Timeout`]).
+    pub fn timeout(mut self, after: Duration) -> Client {
+        self.timeout = Some(after);
+        self
+    }
+
+    /// Sent as `User-Agent` unless the request has one.
+    pub fn user_agent(mut self, agent: &'static str) -> Client {
+        self.user_agent = Some(HeaderValue::from_static(agent));
+        self
+    }
+
+    /// Sends `request` over a new connection to `authority` (`host:port`)
+    /// and returns the response head with its body still streaming.
+    pub async fn send<B>(
+        &self,
+        authority: &str,
+        request: Request<B>,
+    ) -> Result<Response<Incoming>, ClientError>
+    where
+        B: Body + Send + 'static,
+        B::Data: Send,
+        B::Error: Into<BoxError>,
+    {
+        let deadline = self.deadline();
+        self.within(authority, deadline, self.exchange(authority, request))
+            .await
+    }
+
+    /// Like [`Client::send`], then reads the whole body (and trailers).
+    pub async fn fetch<B>(&self, authority: &str, request: Request<B>) -> Result<Reply, ClientError>
+    where
+        B: Body + Send + 'static,
+        B::Data: Send,
+        B::Error: Into<BoxError>,
+    {
+        let deadline = self.deadline();
+        let call = async {
+            let response = self.exchange(authority, request).await?;
+            read_reply(authority, response).await
+        };
+        self.within(authority, deadline, call).await
+    }
+
+    fn deadline(&self) -> Option<Instant> {
+        self.timeout.map(|after| Instant::now() + after)
+    }
+
+    async fn exchange<B>(
+        &self,
+        authority: &str,
+        mut request: Request<B>,
+    ) -> Result<Response<Incoming>, ClientError>
+    where
+        B: Body + Send + 'static,
+        B::Data: Send,
+        B::Error: Into<BoxError>,
+    {
+        let http = |source| ClientError::Http {
+            authority: authority.to_owned(),
+            source,
+        };
+        let stream = self.connect(authority).await?;
+        let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .map_err(http)?;
+        // The connection task ends once the sender and the response body
+        // are dropped, or the peer closes.
+        tokio::spawn(async move {
+            let _ = connection.await;
+        });
+        if let Some(agent) = &self.user_agent {
+            let headers = request.headers_mut();
+            if !headers.contains_key(header::USER_AGENT) {
+                headers.insert(header::USER_AGENT, agent.clone());
+            }
+        }
+        sender.send_request(request).await.map_err(http)
+    }
+
+    /// Connects to the first address of `authority` that accepts.
+    async fn connect(&self, authority: &str) -> Result<TcpStream, ClientError> {
+        let addrs: Vec<SocketAddr> = tokio::net::lookup_host(authority)
+            .await
+            .map_err(|source| ClientError::Resolve {
+                authority: authority.to_owned(),
+                source,
+            })?
+            .collect();
+        let attempt = async {
+            let mut last = std::io::Error::new(std::io::ErrorKind::NotFound, "no address");
+            for addr in addrs {
+                match TcpStream::connect(addr).await {
+                    Ok(stream) => {
+                        let _ = stream.set_nodelay(true);
+                        return Ok(stream);
+                    }
+                    Err(error) => last = error,
+                }
+            }
+            Err(ClientError::Connect {
+                authority: authority.to_owned(),
+                source: last,
+            })
+        };
+        match self.connect_timeout {
+            None => attempt.await,
+            Some(after) => tokio::time::timeout(after, attempt).await.map_err(|_| {
+                ClientError::ConnectTimeout {
+                    authority: authority.to_owned(),
+                    after,
+                }
+            })?,
+        }
+    }
+
+    async fn within<T>(
+        &self,
+        authority: &str,
+        deadline: Option<Instant>,
+        call: impl std::future::Future<Output = Result<T, ClientError>>,
+    ) -> Result<T, ClientError> {
+        let (Some(deadline), Some(after)) = (deadline, self.timeout) else {
+            return call.await;
+        };
+        tokio::time::timeout_at(deadline, call)
+            .await
+            .map_err(|_| ClientError::Timeout {
+                authority: authority.to_owned(),
+                after,
+            })?
+    }
+}
+
+/// Reads a response's whole body and trailers.
+pub async fn read_reply(
+    authority: &str,
+    response: Response<Incoming>,
+) -> Result<Reply, ClientError> {
+    let (parts, body) = response.into_parts();
+    let collected = body.collect().await.map_err(|source| ClientError::Http {
+        authority: authority.to_owned(),
+        source,
+    })?;
+    let trailers = collected.trailers().cloned();
+    Ok(Reply {
+        status: parts.status,
+        version: parts.version,
+        headers: parts.headers,
+        body: collected.to_bytes(),
+        trailers,
+    })
+}
+
+#[cfg(test)]
+mod tests;
