@@ -25,6 +25,7 @@ pub mod client;
 pub mod collector;
 pub mod config;
 pub mod demo;
+pub mod layout;
 pub mod metrics;
 pub mod netns;
 pub mod process;
