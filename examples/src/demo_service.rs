@@ -42,12 +42,12 @@ use bytes::Bytes;
 use clap::Parser;
 use http_body_util::{combinators::BoxBody, BodyExt, Full, Limited};
 use hyper::body::Incoming;
-use hyper::header::{HeaderMap, HeaderValue, CONTENT_TYPE, HOST};
+use hyper::header::{HeaderMap, HeaderValue, CONTENT_TYPE};
 use hyper::{Method, Request, Response, StatusCode, Uri};
 use hyper_util::rt::TokioIo;
 use hyper_util::server::graceful::GracefulShutdown;
 use serde_json::{json, Value};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 
 /// Downstream calls give up after this long (connect + response + body).
 const CALL_TIMEOUT: Duration = Duration::from_secs(5);
@@ -346,28 +346,17 @@ async fn call(
     service: &str,
     trace_context: &[(&'static str, HeaderValue)],
 ) -> Result<Value, String> {
-    let stream = TcpStream::connect(proxy)
-        .await
-        .map_err(|e| format!("cannot connect to the outbound sidecar at {proxy}: {e}"))?;
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-        .await
-        .map_err(|e| format!("handshake with {proxy}: {e}"))?;
-    tokio::spawn(async move {
-        let _ = conn.await;
-    });
-
-    let mut request = Request::get(format!("http://{service}/work"))
-        .header(HOST, service)
-        .body(Full::new(Bytes::new()))
-        .map_err(|e| format!("bad service name {service:?}: {e}"))?;
+    let mut request =
+        meshlet_client::request(Method::GET, service, &format!("http://{service}/work"))
+            .body(Full::new(Bytes::new()))
+            .map_err(|e| format!("bad service name {service:?}: {e}"))?;
     for (name, value) in trace_context {
         request.headers_mut().insert(*name, value.clone());
     }
-
-    let response = sender
-        .send_request(request)
+    let response = meshlet_client::Client::new()
+        .send(proxy, request)
         .await
-        .map_err(|e| format!("request via {proxy}: {e}"))?;
+        .map_err(|e| format!("request via the outbound sidecar at {proxy}: {}", e.cause()))?;
     let status = response.status();
     let reason = response
         .headers()
