@@ -15,6 +15,11 @@
 //! Client::fetch = send ─► read the whole body and trailers     } the timeout
 //! ```
 //!
+//! With [`Client::tls`] every connection is TLS, verified against the
+//! mesh CA only ([`client_config_from_ca_file`]), with the server name
+//! taken from the authority's host; [`Client::bearer`] sends
+//! `Authorization: Bearer TOKEN` on every request that has none.
+//!
 //! Errors are one [`ClientError`] carrying the authority, so a caller's log
 //! line or CLI message says which peer failed and how; [`ClientError::cause`]
 //! gives the short form (`connection refused`, `timeout`) for messages that
@@ -28,8 +33,13 @@ use http::{header, HeaderMap, HeaderValue, Method, Request, Response, StatusCode
 use http_body_util::BodyExt;
 use hyper::body::{Body, Incoming};
 use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
+
+mod tls;
+
+pub use tls::{client_config_from_ca_file, client_config_from_ca_pem, TlsError};
 
 /// The error type bodies sent through the client may have.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -51,6 +61,11 @@ pub enum ClientError {
     ConnectTimeout { authority: String, after: Duration },
     #[error("{authority} did not answer within {after:?}")]
     Timeout { authority: String, after: Duration },
+    #[error("TLS handshake with {authority} failed: {source}")]
+    Tls {
+        authority: String,
+        source: std::io::Error,
+    },
     #[error("HTTP error talking to {authority}: {source}")]
     Http {
         authority: String,
@@ -92,6 +107,7 @@ impl ClientError {
                 source.to_string()
             }
             ClientError::ConnectTimeout { .. } => "connect timeout".to_owned(),
+            ClientError::Tls { source, .. } => format!("TLS handshake failed: {source}"),
             ClientError::Timeout { .. } => "timeout".to_owned(),
             ClientError::Http { source, .. } => source.to_string(),
             ClientError::Request { source, .. } => format!("invalid request: {source}"),
@@ -153,11 +169,26 @@ pub fn request(method: Method, authority: &str, path_and_query: &str) -> http::r
 
 /// How calls are made: timeouts and the `User-Agent`. Cheap to clone; no
 /// connection is kept between calls.
-#[derive(Debug, Clone, Default)]
+#[derive(Clone, Default)]
 pub struct Client {
     connect_timeout: Option<Duration>,
     timeout: Option<Duration>,
     user_agent: Option<HeaderValue>,
+    authorization: Option<HeaderValue>,
+    tls: Option<tokio_rustls::TlsConnector>,
+}
+
+impl std::fmt::Debug for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the token.
+        f.debug_struct("Client")
+            .field("connect_timeout", &self.connect_timeout)
+            .field("timeout", &self.timeout)
+            .field("user_agent", &self.user_agent)
+            .field("bearer", &self.authorization.is_some())
+            .field("tls", &self.tls.is_some())
+            .finish()
+    }
 }
 
 impl Client {
@@ -184,6 +215,29 @@ impl Client {
     pub fn user_agent(mut self, agent: &'static str) -> Client {
         self.user_agent = Some(HeaderValue::from_static(agent));
         self
+    }
+
+    /// Every connection is TLS with `config` (see
+    /// [`client_config_from_ca_file`]); the server's certificate must name
+    /// the authority's host.
+    pub fn tls(mut self, config: std::sync::Arc<rustls::ClientConfig>) -> Client {
+        self.tls = Some(tokio_rustls::TlsConnector::from(config));
+        self
+    }
+
+    /// Whether connections are TLS.
+    pub fn is_tls(&self) -> bool {
+        self.tls.is_some()
+    }
+
+    /// Sent as `Authorization: Bearer TOKEN` unless the request has an
+    /// `Authorization` header. Fails on a token that is not a valid header
+    /// value (control characters).
+    pub fn bearer(mut self, token: &str) -> Result<Client, http::header::InvalidHeaderValue> {
+        let mut value = HeaderValue::from_str(&format!("Bearer {}", token.trim()))?;
+        value.set_sensitive(true);
+        self.authorization = Some(value);
+        Ok(self)
     }
 
     /// Sends `request` over a new connection to `authority` (`host:port`)
@@ -232,26 +286,33 @@ impl Client {
         B::Data: Send,
         B::Error: Into<BoxError>,
     {
-        let http = |source| ClientError::Http {
+        for (name, value) in [
+            (header::USER_AGENT, &self.user_agent),
+            (header::AUTHORIZATION, &self.authorization),
+        ] {
+            if let Some(value) = value {
+                let headers = request.headers_mut();
+                if !headers.contains_key(&name) {
+                    headers.insert(name, value.clone());
+                }
+            }
+        }
+        let stream = self.connect(authority).await?;
+        let Some(tls) = &self.tls else {
+            return over(authority, stream, request).await;
+        };
+        let tls_error = |source| ClientError::Tls {
             authority: authority.to_owned(),
             source,
         };
-        let stream = self.connect(authority).await?;
-        let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-            .await
-            .map_err(http)?;
-        // The connection task ends once the sender and the response body
-        // are dropped, or the peer closes.
-        tokio::spawn(async move {
-            let _ = connection.await;
-        });
-        if let Some(agent) = &self.user_agent {
-            let headers = request.headers_mut();
-            if !headers.contains_key(header::USER_AGENT) {
-                headers.insert(header::USER_AGENT, agent.clone());
-            }
-        }
-        sender.send_request(request).await.map_err(http)
+        let name = tls::server_name(authority).ok_or_else(|| {
+            tls_error(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                "the host is not a valid DNS name or IP address",
+            ))
+        })?;
+        let stream = tls.connect(name, stream).await.map_err(tls_error)?;
+        over(authority, stream, request).await
     }
 
     /// Connects to the first address of `authority` that accepts.
@@ -306,6 +367,33 @@ impl Client {
                 after,
             })?
     }
+}
+
+/// Sends `request` over the connected `io` (plain or TLS).
+async fn over<IO, B>(
+    authority: &str,
+    io: IO,
+    request: Request<B>,
+) -> Result<Response<Incoming>, ClientError>
+where
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    B: Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<BoxError>,
+{
+    let http = |source| ClientError::Http {
+        authority: authority.to_owned(),
+        source,
+    };
+    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(io))
+        .await
+        .map_err(http)?;
+    // The connection task ends once the sender and the response body are
+    // dropped, or the peer closes.
+    tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    sender.send_request(request).await.map_err(http)
 }
 
 /// Reads a response's whole body and trailers.

@@ -161,3 +161,145 @@ async fn a_server_that_never_answers_times_out() {
         format!("{authority} did not answer within 200ms")
     );
 }
+
+/// A CA and a loopback HTTPS server with a certificate for `sans` that it
+/// signed. The server answers one request with `200 secure` and hands its
+/// request head to the test.
+struct TlsFixture {
+    ca_pem: String,
+    authority: String,
+    head: tokio::sync::oneshot::Receiver<String>,
+}
+
+async fn tls_server(sans: &[&str]) -> TlsFixture {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca_cert = ca_params.self_signed(&ca_key).unwrap();
+    let issuer = Issuer::new(ca_params, ca_key);
+    let leaf_key = KeyPair::generate().unwrap();
+    let names: Vec<String> = sans.iter().map(|s| s.to_string()).collect();
+    let leaf = CertificateParams::new(names)
+        .unwrap()
+        .signed_by(&leaf_key, &issuer)
+        .unwrap();
+
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(
+            vec![CertificateDer::from(leaf.der().to_vec())],
+            PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(leaf_key.serialize_der())),
+        )
+        .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config));
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let (tx, head) = tokio::sync::oneshot::channel();
+    tokio::spawn(async move {
+        let (tcp, _) = listener.accept().await.unwrap();
+        let Ok(mut stream) = acceptor.accept(tcp).await else {
+            return;
+        };
+        let mut received = Vec::new();
+        let mut buf = [0u8; 1024];
+        while !received.windows(4).any(|w| w == b"\r\n\r\n") {
+            let n = stream.read(&mut buf).await.unwrap();
+            if n == 0 {
+                return;
+            }
+            received.extend_from_slice(&buf[..n]);
+        }
+        let _ = tx.send(String::from_utf8_lossy(&received).into_owned());
+        let _ = stream
+            .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 6\r\n\r\nsecure")
+            .await;
+        let _ = stream.shutdown().await;
+    });
+    TlsFixture {
+        ca_pem: ca_cert.pem(),
+        authority: format!("127.0.0.1:{port}"),
+        head,
+    }
+}
+
+#[tokio::test]
+async fn tls_to_a_server_the_ca_signed_with_a_bearer_token() {
+    let fixture = tls_server(&["127.0.0.1", "localhost"]).await;
+    let config = client_config_from_ca_pem(fixture.ca_pem.as_bytes(), "test CA").unwrap();
+    let client = Client::new().tls(config).bearer("s3cret").unwrap();
+    assert!(format!("{client:?}").contains("bearer: true"));
+    assert!(
+        !format!("{client:?}").contains("s3cret"),
+        "Debug never shows the token"
+    );
+    let authority = &fixture.authority;
+    let reply = client
+        .fetch(authority, get(authority, "/api"))
+        .await
+        .unwrap();
+    assert_eq!(reply.text(), "secure");
+    let head = fixture.head.await.unwrap().to_ascii_lowercase();
+    assert!(head.contains("authorization: bearer s3cret\r\n"), "{head}");
+}
+
+#[tokio::test]
+async fn tls_refuses_a_certificate_from_another_ca() {
+    let fixture = tls_server(&["127.0.0.1"]).await;
+    let other = tls_server(&["127.0.0.1"]).await;
+    let config = client_config_from_ca_pem(other.ca_pem.as_bytes(), "other CA").unwrap();
+    let authority = &fixture.authority;
+    let err = Client::new()
+        .tls(config)
+        .fetch(authority, get(authority, "/"))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, ClientError::Tls { .. }), "{err:?}");
+    assert!(err.to_string().contains("invalid peer certificate"), "{err}");
+}
+
+#[tokio::test]
+async fn tls_refuses_a_certificate_for_another_name() {
+    let fixture = tls_server(&["orders.example"]).await;
+    let config = client_config_from_ca_pem(fixture.ca_pem.as_bytes(), "test CA").unwrap();
+    let authority = &fixture.authority;
+    let err = Client::new()
+        .tls(config)
+        .fetch(authority, get(authority, "/"))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, ClientError::Tls { .. }), "{err:?}");
+    assert!(err.to_string().contains("not valid for name"), "{err}");
+}
+
+#[test]
+fn a_ca_bundle_without_certificates_is_refused() {
+    let err = client_config_from_ca_pem(b"not pem at all", "ca.crt").unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "the CA bundle ca.crt holds no PEM certificate"
+    );
+    let err = client_config_from_ca_file(std::path::Path::new("/nonexistent/ca.crt")).unwrap_err();
+    assert!(err
+        .to_string()
+        .starts_with("cannot read the CA file /nonexistent/ca.crt"));
+}
+
+#[test]
+fn server_names_come_from_the_authority_s_host() {
+    use rustls::pki_types::ServerName;
+    let name = |a: &str| tls::server_name(a).map(|n| n.to_str().into_owned());
+    assert_eq!(name("cp.meshlet:15010").as_deref(), Some("cp.meshlet"));
+    assert_eq!(name("127.0.0.1:15010").as_deref(), Some("127.0.0.1"));
+    assert_eq!(name("[::1]:15010").as_deref(), Some("::1"));
+    assert!(matches!(
+        tls::server_name("[::1]:1"),
+        Some(ServerName::IpAddress(_))
+    ));
+    assert_eq!(name("bad name:1"), None);
+}
