@@ -39,6 +39,7 @@ pub mod diff;
 pub mod error;
 pub mod events;
 pub mod inject;
+pub mod listener;
 pub mod metrics;
 pub mod output;
 pub mod pipeline;
