@@ -141,7 +141,10 @@ pub(crate) fn check_dns_label(value: &str) -> Result<(), String> {
         } else {
             ""
         };
-        return Err(format!("{} is not a valid name: {RULE}{hint}", shown(value)));
+        return Err(format!(
+            "{} is not a valid name: {RULE}{hint}",
+            shown(value)
+        ));
     }
     Ok(())
 }
@@ -309,7 +312,10 @@ mod tests {
         ] {
             let (field, message) = validate_dns_label("service", bad).unwrap_err();
             assert_eq!(field, "service");
-            assert!(message.contains("1-63 lower-case letters"), "{bad}: {message}");
+            assert!(
+                message.contains("1-63 lower-case letters"),
+                "{bad}: {message}"
+            );
         }
         let (_, message) = validate_dns_label("service", "example.com").unwrap_err();
         assert_eq!(
@@ -319,7 +325,10 @@ mod tests {
              neither a host name nor an IP address)"
         );
         let (_, message) = validate_dns_label("service", &"a".repeat(64)).unwrap_err();
-        assert!(message.contains("64 characters long; limit: 63 (MAX_NAME_LEN)"), "{message}");
+        assert!(
+            message.contains("64 characters long; limit: 63 (MAX_NAME_LEN)"),
+            "{message}"
+        );
     }
 
     #[test]
@@ -338,7 +347,16 @@ mod tests {
             "example.com/tier",
             "A_b.c-D",
             &"k".repeat(63),
-            &format!("{}/k", ["a".repeat(63), "b".repeat(63), "c".repeat(63), "d".repeat(61)].join(".")),
+            &format!(
+                "{}/k",
+                [
+                    "a".repeat(63),
+                    "b".repeat(63),
+                    "c".repeat(63),
+                    "d".repeat(61)
+                ]
+                .join(".")
+            ),
         ] {
             assert_eq!(check_label_key(good), Ok(()), "{good}");
         }
@@ -352,7 +370,16 @@ mod tests {
             "a b",
             "ex_ample.com/x",
             &"k".repeat(64),
-            &format!("{}/k", ["a".repeat(63), "b".repeat(63), "c".repeat(63), "d".repeat(62)].join(".")),
+            &format!(
+                "{}/k",
+                [
+                    "a".repeat(63),
+                    "b".repeat(63),
+                    "c".repeat(63),
+                    "d".repeat(62)
+                ]
+                .join(".")
+            ),
         ] {
             assert!(check_label_key(bad).is_err(), "{bad}");
         }
@@ -375,7 +402,10 @@ mod tests {
         assert_eq!(validate_labels("labels", map(MAX_LABELS).iter()), Ok(()));
         assert_eq!(
             validate_labels("labels", map(MAX_LABELS + 1).iter()),
-            Err(("labels".to_owned(), "65 labels; limit: 64 (MAX_LABELS)".to_owned()))
+            Err((
+                "labels".to_owned(),
+                "65 labels; limit: 64 (MAX_LABELS)".to_owned()
+            ))
         );
         let bad_value: BTreeMap<String, String> = [("version".to_owned(), "v 1".to_owned())].into();
         let (field, _) = validate_labels("spec.labels", bad_value.iter()).unwrap_err();

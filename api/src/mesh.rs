@@ -532,15 +532,28 @@ mod tests {
     fn registrations_claim_mesh_names_only() {
         assert_eq!(registration("orders", "default").validate(), Ok(()));
         assert_eq!(registration(&"a".repeat(63), "shop-2").validate(), Ok(()));
-        for bad in ["example.com", "127.0.0.2", "Orders", "a_b", "", "-x", &"a".repeat(64)] {
+        for bad in [
+            "example.com",
+            "127.0.0.2",
+            "Orders",
+            "a_b",
+            "",
+            "-x",
+            &"a".repeat(64),
+        ] {
             let (field, message) = registration(bad, "default").validate().unwrap_err();
             assert_eq!(field, "service", "{bad}");
             assert!(message.contains("lower-case letters"), "{bad}: {message}");
             let (field, _) = registration("orders", bad).validate().unwrap_err();
             assert_eq!(field, "namespace", "{bad}");
         }
-        let (_, message) = registration("example.com", "default").validate().unwrap_err();
-        assert!(message.contains("neither a host name nor an IP address"), "{message}");
+        let (_, message) = registration("example.com", "default")
+            .validate()
+            .unwrap_err();
+        assert!(
+            message.contains("neither a host name nor an IP address"),
+            "{message}"
+        );
     }
 
     #[test]
@@ -561,7 +574,10 @@ mod tests {
         reg.labels.insert("one-more".into(), "v".into());
         assert_eq!(
             reg.validate(),
-            Err(("labels".to_owned(), "65 labels; limit: 64 (MAX_LABELS)".to_owned()))
+            Err((
+                "labels".to_owned(),
+                "65 labels; limit: 64 (MAX_LABELS)".to_owned()
+            ))
         );
         let mut reg = registration("orders", "default");
         reg.labels.insert("version".into(), "v 2".into());

@@ -19,10 +19,12 @@ use std::fmt;
 use serde::de::{DeserializeOwned, IgnoredAny};
 use serde::Deserialize;
 
+#[cfg(test)]
+mod bounds_tests;
 mod expansion;
 
-use crate::resource::{typed_resource, Document, Resource, TypedDeserializer, KNOWN_KINDS};
 use crate::limits::shown;
+use crate::resource::{typed_resource, Document, Resource, TypedDeserializer, KNOWN_KINDS};
 use crate::API_VERSION;
 
 /// Why a file was rejected. `Display` gives one line:

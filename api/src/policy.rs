@@ -180,7 +180,12 @@ impl HealthCheckSpec {
 
     pub(crate) fn validate(&self) -> Result<(), FieldError> {
         const HOUR: Duration = Duration::from_secs(3600);
-        check_str_len("spec.path", &self.path, limits::MAX_PATH_LEN, "MAX_PATH_LEN")?;
+        check_str_len(
+            "spec.path",
+            &self.path,
+            limits::MAX_PATH_LEN,
+            "MAX_PATH_LEN",
+        )?;
         if !self.path.starts_with('/') {
             return field_error("path", "must start with '/'");
         }

@@ -251,7 +251,10 @@ impl Resource {
                 )?;
                 let mut seen = std::collections::HashSet::new();
                 for (i, ep) in endpoints.iter().enumerate() {
-                    limits::validate_labels(&format!("spec.endpoints[{i}].labels"), ep.labels.iter())?;
+                    limits::validate_labels(
+                        &format!("spec.endpoints[{i}].labels"),
+                        ep.labels.iter(),
+                    )?;
                     if ep.address.port() == 0 {
                         return Err((
                             format!("spec.endpoints[{i}].address"),

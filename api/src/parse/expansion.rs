@@ -15,7 +15,9 @@
 
 use std::fmt;
 
-use serde::de::{self, DeserializeSeed, Deserializer, EnumAccess, MapAccess, SeqAccess, VariantAccess, Visitor};
+use serde::de::{
+    self, DeserializeSeed, Deserializer, EnumAccess, MapAccess, SeqAccess, VariantAccess, Visitor,
+};
 
 use super::{position, strip_position, ParseError};
 use crate::limits;
@@ -256,11 +258,25 @@ pub(crate) fn check(
             exceeded: None,
         };
         if let Err(e) = Count(&mut budget).deserialize(doc) {
-            let message = match budget.exceeded {
-                Some(exceeded) => exceeded.to_string(),
-                None => strip_position(&e),
+            let text = strip_position(&e);
+            let (field, message) = match budget.exceeded {
+                // serde_yaml puts the path where the count stopped in front
+                // of the message (`spec.splits[50].labels.k7: ...`), aliases
+                // followed: that is the field to name.
+                Some(exceeded) => {
+                    let message = exceeded.to_string();
+                    let field = text
+                        .strip_suffix(&message)
+                        .and_then(|head| head.strip_suffix(": "))
+                        .unwrap_or_default()
+                        .to_owned();
+                    (field, message)
+                }
+                None => (String::new(), text),
             };
-            return Err(error(number, message, position(&e)));
+            let mut error = error(number, message, position(&e));
+            error.field = field;
+            return Err(error);
         }
         if !budget.empty {
             documents += 1;
@@ -296,7 +312,12 @@ mod tests {
     };
 
     fn run(text: &str) -> Result<(), ParseError> {
-        check(&SMALL, "f.yaml", text, &super::super::document_start_lines(text))
+        check(
+            &SMALL,
+            "f.yaml",
+            text,
+            &super::super::document_start_lines(text),
+        )
     }
 
     fn refused(text: &str) -> ParseError {
@@ -349,7 +370,10 @@ mod tests {
     fn one_scalar_at_the_limit_and_one_over() {
         run("abcdefghij").unwrap();
         let err = refused("abcdefghijk");
-        assert_eq!(err.message, "a string of 11 bytes; limit: 10 (MAX_SCALAR_BYTES)");
+        assert_eq!(
+            err.message,
+            "a string of 11 bytes; limit: 10 (MAX_SCALAR_BYTES)"
+        );
     }
 
     #[test]
@@ -361,10 +385,13 @@ mod tests {
         assert_eq!(err.document, 3);
         assert!(err.message.contains("limit: 50 (MAX_FILE_NODES)"), "{err}");
         // Bytes: 3 × 35 > 100.
-        let doc = format!("[{}]", vec!["abcde"; 7].join(", "));
+        let doc = format!("[{}]", ["abcde"; 7].join(", "));
         let err = refused(&format!("{doc}\n---\n{doc}\n---\n{doc}\n"));
         assert_eq!(err.document, 3);
-        assert!(err.message.contains("limit: 100 (MAX_FILE_SCALAR_BYTES)"), "{err}");
+        assert!(
+            err.message.contains("limit: 100 (MAX_FILE_SCALAR_BYTES)"),
+            "{err}"
+        );
     }
 
     #[test]
