@@ -421,6 +421,14 @@ mod tests {
     }
 
     #[test]
+    fn deep_nesting_is_an_error_not_a_crash() {
+        let deep = format!("{}{}", "[".repeat(10_000), "]".repeat(10_000));
+        let err = check(&Limits::DEFAULT, "f.yaml", &deep, &[1]).unwrap_err();
+        assert!(err.message.contains("recursion limit"), "{err}");
+        assert_eq!(err.document, 1);
+    }
+
+    #[test]
     fn tags_and_nesting_are_counted() {
         run("!t {a: [b, {c: d}]}").unwrap();
         let err = refused("!t [a, a, a, a, a, a, a, a, a, a, a, a, a, a, a, a, a, a, a, a]");
