@@ -22,6 +22,7 @@
 
 pub mod dashboard;
 mod duration;
+pub mod limits;
 pub mod mesh;
 pub mod otlp;
 mod parse;

@@ -89,6 +89,28 @@ pub struct Registration {
     pub healthy: bool,
 }
 
+impl Registration {
+    /// Checks what a sidecar may claim: a valid instance id, a service and
+    /// namespace that are DNS-1123 labels (so never an outside host such as
+    /// `example.com` or an IP address) and labels as in Kubernetes, within
+    /// [`crate::limits`]. Returns the offending field (JSON name) and a
+    /// message.
+    pub fn validate(&self) -> Result<(), (String, String)> {
+        if !valid_instance_id(&self.id) {
+            return Err((
+                "id".to_owned(),
+                format!(
+                    "{} is not a valid instance id: use 1-253 letters, digits, '.', '_' or '-'",
+                    crate::limits::shown(&self.id)
+                ),
+            ));
+        }
+        crate::limits::validate_dns_label("service", &self.service)?;
+        crate::limits::validate_dns_label("namespace", &self.namespace)?;
+        crate::limits::validate_labels("labels", self.labels.iter())
+    }
+}
+
 /// The control plane's answer to a registration.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -494,6 +516,73 @@ fn default_namespace() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn registration(service: &str, namespace: &str) -> Registration {
+        Registration {
+            id: "orders-1".into(),
+            service: service.into(),
+            namespace: namespace.into(),
+            address: SocketAddr::from(([127, 0, 0, 1], 15006)),
+            labels: [("version".to_owned(), "v1".to_owned())].into(),
+            healthy: true,
+        }
+    }
+
+    #[test]
+    fn registrations_claim_mesh_names_only() {
+        assert_eq!(registration("orders", "default").validate(), Ok(()));
+        assert_eq!(registration(&"a".repeat(63), "shop-2").validate(), Ok(()));
+        for bad in [
+            "example.com",
+            "127.0.0.2",
+            "Orders",
+            "a_b",
+            "",
+            "-x",
+            &"a".repeat(64),
+        ] {
+            let (field, message) = registration(bad, "default").validate().unwrap_err();
+            assert_eq!(field, "service", "{bad}");
+            assert!(message.contains("lower-case letters"), "{bad}: {message}");
+            let (field, _) = registration("orders", bad).validate().unwrap_err();
+            assert_eq!(field, "namespace", "{bad}");
+        }
+        let (_, message) = registration("example.com", "default")
+            .validate()
+            .unwrap_err();
+        assert!(
+            message.contains("neither a host name nor an IP address"),
+            "{message}"
+        );
+    }
+
+    #[test]
+    fn registration_ids_and_labels_are_checked() {
+        let mut reg = registration("orders", "default");
+        reg.id = "a/b".into();
+        assert_eq!(reg.validate().unwrap_err().0, "id");
+        reg.id = "x".repeat(254);
+        let (field, message) = reg.validate().unwrap_err();
+        assert_eq!(field, "id");
+        assert!(message.len() < 300, "{message}");
+
+        let mut reg = registration("orders", "default");
+        reg.labels = (0..crate::limits::MAX_LABELS)
+            .map(|i| (format!("app.kubernetes.io/k{i}"), "v".to_owned()))
+            .collect();
+        assert_eq!(reg.validate(), Ok(()));
+        reg.labels.insert("one-more".into(), "v".into());
+        assert_eq!(
+            reg.validate(),
+            Err((
+                "labels".to_owned(),
+                "65 labels; limit: 64 (MAX_LABELS)".to_owned()
+            ))
+        );
+        let mut reg = registration("orders", "default");
+        reg.labels.insert("version".into(), "v 2".into());
+        assert_eq!(reg.validate().unwrap_err().0, "labels.version");
+    }
 
     fn service(name: &str, ports: &[u16]) -> ServiceEntry {
         ServiceEntry {

@@ -7,6 +7,11 @@
 //! line and column serde_yaml reports. Reading twice keeps the positions
 //! (a `serde_yaml::Value` detour would lose them) and costs nothing at
 //! config-file sizes.
+//!
+//! Before both, pass zero ([`expansion`]) measures the file as it would be
+//! with its aliases expanded, without building anything, and refuses it
+//! past the limits of [`crate::limits`]; so no pass ever builds more than
+//! those limits allow, whatever the aliases.
 
 use std::collections::HashSet;
 use std::fmt;
@@ -14,6 +19,11 @@ use std::fmt;
 use serde::de::{DeserializeOwned, IgnoredAny};
 use serde::Deserialize;
 
+#[cfg(test)]
+mod bounds_tests;
+mod expansion;
+
+use crate::limits::shown;
 use crate::resource::{typed_resource, Document, Resource, TypedDeserializer, KNOWN_KINDS};
 use crate::API_VERSION;
 
@@ -23,7 +33,8 @@ use crate::API_VERSION;
 pub struct ParseError {
     /// The file name (or `-` for stdin) as the user gave it.
     pub source_name: String,
-    /// 1-based index of the YAML document inside the file.
+    /// 1-based index of the YAML document inside the file; 0 when the
+    /// error is about the whole file (its size).
     pub document: usize,
     /// 1-based line and column, when known.
     pub line: Option<usize>,
@@ -35,7 +46,10 @@ pub struct ParseError {
 
 impl fmt::Display for ParseError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}: document {}", self.source_name, self.document)?;
+        write!(f, "{}", self.source_name)?;
+        if self.document > 0 {
+            write!(f, ": document {}", self.document)?;
+        }
         if let Some(line) = self.line {
             write!(f, ", line {line}")?;
             if let Some(column) = self.column {
@@ -57,9 +71,12 @@ struct KindProbe {
 
 /// Parses every document of `text` (named `source_name` in errors) and
 /// validates each one. All or nothing: the first error is returned and no
-/// resource is.
+/// resource is. A file over the limits of [`crate::limits`] (its size, its
+/// documents, what its aliases expand to, lists, labels, strings) is
+/// refused with an error naming the limit.
 pub fn parse_documents(source_name: &str, text: &str) -> Result<Vec<Resource>, ParseError> {
     let starts = document_start_lines(text);
+    expansion::check(&expansion::Limits::DEFAULT, source_name, text, &starts)?;
     let error =
         |document: usize, field: &str, message: String, pos: Option<(usize, usize)>| ParseError {
             source_name: source_name.to_owned(),
@@ -114,7 +131,8 @@ pub fn parse_documents(source_name: &str, text: &str) -> Result<Vec<Resource>, P
                     number,
                     "kind",
                     format!(
-                        "unknown kind {kind:?}; this release knows {}",
+                        "unknown kind {}; this release knows {}",
+                        shown(kind),
                         KNOWN_KINDS.join(", ")
                     ),
                     None,
@@ -126,7 +144,10 @@ pub fn parse_documents(source_name: &str, text: &str) -> Result<Vec<Resource>, P
             return Err(error(
                 number,
                 "apiVersion",
-                format!("unsupported apiVersion {api_version:?}; expected {API_VERSION:?}"),
+                format!(
+                    "unsupported apiVersion {}; expected {API_VERSION:?}",
+                    shown(api_version)
+                ),
                 None,
             ));
         }
@@ -151,6 +172,20 @@ pub fn parse_documents(source_name: &str, text: &str) -> Result<Vec<Resource>, P
         resources.push(resource);
     }
     Ok(resources)
+}
+
+/// Checks any YAML text the way [`parse_documents`] does before it builds
+/// anything: its size, its number of documents, and the nodes and string
+/// bytes of each document and of all of them with aliases expanded (limits
+/// in [`crate::limits`]). For YAML that is not meshlet resources (e.g.
+/// Kubernetes manifests) read with serde_yaml elsewhere: call this first.
+pub fn check_yaml_limits(source_name: &str, text: &str) -> Result<(), ParseError> {
+    expansion::check(
+        &expansion::Limits::DEFAULT,
+        source_name,
+        text,
+        &document_start_lines(text),
+    )
 }
 
 type FieldError = (String, String, Option<(usize, usize)>);

@@ -16,6 +16,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::duration::HumanDuration;
+use crate::limits::{self, check_len, check_str_len};
 
 /// A field error: the dotted path under `spec` and a message.
 pub type FieldError = (String, String);
@@ -82,11 +83,30 @@ impl RouteMatch {
 
     fn validate(&self) -> Result<(), FieldError> {
         if let Some(prefix) = &self.path_prefix {
+            check_str_len(
+                "spec.match.pathPrefix",
+                prefix,
+                limits::MAX_PATH_LEN,
+                "MAX_PATH_LEN",
+            )?;
             if !prefix.starts_with('/') {
                 return field_error("match.pathPrefix", "must start with '/'");
             }
         }
+        check_len(
+            "spec.match.methods",
+            self.methods.len(),
+            limits::MAX_METHODS,
+            "MAX_METHODS",
+            "methods",
+        )?;
         for (i, method) in self.methods.iter().enumerate() {
+            check_str_len(
+                &format!("spec.match.methods[{i}]"),
+                method,
+                limits::MAX_METHOD_LEN,
+                "MAX_METHOD_LEN",
+            )?;
             let token = !method.is_empty()
                 && method
                     .bytes()
@@ -160,6 +180,12 @@ impl HealthCheckSpec {
 
     pub(crate) fn validate(&self) -> Result<(), FieldError> {
         const HOUR: Duration = Duration::from_secs(3600);
+        check_str_len(
+            "spec.path",
+            &self.path,
+            limits::MAX_PATH_LEN,
+            "MAX_PATH_LEN",
+        )?;
         if !self.path.starts_with('/') {
             return field_error("path", "must start with '/'");
         }
@@ -270,6 +296,14 @@ impl RateLimitSpec {
     pub(crate) fn validate(&self) -> Result<(), FieldError> {
         if let Some(route) = &self.route {
             route.validate()?;
+        }
+        if let RateLimitKey::Header(name) = &self.key {
+            check_str_len(
+                "spec.key",
+                name,
+                limits::MAX_HEADER_NAME_LEN,
+                "MAX_HEADER_NAME_LEN",
+            )?;
         }
         match (&self.token_bucket, &self.sliding_window) {
             (Some(_), Some(_)) => field_error(
@@ -384,6 +418,13 @@ impl CircuitBreakerSpec {
         if self.half_open_requests == 0 {
             return field_error("halfOpenRequests", "must be at least 1");
         }
+        check_len(
+            "spec.failureOn",
+            self.failure_on.len(),
+            limits::MAX_FAILURE_KINDS,
+            "MAX_FAILURE_KINDS",
+            "failure kinds",
+        )?;
         if self.failure_on.is_empty() {
             return field_error("failureOn", "name at least one failure kind");
         }
@@ -486,6 +527,13 @@ impl RetrySpec {
         if let Some(timeout) = self.per_try_timeout {
             check_duration("perTryTimeout", timeout, DAY)?;
         }
+        check_len(
+            "spec.retryOn",
+            self.retry_on.len(),
+            limits::MAX_FAILURE_KINDS,
+            "MAX_FAILURE_KINDS",
+            "failure kinds",
+        )?;
         if self.retry_on.is_empty() {
             return field_error("retryOn", "name at least one failure kind");
         }
@@ -561,7 +609,15 @@ impl TrafficSplitSpec {
         if self.splits.is_empty() {
             return field_error("splits", "name at least one subset");
         }
+        check_len(
+            "spec.splits",
+            self.splits.len(),
+            limits::MAX_SPLITS,
+            "MAX_SPLITS",
+            "splits",
+        )?;
         for (i, split) in self.splits.iter().enumerate() {
+            limits::validate_labels(&format!("spec.splits[{i}].labels"), split.labels.iter())?;
             if split.labels.is_empty() {
                 return field_error(
                     &format!("splits[{i}].labels"),

@@ -8,6 +8,7 @@ use std::net::SocketAddr;
 
 use serde::{Deserialize, Deserializer, Serialize};
 
+use crate::limits;
 use crate::policy::{
     CircuitBreakerSpec, HealthCheckSpec, RateLimitSpec, RetrySpec, TargetRef, TimeoutSpec,
     TracingSpec, TrafficSplitSpec,
@@ -222,16 +223,38 @@ impl Resource {
         })
     }
 
-    /// Semantic checks that the type system cannot express. Returns the
-    /// offending field path and a message.
+    /// Semantic checks that the type system cannot express, and the bounds
+    /// of [`crate::limits`] (names are DNS-1123 labels, label maps, list
+    /// lengths, string lengths). Returns the offending field path and a
+    /// message. Also for resources read back from storage, so that a
+    /// rollback to one over today's limits can be refused.
     pub fn validate(&self) -> Result<(), (String, String)> {
         let meta = self.metadata();
-        check_dns_label(&meta.name).map_err(|m| ("metadata.name".to_owned(), m))?;
-        check_dns_label(&meta.namespace).map_err(|m| ("metadata.namespace".to_owned(), m))?;
+        limits::validate_dns_label("metadata.name", &meta.name)?;
+        limits::validate_dns_label("metadata.namespace", &meta.namespace)?;
+        limits::validate_labels("metadata.labels", meta.labels.iter())?;
+        if let Some(target) = self.target_ref() {
+            limits::validate_dns_label("spec.targetRef.service", &target.service)?;
+            if let Some(ns) = &target.namespace {
+                limits::validate_dns_label("spec.targetRef.namespace", ns)?;
+            }
+        }
         match self {
             Resource::Service(doc) => {
+                let endpoints = &doc.spec.endpoints;
+                limits::check_len(
+                    "spec.endpoints",
+                    endpoints.len(),
+                    limits::MAX_ENDPOINTS,
+                    "MAX_ENDPOINTS",
+                    "endpoints",
+                )?;
                 let mut seen = std::collections::HashSet::new();
-                for (i, ep) in doc.spec.endpoints.iter().enumerate() {
+                for (i, ep) in endpoints.iter().enumerate() {
+                    limits::validate_labels(
+                        &format!("spec.endpoints[{i}].labels"),
+                        ep.labels.iter(),
+                    )?;
                     if ep.address.port() == 0 {
                         return Err((
                             format!("spec.endpoints[{i}].address"),
@@ -254,15 +277,7 @@ impl Resource {
             Resource::TimeoutPolicy(doc) => doc.spec.validate(),
             Resource::TrafficSplit(doc) => doc.spec.validate(),
             Resource::TracingPolicy(doc) => doc.spec.validate(),
-        }?;
-        if let Some(target) = self.target_ref() {
-            check_dns_label(&target.service)
-                .map_err(|m| ("spec.targetRef.service".to_owned(), m))?;
-            if let Some(ns) = &target.namespace {
-                check_dns_label(ns).map_err(|m| ("spec.targetRef.namespace".to_owned(), m))?;
-            }
         }
-        Ok(())
     }
 }
 
@@ -285,20 +300,4 @@ impl<'de> Deserialize<'de> for Resource {
             .ok_or_else(|| D::Error::custom(format!("unknown kind {kind:?}")))?
             .map_err(D::Error::custom)
     }
-}
-
-/// Names follow Kubernetes' DNS-1123 label rule so that a service name is
-/// also a valid host name (`http://orders/`).
-fn check_dns_label(value: &str) -> Result<(), String> {
-    let ok_chars = value
-        .bytes()
-        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
-    let ok_ends = !value.starts_with('-') && !value.ends_with('-');
-    if value.is_empty() || value.len() > 63 || !ok_chars || !ok_ends {
-        return Err(format!(
-            "{value:?} is not a valid name: use 1-63 lower-case letters, digits or '-', \
-             starting and ending with a letter or digit"
-        ));
-    }
-    Ok(())
 }
