@@ -99,7 +99,9 @@ pub enum DirOutcome {
     /// It existed with no group/other permission.
     AlreadyPrivate,
     /// It existed with group/other permissions (the old mode); now 0700.
-    Narrowed { old_mode: u32 },
+    Narrowed {
+        old_mode: u32,
+    },
 }
 
 fn current_uid() -> u32 {
@@ -121,7 +123,9 @@ pub fn ensure_private_dir(dir: &Path) -> Result<DirOutcome, FileError> {
             match fs::DirBuilder::new().mode(PRIVATE_DIR_MODE).create(dir) {
                 Ok(()) => {}
                 // Lost a race with another creator: judge what is there now.
-                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => return ensure_private_dir(dir),
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+                    return ensure_private_dir(dir)
+                }
                 Err(e) => return Err(FileError::io("create directory", dir, e)),
             }
             // The umask may have removed bits we asked for, never added any;
@@ -217,7 +221,9 @@ pub fn read_checked(path: &Path, access: Access, max_len: u64) -> Result<Vec<u8>
                 FileError::io("open", path, e)
             }
         })?;
-    let meta = file.metadata().map_err(|e| FileError::io("stat", path, e))?;
+    let meta = file
+        .metadata()
+        .map_err(|e| FileError::io("stat", path, e))?;
     check_metadata(path, &meta, access)?;
     if meta.len() > max_len {
         return Err(FileError::TooLarge {
@@ -356,7 +362,10 @@ mod tests {
         let dir = tmp.path().join("a/b/data");
         assert_eq!(ensure_private_dir(&dir).unwrap(), DirOutcome::Created);
         assert_eq!(mode_of(&dir), 0o700);
-        assert_eq!(ensure_private_dir(&dir).unwrap(), DirOutcome::AlreadyPrivate);
+        assert_eq!(
+            ensure_private_dir(&dir).unwrap(),
+            DirOutcome::AlreadyPrivate
+        );
     }
 
     #[test]
@@ -393,7 +402,10 @@ mod tests {
         write_private_file(&f, b"two").unwrap();
         assert_eq!(fs::read(&f).unwrap(), b"two");
         // No temporary file left behind.
-        let names: Vec<_> = fs::read_dir(tmp.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+        let names: Vec<_> = fs::read_dir(tmp.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
         assert_eq!(names.len(), 1, "{names:?}");
     }
 
@@ -449,7 +461,10 @@ mod tests {
             Err(FileError::AlreadyExists { .. })
         ));
         assert!(!target.exists());
-        let names: Vec<_> = fs::read_dir(tmp.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+        let names: Vec<_> = fs::read_dir(tmp.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
         assert_eq!(names.len(), 2, "only the file and the symlink: {names:?}");
     }
 
@@ -466,7 +481,10 @@ mod tests {
             Err(FileError::TooOpen { mode: 0o640, .. })
         ));
         // Readable by group is fine when only writes matter.
-        assert_eq!(read_checked(&f, Access::NotWritableByOthers, 10).unwrap(), b"abc");
+        assert_eq!(
+            read_checked(&f, Access::NotWritableByOthers, 10).unwrap(),
+            b"abc"
+        );
 
         fs::set_permissions(&f, fs::Permissions::from_mode(0o666)).unwrap();
         assert!(matches!(
@@ -517,7 +535,10 @@ mod tests {
         let d = tmp.path().join("dir");
         fs::create_dir(&d).unwrap();
         std::os::unix::fs::chown(&d, Some(54321), None).unwrap();
-        assert!(matches!(ensure_private_dir(&d), Err(FileError::WrongOwner { .. })));
+        assert!(matches!(
+            ensure_private_dir(&d),
+            Err(FileError::WrongOwner { .. })
+        ));
     }
 
     #[test]
@@ -526,6 +547,8 @@ mod tests {
         let f = tmp.path().join("nope");
         let err = read_checked(&f, Access::Private, 10).unwrap_err();
         assert!(err.to_string().contains("nope"), "{err}");
-        assert!(matches!(err, FileError::Io { ref source, .. } if source.kind() == io::ErrorKind::NotFound));
+        assert!(
+            matches!(err, FileError::Io { ref source, .. } if source.kind() == io::ErrorKind::NotFound)
+        );
     }
 }

@@ -32,6 +32,7 @@
 
 pub mod api;
 pub mod auth;
+pub mod ca;
 pub mod client;
 pub mod commands;
 pub mod controller;

@@ -26,7 +26,9 @@
 use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
-use super::tokens::{new_record, unix_secs, AuthError, Role, TokenError, TokenHash, TokenRecord, Tokens};
+use super::tokens::{
+    new_record, unix_secs, AuthError, Role, TokenError, TokenHash, TokenRecord, Tokens,
+};
 use crate::files::{self, Access, FileError};
 
 /// File name of the admin token in the data directory.
@@ -73,7 +75,10 @@ pub fn admin_token_path(data_dir: &Path) -> PathBuf {
 }
 
 /// Makes sure `DATA_DIR/admin.token` holds a working admin token; see the module docs.
-pub fn ensure_admin_token(data_dir: &Path, tokens: &mut Tokens) -> Result<AdminTokenOutcome, AdminTokenError> {
+pub fn ensure_admin_token(
+    data_dir: &Path,
+    tokens: &mut Tokens,
+) -> Result<AdminTokenOutcome, AdminTokenError> {
     let path = admin_token_path(data_dir);
     let now = SystemTime::now();
     match files::read_checked(&path, Access::Private, MAX_FILE_LEN) {
@@ -131,7 +136,10 @@ mod tests {
     fn first_start_creates_then_keeps() {
         let dir = tempfile::tempdir().unwrap();
         let mut tokens = Tokens::new();
-        assert_eq!(ensure_admin_token(dir.path(), &mut tokens).unwrap(), AdminTokenOutcome::Created);
+        assert_eq!(
+            ensure_admin_token(dir.path(), &mut tokens).unwrap(),
+            AdminTokenOutcome::Created
+        );
         let text = read_token(dir.path());
         assert!(text.starts_with("mlt_") && text.ends_with('\n') && text.lines().count() == 1);
         let meta = fs::symlink_metadata(admin_token_path(dir.path())).unwrap();
@@ -139,7 +147,10 @@ mod tests {
         let p = tokens.authenticate(text.trim()).unwrap();
         assert_eq!((p.name.as_str(), p.role), ("admin", Role::Admin));
 
-        assert_eq!(ensure_admin_token(dir.path(), &mut tokens).unwrap(), AdminTokenOutcome::Kept);
+        assert_eq!(
+            ensure_admin_token(dir.path(), &mut tokens).unwrap(),
+            AdminTokenOutcome::Kept
+        );
         assert_eq!(read_token(dir.path()), text);
     }
 
@@ -149,7 +160,10 @@ mod tests {
         ensure_admin_token(dir.path(), &mut Tokens::new()).unwrap();
         let text = read_token(dir.path());
         let mut fresh = Tokens::new();
-        assert_eq!(ensure_admin_token(dir.path(), &mut fresh).unwrap(), AdminTokenOutcome::Adopted);
+        assert_eq!(
+            ensure_admin_token(dir.path(), &mut fresh).unwrap(),
+            AdminTokenOutcome::Adopted
+        );
         assert_eq!(fresh.authenticate(text.trim()).unwrap().role, Role::Admin);
     }
 
@@ -160,7 +174,10 @@ mod tests {
         ensure_admin_token(dir.path(), &mut tokens).unwrap();
         let old = read_token(dir.path());
         fs::remove_file(admin_token_path(dir.path())).unwrap();
-        assert_eq!(ensure_admin_token(dir.path(), &mut tokens).unwrap(), AdminTokenOutcome::Replaced);
+        assert_eq!(
+            ensure_admin_token(dir.path(), &mut tokens).unwrap(),
+            AdminTokenOutcome::Replaced
+        );
         let new = read_token(dir.path());
         assert_ne!(old, new);
         assert!(tokens.authenticate(old.trim()).is_err());
@@ -205,12 +222,21 @@ mod tests {
         let path = admin_token_path(dir.path());
         fs::set_permissions(&path, fs::Permissions::from_mode(0o644)).unwrap();
         let err = ensure_admin_token(dir.path(), &mut tokens).unwrap_err();
-        assert!(matches!(err, AdminTokenError::File(FileError::TooOpen { .. })), "{err}");
+        assert!(
+            matches!(err, AdminTokenError::File(FileError::TooOpen { .. })),
+            "{err}"
+        );
 
         let real = dir.path().join("real");
         fs::rename(&path, &real).unwrap();
         std::os::unix::fs::symlink(&real, &path).unwrap();
         let err = ensure_admin_token(dir.path(), &mut tokens).unwrap_err();
-        assert!(matches!(err, AdminTokenError::File(FileError::NotARegularFile { .. })), "{err}");
+        assert!(
+            matches!(
+                err,
+                AdminTokenError::File(FileError::NotARegularFile { .. })
+            ),
+            "{err}"
+        );
     }
 }

@@ -39,16 +39,28 @@ pub enum Action<'a> {
     ReadResources,
     WriteResources,
     ReadRegistry,
-    RegisterInstance { namespace: &'a str, service: &'a str },
-    HeartbeatInstance { namespace: &'a str, service: &'a str },
-    DeregisterInstance { namespace: &'a str, service: &'a str },
+    RegisterInstance {
+        namespace: &'a str,
+        service: &'a str,
+    },
+    HeartbeatInstance {
+        namespace: &'a str,
+        service: &'a str,
+    },
+    DeregisterInstance {
+        namespace: &'a str,
+        service: &'a str,
+    },
     Watch,
     ReportStats,
     ExportSpans,
     ReadTraces,
     Dashboard,
     ManageTokens,
-    SignCertificate { namespace: &'a str, service: &'a str },
+    SignCertificate {
+        namespace: &'a str,
+        service: &'a str,
+    },
 }
 
 impl Action<'_> {
@@ -157,7 +169,10 @@ mod tests {
     use super::*;
 
     fn principal(role: Role) -> Principal {
-        Principal { name: "p".into(), role }
+        Principal {
+            name: "p".into(),
+            role,
+        }
     }
 
     /// Every action, once about the sidecar's own identity and once about others.
@@ -176,7 +191,11 @@ mod tests {
             (Action::Dashboard, "-"),
             (Action::ManageTokens, "-"),
         ];
-        for (which, (namespace, service)) in [("own", own), ("other-svc", other_svc), ("other-ns", other_ns)] {
+        for (which, (namespace, service)) in [
+            ("own", own),
+            ("other-svc", other_svc),
+            ("other-ns", other_ns),
+        ] {
             v.push((Action::RegisterInstance { namespace, service }, which));
             v.push((Action::HeartbeatInstance { namespace, service }, which));
             v.push((Action::DeregisterInstance { namespace, service }, which));
@@ -190,14 +209,18 @@ mod tests {
         use Action::*;
         match role {
             "admin" => true,
-            "viewer" => matches!(action, ReadResources | ReadRegistry | Watch | ReadTraces | Dashboard),
+            "viewer" => matches!(
+                action,
+                ReadResources | ReadRegistry | Watch | ReadTraces | Dashboard
+            ),
             "sidecar" => match action {
                 Watch | ReportStats | ExportSpans => true,
                 RegisterInstance { .. }
                 | HeartbeatInstance { .. }
                 | DeregisterInstance { .. }
                 | SignCertificate { .. } => which == "own",
-                ReadResources | WriteResources | ReadRegistry | ReadTraces | Dashboard | ManageTokens => false,
+                ReadResources | WriteResources | ReadRegistry | ReadTraces | Dashboard
+                | ManageTokens => false,
             },
             _ => unreachable!(),
         }
@@ -225,9 +248,15 @@ mod tests {
 
     #[test]
     fn denial_names_principal_action_and_reason() {
-        let p = Principal { name: "orders-sidecar".into(), role: Role::sidecar("default", "orders").unwrap() };
+        let p = Principal {
+            name: "orders-sidecar".into(),
+            role: Role::sidecar("default", "orders").unwrap(),
+        };
         let err = p
-            .may(Action::RegisterInstance { namespace: "default", service: "frontend" })
+            .may(Action::RegisterInstance {
+                namespace: "default",
+                service: "frontend",
+            })
             .unwrap_err();
         let msg = err.to_string();
         assert!(msg.contains("orders-sidecar"), "{msg}");
@@ -235,6 +264,9 @@ mod tests {
         assert!(msg.contains("sidecar(default/orders)"), "{msg}");
 
         let v = principal(Role::Viewer);
-        assert_eq!(v.may(Action::WriteResources).unwrap_err().action, "write-resources");
+        assert_eq!(
+            v.may(Action::WriteResources).unwrap_err().action,
+            "write-resources"
+        );
     }
 }

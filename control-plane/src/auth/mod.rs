@@ -34,7 +34,8 @@ pub mod tokens;
 pub use admin_file::{admin_token_path, ensure_admin_token, AdminTokenError, AdminTokenOutcome};
 pub use authz::{Action, Denied};
 pub use names::{validate_dns_label, validate_token_name, InvalidName};
-pub use owners::{Claim, OwnershipError, Owners};
+pub use owners::{Claim, Owners, OwnershipError};
 pub use tokens::{
-    bearer_token, AuthError, Principal, Role, SecretToken, TokenError, TokenHash, TokenInfo, TokenRecord, Tokens,
+    bearer_token, AuthError, Principal, Role, SecretToken, TokenError, TokenHash, TokenInfo,
+    TokenRecord, Tokens,
 };

@@ -109,10 +109,26 @@ mod tests {
 
     #[test]
     fn token_names() {
-        for ok in ["admin", "alice@ops", "sidecar.orders.default", "ci_bot-1", "a"] {
+        for ok in [
+            "admin",
+            "alice@ops",
+            "sidecar.orders.default",
+            "ci_bot-1",
+            "a",
+        ] {
             assert!(validate_token_name(ok).is_ok(), "{ok}");
         }
-        for bad in ["", "Admin", "a b", "a/b", "-a", "a.", "@x", "x\n", &"a".repeat(254)] {
+        for bad in [
+            "",
+            "Admin",
+            "a b",
+            "a/b",
+            "-a",
+            "a.",
+            "@x",
+            "x\n",
+            &"a".repeat(254),
+        ] {
             assert!(validate_token_name(bad).is_err(), "{bad:?}");
         }
     }

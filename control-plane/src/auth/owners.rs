@@ -118,7 +118,10 @@ mod tests {
     use super::*;
 
     fn sidecar(name: &str) -> Principal {
-        Principal { name: name.into(), role: Role::sidecar("default", "orders").unwrap() }
+        Principal {
+            name: name.into(),
+            role: Role::sidecar("default", "orders").unwrap(),
+        }
     }
 
     #[test]
@@ -130,11 +133,20 @@ mod tests {
         assert_eq!(owners.claim("i1", &a), Ok(Claim::Renewed));
         assert_eq!(
             owners.claim("i1", &b),
-            Err(OwnershipError::HeldByOther { id: "i1".into(), holder: "orders-a".into() })
+            Err(OwnershipError::HeldByOther {
+                id: "i1".into(),
+                holder: "orders-a".into()
+            })
         );
         // Not even an admin takes over a live registration.
-        let admin = Principal { name: "admin".into(), role: Role::Admin };
-        assert!(matches!(owners.claim("i1", &admin), Err(OwnershipError::HeldByOther { .. })));
+        let admin = Principal {
+            name: "admin".into(),
+            role: Role::Admin,
+        };
+        assert!(matches!(
+            owners.claim("i1", &admin),
+            Err(OwnershipError::HeldByOther { .. })
+        ));
         assert_eq!(owners.holder("i1"), Some("orders-a"));
     }
 
@@ -143,17 +155,32 @@ mod tests {
         let mut owners = Owners::new();
         let a = sidecar("orders-a");
         let b = sidecar("orders-b");
-        let admin = Principal { name: "admin".into(), role: Role::Admin };
-        let viewer = Principal { name: "v".into(), role: Role::Viewer };
+        let admin = Principal {
+            name: "admin".into(),
+            role: Role::Admin,
+        };
+        let viewer = Principal {
+            name: "v".into(),
+            role: Role::Viewer,
+        };
         owners.claim("i1", &a).unwrap();
         assert_eq!(owners.check("i1", &a), Ok(()));
         assert_eq!(owners.check("i1", &admin), Ok(()));
         assert_eq!(
             owners.check("i1", &b),
-            Err(OwnershipError::NotHolder { id: "i1".into(), principal: "orders-b".into() })
+            Err(OwnershipError::NotHolder {
+                id: "i1".into(),
+                principal: "orders-b".into()
+            })
         );
-        assert!(matches!(owners.check("i1", &viewer), Err(OwnershipError::NotHolder { .. })));
-        assert_eq!(owners.check("nope", &a), Err(OwnershipError::Unknown { id: "nope".into() }));
+        assert!(matches!(
+            owners.check("i1", &viewer),
+            Err(OwnershipError::NotHolder { .. })
+        ));
+        assert_eq!(
+            owners.check("nope", &a),
+            Err(OwnershipError::Unknown { id: "nope".into() })
+        );
     }
 
     #[test]

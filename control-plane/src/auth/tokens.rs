@@ -260,7 +260,9 @@ impl Tokens {
     }
 
     /// Rebuilds the registry from stored records (checking names and roles).
-    pub fn from_records(records: impl IntoIterator<Item = TokenRecord>) -> Result<Tokens, TokenError> {
+    pub fn from_records(
+        records: impl IntoIterator<Item = TokenRecord>,
+    ) -> Result<Tokens, TokenError> {
         let mut tokens = Tokens::new();
         for record in records {
             tokens.insert_record(record)?;
@@ -310,7 +312,9 @@ impl Tokens {
         validate_token_name(name)?;
         role.validate()?;
         if self.by_name.contains_key(name) {
-            return Err(TokenError::NameTaken { name: name.to_owned() });
+            return Err(TokenError::NameTaken {
+                name: name.to_owned(),
+            });
         }
         let (secret, record) = new_record(name, role, ttl, now)?;
         self.insert_record(record.clone())?;
@@ -322,7 +326,9 @@ impl Tokens {
         let record = self
             .by_name
             .remove(name)
-            .ok_or_else(|| TokenError::NotFound { name: name.to_owned() })?;
+            .ok_or_else(|| TokenError::NotFound {
+                name: name.to_owned(),
+            })?;
         self.by_hash.remove(&record.hash);
         Ok(record)
     }
@@ -466,7 +472,9 @@ fn base64url(bytes: &[u8]) -> String {
 }
 
 pub(crate) fn unix_secs(t: SystemTime) -> u64 {
-    t.duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+    t.duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }
 
 #[cfg(test)]
@@ -507,20 +515,39 @@ mod tests {
         let mut tokens = Tokens::new();
         let (secret, record) = tokens.create_at("alice", Role::Viewer, None, t0()).unwrap();
         assert_eq!(record.hash, TokenHash::of(secret.as_str()));
-        assert!(!serde_json::to_string(&record).unwrap().contains(secret.as_str()));
+        assert!(!serde_json::to_string(&record)
+            .unwrap()
+            .contains(secret.as_str()));
         let p = tokens.authenticate_at(secret.as_str(), t0()).unwrap();
-        assert_eq!(p, Principal { name: "alice".into(), role: Role::Viewer });
+        assert_eq!(
+            p,
+            Principal {
+                name: "alice".into(),
+                role: Role::Viewer
+            }
+        );
 
         let header = format!("Bearer {}", secret.as_str());
-        assert_eq!(tokens.authenticate_header(Some(&header)).unwrap().name, "alice");
+        assert_eq!(
+            tokens.authenticate_header(Some(&header)).unwrap().name,
+            "alice"
+        );
         let header = format!("bearer  {}", secret.as_str());
-        assert_eq!(tokens.authenticate_header(Some(&header)).unwrap().name, "alice");
+        assert_eq!(
+            tokens.authenticate_header(Some(&header)).unwrap().name,
+            "alice"
+        );
 
         tokens.revoke("alice").unwrap();
-        assert_eq!(tokens.authenticate_at(secret.as_str(), t0()), Err(AuthError::Unknown));
+        assert_eq!(
+            tokens.authenticate_at(secret.as_str(), t0()),
+            Err(AuthError::Unknown)
+        );
         assert_eq!(
             tokens.revoke("alice"),
-            Err(TokenError::NotFound { name: "alice".into() })
+            Err(TokenError::NotFound {
+                name: "alice".into()
+            })
         );
     }
 
@@ -531,24 +558,47 @@ mod tests {
             .create_at("short", Role::Admin, Some(Duration::from_secs(60)), t0())
             .unwrap();
         assert_eq!(tokens.authenticate_header(None), Err(AuthError::Missing));
-        assert_eq!(tokens.authenticate_header(Some("  ")), Err(AuthError::Missing));
-        assert_eq!(tokens.authenticate_header(Some("Basic abc")), Err(AuthError::Malformed));
-        assert_eq!(tokens.authenticate_header(Some("Bearer")), Err(AuthError::Malformed));
-        assert_eq!(tokens.authenticate_header(Some("Bearer a b")), Err(AuthError::Malformed));
-        assert_eq!(tokens.authenticate_at("mlt_nope", t0()), Err(AuthError::Unknown));
-        assert_eq!(tokens.authenticate_at(&"x".repeat(10_000), t0()), Err(AuthError::Unknown));
+        assert_eq!(
+            tokens.authenticate_header(Some("  ")),
+            Err(AuthError::Missing)
+        );
+        assert_eq!(
+            tokens.authenticate_header(Some("Basic abc")),
+            Err(AuthError::Malformed)
+        );
+        assert_eq!(
+            tokens.authenticate_header(Some("Bearer")),
+            Err(AuthError::Malformed)
+        );
+        assert_eq!(
+            tokens.authenticate_header(Some("Bearer a b")),
+            Err(AuthError::Malformed)
+        );
+        assert_eq!(
+            tokens.authenticate_at("mlt_nope", t0()),
+            Err(AuthError::Unknown)
+        );
+        assert_eq!(
+            tokens.authenticate_at(&"x".repeat(10_000), t0()),
+            Err(AuthError::Unknown)
+        );
         // A token differing in one character is unknown.
         let mut wrong = secret.as_str().to_owned();
         let last = wrong.pop().unwrap();
         wrong.push(if last == 'A' { 'B' } else { 'A' });
-        assert_eq!(tokens.authenticate_at(&wrong, t0()), Err(AuthError::Unknown));
+        assert_eq!(
+            tokens.authenticate_at(&wrong, t0()),
+            Err(AuthError::Unknown)
+        );
 
         let later = t0() + Duration::from_secs(59);
         assert!(tokens.authenticate_at(secret.as_str(), later).is_ok());
         let expired = t0() + Duration::from_secs(60);
         assert_eq!(
             tokens.authenticate_at(secret.as_str(), expired),
-            Err(AuthError::Expired { name: "short".into() })
+            Err(AuthError::Expired {
+                name: "short".into()
+            })
         );
         assert!(tokens.list_at(expired)[0].expired);
         assert_eq!(tokens.prune_expired(expired), vec!["short".to_string()]);
@@ -567,10 +617,16 @@ mod tests {
             tokens.create("Bad Name", Role::Viewer, None),
             Err(TokenError::InvalidName(_))
         ));
-        let bad_role = Role::Sidecar { namespace: "default".into(), service: "example.com".into() };
+        let bad_role = Role::Sidecar {
+            namespace: "default".into(),
+            service: "example.com".into(),
+        };
         assert!(matches!(
             tokens.create("s", bad_role, None),
-            Err(TokenError::InvalidName(InvalidName { what: "service", .. }))
+            Err(TokenError::InvalidName(InvalidName {
+                what: "service",
+                ..
+            }))
         ));
         assert!(matches!(
             tokens.create("z", Role::Viewer, Some(Duration::ZERO)),
@@ -582,7 +638,9 @@ mod tests {
     #[test]
     fn list_never_shows_hash_or_plaintext() {
         let mut tokens = Tokens::new();
-        let (secret, record) = tokens.create("orders", Role::sidecar("default", "orders").unwrap(), None).unwrap();
+        let (secret, record) = tokens
+            .create("orders", Role::sidecar("default", "orders").unwrap(), None)
+            .unwrap();
         let listed = serde_json::to_string(&tokens.list()).unwrap();
         assert!(!listed.contains(secret.as_str()));
         assert!(!listed.contains(&record.hash.to_hex()));
@@ -592,8 +650,12 @@ mod tests {
     #[test]
     fn records_round_trip_through_serde_and_reload() {
         let mut tokens = Tokens::new();
-        let (secret, _) = tokens.create("a", Role::Admin, Some(Duration::from_secs(3600))).unwrap();
-        tokens.create("b", Role::sidecar("ns1", "orders").unwrap(), None).unwrap();
+        let (secret, _) = tokens
+            .create("a", Role::Admin, Some(Duration::from_secs(3600)))
+            .unwrap();
+        tokens
+            .create("b", Role::sidecar("ns1", "orders").unwrap(), None)
+            .unwrap();
         let json = serde_json::to_string(&tokens.records().collect::<Vec<_>>()).unwrap();
         let back: Vec<TokenRecord> = serde_json::from_str(&json).unwrap();
         let reloaded = Tokens::from_records(back).unwrap();
@@ -601,7 +663,10 @@ mod tests {
         assert_eq!(reloaded.len(), 2);
 
         let rec = reloaded.get("a").unwrap().clone();
-        let dup = TokenRecord { name: "c".into(), ..rec };
+        let dup = TokenRecord {
+            name: "c".into(),
+            ..rec
+        };
         assert!(matches!(
             Tokens::from_records(reloaded.records().cloned().chain([dup])),
             Err(TokenError::DuplicateHash { .. })
