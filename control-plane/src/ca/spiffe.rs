@@ -13,7 +13,7 @@
 use std::fmt;
 use std::str::FromStr;
 
-use super::CaError;
+use super::error::CaError;
 
 /// A validated SPIFFE id of a mesh workload.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]

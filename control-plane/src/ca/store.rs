@@ -21,7 +21,8 @@ use std::path::Path;
 
 use rcgen::KeyPair;
 
-use super::{CaError, MeshCa};
+use super::authority::MeshCa;
+use super::error::CaError;
 use crate::files::{self, Access, FileError};
 
 pub const CA_CERT_FILE: &str = "ca.crt";

@@ -14,7 +14,7 @@ use std::sync::Arc;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 
-use super::CaError;
+use super::error::CaError;
 
 /// The ring crypto provider every meshlet TLS config uses.
 pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {
