@@ -4,7 +4,7 @@
 //! (role admin, no expiry), publishes its plaintext alone plus a newline in
 //! `DATA_DIR/admin.token` (mode 0600, created exclusively: never over an
 //! existing file or through a symlink, see
-//! [`files::create_private_file`](crate::files::create_private_file)) and
+//! [`files::create_private_file`]) and
 //! only then registers its hash in [`Tokens`]; the caller persists the
 //! registry. Later starts read the file (no symlink, owned by this user,
 //! mode without group/other bits) and keep it if it authenticates as an
@@ -21,7 +21,7 @@
 //!   with an error saying what to do.
 //!
 //! The data directory must already exist (see
-//! [`files::ensure_private_dir`](crate::files::ensure_private_dir)).
+//! [`files::ensure_private_dir`]).
 
 use std::path::{Path, PathBuf};
 use std::time::SystemTime;

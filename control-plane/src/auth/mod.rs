@@ -36,6 +36,6 @@ pub use authz::{Action, Denied};
 pub use names::{validate_dns_label, validate_token_name, InvalidName};
 pub use owners::{Claim, Owners, OwnershipError};
 pub use tokens::{
-    bearer_token, AuthError, Principal, Role, SecretToken, TokenError, TokenHash, TokenInfo,
-    TokenRecord, Tokens,
+    bearer_token, AuthError, Principal, Role, RoleError, SecretToken, TokenError, TokenHash,
+    TokenInfo, TokenRecord, Tokens,
 };

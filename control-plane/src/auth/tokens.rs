@@ -51,6 +51,33 @@ impl Role {
         Ok(role)
     }
 
+    /// A role from `meshctl token create --role KIND [--namespace NS] [--service NAME]`:
+    /// `sidecar` needs a service (namespace `default` if not given); `admin`
+    /// and `viewer` take neither.
+    pub fn from_parts(
+        kind: &str,
+        namespace: Option<&str>,
+        service: Option<&str>,
+    ) -> Result<Role, RoleError> {
+        match (kind, service) {
+            ("admin" | "viewer", None) if namespace.is_none() => Ok(if kind == "admin" {
+                Role::Admin
+            } else {
+                Role::Viewer
+            }),
+            ("admin" | "viewer", _) => Err(RoleError::UnexpectedScope {
+                kind: kind.to_owned(),
+            }),
+            ("sidecar", Some(service)) => {
+                Ok(Role::sidecar(namespace.unwrap_or("default"), service)?)
+            }
+            ("sidecar", None) => Err(RoleError::SidecarNeedsService),
+            _ => Err(RoleError::UnknownKind {
+                kind: kind.chars().take(40).collect(),
+            }),
+        }
+    }
+
     /// Checks the names a sidecar role carries.
     pub fn validate(&self) -> Result<(), InvalidName> {
         if let Role::Sidecar { namespace, service } = self {
@@ -211,6 +238,19 @@ pub enum AuthError {
     Unknown,
     #[error("token {name:?} expired")]
     Expired { name: String },
+}
+
+/// Why [`Role::from_parts`] refused its arguments (→ 400).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RoleError {
+    #[error("unknown role {kind:?}: expected admin, viewer or sidecar")]
+    UnknownKind { kind: String },
+    #[error("a sidecar token needs --service (and optionally --namespace)")]
+    SidecarNeedsService,
+    #[error("an {kind} token is not bound to a namespace or service")]
+    UnexpectedScope { kind: String },
+    #[error(transparent)]
+    InvalidName(#[from] InvalidName),
 }
 
 /// Errors managing tokens (create, revoke, load).
@@ -670,6 +710,45 @@ mod tests {
         assert!(matches!(
             Tokens::from_records(reloaded.records().cloned().chain([dup])),
             Err(TokenError::DuplicateHash { .. })
+        ));
+    }
+
+    #[test]
+    fn roles_from_cli_parts() {
+        assert_eq!(Role::from_parts("admin", None, None), Ok(Role::Admin));
+        assert_eq!(Role::from_parts("viewer", None, None), Ok(Role::Viewer));
+        assert_eq!(
+            Role::from_parts("sidecar", None, Some("orders")),
+            Ok(Role::Sidecar {
+                namespace: "default".into(),
+                service: "orders".into()
+            })
+        );
+        assert_eq!(
+            Role::from_parts("sidecar", Some("prod"), Some("orders"))
+                .unwrap()
+                .to_string(),
+            "sidecar(prod/orders)"
+        );
+        assert_eq!(
+            Role::from_parts("sidecar", None, None),
+            Err(RoleError::SidecarNeedsService)
+        );
+        assert!(matches!(
+            Role::from_parts("viewer", None, Some("x")),
+            Err(RoleError::UnexpectedScope { .. })
+        ));
+        assert!(matches!(
+            Role::from_parts("admin", Some("ns"), None),
+            Err(RoleError::UnexpectedScope { .. })
+        ));
+        assert!(matches!(
+            Role::from_parts("root", None, None),
+            Err(RoleError::UnknownKind { .. })
+        ));
+        assert!(matches!(
+            Role::from_parts("sidecar", None, Some("example.com")),
+            Err(RoleError::InvalidName(_))
         ));
     }
 

@@ -14,7 +14,7 @@
 //!   says to remove `ca.crt` to start a new CA.
 //!
 //! The data directory must already exist with mode 0700
-//! ([`files::ensure_private_dir`](crate::files::ensure_private_dir)).
+//! ([`files::ensure_private_dir`]).
 
 use std::io;
 use std::path::Path;
