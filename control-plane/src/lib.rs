@@ -31,6 +31,8 @@
 //! rollback and resource details; [`diff`] the line diff.
 
 pub mod api;
+pub mod auth;
+pub mod ca;
 pub mod client;
 pub mod commands;
 pub mod controller;
@@ -38,6 +40,7 @@ pub mod dashboard;
 pub mod diff;
 pub mod error;
 pub mod events;
+pub mod files;
 pub mod inject;
 pub mod listener;
 pub mod metrics;
