@@ -30,6 +30,7 @@
 //! (traces, trace) and [`output`] (tables, JSON, YAML). [`wire`] holds the API types of delete, diff,
 //! rollback and resource details; [`diff`] the line diff.
 
+pub mod access;
 pub mod api;
 pub mod auth;
 pub mod ca;

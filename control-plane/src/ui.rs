@@ -19,6 +19,7 @@ pub mod paths {
     pub const INDEX: &str = "/";
     pub const SCRIPT: &str = "/ui/app.js";
     pub const STYLE: &str = "/ui/app.css";
+    pub const LOGIN_SCRIPT: &str = "/ui/login.js";
 }
 
 /// The page allows only its own origin (scripts, styles, fetches, the
@@ -78,6 +79,14 @@ macro_rules! asset {
 const INDEX: Asset = asset!("index.html", "text/html; charset=utf-8");
 const SCRIPT: Asset = asset!("app.js", "text/javascript; charset=utf-8");
 const STYLE: Asset = asset!("app.css", "text/css; charset=utf-8");
+const LOGIN: Asset = asset!("login.html", "text/html; charset=utf-8");
+const LOGIN_SCRIPT: Asset = asset!("login.js", "text/javascript; charset=utf-8");
+
+/// The log-in page, which the access guard answers (with 401) to a browser
+/// asking for `/` without a session.
+pub fn login_page() -> Response {
+    LOGIN.serve(&HeaderMap::new())
+}
 
 impl Asset {
     /// 304 when the browser's copy is current, else the file.
@@ -117,6 +126,7 @@ pub fn routes<S: Clone + Send + Sync + 'static>() -> Router<S> {
         .route(paths::INDEX, serve(INDEX))
         .route(paths::SCRIPT, serve(SCRIPT))
         .route(paths::STYLE, serve(STYLE))
+        .route(paths::LOGIN_SCRIPT, serve(LOGIN_SCRIPT))
 }
 
 #[cfg(test)]
@@ -133,6 +143,8 @@ mod tests {
             (INDEX, "text/html"),
             (SCRIPT, "text/javascript"),
             (STYLE, "text/css"),
+            (LOGIN, "text/html"),
+            (LOGIN_SCRIPT, "text/javascript"),
         ] {
             let response = asset.serve(&HeaderMap::new());
             assert_eq!(response.status(), StatusCode::OK);
@@ -158,13 +170,20 @@ mod tests {
         assert!(INDEX.body.contains(&format!("src=\"{}\"", paths::SCRIPT)));
         assert!(INDEX.body.contains(&format!("href=\"{}\"", paths::STYLE)));
         assert_ne!(SCRIPT.etag, STYLE.etag);
+        assert!(LOGIN
+            .body
+            .contains(&format!("src=\"{}\"", paths::LOGIN_SCRIPT)));
         assert_eq!(fnv1a(b""), 0xcbf2_9ce4_8422_2325);
         assert_eq!(&quoted_hex(0x0123_4567_89ab_cdef), b"\"0123456789abcdef\"");
     }
 
     #[test]
     fn the_page_stays_small() {
-        let total = INDEX.body.len() + SCRIPT.body.len() + STYLE.body.len();
+        let total = INDEX.body.len()
+            + SCRIPT.body.len()
+            + STYLE.body.len()
+            + LOGIN.body.len()
+            + LOGIN_SCRIPT.body.len();
         assert!(
             total < 100 * 1024,
             "the dashboard's files are {total} bytes"

@@ -1,0 +1,97 @@
+//! The gate of every API route, in one table: public, or the [`Action`] a
+//! caller's role must allow (`Principal::may`). Routes about one instance
+//! (register, heartbeat, deregister, certificates) let admins and sidecars
+//! through here; their handlers then check the namespace/service the token
+//! is bound to and who holds the instance id.
+//!
+//! A path no route matched (`None`) still needs a credential, so an
+//! unauthenticated caller learns nothing, not even which paths exist.
+
+use meshlet_api::mesh::paths;
+
+use crate::auth::{Action, Denied, Principal, Role};
+
+/// What a route requires.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Gate {
+    /// No credential: `/healthz`, the log-in, the page's static files.
+    Public,
+    /// Any authenticated caller (paths no route matched).
+    Authenticated,
+    /// A caller whose role allows this action.
+    Action(Action<'static>),
+    /// An admin, or a sidecar for the instance's own service (checked
+    /// again by the handler, which knows the service).
+    Instance,
+}
+
+impl Gate {
+    pub fn check(&self, principal: &Principal) -> Result<(), Denied> {
+        match self {
+            Gate::Public | Gate::Authenticated => Ok(()),
+            Gate::Action(action) => principal.may(*action),
+            Gate::Instance => match principal.role {
+                Role::Admin | Role::Sidecar { .. } => Ok(()),
+                Role::Viewer => Err(Denied {
+                    principal: principal.name.clone(),
+                    role: principal.role.to_string(),
+                    action: "change-instance".to_owned(),
+                    reason: "a viewer token may only read",
+                }),
+            },
+        }
+    }
+}
+
+/// The paths of the session (log-in/out) route and the token routes.
+pub mod extra_paths {
+    pub const SESSION: &str = "/api/v1/session";
+    pub const TOKENS: &str = "/api/v1/tokens";
+    pub const TOKEN: &str = "/api/v1/tokens/{name}";
+    pub const CERTIFICATES: &str = "/api/v1/certificates";
+    pub const OTLP_TRACES: &str = "/v1/traces";
+    pub const TRACES: &str = "/api/traces";
+    pub const TRACE: &str = "/api/traces/{id}";
+    pub const METRICS: &str = "/metrics";
+}
+
+/// The gate of the route pattern `path` (axum's matched path,
+/// e.g. `/api/v1/instances/{id}`), `None` when no route matched.
+pub fn gate(path: Option<&str>) -> Gate {
+    use extra_paths::*;
+    let Some(path) = path else {
+        return Gate::Authenticated;
+    };
+    match path {
+        paths::HEALTH | "/ui/app.js" | "/ui/app.css" | "/ui/login.js" => Gate::Public,
+        // Log-in checks the token in its body; log-out only ends the
+        // caller's own session.
+        SESSION => Gate::Public,
+        "/"
+        | paths::DASHBOARD_SERVICES
+        | paths::DASHBOARD_TOPOLOGY
+        | paths::DASHBOARD_POLICIES
+        | paths::DASHBOARD_SERIES
+        | paths::DASHBOARD_EVENTS => Gate::Action(Action::Dashboard),
+        paths::INSTANCES
+        | "/api/v1/instances/{id}"
+        | "/api/v1/instances/{id}/heartbeat"
+        | CERTIFICATES => Gate::Instance,
+        "/api/v1/instances/{id}/stats" => Gate::Action(Action::ReportStats),
+        paths::WATCH => Gate::Action(Action::Watch),
+        paths::SERVICES | "/api/v1/services/{namespace}/{name}" | METRICS => {
+            Gate::Action(Action::ReadRegistry)
+        }
+        paths::RESOURCES | paths::REVISIONS | "/api/v1/resources/info" | "/api/v1/diff" => {
+            Gate::Action(Action::ReadResources)
+        }
+        paths::APPLY | "/api/v1/delete" | "/api/v1/rollback" => {
+            Gate::Action(Action::WriteResources)
+        }
+        OTLP_TRACES => Gate::Action(Action::ExportSpans),
+        TRACES | TRACE => Gate::Action(Action::ReadTraces),
+        TOKENS | TOKEN => Gate::Action(Action::ManageTokens),
+        // A route added without a gate here: admins only, until it gets one.
+        _ => Gate::Action(Action::ManageTokens),
+    }
+}
