@@ -20,13 +20,16 @@
 //! **Invariant:** nothing here does I/O or knows about networking; it only
 //! describes and checks data.
 
+pub mod changes;
 pub mod dashboard;
+pub mod display;
 mod duration;
 pub mod mesh;
 pub mod otlp;
 mod parse;
 pub mod policy;
 pub mod resource;
+pub mod traces;
 
 pub use duration::HumanDuration;
 pub use parse::{parse_documents, ParseError};

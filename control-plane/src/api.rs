@@ -24,11 +24,13 @@ use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
 use axum::{Json, Router};
+use meshlet_api::changes::{self, DeleteRequest, ResourceInfo, RollbackRequest};
 use meshlet_api::mesh::{
     paths, ApplyRequest, Heartbeat, InstanceInfo, Registration, ServiceDetail, ServiceKey,
     ServiceSummary,
 };
 use meshlet_api::otlp::TRACES_PATH;
+use meshlet_api::traces::{self as trace_wire, TraceDetail, TraceSummary};
 use meshlet_api::Resource;
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
@@ -42,9 +44,7 @@ use crate::push::{watch_stream, Published};
 use crate::stats::StatsStore;
 use crate::traces::model::TraceId;
 use crate::traces::receiver::{self, MAX_BODY};
-use crate::traces::wire::{self as trace_wire, TraceDetail, TraceSummary};
 use crate::traces::{TraceQuery, TraceStore};
-use crate::wire::{self, DeleteRequest, ResourceInfo, RollbackRequest};
 
 /// Default and maximum of `GET /api/v1/revisions?limit=`.
 const DEFAULT_HISTORY: usize = 100;
@@ -106,10 +106,10 @@ pub fn router(state: AppState) -> Router {
         )
         .route(paths::RESOURCES, get(resources))
         .route(paths::APPLY, post(apply))
-        .route(wire::paths::DELETE, post(delete))
-        .route(wire::paths::DIFF, post(diff))
-        .route(wire::paths::ROLLBACK, post(rollback))
-        .route(wire::paths::RESOURCE_INFO, get(resource_info))
+        .route(changes::paths::DELETE, post(delete))
+        .route(changes::paths::DIFF, post(diff))
+        .route(changes::paths::ROLLBACK, post(rollback))
+        .route(changes::paths::RESOURCE_INFO, get(resource_info))
         .route(paths::REVISIONS, get(revisions))
         .route(
             TRACES_PATH,

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http::{header, Method, Request};
 use http_body_util::Full;
+use meshlet_api::display::{labels, summary};
 use meshlet_api::mesh::{
     paths, ApplyFile, ApplyReply, ApplyRequest, EndpointEntry, ServiceDetail, ServiceSummary,
 };
@@ -17,7 +18,7 @@ use serde::Serialize;
 
 use crate::client::{send, ClientError, ControlPlane, CONNECT_TIMEOUT};
 use crate::controller::now_ms;
-use crate::output::{age, labels, structured, table, Format};
+use crate::output::{age, structured, table, Format};
 use crate::validate::{read_files, ValidateError};
 
 #[derive(Debug, thiserror::Error)]
@@ -247,7 +248,7 @@ pub fn describe_text(detail: &ServiceDetail, now_ms: u64) -> String {
         let rows: Vec<Vec<String>> = detail
             .policies
             .iter()
-            .map(|p| vec![format!("  {}", p.key()), crate::pipeline::summary(p)])
+            .map(|p| vec![format!("  {}", p.key()), summary(p)])
             .collect();
         // The table's header line is dropped: the section title names it.
         let text = table(&["", ""], &rows);

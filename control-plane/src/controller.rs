@@ -30,7 +30,7 @@ use crate::error::{ApiFailure, StoreError};
 use crate::push::{Hub, Published};
 use crate::registry::{classify, rewind, Plan, Registry};
 use crate::store::{Rewind, Store};
-use crate::wire::{
+use meshlet_api::changes::{
     DeleteReply, DeleteRequest, DiffOutcome, DiffReply, RollbackReply, RollbackRequest,
 };
 
@@ -315,10 +315,10 @@ impl Controller {
                 let action = classify(old, resource);
                 let diff = match (action, old) {
                     (ApplyAction::Configured, Some(old)) => {
-                        Some(crate::diff::line_diff(&to_yaml(old), &to_yaml(resource)))
+                        Some(crate::diff::line_diff(&old.to_yaml(), &resource.to_yaml()))
                     }
                     (ApplyAction::Created, _) => {
-                        Some(crate::diff::line_diff("", &to_yaml(resource)))
+                        Some(crate::diff::line_diff("", &resource.to_yaml()))
                     }
                     _ => None,
                 };
@@ -396,11 +396,6 @@ impl Controller {
             .take(limit)
             .collect())
     }
-}
-
-/// The resource as users write it, in YAML.
-pub fn to_yaml(resource: &Resource) -> String {
-    serde_yaml::to_string(resource).unwrap_or_else(|e| format!("# cannot render: {e}\n"))
 }
 
 fn actor_of(actor: Option<String>) -> String {

@@ -28,6 +28,7 @@ use meshlet_api::dashboard::{
     BreakerView, Golden, HistoryEntry, InstanceView, PoliciesView, RateLimitView, ResourceView,
     Series, SeriesPoint, ServiceView, Topology, TopologyEdge, TopologyNode,
 };
+use meshlet_api::display::{service_display, summary, target};
 use meshlet_api::mesh::{ServiceKey, StatsReport};
 use serde::Deserialize;
 use tokio::sync::watch;
@@ -35,7 +36,6 @@ use tokio::sync::watch;
 use crate::api::{json_body, query, service_keys, AppState};
 use crate::controller::{now_ms, Controller};
 use crate::error::ApiFailure;
-use crate::pipeline::{service_display, summary, target};
 use crate::push::{stopped, Published};
 use crate::stats::{by_edge, by_rate_limit, by_service, StatsStore, Traffic};
 

@@ -51,4 +51,3 @@ pub mod traces;
 pub mod traceview;
 pub mod ui;
 pub mod validate;
-pub mod wire;

@@ -2,7 +2,6 @@
 //! as JSON or YAML (`-o json|yaml`), plus small formatters (ages, span
 //! durations, labels).
 
-use std::collections::BTreeMap;
 use std::time::Duration;
 
 use serde::Serialize;
@@ -82,20 +81,12 @@ pub fn duration_us(micros: f64) -> String {
     }
 }
 
-/// `k=v,k2=v2`, or `<none>`.
-pub fn labels(labels: &BTreeMap<String, String>) -> String {
-    if labels.is_empty() {
-        return "<none>".to_owned();
-    }
-    labels
-        .iter()
-        .map(|(k, v)| format!("{k}={v}"))
-        .collect::<Vec<_>>()
-        .join(",")
-}
-
 #[cfg(test)]
 mod tests {
+    use std::collections::BTreeMap;
+
+    use meshlet_api::display::labels;
+
     use super::*;
 
     #[test]

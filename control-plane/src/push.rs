@@ -18,13 +18,14 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::Stream;
+use meshlet_api::changes::ChangeStamp;
 use meshlet_api::mesh::{MeshDelta, MeshState, ServiceEntry, ServiceKey, WatchEvent};
 use meshlet_api::{Resource, ResourceKey};
 use tokio::sync::watch;
 use tokio::time::Instant;
 
 use crate::registry::{Changes, Registry};
-use crate::store::{ChangeStamp, StoredInstance};
+use crate::store::StoredInstance;
 
 /// How many revisions' changed keys are kept for resuming watchers.
 pub const CHANGE_LOG_LEN: usize = 1024;

@@ -15,10 +15,10 @@ use meshlet_api::otlp::{
     ExportTraceServiceRequest, ExportTraceServiceResponse, KeyValue, Message, Span, SpanKind,
     Status, JSON_CONTENT_TYPE, PROTOBUF_CONTENT_TYPE, TRACES_PATH,
 };
-use meshlet_control_plane::traces::model::{export, to_hex};
-use meshlet_control_plane::traces::wire::{
+use meshlet_api::traces::{
     paths, AttributeValue, SpanKindName, StatusCodeName, TraceDetail, TraceSummary,
 };
+use meshlet_control_plane::traces::model::{export, to_hex};
 use meshlet_control_plane::traceview::now_unix_nanos;
 use serde_json::json;
 
