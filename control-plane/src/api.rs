@@ -13,13 +13,11 @@
 //!
 //! The dashboard page (`/`, `/ui/...`) comes from [`crate::ui`].
 
-use std::collections::BTreeSet;
-use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use axum::body::{Body, Bytes};
 use axum::extract::rejection::{BytesRejection, QueryRejection};
-use axum::extract::{DefaultBodyLimit, FromRef, Path, Query, State};
+use axum::extract::{DefaultBodyLimit, Path, Query, State};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
@@ -32,50 +30,23 @@ use meshlet_api::mesh::{
 use meshlet_api::otlp::TRACES_PATH;
 use meshlet_api::traces::{self as trace_wire, TraceDetail, TraceSummary};
 use meshlet_api::Resource;
-use serde::de::DeserializeOwned;
 use serde::Deserialize;
-use tokio::sync::watch;
 
-use crate::controller::{now_ms, Controller};
+use crate::clock::now_ms;
 use crate::dashboard;
 use crate::error::{ApiFailure, StoreError};
-use crate::events::Activity;
-use crate::push::{watch_stream, Published};
-use crate::stats::StatsStore;
+use crate::extract::{json_body, query};
+use crate::push::watch_stream;
+use crate::state::AppState;
 use crate::traces::model::TraceId;
 use crate::traces::receiver::{self, MAX_BODY};
-use crate::traces::{TraceQuery, TraceStore};
+use crate::traces::TraceQuery;
 
 /// Default and maximum of `GET /api/v1/revisions?limit=`.
 const DEFAULT_HISTORY: usize = 100;
 const MAX_HISTORY: usize = 10_000;
 /// Largest stats report accepted (a few hundred routes).
 const STATS_BODY_LIMIT: usize = 1 << 20;
-
-#[derive(Clone)]
-pub struct AppState {
-    pub controller: Arc<Controller>,
-    pub keepalive: Duration,
-    /// Becomes true on shutdown; ends every watch stream.
-    pub shutdown: watch::Receiver<bool>,
-    pub traces: Arc<TraceStore>,
-    /// The sidecars' stats reports, for the dashboard.
-    pub stats: Arc<StatsStore>,
-    /// Wakes the dashboard's event streams.
-    pub activity: Activity,
-}
-
-impl FromRef<AppState> for Arc<TraceStore> {
-    fn from_ref(state: &AppState) -> Arc<TraceStore> {
-        state.traces.clone()
-    }
-}
-
-impl FromRef<AppState> for Activity {
-    fn from_ref(state: &AppState) -> Activity {
-        state.activity.clone()
-    }
-}
 
 pub fn router(state: AppState) -> Router {
     Router::new()
@@ -127,21 +98,6 @@ pub fn router(state: AppState) -> Router {
             (StatusCode::METHOD_NOT_ALLOWED, Json(body))
         })
         .with_state(state)
-}
-
-/// Decodes a JSON body strictly; any problem is a 400 naming it.
-pub(crate) fn json_body<T: DeserializeOwned>(
-    body: Result<Bytes, BytesRejection>,
-) -> Result<T, ApiFailure> {
-    let body = body.map_err(|e| ApiFailure::BadRequest(format!("cannot read the body: {e}")))?;
-    serde_json::from_slice(&body)
-        .map_err(|e| ApiFailure::BadRequest(format!("invalid request body: {e}")))
-}
-
-pub(crate) fn query<T>(query: Result<Query<T>, QueryRejection>) -> Result<T, ApiFailure> {
-    query
-        .map(|Query(q)| q)
-        .map_err(|e| ApiFailure::BadRequest(format!("invalid query: {}", e.body_text())))
 }
 
 /// Runs a state change to completion even if the client goes away.
@@ -217,23 +173,10 @@ async fn watch(
         .into_response())
 }
 
-/// Every service key: registered or static (even without endpoints).
-pub(crate) fn service_keys(published: &Published) -> BTreeSet<ServiceKey> {
-    let mut keys: BTreeSet<ServiceKey> = published.services.keys().cloned().collect();
-    for resource in published.resources.values() {
-        if let Resource::Service(doc) = resource {
-            keys.insert(ServiceKey {
-                namespace: doc.metadata.namespace.clone(),
-                name: doc.metadata.name.clone(),
-            });
-        }
-    }
-    keys
-}
-
 async fn services(State(state): State<AppState>) -> Json<Vec<ServiceSummary>> {
     let published = state.controller.published();
-    let summaries = service_keys(&published)
+    let summaries = published
+        .service_keys()
         .into_iter()
         .map(|key| {
             let endpoints = published
@@ -258,7 +201,7 @@ async fn service_detail(
 ) -> Result<Json<ServiceDetail>, ApiFailure> {
     let published = state.controller.published();
     let key = ServiceKey { namespace, name };
-    if !service_keys(&published).contains(&key) {
+    if !published.service_keys().contains(&key) {
         return Err(ApiFailure::NotFound(format!(
             "service {:?} not found in namespace {:?}",
             key.name, key.namespace

@@ -17,7 +17,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use meshlet_api::mesh::{
     valid_instance_id, ApplyAction, ApplyReply, ApplyRequest, Heartbeat, Registration,
@@ -26,6 +26,7 @@ use meshlet_api::mesh::{
 use meshlet_api::{parse_documents, Resource, ResourceKey};
 use tokio::sync::watch;
 
+use crate::clock::now_ms;
 use crate::error::{ApiFailure, StoreError};
 use crate::push::{Hub, Published};
 use crate::registry::{classify, rewind, Plan, Registry};
@@ -33,13 +34,6 @@ use crate::store::{Rewind, Store};
 use meshlet_api::changes::{
     DeleteReply, DeleteRequest, DiffOutcome, DiffReply, RollbackReply, RollbackRequest,
 };
-
-pub fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
 
 #[derive(Debug, Clone, Copy)]
 struct Liveness {

@@ -10,7 +10,7 @@
 //! and builds a delta from that, or falls back to a snapshot (itself
 //! serialized at most once per revision). Keepalive lines fill silences.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::convert::Infallible;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -60,6 +60,20 @@ fn line(event: &WatchEvent) -> Bytes {
 }
 
 impl Published {
+    /// Every service key: registered or static (even without endpoints).
+    pub fn service_keys(&self) -> BTreeSet<ServiceKey> {
+        let mut keys: BTreeSet<ServiceKey> = self.services.keys().cloned().collect();
+        for resource in self.resources.values() {
+            if let Resource::Service(doc) = resource {
+                keys.insert(ServiceKey {
+                    namespace: doc.metadata.namespace.clone(),
+                    name: doc.metadata.name.clone(),
+                });
+            }
+        }
+        keys
+    }
+
     /// The view of `registry`; `changes` are the keys its latest revision
     /// touched (`None` at start, when there is no previous revision here).
     pub fn new(registry: &Registry, changes: Option<&Changes>) -> Published {

@@ -314,7 +314,7 @@ async fn second_instance_on_the_same_port_fails_with_one_line() {
 #[test]
 fn meshctl_without_a_control_plane_prints_one_line() {
     let port = free_port();
-    let out = Command::new(env!("CARGO_BIN_EXE_meshctl"))
+    let out = Command::new(common::meshctl_binary())
         .args([
             "--server",
             &format!("http://127.0.0.1:{port}"),

@@ -10,6 +10,7 @@ use std::process::{Command, Stdio};
 
 use common::ControlPlane;
 use http::{Method, StatusCode};
+use meshctl::traceview::now_unix_nanos;
 use meshlet_api::mesh::ApiError;
 use meshlet_api::otlp::{
     ExportTraceServiceRequest, ExportTraceServiceResponse, KeyValue, Message, Span, SpanKind,
@@ -19,7 +20,6 @@ use meshlet_api::traces::{
     paths, AttributeValue, SpanKindName, StatusCodeName, TraceDetail, TraceSummary,
 };
 use meshlet_control_plane::traces::model::{export, to_hex};
-use meshlet_control_plane::traceview::now_unix_nanos;
 use serde_json::json;
 
 const MS: u64 = 1_000_000;

@@ -9,21 +9,43 @@
 //! those items carry `#[allow(dead_code)]`.
 
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::{Method, Request, StatusCode};
 use http_body_util::Full;
+use meshctl::client::{send, HttpError};
 use meshlet_api::mesh::{
     paths, Heartbeat, MeshState, Registration, RegistrationReply, RevisionRecord, WatchEvent,
 };
-use meshlet_control_plane::client::{send, HttpError};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 
 pub const DEADLINE: Duration = Duration::from_secs(10);
+
+/// The `meshctl` binary, a crate of its own: `MESHLET_BIN_DIR`, else next
+/// to this test's executable (`target/<profile>/meshctl`), built by
+/// `cargo build --bins` (or any `cargo test` that includes `-p meshctl`).
+pub fn meshctl_binary() -> PathBuf {
+    if let Some(dir) = std::env::var_os("MESHLET_BIN_DIR") {
+        return PathBuf::from(dir).join("meshctl");
+    }
+    let exe = std::env::current_exe().expect("test executable path");
+    // target/<profile>/deps/<test> → target/<profile>/meshctl
+    let path = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .expect("target dir")
+        .join("meshctl");
+    assert!(
+        path.exists(),
+        "{} not built: run `cargo build --bins` (same profile) first",
+        path.display()
+    );
+    path
+}
 
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
@@ -182,7 +204,7 @@ impl ControlPlane {
     /// `meshctl --server http://ADDR ARGS` (as tester@box) → (exit code,
     /// stdout, stderr).
     pub fn meshctl(&self, args: &[&str]) -> (i32, String, String) {
-        let out = Command::new(env!("CARGO_BIN_EXE_meshctl"))
+        let out = Command::new(meshctl_binary())
             .arg("--server")
             .arg(format!("http://{}", self.addr))
             .args(args)

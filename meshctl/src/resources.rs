@@ -1,7 +1,6 @@
-//! meshctl's commands for applied resources: `get KIND [NAME]`,
-//! `describe KIND NAME`, `delete`, `diff`, `history` and `rollback`, plus
-//! the warnings `apply` prints for policies whose target service is not
-//! registered yet.
+//! meshctl's commands for applied resources: `apply` (with warnings for
+//! policies whose target service is not registered yet), `get KIND [NAME]`,
+//! `describe KIND NAME`, `delete`, `diff`, `history` and `rollback`.
 //!
 //! Data flow: kinds typed on the command line are resolved by
 //! [`resolve_kind`] (any case, singular, plural or a short name); resource
@@ -14,21 +13,20 @@ use std::collections::BTreeSet;
 use std::path::Path;
 use std::time::{Duration, UNIX_EPOCH};
 
-use meshlet_api::display::{service_display, summary, target};
-use meshlet_api::mesh::{
-    paths, ApplyAction, ApplyFile, ApplyRequest, RevisionRecord, ServiceSummary,
-};
-use meshlet_api::{Resource, ResourceKey};
-
-use crate::client::ControlPlane;
-use crate::commands::{actor, emit, CommandError};
-use crate::controller::now_ms;
-use crate::output::{age, structured, table, Format};
-use crate::validate::read_files;
 use meshlet_api::changes::{
     self, ChangeStamp, DeleteAction, DeleteReply, DeleteRequest, DiffReply, ResourceInfo,
     RollbackReply, RollbackRequest,
 };
+use meshlet_api::display::{service_display, summary, target};
+use meshlet_api::mesh::{
+    paths, ApplyAction, ApplyFile, ApplyReply, ApplyRequest, RevisionRecord, ServiceSummary,
+};
+use meshlet_api::{Resource, ResourceKey};
+
+use crate::client::ControlPlane;
+use crate::error::CommandError;
+use crate::output::{age, emit, now_ms, structured, table, Format};
+use crate::validate::read_files;
 
 /// What a kind argument names.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -214,31 +212,6 @@ pub async fn get_resources(
     Ok(true)
 }
 
-/// `meshctl get services [NAME]`: the registry's view, optionally one.
-pub async fn get_services(
-    cp: &ControlPlane,
-    name: Option<&str>,
-    namespace: Option<&str>,
-    format: Format,
-) -> Result<bool, CommandError> {
-    let Some(name) = name else {
-        return crate::commands::get_services(cp, namespace, format).await;
-    };
-    let (name, ns) = name_and_namespace(name, namespace);
-    let services: Vec<ServiceSummary> = cp.get(paths::SERVICES).await?;
-    if !services.iter().any(|s| s.name == name && s.namespace == ns) {
-        return Err(CommandError::ServiceNotFound(service_display(&ns, &name)));
-    }
-    crate::commands::print_services(
-        services
-            .into_iter()
-            .filter(|s| s.name == name && s.namespace == ns)
-            .collect(),
-        format,
-    );
-    Ok(true)
-}
-
 /// The text of `meshctl describe KIND NAME`.
 pub fn describe_resource_text(info: &ResourceInfo, now_ms: u64) -> String {
     let r = &info.resource;
@@ -293,6 +266,42 @@ fn apply_files(path: &Path) -> Result<Vec<ApplyFile>, CommandError> {
             text: f.text,
         })
         .collect())
+}
+
+/// `$USER@$HOSTNAME` (the hostname from /etc/hostname if not exported).
+pub fn actor() -> String {
+    let user = std::env::var("USER").unwrap_or_else(|_| "unknown".into());
+    let host = std::env::var("HOSTNAME")
+        .ok()
+        .filter(|h| !h.is_empty())
+        .or_else(|| {
+            std::fs::read_to_string("/etc/hostname")
+                .ok()
+                .map(|h| h.trim().to_owned())
+        })
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "localhost".into());
+    format!("{user}@{host}")
+}
+
+/// `meshctl apply -f FILE|DIR|-`.
+pub async fn apply(cp: &ControlPlane, path: &Path) -> Result<bool, CommandError> {
+    let request = ApplyRequest {
+        files: apply_files(path)?,
+        actor: Some(actor()),
+    };
+    let reply: ApplyReply = cp.post(paths::APPLY, &request).await?;
+    for outcome in &reply.outcomes {
+        emit(&format!("{} {}\n", outcome.key, outcome.action));
+    }
+    // Policies may name services that register later; say so, but the
+    // apply stands. A failure to list services only skips the warnings.
+    if let Ok(services) = cp.get::<Vec<ServiceSummary>>(paths::SERVICES).await {
+        for warning in target_warnings(&request.files, &services) {
+            eprintln!("{warning}");
+        }
+    }
+    Ok(true)
 }
 
 fn print_deleted(reply: &DeleteReply) {

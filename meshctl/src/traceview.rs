@@ -13,8 +13,8 @@ use std::collections::{HashMap, HashSet};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crate::client::{ClientError, ControlPlane};
-use crate::commands::{emit, CommandError};
-use crate::output::{age, duration_us, structured, table, Format};
+use crate::error::CommandError;
+use crate::output::{age, duration_us, emit, structured, table, Format};
 use meshlet_api::traces::{
     paths, AttributeValue, SpanView, StatusCodeName, TraceDetail, TraceSummary,
 };

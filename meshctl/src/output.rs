@@ -2,7 +2,7 @@
 //! as JSON or YAML (`-o json|yaml`), plus small formatters (ages, span
 //! durations, labels).
 
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
 
@@ -79,6 +79,24 @@ pub fn duration_us(micros: f64) -> String {
         m if m < 60_000_000.0 => format!("{:.2}s", m / 1_000_000.0),
         m => age(Duration::from_secs_f64(m / 1_000_000.0)),
     }
+}
+
+/// The wall clock in Unix milliseconds, what ages are measured from.
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// Writes to stdout. A closed stdout (`meshctl get services | head -1`)
+/// is not an error worth a panic; the rest of the output is dropped.
+pub fn emit(text: &str) {
+    use std::io::Write;
+    let mut stdout = std::io::stdout().lock();
+    let _ = stdout
+        .write_all(text.as_bytes())
+        .and_then(|()| stdout.flush());
 }
 
 #[cfg(test)]
