@@ -1,5 +1,5 @@
-//! Process-level tests of the trace pipeline: OTLP exports (protobuf and
-//! JSON) posted to the real `control-plane` binary, read back through
+//! Tests of the trace pipeline: OTLP exports (protobuf and JSON) posted to
+//! a control plane running in this process, read back through
 //! `/api/traces` and `meshctl traces`/`trace`, and `/metrics` checked with
 //! `promtool` (harness in `common/`).
 
