@@ -13,6 +13,7 @@
 //!
 //! The dashboard page (`/`, `/ui/...`) comes from [`crate::ui`].
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
 use axum::body::{Body, Bytes};
@@ -31,6 +32,7 @@ use meshlet_api::otlp::TRACES_PATH;
 use meshlet_api::traces::{self as trace_wire, TraceDetail, TraceSummary};
 use meshlet_api::Resource;
 use serde::Deserialize;
+use tracing::Instrument;
 
 use crate::clock::now_ms;
 use crate::dashboard;
@@ -97,7 +99,22 @@ pub fn router(state: AppState) -> Router {
             };
             (StatusCode::METHOD_NOT_ALLOWED, Json(body))
         })
+        .layer(axum::middleware::from_fn(request_span))
         .with_state(state)
+}
+
+/// Runs each request in a `request` span (a process-wide id, method,
+/// path), so whatever a handler or the store logs on its behalf says which
+/// request it was.
+async fn request_span(request: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    static NEXT_ID: AtomicU64 = AtomicU64::new(1);
+    let span = tracing::info_span!(
+        "request",
+        id = NEXT_ID.fetch_add(1, Ordering::Relaxed),
+        method = %request.method(),
+        path = %request.uri().path(),
+    );
+    next.run(request).instrument(span).await
 }
 
 /// Runs a state change to completion even if the client goes away.
@@ -108,7 +125,7 @@ pub fn router(state: AppState) -> Router {
 async fn detached<T: Send + 'static>(
     change: impl std::future::Future<Output = Result<T, ApiFailure>> + Send + 'static,
 ) -> Result<T, ApiFailure> {
-    tokio::spawn(change)
+    tokio::spawn(change.in_current_span())
         .await
         .map_err(|e| ApiFailure::Store(StoreError::Task(e.to_string())))?
 }
