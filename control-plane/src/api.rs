@@ -1,5 +1,6 @@
 //! The HTTP API (axum): thin handlers that decode a request, call the
-//! [`Controller`] or read the current [`Published`] revision, and encode the
+//! [`Controller`](crate::controller::Controller) or read the current
+//! published revision (`push::Published`), and encode the
 //! answer. Every failure leaves through [`ApiFailure`] as a JSON `ApiError`.
 //!
 //! Writes go through the controller (one writer); reads never wait for it:
@@ -7,11 +8,12 @@
 //!
 //! Traces take another path: OTLP exports (`POST /v1/traces`, handled by
 //! [`crate::traces::receiver`]) and trace queries go to the in-memory
-//! [`TraceStore`], never to the controller. `/metrics` reads both.
+//! [`TraceStore`](crate::traces::TraceStore), never to the controller. `/metrics` reads both.
 //! The sidecars' stats reports and the dashboard's API are in
-//! [`crate::dashboard`].
+//! `dashboard`.
 //!
-//! The dashboard page (`/`, `/ui/...`) comes from [`crate::ui`].
+//! The dashboard page (`/`, `/ui/...`) comes from `ui`. Every request
+//! runs in a `request` span (see [`router`]).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;

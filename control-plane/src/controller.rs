@@ -12,7 +12,7 @@
 //! `diff` changes nothing and reads the latest published revision. A
 //! rollback asks the store for the change records after the target
 //! revision (under the writer lock, so no revision lands in between),
-//! rebuilds the resources at that revision with [`rewind`] and plans the
+//! rebuilds the resources at that revision with `registry::rewind` and plans the
 //! difference to the current ones as one new revision.
 
 use std::collections::{BTreeMap, HashMap};
