@@ -9,18 +9,25 @@
 //!   then semantic validation ([`Resource::validate`]).
 //! - [`mesh`]: what the control plane, sidecars and meshctl exchange
 //!   (registration, heartbeats, the revisioned watch stream, stats
-//!   reports, API answers) and [`dashboard`]: the dashboard API's answers.
+//!   reports, API answers); [`changes`]: what only the control plane and
+//!   meshctl speak (delete, diff, rollback, each resource's last change);
+//!   [`traces`]: the trace API's answers; [`dashboard`]: the dashboard
+//!   API's answers.
+//! - [`display`]: how meshctl and the dashboard word services and
+//!   resources (one-line summaries).
 //! - [`otlp`]: the subset of OpenTelemetry's OTLP trace messages that
 //!   sidecars export and the control plane receives (protobuf).
 //!
-//! Both the sidecar (standalone `--config`) and the control plane
-//! (`meshctl apply`) use this crate, so a file that one accepts the other
-//! accepts too.
+//! The sidecar (standalone `--config`), the control plane and meshctl all
+//! use this crate, so a file that one accepts the others accept too, and
+//! the two ends of the API cannot disagree on its types.
 //!
-//! **Invariant:** nothing here does I/O or knows about networking; it only
-//! describes and checks data.
+//! **Invariant:** nothing here does I/O or knows about networking (no
+//! runtime, no HTTP, no storage); it only describes and checks data.
 
+pub mod changes;
 pub mod dashboard;
+pub mod display;
 mod duration;
 pub mod limits;
 pub mod mesh;
@@ -28,6 +35,7 @@ pub mod otlp;
 mod parse;
 pub mod policy;
 pub mod resource;
+pub mod traces;
 
 pub use duration::HumanDuration;
 pub use parse::{parse_documents, ParseError};

@@ -201,6 +201,12 @@ impl Resource {
         }
     }
 
+    /// The resource as users write it, in YAML (what `meshctl get -o yaml`
+    /// prints and the control plane's diffs compare).
+    pub fn to_yaml(&self) -> String {
+        serde_yaml::to_string(self).unwrap_or_else(|e| format!("# cannot render: {e}\n"))
+    }
+
     /// The service a policy targets, as `(namespace, name)`; `None` for a
     /// `Service`.
     pub fn target(&self) -> Option<(&str, &str)> {

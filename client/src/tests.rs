@@ -260,7 +260,10 @@ async fn tls_refuses_a_certificate_from_another_ca() {
         .await
         .unwrap_err();
     assert!(matches!(err, ClientError::Tls { .. }), "{err:?}");
-    assert!(err.to_string().contains("invalid peer certificate"), "{err}");
+    assert!(
+        err.to_string().contains("invalid peer certificate"),
+        "{err}"
+    );
 }
 
 #[tokio::test]

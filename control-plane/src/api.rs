@@ -1,5 +1,6 @@
 //! The HTTP API (axum): thin handlers that decode a request, call the
-//! [`Controller`] or read the current [`Published`] revision, and encode the
+//! [`Controller`](crate::controller::Controller) or read the current
+//! published revision (`push::Published`), and encode the
 //! answer. Every failure leaves through [`ApiFailure`] as a JSON `ApiError`.
 //!
 //! Writes go through the controller (one writer); reads never wait for it:
@@ -7,75 +8,49 @@
 //!
 //! Traces take another path: OTLP exports (`POST /v1/traces`, handled by
 //! [`crate::traces::receiver`]) and trace queries go to the in-memory
-//! [`TraceStore`], never to the controller. `/metrics` reads both.
+//! [`TraceStore`](crate::traces::TraceStore), never to the controller. `/metrics` reads both.
 //! The sidecars' stats reports and the dashboard's API are in
-//! [`crate::dashboard`].
+//! `dashboard`.
 //!
-//! The dashboard page (`/`, `/ui/...`) comes from [`crate::ui`].
+//! The dashboard page (`/`, `/ui/...`) comes from `ui`. Every request
+//! runs in a `request` span (see [`router`]).
 
-use std::collections::BTreeSet;
-use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
 
 use axum::body::{Body, Bytes};
 use axum::extract::rejection::{BytesRejection, QueryRejection};
-use axum::extract::{DefaultBodyLimit, FromRef, Path, Query, State};
+use axum::extract::{DefaultBodyLimit, Path, Query, State};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
 use axum::{Json, Router};
+use meshlet_api::changes::{self, DeleteRequest, ResourceInfo, RollbackRequest};
 use meshlet_api::mesh::{
     paths, ApplyRequest, Heartbeat, InstanceInfo, Registration, ServiceDetail, ServiceKey,
     ServiceSummary,
 };
 use meshlet_api::otlp::TRACES_PATH;
+use meshlet_api::traces::{self as trace_wire, TraceDetail, TraceSummary};
 use meshlet_api::Resource;
-use serde::de::DeserializeOwned;
 use serde::Deserialize;
-use tokio::sync::watch;
+use tracing::Instrument;
 
-use crate::controller::{now_ms, Controller};
+use crate::clock::now_ms;
 use crate::dashboard;
 use crate::error::{ApiFailure, StoreError};
-use crate::events::Activity;
-use crate::push::{watch_stream, Published};
-use crate::stats::StatsStore;
+use crate::extract::{json_body, query};
+use crate::push::watch_stream;
+use crate::state::AppState;
 use crate::traces::model::TraceId;
 use crate::traces::receiver::{self, MAX_BODY};
-use crate::traces::wire::{self as trace_wire, TraceDetail, TraceSummary};
-use crate::traces::{TraceQuery, TraceStore};
-use crate::wire::{self, DeleteRequest, ResourceInfo, RollbackRequest};
+use crate::traces::TraceQuery;
 
 /// Default and maximum of `GET /api/v1/revisions?limit=`.
 const DEFAULT_HISTORY: usize = 100;
 const MAX_HISTORY: usize = 10_000;
 /// Largest stats report accepted (a few hundred routes).
 const STATS_BODY_LIMIT: usize = 1 << 20;
-
-#[derive(Clone)]
-pub struct AppState {
-    pub controller: Arc<Controller>,
-    pub keepalive: Duration,
-    /// Becomes true on shutdown; ends every watch stream.
-    pub shutdown: watch::Receiver<bool>,
-    pub traces: Arc<TraceStore>,
-    /// The sidecars' stats reports, for the dashboard.
-    pub stats: Arc<StatsStore>,
-    /// Wakes the dashboard's event streams.
-    pub activity: Activity,
-}
-
-impl FromRef<AppState> for Arc<TraceStore> {
-    fn from_ref(state: &AppState) -> Arc<TraceStore> {
-        state.traces.clone()
-    }
-}
-
-impl FromRef<AppState> for Activity {
-    fn from_ref(state: &AppState) -> Activity {
-        state.activity.clone()
-    }
-}
 
 pub fn router(state: AppState) -> Router {
     Router::new()
@@ -106,10 +81,10 @@ pub fn router(state: AppState) -> Router {
         )
         .route(paths::RESOURCES, get(resources))
         .route(paths::APPLY, post(apply))
-        .route(wire::paths::DELETE, post(delete))
-        .route(wire::paths::DIFF, post(diff))
-        .route(wire::paths::ROLLBACK, post(rollback))
-        .route(wire::paths::RESOURCE_INFO, get(resource_info))
+        .route(changes::paths::DELETE, post(delete))
+        .route(changes::paths::DIFF, post(diff))
+        .route(changes::paths::ROLLBACK, post(rollback))
+        .route(changes::paths::RESOURCE_INFO, get(resource_info))
         .route(paths::REVISIONS, get(revisions))
         .route(
             TRACES_PATH,
@@ -126,22 +101,22 @@ pub fn router(state: AppState) -> Router {
             };
             (StatusCode::METHOD_NOT_ALLOWED, Json(body))
         })
+        .layer(axum::middleware::from_fn(request_span))
         .with_state(state)
 }
 
-/// Decodes a JSON body strictly; any problem is a 400 naming it.
-pub(crate) fn json_body<T: DeserializeOwned>(
-    body: Result<Bytes, BytesRejection>,
-) -> Result<T, ApiFailure> {
-    let body = body.map_err(|e| ApiFailure::BadRequest(format!("cannot read the body: {e}")))?;
-    serde_json::from_slice(&body)
-        .map_err(|e| ApiFailure::BadRequest(format!("invalid request body: {e}")))
-}
-
-pub(crate) fn query<T>(query: Result<Query<T>, QueryRejection>) -> Result<T, ApiFailure> {
-    query
-        .map(|Query(q)| q)
-        .map_err(|e| ApiFailure::BadRequest(format!("invalid query: {}", e.body_text())))
+/// Runs each request in a `request` span (a process-wide id, method,
+/// path), so whatever a handler or the store logs on its behalf says which
+/// request it was.
+async fn request_span(request: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    static NEXT_ID: AtomicU64 = AtomicU64::new(1);
+    let span = tracing::info_span!(
+        "request",
+        id = NEXT_ID.fetch_add(1, Ordering::Relaxed),
+        method = %request.method(),
+        path = %request.uri().path(),
+    );
+    next.run(request).instrument(span).await
 }
 
 /// Runs a state change to completion even if the client goes away.
@@ -152,7 +127,7 @@ pub(crate) fn query<T>(query: Result<Query<T>, QueryRejection>) -> Result<T, Api
 async fn detached<T: Send + 'static>(
     change: impl std::future::Future<Output = Result<T, ApiFailure>> + Send + 'static,
 ) -> Result<T, ApiFailure> {
-    tokio::spawn(change)
+    tokio::spawn(change.in_current_span())
         .await
         .map_err(|e| ApiFailure::Store(StoreError::Task(e.to_string())))?
 }
@@ -217,23 +192,10 @@ async fn watch(
         .into_response())
 }
 
-/// Every service key: registered or static (even without endpoints).
-pub(crate) fn service_keys(published: &Published) -> BTreeSet<ServiceKey> {
-    let mut keys: BTreeSet<ServiceKey> = published.services.keys().cloned().collect();
-    for resource in published.resources.values() {
-        if let Resource::Service(doc) = resource {
-            keys.insert(ServiceKey {
-                namespace: doc.metadata.namespace.clone(),
-                name: doc.metadata.name.clone(),
-            });
-        }
-    }
-    keys
-}
-
 async fn services(State(state): State<AppState>) -> Json<Vec<ServiceSummary>> {
     let published = state.controller.published();
-    let summaries = service_keys(&published)
+    let summaries = published
+        .service_keys()
         .into_iter()
         .map(|key| {
             let endpoints = published
@@ -258,7 +220,7 @@ async fn service_detail(
 ) -> Result<Json<ServiceDetail>, ApiFailure> {
     let published = state.controller.published();
     let key = ServiceKey { namespace, name };
-    if !service_keys(&published).contains(&key) {
+    if !published.service_keys().contains(&key) {
         return Err(ApiFailure::NotFound(format!(
             "service {:?} not found in namespace {:?}",
             key.name, key.namespace

@@ -12,12 +12,12 @@
 //! `diff` changes nothing and reads the latest published revision. A
 //! rollback asks the store for the change records after the target
 //! revision (under the writer lock, so no revision lands in between),
-//! rebuilds the resources at that revision with [`rewind`] and plans the
+//! rebuilds the resources at that revision with `registry::rewind` and plans the
 //! difference to the current ones as one new revision.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use meshlet_api::mesh::{
     valid_instance_id, ApplyAction, ApplyReply, ApplyRequest, Heartbeat, Registration,
@@ -26,20 +26,14 @@ use meshlet_api::mesh::{
 use meshlet_api::{parse_documents, Resource, ResourceKey};
 use tokio::sync::watch;
 
+use crate::clock::now_ms;
 use crate::error::{ApiFailure, StoreError};
 use crate::push::{Hub, Published};
 use crate::registry::{classify, rewind, Plan, Registry};
 use crate::store::{Rewind, Store};
-use crate::wire::{
+use meshlet_api::changes::{
     DeleteReply, DeleteRequest, DiffOutcome, DiffReply, RollbackReply, RollbackRequest,
 };
-
-pub fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
 
 #[derive(Debug, Clone, Copy)]
 struct Liveness {
@@ -315,10 +309,10 @@ impl Controller {
                 let action = classify(old, resource);
                 let diff = match (action, old) {
                     (ApplyAction::Configured, Some(old)) => {
-                        Some(crate::diff::line_diff(&to_yaml(old), &to_yaml(resource)))
+                        Some(crate::diff::line_diff(&old.to_yaml(), &resource.to_yaml()))
                     }
                     (ApplyAction::Created, _) => {
-                        Some(crate::diff::line_diff("", &to_yaml(resource)))
+                        Some(crate::diff::line_diff("", &resource.to_yaml()))
                     }
                     _ => None,
                 };
@@ -396,11 +390,6 @@ impl Controller {
             .take(limit)
             .collect())
     }
-}
-
-/// The resource as users write it, in YAML.
-pub fn to_yaml(resource: &Resource) -> String {
-    serde_yaml::to_string(resource).unwrap_or_else(|e| format!("# cannot render: {e}\n"))
 }
 
 fn actor_of(actor: Option<String>) -> String {

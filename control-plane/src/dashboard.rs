@@ -28,15 +28,17 @@ use meshlet_api::dashboard::{
     BreakerView, Golden, HistoryEntry, InstanceView, PoliciesView, RateLimitView, ResourceView,
     Series, SeriesPoint, ServiceView, Topology, TopologyEdge, TopologyNode,
 };
+use meshlet_api::display::{service_display, summary, target};
 use meshlet_api::mesh::{ServiceKey, StatsReport};
 use serde::Deserialize;
 use tokio::sync::watch;
 
-use crate::api::{json_body, query, service_keys, AppState};
-use crate::controller::{now_ms, Controller};
+use crate::clock::now_ms;
+use crate::controller::Controller;
 use crate::error::ApiFailure;
-use crate::pipeline::{service_display, summary, target};
+use crate::extract::{json_body, query};
 use crate::push::{stopped, Published};
+use crate::state::AppState;
 use crate::stats::{by_edge, by_rate_limit, by_service, StatsStore, Traffic};
 
 /// Revisions listed in the policies view.
@@ -118,7 +120,8 @@ pub async fn services(State(state): State<AppState>) -> Json<Vec<ServiceView>> {
     let published = state.controller.published();
     let mut instances = instances_by_service(&published, &state.controller, now);
     let traffic = state.stats.traffic(now, by_service);
-    let views = service_keys(&published)
+    let views = published
+        .service_keys()
         .into_iter()
         .map(|key| {
             let instances = instances.remove(&key).unwrap_or_default();
@@ -140,7 +143,7 @@ pub async fn services(State(state): State<AppState>) -> Json<Vec<ServiceView>> {
 pub async fn topology(State(state): State<AppState>) -> Json<Topology> {
     let now = now_ms();
     let published = state.controller.published();
-    let keys = service_keys(&published);
+    let keys = published.service_keys();
     let instances = instances_by_service(&published, &state.controller, now);
     let labels: BTreeMap<String, ServiceKey> = keys
         .iter()

@@ -24,7 +24,7 @@ use meshlet_api::dashboard::UpdateEvent;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-use crate::controller::now_ms;
+use crate::clock::now_ms;
 use crate::push::{stopped, Hub};
 
 /// At most one event per this long, per client.

@@ -1,6 +1,11 @@
-//! meshlet's control plane and its command-line client, `meshctl`.
+//! meshlet's control plane (binary `control-plane`): the service registry,
+//! the applied resources in a durable store, every change numbered as a
+//! revision and pushed to every sidecar; also the OTLP trace receiver and
+//! store, the sidecars' stats and the dashboard. Its command-line client,
+//! `meshctl`, is a crate of its own that speaks only the HTTP API; the
+//! types both sides share are in `meshlet_api`.
 //!
-//! Control plane (binary `control-plane`), data flow:
+//! Data flow:
 //!
 //! ```text
 //! HTTP (api) ─► controller (one writer) ─► registry plans a revision
@@ -9,51 +14,45 @@
 //!                    └─► push: Published revision on a watch channel ─► watch streams
 //! ```
 //!
-//! - [`server`]: settings, startup and graceful shutdown of the binary.
-//! - [`api`]: axum routes. [`controller`]: the writer and the reaper.
-//! - [`registry`]: in-memory state and the plans that change it.
+//! - [`server`]: settings, logging, startup and graceful shutdown
+//!   (`run(listener, settings, shutdown)`).
+//! - [`api`]: the axum routes and thin handlers; [`state`]: what every
+//!   handler shares; `extract`: strict body and query decoding.
+//! - [`controller`]: the one writer and the reaper. `registry`: in-memory
+//!   state and the plans that change it; `diff`: the line diff of
+//!   `/api/v1/diff`.
 //! - [`store`]: durable state (redb) behind a trait.
-//! - [`push`]: published revisions, deltas, watch streams.
+//! - `push`: published revisions, deltas, watch streams.
 //! - [`traces`]: the OTLP/HTTP receiver and the in-memory trace store
-//!   (`/v1/traces`, `/api/traces`). [`metrics`]: `/metrics`, read at
-//!   scrape time.
-//! - [`stats`]: the sidecars' stats reports (last 5 minutes, in memory)
-//!   and their aggregations; [`dashboard`]: the dashboard's JSON API and
-//!   the stats endpoint; [`events`]: its server-sent update events.
-//! - [`ui`]: the dashboard page (`control-plane/ui/`, embedded), at `/`.
-//! - [`error`]: error types.
+//!   (`/v1/traces`, `/api/traces`). `metrics`: `/metrics`, read at scrape
+//!   time.
+//! - `stats`: the sidecars' stats reports (last 5 minutes, in memory) and
+//!   their aggregations; `dashboard`: the dashboard's JSON API and the
+//!   stats endpoint; `events`: its server-sent update events; `ui`: the
+//!   dashboard page (`control-plane/ui/`, embedded), at `/`.
+//! - [`error`]: error types. `clock`: the wall clock in milliseconds.
 //!
-//! meshctl (binary `meshctl`): [`validate`] (offline checks), [`client`]
-//! (a small HTTP client on hyper), [`commands`] (get services/endpoints,
-//! describe service, apply, broadcast), [`pipeline`] (get/describe of
-//! resource kinds, delete, diff, history, rollback), [`traceview`]
-//! (traces, trace) and [`output`] (tables, JSON, YAML). [`wire`] holds the API types of delete, diff,
-//! rollback and resource details; [`diff`] the line diff.
+//! Public modules are those the binary and the integration tests use.
 
 pub mod access;
 pub mod api;
 pub mod auth;
 pub mod ca;
-pub mod client;
-pub mod commands;
+pub(crate) mod clock;
 pub mod controller;
-pub mod dashboard;
-pub mod diff;
+pub(crate) mod dashboard;
+pub(crate) mod diff;
 pub mod error;
-pub mod events;
+pub(crate) mod events;
+pub(crate) mod extract;
 pub mod files;
-pub mod inject;
 pub mod listener;
-pub mod metrics;
-pub mod output;
-pub mod pipeline;
-pub mod push;
-pub mod registry;
+pub(crate) mod metrics;
+pub(crate) mod push;
+pub(crate) mod registry;
 pub mod server;
-pub mod stats;
+pub mod state;
+pub(crate) mod stats;
 pub mod store;
 pub mod traces;
-pub mod traceview;
-pub mod ui;
-pub mod validate;
-pub mod wire;
+pub(crate) mod ui;

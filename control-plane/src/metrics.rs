@@ -84,6 +84,14 @@ pub fn render(
     traces: &TraceStore,
     now: Instant,
 ) -> prometheus::Result<String> {
+    let mut f = Families::default();
+    mesh_families(&mut f, controller)?;
+    trace_families(&mut f, traces, now)?;
+    TextEncoder::new().encode_to_string(&f.0)
+}
+
+/// The published revision and the push hub.
+fn mesh_families(f: &mut Families, controller: &Controller) -> prometheus::Result<()> {
     let published = controller.published();
     let hub = controller.hub();
     let healthy = published
@@ -92,10 +100,8 @@ pub fn render(
         .filter(|i| i.registration.healthy)
         .count();
     let unhealthy = published.instances.len() - healthy;
-    let spans = traces.stats(now);
     let revision = i64::try_from(published.revision).unwrap_or(i64::MAX);
 
-    let mut f = Families::default();
     f.gauge(
         "meshlet_control_plane_revision",
         "The current revision of the mesh state.",
@@ -126,6 +132,12 @@ pub fn render(
         "",
         &[("", hub.pushes())],
     )?;
+    Ok(())
+}
+
+/// The trace store's counters.
+fn trace_families(f: &mut Families, traces: &TraceStore, now: Instant) -> prometheus::Result<()> {
+    let spans = traces.stats(now);
     f.counter(
         "meshlet_spans_received_total",
         "Spans received in OTLP exports, valid or not.",
@@ -163,5 +175,5 @@ pub fn render(
         "",
         &[("", count(spans.traces_stored))],
     )?;
-    TextEncoder::new().encode_to_string(&f.0)
+    Ok(())
 }

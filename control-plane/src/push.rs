@@ -10,7 +10,7 @@
 //! and builds a delta from that, or falls back to a snapshot (itself
 //! serialized at most once per revision). Keepalive lines fill silences.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::convert::Infallible;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -18,13 +18,14 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::Stream;
+use meshlet_api::changes::ChangeStamp;
 use meshlet_api::mesh::{MeshDelta, MeshState, ServiceEntry, ServiceKey, WatchEvent};
 use meshlet_api::{Resource, ResourceKey};
 use tokio::sync::watch;
 use tokio::time::Instant;
 
 use crate::registry::{Changes, Registry};
-use crate::store::{ChangeStamp, StoredInstance};
+use crate::store::StoredInstance;
 
 /// How many revisions' changed keys are kept for resuming watchers.
 pub const CHANGE_LOG_LEN: usize = 1024;
@@ -59,6 +60,20 @@ fn line(event: &WatchEvent) -> Bytes {
 }
 
 impl Published {
+    /// Every service key: registered or static (even without endpoints).
+    pub fn service_keys(&self) -> BTreeSet<ServiceKey> {
+        let mut keys: BTreeSet<ServiceKey> = self.services.keys().cloned().collect();
+        for resource in self.resources.values() {
+            if let Resource::Service(doc) = resource {
+                keys.insert(ServiceKey {
+                    namespace: doc.metadata.namespace.clone(),
+                    name: doc.metadata.name.clone(),
+                });
+            }
+        }
+        keys
+    }
+
     /// The view of `registry`; `changes` are the keys its latest revision
     /// touched (`None` at start, when there is no previous revision here).
     pub fn new(registry: &Registry, changes: Option<&Changes>) -> Published {
@@ -276,81 +291,114 @@ pub fn watch_stream(
     keepalive: Duration,
     shutdown: watch::Receiver<bool>,
 ) -> impl Stream<Item = Result<Bytes, Infallible>> + Send + 'static {
-    let mut rx = hub.current.subscribe();
-    let current = rx.borrow_and_update().clone();
-    // A revision of another store must not be resumed: same numbers,
-    // different history.
-    let foreign =
-        requested.is_some_and(|r| r != 0) && requested_epoch.is_some_and(|e| e != current.epoch);
-    // A revision from the future (the control plane lost state) or 0 gets a
-    // snapshot, like a revision too old for the log.
-    let held = requested.filter(|r| *r != 0 && *r <= current.revision && !foreign);
-    let warming_up = foreign && Instant::now() < hub.warmup_until;
-    let first = if warming_up {
-        None
-    } else {
-        hub.catch_up(held, &current)
-    };
-    let watcher = Watcher {
-        rx,
-        held: current.revision,
-        first,
-        snapshot_after: warming_up.then_some(hub.warmup_until),
-        hub,
-        keepalive,
-        next_keepalive: Instant::now() + keepalive,
-        shutdown,
-    };
+    let watcher = Watcher::start(hub, requested, requested_epoch, keepalive, shutdown);
     futures_util::stream::unfold(watcher, |mut w| async move {
-        if let Some(first) = w.first.take() {
-            w.next_keepalive = Instant::now() + w.keepalive;
-            return Some((Ok(w.hub.pushed(first)), w));
+        let line = w.next_line().await?;
+        Some((Ok(line), w))
+    })
+}
+
+impl Watcher {
+    /// Where a new watcher starts: resumed from the revision it holds, or
+    /// a snapshot, or (from another store during the warm-up) nothing yet.
+    fn start(
+        hub: Arc<Hub>,
+        requested: Option<u64>,
+        requested_epoch: Option<u64>,
+        keepalive: Duration,
+        shutdown: watch::Receiver<bool>,
+    ) -> Watcher {
+        let mut rx = hub.current.subscribe();
+        let current = rx.borrow_and_update().clone();
+        // A revision of another store must not be resumed: same numbers,
+        // different history.
+        let foreign = requested.is_some_and(|r| r != 0)
+            && requested_epoch.is_some_and(|e| e != current.epoch);
+        // A revision from the future (the control plane lost state) or 0 gets a
+        // snapshot, like a revision too old for the log.
+        let held = requested.filter(|r| *r != 0 && *r <= current.revision && !foreign);
+        let warming_up = foreign && Instant::now() < hub.warmup_until;
+        let first = if warming_up {
+            None
+        } else {
+            hub.catch_up(held, &current)
+        };
+        Watcher {
+            rx,
+            held: current.revision,
+            first,
+            snapshot_after: warming_up.then_some(hub.warmup_until),
+            hub,
+            keepalive,
+            next_keepalive: Instant::now() + keepalive,
+            shutdown,
         }
-        if let Some(at) = w.snapshot_after {
-            // A watcher from a lost store: keep it waiting (with keepalives)
-            // until the warm-up is over, then send the whole state.
-            let wake = tokio::select! {
-                biased;
-                _ = stopped(&mut w.shutdown) => return None,
-                _ = tokio::time::sleep_until(at) => None,
-                _ = tokio::time::sleep_until(w.next_keepalive) => {
-                    Some(line(&WatchEvent::Keepalive { revision: 0 }))
-                }
-            };
-            w.next_keepalive = Instant::now() + w.keepalive;
-            if let Some(keepalive) = wake {
-                return Some((Ok(keepalive), w));
+    }
+
+    /// The next line of the stream; `None` ends it (shutdown, or the hub
+    /// is gone).
+    async fn next_line(&mut self) -> Option<Bytes> {
+        if let Some(first) = self.first.take() {
+            self.next_keepalive = Instant::now() + self.keepalive;
+            return Some(self.hub.pushed(first));
+        }
+        if let Some(at) = self.snapshot_after {
+            return self.after_warmup(at).await;
+        }
+        self.next_change().await
+    }
+
+    /// A watcher from a lost store: keep it waiting (with keepalives)
+    /// until the warm-up is over at `at`, then send the whole state.
+    async fn after_warmup(&mut self, at: Instant) -> Option<Bytes> {
+        let wake = tokio::select! {
+            biased;
+            _ = stopped(&mut self.shutdown) => return None,
+            _ = tokio::time::sleep_until(at) => None,
+            _ = tokio::time::sleep_until(self.next_keepalive) => {
+                Some(line(&WatchEvent::Keepalive { revision: 0 }))
             }
-            w.snapshot_after = None;
-            let published = w.rx.borrow_and_update().clone();
-            w.held = published.revision;
-            return Some((Ok(w.hub.pushed(published.snapshot_line())), w));
+        };
+        self.next_keepalive = Instant::now() + self.keepalive;
+        if let Some(keepalive) = wake {
+            return Some(keepalive);
         }
+        self.snapshot_after = None;
+        let published = self.rx.borrow_and_update().clone();
+        self.held = published.revision;
+        Some(self.hub.pushed(published.snapshot_line()))
+    }
+
+    /// The delta up to the next published revision, or a keepalive when
+    /// none comes within the keepalive interval.
+    async fn next_change(&mut self) -> Option<Bytes> {
         loop {
             let woke = tokio::select! {
                 biased;
-                _ = stopped(&mut w.shutdown) => return None,
-                changed = w.rx.changed() => match changed {
+                _ = stopped(&mut self.shutdown) => return None,
+                changed = self.rx.changed() => match changed {
                     Ok(()) => Wake::Changed,
                     Err(_) => return None,
                 },
-                _ = tokio::time::sleep_until(w.next_keepalive) => Wake::Keepalive,
+                _ = tokio::time::sleep_until(self.next_keepalive) => Wake::Keepalive,
             };
             let out = match woke {
                 Wake::Changed => {
-                    let published = w.rx.borrow_and_update().clone();
-                    let out = w.hub.catch_up(Some(w.held), &published);
-                    w.held = published.revision;
-                    out.map(|line| w.hub.pushed(line))
+                    let published = self.rx.borrow_and_update().clone();
+                    let out = self.hub.catch_up(Some(self.held), &published);
+                    self.held = published.revision;
+                    out.map(|line| self.hub.pushed(line))
                 }
-                Wake::Keepalive => Some(line(&WatchEvent::Keepalive { revision: w.held })),
+                Wake::Keepalive => Some(line(&WatchEvent::Keepalive {
+                    revision: self.held,
+                })),
             };
             if let Some(bytes) = out {
-                w.next_keepalive = Instant::now() + w.keepalive;
-                return Some((Ok(bytes), w));
+                self.next_keepalive = Instant::now() + self.keepalive;
+                return Some(bytes);
             }
         }
-    })
+    }
 }
 
 #[cfg(test)]

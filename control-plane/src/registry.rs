@@ -20,8 +20,8 @@ use meshlet_api::mesh::{
 };
 use meshlet_api::{Resource, ResourceKey};
 
-use crate::store::{ChangeStamp, Commit, Loaded, ResourceChange, StoredInstance};
-use crate::wire::{DeleteAction, DeleteOutcome};
+use crate::store::{Commit, Loaded, ResourceChange, StoredInstance};
+use meshlet_api::changes::{ChangeStamp, DeleteAction, DeleteOutcome};
 
 /// The actor of revisions made by registrations, health changes and expiry.
 pub const REGISTRY_ACTOR: &str = "registry";

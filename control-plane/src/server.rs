@@ -15,10 +15,11 @@ use std::time::Duration;
 use clap::{Parser, ValueEnum};
 use tokio::sync::watch;
 
-use crate::api::{router, AppState};
+use crate::api::router;
 use crate::controller::Controller;
 use crate::error::StartupError;
 use crate::events::Activity;
+use crate::state::AppState;
 use crate::stats::StatsStore;
 use crate::store::RedbStore;
 use crate::traces::{TraceLimits, TraceStore};

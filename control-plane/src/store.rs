@@ -31,6 +31,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
+use meshlet_api::changes::ChangeStamp;
 use meshlet_api::mesh::{Registration, RevisionRecord};
 use meshlet_api::{Resource, ResourceKey};
 use redb::{ReadableDatabase, ReadableTable, TableDefinition};
@@ -60,25 +61,6 @@ pub struct ResourceChange {
     pub before: Option<Resource>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub after: Option<Resource>,
-}
-
-/// The revision that last changed a resource, when and by whom.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct ChangeStamp {
-    pub revision: u64,
-    pub at_ms: u64,
-    pub actor: String,
-}
-
-impl ChangeStamp {
-    pub fn of(record: &RevisionRecord) -> ChangeStamp {
-        ChangeStamp {
-            revision: record.revision,
-            at_ms: record.at_ms,
-            actor: record.actor.clone(),
-        }
-    }
 }
 
 /// The resource changes needed to go back to a revision.

@@ -1,7 +1,8 @@
-//! Process-level tests: the real `control-plane` binary on a free loopback
-//! port with a temporary data directory, driven over HTTP (harness in
-//! `common/`). No fixed sleeps: every wait polls a condition against a
-//! deadline.
+//! Tests of the HTTP API against a whole control plane on a loopback port
+//! with a temporary data directory: in this process, or the real binary
+//! where a process is the point (kill -9, SIGTERM, a second instance's
+//! exit). Harness in `common/`. No fixed sleeps: every wait polls a
+//! condition against a deadline.
 
 mod common;
 
@@ -186,7 +187,7 @@ fn apply_body(name: &str, text: &str) -> Vec<u8> {
 #[tokio::test]
 async fn apply_and_state_survive_kill_9() {
     let dir = tempfile::tempdir().unwrap();
-    let cp = ControlPlane::start(dir.path(), &[]).await;
+    let cp = ControlPlane::spawn(dir.path(), &[]).await;
     cp.register("orders-1", "orders", 8081).await;
     cp.register("orders-2", "orders", 8082).await;
     assert_eq!(
@@ -264,12 +265,12 @@ async fn apply_and_state_survive_kill_9() {
 #[tokio::test]
 async fn sigterm_ends_watch_streams_and_exits_cleanly() {
     let dir = tempfile::tempdir().unwrap();
-    let mut cp = ControlPlane::start(dir.path(), &[]).await;
+    let mut cp = ControlPlane::spawn(dir.path(), &[]).await;
     let mut watch = cp.watch(None).await;
     watch.next().await.unwrap();
     let status = Command::new("kill")
         .arg("-TERM")
-        .arg(cp.child.id().to_string())
+        .arg(cp.child().id().to_string())
         .status()
         .unwrap();
     assert!(status.success());
@@ -280,7 +281,7 @@ async fn sigterm_ends_watch_streams_and_exits_cleanly() {
         .unwrap();
     let started = Instant::now();
     loop {
-        if let Some(status) = cp.child.try_wait().unwrap() {
+        if let Some(status) = cp.child().try_wait().unwrap() {
             assert!(status.success(), "{status}");
             break;
         }
@@ -314,7 +315,7 @@ async fn second_instance_on_the_same_port_fails_with_one_line() {
 #[test]
 fn meshctl_without_a_control_plane_prints_one_line() {
     let port = free_port();
-    let out = Command::new(env!("CARGO_BIN_EXE_meshctl"))
+    let out = Command::new(common::meshctl_binary())
         .args([
             "--server",
             &format!("http://127.0.0.1:{port}"),

@@ -6,9 +6,10 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use meshlet_api::mesh::RevisionRecord;
-use meshlet_control_plane::api::{router, AppState};
+use meshlet_control_plane::api::router;
 use meshlet_control_plane::controller::Controller;
 use meshlet_control_plane::error::StoreError;
+use meshlet_control_plane::state::AppState;
 use meshlet_control_plane::store::{Commit, Loaded, MemoryStore, Rewind, Store};
 use meshlet_control_plane::traces::{TraceLimits, TraceStore};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};

@@ -1,5 +1,5 @@
-//! Process-level tests of the apply pipeline: the real `control-plane` and
-//! `meshctl` binaries (validation before any change, one revision per
+//! Tests of the apply pipeline: a control plane (in this process; the
+//! binary for kill -9) and the real `meshctl` binary (validation before any change, one revision per
 //! request, diff exit codes, delete, history, rollback with a watcher,
 //! kill -9 after a rollback). Harness in `common/`; waits poll against
 //! deadlines, no fixed sleeps.
@@ -249,7 +249,7 @@ async fn invalid_document_applies_nothing_then_one_revision_diff_and_delete() {
 #[tokio::test]
 async fn rollback_history_watch_and_kill_9() {
     let dir = tempfile::tempdir().unwrap();
-    let cp = ControlPlane::start(dir.path(), &[]).await;
+    let cp = ControlPlane::spawn(dir.path(), &[]).await;
     let file = dir.path().join("p.yaml");
     let f = file.to_str().unwrap();
     std::fs::write(&file, docs(&[LIMIT, TIMEOUT])).unwrap();

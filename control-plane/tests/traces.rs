@@ -1,5 +1,5 @@
-//! Process-level tests of the trace pipeline: OTLP exports (protobuf and
-//! JSON) posted to the real `control-plane` binary, read back through
+//! Tests of the trace pipeline: OTLP exports (protobuf and JSON) posted to
+//! a control plane running in this process, read back through
 //! `/api/traces` and `meshctl traces`/`trace`, and `/metrics` checked with
 //! `promtool` (harness in `common/`).
 
@@ -10,16 +10,16 @@ use std::process::{Command, Stdio};
 
 use common::ControlPlane;
 use http::{Method, StatusCode};
+use meshctl::traceview::now_unix_nanos;
 use meshlet_api::mesh::ApiError;
 use meshlet_api::otlp::{
     ExportTraceServiceRequest, ExportTraceServiceResponse, KeyValue, Message, Span, SpanKind,
     Status, JSON_CONTENT_TYPE, PROTOBUF_CONTENT_TYPE, TRACES_PATH,
 };
-use meshlet_control_plane::traces::model::{export, to_hex};
-use meshlet_control_plane::traces::wire::{
+use meshlet_api::traces::{
     paths, AttributeValue, SpanKindName, StatusCodeName, TraceDetail, TraceSummary,
 };
-use meshlet_control_plane::traceview::now_unix_nanos;
+use meshlet_control_plane::traces::model::{export, to_hex};
 use serde_json::json;
 
 const MS: u64 = 1_000_000;

@@ -11,12 +11,12 @@
 //! - [`otlp_json`]: the OTLP/JSON encoding, converted into the protobuf types.
 //! - [`model`]: ids, the stored span, validation of incoming spans.
 //! - [`store`]: the bounded store and its queries.
-//! - [`wire`]: the API's JSON types, shared with meshctl.
+//!
+//! The API's JSON types are in [`meshlet_api::traces`], shared with meshctl.
 
 pub mod model;
 pub mod otlp_json;
 pub mod receiver;
 pub mod store;
-pub mod wire;
 
 pub use store::{TraceLimits, TraceQuery, TraceStats, TraceStore};

@@ -14,7 +14,7 @@ use meshlet_api::otlp::{
     AnyValue, ExportTraceServiceRequest, KeyValue, Resource, ResourceSpans, ScopeSpans, Span, Value,
 };
 
-use super::wire::{AttributeValue, SpanKindName, StatusCodeName};
+use meshlet_api::traces::{AttributeValue, SpanKindName, StatusCodeName};
 
 /// The resource attribute naming the service that emitted a span.
 pub const SERVICE_NAME: &str = "service.name";

@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 use meshlet_api::otlp::ExportTraceServiceRequest;
 
 use super::model::{accept_spans, Rejections, SpanId, StoredSpan, TraceId};
-use super::wire::{SpanStatus, SpanView, StatusCodeName, TraceDetail, TraceSummary};
+use meshlet_api::traces::{SpanStatus, SpanView, StatusCodeName, TraceDetail, TraceSummary};
 
 /// Default of `limit` in [`TraceQuery`], and its maximum.
 pub const DEFAULT_LIMIT: usize = 20;

@@ -1,7 +1,6 @@
-//! meshctl's commands for applied resources: `get KIND [NAME]`,
-//! `describe KIND NAME`, `delete`, `diff`, `history` and `rollback`, plus
-//! the warnings `apply` prints for policies whose target service is not
-//! registered yet.
+//! meshctl's commands for applied resources: `apply` (with warnings for
+//! policies whose target service is not registered yet), `get KIND [NAME]`,
+//! `describe KIND NAME`, `delete`, `diff`, `history` and `rollback`.
 //!
 //! Data flow: kinds typed on the command line are resolved by
 //! [`resolve_kind`] (any case, singular, plural or a short name); resource
@@ -14,21 +13,20 @@ use std::collections::BTreeSet;
 use std::path::Path;
 use std::time::{Duration, UNIX_EPOCH};
 
+use meshlet_api::changes::{
+    self, ChangeStamp, DeleteAction, DeleteReply, DeleteRequest, DiffReply, ResourceInfo,
+    RollbackReply, RollbackRequest,
+};
+use meshlet_api::display::{service_display, summary, target};
 use meshlet_api::mesh::{
-    paths, ApplyAction, ApplyFile, ApplyRequest, RevisionRecord, ServiceSummary,
+    paths, ApplyAction, ApplyFile, ApplyReply, ApplyRequest, RevisionRecord, ServiceSummary,
 };
 use meshlet_api::{Resource, ResourceKey};
 
 use crate::client::ControlPlane;
-use crate::commands::{actor, emit, CommandError};
-use crate::controller::{now_ms, to_yaml};
-use crate::output::{age, labels, structured, table, Format};
-use crate::store::ChangeStamp;
+use crate::error::CommandError;
+use crate::output::{age, emit, now_ms, structured, table, Format};
 use crate::validate::read_files;
-use crate::wire::{
-    self, DeleteAction, DeleteReply, DeleteRequest, DiffReply, ResourceInfo, RollbackReply,
-    RollbackRequest,
-};
 
 /// What a kind argument names.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -84,50 +82,6 @@ fn name_and_namespace(arg: &str, namespace: Option<&str>) -> (String, String) {
     }
 }
 
-/// A service as meshctl and the sidecars' `destination` label name it:
-/// `name`, or `name.namespace` outside `default`.
-pub fn service_display(namespace: &str, name: &str) -> String {
-    if namespace == "default" {
-        name.to_owned()
-    } else {
-        format!("{name}.{namespace}")
-    }
-}
-
-/// The TARGET column: the service a policy targets.
-pub fn target(resource: &Resource) -> String {
-    match resource.target() {
-        Some((ns, name)) => service_display(ns, name),
-        None => "-".to_owned(),
-    }
-}
-
-fn number(n: f64) -> String {
-    if n.fract() == 0.0 && n.abs() < 1e15 {
-        format!("{}", n as i64)
-    } else {
-        format!("{n}")
-    }
-}
-
-fn route(route: Option<&meshlet_api::RouteMatch>) -> String {
-    let Some(route) = route else {
-        return String::new();
-    };
-    let mut parts = Vec::new();
-    if let Some(prefix) = &route.path_prefix {
-        parts.push(format!("{prefix}*"));
-    }
-    if !route.methods.is_empty() {
-        parts.push(route.methods.join(","));
-    }
-    if parts.is_empty() {
-        String::new()
-    } else {
-        format!(" [{}]", parts.join(" "))
-    }
-}
-
 /// The header of the kind-specific summary column.
 pub fn summary_header(kind: &str) -> &'static str {
     match kind {
@@ -139,85 +93,6 @@ pub fn summary_header(kind: &str) -> &'static str {
         "TrafficSplit" => "SPLIT",
         "TracingPolicy" => "SAMPLING",
         _ => "SUMMARY",
-    }
-}
-
-/// One line saying what a resource does: `10/s burst 20`,
-/// `90% version=v1, 10% version=v2`, ...
-pub fn summary(resource: &Resource) -> String {
-    match resource {
-        Resource::Service(doc) => format!("{} static endpoints", doc.spec.endpoints.len()),
-        Resource::HealthCheckPolicy(doc) => format!(
-            "GET {} every {}, timeout {}",
-            doc.spec.path, doc.spec.interval, doc.spec.timeout
-        ),
-        Resource::RateLimitPolicy(doc) => {
-            let spec = &doc.spec;
-            let limit = match (&spec.token_bucket, &spec.sliding_window) {
-                (Some(bucket), _) => format!(
-                    "{}/s burst {}",
-                    number(bucket.refill_per_second),
-                    bucket.capacity
-                ),
-                (None, Some(window)) => format!("{} per {}", window.requests, window.window),
-                (None, None) => "-".to_owned(),
-            };
-            let key = serde_json::to_value(&spec.key)
-                .ok()
-                .and_then(|v| v.as_str().map(str::to_owned))
-                .unwrap_or_default();
-            let scope = serde_json::to_value(spec.scope)
-                .ok()
-                .and_then(|v| v.as_str().map(str::to_owned))
-                .unwrap_or_default();
-            format!("{limit} per {key}, {scope}{}", route(spec.route.as_ref()))
-        }
-        Resource::CircuitBreakerPolicy(doc) => format!(
-            "{} failures, open {}, max {} concurrent{}",
-            doc.spec.consecutive_failures,
-            doc.spec.open_duration,
-            doc.spec.max_concurrent_requests,
-            route(doc.spec.route.as_ref())
-        ),
-        Resource::RetryPolicy(doc) => {
-            let per_try = doc
-                .spec
-                .per_try_timeout
-                .map(|d| format!(", {d} per try"))
-                .unwrap_or_default();
-            format!(
-                "{} attempts{per_try}{}",
-                doc.spec.attempts,
-                route(doc.spec.route.as_ref())
-            )
-        }
-        Resource::TimeoutPolicy(doc) => {
-            let mut parts = Vec::new();
-            if let Some(d) = doc.spec.request {
-                parts.push(format!("request {d}"));
-            }
-            if let Some(d) = doc.spec.idle {
-                parts.push(format!("idle {d}"));
-            }
-            format!("{}{}", parts.join(", "), route(doc.spec.route.as_ref()))
-        }
-        Resource::TrafficSplit(doc) => {
-            let total: u64 = doc.spec.splits.iter().map(|s| u64::from(s.weight)).sum();
-            doc.spec
-                .splits
-                .iter()
-                .map(|s| {
-                    let percent = (u64::from(s.weight) * 100 + total / 2)
-                        .checked_div(total)
-                        .unwrap_or(0);
-                    format!("{percent}% {}", labels(&s.labels))
-                })
-                .collect::<Vec<_>>()
-                .join(", ")
-        }
-        Resource::TracingPolicy(doc) => {
-            format!("{}% of new traces", number(doc.spec.sampling_ratio * 100.0))
-        }
     }
 }
 
@@ -240,7 +115,7 @@ fn print_resources(format: Format, resources: &[&Resource], single: bool) -> boo
     match format {
         Format::Table => false,
         Format::Yaml => {
-            let docs: Vec<String> = resources.iter().map(|r| to_yaml(r)).collect();
+            let docs: Vec<String> = resources.iter().map(|r| r.to_yaml()).collect();
             emit(&docs.join("---\n"));
             true
         }
@@ -257,7 +132,7 @@ fn print_resources(format: Format, resources: &[&Resource], single: bool) -> boo
 }
 
 async fn resource_infos(cp: &ControlPlane) -> Result<Vec<ResourceInfo>, CommandError> {
-    Ok(cp.get(wire::paths::RESOURCE_INFO).await?)
+    Ok(cp.get(changes::paths::RESOURCE_INFO).await?)
 }
 
 fn not_found(kind: &str, name: &str, namespace: &str) -> CommandError {
@@ -337,31 +212,6 @@ pub async fn get_resources(
     Ok(true)
 }
 
-/// `meshctl get services [NAME]`: the registry's view, optionally one.
-pub async fn get_services(
-    cp: &ControlPlane,
-    name: Option<&str>,
-    namespace: Option<&str>,
-    format: Format,
-) -> Result<bool, CommandError> {
-    let Some(name) = name else {
-        return crate::commands::get_services(cp, namespace, format).await;
-    };
-    let (name, ns) = name_and_namespace(name, namespace);
-    let services: Vec<ServiceSummary> = cp.get(paths::SERVICES).await?;
-    if !services.iter().any(|s| s.name == name && s.namespace == ns) {
-        return Err(CommandError::ServiceNotFound(service_display(&ns, &name)));
-    }
-    crate::commands::print_services(
-        services
-            .into_iter()
-            .filter(|s| s.name == name && s.namespace == ns)
-            .collect(),
-        format,
-    );
-    Ok(true)
-}
-
 /// The text of `meshctl describe KIND NAME`.
 pub fn describe_resource_text(info: &ResourceInfo, now_ms: u64) -> String {
     let r = &info.resource;
@@ -381,7 +231,7 @@ pub fn describe_resource_text(info: &ResourceInfo, now_ms: u64) -> String {
         meta.namespace,
         target(r),
         summary(r),
-        to_yaml(r)
+        r.to_yaml()
     )
 }
 
@@ -418,6 +268,42 @@ fn apply_files(path: &Path) -> Result<Vec<ApplyFile>, CommandError> {
         .collect())
 }
 
+/// `$USER@$HOSTNAME` (the hostname from /etc/hostname if not exported).
+pub fn actor() -> String {
+    let user = std::env::var("USER").unwrap_or_else(|_| "unknown".into());
+    let host = std::env::var("HOSTNAME")
+        .ok()
+        .filter(|h| !h.is_empty())
+        .or_else(|| {
+            std::fs::read_to_string("/etc/hostname")
+                .ok()
+                .map(|h| h.trim().to_owned())
+        })
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "localhost".into());
+    format!("{user}@{host}")
+}
+
+/// `meshctl apply -f FILE|DIR|-`.
+pub async fn apply(cp: &ControlPlane, path: &Path) -> Result<bool, CommandError> {
+    let request = ApplyRequest {
+        files: apply_files(path)?,
+        actor: Some(actor()),
+    };
+    let reply: ApplyReply = cp.post(paths::APPLY, &request).await?;
+    for outcome in &reply.outcomes {
+        emit(&format!("{} {}\n", outcome.key, outcome.action));
+    }
+    // Policies may name services that register later; say so, but the
+    // apply stands. A failure to list services only skips the warnings.
+    if let Ok(services) = cp.get::<Vec<ServiceSummary>>(paths::SERVICES).await {
+        for warning in target_warnings(&request.files, &services) {
+            eprintln!("{warning}");
+        }
+    }
+    Ok(true)
+}
+
 fn print_deleted(reply: &DeleteReply) {
     for outcome in &reply.outcomes {
         if outcome.action == DeleteAction::Deleted {
@@ -439,7 +325,7 @@ pub async fn delete_files(
         actor: Some(actor()),
         ignore_not_found,
     };
-    let reply: DeleteReply = cp.post(wire::paths::DELETE, &request).await?;
+    let reply: DeleteReply = cp.post(changes::paths::DELETE, &request).await?;
     print_deleted(&reply);
     Ok(true)
 }
@@ -469,7 +355,7 @@ pub async fn delete_names(
         actor: Some(actor()),
         ignore_not_found,
     };
-    let reply: DeleteReply = cp.post(wire::paths::DELETE, &request).await?;
+    let reply: DeleteReply = cp.post(changes::paths::DELETE, &request).await?;
     print_deleted(&reply);
     Ok(true)
 }
@@ -497,7 +383,7 @@ pub async fn diff(cp: &ControlPlane, path: &Path) -> Result<bool, CommandError> 
         files: apply_files(path)?,
         actor: None,
     };
-    let reply: DiffReply = cp.post(wire::paths::DIFF, &request).await?;
+    let reply: DiffReply = cp.post(changes::paths::DIFF, &request).await?;
     emit(&diff_text(&reply));
     Ok(reply
         .outcomes
@@ -555,7 +441,7 @@ pub async fn rollback(cp: &ControlPlane, revision: u64) -> Result<bool, CommandE
         revision,
         actor: Some(actor()),
     };
-    let reply: RollbackReply = cp.post(wire::paths::ROLLBACK, &request).await?;
+    let reply: RollbackReply = cp.post(changes::paths::ROLLBACK, &request).await?;
     if !reply.rolled_back {
         emit("nothing to roll back\n");
         return Ok(true);

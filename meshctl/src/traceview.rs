@@ -3,7 +3,7 @@
 //!
 //! Data flow: the filters become the query of `GET /api/traces`, or the id
 //! the path of `GET /api/traces/{id}`; the answers (the
-//! [`crate::traces::wire`] types) are printed as JSON/YAML with `-o`, or
+//! [`meshlet_api::traces`] types) are printed as JSON/YAML with `-o`, or
 //! formatted here: the waterfall orders spans as a tree (children under
 //! their parent, siblings by start time; spans whose parent is not in the
 //! trace start their own tree) and draws each span's place in the trace as
@@ -13,9 +13,9 @@ use std::collections::{HashMap, HashSet};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crate::client::{ClientError, ControlPlane};
-use crate::commands::{emit, CommandError};
-use crate::output::{age, duration_us, structured, table, Format};
-use crate::traces::wire::{
+use crate::error::CommandError;
+use crate::output::{age, duration_us, emit, structured, table, Format};
+use meshlet_api::traces::{
     paths, AttributeValue, SpanView, StatusCodeName, TraceDetail, TraceSummary,
 };
 
@@ -229,7 +229,7 @@ pub fn waterfall(detail: &TraceDetail) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::traces::wire::{SpanKindName, SpanStatus};
+    use meshlet_api::traces::{SpanKindName, SpanStatus};
     use std::collections::BTreeMap;
 
     fn span(id: &str, parent: Option<&str>, service: &str, start_us: u64, end_us: u64) -> SpanView {

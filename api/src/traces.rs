@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 /// Routes of the trace API (the OTLP receiver is at
-/// `meshlet_api::otlp::TRACES_PATH`).
+/// [`crate::otlp::TRACES_PATH`]).
 pub mod paths {
     /// `GET ?service=&minDuration=&limit=`: summaries, newest first.
     pub const TRACES: &str = "/api/traces";
@@ -78,7 +78,7 @@ pub enum SpanKindName {
 impl SpanKindName {
     /// From OTLP's enum number; unknown numbers are `unspecified`.
     pub fn from_otlp(kind: i32) -> SpanKindName {
-        use meshlet_api::otlp::SpanKind;
+        use crate::otlp::SpanKind;
         match SpanKind::try_from(kind) {
             Ok(SpanKind::Internal) => SpanKindName::Internal,
             Ok(SpanKind::Server) => SpanKindName::Server,
@@ -112,7 +112,7 @@ pub enum StatusCodeName {
 impl StatusCodeName {
     /// From OTLP's enum number; unknown numbers are `unset`.
     pub fn from_otlp(code: i32) -> StatusCodeName {
-        use meshlet_api::otlp::StatusCode;
+        use crate::otlp::StatusCode;
         match StatusCode::try_from(code) {
             Ok(StatusCode::Ok) => StatusCodeName::Ok,
             Ok(StatusCode::Error) => StatusCodeName::Error,

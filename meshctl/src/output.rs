@@ -2,8 +2,7 @@
 //! as JSON or YAML (`-o json|yaml`), plus small formatters (ages, span
 //! durations, labels).
 
-use std::collections::BTreeMap;
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
 
@@ -82,20 +81,30 @@ pub fn duration_us(micros: f64) -> String {
     }
 }
 
-/// `k=v,k2=v2`, or `<none>`.
-pub fn labels(labels: &BTreeMap<String, String>) -> String {
-    if labels.is_empty() {
-        return "<none>".to_owned();
-    }
-    labels
-        .iter()
-        .map(|(k, v)| format!("{k}={v}"))
-        .collect::<Vec<_>>()
-        .join(",")
+/// The wall clock in Unix milliseconds, what ages are measured from.
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// Writes to stdout. A closed stdout (`meshctl get services | head -1`)
+/// is not an error worth a panic; the rest of the output is dropped.
+pub fn emit(text: &str) {
+    use std::io::Write;
+    let mut stdout = std::io::stdout().lock();
+    let _ = stdout
+        .write_all(text.as_bytes())
+        .and_then(|()| stdout.flush());
 }
 
 #[cfg(test)]
 mod tests {
+    use std::collections::BTreeMap;
+
+    use meshlet_api::display::labels;
+
     use super::*;
 
     #[test]

@@ -1,44 +1,21 @@
-//! meshctl's commands that talk to the control plane: `get services`,
-//! `get endpoints`, `describe service`, `apply` and `broadcast` (the
-//! resource commands are in [`crate::pipeline`]). Each fetches through [`ControlPlane`], formats
-//! with [`crate::output`] and returns whether it fully succeeded; failures
-//! that stop a command are [`CommandError`]s, printed by `main` as one line.
+//! meshctl's commands about services and their instances: `get services`,
+//! `get endpoints`, `describe service` and `broadcast` (the commands about
+//! applied resources are in [`crate::resources`]). Each fetches through
+//! [`ControlPlane`], formats with [`crate::output`] and returns whether it
+//! fully succeeded; failures that stop a command are [`CommandError`]s.
 
-use std::path::Path;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::{header, Method, Request};
 use http_body_util::Full;
-use meshlet_api::mesh::{
-    paths, ApplyFile, ApplyReply, ApplyRequest, EndpointEntry, ServiceDetail, ServiceSummary,
-};
+use meshlet_api::display::{labels, service_display, summary};
+use meshlet_api::mesh::{paths, EndpointEntry, ServiceDetail, ServiceSummary};
 use serde::Serialize;
 
 use crate::client::{send, ClientError, ControlPlane, CONNECT_TIMEOUT};
-use crate::controller::now_ms;
-use crate::output::{age, labels, structured, table, Format};
-use crate::validate::{read_files, ValidateError};
-
-#[derive(Debug, thiserror::Error)]
-pub enum CommandError {
-    #[error(transparent)]
-    Client(#[from] ClientError),
-    #[error("service {0:?} not found")]
-    ServiceNotFound(String),
-    #[error("trace {0} not found")]
-    TraceNotFound(String),
-    #[error(transparent)]
-    Files(#[from] ValidateError),
-    #[error("cannot read {path}: {source}")]
-    Data {
-        path: String,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("{0}")]
-    Usage(String),
-}
+use crate::error::CommandError;
+use crate::output::{age, emit, now_ms, structured, table, Format};
 
 /// A service named on the command line: `name`, `name.namespace`, or
 /// `name` with `-n namespace`.
@@ -64,22 +41,8 @@ impl ServiceRef {
 
     /// As users write it: `orders`, or `orders.shop` outside `default`.
     pub fn display(&self) -> String {
-        if self.namespace == "default" {
-            self.name.clone()
-        } else {
-            format!("{}.{}", self.name, self.namespace)
-        }
+        service_display(&self.namespace, &self.name)
     }
-}
-
-/// Writes to stdout. A closed stdout (`meshctl get services | head -1`)
-/// is not an error worth a panic; the rest of the output is dropped.
-pub fn emit(text: &str) {
-    use std::io::Write;
-    let mut stdout = std::io::stdout().lock();
-    let _ = stdout
-        .write_all(text.as_bytes())
-        .and_then(|()| stdout.flush());
 }
 
 fn print_structured<T: Serialize>(format: Format, value: &T) -> bool {
@@ -105,26 +68,41 @@ async fn service_detail(
     })
 }
 
-/// `meshctl get services [-n NS]`.
+/// `meshctl get services [NAME] [-n NS]`: the registry's view, all
+/// services (of one namespace with `-n`) or the one named.
 pub async fn get_services(
     cp: &ControlPlane,
+    name: Option<&str>,
     namespace: Option<&str>,
     format: Format,
 ) -> Result<bool, CommandError> {
     let services: Vec<ServiceSummary> = cp.get(paths::SERVICES).await?;
-    let services = services
-        .into_iter()
-        .filter(|s| match namespace {
-            Some(ns) => s.namespace == ns,
-            None => true,
-        })
-        .collect();
-    print_services(services, format);
+    let selected = match name {
+        None => services
+            .into_iter()
+            .filter(|s| match namespace {
+                Some(ns) => s.namespace == ns,
+                None => true,
+            })
+            .collect(),
+        Some(name) => {
+            let wanted = ServiceRef::parse(name, namespace);
+            let one: Vec<ServiceSummary> = services
+                .into_iter()
+                .filter(|s| s.name == wanted.name && s.namespace == wanted.namespace)
+                .collect();
+            if one.is_empty() {
+                return Err(CommandError::ServiceNotFound(wanted.display()));
+            }
+            one
+        }
+    };
+    print_services(selected, format);
     Ok(true)
 }
 
 /// The services table (or JSON/YAML).
-pub fn print_services(services: Vec<ServiceSummary>, format: Format) {
+fn print_services(services: Vec<ServiceSummary>, format: Format) {
     if print_structured(format, &services) {
         return;
     }
@@ -247,7 +225,7 @@ pub fn describe_text(detail: &ServiceDetail, now_ms: u64) -> String {
         let rows: Vec<Vec<String>> = detail
             .policies
             .iter()
-            .map(|p| vec![format!("  {}", p.key()), crate::pipeline::summary(p)])
+            .map(|p| vec![format!("  {}", p.key()), summary(p)])
             .collect();
         // The table's header line is dropped: the section title names it.
         let text = table(&["", ""], &rows);
@@ -265,49 +243,6 @@ pub async fn describe_service(
     let detail = service_detail(cp, service).await?;
     if !print_structured(format, &detail) {
         emit(&describe_text(&detail, now_ms()));
-    }
-    Ok(true)
-}
-
-/// `$USER@$HOSTNAME` (the hostname from /etc/hostname if not exported).
-pub fn actor() -> String {
-    let user = std::env::var("USER").unwrap_or_else(|_| "unknown".into());
-    let host = std::env::var("HOSTNAME")
-        .ok()
-        .filter(|h| !h.is_empty())
-        .or_else(|| {
-            std::fs::read_to_string("/etc/hostname")
-                .ok()
-                .map(|h| h.trim().to_owned())
-        })
-        .filter(|h| !h.is_empty())
-        .unwrap_or_else(|| "localhost".into());
-    format!("{user}@{host}")
-}
-
-/// `meshctl apply -f FILE|DIR|-`.
-pub async fn apply(cp: &ControlPlane, path: &Path) -> Result<bool, CommandError> {
-    let files: Vec<ApplyFile> = read_files(path)?
-        .into_iter()
-        .map(|f| ApplyFile {
-            name: f.name,
-            text: f.text,
-        })
-        .collect();
-    let request = ApplyRequest {
-        files,
-        actor: Some(actor()),
-    };
-    let reply: ApplyReply = cp.post(paths::APPLY, &request).await?;
-    for outcome in &reply.outcomes {
-        emit(&format!("{} {}\n", outcome.key, outcome.action));
-    }
-    // Policies may name services that register later; say so, but the
-    // apply stands. A failure to list services only skips the warnings.
-    if let Ok(services) = cp.get::<Vec<ServiceSummary>>(paths::SERVICES).await {
-        for warning in crate::pipeline::target_warnings(&request.files, &services) {
-            eprintln!("{warning}");
-        }
     }
     Ok(true)
 }

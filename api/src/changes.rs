@@ -1,14 +1,14 @@
-//! The API types of the apply pipeline: delete, diff, rollback and
-//! resource details. Only this crate (the control plane's handlers and
-//! meshctl) speaks them, so they live here rather than in
-//! `meshlet_api::mesh`, which holds what sidecars also need. They travel
-//! as camelCase JSON like the rest of the API.
+//! The API types of changes to applied resources beyond `apply`: delete,
+//! diff, rollback, and each resource with the revision that last changed
+//! it ([`ResourceInfo`], [`ChangeStamp`]). Only the control plane and
+//! meshctl speak them; what sidecars also need (registration, the watch
+//! stream, `apply` itself) is in [`crate::mesh`]. They travel as camelCase
+//! JSON like the rest of the API.
 
-use meshlet_api::mesh::{ApplyAction, ApplyFile};
-use meshlet_api::{Resource, ResourceKey};
 use serde::{Deserialize, Serialize};
 
-use crate::store::ChangeStamp;
+use crate::mesh::{ApplyAction, ApplyFile, RevisionRecord};
+use crate::resource::{Resource, ResourceKey};
 
 /// Routes added by the apply pipeline.
 pub mod paths {
@@ -110,6 +110,26 @@ pub struct RollbackReply {
     pub revision: u64,
     pub rolled_back: bool,
     pub changes: Vec<String>,
+}
+
+/// The revision that last changed a resource, when and by whom. The
+/// control plane's store keeps one per resource; the API shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ChangeStamp {
+    pub revision: u64,
+    pub at_ms: u64,
+    pub actor: String,
+}
+
+impl ChangeStamp {
+    pub fn of(record: &RevisionRecord) -> ChangeStamp {
+        ChangeStamp {
+            revision: record.revision,
+            at_ms: record.at_ms,
+            actor: record.actor.clone(),
+        }
+    }
 }
 
 /// An applied resource and the revision that last changed it (`None` if

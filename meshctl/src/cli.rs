@@ -1,23 +1,28 @@
-//! `meshctl`: the command-line client of meshlet. Flags and dispatch only;
-//! the commands live in the library (`validate`, `commands`, `pipeline`,
-//! `traceview`, `inject`).
+//! meshctl's flags ([`Args`]) and what each command runs ([`run`]): the
+//! offline commands (`validate`, `inject`) directly, the others on a
+//! one-thread runtime against the control plane, each in a small function
+//! that turns flags into a call of [`crate::services`],
+//! [`crate::resources`] or [`crate::traceview`]. Every failure is printed
+//! here as one line, `meshctl: error: ...`.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
-use meshlet_control_plane::client::ControlPlane;
-use meshlet_control_plane::commands::{self, emit, Broadcast, CommandError, ServiceRef};
-use meshlet_control_plane::inject::{self, InjectOptions, Outcome};
-use meshlet_control_plane::output::Format;
-use meshlet_control_plane::pipeline::{self, KindArg};
-use meshlet_control_plane::traceview::{self, TraceFilter};
-use meshlet_control_plane::validate::{read_files, validate_path};
+
+use crate::client::ControlPlane;
+use crate::error::CommandError;
+use crate::inject::{self, InjectOptions, Outcome};
+use crate::output::{emit, Format};
+use crate::resources::{self, KindArg};
+use crate::services::{self, Broadcast, ServiceRef};
+use crate::traceview::{self, TraceFilter};
+use crate::validate::{read_files, validate_path};
 
 #[derive(Debug, Parser)]
 #[command(name = "meshctl", version, about = "meshlet command-line client")]
-struct Args {
+pub struct Args {
     /// The control plane's API.
     #[arg(
         long,
@@ -31,7 +36,7 @@ struct Args {
 }
 
 #[derive(Debug, Subcommand)]
-enum Command {
+pub enum Command {
     /// Check resource files (YAML) offline: syntax, unknown fields, values.
     Validate {
         /// A file, a directory of *.yaml files, or - for stdin.
@@ -227,6 +232,73 @@ fn inject_files(file: PathBuf, options: &InjectOptions) -> ExitCode {
     ExitCode::SUCCESS
 }
 
+/// Runs one parsed command line to its exit code.
+pub fn run(args: Args) -> ExitCode {
+    match args.command {
+        Command::Validate { file } => validate(file),
+        Command::Inject {
+            file,
+            image,
+            control_plane,
+            no_native_sidecar,
+        } => {
+            let options = InjectOptions {
+                image,
+                control_plane,
+                native_sidecar: !no_native_sidecar,
+            };
+            inject_files(file, &options)
+        }
+        command => run_online(&args.server, command),
+    }
+}
+
+/// A command that talks to the control plane, on a one-thread runtime.
+fn run_online(server: &str, command: Command) -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            eprintln!("meshctl: error: cannot start the runtime: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let is_diff = matches!(command, Command::Diff { .. });
+    let result = runtime.block_on(online(server, command));
+    if is_diff {
+        diff_exit_code(result)
+    } else {
+        exit_code(result)
+    }
+}
+
+/// 0 when the command fully succeeded, 1 otherwise.
+fn exit_code(result: Result<bool, CommandError>) -> ExitCode {
+    match result {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::FAILURE,
+        Err(err) => {
+            eprintln!("meshctl: error: {err}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `diff` follows kubectl: 0 nothing would change, 1 something would,
+/// 2 the diff itself failed.
+fn diff_exit_code(result: Result<bool, CommandError>) -> ExitCode {
+    match result {
+        Ok(false) => ExitCode::SUCCESS,
+        Ok(true) => ExitCode::from(1),
+        Err(err) => {
+            eprintln!("meshctl: error: {err}");
+            ExitCode::from(2)
+        }
+    }
+}
+
 async fn online(server: &str, command: Command) -> Result<bool, CommandError> {
     let cp = ControlPlane::new(server)?;
     match command {
@@ -236,74 +308,38 @@ async fn online(server: &str, command: Command) -> Result<bool, CommandError> {
             name,
             namespace,
             output,
-        } => match pipeline::resolve_kind(&kind)? {
-            KindArg::Services => {
-                pipeline::get_services(&cp, name.as_deref(), namespace.as_deref(), output).await
-            }
-            KindArg::Endpoints => {
-                let name = name.ok_or_else(|| {
-                    CommandError::Usage("get endpoints needs a service name".into())
-                })?;
-                let service = ServiceRef::parse(&name, namespace.as_deref());
-                commands::get_endpoints(&cp, &service, output).await
-            }
-            KindArg::Resource(kind) => {
-                pipeline::get_resources(&cp, kind, name.as_deref(), namespace.as_deref(), output)
-                    .await
-            }
-        },
+        } => get(&cp, &kind, name.as_deref(), namespace.as_deref(), output).await,
         Command::Describe {
             kind,
             name,
             namespace,
             output,
-        } => match pipeline::resolve_kind(&kind)? {
-            KindArg::Services => {
-                let service = ServiceRef::parse(&name, namespace.as_deref());
-                commands::describe_service(&cp, &service, output).await
-            }
-            KindArg::Endpoints => Err(CommandError::Usage(
-                "describe endpoints: use describe service NAME".into(),
-            )),
-            KindArg::Resource(kind) => {
-                pipeline::describe_resource(&cp, kind, &name, namespace.as_deref(), output).await
-            }
-        },
-        Command::Apply { file } => commands::apply(&cp, &file).await,
+        } => describe(&cp, &kind, &name, namespace.as_deref(), output).await,
+        Command::Apply { file } => resources::apply(&cp, &file).await,
         Command::Delete {
             file,
             kind,
             names,
             namespace,
             ignore_not_found,
-        } => match (file, kind) {
-            (Some(file), _) => pipeline::delete_files(&cp, &file, ignore_not_found).await,
-            (None, Some(kind)) if !names.is_empty() => match pipeline::resolve_kind(&kind)? {
-                KindArg::Resource(kind) => {
-                    pipeline::delete_names(
-                        &cp,
-                        kind,
-                        &names,
-                        namespace.as_deref(),
-                        ignore_not_found,
-                    )
-                    .await
-                }
-                _ => Err(CommandError::Usage(
-                    "services and endpoints come from registration; delete a Service resource with delete -f".into(),
-                )),
-            },
-            _ => Err(CommandError::Usage(
-                "delete needs -f FILE or KIND NAME...".into(),
-            )),
-        },
-        Command::Diff { file } => pipeline::diff(&cp, &file).await,
+        } => {
+            delete(
+                &cp,
+                file.as_deref(),
+                kind.as_deref(),
+                &names,
+                namespace.as_deref(),
+                ignore_not_found,
+            )
+            .await
+        }
+        Command::Diff { file } => resources::diff(&cp, &file).await,
         Command::History {
             limit,
             resources_only,
             output,
-        } => pipeline::history(&cp, limit, resources_only, output).await,
-        Command::Rollback { revision } => pipeline::rollback(&cp, revision).await,
+        } => resources::history(&cp, limit, resources_only, output).await,
+        Command::Rollback { revision } => resources::rollback(&cp, revision).await,
         Command::Traces {
             service,
             min_duration,
@@ -332,58 +368,76 @@ async fn online(server: &str, command: Command) -> Result<bool, CommandError> {
                 method,
                 timeout,
             };
-            commands::broadcast(&cp, &opts).await
+            services::broadcast(&cp, &opts).await
         }
     }
 }
 
-fn main() -> ExitCode {
-    let args = Args::parse();
-    match args.command {
-        Command::Validate { file } => return validate(file),
-        Command::Inject {
-            file,
-            image,
-            control_plane,
-            no_native_sidecar,
-        } => {
-            let options = InjectOptions {
-                image,
-                control_plane,
-                native_sidecar: !no_native_sidecar,
-            };
-            return inject_files(file, &options);
+/// `meshctl get KIND [NAME]`.
+async fn get(
+    cp: &ControlPlane,
+    kind: &str,
+    name: Option<&str>,
+    namespace: Option<&str>,
+    output: Format,
+) -> Result<bool, CommandError> {
+    match resources::resolve_kind(kind)? {
+        KindArg::Services => services::get_services(cp, name, namespace, output).await,
+        KindArg::Endpoints => {
+            let name = name
+                .ok_or_else(|| CommandError::Usage("get endpoints needs a service name".into()))?;
+            let service = ServiceRef::parse(name, namespace);
+            services::get_endpoints(cp, &service, output).await
         }
-        _ => {}
+        KindArg::Resource(kind) => {
+            resources::get_resources(cp, kind, name, namespace, output).await
+        }
     }
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(runtime) => runtime,
-        Err(err) => {
-            eprintln!("meshctl: error: cannot start the runtime: {err}");
-            return ExitCode::FAILURE;
+}
+
+/// `meshctl describe KIND NAME`.
+async fn describe(
+    cp: &ControlPlane,
+    kind: &str,
+    name: &str,
+    namespace: Option<&str>,
+    output: Format,
+) -> Result<bool, CommandError> {
+    match resources::resolve_kind(kind)? {
+        KindArg::Services => {
+            let service = ServiceRef::parse(name, namespace);
+            services::describe_service(cp, &service, output).await
         }
-    };
-    // diff follows kubectl: 0 nothing would change, 1 something would,
-    // 2 the diff itself failed.
-    if matches!(args.command, Command::Diff { .. }) {
-        return match runtime.block_on(online(&args.server, args.command)) {
-            Ok(false) => ExitCode::SUCCESS,
-            Ok(true) => ExitCode::from(1),
-            Err(err) => {
-                eprintln!("meshctl: error: {err}");
-                ExitCode::from(2)
+        KindArg::Endpoints => Err(CommandError::Usage(
+            "describe endpoints: use describe service NAME".into(),
+        )),
+        KindArg::Resource(kind) => {
+            resources::describe_resource(cp, kind, name, namespace, output).await
+        }
+    }
+}
+
+/// `meshctl delete -f FILE` or `meshctl delete KIND NAME...`.
+async fn delete(
+    cp: &ControlPlane,
+    file: Option<&Path>,
+    kind: Option<&str>,
+    names: &[String],
+    namespace: Option<&str>,
+    ignore_not_found: bool,
+) -> Result<bool, CommandError> {
+    match (file, kind) {
+        (Some(file), _) => resources::delete_files(cp, file, ignore_not_found).await,
+        (None, Some(kind)) if !names.is_empty() => match resources::resolve_kind(kind)? {
+            KindArg::Resource(kind) => {
+                resources::delete_names(cp, kind, names, namespace, ignore_not_found).await
             }
-        };
-    }
-    match runtime.block_on(online(&args.server, args.command)) {
-        Ok(true) => ExitCode::SUCCESS,
-        Ok(false) => ExitCode::FAILURE,
-        Err(err) => {
-            eprintln!("meshctl: error: {err}");
-            ExitCode::FAILURE
-        }
+            _ => Err(CommandError::Usage(
+                "services and endpoints come from registration; delete a Service resource with delete -f".into(),
+            )),
+        },
+        _ => Err(CommandError::Usage(
+            "delete needs -f FILE or KIND NAME...".into(),
+        )),
     }
 }

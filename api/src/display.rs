@@ -1,0 +1,144 @@
+//! How meshctl's tables and the dashboard name services and describe
+//! resources in one line: `orders.shop`, the service a policy targets,
+//! `10/s burst 20 per ...`. Shared so that the CLI and
+//! the dashboard never word the same thing two ways.
+
+use std::collections::BTreeMap;
+
+use crate::policy::RouteMatch;
+use crate::resource::Resource;
+
+/// A service as meshctl and the sidecars' `destination` label name it:
+/// `name`, or `name.namespace` outside `default`.
+pub fn service_display(namespace: &str, name: &str) -> String {
+    if namespace == "default" {
+        name.to_owned()
+    } else {
+        format!("{name}.{namespace}")
+    }
+}
+
+/// The TARGET column: the service a policy targets.
+pub fn target(resource: &Resource) -> String {
+    match resource.target() {
+        Some((ns, name)) => service_display(ns, name),
+        None => "-".to_owned(),
+    }
+}
+
+fn number(n: f64) -> String {
+    if n.fract() == 0.0 && n.abs() < 1e15 {
+        format!("{}", n as i64)
+    } else {
+        format!("{n}")
+    }
+}
+
+fn route(route: Option<&RouteMatch>) -> String {
+    let Some(route) = route else {
+        return String::new();
+    };
+    let mut parts = Vec::new();
+    if let Some(prefix) = &route.path_prefix {
+        parts.push(format!("{prefix}*"));
+    }
+    if !route.methods.is_empty() {
+        parts.push(route.methods.join(","));
+    }
+    if parts.is_empty() {
+        String::new()
+    } else {
+        format!(" [{}]", parts.join(" "))
+    }
+}
+
+/// One line saying what a resource does: `10/s burst 20`,
+/// `90% version=v1, 10% version=v2`, ...
+pub fn summary(resource: &Resource) -> String {
+    match resource {
+        Resource::Service(doc) => format!("{} static endpoints", doc.spec.endpoints.len()),
+        Resource::HealthCheckPolicy(doc) => format!(
+            "GET {} every {}, timeout {}",
+            doc.spec.path, doc.spec.interval, doc.spec.timeout
+        ),
+        Resource::RateLimitPolicy(doc) => {
+            let spec = &doc.spec;
+            let limit = match (&spec.token_bucket, &spec.sliding_window) {
+                (Some(bucket), _) => format!(
+                    "{}/s burst {}",
+                    number(bucket.refill_per_second),
+                    bucket.capacity
+                ),
+                (None, Some(window)) => format!("{} per {}", window.requests, window.window),
+                (None, None) => "-".to_owned(),
+            };
+            let key = serde_json::to_value(&spec.key)
+                .ok()
+                .and_then(|v| v.as_str().map(str::to_owned))
+                .unwrap_or_default();
+            let scope = serde_json::to_value(spec.scope)
+                .ok()
+                .and_then(|v| v.as_str().map(str::to_owned))
+                .unwrap_or_default();
+            format!("{limit} per {key}, {scope}{}", route(spec.route.as_ref()))
+        }
+        Resource::CircuitBreakerPolicy(doc) => format!(
+            "{} failures, open {}, max {} concurrent{}",
+            doc.spec.consecutive_failures,
+            doc.spec.open_duration,
+            doc.spec.max_concurrent_requests,
+            route(doc.spec.route.as_ref())
+        ),
+        Resource::RetryPolicy(doc) => {
+            let per_try = doc
+                .spec
+                .per_try_timeout
+                .map(|d| format!(", {d} per try"))
+                .unwrap_or_default();
+            format!(
+                "{} attempts{per_try}{}",
+                doc.spec.attempts,
+                route(doc.spec.route.as_ref())
+            )
+        }
+        Resource::TimeoutPolicy(doc) => {
+            let mut parts = Vec::new();
+            if let Some(d) = doc.spec.request {
+                parts.push(format!("request {d}"));
+            }
+            if let Some(d) = doc.spec.idle {
+                parts.push(format!("idle {d}"));
+            }
+            format!("{}{}", parts.join(", "), route(doc.spec.route.as_ref()))
+        }
+        Resource::TrafficSplit(doc) => {
+            let total: u64 = doc.spec.splits.iter().map(|s| u64::from(s.weight)).sum();
+            doc.spec
+                .splits
+                .iter()
+                .map(|s| {
+                    let percent = (u64::from(s.weight) * 100 + total / 2)
+                        .checked_div(total)
+                        .unwrap_or(0);
+                    format!("{percent}% {}", labels(&s.labels))
+                })
+                .collect::<Vec<_>>()
+                .join(", ")
+        }
+        Resource::TracingPolicy(doc) => {
+            format!("{}% of new traces", number(doc.spec.sampling_ratio * 100.0))
+        }
+    }
+}
+
+/// `k=v,k2=v2`, or `<none>`.
+pub fn labels(labels: &BTreeMap<String, String>) -> String {
+    if labels.is_empty() {
+        return "<none>".to_owned();
+    }
+    labels
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(",")
+}

@@ -1,0 +1,39 @@
+//! [`AppState`]: what every handler of the API shares (the controller,
+//! the trace and stats stores, the shutdown signal). A leaf: handlers
+//! import it, it imports no handler.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::FromRef;
+use tokio::sync::watch;
+
+use crate::controller::Controller;
+use crate::events::Activity;
+use crate::stats::StatsStore;
+use crate::traces::TraceStore;
+
+#[derive(Clone)]
+pub struct AppState {
+    pub controller: Arc<Controller>,
+    pub keepalive: Duration,
+    /// Becomes true on shutdown; ends every watch stream.
+    pub shutdown: watch::Receiver<bool>,
+    pub traces: Arc<TraceStore>,
+    /// The sidecars' stats reports, for the dashboard.
+    pub stats: Arc<StatsStore>,
+    /// Wakes the dashboard's event streams.
+    pub activity: Activity,
+}
+
+impl FromRef<AppState> for Arc<TraceStore> {
+    fn from_ref(state: &AppState) -> Arc<TraceStore> {
+        state.traces.clone()
+    }
+}
+
+impl FromRef<AppState> for Activity {
+    fn from_ref(state: &AppState) -> Activity {
+        state.activity.clone()
+    }
+}

@@ -1,0 +1,36 @@
+//! `meshctl`, meshlet's command-line client: offline checks and injection
+//! of resource and Kubernetes files, and the control plane's HTTP API
+//! turned into tables, JSON or YAML.
+//!
+//! ```text
+//! main ─► cli (flags, dispatch, exit codes)
+//!           ├─ offline: validate (read and check files), inject (Kubernetes YAML → injected YAML)
+//!           └─ online:  services · resources · traceview ─► client (HTTP/1.1) ─► control plane API
+//!                          └─► output (tables, -o json|yaml) and meshlet_api::display
+//! ```
+//!
+//! - [`cli`]: the flags and what each command runs.
+//! - [`services`]: `get services|endpoints`, `describe service`, `broadcast`.
+//! - [`resources`]: `apply`, `get`/`describe` of resource kinds, `delete`,
+//!   `diff`, `history`, `rollback`.
+//! - [`traceview`]: `traces` (a table) and `trace` (a waterfall).
+//! - [`validate`]: offline checks and the file reading every `-f` shares.
+//! - [`inject`]: `meshctl inject`, pure functions from YAML text to YAML text.
+//! - [`output`]: tables, JSON/YAML, ages, stdout. [`error`]: [`CommandError`].
+//! - [`client`]: a small one-shot HTTP/1.1 client.
+//!
+//! **Invariant:** meshctl speaks to the control plane only through its
+//! HTTP API and the types of `meshlet_api`; it never depends on the server
+//! crate (no axum, no redb in its build).
+
+pub mod cli;
+pub mod client;
+pub mod error;
+pub mod inject;
+pub mod output;
+pub mod resources;
+pub mod services;
+pub mod traceview;
+pub mod validate;
+
+pub use error::CommandError;
