@@ -24,9 +24,9 @@ use prometheus::IntCounter;
 use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::{Instant, Sleep};
 
-use crate::balance::InFlight;
-use crate::framing::RequestGuard;
-use crate::observe::RequestRecord;
+use crate::listen::framing::RequestGuard;
+use crate::telemetry::observe::RequestRecord;
+use crate::upstream::balance::InFlight;
 
 #[derive(Debug)]
 pub struct ProxyBody {

@@ -15,7 +15,7 @@ use std::time::Duration;
 use http::{header, HeaderValue, Response, StatusCode};
 
 use crate::body::ProxyBody;
-use crate::ratelimit::Refusal;
+use crate::policy::ratelimit::Refusal;
 
 /// Header naming why the mesh answered instead of the upstream.
 pub const REASON_HEADER: &str = "x-meshlet-reason";
@@ -114,8 +114,8 @@ impl ProxyError {
 
     /// How a try ended, for breakers and retries (`None`: the request was
     /// refused before reaching any upstream).
-    pub fn outcome(&self) -> Option<crate::policy::Outcome> {
-        use crate::policy::Outcome;
+    pub fn outcome(&self) -> Option<crate::policy::index::Outcome> {
+        use crate::policy::index::Outcome;
         match self {
             ProxyError::ConnectFailed { .. } => Some(Outcome::ConnectFailure),
             ProxyError::Upstream { .. } => Some(Outcome::Reset),

@@ -3,8 +3,8 @@
 //! Three listeners share one immutable view of the mesh ([`snapshot`]):
 //!
 //! ```text
-//!  other services ──► inbound :15006 ──► proxy::Inbound ──► forward ──► local app
-//!  local app ──────► outbound :15001 ──► proxy::Outbound ─► route ─► forward ─► service endpoint
+//!  other services ──► inbound :15006 ──► proxy::handlers::Inbound ──► forward ──► local app
+//!  local app ──────► outbound :15001 ──► proxy::handlers::Outbound ─► route ─► forward ─► service endpoint
 //!  operator ───────► admin :15020 ────► admin::Admin (/live /ready /config_dump /metrics)
 //!  control plane ──► control (register, heartbeat, watch) ─► snapshot swap
 //!  control plane ◄── stats (request counts, latencies, breakers, refusals)
@@ -20,38 +20,19 @@
 //! configuration loading or the control plane; requests read the current
 //! snapshot through an atomic pointer.
 
-pub mod access_log;
-pub mod admin;
-pub mod balance;
-pub mod body;
-pub mod breaker;
+pub(crate) mod admin;
+pub(crate) mod body;
 pub mod cli;
-pub mod client;
-pub mod control;
+pub(crate) mod client;
+pub(crate) mod control;
 pub mod error;
-pub mod forward;
-pub mod framing;
-pub mod headers;
-pub mod health;
 pub mod iptables;
-pub mod metrics;
-pub mod observe;
-pub mod original_dst;
-pub mod policy;
-pub mod pool;
-pub mod proxy;
-pub mod ratelimit;
-pub mod retry;
-pub mod route;
-pub mod route_metrics;
-pub mod server;
+pub(crate) mod listen;
+pub(crate) mod policy;
+pub(crate) mod proxy;
 pub mod settings;
-pub mod snapshot;
-pub mod sniff;
-pub mod stats;
-pub mod trace;
-pub mod transparent;
-pub mod tunnel;
+pub(crate) mod telemetry;
+pub(crate) mod upstream;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -64,9 +45,9 @@ use meshlet_api::Resource;
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
 
+use crate::control::snapshot::{Own, ServiceTarget, Snapshot};
 use crate::error::StartupError;
-use crate::metrics::{destination_label, Direction, Metrics};
-use crate::snapshot::{Own, ServiceTarget, Snapshot};
+use crate::telemetry::metrics::{destination_label, Direction, Metrics};
 
 pub use crate::settings::{Limits, Mode, Settings};
 
@@ -162,7 +143,7 @@ impl InitialConfig {
     /// A sidecar with a control plane starts from its persisted snapshot
     /// when there is a readable one, else empty until the first push.
     pub fn persisted(snapshot_file: &Path) -> Self {
-        match control::load_persisted(snapshot_file) {
+        match control::client::load_persisted(snapshot_file) {
             Ok(Some(state)) => {
                 tracing::info!(file = %snapshot_file.display(), revision = state.revision, "starting from the persisted snapshot");
                 InitialConfig {
@@ -216,12 +197,16 @@ pub async fn run(
         &metrics,
     )));
 
-    let app = Arc::new(proxy::app_target(settings.app_addr, &limits, &metrics));
+    let app = Arc::new(proxy::handlers::app_target(
+        settings.app_addr,
+        &limits,
+        &metrics,
+    ));
     let own_listeners = [&listeners.inbound, &listeners.outbound]
         .iter()
         .filter_map(|l| l.local_addr().ok())
         .collect();
-    let router = Arc::new(route::Router::new(
+    let router = Arc::new(proxy::route::Router::new(
         Arc::clone(&snapshot),
         own_listeners,
         Arc::clone(&limits),
@@ -245,7 +230,7 @@ pub async fn run(
     );
     let (flush_spans, flush_spans_rx) = watch::channel(false);
     let (telemetry, span_export) = start_telemetry(&settings, &snapshot, &metrics, flush_spans_rx);
-    let inbound = proxy::Inbound::new(
+    let inbound = proxy::handlers::Inbound::new(
         app,
         Arc::clone(&snapshot),
         Arc::clone(&limits),
@@ -253,14 +238,14 @@ pub async fn run(
         Arc::clone(&telemetry),
     );
     let interceptions = interceptions(&settings, &listeners, &metrics);
-    let outbound = proxy::Outbound::new(
+    let outbound = proxy::handlers::Outbound::new(
         router,
         Arc::clone(&limits),
         metrics.clone(),
         telemetry,
         &settings.service,
     );
-    let health = health::spawn_prober(
+    let health = control::health::spawn_prober(
         settings.app_addr,
         settings.namespace.clone(),
         settings.service.clone(),
@@ -272,7 +257,7 @@ pub async fn run(
     let (deregister_tx, deregister_rx) = watch::channel(false);
     let mut registration = None;
     let control = settings.control_plane.clone().map(|cp| {
-        let client = control::ControlClient::new(
+        let client = control::client::ControlClient::new(
             Arc::clone(&settings),
             cp,
             Arc::clone(&snapshot),
@@ -282,7 +267,7 @@ pub async fn run(
         );
         client.spawn_watch(initial.state, stop_rx.clone());
         if let Some(interval) = client.cp_settings().stats_interval {
-            stats::spawn(
+            control::stats::spawn(
                 client.cp_settings(),
                 interval,
                 metrics.clone(),
@@ -361,7 +346,7 @@ fn interceptions(
     settings: &Settings,
     listeners: &Listeners,
     metrics: &Metrics,
-) -> [Option<Arc<transparent::Interception>>; 2] {
+) -> [Option<Arc<listen::transparent::Interception>>; 2] {
     if settings.mode != Mode::Transparent {
         return [None, None];
     }
@@ -371,12 +356,12 @@ fn interceptions(
         .filter_map(|l| l.local_addr().ok())
         .collect();
     [
-        Some(Arc::new(transparent::Interception::inbound(
+        Some(Arc::new(listen::transparent::Interception::inbound(
             settings.app_addr,
             connect_timeout,
             metrics.tcp(Direction::Inbound),
         ))),
-        Some(Arc::new(transparent::Interception::outbound(
+        Some(Arc::new(listen::transparent::Interception::outbound(
             own_listeners,
             connect_timeout,
             metrics.tcp(Direction::Outbound),
@@ -392,10 +377,13 @@ const SPAN_FLUSH_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2
 /// writer (`--access-log`). Returns the exporter task to await at exit.
 fn start_telemetry(
     settings: &Settings,
-    snapshot: &snapshot::SharedSnapshot,
+    snapshot: &control::snapshot::SharedSnapshot,
     metrics: &Metrics,
     flush: watch::Receiver<bool>,
-) -> (Arc<observe::Telemetry>, Option<tokio::task::JoinHandle<()>>) {
+) -> (
+    Arc<telemetry::observe::Telemetry>,
+    Option<tokio::task::JoinHandle<()>>,
+) {
     let observability = &settings.observability;
     let endpoint = observability
         .trace_endpoint
@@ -403,7 +391,7 @@ fn start_telemetry(
         .filter(|_| observability.tracing);
     let (exporter, task) = match endpoint {
         Some(endpoint) => {
-            let identity = trace::export::ExporterIdentity {
+            let identity = telemetry::trace::export::ExporterIdentity {
                 service: settings.service.clone(),
                 namespace: settings.namespace.clone(),
                 instance_id: settings.control_plane.as_ref().map_or_else(
@@ -412,7 +400,7 @@ fn start_telemetry(
                 ),
             };
             tracing::info!(%endpoint, "exporting spans (OTLP/HTTP)");
-            let (exporter, task) = trace::export::spawn(
+            let (exporter, task) = telemetry::trace::export::spawn(
                 endpoint,
                 identity,
                 observability.trace_queue,
@@ -425,8 +413,8 @@ fn start_telemetry(
     };
     let access_log = observability
         .access_log
-        .then(|| access_log::AccessLog::spawn(metrics.access_log_dropped()));
-    let telemetry = observe::Telemetry {
+        .then(|| telemetry::access_log::AccessLog::spawn(metrics.access_log_dropped()));
+    let telemetry = telemetry::observe::Telemetry {
         tracing: observability.tracing,
         exporter,
         access_log,
@@ -444,7 +432,7 @@ fn spawn_config_reloader(
     config_file: Option<PathBuf>,
     mut reloads: mpsc::UnboundedReceiver<()>,
     settings: Arc<Settings>,
-    snapshot: snapshot::SharedSnapshot,
+    snapshot: control::snapshot::SharedSnapshot,
     limits: Arc<Limits>,
     metrics: Metrics,
 ) {
@@ -492,8 +480,8 @@ fn spawn_config_reloader(
 /// passthrough) twice per idle timeout, until shutdown.
 fn spawn_idle_sweep(
     app: &Arc<ServiceTarget>,
-    snapshot: &snapshot::SharedSnapshot,
-    router: &Arc<route::Router>,
+    snapshot: &control::snapshot::SharedSnapshot,
+    router: &Arc<proxy::route::Router>,
     idle_timeout: std::time::Duration,
     mut stop: watch::Receiver<bool>,
 ) {
@@ -530,14 +518,14 @@ struct Servers<'a> {
 }
 
 impl Servers<'_> {
-    fn spawn<H: server::Handler>(
+    fn spawn<H: listen::server::Handler>(
         &self,
         name: &'static str,
         listener: TcpListener,
         handler: H,
-        interception: Option<Arc<transparent::Interception>>,
-    ) -> tokio::task::JoinHandle<server::Drain> {
-        tokio::spawn(server::serve(
+        interception: Option<Arc<listen::transparent::Interception>>,
+    ) -> tokio::task::JoinHandle<listen::server::Drain> {
+        tokio::spawn(listen::server::serve(
             name,
             listener,
             handler,

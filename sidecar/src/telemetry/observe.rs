@@ -31,14 +31,14 @@ use std::time::{Instant, SystemTime};
 use http::{HeaderMap, Method, Request, Response, Uri, Version};
 use prometheus::IntCounter;
 
-use crate::access_log::{AccessLog, AccessRecord};
 use crate::body::ProxyBody;
-use crate::forward::Trail;
-use crate::metrics::Direction;
-use crate::route_metrics::{MethodLabel, RouteMetrics};
-use crate::snapshot::SharedSnapshot;
-use crate::trace::export::SpanExporter;
-use crate::trace::{self, Hop, SpanDetails};
+use crate::control::snapshot::SharedSnapshot;
+use crate::telemetry::access_log::{AccessLog, AccessRecord};
+use crate::telemetry::metrics::Direction;
+use crate::telemetry::route_metrics::{MethodLabel, RouteMetrics};
+use crate::telemetry::trace::export::SpanExporter;
+use crate::telemetry::trace::{self, Hop, SpanDetails};
+use crate::upstream::forward::Trail;
 
 /// What every request of one sidecar reports to, besides metrics.
 #[derive(Debug)]
@@ -247,7 +247,7 @@ impl Drop for RequestRecord {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::metrics::Metrics;
+    use crate::telemetry::metrics::Metrics;
 
     fn request() -> Request<()> {
         Request::get("/api/items/1").body(()).unwrap()

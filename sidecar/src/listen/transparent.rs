@@ -20,9 +20,9 @@ use std::time::Duration;
 
 use tokio::net::TcpStream;
 
-use crate::metrics::{Direction, TcpMetrics};
-use crate::route::loops_back;
-use crate::tunnel::copy_both_ways;
+use crate::listen::tunnel::copy_both_ways;
+use crate::proxy::route::loops_back;
+use crate::telemetry::metrics::{Direction, TcpMetrics};
 
 /// The app's address for a connection that was going to `original`: the
 /// app's host on the original port; the configured app address when the
@@ -116,7 +116,7 @@ impl Interception {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::metrics::Metrics;
+    use crate::telemetry::metrics::Metrics;
 
     fn addr(text: &str) -> SocketAddr {
         text.parse().unwrap()

@@ -157,7 +157,7 @@ impl RateLimiter {
     pub fn key<'a>(&self, headers: &'a http::HeaderMap) -> &'a str {
         let value = match &self.spec.key {
             RateLimitKey::Service => return "",
-            RateLimitKey::SourceService => headers.get(crate::headers::SOURCE_HEADER),
+            RateLimitKey::SourceService => headers.get(crate::proxy::headers::SOURCE_HEADER),
             RateLimitKey::Header(name) => headers.get(name.as_str()),
         };
         value

@@ -28,7 +28,7 @@ use http::Method;
 use meshlet_api::Resource;
 use prometheus::{Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, Opts};
 
-use crate::metrics::{Direction, Metrics};
+use crate::telemetry::metrics::{Direction, Metrics};
 
 /// The `endpoint` label of requests no policy prefix matches.
 pub const ALL_PATHS: &str = "/";

@@ -28,11 +28,11 @@ use meshlet_api::policy::{FailureKind, RouteMatch, TimeoutSpec};
 use meshlet_api::{Resource, ResourceKey};
 use serde_json::json;
 
-use crate::breaker::BreakerSet;
-use crate::metrics::{destination_label, Metrics};
-use crate::ratelimit::RateLimiter;
-use crate::retry::RetryPolicy;
-use crate::route_metrics::ALL_PATHS;
+use crate::policy::breaker::BreakerSet;
+use crate::policy::ratelimit::RateLimiter;
+use crate::policy::retry::RetryPolicy;
+use crate::telemetry::metrics::{destination_label, Metrics};
+use crate::telemetry::route_metrics::ALL_PATHS;
 
 /// How one try to an endpoint ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -325,7 +325,7 @@ impl OutboundPolicies {
             "retries": self.retries.iter().map(|r| {
                 let (requests, retries) = r.budget.totals(now);
                 json!({"name": r.name, "spec": r.spec,
-                       "budget": {"windowSeconds": crate::retry::BUDGET_WINDOW.as_secs(),
+                       "budget": {"windowSeconds": crate::policy::retry::BUDGET_WINDOW.as_secs(),
                                   "requests": requests, "retries": retries}})
             }).collect::<Vec<_>>(),
             "timeouts": self.timeouts.iter().map(|t| json!({

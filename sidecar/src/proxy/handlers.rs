@@ -36,22 +36,22 @@ use hyper::upgrade::OnUpgrade;
 use prometheus::IntCounter;
 use tokio::net::TcpStream;
 
-use crate::balance::{Balancer, Endpoint, Tried};
 use crate::body::ProxyBody;
+use crate::control::snapshot::{ServiceTarget, SharedSnapshot};
 use crate::error::ProxyError;
-use crate::forward::forward;
-use crate::headers::{add_forwarded, strip_hop_by_hop, wants_upgrade, SOURCE_HEADER};
-use crate::metrics::{Direction, Metrics};
-use crate::observe::{RequestRecord, Telemetry};
-use crate::policy::RoutePolicies;
-use crate::pool::ConnPool;
-use crate::route::{Authority, Router};
-use crate::route_metrics::{RouteMetrics, RouteTable};
-use crate::server::{Handler, Peer};
+use crate::listen::server::{Handler, Peer};
+use crate::listen::transparent::app_address;
+use crate::listen::tunnel;
+use crate::policy::index::RoutePolicies;
+use crate::proxy::headers::{add_forwarded, strip_hop_by_hop, wants_upgrade, SOURCE_HEADER};
+use crate::proxy::route::{Authority, Router};
 use crate::settings::Limits;
-use crate::snapshot::{ServiceTarget, SharedSnapshot};
-use crate::transparent::app_address;
-use crate::tunnel;
+use crate::telemetry::metrics::{Direction, Metrics};
+use crate::telemetry::observe::{RequestRecord, Telemetry};
+use crate::telemetry::route_metrics::{RouteMetrics, RouteTable};
+use crate::upstream::balance::{Balancer, Endpoint, Tried};
+use crate::upstream::forward::forward;
+use crate::upstream::pool::ConnPool;
 
 /// The local app at `addr` as a forwarding target (one endpoint, its
 /// pool); counted as inbound traffic of the own service.

@@ -26,13 +26,15 @@ use meshlet_api::mesh::MeshState;
 use meshlet_api::{HealthCheckSpec, Resource};
 use serde_json::json;
 
-use crate::balance::{Balancer, Endpoint};
-use crate::breaker::State;
-use crate::metrics::{destination_label, BreakerSample, Direction, Metrics, TargetMetrics};
-use crate::policy::{InboundPolicies, OutboundPolicies, PolicyState};
-use crate::pool::ConnPool;
-use crate::route_metrics::RouteTable;
+use crate::policy::breaker::State;
+use crate::policy::index::{InboundPolicies, OutboundPolicies, PolicyState};
 use crate::settings::Limits;
+use crate::telemetry::metrics::{
+    destination_label, BreakerSample, Direction, Metrics, TargetMetrics,
+};
+use crate::telemetry::route_metrics::RouteTable;
+use crate::upstream::balance::{Balancer, Endpoint};
+use crate::upstream::pool::ConnPool;
 
 /// Where a request for one destination goes: a service of the mesh, or a
 /// single passthrough address.

@@ -35,8 +35,8 @@ use prometheus::{
     Encoder, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
-use crate::route_metrics::{RouteFamilies, RouteMetrics, RouteTable, ALL_PATHS};
-use crate::trace::export::ExportCounters;
+use crate::telemetry::route_metrics::{RouteFamilies, RouteMetrics, RouteTable, ALL_PATHS};
+use crate::telemetry::trace::export::ExportCounters;
 
 /// The `destination` label of every passthrough destination (never the
 /// raw host: any address could be asked for).

@@ -32,12 +32,12 @@ use tokio::sync::{mpsc, watch};
 
 use crate::body::ProxyBody;
 use crate::error::ProxyError;
-use crate::framing::{FramingGuard, GuardConfig, InFlightRequests, RefusalAnswer};
-use crate::metrics::ListenerMetrics;
-use crate::original_dst::original_destination;
+use crate::listen::framing::{FramingGuard, GuardConfig, InFlightRequests, RefusalAnswer};
+use crate::listen::original_dst::original_destination;
+use crate::listen::sniff::{self, Listener, Protocol};
+use crate::listen::transparent::Interception;
 use crate::settings::Limits;
-use crate::sniff::{self, Listener, Protocol};
-use crate::transparent::Interception;
+use crate::telemetry::metrics::ListenerMetrics;
 
 /// What a listener does with each request.
 pub trait Handler: Clone + Send + Sync + 'static {

@@ -25,15 +25,15 @@ use std::time::Duration;
 use http::{Request, Response};
 use tokio::time::Instant;
 
-use crate::balance::Tried;
 use crate::body::ProxyBody;
-use crate::breaker::{BreakerPermit, MAX_PENDING_WAIT};
+use crate::control::snapshot::ServiceTarget;
 use crate::error::ProxyError;
-use crate::policy::{Outcome, RoutePolicies};
-use crate::pool::SendError;
-use crate::retry::{NotReplayable, RetryPolicy};
+use crate::policy::breaker::{BreakerPermit, MAX_PENDING_WAIT};
+use crate::policy::index::{Outcome, RoutePolicies};
+use crate::policy::retry::{NotReplayable, RetryPolicy};
 use crate::settings::Limits;
-use crate::snapshot::ServiceTarget;
+use crate::upstream::balance::Tried;
+use crate::upstream::pool::SendError;
 
 /// Endpoints tried for one request before giving up on connect failures.
 const MAX_CONNECT_ATTEMPTS: usize = 3;

@@ -18,7 +18,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
-use crate::pool::ConnPool;
+use crate::upstream::pool::ConnPool;
 
 /// How long an endpoint that refused a connection is skipped.
 const EJECTION: Duration = Duration::from_secs(5);
@@ -178,8 +178,8 @@ fn now_ms() -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::pool::ConnPool;
     use crate::settings::Limits;
+    use crate::upstream::pool::ConnPool;
 
     fn balancer(n: u16) -> Balancer {
         let limits = Arc::new(Limits::default());

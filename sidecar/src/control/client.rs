@@ -30,10 +30,10 @@ use serde_json::json;
 use tokio::sync::watch;
 
 use crate::client::{self, ClientError};
-use crate::health::AppHealth;
-use crate::metrics::Metrics;
+use crate::control::health::AppHealth;
+use crate::control::snapshot::{Own, SharedSnapshot, Snapshot};
 use crate::settings::{ControlPlaneSettings, Limits, Settings};
-use crate::snapshot::{Own, SharedSnapshot, Snapshot};
+use crate::telemetry::metrics::Metrics;
 
 /// Deadline of one registration, heartbeat or deregistration call.
 const CALL_TIMEOUT: Duration = Duration::from_secs(2);

@@ -23,13 +23,13 @@ use std::time::{Duration, Instant};
 
 use http::{header, Request};
 
-use crate::balance::{Balancer, Endpoint};
+use crate::control::snapshot::{ServiceTarget, SharedSnapshot};
 use crate::error::ProxyError;
-use crate::metrics::{Direction, Metrics, PASSTHROUGH};
-use crate::pool::ConnPool;
-use crate::route_metrics::{RouteTable, ALL_PATHS};
 use crate::settings::Limits;
-use crate::snapshot::{ServiceTarget, SharedSnapshot};
+use crate::telemetry::metrics::{Direction, Metrics, PASSTHROUGH};
+use crate::telemetry::route_metrics::{RouteTable, ALL_PATHS};
+use crate::upstream::balance::{Balancer, Endpoint};
+use crate::upstream::pool::ConnPool;
 
 /// Passthrough destinations kept (with their connection pools) at most.
 const MAX_PASSTHROUGH_TARGETS: usize = 1024;
@@ -298,7 +298,7 @@ mod tests {
 #[cfg(test)]
 mod intercepted_tests {
     use super::*;
-    use crate::snapshot::{Own, Snapshot};
+    use crate::control::snapshot::{Own, Snapshot};
     use arc_swap::ArcSwap;
     use meshlet_api::mesh::MeshState;
 

@@ -1,0 +1,6 @@
+//! Policies.
+
+pub(crate) mod breaker;
+pub(crate) mod index;
+pub(crate) mod ratelimit;
+pub(crate) mod retry;
