@@ -25,8 +25,8 @@ use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::{Instant, Sleep};
 
 use crate::listen::framing::RequestGuard;
-use crate::telemetry::observe::RequestRecord;
-use crate::upstream::balance::InFlight;
+use crate::telemetry::observe::{CarriesRecord, RequestRecord};
+use crate::upstream::in_flight::InFlight;
 
 #[derive(Debug)]
 pub struct ProxyBody {
@@ -150,6 +150,12 @@ impl ProxyBody {
     pub fn counting(mut self, bytes: IntCounter) -> Self {
         self.bytes = Some(bytes);
         self
+    }
+}
+
+impl CarriesRecord for ProxyBody {
+    fn carrying(self, bytes: IntCounter, record: RequestRecord) -> Self {
+        self.counting(bytes).with_completion(record)
     }
 }
 

@@ -114,8 +114,8 @@ impl ProxyError {
 
     /// How a try ended, for breakers and retries (`None`: the request was
     /// refused before reaching any upstream).
-    pub fn outcome(&self) -> Option<crate::policy::index::Outcome> {
-        use crate::policy::index::Outcome;
+    pub fn outcome(&self) -> Option<crate::policy::outcome::Outcome> {
+        use crate::policy::outcome::Outcome;
         match self {
             ProxyError::ConnectFailed { .. } => Some(Outcome::ConnectFailure),
             ProxyError::Upstream { .. } => Some(Outcome::Reset),

@@ -47,7 +47,8 @@ use tokio::sync::{mpsc, watch};
 
 use crate::control::snapshot::{Own, ServiceTarget, Snapshot};
 use crate::error::StartupError;
-use crate::telemetry::metrics::{destination_label, Direction, Metrics};
+use crate::telemetry::direction::Direction;
+use crate::telemetry::metrics::{destination_label, Metrics};
 
 pub use crate::settings::{Limits, Mode, Settings};
 
@@ -418,7 +419,10 @@ fn start_telemetry(
         tracing: observability.tracing,
         exporter,
         access_log,
-        snapshot: Arc::clone(snapshot),
+        sampling_ratio: {
+            let snapshot = Arc::clone(snapshot);
+            telemetry::observe::SamplingRatio(Box::new(move || snapshot.load().sampling_ratio))
+        },
     };
     (Arc::new(telemetry), task)
 }

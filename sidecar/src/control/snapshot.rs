@@ -29,9 +29,8 @@ use serde_json::json;
 use crate::policy::breaker::State;
 use crate::policy::index::{InboundPolicies, OutboundPolicies, PolicyState};
 use crate::settings::Limits;
-use crate::telemetry::metrics::{
-    destination_label, BreakerSample, Direction, Metrics, TargetMetrics,
-};
+use crate::telemetry::direction::Direction;
+use crate::telemetry::metrics::{destination_label, BreakerSample, Metrics, TargetMetrics};
 use crate::telemetry::route_metrics::RouteTable;
 use crate::upstream::balance::{Balancer, Endpoint};
 use crate::upstream::pool::ConnPool;
@@ -153,14 +152,10 @@ impl Snapshot {
                 metrics,
             );
             let destination = destination_label(&entry.namespace, &entry.name);
-            let routes = RouteTable::build(
-                &state.resources,
-                &entry.namespace,
-                &entry.name,
-                Direction::Outbound,
-                &destination,
-                metrics,
-            );
+            let routes =
+                RouteTable::build(&state.resources, &entry.namespace, &entry.name, |prefix| {
+                    metrics.route(Direction::Outbound, &destination, prefix)
+                });
             let unhealthy = entry
                 .endpoints
                 .iter()
@@ -212,14 +207,10 @@ impl Snapshot {
             &mut policy_state,
             metrics,
         );
-        let inbound_routes = RouteTable::build(
-            &state.resources,
-            own.namespace,
-            own.service,
-            Direction::Inbound,
-            metrics.service(),
-            metrics,
-        );
+        let inbound_routes =
+            RouteTable::build(&state.resources, own.namespace, own.service, |prefix| {
+                metrics.route(Direction::Inbound, metrics.service(), prefix)
+            });
         Snapshot {
             revision: state.revision,
             source,

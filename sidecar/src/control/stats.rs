@@ -232,7 +232,7 @@ pub fn spawn(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::telemetry::metrics::Direction;
+    use crate::telemetry::direction::Direction;
     use crate::telemetry::route_metrics::MethodLabel;
 
     fn reading(metrics: &Metrics) -> Reading {

@@ -22,7 +22,8 @@ use tokio::net::TcpStream;
 
 use crate::listen::tunnel::copy_both_ways;
 use crate::proxy::route::loops_back;
-use crate::telemetry::metrics::{Direction, TcpMetrics};
+use crate::telemetry::direction::Direction;
+use crate::telemetry::metrics::TcpMetrics;
 
 /// The app's address for a connection that was going to `original`: the
 /// app's host on the original port; the configured app address when the

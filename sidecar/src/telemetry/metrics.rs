@@ -35,6 +35,7 @@ use prometheus::{
     Encoder, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
+use crate::telemetry::direction::Direction;
 use crate::telemetry::route_metrics::{RouteFamilies, RouteMetrics, RouteTable, ALL_PATHS};
 use crate::telemetry::trace::export::ExportCounters;
 
@@ -52,21 +53,6 @@ pub fn destination_label(namespace: &str, service: &str) -> String {
         service.to_owned()
     } else {
         format!("{service}.{namespace}")
-    }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Direction {
-    Inbound,
-    Outbound,
-}
-
-impl Direction {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Direction::Inbound => "inbound",
-            Direction::Outbound => "outbound",
-        }
     }
 }
 
@@ -420,5 +406,99 @@ impl Metrics {
             tracing::warn!(%error, "cannot encode the metrics");
         }
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    use crate::telemetry::route_metrics::{MethodLabel, DURATION_BUCKETS};
+
+    const POLICIES: &str = "\
+apiVersion: meshlet.dev/v1alpha1
+kind: RetryPolicy
+metadata: {name: api-retry}
+spec: {targetRef: {service: orders}, match: {pathPrefix: /api}}
+---
+apiVersion: meshlet.dev/v1alpha1
+kind: TimeoutPolicy
+metadata: {name: items-timeout}
+spec: {targetRef: {service: orders}, match: {pathPrefix: /api/items, methods: [GET]}, request: 1s}
+---
+apiVersion: meshlet.dev/v1alpha1
+kind: CircuitBreakerPolicy
+metadata: {name: same-prefix}
+spec: {targetRef: {service: orders}, match: {pathPrefix: /api}}
+---
+apiVersion: meshlet.dev/v1alpha1
+kind: RateLimitPolicy
+metadata: {name: other-service}
+spec: {targetRef: {service: stock}, match: {pathPrefix: /stock}, tokenBucket: {capacity: 1, refillPerSecond: 1}}
+";
+
+    fn table(metrics: &Metrics) -> RouteTable {
+        let resources = meshlet_api::parse_documents("t.yaml", POLICIES).unwrap();
+        RouteTable::build(&resources, "default", "orders", |prefix| {
+            metrics.route(Direction::Outbound, "orders", prefix)
+        })
+    }
+
+    fn endpoint<'a>(table: &'a RouteTable, path: &str) -> &'a str {
+        table.select(path).unwrap().endpoint()
+    }
+
+    #[test]
+    fn the_most_specific_policy_prefix_labels_a_request_never_the_raw_path() {
+        let metrics = Metrics::new("frontend");
+        let table = table(&metrics);
+        assert_eq!(endpoint(&table, "/api/items/123"), "/api/items");
+        assert_eq!(endpoint(&table, "/api/orders/9"), "/api");
+        assert_eq!(endpoint(&table, "/other/456"), "/");
+        assert_eq!(
+            endpoint(&table, "/stock/1"),
+            "/",
+            "another service's policy"
+        );
+        assert_eq!(endpoint(&table, "orders:443"), "/", "CONNECT targets too");
+        assert_eq!(table.len(), 3, "one route per distinct prefix");
+    }
+
+    #[test]
+    fn a_rebuilt_table_reuses_the_same_handles() {
+        let metrics = Metrics::new("frontend");
+        let (first, second) = (table(&metrics), table(&metrics));
+        assert!(Arc::ptr_eq(
+            first.select("/api").unwrap(),
+            second.select("/api").unwrap()
+        ));
+    }
+
+    #[test]
+    fn status_counters_are_resolved_once_per_method_and_status() {
+        let metrics = Metrics::new("frontend");
+        let route = metrics.route(Direction::Outbound, "orders", "/");
+        for _ in 0..3 {
+            route.count(MethodLabel::Get, 200, Duration::from_millis(1));
+        }
+        route.count(MethodLabel::Post, 200, Duration::from_millis(1));
+        route.count(MethodLabel::Get, 503, Duration::from_millis(1));
+        assert_eq!(route.cached(), 3);
+        assert_eq!(route.counter(MethodLabel::Get, 200).get(), 3);
+        assert_eq!(route.duration.get_sample_count(), 5);
+        let totals = route.totals();
+        assert_eq!((totals.requests, totals.errors), (5, 1));
+        assert_eq!(totals.latency_bounds_ms.len(), DURATION_BUCKETS.len());
+        assert_eq!(totals.latency_bounds_ms[0], 0.5);
+        assert_eq!(totals.latency_counts.len(), DURATION_BUCKETS.len() + 1);
+        // 1 ms lands in the (0.5 ms, 1 ms] bucket.
+        assert_eq!(totals.latency_counts[1], 5);
+        assert_eq!(totals.latency_counts.iter().sum::<u64>(), 5);
+        let text = String::from_utf8(metrics.render(&[])).unwrap();
+        assert!(
+            text.contains(r#"request_total{destination="orders",direction="outbound",endpoint="/",method="GET",service="frontend",status_code="200"} 3"#),
+            "{text}"
+        );
     }
 }

@@ -19,7 +19,6 @@
 //! Retries of requests that reached an upstream are the `RetryPolicy`'s,
 //! and only happen before any response byte went to the client.
 
-use std::net::SocketAddr;
 use std::time::Duration;
 
 use http::{Request, Response};
@@ -29,24 +28,16 @@ use crate::body::ProxyBody;
 use crate::control::snapshot::ServiceTarget;
 use crate::error::ProxyError;
 use crate::policy::breaker::{BreakerPermit, MAX_PENDING_WAIT};
-use crate::policy::index::{Outcome, RoutePolicies};
+use crate::policy::index::RoutePolicies;
+use crate::policy::outcome::Outcome;
 use crate::policy::retry::{NotReplayable, RetryPolicy};
 use crate::settings::Limits;
+use crate::telemetry::trail::Trail;
 use crate::upstream::balance::Tried;
 use crate::upstream::pool::SendError;
 
 /// Endpoints tried for one request before giving up on connect failures.
 const MAX_CONNECT_ATTEMPTS: usize = 3;
-
-/// What happened while forwarding one request, for its span and access
-/// log line.
-#[derive(Debug, Default, Clone, Copy)]
-pub struct Trail {
-    /// Tries sent after the first (`RetryPolicy`).
-    pub retries: u32,
-    /// The endpoint the last try went to.
-    pub upstream: Option<SocketAddr>,
-}
 
 pub async fn forward(
     target: &ServiceTarget,

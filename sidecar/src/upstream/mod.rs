@@ -2,4 +2,5 @@
 
 pub(crate) mod balance;
 pub(crate) mod forward;
+pub(crate) mod in_flight;
 pub(crate) mod pool;

@@ -19,7 +19,7 @@
 use std::io::Write;
 
 use super::SpanRecord;
-use crate::telemetry::metrics::Direction;
+use crate::telemetry::direction::Direction;
 
 /// Protobuf wire types.
 const VARINT: u8 = 0;
