@@ -15,10 +15,21 @@ use std::time::Duration;
 use http::{header, HeaderValue, Response, StatusCode};
 
 use crate::body::ProxyBody;
-use crate::policy::ratelimit::Refusal;
 
 /// Header naming why the mesh answered instead of the upstream.
 pub const REASON_HEADER: &str = "x-meshlet-reason";
+
+/// Why a request was refused, with what the 429's headers need.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Refusal {
+    pub policy: String,
+    /// Requests allowed per window for this instance (`q`).
+    pub quota: u32,
+    /// The window in whole seconds (`w`).
+    pub window_secs: u64,
+    /// Whole seconds until a request may succeed (≥ 1).
+    pub retry_after_secs: u64,
+}
 
 /// Errors that stop the sidecar from starting.
 #[derive(Debug, thiserror::Error)]
@@ -109,18 +120,6 @@ impl ProxyError {
             ProxyError::CircuitOpen { .. } | ProxyError::Overflow { .. } => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
-        }
-    }
-
-    /// How a try ended, for breakers and retries (`None`: the request was
-    /// refused before reaching any upstream).
-    pub fn outcome(&self) -> Option<crate::policy::outcome::Outcome> {
-        use crate::policy::outcome::Outcome;
-        match self {
-            ProxyError::ConnectFailed { .. } => Some(Outcome::ConnectFailure),
-            ProxyError::Upstream { .. } => Some(Outcome::Reset),
-            ProxyError::UpstreamTimeout { .. } => Some(Outcome::Timeout),
-            _ => None,
         }
     }
 

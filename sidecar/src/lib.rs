@@ -45,10 +45,11 @@ use meshlet_api::Resource;
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
 
-use crate::control::snapshot::{Own, ServiceTarget, Snapshot};
+use crate::control::snapshot::{Own, Snapshot};
 use crate::error::StartupError;
 use crate::telemetry::direction::Direction;
 use crate::telemetry::metrics::{destination_label, Metrics};
+use crate::upstream::target::ServiceTarget;
 
 pub use crate::settings::{Limits, Mode, Settings};
 

@@ -30,26 +30,11 @@ use crate::policy::breaker::State;
 use crate::policy::index::{InboundPolicies, OutboundPolicies, PolicyState};
 use crate::settings::Limits;
 use crate::telemetry::direction::Direction;
-use crate::telemetry::metrics::{destination_label, BreakerSample, Metrics, TargetMetrics};
+use crate::telemetry::metrics::{destination_label, BreakerSample, Metrics};
 use crate::telemetry::route_metrics::RouteTable;
 use crate::upstream::balance::{Balancer, Endpoint};
 use crate::upstream::pool::ConnPool;
-
-/// Where a request for one destination goes: a service of the mesh, or a
-/// single passthrough address.
-#[derive(Debug)]
-pub struct ServiceTarget {
-    pub name: String,
-    pub namespace: String,
-    /// The healthy endpoints; only they get traffic.
-    pub balancer: Balancer,
-    /// Registered endpoints whose app failed its health check.
-    pub unhealthy: Vec<SocketAddr>,
-    /// Metric handles: destination label, routes, error counters.
-    pub metrics: TargetMetrics,
-    /// Breakers, retries, timeouts and split that callers apply.
-    pub policies: OutboundPolicies,
-}
+use crate::upstream::target::ServiceTarget;
 
 #[derive(Debug, Default)]
 pub struct Snapshot {

@@ -21,7 +21,6 @@ use std::time::Duration;
 use tokio::net::TcpStream;
 
 use crate::listen::tunnel::copy_both_ways;
-use crate::proxy::route::loops_back;
 use crate::telemetry::direction::Direction;
 use crate::telemetry::metrics::TcpMetrics;
 
@@ -31,6 +30,14 @@ use crate::telemetry::metrics::TcpMetrics;
 /// listener directly).
 pub fn app_address(app: SocketAddr, original: Option<SocketAddr>) -> SocketAddr {
     original.map_or(app, |original| SocketAddr::new(app.ip(), original.port()))
+}
+
+/// Whether a connection to `addr` would reach one of `own_listeners`.
+pub fn loops_back(own_listeners: &[SocketAddr], addr: SocketAddr) -> bool {
+    own_listeners.iter().any(|own| {
+        own.port() == addr.port()
+            && (own.ip() == addr.ip() || own.ip().is_unspecified() || addr.ip().is_loopback())
+    })
 }
 
 /// One transparent listener's handling of intercepted connections.

@@ -5,6 +5,8 @@
 use http::StatusCode;
 use meshlet_api::policy::FailureKind;
 
+use crate::error::ProxyError;
+
 /// How one try to an endpoint ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Outcome {
@@ -15,6 +17,17 @@ pub enum Outcome {
 }
 
 impl Outcome {
+    /// How a try that failed with `error` ended (`None`: the request was
+    /// refused before reaching any upstream).
+    pub fn of(error: &ProxyError) -> Option<Outcome> {
+        match error {
+            ProxyError::ConnectFailed { .. } => Some(Outcome::ConnectFailure),
+            ProxyError::Upstream { .. } => Some(Outcome::Reset),
+            ProxyError::UpstreamTimeout { .. } => Some(Outcome::Timeout),
+            _ => None,
+        }
+    }
+
     /// `5xx` and `gateway-error` also cover the failures that happen in
     /// the sidecar, since the client sees them as 502 or 504 too (as
     /// Envoy does): a try that timed out, was reset or could not connect.

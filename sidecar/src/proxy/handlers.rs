@@ -37,7 +37,7 @@ use prometheus::IntCounter;
 use tokio::net::TcpStream;
 
 use crate::body::ProxyBody;
-use crate::control::snapshot::{ServiceTarget, SharedSnapshot};
+use crate::control::snapshot::SharedSnapshot;
 use crate::error::ProxyError;
 use crate::listen::server::{Handler, Peer};
 use crate::listen::transparent::app_address;
@@ -50,30 +50,20 @@ use crate::telemetry::direction::Direction;
 use crate::telemetry::metrics::Metrics;
 use crate::telemetry::observe::{RequestRecord, Telemetry};
 use crate::telemetry::route_metrics::{RouteMetrics, RouteTable};
-use crate::upstream::balance::{Balancer, Endpoint, Tried};
+use crate::upstream::balance::Tried;
 use crate::upstream::forward::forward;
-use crate::upstream::pool::ConnPool;
+use crate::upstream::target::ServiceTarget;
 
 /// The local app at `addr` as a forwarding target (one endpoint, its
 /// pool); counted as inbound traffic of the own service.
 pub fn app_target(addr: SocketAddr, limits: &Arc<Limits>, metrics: &Metrics) -> ServiceTarget {
-    ServiceTarget {
-        name: metrics.service().to_owned(),
-        namespace: String::new(),
-        balancer: Balancer::new(vec![Arc::new(Endpoint::new(
-            addr,
-            Default::default(),
-            ConnPool::new(addr, Arc::clone(limits)),
-        ))]),
-        unhealthy: Vec::new(),
-        // Inbound routes follow the own service's policies: in the snapshot.
-        metrics: metrics.target(
-            Direction::Inbound,
-            metrics.service().to_owned(),
-            RouteTable::default(),
-        ),
-        policies: Default::default(),
-    }
+    // Inbound routes follow the own service's policies: in the snapshot.
+    let target_metrics = metrics.target(
+        Direction::Inbound,
+        metrics.service().to_owned(),
+        RouteTable::default(),
+    );
+    ServiceTarget::single(metrics.service().to_owned(), addr, limits, target_metrics)
 }
 
 /// Transparent mode: the app on ports other than `--app-port` (a client

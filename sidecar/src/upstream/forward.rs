@@ -25,7 +25,6 @@ use http::{Request, Response};
 use tokio::time::Instant;
 
 use crate::body::ProxyBody;
-use crate::control::snapshot::ServiceTarget;
 use crate::error::ProxyError;
 use crate::policy::breaker::{BreakerPermit, MAX_PENDING_WAIT};
 use crate::policy::index::RoutePolicies;
@@ -35,6 +34,7 @@ use crate::settings::Limits;
 use crate::telemetry::trail::Trail;
 use crate::upstream::balance::Tried;
 use crate::upstream::pool::SendError;
+use crate::upstream::target::ServiceTarget;
 
 /// Endpoints tried for one request before giving up on connect failures.
 const MAX_CONNECT_ATTEMPTS: usize = 3;
@@ -109,7 +109,7 @@ impl Send<'_> {
             let result = self.one_try(replay.request(), try_deadline, trail).await;
             let outcome = match &result {
                 Ok(response) => Some(Outcome::Status(response.status())),
-                Err(err) => err.outcome(),
+                Err(err) => Outcome::of(err),
             };
             let again = tries < retry.spec.attempts && outcome.is_some_and(|o| retry.retries_on(o));
             if !again {
