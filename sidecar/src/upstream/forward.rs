@@ -19,9 +19,13 @@
 //! Retries of requests that reached an upstream are the `RetryPolicy`'s,
 //! and only happen before any response byte went to the client.
 
+use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use http::{Request, Response};
+use hyper::body::Incoming;
+use tokio::time::error::Elapsed;
 use tokio::time::Instant;
 
 use crate::body::ProxyBody;
@@ -32,7 +36,7 @@ use crate::policy::outcome::Outcome;
 use crate::policy::retry::{NotReplayable, RetryPolicy};
 use crate::settings::Limits;
 use crate::telemetry::trail::Trail;
-use crate::upstream::balance::Tried;
+use crate::upstream::balance::{Endpoint, Tried};
 use crate::upstream::pool::SendError;
 use crate::upstream::target::ServiceTarget;
 
@@ -129,109 +133,200 @@ impl Send<'_> {
         }
     }
 
-    /// One try: pick an endpoint the split and the breakers allow, send,
-    /// retry a refused connection on another endpoint, record the outcome.
+    /// One try, in four phases: pick the split's subset, admit an
+    /// endpoint (balancer pick among those the subset and the breakers
+    /// allow), send, record the outcome. A refused connection comes back
+    /// unsent and goes to another endpoint (at most
+    /// [`MAX_CONNECT_ATTEMPTS`]); with nothing sent, [`Send::nothing_sent`]
+    /// says why.
     async fn one_try(
         &self,
         mut request: Request<ProxyBody>,
         deadline: Option<(Instant, Duration)>,
         trail: &mut Trail,
     ) -> Result<Response<ProxyBody>, ProxyError> {
-        let target = self.target;
-        let breakers = self.policies.breaker;
-        let admits = |i: usize, now| {
-            breakers.is_none_or(|b| b.breakers.get(i).is_none_or(|b| b.allows(now)))
-        };
-        // A subset whose every endpoint's breaker is open is skipped, like
-        // one without healthy endpoints: the others take its share.
-        let chosen_at = std::time::Instant::now();
-        let subset = self.policies.split.and_then(|split| {
-            split.choose(|endpoints| endpoints.iter().any(|&i| admits(i, chosen_at)))
-        });
-        let in_subset = |i: usize| subset.is_none_or(|s| s.binary_search(&i).is_ok());
+        let subset = self.pick_subset();
         let mut tried = Tried::default();
         let mut last_refusal = None;
         for _ in 0..MAX_CONNECT_ATTEMPTS {
-            let now = std::time::Instant::now();
-            let allowed = |i: usize| in_subset(i) && admits(i, now);
-            let Some((index, endpoint)) = target.balancer.pick_among(tried, allowed) else {
-                break;
+            let (endpoint, permit) = match self.admit(subset, &mut tried, trail) {
+                Admission::Admitted(endpoint, permit) => (endpoint, permit),
+                Admission::BreakerBusy => continue,
+                Admission::NoneLeft => break,
             };
-            tried.insert(index);
-            trail.upstream = Some(endpoint.addr);
-            let permit: Option<BreakerPermit> = match breakers.and_then(|b| b.breakers.get(index)) {
-                Some(breaker) => match breaker.try_acquire(now) {
-                    Some(permit) => Some(permit),
-                    None => continue,
-                },
-                None => None,
-            };
+            // Phase 3: send, within the try's deadline.
             let in_flight = endpoint.start_request();
             let sent = match deadline {
                 Some((at, _)) => tokio::time::timeout_at(at, endpoint.pool.send(request)).await,
                 None => Ok(endpoint.pool.send(request).await),
             };
-            let record = |outcome| {
-                if let Some(permit) = permit {
-                    permit.record(outcome);
-                }
-            };
-            match sent {
-                Ok(Ok(response)) => {
-                    record(Outcome::Status(response.status()));
+            match self.record(sent, endpoint, permit, deadline) {
+                Sent::Answered(response) => {
                     let idle = self.idle_timeout;
                     return Ok(
                         response.map(|body| ProxyBody::streamed(body, idle).with_guard(in_flight))
                     );
                 }
-                Ok(Err(SendError::Connect {
-                    source,
-                    request: unsent,
-                })) => {
-                    record(Outcome::ConnectFailure);
-                    target.metrics.connect_errors.inc();
-                    tracing::warn!(target = %target.name, endpoint = %endpoint.addr, error = %source,
-                        "upstream connect failed; endpoint ejected");
-                    endpoint.eject();
-                    last_refusal = Some((endpoint.addr, source));
+                Sent::Failed(error) => return Err(error),
+                Sent::Refused { error, unsent } => {
+                    last_refusal = Some((endpoint.addr, error));
                     request = *unsent;
-                }
-                Ok(Err(SendError::Upstream(source))) => {
-                    record(Outcome::Reset);
-                    return Err(ProxyError::Upstream {
-                        addr: endpoint.addr,
-                        source,
-                    });
-                }
-                Err(_elapsed) => {
-                    record(Outcome::Timeout);
-                    target.metrics.timeouts.inc();
-                    let timeout = deadline.map_or(Duration::ZERO, |(_, t)| t);
-                    return Err(ProxyError::UpstreamTimeout {
-                        upstream: target.name.clone(),
-                        timeout,
-                    });
                 }
             }
         }
-        if let Some((addr, source)) = last_refusal {
-            return Err(ProxyError::ConnectFailed { addr, source });
+        Err(self.nothing_sent(subset, last_refusal))
+    }
+
+    /// Whether endpoint `index`'s breaker (if any) lets a request through.
+    fn breaker_admits(&self, index: usize, now: std::time::Instant) -> bool {
+        self.policies.breaker.is_none_or(|b| {
+            b.breakers
+                .get(index)
+                .is_none_or(|breaker| breaker.allows(now))
+        })
+    }
+
+    /// Phase 1: the traffic split's subset for this try (`None`: no split,
+    /// every endpoint). A subset whose every endpoint's breaker is open is
+    /// skipped, like one without healthy endpoints: the others take its
+    /// share.
+    fn pick_subset(&self) -> Option<&[usize]> {
+        let now = std::time::Instant::now();
+        self.policies.split.and_then(|split| {
+            split.choose(|endpoints| endpoints.iter().any(|&i| self.breaker_admits(i, now)))
+        })
+    }
+
+    /// Phase 2: the balancer's pick among the untried endpoints of the
+    /// subset whose breakers allow a request, and that breaker's permit.
+    fn admit<'t>(
+        &'t self,
+        subset: Option<&[usize]>,
+        tried: &mut Tried,
+        trail: &mut Trail,
+    ) -> Admission<'t> {
+        let now = std::time::Instant::now();
+        let allowed = |i: usize| in_subset(subset, i) && self.breaker_admits(i, now);
+        let Some((index, endpoint)) = self.target.balancer.pick_among(*tried, allowed) else {
+            return Admission::NoneLeft;
+        };
+        tried.insert(index);
+        trail.upstream = Some(endpoint.addr);
+        match self.policies.breaker.and_then(|b| b.breakers.get(index)) {
+            Some(breaker) => match breaker.try_acquire(now) {
+                Some(permit) => Admission::Admitted(endpoint, Some(permit)),
+                None => Admission::BreakerBusy,
+            },
+            None => Admission::Admitted(endpoint, None),
         }
-        match breakers {
+    }
+
+    /// Phase 4: the try's outcome on the endpoint's breaker and the
+    /// target's counters, and what it means for the request.
+    fn record(
+        &self,
+        sent: Result<Result<Response<Incoming>, SendError>, Elapsed>,
+        endpoint: &Endpoint,
+        permit: Option<BreakerPermit>,
+        deadline: Option<(Instant, Duration)>,
+    ) -> Sent {
+        let target = self.target;
+        let record = |outcome| {
+            if let Some(permit) = permit {
+                permit.record(outcome);
+            }
+        };
+        match sent {
+            Ok(Ok(response)) => {
+                record(Outcome::Status(response.status()));
+                Sent::Answered(response)
+            }
+            Ok(Err(SendError::Connect {
+                source,
+                request: unsent,
+            })) => {
+                record(Outcome::ConnectFailure);
+                target.metrics.connect_errors.inc();
+                tracing::warn!(target = %target.name, endpoint = %endpoint.addr, error = %source,
+                    "upstream connect failed; endpoint ejected");
+                endpoint.eject();
+                Sent::Refused {
+                    error: source,
+                    unsent,
+                }
+            }
+            Ok(Err(SendError::Upstream(source))) => {
+                record(Outcome::Reset);
+                Sent::Failed(ProxyError::Upstream {
+                    addr: endpoint.addr,
+                    source,
+                })
+            }
+            Err(_elapsed) => {
+                record(Outcome::Timeout);
+                target.metrics.timeouts.inc();
+                let timeout = deadline.map_or(Duration::ZERO, |(_, t)| t);
+                Sent::Failed(ProxyError::UpstreamTimeout {
+                    upstream: target.name.clone(),
+                    timeout,
+                })
+            }
+        }
+    }
+
+    /// Why a try sent nothing: the last refused connection; else every
+    /// endpoint the subset allows has an open breaker (`circuit_open`);
+    /// else there is no healthy endpoint.
+    fn nothing_sent(
+        &self,
+        subset: Option<&[usize]>,
+        last_refusal: Option<(SocketAddr, std::io::Error)>,
+    ) -> ProxyError {
+        let target = self.target;
+        if let Some((addr, source)) = last_refusal {
+            return ProxyError::ConnectFailed { addr, source };
+        }
+        match self.policies.breaker {
             Some(b)
                 if target
                     .balancer
-                    .pick_among(Tried::default(), in_subset)
+                    .pick_among(Tried::default(), |i| in_subset(subset, i))
                     .is_some() =>
             {
-                Err(ProxyError::CircuitOpen {
+                ProxyError::CircuitOpen {
                     service: target.name.clone(),
                     policy: b.name.clone(),
-                })
+                }
             }
-            _ => Err(ProxyError::NoHealthyEndpoint {
+            _ => ProxyError::NoHealthyEndpoint {
                 service: target.name.clone(),
-            }),
+            },
         }
     }
+}
+
+/// Whether endpoint `index` is in the split's subset (`None`: all are).
+fn in_subset(subset: Option<&[usize]>, index: usize) -> bool {
+    subset.is_none_or(|s| s.binary_search(&index).is_ok())
+}
+
+/// Phase 2's answer.
+enum Admission<'t> {
+    Admitted(&'t Arc<Endpoint>, Option<BreakerPermit>),
+    /// The picked endpoint's half-open breaker has no trial left: try
+    /// another (this counts as an attempt).
+    BreakerBusy,
+    /// No endpoint left that the subset and the breakers allow.
+    NoneLeft,
+}
+
+/// Phase 4's answer.
+enum Sent {
+    Answered(Response<Incoming>),
+    Failed(ProxyError),
+    /// The connection was refused; the request comes back unsent.
+    Refused {
+        error: std::io::Error,
+        unsent: Box<Request<ProxyBody>>,
+    },
 }
