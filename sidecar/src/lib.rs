@@ -176,6 +176,10 @@ impl InitialConfig {
 
 /// Runs the sidecar until `shutdown` completes, then drains. Each message
 /// on `reloads` (SIGHUP in `main.rs`) re-reads a standalone `--config`.
+///
+/// Three phases: [`start`] (configuration, background tasks, listeners),
+/// serve until `shutdown`, then [`Running::shut_down`] (deregister, stop
+/// the listeners, drain, flush the last spans).
 pub async fn run(
     settings: Settings,
     initial: InitialConfig,
@@ -183,116 +187,87 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
     reloads: mpsc::UnboundedReceiver<()>,
 ) -> Drained {
-    let settings = Arc::new(settings);
-    let limits = Arc::new(settings.limits.clone());
-    let metrics = Metrics::new(&destination_label(&settings.namespace, &settings.service));
-    metrics.set_config_revision(initial.state.revision);
-    let snapshot = Arc::new(ArcSwap::from_pointee(Snapshot::build(
-        &initial.state,
-        initial.source,
-        None,
-        Own {
-            namespace: &settings.namespace,
-            service: &settings.service,
-        },
-        &limits,
-        &metrics,
-    )));
+    let running = start(settings, initial, listeners, reloads);
+    shutdown.await;
+    running.shut_down().await
+}
 
-    let app = Arc::new(proxy::handlers::app_target(
-        settings.app_addr,
-        &limits,
-        &metrics,
-    ));
-    let own_listeners = [&listeners.inbound, &listeners.outbound]
-        .iter()
-        .filter_map(|l| l.local_addr().ok())
-        .collect();
-    let router = Arc::new(proxy::route::Router::new(
-        Arc::clone(&snapshot),
-        own_listeners,
-        Arc::clone(&limits),
-        metrics.clone(),
-    ));
+/// What a started sidecar needs to shut down.
+struct Running {
+    settings: Arc<Settings>,
+    /// One task per listener; each yields its connections' drain.
+    servers: [tokio::task::JoinHandle<listen::server::Drain>; 3],
+    /// Stops the listeners and the background tasks.
+    stop: watch::Sender<bool>,
+    /// With a control plane: the registration task and its deregister
+    /// signal.
+    registration: Option<Registration>,
+    flush_spans: watch::Sender<bool>,
+    span_export: Option<tokio::task::JoinHandle<()>>,
+}
+
+/// The registration task (heartbeats, deregistration at shutdown) and
+/// the signal that makes it deregister.
+type Registration = (tokio::task::JoinHandle<()>, watch::Sender<bool>);
+
+/// The state every part of a sidecar shares.
+struct Shared {
+    settings: Arc<Settings>,
+    limits: Arc<Limits>,
+    metrics: Metrics,
+    snapshot: control::snapshot::SharedSnapshot,
+}
+
+/// Start: builds the first snapshot, the request path's handlers and the
+/// background tasks (config reloader, idle sweep, span export, health
+/// prober, control-plane client), then serves the three listeners.
+fn start(
+    settings: Settings,
+    initial: InitialConfig,
+    listeners: Listeners,
+    reloads: mpsc::UnboundedReceiver<()>,
+) -> Running {
+    let shared = Shared::new(settings, &initial);
+    let Shared {
+        settings,
+        limits,
+        metrics,
+        snapshot,
+    } = &shared;
     let (stop_tx, stop_rx) = watch::channel(false);
     spawn_config_reloader(
         initial.config_file.clone(),
         reloads,
-        Arc::clone(&settings),
-        Arc::clone(&snapshot),
-        Arc::clone(&limits),
+        Arc::clone(settings),
+        Arc::clone(snapshot),
+        Arc::clone(limits),
         metrics.clone(),
-    );
-    spawn_idle_sweep(
-        &app,
-        &snapshot,
-        &router,
-        limits.idle_timeout,
-        stop_rx.clone(),
     );
     let (flush_spans, flush_spans_rx) = watch::channel(false);
-    let (telemetry, span_export) = start_telemetry(&settings, &snapshot, &metrics, flush_spans_rx);
-    let inbound = proxy::handlers::Inbound::new(
-        app,
-        Arc::clone(&snapshot),
-        Arc::clone(&limits),
-        metrics.clone(),
-        Arc::clone(&telemetry),
-    );
-    let interceptions = interceptions(&settings, &listeners, &metrics);
-    let outbound = proxy::handlers::Outbound::new(
-        router,
-        Arc::clone(&limits),
-        metrics.clone(),
-        telemetry,
-        &settings.service,
-    );
+    let (telemetry, span_export) = start_telemetry(settings, snapshot, metrics, flush_spans_rx);
+    let (inbound, outbound) = shared.handlers(&listeners, telemetry, &stop_rx);
+    let [inbound_interception, outbound_interception] =
+        interceptions(settings, &listeners, metrics);
     let health = control::health::spawn_prober(
         settings.app_addr,
         settings.namespace.clone(),
         settings.service.clone(),
-        Arc::clone(&snapshot),
+        Arc::clone(snapshot),
         stop_rx.clone(),
     );
-    // Shutdown runs in two steps: deregister (while still serving), then
-    // stop the listeners and drain.
-    let (deregister_tx, deregister_rx) = watch::channel(false);
-    let mut registration = None;
-    let control = settings.control_plane.clone().map(|cp| {
-        let client = control::client::ControlClient::new(
-            Arc::clone(&settings),
-            cp,
-            Arc::clone(&snapshot),
-            Arc::clone(&limits),
-            metrics.clone(),
-            initial.persisted,
-        );
-        client.spawn_watch(initial.state, stop_rx.clone());
-        if let Some(interval) = client.cp_settings().stats_interval {
-            control::stats::spawn(
-                client.cp_settings(),
-                interval,
-                metrics.clone(),
-                Arc::clone(&snapshot),
-                stop_rx.clone(),
-            );
-        }
-        registration = Some(client.spawn_registration(health.clone(), deregister_rx));
-        client
-    });
+    let (control, registration) = shared.start_control(initial, &health, &stop_rx);
     let admin = admin::Admin::new(
-        Arc::clone(&settings),
-        Arc::clone(&snapshot),
+        Arc::clone(settings),
+        Arc::clone(snapshot),
         metrics.clone(),
         health,
         control,
     );
     let servers = Servers {
-        limits: &limits,
-        metrics: &metrics,
+        limits,
+        metrics,
         stop: &stop_rx,
     };
-    let [inbound_interception, outbound_interception] = interceptions;
     let servers = [
         servers.spawn("inbound", listeners.inbound, inbound, inbound_interception),
         servers.spawn(
@@ -304,41 +279,166 @@ pub async fn run(
         servers.spawn("admin", listeners.admin, admin, None),
     ];
     tracing::info!(service = %settings.service, app = %settings.app_addr, mode = ?settings.mode, "sidecar started");
+    Running {
+        settings: Arc::clone(settings),
+        servers,
+        stop: stop_tx,
+        registration,
+        flush_spans,
+        span_export,
+    }
+}
 
-    shutdown.await;
-    tracing::info!(deadline = ?settings.drain_timeout, "shutting down: draining in-flight requests");
-    if let Some(registration) = registration {
-        // Deregister first and keep serving a moment, so that other
-        // sidecars get the change (pushed within milliseconds) and stop
-        // sending here before the listeners close.
-        let _ = deregister_tx.send(true);
-        let _ = tokio::time::timeout(DEREGISTER_TIMEOUT, registration).await;
-        tokio::time::sleep(DEREGISTER_GRACE.min(settings.drain_timeout)).await;
+impl Shared {
+    /// The request path: the inbound handler (to the local app's target)
+    /// and the outbound one (through the router); and the sweep of idle
+    /// connections in their pools.
+    fn handlers(
+        &self,
+        listeners: &Listeners,
+        telemetry: Arc<telemetry::observe::Telemetry>,
+        stop: &watch::Receiver<bool>,
+    ) -> (proxy::handlers::Inbound, proxy::handlers::Outbound) {
+        let Shared {
+            settings,
+            limits,
+            metrics,
+            snapshot,
+        } = self;
+        let app = Arc::new(proxy::handlers::app_target(
+            settings.app_addr,
+            limits,
+            metrics,
+        ));
+        let own_listeners = [&listeners.inbound, &listeners.outbound]
+            .iter()
+            .filter_map(|l| l.local_addr().ok())
+            .collect();
+        let router = Arc::new(proxy::route::Router::new(
+            Arc::clone(snapshot),
+            own_listeners,
+            Arc::clone(limits),
+            metrics.clone(),
+        ));
+        spawn_idle_sweep(&app, snapshot, &router, limits.idle_timeout, stop.clone());
+        let inbound = proxy::handlers::Inbound::new(
+            app,
+            Arc::clone(snapshot),
+            Arc::clone(limits),
+            metrics.clone(),
+            Arc::clone(&telemetry),
+        );
+        let outbound = proxy::handlers::Outbound::new(
+            router,
+            Arc::clone(limits),
+            metrics.clone(),
+            telemetry,
+            &settings.service,
+        );
+        (inbound, outbound)
     }
-    let _ = stop_tx.send(true);
-    let all_drained = async {
-        for server in servers {
-            if let Ok(drain) = server.await {
-                drain.wait().await;
+
+    /// Settings, metrics and the first snapshot (from `initial`).
+    fn new(settings: Settings, initial: &InitialConfig) -> Self {
+        let settings = Arc::new(settings);
+        let limits = Arc::new(settings.limits.clone());
+        let metrics = Metrics::new(&destination_label(&settings.namespace, &settings.service));
+        metrics.set_config_revision(initial.state.revision);
+        let snapshot = Arc::new(ArcSwap::from_pointee(Snapshot::build(
+            &initial.state,
+            initial.source.clone(),
+            None,
+            Own {
+                namespace: &settings.namespace,
+                service: &settings.service,
+            },
+            &limits,
+            &metrics,
+        )));
+        Shared {
+            settings,
+            limits,
+            metrics,
+            snapshot,
+        }
+    }
+
+    /// With a control plane: the client's watch, the stats reporter and
+    /// the registration (whose task deregisters when told to, during
+    /// shutdown).
+    fn start_control(
+        &self,
+        initial: InitialConfig,
+        health: &watch::Receiver<control::health::AppHealth>,
+        stop: &watch::Receiver<bool>,
+    ) -> (Option<control::client::ControlClient>, Option<Registration>) {
+        let Some(cp) = self.settings.control_plane.clone() else {
+            return (None, None);
+        };
+        let client = control::client::ControlClient::new(
+            Arc::clone(&self.settings),
+            cp,
+            Arc::clone(&self.snapshot),
+            Arc::clone(&self.limits),
+            self.metrics.clone(),
+            initial.persisted,
+        );
+        client.spawn_watch(initial.state, stop.clone());
+        if let Some(interval) = client.cp_settings().stats_interval {
+            control::stats::spawn(
+                client.cp_settings(),
+                interval,
+                self.metrics.clone(),
+                Arc::clone(&self.snapshot),
+                stop.clone(),
+            );
+        }
+        let (deregister_tx, deregister_rx) = watch::channel(false);
+        let registration = client.spawn_registration(health.clone(), deregister_rx);
+        (Some(client), Some((registration, deregister_tx)))
+    }
+}
+
+impl Running {
+    /// Shut down: deregister (while still serving), then stop the
+    /// listeners and drain up to the drain deadline, then flush the last
+    /// spans.
+    async fn shut_down(self) -> Drained {
+        let settings = &self.settings;
+        tracing::info!(deadline = ?settings.drain_timeout, "shutting down: draining in-flight requests");
+        if let Some((registration, deregister)) = self.registration {
+            // Deregister first and keep serving a moment, so that other
+            // sidecars get the change (pushed within milliseconds) and stop
+            // sending here before the listeners close.
+            let _ = deregister.send(true);
+            let _ = tokio::time::timeout(DEREGISTER_TIMEOUT, registration).await;
+            tokio::time::sleep(DEREGISTER_GRACE.min(settings.drain_timeout)).await;
+        }
+        let _ = self.stop.send(true);
+        let all_drained = async {
+            for server in self.servers {
+                if let Ok(drain) = server.await {
+                    drain.wait().await;
+                }
             }
+        };
+        let drained = match tokio::time::timeout(settings.drain_timeout, all_drained).await {
+            Ok(()) => {
+                tracing::info!("drained; exiting");
+                Drained::Completely
+            }
+            Err(_) => {
+                tracing::warn!("drain deadline reached with requests still in flight; exiting");
+                Drained::DeadlineReached
+            }
+        };
+        // The spans of the last requests go out before the process ends.
+        let _ = self.flush_spans.send(true);
+        if let Some(export) = self.span_export {
+            let _ = tokio::time::timeout(SPAN_FLUSH_TIMEOUT, export).await;
         }
-    };
-    let drained = match tokio::time::timeout(settings.drain_timeout, all_drained).await {
-        Ok(()) => {
-            tracing::info!("drained; exiting");
-            Drained::Completely
-        }
-        Err(_) => {
-            tracing::warn!("drain deadline reached with requests still in flight; exiting");
-            Drained::DeadlineReached
-        }
-    };
-    // The spans of the last requests go out before the process ends.
-    let _ = flush_spans.send(true);
-    if let Some(export) = span_export {
-        let _ = tokio::time::timeout(SPAN_FLUSH_TIMEOUT, export).await;
+        drained
     }
-    drained
 }
 
 /// Transparent mode: what the inbound and outbound listeners do with
