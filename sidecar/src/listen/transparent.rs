@@ -21,7 +21,6 @@ use std::time::Duration;
 use tokio::net::TcpStream;
 
 use crate::listen::tunnel::copy_both_ways;
-use crate::telemetry::direction::Direction;
 use crate::telemetry::metrics::TcpMetrics;
 
 /// The app's address for a connection that was going to `original`: the
@@ -43,7 +42,6 @@ pub fn loops_back(own_listeners: &[SocketAddr], addr: SocketAddr) -> bool {
 /// One transparent listener's handling of intercepted connections.
 #[derive(Debug)]
 pub struct Interception {
-    direction: Direction,
     /// Inbound: the app (its host is where every connection goes).
     app: Option<SocketAddr>,
     /// This sidecar's listeners, never a destination.
@@ -56,7 +54,6 @@ impl Interception {
     /// The inbound listener's: connections go to the app at `app`'s host.
     pub fn inbound(app: SocketAddr, connect_timeout: Duration, metrics: TcpMetrics) -> Self {
         Interception {
-            direction: Direction::Inbound,
             app: Some(app),
             own_listeners: Vec::new(),
             connect_timeout,
@@ -71,7 +68,6 @@ impl Interception {
         metrics: TcpMetrics,
     ) -> Self {
         Interception {
-            direction: Direction::Outbound,
             app: None,
             own_listeners,
             connect_timeout,
@@ -90,31 +86,30 @@ impl Interception {
     /// Splices an opaque connection to its destination until either side
     /// closes (a destination that cannot be reached closes the client's
     /// connection: a TCP client sees what it would without the mesh).
-    pub async fn splice(&self, client: TcpStream, peer: SocketAddr, original: Option<SocketAddr>) {
-        let direction = self.direction.as_str();
+    ///
+    /// Log lines inherit the listener and the peer from the connection's
+    /// span (`server`).
+    pub async fn splice(&self, client: TcpStream, original: Option<SocketAddr>) {
         let Some(destination) = self.opaque_destination(original) else {
-            tracing::debug!(direction, %peer, "opaque connection with no destination; closed");
+            tracing::debug!("opaque connection with no destination; closed");
             return;
         };
-        let upstream = match tokio::time::timeout(
-            self.connect_timeout,
-            TcpStream::connect(destination),
-        )
-        .await
-        {
-            Ok(Ok(upstream)) => upstream,
-            Ok(Err(error)) => {
-                tracing::debug!(direction, %peer, %destination, %error, "opaque connection: cannot connect");
-                return;
-            }
-            Err(_) => {
-                tracing::debug!(direction, %peer, %destination, "opaque connection: connect timed out");
-                return;
-            }
-        };
+        let upstream =
+            match tokio::time::timeout(self.connect_timeout, TcpStream::connect(destination)).await
+            {
+                Ok(Ok(upstream)) => upstream,
+                Ok(Err(error)) => {
+                    tracing::debug!(%destination, %error, "opaque connection: cannot connect");
+                    return;
+                }
+                Err(_) => {
+                    tracing::debug!(%destination, "opaque connection: connect timed out");
+                    return;
+                }
+            };
         let _ = upstream.set_nodelay(true);
         self.metrics.connections.inc();
-        tracing::debug!(direction, %peer, %destination, "opaque TCP spliced");
+        tracing::debug!(%destination, "opaque TCP spliced");
         let (sent, received) = copy_both_ways(client, upstream).await;
         self.metrics.sent.inc_by(sent);
         self.metrics.received.inc_by(received);
@@ -124,6 +119,7 @@ impl Interception {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::telemetry::direction::Direction;
     use crate::telemetry::metrics::Metrics;
 
     fn addr(text: &str) -> SocketAddr {

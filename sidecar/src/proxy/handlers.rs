@@ -423,9 +423,13 @@ fn finish(
 fn refuse(err: ProxyError, direction: Direction, metrics: &Metrics) -> Response<ProxyBody> {
     let reason = err.reason();
     if err.status().is_server_error() {
+        // At the default level the request and connection spans are off,
+        // so this line names its direction itself.
         tracing::warn!(direction = direction.as_str(), reason, error = %err, "request refused by the mesh");
     } else {
-        tracing::debug!(direction = direction.as_str(), reason, error = %err, "bad request");
+        // Debug: inside the request and connection spans (listener, peer,
+        // request id, method, uri).
+        tracing::debug!(reason, error = %err, "bad request");
     }
     metrics.mesh_response(direction, reason);
     err.into_response()
