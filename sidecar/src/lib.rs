@@ -32,6 +32,8 @@ pub(crate) mod policy;
 pub(crate) mod proxy;
 pub mod settings;
 pub(crate) mod telemetry;
+#[cfg(test)]
+mod testing;
 pub(crate) mod upstream;
 
 use std::future::Future;

@@ -330,3 +330,248 @@ enum Sent {
         unsent: Box<Request<ProxyBody>>,
     },
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use meshlet_api::mesh::MeshState;
+
+    use super::*;
+    use crate::control::snapshot::{Own, Snapshot};
+    use crate::telemetry::metrics::Metrics;
+    use crate::testing::{get, refusing_addr, text, AfterResponse, Upstream};
+    use crate::upstream::balance::Endpoint;
+
+    /// A snapshot of service `orders` at `endpoints` (address, version
+    /// label), with the policy documents in `policies`.
+    fn mesh(endpoints: &[(SocketAddr, &str)], policies: &str) -> Snapshot {
+        let endpoints: String = endpoints
+            .iter()
+            .map(|(addr, version)| {
+                format!("  - {{address: '{addr}', labels: {{version: {version}}}}}\n")
+            })
+            .collect();
+        let yaml = format!(
+            "apiVersion: meshlet.dev/v1alpha1\nkind: Service\nmetadata: {{name: orders}}\nspec:\n  endpoints:\n{endpoints}{policies}"
+        );
+        let resources = meshlet_api::parse_documents("t.yaml", &yaml).unwrap();
+        let own = Own {
+            namespace: "default",
+            service: "frontend",
+        };
+        let limits = Arc::new(Limits::default());
+        Snapshot::build(
+            &MeshState::from_resources(&resources),
+            "test".into(),
+            None,
+            own,
+            &limits,
+            &Metrics::new("frontend"),
+        )
+    }
+
+    fn policy(kind: &str, spec: &str) -> String {
+        format!("---\napiVersion: meshlet.dev/v1alpha1\nkind: {kind}\nmetadata: {{name: orders-{}}}\nspec:\n  targetRef: {{service: orders}}\n  {spec}\n", kind.to_lowercase())
+    }
+
+    /// A breaker that opens on the first failure, for a minute.
+    fn breaker() -> String {
+        policy(
+            "CircuitBreakerPolicy",
+            "consecutiveFailures: 1\n  openDuration: 60s",
+        )
+    }
+
+    fn orders(snapshot: &Snapshot) -> &ServiceTarget {
+        snapshot.service("orders").expect("orders is in the mesh")
+    }
+
+    fn endpoint(target: &ServiceTarget, addr: SocketAddr) -> (usize, &Arc<Endpoint>) {
+        target
+            .balancer
+            .endpoints()
+            .iter()
+            .enumerate()
+            .find(|(_, ep)| ep.addr == addr)
+            .expect("an endpoint of the target")
+    }
+
+    /// Opens the breaker of `addr` (one connect failure).
+    fn open_breaker(target: &ServiceTarget, addr: SocketAddr) {
+        let (index, _) = endpoint(target, addr);
+        let breakers = &target.policies.breakers[0].breakers;
+        let permit = breakers[index].try_acquire(std::time::Instant::now());
+        permit
+            .expect("closed breaker admits")
+            .record(Outcome::ConnectFailure);
+        assert!(!breakers[index].allows(std::time::Instant::now()), "open");
+    }
+
+    async fn send(
+        target: &ServiceTarget,
+        limits: &Limits,
+    ) -> (Result<Response<ProxyBody>, ProxyError>, Trail) {
+        let mut trail = Trail::default();
+        let policies = target.policies.for_request(&http::Method::GET, "/");
+        let result = forward(target, get("/"), policies, limits, &mut trail).await;
+        (result, trail)
+    }
+
+    #[tokio::test]
+    async fn a_refused_connection_is_retried_on_another_endpoint() {
+        let live = Upstream::http1("live", AfterResponse::KeepOpen).await;
+        let refusing = refusing_addr().await;
+        let snapshot = mesh(&[(live.addr, "v1"), (refusing, "v1")], "");
+        let target = orders(&snapshot);
+        // The live endpoint looks busier, so the balancer picks the
+        // refusing one first.
+        let _busy = endpoint(target, live.addr).1.start_request();
+        let (result, trail) = send(target, &Limits::default()).await;
+        assert_eq!(text(result.expect("answered")).await, "live");
+        assert_eq!(trail.upstream, Some(live.addr));
+        assert_eq!(trail.retries, 0, "a connect retry is not a policy retry");
+        assert_eq!(target.metrics.connect_errors.get(), 1);
+        assert!(endpoint(target, refusing).1.is_ejected());
+    }
+
+    #[tokio::test]
+    async fn only_refusing_endpoints_give_the_last_connect_error() {
+        let refusing = refusing_addr().await;
+        let snapshot = mesh(&[(refusing, "v1")], "");
+        let (result, _) = send(orders(&snapshot), &Limits::default()).await;
+        let error = result.expect_err("nothing answers");
+        assert!(
+            matches!(error, ProxyError::ConnectFailed { addr, .. } if addr == refusing),
+            "{error:?}"
+        );
+        assert_eq!(error.reason(), "upstream_connect_failed");
+    }
+
+    #[tokio::test]
+    async fn an_endpoint_whose_breaker_is_open_is_skipped() {
+        let (a, b) = (
+            Upstream::http1("a", AfterResponse::KeepOpen).await,
+            Upstream::http1("b", AfterResponse::KeepOpen).await,
+        );
+        let snapshot = mesh(&[(a.addr, "v1"), (b.addr, "v1")], &breaker());
+        let target = orders(&snapshot);
+        open_breaker(target, a.addr);
+        for _ in 0..10 {
+            let (result, _) = send(target, &Limits::default()).await;
+            assert_eq!(text(result.expect("answered")).await, "b");
+        }
+        assert_eq!(a.requests(), 0);
+        assert_eq!(b.requests(), 10);
+    }
+
+    #[tokio::test]
+    async fn the_split_subset_wins_over_the_balancer() {
+        let (v1, v2) = (
+            Upstream::http1("v1", AfterResponse::KeepOpen).await,
+            Upstream::http1("v2", AfterResponse::KeepOpen).await,
+        );
+        let split = policy(
+            "TrafficSplit",
+            "splits:\n  - {labels: {version: v2}, weight: 1}",
+        );
+        let snapshot = mesh(&[(v1.addr, "v1"), (v2.addr, "v2")], &split);
+        let target = orders(&snapshot);
+        // Least-loaded balancing alone would choose v1.
+        let _busy = endpoint(target, v2.addr).1.start_request();
+        for _ in 0..10 {
+            let (result, _) = send(target, &Limits::default()).await;
+            assert_eq!(text(result.expect("answered")).await, "v2");
+        }
+        assert_eq!(v1.requests(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_subset_whose_breakers_are_all_open_gives_its_share_to_the_others() {
+        let (v1, v2) = (
+            Upstream::http1("v1", AfterResponse::KeepOpen).await,
+            Upstream::http1("v2", AfterResponse::KeepOpen).await,
+        );
+        let split = policy(
+            "TrafficSplit",
+            "splits:\n  - {labels: {version: v1}, weight: 1}\n  - {labels: {version: v2}, weight: 1000}",
+        );
+        let snapshot = mesh(&[(v1.addr, "v1"), (v2.addr, "v2")], &(split + &breaker()));
+        let target = orders(&snapshot);
+        open_breaker(target, v2.addr);
+        for _ in 0..10 {
+            let (result, _) = send(target, &Limits::default()).await;
+            assert_eq!(text(result.expect("answered")).await, "v1");
+        }
+        assert_eq!(v2.requests(), 0);
+    }
+
+    #[tokio::test]
+    async fn with_every_breaker_open_nothing_is_sent_and_the_answer_is_circuit_open() {
+        let (a, b) = (
+            Upstream::http1("a", AfterResponse::KeepOpen).await,
+            Upstream::http1("b", AfterResponse::KeepOpen).await,
+        );
+        let snapshot = mesh(&[(a.addr, "v1"), (b.addr, "v1")], &breaker());
+        let target = orders(&snapshot);
+        open_breaker(target, a.addr);
+        open_breaker(target, b.addr);
+        let (result, _) = send(target, &Limits::default()).await;
+        let error = result.expect_err("refused by the mesh");
+        assert!(matches!(error, ProxyError::CircuitOpen { .. }), "{error:?}");
+        assert_eq!(error.reason(), "circuit_open");
+        assert_eq!(error.status(), 503);
+        assert_eq!(a.requests() + b.requests(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_target_without_healthy_endpoints_is_no_healthy_endpoint() {
+        let snapshot = mesh(&[], &breaker());
+        let (result, _) = send(orders(&snapshot), &Limits::default()).await;
+        let error = result.expect_err("nowhere to send");
+        assert_eq!(error.reason(), "no_healthy_endpoint");
+    }
+
+    #[tokio::test]
+    async fn an_upstream_that_breaks_the_exchange_is_upstream_reset_and_counts_on_its_breaker() {
+        let broken = Upstream::http1("broken", AfterResponse::Garbage).await;
+        let snapshot = mesh(&[(broken.addr, "v1")], &breaker());
+        let target = orders(&snapshot);
+        let (result, trail) = send(target, &Limits::default()).await;
+        let error = result.expect_err("no HTTP answer");
+        assert!(matches!(error, ProxyError::Upstream { .. }), "{error:?}");
+        assert_eq!(
+            (error.status().as_u16(), error.reason()),
+            (502, "upstream_reset")
+        );
+        assert_eq!(trail.upstream, Some(broken.addr));
+        let (index, _) = endpoint(target, broken.addr);
+        let breaker = &target.policies.breakers[0].breakers[index];
+        assert!(
+            !breaker.allows(std::time::Instant::now()),
+            "a reset opened it"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_silent_upstream_times_out_at_the_deadline() {
+        let silent = Upstream::http1("silent", AfterResponse::NeverAnswer).await;
+        let snapshot = mesh(&[(silent.addr, "v1")], "");
+        let target = orders(&snapshot);
+        let limits = Limits {
+            upstream_timeout: Some(Duration::from_secs(30)),
+            connect_timeout: Duration::from_secs(3600),
+            ..Limits::default()
+        };
+        let started = Instant::now();
+        let (result, _) = send(target, &limits).await;
+        let error = result.expect_err("no answer");
+        assert!(
+            matches!(error, ProxyError::UpstreamTimeout { .. }),
+            "{error:?}"
+        );
+        assert_eq!(error.status(), 504);
+        assert_eq!(started.elapsed(), Duration::from_secs(30), "(paused clock)");
+        assert_eq!(target.metrics.timeouts.get(), 1);
+    }
+}
