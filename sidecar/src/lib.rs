@@ -1,15 +1,24 @@
 //! meshlet's sidecar: the per-service proxy of the data plane.
 //!
-//! Three listeners share one immutable view of the mesh ([`snapshot`]):
+//! Three listeners share one immutable view of the mesh
+//! (`control::snapshot`). The folders follow a request:
 //!
 //! ```text
-//!  other services ──► inbound :15006 ──► proxy::handlers::Inbound ──► forward ──► local app
-//!  local app ──────► outbound :15001 ──► proxy::handlers::Outbound ─► route ─► forward ─► service endpoint
-//!  operator ───────► admin :15020 ────► admin::Admin (/live /ready /config_dump /metrics)
+//!  other services ─► inbound :15006 ─┐
+//!  local app ──────► outbound :15001 ┴► listen (accept, sniff, framing guard)
+//!                                       ─► proxy (route, policies for the request, headers)
+//!                                       ─► upstream (forward: split, breakers, retries, balance, pool)
+//!                                       ─► local app | service endpoint | passthrough
+//!  operator ───────► admin :15020 ─────► admin (/live /ready /started /config_dump /metrics)
 //!  control plane ──► control (register, heartbeat, watch) ─► snapshot swap
-//!  control plane ◄── stats (request counts, latencies, breakers, refusals)
-//!  local app ◄────── health (probe) ─► /ready and heartbeats
+//!  control plane ◄── control::stats (request counts, latencies, breakers, refusals)
+//!  local app ◄────── control::health (probe) ─► /ready and heartbeats
 //! ```
+//!
+//! `policy` holds each policy's state and the index that finds the ones
+//! for a request; `telemetry` what every request reports (metrics, spans,
+//! access log). `body` (the one body type) and `error` (the one place a
+//! request error becomes a response) are shared by the request path.
 //!
 //! [`run`] wires them together from already bound [`Listeners`], serves
 //! until the shutdown future completes, deregisters from the control plane,
@@ -19,6 +28,10 @@
 //! **Architecture invariant:** nothing on the request path waits on
 //! configuration loading or the control plane; requests read the current
 //! snapshot through an atomic pointer.
+//!
+//! **Architecture invariant:** no import cycles: a module never imports
+//! one that imports it back, directly or through others (checked by the
+//! `no_import_cycles` test).
 
 pub(crate) mod admin;
 pub(crate) mod body;
@@ -179,8 +192,8 @@ impl InitialConfig {
 /// Runs the sidecar until `shutdown` completes, then drains. Each message
 /// on `reloads` (SIGHUP in `main.rs`) re-reads a standalone `--config`.
 ///
-/// Three phases: [`start`] (configuration, background tasks, listeners),
-/// serve until `shutdown`, then [`Running::shut_down`] (deregister, stop
+/// Three phases: `start` (configuration, background tasks, listeners),
+/// serve until `shutdown`, then `Running::shut_down` (deregister, stop
 /// the listeners, drain, flush the last spans).
 pub async fn run(
     settings: Settings,

@@ -12,7 +12,7 @@
 //! load counters survive config updates.
 //!
 //! Building also resolves the metric handles the request path uses: each
-//! target's [`TargetMetrics`] with its route table, and the own service's
+//! target's `TargetMetrics` with its route table, and the own service's
 //! inbound route table (`route_metrics`). [`Snapshot::breaker_samples`]
 //! gives `/metrics` the breakers' states at scrape time.
 
