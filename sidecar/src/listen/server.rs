@@ -321,3 +321,90 @@ impl Protocols {
         Protocols { http1, http2 }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    use super::*;
+    use crate::telemetry::metrics::Metrics;
+
+    /// Answers 200 after one debug line that names none of the request's
+    /// or connection's fields.
+    #[derive(Clone)]
+    struct Logs;
+
+    impl Handler for Logs {
+        async fn handle(&self, _request: Request<Incoming>, _peer: &Peer) -> Response<ProxyBody> {
+            tracing::debug!("handled");
+            Response::new(ProxyBody::full("ok"))
+        }
+    }
+
+    /// Log output collected in memory.
+    #[derive(Clone, Default)]
+    struct Captured(Arc<Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Captured {
+        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(bytes);
+            Ok(bytes.len())
+        }
+
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[tokio::test]
+    async fn log_lines_of_a_request_inherit_its_connection_and_request_fields() {
+        let captured = Captured::default();
+        let writer = captured.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_max_level(tracing::Level::DEBUG)
+            .with_ansi(false)
+            .with_writer(move || writer.clone())
+            .finish();
+        // The test runtime has one thread: every task logs to this subscriber.
+        let _default = tracing::subscriber::set_default(subscriber);
+
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (stop, stopped) = watch::channel(false);
+        let metrics = Metrics::new("orders").listener("inbound");
+        let limits = Arc::new(Limits::default());
+        let server = tokio::spawn(serve(
+            "inbound", listener, Logs, limits, metrics, stopped, None,
+        ));
+
+        let mut client = TcpStream::connect(addr).await.unwrap();
+        let peer = client.local_addr().unwrap();
+        client
+            .write_all(b"GET /probe?x=1 HTTP/1.1\r\nhost: orders\r\nconnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let mut reply = String::new();
+        client.read_to_string(&mut reply).await.unwrap();
+        assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
+        let _ = stop.send(true);
+        server.await.unwrap().wait().await;
+
+        let logs = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
+        let line = logs
+            .lines()
+            .find(|line| line.ends_with("handled"))
+            .unwrap_or_else(|| panic!("no handler line in:\n{logs}"));
+        for field in [
+            "connection{".to_owned(),
+            "listener=\"inbound\"".to_owned(),
+            format!("peer={peer}"),
+            ":request{id=".to_owned(),
+            "method=GET".to_owned(),
+            "uri=/probe?x=1".to_owned(),
+        ] {
+            assert!(line.contains(&field), "{field} missing from: {line}");
+        }
+    }
+}
