@@ -7,7 +7,7 @@
 //! startup probe asks (the app container starts only after it passes).
 //!
 //! `/ready` follows the local app's health as the prober sees it
-//! ([`crate::health`]) and, with a control plane, also needs a
+//! ([`crate::control::health`]) and, with a control plane, also needs a
 //! configuration (pushed, or the persisted one): a sidecar that cannot
 //! route yet is not ready. Kubernetes' readiness probe and the local demo
 //! both wait on it.
@@ -24,12 +24,12 @@ use serde_json::json;
 use tokio::sync::watch;
 
 use crate::body::ProxyBody;
-use crate::control::ControlClient;
-use crate::health::AppHealth;
-use crate::metrics::Metrics;
-use crate::server::{Handler, Peer};
+use crate::control::client::ControlClient;
+use crate::control::health::AppHealth;
+use crate::control::snapshot::SharedSnapshot;
+use crate::listen::server::{Handler, Peer};
 use crate::settings::Settings;
-use crate::snapshot::SharedSnapshot;
+use crate::telemetry::metrics::Metrics;
 
 #[derive(Clone)]
 pub struct Admin {

@@ -24,9 +24,9 @@ use prometheus::IntCounter;
 use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::{Instant, Sleep};
 
-use crate::balance::InFlight;
-use crate::framing::RequestGuard;
-use crate::observe::RequestRecord;
+use crate::listen::framing::RequestGuard;
+use crate::telemetry::observe::{CarriesRecord, RequestRecord};
+use crate::upstream::in_flight::InFlight;
 
 #[derive(Debug)]
 pub struct ProxyBody {
@@ -150,6 +150,12 @@ impl ProxyBody {
     pub fn counting(mut self, bytes: IntCounter) -> Self {
         self.bytes = Some(bytes);
         self
+    }
+}
+
+impl CarriesRecord for ProxyBody {
+    fn carrying(self, bytes: IntCounter, record: RequestRecord) -> Self {
+        self.counting(bytes).with_completion(record)
     }
 }
 

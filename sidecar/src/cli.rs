@@ -14,7 +14,7 @@ use clap::{Parser, ValueEnum};
 
 use crate::error::StartupError;
 use crate::settings::{ControlPlaneSettings, Limits, Observability, Settings};
-use crate::trace::export::ExportEndpoint;
+use crate::telemetry::trace::export::ExportEndpoint;
 
 pub use crate::settings::Mode;
 

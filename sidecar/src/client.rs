@@ -1,6 +1,6 @@
 //! A minimal HTTP/1.1 client for the sidecar's own calls: health probes of
 //! the local app, the control plane API and span exports. One fresh connection per call
-//! (these calls are rare; proxied traffic uses [`crate::pool`] instead).
+//! (these calls are rare; proxied traffic uses [`crate::upstream::pool`] instead).
 
 use std::time::Duration;
 

@@ -15,10 +15,21 @@ use std::time::Duration;
 use http::{header, HeaderValue, Response, StatusCode};
 
 use crate::body::ProxyBody;
-use crate::ratelimit::Refusal;
 
 /// Header naming why the mesh answered instead of the upstream.
 pub const REASON_HEADER: &str = "x-meshlet-reason";
+
+/// Why a request was refused, with what the 429's headers need.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Refusal {
+    pub policy: String,
+    /// Requests allowed per window for this instance (`q`).
+    pub quota: u32,
+    /// The window in whole seconds (`w`).
+    pub window_secs: u64,
+    /// Whole seconds until a request may succeed (≥ 1).
+    pub retry_after_secs: u64,
+}
 
 /// Errors that stop the sidecar from starting.
 #[derive(Debug, thiserror::Error)]
@@ -112,18 +123,6 @@ impl ProxyError {
         }
     }
 
-    /// How a try ended, for breakers and retries (`None`: the request was
-    /// refused before reaching any upstream).
-    pub fn outcome(&self) -> Option<crate::policy::Outcome> {
-        use crate::policy::Outcome;
-        match self {
-            ProxyError::ConnectFailed { .. } => Some(Outcome::ConnectFailure),
-            ProxyError::Upstream { .. } => Some(Outcome::Reset),
-            ProxyError::UpstreamTimeout { .. } => Some(Outcome::Timeout),
-            _ => None,
-        }
-    }
-
     /// Stable value of [`REASON_HEADER`]; documented in the README.
     pub fn reason(&self) -> &'static str {
         match self {
@@ -211,5 +210,153 @@ fn add_rate_limit_headers(headers: &mut http::HeaderMap, refusal: &Refusal) {
         if let Ok(value) = HeaderValue::try_from(value) {
             headers.insert(name, value);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use http_body_util::BodyExt;
+
+    use super::*;
+
+    fn addr() -> SocketAddr {
+        "10.0.0.7:8080".parse().unwrap()
+    }
+
+    fn io_error() -> std::io::Error {
+        std::io::Error::from(std::io::ErrorKind::ConnectionRefused)
+    }
+
+    /// Every variant but `Upstream` (a `hyper::Error` cannot be made
+    /// outside hyper; its mapping is checked by the proxy's e2e tests)
+    /// with the status, reason and body line it must produce.
+    fn cases() -> Vec<(ProxyError, u16, &'static str, &'static str)> {
+        let refusal = Refusal {
+            policy: "orders-limit".into(),
+            quota: 10,
+            window_secs: 1,
+            retry_after_secs: 2,
+        };
+        vec![
+            (ProxyError::MissingHost, 400, "missing_host", "request has no Host header or absolute URI to route by"),
+            (ProxyError::AmbiguousFraming, 400, "bad_request", "request has both Content-Length and Transfer-Encoding (ambiguous framing)"),
+            (ProxyError::HeadTooLarge { limit: 8192 }, 431, "header_too_large", "request head is larger than 8192 bytes"),
+            (ProxyError::MalformedHead, 400, "bad_request", "malformed request head (not HTTP/1.x)"),
+            (
+                ProxyError::MethodNotAllowed { method: http::Method::CONNECT, listener: "inbound" },
+                405,
+                "method_not_allowed",
+                "CONNECT is not supported on the inbound listener",
+            ),
+            (
+                ProxyError::UnknownService { host: "nowhere".into() },
+                503,
+                "unknown_service",
+                "no service named \"nowhere\" is known to the mesh and the name does not resolve",
+            ),
+            (
+                ProxyError::NoHealthyEndpoint { service: "orders".into() },
+                503,
+                "no_healthy_endpoint",
+                "service \"orders\" has no healthy endpoint",
+            ),
+            (ProxyError::Loop { addr: addr() }, 502, "loop_detected", "request to 10.0.0.7:8080 would loop back into this sidecar"),
+            (
+                ProxyError::ConnectFailed { addr: addr(), source: io_error() },
+                502,
+                "upstream_connect_failed",
+                "cannot connect to upstream 10.0.0.7:8080: connection refused",
+            ),
+            (
+                ProxyError::UpstreamTimeout { upstream: "orders".into(), timeout: Duration::from_millis(1500) },
+                504,
+                "upstream_timeout",
+                "upstream orders did not send response headers within 1s 500ms",
+            ),
+            (
+                ProxyError::RateLimited(Box::new(refusal)),
+                429,
+                "rate_limited",
+                "rate limited by policy \"orders-limit\" (10 requests per 1s for this instance); retry in 2s",
+            ),
+            (
+                ProxyError::CircuitOpen { service: "orders".into(), policy: "orders-breaker".into() },
+                503,
+                "circuit_open",
+                "circuit breaker open for every endpoint of service \"orders\" (policy \"orders-breaker\"); not sent",
+            ),
+            (
+                ProxyError::Overflow { service: "orders".into(), max: 2 },
+                503,
+                "overflow",
+                "service \"orders\" already has 2 requests in flight from this sidecar (circuit breaker maxConcurrentRequests); not sent",
+            ),
+            (
+                ProxyError::RequestBodyFailed { detail: "reset".into() },
+                400,
+                "bad_request",
+                "the request body failed while it was read to be retryable: reset",
+            ),
+            (
+                ProxyError::RequestBodyTimeout { timeout: Duration::from_secs(30) },
+                408,
+                "request_timeout",
+                "the request body did not arrive within 30s",
+            ),
+        ]
+    }
+
+    #[tokio::test]
+    async fn each_error_becomes_its_status_reason_and_one_line_body() {
+        for (error, status, reason, message) in cases() {
+            let response = error.into_response();
+            assert_eq!(response.status(), status, "{reason}");
+            let headers = response.headers();
+            assert_eq!(headers[REASON_HEADER], reason);
+            assert_eq!(headers[header::CONTENT_TYPE], "text/plain; charset=utf-8");
+            let closes = headers
+                .get(header::CONNECTION)
+                .is_some_and(|v| v == "close");
+            // After a malformed request the connection's framing cannot be
+            // trusted; a 405 or 429 keeps it.
+            let malformed = (400..500).contains(&status) && status != 405 && status != 429;
+            assert_eq!(closes, malformed, "{reason}: connection: close");
+            let body = response.into_body().collect().await.unwrap().to_bytes();
+            assert_eq!(body, format!("meshlet: {message}\n"), "{reason}");
+        }
+    }
+
+    #[test]
+    fn the_framing_guard_gets_the_same_answer_as_raw_http1() {
+        for (error, status, reason, message) in cases() {
+            let bytes = String::from_utf8(error.to_http1_bytes()).unwrap();
+            let (head, body) = bytes.split_once("\r\n\r\n").expect("a head and a body");
+            assert!(head.starts_with(&format!("HTTP/1.1 {status} ")), "{head}");
+            assert!(
+                head.contains(&format!("\r\n{REASON_HEADER}: {reason}\r\n")),
+                "{head}"
+            );
+            assert!(head.contains("\r\nconnection: close"), "{head}");
+            assert!(
+                head.contains(&format!("\r\ncontent-length: {}", body.len())),
+                "{head}"
+            );
+            assert_eq!(body, format!("meshlet: {message}\n"));
+        }
+    }
+
+    #[test]
+    fn a_rate_limit_refusal_says_when_to_come_back() {
+        let error = ProxyError::RateLimited(Box::new(Refusal {
+            policy: "orders-limit".into(),
+            quota: 10,
+            window_secs: 60,
+            retry_after_secs: 7,
+        }));
+        let response = error.into_response();
+        let headers = response.headers();
+        assert_eq!(headers[header::RETRY_AFTER], "7");
+        assert_eq!(headers["ratelimit-policy"], "\"orders-limit\";q=10;w=60");
+        assert_eq!(headers["ratelimit"], "\"orders-limit\";r=0;t=7");
     }
 }

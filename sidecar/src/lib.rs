@@ -1,15 +1,24 @@
 //! meshlet's sidecar: the per-service proxy of the data plane.
 //!
-//! Three listeners share one immutable view of the mesh ([`snapshot`]):
+//! Three listeners share one immutable view of the mesh
+//! (`control::snapshot`). The folders follow a request:
 //!
 //! ```text
-//!  other services ──► inbound :15006 ──► proxy::Inbound ──► forward ──► local app
-//!  local app ──────► outbound :15001 ──► proxy::Outbound ─► route ─► forward ─► service endpoint
-//!  operator ───────► admin :15020 ────► admin::Admin (/live /ready /config_dump /metrics)
+//!  other services ─► inbound :15006 ─┐
+//!  local app ──────► outbound :15001 ┴► listen (accept, sniff, framing guard)
+//!                                       ─► proxy (route, policies for the request, headers)
+//!                                       ─► upstream (forward: split, breakers, retries, balance, pool)
+//!                                       ─► local app | service endpoint | passthrough
+//!  operator ───────► admin :15020 ─────► admin (/live /ready /started /config_dump /metrics)
 //!  control plane ──► control (register, heartbeat, watch) ─► snapshot swap
-//!  control plane ◄── stats (request counts, latencies, breakers, refusals)
-//!  local app ◄────── health (probe) ─► /ready and heartbeats
+//!  control plane ◄── control::stats (request counts, latencies, breakers, refusals)
+//!  local app ◄────── control::health (probe) ─► /ready and heartbeats
 //! ```
+//!
+//! `policy` holds each policy's state and the index that finds the ones
+//! for a request; `telemetry` what every request reports (metrics, spans,
+//! access log). `body` (the one body type) and `error` (the one place a
+//! request error becomes a response) are shared by the request path.
 //!
 //! [`run`] wires them together from already bound [`Listeners`], serves
 //! until the shutdown future completes, deregisters from the control plane,
@@ -19,39 +28,26 @@
 //! **Architecture invariant:** nothing on the request path waits on
 //! configuration loading or the control plane; requests read the current
 //! snapshot through an atomic pointer.
+//!
+//! **Architecture invariant:** no import cycles: a module never imports
+//! one that imports it back, directly or through others (checked by the
+//! `no_import_cycles` test).
 
-pub mod access_log;
-pub mod admin;
-pub mod balance;
-pub mod body;
-pub mod breaker;
+pub(crate) mod admin;
+pub(crate) mod body;
 pub mod cli;
-pub mod client;
-pub mod control;
+pub(crate) mod client;
+pub(crate) mod control;
 pub mod error;
-pub mod forward;
-pub mod framing;
-pub mod headers;
-pub mod health;
 pub mod iptables;
-pub mod metrics;
-pub mod observe;
-pub mod original_dst;
-pub mod policy;
-pub mod pool;
-pub mod proxy;
-pub mod ratelimit;
-pub mod retry;
-pub mod route;
-pub mod route_metrics;
-pub mod server;
+pub(crate) mod listen;
+pub(crate) mod policy;
+pub(crate) mod proxy;
 pub mod settings;
-pub mod snapshot;
-pub mod sniff;
-pub mod stats;
-pub mod trace;
-pub mod transparent;
-pub mod tunnel;
+pub(crate) mod telemetry;
+#[cfg(test)]
+mod testing;
+pub(crate) mod upstream;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -64,9 +60,11 @@ use meshlet_api::Resource;
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
 
+use crate::control::snapshot::{Own, Snapshot};
 use crate::error::StartupError;
-use crate::metrics::{destination_label, Direction, Metrics};
-use crate::snapshot::{Own, ServiceTarget, Snapshot};
+use crate::telemetry::direction::Direction;
+use crate::telemetry::metrics::{destination_label, Metrics};
+use crate::upstream::target::ServiceTarget;
 
 pub use crate::settings::{Limits, Mode, Settings};
 
@@ -162,7 +160,7 @@ impl InitialConfig {
     /// A sidecar with a control plane starts from its persisted snapshot
     /// when there is a readable one, else empty until the first push.
     pub fn persisted(snapshot_file: &Path) -> Self {
-        match control::load_persisted(snapshot_file) {
+        match control::client::load_persisted(snapshot_file) {
             Ok(Some(state)) => {
                 tracing::info!(file = %snapshot_file.display(), revision = state.revision, "starting from the persisted snapshot");
                 InitialConfig {
@@ -193,6 +191,10 @@ impl InitialConfig {
 
 /// Runs the sidecar until `shutdown` completes, then drains. Each message
 /// on `reloads` (SIGHUP in `main.rs`) re-reads a standalone `--config`.
+///
+/// Three phases: `start` (configuration, background tasks, listeners),
+/// serve until `shutdown`, then `Running::shut_down` (deregister, stop
+/// the listeners, drain, flush the last spans).
 pub async fn run(
     settings: Settings,
     initial: InitialConfig,
@@ -200,112 +202,87 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
     reloads: mpsc::UnboundedReceiver<()>,
 ) -> Drained {
-    let settings = Arc::new(settings);
-    let limits = Arc::new(settings.limits.clone());
-    let metrics = Metrics::new(&destination_label(&settings.namespace, &settings.service));
-    metrics.set_config_revision(initial.state.revision);
-    let snapshot = Arc::new(ArcSwap::from_pointee(Snapshot::build(
-        &initial.state,
-        initial.source,
-        None,
-        Own {
-            namespace: &settings.namespace,
-            service: &settings.service,
-        },
-        &limits,
-        &metrics,
-    )));
+    let running = start(settings, initial, listeners, reloads);
+    shutdown.await;
+    running.shut_down().await
+}
 
-    let app = Arc::new(proxy::app_target(settings.app_addr, &limits, &metrics));
-    let own_listeners = [&listeners.inbound, &listeners.outbound]
-        .iter()
-        .filter_map(|l| l.local_addr().ok())
-        .collect();
-    let router = Arc::new(route::Router::new(
-        Arc::clone(&snapshot),
-        own_listeners,
-        Arc::clone(&limits),
-        metrics.clone(),
-    ));
+/// What a started sidecar needs to shut down.
+struct Running {
+    settings: Arc<Settings>,
+    /// One task per listener; each yields its connections' drain.
+    servers: [tokio::task::JoinHandle<listen::server::Drain>; 3],
+    /// Stops the listeners and the background tasks.
+    stop: watch::Sender<bool>,
+    /// With a control plane: the registration task and its deregister
+    /// signal.
+    registration: Option<Registration>,
+    flush_spans: watch::Sender<bool>,
+    span_export: Option<tokio::task::JoinHandle<()>>,
+}
+
+/// The registration task (heartbeats, deregistration at shutdown) and
+/// the signal that makes it deregister.
+type Registration = (tokio::task::JoinHandle<()>, watch::Sender<bool>);
+
+/// The state every part of a sidecar shares.
+struct Shared {
+    settings: Arc<Settings>,
+    limits: Arc<Limits>,
+    metrics: Metrics,
+    snapshot: control::snapshot::SharedSnapshot,
+}
+
+/// Start: builds the first snapshot, the request path's handlers and the
+/// background tasks (config reloader, idle sweep, span export, health
+/// prober, control-plane client), then serves the three listeners.
+fn start(
+    settings: Settings,
+    initial: InitialConfig,
+    listeners: Listeners,
+    reloads: mpsc::UnboundedReceiver<()>,
+) -> Running {
+    let shared = Shared::new(settings, &initial);
+    let Shared {
+        settings,
+        limits,
+        metrics,
+        snapshot,
+    } = &shared;
     let (stop_tx, stop_rx) = watch::channel(false);
     spawn_config_reloader(
         initial.config_file.clone(),
         reloads,
-        Arc::clone(&settings),
-        Arc::clone(&snapshot),
-        Arc::clone(&limits),
+        Arc::clone(settings),
+        Arc::clone(snapshot),
+        Arc::clone(limits),
         metrics.clone(),
-    );
-    spawn_idle_sweep(
-        &app,
-        &snapshot,
-        &router,
-        limits.idle_timeout,
-        stop_rx.clone(),
     );
     let (flush_spans, flush_spans_rx) = watch::channel(false);
-    let (telemetry, span_export) = start_telemetry(&settings, &snapshot, &metrics, flush_spans_rx);
-    let inbound = proxy::Inbound::new(
-        app,
-        Arc::clone(&snapshot),
-        Arc::clone(&limits),
-        metrics.clone(),
-        Arc::clone(&telemetry),
-    );
-    let interceptions = interceptions(&settings, &listeners, &metrics);
-    let outbound = proxy::Outbound::new(
-        router,
-        Arc::clone(&limits),
-        metrics.clone(),
-        telemetry,
-        &settings.service,
-    );
-    let health = health::spawn_prober(
+    let (telemetry, span_export) = start_telemetry(settings, snapshot, metrics, flush_spans_rx);
+    let (inbound, outbound) = shared.handlers(&listeners, telemetry, &stop_rx);
+    let [inbound_interception, outbound_interception] =
+        interceptions(settings, &listeners, metrics);
+    let health = control::health::spawn_prober(
         settings.app_addr,
         settings.namespace.clone(),
         settings.service.clone(),
-        Arc::clone(&snapshot),
+        Arc::clone(snapshot),
         stop_rx.clone(),
     );
-    // Shutdown runs in two steps: deregister (while still serving), then
-    // stop the listeners and drain.
-    let (deregister_tx, deregister_rx) = watch::channel(false);
-    let mut registration = None;
-    let control = settings.control_plane.clone().map(|cp| {
-        let client = control::ControlClient::new(
-            Arc::clone(&settings),
-            cp,
-            Arc::clone(&snapshot),
-            Arc::clone(&limits),
-            metrics.clone(),
-            initial.persisted,
-        );
-        client.spawn_watch(initial.state, stop_rx.clone());
-        if let Some(interval) = client.cp_settings().stats_interval {
-            stats::spawn(
-                client.cp_settings(),
-                interval,
-                metrics.clone(),
-                Arc::clone(&snapshot),
-                stop_rx.clone(),
-            );
-        }
-        registration = Some(client.spawn_registration(health.clone(), deregister_rx));
-        client
-    });
+    let (control, registration) = shared.start_control(initial, &health, &stop_rx);
     let admin = admin::Admin::new(
-        Arc::clone(&settings),
-        Arc::clone(&snapshot),
+        Arc::clone(settings),
+        Arc::clone(snapshot),
         metrics.clone(),
         health,
         control,
     );
     let servers = Servers {
-        limits: &limits,
-        metrics: &metrics,
+        limits,
+        metrics,
         stop: &stop_rx,
     };
-    let [inbound_interception, outbound_interception] = interceptions;
     let servers = [
         servers.spawn("inbound", listeners.inbound, inbound, inbound_interception),
         servers.spawn(
@@ -317,41 +294,166 @@ pub async fn run(
         servers.spawn("admin", listeners.admin, admin, None),
     ];
     tracing::info!(service = %settings.service, app = %settings.app_addr, mode = ?settings.mode, "sidecar started");
+    Running {
+        settings: Arc::clone(settings),
+        servers,
+        stop: stop_tx,
+        registration,
+        flush_spans,
+        span_export,
+    }
+}
 
-    shutdown.await;
-    tracing::info!(deadline = ?settings.drain_timeout, "shutting down: draining in-flight requests");
-    if let Some(registration) = registration {
-        // Deregister first and keep serving a moment, so that other
-        // sidecars get the change (pushed within milliseconds) and stop
-        // sending here before the listeners close.
-        let _ = deregister_tx.send(true);
-        let _ = tokio::time::timeout(DEREGISTER_TIMEOUT, registration).await;
-        tokio::time::sleep(DEREGISTER_GRACE.min(settings.drain_timeout)).await;
+impl Shared {
+    /// The request path: the inbound handler (to the local app's target)
+    /// and the outbound one (through the router); and the sweep of idle
+    /// connections in their pools.
+    fn handlers(
+        &self,
+        listeners: &Listeners,
+        telemetry: Arc<telemetry::observe::Telemetry>,
+        stop: &watch::Receiver<bool>,
+    ) -> (proxy::handlers::Inbound, proxy::handlers::Outbound) {
+        let Shared {
+            settings,
+            limits,
+            metrics,
+            snapshot,
+        } = self;
+        let app = Arc::new(proxy::handlers::app_target(
+            settings.app_addr,
+            limits,
+            metrics,
+        ));
+        let own_listeners = [&listeners.inbound, &listeners.outbound]
+            .iter()
+            .filter_map(|l| l.local_addr().ok())
+            .collect();
+        let router = Arc::new(proxy::route::Router::new(
+            Arc::clone(snapshot),
+            own_listeners,
+            Arc::clone(limits),
+            metrics.clone(),
+        ));
+        spawn_idle_sweep(&app, snapshot, &router, limits.idle_timeout, stop.clone());
+        let inbound = proxy::handlers::Inbound::new(
+            app,
+            Arc::clone(snapshot),
+            Arc::clone(limits),
+            metrics.clone(),
+            Arc::clone(&telemetry),
+        );
+        let outbound = proxy::handlers::Outbound::new(
+            router,
+            Arc::clone(limits),
+            metrics.clone(),
+            telemetry,
+            &settings.service,
+        );
+        (inbound, outbound)
     }
-    let _ = stop_tx.send(true);
-    let all_drained = async {
-        for server in servers {
-            if let Ok(drain) = server.await {
-                drain.wait().await;
+
+    /// Settings, metrics and the first snapshot (from `initial`).
+    fn new(settings: Settings, initial: &InitialConfig) -> Self {
+        let settings = Arc::new(settings);
+        let limits = Arc::new(settings.limits.clone());
+        let metrics = Metrics::new(&destination_label(&settings.namespace, &settings.service));
+        metrics.set_config_revision(initial.state.revision);
+        let snapshot = Arc::new(ArcSwap::from_pointee(Snapshot::build(
+            &initial.state,
+            initial.source.clone(),
+            None,
+            Own {
+                namespace: &settings.namespace,
+                service: &settings.service,
+            },
+            &limits,
+            &metrics,
+        )));
+        Shared {
+            settings,
+            limits,
+            metrics,
+            snapshot,
+        }
+    }
+
+    /// With a control plane: the client's watch, the stats reporter and
+    /// the registration (whose task deregisters when told to, during
+    /// shutdown).
+    fn start_control(
+        &self,
+        initial: InitialConfig,
+        health: &watch::Receiver<control::health::AppHealth>,
+        stop: &watch::Receiver<bool>,
+    ) -> (Option<control::client::ControlClient>, Option<Registration>) {
+        let Some(cp) = self.settings.control_plane.clone() else {
+            return (None, None);
+        };
+        let client = control::client::ControlClient::new(
+            Arc::clone(&self.settings),
+            cp,
+            Arc::clone(&self.snapshot),
+            Arc::clone(&self.limits),
+            self.metrics.clone(),
+            initial.persisted,
+        );
+        client.spawn_watch(initial.state, stop.clone());
+        if let Some(interval) = client.cp_settings().stats_interval {
+            control::stats::spawn(
+                client.cp_settings(),
+                interval,
+                self.metrics.clone(),
+                Arc::clone(&self.snapshot),
+                stop.clone(),
+            );
+        }
+        let (deregister_tx, deregister_rx) = watch::channel(false);
+        let registration = client.spawn_registration(health.clone(), deregister_rx);
+        (Some(client), Some((registration, deregister_tx)))
+    }
+}
+
+impl Running {
+    /// Shut down: deregister (while still serving), then stop the
+    /// listeners and drain up to the drain deadline, then flush the last
+    /// spans.
+    async fn shut_down(self) -> Drained {
+        let settings = &self.settings;
+        tracing::info!(deadline = ?settings.drain_timeout, "shutting down: draining in-flight requests");
+        if let Some((registration, deregister)) = self.registration {
+            // Deregister first and keep serving a moment, so that other
+            // sidecars get the change (pushed within milliseconds) and stop
+            // sending here before the listeners close.
+            let _ = deregister.send(true);
+            let _ = tokio::time::timeout(DEREGISTER_TIMEOUT, registration).await;
+            tokio::time::sleep(DEREGISTER_GRACE.min(settings.drain_timeout)).await;
+        }
+        let _ = self.stop.send(true);
+        let all_drained = async {
+            for server in self.servers {
+                if let Ok(drain) = server.await {
+                    drain.wait().await;
+                }
             }
+        };
+        let drained = match tokio::time::timeout(settings.drain_timeout, all_drained).await {
+            Ok(()) => {
+                tracing::info!("drained; exiting");
+                Drained::Completely
+            }
+            Err(_) => {
+                tracing::warn!("drain deadline reached with requests still in flight; exiting");
+                Drained::DeadlineReached
+            }
+        };
+        // The spans of the last requests go out before the process ends.
+        let _ = self.flush_spans.send(true);
+        if let Some(export) = self.span_export {
+            let _ = tokio::time::timeout(SPAN_FLUSH_TIMEOUT, export).await;
         }
-    };
-    let drained = match tokio::time::timeout(settings.drain_timeout, all_drained).await {
-        Ok(()) => {
-            tracing::info!("drained; exiting");
-            Drained::Completely
-        }
-        Err(_) => {
-            tracing::warn!("drain deadline reached with requests still in flight; exiting");
-            Drained::DeadlineReached
-        }
-    };
-    // The spans of the last requests go out before the process ends.
-    let _ = flush_spans.send(true);
-    if let Some(export) = span_export {
-        let _ = tokio::time::timeout(SPAN_FLUSH_TIMEOUT, export).await;
+        drained
     }
-    drained
 }
 
 /// Transparent mode: what the inbound and outbound listeners do with
@@ -361,7 +463,7 @@ fn interceptions(
     settings: &Settings,
     listeners: &Listeners,
     metrics: &Metrics,
-) -> [Option<Arc<transparent::Interception>>; 2] {
+) -> [Option<Arc<listen::transparent::Interception>>; 2] {
     if settings.mode != Mode::Transparent {
         return [None, None];
     }
@@ -371,12 +473,12 @@ fn interceptions(
         .filter_map(|l| l.local_addr().ok())
         .collect();
     [
-        Some(Arc::new(transparent::Interception::inbound(
+        Some(Arc::new(listen::transparent::Interception::inbound(
             settings.app_addr,
             connect_timeout,
             metrics.tcp(Direction::Inbound),
         ))),
-        Some(Arc::new(transparent::Interception::outbound(
+        Some(Arc::new(listen::transparent::Interception::outbound(
             own_listeners,
             connect_timeout,
             metrics.tcp(Direction::Outbound),
@@ -392,10 +494,13 @@ const SPAN_FLUSH_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2
 /// writer (`--access-log`). Returns the exporter task to await at exit.
 fn start_telemetry(
     settings: &Settings,
-    snapshot: &snapshot::SharedSnapshot,
+    snapshot: &control::snapshot::SharedSnapshot,
     metrics: &Metrics,
     flush: watch::Receiver<bool>,
-) -> (Arc<observe::Telemetry>, Option<tokio::task::JoinHandle<()>>) {
+) -> (
+    Arc<telemetry::observe::Telemetry>,
+    Option<tokio::task::JoinHandle<()>>,
+) {
     let observability = &settings.observability;
     let endpoint = observability
         .trace_endpoint
@@ -403,7 +508,7 @@ fn start_telemetry(
         .filter(|_| observability.tracing);
     let (exporter, task) = match endpoint {
         Some(endpoint) => {
-            let identity = trace::export::ExporterIdentity {
+            let identity = telemetry::trace::export::ExporterIdentity {
                 service: settings.service.clone(),
                 namespace: settings.namespace.clone(),
                 instance_id: settings.control_plane.as_ref().map_or_else(
@@ -412,7 +517,7 @@ fn start_telemetry(
                 ),
             };
             tracing::info!(%endpoint, "exporting spans (OTLP/HTTP)");
-            let (exporter, task) = trace::export::spawn(
+            let (exporter, task) = telemetry::trace::export::spawn(
                 endpoint,
                 identity,
                 observability.trace_queue,
@@ -425,12 +530,15 @@ fn start_telemetry(
     };
     let access_log = observability
         .access_log
-        .then(|| access_log::AccessLog::spawn(metrics.access_log_dropped()));
-    let telemetry = observe::Telemetry {
+        .then(|| telemetry::access_log::AccessLog::spawn(metrics.access_log_dropped()));
+    let telemetry = telemetry::observe::Telemetry {
         tracing: observability.tracing,
         exporter,
         access_log,
-        snapshot: Arc::clone(snapshot),
+        sampling_ratio: {
+            let snapshot = Arc::clone(snapshot);
+            telemetry::observe::SamplingRatio(Box::new(move || snapshot.load().sampling_ratio))
+        },
     };
     (Arc::new(telemetry), task)
 }
@@ -444,7 +552,7 @@ fn spawn_config_reloader(
     config_file: Option<PathBuf>,
     mut reloads: mpsc::UnboundedReceiver<()>,
     settings: Arc<Settings>,
-    snapshot: snapshot::SharedSnapshot,
+    snapshot: control::snapshot::SharedSnapshot,
     limits: Arc<Limits>,
     metrics: Metrics,
 ) {
@@ -492,8 +600,8 @@ fn spawn_config_reloader(
 /// passthrough) twice per idle timeout, until shutdown.
 fn spawn_idle_sweep(
     app: &Arc<ServiceTarget>,
-    snapshot: &snapshot::SharedSnapshot,
-    router: &Arc<route::Router>,
+    snapshot: &control::snapshot::SharedSnapshot,
+    router: &Arc<proxy::route::Router>,
     idle_timeout: std::time::Duration,
     mut stop: watch::Receiver<bool>,
 ) {
@@ -530,14 +638,14 @@ struct Servers<'a> {
 }
 
 impl Servers<'_> {
-    fn spawn<H: server::Handler>(
+    fn spawn<H: listen::server::Handler>(
         &self,
         name: &'static str,
         listener: TcpListener,
         handler: H,
-        interception: Option<Arc<transparent::Interception>>,
-    ) -> tokio::task::JoinHandle<server::Drain> {
-        tokio::spawn(server::serve(
+        interception: Option<Arc<listen::transparent::Interception>>,
+    ) -> tokio::task::JoinHandle<listen::server::Drain> {
+        tokio::spawn(listen::server::serve(
             name,
             listener,
             handler,

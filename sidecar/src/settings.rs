@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use serde::Serialize;
 
-use crate::trace::export::ExportEndpoint;
+pub use crate::telemetry::trace::export::ExportEndpoint;
 
 /// How traffic reaches the sidecar.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, clap::ValueEnum)]

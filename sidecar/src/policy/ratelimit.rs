@@ -39,6 +39,8 @@ use std::time::{Duration, Instant};
 use meshlet_api::policy::{RateLimitKey, RateLimitScope, RateLimitSpec, RouteMatch};
 use prometheus::IntCounter;
 
+use crate::error::Refusal;
+
 /// Keys (callers, header values) tracked per limiter at most.
 pub const MAX_KEYS: usize = 10_000;
 
@@ -80,18 +82,6 @@ enum AlgoState {
         current: u32,
         previous: u32,
     },
-}
-
-/// Why a request was refused, with what the 429's headers need.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Refusal {
-    pub policy: String,
-    /// Requests allowed per window for this instance (`q`).
-    pub quota: u32,
-    /// The window in whole seconds (`w`).
-    pub window_secs: u64,
-    /// Whole seconds until a request may succeed (≥ 1).
-    pub retry_after_secs: u64,
 }
 
 /// The effective limits after dividing a global limit.
@@ -157,7 +147,7 @@ impl RateLimiter {
     pub fn key<'a>(&self, headers: &'a http::HeaderMap) -> &'a str {
         let value = match &self.spec.key {
             RateLimitKey::Service => return "",
-            RateLimitKey::SourceService => headers.get(crate::headers::SOURCE_HEADER),
+            RateLimitKey::SourceService => headers.get(crate::proxy::headers::SOURCE_HEADER),
             RateLimitKey::Header(name) => headers.get(name.as_str()),
         };
         value

@@ -12,7 +12,7 @@
 //! load counters survive config updates.
 //!
 //! Building also resolves the metric handles the request path uses: each
-//! target's [`TargetMetrics`] with its route table, and the own service's
+//! target's `TargetMetrics` with its route table, and the own service's
 //! inbound route table (`route_metrics`). [`Snapshot::breaker_samples`]
 //! gives `/metrics` the breakers' states at scrape time.
 
@@ -22,33 +22,19 @@ use std::sync::Arc;
 use std::net::{IpAddr, SocketAddr};
 
 use arc_swap::ArcSwap;
-use meshlet_api::mesh::MeshState;
+use meshlet_api::mesh::{MeshState, ServiceEntry};
 use meshlet_api::{HealthCheckSpec, Resource};
 use serde_json::json;
 
-use crate::balance::{Balancer, Endpoint};
-use crate::breaker::State;
-use crate::metrics::{destination_label, BreakerSample, Direction, Metrics, TargetMetrics};
-use crate::policy::{InboundPolicies, OutboundPolicies, PolicyState};
-use crate::pool::ConnPool;
-use crate::route_metrics::RouteTable;
+use crate::policy::breaker::State;
+use crate::policy::index::{InboundPolicies, OutboundPolicies, PolicyState};
 use crate::settings::Limits;
-
-/// Where a request for one destination goes: a service of the mesh, or a
-/// single passthrough address.
-#[derive(Debug)]
-pub struct ServiceTarget {
-    pub name: String,
-    pub namespace: String,
-    /// The healthy endpoints; only they get traffic.
-    pub balancer: Balancer,
-    /// Registered endpoints whose app failed its health check.
-    pub unhealthy: Vec<SocketAddr>,
-    /// Metric handles: destination label, routes, error counters.
-    pub metrics: TargetMetrics,
-    /// Breakers, retries, timeouts and split that callers apply.
-    pub policies: OutboundPolicies,
-}
+use crate::telemetry::direction::Direction;
+use crate::telemetry::metrics::{destination_label, BreakerSample, Metrics};
+use crate::telemetry::route_metrics::RouteTable;
+use crate::upstream::balance::{Balancer, Endpoint};
+use crate::upstream::pool::ConnPool;
+use crate::upstream::target::ServiceTarget;
 
 #[derive(Debug, Default)]
 pub struct Snapshot {
@@ -103,98 +89,72 @@ pub struct Own<'a> {
 
 pub type SharedSnapshot = Arc<ArcSwap<Snapshot>>;
 
-impl Snapshot {
-    /// Builds a snapshot from a mesh state, reusing endpoints of
-    /// `previous` where the address and labels are unchanged.
-    pub fn build(
-        state: &MeshState,
-        source: String,
-        previous: Option<&Snapshot>,
-        own: Own<'_>,
-        limits: &Arc<Limits>,
-        metrics: &Metrics,
-    ) -> Snapshot {
-        let empty_state = PolicyState::default();
-        let old_state = previous.map_or(&empty_state, |p| &p.policy_state);
-        let mut policy_state = PolicyState::default();
-        let old_endpoints: HashMap<_, _> = previous
-            .into_iter()
-            .flat_map(|s| s.services.values())
-            .flat_map(|t| t.balancer.endpoints())
-            .map(|ep| (ep.addr, Arc::clone(ep)))
+/// What building one snapshot reads from and accumulates.
+struct Build<'a> {
+    state: &'a MeshState,
+    /// The previous snapshot's endpoints by address, to keep their pools
+    /// and counters.
+    old_endpoints: HashMap<SocketAddr, Arc<Endpoint>>,
+    /// The previous snapshot's policy state, to hand on what is unchanged.
+    old_state: &'a PolicyState,
+    policy_state: PolicyState,
+    limits: &'a Arc<Limits>,
+    metrics: &'a Metrics,
+}
+
+impl Build<'_> {
+    /// One service's target: its healthy endpoints (kept from the previous
+    /// snapshot when address and labels are unchanged), policies, routes
+    /// and metric handles.
+    fn target(&mut self, entry: &ServiceEntry) -> Arc<ServiceTarget> {
+        let (state, metrics) = (self.state, self.metrics);
+        let endpoints = entry
+            .endpoints
+            .iter()
+            .filter(|spec| spec.healthy)
+            .map(|spec| match self.old_endpoints.get(&spec.address) {
+                Some(ep) if ep.labels == spec.labels => Arc::clone(ep),
+                _ => Arc::new(Endpoint::new(
+                    spec.address,
+                    spec.labels.clone(),
+                    ConnPool::new(spec.address, Arc::clone(self.limits)),
+                )),
+            })
+            .collect::<Vec<Arc<Endpoint>>>();
+        let by_index: Vec<_> = endpoints.iter().map(|ep| (ep.addr, &ep.labels)).collect();
+        let policies = OutboundPolicies::build(
+            &state.resources,
+            &entry.namespace,
+            &entry.name,
+            &by_index,
+            self.old_state,
+            &mut self.policy_state,
+            metrics,
+        );
+        let destination = destination_label(&entry.namespace, &entry.name);
+        let routes = RouteTable::build(&state.resources, &entry.namespace, &entry.name, |prefix| {
+            metrics.route(Direction::Outbound, &destination, prefix)
+        });
+        let unhealthy = entry
+            .endpoints
+            .iter()
+            .filter(|spec| !spec.healthy)
+            .map(|spec| spec.address)
             .collect();
-        let mut services = HashMap::new();
-        let mut by_address = HashMap::new();
-        let mut by_ip: HashMap<IpAddr, Option<Arc<ServiceTarget>>> = HashMap::new();
-        for entry in &state.services {
-            let endpoints = entry
-                .endpoints
-                .iter()
-                .filter(|spec| spec.healthy)
-                .map(|spec| match old_endpoints.get(&spec.address) {
-                    Some(ep) if ep.labels == spec.labels => Arc::clone(ep),
-                    _ => Arc::new(Endpoint::new(
-                        spec.address,
-                        spec.labels.clone(),
-                        ConnPool::new(spec.address, Arc::clone(limits)),
-                    )),
-                })
-                .collect::<Vec<Arc<Endpoint>>>();
-            let by_index: Vec<_> = endpoints.iter().map(|ep| (ep.addr, &ep.labels)).collect();
-            let policies = OutboundPolicies::build(
-                &state.resources,
-                &entry.namespace,
-                &entry.name,
-                &by_index,
-                old_state,
-                &mut policy_state,
-                metrics,
-            );
-            let destination = destination_label(&entry.namespace, &entry.name);
-            let routes = RouteTable::build(
-                &state.resources,
-                &entry.namespace,
-                &entry.name,
-                Direction::Outbound,
-                &destination,
-                metrics,
-            );
-            let unhealthy = entry
-                .endpoints
-                .iter()
-                .filter(|spec| !spec.healthy)
-                .map(|spec| spec.address)
-                .collect();
-            let target = Arc::new(ServiceTarget {
-                name: entry.name.clone(),
-                namespace: entry.namespace.clone(),
-                balancer: Balancer::new(endpoints),
-                unhealthy,
-                metrics: metrics.target(Direction::Outbound, destination, routes),
-                policies,
-            });
-            for spec in &entry.endpoints {
-                by_address.insert(spec.address, Arc::clone(&target));
-                let ip = spec.address.ip();
-                if ip.is_loopback() || ip.is_unspecified() {
-                    continue;
-                }
-                by_ip
-                    .entry(ip)
-                    .and_modify(|known| {
-                        if known.as_ref().is_some_and(|t| !Arc::ptr_eq(t, &target)) {
-                            *known = None;
-                        }
-                    })
-                    .or_insert_with(|| Some(Arc::clone(&target)));
-            }
-            if target.namespace == "default" {
-                services.insert(target.name.clone(), Arc::clone(&target));
-            }
-            services.insert(format!("{}.{}", target.name, target.namespace), target);
-        }
-        // A global rate limit is shared by the healthy instances of the
-        // own service (at least this one).
+        Arc::new(ServiceTarget {
+            name: entry.name.clone(),
+            namespace: entry.namespace.clone(),
+            balancer: Balancer::new(endpoints),
+            unhealthy,
+            metrics: metrics.target(Direction::Outbound, destination, routes),
+            policies,
+        })
+    }
+
+    /// The own service's inbound side: its rate limits (a global limit is
+    /// shared by its healthy instances, at least this one) and routes.
+    fn inbound(&mut self, own: Own<'_>) -> (InboundPolicies, RouteTable) {
+        let (state, metrics) = (self.state, self.metrics);
         let healthy_instances = state
             .services
             .iter()
@@ -206,29 +166,97 @@ impl Snapshot {
             own.namespace,
             own.service,
             healthy_instances,
-            old_state,
-            &mut policy_state,
+            self.old_state,
+            &mut self.policy_state,
             metrics,
         );
-        let inbound_routes = RouteTable::build(
-            &state.resources,
-            own.namespace,
-            own.service,
-            Direction::Inbound,
-            metrics.service(),
+        let routes = RouteTable::build(&state.resources, own.namespace, own.service, |prefix| {
+            metrics.route(Direction::Inbound, metrics.service(), prefix)
+        });
+        (inbound, routes)
+    }
+}
+
+/// The lookups of a snapshot: targets by name, by endpoint address and by
+/// endpoint IP.
+#[derive(Default)]
+struct Index {
+    services: HashMap<String, Arc<ServiceTarget>>,
+    by_address: HashMap<SocketAddr, Arc<ServiceTarget>>,
+    by_ip: HashMap<IpAddr, Option<Arc<ServiceTarget>>>,
+}
+
+impl Index {
+    fn add(&mut self, entry: &ServiceEntry, target: Arc<ServiceTarget>) {
+        for spec in &entry.endpoints {
+            self.by_address.insert(spec.address, Arc::clone(&target));
+            let ip = spec.address.ip();
+            if ip.is_loopback() || ip.is_unspecified() {
+                continue;
+            }
+            self.by_ip
+                .entry(ip)
+                .and_modify(|known| {
+                    if known.as_ref().is_some_and(|t| !Arc::ptr_eq(t, &target)) {
+                        *known = None;
+                    }
+                })
+                .or_insert_with(|| Some(Arc::clone(&target)));
+        }
+        if target.namespace == "default" {
+            self.services
+                .insert(target.name.clone(), Arc::clone(&target));
+        }
+        self.services
+            .insert(format!("{}.{}", target.name, target.namespace), target);
+    }
+}
+
+impl Snapshot {
+    /// Builds a snapshot from a mesh state, reusing endpoints of
+    /// `previous` where the address and labels are unchanged, and
+    /// unchanged policies' state. Phases: the outbound targets (one per
+    /// service, indexed by name, address and IP), then the own service's
+    /// inbound side.
+    pub fn build(
+        state: &MeshState,
+        source: String,
+        previous: Option<&Snapshot>,
+        own: Own<'_>,
+        limits: &Arc<Limits>,
+        metrics: &Metrics,
+    ) -> Snapshot {
+        let empty_state = PolicyState::default();
+        let mut build = Build {
+            state,
+            old_endpoints: previous
+                .into_iter()
+                .flat_map(|s| s.services.values())
+                .flat_map(|t| t.balancer.endpoints())
+                .map(|ep| (ep.addr, Arc::clone(ep)))
+                .collect(),
+            old_state: previous.map_or(&empty_state, |p| &p.policy_state),
+            policy_state: PolicyState::default(),
+            limits,
             metrics,
-        );
+        };
+        let mut index = Index::default();
+        for entry in &state.services {
+            let target = build.target(entry);
+            index.add(entry, target);
+        }
+        let (inbound, inbound_routes) = build.inbound(own);
         Snapshot {
             revision: state.revision,
             source,
-            services,
-            by_address,
-            by_ip,
+            services: index.services,
+            by_address: index.by_address,
+            by_ip: index.by_ip,
             sampling_ratio: sampling_ratio(&state.resources, own),
             resources: state.resources.clone(),
             inbound,
             inbound_routes,
-            policy_state,
+            policy_state: build.policy_state,
         }
     }
 

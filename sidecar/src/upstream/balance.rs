@@ -14,11 +14,12 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
-use crate::pool::ConnPool;
+use crate::upstream::in_flight::{InFlight, InFlightCounter};
+use crate::upstream::pool::ConnPool;
 
 /// How long an endpoint that refused a connection is skipped.
 const EJECTION: Duration = Duration::from_secs(5);
@@ -29,7 +30,7 @@ pub struct Endpoint {
     pub addr: SocketAddr,
     pub labels: BTreeMap<String, String>,
     pub pool: Arc<ConnPool>,
-    in_flight: AtomicUsize,
+    in_flight: InFlightCounter,
     /// Milliseconds since [`epoch`] until which the endpoint is skipped.
     ejected_until_ms: AtomicU64,
 }
@@ -40,13 +41,13 @@ impl Endpoint {
             addr,
             labels,
             pool,
-            in_flight: AtomicUsize::new(0),
+            in_flight: InFlightCounter::default(),
             ejected_until_ms: AtomicU64::new(0),
         }
     }
 
     pub fn in_flight(&self) -> usize {
-        self.in_flight.load(Ordering::Relaxed)
+        self.in_flight.get()
     }
 
     pub fn is_ejected(&self) -> bool {
@@ -60,19 +61,8 @@ impl Endpoint {
     }
 
     /// Counts one outstanding request until the returned guard is dropped.
-    pub fn start_request(self: &Arc<Self>) -> InFlight {
-        self.in_flight.fetch_add(1, Ordering::Relaxed);
-        InFlight(Arc::clone(self))
-    }
-}
-
-/// An outstanding request on an endpoint; dropping it ends the request.
-#[derive(Debug)]
-pub struct InFlight(Arc<Endpoint>);
-
-impl Drop for InFlight {
-    fn drop(&mut self) {
-        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+    pub fn start_request(&self) -> InFlight {
+        self.in_flight.start()
     }
 }
 
@@ -178,8 +168,8 @@ fn now_ms() -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::pool::ConnPool;
     use crate::settings::Limits;
+    use crate::upstream::pool::ConnPool;
 
     fn balancer(n: u16) -> Balancer {
         let limits = Arc::new(Limits::default());

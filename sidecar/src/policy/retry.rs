@@ -29,7 +29,7 @@ use prometheus::IntCounter;
 
 use crate::body::ProxyBody;
 use crate::error::ProxyError;
-use crate::policy::Outcome;
+use crate::policy::outcome::Outcome;
 
 /// The sliding window of the retry budget.
 pub const BUDGET_WINDOW: Duration = Duration::from_secs(10);

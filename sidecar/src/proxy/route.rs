@@ -23,13 +23,14 @@ use std::time::{Duration, Instant};
 
 use http::{header, Request};
 
-use crate::balance::{Balancer, Endpoint};
+use crate::control::snapshot::SharedSnapshot;
 use crate::error::ProxyError;
-use crate::metrics::{Direction, Metrics, PASSTHROUGH};
-use crate::pool::ConnPool;
-use crate::route_metrics::{RouteTable, ALL_PATHS};
+use crate::listen::transparent::loops_back;
 use crate::settings::Limits;
-use crate::snapshot::{ServiceTarget, SharedSnapshot};
+use crate::telemetry::direction::Direction;
+use crate::telemetry::metrics::{Metrics, PASSTHROUGH};
+use crate::telemetry::route_metrics::{RouteTable, ALL_PATHS};
+use crate::upstream::target::ServiceTarget;
 
 /// Passthrough destinations kept (with their connection pools) at most.
 const MAX_PASSTHROUGH_TARGETS: usize = 1024;
@@ -181,37 +182,23 @@ impl Router {
             // Bounded memory beats perfect reuse for a long tail of hosts.
             map.clear();
         }
-        let endpoint = Endpoint::new(
-            addr,
-            Default::default(),
-            ConnPool::new(addr, Arc::clone(&self.limits)),
-        );
-        let target = Arc::new(ServiceTarget {
-            name: addr.to_string(),
-            namespace: String::new(),
-            balancer: Balancer::new(vec![Arc::new(endpoint)]),
-            unhealthy: Vec::new(),
-            metrics: self.metrics.target(
-                Direction::Outbound,
-                PASSTHROUGH.to_owned(),
-                RouteTable::single(
-                    self.metrics
-                        .route(Direction::Outbound, PASSTHROUGH, ALL_PATHS),
-                ),
+        let metrics = self.metrics.target(
+            Direction::Outbound,
+            PASSTHROUGH.to_owned(),
+            RouteTable::single(
+                self.metrics
+                    .route(Direction::Outbound, PASSTHROUGH, ALL_PATHS),
             ),
-            policies: Default::default(),
-        });
+        );
+        let target = Arc::new(ServiceTarget::single(
+            addr.to_string(),
+            addr,
+            &self.limits,
+            metrics,
+        ));
         map.insert(addr, Arc::clone(&target));
         target
     }
-}
-
-/// Whether a connection to `addr` would reach one of `own_listeners`.
-pub fn loops_back(own_listeners: &[SocketAddr], addr: SocketAddr) -> bool {
-    own_listeners.iter().any(|own| {
-        own.port() == addr.port()
-            && (own.ip() == addr.ip() || own.ip().is_unspecified() || addr.ip().is_loopback())
-    })
 }
 
 /// Passthrough host names resolved recently. Without it every request to a
@@ -298,7 +285,7 @@ mod tests {
 #[cfg(test)]
 mod intercepted_tests {
     use super::*;
-    use crate::snapshot::{Own, Snapshot};
+    use crate::control::snapshot::{Own, Snapshot};
     use arc_swap::ArcSwap;
     use meshlet_api::mesh::MeshState;
 

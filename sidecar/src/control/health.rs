@@ -24,7 +24,7 @@ use meshlet_api::HealthCheckSpec;
 use tokio::sync::watch;
 
 use crate::client;
-use crate::snapshot::SharedSnapshot;
+use crate::control::snapshot::SharedSnapshot;
 
 /// Longest wait before the policy is looked up again.
 const RECHECK: Duration = Duration::from_millis(500);

@@ -14,11 +14,18 @@
 //! listener — new connections are refused from then on — every open
 //! connection finishes its in-flight requests and closes, and `serve`
 //! returns a [`Drain`] that completes when the last one has.
+//!
+//! Each connection runs in a `connection` span (`listener`, `peer`) and
+//! each request's handling in a `request` span (`id`: a per-process
+//! counter, `method`, `uri`), so log lines inside inherit those fields.
+//! Both are debug spans: with debug logging off they are disabled at the
+//! call site (no allocation, no id taken).
 
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::{pin, Pin};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -29,15 +36,16 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch};
+use tracing::Instrument;
 
 use crate::body::ProxyBody;
 use crate::error::ProxyError;
-use crate::framing::{FramingGuard, GuardConfig, InFlightRequests, RefusalAnswer};
-use crate::metrics::ListenerMetrics;
-use crate::original_dst::original_destination;
+use crate::listen::framing::{FramingGuard, GuardConfig, InFlightRequests, RefusalAnswer};
+use crate::listen::original_dst::original_destination;
+use crate::listen::sniff::{self, Listener, Protocol};
+use crate::listen::transparent::Interception;
 use crate::settings::Limits;
-use crate::sniff::{self, Listener, Protocol};
-use crate::transparent::Interception;
+use crate::telemetry::metrics::ListenerMetrics;
 
 /// What a listener does with each request.
 pub trait Handler: Clone + Send + Sync + 'static {
@@ -82,7 +90,7 @@ pub async fn serve<H: Handler>(
     mut shutdown: watch::Receiver<bool>,
     interception: Option<Arc<Interception>>,
 ) -> Drain {
-    let shared = Arc::new(Shared::new(name, handler, limits, metrics, interception));
+    let shared = Arc::new(Shared::new(handler, limits, metrics, interception));
     // Every connection task holds a sender; when the last one is gone the
     // drain is complete (the receiver sees the channel close).
     let (open_tx, open_rx) = mpsc::channel::<()>(1);
@@ -94,10 +102,14 @@ pub async fn serve<H: Handler>(
         match accepted {
             Ok((stream, peer)) => {
                 let (shared, open, stop) = (Arc::clone(&shared), open_tx.clone(), shutdown.clone());
-                tokio::spawn(async move {
-                    shared.serve_connection(stream, peer, stop).await;
-                    drop(open);
-                });
+                let span = tracing::debug_span!("connection", listener = name, %peer);
+                tokio::spawn(
+                    async move {
+                        shared.serve_connection(stream, peer, stop).await;
+                        drop(open);
+                    }
+                    .instrument(span),
+                );
             }
             Err(err) => {
                 // Usually EMFILE: back off instead of spinning.
@@ -111,9 +123,22 @@ pub async fn serve<H: Handler>(
     Drain(open_rx)
 }
 
+/// Numbers requests for their spans (only while debug logging is on).
+static REQUEST_IDS: AtomicU64 = AtomicU64::new(1);
+
+/// The span of one request's handling: disabled (and free) unless debug
+/// logging is on, when it takes the next request id.
+fn request_span<B>(request: &Request<B>) -> tracing::Span {
+    tracing::debug_span!(
+        "request",
+        id = REQUEST_IDS.fetch_add(1, Ordering::Relaxed),
+        method = %request.method(),
+        uri = %request.uri(),
+    )
+}
+
 /// What all connections of one listener share, built once.
 struct Shared<H> {
-    name: &'static str,
     handler: H,
     limits: Arc<Limits>,
     metrics: ListenerMetrics,
@@ -125,7 +150,6 @@ struct Shared<H> {
 
 impl<H: Handler> Shared<H> {
     fn new(
-        name: &'static str,
         handler: H,
         limits: Arc<Limits>,
         metrics: ListenerMetrics,
@@ -151,7 +175,6 @@ impl<H: Handler> Shared<H> {
             },
         });
         Shared {
-            name,
             handler,
             protocols: Protocols::new(&limits),
             limits,
@@ -173,7 +196,7 @@ impl<H: Handler> Shared<H> {
         let handler = self.handler.clone();
         let original_dst = self.interception.as_ref().and_then(|_| {
             original_destination(&stream).unwrap_or_else(|error| {
-                tracing::debug!(listener = self.name, %peer, %error, "no original destination; taken as not redirected");
+                tracing::debug!(%error, "no original destination; taken as not redirected");
                 None
             })
         });
@@ -186,8 +209,9 @@ impl<H: Handler> Shared<H> {
         let service = service_fn(move |request| {
             let (handler, client) = (handler.clone(), client.clone());
             let answered = requests.start();
+            let span = request_span(&request);
             async move {
-                let response = handler.handle(request, &client).await;
+                let response = handler.handle(request, &client).instrument(span).await;
                 Ok::<_, Infallible>(response.map(|body| body.with_request_guard(answered)))
             }
         });
@@ -222,17 +246,17 @@ impl<H: Handler> Shared<H> {
             }
             Ok(Protocol::Opaque) => {
                 if let Some(interception) = &self.interception {
-                    interception.splice(stream, peer, original_dst).await;
+                    interception.splice(stream, original_dst).await;
                 }
                 Ok(())
             }
             Err(err) => {
-                tracing::debug!(listener = self.name, %peer, error = %err, "connection closed before a request");
+                tracing::debug!(error = %err, "connection closed before a request");
                 Ok(())
             }
         };
         if let Err(err) = served {
-            tracing::debug!(listener = self.name, %peer, error = %err, "connection closed with an error");
+            tracing::debug!(error = %err, "connection closed with an error");
         }
         self.metrics.connections.dec();
     }
@@ -295,5 +319,92 @@ impl Protocols {
             .timer(TokioTimer::new())
             .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX));
         Protocols { http1, http2 }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    use super::*;
+    use crate::telemetry::metrics::Metrics;
+
+    /// Answers 200 after one debug line that names none of the request's
+    /// or connection's fields.
+    #[derive(Clone)]
+    struct Logs;
+
+    impl Handler for Logs {
+        async fn handle(&self, _request: Request<Incoming>, _peer: &Peer) -> Response<ProxyBody> {
+            tracing::debug!("handled");
+            Response::new(ProxyBody::full("ok"))
+        }
+    }
+
+    /// Log output collected in memory.
+    #[derive(Clone, Default)]
+    struct Captured(Arc<Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Captured {
+        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(bytes);
+            Ok(bytes.len())
+        }
+
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[tokio::test]
+    async fn log_lines_of_a_request_inherit_its_connection_and_request_fields() {
+        let captured = Captured::default();
+        let writer = captured.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_max_level(tracing::Level::DEBUG)
+            .with_ansi(false)
+            .with_writer(move || writer.clone())
+            .finish();
+        // The test runtime has one thread: every task logs to this subscriber.
+        let _default = tracing::subscriber::set_default(subscriber);
+
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (stop, stopped) = watch::channel(false);
+        let metrics = Metrics::new("orders").listener("inbound");
+        let limits = Arc::new(Limits::default());
+        let server = tokio::spawn(serve(
+            "inbound", listener, Logs, limits, metrics, stopped, None,
+        ));
+
+        let mut client = TcpStream::connect(addr).await.unwrap();
+        let peer = client.local_addr().unwrap();
+        client
+            .write_all(b"GET /probe?x=1 HTTP/1.1\r\nhost: orders\r\nconnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let mut reply = String::new();
+        client.read_to_string(&mut reply).await.unwrap();
+        assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
+        let _ = stop.send(true);
+        server.await.unwrap().wait().await;
+
+        let logs = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
+        let line = logs
+            .lines()
+            .find(|line| line.ends_with("handled"))
+            .unwrap_or_else(|| panic!("no handler line in:\n{logs}"));
+        for field in [
+            "connection{".to_owned(),
+            "listener=\"inbound\"".to_owned(),
+            format!("peer={peer}"),
+            ":request{id=".to_owned(),
+            "method=GET".to_owned(),
+            "uri=/probe?x=1".to_owned(),
+        ] {
+            assert!(line.contains(&field), "{field} missing from: {line}");
+        }
     }
 }

@@ -258,3 +258,81 @@ impl ConnPool {
         Ok(sender)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::{get, refusing_addr, text, AfterResponse, Upstream};
+
+    fn pool(addr: SocketAddr) -> Arc<ConnPool> {
+        ConnPool::new(addr, Arc::new(Limits::default()))
+    }
+
+    async fn send_ok(pool: &Arc<ConnPool>, request: Request<ProxyBody>) -> String {
+        let response = pool.send(request).await.expect("sent");
+        assert_eq!(response.status(), 200);
+        text(response).await
+    }
+
+    #[tokio::test]
+    async fn http1_requests_reuse_one_keep_alive_connection() {
+        let upstream = Upstream::http1("orders", AfterResponse::KeepOpen).await;
+        let pool = pool(upstream.addr);
+        for _ in 0..5 {
+            assert_eq!(send_ok(&pool, get("/")).await, "orders");
+        }
+        assert_eq!(upstream.requests(), 5);
+        assert_eq!(upstream.connections(), 1, "one connection, reused");
+        assert_eq!(pool.pooled_connections(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_connection_the_upstream_closed_while_idle_is_not_reused() {
+        let upstream = Upstream::http1("orders", AfterResponse::CloseSilently).await;
+        let pool = pool(upstream.addr);
+        for _ in 0..3 {
+            // Each request finds its pooled connection dead (closed, or
+            // failing before the request was sent) and gets a new one.
+            assert_eq!(send_ok(&pool, get("/")).await, "orders");
+        }
+        assert_eq!(upstream.requests(), 3);
+        assert_eq!(upstream.connections(), 3);
+    }
+
+    #[tokio::test]
+    async fn h2_requests_share_one_connection() {
+        let upstream = Upstream::http2("orders").await;
+        let pool = pool(upstream.addr);
+        let h2 = || {
+            // h2 requests carry scheme and authority (`proxy` sets them).
+            let mut request = get(&format!("http://{}/", upstream.addr));
+            *request.version_mut() = Version::HTTP_2;
+            request
+        };
+        assert_eq!(send_ok(&pool, h2()).await, "orders");
+        let concurrent: Vec<_> = (0..4)
+            .map(|_| {
+                let (pool, request) = (Arc::clone(&pool), h2());
+                tokio::spawn(async move { send_ok(&pool, request).await })
+            })
+            .collect();
+        for task in concurrent {
+            assert_eq!(task.await.unwrap(), "orders");
+        }
+        assert_eq!(upstream.requests(), 5);
+        assert_eq!(upstream.connections(), 1, "multiplexed on one connection");
+        assert_eq!(pool.pooled_connections(), 0, "no HTTP/1.1 connection");
+    }
+
+    #[tokio::test]
+    async fn a_refused_connection_hands_the_unsent_request_back() {
+        let pool = pool(refusing_addr().await);
+        match pool.send(get("/orders/7")).await {
+            Err(SendError::Connect { source, request }) => {
+                assert_eq!(source.kind(), io::ErrorKind::ConnectionRefused);
+                assert_eq!(request.uri(), "/orders/7", "the same request, unsent");
+            }
+            other => panic!("expected a connect error, got {other:?}"),
+        }
+    }
+}

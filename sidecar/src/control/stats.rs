@@ -30,10 +30,10 @@ use meshlet_api::mesh::{
 use tokio::sync::watch;
 
 use crate::client;
-use crate::metrics::Metrics;
-use crate::route_metrics::RouteTotals;
+use crate::control::snapshot::{SharedSnapshot, Snapshot};
 use crate::settings::ControlPlaneSettings;
-use crate::snapshot::{SharedSnapshot, Snapshot};
+use crate::telemetry::metrics::Metrics;
+use crate::telemetry::route_metrics::RouteTotals;
 
 /// Unreported counts older than this are dropped (the control plane keeps
 /// five minutes of reports).
@@ -232,8 +232,8 @@ pub fn spawn(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::metrics::Direction;
-    use crate::route_metrics::MethodLabel;
+    use crate::telemetry::direction::Direction;
+    use crate::telemetry::route_metrics::MethodLabel;
 
     fn reading(metrics: &Metrics) -> Reading {
         Reading::take(metrics, &Snapshot::default())

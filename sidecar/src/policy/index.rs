@@ -16,57 +16,22 @@
 //! `rate_limited_total` on each [`RateLimiter`]) are resolved here, once
 //! per policy and build, never per request.
 //!
-//! [`Outcome`] is how one try ended, shared by breakers and retries.
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use http::{Method, StatusCode};
-use meshlet_api::policy::{FailureKind, RouteMatch, TimeoutSpec};
+use http::Method;
+use meshlet_api::policy::{RouteMatch, TimeoutSpec};
 use meshlet_api::{Resource, ResourceKey};
 use serde_json::json;
 
-use crate::breaker::BreakerSet;
-use crate::metrics::{destination_label, Metrics};
-use crate::ratelimit::RateLimiter;
-use crate::retry::RetryPolicy;
-use crate::route_metrics::ALL_PATHS;
-
-/// How one try to an endpoint ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Outcome {
-    Status(StatusCode),
-    ConnectFailure,
-    Reset,
-    Timeout,
-}
-
-impl Outcome {
-    /// `5xx` and `gateway-error` also cover the failures that happen in
-    /// the sidecar, since the client sees them as 502 or 504 too (as
-    /// Envoy does): a try that timed out, was reset or could not connect.
-    fn is(self, kind: FailureKind) -> bool {
-        match (kind, self) {
-            (FailureKind::ServerError, Outcome::Status(s)) => s.is_server_error(),
-            (FailureKind::GatewayError, Outcome::Status(s)) => matches!(s.as_u16(), 502..=504),
-            (
-                FailureKind::ServerError | FailureKind::GatewayError,
-                Outcome::Timeout | Outcome::Reset | Outcome::ConnectFailure,
-            ) => true,
-            (FailureKind::ConnectFailure, Outcome::ConnectFailure) => true,
-            (FailureKind::Reset, Outcome::Reset) => true,
-            (FailureKind::Timeout, Outcome::Timeout) => true,
-            _ => false,
-        }
-    }
-
-    /// Whether this outcome is any of `kinds`.
-    pub fn is_any(self, kinds: &[FailureKind]) -> bool {
-        kinds.iter().any(|&k| self.is(k))
-    }
-}
+use crate::policy::breaker::BreakerSet;
+use crate::policy::ratelimit::RateLimiter;
+use crate::policy::retry::RetryPolicy;
+use crate::telemetry::metrics::{destination_label, Metrics};
+use crate::telemetry::route_metrics::ALL_PATHS;
 
 /// Something with a route match, kept in specificity order.
 pub trait Routed {
@@ -325,7 +290,7 @@ impl OutboundPolicies {
             "retries": self.retries.iter().map(|r| {
                 let (requests, retries) = r.budget.totals(now);
                 json!({"name": r.name, "spec": r.spec,
-                       "budget": {"windowSeconds": crate::retry::BUDGET_WINDOW.as_secs(),
+                       "budget": {"windowSeconds": crate::policy::retry::BUDGET_WINDOW.as_secs(),
                                   "requests": requests, "retries": retries}})
             }).collect::<Vec<_>>(),
             "timeouts": self.timeouts.iter().map(|t| json!({

@@ -33,7 +33,7 @@ use http::{HeaderMap, HeaderValue, Method, Uri};
 
 pub use context::{Incoming, SpanId, TraceId};
 
-use crate::metrics::Direction;
+use crate::telemetry::direction::Direction;
 
 /// The span one request makes at this sidecar, from arrival to response.
 #[derive(Debug)]

@@ -31,14 +31,12 @@ use std::time::{Instant, SystemTime};
 use http::{HeaderMap, Method, Request, Response, Uri, Version};
 use prometheus::IntCounter;
 
-use crate::access_log::{AccessLog, AccessRecord};
-use crate::body::ProxyBody;
-use crate::forward::Trail;
-use crate::metrics::Direction;
-use crate::route_metrics::{MethodLabel, RouteMetrics};
-use crate::snapshot::SharedSnapshot;
-use crate::trace::export::SpanExporter;
-use crate::trace::{self, Hop, SpanDetails};
+use crate::telemetry::access_log::{AccessLog, AccessRecord};
+use crate::telemetry::direction::Direction;
+use crate::telemetry::route_metrics::{MethodLabel, RouteMetrics};
+use crate::telemetry::trace::export::SpanExporter;
+use crate::telemetry::trace::{self, Hop, SpanDetails};
+use crate::telemetry::trail::Trail;
 
 /// What every request of one sidecar reports to, besides metrics.
 #[derive(Debug)]
@@ -48,18 +46,35 @@ pub struct Telemetry {
     /// Where sampled spans go (`None`: nowhere, headers still flow).
     pub exporter: Option<SpanExporter>,
     pub access_log: Option<AccessLog>,
-    /// For the own service's sampling ratio.
-    pub snapshot: SharedSnapshot,
+    /// The own service's sampling ratio now (read from the current
+    /// snapshot; a function so that telemetry does not depend on it).
+    pub sampling_ratio: SamplingRatio,
+}
+
+/// Reads the share of new traces to record, when a request starts one.
+pub struct SamplingRatio(pub Box<dyn Fn() -> f64 + Send + Sync>);
+
+impl std::fmt::Debug for SamplingRatio {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SamplingRatio")
+    }
+}
+
+/// A response body that can carry a request's record until its last
+/// byte, counting its data bytes (implemented by `ProxyBody`; a trait so
+/// that this module does not depend on the body type).
+pub trait CarriesRecord {
+    fn carrying(self, bytes: IntCounter, record: RequestRecord) -> Self;
 }
 
 impl Telemetry {
     /// Neither tracing nor an access log (tests, tools).
-    pub fn off(snapshot: SharedSnapshot) -> Self {
+    pub fn off() -> Self {
         Telemetry {
             tracing: false,
             exporter: None,
             access_log: None,
-            snapshot,
+            sampling_ratio: SamplingRatio(Box::new(|| 1.0)),
         }
     }
 }
@@ -103,7 +118,7 @@ impl RequestRecord {
         let started = Instant::now();
         let hop = telemetry.tracing.then(|| {
             Hop::start(request.headers(), started, || {
-                trace::sample(telemetry.snapshot.load().sampling_ratio)
+                trace::sample((telemetry.sampling_ratio.0)())
             })
         });
         let span_wanted = telemetry.exporter.is_some() && hop.as_ref().is_some_and(|h| h.sampled);
@@ -161,18 +176,14 @@ impl RequestRecord {
 
     /// Hands `response` to the client: its body counts response bytes and
     /// carries this record until it ends.
-    pub fn respond(mut self, response: Response<ProxyBody>) -> Response<ProxyBody> {
+    pub fn respond<B: CarriesRecord>(mut self, response: Response<B>) -> Response<B> {
         self.status = Some(response.status().as_u16());
         let bytes = self.route.response_bytes.clone();
-        response.map(|body| body.counting(bytes).with_completion(self))
+        response.map(|body| body.carrying(bytes, self))
     }
 
     /// A response the mesh generated for `reason`: finished now.
-    pub fn refused(
-        mut self,
-        reason: &'static str,
-        response: Response<ProxyBody>,
-    ) -> Response<ProxyBody> {
+    pub fn refused<B>(mut self, reason: &'static str, response: Response<B>) -> Response<B> {
         self.status = Some(response.status().as_u16());
         self.reason = Some(reason);
         response
@@ -247,14 +258,29 @@ impl Drop for RequestRecord {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::metrics::Metrics;
+    use crate::telemetry::metrics::Metrics;
 
     fn request() -> Request<()> {
         Request::get("/api/items/1").body(()).unwrap()
     }
 
     fn telemetry() -> Arc<Telemetry> {
-        Arc::new(Telemetry::off(Arc::default()))
+        Arc::new(Telemetry::off())
+    }
+
+    /// A body that only holds the record (as `ProxyBody` does until its
+    /// last byte).
+    #[derive(Default)]
+    struct Held {
+        _record: Option<RequestRecord>,
+    }
+
+    impl CarriesRecord for Held {
+        fn carrying(self, _bytes: IntCounter, record: RequestRecord) -> Self {
+            Held {
+                _record: Some(record),
+            }
+        }
     }
 
     fn start(route: &Arc<RouteMetrics>, telemetry: &Arc<Telemetry>) -> RequestRecord {
@@ -267,7 +293,7 @@ mod tests {
         let metrics = Metrics::new("orders");
         let route = metrics.route(Direction::Inbound, "orders", "/");
         let telemetry = telemetry();
-        let response = start(&route, &telemetry).respond(Response::new(ProxyBody::full("hello")));
+        let response = start(&route, &telemetry).respond(Response::new(Held::default()));
         assert_eq!(
             route.counter(MethodLabel::Get, 200).get(),
             0,
@@ -277,7 +303,7 @@ mod tests {
         assert_eq!(route.counter(MethodLabel::Get, 200).get(), 1);
         assert_eq!(route.response_bytes.get(), 0, "dropped unsent");
 
-        let mut refusal = Response::new(ProxyBody::empty());
+        let mut refusal = Response::new(Held::default());
         *refusal.status_mut() = http::StatusCode::TOO_MANY_REQUESTS;
         let refusal = start(&route, &telemetry).refused("rate_limited", refusal);
         assert_eq!(route.counter(MethodLabel::Get, 429).get(), 1);

@@ -20,9 +20,8 @@ use std::time::Duration;
 
 use tokio::net::TcpStream;
 
-use crate::metrics::{Direction, TcpMetrics};
-use crate::route::loops_back;
-use crate::tunnel::copy_both_ways;
+use crate::listen::tunnel::copy_both_ways;
+use crate::telemetry::metrics::TcpMetrics;
 
 /// The app's address for a connection that was going to `original`: the
 /// app's host on the original port; the configured app address when the
@@ -32,10 +31,17 @@ pub fn app_address(app: SocketAddr, original: Option<SocketAddr>) -> SocketAddr 
     original.map_or(app, |original| SocketAddr::new(app.ip(), original.port()))
 }
 
+/// Whether a connection to `addr` would reach one of `own_listeners`.
+pub fn loops_back(own_listeners: &[SocketAddr], addr: SocketAddr) -> bool {
+    own_listeners.iter().any(|own| {
+        own.port() == addr.port()
+            && (own.ip() == addr.ip() || own.ip().is_unspecified() || addr.ip().is_loopback())
+    })
+}
+
 /// One transparent listener's handling of intercepted connections.
 #[derive(Debug)]
 pub struct Interception {
-    direction: Direction,
     /// Inbound: the app (its host is where every connection goes).
     app: Option<SocketAddr>,
     /// This sidecar's listeners, never a destination.
@@ -48,7 +54,6 @@ impl Interception {
     /// The inbound listener's: connections go to the app at `app`'s host.
     pub fn inbound(app: SocketAddr, connect_timeout: Duration, metrics: TcpMetrics) -> Self {
         Interception {
-            direction: Direction::Inbound,
             app: Some(app),
             own_listeners: Vec::new(),
             connect_timeout,
@@ -63,7 +68,6 @@ impl Interception {
         metrics: TcpMetrics,
     ) -> Self {
         Interception {
-            direction: Direction::Outbound,
             app: None,
             own_listeners,
             connect_timeout,
@@ -82,31 +86,30 @@ impl Interception {
     /// Splices an opaque connection to its destination until either side
     /// closes (a destination that cannot be reached closes the client's
     /// connection: a TCP client sees what it would without the mesh).
-    pub async fn splice(&self, client: TcpStream, peer: SocketAddr, original: Option<SocketAddr>) {
-        let direction = self.direction.as_str();
+    ///
+    /// Log lines inherit the listener and the peer from the connection's
+    /// span (`server`).
+    pub async fn splice(&self, client: TcpStream, original: Option<SocketAddr>) {
         let Some(destination) = self.opaque_destination(original) else {
-            tracing::debug!(direction, %peer, "opaque connection with no destination; closed");
+            tracing::debug!("opaque connection with no destination; closed");
             return;
         };
-        let upstream = match tokio::time::timeout(
-            self.connect_timeout,
-            TcpStream::connect(destination),
-        )
-        .await
-        {
-            Ok(Ok(upstream)) => upstream,
-            Ok(Err(error)) => {
-                tracing::debug!(direction, %peer, %destination, %error, "opaque connection: cannot connect");
-                return;
-            }
-            Err(_) => {
-                tracing::debug!(direction, %peer, %destination, "opaque connection: connect timed out");
-                return;
-            }
-        };
+        let upstream =
+            match tokio::time::timeout(self.connect_timeout, TcpStream::connect(destination)).await
+            {
+                Ok(Ok(upstream)) => upstream,
+                Ok(Err(error)) => {
+                    tracing::debug!(%destination, %error, "opaque connection: cannot connect");
+                    return;
+                }
+                Err(_) => {
+                    tracing::debug!(%destination, "opaque connection: connect timed out");
+                    return;
+                }
+            };
         let _ = upstream.set_nodelay(true);
         self.metrics.connections.inc();
-        tracing::debug!(direction, %peer, %destination, "opaque TCP spliced");
+        tracing::debug!(%destination, "opaque TCP spliced");
         let (sent, received) = copy_both_ways(client, upstream).await;
         self.metrics.sent.inc_by(sent);
         self.metrics.received.inc_by(received);
@@ -116,7 +119,8 @@ impl Interception {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::metrics::Metrics;
+    use crate::telemetry::direction::Direction;
+    use crate::telemetry::metrics::Metrics;
 
     fn addr(text: &str) -> SocketAddr {
         text.parse().unwrap()

@@ -11,8 +11,9 @@
 //!     MeshState::apply ─► Snapshot::build ─► ArcSwap::store ─► persist file
 //! ```
 //!
-//! Either task retries a failed control plane with jittered exponential
-//! backoff (200 ms doubling to 5 s) and never blocks traffic: requests keep
+//! Either task retries a failed control plane with exponential backoff
+//! and equal jitter (a ceiling of 200 ms doubling to 5 s; half of it fixed,
+//! half random) and never blocks traffic: requests keep
 //! reading the last snapshot. Each applied state is written to the snapshot
 //! file (write to a temporary file, then rename), and a sidecar restarted
 //! while the control plane is down starts from that file.
@@ -30,10 +31,10 @@ use serde_json::json;
 use tokio::sync::watch;
 
 use crate::client::{self, ClientError};
-use crate::health::AppHealth;
-use crate::metrics::Metrics;
+use crate::control::health::AppHealth;
+use crate::control::snapshot::{Own, SharedSnapshot, Snapshot};
 use crate::settings::{ControlPlaneSettings, Limits, Settings};
-use crate::snapshot::{Own, SharedSnapshot, Snapshot};
+use crate::telemetry::metrics::Metrics;
 
 /// Deadline of one registration, heartbeat or deregistration call.
 const CALL_TIMEOUT: Duration = Duration::from_secs(2);
@@ -489,7 +490,8 @@ fn apply_lines(
     Ok(())
 }
 
-/// Exponential backoff with full jitter: 200 ms doubling up to 5 s.
+/// Exponential backoff with equal jitter: a ceiling of 200 ms doubling up
+/// to 5 s, and a delay between half the ceiling and the ceiling.
 #[derive(Debug, Default)]
 struct Backoff {
     attempts: u32,
@@ -504,8 +506,9 @@ impl Backoff {
             .saturating_mul(1 << self.attempts.min(10))
             .min(Self::MAX);
         self.attempts += 1;
-        // Full jitter keeps a fleet of sidecars from reconnecting in step
-        // after a control plane restart.
+        // Equal jitter (half fixed, half random) keeps a fleet of sidecars
+        // from reconnecting in step after a control plane restart, and
+        // never retries at once.
         let ms = ceiling.as_millis() as u64;
         Duration::from_millis(ms / 2 + fastrand::u64(0..=ms / 2))
     }

@@ -28,13 +28,13 @@ use http::Method;
 use meshlet_api::Resource;
 use prometheus::{Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, Opts};
 
-use crate::metrics::{Direction, Metrics};
+use crate::telemetry::direction::Direction;
 
 /// The `endpoint` label of requests no policy prefix matches.
 pub const ALL_PATHS: &str = "/";
 
 /// `response_time_seconds` buckets: 0.5 ms (a local hop) to 10 s.
-const DURATION_BUCKETS: &[f64] = &[
+pub(crate) const DURATION_BUCKETS: &[f64] = &[
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 ];
 
@@ -331,9 +331,7 @@ impl RouteTable {
         resources: &[Resource],
         namespace: &str,
         service: &str,
-        direction: Direction,
-        destination: &str,
-        metrics: &Metrics,
+        mut route: impl FnMut(&str) -> Arc<RouteMetrics>,
     ) -> Self {
         let mut prefixes: Vec<&str> = resources
             .iter()
@@ -347,12 +345,15 @@ impl RouteTable {
         RouteTable {
             routes: prefixes
                 .into_iter()
-                .map(|prefix| {
-                    let route = metrics.route(direction, destination, prefix);
-                    (prefix.to_owned(), route)
-                })
+                .map(|prefix| (prefix.to_owned(), route(prefix)))
                 .collect(),
         }
+    }
+
+    /// How many distinct routes the table has.
+    #[cfg(test)]
+    pub fn len(&self) -> usize {
+        self.routes.len()
     }
 
     /// A table with one route for all paths.
@@ -390,102 +391,11 @@ fn path_prefix(resource: &Resource) -> Option<&str> {
 mod tests {
     use super::*;
 
-    const POLICIES: &str = "\
-apiVersion: meshlet.dev/v1alpha1
-kind: RetryPolicy
-metadata: {name: api-retry}
-spec: {targetRef: {service: orders}, match: {pathPrefix: /api}}
----
-apiVersion: meshlet.dev/v1alpha1
-kind: TimeoutPolicy
-metadata: {name: items-timeout}
-spec: {targetRef: {service: orders}, match: {pathPrefix: /api/items, methods: [GET]}, request: 1s}
----
-apiVersion: meshlet.dev/v1alpha1
-kind: CircuitBreakerPolicy
-metadata: {name: same-prefix}
-spec: {targetRef: {service: orders}, match: {pathPrefix: /api}}
----
-apiVersion: meshlet.dev/v1alpha1
-kind: RateLimitPolicy
-metadata: {name: other-service}
-spec: {targetRef: {service: stock}, match: {pathPrefix: /stock}, tokenBucket: {capacity: 1, refillPerSecond: 1}}
-";
-
-    fn table(metrics: &Metrics) -> RouteTable {
-        let resources = meshlet_api::parse_documents("t.yaml", POLICIES).unwrap();
-        RouteTable::build(
-            &resources,
-            "default",
-            "orders",
-            Direction::Outbound,
-            "orders",
-            metrics,
-        )
-    }
-
-    fn endpoint<'a>(table: &'a RouteTable, path: &str) -> &'a str {
-        table.select(path).unwrap().endpoint()
-    }
-
-    #[test]
-    fn the_most_specific_policy_prefix_labels_a_request_never_the_raw_path() {
-        let metrics = Metrics::new("frontend");
-        let table = table(&metrics);
-        assert_eq!(endpoint(&table, "/api/items/123"), "/api/items");
-        assert_eq!(endpoint(&table, "/api/orders/9"), "/api");
-        assert_eq!(endpoint(&table, "/other/456"), "/");
-        assert_eq!(
-            endpoint(&table, "/stock/1"),
-            "/",
-            "another service's policy"
-        );
-        assert_eq!(endpoint(&table, "orders:443"), "/", "CONNECT targets too");
-        assert_eq!(table.routes.len(), 3, "one route per distinct prefix");
-    }
-
-    #[test]
-    fn a_rebuilt_table_reuses_the_same_handles() {
-        let metrics = Metrics::new("frontend");
-        let (first, second) = (table(&metrics), table(&metrics));
-        assert!(Arc::ptr_eq(
-            first.select("/api").unwrap(),
-            second.select("/api").unwrap()
-        ));
-    }
-
     #[test]
     fn methods_are_normalised_to_a_bounded_set() {
         assert_eq!(MethodLabel::of(&Method::GET).as_str(), "GET");
         assert_eq!(MethodLabel::of(&Method::PATCH).as_str(), "PATCH");
         let custom = Method::from_bytes(b"PURGE").unwrap();
         assert_eq!(MethodLabel::of(&custom).as_str(), "other");
-    }
-
-    #[test]
-    fn status_counters_are_resolved_once_per_method_and_status() {
-        let metrics = Metrics::new("frontend");
-        let route = metrics.route(Direction::Outbound, "orders", "/");
-        for _ in 0..3 {
-            route.count(MethodLabel::Get, 200, Duration::from_millis(1));
-        }
-        route.count(MethodLabel::Post, 200, Duration::from_millis(1));
-        route.count(MethodLabel::Get, 503, Duration::from_millis(1));
-        assert_eq!(route.cached(), 3);
-        assert_eq!(route.counter(MethodLabel::Get, 200).get(), 3);
-        assert_eq!(route.duration.get_sample_count(), 5);
-        let totals = route.totals();
-        assert_eq!((totals.requests, totals.errors), (5, 1));
-        assert_eq!(totals.latency_bounds_ms.len(), DURATION_BUCKETS.len());
-        assert_eq!(totals.latency_bounds_ms[0], 0.5);
-        assert_eq!(totals.latency_counts.len(), DURATION_BUCKETS.len() + 1);
-        // 1 ms lands in the (0.5 ms, 1 ms] bucket.
-        assert_eq!(totals.latency_counts[1], 5);
-        assert_eq!(totals.latency_counts.iter().sum::<u64>(), 5);
-        let text = String::from_utf8(metrics.render(&[])).unwrap();
-        assert!(
-            text.contains(r#"request_total{destination="orders",direction="outbound",endpoint="/",method="GET",service="frontend",status_code="200"} 3"#),
-            "{text}"
-        );
     }
 }

@@ -19,7 +19,7 @@
 use std::io::Write;
 
 use super::SpanRecord;
-use crate::metrics::Direction;
+use crate::telemetry::direction::Direction;
 
 /// Protobuf wire types.
 const VARINT: u8 = 0;
@@ -225,7 +225,7 @@ fn varint_len(value: u64) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::trace::{Hop, SpanDetails};
+    use crate::telemetry::trace::{Hop, SpanDetails};
     use http::{HeaderMap, HeaderValue, Method};
     use meshlet_api::otlp::{self, Message};
 

@@ -35,8 +35,9 @@ use prometheus::{
     Encoder, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
-use crate::route_metrics::{RouteFamilies, RouteMetrics, RouteTable, ALL_PATHS};
-use crate::trace::export::ExportCounters;
+use crate::telemetry::direction::Direction;
+use crate::telemetry::route_metrics::{RouteFamilies, RouteMetrics, RouteTable, ALL_PATHS};
+use crate::telemetry::trace::export::ExportCounters;
 
 /// The `destination` label of every passthrough destination (never the
 /// raw host: any address could be asked for).
@@ -52,21 +53,6 @@ pub fn destination_label(namespace: &str, service: &str) -> String {
         service.to_owned()
     } else {
         format!("{service}.{namespace}")
-    }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Direction {
-    Inbound,
-    Outbound,
-}
-
-impl Direction {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Direction::Inbound => "inbound",
-            Direction::Outbound => "outbound",
-        }
     }
 }
 
@@ -114,21 +100,45 @@ pub struct Metrics {
     route_families: RouteFamilies,
     /// Route handles by label set, shared by every snapshot.
     routes: Arc<Mutex<HashMap<RouteKey, Arc<RouteMetrics>>>>,
+    request_path: RequestPathFamilies,
+    config: ConfigFamilies,
+    export: ExportFamilies,
+    tcp: TcpFamilies,
+}
+
+/// Families the request path counts on (besides the route families).
+#[derive(Debug, Clone)]
+struct RequestPathFamilies {
     active_connections: IntGaugeVec,
     mesh_responses: IntCounterVec,
     rate_limited: IntCounterVec,
     retries: IntCounterVec,
     timeouts: IntCounterVec,
     connect_errors: IntCounterVec,
-    config_revision: IntGauge,
-    config_applied: IntGauge,
+}
+
+/// The configuration this sidecar routes with, and where it came from.
+#[derive(Debug, Clone)]
+struct ConfigFamilies {
+    revision: IntGauge,
+    applied: IntGauge,
     control_plane_connected: IntGauge,
+}
+
+/// What the span exporter and the access log dropped or sent.
+#[derive(Debug, Clone)]
+struct ExportFamilies {
     spans_exported: IntCounter,
     spans_dropped: IntCounterVec,
     access_log_dropped: IntCounter,
-    tcp_connections: IntCounterVec,
-    tcp_sent_bytes: IntCounterVec,
-    tcp_received_bytes: IntCounterVec,
+}
+
+/// Transparent mode's opaque TCP splices.
+#[derive(Debug, Clone)]
+struct TcpFamilies {
+    connections: IntCounterVec,
+    sent_bytes: IntCounterVec,
+    received_bytes: IntCounterVec,
 }
 
 /// Handles of one transparent listener's opaque TCP (non-HTTP) splices.
@@ -144,125 +154,152 @@ pub struct TcpMetrics {
 
 type RouteKey = (Direction, String, String);
 
-fn counter_vec(name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
-    IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric")
+/// Creates metric families and registers each in the registry as it is
+/// made, so that a family cannot be forgotten.
+struct Register<'r>(&'r Registry);
+
+impl Register<'_> {
+    fn add<C: prometheus::core::Collector + Clone + 'static>(&self, collector: C) -> C {
+        self.0
+            .register(Box::new(collector.clone()))
+            .expect("metric registered once");
+        collector
+    }
+
+    fn counter_vec(&self, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+        self.add(IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric"))
+    }
+
+    fn counter(&self, name: &str, help: &str) -> IntCounter {
+        self.add(IntCounter::new(name, help).expect("valid metric"))
+    }
+
+    fn gauge(&self, name: &str, help: &str) -> IntGauge {
+        self.add(IntGauge::new(name, help).expect("valid metric"))
+    }
 }
 
-fn gauge(name: &str, help: &str) -> IntGauge {
-    IntGauge::new(name, help).expect("valid metric")
-}
-
-impl Metrics {
-    /// The metrics of a sidecar of `service`.
-    pub fn new(service: &str) -> Self {
-        let metrics = Metrics {
-            registry: Registry::new(),
-            service: service.into(),
-            route_families: RouteFamilies::new(),
-            routes: Arc::default(),
-            active_connections: IntGaugeVec::new(
-                Opts::new(
-                    "active_connections",
-                    "Client connections currently open, by listener",
-                ),
-                &["direction"],
-            )
-            .expect("valid metric"),
-            mesh_responses: counter_vec(
+impl RequestPathFamilies {
+    fn register(r: &Register<'_>) -> Self {
+        RequestPathFamilies {
+            active_connections: r.add(
+                IntGaugeVec::new(
+                    Opts::new(
+                        "active_connections",
+                        "Client connections currently open, by listener",
+                    ),
+                    &["direction"],
+                )
+                .expect("valid metric"),
+            ),
+            mesh_responses: r.counter_vec(
                 "meshlet_mesh_responses_total",
                 "Responses generated by the sidecar itself, by direction and x-meshlet-reason",
                 &["direction", "reason"],
             ),
-            rate_limited: counter_vec(
+            rate_limited: r.counter_vec(
                 "rate_limited_total",
                 "Inbound requests refused with 429 by a RateLimitPolicy (endpoint: its match.pathPrefix)",
                 &["service", "policy", "endpoint"],
             ),
-            retries: counter_vec(
+            retries: r.counter_vec(
                 "retries_total",
                 "Retries sent under a RetryPolicy",
                 &["destination", "policy"],
             ),
-            timeouts: counter_vec(
+            timeouts: r.counter_vec(
                 "timeouts_total",
                 "Tries whose response headers did not arrive in time",
                 &["direction", "destination"],
             ),
-            connect_errors: counter_vec(
+            connect_errors: r.counter_vec(
                 "upstream_connect_errors_total",
                 "Connections to an upstream that were refused or timed out",
                 &["direction", "destination"],
             ),
-            config_revision: gauge(
+        }
+    }
+}
+
+impl ConfigFamilies {
+    fn register(r: &Register<'_>) -> Self {
+        ConfigFamilies {
+            revision: r.gauge(
                 "meshlet_config_revision",
                 "Revision of the mesh configuration this sidecar routes with (0: standalone)",
             ),
-            config_applied: gauge(
+            applied: r.gauge(
                 "meshlet_config_applied_timestamp_seconds",
                 "Unix time at which the current configuration revision was applied",
             ),
-            control_plane_connected: gauge(
+            control_plane_connected: r.gauge(
                 "meshlet_control_plane_connected",
                 "1 while the watch stream to the control plane is open",
             ),
-            spans_exported: IntCounter::new(
-                "meshlet_spans_exported_total",
-                "Spans the collector accepted",
-            )
-            .expect("valid metric"),
-            spans_dropped: counter_vec(
+        }
+    }
+}
+
+impl ExportFamilies {
+    fn register(r: &Register<'_>) -> Self {
+        ExportFamilies {
+            spans_exported: r.counter("meshlet_spans_exported_total", "Spans the collector accepted"),
+            spans_dropped: r.counter_vec(
                 "meshlet_spans_dropped_total",
                 "Spans dropped: queue_full (the export queue was full) or export_failed (the collector refused or did not answer)",
                 &["reason"],
             ),
-            access_log_dropped: IntCounter::new(
+            access_log_dropped: r.counter(
                 "meshlet_access_log_dropped_total",
                 "Access log lines dropped because standard output could not keep up",
-            )
-            .expect("valid metric"),
-            tcp_connections: counter_vec(
+            ),
+        }
+    }
+}
+
+impl TcpFamilies {
+    fn register(r: &Register<'_>) -> Self {
+        TcpFamilies {
+            connections: r.counter_vec(
                 "tcp_connections_total",
                 "Opaque (non-HTTP) TCP connections spliced through a transparent listener",
                 &["direction"],
             ),
-            tcp_sent_bytes: counter_vec(
+            sent_bytes: r.counter_vec(
                 "tcp_sent_bytes_total",
                 "Bytes of opaque TCP connections from the client to the destination (counted when the connection closes)",
                 &["direction"],
             ),
-            tcp_received_bytes: counter_vec(
+            received_bytes: r.counter_vec(
                 "tcp_received_bytes_total",
                 "Bytes of opaque TCP connections from the destination to the client (counted when the connection closes)",
                 &["direction"],
             ),
-        };
-        let collectors: Vec<Box<dyn prometheus::core::Collector>> = vec![
-            Box::new(metrics.active_connections.clone()),
-            Box::new(metrics.mesh_responses.clone()),
-            Box::new(metrics.rate_limited.clone()),
-            Box::new(metrics.retries.clone()),
-            Box::new(metrics.timeouts.clone()),
-            Box::new(metrics.connect_errors.clone()),
-            Box::new(metrics.config_revision.clone()),
-            Box::new(metrics.config_applied.clone()),
-            Box::new(metrics.control_plane_connected.clone()),
-            Box::new(metrics.spans_exported.clone()),
-            Box::new(metrics.spans_dropped.clone()),
-            Box::new(metrics.access_log_dropped.clone()),
-            Box::new(metrics.tcp_connections.clone()),
-            Box::new(metrics.tcp_sent_bytes.clone()),
-            Box::new(metrics.tcp_received_bytes.clone()),
-        ];
-        for collector in collectors
-            .into_iter()
-            .chain(metrics.route_families.collectors())
-        {
-            metrics
-                .registry
+        }
+    }
+}
+
+impl Metrics {
+    /// The metrics of a sidecar of `service`: every family, registered.
+    pub fn new(service: &str) -> Self {
+        let registry = Registry::new();
+        let route_families = RouteFamilies::new();
+        for collector in route_families.collectors() {
+            registry
                 .register(collector)
                 .expect("metric registered once");
         }
-        metrics
+        let register = Register(&registry);
+        Metrics {
+            service: service.into(),
+            route_families,
+            routes: Arc::default(),
+            request_path: RequestPathFamilies::register(&register),
+            config: ConfigFamilies::register(&register),
+            export: ExportFamilies::register(&register),
+            tcp: TcpFamilies::register(&register),
+            registry,
+        }
     }
 
     /// The own service (the `service` label).
@@ -272,16 +309,16 @@ impl Metrics {
 
     /// Records that configuration `revision` was just applied.
     pub fn set_config_revision(&self, revision: u64) {
-        self.config_revision.set(revision as i64);
+        self.config.revision.set(revision as i64);
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_secs() as i64)
             .unwrap_or(0);
-        self.config_applied.set(now);
+        self.config.applied.set(now);
     }
 
     pub fn set_control_plane_connected(&self, connected: bool) {
-        self.control_plane_connected.set(connected as i64);
+        self.config.control_plane_connected.set(connected as i64);
     }
 
     /// The handles of route `(direction, destination, endpoint)`: the same
@@ -330,8 +367,8 @@ impl Metrics {
     ) -> TargetMetrics {
         let labels = [direction.as_str(), &destination];
         TargetMetrics {
-            timeouts: self.timeouts.with_label_values(&labels),
-            connect_errors: self.connect_errors.with_label_values(&labels),
+            timeouts: self.request_path.timeouts.with_label_values(&labels),
+            connect_errors: self.request_path.connect_errors.with_label_values(&labels),
             destination,
             routes,
         }
@@ -339,47 +376,58 @@ impl Metrics {
 
     /// `rate_limited_total` of one `RateLimitPolicy` of the own service.
     pub fn rate_limited(&self, policy: &str, endpoint: &str) -> IntCounter {
-        self.rate_limited
+        self.request_path
+            .rate_limited
             .with_label_values(&[&*self.service, policy, endpoint])
     }
 
     /// `retries_total` of one `RetryPolicy` for `destination`.
     pub fn retries(&self, destination: &str, policy: &str) -> IntCounter {
-        self.retries.with_label_values(&[destination, policy])
+        self.request_path
+            .retries
+            .with_label_values(&[destination, policy])
     }
 
     /// The span exporter's counters (both drop reasons appear at 0 from
     /// the start, so a dashboard sees the series before the first drop).
     pub fn span_counters(&self) -> ExportCounters {
         ExportCounters {
-            exported: self.spans_exported.clone(),
-            dropped_queue_full: self.spans_dropped.with_label_values(&["queue_full"]),
-            dropped_export_failed: self.spans_dropped.with_label_values(&["export_failed"]),
+            exported: self.export.spans_exported.clone(),
+            dropped_queue_full: self.export.spans_dropped.with_label_values(&["queue_full"]),
+            dropped_export_failed: self
+                .export
+                .spans_dropped
+                .with_label_values(&["export_failed"]),
         }
     }
 
     pub fn access_log_dropped(&self) -> IntCounter {
-        self.access_log_dropped.clone()
+        self.export.access_log_dropped.clone()
     }
 
     /// Opaque TCP handles of a transparent listener.
     pub fn tcp(&self, direction: Direction) -> TcpMetrics {
         let labels = [direction.as_str()];
         TcpMetrics {
-            connections: self.tcp_connections.with_label_values(&labels),
-            sent: self.tcp_sent_bytes.with_label_values(&labels),
-            received: self.tcp_received_bytes.with_label_values(&labels),
+            connections: self.tcp.connections.with_label_values(&labels),
+            sent: self.tcp.sent_bytes.with_label_values(&labels),
+            received: self.tcp.received_bytes.with_label_values(&labels),
         }
     }
 
     /// Handles for one listener (`inbound`, `outbound` or `admin`).
     pub fn listener(&self, name: &str) -> ListenerMetrics {
         ListenerMetrics {
-            connections: self.active_connections.with_label_values(&[name]),
+            connections: self
+                .request_path
+                .active_connections
+                .with_label_values(&[name]),
             bad_request: self
+                .request_path
                 .mesh_responses
                 .with_label_values(&[name, "bad_request"]),
             head_too_large: self
+                .request_path
                 .mesh_responses
                 .with_label_values(&[name, "header_too_large"]),
         }
@@ -387,7 +435,8 @@ impl Metrics {
 
     /// Counts a response the mesh generated (errors are off the fast path).
     pub fn mesh_response(&self, direction: Direction, reason: &str) {
-        self.mesh_responses
+        self.request_path
+            .mesh_responses
             .with_label_values(&[direction.as_str(), reason])
             .inc();
     }
@@ -420,5 +469,99 @@ impl Metrics {
             tracing::warn!(%error, "cannot encode the metrics");
         }
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    use crate::telemetry::route_metrics::{MethodLabel, DURATION_BUCKETS};
+
+    const POLICIES: &str = "\
+apiVersion: meshlet.dev/v1alpha1
+kind: RetryPolicy
+metadata: {name: api-retry}
+spec: {targetRef: {service: orders}, match: {pathPrefix: /api}}
+---
+apiVersion: meshlet.dev/v1alpha1
+kind: TimeoutPolicy
+metadata: {name: items-timeout}
+spec: {targetRef: {service: orders}, match: {pathPrefix: /api/items, methods: [GET]}, request: 1s}
+---
+apiVersion: meshlet.dev/v1alpha1
+kind: CircuitBreakerPolicy
+metadata: {name: same-prefix}
+spec: {targetRef: {service: orders}, match: {pathPrefix: /api}}
+---
+apiVersion: meshlet.dev/v1alpha1
+kind: RateLimitPolicy
+metadata: {name: other-service}
+spec: {targetRef: {service: stock}, match: {pathPrefix: /stock}, tokenBucket: {capacity: 1, refillPerSecond: 1}}
+";
+
+    fn table(metrics: &Metrics) -> RouteTable {
+        let resources = meshlet_api::parse_documents("t.yaml", POLICIES).unwrap();
+        RouteTable::build(&resources, "default", "orders", |prefix| {
+            metrics.route(Direction::Outbound, "orders", prefix)
+        })
+    }
+
+    fn endpoint<'a>(table: &'a RouteTable, path: &str) -> &'a str {
+        table.select(path).unwrap().endpoint()
+    }
+
+    #[test]
+    fn the_most_specific_policy_prefix_labels_a_request_never_the_raw_path() {
+        let metrics = Metrics::new("frontend");
+        let table = table(&metrics);
+        assert_eq!(endpoint(&table, "/api/items/123"), "/api/items");
+        assert_eq!(endpoint(&table, "/api/orders/9"), "/api");
+        assert_eq!(endpoint(&table, "/other/456"), "/");
+        assert_eq!(
+            endpoint(&table, "/stock/1"),
+            "/",
+            "another service's policy"
+        );
+        assert_eq!(endpoint(&table, "orders:443"), "/", "CONNECT targets too");
+        assert_eq!(table.len(), 3, "one route per distinct prefix");
+    }
+
+    #[test]
+    fn a_rebuilt_table_reuses_the_same_handles() {
+        let metrics = Metrics::new("frontend");
+        let (first, second) = (table(&metrics), table(&metrics));
+        assert!(Arc::ptr_eq(
+            first.select("/api").unwrap(),
+            second.select("/api").unwrap()
+        ));
+    }
+
+    #[test]
+    fn status_counters_are_resolved_once_per_method_and_status() {
+        let metrics = Metrics::new("frontend");
+        let route = metrics.route(Direction::Outbound, "orders", "/");
+        for _ in 0..3 {
+            route.count(MethodLabel::Get, 200, Duration::from_millis(1));
+        }
+        route.count(MethodLabel::Post, 200, Duration::from_millis(1));
+        route.count(MethodLabel::Get, 503, Duration::from_millis(1));
+        assert_eq!(route.cached(), 3);
+        assert_eq!(route.counter(MethodLabel::Get, 200).get(), 3);
+        assert_eq!(route.duration.get_sample_count(), 5);
+        let totals = route.totals();
+        assert_eq!((totals.requests, totals.errors), (5, 1));
+        assert_eq!(totals.latency_bounds_ms.len(), DURATION_BUCKETS.len());
+        assert_eq!(totals.latency_bounds_ms[0], 0.5);
+        assert_eq!(totals.latency_counts.len(), DURATION_BUCKETS.len() + 1);
+        // 1 ms lands in the (0.5 ms, 1 ms] bucket.
+        assert_eq!(totals.latency_counts[1], 5);
+        assert_eq!(totals.latency_counts.iter().sum::<u64>(), 5);
+        let text = String::from_utf8(metrics.render(&[])).unwrap();
+        assert!(
+            text.contains(r#"request_total{destination="orders",direction="outbound",endpoint="/",method="GET",service="frontend",status_code="200"} 3"#),
+            "{text}"
+        );
     }
 }

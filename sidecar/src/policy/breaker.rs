@@ -33,7 +33,7 @@ use meshlet_api::policy::{CircuitBreakerSpec, FailureKind, RouteMatch};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::error::ProxyError;
-use crate::policy::Outcome;
+use crate::policy::outcome::Outcome;
 
 /// The longest a request waits for a concurrency slot as a pending one.
 pub const MAX_PENDING_WAIT: Duration = Duration::from_secs(1);

@@ -36,43 +36,34 @@ use hyper::upgrade::OnUpgrade;
 use prometheus::IntCounter;
 use tokio::net::TcpStream;
 
-use crate::balance::{Balancer, Endpoint, Tried};
 use crate::body::ProxyBody;
+use crate::control::snapshot::SharedSnapshot;
 use crate::error::ProxyError;
-use crate::forward::forward;
-use crate::headers::{add_forwarded, strip_hop_by_hop, wants_upgrade, SOURCE_HEADER};
-use crate::metrics::{Direction, Metrics};
-use crate::observe::{RequestRecord, Telemetry};
-use crate::policy::RoutePolicies;
-use crate::pool::ConnPool;
-use crate::route::{Authority, Router};
-use crate::route_metrics::{RouteMetrics, RouteTable};
-use crate::server::{Handler, Peer};
+use crate::listen::server::{Handler, Peer};
+use crate::listen::transparent::app_address;
+use crate::listen::tunnel;
+use crate::policy::index::RoutePolicies;
+use crate::proxy::headers::{add_forwarded, strip_hop_by_hop, wants_upgrade, SOURCE_HEADER};
+use crate::proxy::route::{Authority, Router};
 use crate::settings::Limits;
-use crate::snapshot::{ServiceTarget, SharedSnapshot};
-use crate::transparent::app_address;
-use crate::tunnel;
+use crate::telemetry::direction::Direction;
+use crate::telemetry::metrics::Metrics;
+use crate::telemetry::observe::{RequestRecord, Telemetry};
+use crate::telemetry::route_metrics::{RouteMetrics, RouteTable};
+use crate::upstream::balance::Tried;
+use crate::upstream::forward::forward;
+use crate::upstream::target::ServiceTarget;
 
 /// The local app at `addr` as a forwarding target (one endpoint, its
 /// pool); counted as inbound traffic of the own service.
 pub fn app_target(addr: SocketAddr, limits: &Arc<Limits>, metrics: &Metrics) -> ServiceTarget {
-    ServiceTarget {
-        name: metrics.service().to_owned(),
-        namespace: String::new(),
-        balancer: Balancer::new(vec![Arc::new(Endpoint::new(
-            addr,
-            Default::default(),
-            ConnPool::new(addr, Arc::clone(limits)),
-        ))]),
-        unhealthy: Vec::new(),
-        // Inbound routes follow the own service's policies: in the snapshot.
-        metrics: metrics.target(
-            Direction::Inbound,
-            metrics.service().to_owned(),
-            RouteTable::default(),
-        ),
-        policies: Default::default(),
-    }
+    // Inbound routes follow the own service's policies: in the snapshot.
+    let target_metrics = metrics.target(
+        Direction::Inbound,
+        metrics.service().to_owned(),
+        RouteTable::default(),
+    );
+    ServiceTarget::single(metrics.service().to_owned(), addr, limits, target_metrics)
 }
 
 /// Transparent mode: the app on ports other than `--app-port` (a client
@@ -432,9 +423,13 @@ fn finish(
 fn refuse(err: ProxyError, direction: Direction, metrics: &Metrics) -> Response<ProxyBody> {
     let reason = err.reason();
     if err.status().is_server_error() {
+        // At the default level the request and connection spans are off,
+        // so this line names its direction itself.
         tracing::warn!(direction = direction.as_str(), reason, error = %err, "request refused by the mesh");
     } else {
-        tracing::debug!(direction = direction.as_str(), reason, error = %err, "bad request");
+        // Debug: inside the request and connection spans (listener, peer,
+        // request id, method, uri).
+        tracing::debug!(reason, error = %err, "bad request");
     }
     metrics.mesh_response(direction, reason);
     err.into_response()

@@ -1,0 +1,35 @@
+//! Listeners and connections: everything between an accepted socket and
+//! a request handed to a [`server::Handler`].
+//!
+//! ```text
+//! accept (server) ─► transparent listener: original destination (original_dst)
+//!                 ─► peek the first bytes (sniff): HTTP/1.1 | h2c | opaque TCP
+//!   HTTP/1.1 ─► FramingGuard (framing) ─► hyper http1 (upgrades) ─► Handler (proxy)
+//!   h2c      ─► hyper http2 ─────────────────────────────────────► Handler (proxy)
+//!   opaque   ─► Interception::splice (transparent) ─► tunnel::copy_both_ways
+//! ```
+//!
+//! - `server` — the accept loop of every listener, protocol choice,
+//!   graceful shutdown ([`server::Drain`]); one `connection` tracing span
+//!   per connection and one `request` span per request.
+//! - `framing` — the I/O wrapper that checks HTTP/1.1 message framing
+//!   before hyper sees a head (request smuggling, oversized heads).
+//! - `sniff` — protocol detection by peeking.
+//! - `original_dst` — `SO_ORIGINAL_DST` of a redirected connection.
+//! - `transparent` — what a transparent listener does with opaque TCP, and
+//!   which addresses are this sidecar's own (`loops_back`).
+//! - `tunnel` — byte splicing for `CONNECT`, upgrades and opaque TCP.
+//!
+//! **Invariants:** a connection is counted in `active_connections` from
+//! accept to close; a refusal below hyper (400, 431) waits until the
+//! earlier pipelined requests on the connection are answered; after the
+//! shutdown signal no connection is accepted and every open one finishes
+//! its in-flight requests. Nothing here knows about routes or policies:
+//! the handler does.
+
+pub(crate) mod framing;
+pub(crate) mod original_dst;
+pub(crate) mod server;
+pub(crate) mod sniff;
+pub(crate) mod transparent;
+pub(crate) mod tunnel;

@@ -1,0 +1,30 @@
+//! The request path of the inbound and outbound listeners: from a request
+//! handed over by `listen` to a response, each side readable top to bottom
+//! in one function (`handlers::Inbound::proxy`, `handlers::Outbound::proxy`).
+//!
+//! ```text
+//! inbound:  RequestRecord ─► route label ─► rate limit (policy) ─► header rules (headers)
+//!           ─► forward to the local app (upstream) ─► response
+//! outbound: RequestRecord ─► CONNECT? tunnel ─► destination (route: service | passthrough)
+//!           ─► route label ─► the target's policies for method and path (policy::index)
+//!           ─► header rules, x-meshlet-source, traceparent ─► forward (upstream)
+//!           ─► response (101: splice the upgraded connections)
+//! ```
+//!
+//! - `handlers` — `Inbound` and `Outbound` (the listeners' `Handler`s),
+//!   the local app's target(s), and the one call that turns a
+//!   `ProxyError` into the response and counts it.
+//! - `route` — outbound destination: absolute URI or `Host` → a service of
+//!   the snapshot, or a passthrough address (DNS through a small cache),
+//!   transparent mode's original destination, loop refusal.
+//! - `headers` — hop-by-hop removal, `x-forwarded-*`, `x-meshlet-source`.
+//!
+//! **Invariants:** the request path reads the configuration only through
+//! the current snapshot pointer, never waits for it; every response the
+//! mesh generates goes through `ProxyError::into_response` (in `error`,
+//! which this folder calls and nothing below it does), so it carries
+//! `x-meshlet-reason`; every request has exactly one `RequestRecord`.
+
+pub(crate) mod handlers;
+pub(crate) mod headers;
+pub(crate) mod route;
