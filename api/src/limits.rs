@@ -51,9 +51,10 @@
 //! a few entries of each) and small enough that the largest file accepted
 //! stays a few tens of megabytes once parsed.
 
-use crate::policy::FieldError;
-
 pub use crate::parse::check_yaml_limits;
+
+/// A field error: the dotted path under `spec` and a message.
+pub type FieldError = (String, String);
 
 /// Size of one YAML file given to [`crate::parse_documents`].
 pub const MAX_TEXT_BYTES: usize = 2 * 1024 * 1024;

@@ -18,8 +18,7 @@ use serde::{Deserialize, Serialize};
 use crate::duration::HumanDuration;
 use crate::limits::{self, check_len, check_str_len};
 
-/// A field error: the dotted path under `spec` and a message.
-pub type FieldError = (String, String);
+pub use crate::limits::FieldError;
 
 fn field_error<T>(path: &str, message: impl Into<String>) -> Result<T, FieldError> {
     Err((format!("spec.{path}"), message.into()))

@@ -37,7 +37,7 @@ impl ModuleGraph {
             let text = std::fs::read_to_string(file)?;
             let code = without_tests_and_comments(&text);
             let mut targets = BTreeSet::new();
-            for path in crate_paths(&code, module) {
+            for path in crate_paths(&code, module, &known) {
                 if let Some(target) = resolve(&path, &known) {
                     targets.insert(target);
                 }
@@ -144,19 +144,23 @@ fn strip_strings(line: &str) -> String {
 
 /// Every path into this crate that `code` (of `module`) names, as absolute
 /// segment lists: `crate::a::{b, c::D}` gives `[a, b]` and `[a, c, D]`;
-/// `super::x` and `self::x` are made absolute.
-fn crate_paths(code: &str, module: &str) -> Vec<Vec<String>> {
+/// `super::x`, `self::x` and `child::x` (a child module by its bare name)
+/// are made absolute.
+fn crate_paths(code: &str, module: &str, known: &BTreeSet<String>) -> Vec<Vec<String>> {
     let chars: Vec<char> = code.chars().collect();
+    let mut anchors = anchors(module);
+    anchors.extend(children(module, known));
     let mut paths = Vec::new();
     let mut at = 0;
     while at < chars.len() {
         let starts_word = at == 0 || !is_ident(chars[at - 1]) && chars[at - 1] != ':';
         if starts_word {
-            for (keyword, base) in anchors(module) {
+            for (keyword, base) in &anchors {
                 if starts_with(&chars, at, keyword) {
                     let mut end = at + keyword.len();
                     let tree = read_tree(&chars, &mut end);
                     for tail in tree {
+                        let base: &Vec<String> = base;
                         let mut path = base.clone();
                         path.extend(tail);
                         paths.push(path);
@@ -171,9 +175,28 @@ fn crate_paths(code: &str, module: &str) -> Vec<Vec<String>> {
     paths
 }
 
+/// `name::` for each direct child module of `module`, with the child's path.
+fn children(module: &str, known: &BTreeSet<String>) -> Vec<(String, Vec<String>)> {
+    let prefix = if module.is_empty() {
+        String::new()
+    } else {
+        format!("{module}::")
+    };
+    known
+        .iter()
+        .filter_map(|other| {
+            let name = other.strip_prefix(&prefix)?;
+            (!name.is_empty() && !name.contains("::")).then(|| {
+                let path: Vec<String> = other.split("::").map(str::to_owned).collect();
+                (format!("{name}::"), path)
+            })
+        })
+        .collect()
+}
+
 /// The prefixes that start a path into this crate, with the module they
 /// stand for.
-fn anchors(module: &str) -> Vec<(&'static str, Vec<String>)> {
+fn anchors(module: &str) -> Vec<(String, Vec<String>)> {
     let own: Vec<String> = if module.is_empty() {
         Vec::new()
     } else {
@@ -184,10 +207,10 @@ fn anchors(module: &str) -> Vec<(&'static str, Vec<String>)> {
     let mut grandparent = parent.clone();
     grandparent.pop();
     vec![
-        ("crate::", Vec::new()),
-        ("super::super::", grandparent),
-        ("super::", parent),
-        ("self::", own),
+        ("crate::".to_owned(), Vec::new()),
+        ("super::super::".to_owned(), grandparent),
+        ("super::".to_owned(), parent),
+        ("self::".to_owned(), own),
     ]
 }
 
@@ -377,7 +400,11 @@ mod tests {
     }
 
     fn paths(code: &str, module: &str) -> Vec<String> {
-        crate_paths(code, module)
+        let known: BTreeSet<String> = ["", "x", "a", "a::b", "a::inner", "m"]
+            .into_iter()
+            .map(str::to_owned)
+            .collect();
+        crate_paths(code, module, &known)
             .into_iter()
             .map(|p| p.join("::"))
             .collect()
@@ -393,6 +420,11 @@ mod tests {
         assert_eq!(paths("use super::Thing;", "a::b"), ["a::Thing"]);
         assert_eq!(paths("use self::inner::X;", "a"), ["a::inner::X"]);
         assert!(paths("let s = mycrate::x;", "a").is_empty());
+        // A child module named without a prefix.
+        assert_eq!(
+            paths("use inner::Y; let z = b::f();", "a"),
+            ["a::inner::Y", "a::b::f"]
+        );
     }
 
     #[test]
