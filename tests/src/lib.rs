@@ -20,11 +20,13 @@
 //! [`browser::Browser`] drives a headless chromium over the DevTools
 //! protocol (the dashboard test).
 
+pub mod admin;
 pub mod browser;
 pub mod client;
 pub mod collector;
 pub mod config;
 pub mod demo;
+pub mod inprocess;
 pub mod metrics;
 pub mod netns;
 pub mod process;

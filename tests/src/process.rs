@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use tokio::process::{Child, Command};
 
-use crate::{client, wait};
+use crate::{admin, client, wait};
 
 /// Path of a workspace binary built by `cargo build --bins`.
 pub fn binary(name: &str) -> PathBuf {
@@ -133,43 +133,23 @@ impl SidecarProcess {
 
     /// `/config_dump` as JSON.
     pub async fn config_dump(&self) -> serde_json::Value {
-        let reply = client::get(self.admin, "/config_dump")
-            .await
-            .expect("config_dump answers");
-        serde_json::from_slice(&reply.body).expect("config_dump is JSON")
+        admin::config_dump(self.admin).await
     }
 
     /// Addresses of the healthy endpoints of `service` in this sidecar's
     /// current snapshot, sorted.
     pub async fn endpoints_of(&self, service: &str) -> Vec<String> {
-        let dump = self.config_dump().await;
-        let mut addrs: Vec<String> = dump["snapshot"]["services"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter(|s| s["name"] == service)
-            .flat_map(|s| s["endpoints"].as_array().cloned().unwrap_or_default())
-            .filter_map(|e| e["address"].as_str().map(str::to_owned))
-            .collect();
-        addrs.sort();
-        addrs
+        admin::endpoints_of(self.admin, service).await
     }
 
     /// The configuration revision the sidecar routes with.
     pub async fn revision(&self) -> u64 {
-        self.config_dump().await["snapshot"]["revision"]
-            .as_u64()
-            .expect("revision in config_dump")
+        admin::revision(self.admin).await
     }
 
     /// Waits until `/ready` answers 200.
     pub async fn wait_ready(&self, patience: Duration) {
-        let admin = self.admin;
-        wait::until("sidecar /ready", patience, || async {
-            let ready = client::get(admin, "/ready").await.ok()?;
-            (ready.status == 200).then_some(())
-        })
-        .await;
+        admin::wait_ok("sidecar /ready", self.admin, "/ready", patience).await;
     }
 }
 
