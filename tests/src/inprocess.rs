@@ -130,6 +130,21 @@ impl Instance {
         self.ended.lock().unwrap().clone()
     }
 
+    /// Waits until `path` on `addr` answers 200; panics at once if the
+    /// instance ended (or its thread panicked) first.
+    async fn wait_serving(&self, addr: SocketAddr, path: &str) {
+        let what = format!("{} {path}", self.what);
+        crate::wait::until(&what, Duration::from_secs(10), || async {
+            if let Some(ended) = self.ended() {
+                panic!("{} ended while starting: {ended}", self.what);
+            }
+            assert!(self.is_running(), "{} failed to start", self.what);
+            let reply = client::get(addr, path).await.ok()?;
+            (reply.status == 200).then_some(())
+        })
+        .await;
+    }
+
     fn is_running(&self) -> bool {
         self.thread.as_ref().is_some_and(|t| !t.is_finished())
     }
@@ -359,13 +374,7 @@ impl SidecarBuilder {
             instance,
             dir,
         };
-        admin::wait_ok(
-            "sidecar /live",
-            sidecar.admin,
-            "/live",
-            Duration::from_secs(10),
-        )
-        .await;
+        sidecar.instance.wait_serving(sidecar.admin, "/live").await;
         sidecar
     }
 }
@@ -410,19 +419,7 @@ impl ControlPlane {
             args,
             instance,
         };
-        let instance = &cp.instance;
-        crate::wait::until(
-            "control-plane /healthz",
-            Duration::from_secs(10),
-            || async {
-                if let Some(ended) = instance.ended() {
-                    panic!("control-plane ended: {ended}");
-                }
-                let reply = client::get(addr, "/healthz").await.ok()?;
-                (reply.status == 200).then_some(())
-            },
-        )
-        .await;
+        cp.instance.wait_serving(addr, "/healthz").await;
         cp
     }
 
@@ -474,5 +471,74 @@ impl ControlPlane {
         let reply = client::get(self.addr, path).await.expect("API answers");
         assert_eq!(reply.status, 200, "GET {path}: {}", reply.text());
         serde_json::from_slice(&reply.body).expect("API answers JSON")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::Upstream;
+
+    /// Instances of `service` registered at `cp` (none: 404).
+    async fn registered(cp: &ControlPlane, service: &str) -> usize {
+        let path = format!("/api/v1/services/default/{service}");
+        let reply = client::get(cp.addr, &path).await.expect("API answers");
+        if reply.status == 404 {
+            return 0;
+        }
+        let detail: serde_json::Value = serde_json::from_slice(&reply.body).unwrap();
+        detail["instances"].as_array().map_or(0, Vec::len)
+    }
+
+    async fn refused(addr: SocketAddr) -> bool {
+        tokio::net::TcpStream::connect(addr).await.is_err()
+    }
+
+    #[tokio::test]
+    async fn stop_deregisters_drains_and_closes_the_listeners() {
+        let dir = TempDir::new();
+        let mut cp = ControlPlane::start(&dir.path.join("data"), &[]).await;
+        let app = Upstream::start("orders").await;
+        let sidecar = Sidecar::builder("orders", app.port())
+            .control_plane(&cp.url())
+            .start()
+            .await;
+        let listeners = [sidecar.inbound, sidecar.outbound, sidecar.admin];
+        crate::wait::until("registered", Duration::from_secs(10), || async {
+            (registered(&cp, "orders").await == 1).then_some(())
+        })
+        .await;
+
+        assert_eq!(sidecar.stop().await.as_deref(), Some("Completely"));
+        assert_eq!(registered(&cp, "orders").await, 0, "deregistered");
+        for addr in listeners {
+            assert!(refused(addr).await, "{addr} still accepts");
+        }
+        assert_eq!(cp.stop().await.as_deref(), Some("Ok(())"));
+        assert!(refused(cp.addr).await);
+    }
+
+    #[tokio::test]
+    async fn kill9_leaves_the_registration_and_a_restart_keeps_the_store() {
+        let dir = TempDir::new();
+        let mut cp = ControlPlane::start(&dir.path.join("data"), &["--ttl", "60s"]).await;
+        let app = Upstream::start("orders").await;
+        let sidecar = Sidecar::builder("orders", app.port())
+            .control_plane(&cp.url())
+            .start()
+            .await;
+        let inbound = sidecar.inbound;
+        crate::wait::until("registered", Duration::from_secs(10), || async {
+            (registered(&cp, "orders").await == 1).then_some(())
+        })
+        .await;
+
+        sidecar.kill9();
+        assert!(refused(inbound).await);
+        assert_eq!(registered(&cp, "orders").await, 1, "no deregistration");
+        let addr = cp.addr;
+        cp.restart().await;
+        assert_eq!(cp.addr, addr, "same address");
+        assert_eq!(registered(&cp, "orders").await, 1, "the store survived");
     }
 }
