@@ -72,6 +72,7 @@ pub struct SidecarBuilder {
     config: Option<String>,
     args: Vec<String>,
     env: Vec<(String, String)>,
+    outbound_port: Option<u16>,
 }
 
 impl SidecarProcess {
@@ -82,6 +83,7 @@ impl SidecarProcess {
             config: None,
             args: Vec::new(),
             env: Vec::new(),
+            outbound_port: None,
         }
     }
 
@@ -351,6 +353,13 @@ impl SidecarBuilder {
         self
     }
 
+    /// The outbound listener's port, for an app that must know it before
+    /// the sidecar starts (default: a free port).
+    pub fn outbound_port(mut self, port: u16) -> Self {
+        self.outbound_port = Some(port);
+        self
+    }
+
     /// Registers with and routes from the control plane at `url`. The
     /// snapshot file goes to the sidecar's temp dir unless the test passes
     /// `--snapshot-file` itself.
@@ -361,7 +370,8 @@ impl SidecarBuilder {
     /// Spawns the process without waiting for it (for start-up failures).
     pub fn spawn(self) -> SidecarProcess {
         let dir = TempDir::new();
-        let (inbound, outbound, admin) = (free_port(), free_port(), free_port());
+        let outbound = self.outbound_port.unwrap_or_else(free_port);
+        let (inbound, admin) = (free_port(), free_port());
         let log = dir.path.join("sidecar.log");
         let mut command = Command::new(binary("sidecar"));
         command
