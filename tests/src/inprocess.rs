@@ -24,6 +24,10 @@
 //!   harness's `Drop`) — the runtime is dropped without a drain, so a
 //!   sidecar does not deregister and its peers see connections reset.
 //!
+//! Time is real: a test's `tokio::time::pause` does not reach an
+//! instance's runtime, so time-driven scenarios wait on conditions with
+//! deadlines, as the process tests do.
+//!
 //! No logs: the binaries install the global `tracing` subscriber in
 //! `main`, which does not run here. Tests that assert on a log, on
 //! standard output, on exit codes, signals, memory (RSS) or environment
@@ -41,8 +45,9 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::{admin, client, meshctl, TempDir};
 
-/// How long `stop` waits for a graceful shutdown before dropping the
-/// runtime anyway.
+/// How long `stop` waits for a graceful shutdown (a sidecar's default
+/// drain deadline is 30 s); beyond it the test fails, and `Drop` then
+/// drops the runtime.
 const STOP_PATIENCE: Duration = Duration::from_secs(40);
 
 /// The shutdown future handed to `run`: completes when the harness asks.
