@@ -5,8 +5,8 @@
 #
 #   1. style gates: cargo fmt --check, cargo clippy -D warnings
 #   2. build every binary once (release), then run every test against them:
-#      unit tests in each crate, end-to-end tests in tests/e2e/ that start
-#      the real `sidecar` processes on free loopback ports
+#      unit tests in each crate, end-to-end tests in tests/e2e/ (sidecars
+#      and control planes in-process or as the real binaries, on loopback)
 #   3. the local demo (examples/demo.sh) as a smoke test of README command (1)
 set -euo pipefail
 cd "$(dirname "$0")/.."

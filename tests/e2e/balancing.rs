@@ -8,9 +8,10 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::Request;
 use http_body_util::Full;
-use meshlet_e2e::{client, wait, SidecarProcess, Upstream};
+use meshlet_e2e::inprocess::Sidecar;
+use meshlet_e2e::{client, wait, Upstream};
 
-async fn three_endpoints() -> (Vec<Upstream>, SidecarProcess) {
+async fn three_endpoints() -> (Vec<Upstream>, Sidecar) {
     let endpoints = vec![
         Upstream::start("e1").await,
         Upstream::start("e2").await,
@@ -24,7 +25,7 @@ async fn three_endpoints() -> (Vec<Upstream>, SidecarProcess) {
         "apiVersion: meshlet.dev/v1alpha1\nkind: Service\nmetadata: {{name: orders}}\nspec:\n  endpoints:\n{addresses}"
     );
     let app = Upstream::start("frontend").await;
-    let sidecar = SidecarProcess::builder("frontend", app.port())
+    let sidecar = Sidecar::builder("frontend", app.port())
         .config(&config)
         .start()
         .await;
@@ -32,7 +33,7 @@ async fn three_endpoints() -> (Vec<Upstream>, SidecarProcess) {
     (endpoints, sidecar)
 }
 
-async fn call(sidecar: &SidecarProcess, path: &str) -> Option<String> {
+async fn call(sidecar: &Sidecar, path: &str) -> Option<String> {
     let uri = format!("http://orders{path}");
     let reply = client::send(
         sidecar.outbound,

@@ -3,14 +3,21 @@
 //! control plane (durable store), sidecars surviving a control plane that
 //! is down (persisted snapshot), `meshctl` against it, and broadcast.
 //!
-//! Every instance here is a real `sidecar` process in front of an
-//! in-process upstream, registered with a real `control-plane` process on
-//! loopback. Waiting is always on a condition with a deadline.
+//! Every instance here is a sidecar in front of an in-process upstream,
+//! registered with a control plane on loopback. Both run in-process
+//! ([`meshlet_e2e::inprocess`]; `kill -9` is dropping the instance's
+//! runtime), except where only a process will do: the SIGTERM test signals
+//! real `sidecar` processes and reads their exit status and log, and the
+//! push-latency test reports the `control-plane` process's memory (RSS) to
+//! `tests/bench/push.sh`. `meshctl` is always the real binary. Waiting is
+//! always on a condition with a deadline.
 
 use std::collections::BTreeSet;
 use std::future::Future;
 use std::time::{Duration, Instant};
 
+use meshlet_e2e::admin::{self, Listening};
+use meshlet_e2e::inprocess::{ControlPlane, Sidecar};
 use meshlet_e2e::process::free_port;
 use meshlet_e2e::{client, meshctl, wait, ControlPlaneProcess, SidecarProcess, TempDir, Upstream};
 
@@ -30,43 +37,67 @@ metadata: {name: frontend-health}
 spec: {targetRef: {service: frontend}, interval: 200ms, timeout: 500ms}
 ";
 
-/// An app and its sidecar.
-struct Instance {
-    app: Upstream,
-    sidecar: SidecarProcess,
+/// A sidecar registered with a control plane: in-process ([`Sidecar`]) or
+/// a process ([`SidecarProcess`]).
+trait Registered: Listening + Sized {
+    async fn start(cp_url: &str, service: &str, app_port: u16, labels: &str) -> Self;
 }
 
-impl Instance {
-    async fn start(cp: &ControlPlaneProcess, service: &str, version: &str) -> Instance {
-        let app = Upstream::start(&format!("{service}-{version}")).await;
-        let sidecar = SidecarProcess::builder(service, app.port())
-            .control_plane(&cp.url())
+impl Registered for Sidecar {
+    async fn start(cp_url: &str, service: &str, app_port: u16, labels: &str) -> Self {
+        Sidecar::builder(service, app_port)
+            .control_plane(cp_url)
             .arg("--labels")
-            .arg(&format!("version={version}"))
+            .arg(labels)
             .start()
-            .await;
+            .await
+    }
+}
+
+impl Registered for SidecarProcess {
+    async fn start(cp_url: &str, service: &str, app_port: u16, labels: &str) -> Self {
+        SidecarProcess::builder(service, app_port)
+            .control_plane(cp_url)
+            .arg("--labels")
+            .arg(labels)
+            .start()
+            .await
+    }
+}
+
+/// An app and its sidecar (in-process unless the test needs processes).
+struct Instance<S = Sidecar> {
+    app: Upstream,
+    sidecar: S,
+}
+
+impl<S: Registered> Instance<S> {
+    async fn start(cp: &ControlPlane, service: &str, version: &str) -> Instance<S> {
+        let app = Upstream::start(&format!("{service}-{version}")).await;
+        let labels = format!("version={version}");
+        let sidecar = S::start(&cp.url(), service, app.port(), &labels).await;
         Instance { app, sidecar }
     }
 
     fn address(&self) -> String {
-        self.sidecar.inbound.to_string()
+        self.sidecar.inbound().to_string()
     }
 }
 
 /// A control plane (with the health policies applied) and a data dir.
-async fn control_plane(dir: &TempDir) -> ControlPlaneProcess {
+async fn control_plane(dir: &TempDir) -> ControlPlane {
     control_plane_with_ttl(dir, "2s").await
 }
 
 /// [`control_plane`] with another instance expiry.
-async fn control_plane_with_ttl(dir: &TempDir, ttl: &str) -> ControlPlaneProcess {
-    let cp = ControlPlaneProcess::start(&dir.path.join("data"), &["--ttl", ttl]).await;
+async fn control_plane_with_ttl(dir: &TempDir, ttl: &str) -> ControlPlane {
+    let cp = ControlPlane::start(&dir.path.join("data"), &["--ttl", ttl]).await;
     cp.apply(&dir.path, "health.yaml", HEALTH_POLICIES).await;
     cp
 }
 
 /// Addresses of the registered instances of `service`, with health.
-async fn registered(cp: &ControlPlaneProcess, service: &str) -> Vec<(String, bool)> {
+async fn registered(cp: &ControlPlane, service: &str) -> Vec<(String, bool)> {
     let reply = client::get(cp.addr, &format!("/api/v1/services/default/{service}"))
         .await
         .expect("API answers");
@@ -97,9 +128,9 @@ fn sorted(addrs: impl IntoIterator<Item = String>) -> Vec<String> {
 
 /// Sends `n` requests for `service` through `via`'s outbound listener and
 /// asserts they all succeed.
-async fn call_many(via: &SidecarProcess, service: &str, n: usize) {
+async fn call_many(via: &impl Listening, service: &str, n: usize) {
     for i in 0..n {
-        let reply = client::get_uri(via.outbound, &format!("http://{service}/"))
+        let reply = client::get_uri(via.outbound(), &format!("http://{service}/"))
             .await
             .expect("answer");
         assert_eq!(reply.status, 200, "request {i}: {}", reply.text());
@@ -107,8 +138,8 @@ async fn call_many(via: &SidecarProcess, service: &str, n: usize) {
 }
 
 /// Waits until every sidecar routes `service` to exactly `expected`.
-async fn converged(
-    sidecars: &[&SidecarProcess],
+async fn converged<S: Listening>(
+    sidecars: &[&S],
     service: &str,
     expected: &[String],
     patience: Duration,
@@ -118,7 +149,7 @@ async fn converged(
         patience,
         || async {
             for sidecar in sidecars {
-                if sidecar.endpoints_of(service).await != expected {
+                if admin::endpoints_of(sidecar.admin(), service).await != expected {
                     return None;
                 }
             }
@@ -130,12 +161,16 @@ async fn converged(
 
 /// Waits until the frontend's sidecar routes `orders` to exactly
 /// `expected`.
-async fn frontend_routes_orders_to(frontend: &Instance, expected: &[String], patience: Duration) {
+async fn frontend_routes_orders_to<S: Listening>(
+    frontend: &Instance<S>,
+    expected: &[String],
+    patience: Duration,
+) {
     converged(&[&frontend.sidecar], "orders", expected, patience).await;
 }
 
 /// The sidecars of `orders` and of `frontend`.
-fn sidecars_of<'a>(orders: &'a [Instance], frontend: &'a Instance) -> Vec<&'a SidecarProcess> {
+fn sidecars_of<'a, S>(orders: &'a [Instance<S>], frontend: &'a Instance<S>) -> Vec<&'a S> {
     orders
         .iter()
         .map(|i| &i.sidecar)
@@ -145,7 +180,9 @@ fn sidecars_of<'a>(orders: &'a [Instance], frontend: &'a Instance) -> Vec<&'a Si
 
 /// Two `orders` instances (v1, v2) and a `frontend`, returned once the
 /// frontend's sidecar routes orders to both.
-async fn two_orders_and_a_frontend(cp: &ControlPlaneProcess) -> (Vec<Instance>, Instance) {
+async fn two_orders_and_a_frontend<S: Registered>(
+    cp: &ControlPlane,
+) -> (Vec<Instance<S>>, Instance<S>) {
     let orders = vec![
         Instance::start(cp, "orders", "v1").await,
         Instance::start(cp, "orders", "v2").await,
@@ -158,11 +195,11 @@ async fn two_orders_and_a_frontend(cp: &ControlPlaneProcess) -> (Vec<Instance>, 
 
 /// Starts an `orders` v3 and waits (5 s) until the frontend's sidecar
 /// routes orders to it and to `orders`.
-async fn a_newcomer_joins(
-    cp: &ControlPlaneProcess,
-    orders: &[Instance],
-    frontend: &Instance,
-) -> Instance {
+async fn a_newcomer_joins<S: Registered>(
+    cp: &ControlPlane,
+    orders: &[Instance<S>],
+    frontend: &Instance<S>,
+) -> Instance<S> {
     let newcomer = Instance::start(cp, "orders", "v3").await;
     let all = sorted(orders.iter().chain([&newcomer]).map(Instance::address));
     frontend_routes_orders_to(frontend, &all, Duration::from_secs(5)).await;
@@ -212,9 +249,9 @@ async fn instances_register_expire_after_kill_and_follow_their_health() {
     let cp = control_plane(&dir).await;
     let mut orders = Vec::new();
     for version in ["v1", "v2", "v3"] {
-        orders.push(Instance::start(&cp, "orders", version).await);
+        orders.push(Instance::<Sidecar>::start(&cp, "orders", version).await);
     }
-    let frontend = Instance::start(&cp, "frontend", "v1").await;
+    let frontend = Instance::<Sidecar>::start(&cp, "frontend", "v1").await;
 
     // 1. Everyone registers; meshctl lists the three orders endpoints.
     let all_orders = sorted(orders.iter().map(Instance::address));
@@ -297,7 +334,7 @@ async fn instances_register_expire_after_kill_and_follow_their_health() {
     let victim_address = victim.address();
     let killed_at = Instant::now();
     victim.app.kill();
-    drop(victim); // SIGKILL to the sidecar
+    drop(victim); // kill -9 of the sidecar (its runtime is dropped)
     let survivors = sorted(orders.iter().map(Instance::address));
     let sidecars = sidecars_of(&orders, &frontend);
     wait::until(
@@ -341,14 +378,14 @@ async fn control_plane_restart_and_outage() {
     let dir = TempDir::new();
     let mut cp = control_plane(&dir).await;
     let orders = [
-        Instance::start(&cp, "orders", "v1").await,
-        Instance::start(&cp, "orders", "v2").await,
+        Instance::<Sidecar>::start(&cp, "orders", "v1").await,
+        Instance::<Sidecar>::start(&cp, "orders", "v2").await,
     ];
     let snapshot_file = dir.path.join("frontend-snapshot.json");
     let frontend_app = Upstream::start("frontend").await;
     let cp_url = cp.url();
     let start_frontend = || {
-        SidecarProcess::builder("frontend", frontend_app.port())
+        Sidecar::builder("frontend", frontend_app.port())
             .control_plane(&cp_url)
             .arg("--snapshot-file")
             .arg(snapshot_file.to_str().unwrap())
@@ -374,7 +411,7 @@ async fn control_plane_restart_and_outage() {
         );
     }
     // Sidecars reconnect and converge on the next change.
-    let newcomer = Instance::start(&cp, "orders", "v3").await;
+    let newcomer = Instance::<Sidecar>::start(&cp, "orders", "v3").await;
     let with_newcomer = sorted(orders.iter().chain([&newcomer]).map(Instance::address));
     converged(
         &[&frontend, &orders[0].sidecar, &orders[1].sidecar],
@@ -423,10 +460,10 @@ async fn broadcast_reaches_every_healthy_instance_and_reports_failures() {
     let dir = TempDir::new();
     let cp = control_plane(&dir).await;
     let orders = [
-        Instance::start(&cp, "orders", "v1").await,
-        Instance::start(&cp, "orders", "v2").await,
+        Instance::<Sidecar>::start(&cp, "orders", "v1").await,
+        Instance::<Sidecar>::start(&cp, "orders", "v2").await,
     ];
-    let frontend = Instance::start(&cp, "frontend", "v1").await;
+    let frontend = Instance::<Sidecar>::start(&cp, "frontend", "v1").await;
     let everyone: Vec<&Instance> = orders.iter().chain([&frontend]).collect();
     wait::until(
         "all registered and healthy",
@@ -552,7 +589,9 @@ async fn sigterm_deregisters_at_once_and_pushes_keep_connections() {
     let dir = TempDir::new();
     // A long TTL: only deregistration can remove an instance quickly.
     let cp = control_plane_with_ttl(&dir, "60s").await;
-    let (mut orders, frontend) = two_orders_and_a_frontend(&cp).await;
+    // Processes: the leaving one gets a real SIGTERM (and the others are
+    // of the same kind as it).
+    let (mut orders, frontend) = two_orders_and_a_frontend::<SidecarProcess>(&cp).await;
 
     // Pooled connections and in-flight requests survive a pushed change.
     call_many(&frontend.sidecar, "orders", 20).await;
@@ -631,7 +670,7 @@ async fn sigterm_deregisters_at_once_and_pushes_keep_connections() {
 async fn a_control_plane_that_lost_its_data_gets_every_instance_back() {
     let dir = TempDir::new();
     let mut cp = control_plane(&dir).await;
-    let (orders, frontend) = two_orders_and_a_frontend(&cp).await;
+    let (orders, frontend) = two_orders_and_a_frontend::<Sidecar>(&cp).await;
     let both = sorted(orders.iter().map(Instance::address));
 
     // The disk is gone: the control plane starts empty. Heartbeats get 404,

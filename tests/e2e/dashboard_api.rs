@@ -1,6 +1,7 @@
-//! The dashboard's JSON API (issue 7) with real processes: a control
-//! plane, a caller (`frontend`) and an upstream (`orders`), each app with
-//! its sidecar reporting stats every 200 ms.
+//! The dashboard's JSON API (issue 7), everything in-process
+//! ([`meshlet_e2e::inprocess`]): a control plane, a caller (`frontend`)
+//! and an upstream (`orders`), each app with its sidecar reporting stats
+//! every 200 ms.
 //!
 //! After exactly N requests from the caller to orders, the numbers the API
 //! shows match within the reporting interval (waited for with a deadline):
@@ -15,7 +16,8 @@ use bytes::Bytes;
 use http::Request;
 use http_body_util::{BodyExt, Full};
 use hyper_util::rt::TokioIo;
-use meshlet_e2e::{client, wait, ControlPlaneProcess, SidecarProcess, TempDir, Upstream};
+use meshlet_e2e::inprocess::{ControlPlane, Sidecar};
+use meshlet_e2e::{client, wait, TempDir, Upstream};
 use serde_json::Value;
 use tokio::net::TcpStream;
 
@@ -31,9 +33,9 @@ metadata: {name: orders-breaker}
 spec: {targetRef: {service: orders}, consecutiveFailures: 2, openDuration: 60s}
 ";
 
-async fn instance(cp: &ControlPlaneProcess, service: &str) -> (Upstream, SidecarProcess) {
+async fn instance(cp: &ControlPlane, service: &str) -> (Upstream, Sidecar) {
     let app = Upstream::start(service).await;
-    let sidecar = SidecarProcess::builder(service, app.port())
+    let sidecar = Sidecar::builder(service, app.port())
         .control_plane(&cp.url())
         .arg("--stats-interval")
         .arg("200ms")
@@ -49,7 +51,7 @@ fn find<'a>(list: &'a Value, field: &str, value: &str) -> Option<&'a Value> {
 
 /// Waits until `GET path` answers JSON for which `check` is true; returns it.
 async fn wait_json(
-    cp: &ControlPlaneProcess,
+    cp: &ControlPlane,
     what: &str,
     path: &str,
     check: impl Fn(&Value) -> bool,
@@ -131,7 +133,7 @@ impl EventStream {
 #[tokio::test]
 async fn the_dashboard_shows_what_the_sidecars_counted() {
     let dir = TempDir::new();
-    let cp = ControlPlaneProcess::start(&dir.path.join("data"), &[]).await;
+    let cp = ControlPlane::start(&dir.path.join("data"), &[]).await;
     let (_orders_app, _orders) = instance(&cp, "orders").await;
     let (_frontend_app, frontend) = instance(&cp, "frontend").await;
     wait::until("frontend routes to orders", PATIENCE, || async {

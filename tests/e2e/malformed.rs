@@ -13,7 +13,8 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use meshlet_e2e::client::RawConnection;
-use meshlet_e2e::{client, SidecarProcess, Upstream};
+use meshlet_e2e::inprocess::Sidecar;
+use meshlet_e2e::{client, Upstream};
 
 /// How long a refused connection may take to be closed by the sidecar.
 const PATIENCE: Duration = Duration::from_secs(5);
@@ -22,7 +23,7 @@ const PATIENCE: Duration = Duration::from_secs(5);
 /// service `app`.
 struct Mesh {
     app: Upstream,
-    sidecar: SidecarProcess,
+    sidecar: Sidecar,
 }
 
 impl Mesh {
@@ -32,7 +33,7 @@ impl Mesh {
             "apiVersion: meshlet.dev/v1alpha1\nkind: Service\nmetadata: {{name: app}}\nspec:\n  endpoints:\n    - address: {}\n",
             app.addr
         );
-        let mut builder = SidecarProcess::builder("app", app.port()).config(&config);
+        let mut builder = Sidecar::builder("app", app.port()).config(&config);
         for arg in args {
             builder = builder.arg(arg);
         }

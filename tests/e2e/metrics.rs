@@ -13,15 +13,16 @@ use std::net::SocketAddr;
 
 use meshlet_e2e::client::{self, Reply};
 use meshlet_e2e::config::{doc, service, standalone};
+use meshlet_e2e::inprocess::Sidecar;
 use meshlet_e2e::metrics::{promtool_check, Scrape};
 use meshlet_e2e::process::free_port;
-use meshlet_e2e::{SidecarProcess, Upstream};
+use meshlet_e2e::Upstream;
 
 /// Requests to `/api/items/123` and to `/other/456`.
 const N: usize = 7;
 const M: usize = 4;
 
-async fn call(sidecar: &SidecarProcess, uri: &str) -> Reply {
+async fn call(sidecar: &Sidecar, uri: &str) -> Reply {
     client::get_uri(sidecar.outbound, uri)
         .await
         .expect("an answer")

@@ -3,6 +3,11 @@
 //! timeouts, traffic split, a policy pushed by the control plane while a
 //! long request keeps going, and SIGHUP reload of a standalone config.
 //!
+//! The sidecars and the control plane run in-process
+//! ([`meshlet_e2e::inprocess`]), except in the two tests that read a
+//! sidecar's log (the breaker's state changes, a failed reload) and send
+//! it SIGHUP: those start the `sidecar` binary.
+//!
 //! Waiting is on conditions with deadlines. The only timed assertions are
 //! the ones the acceptance list asks for (breaker refusal latency, timeout
 //! window, push-to-effect time), with generous bounds.
@@ -13,26 +18,28 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http::Request;
 use http_body_util::Full;
+use meshlet_e2e::admin::Listening;
 use meshlet_e2e::client::{self, Reply};
-use meshlet_e2e::config::{doc, service, standalone};
-use meshlet_e2e::{meshctl, wait, ControlPlaneProcess, SidecarProcess, TempDir, Upstream};
+use meshlet_e2e::config::{doc, service, standalone, standalone_process};
+use meshlet_e2e::inprocess::{ControlPlane, Sidecar};
+use meshlet_e2e::{meshctl, wait, TempDir, Upstream};
 
 async fn get(addr: SocketAddr, uri: &str) -> Reply {
     client::get_uri(addr, uri).await.expect("an answer")
 }
 
 /// A request through `sidecar`'s outbound listener to a mesh service.
-async fn call(sidecar: &SidecarProcess, uri: &str) -> Reply {
-    get(sidecar.outbound, uri).await
+async fn call(sidecar: &impl Listening, uri: &str) -> Reply {
+    get(sidecar.outbound(), uri).await
 }
 
 /// A request to `sidecar`'s inbound listener (as another service would).
-async fn inbound(sidecar: &SidecarProcess, path: &str) -> Reply {
+async fn inbound(sidecar: &impl Listening, path: &str) -> Reply {
     let request = Request::get(path)
         .header("host", "orders")
         .body(Full::new(Bytes::new()))
         .expect("valid request");
-    client::send(sidecar.inbound, request)
+    client::send(sidecar.inbound(), request)
         .await
         .expect("an answer")
 }
@@ -145,20 +152,20 @@ metadata: {name: orders-health}
 spec: {targetRef: {service: orders}, interval: 200ms, timeout: 500ms, unhealthyThreshold: 2, healthyThreshold: 1}
 ";
 
-async fn control_plane(dir: &TempDir) -> ControlPlaneProcess {
-    let cp = ControlPlaneProcess::start(&dir.path.join("data"), &["--ttl", "2s"]).await;
+async fn control_plane(dir: &TempDir) -> ControlPlane {
+    let cp = ControlPlane::start(&dir.path.join("data"), &["--ttl", "2s"]).await;
     cp.apply(&dir.path, "health.yaml", HEALTH).await;
     cp
 }
 
 struct Instance {
     app: Upstream,
-    sidecar: SidecarProcess,
+    sidecar: Sidecar,
 }
 
-async fn instance(cp: &ControlPlaneProcess, service: &str) -> Instance {
+async fn instance(cp: &ControlPlane, service: &str) -> Instance {
     let app = Upstream::start(service).await;
-    let sidecar = SidecarProcess::builder(service, app.port())
+    let sidecar = Sidecar::builder(service, app.port())
         .control_plane(&cp.url())
         .start()
         .await;
@@ -234,7 +241,7 @@ async fn breaker_opens_after_5_failures_refuses_fast_then_half_opens_and_closes(
             "orders-breaker",
             "targetRef: {service: orders}\nconsecutiveFailures: 5\nopenDuration: 3s\nhalfOpenRequests: 1",
         );
-    let (_frontend, sidecar) = standalone("frontend", &config).await;
+    let (_frontend, sidecar) = standalone_process("frontend", &config).await;
 
     for i in 0..5 {
         let reply = call(&sidecar, "http://orders/status?code=500").await;
@@ -529,7 +536,7 @@ async fn sighup_reloads_a_valid_config_and_keeps_the_old_on_error() {
         "orders-limit",
         "targetRef: {service: orders}\ntokenBucket: {capacity: 1000, refillPerSecond: 1000}\nscope: local",
     );
-    let (app, mut sidecar) = standalone("orders", &generous).await;
+    let (app, mut sidecar) = standalone_process("orders", &generous).await;
     for _ in 0..5 {
         assert_eq!(inbound(&sidecar, "/").await.status, 200);
     }

@@ -10,29 +10,28 @@ use http::{Request, Version};
 use http_body_util::{Full, StreamBody};
 use hyper::body::Frame;
 use meshlet_e2e::client::RawConnection;
-use meshlet_e2e::{client, SidecarProcess, Upstream};
+use meshlet_e2e::inprocess::Sidecar;
+use meshlet_e2e::{client, Upstream};
 use serde_json::Value;
 use tokio_tungstenite::tungstenite::Message;
 
 /// frontend's sidecar knows `orders`, whose sidecar fronts the orders app.
 struct Mesh {
     orders_app: Upstream,
-    orders: SidecarProcess,
-    frontend: SidecarProcess,
+    orders: Sidecar,
+    frontend: Sidecar,
     _frontend_app: Upstream,
 }
 
 async fn mesh() -> Mesh {
     let orders_app = Upstream::start("orders").await;
-    let orders = SidecarProcess::builder("orders", orders_app.port())
-        .start()
-        .await;
+    let orders = Sidecar::builder("orders", orders_app.port()).start().await;
     let frontend_app = Upstream::start("frontend").await;
     let config = format!(
         "apiVersion: meshlet.dev/v1alpha1\nkind: Service\nmetadata: {{name: orders}}\nspec:\n  endpoints:\n    - address: {}\n",
         orders.inbound
     );
-    let frontend = SidecarProcess::builder("frontend", frontend_app.port())
+    let frontend = Sidecar::builder("frontend", frontend_app.port())
         .config(&config)
         .start()
         .await;
@@ -199,7 +198,7 @@ async fn keep_alive_connections_are_reused_upstream() {
 #[tokio::test]
 async fn idle_upstream_connections_are_closed_after_the_idle_timeout() {
     let app = Upstream::start("orders").await;
-    let sidecar = SidecarProcess::builder("orders", app.port())
+    let sidecar = Sidecar::builder("orders", app.port())
         .arg("--idle-timeout")
         .arg("300ms")
         .start()
@@ -257,7 +256,7 @@ async fn an_http_1_0_request_without_host_reaches_the_app_with_one() {
 #[tokio::test]
 async fn a_response_that_stalls_mid_body_is_cut_off_after_the_stream_idle_timeout() {
     let app = Upstream::start("orders").await;
-    let sidecar = SidecarProcess::builder("orders", app.port())
+    let sidecar = Sidecar::builder("orders", app.port())
         .arg("--stream-idle-timeout")
         .arg("400ms")
         .start()

@@ -6,8 +6,9 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::Request;
 use http_body_util::Full;
+use meshlet_e2e::inprocess::Sidecar;
 use meshlet_e2e::process::free_port;
-use meshlet_e2e::{client, SidecarProcess, Upstream};
+use meshlet_e2e::{client, Upstream};
 use serde_json::Value;
 
 fn request(uri: &str) -> http::request::Builder {
@@ -37,19 +38,17 @@ fn service_yaml(name: &str, addrs: &[String]) -> String {
 /// Two services, each with its own sidecar: frontend calls orders.
 struct TwoServices {
     orders_app: Upstream,
-    orders: SidecarProcess,
-    frontend: SidecarProcess,
+    orders: Sidecar,
+    frontend: Sidecar,
     _frontend_app: Upstream,
 }
 
 async fn two_services(extra_config: &str, frontend_args: &[&str]) -> TwoServices {
     let orders_app = Upstream::start("orders").await;
-    let orders = SidecarProcess::builder("orders", orders_app.port())
-        .start()
-        .await;
+    let orders = Sidecar::builder("orders", orders_app.port()).start().await;
     let frontend_app = Upstream::start("frontend").await;
     let config = service_yaml("orders", &[orders.inbound.to_string()]) + extra_config;
-    let mut builder = SidecarProcess::builder("frontend", frontend_app.port()).config(&config);
+    let mut builder = Sidecar::builder("frontend", frontend_app.port()).config(&config);
     for arg in frontend_args {
         builder = builder.arg(arg);
     }

@@ -2,6 +2,12 @@
 //! spans exported over OTLP/HTTP, sampling, a collector that is down or
 //! hung, the access log, and one trace across three services assembled
 //! by the control plane.
+//!
+//! The trace-context and sampling tests run their sidecar in-process
+//! ([`meshlet_e2e::inprocess`]); the others start the binaries because they
+//! read what only a process has: its memory (RSS) under a hung collector,
+//! its standard output (the access log), and the demo app with its
+//! sidecars (`demo-service` processes).
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -11,6 +17,7 @@ use http::Request;
 use http_body_util::Full;
 use meshlet_e2e::collector::{Collector, HungCollector, ReceivedSpan};
 use meshlet_e2e::demo::DemoService;
+use meshlet_e2e::inprocess::Sidecar;
 use meshlet_e2e::process::free_port;
 use meshlet_e2e::{client, meshctl, wait, ControlPlaneProcess, SidecarProcess, TempDir, Upstream};
 
@@ -19,13 +26,13 @@ const PARENT: &str = "00f067aa0ba902b7";
 
 /// A standalone sidecar for `orders` (its app: `app`) that also knows
 /// `orders` as a mesh service (outbound), exporting spans to `endpoint`.
-async fn sidecar_for(app: &Upstream, endpoint: &str, extra_yaml: &str) -> SidecarProcess {
+async fn sidecar_for(app: &Upstream, endpoint: &str, extra_yaml: &str) -> Sidecar {
     let config = format!(
         "apiVersion: meshlet.dev/v1alpha1\nkind: Service\nmetadata: {{name: orders}}\n\
          spec:\n  endpoints:\n    - address: 127.0.0.1:{}\n{extra_yaml}",
         app.port()
     );
-    SidecarProcess::builder("orders", app.port())
+    Sidecar::builder("orders", app.port())
         .config(&config)
         .arg("--trace-endpoint")
         .arg(endpoint)

@@ -3,11 +3,23 @@
 
 use std::net::SocketAddr;
 
+use crate::inprocess::Sidecar;
 use crate::{SidecarProcess, Upstream};
 
-/// An app `service` (an [`Upstream`]) and its standalone sidecar with
-/// `config`.
-pub async fn standalone(service: &str, config: &str) -> (Upstream, SidecarProcess) {
+/// An app `service` (an [`Upstream`]) and its standalone in-process
+/// sidecar with `config`.
+pub async fn standalone(service: &str, config: &str) -> (Upstream, Sidecar) {
+    let app = Upstream::start(service).await;
+    let sidecar = Sidecar::builder(service, app.port())
+        .config(config)
+        .start()
+        .await;
+    (app, sidecar)
+}
+
+/// [`standalone`] with a sidecar process, for tests that read its log or
+/// send it signals.
+pub async fn standalone_process(service: &str, config: &str) -> (Upstream, SidecarProcess) {
     let app = Upstream::start(service).await;
     let sidecar = SidecarProcess::builder(service, app.port())
         .config(config)

@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use crate::process::{binary, free_port};
-use crate::{client, ControlPlaneProcess, SidecarProcess};
+use crate::{client, wait, ControlPlaneProcess, SidecarProcess};
 
 /// A running `demo-service` and its sidecar. Both are killed on drop.
 #[derive(Debug)]
@@ -25,6 +25,11 @@ impl DemoService {
 
     /// With a version (the app's and the instance's `version` label) and
     /// extra sidecar flags; waits until the sidecar is ready.
+    ///
+    /// The app starts first (it is told its sidecar's outbound port in
+    /// advance) and the sidecar once the app accepts connections, so the
+    /// sidecar's first health probe finds the app up: started the other way
+    /// round, `/ready` waited for the second probe, 5 s later.
     pub async fn start_with(
         cp: &ControlPlaneProcess,
         name: &str,
@@ -33,18 +38,11 @@ impl DemoService {
         sidecar_args: &[&str],
     ) -> DemoService {
         let app_port = free_port();
-        let mut sidecar = SidecarProcess::builder(name, app_port)
-            .control_plane(&cp.url())
-            .arg("--labels")
-            .arg(&format!("version={version}"));
-        for arg in sidecar_args {
-            sidecar = sidecar.arg(arg);
-        }
-        let sidecar = sidecar.start().await;
+        let outbound_port = free_port();
         let mut app = tokio::process::Command::new(binary("demo-service"));
         app.args(["--name", name, "--port", &app_port.to_string()])
             .args(["--version", version])
-            .env("HTTP_PROXY", format!("http://{}", sidecar.outbound))
+            .env("HTTP_PROXY", format!("http://127.0.0.1:{outbound_port}"))
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
             .kill_on_drop(true);
@@ -52,10 +50,27 @@ impl DemoService {
             app.args(["--calls", next]);
         }
         let app = app.spawn().expect("demo-service starts");
+        let app_addr = SocketAddr::from(([127, 0, 0, 1], app_port));
+        wait::until("demo-service listens", Duration::from_secs(10), || async {
+            tokio::net::TcpStream::connect(app_addr)
+                .await
+                .ok()
+                .map(drop)
+        })
+        .await;
+        let mut sidecar = SidecarProcess::builder(name, app_port)
+            .outbound_port(outbound_port)
+            .control_plane(&cp.url())
+            .arg("--labels")
+            .arg(&format!("version={version}"));
+        for arg in sidecar_args {
+            sidecar = sidecar.arg(arg);
+        }
+        let sidecar = sidecar.start().await;
         sidecar.wait_ready(Duration::from_secs(10)).await;
         DemoService {
             sidecar,
-            app: SocketAddr::from(([127, 0, 0, 1], app_port)),
+            app: app_addr,
             _app: app,
         }
     }

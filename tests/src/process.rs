@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use tokio::process::{Child, Command};
 
-use crate::{client, wait};
+use crate::{admin, client, wait};
 
 /// Path of a workspace binary built by `cargo build --bins`.
 pub fn binary(name: &str) -> PathBuf {
@@ -72,6 +72,7 @@ pub struct SidecarBuilder {
     config: Option<String>,
     args: Vec<String>,
     env: Vec<(String, String)>,
+    outbound_port: Option<u16>,
 }
 
 impl SidecarProcess {
@@ -82,6 +83,7 @@ impl SidecarProcess {
             config: None,
             args: Vec::new(),
             env: Vec::new(),
+            outbound_port: None,
         }
     }
 
@@ -133,43 +135,23 @@ impl SidecarProcess {
 
     /// `/config_dump` as JSON.
     pub async fn config_dump(&self) -> serde_json::Value {
-        let reply = client::get(self.admin, "/config_dump")
-            .await
-            .expect("config_dump answers");
-        serde_json::from_slice(&reply.body).expect("config_dump is JSON")
+        admin::config_dump(self.admin).await
     }
 
     /// Addresses of the healthy endpoints of `service` in this sidecar's
     /// current snapshot, sorted.
     pub async fn endpoints_of(&self, service: &str) -> Vec<String> {
-        let dump = self.config_dump().await;
-        let mut addrs: Vec<String> = dump["snapshot"]["services"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter(|s| s["name"] == service)
-            .flat_map(|s| s["endpoints"].as_array().cloned().unwrap_or_default())
-            .filter_map(|e| e["address"].as_str().map(str::to_owned))
-            .collect();
-        addrs.sort();
-        addrs
+        admin::endpoints_of(self.admin, service).await
     }
 
     /// The configuration revision the sidecar routes with.
     pub async fn revision(&self) -> u64 {
-        self.config_dump().await["snapshot"]["revision"]
-            .as_u64()
-            .expect("revision in config_dump")
+        admin::revision(self.admin).await
     }
 
     /// Waits until `/ready` answers 200.
     pub async fn wait_ready(&self, patience: Duration) {
-        let admin = self.admin;
-        wait::until("sidecar /ready", patience, || async {
-            let ready = client::get(admin, "/ready").await.ok()?;
-            (ready.status == 200).then_some(())
-        })
-        .await;
+        admin::wait_ok("sidecar /ready", self.admin, "/ready", patience).await;
     }
 }
 
@@ -371,6 +353,13 @@ impl SidecarBuilder {
         self
     }
 
+    /// The outbound listener's port, for an app that must know it before
+    /// the sidecar starts (default: a free port).
+    pub fn outbound_port(mut self, port: u16) -> Self {
+        self.outbound_port = Some(port);
+        self
+    }
+
     /// Registers with and routes from the control plane at `url`. The
     /// snapshot file goes to the sidecar's temp dir unless the test passes
     /// `--snapshot-file` itself.
@@ -381,7 +370,8 @@ impl SidecarBuilder {
     /// Spawns the process without waiting for it (for start-up failures).
     pub fn spawn(self) -> SidecarProcess {
         let dir = TempDir::new();
-        let (inbound, outbound, admin) = (free_port(), free_port(), free_port());
+        let outbound = self.outbound_port.unwrap_or_else(free_port);
+        let (inbound, admin) = (free_port(), free_port());
         let log = dir.path.join("sidecar.log");
         let mut command = Command::new(binary("sidecar"));
         command
