@@ -428,10 +428,20 @@ async fn the_grafana_dashboard_is_valid_and_queries_only_metrics_the_sidecar_exp
             .any(|v| v["type"] == "datasource" && v["query"] == "prometheus"),
         "a Prometheus data source variable"
     );
-    let sidecar_source: String = std::fs::read_dir(workspace().join("sidecar/src"))
-        .expect("sidecar sources")
-        .filter_map(|entry| std::fs::read_to_string(entry.ok()?.path()).ok())
-        .collect();
+    // Every source file of the sidecar, in all its folders.
+    fn sources(dir: &std::path::Path, text: &mut String) {
+        for entry in std::fs::read_dir(dir).expect("sidecar sources").flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                sources(&path, text);
+            } else if let Ok(source) = std::fs::read_to_string(&path) {
+                text.push_str(&source);
+            }
+        }
+    }
+    let mut sidecar_source = String::new();
+    sources(&workspace().join("sidecar/src"), &mut sidecar_source);
+    assert!(sidecar_source.contains("\"request_total\""));
     let exported = |name: &str| {
         let base = ["_bucket", "_sum", "_count"]
             .iter()
