@@ -13,6 +13,8 @@
 //!   meshctl speak (delete, diff, rollback, each resource's last change);
 //!   [`traces`]: the trace API's answers; [`dashboard`]: the dashboard
 //!   API's answers.
+//! - [`access`]: token management and log-in wire types, and the names of
+//!   the bootstrap files (`admin.token`, `ca.crt`) in the data directory.
 //! - [`display`]: how meshctl and the dashboard word services and
 //!   resources (one-line summaries).
 //! - [`otlp`]: the subset of OpenTelemetry's OTLP trace messages that
@@ -25,6 +27,7 @@
 //! **Invariant:** nothing here does I/O or knows about networking (no
 //! runtime, no HTTP, no storage); it only describes and checks data.
 
+pub mod access;
 pub mod changes;
 pub mod dashboard;
 pub mod display;
