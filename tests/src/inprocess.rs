@@ -479,6 +479,18 @@ impl ControlPlane {
     }
 }
 
+impl admin::Listening for Sidecar {
+    fn inbound(&self) -> SocketAddr {
+        self.inbound
+    }
+    fn outbound(&self) -> SocketAddr {
+        self.outbound
+    }
+    fn admin(&self) -> SocketAddr {
+        self.admin
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -477,3 +477,15 @@ impl Drop for TempDir {
         let _ = std::fs::remove_dir_all(&self.path);
     }
 }
+
+impl admin::Listening for SidecarProcess {
+    fn inbound(&self) -> SocketAddr {
+        self.inbound
+    }
+    fn outbound(&self) -> SocketAddr {
+        self.outbound
+    }
+    fn admin(&self) -> SocketAddr {
+        self.admin
+    }
+}
