@@ -64,6 +64,7 @@
 //! [`browser::Browser`] drives a headless chromium over the DevTools
 //! protocol (the dashboard test).
 
+pub mod access;
 pub mod admin;
 pub mod browser;
 pub mod client;
@@ -78,5 +79,6 @@ pub mod process;
 pub mod upstream;
 pub mod wait;
 
-pub use process::{meshctl, ControlPlaneProcess, SidecarBuilder, SidecarProcess, TempDir};
+pub use access::{ControlPlaneRef, CpAccess, SidecarCredentials};
+pub use process::{meshctl, meshctl_with, ControlPlaneProcess, SidecarBuilder, SidecarProcess, TempDir};
 pub use upstream::Upstream;
