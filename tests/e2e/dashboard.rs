@@ -40,7 +40,7 @@ impl Mesh {
         let dir = TempDir::new();
         let cp = ControlPlaneProcess::start(&dir.path.join("data"), &[]).await;
         let breaker = workspace().join("examples/policies/demo/orders-breaker.yaml");
-        let applied = meshctl(Some(&cp.url()), &["apply", "-f", breaker.to_str().unwrap()]).await;
+        let applied = meshctl(&cp, &["apply", "-f", breaker.to_str().unwrap()]).await;
         assert!(applied.success(), "{applied:?}");
         let inventory = DemoService::start_with(&cp, "inventory", "v1", None, SIDECAR_ARGS).await;
         let orders = [
@@ -74,7 +74,7 @@ impl Mesh {
     async fn work(&self) -> u16 {
         client::get(self.frontend.sidecar.inbound, "/work")
             .await
-            .map_or(0, |reply| reply.status)
+            .map_or(0, |reply| reply.status.as_u16())
     }
 
     /// Keeps sending requests (until the caller stops polling it).

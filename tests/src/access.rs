@@ -254,3 +254,9 @@ pub fn write_private(path: &Path, text: &str) {
     file.write_all(text.as_bytes()).expect("write token");
     file.write_all(b"\n").expect("write token");
 }
+
+impl<T: ControlPlaneRef + ?Sized> ControlPlaneRef for &T {
+    fn access(&self) -> &CpAccess {
+        (**self).access()
+    }
+}
