@@ -36,7 +36,6 @@
 pub(crate) mod admin;
 pub(crate) mod body;
 pub mod cli;
-pub(crate) mod client;
 pub(crate) mod control;
 pub mod error;
 pub mod iptables;

@@ -30,7 +30,9 @@ use meshlet_api::mesh::{paths, Heartbeat, MeshState, Registration, RegistrationR
 use serde_json::json;
 use tokio::sync::watch;
 
-use crate::client::{self, ClientError};
+use meshlet_client::ClientError;
+
+use crate::control::call;
 use crate::control::health::AppHealth;
 use crate::control::snapshot::{Own, SharedSnapshot, Snapshot};
 use crate::settings::{ControlPlaneSettings, Limits, Settings};
@@ -243,8 +245,21 @@ impl ControlClient {
             state.revision,
             state.epoch
         );
-        let response =
-            client::send(&self.cp.authority, Method::GET, &path, None, CALL_TIMEOUT).await?;
+        let request = meshlet_client::request(Method::GET, &self.cp.authority, &path)
+            .body(http_body_util::Empty::<bytes::Bytes>::new())
+            .map_err(|source| ClientError::Request {
+                authority: self.cp.authority.clone(),
+                source,
+            })?;
+        // The timeout bounds the answer's head; the stream then has its
+        // own idle deadline.
+        let response = self
+            .cp
+            .client
+            .clone()
+            .timeout(CALL_TIMEOUT)
+            .send(&self.cp.authority, request)
+            .await?;
         if response.status() != StatusCode::OK {
             return Err(ControlError::Stream(format!(
                 "control plane answered {}",
@@ -397,7 +412,8 @@ impl ControlClient {
             healthy,
         };
         let body = serde_json::to_vec(&registration).expect("serializable");
-        let reply = client::call(
+        let reply = call(
+            &self.cp.client,
             &self.cp.authority,
             Method::POST,
             paths::INSTANCES,
@@ -413,7 +429,8 @@ impl ControlClient {
 
     async fn heartbeat(&self, healthy: bool) -> Result<(), ControlError> {
         let body = serde_json::to_vec(&Heartbeat { healthy }).expect("serializable");
-        client::call(
+        call(
+            &self.cp.client,
             &self.cp.authority,
             Method::PUT,
             &paths::heartbeat(&self.cp.instance_id),
@@ -426,7 +443,8 @@ impl ControlClient {
     }
 
     async fn deregister(&self) {
-        let result = client::call(
+        let result = call(
+            &self.cp.client,
             &self.cp.authority,
             Method::DELETE,
             &paths::instance(&self.cp.instance_id),
