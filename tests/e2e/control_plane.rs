@@ -100,9 +100,7 @@ async fn control_plane_with_ttl(dir: &TempDir, ttl: &str) -> ControlPlane {
 
 /// Addresses of the registered instances of `service`, with health.
 async fn registered(cp: &ControlPlane, service: &str) -> Vec<(String, bool)> {
-    let reply = cp
-        .get(&format!("/api/v1/services/default/{service}"))
-        .await;
+    let reply = cp.get(&format!("/api/v1/services/default/{service}")).await;
     if reply.status == 404 {
         return Vec::new();
     }
@@ -481,11 +479,7 @@ async fn broadcast_reaches_every_healthy_instance_and_reports_failures() {
     let message = dir.path.join("msg.json");
     std::fs::write(&message, r#"{"event":"cache-flush"}"#).unwrap();
     let data = format!("@{}", message.display());
-    let out = meshctl(
-        &cp,
-        &["broadcast", "--path", "/echo", "--data", &data],
-    )
-    .await;
+    let out = meshctl(&cp, &["broadcast", "--path", "/echo", "--data", &data]).await;
     assert!(out.success(), "{out:?}");
     for instance in &everyone {
         assert_eq!(

@@ -187,6 +187,10 @@ async fn the_dashboard_shows_the_demo_mesh_live_in_a_real_browser() {
 
     // Services: first load, page weight, the three services and their instances.
     browser
+        .log_in(&format!("{}/", mesh.cp.url()), &mesh.cp.admin_token())
+        .await
+        .expect("logged in");
+    browser
         .navigate(&format!("{}/", mesh.cp.url()))
         .await
         .expect("page opens");
@@ -370,6 +374,19 @@ async fn without_the_event_stream_the_page_polls_and_still_updates() {
         .block_urls(&["*/api/v1/dashboard/events*"])
         .await
         .expect("event stream blocked");
+    let viewer = cp
+        .create_token(&meshlet_api::access::CreateToken {
+            name: "viewer-dashboard".into(),
+            role: "viewer".into(),
+            namespace: None,
+            service: None,
+            ttl_seconds: None,
+        })
+        .await;
+    browser
+        .log_in(&format!("{}/", cp.url()), &viewer)
+        .await
+        .expect("logged in as a viewer");
     browser
         .navigate(&format!("{}/", cp.url()))
         .await

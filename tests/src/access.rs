@@ -110,7 +110,9 @@ impl CpAccess {
 
     /// A client with the CA and `token`.
     pub fn client_with(&self, token: &str) -> Client {
-        self.anonymous_client().bearer(token).expect("token is a header value")
+        self.anonymous_client()
+            .bearer(token)
+            .expect("token is a header value")
     }
 
     /// A client with the CA and the admin token.
@@ -163,7 +165,9 @@ impl CpAccess {
     /// its secret.
     pub async fn create_token(&self, create: &CreateToken) -> String {
         let body = serde_json::to_value(create).expect("CreateToken is JSON");
-        let reply = self.post_json(meshlet_api::access::paths::TOKENS, &body).await;
+        let reply = self
+            .post_json(meshlet_api::access::paths::TOKENS, &body)
+            .await;
         assert!(
             reply.status.is_success(),
             "create token {}: {} {}",
@@ -225,9 +229,10 @@ impl CpAccess {
                         return None;
                     }
                     let client = self.anonymous_client().timeout(Duration::from_secs(2));
-                    let request = meshlet_client::request(Method::GET, &self.authority(), "/healthz")
-                        .body(Full::new(Bytes::new()))
-                        .ok()?;
+                    let request =
+                        meshlet_client::request(Method::GET, &self.authority(), "/healthz")
+                            .body(Full::new(Bytes::new()))
+                            .ok()?;
                     let reply = client.fetch(&self.authority(), request).await.ok()?;
                     (reply.status == 200).then_some(())
                 }

@@ -192,6 +192,9 @@ impl Browser {
                 "--no-first-run",
                 "--no-default-browser-check",
                 "--no-proxy-server",
+                // The control plane's certificate is from the test's own
+                // mesh CA, which this throw-away profile does not trust.
+                "--ignore-certificate-errors",
                 "--disable-extensions",
                 "--disable-background-networking",
                 "--hide-scrollbars",
@@ -317,6 +320,32 @@ impl Browser {
         self.wait_for(
             "the document to load",
             "document.readyState === 'complete'",
+            COMMAND_PATIENCE,
+        )
+        .await
+        .map(drop)
+    }
+
+    /// Opens the dashboard at `url` (which answers a log-in page without a
+    /// session), types `token` into `#login-token`, submits `#login-form`,
+    /// and waits until the log-in page is gone.
+    pub async fn log_in(&self, url: &str, token: &str) -> Result<(), BrowserError> {
+        self.navigate(url).await?;
+        self.wait_for(
+            "the log-in form",
+            "!!document.getElementById('login-form')",
+            COMMAND_PATIENCE,
+        )
+        .await?;
+        let token = Value::from(token).to_string();
+        self.evaluate(&format!(
+            "(() => {{ document.getElementById('login-token').value = {token}; \
+             document.getElementById('login-form').requestSubmit(); return true; }})()"
+        ))
+        .await?;
+        self.wait_for(
+            "the log-in page to go",
+            "document.readyState === 'complete' && !document.getElementById('login-form')",
             COMMAND_PATIENCE,
         )
         .await

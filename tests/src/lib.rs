@@ -80,5 +80,7 @@ pub mod upstream;
 pub mod wait;
 
 pub use access::{ControlPlaneRef, CpAccess, SidecarCredentials};
-pub use process::{meshctl, meshctl_with, ControlPlaneProcess, SidecarBuilder, SidecarProcess, TempDir};
+pub use process::{
+    meshctl, meshctl_with, ControlPlaneProcess, SidecarBuilder, SidecarProcess, TempDir,
+};
 pub use upstream::Upstream;
