@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 
-use crate::client::ControlPlane;
+use crate::client::{self, ControlPlane, Credentials};
 use crate::error::CommandError;
 use crate::inject::{self, InjectOptions, Outcome};
 use crate::output::{emit, Format};
@@ -23,14 +23,25 @@ use crate::validate::{read_files, validate_path};
 #[derive(Debug, Parser)]
 #[command(name = "meshctl", version, about = "meshlet command-line client")]
 pub struct Args {
-    /// The control plane's API.
+    /// The control plane's API: https://HOST[:PORT].
     #[arg(
         long,
         global = true,
         env = "MESHLET_SERVER",
-        default_value = "http://127.0.0.1:15010"
+        default_value = client::DEFAULT_SERVER
     )]
     server: String,
+    /// The bearer token sent to the control plane (an admin's is in its
+    /// DATA_DIR/admin.token).
+    #[arg(long, global = true, env = "MESHLET_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// A file holding the token (used when --token is not set).
+    #[arg(long, global = true, env = "MESHLET_TOKEN_FILE")]
+    token_file: Option<PathBuf>,
+    /// The mesh CA (PEM) the control plane's certificate is verified with:
+    /// the control plane's DATA_DIR/ca.crt.
+    #[arg(long, global = true, env = "MESHLET_CA_FILE")]
+    ca_file: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -249,12 +260,19 @@ pub fn run(args: Args) -> ExitCode {
             };
             inject_files(file, &options)
         }
-        command => run_online(&args.server, command),
+        command => {
+            let credentials = Credentials {
+                token: args.token,
+                token_file: args.token_file,
+                ca_file: args.ca_file,
+            };
+            run_online(&args.server, &credentials, command)
+        }
     }
 }
 
 /// A command that talks to the control plane, on a one-thread runtime.
-fn run_online(server: &str, command: Command) -> ExitCode {
+fn run_online(server: &str, credentials: &Credentials, command: Command) -> ExitCode {
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -266,7 +284,7 @@ fn run_online(server: &str, command: Command) -> ExitCode {
         }
     };
     let is_diff = matches!(command, Command::Diff { .. });
-    let result = runtime.block_on(online(server, command));
+    let result = runtime.block_on(online(server, credentials, command));
     if is_diff {
         diff_exit_code(result)
     } else {
@@ -299,8 +317,12 @@ fn diff_exit_code(result: Result<bool, CommandError>) -> ExitCode {
     }
 }
 
-async fn online(server: &str, command: Command) -> Result<bool, CommandError> {
-    let cp = ControlPlane::new(server)?;
+async fn online(
+    server: &str,
+    credentials: &Credentials,
+    command: Command,
+) -> Result<bool, CommandError> {
+    let cp = ControlPlane::new(server, credentials)?;
     match command {
         Command::Validate { .. } | Command::Inject { .. } => Ok(true),
         Command::Get {

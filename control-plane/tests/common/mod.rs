@@ -20,10 +20,10 @@ use bytes::Bytes;
 use clap::Parser;
 use http::{Method, Request, StatusCode};
 use http_body_util::Full;
-use meshctl::client::{send, HttpError};
 use meshlet_api::mesh::{
     paths, Heartbeat, MeshState, Registration, RegistrationReply, RevisionRecord, WatchEvent,
 };
+use meshlet_client::{Client, ClientError};
 use meshlet_control_plane::server::{self, Settings};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
@@ -183,7 +183,7 @@ impl ControlPlane {
         method: Method,
         path: &str,
         body: Option<Vec<u8>>,
-    ) -> Result<(StatusCode, Bytes), HttpError> {
+    ) -> Result<(StatusCode, Bytes), ClientError> {
         self.call_as(method, path, "application/json", body.unwrap_or_default())
             .await
     }
@@ -195,7 +195,7 @@ impl ControlPlane {
         path: &str,
         content_type: &str,
         body: Vec<u8>,
-    ) -> Result<(StatusCode, Bytes), HttpError> {
+    ) -> Result<(StatusCode, Bytes), ClientError> {
         let request = Request::builder()
             .method(method)
             .uri(path)
@@ -203,13 +203,12 @@ impl ControlPlane {
             .header("content-type", content_type)
             .body(Full::new(Bytes::from(body)))
             .unwrap();
-        send(
-            &self.addr.to_string(),
-            request,
-            Duration::from_secs(2),
-            DEADLINE,
-        )
-        .await
+        let reply = Client::new()
+            .connect_timeout(Duration::from_secs(2))
+            .timeout(DEADLINE)
+            .fetch(&self.addr.to_string(), request)
+            .await?;
+        Ok((reply.status, reply.body))
     }
 
     /// `call`, with the answer parsed as JSON (panics, with the body, if
