@@ -90,11 +90,16 @@ fn instances_by_service(
 }
 
 /// `POST /api/v1/instances/{id}/stats`.
+/// Only the instance's holder (or an admin) may report its stats.
 pub async fn ingest(
     State(state): State<AppState>,
+    axum::extract::Extension(principal): axum::extract::Extension<crate::auth::Principal>,
     Path(id): Path<String>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<StatusCode, ApiFailure> {
+    state
+        .controller
+        .check_instance(&id, &principal, crate::controller::InstanceUse::Stats)?;
     let report: StatsReport = json_body(body)?;
     let published = state.controller.published();
     let instance = published.instances.get(&id).ok_or_else(|| {

@@ -38,6 +38,8 @@ pub mod access;
 pub mod api;
 pub mod auth;
 pub mod ca;
+#[cfg(test)]
+mod cancelled_request_tests;
 pub(crate) mod clock;
 pub mod controller;
 pub(crate) mod dashboard;
@@ -54,5 +56,6 @@ pub mod server;
 pub mod state;
 pub(crate) mod stats;
 pub mod store;
+pub(crate) mod token_routes;
 pub mod traces;
 pub(crate) mod ui;
