@@ -666,6 +666,9 @@ async fn sigterm_deregisters_at_once_and_pushes_keep_connections() {
 async fn a_control_plane_that_lost_its_data_gets_every_instance_back() {
     let dir = TempDir::new();
     let mut cp = control_plane(&dir).await;
+    // The sidecar tokens are in the store that is lost; the admin token
+    // file and the CA are kept (as an operator keeps them elsewhere).
+    cp.sidecars_use_the_admin_token();
     let (orders, frontend) = two_orders_and_a_frontend::<Sidecar>(&cp).await;
     let both = sorted(orders.iter().map(Instance::address));
 

@@ -25,6 +25,10 @@ use meshlet_client::{Client, Reply};
 pub struct CpAccess {
     pub addr: SocketAddr,
     pub data_dir: PathBuf,
+    /// Sidecars get the admin token instead of a sidecar token of their
+    /// own: for the data-loss scenario, where the store (and every token
+    /// issued from it) is gone but `admin.token` and the CA survive.
+    pub sidecars_as_admin: bool,
 }
 
 /// Anything that names a control plane: both harness kinds and
@@ -67,6 +71,7 @@ impl CpAccess {
         CpAccess {
             addr,
             data_dir: data_dir.to_owned(),
+            sidecars_as_admin: false,
         }
     }
 
@@ -204,9 +209,14 @@ impl CpAccess {
     /// What a sidecar of `namespace/service` passes to reach this control
     /// plane.
     pub async fn sidecar_credentials(&self, namespace: &str, service: &str) -> SidecarCredentials {
+        let token_file = if self.sidecars_as_admin {
+            self.admin_token_file()
+        } else {
+            self.sidecar_token_file(namespace, service).await
+        };
         SidecarCredentials {
             url: self.url(),
-            token_file: self.sidecar_token_file(namespace, service).await,
+            token_file,
             ca_file: self.ca_file(),
         }
     }
@@ -239,6 +249,31 @@ impl CpAccess {
             },
         )
         .await;
+    }
+}
+
+/// Deletes the data directory (a lost disk) but keeps the credentials an
+/// operator keeps elsewhere: the CA (`ca.crt`, `ca.key`) and
+/// `admin.token`, which the control plane adopts again on start. Every
+/// other token was in the store and is gone.
+pub fn wipe_keeping_credentials(data_dir: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    let kept: Vec<(String, Vec<u8>, u32)> = [CA_CERT_FILE, "ca.key", ADMIN_TOKEN_FILE]
+        .into_iter()
+        .filter_map(|name| {
+            let path = data_dir.join(name);
+            let bytes = std::fs::read(&path).ok()?;
+            let mode = std::fs::metadata(&path).ok()?.permissions().mode();
+            Some((name.to_owned(), bytes, mode))
+        })
+        .collect();
+    std::fs::remove_dir_all(data_dir).expect("remove data dir");
+    std::fs::create_dir_all(data_dir).expect("create data dir");
+    std::fs::set_permissions(data_dir, std::fs::Permissions::from_mode(0o700)).unwrap();
+    for (name, bytes, mode) in kept {
+        let path = data_dir.join(name);
+        std::fs::write(&path, bytes).expect("restore a credential");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
     }
 }
 

@@ -468,7 +468,7 @@ impl ControlPlane {
     /// empty on the same address.
     pub async fn wipe_and_restart(&mut self) {
         self.kill9().await;
-        std::fs::remove_dir_all(&self.data_dir).expect("remove data dir");
+        crate::access::wipe_keeping_credentials(&self.data_dir);
         self.start_again().await;
     }
 
@@ -479,8 +479,16 @@ impl ControlPlane {
     }
 
     async fn start_again(&mut self) {
-        let again = Self::start_on(bind(self.addr), &self.data_dir, self.args.clone()).await;
+        let as_admin = self.access.sidecars_as_admin;
+        let mut again = Self::start_on(bind(self.addr), &self.data_dir, self.args.clone()).await;
+        again.access.sidecars_as_admin = as_admin;
         *self = again;
+    }
+
+    /// Sidecars started from now on get the admin token (see
+    /// [`CpAccess::sidecars_as_admin`]).
+    pub fn sidecars_use_the_admin_token(&mut self) {
+        self.access.sidecars_as_admin = true;
     }
 
     /// Writes `yaml` to `dir/file` and runs `meshctl apply -f` (the real

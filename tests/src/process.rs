@@ -243,16 +243,27 @@ impl ControlPlaneProcess {
     /// again empty on the same address.
     pub async fn wipe_and_restart(&mut self) {
         self.kill9().await;
-        std::fs::remove_dir_all(&self.data_dir).expect("remove data dir");
-        let again = Self::start_on(self.addr, &self.data_dir, self.args.clone()).await;
-        *self = again;
+        crate::access::wipe_keeping_credentials(&self.data_dir);
+        self.start_again().await;
     }
 
     /// Starts again on the same address and data directory.
     pub async fn restart(&mut self) {
         self.kill9().await;
-        let again = Self::start_on(self.addr, &self.data_dir, self.args.clone()).await;
+        self.start_again().await;
+    }
+
+    async fn start_again(&mut self) {
+        let as_admin = self.access.sidecars_as_admin;
+        let mut again = Self::start_on(self.addr, &self.data_dir, self.args.clone()).await;
+        again.access.sidecars_as_admin = as_admin;
         *self = again;
+    }
+
+    /// Sidecars started from now on get the admin token (see
+    /// [`CpAccess::sidecars_as_admin`]).
+    pub fn sidecars_use_the_admin_token(&mut self) {
+        self.access.sidecars_as_admin = true;
     }
 
     pub fn log_text(&self) -> String {
