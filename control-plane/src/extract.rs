@@ -13,7 +13,14 @@ use crate::error::ApiFailure;
 pub fn json_body<T: DeserializeOwned>(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<T, ApiFailure> {
-    let body = body.map_err(|e| ApiFailure::BadRequest(format!("cannot read the body: {e}")))?;
+    let body = body.map_err(|e| {
+        // Past the route's byte cap: 413, as the issue asks (not 400).
+        if e.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE {
+            ApiFailure::PayloadTooLarge(format!("the body is too large: {e}"))
+        } else {
+            ApiFailure::BadRequest(format!("cannot read the body: {e}"))
+        }
+    })?;
     serde_json::from_slice(&body)
         .map_err(|e| ApiFailure::BadRequest(format!("invalid request body: {e}")))
 }

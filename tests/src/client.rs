@@ -4,7 +4,7 @@
 //! Plain HTTP/1.1 one-shots (`get`, `send`, `post_json`) go through
 //! `meshlet-client` (the one the programs use) without TLS or token: for
 //! sidecars, apps and collectors. The control plane is reached through
-//! [`crate::CpAccess`] (TLS + bearer); [`WatchStream`] too. The h2c and
+//! [`crate::access::CpAccess`] (TLS + bearer); [`WatchStream`] too. The h2c and
 //! raw-socket helpers stay hand-made: they control the protocol bytes.
 
 use std::net::SocketAddr;
@@ -60,7 +60,7 @@ pub struct WatchStream {
 impl WatchStream {
     /// Opens `GET /api/v1/watch?revision=R` (TLS, admin token) and reads
     /// the first event.
-    pub async fn open(cp: &impl crate::ControlPlaneRef, revision: u64) -> WatchStream {
+    pub async fn open(cp: &impl crate::access::ControlPlaneRef, revision: u64) -> WatchStream {
         let cp = cp.access();
         let authority = cp.authority();
         let request = meshlet_client::request(
