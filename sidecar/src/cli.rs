@@ -330,7 +330,9 @@ impl Args {
                 ExportEndpoint::parse(url)
                     .map_err(|why| StartupError::Usage(format!("--trace-endpoint {why}")))?,
             ),
-            None => control_plane.as_ref().map(ExportEndpoint::control_plane),
+            None => control_plane
+                .as_ref()
+                .map(|cp| ExportEndpoint::control_plane(&cp.authority, cp.client.clone())),
         };
         let observability = Observability {
             tracing: self.tracing == Switch::On,
