@@ -195,10 +195,18 @@ impl ControlClient {
             .send(&self.cp.authority, request)
             .await?;
         if response.status() != StatusCode::OK {
-            return Err(ControlError::Stream(format!(
-                "control plane answered {}",
-                response.status()
-            )));
+            // A refusal says why in a short JSON body (401: the token,
+            // 403: its role); give up on the body if it does not come.
+            let authority = &self.cp.authority;
+            let read = meshlet_client::read_reply(authority, response);
+            let error = match tokio::time::timeout(CALL_TIMEOUT, read).await {
+                Ok(Ok(reply)) => reply.success(authority).err(),
+                _ => None,
+            };
+            return Err(match error {
+                Some(error) => ControlError::Client(error),
+                None => ControlError::Stream(format!("{authority} answered a watch without 200")),
+            });
         }
         self.status.connected.store(true, Ordering::Relaxed);
         self.metrics.set_control_plane_connected(true);
