@@ -17,6 +17,7 @@ use crate::inject::{self, InjectOptions, Outcome};
 use crate::output::{emit, Format};
 use crate::resources::{self, KindArg};
 use crate::services::{self, Broadcast, ServiceRef};
+use crate::tokens::{self, CreateArgs, Role};
 use crate::traceview::{self, TraceFilter};
 use crate::validate::{read_files, validate_path};
 
@@ -163,6 +164,11 @@ pub enum Command {
         #[arg(short = 'o', long = "output", value_enum, default_value = "table")]
         output: Format,
     },
+    /// Tokens of the control plane (admin only): create, list, revoke.
+    Token {
+        #[command(subcommand)]
+        command: TokenCommand,
+    },
     /// Send one request to every healthy instance (through its sidecar).
     Broadcast {
         /// The request path.
@@ -180,6 +186,36 @@ pub enum Command {
         #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
         timeout: Duration,
     },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TokenCommand {
+    /// Create a token and print it alone on stdout (it is shown only once):
+    /// `meshctl token create --role sidecar --service orders > orders.token`.
+    Create {
+        #[arg(long, value_enum)]
+        role: Role,
+        /// The service a sidecar token is bound to (required for sidecar).
+        #[arg(long)]
+        service: Option<String>,
+        /// The namespace a sidecar token is bound to (default: default).
+        #[arg(short = 'n', long)]
+        namespace: Option<String>,
+        /// Lifetime (`30m`, `1h`, `7d`); default: until revoked.
+        #[arg(long, value_parser = humantime::parse_duration)]
+        ttl: Option<Duration>,
+        /// Unique name, recorded as the actor of what the token changes
+        /// (default: sidecar-NAMESPACE-SERVICE, or ROLE-RANDOM).
+        #[arg(long)]
+        name: Option<String>,
+    },
+    /// List tokens (never their secrets).
+    List {
+        #[arg(short = 'o', long = "output", value_enum, default_value = "table")]
+        output: Format,
+    },
+    /// Revoke the token NAME; it stops working at once.
+    Revoke { name: String },
 }
 
 fn validate(file: PathBuf) -> ExitCode {
@@ -376,6 +412,7 @@ async fn online(
             traceview::traces(&cp, &filter, output).await
         }
         Command::Trace { id, output } => traceview::trace(&cp, &id, output).await,
+        Command::Token { command } => token(&cp, command).await,
         Command::Broadcast {
             path,
             data,
@@ -392,6 +429,30 @@ async fn online(
             };
             services::broadcast(&cp, &opts).await
         }
+    }
+}
+
+/// `meshctl token create|list|revoke`.
+async fn token(cp: &ControlPlane, command: TokenCommand) -> Result<bool, CommandError> {
+    match command {
+        TokenCommand::Create {
+            role,
+            service,
+            namespace,
+            ttl,
+            name,
+        } => {
+            let args = CreateArgs {
+                role,
+                service,
+                namespace,
+                ttl,
+                name,
+            };
+            tokens::create(cp, &args).await
+        }
+        TokenCommand::List { output } => tokens::list(cp, output).await,
+        TokenCommand::Revoke { name } => tokens::revoke(cp, &name).await,
     }
 }
 
@@ -461,5 +522,78 @@ async fn delete(
         _ => Err(CommandError::Usage(
             "delete needs -f FILE or KIND NAME...".into(),
         )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Args, clap::Error> {
+        Args::try_parse_from(std::iter::once("meshctl").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn credentials_are_global_before_or_after_the_command() {
+        let a = parse(&["--token", "t", "--ca-file", "/ca", "get", "services"]).unwrap();
+        assert_eq!(a.token.as_deref(), Some("t"));
+        assert_eq!(a.ca_file.as_deref(), Some(Path::new("/ca")));
+        let a = parse(&[
+            "get",
+            "services",
+            "--token-file",
+            "/t",
+            "--server",
+            "https://cp:1",
+        ])
+        .unwrap();
+        assert_eq!(a.token_file.as_deref(), Some(Path::new("/t")));
+        assert_eq!(a.server, "https://cp:1");
+    }
+
+    #[test]
+    fn token_create_takes_roles_and_durations() {
+        let a = parse(&[
+            "token",
+            "create",
+            "--role",
+            "sidecar",
+            "--service",
+            "orders",
+            "-n",
+            "shop",
+            "--ttl",
+            "7d",
+        ])
+        .unwrap();
+        let Command::Token {
+            command:
+                TokenCommand::Create {
+                    role,
+                    service,
+                    namespace,
+                    ttl,
+                    name,
+                },
+        } = a.command
+        else {
+            panic!("not token create: {:?}", a.command);
+        };
+        assert_eq!(role, Role::Sidecar);
+        assert_eq!(service.as_deref(), Some("orders"));
+        assert_eq!(namespace.as_deref(), Some("shop"));
+        assert_eq!(ttl, Some(Duration::from_secs(7 * 86_400)));
+        assert_eq!(name, None);
+        assert!(parse(&["token", "create", "--role", "root"]).is_err());
+        assert!(parse(&["token", "create", "--role", "admin", "--ttl", "soon"]).is_err());
+        assert!(parse(&["token", "revoke"]).is_err());
+        assert!(matches!(
+            parse(&["token", "list", "-o", "json"]).unwrap().command,
+            Command::Token {
+                command: TokenCommand::List {
+                    output: Format::Json
+                }
+            }
+        ));
     }
 }

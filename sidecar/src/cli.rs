@@ -99,7 +99,9 @@ pub struct Args {
     pub advertise_ip: Option<IpAddr>,
     /// Where the last configuration from the control plane is kept, so a
     /// restart while the control plane is down still routes [default:
-    /// TMPDIR/meshlet-INSTANCE_ID.snapshot.json].
+    /// XDG_RUNTIME_DIR/meshlet/INSTANCE_ID.snapshot.json, else
+    /// TMPDIR/meshlet-UID/INSTANCE_ID.snapshot.json, a directory only this
+    /// user may write].
     #[arg(long, env = "MESHLET_SNAPSHOT_FILE")]
     pub snapshot_file: Option<PathBuf>,
     /// With a control plane: how often this sidecar reports its request
@@ -282,9 +284,15 @@ impl Args {
                         "--instance-id {instance_id:?}: use 1-253 characters from A-Z a-z 0-9 . _ -"
                     )));
                 }
-                let snapshot_file = self.snapshot_file.clone().unwrap_or_else(|| {
-                    std::env::temp_dir().join(format!("meshlet-{instance_id}.snapshot.json"))
-                });
+                let snapshot_file = match &self.snapshot_file {
+                    Some(file) => file.clone(),
+                    None => crate::control::persist::default_snapshot_file(&instance_id)
+                        .map_err(|e| {
+                            StartupError::Usage(format!(
+                                "the default snapshot directory: {e}; remove it, or choose a file with --snapshot-file"
+                            ))
+                        })?,
+                };
                 let authority = control_plane_authority(url)?;
                 let token = match (&self.token_file, &self.token) {
                     (Some(file), _) => read_token_file(file)?,
@@ -322,7 +330,9 @@ impl Args {
                 ExportEndpoint::parse(url)
                     .map_err(|why| StartupError::Usage(format!("--trace-endpoint {why}")))?,
             ),
-            None => control_plane.as_ref().map(ExportEndpoint::control_plane),
+            None => control_plane
+                .as_ref()
+                .map(|cp| ExportEndpoint::control_plane(&cp.authority, cp.client.clone())),
         };
         let observability = Observability {
             tracing: self.tracing == Switch::On,

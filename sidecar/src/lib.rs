@@ -159,7 +159,7 @@ impl InitialConfig {
     /// A sidecar with a control plane starts from its persisted snapshot
     /// when there is a readable one, else empty until the first push.
     pub fn persisted(snapshot_file: &Path) -> Self {
-        match control::client::load_persisted(snapshot_file) {
+        match control::persist::load_persisted(snapshot_file) {
             Ok(Some(state)) => {
                 tracing::info!(file = %snapshot_file.display(), revision = state.revision, "starting from the persisted snapshot");
                 InitialConfig {

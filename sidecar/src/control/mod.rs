@@ -11,7 +11,9 @@
 //! - `snapshot` — the immutable mesh view (`Snapshot`, `SharedSnapshot`)
 //!   and its build from a `MeshState`.
 //! - `client` — the control-plane client: registration, heartbeats,
-//!   watch, backoff, the persisted snapshot file.
+//!   watch, backoff, the epoch rule of resuming.
+//! - `persist` — the snapshot file: a private directory, owner and mode
+//!   checks before reading, atomic 0600 writes.
 //! - `health` — the prober of the local app (plain HTTP).
 //! - `stats` — the stats reporter.
 //!
@@ -26,6 +28,7 @@
 
 pub(crate) mod client;
 pub(crate) mod health;
+pub mod persist;
 pub(crate) mod snapshot;
 pub(crate) mod stats;
 

@@ -26,7 +26,6 @@ use tokio::time::Instant;
 
 use super::encode::{self, ResourceAttributes};
 use super::SpanRecord;
-use crate::settings::ControlPlaneSettings;
 
 /// Spans per export request at most.
 const BATCH: usize = 512;
@@ -85,13 +84,14 @@ impl ExportEndpoint {
         })
     }
 
-    /// The control plane's `/v1/traces`, through its client (TLS + token).
-    pub fn control_plane(cp: &ControlPlaneSettings) -> Self {
+    /// The control plane's `/v1/traces` at `authority`, through its
+    /// `client` (TLS with the mesh CA, the sidecar's token).
+    pub fn control_plane(authority: &str, client: meshlet_client::Client) -> Self {
         ExportEndpoint {
-            authority: cp.authority.clone(),
+            authority: authority.to_owned(),
             path: otlp::TRACES_PATH.to_owned(),
-            tls: true,
-            client: cp.client.clone(),
+            tls: client.is_tls(),
+            client,
         }
     }
 }
