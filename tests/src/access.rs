@@ -300,3 +300,9 @@ impl<T: ControlPlaneRef + ?Sized> ControlPlaneRef for &T {
         (**self).access()
     }
 }
+
+/// The value after `flag` in `args`, if there.
+pub fn flag_value<'a>(args: &'a [String], flag: &str) -> Option<&'a str> {
+    let at = args.iter().position(|a| a == flag)?;
+    args.get(at + 1).map(String::as_str)
+}

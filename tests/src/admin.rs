@@ -4,39 +4,15 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use crate::{client, inprocess, wait, SidecarProcess};
+use crate::{client, wait};
 
 /// A sidecar's three listeners, for helpers that take either kind
-/// ([`SidecarProcess`] or [`inprocess::Sidecar`]) in test files that use
-/// both.
+/// (`SidecarProcess` or `inprocess::Sidecar`, which implement it next to
+/// their definitions) in test files that use both.
 pub trait Listening {
     fn inbound(&self) -> SocketAddr;
     fn outbound(&self) -> SocketAddr;
     fn admin(&self) -> SocketAddr;
-}
-
-impl Listening for SidecarProcess {
-    fn inbound(&self) -> SocketAddr {
-        self.inbound
-    }
-    fn outbound(&self) -> SocketAddr {
-        self.outbound
-    }
-    fn admin(&self) -> SocketAddr {
-        self.admin
-    }
-}
-
-impl Listening for inprocess::Sidecar {
-    fn inbound(&self) -> SocketAddr {
-        self.inbound
-    }
-    fn outbound(&self) -> SocketAddr {
-        self.outbound
-    }
-    fn admin(&self) -> SocketAddr {
-        self.admin
-    }
 }
 
 /// `/config_dump` as JSON.

@@ -43,8 +43,7 @@ use std::time::Duration;
 use clap::Parser;
 use tokio::sync::{mpsc, oneshot};
 
-use crate::access::{ControlPlaneRef, CpAccess, SidecarCredentials};
-use crate::process::flag_value;
+use crate::access::{flag_value, ControlPlaneRef, CpAccess, SidecarCredentials};
 use crate::{admin, client, meshctl, TempDir};
 
 /// How long `stop` waits for a graceful shutdown (a sidecar's default
@@ -511,6 +510,18 @@ impl std::ops::Deref for ControlPlane {
 impl ControlPlaneRef for ControlPlane {
     fn access(&self) -> &CpAccess {
         &self.access
+    }
+}
+
+impl admin::Listening for Sidecar {
+    fn inbound(&self) -> SocketAddr {
+        self.inbound
+    }
+    fn outbound(&self) -> SocketAddr {
+        self.outbound
+    }
+    fn admin(&self) -> SocketAddr {
+        self.admin
     }
 }
 

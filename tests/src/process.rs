@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use tokio::process::{Child, Command};
 
-use crate::access::{ControlPlaneRef, CpAccess, SidecarCredentials};
+use crate::access::{flag_value, ControlPlaneRef, CpAccess, SidecarCredentials};
 use crate::{admin, client, wait};
 
 /// Path of a workspace binary built by `cargo build --bins`.
@@ -496,12 +496,6 @@ impl SidecarBuilder {
     }
 }
 
-/// The value after `flag` in `args`, if there.
-pub(crate) fn flag_value<'a>(args: &'a [String], flag: &str) -> Option<&'a str> {
-    let at = args.iter().position(|a| a == flag)?;
-    args.get(at + 1).map(String::as_str)
-}
-
 /// A temporary directory removed on drop.
 #[derive(Debug)]
 pub struct TempDir {
@@ -531,5 +525,17 @@ impl Default for TempDir {
 impl Drop for TempDir {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.path);
+    }
+}
+
+impl admin::Listening for SidecarProcess {
+    fn inbound(&self) -> SocketAddr {
+        self.inbound
+    }
+    fn outbound(&self) -> SocketAddr {
+        self.outbound
+    }
+    fn admin(&self) -> SocketAddr {
+        self.admin
     }
 }
