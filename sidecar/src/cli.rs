@@ -387,7 +387,17 @@ mod tests {
     }
 
     fn args(extra: &[&str]) -> Result<Args, clap::Error> {
-        let mut argv = vec!["sidecar", "--service", "orders", "--app-port", "8080"];
+        // An explicit snapshot file: the default would create a directory
+        // in this user's runtime or temporary directory.
+        let mut argv = vec![
+            "sidecar",
+            "--service",
+            "orders",
+            "--app-port",
+            "8080",
+            "--snapshot-file",
+            "/nonexistent/snapshot.json",
+        ];
         argv.extend_from_slice(extra);
         Args::try_parse_from(argv)
     }
