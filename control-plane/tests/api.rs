@@ -315,13 +315,22 @@ async fn second_instance_on_the_same_port_fails_with_one_line() {
 #[test]
 fn meshctl_without_a_control_plane_prints_one_line() {
     let port = free_port();
+    // meshctl needs a CA before it connects; any certificate will do here.
+    let dir = tempfile::tempdir().unwrap();
+    let ca = dir.path().join("ca.crt");
+    let cert = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_owned()]).unwrap();
+    std::fs::write(&ca, cert.cert.pem()).unwrap();
     let out = Command::new(common::meshctl_binary())
         .args([
             "--server",
-            &format!("http://127.0.0.1:{port}"),
+            &format!("https://127.0.0.1:{port}"),
+            "--ca-file",
+            ca.to_str().unwrap(),
             "get",
             "services",
         ])
+        .env_remove("MESHLET_TOKEN")
+        .env_remove("MESHLET_TOKEN_FILE")
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(1));
@@ -329,7 +338,7 @@ fn meshctl_without_a_control_plane_prints_one_line() {
     assert_eq!(
         stderr,
         format!(
-            "meshctl: error: cannot reach the control plane at http://127.0.0.1:{port}: \
+            "meshctl: error: cannot reach the control plane at https://127.0.0.1:{port}: \
              connection refused (is control-plane running? set --server or MESHLET_SERVER)\n"
         )
     );
