@@ -387,7 +387,17 @@ mod tests {
     }
 
     fn args(extra: &[&str]) -> Result<Args, clap::Error> {
-        let mut argv = vec!["sidecar", "--service", "orders", "--app-port", "8080"];
+        // An explicit snapshot file: the default would create a directory
+        // in this user's runtime or temporary directory.
+        let mut argv = vec![
+            "sidecar",
+            "--service",
+            "orders",
+            "--app-port",
+            "8080",
+            "--snapshot-file",
+            "/nonexistent/snapshot.json",
+        ];
         argv.extend_from_slice(extra);
         Args::try_parse_from(argv)
     }
@@ -547,6 +557,92 @@ mod tests {
         assert!(!traces.tls);
         assert_eq!(traces.to_string(), "http://collector:4318/v1/traces");
         assert!(!format!("{traces:?}").contains("bearer: true"));
+    }
+
+    /// A TLS server for `127.0.0.1` whose certificate a fresh CA signed:
+    /// answers one request with `{}` and hands over the request head.
+    async fn tls_control_plane() -> (String, String, tokio::sync::oneshot::Receiver<String>) {
+        use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+        let ca_key = rcgen::KeyPair::generate().unwrap();
+        let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let ca_pem = ca.self_signed(&ca_key).unwrap().pem();
+        let issuer = rcgen::Issuer::new(ca, ca_key);
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["127.0.0.1".to_owned()])
+            .unwrap()
+            .signed_by(&key, &issuer)
+            .unwrap();
+        let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+        let config = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(
+                vec![CertificateDer::from(cert.der().to_vec())],
+                PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
+            )
+            .unwrap();
+        let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("https://{}", listener.local_addr().unwrap());
+        let (tx, head) = tokio::sync::oneshot::channel();
+        tokio::spawn(async move {
+            let (tcp, _) = listener.accept().await.unwrap();
+            let mut stream = acceptor.accept(tcp).await.unwrap();
+            let mut received = Vec::new();
+            let mut buf = [0u8; 4096];
+            while !received.windows(4).any(|w| w == b"\r\n\r\n") {
+                let n = stream.read(&mut buf).await.unwrap();
+                assert!(n > 0, "the client closed early");
+                received.extend_from_slice(&buf[..n]);
+            }
+            let _ = tx.send(String::from_utf8_lossy(&received).to_ascii_lowercase());
+            let answer = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\n{}";
+            stream.write_all(answer).await.unwrap();
+            let _ = stream.shutdown().await;
+        });
+        (url, ca_pem, head)
+    }
+
+    #[tokio::test]
+    async fn calls_to_the_control_plane_use_tls_and_the_token() {
+        let (url, ca_pem, head) = tls_control_plane().await;
+        let dir = tempfile::tempdir().unwrap();
+        let ca = dir.path().join("ca.crt");
+        std::fs::write(&ca, ca_pem).unwrap();
+        let settings = args(&[
+            "--control-plane",
+            &url,
+            "--token",
+            "t0ken",
+            "--ca-file",
+            ca.to_str().unwrap(),
+        ])
+        .unwrap()
+        .settings()
+        .unwrap();
+        let cp = settings.control_plane.unwrap();
+        let body = crate::control::call(
+            &cp.client,
+            &cp.authority,
+            http::Method::POST,
+            "/api/v1/instances",
+            Some(b"{}".to_vec()),
+            Duration::from_secs(5),
+        )
+        .await
+        .unwrap();
+        assert_eq!(&body[..], b"{}");
+        let head = head.await.unwrap();
+        assert!(
+            head.starts_with("post /api/v1/instances http/1.1"),
+            "{head}"
+        );
+        assert!(head.contains("authorization: bearer t0ken\r\n"), "{head}");
+        assert!(head.contains("content-type: application/json"), "{head}");
     }
 
     #[test]
