@@ -77,7 +77,7 @@ impl<S: Registered> Instance<S> {
     async fn start(cp: &ControlPlane, service: &str, version: &str) -> Instance<S> {
         let app = Upstream::start(&format!("{service}-{version}")).await;
         let labels = format!("version={version}");
-        let sidecar = S::start(&cp, service, app.port(), &labels).await;
+        let sidecar = S::start(cp, service, app.port(), &labels).await;
         Instance { app, sidecar }
     }
 
