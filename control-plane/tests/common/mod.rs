@@ -35,6 +35,7 @@ pub const DEADLINE: Duration = Duration::from_secs(10);
 /// The `meshctl` binary, a crate of its own: `MESHLET_BIN_DIR`, else next
 /// to this test's executable (`target/<profile>/meshctl`), built by
 /// `cargo build --bins` (or any `cargo test` that includes `-p meshctl`).
+#[allow(dead_code)] // not used by access.rs
 pub fn meshctl_binary() -> PathBuf {
     if let Some(dir) = std::env::var_os("MESHLET_BIN_DIR") {
         return PathBuf::from(dir).join("meshctl");
@@ -279,6 +280,7 @@ impl ControlPlane {
 
     /// Registers a healthy instance at 127.0.0.1:`port` in `default`;
     /// asserts 200.
+    #[allow(dead_code)] // not used by access.rs
     pub async fn register(&self, id: &str, service: &str, port: u16) -> RegistrationReply {
         let reg = Registration {
             id: id.into(),
@@ -307,6 +309,7 @@ impl ControlPlane {
     /// Opens `GET /api/v1/watch[?revision=N]` as the admin, checks the
     /// head (200, NDJSON) and returns the stream positioned at the first
     /// event.
+    #[allow(dead_code)] // not used by access.rs
     pub async fn watch(&self, revision: Option<u64>) -> Watch {
         let query = revision
             .map(|r| format!("?revision={r}"))
@@ -338,6 +341,7 @@ impl ControlPlane {
 
     /// `meshctl --server https://ADDR ARGS` (as tester@box, with the CA
     /// and the admin token) → (exit code, stdout, stderr).
+    #[allow(dead_code)] // not used by access.rs
     pub fn meshctl(&self, args: &[&str]) -> (i32, String, String) {
         let out = Command::new(meshctl_binary())
             .arg("--server")
