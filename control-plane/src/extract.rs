@@ -9,14 +9,14 @@ use serde::de::DeserializeOwned;
 
 use crate::error::ApiFailure;
 
-/// Decodes a JSON body strictly; any problem is a 400 naming it.
+/// Decodes a JSON body strictly; any problem is a 400 naming it, a body
+/// past the route's limit a 413.
 pub fn json_body<T: DeserializeOwned>(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<T, ApiFailure> {
     let body = body.map_err(|e| {
-        // Past the route's byte cap: 413, as the issue asks (not 400).
         if e.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE {
-            ApiFailure::PayloadTooLarge(format!("the body is too large: {e}"))
+            ApiFailure::PayloadTooLarge(format!("request body too large: {e}"))
         } else {
             ApiFailure::BadRequest(format!("cannot read the body: {e}"))
         }

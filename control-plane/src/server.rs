@@ -89,6 +89,10 @@ pub struct Settings {
     /// A trace is dropped this long after its last span arrived.
     #[arg(long, env = "MESHLET_TRACE_RETENTION", default_value = "15m", value_parser = parse_duration)]
     pub trace_retention: Duration,
+    /// Estimated bytes of stored spans at most (default 64 MiB); the least
+    /// recently updated traces go first.
+    #[arg(long, env = "MESHLET_TRACE_MAX_BYTES", default_value_t = crate::traces::store::DEFAULT_MAX_BYTES, value_parser = parse_capacity)]
+    pub trace_max_bytes: usize,
     /// The mesh's SPIFFE trust domain (the CA's name; workload identities).
     #[arg(long, env = "MESHLET_TRUST_DOMAIN", default_value = "meshlet.local")]
     pub trust_domain: String,
@@ -109,6 +113,7 @@ impl Settings {
         TraceLimits {
             capacity: self.trace_capacity,
             retention: self.trace_retention,
+            max_bytes: self.trace_max_bytes,
             ..TraceLimits::default()
         }
     }
