@@ -4,10 +4,10 @@
 //! caps), a foreign `Host` and a cross-origin form post, and a slowloris
 //! crowd that must not slow an operator down.
 //!
-//! The browser side of the cross-origin post is not driven here: the
-//! request a page on another origin can make without CORS (`no-cors`: a
-//! `text/plain` body, the session cookie, no `Authorization`) is sent at
-//! the HTTP level with exactly that shape.
+//! The cross-origin post is checked twice: here at the HTTP level (the
+//! shape a `no-cors` request has: a `text/plain` body, the session cookie,
+//! no `Authorization`), and in `dashboard.rs` from a real page of another
+//! origin in chromium after logging in.
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
