@@ -68,8 +68,6 @@ pub enum StartupError {
     AdminToken(#[from] crate::auth::AdminTokenError),
     #[error("stored tokens: {0}")]
     Tokens(#[from] crate::auth::TokenError),
-    #[error("TLS: {0}")]
-    Tls(String),
     #[error("cannot listen on {addr}: {source}")]
     Listen {
         addr: SocketAddr,
@@ -78,8 +76,6 @@ pub enum StartupError {
     },
     #[error("cannot install the signal handler: {0}")]
     Signal(#[source] std::io::Error),
-    #[error("serving the API failed: {0}")]
-    Serve(#[source] std::io::Error),
 }
 
 /// A failed API request: status and message of the `ApiError` body.
