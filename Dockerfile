@@ -46,9 +46,12 @@ USER 1337:1337
 EXPOSE 15001 15006 15020
 ENTRYPOINT ["/usr/local/bin/sidecar"]
 
-# The control plane, with meshctl beside it (`kubectl exec ... -- meshctl`).
+# The control plane, with meshctl beside it (`kubectl exec ... -- meshctl`),
+# and cat (distroless has no shell), so that the CA it writes can be read
+# out: `kubectl exec ... -- cat /var/lib/meshlet/ca.crt` (examples/kind/up.sh).
 FROM gcr.io/distroless/cc-debian12:nonroot AS control-plane
 COPY --from=builder /out/control-plane /out/meshctl /usr/local/bin/
+COPY --from=builder /usr/bin/cat /usr/local/bin/cat
 USER 65532:65532
 EXPOSE 15010
 ENTRYPOINT ["/usr/local/bin/control-plane"]

@@ -3,7 +3,7 @@
 # 127.0.0.1, every instance registered and every sidecar fed by the control
 # plane's push.
 #
-#   control plane  :18010  (API, watch stream; data in the log directory)
+#   control plane  :18010  (HTTPS API, watch stream; data in the log directory)
 #   frontend    app :18080  sidecar in :18006 out :18001 admin :18020
 #   orders v1   app :18081  sidecar in :18106 out :18101 admin :18120
 #   orders v2   app :18082  sidecar in :18206 out :18201 admin :18220
@@ -12,9 +12,13 @@
 # `curl http://127.0.0.1:18006/work` enters frontend through its sidecar;
 # frontend calls orders, orders calls inventory, each call through the
 # caller's outbound sidecar (HTTP_PROXY) to a registered instance's inbound
-# sidecar. The tour then shows meshctl, broadcast, an instance failing its
-# health check, an instance killed with SIGKILL, a control plane restart,
-# and policies (traffic split, rate limit, circuit breaker, rollback), with
+# sidecar. The control plane serves HTTPS with its own CA and wants a token:
+# meshctl uses the admin token and CA it wrote on first start
+# (DATA_DIR/admin.token, DATA_DIR/ca.crt), each sidecar a token of its own
+# service made with `meshctl token create --role sidecar`. The tour then
+# shows meshctl (tokens too), broadcast, an instance failing its health
+# check, an instance killed with SIGKILL, a control plane restart, and
+# policies (traffic split, rate limit, circuit breaker, rollback), with
 # traffic checked at every step.
 #
 # Usage: examples/demo.sh [--keep-running] [--rounds N]
@@ -31,7 +35,7 @@ KEEP_RUNNING=0
 READY_TIMEOUT=${DEMO_READY_TIMEOUT:-30} # seconds
 TTL=5s                                  # instance expiry (the default is 10s)
 
-usage() { sed -n '2,26p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,30p' "$0" | sed 's/^# \{0,1\}//'; }
 
 while (($#)); do
   case "$1" in
@@ -51,7 +55,10 @@ ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT"
 
 CP_PORT=18010
-export MESHLET_SERVER=http://127.0.0.1:$CP_PORT
+# meshctl's settings; MESHLET_TOKEN and MESHLET_CA_FILE are set once the
+# control plane has written them (start_control_plane).
+export MESHLET_SERVER=https://127.0.0.1:$CP_PORT
+unset MESHLET_TOKEN MESHLET_TOKEN_FILE MESHLET_CA_FILE MESHLET_CONTROL_PLANE
 # name → "app inbound outbound admin version calls"
 declare -A INSTANCE=(
   [frontend]="18080 18006 18001 18020 v1 orders"
@@ -108,6 +115,10 @@ meshctl() { "$BIN/meshctl" "$@"; }
 LOG_DIR=$(mktemp -d "${TMPDIR:-/tmp}/meshlet-demo.XXXXXX")
 WORK=$LOG_DIR/.http # scratch files for responses
 mkdir -p "$WORK"
+DATA_DIR=$LOG_DIR/data                # the control plane's: admin.token, ca.crt, the store
+TOKENS=$LOG_DIR/tokens                # one sidecar token file per service (0600)
+CA_FILE=$DATA_DIR/ca.crt
+AUTH_HEADER=$WORK/authorization       # curl -H @FILE: the admin token stays off command lines
 declare -A PID_OF=()
 
 cleanup() {
@@ -137,11 +148,12 @@ trap 'on_signal 143' TERM
 
 port_in_use() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 
-# start NAME COMMAND...: run in the background, logging to $LOG_DIR/NAME.log.
+# start NAME COMMAND...: run in the background, logging to $LOG_DIR/NAME.log,
+# without meshctl's admin token in its environment.
 start() {
   local name=$1
   shift
-  "$@" >>"$LOG_DIR/$name.log" 2>&1 &
+  env -u MESHLET_TOKEN -u MESHLET_SERVER "$@" >>"$LOG_DIR/$name.log" 2>&1 &
   PID_OF[$name]=$!
   info "started $name (pid $!)"
 }
@@ -155,10 +167,12 @@ stop() {
   info "stopped $name (pid $pid) with SIG$signal"
 }
 
-# wait_for NAME URL: poll until URL answers 200, NAME exits, or the deadline passes.
+# wait_for NAME URL [CURL_ARGS...]: poll until URL answers 200, NAME exits,
+# or the deadline passes.
 wait_for() {
   local name=$1 url=$2 deadline=$((SECONDS + READY_TIMEOUT))
-  until curl -fsS -o /dev/null --max-time 1 "$url" 2>/dev/null; do
+  shift 2
+  until curl -fsS -o /dev/null --max-time 1 "$@" "$url" 2>/dev/null; do
     if ! kill -0 "${PID_OF[$name]}" 2>/dev/null; then
       tail -n 20 "$LOG_DIR/$name.log" >&2 || true
       die "$name exited before it was ready (log: $LOG_DIR/$name.log)"
@@ -184,10 +198,32 @@ wait_until() {
   ok "$what (after ~$((SECONDS - started))s)"
 }
 
+# start_control_plane: start it, wait for /healthz over HTTPS (verified with
+# the CA it writes on first start), then point meshctl at it with the admin
+# token and CA from its data directory (a restart keeps both).
 start_control_plane() {
   start control-plane env NO_COLOR=1 "$BIN/control-plane" --listen "127.0.0.1:$CP_PORT" \
-    --data-dir "$LOG_DIR/data" --ttl "$TTL"
-  wait_for control-plane "$MESHLET_SERVER/healthz"
+    --data-dir "$DATA_DIR" --ttl "$TTL"
+  wait_for control-plane "$MESHLET_SERVER/healthz" --cacert "$CA_FILE"
+  [[ -s $DATA_DIR/admin.token ]] || die "the control plane wrote no $DATA_DIR/admin.token"
+  MESHLET_TOKEN=$(tr -d '\n' <"$DATA_DIR/admin.token")
+  export MESHLET_TOKEN MESHLET_CA_FILE=$CA_FILE
+  (umask 077 && printf 'Authorization: Bearer %s\n' "$MESHLET_TOKEN" >"$AUTH_HEADER")
+}
+
+# cp_curl ARGS...: curl to the control plane's API with the CA and admin token.
+cp_curl() { curl --cacert "$CA_FILE" -H "@$AUTH_HEADER" "$@"; }
+
+# sidecar_tokens SERVICE...: a sidecar token per service, bound to it, in
+# $TOKENS/SERVICE.token (0600), made with meshctl token create.
+sidecar_tokens() {
+  local service
+  (umask 077 && mkdir -p "$TOKENS")
+  for service in "$@"; do
+    (umask 077 && meshctl token create --role sidecar --service "$service" >"$TOKENS/$service.token") ||
+      die "meshctl token create --role sidecar --service $service failed"
+    info "sidecar token for $service in $TOKENS/$service.token"
+  done
 }
 
 # start_instance NAME: the app and its sidecar, registered with the control plane.
@@ -202,6 +238,7 @@ start_instance() {
   start "$name-sidecar" env NO_COLOR=1 "$BIN/sidecar" --service "$service" --app-port "$app" \
     --inbound-ip 127.0.0.1 --inbound-port "$in" --outbound-port "$out" --admin-port "$admin" \
     --labels "version=$version" --control-plane "$MESHLET_SERVER" \
+    --token-file "$TOKENS/$service.token" --ca-file "$CA_FILE" \
     --snapshot-file "$LOG_DIR/$name.snapshot.json"
 }
 
@@ -276,17 +313,17 @@ run_shown() {
 
 # trace_has_spans TRACE_ID N: the control plane holds N spans of the trace.
 trace_has_spans() {
-  curl -fsS --max-time 2 "$MESHLET_SERVER/api/traces/$1" | jq -e --argjson n "$2" '.spans | length == $n'
+  cp_curl -fsS --max-time 2 "$MESHLET_SERVER/api/traces/$1" | jq -e --argjson n "$2" '.spans | length == $n'
 }
 
 # registered SERVICE ADDRESS HEALTHY: is ADDRESS registered with that health?
 registered() {
-  curl -fsS --max-time 2 "$MESHLET_SERVER/api/v1/services/default/$1" |
+  cp_curl -fsS --max-time 2 "$MESHLET_SERVER/api/v1/services/default/$1" |
     jq -e --arg a "$2" --argjson h "$3" '[.instances[] | select(.address == $a and .healthy == $h)] | length == 1'
 }
 # not_registered SERVICE ADDRESS
 not_registered() {
-  curl -fsS --max-time 2 "$MESHLET_SERVER/api/v1/services/default/$1" |
+  cp_curl -fsS --max-time 2 "$MESHLET_SERVER/api/v1/services/default/$1" |
     jq -e --arg a "$2" '[.instances[] | select(.address == $a)] | length == 0'
 }
 # routes_to ADMIN_PORT SERVICE N: the sidecar routes SERVICE to N healthy endpoints.
@@ -302,7 +339,12 @@ done
 
 section "Control plane (logs and data in $LOG_DIR)"
 start_control_plane
+info "HTTPS with its own CA ($CA_FILE); meshctl uses the admin token it wrote ($DATA_DIR/admin.token)"
 run_shown meshctl apply -f examples/policies/health-checks.yaml || bad "meshctl apply failed"
+
+section "Credentials: one sidecar token per service, each bound to its service"
+sidecar_tokens frontend orders inventory
+run_shown meshctl token list || bad "meshctl token list failed"
 
 section "Three services, four instances, each with a sidecar registered with the control plane"
 for name in "${INSTANCES[@]}"; do start_instance "$name"; done
@@ -362,7 +404,7 @@ traffic "$ROUNDS requests after the restart"
 
 section "Policies: applied with meshctl, enforced by every sidecar within a second"
 POLICIES=examples/policies/demo
-REV_BEFORE_POLICIES=$(curl -fsS "$MESHLET_SERVER/api/v1/revisions?limit=1" | jq '.[0].revision')
+REV_BEFORE_POLICIES=$(cp_curl -fsS "$MESHLET_SERVER/api/v1/revisions?limit=1" | jq '.[0].revision')
 printf '\n   %s$ meshctl diff -f %s%s   (exit 1: something would change)\n' "$BOLD" "$POLICIES" "$RESET"
 meshctl diff -f "$POLICIES" 2>&1 | sed 's/^/     /' || true
 run_shown meshctl apply -f "$POLICIES" || bad "meshctl apply failed"
@@ -427,11 +469,15 @@ info "logs: $LOG_DIR"
 if ((KEEP_RUNNING)); then
   section "Keeping traffic flowing (one request per second); Ctrl-C to stop"
   info "the dashboard (services, topology, policies, traces; live): $MESHLET_SERVER/"
+  info "  (log in with the admin token in $DATA_DIR/admin.token; the browser does not know"
+  info "   the demo's CA, $CA_FILE, so it warns about the certificate)"
   info "meanwhile, in another terminal:"
-  info "  export MESHLET_SERVER=$MESHLET_SERVER PATH=$BIN:\$PATH"
+  info "  export MESHLET_SERVER=$MESHLET_SERVER MESHLET_CA_FILE=$CA_FILE PATH=$BIN:\$PATH"
+  info "  export MESHLET_TOKEN=\$(cat $DATA_DIR/admin.token)"
   info "  meshctl get services; meshctl describe service orders"
   info "  curl -X POST http://127.0.0.1:18081/health/fail    # watch orders v1 drop out"
   info "  curl http://127.0.0.1:18020/config_dump | jq .snapshot   # what frontend's sidecar routes with"
+  info "  curl --cacert \$MESHLET_CA_FILE -H \"Authorization: Bearer \$MESHLET_TOKEN\" $MESHLET_SERVER/api/v1/services"
   IN_KEEP_RUNNING=1
   for ((i = 1; ; i++)); do
     for name in "${!PID_OF[@]}"; do

@@ -20,7 +20,7 @@ use std::time::Instant;
 
 use axum::body::{Body, Bytes};
 use axum::extract::rejection::{BytesRejection, QueryRejection};
-use axum::extract::{DefaultBodyLimit, Path, Query, State};
+use axum::extract::{DefaultBodyLimit, Extension, Path, Query, State};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
@@ -36,6 +36,7 @@ use meshlet_api::Resource;
 use serde::Deserialize;
 use tracing::Instrument;
 
+use crate::auth::{Action, Principal};
 use crate::clock::now_ms;
 use crate::dashboard;
 use crate::error::{ApiFailure, StoreError};
@@ -52,7 +53,10 @@ const MAX_HISTORY: usize = 10_000;
 /// Largest stats report accepted (a few hundred routes).
 const STATS_BODY_LIMIT: usize = 1 << 20;
 
+/// Every route, behind the access guard (`access::guard`: Host names,
+/// credentials, the route's gate; see `access`), in a `request` span.
 pub fn router(state: AppState) -> Router {
+    let access = state.access.clone();
     Router::new()
         .route(paths::HEALTH, get(|| async { "ok" }))
         .route(paths::INSTANCES, post(register))
@@ -94,6 +98,8 @@ pub fn router(state: AppState) -> Router {
         .route(&trace_wire::paths::trace("{id}"), get(trace))
         .route("/metrics", get(metrics))
         .merge(crate::ui::routes())
+        .merge(crate::token_routes::routes())
+        .merge(crate::access::session_routes(access.clone()))
         .fallback(|| async { ApiFailure::NotFound("no such API path".into()) })
         .method_not_allowed_fallback(|| async {
             let body = meshlet_api::mesh::ApiError {
@@ -101,6 +107,10 @@ pub fn router(state: AppState) -> Router {
             };
             (StatusCode::METHOD_NOT_ALLOWED, Json(body))
         })
+        .layer(axum::middleware::from_fn_with_state(
+            access,
+            crate::access::guard,
+        ))
         .layer(axum::middleware::from_fn(request_span))
         .with_state(state)
 }
@@ -132,33 +142,48 @@ async fn detached<T: Send + 'static>(
         .map_err(|e| ApiFailure::Store(StoreError::Task(e.to_string())))?
 }
 
+/// Validates the registration (400), checks the caller's role may register
+/// its service (403); the controller claims the id (409).
 async fn register(
     State(state): State<AppState>,
+    Extension(principal): Extension<Principal>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiFailure> {
     let registration: Registration = json_body(body)?;
+    registration.validate().map_err(|(field, message)| {
+        ApiFailure::BadRequest(format!("invalid registration: {field}: {message}"))
+    })?;
+    principal
+        .may(Action::RegisterInstance {
+            namespace: &registration.namespace,
+            service: &registration.service,
+        })
+        .map_err(|denied| ApiFailure::Forbidden(denied.to_string()))?;
     let controller = state.controller.clone();
-    let reply = detached(async move { controller.register(registration).await }).await?;
+    let reply =
+        detached(async move { controller.register(registration, &principal).await }).await?;
     Ok(Json(reply).into_response())
 }
 
 async fn heartbeat(
     State(state): State<AppState>,
+    Extension(principal): Extension<Principal>,
     Path(id): Path<String>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<StatusCode, ApiFailure> {
     let heartbeat: Heartbeat = json_body(body)?;
     let controller = state.controller.clone();
-    detached(async move { controller.heartbeat(&id, heartbeat).await }).await?;
+    detached(async move { controller.heartbeat(&id, heartbeat, &principal).await }).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
 async fn deregister(
     State(state): State<AppState>,
+    Extension(principal): Extension<Principal>,
     Path(id): Path<String>,
 ) -> Result<StatusCode, ApiFailure> {
     let controller = state.controller.clone();
-    detached(async move { controller.deregister(&id).await }).await?;
+    detached(async move { controller.deregister(&id, &principal).await }).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -278,13 +303,16 @@ async fn resources(State(state): State<AppState>) -> Json<Vec<Resource>> {
     Json(published.resources.values().cloned().collect())
 }
 
+/// The revision's actor is the caller's token name; a client's `actor`
+/// field is accepted (older meshctl sends one) and ignored.
 async fn apply(
     State(state): State<AppState>,
+    Extension(principal): Extension<Principal>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiFailure> {
     let request: ApplyRequest = json_body(body)?;
     let controller = state.controller.clone();
-    let reply = detached(async move { controller.apply(request).await }).await?;
+    let reply = detached(async move { controller.apply(request, &principal.name).await }).await?;
     Ok(Json(reply).into_response())
 }
 
@@ -303,11 +331,12 @@ async fn resource_info(State(state): State<AppState>) -> Json<Vec<ResourceInfo>>
 
 async fn delete(
     State(state): State<AppState>,
+    Extension(principal): Extension<Principal>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiFailure> {
     let request: DeleteRequest = json_body(body)?;
     let controller = state.controller.clone();
-    let reply = detached(async move { controller.delete(request).await }).await?;
+    let reply = detached(async move { controller.delete(request, &principal.name).await }).await?;
     Ok(Json(reply).into_response())
 }
 
@@ -322,11 +351,13 @@ async fn diff(
 
 async fn rollback(
     State(state): State<AppState>,
+    Extension(principal): Extension<Principal>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiFailure> {
     let request: RollbackRequest = json_body(body)?;
     let controller = state.controller.clone();
-    let reply = detached(async move { controller.rollback(request).await }).await?;
+    let reply =
+        detached(async move { controller.rollback(request, &principal.name).await }).await?;
     Ok(Json(reply).into_response())
 }
 

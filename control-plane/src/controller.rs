@@ -5,6 +5,14 @@
 //! the store commits it (on the blocking pool) → the registry applies it →
 //! the hub publishes it to watchers. A failed commit changes nothing.
 //!
+//! Instance ownership (issue 13): the controller also keeps the
+//! [`Owners`] of instance ids. Register claims the id for the caller's
+//! token (409 if another holds it) under the writer lock, before the
+//! revision; heartbeat, deregister and stats check the caller holds it
+//! (or is an admin; 403, 404 for an unknown id) and that its role allows
+//! the action for the *stored* instance's namespace/service. Deregister and
+//! expiry release the id. Owners are saved to the store after each change.
+//!
 //! Heartbeats that do not change health never take the writer lock: they
 //! only refresh the instance's deadline in the in-memory liveness table,
 //! which the reaper scans to expire instances.
@@ -26,6 +34,7 @@ use meshlet_api::mesh::{
 use meshlet_api::{parse_documents, Resource, ResourceKey};
 use tokio::sync::watch;
 
+use crate::auth::{Action, Claim, Owners, OwnershipError, Principal};
 use crate::clock::now_ms;
 use crate::error::{ApiFailure, StoreError};
 use crate::push::{Hub, Published};
@@ -46,7 +55,26 @@ pub struct Controller {
     store: Arc<dyn Store>,
     hub: Arc<Hub>,
     liveness: Mutex<HashMap<String, Liveness>>,
+    /// Who registered which instance id; changed under the writer lock.
+    owners: Mutex<Owners>,
     ttl: Duration,
+}
+
+/// What a caller wants to do with a registered instance.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InstanceUse {
+    Heartbeat,
+    Deregister,
+    /// Report its stats (the route's gate already checked the role).
+    Stats,
+}
+
+fn ownership_failure(error: OwnershipError) -> ApiFailure {
+    match error {
+        OwnershipError::HeldByOther { .. } => ApiFailure::Conflict(error.to_string()),
+        OwnershipError::NotHolder { .. } => ApiFailure::Forbidden(error.to_string()),
+        OwnershipError::Unknown { .. } => ApiFailure::NotFound(error.to_string()),
+    }
 }
 
 impl Controller {
@@ -54,6 +82,8 @@ impl Controller {
     /// TTL.
     pub fn load(store: Arc<dyn Store>, ttl: Duration) -> Result<Controller, StoreError> {
         let registry = Registry::from_loaded(store.load()?);
+        let mut owners = store.load_access()?.owners;
+        owners.retain(|id| registry.instance(id).is_some());
         let now = Instant::now();
         let liveness = registry
             .instances()
@@ -76,8 +106,57 @@ impl Controller {
             store,
             hub,
             liveness: Mutex::new(liveness),
+            owners: Mutex::new(owners),
             ttl,
         })
+    }
+
+    /// Saves the instance owners (on the blocking pool).
+    async fn save_owners(&self) -> Result<(), StoreError> {
+        let owners = self.owners.lock().unwrap().clone();
+        let store = self.store.clone();
+        tokio::task::spawn_blocking(move || store.save_owners(&owners))
+            .await
+            .map_err(|e| StoreError::Task(e.to_string()))?
+    }
+
+    /// Whether `principal` may use instance `id` this way: it holds the id
+    /// (or is an admin) and its role allows the action for the stored
+    /// instance's namespace and service.
+    pub fn check_instance(
+        &self,
+        id: &str,
+        principal: &Principal,
+        use_: InstanceUse,
+    ) -> Result<(), ApiFailure> {
+        self.owners
+            .lock()
+            .unwrap()
+            .check(id, principal)
+            .map_err(ownership_failure)?;
+        let published = self.published();
+        let Some(instance) = published.instances.get(id) else {
+            return Err(ApiFailure::NotFound(format!(
+                "instance {id:?} is not registered"
+            )));
+        };
+        let (namespace, service) = (
+            instance.registration.namespace.as_str(),
+            instance.registration.service.as_str(),
+        );
+        let action = match use_ {
+            InstanceUse::Heartbeat => Action::HeartbeatInstance { namespace, service },
+            InstanceUse::Deregister => Action::DeregisterInstance { namespace, service },
+            InstanceUse::Stats => return Ok(()),
+        };
+        principal
+            .may(action)
+            .map_err(|denied| ApiFailure::Forbidden(denied.to_string()))
+    }
+
+    /// Who holds instance `id` (tests, diagnostics).
+    pub fn owner_of(&self, id: &str) -> Option<String> {
+        self.owners.lock().unwrap().holder(id).map(str::to_owned)
     }
 
     pub fn hub(&self) -> &Arc<Hub> {
@@ -122,18 +201,40 @@ impl Controller {
         Ok(plan.commit.revision)
     }
 
+    /// Registers (or re-registers) an instance for `principal`, whose role
+    /// the caller has checked against the registration's service; the id
+    /// is claimed for its token (409 when another credential holds it).
     pub async fn register(
         &self,
         registration: Registration,
+        principal: &Principal,
     ) -> Result<RegistrationReply, ApiFailure> {
         check_registration(&registration)?;
         let mut registry = self.writer.lock().await;
         let id = registration.id.clone();
         let healthy = registration.healthy;
-        let revision = match registry.plan_register(registration, now_ms()) {
-            Some(plan) => self.commit(&mut registry, plan).await?,
+        let claim = self
+            .owners
+            .lock()
+            .unwrap()
+            .claim(&id, principal)
+            .map_err(ownership_failure)?;
+        let planned = registry.plan_register(registration, now_ms());
+        let revision = match planned {
+            Some(plan) => match self.commit(&mut registry, plan).await {
+                Ok(revision) => revision,
+                Err(err) => {
+                    if claim == Claim::New {
+                        self.owners.lock().unwrap().release(&id);
+                    }
+                    return Err(err.into());
+                }
+            },
             None => registry.revision(),
         };
+        if claim == Claim::New {
+            self.save_owners().await?;
+        }
         self.liveness.lock().unwrap().insert(
             id,
             Liveness {
@@ -148,7 +249,14 @@ impl Controller {
         })
     }
 
-    pub async fn heartbeat(&self, id: &str, heartbeat: Heartbeat) -> Result<(), ApiFailure> {
+    /// A heartbeat of instance `id` by `principal` (see [`Controller::check_instance`]).
+    pub async fn heartbeat(
+        &self,
+        id: &str,
+        heartbeat: Heartbeat,
+        principal: &Principal,
+    ) -> Result<(), ApiFailure> {
+        self.check_instance(id, principal, InstanceUse::Heartbeat)?;
         let not_found = || ApiFailure::NotFound(format!("instance {id:?} is not registered"));
         {
             let mut liveness = self.liveness.lock().unwrap();
@@ -173,13 +281,18 @@ impl Controller {
         Ok(())
     }
 
-    pub async fn deregister(&self, id: &str) -> Result<(), ApiFailure> {
+    /// Removes instance `id` for `principal` (see
+    /// [`Controller::check_instance`]) and releases its id.
+    pub async fn deregister(&self, id: &str, principal: &Principal) -> Result<(), ApiFailure> {
         let mut registry = self.writer.lock().await;
+        self.check_instance(id, principal, InstanceUse::Deregister)?;
         let plan = registry
             .plan_deregister(id, now_ms())
             .ok_or_else(|| ApiFailure::NotFound(format!("instance {id:?} is not registered")))?;
         self.commit(&mut registry, plan).await?;
         self.liveness.lock().unwrap().remove(id);
+        self.owners.lock().unwrap().release(id);
+        self.save_owners().await?;
         Ok(())
     }
 
@@ -221,6 +334,13 @@ impl Controller {
         // liveness entry: their next heartbeat gets 404 and they register
         // again.
         self.commit(&mut registry, plan).await?;
+        {
+            let mut owners = self.owners.lock().unwrap();
+            for id in &ids {
+                owners.release(id);
+            }
+        }
+        self.save_owners().await?;
         Ok(count)
     }
 
@@ -244,9 +364,14 @@ impl Controller {
 
     /// `POST /api/v1/apply`: parse everything first, then one revision for
     /// all changes (or none).
-    pub async fn apply(&self, request: ApplyRequest) -> Result<ApplyReply, ApiFailure> {
+    /// `actor`: the caller's token name (a client's `actor` field is ignored).
+    pub async fn apply(
+        &self,
+        request: ApplyRequest,
+        actor: &str,
+    ) -> Result<ApplyReply, ApiFailure> {
         let resources = parse_request(&request)?;
-        let actor = actor_of(request.actor);
+        let actor = actor_of(actor);
         let mut registry = self.writer.lock().await;
         let (outcomes, plan) = registry.plan_apply(resources, &actor, now_ms());
         let revision = match plan {
@@ -258,7 +383,11 @@ impl Controller {
 
     /// `POST /api/v1/delete`: the resources named by the files (parsed and
     /// validated like an apply) and the keys, in one revision.
-    pub async fn delete(&self, request: DeleteRequest) -> Result<DeleteReply, ApiFailure> {
+    pub async fn delete(
+        &self,
+        request: DeleteRequest,
+        actor: &str,
+    ) -> Result<DeleteReply, ApiFailure> {
         let mut keys: Vec<ResourceKey> = parse_request(&ApplyRequest {
             files: request.files,
             actor: None,
@@ -281,7 +410,7 @@ impl Controller {
         if keys.is_empty() {
             return Err(ApiFailure::BadRequest("nothing to delete".into()));
         }
-        let actor = actor_of(request.actor);
+        let actor = actor_of(actor);
         let mut registry = self.writer.lock().await;
         let (outcomes, plan) = registry
             .plan_delete(keys, request.ignore_not_found, &actor, now_ms())
@@ -327,9 +456,14 @@ impl Controller {
 
     /// `POST /api/v1/rollback`: the resources as right after
     /// `request.revision`, as one new revision (instances are untouched).
-    pub async fn rollback(&self, request: RollbackRequest) -> Result<RollbackReply, ApiFailure> {
+    /// Refuses (400) a target whose resources fail today's validation.
+    pub async fn rollback(
+        &self,
+        request: RollbackRequest,
+        actor: &str,
+    ) -> Result<RollbackReply, ApiFailure> {
         let to = request.revision;
-        let actor = format!("rollback to {to} by {}", actor_of(request.actor));
+        let actor = format!("rollback to {to} by {}", actor_of(actor));
         let mut registry = self.writer.lock().await;
         let current = registry.revision();
         if to == 0 || to > current {
@@ -354,6 +488,14 @@ impl Controller {
             }
         };
         let target = rewind(registry.resources(), &changes);
+        for resource in target.values() {
+            if let Err((field, message)) = resource.validate() {
+                return Err(ApiFailure::BadRequest(format!(
+                    "revision {to} cannot be restored: {} is no longer valid: {field}: {message}",
+                    resource.key()
+                )));
+            }
+        }
         match registry.plan_rollback(target, &actor, now_ms()) {
             Some(plan) => {
                 let lines = plan.commit.record.changes.clone();
@@ -392,10 +534,12 @@ impl Controller {
     }
 }
 
-fn actor_of(actor: Option<String>) -> String {
-    actor
-        .filter(|a| !a.trim().is_empty())
-        .unwrap_or_else(|| "unknown".to_owned())
+fn actor_of(actor: &str) -> String {
+    if actor.trim().is_empty() {
+        "unknown".to_owned()
+    } else {
+        actor.to_owned()
+    }
 }
 
 /// A registration needs an id, a service name and a real port.
@@ -444,6 +588,13 @@ mod tests {
     use crate::store::MemoryStore;
     use meshlet_api::mesh::ApplyFile;
 
+    fn admin() -> Principal {
+        Principal {
+            name: "me@host".into(),
+            role: crate::auth::Role::Admin,
+        }
+    }
+
     fn controller(store: Arc<MemoryStore>) -> Controller {
         Controller::load(store, Duration::from_secs(10)).unwrap()
     }
@@ -455,13 +606,13 @@ mod tests {
         let store = Arc::new(MemoryStore::new());
         let c = controller(store.clone());
         let reply = c
-            .register(registration("o1", "orders", 8081))
+            .register(registration("o1", "orders", 8081), &admin())
             .await
             .unwrap();
         assert_eq!(reply.revision, 1);
         assert_eq!(reply.heartbeat_interval_ms, 3333);
         assert_eq!(reply.ttl_ms, 10_000);
-        c.heartbeat("o1", Heartbeat { healthy: true })
+        c.heartbeat("o1", Heartbeat { healthy: true }, &admin())
             .await
             .unwrap();
         assert_eq!(
@@ -470,13 +621,13 @@ mod tests {
             "unchanged heartbeat: no revision"
         );
         assert_eq!(store.history(10).unwrap().len(), 1);
-        c.heartbeat("o1", Heartbeat { healthy: false })
+        c.heartbeat("o1", Heartbeat { healthy: false }, &admin())
             .await
             .unwrap();
         assert_eq!(c.published().revision, 2);
         assert!(!c.published().instances["o1"].registration.healthy);
         let err = c
-            .heartbeat("x", Heartbeat { healthy: true })
+            .heartbeat("x", Heartbeat { healthy: true }, &admin())
             .await
             .unwrap_err();
         assert!(matches!(err, ApiFailure::NotFound(_)));
@@ -486,10 +637,10 @@ mod tests {
     async fn reaper_expires_in_one_revision() {
         let store = Arc::new(MemoryStore::new());
         let c = controller(store.clone());
-        c.register(registration("o1", "orders", 8081))
+        c.register(registration("o1", "orders", 8081), &admin())
             .await
             .unwrap();
-        c.register(registration("o2", "orders", 8082))
+        c.register(registration("o2", "orders", 8082), &admin())
             .await
             .unwrap();
         assert_eq!(c.reap(Instant::now()).await.unwrap(), 0);
@@ -511,7 +662,7 @@ mod tests {
         let c = controller(store.clone());
         store.fail_commits(true);
         let err = c
-            .register(registration("o1", "orders", 8081))
+            .register(registration("o1", "orders", 8081), &admin())
             .await
             .unwrap_err();
         assert!(matches!(err, ApiFailure::Store(_)));
@@ -519,7 +670,7 @@ mod tests {
         assert!(c.last_heartbeat_ago("o1").is_none());
         store.fail_commits(false);
         assert_eq!(
-            c.register(registration("o1", "orders", 8081))
+            c.register(registration("o1", "orders", 8081), &admin())
                 .await
                 .unwrap()
                 .revision,
@@ -539,10 +690,10 @@ mod tests {
             actor: Some("me@host".into()),
         };
         let bad = c
-            .apply(request(vec![
-                file("a.yaml", POLICY),
-                file("b.yaml", "kind: Nope\n"),
-            ]))
+            .apply(
+                request(vec![file("a.yaml", POLICY), file("b.yaml", "kind: Nope\n")]),
+                "me@host",
+            )
             .await
             .unwrap_err();
         assert!(
@@ -550,10 +701,10 @@ mod tests {
             "{bad}"
         );
         let twice = c
-            .apply(request(vec![
-                file("a.yaml", POLICY),
-                file("b.yaml", POLICY),
-            ]))
+            .apply(
+                request(vec![file("a.yaml", POLICY), file("b.yaml", POLICY)]),
+                "me@host",
+            )
             .await
             .unwrap_err();
         assert_eq!(
@@ -562,13 +713,13 @@ mod tests {
         );
         assert_eq!(c.published().revision, 0);
         let reply = c
-            .apply(request(vec![file("a.yaml", POLICY)]))
+            .apply(request(vec![file("a.yaml", POLICY)]), "me@host")
             .await
             .unwrap();
         assert_eq!(reply.revision, 1);
         assert_eq!(reply.outcomes[0].action, ApplyAction::Created);
         let reply = c
-            .apply(request(vec![file("a.yaml", POLICY)]))
+            .apply(request(vec![file("a.yaml", POLICY)]), "me@host")
             .await
             .unwrap();
         assert_eq!(reply.revision, 1);

@@ -90,12 +90,25 @@ fn instances_by_service(
 }
 
 /// `POST /api/v1/instances/{id}/stats`.
+/// Only the instance's holder (or an admin) may report its stats.
 pub async fn ingest(
     State(state): State<AppState>,
+    axum::extract::Extension(principal): axum::extract::Extension<crate::auth::Principal>,
     Path(id): Path<String>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<StatusCode, ApiFailure> {
-    let report: StatsReport = json_body(body)?;
+    state
+        .controller
+        .check_instance(&id, &principal, crate::controller::InstanceUse::Stats)?;
+    let body = body.map(|b| {
+        let len = b.len();
+        (b, len)
+    });
+    let (bytes, len) = match body {
+        Ok((b, len)) => (Ok(b), len),
+        Err(e) => (Err(e), 0),
+    };
+    let report: StatsReport = json_body(bytes)?;
     let published = state.controller.published();
     let instance = published.instances.get(&id).ok_or_else(|| {
         ApiFailure::NotFound(format!(
@@ -108,7 +121,13 @@ pub async fn ingest(
     };
     state
         .stats
-        .ingest(&id, service, report, now_ms())
+        .ingest(
+            &id,
+            service,
+            report,
+            crate::stats::report_bytes(len),
+            now_ms(),
+        )
         .map_err(|e| ApiFailure::BadRequest(format!("invalid stats report: {e}")))?;
     state.activity.notify();
     Ok(StatusCode::NO_CONTENT)

@@ -3,7 +3,7 @@
 //! - [`StoreError`]: a durable-store operation failed; carries what was being
 //!   done (opening which file, committing which revision).
 //! - [`StartupError`]: the `control-plane` binary could not start (data dir,
-//!   store, listener); `main` prints it as one line and exits non-zero.
+//!   store, files, CA, admin token, listener); `main` prints it as one line and exits non-zero.
 //! - [`ApiFailure`]: what an HTTP handler answers instead of a success; it is
 //!   the one place a failure becomes a status code and an `ApiError` body.
 
@@ -25,6 +25,8 @@ pub enum StoreError {
     },
     #[error("cannot read the store: {0}")]
     Read(#[source] redb::Error),
+    #[error("cannot write the credentials to the store: {0}")]
+    Write(#[source] redb::Error),
     #[error("cannot commit revision {revision} to the store: {source}")]
     Commit {
         revision: u64,
@@ -58,6 +60,14 @@ pub enum StartupError {
     },
     #[error("{0}")]
     Store(#[from] StoreError),
+    #[error("data directory: {0}")]
+    Files(#[from] crate::files::FileError),
+    #[error("mesh CA: {0}")]
+    Ca(#[from] crate::ca::CaError),
+    #[error("admin token: {0}")]
+    AdminToken(#[from] crate::auth::AdminTokenError),
+    #[error("stored tokens: {0}")]
+    Tokens(#[from] crate::auth::TokenError),
     #[error("cannot listen on {addr}: {source}")]
     Listen {
         addr: SocketAddr,
@@ -66,8 +76,6 @@ pub enum StartupError {
     },
     #[error("cannot install the signal handler: {0}")]
     Signal(#[source] std::io::Error),
-    #[error("serving the API failed: {0}")]
-    Serve(#[source] std::io::Error),
 }
 
 /// A failed API request: status and message of the `ApiError` body.
@@ -77,6 +85,12 @@ pub enum ApiFailure {
     BadRequest(String),
     #[error("{0}")]
     NotFound(String),
+    /// The caller's token may not do this.
+    #[error("{0}")]
+    Forbidden(String),
+    /// Another credential holds the instance id.
+    #[error("{0}")]
+    Conflict(String),
     #[error("{0}")]
     PayloadTooLarge(String),
     #[error("{0}")]
@@ -93,6 +107,8 @@ impl ApiFailure {
         match self {
             ApiFailure::BadRequest(_) => StatusCode::BAD_REQUEST,
             ApiFailure::NotFound(_) => StatusCode::NOT_FOUND,
+            ApiFailure::Forbidden(_) => StatusCode::FORBIDDEN,
+            ApiFailure::Conflict(_) => StatusCode::CONFLICT,
             ApiFailure::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiFailure::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiFailure::Store(_) | ApiFailure::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,

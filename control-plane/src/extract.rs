@@ -9,11 +9,18 @@ use serde::de::DeserializeOwned;
 
 use crate::error::ApiFailure;
 
-/// Decodes a JSON body strictly; any problem is a 400 naming it.
+/// Decodes a JSON body strictly; any problem is a 400 naming it, a body
+/// past the route's limit a 413.
 pub fn json_body<T: DeserializeOwned>(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<T, ApiFailure> {
-    let body = body.map_err(|e| ApiFailure::BadRequest(format!("cannot read the body: {e}")))?;
+    let body = body.map_err(|e| {
+        if e.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE {
+            ApiFailure::PayloadTooLarge(format!("request body too large: {e}"))
+        } else {
+            ApiFailure::BadRequest(format!("cannot read the body: {e}"))
+        }
+    })?;
     serde_json::from_slice(&body)
         .map_err(|e| ApiFailure::BadRequest(format!("invalid request body: {e}")))
 }

@@ -31,13 +31,24 @@
 //!   stats endpoint; `events`: its server-sent update events; `ui`: the
 //!   dashboard page (`control-plane/ui/`, embedded), at `/`.
 //! - [`error`]: error types. `clock`: the wall clock in milliseconds.
+//! - Security (issue 13): `access` (the guard in front of every route:
+//!   Host names, credentials, the route's gate; log-in sessions),
+//!   [`auth`] (tokens, roles, instance owners, `admin.token`),
+//!   `token_routes` (`/api/v1/tokens`), [`ca`] (the mesh CA and the server
+//!   certificate), [`files`] (private data dir and files), `listener`
+//!   (the HTTPS accept loop with connection caps and deadlines).
 //!
-//! Public modules are those the binary and the integration tests use.
+//! Public modules are those the binary and the integration tests use,
+//! plus [`auth`] (its types are in the [`store::Store`] trait), [`ca`]
+//! (workload certificates, issue 14, are not wired yet) and [`files`]
+//! (to be shared with the sidecar).
 
-pub mod access;
+pub(crate) mod access;
 pub mod api;
 pub mod auth;
 pub mod ca;
+#[cfg(test)]
+mod cancelled_request_tests;
 pub(crate) mod clock;
 pub mod controller;
 pub(crate) mod dashboard;
@@ -46,7 +57,7 @@ pub mod error;
 pub(crate) mod events;
 pub(crate) mod extract;
 pub mod files;
-pub mod listener;
+pub(crate) mod listener;
 pub(crate) mod metrics;
 pub(crate) mod push;
 pub(crate) mod registry;
@@ -54,5 +65,6 @@ pub mod server;
 pub mod state;
 pub(crate) mod stats;
 pub mod store;
+pub(crate) mod token_routes;
 pub mod traces;
 pub(crate) mod ui;

@@ -1,27 +1,35 @@
 //! The `control-plane` binary's settings, startup and shutdown.
 //!
-//! Startup: check the data directory → open the redb store → load it into
-//! the controller → bind the listener → serve the API (with the OTLP
-//! receiver and its in-memory trace store) and run the reaper.
+//! Startup: the data directory (0700, `files::ensure_private_dir`) → open
+//! the redb store (0600) → load it into the controller → the mesh CA
+//! (`ca.crt` 0644 / `ca.key` 0600, created on first start) → the tokens
+//! from the store, the bootstrap `admin.token` (0600; persisted when it
+//! changed) → the server certificate for the listen address, localhost,
+//! the `--advertise-name`s and the Kubernetes names (the same names are
+//! the allowed `Host`s) → raise the open-file limit → serve HTTPS through
+//! `listener::serve` (connection caps and deadlines) with every route
+//! behind the access guard, and run the reaper.
 //! SIGTERM/SIGINT flips one shutdown flag that ends the watch streams, the
 //! reaper and (gracefully) the HTTP server. Any startup failure is a
 //! [`StartupError`] that `main` prints as one line.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
 use tokio::sync::watch;
 
+use crate::access::{Access, AllowedHosts};
 use crate::api::router;
+use crate::auth::Tokens;
 use crate::controller::Controller;
 use crate::error::StartupError;
 use crate::events::Activity;
 use crate::state::AppState;
 use crate::stats::StatsStore;
-use crate::store::RedbStore;
+use crate::store::{RedbStore, Store};
 use crate::traces::{TraceLimits, TraceStore};
 
 fn parse_keepalive(text: &str) -> Result<Duration, String> {
@@ -61,7 +69,8 @@ pub struct Settings {
     /// Address of the HTTP API and watch stream.
     #[arg(long, env = "MESHLET_LISTEN", default_value = "127.0.0.1:15010")]
     pub listen: SocketAddr,
-    /// Where the durable store (meshlet.redb) lives.
+    /// Where the durable store (meshlet.redb), the mesh CA (ca.crt, ca.key)
+    /// and the bootstrap admin.token live (mode 0700).
     #[arg(long, env = "MESHLET_DATA_DIR", default_value = "./meshlet-data")]
     pub data_dir: PathBuf,
     /// An instance without a heartbeat for this long is removed; sidecars
@@ -80,6 +89,23 @@ pub struct Settings {
     /// A trace is dropped this long after its last span arrived.
     #[arg(long, env = "MESHLET_TRACE_RETENTION", default_value = "15m", value_parser = parse_duration)]
     pub trace_retention: Duration,
+    /// Estimated bytes of stored spans at most (default 64 MiB); the least
+    /// recently updated traces go first.
+    #[arg(long, env = "MESHLET_TRACE_MAX_BYTES", default_value_t = crate::traces::store::DEFAULT_MAX_BYTES, value_parser = parse_capacity)]
+    pub trace_max_bytes: usize,
+    /// The mesh's SPIFFE trust domain (the CA's name; workload identities).
+    #[arg(long, env = "MESHLET_TRUST_DOMAIN", default_value = "meshlet.local")]
+    pub trust_domain: String,
+    /// A DNS name or IP clients reach the control plane by (repeatable):
+    /// added to the server certificate and the allowed Host names. The
+    /// listen IP, localhost, 127.0.0.1, ::1 and the Kubernetes Service
+    /// names are always in.
+    #[arg(
+        long = "advertise-name",
+        env = "MESHLET_ADVERTISE_NAME",
+        value_delimiter = ','
+    )]
+    pub advertise_names: Vec<String>,
 }
 
 impl Settings {
@@ -87,6 +113,7 @@ impl Settings {
         TraceLimits {
             capacity: self.trace_capacity,
             retention: self.trace_retention,
+            max_bytes: self.trace_max_bytes,
             ..TraceLimits::default()
         }
     }
@@ -106,13 +133,16 @@ pub fn init_logging(format: LogFormat) {
     }
 }
 
-/// Creates the data directory and proves it writable.
+/// Validity of the API server's certificate (re-issued at every start).
+const SERVER_CERT_TTL: Duration = Duration::from_secs(365 * 24 * 3600);
+
+/// Creates the data directory (0700) and proves it writable.
 fn check_data_dir(dir: &Path) -> Result<(), StartupError> {
     let fail = |source| StartupError::DataDir {
         path: dir.to_owned(),
         source,
     };
-    std::fs::create_dir_all(dir).map_err(fail)?;
+    crate::files::ensure_private_dir(dir)?;
     let probe = dir.join(".meshlet-write-test");
     std::fs::write(&probe, b"ok").map_err(fail)?;
     std::fs::remove_file(&probe).map_err(fail)
@@ -150,8 +180,20 @@ pub async fn run(
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), StartupError> {
     check_data_dir(&settings.data_dir)?;
-    let store = RedbStore::open(&settings.data_dir)?;
-    let controller = Arc::new(Controller::load(Arc::new(store), settings.ttl)?);
+    let store: Arc<dyn Store> = Arc::new(RedbStore::open(&settings.data_dir)?);
+    let controller = Arc::new(Controller::load(store.clone(), settings.ttl)?);
+    let (ca, origin) = crate::ca::load_or_create(&settings.data_dir, &settings.trust_domain)?;
+    tracing::info!(?origin, subject = ca.subject(), "mesh CA");
+    let tokens = load_tokens(&settings.data_dir, store.as_ref())?;
+    let listen = listener.local_addr().unwrap_or(settings.listen);
+    let names = crate::ca::server_names(listen, &settings.advertise_names);
+    let cert = ca.issue_server_cert(&names, SERVER_CERT_TTL)?;
+    let tls = crate::ca::server_tls_config(&cert.chain_pem, &cert.key_pem)?;
+    let tls = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
+    if let Some(limit) = crate::listener::raise_open_file_limit() {
+        tracing::debug!(limit, "open-file limit raised");
+    }
+    let access = Access::new(Arc::new(RwLock::new(tokens)), AllowedHosts::new(&names));
     let (stop, stopped) = watch::channel(false);
     let external_stop = stop.clone();
     let external = tokio::spawn(async move {
@@ -159,9 +201,9 @@ pub async fn run(
         tracing::info!("shutting down");
         external_stop.send_replace(true);
     });
-    let listen = listener.local_addr().unwrap_or(settings.listen);
     tracing::info!(
         listen = %listen,
+        names = ?names,
         data_dir = %settings.data_dir.display(),
         revision = controller.published().revision,
         instances = controller.published().instances.len(),
@@ -183,17 +225,34 @@ pub async fn run(
         keepalive: settings.keepalive,
         shutdown: shutdown.clone(),
         traces: Arc::new(TraceStore::new(settings.trace_limits())),
+        access,
+        store,
+        token_writer: Default::default(),
     });
-    let mut server_shutdown = shutdown;
-    let served = axum::serve(listener, app)
-        .with_graceful_shutdown(async move {
-            crate::push::stopped(&mut server_shutdown).await;
-        })
-        .await
-        .map_err(StartupError::Serve);
+    crate::listener::serve(
+        listener,
+        Some(tls),
+        app,
+        crate::listener::Limits::default(),
+        shutdown,
+    )
+    .await;
     stop.send_replace(true);
     external.abort();
     let _ = reaper.await;
     let _ = forget.await;
-    served
+    Ok(())
+}
+
+/// The tokens from the store, with a working bootstrap admin token
+/// (`DATA_DIR/admin.token`); saved back when that changed them.
+fn load_tokens(data_dir: &Path, store: &dyn Store) -> Result<Tokens, StartupError> {
+    let mut tokens = Tokens::from_records(store.load_access()?.tokens)?;
+    let outcome = crate::auth::ensure_admin_token(data_dir, &mut tokens)?;
+    if outcome != crate::auth::AdminTokenOutcome::Kept {
+        let records: Vec<_> = tokens.records().cloned().collect();
+        store.save_tokens(&records)?;
+        tracing::info!(?outcome, path = %crate::auth::admin_token_path(data_dir).display(), "admin token");
+    }
+    Ok(tokens)
 }

@@ -1,5 +1,6 @@
 //! [`AppState`]: what every handler of the API shares (the controller,
-//! the trace and stats stores, the shutdown signal). A leaf: handlers
+//! the trace and stats stores, the shutdown signal, the access guard's
+//! state). A leaf: handlers
 //! import it, it imports no handler.
 
 use std::sync::Arc;
@@ -8,9 +9,11 @@ use std::time::Duration;
 use axum::extract::FromRef;
 use tokio::sync::watch;
 
+use crate::access::Access;
 use crate::controller::Controller;
 use crate::events::Activity;
 use crate::stats::StatsStore;
+use crate::store::Store;
 use crate::traces::TraceStore;
 
 #[derive(Clone)]
@@ -24,6 +27,12 @@ pub struct AppState {
     pub stats: Arc<StatsStore>,
     /// Wakes the dashboard's event streams.
     pub activity: Activity,
+    /// The tokens, sessions and Host names the access guard checks.
+    pub access: Access,
+    /// Where token changes are persisted (the controller's store).
+    pub store: Arc<dyn Store>,
+    /// One token change at a time (copy, persist, swap).
+    pub token_writer: Arc<tokio::sync::Mutex<()>>,
 }
 
 impl FromRef<AppState> for Arc<TraceStore> {

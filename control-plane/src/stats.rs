@@ -37,6 +37,16 @@ pub const RATE_WINDOW_MS: u64 = 30 * 1000;
 pub const MAX_REPORTS: usize = 1500;
 /// Routes and rate-limit entries accepted in one report.
 pub const MAX_ENTRIES: usize = 512;
+/// Estimated bytes of all kept reports at most (64 MiB): past it the
+/// oldest report of any instance goes first. A report is counted as its
+/// JSON body's length plus the bookkeeping ([`report_bytes`]).
+pub const MAX_BYTES: usize = 64 << 20;
+
+/// What one kept report is counted as: its JSON body's length (about what
+/// its decoded strings and numbers take) plus the `Stored` itself.
+pub fn report_bytes(body_len: usize) -> usize {
+    body_len + std::mem::size_of::<Stored>()
+}
 
 /// Why a report was refused.
 #[derive(Debug, thiserror::Error)]
@@ -147,6 +157,8 @@ pub struct Window {
 pub struct Stored {
     pub at_ms: u64,
     pub report: StatsReport,
+    /// Counted against [`MAX_BYTES`].
+    pub bytes: usize,
 }
 
 /// A breaker of one instance: its latest state and since when.
@@ -192,6 +204,31 @@ pub struct StatsStore {
     instances: Mutex<HashMap<String, InstanceStats>>,
 }
 
+/// Bytes of every kept report.
+fn total_bytes(instances: &HashMap<String, InstanceStats>) -> usize {
+    instances
+        .values()
+        .flat_map(|i| i.reports.iter())
+        .map(|r| r.bytes)
+        .sum()
+}
+
+/// Drops the oldest reports of any instance until `total` fits `max`.
+fn evict_to(instances: &mut HashMap<String, InstanceStats>, mut total: usize, max: usize) {
+    while total > max {
+        let oldest = instances
+            .iter()
+            .filter_map(|(id, i)| i.reports.front().map(|r| (r.at_ms, id.clone())))
+            .min();
+        let Some((_, id)) = oldest else {
+            return;
+        };
+        if let Some(report) = instances.get_mut(&id).and_then(|i| i.reports.pop_front()) {
+            total = total.saturating_sub(report.bytes);
+        }
+    }
+}
+
 fn validate(report: &StatsReport) -> Result<(), StatsError> {
     for (what, count) in [
         ("routes", report.routes.len()),
@@ -232,13 +269,28 @@ impl StatsStore {
         self.instances.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Keeps a report of instance `id` of `service`, received at `now_ms`.
+    /// Keeps a report of instance `id` of `service`, received at `now_ms`,
+    /// counted as `bytes` (see [`report_bytes`]); the store stays within
+    /// [`MAX_BYTES`].
     pub fn ingest(
         &self,
         id: &str,
         service: ServiceKey,
         report: StatsReport,
+        bytes: usize,
         now_ms: u64,
+    ) -> Result<(), StatsError> {
+        self.ingest_within(id, service, report, bytes, now_ms, MAX_BYTES)
+    }
+
+    fn ingest_within(
+        &self,
+        id: &str,
+        service: ServiceKey,
+        report: StatsReport,
+        bytes: usize,
+        now_ms: u64,
+        max_bytes: usize,
     ) -> Result<(), StatsError> {
         validate(&report)?;
         let mut instances = self.lock();
@@ -282,7 +334,10 @@ impl StatsStore {
         instance.reports.push_back(Stored {
             at_ms: now_ms,
             report,
+            bytes,
         });
+        let total = total_bytes(&instances);
+        evict_to(&mut instances, total, max_bytes);
         Ok(())
     }
 
@@ -524,6 +579,7 @@ mod tests {
                 "orders-1",
                 key("orders"),
                 inbound_orders([10, 0, 0, 0], 1),
+                100,
                 T0,
             )
             .unwrap();
@@ -532,6 +588,7 @@ mod tests {
                 "orders-2",
                 key("orders"),
                 inbound_orders([0, 20, 0, 0], 0),
+                100,
                 T0,
             )
             .unwrap();
@@ -540,7 +597,7 @@ mod tests {
             vec![route(StatsDirection::Outbound, "orders", [5, 0, 0, 0], 0)],
         );
         store
-            .ingest("frontend-1", key("frontend"), outbound, T0)
+            .ingest("frontend-1", key("frontend"), outbound, 100, T0)
             .unwrap();
         let services = store.traffic(T0 + 1, by_service);
         let orders = &services[&key("orders")];
@@ -558,10 +615,22 @@ mod tests {
     fn percentiles_interpolate_within_the_merged_buckets() {
         let store = StatsStore::new();
         store
-            .ingest("a", key("orders"), inbound_orders([50, 0, 0, 0], 0), T0)
+            .ingest(
+                "a",
+                key("orders"),
+                inbound_orders([50, 0, 0, 0], 0),
+                100,
+                T0,
+            )
             .unwrap();
         store
-            .ingest("b", key("orders"), inbound_orders([0, 40, 8, 2], 0), T0)
+            .ingest(
+                "b",
+                key("orders"),
+                inbound_orders([0, 40, 8, 2], 0),
+                100,
+                T0,
+            )
             .unwrap();
         let recent = &store.traffic(T0, by_service)[&key("orders")].recent;
         // Rank 50 of 100 is the last of the first bucket: its upper bound.
@@ -584,6 +653,7 @@ mod tests {
                     "a",
                     key("orders"),
                     inbound_orders([5, 0, 0, 0], 0),
+                    100,
                     T0 + i * 5000,
                 )
                 .unwrap();
@@ -604,7 +674,13 @@ mod tests {
         let store = StatsStore::new();
         for i in 0..(MAX_REPORTS as u64 + 10) {
             store
-                .ingest("a", key("orders"), inbound_orders([1, 0, 0, 0], 0), T0 + i)
+                .ingest(
+                    "a",
+                    key("orders"),
+                    inbound_orders([1, 0, 0, 0], 0),
+                    100,
+                    T0 + i,
+                )
                 .unwrap();
         }
         let now = T0 + MAX_REPORTS as u64 + 10;
@@ -618,12 +694,19 @@ mod tests {
                 "a",
                 key("orders"),
                 inbound_orders([1, 0, 0, 0], 0),
+                100,
                 now + WINDOW_MS,
             )
             .unwrap();
         assert_eq!(store.lock()["a"].reports.len(), 1);
         store
-            .ingest("b", key("orders"), inbound_orders([1, 0, 0, 0], 0), now)
+            .ingest(
+                "b",
+                key("orders"),
+                inbound_orders([1, 0, 0, 0], 0),
+                100,
+                now,
+            )
             .unwrap();
         store.retain(|id| id == "b");
         assert_eq!(store.instances(), 1);
@@ -639,7 +722,9 @@ mod tests {
                 route(StatsDirection::Outbound, "passthrough", [9, 0, 0, 0], 0),
             ],
         );
-        store.ingest("f", key("frontend"), outbound, T0).unwrap();
+        store
+            .ingest("f", key("frontend"), outbound, 100, T0)
+            .unwrap();
         let edges = store.traffic(
             T0,
             by_edge(|label| (label == "orders").then(|| key("orders"))),
@@ -665,7 +750,7 @@ mod tests {
         );
         calls_orders.breakers = vec![breaker("orders"), breaker("payments")];
         store
-            .ingest("f", key("frontend"), calls_orders, T0)
+            .ingest("f", key("frontend"), calls_orders, 100, T0)
             .unwrap();
         let shown: Vec<String> = store
             .breakers()
@@ -693,13 +778,20 @@ mod tests {
             ..StatsReport::default()
         };
         store
-            .ingest("f", key("frontend"), with_breaker(BreakerState::Closed), T0)
+            .ingest(
+                "f",
+                key("frontend"),
+                with_breaker(BreakerState::Closed),
+                100,
+                T0,
+            )
             .unwrap();
         store
             .ingest(
                 "f",
                 key("frontend"),
                 with_breaker(BreakerState::Open),
+                100,
                 T0 + 5000,
             )
             .unwrap();
@@ -708,6 +800,7 @@ mod tests {
                 "f",
                 key("frontend"),
                 with_breaker(BreakerState::Open),
+                100,
                 T0 + 10_000,
             )
             .unwrap();
@@ -727,7 +820,7 @@ mod tests {
         let mut bad = route(StatsDirection::Inbound, "orders", [1, 0, 0, 0], 0);
         bad.latency_counts.pop();
         let err = store
-            .ingest("a", key("orders"), report(5000, vec![bad]), T0)
+            .ingest("a", key("orders"), report(5000, vec![bad]), 100, T0)
             .unwrap_err();
         assert!(
             err.to_string()
@@ -737,7 +830,7 @@ mod tests {
         let mut unordered = route(StatsDirection::Inbound, "orders", [1, 0, 0, 0], 0);
         unordered.latency_buckets_ms = vec![5.0, 1.0, 10.0];
         assert!(matches!(
-            store.ingest("a", key("orders"), report(5000, vec![unordered]), T0),
+            store.ingest("a", key("orders"), report(5000, vec![unordered]), 100, T0),
             Err(StatsError::LatencyBounds { .. })
         ));
     }
@@ -746,13 +839,20 @@ mod tests {
     fn series_has_one_point_per_interval_with_empty_ones() {
         let store = StatsStore::new();
         store
-            .ingest("a", key("orders"), inbound_orders([10, 0, 0, 0], 0), T0)
+            .ingest(
+                "a",
+                key("orders"),
+                inbound_orders([10, 0, 0, 0], 0),
+                100,
+                T0,
+            )
             .unwrap();
         store
             .ingest(
                 "a",
                 key("orders"),
                 inbound_orders([0, 0, 5, 0], 5),
+                100,
                 T0 + 10_000,
             )
             .unwrap();
@@ -762,5 +862,27 @@ mod tests {
         assert_eq!(points[1].1.requests, 0);
         assert_eq!(points[2].1.success_rate(), Some(0.0));
         assert_eq!(points[2].0, T0 + 15_000);
+    }
+
+    #[test]
+    fn the_store_is_bounded_in_bytes_oldest_report_first() {
+        let store = StatsStore::new();
+        for (n, id) in ["a", "b", "a", "b", "a"].into_iter().enumerate() {
+            let report = inbound_orders([1, 0, 0, 0], 0);
+            store
+                .ingest_within(id, key("orders"), report, 1000, T0 + n as u64, 3000)
+                .unwrap();
+        }
+        let instances = store.lock();
+        assert_eq!(total_bytes(&instances), 3000);
+        let kept: Vec<u64> = {
+            let mut at: Vec<u64> = instances
+                .values()
+                .flat_map(|i| i.reports.iter().map(|r| r.at_ms - T0))
+                .collect();
+            at.sort();
+            at
+        };
+        assert_eq!(kept, [2, 3, 4]);
     }
 }

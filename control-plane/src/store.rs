@@ -24,6 +24,15 @@
 //! revision from which change records are complete (`changes_since`);
 //! older revisions cannot be rolled back to.
 //!
+//! **Credentials** (issue 13): the API's token records (hashes, never a
+//! token's plaintext) and the instance [`Owners`] (which token registered
+//! which instance id) are two blobs of their own ([`Store::load_access`],
+//! [`Store::save_tokens`], [`Store::save_owners`]), each replaced whole
+//! when it changes. Owners are written after the revision that registers
+//! or removes an instance; a crash in between is harmless: on load, owners
+//! of ids no longer registered are dropped, and a registered instance
+//! without an owner gets 404 on its next heartbeat and registers again.
+//!
 //! Two implementations: [`RedbStore`] (a redb file, every commit durable
 //! before it returns) and [`MemoryStore`] for tests.
 
@@ -37,6 +46,7 @@ use meshlet_api::{Resource, ResourceKey};
 use redb::{ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 
+use crate::auth::{Owners, TokenRecord};
 use crate::error::StoreError;
 
 /// How many revision records are kept; older ones are dropped on commit.
@@ -153,6 +163,20 @@ pub trait Store: Send + Sync + 'static {
     /// What it takes to go back to the state right after `revision`
     /// (at most the current revision).
     fn rewind(&self, revision: u64) -> Result<Rewind, StoreError>;
+    /// The stored token records and instance owners (empty in a new store).
+    fn load_access(&self) -> Result<AccessRecords, StoreError>;
+    /// Replaces the stored token records (after a token is created or
+    /// revoked, or the admin token set up).
+    fn save_tokens(&self, tokens: &[TokenRecord]) -> Result<(), StoreError>;
+    /// Replaces the stored instance owners.
+    fn save_owners(&self, owners: &Owners) -> Result<(), StoreError>;
+}
+
+/// The credentials part of the store (see the module docs).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct AccessRecords {
+    pub tokens: Vec<TokenRecord>,
+    pub owners: Owners,
 }
 
 /// The last change of each key in `current`, from change records read
@@ -185,6 +209,10 @@ const RESOURCES: TableDefinition<&str, &[u8]> = TableDefinition::new("resources"
 const REVISIONS: TableDefinition<u64, &[u8]> = TableDefinition::new("revisions");
 const CHANGES: TableDefinition<u64, &[u8]> = TableDefinition::new("changes");
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+/// Blobs of the credentials: [`TOKENS_KEY`] and [`OWNERS_KEY`], JSON.
+const ACCESS: TableDefinition<&str, &[u8]> = TableDefinition::new("access");
+const TOKENS_KEY: &str = "tokens";
+const OWNERS_KEY: &str = "owners";
 const CURRENT_REVISION: &str = "revision";
 const EPOCH: &str = "epoch";
 /// The revision from which change records are complete.
@@ -230,7 +258,8 @@ pub struct RedbStore {
 impl RedbStore {
     pub const FILE_NAME: &'static str = "meshlet.redb";
 
-    /// Opens (or creates) the store file in `dir`.
+    /// Opens (or creates) the store file in `dir`; the file is made private
+    /// (0600): it holds the token hashes.
     pub fn open(dir: &Path) -> Result<RedbStore, StoreError> {
         let path: PathBuf = dir.join(Self::FILE_NAME);
         let open_error = |source: redb::Error| StoreError::Open {
@@ -238,6 +267,11 @@ impl RedbStore {
             source,
         };
         let db = redb::Database::create(&path).map_err(|e| open_error(e.into()))?;
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
+                .map_err(|e| open_error(redb::StorageError::Io(e).into()))?;
+        }
         // Create the tables so that readers never meet a missing one.
         let create = || -> Result<(), redb::Error> {
             let txn = db.begin_write()?;
@@ -245,6 +279,7 @@ impl RedbStore {
             txn.open_table(RESOURCES)?;
             txn.open_table(REVISIONS)?;
             txn.open_table(CHANGES)?;
+            txn.open_table(ACCESS)?;
             {
                 let mut meta = txn.open_table(META)?;
                 if meta.get(EPOCH)?.is_none() {
@@ -266,6 +301,19 @@ impl RedbStore {
 }
 
 type RawRows = Vec<(String, Vec<u8>)>;
+
+impl RedbStore {
+    fn put_blob(&self, key: &str, bytes: &[u8]) -> Result<(), StoreError> {
+        let write = || -> Result<(), redb::Error> {
+            let mut txn = self.db.begin_write()?;
+            txn.set_durability(redb::Durability::Immediate)?;
+            txn.open_table(ACCESS)?.insert(key, bytes)?;
+            txn.commit()?;
+            Ok(())
+        };
+        write().map_err(StoreError::Write)
+    }
+}
 
 impl Store for RedbStore {
     fn load(&self) -> Result<Loaded, StoreError> {
@@ -430,6 +478,36 @@ impl Store for RedbStore {
                 .collect::<Result<_, StoreError>>()?,
         ))
     }
+
+    fn load_access(&self) -> Result<AccessRecords, StoreError> {
+        type Blobs = (Option<Vec<u8>>, Option<Vec<u8>>);
+        let read = || -> Result<Blobs, redb::Error> {
+            let txn = self.db.begin_read()?;
+            let table = txn.open_table(ACCESS)?;
+            let tokens = table.get(TOKENS_KEY)?.map(|v| v.value().to_vec());
+            let owners = table.get(OWNERS_KEY)?.map(|v| v.value().to_vec());
+            Ok((tokens, owners))
+        };
+        let (tokens, owners) = read().map_err(StoreError::Read)?;
+        Ok(AccessRecords {
+            tokens: match tokens {
+                Some(bytes) => decode("tokens", TOKENS_KEY.to_owned(), &bytes)?,
+                None => Vec::new(),
+            },
+            owners: match owners {
+                Some(bytes) => decode("owners", OWNERS_KEY.to_owned(), &bytes)?,
+                None => Owners::new(),
+            },
+        })
+    }
+
+    fn save_tokens(&self, tokens: &[TokenRecord]) -> Result<(), StoreError> {
+        self.put_blob(TOKENS_KEY, &encode("tokens", &tokens)?)
+    }
+
+    fn save_owners(&self, owners: &Owners) -> Result<(), StoreError> {
+        self.put_blob(OWNERS_KEY, &encode("owners", owners)?)
+    }
 }
 
 /// An in-memory store for tests; `fail_commits` makes every commit fail.
@@ -446,6 +524,7 @@ struct MemoryInner {
     resources: BTreeMap<ResourceKey, Resource>,
     history: BTreeMap<u64, RevisionRecord>,
     changes: BTreeMap<u64, Vec<ResourceChange>>,
+    access: AccessRecords,
     fail_commits: bool,
 }
 
@@ -522,6 +601,20 @@ impl Store for MemoryStore {
                 .map(|(r, c)| (*r, c.clone()))
                 .collect(),
         ))
+    }
+
+    fn load_access(&self) -> Result<AccessRecords, StoreError> {
+        Ok(self.inner.lock().unwrap().access.clone())
+    }
+
+    fn save_tokens(&self, tokens: &[TokenRecord]) -> Result<(), StoreError> {
+        self.inner.lock().unwrap().access.tokens = tokens.to_vec();
+        Ok(())
+    }
+
+    fn save_owners(&self, owners: &Owners) -> Result<(), StoreError> {
+        self.inner.lock().unwrap().access.owners = owners.clone();
+        Ok(())
     }
 }
 

@@ -121,7 +121,8 @@ async fn invalid_document_applies_nothing_then_one_revision_diff_and_delete() {
     let revisions = cp.revisions().await;
     assert_eq!(revisions.len(), 2);
     assert_eq!(revisions[0].changes.len(), 4);
-    assert_eq!(revisions[0].actor, "tester@box");
+    // The actor is the token name (meshctl still sends USER@HOST; ignored).
+    assert_eq!(revisions[0].actor, "admin");
     // Reapplying: unchanged, no revision.
     let (code, stdout, _) = cp.meshctl(&["apply", "-f", f]);
     assert_eq!(code, 0);
@@ -175,7 +176,7 @@ async fn invalid_document_applies_nothing_then_one_revision_diff_and_delete() {
     assert!(stdout.is_empty());
     let (_, stdout, _) = cp.meshctl(&["describe", "RateLimitPolicy", "orders-limit"]);
     assert!(stdout.contains("Last changed:  revision 2, "), "{stdout}");
-    assert!(stdout.contains(" by tester@box\n"), "{stdout}");
+    assert!(stdout.contains(" by admin\n"), "{stdout}");
     assert!(stdout.contains("capacity: 20"), "{stdout}");
 
     // (b) a change: diff shows it and exits 1, then 0 after the apply.
@@ -295,7 +296,7 @@ async fn rollback_history_watch_and_kill_9() {
     assert_eq!(delta.resources.len(), 2, "{delta:?}");
     assert_eq!(delta.removed_resources.len(), 1);
     let records = cp.revisions().await;
-    assert_eq!(records[0].actor, "rollback to 1 by tester@box");
+    assert_eq!(records[0].actor, "rollback to 1 by admin");
     let (_, services, _) = cp.meshctl(&["get", "services"]);
     assert!(
         services.contains("orders   1"),
@@ -320,7 +321,7 @@ async fn rollback_history_watch_and_kill_9() {
     let lines: Vec<&str> = stdout.lines().collect();
     assert!(lines[0].starts_with("REVISION   WHEN"), "{stdout}");
     assert!(
-        lines[0].ends_with("WHO                           WHAT CHANGED"),
+        lines[0].ends_with("WHO                      WHAT CHANGED"),
         "{stdout}"
     );
     // The WHEN column is as wide as its longest age (`55ms ago` or
@@ -330,9 +331,8 @@ async fn rollback_history_watch_and_kill_9() {
         .map(|(_, rest)| rest.trim_start());
     assert!(
         lines[1].starts_with("5          ")
-            && after_when.is_some_and(|rest| rest.starts_with(
-                "rollback to 1 by tester@box   configured ratelimitpolicy/orders-limit"
-            )),
+            && after_when.is_some_and(|rest| rest
+                .starts_with("rollback to 1 by admin   configured ratelimitpolicy/orders-limit")),
         "{stdout}"
     );
     assert!(stdout.contains("registry "), "{stdout}");

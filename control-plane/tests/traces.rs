@@ -347,11 +347,9 @@ async fn bad_exports_and_queries_are_refused_with_a_reason() {
     let dir = tempfile::tempdir().unwrap();
     let cp = ControlPlane::start(dir.path(), &[]).await;
     let (status, err) = api_error(&cp, TRACES_PATH, "text/plain", b"hello".to_vec()).await;
+    // The access guard refuses a "simple" content type before the receiver.
     assert_eq!(status, StatusCode::UNSUPPORTED_MEDIA_TYPE);
-    assert!(
-        err.contains("content-type \"text/plain\" is not supported"),
-        "{err}"
-    );
+    assert!(err.contains("Content-Type"), "{err}");
     let (status, err) = api_error(
         &cp,
         TRACES_PATH,

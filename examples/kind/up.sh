@@ -7,9 +7,17 @@
 #      reused if it exists)
 #   2. docker build the images sidecar, control-plane, demo-service
 #      (tag: the workspace version) and kind load them
-#   3. kubectl apply -k manifests/overlays/kind; wait for the rollouts
-#   4. meshctl apply the policies of examples/policies/demo/ (meshctl runs
-#      inside the control plane's pod, so no local build is needed)
+#   3. kubectl apply -k manifests/base (namespace meshlet, the control
+#      plane, its NetworkPolicy); wait for its rollout
+#   4. the sidecars' credentials, in namespace default: a Secret
+#      meshlet-sidecar-SERVICE (key token) per demo service, holding a token
+#      made by `meshctl token create --role sidecar --service SERVICE`, and
+#      the ConfigMap meshlet-ca (key ca.crt) with the control plane's CA
+#      (/var/lib/meshlet/ca.crt in its pod); existing Secrets are kept
+#   5. kubectl apply -k manifests/overlays/kind; wait for the rollouts
+#   6. meshctl apply the policies of examples/policies/demo/
+#   (meshctl runs inside the control plane's pod, as admin, so no local
+#   build is needed)
 #
 # Usage: examples/kind/up.sh [--no-build]
 #   --no-build   load the images already built instead of building them
@@ -23,7 +31,7 @@ BUILD=1
 while (($#)); do
   case "$1" in
     --no-build) BUILD=0 ;;
-    -h | --help) sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h | --help) sed -n '2,27p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "unknown argument: $1 (try --help)" >&2; exit 2 ;;
   esac
   shift
@@ -37,10 +45,18 @@ CONTEXT=kind-$CLUSTER
 ROLLOUT_TIMEOUT=${MESHLET_ROLLOUT_TIMEOUT:-300s}
 VERSION=$(sed -n 's/^version = "\(.*\)"$/\1/p' Cargo.toml | head -n 1)
 IMAGES=(sidecar control-plane demo-service)
+# The services of manifests/examples/apps.yaml (their app.kubernetes.io/name)
+# and their namespace: each gets a sidecar token Secret.
+SERVICES=(frontend orders inventory)
+APP_NAMESPACE=default
+CP_POD=meshlet-control-plane-0
 
 step() { printf '\n==> %s\n' "$*"; }
 die() { printf 'error: %s\n' "$*" >&2; exit 1; }
 k() { kubectl --context "$CONTEXT" "$@"; }
+# meshctl in the control plane's container, as admin (its MESHLET_TOKEN_FILE
+# and MESHLET_CA_FILE name the data directory's admin.token and ca.crt).
+cp_meshctl() { k -n meshlet exec -i "$CP_POD" -c control-plane -- meshctl "$@"; }
 
 step "prerequisites"
 missing=()
@@ -75,7 +91,36 @@ for image in "${IMAGES[@]}"; do
   kind load docker-image --name "$CLUSTER" "meshlet/$image:$VERSION"
 done
 
-step "kubectl apply -k manifests/overlays/kind"
+step "kubectl apply -k manifests/base (the control plane)"
+k apply -k manifests/base
+k -n meshlet rollout status statefulset/meshlet-control-plane --timeout "$ROLLOUT_TIMEOUT"
+
+step "sidecar credentials in namespace $APP_NAMESPACE: Secrets meshlet-sidecar-SERVICE, ConfigMap meshlet-ca"
+SECRETS_DIR=$(mktemp -d) # 0700; the token files never leave it
+trap 'rm -rf "$SECRETS_DIR"' EXIT
+# The CA the control plane wrote on first start (its data directory is on
+# the PVC, so it survives restarts).
+k -n meshlet exec "$CP_POD" -c control-plane -- cat /var/lib/meshlet/ca.crt >"$SECRETS_DIR/ca.crt"
+grep -q 'BEGIN CERTIFICATE' "$SECRETS_DIR/ca.crt" || die "no CA certificate in $CP_POD:/var/lib/meshlet/ca.crt"
+k -n "$APP_NAMESPACE" create configmap meshlet-ca --from-file=ca.crt="$SECRETS_DIR/ca.crt" \
+  --dry-run=client -o yaml | k apply -f -
+for service in "${SERVICES[@]}"; do
+  secret=meshlet-sidecar-$service
+  if k -n "$APP_NAMESPACE" get secret "$secret" >/dev/null 2>&1; then
+    echo "secret $secret exists; keeping its token"
+    continue
+  fi
+  # A token of that name without its Secret (deleted by hand) is revoked
+  # first; a first run has none, so an error here is expected and ignored.
+  cp_meshctl token revoke "sidecar-$APP_NAMESPACE-$service" >/dev/null 2>&1 || true
+  (umask 077 && cp_meshctl token create --role sidecar --namespace "$APP_NAMESPACE" \
+    --service "$service" >"$SECRETS_DIR/$service.token") ||
+    die "meshctl token create --role sidecar --service $service failed in $CP_POD"
+  k -n "$APP_NAMESPACE" create secret generic "$secret" --from-file=token="$SECRETS_DIR/$service.token"
+done
+cp_meshctl token list
+
+step "kubectl apply -k manifests/overlays/kind (the control plane and the injected demo apps)"
 k apply -k manifests/overlays/kind
 
 step "waiting for the rollouts (at most $ROLLOUT_TIMEOUT each)"
@@ -86,11 +131,11 @@ done
 
 step "meshctl apply -f examples/policies/demo/"
 # One stream of documents, applied all or nothing by the meshctl inside the
-# control plane's image (its server defaults to 127.0.0.1:15010 there).
+# control plane's image (its server defaults to https://127.0.0.1:15010).
 for file in examples/policies/demo/*.yaml; do
   cat "$file"
   printf '\n---\n'
-done | k -n meshlet exec -i meshlet-control-plane-0 -c control-plane -- meshctl apply -f -
+done | cp_meshctl apply -f -
 
 cat <<TEXT
 
@@ -98,12 +143,17 @@ meshlet is running in kind cluster $CLUSTER (kubectl context $CONTEXT).
 
   kubectl --context $CONTEXT get pods      # each demo pod 2/2: the app and its native sidecar
   curl http://127.0.0.1:8080/work           # frontend -> orders (v1 80 %, v2 20 %) -> inventory
-  http://127.0.0.1:15010/                   # the dashboard, in a browser (control plane NodePort)
-  export MESHLET_SERVER=http://127.0.0.1:15010
-  meshctl get services                      # or: kubectl -n meshlet exec meshlet-control-plane-0 -- meshctl get services
+  kubectl --context $CONTEXT -n meshlet exec $CP_POD -- meshctl get services   # meshctl as admin, in the pod
 
-Without the NodePorts (another cluster), port-forward instead:
-  kubectl --context $CONTEXT -n meshlet port-forward svc/meshlet-control-plane 15010:15010
+The control plane's port 15010 stays in the cluster (a NetworkPolicy admits
+only meshed pods); reach the API and dashboard from here with a port-forward:
+  kubectl --context $CONTEXT -n meshlet port-forward svc/meshlet-control-plane 15010:15010 &
+  kubectl --context $CONTEXT -n meshlet exec $CP_POD -- cat /var/lib/meshlet/ca.crt > meshlet-ca.crt
+  export MESHLET_SERVER=https://127.0.0.1:15010 MESHLET_CA_FILE=\$PWD/meshlet-ca.crt
+  export MESHLET_TOKEN=\$(kubectl --context $CONTEXT -n meshlet exec $CP_POD -- cat /var/lib/meshlet/admin.token)
+  meshctl get services                      # https://127.0.0.1:15010/ is the dashboard (log in with that token)
+
+Without the frontend port mapping (another cluster), port-forward it too:
   kubectl --context $CONTEXT port-forward deploy/frontend 8080:15006   # frontend's inbound sidecar
 
 Remove everything: examples/kind/down.sh

@@ -11,26 +11,38 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 
-use crate::client::ControlPlane;
+use crate::client::{self, ControlPlane, Credentials};
 use crate::error::CommandError;
 use crate::inject::{self, InjectOptions, Outcome};
 use crate::output::{emit, Format};
 use crate::resources::{self, KindArg};
 use crate::services::{self, Broadcast, ServiceRef};
+use crate::tokens::{self, CreateArgs, Role};
 use crate::traceview::{self, TraceFilter};
 use crate::validate::{read_files, validate_path};
 
 #[derive(Debug, Parser)]
 #[command(name = "meshctl", version, about = "meshlet command-line client")]
 pub struct Args {
-    /// The control plane's API.
+    /// The control plane's API: https://HOST[:PORT].
     #[arg(
         long,
         global = true,
         env = "MESHLET_SERVER",
-        default_value = "http://127.0.0.1:15010"
+        default_value = client::DEFAULT_SERVER
     )]
     server: String,
+    /// The bearer token sent to the control plane (an admin's is in its
+    /// DATA_DIR/admin.token).
+    #[arg(long, global = true, env = "MESHLET_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// A file holding the token (used when --token is not set).
+    #[arg(long, global = true, env = "MESHLET_TOKEN_FILE")]
+    token_file: Option<PathBuf>,
+    /// The mesh CA (PEM) the control plane's certificate is verified with:
+    /// the control plane's DATA_DIR/ca.crt.
+    #[arg(long, global = true, env = "MESHLET_CA_FILE")]
+    ca_file: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -152,6 +164,11 @@ pub enum Command {
         #[arg(short = 'o', long = "output", value_enum, default_value = "table")]
         output: Format,
     },
+    /// Tokens of the control plane (admin only): create, list, revoke.
+    Token {
+        #[command(subcommand)]
+        command: TokenCommand,
+    },
     /// Send one request to every healthy instance (through its sidecar).
     Broadcast {
         /// The request path.
@@ -169,6 +186,36 @@ pub enum Command {
         #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
         timeout: Duration,
     },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TokenCommand {
+    /// Create a token and print it alone on stdout (it is shown only once):
+    /// `meshctl token create --role sidecar --service orders > orders.token`.
+    Create {
+        #[arg(long, value_enum)]
+        role: Role,
+        /// The service a sidecar token is bound to (required for sidecar).
+        #[arg(long)]
+        service: Option<String>,
+        /// The namespace a sidecar token is bound to (default: default).
+        #[arg(short = 'n', long)]
+        namespace: Option<String>,
+        /// Lifetime (`30m`, `1h`, `7d`); default: until revoked.
+        #[arg(long, value_parser = humantime::parse_duration)]
+        ttl: Option<Duration>,
+        /// Unique name, recorded as the actor of what the token changes
+        /// (default: sidecar-NAMESPACE-SERVICE, or ROLE-RANDOM).
+        #[arg(long)]
+        name: Option<String>,
+    },
+    /// List tokens (never their secrets).
+    List {
+        #[arg(short = 'o', long = "output", value_enum, default_value = "table")]
+        output: Format,
+    },
+    /// Revoke the token NAME; it stops working at once.
+    Revoke { name: String },
 }
 
 fn validate(file: PathBuf) -> ExitCode {
@@ -249,12 +296,19 @@ pub fn run(args: Args) -> ExitCode {
             };
             inject_files(file, &options)
         }
-        command => run_online(&args.server, command),
+        command => {
+            let credentials = Credentials {
+                token: args.token,
+                token_file: args.token_file,
+                ca_file: args.ca_file,
+            };
+            run_online(&args.server, &credentials, command)
+        }
     }
 }
 
 /// A command that talks to the control plane, on a one-thread runtime.
-fn run_online(server: &str, command: Command) -> ExitCode {
+fn run_online(server: &str, credentials: &Credentials, command: Command) -> ExitCode {
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -266,7 +320,7 @@ fn run_online(server: &str, command: Command) -> ExitCode {
         }
     };
     let is_diff = matches!(command, Command::Diff { .. });
-    let result = runtime.block_on(online(server, command));
+    let result = runtime.block_on(online(server, credentials, command));
     if is_diff {
         diff_exit_code(result)
     } else {
@@ -299,8 +353,12 @@ fn diff_exit_code(result: Result<bool, CommandError>) -> ExitCode {
     }
 }
 
-async fn online(server: &str, command: Command) -> Result<bool, CommandError> {
-    let cp = ControlPlane::new(server)?;
+async fn online(
+    server: &str,
+    credentials: &Credentials,
+    command: Command,
+) -> Result<bool, CommandError> {
+    let cp = ControlPlane::new(server, credentials)?;
     match command {
         Command::Validate { .. } | Command::Inject { .. } => Ok(true),
         Command::Get {
@@ -354,6 +412,7 @@ async fn online(server: &str, command: Command) -> Result<bool, CommandError> {
             traceview::traces(&cp, &filter, output).await
         }
         Command::Trace { id, output } => traceview::trace(&cp, &id, output).await,
+        Command::Token { command } => token(&cp, command).await,
         Command::Broadcast {
             path,
             data,
@@ -370,6 +429,30 @@ async fn online(server: &str, command: Command) -> Result<bool, CommandError> {
             };
             services::broadcast(&cp, &opts).await
         }
+    }
+}
+
+/// `meshctl token create|list|revoke`.
+async fn token(cp: &ControlPlane, command: TokenCommand) -> Result<bool, CommandError> {
+    match command {
+        TokenCommand::Create {
+            role,
+            service,
+            namespace,
+            ttl,
+            name,
+        } => {
+            let args = CreateArgs {
+                role,
+                service,
+                namespace,
+                ttl,
+                name,
+            };
+            tokens::create(cp, &args).await
+        }
+        TokenCommand::List { output } => tokens::list(cp, output).await,
+        TokenCommand::Revoke { name } => tokens::revoke(cp, &name).await,
     }
 }
 
@@ -439,5 +522,78 @@ async fn delete(
         _ => Err(CommandError::Usage(
             "delete needs -f FILE or KIND NAME...".into(),
         )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Args, clap::Error> {
+        Args::try_parse_from(std::iter::once("meshctl").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn credentials_are_global_before_or_after_the_command() {
+        let a = parse(&["--token", "t", "--ca-file", "/ca", "get", "services"]).unwrap();
+        assert_eq!(a.token.as_deref(), Some("t"));
+        assert_eq!(a.ca_file.as_deref(), Some(Path::new("/ca")));
+        let a = parse(&[
+            "get",
+            "services",
+            "--token-file",
+            "/t",
+            "--server",
+            "https://cp:1",
+        ])
+        .unwrap();
+        assert_eq!(a.token_file.as_deref(), Some(Path::new("/t")));
+        assert_eq!(a.server, "https://cp:1");
+    }
+
+    #[test]
+    fn token_create_takes_roles_and_durations() {
+        let a = parse(&[
+            "token",
+            "create",
+            "--role",
+            "sidecar",
+            "--service",
+            "orders",
+            "-n",
+            "shop",
+            "--ttl",
+            "7d",
+        ])
+        .unwrap();
+        let Command::Token {
+            command:
+                TokenCommand::Create {
+                    role,
+                    service,
+                    namespace,
+                    ttl,
+                    name,
+                },
+        } = a.command
+        else {
+            panic!("not token create: {:?}", a.command);
+        };
+        assert_eq!(role, Role::Sidecar);
+        assert_eq!(service.as_deref(), Some("orders"));
+        assert_eq!(namespace.as_deref(), Some("shop"));
+        assert_eq!(ttl, Some(Duration::from_secs(7 * 86_400)));
+        assert_eq!(name, None);
+        assert!(parse(&["token", "create", "--role", "root"]).is_err());
+        assert!(parse(&["token", "create", "--role", "admin", "--ttl", "soon"]).is_err());
+        assert!(parse(&["token", "revoke"]).is_err());
+        assert!(matches!(
+            parse(&["token", "list", "-o", "json"]).unwrap().command,
+            Command::Token {
+                command: TokenCommand::List {
+                    output: Format::Json
+                }
+            }
+        ));
     }
 }

@@ -1,91 +1,121 @@
-//! meshctl's HTTP client: one request per connection over hyper's HTTP/1
-//! client on a tokio `TcpStream`, with a connect timeout and an overall
-//! request timeout. [`send`] is the plain transport (also used by
-//! `broadcast` to reach instances); [`ControlPlane`] adds the API: JSON
-//! bodies, `ApiError` answers, and the one-line "cannot reach" error.
+//! meshctl's view of the control plane's API on top of the workspace's
+//! one HTTP client (`meshlet-client`): [`ControlPlane`] holds an HTTPS
+//! [`meshlet_client::Client`] (trusting only the mesh CA of `--ca-file`,
+//! sending the `--token` as a bearer token) and adds the API: JSON bodies,
+//! `ApiError` answers, and one-line errors that say what to fix
+//! ([`ClientError`]): an unreachable server, a failed TLS handshake, a
+//! missing or refused token (401), a denied action (403).
+//!
+//! `broadcast` reaches instances through [`plain_client`] (plain HTTP to
+//! the sidecars' inbound listeners; no token, no TLS).
 
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::{header, Method, Request, StatusCode, Uri};
-use http_body_util::{BodyExt, Full};
-use hyper_util::rt::TokioIo;
+use http::{header, Method, StatusCode, Uri};
+use http_body_util::Full;
 use meshlet_api::mesh::ApiError;
+use meshlet_client::Client;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
-use tokio::net::TcpStream;
 
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// `--server`'s default: the control plane's default `--listen`.
+pub const DEFAULT_SERVER: &str = "https://127.0.0.1:15010";
 
-/// Why a request got no answer. Displays short: `connection refused`,
-/// `timeout`, ...
-#[derive(Debug, thiserror::Error)]
-pub enum HttpError {
-    #[error("connection refused")]
-    Refused,
-    #[error("connect timeout")]
-    ConnectTimeout,
-    #[error("timeout")]
-    Timeout,
-    #[error("{0}")]
-    Connect(std::io::Error),
-    #[error("{0}")]
-    Http(#[from] hyper::Error),
-    #[error("invalid request: {0}")]
-    Request(#[from] http::Error),
-}
+/// The hint of every "unreachable" line.
+const REACH_HINT: &str = "is control-plane running? set --server or MESHLET_SERVER";
+/// The hint of every TLS failure.
+const CA_HINT: &str = "set --ca-file or MESHLET_CA_FILE to the control plane's DATA_DIR/ca.crt";
+/// The hint of a 401.
+const TOKEN_HINT: &str = "set --token, MESHLET_TOKEN or --token-file to a token, \
+                          e.g. the control plane's DATA_DIR/admin.token";
 
-/// One request: connects to `authority` (`host:port`), sends, reads the
-/// whole answer. `connect_timeout` bounds the connect, `timeout` the whole.
-pub async fn send(
-    authority: &str,
-    request: Request<Full<Bytes>>,
-    connect_timeout: Duration,
-    timeout: Duration,
-) -> Result<(StatusCode, Bytes), HttpError> {
-    let exchange = async {
-        let stream = tokio::time::timeout(connect_timeout, TcpStream::connect(authority))
-            .await
-            .map_err(|_| HttpError::ConnectTimeout)?
-            .map_err(|e| match e.kind() {
-                std::io::ErrorKind::ConnectionRefused => HttpError::Refused,
-                _ => HttpError::Connect(e),
-            })?;
-        let _ = stream.set_nodelay(true);
-        let (mut sender, connection) =
-            hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
-        let driver = tokio::spawn(connection);
-        let response = sender.send_request(request).await?;
-        let status = response.status();
-        let body = response.into_body().collect().await?.to_bytes();
-        driver.abort();
-        Ok((status, body))
-    };
-    tokio::time::timeout(timeout, exchange)
-        .await
-        .map_err(|_| HttpError::Timeout)?
-}
-
-/// What went wrong talking to the control plane.
+/// What went wrong talking to the control plane. Each displays as one line
+/// that names the server and, where it helps, what to set.
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
-    #[error("invalid --server {server:?}: {reason}")]
+    #[error("invalid --server {server:?}: {reason} (expected https://HOST[:PORT])")]
     BadServer { server: String, reason: String },
+    #[error("cannot reach the control plane at {server}: {cause} ({REACH_HINT})")]
+    Unreachable { server: String, cause: String },
+    #[error("no CA to verify the control plane at {server} with ({CA_HINT})")]
+    NoCa { server: String },
+    #[error("{reason} ({CA_HINT})")]
+    CaFile { reason: String },
+    #[error("TLS with the control plane at {server} failed: {cause} ({CA_HINT})")]
+    Tls { server: String, cause: String },
     #[error(
-        "cannot reach the control plane at {server}: {source} \
-         (is control-plane running? set --server or MESHLET_SERVER)"
+        "cannot read the token file {path}: {reason} (set --token-file or MESHLET_TOKEN_FILE)"
     )]
-    Unreachable {
+    TokenFile { path: String, reason: String },
+    #[error("the token {origin} is empty or not a valid header value")]
+    BadToken { origin: String },
+    /// 401: no token, or one the control plane does not know (revoked,
+    /// expired, mistyped).
+    #[error("the control plane at {server} refused the {what}: {message} ({TOKEN_HINT})")]
+    Unauthenticated {
         server: String,
-        #[source]
-        source: HttpError,
+        what: &'static str,
+        message: String,
     },
-    /// The API answered with an error (`ApiError`).
+    /// 403: the token's role may not do this.
+    #[error("permission denied: {message}")]
+    Denied { message: String },
+    /// Any other error answer of the API (`ApiError`).
     #[error("{message}")]
     Api { status: StatusCode, message: String },
     #[error("unexpected answer from the control plane ({status}): {reason}")]
     Decode { status: StatusCode, reason: String },
+}
+
+/// How meshctl authenticates: the global `--token`/`--token-file` and
+/// `--ca-file` flags (or their environment variables).
+#[derive(Debug, Clone, Default)]
+pub struct Credentials {
+    pub token: Option<String>,
+    pub token_file: Option<PathBuf>,
+    pub ca_file: Option<PathBuf>,
+}
+
+impl Credentials {
+    /// The token: `--token` wins over `--token-file` (whose content is
+    /// trimmed); none if neither is set.
+    pub fn load_token(&self) -> Result<Option<(String, String)>, ClientError> {
+        if let Some(token) = self.token.as_deref().filter(|t| !t.trim().is_empty()) {
+            return Ok(Some((token.trim().to_owned(), "of --token".to_owned())));
+        }
+        let Some(path) = &self.token_file else {
+            return Ok(None);
+        };
+        let text = read_token_file(path)?;
+        Ok(Some((text, format!("in {}", path.display()))))
+    }
+}
+
+fn read_token_file(path: &Path) -> Result<String, ClientError> {
+    let text = std::fs::read_to_string(path).map_err(|e| ClientError::TokenFile {
+        path: path.display().to_string(),
+        reason: e.to_string(),
+    })?;
+    let token = text.trim();
+    if token.is_empty() {
+        return Err(ClientError::TokenFile {
+            path: path.display().to_string(),
+            reason: "the file is empty".to_owned(),
+        });
+    }
+    Ok(token.to_owned())
+}
+
+/// The client `broadcast` reaches instances with: plain HTTP, no token.
+pub fn plain_client(connect_timeout: Duration, timeout: Duration) -> Client {
+    Client::new()
+        .connect_timeout(connect_timeout)
+        .timeout(timeout)
+        .user_agent("meshctl")
 }
 
 /// The control plane's API at `--server`.
@@ -93,26 +123,76 @@ pub enum ClientError {
 pub struct ControlPlane {
     server: String,
     authority: String,
+    client: Client,
+    has_token: bool,
+}
+
+/// `https://HOST[:PORT]` (no path) → (the URL without a trailing `/`,
+/// `HOST:PORT`, port 443 by default).
+pub fn parse_server(server: &str) -> Result<(String, String), ClientError> {
+    let bad = |reason: &str| ClientError::BadServer {
+        server: server.to_owned(),
+        reason: reason.to_owned(),
+    };
+    let trimmed = server.trim_end_matches('/');
+    let uri: Uri = trimmed.parse().map_err(|_| bad("not a URL"))?;
+    match uri.scheme_str() {
+        Some("https") => {}
+        Some("http") => {
+            return Err(bad(
+                "the control plane speaks only HTTPS; use https:// and --ca-file",
+            ))
+        }
+        _ => return Err(bad("no https:// scheme")),
+    }
+    if uri.path_and_query().is_some_and(|p| p.as_str() != "/") {
+        return Err(bad("a path is not allowed"));
+    }
+    let authority = uri.authority().ok_or_else(|| bad("no host"))?;
+    if authority.as_str().contains('@') {
+        return Err(bad("user info is not allowed"));
+    }
+    let host = authority.host();
+    if host.is_empty() {
+        return Err(bad("no host"));
+    }
+    let port = authority.port_u16().unwrap_or(443);
+    Ok((trimmed.to_owned(), format!("{host}:{port}")))
 }
 
 impl ControlPlane {
-    /// `server` is `http://host[:port]` (no path).
-    pub fn new(server: &str) -> Result<ControlPlane, ClientError> {
-        let bad = |reason: &str| ClientError::BadServer {
-            server: server.to_owned(),
-            reason: reason.to_owned(),
-        };
-        let uri: Uri = server
-            .parse()
-            .map_err(|_| bad("expected http://HOST:PORT"))?;
-        if uri.scheme_str() != Some("http") {
-            return Err(bad("only http:// is supported"));
+    /// `server` is `https://HOST[:PORT]`; the CA file is required (the
+    /// API is always HTTPS), the token is not (the server's 401 says so).
+    pub fn new(server: &str, credentials: &Credentials) -> Result<ControlPlane, ClientError> {
+        let (server, authority) = parse_server(server)?;
+        let ca_file = credentials
+            .ca_file
+            .as_deref()
+            .ok_or_else(|| ClientError::NoCa {
+                server: server.clone(),
+            })?;
+        let tls = meshlet_client::client_config_from_ca_file(ca_file).map_err(|e| {
+            ClientError::CaFile {
+                reason: e.to_string(),
+            }
+        })?;
+        let mut client = Client::new()
+            .connect_timeout(CONNECT_TIMEOUT)
+            .timeout(REQUEST_TIMEOUT)
+            .user_agent("meshctl")
+            .tls(tls);
+        let token = credentials.load_token()?;
+        let has_token = token.is_some();
+        if let Some((token, origin)) = token {
+            client = client
+                .bearer(&token)
+                .map_err(|_| ClientError::BadToken { origin })?;
         }
-        let host = uri.host().ok_or_else(|| bad("no host"))?;
-        let port = uri.port_u16().unwrap_or(80);
         Ok(ControlPlane {
-            server: server.trim_end_matches('/').to_owned(),
-            authority: format!("{host}:{port}"),
+            server,
+            authority,
+            client,
+            has_token,
         })
     }
 
@@ -126,11 +206,7 @@ impl ControlPlane {
         path: &str,
         body: Option<Vec<u8>>,
     ) -> Result<(StatusCode, Bytes), ClientError> {
-        let mut builder = Request::builder()
-            .method(method)
-            .uri(path)
-            .header(header::HOST, &self.authority)
-            .header(header::USER_AGENT, "meshctl");
+        let mut builder = meshlet_client::request(method, &self.authority, path);
         if body.is_some() {
             builder = builder.header(header::CONTENT_TYPE, "application/json");
         }
@@ -140,20 +216,27 @@ impl ControlPlane {
                 server: self.server.clone(),
                 reason: e.to_string(),
             })?;
-        send(&self.authority, request, CONNECT_TIMEOUT, REQUEST_TIMEOUT)
-            .await
-            .map_err(|source| ClientError::Unreachable {
+        match self.client.fetch(&self.authority, request).await {
+            Ok(reply) => Ok((reply.status, reply.body)),
+            Err(err @ meshlet_client::ClientError::Tls { .. }) => Err(ClientError::Tls {
                 server: self.server.clone(),
-                source,
-            })
+                cause: tls_cause(&err),
+            }),
+            Err(err) => Err(ClientError::Unreachable {
+                server: self.server.clone(),
+                cause: err.cause(),
+            }),
+        }
     }
 
-    fn decode<T: DeserializeOwned>(status: StatusCode, body: &[u8]) -> Result<T, ClientError> {
+    /// An answer's body as `T`, or the error it stands for.
+    fn decode<T: DeserializeOwned>(
+        &self,
+        status: StatusCode,
+        body: &[u8],
+    ) -> Result<T, ClientError> {
         if !status.is_success() {
-            let message = serde_json::from_slice::<ApiError>(body)
-                .map(|e| e.error)
-                .unwrap_or_else(|_| String::from_utf8_lossy(body).trim().to_owned());
-            return Err(ClientError::Api { status, message });
+            return Err(error_answer(&self.server, self.has_token, status, body));
         }
         serde_json::from_slice(body).map_err(|e| ClientError::Decode {
             status,
@@ -163,7 +246,12 @@ impl ControlPlane {
 
     pub async fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T, ClientError> {
         let (status, body) = self.call(Method::GET, path, None).await?;
-        Self::decode(status, &body)
+        self.decode(status, &body)
+    }
+
+    pub async fn delete<T: DeserializeOwned>(&self, path: &str) -> Result<T, ClientError> {
+        let (status, body) = self.call(Method::DELETE, path, None).await?;
+        self.decode(status, &body)
     }
 
     pub async fn post<B: Serialize, T: DeserializeOwned>(
@@ -176,7 +264,37 @@ impl ControlPlane {
             reason: format!("cannot encode the request: {e}"),
         })?;
         let (status, body) = self.call(Method::POST, path, Some(bytes)).await?;
-        Self::decode(status, &body)
+        self.decode(status, &body)
+    }
+}
+
+/// The TLS error without the client's "TLS handshake with ADDR failed:"
+/// prefix (the message names the server itself).
+fn tls_cause(err: &meshlet_client::ClientError) -> String {
+    match err {
+        meshlet_client::ClientError::Tls { source, .. } => source.to_string(),
+        other => other.cause(),
+    }
+}
+
+/// The error a non-2xx answer stands for: its `ApiError` message (or its
+/// text), with a hint for 401 and 403.
+pub fn error_answer(server: &str, has_token: bool, status: StatusCode, body: &[u8]) -> ClientError {
+    let message = serde_json::from_slice::<ApiError>(body)
+        .map(|e| e.error)
+        .unwrap_or_else(|_| String::from_utf8_lossy(body).trim().to_owned());
+    match status {
+        StatusCode::UNAUTHORIZED => ClientError::Unauthenticated {
+            server: server.to_owned(),
+            what: if has_token {
+                "token"
+            } else {
+                "request without a token"
+            },
+            message,
+        },
+        StatusCode::FORBIDDEN => ClientError::Denied { message },
+        _ => ClientError::Api { status, message },
     }
 }
 
@@ -186,12 +304,97 @@ mod tests {
 
     #[test]
     fn server_urls() {
-        let cp = ControlPlane::new("http://127.0.0.1:15010/").unwrap();
-        assert_eq!(cp.authority, "127.0.0.1:15010");
-        assert_eq!(cp.server(), "http://127.0.0.1:15010");
-        assert_eq!(ControlPlane::new("http://cp").unwrap().authority, "cp:80");
-        assert!(ControlPlane::new("https://cp").is_err());
-        assert!(ControlPlane::new("not a url").is_err());
+        let (server, authority) = parse_server("https://127.0.0.1:15010/").unwrap();
+        assert_eq!(server, "https://127.0.0.1:15010");
+        assert_eq!(authority, "127.0.0.1:15010");
+        assert_eq!(parse_server("https://cp").unwrap().1, "cp:443");
+        assert_eq!(parse_server("https://[::1]:9").unwrap().1, "[::1]:9");
+        let http = parse_server("http://127.0.0.1:15010")
+            .unwrap_err()
+            .to_string();
+        assert!(http.contains("speaks only HTTPS"), "{http}");
+        assert!(parse_server("not a url").is_err());
+        assert!(parse_server("https://cp:1/api").is_err());
+        assert!(parse_server("127.0.0.1:15010").is_err());
+    }
+
+    fn credentials(ca: &Path) -> Credentials {
+        Credentials {
+            ca_file: Some(ca.to_owned()),
+            ..Credentials::default()
+        }
+    }
+
+    #[test]
+    fn a_missing_ca_says_which_flag_to_set() {
+        let err = ControlPlane::new(DEFAULT_SERVER, &Credentials::default()).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "no CA to verify the control plane at https://127.0.0.1:15010 with \
+             (set --ca-file or MESHLET_CA_FILE to the control plane's DATA_DIR/ca.crt)"
+        );
+        let err = ControlPlane::new(
+            DEFAULT_SERVER,
+            &credentials(Path::new("/nonexistent/ca.crt")),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.starts_with("cannot read the CA file /nonexistent/ca.crt: "),
+            "{err}"
+        );
+        assert!(err.ends_with("DATA_DIR/ca.crt)"), "{err}");
+    }
+
+    #[test]
+    fn tokens_come_from_the_flag_or_the_file() {
+        let dir = std::env::temp_dir().join(format!("meshctl-token-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("token");
+        std::fs::write(&file, "  from-file \n").unwrap();
+        let mut c = Credentials {
+            token_file: Some(file.clone()),
+            ..Credentials::default()
+        };
+        assert_eq!(c.load_token().unwrap().unwrap().0, "from-file");
+        c.token = Some("from-flag".into());
+        assert_eq!(c.load_token().unwrap().unwrap().0, "from-flag");
+        std::fs::write(&file, "\n").unwrap();
+        c.token = None;
+        let err = c.load_token().unwrap_err().to_string();
+        assert!(err.contains("the file is empty"), "{err}");
+        assert!(Credentials::default().load_token().unwrap().is_none());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn answers_401_and_403_are_one_line_with_a_hint() {
+        let body = br#"{"error":"missing bearer token"}"#;
+        let err = error_answer(DEFAULT_SERVER, false, StatusCode::UNAUTHORIZED, body);
+        assert_eq!(
+            err.to_string(),
+            "the control plane at https://127.0.0.1:15010 refused the request without a token: \
+             missing bearer token (set --token, MESHLET_TOKEN or --token-file to a token, \
+             e.g. the control plane's DATA_DIR/admin.token)"
+        );
+        let err = error_answer(DEFAULT_SERVER, true, StatusCode::UNAUTHORIZED, b"nope");
+        assert!(
+            err.to_string().contains("refused the token: nope ("),
+            "{err}"
+        );
+        let body = br#"{"error":"a viewer token may not apply resources"}"#;
+        let err = error_answer(DEFAULT_SERVER, true, StatusCode::FORBIDDEN, body);
+        assert_eq!(
+            err.to_string(),
+            "permission denied: a viewer token may not apply resources"
+        );
+        let err = error_answer(
+            DEFAULT_SERVER,
+            true,
+            StatusCode::NOT_FOUND,
+            b"{\"error\":\"x\"}",
+        );
+        assert!(matches!(err, ClientError::Api { status, .. } if status == StatusCode::NOT_FOUND));
     }
 
     #[tokio::test]
@@ -202,14 +405,35 @@ mod tests {
             .local_addr()
             .unwrap()
             .port();
-        let cp = ControlPlane::new(&format!("http://127.0.0.1:{port}")).unwrap();
+        let dir = std::env::temp_dir().join(format!("meshctl-ca-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let ca = dir.join("ca.crt");
+        std::fs::write(&ca, TEST_CA).unwrap();
+        let cp =
+            ControlPlane::new(&format!("https://127.0.0.1:{port}"), &credentials(&ca)).unwrap();
         let err = cp.get::<Vec<String>>("/x").await.unwrap_err();
         assert_eq!(
             err.to_string(),
             format!(
-                "cannot reach the control plane at http://127.0.0.1:{port}: connection refused \
+                "cannot reach the control plane at https://127.0.0.1:{port}: connection refused \
                  (is control-plane running? set --server or MESHLET_SERVER)"
             )
         );
+        std::fs::remove_dir_all(&dir).unwrap();
     }
+
+    /// A self-signed CA certificate (its key thrown away): the client only
+    /// loads it; no server here presents a certificate.
+    const TEST_CA: &str = "-----BEGIN CERTIFICATE-----
+MIIBijCCATGgAwIBAgIUFSG6Dzf256L6T5UZs9YtN20YbIUwCgYIKoZIzj0EAwIw
+GjEYMBYGA1UEAwwPbWVzaGN0bC10ZXN0LWNhMCAXDTI2MTIwMzEzMDUwNFoYDzIx
+MjYxMTA5MTMwNTA0WjAaMRgwFgYDVQQDDA9tZXNoY3RsLXRlc3QtY2EwWTATBgcq
+hkjOPQIBBggqhkjOPQMBBwNCAAQOMNFdvuRKFhll7rQFfGVv7o/Q82/xzMP/m6tB
+0iPeTY1dAtN5bK0bXMjDzk0Kz1wJo/aJz/LusPNv4OTNi+BTo1MwUTAdBgNVHQ4E
+FgQUCZZeXwEATOp7wQt5iNdrgGwcTU0wHwYDVR0jBBgwFoAUCZZeXwEATOp7wQt5
+iNdrgGwcTU0wDwYDVR0TAQH/BAUwAwEB/zAKBggqhkjOPQQDAgNHADBEAiBiIcSY
+DWkOaS+ee9JZ/azDkDu2MuwTGlMB32P4gCEp6QIgCkTxIDCKDl/9rj0t/pQI/GbY
+iK0lLVM6dMX/oFc6tpQ=
+-----END CERTIFICATE-----
+";
 }

@@ -16,7 +16,16 @@
 //! - its environment from the downward API and the template (instance id,
 //!   namespace, pod IP, service name, app port, labels), an emptyDir for
 //!   its snapshot file, and the Prometheus and `meshlet.dev/injected`
-//!   annotations.
+//!   annotations;
+//! - its credentials for the control plane's HTTPS API: `--token-file` from
+//!   the Secret `meshlet-sidecar-SERVICE` (key `token`: a sidecar token
+//!   bound to the service, `meshctl token create --role sidecar --service
+//!   SERVICE`), `--ca-file` from the ConfigMap `meshlet-ca` (key `ca.crt`:
+//!   the control plane's `DATA_DIR/ca.crt`), both in the pod's namespace
+//!   (`examples/kind/up.sh` creates them); the pod's `fsGroup` (1337 if it
+//!   has none) lets the non-root proxy read the 0400 token file;
+//! - the pod label `meshlet.dev/sidecar: injected`, which the control
+//!   plane's NetworkPolicy admits to port 15010.
 //!
 //! Documents are split on their `---` lines and only workloads that are
 //! changed are re-serialized: every other document (Services, ConfigMaps,
@@ -34,17 +43,32 @@ pub const INBOUND_PORT: u16 = 15006;
 pub const OUTBOUND_PORT: u16 = 15001;
 pub const ADMIN_PORT: u16 = 15020;
 /// Where the control plane runs in the manifests of `manifests/base`.
-pub const DEFAULT_CONTROL_PLANE: &str = "http://meshlet-control-plane.meshlet:15010";
+pub const DEFAULT_CONTROL_PLANE: &str = "https://meshlet-control-plane.meshlet.svc:15010";
 /// Names of what inject adds.
 pub const INIT_CONTAINER: &str = "meshlet-init";
 pub const PROXY_CONTAINER: &str = "meshlet-proxy";
 pub const INJECTED_ANNOTATION: &str = "meshlet.dev/injected";
+/// The pod label (value `injected`) the control plane's NetworkPolicy
+/// admits.
+pub const SIDECAR_LABEL: &str = "meshlet.dev/sidecar";
+/// The Secret holding a service's sidecar token (key `token`) is this
+/// prefix and the service name.
+pub const TOKEN_SECRET_PREFIX: &str = "meshlet-sidecar-";
+/// The ConfigMap holding the mesh CA (key `ca.crt`).
+pub const CA_CONFIG_MAP: &str = "meshlet-ca";
+/// Where the proxy finds them (directories mounted read-only).
+pub const TOKEN_DIR: &str = "/var/run/meshlet/token";
+pub const TOKEN_FILE: &str = "/var/run/meshlet/token/token";
+pub const CA_DIR: &str = "/var/run/meshlet/ca";
+pub const CA_FILE: &str = "/var/run/meshlet/ca/ca.crt";
 /// Pod labels that name the service, in order of preference.
 pub const SERVICE_LABELS: [&str; 2] = ["app.kubernetes.io/name", "app"];
 /// The emptyDir that holds the proxy's snapshot file (its root fs is
 /// read-only).
 const RUN_VOLUME: &str = "meshlet-run";
 const RUN_DIR: &str = "/var/run/meshlet";
+const TOKEN_VOLUME: &str = "meshlet-token";
+const CA_VOLUME: &str = "meshlet-ca";
 
 /// The default sidecar image: the one built from this version.
 pub fn default_image() -> String {
@@ -364,6 +388,8 @@ fn is_injected(pod: &Value) -> bool {
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct App {
     service_label: &'static str,
+    /// The service label's value.
+    service: String,
     port: u64,
     labels: BTreeMap<String, String>,
 }
@@ -377,9 +403,9 @@ fn app_facts(pod: &Value) -> Result<App, Problem> {
         .flatten()
         .filter_map(|(k, v)| Some((k.as_str()?.to_owned(), scalar_text(v)?)))
         .collect();
-    let service_label = SERVICE_LABELS
+    let (service_label, service) = SERVICE_LABELS
         .into_iter()
-        .find(|key| labels.get(*key).is_some_and(|v| !v.is_empty()))
+        .find_map(|key| Some((key, labels.get(key).filter(|v| !v.is_empty())?.clone())))
         .ok_or(Problem::NoServiceLabel)?;
     let containers = pod
         .get("spec")
@@ -393,6 +419,7 @@ fn app_facts(pod: &Value) -> Result<App, Problem> {
         .ok_or(Problem::NoAppPort)?;
     Ok(App {
         service_label,
+        service,
         port,
         labels,
     })
@@ -418,6 +445,8 @@ fn inject_pod(pod: &mut Value, options: &InjectOptions) -> Result<Outcome, Probl
         .ok_or_else(|| shape("template", "a mapping"))?;
 
     let metadata = child_map(pod, "metadata", "template.metadata")?;
+    let labels = child_map(metadata, "labels", "template.metadata.labels")?;
+    labels.insert(Value::from(SIDECAR_LABEL), Value::from("injected"));
     let annotations = child_map(metadata, "annotations", "template.metadata.annotations")?;
     for (key, value) in [
         ("prometheus.io/scrape", "true".to_owned()),
@@ -429,6 +458,12 @@ fn inject_pod(pod: &mut Value, options: &InjectOptions) -> Result<Outcome, Probl
     }
 
     let spec = child_map(pod, "spec", "template.spec")?;
+    // Secret files are root's; with an fsGroup they are also the group's
+    // (read-only), and every container, the proxy too, is in that group.
+    let security = child_map(spec, "securityContext", "template.spec.securityContext")?;
+    if matches!(security.get("fsGroup"), None | Some(Value::Null)) {
+        security.insert(Value::from("fsGroup"), Value::from(PROXY_UID));
+    }
     let proxy = proxy_container(options, &app);
     let init = child_seq(spec, "initContainers", "template.spec.initContainers")?;
     // Before the pod's own init containers: with the rules in place, their
@@ -444,6 +479,14 @@ fn inject_pod(pod: &mut Value, options: &InjectOptions) -> Result<Outcome, Probl
     let volumes = child_seq(spec, "volumes", "template.spec.volumes")?;
     volumes.push(parse_template(&format!(
         "name: {RUN_VOLUME}\nemptyDir: {{medium: Memory, sizeLimit: 8Mi}}\n"
+    )));
+    // defaultMode 256 is 0400.
+    volumes.push(parse_template(&format!(
+        "name: {TOKEN_VOLUME}\nsecret: {{secretName: {secret}, defaultMode: 256, items: [{{key: token, path: token}}]}}\n",
+        secret = quoted(&format!("{TOKEN_SECRET_PREFIX}{}", app.service)),
+    )));
+    volumes.push(parse_template(&format!(
+        "name: {CA_VOLUME}\nconfigMap: {{name: {CA_CONFIG_MAP}, items: [{{key: ca.crt, path: ca.crt}}]}}\n"
     )));
     Ok(Outcome::Injected)
 }
@@ -496,7 +539,7 @@ fn proxy_container(options: &InjectOptions, app: &App) -> Value {
 image: {image}
 imagePullPolicy: IfNotPresent
 {restart}command: [sidecar]
-args: [--mode, transparent, --control-plane, {control_plane}, --admin-ip, 0.0.0.0, --inbound-port, "{INBOUND_PORT}", --outbound-port, "{OUTBOUND_PORT}", --admin-port, "{ADMIN_PORT}", --log-format, json]
+args: [--mode, transparent, --control-plane, {control_plane}, --token-file, {TOKEN_FILE}, --ca-file, {CA_FILE}, --admin-ip, 0.0.0.0, --inbound-port, "{INBOUND_PORT}", --outbound-port, "{OUTBOUND_PORT}", --admin-port, "{ADMIN_PORT}", --log-format, json]
 env:
   - name: MESHLET_INSTANCE_ID
     valueFrom: {{fieldRef: {{fieldPath: metadata.name}}}}
@@ -539,6 +582,8 @@ resources:
   limits: {{cpu: "1", memory: 128Mi}}
 volumeMounts:
   - {{name: {RUN_VOLUME}, mountPath: {RUN_DIR}}}
+  - {{name: {TOKEN_VOLUME}, mountPath: {TOKEN_DIR}, readOnly: true}}
+  - {{name: {CA_VOLUME}, mountPath: {CA_DIR}, readOnly: true}}
 "#,
         image = quoted(&options.image),
         control_plane = quoted(&options.control_plane),

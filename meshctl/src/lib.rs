@@ -5,7 +5,7 @@
 //! ```text
 //! main ─► cli (flags, dispatch, exit codes)
 //!           ├─ offline: validate (read and check files), inject (Kubernetes YAML → injected YAML)
-//!           └─ online:  services · resources · traceview ─► client (HTTP/1.1) ─► control plane API
+//!           └─ online:  services · resources · traceview · tokens ─► client (HTTPS, token) ─► control plane API
 //!                          └─► output (tables, -o json|yaml) and meshlet_api::display
 //! ```
 //!
@@ -14,10 +14,12 @@
 //! - [`resources`]: `apply`, `get`/`describe` of resource kinds, `delete`,
 //!   `diff`, `history`, `rollback`.
 //! - [`traceview`]: `traces` (a table) and `trace` (a waterfall).
+//! - [`tokens`]: `token create|list|revoke`.
 //! - [`validate`]: offline checks and the file reading every `-f` shares.
 //! - [`inject`]: `meshctl inject`, pure functions from YAML text to YAML text.
 //! - [`output`]: tables, JSON/YAML, ages, stdout. [`error`]: [`CommandError`].
-//! - [`client`]: a small one-shot HTTP/1.1 client.
+//! - [`client`]: [`client::ControlPlane`], the API over the workspace's
+//!   `meshlet-client` (HTTPS, mesh CA, bearer token), and its one-line errors.
 //!
 //! **Invariant:** meshctl speaks to the control plane only through its
 //! HTTP API and the types of `meshlet_api`; it never depends on the server
@@ -30,6 +32,7 @@ pub mod inject;
 pub mod output;
 pub mod resources;
 pub mod services;
+pub mod tokens;
 pub mod traceview;
 pub mod validate;
 

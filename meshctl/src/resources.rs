@@ -268,27 +268,12 @@ fn apply_files(path: &Path) -> Result<Vec<ApplyFile>, CommandError> {
         .collect())
 }
 
-/// `$USER@$HOSTNAME` (the hostname from /etc/hostname if not exported).
-pub fn actor() -> String {
-    let user = std::env::var("USER").unwrap_or_else(|_| "unknown".into());
-    let host = std::env::var("HOSTNAME")
-        .ok()
-        .filter(|h| !h.is_empty())
-        .or_else(|| {
-            std::fs::read_to_string("/etc/hostname")
-                .ok()
-                .map(|h| h.trim().to_owned())
-        })
-        .filter(|h| !h.is_empty())
-        .unwrap_or_else(|| "localhost".into());
-    format!("{user}@{host}")
-}
-
 /// `meshctl apply -f FILE|DIR|-`.
 pub async fn apply(cp: &ControlPlane, path: &Path) -> Result<bool, CommandError> {
     let request = ApplyRequest {
         files: apply_files(path)?,
-        actor: Some(actor()),
+        // The server records the token's name as the actor.
+        actor: None,
     };
     let reply: ApplyReply = cp.post(paths::APPLY, &request).await?;
     for outcome in &reply.outcomes {
@@ -322,7 +307,8 @@ pub async fn delete_files(
     let request = DeleteRequest {
         files: apply_files(path)?,
         keys: Vec::new(),
-        actor: Some(actor()),
+        // The server records the token's name as the actor.
+        actor: None,
         ignore_not_found,
     };
     let reply: DeleteReply = cp.post(changes::paths::DELETE, &request).await?;
@@ -352,7 +338,8 @@ pub async fn delete_names(
     let request = DeleteRequest {
         files: Vec::new(),
         keys,
-        actor: Some(actor()),
+        // The server records the token's name as the actor.
+        actor: None,
         ignore_not_found,
     };
     let reply: DeleteReply = cp.post(changes::paths::DELETE, &request).await?;
@@ -439,7 +426,8 @@ pub async fn history(
 pub async fn rollback(cp: &ControlPlane, revision: u64) -> Result<bool, CommandError> {
     let request = RollbackRequest {
         revision,
-        actor: Some(actor()),
+        // The server records the token's name as the actor.
+        actor: None,
     };
     let reply: RollbackReply = cp.post(changes::paths::ROLLBACK, &request).await?;
     if !reply.rolled_back {

@@ -13,7 +13,7 @@ use meshlet_api::display::{labels, service_display, summary};
 use meshlet_api::mesh::{paths, EndpointEntry, ServiceDetail, ServiceSummary};
 use serde::Serialize;
 
-use crate::client::{send, ClientError, ControlPlane, CONNECT_TIMEOUT};
+use crate::client::{plain_client, ClientError, ControlPlane, CONNECT_TIMEOUT};
 use crate::error::CommandError;
 use crate::output::{age, emit, now_ms, structured, table, Format};
 
@@ -315,6 +315,9 @@ pub async fn broadcast(cp: &ControlPlane, opts: &Broadcast) -> Result<bool, Comm
             .collect(),
     };
     let mut tasks = tokio::task::JoinSet::new();
+    // Instances are reached at their registered address (the sidecar's
+    // inbound listener) in plain HTTP, without the control plane's token.
+    let client = plain_client(CONNECT_TIMEOUT.min(opts.timeout), opts.timeout);
     for service in &services {
         let detail = service_detail(cp, service).await?;
         for instance in detail.instances.into_iter().filter(|i| i.healthy) {
@@ -326,16 +329,16 @@ pub async fn broadcast(cp: &ControlPlane, opts: &Broadcast) -> Result<bool, Comm
                 .header(header::USER_AGENT, "meshctl")
                 .body(Full::new(body.clone()))
                 .map_err(|e| CommandError::Usage(format!("invalid request: {e}")))?;
-            let timeout = opts.timeout;
+            let client = client.clone();
             let service = service.display();
             tasks.spawn(async move {
                 let started = Instant::now();
                 let address = instance.address.to_string();
-                let result = send(&address, request, CONNECT_TIMEOUT.min(timeout), timeout).await;
+                let result = client.fetch(&address, request).await;
                 let latency = format!("{}ms", started.elapsed().as_millis());
                 let (status, ok) = match result {
-                    Ok((status, _)) => (status.to_string(), status.is_success()),
-                    Err(err) => (err.to_string(), false),
+                    Ok(reply) => (reply.status.to_string(), reply.status.is_success()),
+                    Err(err) => (err.cause(), false),
                 };
                 Delivery {
                     service,

@@ -7,7 +7,7 @@
 //! `Settings` directly.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
@@ -68,10 +68,23 @@ pub struct Args {
     #[arg(long, env = "MESHLET_ADMIN_IP", default_value_t = IpAddr::V4(Ipv4Addr::LOCALHOST))]
     pub admin_ip: IpAddr,
 
-    /// Control plane URL, e.g. http://127.0.0.1:15010: register this
-    /// instance there and route with the configuration it pushes.
+    /// Control plane URL, `https://HOST[:PORT]` (port 15010 by default):
+    /// register this instance there and route with the configuration it
+    /// pushes. Needs a token (`--token-file` or `--token`) and `--ca-file`.
     #[arg(long, env = "MESHLET_CONTROL_PLANE", conflicts_with = "config")]
     pub control_plane: Option<String>,
+    /// File holding this sidecar's token for the control plane (read once
+    /// at start, surrounding whitespace ignored), e.g. a mounted Secret.
+    #[arg(long, env = "MESHLET_TOKEN_FILE", conflicts_with = "token")]
+    pub token_file: Option<PathBuf>,
+    /// This sidecar's token for the control plane (prefer `--token-file`:
+    /// a flag is visible in the process list).
+    #[arg(long, env = "MESHLET_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// PEM file of the mesh CA (the control plane's `DATA_DIR/ca.crt`):
+    /// the only authority trusted for the control plane's certificate.
+    #[arg(long, env = "MESHLET_CA_FILE")]
+    pub ca_file: Option<PathBuf>,
     /// Standalone mode: YAML file with `kind: Service` resources and
     /// policies (reloaded on SIGHUP).
     #[arg(long, env = "MESHLET_CONFIG")]
@@ -86,7 +99,9 @@ pub struct Args {
     pub advertise_ip: Option<IpAddr>,
     /// Where the last configuration from the control plane is kept, so a
     /// restart while the control plane is down still routes [default:
-    /// TMPDIR/meshlet-INSTANCE_ID.snapshot.json].
+    /// XDG_RUNTIME_DIR/meshlet/INSTANCE_ID.snapshot.json, else
+    /// TMPDIR/meshlet-UID/INSTANCE_ID.snapshot.json, a directory only this
+    /// user may write].
     #[arg(long, env = "MESHLET_SNAPSHOT_FILE")]
     pub snapshot_file: Option<PathBuf>,
     /// With a control plane: how often this sidecar reports its request
@@ -169,28 +184,81 @@ fn parse_label(text: &str) -> Result<(String, String), String> {
     }
 }
 
-/// `http://host:port` (or `host:port`) → `host:port`.
+/// `https://HOST[:PORT]` → `HOST:PORT` (port 15010 when none is given).
 fn control_plane_authority(url: &str) -> Result<String, StartupError> {
     let invalid = |why: &str| StartupError::Usage(format!("--control-plane {url:?}: {why}"));
     let uri: http::Uri = url
         .parse()
-        .map_err(|_| invalid("not a URL; expected http://HOST:PORT"))?;
+        .map_err(|_| invalid("not a URL; expected https://HOST:PORT"))?;
     match uri.scheme_str() {
-        None | Some("http") => {}
+        Some("https") => {}
+        Some("http") => {
+            return Err(invalid(
+                "the control plane speaks only HTTPS; use https://HOST:PORT",
+            ))
+        }
         Some(other) => {
             return Err(invalid(&format!(
-                "scheme {other}:// is not supported; use http://"
+                "scheme {other}:// is not supported; use https://HOST:PORT"
             )))
         }
+        None => return Err(invalid("no scheme; expected https://HOST:PORT")),
+    }
+    if uri.path_and_query().is_some_and(|p| p.as_str() != "/") {
+        return Err(invalid("a path is not allowed; expected https://HOST:PORT"));
     }
     let authority = uri
         .authority()
-        .ok_or_else(|| invalid("no host; expected http://HOST:PORT"))?;
+        .ok_or_else(|| invalid("no host; expected https://HOST:PORT"))?;
+    if authority.as_str().contains('@') {
+        return Err(invalid("user information is not allowed"));
+    }
+    if authority.host().is_empty() {
+        return Err(invalid("no host; expected https://HOST:PORT"));
+    }
     Ok(format!(
         "{}:{}",
         authority.host(),
         authority.port_u16().unwrap_or(15010)
     ))
+}
+
+/// Reads a token file: its content without surrounding whitespace. An
+/// unreadable or empty file is an error; one that group or others may read
+/// is only warned about (a Kubernetes Secret volume is 0644 unless its
+/// `defaultMode` says otherwise).
+pub fn read_token_file(path: &Path) -> Result<String, StartupError> {
+    let failed =
+        |why: String| StartupError::Usage(format!("--token-file {}: {why}", path.display()));
+    let text = std::fs::read_to_string(path).map_err(|e| failed(format!("cannot read it: {e}")))?;
+    let token = text.trim();
+    if token.is_empty() {
+        return Err(failed("the file is empty; it must hold the token".into()));
+    }
+    if let Ok(meta) = std::fs::metadata(path) {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = meta.permissions().mode();
+        if mode & 0o044 != 0 {
+            tracing::warn!(file = %path.display(), mode = format!("{:o}", mode & 0o777),
+                "the token file is readable by other users; make it 0600 (Kubernetes: defaultMode: 0400 on the Secret volume)");
+        }
+    }
+    Ok(token.to_owned())
+}
+
+/// The client for every call to the control plane: TLS trusting only the
+/// CA of `ca_file`, and the token as a bearer credential.
+fn control_plane_client(
+    token: &str,
+    ca_file: &Path,
+) -> Result<meshlet_client::Client, StartupError> {
+    let tls = meshlet_client::client_config_from_ca_file(ca_file)
+        .map_err(|e| StartupError::Usage(format!("--ca-file: {e}")))?;
+    meshlet_client::Client::new()
+        .user_agent(concat!("meshlet-sidecar/", env!("CARGO_PKG_VERSION")))
+        .tls(tls)
+        .bearer(token)
+        .map_err(|_| StartupError::Usage("the token holds characters a header cannot carry".into()))
 }
 
 impl Args {
@@ -216,12 +284,37 @@ impl Args {
                         "--instance-id {instance_id:?}: use 1-253 characters from A-Z a-z 0-9 . _ -"
                     )));
                 }
-                let snapshot_file = self.snapshot_file.clone().unwrap_or_else(|| {
-                    std::env::temp_dir().join(format!("meshlet-{instance_id}.snapshot.json"))
-                });
+                let snapshot_file = match &self.snapshot_file {
+                    Some(file) => file.clone(),
+                    None => crate::control::persist::default_snapshot_file(&instance_id)
+                        .map_err(|e| {
+                            StartupError::Usage(format!(
+                                "the default snapshot directory: {e}; remove it, or choose a file with --snapshot-file"
+                            ))
+                        })?,
+                };
+                let authority = control_plane_authority(url)?;
+                let token = match (&self.token_file, &self.token) {
+                    (Some(file), _) => read_token_file(file)?,
+                    (None, Some(token)) if !token.trim().is_empty() => token.trim().to_owned(),
+                    _ => {
+                        return Err(StartupError::Usage(
+                            "--control-plane needs a token: --token-file FILE (MESHLET_TOKEN_FILE) or --token TOKEN (MESHLET_TOKEN)".into(),
+                        ))
+                    }
+                };
+                let Some(ca_file) = self.ca_file.clone() else {
+                    return Err(StartupError::Usage(
+                        "--control-plane needs --ca-file FILE (MESHLET_CA_FILE): the mesh CA, the control plane's DATA_DIR/ca.crt".into(),
+                    ));
+                };
+                let client = control_plane_client(&token, &ca_file)?;
                 Some(ControlPlaneSettings {
                     url: url.clone(),
-                    authority: control_plane_authority(url)?,
+                    authority,
+                    ca_file,
+                    token_file: self.token_file.clone(),
+                    client,
                     instance_id,
                     advertise_addr,
                     snapshot_file,
@@ -229,19 +322,18 @@ impl Args {
                 })
             }
         };
+        // A collector of the user's choice is plain HTTP and never gets the
+        // token; the default, the control plane, gets the same TLS client.
         let trace_endpoint = match self.trace_endpoint.as_deref() {
             Some("none") => None,
-            Some(url) => Some(url.to_owned()),
+            Some(url) => Some(
+                ExportEndpoint::parse(url)
+                    .map_err(|why| StartupError::Usage(format!("--trace-endpoint {why}")))?,
+            ),
             None => control_plane
                 .as_ref()
-                .map(|cp| format!("http://{}", cp.authority)),
+                .map(|cp| ExportEndpoint::control_plane(&cp.authority, cp.client.clone())),
         };
-        let trace_endpoint = trace_endpoint
-            .map(|url| {
-                ExportEndpoint::parse(&url)
-                    .map_err(|why| StartupError::Usage(format!("--trace-endpoint {why}")))
-            })
-            .transpose()?;
         let observability = Observability {
             tracing: self.tracing == Switch::On,
             trace_endpoint,
@@ -279,52 +371,295 @@ impl Args {
 mod tests {
     use super::*;
 
-    #[test]
-    fn control_plane_url_forms() {
-        assert_eq!(
-            control_plane_authority("http://127.0.0.1:15010").unwrap(),
-            "127.0.0.1:15010"
-        );
-        assert_eq!(
-            control_plane_authority("http://meshlet-control-plane.meshlet").unwrap(),
-            "meshlet-control-plane.meshlet:15010"
-        );
-        assert_eq!(control_plane_authority("cp:9000").unwrap(), "cp:9000");
-        assert!(control_plane_authority("https://cp:9000").is_err());
-        assert!(control_plane_authority("http://").is_err());
+    /// A directory with a CA PEM (`ca.crt`) and a token file (`token`, 0600).
+    fn credentials() -> tempfile::TempDir {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let ca = params.self_signed(&key).unwrap();
+        std::fs::write(dir.path().join("ca.crt"), ca.pem()).unwrap();
+        let token = dir.path().join("token");
+        std::fs::write(&token, "  s3cret-token\n").unwrap();
+        std::fs::set_permissions(&token, std::fs::Permissions::from_mode(0o600)).unwrap();
+        dir
     }
 
-    #[test]
-    fn defaults_derive_instance_id_and_advertise_address() {
-        let args = Args::parse_from([
+    fn args(extra: &[&str]) -> Result<Args, clap::Error> {
+        // An explicit snapshot file: the default would create a directory
+        // in this user's runtime or temporary directory.
+        let mut argv = vec![
             "sidecar",
             "--service",
             "orders",
             "--app-port",
             "8080",
+            "--snapshot-file",
+            "/nonexistent/snapshot.json",
+        ];
+        argv.extend_from_slice(extra);
+        Args::try_parse_from(argv)
+    }
+
+    fn usage(result: Result<Settings, StartupError>) -> String {
+        match result {
+            Err(StartupError::Usage(message)) => message,
+            other => panic!("expected a usage error, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn control_plane_url_forms() {
+        assert_eq!(
+            control_plane_authority("https://127.0.0.1:15010").unwrap(),
+            "127.0.0.1:15010"
+        );
+        assert_eq!(
+            control_plane_authority("https://meshlet-control-plane.meshlet").unwrap(),
+            "meshlet-control-plane.meshlet:15010"
+        );
+        assert_eq!(
+            control_plane_authority("https://[::1]:9000/").unwrap(),
+            "[::1]:9000"
+        );
+        let http = control_plane_authority("http://cp:9000")
+            .unwrap_err()
+            .to_string();
+        assert!(http.contains("only HTTPS"), "{http}");
+        assert!(control_plane_authority("cp:9000").is_err(), "no scheme");
+        assert!(control_plane_authority("https://").is_err());
+        assert!(control_plane_authority("https://cp:9000/api").is_err());
+        assert!(control_plane_authority("https://user@cp:9000").is_err());
+    }
+
+    #[test]
+    fn defaults_derive_instance_id_and_advertise_address() {
+        let dir = credentials();
+        let token = dir.path().join("token");
+        let ca = dir.path().join("ca.crt");
+        let args = args(&[
             "--inbound-port",
             "18006",
             "--control-plane",
-            "http://127.0.0.1:15010",
+            "https://127.0.0.1:15010",
+            "--token-file",
+            token.to_str().unwrap(),
+            "--ca-file",
+            ca.to_str().unwrap(),
             "--labels",
             "version=v2,zone=a",
-        ]);
+        ])
+        .unwrap();
         let settings = args.settings().unwrap();
         let cp = settings.control_plane.unwrap();
         assert_eq!(cp.instance_id, "orders-127-0-0-1-18006");
+        assert_eq!(cp.authority, "127.0.0.1:15010");
         assert_eq!(cp.advertise_addr.to_string(), "127.0.0.1:18006");
+        assert!(cp.client.is_tls());
         assert_eq!(settings.labels["version"], "v2");
         assert_eq!(settings.labels["zone"], "a");
         assert_eq!(cp.stats_interval, Some(Duration::from_secs(5)));
-        assert!(Args::try_parse_from([
-            "sidecar",
-            "--service",
-            "a",
-            "--app-port",
-            "1",
-            "--labels",
-            "novalue"
+        // Spans go to the control plane over the same TLS client.
+        let traces = settings.observability.trace_endpoint.unwrap();
+        assert_eq!(traces.to_string(), "https://127.0.0.1:15010/v1/traces");
+        assert!(args_fail(&["--labels", "novalue"]));
+    }
+
+    fn args_fail(extra: &[&str]) -> bool {
+        args(extra).is_err()
+    }
+
+    #[test]
+    fn a_control_plane_needs_https_a_token_and_a_ca() {
+        let dir = credentials();
+        let token = dir.path().join("token");
+        let ca = dir.path().join("ca.crt");
+        let (token, ca) = (token.to_str().unwrap(), ca.to_str().unwrap());
+        let cp = ["--control-plane", "https://cp:15010"];
+
+        let no_token = usage(args(&[cp[0], cp[1], "--ca-file", ca]).unwrap().settings());
+        assert!(no_token.contains("needs a token"), "{no_token}");
+        let no_ca = usage(
+            args(&[cp[0], cp[1], "--token-file", token])
+                .unwrap()
+                .settings(),
+        );
+        assert!(no_ca.contains("--ca-file"), "{no_ca}");
+        let blank = usage(
+            args(&[cp[0], cp[1], "--token", "  ", "--ca-file", ca])
+                .unwrap()
+                .settings(),
+        );
+        assert!(blank.contains("needs a token"), "{blank}");
+        let http = usage(
+            args(&[
+                "--control-plane",
+                "http://cp:15010",
+                "--token",
+                "t",
+                "--ca-file",
+                ca,
+            ])
+            .unwrap()
+            .settings(),
+        );
+        assert!(http.contains("only HTTPS"), "{http}");
+        let bad_ca = usage(
+            args(&[cp[0], cp[1], "--token", "t", "--ca-file", token])
+                .unwrap()
+                .settings(),
+        );
+        assert!(bad_ca.contains("--ca-file"), "{bad_ca}");
+        // One token source only.
+        assert!(args_fail(&[
+            cp[0],
+            cp[1],
+            "--token",
+            "t",
+            "--token-file",
+            token
+        ]));
+        // The value form works too.
+        let settings = args(&[cp[0], cp[1], "--token", "t", "--ca-file", ca])
+            .unwrap()
+            .settings()
+            .unwrap();
+        assert_eq!(settings.control_plane.unwrap().token_file, None);
+        // Without a control plane, neither is needed.
+        assert!(args(&[])
+            .unwrap()
+            .settings()
+            .unwrap()
+            .control_plane
+            .is_none());
+    }
+
+    #[test]
+    fn a_collector_endpoint_stays_plain_and_gets_no_token() {
+        let dir = credentials();
+        let token = dir.path().join("token");
+        let ca = dir.path().join("ca.crt");
+        let settings = args(&[
+            "--control-plane",
+            "https://cp:15010",
+            "--token-file",
+            token.to_str().unwrap(),
+            "--ca-file",
+            ca.to_str().unwrap(),
+            "--trace-endpoint",
+            "http://collector:4318",
         ])
-        .is_err());
+        .unwrap()
+        .settings()
+        .unwrap();
+        let traces = settings.observability.trace_endpoint.unwrap();
+        assert!(!traces.tls);
+        assert_eq!(traces.to_string(), "http://collector:4318/v1/traces");
+        assert!(!format!("{traces:?}").contains("bearer: true"));
+    }
+
+    /// A TLS server for `127.0.0.1` whose certificate a fresh CA signed:
+    /// answers one request with `{}` and hands over the request head.
+    async fn tls_control_plane() -> (String, String, tokio::sync::oneshot::Receiver<String>) {
+        use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+        let ca_key = rcgen::KeyPair::generate().unwrap();
+        let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let ca_pem = ca.self_signed(&ca_key).unwrap().pem();
+        let issuer = rcgen::Issuer::new(ca, ca_key);
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["127.0.0.1".to_owned()])
+            .unwrap()
+            .signed_by(&key, &issuer)
+            .unwrap();
+        let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+        let config = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(
+                vec![CertificateDer::from(cert.der().to_vec())],
+                PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
+            )
+            .unwrap();
+        let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("https://{}", listener.local_addr().unwrap());
+        let (tx, head) = tokio::sync::oneshot::channel();
+        tokio::spawn(async move {
+            let (tcp, _) = listener.accept().await.unwrap();
+            let mut stream = acceptor.accept(tcp).await.unwrap();
+            let mut received = Vec::new();
+            let mut buf = [0u8; 4096];
+            while !received.windows(4).any(|w| w == b"\r\n\r\n") {
+                let n = stream.read(&mut buf).await.unwrap();
+                assert!(n > 0, "the client closed early");
+                received.extend_from_slice(&buf[..n]);
+            }
+            let _ = tx.send(String::from_utf8_lossy(&received).to_ascii_lowercase());
+            let answer = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\n{}";
+            stream.write_all(answer).await.unwrap();
+            let _ = stream.shutdown().await;
+        });
+        (url, ca_pem, head)
+    }
+
+    #[tokio::test]
+    async fn calls_to_the_control_plane_use_tls_and_the_token() {
+        let (url, ca_pem, head) = tls_control_plane().await;
+        let dir = tempfile::tempdir().unwrap();
+        let ca = dir.path().join("ca.crt");
+        std::fs::write(&ca, ca_pem).unwrap();
+        let settings = args(&[
+            "--control-plane",
+            &url,
+            "--token",
+            "t0ken",
+            "--ca-file",
+            ca.to_str().unwrap(),
+        ])
+        .unwrap()
+        .settings()
+        .unwrap();
+        let cp = settings.control_plane.unwrap();
+        let body = crate::control::call(
+            &cp.client,
+            &cp.authority,
+            http::Method::POST,
+            "/api/v1/instances",
+            Some(b"{}".to_vec()),
+            Duration::from_secs(5),
+        )
+        .await
+        .unwrap();
+        assert_eq!(&body[..], b"{}");
+        let head = head.await.unwrap();
+        assert!(
+            head.starts_with("post /api/v1/instances http/1.1"),
+            "{head}"
+        );
+        assert!(head.contains("authorization: bearer t0ken\r\n"), "{head}");
+        assert!(head.contains("content-type: application/json"), "{head}");
+    }
+
+    #[test]
+    fn token_files_are_read_trimmed_and_must_hold_a_token() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = credentials();
+        let path = dir.path().join("token");
+        assert_eq!(read_token_file(&path).unwrap(), "s3cret-token");
+        // Readable by others: read all the same (a warning is logged).
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        assert_eq!(read_token_file(&path).unwrap(), "s3cret-token");
+        std::fs::write(&path, " \n\t\n").unwrap();
+        let empty = read_token_file(&path).unwrap_err().to_string();
+        assert!(empty.contains("empty"), "{empty}");
+        let missing = read_token_file(&dir.path().join("nope"))
+            .unwrap_err()
+            .to_string();
+        assert!(missing.contains("cannot read"), "{missing}");
     }
 }

@@ -36,7 +36,6 @@
 pub(crate) mod admin;
 pub(crate) mod body;
 pub mod cli;
-pub(crate) mod client;
 pub(crate) mod control;
 pub mod error;
 pub mod iptables;
@@ -160,7 +159,7 @@ impl InitialConfig {
     /// A sidecar with a control plane starts from its persisted snapshot
     /// when there is a readable one, else empty until the first push.
     pub fn persisted(snapshot_file: &Path) -> Self {
-        match control::client::load_persisted(snapshot_file) {
+        match control::persist::load_persisted(snapshot_file) {
             Ok(Some(state)) => {
                 tracing::info!(file = %snapshot_file.display(), revision = state.revision, "starting from the persisted snapshot");
                 InitialConfig {

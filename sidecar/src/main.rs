@@ -34,7 +34,10 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             eprintln!("sidecar: error: {err}");
-            tracing::error!(error = %err, "sidecar did not start");
+            // A usage error is the one line above, like clap's own.
+            if !matches!(err, StartupError::Usage(_)) {
+                tracing::error!(error = %err, "sidecar did not start");
+            }
             match err {
                 StartupError::Config(_)
                 | StartupError::ReadConfig { .. }

@@ -74,10 +74,19 @@ impl Default for Observability {
 /// How this sidecar reaches and announces itself to the control plane.
 #[derive(Debug, Clone, Serialize)]
 pub struct ControlPlaneSettings {
-    /// As the user gave it (`http://127.0.0.1:15010`).
+    /// As the user gave it (`https://127.0.0.1:15010`).
     pub url: String,
     /// `host:port` to connect to.
     pub authority: String,
+    /// The mesh CA bundle the control plane's certificate must chain to.
+    pub ca_file: PathBuf,
+    /// Where the token was read from (`None`: given as a flag or variable).
+    pub token_file: Option<PathBuf>,
+    /// TLS with the mesh CA only, `Authorization: Bearer` with this
+    /// sidecar's token; every call to the control plane goes through it
+    /// (callers add their own timeouts). Never dumped: it holds the token.
+    #[serde(skip)]
+    pub client: meshlet_client::Client,
     /// This instance's id in the registry.
     pub instance_id: String,
     /// Where other sidecars reach this one (its inbound listener).

@@ -19,7 +19,9 @@ use std::time::{Duration, Instant};
 use meshlet_e2e::admin::{self, Listening};
 use meshlet_e2e::inprocess::{ControlPlane, Sidecar};
 use meshlet_e2e::process::free_port;
-use meshlet_e2e::{client, meshctl, wait, ControlPlaneProcess, SidecarProcess, TempDir, Upstream};
+use meshlet_e2e::{
+    client, meshctl, wait, ControlPlaneProcess, CpAccess, SidecarProcess, TempDir, Upstream,
+};
 
 /// Instance expiry used by these tests (heartbeats every TTL/3).
 const TTL: Duration = Duration::from_secs(2);
@@ -40,13 +42,13 @@ spec: {targetRef: {service: frontend}, interval: 200ms, timeout: 500ms}
 /// A sidecar registered with a control plane: in-process ([`Sidecar`]) or
 /// a process ([`SidecarProcess`]).
 trait Registered: Listening + Sized {
-    async fn start(cp_url: &str, service: &str, app_port: u16, labels: &str) -> Self;
+    async fn start(cp: &CpAccess, service: &str, app_port: u16, labels: &str) -> Self;
 }
 
 impl Registered for Sidecar {
-    async fn start(cp_url: &str, service: &str, app_port: u16, labels: &str) -> Self {
+    async fn start(cp: &CpAccess, service: &str, app_port: u16, labels: &str) -> Self {
         Sidecar::builder(service, app_port)
-            .control_plane(cp_url)
+            .control_plane(cp)
             .arg("--labels")
             .arg(labels)
             .start()
@@ -55,9 +57,9 @@ impl Registered for Sidecar {
 }
 
 impl Registered for SidecarProcess {
-    async fn start(cp_url: &str, service: &str, app_port: u16, labels: &str) -> Self {
+    async fn start(cp: &CpAccess, service: &str, app_port: u16, labels: &str) -> Self {
         SidecarProcess::builder(service, app_port)
-            .control_plane(cp_url)
+            .control_plane(cp)
             .arg("--labels")
             .arg(labels)
             .start()
@@ -75,7 +77,7 @@ impl<S: Registered> Instance<S> {
     async fn start(cp: &ControlPlane, service: &str, version: &str) -> Instance<S> {
         let app = Upstream::start(&format!("{service}-{version}")).await;
         let labels = format!("version={version}");
-        let sidecar = S::start(&cp.url(), service, app.port(), &labels).await;
+        let sidecar = S::start(cp, service, app.port(), &labels).await;
         Instance { app, sidecar }
     }
 
@@ -98,9 +100,7 @@ async fn control_plane_with_ttl(dir: &TempDir, ttl: &str) -> ControlPlane {
 
 /// Addresses of the registered instances of `service`, with health.
 async fn registered(cp: &ControlPlane, service: &str) -> Vec<(String, bool)> {
-    let reply = client::get(cp.addr, &format!("/api/v1/services/default/{service}"))
-        .await
-        .expect("API answers");
+    let reply = cp.get(&format!("/api/v1/services/default/{service}")).await;
     if reply.status == 404 {
         return Vec::new();
     }
@@ -269,7 +269,7 @@ async fn instances_register_expire_after_kill_and_follow_their_health() {
         (registered(&cp, "frontend").await.len() == 1).then_some(())
     })
     .await;
-    let out = meshctl(Some(&cp.url()), &["get", "endpoints", "orders"]).await;
+    let out = meshctl(&cp, &["get", "endpoints", "orders"]).await;
     assert!(out.success(), "{out:?}");
     for address in &all_orders {
         assert!(
@@ -383,10 +383,10 @@ async fn control_plane_restart_and_outage() {
     ];
     let snapshot_file = dir.path.join("frontend-snapshot.json");
     let frontend_app = Upstream::start("frontend").await;
-    let cp_url = cp.url();
+    let cp_access = CpAccess::clone(&cp);
     let start_frontend = || {
         Sidecar::builder("frontend", frontend_app.port())
-            .control_plane(&cp_url)
+            .control_plane(&cp_access)
             .arg("--snapshot-file")
             .arg(snapshot_file.to_str().unwrap())
             .start()
@@ -444,7 +444,7 @@ async fn control_plane_restart_and_outage() {
     );
 
     // 7. meshctl against the stopped control plane: one line, exit 1.
-    let out = meshctl(Some(&cp.url()), &["get", "services"]).await;
+    let out = meshctl(&cp, &["get", "services"]).await;
     assert_eq!(out.code, Some(1), "{out:?}");
     assert_eq!(out.stderr.trim().lines().count(), 1, "{:?}", out.stderr);
     assert!(
@@ -479,11 +479,7 @@ async fn broadcast_reaches_every_healthy_instance_and_reports_failures() {
     let message = dir.path.join("msg.json");
     std::fs::write(&message, r#"{"event":"cache-flush"}"#).unwrap();
     let data = format!("@{}", message.display());
-    let out = meshctl(
-        Some(&cp.url()),
-        &["broadcast", "--path", "/echo", "--data", &data],
-    )
-    .await;
+    let out = meshctl(&cp, &["broadcast", "--path", "/echo", "--data", &data]).await;
     assert!(out.success(), "{out:?}");
     for instance in &everyone {
         assert_eq!(
@@ -498,7 +494,7 @@ async fn broadcast_reaches_every_healthy_instance_and_reports_failures() {
     // Only some services; a slow instance is reported as a failure.
     orders[1].app.set_delay(Duration::from_secs(5));
     let out = meshctl(
-        Some(&cp.url()),
+        &cp,
         &[
             "broadcast",
             "--service",
@@ -541,7 +537,7 @@ async fn a_change_reaches_every_watcher_quickly() {
     let cp = ControlPlaneProcess::start(&dir.path.join("data"), &[]).await;
     let mut streams = Vec::new();
     for _ in 0..watchers {
-        streams.push(client::WatchStream::open(cp.addr, 0).await);
+        streams.push(client::WatchStream::open(&cp, 0).await);
     }
     let mut latencies = Vec::new();
     for round in 0..5u16 {
@@ -553,7 +549,7 @@ async fn a_change_reaches_every_watcher_quickly() {
             "healthy": true,
         });
         let started = Instant::now();
-        let reply = client::post_json(cp.addr, "/api/v1/instances", &registration).await;
+        let reply = cp.post_json("/api/v1/instances", &registration).await;
         assert_eq!(reply.status, 200, "{}", reply.text());
         let mut set = tokio::task::JoinSet::new();
         for mut stream in streams.drain(..) {
@@ -670,6 +666,9 @@ async fn sigterm_deregisters_at_once_and_pushes_keep_connections() {
 async fn a_control_plane_that_lost_its_data_gets_every_instance_back() {
     let dir = TempDir::new();
     let mut cp = control_plane(&dir).await;
+    // The sidecar tokens are in the store that is lost; the admin token
+    // file and the CA are kept (as an operator keeps them elsewhere).
+    cp.sidecars_use_the_admin_token();
     let (orders, frontend) = two_orders_and_a_frontend::<Sidecar>(&cp).await;
     let both = sorted(orders.iter().map(Instance::address));
 

@@ -40,7 +40,7 @@ impl Mesh {
         let dir = TempDir::new();
         let cp = ControlPlaneProcess::start(&dir.path.join("data"), &[]).await;
         let breaker = workspace().join("examples/policies/demo/orders-breaker.yaml");
-        let applied = meshctl(Some(&cp.url()), &["apply", "-f", breaker.to_str().unwrap()]).await;
+        let applied = meshctl(&cp, &["apply", "-f", breaker.to_str().unwrap()]).await;
         assert!(applied.success(), "{applied:?}");
         let inventory = DemoService::start_with(&cp, "inventory", "v1", None, SIDECAR_ARGS).await;
         let orders = [
@@ -74,7 +74,7 @@ impl Mesh {
     async fn work(&self) -> u16 {
         client::get(self.frontend.sidecar.inbound, "/work")
             .await
-            .map_or(0, |reply| reply.status)
+            .map_or(0, |reply| reply.status.as_u16())
     }
 
     /// Keeps sending requests (until the caller stops polling it).
@@ -186,6 +186,10 @@ async fn the_dashboard_shows_the_demo_mesh_live_in_a_real_browser() {
     .await;
 
     // Services: first load, page weight, the three services and their instances.
+    browser
+        .log_in(&format!("{}/", mesh.cp.url()), &mesh.cp.admin_token())
+        .await
+        .expect("logged in");
     browser
         .navigate(&format!("{}/", mesh.cp.url()))
         .await
@@ -370,6 +374,19 @@ async fn without_the_event_stream_the_page_polls_and_still_updates() {
         .block_urls(&["*/api/v1/dashboard/events*"])
         .await
         .expect("event stream blocked");
+    let viewer = cp
+        .create_token(&meshlet_api::access::CreateToken {
+            name: "viewer-dashboard".into(),
+            role: "viewer".into(),
+            namespace: None,
+            service: None,
+            ttl_seconds: None,
+        })
+        .await;
+    browser
+        .log_in(&format!("{}/", cp.url()), &viewer)
+        .await
+        .expect("logged in as a viewer");
     browser
         .navigate(&format!("{}/", cp.url()))
         .await
@@ -499,4 +516,77 @@ fn metric_names_are_read_from_selectors() {
         ),
         ["a_bucket", "b"]
     );
+}
+
+/// Serves one HTML page on a loopback port of its own: another origin than
+/// the control plane's. Ends with the returned task.
+async fn other_origin_page() -> (u16, tokio::task::JoinHandle<()>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let task = tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                let _ = stream.read(&mut buf).await;
+                let page = "<!doctype html><title>elsewhere</title><p>another origin</p>";
+                let reply = format!(
+                    "HTTP/1.1 200 OK\r\ncontent-type: text/html\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{page}",
+                    page.len()
+                );
+                let _ = stream.write_all(reply.as_bytes()).await;
+            });
+        }
+    });
+    (port, task)
+}
+
+/// Issue 13: logged in to the dashboard, the user visits a page of another
+/// origin that posts a delete to the control plane with `no-cors` and the
+/// session cookie. Nothing changes.
+#[tokio::test]
+async fn a_page_of_another_origin_cannot_change_anything_with_the_session() {
+    let Some(browser) = launch_browser().await else {
+        return;
+    };
+    let dir = TempDir::new();
+    let cp = ControlPlaneProcess::start(&dir.path.join("data"), &[]).await;
+    cp.apply(
+        &dir.path,
+        "policy.yaml",
+        "apiVersion: meshlet.dev/v1alpha1\nkind: TimeoutPolicy\nmetadata: {name: orders-timeout}\n\
+         spec: {targetRef: {service: orders}, request: 2s}\n",
+    )
+    .await;
+    browser
+        .log_in(&format!("{}/", cp.url()), &cp.admin_token())
+        .await
+        .expect("logged in");
+    let (port, server) = other_origin_page().await;
+    browser
+        .navigate(&format!("http://127.0.0.1:{port}/"))
+        .await
+        .expect("the other page opens");
+    let body = serde_json::json!({"keys": [{"kind": "TimeoutPolicy", "namespace": "default", "name": "orders-timeout"}]});
+    let target = Value::from(format!("{}/api/v1/delete", cp.url())).to_string();
+    let body = Value::from(body.to_string()).to_string();
+    let sent = browser
+        .evaluate(&format!(
+            "fetch({target}, {{method: 'POST', mode: 'no-cors', credentials: 'include', body: {body}}})\
+             .then(r => 'sent: ' + r.type, e => 'failed: ' + e)"
+        ))
+        .await
+        .expect("the page's script ran");
+    println!("cross-origin post: {sent}");
+    let resources = cp.get_json("/api/v1/resources").await;
+    assert!(
+        resources.to_string().contains("orders-timeout"),
+        "the cross-origin post deleted it: {resources}"
+    );
+    let history = cp.get_json("/api/v1/revisions").await;
+    assert!(
+        !history.to_string().contains("deleted"),
+        "a revision was made: {history}"
+    );
+    server.abort();
 }

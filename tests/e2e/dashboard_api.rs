@@ -9,17 +9,13 @@
 //! caller opens shows up as `open`, and the event stream announces
 //! reports as they arrive.
 
-use std::net::SocketAddr;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::Request;
 use http_body_util::{BodyExt, Full};
-use hyper_util::rt::TokioIo;
 use meshlet_e2e::inprocess::{ControlPlane, Sidecar};
 use meshlet_e2e::{client, wait, TempDir, Upstream};
 use serde_json::Value;
-use tokio::net::TcpStream;
 
 /// Requests sent from frontend to orders.
 const N: u64 = 25;
@@ -36,7 +32,7 @@ spec: {targetRef: {service: orders}, consecutiveFailures: 2, openDuration: 60s}
 async fn instance(cp: &ControlPlane, service: &str) -> (Upstream, Sidecar) {
     let app = Upstream::start(service).await;
     let sidecar = Sidecar::builder(service, app.port())
-        .control_plane(&cp.url())
+        .control_plane(&cp)
         .arg("--stats-interval")
         .arg("200ms")
         .start()
@@ -79,17 +75,15 @@ struct EventStream {
 }
 
 impl EventStream {
-    async fn open(addr: SocketAddr, path: &str) -> EventStream {
-        let stream = TcpStream::connect(addr).await.expect("connect");
-        let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-            .await
-            .expect("handshake");
-        tokio::spawn(connection);
-        let request = Request::get(path)
-            .header("host", addr.to_string())
+    async fn open(cp: &ControlPlane, path: &str) -> EventStream {
+        let request = meshlet_client::request(http::Method::GET, &cp.authority(), path)
             .body(Full::new(Bytes::new()))
             .expect("valid request");
-        let response = sender.send_request(request).await.expect("answered");
+        let response = cp
+            .client()
+            .send(&cp.authority(), request)
+            .await
+            .expect("answered");
         assert_eq!(response.status(), 200);
         assert_eq!(response.headers()["content-type"], "text/event-stream");
         EventStream {
@@ -141,7 +135,7 @@ async fn the_dashboard_shows_what_the_sidecars_counted() {
     })
     .await;
 
-    let mut events = EventStream::open(cp.addr, "/api/v1/dashboard/events").await;
+    let mut events = EventStream::open(&cp, "/api/v1/dashboard/events").await;
 
     for i in 0..N {
         let reply = client::get_uri(frontend.outbound, "http://orders/")

@@ -8,7 +8,7 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use meshlet_e2e::process::free_port;
-use meshlet_e2e::{client, wait, SidecarProcess, Upstream};
+use meshlet_e2e::{client, wait, ControlPlaneProcess, SidecarProcess, TempDir, Upstream};
 use nix::sys::signal::Signal;
 use tokio::net::TcpStream;
 
@@ -95,7 +95,10 @@ async fn sigterm_lets_the_slow_request_finish_refuses_new_connections_and_exits_
         .await
         .unwrap()
         .expect("the in-flight request completes");
-    assert_eq!((reply.status, reply.text().as_str()), (200, "slow done"));
+    assert_eq!(
+        (reply.status.as_u16(), reply.text().as_str()),
+        (200, "slow done")
+    );
     let status = sidecar.wait_exit(Duration::from_secs(10)).await;
     assert_eq!(status.code(), Some(0), "{}", sidecar.log_text());
     assert_eq!(app.requests(), 1);
@@ -221,9 +224,13 @@ async fn ready_is_503_until_the_app_is_healthy_then_200() {
 async fn started_waits_for_a_configuration_from_the_control_plane() {
     // Nothing listens where the control plane should be, and no snapshot
     // was persisted: the sidecar is up but cannot route yet.
-    let nowhere = format!("http://127.0.0.1:{}", free_port());
+    // (Its CA and a token come from a control plane that is gone.)
+    let dir = TempDir::new();
+    let mut cp = ControlPlaneProcess::start(&dir.path.join("data"), &[]).await;
+    let credentials = cp.sidecar_credentials("default", "app").await;
+    cp.kill9().await;
     let sidecar = SidecarProcess::builder("app", free_port())
-        .control_plane(&nowhere)
+        .control_plane_with(&credentials)
         .start()
         .await;
     let started = client::get(sidecar.admin, "/started").await.unwrap();

@@ -87,14 +87,14 @@ impl Mesh {
     async fn assert_still_serving(&self) {
         let inbound = client::get(self.sidecar.inbound, "/").await.unwrap();
         assert_eq!(
-            (inbound.status, inbound.text().as_str()),
+            (inbound.status.as_u16(), inbound.text().as_str()),
             (200, "hello from app")
         );
         let outbound = client::get_uri(self.sidecar.outbound, "http://app/")
             .await
             .unwrap();
         assert_eq!(
-            (outbound.status, outbound.text().as_str()),
+            (outbound.status.as_u16(), outbound.text().as_str()),
             (200, "hello from app")
         );
         let live = client::get(self.sidecar.admin, "/live").await.unwrap();

@@ -116,7 +116,8 @@ fn both_kustomizations_build_and_pass_strict_validation() {
     ) else {
         return;
     };
-    for (dir, expected) in [("manifests/base", 3), ("manifests/overlays/kind", 10)] {
+    // base: the namespace, the Service, the StatefulSet, the NetworkPolicy.
+    for (dir, expected) in [("manifests/base", 4), ("manifests/overlays/kind", 11)] {
         let yaml = succeed(&kubectl, &["kustomize", dir]);
         let passed = validate_strict(&validator, dir, &yaml);
         assert_eq!(passed, expected, "{dir}: resources validated");

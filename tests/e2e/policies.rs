@@ -166,7 +166,7 @@ struct Instance {
 async fn instance(cp: &ControlPlane, service: &str) -> Instance {
     let app = Upstream::start(service).await;
     let sidecar = Sidecar::builder(service, app.port())
-        .control_plane(&cp.url())
+        .control_plane(&cp)
         .start()
         .await;
     sidecar.wait_ready(Duration::from_secs(10)).await;
@@ -202,7 +202,7 @@ async fn a_global_limit_is_shared_by_the_healthy_instances() {
     let loops = orders.iter().map(|i| async move {
         let (mut ok, mut refused) = (0u32, 0u32);
         while started.elapsed() < run_for {
-            match inbound(&i.sidecar, "/").await.status {
+            match inbound(&i.sidecar, "/").await.status.as_u16() {
                 200 => ok += 1,
                 429 => refused += 1,
                 other => panic!("unexpected status {other}"),
@@ -557,7 +557,7 @@ async fn sighup_reloads_a_valid_config_and_keeps_the_old_on_error() {
     let statuses: Vec<u16> = futures_util::future::join_all((0..3).map(|_| inbound(&sidecar, "/")))
         .await
         .iter()
-        .map(|r| r.status)
+        .map(|r| r.status.as_u16())
         .collect();
     assert_eq!(
         statuses.iter().filter(|s| **s == 429).count(),
@@ -627,7 +627,7 @@ async fn a_rollback_restores_the_earlier_policy_in_every_sidecar() {
     )
     .await;
 
-    let out = meshctl(Some(&cp.url()), &["rollback", &revision_a.to_string()]).await;
+    let out = meshctl(&cp, &["rollback", &revision_a.to_string()]).await;
     assert!(out.success(), "{out:?}");
     assert!(
         out.stdout
@@ -647,7 +647,7 @@ async fn a_rollback_restores_the_earlier_policy_in_every_sidecar() {
     .await;
     assert_eq!(reply.header("x-meshlet-reason"), Some("upstream_timeout"));
     let listed = meshctl(
-        Some(&cp.url()),
+        &cp,
         &["get", "timeoutpolicy", "orders-timeout", "-o", "yaml"],
     )
     .await;

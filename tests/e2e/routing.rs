@@ -147,7 +147,7 @@ async fn qualified_service_names_route_too() {
             .await
             .unwrap();
         assert_eq!(
-            (reply.status, reply.header("x-upstream")),
+            (reply.status.as_u16(), reply.header("x-upstream")),
             (200, Some("orders")),
             "{host}"
         );

@@ -355,7 +355,13 @@ async fn the_access_log_has_one_json_line_per_request_with_trace_and_reason() {
             .header("traceparent", format!("00-{TRACE}-{PARENT}-01"))
             .body(Full::new(Bytes::new()))
             .unwrap();
-        statuses.push(client::send(sidecar.inbound, request).await.unwrap().status);
+        statuses.push(
+            client::send(sidecar.inbound, request)
+                .await
+                .unwrap()
+                .status
+                .as_u16(),
+        );
     }
     assert_eq!(statuses, [200, 200, 429]);
     let lines = wait::until("three access log lines", Duration::from_secs(5), || async {
@@ -388,7 +394,7 @@ async fn a_call_through_three_services_is_one_trace_of_six_spans_in_the_control_
     let frontend = DemoService::start(&cp, "frontend", Some("orders")).await;
     // The caller: a load generator with a sidecar (its app is not called).
     let loadgen = SidecarProcess::builder("loadgen", free_port())
-        .control_plane(&cp.url())
+        .control_plane(&cp)
         .start()
         .await;
     for (sidecar, service) in [
@@ -477,7 +483,7 @@ async fn a_call_through_three_services_is_one_trace_of_six_spans_in_the_control_
     );
 
     // meshctl shows it as a waterfall: six lines, each hop indented deeper.
-    let shown = meshctl(Some(&cp.url()), &["trace", &trace_id]).await;
+    let shown = meshctl(&cp, &["trace", &trace_id]).await;
     assert!(shown.success(), "{}", shown.stderr);
     let rows: Vec<&str> = shown
         .stdout
@@ -487,6 +493,6 @@ async fn a_call_through_three_services_is_one_trace_of_six_spans_in_the_control_
     assert_eq!(rows.len(), 6, "{}", shown.stdout);
     let indents: Vec<usize> = rows.iter().map(|l| l.find("GET").unwrap()).collect();
     assert!(indents.windows(2).all(|w| w[0] < w[1]), "{}", shown.stdout);
-    let listed = meshctl(Some(&cp.url()), &["traces", "--service", "inventory"]).await;
+    let listed = meshctl(&cp, &["traces", "--service", "inventory"]).await;
     assert!(listed.stdout.contains(&trace_id), "{}", listed.stdout);
 }

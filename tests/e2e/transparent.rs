@@ -114,6 +114,8 @@ fn sidecar_args<'a>(
     service: &'a str,
     ip: &'a str,
     cp: &'a str,
+    token_file: &'a str,
+    ca_file: &'a str,
     snapshot: &'a str,
 ) -> Vec<&'a str> {
     vec![
@@ -133,6 +135,10 @@ fn sidecar_args<'a>(
         "transparent",
         "--control-plane",
         cp,
+        "--token-file",
+        token_file,
+        "--ca-file",
+        ca_file,
         "--advertise-ip",
         ip,
         "--snapshot-file",
@@ -167,7 +173,7 @@ async fn unmodified_clients_reach_the_other_pod_through_both_sidecars() {
     // The sidecars (UID 1337) write their snapshot files here.
     std::os::unix::fs::chown(&pods.dir.path, Some(1337), Some(1337)).expect("chown");
     let (sidecar, demo, echo) = (bin("sidecar"), bin("demo-service"), bin("meshlet-tcp-echo"));
-    let cp_url = format!("http://{A_IP}:15010");
+    let cp_url = format!("https://{A_IP}:15010");
 
     // Control plane in A, on A's pod IP.
     let data = pods.dir.path.join("cp-data");
@@ -181,15 +187,80 @@ async fn unmodified_clients_reach_the_other_pod_through_both_sidecars() {
             &cp_listen,
             "--data-dir",
             data.to_str().unwrap(),
+            // The pod IP is in the certificate and an allowed Host.
+            "--advertise-name",
+            A_IP,
         ],
     );
+    // The sidecars run as UID 1337 and cannot read the control plane's
+    // (0700) data dir: the CA is handed out as a copy, as a Secret would.
+    let ca_file = pods.dir.path.join("ca.crt").display().to_string();
+    let cp_ca = data.join("ca.crt");
     let healthz = format!("{cp_url}/healthz");
     wait::until(
-        "control plane /healthz",
+        "control plane https /healthz",
         Duration::from_secs(10),
-        || async { matches!(pods.a.curl(&healthz).await, Some((200, _))).then_some(()) },
+        || async {
+            std::fs::copy(&cp_ca, &ca_file).ok()?;
+            let out = pods
+                .a
+                .exec(&[
+                    "curl",
+                    "-s",
+                    "-o",
+                    "/dev/null",
+                    "-w",
+                    "%{http_code}",
+                    "--max-time",
+                    "5",
+                    "--cacert",
+                    &ca_file,
+                    &healthz,
+                ])
+                .await;
+            (out.stdout == b"200").then_some(())
+        },
     )
     .await;
+    let admin_token = std::fs::read_to_string(data.join("admin.token"))
+        .expect("admin.token")
+        .trim()
+        .to_owned();
+    let mut token_files = Vec::new();
+    for service in ["frontend", "orders"] {
+        let body = format!(
+            r#"{{"name":"sidecar-{service}","role":"sidecar","namespace":"default","service":"{service}"}}"#
+        );
+        let out = pods
+            .a
+            .exec(&[
+                "curl",
+                "-s",
+                "--fail-with-body",
+                "--max-time",
+                "5",
+                "--cacert",
+                &ca_file,
+                "-H",
+                &format!("authorization: Bearer {admin_token}"),
+                "-H",
+                "content-type: application/json",
+                "--data",
+                &body,
+                &format!("{cp_url}/api/v1/tokens"),
+            ])
+            .await;
+        let created: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+            panic!(
+                "token for {service}: {e}: {}",
+                String::from_utf8_lossy(&out.stdout)
+            )
+        });
+        let path = pods.dir.path.join(format!("{service}.token"));
+        meshlet_e2e::access::write_private(&path, created["token"].as_str().expect("token"));
+        std::os::unix::fs::chown(&path, Some(1337), Some(1337)).expect("chown token");
+        token_files.push(path.display().to_string());
+    }
 
     // Apps: unmodified, they know nothing of the mesh.
     pods.start(
@@ -222,12 +293,28 @@ async fn unmodified_clients_reach_the_other_pod_through_both_sidecars() {
     pods.start(
         Which::A,
         "frontend-sidecar",
-        &sidecar_args(&sidecar, "frontend", A_IP, &cp_url, &snapshot_a),
+        &sidecar_args(
+            &sidecar,
+            "frontend",
+            A_IP,
+            &cp_url,
+            &token_files[0],
+            &ca_file,
+            &snapshot_a,
+        ),
     );
     pods.start(
         Which::B,
         "orders-sidecar",
-        &sidecar_args(&sidecar, "orders", B_IP, &cp_url, &snapshot_b),
+        &sidecar_args(
+            &sidecar,
+            "orders",
+            B_IP,
+            &cp_url,
+            &token_files[1],
+            &ca_file,
+            &snapshot_b,
+        ),
     );
     for which in [Which::A, Which::B] {
         let ready = wait::within(Duration::from_secs(15), || async {
@@ -389,6 +476,10 @@ async fn unmodified_clients_reach_the_other_pod_through_both_sidecars() {
             &bin("meshctl"),
             "--server",
             &cp_url,
+            "--token",
+            &admin_token,
+            "--ca-file",
+            &ca_file,
             "apply",
             "-f",
             policy.to_str().unwrap(),

@@ -6,10 +6,9 @@ use std::time::Duration;
 
 use crate::{client, wait};
 
-/// A sidecar's three listeners, for helpers that take either kind (a
-/// sidecar process or an in-process sidecar; each implements it where it
-/// is defined, so this module imports neither) in test files that use
-/// both.
+/// A sidecar's three listeners, for helpers that take either kind
+/// (`SidecarProcess` or `inprocess::Sidecar`, which implement it next to
+/// their definitions) in test files that use both.
 pub trait Listening {
     fn inbound(&self) -> SocketAddr;
     fn outbound(&self) -> SocketAddr;

@@ -192,6 +192,9 @@ impl Browser {
                 "--no-first-run",
                 "--no-default-browser-check",
                 "--no-proxy-server",
+                // The control plane's certificate is from the test's own
+                // mesh CA, which this throw-away profile does not trust.
+                "--ignore-certificate-errors",
                 "--disable-extensions",
                 "--disable-background-networking",
                 "--hide-scrollbars",
@@ -323,6 +326,35 @@ impl Browser {
         .map(drop)
     }
 
+    /// Opens the dashboard at `url` (which answers a log-in page without a
+    /// session), types `token` into `#login-token`, submits `#login-form`,
+    /// and waits until the log-in page is gone.
+    pub async fn log_in(&self, url: &str, token: &str) -> Result<(), BrowserError> {
+        self.navigate(url).await?;
+        self.wait_for(
+            "the log-in form",
+            "!!document.getElementById('login-form')",
+            COMMAND_PATIENCE,
+        )
+        .await?;
+        let token = Value::from(token).to_string();
+        self.evaluate(&format!(
+            "(() => {{ document.getElementById('login-token').value = {token}; \
+             document.getElementById('login-form').requestSubmit(); return true; }})()"
+        ))
+        .await?;
+        self.wait_for(
+            "the log-in page to go",
+            "document.readyState === 'complete' && !document.getElementById('login-form')",
+            COMMAND_PATIENCE,
+        )
+        .await?;
+        // The page answered 401 before the log-in, which the browser logs
+        // as a failed resource load: expected, not a page error.
+        self.clear_errors();
+        Ok(())
+    }
+
     /// Makes every request whose URL matches one of `patterns` (`*`
     /// wildcards) fail, as a network outage would.
     pub async fn block_urls(&self, patterns: &[&str]) -> Result<(), BrowserError> {
@@ -426,6 +458,11 @@ impl Browser {
             write(std::fs::create_dir_all(dir))?;
         }
         write(std::fs::write(path, png))
+    }
+
+    /// Forgets the errors recorded so far (the log-in page's expected 401).
+    pub fn clear_errors(&self) {
+        self.report.lock().unwrap().errors.clear();
     }
 
     /// Exceptions, console errors and error log entries so far.

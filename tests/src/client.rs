@@ -1,11 +1,17 @@
 //! Minimal HTTP clients for tests: one fresh connection per request, so a
 //! test controls exactly which protocol and connection it uses.
+//!
+//! Plain HTTP/1.1 one-shots (`get`, `send`, `post_json`) go through
+//! `meshlet-client` (the one the programs use) without TLS or token: for
+//! sidecars, apps and collectors. The control plane is reached through
+//! [`crate::access::CpAccess`] (TLS + bearer); [`WatchStream`] too. The h2c and
+//! raw-socket helpers stay hand-made: they control the protocol bytes.
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http::{HeaderMap, Request, Version};
+use http::Request;
 use http_body_util::{BodyExt, Full};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -13,32 +19,8 @@ use tokio::net::TcpStream;
 
 pub type Error = Box<dyn std::error::Error + Send + Sync>;
 
-/// A fully read response.
-#[derive(Debug)]
-pub struct Reply {
-    pub status: u16,
-    pub version: Version,
-    pub headers: HeaderMap,
-    pub body: Bytes,
-    pub trailers: Option<HeaderMap>,
-}
-
-impl Reply {
-    pub fn text(&self) -> String {
-        String::from_utf8_lossy(&self.body).into_owned()
-    }
-
-    pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers.get(name).and_then(|v| v.to_str().ok())
-    }
-
-    pub fn trailer(&self, name: &str) -> Option<&str> {
-        self.trailers
-            .as_ref()?
-            .get(name)
-            .and_then(|v| v.to_str().ok())
-    }
-}
+/// A fully read response (meshlet's own client's).
+pub use meshlet_client::Reply;
 
 /// `GET path` over HTTP/1.1 to `addr`.
 pub async fn get(addr: SocketAddr, path: &str) -> Result<Reply, Error> {
@@ -76,18 +58,23 @@ pub struct WatchStream {
 }
 
 impl WatchStream {
-    /// Opens `GET /api/v1/watch?revision=R` and reads the first event.
-    pub async fn open(addr: SocketAddr, revision: u64) -> WatchStream {
-        let stream = TcpStream::connect(addr).await.expect("connect");
-        let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+    /// Opens `GET /api/v1/watch?revision=R` (TLS, admin token) and reads
+    /// the first event.
+    pub async fn open(cp: &impl crate::access::ControlPlaneRef, revision: u64) -> WatchStream {
+        let cp = cp.access();
+        let authority = cp.authority();
+        let request = meshlet_client::request(
+            http::Method::GET,
+            &authority,
+            &format!("/api/v1/watch?revision={revision}"),
+        )
+        .body(Full::new(Bytes::new()))
+        .expect("valid request");
+        let response = cp
+            .client()
+            .send(&authority, request)
             .await
-            .expect("handshake");
-        tokio::spawn(connection);
-        let request = Request::get(format!("/api/v1/watch?revision={revision}"))
-            .header("host", addr.to_string())
-            .body(Full::new(Bytes::new()))
-            .expect("valid request");
-        let response = sender.send_request(request).await.expect("watch answered");
+            .expect("watch answered");
         assert_eq!(response.status(), 200);
         let mut watch = WatchStream {
             body: response.into_body(),
@@ -129,19 +116,16 @@ impl WatchStream {
     }
 }
 
-/// Sends `request` over a new HTTP/1.1 connection to `addr`.
+/// Sends `request` over a new HTTP/1.1 connection to `addr` (plain).
 pub async fn send<B>(addr: SocketAddr, request: Request<B>) -> Result<Reply, Error>
 where
     B: hyper::body::Body + Send + 'static,
     B::Data: Send,
     B::Error: Into<Error>,
 {
-    let stream = TcpStream::connect(addr).await?;
-    let (mut sender, connection) =
-        hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
-    tokio::spawn(connection);
-    let response = sender.send_request(request).await?;
-    read_reply(response).await
+    Ok(meshlet_client::Client::new()
+        .fetch(&addr.to_string(), request)
+        .await?)
 }
 
 /// Sends `request` over a new h2c (prior knowledge) connection to `addr`.
@@ -159,7 +143,7 @@ async fn read_reply(response: http::Response<hyper::body::Incoming>) -> Result<R
     let collected = body.collect().await?;
     let trailers = collected.trailers().cloned();
     Ok(Reply {
-        status: parts.status.as_u16(),
+        status: parts.status,
         version: parts.version,
         headers: parts.headers,
         body: collected.to_bytes(),

@@ -60,7 +60,7 @@ impl DemoService {
         .await;
         let mut sidecar = SidecarProcess::builder(name, app_port)
             .outbound_port(outbound_port)
-            .control_plane(&cp.url())
+            .control_plane(cp)
             .arg("--labels")
             .arg(&format!("version={version}"));
         for arg in sidecar_args {

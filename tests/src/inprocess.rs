@@ -43,6 +43,7 @@ use std::time::Duration;
 use clap::Parser;
 use tokio::sync::{mpsc, oneshot};
 
+use crate::access::{flag_value, ControlPlaneRef, CpAccess, SidecarCredentials};
 use crate::{admin, client, meshctl, TempDir};
 
 /// How long `stop` waits for a graceful shutdown (a sidecar's default
@@ -234,6 +235,7 @@ pub struct SidecarBuilder {
     app_port: u16,
     config: Option<String>,
     args: Vec<String>,
+    control_plane: Option<CpAccess>,
 }
 
 impl Sidecar {
@@ -243,6 +245,7 @@ impl Sidecar {
             app_port,
             config: None,
             args: Vec::new(),
+            control_plane: None,
         }
     }
 
@@ -308,16 +311,29 @@ impl SidecarBuilder {
         self
     }
 
-    /// Registers with and routes from the control plane at `url`. The
+    /// Registers with and routes from `cp`, with a sidecar token for its
+    /// service (created by [`SidecarBuilder::start`]) and the mesh CA. The
     /// snapshot file goes to the sidecar's temp dir unless the test passes
     /// `--snapshot-file` itself.
-    pub fn control_plane(self, url: &str) -> Self {
-        self.arg("--control-plane").arg(url)
+    pub fn control_plane(mut self, cp: &impl ControlPlaneRef) -> Self {
+        self.control_plane = Some(cp.access().clone());
+        self
+    }
+
+    /// `--control-plane URL --token-file F --ca-file CA` as given.
+    pub fn control_plane_with(mut self, credentials: &SidecarCredentials) -> Self {
+        self.args.extend(credentials.args());
+        self
     }
 
     /// Starts the sidecar and waits until its admin `/live` answers (its
     /// listeners are bound before it starts, so they accept at once).
-    pub async fn start(self) -> Sidecar {
+    pub async fn start(mut self) -> Sidecar {
+        if let Some(cp) = self.control_plane.take() {
+            let namespace = flag_value(&self.args, "--namespace").unwrap_or("default");
+            let credentials = cp.sidecar_credentials(namespace, &self.service).await;
+            self.args.extend(credentials.args());
+        }
         let dir = TempDir::new();
         let [inbound, outbound, admin] = [bind_loopback(), bind_loopback(), bind_loopback()];
         let addrs = [&inbound, &outbound, &admin].map(local_addr);
@@ -388,6 +404,7 @@ impl SidecarBuilder {
 /// with its own data directory. Killed on drop.
 #[derive(Debug)]
 pub struct ControlPlane {
+    access: CpAccess,
     pub addr: SocketAddr,
     pub data_dir: PathBuf,
     args: Vec<String>,
@@ -419,17 +436,20 @@ impl ControlPlane {
             meshlet_control_plane::server::run(tokio_listener(listener), settings, shutdown)
         });
         let cp = ControlPlane {
+            access: CpAccess::new(addr, data_dir),
             addr,
             data_dir: data_dir.to_owned(),
             args,
             instance,
         };
-        cp.instance.wait_serving(addr, "/healthz").await;
+        cp.access
+            .wait_serving(|| match cp.instance.ended() {
+                Some(ended) => Err(ended),
+                None if !cp.instance.is_running() => Err("its thread ended".into()),
+                None => Ok(()),
+            })
+            .await;
         cp
-    }
-
-    pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
     }
 
     /// The in-process `kill -9`: drops the control plane's runtime (no
@@ -447,7 +467,7 @@ impl ControlPlane {
     /// empty on the same address.
     pub async fn wipe_and_restart(&mut self) {
         self.kill9().await;
-        std::fs::remove_dir_all(&self.data_dir).expect("remove data dir");
+        crate::access::wipe_keeping_credentials(&self.data_dir);
         self.start_again().await;
     }
 
@@ -458,8 +478,16 @@ impl ControlPlane {
     }
 
     async fn start_again(&mut self) {
-        let again = Self::start_on(bind(self.addr), &self.data_dir, self.args.clone()).await;
+        let as_admin = self.access.sidecars_as_admin;
+        let mut again = Self::start_on(bind(self.addr), &self.data_dir, self.args.clone()).await;
+        again.access.sidecars_as_admin = as_admin;
         *self = again;
+    }
+
+    /// Sidecars started from now on get the admin token (see
+    /// [`CpAccess::sidecars_as_admin`]).
+    pub fn sidecars_use_the_admin_token(&mut self) {
+        self.access.sidecars_as_admin = true;
     }
 
     /// Writes `yaml` to `dir/file` and runs `meshctl apply -f` (the real
@@ -467,15 +495,33 @@ impl ControlPlane {
     pub async fn apply(&self, dir: &Path, file: &str, yaml: &str) {
         let path = dir.join(file);
         std::fs::write(&path, yaml).expect("write the file to apply");
-        let out = meshctl(Some(&self.url()), &["apply", "-f", path.to_str().unwrap()]).await;
+        let out = meshctl(self, &["apply", "-f", path.to_str().unwrap()]).await;
         assert!(out.success(), "apply {file}: {out:?}");
     }
+}
 
-    /// GET an API path and decode JSON.
-    pub async fn get_json(&self, path: &str) -> serde_json::Value {
-        let reply = client::get(self.addr, path).await.expect("API answers");
-        assert_eq!(reply.status, 200, "GET {path}: {}", reply.text());
-        serde_json::from_slice(&reply.body).expect("API answers JSON")
+impl std::ops::Deref for ControlPlane {
+    type Target = CpAccess;
+    fn deref(&self) -> &CpAccess {
+        &self.access
+    }
+}
+
+impl ControlPlaneRef for ControlPlane {
+    fn access(&self) -> &CpAccess {
+        &self.access
+    }
+}
+
+impl admin::Listening for Sidecar {
+    fn inbound(&self) -> SocketAddr {
+        self.inbound
+    }
+    fn outbound(&self) -> SocketAddr {
+        self.outbound
+    }
+    fn admin(&self) -> SocketAddr {
+        self.admin
     }
 }
 
@@ -499,7 +545,7 @@ mod tests {
     /// Instances of `service` registered at `cp` (none: 404).
     async fn registered(cp: &ControlPlane, service: &str) -> usize {
         let path = format!("/api/v1/services/default/{service}");
-        let reply = client::get(cp.addr, &path).await.expect("API answers");
+        let reply = cp.get(&path).await;
         if reply.status == 404 {
             return 0;
         }
@@ -517,7 +563,7 @@ mod tests {
         let mut cp = ControlPlane::start(&dir.path.join("data"), &[]).await;
         let app = Upstream::start("orders").await;
         let sidecar = Sidecar::builder("orders", app.port())
-            .control_plane(&cp.url())
+            .control_plane(&cp)
             .start()
             .await;
         let listeners = [sidecar.inbound, sidecar.outbound, sidecar.admin];
@@ -541,7 +587,7 @@ mod tests {
         let mut cp = ControlPlane::start(&dir.path.join("data"), &["--ttl", "60s"]).await;
         let app = Upstream::start("orders").await;
         let sidecar = Sidecar::builder("orders", app.port())
-            .control_plane(&cp.url())
+            .control_plane(&cp)
             .start()
             .await;
         let inbound = sidecar.inbound;

@@ -10,10 +10,23 @@
 //! let response = client::get(sidecar.inbound, "/").await;
 //! ```
 //!
+//! ## The control plane's credentials
+//!
+//! A control plane serves HTTPS only and wants a bearer token on every
+//! route but `/healthz` (issue 13). Both kinds dereference to a
+//! [`CpAccess`]: `cp.url()` is `https://127.0.0.1:PORT`, `cp.ca_file()` and
+//! `cp.admin_token()` come from its data dir (start waits for them),
+//! `cp.client()` is a `meshlet_client::Client` with the CA and the admin
+//! token, `cp.get_json(path)` / `cp.post_json(..)` / `cp.call(..)` use it,
+//! and `cp.sidecar_token_file(ns, service)` issues a sidecar token into a
+//! 0600 file. `.control_plane(&cp)` on a sidecar builder passes
+//! `--control-plane URL --token-file F --ca-file CA`; [`meshctl`] sets
+//! `MESHLET_SERVER`, `MESHLET_TOKEN` and `MESHLET_CA_FILE`.
+//!
 //! ## In-process or a process
 //!
 //! Two harnesses with the same builder API (`builder(service, app_port)`,
-//! `.config(yaml)`, `.arg(..)`, `.control_plane(url)`, `.start().await`;
+//! `.config(yaml)`, `.arg(..)`, `.control_plane(&cp)`, `.start().await`;
 //! `ControlPlane*::start(data_dir, args)`, `url`, `apply`, `get_json`,
 //! `restart`, `kill9`, ...), so moving a test between them is changing a
 //! type:
@@ -64,6 +77,7 @@
 //! [`browser::Browser`] drives a headless chromium over the DevTools
 //! protocol (the dashboard test).
 
+pub mod access;
 pub mod admin;
 pub mod browser;
 pub mod client;
@@ -78,5 +92,8 @@ pub mod process;
 pub mod upstream;
 pub mod wait;
 
-pub use process::{meshctl, ControlPlaneProcess, SidecarBuilder, SidecarProcess, TempDir};
+pub use access::{ControlPlaneRef, CpAccess, SidecarCredentials};
+pub use process::{
+    meshctl, meshctl_with, ControlPlaneProcess, SidecarBuilder, SidecarProcess, TempDir,
+};
 pub use upstream::Upstream;

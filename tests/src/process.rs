@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use tokio::process::{Child, Command};
 
+use crate::access::{flag_value, ControlPlaneRef, CpAccess, SidecarCredentials};
 use crate::{admin, client, wait};
 
 /// Path of a workspace binary built by `cargo build --bins`.
@@ -73,6 +74,7 @@ pub struct SidecarBuilder {
     args: Vec<String>,
     env: Vec<(String, String)>,
     outbound_port: Option<u16>,
+    control_plane: Option<CpAccess>,
 }
 
 impl SidecarProcess {
@@ -84,6 +86,7 @@ impl SidecarProcess {
             args: Vec::new(),
             env: Vec::new(),
             outbound_port: None,
+            control_plane: None,
         }
     }
 
@@ -160,6 +163,7 @@ impl SidecarProcess {
 #[derive(Debug)]
 pub struct ControlPlaneProcess {
     child: Child,
+    access: CpAccess,
     pub addr: SocketAddr,
     pub data_dir: PathBuf,
     pub log: PathBuf,
@@ -200,38 +204,33 @@ impl ControlPlaneProcess {
             .expect("spawn control-plane");
         let mut cp = ControlPlaneProcess {
             child,
+            access: CpAccess::new(addr, data_dir),
             addr,
             data_dir: data_dir.to_owned(),
             log,
             args,
         };
-        wait::until(
-            "control-plane /healthz",
-            Duration::from_secs(10),
-            || async {
-                match client::get(addr, "/healthz").await {
-                    Ok(response) if response.status == 200 => Some(()),
-                    _ => None,
-                }
-            },
-        )
-        .await;
-        assert!(
-            matches!(cp.child.try_wait(), Ok(None)),
-            "control-plane exited: {}",
-            cp.log_text()
-        );
+        let access = cp.access.clone();
+        let log = cp.log.clone();
+        let child = &mut cp.child;
+        access
+            .wait_serving(|| match child.try_wait() {
+                Ok(None) => Ok(()),
+                _ => Err(std::fs::read_to_string(&log).unwrap_or_default()),
+            })
+            .await;
         cp
-    }
-
-    pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
     }
 
     /// Resident memory (VmRSS) in bytes, from /proc.
     pub fn rss_bytes(&self) -> u64 {
         let pid = self.child.id().expect("process running");
         proc_status_kb(pid, "VmRSS:") * 1024
+    }
+
+    /// Whether the process is still running.
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
     }
 
     /// `kill -9`, and wait for the process to be gone.
@@ -244,16 +243,27 @@ impl ControlPlaneProcess {
     /// again empty on the same address.
     pub async fn wipe_and_restart(&mut self) {
         self.kill9().await;
-        std::fs::remove_dir_all(&self.data_dir).expect("remove data dir");
-        let again = Self::start_on(self.addr, &self.data_dir, self.args.clone()).await;
-        *self = again;
+        crate::access::wipe_keeping_credentials(&self.data_dir);
+        self.start_again().await;
     }
 
     /// Starts again on the same address and data directory.
     pub async fn restart(&mut self) {
         self.kill9().await;
-        let again = Self::start_on(self.addr, &self.data_dir, self.args.clone()).await;
+        self.start_again().await;
+    }
+
+    async fn start_again(&mut self) {
+        let as_admin = self.access.sidecars_as_admin;
+        let mut again = Self::start_on(self.addr, &self.data_dir, self.args.clone()).await;
+        again.access.sidecars_as_admin = as_admin;
         *self = again;
+    }
+
+    /// Sidecars started from now on get the admin token (see
+    /// [`CpAccess::sidecars_as_admin`]).
+    pub fn sidecars_use_the_admin_token(&mut self) {
+        self.access.sidecars_as_admin = true;
     }
 
     pub fn log_text(&self) -> String {
@@ -265,15 +275,21 @@ impl ControlPlaneProcess {
     pub async fn apply(&self, dir: &std::path::Path, file: &str, yaml: &str) {
         let path = dir.join(file);
         std::fs::write(&path, yaml).expect("write the file to apply");
-        let out = meshctl(Some(&self.url()), &["apply", "-f", path.to_str().unwrap()]).await;
+        let out = meshctl(self, &["apply", "-f", path.to_str().unwrap()]).await;
         assert!(out.success(), "apply {file}: {out:?}");
     }
+}
 
-    /// GET an API path and decode JSON.
-    pub async fn get_json(&self, path: &str) -> serde_json::Value {
-        let reply = client::get(self.addr, path).await.expect("API answers");
-        assert_eq!(reply.status, 200, "GET {path}: {}", reply.text());
-        serde_json::from_slice(&reply.body).expect("API answers JSON")
+impl std::ops::Deref for ControlPlaneProcess {
+    type Target = CpAccess;
+    fn deref(&self) -> &CpAccess {
+        &self.access
+    }
+}
+
+impl ControlPlaneRef for ControlPlaneProcess {
+    fn access(&self) -> &CpAccess {
+        &self.access
     }
 }
 
@@ -297,19 +313,33 @@ impl MeshctlOutput {
     }
 }
 
-/// Runs `meshctl ARGS` against `server` (None: no --server flag).
-pub async fn meshctl(server: Option<&str>, args: &[&str]) -> MeshctlOutput {
+/// Runs `meshctl ARGS` against `cp`: `MESHLET_SERVER`, `MESHLET_TOKEN`
+/// (the admin token) and `MESHLET_CA_FILE` set for it.
+pub async fn meshctl(cp: &impl ControlPlaneRef, args: &[&str]) -> MeshctlOutput {
+    let cp = cp.access();
+    let token = cp.admin_token();
+    let ca = cp.ca_file().display().to_string();
+    let env = [
+        ("MESHLET_SERVER", cp.url()),
+        ("MESHLET_TOKEN", token),
+        ("MESHLET_CA_FILE", ca),
+    ];
+    meshctl_with(&env, args).await
+}
+
+/// Runs `meshctl ARGS` with exactly the `MESHLET_*` variables in `env`
+/// (the test's own `MESHLET_*` are removed).
+pub async fn meshctl_with(env: &[(&str, String)], args: &[&str]) -> MeshctlOutput {
     let mut command = Command::new(binary("meshctl"));
-    if let Some(server) = server {
-        command.arg("--server").arg(server);
+    for (key, _) in std::env::vars() {
+        if key.starts_with("MESHLET_") {
+            command.env_remove(key);
+        }
     }
+    command.envs(env.iter().map(|(k, v)| (k, v)));
     let output = tokio::time::timeout(
         Duration::from_secs(30),
-        command
-            .args(args)
-            .env_remove("MESHLET_SERVER")
-            .stdin(Stdio::null())
-            .output(),
+        command.args(args).stdin(Stdio::null()).output(),
     )
     .await
     .expect("meshctl finishes within 30s")
@@ -360,15 +390,30 @@ impl SidecarBuilder {
         self
     }
 
-    /// Registers with and routes from the control plane at `url`. The
+    /// Registers with and routes from `cp`, with a sidecar token for its
+    /// service (created by [`SidecarBuilder::start`]) and the mesh CA. The
     /// snapshot file goes to the sidecar's temp dir unless the test passes
     /// `--snapshot-file` itself.
-    pub fn control_plane(self, url: &str) -> Self {
-        self.arg("--control-plane").arg(url)
+    pub fn control_plane(mut self, cp: &impl ControlPlaneRef) -> Self {
+        self.control_plane = Some(cp.access().clone());
+        self
+    }
+
+    /// `--control-plane URL --token-file F --ca-file CA` as given (a
+    /// control plane that is not there, or credentials a test made).
+    pub fn control_plane_with(mut self, credentials: &SidecarCredentials) -> Self {
+        self.args.extend(credentials.args());
+        self
     }
 
     /// Spawns the process without waiting for it (for start-up failures).
+    /// A [`SidecarBuilder::control_plane`] needs [`SidecarBuilder::start`]
+    /// (its token is created first).
     pub fn spawn(self) -> SidecarProcess {
+        assert!(
+            self.control_plane.is_none(),
+            "control_plane(&cp) needs start() (or control_plane_with + spawn)"
+        );
         let dir = TempDir::new();
         let outbound = self.outbound_port.unwrap_or_else(free_port);
         let (inbound, admin) = (free_port(), free_port());
@@ -427,7 +472,12 @@ impl SidecarBuilder {
 
     /// Spawns the process and waits until its admin `/live` answers and its
     /// listeners accept connections.
-    pub async fn start(self) -> SidecarProcess {
+    pub async fn start(mut self) -> SidecarProcess {
+        if let Some(cp) = self.control_plane.take() {
+            let namespace = flag_value(&self.args, "--namespace").unwrap_or("default");
+            let credentials = cp.sidecar_credentials(namespace, &self.service).await;
+            self.args.extend(credentials.args());
+        }
         let mut sidecar = self.spawn();
         let admin = sidecar.admin;
         wait::until("sidecar /live", Duration::from_secs(10), || async {

@@ -34,7 +34,7 @@ use crate::auth::{AuthError, Principal, Tokens};
 
 pub use hosts::AllowedHosts;
 pub use routes::{gate, Gate};
-pub use sessions::{Sessions, SESSION_COOKIE};
+pub use sessions::Sessions;
 
 /// What the middleware needs: the token registry (shared with the token
 /// management routes, which persist it), the dashboard's sessions and the

@@ -43,10 +43,10 @@ impl Gate {
     }
 }
 
-/// The paths of the session (log-in/out) route and the token routes.
+/// Route patterns that `meshlet_api` has no constant for (the session and
+/// token paths come from `meshlet_api::access::paths`).
 pub mod extra_paths {
-    pub const SESSION: &str = "/api/v1/session";
-    pub const TOKENS: &str = "/api/v1/tokens";
+    pub use meshlet_api::access::paths::{SESSION, TOKENS};
     pub const TOKEN: &str = "/api/v1/tokens/{name}";
     pub const CERTIFICATES: &str = "/api/v1/certificates";
     pub const OTLP_TRACES: &str = "/v1/traces";

@@ -100,6 +100,12 @@ impl Owners {
         ids
     }
 
+    /// Keeps only the ids for which `keep` holds (on load: the ids still
+    /// registered).
+    pub fn retain(&mut self, mut keep: impl FnMut(&str) -> bool) {
+        self.by_id.retain(|id, _| keep(id));
+    }
+
     pub fn holder(&self, id: &str) -> Option<&str> {
         self.by_id.get(id).map(String::as_str)
     }

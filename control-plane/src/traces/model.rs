@@ -145,6 +145,29 @@ pub struct StoredSpan {
 }
 
 impl StoredSpan {
+    /// About what the span costs in memory: the struct, its strings and
+    /// attributes (the service name is shared and not counted). What the
+    /// trace store's byte cap counts.
+    pub fn estimated_bytes(&self) -> usize {
+        let attributes: usize = self
+            .attributes
+            .iter()
+            .map(|(key, value)| {
+                let text = match value {
+                    AttributeValue::String(text) => text.len(),
+                    _ => 0,
+                };
+                std::mem::size_of::<(String, AttributeValue)>() + key.len() + text
+            })
+            .sum();
+        std::mem::size_of::<StoredSpan>()
+            + self.name.len()
+            + self.status_message.len()
+            + attributes
+            // The span id in the trace's id set.
+            + 16
+    }
+
     /// Validates the ids and keeps what the store needs.
     pub fn from_otlp(span: Span, service: Arc<str>) -> Result<StoredSpan, IdError> {
         let trace_id = TraceId::from_bytes(&span.trace_id)?;

@@ -37,7 +37,14 @@ pub struct TraceLimits {
     pub retention: Duration,
     /// Spans kept per trace.
     pub max_spans: usize,
+    /// Estimated bytes of all stored spans at most (see
+    /// [`StoredSpan::estimated_bytes`]); the least recently updated traces
+    /// go first. Bounds memory whatever the spans' sizes.
+    pub max_bytes: usize,
 }
+
+/// Default of [`TraceLimits::max_bytes`] (`--trace-max-bytes`): 64 MiB.
+pub const DEFAULT_MAX_BYTES: usize = 64 << 20;
 
 impl Default for TraceLimits {
     fn default() -> Self {
@@ -45,6 +52,7 @@ impl Default for TraceLimits {
             capacity: 1000,
             retention: Duration::from_secs(15 * 60),
             max_spans: 1000,
+            max_bytes: DEFAULT_MAX_BYTES,
         }
     }
 }
@@ -110,6 +118,8 @@ struct Trace {
     last_arrival: Instant,
     /// Key in `Inner::order`; grows with every arrival.
     seq: u64,
+    /// Estimated bytes of its spans.
+    bytes: usize,
 }
 
 impl Trace {
@@ -125,6 +135,7 @@ impl Trace {
             earliest: 0,
             last_arrival: now,
             seq: 0,
+            bytes: 0,
         }
     }
 
@@ -141,6 +152,7 @@ impl Trace {
         self.error |= span.status_code == StatusCodeName::Error;
         self.services.insert(span.service.clone());
         self.span_ids.insert(span.span_id);
+        self.bytes += span.estimated_bytes();
         self.spans.push(span);
     }
 
@@ -174,12 +186,16 @@ struct Inner {
     order: BTreeMap<u64, TraceId>,
     next_seq: u64,
     stats: TraceStats,
+    /// Estimated bytes of every stored trace.
+    bytes: usize,
 }
 
 impl Inner {
     fn remove_oldest(&mut self) -> Option<Trace> {
         let (_, id) = self.order.pop_first()?;
-        self.traces.remove(&id)
+        let trace = self.traces.remove(&id)?;
+        self.bytes = self.bytes.saturating_sub(trace.bytes);
+        Some(trace)
     }
 
     fn expire(&mut self, now: Instant, retention: Duration) {
@@ -193,8 +209,8 @@ impl Inner {
         }
     }
 
-    fn evict_over(&mut self, capacity: usize) {
-        while self.traces.len() > capacity {
+    fn evict_over(&mut self, capacity: usize, max_bytes: usize) {
+        while self.traces.len() > capacity || self.bytes > max_bytes {
             let Some(trace) = self.remove_oldest() else {
                 break;
             };
@@ -219,6 +235,7 @@ impl Inner {
             return false;
         }
         let id = span.trace_id;
+        self.bytes += span.estimated_bytes();
         trace.push(span);
         // Move the trace to the back of the eviction order.
         self.order.remove(&trace.seq);
@@ -272,7 +289,7 @@ impl TraceStore {
         for span in spans {
             stored += u64::from(inner.add(span, now, self.limits.max_spans));
         }
-        inner.evict_over(self.limits.capacity);
+        inner.evict_over(self.limits.capacity, self.limits.max_bytes);
         IngestOutcome {
             stored,
             dropped: received - rejected.count - stored,
@@ -354,6 +371,7 @@ mod tests {
             capacity,
             retention: Duration::from_secs(retention_secs),
             max_spans,
+            max_bytes: DEFAULT_MAX_BYTES,
         })
     }
 
@@ -504,5 +522,23 @@ mod tests {
             Some("0101010101010101")
         );
         assert_eq!(trace.spans[2].duration_micros, 1000.0);
+    }
+
+    #[test]
+    fn the_store_is_bounded_in_bytes() {
+        let store = TraceStore::new(TraceLimits {
+            max_bytes: 4096,
+            ..TraceLimits::default()
+        });
+        let now = Instant::now();
+        for trace in 1..=200u8 {
+            store.ingest(export("a", vec![span(trace, 1, 0, 0, MS)]), now);
+        }
+        let inner = store.inner.lock().unwrap();
+        assert!(inner.bytes <= 4096, "{}", inner.bytes);
+        let sum: usize = inner.traces.values().map(|t| t.bytes).sum();
+        assert_eq!(sum, inner.bytes);
+        assert!(inner.traces.len() < 200 && !inner.traces.is_empty());
+        assert!(inner.stats.traces_evicted > 0);
     }
 }

@@ -1,6 +1,8 @@
 //! The harness shared by the control plane's integration tests (`api.rs`,
-//! `pipeline.rs`, `traces.rs`): a control plane on a loopback port with a
-//! temporary data directory, driven over HTTP and through `meshctl`.
+//! `pipeline.rs`, `traces.rs`, `access.rs`): a control plane on a loopback
+//! port with a temporary data directory, driven over HTTPS (trusting
+//! `DATA_DIR/ca.crt`, with the admin token from `DATA_DIR/admin.token`)
+//! and through `meshctl` (`MESHLET_CA_FILE`, `MESHLET_TOKEN`).
 //! [`ControlPlane::start`] runs it in this process (`server::run` on its
 //! own thread and runtime, so a test may block on a `meshctl` process
 //! meanwhile); [`ControlPlane::spawn`] runs the real `control-plane`
@@ -18,21 +20,22 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use clap::Parser;
-use http::{Method, Request, StatusCode};
+use http::{Method, StatusCode};
+use http_body_util::BodyExt;
 use http_body_util::Full;
-use meshctl::client::{send, HttpError};
+use meshlet_api::access::{ADMIN_TOKEN_FILE, CA_CERT_FILE};
 use meshlet_api::mesh::{
     paths, Heartbeat, MeshState, Registration, RegistrationReply, RevisionRecord, WatchEvent,
 };
+use meshlet_client::{client_config_from_ca_file, Client, ClientError};
 use meshlet_control_plane::server::{self, Settings};
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
-use tokio::net::TcpStream;
 
 pub const DEADLINE: Duration = Duration::from_secs(10);
 
 /// The `meshctl` binary, a crate of its own: `MESHLET_BIN_DIR`, else next
 /// to this test's executable (`target/<profile>/meshctl`), built by
 /// `cargo build --bins` (or any `cargo test` that includes `-p meshctl`).
+#[allow(dead_code)] // not used by access.rs
 pub fn meshctl_binary() -> PathBuf {
     if let Some(dir) = std::env::var_os("MESHLET_BIN_DIR") {
         return PathBuf::from(dir).join("meshctl");
@@ -64,6 +67,9 @@ pub fn free_port() -> u16 {
 /// when dropped.
 pub struct ControlPlane {
     pub addr: SocketAddr,
+    pub data_dir: PathBuf,
+    /// HTTPS trusting the mesh CA, as the bootstrap admin.
+    pub client: Client,
     server: Server,
 }
 
@@ -121,7 +127,38 @@ impl ControlPlane {
             done: std::sync::Mutex::new(done),
             thread,
         });
-        ControlPlane { addr, server }.ready().await
+        ControlPlane::starting(addr, data_dir, server).ready().await
+    }
+
+    fn starting(addr: SocketAddr, data_dir: &Path, server: Server) -> ControlPlane {
+        ControlPlane {
+            addr,
+            data_dir: data_dir.to_owned(),
+            client: Client::new(),
+            server,
+        }
+    }
+
+    /// A client trusting this control plane's CA (no token).
+    pub fn anonymous(&self) -> Client {
+        let tls = client_config_from_ca_file(&self.data_dir.join(CA_CERT_FILE)).expect("ca.crt");
+        Client::new()
+            .connect_timeout(Duration::from_secs(2))
+            .timeout(DEADLINE)
+            .tls(tls)
+    }
+
+    /// A client trusting this control plane's CA, sending `token`.
+    pub fn client_with(&self, token: &str) -> Client {
+        self.anonymous().bearer(token).expect("token")
+    }
+
+    /// The bootstrap admin token (`DATA_DIR/admin.token`).
+    pub fn admin_token(&self) -> String {
+        std::fs::read_to_string(self.data_dir.join(ADMIN_TOKEN_FILE))
+            .expect("admin.token")
+            .trim()
+            .to_owned()
     }
 
     /// Starts the `control-plane` binary on a free port with `data_dir`
@@ -139,20 +176,22 @@ impl ControlPlane {
             .stdout(Stdio::null())
             .spawn()
             .expect("start control-plane");
-        ControlPlane {
-            addr,
-            server: Server::Process(child),
-        }
-        .ready()
-        .await
+        ControlPlane::starting(addr, data_dir, Server::Process(child))
+            .ready()
+            .await
     }
 
-    /// Waits until `/healthz` answers 200; panics if the server ended.
+    /// Waits until `ca.crt` and `admin.token` exist and `/healthz`
+    /// answers 200 over HTTPS; panics if the server ended.
     async fn ready(mut self) -> ControlPlane {
         let started = Instant::now();
         loop {
-            if let Ok((StatusCode::OK, _)) = self.call(Method::GET, paths::HEALTH, None).await {
-                return self;
+            let files = [CA_CERT_FILE, ADMIN_TOKEN_FILE];
+            if files.iter().all(|f| self.data_dir.join(f).exists()) {
+                self.client = self.client_with(&self.admin_token());
+                if let Ok((StatusCode::OK, _)) = self.call(Method::GET, paths::HEALTH, None).await {
+                    return self;
+                }
             }
             match &mut self.server {
                 Server::Process(child) => {
@@ -183,7 +222,7 @@ impl ControlPlane {
         method: Method,
         path: &str,
         body: Option<Vec<u8>>,
-    ) -> Result<(StatusCode, Bytes), HttpError> {
+    ) -> Result<(StatusCode, Bytes), ClientError> {
         self.call_as(method, path, "application/json", body.unwrap_or_default())
             .await
     }
@@ -195,21 +234,27 @@ impl ControlPlane {
         path: &str,
         content_type: &str,
         body: Vec<u8>,
-    ) -> Result<(StatusCode, Bytes), HttpError> {
-        let request = Request::builder()
-            .method(method)
-            .uri(path)
-            .header("host", self.addr.to_string())
+    ) -> Result<(StatusCode, Bytes), ClientError> {
+        self.call_with(&self.client, method, path, content_type, body)
+            .await
+    }
+
+    /// A request through `client` (another token, or none).
+    pub async fn call_with(
+        &self,
+        client: &Client,
+        method: Method,
+        path: &str,
+        content_type: &str,
+        body: Vec<u8>,
+    ) -> Result<(StatusCode, Bytes), ClientError> {
+        let authority = self.addr.to_string();
+        let request = meshlet_client::request(method, &authority, path)
             .header("content-type", content_type)
             .body(Full::new(Bytes::from(body)))
             .unwrap();
-        send(
-            &self.addr.to_string(),
-            request,
-            Duration::from_secs(2),
-            DEADLINE,
-        )
-        .await
+        let reply = client.fetch(&authority, request).await?;
+        Ok((reply.status, reply.body))
     }
 
     /// `call`, with the answer parsed as JSON (panics, with the body, if
@@ -235,6 +280,7 @@ impl ControlPlane {
 
     /// Registers a healthy instance at 127.0.0.1:`port` in `default`;
     /// asserts 200.
+    #[allow(dead_code)] // not used by access.rs
     pub async fn register(&self, id: &str, service: &str, port: u16) -> RegistrationReply {
         let reg = Registration {
             id: id.into(),
@@ -260,44 +306,51 @@ impl ControlPlane {
         status
     }
 
-    /// Opens `GET /api/v1/watch[?revision=N]`, checks the head (200,
-    /// NDJSON) and returns the stream positioned at the first event.
+    /// Opens `GET /api/v1/watch[?revision=N]` as the admin, checks the
+    /// head (200, NDJSON) and returns the stream positioned at the first
+    /// event.
+    #[allow(dead_code)] // not used by access.rs
     pub async fn watch(&self, revision: Option<u64>) -> Watch {
-        let mut stream = TcpStream::connect(self.addr).await.unwrap();
         let query = revision
             .map(|r| format!("?revision={r}"))
             .unwrap_or_default();
-        let head = format!("GET {}{query} HTTP/1.0\r\n\r\n", paths::WATCH);
-        stream.write_all(head.as_bytes()).await.unwrap();
-        let mut reader = BufReader::new(stream);
-        let mut line = String::new();
-        reader.read_line(&mut line).await.unwrap();
-        assert!(line.contains(" 200 "), "{line}");
-        let mut saw_ndjson = false;
-        loop {
-            line.clear();
-            reader.read_line(&mut line).await.unwrap();
-            saw_ndjson |= line.eq_ignore_ascii_case("content-type: application/x-ndjson\r\n");
-            if line == "\r\n" {
-                break;
-            }
-        }
-        assert!(saw_ndjson);
+        let authority = self.addr.to_string();
+        let request =
+            meshlet_client::request(Method::GET, &authority, &format!("{}{query}", paths::WATCH))
+                .body(http_body_util::Empty::<Bytes>::new())
+                .unwrap();
+        // No overall timeout: the stream stays open.
+        let tls = client_config_from_ca_file(&self.data_dir.join(CA_CERT_FILE)).unwrap();
+        let client = Client::new()
+            .connect_timeout(Duration::from_secs(2))
+            .tls(tls)
+            .bearer(&self.admin_token())
+            .unwrap();
+        let response = client.send(&authority, request).await.unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+        assert_eq!(
+            response.headers()["content-type"].to_str().unwrap(),
+            "application/x-ndjson"
+        );
         Watch {
-            reader,
+            body: response.into_body(),
+            buffer: Vec::new(),
             state: MeshState::default(),
         }
     }
 
-    /// `meshctl --server http://ADDR ARGS` (as tester@box) → (exit code,
-    /// stdout, stderr).
+    /// `meshctl --server https://ADDR ARGS` (as tester@box, with the CA
+    /// and the admin token) → (exit code, stdout, stderr).
+    #[allow(dead_code)] // not used by access.rs
     pub fn meshctl(&self, args: &[&str]) -> (i32, String, String) {
         let out = Command::new(meshctl_binary())
             .arg("--server")
-            .arg(format!("http://{}", self.addr))
+            .arg(format!("https://{}", self.addr))
             .args(args)
             .env("USER", "tester")
             .env("HOSTNAME", "box")
+            .env("MESHLET_CA_FILE", self.data_dir.join(CA_CERT_FILE))
+            .env("MESHLET_TOKEN", self.admin_token())
             .output()
             .unwrap();
         (
@@ -340,22 +393,43 @@ impl Drop for ControlPlane {
 
 /// A watch stream and the state its events build up.
 pub struct Watch {
-    pub reader: BufReader<TcpStream>,
+    body: hyper::body::Incoming,
+    buffer: Vec<u8>,
     pub state: MeshState,
 }
 
 impl Watch {
+    /// The next line of the stream (within the deadline); `None` at its end.
+    async fn line(&mut self) -> Option<Vec<u8>> {
+        loop {
+            if let Some(end) = self.buffer.iter().position(|b| *b == b'\n') {
+                let line: Vec<u8> = self.buffer.drain(..=end).collect();
+                return Some(line);
+            }
+            let frame = tokio::time::timeout(DEADLINE, self.body.frame())
+                .await
+                .expect("no watch event within the deadline");
+            match frame {
+                None | Some(Err(_)) => return None,
+                Some(Ok(frame)) => {
+                    if let Ok(data) = frame.into_data() {
+                        self.buffer.extend_from_slice(&data);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Reads until the stream ends (each line within the deadline).
+    #[allow(dead_code)] // used by api.rs only
+    pub async fn until_end(&mut self) {
+        while self.line().await.is_some() {}
+    }
+
     /// The next event (within the deadline), applied to the held state.
     pub async fn next(&mut self) -> Option<WatchEvent> {
-        let mut line = String::new();
-        let read = tokio::time::timeout(DEADLINE, self.reader.read_line(&mut line))
-            .await
-            .expect("no watch event within the deadline")
-            .unwrap();
-        if read == 0 {
-            return None;
-        }
-        let event: WatchEvent = serde_json::from_str(&line).unwrap();
+        let line = self.line().await?;
+        let event: WatchEvent = serde_json::from_slice(&line).unwrap();
         self.state.apply(event.clone()).expect("event applies");
         Some(event)
     }

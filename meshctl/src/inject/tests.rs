@@ -174,15 +174,23 @@ fn the_proxy_is_configured_from_the_downward_api_and_locked_down() {
         .map(|a| a.as_str().unwrap())
         .collect();
     assert_eq!(
-        args[..6],
+        args[..10],
         [
             "--mode",
             "transparent",
             "--control-plane",
             DEFAULT_CONTROL_PLANE,
+            "--token-file",
+            "/var/run/meshlet/token/token",
+            "--ca-file",
+            "/var/run/meshlet/ca/ca.crt",
             "--admin-ip",
             "0.0.0.0"
         ]
+    );
+    assert_eq!(
+        DEFAULT_CONTROL_PLANE,
+        "https://meshlet-control-plane.meshlet.svc:15010"
     );
     let security = &proxy["securityContext"];
     assert_eq!(security["runAsUser"], 1337);
@@ -208,6 +216,47 @@ fn the_proxy_is_configured_from_the_downward_api_and_locked_down() {
         parse("[NET_ADMIN, NET_RAW]")[0]
     );
     assert!(spec["containers"][0].get("securityContext").is_none());
+}
+
+#[test]
+fn the_proxy_gets_its_service_s_token_and_the_mesh_ca() {
+    let doc = &parse(&inject(DEPLOYMENT).unwrap().text)[0];
+    let template = &doc["spec"]["template"];
+    let spec = &template["spec"];
+    assert_eq!(
+        template["metadata"]["labels"]["meshlet.dev/sidecar"],
+        "injected"
+    );
+    let volumes = &spec["volumes"];
+    assert_eq!(volumes[1]["name"], "meshlet-token");
+    assert_eq!(volumes[1]["secret"]["secretName"], "meshlet-sidecar-orders");
+    assert_eq!(volumes[1]["secret"]["defaultMode"], 0o400);
+    assert_eq!(volumes[1]["secret"]["items"][0]["key"], "token");
+    assert_eq!(volumes[2]["name"], "meshlet-ca");
+    assert_eq!(volumes[2]["configMap"]["name"], "meshlet-ca");
+    assert_eq!(volumes[2]["configMap"]["items"][0]["key"], "ca.crt");
+    let mounts = &spec["initContainers"][1]["volumeMounts"];
+    assert_eq!(mounts[1]["mountPath"], "/var/run/meshlet/token");
+    assert_eq!(mounts[1]["readOnly"], true);
+    assert_eq!(mounts[2]["mountPath"], "/var/run/meshlet/ca");
+    // The non-root proxy reads the root-owned token through the fsGroup;
+    // a pod's own fsGroup is kept.
+    assert_eq!(spec["securityContext"]["fsGroup"], 1337);
+    let own = DEPLOYMENT.replace(
+        "    spec:\n",
+        "    spec:\n      securityContext: {fsGroup: 2000}\n",
+    );
+    let doc = &parse(&inject(&own).unwrap().text)[0];
+    assert_eq!(
+        doc["spec"]["template"]["spec"]["securityContext"]["fsGroup"],
+        2000
+    );
+    // MESHLET_LABELS are the app's labels, not the added one.
+    let proxy = &spec["initContainers"][1];
+    assert!(!env(proxy, "MESHLET_LABELS")["value"]
+        .as_str()
+        .unwrap()
+        .contains("meshlet.dev"));
 }
 
 #[test]

@@ -15,10 +15,21 @@
 //! and equal jitter (a ceiling of 200 ms doubling to 5 s; half of it fixed,
 //! half random) and never blocks traffic: requests keep
 //! reading the last snapshot. Each applied state is written to the snapshot
-//! file (write to a temporary file, then rename), and a sidecar restarted
-//! while the control plane is down starts from that file.
+//! file (`persist`: 0600, temporary file then rename), and a sidecar
+//! restarted while the control plane is down starts from that file.
+//!
+//! The epoch rule: the watch resumes by deltas only from a state that
+//! carries the control plane's store epoch and a revision of it
+//! (`?revision=R&epoch=E`; the control plane sends a full snapshot for any
+//! other epoch or a revision it never had); a state without an epoch asks
+//! for the full snapshot (`?revision=0`). So a snapshot file never
+//! outlives a newer state of the control plane: its first answer replaces
+//! it, and the replacement is persisted.
+//!
+//! Every call goes through the control plane's `meshlet_client::Client`
+//! (HTTPS, the mesh CA, the sidecar's bearer token); a 401/403 is logged
+//! like any failure, naming the control plane, and retried with backoff.
 
-use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -30,8 +41,11 @@ use meshlet_api::mesh::{paths, Heartbeat, MeshState, Registration, RegistrationR
 use serde_json::json;
 use tokio::sync::watch;
 
-use crate::client::{self, ClientError};
+use meshlet_client::ClientError;
+
+use crate::control::call;
 use crate::control::health::AppHealth;
+use crate::control::persist::persist;
 use crate::control::snapshot::{Own, SharedSnapshot, Snapshot};
 use crate::settings::{ControlPlaneSettings, Limits, Settings};
 use crate::telemetry::metrics::Metrics;
@@ -58,26 +72,6 @@ pub enum ControlError {
     },
     #[error(transparent)]
     Gap(#[from] meshlet_api::mesh::RevisionGap),
-}
-
-/// Errors of the persisted snapshot file.
-#[derive(Debug, thiserror::Error)]
-pub enum PersistError {
-    #[error("cannot read {path}: {source}")]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
-    #[error("{path} is not a valid snapshot: {source}")]
-    Decode {
-        path: PathBuf,
-        source: serde_json::Error,
-    },
-    #[error("cannot write {path}: {source}")]
-    Write {
-        path: PathBuf,
-        source: std::io::Error,
-    },
 }
 
 /// What `/config_dump` and `/ready` need to know about the connection.
@@ -111,59 +105,6 @@ impl ControlStatus {
             "lastError": *self.last_error.lock().unwrap(),
         })
     }
-}
-
-/// Reads a snapshot file written by an earlier run.
-pub fn load_persisted(path: &Path) -> Result<Option<MeshState>, PersistError> {
-    let text = match std::fs::read(path) {
-        Ok(text) => text,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(source) => {
-            return Err(PersistError::Read {
-                path: path.to_owned(),
-                source,
-            })
-        }
-    };
-    serde_json::from_slice(&text)
-        .map(Some)
-        .map_err(|source| PersistError::Decode {
-            path: path.to_owned(),
-            source,
-        })
-}
-
-fn persist(path: &Path, state: &MeshState) -> Result<(), PersistError> {
-    use std::io::Write;
-    let failed = |source| PersistError::Write {
-        path: path.to_owned(),
-        source,
-    };
-    // A temporary file next to the target, created exclusively (never
-    // following a planted symlink), synced, then renamed over the target:
-    // a crash leaves the old file or the new one, never half of one.
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let tmp = path.with_file_name(format!(
-        ".{name}.{}.{}.tmp",
-        std::process::id(),
-        fastrand::u32(..)
-    ));
-    let write = || -> std::io::Result<()> {
-        let mut file = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(&tmp)?;
-        file.write_all(&serde_json::to_vec(state)?)?;
-        file.sync_all()?;
-        std::fs::rename(&tmp, path)
-    };
-    write().map_err(|e| {
-        let _ = std::fs::remove_file(&tmp);
-        failed(e)
-    })
 }
 
 /// Everything the two tasks share.
@@ -237,19 +178,35 @@ impl ControlClient {
         state: &mut MeshState,
         backoff: &mut Backoff,
     ) -> Result<(), ControlError> {
-        let path = format!(
-            "{}?revision={}&epoch={}",
-            paths::WATCH,
-            state.revision,
-            state.epoch
-        );
-        let response =
-            client::send(&self.cp.authority, Method::GET, &path, None, CALL_TIMEOUT).await?;
+        let path = watch_path(state);
+        let request = meshlet_client::request(Method::GET, &self.cp.authority, &path)
+            .body(http_body_util::Empty::<bytes::Bytes>::new())
+            .map_err(|source| ClientError::Request {
+                authority: self.cp.authority.clone(),
+                source,
+            })?;
+        // The timeout bounds the answer's head; the stream then has its
+        // own idle deadline.
+        let response = self
+            .cp
+            .client
+            .clone()
+            .timeout(CALL_TIMEOUT)
+            .send(&self.cp.authority, request)
+            .await?;
         if response.status() != StatusCode::OK {
-            return Err(ControlError::Stream(format!(
-                "control plane answered {}",
-                response.status()
-            )));
+            // A refusal says why in a short JSON body (401: the token,
+            // 403: its role); give up on the body if it does not come.
+            let authority = &self.cp.authority;
+            let read = meshlet_client::read_reply(authority, response);
+            let error = match tokio::time::timeout(CALL_TIMEOUT, read).await {
+                Ok(Ok(reply)) => reply.success(authority).err(),
+                _ => None,
+            };
+            return Err(match error {
+                Some(error) => ControlError::Client(error),
+                None => ControlError::Stream(format!("{authority} answered a watch without 200")),
+            });
         }
         self.status.connected.store(true, Ordering::Relaxed);
         self.metrics.set_control_plane_connected(true);
@@ -397,7 +354,8 @@ impl ControlClient {
             healthy,
         };
         let body = serde_json::to_vec(&registration).expect("serializable");
-        let reply = client::call(
+        let reply = call(
+            &self.cp.client,
             &self.cp.authority,
             Method::POST,
             paths::INSTANCES,
@@ -413,7 +371,8 @@ impl ControlClient {
 
     async fn heartbeat(&self, healthy: bool) -> Result<(), ControlError> {
         let body = serde_json::to_vec(&Heartbeat { healthy }).expect("serializable");
-        client::call(
+        call(
+            &self.cp.client,
             &self.cp.authority,
             Method::PUT,
             &paths::heartbeat(&self.cp.instance_id),
@@ -426,7 +385,8 @@ impl ControlClient {
     }
 
     async fn deregister(&self) {
-        let result = client::call(
+        let result = call(
+            &self.cp.client,
             &self.cp.authority,
             Method::DELETE,
             &paths::instance(&self.cp.instance_id),
@@ -444,6 +404,24 @@ impl ControlClient {
         }
         self.status.registered.store(false, Ordering::Relaxed);
     }
+}
+
+/// The watch request for the held `state`. Only a state that carries the
+/// control plane's epoch (a store identity, never 0 for a control plane)
+/// may be resumed by deltas from its revision: the control plane answers a
+/// revision of another epoch (a store that was lost or replaced) with a
+/// full snapshot, never a delta. A state without an epoch (a snapshot
+/// file of an older sidecar, or none) asks for the full snapshot itself.
+fn watch_path(state: &MeshState) -> String {
+    if state.epoch == 0 || state.revision == 0 {
+        return format!("{}?revision=0", paths::WATCH);
+    }
+    format!(
+        "{}?revision={}&epoch={}",
+        paths::WATCH,
+        state.revision,
+        state.epoch
+    )
 }
 
 /// What one batch of watch lines did.
@@ -545,23 +523,57 @@ mod tests {
     }
 
     #[test]
-    fn persisted_state_round_trips() {
-        let dir = std::env::temp_dir().join(format!("meshlet-persist-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("snap.json");
-        assert_eq!(load_persisted(&path).unwrap(), None);
-        let state = MeshState {
+    fn the_watch_resumes_only_within_the_control_planes_epoch() {
+        let held = |epoch, revision| MeshState {
+            epoch,
+            revision,
+            ..Default::default()
+        };
+        assert_eq!(
+            watch_path(&held(5, 7)),
+            format!("{}?revision=7&epoch=5", paths::WATCH)
+        );
+        // No epoch (an older snapshot file, a standalone state): full snapshot.
+        assert_eq!(
+            watch_path(&held(0, 7)),
+            format!("{}?revision=0", paths::WATCH)
+        );
+        assert_eq!(
+            watch_path(&held(0, 0)),
+            format!("{}?revision=0", paths::WATCH)
+        );
+    }
+
+    #[test]
+    fn a_snapshot_of_another_epoch_replaces_the_held_state() {
+        // A persisted state of epoch 5 at revision 9; the control plane's
+        // store is new (epoch 6) and only at revision 3: its snapshot wins,
+        // and a delta of the old numbering no longer applies.
+        let mut state = MeshState {
+            epoch: 5,
             revision: 9,
             ..Default::default()
         };
-        persist(&path, &state).unwrap();
-        assert_eq!(load_persisted(&path).unwrap(), Some(state));
-        std::fs::write(&path, "{not json").unwrap();
-        assert!(matches!(
-            load_persisted(&path),
-            Err(PersistError::Decode { .. })
+        let mut outcome = ApplyOutcome::default();
+        let mut buffer = lines(concat!(
+            r#"{"type":"snapshot","epoch":6,"revision":3,"services":[],"resources":[]}"#,
+            "\n",
         ));
-        std::fs::remove_dir_all(&dir).unwrap();
+        apply_lines(&mut buffer, &mut state, &mut outcome).unwrap();
+        assert_eq!((state.epoch, state.revision), (6, 3));
+        assert!(outcome.changed && outcome.state_event);
+        assert_eq!(
+            watch_path(&state),
+            format!("{}?revision=3&epoch=6", paths::WATCH)
+        );
+        let mut stale = lines(concat!(
+            r#"{"type":"delta","fromRevision":9,"revision":10}"#,
+            "\n"
+        ));
+        assert!(matches!(
+            apply_lines(&mut stale, &mut state, &mut outcome),
+            Err(ControlError::Gap(_))
+        ));
     }
 
     fn lines(text: &str) -> BytesMut {

@@ -23,7 +23,6 @@ use http::Method;
 use meshlet_api::HealthCheckSpec;
 use tokio::sync::watch;
 
-use crate::client;
 use crate::control::snapshot::SharedSnapshot;
 
 /// Longest wait before the policy is looked up again.
@@ -127,7 +126,17 @@ pub fn spawn_prober(
 }
 
 async fn probe(authority: &str, spec: &HealthCheckSpec) -> (bool, String) {
-    match client::send(authority, Method::GET, &spec.path, None, spec.timeout.get()).await {
+    let request = meshlet_client::request(Method::GET, authority, &spec.path)
+        .body(http_body_util::Empty::<bytes::Bytes>::new());
+    let request = match request {
+        Ok(request) => request,
+        Err(error) => return (false, format!("invalid probe of {authority}: {error}")),
+    };
+    // The local app: plain HTTP, no token.
+    let client = meshlet_client::Client::new()
+        .user_agent("meshlet-sidecar")
+        .timeout(spec.timeout.get());
+    match client.send(authority, request).await {
         Ok(response) => {
             let status = response.status();
             (

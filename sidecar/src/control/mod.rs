@@ -11,9 +11,15 @@
 //! - `snapshot` — the immutable mesh view (`Snapshot`, `SharedSnapshot`)
 //!   and its build from a `MeshState`.
 //! - `client` — the control-plane client: registration, heartbeats,
-//!   watch, backoff, the persisted snapshot file.
-//! - `health` — the prober of the local app.
+//!   watch, backoff, the epoch rule of resuming.
+//! - `persist` — the snapshot file: a private directory, owner and mode
+//!   checks before reading, atomic 0600 writes.
+//! - `health` — the prober of the local app (plain HTTP).
 //! - `stats` — the stats reporter.
+//!
+//! Every call goes through `meshlet_client`: to the control plane with the
+//! client of `ControlPlaneSettings` (TLS trusting only the mesh CA, the
+//! sidecar's bearer token), to the local app without either.
 //!
 //! **Invariants:** nothing here is on the request path: a failing control
 //! plane costs only freshness (requests keep the last snapshot); a new
@@ -22,5 +28,37 @@
 
 pub(crate) mod client;
 pub(crate) mod health;
+pub mod persist;
 pub(crate) mod snapshot;
 pub(crate) mod stats;
+
+/// One call to the control plane through `client` within `timeout`: a JSON
+/// `body` if any; the whole answer's body, or [`ClientError::Status`] for a
+/// non-2xx answer. Errors name the control plane's authority.
+pub(crate) async fn call(
+    client: &meshlet_client::Client,
+    authority: &str,
+    method: http::Method,
+    path: &str,
+    body: Option<Vec<u8>>,
+    timeout: std::time::Duration,
+) -> Result<bytes::Bytes, meshlet_client::ClientError> {
+    let mut request = meshlet_client::request(method, authority, path);
+    if body.is_some() {
+        request = request.header(http::header::CONTENT_TYPE, "application/json");
+    }
+    let request = request
+        .body(http_body_util::Full::new(bytes::Bytes::from(
+            body.unwrap_or_default(),
+        )))
+        .map_err(|source| meshlet_client::ClientError::Request {
+            authority: authority.to_owned(),
+            source,
+        })?;
+    let reply = client
+        .clone()
+        .timeout(timeout)
+        .fetch(authority, request)
+        .await?;
+    Ok(reply.success(authority)?.body)
+}

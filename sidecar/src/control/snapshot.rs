@@ -177,6 +177,33 @@ impl Build<'_> {
     }
 }
 
+/// The key of the services map a host name stands for: `NAME` or
+/// `NAME.NS` (a slice of `host`), or `None` when the host is not one of the
+/// four mesh name forms.
+fn mesh_name_key(host: &str) -> Option<&str> {
+    let host = host.strip_suffix('.').unwrap_or(host);
+    let mut labels = host.split('.');
+    let name = labels.next().filter(|l| !l.is_empty())?;
+    let Some(namespace) = labels.next() else {
+        return Some(name);
+    };
+    if namespace.is_empty() {
+        return None;
+    }
+    let rest: Vec<&str> = labels.collect();
+    let suffix_ok = match rest.as_slice() {
+        [] => true,
+        [svc] => svc.eq_ignore_ascii_case("svc"),
+        [svc, cluster, local] => {
+            svc.eq_ignore_ascii_case("svc")
+                && cluster.eq_ignore_ascii_case("cluster")
+                && local.eq_ignore_ascii_case("local")
+        }
+        _ => false,
+    };
+    suffix_ok.then(|| &host[..name.len() + 1 + namespace.len()])
+}
+
 /// The lookups of a snapshot: targets by name, by endpoint address and by
 /// endpoint IP.
 #[derive(Default)]
@@ -202,6 +229,16 @@ impl Index {
                     }
                 })
                 .or_insert_with(|| Some(Arc::clone(&target)));
+        }
+        // Only mesh names: a service whose name or namespace is not a DNS
+        // label (`example.com`, from a registration of before names were
+        // validated, or a hand-written state) is reachable by no host name,
+        // so such a host passes through to its real address.
+        let valid = |label: &str| meshlet_api::limits::validate_dns_label("name", label).is_ok();
+        if !valid(&target.name) || !valid(&target.namespace) {
+            tracing::warn!(service = %target.name, namespace = %target.namespace,
+                "a service whose name or namespace is not a DNS label is not routed by name");
+            return;
         }
         if target.namespace == "default" {
             self.services
@@ -271,18 +308,18 @@ impl Snapshot {
         })
     }
 
-    /// Finds the service a host name refers to: `orders`, `orders.shop`,
-    /// `orders.shop.svc` or `orders.shop.svc.cluster.local`.
+    /// Finds the service a host name refers to. Only mesh names match:
+    /// `NAME` (a service of the `default` namespace), `NAME.NS`,
+    /// `NAME.NS.svc` or `NAME.NS.svc.cluster.local` (any case, a trailing
+    /// dot allowed). Any other host (`example.com` is `NAME.NS` only if
+    /// namespace `com` has a service `example`; `orders.svc`, `a.b.c`) is
+    /// no service: it passes through to its real address.
     pub fn service(&self, host: &str) -> Option<&Arc<ServiceTarget>> {
-        let host = host.trim_end_matches('.');
-        let host = host
-            .strip_suffix(".svc.cluster.local")
-            .or_else(|| host.strip_suffix(".svc"))
-            .unwrap_or(host);
-        if host.bytes().any(|b| b.is_ascii_uppercase()) {
-            return self.services.get(&host.to_ascii_lowercase());
+        let key = mesh_name_key(host)?;
+        if key.bytes().any(|b| b.is_ascii_uppercase()) {
+            return self.services.get(&key.to_ascii_lowercase());
         }
-        self.services.get(host)
+        self.services.get(key)
     }
 
     /// Transparent mode: the service a connection to `addr` was meant for:
@@ -423,6 +460,84 @@ spec: {endpoints: [{address: '127.0.0.1:9003'}]}
         assert!(snap.service("stock.shop").is_some());
         assert!(snap.service("stock.shop.svc").is_some());
         assert!(snap.service("orders.example.com").is_none());
+    }
+
+    #[test]
+    fn only_the_four_mesh_name_forms_match() {
+        assert_eq!(mesh_name_key("orders"), Some("orders"));
+        assert_eq!(mesh_name_key("orders."), Some("orders"));
+        assert_eq!(mesh_name_key("orders.shop"), Some("orders.shop"));
+        assert_eq!(mesh_name_key("orders.shop.svc"), Some("orders.shop"));
+        assert_eq!(mesh_name_key("Orders.Shop.SVC"), Some("Orders.Shop"));
+        assert_eq!(
+            mesh_name_key("orders.shop.svc.cluster.local."),
+            Some("orders.shop")
+        );
+        for other in [
+            "",
+            ".",
+            ".orders",
+            "orders..svc",
+            "orders.shop.cluster.local",
+            "orders.shop.svc.cluster",
+            "orders.shop.svc.example.com",
+            "orders.shop.svc.cluster.local.evil",
+            "www.example.com",
+            "a.b.c",
+        ] {
+            assert_eq!(mesh_name_key(other), None, "{other:?}");
+        }
+
+        let limits = Arc::new(Limits::default());
+        let snap = Snapshot::build(
+            &state(MESH),
+            "t".into(),
+            None,
+            OWN,
+            &limits,
+            &Metrics::new("orders"),
+        );
+        // `NAME.svc` is namespace `svc`, not the default namespace.
+        assert!(snap.service("orders.svc").is_none());
+        assert!(snap.service("orders.svc.cluster.local").is_none());
+        assert!(snap.service("stock.shop.svc.cluster.local").is_some());
+        assert!(snap
+            .service("stock.shop.svc.cluster.local.example.com")
+            .is_none());
+    }
+
+    #[test]
+    fn a_service_named_like_an_outside_host_is_not_routed_by_name() {
+        // A registration that once claimed `example.com` (not a DNS label):
+        // `example.com` must pass through to its real address.
+        let state = MeshState {
+            revision: 1,
+            services: vec![
+                ServiceEntry {
+                    name: "example.com".into(),
+                    namespace: "default".into(),
+                    endpoints: vec![],
+                },
+                ServiceEntry {
+                    name: "api".into(),
+                    namespace: "example.com".into(),
+                    endpoints: vec![],
+                },
+            ],
+            ..Default::default()
+        };
+        let limits = Arc::new(Limits::default());
+        let snap = Snapshot::build(
+            &state,
+            "t".into(),
+            None,
+            OWN,
+            &limits,
+            &Metrics::new("orders"),
+        );
+        assert!(snap.service("example.com").is_none());
+        assert!(snap.service("example.com.default").is_none());
+        assert!(snap.service("api.example.com").is_none());
     }
 
     #[test]

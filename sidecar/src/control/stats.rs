@@ -29,7 +29,6 @@ use meshlet_api::mesh::{
 };
 use tokio::sync::watch;
 
-use crate::client;
 use crate::control::snapshot::{SharedSnapshot, Snapshot};
 use crate::settings::ControlPlaneSettings;
 use crate::telemetry::metrics::Metrics;
@@ -156,6 +155,7 @@ impl Reading {
 
 /// The reporter's state between two reports.
 struct Reporter {
+    client: meshlet_client::Client,
     authority: String,
     path: String,
     metrics: Metrics,
@@ -175,7 +175,8 @@ impl Reporter {
         let now = Instant::now();
         let report = reading.report_since(&self.baseline, now - self.since);
         let body = serde_json::to_vec(&report).expect("serializable");
-        let sent = client::call(
+        let sent = crate::control::call(
+            &self.client,
             &self.authority,
             Method::POST,
             &self.path,
@@ -211,6 +212,7 @@ pub fn spawn(
     mut stop: watch::Receiver<bool>,
 ) -> tokio::task::JoinHandle<()> {
     let mut reporter = Reporter {
+        client: cp.client.clone(),
         authority: cp.authority.clone(),
         path: paths::stats(&cp.instance_id),
         metrics,

@@ -2,8 +2,10 @@
 //! of the app go to?
 //!
 //! The destination host comes from the absolute-form URI (HTTP proxy style)
-//! or else the `Host` header. A host that names a service of the current
-//! snapshot goes to that service's endpoints; any other host passes through
+//! or else the `Host` header. A host that is a mesh name of a service of
+//! the current snapshot (`NAME` in `default`, `NAME.NS`, `NAME.NS.svc`,
+//! `NAME.NS.svc.cluster.local`; see `Snapshot::service`) goes to that
+//! service's endpoints; any other host (`example.com`) passes through
 //! unchanged to the address it names (an IP literal, or a name resolved by
 //! DNS, cached for a few seconds). A name that is neither a service nor
 //! resolvable is answered with 503 `unknown_service`. A destination that is
@@ -338,5 +340,32 @@ spec: {endpoints: [{address: '10.0.0.2:15006'}]}
         );
         assert_eq!(to(None, "127.0.0.1:15001"), Err("loop_detected".into()));
         assert_eq!(to(None, "10.0.0.5:15006"), Err("loop_detected".into()));
+    }
+
+    #[test]
+    fn only_mesh_names_route_to_a_service() {
+        let router = router();
+        let to = |host| resolve(&router, Some(host), "10.0.0.9:80");
+        for mesh_name in [
+            "orders",
+            "orders.default",
+            "orders.default.svc",
+            "ORDERS.default.svc.cluster.local.",
+        ] {
+            assert_eq!(to(mesh_name), Ok("orders".into()), "{mesh_name}");
+        }
+        for other in [
+            "orders.svc",
+            "orders.default.svc.cluster",
+            "orders.default.example.com",
+            "orders.example.com",
+            "example.com",
+        ] {
+            assert_eq!(
+                to(other),
+                Ok("10.0.0.9:80".into()),
+                "{other} passes through"
+            );
+        }
     }
 }

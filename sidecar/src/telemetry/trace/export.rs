@@ -26,7 +26,6 @@ use tokio::time::Instant;
 
 use super::encode::{self, ResourceAttributes};
 use super::SpanRecord;
-use crate::client;
 
 /// Spans per export request at most.
 const BATCH: usize = 512;
@@ -40,12 +39,18 @@ const EXPORT_TIMEOUT: Duration = Duration::from_secs(5);
 /// How often repeated export failures are logged.
 const FAILURE_LOG_INTERVAL: Duration = Duration::from_secs(60);
 
-/// Where spans are sent: an OTLP/HTTP traces URL.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+/// Where spans are sent: an OTLP/HTTP traces URL, and the client that
+/// sends them (plain HTTP for a collector, the control plane's TLS client
+/// with the sidecar's token for the control plane).
+#[derive(Debug, Clone, serde::Serialize)]
 pub struct ExportEndpoint {
     /// `host:port`.
     pub authority: String,
     pub path: String,
+    /// HTTPS with the mesh CA and the token (the control plane).
+    pub tls: bool,
+    #[serde(skip)]
+    client: meshlet_client::Client,
 }
 
 impl ExportEndpoint {
@@ -74,13 +79,27 @@ impl ExportEndpoint {
         Ok(ExportEndpoint {
             authority: host_port,
             path,
+            tls: false,
+            client: meshlet_client::Client::new().user_agent("meshlet-sidecar"),
         })
+    }
+
+    /// The control plane's `/v1/traces` at `authority`, through its
+    /// `client` (TLS with the mesh CA, the sidecar's token).
+    pub fn control_plane(authority: &str, client: meshlet_client::Client) -> Self {
+        ExportEndpoint {
+            authority: authority.to_owned(),
+            path: otlp::TRACES_PATH.to_owned(),
+            tls: client.is_tls(),
+            client,
+        }
     }
 }
 
 impl std::fmt::Display for ExportEndpoint {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "http://{}{}", self.authority, self.path)
+        let scheme = if self.tls { "https" } else { "http" };
+        write!(f, "{scheme}://{}{}", self.authority, self.path)
     }
 }
 
@@ -203,14 +222,7 @@ impl ExportTask {
             self.counters.dropped_export_failed.inc_by(count);
             return;
         };
-        let sent = client::post(
-            &self.endpoint.authority,
-            &self.endpoint.path,
-            otlp::PROTOBUF_CONTENT_TYPE,
-            body,
-            EXPORT_TIMEOUT,
-        )
-        .await;
+        let sent = self.post(body).await;
         let failure = match sent {
             Ok(status) if status.is_success() => {
                 self.counters.exported.inc_by(count);
@@ -231,6 +243,28 @@ impl ExportTask {
                 "span export failed; dropping the batch (counted in meshlet_spans_dropped_total)");
             self.last_failure_log = Some(Instant::now());
         }
+    }
+}
+
+impl ExportTask {
+    /// POSTs one encoded batch; the status once the whole answer was read.
+    async fn post(&self, body: Vec<u8>) -> Result<http::StatusCode, meshlet_client::ClientError> {
+        let endpoint = &self.endpoint;
+        let request =
+            meshlet_client::request(http::Method::POST, &endpoint.authority, &endpoint.path)
+                .header(http::header::CONTENT_TYPE, otlp::PROTOBUF_CONTENT_TYPE)
+                .body(http_body_util::Full::new(bytes::Bytes::from(body)))
+                .map_err(|source| meshlet_client::ClientError::Request {
+                    authority: endpoint.authority.clone(),
+                    source,
+                })?;
+        let reply = endpoint
+            .client
+            .clone()
+            .timeout(EXPORT_TIMEOUT)
+            .fetch(&endpoint.authority, request)
+            .await?;
+        Ok(reply.status)
     }
 }
 

@@ -1,17 +1,21 @@
 //! A client that hangs up while its change is being committed must not
 //! leave the store and the published state apart (axum drops a handler's
-//! future when its client disconnects).
+//! future when its client disconnects). A unit test: it builds the router
+//! with the crate's own access state around a store that holds commits.
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use meshlet_api::mesh::RevisionRecord;
-use meshlet_control_plane::api::router;
-use meshlet_control_plane::controller::Controller;
-use meshlet_control_plane::error::StoreError;
-use meshlet_control_plane::state::AppState;
-use meshlet_control_plane::store::{Commit, Loaded, MemoryStore, Rewind, Store};
-use meshlet_control_plane::traces::{TraceLimits, TraceStore};
+
+use crate::access::{Access, AllowedHosts};
+use crate::api::router;
+use crate::auth::{Owners, Role, TokenRecord, Tokens};
+use crate::controller::Controller;
+use crate::error::StoreError;
+use crate::state::AppState;
+use crate::store::{AccessRecords, Commit, Loaded, MemoryStore, Rewind, Store};
+use crate::traces::{TraceLimits, TraceStore};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// A store whose commits wait until the test lets them go.
@@ -45,15 +49,27 @@ impl Store for GatedStore {
     fn rewind(&self, revision: u64) -> Result<Rewind, StoreError> {
         self.inner.rewind(revision)
     }
+
+    fn load_access(&self) -> Result<AccessRecords, StoreError> {
+        self.inner.load_access()
+    }
+
+    fn save_tokens(&self, tokens: &[TokenRecord]) -> Result<(), StoreError> {
+        self.inner.save_tokens(tokens)
+    }
+
+    fn save_owners(&self, owners: &Owners) -> Result<(), StoreError> {
+        self.inner.save_owners(owners)
+    }
 }
 
-fn registration_request(id: &str, port: u16) -> String {
+fn registration_request(id: &str, port: u16, token: &str) -> String {
     let body = format!(
         r#"{{"id":"{id}","service":"orders","address":"127.0.0.1:{port}","healthy":true}}"#
     );
     format!(
-        "POST /api/v1/instances HTTP/1.1\r\nhost: cp\r\ncontent-type: application/json\r\n\
-         connection: close\r\ncontent-length: {}\r\n\r\n{body}",
+        "POST /api/v1/instances HTTP/1.1\r\nhost: localhost\r\ncontent-type: application/json\r\n\
+         authorization: Bearer {token}\r\nconnection: close\r\ncontent-length: {}\r\n\r\n{body}",
         body.len()
     )
 }
@@ -69,6 +85,13 @@ async fn a_change_whose_client_hung_up_is_still_applied_and_published() {
     });
     let controller = Arc::new(Controller::load(store.clone(), Duration::from_secs(60)).unwrap());
     let (_stop, shutdown) = tokio::sync::watch::channel(false);
+    let mut tokens = Tokens::new();
+    let (token, _) = tokens.create("test", Role::Admin, None).unwrap();
+    let token = token.into_string();
+    let access = Access::new(
+        Arc::new(std::sync::RwLock::new(tokens)),
+        AllowedHosts::new(["localhost"]),
+    );
     let app = router(AppState {
         controller: controller.clone(),
         keepalive: Duration::from_secs(5),
@@ -76,6 +99,9 @@ async fn a_change_whose_client_hung_up_is_still_applied_and_published() {
         traces: Arc::new(TraceStore::new(TraceLimits::default())),
         stats: Default::default(),
         activity: Default::default(),
+        access,
+        store: store.clone(),
+        token_writer: Default::default(),
     });
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -84,7 +110,7 @@ async fn a_change_whose_client_hung_up_is_still_applied_and_published() {
     // The client sends a registration and hangs up while it commits.
     let mut client = tokio::net::TcpStream::connect(addr).await.unwrap();
     client
-        .write_all(registration_request("a", 8081).as_bytes())
+        .write_all(registration_request("a", 8081, &token).as_bytes())
         .await
         .unwrap();
     tokio::task::spawn_blocking(move || started.recv_timeout(Duration::from_secs(10)))
@@ -106,7 +132,7 @@ async fn a_change_whose_client_hung_up_is_still_applied_and_published() {
     release.send(()).unwrap();
     let mut client = tokio::net::TcpStream::connect(addr).await.unwrap();
     client
-        .write_all(registration_request("b", 8082).as_bytes())
+        .write_all(registration_request("b", 8082, &token).as_bytes())
         .await
         .unwrap();
     let mut reply = String::new();
