@@ -262,84 +262,14 @@ fn control_plane_client(
 }
 
 impl Args {
+    /// The flags as `Settings`, in phases: the control plane (identity,
+    /// snapshot file, credentials), observability, limits.
     pub fn settings(&self) -> Result<Settings, StartupError> {
-        let inbound_addr = SocketAddr::new(self.inbound_ip, self.inbound_port);
         let control_plane = match &self.control_plane {
             None => None,
-            Some(url) => {
-                let ip = self
-                    .advertise_ip
-                    .unwrap_or(if self.inbound_ip.is_unspecified() {
-                        IpAddr::V4(Ipv4Addr::LOCALHOST)
-                    } else {
-                        self.inbound_ip
-                    });
-                let advertise_addr = SocketAddr::new(ip, self.inbound_port);
-                let instance_id = self.instance_id.clone().unwrap_or_else(|| {
-                    format!("{}-{}-{}", self.service, ip, self.inbound_port)
-                        .replace([':', '.'], "-")
-                });
-                if !meshlet_api::mesh::valid_instance_id(&instance_id) {
-                    return Err(StartupError::Usage(format!(
-                        "--instance-id {instance_id:?}: use 1-253 characters from A-Z a-z 0-9 . _ -"
-                    )));
-                }
-                let snapshot_file = match &self.snapshot_file {
-                    Some(file) => file.clone(),
-                    None => crate::control::persist::default_snapshot_file(&instance_id)
-                        .map_err(|e| {
-                            StartupError::Usage(format!(
-                                "the default snapshot directory: {e}; remove it, or choose a file with --snapshot-file"
-                            ))
-                        })?,
-                };
-                let authority = control_plane_authority(url)?;
-                let token = match (&self.token_file, &self.token) {
-                    (Some(file), _) => read_token_file(file)?,
-                    (None, Some(token)) if !token.trim().is_empty() => token.trim().to_owned(),
-                    _ => {
-                        return Err(StartupError::Usage(
-                            "--control-plane needs a token: --token-file FILE (MESHLET_TOKEN_FILE) or --token TOKEN (MESHLET_TOKEN)".into(),
-                        ))
-                    }
-                };
-                let Some(ca_file) = self.ca_file.clone() else {
-                    return Err(StartupError::Usage(
-                        "--control-plane needs --ca-file FILE (MESHLET_CA_FILE): the mesh CA, the control plane's DATA_DIR/ca.crt".into(),
-                    ));
-                };
-                let client = control_plane_client(&token, &ca_file)?;
-                Some(ControlPlaneSettings {
-                    url: url.clone(),
-                    authority,
-                    ca_file,
-                    token_file: self.token_file.clone(),
-                    client,
-                    instance_id,
-                    advertise_addr,
-                    snapshot_file,
-                    stats_interval: (!self.stats_interval.is_zero()).then_some(self.stats_interval),
-                })
-            }
+            Some(url) => Some(self.control_plane_settings(url)?),
         };
-        // A collector of the user's choice is plain HTTP and never gets the
-        // token; the default, the control plane, gets the same TLS client.
-        let trace_endpoint = match self.trace_endpoint.as_deref() {
-            Some("none") => None,
-            Some(url) => Some(
-                ExportEndpoint::parse(url)
-                    .map_err(|why| StartupError::Usage(format!("--trace-endpoint {why}")))?,
-            ),
-            None => control_plane
-                .as_ref()
-                .map(|cp| ExportEndpoint::control_plane(&cp.authority, cp.client.clone())),
-        };
-        let observability = Observability {
-            tracing: self.tracing == Switch::On,
-            trace_endpoint,
-            trace_queue: self.trace_queue,
-            access_log: self.access_log,
-        };
+        let observability = self.observability(control_plane.as_ref())?;
         Ok(Settings {
             mode: self.mode,
             observability,
@@ -348,22 +278,113 @@ impl Args {
             labels: self.labels.iter().cloned().collect(),
             control_plane,
             app_addr: SocketAddr::new(self.app_host, self.app_port),
-            inbound_addr,
+            inbound_addr: SocketAddr::new(self.inbound_ip, self.inbound_port),
             outbound_addr: SocketAddr::new(self.outbound_ip, self.outbound_port),
             admin_addr: SocketAddr::new(self.admin_ip, self.admin_port),
             drain_timeout: self.drain_timeout,
-            limits: Limits {
-                connect_timeout: self.connect_timeout,
-                upstream_timeout: (!self.upstream_timeout.is_zero())
-                    .then_some(self.upstream_timeout),
-                header_read_timeout: self.header_read_timeout,
-                client_idle_timeout: self.client_idle_timeout,
-                max_header_bytes: self.max_header_bytes,
-                idle_timeout: self.idle_timeout,
-                stream_idle_timeout: (!self.stream_idle_timeout.is_zero())
-                    .then_some(self.stream_idle_timeout),
-            },
+            limits: self.limits(),
         })
+    }
+
+    /// Where this instance registers, as what, with which credentials, and
+    /// where it keeps its last configuration.
+    fn control_plane_settings(&self, url: &str) -> Result<ControlPlaneSettings, StartupError> {
+        let ip = self
+            .advertise_ip
+            .unwrap_or(if self.inbound_ip.is_unspecified() {
+                IpAddr::V4(Ipv4Addr::LOCALHOST)
+            } else {
+                self.inbound_ip
+            });
+        let advertise_addr = SocketAddr::new(ip, self.inbound_port);
+        let instance_id = self.instance_id.clone().unwrap_or_else(|| {
+            format!("{}-{}-{}", self.service, ip, self.inbound_port).replace([':', '.'], "-")
+        });
+        if !meshlet_api::mesh::valid_instance_id(&instance_id) {
+            return Err(StartupError::Usage(format!(
+                "--instance-id {instance_id:?}: use 1-253 characters from A-Z a-z 0-9 . _ -"
+            )));
+        }
+        let snapshot_file = match &self.snapshot_file {
+            Some(file) => file.clone(),
+            None => crate::control::persist::default_snapshot_file(&instance_id).map_err(|e| {
+                StartupError::Usage(format!(
+                    "the default snapshot directory: {e}; remove it, or choose a file with --snapshot-file"
+                ))
+            })?,
+        };
+        let authority = control_plane_authority(url)?;
+        let (token, ca_file) = self.credentials()?;
+        let client = control_plane_client(&token, &ca_file)?;
+        Ok(ControlPlaneSettings {
+            url: url.to_owned(),
+            authority,
+            ca_file,
+            token_file: self.token_file.clone(),
+            client,
+            instance_id,
+            advertise_addr,
+            snapshot_file,
+            stats_interval: (!self.stats_interval.is_zero()).then_some(self.stats_interval),
+        })
+    }
+
+    /// The token (from `--token-file`, else `--token`) and the CA file a
+    /// control plane needs.
+    fn credentials(&self) -> Result<(String, PathBuf), StartupError> {
+        let token = match (&self.token_file, &self.token) {
+            (Some(file), _) => read_token_file(file)?,
+            (None, Some(token)) if !token.trim().is_empty() => token.trim().to_owned(),
+            _ => {
+                return Err(StartupError::Usage(
+                    "--control-plane needs a token: --token-file FILE (MESHLET_TOKEN_FILE) or --token TOKEN (MESHLET_TOKEN)".into(),
+                ))
+            }
+        };
+        let Some(ca_file) = self.ca_file.clone() else {
+            return Err(StartupError::Usage(
+                "--control-plane needs --ca-file FILE (MESHLET_CA_FILE): the mesh CA, the control plane's DATA_DIR/ca.crt".into(),
+            ));
+        };
+        Ok((token, ca_file))
+    }
+
+    /// Tracing, the span exporter's endpoint and the access log. A
+    /// collector of the user's choice is plain HTTP and never gets the
+    /// token; the default, the control plane, gets the same TLS client.
+    fn observability(
+        &self,
+        control_plane: Option<&ControlPlaneSettings>,
+    ) -> Result<Observability, StartupError> {
+        let trace_endpoint = match self.trace_endpoint.as_deref() {
+            Some("none") => None,
+            Some(url) => Some(
+                ExportEndpoint::parse(url)
+                    .map_err(|why| StartupError::Usage(format!("--trace-endpoint {why}")))?,
+            ),
+            None => control_plane
+                .map(|cp| ExportEndpoint::control_plane(&cp.authority, cp.client.clone())),
+        };
+        Ok(Observability {
+            tracing: self.tracing == Switch::On,
+            trace_endpoint,
+            trace_queue: self.trace_queue,
+            access_log: self.access_log,
+        })
+    }
+
+    /// Deadlines and sizes of the request path (`0s` = none where allowed).
+    fn limits(&self) -> Limits {
+        let nonzero = |d: Duration| (!d.is_zero()).then_some(d);
+        Limits {
+            connect_timeout: self.connect_timeout,
+            upstream_timeout: nonzero(self.upstream_timeout),
+            header_read_timeout: self.header_read_timeout,
+            client_idle_timeout: self.client_idle_timeout,
+            max_header_bytes: self.max_header_bytes,
+            idle_timeout: self.idle_timeout,
+            stream_idle_timeout: nonzero(self.stream_idle_timeout),
+        }
     }
 }
 

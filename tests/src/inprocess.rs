@@ -525,18 +525,6 @@ impl admin::Listening for Sidecar {
     }
 }
 
-impl admin::Listening for Sidecar {
-    fn inbound(&self) -> SocketAddr {
-        self.inbound
-    }
-    fn outbound(&self) -> SocketAddr {
-        self.outbound
-    }
-    fn admin(&self) -> SocketAddr {
-        self.admin
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
