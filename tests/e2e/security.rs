@@ -355,6 +355,9 @@ async fn an_alias_bomb_and_floods_are_refused_with_flat_memory() {
         let reply = as_sidecar.fetch(&cp.authority(), request).await;
         match reply {
             Ok(reply) => assert_eq!(reply.status, 413, "{path}: {}", reply.text()),
+            // The server may answer 413 and close before the client has
+            // written the whole body: the write fails, nothing was read.
+            Err(e) if e.to_string().contains("error writing a body") => {}
             Err(e) => panic!("{path}: {e}"),
         }
     }

@@ -392,7 +392,13 @@ impl Browser {
     ) -> Result<Value, BrowserError> {
         let deadline = Instant::now() + patience;
         loop {
-            let value = self.evaluate(condition).await?;
+            let value = match self.evaluate(condition).await {
+                Ok(value) => value,
+                // The page is between two documents (a navigation the
+                // condition waits for): not yet, ask again.
+                Err(BrowserError::Protocol { message, .. }) if navigating(&message) => Value::Null,
+                Err(error) => return Err(error),
+            };
             let truthy = match &value {
                 Value::Null | Value::Bool(false) => false,
                 Value::Number(n) => n.as_f64() != Some(0.0),
@@ -639,4 +645,16 @@ mod tests {
             ]
         );
     }
+}
+
+/// Whether a DevTools error only says that the page is navigating (its
+/// JavaScript context went away under an evaluation).
+fn navigating(message: &str) -> bool {
+    [
+        "navigated or closed",
+        "Execution context was destroyed",
+        "Cannot find context",
+    ]
+    .iter()
+    .any(|needle| message.contains(needle))
 }
