@@ -590,6 +590,18 @@ fn decode_base64(text: &str) -> Option<Vec<u8>> {
     Some(out)
 }
 
+/// Whether a DevTools error only says that the page is navigating (its
+/// JavaScript context went away under an evaluation).
+fn navigating(message: &str) -> bool {
+    [
+        "navigated or closed",
+        "Execution context was destroyed",
+        "Cannot find context",
+    ]
+    .iter()
+    .any(|needle| message.contains(needle))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -645,16 +657,4 @@ mod tests {
             ]
         );
     }
-}
-
-/// Whether a DevTools error only says that the page is navigating (its
-/// JavaScript context went away under an evaluation).
-fn navigating(message: &str) -> bool {
-    [
-        "navigated or closed",
-        "Execution context was destroyed",
-        "Cannot find context",
-    ]
-    .iter()
-    .any(|needle| message.contains(needle))
 }
