@@ -190,14 +190,13 @@ fn mesh_name_key(host: &str) -> Option<&str> {
     if namespace.is_empty() {
         return None;
     }
-    let rest: Vec<&str> = labels.collect();
-    let suffix_ok = match rest.as_slice() {
-        [] => true,
-        [svc] => svc.eq_ignore_ascii_case("svc"),
-        [svc, cluster, local] => {
-            svc.eq_ignore_ascii_case("svc")
-                && cluster.eq_ignore_ascii_case("cluster")
-                && local.eq_ignore_ascii_case("local")
+    // The rest, label by label: on the request path, so no allocation.
+    let is = |label: Option<&str>, want: &str| label.is_some_and(|l| l.eq_ignore_ascii_case(want));
+    let suffix_ok = match (labels.next(), labels.next(), labels.next(), labels.next()) {
+        (None, ..) => true,
+        (svc, None, ..) => is(svc, "svc"),
+        (svc, cluster, local, None) => {
+            is(svc, "svc") && is(cluster, "cluster") && is(local, "local")
         }
         _ => false,
     };
