@@ -318,6 +318,7 @@ async fn an_alias_bomb_and_floods_are_refused_with_flat_memory() {
     })
     .await;
     let sidecar_before = sidecar.rss_bytes();
+    let revision_before = sidecar.revision().await;
 
     let body = json!({"files": [{"name": "bomb.yaml", "text": split_bomb()}]});
     let reply = cp.post_json("/api/v1/apply", &body).await;
@@ -362,8 +363,9 @@ async fn an_alias_bomb_and_floods_are_refused_with_flat_memory() {
         }
     }
 
-    // The sidecar never saw any of it.
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // The sidecar never saw any of it: it routes with the revision it had,
+    // and its memory did not grow.
+    assert_eq!(sidecar.revision().await, revision_before);
     let sidecar_after = sidecar.rss_bytes();
     assert!(
         sidecar_after < sidecar_before + (4 << 20),
