@@ -15,6 +15,8 @@
 //!   API's answers.
 //! - [`access`]: token management and log-in wire types, and the names of
 //!   the bootstrap files (`admin.token`, `ca.crt`) in the data directory.
+//! - [`identity`]: workload identities (`spiffe://TD/ns/NS/sa/SA`), shared
+//!   by the control plane's CA and the sidecars' peer checks.
 //! - [`display`]: how meshctl and the dashboard word services and
 //!   resources (one-line summaries).
 //! - [`otlp`]: the subset of OpenTelemetry's OTLP trace messages that
@@ -32,6 +34,7 @@ pub mod changes;
 pub mod dashboard;
 pub mod display;
 mod duration;
+pub mod identity;
 pub mod limits;
 pub mod mesh;
 pub mod otlp;

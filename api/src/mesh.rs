@@ -34,6 +34,14 @@ pub mod paths {
     pub const APPLY: &str = "/api/v1/apply";
     pub const REVISIONS: &str = "/api/v1/revisions";
     pub const HEALTH: &str = "/healthz";
+    /// `POST` a [`super::CertificateRequest`] (sidecar token of that
+    /// service) → [`super::CertificateReply`].
+    pub const CERTIFICATES: &str = "/api/v1/certificates";
+    /// `GET` the CA's roots ([`super::CaStatus`], admin or viewer).
+    pub const CA: &str = "/api/v1/ca";
+    /// `POST` (admin): add a new root and sign new leaves with it
+    /// ([`super::CaStatus`] after the change).
+    pub const CA_ROTATE: &str = "/api/v1/ca/rotate";
 
     /// `PUT` target of a heartbeat.
     pub fn heartbeat(instance_id: &str) -> String {
@@ -87,6 +95,41 @@ pub struct Registration {
     pub labels: BTreeMap<String, String>,
     /// The app's health as the sidecar's own probe last saw it.
     pub healthy: bool,
+    /// What the app speaks (`--app-protocol`); `None`: whatever the
+    /// original caller spoke.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub app_protocol: Option<AppProtocol>,
+}
+
+/// The protocol an app speaks on its port. Between sidecars every hop is
+/// HTTP/2 over mTLS; the inbound sidecar speaks this to its app.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AppProtocol {
+    /// HTTP/1.1 (and 1.0).
+    Http1,
+    /// HTTP/2 over cleartext with prior knowledge.
+    H2c,
+}
+
+impl AppProtocol {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AppProtocol::Http1 => "http1",
+            AppProtocol::H2c => "h2c",
+        }
+    }
+}
+
+impl std::str::FromStr for AppProtocol {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "http1" => Ok(AppProtocol::Http1),
+            "h2c" => Ok(AppProtocol::H2c),
+            other => Err(format!("unknown app protocol {other:?}: use http1 or h2c")),
+        }
+    }
 }
 
 impl Registration {
@@ -170,6 +213,13 @@ pub struct EndpointEntry {
     /// `Service` resource.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub instance_id: Option<String>,
+    /// The SPIFFE id (`spiffe://TD/ns/NS/sa/SA`) this endpoint's sidecar
+    /// must present: the control plane sets it from the registering
+    /// sidecar's token. A caller with a workload certificate connects to an
+    /// endpoint that has one over mTLS and refuses any other peer
+    /// certificate; `None` (static endpoints, standalone sidecars): plain.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub identity: Option<String>,
 }
 
 /// Everything a sidecar needs at one revision.
@@ -188,6 +238,10 @@ pub struct MeshState {
     /// Every applied resource other than registrations (policies, static
     /// `Service`s), sorted by key.
     pub resources: Vec<Resource>,
+    /// The mesh CA's trust bundle (PEM, one or more roots; two during a
+    /// rotation). Empty for a standalone config.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub trust_roots: String,
 }
 
 /// What changed between `from_revision` and `revision`: changed or new
@@ -205,6 +259,9 @@ pub struct MeshDelta {
     pub resources: Vec<Resource>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub removed_resources: Vec<ResourceKey>,
+    /// The new trust bundle, when it changed in this revision.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trust_roots: Option<String>,
 }
 
 /// One line of the watch stream (newline-delimited JSON).
@@ -272,6 +329,9 @@ impl MeshState {
                     resources.insert(resource.key(), resource);
                 }
                 self.resources = resources.into_values().collect();
+                if let Some(roots) = delta.trust_roots {
+                    self.trust_roots = roots;
+                }
                 self.revision = delta.revision;
                 Ok(true)
             }
@@ -298,6 +358,7 @@ impl MeshState {
                             labels: ep.labels.clone(),
                             healthy: true,
                             instance_id: None,
+                            identity: None,
                         })
                         .collect(),
                 }),
@@ -311,8 +372,65 @@ impl MeshState {
             revision: 0,
             services,
             resources: others,
+            trust_roots: String::new(),
         }
     }
+}
+
+/// A sidecar asking for its workload certificate (`POST
+/// /api/v1/certificates`, with its sidecar token). The key stays in the
+/// sidecar; only the CSR travels. The control plane ignores any name in
+/// the CSR and signs the SPIFFE id it derives from the token.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct CertificateRequest {
+    /// The registering instance (so the control plane knows which leaf is
+    /// whose, for `describe` and for retiring an old root).
+    pub instance_id: String,
+    /// PKCS#10 CSR, PEM.
+    pub csr: String,
+}
+
+/// The signed workload certificate.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CertificateReply {
+    /// `spiffe://TD/ns/NS/sa/SA`, the leaf's only SAN.
+    pub identity: String,
+    /// The leaf, PEM (signed directly by a root of `trust_roots`).
+    pub certificate: String,
+    /// The trust bundle at signing time (PEM).
+    pub trust_roots: String,
+    /// The leaf's serial number, lowercase hex.
+    pub serial: String,
+    /// Unix milliseconds.
+    pub not_before_ms: u64,
+    pub not_after_ms: u64,
+}
+
+/// One root of the mesh CA (`GET /api/v1/ca`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CaRoot {
+    pub subject: String,
+    /// Lowercase hex.
+    pub serial: String,
+    /// SHA-256 of the DER certificate, lowercase hex.
+    pub fingerprint: String,
+    pub not_after_ms: u64,
+    /// New leaves are signed by this root (exactly one root signs).
+    pub signing: bool,
+    /// Unexpired leaves it signed that are still their instance's newest.
+    pub live_leaves: usize,
+}
+
+/// The CA as the control plane holds it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CaStatus {
+    pub trust_domain: String,
+    pub workload_cert_ttl_ms: u64,
+    pub roots: Vec<CaRoot>,
 }
 
 /// A service as `GET /api/v1/services` lists it.
@@ -339,6 +457,24 @@ pub struct InstanceInfo {
     pub registered_at_ms: u64,
     /// Milliseconds since the last heartbeat, as the control plane answers.
     pub last_heartbeat_ms_ago: u64,
+    /// The SPIFFE id its sidecar presents (see [`EndpointEntry::identity`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub identity: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub app_protocol: Option<AppProtocol>,
+    /// The newest workload certificate issued to this instance.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub certificate: Option<IssuedLeaf>,
+}
+
+/// A workload certificate as the control plane remembers it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct IssuedLeaf {
+    pub serial: String,
+    pub not_after_ms: u64,
+    /// Fingerprint of the root that signed it ([`CaRoot::fingerprint`]).
+    pub root: String,
 }
 
 /// `GET /api/v1/services/{namespace}/{name}`.
@@ -525,6 +661,7 @@ mod tests {
             address: SocketAddr::from(([127, 0, 0, 1], 15006)),
             labels: [("version".to_owned(), "v1".to_owned())].into(),
             healthy: true,
+            app_protocol: None,
         }
     }
 
@@ -595,6 +732,7 @@ mod tests {
                     labels: BTreeMap::new(),
                     healthy: true,
                     instance_id: Some(format!("{name}-{p}")),
+                    identity: None,
                 })
                 .collect(),
         }
@@ -607,6 +745,7 @@ mod tests {
             revision: 3,
             services: vec![service("a", &[1]), service("b", &[2])],
             resources: vec![],
+            trust_roots: String::new(),
         };
         let delta = WatchEvent::Delta(MeshDelta {
             from_revision: 3,
@@ -640,6 +779,7 @@ mod tests {
                 "apiVersion: meshlet.dev/v1alpha1\nkind: HealthCheckPolicy\nmetadata: {name: a}\nspec: {targetRef: {service: a}, interval: 200ms}\n",
             )
             .unwrap(),
+            trust_roots: String::new(),
         });
         let line = serde_json::to_string(&event).unwrap();
         assert!(!line.contains('\n'));

@@ -269,6 +269,9 @@ async fn service_detail(
                     .last_heartbeat_ago(&reg.id)
                     .map(|d| d.as_millis() as u64)
                     .unwrap_or_else(|| now.saturating_sub(i.registered_at_ms)),
+                identity: None,
+                app_protocol: reg.app_protocol,
+                certificate: None,
             }
         })
         .collect();

@@ -101,6 +101,7 @@ impl Published {
             revision: self.revision,
             services: self.services.values().cloned().collect(),
             resources: self.mesh_resources.values().cloned().collect(),
+            trust_roots: String::new(),
         }
     }
 

@@ -382,6 +382,7 @@ impl Registry {
                     labels: reg.labels.clone(),
                     healthy: reg.healthy,
                     instance_id: Some(reg.id.clone()),
+                    identity: None,
                 });
         }
         for resource in self.resources.values() {
@@ -396,6 +397,7 @@ impl Registry {
                     labels: ep.labels.clone(),
                     healthy: true,
                     instance_id: None,
+                    identity: None,
                 }));
             }
         }
@@ -423,6 +425,7 @@ impl Registry {
             revision: self.revision,
             services: self.services().into_values().collect(),
             resources: self.mesh_resources().into_values().collect(),
+            trust_roots: String::new(),
         }
     }
 }
@@ -439,6 +442,7 @@ pub(crate) mod tests {
             address: ([127, 0, 0, 1], port).into(),
             labels: BTreeMap::new(),
             healthy: true,
+            app_protocol: None,
         }
     }
 

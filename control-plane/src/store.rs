@@ -632,6 +632,7 @@ mod tests {
                 address: ([127, 0, 0, 1], port).into(),
                 labels: BTreeMap::from([("version".to_owned(), "v1".to_owned())]),
                 healthy: true,
+                app_protocol: None,
             },
             registered_at_ms: 42,
         }

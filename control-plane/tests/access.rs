@@ -105,6 +105,7 @@ fn registration(id: &str, service: &str) -> Vec<u8> {
         address: ([127, 0, 0, 1], 9000).into(),
         labels: Default::default(),
         healthy: true,
+        app_protocol: None,
     })
     .unwrap()
 }

@@ -133,6 +133,7 @@ fn endpoints_of(detail: &ServiceDetail) -> Vec<EndpointEntry> {
             labels: i.labels.clone(),
             healthy: i.healthy,
             instance_id: Some(i.id.clone()),
+            identity: i.identity.clone(),
         })
         .collect();
     endpoints.extend(detail.static_endpoints.iter().cloned());
@@ -421,6 +422,9 @@ mod tests {
                 healthy: false,
                 registered_at_ms: 1_000,
                 last_heartbeat_ms_ago: 1_500,
+                identity: None,
+                app_protocol: None,
+                certificate: None,
             }],
             static_endpoints: vec![],
             policies: meshlet_api::parse_documents(

@@ -15,7 +15,7 @@ use rustls::pki_types::CertificateDer;
 use time::OffsetDateTime;
 
 use super::error::{cert_err, CaError};
-use super::spiffe::{self, SpiffeId};
+use meshlet_api::identity::{self as spiffe, SpiffeId, SpiffeIdError};
 
 /// Validity of a new CA.
 pub const CA_VALIDITY: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
@@ -247,10 +247,10 @@ impl MeshCa {
         let mut params = self.leaf_params(ttl)?;
         let uri = id.to_string();
         params.subject_alt_names = vec![SanType::URI(uri.as_str().try_into().map_err(|_| {
-            CaError::InvalidSpiffeId {
+            CaError::InvalidSpiffeId(SpiffeIdError {
                 id: uri.clone(),
                 reason: "not ASCII",
-            }
+            })
         })?)];
         let mut dn = DistinguishedName::new();
         dn.push(DnType::OrganizationName, "meshlet");

@@ -23,8 +23,8 @@ pub enum CaError {
     KeyMismatch,
     #[error("invalid certificate name {name:?}: {reason}")]
     InvalidName { name: String, reason: &'static str },
-    #[error("invalid SPIFFE id {id:?}: {reason}")]
-    InvalidSpiffeId { id: String, reason: &'static str },
+    #[error(transparent)]
+    InvalidSpiffeId(#[from] meshlet_api::identity::SpiffeIdError),
     #[error("invalid certificate ttl {ttl:?}: must be more than zero")]
     InvalidTtl { ttl: Duration },
     #[error("the CA expires at {ca_not_after}; it cannot issue certificates any more")]

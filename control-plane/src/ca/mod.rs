@@ -11,7 +11,7 @@
 //!   fresh P-256 key, serverAuth, the SANs given — see [`server_names`]).
 //! - [`MeshCa::sign_workload_csr`] signs a sidecar's CSR (issue 14): the CSR's
 //!   signature is verified and only its public key is used; the leaf carries
-//!   exactly one SAN, the [`SpiffeId`] URI the control plane decided from the
+//!   exactly one SAN, the [`SpiffeId`] URI (`meshlet_api::identity`) the control plane decided from the
 //!   sidecar's token, whatever names the CSR asked for; clientAuth +
 //!   serverAuth, `CA:FALSE`.
 //! - [`tls::server_tls_config`] turns a chain and key into a rustls server
@@ -32,7 +32,6 @@
 
 pub mod authority;
 pub mod error;
-pub mod spiffe;
 pub mod store;
 pub mod tls;
 
@@ -41,7 +40,7 @@ pub use authority::{
     MAX_CSR_LEN,
 };
 pub use error::CaError;
-pub use spiffe::SpiffeId;
+pub use meshlet_api::identity::SpiffeId;
 pub use store::{load_or_create, CaOrigin, CA_CERT_FILE, CA_KEY_FILE};
 pub use tls::server_tls_config;
 

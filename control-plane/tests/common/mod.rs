@@ -289,6 +289,7 @@ impl ControlPlane {
             address: ([127, 0, 0, 1], port).into(),
             labels: Default::default(),
             healthy: true,
+            app_protocol: None,
         };
         let body = serde_json::to_vec(&reg).unwrap();
         let (status, reply) = self.json(Method::POST, paths::INSTANCES, Some(body)).await;

@@ -352,6 +352,7 @@ impl ControlClient {
             address: self.cp.advertise_addr,
             labels: self.settings.labels.clone(),
             healthy,
+            app_protocol: None,
         };
         let body = serde_json::to_vec(&registration).expect("serializable");
         let reply = call(

@@ -34,6 +34,7 @@ use hyper::body::Incoming;
 use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use meshlet_api::identity::SpiffeId;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch};
 use tracing::Instrument;
@@ -66,6 +67,9 @@ pub struct Peer {
     /// The client's IP as a header value, for `x-forwarded-for` (formatting
     /// it per request would cost an allocation each time).
     pub ip_header: HeaderValue,
+    /// The workload identity the client proved with its certificate on an
+    /// mTLS connection (`None`: plaintext, an unauthenticated caller).
+    pub identity: Option<Arc<SpiffeId>>,
 }
 
 impl Peer {
@@ -76,6 +80,7 @@ impl Peer {
             addr,
             original_dst: None,
             ip_header,
+            identity: None,
         }
     }
 }

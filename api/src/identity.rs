@@ -2,8 +2,10 @@
 //!
 //! The control plane builds a [`SpiffeId`] from a sidecar token's namespace
 //! and service (outside Kubernetes the service account is the service name)
-//! and puts it, alone, in the workload certificate's URI SAN. Issue 14's
-//! sidecars parse the peer's URI SAN back with [`SpiffeId::parse`].
+//! and puts it, alone, in the workload certificate's URI SAN; it also
+//! names each registered endpoint's expected identity in the registry
+//! (`mesh::EndpointEntry::identity`). Sidecars parse the peer's URI SAN back
+//! with [`SpiffeId::parse`] and compare it with what the registry says.
 //!
 //! Rules: the trust domain is 1–255 characters of lowercase letters,
 //! digits, `.`, `-` and `_` (the SPIFFE spec's set); the namespace is a
@@ -13,7 +15,15 @@
 use std::fmt;
 use std::str::FromStr;
 
-use super::error::CaError;
+use thiserror::Error;
+
+/// Why a string is not a workload SPIFFE id.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+#[error("invalid SPIFFE id {id:?}: {reason}")]
+pub struct SpiffeIdError {
+    pub id: String,
+    pub reason: &'static str,
+}
 
 /// A validated SPIFFE id of a mesh workload.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -23,7 +33,7 @@ pub struct SpiffeId {
     service_account: String,
 }
 
-pub(crate) fn validate_trust_domain(td: &str) -> Result<(), CaError> {
+pub fn validate_trust_domain(td: &str) -> Result<(), SpiffeIdError> {
     let ok = !td.is_empty()
         && td.len() <= 255
         && td.bytes().all(|b| {
@@ -32,7 +42,7 @@ pub(crate) fn validate_trust_domain(td: &str) -> Result<(), CaError> {
     if ok {
         Ok(())
     } else {
-        Err(CaError::InvalidSpiffeId {
+        Err(SpiffeIdError {
             id: td.to_owned(),
             reason: "the trust domain is 1-255 lowercase letters, digits, '.', '-' or '_'",
         })
@@ -54,20 +64,20 @@ impl SpiffeId {
         trust_domain: &str,
         namespace: &str,
         service_account: &str,
-    ) -> Result<SpiffeId, CaError> {
+    ) -> Result<SpiffeId, SpiffeIdError> {
         let id = || format!("spiffe://{trust_domain}/ns/{namespace}/sa/{service_account}");
-        validate_trust_domain(trust_domain).map_err(|_| CaError::InvalidSpiffeId {
+        validate_trust_domain(trust_domain).map_err(|_| SpiffeIdError {
             id: id(),
             reason: "the trust domain is 1-255 lowercase letters, digits, '.', '-' or '_'",
         })?;
         if !is_label(namespace) {
-            return Err(CaError::InvalidSpiffeId {
+            return Err(SpiffeIdError {
                 id: id(),
                 reason: "the namespace must be a DNS-1123 label",
             });
         }
         if service_account.len() > 253 || !service_account.split('.').all(is_label) {
-            return Err(CaError::InvalidSpiffeId {
+            return Err(SpiffeIdError {
                 id: id(),
                 reason: "the service account must be a DNS-1123 subdomain",
             });
@@ -80,8 +90,8 @@ impl SpiffeId {
     }
 
     /// Parses `spiffe://TD/ns/NS/sa/SA` (exactly that shape).
-    pub fn parse(uri: &str) -> Result<SpiffeId, CaError> {
-        let bad = |reason| CaError::InvalidSpiffeId {
+    pub fn parse(uri: &str) -> Result<SpiffeId, SpiffeIdError> {
+        let bad = |reason| SpiffeIdError {
             id: uri.chars().take(300).collect(),
             reason,
         };
@@ -128,7 +138,7 @@ impl fmt::Display for SpiffeId {
 }
 
 impl FromStr for SpiffeId {
-    type Err = CaError;
+    type Err = SpiffeIdError;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         SpiffeId::parse(s)
     }
