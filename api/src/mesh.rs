@@ -431,6 +431,10 @@ pub struct CaStatus {
     pub trust_domain: String,
     pub workload_cert_ttl_ms: u64,
     pub roots: Vec<CaRoot>,
+    /// A rotation in progress, in words (its phase and what it waits for);
+    /// `None` outside a rotation.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rotation: Option<String>,
 }
 
 /// A service as `GET /api/v1/services` lists it.

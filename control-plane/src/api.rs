@@ -99,6 +99,7 @@ pub fn router(state: AppState) -> Router {
         .route("/metrics", get(metrics))
         .merge(crate::ui::routes())
         .merge(crate::token_routes::routes())
+        .merge(crate::cert_routes::routes())
         .merge(crate::access::session_routes(access.clone()))
         .fallback(|| async { ApiFailure::NotFound("no such API path".into()) })
         .method_not_allowed_fallback(|| async {
@@ -269,9 +270,13 @@ async fn service_detail(
                     .last_heartbeat_ago(&reg.id)
                     .map(|d| d.as_millis() as u64)
                     .unwrap_or_else(|| now.saturating_sub(i.registered_at_ms)),
-                identity: None,
+                identity: crate::registry::identity_uri(
+                    state.workload.trust_domain(),
+                    &reg.namespace,
+                    &reg.service,
+                ),
                 app_protocol: reg.app_protocol,
-                certificate: None,
+                certificate: state.workload.certificate_of(&reg.id),
             }
         })
         .collect();

@@ -81,7 +81,20 @@ impl Controller {
     /// Loads the store (blocking) and gives every loaded instance a fresh
     /// TTL.
     pub fn load(store: Arc<dyn Store>, ttl: Duration) -> Result<Controller, StoreError> {
-        let registry = Registry::from_loaded(store.load()?);
+        Self::load_with_identity(store, ttl, "", String::new())
+    }
+
+    /// [`Controller::load`] for a mesh with a CA: registered instances get
+    /// SPIFFE identities in `trust_domain`, watchers the trust bundle
+    /// `trust_roots` (PEM, signing root first).
+    pub fn load_with_identity(
+        store: Arc<dyn Store>,
+        ttl: Duration,
+        trust_domain: &str,
+        trust_roots: String,
+    ) -> Result<Controller, StoreError> {
+        let registry =
+            Registry::from_loaded(store.load()?).with_identity(trust_domain, trust_roots);
         let mut owners = store.load_access()?.owners;
         owners.retain(|id| registry.instance(id).is_some());
         let now = Instant::now();
@@ -199,6 +212,21 @@ impl Controller {
             "revision"
         );
         Ok(plan.commit.revision)
+    }
+
+    /// Publishes a new trust bundle as one revision (actor `ca`, `lines`
+    /// in its history record); nothing when it is already the current one.
+    /// Returns the revision that carries it.
+    pub async fn set_trust_roots(
+        &self,
+        roots: String,
+        lines: Vec<String>,
+    ) -> Result<u64, StoreError> {
+        let mut registry = self.writer.lock().await;
+        match registry.plan_trust_roots(roots, lines, now_ms()) {
+            Some(plan) => self.commit(&mut registry, plan).await,
+            None => Ok(registry.revision()),
+        }
     }
 
     /// Registers (or re-registers) an instance for `principal`, whose role

@@ -37,10 +37,14 @@
 //!   `token_routes` (`/api/v1/tokens`), [`ca`] (the mesh CA and the server
 //!   certificate), [`files`] (private data dir and files), `listener`
 //!   (the HTTPS accept loop with connection caps and deadlines).
+//! - Zero trust (issue 14): `workload` (workload certificates signed from
+//!   sidecars' CSRs, the newest leaf per instance, CA rotation in three
+//!   phases pushed as trust-bundle revisions) and `cert_routes`
+//!   (`/api/v1/certificates`, `/api/v1/ca`, `/api/v1/ca/rotate`).
 //!
 //! Public modules are those the binary and the integration tests use,
 //! plus [`auth`] (its types are in the [`store::Store`] trait), [`ca`]
-//! (workload certificates, issue 14, are not wired yet) and [`files`]
+//! (the CA, its roots and signing) and [`files`]
 //! (to be shared with the sidecar).
 
 pub(crate) mod access;
@@ -49,6 +53,7 @@ pub mod auth;
 pub mod ca;
 #[cfg(test)]
 mod cancelled_request_tests;
+pub(crate) mod cert_routes;
 pub(crate) mod clock;
 pub mod controller;
 pub(crate) mod dashboard;
@@ -68,3 +73,4 @@ pub mod store;
 pub(crate) mod token_routes;
 pub mod traces;
 pub(crate) mod ui;
+pub(crate) mod workload;

@@ -43,6 +43,8 @@ pub struct Published {
     pub instances: BTreeMap<String, StoredInstance>,
     /// The revision that last changed each resource.
     pub last_changes: BTreeMap<ResourceKey, ChangeStamp>,
+    /// The mesh CA's trust bundle (PEM, signing root first).
+    pub trust_roots: String,
     /// The delta from `revision - 1`, as one NDJSON line.
     delta_line: Option<Bytes>,
     snapshot_line: OnceLock<Bytes>,
@@ -85,6 +87,7 @@ impl Published {
             resources: registry.resources().clone(),
             instances: registry.instances().clone(),
             last_changes: registry.last_changes().clone(),
+            trust_roots: registry.trust_roots().to_owned(),
             delta_line: None,
             snapshot_line: OnceLock::new(),
         };
@@ -101,7 +104,7 @@ impl Published {
             revision: self.revision,
             services: self.services.values().cloned().collect(),
             resources: self.mesh_resources.values().cloned().collect(),
-            trust_roots: String::new(),
+            trust_roots: self.trust_roots.clone(),
         }
     }
 
@@ -124,6 +127,9 @@ impl Published {
                 Some(r) => delta.resources.push(r.clone()),
                 None => delta.removed_resources.push(key.clone()),
             }
+        }
+        if changes.trust_roots {
+            delta.trust_roots = Some(self.trust_roots.clone());
         }
         delta
     }

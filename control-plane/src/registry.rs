@@ -25,12 +25,28 @@ use meshlet_api::changes::{ChangeStamp, DeleteAction, DeleteOutcome};
 
 /// The actor of revisions made by registrations, health changes and expiry.
 pub const REGISTRY_ACTOR: &str = "registry";
+/// The actor of revisions that change the trust bundle (CA rotation).
+pub const CA_ACTOR: &str = "ca";
+
+/// `spiffe://TD/ns/NS/sa/SERVICE`: what a registered instance's sidecar
+/// presents (its certificate is signed for its token's namespace and
+/// service, which registration checked are the instance's).
+pub fn identity_uri(trust_domain: &str, namespace: &str, service: &str) -> Option<String> {
+    if trust_domain.is_empty() {
+        return None;
+    }
+    meshlet_api::identity::SpiffeId::new(trust_domain, namespace, service)
+        .ok()
+        .map(|id| id.to_string())
+}
 
 /// The next revision, not yet written or applied.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Plan {
     pub commit: Commit,
     pub changes: Changes,
+    /// The new trust bundle, when this revision changes it (CA rotation).
+    pub trust_roots: Option<String>,
 }
 
 /// The keys one or more revisions touched (as watchers see them: a `Service`
@@ -39,12 +55,15 @@ pub struct Plan {
 pub struct Changes {
     pub services: BTreeSet<ServiceKey>,
     pub resources: BTreeSet<ResourceKey>,
+    /// The trust bundle changed.
+    pub trust_roots: bool,
 }
 
 impl Changes {
     pub fn extend(&mut self, other: &Changes) {
         self.services.extend(other.services.iter().cloned());
         self.resources.extend(other.resources.iter().cloned());
+        self.trust_roots |= other.trust_roots;
     }
 }
 
@@ -56,6 +75,11 @@ pub struct Registry {
     resources: BTreeMap<ResourceKey, Resource>,
     /// The revision that last changed each resource (when recorded).
     last_changes: BTreeMap<ResourceKey, ChangeStamp>,
+    /// The SPIFFE trust domain of registered instances' identities (empty:
+    /// no identities, as in unit tests without a CA).
+    trust_domain: String,
+    /// The mesh CA's trust bundle (PEM, signing root first).
+    trust_roots: String,
 }
 
 /// What an apply of `resource` would do given the current `old` one.
@@ -135,7 +159,39 @@ impl Registry {
                 .collect(),
             resources: loaded.resources.into_iter().map(|r| (r.key(), r)).collect(),
             last_changes: loaded.last_changes,
+            trust_domain: String::new(),
+            trust_roots: String::new(),
         }
+    }
+
+    /// Sets the trust domain (registered instances get SPIFFE identities)
+    /// and the initial trust bundle (start-up, before the first publish).
+    pub fn with_identity(mut self, trust_domain: &str, trust_roots: String) -> Registry {
+        self.trust_domain = trust_domain.to_owned();
+        self.trust_roots = trust_roots;
+        self
+    }
+
+    pub fn trust_roots(&self) -> &str {
+        &self.trust_roots
+    }
+
+    /// The SPIFFE URI of a registered instance of `namespace/service`
+    /// (`None` without a trust domain or for names SPIFFE refuses).
+    pub fn identity(&self, namespace: &str, service: &str) -> Option<String> {
+        identity_uri(&self.trust_domain, namespace, service)
+    }
+
+    /// A new trust bundle as one revision (`lines`: its history record);
+    /// `None` when it is the current one.
+    pub fn plan_trust_roots(&self, roots: String, lines: Vec<String>, now_ms: u64) -> Option<Plan> {
+        if roots == self.trust_roots {
+            return None;
+        }
+        let mut plan = self.plan(CA_ACTOR, now_ms, lines);
+        plan.changes.trust_roots = true;
+        plan.trust_roots = Some(roots);
+        Some(plan)
     }
 
     pub fn last_changes(&self) -> &BTreeMap<ResourceKey, ChangeStamp> {
@@ -176,6 +232,7 @@ impl Registry {
                 ..Commit::default()
             },
             changes: Changes::default(),
+            trust_roots: None,
         }
     }
 
@@ -355,6 +412,9 @@ impl Registry {
                 self.last_changes.remove(&change.key);
             }
         }
+        if let Some(roots) = &plan.trust_roots {
+            self.trust_roots = roots.clone();
+        }
         self.revision = commit.revision;
     }
 
@@ -382,7 +442,7 @@ impl Registry {
                     labels: reg.labels.clone(),
                     healthy: reg.healthy,
                     instance_id: Some(reg.id.clone()),
-                    identity: None,
+                    identity: identity_uri(&self.trust_domain, &reg.namespace, &reg.service),
                 });
         }
         for resource in self.resources.values() {
@@ -425,7 +485,7 @@ impl Registry {
             revision: self.revision,
             services: self.services().into_values().collect(),
             resources: self.mesh_resources().into_values().collect(),
-            trust_roots: String::new(),
+            trust_roots: self.trust_roots.clone(),
         }
     }
 }

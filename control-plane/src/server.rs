@@ -6,9 +6,12 @@
 //! from the store, the bootstrap `admin.token` (0600; persisted when it
 //! changed) → the server certificate for the listen address, localhost,
 //! the `--advertise-name`s and the Kubernetes names (the same names are
-//! the allowed `Host`s) → raise the open-file limit → serve HTTPS through
+//! the allowed `Host`s), always from `ca.crt`/`ca.key` → the workload roots
+//! (`ca-roots/`, see `ca::roots`) and the controller with the trust
+//! bundle → raise the open-file limit → serve HTTPS through
 //! `listener::serve` (connection caps and deadlines) with every route
-//! behind the access guard, and run the reaper.
+//! behind the access guard, and run the reaper and the CA rotation driver
+//! (`workload::Workload::run`).
 //! SIGTERM/SIGINT flips one shutdown flag that ends the watch streams, the
 //! reaper and (gracefully) the HTTP server. Any startup failure is a
 //! [`StartupError`] that `main` prints as one line.
@@ -31,6 +34,7 @@ use crate::state::AppState;
 use crate::stats::StatsStore;
 use crate::store::{RedbStore, Store};
 use crate::traces::{TraceLimits, TraceStore};
+use crate::workload::{Workload, WorkloadSettings};
 
 fn parse_keepalive(text: &str) -> Result<Duration, String> {
     let d = parse_duration(text)?;
@@ -44,6 +48,21 @@ fn parse_duration(text: &str) -> Result<Duration, String> {
     let d = humantime::parse_duration(text).map_err(|e| e.to_string())?;
     if d.is_zero() {
         return Err("must be greater than 0".into());
+    }
+    Ok(d)
+}
+
+/// The shortest `--workload-cert-ttl`: sidecars renew at 2/3 of it with
+/// jitter and back off on failures; below this they would do little else.
+pub const MIN_WORKLOAD_CERT_TTL: Duration = Duration::from_secs(10);
+
+fn parse_workload_ttl(text: &str) -> Result<Duration, String> {
+    let d = humantime::parse_duration(text).map_err(|e| e.to_string())?;
+    if d < MIN_WORKLOAD_CERT_TTL {
+        return Err(format!(
+            "must be at least 10s (got {}): sidecars renew at 2/3 of the lifetime",
+            humantime::format_duration(d)
+        ));
     }
     Ok(d)
 }
@@ -106,6 +125,14 @@ pub struct Settings {
         value_delimiter = ','
     )]
     pub advertise_names: Vec<String>,
+    /// Lifetime of the workload certificates sidecars get (at least 10s);
+    /// they renew at about 2/3 of it.
+    #[arg(long, env = "MESHLET_WORKLOAD_CERT_TTL", default_value = "24h", value_parser = parse_workload_ttl)]
+    pub workload_cert_ttl: Duration,
+    /// How long a CA rotation's new root is only trusted (phase 1) before
+    /// it signs (phase 2): the time for every sidecar to receive it.
+    #[arg(long, env = "MESHLET_CA_ROTATION_GRACE", default_value = "5s", value_parser = parse_duration)]
+    pub ca_rotation_grace: Duration,
 }
 
 impl Settings {
@@ -181,13 +208,37 @@ pub async fn run(
 ) -> Result<(), StartupError> {
     check_data_dir(&settings.data_dir)?;
     let store: Arc<dyn Store> = Arc::new(RedbStore::open(&settings.data_dir)?);
-    let controller = Arc::new(Controller::load(store.clone(), settings.ttl)?);
     let (ca, origin) = crate::ca::load_or_create(&settings.data_dir, &settings.trust_domain)?;
     tracing::info!(?origin, subject = ca.subject(), "mesh CA");
-    let tokens = load_tokens(&settings.data_dir, store.as_ref())?;
     let listen = listener.local_addr().unwrap_or(settings.listen);
     let names = crate::ca::server_names(listen, &settings.advertise_names);
+    // ca.crt/ca.key always issue the API's certificate (see ca::roots).
     let cert = ca.issue_server_cert(&names, SERVER_CERT_TTL)?;
+    let roots = crate::ca::Roots::load(&settings.data_dir, ca)?;
+    let controller = Arc::new(Controller::load_with_identity(
+        store.clone(),
+        settings.ttl,
+        &settings.trust_domain,
+        roots.bundle_pem(),
+    )?);
+    let started_ms = crate::clock::now_ms();
+    let workload = Arc::new(Workload::new(
+        WorkloadSettings {
+            data_dir: settings.data_dir.clone(),
+            trust_domain: settings.trust_domain.clone(),
+            ttl: settings.workload_cert_ttl,
+            grace: settings.ca_rotation_grace,
+            // A CA made now signed nothing before; otherwise leaves of an
+            // earlier run may be live for up to one TTL.
+            all_known_after_ms: if origin == crate::ca::CaOrigin::Created {
+                0
+            } else {
+                started_ms + settings.workload_cert_ttl.as_millis() as u64
+            },
+        },
+        roots,
+    ));
+    let tokens = load_tokens(&settings.data_dir, store.as_ref())?;
     let tls = crate::ca::server_tls_config(&cert.chain_pem, &cert.key_pem)?;
     let tls = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
     if let Some(limit) = crate::listener::raise_open_file_limit() {
@@ -212,6 +263,7 @@ pub async fn run(
     );
     let shutdown = stopped;
     let reaper = tokio::spawn(controller.clone().run_reaper(shutdown.clone()));
+    let rotation = tokio::spawn(workload.clone().run(controller.clone(), shutdown.clone()));
     let stats = Arc::new(StatsStore::new());
     let forget = tokio::spawn(crate::dashboard::forget_departed(
         controller.clone(),
@@ -228,6 +280,7 @@ pub async fn run(
         access,
         store,
         token_writer: Default::default(),
+        workload,
     });
     crate::listener::serve(
         listener,
@@ -241,6 +294,7 @@ pub async fn run(
     external.abort();
     let _ = reaper.await;
     let _ = forget.await;
+    let _ = rotation.await;
     Ok(())
 }
 

@@ -15,6 +15,7 @@ use crate::events::Activity;
 use crate::stats::StatsStore;
 use crate::store::Store;
 use crate::traces::TraceStore;
+use crate::workload::Workload;
 
 #[derive(Clone)]
 pub struct AppState {
@@ -33,6 +34,8 @@ pub struct AppState {
     pub store: Arc<dyn Store>,
     /// One token change at a time (copy, persist, swap).
     pub token_writer: Arc<tokio::sync::Mutex<()>>,
+    /// Workload certificates, the CA's roots and their rotation.
+    pub workload: Arc<Workload>,
 }
 
 impl FromRef<AppState> for Arc<TraceStore> {

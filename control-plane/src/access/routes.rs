@@ -2,7 +2,10 @@
 //! caller's role must allow (`Principal::may`). Routes about one instance
 //! (register, heartbeat, deregister, certificates) let admins and sidecars
 //! through here; their handlers then check the namespace/service the token
-//! is bound to and who holds the instance id.
+//! is bound to and who holds the instance id (certificates go to sidecar
+//! tokens only: the identity is the token's binding).
+//! `GET /api/v1/ca` is `ReadCa` (admin, viewer), `POST /api/v1/ca/rotate`
+//! `RotateCa` (admin).
 //!
 //! A path no route matched (`None`) still needs a credential, so an
 //! unauthenticated caller learns nothing, not even which paths exist.
@@ -48,7 +51,6 @@ impl Gate {
 pub mod extra_paths {
     pub use meshlet_api::access::paths::{SESSION, TOKENS};
     pub const TOKEN: &str = "/api/v1/tokens/{name}";
-    pub const CERTIFICATES: &str = "/api/v1/certificates";
     pub const OTLP_TRACES: &str = "/v1/traces";
     pub const TRACES: &str = "/api/traces";
     pub const TRACE: &str = "/api/traces/{id}";
@@ -76,7 +78,11 @@ pub fn gate(path: Option<&str>) -> Gate {
         paths::INSTANCES
         | "/api/v1/instances/{id}"
         | "/api/v1/instances/{id}/heartbeat"
-        | CERTIFICATES => Gate::Instance,
+        | paths::CERTIFICATES => Gate::Instance,
+        // The CA's roots and leaves: a read of mesh state.
+        paths::CA => Gate::Action(Action::ReadCa),
+        // A new root, pushed to every sidecar: admins only.
+        paths::CA_ROTATE => Gate::Action(Action::RotateCa),
         "/api/v1/instances/{id}/stats" => Gate::Action(Action::ReportStats),
         paths::WATCH => Gate::Action(Action::Watch),
         paths::SERVICES | "/api/v1/services/{namespace}/{name}" | METRICS => {

@@ -16,6 +16,8 @@
 //! | `ReadTraces`                    | yes   | yes    | no                      |
 //! | `Dashboard`                     | yes   | yes    | no                      |
 //! | `ManageTokens`                  | yes   | no     | no                      |
+//! | `ReadCa`                        | yes   | yes    | no                      |
+//! | `RotateCa`                      | yes   | no     | no                      |
 //!
 //! Which route is which action is the API's mapping: `ReadResources` covers
 //! get/describe/history/diff (diff changes nothing), `WriteResources`
@@ -61,6 +63,10 @@ pub enum Action<'a> {
         namespace: &'a str,
         service: &'a str,
     },
+    /// `GET /api/v1/ca`: the roots and their live leaves.
+    ReadCa,
+    /// `POST /api/v1/ca/rotate`: a new root for the whole mesh.
+    RotateCa,
 }
 
 impl Action<'_> {
@@ -80,6 +86,8 @@ impl Action<'_> {
             Action::Dashboard => "dashboard",
             Action::ManageTokens => "manage-tokens",
             Action::SignCertificate { .. } => "sign-certificate",
+            Action::ReadCa => "read-ca",
+            Action::RotateCa => "rotate-ca",
         }
     }
 
@@ -102,6 +110,7 @@ impl Action<'_> {
                 | Action::Watch
                 | Action::ReadTraces
                 | Action::Dashboard
+                | Action::ReadCa
         )
     }
 }
@@ -190,6 +199,8 @@ mod tests {
             (Action::ReadTraces, "-"),
             (Action::Dashboard, "-"),
             (Action::ManageTokens, "-"),
+            (Action::ReadCa, "-"),
+            (Action::RotateCa, "-"),
         ];
         for (which, (namespace, service)) in [
             ("own", own),
@@ -211,7 +222,7 @@ mod tests {
             "admin" => true,
             "viewer" => matches!(
                 action,
-                ReadResources | ReadRegistry | Watch | ReadTraces | Dashboard
+                ReadResources | ReadRegistry | Watch | ReadTraces | Dashboard | ReadCa
             ),
             "sidecar" => match action {
                 Watch | ReportStats | ExportSpans => true,
@@ -220,7 +231,7 @@ mod tests {
                 | DeregisterInstance { .. }
                 | SignCertificate { .. } => which == "own",
                 ReadResources | WriteResources | ReadRegistry | ReadTraces | Dashboard
-                | ManageTokens => false,
+                | ManageTokens | ReadCa | RotateCa => false,
             },
             _ => unreachable!(),
         }
@@ -243,7 +254,7 @@ mod tests {
                 checked += 1;
             }
         }
-        assert_eq!(checked, 3 * 21);
+        assert_eq!(checked, 3 * 23);
     }
 
     #[test]

@@ -55,6 +55,7 @@ impl fmt::Debug for IssuedCert {
 pub struct WorkloadCert {
     /// The leaf alone, PEM.
     pub cert_pem: String,
+    pub not_before: SystemTime,
     pub not_after: SystemTime,
     /// Serial number, lowercase hex (for logs and `meshctl describe`).
     pub serial: String,
@@ -67,6 +68,10 @@ pub struct MeshCa {
     issuer: Issuer<'static, KeyPair>,
     subject: String,
     not_after: OffsetDateTime,
+    /// SHA-256 of the DER certificate, lowercase hex.
+    fingerprint: String,
+    /// The certificate's serial number, lowercase hex.
+    serial: String,
 }
 
 impl fmt::Debug for MeshCa {
@@ -74,6 +79,7 @@ impl fmt::Debug for MeshCa {
         f.debug_struct("MeshCa")
             .field("subject", &self.subject)
             .field("not_after", &self.not_after)
+            .field("fingerprint", &self.fingerprint)
             .field("key", &"<redacted>")
             .finish()
     }
@@ -126,7 +132,7 @@ impl MeshCa {
             CertificateDer::from_pem_slice(cert_pem.as_bytes()).map_err(|_| CaError::Pem {
                 what: "the CA certificate",
             })?;
-        let (subject, not_after) = {
+        let (subject, not_after, serial) = {
             let (_, x509) =
                 x509_parser::parse_x509_certificate(&cert_der).map_err(|e| CaError::NotACa {
                     reason: format!("does not parse: {e}"),
@@ -155,8 +161,10 @@ impl MeshCa {
             (
                 x509.subject().to_string(),
                 x509.validity().not_after.to_datetime(),
+                hex(x509.raw_serial()),
             )
         };
+        let fingerprint = hex(ring::digest::digest(&ring::digest::SHA256, &cert_der).as_ref());
         let issuer = Issuer::from_ca_cert_der(&cert_der, key)
             .map_err(cert_err("read the CA certificate"))?;
         Ok(MeshCa {
@@ -165,6 +173,8 @@ impl MeshCa {
             issuer,
             subject,
             not_after,
+            fingerprint,
+            serial,
         })
     }
 
@@ -189,6 +199,17 @@ impl MeshCa {
 
     pub fn not_after(&self) -> SystemTime {
         to_system_time(self.not_after)
+    }
+
+    /// SHA-256 of the DER certificate, lowercase hex: how roots are named
+    /// in `CaStatus`, `IssuedLeaf::root` and `ca-roots/`.
+    pub fn fingerprint(&self) -> &str {
+        &self.fingerprint
+    }
+
+    /// The CA certificate's serial number, lowercase hex.
+    pub fn serial(&self) -> &str {
+        &self.serial
     }
 
     /// Issues the API server's certificate for `names` (DNS names or IP
@@ -264,13 +285,14 @@ impl MeshCa {
         let serial = params
             .serial_number
             .as_ref()
-            .map(|s| s.to_bytes().iter().map(|b| format!("{b:02x}")).collect())
+            .map(|s| hex(s.to_bytes().as_slice()))
             .unwrap_or_default();
         let cert = params
             .signed_by(&csr.public_key, &self.issuer)
             .map_err(cert_err("sign the workload certificate"))?;
         Ok(WorkloadCert {
             cert_pem: cert.pem(),
+            not_before: to_system_time(params.not_before),
             not_after: to_system_time(params.not_after),
             serial,
         })
@@ -367,6 +389,17 @@ fn random_serial() -> Result<SerialNumber, CaError> {
         .map_err(|_| CaError::Random)?;
     bytes[0] = (bytes[0] & 0x7f) | 0x40;
     Ok(SerialNumber::from_slice(&bytes))
+}
+
+/// Lowercase hex of `bytes`.
+pub fn hex(bytes: &[u8]) -> String {
+    use std::fmt::Write;
+    bytes
+        .iter()
+        .fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
+            let _ = write!(s, "{b:02x}");
+            s
+        })
 }
 
 fn to_system_time(t: OffsetDateTime) -> SystemTime {

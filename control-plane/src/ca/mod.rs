@@ -18,6 +18,12 @@
 //!   config (ring provider, TLS 1.3 preferred, 1.2 allowed, ALPN `http/1.1`).
 //! - [`store::load_or_create`] keeps the CA in the data dir: `ca.crt`
 //!   (public, 0644) and `ca.key` (0600, never leaves the data dir).
+//! - [`roots::Roots`] are the workload roots in trust-bundle order (the
+//!   first signs) and their rotation in three phases, persisted in
+//!   `ca-roots/` (see that module). `ca.crt`/`ca.key` stay the API's CA:
+//!   the root created on first start keeps issuing the API server's
+//!   certificate, so `ca.crt` remains the `--ca-file` of meshctl and the
+//!   sidecars after a rotation has retired it from the mesh bundle.
 //!
 //! Data flow: start-up → `load_or_create(DATA_DIR)` → `issue_server_cert`
 //! → `server_tls_config` → the HTTPS listener. Clients (meshctl, sidecars)
@@ -32,15 +38,17 @@
 
 pub mod authority;
 pub mod error;
+pub mod roots;
 pub mod store;
 pub mod tls;
 
 pub use authority::{
-    server_names, IssuedCert, MeshCa, WorkloadCert, BACKDATE, CA_VALIDITY, KUBERNETES_NAMES,
+    hex, server_names, IssuedCert, MeshCa, WorkloadCert, BACKDATE, CA_VALIDITY, KUBERNETES_NAMES,
     MAX_CSR_LEN,
 };
 pub use error::CaError;
 pub use meshlet_api::identity::SpiffeId;
+pub use roots::{Phase, Roots, ROOTS_DIR, ROOTS_STATE_FILE};
 pub use store::{load_or_create, CaOrigin, CA_CERT_FILE, CA_KEY_FILE};
 pub use tls::server_tls_config;
 

@@ -1,0 +1,279 @@
+//! The mesh's workload roots and their rotation (issue 14), kept in the
+//! data directory.
+//!
+//! [`Roots`] is the list of roots in **trust-bundle order: the first one
+//! signs** new workload certificates, every one is trusted by the sidecars.
+//! Outside a rotation there is one root. A rotation goes through three
+//! phases, each a new immutable [`Roots`] written to disk *before* it is
+//! used:
+//!
+//! 1. [`Roots::begin_rotation`] — a new root is created and appended:
+//!    `[old (signing), new]`. Sidecars learn to trust the new root before
+//!    any leaf signed by it exists.
+//! 2. [`Roots::switch`] (after the grace, `--ca-rotation-grace`) —
+//!    `[new (signing), old]`: sidecars see that the first root is not their
+//!    leaf's issuer and renew.
+//! 3. [`Roots::retire`] (when the old root has no live leaf) — `[new]`.
+//!
+//! Files (all in `DATA_DIR`, mode 0700):
+//!
+//! - `ca.crt` / `ca.key` — the root created on first start. It also issues
+//!   the API server's certificate at every start, so `ca.crt` stays what
+//!   meshctl and sidecars use as `--ca-file` for the **API**, even after a
+//!   rotation retired it from the **mesh** trust bundle (its key stays:
+//!   it signs the API certificate). Rotating the API's CA is a separate,
+//!   manual operation (replace both files, redistribute `ca.crt`).
+//! - `ca-roots/root-<fingerprint prefix>.crt` (0644) and `.key` (0600,
+//!   created exclusively): roots made by rotations. Retired ones are
+//!   removed at phase 3.
+//! - `ca-roots/roots.json` (0600): the bundle order (file names) and the
+//!   phase with its start time. Absent: the bundle is `[ca.crt]`, no
+//!   rotation. A restart resumes a rotation where it was.
+
+use std::path::{Component, Path, PathBuf};
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+
+use super::authority::MeshCa;
+use super::error::CaError;
+use super::store::{CA_CERT_FILE, CA_KEY_FILE};
+use crate::files::{self, Access, FileError};
+
+/// The directory of rotated roots and the bundle's state, in `DATA_DIR`.
+pub const ROOTS_DIR: &str = "ca-roots";
+/// The bundle's state file, in [`ROOTS_DIR`].
+pub const ROOTS_STATE_FILE: &str = "roots.json";
+const MAX_FILE_LEN: u64 = 64 * 1024;
+
+/// Where a rotation is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "phase", rename_all = "camelCase")]
+pub enum Phase {
+    /// One root, no rotation.
+    Stable,
+    /// Phase 1: `[old (signing), new]` since `since_ms`.
+    #[serde(rename_all = "camelCase")]
+    Adding { since_ms: u64 },
+    /// Phase 2: `[new (signing), old]` since `since_ms`.
+    #[serde(rename_all = "camelCase")]
+    Retiring { since_ms: u64 },
+}
+
+/// A root's certificate and key files, relative to the data directory.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RootFiles {
+    cert: String,
+    key: String,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StateFile {
+    roots: Vec<RootFiles>,
+    #[serde(flatten)]
+    phase: Phase,
+}
+
+/// The roots in bundle order (first signs), their files and the phase.
+#[derive(Debug, Clone)]
+pub struct Roots {
+    roots: Vec<Arc<MeshCa>>,
+    files: Vec<RootFiles>,
+    phase: Phase,
+}
+
+/// A path in the state file: relative, inside the data directory.
+fn relative(data_dir: &Path, name: &str) -> Result<PathBuf, CaError> {
+    let path = Path::new(name);
+    if path.is_absolute()
+        || path
+            .components()
+            .any(|c| !matches!(c, Component::Normal(_)))
+        || name.is_empty()
+    {
+        return Err(CaError::NotACa {
+            reason: format!(
+                "{ROOTS_DIR}/{ROOTS_STATE_FILE} names {name:?}, not a file in the data directory"
+            ),
+        });
+    }
+    Ok(data_dir.join(path))
+}
+
+fn read_text(path: &Path, access: Access) -> Result<String, CaError> {
+    let bytes = files::read_checked(path, access, MAX_FILE_LEN)?;
+    String::from_utf8(bytes).map_err(|_| CaError::Pem {
+        what: "a CA root file",
+    })
+}
+
+impl Roots {
+    /// One root and no rotation (tests; a fresh data directory).
+    pub fn single(ca: MeshCa) -> Roots {
+        Roots {
+            roots: vec![Arc::new(ca)],
+            files: vec![RootFiles {
+                cert: CA_CERT_FILE.into(),
+                key: CA_KEY_FILE.into(),
+            }],
+            phase: Phase::Stable,
+        }
+    }
+
+    /// The roots of `data_dir`: `ca-roots/roots.json` if it exists (the
+    /// `ca.crt`/`ca.key` root, already loaded, is `original`), else
+    /// `[original]`.
+    pub fn load(data_dir: &Path, original: MeshCa) -> Result<Roots, CaError> {
+        let state_path = data_dir.join(ROOTS_DIR).join(ROOTS_STATE_FILE);
+        if std::fs::symlink_metadata(&state_path).is_err() {
+            return Ok(Roots::single(original));
+        }
+        let state: StateFile = serde_json::from_str(&read_text(&state_path, Access::Private)?)
+            .map_err(|e| CaError::NotACa {
+                reason: format!("{}: {e}", state_path.display()),
+            })?;
+        if state.roots.is_empty() || state.roots.len() > 2 {
+            return Err(CaError::NotACa {
+                reason: format!(
+                    "{} lists {} roots (1 or 2 expected)",
+                    state_path.display(),
+                    state.roots.len()
+                ),
+            });
+        }
+        let mut original = Some(original);
+        let mut roots = Vec::with_capacity(state.roots.len());
+        for f in &state.roots {
+            let ca = if f.cert == CA_CERT_FILE && f.key == CA_KEY_FILE {
+                original.take().ok_or_else(|| CaError::NotACa {
+                    reason: format!("{} lists ca.crt twice", state_path.display()),
+                })?
+            } else {
+                let cert = read_text(&relative(data_dir, &f.cert)?, Access::NotWritableByOthers)?;
+                let key = read_text(&relative(data_dir, &f.key)?, Access::Private)?;
+                MeshCa::load(&cert, &key)?
+            };
+            roots.push(Arc::new(ca));
+        }
+        Ok(Roots {
+            roots,
+            files: state.roots,
+            phase: state.phase,
+        })
+    }
+
+    /// The root that signs new leaves (the bundle's first).
+    pub fn signing(&self) -> &Arc<MeshCa> {
+        &self.roots[0]
+    }
+
+    /// Every root, bundle order.
+    pub fn all(&self) -> &[Arc<MeshCa>] {
+        &self.roots
+    }
+
+    pub fn phase(&self) -> Phase {
+        self.phase
+    }
+
+    /// The trust bundle: every root's PEM, the signing one first.
+    pub fn bundle_pem(&self) -> String {
+        let mut pem = String::new();
+        for ca in &self.roots {
+            pem.push_str(ca.cert_pem());
+            if !pem.ends_with('\n') {
+                pem.push('\n');
+            }
+        }
+        pem
+    }
+
+    fn save(&self, data_dir: &Path) -> Result<(), CaError> {
+        let dir = data_dir.join(ROOTS_DIR);
+        files::ensure_private_dir(&dir)?;
+        let state = StateFile {
+            roots: self.files.clone(),
+            phase: self.phase,
+        };
+        let text = serde_json::to_string_pretty(&state).map_err(|e| CaError::NotACa {
+            reason: format!("cannot encode the roots' state: {e}"),
+        })?;
+        files::write_private_file(&dir.join(ROOTS_STATE_FILE), text.as_bytes())?;
+        Ok(())
+    }
+
+    /// Phase 1: a new root for `trust_domain`, written to `ca-roots/`
+    /// (key 0600, exclusively), appended after the signing root. Only from
+    /// [`Phase::Stable`] (the caller answers 409 otherwise).
+    pub fn begin_rotation(
+        &self,
+        data_dir: &Path,
+        trust_domain: &str,
+        now_ms: u64,
+    ) -> Result<Roots, CaError> {
+        debug_assert_eq!(self.phase, Phase::Stable);
+        let ca = MeshCa::create(trust_domain)?;
+        let dir = data_dir.join(ROOTS_DIR);
+        files::ensure_private_dir(&dir)?;
+        let stem = format!("{ROOTS_DIR}/root-{}", &ca.fingerprint()[..16]);
+        let entry = RootFiles {
+            cert: format!("{stem}.crt"),
+            key: format!("{stem}.key"),
+        };
+        files::create_private_file(&data_dir.join(&entry.key), ca.key_pem().as_bytes())?;
+        files::write_file_atomic(
+            &data_dir.join(&entry.cert),
+            ca.cert_pem().as_bytes(),
+            files::PUBLIC_FILE_MODE,
+        )?;
+        let mut next = Roots {
+            roots: vec![self.roots[0].clone(), Arc::new(ca)],
+            files: vec![self.files[0].clone(), entry],
+            phase: Phase::Adding { since_ms: now_ms },
+        };
+        next.roots.truncate(2);
+        next.save(data_dir)?;
+        Ok(next)
+    }
+
+    /// Phase 2: the new root first (it signs), the old one still trusted.
+    pub fn switch(&self, data_dir: &Path, now_ms: u64) -> Result<Roots, CaError> {
+        let mut next = self.clone();
+        next.roots.reverse();
+        next.files.reverse();
+        next.phase = Phase::Retiring { since_ms: now_ms };
+        next.save(data_dir)?;
+        Ok(next)
+    }
+
+    /// Phase 3: only the signing root. The retired root's files are
+    /// removed unless they are `ca.crt`/`ca.key` (the API's CA).
+    pub fn retire(&self, data_dir: &Path) -> Result<Roots, CaError> {
+        let next = Roots {
+            roots: vec![self.roots[0].clone()],
+            files: vec![self.files[0].clone()],
+            phase: Phase::Stable,
+        };
+        next.save(data_dir)?;
+        for f in self.files.iter().skip(1) {
+            if f.cert == CA_CERT_FILE {
+                continue;
+            }
+            for name in [&f.key, &f.cert] {
+                if let Ok(path) = relative(data_dir, name) {
+                    if let Err(e) = std::fs::remove_file(&path) {
+                        let e = FileError::Io {
+                            op: "remove a retired root",
+                            path: path.clone(),
+                            source: e,
+                        };
+                        tracing::warn!(error = %e, "retired root file left behind");
+                    }
+                }
+            }
+        }
+        Ok(next)
+    }
+}

@@ -1,0 +1,414 @@
+//! Workload certificates and CA rotation (issue 14): the control plane's
+//! side of the sidecars' mTLS identities.
+//!
+//! ```text
+//! sidecar ── POST /api/v1/certificates (CSR, sidecar token) ─► Workload::sign
+//!             signing root (Roots, first of the bundle) ─► leaf ─► remembered per instance id
+//! admin ── POST /api/v1/ca/rotate ─► Workload::rotate ─► Roots phase 1 ─► Controller::set_trust_roots
+//! Workload::run (every 250 ms): phase 1 + grace ─► phase 2; no live leaf of the old root ─► phase 3
+//!             each phase: ca-roots/ written, then a revision whose MeshDelta carries trust_roots
+//! ```
+//!
+//! [`Workload`] holds the current [`Roots`] (swapped whole, never mutated)
+//! and, per instance id, the newest leaf it issued ([`IssuedLeaf`]: serial,
+//! expiry, the root's fingerprint). That memory is **not durable**: a
+//! restarted control plane forgets it (sidecars tell it again when they
+//! renew, at 2/3 of the lifetime or when a rotation changes the signing
+//! root), so `describe` shows no certificate for an instance until then.
+//!
+//! A root is *live* while it signed an unexpired leaf that is still its
+//! instance's newest. Phase 3 (retire the old root) waits until the old
+//! root has no live leaf, and, because leaves issued before this process
+//! started are unknown to it, also until every registered instance has a
+//! leaf from the new root — unless this process created the CA or has run
+//! for longer than the TTL (then every leaf is known), or a whole TTL has
+//! passed since phase 2 began (every old leaf has expired by then).
+//! Leaves of instances that deregistered or expired are dropped (a leaf
+//! asked for before registering is kept for a minute, the time to register).
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use meshlet_api::identity::SpiffeId;
+use meshlet_api::mesh::{CaRoot, CaStatus, CertificateReply, IssuedLeaf};
+use tokio::sync::watch;
+
+use crate::ca::{CaError, Phase, Roots, BACKDATE};
+use crate::controller::Controller;
+use crate::error::ApiFailure;
+use crate::store::StoredInstance;
+
+/// How often the rotation driver looks at the phase and the leaves.
+pub const TICK: Duration = Duration::from_millis(250);
+/// A leaf asked for before its instance registered is kept this long
+/// without a registration.
+pub const UNREGISTERED_GRACE_MS: u64 = 60_000;
+
+/// What the control plane remembers of a leaf it issued.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Leaf {
+    issued: IssuedLeaf,
+    issued_at_ms: u64,
+    /// The instance was seen registered since the leaf was issued.
+    seen_registered: bool,
+}
+
+/// Settings of the workload CA (from the control plane's flags).
+#[derive(Debug, Clone)]
+pub struct WorkloadSettings {
+    pub data_dir: PathBuf,
+    pub trust_domain: String,
+    /// Lifetime of a workload certificate (`--workload-cert-ttl`).
+    pub ttl: Duration,
+    /// Phase 1's length (`--ca-rotation-grace`).
+    pub grace: Duration,
+    /// Leaves issued before this (ms) may exist unknown to this process.
+    pub all_known_after_ms: u64,
+}
+
+/// Workload certificates, the roots and their rotation.
+pub struct Workload {
+    settings: WorkloadSettings,
+    roots: RwLock<Arc<Roots>>,
+    leaves: Mutex<HashMap<String, Leaf>>,
+    /// One phase change at a time.
+    rotating: tokio::sync::Mutex<()>,
+}
+
+fn ms(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+fn ca_failure(e: CaError) -> ApiFailure {
+    match e {
+        CaError::InvalidCsr { .. } | CaError::InvalidSpiffeId(_) => {
+            ApiFailure::BadRequest(e.to_string())
+        }
+        other => ApiFailure::Internal(format!("cannot sign: {other}")),
+    }
+}
+
+fn short(fingerprint: &str) -> &str {
+    &fingerprint[..fingerprint.len().min(16)]
+}
+
+impl Workload {
+    pub fn new(settings: WorkloadSettings, roots: Roots) -> Workload {
+        Workload {
+            settings,
+            roots: RwLock::new(Arc::new(roots)),
+            leaves: Mutex::new(HashMap::new()),
+            rotating: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    /// A workload CA with a fresh in-memory root (unit tests).
+    #[cfg(test)]
+    pub fn for_tests() -> Workload {
+        let ca = crate::ca::MeshCa::create("meshlet.local").unwrap();
+        Workload::new(
+            WorkloadSettings {
+                data_dir: std::env::temp_dir(),
+                trust_domain: "meshlet.local".into(),
+                ttl: Duration::from_secs(3600),
+                grace: Duration::from_secs(5),
+                all_known_after_ms: 0,
+            },
+            Roots::single(ca),
+        )
+    }
+
+    pub fn roots(&self) -> Arc<Roots> {
+        self.roots.read().unwrap().clone()
+    }
+
+    pub fn trust_domain(&self) -> &str {
+        &self.settings.trust_domain
+    }
+
+    pub fn ttl(&self) -> Duration {
+        self.settings.ttl
+    }
+
+    /// Signs `csr_pem` for instance `instance_id` of `namespace/service` (the
+    /// caller's token binding) and remembers the leaf. Runs the signature
+    /// on the blocking pool.
+    pub async fn sign(
+        self: &Arc<Self>,
+        instance_id: &str,
+        csr_pem: String,
+        namespace: &str,
+        service: &str,
+        now_ms: u64,
+    ) -> Result<CertificateReply, ApiFailure> {
+        let id = SpiffeId::new(&self.settings.trust_domain, namespace, service)
+            .map_err(|e| ApiFailure::BadRequest(e.to_string()))?;
+        let roots = self.roots();
+        let ttl = self.settings.ttl;
+        let (cert, id, roots) = tokio::task::spawn_blocking(move || {
+            let cert = roots.signing().sign_workload_csr(&csr_pem, &id, ttl);
+            (cert, id, roots)
+        })
+        .await
+        .map_err(|e| ApiFailure::Internal(format!("signing task failed: {e}")))?;
+        let cert = cert.map_err(ca_failure)?;
+        let issued = IssuedLeaf {
+            serial: cert.serial.clone(),
+            not_after_ms: ms(cert.not_after),
+            root: roots.signing().fingerprint().to_owned(),
+        };
+        self.leaves.lock().unwrap().insert(
+            instance_id.to_owned(),
+            Leaf {
+                issued,
+                issued_at_ms: now_ms,
+                seen_registered: false,
+            },
+        );
+        tracing::info!(
+            instance = instance_id,
+            identity = %id,
+            serial = %cert.serial,
+            root = short(roots.signing().fingerprint()),
+            "workload certificate issued"
+        );
+        Ok(CertificateReply {
+            identity: id.to_string(),
+            certificate: cert.cert_pem,
+            trust_roots: roots.bundle_pem(),
+            serial: cert.serial,
+            not_before_ms: ms(cert.not_before),
+            not_after_ms: ms(cert.not_after),
+        })
+    }
+
+    /// The newest leaf issued to instance `id` (since this process started).
+    pub fn certificate_of(&self, id: &str) -> Option<IssuedLeaf> {
+        self.leaves
+            .lock()
+            .unwrap()
+            .get(id)
+            .map(|l| l.issued.clone())
+    }
+
+    /// Unexpired newest leaves per root fingerprint.
+    fn live_leaves(&self, now_ms: u64) -> HashMap<String, usize> {
+        let mut live: HashMap<String, usize> = HashMap::new();
+        for leaf in self.leaves.lock().unwrap().values() {
+            if leaf.issued.not_after_ms > now_ms {
+                *live.entry(leaf.issued.root.clone()).or_default() += 1;
+            }
+        }
+        live
+    }
+
+    /// Drops the leaves of instances that left the registry (see the
+    /// module docs) and marks the others as seen registered.
+    pub fn forget_departed(&self, instances: &BTreeMap<String, StoredInstance>, now_ms: u64) {
+        self.leaves.lock().unwrap().retain(|id, leaf| {
+            if instances.contains_key(id) {
+                leaf.seen_registered = true;
+                return true;
+            }
+            !leaf.seen_registered
+                && now_ms.saturating_sub(leaf.issued_at_ms) < UNREGISTERED_GRACE_MS
+        });
+    }
+
+    /// `GET /api/v1/ca`.
+    pub fn status(&self, now_ms: u64) -> CaStatus {
+        let roots = self.roots();
+        let live = self.live_leaves(now_ms);
+        CaStatus {
+            trust_domain: self.settings.trust_domain.clone(),
+            workload_cert_ttl_ms: self.settings.ttl.as_millis() as u64,
+            roots: roots
+                .all()
+                .iter()
+                .enumerate()
+                .map(|(i, ca)| CaRoot {
+                    subject: ca.subject().to_owned(),
+                    serial: ca.serial().to_owned(),
+                    fingerprint: ca.fingerprint().to_owned(),
+                    not_after_ms: ms(ca.not_after()),
+                    signing: i == 0,
+                    live_leaves: live.get(ca.fingerprint()).copied().unwrap_or(0),
+                })
+                .collect(),
+            rotation: self.describe_phase(&roots, now_ms),
+        }
+    }
+
+    fn describe_phase(&self, roots: &Roots, now_ms: u64) -> Option<String> {
+        let fp = |i: usize| short(roots.all()[i].fingerprint()).to_owned();
+        match roots.phase() {
+            Phase::Stable => None,
+            Phase::Adding { since_ms } => {
+                let at = since_ms + self.settings.grace.as_millis() as u64;
+                Some(format!(
+                    "phase 1 of 3: new root {} is trusted but does not sign yet; it becomes the signing root in {} ms",
+                    fp(1),
+                    at.saturating_sub(now_ms)
+                ))
+            }
+            Phase::Retiring { .. } => Some(format!(
+                "phase 2 of 3: new root {} signs; old root {} is retired once no live leaf depends on it",
+                fp(0),
+                fp(1)
+            )),
+        }
+    }
+
+    /// Whether phase 2's old root may leave the bundle (module docs).
+    fn may_retire(
+        &self,
+        roots: &Roots,
+        since_ms: u64,
+        instances: &BTreeMap<String, StoredInstance>,
+        now_ms: u64,
+    ) -> bool {
+        let (Some(new), Some(old)) = (roots.all().first(), roots.all().get(1)) else {
+            return true;
+        };
+        let every_old_leaf_expired =
+            now_ms >= since_ms + (self.settings.ttl + BACKDATE).as_millis() as u64;
+        if every_old_leaf_expired {
+            return true;
+        }
+        let leaves = self.leaves.lock().unwrap();
+        let old_live = leaves
+            .values()
+            .any(|l| l.issued.root == old.fingerprint() && l.issued.not_after_ms > now_ms);
+        if old_live {
+            return false;
+        }
+        now_ms >= self.settings.all_known_after_ms
+            || instances.keys().all(|id| {
+                leaves
+                    .get(id)
+                    .is_some_and(|l| l.issued.root == new.fingerprint())
+            })
+    }
+
+    /// Phase changes go through here: write the roots, swap them in,
+    /// publish the bundle as a revision.
+    async fn change(
+        &self,
+        controller: &Controller,
+        next: Roots,
+        line: String,
+    ) -> Result<(), ApiFailure> {
+        let bundle = next.bundle_pem();
+        *self.roots.write().unwrap() = Arc::new(next);
+        tracing::info!("{line}");
+        controller
+            .set_trust_roots(bundle, vec![line])
+            .await
+            .map_err(ApiFailure::from)?;
+        Ok(())
+    }
+
+    /// `POST /api/v1/ca/rotate`: phase 1 (409 while a rotation runs).
+    pub async fn rotate(
+        &self,
+        controller: &Controller,
+        now_ms: u64,
+    ) -> Result<CaStatus, ApiFailure> {
+        let _one = self.rotating.lock().await;
+        let roots = self.roots();
+        if roots.phase() != Phase::Stable {
+            return Err(ApiFailure::Conflict(format!(
+                "a CA rotation is already in progress ({}); wait until `meshctl ca status` shows one root",
+                self.describe_phase(&roots, now_ms).unwrap_or_default()
+            )));
+        }
+        let data_dir = self.settings.data_dir.clone();
+        let td = self.settings.trust_domain.clone();
+        let next =
+            tokio::task::spawn_blocking(move || roots.begin_rotation(&data_dir, &td, now_ms))
+                .await
+                .map_err(|e| ApiFailure::Internal(format!("rotation task failed: {e}")))?
+                .map_err(|e| ApiFailure::Internal(format!("cannot create a new root: {e}")))?;
+        let line = format!(
+            "CA rotation phase 1: added root {} to the trust bundle (root {} still signs)",
+            short(next.all()[1].fingerprint()),
+            short(next.all()[0].fingerprint())
+        );
+        self.change(controller, next, line).await?;
+        Ok(self.status(now_ms))
+    }
+
+    /// One step of the rotation driver at `now_ms`: re-publish the bundle
+    /// if the published one differs (a failed commit), drop departed
+    /// leaves, move to the next phase when due.
+    pub async fn step(&self, controller: &Controller, now_ms: u64) -> Result<(), ApiFailure> {
+        let published = controller.published();
+        self.forget_departed(&published.instances, now_ms);
+        let _one = self.rotating.lock().await;
+        let roots = self.roots();
+        if published.trust_roots != roots.bundle_pem() {
+            controller
+                .set_trust_roots(
+                    roots.bundle_pem(),
+                    vec!["trust bundle re-published".to_owned()],
+                )
+                .await?;
+        }
+        let data_dir = self.settings.data_dir.clone();
+        match roots.phase() {
+            Phase::Stable => Ok(()),
+            Phase::Adding { since_ms } => {
+                if now_ms < since_ms + self.settings.grace.as_millis() as u64 {
+                    return Ok(());
+                }
+                let next = roots
+                    .switch(&data_dir, now_ms)
+                    .map_err(|e| ApiFailure::Internal(e.to_string()))?;
+                let line = format!(
+                    "CA rotation phase 2: root {} signs, root {} still trusted",
+                    short(next.all()[0].fingerprint()),
+                    short(next.all()[1].fingerprint())
+                );
+                self.change(controller, next, line).await
+            }
+            Phase::Retiring { since_ms } => {
+                if !self.may_retire(&roots, since_ms, &published.instances, now_ms) {
+                    return Ok(());
+                }
+                let next = roots
+                    .retire(&data_dir)
+                    .map_err(|e| ApiFailure::Internal(e.to_string()))?;
+                let line = format!(
+                    "CA rotation phase 3: retired root {} (no live leaf); the bundle is root {}",
+                    short(roots.all()[1].fingerprint()),
+                    short(next.all()[0].fingerprint())
+                );
+                self.change(controller, next, line).await
+            }
+        }
+    }
+
+    /// Runs [`Workload::step`] every [`TICK`] until `shutdown`.
+    pub async fn run(
+        self: Arc<Self>,
+        controller: Arc<Controller>,
+        mut shutdown: watch::Receiver<bool>,
+    ) {
+        let mut tick = tokio::time::interval(TICK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = crate::push::stopped(&mut shutdown) => return,
+                _ = tick.tick() => {
+                    if let Err(err) = self.step(&controller, crate::clock::now_ms()).await {
+                        tracing::error!(error = %err, "CA rotation step failed");
+                    }
+                }
+            }
+        }
+    }
+}
