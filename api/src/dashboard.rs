@@ -39,6 +39,9 @@ pub struct InstanceView {
     pub labels: BTreeMap<String, String>,
     pub healthy: bool,
     pub last_heartbeat_ms: u64,
+    /// The SPIFFE id its sidecar presents (`None`: no mesh CA).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub identity: Option<String>,
 }
 
 /// The golden metrics of a set of requests.
@@ -84,6 +87,11 @@ pub struct TopologyEdge {
     pub p99_ms: Option<f64>,
     /// Requests in the whole window.
     pub requests: u64,
+    /// The calls are mutual TLS: both services have registered instances
+    /// with identities (sidecars that both hold workload certificates
+    /// always speak mTLS to each other). The dashboard draws a padlock.
+    #[serde(default)]
+    pub mtls: bool,
 }
 
 /// `GET /api/v1/dashboard/policies`.

@@ -14,6 +14,9 @@
 //! aggregations ([`crate::stats`]) and shape the answer types of
 //! `meshlet_api::dashboard`; they never wait for the controller.
 //! [`forget_departed`] drops the stats of instances that left the registry.
+//! Zero trust (issue 14): instances carry their SPIFFE identity, and a
+//! topology edge is `mtls` when both its services have registered
+//! instances with identities (the UI draws a padlock on it).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -84,6 +87,11 @@ fn instances_by_service(
             labels: reg.labels.clone(),
             healthy: reg.healthy,
             last_heartbeat_ms,
+            identity: crate::registry::identity_uri(
+                &published.trust_domain,
+                &reg.namespace,
+                &reg.service,
+            ),
         });
     }
     out
@@ -182,9 +190,18 @@ pub async fn topology(State(state): State<AppState>) -> Json<Topology> {
                 .is_some_and(|list| !list.is_empty() && list.iter().all(|i| i.healthy)),
         })
         .collect();
+    // An edge is mTLS when both ends have registered instances with
+    // identities: their sidecars hold workload certificates and always
+    // speak mTLS to each other.
+    let identified = |key: &ServiceKey| {
+        instances
+            .get(key)
+            .is_some_and(|list| list.iter().any(|i| i.identity.is_some()))
+    };
     let edges = edges
         .into_iter()
         .map(|((from, to), window)| TopologyEdge {
+            mtls: identified(&from) && identified(&to),
             from: id(&from),
             to: id(&to),
             rps: window.recent.per_second,

@@ -45,6 +45,8 @@ pub struct Published {
     pub last_changes: BTreeMap<ResourceKey, ChangeStamp>,
     /// The mesh CA's trust bundle (PEM, signing root first).
     pub trust_roots: String,
+    /// The SPIFFE trust domain of instances' identities (empty: none).
+    pub trust_domain: String,
     /// The delta from `revision - 1`, as one NDJSON line.
     delta_line: Option<Bytes>,
     snapshot_line: OnceLock<Bytes>,
@@ -88,6 +90,7 @@ impl Published {
             instances: registry.instances().clone(),
             last_changes: registry.last_changes().clone(),
             trust_roots: registry.trust_roots().to_owned(),
+            trust_domain: registry.trust_domain().to_owned(),
             delta_line: None,
             snapshot_line: OnceLock::new(),
         };

@@ -172,6 +172,10 @@ impl Registry {
         self
     }
 
+    pub fn trust_domain(&self) -> &str {
+        &self.trust_domain
+    }
+
     pub fn trust_roots(&self) -> &str {
         &self.trust_roots
     }

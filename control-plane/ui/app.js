@@ -94,6 +94,7 @@ function append(map, key, value) {
 const SERVICE_COLUMNS = [
   { title: 'Service', sort: 'name', cell: (s) => el('strong', {}, s.namespace === 'default' ? s.name : `${s.name}.${s.namespace}`) },
   { title: 'Instances', sort: 'instances', cell: (s) => s.instances.map(instanceLine) },
+  { title: 'Identity', cell: (s) => identityCell(s) },
   { title: 'RPS', sort: 'rps', num: true, cell: (s) => el('span', { 'data-field': 'rps', 'data-value': s.rps }, fmt.rate(s.rps)) },
   { title: 'Success', sort: 'successRate', num: true, cell: (s) => el('span', { 'data-field': 'successRate' }, fmt.percent(s.successRate)) },
   { title: 'p50', sort: 'p50Ms', num: true, cell: (s) => fmt.ms(s.p50Ms) },
@@ -103,9 +104,17 @@ const SERVICE_COLUMNS = [
   { title: 'RPS trend', cell: (s) => el('span', { 'data-spark': `${s.namespace}/${s.name}` }) },
 ];
 
+// The SPIFFE ids of a service's instances (one per service account), or a
+// dash: no registered instance, or no mesh CA.
+function identityCell(s) {
+  const ids = [...new Set(s.instances.map((i) => i.identity).filter(Boolean))];
+  if (!ids.length) return el('span', { class: 'muted', 'data-field': 'identity' }, '—');
+  return el('span', { class: 'identity', 'data-field': 'identity', title: 'workload identity (mTLS certificate URI)' }, ids.join(' '));
+}
+
 function instanceLine(i) {
   const version = i.labels && i.labels.version;
-  return el('span', { class: 'instance', 'data-instance': i.id, 'data-healthy': i.healthy },
+  return el('span', { class: 'instance', 'data-instance': i.id, 'data-healthy': i.healthy, 'data-identity': i.identity || '' },
     el('span', { class: i.healthy ? 'dot' : 'dot down', title: i.healthy ? 'healthy' : 'unhealthy' }),
     i.address, version ? el('span', { class: 'tag' }, version) : null,
     el('span', { class: 'muted' }, ` heartbeat ${fmt.ago(i.lastHeartbeatMs)}`));
@@ -233,10 +242,11 @@ async function loadTopology(root) {
   const drawnEdges = edges.filter((e) => at.has(e.from) && at.has(e.to)).map((e) => {
     const bad = e.errorRate > 0.05;
     const { d, mid } = edgePath(at.get(e.from), at.get(e.to));
-    return svg('g', { class: bad ? 'edge bad' : 'edge', 'data-edge': `${e.from}->${e.to}`, 'data-rps': e.rps, 'data-error-rate': e.errorRate },
+    const classes = ['edge', bad ? 'bad' : null, e.mtls ? 'mtls' : null].filter(Boolean).join(' ');
+    return svg('g', { class: classes, 'data-edge': `${e.from}->${e.to}`, 'data-rps': e.rps, 'data-error-rate': e.errorRate, 'data-mtls': !!e.mtls },
       svg('path', { d, 'marker-end': `url(#${bad ? 'arrow-bad' : 'arrow'})` }),
-      svg('text', { x: mid.x, y: mid.y }, `${fmt.rate(e.rps)} rps · ${fmt.percent(e.errorRate)} err`),
-      svg('title', {}, `${e.from} → ${e.to}: ${e.requests} requests, p99 ${fmt.ms(e.p99Ms)}`));
+      svg('text', { x: mid.x, y: mid.y }, `${e.mtls ? '\u{1F512} ' : ''}${fmt.rate(e.rps)} rps · ${fmt.percent(e.errorRate)} err`),
+      svg('title', {}, `${e.from} → ${e.to}: ${e.requests} requests, p99 ${fmt.ms(e.p99Ms)}${e.mtls ? ', mutual TLS' : ', plaintext'}`));
   });
   const drawnNodes = nodes.map((n) => {
     const { x, y } = at.get(n.id);
@@ -248,7 +258,7 @@ async function loadTopology(root) {
   const graph = svg('svg', { id: 'topology-graph', viewBox: `0 0 ${width} ${height + below}`, height: height + below },
     svg('defs', {}, marker('arrow'), marker('arrow-bad')), drawnEdges, drawnNodes);
   root.replaceChildren(el('h2', {}, 'Topology'),
-    el('p', { class: 'muted' }, 'Who calls whom, as the callers\' sidecars saw it over the last 30 s; red: more than 5% errors.'), graph);
+    el('p', { class: 'muted' }, 'Who calls whom, as the callers\' sidecars saw it over the last 30 s; red: more than 5% errors; \u{1F512}: mutual TLS (both services\' sidecars hold workload certificates).'), graph);
 }
 
 // ---------------------------------------------------------------- policies

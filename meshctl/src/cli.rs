@@ -169,6 +169,11 @@ pub enum Command {
         #[command(subcommand)]
         command: TokenCommand,
     },
+    /// The mesh CA: its workload roots (status) and a rotation (rotate, admin).
+    Ca {
+        #[command(subcommand)]
+        command: CaCommand,
+    },
     /// Send one request to every healthy instance (through its sidecar).
     Broadcast {
         /// The request path.
@@ -185,6 +190,23 @@ pub enum Command {
         /// Per-instance request timeout.
         #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
         timeout: Duration,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum CaCommand {
+    /// The roots in trust-bundle order (the first signs), their live leaves
+    /// and the rotation in progress.
+    Status {
+        #[arg(short = 'o', long = "output", value_enum, default_value = "table")]
+        output: Format,
+    },
+    /// Start a rotation (admin): a new root is trusted by every sidecar,
+    /// then signs, then the old one is retired once no live leaf needs it.
+    /// Prints the new status.
+    Rotate {
+        #[arg(short = 'o', long = "output", value_enum, default_value = "table")]
+        output: Format,
     },
 }
 
@@ -413,6 +435,10 @@ async fn online(
         }
         Command::Trace { id, output } => traceview::trace(&cp, &id, output).await,
         Command::Token { command } => token(&cp, command).await,
+        Command::Ca { command } => match command {
+            CaCommand::Status { output } => crate::ca::status(&cp, output).await,
+            CaCommand::Rotate { output } => crate::ca::rotate(&cp, output).await,
+        },
         Command::Broadcast {
             path,
             data,

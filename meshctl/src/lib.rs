@@ -15,6 +15,7 @@
 //!   `diff`, `history`, `rollback`.
 //! - [`traceview`]: `traces` (a table) and `trace` (a waterfall).
 //! - [`tokens`]: `token create|list|revoke`.
+//! - [`ca`]: `ca status|rotate` (the mesh CA's roots, a rotation).
 //! - [`validate`]: offline checks and the file reading every `-f` shares.
 //! - [`inject`]: `meshctl inject`, pure functions from YAML text to YAML text.
 //! - [`output`]: tables, JSON/YAML, ages, stdout. [`error`]: [`CommandError`].
@@ -25,6 +26,7 @@
 //! HTTP API and the types of `meshlet_api`; it never depends on the server
 //! crate (no axum, no redb in its build).
 
+pub mod ca;
 pub mod cli;
 pub mod client;
 pub mod error;

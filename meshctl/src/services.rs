@@ -209,6 +209,41 @@ pub fn describe_text(detail: &ServiceDetail, now_ms: u64) -> String {
             &rows,
         ));
     }
+    if detail
+        .instances
+        .iter()
+        .any(|i| i.identity.is_some() || i.certificate.is_some())
+    {
+        let dash = || "-".to_owned();
+        let rows: Vec<Vec<String>> = detail
+            .instances
+            .iter()
+            .map(|i| {
+                let (serial, expires) = match &i.certificate {
+                    Some(c) => (c.serial.clone(), crate::ca::expiry(c.not_after_ms, now_ms)),
+                    None => (
+                        dash(),
+                        "not issued (since the control plane started)".to_owned(),
+                    ),
+                };
+                vec![
+                    i.id.clone(),
+                    i.identity.clone().unwrap_or_else(dash),
+                    serial,
+                    expires,
+                ]
+            })
+            .collect();
+        out.push_str(
+            "
+Identities:
+",
+        );
+        out.push_str(&table(
+            &["INSTANCE", "IDENTITY", "CERTIFICATE SERIAL", "EXPIRY"],
+            &rows,
+        ));
+    }
     if !detail.static_endpoints.is_empty() {
         let rows: Vec<Vec<String>> = detail
             .static_endpoints
@@ -444,6 +479,54 @@ mod tests {
              orders-1   127.0.0.1:8081   unhealthy   1s ago           1m0s   version=v1\n\
              \n\
              Policies:\n  healthcheckpolicy/hc   GET /health every 5s, timeout 1s\n"
+        );
+    }
+
+    #[test]
+    fn describe_shows_identities_and_certificate_expiry() {
+        let instance = |id: &str, cert: Option<meshlet_api::mesh::IssuedLeaf>| InstanceInfo {
+            id: id.into(),
+            address: ([127, 0, 0, 1], 8081).into(),
+            labels: BTreeMap::new(),
+            healthy: true,
+            registered_at_ms: 1_000,
+            last_heartbeat_ms_ago: 1_000,
+            identity: Some("spiffe://meshlet.local/ns/default/sa/orders".into()),
+            app_protocol: None,
+            certificate: cert,
+        };
+        let detail = ServiceDetail {
+            name: "orders".into(),
+            namespace: "default".into(),
+            instances: vec![
+                instance(
+                    "orders-1",
+                    Some(meshlet_api::mesh::IssuedLeaf {
+                        serial: "4f00aa".into(),
+                        not_after_ms: 61_000 + 86_340_000,
+                        root: "00ff".into(),
+                    }),
+                ),
+                instance("orders-2", None),
+            ],
+            static_endpoints: vec![],
+            policies: vec![],
+        };
+        let text = describe_text(&detail, 61_000);
+        let section = text.split_once("Identities:\n").unwrap().1;
+        let lines: Vec<&str> = section.lines().collect();
+        assert!(lines[0].starts_with("INSTANCE   IDENTITY"), "{text}");
+        assert!(
+            lines[1].contains("spiffe://meshlet.local/ns/default/sa/orders"),
+            "{text}"
+        );
+        assert!(
+            lines[1].contains("4f00aa") && lines[1].ends_with("expires in 23h 59m"),
+            "{text}"
+        );
+        assert!(
+            lines[2].contains("orders-2") && lines[2].contains("not issued"),
+            "{text}"
         );
     }
 
