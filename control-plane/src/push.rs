@@ -451,6 +451,49 @@ mod tests {
     }
 
     #[test]
+    fn a_new_trust_bundle_is_one_revision_in_deltas_and_snapshots() {
+        let mut r = Registry::default().with_identity("meshlet.local", "OLD\n".into());
+        let hub = Hub::new(Published::new(&r, None));
+        let plan = run(&mut r, |r| {
+            r.plan_register(registration("o1", "orders", 8081), 1)
+        })
+        .unwrap();
+        hub.publish(Published::new(&r, Some(&plan.changes)), plan.changes);
+        let endpoint = &r.mesh_state().services[0].endpoints[0];
+        assert_eq!(
+            endpoint.identity.as_deref(),
+            Some("spiffe://meshlet.local/ns/default/sa/orders")
+        );
+        assert!(
+            r.plan_trust_roots("OLD\n".into(), vec![], 2).is_none(),
+            "unchanged: no revision"
+        );
+        let lines = vec!["CA rotation phase 1".to_owned()];
+        let plan = run(&mut r, |r| {
+            r.plan_trust_roots("OLD\nNEW\n".into(), lines, 2)
+        })
+        .unwrap();
+        assert_eq!(plan.commit.record.actor, crate::registry::CA_ACTOR);
+        hub.publish(Published::new(&r, Some(&plan.changes)), plan.changes);
+        let current = hub.current();
+        assert_eq!(current.revision, 2);
+        let WatchEvent::Delta(delta) = decode(&hub.catch_up(Some(1), &current).unwrap()) else {
+            panic!("expected a delta");
+        };
+        assert_eq!(delta.trust_roots.as_deref(), Some("OLD\nNEW\n"));
+        assert!(delta.services.is_empty());
+        // Resumed from before both revisions (one combined delta), and from nothing.
+        let WatchEvent::Delta(delta) = decode(&hub.catch_up(Some(0), &current).unwrap()) else {
+            panic!("expected a delta");
+        };
+        assert_eq!(delta.trust_roots.as_deref(), Some("OLD\nNEW\n"));
+        let WatchEvent::Snapshot(s) = decode(&hub.catch_up(None, &current).unwrap()) else {
+            panic!("expected a snapshot");
+        };
+        assert_eq!(s.trust_roots, "OLD\nNEW\n");
+    }
+
+    #[test]
     fn resuming_from_any_revision_equals_the_snapshot() {
         let (r, hub, states) = setup();
         let current = hub.current();

@@ -412,3 +412,117 @@ impl Workload {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::registry::tests::registration;
+
+    fn instances(ids: &[&str]) -> BTreeMap<String, StoredInstance> {
+        ids.iter()
+            .map(|id| {
+                let i = StoredInstance {
+                    registration: registration(id, "orders", 8080),
+                    registered_at_ms: 0,
+                };
+                (id.to_string(), i)
+            })
+            .collect()
+    }
+
+    fn leaf(w: &Workload, id: &str, root: &str, not_after_ms: u64) {
+        w.leaves.lock().unwrap().insert(
+            id.into(),
+            Leaf {
+                issued: IssuedLeaf {
+                    serial: "01".into(),
+                    not_after_ms,
+                    root: root.into(),
+                },
+                issued_at_ms: 0,
+                seen_registered: false,
+            },
+        );
+    }
+
+    /// A workload CA in phase 2 (new, old), whose process may not know
+    /// every leaf until `all_known_after_ms`.
+    fn retiring(dir: &std::path::Path, all_known_after_ms: u64) -> (Workload, String, String) {
+        crate::files::ensure_private_dir(dir).unwrap();
+        let (ca, _) = crate::ca::load_or_create(dir, "meshlet.local").unwrap();
+        let roots = Roots::single(ca)
+            .begin_rotation(dir, "meshlet.local", 0)
+            .unwrap()
+            .switch(dir, 1_000)
+            .unwrap();
+        let new = roots.all()[0].fingerprint().to_owned();
+        let old = roots.all()[1].fingerprint().to_owned();
+        let w = Workload::new(
+            WorkloadSettings {
+                data_dir: dir.to_owned(),
+                trust_domain: "meshlet.local".into(),
+                ttl: Duration::from_secs(60),
+                grace: Duration::from_secs(5),
+                all_known_after_ms,
+            },
+            roots,
+        );
+        (w, new, old)
+    }
+
+    #[test]
+    fn the_old_root_retires_when_no_live_leaf_needs_it() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (w, new, old) = retiring(tmp.path(), 0);
+        let roots = w.roots();
+        let registered = instances(&["a", "b"]);
+        leaf(&w, "a", &old, 50_000);
+        leaf(&w, "b", &new, 50_000);
+        assert!(
+            !w.may_retire(&roots, 1_000, &registered, 10_000),
+            "a's leaf is live"
+        );
+        // a renews: its newest leaf is from the new root.
+        leaf(&w, "a", &new, 70_000);
+        assert!(w.may_retire(&roots, 1_000, &registered, 10_000));
+        // An expired old leaf does not count.
+        leaf(&w, "a", &old, 9_000);
+        assert!(w.may_retire(&roots, 1_000, &registered, 10_000));
+        assert_eq!(w.status(10_000).roots[1].live_leaves, 0);
+    }
+
+    #[test]
+    fn after_a_restart_unknown_leaves_hold_the_old_root_until_renewed_or_expired() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (w, new, _) = retiring(tmp.path(), u64::MAX);
+        let roots = w.roots();
+        let registered = instances(&["a", "b"]);
+        leaf(&w, "a", &new, 70_000);
+        // b may hold a leaf from the old root that this process never saw.
+        assert!(!w.may_retire(&roots, 1_000, &registered, 10_000));
+        leaf(&w, "b", &new, 70_000);
+        assert!(w.may_retire(&roots, 1_000, &registered, 10_000));
+        // A whole TTL (and the backdating) after phase 2 began, every old leaf expired.
+        w.leaves.lock().unwrap().remove("b");
+        let expired = 1_000 + (Duration::from_secs(60) + BACKDATE).as_millis() as u64;
+        assert!(!w.may_retire(&roots, 1_000, &registered, expired - 1));
+        assert!(w.may_retire(&roots, 1_000, &registered, expired));
+    }
+
+    #[test]
+    fn leaves_of_departed_instances_are_forgotten() {
+        let w = Workload::for_tests();
+        leaf(&w, "a", "r", u64::MAX);
+        leaf(&w, "early", "r", u64::MAX);
+        w.forget_departed(&instances(&["a"]), 1_000);
+        assert!(w.certificate_of("a").is_some());
+        assert!(
+            w.certificate_of("early").is_some(),
+            "asked before registering"
+        );
+        w.forget_departed(&instances(&[]), 2_000);
+        assert!(w.certificate_of("a").is_none(), "deregistered");
+        w.forget_departed(&instances(&[]), UNREGISTERED_GRACE_MS + 1);
+        assert!(w.certificate_of("early").is_none(), "never registered");
+    }
+}

@@ -72,7 +72,6 @@ struct RootFiles {
 #[serde(deny_unknown_fields)]
 struct StateFile {
     roots: Vec<RootFiles>,
-    #[serde(flatten)]
     phase: Phase,
 }
 
@@ -275,5 +274,87 @@ impl Roots {
             }
         }
         Ok(next)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fingerprints(roots: &Roots) -> Vec<String> {
+        roots
+            .all()
+            .iter()
+            .map(|c| c.fingerprint().to_owned())
+            .collect()
+    }
+
+    fn original(dir: &Path) -> MeshCa {
+        files::ensure_private_dir(dir).unwrap();
+        crate::ca::load_or_create(dir, "meshlet.local").unwrap().0
+    }
+
+    #[test]
+    fn each_phase_is_written_before_use_and_reloaded_as_it_was() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("data");
+        let start = Roots::load(&dir, original(&dir)).unwrap();
+        assert_eq!(start.phase(), Phase::Stable);
+        let old = fingerprints(&start);
+        assert_eq!(old.len(), 1);
+
+        let adding = start.begin_rotation(&dir, "meshlet.local", 1_000).unwrap();
+        assert_eq!(adding.phase(), Phase::Adding { since_ms: 1_000 });
+        assert_eq!(fingerprints(&adding)[0], old[0], "the old root still signs");
+        let new = fingerprints(&adding)[1].clone();
+        let reloaded = Roots::load(&dir, original(&dir)).unwrap();
+        assert_eq!(fingerprints(&reloaded), fingerprints(&adding));
+        assert_eq!(reloaded.phase(), adding.phase());
+        assert_eq!(reloaded.bundle_pem(), adding.bundle_pem());
+        let key = dir.join(format!("{ROOTS_DIR}/root-{}.key", &new[..16]));
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(
+            std::fs::metadata(&key).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+
+        let retiring = reloaded.switch(&dir, 2_000).unwrap();
+        assert_eq!(fingerprints(&retiring), [new.clone(), old[0].clone()]);
+        let reloaded = Roots::load(&dir, original(&dir)).unwrap();
+        assert_eq!(reloaded.phase(), Phase::Retiring { since_ms: 2_000 });
+        assert_eq!(reloaded.signing().fingerprint(), new);
+
+        // ca.crt/ca.key stay: they are the API's CA.
+        let done = reloaded.retire(&dir).unwrap();
+        assert_eq!(fingerprints(&done), [new.clone()]);
+        assert!(dir.join(CA_CERT_FILE).exists() && dir.join(CA_KEY_FILE).exists());
+        let reloaded = Roots::load(&dir, original(&dir)).unwrap();
+        assert_eq!(fingerprints(&reloaded), [new.clone()]);
+        assert_eq!(reloaded.phase(), Phase::Stable);
+
+        // A second rotation retires a root of ca-roots/: its files go.
+        let next = reloaded
+            .begin_rotation(&dir, "meshlet.local", 3_000)
+            .unwrap()
+            .switch(&dir, 4_000)
+            .unwrap()
+            .retire(&dir)
+            .unwrap();
+        assert_eq!(next.all().len(), 1);
+        assert_ne!(next.signing().fingerprint(), new);
+        assert!(!key.exists(), "the retired root's key is removed");
+    }
+
+    #[test]
+    fn a_state_file_naming_files_outside_the_data_dir_is_refused() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("data");
+        let ca = original(&dir);
+        files::ensure_private_dir(&dir.join(ROOTS_DIR)).unwrap();
+        let text = r#"{"roots":[{"cert":"../x.crt","key":"ca.key"}],"phase":{"phase":"stable"}}"#;
+        files::write_private_file(&dir.join(ROOTS_DIR).join(ROOTS_STATE_FILE), text.as_bytes())
+            .unwrap();
+        let err = Roots::load(&dir, ca).unwrap_err().to_string();
+        assert!(err.contains("not a file in the data directory"), "{err}");
     }
 }
