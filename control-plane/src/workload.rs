@@ -45,6 +45,10 @@ pub const TICK: Duration = Duration::from_millis(250);
 /// A leaf asked for before its instance registered is kept this long
 /// without a registration.
 pub const UNREGISTERED_GRACE_MS: u64 = 60_000;
+/// Instances whose leaves are remembered at most (a sidecar token asking
+/// for certificates under made-up instance ids cannot grow the map past
+/// it; past it, leaves of new ids are issued but not remembered).
+pub const MAX_REMEMBERED_LEAVES: usize = 65_536;
 
 /// What the control plane remembers of a leaf it issued.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -161,14 +165,26 @@ impl Workload {
             not_after_ms: ms(cert.not_after),
             root: roots.signing().fingerprint().to_owned(),
         };
-        self.leaves.lock().unwrap().insert(
-            instance_id.to_owned(),
-            Leaf {
-                issued,
-                issued_at_ms: now_ms,
-                seen_registered: false,
-            },
-        );
+        {
+            let mut leaves = self.leaves.lock().unwrap();
+            if leaves.len() < MAX_REMEMBERED_LEAVES || leaves.contains_key(instance_id) {
+                let seen_registered = leaves.get(instance_id).is_some_and(|l| l.seen_registered);
+                leaves.insert(
+                    instance_id.to_owned(),
+                    Leaf {
+                        issued,
+                        issued_at_ms: now_ms,
+                        seen_registered,
+                    },
+                );
+            } else {
+                tracing::warn!(
+                    instance = instance_id,
+                    limit = MAX_REMEMBERED_LEAVES,
+                    "too many instances with certificates; this leaf is not remembered"
+                );
+            }
+        }
         tracing::info!(
             instance = instance_id,
             identity = %id,
