@@ -347,7 +347,6 @@ impl Shared {
             Arc::clone(limits),
             metrics.clone(),
             telemetry,
-            &settings.service,
         );
         (inbound, outbound)
     }

@@ -55,6 +55,13 @@ pub trait Handler: Clone + Send + Sync + 'static {
         request: Request<Incoming>,
         peer: &Peer,
     ) -> impl Future<Output = Response<ProxyBody>> + Send;
+
+    /// Whether a plaintext opaque TCP connection may be spliced (an
+    /// inbound under `MTLSPolicy strict` says no: the connection is
+    /// closed).
+    fn allows_plaintext_tcp(&self) -> bool {
+        true
+    }
 }
 
 /// The client at the other end of a connection; built once per connection.
@@ -250,8 +257,12 @@ impl<H: Handler> Shared<H> {
                 drive(connection, stop, |c| c.graceful_shutdown()).await
             }
             Ok(Protocol::Opaque) => {
-                if let Some(interception) = &self.interception {
-                    interception.splice(stream, original_dst).await;
+                match &self.interception {
+                    Some(_) if !self.handler.allows_plaintext_tcp() => {
+                        tracing::debug!("plaintext opaque TCP refused (MTLSPolicy strict); closed");
+                    }
+                    Some(interception) => interception.splice(stream, original_dst).await,
+                    None => {}
                 }
                 Ok(())
             }

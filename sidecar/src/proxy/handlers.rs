@@ -3,15 +3,21 @@
 //!
 //! (Ambiguous framing is refused earlier, below hyper: see `framing`.)
 //!
-//! Inbound: rate limit of the own service (`ratelimit`, 429) → strip
-//! hop-by-hop, add `x-forwarded-*` → forward to the local app (transparent
-//! mode: on the port the client was calling) → response back.
+//! Inbound: who the caller is (its verified certificate identity, never a
+//! header: `authz`) → mTLS (`MTLSPolicy strict` refuses a plaintext
+//! caller: 403 `mtls_required`) → authorization (`AuthorizationPolicy`:
+//! 403 `denied`) → rate limit of the own service (`ratelimit`, 429;
+//! `sourceService` keys are the verified caller) → strip hop-by-hop, add
+//! `x-forwarded-*`, replace the identity headers with the verified
+//! caller's → forward to the local app (transparent mode: a port other
+//! than the app port goes to the pod's own address, so a port the app
+//! bound only on localhost stays private) → response back.
 //! Outbound: `CONNECT` tunnels → find the destination
 //! (absolute URI or `Host`; a mesh service or passthrough; transparent
 //! mode: a `Host` naming a service, else the original destination) → the target's
-//! policies for this method and path (`policy`) → strip hop-by-hop, add
-//! `x-meshlet-source` → forward (concurrency limit, timeout, retries,
-//! split, breakers, balancing: see `forward`) → response.
+//! policies for this method and path (`policy`) → strip hop-by-hop and
+//! every identity header the app sent → forward (concurrency limit,
+//! timeout, retries, split, breakers, balancing: see `forward`) → response.
 //!
 //! Errors from any step travel up as [`ProxyError`] and become a response
 //! in one place ([`ProxyError::into_response`]). Upgrades (WebSocket) are
@@ -42,8 +48,11 @@ use crate::error::ProxyError;
 use crate::listen::server::{Handler, Peer};
 use crate::listen::transparent::app_address;
 use crate::listen::tunnel;
+use crate::policy::authz::{self, Caller};
 use crate::policy::index::RoutePolicies;
-use crate::proxy::headers::{add_forwarded, strip_hop_by_hop, wants_upgrade, SOURCE_HEADER};
+use crate::proxy::headers::{
+    add_forwarded, remove_source_headers, set_source_headers, strip_hop_by_hop, wants_upgrade,
+};
 use crate::proxy::route::{Authority, Router};
 use crate::settings::Limits;
 use crate::telemetry::direction::Direction;
@@ -67,15 +76,15 @@ pub fn app_target(addr: SocketAddr, limits: &Arc<Limits>, metrics: &Metrics) -> 
 }
 
 /// Transparent mode: the app on ports other than `--app-port` (a client
-/// called another port of the pod), one target per port, made on first
-/// use.
-type OtherPorts = Arc<Mutex<HashMap<u16, Arc<ServiceTarget>>>>;
+/// called another port of the pod), one target per original destination
+/// (the pod's address and that port), made on first use.
+type OtherPorts = Arc<Mutex<HashMap<SocketAddr, Arc<ServiceTarget>>>>;
 
 /// Traffic from other services to the local app.
 #[derive(Clone)]
 pub struct Inbound {
     app: Arc<ServiceTarget>,
-    /// For the rate limits of the own service.
+    /// For the own service's mTLS mode, authorization and rate limits.
     snapshot: SharedSnapshot,
     limits: Arc<Limits>,
     metrics: Metrics,
@@ -118,7 +127,7 @@ impl Inbound {
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
         let target = ports
-            .entry(addr.port())
+            .entry(addr)
             .or_insert_with(|| Arc::new(app_target(addr, &self.limits, &self.metrics)));
         Arc::clone(target)
     }
@@ -135,27 +144,58 @@ impl Inbound {
                 listener: "inbound",
             });
         }
-        self.admit(&request, record)?;
+        let caller = self.admit(&request, peer, record)?;
         let version = request.version();
         let app = self.app_for(peer.original_dst);
         let app_addr = app.balancer.endpoints().first().map(|e| e.addr);
         let (mut request, downstream_upgrade) =
             prepare(request, app_addr, &self.limits, record.request_bytes());
         add_forwarded(request.headers_mut(), &peer.ip_header, "http");
+        set_source_headers(request.headers_mut(), caller.source_headers());
         record.inject_trace(request.headers_mut());
         let no_policies = RoutePolicies::default();
         let response = forward(&app, request, no_policies, &self.limits, record.trail()).await?;
         Ok(finish(response, version, downstream_upgrade))
     }
 
-    /// The route of the request in the current snapshot, then its rate
-    /// limit (a refusal is counted on the policy).
-    fn admit<B>(&self, request: &Request<B>, record: &mut RequestRecord) -> Result<(), ProxyError> {
+    /// Whether the request may reach the app, in the current snapshot:
+    /// its route, then who the caller is, then mTLS → authorization → rate
+    /// limit (each refusal is counted on its policy). Returns the caller.
+    fn admit<B>(
+        &self,
+        request: &Request<B>,
+        peer: &Peer,
+        record: &mut RequestRecord,
+    ) -> Result<Caller, ProxyError> {
         let snapshot = self.snapshot.load();
-        let path = request.uri().path();
+        let (method, path) = (request.method(), request.uri().path());
         record.set_route(snapshot.inbound_routes.select(path));
-        if let Some(limiter) = snapshot.inbound.rate_limit(request.method(), path) {
-            let key = limiter.key(request.headers());
+        let zero_trust = &snapshot.zero_trust;
+        let caller = zero_trust.callers.resolve(peer.identity.as_ref());
+        if let Some(service) = &caller.service {
+            record.set_source(&service.uri, &service.label);
+        }
+        if zero_trust.refuses_plaintext(&caller) {
+            return Err(ProxyError::MtlsRequired {
+                service: self.metrics.service().to_owned(),
+            });
+        }
+        let asked = authz::Request {
+            caller: &caller,
+            method,
+            path,
+            headers: request.headers(),
+        };
+        if let Err(denial) = zero_trust.authorize(&asked) {
+            record.set_authz_policy(&denial.policy);
+            return Err(ProxyError::Denied {
+                policy: denial.policy,
+                by_deny: denial.by_deny,
+                caller: caller.describe(),
+            });
+        }
+        if let Some(limiter) = snapshot.inbound.rate_limit(method, path) {
+            let key = limiter.key(request.headers(), caller.rate_limit_key());
             limiter
                 .check(key, std::time::Instant::now())
                 .map_err(|refusal| {
@@ -163,7 +203,7 @@ impl Inbound {
                     ProxyError::RateLimited(refusal)
                 })?;
         }
-        Ok(())
+        Ok(caller)
     }
 }
 
@@ -179,6 +219,18 @@ impl Handler for Inbound {
         let result = self.proxy(request, peer, &mut record).await;
         answer(record, result, Direction::Inbound, &self.metrics)
     }
+
+    /// `false` under `MTLSPolicy strict`: the listener closes a plaintext
+    /// opaque TCP connection. Asked once per such connection, so a refusal
+    /// is counted here.
+    fn allows_plaintext_tcp(&self) -> bool {
+        let snapshot = self.snapshot.load();
+        let allowed = snapshot.zero_trust.allows_plaintext();
+        if !allowed {
+            snapshot.zero_trust.count_plaintext_refused();
+        }
+        allowed
+    }
 }
 
 /// Traffic from the local app to other services (or anywhere else).
@@ -188,8 +240,6 @@ pub struct Outbound {
     limits: Arc<Limits>,
     metrics: Metrics,
     telemetry: Arc<Telemetry>,
-    /// `x-meshlet-source: <own service>`, built once.
-    source: Option<HeaderValue>,
     /// Where requests refused before a destination is known are counted.
     unrouted: Arc<RouteMetrics>,
 }
@@ -200,7 +250,6 @@ impl Outbound {
         limits: Arc<Limits>,
         metrics: Metrics,
         telemetry: Arc<Telemetry>,
-        service: &str,
     ) -> Self {
         Outbound {
             router,
@@ -208,7 +257,6 @@ impl Outbound {
             unrouted: metrics.unrouted(Direction::Outbound),
             metrics,
             telemetry,
-            source: HeaderValue::from_str(service).ok(),
         }
     }
 
@@ -242,10 +290,9 @@ impl Outbound {
             &self.limits,
             record.request_bytes(),
         );
-        let mesh_service = !target.namespace.is_empty();
-        if let (true, Some(source)) = (mesh_service, &self.source) {
-            request.headers_mut().insert(SOURCE_HEADER, source.clone());
-        }
+        // Who is calling is the inbound side's word, from this sidecar's
+        // certificate: nothing the app wrote survives.
+        remove_source_headers(request.headers_mut());
         record.inject_trace(request.headers_mut());
         let response = forward(&target, request, policies, &self.limits, record.trail()).await?;
         Ok(finish(response, version, downstream_upgrade))
