@@ -559,3 +559,261 @@ pub fn effective_mtls(resources: &[Resource], namespace: &str, service: &str) ->
     }
     targeted.or(mesh_wide).unwrap_or_default()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn state(yaml: &str) -> MeshState {
+        MeshState::from_resources(&meshlet_api::parse_documents("t.yaml", yaml).unwrap())
+    }
+
+    fn policies(yaml: &str) -> (ZeroTrust, Metrics) {
+        let metrics = Metrics::new("orders");
+        (
+            ZeroTrust::build(&state(yaml), "default", "orders", &metrics),
+            metrics,
+        )
+    }
+
+    fn authz(name: &str, spec: &str) -> String {
+        format!(
+            "---\napiVersion: meshlet.dev/v1alpha1\nkind: AuthorizationPolicy\n\
+             metadata: {{name: {name}}}\nspec:\n  targetRef: {{service: orders}}\n{spec}"
+        )
+    }
+
+    fn caller(ns: &str, sa: &str) -> Caller {
+        let id = Arc::new(SpiffeId::new("meshlet.local", ns, sa).unwrap());
+        Callers::default().resolve(Some(&id))
+    }
+
+    /// Asks `zt` about `method path` from `caller` with `headers`.
+    fn ask(
+        zt: &ZeroTrust,
+        caller: &Caller,
+        method: Method,
+        path: &str,
+        headers: &[(&str, &str)],
+    ) -> Result<(), Denial> {
+        let mut map = HeaderMap::new();
+        for (k, v) in headers {
+            map.append(
+                HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                v.parse().unwrap(),
+            );
+        }
+        zt.authorize(&Request {
+            caller,
+            method: &method,
+            path,
+            headers: &map,
+        })
+    }
+
+    fn denied_by(result: Result<(), Denial>) -> Option<String> {
+        result.err().map(|d| d.policy.to_string())
+    }
+
+    #[test]
+    fn without_policies_everything_is_allowed_and_plaintext_accepted() {
+        let (zt, _) = policies("");
+        assert!(!zt.has_authorization());
+        assert_eq!(zt.mtls, MtlsMode::Permissive);
+        assert!(!zt.refuses_plaintext(&Caller::default()));
+        assert!(ask(&zt, &Caller::default(), Method::POST, "/x", &[]).is_ok());
+    }
+
+    #[test]
+    fn an_allow_policy_admits_only_what_it_matches() {
+        let (zt, metrics) = policies(&authz(
+            "orders-allow",
+            "  action: ALLOW\n  rules:\n  - from: [{services: [frontend]}]\n    to: [{methods: [GET], paths: ['/api/*']}]\n",
+        ));
+        let frontend = caller("default", "frontend");
+        let other = caller("default", "batch");
+        assert!(ask(&zt, &frontend, Method::GET, "/api/items", &[]).is_ok());
+        assert_eq!(
+            denied_by(ask(&zt, &frontend, Method::POST, "/api/items", &[])),
+            Some("orders-allow".into()),
+            "method"
+        );
+        assert!(ask(&zt, &frontend, Method::GET, "/admin", &[]).is_err(), "path");
+        assert!(ask(&zt, &frontend, Method::GET, "/api", &[]).is_err(), "prefix is /api/");
+        assert!(ask(&zt, &other, Method::GET, "/api/items", &[]).is_err(), "caller");
+        assert!(
+            ask(&zt, &Caller::default(), Method::GET, "/api/items", &[]).is_err(),
+            "unauthenticated"
+        );
+        // The same service name in another namespace is another service.
+        assert!(ask(&zt, &caller("shop", "frontend"), Method::GET, "/api/x", &[]).is_err());
+        assert_eq!(metrics.authz_denied("orders-allow").get(), 6);
+    }
+
+    #[test]
+    fn a_deny_refuses_before_any_allow_and_names_itself() {
+        let yaml = authz(
+            "allow-all",
+            "  action: ALLOW\n  rules: [{}]\n",
+        ) + &authz(
+            "no-admin",
+            "  action: DENY\n  rules:\n  - to: [{paths: [/admin, '/admin/*']}]\n",
+        );
+        let (zt, metrics) = policies(&yaml);
+        let web = caller("default", "web");
+        assert!(ask(&zt, &web, Method::GET, "/", &[]).is_ok());
+        let denial = ask(&zt, &web, Method::GET, "/admin/users", &[]).unwrap_err();
+        assert_eq!(&*denial.policy, "no-admin");
+        assert!(denial.by_deny);
+        assert_eq!(metrics.authz_denied("no-admin").get(), 1);
+        assert_eq!(metrics.authz_denied("allow-all").get(), 0);
+    }
+
+    #[test]
+    fn an_allow_policy_without_rules_allows_nothing_a_deny_without_rules_nothing_either() {
+        let (zt, _) = policies(&authz("nothing", "  action: ALLOW\n"));
+        assert!(ask(&zt, &caller("default", "web"), Method::GET, "/", &[]).is_err());
+        let (zt, _) = policies(&authz("nothing", "  action: DENY\n"));
+        assert!(ask(&zt, &caller("default", "web"), Method::GET, "/", &[]).is_ok());
+    }
+
+    #[test]
+    fn sources_by_namespace_identity_and_unauthenticated() {
+        let yaml = authz(
+            "allow",
+            "  action: ALLOW\n  rules:\n  - from:\n    - {namespaces: [ops]}\n    \
+             - {identities: ['spiffe://meshlet.local/ns/default/sa/batch']}\n    \
+             - {services: [web.shop]}\n",
+        ) + &authz(
+            "no-plaintext-writes",
+            "  action: DENY\n  rules:\n  - from: [{unauthenticated: true}]\n    to: [{methods: [POST, PUT, DELETE]}]\n",
+        );
+        let (zt, _) = policies(&yaml);
+        assert!(ask(&zt, &caller("ops", "anything"), Method::GET, "/", &[]).is_ok());
+        assert!(ask(&zt, &caller("default", "batch"), Method::GET, "/", &[]).is_ok());
+        assert!(ask(&zt, &caller("shop", "web"), Method::GET, "/", &[]).is_ok());
+        assert!(ask(&zt, &caller("default", "web"), Method::GET, "/", &[]).is_err());
+        assert!(
+            ask(&zt, &caller("other", "batch"), Method::GET, "/", &[]).is_err(),
+            "identity is exact"
+        );
+        let plaintext = Caller::default();
+        assert_eq!(
+            denied_by(ask(&zt, &plaintext, Method::POST, "/", &[])),
+            Some("no-plaintext-writes".into())
+        );
+        assert_eq!(
+            denied_by(ask(&zt, &plaintext, Method::GET, "/", &[])),
+            Some("allow".into()),
+            "not a write, but no ALLOW names plaintext callers"
+        );
+    }
+
+    #[test]
+    fn several_allow_policies_any_one_admits_a_refusal_names_them_all() {
+        let yaml = authz(
+            "b-allow",
+            "  action: ALLOW\n  rules: [{from: [{services: [web]}]}]\n",
+        ) + &authz(
+            "a-allow",
+            "  action: ALLOW\n  rules: [{to: [{paths: [/health]}]}]\n",
+        );
+        let (zt, metrics) = policies(&yaml);
+        assert!(ask(&zt, &caller("default", "web"), Method::GET, "/x", &[]).is_ok());
+        assert!(ask(&zt, &Caller::default(), Method::GET, "/health", &[]).is_ok());
+        assert_eq!(
+            denied_by(ask(&zt, &Caller::default(), Method::GET, "/x", &[])),
+            Some("a-allow,b-allow".into())
+        );
+        assert_eq!(metrics.authz_denied("a-allow,b-allow").get(), 1);
+    }
+
+    #[test]
+    fn when_conditions_compare_header_values_exactly() {
+        let (zt, _) = policies(&authz(
+            "tenants",
+            "  action: ALLOW\n  rules:\n  - when: [{header: x-tenant, values: [acme, globex]}, {header: x-env, values: [prod]}]\n",
+        ));
+        let web = caller("default", "web");
+        let ok = [("x-tenant", "globex"), ("x-env", "prod")];
+        assert!(ask(&zt, &web, Method::GET, "/", &ok).is_ok());
+        assert!(ask(&zt, &web, Method::GET, "/", &[("x-tenant", "acme")]).is_err(), "all conditions");
+        assert!(
+            ask(&zt, &web, Method::GET, "/", &[("x-tenant", "ACME"), ("x-env", "prod")]).is_err(),
+            "exact"
+        );
+    }
+
+    #[test]
+    fn dry_run_policies_count_what_they_would_deny_and_refuse_nothing() {
+        let yaml = authz(
+            "audit-deny",
+            "  action: DENY\n  mode: dryRun\n  rules: [{to: [{methods: [DELETE]}]}]\n",
+        ) + &authz(
+            "audit-allow",
+            "  action: ALLOW\n  mode: dryRun\n  rules: [{from: [{services: [web]}]}]\n",
+        );
+        let (zt, metrics) = policies(&yaml);
+        assert!(zt.has_authorization());
+        let web = caller("default", "web");
+        let batch = caller("default", "batch");
+        assert!(ask(&zt, &web, Method::GET, "/", &[]).is_ok());
+        assert!(ask(&zt, &web, Method::DELETE, "/", &[]).is_ok());
+        assert!(ask(&zt, &batch, Method::DELETE, "/", &[]).is_ok());
+        assert_eq!(metrics.authz_dry_run_denied("audit-deny").get(), 2);
+        assert_eq!(metrics.authz_dry_run_denied("audit-allow").get(), 1);
+        assert_eq!(metrics.authz_denied("audit-deny").get(), 0);
+    }
+
+    #[test]
+    fn the_targeted_mtls_policy_beats_the_mesh_wide_one() {
+        let mtls = |name: &str, spec: &str| {
+            format!(
+                "---\napiVersion: meshlet.dev/v1alpha1\nkind: MTLSPolicy\nmetadata: {{name: {name}}}\nspec: {spec}\n"
+            )
+        };
+        let (zt, metrics) = policies(&mtls("mesh", "{mode: strict}"));
+        assert_eq!(zt.mtls, MtlsMode::Strict, "mesh-wide");
+        assert!(zt.refuses_plaintext(&Caller::default()));
+        assert!(!zt.refuses_plaintext(&caller("default", "web")));
+        assert_eq!(metrics.mtls_plaintext_refused().get(), 1);
+        let both = mtls("mesh", "{mode: strict}")
+            + &mtls("orders", "{targetRef: {service: orders}, mode: permissive}");
+        assert_eq!(policies(&both).0.mtls, MtlsMode::Permissive);
+        let other = mtls("mesh", "{mode: permissive}")
+            + &mtls("stock", "{targetRef: {service: stock}, mode: strict}");
+        assert_eq!(policies(&other).0.mtls, MtlsMode::Permissive, "not ours");
+    }
+
+    #[test]
+    fn a_verified_identity_is_the_registry_service_that_carries_it() {
+        let mut mesh = state("");
+        let id = "spiffe://meshlet.local/ns/shop/sa/web-sa";
+        mesh.services.push(meshlet_api::mesh::ServiceEntry {
+            namespace: "shop".into(),
+            name: "web".into(),
+            endpoints: vec![meshlet_api::mesh::EndpointEntry {
+                address: "10.0.0.5:15006".parse().unwrap(),
+                labels: Default::default(),
+                healthy: true,
+                instance_id: Some("i-1".into()),
+                identity: Some(id.into()),
+            }],
+        });
+        let callers = Callers::build(&mesh);
+        let caller = callers.resolve(Some(&Arc::new(SpiffeId::parse(id).unwrap())));
+        let service = caller.service.as_ref().unwrap();
+        assert_eq!((&*service.namespace, &*service.name), ("shop", "web"));
+        assert_eq!(caller.rate_limit_key(), "web.shop");
+        let (source, identity) = caller.source_headers().unwrap();
+        assert_eq!(source, "web.shop");
+        assert_eq!(identity, id);
+        // Not in the registry: the id's namespace and service account.
+        let unknown = SpiffeId::parse("spiffe://meshlet.local/ns/default/sa/batch").unwrap();
+        let caller = callers.resolve(Some(&Arc::new(unknown)));
+        assert_eq!(caller.rate_limit_key(), "batch");
+        let plaintext = callers.resolve(None);
+        assert_eq!(plaintext.rate_limit_key(), UNAUTHENTICATED);
+        assert!(plaintext.source_headers().is_none());
+    }
+}
