@@ -481,3 +481,206 @@ fn refuse(err: ProxyError, direction: Direction, metrics: &Metrics) -> Response<
     metrics.mesh_response(direction, reason);
     err.into_response()
 }
+
+#[cfg(test)]
+mod tests {
+    use std::convert::Infallible;
+
+    use arc_swap::ArcSwap;
+    use hyper_util::rt::TokioIo;
+    use meshlet_api::identity::SpiffeId;
+    use meshlet_api::mesh::MeshState;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpListener;
+    use tokio::sync::watch;
+
+    use super::*;
+    use crate::control::snapshot::{Own, Snapshot};
+    use crate::listen::server::serve;
+
+    /// An app that answers with the identity headers it received, one
+    /// `name: value` line each.
+    async fn header_echo() -> SocketAddr {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let service = hyper::service::service_fn(|request: Request<Incoming>| async move {
+                    let mut lines = String::new();
+                    for (name, value) in request.headers() {
+                        if name.as_str().starts_with("x-meshlet-source") {
+                            lines.push_str(&format!("{name}: {}\n", value.to_str().unwrap()));
+                        }
+                    }
+                    Ok::<_, Infallible>(Response::new(ProxyBody::full(lines)))
+                });
+                tokio::spawn(
+                    hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), service),
+                );
+            }
+        });
+        addr
+    }
+
+    /// The inbound handler with the peer identity a verified mTLS
+    /// connection would give it (the listener's Peer is plaintext here).
+    #[derive(Clone)]
+    struct Verified(Inbound, Option<Arc<SpiffeId>>);
+
+    impl Handler for Verified {
+        async fn handle(&self, request: Request<Incoming>, peer: &Peer) -> Response<ProxyBody> {
+            let peer = Peer {
+                identity: self.1.clone(),
+                ..peer.clone()
+            };
+            self.0.handle(request, &peer).await
+        }
+    }
+
+    struct Sidecar {
+        metrics: Metrics,
+        plaintext: SocketAddr,
+        frontend: SocketAddr,
+        _stop: watch::Sender<bool>,
+    }
+
+    /// An inbound sidecar of `orders` with `yaml`'s policies in front of
+    /// the header echo app: one listener for plaintext callers, one for
+    /// callers verified as `frontend`.
+    async fn sidecar(yaml: &str) -> Sidecar {
+        let state = MeshState::from_resources(&meshlet_api::parse_documents("t.yaml", yaml).unwrap());
+        let limits = Arc::new(Limits::default());
+        let metrics = Metrics::new("orders");
+        let own = Own {
+            namespace: "default",
+            service: "orders",
+        };
+        let snapshot = Snapshot::build(&state, "t".into(), None, own, &limits, &metrics);
+        let app = Arc::new(app_target(header_echo().await, &limits, &metrics));
+        let inbound = Inbound::new(
+            app,
+            Arc::new(ArcSwap::from_pointee(snapshot)),
+            Arc::clone(&limits),
+            metrics.clone(),
+            Arc::new(Telemetry::off()),
+        );
+        let frontend = SpiffeId::parse("spiffe://meshlet.local/ns/default/sa/frontend").unwrap();
+        let (stop, stopped) = watch::channel(false);
+        let mut addrs = Vec::new();
+        for identity in [None, Some(Arc::new(frontend))] {
+            let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            addrs.push(listener.local_addr().unwrap());
+            tokio::spawn(serve(
+                "inbound",
+                listener,
+                Verified(inbound.clone(), identity),
+                Arc::clone(&limits),
+                metrics.listener("inbound"),
+                stopped.clone(),
+                None,
+            ));
+        }
+        Sidecar {
+            metrics,
+            plaintext: addrs[0],
+            frontend: addrs[1],
+            _stop: stop,
+        }
+    }
+
+    /// `GET path` with `headers`; the whole raw answer.
+    async fn call(addr: SocketAddr, method: &str, path: &str, headers: &[(&str, &str)]) -> String {
+        let mut stream = TcpStream::connect(addr).await.unwrap();
+        let mut head = format!("{method} {path} HTTP/1.1\r\nhost: orders\r\nconnection: close\r\n");
+        for (k, v) in headers {
+            head.push_str(&format!("{k}: {v}\r\n"));
+        }
+        head.push_str("\r\n");
+        stream.write_all(head.as_bytes()).await.unwrap();
+        let mut reply = String::new();
+        stream.read_to_string(&mut reply).await.unwrap();
+        reply
+    }
+
+    const SPOOFED: &[(&str, &str)] = &[
+        ("x-meshlet-source", "evil"),
+        ("x-meshlet-source", "frontend"),
+        ("x-meshlet-source-identity", "spiffe://meshlet.local/ns/default/sa/admin"),
+    ];
+
+    #[tokio::test]
+    async fn the_app_sees_only_the_verified_identity_never_a_clients_headers() {
+        let sidecar = sidecar("").await;
+        let reply = call(sidecar.plaintext, "GET", "/", SPOOFED).await;
+        assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
+        assert!(!reply.contains("x-meshlet-source"), "plaintext: none\n{reply}");
+
+        let reply = call(sidecar.frontend, "GET", "/", SPOOFED).await;
+        assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
+        assert!(reply.contains("\r\n\r\nx-meshlet-source: frontend\n"), "{reply}");
+        assert!(
+            reply.contains("x-meshlet-source-identity: spiffe://meshlet.local/ns/default/sa/frontend\n"),
+            "{reply}"
+        );
+        assert!(!reply.contains("evil") && !reply.contains("sa/admin"), "{reply}");
+    }
+
+    #[tokio::test]
+    async fn strict_mtls_refuses_plaintext_callers_with_403_mtls_required() {
+        let sidecar = sidecar(
+            "apiVersion: meshlet.dev/v1alpha1\nkind: MTLSPolicy\nmetadata: {name: orders}\n\
+             spec: {targetRef: {service: orders}, mode: strict}\n",
+        )
+        .await;
+        let reply = call(sidecar.plaintext, "GET", "/", &[]).await;
+        assert!(reply.starts_with("HTTP/1.1 403"), "{reply}");
+        assert!(reply.contains("x-meshlet-reason: mtls_required"), "{reply}");
+        assert!(reply.contains("accepts only mTLS callers"), "{reply}");
+        assert_eq!(sidecar.metrics.mtls_plaintext_refused().get(), 1);
+        let reply = call(sidecar.frontend, "GET", "/", &[]).await;
+        assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
+    }
+
+    #[tokio::test]
+    async fn an_authorization_refusal_is_403_denied_naming_the_policy() {
+        let sidecar = sidecar(
+            "apiVersion: meshlet.dev/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {name: orders-allow}\n\
+             spec:\n  targetRef: {service: orders}\n  action: ALLOW\n  rules:\n  \
+             - from: [{services: [frontend]}]\n    to: [{methods: [GET], paths: ['/api/*']}]\n",
+        )
+        .await;
+        let reply = call(sidecar.frontend, "GET", "/api/items", &[]).await;
+        assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
+        let reply = call(sidecar.frontend, "POST", "/api/items", &[("content-length", "0")]).await;
+        assert!(reply.starts_with("HTTP/1.1 403"), "{reply}");
+        assert!(reply.contains("x-meshlet-reason: denied"), "{reply}");
+        assert!(reply.contains("AuthorizationPolicy \"orders-allow\""), "{reply}");
+        // A plaintext caller claiming to be frontend is no one.
+        let reply = call(sidecar.plaintext, "GET", "/api/items", SPOOFED).await;
+        assert!(reply.contains("x-meshlet-reason: denied"), "{reply}");
+        assert_eq!(sidecar.metrics.authz_denied("orders-allow").get(), 2);
+    }
+
+    #[tokio::test]
+    async fn a_source_service_limit_cannot_be_escaped_or_spent_with_a_header() {
+        let sidecar = sidecar(
+            "apiVersion: meshlet.dev/v1alpha1\nkind: RateLimitPolicy\nmetadata: {name: per-caller}\n\
+             spec:\n  targetRef: {service: orders}\n  tokenBucket: {capacity: 2, refillPerSecond: 0.001}\n  \
+             key: sourceService\n",
+        )
+        .await;
+        let mut statuses = Vec::new();
+        for i in 0..5 {
+            let spoof = if i == 4 { "frontend".to_owned() } else { format!("spoof-{i}") };
+            let reply = call(sidecar.plaintext, "GET", "/", &[("x-meshlet-source", &spoof)]).await;
+            statuses.push(reply[9..12].to_owned());
+        }
+        assert_eq!(statuses, ["200", "200", "429", "429", "429"], "one bucket for plaintext callers");
+        // Spoofing "frontend" spent nothing of the real frontend's bucket.
+        for _ in 0..2 {
+            let reply = call(sidecar.frontend, "GET", "/", &[]).await;
+            assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
+        }
+    }
+}
