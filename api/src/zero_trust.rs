@@ -522,6 +522,17 @@ mod tests {
     }
 
     #[test]
+    fn the_example_file_parses() {
+        let text = include_str!("../../examples/policies/zero-trust.yaml");
+        let resources = crate::parse_documents("zero-trust.yaml", text).unwrap();
+        let kinds: Vec<&str> = resources.iter().map(Resource::kind).collect();
+        assert_eq!(
+            kinds,
+            ["MTLSPolicy", "MTLSPolicy", "AuthorizationPolicy", "AuthorizationPolicy"]
+        );
+    }
+
+    #[test]
     fn authorization_policies_refuse_bad_shapes_with_the_field() {
         for (spec, field, words) in [
             ("  action: allow\n", "spec.action", "unknown variant"),
