@@ -49,9 +49,9 @@ pub mod zero_trust;
 pub use duration::HumanDuration;
 pub use parse::{parse_documents, ParseError};
 pub use policy::{HealthCheckSpec, RouteMatch, TargetRef};
+pub use resource::{AuthorizationPolicy, MtlsPolicy};
 pub use resource::{
     CircuitBreakerPolicy, EndpointSpec, HealthCheckPolicy, ObjectMeta, RateLimitPolicy, Resource,
     ResourceKey, RetryPolicy, ServiceResource, ServiceSpec, TimeoutPolicy, TracingPolicy,
     TrafficSplit, API_VERSION, KNOWN_KINDS,
 };
-pub use resource::{AuthorizationPolicy, MtlsPolicy};

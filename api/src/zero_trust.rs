@@ -274,9 +274,8 @@ impl AuthzRule {
 
 impl AuthzSource {
     fn validate(&self, at: &str) -> Result<(), FieldError> {
-        let named = !self.services.is_empty()
-            || !self.namespaces.is_empty()
-            || !self.identities.is_empty();
+        let named =
+            !self.services.is_empty() || !self.namespaces.is_empty() || !self.identities.is_empty();
         if self.unauthenticated && named {
             return field_error(
                 at,
@@ -305,15 +304,11 @@ impl AuthzSource {
             let field = format!("spec.{at}.services[{i}]");
             let mut parts = service.splitn(2, '.');
             let name = parts.next().unwrap_or_default();
-            limits::validate_dns_label(&field, name).map_err(|(f, m)| {
-                (f, format!("{m} (a service is `name` or `name.namespace`)"))
-            })?;
+            limits::validate_dns_label(&field, name)
+                .map_err(|(f, m)| (f, format!("{m} (a service is `name` or `name.namespace`)")))?;
             if let Some(namespace) = parts.next() {
                 limits::validate_dns_label(&field, namespace).map_err(|(f, m)| {
-                    (
-                        f,
-                        format!("{m} (a service is `name` or `name.namespace`)"),
-                    )
+                    (f, format!("{m} (a service is `name` or `name.namespace`)"))
                 })?;
             }
         }
@@ -480,7 +475,10 @@ mod tests {
             "permissive (mesh-wide default)"
         );
         let yaml = resources[1].to_yaml();
-        assert!(yaml.contains("kind: MTLSPolicy") && yaml.contains("mode: strict"), "{yaml}");
+        assert!(
+            yaml.contains("kind: MTLSPolicy") && yaml.contains("mode: strict"),
+            "{yaml}"
+        );
         assert_eq!(parse(&yaml).unwrap()[0], resources[1], "round trip");
         let err = parse(
             "apiVersion: meshlet.dev/v1alpha1\nkind: MTLSPolicy\nmetadata: {name: m}\nspec: {mode: STRICT}\n",
@@ -528,7 +526,12 @@ mod tests {
         let kinds: Vec<&str> = resources.iter().map(Resource::kind).collect();
         assert_eq!(
             kinds,
-            ["MTLSPolicy", "MTLSPolicy", "AuthorizationPolicy", "AuthorizationPolicy"]
+            [
+                "MTLSPolicy",
+                "MTLSPolicy",
+                "AuthorizationPolicy",
+                "AuthorizationPolicy"
+            ]
         );
     }
 
@@ -536,8 +539,16 @@ mod tests {
     fn authorization_policies_refuse_bad_shapes_with_the_field() {
         for (spec, field, words) in [
             ("  action: allow\n", "spec.action", "unknown variant"),
-            ("  action: ALLOW\n  rules: [{form: []}]\n", "form", "unknown field"),
-            ("  action: ALLOW\n  mode: dryrun\n", "spec.mode", "unknown variant"),
+            (
+                "  action: ALLOW\n  rules: [{form: []}]\n",
+                "form",
+                "unknown field",
+            ),
+            (
+                "  action: ALLOW\n  mode: dryrun\n",
+                "spec.mode",
+                "unknown variant",
+            ),
             ("  rules: []\n", "spec", "missing field `action`"),
             (
                 "  action: ALLOW\n  rules: [{from: [{identities: ['spiffe://x/ns/a']}]}]\n",

@@ -384,9 +384,16 @@ async fn unmodified_clients_reach_the_other_pod_through_both_sidecars() {
         ])
         .await;
     let reply = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(reply.starts_with("HTTP/1.1 200"), "{reply}\n{}", pods.logs());
+    assert!(
+        reply.starts_with("HTTP/1.1 200"),
+        "{reply}\n{}",
+        pods.logs()
+    );
     assert!(reply.contains("\"service\":\"orders\""), "{reply}");
-    assert!(!reply.contains("evil"), "a client's identity header: {reply}");
+    assert!(
+        !reply.contains("evil"),
+        "a client's identity header: {reply}"
+    );
     assert!(
         reply.contains("x-forwarded-for"),
         "B's inbound sidecar forwarded it: {reply}"

@@ -222,10 +222,11 @@ struct Condition {
 
 impl Condition {
     fn matches(&self, headers: &HeaderMap) -> bool {
-        headers
-            .get_all(&self.header)
-            .iter()
-            .any(|v| self.values.iter().any(|want| v.as_bytes() == want.as_bytes()))
+        headers.get_all(&self.header).iter().any(|v| {
+            self.values
+                .iter()
+                .any(|want| v.as_bytes() == want.as_bytes())
+        })
     }
 }
 
@@ -424,9 +425,10 @@ impl ZeroTrust {
                 (AuthzAction::Allow, AuthzMode::Enforce) => {
                     (&mut zt.allow, metrics.authz_denied(&policy.name))
                 }
-                (AuthzAction::Deny, AuthzMode::DryRun) => {
-                    (&mut zt.dry_run_deny, metrics.authz_dry_run_denied(&policy.name))
-                }
+                (AuthzAction::Deny, AuthzMode::DryRun) => (
+                    &mut zt.dry_run_deny,
+                    metrics.authz_dry_run_denied(&policy.name),
+                ),
                 (AuthzAction::Allow, AuthzMode::DryRun) => (
                     &mut zt.dry_run_allow,
                     metrics.authz_dry_run_denied(&policy.name),
@@ -638,9 +640,18 @@ mod tests {
             Some("orders-allow".into()),
             "method"
         );
-        assert!(ask(&zt, &frontend, Method::GET, "/admin", &[]).is_err(), "path");
-        assert!(ask(&zt, &frontend, Method::GET, "/api", &[]).is_err(), "prefix is /api/");
-        assert!(ask(&zt, &other, Method::GET, "/api/items", &[]).is_err(), "caller");
+        assert!(
+            ask(&zt, &frontend, Method::GET, "/admin", &[]).is_err(),
+            "path"
+        );
+        assert!(
+            ask(&zt, &frontend, Method::GET, "/api", &[]).is_err(),
+            "prefix is /api/"
+        );
+        assert!(
+            ask(&zt, &other, Method::GET, "/api/items", &[]).is_err(),
+            "caller"
+        );
         assert!(
             ask(&zt, &Caller::default(), Method::GET, "/api/items", &[]).is_err(),
             "unauthenticated"
@@ -652,13 +663,11 @@ mod tests {
 
     #[test]
     fn a_deny_refuses_before_any_allow_and_names_itself() {
-        let yaml = authz(
-            "allow-all",
-            "  action: ALLOW\n  rules: [{}]\n",
-        ) + &authz(
-            "no-admin",
-            "  action: DENY\n  rules:\n  - to: [{paths: [/admin, '/admin/*']}]\n",
-        );
+        let yaml = authz("allow-all", "  action: ALLOW\n  rules: [{}]\n")
+            + &authz(
+                "no-admin",
+                "  action: DENY\n  rules:\n  - to: [{paths: [/admin, '/admin/*']}]\n",
+            );
         let (zt, metrics) = policies(&yaml);
         let web = caller("default", "web");
         assert!(ask(&zt, &web, Method::GET, "/", &[]).is_ok());
@@ -737,9 +746,19 @@ mod tests {
         let web = caller("default", "web");
         let ok = [("x-tenant", "globex"), ("x-env", "prod")];
         assert!(ask(&zt, &web, Method::GET, "/", &ok).is_ok());
-        assert!(ask(&zt, &web, Method::GET, "/", &[("x-tenant", "acme")]).is_err(), "all conditions");
         assert!(
-            ask(&zt, &web, Method::GET, "/", &[("x-tenant", "ACME"), ("x-env", "prod")]).is_err(),
+            ask(&zt, &web, Method::GET, "/", &[("x-tenant", "acme")]).is_err(),
+            "all conditions"
+        );
+        assert!(
+            ask(
+                &zt,
+                &web,
+                Method::GET,
+                "/",
+                &[("x-tenant", "ACME"), ("x-env", "prod")]
+            )
+            .is_err(),
             "exact"
         );
     }

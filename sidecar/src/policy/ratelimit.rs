@@ -433,7 +433,10 @@ mod tests {
             let key = limiter.key(&headers, crate::policy::authz::UNAUTHENTICATED);
             assert_eq!(limiter.check(key, now).is_ok(), expect_ok, "spoof-{i}");
         }
-        assert!(limiter.check("frontend", now).is_ok(), "frontend has its own");
+        assert!(
+            limiter.check("frontend", now).is_ok(),
+            "frontend has its own"
+        );
     }
 
     #[test]

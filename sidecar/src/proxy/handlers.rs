@@ -549,7 +549,8 @@ mod tests {
     /// the header echo app: one listener for plaintext callers, one for
     /// callers verified as `frontend`.
     async fn sidecar(yaml: &str) -> Sidecar {
-        let state = MeshState::from_resources(&meshlet_api::parse_documents("t.yaml", yaml).unwrap());
+        let state =
+            MeshState::from_resources(&meshlet_api::parse_documents("t.yaml", yaml).unwrap());
         let limits = Arc::new(Limits::default());
         let metrics = Metrics::new("orders");
         let own = Own {
@@ -606,7 +607,10 @@ mod tests {
     const SPOOFED: &[(&str, &str)] = &[
         ("x-meshlet-source", "evil"),
         ("x-meshlet-source", "frontend"),
-        ("x-meshlet-source-identity", "spiffe://meshlet.local/ns/default/sa/admin"),
+        (
+            "x-meshlet-source-identity",
+            "spiffe://meshlet.local/ns/default/sa/admin",
+        ),
     ];
 
     #[tokio::test]
@@ -614,16 +618,27 @@ mod tests {
         let sidecar = sidecar("").await;
         let reply = call(sidecar.plaintext, "GET", "/", SPOOFED).await;
         assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
-        assert!(!reply.contains("x-meshlet-source"), "plaintext: none\n{reply}");
+        assert!(
+            !reply.contains("x-meshlet-source"),
+            "plaintext: none\n{reply}"
+        );
 
         let reply = call(sidecar.frontend, "GET", "/", SPOOFED).await;
         assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
-        assert!(reply.contains("\r\n\r\nx-meshlet-source: frontend\n"), "{reply}");
         assert!(
-            reply.contains("x-meshlet-source-identity: spiffe://meshlet.local/ns/default/sa/frontend\n"),
+            reply.contains("\r\n\r\nx-meshlet-source: frontend\n"),
             "{reply}"
         );
-        assert!(!reply.contains("evil") && !reply.contains("sa/admin"), "{reply}");
+        assert!(
+            reply.contains(
+                "x-meshlet-source-identity: spiffe://meshlet.local/ns/default/sa/frontend\n"
+            ),
+            "{reply}"
+        );
+        assert!(
+            !reply.contains("evil") && !reply.contains("sa/admin"),
+            "{reply}"
+        );
     }
 
     #[tokio::test]
@@ -652,10 +667,19 @@ mod tests {
         .await;
         let reply = call(sidecar.frontend, "GET", "/api/items", &[]).await;
         assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
-        let reply = call(sidecar.frontend, "POST", "/api/items", &[("content-length", "0")]).await;
+        let reply = call(
+            sidecar.frontend,
+            "POST",
+            "/api/items",
+            &[("content-length", "0")],
+        )
+        .await;
         assert!(reply.starts_with("HTTP/1.1 403"), "{reply}");
         assert!(reply.contains("x-meshlet-reason: denied"), "{reply}");
-        assert!(reply.contains("AuthorizationPolicy \"orders-allow\""), "{reply}");
+        assert!(
+            reply.contains("AuthorizationPolicy \"orders-allow\""),
+            "{reply}"
+        );
         // A plaintext caller claiming to be frontend is no one.
         let reply = call(sidecar.plaintext, "GET", "/api/items", SPOOFED).await;
         assert!(reply.contains("x-meshlet-reason: denied"), "{reply}");
@@ -672,11 +696,25 @@ mod tests {
         .await;
         let mut statuses = Vec::new();
         for i in 0..5 {
-            let spoof = if i == 4 { "frontend".to_owned() } else { format!("spoof-{i}") };
-            let reply = call(sidecar.plaintext, "GET", "/", &[("x-meshlet-source", &spoof)]).await;
+            let spoof = if i == 4 {
+                "frontend".to_owned()
+            } else {
+                format!("spoof-{i}")
+            };
+            let reply = call(
+                sidecar.plaintext,
+                "GET",
+                "/",
+                &[("x-meshlet-source", &spoof)],
+            )
+            .await;
             statuses.push(reply[9..12].to_owned());
         }
-        assert_eq!(statuses, ["200", "200", "429", "429", "429"], "one bucket for plaintext callers");
+        assert_eq!(
+            statuses,
+            ["200", "200", "429", "429", "429"],
+            "one bucket for plaintext callers"
+        );
         // Spoofing "frontend" spent nothing of the real frontend's bucket.
         for _ in 0..2 {
             let reply = call(sidecar.frontend, "GET", "/", &[]).await;

@@ -13,8 +13,7 @@
 /// set by the inbound side from the verified peer identity.
 pub const SOURCE_HEADER: HeaderName = HeaderName::from_static("x-meshlet-source");
 /// The calling workload's SPIFFE id, set with [`SOURCE_HEADER`].
-pub const SOURCE_IDENTITY_HEADER: HeaderName =
-    HeaderName::from_static("x-meshlet-source-identity");
+pub const SOURCE_IDENTITY_HEADER: HeaderName = HeaderName::from_static("x-meshlet-source-identity");
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 
@@ -112,10 +111,7 @@ pub fn remove_source_headers(headers: &mut HeaderMap) {
 
 /// Replaces the identity headers with the verified caller's (`None`: a
 /// plaintext caller, the headers are only removed).
-pub fn set_source_headers(
-    headers: &mut HeaderMap,
-    verified: Option<(&HeaderValue, &HeaderValue)>,
-) {
+pub fn set_source_headers(headers: &mut HeaderMap, verified: Option<(&HeaderValue, &HeaderValue)>) {
     remove_source_headers(headers);
     if let Some((service, identity)) = verified {
         headers.insert(SOURCE_HEADER, service.clone());
@@ -210,7 +206,10 @@ mod tests {
         let mut h = map(&[
             ("x-meshlet-source", "evil"),
             ("x-meshlet-source", "frontend"),
-            ("X-Meshlet-Source-Identity", "spiffe://meshlet.local/ns/default/sa/admin"),
+            (
+                "X-Meshlet-Source-Identity",
+                "spiffe://meshlet.local/ns/default/sa/admin",
+            ),
             ("x-kept", "yes"),
         ]);
         remove_source_headers(&mut h);

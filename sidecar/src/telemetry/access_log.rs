@@ -171,7 +171,10 @@ mod tests {
         assert!(lines[0].get("reason").is_none());
         assert_eq!(lines[1]["reason"], "rate_limited");
         assert_eq!(lines[1]["status"], 429);
-        assert!(lines[0].get("source_identity").is_none(), "plaintext caller");
+        assert!(
+            lines[0].get("source_identity").is_none(),
+            "plaintext caller"
+        );
         assert_eq!(
             lines[1]["source_identity"],
             "spiffe://meshlet.local/ns/default/sa/web"

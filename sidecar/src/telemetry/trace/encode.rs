@@ -278,7 +278,10 @@ mod tests {
         let attributes = attributes(span);
         let text = |s: &str| otlp::Value::StringValue(s.to_owned());
         for (key, value) in [
-            ("meshlet.source.identity", "spiffe://meshlet.local/ns/default/sa/web"),
+            (
+                "meshlet.source.identity",
+                "spiffe://meshlet.local/ns/default/sa/web",
+            ),
             ("meshlet.source.service", "web"),
             ("meshlet.authz.policy", "orders-allow"),
             ("meshlet.reason", "denied"),
