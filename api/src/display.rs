@@ -7,6 +7,7 @@ use std::collections::BTreeMap;
 
 use crate::policy::RouteMatch;
 use crate::resource::Resource;
+use crate::zero_trust::{AuthorizationSpec, AuthzMode};
 
 /// A service as meshctl and the sidecars' `destination` label name it:
 /// `name`, or `name.namespace` outside `default`.
@@ -128,7 +129,70 @@ pub fn summary(resource: &Resource) -> String {
         Resource::TracingPolicy(doc) => {
             format!("{}% of new traces", number(doc.spec.sampling_ratio * 100.0))
         }
+        Resource::MtlsPolicy(doc) => match doc.spec.target_ref {
+            Some(_) => doc.spec.mode.as_str().to_owned(),
+            None => format!("{} (mesh-wide default)", doc.spec.mode.as_str()),
+        },
+        Resource::AuthorizationPolicy(doc) => authorization(&doc.spec),
     }
+}
+
+/// `ALLOW 2 rules (from frontend; to GET /api/*)`, `DENY 1 rule, dry run`.
+fn authorization(spec: &AuthorizationSpec) -> String {
+    let rules = match spec.rules.len() {
+        1 => "1 rule".to_owned(),
+        n => format!("{n} rules"),
+    };
+    let dry_run = match spec.mode {
+        AuthzMode::DryRun => ", dry run",
+        AuthzMode::Enforce => "",
+    };
+    let mut parts = Vec::new();
+    if let [rule] = spec.rules.as_slice() {
+        let from: Vec<String> = rule
+            .from
+            .iter()
+            .map(|source| {
+                if source.unauthenticated {
+                    return "unauthenticated".to_owned();
+                }
+                let mut names = source.services.clone();
+                names.extend(source.namespaces.iter().map(|ns| format!("ns {ns}")));
+                names.extend(source.identities.iter().cloned());
+                names.join(",")
+            })
+            .collect();
+        if !from.is_empty() {
+            parts.push(format!("from {}", from.join(" | ")));
+        }
+        let to: Vec<String> = rule
+            .to
+            .iter()
+            .map(|op| {
+                let mut words = Vec::new();
+                if !op.methods.is_empty() {
+                    words.push(op.methods.join(","));
+                }
+                if !op.paths.is_empty() {
+                    words.push(op.paths.join(","));
+                }
+                words.join(" ")
+            })
+            .collect();
+        if !to.is_empty() {
+            parts.push(format!("to {}", to.join(" | ")));
+        }
+        if !rule.when.is_empty() {
+            let when: Vec<String> = rule.when.iter().map(|c| c.header.clone()).collect();
+            parts.push(format!("when {}", when.join(",")));
+        }
+    }
+    let detail = if parts.is_empty() {
+        String::new()
+    } else {
+        format!(" ({})", parts.join("; "))
+    };
+    format!("{} {rules}{detail}{dry_run}", spec.action.as_str())
 }
 
 /// `k=v,k2=v2`, or `<none>`.

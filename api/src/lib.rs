@@ -17,6 +17,8 @@
 //!   the bootstrap files (`admin.token`, `ca.crt`) in the data directory.
 //! - [`identity`]: workload identities (`spiffe://TD/ns/NS/sa/SA`), shared
 //!   by the control plane's CA and the sidecars' peer checks.
+//! - [`zero_trust`]: the `MTLSPolicy` and `AuthorizationPolicy` specs
+//!   (enforced by the target's sidecar against verified identities).
 //! - [`display`]: how meshctl and the dashboard word services and
 //!   resources (one-line summaries).
 //! - [`otlp`]: the subset of OpenTelemetry's OTLP trace messages that
@@ -42,10 +44,12 @@ mod parse;
 pub mod policy;
 pub mod resource;
 pub mod traces;
+pub mod zero_trust;
 
 pub use duration::HumanDuration;
 pub use parse::{parse_documents, ParseError};
 pub use policy::{HealthCheckSpec, RouteMatch, TargetRef};
+pub use resource::{AuthorizationPolicy, MtlsPolicy};
 pub use resource::{
     CircuitBreakerPolicy, EndpointSpec, HealthCheckPolicy, ObjectMeta, RateLimitPolicy, Resource,
     ResourceKey, RetryPolicy, ServiceResource, ServiceSpec, TimeoutPolicy, TracingPolicy,

@@ -45,7 +45,9 @@
 //! | [`MAX_METHOD_LEN`] | 32 | one HTTP method name |
 //! | [`MAX_FAILURE_KINDS`] | 16 | `spec.failureOn` / `spec.retryOn` |
 //! | [`MAX_PATH_LEN`] | 1024 | HTTP paths and path prefixes (`spec.path`, `spec.match.pathPrefix`) |
-//! | [`MAX_HEADER_NAME_LEN`] | 256 | a header name (`key: header:NAME`) |
+//! | [`MAX_HEADER_NAME_LEN`] | 256 | a header name (`key: header:NAME`, an `AuthorizationPolicy`'s `when.header`) |
+//! | [`MAX_RULES`] | 64 | `spec.rules` of an `AuthorizationPolicy` |
+//! | [`MAX_RULE_ITEMS`] | 64 | each list inside an `AuthorizationPolicy` rule (`from`, `to`, `when`, `services`, `namespaces`, `identities`, `paths`, `values`) |
 //!
 //! The values are generous for hand-written configuration (the examples use
 //! a few entries of each) and small enough that the largest file accepted
@@ -98,6 +100,10 @@ pub const MAX_FAILURE_KINDS: usize = 16;
 pub const MAX_PATH_LEN: usize = 1024;
 /// A header name.
 pub const MAX_HEADER_NAME_LEN: usize = 256;
+/// `spec.rules` of an `AuthorizationPolicy`.
+pub const MAX_RULES: usize = 64;
+/// Each list inside an `AuthorizationPolicy` rule.
+pub const MAX_RULE_ITEMS: usize = 64;
 
 /// At most this many characters of a refused value are quoted back in an
 /// error message.

@@ -13,6 +13,7 @@ use crate::policy::{
     CircuitBreakerSpec, HealthCheckSpec, RateLimitSpec, RetrySpec, TargetRef, TimeoutSpec,
     TracingSpec, TrafficSplitSpec,
 };
+use crate::zero_trust::{AuthorizationSpec, MtlsSpec};
 
 /// The only `apiVersion` this release understands.
 pub const API_VERSION: &str = "meshlet.dev/v1alpha1";
@@ -77,6 +78,10 @@ pub type TimeoutPolicy = Document<TimeoutSpec>;
 pub type TrafficSplit = Document<TrafficSplitSpec>;
 /// `kind: TracingPolicy`.
 pub type TracingPolicy = Document<TracingSpec>;
+/// `kind: MTLSPolicy`.
+pub type MtlsPolicy = Document<MtlsSpec>;
+/// `kind: AuthorizationPolicy`.
+pub type AuthorizationPolicy = Document<AuthorizationSpec>;
 
 /// One parsed and validated resource of any known kind.
 ///
@@ -93,6 +98,8 @@ pub enum Resource {
     TimeoutPolicy(TimeoutPolicy),
     TrafficSplit(TrafficSplit),
     TracingPolicy(TracingPolicy),
+    MtlsPolicy(MtlsPolicy),
+    AuthorizationPolicy(AuthorizationPolicy),
 }
 
 /// The kinds this release accepts, in the order error messages list them.
@@ -105,6 +112,8 @@ pub const KNOWN_KINDS: &[&str] = &[
     "TimeoutPolicy",
     "TrafficSplit",
     "TracingPolicy",
+    "MTLSPolicy",
+    "AuthorizationPolicy",
 ];
 
 /// Evaluates `$body` with `$doc` bound to the document of any kind.
@@ -119,6 +128,8 @@ macro_rules! each_kind {
             Resource::TimeoutPolicy($doc) => $body,
             Resource::TrafficSplit($doc) => $body,
             Resource::TracingPolicy($doc) => $body,
+            Resource::MtlsPolicy($doc) => $body,
+            Resource::AuthorizationPolicy($doc) => $body,
         }
     };
 }
@@ -138,6 +149,8 @@ pub(crate) fn typed_resource<E>(
         "TimeoutPolicy" => deserialize.doc().map(Resource::TimeoutPolicy),
         "TrafficSplit" => deserialize.doc().map(Resource::TrafficSplit),
         "TracingPolicy" => deserialize.doc().map(Resource::TracingPolicy),
+        "MTLSPolicy" => deserialize.doc().map(Resource::MtlsPolicy),
+        "AuthorizationPolicy" => deserialize.doc().map(Resource::AuthorizationPolicy),
         _ => return None,
     })
 }
@@ -181,6 +194,8 @@ impl Resource {
             Resource::TimeoutPolicy(_) => "TimeoutPolicy",
             Resource::TrafficSplit(_) => "TrafficSplit",
             Resource::TracingPolicy(_) => "TracingPolicy",
+            Resource::MtlsPolicy(_) => "MTLSPolicy",
+            Resource::AuthorizationPolicy(_) => "AuthorizationPolicy",
         }
     }
 
@@ -208,7 +223,7 @@ impl Resource {
     }
 
     /// The service a policy targets, as `(namespace, name)`; `None` for a
-    /// `Service`.
+    /// `Service` and for a mesh-wide `MTLSPolicy` (no `targetRef`).
     pub fn target(&self) -> Option<(&str, &str)> {
         let target = self.target_ref()?;
         let meta = self.metadata();
@@ -226,6 +241,8 @@ impl Resource {
             Resource::TimeoutPolicy(doc) => &doc.spec.target_ref,
             Resource::TrafficSplit(doc) => &doc.spec.target_ref,
             Resource::TracingPolicy(doc) => &doc.spec.target_ref,
+            Resource::MtlsPolicy(doc) => return doc.spec.target_ref.as_ref(),
+            Resource::AuthorizationPolicy(doc) => &doc.spec.target_ref,
         })
     }
 
@@ -283,6 +300,8 @@ impl Resource {
             Resource::TimeoutPolicy(doc) => doc.spec.validate(),
             Resource::TrafficSplit(doc) => doc.spec.validate(),
             Resource::TracingPolicy(doc) => doc.spec.validate(),
+            Resource::MtlsPolicy(doc) => doc.spec.validate(),
+            Resource::AuthorizationPolicy(doc) => doc.spec.validate(),
         }
     }
 }

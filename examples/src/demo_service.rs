@@ -75,9 +75,15 @@ struct Args {
     /// Service name, reported in every answer.
     #[arg(long)]
     name: String,
-    /// Port to listen on (127.0.0.1).
+    /// Port to listen on.
     #[arg(long)]
     port: u16,
+    /// Address to listen on: 127.0.0.1 (only the pod itself and its
+    /// sidecar's declared app port reach it) or 0.0.0.0 (the pod's
+    /// address too: a transparent inbound hands ports other than the app
+    /// port to the pod's own address).
+    #[arg(long, default_value = "127.0.0.1")]
+    host: std::net::IpAddr,
     /// Version label, reported by `GET /` (handy for traffic splits).
     #[arg(long, default_value = "v1")]
     version: String,
@@ -100,7 +106,7 @@ struct App {
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args = Args::parse();
-    let addr = SocketAddr::from(([127, 0, 0, 1], args.port));
+    let addr = SocketAddr::new(args.host, args.port);
     let listener = TcpListener::bind(addr)
         .await
         .map_err(|e| format!("cannot listen on {addr}: {e}"))?;

@@ -48,6 +48,8 @@ const KINDS: &[(&str, &str, &str)] = &[
     ("TimeoutPolicy", "timeoutpolicies", "tp"),
     ("TrafficSplit", "trafficsplits", "ts"),
     ("TracingPolicy", "tracingpolicies", "trp"),
+    ("MTLSPolicy", "mtlspolicies", "mtls"),
+    ("AuthorizationPolicy", "authorizationpolicies", "ap"),
 ];
 
 /// Resolves `ratelimitpolicy`, `RateLimitPolicies`, `rlp`, ... (any case).
@@ -68,7 +70,8 @@ pub fn resolve_kind(arg: &str) -> Result<KindArg, CommandError> {
             CommandError::Usage(format!(
                 "unknown kind {arg:?}: use services, endpoints, healthcheckpolicies (hcp), \
                  ratelimitpolicies (rlp), circuitbreakerpolicies (cbp), retrypolicies (rp), \
-                 timeoutpolicies (tp) or trafficsplits (ts)"
+                 timeoutpolicies (tp), trafficsplits (ts), tracingpolicies (trp), \
+                 mtlspolicies (mtls) or authorizationpolicies (ap)"
             ))
         })
 }
@@ -92,6 +95,8 @@ pub fn summary_header(kind: &str) -> &'static str {
         "TimeoutPolicy" => "TIMEOUTS",
         "TrafficSplit" => "SPLIT",
         "TracingPolicy" => "SAMPLING",
+        "MTLSPolicy" => "MODE",
+        "AuthorizationPolicy" => "RULES",
         _ => "SUMMARY",
     }
 }

@@ -97,6 +97,16 @@ pub enum ProxyError {
     RequestBodyFailed { detail: String },
     #[error("the request body did not arrive within {}", humantime::format_duration(*timeout))]
     RequestBodyTimeout { timeout: Duration },
+    #[error("service {service:?} accepts only mTLS callers (MTLSPolicy strict); this connection is plaintext")]
+    MtlsRequired { service: String },
+    #[error("AuthorizationPolicy {policy:?} denies this request from {caller}: {}", if *.by_deny { "a DENY rule matches it" } else { "no ALLOW rule matches it" })]
+    Denied {
+        /// The DENY policy that matched, or the ALLOW policies (joined
+        /// with `,`) of which none did.
+        policy: std::sync::Arc<str>,
+        by_deny: bool,
+        caller: String,
+    },
 }
 
 impl ProxyError {
@@ -120,6 +130,7 @@ impl ProxyError {
             ProxyError::CircuitOpen { .. } | ProxyError::Overflow { .. } => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
+            ProxyError::MtlsRequired { .. } | ProxyError::Denied { .. } => StatusCode::FORBIDDEN,
         }
     }
 
@@ -142,6 +153,8 @@ impl ProxyError {
             ProxyError::RateLimited(_) => "rate_limited",
             ProxyError::CircuitOpen { .. } => "circuit_open",
             ProxyError::Overflow { .. } => "overflow",
+            ProxyError::MtlsRequired { .. } => "mtls_required",
+            ProxyError::Denied { .. } => "denied",
         }
     }
 
@@ -176,9 +189,10 @@ impl ProxyError {
         if let ProxyError::RateLimited(refusal) = &self {
             add_rate_limit_headers(headers, refusal);
         }
+        // Refusals of a well-formed request keep the connection.
         let keeps_framing = matches!(
             status,
-            StatusCode::METHOD_NOT_ALLOWED | StatusCode::TOO_MANY_REQUESTS
+            StatusCode::METHOD_NOT_ALLOWED | StatusCode::TOO_MANY_REQUESTS | StatusCode::FORBIDDEN
         );
         if status.is_client_error() && !keeps_framing {
             // After a malformed request the connection's framing can't be
@@ -303,6 +317,24 @@ mod tests {
                 "request_timeout",
                 "the request body did not arrive within 30s",
             ),
+            (
+                ProxyError::MtlsRequired { service: "orders".into() },
+                403,
+                "mtls_required",
+                "service \"orders\" accepts only mTLS callers (MTLSPolicy strict); this connection is plaintext",
+            ),
+            (
+                ProxyError::Denied { policy: "orders-allow".into(), by_deny: false, caller: "web (spiffe://meshlet.local/ns/default/sa/web)".into() },
+                403,
+                "denied",
+                "AuthorizationPolicy \"orders-allow\" denies this request from web (spiffe://meshlet.local/ns/default/sa/web): no ALLOW rule matches it",
+            ),
+            (
+                ProxyError::Denied { policy: "no-batch".into(), by_deny: true, caller: "an unauthenticated (plaintext) caller".into() },
+                403,
+                "denied",
+                "AuthorizationPolicy \"no-batch\" denies this request from an unauthenticated (plaintext) caller: a DENY rule matches it",
+            ),
         ]
     }
 
@@ -318,8 +350,8 @@ mod tests {
                 .get(header::CONNECTION)
                 .is_some_and(|v| v == "close");
             // After a malformed request the connection's framing cannot be
-            // trusted; a 405 or 429 keeps it.
-            let malformed = (400..500).contains(&status) && status != 405 && status != 429;
+            // trusted; a 403, 405 or 429 keeps it.
+            let malformed = (400..500).contains(&status) && ![403, 405, 429].contains(&status);
             assert_eq!(closes, malformed, "{reason}: connection: close");
             let body = response.into_body().collect().await.unwrap().to_bytes();
             assert_eq!(body, format!("meshlet: {message}\n"), "{reason}");

@@ -342,13 +342,8 @@ impl Shared {
             metrics.clone(),
             Arc::clone(&telemetry),
         );
-        let outbound = proxy::handlers::Outbound::new(
-            router,
-            Arc::clone(limits),
-            metrics.clone(),
-            telemetry,
-            &settings.service,
-        );
+        let outbound =
+            proxy::handlers::Outbound::new(router, Arc::clone(limits), metrics.clone(), telemetry);
         (inbound, outbound)
     }
 

@@ -1,7 +1,9 @@
 //! Policies enforced by real sidecars (issue 4): rate limits (token bucket,
 //! sliding window, global share), circuit breakers, retries with a budget,
 //! timeouts, traffic split, a policy pushed by the control plane while a
-//! long request keeps going, and SIGHUP reload of a standalone config.
+//! long request keeps going, SIGHUP reload of a standalone config, and the
+//! zero-trust policies as a plaintext caller meets them (`MTLSPolicy`,
+//! `AuthorizationPolicy` with dry run, identity headers).
 //!
 //! The sidecars and the control plane run in-process
 //! ([`meshlet_e2e::inprocess`]), except in the two tests that read a
@@ -22,6 +24,7 @@ use meshlet_e2e::admin::Listening;
 use meshlet_e2e::client::{self, Reply};
 use meshlet_e2e::config::{doc, service, standalone, standalone_process};
 use meshlet_e2e::inprocess::{ControlPlane, Sidecar};
+use meshlet_e2e::metrics::Scrape;
 use meshlet_e2e::{meshctl, wait, TempDir, Upstream};
 
 async fn get(addr: SocketAddr, uri: &str) -> Reply {
@@ -47,6 +50,161 @@ async fn inbound(sidecar: &impl Listening, path: &str) -> Reply {
 fn median(mut v: Vec<Duration>) -> Duration {
     v.sort();
     v[v.len() / 2]
+}
+
+/// `method path` to `sidecar`'s inbound listener with `headers`.
+async fn inbound_with(
+    sidecar: &impl Listening,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> Reply {
+    let mut request = Request::builder()
+        .method(method)
+        .uri(path)
+        .header("host", "orders");
+    for (name, value) in headers {
+        request = request.header(*name, *value);
+    }
+    let request = request
+        .body(Full::new(Bytes::new()))
+        .expect("valid request");
+    client::send(sidecar.inbound(), request)
+        .await
+        .expect("an answer")
+}
+
+// ---------------------------------------------------------------- zero trust
+
+/// A standalone sidecar has no certificates, so every caller is plaintext
+/// (unauthenticated): what the policies do to such callers, end to end.
+#[tokio::test]
+async fn authorization_policies_refuse_with_403_denied_and_dry_runs_only_count() {
+    let config = doc(
+        "AuthorizationPolicy",
+        "orders-allow",
+        "targetRef: {service: orders}
+action: ALLOW
+rules:
+- from: [{unauthenticated: true}]
+  to: [{methods: [GET], paths: ['/api/*']}]",
+    ) + &doc(
+        "AuthorizationPolicy",
+        "orders-audit",
+        "targetRef: {service: orders}
+action: DENY
+mode: dryRun
+rules:
+- to: [{paths: ['/api/admin/*']}]",
+    ) + &doc(
+        "AuthorizationPolicy",
+        "no-debug",
+        "targetRef: {service: orders}
+action: DENY
+rules:
+- when: [{header: x-debug, values: ['1']}]",
+    );
+    let (app, sidecar) = standalone("orders", &config).await;
+
+    assert_eq!(
+        inbound_with(&sidecar, "GET", "/api/items", &[])
+            .await
+            .status,
+        200
+    );
+    let post = inbound_with(&sidecar, "POST", "/api/items", &[]).await;
+    assert_eq!(post.status, 403, "{}", post.text());
+    assert_eq!(post.header("x-meshlet-reason"), Some("denied"));
+    assert!(post.text().contains("\"orders-allow\""), "{}", post.text());
+    let other = inbound_with(&sidecar, "GET", "/other", &[]).await;
+    assert_eq!(other.header("x-meshlet-reason"), Some("denied"));
+    let debug = inbound_with(&sidecar, "GET", "/api/items", &[("x-debug", "1")]).await;
+    assert_eq!(debug.status, 403);
+    assert!(debug.text().contains("\"no-debug\""), "{}", debug.text());
+    // The dry run would refuse this one: served, and counted.
+    let audited = inbound_with(&sidecar, "GET", "/api/admin/users", &[]).await;
+    assert_eq!(audited.status, 200, "{}", audited.text());
+    assert_eq!(app.requests(), 2, "refused requests never reach the app");
+
+    let scrape = Scrape::wait_for(
+        sidecar.admin(),
+        "meshlet_authz_dry_run_denied_total",
+        &[("policy", "orders-audit")],
+        1.0,
+    )
+    .await;
+    assert_eq!(
+        scrape.sum("meshlet_authz_denied_total", &[("policy", "orders-allow")]),
+        2.0
+    );
+    assert_eq!(
+        scrape.sum("meshlet_authz_denied_total", &[("policy", "no-debug")]),
+        1.0
+    );
+}
+
+#[tokio::test]
+async fn strict_mtls_refuses_a_plaintext_caller_and_no_caller_can_claim_an_identity() {
+    let (_app, sidecar) = standalone("orders", "").await;
+    // Permissive (the default): served, and the identity headers a client
+    // wrote never reach the app (the inbound sets them only from a
+    // verified certificate).
+    let reply = inbound_with(
+        &sidecar,
+        "GET",
+        "/headers",
+        &[
+            ("x-meshlet-source", "frontend"),
+            (
+                "x-meshlet-source-identity",
+                "spiffe://meshlet.local/ns/default/sa/frontend",
+            ),
+        ],
+    )
+    .await;
+    assert_eq!(reply.status, 200);
+    let seen: serde_json::Value = serde_json::from_slice(&reply.body).expect("JSON");
+    let headers = seen["headers"].as_object().expect("headers");
+    assert!(headers.contains_key("x-forwarded-for"), "{seen}");
+    assert!(
+        !headers.keys().any(|k| k.starts_with("x-meshlet-source")),
+        "a plaintext caller reaches the app with no identity headers: {seen}"
+    );
+    // The outbound side removes them too, whatever the app wrote.
+    let config = service("orders", &[(sidecar.inbound(), "v1")]);
+    let (_caller_app, caller) = standalone("frontend", &config).await;
+    let request = Request::get("http://orders/headers")
+        .header("x-meshlet-source", "admin")
+        .body(Full::new(Bytes::new()))
+        .expect("valid request");
+    let reply = client::send(caller.outbound(), request)
+        .await
+        .expect("an answer");
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    assert!(
+        !reply.text().contains("x-meshlet-source"),
+        "{}",
+        reply.text()
+    );
+
+    let strict = doc("MTLSPolicy", "mesh-strict", "mode: strict");
+    let (app, sidecar) = standalone("orders", &strict).await;
+    let refused = inbound_with(&sidecar, "GET", "/", &[]).await;
+    assert_eq!(refused.status, 403, "{}", refused.text());
+    assert_eq!(refused.header("x-meshlet-reason"), Some("mtls_required"));
+    assert!(
+        refused.text().contains("MTLSPolicy strict"),
+        "{}",
+        refused.text()
+    );
+    assert_eq!(app.requests(), 0);
+    Scrape::wait_for(
+        sidecar.admin(),
+        "meshlet_mtls_plaintext_refused_total",
+        &[],
+        1.0,
+    )
+    .await;
 }
 
 // ---------------------------------------------------------------- rate limits

@@ -8,9 +8,11 @@
 //!  A: curl 10.77.0.2:8080 ─► OUTPUT REDIRECT :15001 ─► A's sidecar (orders: pod IP of an endpoint)
 //!       ─► 10.77.0.2:15006 ─► B's sidecar ─► 127.0.0.1:8080 (B's app)
 //!  A: curl 10.77.0.3:8081 (no service there) ─► A's sidecar (passthrough) ─► B's sidecar
-//!       ─► 127.0.0.1:8081 (the port called)
+//!       ─► 10.77.0.3:8081 (the original destination: the pod's own address)
+//!  A: curl 10.77.0.3:8082 ─► ... ─► B's sidecar ─► 10.77.0.3:8082: refused, the app
+//!       there listens on 127.0.0.1 only (a localhost-only port stays private)
 //!  A: tcp-echo 10.77.0.2:9000 ─► A's sidecar (opaque) ─► PREROUTING REDIRECT :15006
-//!       ─► B's sidecar (opaque) ─► 127.0.0.1:9000
+//!       ─► B's sidecar (opaque) ─► 10.77.0.2:9000
 //! ```
 //!
 //! Needs root, `ip`, `iptables`, `setpriv`, `curl` (and `promtool`, as
@@ -35,6 +37,8 @@ const ECHO_PORT: &str = "9000";
 /// is not in the mesh either.
 const OTHER_IP: &str = "10.77.0.3";
 const OTHER_PORT: &str = "8081";
+/// An app of B that listens on 127.0.0.1 only.
+const PRIVATE_PORT: &str = "8082";
 
 fn bin(name: &str) -> String {
     binary(name).display().to_string()
@@ -277,7 +281,14 @@ async fn unmodified_clients_reach_the_other_pod_through_both_sidecars() {
     pods.start(
         Which::B,
         "other-app",
-        &[&demo, "--name", "outside", "--port", OTHER_PORT],
+        &[
+            &demo, "--name", "outside", "--port", OTHER_PORT, "--host", "0.0.0.0",
+        ],
+    );
+    pods.start(
+        Which::B,
+        "private-app",
+        &[&demo, "--name", "private", "--port", PRIVATE_PORT],
     );
     let other_cidr = format!("{OTHER_IP}/24");
     let b_if = format!("mlb{id}");
@@ -353,14 +364,35 @@ async fn unmodified_clients_reach_the_other_pod_through_both_sidecars() {
     assert!(known.is_some(), "A never saw B's endpoint\n{}", pods.logs());
 
     // 1. A plain curl in A to B's pod IP and app port goes through A's
-    // outbound (x-meshlet-source) and B's inbound (x-forwarded-for).
+    // outbound (counted below) and B's inbound (x-forwarded-for). An
+    // identity header the client wrote never reaches the app: B's app sees
+    // only what B's sidecar verified (nothing, on a plaintext hop).
     let url = format!("http://{B_IP}:{APP_PORT}/");
-    let (status, reply) = pods.a.curl(&url).await.expect("an answer");
-    assert_eq!(status, 200, "{reply}\n{}", pods.logs());
+    let out = pods
+        .a
+        .exec(&[
+            "curl",
+            "-s",
+            "-i",
+            "--max-time",
+            "5",
+            "-H",
+            "x-meshlet-source: evil",
+            "-H",
+            "x-meshlet-source-identity: spiffe://meshlet.local/ns/default/sa/evil",
+            &url,
+        ])
+        .await;
+    let reply = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        reply.starts_with("HTTP/1.1 200"),
+        "{reply}\n{}",
+        pods.logs()
+    );
     assert!(reply.contains("\"service\":\"orders\""), "{reply}");
     assert!(
-        reply.contains("x-meshlet-source"),
-        "A's outbound sidecar routed it to orders: {reply}"
+        !reply.contains("evil"),
+        "a client's identity header: {reply}"
     );
     assert!(
         reply.contains("x-forwarded-for"),
@@ -392,7 +424,8 @@ async fn unmodified_clients_reach_the_other_pod_through_both_sidecars() {
     .await;
 
     // 3. An address no service has passes through A's sidecar unchanged
-    // and B's sidecar hands it to the app on the port that was called.
+    // and B's sidecar hands it to the original destination (the pod's own
+    // address and the port that was called).
     let other_url = format!("http://{OTHER_IP}:{OTHER_PORT}/");
     let (status, reply) = pods.a.curl(&other_url).await.expect("an answer");
     assert_eq!(status, 200, "{reply}\n{}", pods.logs());
@@ -408,6 +441,23 @@ async fn unmodified_clients_reach_the_other_pod_through_both_sidecars() {
         1.0,
     )
     .await;
+    // ... so a port the app bound on 127.0.0.1 only is not reachable
+    // through B's inbound (it was, when the inbound forwarded to
+    // 127.0.0.1 on the port called).
+    let private_url = format!("http://{OTHER_IP}:{PRIVATE_PORT}/");
+    let (status, reply) = pods.a.curl(&private_url).await.expect("an answer");
+    assert_eq!(status, 502, "{reply}\n{}", pods.logs());
+    assert!(!reply.contains("\"service\":\"private\""), "{reply}");
+    assert!(
+        reply.contains("upstream_connect_failed"),
+        "B's inbound could not connect to {OTHER_IP}:{PRIVATE_PORT}: {reply}"
+    );
+    let (status, reply) = pods
+        .b
+        .curl(&format!("http://127.0.0.1:{PRIVATE_PORT}/"))
+        .await
+        .expect("an answer");
+    assert_eq!(status, 200, "the app itself is up: {reply}");
 
     // 4. Opaque TCP (a line echo, client speaks first) still passes.
     let echo_addr = format!("{B_IP}:{ECHO_PORT}");

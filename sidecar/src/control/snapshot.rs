@@ -13,7 +13,9 @@
 //!
 //! Building also resolves the metric handles the request path uses: each
 //! target's `TargetMetrics` with its route table, and the own service's
-//! inbound route table (`route_metrics`). [`Snapshot::breaker_samples`]
+//! inbound route table (`route_metrics`), and the own service's zero-trust
+//! policies with the map from a caller's identity to its service
+//! (`policy::authz`). [`Snapshot::breaker_samples`]
 //! gives `/metrics` the breakers' states at scrape time.
 
 use std::collections::HashMap;
@@ -26,6 +28,7 @@ use meshlet_api::mesh::{MeshState, ServiceEntry};
 use meshlet_api::{HealthCheckSpec, Resource};
 use serde_json::json;
 
+use crate::policy::authz::ZeroTrust;
 use crate::policy::breaker::State;
 use crate::policy::index::{InboundPolicies, OutboundPolicies, PolicyState};
 use crate::settings::Limits;
@@ -56,6 +59,9 @@ pub struct Snapshot {
     pub inbound: InboundPolicies,
     /// Routes of inbound requests (the own service's policy prefixes).
     pub inbound_routes: RouteTable,
+    /// The own service's mTLS mode and authorization policies, and who a
+    /// verified caller identity is (`policy::authz`).
+    pub zero_trust: ZeroTrust,
     /// Stateful policy objects by identity, reused by the next build.
     policy_state: PolicyState,
     /// Share of new traces started here that are recorded (the own
@@ -282,7 +288,9 @@ impl Snapshot {
             index.add(entry, target);
         }
         let (inbound, inbound_routes) = build.inbound(own);
+        let zero_trust = ZeroTrust::build(state, own.namespace, own.service, metrics);
         Snapshot {
+            zero_trust,
             revision: state.revision,
             source,
             services: index.services,
@@ -405,6 +413,7 @@ impl Snapshot {
             "source": self.source,
             "services": services,
             "inboundPolicies": self.inbound.to_json(),
+            "zeroTrust": self.zero_trust.to_json(),
             "resources": self.resources,
         })
     }

@@ -55,6 +55,13 @@ pub trait Handler: Clone + Send + Sync + 'static {
         request: Request<Incoming>,
         peer: &Peer,
     ) -> impl Future<Output = Response<ProxyBody>> + Send;
+
+    /// Whether a plaintext opaque TCP connection may be spliced (an
+    /// inbound under `MTLSPolicy strict` says no: the connection is
+    /// closed).
+    fn allows_plaintext_tcp(&self) -> bool {
+        true
+    }
 }
 
 /// The client at the other end of a connection; built once per connection.
@@ -250,8 +257,12 @@ impl<H: Handler> Shared<H> {
                 drive(connection, stop, |c| c.graceful_shutdown()).await
             }
             Ok(Protocol::Opaque) => {
-                if let Some(interception) = &self.interception {
-                    interception.splice(stream, original_dst).await;
+                match &self.interception {
+                    Some(_) if !self.handler.allows_plaintext_tcp() => {
+                        tracing::debug!("plaintext opaque TCP refused (MTLSPolicy strict); closed");
+                    }
+                    Some(interception) => interception.splice(stream, original_dst).await,
+                    None => {}
                 }
                 Ok(())
             }
@@ -374,6 +385,12 @@ mod tests {
             .finish();
         // The test runtime has one thread: every task logs to this subscriber.
         let _default = tracing::subscriber::set_default(subscriber);
+        // With a single dispatcher registered, tracing computes a callsite's
+        // interest from the default of whichever thread hits it first, so
+        // another test serving connections on a thread without a
+        // subscriber would cache these spans as disabled for everyone. A
+        // second live dispatcher makes it ask every dispatcher instead.
+        let _second = tracing::Dispatch::new(tracing_subscriber::registry());
 
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -411,5 +428,83 @@ mod tests {
         ] {
             assert!(line.contains(&field), "{field} missing from: {line}");
         }
+    }
+
+    /// A handler that refuses plaintext opaque TCP, as the inbound does
+    /// under `MTLSPolicy strict`.
+    #[derive(Clone)]
+    struct Strict(bool);
+
+    impl Handler for Strict {
+        async fn handle(&self, _request: Request<Incoming>, _peer: &Peer) -> Response<ProxyBody> {
+            Response::new(ProxyBody::full("ok"))
+        }
+
+        fn allows_plaintext_tcp(&self) -> bool {
+            !self.0
+        }
+    }
+
+    /// Sends a line of a non-HTTP protocol through a transparent listener
+    /// in front of an echo app; what came back.
+    async fn opaque_through(strict: bool) -> (String, usize) {
+        let app = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let app_addr = app.local_addr().unwrap();
+        let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counter = Arc::clone(&accepted);
+        tokio::spawn(async move {
+            while let Ok((mut stream, _)) = app.accept().await {
+                counter.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(async move {
+                    let mut buf = [0u8; 64];
+                    while let Ok(n) = stream.read(&mut buf).await {
+                        if n == 0 || stream.write_all(&buf[..n]).await.is_err() {
+                            break;
+                        }
+                    }
+                });
+            }
+        });
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let metrics = Metrics::new("orders");
+        let limits = Arc::new(Limits::default());
+        let interception = Arc::new(Interception::inbound(
+            app_addr,
+            limits.connect_timeout,
+            metrics.tcp(crate::telemetry::direction::Direction::Inbound),
+        ));
+        let (_stop, stopped) = watch::channel(false);
+        tokio::spawn(serve(
+            "inbound",
+            listener,
+            Strict(strict),
+            limits,
+            metrics.listener("inbound"),
+            stopped,
+            Some(interception),
+        ));
+        let mut client = TcpStream::connect(addr).await.unwrap();
+        client.write_all(b"SSH-2.0-hello\r\n").await.unwrap();
+        client.shutdown().await.unwrap();
+        let mut reply = String::new();
+        let _ = client.read_to_string(&mut reply).await;
+        (reply, accepted.load(Ordering::SeqCst))
+    }
+
+    #[tokio::test]
+    async fn a_handler_that_refuses_plaintext_tcp_gets_the_connection_closed_unspliced() {
+        let (reply, accepted) = opaque_through(false).await;
+        assert_eq!(
+            (reply.as_str(), accepted),
+            ("SSH-2.0-hello\r\n", 1),
+            "spliced"
+        );
+        let (reply, accepted) = opaque_through(true).await;
+        assert_eq!(
+            (reply.as_str(), accepted),
+            ("", 0),
+            "closed, never reached the app"
+        );
     }
 }

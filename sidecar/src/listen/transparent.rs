@@ -13,7 +13,10 @@
 //! intercepted again there by its own sidecar's inbound rules; a
 //! connection made to the outbound listener itself has none and is
 //! closed; one that would come back to this sidecar is refused); inbound,
-//! the app on the original port ([`app_address`]).
+//! the pod's own address, i.e. the original destination ([`app_address`]):
+//! never 127.0.0.1, so a port the app bound only on localhost stays
+//! private (as Istio since 1.10). Under `MTLSPolicy strict` the inbound
+//! closes plaintext opaque connections (`Handler::allows_plaintext_tcp`).
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -24,11 +27,17 @@ use crate::listen::tunnel::copy_both_ways;
 use crate::telemetry::metrics::TcpMetrics;
 
 /// The app's address for a connection that was going to `original`: the
-/// app's host on the original port; the configured app address when the
-/// connection was not redirected (another sidecar called the inbound
-/// listener directly).
+/// original destination itself (the pod's own IP and the port called), so
+/// only what the app exposes on the pod's address is reachable and a port
+/// it bound on localhost stays private; the configured app address (the
+/// port the app declared with `--app-port`) when the connection was not
+/// redirected (another sidecar called the inbound listener directly) or
+/// was going to the app port.
 pub fn app_address(app: SocketAddr, original: Option<SocketAddr>) -> SocketAddr {
-    original.map_or(app, |original| SocketAddr::new(app.ip(), original.port()))
+    match original {
+        Some(original) if original.port() != app.port() => original,
+        _ => app,
+    }
 }
 
 /// Whether a connection to `addr` would reach one of `own_listeners`.
@@ -127,12 +136,18 @@ mod tests {
     }
 
     #[test]
-    fn inbound_goes_to_the_app_host_on_the_original_port() {
+    fn inbound_goes_to_the_pods_own_address_never_localhost() {
         let app = addr("127.0.0.1:8080");
         assert_eq!(app_address(app, None), app);
         assert_eq!(
             app_address(app, Some(addr("10.0.0.2:9090"))),
-            addr("127.0.0.1:9090")
+            addr("10.0.0.2:9090"),
+            "a port bound only on 127.0.0.1 is not reachable"
+        );
+        assert_eq!(
+            app_address(app, Some(addr("10.0.0.2:8080"))),
+            app,
+            "the declared app port"
         );
         let inbound = Interception::inbound(
             app,

@@ -5,11 +5,14 @@
 //! Snapshot::build ─► index: per service, each kind's policies by route specificity
 //!                    (PolicyState hands unchanged policies' state to the next build)
 //! request ─► index::OutboundPolicies::for_request / InboundPolicies::rate_limit
-//!         ─► ratelimit (inbound) | breaker, retry, timeouts, split (outbound, used by forward)
+//!         ─► authz (inbound: mTLS mode, authorization), ratelimit (inbound) | breaker, retry, timeouts, split (outbound, used by forward)
 //! ```
 //!
 //! - `index` — the policy index (`OutboundPolicies`, `InboundPolicies`,
 //!   `RoutePolicies`), timeouts and the traffic split's plan.
+//! - `authz` — zero trust on the inbound side: the caller's verified
+//!   identity and service (`Callers`), the effective `MTLSPolicy` mode and
+//!   the compiled `AuthorizationPolicy`s (Istio's evaluation, dry run).
 //! - `ratelimit` — token bucket and sliding window per key (inbound).
 //! - `breaker` — per-endpoint circuit breakers and the target's
 //!   concurrency limit.
@@ -22,6 +25,7 @@
 //! state (buckets, breaker state, budget) across rebuilds; metric handles
 //! are resolved once per policy and build.
 
+pub(crate) mod authz;
 pub(crate) mod breaker;
 pub(crate) mod index;
 pub(crate) mod outcome;

@@ -6,7 +6,8 @@
 //! pushes) and sets its share of a `global` limit (the number of healthy
 //! instances of the service in that snapshot). `proxy::Inbound` picks the
 //! most specific matching limiter and calls [`RateLimiter::check`] with the
-//! request's key; a refusal is counted on the limiter's `refused` counter
+//! request's key (for `sourceService`, the caller's verified service from
+//! `authz`, or one shared key for every unauthenticated caller); a refusal is counted on the limiter's `refused` counter
 //! (`rate_limited_total`, resolved at build) and becomes a 429 in
 //! `error.rs`.
 //!
@@ -143,11 +144,14 @@ impl RateLimiter {
         }
     }
 
-    /// The key of a request under this policy, borrowed from its headers.
-    pub fn key<'a>(&self, headers: &'a http::HeaderMap) -> &'a str {
+    /// The key of a request under this policy, borrowed from its headers
+    /// or, for `sourceService`, the verified caller's service (`source`:
+    /// `authz::Caller::rate_limit_key`, never a header a client could
+    /// write).
+    pub fn key<'a>(&self, headers: &'a http::HeaderMap, source: &'a str) -> &'a str {
         let value = match &self.spec.key {
             RateLimitKey::Service => return "",
-            RateLimitKey::SourceService => headers.get(crate::proxy::headers::SOURCE_HEADER),
+            RateLimitKey::SourceService => return source,
             RateLimitKey::Header(name) => headers.get(name.as_str()),
         };
         value
@@ -410,14 +414,40 @@ mod tests {
     }
 
     #[test]
+    fn source_service_keys_are_the_verified_caller_never_a_header() {
+        let mut s = spec(Some((1, 1.0)), None);
+        s.key = RateLimitKey::SourceService;
+        let limiter = RateLimiter::new("k".into(), s, 1, refused());
+        let mut headers = http::HeaderMap::new();
+        headers.insert("x-meshlet-source", "spoof-1".parse().unwrap());
+        assert_eq!(limiter.key(&headers, "frontend"), "frontend");
+        assert_eq!(
+            limiter.key(&headers, crate::policy::authz::UNAUTHENTICATED),
+            "unauthenticated"
+        );
+        let now = Instant::now();
+        // A spoofing plaintext client changes its header every time: it
+        // still draws from the one bucket of unauthenticated callers.
+        for (i, expect_ok) in [(1, true), (2, false), (3, false)] {
+            headers.insert("x-meshlet-source", format!("spoof-{i}").parse().unwrap());
+            let key = limiter.key(&headers, crate::policy::authz::UNAUTHENTICATED);
+            assert_eq!(limiter.check(key, now).is_ok(), expect_ok, "spoof-{i}");
+        }
+        assert!(
+            limiter.check("frontend", now).is_ok(),
+            "frontend has its own"
+        );
+    }
+
+    #[test]
     fn keys_are_counted_separately_and_bounded() {
         let mut s = spec(Some((1, 1.0)), None);
         s.key = RateLimitKey::Header("x-user".into());
         let limiter = RateLimiter::new("k".into(), s, 1, refused());
         let mut headers = http::HeaderMap::new();
-        assert_eq!(limiter.key(&headers), UNKNOWN_KEY);
+        assert_eq!(limiter.key(&headers, "frontend"), UNKNOWN_KEY);
         headers.insert("x-user", "alice".parse().unwrap());
-        assert_eq!(limiter.key(&headers), "alice");
+        assert_eq!(limiter.key(&headers, "frontend"), "alice");
         let now = Instant::now();
         assert!(limiter.check("alice", now).is_ok());
         assert!(limiter.check("alice", now).is_err());

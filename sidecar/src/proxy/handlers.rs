@@ -3,15 +3,21 @@
 //!
 //! (Ambiguous framing is refused earlier, below hyper: see `framing`.)
 //!
-//! Inbound: rate limit of the own service (`ratelimit`, 429) → strip
-//! hop-by-hop, add `x-forwarded-*` → forward to the local app (transparent
-//! mode: on the port the client was calling) → response back.
+//! Inbound: who the caller is (its verified certificate identity, never a
+//! header: `authz`) → mTLS (`MTLSPolicy strict` refuses a plaintext
+//! caller: 403 `mtls_required`) → authorization (`AuthorizationPolicy`:
+//! 403 `denied`) → rate limit of the own service (`ratelimit`, 429;
+//! `sourceService` keys are the verified caller) → strip hop-by-hop, add
+//! `x-forwarded-*`, replace the identity headers with the verified
+//! caller's → forward to the local app (transparent mode: a port other
+//! than the app port goes to the pod's own address, so a port the app
+//! bound only on localhost stays private) → response back.
 //! Outbound: `CONNECT` tunnels → find the destination
 //! (absolute URI or `Host`; a mesh service or passthrough; transparent
 //! mode: a `Host` naming a service, else the original destination) → the target's
-//! policies for this method and path (`policy`) → strip hop-by-hop, add
-//! `x-meshlet-source` → forward (concurrency limit, timeout, retries,
-//! split, breakers, balancing: see `forward`) → response.
+//! policies for this method and path (`policy`) → strip hop-by-hop and
+//! every identity header the app sent → forward (concurrency limit,
+//! timeout, retries, split, breakers, balancing: see `forward`) → response.
 //!
 //! Errors from any step travel up as [`ProxyError`] and become a response
 //! in one place ([`ProxyError::into_response`]). Upgrades (WebSocket) are
@@ -42,8 +48,11 @@ use crate::error::ProxyError;
 use crate::listen::server::{Handler, Peer};
 use crate::listen::transparent::app_address;
 use crate::listen::tunnel;
+use crate::policy::authz::{self, Caller};
 use crate::policy::index::RoutePolicies;
-use crate::proxy::headers::{add_forwarded, strip_hop_by_hop, wants_upgrade, SOURCE_HEADER};
+use crate::proxy::headers::{
+    add_forwarded, remove_source_headers, set_source_headers, strip_hop_by_hop, wants_upgrade,
+};
 use crate::proxy::route::{Authority, Router};
 use crate::settings::Limits;
 use crate::telemetry::direction::Direction;
@@ -67,15 +76,15 @@ pub fn app_target(addr: SocketAddr, limits: &Arc<Limits>, metrics: &Metrics) -> 
 }
 
 /// Transparent mode: the app on ports other than `--app-port` (a client
-/// called another port of the pod), one target per port, made on first
-/// use.
-type OtherPorts = Arc<Mutex<HashMap<u16, Arc<ServiceTarget>>>>;
+/// called another port of the pod), one target per original destination
+/// (the pod's address and that port), made on first use.
+type OtherPorts = Arc<Mutex<HashMap<SocketAddr, Arc<ServiceTarget>>>>;
 
 /// Traffic from other services to the local app.
 #[derive(Clone)]
 pub struct Inbound {
     app: Arc<ServiceTarget>,
-    /// For the rate limits of the own service.
+    /// For the own service's mTLS mode, authorization and rate limits.
     snapshot: SharedSnapshot,
     limits: Arc<Limits>,
     metrics: Metrics,
@@ -118,7 +127,7 @@ impl Inbound {
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
         let target = ports
-            .entry(addr.port())
+            .entry(addr)
             .or_insert_with(|| Arc::new(app_target(addr, &self.limits, &self.metrics)));
         Arc::clone(target)
     }
@@ -135,27 +144,58 @@ impl Inbound {
                 listener: "inbound",
             });
         }
-        self.admit(&request, record)?;
+        let caller = self.admit(&request, peer, record)?;
         let version = request.version();
         let app = self.app_for(peer.original_dst);
         let app_addr = app.balancer.endpoints().first().map(|e| e.addr);
         let (mut request, downstream_upgrade) =
             prepare(request, app_addr, &self.limits, record.request_bytes());
         add_forwarded(request.headers_mut(), &peer.ip_header, "http");
+        set_source_headers(request.headers_mut(), caller.source_headers());
         record.inject_trace(request.headers_mut());
         let no_policies = RoutePolicies::default();
         let response = forward(&app, request, no_policies, &self.limits, record.trail()).await?;
         Ok(finish(response, version, downstream_upgrade))
     }
 
-    /// The route of the request in the current snapshot, then its rate
-    /// limit (a refusal is counted on the policy).
-    fn admit<B>(&self, request: &Request<B>, record: &mut RequestRecord) -> Result<(), ProxyError> {
+    /// Whether the request may reach the app, in the current snapshot:
+    /// its route, then who the caller is, then mTLS → authorization → rate
+    /// limit (each refusal is counted on its policy). Returns the caller.
+    fn admit<B>(
+        &self,
+        request: &Request<B>,
+        peer: &Peer,
+        record: &mut RequestRecord,
+    ) -> Result<Caller, ProxyError> {
         let snapshot = self.snapshot.load();
-        let path = request.uri().path();
+        let (method, path) = (request.method(), request.uri().path());
         record.set_route(snapshot.inbound_routes.select(path));
-        if let Some(limiter) = snapshot.inbound.rate_limit(request.method(), path) {
-            let key = limiter.key(request.headers());
+        let zero_trust = &snapshot.zero_trust;
+        let caller = zero_trust.callers.resolve(peer.identity.as_ref());
+        if let Some(service) = &caller.service {
+            record.set_source(&service.uri, &service.label);
+        }
+        if zero_trust.refuses_plaintext(&caller) {
+            return Err(ProxyError::MtlsRequired {
+                service: self.metrics.service().to_owned(),
+            });
+        }
+        let asked = authz::Request {
+            caller: &caller,
+            method,
+            path,
+            headers: request.headers(),
+        };
+        if let Err(denial) = zero_trust.authorize(&asked) {
+            record.set_authz_policy(&denial.policy);
+            return Err(ProxyError::Denied {
+                policy: denial.policy,
+                by_deny: denial.by_deny,
+                caller: caller.describe(),
+            });
+        }
+        if let Some(limiter) = snapshot.inbound.rate_limit(method, path) {
+            let key = limiter.key(request.headers(), caller.rate_limit_key());
             limiter
                 .check(key, std::time::Instant::now())
                 .map_err(|refusal| {
@@ -163,7 +203,7 @@ impl Inbound {
                     ProxyError::RateLimited(refusal)
                 })?;
         }
-        Ok(())
+        Ok(caller)
     }
 }
 
@@ -179,6 +219,18 @@ impl Handler for Inbound {
         let result = self.proxy(request, peer, &mut record).await;
         answer(record, result, Direction::Inbound, &self.metrics)
     }
+
+    /// `false` under `MTLSPolicy strict`: the listener closes a plaintext
+    /// opaque TCP connection. Asked once per such connection, so a refusal
+    /// is counted here.
+    fn allows_plaintext_tcp(&self) -> bool {
+        let snapshot = self.snapshot.load();
+        let allowed = snapshot.zero_trust.allows_plaintext();
+        if !allowed {
+            snapshot.zero_trust.count_plaintext_refused();
+        }
+        allowed
+    }
 }
 
 /// Traffic from the local app to other services (or anywhere else).
@@ -188,8 +240,6 @@ pub struct Outbound {
     limits: Arc<Limits>,
     metrics: Metrics,
     telemetry: Arc<Telemetry>,
-    /// `x-meshlet-source: <own service>`, built once.
-    source: Option<HeaderValue>,
     /// Where requests refused before a destination is known are counted.
     unrouted: Arc<RouteMetrics>,
 }
@@ -200,7 +250,6 @@ impl Outbound {
         limits: Arc<Limits>,
         metrics: Metrics,
         telemetry: Arc<Telemetry>,
-        service: &str,
     ) -> Self {
         Outbound {
             router,
@@ -208,7 +257,6 @@ impl Outbound {
             unrouted: metrics.unrouted(Direction::Outbound),
             metrics,
             telemetry,
-            source: HeaderValue::from_str(service).ok(),
         }
     }
 
@@ -242,10 +290,9 @@ impl Outbound {
             &self.limits,
             record.request_bytes(),
         );
-        let mesh_service = !target.namespace.is_empty();
-        if let (true, Some(source)) = (mesh_service, &self.source) {
-            request.headers_mut().insert(SOURCE_HEADER, source.clone());
-        }
+        // Who is calling is the inbound side's word, from this sidecar's
+        // certificate: nothing the app wrote survives.
+        remove_source_headers(request.headers_mut());
         record.inject_trace(request.headers_mut());
         let response = forward(&target, request, policies, &self.limits, record.trail()).await?;
         Ok(finish(response, version, downstream_upgrade))
@@ -433,4 +480,245 @@ fn refuse(err: ProxyError, direction: Direction, metrics: &Metrics) -> Response<
     }
     metrics.mesh_response(direction, reason);
     err.into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::convert::Infallible;
+
+    use arc_swap::ArcSwap;
+    use hyper_util::rt::TokioIo;
+    use meshlet_api::identity::SpiffeId;
+    use meshlet_api::mesh::MeshState;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpListener;
+    use tokio::sync::watch;
+
+    use super::*;
+    use crate::control::snapshot::{Own, Snapshot};
+    use crate::listen::server::serve;
+
+    /// An app that answers with the identity headers it received, one
+    /// `name: value` line each.
+    async fn header_echo() -> SocketAddr {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let service = hyper::service::service_fn(|request: Request<Incoming>| async move {
+                    let mut lines = String::new();
+                    for (name, value) in request.headers() {
+                        if name.as_str().starts_with("x-meshlet-source") {
+                            lines.push_str(&format!("{name}: {}\n", value.to_str().unwrap()));
+                        }
+                    }
+                    Ok::<_, Infallible>(Response::new(ProxyBody::full(lines)))
+                });
+                tokio::spawn(
+                    hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), service),
+                );
+            }
+        });
+        addr
+    }
+
+    /// The inbound handler with the peer identity a verified mTLS
+    /// connection would give it (the listener's Peer is plaintext here).
+    #[derive(Clone)]
+    struct Verified(Inbound, Option<Arc<SpiffeId>>);
+
+    impl Handler for Verified {
+        async fn handle(&self, request: Request<Incoming>, peer: &Peer) -> Response<ProxyBody> {
+            let peer = Peer {
+                identity: self.1.clone(),
+                ..peer.clone()
+            };
+            self.0.handle(request, &peer).await
+        }
+    }
+
+    struct Sidecar {
+        metrics: Metrics,
+        plaintext: SocketAddr,
+        frontend: SocketAddr,
+        _stop: watch::Sender<bool>,
+    }
+
+    /// An inbound sidecar of `orders` with `yaml`'s policies in front of
+    /// the header echo app: one listener for plaintext callers, one for
+    /// callers verified as `frontend`.
+    async fn sidecar(yaml: &str) -> Sidecar {
+        let state =
+            MeshState::from_resources(&meshlet_api::parse_documents("t.yaml", yaml).unwrap());
+        let limits = Arc::new(Limits::default());
+        let metrics = Metrics::new("orders");
+        let own = Own {
+            namespace: "default",
+            service: "orders",
+        };
+        let snapshot = Snapshot::build(&state, "t".into(), None, own, &limits, &metrics);
+        let app = Arc::new(app_target(header_echo().await, &limits, &metrics));
+        let inbound = Inbound::new(
+            app,
+            Arc::new(ArcSwap::from_pointee(snapshot)),
+            Arc::clone(&limits),
+            metrics.clone(),
+            Arc::new(Telemetry::off()),
+        );
+        let frontend = SpiffeId::parse("spiffe://meshlet.local/ns/default/sa/frontend").unwrap();
+        let (stop, stopped) = watch::channel(false);
+        let mut addrs = Vec::new();
+        for identity in [None, Some(Arc::new(frontend))] {
+            let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            addrs.push(listener.local_addr().unwrap());
+            tokio::spawn(serve(
+                "inbound",
+                listener,
+                Verified(inbound.clone(), identity),
+                Arc::clone(&limits),
+                metrics.listener("inbound"),
+                stopped.clone(),
+                None,
+            ));
+        }
+        Sidecar {
+            metrics,
+            plaintext: addrs[0],
+            frontend: addrs[1],
+            _stop: stop,
+        }
+    }
+
+    /// `GET path` with `headers`; the whole raw answer.
+    async fn call(addr: SocketAddr, method: &str, path: &str, headers: &[(&str, &str)]) -> String {
+        let mut stream = TcpStream::connect(addr).await.unwrap();
+        let mut head = format!("{method} {path} HTTP/1.1\r\nhost: orders\r\nconnection: close\r\n");
+        for (k, v) in headers {
+            head.push_str(&format!("{k}: {v}\r\n"));
+        }
+        head.push_str("\r\n");
+        stream.write_all(head.as_bytes()).await.unwrap();
+        let mut reply = String::new();
+        stream.read_to_string(&mut reply).await.unwrap();
+        reply
+    }
+
+    const SPOOFED: &[(&str, &str)] = &[
+        ("x-meshlet-source", "evil"),
+        ("x-meshlet-source", "frontend"),
+        (
+            "x-meshlet-source-identity",
+            "spiffe://meshlet.local/ns/default/sa/admin",
+        ),
+    ];
+
+    #[tokio::test]
+    async fn the_app_sees_only_the_verified_identity_never_a_clients_headers() {
+        let sidecar = sidecar("").await;
+        let reply = call(sidecar.plaintext, "GET", "/", SPOOFED).await;
+        assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
+        assert!(
+            !reply.contains("x-meshlet-source"),
+            "plaintext: none\n{reply}"
+        );
+
+        let reply = call(sidecar.frontend, "GET", "/", SPOOFED).await;
+        assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
+        assert!(
+            reply.contains("\r\n\r\nx-meshlet-source: frontend\n"),
+            "{reply}"
+        );
+        assert!(
+            reply.contains(
+                "x-meshlet-source-identity: spiffe://meshlet.local/ns/default/sa/frontend\n"
+            ),
+            "{reply}"
+        );
+        assert!(
+            !reply.contains("evil") && !reply.contains("sa/admin"),
+            "{reply}"
+        );
+    }
+
+    #[tokio::test]
+    async fn strict_mtls_refuses_plaintext_callers_with_403_mtls_required() {
+        let sidecar = sidecar(
+            "apiVersion: meshlet.dev/v1alpha1\nkind: MTLSPolicy\nmetadata: {name: orders}\n\
+             spec: {targetRef: {service: orders}, mode: strict}\n",
+        )
+        .await;
+        let reply = call(sidecar.plaintext, "GET", "/", &[]).await;
+        assert!(reply.starts_with("HTTP/1.1 403"), "{reply}");
+        assert!(reply.contains("x-meshlet-reason: mtls_required"), "{reply}");
+        assert!(reply.contains("accepts only mTLS callers"), "{reply}");
+        assert_eq!(sidecar.metrics.mtls_plaintext_refused().get(), 1);
+        let reply = call(sidecar.frontend, "GET", "/", &[]).await;
+        assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
+    }
+
+    #[tokio::test]
+    async fn an_authorization_refusal_is_403_denied_naming_the_policy() {
+        let sidecar = sidecar(
+            "apiVersion: meshlet.dev/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {name: orders-allow}\n\
+             spec:\n  targetRef: {service: orders}\n  action: ALLOW\n  rules:\n  \
+             - from: [{services: [frontend]}]\n    to: [{methods: [GET], paths: ['/api/*']}]\n",
+        )
+        .await;
+        let reply = call(sidecar.frontend, "GET", "/api/items", &[]).await;
+        assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
+        let reply = call(
+            sidecar.frontend,
+            "POST",
+            "/api/items",
+            &[("content-length", "0")],
+        )
+        .await;
+        assert!(reply.starts_with("HTTP/1.1 403"), "{reply}");
+        assert!(reply.contains("x-meshlet-reason: denied"), "{reply}");
+        assert!(
+            reply.contains("AuthorizationPolicy \"orders-allow\""),
+            "{reply}"
+        );
+        // A plaintext caller claiming to be frontend is no one.
+        let reply = call(sidecar.plaintext, "GET", "/api/items", SPOOFED).await;
+        assert!(reply.contains("x-meshlet-reason: denied"), "{reply}");
+        assert_eq!(sidecar.metrics.authz_denied("orders-allow").get(), 2);
+    }
+
+    #[tokio::test]
+    async fn a_source_service_limit_cannot_be_escaped_or_spent_with_a_header() {
+        let sidecar = sidecar(
+            "apiVersion: meshlet.dev/v1alpha1\nkind: RateLimitPolicy\nmetadata: {name: per-caller}\n\
+             spec:\n  targetRef: {service: orders}\n  tokenBucket: {capacity: 2, refillPerSecond: 0.001}\n  \
+             key: sourceService\n",
+        )
+        .await;
+        let mut statuses = Vec::new();
+        for i in 0..5 {
+            let spoof = if i == 4 {
+                "frontend".to_owned()
+            } else {
+                format!("spoof-{i}")
+            };
+            let reply = call(
+                sidecar.plaintext,
+                "GET",
+                "/",
+                &[("x-meshlet-source", &spoof)],
+            )
+            .await;
+            statuses.push(reply[9..12].to_owned());
+        }
+        assert_eq!(
+            statuses,
+            ["200", "200", "429", "429", "429"],
+            "one bucket for plaintext callers"
+        );
+        // Spoofing "frontend" spent nothing of the real frontend's bucket.
+        for _ in 0..2 {
+            let reply = call(sidecar.frontend, "GET", "/", &[]).await;
+            assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
+        }
+    }
 }

@@ -1,10 +1,19 @@
 //! Header rules a proxy must apply (RFC 9110 §7.6): hop-by-hop headers are
 //! removed before forwarding, `Upgrade` survives only for a real upgrade,
 //! and the inbound side records the client in `x-forwarded-*`.
+//!
+//! The caller's identity headers (`x-meshlet-source`,
+//! `x-meshlet-source-identity`) are the mesh's word, never a client's:
+//! both sides remove every copy a client sent ([`remove_source_headers`]),
+//! and only the inbound side sets them, from the identity its peer proved
+//! with a certificate ([`set_source_headers`]). A plaintext caller reaches
+//! the app with neither.
 
-/// Added by the outbound side to requests for mesh services: the calling
-/// sidecar's service, read by rate limits keyed by `sourceService`.
-pub const SOURCE_HEADER: &str = "x-meshlet-source";
+/// The calling service (`name`, or `name.namespace` outside `default`),
+/// set by the inbound side from the verified peer identity.
+pub const SOURCE_HEADER: HeaderName = HeaderName::from_static("x-meshlet-source");
+/// The calling workload's SPIFFE id, set with [`SOURCE_HEADER`].
+pub const SOURCE_IDENTITY_HEADER: HeaderName = HeaderName::from_static("x-meshlet-source-identity");
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 
@@ -93,6 +102,23 @@ fn is_hop_by_hop(name: &HeaderName) -> bool {
     .contains(&name)
 }
 
+/// Removes every copy of the identity headers a client sent.
+pub fn remove_source_headers(headers: &mut HeaderMap) {
+    // `remove` drops every value of the name, not only the first.
+    headers.remove(SOURCE_HEADER);
+    headers.remove(SOURCE_IDENTITY_HEADER);
+}
+
+/// Replaces the identity headers with the verified caller's (`None`: a
+/// plaintext caller, the headers are only removed).
+pub fn set_source_headers(headers: &mut HeaderMap, verified: Option<(&HeaderValue, &HeaderValue)>) {
+    remove_source_headers(headers);
+    if let Some((service, identity)) = verified {
+        headers.insert(SOURCE_HEADER, service.clone());
+        headers.insert(SOURCE_IDENTITY_HEADER, identity.clone());
+    }
+}
+
 /// Appends the client's address to `x-forwarded-for` and sets
 /// `x-forwarded-proto` (inbound side).
 /// `client_ip` is the client's address as a header value (built once per
@@ -173,6 +199,33 @@ mod tests {
             ("upgrade", "websocket")
         ])));
         assert!(!wants_upgrade(&map(&[("upgrade", "websocket")])));
+    }
+
+    #[test]
+    fn every_client_copy_of_the_identity_headers_is_replaced() {
+        let mut h = map(&[
+            ("x-meshlet-source", "evil"),
+            ("x-meshlet-source", "frontend"),
+            (
+                "X-Meshlet-Source-Identity",
+                "spiffe://meshlet.local/ns/default/sa/admin",
+            ),
+            ("x-kept", "yes"),
+        ]);
+        remove_source_headers(&mut h);
+        assert_eq!(names(&h), ["x-kept"]);
+
+        let mut h = map(&[("x-meshlet-source", "evil"), ("x-meshlet-source", "evil2")]);
+        let service = HeaderValue::from_static("frontend");
+        let identity = HeaderValue::from_static("spiffe://meshlet.local/ns/default/sa/frontend");
+        set_source_headers(&mut h, Some((&service, &identity)));
+        let sources: Vec<_> = h.get_all(SOURCE_HEADER).iter().collect();
+        assert_eq!(sources, [&service]);
+        assert_eq!(h[SOURCE_IDENTITY_HEADER], identity);
+
+        let mut h = map(&[("x-meshlet-source", "evil")]);
+        set_source_headers(&mut h, None);
+        assert!(h.is_empty(), "a plaintext caller gets neither header");
     }
 
     #[test]

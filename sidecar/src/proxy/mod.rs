@@ -3,11 +3,13 @@
 //! in one function (`handlers::Inbound::proxy`, `handlers::Outbound::proxy`).
 //!
 //! ```text
-//! inbound:  RequestRecord ─► route label ─► rate limit (policy) ─► header rules (headers)
+//! inbound:  RequestRecord ─► route label ─► caller (Peer.identity, policy::authz)
+//!           ─► mTLS ─► authorization ─► rate limit (policy)
+//!           ─► header rules, identity headers from the verified caller (headers)
 //!           ─► forward to the local app (upstream) ─► response
 //! outbound: RequestRecord ─► CONNECT? tunnel ─► destination (route: service | passthrough)
 //!           ─► route label ─► the target's policies for method and path (policy::index)
-//!           ─► header rules, x-meshlet-source, traceparent ─► forward (upstream)
+//!           ─► header rules, client identity headers removed, traceparent ─► forward (upstream)
 //!           ─► response (101: splice the upgraded connections)
 //! ```
 //!
@@ -17,7 +19,8 @@
 //! - `route` — outbound destination: absolute URI or `Host` → a service of
 //!   the snapshot, or a passthrough address (DNS through a small cache),
 //!   transparent mode's original destination, loop refusal.
-//! - `headers` — hop-by-hop removal, `x-forwarded-*`, `x-meshlet-source`.
+//! - `headers` — hop-by-hop removal, `x-forwarded-*`, the identity headers
+//!   (`x-meshlet-source`, `x-meshlet-source-identity`: never a client's).
 //!
 //! **Invariants:** the request path reads the configuration only through
 //! the current snapshot pointer, never waits for it; every response the

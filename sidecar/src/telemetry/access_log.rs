@@ -44,6 +44,15 @@ pub struct AccessRecord {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reason: Option<&'static str>,
     pub retries: u32,
+    /// Inbound: the caller's verified SPIFFE id and service (absent for a
+    /// plaintext caller).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub source_identity: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub source_service: Option<String>,
+    /// The `AuthorizationPolicy` that refused the request.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub authz_policy: Option<String>,
 }
 
 fn rfc3339<S: serde::Serializer>(at: &SystemTime, s: S) -> Result<S::Ok, S::Error> {
@@ -138,6 +147,10 @@ mod tests {
                 span_id: None,
                 reason: (status == 429).then_some("rate_limited"),
                 retries: 0,
+                source_identity: (status == 429)
+                    .then(|| "spiffe://meshlet.local/ns/default/sa/web".into()),
+                source_service: (status == 429).then(|| "web".into()),
+                authz_policy: None,
             });
         }
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
@@ -158,5 +171,14 @@ mod tests {
         assert!(lines[0].get("reason").is_none());
         assert_eq!(lines[1]["reason"], "rate_limited");
         assert_eq!(lines[1]["status"], 429);
+        assert!(
+            lines[0].get("source_identity").is_none(),
+            "plaintext caller"
+        );
+        assert_eq!(
+            lines[1]["source_identity"],
+            "spiffe://meshlet.local/ns/default/sa/web"
+        );
+        assert_eq!(lines[1]["source_service"], "web");
     }
 }

@@ -115,6 +115,9 @@ struct RequestPathFamilies {
     retries: IntCounterVec,
     timeouts: IntCounterVec,
     connect_errors: IntCounterVec,
+    authz_denied: IntCounterVec,
+    authz_dry_run_denied: IntCounterVec,
+    mtls_plaintext_refused: IntCounter,
 }
 
 /// The configuration this sidecar routes with, and where it came from.
@@ -216,6 +219,20 @@ impl RequestPathFamilies {
                 "upstream_connect_errors_total",
                 "Connections to an upstream that were refused or timed out",
                 &["direction", "destination"],
+            ),
+            authz_denied: r.counter_vec(
+                "meshlet_authz_denied_total",
+                "Inbound requests refused with 403 denied by an AuthorizationPolicy (a matching DENY, or the ALLOW policies none of which matched, joined with ',')",
+                &["policy"],
+            ),
+            authz_dry_run_denied: r.counter_vec(
+                "meshlet_authz_dry_run_denied_total",
+                "Inbound requests a dryRun AuthorizationPolicy would have refused (they were not refused)",
+                &["policy"],
+            ),
+            mtls_plaintext_refused: r.counter(
+                "meshlet_mtls_plaintext_refused_total",
+                "Plaintext inbound requests (403 mtls_required) and opaque TCP connections (closed) refused under MTLSPolicy strict",
             ),
         }
     }
@@ -379,6 +396,23 @@ impl Metrics {
         self.request_path
             .rate_limited
             .with_label_values(&[&*self.service, policy, endpoint])
+    }
+
+    /// `meshlet_authz_denied_total{policy}`.
+    pub fn authz_denied(&self, policy: &str) -> IntCounter {
+        self.request_path.authz_denied.with_label_values(&[policy])
+    }
+
+    /// `meshlet_authz_dry_run_denied_total{policy}`.
+    pub fn authz_dry_run_denied(&self, policy: &str) -> IntCounter {
+        self.request_path
+            .authz_dry_run_denied
+            .with_label_values(&[policy])
+    }
+
+    /// `meshlet_mtls_plaintext_refused_total`.
+    pub fn mtls_plaintext_refused(&self) -> IntCounter {
+        self.request_path.mtls_plaintext_refused.clone()
     }
 
     /// `retries_total` of one `RetryPolicy` for `destination`.

@@ -94,6 +94,11 @@ pub struct RequestRecord {
     hop: Option<Hop>,
     /// Copied only when a span, the access log or debug logging needs it.
     detail: Option<Box<Detail>>,
+    /// Inbound: the verified caller (SPIFFE id, service) and the
+    /// `AuthorizationPolicy` that refused the request; kept only when
+    /// `detail` is.
+    source: Option<(Arc<str>, Arc<str>)>,
+    authz_policy: Option<Arc<str>>,
     telemetry: Arc<Telemetry>,
 }
 
@@ -143,7 +148,24 @@ impl RequestRecord {
             trail: Trail::default(),
             hop,
             detail,
+            source: None,
+            authz_policy: None,
             telemetry: Arc::clone(telemetry),
+        }
+    }
+
+    /// The caller's verified identity and service (inbound), for the span
+    /// and the access log.
+    pub fn set_source(&mut self, identity: &Arc<str>, service: &Arc<str>) {
+        if self.detail.is_some() {
+            self.source = Some((Arc::clone(identity), Arc::clone(service)));
+        }
+    }
+
+    /// The `AuthorizationPolicy` that refused the request.
+    pub fn set_authz_policy(&mut self, policy: &Arc<str>) {
+        if self.detail.is_some() {
+            self.authz_policy = Some(Arc::clone(policy));
         }
     }
 
@@ -210,6 +232,9 @@ impl RequestRecord {
                 upstream: self.trail.upstream,
                 retries: self.trail.retries,
                 reason: self.reason,
+                source_identity: self.source.as_ref().map(|(id, _)| Arc::clone(id)),
+                source_service: self.source.as_ref().map(|(_, svc)| Arc::clone(svc)),
+                authz_policy: self.authz_policy.clone(),
             });
             if let Some(span) = span {
                 exporter.submit(span);
@@ -232,6 +257,9 @@ impl RequestRecord {
                 span_id: trace_ids.map(|(_, span)| span.to_string()),
                 reason: self.reason,
                 retries: self.trail.retries,
+                source_identity: self.source.as_ref().map(|(id, _)| id.to_string()),
+                source_service: self.source.as_ref().map(|(_, svc)| svc.to_string()),
+                authz_policy: self.authz_policy.as_deref().map(str::to_owned),
             });
         }
         tracing::debug!(
@@ -241,6 +269,8 @@ impl RequestRecord {
             version = ?detail.version,
             status,
             reason = self.reason,
+            source = self.source.as_ref().map(|(id, _)| &**id),
+            authz_policy = self.authz_policy.as_deref(),
             endpoint = self.route.endpoint(),
             retries = self.trail.retries,
             elapsed_us = elapsed.as_micros() as u64,

@@ -126,6 +126,16 @@ fn write_span(out: &mut Vec<u8>, span: &SpanRecord) {
             _ => {}
         }
     }
+    let security = [
+        ("meshlet.source.identity", &d.source_identity),
+        ("meshlet.source.service", &d.source_service),
+        ("meshlet.authz.policy", &d.authz_policy),
+    ];
+    for (name, value) in security {
+        if let Some(value) = value {
+            string_attribute(out, ATTRIBUTES, name, value);
+        }
+    }
 
     // status (15): Status { message: 2, code: 3 }
     let failed = d.status >= 500 || d.reason.is_some();
@@ -248,8 +258,39 @@ mod tests {
                 upstream: Some("127.0.0.1:8081".parse().unwrap()),
                 retries: 300,
                 reason,
+                source_identity: None,
+                source_service: None,
+                authz_policy: None,
             })
             .unwrap()
+    }
+
+    #[test]
+    fn an_inbound_span_names_the_verified_caller_and_the_refusing_policy() {
+        let mut span = record(Direction::Inbound, 403, Some("denied"));
+        span.details.source_identity = Some("spiffe://meshlet.local/ns/default/sa/web".into());
+        span.details.source_service = Some("web".into());
+        span.details.authz_policy = Some("orders-allow".into());
+        let resource = ResourceAttributes(vec![("service.name", "orders".to_owned())]);
+        let bytes = export_request(&resource, &[span]);
+        let request = otlp::ExportTraceServiceRequest::decode(bytes.as_slice()).unwrap();
+        let span = &request.resource_spans[0].scope_spans[0].spans[0];
+        let attributes = attributes(span);
+        let text = |s: &str| otlp::Value::StringValue(s.to_owned());
+        for (key, value) in [
+            (
+                "meshlet.source.identity",
+                "spiffe://meshlet.local/ns/default/sa/web",
+            ),
+            ("meshlet.source.service", "web"),
+            ("meshlet.authz.policy", "orders-allow"),
+            ("meshlet.reason", "denied"),
+        ] {
+            assert!(
+                attributes.contains(&(key.to_owned(), text(value))),
+                "{key} missing: {attributes:?}"
+            );
+        }
     }
 
     fn attributes(span: &otlp::Span) -> Vec<(String, otlp::Value)> {

@@ -141,6 +141,12 @@ pub struct SpanDetails {
     pub retries: u32,
     /// `x-meshlet-reason` when the mesh answered itself.
     pub reason: Option<&'static str>,
+    /// Inbound: the caller's verified SPIFFE id and the service it is
+    /// (`None`: a plaintext caller, or outbound).
+    pub source_identity: Option<Arc<str>>,
+    pub source_service: Option<Arc<str>>,
+    /// The `AuthorizationPolicy` that refused the request.
+    pub authz_policy: Option<Arc<str>>,
 }
 
 /// A finished, sampled span, queued for export.
@@ -205,6 +211,9 @@ mod tests {
             upstream: None,
             retries: 0,
             reason: None,
+            source_identity: None,
+            source_service: None,
+            authz_policy: None,
         };
         assert!(hop.finish(details.clone()).is_none());
         let hop = Hop::start(&HeaderMap::new(), Instant::now(), || true);
