@@ -37,6 +37,7 @@ pub(crate) mod admin;
 pub(crate) mod body;
 pub mod cli;
 pub(crate) mod control;
+pub(crate) mod identity;
 pub mod error;
 pub mod iptables;
 pub(crate) mod listen;
