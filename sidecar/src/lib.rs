@@ -231,6 +231,8 @@ struct Shared {
     limits: Arc<Limits>,
     metrics: Metrics,
     snapshot: control::snapshot::SharedSnapshot,
+    /// With a control plane: the workload certificate and trust bundle.
+    identity: Option<Arc<identity::WorkloadIdentity>>,
 }
 
 /// Start: builds the first snapshot, the request path's handlers and the
@@ -248,6 +250,7 @@ fn start(
         limits,
         metrics,
         snapshot,
+        identity,
     } = &shared;
     let (stop_tx, stop_rx) = watch::channel(false);
     spawn_config_reloader(
@@ -277,21 +280,44 @@ fn start(
         metrics.clone(),
         health,
         control,
-    );
+    )
+    .with_identity(identity.clone());
     let servers = Servers {
         limits,
         metrics,
         stop: &stop_rx,
     };
     let servers = [
-        servers.spawn("inbound", listeners.inbound, inbound, inbound_interception),
+        servers.spawn(
+            "inbound",
+            listeners.inbound,
+            inbound,
+            listen::server::ListenerOptions {
+                interception: inbound_interception,
+                tls: identity.as_ref().map(|identity| {
+                    Arc::new(identity::tls::Acceptor::new(
+                        identity,
+                        settings.app_addr,
+                        limits.connect_timeout,
+                    ))
+                }),
+            },
+        ),
         servers.spawn(
             "outbound",
             listeners.outbound,
             outbound,
-            outbound_interception,
+            listen::server::ListenerOptions {
+                interception: outbound_interception,
+                tls: None,
+            },
         ),
-        servers.spawn("admin", listeners.admin, admin, None),
+        servers.spawn(
+            "admin",
+            listeners.admin,
+            admin,
+            listen::server::ListenerOptions::default(),
+        ),
     ];
     tracing::info!(service = %settings.service, app = %settings.app_addr, mode = ?settings.mode, "sidecar started");
     Running {
@@ -319,11 +345,13 @@ impl Shared {
             limits,
             metrics,
             snapshot,
+            ..
         } = self;
         let app = Arc::new(proxy::handlers::app_target(
             settings.app_addr,
             limits,
             metrics,
+            settings.app_protocol,
         ));
         let own_listeners = [&listeners.inbound, &listeners.outbound]
             .iter()
@@ -359,6 +387,14 @@ impl Shared {
         let limits = Arc::new(settings.limits.clone());
         let metrics = Metrics::new(&destination_label(&settings.namespace, &settings.service));
         metrics.set_config_revision(initial.state.revision);
+        let identity = settings
+            .control_plane
+            .is_some()
+            .then(|| identity::WorkloadIdentity::new(metrics.identity()));
+        if let Some(identity) = &identity {
+            // A persisted state's bundle verifies peers until the first push.
+            identity.set_bundle(&initial.state.trust_roots);
+        }
         let snapshot = Arc::new(ArcSwap::from_pointee(Snapshot::build(
             &initial.state,
             initial.source.clone(),
@@ -366,6 +402,7 @@ impl Shared {
             Own {
                 namespace: &settings.namespace,
                 service: &settings.service,
+                identity: identity.as_ref(),
             },
             &limits,
             &metrics,
@@ -375,6 +412,7 @@ impl Shared {
             limits,
             metrics,
             snapshot,
+            identity,
         }
     }
 
@@ -397,7 +435,20 @@ impl Shared {
             Arc::clone(&self.limits),
             self.metrics.clone(),
             initial.persisted,
-        );
+        )
+        .with_identity(self.identity.clone());
+        if let Some(identity) = &self.identity {
+            // The first certificate is asked for at once; registration
+            // waits for that first answer (bounded), so that peers which
+            // learn of this instance can reach it over mTLS.
+            identity::renew::spawn(
+                Arc::clone(identity),
+                Arc::new(client.clone()),
+                client.cp_settings().instance_id.clone(),
+                self.settings.service.clone(),
+                stop.clone(),
+            );
+        }
         client.spawn_watch(initial.state, stop.clone());
         if let Some(interval) = client.cp_settings().stats_interval {
             control::stats::spawn(
@@ -577,6 +628,7 @@ fn spawn_config_reloader(
                         Own {
                             namespace: &settings.namespace,
                             service: &settings.service,
+                            identity: None,
                         },
                         &limits,
                         &metrics,
@@ -643,7 +695,7 @@ impl Servers<'_> {
         name: &'static str,
         listener: TcpListener,
         handler: H,
-        interception: Option<Arc<listen::transparent::Interception>>,
+        options: listen::server::ListenerOptions,
     ) -> tokio::task::JoinHandle<listen::server::Drain> {
         tokio::spawn(listen::server::serve(
             name,
@@ -652,7 +704,7 @@ impl Servers<'_> {
             Arc::clone(self.limits),
             self.metrics.listener(name),
             self.stop.clone(),
-            interception,
+            options,
         ))
     }
 }

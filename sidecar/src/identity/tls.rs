@@ -180,3 +180,26 @@ pub async fn accept(
     let alpn = session.alpn_protocol().unwrap_or_default().to_vec();
     Ok((stream, identity, alpn))
 }
+
+/// What the inbound listener needs for the mesh hop: the identity (is
+/// there a certificate yet?), the server configuration, and where opaque
+/// TCP (`meshlet-tcp`) goes.
+#[derive(Clone)]
+pub struct Acceptor {
+    pub identity: Arc<WorkloadIdentity>,
+    pub config: Arc<ServerConfig>,
+    /// The local app, for `meshlet-tcp`.
+    pub app: SocketAddr,
+    pub connect_timeout: Duration,
+}
+
+impl Acceptor {
+    pub fn new(identity: &Arc<WorkloadIdentity>, app: SocketAddr, connect_timeout: Duration) -> Self {
+        Acceptor {
+            identity: Arc::clone(identity),
+            config: server_config(identity),
+            app,
+            connect_timeout,
+        }
+    }
+}
