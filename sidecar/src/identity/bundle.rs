@@ -11,7 +11,7 @@ use rustls::server::danger::ClientCertVerifier;
 use rustls::server::{ParsedCertificate, WebPkiClientVerifier};
 use rustls::RootCertStore;
 
-use crate::identity::tls::provider;
+use crate::identity::provider::provider;
 
 /// The roots peers are verified against.
 pub struct TrustBundle {

@@ -25,9 +25,9 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use rustls::sign::CertifiedKey;
 use tokio::sync::watch;
 
-use crate::identity::tls::provider;
+use crate::identity::provider::provider;
 use crate::identity::verify::spiffe_id_of;
-use crate::identity::{from_unix_ms, CertificateSource, Leaf, WorkloadIdentity};
+use crate::identity::workload::{from_unix_ms, CertificateSource, Leaf, WorkloadIdentity};
 
 const BACKOFF_FIRST: Duration = Duration::from_secs(1);
 const BACKOFF_MAX: Duration = Duration::from_secs(30);

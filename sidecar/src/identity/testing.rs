@@ -15,7 +15,7 @@ use rcgen::{
     ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType, SerialNumber,
 };
 
-use crate::identity::{CertificateSource, WorkloadIdentity};
+use crate::identity::workload::{CertificateSource, WorkloadIdentity};
 use crate::telemetry::metrics::Metrics;
 
 /// A root that signs leaves.

@@ -11,12 +11,11 @@
 
 use std::io;
 use std::net::SocketAddr;
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::time::Duration;
 
 use meshlet_api::identity::SpiffeId;
 use rustls::client::ResolvesClientCert;
-use rustls::crypto::CryptoProvider;
 use rustls::pki_types::ServerName;
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
@@ -25,17 +24,12 @@ use tokio::net::TcpStream;
 use tokio_rustls::{client, server, TlsAcceptor, TlsConnector};
 
 use crate::identity::verify::{BundleClientVerifier, IdentityMismatch, PeerVerifier};
-use crate::identity::WorkloadIdentity;
+use crate::identity::provider::provider;
+use crate::identity::workload::WorkloadIdentity;
 
 pub const ALPN_H2: &[u8] = b"h2";
 pub const ALPN_HTTP1: &[u8] = b"http/1.1";
 pub const ALPN_TCP: &[u8] = b"meshlet-tcp";
-
-/// The ring provider, made once.
-pub fn provider() -> Arc<CryptoProvider> {
-    static PROVIDER: OnceLock<Arc<CryptoProvider>> = OnceLock::new();
-    Arc::clone(PROVIDER.get_or_init(|| Arc::new(rustls::crypto::ring::default_provider())))
-}
 
 /// Why a mesh hop could not be set up; carried inside the `io::Error` of a
 /// failed connect so that the request path can answer with the right

@@ -24,8 +24,8 @@ use rustls::{
     CertificateError, DigitallySignedStruct, DistinguishedName, Error, OtherError, SignatureScheme,
 };
 
-use crate::identity::tls::provider;
-use crate::identity::WorkloadIdentity;
+use crate::identity::provider::provider;
+use crate::identity::workload::WorkloadIdentity;
 
 /// The server presented a valid certificate of another workload.
 #[derive(Debug, Clone, thiserror::Error)]
