@@ -15,6 +15,8 @@
 //!  local app ◄────── control::health (probe) ─► /ready and heartbeats
 //! ```
 //!
+//! `identity` holds the workload certificate (renewed from the control
+//! plane) and the mTLS hop between sidecars (rustls);
 //! `policy` holds each policy's state and the index that finds the ones
 //! for a request; `telemetry` what every request reports (metrics, spans,
 //! access log). `body` (the one body type) and `error` (the one place a
@@ -265,7 +267,7 @@ fn start(
     let (telemetry, span_export) = start_telemetry(settings, snapshot, metrics, flush_spans_rx);
     let (inbound, outbound) = shared.handlers(&listeners, telemetry, &stop_rx);
     let [inbound_interception, outbound_interception] =
-        interceptions(settings, &listeners, metrics);
+        interceptions(settings, &listeners, metrics, identity.as_ref(), snapshot);
     let health = control::health::spawn_prober(
         settings.app_addr,
         settings.namespace.clone(),
@@ -514,6 +516,8 @@ fn interceptions(
     settings: &Settings,
     listeners: &Listeners,
     metrics: &Metrics,
+    identity: Option<&Arc<identity::WorkloadIdentity>>,
+    snapshot: &control::snapshot::SharedSnapshot,
 ) -> [Option<Arc<listen::transparent::Interception>>; 2] {
     if settings.mode != Mode::Transparent {
         return [None, None];
@@ -529,12 +533,37 @@ fn interceptions(
             connect_timeout,
             metrics.tcp(Direction::Inbound),
         ))),
-        Some(Arc::new(listen::transparent::Interception::outbound(
-            own_listeners,
-            connect_timeout,
-            metrics.tcp(Direction::Outbound),
-        ))),
+        Some(Arc::new(
+            listen::transparent::Interception::outbound(
+                own_listeners,
+                connect_timeout,
+                metrics.tcp(Direction::Outbound),
+            )
+            .with_mesh(identity.map(|identity| mesh_tcp(identity, snapshot))),
+        )),
     ]
+}
+
+/// Opaque TCP to a mesh endpoint: the endpoint of the service at the
+/// destination on the destination's IP (the pod), with its identity.
+fn mesh_tcp(
+    identity: &Arc<identity::WorkloadIdentity>,
+    snapshot: &control::snapshot::SharedSnapshot,
+) -> listen::transparent::MeshTcp {
+    let snapshot = Arc::clone(snapshot);
+    listen::transparent::MeshTcp {
+        identity: Arc::clone(identity),
+        lookup: Box::new(move |destination| {
+            let snapshot = snapshot.load();
+            let target = snapshot.service_at(destination)?;
+            let endpoints = target.balancer.endpoints();
+            let endpoint = endpoints
+                .iter()
+                .find(|e| e.addr == destination)
+                .or_else(|| endpoints.iter().find(|e| e.addr.ip() == destination.ip()))?;
+            Some((endpoint.addr, Arc::clone(endpoint.pool.peer_identity()?)))
+        }),
+    }
 }
 
 /// How long the exit waits for the last spans to be exported.

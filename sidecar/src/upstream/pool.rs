@@ -569,6 +569,12 @@ pub fn to_http2<B>(request: &mut Request<B>) {
     ] {
         request.headers_mut().remove(name);
     }
+    // HTTP/2 allows `te` only as `trailers` (RFC 9113 §8.2.2).
+    if request.headers().contains_key(header::TE) {
+        request
+            .headers_mut()
+            .insert(header::TE, HeaderValue::from_static("trailers"));
+    }
     *request.version_mut() = Version::HTTP_2;
 }
 
