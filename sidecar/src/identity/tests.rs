@@ -410,3 +410,71 @@ async fn renewal_is_due_at_two_thirds_of_the_lifetime_and_failures_keep_the_cert
     assert!(matches!(identity.hop(Some(&spiffe("x"))), Hop::Mtls(_)));
     assert_eq!(identity.hop(None), Hop::Plain, "an endpoint without identity");
 }
+
+#[tokio::test]
+async fn opaque_tcp_crosses_the_hop_over_mtls_to_the_app() {
+    use crate::listen::transparent::{Interception, MeshTcp};
+    use crate::telemetry::direction::Direction;
+
+    let ca = TestCa::new("mesh root");
+    let (frontend, orders) = (
+        identity_for(&ca, "frontend").await,
+        identity_for(&ca, "orders").await,
+    );
+    // The app: a line echo.
+    let app = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let app_addr = app.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = app.accept().await {
+            tokio::spawn(async move {
+                let (mut read, mut write) = stream.split();
+                let _ = tokio::io::copy(&mut read, &mut write).await;
+            });
+        }
+    });
+    // Its sidecar's inbound: the mesh hop, meshlet-tcp to the app.
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let inbound_addr = listener.local_addr().unwrap();
+    let (_stop, stopped) = watch::channel(false);
+    tokio::spawn(serve(
+        "inbound",
+        listener,
+        Echo::default(),
+        Arc::new(Limits::default()),
+        Metrics::new("orders").listener("inbound"),
+        stopped,
+        ListenerOptions {
+            interception: None,
+            tls: Some(Arc::new(Acceptor::new(&orders, app_addr, Duration::from_secs(1)))),
+        },
+    ));
+    // The caller's transparent outbound, the destination a meshed pod.
+    let interception = Arc::new(
+        Interception::outbound(
+            Vec::new(),
+            Duration::from_secs(1),
+            Metrics::new("frontend").tcp(Direction::Outbound),
+        )
+        .with_mesh(Some(MeshTcp {
+            identity: Arc::clone(&frontend),
+            lookup: Box::new(move |_| Some((inbound_addr, spiffe("orders")))),
+        })),
+    );
+    let intercepted = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let mut client = tokio::net::TcpStream::connect(intercepted.local_addr().unwrap())
+        .await
+        .unwrap();
+    let (accepted, _) = intercepted.accept().await.unwrap();
+    tokio::spawn(async move {
+        interception
+            .splice(accepted, Some("10.1.2.3:5432".parse().unwrap()))
+            .await
+    });
+    client.write_all(b"hello").await.unwrap();
+    let mut echoed = [0u8; 5];
+    tokio::time::timeout(Duration::from_secs(5), client.read_exact(&mut echoed))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(&echoed, b"hello");
+}
