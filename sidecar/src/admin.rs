@@ -27,6 +27,7 @@ use crate::body::ProxyBody;
 use crate::control::client::ControlClient;
 use crate::control::health::AppHealth;
 use crate::control::snapshot::SharedSnapshot;
+use crate::identity::WorkloadIdentity;
 use crate::listen::server::{Handler, Peer};
 use crate::settings::Settings;
 use crate::telemetry::metrics::Metrics;
@@ -38,6 +39,7 @@ pub struct Admin {
     metrics: Metrics,
     health: watch::Receiver<AppHealth>,
     control: Option<ControlClient>,
+    identity: Option<Arc<WorkloadIdentity>>,
 }
 
 impl Admin {
@@ -54,7 +56,14 @@ impl Admin {
             metrics,
             health,
             control,
+            identity: None,
         }
+    }
+
+    /// `/config_dump` shows the workload certificate.
+    pub fn with_identity(mut self, identity: Option<Arc<WorkloadIdentity>>) -> Self {
+        self.identity = identity;
+        self
     }
 
     /// Standalone, or a configuration from the control plane (pushed or
@@ -99,6 +108,7 @@ impl Admin {
                 "lastProbe": health.last_result,
             },
             "controlPlane": self.control.as_ref().map(|c| c.status.to_json(c.cp_settings())),
+            "identity": self.identity.as_ref().map(|i| i.to_json()),
         })
     }
 }

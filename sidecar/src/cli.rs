@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
+use meshlet_api::mesh::AppProtocol;
 
 use crate::error::StartupError;
 use crate::settings::{ControlPlaneSettings, Limits, Observability, Settings};
@@ -48,6 +49,11 @@ pub struct Args {
     /// Address of the local app.
     #[arg(long, env = "MESHLET_APP_HOST", default_value_t = IpAddr::V4(Ipv4Addr::LOCALHOST))]
     pub app_host: IpAddr,
+    /// What the app speaks: `http1` or `h2c` (registered with the control
+    /// plane). Requests are converted to it; unset, the app gets the
+    /// protocol the original caller used.
+    #[arg(long, env = "MESHLET_APP_PROTOCOL")]
+    pub app_protocol: Option<AppProtocol>,
 
     /// Inbound listener port (traffic to the app).
     #[arg(long, env = "MESHLET_INBOUND_PORT", default_value_t = 15006)]
@@ -278,6 +284,7 @@ impl Args {
             labels: self.labels.iter().cloned().collect(),
             control_plane,
             app_addr: SocketAddr::new(self.app_host, self.app_port),
+            app_protocol: self.app_protocol,
             inbound_addr: SocketAddr::new(self.inbound_ip, self.inbound_port),
             outbound_addr: SocketAddr::new(self.outbound_ip, self.outbound_port),
             admin_addr: SocketAddr::new(self.admin_ip, self.admin_port),

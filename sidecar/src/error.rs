@@ -15,6 +15,7 @@ use std::time::Duration;
 use http::{header, HeaderValue, Response, StatusCode};
 
 use crate::body::ProxyBody;
+use crate::identity::tls::TlsFailure;
 
 /// Header naming why the mesh answered instead of the upstream.
 pub const REASON_HEADER: &str = "x-meshlet-reason";
@@ -107,9 +108,34 @@ pub enum ProxyError {
         by_deny: bool,
         caller: String,
     },
+    #[error("this sidecar's workload certificate expired at {at} and the control plane is unreachable; not sent")]
+    CertificateExpired { at: String },
+    #[error("mTLS handshake with {addr} failed: {detail}")]
+    TlsHandshakeFailed { addr: SocketAddr, detail: String },
+    #[error("{addr} is not the workload the registry names: {detail}")]
+    PeerIdentityMismatch { addr: SocketAddr, detail: String },
 }
 
 impl ProxyError {
+    /// A connection to `addr` that could not be made: a refused or timed
+    /// out connect, or a failed mTLS hop (`identity::tls::TlsFailure`).
+    pub fn connect_failed(addr: SocketAddr, source: std::io::Error) -> ProxyError {
+        match TlsFailure::of(&source) {
+            Some(TlsFailure::CertificateExpired { at }) => {
+                ProxyError::CertificateExpired { at: at.clone() }
+            }
+            Some(TlsFailure::IdentityMismatch(mismatch)) => ProxyError::PeerIdentityMismatch {
+                addr,
+                detail: mismatch.to_string(),
+            },
+            Some(TlsFailure::Handshake(detail)) => ProxyError::TlsHandshakeFailed {
+                addr,
+                detail: detail.clone(),
+            },
+            None => ProxyError::ConnectFailed { addr, source },
+        }
+    }
+
     pub fn status(&self) -> StatusCode {
         match self {
             ProxyError::MissingHost
@@ -124,7 +150,10 @@ impl ProxyError {
             }
             ProxyError::Loop { .. }
             | ProxyError::ConnectFailed { .. }
-            | ProxyError::Upstream { .. } => StatusCode::BAD_GATEWAY,
+            | ProxyError::Upstream { .. }
+            | ProxyError::TlsHandshakeFailed { .. }
+            | ProxyError::PeerIdentityMismatch { .. } => StatusCode::BAD_GATEWAY,
+            ProxyError::CertificateExpired { .. } => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::UpstreamTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::RateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
             ProxyError::CircuitOpen { .. } | ProxyError::Overflow { .. } => {
@@ -155,6 +184,9 @@ impl ProxyError {
             ProxyError::Overflow { .. } => "overflow",
             ProxyError::MtlsRequired { .. } => "mtls_required",
             ProxyError::Denied { .. } => "denied",
+            ProxyError::CertificateExpired { .. } => "certificate_expired",
+            ProxyError::TlsHandshakeFailed { .. } => "tls_handshake_failed",
+            ProxyError::PeerIdentityMismatch { .. } => "peer_identity_mismatch",
         }
     }
 
@@ -334,6 +366,24 @@ mod tests {
                 403,
                 "denied",
                 "AuthorizationPolicy \"no-batch\" denies this request from an unauthenticated (plaintext) caller: a DENY rule matches it",
+            ),
+            (
+                ProxyError::CertificateExpired { at: "2026-12-03T15:00:00Z".into() },
+                503,
+                "certificate_expired",
+                "this sidecar's workload certificate expired at 2026-12-03T15:00:00Z and the control plane is unreachable; not sent",
+            ),
+            (
+                ProxyError::TlsHandshakeFailed { addr: addr(), detail: "invalid peer certificate: Expired".into() },
+                502,
+                "tls_handshake_failed",
+                "mTLS handshake with 10.0.0.7:8080 failed: invalid peer certificate: Expired",
+            ),
+            (
+                ProxyError::PeerIdentityMismatch { addr: addr(), detail: "peer presented spiffe://meshlet.local/ns/default/sa/evil, expected spiffe://meshlet.local/ns/default/sa/orders".into() },
+                502,
+                "peer_identity_mismatch",
+                "10.0.0.7:8080 is not the workload the registry names: peer presented spiffe://meshlet.local/ns/default/sa/evil, expected spiffe://meshlet.local/ns/default/sa/orders",
             ),
         ]
     }

@@ -15,6 +15,8 @@
 //!  local app ◄────── control::health (probe) ─► /ready and heartbeats
 //! ```
 //!
+//! `identity` holds the workload certificate (renewed from the control
+//! plane) and the mTLS hop between sidecars (rustls);
 //! `policy` holds each policy's state and the index that finds the ones
 //! for a request; `telemetry` what every request reports (metrics, spans,
 //! access log). `body` (the one body type) and `error` (the one place a
@@ -38,6 +40,7 @@ pub(crate) mod body;
 pub mod cli;
 pub(crate) mod control;
 pub mod error;
+pub(crate) mod identity;
 pub mod iptables;
 pub(crate) mod listen;
 pub(crate) mod policy;
@@ -230,6 +233,8 @@ struct Shared {
     limits: Arc<Limits>,
     metrics: Metrics,
     snapshot: control::snapshot::SharedSnapshot,
+    /// With a control plane: the workload certificate and trust bundle.
+    identity: Option<Arc<identity::WorkloadIdentity>>,
 }
 
 /// Start: builds the first snapshot, the request path's handlers and the
@@ -247,6 +252,7 @@ fn start(
         limits,
         metrics,
         snapshot,
+        identity,
     } = &shared;
     let (stop_tx, stop_rx) = watch::channel(false);
     spawn_config_reloader(
@@ -261,7 +267,7 @@ fn start(
     let (telemetry, span_export) = start_telemetry(settings, snapshot, metrics, flush_spans_rx);
     let (inbound, outbound) = shared.handlers(&listeners, telemetry, &stop_rx);
     let [inbound_interception, outbound_interception] =
-        interceptions(settings, &listeners, metrics);
+        interceptions(settings, &listeners, metrics, identity.as_ref(), snapshot);
     let health = control::health::spawn_prober(
         settings.app_addr,
         settings.namespace.clone(),
@@ -276,21 +282,44 @@ fn start(
         metrics.clone(),
         health,
         control,
-    );
+    )
+    .with_identity(identity.clone());
     let servers = Servers {
         limits,
         metrics,
         stop: &stop_rx,
     };
     let servers = [
-        servers.spawn("inbound", listeners.inbound, inbound, inbound_interception),
+        servers.spawn(
+            "inbound",
+            listeners.inbound,
+            inbound,
+            listen::server::ListenerOptions {
+                interception: inbound_interception,
+                tls: identity.as_ref().map(|identity| {
+                    Arc::new(identity::tls::Acceptor::new(
+                        identity,
+                        settings.app_addr,
+                        limits.connect_timeout,
+                    ))
+                }),
+            },
+        ),
         servers.spawn(
             "outbound",
             listeners.outbound,
             outbound,
-            outbound_interception,
+            listen::server::ListenerOptions {
+                interception: outbound_interception,
+                tls: None,
+            },
         ),
-        servers.spawn("admin", listeners.admin, admin, None),
+        servers.spawn(
+            "admin",
+            listeners.admin,
+            admin,
+            listen::server::ListenerOptions::default(),
+        ),
     ];
     tracing::info!(service = %settings.service, app = %settings.app_addr, mode = ?settings.mode, "sidecar started");
     Running {
@@ -318,11 +347,13 @@ impl Shared {
             limits,
             metrics,
             snapshot,
+            ..
         } = self;
         let app = Arc::new(proxy::handlers::app_target(
             settings.app_addr,
             limits,
             metrics,
+            settings.app_protocol,
         ));
         let own_listeners = [&listeners.inbound, &listeners.outbound]
             .iter()
@@ -353,6 +384,14 @@ impl Shared {
         let limits = Arc::new(settings.limits.clone());
         let metrics = Metrics::new(&destination_label(&settings.namespace, &settings.service));
         metrics.set_config_revision(initial.state.revision);
+        let identity = settings
+            .control_plane
+            .is_some()
+            .then(|| identity::WorkloadIdentity::new(metrics.identity()));
+        if let Some(identity) = &identity {
+            // A persisted state's bundle verifies peers until the first push.
+            identity.set_bundle(&initial.state.trust_roots);
+        }
         let snapshot = Arc::new(ArcSwap::from_pointee(Snapshot::build(
             &initial.state,
             initial.source.clone(),
@@ -360,6 +399,7 @@ impl Shared {
             Own {
                 namespace: &settings.namespace,
                 service: &settings.service,
+                identity: identity.as_ref(),
             },
             &limits,
             &metrics,
@@ -369,6 +409,7 @@ impl Shared {
             limits,
             metrics,
             snapshot,
+            identity,
         }
     }
 
@@ -391,7 +432,20 @@ impl Shared {
             Arc::clone(&self.limits),
             self.metrics.clone(),
             initial.persisted,
-        );
+        )
+        .with_identity(self.identity.clone());
+        if let Some(identity) = &self.identity {
+            // The first certificate is asked for at once; registration
+            // waits for that first answer (bounded), so that peers which
+            // learn of this instance can reach it over mTLS.
+            identity::renew::spawn(
+                Arc::clone(identity),
+                Arc::new(client.clone()),
+                client.cp_settings().instance_id.clone(),
+                self.settings.service.clone(),
+                stop.clone(),
+            );
+        }
         client.spawn_watch(initial.state, stop.clone());
         if let Some(interval) = client.cp_settings().stats_interval {
             control::stats::spawn(
@@ -457,6 +511,8 @@ fn interceptions(
     settings: &Settings,
     listeners: &Listeners,
     metrics: &Metrics,
+    identity: Option<&Arc<identity::WorkloadIdentity>>,
+    snapshot: &control::snapshot::SharedSnapshot,
 ) -> [Option<Arc<listen::transparent::Interception>>; 2] {
     if settings.mode != Mode::Transparent {
         return [None, None];
@@ -472,12 +528,37 @@ fn interceptions(
             connect_timeout,
             metrics.tcp(Direction::Inbound),
         ))),
-        Some(Arc::new(listen::transparent::Interception::outbound(
-            own_listeners,
-            connect_timeout,
-            metrics.tcp(Direction::Outbound),
-        ))),
+        Some(Arc::new(
+            listen::transparent::Interception::outbound(
+                own_listeners,
+                connect_timeout,
+                metrics.tcp(Direction::Outbound),
+            )
+            .with_mesh(identity.map(|identity| mesh_tcp(identity, snapshot))),
+        )),
     ]
+}
+
+/// Opaque TCP to a mesh endpoint: the endpoint of the service at the
+/// destination on the destination's IP (the pod), with its identity.
+fn mesh_tcp(
+    identity: &Arc<identity::WorkloadIdentity>,
+    snapshot: &control::snapshot::SharedSnapshot,
+) -> listen::transparent::MeshTcp {
+    let snapshot = Arc::clone(snapshot);
+    listen::transparent::MeshTcp {
+        identity: Arc::clone(identity),
+        lookup: Box::new(move |destination| {
+            let snapshot = snapshot.load();
+            let target = snapshot.service_at(destination)?;
+            let endpoints = target.balancer.endpoints();
+            let endpoint = endpoints
+                .iter()
+                .find(|e| e.addr == destination)
+                .or_else(|| endpoints.iter().find(|e| e.addr.ip() == destination.ip()))?;
+            Some((endpoint.addr, Arc::clone(endpoint.pool.peer_identity()?)))
+        }),
+    }
 }
 
 /// How long the exit waits for the last spans to be exported.
@@ -571,6 +652,7 @@ fn spawn_config_reloader(
                         Own {
                             namespace: &settings.namespace,
                             service: &settings.service,
+                            identity: None,
                         },
                         &limits,
                         &metrics,
@@ -637,7 +719,7 @@ impl Servers<'_> {
         name: &'static str,
         listener: TcpListener,
         handler: H,
-        interception: Option<Arc<listen::transparent::Interception>>,
+        options: listen::server::ListenerOptions,
     ) -> tokio::task::JoinHandle<listen::server::Drain> {
         tokio::spawn(listen::server::serve(
             name,
@@ -646,7 +728,7 @@ impl Servers<'_> {
             Arc::clone(self.limits),
             self.metrics.listener(name),
             self.stop.clone(),
-            interception,
+            options,
         ))
     }
 }

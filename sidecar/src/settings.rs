@@ -6,6 +6,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use meshlet_api::mesh::AppProtocol;
 use serde::Serialize;
 
 pub use crate::telemetry::trace::export::ExportEndpoint;
@@ -35,6 +36,10 @@ pub struct Settings {
     pub labels: BTreeMap<String, String>,
     /// Where the local app listens.
     pub app_addr: SocketAddr,
+    /// What the app speaks (`--app-protocol`); `None`: what the original
+    /// caller spoke (`x-meshlet-orig-proto` on an mTLS hop), else the
+    /// version the request arrived in.
+    pub app_protocol: Option<AppProtocol>,
     pub inbound_addr: SocketAddr,
     pub outbound_addr: SocketAddr,
     pub admin_addr: SocketAddr,

@@ -37,7 +37,10 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use bytes::BytesMut;
 use http::{Method, StatusCode};
 use http_body_util::BodyExt;
-use meshlet_api::mesh::{paths, Heartbeat, MeshState, Registration, RegistrationReply, WatchEvent};
+use meshlet_api::mesh::{
+    paths, CertificateReply, CertificateRequest, Heartbeat, MeshState, Registration,
+    RegistrationReply, WatchEvent,
+};
 use serde_json::json;
 use tokio::sync::watch;
 
@@ -47,6 +50,7 @@ use crate::control::call;
 use crate::control::health::AppHealth;
 use crate::control::persist::persist;
 use crate::control::snapshot::{Own, SharedSnapshot, Snapshot};
+use crate::identity::{CertificateSource, WorkloadIdentity};
 use crate::settings::{ControlPlaneSettings, Limits, Settings};
 use crate::telemetry::metrics::Metrics;
 
@@ -55,6 +59,8 @@ const CALL_TIMEOUT: Duration = Duration::from_secs(2);
 /// A watch stream that brings nothing (not even a keepalive) this long is
 /// presumed dead and reopened.
 const WATCH_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long registration waits for the first certificate request to end.
+const FIRST_CERTIFICATE_WAIT: Duration = Duration::from_secs(5);
 /// Heartbeat period until the control plane says otherwise.
 const DEFAULT_HEARTBEAT: Duration = Duration::from_secs(3);
 
@@ -116,6 +122,9 @@ pub struct ControlClient {
     limits: Arc<Limits>,
     metrics: Metrics,
     pub status: Arc<ControlStatus>,
+    /// The workload certificate: its trust bundle follows the watch, and
+    /// registration waits for the first certificate request.
+    identity: Option<Arc<WorkloadIdentity>>,
 }
 
 impl ControlClient {
@@ -136,7 +145,34 @@ impl ControlClient {
             limits,
             metrics,
             status: Arc::new(status),
+            identity: None,
         }
+    }
+
+    pub fn with_identity(mut self, identity: Option<Arc<WorkloadIdentity>>) -> Self {
+        self.identity = identity;
+        self
+    }
+
+    /// Asks the control plane to sign a workload certificate.
+    async fn request_certificate(
+        &self,
+        request: CertificateRequest,
+    ) -> Result<CertificateReply, ControlError> {
+        let body = serde_json::to_vec(&request).expect("serializable");
+        let reply = call(
+            &self.cp.client,
+            &self.cp.authority,
+            Method::POST,
+            paths::CERTIFICATES,
+            Some(body),
+            CALL_TIMEOUT,
+        )
+        .await?;
+        serde_json::from_slice(&reply).map_err(|source| ControlError::Decode {
+            what: "certificate reply",
+            source,
+        })
     }
 
     pub fn cp_settings(&self) -> &ControlPlaneSettings {
@@ -250,6 +286,9 @@ impl ControlClient {
 
     /// Swaps in a snapshot built from `state` and persists the state.
     async fn publish(&self, state: &MeshState) {
+        if let Some(identity) = &self.identity {
+            identity.set_bundle(&state.trust_roots);
+        }
         let previous = self.snapshot.load_full();
         let snapshot = Snapshot::build(
             state,
@@ -258,6 +297,7 @@ impl ControlClient {
             Own {
                 namespace: &self.settings.namespace,
                 service: &self.settings.service,
+                identity: self.identity.as_ref(),
             },
             &self.limits,
             &self.metrics,
@@ -285,6 +325,14 @@ impl ControlClient {
     ) -> tokio::task::JoinHandle<()> {
         let this = self.clone();
         tokio::spawn(async move {
+            if let Some(identity) = &this.identity {
+                let first =
+                    tokio::time::timeout(FIRST_CERTIFICATE_WAIT, identity.first_attempt_done());
+                tokio::select! {
+                    _ = first => {}
+                    _ = stop.wait_for(|stop| *stop) => return,
+                }
+            }
             let mut backoff = Backoff::default();
             let mut heartbeat = DEFAULT_HEARTBEAT;
             let mut registered = false;
@@ -352,7 +400,7 @@ impl ControlClient {
             address: self.cp.advertise_addr,
             labels: self.settings.labels.clone(),
             healthy,
-            app_protocol: None,
+            app_protocol: self.settings.app_protocol,
         };
         let body = serde_json::to_vec(&registration).expect("serializable");
         let reply = call(
@@ -404,6 +452,21 @@ impl ControlClient {
             }
         }
         self.status.registered.store(false, Ordering::Relaxed);
+    }
+}
+
+impl CertificateSource for ControlClient {
+    fn sign(
+        &self,
+        request: CertificateRequest,
+    ) -> std::pin::Pin<
+        Box<dyn std::future::Future<Output = Result<CertificateReply, String>> + Send + '_>,
+    > {
+        Box::pin(async move {
+            self.request_certificate(request)
+                .await
+                .map_err(|error| error.to_string())
+        })
     }
 }
 

@@ -24,10 +24,12 @@ use std::sync::Arc;
 use std::net::{IpAddr, SocketAddr};
 
 use arc_swap::ArcSwap;
-use meshlet_api::mesh::{MeshState, ServiceEntry};
+use meshlet_api::identity::SpiffeId;
+use meshlet_api::mesh::{EndpointEntry, MeshState, ServiceEntry};
 use meshlet_api::{HealthCheckSpec, Resource};
 use serde_json::json;
 
+use crate::identity::WorkloadIdentity;
 use crate::policy::authz::ZeroTrust;
 use crate::policy::breaker::State;
 use crate::policy::index::{InboundPolicies, OutboundPolicies, PolicyState};
@@ -36,7 +38,7 @@ use crate::telemetry::direction::Direction;
 use crate::telemetry::metrics::{destination_label, BreakerSample, Metrics};
 use crate::telemetry::route_metrics::RouteTable;
 use crate::upstream::balance::{Balancer, Endpoint};
-use crate::upstream::pool::ConnPool;
+use crate::upstream::pool::{ConnPool, Remote};
 use crate::upstream::target::ServiceTarget;
 
 #[derive(Debug, Default)]
@@ -86,11 +88,13 @@ fn sampling_ratio(resources: &[Resource], own: Own<'_>) -> f64 {
 }
 
 /// Who is building a snapshot: this sidecar's own service, whose inbound
-/// policies (rate limits) it enforces.
+/// policies (rate limits) it enforces, and its workload identity (with a
+/// control plane), with which it reaches endpoints that have one over mTLS.
 #[derive(Debug, Clone, Copy)]
 pub struct Own<'a> {
     pub namespace: &'a str,
     pub service: &'a str,
+    pub identity: Option<&'a Arc<WorkloadIdentity>>,
 }
 
 pub type SharedSnapshot = Arc<ArcSwap<Snapshot>>;
@@ -106,9 +110,28 @@ struct Build<'a> {
     policy_state: PolicyState,
     limits: &'a Arc<Limits>,
     metrics: &'a Metrics,
+    /// This sidecar's identity (mTLS to endpoints that have one).
+    identity: Option<&'a Arc<WorkloadIdentity>>,
 }
 
 impl Build<'_> {
+    /// The pool of an endpoint: over mTLS when this sidecar has an
+    /// identity and the registry names the endpoint's.
+    fn pool(&self, spec: &EndpointEntry, peer: Option<Arc<SpiffeId>>) -> Arc<ConnPool> {
+        let limits = Arc::clone(self.limits);
+        match (self.identity, peer) {
+            (Some(local), Some(identity)) => ConnPool::with_remote(
+                spec.address,
+                limits,
+                Remote::Mesh {
+                    local: Arc::clone(local),
+                    identity,
+                },
+            ),
+            _ => ConnPool::new(spec.address, limits),
+        }
+    }
+
     /// One service's target: its healthy endpoints (kept from the previous
     /// snapshot when address and labels are unchanged), policies, routes
     /// and metric handles.
@@ -118,13 +141,21 @@ impl Build<'_> {
             .endpoints
             .iter()
             .filter(|spec| spec.healthy)
-            .map(|spec| match self.old_endpoints.get(&spec.address) {
-                Some(ep) if ep.labels == spec.labels => Arc::clone(ep),
-                _ => Arc::new(Endpoint::new(
-                    spec.address,
-                    spec.labels.clone(),
-                    ConnPool::new(spec.address, Arc::clone(self.limits)),
-                )),
+            .map(|spec| {
+                let identity = self.identity.and(endpoint_identity(spec));
+                match self.old_endpoints.get(&spec.address) {
+                    Some(ep)
+                        if ep.labels == spec.labels
+                            && ep.pool.peer_identity().map(|i| &**i) == identity.as_deref() =>
+                    {
+                        Arc::clone(ep)
+                    }
+                    _ => Arc::new(Endpoint::new(
+                        spec.address,
+                        spec.labels.clone(),
+                        self.pool(spec, identity),
+                    )),
+                }
             })
             .collect::<Vec<Arc<Endpoint>>>();
         let by_index: Vec<_> = endpoints.iter().map(|ep| (ep.addr, &ep.labels)).collect();
@@ -180,6 +211,19 @@ impl Build<'_> {
             metrics.route(Direction::Inbound, metrics.service(), prefix)
         });
         (inbound, routes)
+    }
+}
+
+/// The SPIFFE id the registry names for an endpoint (an invalid one is
+/// ignored, with a warning: the endpoint is then reached in plaintext).
+fn endpoint_identity(spec: &EndpointEntry) -> Option<Arc<SpiffeId>> {
+    let uri = spec.identity.as_deref()?;
+    match SpiffeId::parse(uri) {
+        Ok(id) => Some(Arc::new(id)),
+        Err(error) => {
+            tracing::warn!(endpoint = %spec.address, %error, "ignoring an endpoint's invalid identity");
+            None
+        }
     }
 }
 
@@ -281,6 +325,7 @@ impl Snapshot {
             policy_state: PolicyState::default(),
             limits,
             metrics,
+            identity: own.identity,
         };
         let mut index = Index::default();
         for entry in &state.services {
@@ -396,6 +441,8 @@ impl Snapshot {
                             "inFlight": ep.in_flight(),
                             "ejected": ep.is_ejected(),
                             "pooledConnections": ep.pool.pooled_connections(),
+                            "identity": ep.pool.peer_identity().map(|i| i.to_string()),
+                            "mtlsConnection": ep.pool.has_mtls_connection(),
                         })
                     })
                     .collect();
@@ -430,6 +477,7 @@ mod tests {
     const OWN: Own<'static> = Own {
         namespace: "default",
         service: "orders",
+        identity: None,
     };
 
     const MESH: &str = "\

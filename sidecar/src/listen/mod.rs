@@ -7,6 +7,8 @@
 //!   HTTP/1.1 ─► FramingGuard (framing) ─► hyper http1 (upgrades) ─► Handler (proxy)
 //!   h2c      ─► hyper http2 ─────────────────────────────────────► Handler (proxy)
 //!   opaque   ─► Interception::splice (transparent) ─► tunnel::copy_both_ways
+//!   TLS (mesh hop, inbound with a certificate) ─► identity::tls::accept ─► Peer.identity
+//!       ─► ALPN h2 → hyper http2 | http/1.1 → FramingGuard → hyper http1 | meshlet-tcp → the app
 //! ```
 //!
 //! - `server` — the accept loop of every listener, protocol choice,

@@ -7,7 +7,13 @@
 //! transparent, from opaque TCP: `sniff`) → HTTP/1.1 goes through the
 //! [`FramingGuard`] (request-smuggling check) into hyper's http1 server with
 //! upgrades; h2c goes to hyper's http2 server; opaque TCP is spliced to
-//! its destination (`transparent`).
+//! its destination (`transparent`), unless the handler refuses plaintext
+//! TCP ([`Handler::allows_plaintext_tcp`]). On a listener with the mesh hop
+//! ([`ListenerOptions::tls`]) a TLS ClientHello is accepted with
+//! `identity::tls` (client certificate required; its SPIFFE id becomes
+//! [`Peer::identity`]) and served by ALPN: `h2` → http2, `http/1.1` → http1
+//! through the framing guard with upgrades, `meshlet-tcp` → spliced to the
+//! app. Without a certificate yet, a TLS connection is closed.
 //!
 //! [`serve`] takes an already bound listener (tests bind port 0) and a
 //! shutdown signal. When the signal fires it stops accepting and closes the
@@ -41,10 +47,12 @@ use tracing::Instrument;
 
 use crate::body::ProxyBody;
 use crate::error::ProxyError;
+use crate::identity::tls;
 use crate::listen::framing::{FramingGuard, GuardConfig, InFlightRequests, RefusalAnswer};
 use crate::listen::original_dst::original_destination;
 use crate::listen::sniff::{self, Listener, Protocol};
 use crate::listen::transparent::Interception;
+use crate::listen::tunnel;
 use crate::settings::Limits;
 use crate::telemetry::metrics::ListenerMetrics;
 
@@ -56,12 +64,22 @@ pub trait Handler: Clone + Send + Sync + 'static {
         peer: &Peer,
     ) -> impl Future<Output = Response<ProxyBody>> + Send;
 
-    /// Whether a plaintext opaque TCP connection may be spliced (an
-    /// inbound under `MTLSPolicy strict` says no: the connection is
-    /// closed).
+    /// Whether opaque TCP may arrive in plaintext (a transparent
+    /// listener's non-HTTP connection that is not the mesh hop); `false`
+    /// closes such connections (an `MTLSPolicy` in strict mode).
     fn allows_plaintext_tcp(&self) -> bool {
         true
     }
+}
+
+/// What a listener does besides HTTP: transparent interception, and the
+/// mTLS hop (the inbound listener of a sidecar with a control plane).
+#[derive(Clone, Default)]
+pub struct ListenerOptions {
+    /// Transparent listeners: original destinations and opaque TCP.
+    pub interception: Option<Arc<Interception>>,
+    /// Accepts the mesh hop (TLS from other sidecars).
+    pub tls: Option<Arc<tls::Acceptor>>,
 }
 
 /// The client at the other end of a connection; built once per connection.
@@ -100,9 +118,10 @@ pub async fn serve<H: Handler>(
     limits: Arc<Limits>,
     metrics: ListenerMetrics,
     mut shutdown: watch::Receiver<bool>,
-    interception: Option<Arc<Interception>>,
+    options: ListenerOptions,
 ) -> Drain {
-    let shared = Arc::new(Shared::new(handler, limits, metrics, interception));
+    let local_port = listener.local_addr().ok().map(|a| a.port());
+    let shared = Arc::new(Shared::new(handler, limits, metrics, options, local_port));
     // Every connection task holds a sender; when the last one is gone the
     // drain is complete (the receiver sees the channel close).
     let (open_tx, open_rx) = mpsc::channel::<()>(1);
@@ -158,6 +177,10 @@ struct Shared<H> {
     guard: Arc<GuardConfig>,
     /// Transparent listeners: original destinations and opaque TCP.
     interception: Option<Arc<Interception>>,
+    /// The mesh hop's TLS, if this listener accepts it.
+    tls: Option<Arc<tls::Acceptor>>,
+    /// The port this listener is bound to.
+    local_port: Option<u16>,
 }
 
 impl<H: Handler> Shared<H> {
@@ -165,7 +188,8 @@ impl<H: Handler> Shared<H> {
         handler: H,
         limits: Arc<Limits>,
         metrics: ListenerMetrics,
-        interception: Option<Arc<Interception>>,
+        options: ListenerOptions,
+        local_port: Option<u16>,
     ) -> Self {
         let guard = Arc::new(GuardConfig {
             max_head: limits.max_header_bytes,
@@ -192,7 +216,9 @@ impl<H: Handler> Shared<H> {
             limits,
             metrics,
             guard,
-            interception,
+            interception: options.interception,
+            tls: options.tls,
+            local_port,
         }
     }
 
@@ -205,7 +231,6 @@ impl<H: Handler> Shared<H> {
     ) {
         let _ = stream.set_nodelay(true);
         self.metrics.connections.inc();
-        let handler = self.handler.clone();
         let original_dst = self.interception.as_ref().and_then(|_| {
             original_destination(&stream).unwrap_or_else(|error| {
                 tracing::debug!(%error, "no original destination; taken as not redirected");
@@ -216,6 +241,55 @@ impl<H: Handler> Shared<H> {
             original_dst,
             ..Peer::new(peer)
         };
+        let listener = match self.interception {
+            Some(_) => Listener::Transparent,
+            None => Listener::Explicit,
+        };
+        // A redirected connection to another port of the pod carries the
+        // app's own protocol (its TLS too); the mesh hop comes to this
+        // listener's port.
+        let accept_tls = self.tls.is_some()
+            && original_dst.is_none_or(|dst| Some(dst.port()) == self.local_port);
+        let detected = tokio::select! {
+            detected = sniff::detect(&stream, listener, accept_tls, self.limits.header_read_timeout) => detected,
+            _ = wait_for_stop(stop.clone()) => Err(std::io::ErrorKind::Interrupted.into()),
+        };
+        let served = match detected {
+            Ok(Protocol::Http1) => self.serve_http(stream, client, false, stop).await,
+            Ok(Protocol::Http2) => self.serve_http(stream, client, true, stop).await,
+            Ok(Protocol::Opaque) => {
+                if !self.handler.allows_plaintext_tcp() {
+                    tracing::debug!("plaintext TCP refused (mTLS required); closed");
+                } else if let Some(interception) = &self.interception {
+                    interception.splice(stream, original_dst).await;
+                }
+                Ok(())
+            }
+            Ok(Protocol::Tls) => self.serve_tls(stream, client, stop).await,
+            Err(err) => {
+                tracing::debug!(error = %err, "connection closed before a request");
+                Ok(())
+            }
+        };
+        if let Err(err) = served {
+            tracing::debug!(error = %err, "connection closed with an error");
+        }
+        self.metrics.connections.dec();
+    }
+
+    /// Serves HTTP/1.1 (through the framing guard, with upgrades) or HTTP/2
+    /// on `io` (plain TCP, or a TLS stream of the mesh hop) for `client`.
+    async fn serve_http<I>(
+        &self,
+        io: I,
+        client: Peer,
+        http2: bool,
+        stop: watch::Receiver<bool>,
+    ) -> Result<(), hyper::Error>
+    where
+        I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
+        let handler = self.handler.clone();
         let in_flight = Arc::new(InFlightRequests::default());
         let requests = Arc::clone(&in_flight);
         let service = service_fn(move |request| {
@@ -227,54 +301,77 @@ impl<H: Handler> Shared<H> {
                 Ok::<_, Infallible>(response.map(|body| body.with_request_guard(answered)))
             }
         });
-        let listener = match self.interception {
-            Some(_) => Listener::Transparent,
-            None => Listener::Explicit,
+        if http2 {
+            let connection = self
+                .protocols
+                .http2
+                .serve_connection(TokioIo::new(io), service);
+            return drive(connection, stop, |c| c.graceful_shutdown()).await;
+        }
+        let guarded = TokioIo::new(FramingGuard::new(io, Arc::clone(&self.guard), in_flight));
+        let connection = self
+            .protocols
+            .http1
+            .serve_connection(guarded, service)
+            .with_upgrades();
+        drive(connection, stop, |c| c.graceful_shutdown()).await
+    }
+
+    /// The mesh hop: the TLS handshake (a client certificate required,
+    /// bounded by the header read timeout), the client's verified identity
+    /// on its `Peer`, then by ALPN: `h2` → HTTP/2, `http/1.1` → HTTP/1.1
+    /// (upgrades), `meshlet-tcp` → spliced to the app.
+    async fn serve_tls(
+        &self,
+        stream: TcpStream,
+        mut client: Peer,
+        stop: watch::Receiver<bool>,
+    ) -> Result<(), hyper::Error> {
+        let Some(tls) = &self.tls else {
+            return Ok(());
         };
-        let detected = tokio::select! {
-            detected = sniff::detect(&stream, listener, self.limits.header_read_timeout) => detected,
-            _ = wait_for_stop(stop.clone()) => Err(std::io::ErrorKind::Interrupted.into()),
+        if tls.identity.leaf().is_none() {
+            tracing::debug!(
+                "a TLS connection, but this sidecar has no workload certificate yet; closed"
+            );
+            return Ok(());
+        }
+        let accepted = tokio::select! {
+            accepted = tls::accept(&tls.config, stream, self.limits.header_read_timeout) => accepted,
+            _ = wait_for_stop(stop.clone()) => return Ok(()),
         };
-        let served = match detected {
-            Ok(Protocol::Http1) => {
-                let guarded = TokioIo::new(FramingGuard::new(
-                    stream,
-                    Arc::clone(&self.guard),
-                    in_flight,
-                ));
-                let connection = self
-                    .protocols
-                    .http1
-                    .serve_connection(guarded, service)
-                    .with_upgrades();
-                drive(connection, stop, |c| c.graceful_shutdown()).await
+        let (stream, identity, alpn) = match accepted {
+            Ok(accepted) => accepted,
+            Err(error) => {
+                tracing::debug!(%error, "TLS handshake with a peer failed; closed");
+                return Ok(());
             }
-            Ok(Protocol::Http2) => {
-                let connection = self
-                    .protocols
-                    .http2
-                    .serve_connection(TokioIo::new(stream), service);
-                drive(connection, stop, |c| c.graceful_shutdown()).await
-            }
-            Ok(Protocol::Opaque) => {
-                match &self.interception {
-                    Some(_) if !self.handler.allows_plaintext_tcp() => {
-                        tracing::debug!("plaintext opaque TCP refused (MTLSPolicy strict); closed");
+        };
+        client.identity = identity;
+        match alpn.as_slice() {
+            tls::ALPN_H2 => self.serve_http(stream, client, true, stop).await,
+            tls::ALPN_HTTP1 => self.serve_http(stream, client, false, stop).await,
+            tls::ALPN_TCP => {
+                let connect = TcpStream::connect(tls.app);
+                match tokio::time::timeout(tls.connect_timeout, connect).await {
+                    Ok(Ok(app)) => {
+                        let _ = app.set_nodelay(true);
+                        tunnel::copy_both_ways(stream, app).await;
                     }
-                    Some(interception) => interception.splice(stream, original_dst).await,
-                    None => {}
+                    Ok(Err(error)) => {
+                        tracing::debug!(app = %tls.app, %error, "opaque TCP over mTLS: cannot reach the app")
+                    }
+                    Err(_) => {
+                        tracing::debug!(app = %tls.app, "opaque TCP over mTLS: connecting to the app timed out")
+                    }
                 }
                 Ok(())
             }
-            Err(err) => {
-                tracing::debug!(error = %err, "connection closed before a request");
+            _ => {
+                tracing::debug!("a TLS connection without a known ALPN protocol; closed");
                 Ok(())
             }
-        };
-        if let Err(err) = served {
-            tracing::debug!(error = %err, "connection closed with an error");
         }
-        self.metrics.connections.dec();
     }
 }
 
@@ -398,7 +495,13 @@ mod tests {
         let metrics = Metrics::new("orders").listener("inbound");
         let limits = Arc::new(Limits::default());
         let server = tokio::spawn(serve(
-            "inbound", listener, Logs, limits, metrics, stopped, None,
+            "inbound",
+            listener,
+            Logs,
+            limits,
+            metrics,
+            stopped,
+            ListenerOptions::default(),
         ));
 
         let mut client = TcpStream::connect(addr).await.unwrap();
@@ -482,7 +585,10 @@ mod tests {
             limits,
             metrics.listener("inbound"),
             stopped,
-            Some(interception),
+            ListenerOptions {
+                interception: Some(interception),
+                tls: None,
+            },
         ));
         let mut client = TcpStream::connect(addr).await.unwrap();
         client.write_all(b"SSH-2.0-hello\r\n").await.unwrap();

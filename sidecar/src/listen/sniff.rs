@@ -11,6 +11,10 @@
 //!   silent for [`OPAQUE_AFTER`] (a server-speaks-first protocol such as
 //!   MySQL or SMTP), is [`Protocol::Opaque`] and is spliced through as
 //!   bytes (`transparent`).
+//! - A listener that accepts mesh TLS (the inbound of a sidecar with the
+//!   mTLS transport: `accept_tls`) takes a TLS handshake record (first byte
+//!   `0x16`) as [`Protocol::Tls`]; elsewhere TLS is the app's own business
+//!   (opaque on a transparent listener).
 
 use std::time::Duration;
 
@@ -42,7 +46,12 @@ pub enum Protocol {
     Http2,
     /// Not HTTP: bytes to splice.
     Opaque,
+    /// A TLS ClientHello: the mesh hop (mTLS) of another sidecar.
+    Tls,
 }
+
+/// The first byte of a TLS handshake record (RFC 8446 §5.1).
+const TLS_HANDSHAKE: u8 = 0x16;
 
 /// Which listener is asking: an explicit one only ever gets HTTP.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -53,7 +62,11 @@ pub enum Listener {
 
 /// The protocol of a connection whose first bytes are `bytes`, or `None`
 /// while they are a prefix of more than one answer (wait for more).
-pub fn classify(bytes: &[u8], listener: Listener) -> Option<Protocol> {
+/// `accept_tls`: a TLS handshake is the mesh hop.
+pub fn classify(bytes: &[u8], listener: Listener, accept_tls: bool) -> Option<Protocol> {
+    if accept_tls && bytes.first() == Some(&TLS_HANDSHAKE) {
+        return Some(Protocol::Tls);
+    }
     let prefix_of = |whole: &[u8]| bytes.len() < whole.len() && whole.starts_with(bytes);
     if bytes.starts_with(H2_PREFACE) {
         return Some(Protocol::Http2);
@@ -80,6 +93,7 @@ pub fn classify(bytes: &[u8], listener: Listener) -> Option<Protocol> {
 pub async fn detect(
     stream: &TcpStream,
     listener: Listener,
+    accept_tls: bool,
     patience: Duration,
 ) -> std::io::Result<Protocol> {
     let peek = async {
@@ -90,7 +104,7 @@ pub async fn detect(
             if n == 0 {
                 return Err(std::io::ErrorKind::UnexpectedEof.into());
             }
-            if let Some(protocol) = classify(&buf[..n], listener) {
+            if let Some(protocol) = classify(&buf[..n], listener, accept_tls) {
                 return Ok(protocol);
             }
             if n == seen {
@@ -119,39 +133,71 @@ mod tests {
     fn http_versions_on_both_kinds_of_listener() {
         for listener in [Explicit, Transparent] {
             assert_eq!(
-                classify(b"GET / HTTP/1.1\r\n", listener),
+                classify(b"GET / HTTP/1.1\r\n", listener, false),
                 Some(Protocol::Http1)
             );
-            assert_eq!(classify(H2_PREFACE, listener), Some(Protocol::Http2));
-            assert_eq!(classify(b"PRI * HT", listener), None, "part of the preface");
+            assert_eq!(classify(H2_PREFACE, listener, false), Some(Protocol::Http2));
+            assert_eq!(
+                classify(b"PRI * HT", listener, false),
+                None,
+                "part of the preface"
+            );
         }
-        assert_eq!(classify(b"DELETE /x", Transparent), Some(Protocol::Http1));
-        assert_eq!(classify(b"PATCH ", Transparent), Some(Protocol::Http1));
+        assert_eq!(
+            classify(b"DELETE /x", Transparent, false),
+            Some(Protocol::Http1)
+        );
+        assert_eq!(
+            classify(b"PATCH ", Transparent, false),
+            Some(Protocol::Http1)
+        );
     }
 
     #[test]
     fn transparent_listeners_tell_opaque_tcp_from_http() {
-        assert_eq!(classify(b"hello\n", Transparent), Some(Protocol::Opaque));
         assert_eq!(
-            classify(b"*1\r\n$4\r\nPING", Transparent),
+            classify(b"hello\n", Transparent, false),
             Some(Protocol::Opaque)
         );
         assert_eq!(
-            classify(b"\x16\x03\x01\x02\x00", Transparent),
+            classify(b"*1\r\n$4\r\nPING", Transparent, false),
+            Some(Protocol::Opaque)
+        );
+        assert_eq!(
+            classify(b"\x16\x03\x01\x02\x00", Transparent, false),
             Some(Protocol::Opaque),
             "TLS"
         );
-        assert_eq!(classify(b"GETX", Transparent), Some(Protocol::Opaque));
         assert_eq!(
-            classify(b"get / HTTP/1.1", Transparent),
+            classify(b"GETX", Transparent, false),
+            Some(Protocol::Opaque)
+        );
+        assert_eq!(
+            classify(b"get / HTTP/1.1", Transparent, false),
             Some(Protocol::Opaque)
         );
         // Still a method's prefix: wait for more.
-        assert_eq!(classify(b"GE", Transparent), None);
-        assert_eq!(classify(b"OPTI", Transparent), None);
-        assert_eq!(classify(b"P", Transparent), None);
+        assert_eq!(classify(b"GE", Transparent, false), None);
+        assert_eq!(classify(b"OPTI", Transparent, false), None);
+        assert_eq!(classify(b"P", Transparent, false), None);
+        // Only a listener of the mesh hop takes TLS as TLS.
+        for listener in [Explicit, Transparent] {
+            assert_eq!(
+                classify(b"\x16\x03\x01\x02\x00", listener, true),
+                Some(Protocol::Tls)
+            );
+            assert_eq!(
+                classify(b"GET / HTTP/1.1", listener, true),
+                Some(Protocol::Http1)
+            );
+        }
+        assert_eq!(
+            classify(b"\x16\x03\x01", Explicit, false),
+            Some(Protocol::Http1),
+            "the framing guard refuses it"
+        );
         // An explicit listener leaves the verdict to the framing guard.
-        assert_eq!(classify(b"hello\n", Explicit), Some(Protocol::Http1));
+        assert_eq!(classify(b"hello\n", Explicit, false), Some(Protocol::Http1));
     }
 
     #[tokio::test]
@@ -162,10 +208,10 @@ mod tests {
             .unwrap();
         let (accepted, _) = listener.accept().await.unwrap();
         let started = std::time::Instant::now();
-        let verdict = detect(&accepted, Transparent, Duration::from_secs(10)).await;
+        let verdict = detect(&accepted, Transparent, false, Duration::from_secs(10)).await;
         assert_eq!(verdict.unwrap(), Protocol::Opaque);
         assert!(started.elapsed() < Duration::from_secs(5));
-        let explicit = detect(&accepted, Explicit, Duration::from_millis(50)).await;
+        let explicit = detect(&accepted, Explicit, false, Duration::from_millis(50)).await;
         assert_eq!(explicit.unwrap_err().kind(), std::io::ErrorKind::TimedOut);
     }
 }

@@ -17,12 +17,21 @@
 //! never 127.0.0.1, so a port the app bound only on localhost stays
 //! private (as Istio since 1.10). Under `MTLSPolicy strict` the inbound
 //! closes plaintext opaque connections (`Handler::allows_plaintext_tcp`).
+//!
+//! Opaque TCP to a mesh endpoint with an identity, from a sidecar with a
+//! workload certificate ([`MeshTcp`]), goes over mTLS with ALPN
+//! `meshlet-tcp` to that endpoint's sidecar (its inbound listener), which
+//! splices it to its app.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
+use meshlet_api::identity::SpiffeId;
 use tokio::net::TcpStream;
 
+use crate::identity::tls;
+use crate::identity::{Hop, WorkloadIdentity};
 use crate::listen::tunnel::copy_both_ways;
 use crate::telemetry::metrics::TcpMetrics;
 
@@ -48,8 +57,17 @@ pub fn loops_back(own_listeners: &[SocketAddr], addr: SocketAddr) -> bool {
     })
 }
 
+/// The mesh endpoint a connection to an address reaches: its sidecar's
+/// inbound address and the identity it must present.
+pub type MeshLookup = Box<dyn Fn(SocketAddr) -> Option<(SocketAddr, Arc<SpiffeId>)> + Send + Sync>;
+
+/// Outbound opaque TCP over the mesh hop.
+pub struct MeshTcp {
+    pub identity: Arc<WorkloadIdentity>,
+    pub lookup: MeshLookup,
+}
+
 /// One transparent listener's handling of intercepted connections.
-#[derive(Debug)]
 pub struct Interception {
     /// Inbound: the app (its host is where every connection goes).
     app: Option<SocketAddr>,
@@ -57,6 +75,17 @@ pub struct Interception {
     own_listeners: Vec<SocketAddr>,
     connect_timeout: Duration,
     metrics: TcpMetrics,
+    /// Outbound with a control plane: mTLS to mesh endpoints.
+    mesh: Option<MeshTcp>,
+}
+
+impl std::fmt::Debug for Interception {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Interception")
+            .field("app", &self.app)
+            .field("own_listeners", &self.own_listeners)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Interception {
@@ -67,6 +96,7 @@ impl Interception {
             own_listeners: Vec::new(),
             connect_timeout,
             metrics,
+            mesh: None,
         }
     }
 
@@ -81,7 +111,14 @@ impl Interception {
             own_listeners,
             connect_timeout,
             metrics,
+            mesh: None,
         }
+    }
+
+    /// Opaque TCP to mesh endpoints with an identity goes over mTLS.
+    pub fn with_mesh(mut self, mesh: Option<MeshTcp>) -> Self {
+        self.mesh = mesh;
+        self
     }
 
     /// Where an opaque connection that was going to `original` goes.
@@ -103,6 +140,20 @@ impl Interception {
             tracing::debug!("opaque connection with no destination; closed");
             return;
         };
+        if let Some(mesh) = &self.mesh {
+            if let Some((endpoint, identity)) = (mesh.lookup)(destination) {
+                match mesh.identity.hop(Some(&identity)) {
+                    Hop::Mtls(identity) => {
+                        return self.splice_mtls(client, mesh, endpoint, &identity).await
+                    }
+                    Hop::Expired(_) => {
+                        tracing::debug!(%destination, "opaque connection to a meshed endpoint while our certificate expired; closed");
+                        return;
+                    }
+                    Hop::Plain => {}
+                }
+            }
+        }
         let upstream =
             match tokio::time::timeout(self.connect_timeout, TcpStream::connect(destination)).await
             {
@@ -119,6 +170,46 @@ impl Interception {
         let _ = upstream.set_nodelay(true);
         self.metrics.connections.inc();
         tracing::debug!(%destination, "opaque TCP spliced");
+        let (sent, received) = copy_both_ways(client, upstream).await;
+        self.metrics.sent.inc_by(sent);
+        self.metrics.received.inc_by(received);
+    }
+}
+
+impl Interception {
+    /// Opaque TCP over the mesh hop: mTLS (ALPN `meshlet-tcp`) to the
+    /// endpoint's sidecar, which splices it to its app.
+    async fn splice_mtls(
+        &self,
+        client: TcpStream,
+        mesh: &MeshTcp,
+        endpoint: SocketAddr,
+        identity: &Arc<SpiffeId>,
+    ) {
+        let connect = async {
+            let stream = tokio::time::timeout(self.connect_timeout, TcpStream::connect(endpoint))
+                .await
+                .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))??;
+            let _ = stream.set_nodelay(true);
+            tls::connect(
+                &mesh.identity,
+                stream,
+                endpoint,
+                identity,
+                tls::ALPN_TCP,
+                self.connect_timeout,
+            )
+            .await
+        };
+        let upstream = match connect.await {
+            Ok(upstream) => upstream,
+            Err(error) => {
+                tracing::warn!(%endpoint, %error, "opaque connection over mTLS failed; closed");
+                return;
+            }
+        };
+        self.metrics.connections.inc();
+        tracing::debug!(%endpoint, %identity, "opaque TCP spliced over mTLS");
         let (sent, received) = copy_both_ways(client, upstream).await;
         self.metrics.sent.inc_by(sent);
         self.metrics.received.inc_by(received);

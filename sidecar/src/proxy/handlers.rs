@@ -39,6 +39,7 @@ use http::uri::{PathAndQuery, Uri};
 use http::{Method, Request, Response, StatusCode, Version};
 use hyper::body::Incoming;
 use hyper::upgrade::OnUpgrade;
+use meshlet_api::mesh::AppProtocol;
 use prometheus::IntCounter;
 use tokio::net::TcpStream;
 
@@ -61,18 +62,26 @@ use crate::telemetry::observe::{RequestRecord, Telemetry};
 use crate::telemetry::route_metrics::{RouteMetrics, RouteTable};
 use crate::upstream::balance::Tried;
 use crate::upstream::forward::forward;
+use crate::upstream::pool::{ConnPool, Remote};
 use crate::upstream::target::ServiceTarget;
 
 /// The local app at `addr` as a forwarding target (one endpoint, its
-/// pool); counted as inbound traffic of the own service.
-pub fn app_target(addr: SocketAddr, limits: &Arc<Limits>, metrics: &Metrics) -> ServiceTarget {
+/// pool, which speaks the app's `protocol`); counted as inbound traffic of
+/// the own service.
+pub fn app_target(
+    addr: SocketAddr,
+    limits: &Arc<Limits>,
+    metrics: &Metrics,
+    protocol: Option<AppProtocol>,
+) -> ServiceTarget {
     // Inbound routes follow the own service's policies: in the snapshot.
     let target_metrics = metrics.target(
         Direction::Inbound,
         metrics.service().to_owned(),
         RouteTable::default(),
     );
-    ServiceTarget::single(metrics.service().to_owned(), addr, limits, target_metrics)
+    let pool = ConnPool::with_remote(addr, Arc::clone(limits), Remote::App(protocol));
+    ServiceTarget::single_pool(metrics.service().to_owned(), pool, target_metrics)
 }
 
 /// Transparent mode: the app on ports other than `--app-port` (a client
@@ -126,9 +135,11 @@ impl Inbound {
             .other_ports
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
-        let target = ports
-            .entry(addr)
-            .or_insert_with(|| Arc::new(app_target(addr, &self.limits, &self.metrics)));
+        let target = ports.entry(addr).or_insert_with(|| {
+            let protocol = self.app.balancer.endpoints().first();
+            let protocol = protocol.and_then(|e| e.pool.app_protocol());
+            Arc::new(app_target(addr, &self.limits, &self.metrics, protocol))
+        });
         Arc::clone(target)
     }
 
@@ -556,9 +567,10 @@ mod tests {
         let own = Own {
             namespace: "default",
             service: "orders",
+            identity: None,
         };
         let snapshot = Snapshot::build(&state, "t".into(), None, own, &limits, &metrics);
-        let app = Arc::new(app_target(header_echo().await, &limits, &metrics));
+        let app = Arc::new(app_target(header_echo().await, &limits, &metrics, None));
         let inbound = Inbound::new(
             app,
             Arc::new(ArcSwap::from_pointee(snapshot)),
@@ -579,7 +591,7 @@ mod tests {
                 Arc::clone(&limits),
                 metrics.listener("inbound"),
                 stopped.clone(),
-                None,
+                crate::listen::server::ListenerOptions::default(),
             ));
         }
         Sidecar {

@@ -304,6 +304,7 @@ spec: {endpoints: [{address: '10.0.0.2:15006'}]}
         let own = Own {
             namespace: "default",
             service: "frontend",
+            identity: None,
         };
         let snapshot = Snapshot::build(&state, "t".into(), None, own, &limits, &metrics);
         let own_listeners = vec![

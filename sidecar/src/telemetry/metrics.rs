@@ -104,6 +104,38 @@ pub struct Metrics {
     config: ConfigFamilies,
     export: ExportFamilies,
     tcp: TcpFamilies,
+    identity: IdentityMetrics,
+}
+
+/// The workload certificate (`identity`): its expiry, renewals and
+/// failed renewals.
+#[derive(Debug, Clone)]
+pub struct IdentityMetrics {
+    /// `meshlet_identity_cert_expiry_timestamp_seconds` (0: no certificate).
+    pub expiry: IntGauge,
+    /// `meshlet_identity_cert_renewals_total` (the first certificate too).
+    pub renewals: IntCounter,
+    /// `meshlet_identity_cert_renewal_failures_total`.
+    pub failures: IntCounter,
+}
+
+impl IdentityMetrics {
+    fn register(r: &Register<'_>) -> Self {
+        IdentityMetrics {
+            expiry: r.gauge(
+                "meshlet_identity_cert_expiry_timestamp_seconds",
+                "Unix time at which this sidecar's workload certificate expires (0: none yet)",
+            ),
+            renewals: r.counter(
+                "meshlet_identity_cert_renewals_total",
+                "Workload certificates obtained from the control plane (the first one included)",
+            ),
+            failures: r.counter(
+                "meshlet_identity_cert_renewal_failures_total",
+                "Failed requests for a workload certificate (retried with backoff)",
+            ),
+        }
+    }
 }
 
 /// Families the request path counts on (besides the route families).
@@ -315,6 +347,7 @@ impl Metrics {
             config: ConfigFamilies::register(&register),
             export: ExportFamilies::register(&register),
             tcp: TcpFamilies::register(&register),
+            identity: IdentityMetrics::register(&register),
             registry,
         }
     }
@@ -332,6 +365,11 @@ impl Metrics {
             .map(|d| d.as_secs() as i64)
             .unwrap_or(0);
         self.config.applied.set(now);
+    }
+
+    /// The workload certificate's handles.
+    pub fn identity(&self) -> IdentityMetrics {
+        self.identity.clone()
     }
 
     pub fn set_control_plane_connected(&self, connected: bool) {

@@ -30,6 +30,7 @@ use tokio::time::Instant;
 
 use crate::body::ProxyBody;
 use crate::error::ProxyError;
+use crate::identity::tls::TlsFailure;
 use crate::policy::breaker::{BreakerPermit, MAX_PENDING_WAIT};
 use crate::policy::index::RoutePolicies;
 use crate::policy::outcome::Outcome;
@@ -241,6 +242,16 @@ impl Send<'_> {
                 record(Outcome::Status(response.status()));
                 Sent::Answered(response)
             }
+            Ok(Err(SendError::Connect { source, .. }))
+                if matches!(
+                    TlsFailure::of(&source),
+                    Some(TlsFailure::CertificateExpired { .. })
+                ) =>
+            {
+                // Our own certificate, not the endpoint: no other endpoint
+                // would do better, and the pool already said so in the log.
+                Sent::Failed(ProxyError::connect_failed(endpoint.addr, source))
+            }
             Ok(Err(SendError::Connect {
                 source,
                 request: unsent,
@@ -284,7 +295,7 @@ impl Send<'_> {
     ) -> ProxyError {
         let target = self.target;
         if let Some((addr, source)) = last_refusal {
-            return ProxyError::ConnectFailed { addr, source };
+            return ProxyError::connect_failed(addr, source);
         }
         match self.policies.breaker {
             Some(b)
@@ -359,6 +370,7 @@ mod tests {
         let own = Own {
             namespace: "default",
             service: "frontend",
+            identity: None,
         };
         let limits = Arc::new(Limits::default());
         Snapshot::build(

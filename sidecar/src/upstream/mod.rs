@@ -17,7 +17,8 @@
 //! - `in_flight` — an endpoint's outstanding-request counter and its guard
 //!   (carried by the response body until its last byte).
 //! - `pool` — per-endpoint HTTP/1.1 keep-alive connections and one shared
-//!   h2 connection.
+//!   h2 connection; for a mesh endpoint with an identity one shared mTLS
+//!   h2 connection (`identity::tls`); for the local app, the app's protocol.
 //!
 //! **Invariants:** a request whose connection failed before it was sent
 //! comes back to `forward` (never lost, retried elsewhere without a

@@ -1,5 +1,6 @@
-//! Upstream connections to one endpoint: HTTP/1.1 keep-alive pool and one
-//! shared HTTP/2 (h2c, prior knowledge) connection.
+//! Upstream connections to one endpoint: HTTP/1.1 keep-alive pool, one
+//! shared HTTP/2 (h2c, prior knowledge) connection, and for an endpoint
+//! of the mesh one shared mTLS HTTP/2 connection.
 //!
 //! Why our own pool instead of hyper-util's `Client`: the proxy must know
 //! *when* a request failed. A refused connection happens before the request
@@ -13,23 +14,47 @@
 //! connection in the pool at once; it becomes ready again when its response
 //! has been read, and only ready connections are handed out. HTTP/2
 //! requests share one multiplexed connection per endpoint.
+//!
+//! What the pool's remote end speaks ([`Remote`]):
+//! - a mesh endpoint with an identity, while this sidecar has a workload
+//!   certificate: mTLS (`identity::tls`). Every HTTP request goes as HTTP/2
+//!   on ONE connection (ALPN `h2`, made by one caller while the others
+//!   wait), HTTP/1.x converted (absolute URI from `Host`, no `Host`) and
+//!   marked `x-meshlet-orig-proto`; an HTTP/1.1 `Upgrade` request gets its
+//!   own TLS connection with ALPN `http/1.1`. A connection that got GOAWAY
+//!   or closed is replaced by the next request. Our own certificate
+//!   expired: nothing is sent (`TlsFailure::CertificateExpired`).
+//! - the local app: the request is converted to the app's protocol
+//!   (`--app-protocol`, else the caller's `x-meshlet-orig-proto`, else as it
+//!   arrived), and `x-meshlet-orig-proto` is removed.
+//! - anything else: as the request arrived (h2c for HTTP/2).
 
 use std::io;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
+use http::header::{self, HeaderName, HeaderValue};
+use http::uri::{PathAndQuery, Uri};
 use http::{Request, Response, Version};
 use hyper::body::Incoming;
 use hyper::client::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use meshlet_api::identity::SpiffeId;
+use meshlet_api::mesh::AppProtocol;
 use tokio::net::TcpStream;
 
 use crate::body::ProxyBody;
+use crate::identity::tls::{self, TlsFailure};
+use crate::identity::{Hop, WorkloadIdentity};
 use crate::settings::Limits;
 
 /// HTTP/1.1 connections kept per endpoint (busy or idle).
 const MAX_IDLE_PER_ENDPOINT: usize = 128;
+
+/// The caller's HTTP version on an mTLS hop (set by the outbound sidecar,
+/// read and removed by the inbound one).
+pub const ORIG_PROTO: HeaderName = HeaderName::from_static("x-meshlet-orig-proto");
 
 /// Why a request could not be sent.
 #[derive(Debug)]
@@ -48,12 +73,35 @@ struct PooledConn {
     last_used: Instant,
 }
 
+/// Who is at the other end of a pool.
+#[derive(Clone)]
+pub enum Remote {
+    /// A passthrough address, or an endpoint without identity.
+    Plain,
+    /// The local app and the protocol it declared.
+    App(Option<AppProtocol>),
+    /// A mesh endpoint whose sidecar must present `identity`; `local` is
+    /// this sidecar's own.
+    Mesh {
+        local: Arc<WorkloadIdentity>,
+        identity: Arc<SpiffeId>,
+    },
+}
+
 /// Connections to one upstream address.
 pub struct ConnPool {
     addr: SocketAddr,
     limits: Arc<Limits>,
+    remote: Remote,
     http1: Mutex<Vec<PooledConn>>,
     h2: Mutex<Option<http2::SendRequest<ProxyBody>>>,
+    /// The shared mTLS HTTP/2 connection and its number (each new one
+    /// gets the next), so that callers whose connection failed make one
+    /// new connection, not one each.
+    mtls: Mutex<Option<(u64, http2::SendRequest<ProxyBody>)>>,
+    /// Held while the mTLS connection is being made, so that concurrent
+    /// first requests share one connection.
+    connecting: tokio::sync::Mutex<()>,
 }
 
 impl std::fmt::Debug for ConnPool {
@@ -66,12 +114,39 @@ impl std::fmt::Debug for ConnPool {
 
 impl ConnPool {
     pub fn new(addr: SocketAddr, limits: Arc<Limits>) -> Arc<Self> {
+        Self::with_remote(addr, limits, Remote::Plain)
+    }
+
+    pub fn with_remote(addr: SocketAddr, limits: Arc<Limits>, remote: Remote) -> Arc<Self> {
         Arc::new(ConnPool {
             addr,
             limits,
+            remote,
             http1: Mutex::new(Vec::new()),
             h2: Mutex::new(None),
+            mtls: Mutex::new(None),
+            connecting: tokio::sync::Mutex::new(()),
         })
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// The identity a mesh endpoint's sidecar must present.
+    pub fn peer_identity(&self) -> Option<&Arc<SpiffeId>> {
+        match &self.remote {
+            Remote::Mesh { identity, .. } => Some(identity),
+            _ => None,
+        }
+    }
+
+    /// The protocol the local app declared (an app pool).
+    pub fn app_protocol(&self) -> Option<AppProtocol> {
+        match self.remote {
+            Remote::App(protocol) => protocol,
+            _ => None,
+        }
     }
 
     /// Number of pooled HTTP/1.1 connections (for `/config_dump`).
@@ -79,12 +154,32 @@ impl ConnPool {
         self.http1.lock().map(|conns| conns.len()).unwrap_or(0)
     }
 
-    /// Sends `request` to this endpoint over HTTP/2 if the request is
-    /// HTTP/2, otherwise HTTP/1.1.
+    /// Whether an mTLS connection is open (for `/config_dump`).
+    pub fn has_mtls_connection(&self) -> bool {
+        self.current_mtls().is_some()
+    }
+
+    /// Sends `request` to this endpoint: over the mesh's mTLS hop when it
+    /// applies, else over HTTP/2 if the request is HTTP/2 (after the app's
+    /// protocol is applied), otherwise HTTP/1.1.
     pub async fn send(
         self: &Arc<Self>,
-        request: Request<ProxyBody>,
+        mut request: Request<ProxyBody>,
     ) -> Result<Response<Incoming>, SendError> {
+        match &self.remote {
+            Remote::Mesh { local, identity } => match local.hop(Some(identity)) {
+                Hop::Mtls(identity) => return self.send_mtls(request, local, &identity).await,
+                Hop::Expired(at) => {
+                    return Err(SendError::Connect {
+                        source: TlsFailure::expired(at),
+                        request: Box::new(request),
+                    })
+                }
+                Hop::Plain => {}
+            },
+            Remote::App(protocol) => for_app(&mut request, *protocol),
+            Remote::Plain => {}
+        }
         if request.version() == Version::HTTP_2 {
             self.send_h2(request).await
         } else {
@@ -154,6 +249,160 @@ impl ConnPool {
         if let Err(err) = sender.ready().await {
             return Err(SendError::Upstream(err));
         }
+        sender
+            .send_request(request)
+            .await
+            .map_err(SendError::Upstream)
+    }
+
+    /// The mesh hop: HTTP/2 on the shared mTLS connection, or an upgrade
+    /// on a TLS connection of its own.
+    async fn send_mtls(
+        self: &Arc<Self>,
+        mut request: Request<ProxyBody>,
+        local: &Arc<WorkloadIdentity>,
+        identity: &Arc<SpiffeId>,
+    ) -> Result<Response<Incoming>, SendError> {
+        let orig = match request.version() {
+            Version::HTTP_2 => "HTTP/2",
+            Version::HTTP_10 => "HTTP/1.0",
+            _ => "HTTP/1.1",
+        };
+        request
+            .headers_mut()
+            .insert(ORIG_PROTO, HeaderValue::from_static(orig));
+        if request.version() != Version::HTTP_2 && request.headers().contains_key(header::UPGRADE) {
+            return self.send_upgrade_tls(request, local, identity).await;
+        }
+        to_http2(&mut request);
+        // A connection that went away (GOAWAY, closed) hands the request
+        // back unsent: once more on a fresh connection.
+        let mut failed = None;
+        loop {
+            let (number, mut sender) = match self.mtls_sender(local, identity, failed).await {
+                Ok(sender) => sender,
+                Err(source) => {
+                    return Err(SendError::Connect {
+                        source,
+                        request: Box::new(request),
+                    })
+                }
+            };
+            let ready = sender.ready().await;
+            if ready.is_err() && failed.is_none() {
+                failed = Some(number);
+                continue;
+            }
+            if let Err(err) = ready {
+                return Err(SendError::Upstream(err));
+            }
+            match sender.try_send_request(request).await {
+                Ok(response) => return Ok(response),
+                Err(mut err) => match err.take_message() {
+                    Some(unsent) if failed.is_none() => {
+                        request = unsent;
+                        failed = Some(number);
+                    }
+                    _ => return Err(SendError::Upstream(err.into_error())),
+                },
+            }
+        }
+    }
+
+    fn current_mtls(&self) -> Option<(u64, http2::SendRequest<ProxyBody>)> {
+        self.mtls
+            .lock()
+            .ok()
+            .and_then(|slot| slot.as_ref().filter(|(_, s)| !s.is_closed()).cloned())
+    }
+
+    /// The shared mTLS connection and its number, made if there is none
+    /// or the current one is the `failed` one. One caller connects; the
+    /// others wait for it and share its connection.
+    async fn mtls_sender(
+        &self,
+        local: &Arc<WorkloadIdentity>,
+        identity: &Arc<SpiffeId>,
+        failed: Option<u64>,
+    ) -> io::Result<(u64, http2::SendRequest<ProxyBody>)> {
+        let usable = |current: Option<(u64, http2::SendRequest<ProxyBody>)>| {
+            current.filter(|(number, _)| Some(*number) != failed)
+        };
+        if let Some(current) = usable(self.current_mtls()) {
+            return Ok(current);
+        }
+        let _connecting = self.connecting.lock().await;
+        if let Some(current) = usable(self.current_mtls()) {
+            return Ok(current);
+        }
+        let stream = self.connect_tcp().await?;
+        let stream = tls::connect(
+            local,
+            stream,
+            self.addr,
+            identity,
+            tls::ALPN_H2,
+            self.limits.connect_timeout,
+        )
+        .await?;
+        let (sender, conn) = http2::Builder::new(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .handshake(TokioIo::new(stream))
+            .await
+            .map_err(|e| io::Error::other(TlsFailure::Handshake(e.to_string())))?;
+        let addr = self.addr;
+        tokio::spawn(async move {
+            if let Err(err) = conn.await {
+                tracing::debug!(%addr, error = %err, "upstream mTLS h2 connection ended with an error");
+            }
+        });
+        let mut slot = self.mtls.lock().unwrap_or_else(|p| p.into_inner());
+        let number = slot.as_ref().map_or(0, |(n, _)| n + 1);
+        *slot = Some((number, sender.clone()));
+        Ok((number, sender))
+    }
+
+    /// An HTTP/1.1 upgrade (WebSocket) over its own TLS connection (ALPN
+    /// `http/1.1`); the 101's connection becomes the tunnel.
+    async fn send_upgrade_tls(
+        &self,
+        mut request: Request<ProxyBody>,
+        local: &Arc<WorkloadIdentity>,
+        identity: &Arc<SpiffeId>,
+    ) -> Result<Response<Incoming>, SendError> {
+        *request.version_mut() = Version::HTTP_11;
+        let connected = async {
+            let stream = self.connect_tcp().await?;
+            let stream = tls::connect(
+                local,
+                stream,
+                self.addr,
+                identity,
+                tls::ALPN_HTTP1,
+                self.limits.connect_timeout,
+            )
+            .await?;
+            let (sender, conn) = http1::Builder::new()
+                .handshake(TokioIo::new(stream))
+                .await
+                .map_err(|e| io::Error::other(TlsFailure::Handshake(e.to_string())))?;
+            let addr = self.addr;
+            tokio::spawn(async move {
+                if let Err(err) = conn.with_upgrades().await {
+                    tracing::debug!(%addr, error = %err, "upstream mTLS http/1 connection ended with an error");
+                }
+            });
+            Ok::<_, io::Error>(sender)
+        };
+        let mut sender = match connected.await {
+            Ok(sender) => sender,
+            Err(source) => {
+                return Err(SendError::Connect {
+                    source,
+                    request: Box::new(request),
+                })
+            }
+        };
         sender
             .send_request(request)
             .await
@@ -257,6 +506,104 @@ impl ConnPool {
         });
         Ok(sender)
     }
+}
+
+/// The local app's protocol for `request`: `declared` (`--app-protocol`),
+/// else the caller's (`x-meshlet-orig-proto`), else as it arrived; the
+/// mark is removed. An upgrade stays HTTP/1.1.
+fn for_app(request: &mut Request<ProxyBody>, declared: Option<AppProtocol>) {
+    let orig = request.headers_mut().remove(ORIG_PROTO);
+    if request.headers().contains_key(header::UPGRADE) {
+        return;
+    }
+    let http2 = match (declared, orig.as_ref().map(|v| v.as_bytes())) {
+        (Some(AppProtocol::H2c), _) => true,
+        (Some(AppProtocol::Http1), _) => false,
+        (None, Some(b"HTTP/2")) => true,
+        (None, Some(b"HTTP/1.1" | b"HTTP/1.0")) => false,
+        (None, _) => request.version() == Version::HTTP_2,
+    };
+    if http2 {
+        to_http2(request);
+    } else {
+        to_http1(request);
+    }
+}
+
+/// An HTTP/1.x request as HTTP/2: an absolute URI (authority from the URI
+/// or `Host`, which is removed), no connection-specific headers (the
+/// proxy removed the hop-by-hop ones already).
+pub fn to_http2<B>(request: &mut Request<B>) {
+    if request.version() == Version::HTTP_2 {
+        return;
+    }
+    let host = request.headers_mut().remove(header::HOST);
+    let authority = request
+        .uri()
+        .authority()
+        .map(|a| a.as_str().to_owned())
+        .or_else(|| {
+            host.as_ref()
+                .and_then(|h| h.to_str().ok())
+                .map(str::to_owned)
+        })
+        .unwrap_or_else(|| "localhost".to_owned());
+    let path = request
+        .uri()
+        .path_and_query()
+        .cloned()
+        .unwrap_or_else(|| PathAndQuery::from_static("/"));
+    let scheme = request.uri().scheme_str().unwrap_or("http").to_owned();
+    if let Ok(uri) = Uri::builder()
+        .scheme(scheme.as_str())
+        .authority(authority)
+        .path_and_query(path)
+        .build()
+    {
+        *request.uri_mut() = uri;
+    }
+    for name in [
+        header::CONNECTION,
+        header::TRANSFER_ENCODING,
+        header::UPGRADE,
+        HeaderName::from_static("keep-alive"),
+        HeaderName::from_static("proxy-connection"),
+    ] {
+        request.headers_mut().remove(name);
+    }
+    // HTTP/2 allows `te` only as `trailers` (RFC 9113 §8.2.2).
+    if request.headers().contains_key(header::TE) {
+        request
+            .headers_mut()
+            .insert(header::TE, HeaderValue::from_static("trailers"));
+    }
+    *request.version_mut() = Version::HTTP_2;
+}
+
+/// An HTTP/2 request as HTTP/1.1: `Host` from the `:authority` (unless the
+/// request has one), origin-form URI.
+pub fn to_http1<B>(request: &mut Request<B>) {
+    if request.version() != Version::HTTP_2 {
+        return;
+    }
+    if !request.headers().contains_key(header::HOST) {
+        if let Some(host) = request
+            .uri()
+            .authority()
+            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+        {
+            request.headers_mut().insert(header::HOST, host);
+        }
+    }
+    let path = request
+        .uri()
+        .path_and_query()
+        .cloned()
+        .unwrap_or_else(|| PathAndQuery::from_static("/"));
+    if let Ok(uri) = Uri::builder().path_and_query(path).build() {
+        *request.uri_mut() = uri;
+    }
+    *request.version_mut() = Version::HTTP_11;
 }
 
 #[cfg(test)]

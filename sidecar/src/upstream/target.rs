@@ -38,11 +38,13 @@ impl ServiceTarget {
         limits: &Arc<Limits>,
         metrics: TargetMetrics,
     ) -> Self {
-        let endpoint = Endpoint::new(
-            addr,
-            Default::default(),
-            ConnPool::new(addr, Arc::clone(limits)),
-        );
+        Self::single_pool(name, ConnPool::new(addr, Arc::clone(limits)), metrics)
+    }
+
+    /// A target of one endpoint reached through `pool` (the local app's,
+    /// which speaks the app's protocol).
+    pub fn single_pool(name: String, pool: Arc<ConnPool>, metrics: TargetMetrics) -> Self {
+        let endpoint = Endpoint::new(pool.addr(), Default::default(), pool);
         ServiceTarget {
             name,
             namespace: String::new(),
