@@ -87,6 +87,7 @@ pub mod demo;
 pub mod inprocess;
 pub mod layout;
 pub mod metrics;
+pub mod mtls;
 pub mod netns;
 pub mod process;
 pub mod upstream;

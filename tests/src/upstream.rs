@@ -1,5 +1,5 @@
 //! In-process upstream servers on real loopback sockets, speaking HTTP/1.1
-//! and h2c (auto-detected), with routes that exercise a proxy:
+//! and h2c (auto-detected; or HTTP/1.1 only), with routes that exercise a proxy:
 //!
 //! | route | answer |
 //! |---|---|
@@ -64,6 +64,16 @@ impl Upstream {
     }
 
     pub async fn start_on(name: &str, addr: SocketAddr) -> Upstream {
+        Self::start_with(name, addr, false).await
+    }
+
+    /// An app that speaks HTTP/1.1 only (an h2c preface is a protocol
+    /// error to it, as to most HTTP/1.1 servers).
+    pub async fn start_http1_only(name: &str) -> Upstream {
+        Self::start_with(name, SocketAddr::from(([127, 0, 0, 1], 0)), true).await
+    }
+
+    async fn start_with(name: &str, addr: SocketAddr, http1_only: bool) -> Upstream {
         let listener = TcpListener::bind(addr).await.expect("bind upstream");
         let addr = listener.local_addr().expect("local addr");
         let (stop, stopped) = watch::channel(false);
@@ -76,7 +86,7 @@ impl Upstream {
             healthy: Arc::new(AtomicBool::new(true)),
             health_probes: Arc::default(),
         };
-        let accept = tokio::spawn(accept_loop(listener, state.clone(), stopped));
+        let accept = tokio::spawn(accept_loop(listener, state.clone(), stopped, http1_only));
         Upstream {
             name: name.to_owned(),
             addr,
@@ -165,8 +175,16 @@ fn health(state: &State) -> Response<Body> {
         .expect("valid response")
 }
 
-async fn accept_loop(listener: TcpListener, state: State, stopped: watch::Receiver<bool>) {
-    let builder = auto::Builder::new(TokioExecutor::new());
+async fn accept_loop(
+    listener: TcpListener,
+    state: State,
+    stopped: watch::Receiver<bool>,
+    http1_only: bool,
+) {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    if http1_only {
+        builder = builder.http1_only();
+    }
     loop {
         let Ok((stream, _)) = listener.accept().await else {
             continue;
