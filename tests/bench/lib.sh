@@ -1,6 +1,7 @@
 # shellcheck shell=bash
 # Shared helpers of the loopback benchmarks in this folder (run.sh: sidecar vs
-# nginx; observability.sh: the cost of tracing). Sourced, never run:
+# nginx; observability.sh: the cost of tracing; mtls.sh: two hops, plaintext
+# vs mTLS). Sourced, never run:
 #
 #   SCRIPT_DIR=...; ROOT=...; ROUNDS=...      # the caller's own settings
 #   source "$SCRIPT_DIR/lib.sh"               # helpers + the cleanup trap
@@ -210,13 +211,15 @@ EOF
 }
 
 # start_sidecar NAME BINARY APP_PORT INBOUND_PORT OUTBOUND_PORT ADMIN_PORT [ARGS...]:
-# a standalone sidecar (service `bench`, no config) with its output in
-# $TMP/NAME.log, waited for on /ready. Sets STARTED_PID.
+# a sidecar (service `bench` unless ARGS has --service; standalone unless ARGS
+# has --config or --control-plane) with its output in $TMP/NAME.log, waited
+# for on /ready. Sets STARTED_PID.
 start_sidecar() {
     local name=$1 bin=$2 app=$3 in=$4 out=$5 admin=$6
     shift 6
-    local args=(--service bench --app-port "$app"
+    local args=(--app-port "$app"
         --inbound-port "$in" --outbound-port "$out" --admin-port "$admin")
+    [[ " $* " == *" --service "* ]] || args+=(--service bench)
     # The inbound listener binds 0.0.0.0 by default; keep the benchmark on loopback.
     if "$bin" --help 2>/dev/null | grep -q -- '--inbound-ip'; then
         args+=(--inbound-ip 127.0.0.1)
@@ -288,7 +291,7 @@ cpu_mark() {
     CPU_MARK_ALL=$((u + n + sy + irq + sirq + st))
     CPU_MARK_OURS=0
     for p in "${OUR_PIDS[@]}" ${SAMPLER_PID:+"$SAMPLER_PID"}; do
-        read -r -a f <"/proc/$p/stat" 2>/dev/null || continue
+        read -r -a f 2>/dev/null <"/proc/$p/stat" || continue # gone: skip it
         CPU_MARK_OURS=$((CPU_MARK_OURS + f[13] + f[14] + f[15] + f[16]))
     done
     times >"$TMP/times"
@@ -321,21 +324,24 @@ collect_our_pids() {
 # Per target and round: req/s, p50/p99 (us), errors, other CPU (%), requests sent.
 declare -gA RPS P50 P99 ERRS OTHER REQS
 
-# bench NAME PORT ROUND: warm-up, throughput run, fixed-rate latency run.
-# Results go to RPS/P50/P99/ERRS/OTHER/REQS[NAME,ROUND].
+# bench NAME PORT ROUND [HOST]: warm-up, throughput run, fixed-rate latency
+# run, every request with `Host: HOST` if given (e.g. a mesh service name, for
+# a sidecar's outbound listener). Results go to
+# RPS/P50/P99/ERRS/OTHER/REQS[NAME,ROUND].
 bench() {
-    local name=$1 port=$2 round=$3 url="http://127.0.0.1:$2/"
+    local name=$1 port=$2 round=$3 url="http://127.0.0.1:$2/" host=${4:-}
     local tag="$name-r$round"
-    local body
-    body=$(curl -fsS --max-time 2 "$url") || die "$name: GET $url failed"
+    local body hdr=()
+    [[ -z "$host" ]] || hdr=(-H "Host: $host")
+    body=$(curl -fsS --max-time 2 "${hdr[@]}" "$url") || die "$name: GET $url${host:+ (Host: $host)} failed"
     [[ "$body" == ok ]] || die "$name: GET $url answered '$body', expected 'ok'"
 
     log "$tag: warm-up $WARMUP"
-    run_wrk "$TMP/$tag-warmup.out" -t"$THREADS" -c"$CONNS" -d"$WARMUP" -s "$TMP/report.lua" "$url"
+    run_wrk "$TMP/$tag-warmup.out" -t"$THREADS" -c"$CONNS" -d"$WARMUP" -s "$TMP/report.lua" "${hdr[@]}" "$url"
 
     log "$tag: throughput, -t$THREADS -c$CONNS -d$DURATION"
     cpu_mark
-    run_wrk "$TMP/$tag-tput.out" -t"$THREADS" -c"$CONNS" -d"$DURATION" -s "$TMP/report.lua" "$url"
+    run_wrk "$TMP/$tag-tput.out" -t"$THREADS" -c"$CONNS" -d"$DURATION" -s "$TMP/report.lua" "${hdr[@]}" "$url"
     other_cpu_pct
     local other_tput=$OTHER_CPU
     local req dur
@@ -345,7 +351,7 @@ bench() {
 
     log "$tag: latency at $RATE req/s, -t1 -c$LAT_CONNS -d$DURATION"
     cpu_mark
-    run_wrk "$TMP/$tag-lat.out" -t1 -c"$LAT_CONNS" -d"$DURATION" -s "$TMP/paced.lua" "$url" -- "$RATE"
+    run_wrk "$TMP/$tag-lat.out" -t1 -c"$LAT_CONNS" -d"$DURATION" -s "$TMP/paced.lua" "${hdr[@]}" "$url" -- "$RATE"
     other_cpu_pct
     OTHER[$name,$round]=$((other_tput > OTHER_CPU ? other_tput : OTHER_CPU))
     P50[$name,$round]=$(field "$TMP/$tag-lat.out" p50_us)
