@@ -458,9 +458,17 @@ async fn certificates_renew_and_the_ca_rotates_under_traffic_without_a_failed_re
         &failures[..failures.len().min(5)]
     );
 
-    let bundle = std::fs::read_to_string(mesh.cp.data_dir.join("ca.crt")).unwrap();
+    // Roots made by a rotation live in DATA_DIR/ca-roots/ (`ca.crt` stays
+    // the API's CA).
+    let mut bundle = String::new();
+    for entry in std::fs::read_dir(mesh.cp.data_dir.join("ca-roots")).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "crt") {
+            bundle.push_str(&std::fs::read_to_string(path).unwrap());
+        }
+    }
     let only_new =
-        mtls::root_with_fingerprint(&bundle, &new_root).expect("ca.crt holds the new root");
+        mtls::root_with_fingerprint(&bundle, &new_root).expect("ca-roots/ holds the new root");
     let (seen, _) = mtls::handshake(inbound, only_new, Some(&probe), &["h2"]).await;
     let seen = seen.expect("b presents a certificate");
     assert_eq!(seen.chain, Ok(()), "b's leaf comes from the new root");
