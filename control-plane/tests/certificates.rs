@@ -156,7 +156,7 @@ async fn a_sidecar_gets_a_leaf_for_its_token_identity_and_describe_shows_it() {
     let lifetime = reply.not_after_ms - reply.not_before_ms;
     assert_eq!(
         lifetime,
-        3600_000 + 300_000,
+        3_600_000 + 300_000,
         "1h plus the 5 minutes backdated"
     );
     let ca_crt = std::fs::read_to_string(dir.path().join(CA_CERT_FILE)).unwrap();
@@ -199,7 +199,7 @@ async fn a_sidecar_gets_a_leaf_for_its_token_identity_and_describe_shows_it() {
     assert_eq!(leaf.root, ca.roots[0].fingerprint);
     assert_eq!(ca.roots[0].live_leaves, 1);
     assert!(ca.roots[0].signing);
-    assert_eq!(ca.workload_cert_ttl_ms, 3600_000);
+    assert_eq!(ca.workload_cert_ttl_ms, 3_600_000);
     assert_eq!(ca.rotation, None);
 
     // A renewal replaces the remembered leaf.
