@@ -456,3 +456,33 @@ fn a_workload_cert_ttl_under_10s_is_refused() {
     assert_eq!(default.workload_cert_ttl, Duration::from_secs(24 * 3600));
     assert_eq!(default.ca_rotation_grace, Duration::from_secs(5));
 }
+
+#[tokio::test]
+async fn a_rotation_in_progress_survives_a_restart_and_resumes() {
+    let dir = tempfile::tempdir().unwrap();
+    let slow = ["--ca-rotation-grace", "1h"];
+    let cp = ControlPlane::start(dir.path(), &slow).await;
+    let (status, body) = post(&cp, &cp.client, paths::CA_ROTATE, Vec::new()).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let phase1: CaStatus = serde_json::from_str(&body).unwrap();
+    drop(cp);
+
+    // Still phase 1 after a restart, and still one rotation at a time.
+    let cp = ControlPlane::start(dir.path(), &slow).await;
+    let ca = ca_status(&cp).await;
+    assert_eq!(ca.roots, phase1.roots);
+    assert!(
+        ca.rotation.as_deref().unwrap().contains("phase 1"),
+        "{ca:?}"
+    );
+    let (status, body) = post(&cp, &cp.client, paths::CA_ROTATE, Vec::new()).await;
+    assert_eq!(status, StatusCode::CONFLICT, "{body}");
+    drop(cp);
+
+    // With a short grace it moves on: phase 2, then (no instance holds a
+    // leaf of the old root) phase 3 with the new root alone.
+    let cp = ControlPlane::start(dir.path(), &["--ca-rotation-grace", "100ms"]).await;
+    let done = ca_until(&cp, "the rotation to finish", |ca| ca.roots.len() == 1).await;
+    assert_eq!(done.roots[0].fingerprint, phase1.roots[1].fingerprint);
+    assert!(done.roots[0].signing);
+}
