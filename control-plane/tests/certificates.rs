@@ -206,6 +206,15 @@ async fn a_sidecar_gets_a_leaf_for_its_token_identity_and_describe_shows_it() {
     let renewed = certificate(&cp, &orders, "orders-1").await;
     assert_ne!(renewed.serial, reply.serial);
     assert_eq!(ca_status(&cp).await.roots[0].live_leaves, 1);
+    let (_, metrics) = cp.call(Method::GET, "/metrics", None).await.unwrap();
+    let metrics = String::from_utf8_lossy(&metrics);
+    for line in [
+        "meshlet_workload_certificates_issued_total 2",
+        "meshlet_ca_roots 1",
+        "meshlet_ca_rotation_phase 0",
+    ] {
+        assert!(metrics.lines().any(|l| l == line), "{line}: {metrics}");
+    }
 
     // meshctl describe shows identity, serial and expiry; ca status the root.
     let (code, out, err) = cp.meshctl(&["describe", "service", "orders"]);
