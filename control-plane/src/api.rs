@@ -446,7 +446,12 @@ async fn trace(
 }
 
 async fn metrics(State(state): State<AppState>) -> Result<Response, ApiFailure> {
-    let text = crate::metrics::render(&state.controller, &state.traces, Instant::now())
-        .map_err(|e| ApiFailure::Internal(format!("cannot encode metrics: {e}")))?;
+    let text = crate::metrics::render(
+        &state.controller,
+        &state.traces,
+        &state.workload,
+        Instant::now(),
+    )
+    .map_err(|e| ApiFailure::Internal(format!("cannot encode metrics: {e}")))?;
     Ok(([(header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)], text).into_response())
 }

@@ -4,7 +4,8 @@
 //! it already lives — the published revision (revision, instances,
 //! resources), the push hub (open watch streams, an atomic count of
 //! snapshots and deltas sent) and the trace store's counters (one short
-//! lock). Each scrape builds fresh metric objects and encodes them, so the
+//! lock), and the workload CA (roots, rotation phase, an atomic count of
+//! leaves issued). Each scrape builds fresh metric objects and encodes them, so the
 //! push and receive paths carry no metrics code beyond that one atomic.
 
 use std::time::Instant;
@@ -15,6 +16,7 @@ use prometheus::{IntCounterVec, IntGaugeVec, Opts, TextEncoder};
 
 use crate::controller::Controller;
 use crate::traces::TraceStore;
+use crate::workload::Workload;
 
 /// The `content-type` of the text format.
 pub const CONTENT_TYPE: &str = prometheus::TEXT_FORMAT;
@@ -82,12 +84,42 @@ fn count(n: usize) -> i64 {
 pub fn render(
     controller: &Controller,
     traces: &TraceStore,
+    workload: &Workload,
     now: Instant,
 ) -> prometheus::Result<String> {
     let mut f = Families::default();
     mesh_families(&mut f, controller)?;
+    ca_families(&mut f, workload)?;
     trace_families(&mut f, traces, now)?;
     TextEncoder::new().encode_to_string(&f.0)
+}
+
+/// The workload CA: roots in the bundle, the rotation phase, leaves issued.
+fn ca_families(f: &mut Families, workload: &Workload) -> prometheus::Result<()> {
+    let roots = workload.roots();
+    let phase = match roots.phase() {
+        crate::ca::Phase::Stable => 0,
+        crate::ca::Phase::Adding { .. } => 1,
+        crate::ca::Phase::Retiring { .. } => 2,
+    };
+    f.gauge(
+        "meshlet_ca_roots",
+        "Roots in the trust bundle pushed to sidecars (2 during a rotation).",
+        "",
+        &[("", count(roots.all().len()))],
+    )?;
+    f.gauge(
+        "meshlet_ca_rotation_phase",
+        "0: no rotation; 1: new root trusted, old signs; 2: new root signs, old retiring.",
+        "",
+        &[("", phase)],
+    )?;
+    f.counter(
+        "meshlet_workload_certificates_issued_total",
+        "Workload certificates signed since start.",
+        "",
+        &[("", workload.issued())],
+    )
 }
 
 /// The published revision and the push hub.

@@ -28,6 +28,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -79,6 +80,8 @@ pub struct Workload {
     leaves: Mutex<HashMap<String, Leaf>>,
     /// One phase change at a time.
     rotating: tokio::sync::Mutex<()>,
+    /// Leaves signed since start (`/metrics`).
+    issued: AtomicU64,
 }
 
 fn ms(t: SystemTime) -> u64 {
@@ -107,6 +110,7 @@ impl Workload {
             roots: RwLock::new(Arc::new(roots)),
             leaves: Mutex::new(HashMap::new()),
             rotating: tokio::sync::Mutex::new(()),
+            issued: AtomicU64::new(0),
         }
     }
 
@@ -128,6 +132,11 @@ impl Workload {
 
     pub fn roots(&self) -> Arc<Roots> {
         self.roots.read().unwrap().clone()
+    }
+
+    /// Leaves signed since start.
+    pub fn issued(&self) -> u64 {
+        self.issued.load(Ordering::Relaxed)
     }
 
     pub fn trust_domain(&self) -> &str {
@@ -160,6 +169,7 @@ impl Workload {
         .await
         .map_err(|e| ApiFailure::Internal(format!("signing task failed: {e}")))?;
         let cert = cert.map_err(ca_failure)?;
+        self.issued.fetch_add(1, Ordering::Relaxed);
         let issued = IssuedLeaf {
             serial: cert.serial.clone(),
             not_after_ms: ms(cert.not_after),

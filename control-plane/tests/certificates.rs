@@ -156,7 +156,7 @@ async fn a_sidecar_gets_a_leaf_for_its_token_identity_and_describe_shows_it() {
     let lifetime = reply.not_after_ms - reply.not_before_ms;
     assert_eq!(
         lifetime,
-        3600_000 + 300_000,
+        3_600_000 + 300_000,
         "1h plus the 5 minutes backdated"
     );
     let ca_crt = std::fs::read_to_string(dir.path().join(CA_CERT_FILE)).unwrap();
@@ -199,13 +199,22 @@ async fn a_sidecar_gets_a_leaf_for_its_token_identity_and_describe_shows_it() {
     assert_eq!(leaf.root, ca.roots[0].fingerprint);
     assert_eq!(ca.roots[0].live_leaves, 1);
     assert!(ca.roots[0].signing);
-    assert_eq!(ca.workload_cert_ttl_ms, 3600_000);
+    assert_eq!(ca.workload_cert_ttl_ms, 3_600_000);
     assert_eq!(ca.rotation, None);
 
     // A renewal replaces the remembered leaf.
     let renewed = certificate(&cp, &orders, "orders-1").await;
     assert_ne!(renewed.serial, reply.serial);
     assert_eq!(ca_status(&cp).await.roots[0].live_leaves, 1);
+    let (_, metrics) = cp.call(Method::GET, "/metrics", None).await.unwrap();
+    let metrics = String::from_utf8_lossy(&metrics);
+    for line in [
+        "meshlet_workload_certificates_issued_total 2",
+        "meshlet_ca_roots 1",
+        "meshlet_ca_rotation_phase 0",
+    ] {
+        assert!(metrics.lines().any(|l| l == line), "{line}: {metrics}");
+    }
 
     // meshctl describe shows identity, serial and expiry; ca status the root.
     let (code, out, err) = cp.meshctl(&["describe", "service", "orders"]);
@@ -455,4 +464,34 @@ fn a_workload_cert_ttl_under_10s_is_refused() {
     let default = Settings::try_parse_from(["control-plane"]).unwrap();
     assert_eq!(default.workload_cert_ttl, Duration::from_secs(24 * 3600));
     assert_eq!(default.ca_rotation_grace, Duration::from_secs(5));
+}
+
+#[tokio::test]
+async fn a_rotation_in_progress_survives_a_restart_and_resumes() {
+    let dir = tempfile::tempdir().unwrap();
+    let slow = ["--ca-rotation-grace", "1h"];
+    let cp = ControlPlane::start(dir.path(), &slow).await;
+    let (status, body) = post(&cp, &cp.client, paths::CA_ROTATE, Vec::new()).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let phase1: CaStatus = serde_json::from_str(&body).unwrap();
+    drop(cp);
+
+    // Still phase 1 after a restart, and still one rotation at a time.
+    let cp = ControlPlane::start(dir.path(), &slow).await;
+    let ca = ca_status(&cp).await;
+    assert_eq!(ca.roots, phase1.roots);
+    assert!(
+        ca.rotation.as_deref().unwrap().contains("phase 1"),
+        "{ca:?}"
+    );
+    let (status, body) = post(&cp, &cp.client, paths::CA_ROTATE, Vec::new()).await;
+    assert_eq!(status, StatusCode::CONFLICT, "{body}");
+    drop(cp);
+
+    // With a short grace it moves on: phase 2, then (no instance holds a
+    // leaf of the old root) phase 3 with the new root alone.
+    let cp = ControlPlane::start(dir.path(), &["--ca-rotation-grace", "100ms"]).await;
+    let done = ca_until(&cp, "the rotation to finish", |ca| ca.roots.len() == 1).await;
+    assert_eq!(done.roots[0].fingerprint, phase1.roots[1].fingerprint);
+    assert!(done.roots[0].signing);
 }

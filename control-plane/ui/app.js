@@ -228,6 +228,14 @@ function edgePath(a, b) {
   };
 }
 
+// A 10×13 padlock drawn in SVG (no emoji font needed), its top left at x, y.
+function padlock(x, y) {
+  return svg('g', { class: 'padlock', transform: `translate(${x},${y})` },
+    svg('path', { d: 'M2.5,6 V4 a2.5,2.5 0 0 1 5,0 V6' }),
+    svg('rect', { x: 0, y: 6, width: 10, height: 7, rx: 1.5 }),
+    svg('title', {}, 'mutual TLS'));
+}
+
 async function loadTopology(root) {
   const { nodes, edges } = await getJson(API.topology);
   if (!nodes.length) {
@@ -245,7 +253,8 @@ async function loadTopology(root) {
     const classes = ['edge', bad ? 'bad' : null, e.mtls ? 'mtls' : null].filter(Boolean).join(' ');
     return svg('g', { class: classes, 'data-edge': `${e.from}->${e.to}`, 'data-rps': e.rps, 'data-error-rate': e.errorRate, 'data-mtls': !!e.mtls },
       svg('path', { d, 'marker-end': `url(#${bad ? 'arrow-bad' : 'arrow'})` }),
-      svg('text', { x: mid.x, y: mid.y }, `${e.mtls ? '\u{1F512} ' : ''}${fmt.rate(e.rps)} rps · ${fmt.percent(e.errorRate)} err`),
+      svg('text', { x: mid.x, y: mid.y }, `${fmt.rate(e.rps)} rps · ${fmt.percent(e.errorRate)} err`),
+      e.mtls ? padlock(mid.x - 5, mid.y + 14) : null,
       svg('title', {}, `${e.from} → ${e.to}: ${e.requests} requests, p99 ${fmt.ms(e.p99Ms)}${e.mtls ? ', mutual TLS' : ', plaintext'}`));
   });
   const drawnNodes = nodes.map((n) => {
@@ -258,7 +267,7 @@ async function loadTopology(root) {
   const graph = svg('svg', { id: 'topology-graph', viewBox: `0 0 ${width} ${height + below}`, height: height + below },
     svg('defs', {}, marker('arrow'), marker('arrow-bad')), drawnEdges, drawnNodes);
   root.replaceChildren(el('h2', {}, 'Topology'),
-    el('p', { class: 'muted' }, 'Who calls whom, as the callers\' sidecars saw it over the last 30 s; red: more than 5% errors; \u{1F512}: mutual TLS (both services\' sidecars hold workload certificates).'), graph);
+    el('p', { class: 'muted' }, 'Who calls whom, as the callers\' sidecars saw it over the last 30 s; red: more than 5% errors; a padlock under an arrow: mutual TLS (both services\' sidecars hold workload certificates).'), graph);
 }
 
 // ---------------------------------------------------------------- policies

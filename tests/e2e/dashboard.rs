@@ -242,6 +242,15 @@ async fn the_dashboard_shows_the_demo_mesh_live_in_a_real_browser() {
     // Sortable: a second click on a column reverses its order.
     sort_by_name(&browser, "orders,inventory,frontend").await;
     sort_by_name(&browser, "frontend,inventory,orders").await;
+    // The identity column: each service's SPIFFE id (issue 14).
+    let identities = browser
+        .evaluate("[...document.querySelectorAll('tr[data-service] [data-field=identity]')].map(e => e.textContent).join()")
+        .await
+        .unwrap();
+    assert_eq!(
+        identities,
+        "spiffe://meshlet.local/ns/default/sa/frontend,spiffe://meshlet.local/ns/default/sa/inventory,spiffe://meshlet.local/ns/default/sa/orders"
+    );
     assert_no_page_errors(&browser, "on the services view");
     screenshot(&browser, "services").await;
 
@@ -258,6 +267,12 @@ async fn the_dashboard_shows_the_demo_mesh_live_in_a_real_browser() {
         .await
         .expect("edges drawn");
     assert_eq!(edges, 2, "frontend → orders and orders → inventory only");
+    // Both ends are certified sidecars: a padlock on each edge (issue 14).
+    let padlocks = browser
+        .evaluate("[...document.querySelectorAll('[data-edge]')].filter(e => e.dataset.mtls === 'true' && e.querySelector('.padlock')).length")
+        .await
+        .unwrap();
+    assert_eq!(padlocks, 2, "every edge between meshed services is mTLS");
     assert_no_page_errors(&browser, "on the topology view");
     screenshot(&browser, "topology").await;
 

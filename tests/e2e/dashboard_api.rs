@@ -156,6 +156,10 @@ async fn the_dashboard_shows_what_the_sidecars_counted() {
     assert_eq!(orders["healthy"], true, "{orders:#}");
     assert_eq!(orders["instances"].as_array().unwrap().len(), 1);
     assert!(orders["instances"][0]["lastHeartbeatMs"].as_u64().unwrap() > 0);
+    assert_eq!(
+        orders["instances"][0]["identity"], "spiffe://meshlet.local/ns/default/sa/orders",
+        "{orders:#}"
+    );
     assert!(orders["rps"].as_f64().unwrap() > 0.0, "{orders:#}");
     assert_eq!(orders["successRate"], 1.0);
     assert!(orders["p50Ms"].as_f64().unwrap() > 0.0, "{orders:#}");
@@ -184,6 +188,8 @@ async fn the_dashboard_shows_what_the_sidecars_counted() {
         "{topology:#}"
     );
     assert!(find(&topology["nodes"], "id", "default/orders").is_some());
+    // Both ends are registered sidecars with identities: mTLS.
+    assert_eq!(topology["edges"][0]["mtls"], true, "{topology:#}");
 
     // A report arrived since the stream opened: an update announces it.
     let (name, data) = events.next().await;

@@ -314,11 +314,27 @@ async fn an_alias_bomb_and_floods_are_refused_with_flat_memory() {
     let id = wait::until("orders registered", Duration::from_secs(10), || async {
         let detail = cp.get("/api/v1/services/default/orders").await;
         let detail: serde_json::Value = serde_json::from_slice(&detail.body).ok()?;
-        detail["instances"][0]["id"].as_str().map(str::to_owned)
+        let healthy = detail["instances"][0]["healthy"] == true;
+        healthy
+            .then(|| detail["instances"][0]["id"].as_str().map(str::to_owned))
+            .flatten()
     })
     .await;
     let sidecar_before = sidecar.rss_bytes();
-    let revision_before = sidecar.revision().await;
+    // The sidecar may register before its first health probe passed (a
+    // second revision marks it healthy), and gets each revision a moment
+    // after the control plane committed it: wait until it holds the latest.
+    let revision_before = wait::until(
+        "the sidecar holds the control plane's latest revision",
+        Duration::from_secs(10),
+        || async {
+            let history = cp.get("/api/v1/revisions").await;
+            let history: serde_json::Value = serde_json::from_slice(&history.body).ok()?;
+            let latest = history[0]["revision"].as_u64()?;
+            (sidecar.revision().await == latest).then_some(latest)
+        },
+    )
+    .await;
 
     let body = json!({"files": [{"name": "bomb.yaml", "text": split_bomb()}]});
     let reply = cp.post_json("/api/v1/apply", &body).await;

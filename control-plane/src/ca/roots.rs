@@ -326,10 +326,10 @@ mod tests {
 
         // ca.crt/ca.key stay: they are the API's CA.
         let done = reloaded.retire(&dir).unwrap();
-        assert_eq!(fingerprints(&done), [new.clone()]);
+        assert_eq!(fingerprints(&done), vec![new.clone()]);
         assert!(dir.join(CA_CERT_FILE).exists() && dir.join(CA_KEY_FILE).exists());
         let reloaded = Roots::load(&dir, original(&dir)).unwrap();
-        assert_eq!(fingerprints(&reloaded), [new.clone()]);
+        assert_eq!(fingerprints(&reloaded), vec![new.clone()]);
         assert_eq!(reloaded.phase(), Phase::Stable);
 
         // A second rotation retires a root of ca-roots/: its files go.
