@@ -326,7 +326,8 @@ impl ControlClient {
         let this = self.clone();
         tokio::spawn(async move {
             if let Some(identity) = &this.identity {
-                let first = tokio::time::timeout(FIRST_CERTIFICATE_WAIT, identity.first_attempt_done());
+                let first =
+                    tokio::time::timeout(FIRST_CERTIFICATE_WAIT, identity.first_attempt_done());
                 tokio::select! {
                     _ = first => {}
                     _ = stop.wait_for(|stop| *stop) => return,

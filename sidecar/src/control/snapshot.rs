@@ -140,8 +140,7 @@ impl Build<'_> {
                 match self.old_endpoints.get(&spec.address) {
                     Some(ep)
                         if ep.labels == spec.labels
-                            && ep.pool.peer_identity().map(|i| &**i)
-                                == identity.as_deref() =>
+                            && ep.pool.peer_identity().map(|i| &**i) == identity.as_deref() =>
                     {
                         Arc::clone(ep)
                     }

@@ -150,9 +150,9 @@ pub fn spawn(
                 }
                 Err(error) => {
                     identity.metrics.failures.inc();
-                    let expires = identity.leaf().map(|leaf| {
-                        humantime::format_rfc3339_seconds(leaf.not_after).to_string()
-                    });
+                    let expires = identity
+                        .leaf()
+                        .map(|leaf| humantime::format_rfc3339_seconds(leaf.not_after).to_string());
                     if failing {
                         tracing::debug!(%error, "workload certificate request failed again");
                     } else {

@@ -75,7 +75,10 @@ fn header_text<B>(request: &Request<B>, name: &str) -> String {
 }
 
 /// An inbound listener of `identity` with the TLS acceptor.
-async fn inbound(identity: &Arc<WorkloadIdentity>, echo: Echo) -> (SocketAddr, watch::Sender<bool>) {
+async fn inbound(
+    identity: &Arc<WorkloadIdentity>,
+    echo: Echo,
+) -> (SocketAddr, watch::Sender<bool>) {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let (stop, stopped) = watch::channel(false);
@@ -185,11 +188,17 @@ async fn a_peer_of_another_ca_or_with_an_expired_certificate_is_refused() {
     let pool = mesh_pool(&frontend, addr, "orders");
     let error = refusal(&pool, pool.send(http1_get("/")).await);
     assert_eq!(error.reason(), "tls_handshake_failed", "{error}");
-    assert!(error.to_string().to_lowercase().contains("expired"), "{error}");
+    assert!(
+        error.to_string().to_lowercase().contains("expired"),
+        "{error}"
+    );
 
     // Our own certificate expired: nothing is sent, 503.
     let pool = mesh_pool(&expired, addr, "orders");
-    assert!(matches!(expired.hop(Some(&spiffe("orders"))), Hop::Expired(_)));
+    assert!(matches!(
+        expired.hop(Some(&spiffe("orders"))),
+        Hop::Expired(_)
+    ));
     match pool.send(http1_get("/")).await {
         Err(SendError::Connect { source, .. }) => assert!(matches!(
             TlsFailure::of(&source),
@@ -198,7 +207,10 @@ async fn a_peer_of_another_ca_or_with_an_expired_certificate_is_refused() {
         other => panic!("expected a refusal, got {other:?}"),
     }
     let error = refusal(&pool, pool.send(http1_get("/")).await);
-    assert_eq!((error.status().as_u16(), error.reason()), (503, "certificate_expired"));
+    assert_eq!(
+        (error.status().as_u16(), error.reason()),
+        (503, "certificate_expired")
+    );
 }
 
 #[tokio::test]
@@ -359,7 +371,10 @@ async fn an_http1_app_gets_http1_with_a_host_from_an_h2_hop() {
     for head in heads {
         let lower = head.to_ascii_lowercase();
         assert!(head.starts_with("GET /api?q=1 HTTP/1.1\r\n"), "{head}");
-        assert!(lower.contains("\r\nhost: orders.default:8080\r\n"), "{head}");
+        assert!(
+            lower.contains("\r\nhost: orders.default:8080\r\n"),
+            "{head}"
+        );
         assert!(!lower.contains("x-meshlet-orig-proto"), "{head}");
     }
 }
@@ -386,7 +401,10 @@ async fn a_bundle_whose_signing_root_did_not_sign_the_leaf_asks_for_renewal() {
     // Renewed from the new root: nothing more to do.
     let source = TestSource::new(&new, &spiffe("orders").to_string(), Duration::from_secs(60));
     *source.bundle.lock().unwrap() = Some(format!("{}{}", new.pem, old.pem));
-    identity.renew_once(source.as_ref(), "i", "orders").await.unwrap();
+    identity
+        .renew_once(source.as_ref(), "i", "orders")
+        .await
+        .unwrap();
     identity.set_bundle(&new.pem);
     assert!(!asked(&identity).await);
 }
@@ -403,12 +421,18 @@ async fn renewal_is_due_at_two_thirds_of_the_lifetime_and_failures_keep_the_cert
         assert!((0.59..=0.74).contains(&fraction), "{fraction}");
     }
     let source = TestSource::new(&ca, &spiffe("orders").to_string(), Duration::from_secs(60));
-    source.down.store(true, std::sync::atomic::Ordering::Relaxed);
+    source
+        .down
+        .store(true, std::sync::atomic::Ordering::Relaxed);
     let failed = identity.renew_once(source.as_ref(), "i", "orders").await;
     assert!(failed.is_err());
     assert_eq!(identity.leaf().unwrap().serial, leaf.serial, "kept");
     assert!(matches!(identity.hop(Some(&spiffe("x"))), Hop::Mtls(_)));
-    assert_eq!(identity.hop(None), Hop::Plain, "an endpoint without identity");
+    assert_eq!(
+        identity.hop(None),
+        Hop::Plain,
+        "an endpoint without identity"
+    );
 }
 
 #[tokio::test]
@@ -445,7 +469,11 @@ async fn opaque_tcp_crosses_the_hop_over_mtls_to_the_app() {
         stopped,
         ListenerOptions {
             interception: None,
-            tls: Some(Arc::new(Acceptor::new(&orders, app_addr, Duration::from_secs(1)))),
+            tls: Some(Arc::new(Acceptor::new(
+                &orders,
+                app_addr,
+                Duration::from_secs(1),
+            ))),
         },
     ));
     // The caller's transparent outbound, the destination a meshed pod.

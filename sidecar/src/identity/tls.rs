@@ -23,8 +23,8 @@ use rustls::{ClientConfig, ServerConfig, SignatureScheme};
 use tokio::net::TcpStream;
 use tokio_rustls::{client, server, TlsAcceptor, TlsConnector};
 
-use crate::identity::verify::{BundleClientVerifier, IdentityMismatch, PeerVerifier};
 use crate::identity::provider::provider;
+use crate::identity::verify::{BundleClientVerifier, IdentityMismatch, PeerVerifier};
 use crate::identity::workload::WorkloadIdentity;
 
 pub const ALPN_H2: &[u8] = b"h2";
@@ -36,7 +36,9 @@ pub const ALPN_TCP: &[u8] = b"meshlet-tcp";
 /// reason (`error.rs`).
 #[derive(Debug, thiserror::Error)]
 pub enum TlsFailure {
-    #[error("this sidecar's workload certificate expired at {at} and the control plane is unreachable")]
+    #[error(
+        "this sidecar's workload certificate expired at {at} and the control plane is unreachable"
+    )]
     CertificateExpired { at: String },
     #[error("the peer's certificate does not carry the identity the registry names: {0}")]
     IdentityMismatch(IdentityMismatch),
@@ -188,7 +190,11 @@ pub struct Acceptor {
 }
 
 impl Acceptor {
-    pub fn new(identity: &Arc<WorkloadIdentity>, app: SocketAddr, connect_timeout: Duration) -> Self {
+    pub fn new(
+        identity: &Arc<WorkloadIdentity>,
+        app: SocketAddr,
+        connect_timeout: Duration,
+    ) -> Self {
         Acceptor {
             identity: Arc::clone(identity),
             config: server_config(identity),

@@ -44,10 +44,14 @@ pub fn spiffe_id_of(der: &[u8]) -> Result<SpiffeId, String> {
         .subject_alternative_name()
         .map_err(|e| format!("certificate SAN: {e}"))?
         .ok_or_else(|| "the certificate has no subject alternative name".to_owned())?;
-    let mut uris = sans.value.general_names.iter().filter_map(|name| match name {
-        x509_parser::extensions::GeneralName::URI(uri) => Some(*uri),
-        _ => None,
-    });
+    let mut uris = sans
+        .value
+        .general_names
+        .iter()
+        .filter_map(|name| match name {
+            x509_parser::extensions::GeneralName::URI(uri) => Some(*uri),
+            _ => None,
+        });
     let uri = uris
         .next()
         .ok_or_else(|| "the certificate has no URI SAN".to_owned())?;

@@ -153,10 +153,7 @@ impl WorkloadIdentity {
         }
         match TrustBundle::parse(roots) {
             Ok(bundle) => {
-                tracing::info!(
-                    roots = bundle.len(),
-                    "trust bundle updated"
-                );
+                tracing::info!(roots = bundle.len(), "trust bundle updated");
                 self.bundle.store(Arc::new(bundle));
                 self.renew_if_not_signed_by_first_root();
             }
@@ -210,4 +207,3 @@ pub(crate) fn unix_secs(at: SystemTime) -> u64 {
 pub(crate) fn from_unix_ms(ms: u64) -> SystemTime {
     UNIX_EPOCH + Duration::from_millis(ms)
 }
-

@@ -331,7 +331,9 @@ impl<H: Handler> Shared<H> {
             return Ok(());
         };
         if tls.identity.leaf().is_none() {
-            tracing::debug!("a TLS connection, but this sidecar has no workload certificate yet; closed");
+            tracing::debug!(
+                "a TLS connection, but this sidecar has no workload certificate yet; closed"
+            );
             return Ok(());
         }
         let accepted = tokio::select! {
@@ -359,7 +361,9 @@ impl<H: Handler> Shared<H> {
                     Ok(Err(error)) => {
                         tracing::debug!(app = %tls.app, %error, "opaque TCP over mTLS: cannot reach the app")
                     }
-                    Err(_) => tracing::debug!(app = %tls.app, "opaque TCP over mTLS: connecting to the app timed out"),
+                    Err(_) => {
+                        tracing::debug!(app = %tls.app, "opaque TCP over mTLS: connecting to the app timed out")
+                    }
                 }
                 Ok(())
             }

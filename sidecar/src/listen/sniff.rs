@@ -137,15 +137,28 @@ mod tests {
                 Some(Protocol::Http1)
             );
             assert_eq!(classify(H2_PREFACE, listener, false), Some(Protocol::Http2));
-            assert_eq!(classify(b"PRI * HT", listener, false), None, "part of the preface");
+            assert_eq!(
+                classify(b"PRI * HT", listener, false),
+                None,
+                "part of the preface"
+            );
         }
-        assert_eq!(classify(b"DELETE /x", Transparent, false), Some(Protocol::Http1));
-        assert_eq!(classify(b"PATCH ", Transparent, false), Some(Protocol::Http1));
+        assert_eq!(
+            classify(b"DELETE /x", Transparent, false),
+            Some(Protocol::Http1)
+        );
+        assert_eq!(
+            classify(b"PATCH ", Transparent, false),
+            Some(Protocol::Http1)
+        );
     }
 
     #[test]
     fn transparent_listeners_tell_opaque_tcp_from_http() {
-        assert_eq!(classify(b"hello\n", Transparent, false), Some(Protocol::Opaque));
+        assert_eq!(
+            classify(b"hello\n", Transparent, false),
+            Some(Protocol::Opaque)
+        );
         assert_eq!(
             classify(b"*1\r\n$4\r\nPING", Transparent, false),
             Some(Protocol::Opaque)
@@ -155,7 +168,10 @@ mod tests {
             Some(Protocol::Opaque),
             "TLS"
         );
-        assert_eq!(classify(b"GETX", Transparent, false), Some(Protocol::Opaque));
+        assert_eq!(
+            classify(b"GETX", Transparent, false),
+            Some(Protocol::Opaque)
+        );
         assert_eq!(
             classify(b"get / HTTP/1.1", Transparent, false),
             Some(Protocol::Opaque)

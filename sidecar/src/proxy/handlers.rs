@@ -126,13 +126,11 @@ impl Inbound {
             .other_ports
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
-        let target = ports
-            .entry(addr.port())
-            .or_insert_with(|| {
-                let protocol = self.app.balancer.endpoints().first();
-                let protocol = protocol.and_then(|e| e.pool.app_protocol());
-                Arc::new(app_target(addr, &self.limits, &self.metrics, protocol))
-            });
+        let target = ports.entry(addr.port()).or_insert_with(|| {
+            let protocol = self.app.balancer.endpoints().first();
+            let protocol = protocol.and_then(|e| e.pool.app_protocol());
+            Arc::new(app_target(addr, &self.limits, &self.metrics, protocol))
+        });
         Arc::clone(target)
     }
 

@@ -271,8 +271,7 @@ impl ConnPool {
         request
             .headers_mut()
             .insert(ORIG_PROTO, HeaderValue::from_static(orig));
-        if request.version() != Version::HTTP_2 && request.headers().contains_key(header::UPGRADE)
-        {
+        if request.version() != Version::HTTP_2 && request.headers().contains_key(header::UPGRADE) {
             return self.send_upgrade_tls(request, local, identity).await;
         }
         to_http2(&mut request);
@@ -509,7 +508,6 @@ impl ConnPool {
     }
 }
 
-
 /// The local app's protocol for `request`: `declared` (`--app-protocol`),
 /// else the caller's (`x-meshlet-orig-proto`), else as it arrived; the
 /// mark is removed. An upgrade stays HTTP/1.1.
@@ -544,7 +542,11 @@ pub fn to_http2<B>(request: &mut Request<B>) {
         .uri()
         .authority()
         .map(|a| a.as_str().to_owned())
-        .or_else(|| host.as_ref().and_then(|h| h.to_str().ok()).map(str::to_owned))
+        .or_else(|| {
+            host.as_ref()
+                .and_then(|h| h.to_str().ok())
+                .map(str::to_owned)
+        })
         .unwrap_or_else(|| "localhost".to_owned());
     let path = request
         .uri()
