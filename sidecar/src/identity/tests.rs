@@ -414,9 +414,9 @@ async fn renewal_is_due_at_two_thirds_of_the_lifetime_and_failures_keep_the_cert
     let ca = TestCa::new("mesh root");
     let identity = identity_for(&ca, "orders").await;
     let leaf = identity.leaf().unwrap();
-    let lifetime = leaf.not_after.duration_since(leaf.not_before).unwrap();
+    let lifetime = leaf.not_after.duration_since(leaf.received).unwrap();
     for _ in 0..100 {
-        let due = renewal_time(&leaf).duration_since(leaf.not_before).unwrap();
+        let due = renewal_time(&leaf).duration_since(leaf.received).unwrap();
         let fraction = due.as_secs_f64() / lifetime.as_secs_f64();
         assert!((0.59..=0.74).contains(&fraction), "{fraction}");
     }
@@ -428,6 +428,19 @@ async fn renewal_is_due_at_two_thirds_of_the_lifetime_and_failures_keep_the_cert
     assert!(failed.is_err());
     assert_eq!(identity.leaf().unwrap().serial, leaf.serial, "kept");
     assert!(matches!(identity.hop(Some(&spiffe("x"))), Hop::Mtls(_)));
+    // A back-dated notBefore (the control plane's CA: 5 minutes) does not
+    // make a 30 s leaf due at once.
+    let (key, csr) = key_and_csr("orders").unwrap();
+    let now = SystemTime::now();
+    let reply = ca.sign(
+        &csr,
+        &spiffe("orders").to_string(),
+        now - Duration::from_secs(300),
+        now + Duration::from_secs(30),
+    );
+    let short = leaf_of(&reply, &key).unwrap();
+    let due = renewal_time(&short).duration_since(now).unwrap();
+    assert!(due >= Duration::from_secs(17), "{due:?}");
     assert_eq!(
         identity.hop(None),
         Hop::Plain,

@@ -37,6 +37,9 @@ pub struct Leaf {
     pub serial: String,
     pub not_before: SystemTime,
     pub not_after: SystemTime,
+    /// When this sidecar received it (the start of its lifetime for
+    /// renewal, `notBefore` being back-dated).
+    pub received: SystemTime,
 }
 
 impl Leaf {
