@@ -519,3 +519,22 @@ async fn opaque_tcp_crosses_the_hop_over_mtls_to_the_app() {
         .unwrap();
     assert_eq!(&echoed, b"hello");
 }
+
+#[tokio::test]
+async fn without_a_certificate_tls_is_closed_and_plaintext_still_served() {
+    let ca = TestCa::new("mesh root");
+    let frontend = identity_for(&ca, "frontend").await;
+    let waiting = WorkloadIdentity::new(Metrics::new("orders").identity());
+    let echo = Echo::default();
+    let (addr, _stop) = inbound(&waiting, echo.clone()).await;
+    let pool = mesh_pool(&frontend, addr, "orders");
+    let error = refusal(&pool, pool.send(http1_get("/")).await);
+    assert_eq!(error.reason(), "tls_handshake_failed", "{error}");
+    // A plaintext caller (a sidecar without a certificate) still gets in.
+    let plain = ConnPool::new(addr, Arc::new(Limits::default()));
+    let response = plain.send(http1_get("/")).await.unwrap();
+    assert_eq!(
+        text(response).await,
+        "HTTP/1.1 orig=- host=orders uri=/ identity=none"
+    );
+}
