@@ -538,3 +538,46 @@ async fn without_a_certificate_tls_is_closed_and_plaintext_still_served() {
         "HTTP/1.1 orig=- host=orders uri=/ identity=none"
     );
 }
+
+#[tokio::test]
+async fn after_goaway_the_next_request_opens_a_new_connection() {
+    let ca = TestCa::new("mesh root");
+    let (frontend, orders) = (
+        identity_for(&ca, "frontend").await,
+        identity_for(&ca, "orders").await,
+    );
+    let (addr, stop) = inbound(&orders, Echo::default()).await;
+    let pool = mesh_pool(&frontend, addr, "orders");
+    assert_eq!(pool.send(http1_get("/")).await.unwrap().status(), 200);
+    // The peer shuts down gracefully (GOAWAY, close) and comes back on the
+    // same address.
+    let _ = stop.send(true);
+    tokio::time::timeout(Duration::from_secs(5), async {
+        while pool.has_mtls_connection() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("the connection closes");
+    let listener = TcpListener::bind(addr).await.unwrap();
+    let (_stop, stopped) = watch::channel(false);
+    let echo = Echo::default();
+    tokio::spawn(serve(
+        "inbound",
+        listener,
+        echo.clone(),
+        Arc::new(Limits::default()),
+        Metrics::new("orders").listener("inbound"),
+        stopped,
+        ListenerOptions {
+            interception: None,
+            tls: Some(Arc::new(Acceptor::new(
+                &orders,
+                addr,
+                Duration::from_secs(1),
+            ))),
+        },
+    ));
+    assert_eq!(pool.send(http1_get("/")).await.unwrap().status(), 200);
+    assert_eq!(echo.clients.lock().unwrap().len(), 1);
+}
