@@ -237,6 +237,14 @@ async fn many_concurrent_http1_requests_share_one_h2_connection() {
         assert!(task.await.unwrap().starts_with("HTTP/2.0 orig=HTTP/1.1"));
     }
     assert_eq!(echo.clients.lock().unwrap().len(), 1, "one connection");
+    let handshakes = |identity: &WorkloadIdentity| {
+        (
+            identity.metrics.outbound_handshakes.get(),
+            identity.metrics.inbound_handshakes.get(),
+        )
+    };
+    assert_eq!(handshakes(&frontend), (1, 0), "one handshake");
+    assert_eq!(handshakes(&orders), (0, 1));
     assert!(pool.has_mtls_connection());
     assert_eq!(pool.pooled_connections(), 0, "no HTTP/1.1 connection");
 }
