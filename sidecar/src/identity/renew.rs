@@ -4,8 +4,8 @@
 //! never sent), a CSR for it, and asks the [`CertificateSource`] (the
 //! control plane, with the sidecar token: the control plane signs the
 //! identity it derives from the token, whatever the CSR says). The reply's
-//! leaf and key become a [`Leaf`]; its trust bundle replaces the current
-//! one.
+//! leaf and key become a [`Leaf`]; its trust bundle is used until the
+//! watch delivers the control plane's current one.
 //!
 //! The task: first request at once; then renew at 2/3 of the lifetime
 //! ±10 % (jitter, so a fleet started together does not renew together);
@@ -105,9 +105,10 @@ impl WorkloadIdentity {
             })
             .await?;
         let leaf = leaf_of(&reply, &key)?;
-        // The bundle first: the peers this leaf talks to are verified by it.
-        self.set_bundle(&reply.trust_roots);
+        // The leaf first: the bundle's check of which root signed the
+        // current leaf must see the new one.
         self.install(leaf);
+        self.offer_bundle(&reply.trust_roots);
         self.metrics.renewals.inc();
         Ok(())
     }

@@ -415,6 +415,13 @@ async fn a_bundle_whose_signing_root_did_not_sign_the_leaf_asks_for_renewal() {
         .unwrap();
     identity.set_bundle(&new.pem);
     assert!(!asked(&identity).await);
+    // Phase 3 came by the watch: a reply's bundle from signing time (still
+    // with the old root) does not bring the retired root back.
+    identity
+        .renew_once(source.as_ref(), "i", "orders")
+        .await
+        .unwrap();
+    assert_eq!(identity.bundle().len(), 1, "the watch's bundle stays");
 }
 
 #[tokio::test]
