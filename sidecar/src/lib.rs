@@ -390,7 +390,7 @@ impl Shared {
             .then(|| identity::WorkloadIdentity::new(metrics.identity()));
         if let Some(identity) = &identity {
             // A persisted state's bundle verifies peers until the first push.
-            identity.set_bundle(&initial.state.trust_roots);
+            identity.offer_bundle(&initial.state.trust_roots);
         }
         let snapshot = Arc::new(ArcSwap::from_pointee(Snapshot::build(
             &initial.state,

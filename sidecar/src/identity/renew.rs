@@ -4,8 +4,8 @@
 //! never sent), a CSR for it, and asks the [`CertificateSource`] (the
 //! control plane, with the sidecar token: the control plane signs the
 //! identity it derives from the token, whatever the CSR says). The reply's
-//! leaf and key become a [`Leaf`]; its trust bundle replaces the current
-//! one.
+//! leaf and key become a [`Leaf`]; its trust bundle is used until the
+//! watch delivers the control plane's current one.
 //!
 //! The task: first request at once; then renew at 2/3 of the lifetime
 //! ±10 % (jitter, so a fleet started together does not renew together);
@@ -71,18 +71,23 @@ pub fn leaf_of(reply: &CertificateReply, key: &KeyPair) -> Result<Leaf, String> 
         serial: reply.serial.clone(),
         not_before: from_unix_ms(reply.not_before_ms),
         not_after: from_unix_ms(reply.not_after_ms),
+        received: SystemTime::now(),
     })
 }
 
-/// When to renew `leaf`: at 2/3 of its lifetime ±10 %.
+/// When to renew `leaf`: at 2/3 of its lifetime ±10 %. The lifetime runs
+/// from when it was issued: a CA back-dates `notBefore` (minutes, for
+/// clock skew), which must not make a short-lived leaf look mostly spent.
 pub fn renewal_time(leaf: &Leaf) -> SystemTime {
-    let lifetime = leaf
-        .not_after
-        .duration_since(leaf.not_before)
-        .unwrap_or_default();
+    let issued = leaf.not_before.max(leaf.received);
+    let lifetime = leaf.not_after.duration_since(issued).unwrap_or_default();
     let fraction = 2.0 / 3.0 * (0.9 + 0.2 * fastrand::f64());
-    leaf.not_before + lifetime.mul_f64(fraction)
+    issued + lifetime.mul_f64(fraction)
 }
+
+/// The shortest pause between two renewals (a leaf whose renewal time has
+/// passed must not make the task spin).
+const MIN_RENEWAL_PAUSE: Duration = Duration::from_secs(1);
 
 impl WorkloadIdentity {
     /// One request for a certificate; installs it and its bundle.
@@ -100,9 +105,10 @@ impl WorkloadIdentity {
             })
             .await?;
         let leaf = leaf_of(&reply, &key)?;
-        // The bundle first: the peers this leaf talks to are verified by it.
-        self.set_bundle(&reply.trust_roots);
+        // The leaf first: the bundle's check of which root signed the
+        // current leaf must see the new one.
         self.install(leaf);
+        self.offer_bundle(&reply.trust_roots);
         self.metrics.renewals.inc();
         Ok(())
     }
@@ -146,6 +152,7 @@ pub fn spawn(
                         renewal_time(&leaf)
                             .duration_since(SystemTime::now())
                             .unwrap_or_default()
+                            .max(MIN_RENEWAL_PAUSE)
                     });
                 }
                 Err(error) => {

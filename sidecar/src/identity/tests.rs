@@ -237,6 +237,14 @@ async fn many_concurrent_http1_requests_share_one_h2_connection() {
         assert!(task.await.unwrap().starts_with("HTTP/2.0 orig=HTTP/1.1"));
     }
     assert_eq!(echo.clients.lock().unwrap().len(), 1, "one connection");
+    let handshakes = |identity: &WorkloadIdentity| {
+        (
+            identity.metrics.outbound_handshakes.get(),
+            identity.metrics.inbound_handshakes.get(),
+        )
+    };
+    assert_eq!(handshakes(&frontend), (1, 0), "one handshake");
+    assert_eq!(handshakes(&orders), (0, 1));
     assert!(pool.has_mtls_connection());
     assert_eq!(pool.pooled_connections(), 0, "no HTTP/1.1 connection");
 }
@@ -407,6 +415,13 @@ async fn a_bundle_whose_signing_root_did_not_sign_the_leaf_asks_for_renewal() {
         .unwrap();
     identity.set_bundle(&new.pem);
     assert!(!asked(&identity).await);
+    // Phase 3 came by the watch: a reply's bundle from signing time (still
+    // with the old root) does not bring the retired root back.
+    identity
+        .renew_once(source.as_ref(), "i", "orders")
+        .await
+        .unwrap();
+    assert_eq!(identity.bundle().len(), 1, "the watch's bundle stays");
 }
 
 #[tokio::test]
@@ -414,9 +429,9 @@ async fn renewal_is_due_at_two_thirds_of_the_lifetime_and_failures_keep_the_cert
     let ca = TestCa::new("mesh root");
     let identity = identity_for(&ca, "orders").await;
     let leaf = identity.leaf().unwrap();
-    let lifetime = leaf.not_after.duration_since(leaf.not_before).unwrap();
+    let lifetime = leaf.not_after.duration_since(leaf.received).unwrap();
     for _ in 0..100 {
-        let due = renewal_time(&leaf).duration_since(leaf.not_before).unwrap();
+        let due = renewal_time(&leaf).duration_since(leaf.received).unwrap();
         let fraction = due.as_secs_f64() / lifetime.as_secs_f64();
         assert!((0.59..=0.74).contains(&fraction), "{fraction}");
     }
@@ -428,6 +443,19 @@ async fn renewal_is_due_at_two_thirds_of_the_lifetime_and_failures_keep_the_cert
     assert!(failed.is_err());
     assert_eq!(identity.leaf().unwrap().serial, leaf.serial, "kept");
     assert!(matches!(identity.hop(Some(&spiffe("x"))), Hop::Mtls(_)));
+    // A back-dated notBefore (the control plane's CA: 5 minutes) does not
+    // make a 30 s leaf due at once.
+    let (key, csr) = key_and_csr("orders").unwrap();
+    let now = SystemTime::now();
+    let reply = ca.sign(
+        &csr,
+        &spiffe("orders").to_string(),
+        now - Duration::from_secs(300),
+        now + Duration::from_secs(30),
+    );
+    let short = leaf_of(&reply, &key).unwrap();
+    let due = renewal_time(&short).duration_since(now).unwrap();
+    assert!(due >= Duration::from_secs(17), "{due:?}");
     assert_eq!(
         identity.hop(None),
         Hop::Plain,
@@ -505,4 +533,66 @@ async fn opaque_tcp_crosses_the_hop_over_mtls_to_the_app() {
         .unwrap()
         .unwrap();
     assert_eq!(&echoed, b"hello");
+}
+
+#[tokio::test]
+async fn without_a_certificate_tls_is_closed_and_plaintext_still_served() {
+    let ca = TestCa::new("mesh root");
+    let frontend = identity_for(&ca, "frontend").await;
+    let waiting = WorkloadIdentity::new(Metrics::new("orders").identity());
+    let echo = Echo::default();
+    let (addr, _stop) = inbound(&waiting, echo.clone()).await;
+    let pool = mesh_pool(&frontend, addr, "orders");
+    let error = refusal(&pool, pool.send(http1_get("/")).await);
+    assert_eq!(error.reason(), "tls_handshake_failed", "{error}");
+    // A plaintext caller (a sidecar without a certificate) still gets in.
+    let plain = ConnPool::new(addr, Arc::new(Limits::default()));
+    let response = plain.send(http1_get("/")).await.unwrap();
+    assert_eq!(
+        text(response).await,
+        "HTTP/1.1 orig=- host=orders uri=/ identity=none"
+    );
+}
+
+#[tokio::test]
+async fn after_goaway_the_next_request_opens_a_new_connection() {
+    let ca = TestCa::new("mesh root");
+    let (frontend, orders) = (
+        identity_for(&ca, "frontend").await,
+        identity_for(&ca, "orders").await,
+    );
+    let (addr, stop) = inbound(&orders, Echo::default()).await;
+    let pool = mesh_pool(&frontend, addr, "orders");
+    assert_eq!(pool.send(http1_get("/")).await.unwrap().status(), 200);
+    // The peer shuts down gracefully (GOAWAY, close) and comes back on the
+    // same address.
+    let _ = stop.send(true);
+    tokio::time::timeout(Duration::from_secs(5), async {
+        while pool.has_mtls_connection() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("the connection closes");
+    let listener = TcpListener::bind(addr).await.unwrap();
+    let (_stop, stopped) = watch::channel(false);
+    let echo = Echo::default();
+    tokio::spawn(serve(
+        "inbound",
+        listener,
+        echo.clone(),
+        Arc::new(Limits::default()),
+        Metrics::new("orders").listener("inbound"),
+        stopped,
+        ListenerOptions {
+            interception: None,
+            tls: Some(Arc::new(Acceptor::new(
+                &orders,
+                addr,
+                Duration::from_secs(1),
+            ))),
+        },
+    ));
+    assert_eq!(pool.send(http1_get("/")).await.unwrap().status(), 200);
+    assert_eq!(echo.clients.lock().unwrap().len(), 1);
 }

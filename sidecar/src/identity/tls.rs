@@ -152,7 +152,10 @@ pub async fn connect(
     // The name is not what is verified (the URI SAN is); an IP sends no SNI.
     let name = ServerName::IpAddress(addr.ip().into());
     match tokio::time::timeout(timeout, connector.connect(name, stream)).await {
-        Ok(Ok(stream)) => Ok(stream),
+        Ok(Ok(stream)) => {
+            identity.metrics.outbound_handshakes.inc();
+            Ok(stream)
+        }
         Ok(Err(error)) => Err(TlsFailure::of_handshake(error)),
         Err(_) => Err(io::Error::other(TlsFailure::Handshake(format!(
             "no handshake within {timeout:?}"
@@ -163,14 +166,15 @@ pub async fn connect(
 /// The server side: the handshake within `timeout`; the stream, the
 /// client's verified identity and the negotiated ALPN protocol.
 pub async fn accept(
-    config: &Arc<ServerConfig>,
+    tls: &Acceptor,
     stream: TcpStream,
     timeout: Duration,
 ) -> io::Result<(server::TlsStream<TcpStream>, Option<Arc<SpiffeId>>, Vec<u8>)> {
-    let acceptor = TlsAcceptor::from(Arc::clone(config));
+    let acceptor = TlsAcceptor::from(Arc::clone(&tls.config));
     let stream = tokio::time::timeout(timeout, acceptor.accept(stream))
         .await
         .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "TLS handshake timed out"))??;
+    tls.identity.metrics.inbound_handshakes.inc();
     let (_, session) = stream.get_ref();
     let identity = crate::identity::verify::peer_identity(session.peer_certificates());
     let alpn = session.alpn_protocol().unwrap_or_default().to_vec();

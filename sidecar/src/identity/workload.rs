@@ -5,7 +5,7 @@
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -37,6 +37,9 @@ pub struct Leaf {
     pub serial: String,
     pub not_before: SystemTime,
     pub not_after: SystemTime,
+    /// When this sidecar received it (the start of its lifetime for
+    /// renewal, `notBefore` being back-dated).
+    pub received: SystemTime,
 }
 
 impl Leaf {
@@ -72,6 +75,8 @@ pub struct WorkloadIdentity {
     pub(crate) metrics: IdentityMetrics,
     /// Unix seconds of the last "certificate expired" warning.
     warned_expired_at: AtomicU64,
+    /// The watch has delivered a bundle (it then wins over replies).
+    watched: AtomicBool,
 }
 
 impl std::fmt::Debug for WorkloadIdentity {
@@ -91,6 +96,7 @@ impl WorkloadIdentity {
             first_attempt: watch::channel(false).0,
             metrics,
             warned_expired_at: AtomicU64::new(0),
+            watched: AtomicBool::new(false),
         })
     }
 
@@ -144,11 +150,31 @@ impl WorkloadIdentity {
         self.current.store(Some(Arc::new(leaf)));
     }
 
+    /// The watch's trust bundle (the control plane's current one, pushed
+    /// with every change): replaces the current bundle.
+    pub fn set_bundle(&self, roots: &str) {
+        if roots.is_empty() {
+            return;
+        }
+        self.watched.store(true, Ordering::Relaxed);
+        self.apply_bundle(roots);
+    }
+
+    /// A bundle from elsewhere (a certificate reply, the persisted state):
+    /// used only until the watch has delivered one, which is fresher (a
+    /// reply's bundle is the one at signing time, and may still hold a
+    /// root a rotation has since retired).
+    pub fn offer_bundle(&self, roots: &str) {
+        if !roots.is_empty() && !self.watched.load(Ordering::Relaxed) {
+            self.apply_bundle(roots);
+        }
+    }
+
     /// Replaces the trust bundle with the PEM `roots` (unchanged text: no
     /// work). When its first root (the signing one) did not sign the
     /// current leaf, asks the renewal task to renew now.
-    pub fn set_bundle(&self, roots: &str) {
-        if roots.is_empty() || self.bundle.load().pem() == roots {
+    fn apply_bundle(&self, roots: &str) {
+        if self.bundle.load().pem() == roots {
             return;
         }
         match TrustBundle::parse(roots) {

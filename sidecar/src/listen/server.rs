@@ -337,7 +337,7 @@ impl<H: Handler> Shared<H> {
             return Ok(());
         }
         let accepted = tokio::select! {
-            accepted = tls::accept(&tls.config, stream, self.limits.header_read_timeout) => accepted,
+            accepted = tls::accept(tls, stream, self.limits.header_read_timeout) => accepted,
             _ = wait_for_stop(stop.clone()) => return Ok(()),
         };
         let (stream, identity, alpn) = match accepted {

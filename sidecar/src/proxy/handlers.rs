@@ -480,7 +480,10 @@ fn finish(
 
 fn refuse(err: ProxyError, direction: Direction, metrics: &Metrics) -> Response<ProxyBody> {
     let reason = err.reason();
-    if err.status().is_server_error() {
+    // An expired own certificate is logged by `identity` once a minute,
+    // not once per request.
+    let logged_elsewhere = matches!(err, ProxyError::CertificateExpired { .. });
+    if err.status().is_server_error() && !logged_elsewhere {
         // At the default level the request and connection spans are off,
         // so this line names its direction itself.
         tracing::warn!(direction = direction.as_str(), reason, error = %err, "request refused by the mesh");

@@ -117,10 +117,20 @@ pub struct IdentityMetrics {
     pub renewals: IntCounter,
     /// `meshlet_identity_cert_renewal_failures_total`.
     pub failures: IntCounter,
+    /// `meshlet_tls_handshakes_total{direction="inbound"}`: mesh-hop TLS
+    /// handshakes this sidecar's inbound completed.
+    pub inbound_handshakes: IntCounter,
+    /// `...{direction="outbound"}`: those its pools completed.
+    pub outbound_handshakes: IntCounter,
 }
 
 impl IdentityMetrics {
     fn register(r: &Register<'_>) -> Self {
+        let handshakes = r.counter_vec(
+            "meshlet_tls_handshakes_total",
+            "Completed mTLS handshakes of the hop between sidecars, by direction",
+            &["direction"],
+        );
         IdentityMetrics {
             expiry: r.gauge(
                 "meshlet_identity_cert_expiry_timestamp_seconds",
@@ -134,6 +144,8 @@ impl IdentityMetrics {
                 "meshlet_identity_cert_renewal_failures_total",
                 "Failed requests for a workload certificate (retried with backoff)",
             ),
+            inbound_handshakes: handshakes.with_label_values(&["inbound"]),
+            outbound_handshakes: handshakes.with_label_values(&["outbound"]),
         }
     }
 }
