@@ -301,6 +301,7 @@ fn start(
                         identity,
                         settings.app_addr,
                         limits.connect_timeout,
+                        settings.mode == Mode::Transparent,
                     ))
                 }),
             },

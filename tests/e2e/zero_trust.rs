@@ -524,3 +524,75 @@ async fn an_expired_certificate_is_refused_with_a_reason() {
         "{expired:?}"
     );
 }
+
+/// Reads what comes back on `stream` until it closes (at most 5 s).
+async fn read_to_close<S: tokio::io::AsyncRead + Unpin>(stream: &mut S) -> String {
+    use tokio::io::AsyncReadExt;
+    let mut buf = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut buf)).await;
+    String::from_utf8_lossy(&buf).into_owned()
+}
+
+#[tokio::test]
+async fn opaque_tcp_cannot_bypass_authorization_or_carry_a_forged_identity() {
+    use tokio::io::AsyncWriteExt;
+    let mut mesh = Mesh::start(&[]).await;
+    let ca = TestCa::load(&mesh.cp.data_dir);
+    let web = ca.workload("web", Duration::from_secs(3600));
+    let forged = "GET /api/x HTTP/1.1\r\nhost: t\r\nx-meshlet-source: frontend\r\n\r\n";
+
+    // An explicit-mode sidecar offers no opaque TCP on the mesh hop.
+    let b = mesh.add("b", Upstream::start("b").await, &[]).await;
+    presented_by(&ca, mesh.sidecar(b)).await;
+    let (_, hop) = mtls::handshake(
+        mesh.sidecar(b).inbound,
+        ca.roots(),
+        Some(&web),
+        &["meshlet-tcp"],
+    )
+    .await;
+    assert!(hop.is_err(), "no meshlet-tcp on an explicit sidecar");
+
+    // A transparent one (its inbound listener, called directly) with an
+    // ALLOW for frontend's GETs: opaque TCP has no method or path, so no
+    // caller gets an opaque connection through it.
+    let t = mesh
+        .add("t", Upstream::start("t").await, &["--mode", "transparent"])
+        .await;
+    mesh.apply(
+        "allow.yaml",
+        "apiVersion: meshlet.dev/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {name: t-allow}\nspec:\n  targetRef: {service: t}\n  action: ALLOW\n  rules:\n    - from: [{services: [frontend]}]\n      to: [{methods: [GET], paths: [/api/*]}]\n",
+    )
+    .await;
+    let inbound = mesh.sidecar(t).inbound;
+    wait::until("t has the policy", Duration::from_secs(10), || async move {
+        let reply = client::get(inbound, "/api/x").await.ok()?;
+        (reply.status == 403).then_some(())
+    })
+    .await;
+    presented_by(&ca, mesh.sidecar(t)).await;
+
+    // Plaintext, silent for longer than protocol detection waits: opaque.
+    let mut plain = TcpStream::connect(inbound).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let _ = plain.write_all(forged.as_bytes()).await;
+    let answer = read_to_close(&mut plain).await;
+    assert!(
+        !answer.contains("200"),
+        "plaintext opaque refused: {answer:?}"
+    );
+
+    // The mesh hop's opaque TCP from a workload the policy does not allow
+    // at this layer either.
+    let (_, hop) = mtls::handshake(inbound, ca.roots(), Some(&web), &["meshlet-tcp"]).await;
+    let mut hop = hop.expect("meshlet-tcp offered in transparent mode");
+    let app_port = mesh.apps[1].port();
+    let _ = hop.write_all(&app_port.to_be_bytes()).await;
+    let _ = hop.write_all(forged.as_bytes()).await;
+    let answer = read_to_close(&mut hop).await;
+    assert!(
+        !answer.contains("200"),
+        "opaque TCP over mTLS refused: {answer:?}"
+    );
+    assert_eq!(mesh.apps[1].requests(), 0, "nothing reached t's app");
+}

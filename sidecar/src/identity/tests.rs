@@ -82,7 +82,7 @@ async fn inbound(
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let (stop, stopped) = watch::channel(false);
-    let acceptor = Acceptor::new(identity, addr, Duration::from_secs(1));
+    let acceptor = Acceptor::new(identity, addr, Duration::from_secs(1), true);
     tokio::spawn(serve(
         "inbound",
         listener,
@@ -501,6 +501,7 @@ async fn opaque_tcp_crosses_the_hop_over_mtls_to_the_app() {
                 &orders,
                 app_addr,
                 Duration::from_secs(1),
+                true,
             ))),
         },
     ));
@@ -590,6 +591,7 @@ async fn after_goaway_the_next_request_opens_a_new_connection() {
                 &orders,
                 addr,
                 Duration::from_secs(1),
+                true,
             ))),
         },
     ));

@@ -20,6 +20,7 @@ use rustls::pki_types::ServerName;
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 use rustls::{ClientConfig, ServerConfig, SignatureScheme};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_rustls::{client, server, TlsAcceptor, TlsConnector};
 
@@ -104,8 +105,10 @@ impl ResolvesClientCert for CurrentLeaf {
     }
 }
 
-/// The inbound listener's TLS configuration (made once per listener).
-pub fn server_config(identity: &Arc<WorkloadIdentity>) -> Arc<ServerConfig> {
+/// The inbound listener's TLS configuration (made once per listener);
+/// `meshlet-tcp` is offered only with `opaque_tcp` (transparent mode,
+/// where other sidecars send opaque TCP).
+pub fn server_config(identity: &Arc<WorkloadIdentity>, opaque_tcp: bool) -> Arc<ServerConfig> {
     let mut config = ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
         .expect("the ring provider supports TLS 1.3")
@@ -113,7 +116,10 @@ pub fn server_config(identity: &Arc<WorkloadIdentity>) -> Arc<ServerConfig> {
             identity: Arc::clone(identity),
         }))
         .with_cert_resolver(Arc::new(CurrentLeaf(Arc::clone(identity))));
-    config.alpn_protocols = vec![ALPN_H2.to_vec(), ALPN_HTTP1.to_vec(), ALPN_TCP.to_vec()];
+    config.alpn_protocols = vec![ALPN_H2.to_vec(), ALPN_HTTP1.to_vec()];
+    if opaque_tcp {
+        config.alpn_protocols.push(ALPN_TCP.to_vec());
+    }
     Arc::new(config)
 }
 
@@ -191,6 +197,8 @@ pub struct Acceptor {
     /// The local app, for `meshlet-tcp`.
     pub app: SocketAddr,
     pub connect_timeout: Duration,
+    /// Whether `meshlet-tcp` is accepted (transparent mode only).
+    pub opaque_tcp: bool,
 }
 
 impl Acceptor {
@@ -198,12 +206,27 @@ impl Acceptor {
         identity: &Arc<WorkloadIdentity>,
         app: SocketAddr,
         connect_timeout: Duration,
+        opaque_tcp: bool,
     ) -> Self {
         Acceptor {
             identity: Arc::clone(identity),
-            config: server_config(identity),
+            config: server_config(identity, opaque_tcp),
             app,
             connect_timeout,
+            opaque_tcp,
         }
     }
+}
+
+/// `meshlet-tcp`'s preamble: the port the caller's app was calling, sent
+/// by the caller's sidecar right after the handshake.
+pub async fn write_opaque_port<S: AsyncWrite + Unpin>(stream: &mut S, port: u16) -> io::Result<()> {
+    stream.write_all(&port.to_be_bytes()).await
+}
+
+/// Reads [`write_opaque_port`]'s preamble.
+pub async fn read_opaque_port<S: AsyncRead + Unpin>(stream: &mut S) -> io::Result<u16> {
+    let mut port = [0u8; 2];
+    stream.read_exact(&mut port).await?;
+    Ok(u16::from_be_bytes(port))
 }

@@ -8,7 +8,7 @@
 //! [`FramingGuard`] (request-smuggling check) into hyper's http1 server with
 //! upgrades; h2c goes to hyper's http2 server; opaque TCP is spliced to
 //! its destination (`transparent`), unless the handler refuses plaintext
-//! TCP ([`Handler::allows_plaintext_tcp`]). On a listener with the mesh hop
+//! TCP ([`Handler::admits_opaque`]). On a listener with the mesh hop
 //! ([`ListenerOptions::tls`]) a TLS ClientHello is accepted with
 //! `identity::tls` (client certificate required; its SPIFFE id becomes
 //! [`Peer::identity`]) and served by ALPN: `h2` → http2, `http/1.1` → http1
@@ -64,10 +64,14 @@ pub trait Handler: Clone + Send + Sync + 'static {
         peer: &Peer,
     ) -> impl Future<Output = Response<ProxyBody>> + Send;
 
-    /// Whether opaque TCP may arrive in plaintext (a transparent
-    /// listener's non-HTTP connection that is not the mesh hop); `false`
-    /// closes such connections (an `MTLSPolicy` in strict mode).
-    fn allows_plaintext_tcp(&self) -> bool {
+    /// Whether an opaque TCP connection from `identity` (`None`: a
+    /// plaintext connection; `Some`: the mesh hop's `meshlet-tcp`) may be
+    /// spliced to its destination. Asked once per connection; `false`
+    /// closes it. The inbound says no under `MTLSPolicy strict` to
+    /// plaintext, and to a caller its `AuthorizationPolicy`s refuse
+    /// without HTTP attributes.
+    fn admits_opaque(&self, identity: Option<&Arc<SpiffeId>>) -> bool {
+        let _ = identity;
         true
     }
 }
@@ -258,8 +262,10 @@ impl<H: Handler> Shared<H> {
             Ok(Protocol::Http1) => self.serve_http(stream, client, false, stop).await,
             Ok(Protocol::Http2) => self.serve_http(stream, client, true, stop).await,
             Ok(Protocol::Opaque) => {
-                if !self.handler.allows_plaintext_tcp() {
-                    tracing::debug!("plaintext TCP refused (mTLS required); closed");
+                if !self.handler.admits_opaque(None) {
+                    tracing::debug!(
+                        "plaintext opaque TCP refused by the zero-trust policies; closed"
+                    );
                 } else if let Some(interception) = &self.interception {
                     interception.splice(stream, original_dst).await;
                 }
@@ -317,6 +323,52 @@ impl<H: Handler> Shared<H> {
         drive(connection, stop, |c| c.graceful_shutdown()).await
     }
 
+    /// `meshlet-tcp`: the caller's sidecar first sends the port its app was
+    /// calling (2 bytes, big endian; [`tls::read_opaque_port`]); the
+    /// connection goes to the app on this pod's own address and that port
+    /// (the app host and `--app-port` for the app port), then bytes are
+    /// copied both ways.
+    async fn splice_mesh_tcp(
+        &self,
+        mut stream: tokio_rustls::server::TlsStream<TcpStream>,
+        tls: &tls::Acceptor,
+    ) {
+        let port = tokio::time::timeout(
+            self.limits.header_read_timeout,
+            tls::read_opaque_port(&mut stream),
+        )
+        .await;
+        let Ok(Ok(port)) = port else {
+            tracing::debug!("opaque TCP over mTLS without its port; closed");
+            return;
+        };
+        let own_ip = stream.get_ref().0.local_addr().map(|a| a.ip());
+        let destination = match own_ip {
+            // Never another port on loopback: ports an app bound only on
+            // localhost stay private.
+            Ok(ip) if port != tls.app.port() && !ip.is_loopback() => SocketAddr::new(ip, port),
+            _ => tls.app,
+        };
+        let connect = TcpStream::connect(destination);
+        match tokio::time::timeout(tls.connect_timeout, connect).await {
+            Ok(Ok(app)) => {
+                let _ = app.set_nodelay(true);
+                match &self.interception {
+                    Some(interception) => interception.splice_counted(stream, app).await,
+                    None => {
+                        tunnel::copy_both_ways(stream, app).await;
+                    }
+                }
+            }
+            Ok(Err(error)) => {
+                tracing::debug!(%destination, %error, "opaque TCP over mTLS: cannot reach the app")
+            }
+            Err(_) => {
+                tracing::debug!(%destination, "opaque TCP over mTLS: connecting to the app timed out")
+            }
+        }
+    }
+
     /// The mesh hop: the TLS handshake (a client certificate required,
     /// bounded by the header read timeout), the client's verified identity
     /// on its `Peer`, then by ALPN: `h2` → HTTP/2, `http/1.1` → HTTP/1.1
@@ -351,19 +403,12 @@ impl<H: Handler> Shared<H> {
         match alpn.as_slice() {
             tls::ALPN_H2 => self.serve_http(stream, client, true, stop).await,
             tls::ALPN_HTTP1 => self.serve_http(stream, client, false, stop).await,
-            tls::ALPN_TCP => {
-                let connect = TcpStream::connect(tls.app);
-                match tokio::time::timeout(tls.connect_timeout, connect).await {
-                    Ok(Ok(app)) => {
-                        let _ = app.set_nodelay(true);
-                        tunnel::copy_both_ways(stream, app).await;
-                    }
-                    Ok(Err(error)) => {
-                        tracing::debug!(app = %tls.app, %error, "opaque TCP over mTLS: cannot reach the app")
-                    }
-                    Err(_) => {
-                        tracing::debug!(app = %tls.app, "opaque TCP over mTLS: connecting to the app timed out")
-                    }
+            tls::ALPN_TCP if tls.opaque_tcp => {
+                if self.handler.admits_opaque(client.identity.as_ref()) {
+                    self.splice_mesh_tcp(stream, tls).await;
+                } else {
+                    tracing::debug!(identity = ?client.identity.as_deref().map(ToString::to_string),
+                        "opaque TCP over mTLS refused by the zero-trust policies; closed");
                 }
                 Ok(())
             }
@@ -543,8 +588,8 @@ mod tests {
             Response::new(ProxyBody::full("ok"))
         }
 
-        fn allows_plaintext_tcp(&self) -> bool {
-            !self.0
+        fn admits_opaque(&self, identity: Option<&Arc<SpiffeId>>) -> bool {
+            identity.is_some() || !self.0
         }
     }
 

@@ -16,12 +16,15 @@
 //! the pod's own address, i.e. the original destination ([`app_address`]):
 //! never 127.0.0.1, so a port the app bound only on localhost stays
 //! private (as Istio since 1.10). Under `MTLSPolicy strict` the inbound
-//! closes plaintext opaque connections (`Handler::allows_plaintext_tcp`).
+//! closes plaintext opaque connections, and `AuthorizationPolicy`s apply
+//! to opaque connections without HTTP attributes (`Handler::admits_opaque`).
 //!
 //! Opaque TCP to a mesh endpoint with an identity, from a sidecar with a
 //! workload certificate ([`MeshTcp`]), goes over mTLS with ALPN
-//! `meshlet-tcp` to that endpoint's sidecar (its inbound listener), which
-//! splices it to its app.
+//! `meshlet-tcp` to that endpoint's sidecar (its inbound listener), with
+//! the port the app was calling as a 2-byte preamble; that sidecar checks
+//! its zero-trust policies for the caller (`Handler::admits_opaque`) and
+//! splices it to its app on that port.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -144,7 +147,9 @@ impl Interception {
             if let Some((endpoint, identity)) = (mesh.lookup)(destination) {
                 match mesh.identity.hop(Some(&identity)) {
                     Hop::Mtls(identity) => {
-                        return self.splice_mtls(client, mesh, endpoint, &identity).await
+                        return self
+                            .splice_mtls(client, mesh, endpoint, &identity, destination.port())
+                            .await
                     }
                     Hop::Expired(_) => {
                         tracing::debug!(%destination, "opaque connection to a meshed endpoint while our certificate expired; closed");
@@ -177,6 +182,19 @@ impl Interception {
 }
 
 impl Interception {
+    /// Splices `client` to `upstream` (connected) until either side
+    /// closes, counted on this listener's `tcp_*` metrics.
+    pub async fn splice_counted<C, U>(&self, client: C, upstream: U)
+    where
+        C: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+        U: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    {
+        self.metrics.connections.inc();
+        let (sent, received) = copy_both_ways(client, upstream).await;
+        self.metrics.sent.inc_by(sent);
+        self.metrics.received.inc_by(received);
+    }
+
     /// Opaque TCP over the mesh hop: mTLS (ALPN `meshlet-tcp`) to the
     /// endpoint's sidecar, which splices it to its app.
     async fn splice_mtls(
@@ -185,13 +203,14 @@ impl Interception {
         mesh: &MeshTcp,
         endpoint: SocketAddr,
         identity: &Arc<SpiffeId>,
+        port: u16,
     ) {
         let connect = async {
             let stream = tokio::time::timeout(self.connect_timeout, TcpStream::connect(endpoint))
                 .await
                 .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))??;
             let _ = stream.set_nodelay(true);
-            tls::connect(
+            let mut tls = tls::connect(
                 &mesh.identity,
                 stream,
                 endpoint,
@@ -199,7 +218,9 @@ impl Interception {
                 tls::ALPN_TCP,
                 self.connect_timeout,
             )
-            .await
+            .await?;
+            tls::write_opaque_port(&mut tls, port).await?;
+            Ok::<_, std::io::Error>(tls)
         };
         let upstream = match connect.await {
             Ok(upstream) => upstream,

@@ -22,6 +22,12 @@
 //! request that no enforced `ALLOW` matches is refused (named after those
 //! policies). Refusals are counted on `meshlet_authz_denied_total{policy}`.
 //!
+//! Opaque TCP (`Handler::admits_opaque`: a transparent inbound's
+//! plaintext non-HTTP connection, or the mesh hop's `meshlet-tcp`) is asked
+//! once per connection with no HTTP attributes ([`Request::http`] `None`),
+//! failing closed like Istio: an ALLOW rule with `to`/`when` cannot match
+//! it, a DENY rule matches on its sources alone.
+//!
 //! **Invariant:** policies are compiled at snapshot build (paths parsed,
 //! identities parsed, header names made, counters resolved); a request
 //! only compares strings.
@@ -294,24 +300,44 @@ impl Rule {
         Rule { from, to, when }
     }
 
-    fn matches(&self, request: &Request<'_>) -> bool {
-        (self.from.is_empty() || self.from.iter().any(|s| s.matches(request.caller)))
-            && (self.to.is_empty()
-                || self
-                    .to
-                    .iter()
-                    .any(|op| op.matches(request.method, request.path)))
-            && self.when.iter().all(|c| c.matches(request.headers))
+    fn matches(&self, request: &Request<'_>, action: AuthzAction) -> bool {
+        let from = self.from.is_empty() || self.from.iter().any(|s| s.matches(request.caller));
+        let Some(http) = &request.http else {
+            // Opaque TCP has no method, path or headers. Fail closed, as
+            // Istio does: an ALLOW rule that needs them cannot match; a
+            // DENY rule matches on its sources alone.
+            let needs_http = !(self.to.is_empty() && self.when.is_empty());
+            return from && (action == AuthzAction::Deny || !needs_http);
+        };
+        from && (self.to.is_empty() || self.to.iter().any(|op| op.matches(http.method, http.path)))
+            && self.when.iter().all(|c| c.matches(http.headers))
     }
 }
 
-/// What a policy is asked about.
+/// What a policy is asked about: a caller, and its HTTP request (`None`
+/// for an opaque TCP connection, checked once when it opens).
 #[derive(Debug, Clone, Copy)]
 pub struct Request<'a> {
     pub caller: &'a Caller,
+    pub http: Option<HttpRequest<'a>>,
+}
+
+/// The HTTP attributes rules can match.
+#[derive(Debug, Clone, Copy)]
+pub struct HttpRequest<'a> {
     pub method: &'a Method,
     pub path: &'a str,
     pub headers: &'a HeaderMap,
+}
+
+impl Request<'_> {
+    /// `method path` for log lines, or `opaque TCP`.
+    fn describe(&self) -> String {
+        match &self.http {
+            Some(http) => format!("{} {}", http.method, http.path),
+            None => "opaque TCP".to_owned(),
+        }
+    }
 }
 
 /// One `AuthorizationPolicy` of the own service, compiled.
@@ -340,7 +366,9 @@ impl AuthzPolicy {
 
     /// Whether any rule matches (no rules: none does).
     pub fn matches(&self, request: &Request<'_>) -> bool {
-        self.rules.iter().any(|rule| rule.matches(request))
+        self.rules
+            .iter()
+            .any(|rule| rule.matches(request, self.action))
     }
 }
 
@@ -504,14 +532,14 @@ impl ZeroTrust {
         if let Some((policy, counter)) = self.dry_run_deny.first_match(request) {
             counter.inc();
             tracing::debug!(policy = %policy.name, caller = %request.caller.describe(),
-                method = %request.method, path = request.path,
+                request = %request.describe(),
                 "dry-run AuthorizationPolicy would deny (a DENY rule matches)");
         }
         if let Some((names, counter)) = &self.dry_run_allow.none_matched {
             if !self.dry_run_allow.any_match(request) {
                 counter.inc();
                 tracing::debug!(policy = %names, caller = %request.caller.describe(),
-                    method = %request.method, path = request.path,
+                    request = %request.describe(),
                     "dry-run AuthorizationPolicy would deny (no ALLOW rule matches)");
             }
         }
@@ -607,9 +635,11 @@ mod tests {
         }
         zt.authorize(&Request {
             caller,
-            method: &method,
-            path,
-            headers: &map,
+            http: Some(HttpRequest {
+                method: &method,
+                path,
+                headers: &map,
+            }),
         })
     }
 
@@ -659,6 +689,40 @@ mod tests {
         // The same service name in another namespace is another service.
         assert!(ask(&zt, &caller("shop", "frontend"), Method::GET, "/api/x", &[]).is_err());
         assert_eq!(metrics.authz_denied("orders-allow").get(), 6);
+    }
+
+    /// An opaque TCP connection from `caller`.
+    fn ask_connection(zt: &ZeroTrust, caller: &Caller) -> Result<(), Denial> {
+        zt.authorize(&Request { caller, http: None })
+    }
+
+    #[test]
+    fn opaque_tcp_is_judged_without_http_attributes_failing_closed() {
+        // ALLOW rules that need a method, path or header cannot match a
+        // connection; a source-only ALLOW rule can.
+        let (zt, _) = policies(&authz(
+            "orders-allow",
+            "  action: ALLOW\n  rules:\n  - from: [{services: [frontend]}]\n    to: [{methods: [GET], paths: ['/api/*']}]\n",
+        ));
+        let frontend = caller("default", "frontend");
+        assert!(ask_connection(&zt, &frontend).is_err());
+        assert!(ask_connection(&zt, &Caller::default()).is_err());
+        let (zt, _) = policies(&authz(
+            "orders-allow",
+            "  action: ALLOW\n  rules:\n  - from: [{services: [frontend]}]\n",
+        ));
+        assert!(ask_connection(&zt, &frontend).is_ok());
+        assert!(ask_connection(&zt, &caller("default", "web")).is_err());
+        // A DENY rule matches a connection on its sources alone, even if it
+        // names paths: its paths cannot be checked on opaque bytes.
+        let (zt, metrics) = policies(&authz(
+            "no-secret",
+            "  action: DENY\n  rules:\n  - from: [{services: [web]}]\n    to: [{paths: [/secret]}]\n",
+        ));
+        let denial = ask_connection(&zt, &caller("default", "web")).unwrap_err();
+        assert_eq!(&*denial.policy, "no-secret");
+        assert!(ask_connection(&zt, &frontend).is_ok());
+        assert_eq!(metrics.authz_denied("no-secret").get(), 1);
     }
 
     #[test]

@@ -39,6 +39,7 @@ use http::uri::{PathAndQuery, Uri};
 use http::{Method, Request, Response, StatusCode, Version};
 use hyper::body::Incoming;
 use hyper::upgrade::OnUpgrade;
+use meshlet_api::identity::SpiffeId;
 use meshlet_api::mesh::AppProtocol;
 use prometheus::IntCounter;
 use tokio::net::TcpStream;
@@ -62,7 +63,7 @@ use crate::telemetry::observe::{RequestRecord, Telemetry};
 use crate::telemetry::route_metrics::{RouteMetrics, RouteTable};
 use crate::upstream::balance::Tried;
 use crate::upstream::forward::forward;
-use crate::upstream::pool::{ConnPool, Remote};
+use crate::upstream::pool::{ConnPool, Remote, ORIG_PROTO};
 use crate::upstream::target::ServiceTarget;
 
 /// The local app at `addr` as a forwarding target (one endpoint, its
@@ -193,9 +194,11 @@ impl Inbound {
         }
         let asked = authz::Request {
             caller: &caller,
-            method,
-            path,
-            headers: request.headers(),
+            http: Some(authz::HttpRequest {
+                method,
+                path,
+                headers: request.headers(),
+            }),
         };
         if let Err(denial) = zero_trust.authorize(&asked) {
             record.set_authz_policy(&denial.policy);
@@ -231,16 +234,31 @@ impl Handler for Inbound {
         answer(record, result, Direction::Inbound, &self.metrics)
     }
 
-    /// `false` under `MTLSPolicy strict`: the listener closes a plaintext
-    /// opaque TCP connection. Asked once per such connection, so a refusal
-    /// is counted here.
-    fn allows_plaintext_tcp(&self) -> bool {
+    /// An opaque TCP connection (plaintext: `identity` is `None`; or the
+    /// mesh hop's `meshlet-tcp`): refused under `MTLSPolicy strict` when
+    /// plaintext (counted), and by the `AuthorizationPolicy`s evaluated
+    /// without HTTP attributes (an ALLOW rule with `to`/`when` cannot match,
+    /// a DENY rule matches on its sources; counted on the policy). Asked
+    /// once per connection.
+    fn admits_opaque(&self, identity: Option<&Arc<SpiffeId>>) -> bool {
         let snapshot = self.snapshot.load();
-        let allowed = snapshot.zero_trust.allows_plaintext();
-        if !allowed {
-            snapshot.zero_trust.count_plaintext_refused();
+        let zero_trust = &snapshot.zero_trust;
+        let caller = zero_trust.callers.resolve(identity);
+        if zero_trust.refuses_plaintext(&caller) {
+            return false;
         }
-        allowed
+        let asked = authz::Request {
+            caller: &caller,
+            http: None,
+        };
+        match zero_trust.authorize(&asked) {
+            Ok(()) => true,
+            Err(denial) => {
+                tracing::debug!(policy = %denial.policy, caller = %caller.describe(),
+                    "opaque TCP refused by an AuthorizationPolicy");
+                false
+            }
+        }
     }
 }
 
@@ -302,8 +320,10 @@ impl Outbound {
             record.request_bytes(),
         );
         // Who is calling is the inbound side's word, from this sidecar's
-        // certificate: nothing the app wrote survives.
+        // certificate: nothing the app wrote survives; nor may it choose
+        // the protocol the far side speaks to its app.
         remove_source_headers(request.headers_mut());
+        request.headers_mut().remove(ORIG_PROTO);
         record.inject_trace(request.headers_mut());
         let response = forward(&target, request, policies, &self.limits, record.trail()).await?;
         Ok(finish(response, version, downstream_upgrade))
@@ -502,7 +522,6 @@ mod tests {
 
     use arc_swap::ArcSwap;
     use hyper_util::rt::TokioIo;
-    use meshlet_api::identity::SpiffeId;
     use meshlet_api::mesh::MeshState;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::TcpListener;

@@ -263,14 +263,20 @@ impl ConnPool {
         local: &Arc<WorkloadIdentity>,
         identity: &Arc<SpiffeId>,
     ) -> Result<Response<Incoming>, SendError> {
-        let orig = match request.version() {
-            Version::HTTP_2 => "HTTP/2",
-            Version::HTTP_10 => "HTTP/1.0",
-            _ => "HTTP/1.1",
-        };
-        request
-            .headers_mut()
-            .insert(ORIG_PROTO, HeaderValue::from_static(orig));
+        // Marked once: a request handed back unsent (connect failure) and
+        // retried here was converted to HTTP/2 already, and keeps the mark
+        // of the caller's own protocol (the outbound removed any a client
+        // sent).
+        if !request.headers().contains_key(ORIG_PROTO) {
+            let orig = match request.version() {
+                Version::HTTP_2 => "HTTP/2",
+                Version::HTTP_10 => "HTTP/1.0",
+                _ => "HTTP/1.1",
+            };
+            request
+                .headers_mut()
+                .insert(ORIG_PROTO, HeaderValue::from_static(orig));
+        }
         if request.version() != Version::HTTP_2 && request.headers().contains_key(header::UPGRADE) {
             return self.send_upgrade_tls(request, local, identity).await;
         }
