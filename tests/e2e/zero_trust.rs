@@ -561,7 +561,7 @@ async fn opaque_tcp_cannot_bypass_authorization_or_carry_a_forged_identity() {
         .await;
     mesh.apply(
         "allow.yaml",
-        "apiVersion: meshlet.dev/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {name: t-allow}\nspec:\n  targetRef: {service: t}\n  action: ALLOW\n  rules:\n    - from: [{services: [frontend]}]\n      to: [{methods: [GET], paths: [/api/*]}]\n",
+        "apiVersion: meshlet.dev/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {name: t-allow}\nspec:\n  targetRef: {service: t}\n  action: ALLOW\n  rules:\n    - from: [{services: [frontend]}]\n      to: [{methods: [GET], paths: [/api/*, /headers]}]\n",
     )
     .await;
     let inbound = mesh.sidecar(t).inbound;
@@ -572,27 +572,40 @@ async fn opaque_tcp_cannot_bypass_authorization_or_carry_a_forged_identity() {
     .await;
     presented_by(&ca, mesh.sidecar(t)).await;
 
-    // Plaintext, silent for longer than protocol detection waits: opaque.
+    // Plaintext, silent for longer than protocol detection waits: the app
+    // port speaks HTTP, so it is still a request, and refused.
     let mut plain = TcpStream::connect(inbound).await.unwrap();
     tokio::time::sleep(Duration::from_millis(400)).await;
-    let _ = plain.write_all(forged.as_bytes()).await;
+    let _ = plain.write_all(with_close(forged).as_bytes()).await;
     let answer = read_to_close(&mut plain).await;
-    assert!(
-        !answer.contains("200"),
-        "plaintext opaque refused: {answer:?}"
-    );
+    assert!(answer.starts_with("HTTP/1.1 403"), "{answer:?}");
 
-    // The mesh hop's opaque TCP from a workload the policy does not allow
-    // at this layer either.
+    // The mesh hop's opaque TCP to the app port: served as HTTP with the
+    // caller's verified identity (web: refused; frontend: its own name).
+    let app_port = mesh.apps[1].port();
     let (_, hop) = mtls::handshake(inbound, ca.roots(), Some(&web), &["meshlet-tcp"]).await;
     let mut hop = hop.expect("meshlet-tcp offered in transparent mode");
-    let app_port = mesh.apps[1].port();
     let _ = hop.write_all(&app_port.to_be_bytes()).await;
-    let _ = hop.write_all(forged.as_bytes()).await;
+    let _ = hop.write_all(with_close(forged).as_bytes()).await;
     let answer = read_to_close(&mut hop).await;
-    assert!(
-        !answer.contains("200"),
-        "opaque TCP over mTLS refused: {answer:?}"
-    );
+    assert!(answer.starts_with("HTTP/1.1 403"), "{answer:?}");
     assert_eq!(mesh.apps[1].requests(), 0, "nothing reached t's app");
+
+    let frontend = ca.workload("frontend", Duration::from_secs(3600));
+    let (_, hop) = mtls::handshake(inbound, ca.roots(), Some(&frontend), &["meshlet-tcp"]).await;
+    let mut hop = hop.expect("meshlet-tcp offered in transparent mode");
+    let _ = hop.write_all(&app_port.to_be_bytes()).await;
+    let request = "GET /headers HTTP/1.1\r\nhost: t\r\nx-meshlet-source: evil\r\n\r\n";
+    let _ = hop.write_all(with_close(request).as_bytes()).await;
+    let answer = read_to_close(&mut hop).await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer:?}");
+    assert!(
+        answer.contains(r#""x-meshlet-source":["frontend"]"#),
+        "the verified caller, not the forged one: {answer}"
+    );
+}
+
+/// `request` (a head ending in an empty line) asking to close after it.
+fn with_close(request: &str) -> String {
+    request.replacen("\r\n\r\n", "\r\nconnection: close\r\n\r\n", 1)
 }

@@ -245,7 +245,14 @@ impl<H: Handler> Shared<H> {
             original_dst,
             ..Peer::new(peer)
         };
-        let listener = match self.interception {
+        let listener = match &self.interception {
+            // The app port (and this listener's own) speaks HTTP: sniffing
+            // there would let a client that stays silent 200 ms become
+            // opaque TCP and skip the request path (authorization, the
+            // identity headers). Other ports of the pod are sniffed.
+            Some(interception) if interception.is_http_port(original_dst, self.local_port) => {
+                Listener::Explicit
+            }
             Some(_) => Listener::Transparent,
             None => Listener::Explicit,
         };
@@ -324,15 +331,19 @@ impl<H: Handler> Shared<H> {
     }
 
     /// `meshlet-tcp`: the caller's sidecar first sends the port its app was
-    /// calling (2 bytes, big endian; [`tls::read_opaque_port`]); the
-    /// connection goes to the app on this pod's own address and that port
-    /// (the app host and `--app-port` for the app port), then bytes are
-    /// copied both ways.
-    async fn splice_mesh_tcp(
+    /// calling (2 bytes, big endian; [`tls::read_opaque_port`]). The app
+    /// port speaks HTTP: what comes for it is served as HTTP/1.1 through
+    /// the handler (every request authorized, identity headers set), never
+    /// spliced. Any other port: if the handler admits the caller
+    /// (`admits_opaque`), the connection goes to the app on this pod's own
+    /// address and that port, bytes copied both ways.
+    async fn serve_mesh_tcp(
         &self,
         mut stream: tokio_rustls::server::TlsStream<TcpStream>,
         tls: &tls::Acceptor,
-    ) {
+        client: Peer,
+        stop: watch::Receiver<bool>,
+    ) -> Result<(), hyper::Error> {
         let port = tokio::time::timeout(
             self.limits.header_read_timeout,
             tls::read_opaque_port(&mut stream),
@@ -340,14 +351,37 @@ impl<H: Handler> Shared<H> {
         .await;
         let Ok(Ok(port)) = port else {
             tracing::debug!("opaque TCP over mTLS without its port; closed");
-            return;
+            return Ok(());
         };
-        let own_ip = stream.get_ref().0.local_addr().map(|a| a.ip());
-        let destination = match own_ip {
-            // Never another port on loopback: ports an app bound only on
-            // localhost stay private.
-            Ok(ip) if port != tls.app.port() && !ip.is_loopback() => SocketAddr::new(ip, port),
-            _ => tls.app,
+        if port == tls.app.port() {
+            return self.serve_http(stream, client, false, stop).await;
+        }
+        if !self.handler.admits_opaque(client.identity.as_ref()) {
+            tracing::debug!(identity = ?client.identity.as_deref().map(ToString::to_string),
+                "opaque TCP over mTLS refused by the zero-trust policies; closed");
+            return Ok(());
+        }
+        self.splice_mesh_tcp(stream, tls, port).await;
+        Ok(())
+    }
+
+    /// Splices a `meshlet-tcp` connection to the app on `port` of this
+    /// pod's own address.
+    async fn splice_mesh_tcp(
+        &self,
+        stream: tokio_rustls::server::TlsStream<TcpStream>,
+        tls: &tls::Acceptor,
+        port: u16,
+    ) {
+        // Never another port on loopback: ports an app bound only on
+        // localhost stay private (and the app port itself is HTTP, served by
+        // `serve_mesh_tcp`).
+        let destination = match stream.get_ref().0.local_addr() {
+            Ok(own) if !own.ip().is_loopback() => SocketAddr::new(own.ip(), port),
+            _ => {
+                tracing::debug!(port, "opaque TCP over mTLS to a port on loopback; closed");
+                return;
+            }
         };
         let connect = TcpStream::connect(destination);
         match tokio::time::timeout(tls.connect_timeout, connect).await {
@@ -403,15 +437,7 @@ impl<H: Handler> Shared<H> {
         match alpn.as_slice() {
             tls::ALPN_H2 => self.serve_http(stream, client, true, stop).await,
             tls::ALPN_HTTP1 => self.serve_http(stream, client, false, stop).await,
-            tls::ALPN_TCP if tls.opaque_tcp => {
-                if self.handler.admits_opaque(client.identity.as_ref()) {
-                    self.splice_mesh_tcp(stream, tls).await;
-                } else {
-                    tracing::debug!(identity = ?client.identity.as_deref().map(ToString::to_string),
-                        "opaque TCP over mTLS refused by the zero-trust policies; closed");
-                }
-                Ok(())
-            }
+            tls::ALPN_TCP if tls.opaque_tcp => self.serve_mesh_tcp(stream, tls, client, stop).await,
             _ => {
                 tracing::debug!("a TLS connection without a known ALPN protocol; closed");
                 Ok(())
@@ -644,18 +670,14 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_handler_that_refuses_plaintext_tcp_gets_the_connection_closed_unspliced() {
-        let (reply, accepted) = opaque_through(false).await;
-        assert_eq!(
-            (reply.as_str(), accepted),
-            ("SSH-2.0-hello\r\n", 1),
-            "spliced"
-        );
-        let (reply, accepted) = opaque_through(true).await;
-        assert_eq!(
-            (reply.as_str(), accepted),
-            ("", 0),
-            "closed, never reached the app"
-        );
+    async fn non_http_bytes_for_the_app_port_are_answered_as_http_never_spliced() {
+        // A connection that was not redirected (or was going to the app
+        // port) is HTTP: a client cannot turn it into opaque TCP to skip
+        // the request path, strict or not.
+        for strict in [false, true] {
+            let (reply, accepted) = opaque_through(strict).await;
+            assert!(reply.starts_with("HTTP/1.1 400"), "{reply:?}");
+            assert_eq!(accepted, 0, "never reached the app");
+        }
     }
 }

@@ -124,6 +124,19 @@ impl Interception {
         self
     }
 
+    /// Inbound: whether a connection that was going to `original` (`None`:
+    /// not redirected) is for the app's HTTP port or this listener's own
+    /// port (`own_port`), where only HTTP (or the mesh hop) is spoken.
+    pub fn is_http_port(&self, original: Option<SocketAddr>, own_port: Option<u16>) -> bool {
+        let Some(app) = self.app else {
+            return false;
+        };
+        match original {
+            None => true,
+            Some(original) => original.port() == app.port() || Some(original.port()) == own_port,
+        }
+    }
+
     /// Where an opaque connection that was going to `original` goes.
     pub fn opaque_destination(&self, original: Option<SocketAddr>) -> Option<SocketAddr> {
         match self.app {
