@@ -601,3 +601,26 @@ async fn after_goaway_the_next_request_opens_a_new_connection() {
     assert_eq!(pool.send(http1_get("/")).await.unwrap().status(), 200);
     assert_eq!(echo.clients.lock().unwrap().len(), 1);
 }
+
+#[tokio::test]
+async fn a_request_retried_after_a_failed_mesh_connect_keeps_its_original_protocol() {
+    // Forwarding retries a connect failure on another endpoint with the
+    // request the pool handed back; the far side must still learn that
+    // the caller spoke HTTP/1.1 (else an HTTP/1 app would get h2c).
+    let ca = TestCa::new("mesh root");
+    let (frontend, orders) = (
+        identity_for(&ca, "frontend").await,
+        identity_for(&ca, "orders").await,
+    );
+    let dead = mesh_pool(&frontend, crate::testing::refusing_addr().await, "orders");
+    let request = match dead.send(http1_get("/orders/7")).await {
+        Err(SendError::Connect { request, .. }) => *request,
+        other => panic!("expected a connect failure, got {other:?}"),
+    };
+    let (addr, _stop) = inbound(&orders, Echo::default()).await;
+    let alive = mesh_pool(&frontend, addr, "orders");
+    let response = alive.send(request).await.unwrap();
+    assert_eq!(response.status(), 200);
+    let seen = text(response).await;
+    assert!(seen.contains("orig=HTTP/1.1"), "{seen}");
+}
