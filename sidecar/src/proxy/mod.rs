@@ -3,7 +3,7 @@
 //! in one function (`handlers::Inbound::proxy`, `handlers::Outbound::proxy`).
 //!
 //! ```text
-//! inbound:  RequestRecord ─► route label ─► caller (Peer.identity, policy::authz)
+//! inbound:  RequestRecord ─► path normalised (path) ─► route label ─► caller (Peer.identity, policy::authz)
 //!           ─► mTLS ─► authorization ─► rate limit (policy)
 //!           ─► header rules, identity headers from the verified caller (headers)
 //!           ─► forward to the local app (upstream) ─► response
