@@ -11,6 +11,9 @@
 //! concurrency slot, and the request's [`RequestRecord`] (whose release
 //! counts the request as complete, see `observe`). A body can also count
 //! its data bytes on a route's byte counter: one atomic add per frame.
+//! And it can drop named fields from its trailers ([`ProxyBody::without_trailers`]:
+//! the identity headers a client sent as request trailers); only a
+//! trailers frame is looked at, data frames pass untouched.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -18,6 +21,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
+use http::header::HeaderName;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use prometheus::IntCounter;
@@ -33,6 +37,8 @@ pub struct ProxyBody {
     kind: Kind,
     /// Counts data bytes as they pass.
     bytes: Option<IntCounter>,
+    /// Fields removed from a trailers frame.
+    strip_trailers: &'static [HeaderName],
     guards: Guards,
 }
 
@@ -95,6 +101,7 @@ impl ProxyBody {
         ProxyBody {
             kind,
             bytes: None,
+            strip_trailers: &[],
             guards: Guards::default(),
         }
     }
@@ -146,6 +153,12 @@ impl ProxyBody {
         self
     }
 
+    /// Removes every field named in `names` from the body's trailers.
+    pub fn without_trailers(mut self, names: &'static [HeaderName]) -> Self {
+        self.strip_trailers = names;
+        self
+    }
+
     /// Adds the length of every data frame to `bytes`.
     pub fn counting(mut self, bytes: IntCounter) -> Self {
         self.bytes = Some(bytes);
@@ -168,7 +181,7 @@ impl Body for ProxyBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         let this = &mut *self;
-        let polled = match &mut this.kind {
+        let mut polled = match &mut this.kind {
             Kind::Empty => Poll::Ready(None),
             Kind::Full(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
             Kind::Streamed(body, timer) => match Pin::new(body).poll_frame(cx) {
@@ -190,10 +203,16 @@ impl Body for ProxyBody {
                 },
             },
         };
-        match &polled {
+        match &mut polled {
             Poll::Ready(Some(Ok(frame))) => {
                 if let (Some(bytes), Some(data)) = (&this.bytes, frame.data_ref()) {
                     bytes.inc_by(data.len() as u64);
+                } else if !this.strip_trailers.is_empty() {
+                    if let Some(trailers) = frame.trailers_mut() {
+                        for name in this.strip_trailers {
+                            trailers.remove(name);
+                        }
+                    }
                 }
             }
             Poll::Ready(None | Some(Err(_))) => this.guards = Guards::default(),

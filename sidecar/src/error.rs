@@ -65,6 +65,11 @@ pub enum ProxyError {
     HeadTooLarge { limit: usize },
     #[error("malformed request head (not HTTP/1.x)")]
     MalformedHead,
+    #[error("request path {path:?} refused: {why}")]
+    BadPath {
+        path: String,
+        why: crate::proxy::path::PathRefusal,
+    },
     #[error("{method} is not supported on the {listener} listener")]
     MethodNotAllowed {
         method: http::Method,
@@ -141,6 +146,7 @@ impl ProxyError {
             ProxyError::MissingHost
             | ProxyError::AmbiguousFraming
             | ProxyError::MalformedHead
+            | ProxyError::BadPath { .. }
             | ProxyError::RequestBodyFailed { .. } => StatusCode::BAD_REQUEST,
             ProxyError::RequestBodyTimeout { .. } => StatusCode::REQUEST_TIMEOUT,
             ProxyError::HeadTooLarge { .. } => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
@@ -167,6 +173,7 @@ impl ProxyError {
     pub fn reason(&self) -> &'static str {
         match self {
             ProxyError::MissingHost => "missing_host",
+            ProxyError::BadPath { .. } => "bad_path",
             ProxyError::AmbiguousFraming
             | ProxyError::MalformedHead
             | ProxyError::RequestBodyFailed { .. } => "bad_request",
@@ -288,6 +295,12 @@ mod tests {
             (ProxyError::AmbiguousFraming, 400, "bad_request", "request has both Content-Length and Transfer-Encoding (ambiguous framing)"),
             (ProxyError::HeadTooLarge { limit: 8192 }, 431, "header_too_large", "request head is larger than 8192 bytes"),
             (ProxyError::MalformedHead, 400, "bad_request", "malformed request head (not HTTP/1.x)"),
+            (
+                ProxyError::BadPath { path: "/a%2Fb".into(), why: crate::proxy::path::PathRefusal::EncodedSlash },
+                400,
+                "bad_path",
+                "request path \"/a%2Fb\" refused: the path contains an encoded slash (%2F)",
+            ),
             (
                 ProxyError::MethodNotAllowed { method: http::Method::CONNECT, listener: "inbound" },
                 405,

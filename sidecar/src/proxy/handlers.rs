@@ -3,7 +3,8 @@
 //!
 //! (Ambiguous framing is refused earlier, below hyper: see `framing`.)
 //!
-//! Inbound: who the caller is (its verified certificate identity, never a
+//! Inbound: the path normalised (`path`: what authorization, the rate
+//! limit's route and the app all see; 400 `bad_path`) → who the caller is (its verified certificate identity, never a
 //! header: `authz`) → mTLS (`MTLSPolicy strict` refuses a plaintext
 //! caller: 403 `mtls_required`) → authorization (`AuthorizationPolicy`:
 //! 403 `denied`) → rate limit of the own service (`ratelimit`, 429;
@@ -22,7 +23,10 @@
 //! Errors from any step travel up as [`ProxyError`] and become a response
 //! in one place ([`ProxyError::into_response`]). Upgrades (WebSocket) are
 //! forwarded as ordinary requests; a `101` answer splices the two
-//! connections together.
+//! connections together (only the opening request was authorised). An
+//! `h2c` upgrade is none: `Upgrade: h2c` and `HTTP2-Settings` are dropped
+//! (`headers::drop_h2c_upgrade`). Identity headers a client sent as
+//! request trailers are dropped on both sides (`ProxyBody::without_trailers`).
 //!
 //! Each request has a [`RequestRecord`] (`observe`) from arrival: the
 //! route it is counted under is set as soon as the path and destination
@@ -30,6 +34,7 @@
 //! record completes with the response body (or at once for a response the
 //! mesh generated).
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -53,8 +58,10 @@ use crate::listen::tunnel;
 use crate::policy::authz::{self, Caller};
 use crate::policy::index::RoutePolicies;
 use crate::proxy::headers::{
-    add_forwarded, remove_source_headers, set_source_headers, strip_hop_by_hop, wants_upgrade,
+    add_forwarded, drop_h2c_upgrade, remove_source_headers, set_source_headers, strip_hop_by_hop,
+    wants_upgrade, SOURCE_HEADERS,
 };
+use crate::proxy::path;
 use crate::proxy::route::{Authority, Router};
 use crate::settings::Limits;
 use crate::telemetry::direction::Direction;
@@ -156,6 +163,7 @@ impl Inbound {
                 listener: "inbound",
             });
         }
+        let request = normalize_path(request)?;
         let caller = self.admit(&request, peer, record)?;
         let version = request.version();
         let app = self.app_for(peer.original_dst);
@@ -219,6 +227,41 @@ impl Inbound {
         }
         Ok(caller)
     }
+}
+
+/// The request with its path normalised (`path::normalize`), so that
+/// authorization, the route match and the app all see the same path; the
+/// query is kept as is. A path the mesh will not interpret is refused
+/// (400 `bad_path`).
+fn normalize_path<B>(mut request: Request<B>) -> Result<Request<B>, ProxyError> {
+    let uri = request.uri();
+    let normalized = match path::normalize(uri.path()) {
+        Ok(Cow::Borrowed(_)) => return Ok(request),
+        Ok(Cow::Owned(normalized)) => normalized,
+        Err(why) => {
+            return Err(ProxyError::BadPath {
+                path: uri.path().to_owned(),
+                why,
+            })
+        }
+    };
+    let path_and_query = match uri.query() {
+        Some(query) => format!("{normalized}?{query}"),
+        None => normalized,
+    };
+    let mut parts = uri.clone().into_parts();
+    let rebuilt = PathAndQuery::try_from(path_and_query)
+        .ok()
+        .and_then(|pq| {
+            parts.path_and_query = Some(pq);
+            Uri::from_parts(parts).ok()
+        })
+        .ok_or_else(|| ProxyError::BadPath {
+            path: request.uri().path().to_owned(),
+            why: path::PathRefusal::BadEscape,
+        })?;
+    *request.uri_mut() = rebuilt;
+    Ok(request)
 }
 
 impl Handler for Inbound {
@@ -397,7 +440,8 @@ fn answer(
 /// Turns a received request into the one sent upstream: hop-by-hop headers
 /// removed, URI in the form the upstream protocol wants (origin-form for
 /// HTTP/1.1, absolute for HTTP/2), body streamed as is and its bytes
-/// counted on `bytes`. Returns the client's pending upgrade if the request
+/// counted on `bytes`, the identity headers removed from its trailers
+/// (both sides: only the inbound sets them, as headers). Returns the client's pending upgrade if the request
 /// asks for one.
 fn prepare(
     mut request: Request<Incoming>,
@@ -405,6 +449,7 @@ fn prepare(
     limits: &Limits,
     bytes: IntCounter,
 ) -> (Request<ProxyBody>, Option<OnUpgrade>) {
+    drop_h2c_upgrade(request.headers_mut());
     let upgrade = request.version() == Version::HTTP_11 && wants_upgrade(request.headers());
     let downstream_upgrade = upgrade.then(|| hyper::upgrade::on(&mut request));
     strip_hop_by_hop(request.headers_mut(), upgrade);
@@ -414,7 +459,11 @@ fn prepare(
     }
     let idle_timeout = limits.stream_idle_timeout;
     (
-        request.map(|body| ProxyBody::streamed(body, idle_timeout).counting(bytes)),
+        request.map(|body| {
+            ProxyBody::streamed(body, idle_timeout)
+                .counting(bytes)
+                .without_trailers(&SOURCE_HEADERS)
+        }),
         downstream_upgrade,
     )
 }
@@ -521,6 +570,7 @@ mod tests {
     use std::convert::Infallible;
 
     use arc_swap::ArcSwap;
+    use http_body_util::BodyExt;
     use hyper_util::rt::TokioIo;
     use meshlet_api::mesh::MeshState;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -532,7 +582,8 @@ mod tests {
     use crate::listen::server::serve;
 
     /// An app that answers with the identity headers it received, one
-    /// `name: value` line each.
+    /// `name: value` line each, then the same for its request trailers
+    /// (`trailer name: value`), then `uri: <the request target>`.
     async fn header_echo() -> SocketAddr {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -545,6 +596,12 @@ mod tests {
                             lines.push_str(&format!("{name}: {}\n", value.to_str().unwrap()));
                         }
                     }
+                    let uri = request.uri().to_string();
+                    let body = request.into_body().collect().await.unwrap();
+                    for (name, value) in body.trailers().into_iter().flatten() {
+                        lines.push_str(&format!("trailer {name}: {}\n", value.to_str().unwrap()));
+                    }
+                    lines.push_str(&format!("uri: {uri}\n"));
                     Ok::<_, Infallible>(Response::new(ProxyBody::full(lines)))
                 });
                 tokio::spawn(
@@ -754,5 +811,80 @@ mod tests {
             let reply = call(sidecar.frontend, "GET", "/", &[]).await;
             assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
         }
+    }
+
+    const DENY_SECRET: &str = "apiVersion: meshlet.dev/v1alpha1\nkind: AuthorizationPolicy\n\
+        metadata: {name: no-secret}\nspec:\n  targetRef: {service: orders}\n  action: DENY\n  \
+        rules:\n  - to: [{paths: [/api/secret, '/api/admin/*']}]\n";
+
+    #[tokio::test]
+    async fn authorization_and_the_app_see_the_normalised_path() {
+        let sidecar = sidecar(DENY_SECRET).await;
+        for path in [
+            "/api/secret",
+            "/api/./secret",
+            "/api//secret",
+            "/api/%73ecret",
+            "/api/%73%65cret?x=1",
+            "/api/x/../secret",
+            "/x/../../api/secret",
+            "/api//admin/x",
+            "/api/x/../admin/x",
+        ] {
+            let reply = call(sidecar.frontend, "GET", path, &[]).await;
+            assert!(reply.starts_with("HTTP/1.1 403"), "{path}: {reply}");
+            assert!(
+                reply.contains("x-meshlet-reason: denied"),
+                "{path}: {reply}"
+            );
+        }
+        // Allowed, and the app gets the path that was authorised (the
+        // query untouched).
+        let reply = call(sidecar.frontend, "GET", "/api/./items//%31?q=%2F..//", &[]).await;
+        assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
+        assert!(reply.contains("uri: /api/items/1?q=%2F..//\n"), "{reply}");
+        let reply = call(sidecar.frontend, "GET", "/api/items", &[]).await;
+        assert!(reply.contains("uri: /api/items\n"), "{reply}");
+    }
+
+    #[tokio::test]
+    async fn an_ambiguous_path_is_refused_with_400_bad_path() {
+        let sidecar = sidecar(DENY_SECRET).await;
+        for (path, why) in [
+            ("/api/x/..%2fsecret", "encoded slash"),
+            ("/api/%5csecret", "encoded backslash"),
+            ("/api/secret%00", "encoded NUL"),
+            ("/api\\secret", "backslash"),
+        ] {
+            let reply = call(sidecar.frontend, "GET", path, &[]).await;
+            assert!(reply.starts_with("HTTP/1.1 400"), "{path}: {reply}");
+            assert!(
+                reply.contains("x-meshlet-reason: bad_path"),
+                "{path}: {reply}"
+            );
+            assert!(reply.contains(why), "{path}: {reply}");
+        }
+    }
+
+    #[tokio::test]
+    async fn identity_headers_sent_as_request_trailers_never_reach_the_app() {
+        let sidecar = sidecar("").await;
+        let mut stream = TcpStream::connect(sidecar.frontend).await.unwrap();
+        stream
+            .write_all(
+                b"POST /x HTTP/1.1\r\nhost: orders\r\ntransfer-encoding: chunked\r\n\
+                  te: trailers\r\ntrailer: x-meshlet-source, x-meshlet-source-identity, x-kept\r\n\
+                  connection: close\r\n\r\n3\r\nabc\r\n0\r\nx-meshlet-source: admin\r\n\
+                  x-meshlet-source-identity: spiffe://meshlet.local/ns/default/sa/admin\r\n\
+                  x-kept: yes\r\n\r\n",
+            )
+            .await
+            .unwrap();
+        let mut reply = String::new();
+        stream.read_to_string(&mut reply).await.unwrap();
+        assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
+        assert!(reply.contains("x-meshlet-source: frontend\n"), "{reply}");
+        assert!(!reply.contains("admin"), "{reply}");
+        assert!(reply.contains("trailer x-kept: yes\n"), "{reply}");
     }
 }

@@ -17,10 +17,57 @@ pub const SOURCE_IDENTITY_HEADER: HeaderName = HeaderName::from_static("x-meshle
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 
+/// The identity headers, as names a request body drops from its trailers
+/// (`ProxyBody::without_trailers`): a client's copy sent as a trailer
+/// never reaches the app either.
+pub static SOURCE_HEADERS: [HeaderName; 2] = [SOURCE_HEADER, SOURCE_IDENTITY_HEADER];
+
 const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 pub const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 pub const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+
+const HTTP2_SETTINGS: HeaderName = HeaderName::from_static("http2-settings");
+
+/// `Upgrade: h2c` is not an upgrade for the mesh (as Envoy by default):
+/// after the app's `101` every request on the connection would pass
+/// unseen by authorization and the identity-header rule. `h2c` is dropped
+/// from the `Upgrade` list (the header goes if nothing else is left) and
+/// `HTTP2-Settings` is removed, so the request is forwarded as an
+/// ordinary one. Call before [`wants_upgrade`].
+pub fn drop_h2c_upgrade(headers: &mut HeaderMap) {
+    headers.remove(HTTP2_SETTINGS);
+    if !headers.contains_key(header::UPGRADE) {
+        return;
+    }
+    let mut h2c = false;
+    let mut kept: Vec<String> = Vec::new();
+    for value in headers.get_all(header::UPGRADE) {
+        let Ok(value) = value.to_str() else {
+            // Not a readable protocol list: forward no upgrade at all.
+            h2c = true;
+            kept.clear();
+            break;
+        };
+        for protocol in value.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+            let name = protocol.split('/').next().unwrap_or_default().trim();
+            if name.eq_ignore_ascii_case("h2c") {
+                h2c = true;
+            } else {
+                kept.push(protocol.to_owned());
+            }
+        }
+    }
+    if !h2c {
+        return;
+    }
+    headers.remove(header::UPGRADE);
+    if !kept.is_empty() {
+        if let Ok(value) = HeaderValue::from_str(&kept.join(", ")) {
+            headers.insert(header::UPGRADE, value);
+        }
+    }
+}
 
 /// Is this an HTTP/1.1 upgrade request (`Connection: upgrade` + `Upgrade`)?
 pub fn wants_upgrade(headers: &HeaderMap) -> bool {
@@ -199,6 +246,47 @@ mod tests {
             ("upgrade", "websocket")
         ])));
         assert!(!wants_upgrade(&map(&[("upgrade", "websocket")])));
+    }
+
+    #[test]
+    fn an_h2c_upgrade_is_forwarded_as_an_ordinary_request() {
+        let mut h = map(&[
+            ("connection", "Upgrade, HTTP2-Settings"),
+            ("upgrade", "h2c"),
+            ("http2-settings", "AAMAAABkAAQAoAAAAAIAAAAA"),
+            ("host", "orders"),
+        ]);
+        drop_h2c_upgrade(&mut h);
+        assert!(!wants_upgrade(&h));
+        strip_hop_by_hop(&mut h, false);
+        assert_eq!(names(&h), ["host"]);
+
+        // HTTP2-Settings goes even when Connection does not name it.
+        let mut h = map(&[
+            ("connection", "upgrade"),
+            ("upgrade", "H2C"),
+            ("http2-settings", "AAMAAABkAAQAoAAAAAIAAAAA"),
+        ]);
+        drop_h2c_upgrade(&mut h);
+        assert!(!wants_upgrade(&h));
+        assert!(!h.contains_key("http2-settings") && !h.contains_key("upgrade"));
+
+        // Several protocols: only h2c is dropped.
+        let mut h = map(&[
+            ("connection", "upgrade"),
+            ("upgrade", "h2c, websocket"),
+            ("upgrade", "foo/2"),
+        ]);
+        drop_h2c_upgrade(&mut h);
+        assert!(wants_upgrade(&h));
+        assert_eq!(h["upgrade"], "websocket, foo/2");
+        assert_eq!(h.get_all("upgrade").iter().count(), 1);
+
+        // A WebSocket upgrade is left alone.
+        let mut h = map(&[("connection", "upgrade"), ("upgrade", "websocket")]);
+        drop_h2c_upgrade(&mut h);
+        assert!(wants_upgrade(&h));
+        assert_eq!(h["upgrade"], "websocket");
     }
 
     #[test]

@@ -3,7 +3,7 @@
 //! in one function (`handlers::Inbound::proxy`, `handlers::Outbound::proxy`).
 //!
 //! ```text
-//! inbound:  RequestRecord ─► route label ─► caller (Peer.identity, policy::authz)
+//! inbound:  RequestRecord ─► path normalised (path) ─► route label ─► caller (Peer.identity, policy::authz)
 //!           ─► mTLS ─► authorization ─► rate limit (policy)
 //!           ─► header rules, identity headers from the verified caller (headers)
 //!           ─► forward to the local app (upstream) ─► response
@@ -19,6 +19,9 @@
 //! - `route` — outbound destination: absolute URI or `Host` → a service of
 //!   the snapshot, or a passthrough address (DNS through a small cache),
 //!   transparent mode's original destination, loop refusal.
+//! - `path` — the inbound's path normalisation before authorization
+//!   (unreserved escapes decoded, `//` merged, dot segments removed;
+//!   `%2F`, `%5C`, `%00`, a backslash refused: 400 `bad_path`).
 //! - `headers` — hop-by-hop removal, `x-forwarded-*`, the identity headers
 //!   (`x-meshlet-source`, `x-meshlet-source-identity`: never a client's).
 //!
@@ -30,4 +33,5 @@
 
 pub(crate) mod handlers;
 pub(crate) mod headers;
+pub(crate) mod path;
 pub(crate) mod route;
