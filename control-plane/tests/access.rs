@@ -9,7 +9,7 @@ use std::os::unix::fs::PermissionsExt;
 
 use common::ControlPlane;
 use http::{Method, StatusCode};
-use meshlet_api::access::{paths as access_paths, CreateToken, CreatedToken, TokenList};
+use meshlet_api::access::{paths as access_paths, TokenList};
 use meshlet_api::mesh::{paths, ApplyFile, ApplyRequest, Heartbeat, Registration, RevisionRecord};
 use meshlet_client::Client;
 
@@ -75,31 +75,6 @@ async fn status(
         .0
 }
 
-async fn token(cp: &ControlPlane, name: &str, role: &str, service: Option<&str>) -> String {
-    let request = CreateToken {
-        name: name.into(),
-        role: role.into(),
-        namespace: None,
-        service: service.map(str::to_owned),
-        ttl_seconds: None,
-    };
-    let (status, body) = cp
-        .call(
-            Method::POST,
-            access_paths::TOKENS,
-            Some(serde_json::to_vec(&request).unwrap()),
-        )
-        .await
-        .unwrap();
-    assert_eq!(
-        status,
-        StatusCode::CREATED,
-        "{}",
-        String::from_utf8_lossy(&body)
-    );
-    serde_json::from_slice::<CreatedToken>(&body).unwrap().token
-}
-
 fn registration(id: &str, service: &str) -> Vec<u8> {
     serde_json::to_vec(&Registration {
         id: id.into(),
@@ -144,7 +119,7 @@ async fn without_a_token_only_the_public_routes_answer() {
 async fn a_viewer_reads_and_changes_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let cp = ControlPlane::start(dir.path(), &[]).await;
-    let viewer = cp.client_with(&token(&cp, "ops-viewer", "viewer", None).await);
+    let viewer = cp.client_with(&cp.create_token("ops-viewer", "viewer", None).await);
     for (m, path, changes) in ROUTES {
         let got = status(&cp, &viewer, m, path, b"{}").await;
         if *changes || path.starts_with("/api/v1/tokens") {
@@ -173,9 +148,14 @@ async fn a_viewer_reads_and_changes_nothing() {
 async fn a_sidecar_token_is_bound_to_its_service_and_its_instances() {
     let dir = tempfile::tempdir().unwrap();
     let cp = ControlPlane::start(dir.path(), &[]).await;
-    let orders =
-        cp.client_with(&token(&cp, "sidecar-default-orders", "sidecar", Some("orders")).await);
-    let orders2 = cp.client_with(&token(&cp, "orders-other", "sidecar", Some("orders")).await);
+    let orders = cp.client_with(
+        &cp.create_token("sidecar-default-orders", "sidecar", Some("orders"))
+            .await,
+    );
+    let orders2 = cp.client_with(
+        &cp.create_token("orders-other", "sidecar", Some("orders"))
+            .await,
+    );
     let post = |client, body: Vec<u8>| {
         let cp = &cp;
         async move { status(cp, client, "POST", paths::INSTANCES, &body).await }
@@ -264,7 +244,7 @@ async fn names_that_are_not_dns_labels_are_refused_as_services() {
 async fn the_history_actor_is_the_token_name_whatever_the_client_says() {
     let dir = tempfile::tempdir().unwrap();
     let cp = ControlPlane::start(dir.path(), &[]).await;
-    let ops = cp.client_with(&token(&cp, "ops", "admin", None).await);
+    let ops = cp.client_with(&cp.create_token("ops", "admin", None).await);
     let body = serde_json::to_vec(&ApplyRequest {
         files: vec![ApplyFile {
             name: "p.yaml".into(),
@@ -295,7 +275,7 @@ async fn bootstrap_files_are_private_and_a_restart_keeps_them() {
     assert_eq!(mode(&data.join("ca.key")), 0o600);
     assert_eq!(mode(&data.join("meshlet.redb")), 0o600);
     assert_eq!(mode(&data.join("ca.crt")), 0o644);
-    let viewer = token(&cp, "keeps", "viewer", None).await;
+    let viewer = cp.create_token("keeps", "viewer", None).await;
     let admin = cp.admin_token();
     let ca = std::fs::read(data.join("ca.crt")).unwrap();
     drop(cp);

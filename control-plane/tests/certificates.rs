@@ -9,36 +9,11 @@ use std::time::{Duration, Instant};
 
 use common::{ControlPlane, DEADLINE};
 use http::{Method, StatusCode};
-use meshlet_api::access::{paths as access_paths, CreateToken, CreatedToken, CA_CERT_FILE};
+use meshlet_api::access::CA_CERT_FILE;
 use meshlet_api::mesh::{
     paths, CaStatus, CertificateReply, CertificateRequest, Registration, ServiceDetail,
 };
 use meshlet_client::Client;
-
-async fn token(cp: &ControlPlane, name: &str, role: &str, service: Option<&str>) -> String {
-    let request = CreateToken {
-        name: name.into(),
-        role: role.into(),
-        namespace: None,
-        service: service.map(str::to_owned),
-        ttl_seconds: None,
-    };
-    let (status, body) = cp
-        .call(
-            Method::POST,
-            access_paths::TOKENS,
-            Some(serde_json::to_vec(&request).unwrap()),
-        )
-        .await
-        .unwrap();
-    assert_eq!(
-        status,
-        StatusCode::CREATED,
-        "{}",
-        String::from_utf8_lossy(&body)
-    );
-    serde_json::from_slice::<CreatedToken>(&body).unwrap().token
-}
 
 /// A CSR for a fresh P-256 key that asks for a name it will not get.
 fn csr() -> String {
@@ -140,7 +115,10 @@ async fn ca_until(cp: &ControlPlane, what: &str, done: impl Fn(&CaStatus) -> boo
 async fn a_sidecar_gets_a_leaf_for_its_token_identity_and_describe_shows_it() {
     let dir = tempfile::tempdir().unwrap();
     let cp = ControlPlane::start(dir.path(), &["--workload-cert-ttl", "1h"]).await;
-    let orders = cp.client_with(&token(&cp, "orders-sidecar", "sidecar", Some("orders")).await);
+    let orders = cp.client_with(
+        &cp.create_token("orders-sidecar", "sidecar", Some("orders"))
+            .await,
+    );
 
     // Asked before registering, as sidecars do at start.
     let reply = certificate(&cp, &orders, "orders-1").await;
@@ -238,9 +216,9 @@ async fn a_sidecar_gets_a_leaf_for_its_token_identity_and_describe_shows_it() {
 async fn certificates_are_refused_with_a_reason() {
     let dir = tempfile::tempdir().unwrap();
     let cp = ControlPlane::start(dir.path(), &[]).await;
-    let orders = cp.client_with(&token(&cp, "orders-a", "sidecar", Some("orders")).await);
-    let orders_b = cp.client_with(&token(&cp, "orders-b", "sidecar", Some("orders")).await);
-    let viewer = cp.client_with(&token(&cp, "ro", "viewer", None).await);
+    let orders = cp.client_with(&cp.create_token("orders-a", "sidecar", Some("orders")).await);
+    let orders_b = cp.client_with(&cp.create_token("orders-b", "sidecar", Some("orders")).await);
+    let viewer = cp.client_with(&cp.create_token("ro", "viewer", None).await);
     let anonymous = cp.anonymous();
     let ok = || request("orders-1", csr());
 
@@ -341,7 +319,10 @@ async fn a_rotation_adds_switches_and_retires_roots_and_a_restart_keeps_them() {
     let dir = tempfile::tempdir().unwrap();
     let flags = ["--ca-rotation-grace", "300ms"];
     let cp = ControlPlane::start(dir.path(), &flags).await;
-    let orders = cp.client_with(&token(&cp, "orders-sidecar", "sidecar", Some("orders")).await);
+    let orders = cp.client_with(
+        &cp.create_token("orders-sidecar", "sidecar", Some("orders"))
+            .await,
+    );
     let first = certificate(&cp, &orders, "orders-1").await;
     let (status, body) = post(
         &cp,

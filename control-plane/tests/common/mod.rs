@@ -1,5 +1,5 @@
 //! The harness shared by the control plane's integration tests (`api.rs`,
-//! `pipeline.rs`, `traces.rs`, `access.rs`): a control plane on a loopback
+//! `pipeline.rs`, `traces.rs`, `access.rs`, `certificates.rs`): a control plane on a loopback
 //! port with a temporary data directory, driven over HTTPS (trusting
 //! `DATA_DIR/ca.crt`, with the admin token from `DATA_DIR/admin.token`)
 //! and through `meshctl` (`MESHLET_CA_FILE`, `MESHLET_TOKEN`).
@@ -23,7 +23,9 @@ use clap::Parser;
 use http::{Method, StatusCode};
 use http_body_util::BodyExt;
 use http_body_util::Full;
-use meshlet_api::access::{ADMIN_TOKEN_FILE, CA_CERT_FILE};
+use meshlet_api::access::{
+    paths as access_paths, CreateToken, CreatedToken, ADMIN_TOKEN_FILE, CA_CERT_FILE,
+};
 use meshlet_api::mesh::{
     paths, Heartbeat, MeshState, Registration, RegistrationReply, RevisionRecord, WatchEvent,
 };
@@ -86,6 +88,33 @@ struct InProcess {
 }
 
 impl ControlPlane {
+    /// A token made through `POST /api/v1/tokens` with the admin token.
+    #[allow(dead_code)] // used by access.rs and certificates.rs
+    pub async fn create_token(&self, name: &str, role: &str, service: Option<&str>) -> String {
+        let request = CreateToken {
+            name: name.into(),
+            role: role.into(),
+            namespace: None,
+            service: service.map(str::to_owned),
+            ttl_seconds: None,
+        };
+        let (status, body) = self
+            .call(
+                Method::POST,
+                access_paths::TOKENS,
+                Some(serde_json::to_vec(&request).unwrap()),
+            )
+            .await
+            .unwrap();
+        assert_eq!(
+            status,
+            StatusCode::CREATED,
+            "{}",
+            String::from_utf8_lossy(&body)
+        );
+        serde_json::from_slice::<CreatedToken>(&body).unwrap().token
+    }
+
     /// Runs the control plane in this process on `127.0.0.1:0` with
     /// `data_dir` and `extra` flags (parsed like the binary's), and waits
     /// until `/healthz` answers 200.
