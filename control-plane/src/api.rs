@@ -450,6 +450,7 @@ async fn metrics(State(state): State<AppState>) -> Result<Response, ApiFailure> 
         &state.controller,
         &state.traces,
         &state.workload,
+        &state.connections,
         Instant::now(),
     )
     .map_err(|e| ApiFailure::Internal(format!("cannot encode metrics: {e}")))?;

@@ -37,6 +37,7 @@ use tokio::sync::watch;
 use crate::auth::{Action, Claim, Owners, OwnershipError, Principal};
 use crate::clock::now_ms;
 use crate::error::{ApiFailure, StoreError};
+use crate::expiry::{Decision, ExpiryPolicy, Preservation, Transition};
 use crate::push::{Hub, Published};
 use crate::registry::{classify, rewind, Plan, Registry};
 use crate::store::{Rewind, Store};
@@ -58,6 +59,8 @@ pub struct Controller {
     /// Who registered which instance id; changed under the writer lock.
     owners: Mutex<Owners>,
     ttl: Duration,
+    /// Self-preservation: whether the reaper may expire (see `expiry`).
+    preservation: Mutex<Preservation>,
 }
 
 /// What a caller wants to do with a registered instance.
@@ -121,7 +124,22 @@ impl Controller {
             liveness: Mutex::new(liveness),
             owners: Mutex::new(owners),
             ttl,
+            preservation: Mutex::new(Preservation::default()),
         })
+    }
+
+    /// Sets the expiry pause thresholds (`--expiry-pause-share`,
+    /// `--expiry-pause-min-instances`).
+    pub fn with_expiry_policy(self, policy: ExpiryPolicy) -> Controller {
+        *self.preservation.lock().unwrap() = Preservation::new(policy);
+        self
+    }
+
+    /// Whether expiry is paused now, and how many times it paused since
+    /// start (for `/metrics`).
+    pub fn expiry_paused(&self) -> (bool, u64) {
+        let p = self.preservation.lock().unwrap();
+        (p.paused(), p.pauses())
     }
 
     /// Saves the instance owners (on the blocking pool).
@@ -284,13 +302,25 @@ impl Controller {
         heartbeat: Heartbeat,
         principal: &Principal,
     ) -> Result<(), ApiFailure> {
+        self.heartbeat_at(id, heartbeat, principal, Instant::now())
+            .await
+    }
+
+    /// [`Controller::heartbeat`] received at `now` (tests drive the clock).
+    pub(crate) async fn heartbeat_at(
+        &self,
+        id: &str,
+        heartbeat: Heartbeat,
+        principal: &Principal,
+        now: Instant,
+    ) -> Result<(), ApiFailure> {
         self.check_instance(id, principal, InstanceUse::Heartbeat)?;
         let not_found = || ApiFailure::NotFound(format!("instance {id:?} is not registered"));
         {
             let mut liveness = self.liveness.lock().unwrap();
             let live = liveness.get_mut(id).ok_or_else(not_found)?;
             if live.healthy == heartbeat.healthy {
-                live.last_heartbeat = Instant::now();
+                live.last_heartbeat = now;
                 return Ok(());
             }
         }
@@ -304,7 +334,7 @@ impl Controller {
         let mut liveness = self.liveness.lock().unwrap();
         if let Some(live) = liveness.get_mut(id) {
             live.healthy = heartbeat.healthy;
-            live.last_heartbeat = Instant::now();
+            live.last_heartbeat = now;
         }
         Ok(())
     }
@@ -324,9 +354,41 @@ impl Controller {
         Ok(())
     }
 
+    /// Whether this pass may expire anything: asks the self-preservation
+    /// rule (`expiry`) with the ages of every instance's last heartbeat,
+    /// and logs a pause or a resume.
+    fn may_expire(&self, now: Instant) -> bool {
+        let (decision, transition) = {
+            let liveness = self.liveness.lock().unwrap();
+            let ages = liveness
+                .values()
+                .map(|l| now.saturating_duration_since(l.last_heartbeat));
+            self.preservation.lock().unwrap().decide(ages, self.ttl)
+        };
+        match (transition, &decision) {
+            (Transition::Paused, Decision::Pause { silent, total }) => tracing::warn!(
+                silent,
+                total,
+                ttl = ?self.ttl,
+                "expiry paused: {silent} of {total} instances have not been heard for half a TTL; \
+                 the control plane is likely the one that cannot hear them, so none is removed \
+                 until heartbeats flow again"
+            ),
+            (Transition::Resumed, _) => {
+                tracing::info!("expiry resumed: heartbeats flow again; instances still silent past the TTL expire now")
+            }
+            _ => {}
+        }
+        decision == Decision::Expire
+    }
+
     /// Removes every instance whose last heartbeat is older than the TTL at
-    /// `now`, in one revision. Returns how many expired.
+    /// `now`, in one revision, unless self-preservation pauses expiry (see
+    /// `expiry`). Returns how many expired.
     pub async fn reap(&self, now: Instant) -> Result<usize, StoreError> {
+        if !self.may_expire(now) {
+            return Ok(0);
+        }
         let expired = |liveness: &HashMap<String, Liveness>| -> Vec<String> {
             let mut ids: Vec<String> = liveness
                 .iter()
@@ -682,6 +744,87 @@ mod tests {
             history[0].changes,
             ["expired orders/o1", "expired orders/o2"]
         );
+    }
+
+    /// A controller (TTL 10 s) with `ids` registered at `start`.
+    async fn registered(ids: &[&str]) -> (Controller, Instant) {
+        let c = controller(Arc::new(MemoryStore::new()));
+        for (n, id) in ids.iter().enumerate() {
+            c.register(registration(id, "orders", 8081 + n as u16), &admin())
+                .await
+                .unwrap();
+        }
+        (c, Instant::now())
+    }
+
+    async fn beat(c: &Controller, ids: &[&str], at: Instant) {
+        for id in ids {
+            c.heartbeat_at(id, Heartbeat { healthy: true }, &admin(), at)
+                .await
+                .unwrap();
+        }
+    }
+
+    fn instances(c: &Controller) -> Vec<String> {
+        c.published().instances.keys().cloned().collect()
+    }
+
+    fn secs(s: u64) -> Duration {
+        Duration::from_secs(s)
+    }
+
+    #[tokio::test]
+    async fn one_dead_instance_of_three_expires() {
+        let (c, t0) = registered(&["a", "b", "c"]).await;
+        // b and c beat every 3 s; a never again.
+        for s in [3, 6, 9] {
+            beat(&c, &["b", "c"], t0 + secs(s)).await;
+        }
+        assert_eq!(c.reap(t0 + secs(11)).await.unwrap(), 1);
+        assert_eq!(instances(&c), ["b", "c"]);
+        assert_eq!(c.expiry_paused(), (false, 0));
+    }
+
+    #[tokio::test]
+    async fn all_silent_pauses_expiry_and_heartbeats_resume_it() {
+        let (c, t0) = registered(&["a", "b", "c", "d"]).await;
+        // Nobody is heard (a starved control plane): reaper passes every
+        // second for three TTLs expire nothing.
+        for s in 1..=30 {
+            assert_eq!(c.reap(t0 + secs(s)).await.unwrap(), 0, "pass at {s}s");
+        }
+        assert_eq!(instances(&c), ["a", "b", "c", "d"]);
+        assert_eq!(c.expiry_paused(), (true, 1), "paused once");
+        // Heartbeats flow again for b, c, d; a is really dead.
+        beat(&c, &["b"], t0 + secs(31)).await;
+        assert_eq!(c.reap(t0 + secs(31)).await.unwrap(), 0, "3 of 4 still silent");
+        assert!(c.expiry_paused().0);
+        beat(&c, &["c", "d"], t0 + secs(32)).await;
+        assert_eq!(c.reap(t0 + secs(32)).await.unwrap(), 1, "resumed: a expires");
+        assert_eq!(instances(&c), ["b", "c", "d"]);
+        assert_eq!(c.expiry_paused(), (false, 1));
+        // A later outage pauses again and is counted.
+        assert_eq!(c.reap(t0 + secs(60)).await.unwrap(), 0);
+        assert_eq!(c.expiry_paused(), (true, 2));
+    }
+
+    #[tokio::test]
+    async fn a_small_mesh_never_pauses() {
+        let (c, t0) = registered(&["a", "b"]).await;
+        assert_eq!(c.reap(t0 + secs(11)).await.unwrap(), 2);
+        assert!(instances(&c).is_empty());
+        assert_eq!(c.expiry_paused(), (false, 0));
+        let c = controller(Arc::new(MemoryStore::new())).with_expiry_policy(ExpiryPolicy {
+            pause_share: 0.5,
+            min_instances: 5,
+        });
+        for (n, id) in ["a", "b", "c", "d"].iter().enumerate() {
+            c.register(registration(id, "orders", 9000 + n as u16), &admin())
+                .await
+                .unwrap();
+        }
+        assert_eq!(c.reap(Instant::now() + secs(11)).await.unwrap(), 4);
+        assert_eq!(c.expiry_paused(), (false, 0));
     }
 
     #[tokio::test]

@@ -18,8 +18,10 @@
 //!   (`run(listener, settings, shutdown)`).
 //! - [`api`]: the axum routes and thin handlers; [`state`]: what every
 //!   handler shares; `extract`: strict body and query decoding.
-//! - [`controller`]: the one writer and the reaper. `registry`: in-memory
-//!   state and the plans that change it; `diff`: the line diff of
+//! - [`controller`]: the one writer and the reaper; [`expiry`]: the
+//!   reaper's self-preservation (expiry pauses when most instances go
+//!   silent at once). `registry`: in-memory state and the plans that
+//!   change it; `diff`: the line diff of
 //!   `/api/v1/diff`.
 //! - [`store`]: durable state (redb) behind a trait.
 //! - `push`: published revisions, deltas, watch streams.
@@ -59,6 +61,7 @@ pub mod controller;
 pub(crate) mod dashboard;
 pub(crate) mod diff;
 pub mod error;
+pub mod expiry;
 pub(crate) mod events;
 pub(crate) mod extract;
 pub mod files;

@@ -1,42 +1,65 @@
 //! The API's connections: the accept loop in front of the axum router.
 //!
 //! ```text
-//! accept ─► admit (connection cap; unproven connections evicted oldest first)
-//!        ─► TLS handshake (deadline) ─► hyper HTTP/1.1 (request-head deadline,
-//!           which is also the keep-alive idle limit) ─► router
+//! accept ─► admit (connection cap; evict: unproven oldest first, then
+//!           proven-but-idle longest idle first; never a busy one)
+//!        ─► TLS handshake (deadline) ─► first request head (deadline from
+//!           accept) ─► hyper HTTP/1.1 (keep-alive idle deadline) ─► router
 //! ```
 //!
 //! A connection is **unproven** until its first request head has arrived:
 //! until then it costs the server a socket and a task but has shown nothing.
-//! Slow or silent clients (slowloris) are bounded three ways: the TLS
-//! handshake and every request head must arrive within their deadlines; at
-//! most [`Limits::max_unproven`] connections may be unproven at once, and a
-//! new connection past that evicts the oldest unproven one (so a flood of
-//! silent sockets cannot keep a real client out: the real client proves
-//! itself within milliseconds, long before its turn to be evicted); and at
-//! most [`Limits::max_connections`] are open at all (past that, again the
-//! oldest unproven one goes, or the new one is closed when all are proven).
+//! Once proven it is **busy** while a request or its response (a watch
+//! stream, say) is in flight, **idle** in between. Slow or silent clients
+//! (slowloris) are bounded four ways: the TLS handshake
+//! ([`Limits::handshake_timeout`]) and the first request head
+//! ([`Limits::header_timeout`], from accept) must arrive within their
+//! deadlines, and a proven connection idle for [`Limits::idle_timeout`]
+//! is closed (hyper's head-read timer, which runs from the moment the
+//! connection becomes idle, so it also bounds later heads); at most
+//! [`Limits::max_unproven`] connections may be unproven at once, and a new
+//! connection past that evicts the oldest unproven one (a flood of silent
+//! sockets cannot keep a real client out: the real client proves itself
+//! within milliseconds, long before its turn to be evicted); and at most
+//! [`Limits::max_connections`] are open at all: past that the oldest
+//! unproven one goes, else the proven connection idle the longest (closed
+//! gracefully: hyper lets a request that just started finish), and only
+//! when every connection is busy is the new one closed. So a sidecar's
+//! heartbeat connection is never evicted before an idle or unproven one.
+//!
+//! Out of file descriptors (`EMFILE`/`ENFILE` from accept, e.g. under
+//! `ulimit -n 1024`): the loop evicts one connection the same way and
+//! backs off for a few milliseconds, so it neither spins nor stalls; the
+//! server also caps [`Limits::max_connections`] below its descriptor limit
+//! (`server.rs`), so this is the exception.
+//!
+//! [`ConnectionStats`] counts open connections and evictions for
+//! `/metrics` (`meshlet_control_plane_api_connections`,
+//! `meshlet_control_plane_api_connections_evicted_total`).
 //!
 //! Shutdown: the loop stops accepting, asks every connection to finish its
 //! request in flight (hyper's graceful shutdown; watch streams end through
 //! the server's own shutdown signal), and returns once all have, or after
 //! [`Limits::drain_timeout`].
 
-use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::collections::{BTreeMap, HashMap};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
 
 use axum::Router;
-use hyper::body::Incoming;
+use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{oneshot, watch};
+use tokio::sync::{watch, Notify};
 use tokio_rustls::TlsAcceptor;
 use tower_service::Service;
 
-/// Bounds on the API's connections.
+/// Bounds on the API's connections (`--api-max-connections`,
+/// `--api-header-timeout`, `--api-idle-timeout`; the others are fixed).
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
     /// Connections open at once.
@@ -45,9 +68,11 @@ pub struct Limits {
     pub max_unproven: usize,
     /// A TLS handshake must complete within this.
     pub handshake_timeout: Duration,
-    /// A request head must arrive within this, counted from when the
-    /// connection became idle (so it is also the keep-alive idle limit).
+    /// The first request head must arrive within this, counted from accept.
     pub header_timeout: Duration,
+    /// A proven connection with no request in flight is closed after this;
+    /// a later request head must also arrive within it.
+    pub idle_timeout: Duration,
     /// On shutdown, requests in flight get this long to finish.
     pub drain_timeout: Duration,
 }
@@ -59,22 +84,77 @@ impl Default for Limits {
             max_unproven: 256,
             handshake_timeout: Duration::from_secs(5),
             header_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(10),
             drain_timeout: Duration::from_secs(10),
         }
     }
 }
 
+impl Limits {
+    /// Caps the connections below an open-file limit of `fd_limit`,
+    /// keeping `reserve` descriptors for the store, logs and outgoing
+    /// calls; returns the new limits.
+    pub fn within_fd_limit(mut self, fd_limit: u64, reserve: u64) -> Limits {
+        let room = usize::try_from(fd_limit.saturating_sub(reserve)).unwrap_or(usize::MAX);
+        self.max_connections = self.max_connections.min(room.max(16));
+        self.max_unproven = self.max_unproven.min((self.max_connections / 2).max(1));
+        self
+    }
+}
+
+/// Counters of the API's connections, read by `/metrics`.
+#[derive(Debug, Default)]
+pub struct ConnectionStats {
+    open: AtomicUsize,
+    evicted: AtomicU64,
+}
+
+impl ConnectionStats {
+    /// Connections open now.
+    pub fn open(&self) -> usize {
+        self.open.load(Ordering::Relaxed)
+    }
+
+    /// Connections evicted since start (unproven or idle ones closed to
+    /// make room, or to free a descriptor).
+    pub fn evicted(&self) -> u64 {
+        self.evicted.load(Ordering::Relaxed)
+    }
+}
+
 /// Serves `app` on `listener` (TLS when `tls` is set) until `shutdown`
-/// turns true, then drains.
+/// turns true, then drains (tests; the server counts with
+/// [`serve_counted`]).
+#[cfg(test)]
 pub async fn serve(
     listener: TcpListener,
     tls: Option<TlsAcceptor>,
     app: Router,
     limits: Limits,
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: watch::Receiver<bool>,
 ) {
-    let tracker = Tracker::new(limits);
-    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    serve_counted(listener, tls, app, limits, shutdown, Arc::default()).await
+}
+
+/// Whether an accept error means "out of descriptors or buffers".
+fn out_of_descriptors(error: &std::io::Error) -> bool {
+    matches!(
+        error.raw_os_error(),
+        Some(nix::libc::EMFILE | nix::libc::ENFILE | nix::libc::ENOBUFS | nix::libc::ENOMEM)
+    )
+}
+
+/// [`serve`], counting into `stats`.
+pub async fn serve_counted(
+    listener: TcpListener,
+    tls: Option<TlsAcceptor>,
+    app: Router,
+    limits: Limits,
+    mut shutdown: watch::Receiver<bool>,
+    stats: Arc<ConnectionStats>,
+) {
+    let tracker = Tracker::new(limits, stats.clone());
+    let mut last_warning: Option<Instant> = None;
     loop {
         let accepted = tokio::select! {
             accepted = listener.accept() => accepted,
@@ -83,39 +163,40 @@ pub async fn serve(
         let (stream, peer) = match accepted {
             Ok(accepted) => accepted,
             Err(error) => {
-                // Out of file descriptors and the like: back off briefly
-                // instead of spinning.
-                tracing::warn!(%error, "accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
+                let starved = out_of_descriptors(&error);
+                // Free a descriptor the way a new connection would, then
+                // back off briefly: neither spin nor stall.
+                let evicted = starved && tracker.evict_one();
+                if last_warning.is_none_or(|at| at.elapsed() >= Duration::from_secs(1)) {
+                    last_warning = Some(Instant::now());
+                    tracing::warn!(%error, evicted, open = stats.open(), "accept failed");
+                }
+                let pause = if evicted { 5 } else { 50 };
+                tokio::time::sleep(Duration::from_millis(pause)).await;
                 continue;
             }
         };
-        let Some(admission) = tracker.admit() else {
-            tracing::debug!(%peer, "connection refused: every connection slot is held by a proven client");
+        let Some(slot) = tracker.admit() else {
+            tracing::debug!(%peer, "connection refused: every connection slot is busy");
             continue;
         };
         let _ = stream.set_nodelay(true);
         let connection = Connection {
             app: app.clone(),
             limits,
-            admission,
+            slot,
+            shutdown: shutdown.clone(),
         };
-        let watcher = graceful.watcher();
-        match tls.clone() {
-            None => {
-                tokio::spawn(connection.run(stream, None, watcher));
-            }
-            Some(acceptor) => {
-                tokio::spawn(connection.run(stream, Some(acceptor), watcher));
-            }
-        }
+        tokio::spawn(connection.run(stream, tls.clone()));
     }
     drop(listener);
-    if tokio::time::timeout(limits.drain_timeout, graceful.shutdown())
-        .await
-        .is_err()
-    {
-        tracing::warn!(after = ?limits.drain_timeout, "connections still open after the drain timeout");
+    let deadline = Instant::now() + limits.drain_timeout;
+    while stats.open() > 0 {
+        if Instant::now() >= deadline {
+            tracing::warn!(after = ?limits.drain_timeout, open = stats.open(), "connections still open after the drain timeout");
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 
@@ -123,23 +204,22 @@ pub async fn serve(
 struct Connection {
     app: Router,
     limits: Limits,
-    admission: Admission,
+    slot: Slot,
+    shutdown: watch::Receiver<bool>,
 }
 
 impl Connection {
-    async fn run(
-        self,
-        stream: TcpStream,
-        tls: Option<TlsAcceptor>,
-        graceful: hyper_util::server::graceful::Watcher,
-    ) {
+    async fn run(self, stream: TcpStream, tls: Option<TlsAcceptor>) {
         let Connection {
             app,
             limits,
-            mut admission,
+            slot,
+            mut shutdown,
         } = self;
+        let head_deadline = tokio::time::Instant::now() + limits.header_timeout;
         let Some(acceptor) = tls else {
-            admission.serve(stream, app, limits, graceful).await;
+            slot.serve(stream, app, limits, head_deadline, shutdown)
+                .await;
             return;
         };
         let handshake = tokio::time::timeout(limits.handshake_timeout, acceptor.accept(stream));
@@ -155,10 +235,22 @@ impl Connection {
                     return;
                 }
             },
-            _ = admission.evicted() => return,
+            _ = slot.state.evict.notified() => return,
+            _ = shutdown.wait_for(|stop| *stop) => return,
         };
-        admission.serve(stream, app, limits, graceful).await;
+        slot.serve(stream, app, limits, head_deadline, shutdown)
+            .await;
     }
+}
+
+/// What the tracker and a connection's task share about it.
+#[derive(Default)]
+struct ConnState {
+    /// Told to leave (unproven: at once; proven: gracefully).
+    evict: Notify,
+    proven: AtomicBool,
+    /// Requests whose response is not yet fully sent.
+    in_flight: AtomicUsize,
 }
 
 /// Counts and ranks the open connections.
@@ -169,135 +261,255 @@ struct Tracker {
 
 struct TrackerInner {
     limits: Limits,
-    open: AtomicUsize,
-    /// Unproven connections by age (admission order): the eviction handles.
-    unproven: Mutex<BTreeMap<u64, oneshot::Sender<()>>>,
-    next_id: std::sync::atomic::AtomicU64,
+    stats: Arc<ConnectionStats>,
+    ranks: Mutex<Ranks>,
+    next_id: AtomicU64,
+}
+
+/// The eviction candidates, oldest first.
+#[derive(Default)]
+struct Ranks {
+    /// Unproven connections by admission order.
+    unproven: BTreeMap<u64, Arc<ConnState>>,
+    /// Proven connections with nothing in flight, by when they became idle
+    /// (a sequence number) → their id.
+    idle: BTreeMap<u64, (u64, Arc<ConnState>)>,
+    /// id → its key in `idle`.
+    idle_key: HashMap<u64, u64>,
+    next_idle: u64,
+}
+
+impl Ranks {
+    /// Tells the best candidate to leave: the oldest unproven connection,
+    /// else (when `idle_too`) the one idle the longest.
+    fn evict_one(&mut self, idle_too: bool) -> bool {
+        if let Some((_, oldest)) = self.unproven.pop_first() {
+            oldest.evict.notify_one();
+            return true;
+        }
+        if idle_too {
+            if let Some((_, (id, idlest))) = self.idle.pop_first() {
+                self.idle_key.remove(&id);
+                idlest.evict.notify_one();
+                return true;
+            }
+        }
+        false
+    }
 }
 
 impl Tracker {
-    fn new(limits: Limits) -> Tracker {
+    fn new(limits: Limits, stats: Arc<ConnectionStats>) -> Tracker {
         Tracker {
             inner: Arc::new(TrackerInner {
                 limits,
-                open: AtomicUsize::new(0),
-                unproven: Mutex::new(BTreeMap::new()),
-                next_id: std::sync::atomic::AtomicU64::new(0),
+                stats,
+                ranks: Mutex::new(Ranks::default()),
+                next_id: AtomicU64::new(0),
             }),
         }
     }
 
-    /// Admits a new connection, evicting the oldest unproven one if a cap is
-    /// reached; `None` when every slot is held by a proven connection.
-    fn admit(&self) -> Option<Admission> {
+    fn ranks(&self) -> std::sync::MutexGuard<'_, Ranks> {
+        self.inner.ranks.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Admits a new connection, evicting one if a cap is reached; `None`
+    /// when every connection is busy.
+    fn admit(&self) -> Option<Slot> {
         let inner = &self.inner;
         let id = inner.next_id.fetch_add(1, Ordering::Relaxed);
-        let (evict, receiver) = oneshot::channel();
-        let mut unproven = inner.unproven.lock().unwrap_or_else(|e| e.into_inner());
-        let full = inner.open.load(Ordering::Relaxed) >= inner.limits.max_connections;
-        if full || unproven.len() >= inner.limits.max_unproven {
-            match unproven.pop_first() {
-                // The evicted task closes its socket; its slot is counted
-                // free once it has.
-                Some((_, oldest)) => {
-                    let _ = oldest.send(());
-                }
-                None if full => return None,
-                None => {}
+        let state = Arc::new(ConnState::default());
+        let mut ranks = self.ranks();
+        let full = inner.stats.open() >= inner.limits.max_connections;
+        if full || ranks.unproven.len() >= inner.limits.max_unproven {
+            // The evicted task closes its socket; its slot is counted
+            // free once it has.
+            if ranks.evict_one(full) {
+                inner.stats.evicted.fetch_add(1, Ordering::Relaxed);
+            } else if full {
+                return None;
             }
         }
-        unproven.insert(id, evict);
-        inner.open.fetch_add(1, Ordering::Relaxed);
-        Some(Admission {
+        ranks.unproven.insert(id, state.clone());
+        inner.stats.open.fetch_add(1, Ordering::Relaxed);
+        Some(Slot {
             tracker: self.clone(),
             id,
-            proven: Arc::new(AtomicBool::new(false)),
-            evicted: Some(receiver),
+            state,
         })
     }
 
-    fn prove(&self, id: u64) {
-        let mut unproven = self
-            .inner
-            .unproven
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
-        unproven.remove(&id);
+    /// Evicts one unproven or idle connection (out of descriptors);
+    /// whether there was one.
+    fn evict_one(&self) -> bool {
+        let evicted = self.ranks().evict_one(true);
+        if evicted {
+            self.inner.stats.evicted.fetch_add(1, Ordering::Relaxed);
+        }
+        evicted
+    }
+
+    /// A request started on connection `id`: it is proven and busy.
+    fn request_started(&self, id: u64, state: &ConnState) {
+        let first = !state.proven.swap(true, Ordering::Relaxed);
+        let was_idle = state.in_flight.fetch_add(1, Ordering::Relaxed) == 0;
+        if first || was_idle {
+            let mut ranks = self.ranks();
+            ranks.unproven.remove(&id);
+            if let Some(key) = ranks.idle_key.remove(&id) {
+                ranks.idle.remove(&key);
+            }
+        }
+    }
+
+    /// A response on connection `id` was sent (or dropped).
+    fn request_finished(&self, id: u64, state: &Arc<ConnState>) {
+        if state.in_flight.fetch_sub(1, Ordering::Relaxed) == 1 {
+            let mut ranks = self.ranks();
+            // Busy again already (pipelining)? Then it is not idle.
+            if state.in_flight.load(Ordering::Relaxed) == 0 && !ranks.idle_key.contains_key(&id)
+            {
+                let key = ranks.next_idle;
+                ranks.next_idle += 1;
+                ranks.idle.insert(key, (id, state.clone()));
+                ranks.idle_key.insert(id, key);
+            }
+        }
     }
 
     fn close(&self, id: u64) {
-        self.prove(id);
-        self.inner.open.fetch_sub(1, Ordering::Relaxed);
+        {
+            let mut ranks = self.ranks();
+            ranks.unproven.remove(&id);
+            if let Some(key) = ranks.idle_key.remove(&id) {
+                ranks.idle.remove(&key);
+            }
+        }
+        self.inner.stats.open.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
 /// A connection's place in the tracker; frees it on drop.
-struct Admission {
+struct Slot {
     tracker: Tracker,
     id: u64,
-    proven: Arc<AtomicBool>,
-    evicted: Option<oneshot::Receiver<()>>,
+    state: Arc<ConnState>,
 }
 
-impl Drop for Admission {
+impl Drop for Slot {
     fn drop(&mut self) {
         self.tracker.close(self.id);
     }
 }
 
-impl Admission {
-    /// Completes when the tracker evicts this connection; never once it
-    /// has proven itself.
-    async fn evicted(&mut self) {
-        match self.evicted.as_mut() {
-            Some(receiver) => {
-                if receiver.await.is_ok() {
-                    return;
-                }
-                // Proven: the tracker dropped the eviction handle.
-                self.evicted = None;
-                std::future::pending().await
-            }
-            None => std::future::pending().await,
-        }
+/// Marks its request finished when the response body is done or dropped.
+struct InFlight {
+    tracker: Tracker,
+    id: u64,
+    state: Arc<ConnState>,
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.tracker.request_finished(self.id, &self.state);
+    }
+}
+
+/// A response body that keeps its connection counted busy until sent.
+struct TrackedBody {
+    inner: axum::body::Body,
+    _in_flight: InFlight,
+}
+
+impl Body for TrackedBody {
+    type Data = bytes::Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        Pin::new(&mut self.inner).poll_frame(cx)
     }
 
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Slot {
     /// Serves HTTP/1.1 on `io` until the client leaves, a deadline passes,
-    /// the server shuts down, or (before its first request) eviction.
+    /// the server shuts down, or eviction (at once before the first
+    /// request, gracefully after).
     async fn serve<IO>(
-        &mut self,
+        &self,
         io: IO,
         app: Router,
         limits: Limits,
-        graceful: hyper_util::server::graceful::Watcher,
+        head_deadline: tokio::time::Instant,
+        mut shutdown: watch::Receiver<bool>,
     ) where
         IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
         let tracker = self.tracker.clone();
         let id = self.id;
-        let proven = self.proven.clone();
+        let state = self.state.clone();
         let service = hyper::service::service_fn(move |request: hyper::Request<Incoming>| {
-            if !proven.swap(true, Ordering::Relaxed) {
-                tracker.prove(id);
-            }
+            tracker.request_started(id, &state);
+            let in_flight = InFlight {
+                tracker: tracker.clone(),
+                id,
+                state: state.clone(),
+            };
             let mut app = app.clone();
-            async move { app.call(request).await }
+            async move {
+                let response = app.call(request).await?;
+                Ok::<_, std::convert::Infallible>(response.map(|inner| TrackedBody {
+                    inner,
+                    _in_flight: in_flight,
+                }))
+            }
         });
         let connection = hyper::server::conn::http1::Builder::new()
             .timer(TokioTimer::new())
-            .header_read_timeout(limits.header_timeout)
+            .header_read_timeout(limits.idle_timeout)
             .max_buf_size(64 * 1024)
             .serve_connection(TokioIo::new(io), service);
-        let connection = graceful.watch(connection);
         tokio::pin!(connection);
-        tokio::select! {
-            result = &mut connection => {
-                if let Err(error) = result {
-                    tracing::debug!(%error, "API connection ended with an error");
+        let mut leaving = false;
+        loop {
+            let proven = self.state.proven.load(Ordering::Relaxed);
+            tokio::select! {
+                result = &mut connection => {
+                    if let Err(error) = result {
+                        tracing::debug!(%error, "API connection ended with an error");
+                    }
+                    return;
                 }
-            }
-            _ = self.evicted() => {
-                tracing::debug!("unproven API connection evicted");
+                _ = self.state.evict.notified(), if !leaving => {
+                    if !self.state.proven.load(Ordering::Relaxed) {
+                        tracing::debug!("unproven API connection evicted");
+                        return;
+                    }
+                    tracing::debug!("idle API connection evicted");
+                    leaving = true;
+                    connection.as_mut().graceful_shutdown();
+                }
+                _ = tokio::time::sleep_until(head_deadline), if !proven => {
+                    if !self.state.proven.load(Ordering::Relaxed) {
+                        tracing::debug!("no request head within the deadline");
+                        return;
+                    }
+                }
+                _ = shutdown.wait_for(|stop| *stop), if !leaving => {
+                    leaving = true;
+                    connection.as_mut().graceful_shutdown();
+                }
             }
         }
     }

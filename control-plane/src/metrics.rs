@@ -5,7 +5,8 @@
 //! resources), the push hub (open watch streams, an atomic count of
 //! snapshots and deltas sent) and the trace store's counters (one short
 //! lock), and the workload CA (roots, rotation phase, an atomic count of
-//! leaves issued). Each scrape builds fresh metric objects and encodes them, so the
+//! leaves issued), the controller's expiry pause state and the
+//! listener's connection counters (atomics). Each scrape builds fresh metric objects and encodes them, so the
 //! push and receive paths carry no metrics code beyond that one atomic.
 
 use std::time::Instant;
@@ -15,6 +16,7 @@ use prometheus::proto::MetricFamily;
 use prometheus::{IntCounterVec, IntGaugeVec, Opts, TextEncoder};
 
 use crate::controller::Controller;
+use crate::listener::ConnectionStats;
 use crate::traces::TraceStore;
 use crate::workload::Workload;
 
@@ -85,10 +87,12 @@ pub fn render(
     controller: &Controller,
     traces: &TraceStore,
     workload: &Workload,
+    connections: &ConnectionStats,
     now: Instant,
 ) -> prometheus::Result<String> {
     let mut f = Families::default();
     mesh_families(&mut f, controller)?;
+    resilience_families(&mut f, controller, connections)?;
     ca_families(&mut f, workload)?;
     trace_families(&mut f, traces, now)?;
     TextEncoder::new().encode_to_string(&f.0)
@@ -165,6 +169,39 @@ fn mesh_families(f: &mut Families, controller: &Controller) -> prometheus::Resul
         &[("", hub.pushes())],
     )?;
     Ok(())
+}
+
+/// Issue 16 (cp): expiry self-preservation and the API's connections.
+fn resilience_families(
+    f: &mut Families,
+    controller: &Controller,
+    connections: &ConnectionStats,
+) -> prometheus::Result<()> {
+    let (paused, pauses) = controller.expiry_paused();
+    f.gauge(
+        "meshlet_control_plane_expiry_paused",
+        "1 while instance expiry is paused because most instances went silent at once.",
+        "",
+        &[("", i64::from(paused))],
+    )?;
+    f.counter(
+        "meshlet_control_plane_expiry_pauses_total",
+        "Times instance expiry paused since start.",
+        "",
+        &[("", pauses)],
+    )?;
+    f.gauge(
+        "meshlet_control_plane_api_connections",
+        "Open connections to the API.",
+        "",
+        &[("", count(connections.open()))],
+    )?;
+    f.counter(
+        "meshlet_control_plane_api_connections_evicted_total",
+        "API connections closed to make room: unproven or idle ones, or to free a descriptor.",
+        "",
+        &[("", connections.evicted())],
+    )
 }
 
 /// The trace store's counters.

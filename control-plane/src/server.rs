@@ -8,10 +8,12 @@
 //! the `--advertise-name`s and the Kubernetes names (the same names are
 //! the allowed `Host`s), always from `ca.crt`/`ca.key` → the workload roots
 //! (`ca-roots/`, see `ca::roots`) and the controller with the trust
-//! bundle → raise the open-file limit → serve HTTPS through
-//! `listener::serve` (connection caps and deadlines) with every route
+//! bundle → raise the open-file limit (and cap the API's connections
+//! below it) → serve HTTPS through `listener::serve_counted` (connection
+//! caps, eviction and deadlines from `--api-*`) with every route
 //! behind the access guard, and run the reaper and the CA rotation driver
-//! (`workload::Workload::run`).
+//! (`workload::Workload::run`; expiry pauses per `--expiry-pause-*`, see
+//! `expiry`).
 //! SIGTERM/SIGINT flips one shutdown flag that ends the watch streams, the
 //! reaper and (gracefully) the HTTP server. Any startup failure is a
 //! [`StartupError`] that `main` prints as one line.
@@ -133,9 +135,51 @@ pub struct Settings {
     /// it signs (phase 2): the time for every sidecar to receive it.
     #[arg(long, env = "MESHLET_CA_ROTATION_GRACE", default_value = "5s", value_parser = parse_duration)]
     pub ca_rotation_grace: Duration,
+    // --- issue 16 (cp): API connection limits and expiry self-preservation.
+    /// A new API connection must send its first request head within this
+    /// (counted from accept, TLS handshake included).
+    #[arg(long, env = "MESHLET_API_HEADER_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub api_header_timeout: Duration,
+    /// An API connection with no request in flight is closed after this
+    /// (sidecars keep theirs busy with heartbeats every ttl/3).
+    #[arg(long, env = "MESHLET_API_IDLE_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub api_idle_timeout: Duration,
+    /// API connections open at once (lowered to fit the open-file limit).
+    /// Past it, an unproven or idle connection is evicted for the new one;
+    /// busy ones (requests in flight, watch streams) never are.
+    #[arg(long, env = "MESHLET_API_MAX_CONNECTIONS", default_value_t = 2048, value_parser = parse_capacity)]
+    pub api_max_connections: usize,
+    /// If more than this share of the instances has not been heard for
+    /// half a TTL (they would all expire within one TTL), expiry pauses:
+    /// the control plane is likely the one that cannot hear them. 1 never
+    /// pauses.
+    #[arg(long, env = "MESHLET_EXPIRY_PAUSE_SHARE", default_value = "0.5", value_parser = crate::expiry::parse_share)]
+    pub expiry_pause_share: f64,
+    /// Below this many registered instances expiry never pauses (a small
+    /// mesh still sees its one dead instance go).
+    #[arg(long, env = "MESHLET_EXPIRY_PAUSE_MIN_INSTANCES", default_value_t = 3)]
+    pub expiry_pause_min_instances: usize,
 }
 
 impl Settings {
+    /// The API's connection limits from the flags (before the open-file
+    /// limit caps them).
+    pub fn api_limits(&self) -> crate::listener::Limits {
+        crate::listener::Limits {
+            max_connections: self.api_max_connections,
+            header_timeout: self.api_header_timeout,
+            idle_timeout: self.api_idle_timeout,
+            ..crate::listener::Limits::default()
+        }
+    }
+
+    pub fn expiry_policy(&self) -> crate::expiry::ExpiryPolicy {
+        crate::expiry::ExpiryPolicy {
+            pause_share: self.expiry_pause_share,
+            min_instances: self.expiry_pause_min_instances,
+        }
+    }
+
     pub fn trace_limits(&self) -> TraceLimits {
         TraceLimits {
             capacity: self.trace_capacity,
@@ -159,6 +203,10 @@ pub fn init_logging(format: LogFormat) {
         LogFormat::Json => builder.json().init(),
     }
 }
+
+/// Open files kept free of API connections: the store, logs, the data
+/// directory's files, outgoing calls.
+const FD_RESERVE: u64 = 64;
 
 /// Validity of the API server's certificate (re-issued at every start).
 const SERVER_CERT_TTL: Duration = Duration::from_secs(365 * 24 * 3600);
@@ -220,7 +268,8 @@ pub async fn run(
         settings.ttl,
         &settings.trust_domain,
         roots.bundle_pem(),
-    )?);
+    )?
+    .with_expiry_policy(settings.expiry_policy()));
     let started_ms = crate::clock::now_ms();
     let workload = Arc::new(Workload::new(
         WorkloadSettings {
@@ -241,9 +290,19 @@ pub async fn run(
     let tokens = load_tokens(&settings.data_dir, store.as_ref())?;
     let tls = crate::ca::server_tls_config(&cert.chain_pem, &cert.key_pem)?;
     let tls = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
-    if let Some(limit) = crate::listener::raise_open_file_limit() {
-        tracing::debug!(limit, "open-file limit raised");
+    let mut limits = settings.api_limits();
+    if let Some(fd_limit) = crate::listener::raise_open_file_limit() {
+        limits = limits.within_fd_limit(fd_limit, FD_RESERVE);
+        tracing::debug!(fd_limit, "open-file limit");
+        if limits.max_connections < settings.api_max_connections {
+            tracing::info!(
+                fd_limit,
+                max_connections = limits.max_connections,
+                "API connection cap lowered to fit the open-file limit"
+            );
+        }
     }
+    let connections = Arc::new(crate::listener::ConnectionStats::default());
     let access = Access::new(Arc::new(RwLock::new(tokens)), AllowedHosts::new(&names));
     let (stop, stopped) = watch::channel(false);
     let external_stop = stop.clone();
@@ -281,15 +340,9 @@ pub async fn run(
         store,
         token_writer: Default::default(),
         workload,
+        connections: connections.clone(),
     });
-    crate::listener::serve(
-        listener,
-        Some(tls),
-        app,
-        crate::listener::Limits::default(),
-        shutdown,
-    )
-    .await;
+    crate::listener::serve_counted(listener, Some(tls), app, limits, shutdown, connections).await;
     stop.send_replace(true);
     external.abort();
     let _ = reaper.await;

@@ -12,6 +12,7 @@ use tokio::sync::watch;
 use crate::access::Access;
 use crate::controller::Controller;
 use crate::events::Activity;
+use crate::listener::ConnectionStats;
 use crate::stats::StatsStore;
 use crate::store::Store;
 use crate::traces::TraceStore;
@@ -36,6 +37,8 @@ pub struct AppState {
     pub token_writer: Arc<tokio::sync::Mutex<()>>,
     /// Workload certificates, the CA's roots and their rotation.
     pub workload: Arc<Workload>,
+    /// The API's open connections and evictions (`/metrics`).
+    pub connections: Arc<ConnectionStats>,
 }
 
 impl FromRef<AppState> for Arc<TraceStore> {

@@ -90,6 +90,7 @@ async fn serves_plain_http() {
 async fn a_silent_connection_is_closed_after_the_head_deadline() {
     let limits = Limits {
         header_timeout: Duration::from_millis(200),
+        idle_timeout: Duration::from_millis(200),
         ..Limits::default()
     };
     let server = start(limits, None).await;
@@ -130,35 +131,113 @@ async fn a_flood_of_silent_connections_does_not_keep_a_real_client_out() {
     );
 }
 
+/// Sends `GET path` on `stream` and reads the status line.
+async fn request_on(stream: &mut TcpStream, path: &str) -> String {
+    stream
+        .write_all(format!("GET {path} HTTP/1.1\r\nhost: a\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut buf = [0u8; 256];
+    let n = stream.read(&mut buf).await.unwrap();
+    String::from_utf8_lossy(&buf[..n]).into_owned()
+}
+
 #[tokio::test]
-async fn past_the_cap_of_proven_connections_a_new_one_is_closed() {
+async fn past_the_cap_the_longest_idle_proven_connection_makes_room() {
+    let limits = Limits {
+        max_connections: 2,
+        header_timeout: Duration::from_secs(60),
+        idle_timeout: Duration::from_secs(60),
+        ..Limits::default()
+    };
+    let stats = Arc::new(ConnectionStats::default());
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (_stop, stopped) = watch::channel(false);
+    let arrived = Arc::new(tokio::sync::Notify::new());
+    tokio::spawn(serve_counted(
+        listener,
+        None,
+        app(arrived),
+        limits,
+        stopped,
+        stats.clone(),
+    ));
+    let mut older = TcpStream::connect(addr).await.unwrap();
+    assert!(request_on(&mut older, "/x").await.starts_with("HTTP/1.1 200"));
+    let mut newer = TcpStream::connect(addr).await.unwrap();
+    assert!(request_on(&mut newer, "/x").await.starts_with("HTTP/1.1 200"));
+    assert_eq!(stats.open(), 2);
+    // Both proven and idle: a newcomer is served, the one idle the
+    // longest is closed for it.
+    let mut third = TcpStream::connect(addr).await.unwrap();
+    assert!(request_on(&mut third, "/x").await.starts_with("HTTP/1.1 200"));
+    assert!(closed_within(&mut older, Duration::from_secs(5)).await);
+    assert_eq!(stats.evicted(), 1);
+    assert!(request_on(&mut third, "/x").await.starts_with("HTTP/1.1 200"));
+}
+
+#[tokio::test]
+async fn past_the_cap_of_busy_connections_a_new_one_is_closed() {
     let limits = Limits {
         max_connections: 2,
         header_timeout: Duration::from_secs(60),
         ..Limits::default()
     };
     let server = start(limits, None).await;
-    let mut kept = Vec::new();
+    // Two connections each with a request in flight (300 ms).
+    let mut busy = Vec::new();
     for _ in 0..2 {
         let mut stream = TcpStream::connect(server.addr).await.unwrap();
         stream
-            .write_all(b"GET /x HTTP/1.1\r\nhost: a\r\n\r\n")
+            .write_all(b"GET /slow HTTP/1.1\r\nhost: a\r\n\r\n")
             .await
             .unwrap();
-        let mut buf = [0u8; 256];
-        let n = stream.read(&mut buf).await.unwrap();
-        assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
-        kept.push(stream);
+        server.slow_arrived.notified().await;
+        busy.push(stream);
     }
     let mut third = TcpStream::connect(server.addr).await.unwrap();
     assert!(closed_within(&mut third, Duration::from_secs(5)).await);
-    // A slot frees when a kept connection leaves.
-    drop(kept.pop());
+    // The busy ones were not evicted: both get their answer.
+    for stream in &mut busy {
+        let mut buf = [0u8; 256];
+        let n = stream.read(&mut buf).await.unwrap();
+        assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
+    }
+    // Idle now: a newcomer gets a slot.
     let ok = crate::listener::tests::wait_until(Duration::from_secs(5), || async {
         get_x(&quick(), server.addr).await.is_ok()
     })
     .await;
-    assert!(ok, "no slot freed after a proven client left");
+    assert!(ok, "no slot for a newcomer once the busy ones went idle");
+}
+
+#[tokio::test]
+async fn a_connection_without_a_first_request_is_closed_after_the_header_timeout() {
+    let limits = Limits {
+        header_timeout: Duration::from_millis(200),
+        idle_timeout: Duration::from_secs(60),
+        ..Limits::default()
+    };
+    let server = start(limits, None).await;
+    let mut silent = TcpStream::connect(server.addr).await.unwrap();
+    assert!(closed_within(&mut silent, Duration::from_secs(5)).await);
+    // A proven one stays past that deadline (idle limit 60 s).
+    let mut proven = TcpStream::connect(server.addr).await.unwrap();
+    assert!(request_on(&mut proven, "/x").await.starts_with("HTTP/1.1 200"));
+    assert!(!closed_within(&mut proven, Duration::from_millis(600)).await);
+    assert!(request_on(&mut proven, "/x").await.starts_with("HTTP/1.1 200"));
+}
+
+#[tokio::test]
+async fn limits_fit_the_open_file_limit() {
+    let limits = Limits::default().within_fd_limit(1024, 64);
+    assert_eq!(limits.max_connections, 960);
+    assert_eq!(limits.max_unproven, 256);
+    let tiny = Limits::default().within_fd_limit(100, 64);
+    assert_eq!((tiny.max_connections, tiny.max_unproven), (36, 18));
+    let roomy = Limits::default().within_fd_limit(1 << 20, 64);
+    assert_eq!(roomy.max_connections, 2048);
 }
 
 #[tokio::test]
