@@ -20,12 +20,19 @@
 //! taken from the authority's host; [`Client::bearer`] sends
 //! `Authorization: Bearer TOKEN` on every request that has none.
 //!
+//! A request whose body hyper has taken in full, answered by the peer
+//! closing or resetting the connection before any response byte, is
+//! [`ClientError::ClosedBeforeAnswer`]: unlike a connect failure, it may
+//! have taken effect (meshctl says so for applies and other changes).
+//!
 //! Errors are one [`ClientError`] carrying the authority, so a caller's log
 //! line or CLI message says which peer failed and how; [`ClientError::cause`]
 //! gives the short form (`connection refused`, `timeout`) for messages that
 //! name the peer themselves.
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -76,6 +83,11 @@ pub enum ClientError {
         authority: String,
         source: http::Error,
     },
+    /// The whole request was handed to the connection, then the peer
+    /// closed (or reset) it before any byte of an answer: the request may
+    /// or may not have taken effect.
+    #[error("{authority} closed the connection after the request was sent, before answering")]
+    ClosedBeforeAnswer { authority: String },
     /// A non-2xx answer, from [`Reply::success`].
     #[error("{authority} answered {status}: {body}")]
     Status {
@@ -110,6 +122,9 @@ impl ClientError {
             ClientError::Tls { source, .. } => format!("TLS handshake failed: {source}"),
             ClientError::Timeout { .. } => "timeout".to_owned(),
             ClientError::Http { source, .. } => source.to_string(),
+            ClientError::ClosedBeforeAnswer { .. } => {
+                "connection closed after the request was sent, before an answer".to_owned()
+            }
             ClientError::Request { source, .. } => format!("invalid request: {source}"),
             ClientError::Status { status, body, .. } => format!("{status}: {body}"),
         }
@@ -393,7 +408,77 @@ where
     tokio::spawn(async move {
         let _ = connection.await;
     });
-    sender.send_request(request).await.map_err(http)
+    let sent = Arc::new(AtomicBool::new(false));
+    let request = request.map(|body| SentBody {
+        inner: Box::pin(body),
+        sent: sent.clone(),
+    });
+    sender.send_request(request).await.map_err(|source| {
+        if sent.load(Ordering::Relaxed) && closed_by_peer(&source) {
+            ClientError::ClosedBeforeAnswer {
+                authority: authority.to_owned(),
+            }
+        } else {
+            http(source)
+        }
+    })
+}
+
+/// Whether `error` is the peer closing or resetting the connection (an
+/// HTTP/1 message cut short, EOF without TLS close_notify, a reset).
+fn closed_by_peer(error: &hyper::Error) -> bool {
+    if error.is_incomplete_message() {
+        return true;
+    }
+    let mut source = std::error::Error::source(error);
+    while let Some(cause) = source {
+        if let Some(io) = cause.downcast_ref::<std::io::Error>() {
+            return matches!(
+                io.kind(),
+                std::io::ErrorKind::UnexpectedEof
+                    | std::io::ErrorKind::ConnectionReset
+                    | std::io::ErrorKind::ConnectionAborted
+            );
+        }
+        source = cause.source();
+    }
+    false
+}
+
+/// A request body that records when hyper has taken all of it (so a
+/// connection closed afterwards is [`ClientError::ClosedBeforeAnswer`],
+/// not a failure to send).
+struct SentBody<B> {
+    inner: std::pin::Pin<Box<B>>,
+    sent: Arc<AtomicBool>,
+}
+
+impl<B: Body> Body for SentBody<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Self::Data>, Self::Error>>> {
+        let polled = self.inner.as_mut().poll_frame(cx);
+        if matches!(polled, std::task::Poll::Ready(None)) || self.inner.is_end_stream() {
+            self.sent.store(true, Ordering::Relaxed);
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        let end = self.inner.is_end_stream();
+        if end {
+            self.sent.store(true, Ordering::Relaxed);
+        }
+        end
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
+    }
 }
 
 /// Reads a response's whole body and trailers.

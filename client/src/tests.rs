@@ -306,3 +306,60 @@ fn server_names_come_from_the_authority_s_host() {
     ));
     assert_eq!(name("bad name:1"), None);
 }
+
+/// A server that reads one whole request (head and `content-length` body),
+/// then closes without a byte of answer.
+async fn read_then_close() -> String {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let authority = listener.local_addr().unwrap().to_string();
+    tokio::spawn(async move {
+        let (mut stream, _) = listener.accept().await.unwrap();
+        let mut seen = Vec::new();
+        let mut buf = [0u8; 1024];
+        loop {
+            let n = stream.read(&mut buf).await.unwrap();
+            seen.extend_from_slice(&buf[..n]);
+            let text = String::from_utf8_lossy(&seen).to_lowercase();
+            if let Some(end) = text.find("\r\n\r\n") {
+                let length: usize = text
+                    .lines()
+                    .find_map(|l| l.strip_prefix("content-length:"))
+                    .map_or(0, |v| v.trim().parse().unwrap());
+                if seen.len() >= end + 4 + length {
+                    break;
+                }
+            }
+            assert!(n > 0, "client closed first");
+        }
+        drop(stream);
+    });
+    authority
+}
+
+#[tokio::test]
+async fn a_connection_closed_after_the_request_is_not_a_connect_failure() {
+    let authority = read_then_close().await;
+    let request = request(Method::POST, &authority, "/apply")
+        .body(Full::new(Bytes::from_static(b"{\"files\":[]}")))
+        .unwrap();
+    let err = Client::new()
+        .timeout(Duration::from_secs(5))
+        .fetch(&authority, request)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, ClientError::ClosedBeforeAnswer { .. }),
+        "{err:?}"
+    );
+    assert!(err.to_string().contains("before answering"), "{err}");
+    // Without a body too.
+    let authority = read_then_close().await;
+    let err = Client::new()
+        .fetch(&authority, get(&authority, "/x"))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, ClientError::ClosedBeforeAnswer { .. }),
+        "{err:?}"
+    );
+}

@@ -4,7 +4,10 @@
 //! sending the `--token` as a bearer token) and adds the API: JSON bodies,
 //! `ApiError` answers, and one-line errors that say what to fix
 //! ([`ClientError`]): an unreachable server, a failed TLS handshake, a
-//! missing or refused token (401), a denied action (403).
+//! missing or refused token (401), a denied action (403), and a change
+//! sent whole whose connection closed before the answer
+//! ([`CLOSED_BEFORE_ANSWER`]: it may have been committed, so never
+//! "cannot reach").
 //!
 //! `broadcast` reaches instances through [`plain_client`] (plain HTTP to
 //! the sidecars' inbound listeners; no token, no TLS).
@@ -27,6 +30,10 @@ pub const DEFAULT_SERVER: &str = "https://127.0.0.1:15010";
 
 /// The hint of every "unreachable" line.
 const REACH_HINT: &str = "is control-plane running? set --server or MESHLET_SERVER";
+/// What meshctl says when a change was sent and the connection dropped
+/// before the answer (issue 16's contract).
+pub const CLOSED_BEFORE_ANSWER: &str = "the request was sent; the control plane closed the \
+     connection before answering; check `meshctl history`";
 /// The hint of every TLS failure.
 const CA_HINT: &str = "set --ca-file or MESHLET_CA_FILE to the control plane's DATA_DIR/ca.crt";
 /// The hint of a 401.
@@ -41,6 +48,10 @@ pub enum ClientError {
     BadServer { server: String, reason: String },
     #[error("cannot reach the control plane at {server}: {cause} ({REACH_HINT})")]
     Unreachable { server: String, cause: String },
+    /// A change (POST, PUT, DELETE) was sent whole and the connection
+    /// closed before any answer: it may have been committed.
+    #[error("{CLOSED_BEFORE_ANSWER}")]
+    ClosedBeforeAnswer,
     #[error("no CA to verify the control plane at {server} with ({CA_HINT})")]
     NoCa { server: String },
     #[error("{reason} ({CA_HINT})")]
@@ -206,6 +217,7 @@ impl ControlPlane {
         path: &str,
         body: Option<Vec<u8>>,
     ) -> Result<(StatusCode, Bytes), ClientError> {
+        let changes = !matches!(method, Method::GET | Method::HEAD);
         let mut builder = meshlet_client::request(method, &self.authority, path);
         if body.is_some() {
             builder = builder.header(header::CONTENT_TYPE, "application/json");
@@ -222,6 +234,9 @@ impl ControlPlane {
                 server: self.server.clone(),
                 cause: tls_cause(&err),
             }),
+            Err(meshlet_client::ClientError::ClosedBeforeAnswer { .. }) if changes => {
+                Err(ClientError::ClosedBeforeAnswer)
+            }
             Err(err) => Err(ClientError::Unreachable {
                 server: self.server.clone(),
                 cause: err.cause(),

@@ -8,7 +8,7 @@
 //!     at once when the app's health changes) PUT …/heartbeat ─► 404? register
 //!     again ─► on shutdown DELETE …/{id}
 //! watch task: GET /api/v1/watch?revision=R ─► NDJSON WatchEvents ─►
-//!     MeshState::apply ─► Snapshot::build ─► ArcSwap::store ─► persist file
+//!     MeshState::apply ─► empty-push guard ─► Snapshot::build ─► ArcSwap::store ─► persist file
 //! ```
 //!
 //! Either task retries a failed control plane with exponential backoff
@@ -26,11 +26,23 @@
 //! outlives a newer state of the control plane: its first answer replaces
 //! it, and the replacement is persisted.
 //!
+//! The empty-push guard (issue 16): a pushed state that would remove every
+//! endpoint of every service while the published one has endpoints is
+//! **held**, not published (`meshlet_config_pushes_held_total` counts each
+//! hold): requests keep the last snapshot. A later push that brings
+//! endpoints back ends the hold. Otherwise, one heartbeat interval and a
+//! second later (time for instances a sick control plane dropped to
+//! register again), the client fetches a full state the way a sidecar
+//! without state resumes (`watch?revision=0`, first snapshot): if it is
+//! empty too, the emptiness is confirmed and published; if it has
+//! endpoints, it is published instead and the watch reopens from it; if
+//! the resync fails, the hold continues and the resync is retried.
+//!
 //! Every call goes through the control plane's `meshlet_client::Client`
 //! (HTTPS, the mesh CA, the sidecar's bearer token); a 401/403 is logged
 //! like any failure, naming the control plane, and retried with backoff.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -59,6 +71,9 @@ const CALL_TIMEOUT: Duration = Duration::from_secs(2);
 /// A watch stream that brings nothing (not even a keepalive) this long is
 /// presumed dead and reopened.
 const WATCH_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a resync may take to deliver its snapshot (a control plane
+/// warming up after a lost store sends keepalives first).
+const RESYNC_TIMEOUT: Duration = Duration::from_secs(15);
 /// How long registration waits for the first certificate request to end.
 const FIRST_CERTIFICATE_WAIT: Duration = Duration::from_secs(5);
 /// Heartbeat period until the control plane says otherwise.
@@ -125,6 +140,12 @@ pub struct ControlClient {
     /// The workload certificate: its trust bundle follows the watch, and
     /// registration waits for the first certificate request.
     identity: Option<Arc<WorkloadIdentity>>,
+    /// Endpoints (any health) of the last published state: the empty-push
+    /// guard's "the current snapshot has endpoints".
+    published_endpoints: Arc<AtomicUsize>,
+    /// The heartbeat interval the control plane gave at registration (ms):
+    /// how long a held empty push waits before its confirming resync.
+    heartbeat_ms: Arc<AtomicU64>,
 }
 
 impl ControlClient {
@@ -146,6 +167,8 @@ impl ControlClient {
             metrics,
             status: Arc::new(status),
             identity: None,
+            published_endpoints: Arc::default(),
+            heartbeat_ms: Arc::new(AtomicU64::new(DEFAULT_HEARTBEAT.as_millis() as u64)),
         }
     }
 
@@ -182,12 +205,17 @@ impl ControlClient {
     /// Starts the watch task.
     pub fn spawn_watch(&self, initial: MeshState, mut stop: watch::Receiver<bool>) {
         let this = self.clone();
+        if self.status.has_state.load(Ordering::Relaxed) {
+            self.published_endpoints
+                .store(endpoint_count(&initial), Ordering::Relaxed);
+        }
         tokio::spawn(async move {
             let mut state = initial;
             let mut backoff = Backoff::default();
+            let mut hold = None;
             loop {
                 let result = tokio::select! {
-                    result = this.watch_once(&mut state, &mut backoff) => result,
+                    result = this.watch_once(&mut state, &mut backoff, &mut hold) => result,
                     _ = stop.wait_for(|stop| *stop) => return,
                 };
                 this.status.connected.store(false, Ordering::Relaxed);
@@ -213,6 +241,7 @@ impl ControlClient {
         &self,
         state: &mut MeshState,
         backoff: &mut Backoff,
+        hold: &mut Option<Hold>,
     ) -> Result<(), ControlError> {
         let path = watch_path(state);
         let request = meshlet_client::request(Method::GET, &self.cp.authority, &path)
@@ -249,7 +278,25 @@ impl ControlClient {
         let mut body = response.into_body();
         let mut buffer = BytesMut::new();
         loop {
-            let frame = match tokio::time::timeout(WATCH_IDLE_TIMEOUT, body.frame()).await {
+            let next_check = hold.as_ref().map(|h| h.next_check);
+            let check_due = async {
+                match next_check {
+                    Some(at) => tokio::time::sleep_until(at).await,
+                    None => std::future::pending().await,
+                }
+            };
+            let next = tokio::select! {
+                next = tokio::time::timeout(WATCH_IDLE_TIMEOUT, body.frame()) => next,
+                _ = check_due => {
+                    if self.confirm_held(state, hold).await {
+                        // The state now comes from the resync: reopen the
+                        // watch from its revision.
+                        return Ok(());
+                    }
+                    continue;
+                }
+            };
+            let frame = match next {
                 Err(_) => {
                     return Err(ControlError::Stream(format!(
                         "nothing received for {WATCH_IDLE_TIMEOUT:?}"
@@ -270,7 +317,7 @@ impl ControlClient {
             if applied.changed
                 || (applied.state_event && !self.status.has_state.load(Ordering::Relaxed))
             {
-                self.publish(state).await;
+                self.publish_guarded(state, hold).await;
             }
             result?;
             if applied.state_event {
@@ -284,8 +331,134 @@ impl ControlClient {
         }
     }
 
+    /// Publishes `state` unless it would remove every endpoint of every
+    /// service while the published state has some: then the push is
+    /// held (counted once per hold) until [`ControlClient::confirm_held`]
+    /// resyncs. A later push that brings endpoints back ends the hold.
+    async fn publish_guarded(&self, state: &MeshState, hold: &mut Option<Hold>) {
+        let published = self.published_endpoints.load(Ordering::Relaxed);
+        if empties_the_mesh(state, published) {
+            if hold.is_none() {
+                let wait = self.confirm_delay();
+                tracing::warn!(
+                    revision = state.revision,
+                    endpoints = published,
+                    confirm_in = ?wait,
+                    "the control plane pushed a state without any endpoint; holding it and \
+                     serving the last one until a full resync confirms it"
+                );
+                self.metrics.config_push_held();
+                *hold = Some(Hold {
+                    next_check: tokio::time::Instant::now() + wait,
+                });
+            }
+            return;
+        }
+        if hold.take().is_some() {
+            tracing::info!(
+                revision = state.revision,
+                "endpoints are back; the held empty push is dropped"
+            );
+        }
+        self.publish(state).await;
+    }
+
+    /// The held push's check: a full state from the control plane (a fresh
+    /// `watch?revision=0`). Empty too: confirmed, published. With
+    /// endpoints: it replaces `state` and is published. Either way the
+    /// hold ends and `true` says the watch must reopen from the new state.
+    /// A failed resync keeps holding and tries again later (`false`).
+    async fn confirm_held(&self, state: &mut MeshState, hold: &mut Option<Hold>) -> bool {
+        let full = match self.fetch_full_state().await {
+            Ok(full) => full,
+            Err(error) => {
+                tracing::warn!(%error, "cannot resync to confirm an empty push; still holding it");
+                *hold = Some(Hold {
+                    next_check: tokio::time::Instant::now() + self.confirm_delay(),
+                });
+                return false;
+            }
+        };
+        *hold = None;
+        if endpoint_count(&full) == 0 {
+            tracing::warn!(
+                revision = full.revision,
+                "a full resync confirms that no service has an endpoint; applying it"
+            );
+        } else {
+            tracing::info!(
+                revision = full.revision,
+                endpoints = endpoint_count(&full),
+                "a full resync has endpoints again; the held empty push is dropped"
+            );
+        }
+        *state = full;
+        self.publish(state).await;
+        true
+    }
+
+    /// How long a held empty push waits for its resync: one heartbeat
+    /// interval and a second, so that instances a sick control plane
+    /// dropped have registered again by then.
+    fn confirm_delay(&self) -> Duration {
+        Duration::from_millis(self.heartbeat_ms.load(Ordering::Relaxed)) + Duration::from_secs(1)
+    }
+
+    /// The control plane's whole current state, through the same path a
+    /// sidecar without state resumes by: `watch?revision=0`, whose first
+    /// state event is a full snapshot (keepalives before it, while the
+    /// control plane warms up, are skipped).
+    async fn fetch_full_state(&self) -> Result<MeshState, ControlError> {
+        let path = watch_path(&MeshState::default());
+        let request = meshlet_client::request(Method::GET, &self.cp.authority, &path)
+            .body(http_body_util::Empty::<bytes::Bytes>::new())
+            .map_err(|source| ClientError::Request {
+                authority: self.cp.authority.clone(),
+                source,
+            })?;
+        let response = self
+            .cp
+            .client
+            .clone()
+            .timeout(CALL_TIMEOUT)
+            .send(&self.cp.authority, request)
+            .await?;
+        if response.status() != StatusCode::OK {
+            return Err(ControlError::Stream(format!(
+                "{} answered a resync with {}",
+                self.cp.authority,
+                response.status()
+            )));
+        }
+        let mut body = response.into_body();
+        let mut buffer = BytesMut::new();
+        let mut full = MeshState::default();
+        loop {
+            let frame = tokio::time::timeout(RESYNC_TIMEOUT, body.frame()).await;
+            let data = match frame {
+                Err(_) => return Err(ControlError::Stream("resync: no snapshot in time".into())),
+                Ok(None) => return Err(ControlError::Stream("resync: stream closed".into())),
+                Ok(Some(Err(e))) => return Err(ControlError::Stream(e.to_string())),
+                Ok(Some(Ok(frame))) => match frame.into_data() {
+                    Ok(data) => data,
+                    Err(_) => continue,
+                },
+            };
+            buffer.extend_from_slice(&data);
+            let mut outcome = ApplyOutcome::default();
+            // Keepalives of revision 0 (warm-up) apply as nothing; the
+            // first snapshot is the answer.
+            apply_lines(&mut buffer, &mut full, &mut outcome)?;
+            if outcome.state_event {
+                return Ok(full);
+            }
+        }
+    }
+
     /// Swaps in a snapshot built from `state` and persists the state.
     async fn publish(&self, state: &MeshState) {
+        self.published_endpoints
+            .store(endpoint_count(state), Ordering::Relaxed);
         if let Some(identity) = &self.identity {
             identity.set_bundle(&state.trust_roots);
         }
@@ -344,6 +517,8 @@ impl ControlClient {
                             registered = true;
                             backoff.reset();
                             heartbeat = Duration::from_millis(reply.heartbeat_interval_ms.max(50));
+                            this.heartbeat_ms
+                                .store(heartbeat.as_millis() as u64, Ordering::Relaxed);
                             tracing::info!(instance = %this.cp.instance_id, revision = reply.revision, healthy, "registered with the control plane");
                         }
                         Err(error) => {
@@ -486,6 +661,24 @@ fn watch_path(state: &MeshState) -> String {
         state.revision,
         state.epoch
     )
+}
+
+/// A push held by the empty-push guard, and when to check it.
+#[derive(Debug)]
+struct Hold {
+    next_check: tokio::time::Instant,
+}
+
+/// Endpoints of every service in `state`, whatever their health.
+fn endpoint_count(state: &MeshState) -> usize {
+    state.services.iter().map(|s| s.endpoints.len()).sum()
+}
+
+/// The empty-push guard's rule: `state` removes every endpoint of every
+/// service while the published state (with `published` endpoints) has
+/// some.
+fn empties_the_mesh(state: &MeshState, published: usize) -> bool {
+    published > 0 && endpoint_count(state) == 0
 }
 
 /// What one batch of watch lines did.
@@ -638,6 +831,244 @@ mod tests {
             apply_lines(&mut stale, &mut state, &mut outcome),
             Err(ControlError::Gap(_))
         ));
+    }
+
+    fn state_with(epoch: u64, revision: u64, ports: &[u16]) -> MeshState {
+        use meshlet_api::mesh::{EndpointEntry, ServiceEntry};
+        MeshState {
+            epoch,
+            revision,
+            services: if ports.is_empty() {
+                Vec::new()
+            } else {
+                vec![ServiceEntry {
+                    name: "orders".into(),
+                    namespace: "default".into(),
+                    endpoints: ports
+                        .iter()
+                        .map(|port| EndpointEntry {
+                            address: ([127, 0, 0, 1], *port).into(),
+                            labels: Default::default(),
+                            healthy: false,
+                            instance_id: None,
+                            identity: None,
+                        })
+                        .collect(),
+                }]
+            },
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn the_guard_holds_only_a_push_that_empties_a_mesh_with_endpoints() {
+        let empty = state_with(1, 2, &[]);
+        let one = state_with(1, 2, &[9001]);
+        assert_eq!(endpoint_count(&one), 1, "unhealthy endpoints count");
+        assert!(empties_the_mesh(&empty, 1));
+        assert!(!empties_the_mesh(&empty, 0), "nothing to lose");
+        assert!(!empties_the_mesh(&one, 3), "one endpoint left");
+        // A service with an empty endpoint list is no endpoint either.
+        let mut hollow = one.clone();
+        hollow.services[0].endpoints.clear();
+        assert!(empties_the_mesh(&hollow, 1));
+    }
+
+    /// A fake control plane on plain HTTP: each connection gets the next
+    /// script (NDJSON lines, then the stream stays open) and its request
+    /// line is recorded.
+    async fn fake_control_plane(
+        scripts: Vec<Vec<WatchEvent>>,
+    ) -> (String, Arc<Mutex<Vec<String>>>) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let authority = listener.local_addr().unwrap().to_string();
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let log = seen.clone();
+        tokio::spawn(async move {
+            for script in scripts {
+                let (mut stream, _) = listener.accept().await.unwrap();
+                let mut head = Vec::new();
+                let mut buf = [0u8; 1024];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    let n = stream.read(&mut buf).await.unwrap();
+                    assert!(n > 0);
+                    head.extend_from_slice(&buf[..n]);
+                }
+                let text = String::from_utf8_lossy(&head);
+                log.lock().unwrap().push(text.lines().next().unwrap().to_owned());
+                stream
+                    .write_all(b"HTTP/1.1 200 OK\r\ncontent-type: application/x-ndjson\r\ntransfer-encoding: chunked\r\n\r\n")
+                    .await
+                    .unwrap();
+                // One event at a time, so each is applied on its own; then
+                // the stream stays open (the client drops it when done).
+                tokio::spawn(async move {
+                    for event in script {
+                        let line = format!("{}\n", serde_json::to_string(&event).unwrap());
+                        let chunk = format!("{:x}\r\n{line}\r\n", line.len());
+                        if stream.write_all(chunk.as_bytes()).await.is_err() {
+                            return;
+                        }
+                        tokio::time::sleep(Duration::from_millis(300)).await;
+                    }
+                    let _ = stream.read(&mut buf).await;
+                });
+            }
+        });
+        (authority, seen)
+    }
+
+    fn client_for(authority: &str, dir: &std::path::Path) -> ControlClient {
+        use clap::Parser;
+        let settings = crate::cli::Args::try_parse_from([
+            "sidecar",
+            "--service",
+            "frontend",
+            "--app-port",
+            "8080",
+        ])
+        .unwrap()
+        .settings()
+        .unwrap();
+        let cp = ControlPlaneSettings {
+            url: format!("http://{authority}"),
+            authority: authority.to_owned(),
+            ca_file: Default::default(),
+            token_file: None,
+            client: meshlet_client::Client::new(),
+            instance_id: "frontend-1".into(),
+            advertise_addr: ([127, 0, 0, 1], 15006).into(),
+            snapshot_file: dir.join("snapshot.json"),
+            stats_interval: None,
+        };
+        let client = ControlClient::new(
+            Arc::new(settings),
+            cp,
+            Arc::new(arc_swap::ArcSwap::from_pointee(Snapshot::default())),
+            Arc::new(Limits::default()),
+            Metrics::new("frontend"),
+            false,
+        );
+        // Confirm after 0.1 s + 1 s.
+        client.heartbeat_ms.store(100, Ordering::Relaxed);
+        client
+    }
+
+    fn has_orders(client: &ControlClient) -> bool {
+        client.snapshot.load().service("orders").is_some()
+    }
+
+    async fn eventually(what: &str, mut check: impl FnMut() -> bool) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while !check() {
+            assert!(tokio::time::Instant::now() < deadline, "timed out: {what}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    fn delta_removing_orders(from: u64) -> WatchEvent {
+        WatchEvent::Delta(meshlet_api::mesh::MeshDelta {
+            from_revision: from,
+            revision: from + 1,
+            services: Vec::new(),
+            removed_services: vec![meshlet_api::mesh::ServiceKey {
+                namespace: "default".into(),
+                name: "orders".into(),
+            }],
+            resources: Vec::new(),
+            removed_resources: Vec::new(),
+            trust_roots: None,
+        })
+    }
+
+    #[tokio::test]
+    async fn an_empty_push_is_held_until_a_full_resync_confirms_it() {
+        let mut healthy = state_with(7, 3, &[9001]);
+        healthy.services[0].endpoints[0].healthy = true;
+        let mut back = state_with(7, 5, &[9001, 9002]);
+        for ep in &mut back.services[0].endpoints {
+            ep.healthy = true;
+        }
+        let (authority, seen) = fake_control_plane(vec![
+            // The watch: a state with orders, then a delta removing it.
+            vec![WatchEvent::Snapshot(healthy), delta_removing_orders(3)],
+            // The resync: orders is back (the push was a fluke).
+            vec![WatchEvent::Snapshot(back)],
+            // The watch again from revision 5: every endpoint goes again.
+            vec![delta_removing_orders(5)],
+            // The resync confirms it.
+            vec![WatchEvent::Snapshot(state_with(7, 6, &[]))],
+            // The watch from revision 6.
+            vec![],
+        ])
+        .await;
+        let dir = tempfile::tempdir().unwrap();
+        let client = client_for(&authority, dir.path());
+        let (_stop, stopped) = watch::channel(false);
+        client.spawn_watch(MeshState::default(), stopped);
+        eventually("first state", || has_orders(&client)).await;
+        eventually("the empty push held", || {
+            client.metrics.config_pushes_held() == 1
+        })
+        .await;
+        assert!(has_orders(&client), "held: the last snapshot still serves");
+        // The resync has endpoints: published, no emptiness applied.
+        eventually("the resync's state", || {
+            client.snapshot.load().endpoints().count() == 2
+        })
+        .await;
+        // The second empty push is held, then confirmed and applied.
+        eventually("held again", || client.metrics.config_pushes_held() == 2).await;
+        eventually("confirmed emptiness applied", || !has_orders(&client)).await;
+        eventually("the watch reopened", || seen.lock().unwrap().len() == 5).await;
+        let seen = seen.lock().unwrap().clone();
+        assert!(seen[1].contains("revision=0"), "a full resync: {seen:?}");
+        assert!(seen[2].contains("revision=5&epoch=7"), "{seen:?}");
+        assert!(seen[3].contains("revision=0"), "{seen:?}");
+        assert!(seen[4].contains("revision=6&epoch=7"), "{seen:?}");
+    }
+
+    #[tokio::test]
+    async fn a_push_that_brings_endpoints_back_ends_the_hold() {
+        let mut healthy = state_with(7, 3, &[9001]);
+        healthy.services[0].endpoints[0].healthy = true;
+        let mut again = healthy.clone();
+        again.revision = 5;
+        let back = WatchEvent::Delta(meshlet_api::mesh::MeshDelta {
+            from_revision: 4,
+            revision: 5,
+            services: again.services.clone(),
+            removed_services: Vec::new(),
+            resources: Vec::new(),
+            removed_resources: Vec::new(),
+            trust_roots: None,
+        });
+        let (authority, seen) = fake_control_plane(vec![vec![
+            WatchEvent::Snapshot(healthy),
+            delta_removing_orders(3),
+            back,
+        ]])
+        .await;
+        let dir = tempfile::tempdir().unwrap();
+        let client = client_for(&authority, dir.path());
+        let (_stop, stopped) = watch::channel(false);
+        client.spawn_watch(MeshState::default(), stopped);
+        eventually("the empty push held", || {
+            client.metrics.config_pushes_held() == 1
+        })
+        .await;
+        let held = client.snapshot.load_full();
+        eventually("revision 5 applied", || {
+            !Arc::ptr_eq(&client.snapshot.load_full(), &held)
+        })
+        .await;
+        assert!(has_orders(&client));
+        // No resync was needed: past the confirmation delay, still one
+        // connection and orders still there.
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        assert_eq!(seen.lock().unwrap().len(), 1);
+        assert!(has_orders(&client));
     }
 
     fn lines(text: &str) -> BytesMut {

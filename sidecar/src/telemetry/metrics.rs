@@ -170,6 +170,8 @@ struct ConfigFamilies {
     revision: IntGauge,
     applied: IntGauge,
     control_plane_connected: IntGauge,
+    // issue 16 (cp): pushes held by the empty-push guard (control/client.rs).
+    pushes_held: IntCounter,
 }
 
 /// What the span exporter and the access log dropped or sent.
@@ -297,6 +299,11 @@ impl ConfigFamilies {
                 "meshlet_control_plane_connected",
                 "1 while the watch stream to the control plane is open",
             ),
+            // issue 16 (cp)
+            pushes_held: r.counter(
+                "meshlet_config_pushes_held_total",
+                "Pushes that would have removed every endpoint of every service, held until a full resync confirmed them",
+            ),
         }
     }
 }
@@ -386,6 +393,17 @@ impl Metrics {
 
     pub fn set_control_plane_connected(&self, connected: bool) {
         self.config.control_plane_connected.set(connected as i64);
+    }
+
+    /// issue 16 (cp): a push that would have emptied the mesh was held.
+    pub fn config_push_held(&self) {
+        self.config.pushes_held.inc();
+    }
+
+    /// issue 16 (cp): pushes held so far (tests).
+    #[cfg(test)]
+    pub fn config_pushes_held(&self) -> u64 {
+        self.config.pushes_held.get()
     }
 
     /// The handles of route `(direction, destination, endpoint)`: the same
