@@ -168,6 +168,8 @@ pub struct ControlPlaneProcess {
     pub data_dir: PathBuf,
     pub log: PathBuf,
     args: Vec<String>,
+    /// `ulimit -n` (soft and hard) the process starts under, if any.
+    open_file_limit: Option<u64>,
 }
 
 impl ControlPlaneProcess {
@@ -175,12 +177,39 @@ impl ControlPlaneProcess {
     /// flags (e.g. `["--ttl", "2s"]`), and waits for `/healthz`.
     pub async fn start(data_dir: &std::path::Path, args: &[&str]) -> ControlPlaneProcess {
         let addr = loopback(free_port());
-        Self::start_on(addr, data_dir, args.iter().map(|a| a.to_string()).collect()).await
+        Self::start_on(addr, data_dir, args.iter().map(|a| a.to_string()).collect(), None).await
     }
 
-    async fn start_on(addr: SocketAddr, data_dir: &std::path::Path, args: Vec<String>) -> Self {
+    /// [`ControlPlaneProcess::start`] under `ulimit -n limit` (soft and
+    /// hard, so the control plane cannot raise it).
+    pub async fn start_with_open_file_limit(
+        data_dir: &std::path::Path,
+        args: &[&str],
+        limit: u64,
+    ) -> ControlPlaneProcess {
+        let addr = loopback(free_port());
+        let args = args.iter().map(|a| a.to_string()).collect();
+        Self::start_on(addr, data_dir, args, Some(limit)).await
+    }
+
+    async fn start_on(
+        addr: SocketAddr,
+        data_dir: &std::path::Path,
+        args: Vec<String>,
+        open_file_limit: Option<u64>,
+    ) -> Self {
         let log = data_dir.with_extension(format!("{}.log", addr.port()));
-        let child = Command::new(binary("control-plane"))
+        let mut command = match open_file_limit {
+            None => Command::new(binary("control-plane")),
+            Some(limit) => {
+                let mut sh = Command::new("sh");
+                sh.arg("-c")
+                    .arg(format!("ulimit -n {limit} && exec \"$0\" \"$@\""))
+                    .arg(binary("control-plane"));
+                sh
+            }
+        };
+        let child = command
             .arg("--listen")
             .arg(addr.to_string())
             .arg("--data-dir")
@@ -209,6 +238,7 @@ impl ControlPlaneProcess {
             data_dir: data_dir.to_owned(),
             log,
             args,
+            open_file_limit,
         };
         let access = cp.access.clone();
         let log = cp.log.clone();
@@ -255,7 +285,13 @@ impl ControlPlaneProcess {
 
     async fn start_again(&mut self) {
         let as_admin = self.access.sidecars_as_admin;
-        let mut again = Self::start_on(self.addr, &self.data_dir, self.args.clone()).await;
+        let mut again = Self::start_on(
+            self.addr,
+            &self.data_dir,
+            self.args.clone(),
+            self.open_file_limit,
+        )
+        .await;
         again.access.sidecars_as_admin = as_admin;
         *self = again;
     }
