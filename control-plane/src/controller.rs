@@ -797,10 +797,18 @@ mod tests {
         assert_eq!(c.expiry_paused(), (true, 1), "paused once");
         // Heartbeats flow again for b, c, d; a is really dead.
         beat(&c, &["b"], t0 + secs(31)).await;
-        assert_eq!(c.reap(t0 + secs(31)).await.unwrap(), 0, "3 of 4 still silent");
+        assert_eq!(
+            c.reap(t0 + secs(31)).await.unwrap(),
+            0,
+            "3 of 4 still silent"
+        );
         assert!(c.expiry_paused().0);
         beat(&c, &["c", "d"], t0 + secs(32)).await;
-        assert_eq!(c.reap(t0 + secs(32)).await.unwrap(), 1, "resumed: a expires");
+        assert_eq!(
+            c.reap(t0 + secs(32)).await.unwrap(),
+            1,
+            "resumed: a expires"
+        );
         assert_eq!(instances(&c), ["b", "c", "d"]);
         assert_eq!(c.expiry_paused(), (false, 1));
         // A later outage pauses again and is counted.

@@ -1,8 +1,9 @@
 //! The API's connections: the accept loop in front of the axum router.
 //!
 //! ```text
-//! accept ─► admit (connection cap; evict: unproven oldest first, then
-//!           proven-but-idle longest idle first; never a busy one)
+//! accept ─► admit (caps; evict: an unproven one older than 1 s, else the
+//!           longest idle proven one, else the oldest unproven; never a
+//!           busy one)
 //!        ─► TLS handshake (deadline) ─► first request head (deadline from
 //!           accept) ─► hyper HTTP/1.1 (keep-alive idle deadline) ─► router
 //! ```
@@ -22,9 +23,10 @@
 //! sockets cannot keep a real client out: the real client proves itself
 //! within milliseconds, long before its turn to be evicted); and at most
 //! [`Limits::max_connections`] are open at all: past that the oldest
-//! unproven one goes, else the proven connection idle the longest (closed
-//! gracefully: hyper lets a request that just started finish), and only
-//! when every connection is busy is the new one closed. So a sidecar's
+//! unproven one that has had a second to prove itself goes, else the
+//! proven connection idle the longest (closed gracefully: hyper lets a
+//! request that just started finish), else the oldest unproven one, and
+//! only when every connection is busy is the new one closed. So a sidecar's
 //! heartbeat connection is never evicted before an idle or unproven one.
 //!
 //! Out of file descriptors (`EMFILE`/`ENFILE` from accept, e.g. under
@@ -57,6 +59,10 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Notify};
 use tokio_rustls::TlsAcceptor;
 use tower_service::Service;
+
+/// How long a new connection may take to send its first request head
+/// before, at the connection cap, it is evicted ahead of idle proven ones.
+const UNPROVEN_GRACE: Duration = Duration::from_secs(1);
 
 /// Bounds on the API's connections (`--api-max-connections`,
 /// `--api-header-timeout`, `--api-idle-timeout`; the others are fixed).
@@ -269,8 +275,8 @@ struct TrackerInner {
 /// The eviction candidates, oldest first.
 #[derive(Default)]
 struct Ranks {
-    /// Unproven connections by admission order.
-    unproven: BTreeMap<u64, Arc<ConnState>>,
+    /// Unproven connections by admission order, with their admission time.
+    unproven: BTreeMap<u64, (Instant, Arc<ConnState>)>,
     /// Proven connections with nothing in flight, by when they became idle
     /// (a sequence number) → their id.
     idle: BTreeMap<u64, (u64, Arc<ConnState>)>,
@@ -280,19 +286,27 @@ struct Ranks {
 }
 
 impl Ranks {
-    /// Tells the best candidate to leave: the oldest unproven connection,
-    /// else (when `idle_too`) the one idle the longest.
-    fn evict_one(&mut self, idle_too: bool) -> bool {
-        if let Some((_, oldest)) = self.unproven.pop_first() {
-            oldest.evict.notify_one();
-            return true;
-        }
-        if idle_too {
+    /// Tells the best candidate to leave. Only unproven ones
+    /// (`idle_too` false: the unproven cap): the oldest. Otherwise (the
+    /// connection cap): the oldest unproven one that has had
+    /// [`UNPROVEN_GRACE`] to prove itself, else the proven one idle the
+    /// longest, else the oldest unproven one; so a client still in its
+    /// handshake is not dropped for a connection that has been idle.
+    fn evict_one(&mut self, idle_too: bool, now: Instant) -> bool {
+        let stale = self
+            .unproven
+            .first_key_value()
+            .is_some_and(|(_, (admitted, _))| now.duration_since(*admitted) >= UNPROVEN_GRACE);
+        if idle_too && !stale {
             if let Some((_, (id, idlest))) = self.idle.pop_first() {
                 self.idle_key.remove(&id);
                 idlest.evict.notify_one();
                 return true;
             }
+        }
+        if let Some((_, (_, oldest))) = self.unproven.pop_first() {
+            oldest.evict.notify_one();
+            return true;
         }
         false
     }
@@ -325,13 +339,13 @@ impl Tracker {
         if full || ranks.unproven.len() >= inner.limits.max_unproven {
             // The evicted task closes its socket; its slot is counted
             // free once it has.
-            if ranks.evict_one(full) {
+            if ranks.evict_one(full, Instant::now()) {
                 inner.stats.evicted.fetch_add(1, Ordering::Relaxed);
             } else if full {
                 return None;
             }
         }
-        ranks.unproven.insert(id, state.clone());
+        ranks.unproven.insert(id, (Instant::now(), state.clone()));
         inner.stats.open.fetch_add(1, Ordering::Relaxed);
         Some(Slot {
             tracker: self.clone(),
@@ -343,7 +357,7 @@ impl Tracker {
     /// Evicts one unproven or idle connection (out of descriptors);
     /// whether there was one.
     fn evict_one(&self) -> bool {
-        let evicted = self.ranks().evict_one(true);
+        let evicted = self.ranks().evict_one(true, Instant::now());
         if evicted {
             self.inner.stats.evicted.fetch_add(1, Ordering::Relaxed);
         }
@@ -368,8 +382,7 @@ impl Tracker {
         if state.in_flight.fetch_sub(1, Ordering::Relaxed) == 1 {
             let mut ranks = self.ranks();
             // Busy again already (pipelining)? Then it is not idle.
-            if state.in_flight.load(Ordering::Relaxed) == 0 && !ranks.idle_key.contains_key(&id)
-            {
+            if state.in_flight.load(Ordering::Relaxed) == 0 && !ranks.idle_key.contains_key(&id) {
                 let key = ranks.next_idle;
                 ranks.next_idle += 1;
                 ranks.idle.insert(key, (id, state.clone()));

@@ -263,13 +263,15 @@ pub async fn run(
     // ca.crt/ca.key always issue the API's certificate (see ca::roots).
     let cert = ca.issue_server_cert(&names, SERVER_CERT_TTL)?;
     let roots = crate::ca::Roots::load(&settings.data_dir, ca)?;
-    let controller = Arc::new(Controller::load_with_identity(
-        store.clone(),
-        settings.ttl,
-        &settings.trust_domain,
-        roots.bundle_pem(),
-    )?
-    .with_expiry_policy(settings.expiry_policy()));
+    let controller = Arc::new(
+        Controller::load_with_identity(
+            store.clone(),
+            settings.ttl,
+            &settings.trust_domain,
+            roots.bundle_pem(),
+        )?
+        .with_expiry_policy(settings.expiry_policy()),
+    );
     let started_ms = crate::clock::now_ms();
     let workload = Arc::new(Workload::new(
         WorkloadSettings {

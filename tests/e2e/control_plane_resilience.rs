@@ -76,9 +76,12 @@ async fn a_starved_control_plane_keeps_every_instance_and_traffic_flows() {
         FLOOD + 512
     );
     let dir = TempDir::new();
-    let cp =
-        ControlPlaneProcess::start_with_open_file_limit(&dir.path.join("cp"), &["--ttl", "5s"], 1024)
-            .await;
+    let cp = ControlPlaneProcess::start_with_open_file_limit(
+        &dir.path.join("cp"),
+        &["--ttl", "5s"],
+        1024,
+    )
+    .await;
     let orders_app = Upstream::start("orders").await;
     let orders = SidecarProcess::builder("orders", orders_app.port())
         .control_plane(&cp)
@@ -89,14 +92,20 @@ async fn a_starved_control_plane_keeps_every_instance_and_traffic_flows() {
         .control_plane(&cp)
         .start()
         .await;
-    wait::until("frontend routes to orders", Duration::from_secs(20), || async {
-        (!frontend.endpoints_of("orders").await.is_empty()).then_some(())
-    })
+    wait::until(
+        "frontend routes to orders",
+        Duration::from_secs(20),
+        || async { (!frontend.endpoints_of("orders").await.is_empty()).then_some(()) },
+    )
     .await;
-    let before = wait::until("both instances registered", Duration::from_secs(20), || async {
-        let ids = instance_ids(&cp, &["orders", "frontend"]).await;
-        (ids.len() == 2).then_some(ids)
-    })
+    let before = wait::until(
+        "both instances registered",
+        Duration::from_secs(20),
+        || async {
+            let ids = instance_ids(&cp, &["orders", "frontend"]).await;
+            (ids.len() == 2).then_some(ids)
+        },
+    )
     .await;
     // The limit is real: the control plane could not raise it.
     assert!(
@@ -164,7 +173,10 @@ async fn a_starved_control_plane_keeps_every_instance_and_traffic_flows() {
             let started = Instant::now();
             let out = meshctl(&cp, &["get", "services"]).await;
             let took = started.elapsed();
-            assert!(out.success(), "meshctl get services during the flood: {out:?}");
+            assert!(
+                out.success(),
+                "meshctl get services during the flood: {out:?}"
+            );
             assert!(out.stdout.contains("orders"), "{out:?}");
             meshctl_answers.push(took);
             next_meshctl = Instant::now() + Duration::from_secs(3);
@@ -211,11 +223,195 @@ async fn a_starved_control_plane_keeps_every_instance_and_traffic_flows() {
     assert_eq!(failed, 0, "requests failed during the flood: {failures:?}");
     assert!(ok >= 50, "too few requests made: {ok}");
     assert!(meshctl_answers.len() >= 2, "{meshctl_answers:?}");
-    assert!(evicted > 0.0, "the flood was never evicted: {metrics_during}");
+    assert!(
+        evicted > 0.0,
+        "the flood was never evicted: {metrics_during}"
+    );
     assert!(
         cp.log_text().lines().all(|l| !l.contains("panicked")),
         "{}",
         cp.log_text()
+    );
+    drop((orders, frontend));
+}
+
+/// One TLS connection to the API that asks `GET /healthz` every 3 s and
+/// is idle in between; `Ok(())` once proven, then it runs until `stop` or
+/// until the control plane closes it (counted in `closed`).
+async fn proven_idle_connection(
+    addr: std::net::SocketAddr,
+    tls: tokio_rustls::TlsConnector,
+    stop: Arc<AtomicBool>,
+    proven: tokio::sync::oneshot::Sender<bool>,
+    closed: Arc<AtomicUsize>,
+) {
+    use tokio::io::AsyncWriteExt;
+    let request = format!("GET /healthz HTTP/1.1\r\nhost: {addr}\r\n\r\n");
+    let name = rustls_pki_types::ServerName::try_from("127.0.0.1").unwrap();
+    let connect = async {
+        let tcp = TcpStream::connect(addr).await.ok()?;
+        tls.connect(name, tcp).await.ok()
+    };
+    let Ok(Some(mut stream)) = tokio::time::timeout(Duration::from_secs(10), connect).await else {
+        let _ = proven.send(false);
+        return;
+    };
+    let mut buf = [0u8; 1024];
+    let mut proven = Some(proven);
+    loop {
+        if stream.write_all(request.as_bytes()).await.is_err() {
+            break;
+        }
+        match tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buf)).await {
+            Ok(Ok(n)) if n > 0 => {}
+            _ => break,
+        }
+        if let Some(tell) = proven.take() {
+            let _ = tell.send(true);
+        }
+        let idle_until = Instant::now() + Duration::from_secs(3);
+        while Instant::now() < idle_until {
+            if stop.load(Ordering::Relaxed) {
+                return;
+            }
+            match tokio::time::timeout(Duration::from_millis(200), stream.read(&mut buf)).await {
+                Err(_) => {}
+                Ok(Ok(n)) if n > 0 => {}
+                Ok(_) => {
+                    closed.fetch_add(1, Ordering::Relaxed);
+                    return;
+                }
+            }
+        }
+    }
+    if let Some(tell) = proven.take() {
+        let _ = tell.send(false);
+    }
+    closed.fetch_add(1, Ordering::Relaxed);
+}
+
+/// Past the descriptor limit with connections that did send requests and
+/// keep coming back (proven, idle in between): without the cap fitted to
+/// the open-file limit and the eviction of idle connections, accept would
+/// fail with `EMFILE` and heartbeats would wait in the backlog until the
+/// instances expired.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proven_idle_connections_past_the_fd_limit_do_not_lock_heartbeats_out() {
+    const FLOOD: usize = 1100;
+    const TTL: Duration = Duration::from_secs(5);
+    let own = raise_own_fd_limit();
+    assert!(own >= FLOOD as u64 + 512, "open-file limit {own} too low");
+    let dir = TempDir::new();
+    let cp = ControlPlaneProcess::start_with_open_file_limit(
+        &dir.path.join("cp"),
+        &["--ttl", "5s"],
+        1024,
+    )
+    .await;
+    let orders_app = Upstream::start("orders").await;
+    let orders = SidecarProcess::builder("orders", orders_app.port())
+        .control_plane(&cp)
+        .start()
+        .await;
+    let frontend_app = Upstream::start("frontend").await;
+    let frontend = SidecarProcess::builder("frontend", frontend_app.port())
+        .control_plane(&cp)
+        .start()
+        .await;
+    let before = wait::until(
+        "both instances registered",
+        Duration::from_secs(20),
+        || async {
+            let ids = instance_ids(&cp, &["orders", "frontend"]).await;
+            (ids.len() == 2).then_some(ids)
+        },
+    )
+    .await;
+    wait::until(
+        "frontend routes to orders",
+        Duration::from_secs(20),
+        || async { (!frontend.endpoints_of("orders").await.is_empty()).then_some(()) },
+    )
+    .await;
+    let tls = tokio_rustls::TlsConnector::from(
+        meshlet_client::client_config_from_ca_file(&cp.ca_file()).unwrap(),
+    );
+    let stop = Arc::new(AtomicBool::new(false));
+    let closed = Arc::new(AtomicUsize::new(0));
+    let started = Instant::now();
+    // Opened in batches of 50 (each proven before the next), so they are
+    // proven rather than evicted as unproven during their handshakes.
+    let mut holders = Vec::new();
+    let mut proven = 0usize;
+    let mut peak_open = 0.0f64;
+    for _ in 0..FLOOD / 50 {
+        let mut batch = Vec::new();
+        for _ in 0..50 {
+            let (tell, told) = tokio::sync::oneshot::channel();
+            holders.push(tokio::spawn(proven_idle_connection(
+                cp.addr,
+                tls.clone(),
+                stop.clone(),
+                tell,
+                closed.clone(),
+            )));
+            batch.push(told);
+        }
+        for told in batch {
+            if told.await == Ok(true) {
+                proven += 1;
+            }
+        }
+        let scrape = cp.get("/metrics").await.text();
+        let open = metric(&scrape, "meshlet_control_plane_api_connections").unwrap_or(0.0);
+        peak_open = peak_open.max(open);
+    }
+    let flooded_in = started.elapsed();
+    // Traffic and meshctl while the connections come back every 3 s, for
+    // two TTLs.
+    let (mut ok, mut failed) = (0usize, 0usize);
+    let mut meshctl_answers = Vec::new();
+    let until = Instant::now() + 2 * TTL;
+    let mut next_meshctl = Instant::now();
+    while Instant::now() < until {
+        match client::get_uri(frontend.outbound, "http://orders/").await {
+            Ok(reply) if reply.status == 200 => ok += 1,
+            _ => failed += 1,
+        }
+        if Instant::now() >= next_meshctl {
+            let t = Instant::now();
+            let out = meshctl(&cp, &["get", "services"]).await;
+            assert!(out.success(), "meshctl get services: {out:?}");
+            meshctl_answers.push(t.elapsed());
+            next_meshctl = Instant::now() + Duration::from_secs(3);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let scrape = cp.get("/metrics").await.text();
+    stop.store(true, Ordering::Relaxed);
+    for holder in holders {
+        let _ = holder.await;
+    }
+    let after = instance_ids(&cp, &["orders", "frontend"]).await;
+    let evicted = metric(
+        &scrape,
+        "meshlet_control_plane_api_connections_evicted_total",
+    )
+    .unwrap_or(-1.0);
+    eprintln!(
+        "proven idle flood: {proven} of {FLOOD} proven in {flooded_in:?} (peak {peak_open} API \
+         connections open), {} closed by the control plane; {ok} requests ok, {failed} failed; \
+         meshctl get services answered in {meshctl_answers:?}; evicted {evicted}; \
+         instances {before:?} → {after:?}",
+        closed.load(Ordering::Relaxed)
+    );
+    assert_eq!(after, before, "no instance expired");
+    assert_eq!(failed, 0);
+    assert!(proven > 960, "the flood never reached the cap: {proven}");
+    assert!(evicted > 0.0, "nothing evicted");
+    assert!(
+        peak_open <= 1024.0 - 64.0 + 50.0,
+        "the cap held: {peak_open}"
     );
     drop((orders, frontend));
 }
@@ -244,10 +440,7 @@ fn tls_server() -> (String, tokio_rustls::TlsAcceptor) {
             PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
         )
         .unwrap();
-    (
-        ca.pem(),
-        tokio_rustls::TlsAcceptor::from(Arc::new(config)),
-    )
+    (ca.pem(), tokio_rustls::TlsAcceptor::from(Arc::new(config)))
 }
 
 /// A TLS server that reads each request whole (head and
@@ -332,7 +525,11 @@ async fn meshctl_says_a_change_was_sent_when_the_connection_drops_before_the_ans
         );
         assert!(!out.stderr.contains("cannot reach"), "{:?}", out.stderr);
     }
-    assert_eq!(requests.load(Ordering::Relaxed), 4, "each request arrived whole");
+    assert_eq!(
+        requests.load(Ordering::Relaxed),
+        4,
+        "each request arrived whole"
+    );
     // A read has no effect to worry about: it is still "cannot reach".
     let out = meshctl_with(&env, &["get", "services"]).await;
     assert_ne!(out.code, Some(0));
@@ -430,9 +627,16 @@ async fn applies_stay_whole_when_the_control_plane_is_killed_during_them() {
                 dropped_committed += 1;
             }
         } else {
+            // Killed before the request was sent whole: refused, or cut
+            // during the TLS handshake. Then it cannot have committed.
             assert!(
-                out.stderr.contains("cannot reach"),
+                out.stderr.contains("cannot reach")
+                    || out.stderr.contains("TLS with the control plane"),
                 "round {round}: unexpected meshctl failure: {out:?}"
+            );
+            assert_eq!(
+                now, held,
+                "round {round}: a request never sent whole committed: {out:?}"
             );
             unreachable += 1;
         }
@@ -467,9 +671,12 @@ async fn applies_stay_whole_when_the_control_plane_is_killed_during_them() {
     eprintln!(
         "kill during apply: {ROUNDS} rounds in {:?}: {applied} applied and reported, \
          {dropped} reported as closed before the answer ({dropped_committed} of them \
-         committed), {unreachable} unreachable; \
+         committed), {unreachable} not sent whole (refused, or cut in the TLS handshake); \
          {apply_revisions} whole revisions, none partial",
         started.elapsed()
     );
-    assert!(committed >= 1, "no round ever committed; the kill window is too early");
+    assert!(
+        committed >= 1,
+        "no round ever committed; the kill window is too early"
+    );
 }

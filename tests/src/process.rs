@@ -177,7 +177,13 @@ impl ControlPlaneProcess {
     /// flags (e.g. `["--ttl", "2s"]`), and waits for `/healthz`.
     pub async fn start(data_dir: &std::path::Path, args: &[&str]) -> ControlPlaneProcess {
         let addr = loopback(free_port());
-        Self::start_on(addr, data_dir, args.iter().map(|a| a.to_string()).collect(), None).await
+        Self::start_on(
+            addr,
+            data_dir,
+            args.iter().map(|a| a.to_string()).collect(),
+            None,
+        )
+        .await
     }
 
     /// [`ControlPlaneProcess::start`] under `ulimit -n limit` (soft and

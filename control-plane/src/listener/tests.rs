@@ -164,17 +164,51 @@ async fn past_the_cap_the_longest_idle_proven_connection_makes_room() {
         stats.clone(),
     ));
     let mut older = TcpStream::connect(addr).await.unwrap();
-    assert!(request_on(&mut older, "/x").await.starts_with("HTTP/1.1 200"));
+    assert!(request_on(&mut older, "/x")
+        .await
+        .starts_with("HTTP/1.1 200"));
     let mut newer = TcpStream::connect(addr).await.unwrap();
-    assert!(request_on(&mut newer, "/x").await.starts_with("HTTP/1.1 200"));
+    assert!(request_on(&mut newer, "/x")
+        .await
+        .starts_with("HTTP/1.1 200"));
     assert_eq!(stats.open(), 2);
     // Both proven and idle: a newcomer is served, the one idle the
     // longest is closed for it.
     let mut third = TcpStream::connect(addr).await.unwrap();
-    assert!(request_on(&mut third, "/x").await.starts_with("HTTP/1.1 200"));
+    assert!(request_on(&mut third, "/x")
+        .await
+        .starts_with("HTTP/1.1 200"));
     assert!(closed_within(&mut older, Duration::from_secs(5)).await);
     assert_eq!(stats.evicted(), 1);
-    assert!(request_on(&mut third, "/x").await.starts_with("HTTP/1.1 200"));
+    assert!(request_on(&mut third, "/x")
+        .await
+        .starts_with("HTTP/1.1 200"));
+}
+
+#[tokio::test]
+async fn at_the_cap_an_idle_connection_goes_before_a_client_still_proving_itself() {
+    let limits = Limits {
+        max_connections: 2,
+        header_timeout: Duration::from_secs(60),
+        idle_timeout: Duration::from_secs(60),
+        ..Limits::default()
+    };
+    let server = start(limits, None).await;
+    let mut idle = TcpStream::connect(server.addr).await.unwrap();
+    assert!(request_on(&mut idle, "/x")
+        .await
+        .starts_with("HTTP/1.1 200"));
+    // A client that has not sent its head yet (a TLS handshake, say).
+    let mut fresh = TcpStream::connect(server.addr).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let mut third = TcpStream::connect(server.addr).await.unwrap();
+    assert!(closed_within(&mut idle, Duration::from_secs(5)).await);
+    assert!(request_on(&mut fresh, "/x")
+        .await
+        .starts_with("HTTP/1.1 200"));
+    assert!(request_on(&mut third, "/x")
+        .await
+        .starts_with("HTTP/1.1 200"));
 }
 
 #[tokio::test]
@@ -224,9 +258,13 @@ async fn a_connection_without_a_first_request_is_closed_after_the_header_timeout
     assert!(closed_within(&mut silent, Duration::from_secs(5)).await);
     // A proven one stays past that deadline (idle limit 60 s).
     let mut proven = TcpStream::connect(server.addr).await.unwrap();
-    assert!(request_on(&mut proven, "/x").await.starts_with("HTTP/1.1 200"));
+    assert!(request_on(&mut proven, "/x")
+        .await
+        .starts_with("HTTP/1.1 200"));
     assert!(!closed_within(&mut proven, Duration::from_millis(600)).await);
-    assert!(request_on(&mut proven, "/x").await.starts_with("HTTP/1.1 200"));
+    assert!(request_on(&mut proven, "/x")
+        .await
+        .starts_with("HTTP/1.1 200"));
 }
 
 #[tokio::test]

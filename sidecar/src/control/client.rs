@@ -896,7 +896,9 @@ mod tests {
                     head.extend_from_slice(&buf[..n]);
                 }
                 let text = String::from_utf8_lossy(&head);
-                log.lock().unwrap().push(text.lines().next().unwrap().to_owned());
+                log.lock()
+                    .unwrap()
+                    .push(text.lines().next().unwrap().to_owned());
                 stream
                     .write_all(b"HTTP/1.1 200 OK\r\ncontent-type: application/x-ndjson\r\ntransfer-encoding: chunked\r\n\r\n")
                     .await
