@@ -42,9 +42,9 @@
 //! new connection while the others wait for it (no racing connects, at most
 //! [`MAX_H2_PER_ENDPOINT`] open; with all of them full, the least loaded
 //! takes the stream). The stream is counted until the response body ends
-//! ([`StreamSlot`], carried by the body). The connection task reads the
-//! peer's stream limit after every poll; a new connection starts from the
-//! limit the endpoint last announced.
+//! ([`StreamSlot`], carried by the body). The peer's stream limit is read
+//! from hyper's connection object (shared with its task) at each checkout;
+//! a new connection starts from the limit the endpoint last announced.
 //!
 //! What the pool's remote end speaks ([`Remote`]):
 //! - a mesh endpoint with an identity, while this sidecar has a workload
@@ -161,9 +161,8 @@ struct H2Conn {
     sender: http2::SendRequest<ProxyBody>,
     /// Streams open on it (counted by us, released by the response body).
     streams: InFlightCounter,
-    /// The peer's `SETTINGS_MAX_CONCURRENT_STREAMS`, kept current by the
-    /// connection task.
-    max_streams: Arc<AtomicUsize>,
+    /// The peer's current `SETTINGS_MAX_CONCURRENT_STREAMS`.
+    max_streams: StreamLimit,
     /// A request on it was refused by GOAWAY: no new streams.
     going_away: AtomicBool,
 }
@@ -174,7 +173,7 @@ impl H2Conn {
     }
 
     fn has_room(&self) -> bool {
-        self.streams.get() < self.max_streams.load(Ordering::Relaxed)
+        self.streams.get() < (self.max_streams)()
     }
 }
 
@@ -382,7 +381,10 @@ impl ConnPool {
     /// HTTP/1.1 on a pooled keep-alive connection (or a new one). A pooled
     /// connection that was closed before it answered: once more on a new
     /// connection, if the request came back or can be replayed.
-    async fn send_h1(self: &Arc<Self>, mut request: Request<ProxyBody>) -> Result<Answer, SendError> {
+    async fn send_h1(
+        self: &Arc<Self>,
+        mut request: Request<ProxyBody>,
+    ) -> Result<Answer, SendError> {
         *request.version_mut() = Version::HTTP_11;
         let mut resent = false;
         loop {
@@ -554,17 +556,16 @@ impl ConnPool {
         builder
             .timer(TokioTimer::new())
             .initial_max_send_streams(initial);
-        let max_streams = Arc::new(AtomicUsize::new(initial));
-        let watch = (Arc::clone(&max_streams), Arc::clone(&set.learned_max));
-        let sender = match kind {
+        let learned = Arc::clone(&set.learned_max);
+        let (sender, max_streams) = match kind {
             H2Kind::Plain => {
                 let (sender, conn) = builder
                     .handshake(TokioIo::new(stream))
                     .await
                     .map_err(io::Error::other)?;
                 self.metrics.opened_h2c.inc();
-                spawn_h2(self.addr, conn, |c| c.current_max_send_streams(), watch);
-                sender
+                let limit = spawn_h2(self.addr, conn, |c| c.current_max_send_streams(), learned);
+                (sender, limit)
             }
             H2Kind::Mtls { local, identity } => {
                 let stream = tls::connect(
@@ -581,8 +582,8 @@ impl ConnPool {
                     .await
                     .map_err(|e| io::Error::other(TlsFailure::Handshake(e.to_string())))?;
                 self.metrics.opened_mtls.inc();
-                spawn_h2(self.addr, conn, |c| c.current_max_send_streams(), watch);
-                sender
+                let limit = spawn_h2(self.addr, conn, |c| c.current_max_send_streams(), learned);
+                (sender, limit)
             }
         };
         Ok(H2Conn {
@@ -727,23 +728,39 @@ impl ConnPool {
     }
 }
 
-/// Runs an HTTP/2 connection's task; after every poll, the peer's current
-/// stream limit (`max_of`) is stored on the connection and the endpoint.
+/// Reads an HTTP/2 connection's current peer stream limit.
+type StreamLimit = Box<dyn Fn() -> usize + Send + Sync>;
+
+/// Runs an HTTP/2 connection's task and returns the reader of the peer's
+/// current stream limit (`max_of`; hyper's connection object answers it
+/// from h2's shared state, which the SETTINGS frames update). The reader
+/// also remembers it as the endpoint's `learned` limit; while the task is
+/// polling, it answers the last value read.
 fn spawn_h2<C>(
     addr: SocketAddr,
     conn: C,
     max_of: fn(&C) -> usize,
-    (max_streams, learned_max): (Arc<AtomicUsize>, Arc<AtomicUsize>),
-) where
+    learned: Arc<AtomicUsize>,
+) -> StreamLimit
+where
     C: Future<Output = hyper::Result<()>> + Send + 'static,
 {
+    let cached = Arc::new(AtomicUsize::new(learned.load(Ordering::Relaxed)));
+    // The connection object is dropped as soon as it has ended: it holds
+    // hyper's request queue, whose drop hands back requests still queued
+    // and makes the senders report the connection closed.
+    let conn = Arc::new(Mutex::new(Some(Box::pin(conn))));
+    let (task_conn, task_cached) = (Arc::clone(&conn), Arc::clone(&cached));
     tokio::spawn(async move {
-        let mut conn = std::pin::pin!(conn);
         let ended = std::future::poll_fn(|cx| {
+            let mut slot = task_conn.lock().unwrap_or_else(|p| p.into_inner());
+            let Some(conn) = slot.as_mut() else {
+                return std::task::Poll::Ready(Ok(()));
+            };
             let polled = conn.as_mut().poll(cx);
-            let max = max_of(&conn);
-            if max_streams.swap(max, Ordering::Relaxed) != max {
-                learned_max.store(max, Ordering::Relaxed);
+            task_cached.store(max_of(conn), Ordering::Relaxed);
+            if polled.is_ready() {
+                *slot = None;
             }
             polled
         })
@@ -752,6 +769,18 @@ fn spawn_h2<C>(
             tracing::debug!(%addr, error = %err, "upstream h2 connection ended with an error");
         }
     });
+    Box::new(move || match conn.try_lock() {
+        Ok(slot) => match slot.as_ref() {
+            Some(conn) => {
+                let max = max_of(conn);
+                cached.store(max, Ordering::Relaxed);
+                learned.store(max, Ordering::Relaxed);
+                max
+            }
+            None => 0,
+        },
+        Err(_) => cached.load(Ordering::Relaxed),
+    })
 }
 
 /// A copy of `request` to send again if the first attempt is refused
@@ -777,7 +806,9 @@ fn h2_refusal(error: &hyper::Error, handed_back: bool) -> Option<Refusal> {
     let h2 = std::error::Error::source(error).and_then(|e| e.downcast_ref::<h2::Error>());
     match h2 {
         Some(e) if e.is_go_away() && e.is_remote() => Some(Refusal::GoAway),
-        Some(e) if e.is_reset() && e.is_remote() && e.reason() == Some(h2::Reason::REFUSED_STREAM) => {
+        Some(e)
+            if e.is_reset() && e.is_remote() && e.reason() == Some(h2::Reason::REFUSED_STREAM) =>
+        {
             Some(Refusal::RefusedStream)
         }
         _ if handed_back => Some(Refusal::ConnectionClosed),
@@ -907,6 +938,10 @@ pub fn to_http1<B>(request: &mut Request<B>) {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::atomic::AtomicUsize;
+
+    use hyper_util::rt::TokioIo;
+
     use super::*;
     use crate::testing::{get, refusing_addr, text, AfterResponse, Upstream};
 
@@ -980,5 +1015,326 @@ mod tests {
             }
             other => panic!("expected a connect error, got {other:?}"),
         }
+    }
+
+    /// An HTTP/2 request for `path` on `addr` (scheme and authority, as
+    /// `proxy` sets them).
+    fn h2_get(addr: SocketAddr, path: &str) -> Request<ProxyBody> {
+        let mut request = get(&format!("http://{addr}{path}"));
+        *request.version_mut() = Version::HTTP_2;
+        request
+    }
+
+    /// Counts of what an in-process upstream saw.
+    #[derive(Default)]
+    struct Seen {
+        connections: AtomicUsize,
+        requests: AtomicUsize,
+    }
+
+    /// An h2c upstream (the h2 crate's server) that answers every stream
+    /// `200 ok` and, after `goaway_after` streams on a connection, shuts
+    /// that connection down with GOAWAY (as nginx does after
+    /// `keepalive_requests`): streams the client opens after it are
+    /// refused unprocessed.
+    async fn goaway_upstream(goaway_after: usize) -> (SocketAddr, Arc<Seen>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let seen = Arc::new(Seen::default());
+        let counts = Arc::clone(&seen);
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                counts.connections.fetch_add(1, Ordering::SeqCst);
+                let counts = Arc::clone(&counts);
+                tokio::spawn(async move {
+                    let Ok(mut conn) = h2::server::handshake(stream).await else {
+                        return;
+                    };
+                    let mut served = 0;
+                    while let Some(Ok((_request, mut respond))) = conn.accept().await {
+                        counts.requests.fetch_add(1, Ordering::SeqCst);
+                        served += 1;
+                        if let Ok(mut body) = respond.send_response(Response::new(()), false) {
+                            let _ = body.send_data(bytes::Bytes::from_static(b"ok"), true);
+                        }
+                        if served == goaway_after {
+                            conn.graceful_shutdown();
+                        }
+                    }
+                });
+            }
+        });
+        (addr, seen)
+    }
+
+    /// An h2c upstream (hyper's server) allowing `max_streams` concurrent
+    /// streams: `/stall` answers when `release` is notified, anything else
+    /// at once.
+    async fn stalling_upstream(
+        max_streams: u32,
+        release: Arc<tokio::sync::Notify>,
+    ) -> (SocketAddr, Arc<Seen>) {
+        use hyper::server::conn::http2 as server;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let seen = Arc::new(Seen::default());
+        let counts = Arc::clone(&seen);
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                counts.connections.fetch_add(1, Ordering::SeqCst);
+                let (counts, release) = (Arc::clone(&counts), Arc::clone(&release));
+                let service = hyper::service::service_fn(move |request: Request<Incoming>| {
+                    counts.requests.fetch_add(1, Ordering::SeqCst);
+                    let release = Arc::clone(&release);
+                    async move {
+                        if request.uri().path() == "/stall" {
+                            release.notified().await;
+                        }
+                        Ok::<_, std::convert::Infallible>(Response::new("ok".to_owned()))
+                    }
+                });
+                tokio::spawn(
+                    server::Builder::new(TokioExecutor::new())
+                        .max_concurrent_streams(max_streams)
+                        .serve_connection(TokioIo::new(stream), service),
+                );
+            }
+        });
+        (addr, seen)
+    }
+
+    /// Waits (up to 5 s) until `check` holds.
+    async fn eventually(what: &str, check: impl Fn() -> bool) {
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
+        while !check() {
+            assert!(tokio::time::Instant::now() < deadline, "timed out: {what}");
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn streams_refused_by_goaway_are_sent_again_and_none_is_lost_or_doubled() {
+        let (addr, seen) = goaway_upstream(5).await;
+        let pool = pool(addr);
+        // Four callers, ten requests each, one after the other: requests
+        // keep arriving while connections go away.
+        let callers: Vec<_> = (0..4)
+            .map(|_| {
+                let pool = Arc::clone(&pool);
+                tokio::spawn(async move {
+                    for _ in 0..10 {
+                        assert_eq!(send_ok(&pool, h2_get(addr, "/")).await, "ok");
+                    }
+                })
+            })
+            .collect();
+        for caller in callers {
+            caller.await.unwrap();
+        }
+        assert_eq!(
+            seen.requests.load(Ordering::SeqCst),
+            40,
+            "each processed once"
+        );
+        let opened = seen.connections.load(Ordering::SeqCst);
+        assert_eq!(pool.metrics.opened_h2c.get() as usize, opened);
+        // Streams that reached a connection before its final GOAWAY are
+        // served there, so a connection may serve more than 5.
+        assert!(
+            (2..=20).contains(&opened),
+            "{opened} connections for 40 requests"
+        );
+    }
+
+    #[tokio::test]
+    async fn concurrent_first_requests_share_one_connect() {
+        let release = Arc::new(tokio::sync::Notify::new());
+        let (addr, seen) = stalling_upstream(100, release).await;
+        let pool = pool(addr);
+        let concurrent: Vec<_> = (0..50)
+            .map(|_| {
+                let pool = Arc::clone(&pool);
+                tokio::spawn(async move { send_ok(&pool, h2_get(addr, "/")).await })
+            })
+            .collect();
+        for task in concurrent {
+            assert_eq!(task.await.unwrap(), "ok");
+        }
+        assert_eq!(
+            seen.connections.load(Ordering::SeqCst),
+            1,
+            "one connect, shared"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_connection_at_the_peers_stream_limit_gets_a_sibling_instead_of_a_queue() {
+        let release = Arc::new(tokio::sync::Notify::new());
+        let (addr, seen) = stalling_upstream(2, Arc::clone(&release)).await;
+        let pool = pool(addr);
+        let stalled: Vec<_> = (0..2)
+            .map(|_| {
+                let pool = Arc::clone(&pool);
+                tokio::spawn(async move { send_ok(&pool, h2_get(addr, "/stall")).await })
+            })
+            .collect();
+        eventually("both stalled streams reached the upstream", || {
+            seen.requests.load(Ordering::SeqCst) == 2
+        })
+        .await;
+        // The first connection is full (2 of 2): this one must not queue
+        // behind the stalled streams.
+        let fast = tokio::time::timeout(
+            std::time::Duration::from_secs(5),
+            send_ok(&pool, h2_get(addr, "/fast")),
+        )
+        .await
+        .expect("answered while the first connection is full");
+        assert_eq!(fast, "ok");
+        assert_eq!(seen.connections.load(Ordering::SeqCst), 2);
+        assert_eq!(pool.h2_connections(), 2);
+        release.notify_waiters();
+        for task in stalled {
+            assert_eq!(task.await.unwrap(), "ok");
+        }
+    }
+
+    #[tokio::test]
+    async fn streams_refused_beyond_the_peers_limit_are_sent_again() {
+        // The first burst goes out before the peer's SETTINGS (limit 1)
+        // arrive: the upstream refuses the excess with REFUSED_STREAM.
+        let release = Arc::new(tokio::sync::Notify::new());
+        let (addr, seen) = stalling_upstream(1, release).await;
+        let pool = pool(addr);
+        let burst: Vec<_> = (0..6)
+            .map(|_| {
+                let pool = Arc::clone(&pool);
+                tokio::spawn(async move { send_ok(&pool, h2_get(addr, "/")).await })
+            })
+            .collect();
+        for task in burst {
+            assert_eq!(task.await.unwrap(), "ok");
+        }
+        assert_eq!(
+            seen.requests.load(Ordering::SeqCst),
+            6,
+            "each processed once"
+        );
+        eprintln!(
+            "refused_stream resends: {}, goaway: {}, connection_closed: {}",
+            pool.metrics.resent_refused_stream.get(),
+            pool.metrics.resent_goaway.get(),
+            pool.metrics.resent_connection_closed.get()
+        );
+    }
+
+    #[tokio::test]
+    async fn one_client_at_its_stream_allowance_waits_while_another_is_answered() {
+        let release = Arc::new(tokio::sync::Notify::new());
+        let (addr, seen) = stalling_upstream(100, Arc::clone(&release)).await;
+        let pool = pool(addr);
+        let (greedy, other) = (ClientStreams::new(2), ClientStreams::new(2));
+        let from = |client: &ClientStreams, path: &str| {
+            let mut request = h2_get(addr, path);
+            request.extensions_mut().insert(client.clone());
+            request
+        };
+        let stalled: Vec<_> = (0..3)
+            .map(|_| {
+                let (pool, request) = (Arc::clone(&pool), from(&greedy, "/stall"));
+                tokio::spawn(async move { send_ok(&pool, request).await })
+            })
+            .collect();
+        eventually("two stalled streams reached the upstream", || {
+            seen.requests.load(Ordering::SeqCst) == 2
+        })
+        .await;
+        assert_eq!(greedy.available(), 0);
+        let answered = tokio::time::timeout(
+            std::time::Duration::from_secs(5),
+            send_ok(&pool, from(&other, "/fast")),
+        )
+        .await
+        .expect("the other client is not blocked");
+        assert_eq!(answered, "ok");
+        assert_eq!(
+            seen.requests.load(Ordering::SeqCst),
+            3,
+            "the greedy client's third request is still waiting for its allowance"
+        );
+        assert_eq!(seen.connections.load(Ordering::SeqCst), 1);
+        // Released: the third gets one of its client's streams.
+        release.notify_waiters();
+        eventually("the third stalled request reached the upstream", || {
+            seen.requests.load(Ordering::SeqCst) == 4
+        })
+        .await;
+        release.notify_waiters();
+        for task in stalled {
+            assert_eq!(task.await.unwrap(), "ok");
+        }
+        assert_eq!(greedy.available(), 2, "every stream given back");
+    }
+
+    /// An HTTP/1.1 upstream that answers the first request of each
+    /// connection (keep-alive) and closes the connection on reading the
+    /// second request's head, answering nothing.
+    async fn closes_on_second_request() -> (SocketAddr, Arc<Seen>) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let seen = Arc::new(Seen::default());
+        let counts = Arc::clone(&seen);
+        tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                counts.connections.fetch_add(1, Ordering::SeqCst);
+                let counts = Arc::clone(&counts);
+                tokio::spawn(async move {
+                    let mut head = Vec::new();
+                    let mut buf = [0u8; 1024];
+                    for answered in 0.. {
+                        while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                            match stream.read(&mut buf).await {
+                                Ok(0) | Err(_) => return,
+                                Ok(n) => head.extend_from_slice(&buf[..n]),
+                            }
+                        }
+                        head.clear();
+                        counts.requests.fetch_add(1, Ordering::SeqCst);
+                        if answered == 1 {
+                            return;
+                        }
+                        let reply = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+                        if stream.write_all(reply).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        (addr, seen)
+    }
+
+    #[tokio::test]
+    async fn a_pooled_connection_closed_before_answering_sends_a_get_again_once() {
+        let (addr, seen) = closes_on_second_request().await;
+        let pool = pool(addr);
+        for _ in 0..3 {
+            assert_eq!(send_ok(&pool, get("/")).await, "ok");
+        }
+        // 1st: new connection; 2nd: pooled, closed unanswered → again on
+        // a new one; 3rd: the same.
+        assert_eq!(pool.metrics.resent_connection_closed.get(), 2);
+        assert_eq!(seen.connections.load(Ordering::SeqCst), 3);
+        assert_eq!(pool.metrics.opened_http1.get(), 3);
+    }
+
+    #[test]
+    fn only_a_body_known_in_full_is_replayed() {
+        assert!(replay_copy(&get("/")).is_some(), "empty");
+        let full = Request::post("/").body(ProxyBody::full("abc")).unwrap();
+        let copy = replay_copy(&full).expect("buffered");
+        assert_eq!(copy.method(), "POST");
+        assert_eq!(http_body::Body::size_hint(copy.body()).exact(), Some(3));
     }
 }
