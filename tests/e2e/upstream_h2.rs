@@ -208,10 +208,7 @@ async fn h2load(url: &str, requests: u32, extra: &[&str]) -> H2load {
             .lines()
             .find(|l| l.starts_with(line_start))
             .unwrap_or_else(|| panic!("no `{line_start}` in h2load's output:\n{text}"));
-        let words: Vec<&str> = line
-            .split(|c: char| c == ' ' || c == ',')
-            .filter(|w| !w.is_empty())
-            .collect();
+        let words: Vec<&str> = line.split([' ', ',']).filter(|w| !w.is_empty()).collect();
         words
             .windows(2)
             .find(|w| w[1] == word)
