@@ -30,6 +30,11 @@ command -v python3 >/dev/null || need_apt+=(python3 python3-venv)
 command -v ip >/dev/null || need_apt+=(iproute2)
 command -v iptables >/dev/null || need_apt+=(iptables)
 command -v setpriv >/dev/null || need_apt+=(util-linux)
+# tests/e2e/upstream_h2.rs: nginx as the upstream (h2c and HTTP/1.1),
+# h2load (nghttp2-client) and wrk as the load.
+command -v nginx >/dev/null || [[ -x /usr/sbin/nginx ]] || need_apt+=(nginx)
+command -v h2load >/dev/null || need_apt+=(nghttp2-client)
+command -v wrk >/dev/null || need_apt+=(wrk)
 if ((${#need_apt[@]})); then
     step "installing ${need_apt[*]}"
     export DEBIAN_FRONTEND=noninteractive

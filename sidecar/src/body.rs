@@ -6,7 +6,8 @@
 //! responses), or empty. It can carry guards that live exactly as long as
 //! the body is streaming, released when the last frame has passed (or the
 //! body is dropped), not when the response headers arrive: the load
-//! balancer's in-flight count for the endpoint, the client connection's
+//! balancer's in-flight count for the endpoint, the upstream HTTP/2
+//! stream it rides on (`StreamSlot`), the client connection's
 //! count of unanswered requests (see `framing`), a circuit breaker's
 //! concurrency slot, and the request's [`RequestRecord`] (whose release
 //! counts the request as complete, see `observe`). A body can also count
@@ -30,7 +31,7 @@ use tokio::time::{Instant, Sleep};
 
 use crate::listen::framing::RequestGuard;
 use crate::telemetry::observe::{CarriesRecord, RequestRecord};
-use crate::upstream::in_flight::InFlight;
+use crate::upstream::in_flight::{InFlight, StreamSlot};
 
 #[derive(Debug)]
 pub struct ProxyBody {
@@ -47,6 +48,9 @@ pub struct ProxyBody {
 struct Guards {
     /// The upstream endpoint's outstanding request.
     in_flight: Option<InFlight>,
+    /// The stream on a shared upstream HTTP/2 connection (its count, the
+    /// downstream connection's permit).
+    stream: Option<StreamSlot>,
     /// The client connection's unanswered request.
     request: Option<RequestGuard>,
     /// A circuit breaker's concurrency slot for the target.
@@ -129,6 +133,36 @@ impl ProxyBody {
     pub fn with_guard(mut self, guard: InFlight) -> Self {
         self.guards.in_flight = Some(guard);
         self
+    }
+
+    /// Holds a stream of a shared upstream HTTP/2 connection until the
+    /// body has been fully sent or dropped.
+    pub fn with_stream(mut self, stream: Option<StreamSlot>) -> Self {
+        if stream.is_some() {
+            self.guards.stream = stream;
+        }
+        self
+    }
+
+    /// A copy of this (request) body for sending the request again, when
+    /// every byte of it is known: empty, a streamed body already at its
+    /// end, or one the mesh holds in full (a retry's buffered body). `None`
+    /// for a streamed body with data still to come. The copy counts its
+    /// bytes and strips trailers like the original; it carries no guards.
+    pub fn replay_copy(&self) -> Option<ProxyBody> {
+        let kind = match &self.kind {
+            Kind::Empty => Kind::Empty,
+            Kind::Full(Some(bytes)) => Kind::Full(Some(bytes.clone())),
+            Kind::Full(None) => return None,
+            Kind::Streamed(body, _) if body.is_end_stream() => Kind::Empty,
+            Kind::Streamed(..) => return None,
+        };
+        Some(ProxyBody {
+            kind,
+            bytes: self.bytes.clone(),
+            strip_trailers: self.strip_trailers,
+            guards: Guards::default(),
+        })
     }
 
     /// Holds a concurrency slot until the body has been fully sent.

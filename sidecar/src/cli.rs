@@ -140,6 +140,11 @@ pub struct Args {
     /// A body (either direction) that brings no data this long is failed (0s = never).
     #[arg(long, env = "MESHLET_STREAM_IDLE_TIMEOUT", default_value = "5m", value_parser = parse_duration)]
     pub stream_idle_timeout: Duration,
+    /// Streams one client connection may hold at once on shared upstream
+    /// HTTP/2 connections; beyond it its requests wait (within their own
+    /// timeouts) and other clients are unaffected.
+    #[arg(long, env = "MESHLET_UPSTREAM_STREAMS_PER_CLIENT", default_value_t = 100, value_parser = parse_positive)]
+    pub upstream_streams_per_client: usize,
     /// On SIGTERM/SIGINT, how long in-flight requests may take to finish.
     #[arg(long, env = "MESHLET_DRAIN_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
     pub drain_timeout: Duration,
@@ -175,6 +180,15 @@ pub struct Args {
 pub enum Switch {
     On,
     Off,
+}
+
+/// A count of at least one.
+fn parse_positive(text: &str) -> Result<usize, String> {
+    match text.parse::<usize>() {
+        Ok(0) => Err("must be at least 1".to_owned()),
+        Ok(n) => Ok(n),
+        Err(e) => Err(e.to_string()),
+    }
 }
 
 fn parse_duration(text: &str) -> Result<Duration, String> {
@@ -391,6 +405,7 @@ impl Args {
             max_header_bytes: self.max_header_bytes,
             idle_timeout: self.idle_timeout,
             stream_idle_timeout: nonzero(self.stream_idle_timeout),
+            upstream_streams_per_client: self.upstream_streams_per_client,
         }
     }
 }

@@ -123,6 +123,10 @@ pub struct Limits {
     /// failed (the connection is reset); `None` waits forever.
     #[serde(with = "humantime_serde_compat::option")]
     pub stream_idle_timeout: Option<Duration>,
+    // upstream (issue 16)
+    /// Streams one downstream connection may hold at once on shared
+    /// upstream HTTP/2 connections; beyond it its requests wait.
+    pub upstream_streams_per_client: usize,
 }
 
 impl Default for Limits {
@@ -135,6 +139,7 @@ impl Default for Limits {
             max_header_bytes: 64 * 1024,
             idle_timeout: Duration::from_secs(90),
             stream_idle_timeout: Some(Duration::from_secs(300)),
+            upstream_streams_per_client: 100,
         }
     }
 }

@@ -120,15 +120,16 @@ impl Build<'_> {
     fn pool(&self, spec: &EndpointEntry, peer: Option<Arc<SpiffeId>>) -> Arc<ConnPool> {
         let limits = Arc::clone(self.limits);
         match (self.identity, peer) {
-            (Some(local), Some(identity)) => ConnPool::with_remote(
+            (Some(local), Some(identity)) => ConnPool::counted(
                 spec.address,
                 limits,
                 Remote::Mesh {
                     local: Arc::clone(local),
                     identity,
                 },
+                self.metrics.pool(),
             ),
-            _ => ConnPool::new(spec.address, limits),
+            _ => ConnPool::counted(spec.address, limits, Remote::Plain, self.metrics.pool()),
         }
     }
 

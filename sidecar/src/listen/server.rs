@@ -55,6 +55,7 @@ use crate::listen::transparent::Interception;
 use crate::listen::tunnel;
 use crate::settings::Limits;
 use crate::telemetry::metrics::ListenerMetrics;
+use crate::upstream::in_flight::ClientStreams;
 
 /// What a listener does with each request.
 pub trait Handler: Clone + Send + Sync + 'static {
@@ -305,7 +306,14 @@ impl<H: Handler> Shared<H> {
         let handler = self.handler.clone();
         let in_flight = Arc::new(InFlightRequests::default());
         let requests = Arc::clone(&in_flight);
-        let service = service_fn(move |request| {
+        // An HTTP/2 client's allowance of streams on shared upstream HTTP/2
+        // connections, in each of its requests (an HTTP/1.1 client has one
+        // request at a time).
+        let streams = http2.then(|| ClientStreams::new(self.limits.upstream_streams_per_client));
+        let service = service_fn(move |mut request: Request<Incoming>| {
+            if let Some(streams) = &streams {
+                request.extensions_mut().insert(streams.clone());
+            }
             let (handler, client) = (handler.clone(), client.clone());
             let answered = requests.start();
             let span = request_span(&request);

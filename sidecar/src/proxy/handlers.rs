@@ -88,7 +88,12 @@ pub fn app_target(
         metrics.service().to_owned(),
         RouteTable::default(),
     );
-    let pool = ConnPool::with_remote(addr, Arc::clone(limits), Remote::App(protocol));
+    let pool = ConnPool::counted(
+        addr,
+        Arc::clone(limits),
+        Remote::App(protocol),
+        metrics.pool(),
+    );
     ServiceTarget::single_pool(metrics.service().to_owned(), pool, target_metrics)
 }
 

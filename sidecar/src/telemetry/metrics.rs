@@ -80,6 +80,68 @@ pub struct TargetMetrics {
     pub timeouts: IntCounter,
     /// `upstream_connect_errors_total`: connections refused or timed out.
     pub connect_errors: IntCounter,
+    /// The counters of this target's connection pools.
+    pub pool: PoolMetrics,
+}
+
+// --- upstream (issue 16): the connection pools' re-sends and opens ---
+
+/// What the upstream connection pools count: requests sent again after
+/// the upstream refused them unprocessed, and connections opened.
+#[derive(Debug, Clone)]
+pub struct PoolMetrics {
+    /// `meshlet_upstream_resends_total{reason="goaway"}`: HTTP/2 streams
+    /// above a GOAWAY's last stream id (or opened after it).
+    pub resent_goaway: IntCounter,
+    /// `...{reason="refused_stream"}`: HTTP/2 streams reset with `REFUSED_STREAM`.
+    pub resent_refused_stream: IntCounter,
+    /// `...{reason="connection_closed"}`: the connection closed before the
+    /// request was processed (HTTP/1.1: pooled keep-alive connection closed
+    /// before any response byte; HTTP/2: closed before the stream opened).
+    pub resent_connection_closed: IntCounter,
+    /// `meshlet_upstream_connections_opened_total{protocol="http1"}`.
+    pub opened_http1: IntCounter,
+    /// `...{protocol="h2c"}`.
+    pub opened_h2c: IntCounter,
+    /// `...{protocol="mtls"}`.
+    pub opened_mtls: IntCounter,
+}
+
+impl PoolMetrics {
+    fn register(r: &Register<'_>) -> Self {
+        let resends = r.counter_vec(
+            "meshlet_upstream_resends_total",
+            "Requests sent again on another upstream connection because the upstream refused them unprocessed (not RetryPolicy retries), by reason",
+            &["reason"],
+        );
+        let opened = r.counter_vec(
+            "meshlet_upstream_connections_opened_total",
+            "Upstream connections opened by the sidecar's pools, by protocol",
+            &["protocol"],
+        );
+        PoolMetrics {
+            resent_goaway: resends.with_label_values(&["goaway"]),
+            resent_refused_stream: resends.with_label_values(&["refused_stream"]),
+            resent_connection_closed: resends.with_label_values(&["connection_closed"]),
+            opened_http1: opened.with_label_values(&["http1"]),
+            opened_h2c: opened.with_label_values(&["h2c"]),
+            opened_mtls: opened.with_label_values(&["mtls"]),
+        }
+    }
+
+    /// Counters registered nowhere (pools made by tests).
+    #[cfg(test)]
+    pub fn detached() -> Self {
+        let counter = |name: &str| IntCounter::new(name, "detached").expect("valid metric");
+        PoolMetrics {
+            resent_goaway: counter("resent_goaway"),
+            resent_refused_stream: counter("resent_refused_stream"),
+            resent_connection_closed: counter("resent_connection_closed"),
+            opened_http1: counter("opened_http1"),
+            opened_h2c: counter("opened_h2c"),
+            opened_mtls: counter("opened_mtls"),
+        }
+    }
 }
 
 /// One breaker's state at scrape time, for `circuit_breaker_state`.
@@ -105,6 +167,7 @@ pub struct Metrics {
     export: ExportFamilies,
     tcp: TcpFamilies,
     identity: IdentityMetrics,
+    pool: PoolMetrics,
 }
 
 /// The workload certificate (`identity`): its expiry, renewals and
@@ -367,6 +430,7 @@ impl Metrics {
             export: ExportFamilies::register(&register),
             tcp: TcpFamilies::register(&register),
             identity: IdentityMetrics::register(&register),
+            pool: PoolMetrics::register(&register),
             registry,
         }
     }
@@ -454,9 +518,15 @@ impl Metrics {
         TargetMetrics {
             timeouts: self.request_path.timeouts.with_label_values(&labels),
             connect_errors: self.request_path.connect_errors.with_label_values(&labels),
+            pool: self.pool(),
             destination,
             routes,
         }
+    }
+
+    /// The connection pools' counters.
+    pub fn pool(&self) -> PoolMetrics {
+        self.pool.clone()
     }
 
     /// `rate_limited_total` of one `RateLimitPolicy` of the own service.

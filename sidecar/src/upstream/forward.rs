@@ -12,7 +12,12 @@
 //! ```
 //!
 //! Retrying a refused connection on another endpoint is always safe (the
-//! pool hands the unsent request back) and happens without a policy.
+//! pool hands the unsent request back) and happens without a policy; so
+//! is the pool's one re-send of work the upstream refused unprocessed
+//! (GOAWAY, `REFUSED_STREAM`, a pooled connection closed before answering),
+//! which `forward` never sees and the retry budget never pays for. The
+//! downstream connection's stream allowance (`ClientStreams`, in the
+//! request's extensions) is put back on every try's request.
 //! Each connect failure, try that timed out and policy retry is counted on
 //! the handles resolved at snapshot build (the target's `TargetMetrics`,
 //! the `RetryPolicy`'s counter).
@@ -38,7 +43,8 @@ use crate::policy::retry::{NotReplayable, RetryPolicy};
 use crate::settings::Limits;
 use crate::telemetry::trail::Trail;
 use crate::upstream::balance::{Endpoint, Tried};
-use crate::upstream::pool::SendError;
+use crate::upstream::in_flight::{ClientStreams, StreamSlot};
+use crate::upstream::pool::{Answer, SendError};
 use crate::upstream::target::ServiceTarget;
 
 /// Endpoints tried for one request before giving up on connect failures.
@@ -65,6 +71,7 @@ pub async fn forward(
     let send = Send {
         target,
         policies,
+        client: request.extensions().get::<ClientStreams>().cloned(),
         idle_timeout: timeouts.and_then(|t| t.idle).or(limits.stream_idle_timeout),
         deadline,
     };
@@ -79,6 +86,9 @@ pub async fn forward(
 struct Send<'a> {
     target: &'a ServiceTarget,
     policies: RoutePolicies<'a>,
+    /// The downstream connection's stream allowance (from the request's
+    /// extensions; a retry's copy of the request gets it back).
+    client: Option<ClientStreams>,
     idle_timeout: Option<Duration>,
     /// The overall deadline for response headers and its duration.
     deadline: Option<(Instant, Duration)>,
@@ -146,6 +156,11 @@ impl Send<'_> {
         deadline: Option<(Instant, Duration)>,
         trail: &mut Trail,
     ) -> Result<Response<ProxyBody>, ProxyError> {
+        if let Some(client) = &self.client {
+            if request.extensions().get::<ClientStreams>().is_none() {
+                request.extensions_mut().insert(client.clone());
+            }
+        }
         let subset = self.pick_subset();
         let mut tried = Tried::default();
         let mut last_refusal = None;
@@ -158,15 +173,17 @@ impl Send<'_> {
             // Phase 3: send, within the try's deadline.
             let in_flight = endpoint.start_request();
             let sent = match deadline {
-                Some((at, _)) => tokio::time::timeout_at(at, endpoint.pool.send(request)).await,
-                None => Ok(endpoint.pool.send(request).await),
+                Some((at, _)) => tokio::time::timeout_at(at, endpoint.pool.dispatch(request)).await,
+                None => Ok(endpoint.pool.dispatch(request).await),
             };
             match self.record(sent, endpoint, permit, deadline) {
-                Sent::Answered(response) => {
+                Sent::Answered(response, stream) => {
                     let idle = self.idle_timeout;
-                    return Ok(
-                        response.map(|body| ProxyBody::streamed(body, idle).with_guard(in_flight))
-                    );
+                    return Ok(response.map(|body| {
+                        ProxyBody::streamed(body, idle)
+                            .with_guard(in_flight)
+                            .with_stream(stream)
+                    }));
                 }
                 Sent::Failed(error) => return Err(error),
                 Sent::Refused { error, unsent } => {
@@ -226,7 +243,7 @@ impl Send<'_> {
     /// target's counters, and what it means for the request.
     fn record(
         &self,
-        sent: Result<Result<Response<Incoming>, SendError>, Elapsed>,
+        sent: Result<Result<Answer, SendError>, Elapsed>,
         endpoint: &Endpoint,
         permit: Option<BreakerPermit>,
         deadline: Option<(Instant, Duration)>,
@@ -238,9 +255,9 @@ impl Send<'_> {
             }
         };
         match sent {
-            Ok(Ok(response)) => {
+            Ok(Ok((response, stream))) => {
                 record(Outcome::Status(response.status()));
-                Sent::Answered(response)
+                Sent::Answered(response, stream)
             }
             Ok(Err(SendError::Connect { source, .. }))
                 if matches!(
@@ -333,7 +350,8 @@ enum Admission<'t> {
 
 /// Phase 4's answer.
 enum Sent {
-    Answered(Response<Incoming>),
+    /// A response, and the upstream HTTP/2 stream it holds (if any).
+    Answered(Response<Incoming>, Option<StreamSlot>),
     Failed(ProxyError),
     /// The connection was refused; the request comes back unsent.
     Refused {

@@ -1,10 +1,24 @@
-//! An endpoint's count of outstanding requests and the guard that holds
-//! one of them. A leaf: the balancer reads the count, the response body
-//! (`body`) carries the guard until its last byte, so neither needs the
-//! other's module.
+//! Counts of outstanding work and the guards that hold one unit of it. A
+//! leaf: the balancer and the pool read the counts, the response body
+//! (`body`) carries the guards until its last byte, and the listener
+//! (`listen::server`) makes each downstream connection's allowance, so none
+//! of them needs another's module.
+//!
+//! - [`InFlightCounter`] / [`InFlight`]: an endpoint's outstanding
+//!   requests (the balancer's load), and the streams open on one upstream
+//!   HTTP/2 connection (the pool's, to open another connection when the
+//!   peer's `MAX_CONCURRENT_STREAMS` is reached).
+//! - [`ClientStreams`]: one downstream connection's allowance of streams on
+//!   shared upstream HTTP/2 connections (`--upstream-streams-per-client`),
+//!   put in each of its requests' extensions by the listener; the pool
+//!   takes a permit before it opens a stream.
+//! - [`StreamSlot`]: one such stream (the connection's count and the
+//!   client's permit), held by the response body.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
+
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 /// How many requests an endpoint has outstanding (an atomic, no lock).
 #[derive(Debug, Default)]
@@ -29,6 +43,64 @@ pub struct InFlight(Arc<AtomicUsize>);
 impl Drop for InFlight {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// One stream on a shared upstream HTTP/2 connection: counted on the
+/// connection and, for a downstream connection with an allowance, holding
+/// one of its permits. Carried by the response body until its last byte.
+#[derive(Debug)]
+pub struct StreamSlot {
+    _stream: InFlight,
+    _client: Option<OwnedSemaphorePermit>,
+}
+
+impl StreamSlot {
+    pub fn new(stream: InFlight, client: Option<OwnedSemaphorePermit>) -> Self {
+        StreamSlot {
+            _stream: stream,
+            _client: client,
+        }
+    }
+}
+
+/// Numbers downstream connections (for logs and tests).
+static CLIENT_IDS: AtomicU64 = AtomicU64::new(1);
+
+/// A downstream connection's id and its allowance of streams on shared
+/// upstream HTTP/2 connections: beyond it, its requests wait for one of
+/// its own streams to end; other connections are unaffected. Cloned into
+/// the extensions of every request of the connection.
+#[derive(Debug, Clone)]
+pub struct ClientStreams {
+    id: u64,
+    allowance: Arc<Semaphore>,
+}
+
+impl ClientStreams {
+    /// A new downstream connection allowed `limit` streams at once (at
+    /// least one).
+    pub fn new(limit: usize) -> Self {
+        ClientStreams {
+            id: CLIENT_IDS.fetch_add(1, Ordering::Relaxed),
+            allowance: Arc::new(Semaphore::new(limit.clamp(1, Semaphore::MAX_PERMITS))),
+        }
+    }
+
+    /// The downstream connection's number (per process).
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    /// Waits for one of the connection's streams (the semaphore is never
+    /// closed, so this always ends with a permit).
+    pub async fn acquire(&self) -> Option<OwnedSemaphorePermit> {
+        Arc::clone(&self.allowance).acquire_owned().await.ok()
+    }
+
+    /// Streams the connection may still open now.
+    pub fn available(&self) -> usize {
+        self.allowance.available_permits()
     }
 }
 

@@ -1,36 +1,68 @@
-//! Upstream connections to one endpoint: HTTP/1.1 keep-alive pool, one
-//! shared HTTP/2 (h2c, prior knowledge) connection, and for an endpoint
-//! of the mesh one shared mTLS HTTP/2 connection.
+//! Upstream connections to one endpoint: an HTTP/1.1 keep-alive pool, a
+//! small set of shared HTTP/2 (h2c, prior knowledge) connections, and for
+//! an endpoint of the mesh a small set of shared mTLS HTTP/2 connections.
 //!
 //! Why our own pool instead of hyper-util's `Client`: the proxy must know
 //! *when* a request failed. A refused connection happens before the request
 //! is sent, so the request (with its still unread streaming body) comes back
-//! to the caller, which retries it on another endpoint. A pooled keep-alive
-//! connection that the upstream closed while idle is detected by
-//! `try_send_request`, which also hands the request back, and we retry on a
-//! fresh connection. Neither case costs the user a failed request.
+//! to the caller, which retries it on another endpoint. Work the upstream
+//! refused unprocessed is sent again here, once, on another connection
+//! (never counted as a `RetryPolicy` retry: it never reached the app):
 //!
-//! Flow: `send` → take a ready h1 connection (or connect) → send → keep the
-//! connection in the pool at once; it becomes ready again when its response
-//! has been read, and only ready connections are handed out. HTTP/2
-//! requests share one multiplexed connection per endpoint.
+//! - HTTP/2: a stream above a GOAWAY's last stream id, or opened after the
+//!   GOAWAY (h2 reports a remote GOAWAY error), or reset with
+//!   `REFUSED_STREAM` (RFC 9113 §8.7: not processed, whatever the method);
+//!   or a request hyper hands back because the connection closed before
+//!   the request reached it.
+//! - HTTP/1.1: a pooled keep-alive connection that was closed before any
+//!   response byte (hyper hands the request back if it noticed before
+//!   writing; else an incomplete-message or reset error; hyper does not
+//!   tell an EOF in the middle of a response head from one before it, and
+//!   such a partial head is taken as none).
+//!
+//! A request can be sent again when hyper hands it back, or when its body
+//! is known in full ([`ProxyBody::replay_copy`]: empty, or buffered by a
+//! retry policy), in which case the pool keeps a copy of the head while the
+//! first attempt is under way. A streamed body with data still to come is
+//! never re-sent. Each re-send is counted in
+//! `meshlet_upstream_resends_total{reason}` (`goaway`, `refused_stream`,
+//! `connection_closed`); each connection opened in
+//! `meshlet_upstream_connections_opened_total{protocol}`.
+//!
+//! Flow (HTTP/1.1): `send` → take a ready h1 connection (or connect) → send
+//! → keep the connection in the pool at once; it becomes ready again when
+//! its response has been read, and only ready connections are handed out.
+//!
+//! Flow (HTTP/2, [`H2Set`]): the downstream connection's permit
+//! ([`ClientStreams`], `--upstream-streams-per-client`, from the request's
+//! extensions; waits while that client holds its whole allowance) → the
+//! first open connection that is not going away and has fewer streams open
+//! than the peer's `SETTINGS_MAX_CONCURRENT_STREAMS` (our own count: hyper's
+//! h2 client would queue beyond the peer's limit) → else ONE caller opens a
+//! new connection while the others wait for it (no racing connects, at most
+//! [`MAX_H2_PER_ENDPOINT`] open; with all of them full, the least loaded
+//! takes the stream). The stream is counted until the response body ends
+//! ([`StreamSlot`], carried by the body). The peer's stream limit is read
+//! from hyper's connection object (shared with its task) at each checkout;
+//! a new connection starts from the limit the endpoint last announced.
 //!
 //! What the pool's remote end speaks ([`Remote`]):
 //! - a mesh endpoint with an identity, while this sidecar has a workload
 //!   certificate: mTLS (`identity::tls`). Every HTTP request goes as HTTP/2
-//!   on ONE connection (ALPN `h2`, made by one caller while the others
-//!   wait), HTTP/1.x converted (absolute URI from `Host`, no `Host`) and
-//!   marked `x-meshlet-orig-proto`; an HTTP/1.1 `Upgrade` request gets its
-//!   own TLS connection with ALPN `http/1.1`. A connection that got GOAWAY
-//!   or closed is replaced by the next request. Our own certificate
-//!   expired: nothing is sent (`TlsFailure::CertificateExpired`).
+//!   on the shared mTLS connections (ALPN `h2`), HTTP/1.x converted
+//!   (absolute URI from `Host`, no `Host`) and marked
+//!   `x-meshlet-orig-proto`; an HTTP/1.1 `Upgrade` request gets its own TLS
+//!   connection with ALPN `http/1.1`. Our own certificate expired: nothing
+//!   is sent (`TlsFailure::CertificateExpired`).
 //! - the local app: the request is converted to the app's protocol
 //!   (`--app-protocol`, else the caller's `x-meshlet-orig-proto`, else as it
 //!   arrived), and `x-meshlet-orig-proto` is removed.
 //! - anything else: as the request arrived (h2c for HTTP/2).
 
+use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -42,15 +74,26 @@ use hyper::client::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use meshlet_api::identity::SpiffeId;
 use meshlet_api::mesh::AppProtocol;
+use prometheus::IntCounter;
 use tokio::net::TcpStream;
 
 use crate::body::ProxyBody;
 use crate::identity::tls::{self, TlsFailure};
 use crate::identity::{Hop, WorkloadIdentity};
 use crate::settings::Limits;
+use crate::telemetry::metrics::PoolMetrics;
+use crate::upstream::in_flight::{ClientStreams, InFlight, InFlightCounter, StreamSlot};
 
 /// HTTP/1.1 connections kept per endpoint (busy or idle).
 const MAX_IDLE_PER_ENDPOINT: usize = 128;
+
+/// HTTP/2 connections open at once per endpoint and kind (h2c, mTLS).
+pub const MAX_H2_PER_ENDPOINT: usize = 8;
+
+/// Streams a new HTTP/2 connection may open before the peer's SETTINGS
+/// says how many it allows, when the endpoint never said (RFC 9113
+/// recommends that peers allow at least 100).
+const INITIAL_MAX_STREAMS: usize = 100;
 
 /// The caller's HTTP version on an mTLS hop (set by the outbound sidecar,
 /// read and removed by the inbound one).
@@ -67,6 +110,10 @@ pub enum SendError {
     /// The request was (at least partly) sent; it is gone.
     Upstream(hyper::Error),
 }
+
+/// A response and, on a shared HTTP/2 connection, the stream it holds
+/// (to be kept by the response body until its end).
+pub type Answer = (Response<Incoming>, Option<StreamSlot>);
 
 struct PooledConn {
     sender: http1::SendRequest<ProxyBody>,
@@ -88,20 +135,132 @@ pub enum Remote {
     },
 }
 
+/// How an HTTP/2 connection of the pool is made.
+#[derive(Clone, Copy)]
+enum H2Kind<'a> {
+    /// h2c, prior knowledge.
+    Plain,
+    /// The mesh hop: TLS with ALPN `h2` to a peer that must present `identity`.
+    Mtls {
+        local: &'a Arc<WorkloadIdentity>,
+        identity: &'a Arc<SpiffeId>,
+    },
+}
+
+/// Why the upstream refused a request unprocessed (the label of
+/// `meshlet_upstream_resends_total`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Refusal {
+    GoAway,
+    RefusedStream,
+    ConnectionClosed,
+}
+
+/// One shared HTTP/2 connection.
+struct H2Conn {
+    sender: http2::SendRequest<ProxyBody>,
+    /// Streams open on it (counted by us, released by the response body).
+    streams: InFlightCounter,
+    /// The peer's current `SETTINGS_MAX_CONCURRENT_STREAMS`.
+    max_streams: StreamLimit,
+    /// A request on it was refused by GOAWAY: no new streams.
+    going_away: AtomicBool,
+}
+
+impl H2Conn {
+    fn open(&self) -> bool {
+        !self.going_away.load(Ordering::Relaxed) && !self.sender.is_closed()
+    }
+
+    fn has_room(&self) -> bool {
+        self.streams.get() < (self.max_streams)()
+    }
+}
+
+/// The HTTP/2 connections of one kind to one endpoint.
+struct H2Set {
+    conns: Mutex<Vec<Arc<H2Conn>>>,
+    /// Held while a connection is being made: one connect per endpoint at
+    /// a time; callers that find no room wait for it.
+    connecting: tokio::sync::Mutex<()>,
+    /// The stream limit the endpoint last announced (a new connection
+    /// assumes it until its own SETTINGS arrive).
+    learned_max: Arc<AtomicUsize>,
+}
+
+impl H2Set {
+    fn new() -> Self {
+        H2Set {
+            conns: Mutex::new(Vec::new()),
+            connecting: tokio::sync::Mutex::new(()),
+            learned_max: Arc::new(AtomicUsize::new(INITIAL_MAX_STREAMS)),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Arc<H2Conn>>> {
+        self.conns.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A stream on the first open connection with room (the oldest first,
+    /// so that extra connections fall idle when load drops), or with
+    /// `or_least_loaded` and every connection slot taken, on the least
+    /// loaded open connection. Forgets closed connections.
+    fn take_stream(&self, or_least_loaded: bool) -> Option<(Arc<H2Conn>, InFlight)> {
+        let mut conns = self.lock();
+        conns.retain(|c| !c.sender.is_closed());
+        let conn = match conns.iter().find(|c| c.open() && c.has_room()) {
+            Some(conn) => conn,
+            None if or_least_loaded && conns.len() >= MAX_H2_PER_ENDPOINT => conns
+                .iter()
+                .filter(|c| c.open())
+                .min_by_key(|c| c.streams.get())?,
+            None => return None,
+        };
+        Some((Arc::clone(conn), conn.streams.start()))
+    }
+
+    /// Adds a new connection and starts a stream on it.
+    fn add(&self, conn: H2Conn) -> (Arc<H2Conn>, InFlight) {
+        let conn = Arc::new(conn);
+        let stream = conn.streams.start();
+        self.lock().push(Arc::clone(&conn));
+        (conn, stream)
+    }
+
+    fn open_connections(&self) -> usize {
+        self.lock().iter().filter(|c| c.open()).count()
+    }
+
+    /// Closes connections without streams beyond the first open one, and
+    /// forgets closed ones. Returns how many were dropped.
+    fn evict_idle(&self) -> usize {
+        let mut conns = self.lock();
+        let before = conns.len();
+        let mut kept_idle = false;
+        conns.retain(|c| {
+            if !c.open() {
+                return c.streams.get() > 0 && !c.sender.is_closed();
+            }
+            if c.streams.get() > 0 {
+                return true;
+            }
+            !std::mem::replace(&mut kept_idle, true)
+        });
+        before - conns.len()
+    }
+}
+
 /// Connections to one upstream address.
 pub struct ConnPool {
     addr: SocketAddr,
     limits: Arc<Limits>,
     remote: Remote,
+    metrics: PoolMetrics,
     http1: Mutex<Vec<PooledConn>>,
-    h2: Mutex<Option<http2::SendRequest<ProxyBody>>>,
-    /// The shared mTLS HTTP/2 connection and its number (each new one
-    /// gets the next), so that callers whose connection failed make one
-    /// new connection, not one each.
-    mtls: Mutex<Option<(u64, http2::SendRequest<ProxyBody>)>>,
-    /// Held while the mTLS connection is being made, so that concurrent
-    /// first requests share one connection.
-    connecting: tokio::sync::Mutex<()>,
+    /// h2c connections.
+    h2: H2Set,
+    /// The mesh hop's mTLS HTTP/2 connections.
+    mtls: H2Set,
 }
 
 impl std::fmt::Debug for ConnPool {
@@ -113,19 +272,33 @@ impl std::fmt::Debug for ConnPool {
 }
 
 impl ConnPool {
+    /// A pool whose counters are registered nowhere (tests).
+    #[cfg(test)]
     pub fn new(addr: SocketAddr, limits: Arc<Limits>) -> Arc<Self> {
         Self::with_remote(addr, limits, Remote::Plain)
     }
 
+    /// A pool to `remote` whose counters are registered nowhere (tests).
+    #[cfg(test)]
     pub fn with_remote(addr: SocketAddr, limits: Arc<Limits>, remote: Remote) -> Arc<Self> {
+        Self::counted(addr, limits, remote, PoolMetrics::detached())
+    }
+
+    /// A pool to `remote` at `addr` counting on `metrics`.
+    pub fn counted(
+        addr: SocketAddr,
+        limits: Arc<Limits>,
+        remote: Remote,
+        metrics: PoolMetrics,
+    ) -> Arc<Self> {
         Arc::new(ConnPool {
             addr,
             limits,
             remote,
+            metrics,
             http1: Mutex::new(Vec::new()),
-            h2: Mutex::new(None),
-            mtls: Mutex::new(None),
-            connecting: tokio::sync::Mutex::new(()),
+            h2: H2Set::new(),
+            mtls: H2Set::new(),
         })
     }
 
@@ -156,16 +329,34 @@ impl ConnPool {
 
     /// Whether an mTLS connection is open (for `/config_dump`).
     pub fn has_mtls_connection(&self) -> bool {
-        self.current_mtls().is_some()
+        self.mtls.open_connections() > 0
+    }
+
+    /// Open HTTP/2 connections (h2c and mTLS).
+    #[cfg(test)]
+    pub fn h2_connections(&self) -> usize {
+        self.h2.open_connections() + self.mtls.open_connections()
+    }
+
+    /// Sends `request` to this endpoint (see [`ConnPool::dispatch`]) and
+    /// returns the response alone (tests, which need no stream count).
+    #[cfg(test)]
+    pub async fn send(
+        self: &Arc<Self>,
+        request: Request<ProxyBody>,
+    ) -> Result<Response<Incoming>, SendError> {
+        self.dispatch(request).await.map(|(response, _)| response)
     }
 
     /// Sends `request` to this endpoint: over the mesh's mTLS hop when it
     /// applies, else over HTTP/2 if the request is HTTP/2 (after the app's
-    /// protocol is applied), otherwise HTTP/1.1.
-    pub async fn send(
+    /// protocol is applied), otherwise HTTP/1.1. On a shared HTTP/2
+    /// connection the answer holds the request's stream, which the
+    /// response body must keep until its end.
+    pub async fn dispatch(
         self: &Arc<Self>,
         mut request: Request<ProxyBody>,
-    ) -> Result<Response<Incoming>, SendError> {
+    ) -> Result<Answer, SendError> {
         match &self.remote {
             Remote::Mesh { local, identity } => match local.hop(Some(identity)) {
                 Hop::Mtls(identity) => return self.send_mtls(request, local, &identity).await,
@@ -181,19 +372,24 @@ impl ConnPool {
             Remote::Plain => {}
         }
         if request.version() == Version::HTTP_2 {
-            self.send_h2(request).await
+            self.send_h2(request, H2Kind::Plain).await
         } else {
             self.send_h1(request).await
         }
     }
 
+    /// HTTP/1.1 on a pooled keep-alive connection (or a new one). A pooled
+    /// connection that was closed before it answered: once more on a new
+    /// connection, if the request came back or can be replayed.
     async fn send_h1(
         self: &Arc<Self>,
         mut request: Request<ProxyBody>,
-    ) -> Result<Response<Incoming>, SendError> {
+    ) -> Result<Answer, SendError> {
         *request.version_mut() = Version::HTTP_11;
+        let mut resent = false;
         loop {
-            let (mut sender, reused) = match self.take_ready() {
+            let pooled = if resent { None } else { self.take_ready() };
+            let (mut sender, reused) = match pooled {
                 Some(sender) => (sender, true),
                 None => match Box::pin(self.connect_h1()).await {
                     Ok(sender) => (sender, false),
@@ -205,64 +401,127 @@ impl ConnPool {
                     }
                 },
             };
+            let replay = if reused { replay_copy(&request) } else { None };
             match sender.try_send_request(request).await {
                 Ok(response) => {
                     self.keep(sender);
-                    return Ok(response);
+                    return Ok((response, None));
                 }
-                Err(mut err) => match err.take_message() {
-                    // The pooled connection died while idle; the request was
-                    // not sent, so try again on another connection.
-                    Some(unsent) if reused => request = unsent,
-                    _ => return Err(SendError::Upstream(err.into_error())),
-                },
+                Err(mut err) => {
+                    let again = match err.take_message() {
+                        Some(unsent) => Some(unsent),
+                        None if closed_before_response(err.error()) => replay,
+                        None => None,
+                    };
+                    match again {
+                        Some(again) if reused => {
+                            tracing::debug!(addr = %self.addr, error = %err.error(),
+                                "pooled connection closed before answering; sending again on a new connection");
+                            self.metrics.resent_connection_closed.inc();
+                            request = again;
+                            resent = true;
+                        }
+                        _ => return Err(SendError::Upstream(err.into_error())),
+                    }
+                }
             }
         }
     }
 
+    /// HTTP/2 on a shared connection of `kind`: the downstream connection's
+    /// permit, a stream on a connection with room (or a new connection),
+    /// and once more on another connection if the upstream refused the
+    /// stream unprocessed.
     async fn send_h2(
         self: &Arc<Self>,
-        request: Request<ProxyBody>,
-    ) -> Result<Response<Incoming>, SendError> {
-        let shared = self
-            .h2
-            .lock()
-            .ok()
-            .and_then(|h2| h2.as_ref().filter(|s| !s.is_closed()).cloned());
-        let mut sender = match shared {
-            Some(sender) => sender,
-            None => match Box::pin(self.connect_h2()).await {
-                Ok(sender) => {
-                    if let Ok(mut slot) = self.h2.lock() {
-                        *slot = Some(sender.clone());
-                    }
-                    sender
+        mut request: Request<ProxyBody>,
+        kind: H2Kind<'_>,
+    ) -> Result<Answer, SendError> {
+        let client = match request.extensions().get::<ClientStreams>() {
+            Some(client) => {
+                if client.available() == 0 {
+                    tracing::debug!(addr = %self.addr, client = client.id(),
+                        "client connection holds its whole upstream stream allowance; waiting");
                 }
+                client.acquire().await
+            }
+            None => None,
+        };
+        let mut resent = false;
+        loop {
+            let (conn, stream) = match self.h2_stream(kind).await {
+                Ok(found) => found,
                 Err(source) => {
                     return Err(SendError::Connect {
                         source,
                         request: Box::new(request),
                     })
                 }
-            },
-        };
-        if let Err(err) = sender.ready().await {
-            return Err(SendError::Upstream(err));
+            };
+            let replay = if resent { None } else { replay_copy(&request) };
+            let mut sender = conn.sender.clone();
+            match sender.try_send_request(request).await {
+                Ok(response) => return Ok((response, Some(StreamSlot::new(stream, client)))),
+                Err(mut err) => {
+                    drop(stream);
+                    let unsent = err.take_message();
+                    let refusal = h2_refusal(err.error(), unsent.is_some());
+                    if refusal == Some(Refusal::GoAway) {
+                        conn.going_away.store(true, Ordering::Relaxed);
+                    }
+                    match (refusal, unsent.or(replay)) {
+                        (Some(refusal), Some(again)) if !resent => {
+                            tracing::debug!(addr = %self.addr, error = %err.error(), ?refusal,
+                                "upstream refused the stream unprocessed; sending again on another connection");
+                            self.resend_counter(refusal).inc();
+                            request = again;
+                            resent = true;
+                        }
+                        _ => return Err(SendError::Upstream(err.into_error())),
+                    }
+                }
+            }
         }
-        sender
-            .send_request(request)
-            .await
-            .map_err(SendError::Upstream)
     }
 
-    /// The mesh hop: HTTP/2 on the shared mTLS connection, or an upgrade
+    fn resend_counter(&self, refusal: Refusal) -> &IntCounter {
+        match refusal {
+            Refusal::GoAway => &self.metrics.resent_goaway,
+            Refusal::RefusedStream => &self.metrics.resent_refused_stream,
+            Refusal::ConnectionClosed => &self.metrics.resent_connection_closed,
+        }
+    }
+
+    fn h2_set(&self, kind: H2Kind<'_>) -> &H2Set {
+        match kind {
+            H2Kind::Plain => &self.h2,
+            H2Kind::Mtls { .. } => &self.mtls,
+        }
+    }
+
+    /// A stream on a connection of `kind` with room; else one caller
+    /// connects while the others wait and then look again.
+    async fn h2_stream(&self, kind: H2Kind<'_>) -> io::Result<(Arc<H2Conn>, InFlight)> {
+        let set = self.h2_set(kind);
+        if let Some(found) = set.take_stream(false) {
+            return Ok(found);
+        }
+        let _connecting = set.connecting.lock().await;
+        if let Some(found) = set.take_stream(true) {
+            return Ok(found);
+        }
+        let conn = Box::pin(self.connect_h2(kind, set)).await?;
+        Ok(set.add(conn))
+    }
+
+    /// The mesh hop: HTTP/2 on the shared mTLS connections, or an upgrade
     /// on a TLS connection of its own.
     async fn send_mtls(
         self: &Arc<Self>,
         mut request: Request<ProxyBody>,
         local: &Arc<WorkloadIdentity>,
         identity: &Arc<SpiffeId>,
-    ) -> Result<Response<Incoming>, SendError> {
+    ) -> Result<Answer, SendError> {
         // Marked once: a request handed back unsent (connect failure) and
         // retried here was converted to HTTP/2 already, and keeps the mark
         // of the caller's own protocol (the outbound removed any a client
@@ -278,94 +537,61 @@ impl ConnPool {
                 .insert(ORIG_PROTO, HeaderValue::from_static(orig));
         }
         if request.version() != Version::HTTP_2 && request.headers().contains_key(header::UPGRADE) {
-            return self.send_upgrade_tls(request, local, identity).await;
+            return self
+                .send_upgrade_tls(request, local, identity)
+                .await
+                .map(|response| (response, None));
         }
         to_http2(&mut request);
-        // A connection that went away (GOAWAY, closed) hands the request
-        // back unsent: once more on a fresh connection.
-        let mut failed = None;
-        loop {
-            let (number, mut sender) = match self.mtls_sender(local, identity, failed).await {
-                Ok(sender) => sender,
-                Err(source) => {
-                    return Err(SendError::Connect {
-                        source,
-                        request: Box::new(request),
-                    })
-                }
-            };
-            let ready = sender.ready().await;
-            if ready.is_err() && failed.is_none() {
-                failed = Some(number);
-                continue;
-            }
-            if let Err(err) = ready {
-                return Err(SendError::Upstream(err));
-            }
-            match sender.try_send_request(request).await {
-                Ok(response) => return Ok(response),
-                Err(mut err) => match err.take_message() {
-                    Some(unsent) if failed.is_none() => {
-                        request = unsent;
-                        failed = Some(number);
-                    }
-                    _ => return Err(SendError::Upstream(err.into_error())),
-                },
-            }
-        }
-    }
-
-    fn current_mtls(&self) -> Option<(u64, http2::SendRequest<ProxyBody>)> {
-        self.mtls
-            .lock()
-            .ok()
-            .and_then(|slot| slot.as_ref().filter(|(_, s)| !s.is_closed()).cloned())
-    }
-
-    /// The shared mTLS connection and its number, made if there is none
-    /// or the current one is the `failed` one. One caller connects; the
-    /// others wait for it and share its connection.
-    async fn mtls_sender(
-        &self,
-        local: &Arc<WorkloadIdentity>,
-        identity: &Arc<SpiffeId>,
-        failed: Option<u64>,
-    ) -> io::Result<(u64, http2::SendRequest<ProxyBody>)> {
-        let usable = |current: Option<(u64, http2::SendRequest<ProxyBody>)>| {
-            current.filter(|(number, _)| Some(*number) != failed)
-        };
-        if let Some(current) = usable(self.current_mtls()) {
-            return Ok(current);
-        }
-        let _connecting = self.connecting.lock().await;
-        if let Some(current) = usable(self.current_mtls()) {
-            return Ok(current);
-        }
-        let stream = self.connect_tcp().await?;
-        let stream = tls::connect(
-            local,
-            stream,
-            self.addr,
-            identity,
-            tls::ALPN_H2,
-            self.limits.connect_timeout,
-        )
-        .await?;
-        let (sender, conn) = http2::Builder::new(TokioExecutor::new())
-            .timer(TokioTimer::new())
-            .handshake(TokioIo::new(stream))
+        self.send_h2(request, H2Kind::Mtls { local, identity })
             .await
-            .map_err(|e| io::Error::other(TlsFailure::Handshake(e.to_string())))?;
-        let addr = self.addr;
-        tokio::spawn(async move {
-            if let Err(err) = conn.await {
-                tracing::debug!(%addr, error = %err, "upstream mTLS h2 connection ended with an error");
+    }
+
+    /// A new HTTP/2 connection of `kind`; its task keeps the connection's
+    /// (and the endpoint's) stream limit current.
+    async fn connect_h2(&self, kind: H2Kind<'_>, set: &H2Set) -> io::Result<H2Conn> {
+        let stream = self.connect_tcp().await?;
+        let initial = set.learned_max.load(Ordering::Relaxed);
+        let mut builder = http2::Builder::new(TokioExecutor::new());
+        builder
+            .timer(TokioTimer::new())
+            .initial_max_send_streams(initial);
+        let learned = Arc::clone(&set.learned_max);
+        let (sender, max_streams) = match kind {
+            H2Kind::Plain => {
+                let (sender, conn) = builder
+                    .handshake(TokioIo::new(stream))
+                    .await
+                    .map_err(io::Error::other)?;
+                self.metrics.opened_h2c.inc();
+                let limit = spawn_h2(self.addr, conn, |c| c.current_max_send_streams(), learned);
+                (sender, limit)
             }
-        });
-        let mut slot = self.mtls.lock().unwrap_or_else(|p| p.into_inner());
-        let number = slot.as_ref().map_or(0, |(n, _)| n + 1);
-        *slot = Some((number, sender.clone()));
-        Ok((number, sender))
+            H2Kind::Mtls { local, identity } => {
+                let stream = tls::connect(
+                    local,
+                    stream,
+                    self.addr,
+                    identity,
+                    tls::ALPN_H2,
+                    self.limits.connect_timeout,
+                )
+                .await?;
+                let (sender, conn) = builder
+                    .handshake(TokioIo::new(stream))
+                    .await
+                    .map_err(|e| io::Error::other(TlsFailure::Handshake(e.to_string())))?;
+                self.metrics.opened_mtls.inc();
+                let limit = spawn_h2(self.addr, conn, |c| c.current_max_send_streams(), learned);
+                (sender, limit)
+            }
+        };
+        Ok(H2Conn {
+            sender,
+            streams: InFlightCounter::default(),
+            max_streams,
+            going_away: AtomicBool::new(false),
+        })
     }
 
     /// An HTTP/1.1 upgrade (WebSocket) over its own TLS connection (ALPN
@@ -392,6 +618,7 @@ impl ConnPool {
                 .handshake(TokioIo::new(stream))
                 .await
                 .map_err(|e| io::Error::other(TlsFailure::Handshake(e.to_string())))?;
+            self.metrics.opened_mtls.inc();
             let addr = self.addr;
             tokio::spawn(async move {
                 if let Err(err) = conn.with_upgrades().await {
@@ -437,12 +664,14 @@ impl ConnPool {
     }
 
     /// Drops (and so closes) HTTP/1.1 connections that the upstream closed
-    /// or that have been idle past the idle timeout. Checkouts do this too;
-    /// the periodic sweep makes sure a pool nobody uses any more does not
-    /// hold its sockets forever. Returns how many were dropped.
+    /// or that have been idle past the idle timeout, and HTTP/2 connections
+    /// without streams beyond one per kind. Checkouts do this too; the
+    /// periodic sweep makes sure a pool nobody uses any more does not hold
+    /// its sockets forever. Returns how many were dropped.
     pub fn evict_idle(&self) -> usize {
+        let h2 = self.h2.evict_idle() + self.mtls.evict_idle();
         let Ok(mut conns) = self.http1.lock() else {
-            return 0;
+            return h2;
         };
         let before = conns.len();
         let idle_timeout = self.limits.idle_timeout;
@@ -450,7 +679,7 @@ impl ConnPool {
             let expired = c.sender.is_ready() && c.last_used.elapsed() >= idle_timeout;
             !c.sender.is_closed() && !expired
         });
-        before - conns.len()
+        h2 + before - conns.len()
     }
 
     /// Keeps a connection that just carried a request. It becomes ready
@@ -488,6 +717,7 @@ impl ConnPool {
             .handshake(TokioIo::new(stream))
             .await
             .map_err(io::Error::other)?;
+        self.metrics.opened_http1.inc();
         let addr = self.addr;
         tokio::spawn(async move {
             if let Err(err) = conn.with_upgrades().await {
@@ -496,22 +726,116 @@ impl ConnPool {
         });
         Ok(sender)
     }
+}
 
-    async fn connect_h2(&self) -> io::Result<http2::SendRequest<ProxyBody>> {
-        let stream = self.connect_tcp().await?;
-        let (sender, conn) = http2::Builder::new(TokioExecutor::new())
-            .timer(TokioTimer::new())
-            .handshake(TokioIo::new(stream))
-            .await
-            .map_err(io::Error::other)?;
-        let addr = self.addr;
-        tokio::spawn(async move {
-            if let Err(err) = conn.await {
-                tracing::debug!(%addr, error = %err, "upstream h2 connection ended with an error");
+/// Reads an HTTP/2 connection's current peer stream limit.
+type StreamLimit = Box<dyn Fn() -> usize + Send + Sync>;
+
+/// Runs an HTTP/2 connection's task and returns the reader of the peer's
+/// current stream limit (`max_of`; hyper's connection object answers it
+/// from h2's shared state, which the SETTINGS frames update). The reader
+/// also remembers it as the endpoint's `learned` limit; while the task is
+/// polling, it answers the last value read.
+fn spawn_h2<C>(
+    addr: SocketAddr,
+    conn: C,
+    max_of: fn(&C) -> usize,
+    learned: Arc<AtomicUsize>,
+) -> StreamLimit
+where
+    C: Future<Output = hyper::Result<()>> + Send + 'static,
+{
+    let cached = Arc::new(AtomicUsize::new(learned.load(Ordering::Relaxed)));
+    // The connection object is dropped as soon as it has ended: it holds
+    // hyper's request queue, whose drop hands back requests still queued
+    // and makes the senders report the connection closed.
+    let conn = Arc::new(Mutex::new(Some(Box::pin(conn))));
+    let (task_conn, task_cached) = (Arc::clone(&conn), Arc::clone(&cached));
+    tokio::spawn(async move {
+        let ended = std::future::poll_fn(|cx| {
+            let mut slot = task_conn.lock().unwrap_or_else(|p| p.into_inner());
+            let Some(conn) = slot.as_mut() else {
+                return std::task::Poll::Ready(Ok(()));
+            };
+            let polled = conn.as_mut().poll(cx);
+            task_cached.store(max_of(conn), Ordering::Relaxed);
+            if polled.is_ready() {
+                *slot = None;
             }
-        });
-        Ok(sender)
+            polled
+        })
+        .await;
+        if let Err(err) = ended {
+            tracing::debug!(%addr, error = %err, "upstream h2 connection ended with an error");
+        }
+    });
+    Box::new(move || match conn.try_lock() {
+        Ok(slot) => match slot.as_ref() {
+            Some(conn) => {
+                let max = max_of(conn);
+                cached.store(max, Ordering::Relaxed);
+                learned.store(max, Ordering::Relaxed);
+                max
+            }
+            None => 0,
+        },
+        Err(_) => cached.load(Ordering::Relaxed),
+    })
+}
+
+/// A copy of `request` to send again if the first attempt is refused
+/// unprocessed: only when its body is known in full
+/// ([`ProxyBody::replay_copy`]).
+fn replay_copy(request: &Request<ProxyBody>) -> Option<Request<ProxyBody>> {
+    let body = request.body().replay_copy()?;
+    let mut copy = Request::new(body);
+    *copy.method_mut() = request.method().clone();
+    *copy.uri_mut() = request.uri().clone();
+    *copy.version_mut() = request.version();
+    *copy.headers_mut() = request.headers().clone();
+    *copy.extensions_mut() = request.extensions().clone();
+    Some(copy)
+}
+
+/// Whether an HTTP/2 request failed without the upstream processing it:
+/// a remote GOAWAY (h2 fails streams above the GOAWAY's last stream id,
+/// and any opened after it, with that error), a remote `REFUSED_STREAM`,
+/// or the request handed back by hyper (`handed_back`: the connection
+/// closed before the request reached it).
+fn h2_refusal(error: &hyper::Error, handed_back: bool) -> Option<Refusal> {
+    let h2 = std::error::Error::source(error).and_then(|e| e.downcast_ref::<h2::Error>());
+    match h2 {
+        Some(e) if e.is_go_away() && e.is_remote() => Some(Refusal::GoAway),
+        Some(e)
+            if e.is_reset() && e.is_remote() && e.reason() == Some(h2::Reason::REFUSED_STREAM) =>
+        {
+            Some(Refusal::RefusedStream)
+        }
+        _ if handed_back => Some(Refusal::ConnectionClosed),
+        _ => None,
     }
+}
+
+/// Whether an HTTP/1.1 exchange failed because the connection closed
+/// before the response: end of stream while waiting for it, or the
+/// connection reset or broken.
+fn closed_before_response(error: &hyper::Error) -> bool {
+    if error.is_incomplete_message() {
+        return true;
+    }
+    let mut source = std::error::Error::source(error);
+    while let Some(e) = source {
+        if let Some(io) = e.downcast_ref::<io::Error>() {
+            return matches!(
+                io.kind(),
+                io::ErrorKind::ConnectionReset
+                    | io::ErrorKind::BrokenPipe
+                    | io::ErrorKind::ConnectionAborted
+            );
+        }
+        source = e.source();
+    }
+    false
 }
 
 /// The local app's protocol for `request`: `declared` (`--app-protocol`),
@@ -614,6 +938,10 @@ pub fn to_http1<B>(request: &mut Request<B>) {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::atomic::AtomicUsize;
+
+    use hyper_util::rt::TokioIo;
+
     use super::*;
     use crate::testing::{get, refusing_addr, text, AfterResponse, Upstream};
 
@@ -687,5 +1015,326 @@ mod tests {
             }
             other => panic!("expected a connect error, got {other:?}"),
         }
+    }
+
+    /// An HTTP/2 request for `path` on `addr` (scheme and authority, as
+    /// `proxy` sets them).
+    fn h2_get(addr: SocketAddr, path: &str) -> Request<ProxyBody> {
+        let mut request = get(&format!("http://{addr}{path}"));
+        *request.version_mut() = Version::HTTP_2;
+        request
+    }
+
+    /// Counts of what an in-process upstream saw.
+    #[derive(Default)]
+    struct Seen {
+        connections: AtomicUsize,
+        requests: AtomicUsize,
+    }
+
+    /// An h2c upstream (the h2 crate's server) that answers every stream
+    /// `200 ok` and, after `goaway_after` streams on a connection, shuts
+    /// that connection down with GOAWAY (as nginx does after
+    /// `keepalive_requests`): streams the client opens after it are
+    /// refused unprocessed.
+    async fn goaway_upstream(goaway_after: usize) -> (SocketAddr, Arc<Seen>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let seen = Arc::new(Seen::default());
+        let counts = Arc::clone(&seen);
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                counts.connections.fetch_add(1, Ordering::SeqCst);
+                let counts = Arc::clone(&counts);
+                tokio::spawn(async move {
+                    let Ok(mut conn) = h2::server::handshake(stream).await else {
+                        return;
+                    };
+                    let mut served = 0;
+                    while let Some(Ok((_request, mut respond))) = conn.accept().await {
+                        counts.requests.fetch_add(1, Ordering::SeqCst);
+                        served += 1;
+                        if let Ok(mut body) = respond.send_response(Response::new(()), false) {
+                            let _ = body.send_data(bytes::Bytes::from_static(b"ok"), true);
+                        }
+                        if served == goaway_after {
+                            conn.graceful_shutdown();
+                        }
+                    }
+                });
+            }
+        });
+        (addr, seen)
+    }
+
+    /// An h2c upstream (hyper's server) allowing `max_streams` concurrent
+    /// streams: `/stall` answers when `release` is notified, anything else
+    /// at once.
+    async fn stalling_upstream(
+        max_streams: u32,
+        release: Arc<tokio::sync::Notify>,
+    ) -> (SocketAddr, Arc<Seen>) {
+        use hyper::server::conn::http2 as server;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let seen = Arc::new(Seen::default());
+        let counts = Arc::clone(&seen);
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                counts.connections.fetch_add(1, Ordering::SeqCst);
+                let (counts, release) = (Arc::clone(&counts), Arc::clone(&release));
+                let service = hyper::service::service_fn(move |request: Request<Incoming>| {
+                    counts.requests.fetch_add(1, Ordering::SeqCst);
+                    let release = Arc::clone(&release);
+                    async move {
+                        if request.uri().path() == "/stall" {
+                            release.notified().await;
+                        }
+                        Ok::<_, std::convert::Infallible>(Response::new("ok".to_owned()))
+                    }
+                });
+                tokio::spawn(
+                    server::Builder::new(TokioExecutor::new())
+                        .max_concurrent_streams(max_streams)
+                        .serve_connection(TokioIo::new(stream), service),
+                );
+            }
+        });
+        (addr, seen)
+    }
+
+    /// Waits (up to 5 s) until `check` holds.
+    async fn eventually(what: &str, check: impl Fn() -> bool) {
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
+        while !check() {
+            assert!(tokio::time::Instant::now() < deadline, "timed out: {what}");
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn streams_refused_by_goaway_are_sent_again_and_none_is_lost_or_doubled() {
+        let (addr, seen) = goaway_upstream(5).await;
+        let pool = pool(addr);
+        // Four callers, ten requests each, one after the other: requests
+        // keep arriving while connections go away.
+        let callers: Vec<_> = (0..4)
+            .map(|_| {
+                let pool = Arc::clone(&pool);
+                tokio::spawn(async move {
+                    for _ in 0..10 {
+                        assert_eq!(send_ok(&pool, h2_get(addr, "/")).await, "ok");
+                    }
+                })
+            })
+            .collect();
+        for caller in callers {
+            caller.await.unwrap();
+        }
+        assert_eq!(
+            seen.requests.load(Ordering::SeqCst),
+            40,
+            "each processed once"
+        );
+        let opened = seen.connections.load(Ordering::SeqCst);
+        assert_eq!(pool.metrics.opened_h2c.get() as usize, opened);
+        // Streams that reached a connection before its final GOAWAY are
+        // served there, so a connection may serve more than 5.
+        assert!(
+            (2..=20).contains(&opened),
+            "{opened} connections for 40 requests"
+        );
+    }
+
+    #[tokio::test]
+    async fn concurrent_first_requests_share_one_connect() {
+        let release = Arc::new(tokio::sync::Notify::new());
+        let (addr, seen) = stalling_upstream(100, release).await;
+        let pool = pool(addr);
+        let concurrent: Vec<_> = (0..50)
+            .map(|_| {
+                let pool = Arc::clone(&pool);
+                tokio::spawn(async move { send_ok(&pool, h2_get(addr, "/")).await })
+            })
+            .collect();
+        for task in concurrent {
+            assert_eq!(task.await.unwrap(), "ok");
+        }
+        assert_eq!(
+            seen.connections.load(Ordering::SeqCst),
+            1,
+            "one connect, shared"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_connection_at_the_peers_stream_limit_gets_a_sibling_instead_of_a_queue() {
+        let release = Arc::new(tokio::sync::Notify::new());
+        let (addr, seen) = stalling_upstream(2, Arc::clone(&release)).await;
+        let pool = pool(addr);
+        let stalled: Vec<_> = (0..2)
+            .map(|_| {
+                let pool = Arc::clone(&pool);
+                tokio::spawn(async move { send_ok(&pool, h2_get(addr, "/stall")).await })
+            })
+            .collect();
+        eventually("both stalled streams reached the upstream", || {
+            seen.requests.load(Ordering::SeqCst) == 2
+        })
+        .await;
+        // The first connection is full (2 of 2): this one must not queue
+        // behind the stalled streams.
+        let fast = tokio::time::timeout(
+            std::time::Duration::from_secs(5),
+            send_ok(&pool, h2_get(addr, "/fast")),
+        )
+        .await
+        .expect("answered while the first connection is full");
+        assert_eq!(fast, "ok");
+        assert_eq!(seen.connections.load(Ordering::SeqCst), 2);
+        assert_eq!(pool.h2_connections(), 2);
+        release.notify_waiters();
+        for task in stalled {
+            assert_eq!(task.await.unwrap(), "ok");
+        }
+    }
+
+    #[tokio::test]
+    async fn streams_refused_beyond_the_peers_limit_are_sent_again() {
+        // The first burst goes out before the peer's SETTINGS (limit 1)
+        // arrive: the upstream refuses the excess with REFUSED_STREAM.
+        let release = Arc::new(tokio::sync::Notify::new());
+        let (addr, seen) = stalling_upstream(1, release).await;
+        let pool = pool(addr);
+        let burst: Vec<_> = (0..6)
+            .map(|_| {
+                let pool = Arc::clone(&pool);
+                tokio::spawn(async move { send_ok(&pool, h2_get(addr, "/")).await })
+            })
+            .collect();
+        for task in burst {
+            assert_eq!(task.await.unwrap(), "ok");
+        }
+        assert_eq!(
+            seen.requests.load(Ordering::SeqCst),
+            6,
+            "each processed once"
+        );
+        eprintln!(
+            "refused_stream resends: {}, goaway: {}, connection_closed: {}",
+            pool.metrics.resent_refused_stream.get(),
+            pool.metrics.resent_goaway.get(),
+            pool.metrics.resent_connection_closed.get()
+        );
+    }
+
+    #[tokio::test]
+    async fn one_client_at_its_stream_allowance_waits_while_another_is_answered() {
+        let release = Arc::new(tokio::sync::Notify::new());
+        let (addr, seen) = stalling_upstream(100, Arc::clone(&release)).await;
+        let pool = pool(addr);
+        let (greedy, other) = (ClientStreams::new(2), ClientStreams::new(2));
+        let from = |client: &ClientStreams, path: &str| {
+            let mut request = h2_get(addr, path);
+            request.extensions_mut().insert(client.clone());
+            request
+        };
+        let stalled: Vec<_> = (0..3)
+            .map(|_| {
+                let (pool, request) = (Arc::clone(&pool), from(&greedy, "/stall"));
+                tokio::spawn(async move { send_ok(&pool, request).await })
+            })
+            .collect();
+        eventually("two stalled streams reached the upstream", || {
+            seen.requests.load(Ordering::SeqCst) == 2
+        })
+        .await;
+        assert_eq!(greedy.available(), 0);
+        let answered = tokio::time::timeout(
+            std::time::Duration::from_secs(5),
+            send_ok(&pool, from(&other, "/fast")),
+        )
+        .await
+        .expect("the other client is not blocked");
+        assert_eq!(answered, "ok");
+        assert_eq!(
+            seen.requests.load(Ordering::SeqCst),
+            3,
+            "the greedy client's third request is still waiting for its allowance"
+        );
+        assert_eq!(seen.connections.load(Ordering::SeqCst), 1);
+        // Released: the third gets one of its client's streams.
+        release.notify_waiters();
+        eventually("the third stalled request reached the upstream", || {
+            seen.requests.load(Ordering::SeqCst) == 4
+        })
+        .await;
+        release.notify_waiters();
+        for task in stalled {
+            assert_eq!(task.await.unwrap(), "ok");
+        }
+        assert_eq!(greedy.available(), 2, "every stream given back");
+    }
+
+    /// An HTTP/1.1 upstream that answers the first request of each
+    /// connection (keep-alive) and closes the connection on reading the
+    /// second request's head, answering nothing.
+    async fn closes_on_second_request() -> (SocketAddr, Arc<Seen>) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let seen = Arc::new(Seen::default());
+        let counts = Arc::clone(&seen);
+        tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                counts.connections.fetch_add(1, Ordering::SeqCst);
+                let counts = Arc::clone(&counts);
+                tokio::spawn(async move {
+                    let mut head = Vec::new();
+                    let mut buf = [0u8; 1024];
+                    for answered in 0.. {
+                        while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                            match stream.read(&mut buf).await {
+                                Ok(0) | Err(_) => return,
+                                Ok(n) => head.extend_from_slice(&buf[..n]),
+                            }
+                        }
+                        head.clear();
+                        counts.requests.fetch_add(1, Ordering::SeqCst);
+                        if answered == 1 {
+                            return;
+                        }
+                        let reply = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+                        if stream.write_all(reply).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        (addr, seen)
+    }
+
+    #[tokio::test]
+    async fn a_pooled_connection_closed_before_answering_sends_a_get_again_once() {
+        let (addr, seen) = closes_on_second_request().await;
+        let pool = pool(addr);
+        for _ in 0..3 {
+            assert_eq!(send_ok(&pool, get("/")).await, "ok");
+        }
+        // 1st: new connection; 2nd: pooled, closed unanswered → again on
+        // a new one; 3rd: the same.
+        assert_eq!(pool.metrics.resent_connection_closed.get(), 2);
+        assert_eq!(seen.connections.load(Ordering::SeqCst), 3);
+        assert_eq!(pool.metrics.opened_http1.get(), 3);
+    }
+
+    #[test]
+    fn only_a_body_known_in_full_is_replayed() {
+        assert!(replay_copy(&get("/")).is_some(), "empty");
+        let full = Request::post("/").body(ProxyBody::full("abc")).unwrap();
+        let copy = replay_copy(&full).expect("buffered");
+        assert_eq!(copy.method(), "POST");
+        assert_eq!(http_body::Body::size_hint(copy.body()).exact(), Some(3));
     }
 }

@@ -38,7 +38,13 @@ impl ServiceTarget {
         limits: &Arc<Limits>,
         metrics: TargetMetrics,
     ) -> Self {
-        Self::single_pool(name, ConnPool::new(addr, Arc::clone(limits)), metrics)
+        let pool = ConnPool::counted(
+            addr,
+            Arc::clone(limits),
+            crate::upstream::pool::Remote::Plain,
+            metrics.pool.clone(),
+        );
+        Self::single_pool(name, pool, metrics)
     }
 
     /// A target of one endpoint reached through `pool` (the local app's,
