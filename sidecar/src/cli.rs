@@ -157,7 +157,11 @@ pub struct Args {
     pub h2_max_continuation_frames: u32,
     /// HTTP/2: SETTINGS and PING frames a client may send per second on
     /// one connection; beyond it the connection is closed (0 = no limit).
-    #[arg(long, env = "MESHLET_H2_MAX_CONTROL_FRAMES_PER_SECOND", default_value_t = 100)]
+    #[arg(
+        long,
+        env = "MESHLET_H2_MAX_CONTROL_FRAMES_PER_SECOND",
+        default_value_t = 100
+    )]
     pub h2_max_control_frames_per_second: u32,
     /// HTTP/2: send a keep-alive PING on a client connection that has been
     /// quiet this long (0s = off).

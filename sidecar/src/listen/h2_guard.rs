@@ -99,7 +99,9 @@ impl CloseReason {
     }
 
     fn from_u8(value: u8) -> Option<Self> {
-        CloseReason::ALL.get(usize::from(value).checked_sub(1)?).copied()
+        CloseReason::ALL
+            .get(usize::from(value).checked_sub(1)?)
+            .copied()
     }
 }
 
@@ -496,7 +498,11 @@ mod tests {
         let now = Instant::now();
         for chunk in [1, 2, 7, 9, 10, 100, 16_384, stream.len()] {
             let mut observer = FrameObserver::new(limits(3, 2, 3));
-            assert_eq!(feed(&mut observer, &stream, chunk, now), Ok(()), "chunk {chunk}");
+            assert_eq!(
+                feed(&mut observer, &stream, chunk, now),
+                Ok(()),
+                "chunk {chunk}"
+            );
             assert!(!observer.in_header_block());
             assert_eq!(observer.payload_left, 0);
             assert_eq!(observer.header_len, 0);

@@ -331,7 +331,10 @@ impl<H: Handler> Shared<H> {
             )
             .await;
             if let Some(reason) = closed {
-                tracing::debug!(reason = reason.as_str(), "HTTP/2 connection closed by the sidecar");
+                tracing::debug!(
+                    reason = reason.as_str(),
+                    "HTTP/2 connection closed by the sidecar"
+                );
                 self.metrics.h2_closed[reason.index()].inc();
             }
             return Ok(());
@@ -537,7 +540,9 @@ fn ended(result: Result<(), hyper::Error>, tripped: &Tripped) -> Option<CloseRea
         Ok(()) => tripped.reason(),
         Err(error) => {
             tracing::debug!(%error, "HTTP/2 connection closed with an error");
-            tripped.reason().or_else(|| h2_guard::classify(&error, tripped))
+            tripped
+                .reason()
+                .or_else(|| h2_guard::classify(&error, tripped))
         }
     }
 }
