@@ -463,3 +463,35 @@ async fn an_http2_connection_without_streams_is_closed_after_the_idle_timeout() 
     )
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_never_answers_the_keepalive_ping_is_closed() {
+    let app = Upstream::start("app").await;
+    let sidecar = sidecar(
+        &app,
+        &[
+            "--h2-keepalive-interval",
+            "200ms",
+            "--h2-keepalive-timeout",
+            "300ms",
+        ],
+    )
+    .await;
+    // Writes nothing after its preface and acknowledges nothing (the
+    // "attack" never ends), like a peer that vanished without a FIN.
+    let closed = raw_connection(sidecar.inbound, Duration::from_millis(50), |_| {
+        Some(Vec::new())
+    })
+    .await;
+    assert!(
+        closed.after >= Duration::from_millis(500),
+        "closed before interval + timeout: {closed:?}"
+    );
+    Scrape::wait_for(
+        sidecar.admin,
+        "meshlet_h2_connections_closed_total",
+        &[("listener", "inbound"), ("reason", "keepalive_timeout")],
+        1.0,
+    )
+    .await;
+}
