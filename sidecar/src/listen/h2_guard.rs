@@ -587,6 +587,32 @@ mod tests {
         assert_eq!(feed(&mut observer, &stream, 8, now), Ok(()));
     }
 
+    /// The cost of watching: frames per second through the observer, for
+    /// small frames (the worst case: one header per 9 + 8 bytes) and 16 KiB
+    /// DATA frames. Run by hand (`--ignored --nocapture`, best with
+    /// `--release`).
+    #[test]
+    #[ignore]
+    fn observer_throughput() {
+        let small = frame(0x0, 0, 1, &[0; 8]).repeat(4096);
+        let big = frame(0x0, 0, 1, &[0; 16_384]).repeat(64);
+        for (name, bytes, frames) in [("8-byte DATA", &small, 4096), ("16 KiB DATA", &big, 64)] {
+            let mut observer = FrameObserver::new(limits(100, 16, 100));
+            observer.observe(PREFACE, &mut Instant::now).unwrap();
+            let rounds = 2000;
+            let started = Instant::now();
+            for _ in 0..rounds {
+                for read in bytes.chunks(16 * 1024) {
+                    observer.observe(read, &mut Instant::now).unwrap();
+                }
+            }
+            let elapsed = started.elapsed();
+            let per_frame = elapsed / (rounds * frames);
+            let gbps = (bytes.len() as f64 * f64::from(rounds)) / elapsed.as_secs_f64() / 1e9;
+            eprintln!("{name}: {per_frame:?} per frame, {gbps:.1} GB/s");
+        }
+    }
+
     #[tokio::test]
     async fn the_guard_withholds_the_offending_frame_and_trips() {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
