@@ -587,6 +587,17 @@ mod tests {
         assert_eq!(feed(&mut observer, &stream, 8, now), Ok(()));
     }
 
+    #[test]
+    fn close_reasons_match_the_metric_labels() {
+        let labels: Vec<&str> = CloseReason::ALL.iter().map(|r| r.as_str()).collect();
+        assert_eq!(labels, crate::telemetry::metrics::H2_CLOSE_REASONS);
+        for (i, reason) in CloseReason::ALL.into_iter().enumerate() {
+            assert_eq!(reason.index(), i);
+            assert_eq!(CloseReason::from_u8(reason as u8), Some(reason));
+        }
+        assert_eq!(CloseReason::from_u8(0), None);
+    }
+
     /// The cost of watching: frames per second through the observer, for
     /// small frames (the worst case: one header per 9 + 8 bytes) and 16 KiB
     /// DATA frames. Run by hand (`--ignored --nocapture`, best with

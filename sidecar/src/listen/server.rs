@@ -719,6 +719,72 @@ mod tests {
         }
     }
 
+    /// An HTTP/2 frame header and payload.
+    fn h2_frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+        let len = payload.len();
+        let mut bytes = vec![(len >> 16) as u8, (len >> 8) as u8, len as u8, kind, flags];
+        bytes.extend_from_slice(&stream.to_be_bytes());
+        bytes.extend_from_slice(payload);
+        bytes
+    }
+
+    #[tokio::test]
+    async fn an_h2c_rapid_reset_client_gets_goaway_and_is_counted_per_listener() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let metrics = Metrics::new("orders");
+        let limits = Arc::new(Limits {
+            h2_max_resets_per_second: 5,
+            ..Limits::default()
+        });
+        let (_stop, stopped) = watch::channel(false);
+        tokio::spawn(serve(
+            "outbound",
+            listener,
+            Logs,
+            limits,
+            metrics.listener("outbound"),
+            stopped,
+            ListenerOptions::default(),
+        ));
+        let mut client = TcpStream::connect(addr).await.unwrap();
+        let mut bytes = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+        bytes.extend(h2_frame(0x4, 0, 0, &[]));
+        client.write_all(&bytes).await.unwrap();
+        // One request and its reset at a time, each answered before the
+        // next, so h2's own cap (resets of unaccepted streams) never acts.
+        let mut received = Vec::new();
+        for i in 0..6u32 {
+            let id = 2 * i + 1;
+            let mut bytes = h2_frame(0x1, 0x5, id, &[0x82, 0x86, 0x84, 0x01, 0x01, b'a']);
+            bytes.extend(h2_frame(0x3, 0, id, &8u32.to_be_bytes()));
+            if client.write_all(&bytes).await.is_err() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let read = tokio::time::timeout(Duration::from_secs(5), client.read_to_end(&mut received));
+        let _ = read.await.expect("the connection is closed");
+        // A GOAWAY frame (type 7) came before the close.
+        let mut at = 0;
+        let mut goaway = false;
+        while at + 9 <= received.len() {
+            let len = usize::from(received[at]) << 16
+                | usize::from(received[at + 1]) << 8
+                | usize::from(received[at + 2]);
+            goaway |= received[at + 3] == 0x7;
+            at += 9 + len;
+        }
+        assert!(goaway, "no GOAWAY in {received:?}");
+        let text = String::from_utf8(metrics.render(&[])).unwrap();
+        assert!(
+            text.contains(
+                "meshlet_h2_connections_closed_total{listener=\"outbound\",reason=\"rapid_reset\"} 1"
+            ),
+            "{text}"
+        );
+    }
+
     /// A handler that refuses plaintext opaque TCP, as the inbound does
     /// under `MTLSPolicy strict`.
     #[derive(Clone)]
