@@ -128,7 +128,8 @@ pub struct Args {
     /// Time a client has to send a complete request head (slowloris guard).
     #[arg(long, env = "MESHLET_HEADER_READ_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
     pub header_read_timeout: Duration,
-    /// How long a client connection may sit idle between requests.
+    /// How long a client connection may sit idle between requests (HTTP/2:
+    /// with no open stream; closed with GOAWAY).
     #[arg(long, env = "MESHLET_CLIENT_IDLE_TIMEOUT", default_value = "5m", value_parser = parse_duration)]
     pub client_idle_timeout: Duration,
     /// Largest request head accepted, in bytes (431 beyond).
@@ -145,6 +146,36 @@ pub struct Args {
     /// timeouts) and other clients are unaffected.
     #[arg(long, env = "MESHLET_UPSTREAM_STREAMS_PER_CLIENT", default_value_t = 100, value_parser = parse_positive)]
     pub upstream_streams_per_client: usize,
+    /// HTTP/2 clients (both listeners): streams one connection may have open
+    /// at once (SETTINGS_MAX_CONCURRENT_STREAMS).
+    #[arg(long, env = "MESHLET_H2_MAX_CONCURRENT_STREAMS", default_value_t = 100)]
+    pub h2_max_concurrent_streams: u32,
+    /// HTTP/2: streams a client may reset (RST_STREAM) per second on one
+    /// connection; beyond it the connection is closed with GOAWAY (rapid
+    /// reset, CVE-2023-44487; 0 = no limit).
+    #[arg(long, env = "MESHLET_H2_MAX_RESETS_PER_SECOND", default_value_t = 100)]
+    pub h2_max_resets_per_second: u32,
+    /// HTTP/2: CONTINUATION frames allowed in one header block; beyond it
+    /// the connection is closed (h2's own cap, derived from
+    /// --max-header-bytes, also applies; 0 = only that one).
+    #[arg(long, env = "MESHLET_H2_MAX_CONTINUATION_FRAMES", default_value_t = 16)]
+    pub h2_max_continuation_frames: u32,
+    /// HTTP/2: SETTINGS and PING frames a client may send per second on
+    /// one connection; beyond it the connection is closed (0 = no limit).
+    #[arg(
+        long,
+        env = "MESHLET_H2_MAX_CONTROL_FRAMES_PER_SECOND",
+        default_value_t = 100
+    )]
+    pub h2_max_control_frames_per_second: u32,
+    /// HTTP/2: send a keep-alive PING on a client connection that has been
+    /// quiet this long (0s = off).
+    #[arg(long, env = "MESHLET_H2_KEEPALIVE_INTERVAL", default_value = "30s", value_parser = parse_duration)]
+    pub h2_keepalive_interval: Duration,
+    /// HTTP/2: close a client connection whose keep-alive PING is not
+    /// answered within this.
+    #[arg(long, env = "MESHLET_H2_KEEPALIVE_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub h2_keepalive_timeout: Duration,
     /// On SIGTERM/SIGINT, how long in-flight requests may take to finish.
     #[arg(long, env = "MESHLET_DRAIN_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
     pub drain_timeout: Duration,
@@ -406,6 +437,12 @@ impl Args {
             idle_timeout: self.idle_timeout,
             stream_idle_timeout: nonzero(self.stream_idle_timeout),
             upstream_streams_per_client: self.upstream_streams_per_client,
+            h2_max_concurrent_streams: self.h2_max_concurrent_streams,
+            h2_max_resets_per_second: self.h2_max_resets_per_second,
+            h2_max_continuation_frames: self.h2_max_continuation_frames,
+            h2_max_control_frames_per_second: self.h2_max_control_frames_per_second,
+            h2_keepalive_interval: nonzero(self.h2_keepalive_interval),
+            h2_keepalive_timeout: self.h2_keepalive_timeout,
         }
     }
 }

@@ -113,7 +113,8 @@ pub struct Limits {
     pub upstream_timeout: Option<Duration>,
     #[serde(with = "humantime_serde_compat")]
     pub header_read_timeout: Duration,
-    /// An idle client keep-alive connection is closed after this.
+    /// An idle client keep-alive connection (HTTP/2: one with no open
+    /// stream) is closed after this.
     #[serde(with = "humantime_serde_compat")]
     pub client_idle_timeout: Duration,
     pub max_header_bytes: usize,
@@ -127,6 +128,21 @@ pub struct Limits {
     /// Streams one downstream connection may hold at once on shared
     /// upstream HTTP/2 connections; beyond it its requests wait.
     pub upstream_streams_per_client: usize,
+    // h2limits: HTTP/2 server limits of both listeners (`listen::h2_guard`).
+    /// `SETTINGS_MAX_CONCURRENT_STREAMS` advertised to HTTP/2 clients.
+    pub h2_max_concurrent_streams: u32,
+    /// `RST_STREAM` frames a client may send per second and connection (0 = no limit).
+    pub h2_max_resets_per_second: u32,
+    /// `CONTINUATION` frames in one header block (0 = h2's own cap only).
+    pub h2_max_continuation_frames: u32,
+    /// `SETTINGS` + `PING` frames a client may send per second and connection (0 = no limit).
+    pub h2_max_control_frames_per_second: u32,
+    /// Interval of the keep-alive PING on HTTP/2 client connections (`None`: off).
+    #[serde(with = "humantime_serde_compat::option")]
+    pub h2_keepalive_interval: Option<Duration>,
+    /// A keep-alive PING unanswered this long closes the connection.
+    #[serde(with = "humantime_serde_compat")]
+    pub h2_keepalive_timeout: Duration,
 }
 
 impl Default for Limits {
@@ -140,6 +156,12 @@ impl Default for Limits {
             idle_timeout: Duration::from_secs(90),
             stream_idle_timeout: Some(Duration::from_secs(300)),
             upstream_streams_per_client: 100,
+            h2_max_concurrent_streams: 100,
+            h2_max_resets_per_second: 100,
+            h2_max_continuation_frames: 16,
+            h2_max_control_frames_per_second: 100,
+            h2_keepalive_interval: Some(Duration::from_secs(30)),
+            h2_keepalive_timeout: Duration::from_secs(10),
         }
     }
 }

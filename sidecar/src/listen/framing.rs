@@ -55,6 +55,9 @@ const READ_CHUNK: usize = 4 * 1024;
 pub struct InFlightRequests {
     count: AtomicUsize,
     waiting_reader: Mutex<Option<Waker>>,
+    /// When the count last went to zero (`None`: not since the connection
+    /// opened); HTTP/2's idle limit reads it (`h2_guard`).
+    went_idle: Mutex<Option<Instant>>,
 }
 
 impl InFlightRequests {
@@ -63,6 +66,16 @@ impl InFlightRequests {
     pub fn start(self: &Arc<Self>) -> RequestGuard {
         self.count.fetch_add(1, Ordering::AcqRel);
         RequestGuard(Arc::clone(self))
+    }
+
+    /// `None` while a request is in flight; else since when none has been
+    /// (the last answer, or `opened` if there never was one).
+    pub fn idle_since(&self, opened: Instant) -> Option<Instant> {
+        if self.count.load(Ordering::Acquire) != 0 {
+            return None;
+        }
+        let went_idle = self.went_idle.lock().ok().and_then(|at| *at);
+        Some(went_idle.map_or(opened, |at| at.max(opened)))
     }
 
     /// True if none is in flight; otherwise registers `cx` to be woken
@@ -86,6 +99,9 @@ pub struct RequestGuard(Arc<InFlightRequests>);
 impl Drop for RequestGuard {
     fn drop(&mut self) {
         if self.0.count.fetch_sub(1, Ordering::AcqRel) == 1 {
+            if let Ok(mut at) = self.0.went_idle.lock() {
+                *at = Some(Instant::now());
+            }
             if let Some(waker) = self.0.waiting_reader.lock().ok().and_then(|mut w| w.take()) {
                 waker.wake();
             }

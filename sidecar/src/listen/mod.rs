@@ -5,10 +5,10 @@
 //! accept (server) ─► transparent listener: original destination (original_dst)
 //!                 ─► peek the first bytes (sniff): HTTP/1.1 | h2c | opaque TCP
 //!   HTTP/1.1 ─► FramingGuard (framing) ─► hyper http1 (upgrades) ─► Handler (proxy)
-//!   h2c      ─► hyper http2 ─────────────────────────────────────► Handler (proxy)
+//!   h2c      ─► H2Guard (h2_guard) ─► hyper http2 ──────────────► Handler (proxy)
 //!   opaque   ─► Interception::splice (transparent) ─► tunnel::copy_both_ways
 //!   TLS (mesh hop, inbound with a certificate) ─► identity::tls::accept ─► Peer.identity
-//!       ─► ALPN h2 → hyper http2 | http/1.1 → FramingGuard → hyper http1 | meshlet-tcp → the app
+//!       ─► ALPN h2 → H2Guard → hyper http2 | http/1.1 → FramingGuard → hyper http1 | meshlet-tcp → the app
 //! ```
 //!
 //! - `server` — the accept loop of every listener, protocol choice,
@@ -16,6 +16,9 @@
 //!   per connection and one `request` span per request.
 //! - `framing` — the I/O wrapper that checks HTTP/1.1 message framing
 //!   before hyper sees a head (request smuggling, oversized heads).
+//! - `h2_guard` — the I/O wrapper that watches the frame headers an
+//!   HTTP/2 client sends (rapid reset, CONTINUATION, SETTINGS/PING floods)
+//!   and has the connection closed with GOAWAY when it breaks a limit.
 //! - `sniff` — protocol detection by peeking.
 //! - `original_dst` — `SO_ORIGINAL_DST` of a redirected connection.
 //! - `transparent` — what a transparent listener does with opaque TCP, and
@@ -30,6 +33,7 @@
 //! the handler does.
 
 pub(crate) mod framing;
+pub(crate) mod h2_guard;
 pub(crate) mod original_dst;
 pub(crate) mod server;
 pub(crate) mod sniff;

@@ -49,6 +49,7 @@ use crate::body::ProxyBody;
 use crate::error::ProxyError;
 use crate::identity::tls;
 use crate::listen::framing::{FramingGuard, GuardConfig, InFlightRequests, RefusalAnswer};
+use crate::listen::h2_guard::{self, CloseReason, FrameLimits, H2Guard, Tripped};
 use crate::listen::original_dst::original_destination;
 use crate::listen::sniff::{self, Listener, Protocol};
 use crate::listen::transparent::Interception;
@@ -323,11 +324,28 @@ impl<H: Handler> Shared<H> {
             }
         });
         if http2 {
+            let tripped = Arc::new(Tripped::default());
+            let guarded = H2Guard::new(io, self.protocols.h2_frames, Arc::clone(&tripped));
             let connection = self
                 .protocols
                 .http2
-                .serve_connection(TokioIo::new(io), service);
-            return drive(connection, stop, |c| c.graceful_shutdown()).await;
+                .serve_connection(TokioIo::new(guarded), service);
+            let closed = drive_h2(
+                connection,
+                stop,
+                &tripped,
+                &in_flight,
+                self.limits.client_idle_timeout,
+            )
+            .await;
+            if let Some(reason) = closed {
+                tracing::debug!(
+                    reason = reason.as_str(),
+                    "HTTP/2 connection closed by the sidecar"
+                );
+                self.metrics.h2_closed[reason.index()].inc();
+            }
+            return Ok(());
         }
         let guarded = TokioIo::new(FramingGuard::new(io, Arc::clone(&self.guard), in_flight));
         let connection = self
@@ -488,10 +506,92 @@ where
     connection.await
 }
 
+/// How an HTTP/2 connection that stopped being welcome (idle: no open
+/// stream for `idle`; abusive: `tripped`) is closed: hyper's graceful
+/// shutdown sends GOAWAY, and the connection is dropped if it has not
+/// finished within this.
+const IDLE_GRACE: Duration = Duration::from_secs(5);
+
+/// Runs an HTTP/2 connection like [`drive`], and also closes it with
+/// GOAWAY when its [`H2Guard`] trips or it has no open stream for `idle`.
+/// The reason, if the sidecar closed it (including h2's own limits and
+/// hyper's keep-alive timeout, from the connection's error).
+async fn drive_h2<C>(
+    connection: C,
+    stop: watch::Receiver<bool>,
+    tripped: &Tripped,
+    in_flight: &InFlightRequests,
+    idle: Duration,
+) -> Option<CloseReason>
+where
+    C: Future<Output = Result<(), hyper::Error>> + GracefulShutdown,
+{
+    let mut connection = pin!(connection);
+    let opened = tokio::time::Instant::now();
+    let (reason, grace) = tokio::select! {
+        result = connection.as_mut() => return ended(result, tripped),
+        _ = wait_for_stop(stop) => {
+            connection.as_mut().shutdown_gracefully();
+            return ended(connection.await, tripped);
+        }
+        reason = tripped.wait() => (reason, h2_guard::ABUSE_GRACE),
+        () = idle_for(in_flight, opened, idle) => (CloseReason::Idle, IDLE_GRACE),
+    };
+    connection.as_mut().shutdown_gracefully();
+    let _ = tokio::time::timeout(grace, connection).await;
+    Some(reason)
+}
+
+/// Why a connection that ended by itself was closed, if by the sidecar.
+fn ended(result: Result<(), hyper::Error>, tripped: &Tripped) -> Option<CloseReason> {
+    match result {
+        Ok(()) => tripped.reason(),
+        Err(error) => {
+            tracing::debug!(%error, "HTTP/2 connection closed with an error");
+            tripped
+                .reason()
+                .or_else(|| h2_guard::classify(&error, tripped))
+        }
+    }
+}
+
+/// Completes once no request has been in flight for `limit`.
+async fn idle_for(in_flight: &InFlightRequests, opened: tokio::time::Instant, limit: Duration) {
+    loop {
+        let wait = match in_flight.idle_since(opened) {
+            None => limit,
+            Some(since) => match limit.checked_sub(since.elapsed()) {
+                Some(left) if !left.is_zero() => left,
+                _ => return,
+            },
+        };
+        tokio::time::sleep(wait).await;
+    }
+}
+
+/// hyper's HTTP/2 server connection, as [`drive_h2`] needs it.
+trait GracefulShutdown {
+    fn shutdown_gracefully(self: Pin<&mut Self>);
+}
+
+impl<I, S, E> GracefulShutdown for http2::Connection<I, S, E>
+where
+    S: hyper::service::HttpService<Incoming, ResBody = ProxyBody>,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    I: hyper::rt::Read + hyper::rt::Write + Unpin,
+    E: hyper::rt::bounds::Http2ServerConnExec<S::Future, ProxyBody>,
+{
+    fn shutdown_gracefully(self: Pin<&mut Self>) {
+        self.graceful_shutdown();
+    }
+}
+
 /// The connection builders for both protocols, configured once.
 struct Protocols {
     http1: http1::Builder,
     http2: http2::Builder<TokioExecutor>,
+    /// What each HTTP/2 connection's frame guard enforces.
+    h2_frames: FrameLimits,
 }
 
 impl Protocols {
@@ -507,10 +607,25 @@ impl Protocols {
             .max_buf_size(limits.max_header_bytes.max(8192))
             .keep_alive(true);
         let mut http2 = http2::Builder::new(TokioExecutor::new());
+        // h2 keeps its own caps on resets of streams not yet accepted and
+        // on streams it resets for a client's errors (both close with
+        // ENHANCE_YOUR_CALM); the frame guard adds per-second rates.
         http2
             .timer(TokioTimer::new())
-            .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX));
-        Protocols { http1, http2 }
+            .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX))
+            .max_concurrent_streams(limits.h2_max_concurrent_streams)
+            .keep_alive_interval(limits.h2_keepalive_interval)
+            .keep_alive_timeout(limits.h2_keepalive_timeout);
+        let h2_frames = FrameLimits {
+            resets_per_second: limits.h2_max_resets_per_second,
+            continuation_frames: limits.h2_max_continuation_frames,
+            control_frames_per_second: limits.h2_max_control_frames_per_second,
+        };
+        Protocols {
+            http1,
+            http2,
+            h2_frames,
+        }
     }
 }
 
@@ -610,6 +725,72 @@ mod tests {
         ] {
             assert!(line.contains(&field), "{field} missing from: {line}");
         }
+    }
+
+    /// An HTTP/2 frame header and payload.
+    fn h2_frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+        let len = payload.len();
+        let mut bytes = vec![(len >> 16) as u8, (len >> 8) as u8, len as u8, kind, flags];
+        bytes.extend_from_slice(&stream.to_be_bytes());
+        bytes.extend_from_slice(payload);
+        bytes
+    }
+
+    #[tokio::test]
+    async fn an_h2c_rapid_reset_client_gets_goaway_and_is_counted_per_listener() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let metrics = Metrics::new("orders");
+        let limits = Arc::new(Limits {
+            h2_max_resets_per_second: 5,
+            ..Limits::default()
+        });
+        let (_stop, stopped) = watch::channel(false);
+        tokio::spawn(serve(
+            "outbound",
+            listener,
+            Logs,
+            limits,
+            metrics.listener("outbound"),
+            stopped,
+            ListenerOptions::default(),
+        ));
+        let mut client = TcpStream::connect(addr).await.unwrap();
+        let mut bytes = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+        bytes.extend(h2_frame(0x4, 0, 0, &[]));
+        client.write_all(&bytes).await.unwrap();
+        // One request and its reset at a time, each answered before the
+        // next, so h2's own cap (resets of unaccepted streams) never acts.
+        let mut received = Vec::new();
+        for i in 0..6u32 {
+            let id = 2 * i + 1;
+            let mut bytes = h2_frame(0x1, 0x5, id, &[0x82, 0x86, 0x84, 0x01, 0x01, b'a']);
+            bytes.extend(h2_frame(0x3, 0, id, &8u32.to_be_bytes()));
+            if client.write_all(&bytes).await.is_err() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let read = tokio::time::timeout(Duration::from_secs(5), client.read_to_end(&mut received));
+        let _ = read.await.expect("the connection is closed");
+        // A GOAWAY frame (type 7) came before the close.
+        let mut at = 0;
+        let mut goaway = false;
+        while at + 9 <= received.len() {
+            let len = usize::from(received[at]) << 16
+                | usize::from(received[at + 1]) << 8
+                | usize::from(received[at + 2]);
+            goaway |= received[at + 3] == 0x7;
+            at += 9 + len;
+        }
+        assert!(goaway, "no GOAWAY in {received:?}");
+        let text = String::from_utf8(metrics.render(&[])).unwrap();
+        assert!(
+            text.contains(
+                "meshlet_h2_connections_closed_total{listener=\"outbound\",reason=\"rapid_reset\"} 1"
+            ),
+            "{text}"
+        );
     }
 
     /// A handler that refuses plaintext opaque TCP, as the inbound does

@@ -64,7 +64,21 @@ pub struct ListenerMetrics {
     /// Requests refused below hyper (see `framing`), by reason.
     pub bad_request: IntCounter,
     pub head_too_large: IntCounter,
+    // h2limits: `meshlet_h2_connections_closed_total{listener,reason}`,
+    // one handle per reason in the order of `H2_CLOSE_REASONS`.
+    pub h2_closed: Arc<[IntCounter]>,
 }
+
+/// The `reason` labels of `meshlet_h2_connections_closed_total`, in the
+/// order of `listen::h2_guard::CloseReason::ALL` (h2limits).
+pub const H2_CLOSE_REASONS: [&str; 6] = [
+    "rapid_reset",
+    "continuation_flood",
+    "control_frame_flood",
+    "idle",
+    "keepalive_timeout",
+    "protocol_error",
+];
 
 /// Handles of one destination (a service target, passthrough, the local
 /// app), resolved when the target is built.
@@ -168,6 +182,8 @@ pub struct Metrics {
     tcp: TcpFamilies,
     identity: IdentityMetrics,
     pool: PoolMetrics,
+    /// h2limits: `meshlet_h2_connections_closed_total{listener,reason}`.
+    h2_closed: IntCounterVec,
 }
 
 /// The workload certificate (`identity`): its expiry, renewals and
@@ -431,6 +447,11 @@ impl Metrics {
             tcp: TcpFamilies::register(&register),
             identity: IdentityMetrics::register(&register),
             pool: PoolMetrics::register(&register),
+            h2_closed: register.counter_vec(
+                "meshlet_h2_connections_closed_total",
+                "HTTP/2 client connections the sidecar closed, by listener and reason (rapid_reset, continuation_flood, control_frame_flood, idle, keepalive_timeout, protocol_error)",
+                &["listener", "reason"],
+            ),
             registry,
         }
     }
@@ -602,6 +623,10 @@ impl Metrics {
                 .request_path
                 .mesh_responses
                 .with_label_values(&[name, "header_too_large"]),
+            h2_closed: H2_CLOSE_REASONS
+                .iter()
+                .map(|reason| self.h2_closed.with_label_values(&[name, reason]))
+                .collect(),
         }
     }
 
