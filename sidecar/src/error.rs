@@ -65,6 +65,8 @@ pub enum ProxyError {
     HeadTooLarge { limit: usize },
     #[error("malformed request head (not HTTP/1.x)")]
     MalformedHead,
+    #[error("an HTTP/1.1 request needs exactly one valid Host header")]
+    BadHost,
     #[error("request path {path:?} refused: {why}")]
     BadPath {
         path: String,
@@ -146,6 +148,7 @@ impl ProxyError {
             ProxyError::MissingHost
             | ProxyError::AmbiguousFraming
             | ProxyError::MalformedHead
+            | ProxyError::BadHost
             | ProxyError::BadPath { .. }
             | ProxyError::RequestBodyFailed { .. } => StatusCode::BAD_REQUEST,
             ProxyError::RequestBodyTimeout { .. } => StatusCode::REQUEST_TIMEOUT,
@@ -176,6 +179,7 @@ impl ProxyError {
             ProxyError::BadPath { .. } => "bad_path",
             ProxyError::AmbiguousFraming
             | ProxyError::MalformedHead
+            | ProxyError::BadHost
             | ProxyError::RequestBodyFailed { .. } => "bad_request",
             ProxyError::RequestBodyTimeout { .. } => "request_timeout",
             ProxyError::HeadTooLarge { .. } => "header_too_large",
@@ -295,6 +299,7 @@ mod tests {
             (ProxyError::AmbiguousFraming, 400, "bad_request", "request has both Content-Length and Transfer-Encoding (ambiguous framing)"),
             (ProxyError::HeadTooLarge { limit: 8192 }, 431, "header_too_large", "request head is larger than 8192 bytes"),
             (ProxyError::MalformedHead, 400, "bad_request", "malformed request head (not HTTP/1.x)"),
+            (ProxyError::BadHost, 400, "bad_request", "an HTTP/1.1 request needs exactly one valid Host header"),
             (
                 ProxyError::BadPath { path: "/a%2Fb".into(), why: crate::proxy::path::PathRefusal::EncodedSlash },
                 400,

@@ -213,6 +213,10 @@ impl<H: Handler> Shared<H> {
                 response: ProxyError::MalformedHead.to_http1_bytes(),
                 count: metrics.bad_request.clone(),
             },
+            bad_host: RefusalAnswer {
+                response: ProxyError::BadHost.to_http1_bytes(),
+                count: metrics.bad_request.clone(),
+            },
         });
         Shared {
             handler,
