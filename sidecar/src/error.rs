@@ -67,6 +67,8 @@ pub enum ProxyError {
     MalformedHead,
     #[error("an HTTP/1.1 request needs exactly one valid Host header")]
     BadHost,
+    #[error("request line (URI) is longer than {limit} bytes")]
+    UriTooLong { limit: usize },
     #[error("request path {path:?} refused: {why}")]
     BadPath {
         path: String,
@@ -153,6 +155,7 @@ impl ProxyError {
             | ProxyError::RequestBodyFailed { .. } => StatusCode::BAD_REQUEST,
             ProxyError::RequestBodyTimeout { .. } => StatusCode::REQUEST_TIMEOUT,
             ProxyError::HeadTooLarge { .. } => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            ProxyError::UriTooLong { .. } => StatusCode::URI_TOO_LONG,
             ProxyError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             ProxyError::UnknownService { .. } | ProxyError::NoHealthyEndpoint { .. } => {
                 StatusCode::SERVICE_UNAVAILABLE
@@ -183,6 +186,7 @@ impl ProxyError {
             | ProxyError::RequestBodyFailed { .. } => "bad_request",
             ProxyError::RequestBodyTimeout { .. } => "request_timeout",
             ProxyError::HeadTooLarge { .. } => "header_too_large",
+            ProxyError::UriTooLong { .. } => "uri_too_long",
             ProxyError::MethodNotAllowed { .. } => "method_not_allowed",
             ProxyError::UnknownService { .. } => "unknown_service",
             ProxyError::NoHealthyEndpoint { .. } => "no_healthy_endpoint",
@@ -300,6 +304,7 @@ mod tests {
             (ProxyError::HeadTooLarge { limit: 8192 }, 431, "header_too_large", "request head is larger than 8192 bytes"),
             (ProxyError::MalformedHead, 400, "bad_request", "malformed request head (not HTTP/1.x)"),
             (ProxyError::BadHost, 400, "bad_request", "an HTTP/1.1 request needs exactly one valid Host header"),
+            (ProxyError::UriTooLong { limit: 8192 }, 414, "uri_too_long", "request line (URI) is longer than 8192 bytes"),
             (
                 ProxyError::BadPath { path: "/a%2Fb".into(), why: crate::proxy::path::PathRefusal::EncodedSlash },
                 400,

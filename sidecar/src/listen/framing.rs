@@ -19,7 +19,8 @@
 //! connection down, and the guard writes a `400` with
 //! `x-meshlet-reason: bad_request` just before the shutdown. A head longer
 //! than the limit is refused the same way with `431` and
-//! `x-meshlet-reason: header_too_large`: the guard is the one component
+//! `x-meshlet-reason: header_too_large` (`414`, `uri_too_long`, when the
+//! request line alone is over it): the guard is the one component
 //! that sees a head before it is complete, so it enforces the size too.
 //!
 //! Because it sees a head arrive, the guard also times it: a head must be
@@ -32,7 +33,8 @@
 //! RFC 9112 reader: a `Content-Length` that is not `1*DIGIT` (§6.3; Rust's
 //! integer parser would take `+5`), `chunked` anywhere but once at the end
 //! of `Transfer-Encoding` (§6.1, §6.3), and an HTTP/1.1 request without
-//! exactly one valid `Host` (§3.2: "MUST respond with a 400").
+//! exactly one valid `Host` (§3.2: "MUST respond with a 400"; a target in
+//! absolute or authority form may omit it, see `inspect_head`).
 //!
 //! The guard only needs to find where messages start; it leaves every other
 //! judgement to hyper. An upgraded or `CONNECT` connection switches it to
@@ -139,6 +141,9 @@ pub enum Refusal {
     MalformedHead,
     /// An HTTP/1.1 request without exactly one valid `Host` (RFC 9112 §3.2).
     BadHost,
+    /// The request line alone is over the head limit (RFC 9112 §3: "MUST
+    /// respond with a 414 (URI Too Long)").
+    UriTooLong,
 }
 
 /// Per-listener settings of the guard, shared by its connections.
@@ -152,6 +157,7 @@ pub struct GuardConfig {
     pub head_too_large: RefusalAnswer,
     pub malformed_head: RefusalAnswer,
     pub bad_host: RefusalAnswer,
+    pub uri_too_long: RefusalAnswer,
 }
 
 /// What the guard sends for one kind of refusal, and the counter it bumps
@@ -170,6 +176,7 @@ impl GuardConfig {
             Refusal::HeadTooLarge => &self.head_too_large,
             Refusal::MalformedHead => &self.malformed_head,
             Refusal::BadHost => &self.bad_host,
+            Refusal::UriTooLong => &self.uri_too_long,
         }
     }
 }
@@ -483,7 +490,7 @@ impl Scanner {
                         continue;
                     }
                     match find_head_end(rest, self.head_search_from) {
-                        Some(len) if len > self.max_head => return Err(Refusal::HeadTooLarge),
+                        Some(len) if len > self.max_head => return Err(self.too_large(rest)),
                         Some(len) => {
                             self.state = self.inspect_head(&rest[..len])?;
                             #[cfg(test)]
@@ -491,7 +498,7 @@ impl Scanner {
                             self.cleared += len;
                             self.head_search_from = 0;
                         }
-                        None if rest.len() > self.max_head => return Err(Refusal::HeadTooLarge),
+                        None if rest.len() > self.max_head => return Err(self.too_large(rest)),
                         None => {
                             self.head_search_from = rest.len().saturating_sub(3);
                             return Ok(());
@@ -499,6 +506,15 @@ impl Scanner {
                     }
                 }
             }
+        }
+    }
+
+    /// A head over the limit: 414 if its request line alone is (the
+    /// request-target is what makes it long), else 431.
+    fn too_large(&self, head: &[u8]) -> Refusal {
+        match head.iter().position(|&b| b == b'\n') {
+            Some(end) if end <= self.max_head => Refusal::HeadTooLarge,
+            _ => Refusal::UriTooLong,
         }
     }
 
@@ -561,8 +577,13 @@ impl Scanner {
             return Err(Refusal::MalformedHead);
         }
         // RFC 9112 §3.2: an HTTP/1.1 request has exactly one Host; more
-        // than one is refused in any version.
-        if hosts > 1 || (hosts == 0 && request.version == Some(1)) {
+        // than one is refused in any version. One deliberate leniency: a
+        // request whose target carries the authority itself (absolute- or
+        // authority-form) may omit Host, as the mesh's own clients do for
+        // the outbound listener; the target's authority is what counts then
+        // anyway (§3.2.2), so nothing is ambiguous.
+        let target_has_authority = request.path.is_some_and(|p| !p.starts_with(['/', '*']));
+        if hosts > 1 || (hosts == 0 && request.version == Some(1) && !target_has_authority) {
             return Err(Refusal::BadHost);
         }
         Ok(if upgrade || request.method == Some("CONNECT") {
@@ -826,6 +847,16 @@ mod tests {
     }
 
     #[test]
+    fn a_request_line_over_the_limit_is_uri_too_long() {
+        let long = format!("GET /{} HTTP/1.1\r\nHost: a\r\n\r\n", "a".repeat(2000));
+        assert_eq!(scan_in_pieces(long.as_bytes(), 4096), Err(Refusal::UriTooLong));
+        assert_eq!(
+            scan_in_pieces(&long.as_bytes()[..1500], 4096),
+            Err(Refusal::UriTooLong)
+        );
+    }
+
+    #[test]
     fn refuses_heads_over_the_limit_complete_or_not() {
         let long = format!("GET / HTTP/1.1\r\nHost: a\r\nx: {}\r\n", "a".repeat(2000));
         assert_eq!(
@@ -934,6 +965,7 @@ mod tests {
         }
         for head in [
             "GET / HTTP/1.0\r\n\r\n",
+            "GET http://a/ HTTP/1.1\r\n\r\n",
             "GET / HTTP/1.1\r\nHost:\r\n\r\n",
             "GET / HTTP/1.1\r\nHost: [::1]:8080\r\n\r\n",
             "GET / HTTP/1.1\r\nHost: a.example:80\r\n\r\n",
@@ -1001,7 +1033,8 @@ mod tests {
                     return Err("Transfer-Encoding in HTTP/1.0");
                 }
             }
-            if hosts.len() > 1 || (request.version == Some(1) && hosts.len() != 1) {
+            let origin_form = request.path.is_some_and(|p| p.starts_with(['/', '*']));
+            if hosts.len() > 1 || (request.version == Some(1) && origin_form && hosts.is_empty()) {
                 return Err("not exactly one Host");
             }
             Ok(())
