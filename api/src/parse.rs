@@ -520,17 +520,122 @@ spec: {}
         assert!(parse_documents("f.yaml", "# nothing\n").unwrap().is_empty());
     }
 
+    /// The YAML parser's fuzz targets: proptest, on stable Rust (nightly and
+    /// `cargo fuzz` are not on the CI machine). `PROPTEST_CASES` sets the
+    /// number of cases for a long run by hand; the default keeps CI short.
     mod properties {
         use super::*;
         use proptest::prelude::*;
 
+        fn config() -> ProptestConfig {
+            let cases = std::env::var("PROPTEST_CASES")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(500);
+            ProptestConfig {
+                cases,
+                max_shrink_iters: 4_096,
+                failure_persistence: None,
+                ..ProptestConfig::default()
+            }
+        }
+
+        /// A valid file of several documents of different kinds.
+        const SEED: &str = "apiVersion: meshlet.dev/v1alpha1\nkind: Service\nmetadata:\n  name: orders\n  labels: {team: a}\nspec:\n  endpoints:\n    - address: 127.0.0.1:8080\n    - address: 127.0.0.1:8081\n---\napiVersion: meshlet.dev/v1alpha1\nkind: Service\nmetadata: {name: users}\nspec:\n  endpoints: []\n---\n# a comment\napiVersion: meshlet.dev/v1alpha1\nkind: Service\nmetadata:\n  name: \"billing\"\nspec:\n  endpoints:\n    - address: &a 10.0.0.1:80\n";
+
+        /// One edit of a YAML text: a character or a YAML-significant
+        /// snippet inserted, a span deleted, a line duplicated or
+        /// re-indented.
+        #[derive(Debug, Clone)]
+        enum Edit {
+            Insert(prop::sample::Index, &'static str),
+            Delete(prop::sample::Index, usize),
+            DuplicateLine(prop::sample::Index),
+            Indent(prop::sample::Index, bool),
+        }
+
+        fn edit() -> impl Strategy<Value = Edit> {
+            let snippets = prop::sample::select(vec![
+                ":", " ", "\n", "-", "---\n", "...\n", "\t", "{", "}", "[", "]", "&x ", "*x", "*a",
+                "!!binary ", "!tag ", "'", "\"", "#", "|\n", ">\n", "? ", "%YAML 1.2\n", "<<: *a\n",
+                "kind: Service\n", "kind: Nope\n", "apiVersion: v9\n", "metadata: {}\n", "\u{feff}",
+                "\0", "\r", "é", "9999999999999999999999", "~", "null",
+            ]);
+            prop_oneof![
+                (any::<prop::sample::Index>(), snippets).prop_map(|(i, s)| Edit::Insert(i, s)),
+                (any::<prop::sample::Index>(), 1usize..12).prop_map(|(i, n)| Edit::Delete(i, n)),
+                any::<prop::sample::Index>().prop_map(Edit::DuplicateLine),
+                (any::<prop::sample::Index>(), any::<bool>()).prop_map(|(i, d)| Edit::Indent(i, d)),
+            ]
+        }
+
+        fn apply(text: &mut String, edit: &Edit) {
+            let boundaries: Vec<usize> = (0..=text.len()).filter(|&i| text.is_char_boundary(i)).collect();
+            let line_starts: Vec<usize> = std::iter::once(0)
+                .chain(text.match_indices('\n').map(|(i, _)| i + 1))
+                .filter(|&i| i < text.len())
+                .collect();
+            match edit {
+                Edit::Insert(at, snippet) => text.insert_str(boundaries[at.index(boundaries.len())], snippet),
+                Edit::Delete(at, n) => {
+                    let from = at.index(boundaries.len());
+                    let to = (from + n).min(boundaries.len() - 1);
+                    text.replace_range(boundaries[from]..boundaries[to], "");
+                }
+                Edit::DuplicateLine(at) if !line_starts.is_empty() => {
+                    let start = line_starts[at.index(line_starts.len())];
+                    let end = text[start..].find('\n').map_or(text.len(), |e| start + e + 1);
+                    let line = text[start..end].to_owned();
+                    text.insert_str(start, &line);
+                }
+                Edit::Indent(at, deeper) if !line_starts.is_empty() => {
+                    let start = line_starts[at.index(line_starts.len())];
+                    if *deeper {
+                        text.insert_str(start, "  ");
+                    } else if text[start..].starts_with(' ') {
+                        text.remove(start);
+                    }
+                }
+                _ => {}
+            }
+        }
+
         proptest! {
+            #![proptest_config(config())]
+
+            /// Mutated valid files: never a panic; an error always names a
+            /// document of the file and a line within it (or just past its
+            /// end, for an error at end of input), and says so in its
+            /// one-line message.
+            #[test]
+            fn mutated_documents_fail_with_a_document_and_line(
+                edits in prop::collection::vec(edit(), 1..6),
+            ) {
+                let mut text = SEED.to_owned();
+                for e in &edits {
+                    apply(&mut text, e);
+                }
+                if let Err(err) = parse_documents("f.yaml", &text) {
+                    let shown = err.to_string();
+                    prop_assert!(err.document >= 1, "{shown}\n{text:?}");
+                    let documents = serde_yaml::Deserializer::from_str(&text).count().max(1);
+                    prop_assert!(err.document <= documents + 1, "{shown}\n{text:?}");
+                    let line = err.line.ok_or_else(|| TestCaseError::fail(format!("no line: {shown}\n{text:?}")))?;
+                    prop_assert!(line >= 1 && line <= text.lines().count() + 1, "{shown}\n{text:?}");
+                    let document_field = format!("document {}", err.document);
+                    let line_field = format!("line {line}");
+                    prop_assert!(shown.starts_with("f.yaml: document "), "{}", shown);
+                    prop_assert!(shown.contains(&document_field) && shown.contains(&line_field), "{}", shown);
+                }
+            }
+
             /// Whatever the input, parsing returns resources or an error
             /// that names a document within the file; it never panics.
             #[test]
             fn arbitrary_text_never_panics(text in "(?s).{0,300}") {
                 if let Err(err) = parse_documents("f.yaml", &text) {
                     prop_assert!(err.document >= 1);
+                    prop_assert!(err.line.is_some(), "{}", err);
                 }
             }
 

@@ -65,6 +65,10 @@ pub enum ProxyError {
     HeadTooLarge { limit: usize },
     #[error("malformed request head (not HTTP/1.x)")]
     MalformedHead,
+    #[error("an HTTP/1.1 request needs exactly one valid Host header")]
+    BadHost,
+    #[error("request line (URI) is longer than {limit} bytes")]
+    UriTooLong { limit: usize },
     #[error("request path {path:?} refused: {why}")]
     BadPath {
         path: String,
@@ -146,10 +150,12 @@ impl ProxyError {
             ProxyError::MissingHost
             | ProxyError::AmbiguousFraming
             | ProxyError::MalformedHead
+            | ProxyError::BadHost
             | ProxyError::BadPath { .. }
             | ProxyError::RequestBodyFailed { .. } => StatusCode::BAD_REQUEST,
             ProxyError::RequestBodyTimeout { .. } => StatusCode::REQUEST_TIMEOUT,
             ProxyError::HeadTooLarge { .. } => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            ProxyError::UriTooLong { .. } => StatusCode::URI_TOO_LONG,
             ProxyError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             ProxyError::UnknownService { .. } | ProxyError::NoHealthyEndpoint { .. } => {
                 StatusCode::SERVICE_UNAVAILABLE
@@ -176,9 +182,11 @@ impl ProxyError {
             ProxyError::BadPath { .. } => "bad_path",
             ProxyError::AmbiguousFraming
             | ProxyError::MalformedHead
+            | ProxyError::BadHost
             | ProxyError::RequestBodyFailed { .. } => "bad_request",
             ProxyError::RequestBodyTimeout { .. } => "request_timeout",
             ProxyError::HeadTooLarge { .. } => "header_too_large",
+            ProxyError::UriTooLong { .. } => "uri_too_long",
             ProxyError::MethodNotAllowed { .. } => "method_not_allowed",
             ProxyError::UnknownService { .. } => "unknown_service",
             ProxyError::NoHealthyEndpoint { .. } => "no_healthy_endpoint",
@@ -295,6 +303,8 @@ mod tests {
             (ProxyError::AmbiguousFraming, 400, "bad_request", "request has both Content-Length and Transfer-Encoding (ambiguous framing)"),
             (ProxyError::HeadTooLarge { limit: 8192 }, 431, "header_too_large", "request head is larger than 8192 bytes"),
             (ProxyError::MalformedHead, 400, "bad_request", "malformed request head (not HTTP/1.x)"),
+            (ProxyError::BadHost, 400, "bad_request", "an HTTP/1.1 request needs exactly one valid Host header"),
+            (ProxyError::UriTooLong { limit: 8192 }, 414, "uri_too_long", "request line (URI) is longer than 8192 bytes"),
             (
                 ProxyError::BadPath { path: "/a%2Fb".into(), why: crate::proxy::path::PathRefusal::EncodedSlash },
                 400,

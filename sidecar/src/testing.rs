@@ -1,7 +1,8 @@
 //! Test helpers for the request path's unit tests: upstreams on real
 //! loopback sockets that count what reaches them, and small request and
 //! response helpers. Test-only; imports nothing from the crate except the
-//! body type.
+//! body type. Also [`proptest_config`], the case count of the crate's
+//! property tests (its fuzz targets).
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -164,4 +165,22 @@ where
 {
     let bytes = response.into_body().collect().await.unwrap().to_bytes();
     String::from_utf8(bytes.to_vec()).unwrap()
+}
+
+/// Configuration of the crate's property tests, which are its fuzz
+/// targets: proptest runs on stable Rust, while `cargo fuzz` needs nightly,
+/// which the CI machine does not have. `ci_cases` keeps a CI run to a few
+/// seconds; `PROPTEST_CASES=200000` makes a long run by hand. Shrinking is
+/// bounded so a long run's failure is reported in reasonable time.
+pub fn proptest_config(ci_cases: u32) -> proptest::prelude::ProptestConfig {
+    let cases = std::env::var("PROPTEST_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(ci_cases);
+    proptest::prelude::ProptestConfig {
+        cases,
+        max_shrink_iters: 4_096,
+        failure_persistence: None,
+        ..proptest::prelude::ProptestConfig::default()
+    }
 }

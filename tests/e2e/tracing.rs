@@ -153,7 +153,8 @@ async fn a_valid_traceparent_is_joined_and_an_invalid_one_starts_a_new_trace() {
         .await;
         let (trace, parent, flags) = parts(&seen["traceparent"]);
         assert_ne!(trace, TRACE, "{value:?} must start a new trace");
-        assert_eq!(flags, "01", "new traces are sampled (no TracingPolicy)");
+        // Sampled (no TracingPolicy), and the id is random (Level 2 flag 0x02).
+        assert_eq!(flags, "03", "new traces are sampled with a random id");
         assert!(
             !seen.contains_key("tracestate"),
             "{value:?}: tracestate dropped"

@@ -215,6 +215,17 @@ impl<H: Handler> Shared<H> {
                 response: ProxyError::MalformedHead.to_http1_bytes(),
                 count: metrics.bad_request.clone(),
             },
+            bad_host: RefusalAnswer {
+                response: ProxyError::BadHost.to_http1_bytes(),
+                count: metrics.bad_request.clone(),
+            },
+            uri_too_long: RefusalAnswer {
+                response: ProxyError::UriTooLong {
+                    limit: limits.max_header_bytes,
+                }
+                .to_http1_bytes(),
+                count: metrics.head_too_large.clone(),
+            },
         });
         Shared {
             handler,

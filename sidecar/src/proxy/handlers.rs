@@ -507,16 +507,21 @@ fn upstream_uri<B>(
             .build()
             .ok();
     }
-    // HTTP/1.1 upstream: it needs a Host. HTTP/1.0 clients may send none;
-    // then the URI's authority, or the upstream's address, stands in.
-    if !request.headers().contains_key(header::HOST) {
-        let host = match request.uri().authority() {
-            Some(authority) => HeaderValue::from_str(authority.as_str()).ok(),
-            None => fallback_authority.and_then(|a| HeaderValue::try_from(a.to_string()).ok()),
-        };
-        if let Some(host) = host {
-            request.headers_mut().insert(header::HOST, host);
+    // HTTP/1.1 upstream: it needs a Host. An absolute-form target's
+    // authority replaces any Host received (RFC 9112 §3.2.2: a proxy "MUST
+    // ignore the received Host header field (if any) and instead replace it
+    // with the host information of the request-target"), so the upstream
+    // sees the host the request was routed by. HTTP/1.0 clients may send
+    // none; then the upstream's address stands in.
+    let host = match request.uri().authority() {
+        Some(authority) => HeaderValue::from_str(authority.as_str()).ok(),
+        None if !request.headers().contains_key(header::HOST) => {
+            fallback_authority.and_then(|a| HeaderValue::try_from(a.to_string()).ok())
         }
+        None => None,
+    };
+    if let Some(host) = host {
+        request.headers_mut().insert(header::HOST, host);
     }
     let origin_form =
         request.uri().authority().is_none() && request.uri().path_and_query().is_some();

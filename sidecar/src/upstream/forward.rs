@@ -283,6 +283,14 @@ impl Send<'_> {
                     unsent,
                 }
             }
+            // The client's own request body failed while it was sent (bad
+            // chunked framing, a stall): the client's fault, a 400, and no
+            // mark against an upstream that did nothing wrong.
+            Ok(Err(SendError::Upstream(source))) if source.is_user() => {
+                Sent::Failed(ProxyError::RequestBodyFailed {
+                    detail: source.to_string(),
+                })
+            }
             Ok(Err(SendError::Upstream(source))) => {
                 record(Outcome::Reset);
                 Sent::Failed(ProxyError::Upstream {

@@ -6,10 +6,45 @@
 //! not exactly right (wrong lengths, upper-case hex, version `ff`, all-zero
 //! ids, a second `traceparent`) is ignored as if absent, so the sidecar
 //! starts a new trace instead of joining a corrupt one. `tracestate` is
-//! only kept next to a valid `traceparent`, must parse as a list of
-//! `key=value` members, and is cut to [`MAX_TRACESTATE_LEN`] by dropping
-//! whole members (the long ones first) so what is forwarded stays valid.
-//! W3C wins over B3 when both are present.
+//! only kept next to a valid `traceparent`, and is cut to
+//! [`MAX_TRACESTATE_LEN`] by dropping whole members (the long ones first)
+//! so what is forwarded stays valid. W3C wins over B3 when both are
+//! present.
+//!
+//! Trace Context Level 2 (W3C Candidate Recommendation; section names
+//! below are the spec's, `§` the section of "Trace Context HTTP Request
+//! Headers Format" and of "Processing Model"):
+//!
+//! - **trace-flags** (§ trace-flags): two flags are defined, `sampled`
+//!   (0x01) and `random-trace-id` (0x02). A continued trace keeps the
+//!   random flag exactly as received (§ Random Trace ID Flag: "If the flag
+//!   is set in the incoming `traceparent` header, it MUST also be set in
+//!   all outgoing `traceparent` headers which use the same `trace-id`", and
+//!   unset likewise). Every other bit is dropped on output (§ Other Flags:
+//!   "Vendors MUST set those to zero"; Processing Model: "Vendors will set
+//!   all unparsed / unknown `trace-flags` to 0 on outgoing requests"), but
+//!   an unknown bit does not make a version-00 value invalid. A trace this
+//!   sidecar starts has a fully random id ([`TraceId::random`]), so it sets
+//!   the random flag, as the SHOULD in § Random Trace ID Flag asks; a
+//!   trace id read from B3 carries no such promise, so the flag stays 0.
+//! - **tracestate keys** (§ list-members, Key): one grammar,
+//!   `key = ( lcalpha / DIGIT ) 0*255 ( keychar )` with
+//!   `keychar = lcalpha / DIGIT / "_" / "-" / "*" / "/" / "@"`: up to 256
+//!   characters, and `@` may appear anywhere after the first character,
+//!   any number of times (`foo@=1`, `foo@@bar=1`, `tenant@system=1` with a
+//!   tenant of any length). Level 1's separate `tenant@system` form (241 +
+//!   14 characters, one `@`) is gone.
+//! - **an invalid member** (Processing Model, step 3: "If the `tracestate`
+//!   header cannot be parsed the vendor MAY discard the entire header.
+//!   Invalid `tracestate` entries MAY also be discarded."): the spec allows
+//!   either; this sidecar drops only the invalid members and forwards the
+//!   valid ones, in order, so one bad vendor entry does not break every
+//!   other vendor's correlation. The whole header is discarded only when it
+//!   cannot be read as a list at all: bytes outside visible ASCII, or more
+//!   than 32 members (§ tracestate Header Field Values: "a maximum of 32
+//!   `list-member`s"). A `tracestate` without a valid `traceparent` is
+//!   always discarded (Processing Model: "MUST NOT attempt to parse
+//!   `tracestate`").
 
 use std::fmt;
 
@@ -80,6 +115,9 @@ pub struct Incoming {
     /// The caller's span: the parent of the span this hop creates.
     pub parent: SpanId,
     pub sampled: bool,
+    /// The caller's `random-trace-id` flag (0x02), kept for the next hop;
+    /// always false from B3.
+    pub random: bool,
     /// Forwarded unchanged (only ever present with W3C input).
     pub tracestate: Option<HeaderValue>,
     /// Read from B3 headers (which the next hop then gets as W3C).
@@ -97,17 +135,25 @@ impl Incoming {
     }
 }
 
+/// `trace-flags` bit: the caller may have recorded trace data.
+pub const FLAG_SAMPLED: u8 = 0x01;
+/// `trace-flags` bit (Level 2): at least the right-most 7 bytes of the
+/// trace id are random.
+pub const FLAG_RANDOM: u8 = 0x02;
+
 /// The `traceparent` (version 00) naming `span` of `trace_id` as the parent
-/// of whatever the next hop does.
-pub fn traceparent(trace_id: TraceId, span: SpanId, sampled: bool) -> HeaderValue {
+/// of whatever the next hop does, with the `sampled` and `random-trace-id`
+/// flags and no other bit set (§ Other Flags).
+pub fn traceparent(trace_id: TraceId, span: SpanId, sampled: bool, random: bool) -> HeaderValue {
     let mut out = [0u8; 55];
     out[..3].copy_from_slice(b"00-");
     write_hex(&trace_id.0, &mut out[3..35]);
     out[35] = b'-';
     write_hex(&span.0, &mut out[36..52]);
     out[52] = b'-';
+    let flags = u8::from(sampled) * FLAG_SAMPLED | u8::from(random) * FLAG_RANDOM;
     out[53] = b'0';
-    out[54] = if sampled { b'1' } else { b'0' };
+    out[54] = HEX[usize::from(flags)];
     HeaderValue::from_bytes(&out).expect("hex digits and dashes are a valid header value")
 }
 
@@ -135,7 +181,8 @@ fn from_w3c(headers: &HeaderMap) -> Option<Incoming> {
     Some(Incoming {
         trace_id,
         parent,
-        sampled: flags & 1 == 1,
+        sampled: flags & FLAG_SAMPLED != 0,
+        random: flags & FLAG_RANDOM != 0,
         tracestate: tracestate(headers),
         from_b3: false,
     })
@@ -163,24 +210,35 @@ fn parse_traceparent(value: &[u8]) -> Option<(TraceId, SpanId, u8)> {
     Some((TraceId(trace_id), SpanId(parent), flags))
 }
 
-/// The request's `tracestate` (several headers joined with `,`), if every
-/// member is well formed; cut to [`MAX_TRACESTATE_LEN`] if longer.
+/// The request's `tracestate` (several headers joined with `,`, RFC 9110
+/// §5.3), with invalid members dropped (see the module docs) and cut to
+/// [`MAX_TRACESTATE_LEN`] if longer; `None` when no valid member is left or
+/// the header cannot be read as a list.
 fn tracestate(headers: &HeaderMap) -> Option<HeaderValue> {
     let mut members: Vec<&str> = Vec::new();
+    let mut dropped = false;
+    let mut seen = 0;
     for value in headers.get_all(TRACESTATE) {
         let text = value.to_str().ok()?;
         for member in text.split(',') {
+            // "Spaces and horizontal tabs surrounding list-members are
+            // ignored"; empty members are allowed and dropped.
             let member = member.trim_matches([' ', '\t']);
             if member.is_empty() {
-                continue; // empty members are allowed and dropped
+                continue;
             }
-            if !valid_tracestate_member(member) {
+            seen += 1;
+            if seen > MAX_TRACESTATE_MEMBERS {
                 return None;
             }
-            members.push(member);
+            if valid_tracestate_member(member) {
+                members.push(member);
+            } else {
+                dropped = true;
+            }
         }
     }
-    if members.is_empty() || members.len() > MAX_TRACESTATE_MEMBERS {
+    if members.is_empty() {
         return None;
     }
     let joined_len = |m: &[&str]| m.iter().map(|s| s.len()).sum::<usize>() + m.len() - 1;
@@ -197,48 +255,46 @@ fn tracestate(headers: &HeaderMap) -> Option<HeaderValue> {
     // Unchanged when nothing had to go: the exact bytes received.
     let single = headers.get_all(TRACESTATE).iter().count() == 1;
     match headers.get(TRACESTATE) {
-        Some(original) if single && !too_long => Some(original.clone()),
+        Some(original) if single && !too_long && !dropped => Some(original.clone()),
         _ => HeaderValue::from_str(&members.join(",")).ok(),
     }
 }
 
-/// `key=value` where key is `[a-z0-9][a-z0-9_\-*/]{0,255}` or
-/// `tenant@system` (tenant up to 241, system up to 14 characters), and
-/// value is 1-256 printable ASCII characters other than `,` and `=`, not
-/// ending in a space.
+/// `key=value` (§ list-members): key is `[a-z0-9][a-z0-9_\-*/@]{0,255}`
+/// (Level 2: `@` is an ordinary key character after the first), value is
+/// 1-256 printable ASCII characters other than `,` and `=`, not ending in
+/// a space.
 fn valid_tracestate_member(member: &str) -> bool {
     let Some((key, value)) = member.split_once('=') else {
         return false;
     };
-    let key_char = |c: u8| {
-        c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, b'_' | b'-' | b'*' | b'/')
+    valid_tracestate_key(key) && valid_tracestate_value(value)
+}
+
+/// § Key: `key = ( lcalpha / DIGIT ) 0*255 ( keychar )`.
+fn valid_tracestate_key(key: &str) -> bool {
+    let keychar = |c: u8| {
+        c.is_ascii_lowercase()
+            || c.is_ascii_digit()
+            || matches!(c, b'_' | b'-' | b'*' | b'/' | b'@')
     };
-    let key_start = |part: &str| {
-        part.bytes()
+    key.len() <= 256
+        && key
+            .bytes()
             .next()
             .is_some_and(|c| c.is_ascii_lowercase() || c.is_ascii_digit())
-    };
-    let key_ok = match key.split_once('@') {
-        None => key_start(key) && key.len() <= 256 && key.bytes().all(key_char),
-        Some((tenant, system)) => {
-            key_start(tenant)
-                && tenant.len() <= 241
-                && tenant.bytes().all(key_char)
-                && system
-                    .bytes()
-                    .next()
-                    .is_some_and(|c| c.is_ascii_lowercase())
-                && system.len() <= 14
-                && system.bytes().all(key_char)
-        }
-    };
-    let value_ok = !value.is_empty()
+        && key.bytes().all(keychar)
+}
+
+/// § Value: `value = 0*255(chr) nblk-chr`, `nblk-chr = %x21-2B / %x2D-3C /
+/// %x3E-7E`, `chr = %x20 / nblk-chr`.
+fn valid_tracestate_value(value: &str) -> bool {
+    !value.is_empty()
         && value.len() <= 256
         && !value.ends_with(' ')
         && value
             .bytes()
-            .all(|c| (0x20..=0x7e).contains(&c) && c != b',' && c != b'=');
-    key_ok && value_ok
+            .all(|c| (0x20..=0x7e).contains(&c) && c != b',' && c != b'=')
 }
 
 /// `b3: {traceid}-{spanid}[-{sampling}[-{parentspanid}]]` or `b3: 0|1|d`
@@ -264,6 +320,7 @@ fn from_b3_single(headers: &HeaderMap) -> Option<Incoming> {
         trace_id,
         parent,
         sampled,
+        random: false,
         tracestate: None,
         from_b3: true,
     })
@@ -290,6 +347,7 @@ fn from_b3_multi(headers: &HeaderMap) -> Option<Incoming> {
         trace_id,
         parent,
         sampled,
+        random: false,
         tracestate: None,
         from_b3: true,
     })
@@ -519,13 +577,300 @@ mod tests {
     #[test]
     fn written_traceparent_reads_back() {
         let (trace, span) = (TraceId::random(), SpanId::random());
-        let value = traceparent(trace, span, true);
+        let value = traceparent(trace, span, true, false);
         let ctx = w3c(value.to_str().unwrap()).unwrap();
         assert_eq!((ctx.trace_id, ctx.parent, ctx.sampled), (trace, span, true));
         assert!(value.to_str().unwrap().ends_with("-01"));
-        assert!(traceparent(trace, span, false)
-            .to_str()
+        for (sampled, random, flags) in [
+            (false, false, "-00"),
+            (true, false, "-01"),
+            (false, true, "-02"),
+            (true, true, "-03"),
+        ] {
+            let value = traceparent(trace, span, sampled, random);
+            assert!(value.to_str().unwrap().ends_with(flags), "{value:?}");
+        }
+    }
+
+    // --- Trace Context Level 2, one test per rule ---
+
+    /// § Random Trace ID Flag: the flag is read, and kept on the way out
+    /// (set stays set, unset stays unset).
+    #[test]
+    fn the_random_trace_id_flag_is_read_and_kept() {
+        for (flags, sampled, random) in [
+            ("00", false, false),
+            ("01", true, false),
+            ("02", false, true),
+            ("03", true, true),
+        ] {
+            let ctx = w3c(&format!("00-{TRACE}-{PARENT}-{flags}")).unwrap();
+            assert_eq!((ctx.sampled, ctx.random), (sampled, random), "{flags}");
+            let out = traceparent(ctx.trace_id, SpanId::random(), ctx.sampled, ctx.random);
+            assert!(out.to_str().unwrap().ends_with(&format!("-{flags}")));
+        }
+    }
+
+    /// § Other Flags: unknown bits do not invalidate a version-00 value
+    /// (the bit field is masked), and are zero on output.
+    #[test]
+    fn unknown_flag_bits_are_accepted_and_cleared_on_output() {
+        for (flags, expect_out) in [("ff", "03"), ("fc", "00"), ("06", "02"), ("09", "01")] {
+            let ctx = w3c(&format!("00-{TRACE}-{PARENT}-{flags}")).unwrap();
+            let out = traceparent(ctx.trace_id, ctx.parent, ctx.sampled, ctx.random);
+            assert_eq!(
+                out.to_str().unwrap(),
+                format!("00-{TRACE}-{PARENT}-{expect_out}"),
+                "{flags}"
+            );
+        }
+    }
+
+    /// § Versioning of traceparent: a higher version's flags are read the
+    /// same way (the random bit too), and the output is version 00.
+    #[test]
+    fn a_higher_version_keeps_its_random_flag() {
+        let ctx = w3c(&format!("01-{TRACE}-{PARENT}-02-more")).unwrap();
+        assert!(ctx.random && !ctx.sampled);
+    }
+
+    /// B3 promises nothing about how its ids were made: no random flag.
+    #[test]
+    fn b3_input_has_no_random_flag() {
+        let ctx = Incoming::extract(&headers(&[(B3, &format!("{TRACE}-{PARENT}-1"))])).unwrap();
+        assert!(!ctx.random);
+    }
+
+    fn state_with(state: &str) -> Option<HeaderValue> {
+        let good = format!("00-{TRACE}-{PARENT}-01");
+        Incoming::extract(&headers(&[(TRACEPARENT, &good), (TRACESTATE, state)]))
             .unwrap()
-            .ends_with("-00"));
+            .tracestate
+    }
+
+    /// § Key: `@` is a key character anywhere after the first one, any
+    /// number of times.
+    #[test]
+    fn keys_may_contain_at_signs_anywhere_after_the_first_character() {
+        for state in [
+            "foo@=1",
+            "foo@@bar=1",
+            "tenant@system=1",
+            "a@b@c=1",
+            "0@x=1",
+            "t/e*n_a-n@t@s-y/s*t_e=1",
+        ] {
+            assert_eq!(state_with(state).unwrap(), state, "{state} must be kept");
+        }
+        for state in ["@foo=1", "@=1"] {
+            assert_eq!(state_with(state), None, "{state} must be refused");
+        }
+    }
+
+    /// § Key: up to 256 characters, starting with a lower-case letter or
+    /// digit; the Level 1 tenant (241) and system (14) limits are gone.
+    #[test]
+    fn keys_are_up_to_256_characters_of_the_key_alphabet() {
+        let longest = format!("{}=1", "k".repeat(256));
+        assert_eq!(state_with(&longest).unwrap(), longest.as_str());
+        assert_eq!(state_with(&format!("{}=1", "k".repeat(257))), None);
+        let long_tenant = format!("{}@{}=1", "t".repeat(250), "s".repeat(5));
+        assert_eq!(state_with(&long_tenant).unwrap(), long_tenant.as_str());
+        let long_system = format!("t@{}=1", "s".repeat(100));
+        assert_eq!(state_with(&long_system).unwrap(), long_system.as_str());
+        for bad in ["Key=1", "_k=1", "-k=1", "*k=1", "/k=1", "k.x=1", "k x=1", "=1", "k\u{e9}=1"] {
+            assert_eq!(state_with(bad), None, "{bad:?} must be refused");
+        }
+        assert_eq!(state_with("9lives=1").unwrap(), "9lives=1");
+    }
+
+    /// § Value: 1-256 printable ASCII characters but `,` and `=`, not
+    /// ending in a space (trailing spaces are OWS, leading ones are kept).
+    #[test]
+    fn values_follow_the_value_grammar() {
+        let longest = format!("k={}", "v".repeat(256));
+        assert_eq!(state_with(&longest).unwrap(), longest.as_str());
+        assert_eq!(state_with(&format!("k={}", "v".repeat(257))), None);
+        assert_eq!(state_with("k= lead").unwrap(), "k= lead");
+        assert_eq!(state_with("k=trail ").unwrap(), "k=trail ");
+        for bad in ["k=", "k=a=b", "k=a\tb"] {
+            assert_eq!(state_with(bad), None, "{bad:?} must be refused");
+        }
+    }
+
+    /// Processing Model step 3: invalid entries MAY be discarded (chosen
+    /// here) instead of the whole header; valid ones keep their order.
+    #[test]
+    fn an_invalid_member_drops_only_itself() {
+        assert_eq!(
+            state_with("congo=1,Bad=2,rojo=3").unwrap(),
+            "congo=1,rojo=3"
+        );
+        assert_eq!(state_with("a=1,novalue,b=2").unwrap(), "a=1,b=2");
+        assert_eq!(state_with("Bad=2"), None, "nothing valid left");
+        // Two headers: an invalid member in one spares the other.
+        let good = format!("00-{TRACE}-{PARENT}-01");
+        let map = headers(&[
+            (TRACEPARENT, &good),
+            (TRACESTATE, "a=1,@x=2"),
+            (TRACESTATE, "b=2"),
+        ]);
+        assert_eq!(
+            Incoming::extract(&map).unwrap().tracestate.unwrap(),
+            "a=1,b=2"
+        );
+    }
+
+    /// § tracestate Header Field Values: empty and whitespace-only members
+    /// are allowed; more than 32 members is not a list: discarded whole.
+    #[test]
+    fn empty_members_are_allowed_and_33_members_are_not() {
+        assert_eq!(state_with("a=1, ,\t,b=2").unwrap(), "a=1, ,\t,b=2");
+        assert_eq!(state_with(" , "), None);
+        let members: Vec<String> = (0..32).map(|i| format!("k{i}=v")).collect();
+        assert!(state_with(&members.join(",")).is_some());
+        let members: Vec<String> = (0..33).map(|i| format!("k{i}=v")).collect();
+        assert_eq!(state_with(&members.join(",")), None);
+    }
+
+    /// Property tests (proptest: stable Rust; nightly and `cargo fuzz` are
+    /// not on the CI machine). Case count: `PROPTEST_CASES`, else a CI-
+    /// sized default.
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        fn config() -> ProptestConfig {
+            crate::testing::proptest_config(2_000)
+        }
+
+        fn hex_id(len: usize) -> impl Strategy<Value = String> {
+            prop::collection::vec(0u8..16, len)
+                .prop_filter("not all zero", |d| d.iter().any(|&x| x != 0))
+                .prop_map(|d| d.iter().map(|&x| HEX[usize::from(x)] as char).collect())
+        }
+
+        /// Short keys of every key character, and some near the 256 limit
+        /// (padded, as a regex of that length is slow to generate).
+        fn key() -> impl Strategy<Value = String> {
+            (
+                "[a-z0-9][a-z0-9_*/@-]{0,20}",
+                prop::option::weighted(0.1, 210usize..=235),
+            )
+                .prop_map(|(k, pad)| k + &"@".repeat(pad.unwrap_or(0)))
+        }
+
+        fn value() -> impl Strategy<Value = String> {
+            "[ -+--<>-~]{0,30}[!-+--<>-~]"
+        }
+
+        fn member() -> impl Strategy<Value = String> {
+            (key(), value()).prop_map(|(k, v)| format!("{k}={v}"))
+        }
+
+        proptest! {
+            #![proptest_config(config())]
+
+            /// Any header bytes at all: no panic; whatever is accepted is
+            /// well formed.
+            #[test]
+            fn arbitrary_headers_never_panic(
+                parent in prop::collection::vec(any::<u8>(), 0..80),
+                state in prop::collection::vec(any::<u8>(), 0..600),
+            ) {
+                let mut map = HeaderMap::new();
+                if let Ok(v) = HeaderValue::from_bytes(&parent) {
+                    map.insert(super::TRACEPARENT, v);
+                }
+                if let Ok(v) = HeaderValue::from_bytes(&state) {
+                    map.insert(super::TRACESTATE, v);
+                }
+                if let Some(ctx) = Incoming::extract(&map) {
+                    prop_assert!(ctx.trace_id.0 != [0; 16] && ctx.parent.0 != [0; 8]);
+                    if let Some(state) = ctx.tracestate {
+                        let text = state.to_str().unwrap();
+                        prop_assert!(text.len() <= MAX_TRACESTATE_LEN);
+                        for m in text.split(',').map(|m| m.trim_matches([' ', '\t'])) {
+                            prop_assert!(m.is_empty() || valid_tracestate_member(m), "{:?}", m);
+                        }
+                    }
+                }
+            }
+
+            /// Valid traceparents read back exactly and are written back
+            /// with the same ids and the two known flags only.
+            #[test]
+            fn valid_traceparents_round_trip(
+                trace in hex_id(32),
+                parent in hex_id(16),
+                flags in any::<u8>(),
+            ) {
+                let value = format!("00-{trace}-{parent}-{flags:02x}");
+                let ctx = w3c(&value).unwrap();
+                prop_assert_eq!(ctx.trace_id.to_string(), trace.clone());
+                prop_assert_eq!(ctx.parent.to_string(), parent.clone());
+                prop_assert_eq!(ctx.sampled, flags & 1 != 0);
+                prop_assert_eq!(ctx.random, flags & 2 != 0);
+                let out = traceparent(ctx.trace_id, ctx.parent, ctx.sampled, ctx.random);
+                prop_assert_eq!(out.to_str().unwrap(), format!("00-{trace}-{parent}-{:02x}", flags & 3));
+            }
+
+            /// One corrupted character (not lower-case hex where hex is
+            /// due, not `-` where a dash is due) or a changed length: never
+            /// accepted as version 00.
+            #[test]
+            fn corrupted_traceparents_are_never_accepted(
+                trace in hex_id(32),
+                parent in hex_id(16),
+                at in 0usize..55,
+                replacement in any::<u8>(),
+                cut in 0usize..55,
+                extra in "[0-9a-f-]{1,4}",
+                which in 0u8..3,
+            ) {
+                let good = format!("00-{trace}-{parent}-01");
+                let dash = matches!(at, 2 | 35 | 52);
+                let hex = replacement.is_ascii_digit() || (b'a'..=b'f').contains(&replacement);
+                let bad = match which {
+                    0 if (dash && replacement != b'-') || (!dash && !hex) => {
+                        let mut b = good.clone().into_bytes();
+                        b[at] = replacement;
+                        b
+                    }
+                    1 => good.as_bytes()[..cut].to_vec(),
+                    _ => format!("{good}{extra}").into_bytes(),
+                };
+                if let Ok(value) = HeaderValue::from_bytes(&bad) {
+                    let mut map = HeaderMap::new();
+                    map.insert(super::TRACEPARENT, value);
+                    prop_assert_eq!(Incoming::extract(&map), None, "{:?}", String::from_utf8_lossy(&bad));
+                }
+            }
+
+            /// A list of valid members (≤ 32, fitting 512) is forwarded
+            /// byte for byte; inserting invalid members drops just those.
+            #[test]
+            fn valid_tracestates_round_trip_and_invalid_members_drop_alone(
+                members in prop::collection::vec(member(), 1..32),
+                bad in prop::collection::vec("[A-Z@_*/-][a-z]{0,5}=x|[a-z]{1,5}|[a-z]{1,5}=|[a-z]{1,3}=a=b", 0..3),
+                at in any::<prop::sample::Index>(),
+            ) {
+                let mut fitting: Vec<String> = Vec::new();
+                for m in members {
+                    if fitting.iter().map(|f| f.len() + 1).sum::<usize>() + m.len() <= MAX_TRACESTATE_LEN {
+                        fitting.push(m);
+                    }
+                }
+                let joined = fitting.join(",");
+                prop_assert_eq!(state_with(&joined), Some(HeaderValue::from_str(&joined).unwrap()));
+                let mut mixed = fitting.clone();
+                for b in &bad {
+                    if mixed.len() < MAX_TRACESTATE_MEMBERS {
+                        mixed.insert(at.index(mixed.len() + 1), b.clone());
+                    }
+                }
+                prop_assert_eq!(state_with(&mixed.join(",")), Some(HeaderValue::from_str(&joined).unwrap()));
+            }
+        }
     }
 }

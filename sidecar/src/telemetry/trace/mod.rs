@@ -43,6 +43,9 @@ pub struct Hop {
     /// The caller's span; `None` when this hop starts the trace.
     pub parent: Option<SpanId>,
     pub sampled: bool,
+    /// W3C Level 2 `random-trace-id` flag: as received when joining a
+    /// trace, set for a trace started here (its id is random).
+    pub random: bool,
     tracestate: Option<HeaderValue>,
     /// The context came in B3 headers, to be replaced by W3C.
     from_b3: bool,
@@ -55,21 +58,24 @@ impl Hop {
     /// arrived at `started`; `sample_new` decides whether a new trace is
     /// recorded (an existing one keeps its flag).
     pub fn start(headers: &HeaderMap, started: Instant, sample_new: impl FnOnce() -> bool) -> Hop {
-        let (trace_id, parent, sampled, tracestate, from_b3) = match Incoming::extract(headers) {
-            Some(ctx) => (
-                ctx.trace_id,
-                Some(ctx.parent),
-                ctx.sampled,
-                ctx.tracestate,
-                ctx.from_b3,
-            ),
-            None => (TraceId::random(), None, sample_new(), None, false),
-        };
+        let (trace_id, parent, sampled, random, tracestate, from_b3) =
+            match Incoming::extract(headers) {
+                Some(ctx) => (
+                    ctx.trace_id,
+                    Some(ctx.parent),
+                    ctx.sampled,
+                    ctx.random,
+                    ctx.tracestate,
+                    ctx.from_b3,
+                ),
+                None => (TraceId::random(), None, sample_new(), true, None, false),
+            };
         Hop {
             trace_id,
             span_id: SpanId::random(),
             parent,
             sampled,
+            random,
             tracestate,
             from_b3,
             started_unix_nanos: unix_nanos(SystemTime::now() - started.elapsed()),
@@ -83,7 +89,7 @@ impl Hop {
     pub fn inject(&self, headers: &mut HeaderMap) {
         headers.insert(
             context::TRACEPARENT,
-            context::traceparent(self.trace_id, self.span_id, self.sampled),
+            context::traceparent(self.trace_id, self.span_id, self.sampled, self.random),
         );
         match &self.tracestate {
             Some(state) => {
