@@ -551,6 +551,14 @@ mod tests {
     }
 
     #[test]
+    fn upstream_streams_per_client_defaults_to_100_and_is_at_least_1() {
+        assert_eq!(args(&[]).unwrap().limits().upstream_streams_per_client, 100);
+        let set = args(&["--upstream-streams-per-client", "7"]).unwrap();
+        assert_eq!(set.limits().upstream_streams_per_client, 7);
+        assert!(args_fail(&["--upstream-streams-per-client", "0"]));
+    }
+
+    #[test]
     fn a_control_plane_needs_https_a_token_and_a_ca() {
         let dir = credentials();
         let token = dir.path().join("token");

@@ -15,14 +15,20 @@
 //! - `balance` — `Endpoint` (in-flight count, passive ejection) and the
 //!   power-of-two-choices pick.
 //! - `in_flight` — an endpoint's outstanding-request counter and its guard
-//!   (carried by the response body until its last byte).
-//! - `pool` — per-endpoint HTTP/1.1 keep-alive connections and one shared
-//!   h2 connection; for a mesh endpoint with an identity one shared mTLS
-//!   h2 connection (`identity::tls`); for the local app, the app's protocol.
+//!   (carried by the response body until its last byte); a downstream
+//!   connection's allowance of upstream HTTP/2 streams (`ClientStreams`)
+//!   and one such stream (`StreamSlot`).
+//! - `pool` — per-endpoint HTTP/1.1 keep-alive connections and a small set
+//!   of shared h2 connections (a new one at the peer's stream limit or
+//!   GOAWAY, one connect at a time); for a mesh endpoint with an identity
+//!   the same over mTLS (`identity::tls`); for the local app, the app's
+//!   protocol. Work the upstream refused unprocessed is sent again once.
 //!
 //! **Invariants:** a request whose connection failed before it was sent
 //! comes back to `forward` (never lost, retried elsewhere without a
-//! policy); no whole body is buffered except a retryable request body
+//! policy); a request the upstream refused unprocessed (GOAWAY,
+//! `REFUSED_STREAM`, a pooled connection closed before answering) is sent
+//! again by the pool at most once, never as a policy retry; no whole body is buffered except a retryable request body
 //! within `maxBodyBytes`; locks (a pool's, a breaker's) are held for a few
 //! instructions, never across an await.
 
