@@ -387,13 +387,19 @@ impl Mesh {
         let statuses = final_statuses(&text);
         let mut wrong = Vec::new();
         if statuses != case.statuses {
-            wrong.push(format!("statuses {statuses:?}, expected {:?}", case.statuses));
+            wrong.push(format!(
+                "statuses {statuses:?}, expected {:?}",
+                case.statuses
+            ));
         }
         if !closed {
             wrong.push(format!("connection still open after {PATIENCE:?}"));
         }
         if app < case.app.0 || app > case.app.1 {
-            wrong.push(format!("the app saw {app} requests, expected {:?}", case.app));
+            wrong.push(format!(
+                "the app saw {app} requests, expected {:?}",
+                case.app
+            ));
         }
         if let Some(reason) = case.reason {
             let first_error = text

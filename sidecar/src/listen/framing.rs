@@ -395,11 +395,20 @@ enum State {
 /// Position inside chunked framing (RFC 9112 §7.1).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Chunk {
-    Size { size: u64, digits: u8 },
+    Size {
+        size: u64,
+        digits: u8,
+    },
     /// Whitespace after the size (hyper allows it): no more digits.
-    SizeLws { size: u64 },
-    Extension { size: u64 },
-    SizeLf { size: u64 },
+    SizeLws {
+        size: u64,
+    },
+    Extension {
+        size: u64,
+    },
+    SizeLf {
+        size: u64,
+    },
     Data(u64),
     DataCr,
     DataLf,
@@ -617,7 +626,9 @@ fn decimal(text: &[u8]) -> Option<u64> {
 /// reg-name, IPv4 or bracketed IP literal, no userinfo, digits as port.
 fn valid_host(value: &[u8]) -> bool {
     let (host, port) = match value.iter().rposition(|&b| b == b':') {
-        Some(colon) if !value[colon..].contains(&b']') => (&value[..colon], Some(&value[colon + 1..])),
+        Some(colon) if !value[colon..].contains(&b']') => {
+            (&value[..colon], Some(&value[colon + 1..]))
+        }
         _ => (value, None),
     };
     let host_ok = if let Some(literal) = host.strip_prefix(b"[") {
@@ -633,8 +644,21 @@ fn valid_host(value: &[u8]) -> bool {
             b.is_ascii_alphanumeric()
                 || matches!(
                     b,
-                    b'-' | b'.' | b'_' | b'~' | b'%' | b'!' | b'$' | b'&' | b'\'' | b'(' | b')'
-                        | b'*' | b'+' | b',' | b';' | b'='
+                    b'-' | b'.'
+                        | b'_'
+                        | b'~'
+                        | b'%'
+                        | b'!'
+                        | b'$'
+                        | b'&'
+                        | b'\''
+                        | b'('
+                        | b')'
+                        | b'*'
+                        | b'+'
+                        | b','
+                        | b';'
+                        | b'='
                 )
         })
     };
@@ -837,7 +861,8 @@ mod tests {
         ] {
             check(head, Err(Refusal::MalformedHead));
         }
-        let twice = "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 2\r\nContent-Length: 2\r\n\r\nok";
+        let twice =
+            "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 2\r\nContent-Length: 2\r\n\r\nok";
         check(twice, Ok(twice.len()));
         let many: String = (0..101).map(|i| format!("x{i}: 1\r\n")).collect();
         check(
@@ -849,7 +874,10 @@ mod tests {
     #[test]
     fn a_request_line_over_the_limit_is_uri_too_long() {
         let long = format!("GET /{} HTTP/1.1\r\nHost: a\r\n\r\n", "a".repeat(2000));
-        assert_eq!(scan_in_pieces(long.as_bytes(), 4096), Err(Refusal::UriTooLong));
+        assert_eq!(
+            scan_in_pieces(long.as_bytes(), 4096),
+            Err(Refusal::UriTooLong)
+        );
         assert_eq!(
             scan_in_pieces(&long.as_bytes()[..1500], 4096),
             Err(Refusal::UriTooLong)
@@ -868,7 +896,10 @@ mod tests {
             scan_in_pieces(complete.as_bytes(), 4096),
             Err(Refusal::HeadTooLarge)
         );
-        let fits = format!("GET / HTTP/1.1\r\nHost: a\r\nx: {}\r\n\r\n", "a".repeat(900));
+        let fits = format!(
+            "GET / HTTP/1.1\r\nHost: a\r\nx: {}\r\n\r\n",
+            "a".repeat(900)
+        );
         check(&fits, Ok(fits.len()));
     }
 
@@ -907,13 +938,13 @@ mod tests {
     fn chunked_framing_hyper_would_fail_cuts_the_input() {
         let head = "POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n";
         for body in [
-            "zz\r\n",                          // not a size
-            "5\nhello\r\n",                    // bare LF after the size
-            "5;a\nhello\r\n",                  // LF in an extension
-            "5 5\r\nhello\r\n",                // digits after whitespace
-            "5\r\nhelloXX",                    // no CRLF after the data
-            "10000000000000000\r\n",           // over 64 bits
-            "0\r\nx: 1\r\r",                   // trailer line without LF
+            "zz\r\n",                // not a size
+            "5\nhello\r\n",          // bare LF after the size
+            "5;a\nhello\r\n",        // LF in an extension
+            "5 5\r\nhello\r\n",      // digits after whitespace
+            "5\r\nhelloXX",          // no CRLF after the data
+            "10000000000000000\r\n", // over 64 bits
+            "0\r\nx: 1\r\r",         // trailer line without LF
         ] {
             let stream = format!("{head}{body}GET / HTTP/1.1\r\nHost: a\r\n\r\n");
             for piece in 1..=stream.len() {
@@ -1004,18 +1035,31 @@ mod tests {
         fn oracle(head: &[u8]) -> Result<(), &'static str> {
             let mut fields = [httparse::EMPTY_HEADER; 100];
             let mut request = httparse::Request::new(&mut fields);
-            if !matches!(request.parse(head), Ok(httparse::Status::Complete(n)) if n == head.len()) {
+            if !matches!(request.parse(head), Ok(httparse::Status::Complete(n)) if n == head.len())
+            {
                 return Err("not exactly one complete head");
             }
             let named = |name: &str| {
-                request.headers.iter().filter(|h| h.name.eq_ignore_ascii_case(name)).map(|h| h.value).collect::<Vec<_>>()
+                request
+                    .headers
+                    .iter()
+                    .filter(|h| h.name.eq_ignore_ascii_case(name))
+                    .map(|h| h.value)
+                    .collect::<Vec<_>>()
             };
-            let (lengths, codings, hosts) = (named("content-length"), named("transfer-encoding"), named("host"));
+            let (lengths, codings, hosts) = (
+                named("content-length"),
+                named("transfer-encoding"),
+                named("host"),
+            );
             if !lengths.is_empty() && !codings.is_empty() {
                 return Err("Content-Length with Transfer-Encoding");
             }
-            if lengths.iter().any(|v| v.trim_ascii().is_empty() || !v.trim_ascii().iter().all(u8::is_ascii_digit))
-                || lengths.windows(2).any(|w| w[0].trim_ascii() != w[1].trim_ascii())
+            if lengths.iter().any(|v| {
+                v.trim_ascii().is_empty() || !v.trim_ascii().iter().all(u8::is_ascii_digit)
+            }) || lengths
+                .windows(2)
+                .any(|w| w[0].trim_ascii() != w[1].trim_ascii())
             {
                 return Err("invalid or conflicting Content-Length");
             }
@@ -1053,7 +1097,13 @@ mod tests {
         impl Mutation {
             fn apply(&self, stream: &mut Vec<u8>) {
                 let line_starts: Vec<usize> = std::iter::once(0)
-                    .chain(stream.iter().enumerate().filter(|(_, &b)| b == b'\n').map(|(i, _)| i + 1))
+                    .chain(
+                        stream
+                            .iter()
+                            .enumerate()
+                            .filter(|(_, &b)| b == b'\n')
+                            .map(|(i, _)| i + 1),
+                    )
                     .filter(|&i| i < stream.len())
                     .collect();
                 match self {
@@ -1071,13 +1121,17 @@ mod tests {
                     }
                     Mutation::DuplicateLine(at) if !line_starts.is_empty() => {
                         let start = line_starts[at.index(line_starts.len())];
-                        let end = stream[start..].iter().position(|&b| b == b'\n').map_or(stream.len(), |e| start + e + 1);
+                        let end = stream[start..]
+                            .iter()
+                            .position(|&b| b == b'\n')
+                            .map_or(stream.len(), |e| start + e + 1);
                         let line = stream[start..end].to_vec();
                         stream.splice(start..start, line);
                     }
                     Mutation::Flip(at) if !stream.is_empty() => {
                         let at = at.index(stream.len());
-                        stream[at] = stream[at].to_ascii_uppercase() ^ 0x20 * u8::from(stream[at].is_ascii_uppercase());
+                        stream[at] = stream[at].to_ascii_uppercase()
+                            ^ 0x20 * u8::from(stream[at].is_ascii_uppercase());
                     }
                     _ => {}
                 }
@@ -1127,8 +1181,9 @@ mod tests {
                 )),
                 (path, prop::collection::vec(body, 0..4), any::<bool>()).prop_map(
                     |(p, chunks, trailer)| {
-                        let mut m =
-                            format!("POST {p} HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n");
+                        let mut m = format!(
+                            "POST {p} HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n"
+                        );
                         for c in chunks.iter().filter(|c| !c.is_empty()) {
                             m += &format!("{:x};ext=1\r\n{c}\r\n", c.len());
                         }

@@ -678,7 +678,17 @@ mod tests {
         assert_eq!(state_with(&long_tenant).unwrap(), long_tenant.as_str());
         let long_system = format!("t@{}=1", "s".repeat(100));
         assert_eq!(state_with(&long_system).unwrap(), long_system.as_str());
-        for bad in ["Key=1", "_k=1", "-k=1", "*k=1", "/k=1", "k.x=1", "k x=1", "=1", "k\u{e9}=1"] {
+        for bad in [
+            "Key=1",
+            "_k=1",
+            "-k=1",
+            "*k=1",
+            "/k=1",
+            "k.x=1",
+            "k x=1",
+            "=1",
+            "k\u{e9}=1",
+        ] {
             assert_eq!(state_with(bad), None, "{bad:?} must be refused");
         }
         assert_eq!(state_with("9lives=1").unwrap(), "9lives=1");
