@@ -151,7 +151,7 @@ pub fn traceparent(trace_id: TraceId, span: SpanId, sampled: bool, random: bool)
     out[35] = b'-';
     write_hex(&span.0, &mut out[36..52]);
     out[52] = b'-';
-    let flags = u8::from(sampled) * FLAG_SAMPLED | u8::from(random) * FLAG_RANDOM;
+    let flags = (u8::from(sampled) * FLAG_SAMPLED) | (u8::from(random) * FLAG_RANDOM);
     out[53] = b'0';
     out[54] = HEX[usize::from(flags)];
     HeaderValue::from_bytes(&out).expect("hex digits and dashes are a valid header value")
