@@ -658,10 +658,12 @@ spec: {}
                     // Documents are separated by `---` (or ended by `...`)
                     // lines; counting serde_yaml's documents would not end on
                     // a broken stream.
-                    let documents = text.lines().filter(|l| l.starts_with("---") || l.starts_with("...")).count() + 1;
+                    let all_lines: Vec<&str> = text.split(['\n', '\r']).collect();
+                    // (YAML breaks lines at CR too.)
+                    let documents = all_lines.iter().filter(|l| l.starts_with("---") || l.starts_with("...")).count() + 1;
                     prop_assert!(err.document <= documents + 1, "{shown}\n{text:?}");
                     let line = err.line.ok_or_else(|| TestCaseError::fail(format!("no line: {shown}\n{text:?}")))?;
-                    prop_assert!(line >= 1 && line <= text.lines().count() + 1, "{shown}\n{text:?}");
+                    prop_assert!(line >= 1 && line <= all_lines.len() + 1, "{shown}\n{text:?}");
                     let document_field = format!("document {}", err.document);
                     let line_field = format!("line {line}");
                     prop_assert!(shown.starts_with("f.yaml: document "), "{}", shown);
