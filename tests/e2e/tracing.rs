@@ -243,7 +243,7 @@ async fn a_tracing_policy_ratio_of_zero_records_no_new_traces_but_honours_sample
         let seen = headers_seen_by_app(sidecar.inbound, "/headers", &[]).await;
         assert_eq!(
             parts(&seen["traceparent"]).2,
-            "00",
+            "02", // not sampled; random trace id (Level 2 flag 0x02)
             "new traces are not sampled"
         );
     }

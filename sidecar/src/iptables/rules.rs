@@ -553,8 +553,15 @@ mod tests {
         }
 
         fn target(spec: &[String]) -> (&str, Option<u16>) {
-            let after = |flag: &str| spec.iter().position(|a| a == flag).map(|i| spec[i + 1].as_str());
-            (after("-j").expect("every rule has a target"), after("--to-ports").and_then(|p| p.parse().ok()))
+            let after = |flag: &str| {
+                spec.iter()
+                    .position(|a| a == flag)
+                    .map(|i| spec[i + 1].as_str())
+            };
+            (
+                after("-j").expect("every rule has a target"),
+                after("--to-ports").and_then(|p| p.parse().ok()),
+            )
         }
 
         /// Walks `packet` from the built-in `entry` chain through the
@@ -587,32 +594,46 @@ mod tests {
         }
 
         fn options() -> impl Strategy<Value = Options> {
-            let cidr = (any::<bool>(), any::<u128>(), any::<u8>()).prop_map(|(v4, bits, prefix)| {
-                if v4 {
-                    Cidr { addr: IpAddr::V4((bits as u32).into()), prefix: prefix % 33 }
-                } else {
-                    Cidr { addr: IpAddr::V6(bits.into()), prefix: prefix % 129 }
-                }
-            });
+            let cidr =
+                (any::<bool>(), any::<u128>(), any::<u8>()).prop_map(|(v4, bits, prefix)| {
+                    if v4 {
+                        Cidr {
+                            addr: IpAddr::V4((bits as u32).into()),
+                            prefix: prefix % 33,
+                        }
+                    } else {
+                        Cidr {
+                            addr: IpAddr::V6(bits.into()),
+                            prefix: prefix % 129,
+                        }
+                    }
+                });
             (
                 prop_oneof![Just(1337u32), any::<u32>()],
                 prop::array::uniform4(prop_oneof![15000u16..15030, any::<u16>()]),
-                prop_oneof![Just(InboundPorts::All), ports().prop_map(InboundPorts::Only)],
+                prop_oneof![
+                    Just(InboundPorts::All),
+                    ports().prop_map(InboundPorts::Only)
+                ],
                 ports(),
                 ports(),
                 prop::collection::vec(cidr, 0..3),
             )
-                .prop_map(|(proxy_uid, [inbound, outbound, admin, cp], include, ex_in, ex_out, cidrs)| Options {
-                    proxy_uid,
-                    inbound_port: inbound,
-                    outbound_port: outbound,
-                    admin_port: admin,
-                    control_plane_port: cp,
-                    include_inbound_ports: include,
-                    exclude_inbound_ports: ex_in,
-                    exclude_outbound_ports: ex_out,
-                    exclude_outbound_cidrs: cidrs,
-                })
+                .prop_map(
+                    |(proxy_uid, [inbound, outbound, admin, cp], include, ex_in, ex_out, cidrs)| {
+                        Options {
+                            proxy_uid,
+                            inbound_port: inbound,
+                            outbound_port: outbound,
+                            admin_port: admin,
+                            control_plane_port: cp,
+                            include_inbound_ports: include,
+                            exclude_inbound_ports: ex_in,
+                            exclude_outbound_ports: ex_out,
+                            exclude_outbound_cidrs: cidrs,
+                        }
+                    },
+                )
         }
 
         fn packet() -> impl Strategy<Value = Packet> {
@@ -627,7 +648,12 @@ mod tests {
                 any::<bool>(),
             )
                 // Traffic to a loopback address always leaves through `lo`.
-                .prop_map(|(uid, dport, dst, out_lo)| Packet { uid, dport, dst, out_lo: out_lo || dst.is_loopback() })
+                .prop_map(|(uid, dport, dst, out_lo)| Packet {
+                    uid,
+                    dport,
+                    dst,
+                    out_lo: out_lo || dst.is_loopback(),
+                })
         }
 
         proptest! {

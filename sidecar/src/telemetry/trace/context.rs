@@ -151,7 +151,7 @@ pub fn traceparent(trace_id: TraceId, span: SpanId, sampled: bool, random: bool)
     out[35] = b'-';
     write_hex(&span.0, &mut out[36..52]);
     out[52] = b'-';
-    let flags = u8::from(sampled) * FLAG_SAMPLED | u8::from(random) * FLAG_RANDOM;
+    let flags = (u8::from(sampled) * FLAG_SAMPLED) | (u8::from(random) * FLAG_RANDOM);
     out[53] = b'0';
     out[54] = HEX[usize::from(flags)];
     HeaderValue::from_bytes(&out).expect("hex digits and dashes are a valid header value")
@@ -678,7 +678,17 @@ mod tests {
         assert_eq!(state_with(&long_tenant).unwrap(), long_tenant.as_str());
         let long_system = format!("t@{}=1", "s".repeat(100));
         assert_eq!(state_with(&long_system).unwrap(), long_system.as_str());
-        for bad in ["Key=1", "_k=1", "-k=1", "*k=1", "/k=1", "k.x=1", "k x=1", "=1", "k\u{e9}=1"] {
+        for bad in [
+            "Key=1",
+            "_k=1",
+            "-k=1",
+            "*k=1",
+            "/k=1",
+            "k.x=1",
+            "k x=1",
+            "=1",
+            "k\u{e9}=1",
+        ] {
             assert_eq!(state_with(bad), None, "{bad:?} must be refused");
         }
         assert_eq!(state_with("9lives=1").unwrap(), "9lives=1");
