@@ -42,7 +42,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use meshlet_e2e::metrics::Scrape;
-use meshlet_e2e::{ControlPlaneProcess, TempDir};
+use meshlet_e2e::{wait, ControlPlaneProcess, TempDir};
 
 use chaos::{Action, Chaos, Instance, SERVICE};
 use report::{Class, Phase};
@@ -93,12 +93,16 @@ async fn constant_load_through_kills_drains_and_policy_changes_loses_only_in_fli
     chaos.record(&stable);
     chaos.add().await;
     chaos.add().await;
-    let routed = meshlet_e2e::admin::endpoints_of(caller.sidecar.admin, SERVICE).await;
-    assert_eq!(
-        routed.len(),
-        3,
-        "the caller routes to 3 instances: {routed:?}"
-    );
+    let caller_admin = caller.sidecar.admin;
+    wait::until(
+        "the caller routes to 3 instances",
+        Duration::from_secs(30),
+        || async {
+            let routed = meshlet_e2e::admin::endpoints_of(caller_admin, SERVICE).await;
+            (routed.len() == 3).then_some(())
+        },
+    )
+    .await;
 
     let start = Instant::now();
     let end = start + Duration::from_secs_f64(secs);

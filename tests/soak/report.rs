@@ -13,7 +13,7 @@ use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::time::Instant;
 
-use crate::chaos::{Event, Incarnation};
+use crate::chaos::{Action, Event, Incarnation};
 use crate::load::Outcome;
 use crate::rss::Series;
 
@@ -117,13 +117,40 @@ impl Run<'_> {
         );
 
         let _ = writeln!(text, "\nschedule (s since start):");
-        for event in self.events {
+        let shown = |i: usize| self.events.len() <= 40 || i < 8 || i + 4 >= self.events.len();
+        for (i, event) in self.events.iter().enumerate() {
+            if !shown(i) {
+                if shown(i - 1) {
+                    let _ = writeln!(text, "  ...");
+                }
+                continue;
+            }
             let _ = writeln!(
                 text,
                 "  {:>6.1} .. {:>6.1}  {}",
                 self.at(event.at),
                 self.at(event.done),
                 event.note
+            );
+        }
+        for kind in ["SIGKILL", "SIGTERM", "apply", "rollback", "RetryPolicy"] {
+            let of_kind: Vec<&Event> = self
+                .events
+                .iter()
+                .filter(|e| action_kind(e.action) == kind)
+                .collect();
+            if of_kind.is_empty() {
+                continue;
+            }
+            let mean = of_kind
+                .iter()
+                .map(|e| (e.done - e.at).as_secs_f64())
+                .sum::<f64>()
+                / of_kind.len() as f64;
+            let _ = writeln!(
+                text,
+                "  {:>4} × {kind:<12} (mean {mean:.2} s each, until the caller routes with the result)",
+                of_kind.len()
             );
         }
         if let Some(began) = self.retry_began {
@@ -210,12 +237,18 @@ impl Run<'_> {
 
         // Who answered: 2xx per incarnation (by the app port).
         let _ = writeln!(text, "\n2xx per instance:");
-        for incarnation in self.incarnations {
-            let served = self
-                .outcomes
-                .iter()
-                .filter(|o| o.succeeded() && o.port == Some(incarnation.app))
-                .count();
+        let served: Vec<usize> = self
+            .incarnations
+            .iter()
+            .map(|incarnation| {
+                self.outcomes
+                    .iter()
+                    .filter(|o| o.succeeded() && o.port == Some(incarnation.app))
+                    .count()
+            })
+            .collect();
+        let all = self.incarnations.len() <= 20;
+        for (incarnation, served) in self.incarnations.iter().zip(&served) {
             let killed = incarnation.kill_window.map_or(String::new(), |(s, d)| {
                 format!(
                     " (SIGKILL at {:.1} s, reaped {:.1} s)",
@@ -223,7 +256,27 @@ impl Run<'_> {
                     self.at(d)
                 )
             });
-            let _ = writeln!(text, "  {:<14} {:>8}{killed}", incarnation.label, served);
+            if all || incarnation.label.ends_with("stable") {
+                let _ = writeln!(text, "  {:<14} {:>8}{killed}", incarnation.label, served);
+            }
+        }
+        if !all {
+            let mut churned: Vec<usize> = self
+                .incarnations
+                .iter()
+                .zip(&served)
+                .filter(|(i, _)| !i.label.ends_with("stable"))
+                .map(|(_, n)| *n)
+                .collect();
+            churned.sort_unstable();
+            let _ = writeln!(
+                text,
+                "  {} churned instances: min {}, median {}, max {}",
+                churned.len(),
+                churned.first().unwrap_or(&0),
+                churned.get(churned.len() / 2).unwrap_or(&0),
+                churned.last().unwrap_or(&0)
+            );
         }
 
         let _ = writeln!(
@@ -250,6 +303,17 @@ impl Run<'_> {
             total,
             failures,
             avoidable,
+        }
+    }
+
+    /// How the summary names an action.
+    fn action_kind(action: Action) -> &'static str {
+        match action {
+            Action::Kill(_) => "SIGKILL",
+            Action::Term(_) => "SIGTERM",
+            Action::Apply => "apply",
+            Action::Rollback => "rollback",
+            Action::Retry => "RetryPolicy",
         }
     }
 
@@ -300,5 +364,16 @@ impl Run<'_> {
             self.at(outcome.end),
             outcome.detail
         )
+    }
+}
+
+/// How the summary names an action.
+fn action_kind(action: Action) -> &'static str {
+    match action {
+        Action::Kill(_) => "SIGKILL",
+        Action::Term(_) => "SIGTERM",
+        Action::Apply => "apply",
+        Action::Rollback => "rollback",
+        Action::Retry => "RetryPolicy",
     }
 }
