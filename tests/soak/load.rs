@@ -44,11 +44,15 @@ pub struct Outcome {
     pub port: Option<u16>,
     /// For failures: the body's first line or the client's error.
     pub detail: String,
+    /// The response's head arrived but its body broke off (the upstream
+    /// died mid-response; the sidecar can only cut the connection). The
+    /// body named nothing, so only the time says which instance it was.
+    pub body_cut: bool,
 }
 
 impl Outcome {
     pub fn succeeded(&self) -> bool {
-        self.status.is_some_and(|s| (200..300).contains(&s))
+        self.status.is_some_and(|s| (200..300).contains(&s)) && !self.body_cut
     }
 }
 
@@ -120,7 +124,12 @@ async fn client(
         };
         let outcome = tokio::time::timeout(REQUEST_TIMEOUT, request(sender, &uri, start)).await;
         match outcome {
-            Ok(Ok(outcome)) => outcomes.push(outcome),
+            Ok(Ok(outcome)) => {
+                if outcome.body_cut {
+                    connection = None;
+                }
+                outcomes.push(outcome);
+            }
             Ok(Err(error)) => {
                 connection = None;
                 outcomes.push(no_answer(start, error));
@@ -169,12 +178,20 @@ async fn request(
         .get("x-meshlet-reason")
         .and_then(|v| v.to_str().ok())
         .map(str::to_owned);
-    let body = response
-        .into_body()
-        .collect()
-        .await
-        .map_err(|e| format!("response body: {e}"))?
-        .to_bytes();
+    let body = match response.into_body().collect().await {
+        Ok(collected) => collected.to_bytes(),
+        Err(error) => {
+            return Ok(Outcome {
+                start,
+                end: Instant::now(),
+                status: Some(status),
+                reason,
+                port: None,
+                detail: format!("response body: {error}"),
+                body_cut: true,
+            })
+        }
+    };
     let end = Instant::now();
     let (port, detail) = if (200..300).contains(&status) {
         (app_port(&body), String::new())
@@ -190,6 +207,7 @@ async fn request(
         reason,
         port,
         detail,
+        body_cut: false,
     })
 }
 
@@ -201,6 +219,7 @@ fn no_answer(start: Instant, detail: String) -> Outcome {
         reason: None,
         port: None,
         detail,
+        body_cut: false,
     }
 }
 

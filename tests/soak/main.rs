@@ -49,24 +49,30 @@ use report::{Class, Phase};
 
 const CLIENTS: usize = 8;
 const RSS_EVERY: Duration = Duration::from_secs(2);
+const CONTROL_PLANE: &str = "control plane";
 
-/// The RSS slope a process may show over the second half of the run.
+/// The RSS slope a process may show over the second half of the run, in
+/// MiB/min, for a fitted window of `window_secs`.
 ///
-/// 1 MiB/min: a leak of 70 bytes per request at the default 250 req/s
-/// (or of one 4 KiB buffer per 3 requests at 1/s ...) is 1 MiB/min, and
-/// any per-request or per-event leak worth the name is far above it (a
-/// leaked connection or snapshot is kilobytes, at hundreds per second or
-/// one per event). Noise stays well under it in the second half: by then
-/// the allocator's arenas, the connection pools, the trace store (1000
-/// traces, full after seconds) and the control plane's caches have
-/// reached their sizes, and what moves RSS is a page here and there
-/// (measured: see the closing note of issue 16). Over a 30 s window a
-/// single 0.5 MiB step is a slope of 1 MiB/min, so short runs get the
-/// bound for a window of at least 2 minutes scaled down: a 0.5 MiB step
-/// in a 60 s run does not fail it, a 2 MiB/min leak still does.
-fn rss_slope_bound(window_secs: f64) -> f64 {
+/// 1 MiB/min for a window of 5 minutes or more (the 10-minute soak): a
+/// leak of 70 bytes per request at the default 250 req/s is 1 MiB/min,
+/// and any leak worth the name is far above it (a leaked connection,
+/// snapshot or span is kilobytes, at hundreds per second or once per
+/// event). Noise stays well under it once caches are full: measured in
+/// a 600 s release run, second-half slopes of -0.02 (caller sidecar),
+/// +0.01 (the stable instance's sidecar) and +0.08 (control plane).
+///
+/// Shorter windows fall into the fill-up: the control plane's stats store
+/// keeps 5 minutes of reports per instance (`stats::WINDOW_MS`), so its
+/// RSS rises for the first 5 minutes by design (10 → 18 MiB, levelling
+/// off), and a 0.5 MiB allocator step in a 30 s window is already a
+/// 1 MiB/min slope. So the bound scales with 300 s / window for the
+/// control plane and 120 s / window for sidecars (60 s run: 10 and 4
+/// MiB/min; measured in debug: up to 2.4 and 0.7), which still fails a
+/// per-request leak of a few hundred bytes.
+fn rss_slope_bound(window_secs: f64, fill_up_secs: f64) -> f64 {
     const PER_MINUTE: f64 = 1.0;
-    PER_MINUTE * (120.0 / window_secs).max(1.0)
+    PER_MINUTE * (fill_up_secs / window_secs).max(1.0)
 }
 
 fn env_or(name: &str, default: f64) -> f64 {
@@ -115,7 +121,7 @@ async fn constant_load_through_kills_drains_and_policy_changes_loses_only_in_fli
             let stable = stable.clone();
             Box::new(move || stable.sidecar.rss_bytes())
         }),
-        ("control plane".into(), {
+        (CONTROL_PLANE.into(), {
             let cp = cp.clone();
             Box::new(move || cp.rss_bytes())
         }),
@@ -179,16 +185,22 @@ async fn constant_load_through_kills_drains_and_policy_changes_loses_only_in_fli
     // With the RetryPolicy even the requests in flight on a killed
     // instance are tried again elsewhere (GET is idempotent; the budget
     // allows at least 10 retries per second, more than the clients ever
-    // have in flight).
-    let saved = report.failures(Some(Phase::Retry), Class::Unavoidable);
+    // have in flight) — unless the response head was already passed on
+    // and the body broke off: no retry can take that back.
+    let unsaved = report.before_head.get(&Phase::Retry).copied().unwrap_or(0);
     assert_eq!(
-        saved, 0,
+        unsaved, 0,
         "requests lost on killed instances although a RetryPolicy applied{text}"
     );
 
     let window = secs - rss_from;
-    let bound = rss_slope_bound(window);
     for series in &rss {
+        let fill_up = if series.name == CONTROL_PLANE {
+            300.0
+        } else {
+            120.0
+        };
+        let bound = rss_slope_bound(window, fill_up);
         let slope = series
             .slope(rss_from)
             .unwrap_or_else(|| panic!("too few RSS samples of {}{text}", series.name));

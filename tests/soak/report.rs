@@ -46,14 +46,28 @@ fn owner(incarnations: &[Incarnation], port: Option<u16>) -> Option<&Incarnation
         .find(|i| i.inbound == port || i.app == port)
 }
 
+/// The SIGKILLed incarnation `outcome` was in flight on: the one its
+/// error names, or for a body cut off mid-response (which names nothing)
+/// the one instance whose kill window the request overlaps.
+fn killed_under<'a>(outcome: &Outcome, incarnations: &'a [Incarnation]) -> Option<&'a Incarnation> {
+    let overlaps = |i: &&Incarnation| {
+        i.kill_window
+            .is_some_and(|(signalled, dead)| outcome.start <= dead && outcome.end >= signalled)
+    };
+    if outcome.port.is_none() && outcome.body_cut {
+        let mut killed = incarnations.iter().filter(overlaps);
+        return match (killed.next(), killed.next()) {
+            (Some(one), None) => Some(one),
+            _ => None,
+        };
+    }
+    owner(incarnations, outcome.port).filter(overlaps)
+}
+
 pub fn classify(outcome: &Outcome, incarnations: &[Incarnation]) -> Class {
-    let in_flight_at_a_kill = owner(incarnations, outcome.port)
-        .and_then(|i| i.kill_window)
-        .is_some_and(|(signalled, dead)| outcome.start <= dead && outcome.end >= signalled);
-    if in_flight_at_a_kill {
-        Class::Unavoidable
-    } else {
-        Class::Avoidable
+    match killed_under(outcome, incarnations) {
+        Some(_) => Class::Unavoidable,
+        None => Class::Avoidable,
     }
 }
 
@@ -65,6 +79,9 @@ pub struct Report {
     pub failures: BTreeMap<(Phase, Class), usize>,
     /// One line per avoidable failure (at most 50).
     pub avoidable: Vec<String>,
+    /// Unavoidable failures per phase whose response head had not yet
+    /// arrived (a retry could have saved them; a body cut it cannot).
+    pub before_head: BTreeMap<Phase, usize>,
 }
 
 impl Report {
@@ -167,6 +184,7 @@ impl Run<'_> {
         let mut by_status: BTreeMap<(Phase, Class, String, String), usize> = BTreeMap::new();
         let mut avoidable = Vec::new();
         let mut unavoidable = Vec::new();
+        let mut before_head: BTreeMap<Phase, usize> = BTreeMap::new();
         for outcome in self.outcomes {
             let phase = self.phase(outcome);
             *requests.entry(phase).or_default() += 1;
@@ -176,7 +194,14 @@ impl Run<'_> {
             let class = classify(outcome, self.incarnations);
             *failures.entry((phase, class)).or_default() += 1;
             let status = outcome.status.map_or("none".to_owned(), |s| s.to_string());
-            let reason = outcome.reason.clone().unwrap_or_else(|| "-".into());
+            let reason = match (&outcome.reason, outcome.body_cut) {
+                (_, true) => "(body cut)".to_owned(),
+                (Some(reason), false) => reason.clone(),
+                (None, false) => "-".to_owned(),
+            };
+            if class == Class::Unavoidable && !outcome.body_cut {
+                *before_head.entry(phase).or_default() += 1;
+            }
             *by_status
                 .entry((phase, class, status.clone(), reason.clone()))
                 .or_default() += 1;
@@ -303,24 +328,14 @@ impl Run<'_> {
             total,
             failures,
             avoidable,
-        }
-    }
-
-    /// How the summary names an action.
-    fn action_kind(action: Action) -> &'static str {
-        match action {
-            Action::Kill(_) => "SIGKILL",
-            Action::Term(_) => "SIGTERM",
-            Action::Apply => "apply",
-            Action::Rollback => "rollback",
-            Action::Retry => "RetryPolicy",
+            before_head,
         }
     }
 
     /// An unavoidable failure: the instance, and the request's start and
     /// end relative to the SIGKILL.
     fn in_flight(&self, outcome: &Outcome, status: &str, reason: &str) -> String {
-        let Some(killed) = owner(self.incarnations, outcome.port) else {
+        let Some(killed) = killed_under(outcome, self.incarnations) else {
             return String::new();
         };
         let (signalled, dead) = killed.kill_window.expect("a killed instance");
