@@ -85,6 +85,7 @@ step "build all binaries (release)"
 cargo build --workspace --bins --release
 
 step "unit and end-to-end tests"
+# Includes the 60 s soak (tests/soak; MESHLET_SOAK_SECS=600 for the long one).
 test_log=$(mktemp)
 trap 'rm -f "$test_log"' EXIT
 cargo test --workspace --release 2>&1 | tee "$test_log"
