@@ -401,7 +401,14 @@ impl ConnPool {
                     }
                 },
             };
-            let replay = if reused { replay_copy(&request) } else { None };
+            // A closed connection cannot tell "never processed" from
+            // "processed, then died" (RFC 9110 §9.2.2): unless hyper hands the
+            // request back, only an idempotent method is sent again.
+            let replay = if reused && request.method().is_idempotent() {
+                replay_copy(&request)
+            } else {
+                None
+            };
             match sender.try_send_request(request).await {
                 Ok(response) => {
                     self.keep(sender);
