@@ -49,6 +49,36 @@ fn metric(text: &str, name: &str) -> Option<f64> {
 }
 
 /// The registered instance ids of `services`, sorted.
+/// A control plane under `ulimit -n 1024` with `--ttl 5s`, and two
+/// services (`orders`, `frontend`), each an app with its sidecar.
+async fn two_services_under_1024_fds() -> (
+    TempDir,
+    ControlPlaneProcess,
+    Upstream,
+    SidecarProcess,
+    Upstream,
+    SidecarProcess,
+) {
+    let dir = TempDir::new();
+    let cp = ControlPlaneProcess::start_with_open_file_limit(
+        &dir.path.join("cp"),
+        &["--ttl", "5s"],
+        1024,
+    )
+    .await;
+    let orders_app = Upstream::start("orders").await;
+    let orders = SidecarProcess::builder("orders", orders_app.port())
+        .control_plane(&cp)
+        .start()
+        .await;
+    let frontend_app = Upstream::start("frontend").await;
+    let frontend = SidecarProcess::builder("frontend", frontend_app.port())
+        .control_plane(&cp)
+        .start()
+        .await;
+    (dir, cp, orders_app, orders, frontend_app, frontend)
+}
+
 async fn instance_ids(cp: &ControlPlaneProcess, services: &[&str]) -> Vec<String> {
     let mut ids = Vec::new();
     for name in services {
@@ -75,23 +105,8 @@ async fn a_starved_control_plane_keeps_every_instance_and_traffic_flows() {
         "this test needs an open-file hard limit above {} (have {own})",
         FLOOD + 512
     );
-    let dir = TempDir::new();
-    let cp = ControlPlaneProcess::start_with_open_file_limit(
-        &dir.path.join("cp"),
-        &["--ttl", "5s"],
-        1024,
-    )
-    .await;
-    let orders_app = Upstream::start("orders").await;
-    let orders = SidecarProcess::builder("orders", orders_app.port())
-        .control_plane(&cp)
-        .start()
-        .await;
-    let frontend_app = Upstream::start("frontend").await;
-    let frontend = SidecarProcess::builder("frontend", frontend_app.port())
-        .control_plane(&cp)
-        .start()
-        .await;
+    let (_dir, cp, _orders_app, orders, _frontend_app, frontend) =
+        two_services_under_1024_fds().await;
     wait::until(
         "frontend routes to orders",
         Duration::from_secs(20),
@@ -301,23 +316,8 @@ async fn proven_idle_connections_past_the_fd_limit_do_not_lock_heartbeats_out() 
     const TTL: Duration = Duration::from_secs(5);
     let own = raise_own_fd_limit();
     assert!(own >= FLOOD as u64 + 512, "open-file limit {own} too low");
-    let dir = TempDir::new();
-    let cp = ControlPlaneProcess::start_with_open_file_limit(
-        &dir.path.join("cp"),
-        &["--ttl", "5s"],
-        1024,
-    )
-    .await;
-    let orders_app = Upstream::start("orders").await;
-    let orders = SidecarProcess::builder("orders", orders_app.port())
-        .control_plane(&cp)
-        .start()
-        .await;
-    let frontend_app = Upstream::start("frontend").await;
-    let frontend = SidecarProcess::builder("frontend", frontend_app.port())
-        .control_plane(&cp)
-        .start()
-        .await;
+    let (_dir, cp, _orders_app, orders, _frontend_app, frontend) =
+        two_services_under_1024_fds().await;
     let before = wait::until(
         "both instances registered",
         Duration::from_secs(20),
