@@ -126,6 +126,41 @@ impl Upstream {
         self.state.open.load(Ordering::SeqCst)
     }
 
+    /// Waits until every connection made to this upstream so far has
+    /// ended, so that [`Upstream::requests`] counts every request that was
+    /// on its way (a head still in a socket buffer, a connection still in
+    /// the listen backlog). Call it once the peers are gone (a killed
+    /// sidecar). How: one more connection asks `/health` (not counted) and
+    /// is answered, which means the accept loop took every connection
+    /// queued before it; then the open count must fall to zero. Panics
+    /// after `patience`.
+    pub async fn wait_settled(&self, patience: Duration) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let deadline = tokio::time::Instant::now() + patience;
+        let sentinel = async {
+            let mut stream = tokio::net::TcpStream::connect(self.addr).await?;
+            stream
+                .write_all(b"GET /health HTTP/1.1\r\nHost: settle\r\nConnection: close\r\n\r\n")
+                .await?;
+            let mut answer = Vec::new();
+            stream.read_to_end(&mut answer).await?;
+            std::io::Result::Ok(())
+        };
+        tokio::time::timeout_at(deadline, sentinel)
+            .await
+            .unwrap_or_else(|_| panic!("upstream {} did not answer /health", self.name))
+            .unwrap_or_else(|e| panic!("upstream {}: /health failed: {e}", self.name));
+        while self.open_connections() > 0 {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "upstream {}: {} connections still open after {patience:?}",
+                self.name,
+                self.open_connections()
+            );
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    }
+
     /// Delays every answer by `delay` from now on (a struggling instance).
     pub fn set_delay(&self, delay: Duration) {
         self.state
