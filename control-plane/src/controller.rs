@@ -45,10 +45,18 @@ use meshlet_api::changes::{
     DeleteReply, DeleteRequest, DiffOutcome, DiffReply, RollbackReply, RollbackRequest,
 };
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 struct Liveness {
     last_heartbeat: Instant,
     healthy: bool,
+    /// `namespace/service`: self-preservation weighs services, not
+    /// instances (`expiry`).
+    service: Arc<str>,
+}
+
+/// The key [`Liveness::service`] and the per-service cap use.
+fn service_key(registration: &Registration) -> Arc<str> {
+    format!("{}/{}", registration.namespace, registration.service).into()
 }
 
 pub struct Controller {
@@ -61,7 +69,13 @@ pub struct Controller {
     ttl: Duration,
     /// Self-preservation: whether the reaper may expire (see `expiry`).
     preservation: Mutex<Preservation>,
+    /// Instances one service may have registered at once
+    /// (`--max-instances-per-service`).
+    max_instances_per_service: usize,
 }
+
+/// The default of `--max-instances-per-service`.
+pub const DEFAULT_MAX_INSTANCES_PER_SERVICE: usize = 1000;
 
 /// What a caller wants to do with a registered instance.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -108,6 +122,7 @@ impl Controller {
                 let live = Liveness {
                     last_heartbeat: now,
                     healthy: i.registration.healthy,
+                    service: service_key(&i.registration),
                 };
                 (i.registration.id.clone(), live)
             })
@@ -125,6 +140,7 @@ impl Controller {
             owners: Mutex::new(owners),
             ttl,
             preservation: Mutex::new(Preservation::default()),
+            max_instances_per_service: DEFAULT_MAX_INSTANCES_PER_SERVICE,
         })
     }
 
@@ -133,6 +149,40 @@ impl Controller {
     pub fn with_expiry_policy(self, policy: ExpiryPolicy) -> Controller {
         *self.preservation.lock().unwrap() = Preservation::new(policy);
         self
+    }
+
+    /// Caps the instances one service may have registered at once
+    /// (`--max-instances-per-service`).
+    pub fn with_max_instances_per_service(mut self, max: usize) -> Controller {
+        self.max_instances_per_service = max;
+        self
+    }
+
+    /// Refuses a new instance of a service that already has the maximum:
+    /// one credential (a sidecar token is bound to one service) cannot
+    /// flood the registry, every sidecar's snapshot and the expiry
+    /// decision with instances.
+    fn check_instance_cap(
+        &self,
+        registry: &Registry,
+        registration: &Registration,
+    ) -> Result<(), ApiFailure> {
+        let registered = registry
+            .instances()
+            .values()
+            .filter(|i| {
+                i.registration.service == registration.service
+                    && i.registration.namespace == registration.namespace
+            })
+            .count();
+        if registered >= self.max_instances_per_service {
+            return Err(ApiFailure::LimitReached(format!(
+                "service {}/{} already has {registered} instances registered \
+                 (--max-instances-per-service {}); deregister some or raise the limit",
+                registration.namespace, registration.service, self.max_instances_per_service
+            )));
+        }
+        Ok(())
     }
 
     /// Whether expiry is paused now, and how many times it paused since
@@ -259,6 +309,10 @@ impl Controller {
         let mut registry = self.writer.lock().await;
         let id = registration.id.clone();
         let healthy = registration.healthy;
+        let service = service_key(&registration);
+        if registry.instance(&id).is_none() {
+            self.check_instance_cap(&registry, &registration)?;
+        }
         let claim = self
             .owners
             .lock()
@@ -286,6 +340,7 @@ impl Controller {
             Liveness {
                 last_heartbeat: Instant::now(),
                 healthy,
+                service,
             },
         );
         Ok(RegistrationReply {
@@ -362,8 +417,11 @@ impl Controller {
             let liveness = self.liveness.lock().unwrap();
             let ages = liveness
                 .values()
-                .map(|l| now.saturating_duration_since(l.last_heartbeat));
-            self.preservation.lock().unwrap().decide(ages, self.ttl)
+                .map(|l| (&*l.service, now.saturating_duration_since(l.last_heartbeat)));
+            self.preservation
+                .lock()
+                .unwrap()
+                .decide(ages, self.ttl, now)
         };
         match (transition, &decision) {
             (Transition::Paused, Decision::Pause { silent, total }) => tracing::warn!(
@@ -373,6 +431,10 @@ impl Controller {
                 "expiry paused: {silent} of {total} instances have not been heard for half a TTL; \
                  the control plane is likely the one that cannot hear them, so none is removed \
                  until heartbeats flow again"
+            ),
+            (Transition::GaveUp, _) => tracing::warn!(
+                max_pause = ?self.preservation.lock().unwrap().policy.max_pause,
+                "expiry pause outlasted --expiry-pause-max: the silent instances expire now"
             ),
             (Transition::Resumed, _) => {
                 tracing::info!("expiry resumed: heartbeats flow again; instances still silent past the TTL expire now")
@@ -816,6 +878,38 @@ mod tests {
         assert_eq!(c.expiry_paused(), (true, 2));
     }
 
+    /// Review finding H2 of issue 16: one credential cannot register
+    /// more than the cap of instances for its service; re-registering a
+    /// known id is always allowed, other services are not affected.
+    #[tokio::test]
+    async fn a_service_at_its_instance_cap_gets_429_for_a_new_instance() {
+        let c = controller(Arc::new(MemoryStore::new())).with_max_instances_per_service(3);
+        for n in 0..3u16 {
+            c.register(registration(&format!("o{n}"), "orders", 8081 + n), &admin())
+                .await
+                .unwrap();
+        }
+        let err = c
+            .register(registration("o3", "orders", 8084), &admin())
+            .await
+            .unwrap_err();
+        assert_eq!(
+            err.status(),
+            axum::http::StatusCode::TOO_MANY_REQUESTS,
+            "{err}"
+        );
+        assert!(
+            err.to_string().contains("--max-instances-per-service 3"),
+            "{err}"
+        );
+        c.register(registration("o1", "orders", 8082), &admin())
+            .await
+            .expect("a known instance re-registers");
+        c.register(registration("p0", "payments", 9000), &admin())
+            .await
+            .expect("another service is not capped by orders' instances");
+    }
+
     #[tokio::test]
     async fn a_small_mesh_never_pauses() {
         let (c, t0) = registered(&["a", "b"]).await;
@@ -825,6 +919,7 @@ mod tests {
         let c = controller(Arc::new(MemoryStore::new())).with_expiry_policy(ExpiryPolicy {
             pause_share: 0.5,
             min_instances: 5,
+            ..ExpiryPolicy::default()
         });
         for (n, id) in ["a", "b", "c", "d"].iter().enumerate() {
             c.register(registration(id, "orders", 9000 + n as u16), &admin())

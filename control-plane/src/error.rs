@@ -93,6 +93,9 @@ pub enum ApiFailure {
     Conflict(String),
     #[error("{0}")]
     PayloadTooLarge(String),
+    /// A cap on what one caller may hold was reached (429).
+    #[error("{0}")]
+    LimitReached(String),
     #[error("{0}")]
     UnsupportedMediaType(String),
     #[error("{0}")]
@@ -110,6 +113,7 @@ impl ApiFailure {
             ApiFailure::Forbidden(_) => StatusCode::FORBIDDEN,
             ApiFailure::Conflict(_) => StatusCode::CONFLICT,
             ApiFailure::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiFailure::LimitReached(_) => StatusCode::TOO_MANY_REQUESTS,
             ApiFailure::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiFailure::Store(_) | ApiFailure::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }

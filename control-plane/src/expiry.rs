@@ -7,9 +7,12 @@
 //! sidecar. So each reaper pass first asks [`Preservation::decide`]:
 //!
 //! ```text
-//! ages of the last heartbeats ─► silent = heard longer than ttl/2 ago
-//!   n ≥ min_instances and silent > share × n ─► Pause   (nothing expires)
-//!   otherwise                                ─► Expire  (those older than ttl go)
+//! (service, age of the last heartbeat) of every instance
+//!   silent = heard longer than ttl/2 ago
+//!   each service weighs 1: its silent share (silent / its instances)
+//!   instances ≥ min_instances and Σ silent shares > share × services ─► Pause (nothing expires)
+//!   paused for longer than max_pause                                 ─► Expire (give up, WARN)
+//!   otherwise                                                        ─► Expire (those older than ttl go)
 //! ```
 //!
 //! - **Silent** means not heard for more than half a TTL. Sidecars send a
@@ -18,34 +21,45 @@
 //!   the first instance is due (older than the TTL) all the others have
 //!   been silent for at least 2/3 of it: the pause happens before the
 //!   first expiry, not after a third of the mesh is gone.
-//! - **Pause** when at least `min_instances` are registered and more than
-//!   `share` of them are silent (`--expiry-pause-share`, default 0.5;
-//!   `--expiry-pause-min-instances`, default 3). A small mesh never
-//!   pauses, so its one dead instance still goes.
-//! - **Resume** as soon as that no longer holds: heartbeats flow again,
-//!   so the share of instances heard within the last ttl/2 is back above
-//!   `1 − share`. That pass expires the instances still older than the
-//!   TTL (the really dead ones). Deregistration (SIGTERM of a sidecar)
-//!   is never paused.
-//!
-//! A known limit, as with Eureka's self-preservation: if more than `share`
-//! of the instances really die at once, expiry stays paused until enough
-//! of them come back or are deregistered; the WARN log and
-//! `meshlet_control_plane_expiry_paused` say so.
+//! - **Services weigh the same**, whatever their number of instances: a
+//!   starved control plane hears *no* service, while one credential can
+//!   only register instances of its own service (a sidecar token is bound
+//!   to one) — a flood of fake instances that then go silent moves one
+//!   service's share, never the mesh's, so it cannot pause expiry for
+//!   everyone (review finding H2 of issue 16). The number of instances of
+//!   one service is also capped at registration
+//!   (`--max-instances-per-service`).
+//! - **Pause** when at least `min_instances` are registered and the
+//!   services' silent shares add up to more than `share` of the services
+//!   (`--expiry-pause-share`, default 0.5; `--expiry-pause-min-instances`,
+//!   default 3). A small mesh never pauses, so its one dead instance
+//!   still goes.
+//! - **Resume** as soon as that no longer holds: heartbeats flow again.
+//!   That pass expires the instances still older than the TTL (the really
+//!   dead ones). Deregistration (SIGTERM of a sidecar) is never paused.
+//! - **Bounded**: a pause longer than `max_pause` (`--expiry-pause-max`,
+//!   default 15 minutes) ends with the expiry it held back, so a mesh
+//!   where most services really died converges at last. Sidecars still
+//!   hold a push that empties every service and confirm it with a full
+//!   resync before applying it (`sidecar/src/control/client.rs`).
 //!
 //! Everything here is pure (ages in, decision out); the controller keeps
 //! the [`Preservation`] state and its counters for `/metrics`.
 
-use std::time::Duration;
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
 
-/// The thresholds (`--expiry-pause-share`, `--expiry-pause-min-instances`).
+/// The thresholds (`--expiry-pause-share`, `--expiry-pause-min-instances`,
+/// `--expiry-pause-max`).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct ExpiryPolicy {
-    /// More than this share of silent instances pauses expiry (0..=1;
+    /// More than this share of silent services pauses expiry (0..=1;
     /// 1 never pauses).
     pub pause_share: f64,
     /// Below this many registered instances expiry never pauses.
     pub min_instances: usize,
+    /// The longest pause; past it the held-back expiry happens.
+    pub max_pause: Duration,
 }
 
 impl Default for ExpiryPolicy {
@@ -53,6 +67,7 @@ impl Default for ExpiryPolicy {
         ExpiryPolicy {
             pause_share: 0.5,
             min_instances: 3,
+            max_pause: Duration::from_secs(15 * 60),
         }
     }
 }
@@ -62,7 +77,7 @@ impl Default for ExpiryPolicy {
 pub enum Decision {
     /// Expire the instances older than the TTL (possibly none).
     Expire,
-    /// Too many instances are silent: expire nothing.
+    /// Too many services are silent: expire nothing.
     Pause { silent: usize, total: usize },
 }
 
@@ -75,7 +90,8 @@ pub fn is_silent(age: Duration, ttl: Duration) -> bool {
 #[derive(Debug, Default)]
 pub struct Preservation {
     pub policy: ExpiryPolicy,
-    paused: bool,
+    /// Since when expiry has been paused.
+    paused_since: Option<Instant>,
     pauses: u64,
 }
 
@@ -85,6 +101,8 @@ pub enum Transition {
     None,
     Paused,
     Resumed,
+    /// The pause outlasted `max_pause`: expiry goes ahead.
+    GaveUp,
 }
 
 impl Preservation {
@@ -96,7 +114,7 @@ impl Preservation {
     }
 
     pub fn paused(&self) -> bool {
-        self.paused
+        self.paused_since.is_some()
     }
 
     /// Pauses since start.
@@ -104,33 +122,52 @@ impl Preservation {
         self.pauses
     }
 
-    /// Decides one pass from the ages of every registered instance's last
-    /// heartbeat, and records the state.
-    pub fn decide(
+    /// Decides one pass at `now` from the service (any key naming it) and
+    /// the age of the last heartbeat of every registered instance, and
+    /// records the state.
+    pub fn decide<'s>(
         &mut self,
-        ages: impl IntoIterator<Item = Duration>,
+        instances: impl IntoIterator<Item = (&'s str, Duration)>,
         ttl: Duration,
+        now: Instant,
     ) -> (Decision, Transition) {
         let mut total = 0usize;
         let mut silent = 0usize;
-        for age in ages {
+        // service → (instances, silent ones)
+        let mut services: HashMap<&str, (usize, usize)> = HashMap::new();
+        for (service, age) in instances {
+            let counts = services.entry(service).or_default();
+            counts.0 += 1;
             total += 1;
             if is_silent(age, ttl) {
+                counts.1 += 1;
                 silent += 1;
             }
         }
+        let silent_services: f64 = services
+            .values()
+            .map(|&(all, quiet)| quiet as f64 / all as f64)
+            .sum();
         let pause = total >= self.policy.min_instances
             && total > 0
-            && silent as f64 > self.policy.pause_share * total as f64;
-        let transition = match (self.paused, pause) {
-            (false, true) => {
+            && silent_services > self.policy.pause_share * services.len() as f64;
+        let (pause, transition) = match (self.paused_since, pause) {
+            (None, true) => {
                 self.pauses += 1;
-                Transition::Paused
+                self.paused_since = Some(now);
+                (true, Transition::Paused)
             }
-            (true, false) => Transition::Resumed,
-            _ => Transition::None,
+            (Some(since), true) if now.saturating_duration_since(since) > self.policy.max_pause => {
+                self.paused_since = None;
+                (false, Transition::GaveUp)
+            }
+            (Some(_), true) => (true, Transition::None),
+            (Some(_), false) => {
+                self.paused_since = None;
+                (false, Transition::Resumed)
+            }
+            (None, false) => (false, Transition::None),
         };
-        self.paused = pause;
         let decision = if pause {
             Decision::Pause { silent, total }
         } else {
@@ -155,14 +192,25 @@ mod tests {
 
     const TTL: Duration = Duration::from_secs(6);
 
-    fn ages(secs: &[f64]) -> Vec<Duration> {
-        secs.iter().map(|s| Duration::from_secs_f64(*s)).collect()
+    /// Instances of services `a`, `b`, `c`, … in turn, with these ages.
+    fn spread(secs: &[f64]) -> Vec<(&'static str, Duration)> {
+        const NAMES: [&str; 6] = ["a", "b", "c", "d", "e", "f"];
+        secs.iter()
+            .enumerate()
+            .map(|(i, s)| (NAMES[i % NAMES.len()], Duration::from_secs_f64(*s)))
+            .collect()
+    }
+
+    fn of(service: &'static str, secs: &[f64]) -> Vec<(&'static str, Duration)> {
+        secs.iter()
+            .map(|s| (service, Duration::from_secs_f64(*s)))
+            .collect()
     }
 
     #[test]
     fn one_silent_of_three_expires() {
         let mut p = Preservation::new(ExpiryPolicy::default());
-        let (d, t) = p.decide(ages(&[7.0, 1.0, 0.5]), TTL);
+        let (d, t) = p.decide(spread(&[7.0, 1.0, 0.5]), TTL, Instant::now());
         assert_eq!(d, Decision::Expire);
         assert_eq!(t, Transition::None);
     }
@@ -170,8 +218,9 @@ mod tests {
     #[test]
     fn most_silent_pauses_once_and_resumes() {
         let mut p = Preservation::new(ExpiryPolicy::default());
-        // 2 of 3 silent (> ttl/2) though only one is past the TTL yet.
-        let (d, t) = p.decide(ages(&[6.5, 4.0, 1.0]), TTL);
+        let now = Instant::now();
+        // 2 of 3 services silent (> ttl/2) though only one is past the TTL yet.
+        let (d, t) = p.decide(spread(&[6.5, 4.0, 1.0]), TTL, now);
         assert_eq!(
             d,
             Decision::Pause {
@@ -180,11 +229,11 @@ mod tests {
             }
         );
         assert_eq!(t, Transition::Paused);
-        let (_, t) = p.decide(ages(&[9.0, 7.0, 8.0]), TTL);
+        let (_, t) = p.decide(spread(&[9.0, 7.0, 8.0]), TTL, now);
         assert_eq!(t, Transition::None, "still paused, counted once");
         assert_eq!(p.pauses(), 1);
         assert!(p.paused());
-        let (d, t) = p.decide(ages(&[10.0, 0.1, 0.2]), TTL);
+        let (d, t) = p.decide(spread(&[10.0, 0.1, 0.2]), TTL, now);
         assert_eq!((d, t), (Decision::Expire, Transition::Resumed));
         assert!(!p.paused());
     }
@@ -192,17 +241,20 @@ mod tests {
     #[test]
     fn exactly_the_share_does_not_pause() {
         let mut p = Preservation::new(ExpiryPolicy::default());
-        let (d, _) = p.decide(ages(&[7.0, 7.0, 1.0, 1.0]), TTL);
-        assert_eq!(d, Decision::Expire, "2 of 4 is not more than half");
+        let (d, _) = p.decide(spread(&[7.0, 7.0, 1.0, 1.0]), TTL, Instant::now());
+        assert_eq!(d, Decision::Expire, "2 of 4 services is not more than half");
     }
 
     #[test]
     fn a_small_mesh_never_pauses() {
         let mut p = Preservation::new(ExpiryPolicy::default());
-        for all in [ages(&[7.0]), ages(&[7.0, 8.0])] {
-            assert_eq!(p.decide(all, TTL).0, Decision::Expire);
+        for all in [spread(&[7.0]), spread(&[7.0, 8.0])] {
+            assert_eq!(p.decide(all, TTL, Instant::now()).0, Decision::Expire);
         }
-        assert_eq!(p.decide(Vec::new(), TTL).0, Decision::Expire);
+        assert_eq!(
+            p.decide(Vec::new(), TTL, Instant::now()).0,
+            Decision::Expire
+        );
         assert_eq!(p.pauses(), 0);
     }
 
@@ -210,9 +262,59 @@ mod tests {
     fn share_one_never_pauses() {
         let mut p = Preservation::new(ExpiryPolicy {
             pause_share: 1.0,
-            min_instances: 3,
+            ..ExpiryPolicy::default()
         });
-        assert_eq!(p.decide(ages(&[7.0, 7.0, 7.0]), TTL).0, Decision::Expire);
+        let (d, _) = p.decide(spread(&[7.0, 7.0, 7.0]), TTL, Instant::now());
+        assert_eq!(d, Decision::Expire);
+    }
+
+    /// Review finding H2: one sidecar token registers many instances of
+    /// its own service and lets them go silent. By instance count they
+    /// are the mesh's majority; by service they are one of three, so the
+    /// dead instances of the others still expire.
+    #[test]
+    fn silent_fakes_of_one_service_do_not_pause_the_mesh() {
+        let mut p = Preservation::new(ExpiryPolicy::default());
+        let mut instances = of("attacker", &[5.0; 500]);
+        instances.extend(of("orders", &[7.0, 0.5, 0.5]));
+        instances.extend(of("payments", &[0.5, 0.5]));
+        let (d, t) = p.decide(instances, TTL, Instant::now());
+        assert_eq!((d, t), (Decision::Expire, Transition::None));
+    }
+
+    /// A starved control plane hears no service: whatever their sizes,
+    /// every one is silent and expiry pauses.
+    #[test]
+    fn every_service_silent_pauses_whatever_their_sizes() {
+        let mut p = Preservation::new(ExpiryPolicy::default());
+        let mut instances = of("big", &[4.0; 50]);
+        instances.extend(of("small", &[5.0]));
+        instances.extend(of("tiny", &[6.5]));
+        let (d, _) = p.decide(instances, TTL, Instant::now());
+        assert_eq!(
+            d,
+            Decision::Pause {
+                silent: 52,
+                total: 52
+            }
+        );
+    }
+
+    #[test]
+    fn a_pause_longer_than_the_maximum_gives_up() {
+        let policy = ExpiryPolicy {
+            max_pause: Duration::from_secs(60),
+            ..ExpiryPolicy::default()
+        };
+        let mut p = Preservation::new(policy);
+        let start = Instant::now();
+        let dead = || spread(&[9.0, 9.0, 9.0]);
+        assert_eq!(p.decide(dead(), TTL, start).1, Transition::Paused);
+        let later = start + Duration::from_secs(59);
+        assert_eq!(p.decide(dead(), TTL, later).1, Transition::None);
+        let (d, t) = p.decide(dead(), TTL, start + Duration::from_secs(61));
+        assert_eq!((d, t), (Decision::Expire, Transition::GaveUp));
+        assert!(!p.paused());
     }
 
     #[test]

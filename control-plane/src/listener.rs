@@ -29,6 +29,12 @@
 //! only when every connection is busy is the new one closed. So a sidecar's
 //! heartbeat connection is never evicted before an idle or unproven one.
 //!
+//! A client that stops reading its responses cannot hold a slot as
+//! "busy" forever either: a write blocked on it for
+//! [`Limits::write_timeout`] fails and ends the connection
+//! (`stall.rs`), and an evicted connection that does not finish within
+//! two seconds of its graceful shutdown is dropped.
+//!
 //! Out of file descriptors (`EMFILE`/`ENFILE` from accept, e.g. under
 //! `ulimit -n 1024`): the loop evicts one connection the same way and
 //! backs off for a few milliseconds, so it neither spins nor stalls; the
@@ -64,6 +70,10 @@ use tower_service::Service;
 /// before, at the connection cap, it is evicted ahead of idle proven ones.
 const UNPROVEN_GRACE: Duration = Duration::from_secs(1);
 
+/// How long an evicted proven connection may take to finish gracefully
+/// (a request that just started) before it is dropped.
+const EVICTION_GRACE: Duration = Duration::from_secs(2);
+
 /// Bounds on the API's connections (`--api-max-connections`,
 /// `--api-header-timeout`, `--api-idle-timeout`; the others are fixed).
 #[derive(Debug, Clone, Copy)]
@@ -81,6 +91,9 @@ pub struct Limits {
     pub idle_timeout: Duration,
     /// On shutdown, requests in flight get this long to finish.
     pub drain_timeout: Duration,
+    /// A response write the client has not let progress for this long
+    /// fails and closes the connection (`stall::WriteDeadline`).
+    pub write_timeout: Duration,
 }
 
 impl Default for Limits {
@@ -92,6 +105,7 @@ impl Default for Limits {
             header_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(10),
             drain_timeout: Duration::from_secs(10),
+            write_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -492,9 +506,14 @@ impl Slot {
             .timer(TokioTimer::new())
             .header_read_timeout(limits.idle_timeout)
             .max_buf_size(64 * 1024)
-            .serve_connection(TokioIo::new(io), service);
+            .serve_connection(
+                TokioIo::new(stall::WriteDeadline::new(io, limits.write_timeout)),
+                service,
+            );
         tokio::pin!(connection);
         let mut leaving = false;
+        // Set when evicted: past it the connection is dropped, finished or not.
+        let mut evicted_at: Option<tokio::time::Instant> = None;
         loop {
             let proven = self.state.proven.load(Ordering::Relaxed);
             tokio::select! {
@@ -511,7 +530,12 @@ impl Slot {
                     }
                     tracing::debug!("idle API connection evicted");
                     leaving = true;
+                    evicted_at = Some(tokio::time::Instant::now() + EVICTION_GRACE);
                     connection.as_mut().graceful_shutdown();
+                }
+                _ = tokio::time::sleep_until(evicted_at.unwrap_or_else(tokio::time::Instant::now)), if evicted_at.is_some() => {
+                    tracing::debug!("evicted API connection did not finish within the grace; dropped");
+                    return;
                 }
                 _ = tokio::time::sleep_until(head_deadline), if !proven => {
                     if !self.state.proven.load(Ordering::Relaxed) {
@@ -539,6 +563,8 @@ pub fn raise_open_file_limit() -> Option<u64> {
     }
     Some(soft)
 }
+
+mod stall;
 
 #[cfg(test)]
 mod tests;

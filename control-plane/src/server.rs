@@ -159,6 +159,16 @@ pub struct Settings {
     /// mesh still sees its one dead instance go).
     #[arg(long, env = "MESHLET_EXPIRY_PAUSE_MIN_INSTANCES", default_value_t = 3)]
     pub expiry_pause_min_instances: usize,
+    /// The longest expiry pause: past it the silent instances expire
+    /// anyway (a mesh where most services really died converges).
+    #[arg(long, env = "MESHLET_EXPIRY_PAUSE_MAX", default_value = "15m", value_parser = parse_duration)]
+    pub expiry_pause_max: Duration,
+    /// Instances one service may have registered at once; past it a new
+    /// registration gets 429 (one sidecar token cannot flood the registry).
+    #[arg(long, env = "MESHLET_MAX_INSTANCES_PER_SERVICE",
+          default_value_t = crate::controller::DEFAULT_MAX_INSTANCES_PER_SERVICE,
+          value_parser = parse_capacity)]
+    pub max_instances_per_service: usize,
 }
 
 impl Settings {
@@ -177,6 +187,7 @@ impl Settings {
         crate::expiry::ExpiryPolicy {
             pause_share: self.expiry_pause_share,
             min_instances: self.expiry_pause_min_instances,
+            max_pause: self.expiry_pause_max,
         }
     }
 
@@ -270,7 +281,8 @@ pub async fn run(
             &settings.trust_domain,
             roots.bundle_pem(),
         )?
-        .with_expiry_policy(settings.expiry_policy()),
+        .with_expiry_policy(settings.expiry_policy())
+        .with_max_instances_per_service(settings.max_instances_per_service),
     );
     let started_ms = crate::clock::now_ms();
     let workload = Arc::new(Workload::new(

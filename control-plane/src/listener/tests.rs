@@ -12,16 +12,20 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use super::*;
 
-/// `/x` answers `ok`; `/slow` tells `arrived` and answers after 300 ms.
+/// `/x` answers `ok`; `/big` 1 MiB; `/slow` tells `arrived` and answers
+/// after 300 ms.
 fn app(arrived: Arc<tokio::sync::Notify>) -> Router {
-    Router::new().route("/x", get(|| async { "ok" })).route(
-        "/slow",
-        get(move || async move {
-            arrived.notify_one();
-            tokio::time::sleep(Duration::from_millis(300)).await;
-            "slow"
-        }),
-    )
+    Router::new()
+        .route("/x", get(|| async { "ok" }))
+        .route("/big", get(|| async { vec![b'a'; 1 << 20] }))
+        .route(
+            "/slow",
+            get(move || async move {
+                arrived.notify_one();
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                "slow"
+            }),
+        )
 }
 
 struct Server {
@@ -244,6 +248,58 @@ async fn past_the_cap_of_busy_connections_a_new_one_is_closed() {
     })
     .await;
     assert!(ok, "no slot for a newcomer once the busy ones went idle");
+}
+
+/// Review finding H3 of issue 16: a client that pipelines requests for
+/// large answers and never reads is busy forever in hyper's eyes (a
+/// response in flight), so eviction never picks it; the write deadline
+/// closes it and frees its slot for others.
+#[tokio::test]
+async fn a_client_that_never_reads_its_responses_loses_its_slot() {
+    let limits = Limits {
+        max_connections: 2,
+        header_timeout: Duration::from_secs(60),
+        idle_timeout: Duration::from_secs(60),
+        write_timeout: Duration::from_millis(300),
+        ..Limits::default()
+    };
+    let stats = Arc::new(ConnectionStats::default());
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (_stop, stopped) = watch::channel(false);
+    let arrived = Arc::new(tokio::sync::Notify::new());
+    tokio::spawn(serve_counted(
+        listener,
+        None,
+        app(arrived),
+        limits,
+        stopped,
+        stats.clone(),
+    ));
+    let mut stuck = Vec::new();
+    for _ in 0..2 {
+        let mut stream = TcpStream::connect(addr).await.unwrap();
+        let pipelined = "GET /big HTTP/1.1\r\nhost: a\r\n\r\n".repeat(32);
+        stream.write_all(pipelined.as_bytes()).await.unwrap();
+        stuck.push(stream); // never read
+    }
+    assert!(
+        wait_until(Duration::from_secs(2), || async { stats.open() == 2 }).await,
+        "both readers hold a slot"
+    );
+    let freed = wait_until(Duration::from_secs(10), || async { stats.open() == 0 }).await;
+    assert!(
+        freed,
+        "{} slots still held by clients that never read",
+        stats.open()
+    );
+    assert_eq!(
+        stats.evicted(),
+        0,
+        "closed by the write deadline, not evicted"
+    );
+    assert_eq!(get_x(&quick(), addr).await.unwrap(), "ok");
+    drop(stuck);
 }
 
 #[tokio::test]
