@@ -45,9 +45,10 @@ CONTEXT=kind-$CLUSTER
 ROLLOUT_TIMEOUT=${MESHLET_ROLLOUT_TIMEOUT:-300s}
 VERSION=$(sed -n 's/^version = "\(.*\)"$/\1/p' Cargo.toml | head -n 1)
 IMAGES=(sidecar control-plane demo-service)
-# The services of manifests/examples/apps.yaml (their app.kubernetes.io/name)
-# and their namespace: each gets a sidecar token Secret.
-SERVICES=(frontend orders inventory)
+# The services of manifests/examples/apps.yaml (their app.kubernetes.io/name),
+# the ingress gateway of manifests/examples/gateway.yaml, and their
+# namespace: each gets a sidecar token Secret.
+SERVICES=(frontend orders inventory edge)
 APP_NAMESPACE=default
 CP_POD=meshlet-control-plane-0
 
@@ -125,7 +126,7 @@ k apply -k manifests/overlays/kind
 
 step "waiting for the rollouts (at most $ROLLOUT_TIMEOUT each)"
 k -n meshlet rollout status statefulset/meshlet-control-plane --timeout "$ROLLOUT_TIMEOUT"
-for deployment in inventory orders-v1 orders-v2 frontend; do
+for deployment in inventory orders-v1 orders-v2 frontend edge; do
   k -n default rollout status "deployment/$deployment" --timeout "$ROLLOUT_TIMEOUT"
 done
 
@@ -143,6 +144,7 @@ meshlet is running in kind cluster $CLUSTER (kubectl context $CONTEXT).
 
   kubectl --context $CONTEXT get pods      # each demo pod 2/2: the app and its native sidecar
   curl http://127.0.0.1:8080/work           # frontend -> orders (v1 80 %, v2 20 %) -> inventory
+  curl -H 'Host: shop.example.com' http://127.0.0.1:8081/api/orders   # through the ingress gateway edge
   kubectl --context $CONTEXT -n meshlet exec $CP_POD -- meshctl get services   # meshctl as admin, in the pod
 
 The control plane's port 15010 stays in the cluster (a NetworkPolicy admits

@@ -116,8 +116,10 @@ fn both_kustomizations_build_and_pass_strict_validation() {
     ) else {
         return;
     };
-    // base: the namespace, the Service, the StatefulSet, the NetworkPolicy.
-    for (dir, expected) in [("manifests/base", 4), ("manifests/overlays/kind", 11)] {
+    // base: the namespace, the Service, the StatefulSet, the NetworkPolicy;
+    // kind: base + 4 demo Deployments and 3 Services + the gateway's
+    // Deployment and Service.
+    for (dir, expected) in [("manifests/base", 4), ("manifests/overlays/kind", 13)] {
         let yaml = succeed(&kubectl, &["kustomize", dir]);
         let passed = validate_strict(&validator, dir, &yaml);
         assert_eq!(passed, expected, "{dir}: resources validated");
