@@ -33,5 +33,6 @@
 
 pub(crate) mod handlers;
 pub(crate) mod headers;
+pub(crate) mod http_routes;
 pub(crate) mod path;
 pub(crate) mod route;
