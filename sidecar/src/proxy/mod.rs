@@ -8,7 +8,8 @@
 //!           ─► header rules, identity headers from the verified caller (headers)
 //!           ─► forward to the local app (upstream) ─► response
 //! outbound: RequestRecord ─► CONNECT? tunnel ─► destination (route: service | passthrough)
-//!           ─► route label ─► the target's policies for method and path (policy::index)
+//!           ─► route label ─► mesh routes of the service (http_routes: rule → backend, filters, mirrors)
+//!           ─► the target's policies for method and path (policy::index)
 //!           ─► header rules, client identity headers removed, traceparent ─► forward (upstream)
 //!           ─► response (101: splice the upgraded connections)
 //! ```
@@ -24,6 +25,8 @@
 //!   `%2F`, `%5C`, `%00`, a backslash refused: 400 `bad_path`).
 //! - `headers` — hop-by-hop removal, `x-forwarded-*`, the identity headers
 //!   (`x-meshlet-source`, `x-meshlet-source-identity`: never a client's).
+//! - `http_routes` — `Route`s compiled per parent (a gateway, or a service
+//!   for its callers): precedence, matching, filters, backend choice.
 //!
 //! **Invariants:** the request path reads the configuration only through
 //! the current snapshot pointer, never waits for it; every response the
@@ -33,5 +36,6 @@
 
 pub(crate) mod handlers;
 pub(crate) mod headers;
+pub(crate) mod http_routes;
 pub(crate) mod path;
 pub(crate) mod route;
