@@ -442,8 +442,8 @@ mod tests {
                 .get(header::CONNECTION)
                 .is_some_and(|v| v == "close");
             // After a malformed request the connection's framing cannot be
-            // trusted; a 403, 405 or 429 keeps it.
-            let malformed = (400..500).contains(&status) && ![403, 405, 429].contains(&status);
+            // trusted; a 403, 404, 405 or 429 keeps it.
+            let malformed = (400..500).contains(&status) && ![403, 404, 405, 429].contains(&status);
             assert_eq!(closes, malformed, "{reason}: connection: close");
             let body = response.into_body().collect().await.unwrap().to_bytes();
             assert_eq!(body, format!("meshlet: {message}\n"), "{reason}");

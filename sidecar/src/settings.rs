@@ -9,6 +9,7 @@ use std::time::Duration;
 use meshlet_api::mesh::AppProtocol;
 use serde::Serialize;
 
+pub use crate::listen::terminate::CertificateFiles;
 pub use crate::telemetry::trace::export::ExportEndpoint;
 
 /// How traffic reaches the sidecar.
@@ -83,14 +84,6 @@ pub struct GatewaySettings {
     /// The certificates loaded at start (`None`: plaintext).
     #[serde(skip)]
     pub tls: Option<std::sync::Arc<crate::listen::terminate::Terminator>>,
-}
-
-/// One certificate chain and its private key, PEM files (re-read when they
-/// change: `listen::terminate`).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct CertificateFiles {
-    pub cert: PathBuf,
-    pub key: PathBuf,
 }
 
 /// Tracing and access logging.

@@ -36,13 +36,20 @@ use tokio::sync::watch;
 use tokio_rustls::server::TlsStream;
 
 use crate::identity::provider::provider;
-use crate::settings::CertificateFiles;
 
 /// How often the certificate files are checked for changes.
 pub const RELOAD_INTERVAL: Duration = Duration::from_secs(2);
 
 /// ALPN protocols offered to external clients, preferred first.
 const ALPN: [&[u8]; 2] = [b"h2", b"http/1.1"];
+
+/// One certificate chain and its private key, PEM files (re-read when they
+/// change).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct CertificateFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
 
 /// Why a certificate pair cannot be used.
 #[derive(Debug, thiserror::Error)]
