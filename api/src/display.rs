@@ -7,6 +7,7 @@ use std::collections::BTreeMap;
 
 use crate::policy::RouteMatch;
 use crate::resource::Resource;
+use crate::route::RouteSpec;
 use crate::zero_trust::{AuthorizationSpec, AuthzMode};
 
 /// A service as meshctl and the sidecars' `destination` label name it:
@@ -134,7 +135,52 @@ pub fn summary(resource: &Resource) -> String {
             None => format!("{} (mesh-wide default)", doc.spec.mode.as_str()),
         },
         Resource::AuthorizationPolicy(doc) => authorization(&doc.spec),
+        Resource::Route(doc) => route_summary(&doc.spec),
     }
+}
+
+/// `gateway/edge shop.example.com: 2 rules → orders, frontend`,
+/// `service/orders: 1 rule → orders (version=v2), mirror shadow`.
+fn route_summary(spec: &RouteSpec) -> String {
+    let parents: Vec<String> = spec
+        .parent_refs
+        .iter()
+        .filter_map(|p| p.parent())
+        .map(|(kind, name)| format!("{}/{name}", kind.as_str()))
+        .collect();
+    let hosts = if spec.hostnames.is_empty() {
+        String::new()
+    } else {
+        format!(" {}", spec.hostnames.join(","))
+    };
+    let rules = match spec.rules.len() {
+        1 => "1 rule".to_owned(),
+        n => format!("{n} rules"),
+    };
+    let mut to: Vec<String> = Vec::new();
+    let mut push = |item: String| {
+        if !to.contains(&item) {
+            to.push(item);
+        }
+    };
+    for rule in &spec.rules {
+        for backend in &rule.backends {
+            if backend.labels.is_empty() {
+                push(backend.service.clone());
+            } else {
+                push(format!("{} ({})", backend.service, labels(&backend.labels)));
+            }
+        }
+        for filter in &rule.filters {
+            if let Some(redirect) = &filter.request_redirect {
+                push(format!("redirect {}", redirect.status_code));
+            }
+            if let Some(mirror) = &filter.request_mirror {
+                push(format!("mirror {}", mirror.service));
+            }
+        }
+    }
+    format!("{}{hosts}: {rules} → {}", parents.join(","), to.join(", "))
 }
 
 /// `ALLOW 2 rules (from frontend; to GET /api/*)`, `DENY 1 rule, dry run`.

@@ -19,6 +19,9 @@
 //!   by the control plane's CA and the sidecars' peer checks.
 //! - [`zero_trust`]: the `MTLSPolicy` and `AuthorizationPolicy` specs
 //!   (enforced by the target's sidecar against verified identities).
+//! - [`route`]: the `Route` kind (HTTP routing by host, path, headers,
+//!   query and method for a gateway or for the callers of a service;
+//!   filters, weighted backends with label subsets, mirrors).
 //! - [`display`]: how meshctl and the dashboard word services and
 //!   resources (one-line summaries).
 //! - [`otlp`]: the subset of OpenTelemetry's OTLP trace messages that
@@ -43,13 +46,14 @@ pub mod otlp;
 mod parse;
 pub mod policy;
 pub mod resource;
+pub mod route;
 pub mod traces;
 pub mod zero_trust;
 
 pub use duration::HumanDuration;
 pub use parse::{parse_documents, ParseError};
 pub use policy::{HealthCheckSpec, RouteMatch, TargetRef};
-pub use resource::{AuthorizationPolicy, MtlsPolicy};
+pub use resource::{AuthorizationPolicy, MtlsPolicy, Route};
 pub use resource::{
     CircuitBreakerPolicy, EndpointSpec, HealthCheckPolicy, ObjectMeta, RateLimitPolicy, Resource,
     ResourceKey, RetryPolicy, ServiceResource, ServiceSpec, TimeoutPolicy, TracingPolicy,

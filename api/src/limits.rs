@@ -48,6 +48,12 @@
 //! | [`MAX_HEADER_NAME_LEN`] | 256 | a header name (`key: header:NAME`, an `AuthorizationPolicy`'s `when.header`) |
 //! | [`MAX_RULES`] | 64 | `spec.rules` of an `AuthorizationPolicy` |
 //! | [`MAX_RULE_ITEMS`] | 64 | each list inside an `AuthorizationPolicy` rule (`from`, `to`, `when`, `services`, `namespaces`, `identities`, `paths`, `values`) |
+//! | [`MAX_ROUTE_RULES`] | 64 | `spec.rules` of a `Route` |
+//! | [`MAX_ROUTE_ITEMS`] | 16 | each other list of a `Route` (`parentRefs`, `hostnames`, a rule's `matches`, `backends`, `filters`, a match's `headers`, `queryParams`, a modifier's `set`, `add`, `remove`) |
+//! | [`MAX_ROUTE_VALUE_LEN`] | 1024 | a header or query value of a `Route` (matched or set) |
+//! | [`MAX_HOSTNAME_LEN`] | 253 | a host name of a `Route` (`hostnames`, rewrite and redirect `hostname`) |
+//! | [`MAX_ROUTE_WEIGHT`] | 1 000 000 | a `Route` backend's `weight` |
+//! | [`MAX_REGEX_SIZE`] | 64 KiB | a `Route` regular expression once compiled (the `regex` crate's size limit) |
 //!
 //! The values are generous for hand-written configuration (the examples use
 //! a few entries of each) and small enough that the largest file accepted
@@ -104,6 +110,18 @@ pub const MAX_HEADER_NAME_LEN: usize = 256;
 pub const MAX_RULES: usize = 64;
 /// Each list inside an `AuthorizationPolicy` rule.
 pub const MAX_RULE_ITEMS: usize = 64;
+/// `spec.rules` of a `Route`.
+pub const MAX_ROUTE_RULES: usize = 64;
+/// Each other list of a `Route`.
+pub const MAX_ROUTE_ITEMS: usize = 16;
+/// A header or query value of a `Route`.
+pub const MAX_ROUTE_VALUE_LEN: usize = 1024;
+/// A host name of a `Route`.
+pub const MAX_HOSTNAME_LEN: usize = 253;
+/// A `Route` backend's weight.
+pub const MAX_ROUTE_WEIGHT: u32 = 1_000_000;
+/// A `Route` regular expression once compiled, in bytes.
+pub const MAX_REGEX_SIZE: usize = 64 * 1024;
 
 /// At most this many characters of a refused value are quoted back in an
 /// error message.

@@ -13,6 +13,7 @@ use crate::policy::{
     CircuitBreakerSpec, HealthCheckSpec, RateLimitSpec, RetrySpec, TargetRef, TimeoutSpec,
     TracingSpec, TrafficSplitSpec,
 };
+use crate::route::RouteSpec;
 use crate::zero_trust::{AuthorizationSpec, MtlsSpec};
 
 /// The only `apiVersion` this release understands.
@@ -82,6 +83,8 @@ pub type TracingPolicy = Document<TracingSpec>;
 pub type MtlsPolicy = Document<MtlsSpec>;
 /// `kind: AuthorizationPolicy`.
 pub type AuthorizationPolicy = Document<AuthorizationSpec>;
+/// `kind: Route`.
+pub type Route = Document<RouteSpec>;
 
 /// One parsed and validated resource of any known kind.
 ///
@@ -100,6 +103,7 @@ pub enum Resource {
     TracingPolicy(TracingPolicy),
     MtlsPolicy(MtlsPolicy),
     AuthorizationPolicy(AuthorizationPolicy),
+    Route(Route),
 }
 
 /// The kinds this release accepts, in the order error messages list them.
@@ -114,6 +118,7 @@ pub const KNOWN_KINDS: &[&str] = &[
     "TracingPolicy",
     "MTLSPolicy",
     "AuthorizationPolicy",
+    "Route",
 ];
 
 /// Evaluates `$body` with `$doc` bound to the document of any kind.
@@ -130,6 +135,7 @@ macro_rules! each_kind {
             Resource::TracingPolicy($doc) => $body,
             Resource::MtlsPolicy($doc) => $body,
             Resource::AuthorizationPolicy($doc) => $body,
+            Resource::Route($doc) => $body,
         }
     };
 }
@@ -151,6 +157,7 @@ pub(crate) fn typed_resource<E>(
         "TracingPolicy" => deserialize.doc().map(Resource::TracingPolicy),
         "MTLSPolicy" => deserialize.doc().map(Resource::MtlsPolicy),
         "AuthorizationPolicy" => deserialize.doc().map(Resource::AuthorizationPolicy),
+        "Route" => deserialize.doc().map(Resource::Route),
         _ => return None,
     })
 }
@@ -196,6 +203,7 @@ impl Resource {
             Resource::TracingPolicy(_) => "TracingPolicy",
             Resource::MtlsPolicy(_) => "MTLSPolicy",
             Resource::AuthorizationPolicy(_) => "AuthorizationPolicy",
+            Resource::Route(_) => "Route",
         }
     }
 
@@ -223,7 +231,8 @@ impl Resource {
     }
 
     /// The service a policy targets, as `(namespace, name)`; `None` for a
-    /// `Service` and for a mesh-wide `MTLSPolicy` (no `targetRef`).
+    /// `Service`, a `Route` (see `RouteSpec::references`) and a mesh-wide
+    /// `MTLSPolicy` (no `targetRef`).
     pub fn target(&self) -> Option<(&str, &str)> {
         let target = self.target_ref()?;
         let meta = self.metadata();
@@ -233,7 +242,8 @@ impl Resource {
 
     fn target_ref(&self) -> Option<&TargetRef> {
         Some(match self {
-            Resource::Service(_) => return None,
+            // A route names its parents and backends itself.
+            Resource::Service(_) | Resource::Route(_) => return None,
             Resource::HealthCheckPolicy(doc) => &doc.spec.target_ref,
             Resource::RateLimitPolicy(doc) => &doc.spec.target_ref,
             Resource::CircuitBreakerPolicy(doc) => &doc.spec.target_ref,
@@ -302,6 +312,7 @@ impl Resource {
             Resource::TracingPolicy(doc) => doc.spec.validate(),
             Resource::MtlsPolicy(doc) => doc.spec.validate(),
             Resource::AuthorizationPolicy(doc) => doc.spec.validate(),
+            Resource::Route(doc) => doc.spec.validate(),
         }
     }
 }

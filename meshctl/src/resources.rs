@@ -50,6 +50,7 @@ const KINDS: &[(&str, &str, &str)] = &[
     ("TracingPolicy", "tracingpolicies", "trp"),
     ("MTLSPolicy", "mtlspolicies", "mtls"),
     ("AuthorizationPolicy", "authorizationpolicies", "ap"),
+    ("Route", "routes", "rt"),
 ];
 
 /// Resolves `ratelimitpolicy`, `RateLimitPolicies`, `rlp`, ... (any case).
@@ -71,7 +72,7 @@ pub fn resolve_kind(arg: &str) -> Result<KindArg, CommandError> {
                 "unknown kind {arg:?}: use services, endpoints, healthcheckpolicies (hcp), \
                  ratelimitpolicies (rlp), circuitbreakerpolicies (cbp), retrypolicies (rp), \
                  timeoutpolicies (tp), trafficsplits (ts), tracingpolicies (trp), \
-                 mtlspolicies (mtls) or authorizationpolicies (ap)"
+                 mtlspolicies (mtls), authorizationpolicies (ap) or routes (rt)"
             ))
         })
 }
@@ -97,6 +98,7 @@ pub fn summary_header(kind: &str) -> &'static str {
         "TracingPolicy" => "SAMPLING",
         "MTLSPolicy" => "MODE",
         "AuthorizationPolicy" => "RULES",
+        "Route" => "ROUTES",
         _ => "SUMMARY",
     }
 }
@@ -451,13 +453,15 @@ pub async fn rollback(cp: &ControlPlane, revision: u64) -> Result<bool, CommandE
 }
 
 /// Warnings for applied policies whose target service is not known to the
-/// control plane yet (accepted: services may register later).
+/// control plane yet, and for routes naming an unknown gateway, backend or
+/// mirror service (accepted: services may register later).
 pub fn target_warnings(files: &[ApplyFile], services: &[ServiceSummary]) -> Vec<String> {
     let known: BTreeSet<(&str, &str)> = services
         .iter()
         .map(|s| (s.namespace.as_str(), s.name.as_str()))
         .collect();
     let mut missing = BTreeSet::new();
+    let mut route_refs = BTreeSet::new();
     for file in files {
         let Ok(resources) = meshlet_api::parse_documents(&file.name, &file.text) else {
             continue;
@@ -468,10 +472,25 @@ pub fn target_warnings(files: &[ApplyFile], services: &[ServiceSummary]) -> Vec<
                     missing.insert(service_display(ns, name));
                 }
             }
+            if let Resource::Route(route) = resource {
+                let ns = route.metadata.namespace.as_str();
+                for reference in route.spec.references() {
+                    if !known.contains(&(ns, reference.service)) {
+                        route_refs.insert((
+                            resource.key().to_string(),
+                            reference.role,
+                            service_display(ns, reference.service),
+                        ));
+                    }
+                }
+            }
         }
     }
-    missing
+    let targets = missing
         .into_iter()
-        .map(|s| format!("warning: no service {s} is registered yet"))
-        .collect()
+        .map(|s| format!("warning: no service {s} is registered yet"));
+    let routes = route_refs.into_iter().map(|(route, role, service)| {
+        format!("warning: {route}: {role} {service} names no known service yet")
+    });
+    targets.chain(routes).collect()
 }

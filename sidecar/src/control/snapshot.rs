@@ -33,6 +33,7 @@ use crate::identity::WorkloadIdentity;
 use crate::policy::authz::ZeroTrust;
 use crate::policy::breaker::State;
 use crate::policy::index::{InboundPolicies, OutboundPolicies, PolicyState};
+use crate::proxy::http_routes::{HttpRoutes, Parent};
 use crate::settings::Limits;
 use crate::telemetry::direction::Direction;
 use crate::telemetry::metrics::{destination_label, BreakerSample, Metrics};
@@ -69,6 +70,12 @@ pub struct Snapshot {
     /// Share of new traces started here that are recorded (the own
     /// service's `TracingPolicy`; every trace without one).
     pub sampling_ratio: f64,
+    /// routes: the `Route`s naming the own service as `gateway:` parent
+    /// (`None` when none does), for a gateway's handler.
+    pub gateway_routes: Option<HttpRoutes>,
+    /// routes: mesh routing, the `Route`s of each `service:` parent, by
+    /// namespace then name ([`Snapshot::mesh_routes`]).
+    mesh_routes: HashMap<String, HashMap<String, HttpRoutes>>,
 }
 
 /// The own service's `TracingPolicy` ratio (the first by name if several).
@@ -228,6 +235,46 @@ fn endpoint_identity(spec: &EndpointEntry) -> Option<Arc<SpiffeId>> {
     }
 }
 
+/// routes: the compiled `Route` tables: the own service's as a gateway
+/// parent, and every `service:` parent's (backends and mirrors resolved to
+/// the targets of `index`).
+fn routes(
+    state: &MeshState,
+    own: Own<'_>,
+    index: &Index,
+    metrics: &Metrics,
+) -> (
+    Option<HttpRoutes>,
+    HashMap<String, HashMap<String, HttpRoutes>>,
+) {
+    let resources = &state.resources;
+    if !resources.iter().any(|r| matches!(r, Resource::Route(_))) {
+        return (None, HashMap::new());
+    }
+    let targets =
+        |namespace: &str, name: &str| index.services.get(&format!("{name}.{namespace}")).cloned();
+    let gateway = HttpRoutes::build(
+        resources,
+        own.namespace,
+        Parent::Gateway(own.service),
+        &targets,
+        metrics,
+    );
+    let mut mesh: HashMap<String, HashMap<String, HttpRoutes>> = HashMap::new();
+    for (namespace, name) in HttpRoutes::service_parents(resources) {
+        if let Some(table) = HttpRoutes::build(
+            resources,
+            &namespace,
+            Parent::Service(&name),
+            &targets,
+            metrics,
+        ) {
+            mesh.entry(namespace).or_default().insert(name, table);
+        }
+    }
+    (gateway, mesh)
+}
+
 /// The key of the services map a host name stands for: `NAME` or
 /// `NAME.NS` (a slice of `host`), or `None` when the host is not one of the
 /// four mesh name forms.
@@ -335,7 +382,10 @@ impl Snapshot {
         }
         let (inbound, inbound_routes) = build.inbound(own);
         let zero_trust = ZeroTrust::build(state, own.namespace, own.service, metrics);
+        let (gateway_routes, mesh_routes) = routes(state, own, &index, metrics);
         Snapshot {
+            gateway_routes,
+            mesh_routes,
             zero_trust,
             revision: state.revision,
             source,
@@ -348,6 +398,15 @@ impl Snapshot {
             inbound_routes,
             policy_state: build.policy_state,
         }
+    }
+
+    /// routes: the `Route`s that apply to callers of `target` (mesh
+    /// routing), if any names it as `service:` parent.
+    pub fn mesh_routes(&self, target: &ServiceTarget) -> Option<&HttpRoutes> {
+        if self.mesh_routes.is_empty() {
+            return None;
+        }
+        self.mesh_routes.get(&target.namespace)?.get(&target.name)
     }
 
     /// The health check that applies to `service` in `namespace`, if a
@@ -462,6 +521,8 @@ impl Snapshot {
             "services": services,
             "inboundPolicies": self.inbound.to_json(),
             "zeroTrust": self.zero_trust.to_json(),
+            "gatewayRoutes": self.gateway_routes.as_ref().map(HttpRoutes::to_json),
+            "meshRoutes": self.mesh_routes.values().flat_map(|m| m.values()).map(HttpRoutes::to_json).collect::<Vec<_>>(),
             "resources": self.resources,
         })
     }

@@ -100,6 +100,9 @@ pub struct SplitPlan {
     pub name: String,
     subsets: Vec<Subset>,
     total_weight: u64,
+    /// routes: a `Route` backend's label subset ([`SplitPlan::only`]):
+    /// its one subset takes every request, usable or not.
+    strict: bool,
 }
 
 #[derive(Debug)]
@@ -141,6 +144,27 @@ impl SplitPlan {
             name,
             subsets,
             total_weight,
+            strict: false,
+        }
+    }
+
+    /// routes: the endpoints (balancer order) carrying `labels`, as the one
+    /// subset of a plan that never falls back to the whole service: a
+    /// request for a `Route` backend's subset whose endpoints are all down
+    /// or open fails (`no_healthy_endpoint`, `circuit_open`) rather than
+    /// reach endpoints the route did not choose.
+    pub fn only(
+        name: String,
+        labels: &BTreeMap<String, String>,
+        endpoints: &[&BTreeMap<String, String>],
+    ) -> Self {
+        let split = meshlet_api::policy::Split {
+            labels: labels.clone(),
+            weight: 1,
+        };
+        SplitPlan {
+            strict: true,
+            ..SplitPlan::new(name, std::slice::from_ref(&split), endpoints)
         }
     }
 
@@ -149,6 +173,9 @@ impl SplitPlan {
     /// renormalizing the weights; `None` when there is none (then the
     /// whole service is used).
     pub fn choose(&self, usable: impl Fn(&[usize]) -> bool) -> Option<&[usize]> {
+        if self.strict {
+            return self.subsets.first().map(|s| s.endpoints.as_slice());
+        }
         let candidates = || {
             self.subsets
                 .iter()
@@ -391,6 +418,7 @@ mod tests {
             name: "canary".into(),
             subsets: vec![subset("v1", 90, vec![0]), subset("v2", 10, vec![1])],
             total_weight: 100,
+            strict: false,
         }
     }
 

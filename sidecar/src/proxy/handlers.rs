@@ -71,6 +71,7 @@ use crate::telemetry::observe::{RequestRecord, Telemetry};
 use crate::telemetry::route_metrics::{RouteMetrics, RouteTable};
 use crate::upstream::balance::Tried;
 use crate::upstream::forward::forward;
+use crate::upstream::mirror::Mirrors;
 use crate::upstream::pool::{ConnPool, Remote, ORIG_PROTO};
 use crate::upstream::target::ServiceTarget;
 
@@ -363,6 +364,8 @@ pub struct Outbound {
     telemetry: Arc<Telemetry>,
     /// Where requests refused before a destination is known are counted.
     unrouted: Arc<RouteMetrics>,
+    /// routes: the sender of `requestMirror` copies (bounded in flight).
+    mirrors: Mirrors,
 }
 
 impl Outbound {
@@ -378,6 +381,7 @@ impl Outbound {
             unrouted: metrics.unrouted(Direction::Outbound),
             metrics,
             telemetry,
+            mirrors: Mirrors::default(),
         }
     }
 
@@ -400,9 +404,54 @@ impl Outbound {
         if request.method() == Method::CONNECT {
             return self.tunnel(request, &target).await;
         }
-        let policies = target
-            .policies
-            .for_request(request.method(), request.uri().path());
+        // routes: mesh routing. A `Route` whose parent is the resolved
+        // service picks the rule; its backend (a service, maybe a label
+        // subset) replaces the target. No matching rule: the service as
+        // before. The snapshot is held (as an `Arc`) only when it has
+        // routes for this service.
+        let snapshot = self.router.snapshot();
+        let snapshot = (snapshot.mesh_routes(&target).is_some())
+            .then(|| arc_swap::Guard::into_inner(snapshot));
+        let selected = snapshot
+            .as_deref()
+            .and_then(|s| s.mesh_routes(&target))
+            .and_then(|routes| routes.select(None, &request));
+        if let Some(selected) = &selected {
+            selected.count();
+            tracing::debug!(
+                route = selected.route(),
+                rule = selected.rule_index(),
+                "mesh route"
+            );
+            if let Some(redirect) = selected.redirect(&request, "http") {
+                return Ok(redirect);
+            }
+        }
+        let (target, policies) = match &selected {
+            Some(selected) => {
+                let backend = selected
+                    .backend
+                    .ok_or_else(|| ProxyError::NoHealthyEndpoint {
+                        service: target.name.clone(),
+                    })?;
+                let routed =
+                    backend
+                        .target
+                        .as_ref()
+                        .ok_or_else(|| ProxyError::NoHealthyEndpoint {
+                            service: backend.service.clone(),
+                        })?;
+                let policies =
+                    backend.policies(request.method(), request.uri().path(), selected.timeouts());
+                (routed, policies)
+            }
+            None => {
+                let policies = target
+                    .policies
+                    .for_request(request.method(), request.uri().path());
+                (&target, policies)
+            }
+        };
         let fallback_authority = target.balancer.endpoints().first().map(|e| e.addr);
         let version = request.version();
         let (mut request, downstream_upgrade) = prepare(
@@ -411,13 +460,25 @@ impl Outbound {
             &self.limits,
             record.request_bytes(),
         );
+        if let Some(selected) = &selected {
+            selected.apply_request(&mut request);
+        }
         // Who is calling is the inbound side's word, from this sidecar's
         // certificate: nothing the app wrote survives; nor may it choose
         // the protocol the far side speaks to its app.
         remove_source_headers(request.headers_mut());
         request.headers_mut().remove(ORIG_PROTO);
         record.inject_trace(request.headers_mut());
-        let response = forward(&target, request, policies, &self.limits, record.trail()).await?;
+        if let Some(selected) = &selected {
+            for mirror in selected.mirrors() {
+                self.mirrors
+                    .send(mirror, &request, &self.limits, selected.rule.timeout);
+            }
+        }
+        let mut response = forward(target, request, policies, &self.limits, record.trail()).await?;
+        if let Some(selected) = &selected {
+            selected.apply_response(&mut response);
+        }
         Ok(finish(response, version, downstream_upgrade))
     }
 

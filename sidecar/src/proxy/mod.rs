@@ -44,6 +44,7 @@
 pub(crate) mod gateway;
 pub(crate) mod handlers;
 pub(crate) mod headers;
+pub(crate) mod http_routes;
 pub(crate) mod path;
 pub(crate) mod redirect;
 pub(crate) mod route;

@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 
 use http::{header, Request};
 
-use crate::control::snapshot::SharedSnapshot;
+use crate::control::snapshot::{SharedSnapshot, Snapshot};
 use crate::error::ProxyError;
 use crate::listen::transparent::loops_back;
 use crate::settings::Limits;
@@ -104,6 +104,11 @@ impl Router {
             passthrough: Mutex::new(HashMap::new()),
             dns: DnsCache::default(),
         }
+    }
+
+    /// The current snapshot (routes: its `Route` tables).
+    pub fn snapshot(&self) -> arc_swap::Guard<Arc<Snapshot>> {
+        self.snapshot.load()
     }
 
     pub async fn resolve(

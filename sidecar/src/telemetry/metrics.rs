@@ -184,6 +184,43 @@ pub struct Metrics {
     pool: PoolMetrics,
     /// h2limits: `meshlet_h2_connections_closed_total{listener,reason}`.
     h2_closed: IntCounterVec,
+    /// routes (issue 15): `Route` rules chosen and mirrored copies.
+    routing: RoutingFamilies,
+}
+
+// --- routes (issue 15): `Route` rules and mirrors ---
+
+/// `meshlet_route_requests_total{parent,route,rule}` and
+/// `meshlet_mirror_requests_total{service,outcome}`.
+#[derive(Debug, Clone)]
+struct RoutingFamilies {
+    route_requests: IntCounterVec,
+    mirror_requests: IntCounterVec,
+}
+
+impl RoutingFamilies {
+    fn register(r: &Register<'_>) -> Self {
+        RoutingFamilies {
+            route_requests: r.counter_vec(
+                "meshlet_route_requests_total",
+                "Requests that matched a Route rule, by parent (gateway/NAME or service/NAME), route and rule index",
+                &["parent", "route", "rule"],
+            ),
+            mirror_requests: r.counter_vec(
+                "meshlet_mirror_requests_total",
+                "Mirrored copies of requests (requestMirror), by mirror service and outcome: sent (answered), failed (error or timeout), skipped (body not replayable, too many in flight, unknown service)",
+                &["service", "outcome"],
+            ),
+        }
+    }
+}
+
+/// The counters of one mirror service, resolved at snapshot build.
+#[derive(Debug, Clone)]
+pub struct MirrorCounters {
+    pub sent: IntCounter,
+    pub failed: IntCounter,
+    pub skipped: IntCounter,
 }
 
 /// The workload certificate (`identity`): its expiry, renewals and
@@ -452,7 +489,25 @@ impl Metrics {
                 "HTTP/2 client connections the sidecar closed, by listener and reason (rapid_reset, continuation_flood, control_frame_flood, idle, keepalive_timeout, protocol_error)",
                 &["listener", "reason"],
             ),
+            routing: RoutingFamilies::register(&register),
             registry,
+        }
+    }
+
+    /// routes: `meshlet_route_requests_total{parent,route,rule}` of one rule.
+    pub fn route_requests(&self, parent: &str, route: &str, rule: usize) -> IntCounter {
+        self.routing
+            .route_requests
+            .with_label_values(&[parent, route, &rule.to_string()])
+    }
+
+    /// routes: `meshlet_mirror_requests_total{service,...}` of one mirror service.
+    pub fn mirror_requests(&self, service: &str) -> MirrorCounters {
+        let family = &self.routing.mirror_requests;
+        MirrorCounters {
+            sent: family.with_label_values(&[service, "sent"]),
+            failed: family.with_label_values(&[service, "failed"]),
+            skipped: family.with_label_values(&[service, "skipped"]),
         }
     }
 

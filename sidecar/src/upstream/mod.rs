@@ -35,5 +35,6 @@
 pub(crate) mod balance;
 pub(crate) mod forward;
 pub(crate) mod in_flight;
+pub(crate) mod mirror;
 pub(crate) mod pool;
 pub(crate) mod target;
