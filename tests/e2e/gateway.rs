@@ -16,7 +16,6 @@
 //! sidecar over mTLS with its own identity.
 
 use std::net::{IpAddr, SocketAddr};
-use std::process::Command;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -311,14 +310,16 @@ impl Pki {
 }
 
 /// `curl --cacert CA --resolve NAME:PORT:127.0.0.1 https://NAME:PORT/`:
-/// the status and the subject CN of the certificate it was shown.
-fn curl(ca: &str, name: &str, port: u16, path: &str) -> (u16, String) {
-    let output = Command::new("curl")
+/// the status and the subject CN of the certificate it was shown. (Run
+/// without blocking: the upstreams answer on this test's runtime.)
+async fn curl(ca: &str, name: &str, port: u16, path: &str) -> (u16, String) {
+    let output = tokio::process::Command::new("curl")
         .args(["-sS", "-v", "--max-time", "10", "--cacert", ca, "--resolve"])
         .arg(format!("{name}:{port}:127.0.0.1"))
         .arg(format!("https://{name}:{port}{path}"))
         .args(["-o", "/dev/null", "-w", "%{http_code}"])
         .output()
+        .await
         .expect("curl runs");
     let status = String::from_utf8_lossy(&output.stdout)
         .trim()
@@ -329,6 +330,9 @@ fn curl(ca: &str, name: &str, port: u16, path: &str) -> (u16, String) {
         .lines()
         .find_map(|l| l.split_once("subject: ").map(|(_, s)| s.trim().to_owned()))
         .unwrap_or_else(|| format!("no subject in curl's log: {log}"));
+    if status != 200 {
+        eprintln!("curl {name}: {log}");
+    }
     (status, subject)
 }
 
@@ -370,21 +374,26 @@ async fn tls_by_sni_with_a_certificate_reloaded_without_restart_and_a_redirect()
     let port = gateway.inbound.port();
     let ca = pki.ca_file();
 
-    let (status, subject) = curl(&ca, "shop.example.com", port, "/");
+    let (status, subject) = curl(&ca, "shop.example.com", port, "/").await;
     assert_eq!((status, subject.as_str()), (200, "CN=shop generation 1"));
-    let (status, subject) = curl(&ca, "api.example.com", port, "/");
+    let (status, subject) = curl(&ca, "api.example.com", port, "/").await;
     assert_eq!((status, subject.as_str()), (200, "CN=api generation 1"));
     assert_eq!(api.requests(), 1);
     assert_eq!(frontend.requests(), 1);
 
     // A new certificate in the same files is served within a few seconds
     // (the files are polled every 2 s), no restart.
+    let replaced = std::time::Instant::now();
     pki.leaf("shop", "shop.example.com", "shop generation 2");
     wait::until("the replaced certificate is served", PATIENCE, || async {
-        let (status, subject) = curl(&ca, "shop.example.com", port, "/");
+        let (status, subject) = curl(&ca, "shop.example.com", port, "/").await;
         (status == 200 && subject == "CN=shop generation 2").then_some(())
     })
     .await;
+    eprintln!(
+        "the replaced certificate was served after {:?}",
+        replaced.elapsed()
+    );
     let metrics = meshlet_e2e::client::get(gateway.admin, "/metrics")
         .await
         .unwrap()
@@ -394,7 +403,21 @@ async fn tls_by_sni_with_a_certificate_reloaded_without_restart_and_a_redirect()
         "{metrics}"
     );
 
-    // Plaintext on the TLS port is closed; the redirect port sends there.
+    // Plaintext on the TLS port is closed unanswered; the redirect port
+    // sends clients to https.
+    let mut plain = tokio::net::TcpStream::connect(gateway.inbound)
+        .await
+        .unwrap();
+    plain
+        .write_all(b"GET / HTTP/1.1\r\nhost: shop.example.com\r\n\r\n")
+        .await
+        .unwrap();
+    let mut nothing = Vec::new();
+    let read = tokio::time::timeout(PATIENCE, plain.read_to_end(&mut nothing)).await;
+    assert!(
+        matches!(read, Ok(Ok(0)) | Ok(Err(_))),
+        "closed: {nothing:?}"
+    );
     let to_redirect: SocketAddr = format!("127.0.0.1:{redirect}").parse().unwrap();
     let moved = send(to_redirect, "shop.example.com:80", "/cart?id=7", &[]).await;
     assert_eq!(moved.status, 308, "{moved:?}");

@@ -13,11 +13,15 @@
 //!      routes (`HttpRoutes::select` on the snapshot's gateway routes); none → 404 no_route
 //!   ─► RequestRecord (outbound, destination = the backend: the client span,
 //!      child of the server span)
+//!   ─► the rule: counted; a `requestRedirect` answers here; else its
+//!      backend (weighted choice, label subset)
 //!   ─► header rules: hop-by-hop dropped, every identity header the client
 //!      sent removed (x-meshlet-source*, x-meshlet-orig-proto),
-//!      x-forwarded-for appended, x-forwarded-proto set
+//!      x-forwarded-for appended, x-forwarded-proto set; then the rule's
+//!      request filters (header set/add/remove, URL rewrite), mirrors sent
 //!   ─► forward (the backend target's policies: timeouts, retries, breakers,
-//!      balancing, mTLS with the gateway's own identity) ─► response
+//!      balancing, mTLS with the gateway's own identity; the rule's timeout)
+//!   ─► the rule's response filters ─► response
 //! ```
 //!
 //! Telemetry names the gateway twice, like a sidecar whose app is the
@@ -36,12 +40,13 @@ use http::{Method, Request, Response};
 use hyper::body::Incoming;
 
 use crate::body::ProxyBody;
-use crate::control::snapshot::{SharedSnapshot, Snapshot};
+use crate::control::snapshot::SharedSnapshot;
 use crate::error::ProxyError;
 use crate::listen::server::{Handler, Peer};
 use crate::policy::index::RoutePolicies;
 use crate::proxy::handlers::{admit, answer, finish, normalize_path, prepare, Admission};
 use crate::proxy::headers::{add_forwarded, remove_source_headers};
+use crate::proxy::http_routes::Selected;
 use crate::proxy::route::Authority;
 use crate::settings::Limits;
 use crate::telemetry::direction::Direction;
@@ -49,6 +54,7 @@ use crate::telemetry::metrics::Metrics;
 use crate::telemetry::observe::{RequestRecord, Telemetry};
 use crate::telemetry::route_metrics::RouteMetrics;
 use crate::upstream::forward::forward;
+use crate::upstream::mirror::Mirrors;
 use crate::upstream::pool::ORIG_PROTO;
 use crate::upstream::target::ServiceTarget;
 
@@ -67,11 +73,8 @@ pub struct Gateway {
     xff_trusted_hops: usize,
     /// `x-forwarded-proto`: `https` when the gateway terminates TLS.
     scheme: &'static str,
-}
-
-/// Where a request goes: the backend service's target.
-pub(crate) struct Backend {
-    pub target: Arc<ServiceTarget>,
+    /// The sender of `requestMirror` copies (bounded in flight).
+    mirrors: Mirrors,
 }
 
 impl Gateway {
@@ -92,6 +95,7 @@ impl Gateway {
             telemetry,
             xff_trusted_hops,
             scheme: if tls { "https" } else { "http" },
+            mirrors: Mirrors::default(),
         }
     }
 
@@ -115,27 +119,51 @@ impl Gateway {
             xff_trusted_hops: self.xff_trusted_hops,
         };
         admit(&snapshot, &request, peer, record, &admission)?;
-        let backend = self.route(&snapshot, &request)?;
-        self.call(backend, request, peer, record).await
+        let selected = snapshot
+            .gateway_routes
+            .as_ref()
+            .and_then(|routes| routes.select(None, &request))
+            .ok_or_else(|| self.no_route(&request))?;
+        selected.count();
+        tracing::debug!(
+            route = selected.route(),
+            rule = selected.rule_index(),
+            "gateway route"
+        );
+        if let Some(redirect) = selected.redirect(&request, self.scheme) {
+            return Ok(redirect);
+        }
+        // Every backend of the rule weighs 0.
+        let backend = selected
+            .backend
+            .ok_or_else(|| ProxyError::NoHealthyEndpoint {
+                service: format!("route {}", selected.route()),
+            })?;
+        let target = backend
+            .target
+            .as_ref()
+            .ok_or_else(|| ProxyError::UnknownService {
+                host: backend.service.clone(),
+            })?;
+        self.call(target, &selected, request, peer, record).await
     }
 
-    /// The backend of the first of the gateway's routes that matches the
-    /// request (host, path, headers, query, method), else 404 `no_route`.
-    fn route<B>(&self, snapshot: &Snapshot, request: &Request<B>) -> Result<Backend, ProxyError> {
-        let host = Authority::of(request).map_or("", |a| a.host);
-        let _ = snapshot;
-        Err(ProxyError::NoRoute {
+    fn no_route<B>(&self, request: &Request<B>) -> ProxyError {
+        ProxyError::NoRoute {
             gateway: self.metrics.service().to_owned(),
-            host: host.to_owned(),
+            host: Authority::of(request).map_or("", |a| a.host).to_owned(),
             path: request.uri().path().to_owned(),
-        })
+        }
     }
 
     /// The backend call: its own record (the client span, joined to the
-    /// gateway's server span), the outbound's header rules, `forward`.
+    /// gateway's server span), the rule's request filters and mirrors, the
+    /// outbound's header rules, `forward` under the backend's policies (its
+    /// label subset, the rule's timeout), the rule's response filters.
     async fn call(
         &self,
-        backend: Backend,
+        target: &Arc<ServiceTarget>,
+        selected: &Selected<'_>,
         mut request: Request<Incoming>,
         peer: &Peer,
         record: &mut RequestRecord,
@@ -149,11 +177,13 @@ impl Gateway {
             &self.unrouted_backend,
             &self.telemetry,
         );
-        let Backend { target } = backend;
         call.set_route(target.metrics.routes.select(request.uri().path()));
-        let policies: RoutePolicies<'_> = target
-            .policies
-            .for_request(request.method(), request.uri().path());
+        let policies = match selected.backend {
+            Some(backend) => {
+                backend.policies(request.method(), request.uri().path(), selected.timeouts())
+            }
+            None => RoutePolicies::default(),
+        };
         let version = request.version();
         let fallback_authority = target.balancer.endpoints().first().map(|e| e.addr);
         let (request, downstream_upgrade) = prepare(
@@ -168,9 +198,17 @@ impl Gateway {
         remove_source_headers(request.headers_mut());
         request.headers_mut().remove(ORIG_PROTO);
         add_forwarded(request.headers_mut(), &peer.ip_header, self.scheme);
+        selected.apply_request(&mut request);
         call.inject_trace(request.headers_mut());
-        match forward(&target, request, policies, &self.limits, call.trail()).await {
-            Ok(response) => Ok(call.respond(finish(response, version, downstream_upgrade))),
+        for mirror in selected.mirrors() {
+            self.mirrors
+                .send(mirror, &request, &self.limits, selected.rule.timeout);
+        }
+        match forward(target, request, policies, &self.limits, call.trail()).await {
+            Ok(mut response) => {
+                selected.apply_response(&mut response);
+                Ok(call.respond(finish(response, version, downstream_upgrade)))
+            }
             Err(err) => {
                 call.answered_by_mesh(err.reason(), err.status());
                 Err(err)
