@@ -13,7 +13,7 @@ use std::net::SocketAddr;
 
 use serde::{Deserialize, Serialize};
 
-use crate::mesh::BreakerState;
+use crate::mesh::{BreakerState, InstanceRole};
 
 /// One entry of `GET /api/v1/dashboard/services`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -72,6 +72,10 @@ pub struct TopologyNode {
     pub namespace: String,
     pub name: String,
     pub healthy: bool,
+    /// `gateway` when an instance of the service registered as an ingress
+    /// gateway: the mesh's entry, drawn first (leftmost) by the page.
+    #[serde(default)]
+    pub role: InstanceRole,
 }
 
 /// Calls from one service to another, as the callers' sidecars saw them.

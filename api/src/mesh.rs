@@ -99,6 +99,31 @@ pub struct Registration {
     /// original caller spoke.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub app_protocol: Option<AppProtocol>,
+    /// What the instance is: a sidecar next to an app (the default, so
+    /// sidecars that predate the field still register) or an ingress
+    /// gateway (`sidecar --mode gateway`), the mesh's entry.
+    #[serde(default)]
+    pub role: InstanceRole,
+}
+
+/// What a registered instance is (`Registration::role`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum InstanceRole {
+    /// A sidecar in front of an app.
+    #[default]
+    Sidecar,
+    /// An ingress gateway: no app; external clients enter the mesh here.
+    Gateway,
+}
+
+impl InstanceRole {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            InstanceRole::Sidecar => "sidecar",
+            InstanceRole::Gateway => "gateway",
+        }
+    }
 }
 
 /// The protocol an app speaks on its port. Between sidecars every hop is
@@ -466,6 +491,9 @@ pub struct InstanceInfo {
     pub identity: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub app_protocol: Option<AppProtocol>,
+    /// A sidecar or a gateway ([`Registration::role`]).
+    #[serde(default)]
+    pub role: InstanceRole,
     /// The newest workload certificate issued to this instance.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub certificate: Option<IssuedLeaf>,
@@ -666,6 +694,7 @@ mod tests {
             labels: [("version".to_owned(), "v1".to_owned())].into(),
             healthy: true,
             app_protocol: None,
+            role: InstanceRole::Sidecar,
         }
     }
 

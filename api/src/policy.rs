@@ -215,7 +215,9 @@ pub struct RateLimitSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sliding_window: Option<SlidingWindow>,
     /// What is counted separately: `service` (all requests together, the
-    /// default), `sourceService` (per calling service), or `header:NAME`
+    /// default), `sourceService` (per calling service), `clientIP` (per
+    /// client address: a gateway's external clients; the peer, or the
+    /// `x-forwarded-for` hop `--xff-trusted-hops` names), or `header:NAME`
     /// (per value of that request header).
     #[serde(default)]
     pub key: RateLimitKey,
@@ -246,6 +248,8 @@ pub enum RateLimitKey {
     #[default]
     Service,
     SourceService,
+    /// The client's IP address (YAML `clientIP`).
+    ClientIp,
     /// A lower-case header name.
     Header(String),
 }
@@ -255,6 +259,7 @@ impl Serialize for RateLimitKey {
         match self {
             RateLimitKey::Service => s.serialize_str("service"),
             RateLimitKey::SourceService => s.serialize_str("sourceService"),
+            RateLimitKey::ClientIp => s.serialize_str("clientIP"),
             RateLimitKey::Header(name) => s.collect_str(&format_args!("header:{name}")),
         }
     }
@@ -266,6 +271,7 @@ impl<'de> Deserialize<'de> for RateLimitKey {
         match text.as_str() {
             "service" => Ok(RateLimitKey::Service),
             "sourceService" => Ok(RateLimitKey::SourceService),
+            "clientIP" => Ok(RateLimitKey::ClientIp),
             other => match other.strip_prefix("header:") {
                 Some(name)
                     if !name.is_empty()
@@ -276,7 +282,7 @@ impl<'de> Deserialize<'de> for RateLimitKey {
                     Ok(RateLimitKey::Header(name.to_ascii_lowercase()))
                 }
                 _ => Err(serde::de::Error::custom(format!(
-                    "invalid key {other:?}: use service, sourceService or header:NAME"
+                    "invalid key {other:?}: use service, sourceService, clientIP or header:NAME"
                 ))),
             },
         }

@@ -276,6 +276,7 @@ async fn service_detail(
                     &reg.service,
                 ),
                 app_protocol: reg.app_protocol,
+                role: reg.role,
                 certificate: state.workload.certificate_of(&reg.id),
             }
         })

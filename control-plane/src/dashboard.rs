@@ -32,7 +32,7 @@ use meshlet_api::dashboard::{
     Series, SeriesPoint, ServiceView, Topology, TopologyEdge, TopologyNode,
 };
 use meshlet_api::display::{service_display, summary, target};
-use meshlet_api::mesh::{ServiceKey, StatsReport};
+use meshlet_api::mesh::{InstanceRole, ServiceKey, StatsReport};
 use serde::Deserialize;
 use tokio::sync::watch;
 
@@ -179,9 +179,24 @@ pub async fn topology(State(state): State<AppState>) -> Json<Topology> {
     let edges = state
         .stats
         .traffic(now, by_edge(|label| labels.get(label).cloned()));
+    let gateways: std::collections::BTreeSet<ServiceKey> = published
+        .instances
+        .values()
+        .map(|i| &i.registration)
+        .filter(|reg| reg.role == InstanceRole::Gateway)
+        .map(|reg| ServiceKey {
+            namespace: reg.namespace.clone(),
+            name: reg.service.clone(),
+        })
+        .collect();
     let nodes = keys
         .iter()
         .map(|key| TopologyNode {
+            role: if gateways.contains(key) {
+                InstanceRole::Gateway
+            } else {
+                InstanceRole::Sidecar
+            },
             id: id(key),
             namespace: key.namespace.clone(),
             name: key.name.clone(),

@@ -507,6 +507,7 @@ pub(crate) mod tests {
             labels: BTreeMap::new(),
             healthy: true,
             app_protocol: None,
+            role: meshlet_api::mesh::InstanceRole::Sidecar,
         }
     }
 

@@ -633,6 +633,7 @@ mod tests {
                 labels: BTreeMap::from([("version".to_owned(), "v1".to_owned())]),
                 healthy: true,
                 app_protocol: None,
+                role: meshlet_api::mesh::InstanceRole::Sidecar,
             },
             registered_at_ms: 42,
         }

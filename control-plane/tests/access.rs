@@ -84,6 +84,7 @@ fn registration(id: &str, service: &str) -> Vec<u8> {
         labels: Default::default(),
         healthy: true,
         app_protocol: None,
+        role: meshlet_api::mesh::InstanceRole::Sidecar,
     })
     .unwrap()
 }

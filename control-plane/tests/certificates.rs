@@ -88,6 +88,7 @@ fn register_body(id: &str, service: &str) -> Vec<u8> {
         labels: Default::default(),
         healthy: true,
         app_protocol: Some(meshlet_api::mesh::AppProtocol::Http1),
+        role: meshlet_api::mesh::InstanceRole::Sidecar,
     })
     .unwrap()
 }

@@ -179,14 +179,18 @@ function sparkline(values, width = 120, height = 24) {
 const NODE = { w: 150, h: 46, gapX: 140, gapY: 40, pad: 30 };
 
 // Columns by longest path from a node nobody calls (cycles cut at the first revisit).
+// A gateway (role "gateway") is the mesh's entry: always the first column, and
+// when there is one every other node starts in the next.
 function layers(nodes, edges) {
-  const depth = new Map(nodes.map((n) => [n.id, 0]));
+  const entry = new Set(nodes.filter((n) => n.role === 'gateway').map((n) => n.id));
+  const start = entry.size ? 1 : 0;
+  const depth = new Map(nodes.map((n) => [n.id, entry.has(n.id) ? 0 : start]));
   for (let round = 0; round < nodes.length; round++) {
     let changed = false;
     for (const e of edges) {
-      if (e.from === e.to || !depth.has(e.from) || !depth.has(e.to)) continue;
+      if (e.from === e.to || !depth.has(e.from) || !depth.has(e.to) || entry.has(e.to)) continue;
       const want = depth.get(e.from) + 1;
-      if (want > depth.get(e.to) && want < nodes.length) { depth.set(e.to, want); changed = true; }
+      if (want > depth.get(e.to) && want < nodes.length + start) { depth.set(e.to, want); changed = true; }
     }
     if (!changed) break;
   }
@@ -259,15 +263,18 @@ async function loadTopology(root) {
   });
   const drawnNodes = nodes.map((n) => {
     const { x, y } = at.get(n.id);
-    return svg('g', { class: n.healthy ? 'node' : 'node bad', 'data-node': n.id, transform: `translate(${x},${y})` },
+    const gateway = n.role === 'gateway';
+    const classes = ['node', n.healthy ? null : 'bad', gateway ? 'entry' : null].filter(Boolean).join(' ');
+    return svg('g', { class: classes, 'data-node': n.id, 'data-role': n.role || 'sidecar', transform: `translate(${x},${y})` },
       svg('rect', { width: NODE.w, height: NODE.h, rx: 8 }),
-      svg('text', { x: NODE.w / 2, y: NODE.h / 2 - 6 }, n.name),
-      svg('text', { class: 'ns', x: NODE.w / 2, y: NODE.h / 2 + 11 }, n.namespace));
+      svg('text', { x: NODE.w / 2, y: NODE.h / 2 - 6 }, gateway ? `⇥ ${n.name}` : n.name),
+      svg('text', { class: 'ns', x: NODE.w / 2, y: NODE.h / 2 + 11 }, gateway ? `${n.namespace} · gateway (entry)` : n.namespace),
+      gateway ? svg('title', {}, `${n.name}: the ingress gateway, where external clients enter the mesh`) : null);
   });
   const graph = svg('svg', { id: 'topology-graph', viewBox: `0 0 ${width} ${height + below}`, height: height + below },
     svg('defs', {}, marker('arrow'), marker('arrow-bad')), drawnEdges, drawnNodes);
   root.replaceChildren(el('h2', {}, 'Topology'),
-    el('p', { class: 'muted' }, 'Who calls whom, as the callers\' sidecars saw it over the last 30 s; red: more than 5% errors; a padlock under an arrow: mutual TLS (both services\' sidecars hold workload certificates).'), graph);
+    el('p', { class: 'muted' }, 'Who calls whom, as the callers\' sidecars saw it over the last 30 s; the ingress gateway (⇥, leftmost) is where external clients enter; red: more than 5% errors; a padlock under an arrow: mutual TLS (both services\' sidecars hold workload certificates).'), graph);
 }
 
 // ---------------------------------------------------------------- policies

@@ -459,6 +459,7 @@ mod tests {
                 last_heartbeat_ms_ago: 1_500,
                 identity: None,
                 app_protocol: None,
+                role: Default::default(),
                 certificate: None,
             }],
             static_endpoints: vec![],
@@ -493,6 +494,7 @@ mod tests {
             last_heartbeat_ms_ago: 1_000,
             identity: Some("spiffe://meshlet.local/ns/default/sa/orders".into()),
             app_protocol: None,
+            role: Default::default(),
             certificate: cert,
         };
         let detail = ServiceDetail {

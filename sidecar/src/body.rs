@@ -38,6 +38,9 @@ pub struct ProxyBody {
     kind: Kind,
     /// Counts data bytes as they pass.
     bytes: Option<IntCounter>,
+    /// A second count of them (a gateway's request counts on its own
+    /// route and on the backend's).
+    more_bytes: Option<IntCounter>,
     /// Fields removed from a trailers frame.
     strip_trailers: &'static [HeaderName],
     guards: Guards,
@@ -57,6 +60,9 @@ struct Guards {
     slot: Option<OwnedSemaphorePermit>,
     /// The request's record, finished when released.
     completion: Option<RequestRecord>,
+    /// A gateway: the record of the request as it entered (the server
+    /// span), finished after `completion` (the backend call's).
+    outer_completion: Option<RequestRecord>,
 }
 
 #[derive(Debug)]
@@ -105,6 +111,7 @@ impl ProxyBody {
         ProxyBody {
             kind,
             bytes: None,
+            more_bytes: None,
             strip_trailers: &[],
             guards: Guards::default(),
         }
@@ -160,6 +167,7 @@ impl ProxyBody {
         Some(ProxyBody {
             kind,
             bytes: self.bytes.clone(),
+            more_bytes: self.more_bytes.clone(),
             strip_trailers: self.strip_trailers,
             guards: Guards::default(),
         })
@@ -181,9 +189,13 @@ impl ProxyBody {
     }
 
     /// Finishes the request's record once this (response) body has been
-    /// fully sent or dropped.
+    /// fully sent or dropped. A second record (a gateway's own, given
+    /// after its backend call's) is finished after the first.
     pub fn with_completion(mut self, record: RequestRecord) -> Self {
-        self.guards.completion = Some(record);
+        match self.guards.completion {
+            None => self.guards.completion = Some(record),
+            Some(_) => self.guards.outer_completion = Some(record),
+        }
         self
     }
 
@@ -193,9 +205,13 @@ impl ProxyBody {
         self
     }
 
-    /// Adds the length of every data frame to `bytes`.
+    /// Adds the length of every data frame to `bytes` (at most two
+    /// counters: a gateway's route and its backend's).
     pub fn counting(mut self, bytes: IntCounter) -> Self {
-        self.bytes = Some(bytes);
+        match self.bytes {
+            None => self.bytes = Some(bytes),
+            Some(_) => self.more_bytes = Some(bytes),
+        }
         self
     }
 }
@@ -241,6 +257,9 @@ impl Body for ProxyBody {
             Poll::Ready(Some(Ok(frame))) => {
                 if let (Some(bytes), Some(data)) = (&this.bytes, frame.data_ref()) {
                     bytes.inc_by(data.len() as u64);
+                    if let Some(more) = &this.more_bytes {
+                        more.inc_by(data.len() as u64);
+                    }
                 } else if !this.strip_trailers.is_empty() {
                     if let Some(trailers) = frame.trailers_mut() {
                         for name in this.strip_trailers {

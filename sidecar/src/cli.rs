@@ -14,7 +14,10 @@ use clap::{Parser, ValueEnum};
 use meshlet_api::mesh::AppProtocol;
 
 use crate::error::StartupError;
-use crate::settings::{ControlPlaneSettings, Limits, Observability, Settings};
+use crate::listen::terminate::Terminator;
+use crate::settings::{
+    CertificateFiles, ControlPlaneSettings, GatewaySettings, Limits, Observability, Settings,
+};
 use crate::telemetry::trace::export::ExportEndpoint;
 
 pub use crate::settings::Mode;
@@ -43,9 +46,10 @@ pub struct Args {
     /// the control plane; traffic splits select on them).
     #[arg(long, env = "MESHLET_LABELS", value_delimiter = ',', value_parser = parse_label)]
     pub labels: Vec<(String, String)>,
-    /// Port where the local app listens; inbound traffic is forwarded there.
+    /// Port where the local app listens; inbound traffic is forwarded there
+    /// (required except with `--mode gateway`, which has no app).
     #[arg(long, env = "MESHLET_APP_PORT")]
-    pub app_port: u16,
+    pub app_port: Option<u16>,
     /// Address of the local app.
     #[arg(long, env = "MESHLET_APP_HOST", default_value_t = IpAddr::V4(Ipv4Addr::LOCALHOST))]
     pub app_host: IpAddr,
@@ -115,9 +119,30 @@ pub struct Args {
     /// (for the dashboard; 0s = never).
     #[arg(long, env = "MESHLET_STATS_INTERVAL", default_value = "5s", value_parser = parse_duration)]
     pub stats_interval: Duration,
-    /// How outbound traffic reaches the sidecar.
+    /// How outbound traffic reaches the sidecar; `gateway`: an ingress
+    /// gateway (no app; the inbound listener takes external clients and
+    /// routes by the `Route`s naming this service).
     #[arg(long, env = "MESHLET_MODE", value_enum, default_value_t = Mode::Explicit)]
     pub mode: Mode,
+    /// Gateway: a PEM certificate chain the inbound listener presents
+    /// (repeatable, paired in order with `--tls-key`; the first pair is the
+    /// default, SNI chooses among them by their DNS names; re-read when the
+    /// files change). Without it the gateway listens in plaintext.
+    #[arg(long, env = "MESHLET_TLS_CERT", value_delimiter = ',')]
+    pub tls_cert: Vec<PathBuf>,
+    /// Gateway: the PEM private key of the `--tls-cert` in the same position.
+    #[arg(long, env = "MESHLET_TLS_KEY", value_delimiter = ',')]
+    pub tls_key: Vec<PathBuf>,
+    /// Gateway with `--tls-cert`: also listen on this port (plaintext HTTP)
+    /// and answer every request with a 308 redirect to https on the inbound port.
+    #[arg(long, env = "MESHLET_REDIRECT_PORT")]
+    pub redirect_port: Option<u16>,
+    /// Proxies in front of the inbound listener that append the address
+    /// they saw to `x-forwarded-for` (0: the connection's peer is the
+    /// client): `RateLimitPolicy` `key: clientIP` takes the N-th address
+    /// from the right, or the peer when there are fewer.
+    #[arg(long, env = "MESHLET_XFF_TRUSTED_HOPS", default_value_t = 0)]
+    pub xff_trusted_hops: usize,
 
     /// Time allowed to establish an upstream TCP connection.
     #[arg(long, env = "MESHLET_CONNECT_TIMEOUT", default_value = "1s", value_parser = parse_duration)]
@@ -321,14 +346,26 @@ impl Args {
             Some(url) => Some(self.control_plane_settings(url)?),
         };
         let observability = self.observability(control_plane.as_ref())?;
+        let gateway = self.gateway()?;
+        let app_port =
+            match (self.app_port, self.mode) {
+                (Some(port), _) => port,
+                (None, Mode::Gateway) => 0,
+                (None, _) => return Err(StartupError::Usage(
+                    "--app-port PORT (MESHLET_APP_PORT) is required, except with --mode gateway"
+                        .into(),
+                )),
+            };
         Ok(Settings {
             mode: self.mode,
+            xff_trusted_hops: self.xff_trusted_hops,
+            gateway,
             observability,
             service: self.service.clone(),
             namespace: self.namespace.clone(),
             labels: self.labels.iter().cloned().collect(),
             control_plane,
-            app_addr: SocketAddr::new(self.app_host, self.app_port),
+            app_addr: SocketAddr::new(self.app_host, app_port),
             app_protocol: self.app_protocol,
             inbound_addr: SocketAddr::new(self.inbound_ip, self.inbound_port),
             outbound_addr: SocketAddr::new(self.outbound_ip, self.outbound_port),
@@ -336,6 +373,61 @@ impl Args {
             drain_timeout: self.drain_timeout,
             limits: self.limits(),
         })
+    }
+
+    /// Gateway mode: the certificate pairs and the redirect listener; the
+    /// gateway's flags anywhere else are an error.
+    fn gateway(&self) -> Result<Option<GatewaySettings>, StartupError> {
+        if self.mode != Mode::Gateway {
+            if !self.tls_cert.is_empty() || !self.tls_key.is_empty() {
+                return Err(StartupError::Usage(
+                    "--tls-cert/--tls-key are for --mode gateway (the mesh hop's TLS needs no files)".into(),
+                ));
+            }
+            if self.redirect_port.is_some() {
+                return Err(StartupError::Usage(
+                    "--redirect-port is for --mode gateway".into(),
+                ));
+            }
+            return Ok(None);
+        }
+        if self.tls_cert.len() != self.tls_key.len() {
+            return Err(StartupError::Usage(format!(
+                "{} --tls-cert and {} --tls-key: give them in pairs (certificate, then its key)",
+                self.tls_cert.len(),
+                self.tls_key.len()
+            )));
+        }
+        if self.redirect_port.is_some() && self.tls_cert.is_empty() {
+            return Err(StartupError::Usage(
+                "--redirect-port sends clients to https: it needs --tls-cert and --tls-key".into(),
+            ));
+        }
+        if self.redirect_port == Some(self.inbound_port) {
+            return Err(StartupError::Usage(
+                "--redirect-port must differ from --inbound-port".into(),
+            ));
+        }
+        let certificates: Vec<CertificateFiles> = self
+            .tls_cert
+            .iter()
+            .zip(&self.tls_key)
+            .map(|(cert, key)| CertificateFiles {
+                cert: cert.clone(),
+                key: key.clone(),
+            })
+            .collect();
+        let tls = match certificates.is_empty() {
+            true => None,
+            false => Some(std::sync::Arc::new(Terminator::load(&certificates)?)),
+        };
+        Ok(Some(GatewaySettings {
+            tls,
+            certificates,
+            redirect_addr: self
+                .redirect_port
+                .map(|port| SocketAddr::new(self.inbound_ip, port)),
+        }))
     }
 
     /// Where this instance registers, as what, with which credentials, and

@@ -52,6 +52,8 @@ pub enum StartupError {
     Unsupported(String),
     #[error("{0}")]
     Usage(String),
+    #[error("gateway TLS: {0}")]
+    Certificate(#[from] crate::listen::terminate::CertificateError),
 }
 
 /// Why the proxy answered a request itself.
@@ -123,6 +125,12 @@ pub enum ProxyError {
     TlsHandshakeFailed { addr: SocketAddr, detail: String },
     #[error("{addr} is not the workload the registry names: {detail}")]
     PeerIdentityMismatch { addr: SocketAddr, detail: String },
+    #[error("no Route of gateway {gateway:?} matches host {host:?} and path {path:?}")]
+    NoRoute {
+        gateway: String,
+        host: String,
+        path: String,
+    },
 }
 
 impl ProxyError {
@@ -157,6 +165,7 @@ impl ProxyError {
             ProxyError::HeadTooLarge { .. } => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             ProxyError::UriTooLong { .. } => StatusCode::URI_TOO_LONG,
             ProxyError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
+            ProxyError::NoRoute { .. } => StatusCode::NOT_FOUND,
             ProxyError::UnknownService { .. } | ProxyError::NoHealthyEndpoint { .. } => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
@@ -202,6 +211,7 @@ impl ProxyError {
             ProxyError::CertificateExpired { .. } => "certificate_expired",
             ProxyError::TlsHandshakeFailed { .. } => "tls_handshake_failed",
             ProxyError::PeerIdentityMismatch { .. } => "peer_identity_mismatch",
+            ProxyError::NoRoute { .. } => "no_route",
         }
     }
 
@@ -239,7 +249,10 @@ impl ProxyError {
         // Refusals of a well-formed request keep the connection.
         let keeps_framing = matches!(
             status,
-            StatusCode::METHOD_NOT_ALLOWED | StatusCode::TOO_MANY_REQUESTS | StatusCode::FORBIDDEN
+            StatusCode::METHOD_NOT_ALLOWED
+                | StatusCode::TOO_MANY_REQUESTS
+                | StatusCode::FORBIDDEN
+                | StatusCode::NOT_FOUND
         );
         if status.is_client_error() && !keeps_framing {
             // After a malformed request the connection's framing can't be
@@ -328,6 +341,12 @@ mod tests {
                 503,
                 "no_healthy_endpoint",
                 "service \"orders\" has no healthy endpoint",
+            ),
+            (
+                ProxyError::NoRoute { gateway: "edge".into(), host: "nowhere.test".into(), path: "/x".into() },
+                404,
+                "no_route",
+                "no Route of gateway \"edge\" matches host \"nowhere.test\" and path \"/x\"",
             ),
             (ProxyError::Loop { addr: addr() }, 502, "loop_detected", "request to 10.0.0.7:8080 would loop back into this sidecar"),
             (
@@ -423,8 +442,8 @@ mod tests {
                 .get(header::CONNECTION)
                 .is_some_and(|v| v == "close");
             // After a malformed request the connection's framing cannot be
-            // trusted; a 403, 405 or 429 keeps it.
-            let malformed = (400..500).contains(&status) && ![403, 405, 429].contains(&status);
+            // trusted; a 403, 404, 405 or 429 keeps it.
+            let malformed = (400..500).contains(&status) && ![403, 404, 405, 429].contains(&status);
             assert_eq!(closes, malformed, "{reason}: connection: close");
             let body = response.into_body().collect().await.unwrap().to_bytes();
             assert_eq!(body, format!("meshlet: {message}\n"), "{reason}");

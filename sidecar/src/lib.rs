@@ -82,12 +82,14 @@ pub fn load_config(path: &Path) -> Result<Vec<Resource>, StartupError> {
     )?)
 }
 
-/// The three bound listeners.
+/// The bound listeners: three, and a gateway's redirect listener.
 #[derive(Debug)]
 pub struct Listeners {
     pub inbound: TcpListener,
     pub outbound: TcpListener,
     pub admin: TcpListener,
+    /// Gateway `--redirect-port` (plaintext, answers 308 to https).
+    pub redirect: Option<TcpListener>,
 }
 
 impl Listeners {
@@ -108,6 +110,10 @@ impl Listeners {
             inbound: bind("inbound", settings.inbound_addr).await?,
             outbound: bind("outbound", settings.outbound_addr).await?,
             admin: bind("admin", settings.admin_addr).await?,
+            redirect: match settings.gateway.as_ref().and_then(|g| g.redirect_addr) {
+                Some(addr) => Some(bind("redirect", addr).await?),
+                None => None,
+            },
         })
     }
 }
@@ -213,7 +219,7 @@ pub async fn run(
 struct Running {
     settings: Arc<Settings>,
     /// One task per listener; each yields its connections' drain.
-    servers: [tokio::task::JoinHandle<listen::server::Drain>; 3],
+    servers: Vec<tokio::task::JoinHandle<listen::server::Drain>>,
     /// Stops the listeners and the background tasks.
     stop: watch::Sender<bool>,
     /// With a control plane: the registration task and its deregister
@@ -265,16 +271,19 @@ fn start(
     );
     let (flush_spans, flush_spans_rx) = watch::channel(false);
     let (telemetry, span_export) = start_telemetry(settings, snapshot, metrics, flush_spans_rx);
-    let (inbound, outbound) = shared.handlers(&listeners, telemetry, &stop_rx);
+    let (inbound, outbound) = shared.handlers(&listeners, Arc::clone(&telemetry), &stop_rx);
     let [inbound_interception, outbound_interception] =
         interceptions(settings, &listeners, metrics, identity.as_ref(), snapshot);
-    let health = control::health::spawn_prober(
-        settings.app_addr,
-        settings.namespace.clone(),
-        settings.service.clone(),
-        Arc::clone(snapshot),
-        stop_rx.clone(),
-    );
+    let health = match &settings.gateway {
+        Some(_) => control::health::no_app(stop_rx.clone()),
+        None => control::health::spawn_prober(
+            settings.app_addr,
+            settings.namespace.clone(),
+            settings.service.clone(),
+            Arc::clone(snapshot),
+            stop_rx.clone(),
+        ),
+    };
     let (control, registration) = shared.start_control(initial, &health, &stop_rx);
     let admin = admin::Admin::new(
         Arc::clone(settings),
@@ -289,11 +298,28 @@ fn start(
         metrics,
         stop: &stop_rx,
     };
-    let servers = [
-        servers.spawn(
+    // Where the redirect listener sends clients: the TLS listener's port.
+    let https_port = listeners
+        .inbound
+        .local_addr()
+        .map_or(settings.inbound_addr.port(), |a| a.port());
+    let inbound = match &settings.gateway {
+        Some(gateway) => servers.spawn_gateway(
+            gateway,
+            listeners.inbound,
+            proxy::gateway::Gateway::new(
+                Arc::clone(snapshot),
+                Arc::clone(limits),
+                metrics.clone(),
+                telemetry,
+                settings.xff_trusted_hops,
+                gateway.tls.is_some(),
+            ),
+        ),
+        None => servers.spawn(
             "inbound",
             listeners.inbound,
-            inbound,
+            inbound.with_xff_trusted_hops(settings.xff_trusted_hops),
             listen::server::ListenerOptions {
                 interception: inbound_interception,
                 tls: identity.as_ref().map(|identity| {
@@ -304,15 +330,19 @@ fn start(
                         settings.mode == Mode::Transparent,
                     ))
                 }),
+                terminate: None,
             },
         ),
+    };
+    let mut servers_running = vec![
+        inbound,
         servers.spawn(
             "outbound",
             listeners.outbound,
             outbound,
             listen::server::ListenerOptions {
                 interception: outbound_interception,
-                tls: None,
+                ..Default::default()
             },
         ),
         servers.spawn(
@@ -322,6 +352,15 @@ fn start(
             listen::server::ListenerOptions::default(),
         ),
     ];
+    if let Some(redirect) = listeners.redirect {
+        servers_running.push(servers.spawn(
+            "redirect",
+            redirect,
+            proxy::redirect::Redirect::new(https_port),
+            listen::server::ListenerOptions::default(),
+        ));
+    }
+    let servers = servers_running;
     tracing::info!(service = %settings.service, app = %settings.app_addr, mode = ?settings.mode, "sidecar started");
     Running {
         settings: Arc::clone(settings),
@@ -715,6 +754,29 @@ struct Servers<'a> {
 }
 
 impl Servers<'_> {
+    /// A gateway's inbound listener: TLS terminated when it has
+    /// certificates (re-read when their files change).
+    fn spawn_gateway(
+        &self,
+        gateway: &settings::GatewaySettings,
+        listener: TcpListener,
+        handler: proxy::gateway::Gateway,
+    ) -> tokio::task::JoinHandle<listen::server::Drain> {
+        if let Some(tls) = &gateway.tls {
+            let [ok, error] = self.metrics.gateway_certificate_reloads();
+            tls.spawn_reloader(
+                listen::terminate::RELOAD_INTERVAL,
+                listen::terminate::ReloadCounters { ok, error },
+                self.stop.clone(),
+            );
+        }
+        let options = listen::server::ListenerOptions {
+            terminate: gateway.tls.clone(),
+            ..Default::default()
+        };
+        self.spawn("inbound", listener, handler, options)
+    }
+
     fn spawn<H: listen::server::Handler>(
         &self,
         name: &'static str,

@@ -42,6 +42,7 @@ fn main() -> ExitCode {
                 StartupError::Config(_)
                 | StartupError::ReadConfig { .. }
                 | StartupError::Usage(_)
+                | StartupError::Certificate(_)
                 | StartupError::Unsupported(_) => ExitCode::from(2),
                 StartupError::Bind { .. } => ExitCode::FAILURE,
             }

@@ -9,6 +9,7 @@ use std::time::Duration;
 use meshlet_api::mesh::AppProtocol;
 use serde::Serialize;
 
+pub use crate::listen::terminate::CertificateFiles;
 pub use crate::telemetry::trace::export::ExportEndpoint;
 
 /// How traffic reaches the sidecar.
@@ -22,6 +23,10 @@ pub enum Mode {
     /// iptables (`sidecar init-iptables`) redirects all TCP in and out
     /// through the listeners, which read the original destination.
     Transparent,
+    /// An ingress gateway: no app; the inbound listener takes external
+    /// clients (plaintext, or TLS with `--tls-cert`) and routes them by the
+    /// `Route`s whose `parentRefs` name this service (`proxy::gateway`).
+    Gateway,
 }
 
 /// Everything the sidecar needs to know about itself.
@@ -34,7 +39,7 @@ pub struct Settings {
     pub namespace: String,
     /// Labels of this instance (e.g. `version`), sent with its registration.
     pub labels: BTreeMap<String, String>,
-    /// Where the local app listens.
+    /// Where the local app listens (gateway mode: no app; unused).
     pub app_addr: SocketAddr,
     /// What the app speaks (`--app-protocol`); `None`: what the original
     /// caller spoke (`x-meshlet-orig-proto` on an mTLS hop), else the
@@ -50,6 +55,35 @@ pub struct Settings {
     /// `None` runs standalone from `--config`.
     pub control_plane: Option<ControlPlaneSettings>,
     pub observability: Observability,
+    /// `--xff-trusted-hops`: proxies in front of the inbound listener
+    /// trusted to append to `x-forwarded-for` (0: the peer is the client),
+    /// for `RateLimitPolicy` `key: clientIP`.
+    pub xff_trusted_hops: usize,
+    /// Gateway mode: TLS termination and the redirect listener.
+    pub gateway: Option<GatewaySettings>,
+}
+
+impl Settings {
+    /// What this instance registers as.
+    pub fn role(&self) -> meshlet_api::mesh::InstanceRole {
+        match self.mode {
+            Mode::Gateway => meshlet_api::mesh::InstanceRole::Gateway,
+            Mode::Explicit | Mode::Transparent => meshlet_api::mesh::InstanceRole::Sidecar,
+        }
+    }
+}
+
+/// What only a gateway has.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct GatewaySettings {
+    /// `--tls-cert`/`--tls-key` pairs in order (the first is the default
+    /// certificate); empty: the inbound listener is plaintext.
+    pub certificates: Vec<CertificateFiles>,
+    /// `--redirect-port`: a plaintext listener answering 308 to https.
+    pub redirect_addr: Option<SocketAddr>,
+    /// The certificates loaded at start (`None`: plaintext).
+    #[serde(skip)]
+    pub tls: Option<std::sync::Arc<crate::listen::terminate::Terminator>>,
 }
 
 /// Tracing and access logging.

@@ -384,6 +384,7 @@ impl SidecarBuilder {
                 inbound: tokio_listener(inbound),
                 outbound: tokio_listener(outbound),
                 admin: tokio_listener(admin),
+                redirect: None,
             };
             meshlet_sidecar::run(settings, initial, listeners, shutdown, reloads)
         });

@@ -69,7 +69,8 @@ pub struct SidecarProcess {
 #[derive(Debug)]
 pub struct SidecarBuilder {
     service: String,
-    app_port: u16,
+    /// `None`: a gateway (`--mode gateway`, no app).
+    app_port: Option<u16>,
     config: Option<String>,
     args: Vec<String>,
     env: Vec<(String, String)>,
@@ -81,12 +82,21 @@ impl SidecarProcess {
     pub fn builder(service: &str, app_port: u16) -> SidecarBuilder {
         SidecarBuilder {
             service: service.to_owned(),
-            app_port,
+            app_port: Some(app_port),
             config: None,
             args: Vec::new(),
             env: Vec::new(),
             outbound_port: None,
             control_plane: None,
+        }
+    }
+
+    /// An ingress gateway for `service`: `--mode gateway`, no `--app-port`.
+    pub fn gateway(service: &str) -> SidecarBuilder {
+        SidecarBuilder {
+            app_port: None,
+            args: vec!["--mode".to_owned(), "gateway".to_owned()],
+            ..SidecarProcess::builder(service, 0)
         }
     }
 
@@ -461,13 +471,11 @@ impl SidecarBuilder {
         let (inbound, admin) = (free_port(), free_port());
         let log = dir.path.join("sidecar.log");
         let mut command = Command::new(binary("sidecar"));
+        command.args(["--service", &self.service]);
+        if let Some(port) = self.app_port {
+            command.args(["--app-port", &port.to_string()]);
+        }
         command
-            .args([
-                "--service",
-                &self.service,
-                "--app-port",
-                &self.app_port.to_string(),
-            ])
             .args([
                 "--inbound-ip",
                 "127.0.0.1",

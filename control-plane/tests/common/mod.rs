@@ -319,6 +319,7 @@ impl ControlPlane {
             labels: Default::default(),
             healthy: true,
             app_protocol: None,
+            role: meshlet_api::mesh::InstanceRole::Sidecar,
         };
         let body = serde_json::to_vec(&reg).unwrap();
         let (status, reply) = self.json(Method::POST, paths::INSTANCES, Some(body)).await;

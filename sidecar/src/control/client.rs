@@ -576,6 +576,7 @@ impl ControlClient {
             labels: self.settings.labels.clone(),
             healthy,
             app_protocol: self.settings.app_protocol,
+            role: self.settings.role(),
         };
         let body = serde_json::to_vec(&registration).expect("serializable");
         let reply = call(

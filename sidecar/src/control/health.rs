@@ -68,6 +68,21 @@ impl Thresholds {
     }
 }
 
+/// A gateway has no app: always healthy (it is ready once configured),
+/// and nothing is probed. The channel stays open until `stop`.
+pub fn no_app(mut stop: watch::Receiver<bool>) -> watch::Receiver<AppHealth> {
+    let (tx, rx) = watch::channel(AppHealth {
+        healthy: true,
+        last_result: "no app (gateway)".to_owned(),
+        path: "-".to_owned(),
+    });
+    tokio::spawn(async move {
+        let _ = stop.wait_for(|stop| *stop).await;
+        drop(tx);
+    });
+    rx
+}
+
 /// Starts the prober; returns the channel with the app's health.
 pub fn spawn_prober(
     app: SocketAddr,

@@ -92,6 +92,7 @@ async fn inbound(
         stopped,
         ListenerOptions {
             interception: None,
+            terminate: None,
             tls: Some(Arc::new(acceptor)),
         },
     ));
@@ -500,6 +501,7 @@ async fn opaque_tcp_over_the_hop_never_reaches_another_port_on_loopback() {
         stopped,
         ListenerOptions {
             interception: None,
+            terminate: None,
             tls: Some(Arc::new(Acceptor::new(
                 &orders,
                 app_addr,
@@ -590,6 +592,7 @@ async fn after_goaway_the_next_request_opens_a_new_connection() {
         stopped,
         ListenerOptions {
             interception: None,
+            terminate: None,
             tls: Some(Arc::new(Acceptor::new(
                 &orders,
                 addr,

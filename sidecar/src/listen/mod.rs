@@ -9,6 +9,7 @@
 //!   opaque   ─► Interception::splice (transparent) ─► tunnel::copy_both_ways
 //!   TLS (mesh hop, inbound with a certificate) ─► identity::tls::accept ─► Peer.identity
 //!       ─► ALPN h2 → H2Guard → hyper http2 | http/1.1 → FramingGuard → hyper http1 | meshlet-tcp → the app
+//!   TLS (gateway, --tls-cert) ─► terminate (certificate by SNI) ─► ALPN h2 | http/1.1 as above
 //! ```
 //!
 //! - `server` — the accept loop of every listener, protocol choice,
@@ -23,6 +24,9 @@
 //! - `original_dst` — `SO_ORIGINAL_DST` of a redirected connection.
 //! - `transparent` — what a transparent listener does with opaque TCP, and
 //!   which addresses are this sidecar's own (`loops_back`).
+//! - `terminate` — a gateway's TLS for external clients: certificate
+//!   pairs from PEM files, the pair chosen by SNI, reloaded when the files
+//!   change.
 //! - `tunnel` — byte splicing for `CONNECT`, upgrades and opaque TCP.
 //!
 //! **Invariants:** a connection is counted in `active_connections` from
@@ -37,5 +41,6 @@ pub(crate) mod h2_guard;
 pub(crate) mod original_dst;
 pub(crate) mod server;
 pub(crate) mod sniff;
+pub(crate) mod terminate;
 pub(crate) mod transparent;
 pub(crate) mod tunnel;

@@ -52,6 +52,7 @@ use crate::listen::framing::{FramingGuard, GuardConfig, InFlightRequests, Refusa
 use crate::listen::h2_guard::{self, CloseReason, FrameLimits, H2Guard, Tripped};
 use crate::listen::original_dst::original_destination;
 use crate::listen::sniff::{self, Listener, Protocol};
+use crate::listen::terminate::Terminator;
 use crate::listen::transparent::Interception;
 use crate::listen::tunnel;
 use crate::settings::Limits;
@@ -86,6 +87,9 @@ pub struct ListenerOptions {
     pub interception: Option<Arc<Interception>>,
     /// Accepts the mesh hop (TLS from other sidecars).
     pub tls: Option<Arc<tls::Acceptor>>,
+    /// A gateway's TLS for external clients (`terminate`): every
+    /// connection must be TLS (a plaintext one is closed), served by ALPN.
+    pub terminate: Option<Arc<Terminator>>,
 }
 
 /// The client at the other end of a connection; built once per connection.
@@ -104,6 +108,11 @@ pub struct Peer {
 }
 
 impl Peer {
+    /// The client's IP as text (`ip_header`'s, which is ASCII).
+    pub fn ip_text(&self) -> &str {
+        self.ip_header.to_str().unwrap_or("")
+    }
+
     pub fn new(addr: SocketAddr) -> Self {
         let ip_header = HeaderValue::try_from(addr.ip().to_string())
             .expect("an IP address is a valid header value");
@@ -185,6 +194,8 @@ struct Shared<H> {
     interception: Option<Arc<Interception>>,
     /// The mesh hop's TLS, if this listener accepts it.
     tls: Option<Arc<tls::Acceptor>>,
+    /// A gateway's TLS termination, if this listener does it.
+    terminate: Option<Arc<Terminator>>,
     /// The port this listener is bound to.
     local_port: Option<u16>,
 }
@@ -235,6 +246,7 @@ impl<H: Handler> Shared<H> {
             guard,
             interception: options.interception,
             tls: options.tls,
+            terminate: options.terminate,
             local_port,
         }
     }
@@ -272,13 +284,20 @@ impl<H: Handler> Shared<H> {
         // A redirected connection to another port of the pod carries the
         // app's own protocol (its TLS too); the mesh hop comes to this
         // listener's port.
-        let accept_tls = self.tls.is_some()
+        let accept_tls = (self.tls.is_some() || self.terminate.is_some())
             && original_dst.is_none_or(|dst| Some(dst.port()) == self.local_port);
         let detected = tokio::select! {
             detected = sniff::detect(&stream, listener, accept_tls, self.limits.header_read_timeout) => detected,
             _ = wait_for_stop(stop.clone()) => Err(std::io::ErrorKind::Interrupted.into()),
         };
         let served = match detected {
+            Ok(Protocol::Http1 | Protocol::Http2) if self.terminate.is_some() => {
+                tracing::debug!("plaintext on a TLS-terminating listener; closed");
+                Ok(())
+            }
+            Ok(Protocol::Tls) if self.terminate.is_some() => {
+                self.serve_terminated(stream, client, stop).await
+            }
             Ok(Protocol::Http1) => self.serve_http(stream, client, false, stop).await,
             Ok(Protocol::Http2) => self.serve_http(stream, client, true, stop).await,
             Ok(Protocol::Opaque) => {
@@ -436,6 +455,34 @@ impl<H: Handler> Shared<H> {
             }
             Err(_) => {
                 tracing::debug!(%destination, "opaque TCP over mTLS: connecting to the app timed out")
+            }
+        }
+    }
+
+    /// A gateway's external client over TLS: the handshake (bounded by the
+    /// header read timeout; the certificate chosen by SNI), then by ALPN:
+    /// `h2` → HTTP/2, anything else → HTTP/1.1 through the framing guard.
+    async fn serve_terminated(
+        &self,
+        stream: TcpStream,
+        client: Peer,
+        stop: watch::Receiver<bool>,
+    ) -> Result<(), hyper::Error> {
+        let Some(terminate) = &self.terminate else {
+            return Ok(());
+        };
+        let accepted = tokio::select! {
+            accepted = terminate.accept(stream, self.limits.header_read_timeout) => accepted,
+            _ = wait_for_stop(stop.clone()) => return Ok(()),
+        };
+        match accepted {
+            Ok((stream, alpn)) => {
+                let http2 = alpn.as_slice() == tls::ALPN_H2;
+                self.serve_http(stream, client, http2, stop).await
+            }
+            Err(error) => {
+                tracing::debug!(%error, "TLS handshake with a client failed; closed");
+                Ok(())
             }
         }
     }
@@ -858,7 +905,7 @@ mod tests {
             stopped,
             ListenerOptions {
                 interception: Some(interception),
-                tls: None,
+                ..ListenerOptions::default()
             },
         ));
         let mut client = TcpStream::connect(addr).await.unwrap();

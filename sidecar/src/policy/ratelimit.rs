@@ -48,6 +48,40 @@ pub const MAX_KEYS: usize = 10_000;
 /// The key used when the request has no value for the configured key.
 pub const UNKNOWN_KEY: &str = "unknown";
 
+/// What a request's key may be made of.
+#[derive(Debug, Clone, Copy)]
+pub struct KeySources<'a> {
+    pub headers: &'a http::HeaderMap,
+    /// The verified caller's service (`sourceService`).
+    pub source: &'a str,
+    /// The connection's peer IP, as text.
+    pub peer_ip: &'a str,
+    /// `--xff-trusted-hops`: proxies in front of this listener that append
+    /// to `x-forwarded-for` and are trusted to.
+    pub xff_trusted_hops: usize,
+}
+
+/// The client's IP for `key: clientIP`: the peer when `trusted_hops` is 0;
+/// else the `trusted_hops`-th address from the right of `x-forwarded-for`
+/// (every field line, in order), since each of the trusted proxies appended
+/// the address it saw; entries further left were written by the client and
+/// are ignored. With fewer entries, or one that is not an IP address, the
+/// peer.
+pub fn client_ip<'a>(headers: &'a http::HeaderMap, peer: &'a str, trusted_hops: usize) -> &'a str {
+    if trusted_hops == 0 {
+        return peer;
+    }
+    let mut entries = headers
+        .get_all(http::header::HeaderName::from_static("x-forwarded-for"))
+        .iter()
+        .rev()
+        .flat_map(|line| line.to_str().unwrap_or("").rsplit(','));
+    match entries.nth(trusted_hops - 1).map(str::trim) {
+        Some(ip) if ip.parse::<std::net::IpAddr>().is_ok() => ip,
+        _ => peer,
+    }
+}
+
 /// One policy's limiter with its per-key state.
 #[derive(Debug)]
 pub struct RateLimiter {
@@ -145,14 +179,17 @@ impl RateLimiter {
     }
 
     /// The key of a request under this policy, borrowed from its headers
-    /// or, for `sourceService`, the verified caller's service (`source`:
-    /// `authz::Caller::rate_limit_key`, never a header a client could
-    /// write).
-    pub fn key<'a>(&self, headers: &'a http::HeaderMap, source: &'a str) -> &'a str {
+    /// or, for `sourceService`, the verified caller's service
+    /// (`authz::Caller::rate_limit_key`, never a header a client could
+    /// write), or for `clientIP` the client's address ([`client_ip`]).
+    pub fn key<'a>(&self, from: &KeySources<'a>) -> &'a str {
         let value = match &self.spec.key {
             RateLimitKey::Service => return "",
-            RateLimitKey::SourceService => return source,
-            RateLimitKey::Header(name) => headers.get(name.as_str()),
+            RateLimitKey::SourceService => return from.source,
+            RateLimitKey::ClientIp => {
+                return client_ip(from.headers, from.peer_ip, from.xff_trusted_hops)
+            }
+            RateLimitKey::Header(name) => from.headers.get(name.as_str()),
         };
         value
             .and_then(|v| v.to_str().ok())
@@ -413,6 +450,50 @@ mod tests {
         assert_eq!(allowed, 100);
     }
 
+    fn sources<'a>(headers: &'a http::HeaderMap, source: &'a str) -> KeySources<'a> {
+        KeySources {
+            headers,
+            source,
+            peer_ip: "127.0.0.9",
+            xff_trusted_hops: 0,
+        }
+    }
+
+    #[test]
+    fn client_ip_is_the_peer_or_the_trusted_forwarded_for_hop() {
+        let mut headers = http::HeaderMap::new();
+        assert_eq!(client_ip(&headers, "10.0.0.1", 0), "10.0.0.1");
+        assert_eq!(client_ip(&headers, "10.0.0.1", 1), "10.0.0.1", "none");
+        headers.append("x-forwarded-for", "6.6.6.6, 1.2.3.4".parse().unwrap());
+        headers.append("x-forwarded-for", "192.168.0.7".parse().unwrap());
+        // Zero trusted hops: whatever a client wrote is ignored.
+        assert_eq!(client_ip(&headers, "10.0.0.1", 0), "10.0.0.1");
+        assert_eq!(client_ip(&headers, "10.0.0.1", 1), "192.168.0.7");
+        assert_eq!(client_ip(&headers, "10.0.0.1", 2), "1.2.3.4");
+        assert_eq!(client_ip(&headers, "10.0.0.1", 3), "6.6.6.6");
+        assert_eq!(client_ip(&headers, "10.0.0.1", 4), "10.0.0.1", "fewer");
+        headers.insert("x-forwarded-for", "not-an-ip".parse().unwrap());
+        assert_eq!(client_ip(&headers, "10.0.0.1", 1), "10.0.0.1");
+
+        let mut s = spec(Some((1, 0.001)), None);
+        s.key = RateLimitKey::ClientIp;
+        let limiter = RateLimiter::new("ip".into(), s, 1, refused());
+        let headers = http::HeaderMap::new();
+        let now = Instant::now();
+        for (peer, expect_ok) in [
+            ("127.0.0.2", true),
+            ("127.0.0.3", true),
+            ("127.0.0.2", false),
+        ] {
+            let key = limiter.key(&KeySources {
+                peer_ip: peer,
+                ..sources(&headers, "frontend")
+            });
+            assert_eq!(key, peer);
+            assert_eq!(limiter.check(key, now).is_ok(), expect_ok, "{peer}");
+        }
+    }
+
     #[test]
     fn source_service_keys_are_the_verified_caller_never_a_header() {
         let mut s = spec(Some((1, 1.0)), None);
@@ -420,9 +501,9 @@ mod tests {
         let limiter = RateLimiter::new("k".into(), s, 1, refused());
         let mut headers = http::HeaderMap::new();
         headers.insert("x-meshlet-source", "spoof-1".parse().unwrap());
-        assert_eq!(limiter.key(&headers, "frontend"), "frontend");
+        assert_eq!(limiter.key(&sources(&headers, "frontend")), "frontend");
         assert_eq!(
-            limiter.key(&headers, crate::policy::authz::UNAUTHENTICATED),
+            limiter.key(&sources(&headers, crate::policy::authz::UNAUTHENTICATED)),
             "unauthenticated"
         );
         let now = Instant::now();
@@ -430,7 +511,7 @@ mod tests {
         // still draws from the one bucket of unauthenticated callers.
         for (i, expect_ok) in [(1, true), (2, false), (3, false)] {
             headers.insert("x-meshlet-source", format!("spoof-{i}").parse().unwrap());
-            let key = limiter.key(&headers, crate::policy::authz::UNAUTHENTICATED);
+            let key = limiter.key(&sources(&headers, crate::policy::authz::UNAUTHENTICATED));
             assert_eq!(limiter.check(key, now).is_ok(), expect_ok, "spoof-{i}");
         }
         assert!(
@@ -445,9 +526,9 @@ mod tests {
         s.key = RateLimitKey::Header("x-user".into());
         let limiter = RateLimiter::new("k".into(), s, 1, refused());
         let mut headers = http::HeaderMap::new();
-        assert_eq!(limiter.key(&headers, "frontend"), UNKNOWN_KEY);
+        assert_eq!(limiter.key(&sources(&headers, "frontend")), UNKNOWN_KEY);
         headers.insert("x-user", "alice".parse().unwrap());
-        assert_eq!(limiter.key(&headers, "frontend"), "alice");
+        assert_eq!(limiter.key(&sources(&headers, "frontend")), "alice");
         let now = Instant::now();
         assert!(limiter.check("alice", now).is_ok());
         assert!(limiter.check("alice", now).is_err());

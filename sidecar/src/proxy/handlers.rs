@@ -50,13 +50,14 @@ use prometheus::IntCounter;
 use tokio::net::TcpStream;
 
 use crate::body::ProxyBody;
-use crate::control::snapshot::SharedSnapshot;
+use crate::control::snapshot::{SharedSnapshot, Snapshot};
 use crate::error::ProxyError;
 use crate::listen::server::{Handler, Peer};
 use crate::listen::transparent::app_address;
 use crate::listen::tunnel;
 use crate::policy::authz::{self, Caller};
 use crate::policy::index::RoutePolicies;
+use crate::policy::ratelimit::KeySources;
 use crate::proxy::headers::{
     add_forwarded, drop_h2c_upgrade, remove_source_headers, set_source_headers, strip_hop_by_hop,
     wants_upgrade, SOURCE_HEADERS,
@@ -115,6 +116,8 @@ pub struct Inbound {
     /// Where requests are counted until their route is known.
     unrouted: Arc<RouteMetrics>,
     other_ports: OtherPorts,
+    /// `--xff-trusted-hops`, for `key: clientIP`.
+    xff_trusted_hops: usize,
 }
 
 impl Inbound {
@@ -133,7 +136,15 @@ impl Inbound {
             metrics,
             telemetry,
             other_ports: OtherPorts::default(),
+            xff_trusted_hops: 0,
         }
+    }
+
+    /// Takes a `clientIP` rate-limit key from the `hops`-th address from
+    /// the right of `x-forwarded-for` (`--xff-trusted-hops`).
+    pub fn with_xff_trusted_hops(mut self, hops: usize) -> Self {
+        self.xff_trusted_hops = hops;
+        self
     }
 
     /// The app target for a connection that was going to `original`.
@@ -184,9 +195,8 @@ impl Inbound {
         Ok(finish(response, version, downstream_upgrade))
     }
 
-    /// Whether the request may reach the app, in the current snapshot:
-    /// its route, then who the caller is, then mTLS → authorization → rate
-    /// limit (each refusal is counted on its policy). Returns the caller.
+    /// Whether the request may reach the app, in the current snapshot
+    /// (see [`admit`]). Returns the caller.
     fn admit<B>(
         &self,
         request: &Request<B>,
@@ -194,52 +204,86 @@ impl Inbound {
         record: &mut RequestRecord,
     ) -> Result<Caller, ProxyError> {
         let snapshot = self.snapshot.load();
-        let (method, path) = (request.method(), request.uri().path());
-        record.set_route(snapshot.inbound_routes.select(path));
-        let zero_trust = &snapshot.zero_trust;
-        let caller = zero_trust.callers.resolve(peer.identity.as_ref());
-        if let Some(service) = &caller.service {
-            record.set_source(&service.uri, &service.label);
-        }
-        if zero_trust.refuses_plaintext(&caller) {
-            return Err(ProxyError::MtlsRequired {
-                service: self.metrics.service().to_owned(),
-            });
-        }
-        let asked = authz::Request {
-            caller: &caller,
-            http: Some(authz::HttpRequest {
-                method,
-                path,
-                headers: request.headers(),
-            }),
+        let admission = Admission {
+            service: self.metrics.service(),
+            mtls: true,
+            xff_trusted_hops: self.xff_trusted_hops,
         };
-        if let Err(denial) = zero_trust.authorize(&asked) {
-            record.set_authz_policy(&denial.policy);
-            return Err(ProxyError::Denied {
-                policy: denial.policy,
-                by_deny: denial.by_deny,
-                caller: caller.describe(),
-            });
-        }
-        if let Some(limiter) = snapshot.inbound.rate_limit(method, path) {
-            let key = limiter.key(request.headers(), caller.rate_limit_key());
-            limiter
-                .check(key, std::time::Instant::now())
-                .map_err(|refusal| {
-                    limiter.refused.inc();
-                    ProxyError::RateLimited(refusal)
-                })?;
-        }
-        Ok(caller)
+        admit(&snapshot, request, peer, record, &admission)
     }
+}
+
+/// How [`admit`] judges a request: for which service, and whether
+/// `MTLSPolicy strict` applies (not on a gateway: its clients are outside
+/// the mesh, never mTLS).
+pub(crate) struct Admission<'a> {
+    pub service: &'a str,
+    pub mtls: bool,
+    /// `--xff-trusted-hops`, for `key: clientIP`.
+    pub xff_trusted_hops: usize,
+}
+
+/// The inbound side's admission of a request to the own service: its
+/// route label, then who the caller is (`Peer.identity`), then mTLS →
+/// authorization → rate limit (each refusal is counted on its policy).
+/// Returns the caller. Shared by the inbound and the gateway.
+pub(crate) fn admit<B>(
+    snapshot: &Snapshot,
+    request: &Request<B>,
+    peer: &Peer,
+    record: &mut RequestRecord,
+    how: &Admission<'_>,
+) -> Result<Caller, ProxyError> {
+    let (method, path) = (request.method(), request.uri().path());
+    record.set_route(snapshot.inbound_routes.select(path));
+    let zero_trust = &snapshot.zero_trust;
+    let caller = zero_trust.callers.resolve(peer.identity.as_ref());
+    if let Some(service) = &caller.service {
+        record.set_source(&service.uri, &service.label);
+    }
+    if how.mtls && zero_trust.refuses_plaintext(&caller) {
+        return Err(ProxyError::MtlsRequired {
+            service: how.service.to_owned(),
+        });
+    }
+    let asked = authz::Request {
+        caller: &caller,
+        http: Some(authz::HttpRequest {
+            method,
+            path,
+            headers: request.headers(),
+        }),
+    };
+    if let Err(denial) = zero_trust.authorize(&asked) {
+        record.set_authz_policy(&denial.policy);
+        return Err(ProxyError::Denied {
+            policy: denial.policy,
+            by_deny: denial.by_deny,
+            caller: caller.describe(),
+        });
+    }
+    if let Some(limiter) = snapshot.inbound.rate_limit(method, path) {
+        let key = limiter.key(&KeySources {
+            headers: request.headers(),
+            source: caller.rate_limit_key(),
+            peer_ip: peer.ip_text(),
+            xff_trusted_hops: how.xff_trusted_hops,
+        });
+        limiter
+            .check(key, std::time::Instant::now())
+            .map_err(|refusal| {
+                limiter.refused.inc();
+                ProxyError::RateLimited(refusal)
+            })?;
+    }
+    Ok(caller)
 }
 
 /// The request with its path normalised (`path::normalize`), so that
 /// authorization, the route match and the app all see the same path; the
 /// query is kept as is. A path the mesh will not interpret is refused
 /// (400 `bad_path`).
-fn normalize_path<B>(mut request: Request<B>) -> Result<Request<B>, ProxyError> {
+pub(super) fn normalize_path<B>(mut request: Request<B>) -> Result<Request<B>, ProxyError> {
     let uri = request.uri();
     let normalized = match path::normalize(uri.path()) {
         Ok(Cow::Borrowed(_)) => return Ok(request),
@@ -491,7 +535,7 @@ impl Handler for Outbound {
 }
 
 /// The response to the client, and the request's record completed with it.
-fn answer(
+pub(super) fn answer(
     record: RequestRecord,
     result: Result<Response<ProxyBody>, ProxyError>,
     direction: Direction,
@@ -509,7 +553,7 @@ fn answer(
 /// counted on `bytes`, the identity headers removed from its trailers
 /// (both sides: only the inbound sets them, as headers). Returns the client's pending upgrade if the request
 /// asks for one.
-fn prepare(
+pub(super) fn prepare(
     mut request: Request<Incoming>,
     fallback_authority: Option<SocketAddr>,
     limits: &Limits,
@@ -600,7 +644,7 @@ fn upstream_uri<B>(
 /// Prepares the upstream's response for the client, in the client's HTTP
 /// version (an HTTP/1.0 app must not end a client's keep-alive); on `101`
 /// splices the two upgraded connections.
-fn finish(
+pub(super) fn finish(
     mut response: Response<ProxyBody>,
     client_version: Version,
     downstream_upgrade: Option<OnUpgrade>,

@@ -12,11 +12,21 @@
 //!           ─► the target's policies for method and path (policy::index)
 //!           ─► header rules, client identity headers removed, traceparent ─► forward (upstream)
 //!           ─► response (101: splice the upgraded connections)
+//! gateway:  RequestRecord (inbound) ─► path normalised ─► admit (authorization, rate limit by clientIP)
+//!           ─► the gateway's Routes (host, path, headers, ...; none: 404 no_route)
+//!           ─► RequestRecord (outbound) ─► header rules as outbound, x-forwarded-* ─► forward (upstream)
+//! redirect: any request ─► 308 https://HOST[:PORT]PATH?QUERY
 //! ```
 //!
 //! - `handlers` — `Inbound` and `Outbound` (the listeners' `Handler`s),
 //!   the local app's target(s), and the one call that turns a
 //!   `ProxyError` into the response and counts it.
+//! - `gateway` — `Gateway`, the inbound handler of `--mode gateway`:
+//!   external clients routed by the `Route`s naming the gateway to mesh
+//!   services, through the same admission and forwarding as the inbound
+//!   and outbound.
+//! - `redirect` — `Redirect`, the gateway's `--redirect-port` handler
+//!   (308 to https).
 //! - `route` — outbound destination: absolute URI or `Host` → a service of
 //!   the snapshot, or a passthrough address (DNS through a small cache),
 //!   transparent mode's original destination, loop refusal.
@@ -34,8 +44,10 @@
 //! which this folder calls and nothing below it does), so it carries
 //! `x-meshlet-reason`; every request has exactly one `RequestRecord`.
 
+pub(crate) mod gateway;
 pub(crate) mod handlers;
 pub(crate) mod headers;
 pub(crate) mod http_routes;
 pub(crate) mod path;
+pub(crate) mod redirect;
 pub(crate) mod route;

@@ -649,6 +649,18 @@ impl Metrics {
         }
     }
 
+    /// A gateway's `meshlet_gateway_certificate_reloads_total{outcome}`
+    /// (`ok`, `error`), registered by the one call a gateway makes at start
+    /// (other sidecars have no such series).
+    pub fn gateway_certificate_reloads(&self) -> [IntCounter; 2] {
+        let family = Register(&self.registry).counter_vec(
+            "meshlet_gateway_certificate_reloads_total",
+            "Reloads of the gateway's TLS certificate files after they changed, by outcome (error: the previous certificate is still served).",
+            &["outcome"],
+        );
+        ["ok", "error"].map(|outcome| family.with_label_values(&[outcome]))
+    }
+
     pub fn access_log_dropped(&self) -> IntCounter {
         self.export.access_log_dropped.clone()
     }

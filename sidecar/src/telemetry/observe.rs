@@ -211,6 +211,14 @@ impl RequestRecord {
         response
     }
 
+    /// The mesh answered `status` for `reason` in place of this hop's
+    /// upstream (a gateway's backend call that failed: the response is
+    /// made and counted by the gateway's own record); finished now.
+    pub fn answered_by_mesh(mut self, reason: &'static str, status: http::StatusCode) {
+        self.status = Some(status.as_u16());
+        self.reason = Some(reason);
+    }
+
     /// Records the completed request (from `Drop`, so exactly once).
     fn finish(&mut self) {
         let elapsed = self.started.elapsed();
