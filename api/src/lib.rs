@@ -19,6 +19,8 @@
 //!   by the control plane's CA and the sidecars' peer checks.
 //! - [`zero_trust`]: the `MTLSPolicy` and `AuthorizationPolicy` specs
 //!   (enforced by the target's sidecar against verified identities).
+//! - [`fault`]: the `FaultInjectionPolicy` spec (delays and aborts the
+//!   callers' sidecars inject).
 //! - [`display`]: how meshctl and the dashboard word services and
 //!   resources (one-line summaries).
 //! - [`otlp`]: the subset of OpenTelemetry's OTLP trace messages that
@@ -36,6 +38,7 @@ pub mod changes;
 pub mod dashboard;
 pub mod display;
 mod duration;
+pub mod fault;
 pub mod identity;
 pub mod limits;
 pub mod mesh;
@@ -49,7 +52,7 @@ pub mod zero_trust;
 pub use duration::HumanDuration;
 pub use parse::{parse_documents, ParseError};
 pub use policy::{HealthCheckSpec, RouteMatch, TargetRef};
-pub use resource::{AuthorizationPolicy, MtlsPolicy};
+pub use resource::{AuthorizationPolicy, FaultInjectionPolicy, MtlsPolicy};
 pub use resource::{
     CircuitBreakerPolicy, EndpointSpec, HealthCheckPolicy, ObjectMeta, RateLimitPolicy, Resource,
     ResourceKey, RetryPolicy, ServiceResource, ServiceSpec, TimeoutPolicy, TracingPolicy,

@@ -8,6 +8,7 @@ use std::net::SocketAddr;
 
 use serde::{Deserialize, Deserializer, Serialize};
 
+use crate::fault::FaultInjectionSpec;
 use crate::limits;
 use crate::policy::{
     CircuitBreakerSpec, HealthCheckSpec, RateLimitSpec, RetrySpec, TargetRef, TimeoutSpec,
@@ -82,6 +83,8 @@ pub type TracingPolicy = Document<TracingSpec>;
 pub type MtlsPolicy = Document<MtlsSpec>;
 /// `kind: AuthorizationPolicy`.
 pub type AuthorizationPolicy = Document<AuthorizationSpec>;
+/// `kind: FaultInjectionPolicy`.
+pub type FaultInjectionPolicy = Document<FaultInjectionSpec>;
 
 /// One parsed and validated resource of any known kind.
 ///
@@ -100,6 +103,7 @@ pub enum Resource {
     TracingPolicy(TracingPolicy),
     MtlsPolicy(MtlsPolicy),
     AuthorizationPolicy(AuthorizationPolicy),
+    FaultInjectionPolicy(FaultInjectionPolicy),
 }
 
 /// The kinds this release accepts, in the order error messages list them.
@@ -114,6 +118,7 @@ pub const KNOWN_KINDS: &[&str] = &[
     "TracingPolicy",
     "MTLSPolicy",
     "AuthorizationPolicy",
+    "FaultInjectionPolicy",
 ];
 
 /// Evaluates `$body` with `$doc` bound to the document of any kind.
@@ -130,6 +135,7 @@ macro_rules! each_kind {
             Resource::TracingPolicy($doc) => $body,
             Resource::MtlsPolicy($doc) => $body,
             Resource::AuthorizationPolicy($doc) => $body,
+            Resource::FaultInjectionPolicy($doc) => $body,
         }
     };
 }
@@ -151,6 +157,7 @@ pub(crate) fn typed_resource<E>(
         "TracingPolicy" => deserialize.doc().map(Resource::TracingPolicy),
         "MTLSPolicy" => deserialize.doc().map(Resource::MtlsPolicy),
         "AuthorizationPolicy" => deserialize.doc().map(Resource::AuthorizationPolicy),
+        "FaultInjectionPolicy" => deserialize.doc().map(Resource::FaultInjectionPolicy),
         _ => return None,
     })
 }
@@ -196,6 +203,7 @@ impl Resource {
             Resource::TracingPolicy(_) => "TracingPolicy",
             Resource::MtlsPolicy(_) => "MTLSPolicy",
             Resource::AuthorizationPolicy(_) => "AuthorizationPolicy",
+            Resource::FaultInjectionPolicy(_) => "FaultInjectionPolicy",
         }
     }
 
@@ -243,6 +251,7 @@ impl Resource {
             Resource::TracingPolicy(doc) => &doc.spec.target_ref,
             Resource::MtlsPolicy(doc) => return doc.spec.target_ref.as_ref(),
             Resource::AuthorizationPolicy(doc) => &doc.spec.target_ref,
+            Resource::FaultInjectionPolicy(doc) => &doc.spec.target_ref,
         })
     }
 
@@ -302,6 +311,7 @@ impl Resource {
             Resource::TracingPolicy(doc) => doc.spec.validate(),
             Resource::MtlsPolicy(doc) => doc.spec.validate(),
             Resource::AuthorizationPolicy(doc) => doc.spec.validate(),
+            Resource::FaultInjectionPolicy(doc) => doc.spec.validate(),
         }
     }
 }
