@@ -1,9 +1,9 @@
 //! Fault injection and dry-run policies (issue 15) through real sidecars:
 //! a `FaultInjectionPolicy`'s delay and abort figures as a caller sees
-//! them, a dry-run rate limit measured against an enforcing twin given the
-//! same traffic, a dry-run breaker in front of a failing backend, the
-//! would-refuse rate in `meshctl describe`, and a bad percent or status
-//! refused at apply with its line and column.
+//! them (and the delay in the caller's span), a dry-run rate limit measured
+//! against an enforcing twin given the same traffic, a dry-run breaker in
+//! front of a failing backend, the would-refuse rate in `meshctl describe`,
+//! and a bad percent or status refused at apply with its line and column.
 //!
 //! The sidecars and the control plane run in-process
 //! ([`meshlet_e2e::inprocess`]); `meshctl` is the real binary. Waiting is
@@ -352,6 +352,67 @@ async fn meshctl_describe_shows_a_dry_run_policys_would_refuse_rate() {
         .expect("a rate");
     assert!(rate > 0.0, "{line}");
     assert!(out.stdout.contains("dry run"), "{}", out.stdout);
+}
+
+#[tokio::test]
+async fn an_injected_delay_shows_in_the_callers_span_in_the_control_plane() {
+    let dir = TempDir::new();
+    let cp = ControlPlane::start(&dir.path.join("data"), &[]).await;
+    let orders_app = Upstream::start("orders").await;
+    let orders = Sidecar::builder("orders", orders_app.port())
+        .control_plane(&cp)
+        .start()
+        .await;
+    orders.wait_ready(Duration::from_secs(10)).await;
+    let frontend_app = Upstream::start("frontend").await;
+    let frontend = Sidecar::builder("frontend", frontend_app.port())
+        .control_plane(&cp)
+        .start()
+        .await;
+    let fault = doc(
+        "FaultInjectionPolicy",
+        "orders-delay",
+        "targetRef: {service: orders}\ndelay: {fixed: 200ms}",
+    );
+    cp.apply(&dir.path, "fault.yaml", &fault).await;
+    wait::until(
+        "the frontend routes to orders under the fault",
+        Duration::from_secs(10),
+        || async {
+            let dump = frontend.config_dump().await;
+            let services = dump["snapshot"]["services"].as_array()?;
+            let orders = services.iter().find(|s| s["name"] == "orders")?;
+            let faults = orders["policies"]["faults"].as_array()?;
+            (!faults.is_empty() && !frontend.endpoints_of("orders").await.is_empty()).then_some(())
+        },
+    )
+    .await;
+    let started = Instant::now();
+    let reply = get(frontend.outbound, "http://orders/").await;
+    assert_eq!(reply.status, 200);
+    assert!(started.elapsed() >= Duration::from_millis(200));
+
+    let span = wait::until(
+        "the frontend's client span reaches the control plane",
+        Duration::from_secs(15),
+        || async {
+            let list = cp.get_json("/api/traces?service=frontend").await;
+            let trace_id = list.as_array()?.first()?["traceId"].as_str()?.to_owned();
+            let trace = cp.get_json(&format!("/api/traces/{trace_id}")).await;
+            trace["spans"]
+                .as_array()?
+                .iter()
+                .find(|s| s["service"] == "frontend" && s["kind"] == "client")
+                .cloned()
+        },
+    )
+    .await;
+    assert_eq!(
+        span["attributes"]["meshlet.fault"], "delay 200ms",
+        "{span:#}"
+    );
+    let micros = span["durationMicros"].as_f64().expect("a duration");
+    assert!(micros >= 200_000.0, "{span:#}");
 }
 
 #[tokio::test]
