@@ -140,4 +140,25 @@ pub struct ResourceInfo {
     pub resource: Resource,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_change: Option<ChangeStamp>,
+    /// For a dry-run policy: what it would have refused, from the
+    /// sidecars' stats reports (`None`: not a dry-run policy).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub would_refuse: Option<WouldRefuseRate>,
+}
+
+/// Requests a dry-run policy would have refused, summed over the sidecars
+/// that report it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct WouldRefuseRate {
+    /// Per second over the last [`WouldRefuseRate::RATE_WINDOW_SECS`].
+    pub per_second: f64,
+    /// In the whole window the control plane keeps
+    /// ([`WouldRefuseRate::TOTAL_WINDOW_SECS`]).
+    pub total: u64,
+}
+
+impl WouldRefuseRate {
+    pub const RATE_WINDOW_SECS: u64 = 60;
+    pub const TOTAL_WINDOW_SECS: u64 = 300;
 }

@@ -5,10 +5,10 @@
 
 use std::collections::BTreeMap;
 
-use crate::policy::RouteMatch;
+use crate::policy::{PolicyMode, RouteMatch};
 use crate::resource::Resource;
 use crate::route::RouteSpec;
-use crate::zero_trust::{AuthorizationSpec, AuthzMode};
+use crate::zero_trust::AuthorizationSpec;
 
 /// A service as meshctl and the sidecars' `destination` label name it:
 /// `name`, or `name.namespace` outside `default`.
@@ -82,14 +82,19 @@ pub fn summary(resource: &Resource) -> String {
                 .ok()
                 .and_then(|v| v.as_str().map(str::to_owned))
                 .unwrap_or_default();
-            format!("{limit} per {key}, {scope}{}", route(spec.route.as_ref()))
+            format!(
+                "{limit} per {key}, {scope}{}{}",
+                route(spec.route.as_ref()),
+                dry_run(spec.mode)
+            )
         }
         Resource::CircuitBreakerPolicy(doc) => format!(
-            "{} failures, open {}, max {} concurrent{}",
+            "{} failures, open {}, max {} concurrent{}{}",
             doc.spec.consecutive_failures,
             doc.spec.open_duration,
             doc.spec.max_concurrent_requests,
-            route(doc.spec.route.as_ref())
+            route(doc.spec.route.as_ref()),
+            dry_run(doc.spec.mode)
         ),
         Resource::RetryPolicy(doc) => {
             let per_try = doc
@@ -136,6 +141,29 @@ pub fn summary(resource: &Resource) -> String {
         },
         Resource::AuthorizationPolicy(doc) => authorization(&doc.spec),
         Resource::Route(doc) => route_summary(&doc.spec),
+        Resource::FaultInjectionPolicy(doc) => {
+            let spec = &doc.spec;
+            let mut parts = Vec::new();
+            if let Some(delay) = &spec.delay {
+                parts.push(format!("delay {} for {}", delay.fixed, delay.percent));
+            }
+            if let Some(abort) = &spec.abort {
+                parts.push(format!(
+                    "abort {} for {}",
+                    abort.status.get(),
+                    abort.percent
+                ));
+            }
+            format!("{}{}", parts.join(", "), route(spec.route.as_ref()))
+        }
+    }
+}
+
+/// `, dry run` for a policy in dry-run mode, else nothing.
+fn dry_run(mode: PolicyMode) -> &'static str {
+    match mode {
+        PolicyMode::DryRun => ", dry run",
+        PolicyMode::Enforce => "",
     }
 }
 
@@ -189,10 +217,7 @@ fn authorization(spec: &AuthorizationSpec) -> String {
         1 => "1 rule".to_owned(),
         n => format!("{n} rules"),
     };
-    let dry_run = match spec.mode {
-        AuthzMode::DryRun => ", dry run",
-        AuthzMode::Enforce => "",
-    };
+    let dry_run = dry_run(spec.mode);
     let mut parts = Vec::new();
     if let [rule] = spec.rules.as_slice() {
         let from: Vec<String> = rule

@@ -22,6 +22,8 @@
 //! - [`route`]: the `Route` kind (HTTP routing by host, path, headers,
 //!   query and method for a gateway or for the callers of a service;
 //!   filters, weighted backends with label subsets, mirrors).
+//! - [`fault`]: the `FaultInjectionPolicy` spec (delays and aborts the
+//!   callers' sidecars inject).
 //! - [`display`]: how meshctl and the dashboard word services and
 //!   resources (one-line summaries).
 //! - [`otlp`]: the subset of OpenTelemetry's OTLP trace messages that
@@ -39,6 +41,7 @@ pub mod changes;
 pub mod dashboard;
 pub mod display;
 mod duration;
+pub mod fault;
 pub mod identity;
 pub mod limits;
 pub mod mesh;
@@ -53,7 +56,7 @@ pub mod zero_trust;
 pub use duration::HumanDuration;
 pub use parse::{parse_documents, ParseError};
 pub use policy::{HealthCheckSpec, RouteMatch, TargetRef};
-pub use resource::{AuthorizationPolicy, MtlsPolicy, Route};
+pub use resource::{AuthorizationPolicy, FaultInjectionPolicy, MtlsPolicy, Route};
 pub use resource::{
     CircuitBreakerPolicy, EndpointSpec, HealthCheckPolicy, ObjectMeta, RateLimitPolicy, Resource,
     ResourceKey, RetryPolicy, ServiceResource, ServiceSpec, TimeoutPolicy, TracingPolicy,

@@ -608,6 +608,10 @@ pub struct StatsReport {
     pub breakers: Vec<BreakerReport>,
     #[serde(default)]
     pub rate_limited: Vec<RateLimitReport>,
+    /// Requests a dry-run policy would have refused since the previous
+    /// report (they were sent).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub would_refuse: Vec<WouldRefuseReport>,
 }
 
 /// The requests of one route (`request_total` and `response_time_seconds`
@@ -665,6 +669,22 @@ pub enum BreakerState {
 pub struct RateLimitReport {
     pub policy: String,
     pub refused: u64,
+}
+
+/// Requests one dry-run policy (`mode: dryRun`) of the reporting sidecar
+/// would have refused since the previous report, by reason
+/// (`meshlet_policy_would_refuse_total`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct WouldRefuseReport {
+    /// The policy's kind (`RateLimitPolicy`, `CircuitBreakerPolicy`,
+    /// `AuthorizationPolicy`), namespace and name.
+    pub kind: String,
+    pub namespace: String,
+    pub policy: String,
+    /// `rate_limited`, `circuit_open`, `overflow` or `denied`.
+    pub reason: String,
+    pub count: u64,
 }
 
 /// The body of every error answer of the API: `{"error": "..."}`.

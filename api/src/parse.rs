@@ -324,7 +324,7 @@ spec: {}
     fn unknown_kind_and_version_and_duplicates() {
         check_err(
             "apiVersion: meshlet.dev/v1alpha1\nkind: Pod\nmetadata: {name: a}\nspec: {}\n",
-            "f.yaml: document 1, line 1: field `kind`: unknown kind \"Pod\"; this release knows Service, HealthCheckPolicy, RateLimitPolicy, CircuitBreakerPolicy, RetryPolicy, TimeoutPolicy, TrafficSplit, TracingPolicy, MTLSPolicy, AuthorizationPolicy, Route",
+            "f.yaml: document 1, line 1: field `kind`: unknown kind \"Pod\"; this release knows Service, HealthCheckPolicy, RateLimitPolicy, CircuitBreakerPolicy, RetryPolicy, TimeoutPolicy, TrafficSplit, TracingPolicy, MTLSPolicy, AuthorizationPolicy, Route, FaultInjectionPolicy",
         );
         check_err(
             "apiVersion: v1\nkind: Service\nmetadata: {name: a}\nspec: {}\n",

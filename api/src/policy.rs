@@ -80,7 +80,7 @@ impl RouteMatch {
         )
     }
 
-    fn validate(&self) -> Result<(), FieldError> {
+    pub(crate) fn validate(&self) -> Result<(), FieldError> {
         if let Some(prefix) = &self.path_prefix {
             check_str_len(
                 "spec.match.pathPrefix",
@@ -118,6 +118,29 @@ impl RouteMatch {
             }
         }
         Ok(())
+    }
+}
+
+/// Whether a policy acts on its decisions (`enforce`, the default) or only
+/// counts what it would have refused (`dryRun`: the request goes through,
+/// counted in `meshlet_policy_would_refuse_total` and marked on its span and
+/// access-log line). Shared by `RateLimitPolicy`, `CircuitBreakerPolicy`
+/// and `AuthorizationPolicy`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum PolicyMode {
+    #[default]
+    Enforce,
+    DryRun,
+}
+
+impl PolicyMode {
+    pub fn is_enforce(&self) -> bool {
+        *self == PolicyMode::Enforce
+    }
+
+    pub fn is_dry_run(&self) -> bool {
+        *self == PolicyMode::DryRun
     }
 }
 
@@ -225,6 +248,9 @@ pub struct RateLimitSpec {
     /// the limit is for the service, divided among its healthy instances.
     #[serde(default)]
     pub scope: RateLimitScope,
+    /// `enforce` (default) or `dryRun` (counts what it would refuse).
+    #[serde(default, skip_serializing_if = "PolicyMode::is_enforce")]
+    pub mode: PolicyMode,
 }
 
 /// `capacity` requests at once, refilled at `refillPerSecond`.
@@ -388,6 +414,10 @@ pub struct CircuitBreakerSpec {
     /// `maxConcurrentRequests`.
     #[serde(default)]
     pub max_pending_requests: u32,
+    /// `enforce` (default) or `dryRun`: the state machine still runs, a
+    /// request it would refuse (open, overflow) is counted and sent.
+    #[serde(default, skip_serializing_if = "PolicyMode::is_enforce")]
+    pub mode: PolicyMode,
 }
 
 impl CircuitBreakerSpec {
@@ -700,5 +730,33 @@ mod tests {
         assert_eq!(serde_json::to_string(&key).unwrap(), "\"header:x-user-id\"");
         assert!(serde_json::from_str::<RateLimitKey>("\"header:\"").is_err());
         assert!(serde_json::from_str::<RateLimitKey>("\"user\"").is_err());
+    }
+
+    #[test]
+    fn dry_run_mode_parses_and_enforce_is_not_written_back() {
+        let head = "apiVersion: meshlet.dev/v1alpha1\nmetadata: {name: p}\nspec:\n  targetRef: {service: orders}\n";
+        let limit = format!(
+            "kind: RateLimitPolicy\n{head}  tokenBucket: {{capacity: 1, refillPerSecond: 1}}\n"
+        );
+        let breaker = format!("kind: CircuitBreakerPolicy\n{head}");
+        for (text, dry) in [
+            (limit.clone(), false),
+            (breaker.clone(), false),
+            (format!("{limit}  mode: dryRun\n"), true),
+            (format!("{breaker}  mode: dryRun\n"), true),
+        ] {
+            let resource = crate::parse_documents("f.yaml", &text).unwrap().remove(0);
+            let mode = match &resource {
+                crate::Resource::RateLimitPolicy(doc) => doc.spec.mode,
+                crate::Resource::CircuitBreakerPolicy(doc) => doc.spec.mode,
+                other => panic!("{other:?}"),
+            };
+            assert_eq!(mode.is_dry_run(), dry, "{text}");
+            assert_eq!(resource.to_yaml().contains("mode: dryRun"), dry);
+            assert!(!resource.to_yaml().contains("enforce"));
+        }
+        let err =
+            crate::parse_documents("f.yaml", &format!("{breaker}  mode: dryrun\n")).unwrap_err();
+        assert_eq!(err.field, "spec.mode", "{err}");
     }
 }

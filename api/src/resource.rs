@@ -8,6 +8,7 @@ use std::net::SocketAddr;
 
 use serde::{Deserialize, Deserializer, Serialize};
 
+use crate::fault::FaultInjectionSpec;
 use crate::limits;
 use crate::policy::{
     CircuitBreakerSpec, HealthCheckSpec, RateLimitSpec, RetrySpec, TargetRef, TimeoutSpec,
@@ -85,6 +86,8 @@ pub type MtlsPolicy = Document<MtlsSpec>;
 pub type AuthorizationPolicy = Document<AuthorizationSpec>;
 /// `kind: Route`.
 pub type Route = Document<RouteSpec>;
+/// `kind: FaultInjectionPolicy`.
+pub type FaultInjectionPolicy = Document<FaultInjectionSpec>;
 
 /// One parsed and validated resource of any known kind.
 ///
@@ -104,6 +107,7 @@ pub enum Resource {
     MtlsPolicy(MtlsPolicy),
     AuthorizationPolicy(AuthorizationPolicy),
     Route(Route),
+    FaultInjectionPolicy(FaultInjectionPolicy),
 }
 
 /// The kinds this release accepts, in the order error messages list them.
@@ -119,6 +123,7 @@ pub const KNOWN_KINDS: &[&str] = &[
     "MTLSPolicy",
     "AuthorizationPolicy",
     "Route",
+    "FaultInjectionPolicy",
 ];
 
 /// Evaluates `$body` with `$doc` bound to the document of any kind.
@@ -136,6 +141,7 @@ macro_rules! each_kind {
             Resource::MtlsPolicy($doc) => $body,
             Resource::AuthorizationPolicy($doc) => $body,
             Resource::Route($doc) => $body,
+            Resource::FaultInjectionPolicy($doc) => $body,
         }
     };
 }
@@ -158,6 +164,7 @@ pub(crate) fn typed_resource<E>(
         "MTLSPolicy" => deserialize.doc().map(Resource::MtlsPolicy),
         "AuthorizationPolicy" => deserialize.doc().map(Resource::AuthorizationPolicy),
         "Route" => deserialize.doc().map(Resource::Route),
+        "FaultInjectionPolicy" => deserialize.doc().map(Resource::FaultInjectionPolicy),
         _ => return None,
     })
 }
@@ -204,6 +211,7 @@ impl Resource {
             Resource::MtlsPolicy(_) => "MTLSPolicy",
             Resource::AuthorizationPolicy(_) => "AuthorizationPolicy",
             Resource::Route(_) => "Route",
+            Resource::FaultInjectionPolicy(_) => "FaultInjectionPolicy",
         }
     }
 
@@ -253,6 +261,7 @@ impl Resource {
             Resource::TracingPolicy(doc) => &doc.spec.target_ref,
             Resource::MtlsPolicy(doc) => return doc.spec.target_ref.as_ref(),
             Resource::AuthorizationPolicy(doc) => &doc.spec.target_ref,
+            Resource::FaultInjectionPolicy(doc) => &doc.spec.target_ref,
         })
     }
 
@@ -313,6 +322,7 @@ impl Resource {
             Resource::MtlsPolicy(doc) => doc.spec.validate(),
             Resource::AuthorizationPolicy(doc) => doc.spec.validate(),
             Resource::Route(doc) => doc.spec.validate(),
+            Resource::FaultInjectionPolicy(doc) => doc.spec.validate(),
         }
     }
 }

@@ -36,7 +36,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::identity::SpiffeId;
 use crate::limits::{self, check_len, check_str_len, FieldError};
-use crate::policy::TargetRef;
+use crate::policy::{PolicyMode, TargetRef};
 
 fn field_error<T>(path: &str, message: impl Into<String>) -> Result<T, FieldError> {
     Err((format!("spec.{path}"), message.into()))
@@ -116,14 +116,9 @@ impl AuthzAction {
 }
 
 /// `enforce` (the default) refuses; `dryRun` only counts what it would
-/// have refused (`meshlet_authz_dry_run_denied_total`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub enum AuthzMode {
-    #[default]
-    Enforce,
-    DryRun,
-}
+/// have refused (`meshlet_authz_dry_run_denied_total` and
+/// `meshlet_policy_would_refuse_total`). The shared [`PolicyMode`].
+pub type AuthzMode = PolicyMode;
 
 /// One rule: who (`from`), what (`to`), under which conditions (`when`).
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]

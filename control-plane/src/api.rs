@@ -25,7 +25,7 @@ use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
 use axum::{Json, Router};
-use meshlet_api::changes::{self, DeleteRequest, ResourceInfo, RollbackRequest};
+use meshlet_api::changes::{self, DeleteRequest, ResourceInfo, RollbackRequest, WouldRefuseRate};
 use meshlet_api::mesh::{
     paths, ApplyRequest, Heartbeat, InstanceInfo, Registration, ServiceDetail, ServiceKey,
     ServiceSummary,
@@ -325,17 +325,41 @@ async fn apply(
     Ok(Json(reply).into_response())
 }
 
+/// Every applied resource with its last change and, for a dry-run
+/// policy, what it would have refused (from the stats reports).
 async fn resource_info(State(state): State<AppState>) -> Json<Vec<ResourceInfo>> {
     let published = state.controller.published();
+    let window_ms = WouldRefuseRate::RATE_WINDOW_SECS * 1000;
+    let would_refuse = state
+        .stats
+        .traffic_over(now_ms(), window_ms, crate::stats::by_would_refuse);
     let infos = published
         .resources
         .iter()
         .map(|(key, resource)| ResourceInfo {
             resource: resource.clone(),
             last_change: published.last_changes.get(key).cloned(),
+            would_refuse: is_dry_run(resource).then(|| {
+                let policy = (key.kind.clone(), key.namespace.clone(), key.name.clone());
+                let window = would_refuse.get(&policy).cloned().unwrap_or_default();
+                WouldRefuseRate {
+                    per_second: window.recent.per_second,
+                    total: window.total,
+                }
+            }),
         })
         .collect();
     Json(infos)
+}
+
+/// Whether `resource` is a policy in `mode: dryRun`.
+fn is_dry_run(resource: &Resource) -> bool {
+    match resource {
+        Resource::RateLimitPolicy(doc) => doc.spec.mode.is_dry_run(),
+        Resource::CircuitBreakerPolicy(doc) => doc.spec.mode.is_dry_run(),
+        Resource::AuthorizationPolicy(doc) => doc.spec.mode.is_dry_run(),
+        _ => false,
+    }
 }
 
 async fn delete(

@@ -8,6 +8,8 @@
 //! dashboard ─► traffic(key): per instance, the reports of the window
 //!     summed by a key (service inbound, caller→destination edge, rate
 //!     limit policy), rates over the last RATE_WINDOW, then summed
+//! meshctl describe (resources/info) ─► traffic_over(60 s, by_would_refuse):
+//!     what each dry-run policy would have refused, summed over instances
 //! registry change ─► retain: instances that left are forgotten
 //! ```
 //!
@@ -234,6 +236,7 @@ fn validate(report: &StatsReport) -> Result<(), StatsError> {
         ("routes", report.routes.len()),
         ("breakers", report.breakers.len()),
         ("rateLimited", report.rate_limited.len()),
+        ("wouldRefuse", report.would_refuse.len()),
     ] {
         if count > MAX_ENTRIES {
             return Err(StatsError::TooMany { what, count });
@@ -358,8 +361,20 @@ impl StatsStore {
         now_ms: u64,
         entries: impl Fn(&ServiceKey, &StatsReport) -> Vec<(K, Traffic)>,
     ) -> BTreeMap<K, Window> {
+        self.traffic_over(now_ms, RATE_WINDOW_MS, entries)
+    }
+
+    /// [`StatsStore::traffic`] with rates over the last `rate_window_ms`
+    /// (at most [`WINDOW_MS`]) instead of [`RATE_WINDOW_MS`].
+    pub fn traffic_over<K: Ord + Clone>(
+        &self,
+        now_ms: u64,
+        rate_window_ms: u64,
+        entries: impl Fn(&ServiceKey, &StatsReport) -> Vec<(K, Traffic)>,
+    ) -> BTreeMap<K, Window> {
+        let rate_window_ms = rate_window_ms.clamp(1, WINDOW_MS);
         let oldest = now_ms.saturating_sub(WINDOW_MS);
-        let recent_from = now_ms.saturating_sub(RATE_WINDOW_MS);
+        let recent_from = now_ms.saturating_sub(rate_window_ms);
         let mut merged: BTreeMap<K, Window> = BTreeMap::new();
         for instance in self.lock().values() {
             let mut own: BTreeMap<K, Window> = BTreeMap::new();
@@ -377,7 +392,7 @@ impl StatsStore {
                     }
                 }
             }
-            let seconds = covered_ms.clamp(1, RATE_WINDOW_MS) as f64 / 1000.0;
+            let seconds = covered_ms.clamp(1, rate_window_ms) as f64 / 1000.0;
             for (key, mut window) in own {
                 window.recent.per_second = window.recent.requests as f64 / seconds;
                 let sum = merged.entry(key).or_default();
@@ -498,6 +513,25 @@ pub fn by_rate_limit(
             (
                 (service.clone(), r.policy.clone()),
                 Traffic::count(r.refused),
+            )
+        })
+        .collect()
+}
+
+/// The key of a dry-run policy's would-refuse counts: `(kind, namespace,
+/// name)`.
+pub type PolicyKey = (String, String, String);
+
+/// Entries of [`StatsStore::traffic`]: requests dry-run policies would
+/// have refused, by policy (every reason together).
+pub fn by_would_refuse(_service: &ServiceKey, report: &StatsReport) -> Vec<(PolicyKey, Traffic)> {
+    report
+        .would_refuse
+        .iter()
+        .map(|w| {
+            (
+                (w.kind.clone(), w.namespace.clone(), w.policy.clone()),
+                Traffic::count(w.count),
             )
         })
         .collect()
@@ -884,5 +918,61 @@ mod tests {
             at
         };
         assert_eq!(kept, [2, 3, 4]);
+    }
+
+    #[test]
+    fn would_refuse_counts_sum_over_instances_with_a_rate_over_the_chosen_window() {
+        use meshlet_api::mesh::WouldRefuseReport;
+        let store = StatsStore::new();
+        let would = |policy: &str, count| StatsReport {
+            interval_ms: 10_000,
+            would_refuse: vec![WouldRefuseReport {
+                kind: "RateLimitPolicy".into(),
+                namespace: "default".into(),
+                policy: policy.into(),
+                reason: "rate_limited".into(),
+                count,
+            }],
+            ..StatsReport::default()
+        };
+        let orders = ServiceKey {
+            namespace: "default".into(),
+            name: "orders".into(),
+        };
+        // Two instances, six reports each over a minute, and an older one.
+        store
+            .ingest("o-1", orders.clone(), would("limit", 1000), 100, T0)
+            .unwrap();
+        for i in 1..=6 {
+            for id in ["o-1", "o-2"] {
+                store
+                    .ingest(
+                        id,
+                        orders.clone(),
+                        would("limit", 30),
+                        100,
+                        T0 + 60_000 + i * 10_000,
+                    )
+                    .unwrap();
+            }
+        }
+        let now = T0 + 120_000;
+        let traffic = store.traffic_over(now, 60_000, by_would_refuse);
+        let key = (
+            "RateLimitPolicy".to_owned(),
+            "default".to_owned(),
+            "limit".to_owned(),
+        );
+        let window = &traffic[&key];
+        assert_eq!(window.total, 1000 + 12 * 30);
+        // 180 per instance over 60 s: 3/s each.
+        assert!((window.recent.per_second - 6.0).abs() < 1e-9, "{window:?}");
+        let too_many = StatsReport {
+            would_refuse: (0..=MAX_ENTRIES)
+                .map(|_| would("x", 1).would_refuse[0].clone())
+                .collect(),
+            ..StatsReport::default()
+        };
+        assert!(store.ingest("o-1", orders, too_many, 100, now).is_err());
     }
 }

@@ -15,7 +15,7 @@ use std::time::{Duration, UNIX_EPOCH};
 
 use meshlet_api::changes::{
     self, ChangeStamp, DeleteAction, DeleteReply, DeleteRequest, DiffReply, ResourceInfo,
-    RollbackReply, RollbackRequest,
+    RollbackReply, RollbackRequest, WouldRefuseRate,
 };
 use meshlet_api::display::{service_display, summary, target};
 use meshlet_api::mesh::{
@@ -51,6 +51,7 @@ const KINDS: &[(&str, &str, &str)] = &[
     ("MTLSPolicy", "mtlspolicies", "mtls"),
     ("AuthorizationPolicy", "authorizationpolicies", "ap"),
     ("Route", "routes", "rt"),
+    ("FaultInjectionPolicy", "faultinjectionpolicies", "fip"),
 ];
 
 /// Resolves `ratelimitpolicy`, `RateLimitPolicies`, `rlp`, ... (any case).
@@ -72,7 +73,8 @@ pub fn resolve_kind(arg: &str) -> Result<KindArg, CommandError> {
                 "unknown kind {arg:?}: use services, endpoints, healthcheckpolicies (hcp), \
                  ratelimitpolicies (rlp), circuitbreakerpolicies (cbp), retrypolicies (rp), \
                  timeoutpolicies (tp), trafficsplits (ts), tracingpolicies (trp), \
-                 mtlspolicies (mtls), authorizationpolicies (ap) or routes (rt)"
+                 mtlspolicies (mtls), authorizationpolicies (ap), routes (rt) or \
+                 faultinjectionpolicies (fip)"
             ))
         })
 }
@@ -99,6 +101,7 @@ pub fn summary_header(kind: &str) -> &'static str {
         "MTLSPolicy" => "MODE",
         "AuthorizationPolicy" => "RULES",
         "Route" => "ROUTES",
+        "FaultInjectionPolicy" => "FAULTS",
         _ => "SUMMARY",
     }
 }
@@ -231,14 +234,34 @@ pub fn describe_resource_text(info: &ResourceInfo, now_ms: u64) -> String {
         }) => format!("revision {revision}, {} by {actor}", when(*at_ms, now_ms)),
         None => "<not recorded>".to_owned(),
     };
+    let would_refuse = match &info.would_refuse {
+        Some(rate) => format!("Would refuse:  {}\n", would_refuse_text(rate)),
+        None => String::new(),
+    };
     format!(
-        "Kind:          {}\nName:          {}\nNamespace:     {}\nTarget:        {}\nSummary:       {}\nLast changed:  {changed}\n\n{}",
+        "Kind:          {}\nName:          {}\nNamespace:     {}\nTarget:        {}\nSummary:       {}\nLast changed:  {changed}\n{would_refuse}\n{}",
         r.kind(),
         meta.name,
         meta.namespace,
         target(r),
         summary(r),
         r.to_yaml()
+    )
+}
+
+/// `12.3/s over the last minute, 740 in the last 5m` (a dry-run policy's
+/// would-refuse rate, from the sidecars' stats reports).
+pub fn would_refuse_text(rate: &WouldRefuseRate) -> String {
+    let total = WouldRefuseRate::TOTAL_WINDOW_SECS;
+    let window = match WouldRefuseRate::RATE_WINDOW_SECS {
+        60 => "the last minute".to_owned(),
+        secs => format!("the last {secs}s"),
+    };
+    format!(
+        "{:.1}/s over {window}, {} in the last {}m",
+        rate.per_second,
+        rate.total,
+        total / 60
     )
 }
 
@@ -493,4 +516,36 @@ pub fn target_warnings(files: &[ApplyFile], services: &[ServiceSummary]) -> Vec<
         format!("warning: {route}: {role} {service} names no known service yet")
     });
     targets.chain(routes).collect()
+}
+
+#[cfg(test)]
+mod would_refuse_tests {
+    use super::*;
+
+    #[test]
+    fn describe_shows_a_dry_run_policys_would_refuse_rate() {
+        let resource = meshlet_api::parse_documents(
+            "f.yaml",
+            "apiVersion: meshlet.dev/v1alpha1\nkind: RateLimitPolicy\nmetadata: {name: limit}\n\
+             spec:\n  targetRef: {service: orders}\n  tokenBucket: {capacity: 1, refillPerSecond: 1}\n  mode: dryRun\n",
+        )
+        .unwrap()
+        .remove(0);
+        let mut info = ResourceInfo {
+            resource,
+            last_change: None,
+            would_refuse: Some(WouldRefuseRate {
+                per_second: 12.34,
+                total: 740,
+            }),
+        };
+        let text = describe_resource_text(&info, 0);
+        assert!(
+            text.contains("\nWould refuse:  12.3/s over the last minute, 740 in the last 5m\n"),
+            "{text}"
+        );
+        assert!(text.contains("dry run"), "{text}");
+        info.would_refuse = None;
+        assert!(!describe_resource_text(&info, 0).contains("Would refuse"));
+    }
 }

@@ -131,6 +131,8 @@ pub enum ProxyError {
         host: String,
         path: String,
     },
+    #[error("fault injected by FaultInjectionPolicy {policy:?}: aborted with {}; not sent", .status.as_u16())]
+    FaultInjected { policy: String, status: StatusCode },
 }
 
 impl ProxyError {
@@ -181,6 +183,7 @@ impl ProxyError {
                 StatusCode::SERVICE_UNAVAILABLE
             }
             ProxyError::MtlsRequired { .. } | ProxyError::Denied { .. } => StatusCode::FORBIDDEN,
+            ProxyError::FaultInjected { status, .. } => *status,
         }
     }
 
@@ -212,6 +215,7 @@ impl ProxyError {
             ProxyError::TlsHandshakeFailed { .. } => "tls_handshake_failed",
             ProxyError::PeerIdentityMismatch { .. } => "peer_identity_mismatch",
             ProxyError::NoRoute { .. } => "no_route",
+            ProxyError::FaultInjected { .. } => "fault_injected",
         }
     }
 
@@ -246,14 +250,15 @@ impl ProxyError {
         if let ProxyError::RateLimited(refusal) = &self {
             add_rate_limit_headers(headers, refusal);
         }
-        // Refusals of a well-formed request keep the connection.
+        // Refusals of a well-formed request keep the connection (an
+        // injected fault's 4xx says nothing about the request's framing).
         let keeps_framing = matches!(
             status,
             StatusCode::METHOD_NOT_ALLOWED
                 | StatusCode::TOO_MANY_REQUESTS
                 | StatusCode::FORBIDDEN
                 | StatusCode::NOT_FOUND
-        );
+        ) || matches!(self, ProxyError::FaultInjected { .. });
         if status.is_client_error() && !keeps_framing {
             // After a malformed request the connection's framing can't be
             // trusted: close it (RFC 9112 §6.3).
@@ -427,6 +432,12 @@ mod tests {
                 "peer_identity_mismatch",
                 "10.0.0.7:8080 is not the workload the registry names: peer presented spiffe://meshlet.local/ns/default/sa/evil, expected spiffe://meshlet.local/ns/default/sa/orders",
             ),
+            (
+                ProxyError::FaultInjected { policy: "orders-chaos".into(), status: StatusCode::SERVICE_UNAVAILABLE },
+                503,
+                "fault_injected",
+                "fault injected by FaultInjectionPolicy \"orders-chaos\": aborted with 503; not sent",
+            ),
         ]
     }
 
@@ -467,6 +478,18 @@ mod tests {
             );
             assert_eq!(body, format!("meshlet: {message}\n"));
         }
+    }
+
+    #[test]
+    fn an_injected_client_error_keeps_the_connection() {
+        let error = ProxyError::FaultInjected {
+            policy: "chaos".into(),
+            status: StatusCode::BAD_REQUEST,
+        };
+        let response = error.into_response();
+        assert_eq!(response.status(), 400);
+        assert_eq!(response.headers()[REASON_HEADER], "fault_injected");
+        assert!(response.headers().get(header::CONNECTION).is_none());
     }
 
     #[test]

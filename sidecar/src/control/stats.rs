@@ -4,7 +4,8 @@
 //! ```text
 //! every interval: Metrics::routes ─► RouteMetrics::totals ─┐
 //!                 snapshot: rate limiters' refusals ────────┼─► Reading (totals since start)
-//!                 snapshot: breaker states ─────────────────┘        │ minus the Baseline
+//!                 snapshot: breaker states ─────────────────┤        │ minus the Baseline
+//!                 dry-run policies' would-refuse counts ────┘        │
 //!                                                                     ▼
 //!                 POST /api/v1/instances/{id}/stats  ◄── StatsReport (deltas)
 //!                 accepted → the reading becomes the baseline
@@ -26,12 +27,13 @@ use std::time::{Duration, Instant};
 use http::Method;
 use meshlet_api::mesh::{
     paths, BreakerReport, BreakerState, RateLimitReport, RouteStats, StatsDirection, StatsReport,
+    WouldRefuseReport,
 };
 use tokio::sync::watch;
 
 use crate::control::snapshot::{SharedSnapshot, Snapshot};
 use crate::settings::ControlPlaneSettings;
-use crate::telemetry::metrics::Metrics;
+use crate::telemetry::metrics::{Metrics, WouldRefuseKey};
 use crate::telemetry::route_metrics::RouteTotals;
 
 /// Unreported counts older than this are dropped (the control plane keeps
@@ -50,6 +52,8 @@ struct Reading {
     /// `RateLimitPolicy` name → requests refused since start.
     refused: HashMap<String, u64>,
     breakers: Vec<BreakerReport>,
+    /// Dry-run policies' would-refuse counts since start.
+    would_refuse: HashMap<WouldRefuseKey, u64>,
 }
 
 impl Reading {
@@ -92,6 +96,7 @@ impl Reading {
             routes,
             refused,
             breakers,
+            would_refuse: metrics.would_refuse_totals().into_iter().collect(),
         }
     }
 
@@ -144,11 +149,36 @@ impl Reading {
             .filter(|r| r.refused > 0)
             .collect();
         rate_limited.sort_by(|a, b| a.policy.cmp(&b.policy));
+        let mut would_refuse: Vec<WouldRefuseReport> = self
+            .would_refuse
+            .iter()
+            .filter_map(|(key, now)| {
+                let before = baseline.would_refuse.get(key).copied().unwrap_or(0);
+                let count = now.saturating_sub(before);
+                let (kind, namespace, policy, reason) = key;
+                (count > 0).then(|| WouldRefuseReport {
+                    kind: (*kind).to_owned(),
+                    namespace: namespace.clone(),
+                    policy: policy.clone(),
+                    reason: (*reason).to_owned(),
+                    count,
+                })
+            })
+            .collect();
+        would_refuse.sort_by(|a, b| {
+            (&a.kind, &a.namespace, &a.policy, &a.reason).cmp(&(
+                &b.kind,
+                &b.namespace,
+                &b.policy,
+                &b.reason,
+            ))
+        });
         StatsReport {
             interval_ms: interval.as_millis() as u64,
             routes,
             breakers: self.breakers.clone(),
             rate_limited,
+            would_refuse,
         }
     }
 }
@@ -292,5 +322,31 @@ mod tests {
         orders.count(MethodLabel::Get, 200, Duration::from_millis(1));
         let next = reading(&metrics).report_since(&baseline, Duration::from_secs(2));
         assert_eq!(next.routes[0].requests, 2);
+    }
+
+    #[test]
+    fn would_refuse_counts_travel_as_deltas() {
+        let metrics = Metrics::new("orders");
+        let would =
+            metrics.would_refuse("RateLimitPolicy", "default", "orders-limit", "rate_limited");
+        would.inc_by(5);
+        let baseline = reading(&metrics);
+        assert_eq!(
+            baseline
+                .report_since(&Reading::default(), Duration::from_secs(1))
+                .would_refuse,
+            [WouldRefuseReport {
+                kind: "RateLimitPolicy".into(),
+                namespace: "default".into(),
+                policy: "orders-limit".into(),
+                reason: "rate_limited".into(),
+                count: 5,
+            }]
+        );
+        would.inc_by(2);
+        let next = reading(&metrics).report_since(&baseline, Duration::from_secs(1));
+        assert_eq!(next.would_refuse[0].count, 2);
+        let quiet = reading(&metrics).report_since(&reading(&metrics), Duration::from_secs(1));
+        assert!(quiet.would_refuse.is_empty(), "nothing new: left out");
     }
 }

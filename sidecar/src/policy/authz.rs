@@ -16,8 +16,11 @@
 //! app ([`Caller::source_headers`]).
 //!
 //! Evaluation is Istio's: every dry-run policy is evaluated first and
-//! counts what it would refuse (`meshlet_authz_dry_run_denied_total`,
-//! a debug log line), never refusing; then any matching enforced `DENY`
+//! counts what it would refuse (`meshlet_authz_dry_run_denied_total`, and
+//! `meshlet_policy_would_refuse_total{kind="AuthorizationPolicy",
+//! reason="denied"}` on each policy concerned, a debug log line), never
+//! refusing, and [`ZeroTrust::authorize`] hands back the mark for the span
+//! and the access log; then any matching enforced `DENY`
 //! refuses; then, if any enforced `ALLOW` policy selects the service, a
 //! request that no enforced `ALLOW` matches is refused (named after those
 //! policies). Refusals are counted on `meshlet_authz_denied_total{policy}`.
@@ -45,6 +48,7 @@ use meshlet_api::Resource;
 use prometheus::IntCounter;
 use serde_json::json;
 
+use crate::policy::dry_run::WouldRefuse;
 use crate::telemetry::metrics::{destination_label, Metrics};
 
 /// The rate-limit key (`sourceService`) and the name of every caller
@@ -348,6 +352,8 @@ pub struct AuthzPolicy {
     pub action: AuthzAction,
     pub mode: AuthzMode,
     rules: Vec<Rule>,
+    /// Dry run: its `meshlet_policy_would_refuse_total` handle and mark.
+    would_refuse: Option<WouldRefuse>,
 }
 
 impl AuthzPolicy {
@@ -361,6 +367,7 @@ impl AuthzPolicy {
                 .iter()
                 .map(|r| Rule::compile(r, namespace))
                 .collect(),
+            would_refuse: None,
         }
     }
 
@@ -445,7 +452,16 @@ impl ZeroTrust {
         policies.sort_by(|a, b| a.metadata.name.cmp(&b.metadata.name));
         for doc in policies {
             let name = doc.metadata.name.clone();
-            let policy = AuthzPolicy::compile(name, &doc.metadata.namespace, &doc.spec);
+            let mut policy = AuthzPolicy::compile(name, &doc.metadata.namespace, &doc.spec);
+            if policy.mode.is_dry_run() {
+                policy.would_refuse = Some(WouldRefuse::new(
+                    metrics,
+                    "AuthorizationPolicy",
+                    &doc.metadata.namespace,
+                    &policy.name,
+                    "denied",
+                ));
+            }
             let (group, counter) = match (policy.action, policy.mode) {
                 (AuthzAction::Deny, AuthzMode::Enforce) => {
                     (&mut zt.deny, metrics.authz_denied(&policy.name))
@@ -502,12 +518,14 @@ impl ZeroTrust {
     }
 
     /// Istio's evaluation (see the module docs); dry-run policies only
-    /// count. A refusal is counted on its policy.
-    pub fn authorize(&self, request: &Request<'_>) -> Result<(), Denial> {
+    /// count. A refusal is counted on its policy. `Ok(Some(mark))`: a
+    /// dry-run policy would have refused (`AuthorizationPolicy/NAME:denied`,
+    /// for the span and the access log).
+    pub fn authorize(&self, request: &Request<'_>) -> Result<Option<Arc<str>>, Denial> {
         if !self.has_authorization() {
-            return Ok(());
+            return Ok(None);
         }
-        self.dry_run(request);
+        let would_refuse = self.dry_run(request);
         if let Some((policy, counter)) = self.deny.first_match(request) {
             counter.inc();
             return Err(Denial {
@@ -524,13 +542,19 @@ impl ZeroTrust {
                 });
             }
         }
-        Ok(())
+        Ok(would_refuse)
     }
 
-    /// What the dry-run policies would have refused: counted and logged.
-    fn dry_run(&self, request: &Request<'_>) {
+    /// What the dry-run policies would have refused: counted and logged;
+    /// the mark of the first.
+    fn dry_run(&self, request: &Request<'_>) -> Option<Arc<str>> {
+        let mut mark = None;
         if let Some((policy, counter)) = self.dry_run_deny.first_match(request) {
             counter.inc();
+            if let Some(would) = &policy.would_refuse {
+                would.count();
+                mark = Some(Arc::clone(would.mark()));
+            }
             tracing::debug!(policy = %policy.name, caller = %request.caller.describe(),
                 request = %request.describe(),
                 "dry-run AuthorizationPolicy would deny (a DENY rule matches)");
@@ -538,11 +562,19 @@ impl ZeroTrust {
         if let Some((names, counter)) = &self.dry_run_allow.none_matched {
             if !self.dry_run_allow.any_match(request) {
                 counter.inc();
+                // Each ALLOW policy of the group refused it together.
+                for (policy, _) in &self.dry_run_allow.policies {
+                    if let Some(would) = &policy.would_refuse {
+                        would.count();
+                        mark.get_or_insert_with(|| Arc::clone(would.mark()));
+                    }
+                }
                 tracing::debug!(policy = %names, caller = %request.caller.describe(),
                     request = %request.describe(),
                     "dry-run AuthorizationPolicy would deny (no ALLOW rule matches)");
             }
         }
+        mark
     }
 
     /// For `/config_dump`.
@@ -625,7 +657,7 @@ mod tests {
         method: Method,
         path: &str,
         headers: &[(&str, &str)],
-    ) -> Result<(), Denial> {
+    ) -> Result<Option<Arc<str>>, Denial> {
         let mut map = HeaderMap::new();
         for (k, v) in headers {
             map.append(
@@ -643,7 +675,7 @@ mod tests {
         })
     }
 
-    fn denied_by(result: Result<(), Denial>) -> Option<String> {
+    fn denied_by<T>(result: Result<T, Denial>) -> Option<String> {
         result.err().map(|d| d.policy.to_string())
     }
 
@@ -693,7 +725,7 @@ mod tests {
 
     /// An opaque TCP connection from `caller`.
     fn ask_connection(zt: &ZeroTrust, caller: &Caller) -> Result<(), Denial> {
-        zt.authorize(&Request { caller, http: None })
+        zt.authorize(&Request { caller, http: None }).map(|_| ())
     }
 
     #[test]
@@ -840,12 +872,25 @@ mod tests {
         assert!(zt.has_authorization());
         let web = caller("default", "web");
         let batch = caller("default", "batch");
-        assert!(ask(&zt, &web, Method::GET, "/", &[]).is_ok());
-        assert!(ask(&zt, &web, Method::DELETE, "/", &[]).is_ok());
+        assert_eq!(ask(&zt, &web, Method::GET, "/", &[]), Ok(None));
+        assert_eq!(
+            ask(&zt, &web, Method::DELETE, "/", &[]).unwrap().as_deref(),
+            Some("AuthorizationPolicy/audit-deny:denied")
+        );
         assert!(ask(&zt, &batch, Method::DELETE, "/", &[]).is_ok());
+        assert_eq!(
+            ask(&zt, &batch, Method::GET, "/", &[]).unwrap().as_deref(),
+            Some("AuthorizationPolicy/audit-allow:denied")
+        );
         assert_eq!(metrics.authz_dry_run_denied("audit-deny").get(), 2);
-        assert_eq!(metrics.authz_dry_run_denied("audit-allow").get(), 1);
+        assert_eq!(metrics.authz_dry_run_denied("audit-allow").get(), 2);
         assert_eq!(metrics.authz_denied("audit-deny").get(), 0);
+        let would = |name| {
+            metrics
+                .would_refuse("AuthorizationPolicy", "default", name, "denied")
+                .get()
+        };
+        assert_eq!((would("audit-deny"), would("audit-allow")), (2, 2));
     }
 
     #[test]

@@ -19,6 +19,15 @@
 //!   └──────────── a trial succeeds ─────────┼── a trial fails ────────┘
 //! ```
 //!
+//! In `mode: dryRun` ([`BreakerSet::dry_run`]) nothing is refused: the
+//! state machine runs on the outcomes as usual, the balancer ignores open
+//! breakers, and a request an enforcing set would have refused is counted
+//! (`WouldRefuse`) and sent: `circuit_open` when every endpoint it could
+//! go to has an open breaker, `overflow` when it finds every
+//! `maxConcurrentRequests` slot taken (it would have waited as a pending
+//! request or been refused; a dry run cannot tell which without waiting,
+//! so with `maxPendingRequests` > 0 this is an upper bound).
+//!
 //! Half-open lets `halfOpenRequests` trial requests through at a time.
 //! The state sits behind a short `std::sync::Mutex` (a few instructions,
 //! never across an await). A permit dropped without an outcome (the client
@@ -33,7 +42,9 @@ use meshlet_api::policy::{CircuitBreakerSpec, FailureKind, RouteMatch};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::error::ProxyError;
+use crate::policy::dry_run::WouldRefuse;
 use crate::policy::outcome::Outcome;
+use crate::telemetry::trail::Trail;
 
 /// The longest a request waits for a concurrency slot as a pending one.
 pub const MAX_PENDING_WAIT: Duration = Duration::from_secs(1);
@@ -49,6 +60,15 @@ pub struct BreakerSet {
     /// Shared with the previous set when the spec is unchanged.
     slots: Arc<Semaphore>,
     pending: Arc<AtomicUsize>,
+    /// `mode: dryRun`: what it counts instead of refusing.
+    pub dry_run: Option<BreakerDryRun>,
+}
+
+/// A dry-run breaker set's two refusals.
+#[derive(Debug, Clone)]
+pub struct BreakerDryRun {
+    pub circuit_open: WouldRefuse,
+    pub overflow: WouldRefuse,
 }
 
 impl BreakerSet {
@@ -84,6 +104,39 @@ impl BreakerSet {
             breakers,
             slots,
             pending,
+            dry_run: None,
+        }
+    }
+
+    /// The set in `mode: dryRun`, counting on `dry_run`.
+    pub fn with_dry_run(mut self, dry_run: Option<BreakerDryRun>) -> Self {
+        self.dry_run = dry_run;
+        self
+    }
+
+    /// Whether the set refuses requests (not in dry run).
+    pub fn enforcing(&self) -> bool {
+        self.dry_run.is_none()
+    }
+
+    /// The concurrency slot of a request: [`BreakerSet::admit`], or in dry
+    /// run a free slot if there is one, else none (counted as `overflow`
+    /// and marked on `trail`); never waits, never refuses.
+    pub async fn admit_or_note(
+        &self,
+        service: &str,
+        max_wait: Duration,
+        trail: &mut Trail,
+    ) -> Result<Option<OwnedSemaphorePermit>, ProxyError> {
+        let Some(dry_run) = &self.dry_run else {
+            return self.admit(service, max_wait).await.map(Some);
+        };
+        match Arc::clone(&self.slots).try_acquire_owned() {
+            Ok(permit) => Ok(Some(permit)),
+            Err(_) => {
+                dry_run.overflow.note(trail);
+                Ok(None)
+            }
         }
     }
 
@@ -404,6 +457,7 @@ mod tests {
     #[tokio::test]
     async fn concurrency_limit_with_pending_queue() {
         let set = BreakerSet::new("b".into(), spec(5, 100, 1), &[], None);
+        assert!(set.enforcing());
         let a = set.admit("s", MAX_PENDING_WAIT).await.unwrap();
         let _b = set.admit("s", MAX_PENDING_WAIT).await.unwrap();
         // One may wait; it gets the slot freed by `a`.
@@ -422,5 +476,43 @@ mod tests {
             out = f => Some(out),
             _ = std::future::ready(()) => None,
         }
+    }
+
+    #[tokio::test]
+    async fn a_dry_run_set_counts_overflow_and_never_waits_or_refuses() {
+        let metrics = crate::telemetry::metrics::Metrics::new("frontend");
+        let would =
+            |reason| WouldRefuse::new(&metrics, "CircuitBreakerPolicy", "default", "b", reason);
+        let set = BreakerSet::new("b".into(), spec(5, 100, 1), &[], None).with_dry_run(Some(
+            BreakerDryRun {
+                circuit_open: would("circuit_open"),
+                overflow: would("overflow"),
+            },
+        ));
+        let mut trail = Trail::default();
+        let wait = Duration::from_secs(3600);
+        let a = set.admit_or_note("s", wait, &mut trail).await.unwrap();
+        let b = set.admit_or_note("s", wait, &mut trail).await.unwrap();
+        assert!(a.is_some() && b.is_some());
+        assert!(trail.would_refuse.is_none());
+        // Over maxConcurrentRequests: sent without a slot, counted.
+        for _ in 0..3 {
+            assert!(set
+                .admit_or_note("s", wait, &mut trail)
+                .await
+                .unwrap()
+                .is_none());
+        }
+        assert_eq!(
+            trail.would_refuse.as_deref(),
+            Some("CircuitBreakerPolicy/b:overflow")
+        );
+        assert_eq!(set.dry_run.as_ref().unwrap().overflow.get(), 3);
+        drop(a);
+        assert!(set
+            .admit_or_note("s", wait, &mut trail)
+            .await
+            .unwrap()
+            .is_some());
     }
 }

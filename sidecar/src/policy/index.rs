@@ -13,8 +13,10 @@
 //! fresh.
 //!
 //! Per-policy metric handles (`retries_total` on each [`RetryPolicy`],
-//! `rate_limited_total` on each [`RateLimiter`]) are resolved here, once
-//! per policy and build, never per request.
+//! `rate_limited_total` on each [`RateLimiter`],
+//! `meshlet_faults_injected_total` on each [`FaultPolicy`], and for
+//! dry-run policies `meshlet_policy_would_refuse_total`) are resolved
+//! here, once per policy and build, never per request.
 //!
 
 use std::collections::{BTreeMap, HashMap};
@@ -27,7 +29,9 @@ use meshlet_api::policy::{RouteMatch, TimeoutSpec};
 use meshlet_api::{Resource, ResourceKey};
 use serde_json::json;
 
-use crate::policy::breaker::BreakerSet;
+use crate::policy::breaker::{BreakerDryRun, BreakerSet};
+use crate::policy::dry_run::WouldRefuse;
+use crate::policy::fault::FaultPolicy;
 use crate::policy::ratelimit::RateLimiter;
 use crate::policy::retry::RetryPolicy;
 use crate::telemetry::metrics::{destination_label, Metrics};
@@ -56,6 +60,12 @@ impl Routed for RateLimiter {
 }
 
 impl Routed for BreakerSet {
+    fn route(&self) -> &RouteMatch {
+        &self.route
+    }
+}
+
+impl Routed for FaultPolicy {
     fn route(&self) -> &RouteMatch {
         &self.route
     }
@@ -215,11 +225,13 @@ pub struct OutboundPolicies {
     pub retries: Vec<Arc<RetryPolicy>>,
     pub timeouts: Vec<Arc<Timeouts>>,
     pub split: Option<SplitPlan>,
+    pub faults: Vec<Arc<FaultPolicy>>,
 }
 
 /// The policies that apply to one request (borrowed from its target).
 #[derive(Debug, Clone, Copy, Default)]
 pub struct RoutePolicies<'a> {
+    pub fault: Option<&'a FaultPolicy>,
     pub breaker: Option<&'a BreakerSet>,
     pub retry: Option<&'a RetryPolicy>,
     pub timeouts: Option<&'a Timeouts>,
@@ -249,12 +261,31 @@ impl OutboundPolicies {
             let name = resource.metadata().name.clone();
             match resource {
                 Resource::CircuitBreakerPolicy(doc) => {
-                    let set = Arc::new(BreakerSet::new(
-                        name,
-                        doc.spec.clone(),
-                        &addrs,
-                        previous.breakers.get(&key).map(|b| &**b),
-                    ));
+                    let dry_run = doc.spec.mode.is_dry_run().then(|| {
+                        let namespace = &resource.metadata().namespace;
+                        let would = |reason| {
+                            WouldRefuse::new(
+                                metrics,
+                                "CircuitBreakerPolicy",
+                                namespace,
+                                &name,
+                                reason,
+                            )
+                        };
+                        BreakerDryRun {
+                            circuit_open: would("circuit_open"),
+                            overflow: would("overflow"),
+                        }
+                    });
+                    let set = Arc::new(
+                        BreakerSet::new(
+                            name,
+                            doc.spec.clone(),
+                            &addrs,
+                            previous.breakers.get(&key).map(|b| &**b),
+                        )
+                        .with_dry_run(dry_run),
+                    );
                     state.breakers.insert(key, Arc::clone(&set));
                     policies.breakers.push(set);
                 }
@@ -268,6 +299,16 @@ impl OutboundPolicies {
                     };
                     state.retries.insert(key, Arc::clone(&retry));
                     policies.retries.push(retry);
+                }
+                Resource::FaultInjectionPolicy(doc) => {
+                    let delayed = metrics.fault_injected(&destination, &name, "delay");
+                    let aborted = metrics.fault_injected(&destination, &name, "abort");
+                    policies.faults.push(Arc::new(FaultPolicy::new(
+                        name,
+                        doc.spec.clone(),
+                        delayed,
+                        aborted,
+                    )));
                 }
                 Resource::TimeoutPolicy(doc) => {
                     policies
@@ -287,6 +328,7 @@ impl OutboundPolicies {
         sort_by_specificity(&mut policies.breakers);
         sort_by_specificity(&mut policies.retries);
         sort_by_specificity(&mut policies.timeouts);
+        sort_by_specificity(&mut policies.faults);
         policies
     }
 
@@ -295,6 +337,7 @@ impl OutboundPolicies {
             && self.retries.is_empty()
             && self.timeouts.is_empty()
             && self.split.is_none()
+            && self.faults.is_empty()
     }
 
     /// The policies for one request.
@@ -303,6 +346,7 @@ impl OutboundPolicies {
             return RoutePolicies::default();
         }
         RoutePolicies {
+            fault: lookup(&self.faults, method, path),
             breaker: lookup(&self.breakers, method, path),
             retry: lookup(&self.retries, method, path),
             timeouts: lookup(&self.timeouts, method, path),
@@ -326,6 +370,7 @@ impl OutboundPolicies {
                 "idle": t.idle.map(|d| humantime::format_duration(d).to_string()),
             })).collect::<Vec<_>>(),
             "trafficSplit": self.split.as_ref().map(SplitPlan::to_json),
+            "faults": self.faults.iter().map(|f| json!({"name": f.name, "spec": f.spec})).collect::<Vec<_>>(),
         })
     }
 }
@@ -367,12 +412,25 @@ impl InboundPolicies {
                             .route
                             .as_ref()
                             .and_then(|r| r.path_prefix.as_deref());
-                        Arc::new(RateLimiter::new(
-                            name.clone(),
-                            doc.spec.clone(),
-                            healthy_instances,
-                            metrics.rate_limited(name, endpoint.unwrap_or(ALL_PATHS)),
-                        ))
+                        let dry_run = doc.spec.mode.is_dry_run().then(|| {
+                            let namespace = &resource.metadata().namespace;
+                            WouldRefuse::new(
+                                metrics,
+                                "RateLimitPolicy",
+                                namespace,
+                                name,
+                                "rate_limited",
+                            )
+                        });
+                        Arc::new(
+                            RateLimiter::new(
+                                name.clone(),
+                                doc.spec.clone(),
+                                healthy_instances,
+                                metrics.rate_limited(name, endpoint.unwrap_or(ALL_PATHS)),
+                            )
+                            .with_dry_run(dry_run),
+                        )
                     }
                 };
                 state.limiters.insert(key, Arc::clone(&limiter));

@@ -5,7 +5,7 @@
 //! Snapshot::build ─► index: per service, each kind's policies by route specificity
 //!                    (PolicyState hands unchanged policies' state to the next build)
 //! request ─► index::OutboundPolicies::for_request / InboundPolicies::rate_limit
-//!         ─► authz (inbound: mTLS mode, authorization), ratelimit (inbound) | breaker, retry, timeouts, split (outbound, used by forward)
+//!         ─► authz (inbound: mTLS mode, authorization), ratelimit (inbound) | fault, breaker, retry, timeouts, split (outbound, used by forward)
 //! ```
 //!
 //! - `index` — the policy index (`OutboundPolicies`, `InboundPolicies`,
@@ -17,6 +17,10 @@
 //! - `breaker` — per-endpoint circuit breakers and the target's
 //!   concurrency limit.
 //! - `retry` — which requests are replayable, backoff, retry budget.
+//! - `fault` — `FaultInjectionPolicy`: injected delays and aborts
+//!   (outbound, first thing `forward` does).
+//! - `dry_run` — `WouldRefuse`: what a `mode: dryRun` policy (rate limit,
+//!   breaker, authorization) counts and marks instead of refusing.
 //! - `outcome` — `Outcome`, how one try ended (breakers and retries count
 //!   it).
 //!
@@ -27,6 +31,8 @@
 
 pub(crate) mod authz;
 pub(crate) mod breaker;
+pub(crate) mod dry_run;
+pub(crate) mod fault;
 pub(crate) mod index;
 pub(crate) mod outcome;
 pub(crate) mod ratelimit;

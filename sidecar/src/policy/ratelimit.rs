@@ -41,6 +41,7 @@ use meshlet_api::policy::{RateLimitKey, RateLimitScope, RateLimitSpec, RouteMatc
 use prometheus::IntCounter;
 
 use crate::error::Refusal;
+use crate::policy::dry_run::WouldRefuse;
 
 /// Keys (callers, header values) tracked per limiter at most.
 pub const MAX_KEYS: usize = 10_000;
@@ -98,6 +99,11 @@ pub struct RateLimiter {
     /// `rate_limited_total{service, policy, endpoint}`, resolved at
     /// snapshot build; the request path counts each refusal on it.
     pub refused: IntCounter,
+    /// `mode: dryRun`: a refusal is counted here instead (and the request
+    /// goes through). [`RateLimiter::check`] takes a token only from a
+    /// request it admits, so a dry-run limiter counts exactly what an
+    /// enforcing one would refuse for the same traffic.
+    pub dry_run: Option<WouldRefuse>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -141,9 +147,16 @@ impl RateLimiter {
             keys: Mutex::new(HashMap::new()),
             hasher: RandomState::new(),
             refused,
+            dry_run: None,
         };
         limiter.set_instances(healthy_instances);
         limiter
+    }
+
+    /// The limiter in `mode: dryRun`, counting on `dry_run`.
+    pub fn with_dry_run(mut self, dry_run: Option<WouldRefuse>) -> Self {
+        self.dry_run = dry_run;
+        self
     }
 
     /// Re-derives the share of a global limit (at every snapshot build).
@@ -390,6 +403,7 @@ mod tests {
             }),
             key: RateLimitKey::Service,
             scope: RateLimitScope::Local,
+            mode: Default::default(),
         }
     }
 

@@ -7,7 +7,8 @@
 //! limit's route and the app all see; 400 `bad_path`) → who the caller is (its verified certificate identity, never a
 //! header: `authz`) → mTLS (`MTLSPolicy strict` refuses a plaintext
 //! caller: 403 `mtls_required`) → authorization (`AuthorizationPolicy`:
-//! 403 `denied`) → rate limit of the own service (`ratelimit`, 429;
+//! 403 `denied`) → rate limit of the own service (`ratelimit`, 429; a
+//! dry-run policy only counts and marks the request: `dry_run`;
 //! `sourceService` keys are the verified caller) → strip hop-by-hop, add
 //! `x-forwarded-*`, replace the identity headers with the verified
 //! caller's → forward to the local app (transparent mode: a port other
@@ -17,7 +18,7 @@
 //! (absolute URI or `Host`; a mesh service or passthrough; transparent
 //! mode: a `Host` naming a service, else the original destination) → the target's
 //! policies for this method and path (`policy`) → strip hop-by-hop and
-//! every identity header the app sent → forward (concurrency limit,
+//! every identity header the app sent → forward (injected faults, concurrency limit,
 //! timeout, retries, split, breakers, balancing: see `forward`) → response.
 //!
 //! Errors from any step travel up as [`ProxyError`] and become a response
@@ -254,13 +255,18 @@ pub(crate) fn admit<B>(
             headers: request.headers(),
         }),
     };
-    if let Err(denial) = zero_trust.authorize(&asked) {
-        record.set_authz_policy(&denial.policy);
-        return Err(ProxyError::Denied {
-            policy: denial.policy,
-            by_deny: denial.by_deny,
-            caller: caller.describe(),
-        });
+    match zero_trust.authorize(&asked) {
+        Ok(None) => {}
+        // A dry-run policy would have refused: marked, and on we go.
+        Ok(Some(mark)) => record.trail().would_refuse(&mark),
+        Err(denial) => {
+            record.set_authz_policy(&denial.policy);
+            return Err(ProxyError::Denied {
+                policy: denial.policy,
+                by_deny: denial.by_deny,
+                caller: caller.describe(),
+            });
+        }
     }
     if let Some(limiter) = snapshot.inbound.rate_limit(method, path) {
         let key = limiter.key(&KeySources {
@@ -269,12 +275,16 @@ pub(crate) fn admit<B>(
             peer_ip: peer.ip_text(),
             xff_trusted_hops: how.xff_trusted_hops,
         });
-        limiter
-            .check(key, std::time::Instant::now())
-            .map_err(|refusal| {
-                limiter.refused.inc();
-                ProxyError::RateLimited(refusal)
-            })?;
+        if let Err(refusal) = limiter.check(key, std::time::Instant::now()) {
+            match &limiter.dry_run {
+                // A dry-run limit would have refused: marked, and on we go.
+                Some(would) => would.note(record.trail()),
+                None => {
+                    limiter.refused.inc();
+                    return Err(ProxyError::RateLimited(refusal));
+                }
+            }
+        }
     }
     Ok(caller)
 }
@@ -345,7 +355,7 @@ impl Handler for Inbound {
             http: None,
         };
         match zero_trust.authorize(&asked) {
-            Ok(()) => true,
+            Ok(_) => true,
             Err(denial) => {
                 tracing::debug!(policy = %denial.policy, caller = %caller.describe(),
                     "opaque TCP refused by an AuthorizationPolicy");
@@ -926,6 +936,39 @@ mod tests {
             let reply = call(sidecar.frontend, "GET", "/", &[]).await;
             assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
         }
+    }
+
+    #[tokio::test]
+    async fn a_dry_run_limit_refuses_nothing_and_counts_what_it_would_refuse() {
+        let limit = |mode: &str| {
+            format!(
+                "apiVersion: meshlet.dev/v1alpha1\nkind: RateLimitPolicy\nmetadata: {{name: limit}}\n\
+                 spec:\n  targetRef: {{service: orders}}\n  tokenBucket: {{capacity: 2, refillPerSecond: 0.001}}\n  \
+                 mode: {mode}\n"
+            )
+        };
+        let (enforcing, dry) = (
+            sidecar(&limit("enforce")).await,
+            sidecar(&limit("dryRun")).await,
+        );
+        let mut refused = 0;
+        for _ in 0..5 {
+            let reply = call(enforcing.plaintext, "GET", "/", &[]).await;
+            refused += usize::from(reply.starts_with("HTTP/1.1 429"));
+            let reply = call(dry.plaintext, "GET", "/", &[]).await;
+            assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
+        }
+        assert_eq!(refused, 3);
+        let would = dry
+            .metrics
+            .would_refuse("RateLimitPolicy", "default", "limit", "rate_limited");
+        assert_eq!(would.get(), 3);
+        assert_eq!(dry.metrics.rate_limited("limit", "/").get(), 0);
+        let text = String::from_utf8(dry.metrics.render(&[])).unwrap();
+        assert!(
+            text.contains(r#"meshlet_policy_would_refuse_total{kind="RateLimitPolicy",policy="limit",reason="rate_limited"} 3"#),
+            "{text}"
+        );
     }
 
     const DENY_SECRET: &str = "apiVersion: meshlet.dev/v1alpha1\nkind: AuthorizationPolicy\n\

@@ -53,6 +53,13 @@ pub struct AccessRecord {
     /// The `AuthorizationPolicy` that refused the request.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub authz_policy: Option<String>,
+    /// An injected fault (`delay 200ms`, `abort 503`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fault: Option<String>,
+    /// A dry-run policy that would have refused the request
+    /// (`<kind>/<name>:<reason>`); the request went through.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub would_refuse: Option<String>,
 }
 
 fn rfc3339<S: serde::Serializer>(at: &SystemTime, s: S) -> Result<S::Ok, S::Error> {
@@ -151,6 +158,8 @@ mod tests {
                     .then(|| "spiffe://meshlet.local/ns/default/sa/web".into()),
                 source_service: (status == 429).then(|| "web".into()),
                 authz_policy: None,
+                fault: None,
+                would_refuse: (status == 200).then(|| "RateLimitPolicy/orders:rate_limited".into()),
             });
         }
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
@@ -180,5 +189,10 @@ mod tests {
             "spiffe://meshlet.local/ns/default/sa/web"
         );
         assert_eq!(lines[1]["source_service"], "web");
+        assert_eq!(
+            lines[0]["would_refuse"],
+            "RateLimitPolicy/orders:rate_limited"
+        );
+        assert!(lines[1].get("would_refuse").is_none());
     }
 }

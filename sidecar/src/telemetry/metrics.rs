@@ -168,9 +168,15 @@ pub struct BreakerSample<'a> {
     pub state: i64,
 }
 
+/// One `meshlet_policy_would_refuse_total` series: `(kind, namespace,
+/// name, reason)`.
+pub type WouldRefuseKey = (&'static str, String, String, &'static str);
+
 #[derive(Debug, Clone)]
 pub struct Metrics {
     registry: Registry,
+    /// Would-refuse handles by key, for the stats reporter.
+    would_refuse: Arc<Mutex<HashMap<WouldRefuseKey, IntCounter>>>,
     /// This sidecar's own service (the `service` label).
     service: Arc<str>,
     route_families: RouteFamilies,
@@ -278,6 +284,8 @@ struct RequestPathFamilies {
     authz_denied: IntCounterVec,
     authz_dry_run_denied: IntCounterVec,
     mtls_plaintext_refused: IntCounter,
+    faults_injected: IntCounterVec,
+    would_refuse: IntCounterVec,
 }
 
 /// The configuration this sidecar routes with, and where it came from.
@@ -396,6 +404,16 @@ impl RequestPathFamilies {
                 "meshlet_mtls_plaintext_refused_total",
                 "Plaintext inbound requests (403 mtls_required) and opaque TCP connections (closed) refused under MTLSPolicy strict",
             ),
+            faults_injected: r.counter_vec(
+                "meshlet_faults_injected_total",
+                "Outbound requests a FaultInjectionPolicy delayed or aborted (service: the policy's target), by kind (delay, abort)",
+                &["service", "policy", "kind"],
+            ),
+            would_refuse: r.counter_vec(
+                "meshlet_policy_would_refuse_total",
+                "Requests a dryRun policy would have refused (they were sent), by policy (name, name.namespace outside default), kind and reason",
+                &["policy", "kind", "reason"],
+            ),
         }
     }
 }
@@ -478,6 +496,7 @@ impl Metrics {
             service: service.into(),
             route_families,
             routes: Arc::default(),
+            would_refuse: Arc::default(),
             request_path: RequestPathFamilies::register(&register),
             config: ConfigFamilies::register(&register),
             export: ExportFamilies::register(&register),
@@ -622,6 +641,47 @@ impl Metrics {
         self.request_path
             .authz_dry_run_denied
             .with_label_values(&[policy])
+    }
+
+    /// `meshlet_faults_injected_total{service, policy, kind}` of one
+    /// `FaultInjectionPolicy` targeting `service`; `kind` is `delay` or
+    /// `abort`.
+    pub fn fault_injected(&self, service: &str, policy: &str, kind: &str) -> IntCounter {
+        self.request_path
+            .faults_injected
+            .with_label_values(&[service, policy, kind])
+    }
+
+    /// `meshlet_policy_would_refuse_total{policy, kind, reason}` of one
+    /// dry-run policy (`policy`: its name, `name.namespace` outside
+    /// `default`); the stats reporter reads the same handle.
+    pub fn would_refuse(
+        &self,
+        kind: &'static str,
+        namespace: &str,
+        name: &str,
+        reason: &'static str,
+    ) -> IntCounter {
+        let key = (kind, namespace.to_owned(), name.to_owned(), reason);
+        let mut handles = self.would_refuse.lock().unwrap_or_else(|p| p.into_inner());
+        handles
+            .entry(key)
+            .or_insert_with(|| {
+                let policy = destination_label(namespace, name);
+                self.request_path
+                    .would_refuse
+                    .with_label_values(&[&policy, kind, reason])
+            })
+            .clone()
+    }
+
+    /// Every would-refuse series resolved so far with its count.
+    pub fn would_refuse_totals(&self) -> Vec<(WouldRefuseKey, u64)> {
+        let handles = self.would_refuse.lock().unwrap_or_else(|p| p.into_inner());
+        handles
+            .iter()
+            .map(|(key, counter)| (key.clone(), counter.get()))
+            .collect()
     }
 
     /// `meshlet_mtls_plaintext_refused_total`.

@@ -243,6 +243,8 @@ impl RequestRecord {
                 source_identity: self.source.as_ref().map(|(id, _)| Arc::clone(id)),
                 source_service: self.source.as_ref().map(|(_, svc)| Arc::clone(svc)),
                 authz_policy: self.authz_policy.clone(),
+                fault: self.trail.fault.map(|note| note.to_string()),
+                would_refuse: self.trail.would_refuse.clone(),
             });
             if let Some(span) = span {
                 exporter.submit(span);
@@ -268,6 +270,8 @@ impl RequestRecord {
                 source_identity: self.source.as_ref().map(|(id, _)| id.to_string()),
                 source_service: self.source.as_ref().map(|(_, svc)| svc.to_string()),
                 authz_policy: self.authz_policy.as_deref().map(str::to_owned),
+                fault: self.trail.fault.map(|note| note.to_string()),
+                would_refuse: self.trail.would_refuse.as_deref().map(str::to_owned),
             });
         }
         tracing::debug!(

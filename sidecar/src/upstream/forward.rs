@@ -2,9 +2,11 @@
 //! that apply to it, in this order:
 //!
 //! ```text
-//! concurrency slot (breaker maxConcurrentRequests / maxPendingRequests → 503 overflow)
-//!  └─ overall deadline (TimeoutPolicy.request, else --upstream-timeout → 504)
-//!      └─ retry loop (RetryPolicy: retryOn, idempotent, budget, backoff)
+//! overall deadline (TimeoutPolicy.request, else --upstream-timeout → 504)
+//!  └─ injected fault (FaultInjectionPolicy: a delay within the deadline, then
+//!     an abort → its status, fault_injected; not retried, nothing sent)
+//!      └─ concurrency slot (breaker maxConcurrentRequests / maxPendingRequests → 503 overflow)
+//!          └─ retry loop (RetryPolicy: retryOn, idempotent, budget, backoff)
 //!          └─ one try (perTryTimeout): traffic-split subset → balancer pick
 //!             among endpoints whose breaker admits (none → 503 circuit_open)
 //!             → pool send (a refused connection: next endpoint) → outcome
@@ -23,6 +25,11 @@
 //! the `RetryPolicy`'s counter).
 //! Retries of requests that reached an upstream are the `RetryPolicy`'s,
 //! and only happen before any response byte went to the client.
+//!
+//! A breaker set in `mode: dryRun` refuses nothing: its open breakers do
+//! not steer the split or the balancer, and a request it would have
+//! refused (`circuit_open`: every endpoint the subset allows is open;
+//! `overflow`) is counted once, marked on the trail, and sent.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -61,10 +68,13 @@ pub async fn forward(
     let timeout = timeouts.and_then(|t| t.request).or(limits.upstream_timeout);
     // The deadline runs from arrival: time spent waiting for a slot counts.
     let deadline = timeout.map(|t| (Instant::now() + t, t));
+    if let Some(fault) = policies.fault {
+        fault.apply(&target.name, deadline, trail).await?;
+    }
     let slot = match policies.breaker {
         Some(breakers) => {
             let wait = timeout.map_or(MAX_PENDING_WAIT, |t| t.min(MAX_PENDING_WAIT));
-            Some(breakers.admit(&target.name, wait).await?)
+            breakers.admit_or_note(&target.name, wait, trail).await?
         }
         None => None,
     };
@@ -195,12 +205,14 @@ impl Send<'_> {
         Err(self.nothing_sent(subset, last_refusal))
     }
 
-    /// Whether endpoint `index`'s breaker (if any) lets a request through.
+    /// Whether endpoint `index`'s breaker (if any, and enforcing) lets a
+    /// request through.
     fn breaker_admits(&self, index: usize, now: std::time::Instant) -> bool {
         self.policies.breaker.is_none_or(|b| {
-            b.breakers
-                .get(index)
-                .is_none_or(|breaker| breaker.allows(now))
+            !b.enforcing()
+                || b.breakers
+                    .get(index)
+                    .is_none_or(|breaker| breaker.allows(now))
         })
     }
 
@@ -230,12 +242,28 @@ impl Send<'_> {
         };
         tried.insert(index);
         trail.upstream = Some(endpoint.addr);
-        match self.policies.breaker.and_then(|b| b.breakers.get(index)) {
-            Some(breaker) => match breaker.try_acquire(now) {
-                Some(permit) => Admission::Admitted(endpoint, Some(permit)),
-                None => Admission::BreakerBusy,
-            },
+        let Some(set) = self.policies.breaker else {
+            return Admission::Admitted(endpoint, None);
+        };
+        match set.breakers.get(index).map(|b| b.try_acquire(now)) {
+            Some(Some(permit)) => Admission::Admitted(endpoint, Some(permit)),
             None => Admission::Admitted(endpoint, None),
+            Some(None) => match &set.dry_run {
+                None => Admission::BreakerBusy,
+                Some(dry_run) => {
+                    // An enforcing set would have sent it to another
+                    // endpoint if one allowed it; else refused it.
+                    let any_allows = set
+                        .breakers
+                        .iter()
+                        .enumerate()
+                        .any(|(i, b)| in_subset(subset, i) && b.allows(now));
+                    if !any_allows && trail.would_refuse.is_none() {
+                        dry_run.circuit_open.note(trail);
+                    }
+                    Admission::Admitted(endpoint, None)
+                }
+            },
         }
     }
 
@@ -560,6 +588,70 @@ mod tests {
         assert_eq!(error.reason(), "circuit_open");
         assert_eq!(error.status(), 503);
         assert_eq!(a.requests() + b.requests(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_dry_run_breaker_sends_what_it_would_refuse_and_counts_it_once() {
+        let failing = Upstream::http1("failing", AfterResponse::Garbage).await;
+        let dry = policy(
+            "CircuitBreakerPolicy",
+            "consecutiveFailures: 2\n  openDuration: 60s\n  mode: dryRun",
+        );
+        let snapshot = mesh(&[(failing.addr, "v1")], &dry);
+        let target = orders(&snapshot);
+        let set = &target.policies.breakers[0];
+        for i in 0..5 {
+            let (result, trail) = send(target, &Limits::default()).await;
+            let error = result.expect_err("the upstream breaks every exchange");
+            assert_eq!(
+                error.reason(),
+                "upstream_reset",
+                "try {i}: sent, never refused"
+            );
+            // The first two failures open it; later requests would have
+            // been refused.
+            let marked = trail.would_refuse.as_deref();
+            if i < 2 {
+                assert_eq!(marked, None, "try {i}");
+            } else {
+                assert_eq!(
+                    marked,
+                    Some("CircuitBreakerPolicy/orders-circuitbreakerpolicy:circuit_open")
+                );
+            }
+        }
+        assert_eq!(failing.requests(), 5);
+        assert!(
+            !set.breakers[0].allows(std::time::Instant::now()),
+            "it runs"
+        );
+        assert_eq!(set.dry_run.as_ref().unwrap().circuit_open.get(), 3);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_injected_abort_is_answered_before_anything_is_sent_and_never_retried() {
+        let live = Upstream::http1("live", AfterResponse::KeepOpen).await;
+        let policies = policy("FaultInjectionPolicy", "abort: {status: 503}")
+            + &policy("RetryPolicy", "attempts: 3\n  retryOn: [5xx]")
+            + &breaker();
+        let snapshot = mesh(&[(live.addr, "v1")], &policies);
+        let target = orders(&snapshot);
+        let (result, trail) = send(target, &Limits::default()).await;
+        let error = result.expect_err("aborted");
+        assert_eq!(
+            (error.status().as_u16(), error.reason()),
+            (503, "fault_injected")
+        );
+        assert_eq!(trail.retries, 0);
+        assert_eq!(trail.upstream, None);
+        assert_eq!(trail.fault.unwrap().to_string(), "abort 503");
+        assert_eq!(live.requests(), 0);
+        let breakers = &target.policies.breakers[0];
+        assert_eq!(breakers.in_flight(), 0);
+        assert!(
+            breakers.breakers[0].allows(std::time::Instant::now()),
+            "no outcome"
+        );
     }
 
     #[tokio::test]

@@ -136,6 +136,12 @@ fn write_span(out: &mut Vec<u8>, span: &SpanRecord) {
             string_attribute(out, ATTRIBUTES, name, value);
         }
     }
+    if let Some(fault) = &d.fault {
+        string_attribute(out, ATTRIBUTES, "meshlet.fault", fault);
+    }
+    if let Some(mark) = &d.would_refuse {
+        string_attribute(out, ATTRIBUTES, "meshlet.policy.would_refuse", mark);
+    }
 
     // status (15): Status { message: 2, code: 3 }
     let failed = d.status >= 500 || d.reason.is_some();
@@ -261,6 +267,8 @@ mod tests {
                 source_identity: None,
                 source_service: None,
                 authz_policy: None,
+                fault: None,
+                would_refuse: None,
             })
             .unwrap()
     }
@@ -271,6 +279,8 @@ mod tests {
         span.details.source_identity = Some("spiffe://meshlet.local/ns/default/sa/web".into());
         span.details.source_service = Some("web".into());
         span.details.authz_policy = Some("orders-allow".into());
+        span.details.fault = Some("delay 200ms".into());
+        span.details.would_refuse = Some("RateLimitPolicy/orders:rate_limited".into());
         let resource = ResourceAttributes(vec![("service.name", "orders".to_owned())]);
         let bytes = export_request(&resource, &[span]);
         let request = otlp::ExportTraceServiceRequest::decode(bytes.as_slice()).unwrap();
@@ -285,6 +295,11 @@ mod tests {
             ("meshlet.source.service", "web"),
             ("meshlet.authz.policy", "orders-allow"),
             ("meshlet.reason", "denied"),
+            ("meshlet.fault", "delay 200ms"),
+            (
+                "meshlet.policy.would_refuse",
+                "RateLimitPolicy/orders:rate_limited",
+            ),
         ] {
             assert!(
                 attributes.contains(&(key.to_owned(), text(value))),

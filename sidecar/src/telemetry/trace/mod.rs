@@ -153,6 +153,11 @@ pub struct SpanDetails {
     pub source_service: Option<Arc<str>>,
     /// The `AuthorizationPolicy` that refused the request.
     pub authz_policy: Option<Arc<str>>,
+    /// An injected fault (`delay 200ms`, `abort 503`): `meshlet.fault`.
+    pub fault: Option<String>,
+    /// A dry-run policy that would have refused the request
+    /// (`<kind>/<name>:<reason>`): `meshlet.policy.would_refuse`.
+    pub would_refuse: Option<Arc<str>>,
 }
 
 /// A finished, sampled span, queued for export.
@@ -220,6 +225,8 @@ mod tests {
             source_identity: None,
             source_service: None,
             authz_policy: None,
+            fault: None,
+            would_refuse: None,
         };
         assert!(hop.finish(details.clone()).is_none());
         let hop = Hop::start(&HeaderMap::new(), Instant::now(), || true);
