@@ -8,6 +8,7 @@
 #   orders v1   app :18081  sidecar in :18106 out :18101 admin :18120
 #   orders v2   app :18082  sidecar in :18206 out :18201 admin :18220
 #   inventory   app :18083  sidecar in :18306 out :18301 admin :18320
+#   edge (gateway, no app)  sidecar in :18090 out :18092 admin :18091
 #
 # `curl http://127.0.0.1:18006/work` enters frontend through its sidecar;
 # frontend calls orders, orders calls inventory, each call through the
@@ -18,8 +19,10 @@
 # service made with `meshctl token create --role sidecar`. The tour then
 # shows meshctl (tokens too), broadcast, an instance failing its health
 # check, an instance killed with SIGKILL, a control plane restart, and
-# policies (traffic split, rate limit, circuit breaker, rollback), with
-# traffic checked at every step.
+# policies (traffic split, rate limit, circuit breaker, rollback), then
+# the ingress gateway `edge` with Routes (host and path routing, a canary by
+# header, a mirrored copy, no_route), a fault-injected delay shown in a
+# trace and a dry-run rate limit, with traffic checked at every step.
 #
 # Usage: examples/demo.sh [--keep-running] [--rounds N]
 #   --keep-running  after the tour, keep sending traffic until Ctrl-C
@@ -35,7 +38,7 @@ KEEP_RUNNING=0
 READY_TIMEOUT=${DEMO_READY_TIMEOUT:-30} # seconds
 TTL=5s                                  # instance expiry (the default is 10s)
 
-usage() { sed -n '2,30p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,33p' "$0" | sed 's/^# \{0,1\}//'; }
 
 while (($#)); do
   case "$1" in
@@ -67,6 +70,8 @@ declare -A INSTANCE=(
   [inventory]="18083 18306 18301 18320 v1 -"
 )
 INSTANCES=(inventory orders-v1 orders-v2 frontend)
+# The ingress gateway `edge` (sidecar --mode gateway, no app).
+GW_IN=18090 GW_OUT=18092 GW_ADMIN=18091
 
 if [[ -t 1 ]]; then BOLD=$'\e[1m' DIM=$'\e[2m' RED=$'\e[31m' GREEN=$'\e[32m' RESET=$'\e[0m'
 else BOLD='' DIM='' RED='' GREEN='' RESET=''; fi
@@ -333,7 +338,7 @@ routes_to() {
 }
 
 # ---------------------------------------------------------------- the tour
-for port in $CP_PORT 18080 18081 18082 18083 18006 18001 18020 18106 18101 18120 18206 18201 18220 18306 18301 18320; do
+for port in $CP_PORT $GW_IN $GW_OUT $GW_ADMIN 18080 18081 18082 18083 18006 18001 18020 18106 18101 18120 18206 18201 18220 18306 18301 18320; do
   port_in_use "$port" && die "port $port on 127.0.0.1 is already in use (another demo still running?)"
 done
 
@@ -456,6 +461,94 @@ run_shown meshctl rollback "$REV_BEFORE_POLICIES" || bad "meshctl rollback faile
 wait_until "frontend's sidecar dropped the traffic split" 5 \
   bash -c "! curl -fsS http://127.0.0.1:18020/config_dump | grep -q orders-canary"
 run_shown meshctl get ratelimitpolicies || true
+
+section "Ingress gateway: clients enter through edge (sidecar --mode gateway), routed by Routes"
+info "edge has no app: its inbound :$GW_IN takes external clients, the Route shop (examples/policies/gateway/)"
+info "says where each goes, and it calls the services as a mesh client with its own identity (mTLS)"
+sidecar_tokens edge
+start edge-gateway env NO_COLOR=1 "$BIN/sidecar" --mode gateway --service edge \
+  --inbound-ip 127.0.0.1 --inbound-port "$GW_IN" --outbound-port "$GW_OUT" --admin-port "$GW_ADMIN" \
+  --control-plane "$MESHLET_SERVER" --token-file "$TOKENS/edge.token" --ca-file "$CA_FILE" \
+  --snapshot-file "$LOG_DIR/edge.snapshot.json"
+wait_for edge-gateway "http://127.0.0.1:$GW_ADMIN/ready"
+run_shown meshctl apply -f examples/policies/gateway || bad "meshctl apply failed"
+run_shown meshctl get routes || bad "meshctl get routes failed"
+GW_URL=http://127.0.0.1:$GW_IN
+wait_until "the gateway routes shop.example.com/api to orders" 5 \
+  curl -fsS -o /dev/null --max-time 2 -H 'Host: shop.example.com' "$GW_URL/api/"
+
+# gateway_versions N [CURL_ARGS...]: N requests to shop.example.com/api/ through
+# the gateway; prints "v1 count, v2 count, requests that carried x-from: edge".
+gateway_versions() {
+  local n=$1 i v1=0 v2=0 tagged=0 body
+  shift
+  for ((i = 0; i < n; i++)); do
+    body=$(curl -sS --max-time 5 -H 'Host: shop.example.com' "$@" "$GW_URL/api/") || body='{}'
+    case $(jq -r '.version // "error"' <<<"$body" 2>/dev/null) in v1) v1=$((v1 + 1)) ;; v2) v2=$((v2 + 1)) ;; esac
+    [[ $(jq -r '.headers["x-from"] // ""' <<<"$body" 2>/dev/null) == edge ]] && tagged=$((tagged + 1))
+  done
+  echo "$v1 $v2 $tagged"
+}
+read -r v1 v2 tagged < <(gateway_versions 20)
+info "20 × GET shop.example.com/api/: orders v1 answered $v1, v2 answered $v2; $tagged arrived as / with x-from: edge"
+((v1 + v2 == 20 && v1 > 0 && v2 > 0 && tagged == 20)) &&
+  ok "/api/* → orders (prefix rewritten to /, header set), balanced over both instances" || bad "path routing not as configured"
+read -r v1 v2 tagged < <(gateway_versions 20 -H 'x-canary: true')
+info "20 × the same with x-canary: true: orders v1 answered $v1, v2 answered $v2"
+((v1 == 0 && v2 == 20)) && ok "the canary header reaches orders v2 only" || bad "canary routing not as configured"
+mirrored=$(curl -fsS "http://127.0.0.1:$GW_ADMIN/metrics" |
+  awk '/^meshlet_mirror_requests_total\{/ && /service="inventory"/ && /outcome="sent"/ { n += $NF } END { print n + 0 }')
+info "copies mirrored to inventory (meshlet_mirror_requests_total{outcome=\"sent\"}): $mirrored"
+((mirrored >= 20)) && ok "every /api request without the canary header was mirrored" || bad "expected at least 20 mirrored copies"
+request -H 'Host: shop.example.com' "$GW_URL/work"
+chain=$(jq -r '[.service, .calls[0].body.service, .calls[0].body.calls[0].body.service] | join(" -> ")' <<<"$BODY" 2>/dev/null) || chain=""
+[[ $CODE == 200 && $chain == "frontend -> orders -> inventory" ]] &&
+  ok "shop.example.com/work → frontend: $chain" || bad "/work through the gateway: $CODE $chain"
+request -H 'Host: unknown.example.com' "$GW_URL/"
+info "an unknown host: $CODE, x-meshlet-reason: ${REASON:-none}"
+[[ $CODE == 404 && $REASON == no_route ]] && ok "no route → 404 no_route, said plainly" || bad "expected 404 no_route"
+
+section "Fault injection and a dry-run limit (examples/policies/faults/)"
+info "inventory-slow: callers of inventory wait 200 ms more on half their calls;"
+info "inventory-dry-run: a rate limit of 2 at once that refuses nothing, only counts"
+run_shown meshctl apply -f examples/policies/faults || bad "meshctl apply failed"
+for admin in 18120 18220; do
+  wait_until "orders' sidecar (admin :$admin) has the fault" 5 \
+    bash -c "curl -fsS http://127.0.0.1:$admin/config_dump | grep -q inventory-slow"
+done
+wait_until "inventory's sidecar has the dry-run limit" 5 \
+  bash -c "curl -fsS http://127.0.0.1:18320/config_dump | grep -q inventory-dry-run"
+slowed=0 answered=0 SLOW_TRACE=""
+line=""
+for ((i = 0; i < 20; i++)); do
+  trace_id=$(od -An -tx1 -N16 /dev/urandom | tr -d ' \n')
+  request -H 'Host: shop.example.com' -H "traceparent: 00-$trace_id-$(od -An -tx1 -N8 /dev/urandom | tr -d ' \n')-01" "$GW_URL/work"
+  [[ $CODE == 200 ]] && answered=$((answered + 1))
+  if ((TIME_MS >= 200)); then slowed=$((slowed + 1)); SLOW_TRACE=$trace_id; fi
+  line+=" $TIME_MS"
+done
+info "20 × shop.example.com/work (ms):$line"
+info "$answered answered 200, $slowed took ≥ 200 ms"
+((answered == 20)) && ok "the dry-run limit refused nothing (no 429)" || bad "$((20 - answered)) requests failed"
+((slowed >= 3 && slowed <= 17)) && ok "about half were delayed by the injected fault" || bad "expected about 10 of 20 delayed"
+if [[ -n $SLOW_TRACE ]]; then
+  fault_in_trace() {
+    cp_curl -fsS --max-time 2 "$MESHLET_SERVER/api/traces/$1" | jq -e '[.spans[] | select(.attributes["meshlet.fault"] != null)] | length >= 1'
+  }
+  wait_until "a slow request's trace reached the control plane with the fault on its span" 10 fault_in_trace "$SLOW_TRACE"
+  run_shown meshctl trace "$SLOW_TRACE" || bad "meshctl trace failed"
+  cp_curl -fsS --max-time 2 "$MESHLET_SERVER/api/traces/$SLOW_TRACE" |
+    jq -r '.spans[] | select(.attributes["meshlet.fault"] != null) | "the \(.service) \(.kind) span carries meshlet.fault = \(.attributes["meshlet.fault"])"' |
+    while read -r line; do info "$line"; done
+fi
+counted=$(curl -fsS http://127.0.0.1:18320/metrics |
+  awk '/^meshlet_policy_would_refuse_total\{/ && /policy="inventory-dry-run"/ { n += $NF } END { print n + 0 }')
+info "inventory's sidecar counted $counted requests the dry-run limit would have refused (meshlet_policy_would_refuse_total)"
+((counted > 0)) && ok "the dry-run limit counted what it would have cut, and cut nothing" || bad "expected would-refuse counts"
+would_refuse() { "$BIN/meshctl" describe ratelimitpolicy inventory-dry-run | grep -Eq '^Would refuse: .* [1-9][0-9]* in the last 5m'; }
+wait_until "inventory's sidecar reported them to the control plane (stats every 5 s)" 15 would_refuse
+run_shown meshctl describe ratelimitpolicy inventory-dry-run || bad "meshctl describe failed"
+run_shown meshctl delete -f examples/policies/faults || bad "meshctl delete failed"
 
 section "Summary"
 run_shown meshctl describe service orders || bad "meshctl describe failed"

@@ -15,7 +15,8 @@
 #      the ConfigMap meshlet-ca (key ca.crt) with the control plane's CA
 #      (/var/lib/meshlet/ca.crt in its pod); existing Secrets are kept
 #   5. kubectl apply -k manifests/overlays/kind; wait for the rollouts
-#   6. meshctl apply the policies of examples/policies/demo/
+#   6. meshctl apply the policies of examples/policies/demo/ and the
+#      gateway's Routes of examples/policies/gateway/
 #   (meshctl runs inside the control plane's pod, as admin, so no local
 #   build is needed)
 #
@@ -130,10 +131,10 @@ for deployment in inventory orders-v1 orders-v2 frontend edge; do
   k -n default rollout status "deployment/$deployment" --timeout "$ROLLOUT_TIMEOUT"
 done
 
-step "meshctl apply -f examples/policies/demo/"
+step "meshctl apply -f examples/policies/demo/ examples/policies/gateway/"
 # One stream of documents, applied all or nothing by the meshctl inside the
 # control plane's image (its server defaults to https://127.0.0.1:15010).
-for file in examples/policies/demo/*.yaml; do
+for file in examples/policies/demo/*.yaml examples/policies/gateway/*.yaml; do
   cat "$file"
   printf '\n---\n'
 done | cp_meshctl apply -f -
@@ -144,7 +145,8 @@ meshlet is running in kind cluster $CLUSTER (kubectl context $CONTEXT).
 
   kubectl --context $CONTEXT get pods      # each demo pod 2/2: the app and its native sidecar
   curl http://127.0.0.1:8080/work           # frontend -> orders (v1 80 %, v2 20 %) -> inventory
-  curl -H 'Host: shop.example.com' http://127.0.0.1:8081/api/orders   # through the ingress gateway edge
+  curl -H 'Host: shop.example.com' http://127.0.0.1:8081/api/       # the ingress gateway edge -> orders (Route shop)
+  curl -H 'Host: shop.example.com' -H 'x-canary: true' http://127.0.0.1:8081/api/   # -> orders v2 only
   kubectl --context $CONTEXT -n meshlet exec $CP_POD -- meshctl get services   # meshctl as admin, in the pod
 
 The control plane's port 15010 stays in the cluster (a NetworkPolicy admits

@@ -63,6 +63,8 @@ const SHOWN_HEADERS: &[&str] = &[
     "via",
     "traceparent",
     "tracestate",
+    // Set by the demo's gateway Route (examples/policies/gateway/).
+    "x-from",
     "x-request-id",
 ];
 

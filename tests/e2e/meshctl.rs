@@ -27,6 +27,32 @@ fn the_example_config_is_valid() {
 }
 
 #[test]
+fn every_example_policy_file_is_valid() {
+    // What the demo (examples/demo.sh) and the kind script apply.
+    let policies = concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/policies");
+    let mut checked = Vec::new();
+    for dir in ["", "demo", "gateway", "faults"] {
+        let path = format!("{policies}/{dir}");
+        let out = meshctl(&["validate", "-f", &path]);
+        assert!(
+            out.status.success(),
+            "{path}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        checked.push(String::from_utf8_lossy(&out.stdout).into_owned());
+    }
+    let stdout = checked.join("");
+    for expected in [
+        "route/shop valid",
+        "faultinjectionpolicy/inventory-slow valid",
+        "ratelimitpolicy/inventory-dry-run valid",
+        "trafficsplit/orders-canary valid",
+    ] {
+        assert!(stdout.contains(expected), "{expected} in {stdout}");
+    }
+}
+
+#[test]
 fn an_invalid_file_in_a_directory_is_named_with_line_and_field() {
     let dir = TempDir::new();
     let good = "apiVersion: meshlet.dev/v1alpha1\nkind: Service\nmetadata: {name: a}\nspec: {}\n";
