@@ -151,8 +151,14 @@ pub struct ResourceInfo {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct WouldRefuseRate {
-    /// Per second over the last [`WouldRefuseRate::RATE_WINDOW_SECS`].
+    /// Per second over [`WouldRefuseRate::rate_window_secs`].
     pub per_second: f64,
+    /// The seconds the rate is taken over: the part of the last
+    /// [`WouldRefuseRate::RATE_WINDOW_SECS`] the sidecars' reports cover
+    /// (shorter right after the policy or the sidecars started). 0 from a
+    /// control plane that did not say: read as the whole window.
+    #[serde(default)]
+    pub rate_window_secs: f64,
     /// In the whole window the control plane keeps
     /// ([`WouldRefuseRate::TOTAL_WINDOW_SECS`]).
     pub total: u64,

@@ -344,6 +344,7 @@ async fn resource_info(State(state): State<AppState>) -> Json<Vec<ResourceInfo>>
                 let window = would_refuse.get(&policy).cloned().unwrap_or_default();
                 WouldRefuseRate {
                     per_second: window.recent.per_second,
+                    rate_window_secs: window.recent_covered_ms as f64 / 1000.0,
                     total: window.total,
                 }
             }),

@@ -147,11 +147,14 @@ impl Traffic {
     }
 }
 
-/// A key's traffic: the last 30 s (with the rate) and the whole window.
+/// A key's traffic: the recent part (with the rate) and the whole window.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Window {
     pub recent: Traffic,
     pub total: u64,
+    /// The longest time any one instance's recent reports cover (at most
+    /// the rate window): what `recent.per_second` is a rate over.
+    pub recent_covered_ms: u64,
 }
 
 /// One report as kept.
@@ -392,12 +395,14 @@ impl StatsStore {
                     }
                 }
             }
-            let seconds = covered_ms.clamp(1, rate_window_ms) as f64 / 1000.0;
+            let covered_ms = covered_ms.clamp(1, rate_window_ms);
+            let seconds = covered_ms as f64 / 1000.0;
             for (key, mut window) in own {
                 window.recent.per_second = window.recent.requests as f64 / seconds;
                 let sum = merged.entry(key).or_default();
                 sum.total += window.total;
                 sum.recent.add(&window.recent);
+                sum.recent_covered_ms = sum.recent_covered_ms.max(covered_ms);
             }
         }
         merged
@@ -967,6 +972,16 @@ mod tests {
         assert_eq!(window.total, 1000 + 12 * 30);
         // 180 per instance over 60 s: 3/s each.
         assert!((window.recent.per_second - 6.0).abs() < 1e-9, "{window:?}");
+        assert_eq!(window.recent_covered_ms, 60_000, "the rate's window");
+        // Right after a start, the rate is over what the reports cover:
+        // 20 refusals in one 10 s report are 2/s over 10 s, not 20/60 s.
+        let fresh = StatsStore::new();
+        fresh
+            .ingest("fresh", orders.clone(), would("limit", 20), 100, now)
+            .unwrap();
+        let window = &fresh.traffic_over(now, 60_000, by_would_refuse)[&key];
+        assert_eq!(window.recent_covered_ms, 10_000);
+        assert!((window.recent.per_second - 2.0).abs() < 1e-9, "{window:?}");
         let too_many = StatsReport {
             would_refuse: (0..=MAX_ENTRIES)
                 .map(|_| would("x", 1).would_refuse[0].clone())

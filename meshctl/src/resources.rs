@@ -253,9 +253,19 @@ pub fn describe_resource_text(info: &ResourceInfo, now_ms: u64) -> String {
 /// would-refuse rate, from the sidecars' stats reports).
 pub fn would_refuse_text(rate: &WouldRefuseRate) -> String {
     let total = WouldRefuseRate::TOTAL_WINDOW_SECS;
-    let window = match WouldRefuseRate::RATE_WINDOW_SECS {
-        60 => "the last minute".to_owned(),
-        secs => format!("the last {secs}s"),
+    let full = WouldRefuseRate::RATE_WINDOW_SECS as f64;
+    // The rate is over what the reports cover: less than the full window
+    // right after the policy or its sidecars started.
+    let covered = match rate.rate_window_secs {
+        secs if secs <= 0.0 || secs >= full - 0.5 => full,
+        secs => secs,
+    };
+    let window = if covered == 60.0 {
+        "the last minute".to_owned()
+    } else if covered >= 1.0 {
+        format!("the last {covered:.0}s")
+    } else {
+        format!("the last {covered:.1}s")
     };
     format!(
         "{:.1}/s over {window}, {} in the last {}m",
@@ -536,12 +546,24 @@ mod would_refuse_tests {
             last_change: None,
             would_refuse: Some(WouldRefuseRate {
                 per_second: 12.34,
+                rate_window_secs: 60.0,
                 total: 740,
             }),
         };
         let text = describe_resource_text(&info, 0);
         assert!(
             text.contains("\nWould refuse:  12.3/s over the last minute, 740 in the last 5m\n"),
+            "{text}"
+        );
+        // Right after the start, the rate is over what the reports cover.
+        info.would_refuse = Some(WouldRefuseRate {
+            per_second: 2.0,
+            rate_window_secs: 10.0,
+            total: 20,
+        });
+        let text = describe_resource_text(&info, 0);
+        assert!(
+            text.contains("\nWould refuse:  2.0/s over the last 10s, 20 in the last 5m\n"),
             "{text}"
         );
         assert!(text.contains("dry run"), "{text}");
