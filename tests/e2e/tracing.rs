@@ -387,6 +387,46 @@ async fn the_access_log_has_one_json_line_per_request_with_trace_and_reason() {
 }
 
 #[tokio::test]
+async fn a_dry_run_limit_marks_the_access_log_line_of_what_it_would_refuse() {
+    let app = Upstream::start("orders").await;
+    let limit = "apiVersion: meshlet.dev/v1alpha1\nkind: RateLimitPolicy\n\
+                 metadata: {name: orders-limit}\n\
+                 spec: {targetRef: {service: orders}, mode: dryRun, tokenBucket: {capacity: 2, refillPerSecond: 0.001}}\n";
+    let sidecar = SidecarProcess::builder("orders", app.port())
+        .config(limit)
+        .arg("--access-log")
+        .arg("--trace-endpoint")
+        .arg("none")
+        .start()
+        .await;
+    let mut statuses = Vec::new();
+    for _ in 0..3 {
+        let reply = client::get(sidecar.inbound, "/api/items/1").await.unwrap();
+        statuses.push(reply.status.as_u16());
+    }
+    assert_eq!(statuses, [200, 200, 200], "a dry run refuses nothing");
+    let lines = wait::until("three access log lines", Duration::from_secs(5), || async {
+        let lines: Vec<serde_json::Value> = sidecar
+            .stdout_text()
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect();
+        (lines.len() >= 3).then_some(lines)
+    })
+    .await;
+    assert_eq!(lines.len(), 3);
+    assert!(lines[0].get("would_refuse").is_none(), "{}", lines[0]);
+    assert!(lines[1].get("would_refuse").is_none(), "{}", lines[1]);
+    assert_eq!(
+        lines[2]["would_refuse"], "RateLimitPolicy/orders-limit:rate_limited",
+        "{}",
+        lines[2]
+    );
+    assert_eq!(lines[2]["status"], 200);
+    assert!(lines[2].get("reason").is_none(), "{}", lines[2]);
+}
+
+#[tokio::test]
 async fn a_call_through_three_services_is_one_trace_of_six_spans_in_the_control_plane() {
     let dir = TempDir::new();
     let cp = ControlPlaneProcess::start(&dir.path.join("data"), &[]).await;
