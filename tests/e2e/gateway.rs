@@ -576,4 +576,31 @@ async fn with_a_control_plane_the_gateway_is_the_entry_node_and_calls_over_mtls_
     };
     assert_eq!(node("edge")["role"], "gateway");
     assert_eq!(node("orders")["role"], "sidecar");
+
+    // The gateway starts the trace: its server span is the root, its
+    // client span (the backend call) the parent of orders' server span.
+    let trace_id = wait::until("the gateway's trace is assembled", PATIENCE, || async {
+        let list = cp.get_json("/api/traces?service=edge").await;
+        list.as_array()?
+            .iter()
+            .find(|t| t["spanCount"] == 3)
+            .and_then(|t| t["traceId"].as_str().map(str::to_owned))
+    })
+    .await;
+    let trace = cp.get_json(&format!("/api/traces/{trace_id}")).await;
+    let spans = trace["spans"].as_array().expect("spans");
+    let span = |service: &str, kind: &str| {
+        spans
+            .iter()
+            .find(|s| s["service"] == service && s["kind"] == kind)
+            .unwrap_or_else(|| panic!("no {kind} span of {service}: {trace:#}"))
+    };
+    let (root, call, backend) = (
+        span("edge", "server"),
+        span("edge", "client"),
+        span("orders", "server"),
+    );
+    assert!(root.get("parentSpanId").is_none(), "{trace:#}");
+    assert_eq!(call["parentSpanId"], root["spanId"], "{trace:#}");
+    assert_eq!(backend["parentSpanId"], call["spanId"], "{trace:#}");
 }
