@@ -289,6 +289,13 @@ fn hosts_wildcards_ports_and_case() {
         ("a.b.example.com", "wild"),
         ("example.com", "-"),
         ("example.org", "-"),
+        // Attack: case and a trailing dot together (both allowed alone).
+        ("SHOP.EXAMPLE.COM.", "exact"),
+        ("A.Example.COM.:443", "wild"),
+        // Attack: an empty label is no label for a wildcard to stand for.
+        (".example.com", "-"),
+        ("x..example.com", "-"),
+        ("..example.com", "-"),
     ] {
         assert_eq!(chosen(&t, host, "GET", "/", &[]), want, "{host}");
     }
