@@ -560,6 +560,27 @@ impl HttpRoutes {
     }
 }
 
+/// `host[:port]` or `[v6][:port]` → (host, port); an IPv6 literal keeps
+/// its brackets (a Location needs them), a port that is not a number is
+/// dropped.
+fn split_authority(authority: &str) -> (&str, Option<u16>) {
+    if authority.starts_with('[') {
+        return match authority.find(']') {
+            Some(end) => (
+                &authority[..=end],
+                authority[end + 1..]
+                    .strip_prefix(':')
+                    .and_then(|p| p.parse().ok()),
+            ),
+            None => (authority, None),
+        };
+    }
+    match authority.rsplit_once(':') {
+        Some((host, port)) => (host, port.parse().ok()),
+        None => (authority, None),
+    }
+}
+
 fn strip_port(host: &str) -> &str {
     if host.starts_with('[') {
         return host.split_once(']').map_or(host, |(h, _)| &h[1..]);
@@ -825,12 +846,7 @@ impl<'a> Selected<'a> {
                     .and_then(|h| h.to_str().ok())
             })
             .unwrap_or("");
-        let (host, port) = match authority.rsplit_once(':') {
-            Some((h, p)) if !h.ends_with(']') || authority.starts_with('[') => {
-                (h, p.parse::<u16>().ok())
-            }
-            _ => (authority, None),
-        };
+        let (host, port) = split_authority(authority);
         let new_scheme = redirect.scheme.as_deref().unwrap_or(scheme);
         let host = redirect.hostname.as_deref().unwrap_or(host);
         // A port given replaces; none given keeps the request's only while
