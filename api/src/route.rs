@@ -694,7 +694,9 @@ impl HeaderModifier {
             )?;
             for (i, header) in list.iter().enumerate() {
                 let here = format!("spec.{at}.{what}[{i}]");
-                http_token(&header.name).map_err(|m| (format!("{here}.name"), m))?;
+                http_token(&header.name)
+                    .and_then(|()| not_reserved(&header.name))
+                    .map_err(|m| (format!("{here}.name"), m))?;
                 header_value(&header.value).map_err(|m| (format!("{here}.value"), m))?;
             }
         }
@@ -706,7 +708,9 @@ impl HeaderModifier {
             "headers",
         )?;
         for (i, name) in self.remove.iter().enumerate() {
-            http_token(name).map_err(|m| (format!("spec.{at}.remove[{i}]"), m))?;
+            http_token(name)
+                .and_then(|()| not_reserved(name))
+                .map_err(|m| (format!("spec.{at}.remove[{i}]"), m))?;
         }
         Ok(())
     }
@@ -836,6 +840,44 @@ fn http_token(name: &str) -> Result<(), String> {
         ));
     }
     Ok(())
+}
+
+/// Header names a `requestHeaderModifier` / `responseHeaderModifier`
+/// may not touch: the message framing (`content-length`,
+/// `transfer-encoding`), the hop-by-hop fields the proxy strips and
+/// rebuilds for each hop (RFC 9110 §7.6.1), and `host` (the request's
+/// routing; `urlRewrite.hostname` changes it). The filters run after the
+/// proxy prepared the message for the next hop, so such an edit would go
+/// out as is and could desynchronise the two ends of a connection.
+pub const RESERVED_HEADERS: [(&str, &str); 10] = [
+    ("content-length", "framing"),
+    ("transfer-encoding", "framing"),
+    ("connection", "hop-by-hop"),
+    ("keep-alive", "hop-by-hop"),
+    ("proxy-connection", "hop-by-hop"),
+    ("te", "hop-by-hop"),
+    ("trailer", "hop-by-hop"),
+    ("upgrade", "hop-by-hop"),
+    ("http2-settings", "hop-by-hop"),
+    ("host", "routing"),
+];
+
+/// `name` (a token) is not one of [`RESERVED_HEADERS`].
+fn not_reserved(name: &str) -> Result<(), String> {
+    match RESERVED_HEADERS
+        .iter()
+        .find(|(reserved, _)| reserved.eq_ignore_ascii_case(name))
+    {
+        None => Ok(()),
+        Some((_, "routing")) => Err(format!(
+            "{} cannot be modified by a header filter: use urlRewrite.hostname",
+            shown(name)
+        )),
+        Some((_, why)) => Err(format!(
+            "{} is a {why} header the mesh manages per hop; a filter cannot modify it",
+            shown(name)
+        )),
+    }
 }
 
 /// An HTTP field value: visible ASCII and spaces/tabs inside, at most

@@ -11,6 +11,9 @@
 //! 3. A `key: clientIP` rate limit: clients on 127.0.0.2 and 127.0.0.3 have
 //!    separate buckets; retries and a breaker apply to a failing backend.
 //!
+//! Attacks: hosts a client picks (upper case + trailing dot, empty
+//! labels, an IPv6 literal in a redirect) route as the README says.
+//!
 //! And with a control plane: the gateway registers as `role: gateway`, the
 //! dashboard's topology marks it as the entry node, and it calls a backend
 //! sidecar over mTLS with its own identity.
@@ -603,4 +606,47 @@ async fn with_a_control_plane_the_gateway_is_the_entry_node_and_calls_over_mtls_
     assert!(root.get("parentSpanId").is_none(), "{trace:#}");
     assert_eq!(call["parentSpanId"], root["spanId"], "{trace:#}");
     assert_eq!(backend["parentSpanId"], call["spanId"], "{trace:#}");
+}
+
+// ---------------------------------------------------------------- attacks
+
+/// Hosts a client chooses, through the real gateway: upper case with a
+/// trailing dot still finds its wildcard route, an empty label finds none,
+/// and a redirect for an IPv6 literal `Host` keeps the brackets.
+#[tokio::test]
+async fn hostile_hosts_route_and_redirect_as_written_down() {
+    let frontend = Upstream::start("frontend").await;
+    let config = service("frontend", &[(frontend.addr, "v1")])
+        + &doc(
+            "Route",
+            "wild",
+            "parentRefs: [{gateway: edge}]\nhostnames: [\"*.wild.example\"]\nrules:\n  - backends: [{service: frontend}]",
+        )
+        + &doc(
+            "Route",
+            "secure",
+            "parentRefs: [{gateway: edge}]\nrules:\n  - filters: [{requestRedirect: {scheme: https}}]",
+        );
+    let gateway = gateway(&config, &[]).await;
+    let edge = gateway.inbound;
+
+    let shouting = send(edge, "SHOP.WILD.EXAMPLE.", "/", &[]).await;
+    assert_eq!(shouting.status, 200, "{shouting:?}");
+    assert_eq!(shouting.body, "hello from frontend");
+
+    // No label for the wildcard: the host-less redirect route answers.
+    for host in [".wild.example", "x..wild.example"] {
+        let empty = send(edge, host, "/", &[]).await;
+        assert_eq!(empty.status, 301, "{host}: {empty:?}");
+    }
+
+    for (host, location) in [
+        ("[::1]", "https://[::1]/p?q=1"),
+        // The scheme changes, so the request's port is not kept.
+        ("[::1]:8443", "https://[::1]/p?q=1"),
+    ] {
+        let moved = send(edge, host, "/p?q=1", &[]).await;
+        assert_eq!(moved.status, 301, "{moved:?}");
+        assert_eq!(moved.header("location"), Some(location), "{host}");
+    }
 }

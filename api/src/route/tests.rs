@@ -235,6 +235,14 @@ fn semantic_errors_name_the_field() {
         ("  parentRefs: [{service: a}]\n  rules: [{backends: [{service: a}], filters: [{requestHeaderModifier: {set: [{name: a, value: b}]}}, {requestHeaderModifier: {}}]}]\n", "spec.rules[0].filters[1]", "twice"),
         ("  parentRefs: [{service: a}]\n  rules: [{backends: [{service: a}], filters: [{requestHeaderModifier: {set: [{name: a, value: \"b\\n\"}]}}]}]\n", "spec.rules[0].filters[0].requestHeaderModifier.set[0].value", "not a header value"),
         ("  parentRefs: [{service: a}]\n  rules: [{backends: [{service: a}], timeout: 0s}]\n", "spec.rules[0].timeout", "greater than 0"),
+        // Attack: a header modifier re-adding what the proxy strips or owns
+        // (framing, hop-by-hop, Host) would let a Route break framing.
+        ("  parentRefs: [{service: a}]\n  rules: [{backends: [{service: a}], filters: [{requestHeaderModifier: {set: [{name: Content-Length, value: \"5\"}]}}]}]\n", "spec.rules[0].filters[0].requestHeaderModifier.set[0].name", "framing"),
+        ("  parentRefs: [{service: a}]\n  rules: [{backends: [{service: a}], filters: [{requestHeaderModifier: {add: [{name: transfer-encoding, value: chunked}]}}]}]\n", "spec.rules[0].filters[0].requestHeaderModifier.add[0].name", "framing"),
+        ("  parentRefs: [{service: a}]\n  rules: [{backends: [{service: a}], filters: [{requestHeaderModifier: {set: [{name: connection, value: close}]}}]}]\n", "spec.rules[0].filters[0].requestHeaderModifier.set[0].name", "hop-by-hop"),
+        ("  parentRefs: [{service: a}]\n  rules: [{backends: [{service: a}], filters: [{requestHeaderModifier: {remove: [host]}}]}]\n", "spec.rules[0].filters[0].requestHeaderModifier.remove[0]", "urlRewrite"),
+        ("  parentRefs: [{service: a}]\n  rules: [{backends: [{service: a}], filters: [{responseHeaderModifier: {set: [{name: content-length, value: \"0\"}]}}]}]\n", "spec.rules[0].filters[0].responseHeaderModifier.set[0].name", "framing"),
+        ("  parentRefs: [{service: a}]\n  rules: [{backends: [{service: a}], filters: [{responseHeaderModifier: {add: [{name: upgrade, value: websocket}]}}]}]\n", "spec.rules[0].filters[0].responseHeaderModifier.add[0].name", "hop-by-hop"),
     ];
     for (body, field, message) in cases {
         let err = parse_documents("r.yaml", &spec(body)).expect_err(body);

@@ -76,8 +76,14 @@ pub fn client_ip<'a>(headers: &'a http::HeaderMap, peer: &'a str, trusted_hops: 
         .get_all(http::header::HeaderName::from_static("x-forwarded-for"))
         .iter()
         .rev()
-        .flat_map(|line| line.to_str().unwrap_or("").rsplit(','));
-    match entries.nth(trusted_hops - 1).map(str::trim) {
+        // Split as bytes: a byte that is not ASCII in an entry the client
+        // wrote spoils that entry only, not the trusted ones on its line.
+        .flat_map(|line| line.as_bytes().rsplit(|&b| b == b','));
+    let entry = entries
+        .nth(trusted_hops - 1)
+        .and_then(|entry| std::str::from_utf8(entry).ok())
+        .map(str::trim);
+    match entry {
         Some(ip) if ip.parse::<std::net::IpAddr>().is_ok() => ip,
         _ => peer,
     }
@@ -488,6 +494,15 @@ mod tests {
         assert_eq!(client_ip(&headers, "10.0.0.1", 4), "10.0.0.1", "fewer");
         headers.insert("x-forwarded-for", "not-an-ip".parse().unwrap());
         assert_eq!(client_ip(&headers, "10.0.0.1", 1), "10.0.0.1");
+        // Attack: a byte that is not ASCII in the part the client wrote, on
+        // the line the trusted proxy appended to, must not hide the
+        // proxy's entry (the client would share the proxy's bucket).
+        headers.insert(
+            "x-forwarded-for",
+            http::HeaderValue::from_bytes(b"6.6.6.\xff, 1.2.3.4").unwrap(),
+        );
+        assert_eq!(client_ip(&headers, "10.0.0.1", 1), "1.2.3.4");
+        assert_eq!(client_ip(&headers, "10.0.0.1", 2), "10.0.0.1");
 
         let mut s = spec(Some((1, 0.001)), None);
         s.key = RateLimitKey::ClientIp;

@@ -17,7 +17,8 @@
 //!
 //! Host names first: a route listing the request's host exactly, then a
 //! route with a matching wildcard (`*.example.com` matches
-//! `a.example.com` and `a.b.example.com`, not `example.com`; the longer
+//! `a.example.com` and `a.b.example.com`, not `example.com` nor a host
+//! with an empty label such as `.example.com`; the longer
 //! wildcard first), then routes without host names. Within one host tier,
 //! among every (route, rule, match): an `Exact` path, then the longest
 //! `PathPrefix`, then a `RegularExpression`; then a match naming a method;
@@ -29,7 +30,8 @@
 //! Matching: `PathPrefix` by whole segments (`/api` matches `/api`,
 //! `/api/` and `/api/x`, not `/apix`; a trailing `/` of the prefix is
 //! ignored); `Exact` byte for byte; regular expressions match the whole
-//! path (or value). Header names are case-insensitive and any of a
+//! path (or value). Host names are compared without case, a port or a
+//! trailing dot. Header names are case-insensitive and any of a
 //! header's values may match; query parameters are compared as they are
 //! written in the URI (no decoding), any occurrence may match. The method
 //! is compared exactly.
@@ -485,20 +487,26 @@ impl HttpRoutes {
                     .and_then(|h| h.to_str().ok())
             })
             .map(strip_port);
+        // A trailing dot (the absolute form) is dropped, with or without
+        // upper case in the name.
+        let host = host.map(|h| h.strip_suffix('.').unwrap_or(h));
         let lowered;
         let host = match host {
             Some(h) if h.bytes().any(|b| b.is_ascii_uppercase()) => {
                 lowered = h.to_ascii_lowercase();
                 Some(lowered.as_str())
             }
-            other => other.map(|h| h.strip_suffix('.').unwrap_or(h)),
+            other => other,
         };
         let mut tiers: Vec<&[Entry]> = Vec::with_capacity(4);
         if let Some(host) = host {
             if let Some(entries) = self.exact.get(host) {
                 tiers.push(entries);
             }
-            if !self.wildcard.is_empty() {
+            // A wildcard stands for labels, never for an empty one
+            // (`.example.com`, `x..example.com`).
+            let labels_ok = !host.starts_with('.') && !host.contains("..");
+            if !self.wildcard.is_empty() && labels_ok {
                 // Longest wildcard domain first: a.b.example.com tries
                 // b.example.com, then example.com, then com.
                 for (i, b) in host.bytes().enumerate() {
@@ -549,6 +557,27 @@ impl HttpRoutes {
                 })).collect::<Vec<_>>(),
             })).collect::<Vec<_>>(),
         })
+    }
+}
+
+/// `host[:port]` or `[v6][:port]` → (host, port); an IPv6 literal keeps
+/// its brackets (a Location needs them), a port that is not a number is
+/// dropped.
+fn split_authority(authority: &str) -> (&str, Option<u16>) {
+    if authority.starts_with('[') {
+        return match authority.find(']') {
+            Some(end) => (
+                &authority[..=end],
+                authority[end + 1..]
+                    .strip_prefix(':')
+                    .and_then(|p| p.parse().ok()),
+            ),
+            None => (authority, None),
+        };
+    }
+    match authority.rsplit_once(':') {
+        Some((host, port)) => (host, port.parse().ok()),
+        None => (authority, None),
     }
 }
 
@@ -817,12 +846,7 @@ impl<'a> Selected<'a> {
                     .and_then(|h| h.to_str().ok())
             })
             .unwrap_or("");
-        let (host, port) = match authority.rsplit_once(':') {
-            Some((h, p)) if !h.ends_with(']') || authority.starts_with('[') => {
-                (h, p.parse::<u16>().ok())
-            }
-            _ => (authority, None),
-        };
+        let (host, port) = split_authority(authority);
         let new_scheme = redirect.scheme.as_deref().unwrap_or(scheme);
         let host = redirect.hostname.as_deref().unwrap_or(host);
         // A port given replaces; none given keeps the request's only while

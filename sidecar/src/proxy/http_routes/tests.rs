@@ -289,6 +289,13 @@ fn hosts_wildcards_ports_and_case() {
         ("a.b.example.com", "wild"),
         ("example.com", "-"),
         ("example.org", "-"),
+        // Attack: case and a trailing dot together (both allowed alone).
+        ("SHOP.EXAMPLE.COM.", "exact"),
+        ("A.Example.COM.:443", "wild"),
+        // Attack: an empty label is no label for a wildcard to stand for.
+        (".example.com", "-"),
+        ("x..example.com", "-"),
+        ("..example.com", "-"),
     ] {
         assert_eq!(chosen(&t, host, "GET", "/", &[]), want, "{host}");
     }
@@ -420,6 +427,18 @@ fn redirects_keep_what_they_do_not_replace() {
         let response = selected.redirect(&req, "http").expect("a redirect");
         assert_eq!(response.status().as_u16(), status, "{uri}");
         assert_eq!(response.headers()["location"], location, "{uri}");
+    }
+    // Attack: an IPv6 literal in `Host`, with and without a port, stays a
+    // bracketed literal in the Location (it was cut at its first colon).
+    for (host, location) in [
+        ("[::1]", "https://[::1]/secure"),
+        ("[::1]:8443", "https://[::1]:8443/secure"),
+        ("[2001:db8::7]:443", "https://[2001:db8::7]/secure"),
+    ] {
+        let req = request("GET", "/secure", &[("host", host)]);
+        let selected = t.select(None, &req).expect(host);
+        let response = selected.redirect(&req, "https").expect("a redirect");
+        assert_eq!(response.headers()["location"], location, "{host}");
     }
 }
 
