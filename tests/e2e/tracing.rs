@@ -336,6 +336,20 @@ async fn a_hung_or_dead_collector_drops_spans_without_holding_requests() {
     .await;
 }
 
+/// The sidecar's JSON access-log lines (its stdout), once there are at
+/// least `count` of them.
+async fn access_log_lines(sidecar: &SidecarProcess, count: usize) -> Vec<serde_json::Value> {
+    wait::until("the access log lines", Duration::from_secs(5), || async {
+        let lines: Vec<serde_json::Value> = sidecar
+            .stdout_text()
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect();
+        (lines.len() >= count).then_some(lines)
+    })
+    .await
+}
+
 #[tokio::test]
 async fn the_access_log_has_one_json_line_per_request_with_trace_and_reason() {
     let app = Upstream::start("orders").await;
@@ -365,15 +379,7 @@ async fn the_access_log_has_one_json_line_per_request_with_trace_and_reason() {
         );
     }
     assert_eq!(statuses, [200, 200, 429]);
-    let lines = wait::until("three access log lines", Duration::from_secs(5), || async {
-        let lines: Vec<serde_json::Value> = sidecar
-            .stdout_text()
-            .lines()
-            .filter_map(|l| serde_json::from_str(l).ok())
-            .collect();
-        (lines.len() >= 3).then_some(lines)
-    })
-    .await;
+    let lines = access_log_lines(&sidecar, 3).await;
     assert_eq!(lines.len(), 3);
     for (line, status) in lines.iter().zip(statuses) {
         assert_eq!(line["status"], status);
@@ -405,15 +411,7 @@ async fn a_dry_run_limit_marks_the_access_log_line_of_what_it_would_refuse() {
         statuses.push(reply.status.as_u16());
     }
     assert_eq!(statuses, [200, 200, 200], "a dry run refuses nothing");
-    let lines = wait::until("three access log lines", Duration::from_secs(5), || async {
-        let lines: Vec<serde_json::Value> = sidecar
-            .stdout_text()
-            .lines()
-            .filter_map(|l| serde_json::from_str(l).ok())
-            .collect();
-        (lines.len() >= 3).then_some(lines)
-    })
-    .await;
+    let lines = access_log_lines(&sidecar, 3).await;
     assert_eq!(lines.len(), 3);
     assert!(lines[0].get("would_refuse").is_none(), "{}", lines[0]);
     assert!(lines[1].get("would_refuse").is_none(), "{}", lines[1]);
