@@ -223,7 +223,7 @@ counted() {
     callgrind_control -d "$pid" >/dev/null
     local dump
     for _ in $(seq 100); do
-        dump=$(ls "$cg".* 2>/dev/null | head -n1 || true)
+        dump=$(find "$(dirname "$cg")" -maxdepth 1 -name "$(basename "$cg").*" | head -n1)
         [[ -n "$dump" ]] && grep -q '^totals:' "$dump" 2>/dev/null && break
         sleep 0.1
     done
