@@ -43,7 +43,11 @@ pub struct ProxyBody {
     more_bytes: Option<IntCounter>,
     /// Fields removed from a trailers frame.
     strip_trailers: &'static [HeaderName],
-    guards: Guards,
+    /// Boxed, and only once there is one: a body is moved several times
+    /// per request (into hyper, through the builders below), and the
+    /// guards (two `RequestRecord`s among them) would make every move
+    /// copy most of a kilobyte.
+    guards: Option<Box<Guards>>,
 }
 
 /// What a body holds until it has been fully sent or dropped.
@@ -113,8 +117,13 @@ impl ProxyBody {
             bytes: None,
             more_bytes: None,
             strip_trailers: &[],
-            guards: Guards::default(),
+            guards: None,
         }
+    }
+
+    /// The guards, allocated on first use.
+    fn guards(&mut self) -> &mut Guards {
+        self.guards.get_or_insert_with(Box::default)
     }
 
     pub fn empty() -> Self {
@@ -138,7 +147,7 @@ impl ProxyBody {
 
     /// Keeps `guard` alive until the body has been fully sent or dropped.
     pub fn with_guard(mut self, guard: InFlight) -> Self {
-        self.guards.in_flight = Some(guard);
+        self.guards().in_flight = Some(guard);
         self
     }
 
@@ -146,7 +155,7 @@ impl ProxyBody {
     /// body has been fully sent or dropped.
     pub fn with_stream(mut self, stream: Option<StreamSlot>) -> Self {
         if stream.is_some() {
-            self.guards.stream = stream;
+            self.guards().stream = stream;
         }
         self
     }
@@ -169,14 +178,14 @@ impl ProxyBody {
             bytes: self.bytes.clone(),
             more_bytes: self.more_bytes.clone(),
             strip_trailers: self.strip_trailers,
-            guards: Guards::default(),
+            guards: None,
         })
     }
 
     /// Holds a concurrency slot until the body has been fully sent.
     pub fn with_slot(mut self, slot: Option<OwnedSemaphorePermit>) -> Self {
         if slot.is_some() {
-            self.guards.slot = slot;
+            self.guards().slot = slot;
         }
         self
     }
@@ -184,7 +193,7 @@ impl ProxyBody {
     /// Marks the client connection's request as answered once this
     /// (response) body has been fully sent or dropped.
     pub fn with_request_guard(mut self, request: RequestGuard) -> Self {
-        self.guards.request = Some(request);
+        self.guards().request = Some(request);
         self
     }
 
@@ -192,9 +201,10 @@ impl ProxyBody {
     /// fully sent or dropped. A second record (a gateway's own, given
     /// after its backend call's) is finished after the first.
     pub fn with_completion(mut self, record: RequestRecord) -> Self {
-        match self.guards.completion {
-            None => self.guards.completion = Some(record),
-            Some(_) => self.guards.outer_completion = Some(record),
+        let guards = self.guards();
+        match guards.completion {
+            None => guards.completion = Some(record),
+            Some(_) => guards.outer_completion = Some(record),
         }
         self
     }
@@ -268,7 +278,7 @@ impl Body for ProxyBody {
                     }
                 }
             }
-            Poll::Ready(None | Some(Err(_))) => this.guards = Guards::default(),
+            Poll::Ready(None | Some(Err(_))) => this.guards = None,
             Poll::Pending => {}
         }
         polled

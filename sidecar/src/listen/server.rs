@@ -334,7 +334,11 @@ impl<H: Handler> Shared<H> {
     where
         I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     {
-        let handler = self.handler.clone();
+        // Shared by the connection's requests: each takes two reference
+        // counts, not a clone of the handler (every metric handle in it)
+        // and of the peer.
+        let handler = Arc::new(self.handler.clone());
+        let client = Arc::new(client);
         let in_flight = Arc::new(InFlightRequests::default());
         let requests = Arc::clone(&in_flight);
         // An HTTP/2 client's allowance of streams on shared upstream HTTP/2
@@ -345,7 +349,7 @@ impl<H: Handler> Shared<H> {
             if let Some(streams) = &streams {
                 request.extensions_mut().insert(streams.clone());
             }
-            let (handler, client) = (handler.clone(), client.clone());
+            let (handler, client) = (Arc::clone(&handler), Arc::clone(&client));
             let answered = requests.start();
             let span = request_span(&request);
             async move {

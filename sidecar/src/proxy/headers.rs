@@ -83,45 +83,68 @@ fn connection_has(headers: &HeaderMap, token: &str) -> bool {
         .any(|t| t.trim().eq_ignore_ascii_case(token))
 }
 
+/// The hop-by-hop fields removed whether or not `Connection` names them
+/// (RFC 9110 §7.6.1, and the legacy ones proxies still see).
+static HOP_BY_HOP: [HeaderName; HOP_BY_HOP_COUNT] = [
+    header::CONNECTION,
+    PROXY_CONNECTION,
+    KEEP_ALIVE,
+    header::TE,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+    header::PROXY_AUTHORIZATION,
+    header::PROXY_AUTHENTICATE,
+];
+const HOP_BY_HOP_COUNT: usize = 8;
+const CONNECTION_AT: usize = 0;
+const TE_AT: usize = 3;
+const UPGRADE_AT: usize = 5;
+
 /// Removes hop-by-hop headers in place. With `keep_upgrade`, `Upgrade` is
 /// kept and `Connection: upgrade` restored so the next hop sees the upgrade.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
-    // Most messages carry none of them: one pass over the names (cheap
-    // comparisons of well-known names) avoids hashing seven lookups.
-    if !headers.keys().any(is_hop_by_hop) {
+    // One pass over the names (cheap comparisons of well-known names) finds
+    // which of them the message has; only those are removed, so the common
+    // message (none, or a response's `Connection: keep-alive`) hashes no
+    // name it does not carry.
+    let mut present = [false; HOP_BY_HOP_COUNT];
+    for name in headers.keys() {
+        if let Some(at) = HOP_BY_HOP.iter().position(|h| h == name) {
+            present[at] = true;
+        }
+    }
+    if !present.contains(&true) {
         return;
     }
-    // Fields named by Connection are hop-by-hop too. Collect first: the map
-    // can't be changed while its Connection values are borrowed.
-    let named: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
-        .collect();
-    for name in named {
-        if !(keep_upgrade && name == header::UPGRADE) {
+    if present[CONNECTION_AT] {
+        // Fields named by Connection are hop-by-hop too (those of the list
+        // above are removed with it, except `TE`: named there, even a
+        // `TE: trailers` goes). Collect first: the map can't be changed
+        // while its Connection values are borrowed.
+        let named: Vec<HeaderName> = headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+            .filter(|name| *name == header::TE || !HOP_BY_HOP.contains(name))
+            .collect();
+        for name in named {
             headers.remove(name);
         }
     }
-    let keep_te_trailers = headers
-        .get(header::TE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| {
-            v.split(',')
-                .any(|t| t.trim().eq_ignore_ascii_case("trailers"))
-        });
-    for name in [
-        header::CONNECTION,
-        PROXY_CONNECTION,
-        KEEP_ALIVE,
-        header::TE,
-        header::TRANSFER_ENCODING,
-        header::PROXY_AUTHORIZATION,
-        header::PROXY_AUTHENTICATE,
-    ] {
-        headers.remove(name);
+    let keep_te_trailers = present[TE_AT]
+        && headers
+            .get(header::TE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| {
+                v.split(',')
+                    .any(|t| t.trim().eq_ignore_ascii_case("trailers"))
+            });
+    for (at, name) in HOP_BY_HOP.iter().enumerate() {
+        if present[at] && at != UPGRADE_AT {
+            headers.remove(name);
+        }
     }
     if keep_te_trailers {
         // `TE: trailers` is the one TE value that must reach the origin
@@ -130,23 +153,9 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
     }
     if keep_upgrade {
         headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-    } else {
+    } else if present[UPGRADE_AT] {
         headers.remove(header::UPGRADE);
     }
-}
-
-fn is_hop_by_hop(name: &HeaderName) -> bool {
-    [
-        &header::CONNECTION,
-        &PROXY_CONNECTION,
-        &KEEP_ALIVE,
-        &header::TE,
-        &header::TRANSFER_ENCODING,
-        &header::UPGRADE,
-        &header::PROXY_AUTHORIZATION,
-        &header::PROXY_AUTHENTICATE,
-    ]
-    .contains(&name)
 }
 
 /// Removes every copy of the identity headers a client sent.

@@ -68,13 +68,15 @@ pub async fn forward(
     let timeout = timeouts.and_then(|t| t.request).or(limits.upstream_timeout);
     // The deadline runs from arrival: time spent waiting for a slot counts.
     let deadline = timeout.map(|t| (Instant::now() + t, t));
+    // The policies' own waits are boxed: their futures would otherwise
+    // sit (unused) inside every request's future and be copied with it.
     if let Some(fault) = policies.fault {
-        fault.apply(&target.name, deadline, trail).await?;
+        Box::pin(fault.apply(&target.name, deadline, trail)).await?;
     }
     let slot = match policies.breaker {
         Some(breakers) => {
             let wait = timeout.map_or(MAX_PENDING_WAIT, |t| t.min(MAX_PENDING_WAIT));
-            breakers.admit_or_note(&target.name, wait, trail).await?
+            Box::pin(breakers.admit_or_note(&target.name, wait, trail)).await?
         }
         None => None,
     };
@@ -86,7 +88,7 @@ pub async fn forward(
         deadline,
     };
     let response = match policies.retry {
-        Some(retry) => send.with_retries(retry, request, trail).await,
+        Some(retry) => Box::pin(send.with_retries(retry, request, trail)).await,
         None => send.one_try(request, send.deadline, trail).await,
     }?;
     Ok(response.map(|body| body.with_slot(slot)))

@@ -353,13 +353,19 @@ impl ConnPool {
     /// protocol is applied), otherwise HTTP/1.1. On a shared HTTP/2
     /// connection the answer holds the request's stream, which the
     /// response body must keep until its end.
+    ///
+    /// Only the plain HTTP/1.1 exchange is part of this future; the HTTP/2
+    /// and mTLS ones are boxed, so that every request's future (which hyper
+    /// moves as a whole) does not carry their space.
     pub async fn dispatch(
         self: &Arc<Self>,
         mut request: Request<ProxyBody>,
     ) -> Result<Answer, SendError> {
         match &self.remote {
             Remote::Mesh { local, identity } => match local.hop(Some(identity)) {
-                Hop::Mtls(identity) => return self.send_mtls(request, local, &identity).await,
+                Hop::Mtls(identity) => {
+                    return Box::pin(self.send_mtls(request, local, &identity)).await
+                }
                 Hop::Expired(at) => {
                     return Err(SendError::Connect {
                         source: TlsFailure::expired(at),
@@ -372,7 +378,7 @@ impl ConnPool {
             Remote::Plain => {}
         }
         if request.version() == Version::HTTP_2 {
-            self.send_h2(request, H2Kind::Plain).await
+            Box::pin(self.send_h2(request, H2Kind::Plain)).await
         } else {
             self.send_h1(request).await
         }
