@@ -17,7 +17,8 @@
 #     sidecar (baseline)       the same with BENCH_SIDECAR_BASELINE, when set
 #   Nagle app: Python's http.server (tests/e2e/fixtures/nagle_app.py: HTTP/1.1
 #   keep-alive, Nagle on, head and body written apart), latency runs only:
-#     direct, new connections  wrk -c1 `Connection: close` -> app (a new
+#     direct, new connections  curl, BENCH_CLOSE_REQUESTS (300) GETs one after
+#                              another with `Connection: close` -> app (a new
 #                              connection starts in quick-ACK mode: no stall)
 #     direct, kept alive       wrk -c1 -> app (wrk's own delayed ACK stalls)
 #     sidecar / nginx          wrk -c1 -> proxy -> app, the proxy's upstream
@@ -299,27 +300,51 @@ ticks() {
     echo "$sum"
 }
 
-declare -A RPS P50 P99 ERRS OTHER CPU HS REQS
+# curl_lat OUT URL N: N GETs one after another, each on a new connection
+# (`Connection: close`; wrk counts the server's closes as socket errors), as
+# a RESULT line like report.lua's (curl's time_total: connect to last byte).
+curl_lat() {
+    local out=$1 url=$2 n=$3 start end
+    local -a urls=()
+    for _ in $(seq "$n"); do urls+=("$url"); done
+    start=$(date +%s%N)
+    "${CLIENT_PIN[@]}" curl -s -o /dev/null -H 'Connection: close' -w '%{http_code} %{time_total}\n' "${urls[@]}" >"$out.raw" ||
+        die "curl $url failed"
+    end=$(date +%s%N)
+    awk '$1 != 200 { bad++ } END { print bad + 0 }' "$out.raw" >"$out.bad"
+    awk '{ printf "%d\n", $2 * 1e6 }' "$out.raw" | sort -n | awk -v d=$(((end - start) / 1000)) -v bad="$(cat "$out.bad")" '
+        { t[NR] = $1 }
+        END {
+            printf "RESULT requests=%d duration_us=%d p50_us=%d p99_us=%d max_us=%d socket_errors=0 status_errors=%d\n",
+                NR, d, t[int(NR * 0.5 + 0.5)], t[int(NR * 0.99 + 0.5)], t[NR], bad
+        }' >"$out"
+}
+CLOSE_REQUESTS="${BENCH_CLOSE_REQUESTS:-300}"
+
+declare -A RPS P50 P99 ERRS OTHER CPU HS
 # measure NAME ROUND: the row's runs; results in the arrays above [NAME,ROUND].
 measure() {
     local name=$1 round=$2 tag="$1-r$2" url="http://127.0.0.1:${ROW_PORT[$1]}/"
-    local -a hdr=() extra=() procs=()
+    local -a hdr=() procs=()
     read -r -a procs <<<"${ROW_PROCS[$name]}"
     [[ -z "${ROW_HOST[$name]}" ]] || hdr=(-H "Host: ${ROW_HOST[$name]}")
-    [[ -z "${ROW_CLOSE[$name]:-}" ]] || extra=(-H "Connection: close")
     local body
     body=$(curl -fsS --max-time 2 "${hdr[@]}" "$url") || die "$name: GET $url failed"
     [[ "$body" == ok ]] || die "$name: GET $url answered '$body', expected 'ok'"
     local hs_before="" errs=0 sent=1 t0 t1 other_max=0 f
     [[ "$name" != hop2-mtls ]] || hs_before=$(handshakes)
-    run_wrk "$TMP/$tag-warmup.out" -t1 -c"$([[ ${ROW_KIND[$name]} == full ]] && echo "$CONNS" || echo 1)" -d"$WARMUP" \
-        -s "$TMP/report.lua" "${hdr[@]}" "${extra[@]}" "$url"
+    if [[ -n "${ROW_CLOSE[$name]:-}" ]]; then
+        curl_lat "$TMP/$tag-warmup.out" "$url" 20
+    else
+        run_wrk "$TMP/$tag-warmup.out" -t1 -c"$([[ ${ROW_KIND[$name]} == full ]] && echo "$CONNS" || echo 1)" -d"$WARMUP" \
+            -s "$TMP/report.lua" "${hdr[@]}" "$url"
+    fi
     sent=$((sent + $(field "$TMP/$tag-warmup.out" requests)))
     if [[ ${ROW_KIND[$name]} == full ]]; then
         log "$tag: throughput, -t1 -c$CONNS -d$DURATION"
         t0=$(ticks "${procs[@]}")
         cpu_mark
-        run_wrk "$TMP/$tag-tput.out" -t1 -c"$CONNS" -d"$DURATION" -s "$TMP/report.lua" "${hdr[@]}" "${extra[@]}" "$url"
+        run_wrk "$TMP/$tag-tput.out" -t1 -c"$CONNS" -d"$DURATION" -s "$TMP/report.lua" "${hdr[@]}" "$url"
         other_cpu_pct
         other_max=$OTHER_CPU
         t1=$(ticks "${procs[@]}")
@@ -332,7 +357,11 @@ measure() {
     fi
     log "$tag: latency, -t1 -c1 -d$DURATION"
     cpu_mark
-    run_wrk "$TMP/$tag-lat.out" -t1 -c1 -d"$DURATION" -s "$TMP/report.lua" "${hdr[@]}" "${extra[@]}" "$url"
+    if [[ -n "${ROW_CLOSE[$name]:-}" ]]; then
+        curl_lat "$TMP/$tag-lat.out" "$url" "$CLOSE_REQUESTS"
+    else
+        run_wrk "$TMP/$tag-lat.out" -t1 -c1 -d"$DURATION" -s "$TMP/report.lua" "${hdr[@]}" "$url"
+    fi
     other_cpu_pct
     ((OTHER_CPU <= other_max)) || other_max=$OTHER_CPU
     OTHER[$name,$round]=$other_max
@@ -346,7 +375,7 @@ measure() {
     for f in "$TMP/$tag"-*.out; do
         errs=$((errs + $(field "$f" socket_errors) + $(field "$f" status_errors)))
     done
-    ERRS[$name,$round]=$errs REQS[$name,$round]=$sent
+    ERRS[$name,$round]=$errs
     HS[$name,$round]=n/a
     if [[ -n "$hs_before" ]]; then
         HS[$name,$round]=$(awk -v h=$(($(handshakes) - hs_before)) -v r="$sent" 'BEGIN { printf "%.3f", h / r * 1000 }')
@@ -507,12 +536,20 @@ set xtics rotate by -30 left noenhanced
 set key noenhanced top left
 set bmargin 9
 set title "throughput, x nginx with the same hops (1.0 = nginx)"
+set key top right
 set yrange [0:*]
-plot "$TMP/tput.dat" using 2:xtic(1) title "req/s / nginx's" lc rgb "#4477aa", 1 with lines dt 2 lc rgb "black" title "nginx"
-set title "added latency at c=1 vs direct (us)"
+plot "$TMP/tput.dat" using 2:xtic(1) title "req/s / nginx's" lc rgb "#4477aa", \
+    "" using 0:2:2 with labels offset 0,0.8 notitle, \
+    1 with lines dt 2 lc rgb "black" title "nginx"
+set title "added latency at c=1 vs direct (us, log scale)"
+set logscale y
+set yrange [10:*]
 plot "$TMP/lat.dat" using 2:xtic(1) title "p50" lc rgb "#66ccee", "" using 3 title "p99" lc rgb "#ee6677"
+unset logscale y
 set title "Nagle app (python http.server): added p50 vs a new connection (ms)"
-plot "$TMP/nagle.dat" using 2:xtic(1) title "added p50 ms" lc rgb "#ccbb44"
+set yrange [0:*]
+plot "$TMP/nagle.dat" using 2:xtic(1) title "added p50 ms" lc rgb "#ccbb44", \
+    "" using 0:2:2 with labels offset 0,0.8 notitle
 unset multiplot
 EOF
 [[ -s "$CHART" ]] && log "chart: $CHART"
