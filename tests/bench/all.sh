@@ -306,9 +306,9 @@ ticks() {
 curl_lat() {
     local out=$1 url=$2 n=$3 start end
     local -a urls=()
-    for _ in $(seq "$n"); do urls+=("$url"); done
+    for _ in $(seq "$n"); do urls+=(-o /dev/null "$url"); done
     start=$(date +%s%N)
-    "${CLIENT_PIN[@]}" curl -s -o /dev/null -H 'Connection: close' -w '%{http_code} %{time_total}\n' "${urls[@]}" >"$out.raw" ||
+    "${CLIENT_PIN[@]}" curl -s -H 'Connection: close' -w '%{http_code} %{time_total}\n' "${urls[@]}" >"$out.raw" ||
         die "curl $url failed"
     end=$(date +%s%N)
     awk '$1 != 200 { bad++ } END { print bad + 0 }' "$out.raw" >"$out.bad"
@@ -472,7 +472,7 @@ goals=(
     "5. RSS <= 15 MiB under load with mTLS on: $(check "$(le "$mtls_rss" $((15 * 1024)))") ($(mib "$mtls_rss") MiB peak, larger of A and B)"
 )
 other_line=$(other_cpu_line "${ROWS[@]}")
-params="loopback, $(nproc) cores, $(uname -r); $([[ $PIN == 1 ]] && echo "clients and apps on core 0, proxies on core 1" || echo "not pinned"); throughput: wrk -t1 -c$CONNS -d$DURATION; latency: wrk -t1 -c1 -d$DURATION; warm-up $WARMUP per row; $ROUNDS round(s), median shown; load average $LOAD_BEFORE before, $LOAD_AFTER after; runs took $((SECONDS - START))s; sidecar: $SIDECAR${BASELINE:+, baseline: $BASELINE}; $(tool_versions), $(haproxy -v | head -n1 | awk '{print "HAProxy", $3}')"
+params="loopback, $(nproc) cores, $(uname -r); $([[ $PIN == 1 ]] && echo "clients and apps on core 0, proxies on core 1" || echo "not pinned"); throughput: wrk -t1 -c$CONNS -d$DURATION; latency: wrk -t1 -c1 -d$DURATION; warm-up $WARMUP per row; $ROUNDS round(s), median shown; load average $LOAD_BEFORE before, $LOAD_AFTER after; runs took $((SECONDS - START))s; sidecar: $SIDECAR${BASELINE:+, baseline: $BASELINE}; $(tool_versions), $(haproxy -v | awk 'NR == 1 { print "HAProxy", $3 }')"
 
 # The control plane at scale (another script's markdown fragment).
 CP_SCALE=""
