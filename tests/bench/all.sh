@@ -405,7 +405,9 @@ med_of() { # med_of ARRAY NAME
     local -n arr=$1
     local vals=() r
     for ((r = 1; r <= ROUNDS; r++)); do vals+=("${arr[$2,$r]}"); done
-    if [[ "${vals[0]}" == n/a ]]; then echo n/a; else printf '%s\n' "${vals[@]}" | sort -g | awk '{ a[NR] = $1 } END { print (NR % 2 ? a[(NR + 1) / 2] : (a[NR / 2] + a[NR / 2 + 1]) / 2) }'; fi
+    local fmt="%.0f"
+    case $1 in CPU) fmt="%.1f" ;; HS) fmt="%.3f" ;; esac
+    if [[ "${vals[0]}" == n/a ]]; then echo n/a; else printf '%s\n' "${vals[@]}" | sort -g | awk -v f="$fmt" '{ a[NR] = $1 } END { printf f "\n", (NR % 2 ? a[(NR + 1) / 2] : (a[NR / 2] + a[NR / 2 + 1]) / 2) }'; fi
 }
 for name in "${ROWS[@]}"; do
     for a in RPS P50 P99 CPU HS; do

@@ -568,7 +568,7 @@ impl ConnPool {
         let (sender, max_streams) = match kind {
             H2Kind::Plain => {
                 let (sender, conn) = builder
-                    .handshake(TokioIo::new(QuickAck::new(stream)))
+                    .handshake(TokioIo::new(stream))
                     .await
                     .map_err(io::Error::other)?;
                 self.metrics.opened_h2c.inc();
