@@ -539,7 +539,7 @@ set key noenhanced top left
 set bmargin 9
 set title "throughput, x nginx with the same hops (1.0 = nginx)"
 set key top right
-set yrange [0:*]
+set yrange [0:1.3<*]
 plot "$TMP/tput.dat" using 2:xtic(1) title "req/s / nginx's" lc rgb "#4477aa", \
     "" using 0:2:2 with labels offset 0,0.8 notitle, \
     1 with lines dt 2 lc rgb "black" title "nginx"
@@ -549,8 +549,9 @@ set yrange [10:*]
 plot "$TMP/lat.dat" using 2:xtic(1) title "p50" lc rgb "#66ccee", "" using 3 title "p99" lc rgb "#ee6677"
 unset logscale y
 set title "Nagle app (python http.server): added p50 vs a new connection (ms)"
-set yrange [0:*]
-plot "$TMP/nagle.dat" using 2:xtic(1) title "added p50 ms" lc rgb "#ccbb44", \
+set yrange [0:60<*]
+unset key
+plot "$TMP/nagle.dat" using 2:xtic(1) lc rgb "#ccbb44", \
     "" using 0:2:2 with labels offset 0,0.8 notitle
 unset multiplot
 EOF
