@@ -20,7 +20,8 @@ command -v promtool >/dev/null || need_apt+=(prometheus)
 # The dashboard's browser test drives Debian's headless chromium
 # (MESHLET_SKIP_BROWSER=1 skips that test).
 [[ ${MESHLET_SKIP_BROWSER:-} == 1 || -x /usr/bin/chromium ]] || need_apt+=(chromium)
-# examples/kind/*.sh are checked with shellcheck; the manifest tests need a
+# examples/kind/*.sh and tests/bench/*.sh are checked with shellcheck; the
+# nagle e2e test runs a python3 app; the manifest tests need a
 # Python venv (below).
 command -v shellcheck >/dev/null || need_apt+=(shellcheck)
 command -v python3 >/dev/null || need_apt+=(python3 python3-venv)
@@ -72,8 +73,11 @@ printf 'kubectl: %s (%s); kubernetes-validate %s\n' "$MESHLET_KUBECTL" \
     "$("$MESHLET_KUBECTL" version --client 2>/dev/null | head -n 1)" \
     "$("$MESHLET_KUBERNETES_VALIDATE" --version)"
 
-step "shellcheck examples/kind"
+step "shellcheck examples/kind, tests/bench"
 shellcheck examples/kind/*.sh
+# The benchmarks are scripts, not tests (never run here), but they must stay
+# sound.
+shellcheck -x tests/bench/*.sh
 
 step "cargo fmt --check"
 cargo fmt --all -- --check

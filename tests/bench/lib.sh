@@ -1,7 +1,7 @@
 # shellcheck shell=bash
 # Shared helpers of the loopback benchmarks in this folder (run.sh: sidecar vs
 # nginx; observability.sh: the cost of tracing; mtls.sh: two hops, plaintext
-# vs mTLS). Sourced, never run:
+# vs mTLS; all.sh: every row of issue 17 in one run). Sourced, never run:
 #
 #   SCRIPT_DIR=...; ROOT=...; ROUNDS=...      # the caller's own settings
 #   source "$SCRIPT_DIR/lib.sh"               # helpers + the cleanup trap
@@ -24,6 +24,8 @@ LAT_CONNS="${BENCH_LAT_CONNS:-16}"
 WARMUP="${BENCH_WARMUP:-2s}"
 OTHER_CPU_LIMIT="${BENCH_OTHER_CPU_LIMIT:-10}"
 NGINX=/usr/sbin/nginx
+# The command prefix wrk runs under (all.sh: `taskset -c 0`, the client's core).
+CLIENT_PIN=()
 # shellcheck disable=SC2034 # used by the scripts that source this file
 OUT_DIR="$ROOT/target/bench"
 
@@ -230,13 +232,65 @@ start_sidecar() {
     wait_http "http://127.0.0.1:$admin/ready" "$STARTED_PID" "$name"
 }
 
+# start_control_plane BINARY: a control plane on a free loopback port, its
+# data dir $TMP/cp, output in $TMP/control-plane.log; waited for until its
+# CA, admin token and /healthz are there (deadline 30s). Sets CP_PID, CP_URL,
+# CP_DIR.
+start_control_plane() {
+    local bin=$1 port code=""
+    free_port port
+    CP_DIR="$TMP/cp"
+    CP_URL="https://127.0.0.1:$port"
+    "$bin" --listen "127.0.0.1:$port" --data-dir "$CP_DIR" >"$TMP/control-plane.log" 2>&1 &
+    CP_PID=$!
+    PIDS+=("$CP_PID")
+    for _ in $(seq 300); do
+        kill -0 "$CP_PID" 2>/dev/null || die "the control plane exited during start-up"
+        if [[ -s "$CP_DIR/admin.token" && -s "$CP_DIR/ca.crt" ]]; then
+            code=$(curl -s -o /dev/null -w '%{http_code}' --max-time 1 --cacert "$CP_DIR/ca.crt" "$CP_URL/healthz" || true)
+            [[ "$code" != 200 ]] || return 0
+        fi
+        sleep 0.1
+    done
+    die "the control plane is not ready on $CP_URL/healthz after 30s (answered '${code:-nothing}')"
+}
+
+# sidecar_token MESHCTL SERVICE: a sidecar token for SERVICE (namespace
+# default) from the control plane above, in $TMP/SERVICE.token.
+sidecar_token() {
+    local meshctl=$1 s=$2
+    MESHLET_SERVER="$CP_URL" MESHLET_TOKEN="$(cat "$CP_DIR/admin.token")" MESHLET_CA_FILE="$CP_DIR/ca.crt" \
+        "$meshctl" token create --role sidecar --service "$s" --namespace default >"$TMP/$s.token" 2>"$TMP/meshctl-$s.log" ||
+        die "meshctl token create --service $s failed: $(cat "$TMP/meshctl-$s.log")"
+    [[ -s "$TMP/$s.token" ]] || die "meshctl token create --service $s printed no token"
+}
+
+# cp_flags SERVICE: the flags of a sidecar registered as SERVICE with the
+# control plane above (one word per line: read them with mapfile).
+cp_flags() {
+    printf '%s\n' --service "$1" --control-plane "$CP_URL" --token-file "$TMP/$1.token" \
+        --ca-file "$CP_DIR/ca.crt" --snapshot-file "$TMP/mtls-$1.snapshot.json"
+}
+
+# metric ADMIN_PORT NAME [LABEL]: NAME's value on that sidecar's /metrics,
+# summed over the series (only those whose labels contain LABEL, e.g.
+# direction="inbound"), or n/a when it has no such series.
+metric() {
+    { curl -s --max-time 2 "http://127.0.0.1:$1/metrics" 2>/dev/null || true; } |
+        awk -v n="$2" -v l="${3:-}" '
+            /^#/ { next }
+            { name = $1; sub(/\{.*/, "", name) }
+            name == n && index($1, l) { v += $NF; c++ }
+            END { if (c) printf "%.0f\n", v; else print "n/a" }'
+}
+
 # ------------------------------------------------------------------- wrk --
 # run_wrk OUTFILE ARGS...: runs wrk, keeps its output, checks the RESULT line.
 run_wrk() {
     local out=$1
     shift
     # In the background so that a signal to this script is handled at once.
-    wrk "$@" >"$out" 2>&1 &
+    "${CLIENT_PIN[@]}" wrk "$@" >"$out" 2>&1 &
     WRK_PID=$!
     local rc=0
     wait "$WRK_PID" || rc=$?

@@ -139,7 +139,6 @@ declare -A LABEL=(
 
 # --------------------------------------------------------------- services --
 free_port UP_PORT
-free_port CP_PORT
 declare -A A_IN A_OUT A_ADMIN B_IN B_OUT B_ADMIN A_PID B_PID RSS_IDLE_A RSS_IDLE_B
 for t in "${TARGETS[@]}"; do
     for v in A_IN A_OUT A_ADMIN B_IN B_OUT B_ADMIN; do free_port "${v}[$t]"; done
@@ -171,54 +170,22 @@ start_sidecar plain-a "$SIDECAR" "$UP_PORT" "${A_IN[plain]}" "${A_OUT[plain]}" "
 A_PID[plain]=$STARTED_PID
 
 # mtls: a control plane, a sidecar token per service, A and B registered.
-CP_DIR="$TMP/cp"
-CP_URL="https://127.0.0.1:$CP_PORT"
-log "mtls: control plane on $CP_URL, data dir $CP_DIR"
-"$CONTROL_PLANE" --listen "127.0.0.1:$CP_PORT" --data-dir "$CP_DIR" >"$TMP/control-plane.log" 2>&1 &
-CP_PID=$!
-PIDS+=("$CP_PID")
-for _ in $(seq 300); do
-    kill -0 "$CP_PID" 2>/dev/null || die "the control plane exited during start-up"
-    if [[ -s "$CP_DIR/admin.token" && -s "$CP_DIR/ca.crt" ]]; then
-        code=$(curl -s -o /dev/null -w '%{http_code}' --max-time 1 --cacert "$CP_DIR/ca.crt" "$CP_URL/healthz" || true)
-        [[ "$code" != 200 ]] || break
-    fi
-    sleep 0.1
-done
-[[ "${code:-}" == 200 ]] || die "the control plane is not ready on $CP_URL/healthz after 30s (answered '${code:-nothing}')"
-for s in a b; do
-    MESHLET_SERVER="$CP_URL" MESHLET_TOKEN="$(cat "$CP_DIR/admin.token")" MESHLET_CA_FILE="$CP_DIR/ca.crt" \
-        "$MESHCTL" token create --role sidecar --service "$s" --namespace default >"$TMP/$s.token" 2>"$TMP/meshctl-$s.log" ||
-        die "meshctl token create --service $s failed: $(cat "$TMP/meshctl-$s.log")"
-    [[ -s "$TMP/$s.token" ]] || die "meshctl token create --service $s printed no token"
-done
-cp_flags() { # cp_flags SERVICE: the flags of a sidecar registered as SERVICE
-    echo --service "$1" --control-plane "$CP_URL" --token-file "$TMP/$1.token" \
-        --ca-file "$CP_DIR/ca.crt" --snapshot-file "$TMP/mtls-$1.snapshot.json"
-}
-read -r -a flags_b < <(cp_flags b)
+log "mtls: control plane, data dir $TMP/cp"
+start_control_plane "$CONTROL_PLANE"
+for s in a b; do sidecar_token "$MESHCTL" "$s"; done
+mapfile -t flags_b < <(cp_flags b)
 log "mtls: sidecar B (service b) inbound 127.0.0.1:${B_IN[mtls]} -> app, admin ${B_ADMIN[mtls]}"
 start_sidecar mtls-b "$SIDECAR" "$UP_PORT" "${B_IN[mtls]}" "${B_OUT[mtls]}" "${B_ADMIN[mtls]}" \
     "${flags_b[@]}" "${COMMON[@]}"
 B_PID[mtls]=$STARTED_PID
-read -r -a flags_a < <(cp_flags a)
+mapfile -t flags_a < <(cp_flags a)
 log "mtls: sidecar A (service a) outbound 127.0.0.1:${A_OUT[mtls]}, admin ${A_ADMIN[mtls]}"
 start_sidecar mtls-a "$SIDECAR" "$UP_PORT" "${A_IN[mtls]}" "${A_OUT[mtls]}" "${A_ADMIN[mtls]}" \
     "${flags_a[@]}" "${COMMON[@]}"
 A_PID[mtls]=$STARTED_PID
 
 # ----------------------------------------------------------- metrics --
-# metric ADMIN_PORT NAME [LABEL]: NAME's value on that sidecar's /metrics,
-# summed over the series (only those whose labels contain LABEL, e.g.
-# direction="inbound"), or n/a when it has no such series.
-metric() {
-    { curl -s --max-time 2 "http://127.0.0.1:$1/metrics" 2>/dev/null || true; } |
-        awk -v n="$2" -v l="${3:-}" '
-            /^#/ { next }
-            { name = $1; sub(/\{.*/, "", name) }
-            name == n && index($1, l) { v += $NF; c++ }
-            END { if (c) printf "%.0f\n", v; else print "n/a" }'
-}
+# metric (lib.sh): a value from a sidecar's /metrics.
 # has_mtls_metrics ADMIN_PORT: whether the sidecar exports any metric of the
 # mTLS work (declared families are listed in # HELP lines even before use).
 has_mtls_metrics() {

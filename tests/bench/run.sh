@@ -69,7 +69,8 @@
 #   BENCH_OTHER_CPU_LIMIT=10  warn when other processes use more than this %
 #                       of a core during a run (see cpu_mark below)
 #   BENCH_KEEP=1        keep the temp dir (configs, logs) after the run
-# Output: the table on stdout and in target/bench/results.md.
+# Output: the table on stdout and in target/bench/one-hop.md (all.sh writes
+# results.md).
 set -euo pipefail
 
 SCRIPT_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -82,7 +83,7 @@ SIDECAR="${BENCH_SIDECAR:-$ROOT/target/release/sidecar}"
 # trap that stops every process started here.
 # shellcheck source=tests/bench/lib.sh
 source "$SCRIPT_DIR/lib.sh"
-RESULTS="$OUT_DIR/results.md"
+RESULTS="$OUT_DIR/one-hop.md"
 
 # shellcheck disable=SC2119 # no extra packages
 install_deps

@@ -23,6 +23,10 @@
 //!   GOAWAY, one connect at a time); for a mesh endpoint with an identity
 //!   the same over mTLS (`identity::tls`); for the local app, the app's
 //!   protocol. Work the upstream refused unprocessed is sent again once.
+//! - `quick_ack` — HTTP/1.1 upstream sockets send the ACK the kernel holds
+//!   when we have read a head and wait for the body (`TCP_QUICKACK`), so an
+//!   app with Nagle on that writes head and body apart is not stalled 40 ms
+//!   per response.
 //!
 //! **Invariants:** a request whose connection failed before it was sent
 //! comes back to `forward` (never lost, retried elsewhere without a
@@ -37,4 +41,5 @@ pub(crate) mod forward;
 pub(crate) mod in_flight;
 pub(crate) mod mirror;
 pub(crate) mod pool;
+pub(crate) mod quick_ack;
 pub(crate) mod target;

@@ -83,6 +83,7 @@ use crate::identity::{Hop, WorkloadIdentity};
 use crate::settings::Limits;
 use crate::telemetry::metrics::PoolMetrics;
 use crate::upstream::in_flight::{ClientStreams, InFlight, InFlightCounter, StreamSlot};
+use crate::upstream::quick_ack::QuickAck;
 
 /// HTTP/1.1 connections kept per endpoint (busy or idle).
 const MAX_IDLE_PER_ENDPOINT: usize = 128;
@@ -725,7 +726,7 @@ impl ConnPool {
     }
 
     async fn connect_h1(&self) -> io::Result<http1::SendRequest<ProxyBody>> {
-        let stream = self.connect_tcp().await?;
+        let stream = QuickAck::new(self.connect_tcp().await?);
         let (sender, conn) = http1::Builder::new()
             .handshake(TokioIo::new(stream))
             .await
