@@ -117,7 +117,7 @@ impl Controller {
         let now = Instant::now();
         let liveness = registry
             .instances()
-            .values()
+            .iter_unordered()
             .map(|i| {
                 let live = Liveness {
                     last_heartbeat: now,
@@ -167,14 +167,7 @@ impl Controller {
         registry: &Registry,
         registration: &Registration,
     ) -> Result<(), ApiFailure> {
-        let registered = registry
-            .instances()
-            .values()
-            .filter(|i| {
-                i.registration.service == registration.service
-                    && i.registration.namespace == registration.namespace
-            })
-            .count();
+        let registered = registry.instance_count(&registration.namespace, &registration.service);
         if registered >= self.max_instances_per_service {
             return Err(ApiFailure::LimitReached(format!(
                 "service {}/{} already has {registered} instances registered \
