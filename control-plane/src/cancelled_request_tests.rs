@@ -10,11 +10,11 @@ use meshlet_api::mesh::RevisionRecord;
 
 use crate::access::{Access, AllowedHosts};
 use crate::api::router;
-use crate::auth::{Owners, Role, TokenRecord, Tokens};
+use crate::auth::{Role, TokenRecord, Tokens};
 use crate::controller::Controller;
 use crate::error::StoreError;
 use crate::state::AppState;
-use crate::store::{AccessRecords, Commit, Loaded, MemoryStore, Rewind, Store};
+use crate::store::{AccessRecords, Commit, Loaded, MemoryStore, OwnerChanges, Rewind, Store};
 use crate::traces::{TraceLimits, TraceStore};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -58,8 +58,8 @@ impl Store for GatedStore {
         self.inner.save_tokens(tokens)
     }
 
-    fn save_owners(&self, owners: &Owners) -> Result<(), StoreError> {
-        self.inner.save_owners(owners)
+    fn save_owner_changes(&self, changes: &OwnerChanges) -> Result<(), StoreError> {
+        self.inner.save_owner_changes(changes)
     }
 }
 

@@ -40,7 +40,7 @@ use crate::error::{ApiFailure, StoreError};
 use crate::expiry::{Decision, ExpiryPolicy, Preservation, Transition};
 use crate::push::{Hub, Published};
 use crate::registry::{classify, rewind, Plan, Registry};
-use crate::store::{Rewind, Store};
+use crate::store::{OwnerChanges, Rewind, Store};
 use meshlet_api::changes::{
     DeleteReply, DeleteRequest, DiffOutcome, DiffReply, RollbackReply, RollbackRequest,
 };
@@ -117,7 +117,7 @@ impl Controller {
         let now = Instant::now();
         let liveness = registry
             .instances()
-            .values()
+            .iter_unordered()
             .map(|i| {
                 let live = Liveness {
                     last_heartbeat: now,
@@ -167,14 +167,7 @@ impl Controller {
         registry: &Registry,
         registration: &Registration,
     ) -> Result<(), ApiFailure> {
-        let registered = registry
-            .instances()
-            .values()
-            .filter(|i| {
-                i.registration.service == registration.service
-                    && i.registration.namespace == registration.namespace
-            })
-            .count();
+        let registered = registry.instance_count(&registration.namespace, &registration.service);
         if registered >= self.max_instances_per_service {
             return Err(ApiFailure::LimitReached(format!(
                 "service {}/{} already has {registered} instances registered \
@@ -192,11 +185,13 @@ impl Controller {
         (p.paused(), p.pauses())
     }
 
-    /// Saves the instance owners (on the blocking pool).
-    async fn save_owners(&self) -> Result<(), StoreError> {
-        let owners = self.owners.lock().unwrap().clone();
+    /// Saves what changed in the instance owners (on the blocking pool).
+    async fn save_owners(&self, changes: OwnerChanges) -> Result<(), StoreError> {
+        if changes.is_empty() {
+            return Ok(());
+        }
         let store = self.store.clone();
-        tokio::task::spawn_blocking(move || store.save_owners(&owners))
+        tokio::task::spawn_blocking(move || store.save_owner_changes(&changes))
             .await
             .map_err(|e| StoreError::Task(e.to_string()))?
     }
@@ -333,7 +328,11 @@ impl Controller {
             None => registry.revision(),
         };
         if claim == Claim::New {
-            self.save_owners().await?;
+            let changes = OwnerChanges {
+                claimed: vec![(id.clone(), principal.name.clone())],
+                released: Vec::new(),
+            };
+            self.save_owners(changes).await?;
         }
         self.liveness.lock().unwrap().insert(
             id,
@@ -405,7 +404,11 @@ impl Controller {
         self.commit(&mut registry, plan).await?;
         self.liveness.lock().unwrap().remove(id);
         self.owners.lock().unwrap().release(id);
-        self.save_owners().await?;
+        let changes = OwnerChanges {
+            claimed: Vec::new(),
+            released: vec![id.to_owned()],
+        };
+        self.save_owners(changes).await?;
         Ok(())
     }
 
@@ -492,7 +495,11 @@ impl Controller {
                 owners.release(id);
             }
         }
-        self.save_owners().await?;
+        let changes = OwnerChanges {
+            claimed: Vec::new(),
+            released: ids,
+        };
+        self.save_owners(changes).await?;
         Ok(count)
     }
 

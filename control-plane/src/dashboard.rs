@@ -18,7 +18,7 @@
 //! topology edge is `mtls` when both its services have registered
 //! instances with identities (the UI draws a padlock on it).
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use axum::body::Bytes;
@@ -355,8 +355,7 @@ pub async fn forget_departed(
     loop {
         revisions.mark_unchanged();
         let published = controller.published();
-        let registered: BTreeSet<String> = published.instances.keys().cloned().collect();
-        stats.retain(|id| registered.contains(id));
+        stats.retain(|id| published.instances.contains_key(id));
         tokio::select! {
             _ = stopped(&mut shutdown) => return,
             changed = revisions.changed() => if changed.is_err() { return },

@@ -21,7 +21,8 @@
 //! - [`controller`]: the one writer and the reaper; [`expiry`]: the
 //!   reaper's self-preservation (expiry pauses when most instances go
 //!   silent at once). `registry`: in-memory state and the plans that
-//!   change it; `diff`: the line diff of
+//!   change it; `instances`: the instances by id in shards shared between
+//!   revisions; `diff`: the line diff of
 //!   `/api/v1/diff`.
 //! - [`store`]: durable state (redb) behind a trait.
 //! - `push`: published revisions, deltas, watch streams.
@@ -65,6 +66,7 @@ pub(crate) mod events;
 pub mod expiry;
 pub(crate) mod extract;
 pub mod files;
+pub(crate) mod instances;
 pub(crate) mod listener;
 pub(crate) mod metrics;
 pub(crate) mod push;

@@ -9,6 +9,11 @@
 //! behind, it asks the [`ChangeLog`] which keys changed since its revision
 //! and builds a delta from that, or falls back to a snapshot (itself
 //! serialized at most once per revision). Keepalive lines fill silences.
+//!
+//! A `Published` shares the registry's data instead of copying it: the
+//! services' entries, the resource maps and the instance shards are
+//! `Arc`s, so publishing a revision costs the keys it changed, however
+//! large the mesh (see `registry` and `instances`).
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::convert::Infallible;
@@ -24,8 +29,8 @@ use meshlet_api::{Resource, ResourceKey};
 use tokio::sync::watch;
 use tokio::time::Instant;
 
+use crate::instances::Instances;
 use crate::registry::{Changes, Registry};
-use crate::store::StoredInstance;
 
 /// How many revisions' changed keys are kept for resuming watchers.
 pub const CHANGE_LOG_LEN: usize = 1024;
@@ -35,14 +40,14 @@ pub const CHANGE_LOG_LEN: usize = 1024;
 pub struct Published {
     pub epoch: u64,
     pub revision: u64,
-    pub services: BTreeMap<ServiceKey, ServiceEntry>,
+    pub services: BTreeMap<ServiceKey, Arc<ServiceEntry>>,
     /// Resources watchers get (every kind but `Service`).
-    pub mesh_resources: BTreeMap<ResourceKey, Resource>,
+    pub mesh_resources: Arc<BTreeMap<ResourceKey, Resource>>,
     /// Every applied resource, `Service`s included.
-    pub resources: BTreeMap<ResourceKey, Resource>,
-    pub instances: BTreeMap<String, StoredInstance>,
+    pub resources: Arc<BTreeMap<ResourceKey, Resource>>,
+    pub instances: Instances,
     /// The revision that last changed each resource.
-    pub last_changes: BTreeMap<ResourceKey, ChangeStamp>,
+    pub last_changes: Arc<BTreeMap<ResourceKey, ChangeStamp>>,
     /// The mesh CA's trust bundle (PEM, signing root first).
     pub trust_roots: String,
     /// The SPIFFE trust domain of instances' identities (empty: none).
@@ -84,8 +89,8 @@ impl Published {
         let mut published = Published {
             epoch: registry.epoch(),
             revision: registry.revision(),
-            services: registry.services(),
-            mesh_resources: registry.mesh_resources(),
+            services: registry.services().clone(),
+            mesh_resources: registry.mesh_resources().clone(),
             resources: registry.resources().clone(),
             instances: registry.instances().clone(),
             last_changes: registry.last_changes().clone(),
@@ -105,7 +110,7 @@ impl Published {
         MeshState {
             epoch: self.epoch,
             revision: self.revision,
-            services: self.services.values().cloned().collect(),
+            services: self.services.values().map(|s| (**s).clone()).collect(),
             resources: self.mesh_resources.values().cloned().collect(),
             trust_roots: self.trust_roots.clone(),
         }
@@ -121,7 +126,7 @@ impl Published {
         };
         for key in &changes.services {
             match self.services.get(key) {
-                Some(s) => delta.services.push(s.clone()),
+                Some(s) => delta.services.push((**s).clone()),
                 None => delta.removed_services.push(key.clone()),
             }
         }

@@ -11,8 +11,19 @@
 //! Resource plans (apply, delete, rollback) stage every change through one
 //! function, so the store's puts and deletes, the before/after rollback
 //! records and the keys pushed to watchers always agree.
+//!
+//! Applying a revision costs what it changed, not the size of the mesh:
+//! the registry keeps the watchers' view of each service
+//! ([`Registry::services`], one `Arc<ServiceEntry>` each) and rebuilds only
+//! the services the revision touched (the instances of a service are
+//! found through an index by service); the instances live in
+//! [`Instances`] (shards shared with published revisions) and the
+//! resources behind `Arc`s that a revision without resource changes does
+//! not touch. So `push::Published` takes its view of a revision by cloning
+//! `Arc`s, not the registry.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 
 use meshlet_api::mesh::{
     ApplyAction, ApplyOutcome, EndpointEntry, MeshState, Registration, RevisionRecord,
@@ -20,6 +31,7 @@ use meshlet_api::mesh::{
 };
 use meshlet_api::{Resource, ResourceKey};
 
+use crate::instances::Instances;
 use crate::store::{Commit, Loaded, ResourceChange, StoredInstance};
 use meshlet_api::changes::{ChangeStamp, DeleteAction, DeleteOutcome};
 
@@ -71,10 +83,17 @@ impl Changes {
 pub struct Registry {
     epoch: u64,
     revision: u64,
-    instances: BTreeMap<String, StoredInstance>,
-    resources: BTreeMap<ResourceKey, Resource>,
+    instances: Instances,
+    /// The ids of each service's registered instances.
+    ids_by_service: BTreeMap<ServiceKey, BTreeSet<String>>,
+    /// What watchers get of each service with endpoints (see
+    /// [`Registry::services`]); kept current by [`Registry::apply`].
+    services: BTreeMap<ServiceKey, Arc<ServiceEntry>>,
+    resources: Arc<BTreeMap<ResourceKey, Resource>>,
+    /// `resources` without the `Service`s (what watchers get).
+    mesh_resources: Arc<BTreeMap<ResourceKey, Resource>>,
     /// The revision that last changed each resource (when recorded).
-    last_changes: BTreeMap<ResourceKey, ChangeStamp>,
+    last_changes: Arc<BTreeMap<ResourceKey, ChangeStamp>>,
     /// The SPIFFE trust domain of registered instances' identities (empty:
     /// no identities, as in unit tests without a CA).
     trust_domain: String,
@@ -149,19 +168,19 @@ fn service_key_of(reg: &Registration) -> ServiceKey {
 
 impl Registry {
     pub fn from_loaded(loaded: Loaded) -> Registry {
-        Registry {
+        let mut registry = Registry {
             epoch: loaded.epoch,
             revision: loaded.revision,
-            instances: loaded
-                .instances
-                .into_iter()
-                .map(|i| (i.registration.id.clone(), i))
-                .collect(),
-            resources: loaded.resources.into_iter().map(|r| (r.key(), r)).collect(),
-            last_changes: loaded.last_changes,
-            trust_domain: String::new(),
-            trust_roots: String::new(),
+            last_changes: Arc::new(loaded.last_changes),
+            ..Registry::default()
+        };
+        for instance in loaded.instances {
+            registry.put_instance(instance);
         }
+        registry.resources = Arc::new(loaded.resources.into_iter().map(|r| (r.key(), r)).collect());
+        registry.resources_changed();
+        registry.rebuild_services();
+        registry
     }
 
     /// Sets the trust domain (registered instances get SPIFFE identities)
@@ -169,7 +188,118 @@ impl Registry {
     pub fn with_identity(mut self, trust_domain: &str, trust_roots: String) -> Registry {
         self.trust_domain = trust_domain.to_owned();
         self.trust_roots = trust_roots;
+        self.rebuild_services();
         self
+    }
+
+    /// Adds (or replaces) an instance and indexes it by service.
+    fn put_instance(&mut self, instance: StoredInstance) {
+        let key = service_key_of(&instance.registration);
+        let id = instance.registration.id.clone();
+        if let Some(old) = self.instances.insert(instance) {
+            self.unindex(&service_key_of(&old.registration), &id);
+        }
+        self.ids_by_service.entry(key).or_default().insert(id);
+    }
+
+    fn remove_instance(&mut self, id: &str) {
+        if let Some(old) = self.instances.remove(id) {
+            self.unindex(&service_key_of(&old.registration), id);
+        }
+    }
+
+    fn unindex(&mut self, key: &ServiceKey, id: &str) {
+        if let Some(ids) = self.ids_by_service.get_mut(key) {
+            ids.remove(id);
+            if ids.is_empty() {
+                self.ids_by_service.remove(key);
+            }
+        }
+    }
+
+    /// Recomputes `mesh_resources` after `resources` changed.
+    fn resources_changed(&mut self) {
+        self.mesh_resources = Arc::new(
+            self.resources
+                .iter()
+                .filter(|(_, r)| !matches!(r, Resource::Service(_)))
+                .map(|(k, r)| (k.clone(), r.clone()))
+                .collect(),
+        );
+    }
+
+    /// Recomputes every service's entry (start-up).
+    fn rebuild_services(&mut self) {
+        let mut keys: BTreeSet<ServiceKey> = self.ids_by_service.keys().cloned().collect();
+        for resource in self.resources.values() {
+            if let Resource::Service(doc) = resource {
+                keys.insert(ServiceKey {
+                    namespace: doc.metadata.namespace.clone(),
+                    name: doc.metadata.name.clone(),
+                });
+            }
+        }
+        self.services.clear();
+        for key in keys {
+            self.refresh_service(&key);
+        }
+    }
+
+    /// Recomputes the entry of `key`: its registered instances merged with
+    /// the static endpoints of its `Service` resource, endpoints sorted by
+    /// address; no entry without endpoints.
+    fn refresh_service(&mut self, key: &ServiceKey) {
+        let mut endpoints = Vec::new();
+        if let Some(ids) = self.ids_by_service.get(key) {
+            let identity = identity_uri(&self.trust_domain, &key.namespace, &key.name);
+            for id in ids {
+                let Some(instance) = self.instances.get(id) else {
+                    continue;
+                };
+                let reg = &instance.registration;
+                endpoints.push(EndpointEntry {
+                    address: reg.address,
+                    labels: reg.labels.clone(),
+                    healthy: reg.healthy,
+                    instance_id: Some(reg.id.clone()),
+                    identity: identity.clone(),
+                });
+            }
+        }
+        let resource_key = ResourceKey {
+            kind: "Service".to_owned(),
+            namespace: key.namespace.clone(),
+            name: key.name.clone(),
+        };
+        if let Some(Resource::Service(doc)) = self.resources.get(&resource_key) {
+            endpoints.extend(doc.spec.endpoints.iter().map(|ep| EndpointEntry {
+                address: ep.address,
+                labels: ep.labels.clone(),
+                healthy: true,
+                instance_id: None,
+                identity: None,
+            }));
+        }
+        if endpoints.is_empty() {
+            self.services.remove(key);
+            return;
+        }
+        endpoints.sort_by(|a, b| (a.address, &a.instance_id).cmp(&(b.address, &b.instance_id)));
+        let entry = ServiceEntry {
+            name: key.name.clone(),
+            namespace: key.namespace.clone(),
+            endpoints,
+        };
+        self.services.insert(key.clone(), Arc::new(entry));
+    }
+
+    /// Instances of `namespace/service` registered now.
+    pub fn instance_count(&self, namespace: &str, service: &str) -> usize {
+        let key = ServiceKey {
+            namespace: namespace.to_owned(),
+            name: service.to_owned(),
+        };
+        self.ids_by_service.get(&key).map_or(0, BTreeSet::len)
     }
 
     pub fn trust_domain(&self) -> &str {
@@ -198,7 +328,7 @@ impl Registry {
         Some(plan)
     }
 
-    pub fn last_changes(&self) -> &BTreeMap<ResourceKey, ChangeStamp> {
+    pub fn last_changes(&self) -> &Arc<BTreeMap<ResourceKey, ChangeStamp>> {
         &self.last_changes
     }
 
@@ -210,7 +340,7 @@ impl Registry {
         self.epoch
     }
 
-    pub fn instances(&self) -> &BTreeMap<String, StoredInstance> {
+    pub fn instances(&self) -> &Instances {
         &self.instances
     }
 
@@ -218,7 +348,7 @@ impl Registry {
         self.instances.get(id)
     }
 
-    pub fn resources(&self) -> &BTreeMap<ResourceKey, Resource> {
+    pub fn resources(&self) -> &Arc<BTreeMap<ResourceKey, Resource>> {
         &self.resources
     }
 
@@ -405,19 +535,45 @@ impl Registry {
     }
 
     /// Makes a committed plan the current state.
+    /// Makes a committed plan the current state. Costs what the plan
+    /// changes: the touched instances, the touched services' entries, and
+    /// the resource maps only when resources changed.
     pub fn apply(&mut self, plan: &Plan) {
         let commit = &plan.commit;
-        commit.apply_to(&mut self.instances, &mut self.resources);
-        for change in &commit.resource_changes {
-            if change.after.is_some() {
-                let stamp = ChangeStamp::of(&commit.record);
-                self.last_changes.insert(change.key.clone(), stamp);
-            } else {
-                self.last_changes.remove(&change.key);
+        for id in &commit.delete_instances {
+            self.remove_instance(id);
+        }
+        for instance in &commit.put_instances {
+            self.put_instance(instance.clone());
+        }
+        if !commit.delete_resources.is_empty() || !commit.put_resources.is_empty() {
+            let resources = Arc::make_mut(&mut self.resources);
+            for key in &commit.delete_resources {
+                resources.remove(key);
+            }
+            for r in &commit.put_resources {
+                resources.insert(r.key(), r.clone());
+            }
+            self.resources_changed();
+        }
+        if !commit.resource_changes.is_empty() {
+            let last_changes = Arc::make_mut(&mut self.last_changes);
+            for change in &commit.resource_changes {
+                if change.after.is_some() {
+                    let stamp = ChangeStamp::of(&commit.record);
+                    last_changes.insert(change.key.clone(), stamp);
+                } else {
+                    last_changes.remove(&change.key);
+                }
             }
         }
         if let Some(roots) = &plan.trust_roots {
             self.trust_roots = roots.clone();
+        }
+        // Every service whose endpoints a plan can change is in its
+        // changes (they are what watchers are told changed).
+        for key in &plan.changes.services {
+            self.refresh_service(key);
         }
         self.revision = commit.revision;
     }
@@ -425,70 +581,22 @@ impl Registry {
     /// Registered instances grouped by service, merged with the static
     /// endpoints of `Service` resources; endpoints sorted by address,
     /// services without endpoints left out.
-    pub fn services(&self) -> BTreeMap<ServiceKey, ServiceEntry> {
-        let mut services: BTreeMap<ServiceKey, ServiceEntry> = BTreeMap::new();
-        fn entry(
-            services: &mut BTreeMap<ServiceKey, ServiceEntry>,
-            key: ServiceKey,
-        ) -> &mut ServiceEntry {
-            services.entry(key.clone()).or_insert_with(|| ServiceEntry {
-                name: key.name,
-                namespace: key.namespace,
-                endpoints: Vec::new(),
-            })
-        }
-        for i in self.instances.values() {
-            let reg = &i.registration;
-            entry(&mut services, service_key_of(reg))
-                .endpoints
-                .push(EndpointEntry {
-                    address: reg.address,
-                    labels: reg.labels.clone(),
-                    healthy: reg.healthy,
-                    instance_id: Some(reg.id.clone()),
-                    identity: identity_uri(&self.trust_domain, &reg.namespace, &reg.service),
-                });
-        }
-        for resource in self.resources.values() {
-            if let Resource::Service(doc) = resource {
-                let key = ServiceKey {
-                    namespace: doc.metadata.namespace.clone(),
-                    name: doc.metadata.name.clone(),
-                };
-                let endpoints = &mut entry(&mut services, key).endpoints;
-                endpoints.extend(doc.spec.endpoints.iter().map(|ep| EndpointEntry {
-                    address: ep.address,
-                    labels: ep.labels.clone(),
-                    healthy: true,
-                    instance_id: None,
-                    identity: None,
-                }));
-            }
-        }
-        services.retain(|_, s| !s.endpoints.is_empty());
-        for s in services.values_mut() {
-            s.endpoints
-                .sort_by(|a, b| (a.address, &a.instance_id).cmp(&(b.address, &b.instance_id)));
-        }
-        services
+    pub fn services(&self) -> &BTreeMap<ServiceKey, Arc<ServiceEntry>> {
+        &self.services
     }
 
     /// The resources watchers get: every kind except `Service` (whose
     /// endpoints are merged into the services).
-    pub fn mesh_resources(&self) -> BTreeMap<ResourceKey, Resource> {
-        self.resources
-            .iter()
-            .filter(|(_, r)| !matches!(r, Resource::Service(_)))
-            .map(|(k, r)| (k.clone(), r.clone()))
-            .collect()
+    pub fn mesh_resources(&self) -> &Arc<BTreeMap<ResourceKey, Resource>> {
+        &self.mesh_resources
     }
 
     pub fn mesh_state(&self) -> MeshState {
         MeshState {
             epoch: self.epoch,
             revision: self.revision,
-            services: self.services().into_values().collect(),
-            resources: self.mesh_resources().into_values().collect(),
+            services: self.services.values().map(|s| (**s).clone()).collect(),
+            resources: self.mesh_resources.values().cloned().collect(),
             trust_roots: self.trust_roots.clone(),
         }
     }
@@ -713,7 +821,7 @@ pub(crate) mod tests {
         assert_eq!(now, [policy("a", "1s"), policy("b", "1s")]);
         assert_eq!(r.last_changes()[&policy("a", "1s").key()].revision, 4);
         // Already equal: nothing to roll back.
-        assert!(r.plan_rollback(r.resources().clone(), "x", 5).is_none());
+        assert!(r.plan_rollback((**r.resources()).clone(), "x", 5).is_none());
     }
 
     #[test]

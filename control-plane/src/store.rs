@@ -25,10 +25,14 @@
 //! older revisions cannot be rolled back to.
 //!
 //! **Credentials** (issue 13): the API's token records (hashes, never a
-//! token's plaintext) and the instance [`Owners`] (which token registered
-//! which instance id) are two blobs of their own ([`Store::load_access`],
-//! [`Store::save_tokens`], [`Store::save_owners`]), each replaced whole
-//! when it changes. Owners are written after the revision that registers
+//! token's plaintext) are a blob of their own ([`Store::load_access`],
+//! [`Store::save_tokens`]), replaced whole when it changes. The instance
+//! [`Owners`] (which token registered which instance id) are a table of
+//! their own, `owners` (id → token name), changed by the ids claimed and
+//! released ([`Store::save_owner_changes`]), so a registration writes one
+//! row, not every owner of a 10 000-instance mesh. (Stores written before
+//! kept the owners as one blob in `access`; the first change moves it
+//! into the table.) Owners are written after the revision that registers
 //! or removes an instance; a crash in between is harmless: on load, owners
 //! of ids no longer registered are dropped, and a registered instance
 //! without an owner gets 404 on its next heartbeat and registers again.
@@ -168,8 +172,34 @@ pub trait Store: Send + Sync + 'static {
     /// Replaces the stored token records (after a token is created or
     /// revoked, or the admin token set up).
     fn save_tokens(&self, tokens: &[TokenRecord]) -> Result<(), StoreError>;
-    /// Replaces the stored instance owners.
-    fn save_owners(&self, owners: &Owners) -> Result<(), StoreError>;
+    /// Records the instance ids claimed and released since the last call.
+    fn save_owner_changes(&self, changes: &OwnerChanges) -> Result<(), StoreError>;
+}
+
+/// Changes to the instance owners, as [`Store::save_owner_changes`] writes
+/// them.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct OwnerChanges {
+    /// `(instance id, token name)` of newly claimed ids.
+    pub claimed: Vec<(String, String)>,
+    /// Ids that are free again.
+    pub released: Vec<String>,
+}
+
+impl OwnerChanges {
+    pub fn is_empty(&self) -> bool {
+        self.claimed.is_empty() && self.released.is_empty()
+    }
+
+    /// Applies the changes to `owners` (what the store now holds).
+    pub fn apply_to(&self, owners: &mut Owners) {
+        for id in &self.released {
+            owners.release(id);
+        }
+        for (id, holder) in &self.claimed {
+            owners.record(id.clone(), holder.clone());
+        }
+    }
 }
 
 /// The credentials part of the store (see the module docs).
@@ -209,10 +239,13 @@ const RESOURCES: TableDefinition<&str, &[u8]> = TableDefinition::new("resources"
 const REVISIONS: TableDefinition<u64, &[u8]> = TableDefinition::new("revisions");
 const CHANGES: TableDefinition<u64, &[u8]> = TableDefinition::new("changes");
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
-/// Blobs of the credentials: [`TOKENS_KEY`] and [`OWNERS_KEY`], JSON.
+/// Blobs of the credentials: [`TOKENS_KEY`] (and, in stores written
+/// before the `owners` table, [`OWNERS_KEY`]), JSON.
 const ACCESS: TableDefinition<&str, &[u8]> = TableDefinition::new("access");
 const TOKENS_KEY: &str = "tokens";
 const OWNERS_KEY: &str = "owners";
+/// Instance id → the name of the token that registered it.
+const OWNERS: TableDefinition<&str, &str> = TableDefinition::new("owners");
 const CURRENT_REVISION: &str = "revision";
 const EPOCH: &str = "epoch";
 /// The revision from which change records are complete.
@@ -240,6 +273,10 @@ fn resource_key(key: &ResourceKey) -> String {
 
 fn encode<T: Serialize>(what: &'static str, value: &T) -> Result<Vec<u8>, StoreError> {
     serde_json::to_vec(value).map_err(|source| StoreError::Encode { what, source })
+}
+
+fn write_error(err: impl Into<redb::Error>) -> StoreError {
+    StoreError::Write(err.into())
 }
 
 fn decode<T: for<'de> Deserialize<'de>>(
@@ -480,24 +517,39 @@ impl Store for RedbStore {
     }
 
     fn load_access(&self) -> Result<AccessRecords, StoreError> {
-        type Blobs = (Option<Vec<u8>>, Option<Vec<u8>>);
-        let read = || -> Result<Blobs, redb::Error> {
+        type Read = (Option<Vec<u8>>, Option<Vec<u8>>, Vec<(String, String)>);
+        let read = || -> Result<Read, redb::Error> {
             let txn = self.db.begin_read()?;
             let table = txn.open_table(ACCESS)?;
             let tokens = table.get(TOKENS_KEY)?.map(|v| v.value().to_vec());
-            let owners = table.get(OWNERS_KEY)?.map(|v| v.value().to_vec());
-            Ok((tokens, owners))
+            let legacy = table.get(OWNERS_KEY)?.map(|v| v.value().to_vec());
+            let mut rows = Vec::new();
+            match txn.open_table(OWNERS) {
+                Ok(owners) => {
+                    for row in owners.iter()? {
+                        let (id, holder) = row?;
+                        rows.push((id.value().to_owned(), holder.value().to_owned()));
+                    }
+                }
+                Err(redb::TableError::TableDoesNotExist(_)) => {}
+                Err(err) => return Err(err.into()),
+            }
+            Ok((tokens, legacy, rows))
         };
-        let (tokens, owners) = read().map_err(StoreError::Read)?;
+        let (tokens, legacy, rows) = read().map_err(StoreError::Read)?;
+        let mut owners = match legacy {
+            Some(bytes) => decode("owners", OWNERS_KEY.to_owned(), &bytes)?,
+            None => Owners::new(),
+        };
+        for (id, holder) in rows {
+            owners.record(id, holder);
+        }
         Ok(AccessRecords {
             tokens: match tokens {
                 Some(bytes) => decode("tokens", TOKENS_KEY.to_owned(), &bytes)?,
                 None => Vec::new(),
             },
-            owners: match owners {
-                Some(bytes) => decode("owners", OWNERS_KEY.to_owned(), &bytes)?,
-                None => Owners::new(),
-            },
+            owners,
         })
     }
 
@@ -505,8 +557,34 @@ impl Store for RedbStore {
         self.put_blob(TOKENS_KEY, &encode("tokens", &tokens)?)
     }
 
-    fn save_owners(&self, owners: &Owners) -> Result<(), StoreError> {
-        self.put_blob(OWNERS_KEY, &encode("owners", owners)?)
+    fn save_owner_changes(&self, changes: &OwnerChanges) -> Result<(), StoreError> {
+        let mut txn = self.db.begin_write().map_err(write_error)?;
+        txn.set_durability(redb::Durability::Immediate)
+            .map_err(write_error)?;
+        {
+            let mut table = txn.open_table(OWNERS).map_err(write_error)?;
+            // A store from before the table: move the blob in first.
+            let mut access = txn.open_table(ACCESS).map_err(write_error)?;
+            let legacy = access
+                .remove(OWNERS_KEY)
+                .map_err(write_error)?
+                .map(|v| v.value().to_vec());
+            if let Some(bytes) = legacy {
+                let owners: Owners = decode("owners", OWNERS_KEY.to_owned(), &bytes)?;
+                for (id, holder) in owners.iter() {
+                    table.insert(id, holder).map_err(write_error)?;
+                }
+            }
+            for id in &changes.released {
+                table.remove(id.as_str()).map_err(write_error)?;
+            }
+            for (id, holder) in &changes.claimed {
+                table
+                    .insert(id.as_str(), holder.as_str())
+                    .map_err(write_error)?;
+            }
+        }
+        txn.commit().map_err(write_error)
     }
 }
 
@@ -612,8 +690,8 @@ impl Store for MemoryStore {
         Ok(())
     }
 
-    fn save_owners(&self, owners: &Owners) -> Result<(), StoreError> {
-        self.inner.lock().unwrap().access.owners = owners.clone();
+    fn save_owner_changes(&self, changes: &OwnerChanges) -> Result<(), StoreError> {
+        changes.apply_to(&mut self.inner.lock().unwrap().access.owners);
         Ok(())
     }
 }
@@ -712,6 +790,63 @@ mod tests {
         assert_eq!(loaded.instances, vec![instance("b", 2)]);
         assert_eq!(loaded.resources, vec![policy("p2")]);
         assert_eq!(store.history(5).unwrap().len(), 2);
+    }
+
+    fn owners_of(store: &dyn Store) -> Vec<(String, String)> {
+        let owners = store.load_access().unwrap().owners;
+        owners
+            .iter()
+            .map(|(id, holder)| (id.to_owned(), holder.to_owned()))
+            .collect()
+    }
+
+    fn pair(id: &str, holder: &str) -> (String, String) {
+        (id.to_owned(), holder.to_owned())
+    }
+
+    #[test]
+    fn owner_changes_are_rows_and_a_legacy_blob_moves_into_them() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = RedbStore::open(dir.path()).unwrap();
+            // A store written before the owners table: one blob.
+            let mut legacy = Owners::new();
+            legacy.record("old-1".into(), "tok-a".into());
+            legacy.record("old-2".into(), "tok-a".into());
+            store
+                .put_blob(OWNERS_KEY, &encode("owners", &legacy).unwrap())
+                .unwrap();
+            assert_eq!(
+                owners_of(&store),
+                [pair("old-1", "tok-a"), pair("old-2", "tok-a")]
+            );
+            let changes = OwnerChanges {
+                claimed: vec![pair("new-1", "tok-b")],
+                released: vec!["old-1".into()],
+            };
+            store.save_owner_changes(&changes).unwrap();
+        }
+        let store = RedbStore::open(dir.path()).unwrap();
+        assert_eq!(
+            owners_of(&store),
+            [pair("new-1", "tok-b"), pair("old-2", "tok-a")],
+            "the blob's owners moved to the table, the changes applied on top"
+        );
+        store
+            .save_owner_changes(&OwnerChanges {
+                claimed: vec![],
+                released: vec!["old-2".into(), "absent".into()],
+            })
+            .unwrap();
+        assert_eq!(owners_of(&store), [pair("new-1", "tok-b")]);
+        let memory = MemoryStore::new();
+        memory
+            .save_owner_changes(&OwnerChanges {
+                claimed: vec![pair("new-1", "tok-b")],
+                released: vec![],
+            })
+            .unwrap();
+        assert_eq!(owners_of(&memory), [pair("new-1", "tok-b")]);
     }
 
     #[test]

@@ -26,7 +26,7 @@
 //! Leaves of instances that deregistered or expired are dropped (a leaf
 //! asked for before registering is kept for a minute, the time to register).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
@@ -39,7 +39,6 @@ use tokio::sync::watch;
 use crate::ca::{CaError, Phase, Roots, BACKDATE};
 use crate::controller::Controller;
 use crate::error::ApiFailure;
-use crate::store::StoredInstance;
 
 /// How often the rotation driver looks at the phase and the leaves.
 pub const TICK: Duration = Duration::from_millis(250);
@@ -234,7 +233,7 @@ impl Workload {
 
     /// Drops the leaves of instances that left the registry (see the
     /// module docs) and marks the others as seen registered.
-    pub fn forget_departed(&self, instances: &BTreeMap<String, StoredInstance>, now_ms: u64) {
+    pub fn forget_departed(&self, instances: &crate::instances::Instances, now_ms: u64) {
         self.leaves.lock().unwrap().retain(|id, leaf| {
             if instances.contains_key(id) {
                 leaf.seen_registered = true;
@@ -294,7 +293,7 @@ impl Workload {
         &self,
         roots: &Roots,
         since_ms: u64,
-        instances: &BTreeMap<String, StoredInstance>,
+        instances: &crate::instances::Instances,
         now_ms: u64,
     ) -> bool {
         let (Some(new), Some(old)) = (roots.all().first(), roots.all().get(1)) else {
@@ -313,7 +312,8 @@ impl Workload {
             return false;
         }
         now_ms >= self.settings.all_known_after_ms
-            || instances.keys().all(|id| {
+            || instances.iter_unordered().all(|i| {
+                let id = &i.registration.id;
                 leaves
                     .get(id)
                     .is_some_and(|l| l.issued.root == new.fingerprint())
@@ -443,15 +443,13 @@ impl Workload {
 mod tests {
     use super::*;
     use crate::registry::tests::registration;
+    use crate::store::StoredInstance;
 
-    fn instances(ids: &[&str]) -> BTreeMap<String, StoredInstance> {
+    fn instances(ids: &[&str]) -> crate::instances::Instances {
         ids.iter()
-            .map(|id| {
-                let i = StoredInstance {
-                    registration: registration(id, "orders", 8080),
-                    registered_at_ms: 0,
-                };
-                (id.to_string(), i)
+            .map(|id| StoredInstance {
+                registration: registration(id, "orders", 8080),
+                registered_at_ms: 0,
             })
             .collect()
     }

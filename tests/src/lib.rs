@@ -90,6 +90,7 @@ pub mod metrics;
 pub mod mtls;
 pub mod netns;
 pub mod process;
+pub mod scale;
 pub mod upstream;
 pub mod wait;
 

@@ -274,6 +274,29 @@ impl ControlPlaneProcess {
         proc_status_kb(pid, "VmRSS:") * 1024
     }
 
+    /// Peak resident memory (VmHWM) in bytes, from /proc.
+    pub fn peak_rss_bytes(&self) -> u64 {
+        let pid = self.child.id().expect("process running");
+        proc_status_kb(pid, "VmHWM:") * 1024
+    }
+
+    /// CPU time (user + system) the process used so far, from
+    /// `/proc/PID/stat` (clock ticks of 10 ms, Linux's `USER_HZ`).
+    pub fn cpu_time(&self) -> Duration {
+        let pid = self.child.id().expect("process running");
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("read /proc stat");
+        // The fields after the command name (which may hold spaces):
+        // state is the 3rd field (skipped), utime the 14th, stime the 15th.
+        let after = stat.rsplit_once(')').map(|(_, rest)| rest).unwrap_or("");
+        let fields: Vec<u64> = after
+            .split_whitespace()
+            .skip(1)
+            .map(|f| f.parse().unwrap_or(0))
+            .collect();
+        let ticks = fields.get(10).copied().unwrap_or(0) + fields.get(11).copied().unwrap_or(0);
+        Duration::from_millis(ticks * 10)
+    }
+
     /// Whether the process is still running.
     pub fn is_running(&mut self) -> bool {
         matches!(self.child.try_wait(), Ok(None))

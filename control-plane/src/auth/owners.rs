@@ -54,6 +54,18 @@ impl Owners {
         Owners::default()
     }
 
+    /// Every `(id, token name)`.
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &str)> + '_ {
+        self.by_id
+            .iter()
+            .map(|(id, holder)| (id.as_str(), holder.as_str()))
+    }
+
+    /// Records `holder` (a token name) for `id` as stored (loading).
+    pub fn record(&mut self, id: String, holder: String) {
+        self.by_id.insert(id, holder);
+    }
+
     /// Records `principal` as the holder of `id`, unless another credential holds it.
     pub fn claim(&mut self, id: &str, principal: &Principal) -> Result<Claim, OwnershipError> {
         match self.by_id.get(id) {
