@@ -15,6 +15,11 @@
 #     sidecar                  wrk -> sidecar inbound -> app (target/release/sidecar,
 #                              defaults: metrics on, tracing on, no control plane)
 #     sidecar (baseline)       the same with BENCH_SIDECAR_BASELINE, when set
+#     sidecar + policies       the same with a RateLimitPolicy (a bucket too big
+#                              to refuse), a CircuitBreakerPolicy, a RetryPolicy
+#                              and a TimeoutPolicy for its service (--config);
+#                              inbound, the rate limit is the one that applies
+#                              (goal 1 is checked on this row)
 #   Nagle app: Python's http.server (tests/e2e/fixtures/nagle_app.py: HTTP/1.1
 #   keep-alive, Nagle on, head and body written apart), latency runs only:
 #     direct, new connections  curl, BENCH_CLOSE_REQUESTS (300) GETs one after
@@ -29,6 +34,9 @@
 #                              inbound -> app; A knows b from --config; HTTP/1.1 hop
 #     sidecars, mTLS           the same with both registered with a control
 #                              plane: mTLS + HTTP/2 hop (as mtls.sh)
+#     sidecars, plaintext +    the plaintext hops with the four policies for b:
+#       policies               breaker, retry and timeout on A's outbound, the
+#                              rate limit on B's inbound, tracing on
 #
 # Per row: a warm-up (BENCH_WARMUP), a throughput run (wrk -t1 -c32,
 # BENCH_DURATION, keep-alive) and a latency run (wrk -t1 -c1, closed loop,
@@ -205,6 +213,45 @@ sidecar() {
 
 log "one hop: sidecar inbound -> app"
 sidecar sidecar "$SIDECAR" "$APP_PORT"
+# policies SERVICE: the four policies of the "+ policies" rows for SERVICE,
+# none of which refuses or retries anything during the runs.
+policies() {
+    cat <<EOF
+apiVersion: meshlet.dev/v1alpha1
+kind: RateLimitPolicy
+metadata: {name: $1-limit}
+spec:
+  targetRef: {service: $1}
+  tokenBucket: {capacity: 1000000000, refillPerSecond: 1000000000}
+  key: service
+  scope: local
+---
+apiVersion: meshlet.dev/v1alpha1
+kind: CircuitBreakerPolicy
+metadata: {name: $1-breaker}
+spec:
+  targetRef: {service: $1}
+  consecutiveFailures: 5
+  openDuration: 60s
+---
+apiVersion: meshlet.dev/v1alpha1
+kind: RetryPolicy
+metadata: {name: $1-retry}
+spec:
+  targetRef: {service: $1}
+  attempts: 2
+  retryOn: [gateway-error, connect-failure, reset]
+---
+apiVersion: meshlet.dev/v1alpha1
+kind: TimeoutPolicy
+metadata: {name: $1-timeout}
+spec:
+  targetRef: {service: $1}
+  request: 10s
+EOF
+}
+policies bench >"$TMP/one-hop-policies.yaml"
+sidecar policies "$SIDECAR" "$APP_PORT" --config "$TMP/one-hop-policies.yaml"
 [[ -z "$BASELINE" ]] || sidecar baseline "$BASELINE" "$APP_PORT"
 
 log "Nagle: nginx and sidecar(s) in front of the Python app"
@@ -231,6 +278,21 @@ spec:
 EOF
 sidecar plain-a "$SIDECAR" "$APP_PORT" --service a --config "$TMP/plain-mesh.yaml" --tracing off
 
+log "two hops: sidecars, plaintext + policies (standalone, tracing on)"
+policies b >"$TMP/pol-b.yaml"
+sidecar pol-b "$SIDECAR" "$APP_PORT" --service b --config "$TMP/pol-b.yaml"
+{
+    echo "apiVersion: meshlet.dev/v1alpha1"
+    echo "kind: Service"
+    echo "metadata: {name: b}"
+    echo "spec:"
+    echo "  endpoints:"
+    echo "    - address: 127.0.0.1:${SC_IN[pol-b]}"
+    echo "---"
+    cat "$TMP/pol-b.yaml"
+} >"$TMP/pol-mesh.yaml"
+sidecar pol-a "$SIDECAR" "$APP_PORT" --service a --config "$TMP/pol-mesh.yaml"
+
 log "two hops: sidecars, mTLS (control plane)"
 start_control_plane "$BIN_DIR/control-plane"
 pin "$APP_CORE" "$CP_PID"
@@ -251,6 +313,7 @@ wait_route() {
     die "$3: GET with Host: $2 answered '${code:-nothing}' for 30s"
 }
 wait_route "${SC_OUT[plain-a]}" b "plain: sidecar A"
+wait_route "${SC_OUT[pol-a]}" b "policies: sidecar A"
 wait_route "${SC_OUT[mtls-a]}" b "mtls: sidecar A"
 # The hop must be mTLS before the runs: B counts a completed handshake.
 handshakes() { metric "${SC_ADMIN[mtls-b]}" meshlet_tls_handshakes_total 'direction="inbound"'; }
@@ -272,6 +335,7 @@ add_row nginx "nginx, 1 worker, upstream keepalive" "$NGINX_PORT" full "$(nginx_
 add_row haproxy "haproxy, 1 thread" "$HAPROXY_PORT" full "$HAPROXY_PID"
 add_row sidecar "sidecar inbound -> app" "${SC_IN[sidecar]}" full "${SC_PID[sidecar]}"
 [[ -z "$BASELINE" ]] || add_row baseline "sidecar inbound -> app (baseline build)" "${SC_IN[baseline]}" full "${SC_PID[baseline]}"
+add_row policies "sidecar + policies (rate limit, breaker, retry, timeout)" "${SC_IN[policies]}" full "${SC_PID[policies]}"
 add_row nagle-direct "Nagle app: direct, new connection per request" "$NAGLE_PORT" latency ""
 ROW_CLOSE[nagle-direct]=1
 add_row nagle-direct-ka "Nagle app: direct, kept alive" "$NAGLE_PORT" latency ""
@@ -281,6 +345,7 @@ add_row nagle-nginx "Nagle app: via nginx" "$NAGLE_NGINX_PORT" latency "$(nginx_
 add_row hop2-nginx "two hops: nginx -> nginx" "$HOP_A_PORT" full "$(nginx_procs hop_a) $(nginx_procs hop_b)"
 add_row hop2-plain "two hops: sidecars, plaintext" "${SC_OUT[plain-a]}" full "${SC_PID[plain-a]} ${SC_PID[plain-b]}" b
 add_row hop2-mtls "two hops: sidecars, mTLS" "${SC_OUT[mtls-a]}" full "${SC_PID[mtls-a]} ${SC_PID[mtls-b]}" b
+add_row hop2-pol "two hops: sidecars, plaintext + policies, tracing on" "${SC_OUT[pol-a]}" full "${SC_PID[pol-a]} ${SC_PID[pol-b]}" b
 
 collect_our_pids
 LOAD_BEFORE=$(cut -d' ' -f1 /proc/loadavg)
@@ -431,8 +496,8 @@ rss_cell() { # rss_cell SIDECAR...: idle / peak MiB (the larger over the sidecar
     done
     echo "$(mib "$i") / $(mib "$p")"
 }
-declare -A RSS_OF=([sidecar]="sidecar" [baseline]="baseline" [nagle-sidecar]="nagle-sidecar"
-    [nagle-baseline]="nagle-baseline" [hop2-plain]="plain-a plain-b" [hop2-mtls]="mtls-a mtls-b")
+declare -A RSS_OF=([sidecar]="sidecar" [baseline]="baseline" [policies]="policies" [nagle-sidecar]="nagle-sidecar"
+    [nagle-baseline]="nagle-baseline" [hop2-plain]="plain-a plain-b" [hop2-mtls]="mtls-a mtls-b" [hop2-pol]="pol-a pol-b")
 rows=("path|req/s|x direct|x nginx|p50 ms|p99 ms|added p50 us|added p99 us|CPU us/req|RSS MiB idle / load|TLS hs/1k req|errors")
 for name in "${ROWS[@]}"; do
     case $name in
@@ -467,7 +532,7 @@ ge() { awk -v a="$1" -v b="$2" 'BEGIN { print (a >= b) }'; }
 le() { awk -v a="$1" -v b="$2" 'BEGIN { print (a <= b) }'; }
 mtls_rss=$(awk -v a="${RSS_PEAK[mtls-a]}" -v b="${RSS_PEAK[mtls-b]}" 'BEGIN { print (a > b ? a : b) }')
 goals=(
-    "1. throughput >= 1.0x nginx (one hop): $(check "$(ge "${RPS[sidecar]}" "${RPS[nginx]}")") ($(ratio "${RPS[sidecar]}" "${RPS[nginx]}")x)"
+    "1. throughput >= 1.0x nginx (one hop, metrics + tracing + policies): $(check "$(ge "${RPS[policies]}" "${RPS[nginx]}")") ($(ratio "${RPS[policies]}" "${RPS[nginx]}")x; without policies $(ratio "${RPS[sidecar]}" "${RPS[nginx]}")x; two hops with policies $(ratio "${RPS[hop2-pol]}" "${RPS[hop2-nginx]}")x two nginx hops)"
     "2. added latency <= 0.8x nginx's at c=1: p50 $(check "$(le "$((P50[sidecar] - P50[direct]))" "$(awk -v n="$((P50[nginx] - P50[direct]))" 'BEGIN { print 0.8 * n }')")"), p99 $(check "$(le "$((P99[sidecar] - P99[direct]))" "$(awk -v n="$((P99[nginx] - P99[direct]))" 'BEGIN { print 0.8 * n }')")")"
     "3. Nagle app: added p50 within 1 ms of direct through the sidecar: $(check "$(le "$((${P50[nagle-sidecar]} - ${P50[nagle-direct]}))" 1000)") ($(ms "$((${P50[nagle-sidecar]} - ${P50[nagle-direct]}))") ms; nginx $(ms "$((${P50[nagle-nginx]} - ${P50[nagle-direct]}))") ms)"
     "4. two hops, mTLS: $(ratio "${RPS[hop2-mtls]}" "${RPS[hop2-nginx]}")x two nginx hops' throughput (plaintext $(ratio "${RPS[hop2-plain]}" "${RPS[hop2-nginx]}")x), ${HS[hop2-mtls]} TLS handshakes per 1000 requests"
