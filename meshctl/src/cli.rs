@@ -428,14 +428,14 @@ async fn dispatch(cp: &ControlPlane, command: Command) -> Result<bool, CommandEr
             name,
             namespace,
             output,
-        } => get(&cp, &kind, name.as_deref(), namespace.as_deref(), output).await,
+        } => get(cp, &kind, name.as_deref(), namespace.as_deref(), output).await,
         Command::Describe {
             kind,
             name,
             namespace,
             output,
-        } => describe(&cp, &kind, &name, namespace.as_deref(), output).await,
-        Command::Apply { file } => resources::apply(&cp, &file).await,
+        } => describe(cp, &kind, &name, namespace.as_deref(), output).await,
+        Command::Apply { file } => resources::apply(cp, &file).await,
         Command::Delete {
             file,
             kind,
@@ -444,7 +444,7 @@ async fn dispatch(cp: &ControlPlane, command: Command) -> Result<bool, CommandEr
             ignore_not_found,
         } => {
             delete(
-                &cp,
+                cp,
                 file.as_deref(),
                 kind.as_deref(),
                 &names,
@@ -453,13 +453,13 @@ async fn dispatch(cp: &ControlPlane, command: Command) -> Result<bool, CommandEr
             )
             .await
         }
-        Command::Diff { file } => resources::diff(&cp, &file).await,
+        Command::Diff { file } => resources::diff(cp, &file).await,
         Command::History {
             limit,
             resources_only,
             output,
-        } => resources::history(&cp, limit, resources_only, output).await,
-        Command::Rollback { revision } => resources::rollback(&cp, revision).await,
+        } => resources::history(cp, limit, resources_only, output).await,
+        Command::Rollback { revision } => resources::rollback(cp, revision).await,
         Command::Traces {
             service,
             min_duration,
@@ -471,13 +471,13 @@ async fn dispatch(cp: &ControlPlane, command: Command) -> Result<bool, CommandEr
                 min_duration,
                 limit,
             };
-            traceview::traces(&cp, &filter, output).await
+            traceview::traces(cp, &filter, output).await
         }
-        Command::Trace { id, output } => traceview::trace(&cp, &id, output).await,
-        Command::Token { command } => token(&cp, command).await,
+        Command::Trace { id, output } => traceview::trace(cp, &id, output).await,
+        Command::Token { command } => token(cp, command).await,
         Command::Ca { command } => match command {
-            CaCommand::Status { output } => crate::ca::status(&cp, output).await,
-            CaCommand::Rotate { output } => crate::ca::rotate(&cp, output).await,
+            CaCommand::Status { output } => crate::ca::status(cp, output).await,
+            CaCommand::Rotate { output } => crate::ca::rotate(cp, output).await,
         },
         Command::Broadcast {
             path,
@@ -493,7 +493,7 @@ async fn dispatch(cp: &ControlPlane, command: Command) -> Result<bool, CommandEr
                 method,
                 timeout,
             };
-            services::broadcast(&cp, &opts).await
+            services::broadcast(cp, &opts).await
         }
     }
 }

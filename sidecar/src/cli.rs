@@ -473,8 +473,16 @@ impl Args {
                 ExportEndpoint::parse(url)
                     .map_err(|why| StartupError::Usage(format!("--trace-endpoint {why}")))?,
             ),
-            None => control_plane
-                .map(|cp| ExportEndpoint::control_plane(&cp.authority, cp.client.clone())),
+            // Spans follow the replica the sidecar uses.
+            None => control_plane.map(|cp| {
+                let replicas = std::sync::Arc::clone(&cp.replicas);
+                ExportEndpoint::control_plane(&cp.authority, cp.client.clone()).following(
+                    move || {
+                        let current = replicas.current();
+                        (current.authority, current.addr)
+                    },
+                )
+            }),
         };
         Ok(Observability {
             tracing: self.tracing == Switch::On,
