@@ -229,11 +229,10 @@ async fn sidecars_fail_over_to_the_next_replica_and_resume_without_a_snapshot() 
         switched
     );
     for sidecar in sidecars {
-        assert_eq!(
-            metric(sidecar, "meshlet_control_plane_failovers_total", &[]).await,
-            1.0,
-            "exactly one move, A → B"
-        );
+        // A → B, and more moves only if B was tried before it served
+        // (A → B → A → B ...): an odd count.
+        let moves = metric(sidecar, "meshlet_control_plane_failovers_total", &[]).await;
+        assert!(moves >= 1.0 && moves % 2.0 == 1.0, "{moves} failovers");
     }
 
     // A policy applied through B reaches both sidecars by a delta.
