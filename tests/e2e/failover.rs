@@ -81,9 +81,12 @@ async fn a_sidecar_skips_a_dead_control_plane_url_and_routes_with_the_live_one()
     assert_eq!(reply.status, 200, "{}", reply.text());
     assert_eq!(orders_app.requests(), 1);
     for sidecar in [&orders, &frontend] {
-        let status = control_status(sidecar).await;
-        assert_eq!(status["current"], cp.url(), "{status}");
-        assert_eq!(status["connected"], true, "{status}");
+        // Registration may reach LIVE before the watch's backoff ends.
+        let status = wait::until("the watch on LIVE", Duration::from_secs(5), || async {
+            let status = control_status(sidecar).await;
+            (status["current"] == cp.url() && status["connected"] == true).then_some(status)
+        })
+        .await;
         assert_eq!(status["replicas"].as_array().unwrap().len(), 2, "{status}");
         assert!(
             metric(sidecar, "meshlet_control_plane_failovers_total", &[]).await >= 1.0,
