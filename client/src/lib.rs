@@ -19,6 +19,8 @@
 //! mesh CA only ([`client_config_from_ca_file`]), with the server name
 //! taken from the authority's host; [`Client::bearer`] sends
 //! `Authorization: Bearer TOKEN` on every request that has none.
+//! [`Client::connect_to`] pins the address to connect to (one replica of
+//! several behind one name) while the authority still names the peer.
 //!
 //! A request whose body hyper has taken in full, answered by the peer
 //! closing or resetting the connection before any response byte, is
@@ -191,6 +193,9 @@ pub struct Client {
     user_agent: Option<HeaderValue>,
     authorization: Option<HeaderValue>,
     tls: Option<tokio_rustls::TlsConnector>,
+    /// Connect here instead of resolving the authority (which still names
+    /// the peer: `Host`, the TLS server name, errors).
+    connect_to: Option<SocketAddr>,
 }
 
 impl std::fmt::Debug for Client {
@@ -202,6 +207,7 @@ impl std::fmt::Debug for Client {
             .field("user_agent", &self.user_agent)
             .field("bearer", &self.authorization.is_some())
             .field("tls", &self.tls.is_some())
+            .field("connect_to", &self.connect_to)
             .finish()
     }
 }
@@ -237,6 +243,15 @@ impl Client {
     /// the authority's host.
     pub fn tls(mut self, config: std::sync::Arc<rustls::ClientConfig>) -> Client {
         self.tls = Some(tokio_rustls::TlsConnector::from(config));
+        self
+    }
+
+    /// Connects to `addr` instead of resolving the authority: one address
+    /// of a name that resolves to several (a control plane's replicas
+    /// behind one DNS name). The authority still gives `Host`, the TLS
+    /// server name the certificate must carry, and the name in errors.
+    pub fn connect_to(mut self, addr: Option<SocketAddr>) -> Client {
+        self.connect_to = addr;
         self
     }
 
@@ -331,14 +346,18 @@ impl Client {
     }
 
     /// Connects to the first address of `authority` that accepts.
+    /// (Or to the address of [`Client::connect_to`].)
     async fn connect(&self, authority: &str) -> Result<TcpStream, ClientError> {
-        let addrs: Vec<SocketAddr> = tokio::net::lookup_host(authority)
-            .await
-            .map_err(|source| ClientError::Resolve {
-                authority: authority.to_owned(),
-                source,
-            })?
-            .collect();
+        let addrs: Vec<SocketAddr> = match self.connect_to {
+            Some(addr) => vec![addr],
+            None => tokio::net::lookup_host(authority)
+                .await
+                .map_err(|source| ClientError::Resolve {
+                    authority: authority.to_owned(),
+                    source,
+                })?
+                .collect(),
+        };
         let attempt = async {
             let mut last = std::io::Error::new(std::io::ErrorKind::NotFound, "no address");
             for addr in addrs {

@@ -280,6 +280,37 @@ async fn tls_refuses_a_certificate_for_another_name() {
     assert!(err.to_string().contains("not valid for name"), "{err}");
 }
 
+#[tokio::test]
+async fn connect_to_pins_the_address_and_tls_still_verifies_the_name() {
+    // A certificate for a DNS name only; the client connects to the
+    // server's address but verifies (and sends `Host`) for the name.
+    let fixture = tls_server(&["cp.example"]).await;
+    let config = client_config_from_ca_pem(fixture.ca_pem.as_bytes(), "test CA").unwrap();
+    let addr: std::net::SocketAddr = fixture.authority.parse().unwrap();
+    let authority = format!("cp.example:{}", addr.port());
+    let reply = Client::new()
+        .tls(config.clone())
+        .connect_to(Some(addr))
+        .fetch(&authority, get(&authority, "/"))
+        .await
+        .unwrap();
+    assert_eq!(reply.text(), "secure");
+    let head = fixture.head.await.unwrap().to_ascii_lowercase();
+    assert!(head.contains(&format!("host: {authority}\r\n")), "{head}");
+    // The same address under another name: the certificate does not fit.
+    let other = tls_server(&["cp.example"]).await;
+    let config = client_config_from_ca_pem(other.ca_pem.as_bytes(), "test CA").unwrap();
+    let addr: std::net::SocketAddr = other.authority.parse().unwrap();
+    let wrong = format!("other.example:{}", addr.port());
+    let err = Client::new()
+        .tls(config)
+        .connect_to(Some(addr))
+        .fetch(&wrong, get(&wrong, "/"))
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("not valid for name"), "{err}");
+}
+
 #[test]
 fn a_ca_bundle_without_certificates_is_refused() {
     let err = client_config_from_ca_pem(b"not pem at all", "ca.crt").unwrap_err();

@@ -24,7 +24,8 @@ use crate::validate::{read_files, validate_path};
 #[derive(Debug, Parser)]
 #[command(name = "meshctl", version, about = "meshlet command-line client")]
 pub struct Args {
-    /// The control plane's API: https://HOST[:PORT].
+    /// The control plane's API: https://HOST[:PORT], or several replicas
+    /// separated by commas (tried in order when one cannot be reached).
     #[arg(
         long,
         global = true,
@@ -43,6 +44,9 @@ pub struct Args {
     /// the control plane's DATA_DIR/ca.crt.
     #[arg(long, global = true, env = "MESHLET_CA_FILE")]
     ca_file: Option<PathBuf>,
+    /// Say on stderr which server and replica answered.
+    #[arg(short = 'v', long, global = true)]
+    verbose: bool,
     #[command(subcommand)]
     command: Command,
 }
@@ -324,13 +328,18 @@ pub fn run(args: Args) -> ExitCode {
                 token_file: args.token_file,
                 ca_file: args.ca_file,
             };
-            run_online(&args.server, &credentials, command)
+            run_online(&args.server, &credentials, command, args.verbose)
         }
     }
 }
 
 /// A command that talks to the control plane, on a one-thread runtime.
-fn run_online(server: &str, credentials: &Credentials, command: Command) -> ExitCode {
+fn run_online(
+    server: &str,
+    credentials: &Credentials,
+    command: Command,
+    verbose: bool,
+) -> ExitCode {
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -342,7 +351,7 @@ fn run_online(server: &str, credentials: &Credentials, command: Command) -> Exit
         }
     };
     let is_diff = matches!(command, Command::Diff { .. });
-    let result = runtime.block_on(online(server, credentials, command));
+    let result = runtime.block_on(online(server, credentials, command, verbose));
     if is_diff {
         diff_exit_code(result)
     } else {
@@ -379,8 +388,39 @@ async fn online(
     server: &str,
     credentials: &Credentials,
     command: Command,
+    verbose: bool,
 ) -> Result<bool, CommandError> {
     let cp = ControlPlane::new(server, credentials)?;
+    let result = dispatch(&cp, command).await;
+    for line in answered_lines(&cp.answered(), verbose) {
+        eprintln!("{line}");
+    }
+    result
+}
+
+/// What meshctl says on stderr about who answered: a skipped server
+/// always (a replica is down), the answering server and replica with
+/// `-v`. Never stdout, which stays the command's output.
+fn answered_lines(answered: &client::Answered, verbose: bool) -> Vec<String> {
+    let mut lines = Vec::new();
+    if let Some(server) = &answered.server {
+        for (skipped, cause) in &answered.skipped {
+            lines.push(format!(
+                "meshctl: note: {skipped} could not be reached ({cause}); {server} answered"
+            ));
+        }
+        if verbose {
+            lines.push(match &answered.replica {
+                Some(replica) => format!("meshctl: answered by {server} (replica {replica})"),
+                None => format!("meshctl: answered by {server}"),
+            });
+        }
+    }
+    lines
+}
+
+/// Runs an online command against `cp`.
+async fn dispatch(cp: &ControlPlane, command: Command) -> Result<bool, CommandError> {
     match command {
         Command::Validate { .. } | Command::Inject { .. } => Ok(true),
         Command::Get {
@@ -388,14 +428,14 @@ async fn online(
             name,
             namespace,
             output,
-        } => get(&cp, &kind, name.as_deref(), namespace.as_deref(), output).await,
+        } => get(cp, &kind, name.as_deref(), namespace.as_deref(), output).await,
         Command::Describe {
             kind,
             name,
             namespace,
             output,
-        } => describe(&cp, &kind, &name, namespace.as_deref(), output).await,
-        Command::Apply { file } => resources::apply(&cp, &file).await,
+        } => describe(cp, &kind, &name, namespace.as_deref(), output).await,
+        Command::Apply { file } => resources::apply(cp, &file).await,
         Command::Delete {
             file,
             kind,
@@ -404,7 +444,7 @@ async fn online(
             ignore_not_found,
         } => {
             delete(
-                &cp,
+                cp,
                 file.as_deref(),
                 kind.as_deref(),
                 &names,
@@ -413,13 +453,13 @@ async fn online(
             )
             .await
         }
-        Command::Diff { file } => resources::diff(&cp, &file).await,
+        Command::Diff { file } => resources::diff(cp, &file).await,
         Command::History {
             limit,
             resources_only,
             output,
-        } => resources::history(&cp, limit, resources_only, output).await,
-        Command::Rollback { revision } => resources::rollback(&cp, revision).await,
+        } => resources::history(cp, limit, resources_only, output).await,
+        Command::Rollback { revision } => resources::rollback(cp, revision).await,
         Command::Traces {
             service,
             min_duration,
@@ -431,13 +471,13 @@ async fn online(
                 min_duration,
                 limit,
             };
-            traceview::traces(&cp, &filter, output).await
+            traceview::traces(cp, &filter, output).await
         }
-        Command::Trace { id, output } => traceview::trace(&cp, &id, output).await,
-        Command::Token { command } => token(&cp, command).await,
+        Command::Trace { id, output } => traceview::trace(cp, &id, output).await,
+        Command::Token { command } => token(cp, command).await,
         Command::Ca { command } => match command {
-            CaCommand::Status { output } => crate::ca::status(&cp, output).await,
-            CaCommand::Rotate { output } => crate::ca::rotate(&cp, output).await,
+            CaCommand::Status { output } => crate::ca::status(cp, output).await,
+            CaCommand::Rotate { output } => crate::ca::rotate(cp, output).await,
         },
         Command::Broadcast {
             path,
@@ -453,7 +493,7 @@ async fn online(
                 method,
                 timeout,
             };
-            services::broadcast(&cp, &opts).await
+            services::broadcast(cp, &opts).await
         }
     }
 }
@@ -557,6 +597,37 @@ mod tests {
 
     fn parse(args: &[&str]) -> Result<Args, clap::Error> {
         Args::try_parse_from(std::iter::once("meshctl").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn who_answered_goes_to_stderr_a_skipped_server_always() {
+        let mut answered = client::Answered {
+            server: Some("https://b:1".into()),
+            replica: Some("cp-1".into()),
+            skipped: Vec::new(),
+        };
+        assert!(
+            answered_lines(&answered, false).is_empty(),
+            "quiet by default"
+        );
+        assert_eq!(
+            answered_lines(&answered, true),
+            ["meshctl: answered by https://b:1 (replica cp-1)"]
+        );
+        answered
+            .skipped
+            .push(("https://a:1".into(), "connection refused".into()));
+        answered.replica = None;
+        assert_eq!(
+            answered_lines(&answered, false),
+            ["meshctl: note: https://a:1 could not be reached (connection refused); https://b:1 answered"]
+        );
+        assert_eq!(
+            answered_lines(&answered, true)[1],
+            "meshctl: answered by https://b:1"
+        );
+        assert!(parse(&["-v", "get", "services"]).unwrap().verbose);
+        assert!(parse(&["get", "services", "--verbose"]).unwrap().verbose);
     }
 
     #[test]

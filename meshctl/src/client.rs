@@ -9,6 +9,16 @@
 //! ([`CLOSED_BEFORE_ANSWER`]: it may have been committed, so never
 //! "cannot reach").
 //!
+//! Several servers (`--server URL1,URL2`, a control plane's replicas):
+//! each call goes to the first that accepts a connection, in order.
+//! A connection that could not be made sent nothing, so any request moves
+//! on to the next server; a read (GET) also moves on when the answer
+//! failed after it was sent; a change (POST, PUT, DELETE) that may have
+//! reached a server is never sent again: [`CLOSED_BEFORE_ANSWER`] or
+//! the failure itself. [`ControlPlane::answered`] records which server
+//! and replica (`x-meshlet-replica`) answered and which were skipped,
+//! for `-v` and the skipped-server note on stderr.
+//!
 //! `broadcast` reaches instances through [`plain_client`] (plain HTTP to
 //! the sidecars' inbound listeners; no token, no TLS).
 
@@ -48,6 +58,9 @@ pub enum ClientError {
     BadServer { server: String, reason: String },
     #[error("cannot reach the control plane at {server}: {cause} ({REACH_HINT})")]
     Unreachable { server: String, cause: String },
+    /// Several servers, none reachable: each with its cause.
+    #[error("cannot reach any control plane: {tried} ({REACH_HINT})")]
+    NoneReachable { tried: String },
     /// A change (POST, PUT, DELETE) was sent whole and the connection
     /// closed before any answer: it may have been committed.
     #[error("{CLOSED_BEFORE_ANSWER}")]
@@ -129,13 +142,47 @@ pub fn plain_client(connect_timeout: Duration, timeout: Duration) -> Client {
         .user_agent("meshctl")
 }
 
-/// The control plane's API at `--server`.
-#[derive(Debug, Clone)]
+/// The control plane's API at `--server` (one or several replicas).
+#[derive(Debug)]
 pub struct ControlPlane {
-    server: String,
-    authority: String,
+    /// The servers in order: (URL, `HOST:PORT`).
+    servers: Vec<(String, String)>,
     client: Client,
     has_token: bool,
+    answered: std::sync::Mutex<Answered>,
+}
+
+/// Who answered the calls so far.
+#[derive(Debug, Default, Clone)]
+pub struct Answered {
+    /// The server that answered the last call.
+    pub server: Option<String>,
+    /// Its `x-meshlet-replica` header, if it sent one.
+    pub replica: Option<String>,
+    /// Servers skipped (unreachable) with why, each once.
+    pub skipped: Vec<(String, String)>,
+}
+
+/// The header a replicated control plane names itself in.
+pub const REPLICA_HEADER: &str = "x-meshlet-replica";
+
+/// `https://A,https://B` → each server parsed by [`parse_server`],
+/// duplicates dropped.
+pub fn parse_servers(list: &str) -> Result<Vec<(String, String)>, ClientError> {
+    let mut servers: Vec<(String, String)> = Vec::new();
+    for server in list.split(',').map(str::trim) {
+        if server.is_empty() {
+            return Err(ClientError::BadServer {
+                server: list.to_owned(),
+                reason: "an empty URL in the list".to_owned(),
+            });
+        }
+        let parsed = parse_server(server)?;
+        if !servers.iter().any(|s| s.1 == parsed.1) {
+            servers.push(parsed);
+        }
+    }
+    Ok(servers)
 }
 
 /// `https://HOST[:PORT]` (no path) → (the URL without a trailing `/`,
@@ -175,12 +222,12 @@ impl ControlPlane {
     /// `server` is `https://HOST[:PORT]`; the CA file is required (the
     /// API is always HTTPS), the token is not (the server's 401 says so).
     pub fn new(server: &str, credentials: &Credentials) -> Result<ControlPlane, ClientError> {
-        let (server, authority) = parse_server(server)?;
+        let servers = parse_servers(server)?;
         let ca_file = credentials
             .ca_file
             .as_deref()
             .ok_or_else(|| ClientError::NoCa {
-                server: server.clone(),
+                server: servers[0].0.clone(),
             })?;
         let tls = meshlet_client::client_config_from_ca_file(ca_file).map_err(|e| {
             ClientError::CaFile {
@@ -200,15 +247,26 @@ impl ControlPlane {
                 .map_err(|_| ClientError::BadToken { origin })?;
         }
         Ok(ControlPlane {
-            server,
-            authority,
+            servers,
             client,
             has_token,
+            answered: Default::default(),
         })
     }
 
-    pub fn server(&self) -> &str {
-        &self.server
+    /// The server answers are expected from (the first of the list, the
+    /// one that answered once one did).
+    pub fn server(&self) -> String {
+        let answered = self.answered.lock().unwrap();
+        answered
+            .server
+            .clone()
+            .unwrap_or_else(|| self.servers[0].0.clone())
+    }
+
+    /// Who answered so far (for `-v` and the note on skipped servers).
+    pub fn answered(&self) -> Answered {
+        self.answered.lock().unwrap().clone()
     }
 
     async fn call(
@@ -218,30 +276,78 @@ impl ControlPlane {
         body: Option<Vec<u8>>,
     ) -> Result<(StatusCode, Bytes), ClientError> {
         let changes = !matches!(method, Method::GET | Method::HEAD);
-        let mut builder = meshlet_client::request(method, &self.authority, path);
-        if body.is_some() {
-            builder = builder.header(header::CONTENT_TYPE, "application/json");
-        }
-        let request = builder
-            .body(Full::new(Bytes::from(body.unwrap_or_default())))
-            .map_err(|e| ClientError::BadServer {
-                server: self.server.clone(),
-                reason: e.to_string(),
-            })?;
-        match self.client.fetch(&self.authority, request).await {
-            Ok(reply) => Ok((reply.status, reply.body)),
-            Err(err @ meshlet_client::ClientError::Tls { .. }) => Err(ClientError::Tls {
-                server: self.server.clone(),
-                cause: tls_cause(&err),
-            }),
-            Err(meshlet_client::ClientError::ClosedBeforeAnswer { .. }) if changes => {
-                Err(ClientError::ClosedBeforeAnswer)
+        let has_body = body.is_some();
+        let body = Bytes::from(body.unwrap_or_default());
+        let mut tried = Vec::new();
+        for (server, authority) in &self.servers {
+            let mut builder = meshlet_client::request(method.clone(), authority, path);
+            if has_body {
+                builder = builder.header(header::CONTENT_TYPE, "application/json");
             }
-            Err(err) => Err(ClientError::Unreachable {
-                server: self.server.clone(),
-                cause: err.cause(),
-            }),
+            let request =
+                builder
+                    .body(Full::new(body.clone()))
+                    .map_err(|e| ClientError::BadServer {
+                        server: server.clone(),
+                        reason: e.to_string(),
+                    })?;
+            let err = match self.client.fetch(authority, request).await {
+                Ok(reply) => {
+                    let mut answered = self.answered.lock().unwrap();
+                    answered.server = Some(server.clone());
+                    answered.replica = reply.header(REPLICA_HEADER).map(str::to_owned);
+                    return Ok((reply.status, reply.body));
+                }
+                Err(err) => err,
+            };
+            let next = match &err {
+                // Nothing was sent: any request may go to the next one.
+                meshlet_client::ClientError::Resolve { .. }
+                | meshlet_client::ClientError::Connect { .. }
+                | meshlet_client::ClientError::ConnectTimeout { .. } => true,
+                // Sent, maybe taken: only a read is asked again.
+                meshlet_client::ClientError::ClosedBeforeAnswer { .. }
+                | meshlet_client::ClientError::Timeout { .. }
+                | meshlet_client::ClientError::Http { .. } => !changes,
+                _ => false,
+            };
+            if !next {
+                return Err(match err {
+                    err @ meshlet_client::ClientError::Tls { .. } => ClientError::Tls {
+                        server: server.clone(),
+                        cause: tls_cause(&err),
+                    },
+                    meshlet_client::ClientError::ClosedBeforeAnswer { .. } if changes => {
+                        ClientError::ClosedBeforeAnswer
+                    }
+                    err => ClientError::Unreachable {
+                        server: server.clone(),
+                        cause: err.cause(),
+                    },
+                });
+            }
+            let mut answered = self.answered.lock().unwrap();
+            if !answered.skipped.iter().any(|(s, _)| s == server) {
+                answered.skipped.push((server.clone(), err.cause()));
+            }
+            tried.push((server.clone(), err));
         }
+        Err(match tried.len() {
+            1 => {
+                let (server, err) = tried.pop().expect("one");
+                ClientError::Unreachable {
+                    server,
+                    cause: err.cause(),
+                }
+            }
+            _ => ClientError::NoneReachable {
+                tried: tried
+                    .iter()
+                    .map(|(server, err)| format!("{server}: {}", err.cause()))
+                    .collect::<Vec<_>>()
+                    .join("; "),
+            },
+        })
     }
 
     /// An answer's body as `T`, or the error it stands for.
@@ -251,7 +357,7 @@ impl ControlPlane {
         body: &[u8],
     ) -> Result<T, ClientError> {
         if !status.is_success() {
-            return Err(error_answer(&self.server, self.has_token, status, body));
+            return Err(error_answer(&self.server(), self.has_token, status, body));
         }
         serde_json::from_slice(body).map_err(|e| ClientError::Decode {
             status,
@@ -331,6 +437,56 @@ mod tests {
         assert!(parse_server("not a url").is_err());
         assert!(parse_server("https://cp:1/api").is_err());
         assert!(parse_server("127.0.0.1:15010").is_err());
+    }
+
+    #[test]
+    fn server_lists() {
+        let servers = parse_servers("https://a:1, https://b:2/,https://a:1").unwrap();
+        assert_eq!(
+            servers,
+            [
+                ("https://a:1".to_owned(), "a:1".to_owned()),
+                ("https://b:2".to_owned(), "b:2".to_owned())
+            ]
+        );
+        let err = parse_servers("https://a:1,http://b:2")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("\"http://b:2\""), "{err}");
+        assert!(parse_servers("https://a:1,").is_err());
+    }
+
+    #[tokio::test]
+    async fn several_unreachable_servers_are_each_named_with_their_cause() {
+        let port = || {
+            std::net::TcpListener::bind("127.0.0.1:0")
+                .unwrap()
+                .local_addr()
+                .unwrap()
+                .port()
+        };
+        let (a, b) = (port(), port());
+        let dir = std::env::temp_dir().join(format!("meshctl-ca2-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let ca = dir.join("ca.crt");
+        std::fs::write(&ca, TEST_CA).unwrap();
+        let list = format!("https://127.0.0.1:{a},https://127.0.0.1:{b}");
+        let cp = ControlPlane::new(&list, &credentials(&ca)).unwrap();
+        let err = cp
+            .post::<_, serde_json::Value>("/x", &serde_json::json!({}))
+            .await
+            .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "cannot reach any control plane: https://127.0.0.1:{a}: connection refused; \
+                 https://127.0.0.1:{b}: connection refused \
+                 (is control-plane running? set --server or MESHLET_SERVER)"
+            )
+        );
+        assert_eq!(cp.answered().skipped.len(), 2);
+        assert_eq!(cp.answered().server, None);
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     fn credentials(ca: &Path) -> Credentials {

@@ -80,7 +80,10 @@ pub struct Args {
 
     /// Control plane URL, `https://HOST[:PORT]` (port 15010 by default):
     /// register this instance there and route with the configuration it
-    /// pushes. Needs a token (`--token-file` or `--token`) and `--ca-file`.
+    /// pushes. Several replicas: `URL1,URL2,...` (and a name resolving to
+    /// several addresses is one replica per address); the sidecar fails
+    /// over to the next when one is unreachable. Needs a token
+    /// (`--token-file` or `--token`) and `--ca-file`.
     #[arg(long, env = "MESHLET_CONTROL_PLANE", conflicts_with = "config")]
     pub control_plane: Option<String>,
     /// File holding this sidecar's token for the control plane (read once
@@ -260,45 +263,6 @@ fn parse_label(text: &str) -> Result<(String, String), String> {
     }
 }
 
-/// `https://HOST[:PORT]` → `HOST:PORT` (port 15010 when none is given).
-fn control_plane_authority(url: &str) -> Result<String, StartupError> {
-    let invalid = |why: &str| StartupError::Usage(format!("--control-plane {url:?}: {why}"));
-    let uri: http::Uri = url
-        .parse()
-        .map_err(|_| invalid("not a URL; expected https://HOST:PORT"))?;
-    match uri.scheme_str() {
-        Some("https") => {}
-        Some("http") => {
-            return Err(invalid(
-                "the control plane speaks only HTTPS; use https://HOST:PORT",
-            ))
-        }
-        Some(other) => {
-            return Err(invalid(&format!(
-                "scheme {other}:// is not supported; use https://HOST:PORT"
-            )))
-        }
-        None => return Err(invalid("no scheme; expected https://HOST:PORT")),
-    }
-    if uri.path_and_query().is_some_and(|p| p.as_str() != "/") {
-        return Err(invalid("a path is not allowed; expected https://HOST:PORT"));
-    }
-    let authority = uri
-        .authority()
-        .ok_or_else(|| invalid("no host; expected https://HOST:PORT"))?;
-    if authority.as_str().contains('@') {
-        return Err(invalid("user information is not allowed"));
-    }
-    if authority.host().is_empty() {
-        return Err(invalid("no host; expected https://HOST:PORT"));
-    }
-    Ok(format!(
-        "{}:{}",
-        authority.host(),
-        authority.port_u16().unwrap_or(15010)
-    ))
-}
-
 /// Reads a token file: its content without surrounding whitespace. An
 /// unreadable or empty file is an error; one that group or others may read
 /// is only warned about (a Kubernetes Secret volume is 0644 unless its
@@ -457,12 +421,15 @@ impl Args {
                 ))
             })?,
         };
-        let authority = control_plane_authority(url)?;
+        let urls = crate::control::replicas::parse_urls(url)
+            .map_err(|e| StartupError::Usage(e.to_string()))?;
+        let authority = urls[0].authority.clone();
         let (token, ca_file) = self.credentials()?;
         let client = control_plane_client(&token, &ca_file)?;
         Ok(ControlPlaneSettings {
             url: url.to_owned(),
             authority,
+            replicas: std::sync::Arc::new(crate::control::replicas::Replicas::new(urls)),
             ca_file,
             token_file: self.token_file.clone(),
             client,
@@ -506,8 +473,16 @@ impl Args {
                 ExportEndpoint::parse(url)
                     .map_err(|why| StartupError::Usage(format!("--trace-endpoint {why}")))?,
             ),
-            None => control_plane
-                .map(|cp| ExportEndpoint::control_plane(&cp.authority, cp.client.clone())),
+            // Spans follow the replica the sidecar uses.
+            None => control_plane.map(|cp| {
+                let replicas = std::sync::Arc::clone(&cp.replicas);
+                ExportEndpoint::control_plane(&cp.authority, cp.client.clone()).following(
+                    move || {
+                        let current = replicas.current();
+                        (current.authority, current.addr)
+                    },
+                )
+            }),
         };
         Ok(Observability {
             tracing: self.tracing == Switch::On,
@@ -583,26 +558,72 @@ mod tests {
 
     #[test]
     fn control_plane_url_forms() {
+        let authority = |url: &str| {
+            crate::control::replicas::parse_urls(url)
+                .map(|urls| urls[0].authority.clone())
+                .map_err(|e| e.to_string())
+        };
         assert_eq!(
-            control_plane_authority("https://127.0.0.1:15010").unwrap(),
+            authority("https://127.0.0.1:15010").unwrap(),
             "127.0.0.1:15010"
         );
         assert_eq!(
-            control_plane_authority("https://meshlet-control-plane.meshlet").unwrap(),
+            authority("https://meshlet-control-plane.meshlet").unwrap(),
             "meshlet-control-plane.meshlet:15010"
         );
-        assert_eq!(
-            control_plane_authority("https://[::1]:9000/").unwrap(),
-            "[::1]:9000"
-        );
-        let http = control_plane_authority("http://cp:9000")
-            .unwrap_err()
-            .to_string();
+        assert_eq!(authority("https://[::1]:9000/").unwrap(), "[::1]:9000");
+        let http = authority("http://cp:9000").unwrap_err();
         assert!(http.contains("only HTTPS"), "{http}");
-        assert!(control_plane_authority("cp:9000").is_err(), "no scheme");
-        assert!(control_plane_authority("https://").is_err());
-        assert!(control_plane_authority("https://cp:9000/api").is_err());
-        assert!(control_plane_authority("https://user@cp:9000").is_err());
+        assert!(authority("cp:9000").is_err(), "no scheme");
+        assert!(authority("https://").is_err());
+        assert!(authority("https://cp:9000/api").is_err());
+        assert!(authority("https://user@cp:9000").is_err());
+    }
+
+    #[test]
+    fn several_control_planes_are_one_flag_separated_by_commas() {
+        let dir = credentials();
+        let token = dir.path().join("token");
+        let ca = dir.path().join("ca.crt");
+        let list = "https://127.0.0.1:15010,https://127.0.0.2:15010, https://cp.mesh";
+        let settings = args(&[
+            "--control-plane",
+            list,
+            "--token-file",
+            token.to_str().unwrap(),
+            "--ca-file",
+            ca.to_str().unwrap(),
+        ])
+        .unwrap()
+        .settings()
+        .unwrap();
+        let cp = settings.control_plane.unwrap();
+        assert_eq!(cp.url, list);
+        let authorities: Vec<&str> = cp
+            .replicas
+            .urls()
+            .iter()
+            .map(|u| u.authority.as_str())
+            .collect();
+        assert_eq!(
+            authorities,
+            ["127.0.0.1:15010", "127.0.0.2:15010", "cp.mesh:15010"]
+        );
+        assert_eq!(cp.replicas.current().authority, "127.0.0.1:15010");
+        let bad = "https://127.0.0.1:15010,http://cp:1";
+        let message = usage(
+            args(&[
+                "--control-plane",
+                bad,
+                "--token-file",
+                token.to_str().unwrap(),
+                "--ca-file",
+                ca.to_str().unwrap(),
+            ])
+            .unwrap()
+            .settings(),
+        );
+        assert!(message.contains("\"http://cp:1\""), "{message}");
     }
 
     #[test]

@@ -113,10 +113,15 @@ impl Default for Observability {
 /// How this sidecar reaches and announces itself to the control plane.
 #[derive(Debug, Clone, Serialize)]
 pub struct ControlPlaneSettings {
-    /// As the user gave it (`https://127.0.0.1:15010`).
+    /// As the user gave it (`https://127.0.0.1:15010`, or several
+    /// separated by commas).
     pub url: String,
-    /// `host:port` to connect to.
+    /// `host:port` of the first URL.
     pub authority: String,
+    /// Every URL, and which replica calls go to now (see
+    /// `control::replicas`): every call asks it for its endpoint.
+    #[serde(skip)]
+    pub replicas: std::sync::Arc<crate::control::replicas::Replicas>,
     /// The mesh CA bundle the control plane's certificate must chain to.
     pub ca_file: PathBuf,
     /// Where the token was read from (`None`: given as a flag or variable).

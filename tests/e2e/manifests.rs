@@ -1,5 +1,6 @@
-//! The Kubernetes manifests and `meshctl inject` against real tools: both
-//! kustomizations build with `kubectl kustomize`, and every manifest and
+//! The Kubernetes manifests and `meshctl inject` against real tools: the
+//! kustomizations (base, kind, and ha: 3 control planes on a 3-member etcd)
+//! build with `kubectl kustomize`, and every manifest and
 //! every output of `meshctl inject` passes `kubernetes-validate --strict`
 //! for the Kubernetes version of the kind node image (1.31). Also the
 //! inject command's stdin/stdout behaviour and exit codes.
@@ -119,7 +120,13 @@ fn both_kustomizations_build_and_pass_strict_validation() {
     // base: the namespace, the Service, the StatefulSet, the NetworkPolicy;
     // kind: base + 4 demo Deployments and 3 Services + the gateway's
     // Deployment and Service.
-    for (dir, expected) in [("manifests/base", 4), ("manifests/overlays/kind", 13)] {
+    // ha: kind + the etcd StatefulSet, its headless Service, NetworkPolicy
+    // and PodDisruptionBudget, the control plane's PodDisruptionBudget.
+    for (dir, expected) in [
+        ("manifests/base", 4),
+        ("manifests/overlays/kind", 13),
+        ("manifests/overlays/ha", 18),
+    ] {
         let yaml = succeed(&kubectl, &["kustomize", dir]);
         let passed = validate_strict(&validator, dir, &yaml);
         assert_eq!(passed, expected, "{dir}: resources validated");
@@ -128,6 +135,63 @@ fn both_kustomizations_build_and_pass_strict_validation() {
     let source = "manifests/examples/apps.yaml";
     let yaml = std::fs::read_to_string(root().join(source)).unwrap();
     validate_strict(&validator, source, &yaml);
+}
+
+/// The documents of a kustomize build whose `kind` and `metadata.name`
+/// match, as text.
+fn document<'a>(yaml: &'a str, kind: &str, name: &str) -> &'a str {
+    yaml.split("\n---\n")
+        .find(|doc| {
+            doc.lines().any(|l| l == format!("kind: {kind}"))
+                && doc.contains(&format!("\n  name: {name}\n"))
+        })
+        .unwrap_or_else(|| panic!("no {kind} {name} in:\n{yaml}"))
+}
+
+#[test]
+fn the_ha_overlay_runs_three_control_planes_on_a_three_member_etcd() {
+    let Some(kubectl) = tool("kubectl", "MESHLET_KUBECTL") else {
+        return;
+    };
+    let yaml = succeed(&kubectl, &["kustomize", "manifests/overlays/ha"]);
+    let members: Vec<String> = (0..3)
+        .map(|i| format!("meshlet-etcd-{i}.meshlet-etcd.meshlet.svc"))
+        .collect();
+    let cp = document(&yaml, "StatefulSet", "meshlet-control-plane");
+    assert!(cp.contains("  replicas: 3\n"), "{cp}");
+    assert!(cp.contains("- --store\n        - etcd\n"), "{cp}");
+    let endpoints: Vec<String> = members.iter().map(|m| format!("http://{m}:2379")).collect();
+    assert!(
+        cp.contains(&format!(
+            "- --etcd-endpoints\n        - {}\n",
+            endpoints.join(",")
+        )),
+        "the control plane lists every etcd member by its stable name:\n{cp}"
+    );
+    assert!(cp.contains("namespace: meshlet\n"), "{cp}");
+    let etcd = document(&yaml, "StatefulSet", "meshlet-etcd");
+    assert!(etcd.contains("  replicas: 3\n") && etcd.contains("podManagementPolicy: Parallel"));
+    assert!(etcd.contains("volumeClaimTemplates:") && etcd.contains("readinessProbe:"));
+    assert!(etcd.contains("preferredDuringSchedulingIgnoredDuringExecution"));
+    // The initial cluster names the three members by pod name.
+    for i in 0..3 {
+        assert!(
+            etcd.contains(&format!(
+                "meshlet-etcd-{i}=http://meshlet-etcd-{i}.meshlet-etcd.$(POD_NAMESPACE).svc:2380"
+            )),
+            "{etcd}"
+        );
+    }
+    let headless = document(&yaml, "Service", "meshlet-etcd");
+    assert!(headless.contains("clusterIP: None"), "{headless}");
+    for name in ["meshlet-control-plane", "meshlet-etcd"] {
+        let pdb = document(&yaml, "PodDisruptionBudget", name);
+        assert!(pdb.contains("maxUnavailable: 1"), "{pdb}");
+        assert!(pdb.contains("namespace: meshlet\n"), "{pdb}");
+    }
+    // The sidecars still reach the control plane's Service.
+    let frontend = document(&yaml, "Deployment", "frontend");
+    assert!(frontend.contains("https://meshlet-control-plane.meshlet.svc:15010"));
 }
 
 #[test]

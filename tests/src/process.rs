@@ -51,7 +51,8 @@ pub fn free_port() -> u16 {
     panic!("no free loopback port in {FIRST}..{}", FIRST + SPAN);
 }
 
-fn loopback(port: u16) -> SocketAddr {
+/// `127.0.0.1:port`.
+pub fn loopback(port: u16) -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], port))
 }
 
@@ -194,6 +195,17 @@ impl ControlPlaneProcess {
             None,
         )
         .await
+    }
+
+    /// [`ControlPlaneProcess::start`] on `addr` (a port the test chose
+    /// beforehand, e.g. a second replica's that sidecars already list).
+    pub async fn start_at(
+        addr: SocketAddr,
+        data_dir: &std::path::Path,
+        args: &[&str],
+    ) -> ControlPlaneProcess {
+        let args = args.iter().map(|a| a.to_string()).collect();
+        Self::start_on(addr, data_dir, args, None).await
     }
 
     /// [`ControlPlaneProcess::start`] under `ulimit -n limit` (soft and

@@ -14,7 +14,20 @@
 //! Either task retries a failed control plane with exponential backoff
 //! and equal jitter (a ceiling of 200 ms doubling to 5 s; half of it fixed,
 //! half random) and never blocks traffic: requests keep
-//! reading the last snapshot. Each applied state is written to the snapshot
+//! reading the last snapshot.
+//!
+//! Several replicas (`--control-plane URL1,URL2`, see `replicas`): every
+//! call goes to the replica [`Replicas::current`] names. When the watch
+//! fails (refused, unreachable, an error answer, the stream closed or
+//! silent past its idle deadline) the watch task moves on to the next
+//! replica ([`Replicas::failed`], counted in
+//! `meshlet_control_plane_failovers_total`); the backoff's ceiling then
+//! doubles per round of replicas, not per attempt, so each replica is
+//! tried once quickly. The watch resumes on the new replica from the
+//! held revision and epoch like a reconnection to the same one: replicas
+//! of one store share the epoch and the revisions, so it gets deltas (or
+//! nothing), not a full snapshot. Registration, heartbeats, certificates
+//! and stats follow, since they ask for the current replica per call. Each applied state is written to the snapshot
 //! file (`persist`: 0600, temporary file then rename), and a sidecar
 //! restarted while the control plane is down starts from that file.
 //!
@@ -61,6 +74,7 @@ use meshlet_client::ClientError;
 use crate::control::call;
 use crate::control::health::AppHealth;
 use crate::control::persist::persist;
+use crate::control::replicas::{Endpoint, FailoverBackoff, Replicas};
 use crate::control::snapshot::{Own, SharedSnapshot, Snapshot};
 use crate::identity::{CertificateSource, WorkloadIdentity};
 use crate::settings::{ControlPlaneSettings, Limits, Settings};
@@ -115,8 +129,13 @@ impl ControlStatus {
     }
 
     pub fn to_json(&self, settings: &ControlPlaneSettings) -> serde_json::Value {
+        let replicas = &settings.replicas;
         json!({
             "url": settings.url,
+            "replicas": replicas.urls().iter().map(|u| &u.url).collect::<Vec<_>>(),
+            "current": replicas.current().url,
+            "currentEndpoint": replicas.current().describe(),
+            "failovers": replicas.failovers(),
             "instanceId": settings.instance_id,
             "advertiseAddress": settings.advertise_addr.to_string(),
             "snapshotFile": settings.snapshot_file,
@@ -183,9 +202,10 @@ impl ControlClient {
         request: CertificateRequest,
     ) -> Result<CertificateReply, ControlError> {
         let body = serde_json::to_vec(&request).expect("serializable");
+        let (client, authority) = self.target();
         let reply = call(
-            &self.cp.client,
-            &self.cp.authority,
+            &client,
+            &authority,
             Method::POST,
             paths::CERTIFICATES,
             Some(body),
@@ -202,6 +222,16 @@ impl ControlClient {
         &self.cp
     }
 
+    fn replicas(&self) -> &Replicas {
+        &self.cp.replicas
+    }
+
+    /// The client and authority of the replica calls go to now.
+    fn target(&self) -> (meshlet_client::Client, String) {
+        let endpoint = self.replicas().current();
+        (endpoint.client(&self.cp.client), endpoint.authority)
+    }
+
     /// Starts the watch task.
     pub fn spawn_watch(&self, initial: MeshState, mut stop: watch::Receiver<bool>) {
         let this = self.clone();
@@ -211,58 +241,87 @@ impl ControlClient {
         }
         tokio::spawn(async move {
             let mut state = initial;
-            let mut backoff = Backoff::default();
+            let mut backoff = FailoverBackoff::default();
             let mut hold = None;
+            // Names with several addresses become one replica each.
+            this.replicas().resolve().await;
+            this.metrics
+                .set_control_plane_current(&this.replicas().current().describe());
             loop {
+                let endpoint = this.replicas().current();
                 let result = tokio::select! {
-                    result = this.watch_once(&mut state, &mut backoff, &mut hold) => result,
+                    result = this.watch_once(&endpoint, &mut state, &mut backoff, &mut hold) => result,
                     _ = stop.wait_for(|stop| *stop) => return,
                 };
                 this.status.connected.store(false, Ordering::Relaxed);
                 this.metrics.set_control_plane_connected(false);
                 if let Err(error) = result {
+                    let single = this.replicas().len() == 1;
                     if backoff.attempts == 0 {
-                        tracing::warn!(control_plane = %this.cp.url, %error, "watch failed; serving the last known snapshot and retrying");
+                        if single {
+                            tracing::warn!(control_plane = %endpoint.url, %error, "watch failed; serving the last known snapshot and retrying");
+                        } else {
+                            tracing::warn!(control_plane = %endpoint.describe(), %error, "watch failed; serving the last known snapshot and failing over to the next replica");
+                        }
                     } else {
-                        tracing::debug!(%error, "watch retry failed");
+                        tracing::debug!(control_plane = %endpoint.describe(), %error, "watch retry failed");
                     }
                     this.status.failed(&error);
+                    this.fail_over(&endpoint).await;
                 }
                 tokio::select! {
-                    _ = tokio::time::sleep(backoff.next_delay()) => {}
+                    _ = tokio::time::sleep(backoff.next_delay(this.replicas().len())) => {}
                     _ = stop.wait_for(|stop| *stop) => return,
                 }
             }
         });
     }
 
+    /// The watch on `failed` ended or failed: on to the next replica (once
+    /// per failure, whoever reports it), resolving the names again after
+    /// a whole round.
+    async fn fail_over(&self, failed: &Endpoint) {
+        let replicas = self.replicas();
+        if !replicas.failed(failed) {
+            return;
+        }
+        if replicas.round_done() {
+            replicas.resolve().await;
+        }
+        let next = replicas.current();
+        if (&next.authority, next.addr) != (&failed.authority, failed.addr) {
+            self.metrics.control_plane_failover();
+            self.metrics.set_control_plane_current(&next.describe());
+            tracing::info!(from = %failed.describe(), to = %next.describe(), "failing over to another control-plane replica");
+        }
+    }
+
     /// One watch connection: returns when it ends or fails.
     async fn watch_once(
         &self,
+        endpoint: &Endpoint,
         state: &mut MeshState,
-        backoff: &mut Backoff,
+        backoff: &mut FailoverBackoff,
         hold: &mut Option<Hold>,
     ) -> Result<(), ControlError> {
         let path = watch_path(state);
-        let request = meshlet_client::request(Method::GET, &self.cp.authority, &path)
+        let authority = &endpoint.authority;
+        let request = meshlet_client::request(Method::GET, authority, &path)
             .body(http_body_util::Empty::<bytes::Bytes>::new())
             .map_err(|source| ClientError::Request {
-                authority: self.cp.authority.clone(),
+                authority: authority.clone(),
                 source,
             })?;
         // The timeout bounds the answer's head; the stream then has its
         // own idle deadline.
-        let response = self
-            .cp
-            .client
-            .clone()
+        let response = endpoint
+            .client(&self.cp.client)
             .timeout(CALL_TIMEOUT)
-            .send(&self.cp.authority, request)
+            .send(authority, request)
             .await?;
         if response.status() != StatusCode::OK {
             // A refusal says why in a short JSON body (401: the token,
             // 403: its role); give up on the body if it does not come.
-            let authority = &self.cp.authority;
             let read = meshlet_client::read_reply(authority, response);
             let error = match tokio::time::timeout(CALL_TIMEOUT, read).await {
                 Ok(Ok(reply)) => reply.success(authority).err(),
@@ -312,6 +371,8 @@ impl ControlClient {
             buffer.extend_from_slice(&data);
             let mut applied = ApplyOutcome::default();
             let result = apply_lines(&mut buffer, state, &mut applied);
+            self.metrics
+                .control_plane_updates(applied.snapshots, applied.deltas);
             // Whatever applied before an error is published: the sidecar
             // must never serve one revision while asking for the next.
             if applied.changed
@@ -320,11 +381,12 @@ impl ControlClient {
                 self.publish_guarded(state, hold).await;
             }
             result?;
-            if applied.state_event {
-                // Only a stream that delivers state counts as recovered; one
-                // that answers 200 and then fails must keep backing off.
+            if applied.state_event || applied.in_sync {
+                // Only a stream that delivers state (or confirms the held
+                // revision: a resumed watch) counts as recovered; one that
+                // answers 200 and then fails must keep backing off.
                 if backoff.attempts > 0 {
-                    tracing::info!(control_plane = %self.cp.url, revision = state.revision, "watch connected again");
+                    tracing::info!(control_plane = %endpoint.describe(), revision = state.revision, "watch connected again");
                 }
                 backoff.reset();
             }
@@ -410,23 +472,20 @@ impl ControlClient {
     /// control plane warms up, are skipped).
     async fn fetch_full_state(&self) -> Result<MeshState, ControlError> {
         let path = watch_path(&MeshState::default());
-        let request = meshlet_client::request(Method::GET, &self.cp.authority, &path)
+        let (client, authority) = self.target();
+        let request = meshlet_client::request(Method::GET, &authority, &path)
             .body(http_body_util::Empty::<bytes::Bytes>::new())
             .map_err(|source| ClientError::Request {
-                authority: self.cp.authority.clone(),
+                authority: authority.clone(),
                 source,
             })?;
-        let response = self
-            .cp
-            .client
-            .clone()
+        let response = client
             .timeout(CALL_TIMEOUT)
-            .send(&self.cp.authority, request)
+            .send(&authority, request)
             .await?;
         if response.status() != StatusCode::OK {
             return Err(ControlError::Stream(format!(
-                "{} answered a resync with {}",
-                self.cp.authority,
+                "{authority} answered a resync with {}",
                 response.status()
             )));
         }
@@ -448,7 +507,10 @@ impl ControlClient {
             let mut outcome = ApplyOutcome::default();
             // Keepalives of revision 0 (warm-up) apply as nothing; the
             // first snapshot is the answer.
-            apply_lines(&mut buffer, &mut full, &mut outcome)?;
+            let applied = apply_lines(&mut buffer, &mut full, &mut outcome);
+            self.metrics
+                .control_plane_updates(outcome.snapshots, outcome.deltas);
+            applied?;
             if outcome.state_event {
                 return Ok(full);
             }
@@ -465,7 +527,7 @@ impl ControlClient {
         let previous = self.snapshot.load_full();
         let snapshot = Snapshot::build(
             state,
-            format!("control plane {}", self.cp.url),
+            format!("control plane {}", self.replicas().current().url),
             Some(&previous),
             Own {
                 namespace: &self.settings.namespace,
@@ -506,7 +568,7 @@ impl ControlClient {
                     _ = stop.wait_for(|stop| *stop) => return,
                 }
             }
-            let mut backoff = Backoff::default();
+            let mut backoff = FailoverBackoff::default();
             let mut heartbeat = DEFAULT_HEARTBEAT;
             let mut registered = false;
             loop {
@@ -523,7 +585,7 @@ impl ControlClient {
                         }
                         Err(error) => {
                             if backoff.attempts == 0 {
-                                tracing::warn!(control_plane = %this.cp.url, %error, "cannot register; retrying");
+                                tracing::warn!(control_plane = %this.replicas().current().describe(), %error, "cannot register; retrying");
                             }
                             this.status.failed(&error);
                         }
@@ -533,7 +595,9 @@ impl ControlClient {
                 let wait = if registered {
                     heartbeat
                 } else {
-                    backoff.next_delay()
+                    // The watch task moves to another replica; registration
+                    // follows it at its next attempt.
+                    backoff.next_delay(this.replicas().len())
                 };
                 let stopping = tokio::select! {
                     _ = tokio::time::sleep(wait) => false,
@@ -579,9 +643,10 @@ impl ControlClient {
             role: self.settings.role(),
         };
         let body = serde_json::to_vec(&registration).expect("serializable");
+        let (client, authority) = self.target();
         let reply = call(
-            &self.cp.client,
-            &self.cp.authority,
+            &client,
+            &authority,
             Method::POST,
             paths::INSTANCES,
             Some(body),
@@ -596,9 +661,10 @@ impl ControlClient {
 
     async fn heartbeat(&self, healthy: bool) -> Result<(), ControlError> {
         let body = serde_json::to_vec(&Heartbeat { healthy }).expect("serializable");
+        let (client, authority) = self.target();
         call(
-            &self.cp.client,
-            &self.cp.authority,
+            &client,
+            &authority,
             Method::PUT,
             &paths::heartbeat(&self.cp.instance_id),
             Some(body),
@@ -610,9 +676,10 @@ impl ControlClient {
     }
 
     async fn deregister(&self) {
+        let (client, authority) = self.target();
         let result = call(
-            &self.cp.client,
-            &self.cp.authority,
+            &client,
+            &authority,
             Method::DELETE,
             &paths::instance(&self.cp.instance_id),
             None,
@@ -689,6 +756,11 @@ struct ApplyOutcome {
     changed: bool,
     /// A snapshot or delta arrived (not just keepalives).
     state_event: bool,
+    /// A keepalive confirmed the held revision (a resumed watch in step).
+    in_sync: bool,
+    /// Snapshots and deltas received (`meshlet_control_plane_updates_total`).
+    snapshots: u64,
+    deltas: u64,
 }
 
 /// Applies every complete line in `buffer` to `state`, stopping at the
@@ -718,40 +790,21 @@ fn apply_lines(
                     state.revision
                 )));
             }
-            WatchEvent::Keepalive { .. } => {}
-            WatchEvent::Snapshot(_) | WatchEvent::Delta(_) => outcome.state_event = true,
+            WatchEvent::Keepalive { revision } => {
+                outcome.in_sync |= *revision != 0 && *revision == state.revision;
+            }
+            WatchEvent::Snapshot(_) => {
+                outcome.state_event = true;
+                outcome.snapshots += 1;
+            }
+            WatchEvent::Delta(_) => {
+                outcome.state_event = true;
+                outcome.deltas += 1;
+            }
         }
         outcome.changed |= state.apply(event)?;
     }
     Ok(())
-}
-
-/// Exponential backoff with equal jitter: a ceiling of 200 ms doubling up
-/// to 5 s, and a delay between half the ceiling and the ceiling.
-#[derive(Debug, Default)]
-struct Backoff {
-    attempts: u32,
-}
-
-impl Backoff {
-    const BASE: Duration = Duration::from_millis(200);
-    const MAX: Duration = Duration::from_secs(5);
-
-    fn next_delay(&mut self) -> Duration {
-        let ceiling = Self::BASE
-            .saturating_mul(1 << self.attempts.min(10))
-            .min(Self::MAX);
-        self.attempts += 1;
-        // Equal jitter (half fixed, half random) keeps a fleet of sidecars
-        // from reconnecting in step after a control plane restart, and
-        // never retries at once.
-        let ms = ceiling.as_millis() as u64;
-        Duration::from_millis(ms / 2 + fastrand::u64(0..=ms / 2))
-    }
-
-    fn reset(&mut self) {
-        self.attempts = 0;
-    }
 }
 
 fn unix_ms() -> u64 {
@@ -764,21 +817,6 @@ fn unix_ms() -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn backoff_grows_to_a_ceiling_with_jitter() {
-        let mut backoff = Backoff::default();
-        let first = backoff.next_delay();
-        assert!(first >= Duration::from_millis(100) && first <= Duration::from_millis(200));
-        for _ in 0..20 {
-            let delay = backoff.next_delay();
-            assert!(delay <= Backoff::MAX, "{delay:?}");
-        }
-        let late = backoff.next_delay();
-        assert!(late >= Backoff::MAX / 2, "{late:?}");
-        backoff.reset();
-        assert!(backoff.next_delay() <= Duration::from_millis(200));
-    }
 
     #[test]
     fn the_watch_resumes_only_within_the_control_planes_epoch() {
@@ -881,6 +919,15 @@ mod tests {
     async fn fake_control_plane(
         scripts: Vec<Vec<WatchEvent>>,
     ) -> (String, Arc<Mutex<Vec<String>>>) {
+        fake_control_plane_then(scripts, false).await
+    }
+
+    /// [`fake_control_plane`], whose streams close after their script
+    /// when `close` (a replica that goes away).
+    async fn fake_control_plane_then(
+        scripts: Vec<Vec<WatchEvent>>,
+        close: bool,
+    ) -> (String, Arc<Mutex<Vec<String>>>) {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let authority = listener.local_addr().unwrap().to_string();
@@ -915,6 +962,10 @@ mod tests {
                         }
                         tokio::time::sleep(Duration::from_millis(300)).await;
                     }
+                    if close {
+                        let _ = stream.write_all(b"0\r\n\r\n").await;
+                        return;
+                    }
                     let _ = stream.read(&mut buf).await;
                 });
             }
@@ -934,9 +985,14 @@ mod tests {
         .unwrap()
         .settings()
         .unwrap();
+        let url = crate::control::replicas::ControlPlaneUrl {
+            url: format!("http://{authority}"),
+            authority: authority.to_owned(),
+        };
         let cp = ControlPlaneSettings {
             url: format!("http://{authority}"),
             authority: authority.to_owned(),
+            replicas: Arc::new(Replicas::new(vec![url])),
             ca_file: Default::default(),
             token_file: None,
             client: meshlet_client::Client::new(),
@@ -956,6 +1012,68 @@ mod tests {
         // Confirm after 0.1 s + 1 s.
         client.heartbeat_ms.store(100, Ordering::Relaxed);
         client
+    }
+
+    #[tokio::test]
+    async fn the_watch_fails_over_and_resumes_from_its_revision_on_the_next_replica() {
+        let dead = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .to_string();
+        let mut first = state_with(7, 3, &[9001]);
+        first.services[0].endpoints[0].healthy = true;
+        let mut more = first.clone();
+        more.revision = 4;
+        more.services[0].endpoints[0].address = ([127, 0, 0, 1], 9002).into();
+        // Replica A sends the state, then goes away; replica B knows the
+        // same store (epoch 7) and sends only what came after revision 3.
+        let (a, _) = fake_control_plane_then(vec![vec![WatchEvent::Snapshot(first)]], true).await;
+        let (b, seen_b) = fake_control_plane(vec![vec![WatchEvent::Delta(
+            meshlet_api::mesh::MeshDelta {
+                from_revision: 3,
+                revision: 4,
+                services: more.services.clone(),
+                removed_services: Vec::new(),
+                resources: Vec::new(),
+                removed_resources: Vec::new(),
+                trust_roots: None,
+            },
+        )]])
+        .await;
+        let dir = tempfile::tempdir().unwrap();
+        let mut client = client_for(&dead, dir.path());
+        let urls = [&dead, &a, &b]
+            .iter()
+            .map(|authority| crate::control::replicas::ControlPlaneUrl {
+                url: format!("http://{authority}"),
+                authority: authority.to_string(),
+            })
+            .collect();
+        let mut cp = (*client.cp).clone();
+        cp.replicas = Arc::new(Replicas::new(urls));
+        client.cp = Arc::new(cp);
+        let (_stop, stopped) = watch::channel(false);
+        client.spawn_watch(MeshState::default(), stopped);
+        eventually("the state from replica A", || has_orders(&client)).await;
+        eventually("revision 4 from replica B", || {
+            client.metrics.config_revision() == 4
+        })
+        .await;
+        let seen = seen_b.lock().unwrap().clone();
+        assert!(seen[0].contains("revision=3&epoch=7"), "resumed: {seen:?}");
+        assert_eq!(client.replicas().current().authority, b);
+        assert_eq!(client.replicas().failovers(), 2, "dead → A → B");
+        let text = String::from_utf8(client.metrics.render(&[])).unwrap();
+        assert!(
+            text.contains("meshlet_control_plane_updates_total{type=\"snapshot\"} 1"),
+            "{text}"
+        );
+        assert!(text.contains("meshlet_control_plane_updates_total{type=\"delta\"} 1"));
+        assert!(text.contains("meshlet_control_plane_failovers_total 2"));
+        assert!(text.contains(&format!(
+            "meshlet_control_plane_current{{url=\"http://{b}\"}} 1"
+        )));
     }
 
     fn has_orders(client: &ControlClient) -> bool {

@@ -12,6 +12,9 @@
 //!   and its build from a `MeshState`.
 //! - `client` — the control-plane client: registration, heartbeats,
 //!   watch, backoff, the epoch rule of resuming.
+//! - `replicas` — the control plane's replicas (`--control-plane
+//!   URL1,URL2`, names with several addresses): which one calls go to,
+//!   failing over to the next, the backoff over rounds of replicas.
 //! - `persist` — the snapshot file: a private directory, owner and mode
 //!   checks before reading, atomic 0600 writes.
 //! - `health` — the prober of the local app (plain HTTP).
@@ -29,6 +32,7 @@
 pub(crate) mod client;
 pub(crate) mod health;
 pub mod persist;
+pub mod replicas;
 pub(crate) mod snapshot;
 pub(crate) mod stats;
 

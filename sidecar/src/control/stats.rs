@@ -186,7 +186,8 @@ impl Reading {
 /// The reporter's state between two reports.
 struct Reporter {
     client: meshlet_client::Client,
-    authority: String,
+    /// The replica each report goes to is the current one.
+    replicas: Arc<crate::control::replicas::Replicas>,
     path: String,
     metrics: Metrics,
     snapshot: SharedSnapshot,
@@ -205,9 +206,10 @@ impl Reporter {
         let now = Instant::now();
         let report = reading.report_since(&self.baseline, now - self.since);
         let body = serde_json::to_vec(&report).expect("serializable");
+        let endpoint = self.replicas.current();
         let sent = crate::control::call(
-            &self.client,
-            &self.authority,
+            &endpoint.client(&self.client),
+            &endpoint.authority,
             Method::POST,
             &self.path,
             Some(body),
@@ -243,7 +245,7 @@ pub fn spawn(
 ) -> tokio::task::JoinHandle<()> {
     let mut reporter = Reporter {
         client: cp.client.clone(),
-        authority: cp.authority.clone(),
+        replicas: Arc::clone(&cp.replicas),
         path: paths::stats(&cp.instance_id),
         metrics,
         snapshot: Arc::clone(&snapshot),

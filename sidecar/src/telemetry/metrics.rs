@@ -296,6 +296,10 @@ struct ConfigFamilies {
     control_plane_connected: IntGauge,
     // issue 16 (cp): pushes held by the empty-push guard (control/client.rs).
     pushes_held: IntCounter,
+    // issue 18: replicas (control/replicas.rs).
+    failovers: IntCounter,
+    current: IntGaugeVec,
+    updates: IntCounterVec,
 }
 
 /// What the span exporter and the access log dropped or sent.
@@ -349,6 +353,10 @@ impl Register<'_> {
 
     fn gauge(&self, name: &str, help: &str) -> IntGauge {
         self.add(IntGauge::new(name, help).expect("valid metric"))
+    }
+
+    fn gauge_vec(&self, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
+        self.add(IntGaugeVec::new(Opts::new(name, help), labels).expect("valid metric"))
     }
 }
 
@@ -437,6 +445,20 @@ impl ConfigFamilies {
             pushes_held: r.counter(
                 "meshlet_config_pushes_held_total",
                 "Pushes that would have removed every endpoint of every service, held until a full resync confirmed them",
+            ),
+            failovers: r.counter(
+                "meshlet_control_plane_failovers_total",
+                "Moves of the watch (and every call) from one control-plane replica to the next",
+            ),
+            current: r.gauge_vec(
+                "meshlet_control_plane_current",
+                "1 for the control-plane replica calls go to (its URL, and the address for a name)",
+                &["url"],
+            ),
+            updates: r.counter_vec(
+                "meshlet_control_plane_updates_total",
+                "Watch events received: full snapshots and deltas (a resumed watch gets deltas)",
+                &["type"],
             ),
         }
     }
@@ -552,6 +574,39 @@ impl Metrics {
 
     pub fn set_control_plane_connected(&self, connected: bool) {
         self.config.control_plane_connected.set(connected as i64);
+    }
+
+    /// The configuration revision applied (tests).
+    #[cfg(test)]
+    pub fn config_revision(&self) -> u64 {
+        self.config.revision.get() as u64
+    }
+
+    /// issue 18: the watch failed over to another control-plane replica.
+    pub fn control_plane_failover(&self) {
+        self.config.failovers.inc();
+    }
+
+    /// issue 18: calls go to the replica `endpoint` now (the one series).
+    pub fn set_control_plane_current(&self, endpoint: &str) {
+        self.config.current.reset();
+        self.config.current.with_label_values(&[endpoint]).set(1);
+    }
+
+    /// issue 18: snapshots and deltas received on the watch.
+    pub fn control_plane_updates(&self, snapshots: u64, deltas: u64) {
+        if snapshots > 0 {
+            self.config
+                .updates
+                .with_label_values(&["snapshot"])
+                .inc_by(snapshots);
+        }
+        if deltas > 0 {
+            self.config
+                .updates
+                .with_label_values(&["delta"])
+                .inc_by(deltas);
+        }
     }
 
     /// issue 16 (cp): a push that would have emptied the mesh was held.

@@ -51,6 +51,22 @@ pub struct ExportEndpoint {
     pub tls: bool,
     #[serde(skip)]
     client: meshlet_client::Client,
+    /// For the control plane: where each export goes now (the replica
+    /// the sidecar uses; `authority` is the first one's).
+    #[serde(skip)]
+    follow: Option<Follow>,
+}
+
+/// The `host:port` and pinned address of the replica to export to now
+/// (the control plane's replicas, as the sidecar's control client sees
+/// them; a closure so that telemetry imports nothing of `control`).
+#[derive(Clone)]
+pub struct Follow(std::sync::Arc<dyn Fn() -> (String, Option<std::net::SocketAddr>) + Send + Sync>);
+
+impl std::fmt::Debug for Follow {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Follow(the current control-plane replica)")
+    }
 }
 
 impl ExportEndpoint {
@@ -81,6 +97,7 @@ impl ExportEndpoint {
             path,
             tls: false,
             client: meshlet_client::Client::new().user_agent("meshlet-sidecar"),
+            follow: None,
         })
     }
 
@@ -92,7 +109,18 @@ impl ExportEndpoint {
             path: otlp::TRACES_PATH.to_owned(),
             tls: client.is_tls(),
             client,
+            follow: None,
         }
+    }
+
+    /// Each export goes where `current` says (the control plane's
+    /// current replica) instead of `authority`.
+    pub fn following(
+        mut self,
+        current: impl Fn() -> (String, Option<std::net::SocketAddr>) + Send + Sync + 'static,
+    ) -> Self {
+        self.follow = Some(Follow(std::sync::Arc::new(current)));
+        self
     }
 }
 
@@ -250,19 +278,23 @@ impl ExportTask {
     /// POSTs one encoded batch; the status once the whole answer was read.
     async fn post(&self, body: Vec<u8>) -> Result<http::StatusCode, meshlet_client::ClientError> {
         let endpoint = &self.endpoint;
-        let request =
-            meshlet_client::request(http::Method::POST, &endpoint.authority, &endpoint.path)
-                .header(http::header::CONTENT_TYPE, otlp::PROTOBUF_CONTENT_TYPE)
-                .body(http_body_util::Full::new(bytes::Bytes::from(body)))
-                .map_err(|source| meshlet_client::ClientError::Request {
-                    authority: endpoint.authority.clone(),
-                    source,
-                })?;
+        let (authority, addr) = match &endpoint.follow {
+            Some(Follow(current)) => current(),
+            None => (endpoint.authority.clone(), None),
+        };
+        let request = meshlet_client::request(http::Method::POST, &authority, &endpoint.path)
+            .header(http::header::CONTENT_TYPE, otlp::PROTOBUF_CONTENT_TYPE)
+            .body(http_body_util::Full::new(bytes::Bytes::from(body)))
+            .map_err(|source| meshlet_client::ClientError::Request {
+                authority: authority.clone(),
+                source,
+            })?;
         let reply = endpoint
             .client
             .clone()
+            .connect_to(addr)
             .timeout(EXPORT_TIMEOUT)
-            .fetch(&endpoint.authority, request)
+            .fetch(&authority, request)
             .await?;
         Ok(reply.status)
     }
