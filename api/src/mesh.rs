@@ -33,6 +33,8 @@ pub mod paths {
     pub const RESOURCES: &str = "/api/v1/resources";
     pub const APPLY: &str = "/api/v1/apply";
     pub const REVISIONS: &str = "/api/v1/revisions";
+    /// `GET`: `ok`; `GET /healthz?detail`: JSON with the store kind, the
+    /// replica and etcd's health (`--store etcd`).
     pub const HEALTH: &str = "/healthz";
     /// `POST` a [`super::CertificateRequest`] (sidecar token of that
     /// service) → [`super::CertificateReply`].
@@ -847,3 +849,7 @@ mod tests {
         assert_eq!(keepalive, WatchEvent::Keepalive { revision: 7 });
     }
 }
+
+/// Response header naming the control-plane replica that answered
+/// (`--store etcd`, where several replicas serve the same mesh).
+pub const REPLICA_HEADER: &str = "x-meshlet-replica";
