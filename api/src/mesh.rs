@@ -703,6 +703,10 @@ fn default_namespace() -> String {
     "default".to_owned()
 }
 
+/// Response header naming the control-plane replica that answered
+/// (`--store etcd`, where several replicas serve the same mesh).
+pub const REPLICA_HEADER: &str = "x-meshlet-replica";
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -849,7 +853,3 @@ mod tests {
         assert_eq!(keepalive, WatchEvent::Keepalive { revision: 7 });
     }
 }
-
-/// Response header naming the control-plane replica that answered
-/// (`--store etcd`, where several replicas serve the same mesh).
-pub const REPLICA_HEADER: &str = "x-meshlet-replica";

@@ -478,7 +478,10 @@ async fn healthz(
     State(state): State<AppState>,
     axum::extract::RawQuery(raw): axum::extract::RawQuery,
 ) -> Response {
-    let detail = raw.is_some_and(|q| q.split('&').any(|p| p == "detail" || p.starts_with("detail=")));
+    let detail = raw.is_some_and(|q| {
+        q.split('&')
+            .any(|p| p == "detail" || p.starts_with("detail="))
+    });
     if !detail {
         return "ok".into_response();
     }

@@ -336,7 +336,11 @@ impl Controller {
 
     /// Applies the revisions other replicas committed after this
     /// registry's (etcd), oldest first.
-    async fn catch_up(&self, registry: &mut Registry, replica: &EtcdStore) -> Result<(), StoreError> {
+    async fn catch_up(
+        &self,
+        registry: &mut Registry,
+        replica: &EtcdStore,
+    ) -> Result<(), StoreError> {
         let entries = replica.entries_after(registry.revision()).await?;
         for entry in entries {
             self.apply_remote(registry, entry);
@@ -509,7 +513,8 @@ impl Controller {
                     }
                 }
             }
-            if let Some(registration) = self.published().instances.get(id).map(|i| &i.registration) {
+            if let Some(registration) = self.published().instances.get(id).map(|i| &i.registration)
+            {
                 self.liveness.lock().unwrap().insert(
                     id.to_owned(),
                     Liveness {

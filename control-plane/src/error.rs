@@ -81,7 +81,10 @@ impl StoreError {
 
     /// The store cannot be reached or has no quorum (503).
     pub fn is_unavailable(&self) -> bool {
-        matches!(self, StoreError::Etcd { .. } | StoreError::EtcdTimeout { .. })
+        matches!(
+            self,
+            StoreError::Etcd { .. } | StoreError::EtcdTimeout { .. }
+        )
     }
 }
 

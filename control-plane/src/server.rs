@@ -31,10 +31,10 @@ use crate::api::router;
 use crate::auth::Tokens;
 use crate::controller::Controller;
 use crate::error::StartupError;
+use crate::error::StoreError;
 use crate::events::Activity;
 use crate::state::AppState;
 use crate::stats::StatsStore;
-use crate::error::StoreError;
 use crate::store::etcd::{Bootstrap, EtcdSettings, EtcdStore};
 use crate::store::{RedbStore, Store};
 use crate::traces::{TraceLimits, TraceStore};
@@ -213,7 +213,12 @@ pub struct Settings {
     /// etcd user (etcd `--auth`), with --etcd-password (better: MESHLET_ETCD_PASSWORD).
     #[arg(long, env = "MESHLET_ETCD_USER", requires = "etcd_password")]
     pub etcd_user: Option<String>,
-    #[arg(long, env = "MESHLET_ETCD_PASSWORD", hide_env_values = true, requires = "etcd_user")]
+    #[arg(
+        long,
+        env = "MESHLET_ETCD_PASSWORD",
+        hide_env_values = true,
+        requires = "etcd_user"
+    )]
     pub etcd_password: Option<String>,
     /// This replica's name in `x-meshlet-replica`, `/healthz?detail` and
     /// `/metrics` (default: host name and API port).
@@ -494,7 +499,11 @@ fn bootstrap_from_etcd(
     use meshlet_api::access::{ADMIN_TOKEN_FILE, CA_CERT_FILE};
     let key_path = data_dir.join(crate::ca::CA_KEY_FILE);
     let write = |b: &Bootstrap| -> Result<(), StartupError> {
-        crate::files::write_file_atomic(&key_path, b.ca_key.as_bytes(), crate::files::PRIVATE_FILE_MODE)?;
+        crate::files::write_file_atomic(
+            &key_path,
+            b.ca_key.as_bytes(),
+            crate::files::PRIVATE_FILE_MODE,
+        )?;
         crate::files::write_file_atomic(
             &data_dir.join(CA_CERT_FILE),
             b.ca_cert.as_bytes(),
@@ -512,12 +521,13 @@ fn bootstrap_from_etcd(
     }
     let (ca, _) = crate::ca::load_or_create(data_dir, trust_domain)?;
     crate::auth::ensure_admin_token(data_dir, &mut Tokens::default())?;
-    let admin_token = std::fs::read_to_string(data_dir.join(ADMIN_TOKEN_FILE)).map_err(|source| {
-        StartupError::DataDir {
-            path: data_dir.join(ADMIN_TOKEN_FILE),
-            source,
-        }
-    })?;
+    let admin_token =
+        std::fs::read_to_string(data_dir.join(ADMIN_TOKEN_FILE)).map_err(|source| {
+            StartupError::DataDir {
+                path: data_dir.join(ADMIN_TOKEN_FILE),
+                source,
+            }
+        })?;
     let mine = Bootstrap {
         ca_cert: ca.cert_pem().to_owned(),
         ca_key: ca.key_pem(),
@@ -536,7 +546,9 @@ fn bootstrap_from_etcd(
 /// The `x-meshlet-replica` header on every answer (`--store etcd`).
 fn with_replica_header(app: axum::Router, replica_id: &str) -> Result<axum::Router, StartupError> {
     let value = http::HeaderValue::from_str(replica_id).map_err(|_| {
-        StoreError::Config(format!("--replica-id {replica_id:?} is not a valid header value"))
+        StoreError::Config(format!(
+            "--replica-id {replica_id:?} is not a valid header value"
+        ))
     })?;
     Ok(app.layer(axum::middleware::map_response(
         move |mut response: axum::response::Response| {

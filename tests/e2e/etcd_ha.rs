@@ -85,11 +85,15 @@ async fn two_services(
         .control_plane(&cps[2])
         .start()
         .await;
-    wait::until("both sidecars route to each other", Duration::from_secs(20), || async {
-        let a = !frontend.endpoints_of("orders").await.is_empty();
-        let b = !orders.endpoints_of("frontend").await.is_empty();
-        (a && b).then_some(())
-    })
+    wait::until(
+        "both sidecars route to each other",
+        Duration::from_secs(20),
+        || async {
+            let a = !frontend.endpoints_of("orders").await.is_empty();
+            let b = !orders.endpoints_of("frontend").await.is_empty();
+            (a && b).then_some(())
+        },
+    )
     .await;
     (orders_app, orders, frontend_app, frontend)
 }
@@ -129,9 +133,21 @@ async fn a_change_through_one_replica_reaches_sidecars_of_the_others_within_a_se
     assert_eq!(status_of(&frontend, "http://orders/").await, Some(200));
     assert_eq!(status_of(&orders, "http://frontend/").await, Some(200));
 
-    let yaml = format!("{}---\n{}", abort_calls_to("orders"), abort_calls_to("frontend"));
+    let yaml = format!(
+        "{}---\n{}",
+        abort_calls_to("orders"),
+        abort_calls_to("frontend")
+    );
     std::fs::write(dir.path.join("faults.yaml"), &yaml).unwrap();
-    let out = meshctl(&cps[0], &["apply", "-f", dir.path.join("faults.yaml").to_str().unwrap()]).await;
+    let out = meshctl(
+        &cps[0],
+        &[
+            "apply",
+            "-f",
+            dir.path.join("faults.yaml").to_str().unwrap(),
+        ],
+    )
+    .await;
     assert!(out.success(), "apply through replica 1: {out:?}");
     let applied = Instant::now();
     // Enforced by the sidecar watching replica 3 (frontend calling orders)
@@ -159,12 +175,18 @@ async fn a_change_through_one_replica_reaches_sidecars_of_the_others_within_a_se
     // Each replica names itself; /healthz?detail and /metrics say etcd.
     for (i, cp) in cps.iter().enumerate() {
         let reply = cp.get("/healthz?detail").await;
-        assert_eq!(reply.header("x-meshlet-replica"), Some(format!("replica-{}", i + 1).as_str()));
+        assert_eq!(
+            reply.header("x-meshlet-replica"),
+            Some(format!("replica-{}", i + 1).as_str())
+        );
         let detail: serde_json::Value = serde_json::from_slice(&reply.body).unwrap();
         assert_eq!(detail["store"], "etcd", "{detail}");
         assert_eq!(detail["etcd"]["up"], true, "{detail}");
         let metrics = cp.get("/metrics").await.text();
-        assert!(metrics.contains("meshlet_store_kind{kind=\"etcd\"} 1"), "{metrics}");
+        assert!(
+            metrics.contains("meshlet_store_kind{kind=\"etcd\"} 1"),
+            "{metrics}"
+        );
         assert!(metrics.contains("meshlet_store_up 1"), "{metrics}");
     }
     eprintln!("policy enforced by both sidecars {took:?} after the apply returned");
@@ -176,14 +198,18 @@ async fn a_killed_sidecar_leaves_every_replica_within_ttl_plus_a_second() {
     let dir = TempDir::new();
     let cps = replicas(&dir, &etcd, "/mesh-b").await;
     let (_orders_app, orders, _frontend_app, frontend) = two_services(&cps).await;
-    let orders_ids = wait::until("orders registered on every replica", Duration::from_secs(10), || async {
-        let mut all = Vec::new();
-        for cp in &cps {
-            all.push(instance_ids(cp, "orders").await);
-        }
-        (all.iter().all(|ids| ids.len() == 1) && all.windows(2).all(|w| w[0] == w[1]))
-            .then(|| all[0].clone())
-    })
+    let orders_ids = wait::until(
+        "orders registered on every replica",
+        Duration::from_secs(10),
+        || async {
+            let mut all = Vec::new();
+            for cp in &cps {
+                all.push(instance_ids(cp, "orders").await);
+            }
+            (all.iter().all(|ids| ids.len() == 1) && all.windows(2).all(|w| w[0] == w[1]))
+                .then(|| all[0].clone())
+        },
+    )
     .await;
     orders.signal(nix::sys::signal::Signal::SIGKILL);
     let killed = Instant::now();
@@ -216,7 +242,10 @@ async fn a_killed_sidecar_leaves_every_replica_within_ttl_plus_a_second() {
         .iter()
         .filter(|r| r["changes"].to_string().contains("expired orders/"))
         .count();
-    assert_eq!(expired, 1, "one expiry revision, whichever replica won: {history}");
+    assert_eq!(
+        expired, 1,
+        "one expiry revision, whichever replica won: {history}"
+    );
     drop(frontend);
 }
 
@@ -230,7 +259,11 @@ async fn applies_need_an_etcd_quorum_and_nothing_is_lost_when_it_returns() {
         let path = dir.path.join(format!("p{n}.yaml"));
         std::fs::write(
             &path,
-            doc("RetryPolicy", &format!("retry-{n}"), "{targetRef: {service: orders}, attempts: 2}"),
+            doc(
+                "RetryPolicy",
+                &format!("retry-{n}"),
+                "{targetRef: {service: orders}, attempts: 2}",
+            ),
         )
         .unwrap();
         path
@@ -242,10 +275,14 @@ async fn applies_need_an_etcd_quorum_and_nothing_is_lost_when_it_returns() {
     // One member down: still a quorum.
     etcd.kill(0).await;
     let p2 = apply(2);
-    let out = wait::until("an apply with one etcd member down", Duration::from_secs(10), || async {
-        let out = meshctl(&cps[1], &["apply", "-f", p2.to_str().unwrap()]).await;
-        out.success().then_some(out)
-    })
+    let out = wait::until(
+        "an apply with one etcd member down",
+        Duration::from_secs(10),
+        || async {
+            let out = meshctl(&cps[1], &["apply", "-f", p2.to_str().unwrap()]).await;
+            out.success().then_some(out)
+        },
+    )
     .await;
     assert!(out.stdout.contains("created"), "{out:?}");
 
@@ -255,12 +292,18 @@ async fn applies_need_an_etcd_quorum_and_nothing_is_lost_when_it_returns() {
     let started = Instant::now();
     let out = meshctl(&cps[2], &["apply", "-f", p3.to_str().unwrap()]).await;
     let took = started.elapsed();
-    assert!(!out.success(), "an apply without an etcd quorum must fail: {out:?}");
+    assert!(
+        !out.success(),
+        "an apply without an etcd quorum must fail: {out:?}"
+    );
     assert!(
         out.stderr.contains("etcd") && out.stderr.contains("quorum"),
         "the error says etcd has no quorum: {out:?}"
     );
-    assert!(took < Duration::from_secs(10), "the apply failed after {took:?}, not promptly");
+    assert!(
+        took < Duration::from_secs(10),
+        "the apply failed after {took:?}, not promptly"
+    );
     // Sidecars route from their snapshot meanwhile.
     for _ in 0..20 {
         assert_eq!(status_of(&frontend, "http://orders/").await, Some(200));
@@ -272,27 +315,39 @@ async fn applies_need_an_etcd_quorum_and_nothing_is_lost_when_it_returns() {
     etcd.restart(1).await;
     etcd.wait_member_healthy(0).await;
     etcd.wait_member_healthy(1).await;
-    let out = wait::until("an apply after the quorum returned", Duration::from_secs(20), || async {
-        let out = meshctl(&cps[0], &["apply", "-f", p3.to_str().unwrap()]).await;
-        out.success().then_some(out)
-    })
+    let out = wait::until(
+        "an apply after the quorum returned",
+        Duration::from_secs(20),
+        || async {
+            let out = meshctl(&cps[0], &["apply", "-f", p3.to_str().unwrap()]).await;
+            out.success().then_some(out)
+        },
+    )
     .await;
     assert!(out.stdout.contains("created"), "{out:?}");
     for cp in &cps {
-        wait::until("every replica has the three policies", Duration::from_secs(5), || async {
-            let out = meshctl(cp, &["get", "RetryPolicy"]).await;
-            (out.success() && (1..=3).all(|n| out.stdout.contains(&format!("retry-{n}"))))
-                .then_some(())
-        })
+        wait::until(
+            "every replica has the three policies",
+            Duration::from_secs(5),
+            || async {
+                let out = meshctl(cp, &["get", "RetryPolicy"]).await;
+                (out.success() && (1..=3).all(|n| out.stdout.contains(&format!("retry-{n}"))))
+                    .then_some(())
+            },
+        )
         .await;
     }
     // The sidecars are still registered (their leases outlived the outage
     // or they registered again) and route.
-    wait::until("both services registered again on replica 1", Duration::from_secs(10), || async {
-        let a = instance_ids(&cps[0], "orders").await.len() == 1;
-        let b = instance_ids(&cps[0], "frontend").await.len() == 1;
-        (a && b).then_some(())
-    })
+    wait::until(
+        "both services registered again on replica 1",
+        Duration::from_secs(10),
+        || async {
+            let a = instance_ids(&cps[0], "orders").await.len() == 1;
+            let b = instance_ids(&cps[0], "frontend").await.len() == 1;
+            (a && b).then_some(())
+        },
+    )
     .await;
     assert_eq!(status_of(&frontend, "http://orders/").await, Some(200));
 }
@@ -339,7 +394,10 @@ async fn conflicting_applies_on_two_replicas_are_whole_or_refused() {
     // Every revision is whole: three lines, one interval for all three.
     let history = cps[2].get_json("/api/v1/revisions?limit=1000").await;
     let records = history.as_array().unwrap();
-    let mut revisions: Vec<u64> = records.iter().map(|r| r["revision"].as_u64().unwrap()).collect();
+    let mut revisions: Vec<u64> = records
+        .iter()
+        .map(|r| r["revision"].as_u64().unwrap())
+        .collect();
     revisions.reverse();
     assert!(
         revisions.windows(2).all(|w| w[1] == w[0] + 1),
@@ -357,14 +415,18 @@ async fn conflicting_applies_on_two_replicas_are_whole_or_refused() {
             .map(|s| s.split('"').next().unwrap().to_owned())
             .collect()
     };
-    wait::until("the replicas converge on one apply", Duration::from_secs(5), || async {
-        let mut seen = Vec::new();
-        for cp in &cps {
-            seen.push(cp.get_json("/api/v1/resources").await.to_string());
-        }
-        let one = seen.windows(2).all(|w| w[0] == w[1]) && intervals(&seen[0]).len() == 1;
-        one.then_some(())
-    })
+    wait::until(
+        "the replicas converge on one apply",
+        Duration::from_secs(5),
+        || async {
+            let mut seen = Vec::new();
+            for cp in &cps {
+                seen.push(cp.get_json("/api/v1/resources").await.to_string());
+            }
+            let one = seen.windows(2).all(|w| w[0] == w[1]) && intervals(&seen[0]).len() == 1;
+            one.then_some(())
+        },
+    )
     .await;
     eprintln!("{applied} applies succeeded, {conflicts} got 409");
 }

@@ -82,7 +82,10 @@ impl EtcdCluster {
             .args(["--initial-advertise-peer-urls", &peer])
             .args(["--initial-cluster", &self.initial_cluster])
             .args(["--initial-cluster-state", "new"])
-            .args(["--initial-cluster-token", &format!("meshlet-e2e-{}", std::process::id())])
+            .args([
+                "--initial-cluster-token",
+                &format!("meshlet-e2e-{}", std::process::id()),
+            ])
             // A revision (or an expiry of many instances) is one txn.
             .args(["--max-txn-ops", "10000"])
             .stdin(Stdio::null())

@@ -241,7 +241,9 @@ fn parse_u64(key: &[u8], bytes: &[u8]) -> Result<u64, StoreError> {
     std::str::from_utf8(bytes)
         .ok()
         .and_then(|s| s.parse().ok())
-        .ok_or_else(|| StoreError::Corrupt(format!("{} is not a number", String::from_utf8_lossy(key))))
+        .ok_or_else(|| {
+            StoreError::Corrupt(format!("{} is not a number", String::from_utf8_lossy(key)))
+        })
 }
 
 impl EtcdStore {
@@ -445,8 +447,10 @@ impl EtcdStore {
         commit: &Commit,
         trust_roots: Option<String>,
         absent: &[String],
-    ) -> Result<impl Future<Output = Result<Vec<(String, i64)>, StoreError>> + Send + 'static, StoreError>
-    {
+    ) -> Result<
+        impl Future<Output = Result<Vec<(String, i64)>, StoreError>> + Send + 'static,
+        StoreError,
+    > {
         let entry = super::encode("revision", &RevisionEntry::of(commit, trust_roots))?;
         let rev_key = self.key("meta/revision");
         let expected = commit.revision.saturating_sub(1);
@@ -463,7 +467,10 @@ impl EtcdStore {
             TxnOp::put(self.rev_key(commit.revision), entry, None),
         ];
         if commit.revision > HISTORY_LIMIT {
-            ops.push(TxnOp::delete(self.rev_key(commit.revision - HISTORY_LIMIT), None));
+            ops.push(TxnOp::delete(
+                self.rev_key(commit.revision - HISTORY_LIMIT),
+                None,
+            ));
         }
         for id in &commit.delete_instances {
             ops.push(TxnOp::delete(self.instance_key(id), None));
@@ -474,7 +481,10 @@ impl EtcdStore {
             instance_puts.push((instance.registration.id.clone(), bytes));
         }
         for key in &commit.delete_resources {
-            ops.push(TxnOp::delete(self.key(&format!("resources/{}", resource_key(key))), None));
+            ops.push(TxnOp::delete(
+                self.key(&format!("resources/{}", resource_key(key))),
+                None,
+            ));
         }
         for resource in &commit.put_resources {
             let key = self.key(&format!("resources/{}", resource_key(&resource.key())));
@@ -493,20 +503,21 @@ impl EtcdStore {
                     .map_err(etcd_error("grant an instance lease"))?
                     .id();
                 let key = format!("{prefix}/instances/{id}");
-                ops.push(TxnOp::put(key, bytes, Some(PutOptions::new().with_lease(lease))));
+                ops.push(TxnOp::put(
+                    key,
+                    bytes,
+                    Some(PutOptions::new().with_lease(lease)),
+                ));
                 granted.push((id, lease));
             }
             let txn = Txn::new()
                 .when(compares)
                 .and_then(ops)
                 .or_else([TxnOp::get(rev_key.clone(), None)]);
-            let response = client
-                .txn(txn)
-                .await
-                .map_err(|source| StoreError::Etcd {
-                    doing: format!("commit revision {revision}"),
-                    source,
-                })?;
+            let response = client.txn(txn).await.map_err(|source| StoreError::Etcd {
+                doing: format!("commit revision {revision}"),
+                source,
+            })?;
             if response.succeeded() {
                 return Ok(granted);
             }
@@ -588,7 +599,10 @@ impl EtcdStore {
         let mut client = self.client.clone();
         self.run("list instances", async move {
             let response = client
-                .get(prefix.clone(), Some(GetOptions::new().with_prefix().with_keys_only()))
+                .get(
+                    prefix.clone(),
+                    Some(GetOptions::new().with_prefix().with_keys_only()),
+                )
                 .await
                 .map_err(etcd_error("list instances"))?;
             let present: std::collections::HashSet<&[u8]> = response
@@ -632,14 +646,20 @@ impl EtcdStore {
                 let name = String::from_utf8_lossy(&kv.key()[prefix.len()..]).into_owned();
                 found.insert(name, String::from_utf8_lossy(kv.value()).into_owned());
             }
-            Ok(match (found.remove("ca.crt"), found.remove("ca.key"), found.remove("admin.token")) {
-                (Some(ca_cert), Some(ca_key), Some(admin_token)) => Some(Bootstrap {
-                    ca_cert,
-                    ca_key,
-                    admin_token,
-                }),
-                _ => None,
-            })
+            Ok(
+                match (
+                    found.remove("ca.crt"),
+                    found.remove("ca.key"),
+                    found.remove("admin.token"),
+                ) {
+                    (Some(ca_cert), Some(ca_key), Some(admin_token)) => Some(Bootstrap {
+                        ca_cert,
+                        ca_key,
+                        admin_token,
+                    }),
+                    _ => None,
+                },
+            )
         })
     }
 
@@ -672,7 +692,10 @@ impl EtcdStore {
     /// Watches the prefix from etcd revision `from` (0: now): batches of
     /// decoded changes until the stream ends or fails (then the channel
     /// closes and the caller watches again).
-    pub async fn watch(&self, from: i64) -> Result<tokio::sync::mpsc::Receiver<WatchBatch>, StoreError> {
+    pub async fn watch(
+        &self,
+        from: i64,
+    ) -> Result<tokio::sync::mpsc::Receiver<WatchBatch>, StoreError> {
         let prefix = format!("{}/", self.prefix);
         let mut client = self.client.clone();
         let mut options = WatchOptions::new().with_prefix();
@@ -710,11 +733,16 @@ impl EtcdStore {
                 let mut keys = Vec::new();
                 for event in response.events() {
                     let Some(kv) = event.kv() else { continue };
-                    let rest = String::from_utf8_lossy(&kv.key()[prefix.len().min(kv.key().len())..]).into_owned();
+                    let rest =
+                        String::from_utf8_lossy(&kv.key()[prefix.len().min(kv.key().len())..])
+                            .into_owned();
                     let put = event.event_type() == EventType::Put;
                     let decoded = if let Some(id) = rest.strip_prefix("instances/") {
                         Some(if put {
-                            WatchedKey::InstancePut { id: id.to_owned(), lease: kv.lease() }
+                            WatchedKey::InstancePut {
+                                id: id.to_owned(),
+                                lease: kv.lease(),
+                            }
                         } else {
                             WatchedKey::InstanceDeleted { id: id.to_owned() }
                         })
@@ -748,7 +776,14 @@ impl EtcdStore {
                     };
                     keys.extend(decoded);
                 }
-                if tx.send(WatchBatch { etcd_revision, keys }).await.is_err() {
+                if tx
+                    .send(WatchBatch {
+                        etcd_revision,
+                        keys,
+                    })
+                    .await
+                    .is_err()
+                {
                     return;
                 }
             }
@@ -775,7 +810,8 @@ impl EtcdStore {
 }
 
 fn read_file(path: &PathBuf) -> Result<Vec<u8>, StoreError> {
-    std::fs::read(path).map_err(|e| StoreError::Config(format!("cannot read {}: {e}", path.display())))
+    std::fs::read(path)
+        .map_err(|e| StoreError::Config(format!("cannot read {}: {e}", path.display())))
 }
 
 /// Waits on this thread for `f`, which runs on `handle`'s runtime (works
@@ -837,7 +873,11 @@ impl Store for EtcdStore {
         }
         let mut entries = Vec::new();
         for kv in gets(&ops[4]) {
-            entries.push(decode_etcd::<RevisionEntry>("revision", kv.key(), kv.value())?);
+            entries.push(decode_etcd::<RevisionEntry>(
+                "revision",
+                kv.key(),
+                kv.value(),
+            )?);
         }
         let records: HashMap<u64, RevisionRecord> = entries
             .iter()
@@ -901,7 +941,12 @@ impl Store for EtcdStore {
                 TxnOp::get(target.clone(), Some(GetOptions::new().with_keys_only())),
                 TxnOp::get(
                     prefix.clone(),
-                    Some(GetOptions::new().with_prefix().with_keys_only().with_limit(1)),
+                    Some(
+                        GetOptions::new()
+                            .with_prefix()
+                            .with_keys_only()
+                            .with_limit(1),
+                    ),
                 ),
                 TxnOp::get(target, Some(GetOptions::new().with_from_key())),
             ];
@@ -911,15 +956,22 @@ impl Store for EtcdStore {
                 .map_err(etcd_error("read rollback records"))?;
             let ops = response.op_responses();
             let exists = !gets(&ops[0]).is_empty();
-            let oldest = gets(&ops[1])
-                .first()
-                .and_then(|kv| std::str::from_utf8(&kv.key()[prefix.len()..]).ok()?.parse().ok());
+            let oldest = gets(&ops[1]).first().and_then(|kv| {
+                std::str::from_utf8(&kv.key()[prefix.len()..])
+                    .ok()?
+                    .parse()
+                    .ok()
+            });
             let mut after = Vec::new();
             for kv in gets(&ops[2]) {
                 if !kv.key().starts_with(prefix.as_bytes()) {
                     continue;
                 }
-                after.push(decode_etcd::<RevisionEntry>("revision", kv.key(), kv.value())?);
+                after.push(decode_etcd::<RevisionEntry>(
+                    "revision",
+                    kv.key(),
+                    kv.value(),
+                )?);
             }
             Ok((exists, oldest, after))
         })?;
