@@ -19,6 +19,10 @@
 ARG RUST_IMAGE=rust:1-bookworm
 
 FROM ${RUST_IMAGE} AS builder
+# protoc: the etcd client crate compiles etcd's .proto files (--store etcd).
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends protobuf-compiler \
+    && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 COPY . .
 # Line tables are for local profiling; images do without them.

@@ -36,6 +36,10 @@ command -v setpriv >/dev/null || need_apt+=(util-linux)
 command -v nginx >/dev/null || [[ -x /usr/sbin/nginx ]] || need_apt+=(nginx)
 command -v h2load >/dev/null || need_apt+=(nghttp2-client)
 command -v wrk >/dev/null || need_apt+=(wrk)
+# The control plane's etcd client (etcd-client crate) compiles etcd's
+# .proto files with protoc; tests/e2e/etcd_ha.rs runs Debian's etcd.
+command -v protoc >/dev/null || need_apt+=(protobuf-compiler)
+command -v etcd >/dev/null || need_apt+=(etcd-server etcd-client)
 if ((${#need_apt[@]})); then
     step "installing ${need_apt[*]}"
     export DEBIAN_FRONTEND=noninteractive

@@ -33,6 +33,8 @@ pub mod paths {
     pub const RESOURCES: &str = "/api/v1/resources";
     pub const APPLY: &str = "/api/v1/apply";
     pub const REVISIONS: &str = "/api/v1/revisions";
+    /// `GET`: `ok`; `GET /healthz?detail`: JSON with the store kind, the
+    /// replica and etcd's health (`--store etcd`).
     pub const HEALTH: &str = "/healthz";
     /// `POST` a [`super::CertificateRequest`] (sidecar token of that
     /// service) → [`super::CertificateReply`].
@@ -700,6 +702,10 @@ fn is_zero(n: &u64) -> bool {
 fn default_namespace() -> String {
     "default".to_owned()
 }
+
+/// Response header naming the control-plane replica that answered
+/// (`--store etcd`, where several replicas serve the same mesh).
+pub const REPLICA_HEADER: &str = "x-meshlet-replica";
 
 #[cfg(test)]
 mod tests {

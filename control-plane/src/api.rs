@@ -58,7 +58,7 @@ const STATS_BODY_LIMIT: usize = 1 << 20;
 pub fn router(state: AppState) -> Router {
     let access = state.access.clone();
     Router::new()
-        .route(paths::HEALTH, get(|| async { "ok" }))
+        .route(paths::HEALTH, get(healthz))
         .route(paths::INSTANCES, post(register))
         .route(
             &format!("{}/{{id}}", paths::INSTANCES),
@@ -469,6 +469,40 @@ async fn trace(
         .get(trace_id, Instant::now())
         .map(Json)
         .ok_or_else(|| ApiFailure::NotFound(format!("trace {trace_id} not found")))
+}
+
+/// `/healthz` answers `ok` (liveness); with `?detail` a JSON object with
+/// the store kind, the published revision and, with etcd, the replica id
+/// and etcd's health as this replica last saw it.
+async fn healthz(
+    State(state): State<AppState>,
+    axum::extract::RawQuery(raw): axum::extract::RawQuery,
+) -> Response {
+    let detail = raw.is_some_and(|q| {
+        q.split('&')
+            .any(|p| p == "detail" || p.starts_with("detail="))
+    });
+    if !detail {
+        return "ok".into_response();
+    }
+    let revision = state.controller.published().revision;
+    let body = match state.controller.replica() {
+        Some(etcd) => serde_json::json!({
+            "status": "ok",
+            "store": "etcd",
+            "replica": etcd.replica_id(),
+            "revision": revision,
+            "etcd": {
+                "up": etcd.health().up(),
+                "endpoints": etcd.endpoints(),
+                "prefix": etcd.prefix(),
+                "errors": etcd.health().errors(),
+                "lastError": etcd.health().last_error(),
+            },
+        }),
+        None => serde_json::json!({"status": "ok", "store": "redb", "revision": revision}),
+    };
+    Json(body).into_response()
 }
 
 async fn metrics(State(state): State<AppState>) -> Result<Response, ApiFailure> {

@@ -40,6 +40,7 @@ use crate::error::{ApiFailure, StoreError};
 use crate::expiry::{Decision, ExpiryPolicy, Preservation, Transition};
 use crate::push::{Hub, Published};
 use crate::registry::{classify, rewind, Plan, Registry};
+use crate::store::etcd::{EtcdStore, RevisionEntry, WatchBatch, WatchedKey};
 use crate::store::{OwnerChanges, Rewind, Store};
 use meshlet_api::changes::{
     DeleteReply, DeleteRequest, DiffOutcome, DiffReply, RollbackReply, RollbackRequest,
@@ -72,7 +73,14 @@ pub struct Controller {
     /// Instances one service may have registered at once
     /// (`--max-instances-per-service`).
     max_instances_per_service: usize,
+    /// `--store etcd`: the shared store, for what only it does (CAS
+    /// commits, leases, the watch of other replicas' revisions).
+    replica: Option<Arc<EtcdStore>>,
 }
+
+/// How often a change that lost the revision race to another replica is
+/// planned again (against the caught-up state) before the caller gets 409.
+const CONFLICT_RETRIES: usize = 8;
 
 /// The default of `--max-instances-per-service`.
 pub const DEFAULT_MAX_INSTANCES_PER_SERVICE: usize = 1000;
@@ -141,7 +149,21 @@ impl Controller {
             ttl,
             preservation: Mutex::new(Preservation::default()),
             max_instances_per_service: DEFAULT_MAX_INSTANCES_PER_SERVICE,
+            replica: None,
         })
+    }
+
+    /// `--store etcd`: `replica` is the store this controller loaded from;
+    /// commits go through its compare-and-swap, heartbeats renew leases,
+    /// and [`Controller::run_replication`] applies other replicas' revisions.
+    pub fn with_replica(mut self, replica: Arc<EtcdStore>) -> Controller {
+        self.replica = Some(replica);
+        self
+    }
+
+    /// The etcd store, when the control plane runs on one.
+    pub fn replica(&self) -> Option<&Arc<EtcdStore>> {
+        self.replica.as_ref()
     }
 
     /// Sets the expiry pause thresholds (`--expiry-pause-share`,
@@ -260,11 +282,47 @@ impl Controller {
 
     /// Writes a plan, applies it and publishes it; returns the revision.
     async fn commit(&self, registry: &mut Registry, plan: Plan) -> Result<u64, StoreError> {
-        let store = self.store.clone();
-        let commit = plan.commit.clone();
-        tokio::task::spawn_blocking(move || store.commit(&commit))
-            .await
-            .map_err(|e| StoreError::Task(e.to_string()))??;
+        self.commit_guarded(registry, plan, &[]).await
+    }
+
+    /// [`Controller::commit`]; with etcd, `absent` instance keys must not
+    /// exist (an expiry), and a lost revision race catches this registry
+    /// up before [`StoreError::Conflict`] is returned (so planning again
+    /// starts from the new state).
+    async fn commit_guarded(
+        &self,
+        registry: &mut Registry,
+        plan: Plan,
+        absent: &[String],
+    ) -> Result<u64, StoreError> {
+        match &self.replica {
+            Some(replica) => {
+                let result = replica
+                    .commit_plan(&plan.commit, plan.trust_roots.clone(), absent)
+                    .await;
+                if let Err(err) = result {
+                    if err.is_conflict() {
+                        if let Err(e) = self.catch_up(registry, replica).await {
+                            tracing::warn!(error = %e, "catching up after a conflict failed");
+                        }
+                    }
+                    return Err(err);
+                }
+            }
+            None => {
+                let store = self.store.clone();
+                let commit = plan.commit.clone();
+                tokio::task::spawn_blocking(move || store.commit(&commit))
+                    .await
+                    .map_err(|e| StoreError::Task(e.to_string()))??;
+            }
+        }
+        self.publish_plan(registry, plan);
+        Ok(registry.revision())
+    }
+
+    /// Applies a committed plan to the registry and publishes it.
+    fn publish_plan(&self, registry: &mut Registry, plan: Plan) {
         registry.apply(&plan);
         let published = Published::new(registry, Some(&plan.changes));
         self.hub.publish(published, plan.changes);
@@ -274,7 +332,48 @@ impl Controller {
             changes = ?plan.commit.record.changes,
             "revision"
         );
-        Ok(plan.commit.revision)
+    }
+
+    /// Applies the revisions other replicas committed after this
+    /// registry's (etcd), oldest first.
+    async fn catch_up(
+        &self,
+        registry: &mut Registry,
+        replica: &EtcdStore,
+    ) -> Result<(), StoreError> {
+        let entries = replica.entries_after(registry.revision()).await?;
+        for entry in entries {
+            self.apply_remote(registry, entry);
+        }
+        Ok(())
+    }
+
+    /// Applies one revision another replica committed, if it is the next
+    /// one; updates the liveness table for the instances it touches.
+    fn apply_remote(&self, registry: &mut Registry, entry: RevisionEntry) -> bool {
+        if entry.record.revision != registry.revision() + 1 {
+            return false;
+        }
+        let (commit, trust_roots) = entry.into_commit();
+        {
+            let mut liveness = self.liveness.lock().unwrap();
+            for id in &commit.delete_instances {
+                liveness.remove(id);
+            }
+            for instance in &commit.put_instances {
+                liveness.insert(
+                    instance.registration.id.clone(),
+                    Liveness {
+                        last_heartbeat: Instant::now(),
+                        healthy: instance.registration.healthy,
+                        service: service_key(&instance.registration),
+                    },
+                );
+            }
+        }
+        let plan = registry.plan_remote(commit, trust_roots);
+        self.publish_plan(registry, plan);
+        true
     }
 
     /// Publishes a new trust bundle as one revision (actor `ca`, `lines`
@@ -286,9 +385,16 @@ impl Controller {
         lines: Vec<String>,
     ) -> Result<u64, StoreError> {
         let mut registry = self.writer.lock().await;
-        match registry.plan_trust_roots(roots, lines, now_ms()) {
-            Some(plan) => self.commit(&mut registry, plan).await,
-            None => Ok(registry.revision()),
+        let mut attempt = 0;
+        loop {
+            let plan = registry.plan_trust_roots(roots.clone(), lines.clone(), now_ms());
+            match plan {
+                Some(plan) => match self.commit(&mut registry, plan).await {
+                    Err(e) if e.is_conflict() && attempt < CONFLICT_RETRIES => attempt += 1,
+                    result => return result,
+                },
+                None => return Ok(registry.revision()),
+            }
         }
     }
 
@@ -314,18 +420,34 @@ impl Controller {
             .unwrap()
             .claim(&id, principal)
             .map_err(ownership_failure)?;
-        let planned = registry.plan_register(registration, now_ms());
-        let revision = match planned {
-            Some(plan) => match self.commit(&mut registry, plan).await {
-                Ok(revision) => revision,
-                Err(err) => {
-                    if claim == Claim::New {
-                        self.owners.lock().unwrap().release(&id);
+        // With etcd, an unchanged registration whose lease ended (or
+        // that only this replica's memory still has) is written again.
+        let mut forced = false;
+        if let Some(replica) = &self.replica {
+            if registry.instance(&id).is_some() {
+                forced = !replica.keep_alive(&id).await.unwrap_or(false);
+            }
+        }
+        let mut attempt = 0;
+        let revision = loop {
+            let planned = if forced {
+                Some(registry.plan_reregister(registration.clone(), now_ms()))
+            } else {
+                registry.plan_register(registration.clone(), now_ms())
+            };
+            match planned {
+                Some(plan) => match self.commit(&mut registry, plan).await {
+                    Ok(revision) => break revision,
+                    Err(err) if err.is_conflict() && attempt < CONFLICT_RETRIES => attempt += 1,
+                    Err(err) => {
+                        if claim == Claim::New {
+                            self.owners.lock().unwrap().release(&id);
+                        }
+                        return Err(err.into());
                     }
-                    return Err(err.into());
-                }
-            },
-            None => registry.revision(),
+                },
+                None => break registry.revision(),
+            }
         };
         if claim == Claim::New {
             let changes = OwnerChanges {
@@ -370,6 +492,40 @@ impl Controller {
     ) -> Result<(), ApiFailure> {
         self.check_instance(id, principal, InstanceUse::Heartbeat)?;
         let not_found = || ApiFailure::NotFound(format!("instance {id:?} is not registered"));
+        if let Some(replica) = &self.replica {
+            // etcd decides liveness: the heartbeat renews the lease.
+            if !replica.keep_alive(id).await? {
+                return Err(not_found());
+            }
+            let unchanged = self
+                .published()
+                .instances
+                .get(id)
+                .is_some_and(|i| i.registration.healthy == heartbeat.healthy);
+            if !unchanged {
+                let mut registry = self.writer.lock().await;
+                let mut attempt = 0;
+                while let Some(plan) = registry.plan_health(id, heartbeat.healthy, now_ms()) {
+                    match self.commit(&mut registry, plan).await {
+                        Ok(_) => break,
+                        Err(e) if e.is_conflict() && attempt < CONFLICT_RETRIES => attempt += 1,
+                        Err(e) => return Err(e.into()),
+                    }
+                }
+            }
+            if let Some(registration) = self.published().instances.get(id).map(|i| &i.registration)
+            {
+                self.liveness.lock().unwrap().insert(
+                    id.to_owned(),
+                    Liveness {
+                        last_heartbeat: now,
+                        healthy: heartbeat.healthy,
+                        service: service_key(registration),
+                    },
+                );
+            }
+            return Ok(());
+        }
         {
             let mut liveness = self.liveness.lock().unwrap();
             let live = liveness.get_mut(id).ok_or_else(not_found)?;
@@ -398,10 +554,17 @@ impl Controller {
     pub async fn deregister(&self, id: &str, principal: &Principal) -> Result<(), ApiFailure> {
         let mut registry = self.writer.lock().await;
         self.check_instance(id, principal, InstanceUse::Deregister)?;
-        let plan = registry
-            .plan_deregister(id, now_ms())
-            .ok_or_else(|| ApiFailure::NotFound(format!("instance {id:?} is not registered")))?;
-        self.commit(&mut registry, plan).await?;
+        let mut attempt = 0;
+        loop {
+            let plan = registry.plan_deregister(id, now_ms()).ok_or_else(|| {
+                ApiFailure::NotFound(format!("instance {id:?} is not registered"))
+            })?;
+            match self.commit(&mut registry, plan).await {
+                Ok(_) => break,
+                Err(e) if e.is_conflict() && attempt < CONFLICT_RETRIES => attempt += 1,
+                Err(e) => return Err(e.into()),
+            }
+        }
         self.liveness.lock().unwrap().remove(id);
         self.owners.lock().unwrap().release(id);
         let changes = OwnerChanges {
@@ -503,9 +666,197 @@ impl Controller {
         Ok(count)
     }
 
+    /// `--store etcd`: removes, in one revision, the instances among `ids`
+    /// whose keys etcd deleted (their lease ended). Every replica may try;
+    /// the compare-and-swap lets one win, the others catch up and find
+    /// nothing left to do. An id registered again meanwhile has a key
+    /// again: the txn's "key absent" compare fails and it is dropped.
+    pub async fn expire_absent(&self, ids: Vec<String>) -> Result<usize, StoreError> {
+        let Some(replica) = self.replica.clone() else {
+            return Ok(0);
+        };
+        let mut registry = self.writer.lock().await;
+        let mut ids = ids;
+        for _ in 0..=CONFLICT_RETRIES {
+            ids.retain(|id| registry.instance(id).is_some());
+            if ids.is_empty() {
+                return Ok(0);
+            }
+            ids = replica.absent_instances(ids).await?;
+            let Some(plan) = registry.plan_expire(&ids, now_ms()) else {
+                return Ok(0);
+            };
+            let count = plan.commit.delete_instances.len();
+            match self.commit_guarded(&mut registry, plan, &ids).await {
+                Ok(_) => {
+                    {
+                        let mut liveness = self.liveness.lock().unwrap();
+                        let mut owners = self.owners.lock().unwrap();
+                        for id in &ids {
+                            liveness.remove(id);
+                            owners.release(id);
+                        }
+                    }
+                    drop(registry);
+                    self.save_owners(OwnerChanges {
+                        claimed: Vec::new(),
+                        released: ids,
+                    })
+                    .await?;
+                    return Ok(count);
+                }
+                Err(e) if e.is_conflict() => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(0)
+    }
+
+    /// `--store etcd`'s reaper: every ttl/2, the registered instances
+    /// whose keys etcd no longer has are expired (the watch's delete
+    /// events do it at once; this pass covers a replica that missed them,
+    /// e.g. while its watch reconnected). The etcd health is probed on the
+    /// same tick.
+    async fn run_lease_sweep(
+        self: Arc<Self>,
+        replica: Arc<EtcdStore>,
+        mut shutdown: watch::Receiver<bool>,
+    ) {
+        let period = (self.ttl / 2).max(Duration::from_millis(250));
+        let mut tick = tokio::time::interval(period);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = crate::push::stopped(&mut shutdown) => return,
+                _ = tick.tick() => {
+                    if replica.probe().await.is_err() {
+                        continue;
+                    }
+                    let ids: Vec<String> = self.published().instances.keys().cloned().collect();
+                    let absent = match replica.absent_instances(ids).await {
+                        Ok(absent) => absent,
+                        Err(_) => continue,
+                    };
+                    if !absent.is_empty() {
+                        if let Err(err) = self.expire_absent(absent).await {
+                            tracing::warn!(error = %err, "expiring instances whose lease ended failed");
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// `--store etcd`: watches the prefix and applies what other replicas
+    /// wrote — revisions (to the registry, published to this replica's
+    /// watchers), instance owners, tokens (`on_tokens`) — and expires the
+    /// instances whose lease etcd ended. Reconnects after a failure and
+    /// catches up from the revision log. Ends on `shutdown`.
+    pub async fn run_replication(
+        self: Arc<Self>,
+        on_tokens: impl Fn(Vec<crate::auth::TokenRecord>) + Send + Sync + 'static,
+        mut shutdown: watch::Receiver<bool>,
+    ) {
+        let Some(replica) = self.replica.clone() else {
+            return;
+        };
+        let mut from = replica.loaded_at() + 1;
+        loop {
+            let mut batches = match replica.watch(from).await {
+                Ok(batches) => batches,
+                Err(err) => {
+                    tracing::warn!(error = %err, "cannot watch etcd; retrying");
+                    tokio::select! {
+                        _ = crate::push::stopped(&mut shutdown) => return,
+                        _ = tokio::time::sleep(Duration::from_millis(500)) => continue,
+                    }
+                }
+            };
+            {
+                let mut registry = self.writer.lock().await;
+                if let Err(err) = self.catch_up(&mut registry, &replica).await {
+                    tracing::warn!(error = %err, "catching up from etcd failed");
+                }
+            }
+            loop {
+                let batch = tokio::select! {
+                    _ = crate::push::stopped(&mut shutdown) => return,
+                    batch = batches.recv() => batch,
+                };
+                let Some(batch) = batch else { break };
+                from = batch.etcd_revision + 1;
+                self.clone().on_batch(&replica, batch, &on_tokens).await;
+            }
+            // The watch ended (etcd member lost, compaction): watch again
+            // from the last revision seen (0 after a compaction: now; the
+            // catch-up and the sweep cover the gap).
+            if from <= 1 {
+                from = 0;
+            }
+            tokio::select! {
+                _ = crate::push::stopped(&mut shutdown) => return,
+                _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+            }
+        }
+    }
+
+    async fn on_batch(
+        self: Arc<Self>,
+        replica: &Arc<EtcdStore>,
+        batch: WatchBatch,
+        on_tokens: &(impl Fn(Vec<crate::auth::TokenRecord>) + Send + Sync),
+    ) {
+        let mut entries = Vec::new();
+        let mut deleted = Vec::new();
+        for key in batch.keys {
+            match key {
+                WatchedKey::Revision(entry) => entries.push(*entry),
+                WatchedKey::InstancePut { id, lease } => replica.note_lease(&id, Some(lease)),
+                WatchedKey::InstanceDeleted { id } => {
+                    replica.note_lease(&id, None);
+                    deleted.push(id);
+                }
+                WatchedKey::OwnerPut { id, holder } => {
+                    self.owners.lock().unwrap().record(id, holder);
+                }
+                WatchedKey::OwnerDeleted { id } => {
+                    self.owners.lock().unwrap().release(&id);
+                }
+                WatchedKey::Tokens(records) => on_tokens(records),
+            }
+        }
+        if !entries.is_empty() {
+            let mut registry = self.writer.lock().await;
+            for entry in entries {
+                let revision = entry.record.revision;
+                if revision <= registry.revision() {
+                    continue;
+                }
+                if !self.apply_remote(&mut registry, entry) {
+                    if let Err(err) = self.catch_up(&mut registry, replica).await {
+                        tracing::warn!(error = %err, "catching up from etcd failed");
+                    }
+                }
+            }
+        }
+        // Deletes no revision explains: leases that ended.
+        let published = self.published();
+        deleted.retain(|id| published.instances.contains_key(id));
+        if !deleted.is_empty() {
+            tokio::spawn(async move {
+                if let Err(err) = self.expire_absent(deleted).await {
+                    tracing::warn!(error = %err, "expiring instances whose lease ended failed");
+                }
+            });
+        }
+    }
+
     /// Runs [`Controller::reap`] every ttl/10 (at least every 50 ms apart)
     /// until `shutdown`.
     pub async fn run_reaper(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
+        if let Some(replica) = self.replica.clone() {
+            return self.run_lease_sweep(replica, shutdown).await;
+        }
         let period = (self.ttl / 10).max(Duration::from_millis(50));
         let mut tick = tokio::time::interval(period);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -532,12 +883,22 @@ impl Controller {
         let resources = parse_request(&request)?;
         let actor = actor_of(actor);
         let mut registry = self.writer.lock().await;
-        let (outcomes, plan) = registry.plan_apply(resources, &actor, now_ms());
-        let revision = match plan {
-            Some(plan) => self.commit(&mut registry, plan).await?,
-            None => registry.revision(),
-        };
-        Ok(ApplyReply { revision, outcomes })
+        let mut attempt = 0;
+        loop {
+            let (outcomes, plan) = registry.plan_apply(resources.clone(), &actor, now_ms());
+            let revision = match plan {
+                Some(plan) => match self.commit(&mut registry, plan).await {
+                    Ok(revision) => revision,
+                    Err(e) if e.is_conflict() && attempt < CONFLICT_RETRIES => {
+                        attempt += 1;
+                        continue;
+                    }
+                    Err(e) => return Err(e.into()),
+                },
+                None => registry.revision(),
+            };
+            return Ok(ApplyReply { revision, outcomes });
+        }
     }
 
     /// `POST /api/v1/delete`: the resources named by the files (parsed and
@@ -571,17 +932,28 @@ impl Controller {
         }
         let actor = actor_of(actor);
         let mut registry = self.writer.lock().await;
-        let (outcomes, plan) = registry
-            .plan_delete(keys, request.ignore_not_found, &actor, now_ms())
-            .map_err(|missing| {
-                let names: Vec<String> = missing.iter().map(|k| format!("{k} not found")).collect();
-                ApiFailure::NotFound(format!("{}; nothing was deleted", names.join(", ")))
-            })?;
-        let revision = match plan {
-            Some(plan) => self.commit(&mut registry, plan).await?,
-            None => registry.revision(),
-        };
-        Ok(DeleteReply { revision, outcomes })
+        let mut attempt = 0;
+        loop {
+            let (outcomes, plan) = registry
+                .plan_delete(keys.clone(), request.ignore_not_found, &actor, now_ms())
+                .map_err(|missing| {
+                    let names: Vec<String> =
+                        missing.iter().map(|k| format!("{k} not found")).collect();
+                    ApiFailure::NotFound(format!("{}; nothing was deleted", names.join(", ")))
+                })?;
+            let revision = match plan {
+                Some(plan) => match self.commit(&mut registry, plan).await {
+                    Ok(revision) => revision,
+                    Err(e) if e.is_conflict() && attempt < CONFLICT_RETRIES => {
+                        attempt += 1;
+                        continue;
+                    }
+                    Err(e) => return Err(e.into()),
+                },
+                None => registry.revision(),
+            };
+            return Ok(DeleteReply { revision, outcomes });
+        }
     }
 
     /// `POST /api/v1/diff`: what an apply of the request would do, with a

@@ -48,6 +48,44 @@ pub enum StoreError {
     },
     #[error("the store task failed: {0}")]
     Task(String),
+    /// `--store etcd`: an etcd request failed.
+    #[error("etcd: cannot {doing}: {source} (is a quorum of the etcd members up and reachable?)")]
+    Etcd {
+        doing: String,
+        #[source]
+        source: etcd_client::Error,
+    },
+    /// `--store etcd`: an etcd request got no answer in time (typically: no quorum).
+    #[error("etcd: cannot {doing}: no answer within {after:?} (no quorum, or etcd unreachable)")]
+    EtcdTimeout {
+        doing: String,
+        after: std::time::Duration,
+    },
+    /// `--store etcd`: another replica committed this revision number first.
+    #[error(
+        "conflict: another control-plane replica committed revision {revision} first \
+         (the store is at revision {current}); nothing of this change was written, retry it"
+    )]
+    Conflict { revision: u64, current: u64 },
+    #[error("the store holds an unreadable value: {0}")]
+    Corrupt(String),
+    #[error("store configuration: {0}")]
+    Config(String),
+}
+
+impl StoreError {
+    /// Another replica won the revision (the caller may plan again).
+    pub fn is_conflict(&self) -> bool {
+        matches!(self, StoreError::Conflict { .. })
+    }
+
+    /// The store cannot be reached or has no quorum (503).
+    pub fn is_unavailable(&self) -> bool {
+        matches!(
+            self,
+            StoreError::Etcd { .. } | StoreError::EtcdTimeout { .. }
+        )
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -115,6 +153,8 @@ impl ApiFailure {
             ApiFailure::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiFailure::LimitReached(_) => StatusCode::TOO_MANY_REQUESTS,
             ApiFailure::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            ApiFailure::Store(e) if e.is_conflict() => StatusCode::CONFLICT,
+            ApiFailure::Store(e) if e.is_unavailable() => StatusCode::SERVICE_UNAVAILABLE,
             ApiFailure::Store(_) | ApiFailure::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }

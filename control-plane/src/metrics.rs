@@ -95,7 +95,41 @@ pub fn render(
     resilience_families(&mut f, controller, connections)?;
     ca_families(&mut f, workload)?;
     trace_families(&mut f, traces, now)?;
+    store_families(&mut f, controller)?;
     TextEncoder::new().encode_to_string(&f.0)
+}
+
+/// `--store etcd`: the store kind, this replica, etcd's health and its
+/// failed requests (nothing with redb, whose output stays as it was).
+fn store_families(f: &mut Families, controller: &Controller) -> prometheus::Result<()> {
+    let Some(etcd) = controller.replica() else {
+        return Ok(());
+    };
+    f.gauge(
+        "meshlet_store_kind",
+        "The durable store this control plane runs on (info: always 1).",
+        "kind",
+        &[("etcd", 1)],
+    )?;
+    f.gauge(
+        "meshlet_replica_info",
+        "This control-plane replica's id (info: always 1).",
+        "replica",
+        &[(etcd.replica_id(), 1)],
+    )?;
+    f.gauge(
+        "meshlet_store_up",
+        "1 when the last etcd request of this replica succeeded.",
+        "",
+        &[("", i64::from(etcd.health().up()))],
+    )?;
+    f.counter(
+        "meshlet_store_errors_total",
+        "etcd requests of this replica that failed (unreachable, no quorum, timeout).",
+        "",
+        &[("", etcd.health().errors())],
+    )?;
+    Ok(())
 }
 
 /// The workload CA: roots in the bundle, the rotation phase, leaves issued.

@@ -377,6 +377,13 @@ impl Registry {
         if old.is_some_and(|o| o.registration == registration) {
             return None;
         }
+        Some(self.plan_reregister(registration, now_ms))
+    }
+
+    /// Registers an instance even when the same registration is there
+    /// (`--store etcd`: its lease ended, the key must be written again).
+    pub fn plan_reregister(&self, registration: Registration, now_ms: u64) -> Plan {
+        let old = self.instances.get(&registration.id);
         let line = format!(
             "registered {} at {}",
             instance_label(&registration),
@@ -393,7 +400,49 @@ impl Registry {
             registration,
             registered_at_ms: now_ms,
         });
-        Some(plan)
+        plan
+    }
+
+    /// A revision another control-plane replica committed (`--store
+    /// etcd`), as a plan of this registry: the services and resources it
+    /// touches, computed against the current state.
+    pub fn plan_remote(&self, commit: Commit, trust_roots: Option<String>) -> Plan {
+        let mut changes = Changes::default();
+        for id in &commit.delete_instances {
+            if let Some(old) = self.instances.get(id) {
+                changes.services.insert(service_key_of(&old.registration));
+            }
+        }
+        for instance in &commit.put_instances {
+            if let Some(old) = self.instances.get(&instance.registration.id) {
+                changes.services.insert(service_key_of(&old.registration));
+            }
+            changes
+                .services
+                .insert(service_key_of(&instance.registration));
+        }
+        let keys = commit
+            .resource_changes
+            .iter()
+            .map(|c| c.key.clone())
+            .chain(commit.delete_resources.iter().cloned())
+            .chain(commit.put_resources.iter().map(Resource::key));
+        for key in keys {
+            if key.kind == "Service" {
+                changes.services.insert(ServiceKey {
+                    namespace: key.namespace.clone(),
+                    name: key.name.clone(),
+                });
+            } else {
+                changes.resources.insert(key);
+            }
+        }
+        changes.trust_roots = trust_roots.is_some();
+        Plan {
+            commit,
+            changes,
+            trust_roots,
+        }
     }
 
     /// Graceful deregistration; `None` for an unknown id.

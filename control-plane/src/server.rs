@@ -31,9 +31,11 @@ use crate::api::router;
 use crate::auth::Tokens;
 use crate::controller::Controller;
 use crate::error::StartupError;
+use crate::error::StoreError;
 use crate::events::Activity;
 use crate::state::AppState;
 use crate::stats::StatsStore;
+use crate::store::etcd::{Bootstrap, EtcdSettings, EtcdStore};
 use crate::store::{RedbStore, Store};
 use crate::traces::{TraceLimits, TraceStore};
 use crate::workload::{Workload, WorkloadSettings};
@@ -74,6 +76,24 @@ fn parse_capacity(text: &str) -> Result<usize, String> {
         Ok(0) => Err("must be at least 1".into()),
         Ok(n) => Ok(n),
         Err(e) => Err(e.to_string()),
+    }
+}
+
+/// Where the durable state lives (`--store`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum StoreKind {
+    /// One redb file in `--data-dir`: one control-plane process.
+    Redb,
+    /// An etcd cluster: several control-plane replicas share it.
+    Etcd,
+}
+
+impl StoreKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            StoreKind::Redb => "redb",
+            StoreKind::Etcd => "etcd",
+        }
     }
 }
 
@@ -169,6 +189,41 @@ pub struct Settings {
           default_value_t = crate::controller::DEFAULT_MAX_INSTANCES_PER_SERVICE,
           value_parser = parse_capacity)]
     pub max_instances_per_service: usize,
+    // --- issue 18: replicas on etcd.
+    /// Where the durable state lives: `redb` (a file in --data-dir, one
+    /// control plane) or `etcd` (shared by several replicas; --data-dir
+    /// then only holds local copies of ca.crt, ca.key and admin.token).
+    #[arg(long, env = "MESHLET_STORE", value_enum, default_value = "redb")]
+    pub store: StoreKind,
+    /// etcd client URLs (`http://` or `https://`), comma-separated.
+    #[arg(long, env = "MESHLET_ETCD_ENDPOINTS", value_delimiter = ',')]
+    pub etcd_endpoints: Vec<String>,
+    /// Every key the mesh writes starts with this (several meshes can
+    /// share one etcd).
+    #[arg(long, env = "MESHLET_ETCD_PREFIX", default_value = "/meshlet")]
+    pub etcd_prefix: String,
+    /// CA bundle that signed etcd's server certificates.
+    #[arg(long, env = "MESHLET_ETCD_CA_FILE")]
+    pub etcd_ca_file: Option<PathBuf>,
+    /// Client certificate for etcd (`--client-cert-auth`), with --etcd-key-file.
+    #[arg(long, env = "MESHLET_ETCD_CERT_FILE", requires = "etcd_key_file")]
+    pub etcd_cert_file: Option<PathBuf>,
+    #[arg(long, env = "MESHLET_ETCD_KEY_FILE", requires = "etcd_cert_file")]
+    pub etcd_key_file: Option<PathBuf>,
+    /// etcd user (etcd `--auth`), with --etcd-password (better: MESHLET_ETCD_PASSWORD).
+    #[arg(long, env = "MESHLET_ETCD_USER", requires = "etcd_password")]
+    pub etcd_user: Option<String>,
+    #[arg(
+        long,
+        env = "MESHLET_ETCD_PASSWORD",
+        hide_env_values = true,
+        requires = "etcd_user"
+    )]
+    pub etcd_password: Option<String>,
+    /// This replica's name in `x-meshlet-replica`, `/healthz?detail` and
+    /// `/metrics` (default: host name and API port).
+    #[arg(long, env = "MESHLET_REPLICA_ID")]
+    pub replica_id: Option<String>,
 }
 
 impl Settings {
@@ -266,24 +321,37 @@ pub async fn run(
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), StartupError> {
     check_data_dir(&settings.data_dir)?;
-    let store: Arc<dyn Store> = Arc::new(RedbStore::open(&settings.data_dir)?);
+    let listen = listener.local_addr().unwrap_or(settings.listen);
+    let etcd = match settings.store {
+        StoreKind::Redb => None,
+        StoreKind::Etcd => {
+            let etcd = Arc::new(open_etcd(&settings, listen)?);
+            bootstrap_from_etcd(&etcd, &settings.data_dir, &settings.trust_domain)?;
+            Some(etcd)
+        }
+    };
+    let store: Arc<dyn Store> = match &etcd {
+        Some(etcd) => etcd.clone(),
+        None => Arc::new(RedbStore::open(&settings.data_dir)?),
+    };
     let (ca, origin) = crate::ca::load_or_create(&settings.data_dir, &settings.trust_domain)?;
     tracing::info!(?origin, subject = ca.subject(), "mesh CA");
-    let listen = listener.local_addr().unwrap_or(settings.listen);
     let names = crate::ca::server_names(listen, &settings.advertise_names);
     // ca.crt/ca.key always issue the API's certificate (see ca::roots).
     let cert = ca.issue_server_cert(&names, SERVER_CERT_TTL)?;
     let roots = crate::ca::Roots::load(&settings.data_dir, ca)?;
-    let controller = Arc::new(
-        Controller::load_with_identity(
-            store.clone(),
-            settings.ttl,
-            &settings.trust_domain,
-            roots.bundle_pem(),
-        )?
-        .with_expiry_policy(settings.expiry_policy())
-        .with_max_instances_per_service(settings.max_instances_per_service),
-    );
+    let mut controller = Controller::load_with_identity(
+        store.clone(),
+        settings.ttl,
+        &settings.trust_domain,
+        roots.bundle_pem(),
+    )?
+    .with_expiry_policy(settings.expiry_policy())
+    .with_max_instances_per_service(settings.max_instances_per_service);
+    if let Some(etcd) = &etcd {
+        controller = controller.with_replica(etcd.clone());
+    }
+    let controller = Arc::new(controller);
     let started_ms = crate::clock::now_ms();
     let workload = Arc::new(Workload::new(
         WorkloadSettings {
@@ -317,7 +385,8 @@ pub async fn run(
         }
     }
     let connections = Arc::new(crate::listener::ConnectionStats::default());
-    let access = Access::new(Arc::new(RwLock::new(tokens)), AllowedHosts::new(&names));
+    let tokens = Arc::new(RwLock::new(tokens));
+    let access = Access::new(tokens.clone(), AllowedHosts::new(&names));
     let (stop, stopped) = watch::channel(false);
     let external_stop = stop.clone();
     let external = tokio::spawn(async move {
@@ -336,6 +405,14 @@ pub async fn run(
     );
     let shutdown = stopped;
     let reaper = tokio::spawn(controller.clone().run_reaper(shutdown.clone()));
+    // etcd: other replicas' revisions, owners and tokens.
+    let replication = tokio::spawn(controller.clone().run_replication(
+        move |records| match Tokens::from_records(records) {
+            Ok(new) => *tokens.write().unwrap() = new,
+            Err(err) => tracing::error!(error = %err, "tokens from etcd are unusable"),
+        },
+        shutdown.clone(),
+    ));
     let rotation = tokio::spawn(workload.clone().run(controller.clone(), shutdown.clone()));
     let stats = Arc::new(StatsStore::new());
     let forget = tokio::spawn(crate::dashboard::forget_departed(
@@ -343,7 +420,7 @@ pub async fn run(
         stats.clone(),
         shutdown.clone(),
     ));
-    let app = router(AppState {
+    let mut app = router(AppState {
         controller,
         stats,
         activity: Activity::default(),
@@ -356,10 +433,14 @@ pub async fn run(
         workload,
         connections: connections.clone(),
     });
+    if let Some(etcd) = &etcd {
+        app = with_replica_header(app, etcd.replica_id())?;
+    }
     crate::listener::serve_counted(listener, Some(tls), app, limits, shutdown, connections).await;
     stop.send_replace(true);
     external.abort();
     let _ = reaper.await;
+    let _ = replication.await;
     let _ = forget.await;
     let _ = rotation.await;
     Ok(())
@@ -376,4 +457,108 @@ fn load_tokens(data_dir: &Path, store: &dyn Store) -> Result<Tokens, StartupErro
         tracing::info!(?outcome, path = %crate::auth::admin_token_path(data_dir).display(), "admin token");
     }
     Ok(tokens)
+}
+
+/// `--store etcd`: connects (see `store::etcd`).
+fn open_etcd(settings: &Settings, listen: SocketAddr) -> Result<EtcdStore, StartupError> {
+    let replica_id = settings.replica_id.clone().unwrap_or_else(|| {
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|h| h.trim().to_owned())
+            .unwrap_or_else(|_| "localhost".into());
+        format!("{host}:{}", listen.port())
+    });
+    let etcd = EtcdStore::open(&EtcdSettings {
+        endpoints: settings.etcd_endpoints.clone(),
+        prefix: settings.etcd_prefix.clone(),
+        ca_file: settings.etcd_ca_file.clone(),
+        cert_file: settings.etcd_cert_file.clone(),
+        key_file: settings.etcd_key_file.clone(),
+        user: settings.etcd_user.clone(),
+        password: settings.etcd_password.clone(),
+        ttl: settings.ttl,
+        replica_id,
+    })?;
+    tracing::info!(
+        endpoints = ?settings.etcd_endpoints,
+        prefix = %settings.etcd_prefix,
+        replica = etcd.replica_id(),
+        "store: etcd"
+    );
+    Ok(etcd)
+}
+
+/// `--store etcd`: every replica serves with the same CA and bootstrap
+/// admin token. The first replica to start stores its own (made as with
+/// redb, in `data_dir`) with a create-if-absent txn; every other one (and
+/// a loser of that race) copies etcd's into `data_dir`, overwriting.
+fn bootstrap_from_etcd(
+    etcd: &EtcdStore,
+    data_dir: &Path,
+    trust_domain: &str,
+) -> Result<(), StartupError> {
+    use meshlet_api::access::{ADMIN_TOKEN_FILE, CA_CERT_FILE};
+    let key_path = data_dir.join(crate::ca::CA_KEY_FILE);
+    let write = |b: &Bootstrap| -> Result<(), StartupError> {
+        crate::files::write_file_atomic(
+            &key_path,
+            b.ca_key.as_bytes(),
+            crate::files::PRIVATE_FILE_MODE,
+        )?;
+        crate::files::write_file_atomic(
+            &data_dir.join(CA_CERT_FILE),
+            b.ca_cert.as_bytes(),
+            crate::files::PUBLIC_FILE_MODE,
+        )?;
+        crate::files::write_file_atomic(
+            &data_dir.join(ADMIN_TOKEN_FILE),
+            b.admin_token.as_bytes(),
+            crate::files::PRIVATE_FILE_MODE,
+        )?;
+        Ok(())
+    };
+    if let Some(existing) = etcd.bootstrap()? {
+        return write(&existing);
+    }
+    let (ca, _) = crate::ca::load_or_create(data_dir, trust_domain)?;
+    crate::auth::ensure_admin_token(data_dir, &mut Tokens::default())?;
+    let admin_token =
+        std::fs::read_to_string(data_dir.join(ADMIN_TOKEN_FILE)).map_err(|source| {
+            StartupError::DataDir {
+                path: data_dir.join(ADMIN_TOKEN_FILE),
+                source,
+            }
+        })?;
+    let mine = Bootstrap {
+        ca_cert: ca.cert_pem().to_owned(),
+        ca_key: ca.key_pem(),
+        admin_token,
+    };
+    if etcd.create_bootstrap(&mine)? {
+        tracing::info!("stored the mesh CA and the admin token in etcd (first replica)");
+        return Ok(());
+    }
+    match etcd.bootstrap()? {
+        Some(winner) => write(&winner),
+        None => Err(StoreError::Corrupt("the bootstrap keys vanished from etcd".into()).into()),
+    }
+}
+
+/// The `x-meshlet-replica` header on every answer (`--store etcd`).
+fn with_replica_header(app: axum::Router, replica_id: &str) -> Result<axum::Router, StartupError> {
+    let value = http::HeaderValue::from_str(replica_id).map_err(|_| {
+        StoreError::Config(format!(
+            "--replica-id {replica_id:?} is not a valid header value"
+        ))
+    })?;
+    Ok(app.layer(axum::middleware::map_response(
+        move |mut response: axum::response::Response| {
+            let value = value.clone();
+            async move {
+                response
+                    .headers_mut()
+                    .insert(meshlet_api::mesh::REPLICA_HEADER, value);
+                response
+            }
+        },
+    )))
 }

@@ -37,8 +37,10 @@
 //! of ids no longer registered are dropped, and a registered instance
 //! without an owner gets 404 on its next heartbeat and registers again.
 //!
-//! Two implementations: [`RedbStore`] (a redb file, every commit durable
-//! before it returns) and [`MemoryStore`] for tests.
+//! Three implementations: [`RedbStore`] (a redb file, every commit durable
+//! before it returns; the default), [`etcd::EtcdStore`] (`--store etcd`:
+//! an etcd cluster shared by several control-plane replicas, see its
+//! module docs) and [`MemoryStore`] for tests.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -52,6 +54,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::auth::{Owners, TokenRecord};
 use crate::error::StoreError;
+
+pub mod etcd;
 
 /// How many revision records are kept; older ones are dropped on commit.
 pub const HISTORY_LIMIT: u64 = 10_000;

@@ -84,6 +84,7 @@ pub mod client;
 pub mod collector;
 pub mod config;
 pub mod demo;
+pub mod etcd;
 pub mod inprocess;
 pub mod layout;
 pub mod metrics;

@@ -1,0 +1,167 @@
+//! A real etcd cluster on loopback for the `--store etcd` tests: Debian's
+//! `etcd` binary (package `etcd-server`), N members on free ports, their
+//! data in a temporary directory.
+//!
+//! [`EtcdCluster::start`] spawns every member and waits (with a deadline)
+//! until each answers `GET /health` with `"health":"true"`; members can be
+//! SIGKILLed ([`EtcdCluster::kill`]) and started again on their data
+//! ([`EtcdCluster::restart`]). Every process is killed when the cluster is
+//! dropped — also while a failing test unwinds — and the directory is
+//! removed.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::Duration;
+
+use tokio::process::{Child, Command};
+
+use crate::process::{free_port, TempDir};
+use crate::wait;
+
+/// How long a cluster may take to elect a leader and answer health.
+const START_PATIENCE: Duration = Duration::from_secs(30);
+
+struct Member {
+    name: String,
+    client_port: u16,
+    peer_port: u16,
+    child: Option<Child>,
+}
+
+pub struct EtcdCluster {
+    dir: TempDir,
+    members: Vec<Member>,
+    initial_cluster: String,
+}
+
+impl EtcdCluster {
+    /// Starts `size` members and waits until every one is healthy.
+    pub async fn start(size: usize) -> EtcdCluster {
+        let dir = TempDir::new();
+        let members: Vec<Member> = (0..size)
+            .map(|i| Member {
+                name: format!("m{i}"),
+                client_port: free_port(),
+                peer_port: free_port(),
+                child: None,
+            })
+            .collect();
+        let initial_cluster = members
+            .iter()
+            .map(|m| format!("{}=http://127.0.0.1:{}", m.name, m.peer_port))
+            .collect::<Vec<_>>()
+            .join(",");
+        let mut cluster = EtcdCluster {
+            dir,
+            members,
+            initial_cluster,
+        };
+        for i in 0..size {
+            cluster.spawn(i);
+        }
+        for i in 0..size {
+            cluster.wait_healthy(i).await;
+        }
+        cluster
+    }
+
+    fn spawn(&mut self, i: usize) {
+        let member = &self.members[i];
+        let data = self.dir.path.join(&member.name);
+        let log = self.dir.path.join(format!("{}.log", member.name));
+        let client = format!("http://127.0.0.1:{}", member.client_port);
+        let peer = format!("http://127.0.0.1:{}", member.peer_port);
+        let child = Command::new("etcd")
+            .args(["--name", &member.name])
+            .arg("--data-dir")
+            .arg(&data)
+            .args(["--listen-client-urls", &client])
+            .args(["--advertise-client-urls", &client])
+            .args(["--listen-peer-urls", &peer])
+            .args(["--initial-advertise-peer-urls", &peer])
+            .args(["--initial-cluster", &self.initial_cluster])
+            .args(["--initial-cluster-state", "new"])
+            .args([
+                "--initial-cluster-token",
+                &format!("meshlet-e2e-{}", std::process::id()),
+            ])
+            // A revision (or an expiry of many instances) is one txn.
+            .args(["--max-txn-ops", "10000"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(&log)
+                    .expect("etcd log file"),
+            )
+            .kill_on_drop(true)
+            .spawn()
+            .expect("spawn etcd (apt-get install etcd-server)");
+        self.members[i].child = Some(child);
+    }
+
+    async fn wait_healthy(&self, i: usize) {
+        let addr = SocketAddr::from(([127, 0, 0, 1], self.members[i].client_port));
+        let what = format!("etcd member {} healthy", self.members[i].name);
+        let log = self.dir.path.join(format!("{}.log", self.members[i].name));
+        let healthy = wait::within(START_PATIENCE, || async move {
+            let reply = crate::client::get(addr, "/health").await.ok()?;
+            (reply.status == 200 && reply.text().contains("\"true\"")).then_some(())
+        })
+        .await;
+        if healthy.is_none() {
+            panic!(
+                "timed out waiting for {what}; its log:\n{}",
+                std::fs::read_to_string(log).unwrap_or_default()
+            );
+        }
+    }
+
+    /// The client URLs, comma-separated (for `--etcd-endpoints`).
+    pub fn endpoints(&self) -> String {
+        self.members
+            .iter()
+            .map(|m| format!("http://127.0.0.1:{}", m.client_port))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// SIGKILLs member `i` and waits until it is gone.
+    pub async fn kill(&mut self, i: usize) {
+        if let Some(mut child) = self.members[i].child.take() {
+            let _ = child.start_kill();
+            let _ = child.wait().await;
+        }
+    }
+
+    /// Starts member `i` again on its data directory; waits until it
+    /// answers health (which needs a quorum of the cluster).
+    pub async fn restart(&mut self, i: usize) {
+        self.kill(i).await;
+        self.spawn(i);
+    }
+
+    /// Waits until member `i` is healthy (after [`EtcdCluster::restart`]
+    /// of enough members for a quorum).
+    pub async fn wait_member_healthy(&self, i: usize) {
+        self.wait_healthy(i).await;
+    }
+
+    /// Where the members keep their data and logs.
+    pub fn dir(&self) -> PathBuf {
+        self.dir.path.clone()
+    }
+}
+
+impl Drop for EtcdCluster {
+    fn drop(&mut self) {
+        for member in &mut self.members {
+            if let Some(child) = member.child.as_mut() {
+                let _ = child.start_kill();
+            }
+        }
+    }
+}
