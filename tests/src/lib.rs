@@ -85,6 +85,7 @@ pub mod collector;
 pub mod config;
 pub mod demo;
 pub mod inprocess;
+pub mod k8s;
 pub mod layout;
 pub mod metrics;
 pub mod mtls;

@@ -161,7 +161,10 @@ fn decide(request: &AdmissionRequest, options: &InjectOptions) -> (Option<String
         return (None, Decision::NotAPodCreate);
     };
     if !before.is_object() {
-        return (None, Decision::NotInjected("the object is not a Pod".into()));
+        return (
+            None,
+            Decision::NotInjected("the object is not a Pod".into()),
+        );
     }
     let mut pod: serde_yaml::Value = match serde_yaml::to_value(before) {
         Ok(pod) => pod,

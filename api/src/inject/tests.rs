@@ -432,7 +432,9 @@ fn one_bad_workload_does_not_stop_the_others() {
         .replace("          ports:\n            - containerPort: 8080\n", "");
     let input = format!("{bad}---\n{SERVICE}---\n{DEPLOYMENT}");
     let result = inject(&input);
-    assert!(result.text.starts_with(&format!("{bad}---\n{SERVICE}---\n")));
+    assert!(result
+        .text
+        .starts_with(&format!("{bad}---\n{SERVICE}---\n")));
     let outcomes: Vec<(&str, bool)> = result
         .reports
         .iter()
@@ -529,7 +531,10 @@ fn inject_disabled_on_the_template_or_its_namespace() {
         "      labels: {app.kubernetes.io/name: orders, version: v1}\n      annotations: {meshlet.dev/inject: enabled}\n",
     );
     let result = inject(&format!("{namespace}---\n{enabled}---\n{DEPLOYMENT}"));
-    assert!(result.reports.iter().all(|r| r.outcome == Outcome::Injected));
+    assert!(result
+        .reports
+        .iter()
+        .all(|r| r.outcome == Outcome::Injected));
 }
 
 #[test]
@@ -562,7 +567,13 @@ fn annotations_tune_the_proxy() {
     );
     // Without annotations, neither is there.
     let plain = &parse(&inject(DEPLOYMENT).text)[0]["spec"]["template"]["spec"];
-    assert_eq!(plain["initContainers"][0]["args"].as_sequence().unwrap().len(), 7);
+    assert_eq!(
+        plain["initContainers"][0]["args"]
+            .as_sequence()
+            .unwrap()
+            .len(),
+        7
+    );
     assert!(plain["initContainers"][1]["env"]
         .as_sequence()
         .unwrap()
