@@ -21,8 +21,8 @@ use base64::Engine as _;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use super::model::InjectOptions;
 use super::pod::{inject_pod, pod_workload_name, PodOutcome};
-use super::InjectOptions;
 use crate::json_patch;
 
 /// The webhook's path on the control plane's HTTPS listener.

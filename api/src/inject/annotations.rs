@@ -17,7 +17,7 @@ use std::sync::OnceLock;
 
 use serde_yaml::Value;
 
-use super::Problem;
+use super::model::Problem;
 
 pub const INJECT: &str = "meshlet.dev/inject";
 pub const SERVICE: &str = "meshlet.dev/service";

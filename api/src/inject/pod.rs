@@ -18,7 +18,7 @@ use std::collections::BTreeMap;
 use serde_yaml::{Mapping, Value};
 
 use super::annotations::{self, Overrides};
-use super::{
+use super::model::{
     InjectOptions, Problem, ADMIN_PORT, CA_CONFIG_MAP, CA_DIR, CA_FILE, INBOUND_PORT,
     INIT_CONTAINER, INJECTED_ANNOTATION, OUTBOUND_PORT, PROXY_CONTAINER, PROXY_UID, SERVICE_LABELS,
     SIDECAR_LABEL, TOKEN_DIR, TOKEN_FILE, TOKEN_SECRET_PREFIX,
