@@ -26,6 +26,9 @@
 //!   callers' sidecars inject).
 //! - [`display`]: how meshctl and the dashboard word services and
 //!   resources (one-line summaries).
+//! - [`inject`]: sidecar injection of Kubernetes workloads, shared by
+//!   `meshctl inject` (YAML files) and the control plane's admission
+//!   webhook (`AdmissionReview` in, [`json_patch`] out).
 //! - [`otlp`]: the subset of OpenTelemetry's OTLP trace messages that
 //!   sidecars export and the control plane receives (protobuf).
 //!
@@ -43,6 +46,8 @@ pub mod display;
 mod duration;
 pub mod fault;
 pub mod identity;
+pub mod inject;
+pub mod json_patch;
 pub mod limits;
 pub mod mesh;
 pub mod otlp;

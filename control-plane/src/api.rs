@@ -100,6 +100,7 @@ pub fn router(state: AppState) -> Router {
         .merge(crate::ui::routes())
         .merge(crate::token_routes::routes())
         .merge(crate::cert_routes::routes())
+        .merge(crate::webhook::routes(state.inject.clone()))
         .merge(crate::access::session_routes(access.clone()))
         .fallback(|| async { ApiFailure::NotFound("no such API path".into()) })
         .method_not_allowed_fallback(|| async {

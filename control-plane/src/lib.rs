@@ -44,6 +44,8 @@
 //!   sidecars' CSRs, the newest leaf per instance, CA rotation in three
 //!   phases pushed as trust-bundle revisions) and `cert_routes`
 //!   (`/api/v1/certificates`, `/api/v1/ca`, `/api/v1/ca/rotate`).
+//! - Operating (issue 19): `webhook` (the mutating admission webhook
+//!   `POST /inject`: `meshlet_api::inject` behind an AdmissionReview).
 //!
 //! Public modules are those the binary and the integration tests use,
 //! plus [`auth`] (its types are in the [`store::Store`] trait), [`ca`]
@@ -78,4 +80,5 @@ pub mod store;
 pub(crate) mod token_routes;
 pub mod traces;
 pub(crate) mod ui;
+pub(crate) mod webhook;
 pub(crate) mod workload;

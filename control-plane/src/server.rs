@@ -224,6 +224,19 @@ pub struct Settings {
     /// `/metrics` (default: host name and API port).
     #[arg(long, env = "MESHLET_REPLICA_ID")]
     pub replica_id: Option<String>,
+    // --- issue 19: the admission webhook (`POST /inject`).
+    /// The sidecar image the admission webhook injects (as `meshctl
+    /// inject --image`).
+    #[arg(long, env = "MESHLET_INJECT_IMAGE", default_value_t = meshlet_api::inject::default_image())]
+    pub inject_image: String,
+    /// The control plane's URL as injected sidecars reach it (as `meshctl
+    /// inject --control-plane`).
+    #[arg(long, env = "MESHLET_INJECT_CONTROL_PLANE", default_value = meshlet_api::inject::DEFAULT_CONTROL_PLANE)]
+    pub inject_control_plane: String,
+    /// Inject the sidecar as a plain container, not a native sidecar (as
+    /// `meshctl inject --no-native-sidecar`).
+    #[arg(long, env = "MESHLET_INJECT_NO_NATIVE_SIDECAR")]
+    pub inject_no_native_sidecar: bool,
 }
 
 impl Settings {
@@ -243,6 +256,15 @@ impl Settings {
             pause_share: self.expiry_pause_share,
             min_instances: self.expiry_pause_min_instances,
             max_pause: self.expiry_pause_max,
+        }
+    }
+
+    /// What the admission webhook injects.
+    pub fn inject_options(&self) -> meshlet_api::inject::InjectOptions {
+        meshlet_api::inject::InjectOptions {
+            image: self.inject_image.clone(),
+            control_plane: self.inject_control_plane.clone(),
+            native_sidecar: !self.inject_no_native_sidecar,
         }
     }
 
@@ -432,6 +454,7 @@ pub async fn run(
         token_writer: Default::default(),
         workload,
         connections: connections.clone(),
+        inject: Arc::new(settings.inject_options()),
     });
     if let Some(etcd) = &etcd {
         app = with_replica_header(app, etcd.replica_id())?;

@@ -39,6 +39,9 @@ pub struct AppState {
     pub workload: Arc<Workload>,
     /// The API's open connections and evictions (`/metrics`).
     pub connections: Arc<ConnectionStats>,
+    /// What the admission webhook (`POST /inject`) injects: image and
+    /// control-plane URL (`--inject-image`, `--inject-control-plane`).
+    pub inject: Arc<meshlet_api::inject::InjectOptions>,
 }
 
 impl FromRef<AppState> for Arc<TraceStore> {

@@ -8,7 +8,10 @@
 #   2. docker build the images sidecar, control-plane, demo-service
 #      (tag: the workspace version) and kind load them
 #   3. kubectl apply -k manifests/base (namespace meshlet, the control
-#      plane, its NetworkPolicy); wait for its rollout
+#      plane, its NetworkPolicy, the admission webhook's configuration);
+#      wait for its rollout, then fill the webhook's caBundle with the
+#      control plane's CA (automatic injection in namespaces labelled
+#      meshlet.dev/inject=enabled)
 #   4. the sidecars' credentials, in namespace default: a Secret
 #      meshlet-sidecar-SERVICE (key token) per demo service, holding a token
 #      made by `meshctl token create --role sidecar --service SERVICE`, and
@@ -32,7 +35,7 @@ BUILD=1
 while (($#)); do
   case "$1" in
     --no-build) BUILD=0 ;;
-    -h | --help) sed -n '2,27p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h | --help) sed -n '2,30p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "unknown argument: $1 (try --help)" >&2; exit 2 ;;
   esac
   shift
@@ -104,6 +107,11 @@ trap 'rm -rf "$SECRETS_DIR"' EXIT
 # the PVC, so it survives restarts).
 k -n meshlet exec "$CP_POD" -c control-plane -- cat /var/lib/meshlet/ca.crt >"$SECRETS_DIR/ca.crt"
 grep -q 'BEGIN CERTIFICATE' "$SECRETS_DIR/ca.crt" || die "no CA certificate in $CP_POD:/var/lib/meshlet/ca.crt"
+# The API server trusts the webhook's serving certificate through caBundle
+# (base64 of the PEM); re-applying the base keeps it (it is not in the file).
+CA_BUNDLE=$(base64 <"$SECRETS_DIR/ca.crt" | tr -d '\n')
+k patch mutatingwebhookconfiguration meshlet-inject --type json \
+  -p "[{\"op\": \"add\", \"path\": \"/webhooks/0/clientConfig/caBundle\", \"value\": \"$CA_BUNDLE\"}]"
 k -n "$APP_NAMESPACE" create configmap meshlet-ca --from-file=ca.crt="$SECRETS_DIR/ca.crt" \
   --dry-run=client -o yaml | k apply -f -
 for service in "${SERVICES[@]}"; do

@@ -13,13 +13,13 @@ use clap::{Parser, Subcommand};
 
 use crate::client::{self, ControlPlane, Credentials};
 use crate::error::CommandError;
-use crate::inject::{self, InjectOptions, Outcome};
 use crate::output::{emit, Format};
 use crate::resources::{self, KindArg};
 use crate::services::{self, Broadcast, ServiceRef};
 use crate::tokens::{self, CreateArgs, Role};
 use crate::traceview::{self, TraceFilter};
 use crate::validate::{read_files, validate_path};
+use meshlet_api::inject::{self, InjectOptions, Outcome};
 
 #[derive(Debug, Parser)]
 #[command(name = "meshctl", version, about = "meshlet command-line client")]
@@ -61,8 +61,9 @@ pub enum Command {
     },
     /// Add meshlet (iptables init container, sidecar, annotations) to the
     /// Deployments, StatefulSets, DaemonSets, Jobs, CronJobs and Pods of
-    /// Kubernetes YAML; other documents pass through unchanged. Offline:
-    /// `kubectl apply -f <(meshctl inject -f deploy.yaml)`.
+    /// Kubernetes YAML; other documents pass through unchanged, and so does
+    /// a workload that cannot be injected (with a warning on stderr).
+    /// Offline: `kubectl apply -f <(meshctl inject -f deploy.yaml)`.
     Inject {
         /// A file, a directory of *.yaml files, or - for stdin.
         #[arg(short = 'f', long = "filename")]
@@ -264,7 +265,9 @@ fn validate(file: PathBuf) -> ExitCode {
 }
 
 /// `meshctl inject`: injected YAML on stdout (files joined by `---`), a
-/// line per workload on stderr.
+/// line per workload on stderr, and a warning for each document that could
+/// not be injected (it is on stdout unchanged). Exit 0 unless a file cannot
+/// be read: one workload never refuses the file.
 fn inject_files(file: PathBuf, options: &InjectOptions) -> ExitCode {
     let files = match read_files(&file) {
         Ok(files) => files,
@@ -276,31 +279,25 @@ fn inject_files(file: PathBuf, options: &InjectOptions) -> ExitCode {
     let mut out = String::new();
     let mut reports = Vec::new();
     for source in files {
-        match inject::inject_text(&source.name, &source.text, options) {
-            Ok(done) => {
-                if !out.is_empty() && !done.text.is_empty() {
-                    out.push_str(if out.ends_with('\n') {
-                        "---\n"
-                    } else {
-                        "\n---\n"
-                    });
-                }
-                out.push_str(&done.text);
-                reports.extend(done.reports);
-            }
-            Err(err) => {
-                eprintln!("meshctl: error: {err}");
-                return ExitCode::FAILURE;
-            }
+        let done = inject::inject_text(&source.name, &source.text, options);
+        if !out.is_empty() && !done.text.is_empty() {
+            out.push_str(if out.ends_with('\n') {
+                "---\n"
+            } else {
+                "\n---\n"
+            });
         }
+        out.push_str(&done.text);
+        reports.extend(done.reports);
     }
     emit(&out);
-    for report in reports {
-        let what = match report.outcome {
-            Outcome::Injected => "injected",
-            Outcome::AlreadyInjected => "already injected, unchanged",
-        };
-        eprintln!("{} {what}", report.workload);
+    for report in &reports {
+        match &report.outcome {
+            Outcome::NotInjected(problem) => {
+                eprintln!("meshctl: warning: {problem}; passed through unchanged")
+            }
+            outcome => eprintln!("{} {}", report.workload, outcome.describe()),
+        }
     }
     ExitCode::SUCCESS
 }

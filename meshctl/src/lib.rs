@@ -17,7 +17,8 @@
 //! - [`tokens`]: `token create|list|revoke`.
 //! - [`ca`]: `ca status|rotate` (the mesh CA's roots, a rotation).
 //! - [`validate`]: offline checks and the file reading every `-f` shares.
-//! - [`inject`]: `meshctl inject`, pure functions from YAML text to YAML text.
+//! - `inject` is `meshlet_api::inject` (shared with the control plane's
+//!   admission webhook); `cli` prints its YAML and its warnings.
 //! - [`output`]: tables, JSON/YAML, ages, stdout. [`error`]: [`CommandError`].
 //! - [`client`]: [`client::ControlPlane`], the API over the workspace's
 //!   `meshlet-client` (HTTPS, mesh CA, bearer token), and its one-line errors.
@@ -30,7 +31,6 @@ pub mod ca;
 pub mod cli;
 pub mod client;
 pub mod error;
-pub mod inject;
 pub mod output;
 pub mod resources;
 pub mod services;

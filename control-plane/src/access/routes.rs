@@ -17,7 +17,8 @@ use crate::auth::{Action, Denied, Principal, Role};
 /// What a route requires.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Gate {
-    /// No credential: `/healthz`, the log-in, the page's static files.
+    /// No credential: `/healthz`, the log-in, the page's static files, the
+    /// admission webhook `/inject`.
     Public,
     /// Any authenticated caller (paths no route matched).
     Authenticated,
@@ -69,6 +70,10 @@ pub fn gate(path: Option<&str>) -> Gate {
         // Log-in checks the token in its body; log-out only ends the
         // caller's own session.
         SESSION => Gate::Public,
+        // The admission webhook: the Kubernetes API server calls it with no
+        // meshlet credential; it only computes a patch from the body and
+        // changes nothing (see webhook.rs).
+        meshlet_api::inject::admission::PATH => Gate::Public,
         "/"
         | paths::DASHBOARD_SERVICES
         | paths::DASHBOARD_TOPOLOGY

@@ -1,5 +1,7 @@
-//! Unit tests of `meshctl inject`: one per workload kind, idempotence,
-//! pass-through of other kinds, multi-document input and the errors.
+//! Unit tests of injection over files (`meshctl inject`): one per workload
+//! kind, idempotence, pass-through of other kinds, multi-document input,
+//! the service name's fallbacks, the annotations, and documents passed
+//! through with a warning.
 
 use super::*;
 
@@ -41,7 +43,7 @@ data:
   key: 'value'
 ";
 
-fn inject(text: &str) -> Result<Injected, InjectError> {
+fn inject(text: &str) -> Injected {
     inject_text("in.yaml", text, &InjectOptions::default())
 }
 
@@ -115,7 +117,7 @@ fn each_workload_kind_gets_init_and_native_sidecar() {
         "CronJob",
         "Pod",
     ] {
-        let result = inject(&workload(kind)).unwrap();
+        let result = inject(&workload(kind));
         assert_eq!(result.reports.len(), 1, "{kind}");
         assert_eq!(result.reports[0].outcome, Outcome::Injected, "{kind}");
         assert_eq!(
@@ -146,7 +148,7 @@ fn each_workload_kind_gets_init_and_native_sidecar() {
 
 #[test]
 fn the_proxy_is_configured_from_the_downward_api_and_locked_down() {
-    let doc = &parse(&inject(DEPLOYMENT).unwrap().text)[0];
+    let doc = &parse(&inject(DEPLOYMENT).text)[0];
     let spec = &doc["spec"]["template"]["spec"];
     let proxy = &spec["initContainers"][1];
     let field = |name: &str| env(proxy, name)["valueFrom"]["fieldRef"]["fieldPath"].clone();
@@ -220,7 +222,7 @@ fn the_proxy_is_configured_from_the_downward_api_and_locked_down() {
 
 #[test]
 fn the_proxy_gets_its_service_s_token_and_the_mesh_ca() {
-    let doc = &parse(&inject(DEPLOYMENT).unwrap().text)[0];
+    let doc = &parse(&inject(DEPLOYMENT).text)[0];
     let template = &doc["spec"]["template"];
     let spec = &template["spec"];
     assert_eq!(
@@ -246,7 +248,7 @@ fn the_proxy_gets_its_service_s_token_and_the_mesh_ca() {
         "    spec:\n",
         "    spec:\n      securityContext: {fsGroup: 2000}\n",
     );
-    let doc = &parse(&inject(&own).unwrap().text)[0];
+    let doc = &parse(&inject(&own).text)[0];
     assert_eq!(
         doc["spec"]["template"]["spec"]["securityContext"]["fsGroup"],
         2000
@@ -262,8 +264,8 @@ fn the_proxy_gets_its_service_s_token_and_the_mesh_ca() {
 #[test]
 fn injecting_twice_gives_the_same_bytes() {
     let input = format!("{SERVICE}---\n{DEPLOYMENT}---\n{}", workload("Job"));
-    let once = inject(&input).unwrap();
-    let twice = inject(&once.text).unwrap();
+    let once = inject(&input);
+    let twice = inject(&once.text);
     assert_eq!(twice.text, once.text);
     assert!(once.reports.iter().all(|r| r.outcome == Outcome::Injected));
     assert_eq!(twice.reports.len(), 2);
@@ -276,7 +278,7 @@ fn injecting_twice_gives_the_same_bytes() {
 #[test]
 fn a_pod_with_a_proxy_container_but_no_annotation_counts_as_injected() {
     let input = DEPLOYMENT.replace("- name: orders", "- name: meshlet-proxy");
-    let result = inject(&input).unwrap();
+    let result = inject(&input);
     assert_eq!(result.text, input);
     assert_eq!(result.reports[0].outcome, Outcome::AlreadyInjected);
 }
@@ -290,7 +292,7 @@ fn other_kinds_pass_through_byte_for_byte() {
         format!("---\n{CONFIG_MAP}---\n# only a comment\n"),
         String::new(),
     ] {
-        let result = inject(&input).unwrap();
+        let result = inject(&input);
         assert_eq!(result.text, input);
         assert!(result.reports.is_empty());
     }
@@ -299,7 +301,7 @@ fn other_kinds_pass_through_byte_for_byte() {
 #[test]
 fn multi_document_input_injects_only_the_workloads() {
     let input = format!("{SERVICE}---\n{DEPLOYMENT}---\n{CONFIG_MAP}");
-    let result = inject(&input).unwrap();
+    let result = inject(&input);
     assert!(result.text.starts_with(SERVICE), "{}", result.text);
     assert!(result.text.ends_with(&format!("---\n{CONFIG_MAP}")));
     assert_eq!(
@@ -324,7 +326,7 @@ fn existing_init_containers_run_after_the_proxy() {
         "      containers:\n",
         "      initContainers:\n        - {name: migrate, image: demo:1}\n      containers:\n",
     );
-    let doc = &parse(&inject(&input).unwrap().text)[0];
+    let doc = &parse(&inject(&input).text)[0];
     assert_eq!(
         names(doc["spec"]["template"]["spec"].get("initContainers")),
         ["meshlet-init", "meshlet-proxy", "migrate"]
@@ -338,7 +340,7 @@ fn without_native_sidecars_the_proxy_is_the_first_container() {
         image: "registry.local/meshlet/sidecar:dev".into(),
         ..InjectOptions::default()
     };
-    let result = inject_text("in.yaml", DEPLOYMENT, &options).unwrap();
+    let result = inject_text("in.yaml", DEPLOYMENT, &options);
     let spec = &parse(&result.text)[0]["spec"]["template"]["spec"];
     assert_eq!(names(spec.get("initContainers")), ["meshlet-init"]);
     assert_eq!(names(spec.get("containers")), ["meshlet-proxy", "orders"]);
@@ -355,7 +357,7 @@ fn templates_quote_any_option_value() {
         control_plane: "http://cp: 1/{x}".into(),
         native_sidecar: true,
     };
-    let result = inject_text("in.yaml", DEPLOYMENT, &options).unwrap();
+    let result = inject_text("in.yaml", DEPLOYMENT, &options);
     let spec = &parse(&result.text)[0]["spec"]["template"]["spec"];
     assert_eq!(spec["initContainers"][1]["image"], options.image.as_str());
     assert_eq!(
@@ -364,32 +366,49 @@ fn templates_quote_any_option_value() {
     );
 }
 
+/// The one problem of a file with one document that cannot be injected.
+fn problem(input: &str) -> InjectError {
+    let result = inject(input);
+    let problems: Vec<&InjectError> = result.problems().collect();
+    assert_eq!(problems.len(), 1, "{:?}", result.reports);
+    problems[0].clone()
+}
+
 #[test]
-fn errors_name_the_file_document_and_workload() {
+fn documents_that_cannot_be_injected_pass_through_with_a_warning() {
     let check = |input: String, expect: &str| {
-        let err = inject(&input).unwrap_err();
+        let result = inject(&input);
+        assert_eq!(result.text, input, "passed through unchanged");
+        let err = problem(&input);
         assert_eq!(err.to_string(), expect);
         assert!(!err.to_string().contains('\n'));
     };
     check(
-        format!(
-            "{SERVICE}---\n{}",
-            DEPLOYMENT.replace("app.kubernetes.io/name: orders, ", "")
-        ),
-        "in.yaml: document 2 (Deployment orders): the pod template has no label \
-         `app.kubernetes.io/name` or `app`; the sidecar needs one for its service name",
-    );
-    check(
         DEPLOYMENT.replace("          ports:\n            - containerPort: 8080\n", ""),
-        "in.yaml: document 1 (Deployment orders): no container declares a containerPort; \
-         the sidecar forwards inbound traffic to the app's first port",
+        "in.yaml: document 1 (Deployment orders): no container declares a containerPort and \
+         there is no annotation `meshlet.dev/app-port`; the sidecar forwards inbound traffic to the app's port",
     );
     check(
         "kind: Deployment\nmetadata: {name: x}\nspec: {template: [1]}\n".into(),
         "in.yaml: document 1 (Deployment x): `spec.template` is missing or not a mapping",
     );
-    // The line is counted in the whole input, not in the document.
-    let err = inject(&format!("{CONFIG_MAP}---\nkind: [unclosed\n")).unwrap_err();
+    check(
+        DEPLOYMENT.replace("    spec:\n", "    spec:\n      initContainers: {a: b}\n"),
+        "in.yaml: document 1 (Deployment orders): `template.spec.initContainers` is missing or not a list",
+    );
+    check(
+        DEPLOYMENT.replace(
+            "      labels: {app.kubernetes.io/name: orders, version: v1}\n",
+            "      labels: {app.kubernetes.io/name: orders, version: v1}\n      annotations: {meshlet.dev/proxy-cpu-limit: lots}\n",
+        ),
+        "in.yaml: document 1 (Deployment orders): annotation `meshlet.dev/proxy-cpu-limit: lots`: \
+         expected a Kubernetes quantity such as 100m, 0.5, 64Mi or 1G",
+    );
+    // The line is counted in the whole input, not in the document; the
+    // documents around it are still injected or passed through.
+    let input = format!("{CONFIG_MAP}---\nkind: [unclosed\n---\n{DEPLOYMENT}");
+    let result = inject(&input);
+    let err = problem(&input);
     assert_eq!(err.document, 2);
     assert!(
         matches!(err.problem, Problem::Yaml { line: Some(9), .. }),
@@ -400,6 +419,176 @@ fn errors_name_the_file_document_and_workload() {
             .starts_with("in.yaml: document 2: invalid YAML at line 9: "),
         "{err}"
     );
+    assert!(result
+        .text
+        .starts_with(&format!("{CONFIG_MAP}---\nkind: [unclosed\n---\n")));
+    assert_eq!(result.reports[1].outcome, Outcome::Injected);
+}
+
+#[test]
+fn one_bad_workload_does_not_stop_the_others() {
+    let bad = DEPLOYMENT
+        .replace("name: orders\n", "name: broken\n")
+        .replace("          ports:\n            - containerPort: 8080\n", "");
+    let input = format!("{bad}---\n{SERVICE}---\n{DEPLOYMENT}");
+    let result = inject(&input);
+    assert!(result
+        .text
+        .starts_with(&format!("{bad}---\n{SERVICE}---\n")));
+    let outcomes: Vec<(&str, bool)> = result
+        .reports
+        .iter()
+        .map(|r| (r.workload.as_str(), r.outcome == Outcome::Injected))
+        .collect();
+    assert_eq!(
+        outcomes,
+        [("deployment/broken", false), ("deployment/orders", true)]
+    );
+}
+
+#[test]
+fn the_service_name_falls_back_to_the_annotation_then_the_workload_name() {
+    let unlabelled = DEPLOYMENT.replace("app.kubernetes.io/name: orders, ", "");
+    let doc = &parse(&inject(&unlabelled).text)[0];
+    let proxy = &doc["spec"]["template"]["spec"]["initContainers"][1];
+    assert_eq!(env(proxy, "MESHLET_SERVICE")["value"], "orders");
+    assert_eq!(
+        doc["spec"]["template"]["spec"]["volumes"][1]["secret"]["secretName"],
+        "meshlet-sidecar-orders"
+    );
+
+    let annotated = unlabelled.replace(
+        "      labels: {version: v1}\n",
+        "      labels: {version: v1}\n      annotations: {meshlet.dev/service: billing}\n",
+    );
+    let doc = &parse(&inject(&annotated).text)[0];
+    let proxy = &doc["spec"]["template"]["spec"]["initContainers"][1];
+    assert_eq!(
+        env(proxy, "MESHLET_SERVICE")["valueFrom"]["fieldRef"]["fieldPath"],
+        "metadata.annotations['meshlet.dev/service']"
+    );
+    assert_eq!(
+        doc["spec"]["template"]["spec"]["volumes"][1]["secret"]["secretName"],
+        "meshlet-sidecar-billing"
+    );
+
+    // A name that is no service name: passed through, with the way out.
+    let dotted = unlabelled.replace("name: orders\n", "name: orders.v2\n");
+    let err = problem(&dotted);
+    assert!(
+        matches!(&err.problem, Problem::BadServiceName { name, .. } if name == "orders.v2"),
+        "{err}"
+    );
+    assert!(err.to_string().contains("meshlet.dev/service"), "{err}");
+}
+
+#[test]
+fn bare_pods_are_named_after_their_controller() {
+    let pod = |metadata: &str| {
+        format!("apiVersion: v1\nkind: Pod\nmetadata: {metadata}\nspec:\n  containers: [{{name: a, image: i, ports: [{{containerPort: 80}}]}}]\n")
+    };
+    let service = |metadata: &str| -> Value {
+        let doc = &parse(&inject(&pod(metadata)).text)[0];
+        env(&doc["spec"]["initContainers"][1], "MESHLET_SERVICE")["value"].clone()
+    };
+    assert_eq!(
+        service("{generateName: web-5d8f7c9b4-, labels: {pod-template-hash: 5d8f7c9b4}, ownerReferences: [{apiVersion: apps/v1, kind: ReplicaSet, name: web-5d8f7c9b4, uid: u, controller: true}]}"),
+        "web"
+    );
+    assert_eq!(
+        service("{generateName: nightly-, ownerReferences: [{apiVersion: batch/v1, kind: Job, name: nightly, uid: u, controller: true}]}"),
+        "nightly"
+    );
+    assert_eq!(service("{name: db-0}"), "db-0");
+    assert_eq!(service("{generateName: loose-}"), "loose");
+}
+
+#[test]
+fn inject_disabled_on_the_template_or_its_namespace() {
+    let disabled = DEPLOYMENT.replace(
+        "      labels: {app.kubernetes.io/name: orders, version: v1}\n",
+        "      labels: {app.kubernetes.io/name: orders, version: v1}\n      annotations: {meshlet.dev/inject: disabled}\n",
+    );
+    let result = inject(&disabled);
+    assert_eq!(result.text, disabled);
+    assert_eq!(
+        result.reports[0].outcome,
+        Outcome::Disabled(Skipped::PodTemplate)
+    );
+
+    let namespace = "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: legacy\n  annotations: {meshlet.dev/inject: disabled}\n";
+    let in_legacy = DEPLOYMENT.replace("  name: orders\n", "  name: orders\n  namespace: legacy\n");
+    let input = format!("{in_legacy}---\n{namespace}");
+    let result = inject(&input);
+    assert_eq!(result.text, input);
+    assert_eq!(
+        result.reports[0].outcome,
+        Outcome::Disabled(Skipped::Namespace("legacy".into()))
+    );
+    // The template's own setting wins; other namespaces are not affected.
+    let enabled = in_legacy.replace(
+        "      labels: {app.kubernetes.io/name: orders, version: v1}\n",
+        "      labels: {app.kubernetes.io/name: orders, version: v1}\n      annotations: {meshlet.dev/inject: enabled}\n",
+    );
+    let result = inject(&format!("{namespace}---\n{enabled}---\n{DEPLOYMENT}"));
+    assert!(result
+        .reports
+        .iter()
+        .all(|r| r.outcome == Outcome::Injected));
+}
+
+#[test]
+fn annotations_tune_the_proxy() {
+    let tuned = DEPLOYMENT.replace(
+        "      labels: {app.kubernetes.io/name: orders, version: v1}\n",
+        "      labels: {app.kubernetes.io/name: orders, version: v1}\n      annotations:\n        meshlet.dev/proxy-cpu-request: 200m\n        meshlet.dev/proxy-memory-limit: 256Mi\n        meshlet.dev/skip-inbound-ports: '22,9100'\n        meshlet.dev/skip-outbound-ports: '5432'\n        meshlet.dev/log-level: debug\n",
+    );
+    let doc = &parse(&inject(&tuned).text)[0];
+    let spec = &doc["spec"]["template"]["spec"];
+    let proxy = &spec["initContainers"][1];
+    assert_eq!(proxy["resources"]["requests"]["cpu"], "200m");
+    assert_eq!(proxy["resources"]["requests"]["memory"], "32Mi");
+    assert_eq!(proxy["resources"]["limits"]["memory"], "256Mi");
+    assert_eq!(env(proxy, "RUST_LOG")["value"], "debug");
+    let args: Vec<&str> = spec["initContainers"][0]["args"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .map(|a| a.as_str().unwrap())
+        .collect();
+    assert_eq!(
+        args[7..],
+        [
+            "--exclude-inbound-ports",
+            "22,9100",
+            "--exclude-outbound-ports",
+            "5432"
+        ]
+    );
+    // Without annotations, neither is there.
+    let plain = &parse(&inject(DEPLOYMENT).text)[0]["spec"]["template"]["spec"];
+    assert_eq!(
+        plain["initContainers"][0]["args"]
+            .as_sequence()
+            .unwrap()
+            .len(),
+        7
+    );
+    assert!(plain["initContainers"][1]["env"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .all(|e| e["name"] != "RUST_LOG"));
+
+    let port = DEPLOYMENT
+        .replace("          ports:\n            - containerPort: 8080\n", "")
+        .replace(
+            "      labels: {app.kubernetes.io/name: orders, version: v1}\n",
+            "      labels: {app.kubernetes.io/name: orders, version: v1}\n      annotations: {meshlet.dev/app-port: '9090'}\n",
+        );
+    let doc = &parse(&inject(&port).text)[0];
+    let proxy = &doc["spec"]["template"]["spec"]["initContainers"][1];
+    assert_eq!(env(proxy, "MESHLET_APP_PORT")["value"], "9090");
 }
 
 #[test]
@@ -416,9 +605,7 @@ fn documents_are_numbered_as_yaml_numbers_them() {
 fn the_committed_demo_manifests_are_what_inject_makes_of_their_source() {
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../manifests/examples");
     let read = |name: &str| std::fs::read_to_string(dir.join(name)).unwrap();
-    let generated = inject_text("apps.yaml", &read("apps.yaml"), &InjectOptions::default())
-        .unwrap()
-        .text;
+    let generated = inject_text("apps.yaml", &read("apps.yaml"), &InjectOptions::default()).text;
     assert!(
         generated == read("apps.injected.yaml"),
         "manifests/examples/apps.injected.yaml is stale; regenerate it:\n  \
@@ -432,7 +619,7 @@ fn empty_fields_are_filled_and_wrong_types_are_errors() {
         "    metadata:\n      labels: {app.kubernetes.io/name: orders, version: v1}\n    spec:\n",
         "    metadata:\n      labels: {app.kubernetes.io/name: orders, version: v1}\n      annotations:\n    spec:\n      initContainers:\n      volumes: ~\n",
     );
-    let doc = &parse(&inject(&empty).unwrap().text)[0];
+    let doc = &parse(&inject(&empty).text)[0];
     let template = &doc["spec"]["template"];
     assert_eq!(
         template["metadata"]["annotations"]["meshlet.dev/injected"],
@@ -442,7 +629,7 @@ fn empty_fields_are_filled_and_wrong_types_are_errors() {
 
     let wrong = DEPLOYMENT.replace("    spec:\n", "    spec:\n      initContainers: {a: b}\n");
     assert_eq!(
-        inject(&wrong).unwrap_err().problem,
+        problem(&wrong).problem,
         Problem::Shape {
             path: "template.spec.initContainers",
             expected: "a list"
