@@ -45,6 +45,12 @@
 //!   phases pushed as trust-bundle revisions) and `cert_routes`
 //!   (`/api/v1/certificates`, `/api/v1/ca`, `/api/v1/ca/rotate`).
 //!
+//! - Operating the mesh (issue 19): `check` (`/api/v1/check`, what
+//!   `meshctl check` judges: liveness, acknowledged revisions, versions,
+//!   clock skew, the store and the CA) and [`tap`] (live taps: sessions,
+//!   the directives pushed on the watch streams, the sidecars' events,
+//!   streamed to `meshctl tap`).
+//!
 //! Public modules are those the binary and the integration tests use,
 //! plus [`auth`] (its types are in the [`store::Store`] trait), [`ca`]
 //! (the CA, its roots and signing) and [`files`]
@@ -57,6 +63,7 @@ pub mod ca;
 #[cfg(test)]
 mod cancelled_request_tests;
 pub(crate) mod cert_routes;
+pub(crate) mod check;
 pub(crate) mod clock;
 pub mod controller;
 pub(crate) mod dashboard;
@@ -75,6 +82,7 @@ pub mod server;
 pub mod state;
 pub(crate) mod stats;
 pub mod store;
+pub mod tap;
 pub(crate) mod token_routes;
 pub mod traces;
 pub(crate) mod ui;

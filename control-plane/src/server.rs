@@ -355,6 +355,7 @@ pub async fn run(
         token_writer: Default::default(),
         workload,
         connections: connections.clone(),
+        taps: Default::default(),
     });
     crate::listener::serve_counted(listener, Some(tls), app, limits, shutdown, connections).await;
     stop.send_replace(true);

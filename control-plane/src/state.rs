@@ -15,6 +15,7 @@ use crate::events::Activity;
 use crate::listener::ConnectionStats;
 use crate::stats::StatsStore;
 use crate::store::Store;
+use crate::tap::TapHub;
 use crate::traces::TraceStore;
 use crate::workload::Workload;
 
@@ -39,6 +40,8 @@ pub struct AppState {
     pub workload: Arc<Workload>,
     /// The API's open connections and evictions (`/metrics`).
     pub connections: Arc<ConnectionStats>,
+    /// Live taps (`meshctl tap`).
+    pub taps: Arc<TapHub>,
 }
 
 impl FromRef<AppState> for Arc<TraceStore> {

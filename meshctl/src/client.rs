@@ -244,6 +244,42 @@ impl ControlPlane {
         }
     }
 
+    /// `GET path` whose answer streams (`meshctl tap`): the body as it
+    /// comes, once the head says 2xx (the request deadline bounds the head
+    /// only). An error answer is read whole and turned into its error.
+    pub async fn stream(&self, path: &str) -> Result<hyper::body::Incoming, ClientError> {
+        let request = meshlet_client::request(Method::GET, &self.authority, path)
+            .body(Full::new(Bytes::new()))
+            .map_err(|e| ClientError::BadServer {
+                server: self.server.clone(),
+                reason: e.to_string(),
+            })?;
+        let response = match self.client.send(&self.authority, request).await {
+            Ok(response) => response,
+            Err(err @ meshlet_client::ClientError::Tls { .. }) => {
+                return Err(ClientError::Tls {
+                    server: self.server.clone(),
+                    cause: tls_cause(&err),
+                })
+            }
+            Err(err) => {
+                return Err(ClientError::Unreachable {
+                    server: self.server.clone(),
+                    cause: err.cause(),
+                })
+            }
+        };
+        let status = response.status();
+        if !status.is_success() {
+            let body = meshlet_client::read_reply(&self.authority, response)
+                .await
+                .map(|reply| reply.body)
+                .unwrap_or_default();
+            return Err(error_answer(&self.server, self.has_token, status, &body));
+        }
+        Ok(response.into_body())
+    }
+
     /// An answer's body as `T`, or the error it stands for.
     fn decode<T: DeserializeOwned>(
         &self,
