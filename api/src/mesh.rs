@@ -335,9 +335,7 @@ pub enum WatchEvent {
     /// changes (and once when the stream opens). Sent only to a watcher
     /// that asked with the [`crate::tap::WATCH_TAPS_HEADER`] header, so an
     /// older sidecar never sees this event.
-    Taps {
-        taps: Vec<crate::tap::TapDirective>,
-    },
+    Taps { taps: Vec<crate::tap::TapDirective> },
 }
 
 /// Why an event could not be applied: the watcher must reconnect and ask

@@ -287,11 +287,16 @@ pub struct TapBatch {
 #[serde(tag = "type", rename_all = "camelCase")]
 pub enum TapLine {
     /// The session is live: the sidecars it reached.
-    Started { id: String, sidecars: usize },
+    Started {
+        id: String,
+        sidecars: usize,
+    },
     Event(TapEvent),
     /// Events lost since the last such line (a full queue in a sidecar or
     /// in the control plane).
-    Dropped { count: u64 },
+    Dropped {
+        count: u64,
+    },
     /// Nothing happened for a while (lets the control plane notice a
     /// tapper that went away).
     Keepalive,

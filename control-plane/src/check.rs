@@ -13,9 +13,7 @@ use std::time::Duration;
 
 use axum::extract::State;
 use axum::Json;
-use meshlet_api::check::{
-    CheckReport, ComponentHealth, PolicyTarget, EXPIRED_WINDOW_MS,
-};
+use meshlet_api::check::{CheckReport, ComponentHealth, PolicyTarget, EXPIRED_WINDOW_MS};
 use meshlet_api::mesh::ServiceKey;
 
 use crate::clock::now_ms;

@@ -27,11 +27,11 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use meshlet_api::check::{ExpiredInstance, SidecarStatus};
 use meshlet_api::mesh::{
     valid_instance_id, ApplyAction, ApplyReply, ApplyRequest, Heartbeat, Registration,
     RegistrationReply, RevisionRecord,
 };
-use meshlet_api::check::{ExpiredInstance, SidecarStatus};
 use meshlet_api::{parse_documents, Resource, ResourceKey};
 use tokio::sync::watch;
 
@@ -338,7 +338,9 @@ impl Controller {
                         reported
                             .behind_since
                             .filter(|_| revisions_behind.unwrap_or(0) > 0)
-                            .map_or(0, |since| now.saturating_duration_since(since).as_millis() as u64)
+                            .map_or(0, |since| {
+                                now.saturating_duration_since(since).as_millis() as u64
+                            })
                     }),
                     watching: reported.watching,
                     version: reported.version.as_deref().map(str::to_owned),

@@ -41,7 +41,9 @@ use axum::routing::{get, post};
 use axum::Router;
 use futures_util::Stream;
 use meshlet_api::mesh::WatchEvent;
-use meshlet_api::tap::{paths, TapBatch, TapDirective, TapEvent, TapFilter, TapLine, TapQuery, REDACTED};
+use meshlet_api::tap::{
+    paths, TapBatch, TapDirective, TapEvent, TapFilter, TapLine, TapQuery, REDACTED,
+};
 use tokio::sync::{mpsc, watch};
 
 use crate::auth::{Principal, Role};

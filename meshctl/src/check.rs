@@ -163,13 +163,21 @@ pub async fn run(
 pub fn render(checks: &[Check]) -> String {
     let mut out = String::new();
     for check in checks {
-        out.push_str(&format!("{} {}: {}\n", check.status.mark(), check.name, check.message));
+        out.push_str(&format!(
+            "{} {}: {}\n",
+            check.status.mark(),
+            check.name,
+            check.message
+        ));
         if !check.hint.is_empty() {
             out.push_str(&format!("    hint: {}\n", check.hint));
         }
     }
     let errors = checks.iter().filter(|c| c.status == Status::Error).count();
-    let warnings = checks.iter().filter(|c| c.status == Status::Warning).count();
+    let warnings = checks
+        .iter()
+        .filter(|c| c.status == Status::Warning)
+        .count();
     out.push_str(&match (errors, warnings) {
         (0, 0) => "Status check results are ✔\n".to_owned(),
         (0, w) => format!("Status check results are ✔ with {w} warning(s)\n"),
@@ -186,7 +194,11 @@ pub fn judge(report: &CheckReport, now_ms: u64, thresholds: Thresholds) -> Vec<C
     let mut checks = vec![
         Check::ok(
             "control plane healthy",
-            format!("revision {}, {} instance(s) registered", report.revision, report.sidecars.len()),
+            format!(
+                "revision {}, {} instance(s) registered",
+                report.revision,
+                report.sidecars.len()
+            ),
         ),
         if report.store.ok {
             Check::ok("store healthy", report.store.detail.clone())
@@ -215,7 +227,10 @@ pub fn judge(report: &CheckReport, now_ms: u64, thresholds: Thresholds) -> Vec<C
                 age(interval)
             ));
         } else if s.watching == Some(false) {
-            silent.push(format!("{} ({}.{}) has no watch stream open", s.id, s.service, s.namespace));
+            silent.push(format!(
+                "{} ({}.{}) has no watch stream open",
+                s.id, s.service, s.namespace
+            ));
         }
     }
     let mut connected = Check::from_problems(
@@ -278,7 +293,9 @@ pub fn judge(report: &CheckReport, now_ms: u64, thresholds: Thresholds) -> Vec<C
             name: "sidecars on the latest revision",
             status: Status::Warning,
             message: format!("{silent_about_revision} sidecar(s) have not reported a revision yet"),
-            hint: "older sidecars do not report one, and a new one reports with its first heartbeat".into(),
+            hint:
+                "older sidecars do not report one, and a new one reports with its first heartbeat"
+                    .into(),
         };
     }
     checks.push(latest);
@@ -288,15 +305,22 @@ pub fn judge(report: &CheckReport, now_ms: u64, thresholds: Thresholds) -> Vec<C
         .iter()
         .filter_map(|s| {
             let v = s.version.as_deref()?;
-            (v != report.version).then(|| format!("{} ({}.{}) runs {v}", s.id, s.service, s.namespace))
+            (v != report.version)
+                .then(|| format!("{} ({}.{}) runs {v}", s.id, s.service, s.namespace))
         })
         .collect();
     checks.push(Check::from_problems(
         "version skew",
-        format!("sidecars run the control plane's version {}", report.version),
+        format!(
+            "sidecars run the control plane's version {}",
+            report.version
+        ),
         Status::Warning,
         skewed_versions,
-        &format!("upgrade sidecars to {} (restart their pods after the control plane upgrade)", report.version),
+        &format!(
+            "upgrade sidecars to {} (restart their pods after the control plane upgrade)",
+            report.version
+        ),
     ));
 
     let mut skew_status = Status::Ok;
@@ -313,11 +337,20 @@ pub fn judge(report: &CheckReport, now_ms: u64, thresholds: Thresholds) -> Vec<C
         };
         skew_status = skew_status.max(status);
         let way = if ms > 0 { "ahead" } else { "behind" };
-        skewed.push(format!("{} ({}.{}) is {} {way}", s.id, s.service, s.namespace, age(skew)));
+        skewed.push(format!(
+            "{} ({}.{}) is {} {way}",
+            s.id,
+            s.service,
+            s.namespace,
+            age(skew)
+        ));
     }
     checks.push(Check::from_problems(
         "clock skew",
-        format!("sidecar clocks within {} of the control plane's", age(thresholds.clock_skew_warning)),
+        format!(
+            "sidecar clocks within {} of the control plane's",
+            age(thresholds.clock_skew_warning)
+        ),
         skew_status,
         skewed,
         "synchronise clocks (NTP/chrony): certificates and traces depend on them",
@@ -366,7 +399,11 @@ fn ca_check(report: &CheckReport, now_ms: u64, thresholds: Thresholds) -> Check 
         return Check {
             name,
             status: Status::Warning,
-            message: format!("the signing root {} expires in {}", signing.subject, age(left)),
+            message: format!(
+                "the signing root {} expires in {}",
+                signing.subject,
+                age(left)
+            ),
             hint: "rotate the CA before it expires: `meshctl ca rotate`".into(),
         };
     }
@@ -382,7 +419,9 @@ fn workload_certs(report: &CheckReport, now_ms: u64) -> Check {
     let mut problems = Vec::new();
     let mut counted = 0;
     for s in &report.sidecars {
-        let Some(not_after) = s.cert_not_after_ms else { continue };
+        let Some(not_after) = s.cert_not_after_ms else {
+            continue;
+        };
         counted += 1;
         let who = format!("{} ({}.{})", s.id, s.service, s.namespace);
         if not_after <= now_ms {
@@ -502,7 +541,10 @@ mod tests {
             ]
         );
         let text = render(&judge(&r, NOW, Thresholds::default()));
-        assert!(text.contains("✖ sidecars connected: o1 (orders.default) silent for 7s"), "{text}");
+        assert!(
+            text.contains("✖ sidecars connected: o1 (orders.default) silent for 7s"),
+            "{text}"
+        );
         assert!(text.contains("ghost-limit targets ghost.default"), "{text}");
     }
 
@@ -515,7 +557,10 @@ mod tests {
         r.sidecars[1].cert_not_after_ms = Some(NOW + 3_600_000);
         assert_eq!(
             statuses(&r),
-            vec![("CA healthy", Status::Warning), ("workload certificates", Status::Warning)]
+            vec![
+                ("CA healthy", Status::Warning),
+                ("workload certificates", Status::Warning)
+            ]
         );
     }
 }

@@ -529,7 +529,14 @@ async fn online(
                 status,
                 max,
             };
-            crate::tap::run(&cp, crate::tap::TapRequest { query, format: output }).await
+            crate::tap::run(
+                &cp,
+                crate::tap::TapRequest {
+                    query,
+                    format: output,
+                },
+            )
+            .await
         }
         Command::Broadcast {
             path,

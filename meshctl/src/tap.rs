@@ -47,7 +47,9 @@ pub async fn run(cp: &ControlPlane, request: TapRequest) -> Result<bool, Command
             }
             Some(Ok(frame)) => frame,
         };
-        let Ok(data) = frame.into_data() else { continue };
+        let Ok(data) = frame.into_data() else {
+            continue;
+        };
         buffer.extend_from_slice(&data);
         while let Some(end) = buffer.iter().position(|b| *b == b'\n') {
             let line = buffer.split_to(end + 1);

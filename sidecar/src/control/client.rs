@@ -187,11 +187,7 @@ impl ControlClient {
 
     /// Starts the tap sender (`control::tap_sender`).
     pub fn spawn_tap_sender(&self, stop: watch::Receiver<bool>) {
-        crate::control::tap_sender::spawn(
-            Arc::clone(&self.cp),
-            Arc::clone(&self.tap),
-            stop,
-        );
+        crate::control::tap_sender::spawn(Arc::clone(&self.cp), Arc::clone(&self.tap), stop);
     }
 
     pub fn with_identity(mut self, identity: Option<Arc<WorkloadIdentity>>) -> Self {

@@ -36,10 +36,10 @@ use crate::telemetry::access_log::{AccessLog, AccessRecord};
 use crate::telemetry::direction::Direction;
 use crate::telemetry::route_metrics::{MethodLabel, RouteMetrics};
 use crate::telemetry::tap::Tap;
-use meshlet_api::tap::{TapDirection, TapEvent};
 use crate::telemetry::trace::export::SpanExporter;
 use crate::telemetry::trace::{self, Hop, SpanDetails};
 use crate::telemetry::trail::Trail;
+use meshlet_api::tap::{TapDirection, TapEvent};
 
 /// What every request of one sidecar reports to, besides metrics.
 #[derive(Debug)]
@@ -245,7 +245,12 @@ impl RequestRecord {
         };
         let trace_ids = self.hop.as_ref().map(|h| (h.trace_id, h.span_id));
         if self.telemetry.tap.active() {
-            self.offer_tap(&detail, status, elapsed, trace_ids.map(|(t, _)| t.to_string()));
+            self.offer_tap(
+                &detail,
+                status,
+                elapsed,
+                trace_ids.map(|(t, _)| t.to_string()),
+            );
         }
         if let (Some(hop), Some(exporter)) = (self.hop.take(), &self.telemetry.exporter) {
             let span = hop.finish(SpanDetails {

@@ -112,7 +112,11 @@ impl Tap {
             if !tap.headers {
                 event.headers.clear();
             }
-            if self.queue.try_send((Arc::from(tap.id.as_str()), event)).is_err() {
+            if self
+                .queue
+                .try_send((Arc::from(tap.id.as_str()), event))
+                .is_err()
+            {
                 self.dropped.fetch_add(1, Ordering::Relaxed);
             }
         }
@@ -170,7 +174,10 @@ mod tests {
         let tap = Tap::default();
         assert!(!tap.active());
         let mut rx = tap.take_receiver().unwrap();
-        tap.set(vec![directive("a", "/api", false), directive("b", "/other", true)]);
+        tap.set(vec![
+            directive("a", "/api", false),
+            directive("b", "/other", true),
+        ]);
         assert!(tap.active() && tap.wants_headers());
         tap.offer("GET", "/api/x", 200, event);
         let (id, got) = rx.try_recv().unwrap();
