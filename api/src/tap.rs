@@ -89,12 +89,12 @@ impl TapFilter {
 
     /// Whether a completed request is tapped.
     pub fn selects_request(&self, method: &str, path: &str, status: u16) -> bool {
-        self.method.as_deref().map_or(true, |m| m == method)
+        self.method.as_deref().is_none_or(|m| m == method)
             && self
                 .path_prefix
                 .as_deref()
-                .map_or(true, |p| path.starts_with(p))
-            && self.status.map_or(true, |s| s.matches(status))
+                .is_none_or(|p| path.starts_with(p))
+            && self.status.is_none_or(|s| s.matches(status))
     }
 
     /// Checks what a user typed: a service or a deploy, a path that starts

@@ -175,7 +175,7 @@ impl TapHub {
         if let Role::Sidecar { namespace, service } = &principal.role {
             let filter = &entry.directive.filter;
             let selects = filter.namespace == *namespace
-                && filter.service.as_ref().map_or(true, |s| s == service);
+                && filter.service.as_ref().is_none_or(|s| s == service);
             if !selects {
                 return Err(ApiFailure::Forbidden(format!(
                     "token {:?} is for {namespace}/{service}, which tap {id:?} does not select",
