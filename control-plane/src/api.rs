@@ -100,7 +100,7 @@ pub fn router(state: AppState) -> Router {
         .merge(crate::ui::routes())
         .merge(crate::token_routes::routes())
         .merge(crate::cert_routes::routes())
-        .merge(crate::tap::routes())
+        .merge(crate::tap_routes::routes())
         .route(meshlet_api::check::paths::CHECK, get(crate::check::check))
         .merge(crate::access::session_routes(access.clone()))
         .fallback(|| async { ApiFailure::NotFound("no such API path".into()) })

@@ -47,9 +47,9 @@
 //!
 //! - Operating the mesh (issue 19): `check` (`/api/v1/check`, what
 //!   `meshctl check` judges: liveness, acknowledged revisions, versions,
-//!   clock skew, the store and the CA) and [`tap`] (live taps: sessions,
-//!   the directives pushed on the watch streams, the sidecars' events,
-//!   streamed to `meshctl tap`).
+//!   clock skew, the store and the CA), [`tap`] (live taps: sessions and
+//!   the directives pushed on the watch streams) and `tap_routes` (the tap
+//!   stream to `meshctl tap` and the sidecars' events).
 //!
 //! Public modules are those the binary and the integration tests use,
 //! plus [`auth`] (its types are in the [`store::Store`] trait), [`ca`]
@@ -83,6 +83,7 @@ pub mod state;
 pub(crate) mod stats;
 pub mod store;
 pub mod tap;
+pub(crate) mod tap_routes;
 pub(crate) mod token_routes;
 pub mod traces;
 pub(crate) mod ui;

@@ -1,11 +1,11 @@
-//! Live taps (`meshctl tap`, issue 19): sessions, the directives pushed to
-//! sidecars, and the two routes.
+//! Live taps (`meshctl tap`, issue 19): sessions and the directives pushed
+//! to sidecars; the two routes are in `tap_routes`.
 //!
 //! ```text
-//! meshctl ── GET /api/v1/tap?service=orders&max=20 ─► tap_stream: TapHub::open ─► Session (bounded queue)
+//! meshctl ── GET /api/v1/tap?service=orders&max=20 ─► tap_routes: TapHub::open ─► Session (bounded queue)
 //!    TapHub::directives (watch channel: every live TapDirective)
 //!       ─► directive_stream ─► WatchEvent::Taps on each watch stream that sent x-meshlet-watch-taps
-//! sidecar ── POST /api/v1/tap/{id}/events (TapBatch) ─► events: TapHub::deliver ─► the session's queue
+//! sidecar ── POST /api/v1/tap/{id}/events (TapBatch) ─► tap_routes: TapHub::deliver ─► the session's queue
 //! Session ─► NDJSON TapLines (Started, Event…, Dropped, Keepalive) ─► meshctl
 //! ```
 //!
@@ -32,25 +32,14 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use axum::body::{Body, Bytes};
-use axum::extract::rejection::{BytesRejection, QueryRejection};
-use axum::extract::{DefaultBodyLimit, Extension, Path, Query, State};
-use axum::http::{header, StatusCode};
-use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
-use axum::Router;
+use axum::body::Bytes;
 use futures_util::Stream;
 use meshlet_api::mesh::WatchEvent;
-use meshlet_api::tap::{
-    paths, TapBatch, TapDirective, TapEvent, TapFilter, TapLine, TapQuery, REDACTED,
-};
+use meshlet_api::tap::{TapBatch, TapDirective, TapEvent, TapFilter};
 use tokio::sync::{mpsc, watch};
 
 use crate::auth::{Principal, Role};
 use crate::error::ApiFailure;
-use crate::extract::{json_body, query};
-use crate::push::stopped;
-use crate::state::AppState;
 
 /// Taps live at once.
 pub const MAX_SESSIONS: usize = 16;
@@ -59,7 +48,7 @@ pub const SESSION_QUEUE: usize = 1024;
 /// Events in one posted batch.
 pub const MAX_BATCH_EVENTS: usize = 1000;
 /// Largest batch body.
-const BATCH_BODY_LIMIT: usize = 1 << 20;
+pub const BATCH_BODY_LIMIT: usize = 1 << 20;
 /// A line to the tapper at least this often.
 pub const KEEPALIVE: Duration = Duration::from_secs(1);
 
@@ -93,11 +82,11 @@ impl std::fmt::Debug for TapHub {
 }
 
 /// One tapper's session; dropping it ends the tap.
-struct Session {
+pub(crate) struct Session {
     hub: Arc<TapHub>,
-    id: String,
-    events: mpsc::Receiver<TapEvent>,
-    dropped: Arc<AtomicU64>,
+    pub(crate) id: String,
+    pub(crate) events: mpsc::Receiver<TapEvent>,
+    pub(crate) dropped: Arc<AtomicU64>,
 }
 
 impl Drop for Session {
@@ -117,7 +106,11 @@ impl TapHub {
         self.sessions.lock().unwrap().len()
     }
 
-    fn open(self: &Arc<Self>, filter: TapFilter, headers: bool) -> Result<Session, ApiFailure> {
+    pub(crate) fn open(
+        self: &Arc<Self>,
+        filter: TapFilter,
+        headers: bool,
+    ) -> Result<Session, ApiFailure> {
         let id = random_id();
         let (tx, rx) = mpsc::channel(SESSION_QUEUE);
         let dropped = Arc::new(AtomicU64::new(0));
@@ -167,7 +160,12 @@ impl TapHub {
     /// Hands a sidecar's batch to tap `id` (404 if it ended; 403 if it
     /// does not select the sidecar token's service). Never waits: events
     /// that do not fit are counted as dropped.
-    fn deliver(&self, id: &str, batch: TapBatch, principal: &Principal) -> Result<(), ApiFailure> {
+    pub(crate) fn deliver(
+        &self,
+        id: &str,
+        batch: TapBatch,
+        principal: &Principal,
+    ) -> Result<(), ApiFailure> {
         let sessions = self.sessions.lock().unwrap();
         let entry = sessions
             .get(id)
@@ -212,120 +210,10 @@ fn random_id() -> String {
     })
 }
 
-/// `GET /api/v1/tap` and `POST /api/v1/tap/{id}/events`.
-pub fn routes() -> Router<AppState> {
-    Router::new().route(paths::TAP, get(tap_stream)).route(
-        &paths::events("{id}"),
-        post(events).layer(DefaultBodyLimit::max(BATCH_BODY_LIMIT)),
-    )
-}
-
-async fn tap_stream(
-    State(state): State<AppState>,
-    Extension(principal): Extension<Principal>,
-    params: Result<Query<TapQuery>, QueryRejection>,
-) -> Result<Response, ApiFailure> {
-    let params = query(params)?;
-    let filter = params
-        .filter()
-        .map_err(|e| ApiFailure::BadRequest(format!("invalid tap: {e}")))?;
-    // The route's gate let only admins and viewers through.
-    let headers = matches!(principal.role, Role::Admin);
-    let published = state.controller.published();
-    let sidecars = published
-        .instances
-        .iter_unordered()
-        .filter(|i| {
-            let r = &i.registration;
-            filter.selects_sidecar(&r.namespace, &r.service, &r.labels)
-        })
-        .count();
-    let session = state.taps.open(filter, headers)?;
-    tracing::info!(tap = %session.id, principal = %principal.name, sidecars, "tap started");
-    let started = TapLine::Started {
-        id: session.id.clone(),
-        sidecars,
-    };
-    let tapping = Tapping {
-        started: Some(started),
-        session,
-        max: params.max,
-        sent: 0,
-        redact: !headers,
-        shutdown: state.shutdown.clone(),
-    };
-    let stream = futures_util::stream::unfold(tapping, |mut t| async move {
-        let line = t.next_line().await?;
-        Some((Ok::<_, Infallible>(line), t))
-    });
-    Ok((
-        [
-            (header::CONTENT_TYPE, "application/x-ndjson"),
-            (header::CACHE_CONTROL, "no-cache"),
-        ],
-        Body::from_stream(stream),
-    )
-        .into_response())
-}
-
-struct Tapping {
-    started: Option<TapLine>,
-    session: Session,
-    max: Option<u64>,
-    sent: u64,
-    redact: bool,
-    shutdown: watch::Receiver<bool>,
-}
-
-impl Tapping {
-    async fn next_line(&mut self) -> Option<Bytes> {
-        if let Some(started) = self.started.take() {
-            return Some(line(&started));
-        }
-        if self.max.is_some_and(|max| self.sent >= max) {
-            tracing::info!(tap = %self.session.id, events = self.sent, "tap reached its maximum");
-            return None;
-        }
-        tokio::select! {
-            biased;
-            _ = stopped(&mut self.shutdown) => None,
-            event = self.session.events.recv() => {
-                let mut event = event?;
-                if self.redact {
-                    for (_, value) in &mut event.headers {
-                        *value = REDACTED.to_owned();
-                    }
-                }
-                self.sent += 1;
-                Some(line(&TapLine::Event(event)))
-            }
-            _ = tokio::time::sleep(KEEPALIVE) => {
-                let dropped = self.session.dropped.swap(0, Ordering::Relaxed);
-                Some(line(&if dropped > 0 {
-                    TapLine::Dropped { count: dropped }
-                } else {
-                    TapLine::Keepalive
-                }))
-            }
-        }
-    }
-}
-
-fn line<T: serde::Serialize>(value: &T) -> Bytes {
+pub(crate) fn line<T: serde::Serialize>(value: &T) -> Bytes {
     let mut bytes = serde_json::to_vec(value).expect("serializable");
     bytes.push(b'\n');
     Bytes::from(bytes)
-}
-
-async fn events(
-    State(state): State<AppState>,
-    Extension(principal): Extension<Principal>,
-    Path(id): Path<String>,
-    body: Result<Bytes, BytesRejection>,
-) -> Result<StatusCode, ApiFailure> {
-    let batch: TapBatch = json_body(body)?;
-    state.taps.deliver(&id, batch, &principal)?;
-    Ok(StatusCode::NO_CONTENT)
 }
 
 /// The `Taps` events of one watch stream: the live set now, then each
