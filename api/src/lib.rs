@@ -12,7 +12,9 @@
 //!   reports, API answers); [`changes`]: what only the control plane and
 //!   meshctl speak (delete, diff, rollback, each resource's last change);
 //!   [`traces`]: the trace API's answers; [`dashboard`]: the dashboard
-//!   API's answers.
+//!   API's answers; [`check`]: what `meshctl check` reads
+//!   (`/api/v1/check`); [`tap`]: live request taps (`meshctl tap`): the
+//!   filter, the directive pushed to sidecars and the events they send.
 //! - [`access`]: token management and log-in wire types, and the names of
 //!   the bootstrap files (`admin.token`, `ca.crt`) in the data directory.
 //! - [`identity`]: workload identities (`spiffe://TD/ns/NS/sa/SA`), shared
@@ -41,6 +43,7 @@
 
 pub mod access;
 pub mod changes;
+pub mod check;
 pub mod dashboard;
 pub mod display;
 mod duration;
@@ -55,6 +58,7 @@ mod parse;
 pub mod policy;
 pub mod resource;
 pub mod route;
+pub mod tap;
 pub mod traces;
 pub mod zero_trust;
 

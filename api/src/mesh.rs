@@ -196,10 +196,41 @@ pub struct RegistrationReply {
 /// `PUT /api/v1/instances/{id}/heartbeat`. The control plane answers 404
 /// for an id it does not know (expired or never registered); the sidecar
 /// then registers again.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+///
+/// Besides health, a heartbeat says what the sidecar runs and holds, for
+/// `meshctl check` (issue 19): every field but `healthy` is optional, so a
+/// heartbeat of an older sidecar is still accepted. (An older control
+/// plane refuses the new fields: upgrade the control plane first.)
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct Heartbeat {
     pub healthy: bool,
+    /// The revision of the state the sidecar applied (its snapshot).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revision: Option<u64>,
+    /// Whether its watch stream is open.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub watching: Option<bool>,
+    /// The sidecar's version (`CARGO_PKG_VERSION`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<String>,
+    /// The sidecar's wall clock when it sent the heartbeat (Unix ms): the
+    /// control plane compares it with its own to estimate clock skew.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sent_at_ms: Option<u64>,
+    /// When the sidecar's workload certificate expires (Unix ms).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cert_not_after_ms: Option<u64>,
+}
+
+impl Heartbeat {
+    /// A heartbeat that says only whether the app is healthy.
+    pub fn health(healthy: bool) -> Heartbeat {
+        Heartbeat {
+            healthy,
+            ..Heartbeat::default()
+        }
+    }
 }
 
 /// A service and all of its registered endpoints, healthy or not.
@@ -302,6 +333,11 @@ pub enum WatchEvent {
     /// Sent when nothing changed for a while, so that a watcher can tell a
     /// quiet control plane from a dead connection.
     Keepalive { revision: u64 },
+    /// The live taps (`meshctl tap`), all of them, each time the set
+    /// changes (and once when the stream opens). Sent only to a watcher
+    /// that asked with the [`crate::tap::WATCH_TAPS_HEADER`] header, so an
+    /// older sidecar never sees this event.
+    Taps { taps: Vec<crate::tap::TapDirective> },
 }
 
 /// Why an event could not be applied: the watcher must reconnect and ask
@@ -324,7 +360,7 @@ impl MeshState {
                 *self = state;
                 Ok(changed)
             }
-            WatchEvent::Keepalive { .. } => Ok(false),
+            WatchEvent::Keepalive { .. } | WatchEvent::Taps { .. } => Ok(false),
             WatchEvent::Delta(delta) => {
                 if delta.from_revision != self.revision {
                     return Err(RevisionGap {

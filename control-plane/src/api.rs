@@ -101,6 +101,8 @@ pub fn router(state: AppState) -> Router {
         .merge(crate::token_routes::routes())
         .merge(crate::cert_routes::routes())
         .merge(crate::webhook::routes(state.inject.clone()))
+        .merge(crate::tap_routes::routes())
+        .route(meshlet_api::check::paths::CHECK, get(crate::check::check))
         .merge(crate::access::session_routes(access.clone()))
         .fallback(|| async { ApiFailure::NotFound("no such API path".into()) })
         .method_not_allowed_fallback(|| async {
@@ -197,10 +199,15 @@ struct WatchParams {
     epoch: Option<u64>,
 }
 
+/// The watch stream; a watcher that sends `x-meshlet-watch-taps` also gets
+/// the live taps (`WatchEvent::Taps`, see `tap`) interleaved, and the
+/// stream still ends when the revisions' stream ends.
 async fn watch(
     State(state): State<AppState>,
+    headers: axum::http::HeaderMap,
     params: Result<Query<WatchParams>, QueryRejection>,
 ) -> Result<Response, ApiFailure> {
+    use futures_util::StreamExt;
     let params = query(params)?;
     let stream = watch_stream(
         state.controller.hub().clone(),
@@ -209,12 +216,24 @@ async fn watch(
         state.keepalive,
         state.shutdown.clone(),
     );
+    let body = if headers.contains_key(meshlet_api::tap::WATCH_TAPS_HEADER) {
+        let revisions = stream
+            .map(Some)
+            .chain(futures_util::stream::once(async { None }));
+        let taps = crate::tap::directive_stream(state.taps.subscribe()).map(Some);
+        let merged = futures_util::stream::select(revisions, taps)
+            .take_while(|item| std::future::ready(item.is_some()))
+            .filter_map(std::future::ready);
+        Body::from_stream(merged)
+    } else {
+        Body::from_stream(stream)
+    };
     Ok((
         [
             (header::CONTENT_TYPE, "application/x-ndjson"),
             (header::CACHE_CONTROL, "no-cache"),
         ],
-        Body::from_stream(stream),
+        body,
     )
         .into_response())
 }

@@ -105,6 +105,7 @@ async fn a_change_whose_client_hung_up_is_still_applied_and_published() {
         workload: Arc::new(crate::workload::Workload::for_tests()),
         connections: Default::default(),
         inject: Default::default(),
+        taps: Default::default(),
     });
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();

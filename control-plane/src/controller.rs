@@ -27,6 +27,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use meshlet_api::check::{ExpiredInstance, SidecarStatus};
 use meshlet_api::mesh::{
     valid_instance_id, ApplyAction, ApplyReply, ApplyRequest, Heartbeat, Registration,
     RegistrationReply, RevisionRecord,
@@ -53,7 +54,58 @@ struct Liveness {
     /// `namespace/service`: self-preservation weighs services, not
     /// instances (`expiry`).
     service: Arc<str>,
+    /// What the last heartbeat said beyond health (`meshctl check`).
+    reported: Reported,
 }
+
+/// What a sidecar's heartbeats said about it, for `meshctl check`.
+#[derive(Debug, Clone, Default)]
+struct Reported {
+    revision: Option<u64>,
+    watching: Option<bool>,
+    version: Option<Arc<str>>,
+    clock_skew_ms: Option<i64>,
+    cert_not_after_ms: Option<u64>,
+    /// Since when its heartbeats acknowledge an older revision than the
+    /// published one.
+    behind_since: Option<Instant>,
+}
+
+impl Reported {
+    /// Notes `heartbeat`, received at `now` (`now_ms` on the wall clock)
+    /// while `published` is the control plane's revision.
+    fn note(&mut self, heartbeat: &Heartbeat, now: Instant, now_ms: u64, published: u64) {
+        self.revision = heartbeat.revision.or(self.revision);
+        self.watching = heartbeat.watching.or(self.watching);
+        if let Some(version) = &heartbeat.version {
+            if self.version.as_deref() != Some(version.as_str()) {
+                self.version = Some(version.as_str().into());
+            }
+        }
+        if let Some(sent) = heartbeat.sent_at_ms {
+            self.clock_skew_ms = Some(sent as i64 - now_ms as i64);
+        }
+        self.cert_not_after_ms = heartbeat.cert_not_after_ms.or(self.cert_not_after_ms);
+        match heartbeat.revision {
+            Some(acked) if acked < published => {
+                self.behind_since.get_or_insert(now);
+            }
+            Some(_) => self.behind_since = None,
+            None => {}
+        }
+    }
+}
+
+/// An instance the reaper removed, kept for `meshctl check`.
+#[derive(Debug, Clone)]
+struct Expired {
+    id: String,
+    service: Arc<str>,
+    at: Instant,
+}
+
+/// Expired instances kept (the oldest go first).
+const EXPIRED_KEPT: usize = 256;
 
 /// The key [`Liveness::service`] and the per-service cap use.
 fn service_key(registration: &Registration) -> Arc<str> {
@@ -65,6 +117,8 @@ pub struct Controller {
     store: Arc<dyn Store>,
     hub: Arc<Hub>,
     liveness: Mutex<HashMap<String, Liveness>>,
+    /// Instances the reaper removed lately, newest last (`meshctl check`).
+    expired: Mutex<std::collections::VecDeque<Expired>>,
     /// Who registered which instance id; changed under the writer lock.
     owners: Mutex<Owners>,
     ttl: Duration,
@@ -131,6 +185,7 @@ impl Controller {
                     last_heartbeat: now,
                     healthy: i.registration.healthy,
                     service: service_key(&i.registration),
+                    reported: Reported::default(),
                 };
                 (i.registration.id.clone(), live)
             })
@@ -145,6 +200,7 @@ impl Controller {
             store,
             hub,
             liveness: Mutex::new(liveness),
+            expired: Mutex::default(),
             owners: Mutex::new(owners),
             ttl,
             preservation: Mutex::new(Preservation::default()),
@@ -273,6 +329,70 @@ impl Controller {
         self.ttl / 3
     }
 
+    /// Every registered instance as its heartbeats described it, and the
+    /// instances expired within `window`, newest first (`meshctl check`).
+    pub fn check_view(&self, window: Duration) -> (Vec<SidecarStatus>, Vec<ExpiredInstance>) {
+        let published = self.published();
+        let now = Instant::now();
+        let liveness = self.liveness.lock().unwrap();
+        let sidecars = published
+            .instances
+            .values()
+            .map(|i| {
+                let reg = &i.registration;
+                let live = liveness.get(&reg.id);
+                let reported = live.map(|l| l.reported.clone()).unwrap_or_default();
+                let revisions_behind = reported
+                    .revision
+                    .map(|r| published.revision.saturating_sub(r));
+                SidecarStatus {
+                    id: reg.id.clone(),
+                    service: reg.service.clone(),
+                    namespace: reg.namespace.clone(),
+                    role: reg.role,
+                    healthy: reg.healthy,
+                    last_seen_ms_ago: live
+                        .map(|l| now.saturating_duration_since(l.last_heartbeat).as_millis() as u64)
+                        .unwrap_or_default(),
+                    revision: reported.revision,
+                    revisions_behind,
+                    behind_for_ms: reported.revision.map(|_| {
+                        reported
+                            .behind_since
+                            .filter(|_| revisions_behind.unwrap_or(0) > 0)
+                            .map_or(0, |since| {
+                                now.saturating_duration_since(since).as_millis() as u64
+                            })
+                    }),
+                    watching: reported.watching,
+                    version: reported.version.as_deref().map(str::to_owned),
+                    clock_skew_ms: reported.clock_skew_ms,
+                    cert_not_after_ms: reported.cert_not_after_ms,
+                }
+            })
+            .collect();
+        drop(liveness);
+        let expired = self
+            .expired
+            .lock()
+            .unwrap()
+            .iter()
+            .rev()
+            .filter(|e| now.saturating_duration_since(e.at) <= window)
+            .filter(|e| !published.instances.contains_key(&e.id))
+            .map(|e| {
+                let (namespace, service) = e.service.split_once('/').unwrap_or(("", &e.service));
+                ExpiredInstance {
+                    id: e.id.clone(),
+                    service: service.to_owned(),
+                    namespace: namespace.to_owned(),
+                    expired_ms_ago: now.saturating_duration_since(e.at).as_millis() as u64,
+                }
+            })
+            .collect();
+        (sidecars, expired)
+    }
+
     /// How long ago the instance's last heartbeat (or registration, or the
     /// control plane's start) was.
     pub fn last_heartbeat_ago(&self, id: &str) -> Option<Duration> {
@@ -361,12 +481,19 @@ impl Controller {
                 liveness.remove(id);
             }
             for instance in &commit.put_instances {
+                // What this replica heard in heartbeats (`meshctl check`)
+                // survives another replica's update of the registration.
+                let reported = liveness
+                    .remove(&instance.registration.id)
+                    .map(|live| live.reported)
+                    .unwrap_or_default();
                 liveness.insert(
                     instance.registration.id.clone(),
                     Liveness {
                         last_heartbeat: Instant::now(),
                         healthy: instance.registration.healthy,
                         service: service_key(&instance.registration),
+                        reported,
                     },
                 );
             }
@@ -462,6 +589,7 @@ impl Controller {
                 last_heartbeat: Instant::now(),
                 healthy,
                 service,
+                reported: Reported::default(),
             },
         );
         Ok(RegistrationReply {
@@ -513,22 +641,28 @@ impl Controller {
                     }
                 }
             }
-            if let Some(registration) = self.published().instances.get(id).map(|i| &i.registration)
-            {
-                self.liveness.lock().unwrap().insert(
-                    id.to_owned(),
-                    Liveness {
-                        last_heartbeat: now,
-                        healthy: heartbeat.healthy,
-                        service: service_key(registration),
-                    },
-                );
+            let published = self.published();
+            if let Some(registration) = published.instances.get(id).map(|i| &i.registration) {
+                let mut liveness = self.liveness.lock().unwrap();
+                let live = liveness.entry(id.to_owned()).or_insert_with(|| Liveness {
+                    last_heartbeat: now,
+                    healthy: heartbeat.healthy,
+                    service: service_key(registration),
+                    reported: Reported::default(),
+                });
+                live.last_heartbeat = now;
+                live.healthy = heartbeat.healthy;
+                live.service = service_key(registration);
+                live.reported
+                    .note(&heartbeat, now, now_ms(), published.revision);
             }
             return Ok(());
         }
         {
+            let published = self.published().revision;
             let mut liveness = self.liveness.lock().unwrap();
             let live = liveness.get_mut(id).ok_or_else(not_found)?;
+            live.reported.note(&heartbeat, now, now_ms(), published);
             if live.healthy == heartbeat.healthy {
                 live.last_heartbeat = now;
                 return Ok(());
@@ -639,8 +773,18 @@ impl Controller {
         let ids = {
             let mut liveness = self.liveness.lock().unwrap();
             let ids = expired(&liveness);
+            let mut gone = self.expired.lock().unwrap();
             for id in &ids {
-                liveness.remove(id);
+                if let Some(live) = liveness.remove(id) {
+                    if gone.len() == EXPIRED_KEPT {
+                        gone.pop_front();
+                    }
+                    gone.push_back(Expired {
+                        id: id.clone(),
+                        service: live.service,
+                        at: now,
+                    });
+                }
             }
             ids
         };
@@ -1143,7 +1287,7 @@ mod tests {
         assert_eq!(reply.revision, 1);
         assert_eq!(reply.heartbeat_interval_ms, 3333);
         assert_eq!(reply.ttl_ms, 10_000);
-        c.heartbeat("o1", Heartbeat { healthy: true }, &admin())
+        c.heartbeat("o1", Heartbeat::health(true), &admin())
             .await
             .unwrap();
         assert_eq!(
@@ -1152,13 +1296,13 @@ mod tests {
             "unchanged heartbeat: no revision"
         );
         assert_eq!(store.history(10).unwrap().len(), 1);
-        c.heartbeat("o1", Heartbeat { healthy: false }, &admin())
+        c.heartbeat("o1", Heartbeat::health(false), &admin())
             .await
             .unwrap();
         assert_eq!(c.published().revision, 2);
         assert!(!c.published().instances["o1"].registration.healthy);
         let err = c
-            .heartbeat("x", Heartbeat { healthy: true }, &admin())
+            .heartbeat("x", Heartbeat::health(true), &admin())
             .await
             .unwrap_err();
         assert!(matches!(err, ApiFailure::NotFound(_)));
@@ -1200,7 +1344,7 @@ mod tests {
 
     async fn beat(c: &Controller, ids: &[&str], at: Instant) {
         for id in ids {
-            c.heartbeat_at(id, Heartbeat { healthy: true }, &admin(), at)
+            c.heartbeat_at(id, Heartbeat::health(true), &admin(), at)
                 .await
                 .unwrap();
         }

@@ -47,6 +47,12 @@
 //! - Operating (issue 19): `webhook` (the mutating admission webhook
 //!   `POST /inject`: `meshlet_api::inject` behind an AdmissionReview).
 //!
+//! - Operating the mesh (issue 19): `check` (`/api/v1/check`, what
+//!   `meshctl check` judges: liveness, acknowledged revisions, versions,
+//!   clock skew, the store and the CA), [`tap`] (live taps: sessions and
+//!   the directives pushed on the watch streams) and `tap_routes` (the tap
+//!   stream to `meshctl tap` and the sidecars' events).
+//!
 //! Public modules are those the binary and the integration tests use,
 //! plus [`auth`] (its types are in the [`store::Store`] trait), [`ca`]
 //! (the CA, its roots and signing) and [`files`]
@@ -59,6 +65,7 @@ pub mod ca;
 #[cfg(test)]
 mod cancelled_request_tests;
 pub(crate) mod cert_routes;
+pub(crate) mod check;
 pub(crate) mod clock;
 pub mod controller;
 pub(crate) mod dashboard;
@@ -77,6 +84,8 @@ pub mod server;
 pub mod state;
 pub(crate) mod stats;
 pub mod store;
+pub mod tap;
+pub(crate) mod tap_routes;
 pub(crate) mod token_routes;
 pub mod traces;
 pub(crate) mod ui;

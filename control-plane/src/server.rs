@@ -455,6 +455,7 @@ pub async fn run(
         workload,
         connections: connections.clone(),
         inject: Arc::new(settings.inject_options()),
+        taps: Default::default(),
     });
     if let Some(etcd) = &etcd {
         app = with_replica_header(app, etcd.replica_id())?;

@@ -15,6 +15,7 @@ use crate::events::Activity;
 use crate::listener::ConnectionStats;
 use crate::stats::StatsStore;
 use crate::store::Store;
+use crate::tap::TapHub;
 use crate::traces::TraceStore;
 use crate::workload::Workload;
 
@@ -42,6 +43,8 @@ pub struct AppState {
     /// What the admission webhook (`POST /inject`) injects: image and
     /// control-plane URL (`--inject-image`, `--inject-control-plane`).
     pub inject: Arc<meshlet_api::inject::InjectOptions>,
+    /// Live taps (`meshctl tap`).
+    pub taps: Arc<TapHub>,
 }
 
 impl FromRef<AppState> for Arc<TraceStore> {

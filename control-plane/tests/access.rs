@@ -183,7 +183,7 @@ async fn a_sidecar_token_is_bound_to_its_service_and_its_instances() {
         post(&cp.client, registration("orders-1", "orders")).await,
         StatusCode::CONFLICT
     );
-    let beat = serde_json::to_vec(&Heartbeat { healthy: true }).unwrap();
+    let beat = serde_json::to_vec(&Heartbeat::health(true)).unwrap();
     assert_eq!(
         status(&cp, &orders2, "PUT", &paths::heartbeat("orders-1"), &beat).await,
         StatusCode::FORBIDDEN

@@ -179,6 +179,51 @@ pub enum Command {
         #[command(subcommand)]
         command: CaCommand,
     },
+    /// Check the mesh's health: control plane, store, CA and certificates,
+    /// every sidecar connected and on the latest revision, version and
+    /// clock skew, policies whose target has no instances. Each check ✔,
+    /// ⚠ or ✖ with a hint; exit 1 if any is ✖.
+    Check {
+        /// Warn when the CA's signing root expires sooner than this.
+        #[arg(long, default_value = "30d", value_parser = humantime::parse_duration)]
+        ca_expiry_warning: Duration,
+        /// Warn when a sidecar's clock is this far from the control plane's.
+        #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+        clock_skew_warning: Duration,
+        /// Fail when a sidecar's clock is this far from the control plane's.
+        #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+        clock_skew_error: Duration,
+        #[arg(short = 'o', long = "output", value_enum, default_value = "table")]
+        output: Format,
+    },
+    /// Stream live requests seen by the sidecars of a service or a
+    /// workload (direction, peer, method, path, status, latency, reason,
+    /// trace id), through the control plane. Viewer tokens see header
+    /// values redacted.
+    Tap {
+        /// `service` (svc) or `deploy` (deployment: the pods' `app`,
+        /// `app.kubernetes.io/name` or `meshlet.dev/workload` label).
+        #[arg(value_enum)]
+        kind: TapKind,
+        name: String,
+        #[arg(short = 'n', long, default_value = "default")]
+        namespace: String,
+        /// Only requests whose path starts with this.
+        #[arg(long)]
+        path: Option<String>,
+        /// Only requests with this method.
+        #[arg(long)]
+        method: Option<String>,
+        /// Only responses with this status (503) or class (5xx).
+        #[arg(long)]
+        status: Option<String>,
+        /// Stop after this many requests.
+        #[arg(long)]
+        max: Option<u64>,
+        /// `json`: one JSON object per line.
+        #[arg(short = 'o', long = "output", value_enum, default_value = "table")]
+        output: Format,
+    },
     /// Send one request to every healthy instance (through its sidecar).
     Broadcast {
         /// The request path.
@@ -196,6 +241,15 @@ pub enum Command {
         #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
         timeout: Duration,
     },
+}
+
+/// What `meshctl tap` selects sidecars by.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum TapKind {
+    #[value(alias = "svc")]
+    Service,
+    #[value(alias = "deployment")]
+    Deploy,
 }
 
 #[derive(Debug, Subcommand)]
@@ -476,6 +530,51 @@ async fn dispatch(cp: &ControlPlane, command: Command) -> Result<bool, CommandEr
             CaCommand::Status { output } => crate::ca::status(cp, output).await,
             CaCommand::Rotate { output } => crate::ca::rotate(cp, output).await,
         },
+        Command::Check {
+            ca_expiry_warning,
+            clock_skew_warning,
+            clock_skew_error,
+            output,
+        } => {
+            let thresholds = crate::check::Thresholds {
+                ca_expiry_warning,
+                clock_skew_warning,
+                clock_skew_error,
+            };
+            crate::check::run(cp, thresholds, output).await
+        }
+        Command::Tap {
+            kind,
+            name,
+            namespace,
+            path,
+            method,
+            status,
+            max,
+            output,
+        } => {
+            let (service, deploy) = match kind {
+                TapKind::Service => (Some(name), None),
+                TapKind::Deploy => (None, Some(name)),
+            };
+            let query = meshlet_api::tap::TapQuery {
+                namespace: Some(namespace),
+                service,
+                deploy,
+                path,
+                method,
+                status,
+                max,
+            };
+            crate::tap::run(
+                cp,
+                crate::tap::TapRequest {
+                    query,
+                    format: output,
+                },
+            )
+            .await
+        }
         Command::Broadcast {
             path,
             data,

@@ -350,6 +350,76 @@ impl ControlPlane {
         })
     }
 
+    /// `GET path` whose answer streams (`meshctl tap`): the body as it
+    /// comes, once the head says 2xx (the request deadline bounds the head
+    /// only). An error answer is read whole and turned into its error.
+    pub async fn stream(&self, path: &str) -> Result<hyper::body::Incoming, ClientError> {
+        let mut tried = Vec::new();
+        for (server, authority) in &self.servers {
+            let request = meshlet_client::request(Method::GET, authority, path)
+                .body(Full::new(Bytes::new()))
+                .map_err(|e| ClientError::BadServer {
+                    server: server.clone(),
+                    reason: e.to_string(),
+                })?;
+            let response = match self.client.send(authority, request).await {
+                Ok(response) => response,
+                Err(err @ meshlet_client::ClientError::Tls { .. }) => {
+                    return Err(ClientError::Tls {
+                        server: server.clone(),
+                        cause: tls_cause(&err),
+                    })
+                }
+                // Nothing was sent: the next replica may take it.
+                Err(
+                    err @ (meshlet_client::ClientError::Resolve { .. }
+                    | meshlet_client::ClientError::Connect { .. }
+                    | meshlet_client::ClientError::ConnectTimeout { .. }),
+                ) => {
+                    tried.push((server.clone(), err.cause()));
+                    continue;
+                }
+                Err(err) => {
+                    return Err(ClientError::Unreachable {
+                        server: server.clone(),
+                        cause: err.cause(),
+                    })
+                }
+            };
+            {
+                let mut answered = self.answered.lock().unwrap();
+                answered.server = Some(server.clone());
+                answered.replica = response
+                    .headers()
+                    .get(REPLICA_HEADER)
+                    .and_then(|v| v.to_str().ok())
+                    .map(str::to_owned);
+            }
+            let status = response.status();
+            if !status.is_success() {
+                let body = meshlet_client::read_reply(authority, response)
+                    .await
+                    .map(|reply| reply.body)
+                    .unwrap_or_default();
+                return Err(error_answer(server, self.has_token, status, &body));
+            }
+            return Ok(response.into_body());
+        }
+        Err(match tried.len() {
+            1 => {
+                let (server, cause) = tried.pop().expect("one");
+                ClientError::Unreachable { server, cause }
+            }
+            _ => ClientError::NoneReachable {
+                tried: tried
+                    .iter()
+                    .map(|(server, cause)| format!("{server}: {cause}"))
+                    .collect::<Vec<_>>()
+                    .join("; "),
+            },
+        })
+    }
+
     /// An answer's body as `T`, or the error it stands for.
     fn decode<T: DeserializeOwned>(
         &self,

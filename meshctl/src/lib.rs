@@ -5,7 +5,7 @@
 //! ```text
 //! main ─► cli (flags, dispatch, exit codes)
 //!           ├─ offline: validate (read and check files), inject (Kubernetes YAML → injected YAML)
-//!           └─ online:  services · resources · traceview · tokens ─► client (HTTPS, token) ─► control plane API
+//!           └─ online:  services · resources · traceview · tokens · check · tap ─► client (HTTPS, token) ─► control plane API
 //!                          └─► output (tables, -o json|yaml) and meshlet_api::display
 //! ```
 //!
@@ -16,6 +16,10 @@
 //! - [`traceview`]: `traces` (a table) and `trace` (a waterfall).
 //! - [`tokens`]: `token create|list|revoke`.
 //! - [`ca`]: `ca status|rotate` (the mesh CA's roots, a rotation).
+//! - [`check`]: `meshctl check` (the control plane's `CheckReport` judged
+//!   into ✔/⚠/✖ checks with hints).
+//! - [`tap`]: `meshctl tap` (the control plane's NDJSON tap stream, printed
+//!   as lines or JSON until `--max`).
 //! - [`validate`]: offline checks and the file reading every `-f` shares.
 //! - `inject` is `meshlet_api::inject` (shared with the control plane's
 //!   admission webhook); `cli` prints its YAML and its warnings.
@@ -28,12 +32,14 @@
 //! crate (no axum, no redb in its build).
 
 pub mod ca;
+pub mod check;
 pub mod cli;
 pub mod client;
 pub mod error;
 pub mod output;
 pub mod resources;
 pub mod services;
+pub mod tap;
 pub mod tokens;
 pub mod traceview;
 pub mod validate;

@@ -107,7 +107,7 @@ impl Admin {
                 "healthCheckPath": health.path,
                 "lastProbe": health.last_result,
             },
-            "controlPlane": self.control.as_ref().map(|c| c.status.to_json(c.cp_settings())),
+            "controlPlane": self.control.as_ref().map(ControlClient::to_json),
             "identity": self.identity.as_ref().map(|i| i.to_json()),
         })
     }

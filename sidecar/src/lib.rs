@@ -284,7 +284,8 @@ fn start(
             stop_rx.clone(),
         ),
     };
-    let (control, registration) = shared.start_control(initial, &health, &stop_rx);
+    let (control, registration) =
+        shared.start_control(initial, &health, &stop_rx, Arc::clone(&telemetry.tap));
     let admin = admin::Admin::new(
         Arc::clone(settings),
         Arc::clone(snapshot),
@@ -461,6 +462,7 @@ impl Shared {
         initial: InitialConfig,
         health: &watch::Receiver<control::health::AppHealth>,
         stop: &watch::Receiver<bool>,
+        tap: Arc<telemetry::tap::Tap>,
     ) -> (Option<control::client::ControlClient>, Option<Registration>) {
         let Some(cp) = self.settings.control_plane.clone() else {
             return (None, None);
@@ -473,7 +475,8 @@ impl Shared {
             self.metrics.clone(),
             initial.persisted,
         )
-        .with_identity(self.identity.clone());
+        .with_identity(self.identity.clone())
+        .with_tap(tap);
         if let Some(identity) = &self.identity {
             // The first certificate is asked for at once; registration
             // waits for that first answer (bounded), so that peers which
@@ -487,6 +490,7 @@ impl Shared {
             );
         }
         client.spawn_watch(initial.state, stop.clone());
+        client.spawn_tap_sender(stop.clone());
         if let Some(interval) = client.cp_settings().stats_interval {
             control::stats::spawn(
                 client.cp_settings(),
@@ -654,6 +658,7 @@ fn start_telemetry(
             let snapshot = Arc::clone(snapshot);
             telemetry::observe::SamplingRatio(Box::new(move || snapshot.load().sampling_ratio))
         },
+        tap: Arc::default(),
     };
     (Arc::new(telemetry), task)
 }

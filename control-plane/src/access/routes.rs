@@ -5,7 +5,9 @@
 //! is bound to and who holds the instance id (certificates go to sidecar
 //! tokens only: the identity is the token's binding).
 //! `GET /api/v1/ca` is `ReadCa` (admin, viewer), `POST /api/v1/ca/rotate`
-//! `RotateCa` (admin).
+//! `RotateCa` (admin). `GET /api/v1/check` is `ReadRegistry` (admin,
+//! viewer); `GET /api/v1/tap` is `Tap` (admin, viewer; sidecars refused),
+//! `POST /api/v1/tap/{id}/events` `ReportTap` (sidecars, admins).
 //!
 //! A path no route matched (`None`) still needs a credential, so an
 //! unauthenticated caller learns nothing, not even which paths exist.
@@ -56,6 +58,9 @@ pub mod extra_paths {
     pub const TRACES: &str = "/api/traces";
     pub const TRACE: &str = "/api/traces/{id}";
     pub const METRICS: &str = "/metrics";
+    pub use meshlet_api::check::paths::CHECK;
+    pub use meshlet_api::tap::paths::TAP;
+    pub const TAP_EVENTS: &str = "/api/v1/tap/{id}/events";
 }
 
 /// The gate of the route pattern `path` (axum's matched path,
@@ -90,7 +95,8 @@ pub fn gate(path: Option<&str>) -> Gate {
         paths::CA_ROTATE => Gate::Action(Action::RotateCa),
         "/api/v1/instances/{id}/stats" => Gate::Action(Action::ReportStats),
         paths::WATCH => Gate::Action(Action::Watch),
-        paths::SERVICES | "/api/v1/services/{namespace}/{name}" | METRICS => {
+        // `meshctl check`'s data: a read of the registry.
+        paths::SERVICES | "/api/v1/services/{namespace}/{name}" | METRICS | CHECK => {
             Gate::Action(Action::ReadRegistry)
         }
         paths::RESOURCES | paths::REVISIONS | "/api/v1/resources/info" | "/api/v1/diff" => {
@@ -100,6 +106,12 @@ pub fn gate(path: Option<&str>) -> Gate {
             Gate::Action(Action::WriteResources)
         }
         OTLP_TRACES => Gate::Action(Action::ExportSpans),
+        // `meshctl tap`: admins (with header values) and viewers (redacted);
+        // sidecar tokens are refused.
+        TAP => Gate::Action(Action::Tap),
+        // Tapped sidecars' events: sidecars (for their own service, checked
+        // by the handler) and admins.
+        TAP_EVENTS => Gate::Action(Action::ReportTap),
         TRACES | TRACE => Gate::Action(Action::ReadTraces),
         TOKENS | TOKEN => Gate::Action(Action::ManageTokens),
         // A route added without a gate here: admins only, until it gets one.

@@ -67,6 +67,12 @@ pub enum Action<'a> {
     ReadCa,
     /// `POST /api/v1/ca/rotate`: a new root for the whole mesh.
     RotateCa,
+    /// `GET /api/v1/tap`: watch live requests (`meshctl tap`); a viewer's
+    /// tap carries no header values.
+    Tap,
+    /// `POST /api/v1/tap/{id}/events`: a tapped sidecar's events (the
+    /// handler checks the tap selects the token's service).
+    ReportTap,
 }
 
 impl Action<'_> {
@@ -88,6 +94,8 @@ impl Action<'_> {
             Action::SignCertificate { .. } => "sign-certificate",
             Action::ReadCa => "read-ca",
             Action::RotateCa => "rotate-ca",
+            Action::Tap => "tap",
+            Action::ReportTap => "report-tap",
         }
     }
 
@@ -111,6 +119,7 @@ impl Action<'_> {
                 | Action::ReadTraces
                 | Action::Dashboard
                 | Action::ReadCa
+                | Action::Tap
         )
     }
 }
@@ -155,7 +164,9 @@ impl Principal {
                 }
             }
             Role::Sidecar { namespace, service } => match action {
-                Action::Watch | Action::ReportStats | Action::ExportSpans => Ok(()),
+                Action::Watch | Action::ReportStats | Action::ExportSpans | Action::ReportTap => {
+                    Ok(())
+                }
                 Action::RegisterInstance { .. }
                 | Action::HeartbeatInstance { .. }
                 | Action::DeregisterInstance { .. }
@@ -201,6 +212,8 @@ mod tests {
             (Action::ManageTokens, "-"),
             (Action::ReadCa, "-"),
             (Action::RotateCa, "-"),
+            (Action::Tap, "-"),
+            (Action::ReportTap, "-"),
         ];
         for (which, (namespace, service)) in [
             ("own", own),
@@ -222,16 +235,16 @@ mod tests {
             "admin" => true,
             "viewer" => matches!(
                 action,
-                ReadResources | ReadRegistry | Watch | ReadTraces | Dashboard | ReadCa
+                ReadResources | ReadRegistry | Watch | ReadTraces | Dashboard | ReadCa | Tap
             ),
             "sidecar" => match action {
-                Watch | ReportStats | ExportSpans => true,
+                Watch | ReportStats | ExportSpans | ReportTap => true,
                 RegisterInstance { .. }
                 | HeartbeatInstance { .. }
                 | DeregisterInstance { .. }
                 | SignCertificate { .. } => which == "own",
                 ReadResources | WriteResources | ReadRegistry | ReadTraces | Dashboard
-                | ManageTokens | ReadCa | RotateCa => false,
+                | ManageTokens | ReadCa | RotateCa | Tap => false,
             },
             _ => unreachable!(),
         }
@@ -254,7 +267,7 @@ mod tests {
                 checked += 1;
             }
         }
-        assert_eq!(checked, 3 * 23);
+        assert_eq!(checked, 3 * 25);
     }
 
     #[test]

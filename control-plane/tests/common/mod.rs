@@ -329,7 +329,7 @@ impl ControlPlane {
 
     #[allow(dead_code)] // used by api.rs only
     pub async fn heartbeat(&self, id: &str, healthy: bool) -> StatusCode {
-        let body = serde_json::to_vec(&Heartbeat { healthy }).unwrap();
+        let body = serde_json::to_vec(&Heartbeat::health(healthy)).unwrap();
         let (status, _) = self
             .call(Method::PUT, &paths::heartbeat(id), Some(body))
             .await

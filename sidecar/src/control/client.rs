@@ -9,6 +9,7 @@
 //!     again ─► on shutdown DELETE …/{id}
 //! watch task: GET /api/v1/watch?revision=R ─► NDJSON WatchEvents ─►
 //!     MeshState::apply ─► empty-push guard ─► Snapshot::build ─► ArcSwap::store ─► persist file
+//!     (Taps events ─► telemetry::tap::Tap::set, the taps that select this sidecar)
 //! ```
 //!
 //! Either task retries a failed control plane with exponential backoff
@@ -79,6 +80,8 @@ use crate::control::snapshot::{Own, SharedSnapshot, Snapshot};
 use crate::identity::{CertificateSource, WorkloadIdentity};
 use crate::settings::{ControlPlaneSettings, Limits, Settings};
 use crate::telemetry::metrics::Metrics;
+use crate::telemetry::tap::Tap;
+use meshlet_api::tap::TapDirective;
 
 /// Deadline of one registration, heartbeat or deregistration call.
 const CALL_TIMEOUT: Duration = Duration::from_secs(2);
@@ -165,6 +168,9 @@ pub struct ControlClient {
     /// The heartbeat interval the control plane gave at registration (ms):
     /// how long a held empty push waits before its confirming resync.
     heartbeat_ms: Arc<AtomicU64>,
+    /// The live taps: set from the watch stream's `Taps` events, cleared
+    /// when the stream ends (`telemetry::tap`).
+    tap: Arc<Tap>,
 }
 
 impl ControlClient {
@@ -188,7 +194,19 @@ impl ControlClient {
             identity: None,
             published_endpoints: Arc::default(),
             heartbeat_ms: Arc::new(AtomicU64::new(DEFAULT_HEARTBEAT.as_millis() as u64)),
+            tap: Arc::default(),
         }
+    }
+
+    /// The taps this client sets and whose events it sends.
+    pub fn with_tap(mut self, tap: Arc<Tap>) -> Self {
+        self.tap = tap;
+        self
+    }
+
+    /// Starts the tap sender (`control::tap_sender`).
+    pub fn spawn_tap_sender(&self, stop: watch::Receiver<bool>) {
+        crate::control::tap_sender::spawn(Arc::clone(&self.cp), Arc::clone(&self.tap), stop);
     }
 
     pub fn with_identity(mut self, identity: Option<Arc<WorkloadIdentity>>) -> Self {
@@ -232,6 +250,13 @@ impl ControlClient {
         (endpoint.client(&self.cp.client), endpoint.authority)
     }
 
+    /// The connection for `/config_dump`, with the live taps' count.
+    pub fn to_json(&self) -> serde_json::Value {
+        let mut value = self.status.to_json(&self.cp);
+        value["liveTaps"] = json!(self.tap.taps().len());
+        value
+    }
+
     /// Starts the watch task.
     pub fn spawn_watch(&self, initial: MeshState, mut stop: watch::Receiver<bool>) {
         let this = self.clone();
@@ -255,6 +280,9 @@ impl ControlClient {
                 };
                 this.status.connected.store(false, Ordering::Relaxed);
                 this.metrics.set_control_plane_connected(false);
+                // No control plane, no tap: a tap lives only as long as the
+                // stream that announced it.
+                this.tap.set(Vec::new());
                 if let Err(error) = result {
                     let single = this.replicas().len() == 1;
                     if backoff.attempts == 0 {
@@ -307,6 +335,7 @@ impl ControlClient {
         let path = watch_path(state);
         let authority = &endpoint.authority;
         let request = meshlet_client::request(Method::GET, authority, &path)
+            .header(meshlet_api::tap::WATCH_TAPS_HEADER, "1")
             .body(http_body_util::Empty::<bytes::Bytes>::new())
             .map_err(|source| ClientError::Request {
                 authority: authority.clone(),
@@ -373,6 +402,9 @@ impl ControlClient {
             let result = apply_lines(&mut buffer, state, &mut applied);
             self.metrics
                 .control_plane_updates(applied.snapshots, applied.deltas);
+            if let Some(taps) = applied.taps.take() {
+                self.set_taps(taps);
+            }
             // Whatever applied before an error is published: the sidecar
             // must never serve one revision while asking for the next.
             if applied.changed
@@ -391,6 +423,23 @@ impl ControlClient {
                 backoff.reset();
             }
         }
+    }
+
+    /// Keeps the taps that select this sidecar.
+    fn set_taps(&self, taps: Vec<TapDirective>) {
+        let settings = &self.settings;
+        let mine: Vec<TapDirective> = taps
+            .into_iter()
+            .filter(|t| {
+                t.filter
+                    .selects_sidecar(&settings.namespace, &settings.service, &settings.labels)
+            })
+            .collect();
+        let before = self.tap.taps().len();
+        if mine.len() != before {
+            tracing::info!(taps = mine.len(), "live taps changed");
+        }
+        self.tap.set(mine);
     }
 
     /// Publishes `state` unless it would remove every endpoint of every
@@ -474,6 +523,7 @@ impl ControlClient {
         let path = watch_path(&MeshState::default());
         let (client, authority) = self.target();
         let request = meshlet_client::request(Method::GET, &authority, &path)
+            .header(meshlet_api::tap::WATCH_TAPS_HEADER, "1")
             .body(http_body_util::Empty::<bytes::Bytes>::new())
             .map_err(|source| ClientError::Request {
                 authority: authority.clone(),
@@ -660,7 +710,25 @@ impl ControlClient {
     }
 
     async fn heartbeat(&self, healthy: bool) -> Result<(), ControlError> {
-        let body = serde_json::to_vec(&Heartbeat { healthy }).expect("serializable");
+        let snapshot = self.snapshot.load();
+        let heartbeat = Heartbeat {
+            healthy,
+            revision: self
+                .status
+                .has_state
+                .load(Ordering::Relaxed)
+                .then_some(snapshot.revision),
+            watching: Some(self.status.connected.load(Ordering::Relaxed)),
+            version: Some(env!("CARGO_PKG_VERSION").to_owned()),
+            sent_at_ms: Some(unix_ms()),
+            cert_not_after_ms: self
+                .identity
+                .as_ref()
+                .and_then(|identity| identity.leaf())
+                .and_then(|leaf| leaf.not_after.duration_since(UNIX_EPOCH).ok())
+                .map(|d| d.as_millis() as u64),
+        };
+        let body = serde_json::to_vec(&heartbeat).expect("serializable");
         let (client, authority) = self.target();
         call(
             &client,
@@ -761,6 +829,8 @@ struct ApplyOutcome {
     /// Snapshots and deltas received (`meshlet_control_plane_updates_total`).
     snapshots: u64,
     deltas: u64,
+    /// The live taps, when a `Taps` event arrived (the last one wins).
+    taps: Option<Vec<TapDirective>>,
 }
 
 /// Applies every complete line in `buffer` to `state`, stopping at the
@@ -800,6 +870,10 @@ fn apply_lines(
             WatchEvent::Delta(_) => {
                 outcome.state_event = true;
                 outcome.deltas += 1;
+            }
+            WatchEvent::Taps { taps } => {
+                outcome.taps = Some(taps.clone());
+                continue;
             }
         }
         outcome.changed |= state.apply(event)?;

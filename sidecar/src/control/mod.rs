@@ -6,6 +6,7 @@
 //! control plane ══ watch (snapshot, deltas) ══► client: MeshState::apply ─► Snapshot::build ─► ArcSwap::store ─► persist
 //! control plane ◄═ register, heartbeat {healthy}, deregister ══ client ◄─ health (probe of the app)
 //! control plane ◄═ StatsReport every --stats-interval ══ stats ◄─ route handles, limiters, breakers
+//! control plane ◄═ TapBatch (only while tapped) ══ tap_sender ◄─ telemetry::tap queue
 //! ```
 //!
 //! - `snapshot` — the immutable mesh view (`Snapshot`, `SharedSnapshot`)
@@ -19,6 +20,8 @@
 //!   checks before reading, atomic 0600 writes.
 //! - `health` — the prober of the local app (plain HTTP).
 //! - `stats` — the stats reporter.
+//! - `tap_sender` — tapped requests' events to the control plane
+//!   (`meshctl tap`; the taps themselves arrive on the watch stream).
 //!
 //! Every call goes through `meshlet_client`: to the control plane with the
 //! client of `ControlPlaneSettings` (TLS trusting only the mesh CA, the
@@ -35,6 +38,7 @@ pub mod persist;
 pub mod replicas;
 pub(crate) mod snapshot;
 pub(crate) mod stats;
+pub(crate) mod tap_sender;
 
 /// One call to the control plane through `client` within `timeout`: a JSON
 /// `body` if any; the whole answer's body, or [`ClientError::Status`] for a

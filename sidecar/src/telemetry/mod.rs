@@ -6,6 +6,7 @@
 //! request ─► RequestRecord (observe) ─► finished once (Drop) ─► route counters (route_metrics)
 //!                                                           ─► span ─► export queue (trace) ─► OTLP POST
 //!                                                           ─► access log line (access_log)
+//!                                                           ─► tap event, only while tapped (tap)
 //! admin /metrics ─► metrics::Metrics::render
 //! ```
 //!
@@ -17,6 +18,8 @@
 //! - `trace/` — W3C/B3 context, the span of one hop, OTLP encoding and
 //!   export.
 //! - `access_log` — JSON lines from a dedicated thread.
+//! - `tap` — the live taps of `meshctl tap` (a relaxed atomic load per
+//!   request when nobody taps; filters and a bounded queue when one does).
 //! - `direction`, `trail` — small shared types (`Direction`, `Trail`).
 //!
 //! **Invariants:** nothing here blocks a request: spans and log lines go
@@ -30,5 +33,6 @@ pub(crate) mod direction;
 pub(crate) mod metrics;
 pub(crate) mod observe;
 pub(crate) mod route_metrics;
+pub(crate) mod tap;
 pub(crate) mod trace;
 pub(crate) mod trail;

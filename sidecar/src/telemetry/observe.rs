@@ -21,8 +21,9 @@
 //! place that records a completed request: `request_total`,
 //! `response_time_seconds`, the span (sampled traces, to the exporter),
 //! the access log line (`--access-log`) and, with debug logging on, one
-//! log line. Request details (method, URI, peer) are only copied when one
-//! of the last three needs them.
+//! log line, and while a tap is live (`meshctl tap`) the tap event. Request
+//! details (method, URI, peer) are only copied when one of the last four
+//! needs them.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -34,9 +35,11 @@ use prometheus::IntCounter;
 use crate::telemetry::access_log::{AccessLog, AccessRecord};
 use crate::telemetry::direction::Direction;
 use crate::telemetry::route_metrics::{MethodLabel, RouteMetrics};
+use crate::telemetry::tap::Tap;
 use crate::telemetry::trace::export::SpanExporter;
 use crate::telemetry::trace::{self, Hop, SpanDetails};
 use crate::telemetry::trail::Trail;
+use meshlet_api::tap::{TapDirection, TapEvent};
 
 /// What every request of one sidecar reports to, besides metrics.
 #[derive(Debug)]
@@ -49,6 +52,9 @@ pub struct Telemetry {
     /// The own service's sampling ratio now (read from the current
     /// snapshot; a function so that telemetry does not depend on it).
     pub sampling_ratio: SamplingRatio,
+    /// The live taps (`meshctl tap`); shared with the control client,
+    /// which sets them, and the tap sender, which drains their queue.
+    pub tap: Arc<Tap>,
 }
 
 /// Reads the share of new traces to record, when a request starts one.
@@ -75,6 +81,7 @@ impl Telemetry {
             exporter: None,
             access_log: None,
             sampling_ratio: SamplingRatio(Box::new(|| 1.0)),
+            tap: Arc::default(),
         }
     }
 }
@@ -108,6 +115,8 @@ struct Detail {
     uri: Uri,
     version: Version,
     peer: SocketAddr,
+    /// Request headers, only while an admin's tap is live.
+    headers: Vec<(String, String)>,
 }
 
 impl RequestRecord {
@@ -127,8 +136,10 @@ impl RequestRecord {
             })
         });
         let span_wanted = telemetry.exporter.is_some() && hop.as_ref().is_some_and(|h| h.sampled);
+        let tapped = telemetry.tap.active();
         let wants_detail = span_wanted
             || telemetry.access_log.is_some()
+            || tapped
             || tracing::enabled!(tracing::Level::DEBUG);
         let detail = wants_detail.then(|| {
             Box::new(Detail {
@@ -136,6 +147,11 @@ impl RequestRecord {
                 uri: request.uri().clone(),
                 version: request.version(),
                 peer,
+                headers: if tapped && telemetry.tap.wants_headers() {
+                    tap_headers(request.headers())
+                } else {
+                    Vec::new()
+                },
             })
         });
         RequestRecord {
@@ -228,6 +244,14 @@ impl RequestRecord {
             return;
         };
         let trace_ids = self.hop.as_ref().map(|h| (h.trace_id, h.span_id));
+        if self.telemetry.tap.active() {
+            self.offer_tap(
+                &detail,
+                status,
+                elapsed,
+                trace_ids.map(|(t, _)| t.to_string()),
+            );
+        }
         if let (Some(hop), Some(exporter)) = (self.hop.take(), &self.telemetry.exporter) {
             let span = hop.finish(SpanDetails {
                 direction: self.direction,
@@ -289,6 +313,70 @@ impl RequestRecord {
             "proxied"
         );
     }
+}
+
+impl RequestRecord {
+    /// Offers this request to the live taps (their filters decide).
+    fn offer_tap(
+        &mut self,
+        detail: &Detail,
+        status: u16,
+        elapsed: std::time::Duration,
+        trace_id: Option<String>,
+    ) {
+        let path = detail.uri.path();
+        let tap = Arc::clone(&self.telemetry.tap);
+        tap.offer(detail.method.as_str(), path, status, || {
+            let peer = match (self.direction, &self.source) {
+                (Direction::Inbound, Some((identity, _))) => identity.to_string(),
+                (Direction::Inbound, None) => detail.peer.to_string(),
+                (Direction::Outbound, _) => match self.trail.upstream {
+                    Some(upstream) => format!("{} ({upstream})", self.route.destination()),
+                    None => self.route.destination().to_string(),
+                },
+            };
+            let at = SystemTime::now() - elapsed;
+            TapEvent {
+                at_ms: at
+                    .duration_since(SystemTime::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_millis() as u64),
+                instance: String::new(),
+                service: self.route.service().to_owned(),
+                direction: match self.direction {
+                    Direction::Inbound => TapDirection::Inbound,
+                    Direction::Outbound => TapDirection::Outbound,
+                },
+                peer,
+                method: detail.method.to_string(),
+                path: path.to_owned(),
+                status,
+                latency_ms: elapsed.as_secs_f64() * 1000.0,
+                reason: self.reason.map(str::to_owned),
+                trace_id,
+                headers: detail.headers.clone(),
+            }
+        });
+    }
+}
+
+/// The request headers an admin's tap shows (bounded).
+fn tap_headers(headers: &HeaderMap) -> Vec<(String, String)> {
+    headers
+        .iter()
+        .take(crate::telemetry::tap::MAX_HEADERS)
+        .map(|(name, value)| {
+            let value = String::from_utf8_lossy(value.as_bytes());
+            let mut value = value.into_owned();
+            if value.len() > crate::telemetry::tap::MAX_HEADER_VALUE {
+                let mut cut = crate::telemetry::tap::MAX_HEADER_VALUE;
+                while !value.is_char_boundary(cut) {
+                    cut -= 1;
+                }
+                value.truncate(cut);
+            }
+            (name.as_str().to_owned(), value)
+        })
+        .collect()
 }
 
 impl Drop for RequestRecord {
