@@ -191,9 +191,11 @@ async fn a_change_through_one_replica_reaches_sidecars_of_the_others_within_a_se
     for (sidecar, replica) in [(&orders, &cps[1]), (&frontend, &cps[2])] {
         let status = sidecar.config_dump().await["controlPlane"].clone();
         assert_eq!(status["replicas"].as_array().unwrap().len(), 3, "{status}");
-        wait::until("the watch on its first replica", Duration::from_secs(5), || async {
-            (watched(sidecar).await == Some(replica.url())).then_some(())
-        })
+        wait::until(
+            "the watch on its first replica",
+            Duration::from_secs(5),
+            || async { (watched(sidecar).await == Some(replica.url())).then_some(()) },
+        )
         .await;
     }
 
@@ -497,16 +499,19 @@ async fn conflicting_applies_on_two_replicas_are_whole_or_refused() {
 
 /// Full snapshots the sidecar received on its watch so far.
 async fn snapshots(sidecar: &SidecarProcess) -> f64 {
-    Scrape::of(sidecar.admin)
-        .await
-        .sum("meshlet_control_plane_updates_total", &[("type", "snapshot")])
+    Scrape::of(sidecar.admin).await.sum(
+        "meshlet_control_plane_updates_total",
+        &[("type", "snapshot")],
+    )
 }
 
 /// Waits until `sidecar` counts its first snapshot (and no more).
 async fn first_snapshot(sidecar: &SidecarProcess) {
-    wait::until("the first snapshot counted", Duration::from_secs(5), || async {
-        (snapshots(sidecar).await == 1.0).then_some(())
-    })
+    wait::until(
+        "the first snapshot counted",
+        Duration::from_secs(5),
+        || async { (snapshots(sidecar).await == 1.0).then_some(()) },
+    )
     .await;
 }
 
@@ -542,26 +547,35 @@ async fn killing_the_watched_replica_loses_no_request_and_no_registration() {
     let orders = sidecar_listing_all(&cps, 1, "orders", &orders_app).await;
     let frontend_app = Upstream::start("frontend").await;
     let frontend = sidecar_listing_all(&cps, 0, "frontend", &frontend_app).await;
-    wait::until("both sidecars route to each other", Duration::from_secs(20), || async {
-        let a = !frontend.endpoints_of("orders").await.is_empty();
-        let b = !orders.endpoints_of("frontend").await.is_empty();
-        (a && b).then_some(())
-    })
+    wait::until(
+        "both sidecars route to each other",
+        Duration::from_secs(20),
+        || async {
+            let a = !frontend.endpoints_of("orders").await.is_empty();
+            let b = !orders.endpoints_of("frontend").await.is_empty();
+            (a && b).then_some(())
+        },
+    )
     .await;
     let sidecars = [&orders, &frontend];
     for sidecar in sidecars {
         first_snapshot(sidecar).await;
     }
     // Which replica each watches, from the sidecar itself.
-    let victim_url = wait::until("frontend watching a replica", Duration::from_secs(5), || {
-        watched(&frontend)
-    })
+    let victim_url = wait::until(
+        "frontend watching a replica",
+        Duration::from_secs(5),
+        || watched(&frontend),
+    )
     .await;
     let victim = cps.iter().position(|cp| cp.url() == victim_url).unwrap();
     let metric_current = Scrape::of(frontend.admin)
         .await
         .sum("meshlet_control_plane_current", &[("url", &victim_url)]);
-    assert_eq!(metric_current, 1.0, "/metrics names the watched replica too");
+    assert_eq!(
+        metric_current, 1.0,
+        "/metrics names the watched replica too"
+    );
     let orders_watched = watched(&orders).await;
     assert_ne!(orders_watched.as_deref(), Some(victim_url.as_str()));
 
@@ -607,7 +621,9 @@ async fn killing_the_watched_replica_loses_no_request_and_no_registration() {
     // lists the dead replica first.
     let payments_app = Upstream::start("payments").await;
     let survivor = (victim + 1) % 3;
-    let mut credentials = cps[survivor].sidecar_credentials("default", "payments").await;
+    let mut credentials = cps[survivor]
+        .sidecar_credentials("default", "payments")
+        .await;
     credentials.url = all_urls(&cps, victim);
     let registering = Instant::now();
     let payments = SidecarProcess::builder("payments", payments_app.port())
@@ -652,9 +668,13 @@ async fn killing_the_watched_replica_loses_no_request_and_no_registration() {
         );
     }
     let (ok_orders, ok_frontend) = (to_orders.ok(), to_frontend.ok());
-    wait::until("more traffic after the failover", Duration::from_secs(5), || async {
-        (to_orders.ok() >= ok_orders + 20 && to_frontend.ok() >= ok_frontend + 20).then_some(())
-    })
+    wait::until(
+        "more traffic after the failover",
+        Duration::from_secs(5),
+        || async {
+            (to_orders.ok() >= ok_orders + 20 && to_frontend.ok() >= ok_frontend + 20).then_some(())
+        },
+    )
     .await;
     let sent_to_orders = no_failures(to_orders, "frontend → orders").await;
     let sent_to_frontend = no_failures(to_frontend, "orders → frontend").await;
@@ -662,12 +682,16 @@ async fn killing_the_watched_replica_loses_no_request_and_no_registration() {
     // The killed replica starts again and catches up: the registration
     // made while it was down, the same revision as the others.
     cps[victim].restart().await;
-    wait::until("the restarted replica caught up", Duration::from_secs(10), || async {
-        let ids = instance_ids(&cps[victim], "payments").await;
-        let revision = replica_revision(&cps[victim]).await;
-        let other = replica_revision(&cps[survivor]).await;
-        (ids.len() == 1 && revision == other).then_some(())
-    })
+    wait::until(
+        "the restarted replica caught up",
+        Duration::from_secs(10),
+        || async {
+            let ids = instance_ids(&cps[victim], "payments").await;
+            let revision = replica_revision(&cps[victim]).await;
+            let other = replica_revision(&cps[survivor]).await;
+            (ids.len() == 1 && revision == other).then_some(())
+        },
+    )
     .await;
     // And serves changes again: a policy through it reaches every sidecar.
     std::fs::write(dir.path.join("abort.yaml"), abort_calls_to("payments")).unwrap();
@@ -676,12 +700,19 @@ async fn killing_the_watched_replica_loses_no_request_and_no_registration() {
         &["apply", "-f", dir.path.join("abort.yaml").to_str().unwrap()],
     )
     .await;
-    assert!(out.success(), "apply through the restarted replica: {out:?}");
-    wait::until("the policy through the restarted replica", Duration::from_secs(5), || async {
-        let a = status_of(&frontend, "http://payments/").await == Some(503);
-        let b = status_of(&orders, "http://payments/").await == Some(503);
-        (a && b).then_some(())
-    })
+    assert!(
+        out.success(),
+        "apply through the restarted replica: {out:?}"
+    );
+    wait::until(
+        "the policy through the restarted replica",
+        Duration::from_secs(5),
+        || async {
+            let a = status_of(&frontend, "http://payments/").await == Some(503);
+            let b = status_of(&orders, "http://payments/").await == Some(503);
+            (a && b).then_some(())
+        },
+    )
     .await;
     eprintln!(
         "failover: frontend watched {new_url} {} ms after replica {} was SIGKILLed; \
@@ -716,30 +747,42 @@ async fn with_every_replica_killed_sidecars_route_and_resume_when_one_returns() 
     // snapshot (well within the instances' 3 s TTL: their leases outlive
     // this outage).
     for sidecar in sidecars {
-        wait::until("the sidecar sees no replica", Duration::from_secs(5), || async {
-            watched(sidecar).await.is_none().then_some(())
-        })
+        wait::until(
+            "the sidecar sees no replica",
+            Duration::from_secs(5),
+            || async { watched(sidecar).await.is_none().then_some(()) },
+        )
         .await;
     }
     let (ok_orders, ok_frontend) = (to_orders.ok(), to_frontend.ok());
-    wait::until("traffic without a control plane", Duration::from_secs(5), || async {
-        (to_orders.ok() >= ok_orders + 20 && to_frontend.ok() >= ok_frontend + 20).then_some(())
-    })
+    wait::until(
+        "traffic without a control plane",
+        Duration::from_secs(5),
+        || async {
+            (to_orders.ok() >= ok_orders + 20 && to_frontend.ok() >= ok_frontend + 20).then_some(())
+        },
+    )
     .await;
     // Replica 3 returns (on its port, its etcd data untouched).
     cps[2].restart().await;
     let back = Instant::now();
     for sidecar in sidecars {
-        wait::until("the sidecar watches replica 3 again", Duration::from_secs(10), || async {
-            (watched(sidecar).await == Some(cps[2].url())).then_some(())
-        })
+        wait::until(
+            "the sidecar watches replica 3 again",
+            Duration::from_secs(10),
+            || async { (watched(sidecar).await == Some(cps[2].url())).then_some(()) },
+        )
         .await;
     }
     let resumed = back.elapsed();
     let (ok_orders, ok_frontend) = (to_orders.ok(), to_frontend.ok());
-    wait::until("traffic after the return", Duration::from_secs(5), || async {
-        (to_orders.ok() >= ok_orders + 20 && to_frontend.ok() >= ok_frontend + 20).then_some(())
-    })
+    wait::until(
+        "traffic after the return",
+        Duration::from_secs(5),
+        || async {
+            (to_orders.ok() >= ok_orders + 20 && to_frontend.ok() >= ok_frontend + 20).then_some(())
+        },
+    )
     .await;
     let sent_to_orders = no_failures(to_orders, "frontend → orders").await;
     let sent_to_frontend = no_failures(to_frontend, "orders → frontend").await;
@@ -751,9 +794,11 @@ async fn with_every_replica_killed_sidecars_route_and_resume_when_one_returns() 
     )
     .await;
     assert!(out.success(), "{out:?}");
-    wait::until("the policy through replica 3", Duration::from_secs(5), || async {
-        (status_of(&frontend, "http://orders/").await == Some(503)).then_some(())
-    })
+    wait::until(
+        "the policy through replica 3",
+        Duration::from_secs(5),
+        || async { (status_of(&frontend, "http://orders/").await == Some(503)).then_some(()) },
+    )
     .await;
     for sidecar in sidecars {
         assert_eq!(
@@ -780,9 +825,11 @@ async fn an_instance_that_died_while_every_replica_was_down_leaves_every_sidecar
     let payments = sidecar_listing_all(&cps, 0, "payments", &payments_app).await;
     let sidecars = [&orders, &frontend];
     for sidecar in sidecars {
-        wait::until("payments at every sidecar", Duration::from_secs(10), || async {
-            (!sidecar.endpoints_of("payments").await.is_empty()).then_some(())
-        })
+        wait::until(
+            "payments at every sidecar",
+            Duration::from_secs(10),
+            || async { (!sidecar.endpoints_of("payments").await.is_empty()).then_some(()) },
+        )
         .await;
         first_snapshot(sidecar).await;
     }
@@ -798,11 +845,16 @@ async fn an_instance_that_died_while_every_replica_was_down_leaves_every_sidecar
     // payments dies with no replica to hear of it; every lease ends (no
     // replica renews any): etcd deletes the three instance keys.
     payments.signal(nix::sys::signal::Signal::SIGKILL);
-    wait::until("etcd ended every instance lease", Duration::from_secs(15), || async {
-        (etcd.count_prefix("/mesh-g/instances/").await == Some(0)).then_some(())
-    })
+    wait::until(
+        "etcd ended every instance lease",
+        Duration::from_secs(15),
+        || async { (etcd.count_prefix("/mesh-g/instances/").await == Some(0)).then_some(()) },
+    )
     .await;
-    assert!(!frontend.endpoints_of("payments").await.is_empty(), "still the snapshot");
+    assert!(
+        !frontend.endpoints_of("payments").await.is_empty(),
+        "still the snapshot"
+    );
     cps[0].restart().await;
     let back = Instant::now();
     let gone = wait::within(Duration::from_secs(15), || async {
@@ -829,9 +881,13 @@ async fn an_instance_that_died_while_every_replica_was_down_leaves_every_sidecar
     }
     assert_eq!(etcd.count_prefix("/mesh-g/instances/").await, Some(2));
     let (ok_orders, ok_frontend) = (to_orders.ok(), to_frontend.ok());
-    wait::until("traffic after the return", Duration::from_secs(5), || async {
-        (to_orders.ok() >= ok_orders + 20 && to_frontend.ok() >= ok_frontend + 20).then_some(())
-    })
+    wait::until(
+        "traffic after the return",
+        Duration::from_secs(5),
+        || async {
+            (to_orders.ok() >= ok_orders + 20 && to_frontend.ok() >= ok_frontend + 20).then_some(())
+        },
+    )
     .await;
     let sent_to_orders = no_failures(to_orders, "frontend → orders").await;
     let sent_to_frontend = no_failures(to_frontend, "orders → frontend").await;

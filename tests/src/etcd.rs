@@ -170,7 +170,11 @@ impl EtcdCluster {
         }
         let value: serde_json::Value = serde_json::from_slice(&reply.body).ok()?;
         // proto3 JSON: an int64 is a string, and a zero is left out.
-        Some(value["count"].as_str().map_or(0, |c| c.parse().unwrap_or(0)))
+        Some(
+            value["count"]
+                .as_str()
+                .map_or(0, |c| c.parse().unwrap_or(0)),
+        )
     }
 
     /// Where the members keep their data and logs.
@@ -184,10 +188,13 @@ fn b64(bytes: &[u8]) -> String {
     const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
     let mut out = String::new();
     for chunk in bytes.chunks(3) {
-        let n = chunk.iter().enumerate().fold(0u32, |n, (i, b)| n | (*b as u32) << (16 - 8 * i));
+        let n = chunk
+            .iter()
+            .enumerate()
+            .fold(0u32, |n, (i, b)| n | ((*b as u32) << (16 - 8 * i)));
         for i in 0..4 {
             if i <= chunk.len() {
-                out.push(ALPHABET[(n >> (18 - 6 * i) & 63) as usize] as char);
+                out.push(ALPHABET[((n >> (18 - 6 * i)) & 63) as usize] as char);
             } else {
                 out.push('=');
             }
