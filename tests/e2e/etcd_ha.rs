@@ -630,6 +630,7 @@ async fn killing_the_watched_replica_loses_no_request_and_no_registration() {
         .control_plane_with(&credentials)
         .start()
         .await;
+    let live = registering.elapsed();
     let pushed = wait::within(Duration::from_secs(10), || async {
         for sidecar in sidecars {
             if sidecar.endpoints_of("payments").await.is_empty() {
@@ -717,10 +718,12 @@ async fn killing_the_watched_replica_loses_no_request_and_no_registration() {
     eprintln!(
         "failover: frontend watched {new_url} {} ms after replica {} was SIGKILLed; \
          0 failed of {sent_to_orders} + {sent_to_frontend} requests; \
-         registration during the outage at every sidecar {} ms after its sidecar started",
+         registration during the outage at every sidecar {} ms after its sidecar was spawned \
+         (live after {} ms)",
         failover_time.as_millis(),
         victim + 1,
-        propagation.as_millis()
+        propagation.as_millis(),
+        live.as_millis()
     );
 }
 
