@@ -860,12 +860,17 @@ impl Controller {
     /// whose keys etcd no longer has are expired (the watch's delete
     /// events do it at once; this pass covers a replica that missed them,
     /// e.g. while its watch reconnected). The etcd health is probed on the
-    /// same tick.
+    /// same tick. The instances whose lease ended while no replica ran
+    /// ([`EtcdStore::absent_at_load`]) wait one TTL after the start: the
+    /// living among them heartbeat, get 404 and register again first, so
+    /// only the dead are expired (as the redb reaper pauses after a start).
     async fn run_lease_sweep(
         self: Arc<Self>,
         replica: Arc<EtcdStore>,
         mut shutdown: watch::Receiver<bool>,
     ) {
+        let held = replica.absent_at_load();
+        let grace_until = Instant::now() + self.ttl;
         let period = (self.ttl / 2).max(Duration::from_millis(250));
         let mut tick = tokio::time::interval(period);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -877,10 +882,13 @@ impl Controller {
                         continue;
                     }
                     let ids: Vec<String> = self.published().instances.keys().cloned().collect();
-                    let absent = match replica.absent_instances(ids).await {
+                    let mut absent = match replica.absent_instances(ids).await {
                         Ok(absent) => absent,
                         Err(_) => continue,
                     };
+                    if Instant::now() < grace_until {
+                        absent.retain(|id| !held.contains(id));
+                    }
                     if !absent.is_empty() {
                         if let Err(err) = self.expire_absent(absent).await {
                             tracing::warn!(error = %err, "expiring instances whose lease ended failed");

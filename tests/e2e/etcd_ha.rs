@@ -2,9 +2,23 @@
 //! (Debian's `etcd-server`) on loopback, three `control-plane --store etcd`
 //! processes sharing it, real sidecars and meshctl.
 //!
-//! - a policy applied through replica 1 is enforced within 1 s by sidecars
-//!   watching replicas 2 and 3, and `meshctl get` through replica 3 shows
-//!   it; every replica names itself in `x-meshlet-replica`;
+//! - sidecars list all three replicas (`--control-plane URL1,URL2,URL3`,
+//!   each starting with another one): a policy applied through replica 1
+//!   is enforced within 1 s by sidecars watching replicas 2 and 3, and
+//!   `meshctl get` through replica 3 shows it; every replica names itself
+//!   in `x-meshlet-replica`;
+//! - SIGKILL of the replica a sidecar watches while clients send requests
+//!   through both sidecars: not one request fails, the sidecar watches
+//!   another replica within 2 s (resumed, no second snapshot), an
+//!   instance registered during the outage reaches every sidecar, and the
+//!   killed replica, started again, catches up;
+//! - every replica SIGKILLed: sidecars keep routing from their snapshot,
+//!   and when one replica returns they watch it again, resumed from their
+//!   revision without a full snapshot, and a change through it arrives;
+//! - every replica down longer than the TTL while an instance dies: etcd
+//!   ends the leases with no replica to write an expiry revision; the
+//!   replica that returns still tells every sidecar the dead instance is
+//!   gone, and the living ones (registered again) lose no request;
 //! - a SIGKILLed sidecar's instance leaves every replica's registry within
 //!   TTL + 1 s (its etcd lease ends, no replica is a leader);
 //! - one etcd member down: applies work; two down: an apply fails quickly
@@ -17,6 +31,8 @@
 use std::time::{Duration, Instant};
 
 use meshlet_e2e::etcd::EtcdCluster;
+use meshlet_e2e::metrics::Scrape;
+use meshlet_e2e::traffic::Traffic;
 use meshlet_e2e::{client, meshctl, wait, ControlPlaneProcess, SidecarProcess, TempDir, Upstream};
 
 const TTL: Duration = Duration::from_secs(3);
@@ -24,26 +40,34 @@ const TTL: Duration = Duration::from_secs(3);
 /// Three replicas on `etcd`, started one after the other (the first
 /// creates the CA and the admin token, the others copy them).
 async fn replicas(dir: &TempDir, etcd: &EtcdCluster, prefix: &str) -> Vec<ControlPlaneProcess> {
+    replicas_with(dir, etcd, prefix, &[]).await
+}
+
+/// [`replicas`] with extra flags for every replica.
+async fn replicas_with(
+    dir: &TempDir,
+    etcd: &EtcdCluster,
+    prefix: &str,
+    extra: &[&str],
+) -> Vec<ControlPlaneProcess> {
     let endpoints = etcd.endpoints();
     let mut out = Vec::new();
     for i in 1..=3 {
         let id = format!("replica-{i}");
-        let cp = ControlPlaneProcess::start(
-            &dir.path.join(&id),
-            &[
-                "--store",
-                "etcd",
-                "--etcd-endpoints",
-                &endpoints,
-                "--etcd-prefix",
-                prefix,
-                "--replica-id",
-                &id,
-                "--ttl",
-                "3s",
-            ],
-        )
-        .await;
+        let mut args = vec![
+            "--store",
+            "etcd",
+            "--etcd-endpoints",
+            &endpoints,
+            "--etcd-prefix",
+            prefix,
+            "--replica-id",
+            &id,
+            "--ttl",
+            "3s",
+        ];
+        args.extend_from_slice(extra);
+        let cp = ControlPlaneProcess::start(&dir.path.join(&id), &args).await;
         out.push(cp);
     }
     out
@@ -70,21 +94,51 @@ async fn instance_ids(cp: &ControlPlaneProcess, service: &str) -> Vec<String> {
     ids
 }
 
-/// Two services, each an app and a sidecar: `orders` watching replica 2,
-/// `frontend` watching replica 3.
+/// `--control-plane` listing every replica, starting with `cps[first]`
+/// and going round: a sidecar watches its first replica while it is up
+/// and fails over to the next ones.
+fn all_urls(cps: &[ControlPlaneProcess], first: usize) -> String {
+    (0..cps.len())
+        .map(|i| cps[(first + i) % cps.len()].url())
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// A sidecar for `service` in front of `app` listing all three replicas,
+/// `cps[first]` first (its token issued through that replica: tokens live
+/// in etcd, every replica accepts them).
+async fn sidecar_listing_all(
+    cps: &[ControlPlaneProcess],
+    first: usize,
+    service: &str,
+    app: &Upstream,
+) -> SidecarProcess {
+    let mut credentials = cps[first].sidecar_credentials("default", service).await;
+    credentials.url = all_urls(cps, first);
+    SidecarProcess::builder(service, app.port())
+        .control_plane_with(&credentials)
+        .start()
+        .await
+}
+
+/// The replica URL `sidecar` watches now: its current replica while the
+/// watch stream is open (`/config_dump`), else `None`.
+async fn watched(sidecar: &SidecarProcess) -> Option<String> {
+    let status = sidecar.config_dump().await["controlPlane"].clone();
+    (status["connected"] == true)
+        .then(|| status["current"].as_str().map(str::to_owned))
+        .flatten()
+}
+
+/// Two services, each an app and a sidecar listing all three replicas:
+/// `orders` watching replica 2 first, `frontend` replica 3.
 async fn two_services(
     cps: &[ControlPlaneProcess],
 ) -> (Upstream, SidecarProcess, Upstream, SidecarProcess) {
     let orders_app = Upstream::start("orders").await;
-    let orders = SidecarProcess::builder("orders", orders_app.port())
-        .control_plane(&cps[1])
-        .start()
-        .await;
+    let orders = sidecar_listing_all(cps, 1, "orders", &orders_app).await;
     let frontend_app = Upstream::start("frontend").await;
-    let frontend = SidecarProcess::builder("frontend", frontend_app.port())
-        .control_plane(&cps[2])
-        .start()
-        .await;
+    let frontend = sidecar_listing_all(cps, 2, "frontend", &frontend_app).await;
     wait::until(
         "both sidecars route to each other",
         Duration::from_secs(20),
@@ -132,6 +186,18 @@ async fn a_change_through_one_replica_reaches_sidecars_of_the_others_within_a_se
     let (_orders_app, orders, _frontend_app, frontend) = two_services(&cps).await;
     assert_eq!(status_of(&frontend, "http://orders/").await, Some(200));
     assert_eq!(status_of(&orders, "http://frontend/").await, Some(200));
+    // Each lists all three replicas and watches its first: none watches
+    // replica 1, through which the policy goes.
+    for (sidecar, replica) in [(&orders, &cps[1]), (&frontend, &cps[2])] {
+        let status = sidecar.config_dump().await["controlPlane"].clone();
+        assert_eq!(status["replicas"].as_array().unwrap().len(), 3, "{status}");
+        wait::until(
+            "the watch on its first replica",
+            Duration::from_secs(5),
+            || async { (watched(sidecar).await == Some(replica.url())).then_some(()) },
+        )
+        .await;
+    }
 
     let yaml = format!(
         "{}---\n{}",
@@ -429,4 +495,408 @@ async fn conflicting_applies_on_two_replicas_are_whole_or_refused() {
     )
     .await;
     eprintln!("{applied} applies succeeded, {conflicts} got 409");
+}
+
+/// Full snapshots the sidecar received on its watch so far.
+async fn snapshots(sidecar: &SidecarProcess) -> f64 {
+    Scrape::of(sidecar.admin).await.sum(
+        "meshlet_control_plane_updates_total",
+        &[("type", "snapshot")],
+    )
+}
+
+/// Waits until `sidecar` counts its first snapshot (and no more).
+async fn first_snapshot(sidecar: &SidecarProcess) {
+    wait::until(
+        "the first snapshot counted",
+        Duration::from_secs(5),
+        || async { (snapshots(sidecar).await == 1.0).then_some(()) },
+    )
+    .await;
+}
+
+/// The mesh revision a replica serves (`/healthz?detail`).
+async fn replica_revision(cp: &ControlPlaneProcess) -> u64 {
+    let reply = cp.get("/healthz?detail").await;
+    let detail: serde_json::Value = serde_json::from_slice(&reply.body).unwrap();
+    detail["revision"].as_u64().unwrap_or(0)
+}
+
+/// Stops `traffic` and asserts not one request failed.
+async fn no_failures(traffic: Traffic, what: &str) -> usize {
+    let (ok, failures) = traffic.finish().await;
+    assert!(
+        failures.is_empty(),
+        "{what}: {} of {} requests failed: {:?}",
+        failures.len(),
+        ok + failures.len(),
+        &failures[..failures.len().min(5)]
+    );
+    assert!(ok > 0, "{what}: no request answered");
+    ok
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_the_watched_replica_loses_no_request_and_no_registration() {
+    let etcd = EtcdCluster::start(3).await;
+    let dir = TempDir::new();
+    let mut cps = replicas(&dir, &etcd, "/mesh-e").await;
+    // frontend lists replica 1 first, orders replica 2: after the kill of
+    // frontend's replica one sidecar fails over, the other does not.
+    let orders_app = Upstream::start("orders").await;
+    let orders = sidecar_listing_all(&cps, 1, "orders", &orders_app).await;
+    let frontend_app = Upstream::start("frontend").await;
+    let frontend = sidecar_listing_all(&cps, 0, "frontend", &frontend_app).await;
+    wait::until(
+        "both sidecars route to each other",
+        Duration::from_secs(20),
+        || async {
+            let a = !frontend.endpoints_of("orders").await.is_empty();
+            let b = !orders.endpoints_of("frontend").await.is_empty();
+            (a && b).then_some(())
+        },
+    )
+    .await;
+    let sidecars = [&orders, &frontend];
+    for sidecar in sidecars {
+        first_snapshot(sidecar).await;
+    }
+    // Which replica each watches, from the sidecar itself.
+    let victim_url = wait::until(
+        "frontend watching a replica",
+        Duration::from_secs(5),
+        || watched(&frontend),
+    )
+    .await;
+    let victim = cps.iter().position(|cp| cp.url() == victim_url).unwrap();
+    let metric_current = Scrape::of(frontend.admin)
+        .await
+        .sum("meshlet_control_plane_current", &[("url", &victim_url)]);
+    assert_eq!(
+        metric_current, 1.0,
+        "/metrics names the watched replica too"
+    );
+    let orders_watched = watched(&orders).await;
+    assert_ne!(orders_watched.as_deref(), Some(victim_url.as_str()));
+
+    // Requests both ways, counted.
+    let to_orders = Traffic::start(frontend.outbound, "orders");
+    let to_frontend = Traffic::start(orders.outbound, "frontend");
+    wait::until("traffic flows", Duration::from_secs(10), || async {
+        (to_orders.ok() >= 20 && to_frontend.ok() >= 20).then_some(())
+    })
+    .await;
+
+    cps[victim].kill9().await;
+    let killed = Instant::now();
+    let moved = wait::within(Duration::from_secs(2), || async {
+        watched(&frontend)
+            .await
+            .filter(|url| *url != victim_url)
+            .map(|url| (url, killed.elapsed()))
+    })
+    .await;
+    let Some((new_url, failover_time)) = moved else {
+        panic!(
+            "frontend not watching another replica 2 s after replica {} was killed: {}\n{}",
+            victim + 1,
+            frontend.config_dump().await["controlPlane"],
+            frontend.log_text()
+        );
+    };
+    assert!(
+        cps.iter().any(|cp| cp.url() == new_url),
+        "{new_url} is one of the replicas"
+    );
+    assert!(
+        Scrape::of(frontend.admin)
+            .await
+            .sum("meshlet_control_plane_failovers_total", &[])
+            >= 1.0
+    );
+    // orders never watched the victim: it stays where it was.
+    assert_eq!(watched(&orders).await, orders_watched);
+
+    // A registration during the outage: a third service whose sidecar
+    // lists the dead replica first.
+    let payments_app = Upstream::start("payments").await;
+    let survivor = (victim + 1) % 3;
+    let mut credentials = cps[survivor]
+        .sidecar_credentials("default", "payments")
+        .await;
+    credentials.url = all_urls(&cps, victim);
+    let registering = Instant::now();
+    let payments = SidecarProcess::builder("payments", payments_app.port())
+        .control_plane_with(&credentials)
+        .start()
+        .await;
+    let live = registering.elapsed();
+    let pushed = wait::within(Duration::from_secs(10), || async {
+        for sidecar in sidecars {
+            if sidecar.endpoints_of("payments").await.is_empty() {
+                return None;
+            }
+        }
+        Some(registering.elapsed())
+    })
+    .await;
+    let Some(propagation) = pushed else {
+        let mut views = Vec::new();
+        for sidecar in sidecars {
+            views.push(sidecar.endpoints_of("payments").await);
+        }
+        panic!(
+            "the instance registered during the outage did not reach every sidecar: {views:?}\n{}",
+            payments.log_text()
+        );
+    };
+    for sidecar in sidecars {
+        assert_eq!(status_of(sidecar, "http://payments/").await, Some(200));
+    }
+    assert_ne!(
+        watched(&payments).await.as_deref(),
+        Some(victim_url.as_str()),
+        "payments skipped the dead replica"
+    );
+
+    // Resumed, not resent: one snapshot each, the failover included.
+    for sidecar in sidecars {
+        assert_eq!(
+            snapshots(sidecar).await,
+            1.0,
+            "resumed on another replica without a full snapshot:\n{}",
+            Scrape::of(sidecar.admin).await.text
+        );
+    }
+    let (ok_orders, ok_frontend) = (to_orders.ok(), to_frontend.ok());
+    wait::until(
+        "more traffic after the failover",
+        Duration::from_secs(5),
+        || async {
+            (to_orders.ok() >= ok_orders + 20 && to_frontend.ok() >= ok_frontend + 20).then_some(())
+        },
+    )
+    .await;
+    let sent_to_orders = no_failures(to_orders, "frontend → orders").await;
+    let sent_to_frontend = no_failures(to_frontend, "orders → frontend").await;
+
+    // The killed replica starts again and catches up: the registration
+    // made while it was down, the same revision as the others.
+    cps[victim].restart().await;
+    wait::until(
+        "the restarted replica caught up",
+        Duration::from_secs(10),
+        || async {
+            let ids = instance_ids(&cps[victim], "payments").await;
+            let revision = replica_revision(&cps[victim]).await;
+            let other = replica_revision(&cps[survivor]).await;
+            (ids.len() == 1 && revision == other).then_some(())
+        },
+    )
+    .await;
+    // And serves changes again: a policy through it reaches every sidecar.
+    std::fs::write(dir.path.join("abort.yaml"), abort_calls_to("payments")).unwrap();
+    let out = meshctl(
+        &cps[victim],
+        &["apply", "-f", dir.path.join("abort.yaml").to_str().unwrap()],
+    )
+    .await;
+    assert!(
+        out.success(),
+        "apply through the restarted replica: {out:?}"
+    );
+    wait::until(
+        "the policy through the restarted replica",
+        Duration::from_secs(5),
+        || async {
+            let a = status_of(&frontend, "http://payments/").await == Some(503);
+            let b = status_of(&orders, "http://payments/").await == Some(503);
+            (a && b).then_some(())
+        },
+    )
+    .await;
+    eprintln!(
+        "failover: frontend watched {new_url} {} ms after replica {} was SIGKILLed; \
+         0 failed of {sent_to_orders} + {sent_to_frontend} requests; \
+         registration during the outage at every sidecar {} ms after its sidecar was spawned \
+         (live after {} ms)",
+        failover_time.as_millis(),
+        victim + 1,
+        propagation.as_millis(),
+        live.as_millis()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_every_replica_killed_sidecars_route_and_resume_when_one_returns() {
+    let etcd = EtcdCluster::start(3).await;
+    let dir = TempDir::new();
+    let mut cps = replicas(&dir, &etcd, "/mesh-f").await;
+    let (_orders_app, orders, _frontend_app, frontend) = two_services(&cps).await;
+    let sidecars = [&orders, &frontend];
+    for sidecar in sidecars {
+        first_snapshot(sidecar).await;
+    }
+    let to_orders = Traffic::start(frontend.outbound, "orders");
+    let to_frontend = Traffic::start(orders.outbound, "frontend");
+    wait::until("traffic flows", Duration::from_secs(10), || async {
+        (to_orders.ok() >= 20 && to_frontend.ok() >= 20).then_some(())
+    })
+    .await;
+    for cp in cps.iter_mut() {
+        cp.kill9().await;
+    }
+    // No control plane at all: the sidecars say so and route from their
+    // snapshot (well within the instances' 3 s TTL: their leases outlive
+    // this outage).
+    for sidecar in sidecars {
+        wait::until(
+            "the sidecar sees no replica",
+            Duration::from_secs(5),
+            || async { watched(sidecar).await.is_none().then_some(()) },
+        )
+        .await;
+    }
+    let (ok_orders, ok_frontend) = (to_orders.ok(), to_frontend.ok());
+    wait::until(
+        "traffic without a control plane",
+        Duration::from_secs(5),
+        || async {
+            (to_orders.ok() >= ok_orders + 20 && to_frontend.ok() >= ok_frontend + 20).then_some(())
+        },
+    )
+    .await;
+    // Replica 3 returns (on its port, its etcd data untouched).
+    cps[2].restart().await;
+    let back = Instant::now();
+    for sidecar in sidecars {
+        wait::until(
+            "the sidecar watches replica 3 again",
+            Duration::from_secs(10),
+            || async { (watched(sidecar).await == Some(cps[2].url())).then_some(()) },
+        )
+        .await;
+    }
+    let resumed = back.elapsed();
+    let (ok_orders, ok_frontend) = (to_orders.ok(), to_frontend.ok());
+    wait::until(
+        "traffic after the return",
+        Duration::from_secs(5),
+        || async {
+            (to_orders.ok() >= ok_orders + 20 && to_frontend.ok() >= ok_frontend + 20).then_some(())
+        },
+    )
+    .await;
+    let sent_to_orders = no_failures(to_orders, "frontend → orders").await;
+    let sent_to_frontend = no_failures(to_frontend, "orders → frontend").await;
+    // A change through it arrives, as a delta after a resumed watch.
+    std::fs::write(dir.path.join("abort.yaml"), abort_calls_to("orders")).unwrap();
+    let out = meshctl(
+        &cps[2],
+        &["apply", "-f", dir.path.join("abort.yaml").to_str().unwrap()],
+    )
+    .await;
+    assert!(out.success(), "{out:?}");
+    wait::until(
+        "the policy through replica 3",
+        Duration::from_secs(5),
+        || async { (status_of(&frontend, "http://orders/").await == Some(503)).then_some(()) },
+    )
+    .await;
+    for sidecar in sidecars {
+        assert_eq!(
+            snapshots(sidecar).await,
+            1.0,
+            "resumed on the returning replica without a full snapshot:\n{}",
+            Scrape::of(sidecar.admin).await.text
+        );
+    }
+    eprintln!(
+        "every replica down: {sent_to_orders} + {sent_to_frontend} requests answered; \
+         sidecars watching the returned replica {} ms after it served",
+        resumed.as_millis()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_instance_that_died_while_every_replica_was_down_leaves_every_sidecar() {
+    let etcd = EtcdCluster::start(3).await;
+    let dir = TempDir::new();
+    let mut cps = replicas(&dir, &etcd, "/mesh-g").await;
+    let (_orders_app, orders, _frontend_app, frontend) = two_services(&cps).await;
+    let payments_app = Upstream::start("payments").await;
+    let payments = sidecar_listing_all(&cps, 0, "payments", &payments_app).await;
+    let sidecars = [&orders, &frontend];
+    for sidecar in sidecars {
+        wait::until(
+            "payments at every sidecar",
+            Duration::from_secs(10),
+            || async { (!sidecar.endpoints_of("payments").await.is_empty()).then_some(()) },
+        )
+        .await;
+        first_snapshot(sidecar).await;
+    }
+    let to_orders = Traffic::start(frontend.outbound, "orders");
+    let to_frontend = Traffic::start(orders.outbound, "frontend");
+    wait::until("traffic flows", Duration::from_secs(10), || async {
+        (to_orders.ok() >= 20 && to_frontend.ok() >= 20).then_some(())
+    })
+    .await;
+    for cp in cps.iter_mut() {
+        cp.kill9().await;
+    }
+    // payments dies with no replica to hear of it; every lease ends (no
+    // replica renews any): etcd deletes the three instance keys.
+    payments.signal(nix::sys::signal::Signal::SIGKILL);
+    wait::until(
+        "etcd ended every instance lease",
+        Duration::from_secs(15),
+        || async { (etcd.count_prefix("/mesh-g/instances/").await == Some(0)).then_some(()) },
+    )
+    .await;
+    assert!(
+        !frontend.endpoints_of("payments").await.is_empty(),
+        "still the snapshot"
+    );
+    cps[0].restart().await;
+    let back = Instant::now();
+    let gone = wait::within(Duration::from_secs(15), || async {
+        for sidecar in sidecars {
+            if !sidecar.endpoints_of("payments").await.is_empty() {
+                return None;
+            }
+        }
+        Some(back.elapsed())
+    })
+    .await;
+    let Some(gone) = gone else {
+        panic!(
+            "the instance that died during the outage is still routed to: frontend {:?}, orders {:?}; \
+             replica 1 lists {:?}",
+            frontend.endpoints_of("payments").await,
+            orders.endpoints_of("payments").await,
+            instance_ids(&cps[0], "payments").await,
+        );
+    };
+    // The living registered again: on the replica, and in etcd.
+    for service in ["orders", "frontend"] {
+        assert_eq!(instance_ids(&cps[0], service).await.len(), 1, "{service}");
+    }
+    assert_eq!(etcd.count_prefix("/mesh-g/instances/").await, Some(2));
+    let (ok_orders, ok_frontend) = (to_orders.ok(), to_frontend.ok());
+    wait::until(
+        "traffic after the return",
+        Duration::from_secs(5),
+        || async {
+            (to_orders.ok() >= ok_orders + 20 && to_frontend.ok() >= ok_frontend + 20).then_some(())
+        },
+    )
+    .await;
+    let sent_to_orders = no_failures(to_orders, "frontend → orders").await;
+    let sent_to_frontend = no_failures(to_frontend, "orders → frontend").await;
+    eprintln!(
+        "every replica down past the TTL: the dead instance left every sidecar {} ms after a \
+         replica returned; 0 failed of {sent_to_orders} + {sent_to_frontend} requests",
+        gone.as_millis()
+    );
 }

@@ -15,12 +15,11 @@
 //! - `meshctl --server DEAD,LIVE` reads and applies through LIVE, says on
 //!   stderr that DEAD was skipped, and with `-v` which server answered.
 
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use meshlet_e2e::metrics::Scrape;
 use meshlet_e2e::process::{free_port, loopback};
+use meshlet_e2e::traffic::Traffic;
 use meshlet_e2e::{
     client, meshctl, meshctl_with, wait, ControlPlaneProcess, SidecarProcess, TempDir, Upstream,
 };
@@ -109,61 +108,6 @@ async fn a_sidecar_skips_a_dead_control_plane_url_and_routes_with_the_live_one()
         text.contains("orders") && text.contains("frontend"),
         "{text}"
     );
-}
-
-/// A client sending requests through `via` to `service` until stopped;
-/// counts answers and keeps every failure.
-struct Traffic {
-    stop: Arc<AtomicBool>,
-    ok: Arc<AtomicUsize>,
-    failures: Arc<Mutex<Vec<String>>>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl Traffic {
-    fn start(via: std::net::SocketAddr, service: &str) -> Traffic {
-        let stop = Arc::new(AtomicBool::new(false));
-        let ok = Arc::new(AtomicUsize::new(0));
-        let failures = Arc::new(Mutex::new(Vec::new()));
-        let uri = format!("http://{service}/");
-        let task = tokio::spawn({
-            let (stop, ok, failures) = (stop.clone(), ok.clone(), failures.clone());
-            async move {
-                while !stop.load(Ordering::Relaxed) {
-                    match client::get_uri(via, &uri).await {
-                        Ok(reply) if reply.status == 200 => {
-                            ok.fetch_add(1, Ordering::Relaxed);
-                        }
-                        Ok(reply) => failures.lock().unwrap().push(format!(
-                            "{}: {}",
-                            reply.status,
-                            reply.text()
-                        )),
-                        Err(error) => failures.lock().unwrap().push(error.to_string()),
-                    }
-                    tokio::time::sleep(Duration::from_millis(5)).await;
-                }
-            }
-        });
-        Traffic {
-            stop,
-            ok,
-            failures,
-            task,
-        }
-    }
-
-    fn ok(&self) -> usize {
-        self.ok.load(Ordering::Relaxed)
-    }
-
-    /// Stops the client; (answers, failures).
-    async fn finish(self) -> (usize, Vec<String>) {
-        self.stop.store(true, Ordering::Relaxed);
-        self.task.await.unwrap();
-        let failures = self.failures.lock().unwrap().clone();
-        (self.ok.load(Ordering::Relaxed), failures)
-    }
 }
 
 const TIMEOUT_POLICY: &str = "\

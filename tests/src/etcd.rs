@@ -5,7 +5,8 @@
 //! [`EtcdCluster::start`] spawns every member and waits (with a deadline)
 //! until each answers `GET /health` with `"health":"true"`; members can be
 //! SIGKILLed ([`EtcdCluster::kill`]) and started again on their data
-//! ([`EtcdCluster::restart`]). Every process is killed when the cluster is
+//! ([`EtcdCluster::restart`]); [`EtcdCluster::count_prefix`] asks etcd
+//! itself how many keys a prefix has. Every process is killed when the cluster is
 //! dropped — also while a failing test unwinds — and the directory is
 //! removed.
 
@@ -150,10 +151,56 @@ impl EtcdCluster {
         self.wait_healthy(i).await;
     }
 
+    /// How many keys start with `prefix`, asked of the first running
+    /// member through etcd's JSON gateway (`POST /v3/kv/range`); `None`
+    /// when no member answers.
+    pub async fn count_prefix(&self, prefix: &str) -> Option<u64> {
+        let mut end = prefix.as_bytes().to_vec();
+        *end.last_mut().expect("a non-empty prefix") += 1;
+        let body = serde_json::json!({
+            "key": b64(prefix.as_bytes()),
+            "range_end": b64(&end),
+            "count_only": true,
+        });
+        let member = self.members.iter().find(|m| m.child.is_some())?;
+        let addr = SocketAddr::from(([127, 0, 0, 1], member.client_port));
+        let reply = crate::client::post_json(addr, "/v3/kv/range", &body).await;
+        if reply.status != 200 {
+            return None;
+        }
+        let value: serde_json::Value = serde_json::from_slice(&reply.body).ok()?;
+        // proto3 JSON: an int64 is a string, and a zero is left out.
+        Some(
+            value["count"]
+                .as_str()
+                .map_or(0, |c| c.parse().unwrap_or(0)),
+        )
+    }
+
     /// Where the members keep their data and logs.
     pub fn dir(&self) -> PathBuf {
         self.dir.path.clone()
     }
+}
+
+/// Standard base64 with padding (the gateway's encoding of bytes).
+fn b64(bytes: &[u8]) -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::new();
+    for chunk in bytes.chunks(3) {
+        let n = chunk
+            .iter()
+            .enumerate()
+            .fold(0u32, |n, (i, b)| n | ((*b as u32) << (16 - 8 * i)));
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(ALPHABET[((n >> (18 - 6 * i)) & 63) as usize] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
 }
 
 impl Drop for EtcdCluster {
@@ -163,5 +210,15 @@ impl Drop for EtcdCluster {
                 let _ = child.start_kill();
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn base64_as_the_gateway_reads_it() {
+        assert_eq!(super::b64(b"/m/instances/"), "L20vaW5zdGFuY2VzLw==");
+        assert_eq!(super::b64(b"ab"), "YWI=");
+        assert_eq!(super::b64(b"abc"), "YWJj");
     }
 }

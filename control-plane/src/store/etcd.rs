@@ -10,6 +10,7 @@
 //! | `P/meta/revision` | the current mesh revision (decimal): **the compare-and-swap key** |
 //! | `P/rev/{revision:020}` | one [`RevisionEntry`] (JSON): the whole revision — its history record, the instances and resources it put or deleted, its rollback records, a new trust bundle; the last [`HISTORY_LIMIT`] are kept |
 //! | `P/instances/{id}` | a [`StoredInstance`] (JSON), attached to an etcd lease with the TTL |
+//! | `P/registered/{id}` | the same, without a lease: the registry as of `P/meta/revision` (see below) |
 //! | `P/resources/{Kind/namespace/name}` | a resource (JSON) |
 //! | `P/owners/{id}` | the name of the token that registered the instance |
 //! | `P/tokens` | the token records (hashes only), JSON, replaced whole |
@@ -35,6 +36,14 @@
 //! replica renews the lease ([`EtcdStore::keep_alive`], the lease id from
 //! a cache the watch keeps, else read from the key). When the lease ends
 //! etcd deletes the key and every replica's watch sees the delete.
+//! `P/registered/{id}` is written and deleted in the same transactions as
+//! `P/instances/{id}` but outlives the lease: a lease that ends while no
+//! replica runs leaves no expiry revision behind, and a replica starting
+//! then loads the instance from `registered/` (the revision's registry,
+//! which the sidecars resuming at that revision hold) with its lease
+//! absent ([`EtcdStore::absent_at_load`]); the lease sweep writes the
+//! expiry revision after a grace of one TTL (time for the instances
+//! still alive to heartbeat and register again), so every watcher is told.
 //!
 //! **Bridging the sync `Store` trait to async etcd**: the store owns a
 //! small tokio runtime of its own (one worker thread, `meshlet-etcd`).
@@ -213,6 +222,9 @@ pub struct EtcdStore {
     loaded_at: AtomicI64,
     /// Instance id → its lease (from commits, loads and the watch).
     leases: Mutex<HashMap<String, i64>>,
+    /// The instances `load` found under `registered/` without a live key
+    /// under `instances/` (their lease ended while no replica ran).
+    absent_at_load: Mutex<Vec<String>>,
     health: StoreHealth,
 }
 
@@ -312,6 +324,7 @@ impl EtcdStore {
             endpoints,
             loaded_at: AtomicI64::new(0),
             leases: Mutex::new(HashMap::new()),
+            absent_at_load: Mutex::new(Vec::new()),
             health: StoreHealth::default(),
         };
         let epoch_key = store.key("meta/epoch");
@@ -359,6 +372,16 @@ impl EtcdStore {
 
     fn instance_key(&self, id: &str) -> String {
         format!("{}/instances/{id}", self.prefix)
+    }
+
+    fn registered_key(&self, id: &str) -> String {
+        format!("{}/registered/{id}", self.prefix)
+    }
+
+    /// The instances the last `load` found registered (as of its revision)
+    /// whose lease had ended without an expiry revision.
+    pub fn absent_at_load(&self) -> Vec<String> {
+        self.absent_at_load.lock().unwrap().clone()
     }
 
     fn owner_key(&self, id: &str) -> String {
@@ -474,11 +497,14 @@ impl EtcdStore {
         }
         for id in &commit.delete_instances {
             ops.push(TxnOp::delete(self.instance_key(id), None));
+            ops.push(TxnOp::delete(self.registered_key(id), None));
         }
         let mut instance_puts = Vec::new();
         for instance in &commit.put_instances {
             let bytes = super::encode("instance", instance)?;
-            instance_puts.push((instance.registration.id.clone(), bytes));
+            let id = &instance.registration.id;
+            ops.push(TxnOp::put(self.registered_key(id), bytes.clone(), None));
+            instance_puts.push((id.clone(), bytes));
         }
         for key in &commit.delete_resources {
             ops.push(TxnOp::delete(
@@ -843,6 +869,7 @@ impl Store for EtcdStore {
             self.get_prefix_op("instances/"),
             self.get_prefix_op("resources/"),
             self.get_prefix_op("rev/"),
+            self.get_prefix_op("registered/"),
         ];
         let mut client = self.client.clone();
         let response = self.block(async move {
@@ -867,6 +894,17 @@ impl Store for EtcdStore {
             leases.insert(instance.registration.id.clone(), kv.lease());
             instances.push(instance);
         }
+        // Registered as of the revision, lease ended since: loaded, so
+        // that the expiry becomes a revision every watcher hears of.
+        let mut absent = Vec::new();
+        for kv in gets(&ops[5]) {
+            let instance: StoredInstance = decode_etcd("instance", kv.key(), kv.value())?;
+            if !leases.contains_key(&instance.registration.id) {
+                absent.push(instance.registration.id.clone());
+                instances.push(instance);
+            }
+        }
+        *self.absent_at_load.lock().unwrap() = absent;
         let mut resources = Vec::new();
         for kv in gets(&ops[3]) {
             resources.push(decode_etcd::<Resource>("resource", kv.key(), kv.value())?);
