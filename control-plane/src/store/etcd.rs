@@ -573,15 +573,17 @@ impl EtcdStore {
                         }
                     }
                 };
-                let (_keeper, mut stream) = client
-                    .lease_keep_alive(lease)
-                    .await
-                    .map_err(etcd_error("renew an instance lease"))?;
-                let reply = stream
-                    .message()
-                    .await
-                    .map_err(etcd_error("renew an instance lease"))?;
-                Ok((reply.is_some_and(|r| r.ttl() > 0), lease))
+                // `lease_keep_alive` sends one request and reads its
+                // answer itself (a TTL of 0, "lease not found", is an
+                // error there); the stream is closed when the keeper and
+                // the response stream are dropped. Waiting on the stream
+                // for another message would wait for an answer to a
+                // request never sent, until the call deadline.
+                match client.lease_keep_alive(lease).await {
+                    Ok(_) => Ok((true, lease)),
+                    Err(etcd_client::Error::LeaseKeepAliveError(_)) => Ok((false, lease)),
+                    Err(err) => Err(etcd_error("renew an instance lease")(err)),
+                }
             })
             .await?;
         let mut leases = self.leases.lock().unwrap();
