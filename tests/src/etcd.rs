@@ -177,6 +177,22 @@ impl EtcdCluster {
         )
     }
 
+    /// Each member's client address (its `/metrics` and `/health` too).
+    pub fn client_addrs(&self) -> Vec<SocketAddr> {
+        self.members
+            .iter()
+            .map(|m| SocketAddr::from(([127, 0, 0, 1], m.client_port)))
+            .collect()
+    }
+
+    /// Each running member's process id (`/proc` figures in benchmarks).
+    pub fn pids(&self) -> Vec<u32> {
+        self.members
+            .iter()
+            .filter_map(|m| m.child.as_ref().and_then(Child::id))
+            .collect()
+    }
+
     /// Where the members keep their data and logs.
     pub fn dir(&self) -> PathBuf {
         self.dir.path.clone()

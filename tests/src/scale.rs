@@ -18,7 +18,9 @@
 //! cap), each waits for its snapshot; a change is made with
 //! [`register`] or [`apply_policy`], which return the revision;
 //! [`Fleet::arrivals`] waits (with a deadline) until every watcher holds
-//! it and returns each one's delay since the change was sent.
+//! it and returns each one's delay since the change was sent. A fleet
+//! can be spread over several replicas ([`Fleet::spread`], `--store
+//! etcd`): watcher `i` watches replica `i % replicas`.
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -61,6 +63,8 @@ pub enum ScaleError {
         patience: Duration,
         first_error: String,
     },
+    #[error("etcd: {0}")]
+    Etcd(String),
     #[error("{what} answered {status}: {body}")]
     Change {
         what: String,
@@ -255,19 +259,26 @@ async fn read_stream(
     }
 }
 
-/// Many watchers of one control plane.
+/// Many watchers of one control plane, or spread evenly over several
+/// replicas (watcher `i` watches replica `i % replicas`).
 pub struct Fleet {
-    cp: CpAccess,
-    client: Client,
+    /// Each replica and a client carrying the watchers' token for it.
+    targets: Vec<(CpAccess, Client)>,
     watchers: Vec<Watcher>,
 }
 
 impl Fleet {
     /// A fleet without watchers; `client` carries the watchers' token.
     pub fn new(cp: &CpAccess, client: Client) -> Fleet {
+        Fleet::spread(vec![(cp.clone(), client)])
+    }
+
+    /// A fleet without watchers whose watchers are spread round-robin
+    /// over `targets` (at least one).
+    pub fn spread(targets: Vec<(CpAccess, Client)>) -> Fleet {
+        assert!(!targets.is_empty(), "a fleet watches at least one replica");
         Fleet {
-            cp: cp.clone(),
-            client,
+            targets,
             watchers: Vec::new(),
         }
     }
@@ -287,9 +298,12 @@ impl Fleet {
         count: usize,
         parallel: usize,
     ) -> Result<Vec<FirstSnapshot>, ScaleError> {
-        let (cp, client) = (&self.cp, &self.client);
+        let (targets, first) = (&self.targets, self.watchers.len());
         let opened: Vec<Result<(Watcher, FirstSnapshot), ScaleError>> = stream::iter(0..count)
-            .map(|_| Watcher::open(cp, client))
+            .map(|i| {
+                let (cp, client) = &targets[(first + i) % targets.len()];
+                Watcher::open(cp, client)
+            })
             .buffer_unordered(parallel.max(1))
             .collect()
             .await;
@@ -394,6 +408,21 @@ pub async fn register(
     registration: &serde_json::Value,
 ) -> Result<u64, ScaleError> {
     change(cp, client, "registration", paths::INSTANCES, registration).await
+}
+
+/// One heartbeat of instance `id` as a sidecar sends it (a fresh HTTPS
+/// connection, `PUT /api/v1/instances/{id}/heartbeat`); returns the status.
+pub async fn heartbeat(cp: &CpAccess, client: &Client, id: &str) -> Result<u16, ScaleError> {
+    let authority = cp.authority();
+    let request = meshlet_client::request(Method::PUT, &authority, &paths::heartbeat(id))
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from_static(b"{\"healthy\":true}")))
+        .expect("valid request");
+    client
+        .fetch(&authority, request)
+        .await
+        .map(|reply| reply.status.as_u16())
+        .map_err(|source| ScaleError::Connect { authority, source })
 }
 
 /// Registers `per_service` instances of each of `services` (ports from

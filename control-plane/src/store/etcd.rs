@@ -59,12 +59,13 @@ use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use etcd_client::{
     Certificate, Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, Identity,
-    PutOptions, SortOrder, SortTarget, TlsOptions, Txn, TxnOp, TxnOpResponse, WatchOptions,
+    LeaseKeepAliveStream, LeaseKeeper, PutOptions, SortOrder, SortTarget, TlsOptions, Txn, TxnOp,
+    TxnOpResponse, WatchOptions,
 };
 use meshlet_api::mesh::RevisionRecord;
 use meshlet_api::{Resource, ResourceKey};
@@ -79,6 +80,15 @@ use crate::error::StoreError;
 
 /// The deadline of one etcd request (a txn, a get, a lease call).
 pub const CALL_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// How long a heartbeat waits for the answer on a reused keep-alive
+/// stream before it drops the stream (a member gone silently) and opens a
+/// new one within the rest of [`CALL_TIMEOUT`].
+const REUSED_STREAM_PATIENCE: Duration = Duration::from_secs(1);
+
+/// One lease's keep-alive stream (etcd-client's keeper renews the one
+/// lease id it was opened for); `None` until opened or after it broke.
+type KeepAliveSlot = Arc<tokio::sync::Mutex<Option<(LeaseKeeper, LeaseKeepAliveStream)>>>;
 
 /// Operations per etcd transaction at most when a batch can be split
 /// (owner changes); etcd's `--max-txn-ops` defaults to 128.
@@ -225,6 +235,10 @@ pub struct EtcdStore {
     /// The instances `load` found under `registered/` without a live key
     /// under `instances/` (their lease ended while no replica ran).
     absent_at_load: Mutex<Vec<String>>,
+    /// Lease → its open keep-alive stream, reused by every heartbeat of
+    /// the instance on this replica (see [`EtcdStore::keep_alive`]);
+    /// dropped when the instance's lease changes or ends.
+    keepers: Arc<Mutex<HashMap<i64, KeepAliveSlot>>>,
     health: StoreHealth,
 }
 
@@ -325,6 +339,7 @@ impl EtcdStore {
             loaded_at: AtomicI64::new(0),
             leases: Mutex::new(HashMap::new()),
             absent_at_load: Mutex::new(Vec::new()),
+            keepers: Arc::default(),
             health: StoreHealth::default(),
         };
         let epoch_key = store.key("meta/epoch");
@@ -456,11 +471,38 @@ impl EtcdStore {
     }
 
     fn note_granted(&self, commit: &Commit, granted: Vec<(String, i64)>) {
+        let mut replaced = Vec::new();
         let mut leases = self.leases.lock().unwrap();
         for id in &commit.delete_instances {
-            leases.remove(id);
+            replaced.extend(leases.remove(id));
         }
-        leases.extend(granted);
+        for (id, lease) in granted {
+            replaced.extend(leases.insert(id, lease));
+        }
+        drop(leases);
+        self.forget_keepers(replaced);
+    }
+
+    /// Closes the keep-alive streams of leases no instance uses any more.
+    fn forget_keepers(&self, leases: impl IntoIterator<Item = i64>) {
+        let mut open: Vec<i64> = {
+            let keepers = self.keepers.lock().unwrap();
+            leases
+                .into_iter()
+                .filter(|l| keepers.contains_key(l))
+                .collect()
+        };
+        if open.is_empty() {
+            return;
+        }
+        // A lease another instance still uses keeps its stream.
+        let leases = self.leases.lock().unwrap();
+        open.retain(|l| !leases.values().any(|v| v == l));
+        drop(leases);
+        let mut keepers = self.keepers.lock().unwrap();
+        for lease in open {
+            keepers.remove(&lease);
+        }
     }
 
     /// The etcd work of one revision (leases, then the txn), owning
@@ -580,10 +622,18 @@ impl EtcdStore {
 
     /// Renews instance `id`'s lease: `false` when it has none any more
     /// (expired, or never registered through etcd).
+    ///
+    /// etcd renews leases only over a `LeaseKeepAlive` stream, and
+    /// etcd-client's keeper sends one lease id per stream; so each lease
+    /// heartbeating through this replica keeps one stream open, and each
+    /// heartbeat is one request and one answer on it (no stream set-up per
+    /// heartbeat). A stream that breaks or stays silent for
+    /// [`REUSED_STREAM_PATIENCE`] is dropped and a new one opened.
     pub async fn keep_alive(&self, id: &str) -> Result<bool, StoreError> {
         let cached = self.leases.lock().unwrap().get(id).copied();
         let key = self.instance_key(id);
         let mut client = self.client.clone();
+        let keepers = self.keepers.clone();
         let alive = self
             .run("renew an instance lease", async move {
                 let lease = match cached {
@@ -599,15 +649,31 @@ impl EtcdStore {
                         }
                     }
                 };
-                let (_keeper, mut stream) = client
-                    .lease_keep_alive(lease)
-                    .await
-                    .map_err(etcd_error("renew an instance lease"))?;
-                let reply = stream
-                    .message()
-                    .await
-                    .map_err(etcd_error("renew an instance lease"))?;
-                Ok((reply.is_some_and(|r| r.ttl() > 0), lease))
+                let slot = keepers.lock().unwrap().entry(lease).or_default().clone();
+                let mut open = slot.lock().await;
+                if let Some((keeper, stream)) = open.as_mut() {
+                    let renewed = tokio::time::timeout(REUSED_STREAM_PATIENCE, async {
+                        keeper.keep_alive().await?;
+                        stream.message().await
+                    })
+                    .await;
+                    match renewed {
+                        Ok(Ok(Some(reply))) => return Ok((reply.ttl() > 0, lease)),
+                        // Broken, ended or silent: open a new stream.
+                        _ => *open = None,
+                    }
+                }
+                // `lease_keep_alive` opens the stream, sends one request
+                // and reads its answer itself (a TTL of 0, "lease not
+                // found", is an error there).
+                match client.lease_keep_alive(lease).await {
+                    Ok(pair) => {
+                        *open = Some(pair);
+                        Ok((true, lease))
+                    }
+                    Err(etcd_client::Error::LeaseKeepAliveError(_)) => Ok((false, lease)),
+                    Err(err) => Err(etcd_error("renew an instance lease")(err)),
+                }
             })
             .await?;
         let mut leases = self.leases.lock().unwrap();
@@ -615,6 +681,9 @@ impl EtcdStore {
             leases.insert(id.to_owned(), alive.1);
         } else {
             leases.remove(id);
+            drop(leases);
+            // The lease ended: its stream goes.
+            self.keepers.lock().unwrap().remove(&alive.1);
         }
         Ok(alive.0)
     }
@@ -820,14 +889,12 @@ impl EtcdStore {
     /// Remembers an instance's lease (from the watch).
     pub fn note_lease(&self, id: &str, lease: Option<i64>) {
         let mut leases = self.leases.lock().unwrap();
-        match lease {
-            Some(lease) if lease != 0 => {
-                leases.insert(id.to_owned(), lease);
-            }
-            _ => {
-                leases.remove(id);
-            }
-        }
+        let replaced = match lease {
+            Some(lease) if lease != 0 => leases.insert(id.to_owned(), lease),
+            _ => leases.remove(id),
+        };
+        drop(leases);
+        self.forget_keepers(replaced);
     }
 
     fn get_prefix_op(&self, rest: &str) -> TxnOp {
@@ -929,6 +996,9 @@ impl Store for EtcdStore {
             records.get(&r).map(meshlet_api::changes::ChangeStamp::of)
         });
         *self.leases.lock().unwrap() = leases;
+        // Streams of leases the store no longer holds close.
+        let open: Vec<i64> = self.keepers.lock().unwrap().keys().copied().collect();
+        self.forget_keepers(open);
         let at = response.header().map(|h| h.revision()).unwrap_or(0);
         self.loaded_at.store(at, Ordering::Relaxed);
         Ok(Loaded {
