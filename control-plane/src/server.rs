@@ -478,6 +478,17 @@ pub async fn run(
         ))),
         _ => None,
     };
+    let taps: Arc<crate::tap::TapHub> = Default::default();
+    let tap_sharing = match (&etcd, &peers) {
+        (Some(etcd), Some(peers)) => Some(tokio::spawn(crate::peers::taps::run(
+            peers.clone(),
+            taps.clone(),
+            etcd.client(),
+            etcd.prefix().to_owned(),
+            shutdown.clone(),
+        ))),
+        _ => None,
+    };
     let stats = Arc::new(StatsStore::new());
     let forget = tokio::spawn(crate::dashboard::forget_departed(
         controller.clone(),
@@ -497,7 +508,7 @@ pub async fn run(
         workload,
         connections: connections.clone(),
         inject: Arc::new(settings.inject_options()),
-        taps: Default::default(),
+        taps,
         peers: peers.clone(),
     });
     if let Some(etcd) = &etcd {
@@ -510,6 +521,9 @@ pub async fn run(
     let _ = replication.await;
     let _ = forget.await;
     let _ = rotation.await;
+    if let Some(tap_sharing) = tap_sharing {
+        let _ = tap_sharing.await;
+    }
     if let (Some(discovery), Some(etcd), Some(peers)) = (discovery, &etcd, &peers) {
         let _ = discovery.await;
         // The others drop this replica now rather than when its lease ends.

@@ -128,9 +128,10 @@ pub fn gate(path: Option<&str>) -> Gate {
         TRACES | TRACE => Gate::Action(Action::ReadTraces),
         TOKENS | TOKEN => Gate::Action(Action::ManageTokens),
         // Mesh-wide reads between replicas (`peers::routes`).
-        crate::peers::paths::TRACES | crate::peers::paths::TRACE | crate::peers::paths::STATS => {
-            Gate::Peer
-        }
+        crate::peers::paths::TRACES
+        | crate::peers::paths::TRACE
+        | crate::peers::paths::STATS
+        | crate::peers::paths::TAP_EVENTS => Gate::Peer,
         // A route added without a gate here: admins only, until it gets one.
         _ => Gate::Action(Action::ManageTokens),
     }

@@ -12,12 +12,15 @@
 //! nothing of that goes through etcd. A read on one replica asks each other
 //! live replica once (one request per peer per read) and merges
 //! (`merge.rs`). The peer routes are in `routes.rs`, their credential in
-//! `credential.rs`. A redb control plane has no `Peers`: reads stay local.
+//! `credential.rs`; taps are shared through etcd and their events
+//! forwarded to the replica holding the session (`taps.rs`). A redb
+//! control plane has no `Peers`: reads stay local.
 
 pub mod credential;
 pub mod merge;
 pub mod registry;
 pub mod routes;
+pub mod taps;
 pub mod view;
 
 use std::collections::BTreeMap;
@@ -34,9 +37,14 @@ pub mod paths {
     pub const TRACES: &str = "/api/v1/peer/traces";
     pub const TRACE: &str = "/api/v1/peer/traces/{id}";
     pub const STATS: &str = "/api/v1/peer/stats";
+    pub const TAP_EVENTS: &str = "/api/v1/peer/tap/{id}/events";
 
     pub fn trace(id: &str) -> String {
         format!("{TRACES}/{id}")
+    }
+
+    pub fn tap_events(id: &str) -> String {
+        format!("/api/v1/peer/tap/{id}/events")
     }
 }
 
@@ -184,6 +192,33 @@ impl Peers {
             }
         }
         gathered
+    }
+
+    /// POSTs `body` as JSON to replica `replica` (a live one) within the
+    /// peer timeout; its status, or why it could not be asked.
+    pub async fn post_json<B: Serialize>(
+        &self,
+        replica: &str,
+        path: &str,
+        body: &B,
+    ) -> Result<http::StatusCode, String> {
+        let peer = self
+            .replicas()
+            .into_iter()
+            .find(|r| r.id == replica)
+            .ok_or_else(|| format!("replica {replica:?} is not live"))?;
+        let authority = authority_of(&peer.url)?;
+        let bytes = serde_json::to_vec(body).map_err(|e| e.to_string())?;
+        let request = meshlet_client::request(http::Method::POST, &authority, path)
+            .header(PEER_HEADER, self.secret.token())
+            .header(http::header::CONTENT_TYPE, "application/json")
+            .body(http_body_util::Full::new(bytes::Bytes::from(bytes)))
+            .map_err(|e| e.to_string())?;
+        let reply = tokio::time::timeout(self.timeout, self.client.fetch(&authority, request))
+            .await
+            .map_err(|_| "no answer in time".to_owned())?
+            .map_err(|e| e.cause())?;
+        Ok(reply.status)
     }
 
     async fn get<T: DeserializeOwned>(

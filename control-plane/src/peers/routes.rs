@@ -5,7 +5,9 @@
 //! - `GET /api/v1/peer/traces?limit=&service=&minDurationMicros=` — this
 //!   replica's trace summaries (`TraceStore::list`);
 //! - `GET /api/v1/peer/traces/{id}` — its part of one trace (404: none);
-//! - `GET /api/v1/peer/stats` — its kept stats reports (`StatsStore::dump`).
+//! - `GET /api/v1/peer/stats` — its kept stats reports (`StatsStore::dump`);
+//! - `POST /api/v1/peer/tap/{id}/events` — a sidecar's tap batch that
+//!   another replica received for a tap this one holds (`taps.rs`).
 //!
 //! **Who may use them:** only a replica of the same mesh, with the peer
 //! credential (`credential.rs`) in `x-meshlet-peer`; the access guard's
@@ -33,6 +35,24 @@ pub fn routes() -> Router<AppState> {
         .route(paths::TRACES, get(traces))
         .route(paths::TRACE, get(trace))
         .route(paths::STATS, get(stats))
+        .route(
+            paths::TAP_EVENTS,
+            axum::routing::post(tap_events).layer(axum::extract::DefaultBodyLimit::max(
+                crate::tap::BATCH_BODY_LIMIT,
+            )),
+        )
+}
+
+/// A batch a sidecar posted to another replica for a tap this one holds
+/// (that replica checked the sidecar's token against the tap).
+async fn tap_events(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    body: Result<axum::body::Bytes, axum::extract::rejection::BytesRejection>,
+) -> Result<axum::http::StatusCode, ApiFailure> {
+    let batch: meshlet_api::tap::TapBatch = crate::extract::json_body(body)?;
+    state.taps.deliver_forwarded(&id, batch)?;
+    Ok(axum::http::StatusCode::NO_CONTENT)
 }
 
 #[derive(Debug, Deserialize)]
