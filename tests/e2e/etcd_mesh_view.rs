@@ -170,7 +170,7 @@ async fn get_with(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn spans_and_stats_reported_to_one_replica_are_read_through_another() {
     let etcd = EtcdCluster::start(3).await;
-    let dir = TempDir::new("mesh-view");
+    let dir = TempDir::new();
     let cps = replicas(&dir, &etcd, "/view-a", &[]).await;
     let all = ["replica-1", "replica-2", "replica-3"];
     wait_all_listed(&cps, &all).await;
@@ -307,7 +307,7 @@ async fn spans_and_stats_reported_to_one_replica_are_read_through_another() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_silent_replica_leaves_a_partial_answer_within_the_deadline() {
     let etcd = EtcdCluster::start(3).await;
-    let dir = TempDir::new("mesh-view-partial");
+    let dir = TempDir::new();
     let mut cps = replicas(&dir, &etcd, "/view-b", &["--peer-timeout", "500ms"]).await;
     wait_all_listed(&cps, &["replica-1", "replica-2", "replica-3"]).await;
     let start = now_nanos();
@@ -366,7 +366,7 @@ async fn a_silent_replica_leaves_a_partial_answer_within_the_deadline() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_tap_through_one_replica_sees_sidecars_watching_another() {
     let etcd = EtcdCluster::start(3).await;
-    let dir = TempDir::new("mesh-view-tap");
+    let dir = TempDir::new();
     let cps = replicas(&dir, &etcd, "/view-c", &[]).await;
     wait_all_listed(&cps, &["replica-1", "replica-2", "replica-3"]).await;
     // orders' sidecar watches replica 2, frontend's replica 3; nothing
@@ -381,9 +381,11 @@ async fn a_tap_through_one_replica_sees_sidecars_watching_another() {
         .control_plane(&cps[2])
         .start()
         .await;
-    wait::until("frontend routes to orders", Duration::from_secs(20), || async {
-        (!frontend.endpoints_of("orders").await.is_empty()).then_some(())
-    })
+    wait::until(
+        "frontend routes to orders",
+        Duration::from_secs(20),
+        || async { (!frontend.endpoints_of("orders").await.is_empty()).then_some(()) },
+    )
     .await;
     let stop = Arc::new(AtomicBool::new(false));
     let traffic = {
@@ -398,10 +400,19 @@ async fn a_tap_through_one_replica_sees_sidecars_watching_another() {
             }
         })
     };
-    let out = meshctl(&cps[0], &["tap", "service", "orders", "--max", "10", "-o", "json"]).await;
+    let out = meshctl(
+        &cps[0],
+        &["tap", "service", "orders", "--max", "10", "-o", "json"],
+    )
+    .await;
     stop.store(true, Ordering::Relaxed);
     let _ = traffic.await;
-    assert!(out.success(), "tap through replica 1: {} {}", out.stdout, out.stderr);
+    assert!(
+        out.success(),
+        "tap through replica 1: {} {}",
+        out.stdout,
+        out.stderr
+    );
     let lines: Vec<&str> = out.stdout.lines().collect();
     assert_eq!(lines.len(), 10, "{}", out.stdout);
     for line in lines {
