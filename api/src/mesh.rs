@@ -743,6 +743,16 @@ fn default_namespace() -> String {
 /// (`--store etcd`, where several replicas serve the same mesh).
 pub const REPLICA_HEADER: &str = "x-meshlet-replica";
 
+/// On a mesh-wide read with several replicas (the trace API, the
+/// dashboard's data): the replicas whose part is missing because they did
+/// not answer within the peer timeout, comma-separated. Absent when the
+/// answer is whole.
+pub const PARTIAL_HEADER: &str = "x-meshlet-partial";
+
+/// On a mesh-wide read with several replicas: how many live replicas'
+/// data the answer merges, `ANSWERED/LIVE` (this replica included).
+pub const MERGED_HEADER: &str = "x-meshlet-merged";
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -102,6 +102,7 @@ pub fn router(state: AppState) -> Router {
         .merge(crate::cert_routes::routes())
         .merge(crate::webhook::routes(state.inject.clone()))
         .merge(crate::tap_routes::routes())
+        .merge(crate::peers::routes::routes())
         .route(meshlet_api::check::paths::CHECK, get(crate::check::check))
         .merge(crate::access::session_routes(access.clone()))
         .fallback(|| async { ApiFailure::NotFound("no such API path".into()) })
@@ -347,12 +348,11 @@ async fn apply(
 
 /// Every applied resource with its last change and, for a dry-run
 /// policy, what it would have refused (from the stats reports).
-async fn resource_info(State(state): State<AppState>) -> Json<Vec<ResourceInfo>> {
+async fn resource_info(State(state): State<AppState>) -> Response {
     let published = state.controller.published();
     let window_ms = WouldRefuseRate::RATE_WINDOW_SECS * 1000;
-    let would_refuse = state
-        .stats
-        .traffic_over(now_ms(), window_ms, crate::stats::by_would_refuse);
+    let (stats, coverage) = crate::peers::view::stats(&state).await;
+    let would_refuse = stats.traffic_over(now_ms(), window_ms, crate::stats::by_would_refuse);
     let infos = published
         .resources
         .iter()
@@ -369,8 +369,8 @@ async fn resource_info(State(state): State<AppState>) -> Json<Vec<ResourceInfo>>
                 }
             }),
         })
-        .collect();
-    Json(infos)
+        .collect::<Vec<ResourceInfo>>();
+    coverage.apply(Json(infos).into_response())
 }
 
 /// Whether `resource` is a policy in `mode: dryRun`.
@@ -471,29 +471,35 @@ impl TraceParams {
     }
 }
 
+/// Mesh-wide with replicas: every live replica's traces, merged
+/// (`peers::view`; `x-meshlet-partial` names a replica that did not answer).
 async fn traces(
     State(state): State<AppState>,
     params: Result<Query<TraceParams>, QueryRejection>,
-) -> Result<Json<Vec<TraceSummary>>, ApiFailure> {
+) -> Result<Response, ApiFailure> {
     let query = query(params)?.into_query()?;
-    Ok(Json(state.traces.list(&query, Instant::now())))
+    let (list, coverage): (Vec<TraceSummary>, _) = crate::peers::view::traces(&state, &query).await;
+    Ok(coverage.apply(Json(list).into_response()))
 }
 
 async fn trace(
     State(state): State<AppState>,
     Path(id): Path<String>,
-) -> Result<Json<TraceDetail>, ApiFailure> {
+) -> Result<Response, ApiFailure> {
     let trace_id = TraceId::parse(&id).map_err(|e| ApiFailure::BadRequest(e.to_string()))?;
-    state
-        .traces
-        .get(trace_id, Instant::now())
-        .map(Json)
-        .ok_or_else(|| ApiFailure::NotFound(format!("trace {trace_id} not found")))
+    let (detail, coverage): (Option<TraceDetail>, _) =
+        crate::peers::view::trace(&state, trace_id).await;
+    let response = match detail {
+        Some(detail) => Json(detail).into_response(),
+        None => ApiFailure::NotFound(format!("trace {trace_id} not found")).into_response(),
+    };
+    Ok(coverage.apply(response))
 }
 
 /// `/healthz` answers `ok` (liveness); with `?detail` a JSON object with
-/// the store kind, the published revision and, with etcd, the replica id
-/// and etcd's health as this replica last saw it.
+/// the store kind, the published revision and, with etcd, the replica id,
+/// the live replicas registered in etcd (`peers::registry`: id, URL,
+/// start time, version) and etcd's health as this replica last saw it.
 async fn healthz(
     State(state): State<AppState>,
     axum::extract::RawQuery(raw): axum::extract::RawQuery,
@@ -506,11 +512,14 @@ async fn healthz(
         return "ok".into_response();
     }
     let revision = state.controller.published().revision;
+    let replicas = state.peers.as_ref().map(|peers| peers.replicas());
     let body = match state.controller.replica() {
         Some(etcd) => serde_json::json!({
             "status": "ok",
             "store": "etcd",
             "replica": etcd.replica_id(),
+            "advertiseUrl": state.peers.as_ref().map(|p| p.me().url.clone()),
+            "replicas": replicas,
             "revision": revision,
             "etcd": {
                 "up": etcd.health().up(),

@@ -106,6 +106,7 @@ async fn a_change_whose_client_hung_up_is_still_applied_and_published() {
         connections: Default::default(),
         inject: Default::default(),
         taps: Default::default(),
+        peers: None,
     });
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();

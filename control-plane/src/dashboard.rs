@@ -14,6 +14,9 @@
 //! aggregations ([`crate::stats`]) and shape the answer types of
 //! `meshlet_api::dashboard`; they never wait for the controller.
 //! [`forget_departed`] drops the stats of instances that left the registry.
+//! With replicas (`--store etcd`) the stats are every live replica's
+//! (`peers::view::stats`: one request per other replica per read; a
+//! replica that does not answer in time is named in `x-meshlet-partial`).
 //! Zero trust (issue 14): instances carry their SPIFFE identity, and a
 //! topology edge is `mtls` when both its services have registered
 //! instances with identities (the UI draws a padlock on it).
@@ -25,7 +28,7 @@ use axum::body::Bytes;
 use axum::extract::rejection::{BytesRejection, QueryRejection};
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
-use axum::response::IntoResponse;
+use axum::response::{IntoResponse, Response};
 use axum::Json;
 use meshlet_api::dashboard::{
     BreakerView, Golden, HistoryEntry, InstanceView, PoliciesView, RateLimitView, ResourceView,
@@ -142,11 +145,12 @@ pub async fn ingest(
 }
 
 /// `GET /api/v1/dashboard/services`.
-pub async fn services(State(state): State<AppState>) -> Json<Vec<ServiceView>> {
+pub async fn services(State(state): State<AppState>) -> Response {
+    let (stats, coverage) = crate::peers::view::stats(&state).await;
     let now = now_ms();
     let published = state.controller.published();
     let mut instances = instances_by_service(&published, &state.controller, now);
-    let traffic = state.stats.traffic(now, by_service);
+    let traffic = stats.traffic(now, by_service);
     let views = published
         .service_keys()
         .into_iter()
@@ -162,12 +166,13 @@ pub async fn services(State(state): State<AppState>) -> Json<Vec<ServiceView>> {
                 requests: window.total,
             }
         })
-        .collect();
-    Json(views)
+        .collect::<Vec<ServiceView>>();
+    coverage.apply(Json(views).into_response())
 }
 
 /// `GET /api/v1/dashboard/topology`.
-pub async fn topology(State(state): State<AppState>) -> Json<Topology> {
+pub async fn topology(State(state): State<AppState>) -> Response {
+    let (stats, coverage) = crate::peers::view::stats(&state).await;
     let now = now_ms();
     let published = state.controller.published();
     let keys = published.service_keys();
@@ -176,9 +181,7 @@ pub async fn topology(State(state): State<AppState>) -> Json<Topology> {
         .iter()
         .map(|key| (service_display(&key.namespace, &key.name), key.clone()))
         .collect();
-    let edges = state
-        .stats
-        .traffic(now, by_edge(|label| labels.get(label).cloned()));
+    let edges = stats.traffic(now, by_edge(|label| labels.get(label).cloned()));
     let gateways: std::collections::BTreeSet<ServiceKey> = published
         .instances
         .values()
@@ -225,11 +228,12 @@ pub async fn topology(State(state): State<AppState>) -> Json<Topology> {
             requests: window.total,
         })
         .collect();
-    Json(Topology { nodes, edges })
+    coverage.apply(Json(Topology { nodes, edges }).into_response())
 }
 
 /// `GET /api/v1/dashboard/policies`.
-pub async fn policies(State(state): State<AppState>) -> Result<Json<PoliciesView>, ApiFailure> {
+pub async fn policies(State(state): State<AppState>) -> Result<Response, ApiFailure> {
+    let (stats, coverage) = crate::peers::view::stats(&state).await;
     let now = now_ms();
     let published = state.controller.published();
     let resources = published
@@ -260,8 +264,7 @@ pub async fn policies(State(state): State<AppState>) -> Result<Json<PoliciesView
             changes: r.changes,
         })
         .collect();
-    let breakers = state
-        .stats
+    let breakers = stats
         .breakers()
         .into_iter()
         .map(|b| BreakerView {
@@ -275,8 +278,7 @@ pub async fn policies(State(state): State<AppState>) -> Result<Json<PoliciesView
             since_ms: b.since_ms,
         })
         .collect();
-    let rate_limits = state
-        .stats
+    let rate_limits = stats
         .traffic(now, by_rate_limit)
         .into_iter()
         .map(|((service, policy), window)| RateLimitView {
@@ -287,13 +289,16 @@ pub async fn policies(State(state): State<AppState>) -> Result<Json<PoliciesView
             refused: window.total,
         })
         .collect();
-    Ok(Json(PoliciesView {
-        revision: published.revision,
-        resources,
-        history,
-        breakers,
-        rate_limits,
-    }))
+    Ok(coverage.apply(
+        Json(PoliciesView {
+            revision: published.revision,
+            resources,
+            history,
+            breakers,
+            rate_limits,
+        })
+        .into_response(),
+    ))
 }
 
 #[derive(Debug, Deserialize)]
@@ -307,7 +312,7 @@ pub struct SeriesParams {
 pub async fn series(
     State(state): State<AppState>,
     params: Result<Query<SeriesParams>, QueryRejection>,
-) -> Result<Json<Series>, ApiFailure> {
+) -> Result<Response, ApiFailure> {
     let params = query(params)?;
     let key = match params.service.split_once('/') {
         Some((namespace, name)) if !namespace.is_empty() && !name.is_empty() => ServiceKey {
@@ -321,8 +326,8 @@ pub async fn series(
             )))
         }
     };
-    let points = state
-        .stats
+    let (stats, coverage) = crate::peers::view::stats(&state).await;
+    let points = stats
         .series(&key, now_ms())
         .into_iter()
         .map(|(at_ms, traffic)| SeriesPoint {
@@ -332,7 +337,7 @@ pub async fn series(
             p99_ms: traffic.percentile_ms(0.99),
         })
         .collect();
-    Ok(Json(Series { points }))
+    Ok(coverage.apply(Json(Series { points }).into_response()))
 }
 
 /// `GET /api/v1/dashboard/events`.

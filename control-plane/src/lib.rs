@@ -78,6 +78,7 @@ pub mod files;
 pub(crate) mod instances;
 pub(crate) mod listener;
 pub(crate) mod metrics;
+pub(crate) mod peers;
 pub(crate) mod push;
 pub(crate) mod registry;
 pub mod server;

@@ -33,6 +33,8 @@ use crate::controller::Controller;
 use crate::error::StartupError;
 use crate::error::StoreError;
 use crate::events::Activity;
+use crate::peers::credential::PeerSecret;
+use crate::peers::{Peers, ReplicaInfo};
 use crate::state::AppState;
 use crate::stats::StatsStore;
 use crate::store::etcd::{Bootstrap, EtcdSettings, EtcdStore};
@@ -69,6 +71,11 @@ fn parse_workload_ttl(text: &str) -> Result<Duration, String> {
         ));
     }
     Ok(d)
+}
+
+fn parse_advertise_url(text: &str) -> Result<String, String> {
+    crate::peers::authority_of(text)?;
+    Ok(text.trim_end_matches('/').to_owned())
 }
 
 fn parse_capacity(text: &str) -> Result<usize, String> {
@@ -224,6 +231,18 @@ pub struct Settings {
     /// `/metrics` (default: host name and API port).
     #[arg(long, env = "MESHLET_REPLICA_ID")]
     pub replica_id: Option<String>,
+    /// `--store etcd`: the URL the other replicas reach this one's API at
+    /// (`https://HOST[:PORT]`), registered under `PREFIX/replicas/`; its
+    /// host is added to the server certificate. Default: the listen
+    /// address, or with 0.0.0.0/:: the first --advertise-name, else the
+    /// host name (in Kubernetes: `https://$(POD_IP):15010`).
+    #[arg(long, env = "MESHLET_ADVERTISE_URL", value_parser = parse_advertise_url)]
+    pub advertise_url: Option<String>,
+    /// `--store etcd`: how long a mesh-wide read (traces, dashboard) waits
+    /// for each other replica; one that takes longer is left out of the
+    /// answer, which is marked partial (`x-meshlet-partial`).
+    #[arg(long, env = "MESHLET_PEER_TIMEOUT", default_value = "1s", value_parser = parse_duration)]
+    pub peer_timeout: Duration,
     // --- issue 19: the admission webhook (`POST /inject`).
     /// The sidecar image the admission webhook injects (as `meshctl
     /// inject --image`).
@@ -358,7 +377,16 @@ pub async fn run(
     };
     let (ca, origin) = crate::ca::load_or_create(&settings.data_dir, &settings.trust_domain)?;
     tracing::info!(?origin, subject = ca.subject(), "mesh CA");
-    let names = crate::ca::server_names(listen, &settings.advertise_names);
+    let mut advertise_names = settings.advertise_names.clone();
+    let advertise_url = etcd.as_ref().map(|_| advertise_url(&settings, listen));
+    if let Some(host) = advertise_url.as_deref().and_then(crate::peers::host_of) {
+        advertise_names.push(host);
+    }
+    let names = crate::ca::server_names(listen, &advertise_names);
+    // Every replica derives the same peer credential from the shared CA key.
+    let peer_secret = etcd
+        .as_ref()
+        .map(|etcd| Arc::new(PeerSecret::derive(&ca.key_pem(), etcd.prefix())));
     // ca.crt/ca.key always issue the API's certificate (see ca::roots).
     let cert = ca.issue_server_cert(&names, SERVER_CERT_TTL)?;
     let roots = crate::ca::Roots::load(&settings.data_dir, ca)?;
@@ -408,7 +436,12 @@ pub async fn run(
     }
     let connections = Arc::new(crate::listener::ConnectionStats::default());
     let tokens = Arc::new(RwLock::new(tokens));
-    let access = Access::new(tokens.clone(), AllowedHosts::new(&names));
+    let mut access = Access::new(tokens.clone(), AllowedHosts::new(&names));
+    let mut peers = None;
+    if let (Some(etcd), Some(secret), Some(url)) = (&etcd, &peer_secret, advertise_url) {
+        access = access.with_peer(secret.clone());
+        peers = Some(Arc::new(open_peers(&settings, etcd, secret.clone(), url)?));
+    }
     let (stop, stopped) = watch::channel(false);
     let external_stop = stop.clone();
     let external = tokio::spawn(async move {
@@ -436,6 +469,26 @@ pub async fn run(
         shutdown.clone(),
     ));
     let rotation = tokio::spawn(workload.clone().run(controller.clone(), shutdown.clone()));
+    let discovery = match (&etcd, &peers) {
+        (Some(etcd), Some(peers)) => Some(tokio::spawn(crate::peers::registry::run(
+            peers.clone(),
+            etcd.client(),
+            etcd.prefix().to_owned(),
+            shutdown.clone(),
+        ))),
+        _ => None,
+    };
+    let taps: Arc<crate::tap::TapHub> = Default::default();
+    let tap_sharing = match (&etcd, &peers) {
+        (Some(etcd), Some(peers)) => Some(tokio::spawn(crate::peers::taps::run(
+            peers.clone(),
+            taps.clone(),
+            etcd.client(),
+            etcd.prefix().to_owned(),
+            shutdown.clone(),
+        ))),
+        _ => None,
+    };
     let stats = Arc::new(StatsStore::new());
     let forget = tokio::spawn(crate::dashboard::forget_departed(
         controller.clone(),
@@ -455,7 +508,8 @@ pub async fn run(
         workload,
         connections: connections.clone(),
         inject: Arc::new(settings.inject_options()),
-        taps: Default::default(),
+        taps,
+        peers: peers.clone(),
     });
     if let Some(etcd) = &etcd {
         app = with_replica_header(app, etcd.replica_id())?;
@@ -467,7 +521,63 @@ pub async fn run(
     let _ = replication.await;
     let _ = forget.await;
     let _ = rotation.await;
+    if let Some(tap_sharing) = tap_sharing {
+        let _ = tap_sharing.await;
+    }
+    if let (Some(discovery), Some(etcd), Some(peers)) = (discovery, &etcd, &peers) {
+        let _ = discovery.await;
+        // The others drop this replica now rather than when its lease ends.
+        crate::peers::registry::deregister(&mut etcd.client(), etcd.prefix(), &peers.me().id).await;
+    }
     Ok(())
+}
+
+/// `--advertise-url`, or its default (see the flag).
+fn advertise_url(settings: &Settings, listen: SocketAddr) -> String {
+    if let Some(url) = &settings.advertise_url {
+        return url.clone();
+    }
+    let host = if listen.ip().is_unspecified() {
+        settings
+            .advertise_names
+            .first()
+            .cloned()
+            .unwrap_or_else(|| {
+                std::fs::read_to_string("/proc/sys/kernel/hostname")
+                    .map(|h| h.trim().to_owned())
+                    .unwrap_or_else(|_| "localhost".into())
+            })
+    } else {
+        match listen.ip() {
+            std::net::IpAddr::V6(ip) => format!("[{ip}]"),
+            ip => ip.to_string(),
+        }
+    };
+    format!("https://{host}:{}", listen.port())
+}
+
+/// `--store etcd`: this replica as the others see it, and the client that
+/// reaches them (TLS trusting only the mesh CA).
+fn open_peers(
+    settings: &Settings,
+    etcd: &EtcdStore,
+    secret: Arc<PeerSecret>,
+    url: String,
+) -> Result<Peers, StartupError> {
+    let ca_file = settings.data_dir.join(meshlet_api::access::CA_CERT_FILE);
+    let tls = meshlet_client::client_config_from_ca_file(&ca_file)
+        .map_err(|e| StoreError::Config(format!("peer replicas' TLS: {e}")))?;
+    let me = ReplicaInfo {
+        id: etcd.replica_id().to_owned(),
+        url,
+        started_at_ms: crate::clock::now_ms(),
+        version: env!("CARGO_PKG_VERSION").to_owned(),
+    };
+    tracing::info!(replica = %me.id, url = %me.url, "advertised to the other replicas");
+    let client = meshlet_client::Client::new()
+        .tls(tls)
+        .user_agent("meshlet-control-plane-peer");
+    Ok(Peers::new(me, secret, client, settings.peer_timeout))
 }
 
 /// The tokens from the store, with a working bootstrap admin token

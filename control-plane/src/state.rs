@@ -13,6 +13,7 @@ use crate::access::Access;
 use crate::controller::Controller;
 use crate::events::Activity;
 use crate::listener::ConnectionStats;
+use crate::peers::Peers;
 use crate::stats::StatsStore;
 use crate::store::Store;
 use crate::tap::TapHub;
@@ -45,6 +46,9 @@ pub struct AppState {
     pub inject: Arc<meshlet_api::inject::InjectOptions>,
     /// Live taps (`meshctl tap`).
     pub taps: Arc<TapHub>,
+    /// The other replicas (`--store etcd`), for mesh-wide reads; `None`
+    /// with redb: every read is local.
+    pub peers: Option<Arc<Peers>>,
 }
 
 impl FromRef<AppState> for Arc<TraceStore> {

@@ -490,6 +490,88 @@ impl StatsStore {
     }
 }
 
+/// One instance's kept stats as another replica reads them
+/// (`GET /api/v1/peer/stats`, see `peers`): what [`StatsStore::merged`]
+/// takes back.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct InstanceDump {
+    pub id: String,
+    pub service: ServiceKey,
+    /// `(received at, report, counted bytes)`, oldest first.
+    pub reports: Vec<(u64, StatsReport, usize)>,
+    /// The latest breaker states with since when each was seen.
+    pub breakers: Vec<(BreakerReport, u64)>,
+}
+
+impl StatsStore {
+    /// Every instance's kept reports (the mesh-wide dashboard's part from
+    /// this replica).
+    pub fn dump(&self) -> Vec<InstanceDump> {
+        self.lock()
+            .iter()
+            .map(|(id, i)| InstanceDump {
+                id: id.clone(),
+                service: i.service.clone(),
+                reports: i
+                    .reports
+                    .iter()
+                    .map(|r| (r.at_ms, r.report.clone(), r.bytes))
+                    .collect(),
+                breakers: i.breakers.clone(),
+            })
+            .collect()
+    }
+
+    /// A store holding every part (this replica's and its peers' dumps):
+    /// an instance that reported to several replicas (it failed over)
+    /// gets all its reports, in time order (each report is a delta, so
+    /// none counts twice), and the breakers of its latest report.
+    pub fn merged(parts: impl IntoIterator<Item = InstanceDump>) -> StatsStore {
+        let mut instances: HashMap<String, (InstanceStats, u64)> = HashMap::new();
+        for part in parts {
+            let latest = part.reports.last().map_or(0, |r| r.0);
+            let entry = instances.entry(part.id).or_insert_with(|| {
+                (
+                    InstanceStats {
+                        service: part.service.clone(),
+                        reports: VecDeque::new(),
+                        breakers: Vec::new(),
+                    },
+                    0,
+                )
+            });
+            if latest >= entry.1 {
+                entry.0.breakers = part.breakers;
+                entry.0.service = part.service;
+                entry.1 = latest;
+            }
+            entry.0.reports.extend(
+                part.reports
+                    .into_iter()
+                    .map(|(at_ms, report, bytes)| Stored {
+                        at_ms,
+                        report,
+                        bytes,
+                    }),
+            );
+        }
+        let instances = instances
+            .into_iter()
+            .map(|(id, (mut stats, _))| {
+                let mut reports: Vec<Stored> = stats.reports.drain(..).collect();
+                reports.sort_by_key(|r| r.at_ms);
+                let skip = reports.len().saturating_sub(MAX_REPORTS);
+                stats.reports = reports.into_iter().skip(skip).collect();
+                (id, stats)
+            })
+            .collect();
+        StatsStore {
+            instances: Mutex::new(instances),
+        }
+    }
+}
+
 /// The inbound routes of a report (what the reporting service served).
 pub fn inbound(report: &StatsReport) -> impl Iterator<Item = &RouteStats> {
     report
@@ -608,6 +690,47 @@ mod tests {
     }
 
     const T0: u64 = 1_000_000_000;
+
+    #[test]
+    fn stores_of_several_replicas_merge_as_if_one_had_every_report() {
+        // orders-1 reported to replica A, failed over, then to replica B;
+        // orders-2 only to B. One store that received everything is the
+        // reference.
+        let (a, b, all) = (StatsStore::new(), StatsStore::new(), StatsStore::new());
+        let sends = [
+            (&a, "orders-1", [10, 0, 0, 0], T0 - 10_000),
+            (&b, "orders-1", [0, 5, 0, 0], T0 - 5_000),
+            (&b, "orders-2", [0, 0, 7, 0], T0),
+        ];
+        for (store, id, counts, at) in sends {
+            for target in [store, &all] {
+                target
+                    .ingest(id, key("orders"), inbound_orders(counts, 1), 100, at)
+                    .unwrap();
+            }
+        }
+        let merged = StatsStore::merged(a.dump().into_iter().chain(b.dump()));
+        assert_eq!(merged.instances(), 2);
+        assert_eq!(
+            merged.traffic(T0, by_service),
+            all.traffic(T0, by_service),
+            "rates, totals and percentiles as from one store"
+        );
+        assert_eq!(
+            merged.series(&key("orders"), T0),
+            all.series(&key("orders"), T0)
+        );
+        let window = &merged.traffic(T0, by_service)[&key("orders")];
+        assert_eq!(window.total, 22);
+        // A dump survives JSON (what a peer sends).
+        let json = serde_json::to_vec(&b.dump()).unwrap();
+        let back: Vec<InstanceDump> = serde_json::from_slice(&json).unwrap();
+        let mut expected = b.dump();
+        let mut back = back;
+        expected.sort_by(|x, y| x.id.cmp(&y.id));
+        back.sort_by(|x, y| x.id.cmp(&y.id));
+        assert_eq!(back, expected);
+    }
 
     #[test]
     fn services_sum_their_instances_inbound_requests_and_rates() {

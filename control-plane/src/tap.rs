@@ -25,6 +25,13 @@
 //! [`KEEPALIVE`]), after `max` events, or at shutdown; dropping it removes
 //! its directive, the watch streams push the new set, and a sidecar still
 //! posting to it gets 404 and stops.
+//!
+//! **Several replicas** (`--store etcd`): `peers::taps` writes this
+//! replica's directives to etcd (`P/taps/{id}`, on a lease) and adds the
+//! other replicas' to this hub ([`TapHub::upsert_remote`]), so every
+//! replica pushes every tap to its own sidecars; a sidecar's batch for a
+//! tap another replica holds is checked here ([`may_report`]) and
+//! forwarded to that replica (`tap_routes`, `peers::routes`).
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -61,7 +68,15 @@ struct Entry {
 /// The live taps.
 pub struct TapHub {
     sessions: Mutex<HashMap<String, Entry>>,
+    /// Every live directive: this replica's sessions and the other
+    /// replicas' (what sidecars watching this replica are pushed).
     directives: watch::Sender<Arc<Vec<TapDirective>>>,
+    /// This replica's sessions' directives only (shared through etcd by
+    /// `peers::taps`).
+    local: watch::Sender<Arc<Vec<TapDirective>>>,
+    /// Other replicas' taps (`--store etcd`): id → directive and the
+    /// replica that holds the session.
+    remote: Mutex<HashMap<String, (TapDirective, String)>>,
 }
 
 impl Default for TapHub {
@@ -69,6 +84,8 @@ impl Default for TapHub {
         TapHub {
             sessions: Mutex::default(),
             directives: watch::Sender::new(Arc::new(Vec::new())),
+            local: watch::Sender::new(Arc::new(Vec::new())),
+            remote: Mutex::default(),
         }
     }
 }
@@ -152,9 +169,65 @@ impl TapHub {
     }
 
     fn publish(&self, sessions: &HashMap<String, Entry>) {
-        let mut all: Vec<TapDirective> = sessions.values().map(|e| e.directive.clone()).collect();
+        let mut local: Vec<TapDirective> = sessions.values().map(|e| e.directive.clone()).collect();
+        local.sort_by(|a, b| a.id.cmp(&b.id));
+        let mut all = local.clone();
+        all.extend(
+            self.remote
+                .lock()
+                .unwrap()
+                .values()
+                .filter(|(d, _)| !sessions.contains_key(&d.id))
+                .map(|(d, _)| d.clone()),
+        );
         all.sort_by(|a, b| a.id.cmp(&b.id));
+        self.local.send_replace(Arc::new(local));
         self.directives.send_replace(Arc::new(all));
+    }
+
+    /// This replica's own directives, as they change (`peers::taps`).
+    pub fn subscribe_local(&self) -> watch::Receiver<Arc<Vec<TapDirective>>> {
+        self.local.subscribe()
+    }
+
+    /// Another replica's tap, held by replica `holder`, is live: this
+    /// replica's sidecars are pushed its directive too.
+    pub fn upsert_remote(&self, directive: TapDirective, holder: String) {
+        self.remote
+            .lock()
+            .unwrap()
+            .insert(directive.id.clone(), (directive, holder));
+        self.publish(&self.sessions.lock().unwrap());
+    }
+
+    /// Another replica's tap ended.
+    pub fn remove_remote(&self, id: &str) {
+        let removed = self.remote.lock().unwrap().remove(id).is_some();
+        if removed {
+            self.publish(&self.sessions.lock().unwrap());
+        }
+    }
+
+    /// The directive and holder of tap `id` when another replica holds it
+    /// (not this one).
+    pub fn remote(&self, id: &str) -> Option<(TapDirective, String)> {
+        if self.sessions.lock().unwrap().contains_key(id) {
+            return None;
+        }
+        self.remote.lock().unwrap().get(id).cloned()
+    }
+
+    /// Hands a batch another replica forwarded (it checked the sidecar's
+    /// credential against the directive) to tap `id` of this replica.
+    pub(crate) fn deliver_forwarded(&self, id: &str, batch: TapBatch) -> Result<(), ApiFailure> {
+        self.deliver(
+            id,
+            batch,
+            &Principal {
+                name: "peer replica".into(),
+                role: Role::Admin,
+            },
+        )
     }
 
     /// Hands a sidecar's batch to tap `id` (404 if it ended; 403 if it
@@ -170,22 +243,7 @@ impl TapHub {
         let entry = sessions
             .get(id)
             .ok_or_else(|| ApiFailure::NotFound(format!("tap {id:?} has ended")))?;
-        if let Role::Sidecar { namespace, service } = &principal.role {
-            let filter = &entry.directive.filter;
-            let selects = filter.namespace == *namespace
-                && filter.service.as_ref().is_none_or(|s| s == service);
-            if !selects {
-                return Err(ApiFailure::Forbidden(format!(
-                    "token {:?} is for {namespace}/{service}, which tap {id:?} does not select",
-                    principal.name
-                )));
-            }
-        }
-        if batch.events.len() > MAX_BATCH_EVENTS {
-            return Err(ApiFailure::BadRequest(format!(
-                "a tap batch holds at most {MAX_BATCH_EVENTS} events"
-            )));
-        }
+        may_report(&entry.directive, &batch, principal)?;
         let mut lost = batch.dropped;
         for event in batch.events {
             if entry.events.try_send(event).is_err() {
@@ -197,6 +255,34 @@ impl TapHub {
         }
         Ok(())
     }
+}
+
+/// Whether `principal` may post `batch` to the tap of `directive`: a
+/// sidecar token only for a tap that selects its own service, and a batch
+/// within [`MAX_BATCH_EVENTS`].
+pub(crate) fn may_report(
+    directive: &TapDirective,
+    batch: &TapBatch,
+    principal: &Principal,
+) -> Result<(), ApiFailure> {
+    let id = &directive.id;
+    if let Role::Sidecar { namespace, service } = &principal.role {
+        let filter = &directive.filter;
+        let selects =
+            filter.namespace == *namespace && filter.service.as_ref().is_none_or(|s| s == service);
+        if !selects {
+            return Err(ApiFailure::Forbidden(format!(
+                "token {:?} is for {namespace}/{service}, which tap {id:?} does not select",
+                principal.name
+            )));
+        }
+    }
+    if batch.events.len() > MAX_BATCH_EVENTS {
+        return Err(ApiFailure::BadRequest(format!(
+            "a tap batch holds at most {MAX_BATCH_EVENTS} events"
+        )));
+    }
+    Ok(())
 }
 
 fn random_id() -> String {

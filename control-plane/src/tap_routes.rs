@@ -130,6 +130,21 @@ async fn events(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<StatusCode, ApiFailure> {
     let batch: TapBatch = json_body(body)?;
+    // Another replica's tap (`--store etcd`): checked here, delivered there.
+    if let (Some(peers), Some((directive, holder))) = (&state.peers, state.taps.remote(&id)) {
+        crate::tap::may_report(&directive, &batch, &principal)?;
+        let path = crate::peers::paths::tap_events(&id);
+        return match peers.post_json(&holder, &path, &batch).await {
+            Ok(status) if status.is_success() => Ok(StatusCode::NO_CONTENT),
+            Ok(StatusCode::NOT_FOUND) => Err(ApiFailure::NotFound(format!("tap {id:?} has ended"))),
+            Ok(status) => Err(ApiFailure::Internal(format!(
+                "replica {holder:?} holding tap {id:?} answered {status}"
+            ))),
+            Err(reason) => Err(ApiFailure::Internal(format!(
+                "cannot reach replica {holder:?} holding tap {id:?}: {reason}"
+            ))),
+        };
+    }
     state.taps.deliver(&id, batch, &principal)?;
     Ok(StatusCode::NO_CONTENT)
 }

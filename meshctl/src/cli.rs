@@ -82,7 +82,7 @@ pub enum Command {
     },
     /// List services, a service's endpoints, or applied resources of a kind.
     ///
-    /// KIND: services (svc), endpoints (ep), healthcheckpolicies (hcp),
+    /// KIND: services (svc), endpoints (ep), replicas, healthcheckpolicies (hcp),
     /// ratelimitpolicies (rlp), circuitbreakerpolicies (cbp), retrypolicies
     /// (rp), timeoutpolicies (tp), trafficsplits (ts); any case, singular or
     /// plural.
@@ -634,6 +634,7 @@ async fn get(
             let service = ServiceRef::parse(name, namespace);
             services::get_endpoints(cp, &service, output).await
         }
+        KindArg::Replicas => crate::replicas::get_replicas(cp, output).await,
         KindArg::Resource(kind) => {
             resources::get_resources(cp, kind, name, namespace, output).await
         }
@@ -655,6 +656,9 @@ async fn describe(
         }
         KindArg::Endpoints => Err(CommandError::Usage(
             "describe endpoints: use describe service NAME".into(),
+        )),
+        KindArg::Replicas => Err(CommandError::Usage(
+            "describe replicas: use get replicas".into(),
         )),
         KindArg::Resource(kind) => {
             resources::describe_resource(cp, kind, name, namespace, output).await

@@ -14,6 +14,7 @@
 //! - [`resources`]: `apply`, `get`/`describe` of resource kinds, `delete`,
 //!   `diff`, `history`, `rollback`.
 //! - [`traceview`]: `traces` (a table) and `trace` (a waterfall).
+//! - [`replicas`]: `get replicas` (the control plane's replicas on etcd).
 //! - [`tokens`]: `token create|list|revoke`.
 //! - [`ca`]: `ca status|rotate` (the mesh CA's roots, a rotation).
 //! - [`check`]: `meshctl check` (the control plane's `CheckReport` judged
@@ -37,6 +38,7 @@ pub mod cli;
 pub mod client;
 pub mod error;
 pub mod output;
+pub mod replicas;
 pub mod resources;
 pub mod services;
 pub mod tap;

@@ -35,6 +35,8 @@ pub enum KindArg {
     Services,
     /// The endpoints of one service.
     Endpoints,
+    /// The control plane's replicas (`--store etcd`).
+    Replicas,
     /// An applied resource kind (its canonical name, e.g. `RateLimitPolicy`).
     Resource(&'static str),
 }
@@ -60,6 +62,7 @@ pub fn resolve_kind(arg: &str) -> Result<KindArg, CommandError> {
     match lower.as_str() {
         "service" | "services" | "svc" => return Ok(KindArg::Services),
         "endpoint" | "endpoints" | "ep" => return Ok(KindArg::Endpoints),
+        "replica" | "replicas" => return Ok(KindArg::Replicas),
         _ => {}
     }
     KINDS
@@ -70,7 +73,7 @@ pub fn resolve_kind(arg: &str) -> Result<KindArg, CommandError> {
         .map(|(kind, _, _)| KindArg::Resource(kind))
         .ok_or_else(|| {
             CommandError::Usage(format!(
-                "unknown kind {arg:?}: use services, endpoints, healthcheckpolicies (hcp), \
+                "unknown kind {arg:?}: use services, endpoints, replicas, healthcheckpolicies (hcp), \
                  ratelimitpolicies (rlp), circuitbreakerpolicies (cbp), retrypolicies (rp), \
                  timeoutpolicies (tp), trafficsplits (ts), tracingpolicies (trp), \
                  mtlspolicies (mtls), authorizationpolicies (ap), routes (rt) or \

@@ -314,6 +314,14 @@ impl ControlPlaneProcess {
         matches!(self.child.try_wait(), Ok(None))
     }
 
+    /// Sends `signal` (e.g. SIGSTOP: a replica that accepts connections
+    /// and never answers).
+    pub fn signal(&self, signal: nix::sys::signal::Signal) {
+        if let Some(pid) = self.child.id() {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), signal);
+        }
+    }
+
     /// `kill -9`, and wait for the process to be gone.
     pub async fn kill9(&mut self) {
         let _ = self.child.start_kill();

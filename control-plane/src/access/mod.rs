@@ -12,6 +12,10 @@
 //!            as a request extension (the audit actor; instance ownership checks)
 //! ```
 //!
+//! The peer routes (`/api/v1/peer/*`, `Gate::Peer`) take the replicas'
+//! credential (`x-meshlet-peer`, see `peers::credential`) and nothing
+//! else, and that credential is accepted nowhere else.
+//!
 //! A session cookie never authorizes a change: it is HttpOnly,
 //! SameSite=Strict, Secure, and only GET/HEAD accept it, so a page on
 //! another origin can neither read the API nor change anything through a
@@ -31,6 +35,7 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 
 use crate::auth::{AuthError, Principal, Tokens};
+use crate::peers::credential::{PeerSecret, PEER_HEADER};
 
 pub use hosts::AllowedHosts;
 pub use routes::{gate, Gate};
@@ -44,6 +49,9 @@ pub struct Access {
     pub tokens: Arc<RwLock<Tokens>>,
     pub sessions: Arc<Sessions>,
     pub hosts: Arc<AllowedHosts>,
+    /// The replicas' shared credential (`--store etcd`); `None`: every
+    /// peer route is refused.
+    pub peer: Option<Arc<PeerSecret>>,
 }
 
 impl std::fmt::Debug for Access {
@@ -58,6 +66,25 @@ impl Access {
             tokens,
             sessions: Arc::new(Sessions::default()),
             hosts: Arc::new(hosts),
+            peer: None,
+        }
+    }
+
+    /// Accepts the peer credential on the peer routes.
+    pub fn with_peer(mut self, secret: Arc<PeerSecret>) -> Access {
+        self.peer = Some(secret);
+        self
+    }
+
+    /// Whether `request` carries this mesh's peer credential.
+    fn is_peer(&self, request: &Request) -> bool {
+        let presented = request
+            .headers()
+            .get(PEER_HEADER)
+            .and_then(|v| v.to_str().ok());
+        match (&self.peer, presented) {
+            (Some(secret), Some(presented)) => secret.verify(presented),
+            _ => false,
         }
     }
 
@@ -106,6 +133,18 @@ pub async fn guard(
     let gate = gate(path);
     if gate == Gate::Public {
         return next.run(request).await;
+    }
+    if gate == Gate::Peer {
+        if access.is_peer(&request) {
+            return next.run(request).await;
+        }
+        return refusal(
+            StatusCode::UNAUTHORIZED,
+            "unauthenticated",
+            "an internal route between control-plane replicas: only a replica of this mesh \
+             may call it"
+                .to_owned(),
+        );
     }
     let principal = match access.principal(&request) {
         Ok(principal) => principal,

@@ -8,6 +8,8 @@
 //! `RotateCa` (admin). `GET /api/v1/check` is `ReadRegistry` (admin,
 //! viewer); `GET /api/v1/tap` is `Tap` (admin, viewer; sidecars refused),
 //! `POST /api/v1/tap/{id}/events` `ReportTap` (sidecars, admins).
+//! `/api/v1/peer/*` (mesh-wide reads between replicas) is `Peer`: the peer
+//! credential only.
 //!
 //! A path no route matched (`None`) still needs a credential, so an
 //! unauthenticated caller learns nothing, not even which paths exist.
@@ -29,12 +31,23 @@ pub enum Gate {
     /// An admin, or a sidecar for the instance's own service (checked
     /// again by the handler, which knows the service).
     Instance,
+    /// Another control-plane replica of this mesh, with the peer
+    /// credential (`peers::credential`) and nothing else: the guard checks
+    /// it before (and instead of) any token or session.
+    Peer,
 }
 
 impl Gate {
     pub fn check(&self, principal: &Principal) -> Result<(), Denied> {
         match self {
             Gate::Public | Gate::Authenticated => Ok(()),
+            // The guard answers a peer route itself; no principal passes.
+            Gate::Peer => Err(Denied {
+                principal: principal.name.clone(),
+                role: principal.role.to_string(),
+                action: "peer-read".to_owned(),
+                reason: "only another control-plane replica may use this route",
+            }),
             Gate::Action(action) => principal.may(*action),
             Gate::Instance => match principal.role {
                 Role::Admin | Role::Sidecar { .. } => Ok(()),
@@ -114,6 +127,11 @@ pub fn gate(path: Option<&str>) -> Gate {
         TAP_EVENTS => Gate::Action(Action::ReportTap),
         TRACES | TRACE => Gate::Action(Action::ReadTraces),
         TOKENS | TOKEN => Gate::Action(Action::ManageTokens),
+        // Mesh-wide reads between replicas (`peers::routes`).
+        crate::peers::paths::TRACES
+        | crate::peers::paths::TRACE
+        | crate::peers::paths::STATS
+        | crate::peers::paths::TAP_EVENTS => Gate::Peer,
         // A route added without a gate here: admins only, until it gets one.
         _ => Gate::Action(Action::ManageTokens),
     }

@@ -372,6 +372,12 @@ impl EtcdStore {
         &self.health
     }
 
+    /// A handle on the etcd client (replica discovery, `peers::registry`,
+    /// uses it for its own keys under the prefix).
+    pub fn client(&self) -> Client {
+        self.client.clone()
+    }
+
     /// The etcd revision the last `load` read at.
     pub fn loaded_at(&self) -> i64 {
         self.loaded_at.load(Ordering::Relaxed)
