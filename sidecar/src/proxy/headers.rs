@@ -217,7 +217,13 @@ pub fn set_source_headers(headers: &mut HeaderMap, verified: Option<(&HeaderValu
 /// connection), so the common case — no prior `x-forwarded-for` — copies
 /// nothing.
 pub fn add_forwarded(headers: &mut HeaderMap, client_ip: &HeaderValue, proto: &'static str) {
-    let value = match headers.get(&X_FORWARDED_FOR) {
+    let [prior] = present(headers, [&X_FORWARDED_FOR]);
+    let prior = if prior {
+        headers.get(&X_FORWARDED_FOR)
+    } else {
+        None
+    };
+    let value = match prior {
         Some(prior) => {
             let mut joined = Vec::with_capacity(prior.len() + 2 + client_ip.len());
             joined.extend_from_slice(prior.as_bytes());
