@@ -40,7 +40,7 @@ WARM="${SYSCALLS_WARMUP:-2000}"
 SCONNS="${SYSCALLS_CONNS:-32}"
 TARGETS="${SYSCALLS_TARGETS:-nginx inbound policies outbound}"
 KINDS=(read write readv writev recvfrom sendto recvmsg sendmsg epoll_wait epoll_pwait
-    epoll_ctl futex setsockopt accept4 connect close)
+    epoll_ctl futex setsockopt getsockopt brk accept4 connect close)
 
 BINS=("$@")
 [[ ${#BINS[@]} -gt 0 ]] || BINS=("$ROOT/target/release/sidecar")
