@@ -118,14 +118,14 @@ load() {
 # count PID PORT [HOST]: sets COUNT[kind] (per request) over REQUESTS requests.
 declare -A COUNT
 count() {
-    local pid=$1 port=$2 host=${3:-} events=() k
+    local pid=$1 port=$2 authority=${3:-} events=() k
     for k in "${KINDS[@]}"; do events+=(-e "syscalls:sys_enter_$k"); done
     events+=(-e raw_syscalls:sys_enter)
-    load "$port" "$WARM" "$host"
+    load "$port" "$WARM" "$authority"
     perf stat -x, "${events[@]}" -p "$pid" -o "$TMP/perf.out" &
     local perf_pid=$!
     sleep 0.5
-    load "$port" "$REQUESTS" "$host"
+    load "$port" "$REQUESTS" "$authority"
     kill -INT "$perf_pid"
     wait "$perf_pid" || true
     COUNT=()
