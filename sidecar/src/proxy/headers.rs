@@ -36,8 +36,11 @@ const HTTP2_SETTINGS: HeaderName = HeaderName::from_static("http2-settings");
 /// `HTTP2-Settings` is removed, so the request is forwarded as an
 /// ordinary one. Call before [`wants_upgrade`].
 pub fn drop_h2c_upgrade(headers: &mut HeaderMap) {
-    headers.remove(HTTP2_SETTINGS);
-    if !headers.contains_key(header::UPGRADE) {
+    let [settings, upgrade] = present(headers, [&HTTP2_SETTINGS, &header::UPGRADE]);
+    if settings {
+        headers.remove(HTTP2_SETTINGS);
+    }
+    if !upgrade {
         return;
     }
     let mut h2c = false;
@@ -121,12 +124,16 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
         // above are removed with it, except `TE`: named there, even a
         // `TE: trailers` goes). Collect first: the map can't be changed
         // while its Connection values are borrowed.
+        // The usual tokens (`keep-alive`, `upgrade`, ...) name a field of
+        // the list: matched as text, they cost no `HeaderName` parse.
         let named: Vec<HeaderName> = headers
             .get_all(header::CONNECTION)
             .iter()
             .filter_map(|v| v.to_str().ok())
             .flat_map(|v| v.split(','))
-            .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+            .map(str::trim)
+            .filter(|t| !in_fixed_list(t))
+            .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
             .filter(|name| *name == header::TE || !HOP_BY_HOP.contains(name))
             .collect();
         for name in named {
@@ -160,9 +167,38 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
 
 /// Removes every copy of the identity headers a client sent.
 pub fn remove_source_headers(headers: &mut HeaderMap) {
-    // `remove` drops every value of the name, not only the first.
-    headers.remove(SOURCE_HEADER);
-    headers.remove(SOURCE_IDENTITY_HEADER);
+    // One pass over the names instead of hashing two names the request
+    // almost never has; `remove` drops every value of the name.
+    let [source, identity] = present(headers, [&SOURCE_HEADER, &SOURCE_IDENTITY_HEADER]);
+    if source {
+        headers.remove(SOURCE_HEADER);
+    }
+    if identity {
+        headers.remove(SOURCE_IDENTITY_HEADER);
+    }
+}
+
+/// Which of `names` the map has, found in one pass over its names
+/// (comparisons of names, no hashing). Cheaper than a `contains_key` or
+/// `remove` per name for the few fields a request has, and the names
+/// looked for are usually absent.
+pub fn present<const N: usize>(headers: &HeaderMap, names: [&HeaderName; N]) -> [bool; N] {
+    let mut found = [false; N];
+    for name in headers.keys() {
+        if let Some(at) = names.iter().position(|n| *n == name) {
+            found[at] = true;
+        }
+    }
+    found
+}
+
+/// Whether a `Connection` token names a field of [`HOP_BY_HOP`] other than
+/// `TE` (removed with the list anyway; `TE` named by `Connection` must go
+/// even as `TE: trailers`).
+fn in_fixed_list(token: &str) -> bool {
+    HOP_BY_HOP
+        .iter()
+        .any(|name| *name != header::TE && token.eq_ignore_ascii_case(name.as_str()))
 }
 
 /// Replaces the identity headers with the verified caller's (`None`: a
@@ -181,7 +217,13 @@ pub fn set_source_headers(headers: &mut HeaderMap, verified: Option<(&HeaderValu
 /// connection), so the common case — no prior `x-forwarded-for` — copies
 /// nothing.
 pub fn add_forwarded(headers: &mut HeaderMap, client_ip: &HeaderValue, proto: &'static str) {
-    let value = match headers.get(&X_FORWARDED_FOR) {
+    let [prior] = present(headers, [&X_FORWARDED_FOR]);
+    let prior = if prior {
+        headers.get(&X_FORWARDED_FOR)
+    } else {
+        None
+    };
+    let value = match prior {
         Some(prior) => {
             let mut joined = Vec::with_capacity(prior.len() + 2 + client_ip.len());
             joined.extend_from_slice(prior.as_bytes());

@@ -856,8 +856,19 @@ fn closed_before_response(error: &hyper::Error) -> bool {
 /// else the caller's (`x-meshlet-orig-proto`), else as it arrived; the
 /// mark is removed. An upgrade stays HTTP/1.1.
 fn for_app(request: &mut Request<ProxyBody>, declared: Option<AppProtocol>) {
-    let orig = request.headers_mut().remove(ORIG_PROTO);
-    if request.headers().contains_key(header::UPGRADE) {
+    // One pass over the names instead of two hash lookups: the mark is
+    // there only after an mTLS hop, `Upgrade` only on an upgrade.
+    let (mut orig, mut upgrade) = (false, false);
+    for name in request.headers().keys() {
+        orig |= *name == ORIG_PROTO;
+        upgrade |= name == header::UPGRADE;
+    }
+    let orig = if orig {
+        request.headers_mut().remove(ORIG_PROTO)
+    } else {
+        None
+    };
+    if upgrade {
         return;
     }
     let http2 = match (declared, orig.as_ref().map(|v| v.as_bytes())) {

@@ -128,10 +128,28 @@ impl Incoming {
     /// The request's trace context: W3C first, then B3 single, then B3
     /// multi. `None` when there is none or it is invalid.
     pub fn extract(headers: &HeaderMap) -> Option<Incoming> {
-        if let Some(context) = from_w3c(headers) {
-            return Some(context);
+        // Most requests carry no context at all: one pass over the names
+        // (comparisons, no hashing) says which lookups can find anything.
+        let (mut w3c, mut b3_single, mut b3_multi) = (false, false, false);
+        for name in headers.keys() {
+            w3c |= *name == TRACEPARENT;
+            b3_single |= *name == B3;
+            b3_multi |= *name == B3_TRACE_ID;
         }
-        from_b3_single(headers).or_else(|| from_b3_multi(headers))
+        if w3c {
+            if let Some(context) = from_w3c(headers) {
+                return Some(context);
+            }
+        }
+        if b3_single {
+            if let Some(context) = from_b3_single(headers) {
+                return Some(context);
+            }
+        }
+        if b3_multi {
+            return from_b3_multi(headers);
+        }
+        None
     }
 }
 
