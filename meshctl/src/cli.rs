@@ -450,10 +450,18 @@ async fn online(
 }
 
 /// What meshctl says on stderr about who answered: a skipped server
-/// always (a replica is down), the answering server and replica with
-/// `-v`. Never stdout, which stays the command's output.
+/// always (a replica is down), a mesh-wide read that lacks some replicas'
+/// part always, the answering server and replica with `-v`. Never stdout,
+/// which stays the command's output.
 fn answered_lines(answered: &client::Answered, verbose: bool) -> Vec<String> {
     let mut lines = Vec::new();
+    if !answered.partial.is_empty() {
+        lines.push(format!(
+            "meshctl: warning: partial answer: replica {} did not answer in time; \
+             the traces and statistics only it holds are missing",
+            answered.partial.join(", ")
+        ));
+    }
     if let Some(server) = &answered.server {
         for (skipped, cause) in &answered.skipped {
             lines.push(format!(
@@ -705,6 +713,7 @@ mod tests {
             server: Some("https://b:1".into()),
             replica: Some("cp-1".into()),
             skipped: Vec::new(),
+            partial: Vec::new(),
         };
         assert!(
             answered_lines(&answered, false).is_empty(),
@@ -725,6 +734,14 @@ mod tests {
         assert_eq!(
             answered_lines(&answered, true)[1],
             "meshctl: answered by https://b:1"
+        );
+        // A mesh-wide read that left a replica out says so, -v or not.
+        answered.skipped.clear();
+        answered.partial = vec!["cp-2".into(), "cp-3".into()];
+        assert_eq!(
+            answered_lines(&answered, false),
+            ["meshctl: warning: partial answer: replica cp-2, cp-3 did not answer in time; \
+              the traces and statistics only it holds are missing"]
         );
         assert!(parse(&["-v", "get", "services"]).unwrap().verbose);
         assert!(parse(&["get", "services", "--verbose"]).unwrap().verbose);

@@ -28,7 +28,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::{header, Method, StatusCode, Uri};
 use http_body_util::Full;
-use meshlet_api::mesh::ApiError;
+use meshlet_api::mesh::{ApiError, PARTIAL_HEADER};
 use meshlet_client::Client;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -161,6 +161,9 @@ pub struct Answered {
     pub replica: Option<String>,
     /// Servers skipped (unreachable) with why, each once.
     pub skipped: Vec<(String, String)>,
+    /// Replicas a mesh-wide read had to leave out (`x-meshlet-partial`:
+    /// they did not answer the replica that did in time), each once.
+    pub partial: Vec<String>,
 }
 
 /// The header a replicated control plane names itself in.
@@ -296,6 +299,12 @@ impl ControlPlane {
                     let mut answered = self.answered.lock().unwrap();
                     answered.server = Some(server.clone());
                     answered.replica = reply.header(REPLICA_HEADER).map(str::to_owned);
+                    let missing = reply.header(PARTIAL_HEADER).unwrap_or_default();
+                    for replica in missing.split(',').map(str::trim).filter(|r| !r.is_empty()) {
+                        if !answered.partial.iter().any(|known| known == replica) {
+                            answered.partial.push(replica.to_owned());
+                        }
+                    }
                     return Ok((reply.status, reply.body));
                 }
                 Err(err) => err,

@@ -349,6 +349,16 @@ async fn a_silent_replica_leaves_a_partial_answer_within_the_deadline() {
     // SIGKILLed: partial until its registration's lease ends, then whole
     // again without it.
     cps[2].kill9().await;
+    // meshctl says the answer lacks a replica's part (stderr), and still
+    // prints what it got (stdout).
+    let out = meshctl(&cps[0], &["traces"]).await;
+    assert!(out.success(), "{out:?}");
+    assert!(
+        out.stderr
+            .contains("meshctl: warning: partial answer: replica replica-3 did not answer"),
+        "{out:?}"
+    );
+    assert!(out.stdout.contains("orders"), "{out:?}");
     let reply = cps[0].get("/api/v1/dashboard/services").await;
     assert_eq!(reply.status, 200);
     assert_eq!(reply.header("x-meshlet-partial"), Some("replica-3"));
@@ -361,6 +371,8 @@ async fn a_silent_replica_leaves_a_partial_answer_within_the_deadline() {
     .await;
     let (requests, merged) = dashboard_requests(&cps[0], "orders").await;
     assert_eq!((requests, merged.as_deref()), (7, Some("2/2")));
+    let out = meshctl(&cps[0], &["traces"]).await;
+    assert!(out.success() && !out.stderr.contains("partial"), "{out:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

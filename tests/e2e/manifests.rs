@@ -22,11 +22,12 @@ fn both_kustomizations_build_and_pass_strict_validation() {
     // the MutatingWebhookConfiguration; kind: base + 4 demo Deployments and
     // 3 Services + the gateway's Deployment and Service.
     // ha: kind + the etcd StatefulSet, its headless Service, NetworkPolicy
-    // and PodDisruptionBudget, the control plane's PodDisruptionBudget.
+    // and PodDisruptionBudget, the control plane's PodDisruptionBudget and
+    // the NetworkPolicy admitting the replicas to each other.
     for (dir, expected) in [
         ("manifests/base", 5),
         ("manifests/overlays/kind", 14),
-        ("manifests/overlays/ha", 19),
+        ("manifests/overlays/ha", 20),
     ] {
         let yaml = succeed(&kubectl, &["kustomize", dir]);
         let passed = validate_strict(&validator, dir, &yaml);
@@ -90,6 +91,15 @@ fn the_ha_overlay_runs_three_control_planes_on_a_three_member_etcd() {
         assert!(pdb.contains("maxUnavailable: 1"), "{pdb}");
         assert!(pdb.contains("namespace: meshlet\n"), "{pdb}");
     }
+    // Each replica registers its pod IP for the others' fan-out, and they
+    // may reach each other's API.
+    assert!(
+        cp.contains("fieldPath: status.podIP")
+            && cp.contains("- name: MESHLET_ADVERTISE_URL\n              value: https://$(POD_IP):15010\n"),
+        "{cp}"
+    );
+    let peers = document(&yaml, "NetworkPolicy", "meshlet-control-plane-peers");
+    assert!(peers.contains("port: 15010"), "{peers}");
     // The sidecars still reach the control plane's Service.
     let frontend = document(&yaml, "Deployment", "frontend");
     assert!(frontend.contains("https://meshlet-control-plane.meshlet.svc:15010"));
