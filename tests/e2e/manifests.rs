@@ -93,11 +93,14 @@ fn the_ha_overlay_runs_three_control_planes_on_a_three_member_etcd() {
     }
     // Each replica registers its pod IP for the others' fan-out, and they
     // may reach each other's API.
+    // POD_IP first: $(POD_IP) expands only from variables listed before.
+    let pod_ip = cp.find("- name: POD_IP\n");
+    let url = cp.find("- name: MESHLET_ADVERTISE_URL\n");
     assert!(
-        cp.contains("fieldPath: status.podIP")
-            && cp.contains("- name: MESHLET_ADVERTISE_URL\n              value: https://$(POD_IP):15010\n"),
+        pod_ip < url && pod_ip.is_some() && cp.contains("fieldPath: status.podIP"),
         "{cp}"
     );
+    assert!(cp.contains("value: https://$(POD_IP):15010\n"), "{cp}");
     let peers = document(&yaml, "NetworkPolicy", "meshlet-control-plane-peers");
     assert!(peers.contains("port: 15010"), "{peers}");
     // The sidecars still reach the control plane's Service.
