@@ -740,8 +740,10 @@ mod tests {
         answered.partial = vec!["cp-2".into(), "cp-3".into()];
         assert_eq!(
             answered_lines(&answered, false),
-            ["meshctl: warning: partial answer: replica cp-2, cp-3 did not answer in time; \
-              the traces and statistics only it holds are missing"]
+            [
+                "meshctl: warning: partial answer: replica cp-2, cp-3 did not answer in time; \
+              the traces and statistics only it holds are missing"
+            ]
         );
         assert!(parse(&["-v", "get", "services"]).unwrap().verbose);
         assert!(parse(&["get", "services", "--verbose"]).unwrap().verbose);
