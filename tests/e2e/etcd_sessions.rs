@@ -13,7 +13,7 @@
 //! - with etcd down, a cookie request and a log-in get 503
 //!   `store_unavailable`, and the session works again once etcd is back.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use http::Method;
 use meshlet_api::access::CreateToken;
@@ -89,6 +89,36 @@ async fn session_counts(cp: &ControlPlaneProcess) -> (f64, f64) {
     )
 }
 
+/// Figures, not assertions (a shared machine): the median of 20 dashboard
+/// reads with the cookie (one etcd get each) and with the bearer token.
+async fn report_latency(cp: &ControlPlaneProcess, cookie: &str, token: &str) {
+    fn median_ms(mut samples: Vec<Duration>) -> f64 {
+        samples.sort();
+        samples[samples.len() / 2].as_secs_f64() * 1000.0
+    }
+    let (mut by_cookie, mut by_token) = (Vec::new(), Vec::new());
+    let client = cp.client_with(token);
+    for _ in 0..20 {
+        let started = Instant::now();
+        assert_eq!(
+            with_cookie(cp, Method::GET, DASHBOARD, cookie).await.status,
+            200
+        );
+        by_cookie.push(started.elapsed());
+        let started = Instant::now();
+        assert_eq!(
+            cp.call(&client, Method::GET, DASHBOARD, None).await.status,
+            200
+        );
+        by_token.push(started.elapsed());
+    }
+    eprintln!(
+        "dashboard read, median of 20 (new TLS connection each): cookie {:.2} ms, bearer {:.2} ms",
+        median_ms(by_cookie),
+        median_ms(by_token)
+    );
+}
+
 async fn sessions_in_etcd(etcd: &EtcdCluster) -> Option<u64> {
     etcd.count_prefix(&format!("{PREFIX}/sessions/")).await
 }
@@ -158,6 +188,7 @@ async fn a_session_started_on_one_replica_is_honoured_and_ended_on_every_replica
         200
     );
     assert_eq!(session_counts(&cps[1]).await.1, reads_before + 1.0);
+    report_latency(&cps[1], &cookie, &viewer).await;
 
     // Log-out through replica 3 ends it on 1 and 2 at once.
     let reply = with_cookie(&cps[2], Method::DELETE, "/api/v1/session", &cookie).await;
