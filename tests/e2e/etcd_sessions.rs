@@ -11,7 +11,9 @@
 //!   does move it, so the counter is live);
 //! - a session outlives the replica that started it (SIGKILL);
 //! - with etcd down, a cookie request and a log-in get 503
-//!   `store_unavailable`, and the session works again once etcd is back.
+//!   `store_unavailable`, and the session works again once etcd is back;
+//! - the 1025th session of the mesh ends the oldest (started on another
+//!   replica), and etcd holds 1024.
 
 use std::time::{Duration, Instant};
 
@@ -229,4 +231,34 @@ async fn a_session_started_on_one_replica_is_honoured_and_ended_on_every_replica
         },
     )
     .await;
+}
+
+/// The mesh-wide bound: the log-in that makes 1025 sessions revokes the
+/// oldest one's lease (etcd deletes its key), whichever replica started it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_log_in_beyond_the_cap_ends_the_oldest_session_of_the_mesh() {
+    const CAP: u64 = 1024;
+    let etcd = EtcdCluster::start(1).await;
+    let dir = TempDir::new();
+    let cps = replicas(&dir, &etcd).await;
+    let admin = cps[0].admin_token();
+    let oldest = cookie_of(&log_in(&cps[0], &admin).await);
+    let second = cookie_of(&log_in(&cps[1], &admin).await);
+    for i in 2..CAP {
+        let reply = log_in(&cps[(i % 3) as usize], &admin).await;
+        assert_eq!(reply.status, 204, "log-in {i}: {}", reply.text());
+    }
+    assert_eq!(sessions_in_etcd(&etcd).await, Some(CAP));
+    assert_eq!(
+        with_cookie(&cps[2], Method::GET, DASHBOARD, &oldest)
+            .await
+            .status,
+        200
+    );
+    let newest = cookie_of(&log_in(&cps[2], &admin).await);
+    assert_eq!(sessions_in_etcd(&etcd).await, Some(CAP));
+    for (cookie, status) in [(&oldest, 401), (&second, 200), (&newest, 200)] {
+        let reply = with_cookie(&cps[1], Method::GET, DASHBOARD, cookie).await;
+        assert_eq!(reply.status, status, "{}", reply.text());
+    }
 }
