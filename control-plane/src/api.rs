@@ -540,6 +540,7 @@ async fn metrics(State(state): State<AppState>) -> Result<Response, ApiFailure> 
         &state.traces,
         &state.workload,
         &state.connections,
+        state.access.sessions.counts(),
         Instant::now(),
     )
     .map_err(|e| ApiFailure::Internal(format!("cannot encode metrics: {e}")))?;

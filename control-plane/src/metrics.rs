@@ -6,15 +6,18 @@
 //! snapshots and deltas sent) and the trace store's counters (one short
 //! lock), and the workload CA (roots, rotation phase, an atomic count of
 //! leaves issued), the controller's expiry pause state and the
-//! listener's connection counters (atomics). Each scrape builds fresh metric objects and encodes them, so the
+//! listener's connection counters (atomics), the dashboard sessions'
+//! counters (atomics, `access::sessions`). Each scrape builds fresh metric objects and encodes them, so the
 //! push and receive paths carry no metrics code beyond that one atomic.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
 use prometheus::core::Collector;
 use prometheus::proto::MetricFamily;
 use prometheus::{IntCounterVec, IntGaugeVec, Opts, TextEncoder};
 
+use crate::access::SessionCounts;
 use crate::controller::Controller;
 use crate::listener::ConnectionStats;
 use crate::traces::TraceStore;
@@ -88,6 +91,7 @@ pub fn render(
     traces: &TraceStore,
     workload: &Workload,
     connections: &ConnectionStats,
+    sessions: &SessionCounts,
     now: Instant,
 ) -> prometheus::Result<String> {
     let mut f = Families::default();
@@ -96,7 +100,32 @@ pub fn render(
     ca_families(&mut f, workload)?;
     trace_families(&mut f, traces, now)?;
     store_families(&mut f, controller)?;
+    session_families(&mut f, sessions)?;
     TextEncoder::new().encode_to_string(&f.0)
+}
+
+/// The dashboard's cookie requests: refused by reason, and the session
+/// reads they cost (etcd gets with `--store etcd`). A forged cookie counts
+/// under `mac` and costs no read.
+fn session_families(f: &mut Families, sessions: &SessionCounts) -> prometheus::Result<()> {
+    let read = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
+    f.counter(
+        "meshlet_sessions_rejected_total",
+        "Dashboard session cookies refused: mac (not signed by this mesh, no store read), \
+         unknown (ended or expired), token (its token revoked or expired).",
+        "reason",
+        &[
+            ("mac", read(&sessions.rejected_mac)),
+            ("unknown", read(&sessions.rejected_unknown)),
+            ("token", read(&sessions.rejected_token)),
+        ],
+    )?;
+    f.counter(
+        "meshlet_session_lookups_total",
+        "Dashboard session reads from the session store (etcd gets with --store etcd).",
+        "",
+        &[("", read(&sessions.lookups))],
+    )
 }
 
 /// `--store etcd`: the store kind, this replica, etcd's health and its

@@ -26,7 +26,7 @@ use std::time::Duration;
 use clap::{Parser, ValueEnum};
 use tokio::sync::watch;
 
-use crate::access::{Access, AllowedHosts};
+use crate::access::{Access, AllowedHosts, CookieKey, Sessions};
 use crate::api::router;
 use crate::auth::Tokens;
 use crate::controller::Controller;
@@ -387,6 +387,12 @@ pub async fn run(
     let peer_secret = etcd
         .as_ref()
         .map(|etcd| Arc::new(PeerSecret::derive(&ca.key_pem(), etcd.prefix())));
+    // ... and the same key for the dashboard's session cookies, whose
+    // sessions then live in etcd (`access::sessions`).
+    let shared_sessions = etcd.as_ref().map(|etcd| {
+        let key = CookieKey::derive(&ca.key_pem(), etcd.prefix());
+        Sessions::new(key, etcd.clone())
+    });
     // ca.crt/ca.key always issue the API's certificate (see ca::roots).
     let cert = ca.issue_server_cert(&names, SERVER_CERT_TTL)?;
     let roots = crate::ca::Roots::load(&settings.data_dir, ca)?;
@@ -437,6 +443,9 @@ pub async fn run(
     let connections = Arc::new(crate::listener::ConnectionStats::default());
     let tokens = Arc::new(RwLock::new(tokens));
     let mut access = Access::new(tokens.clone(), AllowedHosts::new(&names));
+    if let Some(sessions) = shared_sessions {
+        access = access.with_sessions(sessions);
+    }
     let mut peers = None;
     if let (Some(etcd), Some(secret), Some(url)) = (&etcd, &peer_secret, advertise_url) {
         access = access.with_peer(secret.clone());

@@ -37,13 +37,20 @@
 //! of ids no longer registered are dropped, and a registered instance
 //! without an owner gets 404 on its next heartbeat and registers again.
 //!
+//! **Dashboard sessions** are not part of [`Store`]: they live behind the
+//! small async [`SessionStore`] (see `access::sessions`), in memory with
+//! redb (`access::sessions::MemorySessions`) and in etcd with
+//! `--store etcd` (shared by every replica, see `store::etcd`).
+//!
 //! Three implementations: [`RedbStore`] (a redb file, every commit durable
 //! before it returns; the default), [`etcd::EtcdStore`] (`--store etcd`:
 //! an etcd cluster shared by several control-plane replicas, see its
 //! module docs) and [`MemoryStore`] for tests.
 
 use std::collections::BTreeMap;
+use std::future::Future;
 use std::path::{Path, PathBuf};
+use std::pin::Pin;
 use std::sync::Mutex;
 
 use meshlet_api::changes::ChangeStamp;
@@ -52,7 +59,7 @@ use meshlet_api::{Resource, ResourceKey};
 use redb::{ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 
-use crate::auth::{Owners, TokenRecord};
+use crate::auth::{Owners, TokenHash, TokenRecord};
 use crate::error::StoreError;
 
 pub mod etcd;
@@ -178,6 +185,39 @@ pub trait Store: Send + Sync + 'static {
     fn save_tokens(&self, tokens: &[TokenRecord]) -> Result<(), StoreError>;
     /// Records the instance ids claimed and released since the last call.
     fn save_owner_changes(&self, changes: &OwnerChanges) -> Result<(), StoreError>;
+}
+
+/// One dashboard log-in session as a [`SessionStore`] holds it, under
+/// the SHA-256 of its id (the id itself is never stored).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct StoredSession {
+    /// The token it stands for (checked again on every use).
+    pub token_name: String,
+    pub created_ms: u64,
+    /// The store forgets the session by then at the latest.
+    pub expires_ms: u64,
+}
+
+/// What a [`SessionStore`] call answers, later (etcd is a network call).
+pub type SessionFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, StoreError>> + Send + 'a>>;
+
+/// Where the dashboard's sessions live: one replica's memory, or etcd
+/// for every replica. The logic (cookies, the token check) is
+/// `access::sessions`'; a store only keeps records.
+pub trait SessionStore: Send + Sync + 'static {
+    /// Keeps `session` under `id` until its `expires_ms`; when that makes
+    /// more than `cap` sessions, the oldest others go.
+    fn put_session(
+        &self,
+        id: TokenHash,
+        session: StoredSession,
+        cap: usize,
+    ) -> SessionFuture<'_, ()>;
+    /// The session under `id`, if the store still holds it.
+    fn session(&self, id: TokenHash) -> SessionFuture<'_, Option<StoredSession>>;
+    /// Forgets the session under `id` (nothing if it is gone already).
+    fn delete_session(&self, id: TokenHash) -> SessionFuture<'_, ()>;
 }
 
 /// Changes to the instance owners, as [`Store::save_owner_changes`] writes

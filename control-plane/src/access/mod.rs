@@ -5,7 +5,8 @@
 //! request ─► Host check (an IP literal or a configured name, else 421: DNS rebinding)
 //!         ─► gate of the matched route (routes.rs: public, or the Action it needs)
 //!         ─► credential: `Authorization: Bearer TOKEN`, or for GET/HEAD only the
-//!            dashboard's session cookie (sessions.rs) ─► Principal (else 401)
+//!            dashboard's session cookie (sessions.rs) ─► Principal (else 401;
+//!            503 when the session store, etcd, cannot answer)
 //!         ─► a request that changes state must carry a non-"simple" content type
 //!            (JSON, protobuf), so no cross-site form or no-cors fetch can send it (415)
 //!         ─► Principal::may(action) (else 403) ─► the handler, with the Principal
@@ -21,7 +22,7 @@
 //! another origin can neither read the API nor change anything through a
 //! logged-in browser. Refusals are JSON `{"error": ...}` with an
 //! `x-meshlet-reason` header (`unauthenticated`, `denied`, `unknown_host`,
-//! `unsupported_media_type`).
+//! `unsupported_media_type`, `store_unavailable`).
 
 mod hosts;
 mod routes;
@@ -30,7 +31,7 @@ mod sessions;
 use std::sync::{Arc, RwLock};
 
 use axum::extract::{MatchedPath, Request, State};
-use axum::http::{header, HeaderValue, Method, StatusCode};
+use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 
@@ -39,7 +40,7 @@ use crate::peers::credential::{PeerSecret, PEER_HEADER};
 
 pub use hosts::AllowedHosts;
 pub use routes::{gate, Gate};
-pub use sessions::Sessions;
+pub use sessions::{CookieKey, SessionCounts, SessionError, Sessions};
 
 /// What the middleware needs: the token registry (shared with the token
 /// management routes, which persist it), the dashboard's sessions and the
@@ -64,10 +65,18 @@ impl Access {
     pub fn new(tokens: Arc<RwLock<Tokens>>, hosts: AllowedHosts) -> Access {
         Access {
             tokens,
-            sessions: Arc::new(Sessions::default()),
+            sessions: Arc::new(
+                Sessions::in_memory().expect("the system's random source (a session cookie key)"),
+            ),
             hosts: Arc::new(hosts),
             peer: None,
         }
+    }
+
+    /// Keeps the dashboard's sessions in `sessions` (etcd: every replica's).
+    pub fn with_sessions(mut self, sessions: Sessions) -> Access {
+        self.sessions = Arc::new(sessions);
+        self
     }
 
     /// Accepts the peer credential on the peer routes.
@@ -96,18 +105,20 @@ impl Access {
 
     /// The principal behind a request's credentials: the bearer token, else
     /// (for GET/HEAD) the session cookie.
-    fn principal(&self, request: &Request) -> Result<Principal, AuthError> {
-        if let Some(authorization) = request.headers().get(header::AUTHORIZATION) {
+    /// (Headers and method, not the request: its body is not `Sync`.)
+    async fn principal(
+        &self,
+        headers: &HeaderMap,
+        method: &Method,
+    ) -> Result<Principal, SessionError> {
+        if let Some(authorization) = headers.get(header::AUTHORIZATION) {
             let value = authorization.to_str().map_err(|_| AuthError::Malformed)?;
-            return self.authenticate_bearer(value);
+            return Ok(self.authenticate_bearer(value)?);
         }
-        let safe = matches!(*request.method(), Method::GET | Method::HEAD);
-        match sessions::cookie(request.headers()) {
-            Some(id) if safe => {
-                let tokens = self.tokens.read().unwrap_or_else(|e| e.into_inner());
-                self.sessions.principal(id, &tokens)
-            }
-            _ => Err(AuthError::Missing),
+        let safe = matches!(*method, Method::GET | Method::HEAD);
+        match sessions::cookie(headers) {
+            Some(cookie) if safe => self.sessions.principal(cookie, &self.tokens).await,
+            _ => Err(AuthError::Missing.into()),
         }
     }
 }
@@ -146,9 +157,10 @@ pub async fn guard(
                 .to_owned(),
         );
     }
-    let principal = match access.principal(&request) {
+    let principal = match access.principal(request.headers(), request.method()).await {
         Ok(principal) => principal,
-        Err(error) => return unauthenticated(&request, error),
+        Err(SessionError::Refused(error)) => return unauthenticated(&request, error),
+        Err(error) => return session_failure(error),
     };
     if changes_state(request.method()) && !typed_body(&request) {
         return refusal(
@@ -221,6 +233,24 @@ fn unauthenticated(request: &Request, error: AuthError) -> Response {
     response
 }
 
+/// A session store that cannot answer (503, etcd down) or a failure of
+/// this process (500); never a log-out.
+fn session_failure(error: SessionError) -> Response {
+    tracing::warn!(error = %error, "dashboard session");
+    match &error {
+        SessionError::Store(store) if store.is_unavailable() => refusal(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "store_unavailable",
+            format!("{error}; the session is kept, retry when the store is back"),
+        ),
+        _ => refusal(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            error.to_string(),
+        ),
+    }
+}
+
 /// `POST /api/v1/session {"token": "..."}` (log-in: a viewer or admin
 /// token becomes a session cookie) and `DELETE` (log-out).
 pub fn session_routes<S: Clone + Send + Sync + 'static>(access: Access) -> axum::Router<S> {
@@ -265,23 +295,34 @@ async fn log_in(State(access): State<Access>, request: Request) -> Response {
         let tokens = access.tokens.read().unwrap_or_else(|e| e.into_inner());
         tokens.authenticate(token.trim())
     };
-    let cookie = principal.and_then(|principal| access.sessions.start(&principal));
+    let cookie = match principal {
+        Ok(principal) => access.sessions.start(&principal).await,
+        Err(refused) => Err(refused.into()),
+    };
     match cookie {
-        Ok(cookie) => {
-            let mut response = StatusCode::NO_CONTENT.into_response();
-            response.headers_mut().insert(header::SET_COOKIE, cookie);
-            response
-        }
-        Err(_) => refusal(
+        Ok(cookie) => with_cookie(cookie),
+        Err(SessionError::Refused(_)) => refusal(
             StatusCode::UNAUTHORIZED,
             "unauthenticated",
             "not a valid viewer or admin token".to_owned(),
         ),
+        Err(error) => session_failure(error),
     }
 }
 
 async fn log_out(State(access): State<Access>, request: Request) -> Response {
-    let cookie = access.sessions.end(sessions::cookie(request.headers()));
+    match access
+        .sessions
+        .end(sessions::cookie(request.headers()))
+        .await
+    {
+        Ok(cookie) => with_cookie(cookie),
+        Err(error) => session_failure(error),
+    }
+}
+
+/// 204 with `Set-Cookie`.
+fn with_cookie(cookie: HeaderValue) -> Response {
     let mut response = StatusCode::NO_CONTENT.into_response();
     response.headers_mut().insert(header::SET_COOKIE, cookie);
     response

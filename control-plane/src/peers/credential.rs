@@ -15,6 +15,11 @@
 //! anywhere else (it is in no token table). It is checked in constant time
 //! (`ring::hmac::verify`). A redb control plane has no peers and refuses
 //! every internal call.
+//!
+//! [`derive_secret`] is the one derivation of a mesh-wide secret from the
+//! CA key; each use has its own label (this credential: [`LABEL`]; the
+//! dashboard sessions' cookie key: `access::sessions`), so no two uses
+//! ever share a value.
 
 use ring::hmac;
 
@@ -39,12 +44,28 @@ impl std::fmt::Debug for PeerSecret {
     }
 }
 
+/// A secret every replica of one mesh computes alike and nobody without
+/// the CA key can: HMAC-SHA256(key = the CA key's PEM, message = `label`
+/// followed by `scope`). `label` names the use (and its version), `scope`
+/// the mesh (the etcd prefix).
+pub fn derive_secret(ca_key_pem: &str, label: &[u8], scope: &str) -> hmac::Tag {
+    let (key, message) = keyed(ca_key_pem, label, scope);
+    hmac::sign(&key, &message)
+}
+
+/// The HMAC key and message of [`derive_secret`] (the peer credential
+/// keeps both to verify a presented value).
+fn keyed(ca_key_pem: &str, label: &[u8], scope: &str) -> (hmac::Key, Vec<u8>) {
+    let key = hmac::Key::new(hmac::HMAC_SHA256, ca_key_pem.as_bytes());
+    let mut message = label.to_vec();
+    message.extend_from_slice(scope.as_bytes());
+    (key, message)
+}
+
 impl PeerSecret {
     /// From the mesh CA's private key (PEM) and the etcd prefix.
     pub fn derive(ca_key_pem: &str, prefix: &str) -> PeerSecret {
-        let key = hmac::Key::new(hmac::HMAC_SHA256, ca_key_pem.as_bytes());
-        let mut message = LABEL.to_vec();
-        message.extend_from_slice(prefix.as_bytes());
+        let (key, message) = keyed(ca_key_pem, LABEL, prefix);
         let tag = hmac::sign(&key, &message);
         let token = format!("{TOKEN_PREFIX}{}", hex(tag.as_ref()));
         PeerSecret {
@@ -71,11 +92,14 @@ impl PeerSecret {
     }
 }
 
-fn hex(bytes: &[u8]) -> String {
+/// Lower-case hex of `bytes`.
+pub(crate) fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-fn unhex(text: &str) -> Option<Vec<u8>> {
+/// The bytes of lower- or upper-case hex (at most 64 bytes), `None` when
+/// it is not hex.
+pub(crate) fn unhex(text: &str) -> Option<Vec<u8>> {
     if !text.len().is_multiple_of(2) || text.len() > 128 {
         return None;
     }

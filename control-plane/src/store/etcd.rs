@@ -14,6 +14,7 @@
 //! | `P/resources/{Kind/namespace/name}` | a resource (JSON) |
 //! | `P/owners/{id}` | the name of the token that registered the instance |
 //! | `P/tokens` | the token records (hashes only), JSON, replaced whole |
+//! | `P/sessions/{sha256 hex of the id}` | a dashboard log-in [`StoredSession`] (JSON), attached to a lease of the session's TTL of its own |
 //! | `P/bootstrap/{ca.crt,ca.key,admin.token}` | the mesh CA and the bootstrap admin token, created once by the first replica |
 //!
 //! **A revision is one etcd transaction**: `if P/meta/revision == N-1 then
@@ -45,6 +46,14 @@
 //! expiry revision after a grace of one TTL (time for the instances
 //! still alive to heartbeat and register again), so every watcher is told.
 //!
+//! **Dashboard sessions** ([`SessionStore`], used by `access::sessions`):
+//! a log-in grants a lease of the session TTL and puts the record on it,
+//! counting the sessions in the same txn; beyond the cap the oldest (by
+//! create revision) lose their lease. A cookie request is one
+//! linearizable get, a log-out one delete (with the previous key, whose
+//! lease is then revoked), so a log-out through any replica is seen by
+//! the next request on every other.
+//!
 //! **Bridging the sync `Store` trait to async etcd**: the store owns a
 //! small tokio runtime of its own (one worker thread, `meshlet-etcd`).
 //! Every etcd call runs there; the sync trait methods hand the call over
@@ -63,9 +72,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use etcd_client::{
-    Certificate, Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, Identity,
-    LeaseKeepAliveStream, LeaseKeeper, PutOptions, SortOrder, SortTarget, TlsOptions, Txn, TxnOp,
-    TxnOpResponse, WatchOptions,
+    Certificate, Client, Compare, CompareOp, ConnectOptions, DeleteOptions, EventType, GetOptions,
+    Identity, LeaseKeepAliveStream, LeaseKeeper, PutOptions, SortOrder, SortTarget, TlsOptions,
+    Txn, TxnOp, TxnOpResponse, WatchOptions,
 };
 use meshlet_api::mesh::RevisionRecord;
 use meshlet_api::{Resource, ResourceKey};
@@ -73,9 +82,9 @@ use serde::{Deserialize, Serialize};
 
 use super::{
     last_changes, resource_key, AccessRecords, Commit, Loaded, OwnerChanges, ResourceChange,
-    Rewind, Store, StoredInstance, HISTORY_LIMIT,
+    Rewind, SessionFuture, SessionStore, Store, StoredInstance, StoredSession, HISTORY_LIMIT,
 };
-use crate::auth::{Owners, TokenRecord};
+use crate::auth::{Owners, TokenHash, TokenRecord};
 use crate::error::StoreError;
 
 /// The deadline of one etcd request (a txn, a get, a lease call).
@@ -407,6 +416,10 @@ impl EtcdStore {
 
     fn owner_key(&self, id: &str) -> String {
         format!("{}/owners/{id}", self.prefix)
+    }
+
+    fn session_key(&self, id: &TokenHash) -> String {
+        format!("{}/sessions/{}", self.prefix, id.to_hex())
     }
 
     /// Runs `f` on the store's runtime with the call deadline, recording
@@ -1159,5 +1172,123 @@ impl Store for EtcdStore {
             }
             Ok(())
         })
+    }
+}
+
+impl SessionStore for EtcdStore {
+    /// A lease of the session's TTL, then one txn: the put on that lease
+    /// and a count of the sessions; beyond `cap`, the oldest sessions'
+    /// leases are revoked (etcd deletes their keys). Concurrent log-ins
+    /// on several replicas may each see the count below the cap, so the
+    /// mesh may hold a few more than `cap` until the next log-in.
+    fn put_session(
+        &self,
+        id: TokenHash,
+        session: StoredSession,
+        cap: usize,
+    ) -> SessionFuture<'_, ()> {
+        let key = self.session_key(&id);
+        let prefix = self.key("sessions/");
+        let ttl_secs = session
+            .expires_ms
+            .saturating_sub(session.created_ms)
+            .div_ceil(1000)
+            .max(1) as i64;
+        let mut client = self.client.clone();
+        Box::pin(async move {
+            let bytes = super::encode("session", &session)?;
+            self.run("store a dashboard session", async move {
+                let lease = client
+                    .lease_grant(ttl_secs, None)
+                    .await
+                    .map_err(etcd_error("grant a session lease"))?
+                    .id();
+                let txn = Txn::new().and_then([
+                    TxnOp::put(key, bytes, Some(PutOptions::new().with_lease(lease))),
+                    TxnOp::get(
+                        prefix.clone(),
+                        Some(GetOptions::new().with_prefix().with_count_only()),
+                    ),
+                ]);
+                let response = client
+                    .txn(txn)
+                    .await
+                    .map_err(etcd_error("store a dashboard session"))?;
+                let count = response
+                    .op_responses()
+                    .iter()
+                    .find_map(|op| match op {
+                        TxnOpResponse::Get(get) => Some(get.count()),
+                        _ => None,
+                    })
+                    .unwrap_or(0);
+                let excess = count.saturating_sub(cap as i64);
+                if excess <= 0 {
+                    return Ok(());
+                }
+                let oldest = client
+                    .get(
+                        prefix,
+                        Some(
+                            GetOptions::new()
+                                .with_prefix()
+                                .with_keys_only()
+                                .with_sort(SortTarget::Create, SortOrder::Ascend)
+                                .with_limit(excess),
+                        ),
+                    )
+                    .await
+                    .map_err(etcd_error("list the oldest dashboard sessions"))?;
+                for kv in oldest.kvs() {
+                    revoke_quietly(&mut client, kv.lease()).await;
+                }
+                Ok(())
+            })
+            .await
+        })
+    }
+
+    fn session(&self, id: TokenHash) -> SessionFuture<'_, Option<StoredSession>> {
+        let key = self.session_key(&id);
+        let mut client = self.client.clone();
+        Box::pin(self.run("read a dashboard session", async move {
+            let response = client
+                .get(key, None)
+                .await
+                .map_err(etcd_error("read a dashboard session"))?;
+            response
+                .kvs()
+                .first()
+                .map(|kv| decode_etcd("session", kv.key(), kv.value()))
+                .transpose()
+        }))
+    }
+
+    fn delete_session(&self, id: TokenHash) -> SessionFuture<'_, ()> {
+        let key = self.session_key(&id);
+        let mut client = self.client.clone();
+        Box::pin(self.run("end a dashboard session", async move {
+            let response = client
+                .delete(key, Some(DeleteOptions::new().with_prev_key()))
+                .await
+                .map_err(etcd_error("end a dashboard session"))?;
+            // The key is gone (the log-out holds); its lease would end by
+            // itself at the session's TTL, but need not live that long.
+            for kv in response.prev_kvs() {
+                revoke_quietly(&mut client, kv.lease()).await;
+            }
+            Ok(())
+        }))
+    }
+}
+
+/// Revokes `lease` (etcd deletes its keys); a failure only leaves the
+/// lease to end at its TTL, so it is logged, not returned.
+async fn revoke_quietly(client: &mut Client, lease: i64) {
+    if lease == 0 {
+        return;
+    }
+    if let Err(err) = client.lease_revoke(lease).await {
+        tracing::debug!(lease, error = %err, "cannot revoke a session lease; it ends at its TTL");
     }
 }
