@@ -61,6 +61,19 @@ pub enum StoreError {
         doing: String,
         after: std::time::Duration,
     },
+    /// `--store etcd`: a revision's transaction was sent but etcd did not
+    /// confirm it in time. Unlike a refused request its outcome is unknown:
+    /// a proposal etcd accepted before losing its quorum commits when the
+    /// quorum returns, and every replica then applies it from its watch.
+    #[error(
+        "etcd: revision {revision} was sent but not confirmed within {after:?} (no quorum, or \
+         etcd unreachable): it may still take effect when the etcd quorum returns; \
+         `meshctl history` shows whether it did"
+    )]
+    EtcdUnconfirmed {
+        revision: u64,
+        after: std::time::Duration,
+    },
     /// `--store etcd`: another replica committed this revision number first.
     #[error(
         "conflict: another control-plane replica committed revision {revision} first \
@@ -83,7 +96,9 @@ impl StoreError {
     pub fn is_unavailable(&self) -> bool {
         matches!(
             self,
-            StoreError::Etcd { .. } | StoreError::EtcdTimeout { .. }
+            StoreError::Etcd { .. }
+                | StoreError::EtcdTimeout { .. }
+                | StoreError::EtcdUnconfirmed { .. }
         )
     }
 }

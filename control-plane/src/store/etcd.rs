@@ -484,7 +484,16 @@ impl EtcdStore {
         absent: &[String],
     ) -> Result<(), StoreError> {
         let txn = self.commit_txn(commit, trust_roots, absent)?;
-        let granted = self.run("commit a revision", txn).await?;
+        let granted = self
+            .run("commit a revision", txn)
+            .await
+            .map_err(|err| match err {
+                StoreError::EtcdTimeout { after, .. } => StoreError::EtcdUnconfirmed {
+                    revision: commit.revision,
+                    after,
+                },
+                err => err,
+            })?;
         self.note_granted(commit, granted);
         Ok(())
     }
