@@ -110,9 +110,9 @@ fn read_text(path: &Path, access: Access) -> Result<String, CaError> {
 
 impl Roots {
     /// One root and no rotation (tests; a fresh data directory).
-    pub fn single(ca: MeshCa) -> Roots {
+    pub fn single(ca: impl Into<Arc<MeshCa>>) -> Roots {
         Roots {
-            roots: vec![Arc::new(ca)],
+            roots: vec![ca.into()],
             files: vec![RootFiles {
                 cert: CA_CERT_FILE.into(),
                 key: CA_KEY_FILE.into(),
@@ -203,6 +203,44 @@ impl Roots {
         Ok(())
     }
 
+    /// The file names a rotated root gets in the data directory.
+    fn files_of(ca: &MeshCa) -> RootFiles {
+        let stem = format!("{ROOTS_DIR}/root-{}", &ca.fingerprint()[..16]);
+        RootFiles {
+            cert: format!("{stem}.crt"),
+            key: format!("{stem}.key"),
+        }
+    }
+
+    /// Phase 1 in memory: `ca` appended after the signing root.
+    pub fn adding(&self, ca: MeshCa, now_ms: u64) -> Roots {
+        let entry = Roots::files_of(&ca);
+        Roots {
+            roots: vec![self.roots[0].clone(), Arc::new(ca)],
+            files: vec![self.files[0].clone(), entry],
+            phase: Phase::Adding { since_ms: now_ms },
+        }
+    }
+
+    /// Phase 2 in memory: the new root first (it signs), the old one
+    /// still trusted.
+    pub fn switched(&self, now_ms: u64) -> Roots {
+        let mut next = self.clone();
+        next.roots.reverse();
+        next.files.reverse();
+        next.phase = Phase::Retiring { since_ms: now_ms };
+        next
+    }
+
+    /// Phase 3 in memory: only the signing root.
+    pub fn retired(&self) -> Roots {
+        Roots {
+            roots: vec![self.roots[0].clone()],
+            files: vec![self.files[0].clone()],
+            phase: Phase::Stable,
+        }
+    }
+
     /// Phase 1: a new root for `trust_domain`, written to `ca-roots/`
     /// (key 0600, exclusively), appended after the signing root. Only from
     /// [`Phase::Stable`] (the caller answers 409 otherwise).
@@ -216,45 +254,29 @@ impl Roots {
         let ca = MeshCa::create(trust_domain)?;
         let dir = data_dir.join(ROOTS_DIR);
         files::ensure_private_dir(&dir)?;
-        let stem = format!("{ROOTS_DIR}/root-{}", &ca.fingerprint()[..16]);
-        let entry = RootFiles {
-            cert: format!("{stem}.crt"),
-            key: format!("{stem}.key"),
-        };
+        let entry = Roots::files_of(&ca);
         files::create_private_file(&data_dir.join(&entry.key), ca.key_pem().as_bytes())?;
         files::write_file_atomic(
             &data_dir.join(&entry.cert),
             ca.cert_pem().as_bytes(),
             files::PUBLIC_FILE_MODE,
         )?;
-        let mut next = Roots {
-            roots: vec![self.roots[0].clone(), Arc::new(ca)],
-            files: vec![self.files[0].clone(), entry],
-            phase: Phase::Adding { since_ms: now_ms },
-        };
-        next.roots.truncate(2);
+        let next = self.adding(ca, now_ms);
         next.save(data_dir)?;
         Ok(next)
     }
 
-    /// Phase 2: the new root first (it signs), the old one still trusted.
+    /// Phase 2 ([`Roots::switched`]), saved.
     pub fn switch(&self, data_dir: &Path, now_ms: u64) -> Result<Roots, CaError> {
-        let mut next = self.clone();
-        next.roots.reverse();
-        next.files.reverse();
-        next.phase = Phase::Retiring { since_ms: now_ms };
+        let next = self.switched(now_ms);
         next.save(data_dir)?;
         Ok(next)
     }
 
-    /// Phase 3: only the signing root. The retired root's files are
+    /// Phase 3 ([`Roots::retired`]), saved. The retired root's files are
     /// removed unless they are `ca.crt`/`ca.key` (the API's CA).
     pub fn retire(&self, data_dir: &Path) -> Result<Roots, CaError> {
-        let next = Roots {
-            roots: vec![self.roots[0].clone()],
-            files: vec![self.files[0].clone()],
-            phase: Phase::Stable,
-        };
+        let next = self.retired();
         next.save(data_dir)?;
         for f in self.files.iter().skip(1) {
             if f.cert == CA_CERT_FILE {
@@ -275,6 +297,73 @@ impl Roots {
         }
         Ok(next)
     }
+
+    /// The roots as `--store etcd` keeps them (`P/ca/state`): every root's
+    /// certificate and key PEM, bundle order, and the phase.
+    pub fn to_shared(&self) -> SharedRoots {
+        SharedRoots {
+            roots: self
+                .roots
+                .iter()
+                .map(|ca| SharedRoot {
+                    cert: ca.cert_pem().to_owned(),
+                    key: ca.key_pem(),
+                })
+                .collect(),
+            phase: self.phase,
+        }
+    }
+
+    /// The roots of `shared` (from etcd). A root that is `original` (the
+    /// `ca.crt`/`ca.key` root, same fingerprint) keeps those file names;
+    /// nothing is written: with etcd the data directory holds no
+    /// `ca-roots/` (a replica reloads the state from etcd at start).
+    pub fn from_shared(shared: &SharedRoots, original: &Arc<MeshCa>) -> Result<Roots, CaError> {
+        if shared.roots.is_empty() || shared.roots.len() > 2 {
+            return Err(CaError::NotACa {
+                reason: format!(
+                    "the shared CA state lists {} roots (1 or 2 expected)",
+                    shared.roots.len()
+                ),
+            });
+        }
+        let mut roots = Vec::with_capacity(shared.roots.len());
+        let mut files = Vec::with_capacity(shared.roots.len());
+        for root in &shared.roots {
+            let ca = MeshCa::load(&root.cert, &root.key)?;
+            if ca.fingerprint() == original.fingerprint() {
+                files.push(RootFiles {
+                    cert: CA_CERT_FILE.into(),
+                    key: CA_KEY_FILE.into(),
+                });
+                roots.push(original.clone());
+            } else {
+                files.push(Roots::files_of(&ca));
+                roots.push(Arc::new(ca));
+            }
+        }
+        Ok(Roots {
+            roots,
+            files,
+            phase: shared.phase,
+        })
+    }
+}
+
+/// One root in [`SharedRoots`] (PEM).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SharedRoot {
+    pub cert: String,
+    pub key: String,
+}
+
+/// The mesh-wide rotation state (`--store etcd`, `P/ca/state`, JSON).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SharedRoots {
+    pub roots: Vec<SharedRoot>,
+    pub phase: Phase,
 }
 
 #[cfg(test)]
