@@ -5,9 +5,17 @@
 //! sidecar ── POST /api/v1/certificates (CSR, sidecar token) ─► Workload::sign
 //!             signing root (Roots, first of the bundle) ─► leaf ─► remembered per instance id
 //! admin ── POST /api/v1/ca/rotate ─► Workload::rotate ─► Roots phase 1 ─► Controller::set_trust_roots
-//! Workload::run (every 250 ms): phase 1 + grace ─► phase 2; no live leaf of the old root ─► phase 3
-//!             each phase: ca-roots/ written, then a revision whose MeshDelta carries trust_roots
+//! Workload::run (every 250 ms, on the leader only): phase 1 + grace ─► phase 2; no live leaf of the old root ─► phase 3
+//!             each phase: ca-roots/ written (etcd: CAS of P/ca/state), then a revision whose MeshDelta carries trust_roots
+//! etcd watch ─► P/ca/state ─► Workload::apply_shared (every replica signs with the new roots)
 //! ```
+//!
+//! With `--store etcd` the roots are not files but `P/ca/state`
+//! ([`SharedRotation`], `rotation.rs`): a phase change is a
+//! compare-and-swap from the mod revision this replica holds (a lost one
+//! reloads the state and answers 409), the phase driver acts only on the
+//! elected leader, and the other replicas take each new state from the
+//! replication watch. With redb the process is the leader.
 //!
 //! [`Workload`] holds the current [`Roots`] (swapped whole, never mutated)
 //! and, per instance id, the newest leaf it issued ([`IssuedLeaf`]: serial,
@@ -25,6 +33,10 @@
 //! passed since phase 2 began (every old leaf has expired by then).
 //! Leaves of instances that deregistered or expired are dropped (a leaf
 //! asked for before registering is kept for a minute, the time to register).
+//! With etcd each replica knows only the leaves it signed, so the leader
+//! never assumes it knows every leaf (it retires once every registered
+//! instance has a leaf from the new root that it signed, or a TTL after
+//! phase 2 began).
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -655,6 +667,24 @@ mod tests {
         let expired = 1_000 + (Duration::from_secs(60) + BACKDATE).as_millis() as u64;
         assert!(!w.may_retire(&roots, 1_000, &registered, expired - 1));
         assert!(w.may_retire(&roots, 1_000, &registered, expired));
+    }
+
+    #[test]
+    fn only_a_newer_etcd_state_replaces_the_roots_and_redb_always_leads() {
+        let w = Workload::for_tests();
+        assert!(w.is_leader(), "with redb the process is the leader");
+        let first = w.roots().signing().fingerprint().to_owned();
+        let rotated = w
+            .roots()
+            .adding(crate::ca::MeshCa::create("meshlet.local").unwrap(), 1_000);
+        assert!(w.adopt(rotated.clone(), 7));
+        assert_eq!(w.roots().all().len(), 2);
+        // A watch event older than a CAS this replica already won.
+        assert!(!w.adopt(Roots::single(w.roots().all()[1].clone()), 5));
+        assert!(!w.adopt(rotated.switched(2_000), 7));
+        assert_eq!(w.roots().signing().fingerprint(), first);
+        assert!(w.adopt(rotated.switched(2_000), 9));
+        assert_ne!(w.roots().signing().fingerprint(), first);
     }
 
     #[test]

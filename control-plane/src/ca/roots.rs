@@ -15,7 +15,7 @@
 //!    leaf's issuer and renew.
 //! 3. [`Roots::retire`] (when the old root has no live leaf) — `[new]`.
 //!
-//! Files (all in `DATA_DIR`, mode 0700):
+//! Files (redb; all in `DATA_DIR`, mode 0700):
 //!
 //! - `ca.crt` / `ca.key` — the root created on first start. It also issues
 //!   the API server's certificate at every start, so `ca.crt` stays what
@@ -29,6 +29,12 @@
 //! - `ca-roots/roots.json` (0600): the bundle order (file names) and the
 //!   phase with its start time. Absent: the bundle is `[ca.crt]`, no
 //!   rotation. A restart resumes a rotation where it was.
+//!
+//! With `--store etcd` none of `ca-roots/` is used: the phases are the
+//! pure [`Roots::adding`], [`Roots::switched`], [`Roots::retired`], and
+//! the roots travel as [`SharedRoots`] (every root's certificate and key
+//! PEM, the phase) in etcd (`rotation.rs`); [`Roots::from_shared`] turns
+//! them back, keeping the `ca.crt`/`ca.key` names for the bootstrap root.
 
 use std::path::{Component, Path, PathBuf};
 use std::sync::Arc;
@@ -432,6 +438,35 @@ mod tests {
         assert_eq!(next.all().len(), 1);
         assert_ne!(next.signing().fingerprint(), new);
         assert!(!key.exists(), "the retired root's key is removed");
+    }
+
+    #[test]
+    fn the_shared_form_round_trips_each_phase_without_touching_the_data_dir() {
+        let original = Arc::new(MeshCa::create("meshlet.local").unwrap());
+        let start = Roots::single(original.clone());
+        let adding = start.adding(MeshCa::create("meshlet.local").unwrap(), 1_000);
+        let retiring = adding.switched(2_000);
+        let done = retiring.retired();
+        for roots in [&start, &adding, &retiring, &done] {
+            let json = serde_json::to_vec(&roots.to_shared()).unwrap();
+            let shared: SharedRoots = serde_json::from_slice(&json).unwrap();
+            let back = Roots::from_shared(&shared, &original).unwrap();
+            assert_eq!(fingerprints(&back), fingerprints(roots));
+            assert_eq!(back.phase(), roots.phase());
+            assert_eq!(back.bundle_pem(), roots.bundle_pem());
+            // The bootstrap root keeps its file names (the API's CA).
+            for (f, ca) in back.files.iter().zip(back.all()) {
+                let is_original = ca.fingerprint() == original.fingerprint();
+                assert_eq!(f.cert == CA_CERT_FILE, is_original, "{f:?}");
+            }
+        }
+        assert_eq!(fingerprints(&retiring)[1], original.fingerprint());
+        assert_ne!(fingerprints(&done)[0], original.fingerprint());
+        let empty = SharedRoots {
+            roots: Vec::new(),
+            phase: Phase::Stable,
+        };
+        assert!(Roots::from_shared(&empty, &original).is_err());
     }
 
     #[test]
