@@ -19,28 +19,15 @@ use meshlet_e2e::client::{self, WatchStream};
 use meshlet_e2e::etcd::EtcdCluster;
 use meshlet_e2e::mtls::{self, TestCa};
 use meshlet_e2e::{meshctl, wait, ControlPlaneProcess, SidecarProcess, TempDir, Upstream};
-use serde_json::Value;
 
 const GRACE: &str = "20s";
 
 /// Replica `i` (1-based) of the mesh under `prefix`.
 async fn replica(dir: &TempDir, etcd: &EtcdCluster, prefix: &str, i: usize) -> ControlPlaneProcess {
     let id = format!("replica-{i}");
-    let endpoints = etcd.endpoints();
-    let args = [
-        "--store",
-        "etcd",
-        "--etcd-endpoints",
-        &endpoints,
-        "--etcd-prefix",
-        prefix,
-        "--replica-id",
-        &id,
-        "--ttl",
-        "60s",
-        "--ca-rotation-grace",
-        GRACE,
-    ];
+    let mut args = etcd.replica_args(prefix, &id);
+    args.extend(["--ttl", "60s", "--ca-rotation-grace", GRACE].map(str::to_owned));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
     ControlPlaneProcess::start(&dir.path.join(&id), &args).await
 }
 
@@ -100,23 +87,6 @@ fn traffic(
     })
 }
 
-/// `from` reaches `to` over mTLS: `to`'s app sees `from`'s identity.
-async fn wait_mtls(from: &SidecarProcess, to: &str, from_name: &str) {
-    let uri = format!("http://{to}/headers");
-    let expected = format!("spiffe://meshlet.local/ns/default/sa/{from_name}");
-    let outbound = from.outbound;
-    wait::until("mTLS between the sidecars", Duration::from_secs(30), || {
-        let (uri, expected) = (uri.clone(), expected.clone());
-        async move {
-            let reply = client::get_uri(outbound, &uri).await.ok()?;
-            let json: Value = serde_json::from_slice(&reply.body).ok()?;
-            let seen = json["headers"]["x-meshlet-source-identity"][0].as_str()?;
-            (seen == expected).then_some(())
-        }
-    })
-    .await;
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rotation_through_one_replica_survives_its_leader_and_reaches_every_sidecar() {
     let etcd = EtcdCluster::start(1).await;
@@ -148,13 +118,14 @@ async fn a_rotation_through_one_replica_survives_its_leader_and_reaches_every_si
         .control_plane(&cps[2])
         .start()
         .await;
-    wait_mtls(&a, "b", "a").await;
+    mtls::wait_mtls(a.outbound, "b", "a").await;
     let old = fingerprints(&cps[0]).await;
     assert_eq!(old.len(), 1, "one root before the rotation");
     let stop = Arc::new(AtomicBool::new(false));
     let load = traffic(a.outbound, "b", stop.clone());
 
     // Rotate through replica 1; a second rotation through replica 2 is refused.
+    let rotated_at = std::time::Instant::now();
     let rotated = meshctl(&cps[0], &["ca", "rotate"]).await;
     assert!(rotated.success(), "{rotated:?}");
     let again = meshctl(&cps[1], &["ca", "rotate"]).await;
@@ -183,8 +154,13 @@ async fn a_rotation_through_one_replica_survives_its_leader_and_reaches_every_si
         .await;
     }
 
+    eprintln!(
+        "every replica had both roots {:?} after the rotate",
+        rotated_at.elapsed()
+    );
     // SIGKILL the leader during the grace: another replica takes over.
     cps[0].kill9().await;
+    let killed_at = std::time::Instant::now();
     let status = cps[1].get_json("/api/v1/ca").await;
     assert!(
         status["rotation"]
@@ -199,6 +175,10 @@ async fn a_rotation_through_one_replica_survives_its_leader_and_reaches_every_si
         (seen != "replica-1").then_some(seen)
     })
     .await;
+    eprintln!(
+        "{successor} leads {:?} after the SIGKILL",
+        killed_at.elapsed()
+    );
     assert_eq!(
         leader_seen_by(&survivors[1]).await.as_deref(),
         Some(successor.as_str())
@@ -222,6 +202,7 @@ async fn a_rotation_through_one_replica_survives_its_leader_and_reaches_every_si
         )
         .await;
     }
+    eprintln!("switched {:?} after the rotate", rotated_at.elapsed());
     let bundle = bundle_of(&survivors[0]).await;
     let only_new = mtls::root_with_fingerprint(&bundle, &new).expect("the bundle has the new root");
     let probe = TestCa::load(&survivors[0].data_dir).workload("probe", Duration::from_secs(3600));
@@ -237,9 +218,10 @@ async fn a_rotation_through_one_replica_survives_its_leader_and_reaches_every_si
         )
         .await;
     }
-    wait_mtls(&a, "b", "a").await;
+    mtls::wait_mtls(a.outbound, "b", "a").await;
     stop.store(true, Ordering::SeqCst);
     let (ok, failures) = load.await.unwrap();
+    eprintln!("traffic a → b: {ok} ok, {} failed", failures.len());
     assert!(ok > 100, "traffic ran: {ok}");
     assert!(
         failures.is_empty(),
