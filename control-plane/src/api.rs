@@ -499,7 +499,9 @@ async fn trace(
 /// `/healthz` answers `ok` (liveness); with `?detail` a JSON object with
 /// the store kind, the published revision and, with etcd, the replica id,
 /// the live replicas registered in etcd (`peers::registry`: id, URL,
-/// start time, version) and etcd's health as this replica last saw it.
+/// start time, version), the replica leading each elected role
+/// (`"leader": {"ca-rotation": id or null}`, asked of etcd with a 1 s
+/// deadline; `rotation.rs`) and etcd's health as this replica last saw it.
 async fn healthz(
     State(state): State<AppState>,
     axum::extract::RawQuery(raw): axum::extract::RawQuery,
@@ -513,6 +515,10 @@ async fn healthz(
     }
     let revision = state.controller.published().revision;
     let replicas = state.peers.as_ref().map(|peers| peers.replicas());
+    let rotation_leader = match state.workload.shared() {
+        Some(shared) => shared.leader_id().await,
+        None => None,
+    };
     let body = match state.controller.replica() {
         Some(etcd) => serde_json::json!({
             "status": "ok",
@@ -521,6 +527,7 @@ async fn healthz(
             "advertiseUrl": state.peers.as_ref().map(|p| p.me().url.clone()),
             "replicas": replicas,
             "revision": revision,
+            "leader": {crate::rotation::ROLE: rotation_leader},
             "etcd": {
                 "up": etcd.health().up(),
                 "endpoints": etcd.endpoints(),

@@ -901,12 +901,15 @@ impl Controller {
 
     /// `--store etcd`: watches the prefix and applies what other replicas
     /// wrote — revisions (to the registry, published to this replica's
-    /// watchers), instance owners, tokens (`on_tokens`) — and expires the
+    /// watchers), instance owners, tokens (`on_tokens`), the CA rotation
+    /// state (`on_ca_state`: its JSON and mod revision, in watch order, so
+    /// before any later revision carrying its bundle) — and expires the
     /// instances whose lease etcd ended. Reconnects after a failure and
     /// catches up from the revision log. Ends on `shutdown`.
     pub async fn run_replication(
         self: Arc<Self>,
         on_tokens: impl Fn(Vec<crate::auth::TokenRecord>) + Send + Sync + 'static,
+        on_ca_state: impl Fn(&[u8], i64) + Send + Sync + 'static,
         mut shutdown: watch::Receiver<bool>,
     ) {
         let Some(replica) = self.replica.clone() else {
@@ -937,7 +940,9 @@ impl Controller {
                 };
                 let Some(batch) = batch else { break };
                 from = batch.etcd_revision + 1;
-                self.clone().on_batch(&replica, batch, &on_tokens).await;
+                self.clone()
+                    .on_batch(&replica, batch, &on_tokens, &on_ca_state)
+                    .await;
             }
             // The watch ended (etcd member lost, compaction): watch again
             // from the last revision seen (0 after a compaction: now; the
@@ -957,6 +962,7 @@ impl Controller {
         replica: &Arc<EtcdStore>,
         batch: WatchBatch,
         on_tokens: &(impl Fn(Vec<crate::auth::TokenRecord>) + Send + Sync),
+        on_ca_state: &(impl Fn(&[u8], i64) + Send + Sync),
     ) {
         let mut entries = Vec::new();
         let mut deleted = Vec::new();
@@ -975,6 +981,10 @@ impl Controller {
                     self.owners.lock().unwrap().release(&id);
                 }
                 WatchedKey::Tokens(records) => on_tokens(records),
+                WatchedKey::CaState {
+                    value,
+                    mod_revision,
+                } => on_ca_state(&value, mod_revision),
             }
         }
         if !entries.is_empty() {

@@ -81,6 +81,7 @@ pub(crate) mod metrics;
 pub(crate) mod peers;
 pub(crate) mod push;
 pub(crate) mod registry;
+pub(crate) mod rotation;
 pub mod server;
 pub mod state;
 pub(crate) mod stats;

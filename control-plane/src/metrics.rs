@@ -181,6 +181,12 @@ fn ca_families(f: &mut Families, workload: &Workload) -> prometheus::Result<()> 
         "",
         &[("", phase)],
     )?;
+    f.gauge(
+        "meshlet_leader",
+        "1 where this replica leads the role (with redb the one process always does), else 0.",
+        "role",
+        &[(crate::rotation::ROLE, i64::from(workload.is_leader()))],
+    )?;
     f.counter(
         "meshlet_workload_certificates_issued_total",
         "Workload certificates signed since start.",

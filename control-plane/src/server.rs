@@ -35,6 +35,7 @@ use crate::error::StoreError;
 use crate::events::Activity;
 use crate::peers::credential::PeerSecret;
 use crate::peers::{Peers, ReplicaInfo};
+use crate::rotation::SharedRotation;
 use crate::state::AppState;
 use crate::stats::StatsStore;
 use crate::store::etcd::{Bootstrap, EtcdSettings, EtcdStore};
@@ -395,7 +396,18 @@ pub async fn run(
     });
     // ca.crt/ca.key always issue the API's certificate (see ca::roots).
     let cert = ca.issue_server_cert(&names, SERVER_CERT_TTL)?;
-    let roots = crate::ca::Roots::load(&settings.data_dir, ca)?;
+    // Roots: with redb from ca-roots/ in the data dir; with etcd from
+    // P/ca/state (the rotation is mesh-wide, see rotation.rs).
+    let (roots, shared) = match &etcd {
+        None => (crate::ca::Roots::load(&settings.data_dir, ca)?, None),
+        Some(etcd) => {
+            let shared = Arc::new(SharedRotation::new(etcd.clone(), Arc::new(ca)));
+            let (roots, etcd_revision) = shared.load().await?;
+            let roots =
+                roots.unwrap_or_else(|| crate::ca::Roots::single(shared.original().clone()));
+            (roots, Some((shared, etcd_revision)))
+        }
+    };
     let mut controller = Controller::load_with_identity(
         store.clone(),
         settings.ttl,
@@ -409,7 +421,7 @@ pub async fn run(
     }
     let controller = Arc::new(controller);
     let started_ms = crate::clock::now_ms();
-    let workload = Arc::new(Workload::new(
+    let workload = Workload::new(
         WorkloadSettings {
             data_dir: settings.data_dir.clone(),
             trust_domain: settings.trust_domain.clone(),
@@ -417,14 +429,21 @@ pub async fn run(
             grace: settings.ca_rotation_grace,
             // A CA made now signed nothing before; otherwise leaves of an
             // earlier run may be live for up to one TTL.
-            all_known_after_ms: if origin == crate::ca::CaOrigin::Created {
+            // With etcd the other replicas' leaves are never known here.
+            all_known_after_ms: if etcd.is_some() {
+                u64::MAX
+            } else if origin == crate::ca::CaOrigin::Created {
                 0
             } else {
                 started_ms + settings.workload_cert_ttl.as_millis() as u64
             },
         },
         roots,
-    ));
+    );
+    let workload = Arc::new(match shared {
+        Some((shared, etcd_revision)) => workload.with_shared(shared, etcd_revision),
+        None => workload,
+    });
     let tokens = load_tokens(&settings.data_dir, store.as_ref())?;
     let tls = crate::ca::server_tls_config(&cert.chain_pem, &cert.key_pem)?;
     let tls = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
@@ -470,14 +489,20 @@ pub async fn run(
     let shutdown = stopped;
     let reaper = tokio::spawn(controller.clone().run_reaper(shutdown.clone()));
     // etcd: other replicas' revisions, owners and tokens.
+    let ca_follower = workload.clone();
     let replication = tokio::spawn(controller.clone().run_replication(
         move |records| match Tokens::from_records(records) {
             Ok(new) => *tokens.write().unwrap() = new,
             Err(err) => tracing::error!(error = %err, "tokens from etcd are unusable"),
         },
+        move |value, etcd_revision| ca_follower.apply_shared(value, etcd_revision),
         shutdown.clone(),
     ));
     let rotation = tokio::spawn(workload.clone().run(controller.clone(), shutdown.clone()));
+    // etcd: the election of the replica that drives the rotation's phases.
+    let election = workload
+        .shared()
+        .map(|shared| tokio::spawn(shared.clone().run_election(shutdown.clone())));
     let discovery = match (&etcd, &peers) {
         (Some(etcd), Some(peers)) => Some(tokio::spawn(crate::peers::registry::run(
             peers.clone(),
@@ -530,6 +555,9 @@ pub async fn run(
     let _ = replication.await;
     let _ = forget.await;
     let _ = rotation.await;
+    if let Some(election) = election {
+        let _ = election.await;
+    }
     if let Some(tap_sharing) = tap_sharing {
         let _ = tap_sharing.await;
     }

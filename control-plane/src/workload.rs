@@ -5,9 +5,17 @@
 //! sidecar ── POST /api/v1/certificates (CSR, sidecar token) ─► Workload::sign
 //!             signing root (Roots, first of the bundle) ─► leaf ─► remembered per instance id
 //! admin ── POST /api/v1/ca/rotate ─► Workload::rotate ─► Roots phase 1 ─► Controller::set_trust_roots
-//! Workload::run (every 250 ms): phase 1 + grace ─► phase 2; no live leaf of the old root ─► phase 3
-//!             each phase: ca-roots/ written, then a revision whose MeshDelta carries trust_roots
+//! Workload::run (every 250 ms, on the leader only): phase 1 + grace ─► phase 2; no live leaf of the old root ─► phase 3
+//!             each phase: ca-roots/ written (etcd: CAS of P/ca/state), then a revision whose MeshDelta carries trust_roots
+//! etcd watch ─► P/ca/state ─► Workload::apply_shared (every replica signs with the new roots)
 //! ```
+//!
+//! With `--store etcd` the roots are not files but `P/ca/state`
+//! ([`SharedRotation`], `rotation.rs`): a phase change is a
+//! compare-and-swap from the mod revision this replica holds (a lost one
+//! reloads the state and answers 409), the phase driver acts only on the
+//! elected leader, and the other replicas take each new state from the
+//! replication watch. With redb the process is the leader.
 //!
 //! [`Workload`] holds the current [`Roots`] (swapped whole, never mutated)
 //! and, per instance id, the newest leaf it issued ([`IssuedLeaf`]: serial,
@@ -25,6 +33,10 @@
 //! passed since phase 2 began (every old leaf has expired by then).
 //! Leaves of instances that deregistered or expired are dropped (a leaf
 //! asked for before registering is kept for a minute, the time to register).
+//! With etcd each replica knows only the leaves it signed, so the leader
+//! never assumes it knows every leaf (it retires once every registered
+//! instance has a leaf from the new root that it signed, or a TTL after
+//! phase 2 began).
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -39,6 +51,7 @@ use tokio::sync::watch;
 use crate::ca::{CaError, Phase, Roots, BACKDATE};
 use crate::controller::Controller;
 use crate::error::ApiFailure;
+use crate::rotation::SharedRotation;
 
 /// How often the rotation driver looks at the phase and the leaves.
 pub const TICK: Duration = Duration::from_millis(250);
@@ -72,10 +85,27 @@ pub struct WorkloadSettings {
     pub all_known_after_ms: u64,
 }
 
+/// The roots in use and, with etcd, the mod revision of `P/ca/state`
+/// they came from (0: the key is absent).
+struct Current {
+    roots: Arc<Roots>,
+    etcd_revision: i64,
+}
+
+/// How a phase change moves the roots.
+#[derive(Debug, Clone, Copy)]
+enum Step {
+    Begin,
+    Switch,
+    Retire,
+}
+
 /// Workload certificates, the roots and their rotation.
 pub struct Workload {
     settings: WorkloadSettings,
-    roots: RwLock<Arc<Roots>>,
+    current: RwLock<Current>,
+    /// `--store etcd`: the state in etcd and the election (`rotation.rs`).
+    shared: Option<Arc<SharedRotation>>,
     leaves: Mutex<HashMap<String, Leaf>>,
     /// One phase change at a time.
     rotating: tokio::sync::Mutex<()>,
@@ -106,7 +136,11 @@ impl Workload {
     pub fn new(settings: WorkloadSettings, roots: Roots) -> Workload {
         Workload {
             settings,
-            roots: RwLock::new(Arc::new(roots)),
+            current: RwLock::new(Current {
+                roots: Arc::new(roots),
+                etcd_revision: 0,
+            }),
+            shared: None,
             leaves: Mutex::new(HashMap::new()),
             rotating: tokio::sync::Mutex::new(()),
             issued: AtomicU64::new(0),
@@ -129,8 +163,70 @@ impl Workload {
         )
     }
 
+    /// `--store etcd`: the rotation state is `shared` (whose mod
+    /// revision `etcd_revision` the roots given to [`Workload::new`] have).
+    pub fn with_shared(mut self, shared: Arc<SharedRotation>, etcd_revision: i64) -> Workload {
+        self.current.get_mut().unwrap().etcd_revision = etcd_revision;
+        self.shared = Some(shared);
+        self
+    }
+
+    pub fn shared(&self) -> Option<&Arc<SharedRotation>> {
+        self.shared.as_ref()
+    }
+
+    /// This replica drives the phases (always with redb).
+    pub fn is_leader(&self) -> bool {
+        self.shared.as_ref().is_none_or(|s| s.is_leader())
+    }
+
     pub fn roots(&self) -> Arc<Roots> {
-        self.roots.read().unwrap().clone()
+        self.current.read().unwrap().roots.clone()
+    }
+
+    fn current(&self) -> (Arc<Roots>, i64) {
+        let current = self.current.read().unwrap();
+        (current.roots.clone(), current.etcd_revision)
+    }
+
+    /// Takes `roots` of etcd mod revision `etcd_revision` unless newer
+    /// ones are in use; answers whether it did.
+    fn adopt(&self, roots: Roots, etcd_revision: i64) -> bool {
+        let mut current = self.current.write().unwrap();
+        if etcd_revision <= current.etcd_revision {
+            return false;
+        }
+        *current = Current {
+            roots: Arc::new(roots),
+            etcd_revision,
+        };
+        true
+    }
+
+    /// A `P/ca/state` the replication watch saw (`--store etcd`): its
+    /// roots sign and make the bundle from now on. The bundle reaches this
+    /// replica's sidecars with the revision the writer committed.
+    pub fn apply_shared(&self, value: &[u8], etcd_revision: i64) {
+        let Some(shared) = &self.shared else { return };
+        match shared.decode(value) {
+            Ok(roots) => {
+                let phase = roots.phase();
+                let signing = short(roots.signing().fingerprint()).to_owned();
+                if self.adopt(roots, etcd_revision) {
+                    tracing::info!(?phase, signing = %signing, etcd_revision, "CA rotation state from etcd");
+                }
+            }
+            Err(error) => tracing::error!(%error, "CA rotation state in etcd is unusable"),
+        }
+    }
+
+    /// Reads `P/ca/state` again (after a lost compare-and-swap).
+    async fn reload(&self, shared: &SharedRotation) -> Result<(), ApiFailure> {
+        let (roots, etcd_revision) = shared.load().await?;
+        if let Some(roots) = roots {
+            self.adopt(roots, etcd_revision);
+        }
+        Ok(())
     }
 
     /// Leaves signed since start.
@@ -320,16 +416,55 @@ impl Workload {
             })
     }
 
-    /// Phase changes go through here: write the roots, swap them in,
-    /// publish the bundle as a revision.
+    /// The roots after `step`: with redb written to `ca-roots/` (on the
+    /// blocking pool), with etcd only in memory (`P/ca/state` is the copy).
+    async fn next_roots(
+        &self,
+        roots: Arc<Roots>,
+        step: Step,
+        now_ms: u64,
+    ) -> Result<Roots, ApiFailure> {
+        let data_dir = self.settings.data_dir.clone();
+        let td = self.settings.trust_domain.clone();
+        let local = self.shared.is_none();
+        tokio::task::spawn_blocking(move || match (step, local) {
+            (Step::Begin, true) => roots.begin_rotation(&data_dir, &td, now_ms),
+            (Step::Begin, false) => Ok(roots.adding(crate::ca::MeshCa::create(&td)?, now_ms)),
+            (Step::Switch, true) => roots.switch(&data_dir, now_ms),
+            (Step::Switch, false) => Ok(roots.switched(now_ms)),
+            (Step::Retire, true) => roots.retire(&data_dir),
+            (Step::Retire, false) => Ok(roots.retired()),
+        })
+        .await
+        .map_err(|e| ApiFailure::Internal(format!("rotation task failed: {e}")))?
+        .map_err(|e| ApiFailure::Internal(format!("cannot change the CA roots ({step:?}): {e}")))
+    }
+
+    /// Phase changes go through here: the roots are written (files, or
+    /// the CAS of `P/ca/state` from `etcd_revision`), swapped in, and the
+    /// bundle published as a revision. A lost CAS reloads the state and
+    /// answers 409 (another replica moved the rotation first).
     async fn change(
         &self,
         controller: &Controller,
-        next: Roots,
+        (next, etcd_revision): (Roots, i64),
         line: String,
     ) -> Result<(), ApiFailure> {
         let bundle = next.bundle_pem();
-        *self.roots.write().unwrap() = Arc::new(next);
+        match &self.shared {
+            None => self.current.write().unwrap().roots = Arc::new(next),
+            Some(shared) => match shared.swap(etcd_revision, &next).await? {
+                Some(written) => {
+                    self.adopt(next, written);
+                }
+                None => {
+                    self.reload(shared).await?;
+                    return Err(ApiFailure::Conflict(
+                        "another control-plane replica changed the CA rotation first; nothing was written (see `meshctl ca status`)".into(),
+                    ));
+                }
+            },
+        }
         tracing::info!("{line}");
         controller
             .set_trust_roots(bundle, vec![line])
@@ -345,37 +480,43 @@ impl Workload {
         now_ms: u64,
     ) -> Result<CaStatus, ApiFailure> {
         let _one = self.rotating.lock().await;
-        let roots = self.roots();
+        let (roots, etcd_revision) = self.current();
         if roots.phase() != Phase::Stable {
             return Err(ApiFailure::Conflict(format!(
                 "a CA rotation is already in progress ({}); wait until `meshctl ca status` shows one root",
                 self.describe_phase(&roots, now_ms).unwrap_or_default()
             )));
         }
-        let data_dir = self.settings.data_dir.clone();
-        let td = self.settings.trust_domain.clone();
-        let next =
-            tokio::task::spawn_blocking(move || roots.begin_rotation(&data_dir, &td, now_ms))
-                .await
-                .map_err(|e| ApiFailure::Internal(format!("rotation task failed: {e}")))?
-                .map_err(|e| ApiFailure::Internal(format!("cannot create a new root: {e}")))?;
+        let next = self.next_roots(roots, Step::Begin, now_ms).await?;
         let line = format!(
             "CA rotation phase 1: added root {} to the trust bundle (root {} still signs)",
             short(next.all()[1].fingerprint()),
             short(next.all()[0].fingerprint())
         );
-        self.change(controller, next, line).await?;
-        Ok(self.status(now_ms))
+        match self.change(controller, (next, etcd_revision), line).await {
+            // Lost to another replica's rotate: today's 409 for a running rotation.
+            Err(ApiFailure::Conflict(_)) => Err(ApiFailure::Conflict(format!(
+                "a CA rotation is already in progress (another replica began it); {}",
+                self.describe_phase(&self.roots(), now_ms)
+                    .unwrap_or_default()
+            ))),
+            Err(e) => Err(e),
+            Ok(()) => Ok(self.status(now_ms)),
+        }
     }
 
-    /// One step of the rotation driver at `now_ms`: re-publish the bundle
-    /// if the published one differs (a failed commit), drop departed
-    /// leaves, move to the next phase when due.
+    /// One step of the rotation driver at `now_ms`: drop departed leaves;
+    /// on the leader only (with etcd: the elected replica), re-publish the
+    /// bundle if the published one differs (a failed commit) and move to
+    /// the next phase when due.
     pub async fn step(&self, controller: &Controller, now_ms: u64) -> Result<(), ApiFailure> {
         let published = controller.published();
         self.forget_departed(&published.instances, now_ms);
+        if !self.is_leader() {
+            return Ok(());
+        }
         let _one = self.rotating.lock().await;
-        let roots = self.roots();
+        let (roots, etcd_revision) = self.current();
         if published.trust_roots != roots.bundle_pem() {
             controller
                 .set_trust_roots(
@@ -384,36 +525,31 @@ impl Workload {
                 )
                 .await?;
         }
-        let data_dir = self.settings.data_dir.clone();
         match roots.phase() {
             Phase::Stable => Ok(()),
             Phase::Adding { since_ms } => {
                 if now_ms < since_ms + self.settings.grace.as_millis() as u64 {
                     return Ok(());
                 }
-                let next = roots
-                    .switch(&data_dir, now_ms)
-                    .map_err(|e| ApiFailure::Internal(e.to_string()))?;
+                let next = self.next_roots(roots, Step::Switch, now_ms).await?;
                 let line = format!(
                     "CA rotation phase 2: root {} signs, root {} still trusted",
                     short(next.all()[0].fingerprint()),
                     short(next.all()[1].fingerprint())
                 );
-                self.change(controller, next, line).await
+                self.change(controller, (next, etcd_revision), line).await
             }
             Phase::Retiring { since_ms } => {
                 if !self.may_retire(&roots, since_ms, &published.instances, now_ms) {
                     return Ok(());
                 }
-                let next = roots
-                    .retire(&data_dir)
-                    .map_err(|e| ApiFailure::Internal(e.to_string()))?;
+                let next = self.next_roots(roots.clone(), Step::Retire, now_ms).await?;
                 let line = format!(
                     "CA rotation phase 3: retired root {} (no live leaf); the bundle is root {}",
                     short(roots.all()[1].fingerprint()),
                     short(next.all()[0].fingerprint())
                 );
-                self.change(controller, next, line).await
+                self.change(controller, (next, etcd_revision), line).await
             }
         }
     }
@@ -531,6 +667,24 @@ mod tests {
         let expired = 1_000 + (Duration::from_secs(60) + BACKDATE).as_millis() as u64;
         assert!(!w.may_retire(&roots, 1_000, &registered, expired - 1));
         assert!(w.may_retire(&roots, 1_000, &registered, expired));
+    }
+
+    #[test]
+    fn only_a_newer_etcd_state_replaces_the_roots_and_redb_always_leads() {
+        let w = Workload::for_tests();
+        assert!(w.is_leader(), "with redb the process is the leader");
+        let first = w.roots().signing().fingerprint().to_owned();
+        let rotated = w
+            .roots()
+            .adding(crate::ca::MeshCa::create("meshlet.local").unwrap(), 1_000);
+        assert!(w.adopt(rotated.clone(), 7));
+        assert_eq!(w.roots().all().len(), 2);
+        // A watch event older than a CAS this replica already won.
+        assert!(!w.adopt(Roots::single(w.roots().all()[1].clone()), 5));
+        assert!(!w.adopt(rotated.switched(2_000), 7));
+        assert_eq!(w.roots().signing().fingerprint(), first);
+        assert!(w.adopt(rotated.switched(2_000), 9));
+        assert_ne!(w.roots().signing().fingerprint(), first);
     }
 
     #[test]

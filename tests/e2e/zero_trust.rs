@@ -70,23 +70,7 @@ impl Mesh {
     /// Waits until `from` reaches service `to` over mTLS: `to`'s app sees
     /// the caller's verified identity.
     async fn wait_mtls(&self, from: usize, to: &str, from_name: &str) {
-        let outbound = self.sidecar(from).outbound;
-        let uri = format!("http://{to}/headers");
-        let expected = identity(from_name);
-        wait::until(
-            &format!("{from_name} → {to} over mTLS"),
-            Duration::from_secs(20),
-            || {
-                let (uri, expected) = (uri.clone(), expected.clone());
-                async move {
-                    let reply = client::get_uri(outbound, &uri).await.ok()?;
-                    let json: Value = serde_json::from_slice(&reply.body).ok()?;
-                    let seen = json["headers"]["x-meshlet-source-identity"][0].as_str()?;
-                    (seen == expected).then_some(())
-                }
-            },
-        )
-        .await;
+        mtls::wait_mtls(self.sidecar(from).outbound, to, from_name).await;
     }
 
     async fn apply(&self, file: &str, yaml: &str) {

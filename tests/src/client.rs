@@ -55,11 +55,13 @@ pub struct WatchStream {
     body: hyper::body::Incoming,
     buffer: Vec<u8>,
     pub revision: u64,
+    /// The event the stream opened with (a snapshot or a delta).
+    pub first: serde_json::Value,
 }
 
 impl WatchStream {
     /// Opens `GET /api/v1/watch?revision=R` (TLS, admin token) and reads
-    /// the first event.
+    /// the first event ([`Self::first`]).
     pub async fn open(cp: &impl crate::access::ControlPlaneRef, revision: u64) -> WatchStream {
         let cp = cp.access();
         let authority = cp.authority();
@@ -80,8 +82,9 @@ impl WatchStream {
             body: response.into_body(),
             buffer: Vec::new(),
             revision,
+            first: serde_json::Value::Null,
         };
-        watch.next_event().await;
+        watch.first = watch.next_event().await;
         watch
     }
 

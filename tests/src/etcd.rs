@@ -130,6 +130,23 @@ impl EtcdCluster {
             .join(",")
     }
 
+    /// A replica's flags for this cluster: `--store etcd`, the endpoints,
+    /// `--etcd-prefix prefix`, `--replica-id id`.
+    pub fn replica_args(&self, prefix: &str, id: &str) -> Vec<String> {
+        [
+            "--store",
+            "etcd",
+            "--etcd-endpoints",
+            &self.endpoints(),
+            "--etcd-prefix",
+            prefix,
+            "--replica-id",
+            id,
+        ]
+        .map(str::to_owned)
+        .to_vec()
+    }
+
     /// SIGKILLs member `i` and waits until it is gone.
     pub async fn kill(&mut self, i: usize) {
         if let Some(mut child) = self.members[i].child.take() {

@@ -323,3 +323,25 @@ pub async fn get_over(
         .to_bytes();
     Ok((status, headers, String::from_utf8_lossy(&body).into_owned()))
 }
+
+/// Waits (20 s at most) until the sidecar whose outbound listener is
+/// `outbound` reaches service `to` over mTLS: `to`'s app sees the
+/// caller's verified identity, `spiffe://meshlet.local/ns/default/sa/FROM_NAME`.
+pub async fn wait_mtls(outbound: SocketAddr, to: &str, from_name: &str) {
+    let uri = format!("http://{to}/headers");
+    let expected = format!("spiffe://meshlet.local/ns/default/sa/{from_name}");
+    crate::wait::until(
+        &format!("{from_name} → {to} over mTLS"),
+        Duration::from_secs(20),
+        || {
+            let (uri, expected) = (uri.clone(), expected.clone());
+            async move {
+                let reply = crate::client::get_uri(outbound, &uri).await.ok()?;
+                let json: serde_json::Value = serde_json::from_slice(&reply.body).ok()?;
+                let seen = json["headers"]["x-meshlet-source-identity"][0].as_str()?;
+                (seen == expected).then_some(())
+            }
+        },
+    )
+    .await;
+}

@@ -48,7 +48,7 @@ pub use authority::{
 };
 pub use error::CaError;
 pub use meshlet_api::identity::SpiffeId;
-pub use roots::{Phase, Roots, ROOTS_DIR, ROOTS_STATE_FILE};
+pub use roots::{Phase, Roots, SharedRoots, ROOTS_DIR, ROOTS_STATE_FILE};
 pub use store::{load_or_create, CaOrigin, CA_CERT_FILE, CA_KEY_FILE};
 pub use tls::server_tls_config;
 

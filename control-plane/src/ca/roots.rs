@@ -15,7 +15,7 @@
 //!    leaf's issuer and renew.
 //! 3. [`Roots::retire`] (when the old root has no live leaf) — `[new]`.
 //!
-//! Files (all in `DATA_DIR`, mode 0700):
+//! Files (redb; all in `DATA_DIR`, mode 0700):
 //!
 //! - `ca.crt` / `ca.key` — the root created on first start. It also issues
 //!   the API server's certificate at every start, so `ca.crt` stays what
@@ -29,6 +29,12 @@
 //! - `ca-roots/roots.json` (0600): the bundle order (file names) and the
 //!   phase with its start time. Absent: the bundle is `[ca.crt]`, no
 //!   rotation. A restart resumes a rotation where it was.
+//!
+//! With `--store etcd` none of `ca-roots/` is used: the phases are the
+//! pure [`Roots::adding`], [`Roots::switched`], [`Roots::retired`], and
+//! the roots travel as [`SharedRoots`] (every root's certificate and key
+//! PEM, the phase) in etcd (`rotation.rs`); [`Roots::from_shared`] turns
+//! them back, keeping the `ca.crt`/`ca.key` names for the bootstrap root.
 
 use std::path::{Component, Path, PathBuf};
 use std::sync::Arc;
@@ -110,9 +116,9 @@ fn read_text(path: &Path, access: Access) -> Result<String, CaError> {
 
 impl Roots {
     /// One root and no rotation (tests; a fresh data directory).
-    pub fn single(ca: MeshCa) -> Roots {
+    pub fn single(ca: impl Into<Arc<MeshCa>>) -> Roots {
         Roots {
-            roots: vec![Arc::new(ca)],
+            roots: vec![ca.into()],
             files: vec![RootFiles {
                 cert: CA_CERT_FILE.into(),
                 key: CA_KEY_FILE.into(),
@@ -203,6 +209,44 @@ impl Roots {
         Ok(())
     }
 
+    /// The file names a rotated root gets in the data directory.
+    fn files_of(ca: &MeshCa) -> RootFiles {
+        let stem = format!("{ROOTS_DIR}/root-{}", &ca.fingerprint()[..16]);
+        RootFiles {
+            cert: format!("{stem}.crt"),
+            key: format!("{stem}.key"),
+        }
+    }
+
+    /// Phase 1 in memory: `ca` appended after the signing root.
+    pub fn adding(&self, ca: MeshCa, now_ms: u64) -> Roots {
+        let entry = Roots::files_of(&ca);
+        Roots {
+            roots: vec![self.roots[0].clone(), Arc::new(ca)],
+            files: vec![self.files[0].clone(), entry],
+            phase: Phase::Adding { since_ms: now_ms },
+        }
+    }
+
+    /// Phase 2 in memory: the new root first (it signs), the old one
+    /// still trusted.
+    pub fn switched(&self, now_ms: u64) -> Roots {
+        let mut next = self.clone();
+        next.roots.reverse();
+        next.files.reverse();
+        next.phase = Phase::Retiring { since_ms: now_ms };
+        next
+    }
+
+    /// Phase 3 in memory: only the signing root.
+    pub fn retired(&self) -> Roots {
+        Roots {
+            roots: vec![self.roots[0].clone()],
+            files: vec![self.files[0].clone()],
+            phase: Phase::Stable,
+        }
+    }
+
     /// Phase 1: a new root for `trust_domain`, written to `ca-roots/`
     /// (key 0600, exclusively), appended after the signing root. Only from
     /// [`Phase::Stable`] (the caller answers 409 otherwise).
@@ -216,45 +260,29 @@ impl Roots {
         let ca = MeshCa::create(trust_domain)?;
         let dir = data_dir.join(ROOTS_DIR);
         files::ensure_private_dir(&dir)?;
-        let stem = format!("{ROOTS_DIR}/root-{}", &ca.fingerprint()[..16]);
-        let entry = RootFiles {
-            cert: format!("{stem}.crt"),
-            key: format!("{stem}.key"),
-        };
+        let entry = Roots::files_of(&ca);
         files::create_private_file(&data_dir.join(&entry.key), ca.key_pem().as_bytes())?;
         files::write_file_atomic(
             &data_dir.join(&entry.cert),
             ca.cert_pem().as_bytes(),
             files::PUBLIC_FILE_MODE,
         )?;
-        let mut next = Roots {
-            roots: vec![self.roots[0].clone(), Arc::new(ca)],
-            files: vec![self.files[0].clone(), entry],
-            phase: Phase::Adding { since_ms: now_ms },
-        };
-        next.roots.truncate(2);
+        let next = self.adding(ca, now_ms);
         next.save(data_dir)?;
         Ok(next)
     }
 
-    /// Phase 2: the new root first (it signs), the old one still trusted.
+    /// Phase 2 ([`Roots::switched`]), saved.
     pub fn switch(&self, data_dir: &Path, now_ms: u64) -> Result<Roots, CaError> {
-        let mut next = self.clone();
-        next.roots.reverse();
-        next.files.reverse();
-        next.phase = Phase::Retiring { since_ms: now_ms };
+        let next = self.switched(now_ms);
         next.save(data_dir)?;
         Ok(next)
     }
 
-    /// Phase 3: only the signing root. The retired root's files are
+    /// Phase 3 ([`Roots::retired`]), saved. The retired root's files are
     /// removed unless they are `ca.crt`/`ca.key` (the API's CA).
     pub fn retire(&self, data_dir: &Path) -> Result<Roots, CaError> {
-        let next = Roots {
-            roots: vec![self.roots[0].clone()],
-            files: vec![self.files[0].clone()],
-            phase: Phase::Stable,
-        };
+        let next = self.retired();
         next.save(data_dir)?;
         for f in self.files.iter().skip(1) {
             if f.cert == CA_CERT_FILE {
@@ -275,6 +303,73 @@ impl Roots {
         }
         Ok(next)
     }
+
+    /// The roots as `--store etcd` keeps them (`P/ca/state`): every root's
+    /// certificate and key PEM, bundle order, and the phase.
+    pub fn to_shared(&self) -> SharedRoots {
+        SharedRoots {
+            roots: self
+                .roots
+                .iter()
+                .map(|ca| SharedRoot {
+                    cert: ca.cert_pem().to_owned(),
+                    key: ca.key_pem(),
+                })
+                .collect(),
+            phase: self.phase,
+        }
+    }
+
+    /// The roots of `shared` (from etcd). A root that is `original` (the
+    /// `ca.crt`/`ca.key` root, same fingerprint) keeps those file names;
+    /// nothing is written: with etcd the data directory holds no
+    /// `ca-roots/` (a replica reloads the state from etcd at start).
+    pub fn from_shared(shared: &SharedRoots, original: &Arc<MeshCa>) -> Result<Roots, CaError> {
+        if shared.roots.is_empty() || shared.roots.len() > 2 {
+            return Err(CaError::NotACa {
+                reason: format!(
+                    "the shared CA state lists {} roots (1 or 2 expected)",
+                    shared.roots.len()
+                ),
+            });
+        }
+        let mut roots = Vec::with_capacity(shared.roots.len());
+        let mut files = Vec::with_capacity(shared.roots.len());
+        for root in &shared.roots {
+            let ca = MeshCa::load(&root.cert, &root.key)?;
+            if ca.fingerprint() == original.fingerprint() {
+                files.push(RootFiles {
+                    cert: CA_CERT_FILE.into(),
+                    key: CA_KEY_FILE.into(),
+                });
+                roots.push(original.clone());
+            } else {
+                files.push(Roots::files_of(&ca));
+                roots.push(Arc::new(ca));
+            }
+        }
+        Ok(Roots {
+            roots,
+            files,
+            phase: shared.phase,
+        })
+    }
+}
+
+/// One root in [`SharedRoots`] (PEM).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SharedRoot {
+    pub cert: String,
+    pub key: String,
+}
+
+/// The mesh-wide rotation state (`--store etcd`, `P/ca/state`, JSON).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SharedRoots {
+    pub roots: Vec<SharedRoot>,
+    pub phase: Phase,
 }
 
 #[cfg(test)]
@@ -343,6 +438,35 @@ mod tests {
         assert_eq!(next.all().len(), 1);
         assert_ne!(next.signing().fingerprint(), new);
         assert!(!key.exists(), "the retired root's key is removed");
+    }
+
+    #[test]
+    fn the_shared_form_round_trips_each_phase_without_touching_the_data_dir() {
+        let original = Arc::new(MeshCa::create("meshlet.local").unwrap());
+        let start = Roots::single(original.clone());
+        let adding = start.adding(MeshCa::create("meshlet.local").unwrap(), 1_000);
+        let retiring = adding.switched(2_000);
+        let done = retiring.retired();
+        for roots in [&start, &adding, &retiring, &done] {
+            let json = serde_json::to_vec(&roots.to_shared()).unwrap();
+            let shared: SharedRoots = serde_json::from_slice(&json).unwrap();
+            let back = Roots::from_shared(&shared, &original).unwrap();
+            assert_eq!(fingerprints(&back), fingerprints(roots));
+            assert_eq!(back.phase(), roots.phase());
+            assert_eq!(back.bundle_pem(), roots.bundle_pem());
+            // The bootstrap root keeps its file names (the API's CA).
+            for (f, ca) in back.files.iter().zip(back.all()) {
+                let is_original = ca.fingerprint() == original.fingerprint();
+                assert_eq!(f.cert == CA_CERT_FILE, is_original, "{f:?}");
+            }
+        }
+        assert_eq!(fingerprints(&retiring)[1], original.fingerprint());
+        assert_ne!(fingerprints(&done)[0], original.fingerprint());
+        let empty = SharedRoots {
+            roots: Vec::new(),
+            phase: Phase::Stable,
+        };
+        assert!(Roots::from_shared(&empty, &original).is_err());
     }
 
     #[test]

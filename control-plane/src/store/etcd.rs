@@ -16,6 +16,8 @@
 //! | `P/tokens` | the token records (hashes only), JSON, replaced whole |
 //! | `P/sessions/{sha256 hex of the id}` | a dashboard log-in [`StoredSession`] (JSON), attached to a lease of the session's TTL of its own |
 //! | `P/bootstrap/{ca.crt,ca.key,admin.token}` | the mesh CA and the bootstrap admin token, created once by the first replica |
+//! | `P/ca/state` | the workload roots (PEM certificates and keys, bundle order) and the rotation phase, written only by compare-and-swap on its mod revision ([`EtcdStore::swap_ca_state`]; see `rotation.rs`) |
+//! | `P/election/ca-rotation/…` | the etcd v3election keys of the replicas campaigning to drive the rotation (each on its own lease) |
 //!
 //! **A revision is one etcd transaction**: `if P/meta/revision == N-1 then
 //! put P/meta/revision = N, put P/rev/N, the puts and deletes, trim P/rev/(N-10000)
@@ -86,6 +88,9 @@ use super::{
 };
 use crate::auth::{Owners, TokenHash, TokenRecord};
 use crate::error::StoreError;
+
+/// The rotation state's key under the prefix (see `rotation.rs`).
+pub const CA_STATE_KEY: &str = "ca/state";
 
 /// The deadline of one etcd request (a txn, a get, a lease call).
 pub const CALL_TIMEOUT: Duration = Duration::from_secs(3);
@@ -184,11 +189,34 @@ pub struct Bootstrap {
 #[derive(Debug, Clone)]
 pub enum WatchedKey {
     Revision(Box<RevisionEntry>),
-    InstancePut { id: String, lease: i64 },
-    InstanceDeleted { id: String },
-    OwnerPut { id: String, holder: String },
-    OwnerDeleted { id: String },
+    InstancePut {
+        id: String,
+        lease: i64,
+    },
+    InstanceDeleted {
+        id: String,
+    },
+    OwnerPut {
+        id: String,
+        holder: String,
+    },
+    OwnerDeleted {
+        id: String,
+    },
     Tokens(Vec<TokenRecord>),
+    /// `P/ca/state` was put: the rotation state (JSON, decoded by the
+    /// workload CA) and the key's mod revision (the next CAS expects it).
+    CaState {
+        value: Vec<u8>,
+        mod_revision: i64,
+    },
+}
+
+/// `P/ca/state` as read: its value and mod revision (0: absent).
+#[derive(Debug, Clone, Default)]
+pub struct CaStateValue {
+    pub value: Option<Vec<u8>>,
+    pub mod_revision: i64,
 }
 
 /// The events of one etcd watch response (never split across responses).
@@ -755,6 +783,56 @@ impl EtcdStore {
         .await
     }
 
+    /// Reads `P/ca/state` (linearizable).
+    pub async fn ca_state(&self) -> Result<CaStateValue, StoreError> {
+        let key = self.key(CA_STATE_KEY);
+        let mut client = self.client.clone();
+        self.run("read the CA rotation state", async move {
+            let response = client
+                .get(key, None)
+                .await
+                .map_err(etcd_error("read the CA rotation state"))?;
+            Ok(match response.kvs().first() {
+                Some(kv) => CaStateValue {
+                    value: Some(kv.value().to_vec()),
+                    mod_revision: kv.mod_revision(),
+                },
+                None => CaStateValue::default(),
+            })
+        })
+        .await
+    }
+
+    /// Puts `P/ca/state` if its mod revision is still `expected` (0: the
+    /// key is absent): one txn, so a stale replica writes nothing. Answers
+    /// the new mod revision, or `None` when another replica changed the
+    /// state first.
+    pub async fn swap_ca_state(
+        &self,
+        expected: i64,
+        value: Vec<u8>,
+    ) -> Result<Option<i64>, StoreError> {
+        let key = self.key(CA_STATE_KEY);
+        let mut client = self.client.clone();
+        self.run("write the CA rotation state", async move {
+            let txn = Txn::new()
+                .when([Compare::mod_revision(
+                    key.clone(),
+                    CompareOp::Equal,
+                    expected,
+                )])
+                .and_then([TxnOp::put(key, value, None)]);
+            let response = client
+                .txn(txn)
+                .await
+                .map_err(etcd_error("write the CA rotation state"))?;
+            Ok(response
+                .succeeded()
+                .then(|| response.header().map(|h| h.revision()).unwrap_or(0)))
+        })
+        .await
+    }
+
     /// The bootstrap material, if a replica stored it.
     pub fn bootstrap(&self) -> Result<Option<Bootstrap>, StoreError> {
         let prefix = self.key("bootstrap/");
@@ -886,6 +964,11 @@ impl EtcdStore {
                                 None
                             }
                         }
+                    } else if rest == CA_STATE_KEY && put {
+                        Some(WatchedKey::CaState {
+                            value: kv.value().to_vec(),
+                            mod_revision: kv.mod_revision(),
+                        })
                     } else if rest == "tokens" && put {
                         match decode_etcd("tokens", kv.key(), kv.value()) {
                             Ok(tokens) => Some(WatchedKey::Tokens(tokens)),
