@@ -280,6 +280,43 @@ pub fn host_of(url: &str) -> Option<String> {
     )
 }
 
+/// What each etcd loop of this module holds while it lives: the keep-alive
+/// stream of its lease, and a watch of `folder` from the revision after
+/// the listing it started from (`listed_at`), so no change is missed or
+/// seen twice. `lease_name`/`watched` name them in errors.
+pub(crate) async fn renew_and_watch(
+    client: &mut etcd_client::Client,
+    lease: i64,
+    lease_name: &str,
+    folder: &str,
+    listed_at: i64,
+    watched: &str,
+) -> Result<
+    (
+        etcd_client::LeaseKeeper,
+        etcd_client::LeaseKeepAliveStream,
+        etcd_client::WatchStream,
+    ),
+    String,
+> {
+    let (keeper, renewals) = client
+        .lease_keep_alive(lease)
+        .await
+        .map_err(|e| format!("renew {lease_name}: {e}"))?;
+    let events = client
+        .watch(
+            folder,
+            Some(
+                etcd_client::WatchOptions::new()
+                    .with_prefix()
+                    .with_start_revision(listed_at + 1),
+            ),
+        )
+        .await
+        .map_err(|e| format!("watch {watched}: {e}"))?;
+    Ok((keeper, renewals, events))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

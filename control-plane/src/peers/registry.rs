@@ -17,7 +17,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use etcd_client::{Client, EventType, GetOptions, PutOptions, WatchOptions};
+use etcd_client::{Client, EventType, GetOptions, PutOptions};
 use tokio::sync::watch;
 
 use super::{Peers, ReplicaInfo};
@@ -91,21 +91,15 @@ async fn follow(peers: &Peers, mut client: Client, folder: &str) -> Result<(), S
             .filter_map(|kv| serde_json::from_slice::<ReplicaInfo>(kv.value()).ok()),
     );
     tracing::info!(replicas = ?peers.replicas().iter().map(|r| &r.id).collect::<Vec<_>>(), "replicas in etcd");
-    let (mut keeper, mut renewals) = client
-        .lease_keep_alive(lease)
-        .await
-        .map_err(call("renew the registration lease"))?;
-    let mut events = client
-        .watch(
-            folder,
-            Some(
-                WatchOptions::new()
-                    .with_prefix()
-                    .with_start_revision(at + 1),
-            ),
-        )
-        .await
-        .map_err(call("watch the replicas"))?;
+    let (mut keeper, mut renewals, mut events) = super::renew_and_watch(
+        &mut client,
+        lease,
+        "the registration lease",
+        folder,
+        at,
+        "the replicas",
+    )
+    .await?;
     let mut tick = tokio::time::interval(REGISTRATION_TTL / 3);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {

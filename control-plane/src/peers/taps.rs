@@ -18,7 +18,7 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
-use etcd_client::{Client, EventType, GetOptions, PutOptions, WatchOptions};
+use etcd_client::{Client, EventType, GetOptions, PutOptions};
 use meshlet_api::tap::TapDirective;
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
@@ -97,21 +97,15 @@ async fn follow(
         .collect();
     // Keys of an earlier run of this loop (their sessions may have ended).
     let mut written: HashSet<String> = mine_before.into_iter().collect();
-    let (mut keeper, mut renewals) = client
-        .lease_keep_alive(lease)
-        .await
-        .map_err(call("renew the taps' lease"))?;
-    let mut events = client
-        .watch(
-            folder,
-            Some(
-                WatchOptions::new()
-                    .with_prefix()
-                    .with_start_revision(at + 1),
-            ),
-        )
-        .await
-        .map_err(call("watch the taps"))?;
+    let (mut keeper, mut renewals, mut events) = super::renew_and_watch(
+        &mut client,
+        lease,
+        "the taps' lease",
+        folder,
+        at,
+        "the taps",
+    )
+    .await?;
     let mut local = hub.subscribe_local();
     local.mark_changed();
     let mut tick = tokio::time::interval(TAP_TTL / 3);
