@@ -50,27 +50,8 @@ async fn replicas_with(
     prefix: &str,
     extra: &[&str],
 ) -> Vec<ControlPlaneProcess> {
-    let endpoints = etcd.endpoints();
-    let mut out = Vec::new();
-    for i in 1..=3 {
-        let id = format!("replica-{i}");
-        let mut args = vec![
-            "--store",
-            "etcd",
-            "--etcd-endpoints",
-            &endpoints,
-            "--etcd-prefix",
-            prefix,
-            "--replica-id",
-            &id,
-            "--ttl",
-            "3s",
-        ];
-        args.extend_from_slice(extra);
-        let cp = ControlPlaneProcess::start(&dir.path.join(&id), &args).await;
-        out.push(cp);
-    }
-    out
+    etcd.start_replicas(dir, prefix, &[&["--ttl", "3s"], extra].concat())
+        .await
 }
 
 fn doc(kind: &str, name: &str, spec: &str) -> String {

@@ -33,26 +33,8 @@ async fn replicas(
     prefix: &str,
     extra: &[&str],
 ) -> Vec<ControlPlaneProcess> {
-    let endpoints = etcd.endpoints();
-    let mut out = Vec::new();
-    for i in 1..=3 {
-        let id = format!("replica-{i}");
-        let mut args = vec![
-            "--store",
-            "etcd",
-            "--etcd-endpoints",
-            &endpoints,
-            "--etcd-prefix",
-            prefix,
-            "--replica-id",
-            &id,
-            "--ttl",
-            "60s",
-        ];
-        args.extend_from_slice(extra);
-        out.push(ControlPlaneProcess::start(&dir.path.join(&id), &args).await);
-    }
-    out
+    etcd.start_replicas(dir, prefix, &[&["--ttl", "60s"], extra].concat())
+        .await
 }
 
 /// The replica ids `cp` lists in `/healthz?detail`.

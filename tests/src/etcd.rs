@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use tokio::process::{Child, Command};
 
-use crate::process::{free_port, TempDir};
+use crate::process::{free_port, ControlPlaneProcess, TempDir};
 use crate::wait;
 
 /// How long a cluster may take to elect a leader and answer health.
@@ -145,6 +145,27 @@ impl EtcdCluster {
         ]
         .map(str::to_owned)
         .to_vec()
+    }
+
+    /// Three control-plane replicas `replica-1..3` on this cluster under
+    /// `prefix`, data directories in `dir`, each with `extra` flags,
+    /// started one after the other (the first creates the CA and the admin
+    /// token, the others copy them from etcd).
+    pub async fn start_replicas(
+        &self,
+        dir: &TempDir,
+        prefix: &str,
+        extra: &[&str],
+    ) -> Vec<ControlPlaneProcess> {
+        let mut out = Vec::new();
+        for i in 1..=3 {
+            let id = format!("replica-{i}");
+            let mut args = self.replica_args(prefix, &id);
+            args.extend(extra.iter().map(|a| a.to_string()));
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            out.push(ControlPlaneProcess::start(&dir.path.join(&id), &args).await);
+        }
+        out
     }
 
     /// SIGKILLs member `i` and waits until it is gone.
