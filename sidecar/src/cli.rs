@@ -212,6 +212,13 @@ pub struct Args {
     #[arg(long, env = "MESHLET_WORKER_THREADS", default_value_t = 1)]
     pub worker_threads: usize,
 
+    /// While a request awaits its response, poll the sockets without
+    /// blocking for up to this long (adaptive; 0 = never), so that a quick
+    /// response is read without waking an idle CPU. Single-threaded
+    /// runtime only.
+    #[arg(long, env = "MESHLET_BUSY_POLL", default_value = "0s", value_parser = parse_duration)]
+    pub busy_poll: Duration,
+
     /// Log format (filter with RUST_LOG, e.g. RUST_LOG=debug).
     #[arg(long, env = "MESHLET_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
@@ -335,6 +342,7 @@ impl Args {
             outbound_addr: SocketAddr::new(self.outbound_ip, self.outbound_port),
             admin_addr: SocketAddr::new(self.admin_ip, self.admin_port),
             drain_timeout: self.drain_timeout,
+            busy_poll: self.busy_poll,
             limits: self.limits(),
         })
     }

@@ -261,6 +261,11 @@ fn start(
         identity,
     } = &shared;
     let (stop_tx, stop_rx) = watch::channel(false);
+    if tokio::runtime::Handle::current().runtime_flavor()
+        == tokio::runtime::RuntimeFlavor::CurrentThread
+    {
+        upstream::busy_poll::start(settings.busy_poll, metrics.busy_poll());
+    }
     spawn_config_reloader(
         initial.config_file.clone(),
         reloads,

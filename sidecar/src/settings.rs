@@ -51,6 +51,10 @@ pub struct Settings {
     /// How long in-flight requests may take to finish after SIGTERM.
     #[serde(with = "humantime_serde_compat")]
     pub drain_timeout: Duration,
+    /// `--busy-poll`: how long the single-threaded runtime polls without
+    /// blocking while a response is awaited (zero: never; `upstream::busy_poll`).
+    #[serde(with = "humantime_serde_compat")]
+    pub busy_poll: Duration,
     pub limits: Limits,
     /// `None` runs standalone from `--config`.
     pub control_plane: Option<ControlPlaneSettings>,

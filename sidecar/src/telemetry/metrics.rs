@@ -32,7 +32,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
 use prometheus::{
-    Encoder, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
+    Counter, Encoder, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 use crate::telemetry::direction::Direction;
@@ -192,6 +192,39 @@ pub struct Metrics {
     h2_closed: IntCounterVec,
     /// routes (issue 15): `Route` rules chosen and mirrored copies.
     routing: RoutingFamilies,
+    /// perf (issue 17): the busy-poll spinner's time and spins.
+    busy_poll: BusyPollMetrics,
+}
+
+/// `meshlet_busy_poll_seconds_total` and `meshlet_busy_poll_total{outcome}`
+/// (`upstream::busy_poll`): what spinning for responses costs and catches.
+#[derive(Debug, Clone)]
+pub struct BusyPollMetrics {
+    pub seconds: Counter,
+    pub caught: IntCounter,
+    pub missed: IntCounter,
+}
+
+impl BusyPollMetrics {
+    fn register(r: &Register<'_>) -> Self {
+        let seconds = r.add(
+            Counter::new(
+                "meshlet_busy_poll_seconds_total",
+                "Time the sidecar spent polling its sockets without blocking while a response was awaited (--busy-poll)",
+            )
+            .expect("valid metric"),
+        );
+        let spins = r.counter_vec(
+            "meshlet_busy_poll_total",
+            "Busy-poll spins by outcome: caught (every awaited response came within the window) or missed (the window passed)",
+            &["outcome"],
+        );
+        BusyPollMetrics {
+            seconds,
+            caught: spins.with_label_values(&["caught"]),
+            missed: spins.with_label_values(&["missed"]),
+        }
+    }
 }
 
 // --- routes (issue 15): `Route` rules and mirrors ---
@@ -531,6 +564,7 @@ impl Metrics {
                 &["listener", "reason"],
             ),
             routing: RoutingFamilies::register(&register),
+            busy_poll: BusyPollMetrics::register(&register),
             registry,
         }
     }
@@ -550,6 +584,11 @@ impl Metrics {
             failed: family.with_label_values(&[service, "failed"]),
             skipped: family.with_label_values(&[service, "skipped"]),
         }
+    }
+
+    /// The busy-poll spinner's counters.
+    pub fn busy_poll(&self) -> BusyPollMetrics {
+        self.busy_poll.clone()
     }
 
     /// The own service (the `service` label).

@@ -50,6 +50,7 @@ use crate::policy::retry::{NotReplayable, RetryPolicy};
 use crate::settings::Limits;
 use crate::telemetry::trail::Trail;
 use crate::upstream::balance::{Endpoint, Tried};
+use crate::upstream::busy_poll;
 use crate::upstream::in_flight::{ClientStreams, StreamSlot};
 use crate::upstream::pool::{Answer, SendError};
 use crate::upstream::target::ServiceTarget;
@@ -184,10 +185,12 @@ impl Send<'_> {
             };
             // Phase 3: send, within the try's deadline.
             let in_flight = endpoint.start_request();
+            let awaiting = busy_poll::awaiting_response();
             let sent = match deadline {
                 Some((at, _)) => tokio::time::timeout_at(at, endpoint.pool.dispatch(request)).await,
                 None => Ok(endpoint.pool.dispatch(request).await),
             };
+            drop(awaiting);
             match self.record(sent, endpoint, permit, deadline) {
                 Sent::Answered(response, stream) => {
                     let idle = self.idle_timeout;

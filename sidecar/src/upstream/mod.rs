@@ -27,6 +27,10 @@
 //!   when we have read a head and wait for the body (`TCP_QUICKACK`), so an
 //!   app with Nagle on that writes head and body apart is not stalled 40 ms
 //!   per response.
+//! - `busy_poll` — while a request awaits its response head, the
+//!   single-threaded runtime polls its sockets without blocking for a short,
+//!   adaptive window, so a quick response is read without waking an idle
+//!   CPU (`--busy-poll`).
 //!
 //! **Invariants:** a request whose connection failed before it was sent
 //! comes back to `forward` (never lost, retried elsewhere without a
@@ -37,6 +41,7 @@
 //! instructions, never across an await.
 
 pub(crate) mod balance;
+pub mod busy_poll;
 pub(crate) mod forward;
 pub(crate) mod in_flight;
 pub(crate) mod mirror;
