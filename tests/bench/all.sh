@@ -42,9 +42,11 @@
 #                              rate limit on B's inbound, tracing on
 #
 # Per row: a warm-up (BENCH_WARMUP), a throughput run (wrk -t1 -c32,
-# BENCH_DURATION, keep-alive) and a latency run (wrk -t1 -c1, closed loop,
-# BENCH_DURATION). The proxies' CPU (utime + stime from /proc/PID/stat, all
-# their processes) is read around the throughput run. The sidecars' VmRSS is
+# BENCH_DURATION, keep-alive), a latency run (wrk -t1 -c1, closed loop,
+# BENCH_DURATION) and, for the one- and two-hop rows, an open-loop run at a
+# fixed BENCH_RATE (default 1000 req/s, wrk -c BENCH_LAT_CONNS with lib.sh's
+# paced script). The proxies' CPU (utime + stime from /proc/PID/stat, all
+# their processes) is read around the throughput and the fixed-rate runs. The sidecars' VmRSS is
 # sampled during the whole run (each idles while the others run: the peak
 # is its peak under its own load). B's meshlet_tls_handshakes_total is read
 # around the mTLS runs.
@@ -58,6 +60,9 @@
 #   added p50/p99    minus the baseline's: one hop and two hops against
 #                    direct, Nagle rows against "direct, new connections"
 #   CPU us/req       the proxies' CPU time per request in the throughput run
+#   at N/s           the fixed-rate run: added p50 / p99 against direct's, and
+#                    the proxies' CPU per request at that rate (they idle
+#                    between requests: waking up is part of the cost)
 #                    (both hops for two-hop rows; softirq work charged to
 #                    other processes is not in it)
 #   RSS MiB          sidecars: idle before the runs / peak under load (two
@@ -391,7 +396,7 @@ curl_lat() {
 }
 CLOSE_REQUESTS="${BENCH_CLOSE_REQUESTS:-300}"
 
-declare -A RPS P50 P99 ERRS OTHER CPU HS
+declare -A RPS P50 P99 ERRS OTHER CPU HS P50R P99R CPUR
 # measure NAME ROUND: the row's runs; results in the arrays above [NAME,ROUND].
 measure() {
     local name=$1 round=$2 tag="$1-r$2" url="http://127.0.0.1:${ROW_PORT[$1]}/"
@@ -438,6 +443,22 @@ measure() {
     P50[$name,$round]=$(field "$TMP/$tag-lat.out" p50_us)
     P99[$name,$round]=$(field "$TMP/$tag-lat.out" p99_us)
     sent=$((sent + $(field "$TMP/$tag-lat.out" requests)))
+    P50R[$name,$round]=n/a P99R[$name,$round]=n/a CPUR[$name,$round]=n/a
+    if [[ ${ROW_KIND[$name]} == full ]]; then
+        # Open loop: a fixed rate whatever the answers take (no coordinated
+        # omission), and the proxy's CPU per request at that rate, where
+        # it idles between requests (what busy polling costs shows here).
+        log "$tag: fixed rate, $RATE req/s, -t1 -c$LAT_CONNS -d$DURATION"
+        t0=$(ticks "${procs[@]}")
+        run_wrk "$TMP/$tag-rate.out" -t1 -c"$LAT_CONNS" -d"$DURATION" -s "$TMP/paced.lua" "${hdr[@]}" "$url" -- "$RATE"
+        t1=$(ticks "${procs[@]}")
+        req=$(field "$TMP/$tag-rate.out" requests)
+        sent=$((sent + req))
+        P50R[$name,$round]=$(field "$TMP/$tag-rate.out" p50_us)
+        P99R[$name,$round]=$(field "$TMP/$tag-rate.out" p99_us)
+        CPUR[$name,$round]=$(awk -v t=$((t1 - t0)) -v hz="$CLK_TCK" -v r="$req" 'BEGIN { printf "%.1f", t / hz * 1e6 / r }')
+        [[ -n "${ROW_PROCS[$name]}" ]] || CPUR[$name,$round]=n/a
+    fi
     if [[ ${ROW_KIND[$name]} != full ]]; then
         RPS[$name,$round]=$(awk -v r="$(field "$TMP/$tag-lat.out" requests)" -v d="$(field "$TMP/$tag-lat.out" duration_us)" 'BEGIN { printf "%.0f", r / (d / 1e6) }')
         CPU[$name,$round]=n/a
@@ -476,11 +497,11 @@ med_of() { # med_of ARRAY NAME
     local vals=() r
     for ((r = 1; r <= ROUNDS; r++)); do vals+=("${arr[$2,$r]}"); done
     local fmt="%.0f"
-    case $1 in CPU) fmt="%.1f" ;; HS) fmt="%.3f" ;; esac
+    case $1 in CPU | CPUR) fmt="%.1f" ;; HS) fmt="%.3f" ;; esac
     if [[ "${vals[0]}" == n/a ]]; then echo n/a; else printf '%s\n' "${vals[@]}" | sort -g | awk -v f="$fmt" '{ a[NR] = $1 } END { printf f "\n", (NR % 2 ? a[(NR + 1) / 2] : (a[NR / 2] + a[NR / 2 + 1]) / 2) }'; fi
 }
 for name in "${ROWS[@]}"; do
-    for a in RPS P50 P99 CPU HS; do
+    for a in RPS P50 P99 CPU HS P50R P99R CPUR; do
         printf -v "${a}[$name]" '%s' "$(med_of "$a" "$name")"
     done
     e=0 o=0
@@ -503,7 +524,7 @@ rss_cell() { # rss_cell SIDECAR...: idle / peak MiB (the larger over the sidecar
 }
 declare -A RSS_OF=([sidecar]="sidecar" [baseline]="baseline" [policies]="policies" [busy-poll]="busy-poll" [nagle-sidecar]="nagle-sidecar"
     [nagle-baseline]="nagle-baseline" [hop2-plain]="plain-a plain-b" [hop2-mtls]="mtls-a mtls-b" [hop2-pol]="pol-a pol-b")
-rows=("path|req/s|x direct|x nginx|p50 ms|p99 ms|added p50 us|added p99 us|CPU us/req|RSS MiB idle / load|TLS hs/1k req|errors")
+rows=("path|req/s|x direct|x nginx|p50 ms|p99 ms|added p50 us|added p99 us|CPU us/req|added p50 / p99 us at $RATE/s|CPU us/req at $RATE/s|RSS MiB idle / load|TLS hs/1k req|errors")
 for name in "${ROWS[@]}"; do
     case $name in
         nagle-*) base=nagle-direct peer=nagle-nginx ;;
@@ -519,6 +540,11 @@ for name in "${ROWS[@]}"; do
         add50=$(us "${P50[$name]}" "${P50[$base]}")
         add99=$(us "${P99[$name]}" "${P99[$base]}")
     fi
+    at_rate=– cpu_rate=–
+    if [[ ${P50R[$name]} != n/a && $name != "$base" && ${P50R[$base]:-n/a} != n/a ]]; then
+        at_rate="$(us "${P50R[$name]}" "${P50R[$base]}") / $(us "${P99R[$name]}" "${P99R[$base]}")"
+    fi
+    [[ ${CPUR[$name]} == n/a ]] || cpu_rate=${CPUR[$name]}
     rss=–
     # shellcheck disable=SC2086 # a list of sidecar names
     [[ -z "${RSS_OF[$name]:-}" ]] || rss=$(rss_cell ${RSS_OF[$name]})
@@ -528,7 +554,7 @@ for name in "${ROWS[@]}"; do
     [[ $hs != n/a ]] || hs=–
     rps=${RPS[$name]}
     [[ $name != nagle-* ]] || rps="($rps)"
-    rows+=("${LABEL[$name]}|$rps|$x_direct|$x_nginx|$(ms "${P50[$name]}")|$(ms "${P99[$name]}")|$add50|$add99|$cpu|$rss|$hs|${ERRS[$name]}")
+    rows+=("${LABEL[$name]}|$rps|$x_direct|$x_nginx|$(ms "${P50[$name]}")|$(ms "${P99[$name]}")|$add50|$add99|$cpu|$at_rate|$cpu_rate|$rss|$hs|${ERRS[$name]}")
 done
 table=$(printf '%s\n' "${rows[@]}" | md_table)
 
@@ -538,13 +564,13 @@ le() { awk -v a="$1" -v b="$2" 'BEGIN { print (a <= b) }'; }
 mtls_rss=$(awk -v a="${RSS_PEAK[mtls-a]}" -v b="${RSS_PEAK[mtls-b]}" 'BEGIN { print (a > b ? a : b) }')
 goals=(
     "1. throughput >= 1.0x nginx (one hop, metrics + tracing + policies): $(check "$(ge "${RPS[policies]}" "${RPS[nginx]}")") ($(ratio "${RPS[policies]}" "${RPS[nginx]}")x; without policies $(ratio "${RPS[sidecar]}" "${RPS[nginx]}")x; two hops with policies $(ratio "${RPS[hop2-pol]}" "${RPS[hop2-nginx]}")x two nginx hops)"
-    "2. added latency <= 0.8x nginx's at c=1: p50 $(check "$(le "$((P50[sidecar] - P50[direct]))" "$(awk -v n="$((P50[nginx] - P50[direct]))" 'BEGIN { print 0.8 * n }')")"), p99 $(check "$(le "$((P99[sidecar] - P99[direct]))" "$(awk -v n="$((P99[nginx] - P99[direct]))" 'BEGIN { print 0.8 * n }')")") (added p50 $(ratio "$((P50[sidecar] - P50[direct]))" "$((P50[nginx] - P50[direct]))")x nginx's; with --busy-poll 200us $(ratio "$((P50[busy-poll] - P50[direct]))" "$((P50[nginx] - P50[direct]))")x, p99 $(ratio "$((P99[busy-poll] - P99[direct]))" "$((P99[nginx] - P99[direct]))")x)"
+    "2. added latency <= 0.8x nginx's at c=1: p50 $(check "$(le "$((P50[sidecar] - P50[direct]))" "$(awk -v n="$((P50[nginx] - P50[direct]))" 'BEGIN { print 0.8 * n }')")"), p99 $(check "$(le "$((P99[sidecar] - P99[direct]))" "$(awk -v n="$((P99[nginx] - P99[direct]))" 'BEGIN { print 0.8 * n }')")") (added p50 $(ratio "$((P50[sidecar] - P50[direct]))" "$((P50[nginx] - P50[direct]))")x nginx's; with --busy-poll 200us $(ratio "$((P50[busy-poll] - P50[direct]))" "$((P50[nginx] - P50[direct]))")x, p99 $(ratio "$((P99[busy-poll] - P99[direct]))" "$((P99[nginx] - P99[direct]))")x); at a fixed $RATE req/s: added p50 $(ratio "$((P50R[sidecar] - P50R[direct]))" "$((P50R[nginx] - P50R[direct]))")x nginx's, p99 $(ratio "$((P99R[sidecar] - P99R[direct]))" "$((P99R[nginx] - P99R[direct]))")x (with --busy-poll 200us $(ratio "$((P50R[busy-poll] - P50R[direct]))" "$((P50R[nginx] - P50R[direct]))")x, $(ratio "$((P99R[busy-poll] - P99R[direct]))" "$((P99R[nginx] - P99R[direct]))")x; CPU us/req ${CPUR[busy-poll]} vs ${CPUR[sidecar]} without)"
     "3. Nagle app: added p50 within 1 ms of direct through the sidecar: $(check "$(le "$((${P50[nagle-sidecar]} - ${P50[nagle-direct]}))" 1000)") ($(ms "$((${P50[nagle-sidecar]} - ${P50[nagle-direct]}))") ms; nginx $(ms "$((${P50[nagle-nginx]} - ${P50[nagle-direct]}))") ms)"
     "4. two hops, mTLS: $(ratio "${RPS[hop2-mtls]}" "${RPS[hop2-nginx]}")x two nginx hops' throughput (plaintext $(ratio "${RPS[hop2-plain]}" "${RPS[hop2-nginx]}")x), ${HS[hop2-mtls]} TLS handshakes per 1000 requests"
     "5. RSS <= 15 MiB under load with mTLS on: $(check "$(le "$mtls_rss" $((15 * 1024)))") ($(mib "$mtls_rss") MiB peak, larger of A and B)"
 )
 other_line=$(other_cpu_line "${ROWS[@]}")
-params="loopback, $(nproc) cores, $(uname -r); $([[ $PIN == 1 ]] && echo "clients and apps on core 0, proxies on core 1" || echo "not pinned"); throughput: wrk -t1 -c$CONNS -d$DURATION; latency: wrk -t1 -c1 -d$DURATION; warm-up $WARMUP per row; $ROUNDS round(s), median shown; load average $LOAD_BEFORE before, $LOAD_AFTER after; runs took $((SECONDS - START))s; sidecar: $SIDECAR${BASELINE:+, baseline: $BASELINE}; $(tool_versions), $(haproxy -v | awk 'NR == 1 { print "HAProxy", $3 }')"
+params="loopback, $(nproc) cores, $(uname -r); $([[ $PIN == 1 ]] && echo "clients and apps on core 0, proxies on core 1" || echo "not pinned"); throughput: wrk -t1 -c$CONNS -d$DURATION; latency: wrk -t1 -c1 -d$DURATION, and open loop at $RATE req/s (wrk -c$LAT_CONNS, paced); warm-up $WARMUP per row; $ROUNDS round(s), median shown; load average $LOAD_BEFORE before, $LOAD_AFTER after; runs took $((SECONDS - START))s; sidecar: $SIDECAR${BASELINE:+, baseline: $BASELINE}; $(tool_versions), $(haproxy -v | awk 'NR == 1 { print "HAProxy", $3 }')"
 
 # The control plane at scale (another script's markdown fragment).
 CP_SCALE=""

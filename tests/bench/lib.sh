@@ -506,3 +506,82 @@ other_cpu_line() {
 
 # tool_versions: wrk's and nginx's, for the parameters line.
 tool_versions() { echo "$(wrk -v 2>&1 | head -n1 | awk '{print $1, $2}'), $("$NGINX" -v 2>&1 | sed 's/^nginx version: //')"; }
+
+# ---------------------------------------------------- profiling scenarios --
+# start_profile_upstream: the upstream of profile.sh and syscalls.sh, an nginx
+# (1 worker) answering `200 ok` and swallowing spans at /v1/traces, on
+# UP_PORT; and $TMP/policies.yaml, what their `policies` and `outbound`
+# scenarios run with: the service `app` (that nginx) under a breaker, a
+# retry and a timeout policy; a rate limit (too big to refuse) and tracing
+# at 1.0 for the own service `bench`.
+start_profile_upstream() {
+    free_port UP_PORT
+    log "upstream nginx on 127.0.0.1:$UP_PORT"
+    start_nginx upstream "$UP_PORT" '
+            default_type text/plain;
+            location / { return 200 "ok\n"; }
+            location = /v1/traces { return 200 ""; }'
+
+    cat >"$TMP/policies.yaml" <<EOF
+apiVersion: meshlet.dev/v1alpha1
+kind: Service
+metadata: {name: app}
+spec:
+  endpoints:
+    - address: 127.0.0.1:$UP_PORT
+---
+apiVersion: meshlet.dev/v1alpha1
+kind: RateLimitPolicy
+metadata: {name: bench-limit}
+spec:
+  targetRef: {service: bench}
+  tokenBucket: {capacity: 100000000, refillPerSecond: 100000000}
+  key: service
+  scope: local
+---
+apiVersion: meshlet.dev/v1alpha1
+kind: TracingPolicy
+metadata: {name: bench-tracing}
+spec:
+  targetRef: {service: bench}
+  samplingRatio: 1.0
+---
+apiVersion: meshlet.dev/v1alpha1
+kind: CircuitBreakerPolicy
+metadata: {name: app-breaker}
+spec:
+  targetRef: {service: app}
+  consecutiveFailures: 5
+  openDuration: 30s
+---
+apiVersion: meshlet.dev/v1alpha1
+kind: RetryPolicy
+metadata: {name: app-retry}
+spec:
+  targetRef: {service: app}
+  attempts: 2
+  retryOn: [gateway-error, connect-failure, reset]
+---
+apiVersion: meshlet.dev/v1alpha1
+kind: TimeoutPolicy
+metadata: {name: app-timeout}
+spec:
+  targetRef: {service: app}
+  request: 5s
+EOF
+}
+
+# scenario_flags SCENARIO: the extra sidecar flags of a profiling scenario
+# (inbound: none; policies, outbound: the policies and the span sink) into
+# SCENARIO_FLAGS.
+# shellcheck disable=SC2034 # used by the scripts that source this file
+scenario_flags() {
+    case "$1" in
+        inbound) SCENARIO_FLAGS=() ;;
+        policies | outbound)
+            SCENARIO_FLAGS=(--config "$TMP/policies.yaml"
+                --trace-endpoint "http://127.0.0.1:$UP_PORT/v1/traces")
+            ;;
+        *) die "unknown scenario $1" ;;
+    esac
+}

@@ -73,74 +73,14 @@ install_deps "${deps[@]}"
 make_tmp
 mkdir -p "$OUT_DIR"
 
-free_port UP_PORT
-log "upstream nginx on 127.0.0.1:$UP_PORT"
-start_nginx upstream "$UP_PORT" '
-        default_type text/plain;
-        location / { return 200 "ok\n"; }
-        location = /v1/traces { return 200 ""; }'
-
-cat >"$TMP/policies.yaml" <<EOF
-apiVersion: meshlet.dev/v1alpha1
-kind: Service
-metadata: {name: app}
-spec:
-  endpoints:
-    - address: 127.0.0.1:$UP_PORT
----
-apiVersion: meshlet.dev/v1alpha1
-kind: RateLimitPolicy
-metadata: {name: bench-limit}
-spec:
-  targetRef: {service: bench}
-  tokenBucket: {capacity: 100000000, refillPerSecond: 100000000}
-  key: service
-  scope: local
----
-apiVersion: meshlet.dev/v1alpha1
-kind: TracingPolicy
-metadata: {name: bench-tracing}
-spec:
-  targetRef: {service: bench}
-  samplingRatio: 1.0
----
-apiVersion: meshlet.dev/v1alpha1
-kind: CircuitBreakerPolicy
-metadata: {name: app-breaker}
-spec:
-  targetRef: {service: app}
-  consecutiveFailures: 5
-  openDuration: 30s
----
-apiVersion: meshlet.dev/v1alpha1
-kind: RetryPolicy
-metadata: {name: app-retry}
-spec:
-  targetRef: {service: app}
-  attempts: 2
-  retryOn: [gateway-error, connect-failure, reset]
----
-apiVersion: meshlet.dev/v1alpha1
-kind: TimeoutPolicy
-metadata: {name: app-timeout}
-spec:
-  targetRef: {service: app}
-  request: 5s
-EOF
+start_profile_upstream
 
 # sidecar_args SCENARIO IN OUT ADMIN: the sidecar's flags for a scenario.
 sidecar_args() {
     local scenario=$1 in=$2 out=$3 admin=$4
+    scenario_flags "$scenario"
     ARGS=(--service bench --app-port "$UP_PORT" --inbound-ip 127.0.0.1
-        --inbound-port "$in" --outbound-port "$out" --admin-port "$admin")
-    case "$scenario" in
-        inbound) ;;
-        policies | outbound)
-            ARGS+=(--config "$TMP/policies.yaml"
-                --trace-endpoint "http://127.0.0.1:$UP_PORT/v1/traces")
-            ;;
-        *) die "unknown scenario $scenario" ;;
-    esac
+        --inbound-port "$in" --outbound-port "$out" --admin-port "$admin" "${SCENARIO_FLAGS[@]}")
 }
 
 # load SCENARIO IN OUT N: N keep-alive requests through the scenario's listener.

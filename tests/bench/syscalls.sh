@@ -50,60 +50,7 @@ install_deps h2load:nghttp2-client perf:linux-perf
 make_tmp
 mkdir -p "$OUT_DIR"
 
-free_port UP_PORT
-log "upstream nginx on 127.0.0.1:$UP_PORT"
-start_nginx upstream "$UP_PORT" '
-        default_type text/plain;
-        location / { return 200 "ok\n"; }
-        location = /v1/traces { return 200 ""; }'
-
-cat >"$TMP/policies.yaml" <<EOF
-apiVersion: meshlet.dev/v1alpha1
-kind: Service
-metadata: {name: app}
-spec:
-  endpoints:
-    - address: 127.0.0.1:$UP_PORT
----
-apiVersion: meshlet.dev/v1alpha1
-kind: RateLimitPolicy
-metadata: {name: bench-limit}
-spec:
-  targetRef: {service: bench}
-  tokenBucket: {capacity: 100000000, refillPerSecond: 100000000}
-  key: service
-  scope: local
----
-apiVersion: meshlet.dev/v1alpha1
-kind: TracingPolicy
-metadata: {name: bench-tracing}
-spec:
-  targetRef: {service: bench}
-  samplingRatio: 1.0
----
-apiVersion: meshlet.dev/v1alpha1
-kind: CircuitBreakerPolicy
-metadata: {name: app-breaker}
-spec:
-  targetRef: {service: app}
-  consecutiveFailures: 5
-  openDuration: 30s
----
-apiVersion: meshlet.dev/v1alpha1
-kind: RetryPolicy
-metadata: {name: app-retry}
-spec:
-  targetRef: {service: app}
-  attempts: 2
-  retryOn: [gateway-error, connect-failure, reset]
----
-apiVersion: meshlet.dev/v1alpha1
-kind: TimeoutPolicy
-metadata: {name: app-timeout}
-spec:
-  targetRef: {service: app}
-  request: 5s
-EOF
+start_profile_upstream
 
 # load PORT N [HOST]: N keep-alive requests, every one answered 2xx.
 load() {
@@ -172,10 +119,8 @@ for target in $TARGETS; do
                 free_port in
                 free_port out
                 free_port admin
-                extra=()
-                [[ $target == inbound ]] || extra=(--config "$TMP/policies.yaml"
-                    --trace-endpoint "http://127.0.0.1:$UP_PORT/v1/traces")
-                start_sidecar "sidecar-$target-$n" "$bin" "$UP_PORT" "$in" "$out" "$admin" "${extra[@]}"
+                scenario_flags "$target"
+                start_sidecar "sidecar-$target-$n" "$bin" "$UP_PORT" "$in" "$out" "$admin" "${SCENARIO_FLAGS[@]}"
                 log "$target: $bin (pid $STARTED_PID)"
                 if [[ $target == outbound ]]; then
                     count "$STARTED_PID" "$out" app

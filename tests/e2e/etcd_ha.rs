@@ -515,6 +515,45 @@ async fn replica_revision(cp: &ControlPlaneProcess) -> u64 {
     detail["revision"].as_u64().unwrap_or(0)
 }
 
+/// Requests both ways between the two services of `two_services`, counted.
+struct BothWays {
+    to_orders: Traffic,
+    to_frontend: Traffic,
+}
+
+impl BothWays {
+    /// Starts the traffic and waits until both directions answered 20.
+    async fn start(frontend: &SidecarProcess, orders: &SidecarProcess) -> BothWays {
+        let both = BothWays {
+            to_orders: Traffic::start(frontend.outbound, "orders"),
+            to_frontend: Traffic::start(orders.outbound, "frontend"),
+        };
+        wait::until("traffic flows", Duration::from_secs(10), || async {
+            (both.to_orders.ok() >= 20 && both.to_frontend.ok() >= 20).then_some(())
+        })
+        .await;
+        both
+    }
+
+    /// Waits until both directions answered 20 more (`what`: the moment).
+    async fn more(&self, what: &str) {
+        let (orders, frontend) = (self.to_orders.ok(), self.to_frontend.ok());
+        wait::until(what, Duration::from_secs(5), || async {
+            (self.to_orders.ok() >= orders + 20 && self.to_frontend.ok() >= frontend + 20)
+                .then_some(())
+        })
+        .await;
+    }
+
+    /// Stops both and asserts that not one request failed; the answered counts.
+    async fn finish(self) -> (usize, usize) {
+        (
+            no_failures(self.to_orders, "frontend → orders").await,
+            no_failures(self.to_frontend, "orders → frontend").await,
+        )
+    }
+}
+
 /// Stops `traffic` and asserts not one request failed.
 async fn no_failures(traffic: Traffic, what: &str) -> usize {
     let (ok, failures) = traffic.finish().await;
@@ -573,12 +612,7 @@ async fn killing_the_watched_replica_loses_no_request_and_no_registration() {
     assert_ne!(orders_watched.as_deref(), Some(victim_url.as_str()));
 
     // Requests both ways, counted.
-    let to_orders = Traffic::start(frontend.outbound, "orders");
-    let to_frontend = Traffic::start(orders.outbound, "frontend");
-    wait::until("traffic flows", Duration::from_secs(10), || async {
-        (to_orders.ok() >= 20 && to_frontend.ok() >= 20).then_some(())
-    })
-    .await;
+    let traffic = BothWays::start(&frontend, &orders).await;
 
     cps[victim].kill9().await;
     let killed = Instant::now();
@@ -661,17 +695,8 @@ async fn killing_the_watched_replica_loses_no_request_and_no_registration() {
             Scrape::of(sidecar.admin).await.text
         );
     }
-    let (ok_orders, ok_frontend) = (to_orders.ok(), to_frontend.ok());
-    wait::until(
-        "more traffic after the failover",
-        Duration::from_secs(5),
-        || async {
-            (to_orders.ok() >= ok_orders + 20 && to_frontend.ok() >= ok_frontend + 20).then_some(())
-        },
-    )
-    .await;
-    let sent_to_orders = no_failures(to_orders, "frontend → orders").await;
-    let sent_to_frontend = no_failures(to_frontend, "orders → frontend").await;
+    traffic.more("more traffic after the failover").await;
+    let (sent_to_orders, sent_to_frontend) = traffic.finish().await;
 
     // The killed replica starts again and catches up: the registration
     // made while it was down, the same revision as the others.
@@ -730,12 +755,7 @@ async fn with_every_replica_killed_sidecars_route_and_resume_when_one_returns() 
     for sidecar in sidecars {
         first_snapshot(sidecar).await;
     }
-    let to_orders = Traffic::start(frontend.outbound, "orders");
-    let to_frontend = Traffic::start(orders.outbound, "frontend");
-    wait::until("traffic flows", Duration::from_secs(10), || async {
-        (to_orders.ok() >= 20 && to_frontend.ok() >= 20).then_some(())
-    })
-    .await;
+    let traffic = BothWays::start(&frontend, &orders).await;
     for cp in cps.iter_mut() {
         cp.kill9().await;
     }
@@ -750,15 +770,7 @@ async fn with_every_replica_killed_sidecars_route_and_resume_when_one_returns() 
         )
         .await;
     }
-    let (ok_orders, ok_frontend) = (to_orders.ok(), to_frontend.ok());
-    wait::until(
-        "traffic without a control plane",
-        Duration::from_secs(5),
-        || async {
-            (to_orders.ok() >= ok_orders + 20 && to_frontend.ok() >= ok_frontend + 20).then_some(())
-        },
-    )
-    .await;
+    traffic.more("traffic without a control plane").await;
     // Replica 3 returns (on its port, its etcd data untouched).
     cps[2].restart().await;
     let back = Instant::now();
@@ -771,17 +783,8 @@ async fn with_every_replica_killed_sidecars_route_and_resume_when_one_returns() 
         .await;
     }
     let resumed = back.elapsed();
-    let (ok_orders, ok_frontend) = (to_orders.ok(), to_frontend.ok());
-    wait::until(
-        "traffic after the return",
-        Duration::from_secs(5),
-        || async {
-            (to_orders.ok() >= ok_orders + 20 && to_frontend.ok() >= ok_frontend + 20).then_some(())
-        },
-    )
-    .await;
-    let sent_to_orders = no_failures(to_orders, "frontend → orders").await;
-    let sent_to_frontend = no_failures(to_frontend, "orders → frontend").await;
+    traffic.more("traffic after the return").await;
+    let (sent_to_orders, sent_to_frontend) = traffic.finish().await;
     // A change through it arrives, as a delta after a resumed watch.
     std::fs::write(dir.path.join("abort.yaml"), abort_calls_to("orders")).unwrap();
     let out = meshctl(
@@ -829,12 +832,7 @@ async fn an_instance_that_died_while_every_replica_was_down_leaves_every_sidecar
         .await;
         first_snapshot(sidecar).await;
     }
-    let to_orders = Traffic::start(frontend.outbound, "orders");
-    let to_frontend = Traffic::start(orders.outbound, "frontend");
-    wait::until("traffic flows", Duration::from_secs(10), || async {
-        (to_orders.ok() >= 20 && to_frontend.ok() >= 20).then_some(())
-    })
-    .await;
+    let traffic = BothWays::start(&frontend, &orders).await;
     for cp in cps.iter_mut() {
         cp.kill9().await;
     }
@@ -876,17 +874,8 @@ async fn an_instance_that_died_while_every_replica_was_down_leaves_every_sidecar
         assert_eq!(instance_ids(&cps[0], service).await.len(), 1, "{service}");
     }
     assert_eq!(etcd.count_prefix("/mesh-g/instances/").await, Some(2));
-    let (ok_orders, ok_frontend) = (to_orders.ok(), to_frontend.ok());
-    wait::until(
-        "traffic after the return",
-        Duration::from_secs(5),
-        || async {
-            (to_orders.ok() >= ok_orders + 20 && to_frontend.ok() >= ok_frontend + 20).then_some(())
-        },
-    )
-    .await;
-    let sent_to_orders = no_failures(to_orders, "frontend → orders").await;
-    let sent_to_frontend = no_failures(to_frontend, "orders → frontend").await;
+    traffic.more("traffic after the return").await;
+    let (sent_to_orders, sent_to_frontend) = traffic.finish().await;
     eprintln!(
         "every replica down past the TTL: the dead instance left every sidecar {} ms after a \
          replica returned; 0 failed of {sent_to_orders} + {sent_to_frontend} requests",
