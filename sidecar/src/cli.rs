@@ -22,6 +22,10 @@ use crate::telemetry::trace::export::ExportEndpoint;
 
 pub use crate::settings::Mode;
 
+/// The longest `--busy-poll` window: longer ones only burn CPU (a response
+/// that takes longer is not worth spinning for).
+const MAX_BUSY_POLL: Duration = Duration::from_millis(100);
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum LogFormat {
     Text,
@@ -318,6 +322,14 @@ impl Args {
         };
         let observability = self.observability(control_plane.as_ref())?;
         let gateway = self.gateway()?;
+        if self.busy_poll > MAX_BUSY_POLL {
+            return Err(StartupError::Usage(format!(
+                "--busy-poll {}: at most {} (it is how long the sidecar may poll instead of sleeping \
+                 while a response is awaited; a few hundred microseconds is the useful range)",
+                humantime::format_duration(self.busy_poll),
+                humantime::format_duration(MAX_BUSY_POLL),
+            )));
+        }
         let app_port =
             match (self.app_port, self.mode) {
                 (Some(port), _) => port,
@@ -562,6 +574,17 @@ mod tests {
             Err(StartupError::Usage(message)) => message,
             other => panic!("expected a usage error, got {other:?}"),
         }
+    }
+
+    #[test]
+    fn a_busy_poll_window_over_100ms_is_a_usage_error() {
+        let ok = args(&["--busy-poll", "200us"]).unwrap().settings().unwrap();
+        assert_eq!(ok.busy_poll, Duration::from_micros(200));
+        let off = args(&[]).unwrap().settings().unwrap();
+        assert_eq!(off.busy_poll, Duration::ZERO, "off by default");
+        let long = usage(args(&["--busy-poll", "2s"]).unwrap().settings());
+        assert!(long.contains("--busy-poll 2s: at most 100ms"), "{long}");
+        assert!(args(&["--busy-poll", "fast"]).is_err());
     }
 
     #[test]

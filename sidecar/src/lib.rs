@@ -265,6 +265,10 @@ fn start(
         == tokio::runtime::RuntimeFlavor::CurrentThread
     {
         upstream::busy_poll::start(settings.busy_poll, metrics.busy_poll());
+    } else if !settings.busy_poll.is_zero() {
+        tracing::warn!(
+            "--busy-poll is for the single-threaded runtime (--worker-threads 1); ignored"
+        );
     }
     spawn_config_reloader(
         initial.config_file.clone(),
