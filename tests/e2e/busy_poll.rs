@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use meshlet_e2e::metrics::Scrape;
 use meshlet_e2e::upstream::Upstream;
-use meshlet_e2e::{wait, SidecarProcess};
+use meshlet_e2e::SidecarProcess;
 
 /// Sequential requests in each phase.
 const REQUESTS: usize = 12;
@@ -31,15 +31,7 @@ async fn started(name: &str, window: &str) -> (Upstream, SidecarProcess) {
         .arg("off")
         .start()
         .await;
-    wait::until(
-        "sidecar routes to the app",
-        Duration::from_secs(10),
-        || async {
-            let reply = meshlet_e2e::client::get(sidecar.inbound, "/").await.ok()?;
-            (reply.status == 200).then_some(())
-        },
-    )
-    .await;
+    sidecar.wait_routes_to_app().await;
     (app, sidecar)
 }
 

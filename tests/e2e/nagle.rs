@@ -21,7 +21,7 @@ use hyper::body::Bytes;
 use hyper_util::rt::TokioIo;
 use meshlet_e2e::metrics::Scrape;
 use meshlet_e2e::process::free_port;
-use meshlet_e2e::{wait, SidecarProcess};
+use meshlet_e2e::SidecarProcess;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::net::TcpStream;
 use tokio::process::{Child, Command};
@@ -107,15 +107,7 @@ async fn a_nagle_app_answers_without_the_delayed_ack_stall_on_a_kept_alive_conne
         .arg("off")
         .start()
         .await;
-    wait::until(
-        "sidecar routes to the app",
-        Duration::from_secs(10),
-        || async {
-            let reply = meshlet_e2e::client::get(sidecar.inbound, "/").await.ok()?;
-            (reply.status == 200).then_some(())
-        },
-    )
-    .await;
+    sidecar.wait_routes_to_app().await;
 
     let direct = timed_requests(app).await;
     let through = timed_requests(sidecar.inbound).await;

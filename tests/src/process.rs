@@ -80,6 +80,20 @@ pub struct SidecarBuilder {
 }
 
 impl SidecarProcess {
+    /// Waits (10 s at most) until a `GET /` through the inbound listener
+    /// is answered 200 by the app: the sidecar routes to it.
+    pub async fn wait_routes_to_app(&self) {
+        wait::until(
+            "sidecar routes to the app",
+            Duration::from_secs(10),
+            || async {
+                let reply = client::get(self.inbound, "/").await.ok()?;
+                (reply.status == 200).then_some(())
+            },
+        )
+        .await;
+    }
+
     pub fn builder(service: &str, app_port: u16) -> SidecarBuilder {
         SidecarBuilder {
             service: service.to_owned(),
