@@ -221,43 +221,6 @@ sidecar() {
 
 log "one hop: sidecar inbound -> app"
 sidecar sidecar "$SIDECAR" "$APP_PORT"
-# policies SERVICE: the four policies of the "+ policies" rows for SERVICE,
-# none of which refuses or retries anything during the runs.
-policies() {
-    cat <<EOF
-apiVersion: meshlet.dev/v1alpha1
-kind: RateLimitPolicy
-metadata: {name: $1-limit}
-spec:
-  targetRef: {service: $1}
-  tokenBucket: {capacity: 1000000000, refillPerSecond: 1000000000}
-  key: service
-  scope: local
----
-apiVersion: meshlet.dev/v1alpha1
-kind: CircuitBreakerPolicy
-metadata: {name: $1-breaker}
-spec:
-  targetRef: {service: $1}
-  consecutiveFailures: 5
-  openDuration: 60s
----
-apiVersion: meshlet.dev/v1alpha1
-kind: RetryPolicy
-metadata: {name: $1-retry}
-spec:
-  targetRef: {service: $1}
-  attempts: 2
-  retryOn: [gateway-error, connect-failure, reset]
----
-apiVersion: meshlet.dev/v1alpha1
-kind: TimeoutPolicy
-metadata: {name: $1-timeout}
-spec:
-  targetRef: {service: $1}
-  request: 10s
-EOF
-}
 policies bench >"$TMP/one-hop-policies.yaml"
 sidecar policies "$SIDECAR" "$APP_PORT" --config "$TMP/one-hop-policies.yaml"
 [[ -z "$BASELINE" ]] || sidecar baseline "$BASELINE" "$APP_PORT"

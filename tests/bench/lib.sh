@@ -507,6 +507,44 @@ other_cpu_line() {
 # tool_versions: wrk's and nginx's, for the parameters line.
 tool_versions() { echo "$(wrk -v 2>&1 | head -n1 | awk '{print $1, $2}'), $("$NGINX" -v 2>&1 | sed 's/^nginx version: //')"; }
 
+# policies SERVICE: the four policies of all.sh's "+ policies" rows (goal 1
+# of issue 17) for SERVICE, none of which refuses or retries anything during
+# the runs; also profile.sh's `row-policies` scenario.
+policies() {
+    cat <<EOF
+apiVersion: meshlet.dev/v1alpha1
+kind: RateLimitPolicy
+metadata: {name: $1-limit}
+spec:
+  targetRef: {service: $1}
+  tokenBucket: {capacity: 1000000000, refillPerSecond: 1000000000}
+  key: service
+  scope: local
+---
+apiVersion: meshlet.dev/v1alpha1
+kind: CircuitBreakerPolicy
+metadata: {name: $1-breaker}
+spec:
+  targetRef: {service: $1}
+  consecutiveFailures: 5
+  openDuration: 60s
+---
+apiVersion: meshlet.dev/v1alpha1
+kind: RetryPolicy
+metadata: {name: $1-retry}
+spec:
+  targetRef: {service: $1}
+  attempts: 2
+  retryOn: [gateway-error, connect-failure, reset]
+---
+apiVersion: meshlet.dev/v1alpha1
+kind: TimeoutPolicy
+metadata: {name: $1-timeout}
+spec:
+  targetRef: {service: $1}
+  request: 10s
+EOF
+}
 # ---------------------------------------------------- profiling scenarios --
 # start_profile_upstream: the upstream of profile.sh and syscalls.sh, an nginx
 # (1 worker) answering `200 ok` and swallowing spans at /v1/traces, on
@@ -572,7 +610,8 @@ EOF
 }
 
 # scenario_flags SCENARIO: the extra sidecar flags of a profiling scenario
-# (inbound: none; policies, outbound: the policies and the span sink) into
+# (inbound: none; policies, outbound: the policies and the span sink;
+# row-policies: all.sh's four policies of the one-hop "+ policies" row) into
 # SCENARIO_FLAGS.
 # shellcheck disable=SC2034 # used by the scripts that source this file
 scenario_flags() {
@@ -581,6 +620,10 @@ scenario_flags() {
         policies | outbound)
             SCENARIO_FLAGS=(--config "$TMP/policies.yaml"
                 --trace-endpoint "http://127.0.0.1:$UP_PORT/v1/traces")
+            ;;
+        row-policies)
+            policies bench >"$TMP/row-policies.yaml"
+            SCENARIO_FLAGS=(--config "$TMP/row-policies.yaml")
             ;;
         *) die "unknown scenario $1" ;;
     esac

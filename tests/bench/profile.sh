@@ -27,6 +27,10 @@
 #             over OTLP/HTTP to the upstream's /v1/traces sink
 #   outbound  h2load -> sidecar outbound (Host: app) -> app, the service `app`
 #             under a CircuitBreakerPolicy, a RetryPolicy and a TimeoutPolicy
+#   row-policies  h2load -> sidecar inbound -> app with exactly all.sh's
+#             "sidecar + policies" row (issue 17's goal 1): rate limit,
+#             breaker, retry and timeout for the own service, default
+#             tracing, no span export (not in the default list)
 #
 # Each measurement: the sidecar is started (under callgrind with collection
 # off, or natively), warmed up with PROFILE_WARMUP requests, then collection
