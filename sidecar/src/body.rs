@@ -1,7 +1,8 @@
 //! [`ProxyBody`]: the one body type that flows through the proxy in both
 //! directions.
 //!
-//! It is either a streamed body from the other side (`hyper::body::Incoming`,
+//! It is either a streamed body from the other side ([`StreamedBody`]:
+//! hyper's `Incoming`, or a response read by our own HTTP/1.1 client;
 //! never buffered), a small body the mesh generated itself (error
 //! responses), or empty. It can carry guards that live exactly as long as
 //! the body is streaming, released when the last frame has passed (or the
@@ -31,6 +32,7 @@ use tokio::time::{Instant, Sleep};
 
 use crate::listen::framing::RequestGuard;
 use crate::telemetry::observe::{CarriesRecord, RequestRecord};
+use crate::upstream::h1_client::ResponseBody;
 use crate::upstream::in_flight::{InFlight, StreamSlot};
 
 #[derive(Debug)]
@@ -73,7 +75,61 @@ struct Guards {
 enum Kind {
     Empty,
     Full(Option<Bytes>),
-    Streamed(Incoming, Option<IdleTimer>),
+    Streamed(StreamedBody, Option<IdleTimer>),
+}
+
+/// A body streamed from the other side: read by hyper (requests from
+/// clients, responses on hyper's client connections) or by our own
+/// HTTP/1.1 client (`upstream::h1_client`).
+#[derive(Debug)]
+pub enum StreamedBody {
+    Hyper(Incoming),
+    Http1(ResponseBody),
+}
+
+impl From<Incoming> for StreamedBody {
+    fn from(body: Incoming) -> Self {
+        StreamedBody::Hyper(body)
+    }
+}
+
+impl From<ResponseBody> for StreamedBody {
+    fn from(body: ResponseBody) -> Self {
+        StreamedBody::Http1(body)
+    }
+}
+
+impl Body for StreamedBody {
+    type Data = Bytes;
+    type Error = BodyError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        match self.get_mut() {
+            StreamedBody::Hyper(body) => Pin::new(body)
+                .poll_frame(cx)
+                .map(|frame| frame.map(|f| f.map_err(BodyError::from))),
+            StreamedBody::Http1(body) => Pin::new(body)
+                .poll_frame(cx)
+                .map(|frame| frame.map(|f| f.map_err(BodyError::from))),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            StreamedBody::Hyper(body) => body.is_end_stream(),
+            StreamedBody::Http1(body) => body.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            StreamedBody::Hyper(body) => body.size_hint(),
+            StreamedBody::Http1(body) => body.size_hint(),
+        }
+    }
 }
 
 /// Errors a [`ProxyBody`] yields: the other side's, or our idle timeout.
@@ -136,7 +192,8 @@ impl ProxyBody {
 
     /// A body streamed from the other side; with `idle_timeout`, it fails
     /// if no data arrives for that long.
-    pub fn streamed(body: Incoming, idle_timeout: Option<Duration>) -> Self {
+    pub fn streamed(body: impl Into<StreamedBody>, idle_timeout: Option<Duration>) -> Self {
+        let body = body.into();
         let timer = idle_timeout.map(|timeout| IdleTimer {
             timeout,
             sleep: None,
@@ -249,7 +306,7 @@ impl Body for ProxyBody {
                     if let Some(timer) = timer {
                         timer.progressed = true;
                     }
-                    Poll::Ready(frame.map(|f| f.map_err(BodyError::from)))
+                    Poll::Ready(frame)
                 }
                 Poll::Pending => match timer {
                     Some(timer) => {

@@ -20,6 +20,16 @@ use crate::identity::tls::TlsFailure;
 /// Header naming why the mesh answered instead of the upstream.
 pub const REASON_HEADER: &str = "x-meshlet-reason";
 
+/// How an upstream exchange failed once the request was (partly) sent:
+/// on one of hyper's client connections, or of our own HTTP/1.1 client.
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamFailure {
+    #[error(transparent)]
+    Hyper(#[from] hyper::Error),
+    #[error(transparent)]
+    Http1(#[from] crate::upstream::h1_client::ExchangeError),
+}
+
 /// Why a request was refused, with what the 429's headers need.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Refusal {
@@ -97,7 +107,7 @@ pub enum ProxyError {
     #[error("upstream {addr} failed: {source}")]
     Upstream {
         addr: SocketAddr,
-        source: hyper::Error,
+        source: UpstreamFailure,
     },
     #[error("rate limited by policy {:?} ({} requests per {}s for this instance); retry in {}s", .0.policy, .0.quota, .0.window_secs, .0.retry_after_secs)]
     RateLimited(Box<Refusal>),

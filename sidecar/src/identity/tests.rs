@@ -13,7 +13,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-use crate::body::ProxyBody;
+use crate::body::{ProxyBody, StreamedBody};
 use crate::error::ProxyError;
 use crate::identity::renew::{key_and_csr, leaf_of, renewal_time};
 use crate::identity::testing::{identity_for, spiffe, TestCa, TestSource};
@@ -119,10 +119,11 @@ fn http1_get(path: &str) -> Request<ProxyBody> {
 }
 
 /// The error a refused send becomes.
-fn refusal(pool: &ConnPool, sent: Result<Response<Incoming>, SendError>) -> ProxyError {
+fn refusal(pool: &ConnPool, sent: Result<Response<StreamedBody>, SendError>) -> ProxyError {
     match sent {
         Err(SendError::Connect { source, .. }) => ProxyError::connect_failed(pool.addr(), source),
         Err(SendError::Upstream(error)) => panic!("sent, then failed: {error}"),
+        Err(SendError::Exchange(error)) => panic!("sent, then failed: {error}"),
         Ok(response) => panic!("answered {}", response.status()),
     }
 }

@@ -36,11 +36,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use http::{Request, Response};
-use hyper::body::Incoming;
 use tokio::time::error::Elapsed;
 use tokio::time::Instant;
 
-use crate::body::ProxyBody;
+use crate::body::{ProxyBody, StreamedBody};
 use crate::error::ProxyError;
 use crate::identity::tls::TlsFailure;
 use crate::policy::breaker::{BreakerPermit, MAX_PENDING_WAIT};
@@ -328,7 +327,14 @@ impl Send<'_> {
                 record(Outcome::Reset);
                 Sent::Failed(ProxyError::Upstream {
                     addr: endpoint.addr,
-                    source,
+                    source: source.into(),
+                })
+            }
+            Ok(Err(SendError::Exchange(source))) => {
+                record(Outcome::Reset);
+                Sent::Failed(ProxyError::Upstream {
+                    addr: endpoint.addr,
+                    source: source.into(),
                 })
             }
             Err(_elapsed) => {
@@ -392,7 +398,7 @@ enum Admission<'t> {
 /// Phase 4's answer.
 enum Sent {
     /// A response, and the upstream HTTP/2 stream it holds (if any).
-    Answered(Response<Incoming>, Option<StreamSlot>),
+    Answered(Response<StreamedBody>, Option<StreamSlot>),
     Failed(ProxyError),
     /// The connection was refused; the request comes back unsent.
     Refused {

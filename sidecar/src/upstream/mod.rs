@@ -23,6 +23,11 @@
 //!   GOAWAY, one connect at a time); for a mesh endpoint with an identity
 //!   the same over mTLS (`identity::tls`); for the local app, the app's
 //!   protocol. Work the upstream refused unprocessed is sent again once.
+//! - `h1_client` — the HTTP/1.1 exchange for requests without a body,
+//!   driven from the request's own task (write the head, read the
+//!   response head; the response body owns the connection and gives it
+//!   back to the pool at its end); requests with a body, upgrades and
+//!   CONNECT use hyper's client.
 //! - `quick_ack` — HTTP/1.1 upstream sockets send the ACK the kernel holds
 //!   when we have read a head and wait for the body (`TCP_QUICKACK`), so an
 //!   app with Nagle on that writes head and body apart is not stalled 40 ms
@@ -43,6 +48,7 @@
 pub(crate) mod balance;
 pub mod busy_poll;
 pub(crate) mod forward;
+pub(crate) mod h1_client;
 pub(crate) mod in_flight;
 pub(crate) mod mirror;
 pub(crate) mod pool;

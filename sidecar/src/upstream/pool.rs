@@ -29,9 +29,15 @@
 //! `connection_closed`); each connection opened in
 //! `meshlet_upstream_connections_opened_total{protocol}`.
 //!
-//! Flow (HTTP/1.1): `send` → take a ready h1 connection (or connect) → send
-//! → keep the connection in the pool at once; it becomes ready again when
-//! its response has been read, and only ready connections are handed out.
+//! Flow (HTTP/1.1 without a request body, most requests): `exchange_h1` →
+//! take an idle connection of our own client (or connect) →
+//! `h1_client::exchange` from this task; the response body gives the
+//! connection back to the idle list when it has been read whole.
+//!
+//! Flow (HTTP/1.1 with a body, or an upgrade): `send_h1` → take a ready
+//! hyper h1 connection (or connect) → send → keep the connection in the
+//! pool at once; it becomes ready again when its response has been read,
+//! and only ready connections are handed out.
 //!
 //! Flow (HTTP/2, [`H2Set`]): the downstream connection's permit
 //! ([`ClientStreams`], `--upstream-streams-per-client`, from the request's
@@ -77,11 +83,12 @@ use meshlet_api::mesh::AppProtocol;
 use prometheus::IntCounter;
 use tokio::net::TcpStream;
 
-use crate::body::ProxyBody;
+use crate::body::{ProxyBody, StreamedBody};
 use crate::identity::tls::{self, TlsFailure};
 use crate::identity::{Hop, WorkloadIdentity};
 use crate::settings::Limits;
 use crate::telemetry::metrics::PoolMetrics;
+use crate::upstream::h1_client::{self, ExchangeError};
 use crate::upstream::in_flight::{ClientStreams, InFlight, InFlightCounter, StreamSlot};
 use crate::upstream::quick_ack::QuickAck;
 
@@ -110,11 +117,13 @@ pub enum SendError {
     },
     /// The request was (at least partly) sent; it is gone.
     Upstream(hyper::Error),
+    /// The same, on a connection of our own HTTP/1.1 client (`h1_client`).
+    Exchange(ExchangeError),
 }
 
 /// A response and, on a shared HTTP/2 connection, the stream it holds
 /// (to be kept by the response body until its end).
-pub type Answer = (Response<Incoming>, Option<StreamSlot>);
+pub type Answer = (Response<StreamedBody>, Option<StreamSlot>);
 
 struct PooledConn {
     sender: http1::SendRequest<ProxyBody>,
@@ -258,6 +267,8 @@ pub struct ConnPool {
     remote: Remote,
     metrics: PoolMetrics,
     http1: Mutex<Vec<PooledConn>>,
+    /// Idle connections of our own HTTP/1.1 client.
+    direct: Arc<h1_client::IdleConns>,
     /// h2c connections.
     h2: H2Set,
     /// The mesh hop's mTLS HTTP/2 connections.
@@ -298,6 +309,7 @@ impl ConnPool {
             remote,
             metrics,
             http1: Mutex::new(Vec::new()),
+            direct: h1_client::IdleConns::new(MAX_IDLE_PER_ENDPOINT),
             h2: H2Set::new(),
             mtls: H2Set::new(),
         })
@@ -325,7 +337,7 @@ impl ConnPool {
 
     /// Number of pooled HTTP/1.1 connections (for `/config_dump`).
     pub fn pooled_connections(&self) -> usize {
-        self.http1.lock().map(|conns| conns.len()).unwrap_or(0)
+        self.http1.lock().map(|conns| conns.len()).unwrap_or(0) + self.direct.len()
     }
 
     /// Whether an mTLS connection is open (for `/config_dump`).
@@ -345,7 +357,7 @@ impl ConnPool {
     pub async fn send(
         self: &Arc<Self>,
         request: Request<ProxyBody>,
-    ) -> Result<Response<Incoming>, SendError> {
+    ) -> Result<Response<StreamedBody>, SendError> {
         self.dispatch(request).await.map(|(response, _)| response)
     }
 
@@ -392,6 +404,9 @@ impl ConnPool {
         self: &Arc<Self>,
         mut request: Request<ProxyBody>,
     ) -> Result<Answer, SendError> {
+        if h1_client::eligible(&request) {
+            return self.exchange_h1(request).await;
+        }
         *request.version_mut() = Version::HTTP_11;
         let mut resent = false;
         loop {
@@ -419,7 +434,7 @@ impl ConnPool {
             match sender.try_send_request(request).await {
                 Ok(response) => {
                     self.keep(sender);
-                    return Ok((response, None));
+                    return Ok((response.map(StreamedBody::from), None));
                 }
                 Err(mut err) => {
                     let again = match err.take_message() {
@@ -438,6 +453,55 @@ impl ConnPool {
                         _ => return Err(SendError::Upstream(err.into_error())),
                     }
                 }
+            }
+        }
+    }
+
+    /// HTTP/1.1 without a request body, by our own client from this task
+    /// (`h1_client`) on an idle connection of its own (or a new one). A
+    /// pooled connection that was closed before it answered: once more on
+    /// a new connection, if the request did not reach the upstream whole
+    /// or its method is idempotent. The request is only read, so nothing
+    /// needs copying for that.
+    async fn exchange_h1(
+        self: &Arc<Self>,
+        request: Request<ProxyBody>,
+    ) -> Result<Answer, SendError> {
+        let mut resent = false;
+        loop {
+            let pooled = if resent {
+                None
+            } else {
+                self.direct.take(self.limits.idle_timeout)
+            };
+            let (conn, reused) = match pooled {
+                Some(conn) => (conn, true),
+                None => match Box::pin(self.connect_tcp()).await {
+                    Ok(stream) => {
+                        self.metrics.opened_http1.inc();
+                        (h1_client::Conn::new(QuickAck::new(stream)), false)
+                    }
+                    Err(source) => {
+                        return Err(SendError::Connect {
+                            source,
+                            request: Box::new(request),
+                        })
+                    }
+                },
+            };
+            match h1_client::exchange(conn, &request, &self.direct).await {
+                Ok(response) => return Ok((response.map(StreamedBody::from), None)),
+                Err(error)
+                    if reused
+                        && error.unanswered()
+                        && (error.unsent() || request.method().is_idempotent()) =>
+                {
+                    tracing::debug!(addr = %self.addr, %error,
+                        "pooled connection closed before answering; sending again on a new connection");
+                    self.metrics.resent_connection_closed.inc();
+                    resent = true;
+                }
+                Err(error) => return Err(SendError::Exchange(error)),
             }
         }
     }
@@ -475,7 +539,10 @@ impl ConnPool {
             let replay = if resent { None } else { replay_copy(&request) };
             let mut sender = conn.sender.clone();
             match sender.try_send_request(request).await {
-                Ok(response) => return Ok((response, Some(StreamSlot::new(stream, client)))),
+                Ok(response) => {
+                    let slot = StreamSlot::new(stream, client);
+                    return Ok((response.map(StreamedBody::from), Some(slot)));
+                }
                 Err(mut err) => {
                     drop(stream);
                     let unsent = err.take_message();
@@ -554,7 +621,7 @@ impl ConnPool {
             return self
                 .send_upgrade_tls(request, local, identity)
                 .await
-                .map(|response| (response, None));
+                .map(|response| (response.map(StreamedBody::from), None));
         }
         to_http2(&mut request);
         self.send_h2(request, H2Kind::Mtls { local, identity })
@@ -693,7 +760,9 @@ impl ConnPool {
             let expired = c.sender.is_ready() && c.last_used.elapsed() >= idle_timeout;
             !c.sender.is_closed() && !expired
         });
-        h2 + before - conns.len()
+        let hyper_h1 = before - conns.len();
+        drop(conns);
+        h2 + hyper_h1 + self.direct.evict(idle_timeout)
     }
 
     /// Keeps a connection that just carried a request. It becomes ready

@@ -60,6 +60,11 @@ impl QuickAck {
         }
     }
 
+    /// The socket (to look at its readiness).
+    pub fn get_ref(&self) -> &TcpStream {
+        &self.inner
+    }
+
     /// Sends the ACK the kernel may be delaying, now. Errors are ignored:
     /// the worst outcome is the delay this avoids.
     fn flush_ack(&self) {

@@ -1,0 +1,1102 @@
+//! The HTTP/1.1 exchange with an upstream, driven from the request's own
+//! task, for requests without a body (most reads: GET, HEAD, DELETE ...).
+//!
+//! Why not hyper's client here: hyper runs each upstream connection as a
+//! task of its own, and a request travels to it through a channel and its
+//! response back through a oneshot; the connection task is woken and
+//! polled for every request, and the request is copied once more in case
+//! it must be sent again. Profiling (callgrind, `tests/bench/profile.sh`)
+//! put that hand-off, the task's polls and the replay copy at a quarter of
+//! the sidecar's instructions per request. Here the request's task writes
+//! the head, reads the response head and hands the connection to the
+//! response body, which reads the rest and puts the connection back into
+//! the pool at the body's end. Requests with a body, upgrades and CONNECT
+//! keep using hyper's client (`pool::send_h1`).
+//!
+//! What is parsed where: the response head with `httparse` (the same
+//! parser hyper uses); its framing per RFC 9112 §6.3 exactly as hyper's
+//! client decides it (1xx skipped, 101 refused, HEAD/204/304 without body,
+//! `Transfer-Encoding` chunked or else read to close, one valid
+//! `Content-Length`, else read to close), chunked bodies with trailers
+//! ([`Chunked`]).
+//!
+//! ```text
+//! pool::send_h1 ─► exchange(conn, request)
+//!   write head ─► read until the head parses (1xx skipped) ─► Response
+//!   ResponseBody::poll_frame ─► data / trailers from the buffer, reads more
+//!   at the end: connection reusable and nothing left over ─► pool (idle)
+//! ```
+//!
+//! A connection that fails, is closed by the upstream, says
+//! `Connection: close`, is read to its close, has bytes beyond the
+//! response, or whose body is dropped before its end is dropped (closed).
+
+use std::io;
+use std::mem::MaybeUninit;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{ready, Context, Poll};
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, Request, Response, StatusCode, Version};
+use http_body::{Body, Frame, SizeHint};
+use tokio::io::AsyncWriteExt;
+
+use crate::upstream::quick_ack::QuickAck;
+
+/// Header fields accepted in a response head (hyper's default).
+const MAX_HEADERS: usize = 100;
+
+/// Largest response head (or trailer section) read, as hyper's default
+/// read buffer limit.
+pub const MAX_HEAD_BYTES: usize = 8192 + 4096 * 100;
+
+/// Smallest and largest read.
+const MIN_READ: usize = 8 * 1024;
+const MAX_READ: usize = 128 * 1024;
+
+/// Longest chunk-size line (with extensions) accepted.
+const MAX_CHUNK_LINE: usize = 4096;
+
+/// An upstream HTTP/1.1 connection and what has been read from it but not
+/// yet consumed.
+#[derive(Debug)]
+pub struct Conn {
+    io: QuickAck,
+    buf: BytesMut,
+    /// Bytes the next read asks for (grows while reads fill it).
+    read_size: usize,
+    /// When it last finished a response (for the idle timeout).
+    pub last_used: Instant,
+}
+
+impl Conn {
+    pub fn new(io: QuickAck) -> Conn {
+        Conn {
+            io,
+            buf: BytesMut::new(),
+            read_size: MIN_READ,
+            last_used: Instant::now(),
+        }
+    }
+
+    /// Whether the upstream may still take a request on this idle
+    /// connection: nothing (no EOF, no stray bytes) has arrived since its
+    /// last response. Costs no system call unless the socket has signalled
+    /// something since.
+    pub fn still_open(&self) -> bool {
+        if !self.buf.is_empty() {
+            return false;
+        }
+        let stream = self.io.get_ref();
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        match stream.poll_read_ready(&mut cx) {
+            Poll::Pending => true,
+            Poll::Ready(Err(_)) => false,
+            // Readable: EOF, stray bytes, or readiness left from a read
+            // that filled its buffer. Only "would block" means open.
+            Poll::Ready(Ok(())) => matches!(
+                stream.try_read(&mut [0u8; 1]),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock
+            ),
+        }
+    }
+
+    /// Reads more into the buffer; `Ok(0)` at EOF.
+    fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
+        self.buf.reserve(self.read_size);
+        let n = ready!(tokio_util::io::poll_read_buf(
+            Pin::new(&mut self.io),
+            cx,
+            &mut self.buf
+        ))?;
+        if n >= self.read_size {
+            self.read_size = (self.read_size * 2).min(MAX_READ);
+        }
+        Poll::Ready(Ok(n))
+    }
+
+    async fn fill(&mut self) -> io::Result<usize> {
+        std::future::poll_fn(|cx| self.poll_fill(cx)).await
+    }
+}
+
+/// An endpoint's idle connections (busy ones are owned by the response
+/// body reading from them), at most `max`.
+#[derive(Debug)]
+pub struct IdleConns {
+    conns: Mutex<Vec<Conn>>,
+    max: usize,
+}
+
+impl IdleConns {
+    pub fn new(max: usize) -> Arc<IdleConns> {
+        Arc::new(IdleConns {
+            conns: Mutex::new(Vec::new()),
+            max,
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Conn>> {
+        self.conns.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The most recently used connection that is still open and was idle
+    /// less than `idle_timeout`; drops (closes) the others it meets.
+    pub fn take(&self, idle_timeout: Duration) -> Option<Conn> {
+        let mut conns = self.lock();
+        while let Some(conn) = conns.pop() {
+            if conn.last_used.elapsed() < idle_timeout && conn.still_open() {
+                return Some(conn);
+            }
+        }
+        None
+    }
+
+    /// Keeps a connection whose response has been read whole.
+    fn keep(&self, mut conn: Conn) {
+        conn.last_used = Instant::now();
+        let mut conns = self.lock();
+        if conns.len() < self.max {
+            conns.push(conn);
+        }
+    }
+
+    /// Drops connections idle for `idle_timeout` or closed by the
+    /// upstream; returns how many.
+    pub fn evict(&self, idle_timeout: Duration) -> usize {
+        let mut conns = self.lock();
+        let before = conns.len();
+        conns.retain(|c| c.last_used.elapsed() < idle_timeout && c.still_open());
+        before - conns.len()
+    }
+
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+}
+
+/// Why an exchange failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ExchangeError {
+    #[error("writing the request failed: {0}")]
+    Write(#[source] io::Error),
+    #[error("the connection closed before any response byte")]
+    ClosedBeforeResponse,
+    #[error("reading the response failed before any response byte: {0}")]
+    ResetBeforeResponse(#[source] io::Error),
+    #[error("reading the response head failed: {0}")]
+    Read(#[source] io::Error),
+    #[error("the connection closed in the middle of the response head")]
+    IncompleteHead,
+    #[error("response head larger than {MAX_HEAD_BYTES} bytes")]
+    HeadTooLarge,
+    #[error("invalid response head: {0}")]
+    Malformed(#[from] httparse::Error),
+    #[error("invalid response head: {0}")]
+    InvalidHead(&'static str),
+}
+
+impl ExchangeError {
+    /// Whether the upstream cannot have processed the request: it was not
+    /// fully written, or the connection ended before any response byte.
+    /// Only then may a pooled connection's request be sent again (an
+    /// idempotent one for the second case, RFC 9110 §9.2.2).
+    pub fn unanswered(&self) -> bool {
+        matches!(
+            self,
+            ExchangeError::Write(_)
+                | ExchangeError::ClosedBeforeResponse
+                | ExchangeError::ResetBeforeResponse(_)
+        )
+    }
+
+    /// Whether the request never fully reached the upstream (so it may be
+    /// sent again whatever its method).
+    pub fn unsent(&self) -> bool {
+        matches!(self, ExchangeError::Write(_))
+    }
+}
+
+/// Whether `request` goes through [`exchange`]: HTTP/1.x in origin form,
+/// no body (and no framing header announcing one), no upgrade, not
+/// CONNECT, no `Expect`.
+pub fn eligible<B: Body>(request: &Request<B>) -> bool {
+    let uri = request.uri();
+    if !request.body().is_end_stream()
+        || request.method() == Method::CONNECT
+        || request.version() == Version::HTTP_2
+        || uri.scheme().is_some()
+        || uri.path_and_query().is_none()
+    {
+        return false;
+    }
+    !request.headers().keys().any(|name| {
+        name == header::UPGRADE
+            || name == header::TRANSFER_ENCODING
+            || name == header::EXPECT
+            || (name == header::CONTENT_LENGTH
+                && request
+                    .headers()
+                    .get_all(header::CONTENT_LENGTH)
+                    .iter()
+                    .any(|v| v.as_bytes() != b"0"))
+    })
+}
+
+/// Sends `request` (see [`eligible`]) on `conn` and reads the response
+/// head. The response body reads the rest and gives `conn` back to `idle`
+/// when the connection can carry another request.
+pub async fn exchange<B>(
+    mut conn: Conn,
+    request: &Request<B>,
+    idle: &Arc<IdleConns>,
+) -> Result<Response<ResponseBody>, ExchangeError> {
+    let head = encode_head(request);
+    conn.io
+        .write_all(&head)
+        .await
+        .map_err(ExchangeError::Write)?;
+    let mut got_bytes = false;
+    loop {
+        if !conn.buf.is_empty() {
+            got_bytes = true;
+            if let Some(parsed) = parse_head(&mut conn.buf)? {
+                return respond(parsed, request.method(), conn, idle);
+            }
+            if conn.buf.len() > MAX_HEAD_BYTES {
+                return Err(ExchangeError::HeadTooLarge);
+            }
+        }
+        match conn.fill().await {
+            Ok(0) if got_bytes => return Err(ExchangeError::IncompleteHead),
+            Ok(0) => return Err(ExchangeError::ClosedBeforeResponse),
+            Ok(_) => {}
+            Err(e) if got_bytes => return Err(ExchangeError::Read(e)),
+            Err(e) => return Err(ExchangeError::ResetBeforeResponse(e)),
+        }
+    }
+}
+
+/// The request line and header fields, as hyper's client writes them for a
+/// request without a body (lower-case names, HTTP/1.1).
+fn encode_head<B>(request: &Request<B>) -> Vec<u8> {
+    let target = request.uri().path_and_query().map_or("/", |pq| pq.as_str());
+    let headers = request.headers();
+    let mut head = Vec::with_capacity(64 + target.len() + headers.len() * 32);
+    head.extend_from_slice(request.method().as_str().as_bytes());
+    head.push(b' ');
+    head.extend_from_slice(target.as_bytes());
+    head.extend_from_slice(b" HTTP/1.1\r\n");
+    for (name, value) in headers {
+        head.extend_from_slice(name.as_str().as_bytes());
+        head.extend_from_slice(b": ");
+        head.extend_from_slice(value.as_bytes());
+        head.extend_from_slice(b"\r\n");
+    }
+    head.extend_from_slice(b"\r\n");
+    head
+}
+
+/// A response head taken off the buffer.
+struct ParsedHead {
+    status: StatusCode,
+    version: Version,
+    reason: Option<Bytes>,
+    headers: HeaderMap,
+}
+
+/// Parses (and removes) one response head at the start of `buf`;
+/// informational (1xx but 101) heads are removed and skipped. `None`: not
+/// complete yet.
+fn parse_head(buf: &mut BytesMut) -> Result<Option<ParsedHead>, ExchangeError> {
+    loop {
+        let mut fields = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
+        let mut response = httparse::Response::new(&mut []);
+        let len = match httparse::ParserConfig::default().parse_response_with_uninit_headers(
+            &mut response,
+            buf,
+            &mut fields,
+        )? {
+            httparse::Status::Complete(len) => len,
+            httparse::Status::Partial => return Ok(None),
+        };
+        let code = response.code.unwrap_or_default();
+        let status = StatusCode::from_u16(code)
+            .map_err(|_| ExchangeError::InvalidHead("invalid status code"))?;
+        if status.is_informational() && code != 101 {
+            let _ = buf.split_to(len);
+            continue;
+        }
+        let version = if response.version == Some(0) {
+            Version::HTTP_10
+        } else {
+            Version::HTTP_11
+        };
+        let reason = response
+            .reason
+            .filter(|reason| Some(*reason) != status.canonical_reason())
+            .map(|reason| Bytes::copy_from_slice(reason.as_bytes()));
+        // Names now (they are copied or static); values as slices of the
+        // head once it is split off the buffer.
+        let base = buf.as_ptr() as usize;
+        let mut spans = Vec::with_capacity(response.headers.len());
+        for field in response.headers.iter() {
+            let name = HeaderName::from_bytes(field.name.as_bytes())
+                .map_err(|_| ExchangeError::InvalidHead("invalid header name"))?;
+            let start = field.value.as_ptr() as usize - base;
+            spans.push((name, start, start + field.value.len()));
+        }
+        let head = buf.split_to(len).freeze();
+        let mut headers = HeaderMap::with_capacity(spans.len());
+        for (name, start, end) in spans {
+            let value = HeaderValue::from_maybe_shared(head.slice(start..end))
+                .map_err(|_| ExchangeError::InvalidHead("invalid header value"))?;
+            headers.append(name, value);
+        }
+        return Ok(Some(ParsedHead {
+            status,
+            version,
+            reason,
+            headers,
+        }));
+    }
+}
+
+/// The response for a parsed head, its body framed per RFC 9112 §6.3.
+fn respond(
+    head: ParsedHead,
+    method: &Method,
+    conn: Conn,
+    idle: &Arc<IdleConns>,
+) -> Result<Response<ResponseBody>, ExchangeError> {
+    let ParsedHead {
+        status,
+        version,
+        reason,
+        headers,
+    } = head;
+    if status == StatusCode::SWITCHING_PROTOCOLS {
+        return Err(ExchangeError::InvalidHead(
+            "101 Switching Protocols to a request without Upgrade",
+        ));
+    }
+    let mut keep_alive = keep_alive(version, &headers);
+    let framing = if status == StatusCode::NO_CONTENT
+        || status == StatusCode::NOT_MODIFIED
+        || method == Method::HEAD
+    {
+        Framing::Length(0)
+    } else if headers.contains_key(header::TRANSFER_ENCODING) {
+        if version == Version::HTTP_10 {
+            return Err(ExchangeError::InvalidHead(
+                "Transfer-Encoding in an HTTP/1.0 response",
+            ));
+        }
+        if last_coding_is_chunked(&headers) {
+            Framing::Chunked(Chunked::Size)
+        } else {
+            keep_alive = false;
+            Framing::UntilClose
+        }
+    } else if headers.contains_key(header::CONTENT_LENGTH) {
+        Framing::Length(
+            content_length(&headers).ok_or(ExchangeError::InvalidHead("invalid Content-Length"))?,
+        )
+    } else {
+        keep_alive = false;
+        Framing::UntilClose
+    };
+    let mut body = ResponseBody {
+        conn: Some(conn),
+        framing,
+        keep_alive,
+        idle: Arc::clone(idle),
+    };
+    if matches!(body.framing, Framing::Length(0)) {
+        body.finish();
+    }
+    let mut response = Response::new(body);
+    *response.status_mut() = status;
+    *response.version_mut() = version;
+    *response.headers_mut() = headers;
+    if let Some(reason) = reason {
+        if let Ok(reason) = hyper::ext::ReasonPhrase::try_from(reason) {
+            response.extensions_mut().insert(reason);
+        }
+    }
+    Ok(response)
+}
+
+/// Whether the connection may carry another request after this response
+/// (HTTP/1.1 unless `Connection: close`; HTTP/1.0 only with `keep-alive`).
+fn keep_alive(version: Version, headers: &HeaderMap) -> bool {
+    let mut keep = version == Version::HTTP_11;
+    for value in headers.get_all(header::CONNECTION) {
+        for token in value.as_bytes().split(|&b| b == b',') {
+            let token = token.trim_ascii();
+            if token.eq_ignore_ascii_case(b"close") {
+                return false;
+            }
+            if token.eq_ignore_ascii_case(b"keep-alive") {
+                keep = true;
+            }
+        }
+    }
+    keep
+}
+
+/// Whether the last transfer coding is `chunked`.
+fn last_coding_is_chunked(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(header::TRANSFER_ENCODING)
+        .iter()
+        .next_back()
+        .and_then(|value| value.as_bytes().rsplit(|&b| b == b',').next())
+        .is_some_and(|coding| coding.trim_ascii().eq_ignore_ascii_case(b"chunked"))
+}
+
+/// The one length every `Content-Length` field (and list element) states;
+/// `None` if any is not a number or two differ.
+fn content_length(headers: &HeaderMap) -> Option<u64> {
+    let mut length = None;
+    for value in headers.get_all(header::CONTENT_LENGTH) {
+        for element in value.as_bytes().split(|&b| b == b',') {
+            let element = element.trim_ascii();
+            if element.is_empty() || element.len() > 19 || !element.iter().all(u8::is_ascii_digit) {
+                return None;
+            }
+            let n = element
+                .iter()
+                .fold(0u64, |n, d| n * 10 + u64::from(d - b'0'));
+            match length {
+                Some(seen) if seen != n => return None,
+                _ => length = Some(n),
+            }
+        }
+    }
+    length
+}
+
+/// How the body of a response ends.
+#[derive(Debug)]
+enum Framing {
+    /// After this many more bytes.
+    Length(u64),
+    Chunked(Chunked),
+    /// When the upstream closes the connection.
+    UntilClose,
+    /// Ended.
+    Done,
+}
+
+/// Where a chunked body's decoding is.
+#[derive(Debug)]
+enum Chunked {
+    /// At a chunk-size line.
+    Size,
+    /// Inside a chunk's data, this many bytes left.
+    Data(u64),
+    /// At the CRLF after a chunk's data.
+    DataEnd,
+    /// After the last chunk: the trailer section.
+    Trailers,
+}
+
+/// Why a response body failed.
+#[derive(Debug, thiserror::Error)]
+pub enum BodyReadError {
+    #[error("the upstream closed the connection before the response body ended")]
+    Incomplete,
+    #[error("reading the response body failed: {0}")]
+    Read(#[source] io::Error),
+    #[error("invalid chunked response body: {0}")]
+    Chunked(&'static str),
+    #[error("response trailers larger than {MAX_HEAD_BYTES} bytes")]
+    TrailersTooLarge,
+    #[error("invalid response trailers: {0}")]
+    Trailers(#[from] httparse::Error),
+}
+
+/// A response body read from its connection, which it owns until the end.
+#[derive(Debug)]
+pub struct ResponseBody {
+    /// `None` once given back (or dropped).
+    conn: Option<Conn>,
+    framing: Framing,
+    /// The response lets the connection carry another request.
+    keep_alive: bool,
+    /// Where the connection goes back to.
+    idle: Arc<IdleConns>,
+}
+
+impl ResponseBody {
+    /// The body has ended: the connection goes back to the pool if it can
+    /// carry another request and nothing beyond the response arrived.
+    fn finish(&mut self) {
+        self.framing = Framing::Done;
+        if let Some(conn) = self.conn.take() {
+            if self.keep_alive && conn.buf.is_empty() {
+                self.idle.keep(conn);
+            }
+        }
+    }
+
+    fn fail(&mut self, error: BodyReadError) -> Poll<Option<Result<Frame<Bytes>, BodyReadError>>> {
+        self.framing = Framing::Done;
+        self.conn = None;
+        Poll::Ready(Some(Err(error)))
+    }
+
+    /// The next frame from what is buffered.
+    fn decode(&mut self) -> Decoded {
+        let ResponseBody { conn, framing, .. } = self;
+        let Some(conn) = conn.as_mut() else {
+            return Decoded::End;
+        };
+        let buf = &mut conn.buf;
+        let (decoded, ended) = match framing {
+            Framing::Done => (Decoded::End, false),
+            Framing::Length(0) => (Decoded::End, true),
+            Framing::Length(left) if !buf.is_empty() => {
+                let n = (*left).min(buf.len() as u64);
+                *left -= n;
+                let data = buf.split_to(n as usize).freeze();
+                (Decoded::Frame(Frame::data(data)), *left == 0)
+            }
+            Framing::UntilClose if !buf.is_empty() => {
+                (Decoded::Frame(Frame::data(buf.split().freeze())), false)
+            }
+            Framing::Length(_) | Framing::UntilClose => (Decoded::NeedMore, false),
+            Framing::Chunked(state) => decode_chunked(state, buf),
+        };
+        if ended {
+            self.finish();
+        }
+        decoded
+    }
+}
+
+/// What [`ResponseBody::decode`] found in the buffer.
+enum Decoded {
+    Frame(Frame<Bytes>),
+    End,
+    NeedMore,
+    Failed(BodyReadError),
+}
+
+/// The next frame of a chunked body from `buf`, and whether the body ended
+/// with it.
+fn decode_chunked(state: &mut Chunked, buf: &mut BytesMut) -> (Decoded, bool) {
+    loop {
+        match state {
+            Chunked::Size => match chunk_size(buf) {
+                None => return (Decoded::NeedMore, false),
+                Some(Err(e)) => return (Decoded::Failed(e), false),
+                Some(Ok(0)) => *state = Chunked::Trailers,
+                Some(Ok(size)) => *state = Chunked::Data(size),
+            },
+            Chunked::Data(left) => {
+                if buf.is_empty() {
+                    return (Decoded::NeedMore, false);
+                }
+                let n = (*left).min(buf.len() as u64);
+                *left -= n;
+                if *left == 0 {
+                    *state = Chunked::DataEnd;
+                }
+                return (
+                    Decoded::Frame(Frame::data(buf.split_to(n as usize).freeze())),
+                    false,
+                );
+            }
+            Chunked::DataEnd => {
+                if buf.len() < 2 {
+                    return (Decoded::NeedMore, false);
+                }
+                if &buf[..2] != b"\r\n" {
+                    let error = BodyReadError::Chunked("no CRLF after chunk data");
+                    return (Decoded::Failed(error), false);
+                }
+                let _ = buf.split_to(2);
+                *state = Chunked::Size;
+            }
+            Chunked::Trailers => {
+                return match trailers(buf) {
+                    None => (Decoded::NeedMore, false),
+                    Some(Err(e)) => (Decoded::Failed(e), false),
+                    Some(Ok(Some(trailers))) => (Decoded::Frame(Frame::trailers(trailers)), true),
+                    Some(Ok(None)) => (Decoded::End, true),
+                };
+            }
+        }
+    }
+}
+
+/// A chunk-size line at the start of `buf` (hex size, extensions ignored),
+/// removed; `None`: the line is not complete yet.
+fn chunk_size(buf: &mut BytesMut) -> Option<Result<u64, BodyReadError>> {
+    let Some(end) = buf.windows(2).position(|w| w == b"\r\n") else {
+        return (buf.len() > MAX_CHUNK_LINE)
+            .then_some(Err(BodyReadError::Chunked("chunk-size line too long")));
+    };
+    let line = buf.split_to(end + 2);
+    let line = &line[..end];
+    let digits = line
+        .iter()
+        .position(|b| !b.is_ascii_hexdigit())
+        .unwrap_or(line.len());
+    if digits == 0 || digits > 16 {
+        return Some(Err(BodyReadError::Chunked("invalid chunk size")));
+    }
+    let rest = &line[digits..];
+    let extension = rest.trim_ascii_start();
+    if !(rest.is_empty() || extension.first() == Some(&b';'))
+        || rest.iter().any(|&b| b == b'\n' || b == b'\r')
+    {
+        return Some(Err(BodyReadError::Chunked("invalid chunk size line")));
+    }
+    let size = line[..digits].iter().fold(0u64, |n, &d| {
+        n << 4 | u64::from(char::from(d).to_digit(16).unwrap_or(0))
+    });
+    Some(Ok(size))
+}
+
+/// The trailer section at the start of `buf` (after the last chunk),
+/// removed: `Some(None)` when there is none. `None`: not complete yet.
+fn trailers(buf: &mut BytesMut) -> Option<Result<Option<HeaderMap>, BodyReadError>> {
+    if buf.starts_with(b"\r\n") {
+        let _ = buf.split_to(2);
+        return Some(Ok(None));
+    }
+    let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    match httparse::parse_headers(buf, &mut fields) {
+        Ok(httparse::Status::Partial) => {
+            (buf.len() > MAX_HEAD_BYTES).then_some(Err(BodyReadError::TrailersTooLarge))
+        }
+        Err(e) => Some(Err(e.into())),
+        Ok(httparse::Status::Complete((len, fields))) => {
+            let mut map = HeaderMap::with_capacity(fields.len());
+            for field in fields {
+                let (Ok(name), Ok(value)) = (
+                    HeaderName::from_bytes(field.name.as_bytes()),
+                    HeaderValue::from_bytes(field.value),
+                ) else {
+                    return Some(Err(BodyReadError::Chunked("invalid trailer field")));
+                };
+                map.append(name, value);
+            }
+            let _ = buf.split_to(len);
+            Some(Ok(Some(map)))
+        }
+    }
+}
+
+impl Body for ResponseBody {
+    type Data = Bytes;
+    type Error = BodyReadError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyReadError>>> {
+        let this = &mut *self;
+        loop {
+            match this.decode() {
+                Decoded::Frame(frame) => return Poll::Ready(Some(Ok(frame))),
+                Decoded::End => return Poll::Ready(None),
+                Decoded::Failed(e) => return this.fail(e),
+                Decoded::NeedMore => {}
+            }
+            let Some(conn) = this.conn.as_mut() else {
+                return Poll::Ready(None);
+            };
+            match ready!(conn.poll_fill(cx)) {
+                Ok(0) if matches!(this.framing, Framing::UntilClose) => {
+                    this.framing = Framing::Done;
+                    this.conn = None;
+                    return Poll::Ready(None);
+                }
+                Ok(0) => return this.fail(BodyReadError::Incomplete),
+                Ok(_) => {}
+                Err(e) => return this.fail(BodyReadError::Read(e)),
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        matches!(self.framing, Framing::Done)
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self.framing {
+            Framing::Done => SizeHint::with_exact(0),
+            Framing::Length(n) => SizeHint::with_exact(n),
+            _ => SizeHint::default(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::SocketAddr;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::time::Duration;
+
+    use http_body_util::BodyExt;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpListener;
+
+    use super::*;
+    use crate::body::ProxyBody;
+    use crate::settings::Limits;
+    use crate::testing::get;
+    use crate::upstream::pool::ConnPool;
+    use crate::upstream::pool::SendError;
+
+    /// What the scripted upstream does with one request.
+    #[derive(Clone)]
+    enum Step {
+        /// Writes these pieces (a pause between them, so that they arrive
+        /// apart), and keeps the connection.
+        Reply(Vec<&'static [u8]>),
+        /// The same, then closes the connection.
+        ReplyAndClose(Vec<&'static [u8]>),
+        /// Closes without answering.
+        Close,
+    }
+
+    /// An upstream that answers the n-th request it reads (over all its
+    /// connections) with `steps[n]`; counts connections.
+    async fn scripted(steps: Vec<Step>) -> (SocketAddr, Arc<AtomicUsize>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let connections = Arc::new(AtomicUsize::new(0));
+        let (count, steps) = (Arc::clone(&connections), Arc::new(steps));
+        let next = Arc::new(AtomicUsize::new(0));
+        tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                count.fetch_add(1, Ordering::SeqCst);
+                let (steps, next) = (Arc::clone(&steps), Arc::clone(&next));
+                tokio::spawn(async move {
+                    let mut head = Vec::new();
+                    let mut buf = [0u8; 4096];
+                    loop {
+                        while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                            match stream.read(&mut buf).await {
+                                Ok(0) | Err(_) => return,
+                                Ok(n) => head.extend_from_slice(&buf[..n]),
+                            }
+                        }
+                        head.clear();
+                        let step = steps.get(next.fetch_add(1, Ordering::SeqCst)).cloned();
+                        let (pieces, close) = match step {
+                            Some(Step::Reply(pieces)) => (pieces, false),
+                            Some(Step::ReplyAndClose(pieces)) => (pieces, true),
+                            Some(Step::Close) | None => return,
+                        };
+                        for piece in pieces {
+                            if stream.write_all(piece).await.is_err() {
+                                return;
+                            }
+                            tokio::time::sleep(Duration::from_millis(5)).await;
+                        }
+                        if close {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        (addr, connections)
+    }
+
+    fn pool(addr: SocketAddr) -> Arc<ConnPool> {
+        ConnPool::new(addr, Arc::new(Limits::default()))
+    }
+
+    /// Status, body and trailers of one request through the pool.
+    async fn fetch(
+        pool: &Arc<ConnPool>,
+        request: Request<ProxyBody>,
+    ) -> (u16, String, Option<HeaderMap>) {
+        let response = pool.send(request).await.expect("answered");
+        let status = response.status().as_u16();
+        let collected = response.into_body().collect().await.expect("whole body");
+        let trailers = collected.trailers().cloned();
+        let body = String::from_utf8(collected.to_bytes().to_vec()).unwrap();
+        (status, body, trailers)
+    }
+
+    async fn body_error(pool: &Arc<ConnPool>, request: Request<ProxyBody>) -> String {
+        let response = pool.send(request).await.expect("answered");
+        let error = response
+            .into_body()
+            .collect()
+            .await
+            .expect_err("body fails");
+        error.to_string()
+    }
+
+    fn exchange_error(sent: Result<Response<crate::body::StreamedBody>, SendError>) -> String {
+        match sent {
+            Err(SendError::Exchange(error)) => error.to_string(),
+            Err(other) => panic!("other failure: {other:?}"),
+            Ok(response) => panic!("answered {}", response.status()),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_length_framed_response_in_pieces_arrives_whole_and_the_connection_is_reused() {
+        let reply = vec![
+            &b"HTTP/1.1 200 OK\r\ncontent-len"[..],
+            b"gth: 11\r\n\r\nhello",
+            b" world",
+        ];
+        let (addr, connections) =
+            scripted(vec![Step::Reply(reply.clone()), Step::Reply(reply)]).await;
+        let pool = pool(addr);
+        for _ in 0..2 {
+            assert_eq!(
+                fetch(&pool, get("/")).await,
+                (200, "hello world".into(), None)
+            );
+        }
+        assert_eq!(connections.load(Ordering::SeqCst), 1);
+        assert_eq!(pool.pooled_connections(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_chunked_response_is_decoded_with_extensions_and_trailers() {
+        let chunked = vec![
+            &b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\ntrailer: x-sum\r\n\r\n"[..],
+            b"5;name=value\r\nhello\r\n",
+            b"6\r\n world\r",
+            b"\n0\r\nx-sum: 42\r\n\r\n",
+        ];
+        let plain =
+            vec![&b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n"[..]];
+        let (addr, connections) = scripted(vec![Step::Reply(chunked), Step::Reply(plain)]).await;
+        let pool = pool(addr);
+        let (status, body, trailers) = fetch(&pool, get("/")).await;
+        assert_eq!((status, body.as_str()), (200, "hello world"));
+        assert_eq!(trailers.unwrap()["x-sum"], "42");
+        assert_eq!(fetch(&pool, get("/")).await, (200, "ok".into(), None));
+        assert_eq!(
+            connections.load(Ordering::SeqCst),
+            1,
+            "reused after a chunked body"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_response_without_length_is_read_to_the_close_and_its_connection_not_reused() {
+        let (addr, connections) = scripted(vec![
+            Step::ReplyAndClose(vec![b"HTTP/1.1 200 OK\r\n\r\nuntil ", b"the close"]),
+            Step::Reply(vec![
+                b"HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: 2\r\n\r\nok",
+            ]),
+            Step::Reply(vec![b"HTTP/1.0 200 OK\r\ncontent-length: 2\r\n\r\nok"]),
+            Step::Reply(vec![b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok"]),
+        ])
+        .await;
+        let pool = pool(addr);
+        assert_eq!(fetch(&pool, get("/")).await.1, "until the close");
+        assert_eq!(fetch(&pool, get("/")).await.1, "ok");
+        assert_eq!(fetch(&pool, get("/")).await.1, "ok");
+        assert_eq!(
+            pool.pooled_connections(),
+            0,
+            "close, connection: close, HTTP/1.0"
+        );
+        assert_eq!(fetch(&pool, get("/")).await.1, "ok");
+        assert_eq!(connections.load(Ordering::SeqCst), 4);
+    }
+
+    #[tokio::test]
+    async fn bodiless_responses_end_at_their_head_informational_ones_are_skipped() {
+        let (addr, connections) = scripted(vec![
+            Step::Reply(vec![b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\n"]),
+            Step::Reply(vec![b"HTTP/1.1 204 No Content\r\n\r\n"]),
+            Step::Reply(vec![
+                b"HTTP/1.1 304 Not Modified\r\ncontent-length: 9\r\n\r\n",
+            ]),
+            Step::Reply(vec![
+                b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nlink: </a>\r\n\r\n",
+                b"HTTP/1.1 201 Made\r\ncontent-length: 2\r\n\r\nok",
+            ]),
+        ])
+        .await;
+        let pool = pool(addr);
+        let head = Request::head("/").body(ProxyBody::empty()).unwrap();
+        assert_eq!(fetch(&pool, head).await, (200, String::new(), None));
+        assert_eq!(fetch(&pool, get("/")).await, (204, String::new(), None));
+        assert_eq!(fetch(&pool, get("/")).await, (304, String::new(), None));
+        let response = pool.send(get("/")).await.unwrap();
+        assert_eq!(response.status(), 201);
+        let reason = response.extensions().get::<hyper::ext::ReasonPhrase>();
+        assert_eq!(
+            reason.map(|r| r.as_bytes()),
+            Some(&b"Made"[..]),
+            "custom reason kept"
+        );
+        assert_eq!(
+            response.into_body().collect().await.unwrap().to_bytes(),
+            "ok"
+        );
+        assert_eq!(connections.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn broken_heads_are_upstream_failures() {
+        for reply in [
+            &b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\ncontent-length: 3\r\n\r\nok"[..],
+            b"HTTP/1.1 200 OK\r\ncontent-length: +2\r\n\r\nok",
+            b"HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\n\r\n",
+            b"HTTP/1.0 200 OK\r\ntransfer-encoding: chunked\r\n\r\n0\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nbad header\r\n\r\n",
+            b"SSH-2.0-OpenSSH\r\n\r\n",
+        ] {
+            let (addr, _) = scripted(vec![Step::Reply(vec![reply])]).await;
+            let error = exchange_error(pool(addr).send(get("/")).await);
+            assert!(error.contains("invalid response head"), "{error}");
+        }
+        let (addr, _) = scripted(vec![Step::ReplyAndClose(vec![b"HTTP/1.1 200 OK\r\ncont"])]).await;
+        let error = exchange_error(pool(addr).send(get("/")).await);
+        assert!(error.contains("middle of the response head"), "{error}");
+    }
+
+    #[tokio::test]
+    async fn broken_bodies_fail_the_body_and_close_the_connection() {
+        let cases: [(&'static [u8], &str); 4] = [
+            (
+                b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nhalf",
+                "before the response body ended",
+            ),
+            (
+                b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\nzz\r\n",
+                "invalid chunk size",
+            ),
+            (
+                b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n2\r\nokXX",
+                "no CRLF",
+            ),
+            (
+                b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n2\r\nok\r\n",
+                "before the response body ended",
+            ),
+        ];
+        for (reply, expected) in cases {
+            let (addr, _) = scripted(vec![Step::ReplyAndClose(vec![reply])]).await;
+            let pool = pool(addr);
+            let error = body_error(&pool, get("/")).await;
+            assert!(error.contains(expected), "{error}");
+            assert_eq!(pool.pooled_connections(), 0);
+        }
+    }
+
+    #[tokio::test]
+    async fn bytes_beyond_the_response_keep_the_connection_out_of_the_pool() {
+        let (addr, connections) = scripted(vec![
+            Step::Reply(vec![
+                b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nokHTTP/1.1 200 OK\r\n",
+            ]),
+            Step::Reply(vec![b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok"]),
+        ])
+        .await;
+        let pool = pool(addr);
+        assert_eq!(fetch(&pool, get("/")).await.1, "ok");
+        assert_eq!(fetch(&pool, get("/")).await.1, "ok");
+        assert_eq!(connections.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn a_post_on_a_connection_closed_before_answering_is_not_sent_again() {
+        let ok = Step::Reply(vec![b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok"]);
+        let (addr, connections) = scripted(vec![ok.clone(), Step::Close, ok]).await;
+        let pool = pool(addr);
+        assert_eq!(fetch(&pool, get("/")).await.1, "ok");
+        let post = Request::post("/orders").body(ProxyBody::empty()).unwrap();
+        let error = exchange_error(pool.send(post).await);
+        assert!(error.contains("closed before any response byte"), "{error}");
+        assert_eq!(connections.load(Ordering::SeqCst), 1, "not sent again");
+    }
+
+    #[test]
+    fn only_bodiless_origin_form_requests_take_this_client() {
+        let with = |name: &str, value: &str| {
+            Request::get("/")
+                .header(name, value)
+                .body(ProxyBody::empty())
+                .unwrap()
+        };
+        assert!(eligible(&get("/a?b=c")));
+        assert!(eligible(&with("content-length", "0")));
+        assert!(!eligible(&with("upgrade", "websocket")));
+        assert!(!eligible(&with("transfer-encoding", "chunked")));
+        assert!(!eligible(&with("expect", "100-continue")));
+        assert!(!eligible(&with("content-length", "3")));
+        assert!(!eligible(
+            &Request::post("/").body(ProxyBody::full("abc")).unwrap()
+        ));
+        assert!(!eligible(&get("http://orders/absolute")));
+        let connect = Request::connect("orders:80")
+            .body(ProxyBody::empty())
+            .unwrap();
+        assert!(!eligible(&connect));
+    }
+
+    #[test]
+    fn the_head_is_written_as_hypers_client_writes_it() {
+        let request = Request::delete("/orders/7?force=1")
+            .header("host", "orders")
+            .header("x-Trace", "a")
+            .header("x-trace", "b")
+            .body(ProxyBody::empty())
+            .unwrap();
+        assert_eq!(
+            String::from_utf8(encode_head(&request)).unwrap(),
+            "DELETE /orders/7?force=1 HTTP/1.1\r\nhost: orders\r\nx-trace: a\r\nx-trace: b\r\n\r\n"
+        );
+    }
+
+    #[test]
+    fn chunk_size_lines() {
+        let size = |line: &[u8]| chunk_size(&mut BytesMut::from(line)).map(|r| r.ok());
+        assert_eq!(size(b"a\r\n"), Some(Some(10)));
+        assert_eq!(size(b"FF;ext=\"x\"\r\n"), Some(Some(255)));
+        assert_eq!(size(b"1 ;ext\r\n"), Some(Some(1)));
+        assert_eq!(size(b"10"), None, "incomplete");
+        for bad in [
+            &b"\r\n"[..],
+            b"x\r\n",
+            b"1x\r\n",
+            b"-1\r\n",
+            b"11111111111111111\r\n",
+            b"1\n\r\n",
+        ] {
+            assert_eq!(size(bad), Some(None), "{:?}", String::from_utf8_lossy(bad));
+        }
+        let long = vec![b'1'; MAX_CHUNK_LINE + 1];
+        assert_eq!(size(&long), Some(None), "line too long");
+    }
+
+    #[test]
+    fn content_lengths_must_agree() {
+        let lengths = |values: &[&str]| {
+            let mut headers = HeaderMap::new();
+            for v in values {
+                headers.append(header::CONTENT_LENGTH, HeaderValue::from_str(v).unwrap());
+            }
+            content_length(&headers)
+        };
+        assert_eq!(lengths(&["42"]), Some(42));
+        assert_eq!(lengths(&["5, 5", "5"]), Some(5));
+        assert_eq!(lengths(&["5", "6"]), None);
+        assert_eq!(lengths(&["+5"]), None);
+        assert_eq!(lengths(&[""]), None);
+        assert_eq!(lengths(&["99999999999999999999"]), None);
+    }
+}
