@@ -306,6 +306,48 @@ struct ParsedHead {
     version: Version,
     reason: Option<Bytes>,
     headers: HeaderMap,
+    framing: FramingFields,
+}
+
+/// What a head's framing fields say, noted while its fields are read (no
+/// lookups in the map afterwards).
+#[derive(Debug, Default)]
+struct FramingFields {
+    /// `Transfer-Encoding` is present; whether its last coding is chunked.
+    transfer_encoding: Option<bool>,
+    /// `Content-Length`: the one length all fields state, or `Err` when one
+    /// is not a number or two differ.
+    content_length: Option<Result<u64, ()>>,
+    connection_close: bool,
+    connection_keep_alive: bool,
+}
+
+impl FramingFields {
+    fn see(&mut self, name: &HeaderName, value: &[u8]) {
+        if *name == header::CONTENT_LENGTH {
+            self.content_length = Some(match self.content_length {
+                None => content_length(value, None),
+                Some(Ok(earlier)) => content_length(value, Some(earlier)),
+                Some(Err(())) => Err(()),
+            });
+        } else if *name == header::TRANSFER_ENCODING {
+            // The last field's last coding is the last coding.
+            let last = value.rsplit(|&b| b == b',').next().unwrap_or_default();
+            self.transfer_encoding = Some(last.trim_ascii().eq_ignore_ascii_case(b"chunked"));
+        } else if *name == header::CONNECTION {
+            for token in value.split(|&b| b == b',') {
+                let token = token.trim_ascii();
+                self.connection_close |= token.eq_ignore_ascii_case(b"close");
+                self.connection_keep_alive |= token.eq_ignore_ascii_case(b"keep-alive");
+            }
+        }
+    }
+
+    /// Whether the connection may carry another request after this response
+    /// (HTTP/1.1 unless `Connection: close`; HTTP/1.0 only with `keep-alive`).
+    fn keep_alive(&self, version: Version) -> bool {
+        !self.connection_close && (version == Version::HTTP_11 || self.connection_keep_alive)
+    }
 }
 
 /// Parses (and removes) one response head at the start of `buf`;
@@ -343,9 +385,11 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<ParsedHead>, ExchangeError> {
         // head once it is split off the buffer.
         let base = buf.as_ptr() as usize;
         let mut spans = Vec::with_capacity(response.headers.len());
+        let mut framing = FramingFields::default();
         for field in response.headers.iter() {
             let name = HeaderName::from_bytes(field.name.as_bytes())
                 .map_err(|_| ExchangeError::InvalidHead("invalid header name"))?;
+            framing.see(&name, field.value);
             let start = field.value.as_ptr() as usize - base;
             spans.push((name, start, start + field.value.len()));
         }
@@ -361,6 +405,7 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<ParsedHead>, ExchangeError> {
             version,
             reason,
             headers,
+            framing,
         }));
     }
 }
@@ -377,34 +422,33 @@ fn respond(
         version,
         reason,
         headers,
+        framing: fields,
     } = head;
     if status == StatusCode::SWITCHING_PROTOCOLS {
         return Err(ExchangeError::InvalidHead(
             "101 Switching Protocols to a request without Upgrade",
         ));
     }
-    let mut keep_alive = keep_alive(version, &headers);
+    let mut keep_alive = fields.keep_alive(version);
     let framing = if status == StatusCode::NO_CONTENT
         || status == StatusCode::NOT_MODIFIED
         || method == Method::HEAD
     {
         Framing::Length(0)
-    } else if headers.contains_key(header::TRANSFER_ENCODING) {
+    } else if let Some(chunked) = fields.transfer_encoding {
         if version == Version::HTTP_10 {
             return Err(ExchangeError::InvalidHead(
                 "Transfer-Encoding in an HTTP/1.0 response",
             ));
         }
-        if last_coding_is_chunked(&headers) {
+        if chunked {
             Framing::Chunked(Chunked::Size)
         } else {
             keep_alive = false;
             Framing::UntilClose
         }
-    } else if headers.contains_key(header::CONTENT_LENGTH) {
-        Framing::Length(
-            content_length(&headers).ok_or(ExchangeError::InvalidHead("invalid Content-Length"))?,
-        )
+    } else if let Some(length) = fields.content_length {
+        Framing::Length(length.map_err(|()| ExchangeError::InvalidHead("invalid Content-Length"))?)
     } else {
         keep_alive = false;
         Framing::UntilClose
@@ -430,54 +474,25 @@ fn respond(
     Ok(response)
 }
 
-/// Whether the connection may carry another request after this response
-/// (HTTP/1.1 unless `Connection: close`; HTTP/1.0 only with `keep-alive`).
-fn keep_alive(version: Version, headers: &HeaderMap) -> bool {
-    let mut keep = version == Version::HTTP_11;
-    for value in headers.get_all(header::CONNECTION) {
-        for token in value.as_bytes().split(|&b| b == b',') {
-            let token = token.trim_ascii();
-            if token.eq_ignore_ascii_case(b"close") {
-                return false;
-            }
-            if token.eq_ignore_ascii_case(b"keep-alive") {
-                keep = true;
-            }
+/// The length a `Content-Length` field states (every list element the
+/// same, and the same as `seen`, the earlier fields'); `Err` if an element
+/// is not a number or two differ.
+fn content_length(value: &[u8], seen: Option<u64>) -> Result<u64, ()> {
+    let mut length = seen;
+    for element in value.split(|&b| b == b',') {
+        let element = element.trim_ascii();
+        if element.is_empty() || element.len() > 19 || !element.iter().all(u8::is_ascii_digit) {
+            return Err(());
+        }
+        let n = element
+            .iter()
+            .fold(0u64, |n, d| n * 10 + u64::from(d - b'0'));
+        match length {
+            Some(earlier) if earlier != n => return Err(()),
+            _ => length = Some(n),
         }
     }
-    keep
-}
-
-/// Whether the last transfer coding is `chunked`.
-fn last_coding_is_chunked(headers: &HeaderMap) -> bool {
-    headers
-        .get_all(header::TRANSFER_ENCODING)
-        .iter()
-        .next_back()
-        .and_then(|value| value.as_bytes().rsplit(|&b| b == b',').next())
-        .is_some_and(|coding| coding.trim_ascii().eq_ignore_ascii_case(b"chunked"))
-}
-
-/// The one length every `Content-Length` field (and list element) states;
-/// `None` if any is not a number or two differ.
-fn content_length(headers: &HeaderMap) -> Option<u64> {
-    let mut length = None;
-    for value in headers.get_all(header::CONTENT_LENGTH) {
-        for element in value.as_bytes().split(|&b| b == b',') {
-            let element = element.trim_ascii();
-            if element.is_empty() || element.len() > 19 || !element.iter().all(u8::is_ascii_digit) {
-                return None;
-            }
-            let n = element
-                .iter()
-                .fold(0u64, |n, d| n * 10 + u64::from(d - b'0'));
-            match length {
-                Some(seen) if seen != n => return None,
-                _ => length = Some(n),
-            }
-        }
-    }
-    length
+    length.ok_or(())
 }
 
 /// How the body of a response ends.
@@ -1086,17 +1101,52 @@ mod tests {
     #[test]
     fn content_lengths_must_agree() {
         let lengths = |values: &[&str]| {
-            let mut headers = HeaderMap::new();
+            let mut fields = FramingFields::default();
             for v in values {
-                headers.append(header::CONTENT_LENGTH, HeaderValue::from_str(v).unwrap());
+                fields.see(&header::CONTENT_LENGTH, v.as_bytes());
             }
-            content_length(&headers)
+            fields.content_length.and_then(Result::ok)
         };
         assert_eq!(lengths(&["42"]), Some(42));
         assert_eq!(lengths(&["5, 5", "5"]), Some(5));
         assert_eq!(lengths(&["5", "6"]), None);
-        assert_eq!(lengths(&["+5"]), None);
+        assert_eq!(
+            lengths(&["+5", "5"]),
+            None,
+            "an invalid field stays invalid"
+        );
+        assert_eq!(lengths(&["5", "+5"]), None);
         assert_eq!(lengths(&[""]), None);
         assert_eq!(lengths(&["99999999999999999999"]), None);
+    }
+
+    #[test]
+    fn the_last_coding_and_connection_tokens_decide() {
+        let fields = |pairs: &[(HeaderName, &str)]| {
+            let mut fields = FramingFields::default();
+            for (name, value) in pairs {
+                fields.see(name, value.as_bytes());
+            }
+            fields
+        };
+        let te = header::TRANSFER_ENCODING;
+        assert_eq!(
+            fields(&[(te.clone(), "gzip, chunked")]).transfer_encoding,
+            Some(true)
+        );
+        assert_eq!(
+            fields(&[(te.clone(), "chunked, gzip")]).transfer_encoding,
+            Some(false)
+        );
+        assert_eq!(
+            fields(&[(te.clone(), "chunked"), (te, "gzip")]).transfer_encoding,
+            Some(false)
+        );
+        let conn = header::CONNECTION;
+        assert!(fields(&[]).keep_alive(Version::HTTP_11));
+        assert!(!fields(&[]).keep_alive(Version::HTTP_10));
+        assert!(fields(&[(conn.clone(), "Keep-Alive")]).keep_alive(Version::HTTP_10));
+        let closing = fields(&[(conn.clone(), "close"), (conn, "keep-alive")]);
+        assert!(!closing.keep_alive(Version::HTTP_11), "close wins");
     }
 }
