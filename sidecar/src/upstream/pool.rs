@@ -367,9 +367,11 @@ impl ConnPool {
     /// connection the answer holds the request's stream, which the
     /// response body must keep until its end.
     ///
-    /// Only the plain HTTP/1.1 exchange is part of this future; the HTTP/2
-    /// and mTLS ones are boxed, so that every request's future (which hyper
-    /// moves as a whole) does not carry their space.
+    /// Only the exchange of a request without a body (`exchange_h1`, the
+    /// common case) is part of this future; hyper's HTTP/1.1 exchange (a
+    /// request with a body), the HTTP/2 and the mTLS ones are boxed, so
+    /// that every request's future (which hyper moves as a whole) does not
+    /// carry their space.
     pub async fn dispatch(
         self: &Arc<Self>,
         mut request: Request<ProxyBody>,
@@ -392,21 +394,21 @@ impl ConnPool {
         }
         if request.version() == Version::HTTP_2 {
             Box::pin(self.send_h2(request, H2Kind::Plain)).await
+        } else if h1_client::eligible(&request) {
+            self.exchange_h1(request).await
         } else {
-            self.send_h1(request).await
+            Box::pin(self.send_h1(request)).await
         }
     }
 
-    /// HTTP/1.1 on a pooled keep-alive connection (or a new one). A pooled
+    /// HTTP/1.1 with a request body (or an upgrade), by hyper's client, on a
+    /// pooled keep-alive connection (or a new one). A pooled
     /// connection that was closed before it answered: once more on a new
     /// connection, if the request came back or can be replayed.
     async fn send_h1(
         self: &Arc<Self>,
         mut request: Request<ProxyBody>,
     ) -> Result<Answer, SendError> {
-        if h1_client::eligible(&request) {
-            return self.exchange_h1(request).await;
-        }
         *request.version_mut() = Version::HTTP_11;
         let mut resent = false;
         loop {
