@@ -60,6 +60,11 @@ const MAX_READ: usize = 128 * 1024;
 /// Longest chunk-size line (with extensions) accepted.
 const MAX_CHUNK_LINE: usize = 4096;
 
+/// Chunk extensions over a whole body, and the trailer section: at most
+/// this many bytes (hyper's limits).
+const MAX_CHUNK_EXTENSIONS: usize = 16 * 1024;
+const MAX_TRAILER_BYTES: usize = 16 * 1024;
+
 /// An upstream HTTP/1.1 connection and what has been read from it but not
 /// yet consumed.
 #[derive(Debug)]
@@ -200,16 +205,21 @@ pub enum ExchangeError {
 }
 
 impl ExchangeError {
-    /// Whether the upstream cannot have processed the request: it was not
-    /// fully written, or the connection ended before any response byte.
-    /// Only then may a pooled connection's request be sent again (an
-    /// idempotent one for the second case, RFC 9110 §9.2.2).
+    /// Whether the connection failed before a whole final response head
+    /// came (nothing, a 1xx, or part of a head): only then may a pooled
+    /// connection's request be sent again — whatever its method if it was
+    /// not written whole ([`ExchangeError::unsent`]), else only an
+    /// idempotent one (RFC 9110 §9.2.2; hyper's client, which cannot tell
+    /// a partial head from none, resent those too). A malformed or too
+    /// large head is an answer: never sent again.
     pub fn unanswered(&self) -> bool {
         matches!(
             self,
             ExchangeError::Write(_)
                 | ExchangeError::ClosedBeforeResponse
                 | ExchangeError::ResetBeforeResponse(_)
+                | ExchangeError::IncompleteHead
+                | ExchangeError::Read(_)
         )
     }
 
@@ -430,6 +440,7 @@ fn respond(
         ));
     }
     let mut keep_alive = fields.keep_alive(version);
+    let mut headers = headers;
     let framing = if status == StatusCode::NO_CONTENT
         || status == StatusCode::NOT_MODIFIED
         || method == Method::HEAD
@@ -440,6 +451,11 @@ fn respond(
             return Err(ExchangeError::InvalidHead(
                 "Transfer-Encoding in an HTTP/1.0 response",
             ));
+        }
+        // RFC 9112 §6.3: Transfer-Encoding overrides Content-Length, which
+        // a proxy must remove before forwarding.
+        if fields.content_length.is_some() {
+            headers.remove(header::CONTENT_LENGTH);
         }
         if chunked {
             Framing::Chunked(Chunked::Size)
@@ -458,6 +474,7 @@ fn respond(
         framing,
         keep_alive,
         idle: Arc::clone(idle),
+        extension_bytes: 0,
     };
     if matches!(body.framing, Framing::Length(0)) {
         body.finish();
@@ -481,12 +498,15 @@ fn content_length(value: &[u8], seen: Option<u64>) -> Result<u64, ()> {
     let mut length = seen;
     for element in value.split(|&b| b == b',') {
         let element = element.trim_ascii();
-        if element.is_empty() || element.len() > 19 || !element.iter().all(u8::is_ascii_digit) {
+        if element.is_empty() || !element.iter().all(u8::is_ascii_digit) {
             return Err(());
         }
         let n = element
             .iter()
-            .fold(0u64, |n, d| n * 10 + u64::from(d - b'0'));
+            .try_fold(0u64, |n, d| {
+                n.checked_mul(10)?.checked_add(u64::from(d - b'0'))
+            })
+            .ok_or(())?;
         match length {
             Some(earlier) if earlier != n => return Err(()),
             _ => length = Some(n),
@@ -529,7 +549,7 @@ pub enum BodyReadError {
     Read(#[source] io::Error),
     #[error("invalid chunked response body: {0}")]
     Chunked(&'static str),
-    #[error("response trailers larger than {MAX_HEAD_BYTES} bytes")]
+    #[error("response trailers larger than {MAX_TRAILER_BYTES} bytes")]
     TrailersTooLarge,
     #[error("invalid response trailers: {0}")]
     Trailers(#[from] httparse::Error),
@@ -545,6 +565,8 @@ pub struct ResponseBody {
     keep_alive: bool,
     /// Where the connection goes back to.
     idle: Arc<IdleConns>,
+    /// Chunk extension bytes seen so far (bounded like hyper's).
+    extension_bytes: usize,
 }
 
 impl ResponseBody {
@@ -567,7 +589,12 @@ impl ResponseBody {
 
     /// The next frame from what is buffered.
     fn decode(&mut self) -> Decoded {
-        let ResponseBody { conn, framing, .. } = self;
+        let ResponseBody {
+            conn,
+            framing,
+            extension_bytes,
+            ..
+        } = self;
         let Some(conn) = conn.as_mut() else {
             return Decoded::End;
         };
@@ -585,7 +612,7 @@ impl ResponseBody {
                 (Decoded::Frame(Frame::data(buf.split().freeze())), false)
             }
             Framing::Length(_) | Framing::UntilClose => (Decoded::NeedMore, false),
-            Framing::Chunked(state) => decode_chunked(state, buf),
+            Framing::Chunked(state) => decode_chunked(state, extension_bytes, buf),
         };
         if ended {
             self.finish();
@@ -604,14 +631,28 @@ enum Decoded {
 
 /// The next frame of a chunked body from `buf`, and whether the body ended
 /// with it.
-fn decode_chunked(state: &mut Chunked, buf: &mut BytesMut) -> (Decoded, bool) {
+fn decode_chunked(
+    state: &mut Chunked,
+    extension_bytes: &mut usize,
+    buf: &mut BytesMut,
+) -> (Decoded, bool) {
     loop {
         match state {
             Chunked::Size => match chunk_size(buf) {
                 None => return (Decoded::NeedMore, false),
                 Some(Err(e)) => return (Decoded::Failed(e), false),
-                Some(Ok(0)) => *state = Chunked::Trailers,
-                Some(Ok(size)) => *state = Chunked::Data(size),
+                Some(Ok((size, extension))) => {
+                    *extension_bytes += extension;
+                    if *extension_bytes > MAX_CHUNK_EXTENSIONS {
+                        let error = BodyReadError::Chunked("chunk extensions too large");
+                        return (Decoded::Failed(error), false);
+                    }
+                    *state = if size == 0 {
+                        Chunked::Trailers
+                    } else {
+                        Chunked::Data(size)
+                    };
+                }
             },
             Chunked::Data(left) => {
                 if buf.is_empty() {
@@ -652,7 +693,7 @@ fn decode_chunked(state: &mut Chunked, buf: &mut BytesMut) -> (Decoded, bool) {
 
 /// A chunk-size line at the start of `buf` (hex size, extensions ignored),
 /// removed; `None`: the line is not complete yet.
-fn chunk_size(buf: &mut BytesMut) -> Option<Result<u64, BodyReadError>> {
+fn chunk_size(buf: &mut BytesMut) -> Option<Result<(u64, usize), BodyReadError>> {
     let Some(end) = buf.windows(2).position(|w| w == b"\r\n") else {
         return (buf.len() > MAX_CHUNK_LINE)
             .then_some(Err(BodyReadError::Chunked("chunk-size line too long")));
@@ -663,20 +704,26 @@ fn chunk_size(buf: &mut BytesMut) -> Option<Result<u64, BodyReadError>> {
         .iter()
         .position(|b| !b.is_ascii_hexdigit())
         .unwrap_or(line.len());
-    if digits == 0 || digits > 16 {
+    let size = line[..digits].iter().try_fold(0u64, |n, &d| {
+        let digit = u64::from(char::from(d).to_digit(16).unwrap_or(0));
+        n.checked_mul(16).map(|n| n | digit)
+    });
+    let Some(size) = size.filter(|_| digits > 0) else {
         return Some(Err(BodyReadError::Chunked("invalid chunk size")));
-    }
+    };
+    // Optional whitespace (SP, HTAB), then nothing or `;` extensions.
     let rest = &line[digits..];
-    let extension = rest.trim_ascii_start();
-    if !(rest.is_empty() || extension.first() == Some(&b';'))
-        || rest.iter().any(|&b| b == b'\n' || b == b'\r')
+    let after_space = rest
+        .iter()
+        .position(|&b| b != b' ' && b != b'\t')
+        .unwrap_or(rest.len());
+    let extension = &rest[after_space..];
+    if !(extension.is_empty() || extension[0] == b';')
+        || extension.iter().any(|&b| b == b'\n' || b == b'\r')
     {
         return Some(Err(BodyReadError::Chunked("invalid chunk size line")));
     }
-    let size = line[..digits].iter().fold(0u64, |n, &d| {
-        n << 4 | u64::from(char::from(d).to_digit(16).unwrap_or(0))
-    });
-    Some(Ok(size))
+    Some(Ok((size, extension.len())))
 }
 
 /// The trailer section at the start of `buf` (after the last chunk),
@@ -689,9 +736,12 @@ fn trailers(buf: &mut BytesMut) -> Option<Result<Option<HeaderMap>, BodyReadErro
     let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
     match httparse::parse_headers(buf, &mut fields) {
         Ok(httparse::Status::Partial) => {
-            (buf.len() > MAX_HEAD_BYTES).then_some(Err(BodyReadError::TrailersTooLarge))
+            (buf.len() > MAX_TRAILER_BYTES).then_some(Err(BodyReadError::TrailersTooLarge))
         }
         Err(e) => Some(Err(e.into())),
+        Ok(httparse::Status::Complete((len, _))) if len > MAX_TRAILER_BYTES => {
+            Some(Err(BodyReadError::TrailersTooLarge))
+        }
         Ok(httparse::Status::Complete((len, fields))) => {
             let mut map = HeaderMap::with_capacity(fields.len());
             for field in fields {
@@ -1028,6 +1078,56 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_pooled_get_cut_off_in_its_response_head_is_sent_again_once() {
+        let ok = Step::Reply(vec![b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok"]);
+        let partial = Step::ReplyAndClose(vec![b"HTTP/1.1 200 OK\r\ncont"]);
+        let informational = Step::ReplyAndClose(vec![b"HTTP/1.1 100 Continue\r\n\r\n"]);
+        let (addr, connections) =
+            scripted(vec![ok.clone(), partial, ok.clone(), informational, ok]).await;
+        let pool = pool(addr);
+        for _ in 0..3 {
+            assert_eq!(fetch(&pool, get("/")).await.1, "ok");
+        }
+        assert_eq!(connections.load(Ordering::SeqCst), 3);
+    }
+
+    #[tokio::test]
+    async fn transfer_encoding_overrides_and_removes_content_length() {
+        let reply = &b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\ncontent-length: 100\r\n\r\n5\r\nhello\r\n0\r\n\r\n"[..];
+        let (addr, _) = scripted(vec![Step::Reply(vec![reply])]).await;
+        let response = pool(addr).send(get("/")).await.unwrap();
+        assert!(!response.headers().contains_key(header::CONTENT_LENGTH));
+        assert_eq!(
+            response.into_body().collect().await.unwrap().to_bytes(),
+            "hello"
+        );
+    }
+
+    #[tokio::test]
+    async fn oversized_trailers_and_chunk_extensions_fail_the_body() {
+        let big_trailer: &'static [u8] = Box::leak(
+            format!("0\r\nx-big: {}\r\n\r\n", "a".repeat(MAX_TRAILER_BYTES))
+                .into_bytes()
+                .into_boxed_slice(),
+        );
+        let chunk = format!("1;{}\r\nA\r\n", "e".repeat(1000));
+        let many_extensions: &'static [u8] = Box::leak(
+            format!("{}0\r\n\r\n", chunk.repeat(20))
+                .into_bytes()
+                .into_boxed_slice(),
+        );
+        let head = &b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n"[..];
+        for (body, expected) in [
+            (big_trailer, "trailers larger"),
+            (many_extensions, "chunk extensions too large"),
+        ] {
+            let (addr, _) = scripted(vec![Step::ReplyAndClose(vec![head, body])]).await;
+            let error = body_error(&pool(addr), get("/")).await;
+            assert!(error.contains(expected), "{error}");
+        }
+    }
+
+    #[tokio::test]
     async fn a_post_on_a_connection_closed_before_answering_is_not_sent_again() {
         let ok = Step::Reply(vec![b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok"]);
         let (addr, connections) = scripted(vec![ok.clone(), Step::Close, ok]).await;
@@ -1079,10 +1179,19 @@ mod tests {
 
     #[test]
     fn chunk_size_lines() {
-        let size = |line: &[u8]| chunk_size(&mut BytesMut::from(line)).map(|r| r.ok());
+        let size =
+            |line: &[u8]| chunk_size(&mut BytesMut::from(line)).map(|r| r.ok().map(|(n, _)| n));
         assert_eq!(size(b"a\r\n"), Some(Some(10)));
         assert_eq!(size(b"FF;ext=\"x\"\r\n"), Some(Some(255)));
         assert_eq!(size(b"1 ;ext\r\n"), Some(Some(1)));
+        assert_eq!(size(b"5 \r\n"), Some(Some(5)), "whitespace before the CRLF");
+        assert_eq!(size(b"5\t \r\n"), Some(Some(5)));
+        assert_eq!(
+            size(b"00000000000000005\r\n"),
+            Some(Some(5)),
+            "leading zeros"
+        );
+        assert_eq!(size(b"ffffffffffffffff\r\n"), Some(Some(u64::MAX)));
         assert_eq!(size(b"10"), None, "incomplete");
         for bad in [
             &b"\r\n"[..],
@@ -1091,6 +1200,7 @@ mod tests {
             b"-1\r\n",
             b"11111111111111111\r\n",
             b"1\n\r\n",
+            b"5 x\r\n",
         ] {
             assert_eq!(size(bad), Some(None), "{:?}", String::from_utf8_lossy(bad));
         }
@@ -1117,7 +1227,8 @@ mod tests {
         );
         assert_eq!(lengths(&["5", "+5"]), None);
         assert_eq!(lengths(&[""]), None);
-        assert_eq!(lengths(&["99999999999999999999"]), None);
+        assert_eq!(lengths(&["99999999999999999999"]), None, "overflows u64");
+        assert_eq!(lengths(&["00000000000000000005"]), Some(5), "leading zeros");
     }
 
     #[test]
