@@ -82,18 +82,31 @@ pub struct Conn {
     buf: BytesMut,
     /// Bytes the next read asks for (grows while reads fill it).
     read_size: usize,
+    /// The request head being written, kept for the next request (no
+    /// allocation per request unless a head outgrows it).
+    head: Vec<u8>,
+    /// Where a response head's field names and value ranges are noted while
+    /// it is parsed (reused likewise).
+    fields: Vec<(HeaderName, usize, usize)>,
     /// When it last finished a response (for the idle timeout).
     pub last_used: Instant,
 }
 
+/// A reused request head buffer larger than this is given back.
+const KEEP_HEAD_BUFFER: usize = 8 * 1024;
+
 impl Conn {
-    pub fn new(io: QuickAck) -> Conn {
-        Conn {
+    /// A connection, boxed for its whole life: it moves between the pool,
+    /// the exchange and the response body, a pointer each time.
+    pub fn new(io: QuickAck) -> Box<Conn> {
+        Box::new(Conn {
             io,
             buf: BytesMut::new(),
             read_size: MIN_READ,
+            head: Vec::new(),
+            fields: Vec::new(),
             last_used: Instant::now(),
-        }
+        })
     }
 
     /// Whether the upstream may still take a request on this idle
@@ -141,7 +154,10 @@ impl Conn {
 /// body reading from them), at most `max`.
 #[derive(Debug)]
 pub struct IdleConns {
-    conns: Mutex<Vec<Conn>>,
+    // Boxed on purpose: a connection keeps its one allocation while it
+    // moves between this list, an exchange and a response body.
+    #[allow(clippy::vec_box)]
+    conns: Mutex<Vec<Box<Conn>>>,
     max: usize,
 }
 
@@ -153,13 +169,14 @@ impl IdleConns {
         })
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Conn>> {
+    #[allow(clippy::vec_box)]
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Box<Conn>>> {
         self.conns.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// The most recently used connection that is still open and was idle
     /// less than `idle_timeout`; drops (closes) the others it meets.
-    pub fn take(&self, idle_timeout: Duration) -> Option<Conn> {
+    pub fn take(&self, idle_timeout: Duration) -> Option<Box<Conn>> {
         let mut conns = self.lock();
         while let Some(conn) = conns.pop() {
             if conn.last_used.elapsed() < idle_timeout && conn.still_open() {
@@ -170,7 +187,7 @@ impl IdleConns {
     }
 
     /// Keeps a connection whose response has been read whole.
-    fn keep(&self, mut conn: Conn) {
+    fn keep(&self, mut conn: Box<Conn>) {
         conn.last_used = Instant::now();
         let mut conns = self.lock();
         if conns.len() < self.max {
@@ -269,20 +286,23 @@ pub fn eligible<B: Body>(request: &Request<B>) -> bool {
 /// head. The response body reads the rest and gives `conn` back to `idle`
 /// when the connection can carry another request.
 pub async fn exchange<B>(
-    mut conn: Conn,
+    mut conn: Box<Conn>,
     request: &Request<B>,
     idle: &Arc<IdleConns>,
 ) -> Result<Response<ResponseBody>, ExchangeError> {
-    let head = encode_head(request);
+    encode_head(request, &mut conn.head);
     conn.io
-        .write_all(&head)
+        .write_all(&conn.head)
         .await
         .map_err(ExchangeError::Write)?;
+    if conn.head.capacity() > KEEP_HEAD_BUFFER {
+        conn.head = Vec::new();
+    }
     let mut got_bytes = false;
     loop {
         if !conn.buf.is_empty() {
             got_bytes = true;
-            if let Some(parsed) = parse_head(&mut conn.buf)? {
+            if let Some(parsed) = parse_head(&mut conn.buf, &mut conn.fields)? {
                 return respond(parsed, request.method(), conn, idle);
             }
             if conn.buf.len() > MAX_HEAD_BYTES {
@@ -299,12 +319,14 @@ pub async fn exchange<B>(
     }
 }
 
-/// The request line and header fields, as hyper's client writes them for a
-/// request without a body (lower-case names, HTTP/1.1).
-fn encode_head<B>(request: &Request<B>) -> Vec<u8> {
+/// The request line and header fields into `head` (cleared first), as
+/// hyper's client writes them for a request without a body (lower-case
+/// names, HTTP/1.1).
+fn encode_head<B>(request: &Request<B>, head: &mut Vec<u8>) {
     let target = request.uri().path_and_query().map_or("/", |pq| pq.as_str());
     let headers = request.headers();
-    let mut head = Vec::with_capacity(64 + target.len() + headers.len() * 32);
+    head.clear();
+    head.reserve(64 + target.len() + headers.len() * 32);
     head.extend_from_slice(request.method().as_str().as_bytes());
     head.push(b' ');
     head.extend_from_slice(target.as_bytes());
@@ -316,7 +338,6 @@ fn encode_head<B>(request: &Request<B>) -> Vec<u8> {
         head.extend_from_slice(b"\r\n");
     }
     head.extend_from_slice(b"\r\n");
-    head
 }
 
 /// A response head taken off the buffer.
@@ -372,7 +393,10 @@ impl FramingFields {
 /// Parses (and removes) one response head at the start of `buf`;
 /// informational (1xx but 101) heads are removed and skipped. `None`: not
 /// complete yet.
-fn parse_head(buf: &mut BytesMut) -> Result<Option<ParsedHead>, ExchangeError> {
+fn parse_head(
+    buf: &mut BytesMut,
+    spans: &mut Vec<(HeaderName, usize, usize)>,
+) -> Result<Option<ParsedHead>, ExchangeError> {
     loop {
         let mut fields = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
         let mut response = httparse::Response::new(&mut []);
@@ -403,7 +427,7 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<ParsedHead>, ExchangeError> {
         // Names now (they are copied or static); values as slices of the
         // head once it is split off the buffer.
         let base = buf.as_ptr() as usize;
-        let mut spans = Vec::with_capacity(response.headers.len());
+        spans.clear();
         let mut framing = FramingFields::default();
         for field in response.headers.iter() {
             let name = HeaderName::from_bytes(field.name.as_bytes())
@@ -414,7 +438,7 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<ParsedHead>, ExchangeError> {
         }
         let head = buf.split_to(len).freeze();
         let mut headers = HeaderMap::with_capacity(spans.len());
-        for (name, start, end) in spans {
+        for (name, start, end) in spans.drain(..) {
             let value = HeaderValue::from_maybe_shared(head.slice(start..end))
                 .map_err(|_| ExchangeError::InvalidHead("invalid header value"))?;
             headers.append(name, value);
@@ -433,7 +457,7 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<ParsedHead>, ExchangeError> {
 fn respond(
     head: ParsedHead,
     method: &Method,
-    conn: Conn,
+    conn: Box<Conn>,
     idle: &Arc<IdleConns>,
 ) -> Result<Response<ResponseBody>, ExchangeError> {
     let ParsedHead {
@@ -568,7 +592,7 @@ pub enum BodyReadError {
 #[derive(Debug)]
 pub struct ResponseBody {
     /// `None` once given back (or dropped).
-    conn: Option<Conn>,
+    conn: Option<Box<Conn>>,
     framing: Framing,
     /// The response lets the connection carry another request.
     keep_alive: bool,
@@ -1181,7 +1205,12 @@ mod tests {
             .body(ProxyBody::empty())
             .unwrap();
         assert_eq!(
-            String::from_utf8(encode_head(&request)).unwrap(),
+            String::from_utf8({
+                let mut head = b"stale".to_vec();
+                encode_head(&request, &mut head);
+                head
+            })
+            .unwrap(),
             "DELETE /orders/7?force=1 HTTP/1.1\r\nhost: orders\r\nx-trace: a\r\nx-trace: b\r\n\r\n"
         );
     }
