@@ -30,6 +30,15 @@ pub enum UpstreamFailure {
     Http1(#[from] crate::upstream::h1_client::ExchangeError),
 }
 
+impl UpstreamFailure {
+    /// The client's own request body failed while it was sent (bad chunked
+    /// framing, a stall): hyper reports it as a "user" error. Our own
+    /// client sends no bodies.
+    pub fn is_request_body_failure(&self) -> bool {
+        matches!(self, UpstreamFailure::Hyper(e) if e.is_user())
+    }
+}
+
 /// Why a request was refused, with what the 429's headers need.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Refusal {

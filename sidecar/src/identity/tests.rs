@@ -123,7 +123,6 @@ fn refusal(pool: &ConnPool, sent: Result<Response<StreamedBody>, SendError>) -> 
     match sent {
         Err(SendError::Connect { source, .. }) => ProxyError::connect_failed(pool.addr(), source),
         Err(SendError::Upstream(error)) => panic!("sent, then failed: {error}"),
-        Err(SendError::Exchange(error)) => panic!("sent, then failed: {error}"),
         Ok(response) => panic!("answered {}", response.status()),
     }
 }

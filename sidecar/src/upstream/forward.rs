@@ -318,7 +318,7 @@ impl Send<'_> {
             // The client's own request body failed while it was sent (bad
             // chunked framing, a stall): the client's fault, a 400, and no
             // mark against an upstream that did nothing wrong.
-            Ok(Err(SendError::Upstream(source))) if source.is_user() => {
+            Ok(Err(SendError::Upstream(source))) if source.is_request_body_failure() => {
                 Sent::Failed(ProxyError::RequestBodyFailed {
                     detail: source.to_string(),
                 })
@@ -327,14 +327,7 @@ impl Send<'_> {
                 record(Outcome::Reset);
                 Sent::Failed(ProxyError::Upstream {
                     addr: endpoint.addr,
-                    source: source.into(),
-                })
-            }
-            Ok(Err(SendError::Exchange(source))) => {
-                record(Outcome::Reset);
-                Sent::Failed(ProxyError::Upstream {
-                    addr: endpoint.addr,
-                    source: source.into(),
+                    source,
                 })
             }
             Err(_elapsed) => {

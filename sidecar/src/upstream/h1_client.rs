@@ -940,7 +940,7 @@ mod tests {
 
     fn exchange_error(sent: Result<Response<crate::body::StreamedBody>, SendError>) -> String {
         match sent {
-            Err(SendError::Exchange(error)) => error.to_string(),
+            Err(SendError::Upstream(error)) => error.to_string(),
             Err(other) => panic!("other failure: {other:?}"),
             Ok(response) => panic!("answered {}", response.status()),
         }

@@ -84,11 +84,12 @@ use prometheus::IntCounter;
 use tokio::net::TcpStream;
 
 use crate::body::{ProxyBody, StreamedBody};
+use crate::error::UpstreamFailure;
 use crate::identity::tls::{self, TlsFailure};
 use crate::identity::{Hop, WorkloadIdentity};
 use crate::settings::Limits;
 use crate::telemetry::metrics::PoolMetrics;
-use crate::upstream::h1_client::{self, ExchangeError};
+use crate::upstream::h1_client;
 use crate::upstream::in_flight::{ClientStreams, InFlight, InFlightCounter, StreamSlot};
 use crate::upstream::quick_ack::QuickAck;
 
@@ -116,9 +117,7 @@ pub enum SendError {
         request: Box<Request<ProxyBody>>,
     },
     /// The request was (at least partly) sent; it is gone.
-    Upstream(hyper::Error),
-    /// The same, on a connection of our own HTTP/1.1 client (`h1_client`).
-    Exchange(ExchangeError),
+    Upstream(UpstreamFailure),
 }
 
 /// A response and, on a shared HTTP/2 connection, the stream it holds
@@ -452,7 +451,7 @@ impl ConnPool {
                             request = again;
                             resent = true;
                         }
-                        _ => return Err(SendError::Upstream(err.into_error())),
+                        _ => return Err(SendError::Upstream(err.into_error().into())),
                     }
                 }
             }
@@ -503,7 +502,7 @@ impl ConnPool {
                     self.metrics.resent_connection_closed.inc();
                     resent = true;
                 }
-                Err(error) => return Err(SendError::Exchange(error)),
+                Err(error) => return Err(SendError::Upstream(error.into())),
             }
         }
     }
@@ -560,7 +559,7 @@ impl ConnPool {
                             request = again;
                             resent = true;
                         }
-                        _ => return Err(SendError::Upstream(err.into_error())),
+                        _ => return Err(SendError::Upstream(err.into_error().into())),
                     }
                 }
             }
@@ -722,7 +721,7 @@ impl ConnPool {
         sender
             .send_request(request)
             .await
-            .map_err(SendError::Upstream)
+            .map_err(|e| SendError::Upstream(e.into()))
     }
 
     /// Takes a connection that is ready for a request, dropping (and so
