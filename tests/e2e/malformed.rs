@@ -369,6 +369,43 @@ async fn an_idle_keep_alive_connection_outlives_the_head_timeout_but_not_the_idl
     }
 }
 
+/// The idle timeout is for the quiet between requests: a response that
+/// streams for longer (server-sent events, a watch) is not cut off by it.
+#[tokio::test]
+async fn a_response_streaming_longer_than_the_idle_timeout_is_not_cut_off() {
+    let mesh = Mesh::start(&["--client-idle-timeout", "800ms"]).await;
+    for (listener, addr) in mesh.listeners() {
+        let mut connection = RawConnection::open(addr).await;
+        // Eight pieces 300 ms apart: 2.1 s of streaming, never 800 ms quiet.
+        connection
+            .send(b"GET /drip?ms=300&pieces=8 HTTP/1.1\r\nHost: app\r\n\r\n")
+            .await;
+        // The whole chunked body, up to its last chunk.
+        let streamed = connection.read_until("\r\n0\r\n\r\n", PATIENCE).await;
+        assert!(
+            streamed.starts_with("HTTP/1.1 200 "),
+            "{listener}: {streamed}"
+        );
+        assert!(streamed.contains("piece 7\n"), "{listener}: {streamed}");
+        // The connection still serves the next request...
+        connection
+            .send(b"GET / HTTP/1.1\r\nHost: app\r\n\r\n")
+            .await;
+        connection.read_until("hello from app", PATIENCE).await;
+        // ...and is closed once it has really been idle for the timeout.
+        let idle_since = Instant::now();
+        assert!(
+            connection.read_to_close(PATIENCE).await.is_some(),
+            "{listener}: idle connection never closed"
+        );
+        assert!(
+            idle_since.elapsed() >= Duration::from_millis(600),
+            "{listener}: closed after only {:?} of idleness",
+            idle_since.elapsed()
+        );
+    }
+}
+
 #[tokio::test]
 async fn a_pipelined_smuggling_attempt_still_lets_the_earlier_request_finish() {
     let mesh = Mesh::start(&[]).await;

@@ -11,6 +11,7 @@
 //! | `/trailers` | a body and a trailer `x-checksum: 1234` |
 //! | `/slow?ms=N` | answers after N ms |
 //! | `/stall` | headers and `partial`, then nothing, ever |
+//! | `/drip?ms=N&pieces=K` | K body pieces `piece I\n`, N ms apart |
 //! | `/status?code=N` | that status |
 //! | `/flaky?percent=N` | 500 for a random N % of requests, else 200 |
 //! | `/api/...`, `/other/...` | `resource PATH` (REST-style paths with ids) |
@@ -358,6 +359,23 @@ async fn route(name: String, mut request: Request<Incoming>) -> Result<Response<
             Response::builder().body(BodyExt::boxed(StreamBody::new(
                 first.chain(futures_util::stream::pending()),
             )))
+        }
+        "/drip" => {
+            // `pieces` pieces of body, `ms` apart: a long-lived stream
+            // (server-sent events, a watch) that is never idle for long.
+            let pause = Duration::from_millis(query_number(&request, "ms"));
+            let pieces = query_number(&request, "pieces");
+            let drips = futures_util::stream::unfold(0, move |sent| async move {
+                if sent == pieces {
+                    return None;
+                }
+                if sent > 0 {
+                    tokio::time::sleep(pause).await;
+                }
+                let piece = Frame::data(Bytes::from(format!("piece {sent}\n")));
+                Some((Ok::<_, hyper::Error>(piece), sent + 1))
+            });
+            Response::builder().body(BodyExt::boxed(StreamBody::new(drips)))
         }
         "/slow" => {
             tokio::time::sleep(Duration::from_millis(query_number(&request, "ms"))).await;

@@ -24,9 +24,12 @@
 //! that sees a head before it is complete, so it enforces the size too.
 //!
 //! Because it sees a head arrive, the guard also times it: a head must be
-//! complete within the header read timeout of its first byte (slowloris),
-//! while an idle connection between requests is hyper's business (its head
-//! timer, set to the longer client idle timeout).
+//! complete within the header read timeout of its first byte (slowloris).
+//! It also ends a connection that has waited for its next request for the
+//! client idle timeout with none in flight ([`InFlightRequests`]: a
+//! response body still streaming counts), by ending hyper's input. That
+//! timer is lazy (armed once per connection, checked when it fires), so a
+//! request costs no timer registration.
 //!
 //! The guard also refuses, with `400` and `x-meshlet-reason: bad_request`,
 //! heads whose framing hyper would read differently from a strict
@@ -142,6 +145,10 @@ pub struct FramingGuard<T> {
     /// incomplete, so a head that arrives in one read costs no timer.
     head_timer: Option<Pin<Box<Sleep>>>,
     head_timer_armed: bool,
+    /// Wakes the connection to check its idleness; see [`Self::idle_expired`].
+    idle_timer: Option<Pin<Box<Sleep>>>,
+    /// When the connection was accepted (idle since then if no request came).
+    opened: Instant,
     in_flight: Arc<InFlightRequests>,
 }
 
@@ -169,6 +176,9 @@ pub struct GuardConfig {
     pub max_head: usize,
     /// Time from a head's first byte to its end (slowloris guard).
     pub head_timeout: Duration,
+    /// Time a connection may wait for its next request with none in flight
+    /// (none being answered, no response body being sent).
+    pub idle_timeout: Duration,
     pub ambiguous_framing: RefusalAnswer,
     pub head_too_large: RefusalAnswer,
     pub malformed_head: RefusalAnswer,
@@ -209,6 +219,8 @@ impl<T> FramingGuard<T> {
             refusal: None,
             head_timer: None,
             head_timer_armed: false,
+            idle_timer: None,
+            opened: Instant::now(),
             in_flight,
         }
     }
@@ -260,7 +272,19 @@ impl<T: AsyncRead + Unpin> AsyncRead for FramingGuard<T> {
             }
             this.make_room();
             let mut spare = ReadBuf::new(&mut this.buf[this.end..]);
-            ready!(Pin::new(&mut this.inner).poll_read(cx, &mut spare))?;
+            if Pin::new(&mut this.inner)
+                .poll_read(cx, &mut spare)?
+                .is_pending()
+            {
+                if this.idle_expired(cx) {
+                    // End of input for hyper, between requests: it closes
+                    // the connection as if the client had.
+                    tracing::debug!("client connection idle for the idle timeout, closing it");
+                    this.scanner.state = State::Cut;
+                    return Poll::Ready(Ok(()));
+                }
+                return Poll::Pending;
+            }
             let read = spare.filled().len();
             if read == 0 {
                 // End of input: hand over whatever is left (a truncated
@@ -302,6 +326,40 @@ impl<T> FramingGuard<T> {
         self.head_timer
             .as_mut()
             .is_some_and(|timer| timer.as_mut().poll(cx).is_ready())
+    }
+
+    /// True once no request has been in flight and no byte of a next one
+    /// has arrived for the idle timeout. Called only when the socket has
+    /// nothing to read.
+    ///
+    /// The timer is lazy: armed once, it is not moved when a request comes
+    /// and goes (that would be a timer registration and removal per
+    /// request); when it fires it checks whether the connection has really
+    /// been idle that long, and if not re-arms for when it would be (or for
+    /// one idle timeout later while a request is in flight). So a
+    /// connection's timer fires at most about once per idle timeout.
+    fn idle_expired(&mut self, cx: &mut Context<'_>) -> bool {
+        if self.scanner.state != State::Head || self.start < self.end {
+            return false; // a head or a body is arriving: not idle
+        }
+        let Some(timer) = &mut self.idle_timer else {
+            let deadline = Instant::now() + self.config.idle_timeout;
+            let mut timer = Box::pin(tokio::time::sleep_until(deadline));
+            // Registers the waker; a fresh deadline in the future is pending.
+            let _ = timer.as_mut().poll(cx);
+            self.idle_timer = Some(timer);
+            return false;
+        };
+        while timer.as_mut().poll(cx).is_ready() {
+            let now = Instant::now();
+            let deadline = match self.in_flight.idle_since(self.opened) {
+                Some(since) if since + self.config.idle_timeout <= now => return true,
+                Some(since) => since + self.config.idle_timeout,
+                None => now + self.config.idle_timeout,
+            };
+            timer.as_mut().reset(deadline);
+        }
+        false
     }
 
     /// Ensures free space after `end`: move pending bytes to the front, or
@@ -800,7 +858,71 @@ fn after_size_line(size: u64) -> Chunk {
 
 #[cfg(test)]
 mod tests {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
     use super::*;
+
+    fn guard_config(idle_timeout: Duration) -> Arc<GuardConfig> {
+        let answer = || RefusalAnswer {
+            response: Vec::new(),
+            count: IntCounter::new("refused", "test counter").unwrap(),
+        };
+        Arc::new(GuardConfig {
+            max_head: 1024,
+            head_timeout: Duration::from_secs(1),
+            idle_timeout,
+            ambiguous_framing: answer(),
+            head_too_large: answer(),
+            malformed_head: answer(),
+            bad_host: answer(),
+            uri_too_long: answer(),
+        })
+    }
+
+    /// The idle clock runs only while no request is in flight (a response
+    /// body may stream for longer than the idle timeout); then input ends
+    /// one idle timeout after the last request was answered.
+    #[tokio::test(start_paused = true)]
+    async fn the_idle_timeout_counts_only_time_without_a_request_in_flight() {
+        let (mut client, server) = tokio::io::duplex(1024);
+        let in_flight = Arc::new(InFlightRequests::default());
+        let idle = Duration::from_secs(10);
+        let mut guard = FramingGuard::new(server, guard_config(idle), Arc::clone(&in_flight));
+        let head = b"GET / HTTP/1.1\r\nHost: a\r\n\r\n";
+        client.write_all(head).await.unwrap();
+        let mut buf = [0u8; 256];
+        assert_eq!(guard.read(&mut buf).await.unwrap(), head.len());
+        let answered = in_flight.start();
+        // Two and a half idle timeouts with the request in flight: no end.
+        let streaming = tokio::time::timeout(idle * 5 / 2, guard.read(&mut buf)).await;
+        assert!(
+            streaming.is_err(),
+            "input ended while a request was in flight"
+        );
+        drop(answered);
+        let idle_from = Instant::now();
+        assert_eq!(guard.read(&mut buf).await.unwrap(), 0, "input ends");
+        assert_eq!(idle_from.elapsed(), idle);
+        // And stays ended, even if the client sends more.
+        client.write_all(head).await.unwrap();
+        assert_eq!(guard.read(&mut buf).await.unwrap(), 0);
+    }
+
+    /// A head that has started arriving is timed by the head timeout, not
+    /// the idle one.
+    #[tokio::test(start_paused = true)]
+    async fn an_incomplete_head_is_not_idle() {
+        let (mut client, server) = tokio::io::duplex(1024);
+        let in_flight = Arc::new(InFlightRequests::default());
+        let mut guard =
+            FramingGuard::new(server, guard_config(Duration::from_millis(100)), in_flight);
+        client.write_all(b"GET / HT").await.unwrap();
+        let mut buf = [0u8; 256];
+        let started = Instant::now();
+        let err = guard.read(&mut buf).await.unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::TimedOut);
+        assert_eq!(started.elapsed(), Duration::from_secs(1));
+    }
 
     /// Feeds `stream` to a scanner in pieces of `piece` bytes (as reads
     /// would deliver it) and returns the bytes cleared, or the refusal.

@@ -211,6 +211,7 @@ impl<H: Handler> Shared<H> {
         let guard = Arc::new(GuardConfig {
             max_head: limits.max_header_bytes,
             head_timeout: limits.header_read_timeout,
+            idle_timeout: limits.client_idle_timeout,
             ambiguous_framing: RefusalAnswer {
                 response: ProxyError::AmbiguousFraming.to_http1_bytes(),
                 count: metrics.bad_request.clone(),
@@ -660,11 +661,11 @@ impl Protocols {
     fn new(limits: &Limits) -> Self {
         let mut http1 = http1::Builder::new();
         http1
-            .timer(TokioTimer::new())
-            // hyper's head timer runs from the moment it waits for a head,
-            // so between requests too: it is our idle timeout. The guard
-            // times the head itself (from its first byte).
-            .header_read_timeout(limits.client_idle_timeout)
+            // The framing guard times both a head (from its first byte) and
+            // the idle time between requests. hyper's head timer would run
+            // from the moment it waits for a head, also while a response
+            // body is still streaming, and costs a timer per request.
+            .header_read_timeout(None)
             // hyper answers 431 when the request head exceeds its read buffer.
             .max_buf_size(limits.max_header_bytes.max(8192))
             .keep_alive(true);

@@ -124,19 +124,7 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
         // above are removed with it, except `TE`: named there, even a
         // `TE: trailers` goes). Collect first: the map can't be changed
         // while its Connection values are borrowed.
-        // The usual tokens (`keep-alive`, `upgrade`, ...) name a field of
-        // the list: matched as text, they cost no `HeaderName` parse.
-        let named: Vec<HeaderName> = headers
-            .get_all(header::CONNECTION)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .map(str::trim)
-            .filter(|t| !in_fixed_list(t))
-            .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
-            .filter(|name| *name == header::TE || !HOP_BY_HOP.contains(name))
-            .collect();
-        for name in named {
+        for name in named_by_connection(headers) {
             headers.remove(name);
         }
     }
@@ -211,13 +199,35 @@ fn hop_by_hop_at(name: &HeaderName) -> Option<usize> {
     }
 }
 
+/// The fields `Connection` names beyond [`HOP_BY_HOP`] (and `TE`, which
+/// must go when named even as `TE: trailers`). The usual values
+/// (`keep-alive`, `upgrade`) name none of their own: read as bytes, they
+/// cost no allocation and no `HeaderName` parse. A token that is not a valid
+/// field name names nothing.
+fn named_by_connection(headers: &HeaderMap) -> Vec<HeaderName> {
+    let mut named = Vec::new();
+    for value in headers.get_all(header::CONNECTION) {
+        for token in value.as_bytes().split(|&b| b == b',') {
+            let token = token.trim_ascii();
+            if token.is_empty() || in_fixed_list(token) {
+                continue;
+            }
+            if let Ok(name) = HeaderName::from_bytes(token) {
+                if name == header::TE || !HOP_BY_HOP.contains(&name) {
+                    named.push(name);
+                }
+            }
+        }
+    }
+    named
+}
+
 /// Whether a `Connection` token names a field of [`HOP_BY_HOP`] other than
-/// `TE` (removed with the list anyway; `TE` named by `Connection` must go
-/// even as `TE: trailers`).
-fn in_fixed_list(token: &str) -> bool {
+/// `TE` (removed with the list anyway).
+fn in_fixed_list(token: &[u8]) -> bool {
     HOP_BY_HOP
         .iter()
-        .any(|name| *name != header::TE && token.eq_ignore_ascii_case(name.as_str()))
+        .any(|name| *name != header::TE && token.eq_ignore_ascii_case(name.as_str().as_bytes()))
 }
 
 /// Replaces the identity headers with the verified caller's (`None`: a
@@ -312,6 +322,25 @@ mod tests {
         ]);
         strip_hop_by_hop(&mut h, false);
         assert_eq!(names(&h), ["host", "x-kept"]);
+    }
+
+    #[test]
+    fn every_connection_line_and_token_is_read_in_any_case() {
+        let mut h = map(&[
+            ("connection", " Keep-Alive ,, X-One"),
+            ("connection", "x-two,TE"),
+            ("x-one", "1"),
+            ("x-two", "2"),
+            ("te", "trailers"),
+            ("x-kept", "yes"),
+        ]);
+        strip_hop_by_hop(&mut h, false);
+        // TE named by Connection goes even as `TE: trailers`.
+        assert_eq!(names(&h), ["x-kept"]);
+
+        let mut h = map(&[("connection", "keep-alive"), ("te", "trailers")]);
+        strip_hop_by_hop(&mut h, false);
+        assert_eq!(names(&h), ["te"]);
     }
 
     #[test]
