@@ -169,6 +169,33 @@ async fn hop_by_hop_headers_are_removed_and_forwarded_headers_added() {
 }
 
 #[tokio::test]
+async fn hop_by_hop_headers_of_a_response_are_removed() {
+    let mesh = mesh().await;
+    // One hop (inbound) and two (outbound, then inbound), twice each: the
+    // second answer comes over a reused upstream connection.
+    for _ in 0..2 {
+        for reply in [
+            client::get(mesh.orders.inbound, "/hop-by-hop")
+                .await
+                .unwrap(),
+            client::send(mesh.frontend.outbound, get("http://orders/hop-by-hop"))
+                .await
+                .unwrap(),
+        ] {
+            assert_eq!(reply.status, 200);
+            for gone in ["x-private", "keep-alive"] {
+                assert!(
+                    reply.headers.get(gone).is_none(),
+                    "{gone} must not reach the client: {:?}",
+                    reply.headers
+                );
+            }
+            assert_eq!(reply.headers["x-end-to-end"], "kept");
+        }
+    }
+}
+
+#[tokio::test]
 async fn keep_alive_connections_are_reused_upstream() {
     let mesh = mesh().await;
     // 20 clients, each on its own connection, one after another: the

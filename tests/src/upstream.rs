@@ -5,6 +5,7 @@
 //! |---|---|
 //! | `/` | `hello from NAME`, header `x-upstream: NAME` |
 //! | `/headers` | the request's headers and version as JSON |
+//! | `/hop-by-hop` | a response with `Connection: keep-alive, x-private`, `x-private`, `keep-alive`, `x-end-to-end` |
 //! | `/echo` | the request body streamed back, request trailers too |
 //! | `/upload` | the number of body bytes received |
 //! | `/download?bytes=N` | N bytes, streamed in 64 KiB chunks |
@@ -306,6 +307,12 @@ async fn route(name: String, mut request: Request<Incoming>) -> Result<Response<
                 .body(full(json.to_string()))
         }
         "/echo" => Response::builder().body(request.into_body().boxed()),
+        "/hop-by-hop" => Response::builder()
+            .header("connection", "keep-alive, x-private")
+            .header("x-private", "secret")
+            .header("keep-alive", "timeout=5")
+            .header("x-end-to-end", "kept")
+            .body(full("hop-by-hop")),
         "/upload" => {
             let mut body = request.into_body();
             let mut total: u64 = 0;

@@ -363,7 +363,12 @@ struct FramingFields {
 }
 
 impl FramingFields {
-    fn see(&mut self, name: &HeaderName, value: &[u8]) {
+    /// Notes a field of the head; returns whether it goes into the
+    /// response's header map. A `Connection` field of only `close` and
+    /// `keep-alive` is about this connection alone: acted on here and not
+    /// kept (the proxy would remove it as hop-by-hop anyway; a field that
+    /// names others is kept, so the proxy removes those too).
+    fn see(&mut self, name: &HeaderName, value: &[u8]) -> bool {
         if *name == header::CONTENT_LENGTH {
             self.content_length = Some(match self.content_length {
                 None => content_length(value, None),
@@ -375,12 +380,18 @@ impl FramingFields {
             let last = value.rsplit(|&b| b == b',').next().unwrap_or_default();
             self.transfer_encoding = Some(last.trim_ascii().eq_ignore_ascii_case(b"chunked"));
         } else if *name == header::CONNECTION {
+            let mut names_others = false;
             for token in value.split(|&b| b == b',') {
                 let token = token.trim_ascii();
-                self.connection_close |= token.eq_ignore_ascii_case(b"close");
-                self.connection_keep_alive |= token.eq_ignore_ascii_case(b"keep-alive");
+                let close = token.eq_ignore_ascii_case(b"close");
+                let keep_alive = token.eq_ignore_ascii_case(b"keep-alive");
+                self.connection_close |= close;
+                self.connection_keep_alive |= keep_alive;
+                names_others |= !(close || keep_alive || token.is_empty());
             }
+            return names_others;
         }
+        true
     }
 
     /// Whether the connection may carry another request after this response
@@ -432,7 +443,9 @@ fn parse_head(
         for field in response.headers.iter() {
             let name = HeaderName::from_bytes(field.name.as_bytes())
                 .map_err(|_| ExchangeError::InvalidHead("invalid header name"))?;
-            framing.see(&name, field.value);
+            if !framing.see(&name, field.value) {
+                continue;
+            }
             let start = field.value.as_ptr() as usize - base;
             spans.push((name, start, start + field.value.len()));
         }
@@ -1295,7 +1308,14 @@ mod tests {
         assert!(fields(&[]).keep_alive(Version::HTTP_11));
         assert!(!fields(&[]).keep_alive(Version::HTTP_10));
         assert!(fields(&[(conn.clone(), "Keep-Alive")]).keep_alive(Version::HTTP_10));
-        let closing = fields(&[(conn.clone(), "close"), (conn, "keep-alive")]);
+        let closing = fields(&[(conn.clone(), "close"), (conn.clone(), "keep-alive")]);
         assert!(!closing.keep_alive(Version::HTTP_11), "close wins");
+
+        // Connection options alone are consumed; a field naming another
+        // field stays in the map for the proxy's hop-by-hop removal.
+        let mut fields = FramingFields::default();
+        assert!(!fields.see(&conn, b" Keep-Alive ,close"));
+        assert!(fields.see(&conn, b"keep-alive, x-private"));
+        assert!(fields.see(&header::CONTENT_TYPE, b"text/plain"));
     }
 }
