@@ -7,6 +7,7 @@
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
+use meshlet_e2e::client::RawConnection;
 use meshlet_e2e::process::free_port;
 use meshlet_e2e::{client, wait, ControlPlaneProcess, SidecarProcess, TempDir, Upstream};
 use nix::sys::signal::Signal;
@@ -102,6 +103,48 @@ async fn sigterm_lets_the_slow_request_finish_refuses_new_connections_and_exits_
     let status = sidecar.wait_exit(Duration::from_secs(10)).await;
     assert_eq!(status.code(), Some(0), "{}", sidecar.log_text());
     assert_eq!(app.requests(), 1);
+}
+
+/// An idle keep-alive connection is closed at SIGTERM, not kept open
+/// until the drain deadline: the sidecar exits as soon as it is.
+#[tokio::test]
+async fn sigterm_closes_idle_keep_alive_connections_at_once() {
+    let app = Upstream::start("app").await;
+    let mut sidecar = SidecarProcess::builder("app", app.port())
+        .arg("--drain-timeout")
+        .arg("20s")
+        .start()
+        .await;
+    let mut idle = Vec::new();
+    for _ in 0..2 {
+        let mut connection = RawConnection::open(sidecar.inbound).await;
+        connection
+            .send(b"GET / HTTP/1.1\r\nHost: app\r\n\r\n")
+            .await;
+        connection
+            .read_until("hello from app", Duration::from_secs(5))
+            .await;
+        idle.push(connection);
+    }
+
+    let signalled = Instant::now();
+    sidecar.signal(Signal::SIGTERM);
+    for connection in &mut idle {
+        assert!(
+            connection
+                .read_to_close(Duration::from_secs(5))
+                .await
+                .is_some(),
+            "an idle keep-alive connection was still open 5 s after SIGTERM"
+        );
+    }
+    let status = sidecar.wait_exit(Duration::from_secs(5)).await;
+    assert_eq!(status.code(), Some(0), "{}", sidecar.log_text());
+    assert!(
+        signalled.elapsed() < Duration::from_secs(5),
+        "exited {:?} after SIGTERM",
+        signalled.elapsed()
+    );
 }
 
 #[tokio::test]

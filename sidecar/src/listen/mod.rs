@@ -21,6 +21,8 @@
 //!   HTTP/2 client sends (rapid reset, CONTINUATION, SETTINGS/PING floods)
 //!   and has the connection closed with GOAWAY when it breaks a limit.
 //! - `sniff` — protocol detection by peeking.
+//! - `stop` — a connection's view of the shutdown signal, polled only
+//!   when it has changed.
 //! - `original_dst` — `SO_ORIGINAL_DST` of a redirected connection.
 //! - `transparent` — what a transparent listener does with opaque TCP, and
 //!   which addresses are this sidecar's own (`loops_back`).
@@ -41,6 +43,7 @@ pub(crate) mod h2_guard;
 pub(crate) mod original_dst;
 pub(crate) mod server;
 pub(crate) mod sniff;
+pub(crate) mod stop;
 pub(crate) mod terminate;
 pub(crate) mod transparent;
 pub(crate) mod tunnel;

@@ -33,6 +33,7 @@ use std::net::SocketAddr;
 use std::pin::{pin, Pin};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::Duration;
 
 use http::{HeaderValue, Request, Response};
@@ -52,6 +53,7 @@ use crate::listen::framing::{FramingGuard, GuardConfig, InFlightRequests, Refusa
 use crate::listen::h2_guard::{self, CloseReason, FrameLimits, H2Guard, Tripped};
 use crate::listen::original_dst::original_destination;
 use crate::listen::sniff::{self, Listener, Protocol};
+use crate::listen::stop::StopWatch;
 use crate::listen::terminate::Terminator;
 use crate::listen::transparent::Interception;
 use crate::listen::tunnel;
@@ -562,9 +564,17 @@ where
     C: Future<Output = Result<(), E>>,
 {
     let mut connection = pin!(connection);
-    tokio::select! {
-        result = connection.as_mut() => return result,
-        _ = wait_for_stop(stop) => graceful(connection.as_mut()),
+    let mut stop = StopWatch::new(stop);
+    let ended = std::future::poll_fn(|cx| {
+        if let Poll::Ready(result) = connection.as_mut().poll(cx) {
+            return Poll::Ready(Some(result));
+        }
+        stop.poll_stopped(cx).map(|()| None)
+    })
+    .await;
+    match ended {
+        Some(result) => return result,
+        None => graceful(connection.as_mut()),
     }
     connection.await
 }
