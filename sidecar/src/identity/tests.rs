@@ -123,6 +123,7 @@ fn refusal(pool: &ConnPool, sent: Result<Response<StreamedBody>, SendError>) -> 
     match sent {
         Err(SendError::Connect { source, .. }) => ProxyError::connect_failed(pool.addr(), source),
         Err(SendError::Upstream(error)) => panic!("sent, then failed: {error}"),
+        Err(SendError::TimedOut) => panic!("timed out"),
         Ok(response) => panic!("answered {}", response.status()),
     }
 }

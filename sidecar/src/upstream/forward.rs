@@ -36,7 +36,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use http::{Request, Response};
-use tokio::time::error::Elapsed;
 use tokio::time::Instant;
 
 use crate::body::{ProxyBody, StreamedBody};
@@ -185,10 +184,10 @@ impl Send<'_> {
             // Phase 3: send, within the try's deadline.
             let in_flight = endpoint.start_request();
             let awaiting = busy_poll::awaiting_response();
-            let sent = match deadline {
-                Some((at, _)) => tokio::time::timeout_at(at, endpoint.pool.dispatch(request)).await,
-                None => Ok(endpoint.pool.dispatch(request).await),
-            };
+            let sent = endpoint
+                .pool
+                .dispatch(request, deadline.map(|(at, _)| at))
+                .await;
             drop(awaiting);
             match self.record(sent, endpoint, permit, deadline) {
                 Sent::Answered(response, stream) => {
@@ -275,7 +274,7 @@ impl Send<'_> {
     /// target's counters, and what it means for the request.
     fn record(
         &self,
-        sent: Result<Result<Answer, SendError>, Elapsed>,
+        sent: Result<Answer, SendError>,
         endpoint: &Endpoint,
         permit: Option<BreakerPermit>,
         deadline: Option<(Instant, Duration)>,
@@ -287,11 +286,11 @@ impl Send<'_> {
             }
         };
         match sent {
-            Ok(Ok((response, stream))) => {
+            Ok((response, stream)) => {
                 record(Outcome::Status(response.status()));
                 Sent::Answered(response, stream)
             }
-            Ok(Err(SendError::Connect { source, .. }))
+            Err(SendError::Connect { source, .. })
                 if matches!(
                     TlsFailure::of(&source),
                     Some(TlsFailure::CertificateExpired { .. })
@@ -301,10 +300,10 @@ impl Send<'_> {
                 // would do better, and the pool already said so in the log.
                 Sent::Failed(ProxyError::connect_failed(endpoint.addr, source))
             }
-            Ok(Err(SendError::Connect {
+            Err(SendError::Connect {
                 source,
                 request: unsent,
-            })) => {
+            }) => {
                 record(Outcome::ConnectFailure);
                 target.metrics.connect_errors.inc();
                 tracing::warn!(target = %target.name, endpoint = %endpoint.addr, error = %source,
@@ -318,19 +317,19 @@ impl Send<'_> {
             // The client's own request body failed while it was sent (bad
             // chunked framing, a stall): the client's fault, a 400, and no
             // mark against an upstream that did nothing wrong.
-            Ok(Err(SendError::Upstream(source))) if source.is_request_body_failure() => {
+            Err(SendError::Upstream(source)) if source.is_request_body_failure() => {
                 Sent::Failed(ProxyError::RequestBodyFailed {
                     detail: source.to_string(),
                 })
             }
-            Ok(Err(SendError::Upstream(source))) => {
+            Err(SendError::Upstream(source)) => {
                 record(Outcome::Reset);
                 Sent::Failed(ProxyError::Upstream {
                     addr: endpoint.addr,
                     source,
                 })
             }
-            Err(_elapsed) => {
+            Err(SendError::TimedOut) => {
                 record(Outcome::Timeout);
                 target.metrics.timeouts.inc();
                 let timeout = deadline.map_or(Duration::ZERO, |(_, t)| t);

@@ -36,10 +36,15 @@
 //! the client saw a broken message). Limits are hyper's: 100 header
 //! fields, ~408 KiB of head, 16 KiB of trailers and of chunk extensions.
 //!
+//! The deadline for the response head (the upstream or `TimeoutPolicy`
+//! timeout, from `forward`) is kept by one lazily re-armed timer per
+//! connection ([`Conn::poll_deadline`]), not a timer per request.
+//!
 //! A connection that fails, is closed by the upstream, says
 //! `Connection: close`, is read to its close, has bytes beyond the
 //! response, or whose body is dropped before its end is dropped (closed).
 
+use std::future::Future;
 use std::io;
 use std::mem::MaybeUninit;
 use std::pin::Pin;
@@ -51,7 +56,8 @@ use bytes::{Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Version};
 use http_body::{Body, Frame, SizeHint};
-use tokio::io::AsyncWriteExt;
+use tokio::io::AsyncWrite;
+use tokio::time::Sleep;
 
 use crate::upstream::quick_ack::QuickAck;
 
@@ -90,6 +96,10 @@ pub struct Conn {
     fields: Vec<(HeaderName, usize, usize)>,
     /// When it last finished a response (for the idle timeout).
     pub last_used: Instant,
+    /// Wakes an exchange whose response-head deadline may have passed;
+    /// see [`Conn::poll_deadline`]. Created by the first exchange with a
+    /// deadline, kept for the connection's life.
+    deadline_timer: Option<Pin<Box<Sleep>>>,
 }
 
 /// A reused request head buffer larger than this is given back.
@@ -106,6 +116,7 @@ impl Conn {
             head: Vec::new(),
             fields: Vec::new(),
             last_used: Instant::now(),
+            deadline_timer: None,
         })
     }
 
@@ -145,8 +156,76 @@ impl Conn {
         Poll::Ready(Ok(n))
     }
 
-    async fn fill(&mut self) -> io::Result<usize> {
-        std::future::poll_fn(|cx| self.poll_fill(cx)).await
+    /// `Ready` once `deadline` has passed, else `Pending` with `cx` to be
+    /// woken then (or a little earlier).
+    ///
+    /// The timer is lazy: one per connection, armed at the first deadline
+    /// and moved only to an earlier one. When it fires before this
+    /// exchange's deadline (it was armed for an earlier request) it is
+    /// re-armed for it. Requests on a kept-alive connection thus cost no
+    /// timer registration and removal each (tokio's `timeout` did), only a
+    /// poll of the armed timer while waiting.
+    fn poll_deadline(&mut self, cx: &mut Context<'_>, deadline: tokio::time::Instant) -> Poll<()> {
+        let timer = self
+            .deadline_timer
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+        if timer.deadline() > deadline {
+            timer.as_mut().reset(deadline);
+        }
+        while timer.as_mut().poll(cx).is_ready() {
+            if tokio::time::Instant::now() >= deadline {
+                return Poll::Ready(());
+            }
+            timer.as_mut().reset(deadline);
+        }
+        Poll::Pending
+    }
+
+    /// Writes the request head, unless `deadline` passes first.
+    fn poll_write_head(
+        &mut self,
+        cx: &mut Context<'_>,
+        written: &mut usize,
+        deadline: Option<tokio::time::Instant>,
+    ) -> Poll<Result<(), ExchangeError>> {
+        while *written < self.head.len() {
+            match Pin::new(&mut self.io).poll_write(cx, &self.head[*written..]) {
+                Poll::Ready(Ok(0)) => {
+                    return Poll::Ready(Err(ExchangeError::Write(io::ErrorKind::WriteZero.into())))
+                }
+                Poll::Ready(Ok(n)) => *written += n,
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(ExchangeError::Write(e))),
+                Poll::Pending => return self.poll_timed_out(cx, deadline),
+            }
+        }
+        Poll::Ready(Ok(()))
+    }
+
+    /// Reads more into the buffer (`Ok(0)` at EOF), unless `deadline`
+    /// passes first (`Err(None)`).
+    fn poll_fill_within(
+        &mut self,
+        cx: &mut Context<'_>,
+        deadline: Option<tokio::time::Instant>,
+    ) -> Poll<Result<usize, Option<io::Error>>> {
+        match self.poll_fill(cx) {
+            Poll::Ready(read) => Poll::Ready(read.map_err(Some)),
+            Poll::Pending => self.poll_timed_out(cx, deadline).map(|_| Err(None)),
+        }
+    }
+
+    /// `Pending` without a deadline; with one, whether it has passed.
+    fn poll_timed_out(
+        &mut self,
+        cx: &mut Context<'_>,
+        deadline: Option<tokio::time::Instant>,
+    ) -> Poll<Result<(), ExchangeError>> {
+        match deadline {
+            Some(at) => self
+                .poll_deadline(cx, at)
+                .map(|()| Err(ExchangeError::TimedOut)),
+            None => Poll::Pending,
+        }
     }
 }
 
@@ -228,6 +307,10 @@ pub enum ExchangeError {
     Malformed(#[from] httparse::Error),
     #[error("invalid response head: {0}")]
     InvalidHead(&'static str),
+    /// The deadline for the response head passed (the request may have
+    /// been processed: never sent again).
+    #[error("no response head before the deadline")]
+    TimedOut,
 }
 
 impl ExchangeError {
@@ -289,12 +372,11 @@ pub async fn exchange<B>(
     mut conn: Box<Conn>,
     request: &Request<B>,
     idle: &Arc<IdleConns>,
+    deadline: Option<tokio::time::Instant>,
 ) -> Result<Response<ResponseBody>, ExchangeError> {
     encode_head(request, &mut conn.head);
-    conn.io
-        .write_all(&conn.head)
-        .await
-        .map_err(ExchangeError::Write)?;
+    let mut written = 0;
+    std::future::poll_fn(|cx| conn.poll_write_head(cx, &mut written, deadline)).await?;
     if conn.head.capacity() > KEEP_HEAD_BUFFER {
         conn.head = Vec::new();
     }
@@ -309,12 +391,13 @@ pub async fn exchange<B>(
                 return Err(ExchangeError::HeadTooLarge);
             }
         }
-        match conn.fill().await {
+        match std::future::poll_fn(|cx| conn.poll_fill_within(cx, deadline)).await {
             Ok(0) if got_bytes => return Err(ExchangeError::IncompleteHead),
             Ok(0) => return Err(ExchangeError::ClosedBeforeResponse),
             Ok(_) => {}
-            Err(e) if got_bytes => return Err(ExchangeError::Read(e)),
-            Err(e) => return Err(ExchangeError::ResetBeforeResponse(e)),
+            Err(None) => return Err(ExchangeError::TimedOut),
+            Err(Some(e)) if got_bytes => return Err(ExchangeError::Read(e)),
+            Err(Some(e)) => return Err(ExchangeError::ResetBeforeResponse(e)),
         }
     }
 }
@@ -864,8 +947,7 @@ mod tests {
     use crate::body::ProxyBody;
     use crate::settings::Limits;
     use crate::testing::get;
-    use crate::upstream::pool::ConnPool;
-    use crate::upstream::pool::SendError;
+    use crate::upstream::pool::{Answer, ConnPool, SendError};
 
     /// What the scripted upstream does with one request.
     #[derive(Clone)]
@@ -877,6 +959,8 @@ mod tests {
         ReplyAndClose(Vec<&'static [u8]>),
         /// Closes without answering.
         Close,
+        /// Waits this long (a slow upstream), then replies as `Reply`.
+        After(Duration, Vec<&'static [u8]>),
     }
 
     /// An upstream that answers the n-th request it reads (over all its
@@ -905,6 +989,10 @@ mod tests {
                         let step = steps.get(next.fetch_add(1, Ordering::SeqCst)).cloned();
                         let (pieces, close) = match step {
                             Some(Step::Reply(pieces)) => (pieces, false),
+                            Some(Step::After(pause, pieces)) => {
+                                tokio::time::sleep(pause).await;
+                                (pieces, false)
+                            }
                             Some(Step::ReplyAndClose(pieces)) => (pieces, true),
                             Some(Step::Close) | None => return,
                         };
@@ -957,6 +1045,57 @@ mod tests {
             Err(other) => panic!("other failure: {other:?}"),
             Ok(response) => panic!("answered {}", response.status()),
         }
+    }
+
+    /// The response-head deadline, kept with one lazy timer per connection:
+    /// a timer armed for an earlier request that fires while a later one
+    /// waits is re-armed for it, a shorter deadline moves it earlier, and a
+    /// passed deadline fails the exchange (the connection is dropped).
+    #[tokio::test]
+    async fn the_response_head_deadline_holds_with_one_timer_per_connection() {
+        let ok = &b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok"[..];
+        let (addr, connections) = scripted(vec![
+            Step::Reply(vec![ok]),
+            Step::After(Duration::from_millis(600), vec![ok]),
+            Step::After(Duration::from_secs(3), vec![ok]),
+        ])
+        .await;
+        let pool = pool(addr);
+        let within = |ms| Some(tokio::time::Instant::now() + Duration::from_millis(ms));
+        let body = |sent: Result<Answer, SendError>| async move {
+            let (response, _) = sent.expect("answered");
+            let body = response.into_body().collect().await.expect("whole body");
+            String::from_utf8(body.to_bytes().to_vec()).unwrap()
+        };
+        // Arms the connection's timer 300 ms from now.
+        assert_eq!(body(pool.dispatch(get("/"), within(300)).await).await, "ok");
+        // It fires while this one (1.5 s allowed) waits 600 ms for its answer.
+        let started = Instant::now();
+        assert_eq!(
+            body(pool.dispatch(get("/"), within(1500)).await).await,
+            "ok"
+        );
+        assert!(started.elapsed() >= Duration::from_millis(550));
+        // 200 ms allowed, the answer takes 3 s: the timer moves earlier.
+        let started = Instant::now();
+        match pool.dispatch(get("/"), within(200)).await {
+            Err(SendError::TimedOut) => {}
+            Err(other) => panic!("failed otherwise: {other:?}"),
+            Ok((response, _)) => panic!("answered {}", response.status()),
+        }
+        let waited = started.elapsed();
+        assert!(
+            // The timer left at the second request's deadline would fire
+            // ~900 ms after this one started.
+            waited >= Duration::from_millis(190) && waited < Duration::from_millis(700),
+            "timed out after {waited:?}"
+        );
+        assert_eq!(connections.load(Ordering::SeqCst), 1);
+        assert_eq!(
+            pool.pooled_connections(),
+            0,
+            "a timed-out connection is dropped"
+        );
     }
 
     #[tokio::test]

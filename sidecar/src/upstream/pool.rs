@@ -118,6 +118,9 @@ pub enum SendError {
     },
     /// The request was (at least partly) sent; it is gone.
     Upstream(UpstreamFailure),
+    /// No response head before the deadline (the request may have been
+    /// sent; it is gone).
+    TimedOut,
 }
 
 /// A response and, on a shared HTTP/2 connection, the stream it holds
@@ -357,7 +360,9 @@ impl ConnPool {
         self: &Arc<Self>,
         request: Request<ProxyBody>,
     ) -> Result<Response<StreamedBody>, SendError> {
-        self.dispatch(request).await.map(|(response, _)| response)
+        self.dispatch(request, None)
+            .await
+            .map(|(response, _)| response)
     }
 
     /// Sends `request` to this endpoint: over the mesh's mTLS hop when it
@@ -374,11 +379,15 @@ impl ConnPool {
     pub async fn dispatch(
         self: &Arc<Self>,
         mut request: Request<ProxyBody>,
+        deadline: Option<tokio::time::Instant>,
     ) -> Result<Answer, SendError> {
         match &self.remote {
             Remote::Mesh { local, identity } => match local.hop(Some(identity)) {
                 Hop::Mtls(identity) => {
-                    return Box::pin(self.send_mtls(request, local, &identity)).await
+                    let sent = Box::pin(self.send_mtls(request, local, &identity));
+                    return within(deadline, sent)
+                        .await
+                        .unwrap_or(Err(SendError::TimedOut));
                 }
                 Hop::Expired(at) => {
                     return Err(SendError::Connect {
@@ -392,11 +401,18 @@ impl ConnPool {
             Remote::Plain => {}
         }
         if request.version() == Version::HTTP_2 {
-            Box::pin(self.send_h2(request, H2Kind::Plain)).await
+            let sent = Box::pin(self.send_h2(request, H2Kind::Plain));
+            within(deadline, sent)
+                .await
+                .unwrap_or(Err(SendError::TimedOut))
         } else if h1_client::eligible(&request) {
-            self.exchange_h1(request).await
+            // Times itself, with a timer of the connection's.
+            self.exchange_h1(request, deadline).await
         } else {
-            Box::pin(self.send_h1(request)).await
+            let sent = Box::pin(self.send_h1(request));
+            within(deadline, sent)
+                .await
+                .unwrap_or(Err(SendError::TimedOut))
         }
     }
 
@@ -467,6 +483,7 @@ impl ConnPool {
     async fn exchange_h1(
         self: &Arc<Self>,
         request: Request<ProxyBody>,
+        deadline: Option<tokio::time::Instant>,
     ) -> Result<Answer, SendError> {
         let mut resent = false;
         loop {
@@ -477,21 +494,23 @@ impl ConnPool {
             };
             let (conn, reused) = match pooled {
                 Some(conn) => (conn, true),
-                None => match Box::pin(self.connect_tcp()).await {
-                    Ok(stream) => {
+                None => match within(deadline, Box::pin(self.connect_tcp())).await {
+                    Some(Ok(stream)) => {
                         self.metrics.opened_http1.inc();
                         (h1_client::Conn::new(QuickAck::new(stream)), false)
                     }
-                    Err(source) => {
+                    Some(Err(source)) => {
                         return Err(SendError::Connect {
                             source,
                             request: Box::new(request),
                         })
                     }
+                    None => return Err(SendError::TimedOut),
                 },
             };
-            match h1_client::exchange(conn, &request, &self.direct).await {
+            match h1_client::exchange(conn, &request, &self.direct, deadline).await {
                 Ok(response) => return Ok((response.map(StreamedBody::from), None)),
+                Err(h1_client::ExchangeError::TimedOut) => return Err(SendError::TimedOut),
                 Err(error)
                     if reused
                         && error.unanswered()
@@ -902,6 +921,14 @@ fn h2_refusal(error: &hyper::Error, handed_back: bool) -> Option<Refusal> {
 
 /// Whether an HTTP/1.1 exchange failed because the connection closed
 /// before the response: end of stream while waiting for it, or the
+/// `future`'s output, or `None` if `deadline` passes first.
+async fn within<F: Future>(deadline: Option<tokio::time::Instant>, future: F) -> Option<F::Output> {
+    match deadline {
+        Some(at) => tokio::time::timeout_at(at, future).await.ok(),
+        None => Some(future.await),
+    }
+}
+
 /// connection reset or broken.
 fn closed_before_response(error: &hyper::Error) -> bool {
     if error.is_incomplete_message() {
