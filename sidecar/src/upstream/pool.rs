@@ -369,7 +369,10 @@ impl ConnPool {
     /// applies, else over HTTP/2 if the request is HTTP/2 (after the app's
     /// protocol is applied), otherwise HTTP/1.1. On a shared HTTP/2
     /// connection the answer holds the request's stream, which the
-    /// response body must keep until its end.
+    /// response body must keep until its end. With a `deadline`, the
+    /// response head must come before it, connecting included
+    /// ([`SendError::TimedOut`]); `exchange_h1` keeps it with its
+    /// connection's lazy timer, the other exchanges under `timeout_at`.
     ///
     /// Only the exchange of a request without a body (`exchange_h1`, the
     /// common case) is part of this future; hyper's HTTP/1.1 exchange (a
