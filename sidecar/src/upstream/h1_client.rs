@@ -1058,6 +1058,8 @@ mod tests {
             Step::Reply(vec![ok]),
             Step::After(Duration::from_millis(600), vec![ok]),
             Step::After(Duration::from_secs(3), vec![ok]),
+            // Part of a head, then nothing.
+            Step::Reply(vec![b"HTTP/1.1 200 OK\r\ncontent-le"]),
         ])
         .await;
         let pool = pool(addr);
@@ -1096,6 +1098,14 @@ mod tests {
             0,
             "a timed-out connection is dropped"
         );
+        // A head that stops halfway is timed out too (new connection).
+        let started = Instant::now();
+        assert!(matches!(
+            pool.dispatch(get("/"), within(200)).await,
+            Err(SendError::TimedOut)
+        ));
+        assert!(started.elapsed() < Duration::from_millis(700));
+        assert_eq!(connections.load(Ordering::SeqCst), 2);
     }
 
     #[tokio::test]
