@@ -7,6 +7,9 @@
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
+use http_body_util::{BodyExt, Empty};
+use hyper_util::rt::{TokioExecutor, TokioIo};
 use meshlet_e2e::client::RawConnection;
 use meshlet_e2e::process::free_port;
 use meshlet_e2e::{client, wait, ControlPlaneProcess, SidecarProcess, TempDir, Upstream};
@@ -126,6 +129,19 @@ async fn sigterm_closes_idle_keep_alive_connections_at_once() {
             .await;
         idle.push(connection);
     }
+    // And an h2c one (prior knowledge), answered once and kept.
+    let stream = TcpStream::connect(sidecar.inbound).await.unwrap();
+    let (mut sender, h2_connection) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+            .await
+            .unwrap();
+    let h2_closed = tokio::spawn(h2_connection);
+    let request = http::Request::get("http://app/")
+        .body(Empty::<Bytes>::new())
+        .unwrap();
+    let response = sender.send_request(request).await.unwrap();
+    assert_eq!(response.status(), 200);
+    response.into_body().collect().await.unwrap();
 
     let signalled = Instant::now();
     sidecar.signal(Signal::SIGTERM);
@@ -138,6 +154,11 @@ async fn sigterm_closes_idle_keep_alive_connections_at_once() {
             "an idle keep-alive connection was still open 5 s after SIGTERM"
         );
     }
+    tokio::time::timeout(Duration::from_secs(5), h2_closed)
+        .await
+        .expect("the idle h2c connection was still open 5 s after SIGTERM")
+        .unwrap()
+        .ok();
     let status = sidecar.wait_exit(Duration::from_secs(5)).await;
     assert_eq!(status.code(), Some(0), "{}", sidecar.log_text());
     assert!(

@@ -601,9 +601,10 @@ where
 {
     let mut connection = pin!(connection);
     let opened = tokio::time::Instant::now();
+    let mut stop = StopWatch::new(stop);
     let (reason, grace) = tokio::select! {
         result = connection.as_mut() => return ended(result, tripped),
-        _ = wait_for_stop(stop) => {
+        () = std::future::poll_fn(|cx| stop.poll_stopped(cx)) => {
             connection.as_mut().shutdown_gracefully();
             return ended(connection.await, tripped);
         }

@@ -9,7 +9,7 @@
 //! waker has fired — the channel changed, or it was never polled — does the
 //! next poll look at the channel; every other poll is an atomic swap.
 //!
-//! Flow: `server::drive` polls the hyper connection, then
+//! Flow: `server::drive` (and `drive_h2`) poll the hyper connection, then
 //! [`StopWatch::poll_stopped`]; the channel's waker sets `woken` and wakes
 //! the connection's task through the [`AtomicWaker`] registered there.
 
