@@ -356,17 +356,27 @@ async fn an_idle_keep_alive_connection_outlives_the_head_timeout_but_not_the_idl
             .await;
         connection.read_until("hello from app", PATIENCE).await;
         // Then quiet for good: closed once the idle timeout has passed.
-        let idle_since = Instant::now();
-        assert!(
-            connection.read_to_close(PATIENCE).await.is_some(),
-            "{listener}: idle connection never closed"
-        );
-        let idle = idle_since.elapsed();
-        assert!(
-            idle >= Duration::from_millis(1200),
-            "{listener}: closed after only {idle:?} of idleness"
-        );
+        assert_closed_when_idle(&mut connection, listener, Duration::from_millis(1200)).await;
     }
+}
+
+/// Waits for the sidecar to close `connection`, quiet from now on, and
+/// asserts it was not before `at_least` of idleness.
+async fn assert_closed_when_idle(
+    connection: &mut RawConnection,
+    listener: &str,
+    at_least: Duration,
+) {
+    let idle_since = Instant::now();
+    assert!(
+        connection.read_to_close(PATIENCE).await.is_some(),
+        "{listener}: idle connection never closed"
+    );
+    let idle = idle_since.elapsed();
+    assert!(
+        idle >= at_least,
+        "{listener}: closed after only {idle:?} of idleness"
+    );
 }
 
 /// The idle timeout is for the quiet between requests: a response that
@@ -393,16 +403,7 @@ async fn a_response_streaming_longer_than_the_idle_timeout_is_not_cut_off() {
             .await;
         connection.read_until("hello from app", PATIENCE).await;
         // ...and is closed once it has really been idle for the timeout.
-        let idle_since = Instant::now();
-        assert!(
-            connection.read_to_close(PATIENCE).await.is_some(),
-            "{listener}: idle connection never closed"
-        );
-        assert!(
-            idle_since.elapsed() >= Duration::from_millis(600),
-            "{listener}: closed after only {:?} of idleness",
-            idle_since.elapsed()
-        );
+        assert_closed_when_idle(&mut connection, listener, Duration::from_millis(600)).await;
     }
 }
 
