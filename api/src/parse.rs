@@ -227,12 +227,12 @@ fn strip_position(e: &serde_yaml::Error) -> String {
 fn document_start_lines(text: &str) -> Vec<usize> {
     let mut starts = Vec::new();
     let mut pending = Some(1);
-    for (idx, line) in text.lines().enumerate() {
+    for (idx, line) in yaml_lines(text).enumerate() {
         let trimmed = line.trim_end();
         if trimmed == "---" || trimmed.starts_with("--- ") {
             if let Some(start) = pending.take() {
                 // A leading `---` before any content does not end a document.
-                if text.lines().take(idx).any(|l| !is_blank_or_comment(l)) {
+                if yaml_lines(text).take(idx).any(|l| !is_blank_or_comment(l)) {
                     starts.push(start);
                 }
             }
@@ -243,6 +243,30 @@ fn document_start_lines(text: &str) -> Vec<usize> {
         starts.push(start);
     }
     starts
+}
+
+/// The lines of `text` as YAML (and serde_yaml's line numbers) count them:
+/// a line ends at `\r\n`, `\n` or a lone `\r`.
+fn yaml_lines(text: &str) -> impl Iterator<Item = &str> {
+    let mut rest = Some(text);
+    std::iter::from_fn(move || {
+        let current = rest?;
+        match current.find(['\r', '\n']) {
+            Some(end) => {
+                let after = if current[end..].starts_with("\r\n") {
+                    end + 2
+                } else {
+                    end + 1
+                };
+                rest = (after < current.len()).then(|| &current[after..]);
+                Some(&current[..end])
+            }
+            None => {
+                rest = None;
+                (!current.is_empty()).then_some(current)
+            }
+        }
+    })
 }
 
 fn is_blank_or_comment(line: &str) -> bool {
@@ -318,6 +342,24 @@ spec: {}
             "f.yaml: document 2, line 10: field `metadata.name`: \"Inventory_1\" is not a valid name: \
              use 1-63 lower-case letters, digits or '-', starting and ending with a letter or digit",
         );
+    }
+
+    #[test]
+    fn documents_separated_after_bare_carriage_returns_are_located() {
+        // YAML ends a line at a lone CR as well; the document that starts
+        // after `\r---\n` is still found, and its line counted the same way
+        // (found by the property test below: it had no line at all).
+        let text = "apiVersion: meshlet.dev/v1alpha1\nkind: Service\nmetadata: {name: a}\nspec: {endpoints: []}\n\r---\r\napiVersion: v9\rkind: Service\nmetadata: {name: b}\nspec: {endpoints: []}\n";
+        check_err(
+            text,
+            "f.yaml: document 2, line 7: field `apiVersion`: unsupported apiVersion \"v9\"; expected \"meshlet.dev/v1alpha1\"",
+        );
+        assert_eq!(
+            yaml_lines("a\r\nb\rc\n\nd").collect::<Vec<_>>(),
+            ["a", "b", "c", "", "d"]
+        );
+        assert_eq!(yaml_lines("a\n").count(), 1);
+        assert_eq!(yaml_lines("").count(), 0);
     }
 
     #[test]
