@@ -170,7 +170,9 @@ pub struct Args {
     /// How long an idle pooled upstream connection is kept.
     #[arg(long, env = "MESHLET_IDLE_TIMEOUT", default_value = "90s", value_parser = parse_duration)]
     pub idle_timeout: Duration,
-    /// A body (either direction) that brings no data this long is failed (0s = never).
+    /// A body (either direction) that brings no data this long is failed,
+    /// and a client that takes no response bytes this long is
+    /// disconnected (0s = never).
     #[arg(long, env = "MESHLET_STREAM_IDLE_TIMEOUT", default_value = "5m", value_parser = parse_duration)]
     pub stream_idle_timeout: Duration,
     /// Streams one client connection may hold at once on shared upstream

@@ -164,7 +164,9 @@ pub struct Limits {
     #[serde(with = "humantime_serde_compat")]
     pub idle_timeout: Duration,
     /// A request or response body that brings no data for this long is
-    /// failed (the connection is reset); `None` waits forever.
+    /// failed (the connection is reset), and a client connection whose
+    /// writes take no bytes for this long is closed (`listen::write_stall`);
+    /// `None` waits forever.
     #[serde(with = "humantime_serde_compat::option")]
     pub stream_idle_timeout: Option<Duration>,
     // upstream (issue 16)

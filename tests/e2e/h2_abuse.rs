@@ -495,3 +495,65 @@ async fn a_client_that_never_answers_the_keepalive_ping_is_closed() {
     )
     .await;
 }
+
+/// An HTTP/2 client that asks for a large response, opens every window and
+/// then stops reading the connection is cut off after
+/// `--stream-idle-timeout` (the sidecar's writes to it stall), not held
+/// open with the app's connection behind it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http2_client_that_stops_reading_is_cut_off_after_the_stream_idle_timeout() {
+    const BODY: u64 = 64 * 1024 * 1024;
+    const WINDOW_UPDATE: u8 = 0x8;
+    let app = Upstream::start("app").await;
+    let sidecar = sidecar(&app, &["--stream-idle-timeout", "1s"]).await;
+
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(16 * 1024).unwrap();
+    let mut stream = socket.connect(sidecar.inbound).await.unwrap();
+    let path = format!("/download?bytes={BODY}");
+    // `:method GET`, `:scheme http`, `:path` (indexed name, literal
+    // value), `:authority app`.
+    let mut block = vec![0x82, 0x86, 0x04, path.len() as u8];
+    block.extend_from_slice(path.as_bytes());
+    block.extend_from_slice(&[0x01, 0x03, b'a', b'p', b'p']);
+    let mut opening = PREFACE.to_vec();
+    // SETTINGS_INITIAL_WINDOW_SIZE 2^31-1, and the connection window too:
+    // only the socket can hold the response back.
+    opening.extend(frame(SETTINGS, 0, 0, &[0x00, 0x04, 0x7f, 0xff, 0xff, 0xff]));
+    opening.extend(frame(
+        WINDOW_UPDATE,
+        0,
+        0,
+        &(0x7fff_ffffu32 - 65_535).to_be_bytes(),
+    ));
+    opening.extend(frame(HEADERS, END_STREAM | END_HEADERS, 1, &block));
+    stream.write_all(&opening).await.unwrap();
+
+    // Reads nothing for three times the limit, then all there is.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut read = 0u64;
+    let closed = loop {
+        match tokio::time::timeout_at(deadline, stream.read(&mut buf)).await {
+            Err(_) => break false,
+            Ok(Ok(0)) | Ok(Err(_)) => break true,
+            Ok(Ok(n)) => read += n as u64,
+        }
+    };
+    assert!(
+        closed && read < BODY,
+        "a client that stopped reading was not cut off ({read} bytes came, closed: {closed})"
+    );
+    // The sidecar serves others as before.
+    let mut client = h2c_client(sidecar.inbound).await;
+    let response = client
+        .send_request(
+            http::Request::get("http://app/")
+                .body(Empty::new())
+                .unwrap(),
+        )
+        .await
+        .expect("served after the cut-off");
+    assert_eq!(response.status(), 200);
+}

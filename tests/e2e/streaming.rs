@@ -83,3 +83,99 @@ async fn two_hundred_megabytes_stream_up_and_down_in_bounded_memory() {
         peak >> 20
     );
 }
+
+/// A client that stops taking response bytes (`write_stall` in the
+/// sidecar): large enough that the path's buffers (sockets on both sides,
+/// hyper's) cannot hold it, so the sidecar's writes stall.
+const STALLED_BODY: u64 = 64 * 1024 * 1024;
+
+/// An HTTP/1.1 client connection with a small receive buffer, so that a
+/// response it does not read stalls the sidecar's writes soon.
+async fn small_window_client(
+    addr: std::net::SocketAddr,
+) -> hyper::client::conn::http1::SendRequest<http_body_util::Empty<Bytes>> {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(16 * 1024).unwrap();
+    let stream = socket.connect(addr).await.unwrap();
+    let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    sender
+}
+
+/// Reads `body` to its end or its error; the data bytes and whether it
+/// ended cleanly. Pauses `pause` (without reading) each time another
+/// `pause_every` bytes have come.
+async fn drain(
+    mut body: hyper::body::Incoming,
+    pause_every: u64,
+    pause: std::time::Duration,
+) -> (u64, Result<(), String>) {
+    let mut read = 0u64;
+    let mut next_pause = pause_every;
+    while let Some(frame) = body.frame().await {
+        match frame {
+            Ok(frame) => read += frame.data_ref().map_or(0, |d| d.len() as u64),
+            Err(error) => return (read, Err(error.to_string())),
+        }
+        if read >= next_pause {
+            next_pause += pause_every;
+            tokio::time::sleep(pause).await;
+        }
+    }
+    (read, Ok(()))
+}
+
+fn download(bytes: u64) -> Request<http_body_util::Empty<Bytes>> {
+    Request::get(format!("/download?bytes={bytes}"))
+        .header("host", "files")
+        .body(http_body_util::Empty::new())
+        .unwrap()
+}
+
+/// A client that asks for a large response and stops reading it must not
+/// hold the sidecar's connection (and the app's) for ever: after
+/// `--stream-idle-timeout` without taking a byte it is disconnected. One
+/// that reads with pauses shorter than the limit gets every byte, however
+/// long the pauses add up to. Both proxy listeners.
+#[tokio::test]
+async fn a_client_that_stops_reading_is_cut_off_after_the_stream_idle_timeout() {
+    let app = Upstream::start("files").await;
+    let config = format!(
+        "apiVersion: meshlet.dev/v1alpha1\nkind: Service\nmetadata: {{name: files}}\nspec:\n  endpoints:\n    - address: {}\n",
+        app.addr
+    );
+    let limit = std::time::Duration::from_millis(1500);
+    let sidecar = SidecarProcess::builder("files", app.port())
+        .config(&config)
+        .arg("--stream-idle-timeout")
+        .arg("1500ms")
+        .start()
+        .await;
+    for (listener, addr) in [("inbound", sidecar.inbound), ("outbound", sidecar.outbound)] {
+        // Stops reading once the head is in, for twice the limit.
+        let mut sender = small_window_client(addr).await;
+        let response = sender.send_request(download(STALLED_BODY)).await.unwrap();
+        assert_eq!(response.status(), 200, "{listener}");
+        tokio::time::sleep(2 * limit).await;
+        let (read, ended) = drain(response.into_body(), u64::MAX, limit).await;
+        assert!(
+            ended.is_err() && read < STALLED_BODY,
+            "{listener}: a client that stopped reading for {:?} was not cut off \
+             ({read} of {STALLED_BODY} bytes came, {ended:?})",
+            2 * limit
+        );
+
+        // Pauses of 0.4 × the limit, 1.6 × the limit in all: every byte.
+        let mut sender = small_window_client(addr).await;
+        let response = sender.send_request(download(STALLED_BODY)).await.unwrap();
+        let (read, ended) = drain(response.into_body(), STALLED_BODY / 4, limit * 2 / 5).await;
+        assert_eq!(
+            (read, ended),
+            (STALLED_BODY, Ok(())),
+            "{listener}: a client reading with short pauses was cut off"
+        );
+    }
+    assert!(app.requests() >= 4);
+}

@@ -62,6 +62,8 @@ use prometheus::IntCounter;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::{Instant, Sleep};
 
+use crate::listen::write_stall::WriteStall;
+
 /// Initial size of the per-connection buffer used while looking for a head
 /// (most heads are far smaller; it grows for larger ones, up to the limit).
 const READ_CHUNK: usize = 4 * 1024;
@@ -150,6 +152,8 @@ pub struct FramingGuard<T> {
     /// When the connection was accepted (idle since then if no request came).
     opened: Instant,
     in_flight: Arc<InFlightRequests>,
+    /// Fails writes to a client that takes no bytes for the limit.
+    write_stall: WriteStall,
 }
 
 /// Why the guard refused a request.
@@ -179,6 +183,9 @@ pub struct GuardConfig {
     /// Time a connection may wait for its next request with none in flight
     /// (none being answered, no response body being sent).
     pub idle_timeout: Duration,
+    /// Time writes to the client may make no progress (`None`: no limit);
+    /// see `write_stall`.
+    pub write_stall_timeout: Option<Duration>,
     pub ambiguous_framing: RefusalAnswer,
     pub head_too_large: RefusalAnswer,
     pub malformed_head: RefusalAnswer,
@@ -215,6 +222,7 @@ impl<T> FramingGuard<T> {
             start: 0,
             end: 0,
             scanner: Scanner::new(config.max_head),
+            write_stall: WriteStall::new(config.write_stall_timeout),
             config,
             refusal: None,
             head_timer: None,
@@ -406,13 +414,17 @@ impl<T: AsyncRead + Unpin> FramingGuard<T> {
     }
 }
 
+/// Every write to the client goes through the write-stall clock
+/// (`write_stall`): one that takes no bytes for the limit fails.
 impl<T: AsyncWrite + Unpin> AsyncWrite for FramingGuard<T> {
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, buf)
+        let this = &mut *self;
+        let polled = Pin::new(&mut this.inner).poll_write(cx, buf);
+        this.write_stall.watch(cx, polled)
     }
 
     fn poll_write_vectored(
@@ -420,7 +432,9 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for FramingGuard<T> {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+        let this = &mut *self;
+        let polled = Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
+        this.write_stall.watch(cx, polled)
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -428,7 +442,9 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for FramingGuard<T> {
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
+        let this = &mut *self;
+        let polled = Pin::new(&mut this.inner).poll_flush(cx);
+        this.write_stall.watch(cx, polled)
     }
 
     /// hyper shuts the connection down after the end of input it was shown;
@@ -438,15 +454,18 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for FramingGuard<T> {
         if let Some((refusal, written)) = &mut this.refusal {
             let response = &this.config.answer(*refusal).response;
             while *written < response.len() {
-                match ready!(Pin::new(&mut this.inner).poll_write(cx, &response[*written..])) {
+                let polled = Pin::new(&mut this.inner).poll_write(cx, &response[*written..]);
+                match ready!(this.write_stall.watch(cx, polled)) {
                     Ok(0) | Err(_) => break, // the client is gone; nothing to tell it
                     Ok(n) => *written += n,
                 }
             }
             *written = response.len();
-            ready!(Pin::new(&mut this.inner).poll_flush(cx))?;
+            let polled = Pin::new(&mut this.inner).poll_flush(cx);
+            ready!(this.write_stall.watch(cx, polled))?;
         }
-        Pin::new(&mut this.inner).poll_shutdown(cx)
+        let polled = Pin::new(&mut this.inner).poll_shutdown(cx);
+        this.write_stall.watch(cx, polled)
     }
 }
 
@@ -871,6 +890,7 @@ mod tests {
             max_head: 1024,
             head_timeout: Duration::from_secs(1),
             idle_timeout,
+            write_stall_timeout: None,
             ambiguous_framing: answer(),
             head_too_large: answer(),
             malformed_head: answer(),

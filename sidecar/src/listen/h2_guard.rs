@@ -43,6 +43,8 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::Notify;
 
+use crate::listen::write_stall::WriteStall;
+
 /// How long an abusive connection's in-flight streams may still run after
 /// the GOAWAY before the connection is dropped.
 pub const ABUSE_GRACE: Duration = Duration::from_millis(500);
@@ -321,14 +323,24 @@ pub struct H2Guard<T> {
     inner: T,
     observer: FrameObserver,
     tripped: Arc<Tripped>,
+    /// Fails writes to a client that takes no bytes for the limit.
+    write_stall: WriteStall,
 }
 
 impl<T> H2Guard<T> {
-    pub fn new(inner: T, limits: FrameLimits, tripped: Arc<Tripped>) -> Self {
+    /// `write_stall_timeout`: how long writes to the client may make no
+    /// progress (`None`: no limit); see `write_stall`.
+    pub fn new(
+        inner: T,
+        limits: FrameLimits,
+        tripped: Arc<Tripped>,
+        write_stall_timeout: Option<Duration>,
+    ) -> Self {
         H2Guard {
             inner,
             observer: FrameObserver::new(limits),
             tripped,
+            write_stall: WriteStall::new(write_stall_timeout),
         }
     }
 }
@@ -368,13 +380,17 @@ impl<T: AsyncRead + Unpin> AsyncRead for H2Guard<T> {
     }
 }
 
+/// Every write to the client goes through the write-stall clock
+/// (`write_stall`): one that takes no bytes for the limit fails.
 impl<T: AsyncWrite + Unpin> AsyncWrite for H2Guard<T> {
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.inner).poll_write(cx, buf);
+        this.write_stall.watch(cx, polled)
     }
 
     fn poll_write_vectored(
@@ -382,7 +398,9 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for H2Guard<T> {
         cx: &mut Context<'_>,
         bufs: &[std::io::IoSlice<'_>],
     ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.get_mut().inner).poll_write_vectored(cx, bufs)
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
+        this.write_stall.watch(cx, polled)
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -390,11 +408,15 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for H2Guard<T> {
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.inner).poll_flush(cx);
+        this.write_stall.watch(cx, polled)
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.inner).poll_shutdown(cx);
+        this.write_stall.watch(cx, polled)
     }
 }
 
@@ -629,7 +651,7 @@ mod tests {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let (mut client, server) = tokio::io::duplex(1 << 16);
         let tripped = Arc::new(Tripped::default());
-        let mut guard = H2Guard::new(server, limits(2, 0, 0), Arc::clone(&tripped));
+        let mut guard = H2Guard::new(server, limits(2, 0, 0), Arc::clone(&tripped), None);
         let mut stream = PREFACE.to_vec();
         stream.extend(resets(3));
         client.write_all(&stream).await.unwrap();

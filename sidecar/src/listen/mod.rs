@@ -30,6 +30,8 @@
 //!   pairs from PEM files, the pair chosen by SNI, reloaded when the files
 //!   change.
 //! - `tunnel` — byte splicing for `CONNECT`, upgrades and opaque TCP.
+//! - `write_stall` — both guards fail the writes of a client that takes no
+//!   response bytes for `--stream-idle-timeout`, so the connection closes.
 //!
 //! **Invariants:** a connection is counted in `active_connections` from
 //! accept to close; a refusal below hyper (400, 431) waits until the
@@ -47,3 +49,4 @@ pub(crate) mod stop;
 pub(crate) mod terminate;
 pub(crate) mod transparent;
 pub(crate) mod tunnel;
+pub(crate) mod write_stall;

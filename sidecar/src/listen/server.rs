@@ -214,6 +214,7 @@ impl<H: Handler> Shared<H> {
             max_head: limits.max_header_bytes,
             head_timeout: limits.header_read_timeout,
             idle_timeout: limits.client_idle_timeout,
+            write_stall_timeout: limits.stream_idle_timeout,
             ambiguous_framing: RefusalAnswer {
                 response: ProxyError::AmbiguousFraming.to_http1_bytes(),
                 count: metrics.bad_request.clone(),
@@ -362,7 +363,12 @@ impl<H: Handler> Shared<H> {
         });
         if http2 {
             let tripped = Arc::new(Tripped::default());
-            let guarded = H2Guard::new(io, self.protocols.h2_frames, Arc::clone(&tripped));
+            let guarded = H2Guard::new(
+                io,
+                self.protocols.h2_frames,
+                Arc::clone(&tripped),
+                self.limits.stream_idle_timeout,
+            );
             let connection = self
                 .protocols
                 .http2
