@@ -154,17 +154,19 @@ async fn a_client_that_stops_reading_is_cut_off_after_the_stream_idle_timeout() 
         .start()
         .await;
     for (listener, addr) in [("inbound", sidecar.inbound), ("outbound", sidecar.outbound)] {
-        // Stops reading once the head is in, for twice the limit.
+        // Stops reading once the head is in, for three times the limit (the
+        // sidecar cuts it between one and two limits after the client's
+        // kernel acknowledged its last byte).
         let mut sender = small_window_client(addr).await;
         let response = sender.send_request(download(STALLED_BODY)).await.unwrap();
         assert_eq!(response.status(), 200, "{listener}");
-        tokio::time::sleep(2 * limit).await;
+        tokio::time::sleep(3 * limit).await;
         let (read, ended) = drain(response.into_body(), u64::MAX, limit).await;
         assert!(
             ended.is_err() && read < STALLED_BODY,
             "{listener}: a client that stopped reading for {:?} was not cut off \
              ({read} of {STALLED_BODY} bytes came, {ended:?})",
-            2 * limit
+            3 * limit
         );
 
         // Pauses of 0.4 × the limit, 1.6 × the limit in all: every byte.
@@ -178,4 +180,65 @@ async fn a_client_that_stops_reading_is_cut_off_after_the_stream_idle_timeout() 
         );
     }
     assert!(app.requests() >= 4);
+}
+
+/// A client that reads slowly but steadily — far slower than the socket
+/// would tell the sidecar it can write again (Linux wakes a writer only
+/// once a third of its send buffer has drained) — is reading: it is never
+/// cut off, whatever the limit (found by an attack on the first version,
+/// which cut a 20 KB/s reader after 1 s). It reads 8 KiB every 100 ms for
+/// three times the limit, then the rest at full speed: the whole body.
+#[tokio::test]
+async fn a_client_reading_slowly_but_steadily_is_never_cut_off() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let app = Upstream::start("files").await;
+    let sidecar = SidecarProcess::builder("files", app.port())
+        .arg("--stream-idle-timeout")
+        .arg("1500ms")
+        .start()
+        .await;
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(16 * 1024).unwrap();
+    let mut stream = socket.connect(sidecar.inbound).await.unwrap();
+    stream
+        .write_all(
+            format!("GET /download?bytes={STALLED_BODY} HTTP/1.1\r\nHost: files\r\n\r\n")
+                .as_bytes(),
+        )
+        .await
+        .unwrap();
+    let mut piece = vec![0u8; 8 * 1024];
+    let mut read = 0u64;
+    let slow_until = tokio::time::Instant::now() + std::time::Duration::from_millis(4500);
+    while tokio::time::Instant::now() < slow_until {
+        let n = stream.read(&mut piece).await.unwrap();
+        assert!(n > 0, "cut off while reading steadily, after {read} bytes");
+        read += n as u64;
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    // The rest at full speed, up to the chunked body's last chunk.
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut tail: Vec<u8> = Vec::new();
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let n = tokio::time::timeout_at(deadline, stream.read(&mut buf))
+            .await
+            .expect("the rest of the body in time")
+            .unwrap();
+        assert!(
+            n > 0,
+            "the connection was closed after {read} bytes: the slow reader was cut off"
+        );
+        read += n as u64;
+        tail.extend_from_slice(&buf[..n]);
+        if tail.ends_with(b"\r\n0\r\n\r\n") {
+            break;
+        }
+        let keep = tail.len().saturating_sub(8);
+        tail.drain(..keep);
+    }
+    assert!(
+        read > STALLED_BODY,
+        "{read} bytes: the whole body and its framing"
+    );
 }

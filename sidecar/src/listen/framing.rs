@@ -183,9 +183,6 @@ pub struct GuardConfig {
     /// Time a connection may wait for its next request with none in flight
     /// (none being answered, no response body being sent).
     pub idle_timeout: Duration,
-    /// Time writes to the client may make no progress (`None`: no limit);
-    /// see `write_stall`.
-    pub write_stall_timeout: Option<Duration>,
     pub ambiguous_framing: RefusalAnswer,
     pub head_too_large: RefusalAnswer,
     pub malformed_head: RefusalAnswer,
@@ -215,14 +212,19 @@ impl GuardConfig {
 }
 
 impl<T> FramingGuard<T> {
-    pub fn new(inner: T, config: Arc<GuardConfig>, in_flight: Arc<InFlightRequests>) -> Self {
+    pub fn new(
+        inner: T,
+        config: Arc<GuardConfig>,
+        in_flight: Arc<InFlightRequests>,
+        write_stall: WriteStall,
+    ) -> Self {
         FramingGuard {
             inner,
             buf: Vec::new(),
             start: 0,
             end: 0,
             scanner: Scanner::new(config.max_head),
-            write_stall: WriteStall::new(config.write_stall_timeout),
+            write_stall,
             config,
             refusal: None,
             head_timer: None,
@@ -424,7 +426,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for FramingGuard<T> {
     ) -> Poll<io::Result<usize>> {
         let this = &mut *self;
         let polled = Pin::new(&mut this.inner).poll_write(cx, buf);
-        this.write_stall.watch(cx, polled)
+        this.write_stall.watch_write(cx, polled)
     }
 
     fn poll_write_vectored(
@@ -434,7 +436,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for FramingGuard<T> {
     ) -> Poll<io::Result<usize>> {
         let this = &mut *self;
         let polled = Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
-        this.write_stall.watch(cx, polled)
+        this.write_stall.watch_write(cx, polled)
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -444,7 +446,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for FramingGuard<T> {
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = &mut *self;
         let polled = Pin::new(&mut this.inner).poll_flush(cx);
-        this.write_stall.watch(cx, polled)
+        this.write_stall.watch_flush(cx, polled)
     }
 
     /// hyper shuts the connection down after the end of input it was shown;
@@ -455,17 +457,17 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for FramingGuard<T> {
             let response = &this.config.answer(*refusal).response;
             while *written < response.len() {
                 let polled = Pin::new(&mut this.inner).poll_write(cx, &response[*written..]);
-                match ready!(this.write_stall.watch(cx, polled)) {
+                match ready!(this.write_stall.watch_write(cx, polled)) {
                     Ok(0) | Err(_) => break, // the client is gone; nothing to tell it
                     Ok(n) => *written += n,
                 }
             }
             *written = response.len();
             let polled = Pin::new(&mut this.inner).poll_flush(cx);
-            ready!(this.write_stall.watch(cx, polled))?;
+            ready!(this.write_stall.watch_flush(cx, polled))?;
         }
         let polled = Pin::new(&mut this.inner).poll_shutdown(cx);
-        this.write_stall.watch(cx, polled)
+        this.write_stall.watch_flush(cx, polled)
     }
 }
 
@@ -890,7 +892,6 @@ mod tests {
             max_head: 1024,
             head_timeout: Duration::from_secs(1),
             idle_timeout,
-            write_stall_timeout: None,
             ambiguous_framing: answer(),
             head_too_large: answer(),
             malformed_head: answer(),
@@ -907,7 +908,12 @@ mod tests {
         let (mut client, server) = tokio::io::duplex(1024);
         let in_flight = Arc::new(InFlightRequests::default());
         let idle = Duration::from_secs(10);
-        let mut guard = FramingGuard::new(server, guard_config(idle), Arc::clone(&in_flight));
+        let mut guard = FramingGuard::new(
+            server,
+            guard_config(idle),
+            Arc::clone(&in_flight),
+            WriteStall::new(None, None),
+        );
         let head = b"GET / HTTP/1.1\r\nHost: a\r\n\r\n";
         client.write_all(head).await.unwrap();
         let mut buf = [0u8; 256];
@@ -928,14 +934,69 @@ mod tests {
         assert_eq!(guard.read(&mut buf).await.unwrap(), 0);
     }
 
+    /// A client that never reads the guard's refusal is cut off after the
+    /// write-stall limit, although hyper's flushes (of its own, empty
+    /// buffer) keep completing meanwhile (found by an attack: a refusal
+    /// that did not fit the socket buffers held the connection for ever).
+    #[tokio::test(start_paused = true)]
+    async fn a_refusal_the_client_never_reads_is_cut_off_after_the_write_stall_limit() {
+        let (mut client, server) = tokio::io::duplex(64);
+        let mut config = guard_config(Duration::from_secs(300));
+        Arc::get_mut(&mut config)
+            .unwrap()
+            .ambiguous_framing
+            .response = vec![b'x'; 4096];
+        let limit = Duration::from_secs(2);
+        let mut guard = FramingGuard::new(
+            server,
+            config,
+            Arc::new(InFlightRequests::default()),
+            WriteStall::new(Some(limit), None),
+        );
+        // Sends a smuggling attempt, then never reads (and stays connected).
+        let sender = tokio::spawn(async move {
+            client
+                .write_all(
+                    b"POST / HTTP/1.1\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n",
+                )
+                .await
+                .unwrap();
+            std::future::pending::<()>().await;
+            drop(client);
+        });
+        let mut buf = [0u8; 256];
+        assert_eq!(
+            guard.read(&mut buf).await.unwrap(),
+            0,
+            "refused: end of input"
+        );
+        let started = Instant::now();
+        // What hyper does on each wake: flush its buffer, then shut down
+        // (which writes the refusal first).
+        let shut = std::future::poll_fn(|cx| {
+            let _ = Pin::new(&mut guard).poll_flush(cx);
+            Pin::new(&mut guard).poll_shutdown(cx)
+        });
+        // The refusal is given up on and the shutdown completes: hyper
+        // then drops (closes) the connection.
+        let outcome = tokio::time::timeout(limit * 10, shut).await;
+        assert!(outcome.is_ok(), "never cut off");
+        assert_eq!(started.elapsed(), limit);
+        sender.abort();
+    }
+
     /// A head that has started arriving is timed by the head timeout, not
     /// the idle one.
     #[tokio::test(start_paused = true)]
     async fn an_incomplete_head_is_not_idle() {
         let (mut client, server) = tokio::io::duplex(1024);
         let in_flight = Arc::new(InFlightRequests::default());
-        let mut guard =
-            FramingGuard::new(server, guard_config(Duration::from_millis(100)), in_flight);
+        let mut guard = FramingGuard::new(
+            server,
+            guard_config(Duration::from_millis(100)),
+            in_flight,
+            WriteStall::new(None, None),
+        );
         client.write_all(b"GET / HT").await.unwrap();
         let mut buf = [0u8; 256];
         let started = Instant::now();

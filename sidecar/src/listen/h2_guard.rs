@@ -328,19 +328,17 @@ pub struct H2Guard<T> {
 }
 
 impl<T> H2Guard<T> {
-    /// `write_stall_timeout`: how long writes to the client may make no
-    /// progress (`None`: no limit); see `write_stall`.
     pub fn new(
         inner: T,
         limits: FrameLimits,
         tripped: Arc<Tripped>,
-        write_stall_timeout: Option<Duration>,
+        write_stall: WriteStall,
     ) -> Self {
         H2Guard {
             inner,
             observer: FrameObserver::new(limits),
             tripped,
-            write_stall: WriteStall::new(write_stall_timeout),
+            write_stall,
         }
     }
 }
@@ -390,7 +388,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for H2Guard<T> {
     ) -> Poll<std::io::Result<usize>> {
         let this = self.get_mut();
         let polled = Pin::new(&mut this.inner).poll_write(cx, buf);
-        this.write_stall.watch(cx, polled)
+        this.write_stall.watch_write(cx, polled)
     }
 
     fn poll_write_vectored(
@@ -400,7 +398,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for H2Guard<T> {
     ) -> Poll<std::io::Result<usize>> {
         let this = self.get_mut();
         let polled = Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
-        this.write_stall.watch(cx, polled)
+        this.write_stall.watch_write(cx, polled)
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -410,13 +408,13 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for H2Guard<T> {
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         let this = self.get_mut();
         let polled = Pin::new(&mut this.inner).poll_flush(cx);
-        this.write_stall.watch(cx, polled)
+        this.write_stall.watch_flush(cx, polled)
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         let this = self.get_mut();
         let polled = Pin::new(&mut this.inner).poll_shutdown(cx);
-        this.write_stall.watch(cx, polled)
+        this.write_stall.watch_flush(cx, polled)
     }
 }
 
@@ -651,7 +649,12 @@ mod tests {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let (mut client, server) = tokio::io::duplex(1 << 16);
         let tripped = Arc::new(Tripped::default());
-        let mut guard = H2Guard::new(server, limits(2, 0, 0), Arc::clone(&tripped), None);
+        let mut guard = H2Guard::new(
+            server,
+            limits(2, 0, 0),
+            Arc::clone(&tripped),
+            WriteStall::new(None, None),
+        );
         let mut stream = PREFACE.to_vec();
         stream.extend(resets(3));
         client.write_all(&stream).await.unwrap();

@@ -30,6 +30,7 @@
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
+use std::os::fd::AsRawFd;
 use std::pin::{pin, Pin};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -57,6 +58,7 @@ use crate::listen::stop::StopWatch;
 use crate::listen::terminate::Terminator;
 use crate::listen::transparent::Interception;
 use crate::listen::tunnel;
+use crate::listen::write_stall::WriteStall;
 use crate::settings::Limits;
 use crate::telemetry::metrics::ListenerMetrics;
 use crate::upstream::in_flight::ClientStreams;
@@ -214,7 +216,6 @@ impl<H: Handler> Shared<H> {
             max_head: limits.max_header_bytes,
             head_timeout: limits.header_read_timeout,
             idle_timeout: limits.client_idle_timeout,
-            write_stall_timeout: limits.stream_idle_timeout,
             ambiguous_framing: RefusalAnswer {
                 response: ProxyError::AmbiguousFraming.to_http1_bytes(),
                 count: metrics.bad_request.clone(),
@@ -336,7 +337,7 @@ impl<H: Handler> Shared<H> {
         stop: watch::Receiver<bool>,
     ) -> Result<(), hyper::Error>
     where
-        I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+        I: tokio::io::AsyncRead + tokio::io::AsyncWrite + AsRawFd + Unpin + Send + 'static,
     {
         // Shared by the connection's requests: each takes two reference
         // counts, not a clone of the handler (every metric handle in it)
@@ -349,6 +350,9 @@ impl<H: Handler> Shared<H> {
         // connections, in each of its requests (an HTTP/1.1 client has one
         // request at a time).
         let streams = http2.then(|| ClientStreams::new(self.limits.upstream_streams_per_client));
+        // A client that takes no response bytes is cut off; its TCP socket
+        // (under any TLS) says whether it is reading at all.
+        let stall = WriteStall::new(self.limits.stream_idle_timeout, Some(io.as_raw_fd()));
         let service = service_fn(move |mut request: Request<Incoming>| {
             if let Some(streams) = &streams {
                 request.extensions_mut().insert(streams.clone());
@@ -363,12 +367,7 @@ impl<H: Handler> Shared<H> {
         });
         if http2 {
             let tripped = Arc::new(Tripped::default());
-            let guarded = H2Guard::new(
-                io,
-                self.protocols.h2_frames,
-                Arc::clone(&tripped),
-                self.limits.stream_idle_timeout,
-            );
+            let guarded = H2Guard::new(io, self.protocols.h2_frames, Arc::clone(&tripped), stall);
             let connection = self
                 .protocols
                 .http2
@@ -390,7 +389,12 @@ impl<H: Handler> Shared<H> {
             }
             return Ok(());
         }
-        let guarded = TokioIo::new(FramingGuard::new(io, Arc::clone(&self.guard), in_flight));
+        let guarded = TokioIo::new(FramingGuard::new(
+            io,
+            Arc::clone(&self.guard),
+            in_flight,
+            stall,
+        ));
         let connection = self
             .protocols
             .http1

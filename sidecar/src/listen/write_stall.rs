@@ -1,34 +1,49 @@
-//! A client that stops taking response bytes is cut off: once writes to its
-//! socket have made no progress for the limit (`--stream-idle-timeout`),
-//! they fail with `TimedOut` and the server closes the connection, which
-//! drops the response and with it the request's upstream connection and
-//! buffers. Without this a client that sends a request for a large
-//! response and never reads would hold an upstream connection for as long
-//! as it liked: the response body is only polled (and its own idle timer
-//! only runs) while the client takes bytes. nginx calls this
-//! `send_timeout`; Envoy's stream idle timeout covers it.
+//! A client that stops taking response bytes is cut off: once it has
+//! acknowledged no byte for the limit (`--stream-idle-timeout`) while the
+//! sidecar has bytes for it, writes to it fail with `TimedOut` and the
+//! server closes the connection, which drops the response and with it the
+//! request's upstream connection and buffers. Without this a client that
+//! sends a request for a large response and never reads would hold an
+//! upstream connection for as long as it liked: the response body is only
+//! polled (and its own idle timer only runs) while the client takes bytes.
+//! nginx calls this `send_timeout`; Envoy's stream idle timeout covers it.
 //!
 //! Data flow: the connection guards (`framing::FramingGuard` for HTTP/1.1,
-//! `h2_guard::H2Guard` for HTTP/2) hand each poll of a write, flush or
-//! shutdown of the client socket to [`WriteStall::watch`]. A ready poll
-//! ends a stall; a pending one starts the clock (one timer per connection,
-//! created at its first stall and re-armed at the next) and polls it, so
-//! the connection's task is woken when the limit passes although the
-//! socket never becomes writable. A write that completes at once — the
-//! usual case — touches no timer.
+//! `h2_guard::H2Guard` for HTTP/2) hand each poll of a write
+//! ([`WriteStall::watch_write`]) and of a flush or shutdown
+//! ([`WriteStall::watch_flush`]) of the client socket to the clock. A
+//! pending poll starts it (one timer per connection, created at its first
+//! stall and re-armed at the next) and polls the timer, so the
+//! connection's task is woken when the limit passes although the socket
+//! never becomes writable. A write that takes bytes stops it; a flush or
+//! shutdown that completes does not (hyper flushes an empty buffer on every
+//! wake, which says nothing about the client). A write that completes at
+//! once — the usual case — touches no timer.
 //!
-//! The clock measures a stall, not a slow reader: each write that takes
-//! any bytes restarts it (so a client reading slowly but steadily is never
-//! cut). Flow control inside HTTP/2 (a stream whose window the client
-//! never opens while it keeps reading the connection) is not a socket
-//! stall and is not covered here.
+//! A stall is judged by the client, not by the socket's writability: Linux
+//! wakes a writer only once a third of the send buffer (megabytes, when
+//! autotuned) has drained, so a client reading slowly but steadily can
+//! leave every write pending for longer than the limit. When the timer
+//! fires, the clock therefore reads how many bytes the client has
+//! acknowledged (`TCP_INFO`'s `tcpi_bytes_acked`, on the TCP socket under
+//! any TLS); if that grew since the clock started, the client is reading
+//! and the clock starts again. Only a whole limit without one acknowledged
+//! byte cuts the connection: between one and two limits after the client's
+//! kernel acknowledged its last byte (the clock's periods start when a
+//! write first stalls, not at that byte).
+//!
+//! Flow control inside HTTP/2 (a stream whose window the client never
+//! opens while it keeps reading the connection) is not a socket stall and
+//! is not covered here.
 
 use std::future::Future;
 use std::io;
+use std::os::fd::RawFd;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use nix::libc;
 use tokio::time::{Instant, Sleep};
 
 /// The write-stall clock of one client connection.
@@ -36,59 +51,141 @@ use tokio::time::{Instant, Sleep};
 pub struct WriteStall {
     /// `None`: never cut (`--stream-idle-timeout 0s`).
     limit: Option<Duration>,
-    /// Whether the last poll of a write was pending (the clock is running).
-    stalled: bool,
+    /// The client's TCP socket, for the bytes it has acknowledged (owned by
+    /// the guard's I/O, which lives as long as this clock); `None` (tests,
+    /// in-memory streams): only writes taking bytes count as progress.
+    socket: Option<RawFd>,
+    /// `Some` while the clock runs: the client's acknowledged bytes when it
+    /// (re)started.
+    stalled: Option<Option<u64>>,
     timer: Option<Pin<Box<Sleep>>>,
 }
 
 impl WriteStall {
-    pub fn new(limit: Option<Duration>) -> Self {
+    /// A clock for the client connection on TCP socket `socket`.
+    pub fn new(limit: Option<Duration>, socket: Option<RawFd>) -> Self {
         WriteStall {
             limit,
-            stalled: false,
+            socket,
+            stalled: None,
             timer: None,
         }
     }
 
-    /// Passes on `polled`, the result of polling a write, flush or shutdown
-    /// of the client socket, unless it has been pending for the limit: then
-    /// a `TimedOut` error.
-    pub fn watch<R>(
+    /// Passes on `polled`, the result of polling a write to the client: one
+    /// that took bytes stops the clock; a pending one runs it, and becomes a
+    /// `TimedOut` error once the client has taken nothing for the limit.
+    pub fn watch_write(
         &mut self,
         cx: &mut Context<'_>,
-        polled: Poll<io::Result<R>>,
-    ) -> Poll<io::Result<R>> {
-        if polled.is_ready() {
-            self.stalled = false;
-            return polled;
+        polled: Poll<io::Result<usize>>,
+    ) -> Poll<io::Result<usize>> {
+        match polled {
+            Poll::Ready(Ok(n)) if n > 0 => {
+                self.stalled = None;
+                polled
+            }
+            Poll::Ready(_) => polled,
+            Poll::Pending => self.pending(cx),
         }
+    }
+
+    /// As [`Self::watch_write`], for a flush or shutdown: completing one is
+    /// no sign of the client reading, so it leaves the clock as it is.
+    pub fn watch_flush(
+        &mut self,
+        cx: &mut Context<'_>,
+        polled: Poll<io::Result<()>>,
+    ) -> Poll<io::Result<()>> {
+        match polled {
+            Poll::Ready(_) => polled,
+            Poll::Pending => self.pending(cx),
+        }
+    }
+
+    /// A pending write, flush or shutdown: starts the clock if it is not
+    /// running; `TimedOut` if the limit has passed without the client
+    /// acknowledging a byte.
+    fn pending<R>(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<R>> {
         let Some(limit) = self.limit else {
             return Poll::Pending;
         };
-        if !self.stalled {
-            self.stalled = true;
-            let deadline = Instant::now() + limit;
-            match &mut self.timer {
-                Some(timer) => timer.as_mut().reset(deadline),
-                None => self.timer = Some(Box::pin(tokio::time::sleep_until(deadline))),
+        if self.stalled.is_none() {
+            self.restart(limit);
+        }
+        loop {
+            let Some(timer) = self.timer.as_mut() else {
+                return Poll::Pending;
+            };
+            if timer.as_mut().poll(cx).is_pending() {
+                return Poll::Pending;
+            }
+            let acked_at_start = self.stalled.flatten();
+            match (acked_at_start, self.socket.and_then(bytes_acked)) {
+                // The client took bytes meanwhile: reading, just slowly.
+                (Some(before), Some(now)) if now > before => self.restart(limit),
+                _ => {
+                    return Poll::Ready(Err(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        format!("the client took no response bytes for {limit:?}"),
+                    )))
+                }
             }
         }
-        match self.timer.as_mut().map(|timer| timer.as_mut().poll(cx)) {
-            Some(Poll::Ready(())) => Poll::Ready(Err(io::Error::new(
-                io::ErrorKind::TimedOut,
-                format!("the client took no response bytes for {limit:?}"),
-            ))),
-            _ => Poll::Pending,
+    }
+
+    /// (Re)starts the clock: the limit from now, and the bytes acknowledged
+    /// so far.
+    fn restart(&mut self, limit: Duration) {
+        self.stalled = Some(self.socket.and_then(bytes_acked));
+        let deadline = Instant::now() + limit;
+        match &mut self.timer {
+            Some(timer) => timer.as_mut().reset(deadline),
+            None => self.timer = Some(Box::pin(tokio::time::sleep_until(deadline))),
         }
     }
+}
+
+/// How many bytes the peer of TCP socket `socket` has acknowledged
+/// (`tcpi_bytes_acked`, Linux 4.1 and later); `None` if the kernel does not
+/// say (not a TCP socket, an older kernel).
+///
+/// The only `unsafe` of the workspace: neither nix nor rustix wraps
+/// `TCP_INFO`, and nothing else tells whether a client is reading.
+#[allow(unsafe_code)]
+fn bytes_acked(socket: RawFd) -> Option<u64> {
+    let mut info = std::mem::MaybeUninit::<libc::tcp_info>::zeroed();
+    let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+    // SAFETY: `info` is a writable buffer of `len` bytes; the kernel writes
+    // at most `len` bytes into it and sets `len` to how many it wrote. An
+    // fd that is not (or no longer) a socket makes the call fail, nothing
+    // else: it is only read.
+    let failed = unsafe {
+        libc::getsockopt(
+            socket,
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            info.as_mut_ptr().cast(),
+            &mut len,
+        )
+    } != 0;
+    let known = std::mem::offset_of!(libc::tcp_info, tcpi_bytes_acked) + std::mem::size_of::<u64>();
+    if failed || (len as usize) < known {
+        return None;
+    }
+    // SAFETY: zeroed, then (partly) written by the kernel; every field of
+    // `tcp_info` is an integer, for which any bytes are a valid value.
+    Some(unsafe { info.assume_init() }.tcpi_bytes_acked)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::fd::AsRawFd;
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::sync::Arc;
     use std::task::Wake;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     struct CountingWaker(AtomicUsize);
 
@@ -102,25 +199,35 @@ mod tests {
         Poll::Pending
     }
 
+    fn timed_out<R: std::fmt::Debug>(polled: Poll<io::Result<R>>, limit: &str) {
+        match polled {
+            Poll::Ready(Err(error)) => {
+                assert_eq!(error.kind(), io::ErrorKind::TimedOut);
+                assert!(error.to_string().contains(limit), "{error}");
+            }
+            other => panic!("not timed out: {other:?}"),
+        }
+    }
+
     #[tokio::test(start_paused = true)]
-    async fn a_stall_fails_after_the_limit_and_progress_restarts_the_clock() {
+    async fn a_stall_fails_after_the_limit_and_a_write_taking_bytes_restarts_the_clock() {
         let woken = Arc::new(CountingWaker(AtomicUsize::new(0)));
         let waker = std::task::Waker::from(Arc::clone(&woken));
         let mut cx = Context::from_waker(&waker);
-        let mut stall = WriteStall::new(Some(Duration::from_secs(10)));
+        let mut stall = WriteStall::new(Some(Duration::from_secs(10)), None);
 
-        assert!(stall.watch(&mut cx, pending()).is_pending());
+        assert!(stall.watch_write(&mut cx, pending()).is_pending());
         tokio::time::sleep(Duration::from_secs(9)).await;
-        assert!(stall.watch(&mut cx, pending()).is_pending());
-        // Progress just before the limit: the clock starts again.
+        assert!(stall.watch_write(&mut cx, pending()).is_pending());
+        // A write taking bytes just before the limit: the clock starts again.
         assert!(matches!(
-            stall.watch(&mut cx, Poll::Ready(Ok(5))),
+            stall.watch_write(&mut cx, Poll::Ready(Ok(5))),
             Poll::Ready(Ok(5))
         ));
-        assert!(stall.watch(&mut cx, pending()).is_pending());
+        assert!(stall.watch_write(&mut cx, pending()).is_pending());
         tokio::time::sleep(Duration::from_secs(9)).await;
         assert!(
-            stall.watch(&mut cx, pending()).is_pending(),
+            stall.watch_write(&mut cx, pending()).is_pending(),
             "9 s into the second stall"
         );
         let before = woken.0.load(Ordering::SeqCst);
@@ -129,23 +236,34 @@ mod tests {
             woken.0.load(Ordering::SeqCst) > before,
             "the timer wakes the connection: the socket never will"
         );
-        match stall.watch(&mut cx, pending()) {
-            Poll::Ready(Err(error)) => {
-                assert_eq!(error.kind(), io::ErrorKind::TimedOut);
-                assert!(error.to_string().contains("10s"), "{error}");
-            }
-            other => panic!("not timed out: {other:?}"),
+        timed_out(stall.watch_write(&mut cx, pending()), "10s");
+    }
+
+    /// hyper flushes its (empty) buffer on every wake while a refusal's
+    /// write is stuck: those flushes complete at once and must not keep a
+    /// stalled client alive (found by an attack on this clock).
+    #[tokio::test(start_paused = true)]
+    async fn completed_flushes_and_empty_writes_do_not_restart_the_clock() {
+        let waker = std::task::Waker::noop();
+        let mut cx = Context::from_waker(waker);
+        let mut stall = WriteStall::new(Some(Duration::from_secs(1)), None);
+        assert!(stall.watch_write(&mut cx, pending()).is_pending());
+        for _ in 0..4 {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            assert!(stall.watch_flush(&mut cx, Poll::Ready(Ok(()))).is_ready());
+            assert!(stall.watch_write(&mut cx, Poll::Ready(Ok(0))).is_ready());
         }
+        timed_out(stall.watch_flush(&mut cx, Poll::Pending), "1s");
     }
 
     #[tokio::test(start_paused = true)]
     async fn without_a_limit_a_stall_is_never_cut() {
         let waker = std::task::Waker::noop();
         let mut cx = Context::from_waker(waker);
-        let mut stall = WriteStall::new(None);
-        assert!(stall.watch(&mut cx, pending()).is_pending());
+        let mut stall = WriteStall::new(None, None);
+        assert!(stall.watch_write(&mut cx, pending()).is_pending());
         tokio::time::sleep(Duration::from_secs(3600)).await;
-        assert!(stall.watch(&mut cx, pending()).is_pending());
+        assert!(stall.watch_write(&mut cx, pending()).is_pending());
         assert!(stall.timer.is_none(), "no timer without a limit");
     }
 
@@ -153,10 +271,49 @@ mod tests {
     async fn writes_that_complete_at_once_arm_no_timer() {
         let waker = std::task::Waker::noop();
         let mut cx = Context::from_waker(waker);
-        let mut stall = WriteStall::new(Some(Duration::from_secs(1)));
+        let mut stall = WriteStall::new(Some(Duration::from_secs(1)), None);
         for _ in 0..100 {
-            assert!(stall.watch(&mut cx, Poll::Ready(Ok(1))).is_ready());
+            assert!(stall.watch_write(&mut cx, Poll::Ready(Ok(1))).is_ready());
         }
         assert!(stall.timer.is_none());
+    }
+
+    /// With the socket known, a client that acknowledged bytes during the
+    /// limit is reading: the clock starts again instead of cutting it.
+    /// A real loopback connection, real time (the kernel's counters).
+    #[tokio::test]
+    async fn a_client_acknowledging_bytes_keeps_its_connection() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut client = tokio::net::TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (mut server, _) = listener.accept().await.unwrap();
+        let base = bytes_acked(server.as_raw_fd()).expect("a TCP socket on Linux");
+        server.write_all(b"hello").await.unwrap();
+        let mut hello = [0u8; 5];
+        client.read_exact(&mut hello).await.unwrap();
+
+        let waker = std::task::Waker::noop();
+        let mut cx = Context::from_waker(waker);
+        let limit = Duration::from_millis(200);
+        let mut stall = WriteStall::new(Some(limit), Some(server.as_raw_fd()));
+        assert!(stall.watch_write(&mut cx, pending()).is_pending());
+        // The client acknowledges more bytes within the limit...
+        server.write_all(b"more").await.unwrap();
+        let mut more = [0u8; 4];
+        client.read_exact(&mut more).await.unwrap();
+        let acked = tokio::time::Instant::now() + Duration::from_secs(5);
+        while bytes_acked(server.as_raw_fd()) != Some(base + 9) {
+            assert!(tokio::time::Instant::now() < acked, "never acknowledged");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        tokio::time::sleep(limit + Duration::from_millis(50)).await;
+        assert!(
+            stall.watch_write(&mut cx, pending()).is_pending(),
+            "cut although the client acknowledged bytes"
+        );
+        // ...and then none for a whole limit: cut.
+        tokio::time::sleep(limit + Duration::from_millis(50)).await;
+        timed_out(stall.watch_write(&mut cx, pending()), "200ms");
     }
 }
