@@ -365,20 +365,39 @@ async fn rapid_reset_connections_are_closed_and_other_clients_keep_their_latency
     // accepted before its reset, which h2 does not count: the sidecar's
     // --h2-max-resets-per-second closes the connection (GOAWAY NO_ERROR)
     // after 100 within a second.
+    // On a starved machine (the whole suite running) the sidecar can read
+    // a burst of these at once, before it accepted the streams; then h2's
+    // own cap (ENHANCE_YOUR_CALM) closes the connection first, which is
+    // right too but does not exercise the sidecar's limit: up to three
+    // attempts, each closed one way or the other, one by the sidecar's.
     let before = closed_total(&Scrape::of(sidecar.admin).await, "rapid_reset");
-    let started = Instant::now();
-    let closed = raw_connection(sidecar.inbound, Duration::from_millis(1), |round| {
-        let id = 1 + 2 * round;
-        let mut bytes = frame(HEADERS, END_STREAM | END_HEADERS, id, GET_BLOCK);
-        bytes.extend(frame(RST_STREAM, 0, id, &8u32.to_be_bytes()));
-        Some(bytes)
-    })
-    .await;
-    eprintln!(
-        "paced rapid reset: {closed:?} ({:?} in all)",
-        started.elapsed()
+    let mut by_the_sidecar = false;
+    for attempt in 1..=3 {
+        let started = Instant::now();
+        let closed = raw_connection(sidecar.inbound, Duration::from_millis(1), |round| {
+            let id = 1 + 2 * round;
+            let mut bytes = frame(HEADERS, END_STREAM | END_HEADERS, id, GET_BLOCK);
+            bytes.extend(frame(RST_STREAM, 0, id, &8u32.to_be_bytes()));
+            Some(bytes)
+        })
+        .await;
+        eprintln!(
+            "paced rapid reset, attempt {attempt}: {closed:?} ({:?} in all)",
+            started.elapsed()
+        );
+        assert!(
+            matches!(closed.goaway, Some(NO_ERROR | ENHANCE_YOUR_CALM)),
+            "{closed:?}"
+        );
+        if closed.goaway == Some(NO_ERROR) {
+            by_the_sidecar = true;
+            break;
+        }
+    }
+    assert!(
+        by_the_sidecar,
+        "the sidecar's --h2-max-resets-per-second never closed a paced rapid reset"
     );
-    assert_eq!(closed.goaway, Some(NO_ERROR), "{closed:?}");
     Scrape::wait_for(
         sidecar.admin,
         "meshlet_h2_connections_closed_total",
