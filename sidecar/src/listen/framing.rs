@@ -62,8 +62,6 @@ use prometheus::IntCounter;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::{Instant, Sleep};
 
-use crate::listen::write_stall::WriteStall;
-
 /// Initial size of the per-connection buffer used while looking for a head
 /// (most heads are far smaller; it grows for larger ones, up to the limit).
 const READ_CHUNK: usize = 4 * 1024;
@@ -152,8 +150,6 @@ pub struct FramingGuard<T> {
     /// When the connection was accepted (idle since then if no request came).
     opened: Instant,
     in_flight: Arc<InFlightRequests>,
-    /// Fails writes to a client that takes no bytes for the limit.
-    write_stall: WriteStall,
 }
 
 /// Why the guard refused a request.
@@ -212,19 +208,13 @@ impl GuardConfig {
 }
 
 impl<T> FramingGuard<T> {
-    pub fn new(
-        inner: T,
-        config: Arc<GuardConfig>,
-        in_flight: Arc<InFlightRequests>,
-        write_stall: WriteStall,
-    ) -> Self {
+    pub fn new(inner: T, config: Arc<GuardConfig>, in_flight: Arc<InFlightRequests>) -> Self {
         FramingGuard {
             inner,
             buf: Vec::new(),
             start: 0,
             end: 0,
             scanner: Scanner::new(config.max_head),
-            write_stall,
             config,
             refusal: None,
             head_timer: None,
@@ -416,17 +406,13 @@ impl<T: AsyncRead + Unpin> FramingGuard<T> {
     }
 }
 
-/// Every write to the client goes through the write-stall clock
-/// (`write_stall`): one that takes no bytes for the limit fails.
 impl<T: AsyncWrite + Unpin> AsyncWrite for FramingGuard<T> {
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        let this = &mut *self;
-        let polled = Pin::new(&mut this.inner).poll_write(cx, buf);
-        this.write_stall.watch_write(cx, polled)
+        Pin::new(&mut self.inner).poll_write(cx, buf)
     }
 
     fn poll_write_vectored(
@@ -434,9 +420,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for FramingGuard<T> {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        let this = &mut *self;
-        let polled = Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
-        this.write_stall.watch_write(cx, polled)
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -444,9 +428,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for FramingGuard<T> {
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        let this = &mut *self;
-        let polled = Pin::new(&mut this.inner).poll_flush(cx);
-        this.write_stall.watch_flush(cx, polled)
+        Pin::new(&mut self.inner).poll_flush(cx)
     }
 
     /// hyper shuts the connection down after the end of input it was shown;
@@ -456,18 +438,15 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for FramingGuard<T> {
         if let Some((refusal, written)) = &mut this.refusal {
             let response = &this.config.answer(*refusal).response;
             while *written < response.len() {
-                let polled = Pin::new(&mut this.inner).poll_write(cx, &response[*written..]);
-                match ready!(this.write_stall.watch_write(cx, polled)) {
+                match ready!(Pin::new(&mut this.inner).poll_write(cx, &response[*written..])) {
                     Ok(0) | Err(_) => break, // the client is gone; nothing to tell it
                     Ok(n) => *written += n,
                 }
             }
             *written = response.len();
-            let polled = Pin::new(&mut this.inner).poll_flush(cx);
-            ready!(this.write_stall.watch_flush(cx, polled))?;
+            ready!(Pin::new(&mut this.inner).poll_flush(cx))?;
         }
-        let polled = Pin::new(&mut this.inner).poll_shutdown(cx);
-        this.write_stall.watch_flush(cx, polled)
+        Pin::new(&mut this.inner).poll_shutdown(cx)
     }
 }
 
@@ -882,6 +861,7 @@ mod tests {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     use super::*;
+    use crate::listen::write_stall::{WriteStall, WriteStallIo};
 
     fn guard_config(idle_timeout: Duration) -> Arc<GuardConfig> {
         let answer = || RefusalAnswer {
@@ -908,12 +888,7 @@ mod tests {
         let (mut client, server) = tokio::io::duplex(1024);
         let in_flight = Arc::new(InFlightRequests::default());
         let idle = Duration::from_secs(10);
-        let mut guard = FramingGuard::new(
-            server,
-            guard_config(idle),
-            Arc::clone(&in_flight),
-            WriteStall::new(None, None),
-        );
+        let mut guard = FramingGuard::new(server, guard_config(idle), Arc::clone(&in_flight));
         let head = b"GET / HTTP/1.1\r\nHost: a\r\n\r\n";
         client.write_all(head).await.unwrap();
         let mut buf = [0u8; 256];
@@ -948,10 +923,9 @@ mod tests {
             .response = vec![b'x'; 4096];
         let limit = Duration::from_secs(2);
         let mut guard = FramingGuard::new(
-            server,
+            WriteStallIo::new(server, WriteStall::new(Some(limit), None)),
             config,
             Arc::new(InFlightRequests::default()),
-            WriteStall::new(Some(limit), None),
         );
         // Sends a smuggling attempt, then never reads (and stays connected).
         let sender = tokio::spawn(async move {
@@ -991,12 +965,8 @@ mod tests {
     async fn an_incomplete_head_is_not_idle() {
         let (mut client, server) = tokio::io::duplex(1024);
         let in_flight = Arc::new(InFlightRequests::default());
-        let mut guard = FramingGuard::new(
-            server,
-            guard_config(Duration::from_millis(100)),
-            in_flight,
-            WriteStall::new(None, None),
-        );
+        let mut guard =
+            FramingGuard::new(server, guard_config(Duration::from_millis(100)), in_flight);
         client.write_all(b"GET / HT").await.unwrap();
         let mut buf = [0u8; 256];
         let started = Instant::now();

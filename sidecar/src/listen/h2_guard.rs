@@ -43,8 +43,6 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::Notify;
 
-use crate::listen::write_stall::WriteStall;
-
 /// How long an abusive connection's in-flight streams may still run after
 /// the GOAWAY before the connection is dropped.
 pub const ABUSE_GRACE: Duration = Duration::from_millis(500);
@@ -323,22 +321,14 @@ pub struct H2Guard<T> {
     inner: T,
     observer: FrameObserver,
     tripped: Arc<Tripped>,
-    /// Fails writes to a client that takes no bytes for the limit.
-    write_stall: WriteStall,
 }
 
 impl<T> H2Guard<T> {
-    pub fn new(
-        inner: T,
-        limits: FrameLimits,
-        tripped: Arc<Tripped>,
-        write_stall: WriteStall,
-    ) -> Self {
+    pub fn new(inner: T, limits: FrameLimits, tripped: Arc<Tripped>) -> Self {
         H2Guard {
             inner,
             observer: FrameObserver::new(limits),
             tripped,
-            write_stall,
         }
     }
 }
@@ -378,17 +368,13 @@ impl<T: AsyncRead + Unpin> AsyncRead for H2Guard<T> {
     }
 }
 
-/// Every write to the client goes through the write-stall clock
-/// (`write_stall`): one that takes no bytes for the limit fails.
 impl<T: AsyncWrite + Unpin> AsyncWrite for H2Guard<T> {
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
-        let this = self.get_mut();
-        let polled = Pin::new(&mut this.inner).poll_write(cx, buf);
-        this.write_stall.watch_write(cx, polled)
+        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
     }
 
     fn poll_write_vectored(
@@ -396,9 +382,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for H2Guard<T> {
         cx: &mut Context<'_>,
         bufs: &[std::io::IoSlice<'_>],
     ) -> Poll<std::io::Result<usize>> {
-        let this = self.get_mut();
-        let polled = Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
-        this.write_stall.watch_write(cx, polled)
+        Pin::new(&mut self.get_mut().inner).poll_write_vectored(cx, bufs)
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -406,15 +390,11 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for H2Guard<T> {
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        let this = self.get_mut();
-        let polled = Pin::new(&mut this.inner).poll_flush(cx);
-        this.write_stall.watch_flush(cx, polled)
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        let this = self.get_mut();
-        let polled = Pin::new(&mut this.inner).poll_shutdown(cx);
-        this.write_stall.watch_flush(cx, polled)
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
     }
 }
 
@@ -649,12 +629,7 @@ mod tests {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let (mut client, server) = tokio::io::duplex(1 << 16);
         let tripped = Arc::new(Tripped::default());
-        let mut guard = H2Guard::new(
-            server,
-            limits(2, 0, 0),
-            Arc::clone(&tripped),
-            WriteStall::new(None, None),
-        );
+        let mut guard = H2Guard::new(server, limits(2, 0, 0), Arc::clone(&tripped));
         let mut stream = PREFACE.to_vec();
         stream.extend(resets(3));
         client.write_all(&stream).await.unwrap();

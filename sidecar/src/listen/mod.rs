@@ -4,8 +4,8 @@
 //! ```text
 //! accept (server) ─► transparent listener: original destination (original_dst)
 //!                 ─► peek the first bytes (sniff): HTTP/1.1 | h2c | opaque TCP
-//!   HTTP/1.1 ─► FramingGuard (framing) ─► hyper http1 (upgrades) ─► Handler (proxy)
-//!   h2c      ─► H2Guard (h2_guard) ─► hyper http2 ──────────────► Handler (proxy)
+//!   HTTP/1.1 ─► WriteStallIo (write_stall) ─► FramingGuard (framing) ─► hyper http1 (upgrades) ─► Handler (proxy)
+//!   h2c      ─► WriteStallIo (write_stall) ─► H2Guard (h2_guard) ─► hyper http2 ──────────────► Handler (proxy)
 //!   opaque   ─► Interception::splice (transparent) ─► tunnel::copy_both_ways
 //!   TLS (mesh hop, inbound with a certificate) ─► identity::tls::accept ─► Peer.identity
 //!       ─► ALPN h2 → H2Guard → hyper http2 | http/1.1 → FramingGuard → hyper http1 | meshlet-tcp → the app
@@ -30,8 +30,9 @@
 //!   pairs from PEM files, the pair chosen by SNI, reloaded when the files
 //!   change.
 //! - `tunnel` — byte splicing for `CONNECT`, upgrades and opaque TCP.
-//! - `write_stall` — both guards fail the writes of a client that takes no
-//!   response bytes for `--stream-idle-timeout`, so the connection closes.
+//! - `write_stall` — the I/O wrapper under both guards that fails the
+//!   writes of a client that takes no response bytes for
+//!   `--stream-idle-timeout`, so the connection closes.
 //!
 //! **Invariants:** a connection is counted in `active_connections` from
 //! accept to close; a refusal below hyper (400, 431) waits until the

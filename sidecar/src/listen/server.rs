@@ -58,7 +58,7 @@ use crate::listen::stop::StopWatch;
 use crate::listen::terminate::Terminator;
 use crate::listen::transparent::Interception;
 use crate::listen::tunnel;
-use crate::listen::write_stall::WriteStall;
+use crate::listen::write_stall::{WriteStall, WriteStallIo};
 use crate::settings::Limits;
 use crate::telemetry::metrics::ListenerMetrics;
 use crate::upstream::in_flight::ClientStreams;
@@ -352,7 +352,8 @@ impl<H: Handler> Shared<H> {
         let streams = http2.then(|| ClientStreams::new(self.limits.upstream_streams_per_client));
         // A client that takes no response bytes is cut off; its TCP socket
         // (under any TLS) says whether it is reading at all.
-        let stall = WriteStall::new(self.limits.stream_idle_timeout, Some(io.as_raw_fd()));
+        let clock = WriteStall::new(self.limits.stream_idle_timeout, Some(io.as_raw_fd()));
+        let io = WriteStallIo::new(io, clock);
         let service = service_fn(move |mut request: Request<Incoming>| {
             if let Some(streams) = &streams {
                 request.extensions_mut().insert(streams.clone());
@@ -367,7 +368,7 @@ impl<H: Handler> Shared<H> {
         });
         if http2 {
             let tripped = Arc::new(Tripped::default());
-            let guarded = H2Guard::new(io, self.protocols.h2_frames, Arc::clone(&tripped), stall);
+            let guarded = H2Guard::new(io, self.protocols.h2_frames, Arc::clone(&tripped));
             let connection = self
                 .protocols
                 .http2
@@ -389,12 +390,7 @@ impl<H: Handler> Shared<H> {
             }
             return Ok(());
         }
-        let guarded = TokioIo::new(FramingGuard::new(
-            io,
-            Arc::clone(&self.guard),
-            in_flight,
-            stall,
-        ));
+        let guarded = TokioIo::new(FramingGuard::new(io, Arc::clone(&self.guard), in_flight));
         let connection = self
             .protocols
             .http1

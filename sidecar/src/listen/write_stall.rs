@@ -8,9 +8,10 @@
 //! polled (and its own idle timer only runs) while the client takes bytes.
 //! nginx calls this `send_timeout`; Envoy's stream idle timeout covers it.
 //!
-//! Data flow: the connection guards (`framing::FramingGuard` for HTTP/1.1,
-//! `h2_guard::H2Guard` for HTTP/2) hand each poll of a write
-//! ([`WriteStall::watch_write`]) and of a flush or shutdown
+//! Data flow: `server` wraps every HTTP client connection (plain TCP or
+//! TLS) in a [`WriteStallIo`] under its guard (`framing::FramingGuard` for
+//! HTTP/1.1, `h2_guard::H2Guard` for HTTP/2), which hands each poll of a
+//! write ([`WriteStall::watch_write`]) and of a flush or shutdown
 //! ([`WriteStall::watch_flush`]) of the client socket to the clock. A
 //! pending poll starts it (one timer per connection, created at its first
 //! stall and re-armed at the next) and polls the timer, so the
@@ -44,7 +45,76 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use nix::libc;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::{Instant, Sleep};
+
+/// A client connection's I/O with its writes watched by a [`WriteStall`]
+/// (reads pass through).
+#[derive(Debug)]
+pub struct WriteStallIo<T> {
+    inner: T,
+    clock: WriteStall,
+}
+
+impl<T> WriteStallIo<T> {
+    pub fn new(inner: T, clock: WriteStall) -> Self {
+        WriteStallIo { inner, clock }
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for WriteStallIo<T> {
+    #[inline]
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for WriteStallIo<T> {
+    #[inline]
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = &mut *self;
+        let polled = Pin::new(&mut this.inner).poll_write(cx, buf);
+        this.clock.watch_write(cx, polled)
+    }
+
+    #[inline]
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let this = &mut *self;
+        let polled = Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
+        this.clock.watch_write(cx, polled)
+    }
+
+    #[inline]
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    #[inline]
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = &mut *self;
+        let polled = Pin::new(&mut this.inner).poll_flush(cx);
+        this.clock.watch_flush(cx, polled)
+    }
+
+    #[inline]
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = &mut *self;
+        let polled = Pin::new(&mut this.inner).poll_shutdown(cx);
+        this.clock.watch_flush(cx, polled)
+    }
+}
 
 /// The write-stall clock of one client connection.
 #[derive(Debug)]
@@ -75,6 +145,7 @@ impl WriteStall {
     /// Passes on `polled`, the result of polling a write to the client: one
     /// that took bytes stops the clock; a pending one runs it, and becomes a
     /// `TimedOut` error once the client has taken nothing for the limit.
+    #[inline]
     pub fn watch_write(
         &mut self,
         cx: &mut Context<'_>,
@@ -92,6 +163,7 @@ impl WriteStall {
 
     /// As [`Self::watch_write`], for a flush or shutdown: completing one is
     /// no sign of the client reading, so it leaves the clock as it is.
+    #[inline]
     pub fn watch_flush(
         &mut self,
         cx: &mut Context<'_>,
