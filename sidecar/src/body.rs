@@ -13,12 +13,16 @@
 //! concurrency slot, and the request's [`RequestRecord`] (whose release
 //! counts the request as complete, see `observe`). A body can also count
 //! its data bytes on a route's byte counter: one atomic add per frame.
+//! For an HTTP/2 client's stream it tells the stream's watch after each
+//! poll whether it gave a frame or waits for the upstream
+//! ([`ProxyBody::reporting_to`], see `listen::stream_watch`).
 //! And it can drop named fields from its trailers ([`ProxyBody::without_trailers`]:
 //! the identity headers a client sent as request trailers); only a
 //! trailers frame is looked at, data frames pass untouched.
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -31,6 +35,7 @@ use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::{Instant, Sleep};
 
 use crate::listen::framing::RequestGuard;
+use crate::listen::stream_watch::StreamProgress;
 use crate::telemetry::observe::{CarriesRecord, RequestRecord};
 use crate::upstream::h1_client::ResponseBody;
 use crate::upstream::in_flight::{InFlight, StreamSlot};
@@ -69,6 +74,9 @@ struct Guards {
     /// A gateway: the record of the request as it entered (the server
     /// span), finished after `completion` (the backend call's).
     outer_completion: Option<RequestRecord>,
+    /// An HTTP/2 client's stream: told after each poll whether the body
+    /// gave a frame (see `stream_watch`).
+    client_stream: Option<Arc<StreamProgress>>,
 }
 
 #[derive(Debug)]
@@ -254,6 +262,13 @@ impl ProxyBody {
         self
     }
 
+    /// Tells `progress` after each poll whether this (response) body gave a
+    /// frame or waits for the upstream (an HTTP/2 client's stream watch).
+    pub fn reporting_to(mut self, progress: Arc<StreamProgress>) -> Self {
+        self.guards().client_stream = Some(progress);
+        self
+    }
+
     /// Finishes the request's record once this (response) body has been
     /// fully sent or dropped. A second record (a gateway's own, given
     /// after its backend call's) is finished after the first.
@@ -320,6 +335,9 @@ impl Body for ProxyBody {
                 },
             },
         };
+        if let Some(progress) = this.guards.as_ref().and_then(|g| g.client_stream.as_ref()) {
+            progress.body_polled(polled.is_ready());
+        }
         match &mut polled {
             Poll::Ready(Some(Ok(frame))) => {
                 if let (Some(bytes), Some(data)) = (&this.bytes, frame.data_ref()) {

@@ -171,8 +171,9 @@ pub struct Args {
     #[arg(long, env = "MESHLET_IDLE_TIMEOUT", default_value = "90s", value_parser = parse_duration)]
     pub idle_timeout: Duration,
     /// A body (either direction) that brings no data this long is failed,
-    /// and a client that takes no response bytes this long is
-    /// disconnected (0s = never).
+    /// a client that takes no response bytes this long is disconnected,
+    /// and an HTTP/2 stream whose response waits this long on the client's
+    /// flow-control window is reset (0s = never).
     #[arg(long, env = "MESHLET_STREAM_IDLE_TIMEOUT", default_value = "5m", value_parser = parse_duration)]
     pub stream_idle_timeout: Duration,
     /// Streams one client connection may hold at once on shared upstream

@@ -576,3 +576,221 @@ async fn an_http2_client_that_stops_reading_is_cut_off_after_the_stream_idle_tim
         .expect("served after the cut-off");
     assert_eq!(response.status(), 200);
 }
+
+/// What a raw HTTP/2 client saw on its connection, per stream.
+#[derive(Debug, Default)]
+struct StreamLog {
+    /// Streams the server reset, with when.
+    resets: Vec<(u32, Instant)>,
+    /// DATA bytes received per stream.
+    data: std::collections::HashMap<u32, u64>,
+    /// The connection has ended.
+    closed: bool,
+}
+
+/// A raw h2c connection to `addr` that opens `streams` GETs of `path` after
+/// SETTINGS with `initial_window` and then only reads: it acknowledges
+/// SETTINGS and PINGs (a live client), logs resets and data, and opens no
+/// window itself (the caller writes WINDOW_UPDATEs through the writer).
+async fn windowed_client(
+    addr: SocketAddr,
+    initial_window: u32,
+    path: &str,
+    streams: u32,
+) -> (
+    Arc<std::sync::Mutex<StreamLog>>,
+    Arc<tokio::sync::Mutex<tokio::net::tcp::OwnedWriteHalf>>,
+) {
+    let stream = TcpStream::connect(addr).await.expect("connect");
+    let (mut reader, writer) = stream.into_split();
+    let writer = Arc::new(tokio::sync::Mutex::new(writer));
+    // `:method GET`, `:scheme http`, `:path` (indexed name, literal
+    // value), `:authority app`.
+    let mut block = vec![0x82, 0x86, 0x04, path.len() as u8];
+    block.extend_from_slice(path.as_bytes());
+    block.extend_from_slice(&[0x01, 0x03, b'a', b'p', b'p']);
+    let mut opening = PREFACE.to_vec();
+    let mut window = vec![0x00, 0x04];
+    window.extend_from_slice(&initial_window.to_be_bytes());
+    opening.extend(frame(SETTINGS, 0, 0, &window));
+    for n in 0..streams {
+        opening.extend(frame(HEADERS, END_STREAM | END_HEADERS, 1 + 2 * n, &block));
+    }
+    writer.lock().await.write_all(&opening).await.unwrap();
+    let log = Arc::new(std::sync::Mutex::new(StreamLog::default()));
+    let (seen, answers) = (Arc::clone(&log), Arc::clone(&writer));
+    tokio::spawn(async move {
+        let mut buf = Vec::new();
+        let mut chunk = [0u8; 16 * 1024];
+        loop {
+            let n = match reader.read(&mut chunk).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => n,
+            };
+            buf.extend_from_slice(&chunk[..n]);
+            while buf.len() >= 9 {
+                let len =
+                    usize::from(buf[0]) << 16 | usize::from(buf[1]) << 8 | usize::from(buf[2]);
+                if buf.len() < 9 + len {
+                    break;
+                }
+                let (kind, flags) = (buf[3], buf[4]);
+                let id = u32::from_be_bytes(buf[5..9].try_into().unwrap()) & 0x7fff_ffff;
+                let payload = buf[9..9 + len].to_vec();
+                buf.drain(..9 + len);
+                let answer = match kind {
+                    DATA => {
+                        *seen.lock().unwrap().data.entry(id).or_default() += len as u64;
+                        None
+                    }
+                    RST_STREAM => {
+                        seen.lock().unwrap().resets.push((id, Instant::now()));
+                        None
+                    }
+                    SETTINGS if flags & ACK == 0 => Some(frame(SETTINGS, ACK, 0, &[])),
+                    PING if flags & ACK == 0 => Some(frame(PING, ACK, 0, &payload)),
+                    _ => None,
+                };
+                if let Some(answer) = answer {
+                    let _ = answers.lock().await.write_all(&answer).await;
+                }
+            }
+        }
+        seen.lock().unwrap().closed = true;
+    });
+    (log, writer)
+}
+
+const DATA: u8 = 0x0;
+const WINDOW_UPDATE: u8 = 0x8;
+
+/// The attack that held 314 of the app's connections: an h2c client that
+/// advertises a flow-control window of zero and never opens it, while it
+/// answers PINGs (so the connection is alive and its socket never stalls).
+/// Each of its streams is reset after `--stream-idle-timeout`, and the
+/// upstream connection each response was read from is released.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_of_a_client_that_never_opens_its_window_are_reset_and_release_the_app() {
+    const STREAMS: u32 = 20;
+    // An HTTP/1.1 app: one connection per stream in flight.
+    let app = Upstream::start_http1_only("app").await;
+    let args = ["--stream-idle-timeout", "1s", "--app-protocol", "http1"];
+    let sidecar = sidecar(&app, &args).await;
+    let (log, _writer) =
+        windowed_client(sidecar.inbound, 0, "/download?bytes=4194304", STREAMS).await;
+
+    // Every stream reached the app and holds a connection to it.
+    wait::until(
+        "every stream's request at the app",
+        Duration::from_secs(10),
+        || async { (app.open_connections() >= STREAMS as usize).then_some(()) },
+    )
+    .await;
+    let held = Instant::now();
+
+    wait::until(
+        "every stream reset and the app's connections released",
+        Duration::from_secs(10),
+        || async {
+            let resets = log.lock().unwrap().resets.len();
+            (resets == STREAMS as usize && app.open_connections() == 0).then_some(())
+        },
+    )
+    .await;
+    {
+        let log = log.lock().unwrap();
+        let first = log.resets.iter().map(|(_, at)| *at).min().unwrap();
+        assert!(
+            first.duration_since(held) >= Duration::from_millis(700),
+            "reset before the limit: {:?} after the app had the requests",
+            first.duration_since(held)
+        );
+        assert!(!log.closed, "the connection itself is the client's to keep");
+        assert_eq!(
+            log.data.values().sum::<u64>(),
+            0,
+            "a zero window was overrun"
+        );
+    }
+    // The sidecar serves others as before.
+    let mut client = h2c_client(sidecar.inbound).await;
+    assert_eq!(well_behaved(&mut client, 1).await.len(), 1);
+}
+
+/// The other side of the watch: a client that opens its window a little at
+/// a time, more slowly than the whole response but never pausing for the
+/// limit, gets every byte; and a response whose head takes longer than the
+/// limit (the app is slow, within `--upstream-timeout`) is not the watch's
+/// business.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_steady_http2_reader_and_a_slow_app_are_never_reset() {
+    const BODY: u64 = 256 * 1024;
+    const STEP: u32 = 16 * 1024;
+    let app = Upstream::start("app").await;
+    let sidecar = sidecar(&app, &["--stream-idle-timeout", "1s"]).await;
+    let (log, writer) =
+        windowed_client(sidecar.inbound, 0, &format!("/download?bytes={BODY}"), 1).await;
+    // 16 KiB every 250 ms: the 256 KiB take 4 s, four times the limit.
+    let started = Instant::now();
+    let mut opened = 0u64;
+    while opened < BODY {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        let mut updates = frame(WINDOW_UPDATE, 0, 0, &STEP.to_be_bytes());
+        updates.extend(frame(WINDOW_UPDATE, 0, 1, &STEP.to_be_bytes()));
+        writer.lock().await.write_all(&updates).await.unwrap();
+        opened += u64::from(STEP);
+    }
+    let received = wait::within(Duration::from_secs(5), || async {
+        let log = log.lock().unwrap();
+        (log.data.get(&1).copied() == Some(BODY) || !log.resets.is_empty()).then_some(())
+    })
+    .await;
+    {
+        let log = log.lock().unwrap();
+        assert!(
+            received.is_some() && log.resets.is_empty(),
+            "a steady reader was cut: {:?} of {BODY} bytes after {:?}, resets {:?}",
+            log.data.get(&1),
+            started.elapsed(),
+            log.resets
+        );
+    }
+
+    app.set_delay(Duration::from_millis(2500));
+    let mut client = h2c_client(sidecar.inbound).await;
+    let latencies = well_behaved(&mut client, 1).await;
+    assert!(latencies[0] >= Duration::from_millis(2500));
+}
+
+/// A route's `TimeoutPolicy idle` longer than `--stream-idle-timeout` lets
+/// an upstream pause that long between pieces of a response; the stream
+/// watch (which resets streams waiting on the *client* for the listener's
+/// limit) leaves such a stream alone, over HTTP/2 as over HTTP/1.1.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http2_response_paused_by_the_upstream_within_its_route_idle_timeout_arrives_whole() {
+    let app = Upstream::start("files").await;
+    let config = format!(
+        "apiVersion: meshlet.dev/v1alpha1\nkind: Service\nmetadata: {{name: files}}\nspec:\n  endpoints:\n    - address: {}\n\
+         ---\napiVersion: meshlet.dev/v1alpha1\nkind: TimeoutPolicy\nmetadata: {{name: patient}}\nspec: {{targetRef: {{service: files}}, idle: 10s}}\n",
+        app.addr
+    );
+    let sidecar = SidecarProcess::builder("files", app.port())
+        .config(&config)
+        .arg("--stream-idle-timeout")
+        .arg("1s")
+        .start()
+        .await;
+    let mut client = h2c_client(sidecar.outbound).await;
+    let request = http::Request::get("http://files/drip?ms=2500&pieces=2")
+        .body(Empty::new())
+        .unwrap();
+    let response = client.send_request(request).await.expect("response head");
+    assert_eq!(response.status(), 200);
+    let body = response
+        .into_body()
+        .collect()
+        .await
+        .expect("the whole body")
+        .to_bytes();
+    assert_eq!(&body[..], b"piece 0\npiece 1\n");
+}

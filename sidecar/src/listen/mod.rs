@@ -33,6 +33,9 @@
 //! - `write_stall` — the I/O wrapper under both guards that fails the
 //!   writes of a client that takes no response bytes for
 //!   `--stream-idle-timeout`, so the connection closes.
+//! - `stream_watch` — the same limit per HTTP/2 stream: a response that
+//!   waits on the client's flow-control window that long is reset
+//!   (hyper's stream tasks run through its executor).
 //!
 //! **Invariants:** a connection is counted in `active_connections` from
 //! accept to close; a refusal below hyper (400, 431) waits until the
@@ -47,6 +50,7 @@ pub(crate) mod original_dst;
 pub(crate) mod server;
 pub(crate) mod sniff;
 pub(crate) mod stop;
+pub(crate) mod stream_watch;
 pub(crate) mod terminate;
 pub(crate) mod transparent;
 pub(crate) mod tunnel;

@@ -41,7 +41,7 @@ use http::{HeaderValue, Request, Response};
 use hyper::body::Incoming;
 use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use meshlet_api::identity::SpiffeId;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch};
@@ -55,6 +55,7 @@ use crate::listen::h2_guard::{self, CloseReason, FrameLimits, H2Guard, Tripped};
 use crate::listen::original_dst::original_destination;
 use crate::listen::sniff::{self, Listener, Protocol};
 use crate::listen::stop::StopWatch;
+use crate::listen::stream_watch::{self, StreamExecutor, StreamProgress};
 use crate::listen::terminate::Terminator;
 use crate::listen::transparent::Interception;
 use crate::listen::tunnel;
@@ -354,6 +355,9 @@ impl<H: Handler> Shared<H> {
         // (under any TLS) says whether it is reading at all.
         let clock = WriteStall::new(self.limits.stream_idle_timeout, Some(io.as_raw_fd()));
         let io = WriteStallIo::new(io, clock);
+        // An HTTP/2 stream whose response waits on the client's flow
+        // control is reset after the same limit (see `stream_watch`).
+        let watch_streams = http2 && self.protocols.http2_streams.watches();
         let service = service_fn(move |mut request: Request<Incoming>| {
             if let Some(streams) = &streams {
                 request.extensions_mut().insert(streams.clone());
@@ -361,9 +365,21 @@ impl<H: Handler> Shared<H> {
             let (handler, client) = (Arc::clone(&handler), Arc::clone(&client));
             let answered = requests.start();
             let span = request_span(&request);
+            let progress = watch_streams.then(|| {
+                let progress = StreamProgress::new();
+                stream_watch::hand_over(Arc::clone(&progress));
+                progress
+            });
             async move {
                 let response = handler.handle(request, &client).instrument(span).await;
-                Ok::<_, Infallible>(response.map(|body| body.with_request_guard(answered)))
+                let response = response.map(|body| body.with_request_guard(answered));
+                Ok::<_, Infallible>(match progress {
+                    None => response,
+                    Some(progress) => {
+                        progress.answered();
+                        response.map(|body| body.reporting_to(progress))
+                    }
+                })
             }
         });
         if http2 {
@@ -669,7 +685,9 @@ where
 /// The connection builders for both protocols, configured once.
 struct Protocols {
     http1: http1::Builder,
-    http2: http2::Builder<TokioExecutor>,
+    http2: http2::Builder<StreamExecutor>,
+    /// How the HTTP/2 server runs each stream's task.
+    http2_streams: StreamExecutor,
     /// What each HTTP/2 connection's frame guard enforces.
     h2_frames: FrameLimits,
 }
@@ -686,7 +704,8 @@ impl Protocols {
             // hyper answers 431 when the request head exceeds its read buffer.
             .max_buf_size(limits.max_header_bytes.max(8192))
             .keep_alive(true);
-        let mut http2 = http2::Builder::new(TokioExecutor::new());
+        let http2_streams = StreamExecutor::new(limits.stream_idle_timeout);
+        let mut http2 = http2::Builder::new(http2_streams);
         // h2 keeps its own caps on resets of streams not yet accepted and
         // on streams it resets for a client's errors (both close with
         // ENHANCE_YOUR_CALM); the frame guard adds per-second rates.
@@ -704,6 +723,7 @@ impl Protocols {
         Protocols {
             http1,
             http2,
+            http2_streams,
             h2_frames,
         }
     }
