@@ -30,9 +30,10 @@
 //! heartbeat connection is never evicted before an idle or unproven one.
 //!
 //! A client that stops reading its responses cannot hold a slot as
-//! "busy" forever either: a write blocked on it for
-//! [`Limits::write_timeout`] fails and ends the connection
-//! (`stall.rs`), and an evicted connection that does not finish within
+//! "busy" forever either: once it has acknowledged no response byte for
+//! [`Limits::write_timeout`] while writes to it are pending, they fail and
+//! the connection ends (`meshlet_netio::write_stall`, the sidecar's clock;
+//! a client reading slowly but steadily is never cut), and an evicted connection that does not finish within
 //! two seconds of its graceful shutdown is dropped.
 //!
 //! Out of file descriptors (`EMFILE`/`ENFILE` from accept, e.g. under
@@ -51,6 +52,7 @@
 //! [`Limits::drain_timeout`].
 
 use std::collections::{BTreeMap, HashMap};
+use std::os::fd::AsRawFd;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -60,6 +62,7 @@ use std::time::{Duration, Instant};
 use axum::Router;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper_util::rt::{TokioIo, TokioTimer};
+use meshlet_netio::{WriteStall, WriteStallIo};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Notify};
@@ -91,8 +94,9 @@ pub struct Limits {
     pub idle_timeout: Duration,
     /// On shutdown, requests in flight get this long to finish.
     pub drain_timeout: Duration,
-    /// A response write the client has not let progress for this long
-    /// fails and closes the connection (`stall::WriteDeadline`).
+    /// A client that acknowledges no response byte for this long while
+    /// writes to it are pending is disconnected
+    /// (`meshlet_netio::write_stall`).
     pub write_timeout: Duration,
 }
 
@@ -481,7 +485,7 @@ impl Slot {
         head_deadline: tokio::time::Instant,
         mut shutdown: watch::Receiver<bool>,
     ) where
-        IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+        IO: AsyncRead + AsyncWrite + AsRawFd + Unpin + Send + 'static,
     {
         let tracker = self.tracker.clone();
         let id = self.id;
@@ -502,14 +506,14 @@ impl Slot {
                 }))
             }
         });
+        // A client that stops reading its responses is cut off; its TCP
+        // socket (under the TLS) says whether it reads at all.
+        let write_stall = WriteStall::new(Some(limits.write_timeout), Some(io.as_raw_fd()));
         let connection = hyper::server::conn::http1::Builder::new()
             .timer(TokioTimer::new())
             .header_read_timeout(limits.idle_timeout)
             .max_buf_size(64 * 1024)
-            .serve_connection(
-                TokioIo::new(stall::WriteDeadline::new(io, limits.write_timeout)),
-                service,
-            );
+            .serve_connection(TokioIo::new(WriteStallIo::new(io, write_stall)), service);
         tokio::pin!(connection);
         let mut leaving = false;
         // Set when evicted: past it the connection is dropped, finished or not.
@@ -563,8 +567,6 @@ pub fn raise_open_file_limit() -> Option<u64> {
     }
     Some(soft)
 }
-
-mod stall;
 
 #[cfg(test)]
 mod tests;

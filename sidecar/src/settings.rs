@@ -165,7 +165,7 @@ pub struct Limits {
     pub idle_timeout: Duration,
     /// A request or response body that brings no data for this long is
     /// failed (the connection is reset), and a client connection whose
-    /// writes take no bytes for this long is closed (`listen::write_stall`);
+    /// writes take no bytes for this long is closed (`meshlet_netio::write_stall`);
     /// `None` waits forever.
     #[serde(with = "humantime_serde_compat::option")]
     pub stream_idle_timeout: Option<Duration>,

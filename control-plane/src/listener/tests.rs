@@ -302,6 +302,51 @@ async fn a_client_that_never_reads_its_responses_loses_its_slot() {
     drop(stuck);
 }
 
+/// The other side of the write deadline: a client reading a large answer
+/// slowly but steadily (a sidecar on a busy node taking a big snapshot)
+/// keeps its connection, although the kernel leaves each of the server's
+/// writes pending for longer than the limit (it wakes a writer only once a
+/// third of the send buffer has drained): the clock goes by the bytes the
+/// client acknowledged.
+#[tokio::test]
+async fn a_client_reading_a_large_answer_slowly_but_steadily_keeps_its_connection() {
+    let limits = Limits {
+        write_timeout: Duration::from_secs(1),
+        ..Limits::default()
+    };
+    let stats = Arc::new(ConnectionStats::default());
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (_stop, stopped) = watch::channel(false);
+    let arrived = Arc::new(tokio::sync::Notify::new());
+    tokio::spawn(serve_counted(
+        listener,
+        None,
+        app(arrived),
+        limits,
+        stopped,
+        stats.clone(),
+    ));
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4 * 1024).unwrap();
+    let mut stream = socket.connect(addr).await.unwrap();
+    // 8 MiB asked for: more than the kernel's largest send buffer.
+    let pipelined = "GET /big HTTP/1.1\r\nhost: a\r\n\r\n".repeat(8);
+    stream.write_all(pipelined.as_bytes()).await.unwrap();
+    // 2 KiB every 100 ms (20 KiB/s; the kernel opens the window every
+    // 4 KiB) for 4 s: four times the limit.
+    let mut buf = [0u8; 2048];
+    let mut read = 0;
+    let started = std::time::Instant::now();
+    while started.elapsed() < Duration::from_secs(4) {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let n = stream.read(&mut buf).await.unwrap();
+        assert_ne!(n, 0, "cut off after {read} bytes, {:?}", started.elapsed());
+        read += n;
+    }
+    assert_eq!(stats.open(), 1);
+}
+
 #[tokio::test]
 async fn a_connection_without_a_first_request_is_closed_after_the_header_timeout() {
     let limits = Limits {

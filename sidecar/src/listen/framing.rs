@@ -861,7 +861,7 @@ mod tests {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     use super::*;
-    use crate::listen::write_stall::{WriteStall, WriteStallIo};
+    use meshlet_netio::{WriteStall, WriteStallIo};
 
     fn guard_config(idle_timeout: Duration) -> Arc<GuardConfig> {
         let answer = || RefusalAnswer {

@@ -4,8 +4,8 @@
 //! ```text
 //! accept (server) ─► transparent listener: original destination (original_dst)
 //!                 ─► peek the first bytes (sniff): HTTP/1.1 | h2c | opaque TCP
-//!   HTTP/1.1 ─► WriteStallIo (write_stall) ─► FramingGuard (framing) ─► hyper http1 (upgrades) ─► Handler (proxy)
-//!   h2c      ─► WriteStallIo (write_stall) ─► H2Guard (h2_guard) ─► hyper http2 ──────────────► Handler (proxy)
+//!   HTTP/1.1 ─► WriteStallIo (netio) ─► FramingGuard (framing) ─► hyper http1 (upgrades) ─► Handler (proxy)
+//!   h2c      ─► WriteStallIo (netio) ─► H2Guard (h2_guard) ─► hyper http2 ──────────────► Handler (proxy)
 //!   opaque   ─► Interception::splice (transparent) ─► tunnel::copy_both_ways
 //!   TLS (mesh hop, inbound with a certificate) ─► identity::tls::accept ─► Peer.identity
 //!       ─► ALPN h2 → H2Guard → hyper http2 | http/1.1 → FramingGuard → hyper http1 | meshlet-tcp → the app
@@ -30,8 +30,9 @@
 //!   pairs from PEM files, the pair chosen by SNI, reloaded when the files
 //!   change.
 //! - `tunnel` — byte splicing for `CONNECT`, upgrades and opaque TCP.
-//! - `write_stall` — the I/O wrapper under both guards that fails the
-//!   writes of a client that takes no response bytes for
+//! - `meshlet_netio::write_stall` (a crate of its own, shared with the
+//!   control plane's API listener) — the I/O wrapper under both guards
+//!   that fails the writes of a client that takes no response bytes for
 //!   `--stream-idle-timeout`, so the connection closes.
 //! - `stream_watch` — the same limit per HTTP/2 stream: a response that
 //!   waits on the client's flow-control window that long is reset
@@ -54,4 +55,3 @@ pub(crate) mod stream_watch;
 pub(crate) mod terminate;
 pub(crate) mod transparent;
 pub(crate) mod tunnel;
-pub(crate) mod write_stall;

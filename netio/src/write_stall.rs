@@ -1,25 +1,27 @@
 //! A client that stops taking response bytes is cut off: once it has
-//! acknowledged no byte for the limit (`--stream-idle-timeout`) while the
-//! sidecar has bytes for it, writes to it fail with `TimedOut` and the
-//! server closes the connection, which drops the response and with it the
-//! request's upstream connection and buffers. Without this a client that
-//! sends a request for a large response and never reads would hold an
-//! upstream connection for as long as it liked: the response body is only
-//! polled (and its own idle timer only runs) while the client takes bytes.
-//! nginx calls this `send_timeout`; Envoy's stream idle timeout covers it.
+//! acknowledged no byte for the limit while the server has bytes for it,
+//! writes to it fail with `TimedOut` and hyper closes the connection, which
+//! drops the response and whatever it holds. Without this a client that
+//! asks for a large response (or pipelines requests) and never reads holds
+//! its connection for as long as it likes: the response body is only polled
+//! (and its own idle timer only runs) while the client takes bytes, and a
+//! connection with a response in flight counts as busy. nginx calls this
+//! `send_timeout`; Envoy's stream idle timeout covers it.
 //!
-//! Data flow: `server` wraps every HTTP client connection (plain TCP or
-//! TLS) in a [`WriteStallIo`] under its guard (`framing::FramingGuard` for
-//! HTTP/1.1, `h2_guard::H2Guard` for HTTP/2), which hands each poll of a
-//! write ([`WriteStall::watch_write`]) and of a flush or shutdown
-//! ([`WriteStall::watch_flush`]) of the client socket to the clock. A
-//! pending poll starts it (one timer per connection, created at its first
-//! stall and re-armed at the next) and polls the timer, so the
-//! connection's task is woken when the limit passes although the socket
-//! never becomes writable. A write that takes bytes stops it; a flush or
-//! shutdown that completes does not (hyper flushes an empty buffer on every
-//! wake, which says nothing about the client). A write that completes at
-//! once — the usual case — touches no timer.
+//! Who uses it: the sidecar wraps every HTTP client connection (plain TCP
+//! or TLS) in a [`WriteStallIo`] under its guard (`FramingGuard` for
+//! HTTP/1.1, `H2Guard` for HTTP/2), limit `--stream-idle-timeout`; the
+//! control plane wraps every HTTPS API connection (the sidecars' watch
+//! streams, `meshctl`, the dashboard), limit `Limits::write_timeout`. The
+//! wrapper hands each poll of a write ([`WriteStall::watch_write`]) and of
+//! a flush or shutdown ([`WriteStall::watch_flush`]) of the client socket
+//! to the clock. A pending poll starts it (one timer per connection,
+//! created at its first stall and re-armed at the next) and polls the
+//! timer, so the connection's task is woken when the limit passes although
+//! the socket never becomes writable. A write that takes bytes stops it; a
+//! flush or shutdown that completes does not (hyper flushes an empty buffer
+//! on every wake, which says nothing about the client). A write that
+//! completes at once — the usual case — touches no timer.
 //!
 //! A stall is judged by the client, not by the socket's writability: Linux
 //! wakes a writer only once a third of the send buffer (megabytes, when
@@ -34,8 +36,8 @@
 //! write first stalls, not at that byte).
 //!
 //! Flow control inside HTTP/2 (a stream whose window the client never
-//! opens while it keeps reading the connection) is not a socket stall and
-//! is not covered here.
+//! opens while it keeps reading the connection) is not a socket stall: the
+//! sidecar's `listen::stream_watch` resets such streams after the same limit.
 
 use std::future::Future;
 use std::io;
@@ -119,10 +121,10 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for WriteStallIo<T> {
 /// The write-stall clock of one client connection.
 #[derive(Debug)]
 pub struct WriteStall {
-    /// `None`: never cut (`--stream-idle-timeout 0s`).
+    /// `None`: never cut (the sidecar's `--stream-idle-timeout 0s`).
     limit: Option<Duration>,
     /// The client's TCP socket, for the bytes it has acknowledged (owned by
-    /// the guard's I/O, which lives as long as this clock); `None` (tests,
+    /// the wrapped I/O, which lives as long as this clock); `None` (tests,
     /// in-memory streams): only writes taking bytes count as progress.
     socket: Option<RawFd>,
     /// `Some` while the clock runs: the client's acknowledged bytes when it
