@@ -13,9 +13,11 @@
 //! concurrency slot, and the request's [`RequestRecord`] (whose release
 //! counts the request as complete, see `observe`). A body can also count
 //! its data bytes on a route's byte counter: one atomic add per frame.
-//! For an HTTP/2 client's stream it tells the stream's watch after each
-//! poll whether it gave a frame or waits for the upstream
-//! ([`ProxyBody::reporting_to`], see `listen::stream_watch`).
+//! For an HTTP/2 client's stream it tells the stream's watch of each poll
+//! (whether it gave a frame or waits for the upstream) and hands its data
+//! over in pieces of at most `stream_watch::PIECE` bytes, so that the watch
+//! sees the client take them ([`ProxyBody::reporting_to`], see
+//! `listen::stream_watch`).
 //! And it can drop named fields from its trailers ([`ProxyBody::without_trailers`]:
 //! the identity headers a client sent as request trailers); only a
 //! trailers frame is looked at, data frames pass untouched.
@@ -35,7 +37,7 @@ use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::{Instant, Sleep};
 
 use crate::listen::framing::RequestGuard;
-use crate::listen::stream_watch::StreamProgress;
+use crate::listen::stream_watch::{StreamProgress, PIECE};
 use crate::telemetry::observe::{CarriesRecord, RequestRecord};
 use crate::upstream::h1_client::ResponseBody;
 use crate::upstream::in_flight::{InFlight, StreamSlot};
@@ -74,9 +76,41 @@ struct Guards {
     /// A gateway: the record of the request as it entered (the server
     /// span), finished after `completion` (the backend call's).
     outer_completion: Option<RequestRecord>,
-    /// An HTTP/2 client's stream: told after each poll whether the body
-    /// gave a frame (see `stream_watch`).
-    client_stream: Option<Arc<StreamProgress>>,
+    /// An HTTP/2 client's stream (see `stream_watch`).
+    client_stream: Option<ClientStream>,
+}
+
+/// What a response body to an HTTP/2 client keeps for its stream's watch.
+#[derive(Debug)]
+struct ClientStream {
+    /// Told of each poll.
+    progress: Arc<StreamProgress>,
+    /// The rest of a data frame larger than a piece, given before the
+    /// next frame is asked for.
+    rest: Bytes,
+}
+
+impl ClientStream {
+    /// The next piece of a large frame already read, if any is left.
+    fn next_piece(&mut self) -> Option<Bytes> {
+        if self.rest.is_empty() {
+            return None;
+        }
+        let n = self.rest.len().min(PIECE);
+        Some(self.rest.split_to(n))
+    }
+
+    /// `frame`, cut to one piece if it is larger (the rest kept).
+    fn first_piece(&mut self, frame: Frame<Bytes>) -> Frame<Bytes> {
+        match frame.into_data() {
+            Ok(mut data) if data.len() > PIECE => {
+                self.rest = data.split_off(PIECE);
+                Frame::data(data)
+            }
+            Ok(data) => Frame::data(data),
+            Err(frame) => frame,
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -185,6 +219,19 @@ impl ProxyBody {
         }
     }
 
+    /// An HTTP/2 client's stream this (response) body reports to.
+    fn client_stream(&mut self) -> Option<&mut ClientStream> {
+        self.guards.as_mut()?.client_stream.as_mut()
+    }
+
+    /// Bytes of a large frame read but not handed over yet.
+    fn held_back(&self) -> usize {
+        self.guards
+            .as_ref()
+            .and_then(|g| g.client_stream.as_ref())
+            .map_or(0, |stream| stream.rest.len())
+    }
+
     /// The guards, allocated on first use.
     fn guards(&mut self) -> &mut Guards {
         self.guards.get_or_insert_with(Box::default)
@@ -262,10 +309,14 @@ impl ProxyBody {
         self
     }
 
-    /// Tells `progress` after each poll whether this (response) body gave a
-    /// frame or waits for the upstream (an HTTP/2 client's stream watch).
+    /// Tells `progress` of each poll of this (response) body, whether it
+    /// gave a frame or waits for the upstream, and gives data in pieces of
+    /// at most `PIECE` bytes (an HTTP/2 client's stream watch).
     pub fn reporting_to(mut self, progress: Arc<StreamProgress>) -> Self {
-        self.guards().client_stream = Some(progress);
+        self.guards().client_stream = Some(ClientStream {
+            progress,
+            rest: Bytes::new(),
+        });
         self
     }
 
@@ -313,6 +364,12 @@ impl Body for ProxyBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         let this = &mut *self;
+        if let Some(stream) = this.client_stream() {
+            if let Some(piece) = stream.next_piece() {
+                stream.progress.body_polled(true);
+                return Poll::Ready(Some(Ok(Frame::data(piece))));
+            }
+        }
         let mut polled = match &mut this.kind {
             Kind::Empty => Poll::Ready(None),
             Kind::Full(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
@@ -335,9 +392,6 @@ impl Body for ProxyBody {
                 },
             },
         };
-        if let Some(progress) = this.guards.as_ref().and_then(|g| g.client_stream.as_ref()) {
-            progress.body_polled(polled.is_ready());
-        }
         match &mut polled {
             Poll::Ready(Some(Ok(frame))) => {
                 if let (Some(bytes), Some(data)) = (&this.bytes, frame.data_ref()) {
@@ -356,10 +410,20 @@ impl Body for ProxyBody {
             Poll::Ready(None | Some(Err(_))) => this.guards = None,
             Poll::Pending => {}
         }
+        if let Some(stream) = this.client_stream() {
+            stream.progress.body_polled(polled.is_ready());
+            if let Poll::Ready(Some(Ok(frame))) = polled {
+                // Counted whole above, handed over in pieces.
+                return Poll::Ready(Some(Ok(stream.first_piece(frame))));
+            }
+        }
         polled
     }
 
     fn is_end_stream(&self) -> bool {
+        if self.held_back() > 0 {
+            return false;
+        }
         match &self.kind {
             Kind::Empty => true,
             Kind::Full(bytes) => bytes.is_none(),
@@ -368,10 +432,58 @@ impl Body for ProxyBody {
     }
 
     fn size_hint(&self) -> SizeHint {
-        match &self.kind {
+        let hint = match &self.kind {
             Kind::Empty => SizeHint::with_exact(0),
             Kind::Full(bytes) => SizeHint::with_exact(bytes.as_ref().map_or(0, |b| b.len() as u64)),
             Kind::Streamed(body, _) => body.size_hint(),
+        };
+        match self.held_back() as u64 {
+            0 => hint,
+            held => {
+                let mut total = SizeHint::new();
+                total.set_lower(hint.lower() + held);
+                if let Some(upper) = hint.upper() {
+                    total.set_upper(upper + held);
+                }
+                total
+            }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use http_body_util::BodyExt;
+
+    use super::*;
+
+    #[tokio::test]
+    async fn an_http2_clients_body_comes_in_pieces_each_poll_reported() {
+        let progress = StreamProgress::new();
+        let data = Bytes::from(vec![7u8; 2 * PIECE + 100]);
+        let mut body = ProxyBody::full(data.clone()).reporting_to(Arc::clone(&progress));
+        assert_eq!(body.size_hint().exact(), Some(data.len() as u64));
+        let mut sizes = Vec::new();
+        let mut received = Vec::new();
+        while let Some(frame) = body.frame().await {
+            let piece = frame.unwrap().into_data().unwrap();
+            sizes.push(piece.len());
+            received.extend_from_slice(&piece);
+            if sizes.len() == 1 {
+                assert!(!body.is_end_stream());
+                assert_eq!(body.size_hint().exact(), Some((PIECE + 100) as u64));
+            }
+        }
+        assert_eq!(sizes, [PIECE, PIECE, 100]);
+        assert_eq!(received, data);
+        assert_eq!(progress.polls(), 3);
+    }
+
+    #[tokio::test]
+    async fn bodies_of_other_clients_pass_whole() {
+        let data = Bytes::from(vec![7u8; 2 * PIECE + 100]);
+        let mut body = ProxyBody::full(data.clone());
+        let frame = body.frame().await.unwrap().unwrap();
+        assert_eq!(frame.into_data().unwrap(), data);
     }
 }

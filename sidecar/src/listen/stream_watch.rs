@@ -12,19 +12,29 @@
 //! the app's connections for as long as the client liked.
 //!
 //! How: hyper runs each stream as a task through the connection's executor;
-//! [`StreamExecutor`] spawns it inside [`Watched`]. Everything that moves a
-//! response wakes its task (the body's data, a window update from the
-//! client, a reset), so a stream whose response is being sent and whose task
-//! is not polled for a whole limit is stalled on the client. The stream's
-//! [`StreamProgress`] says which side a response waits on: the service marks
-//! it answered when the handler returns the response, the response body
-//! (`ProxyBody`) marks each poll (data: waiting on the client; nothing yet:
-//! waiting on the upstream, whose silence the body's own idle timer governs,
-//! a route's `TimeoutPolicy idle` included). The clock is lazy: each poll
-//! sets a flag; one timer per stream, created when the stream first waits,
-//! checks and clears it once per limit. A stream is reset between one and
-//! two limits after its last poll; dropping its task resets it (h2 sends
-//! `RST_STREAM` `CANCEL`) and drops its response body.
+//! [`StreamExecutor`] spawns it inside [`Watched`]. Progress is the
+//! response body being polled: hyper's HTTP/2 server asks a body for its
+//! next frame only once the frame before has been handed to the client's
+//! window in full (and one byte more is free), so a poll is bytes that
+//! left. To make that observable at a fine grain, `ProxyBody` hands an
+//! HTTP/2 client its data in pieces of at most [`PIECE`] bytes. A task
+//! *wake* is not progress: a client can make h2 wake every stalled stream
+//! by lending one byte of window and taking it back in the next SETTINGS
+//! frame (found by an attack: 500 app connections held with 30 bytes per
+//! limit), and h2 does not wake a stream at all while a piece drains.
+//!
+//! The stream's [`StreamProgress`] counts the body's polls and says which
+//! side the response waits on: the service marks it answered when the
+//! handler returns the response; the body marks each poll (a frame: it
+//! waits on the client; none yet: on the upstream, whose silence the
+//! body's own idle timer judges, with a route's `TimeoutPolicy idle`). One
+//! timer per stream, created when the stream first waits after its answer,
+//! fires once per limit: a stream whose response waited on the client and
+//! whose body was not polled since the last firing is reset, between one
+//! and two limits after its last progress. So a client keeps a stream by
+//! taking at least [`PIECE`] bytes of it per limit. Dropping the stream's
+//! task resets the stream (h2 sends `RST_STREAM` `CANCEL`) and drops its
+//! response body.
 //!
 //! Until the handler has answered (the request is being forwarded, perhaps
 //! with a long upload that never wakes this task), the handler's deadlines
@@ -41,18 +51,29 @@
 use std::cell::Cell;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU8, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use tokio::time::Sleep;
 
-/// Which side one HTTP/2 stream's response is waiting on; shared by the
-/// service (answered), the response body (each poll) and the stream's
-/// [`Watched`] task.
+/// The largest data frame an HTTP/2 client's response body gives at once
+/// (larger ones are handed over in pieces): the grain at which its
+/// progress is seen. HTTP/2's default frame size.
+pub const PIECE: usize = 16 * 1024;
+
+/// How one HTTP/2 stream's response progresses; shared by the service
+/// (answered), the response body (each poll) and the stream's [`Watched`]
+/// task.
 #[derive(Debug, Default)]
-pub struct StreamProgress(AtomicU8);
+pub struct StreamProgress {
+    /// Which side the response waits on.
+    state: AtomicU8,
+    /// Polls of the response body so far (each one: the frame before has
+    /// left). Written by the body alone.
+    polls: AtomicU32,
+}
 
 /// The handler has not answered yet.
 const HANDLING: u8 = 0;
@@ -68,10 +89,11 @@ impl StreamProgress {
 
     /// The handler returned the response: its head goes to the client.
     pub fn answered(&self) {
-        self.0.store(WAITING_ON_CLIENT, Ordering::Relaxed);
+        self.state.store(WAITING_ON_CLIENT, Ordering::Relaxed);
     }
 
-    /// The response body gave a frame (it waits to be sent) or had none yet.
+    /// The response body was polled (the frame before it has left): it gave
+    /// a frame, which waits to be sent, or had none yet.
     #[inline]
     pub fn body_polled(&self, gave_a_frame: bool) {
         let state = if gave_a_frame {
@@ -79,15 +101,21 @@ impl StreamProgress {
         } else {
             WAITING_ON_UPSTREAM
         };
-        self.0.store(state, Ordering::Relaxed);
+        self.state.store(state, Ordering::Relaxed);
+        let polls = self.polls.load(Ordering::Relaxed);
+        self.polls.store(polls.wrapping_add(1), Ordering::Relaxed);
+    }
+
+    pub(crate) fn polls(&self) -> u32 {
+        self.polls.load(Ordering::Relaxed)
     }
 
     fn waits_on_client(&self) -> bool {
-        self.0.load(Ordering::Relaxed) == WAITING_ON_CLIENT
+        self.state.load(Ordering::Relaxed) == WAITING_ON_CLIENT
     }
 
     fn answered_yet(&self) -> bool {
-        self.0.load(Ordering::Relaxed) != HANDLING
+        self.state.load(Ordering::Relaxed) != HANDLING
     }
 }
 
@@ -133,7 +161,7 @@ where
             progress,
             limit,
             timer: None,
-            polled: false,
+            polls_seen: 0,
         });
         tokio::spawn(Watched { stream, watch });
     }
@@ -143,28 +171,28 @@ where
 struct Watch {
     progress: Arc<StreamProgress>,
     limit: Duration,
-    /// Fires once per limit while the stream waits; created at its first wait.
+    /// Fires once per limit while the stream waits; created at its first
+    /// wait after the answer.
     timer: Option<Pin<Box<Sleep>>>,
-    /// The task was polled (for anything but the timer) since the timer
-    /// last fired.
-    polled: bool,
+    /// The body's polls when the timer was last (re)armed.
+    polls_seen: u32,
 }
 
 impl Watch {
-    /// Called first in each poll: whether the stream has waited on the
-    /// client for a whole limit without being polled.
+    /// Called first in each poll: whether the response has waited on the
+    /// client for a whole limit with its body not polled once.
     fn stalled(&mut self, cx: &mut Context<'_>) -> bool {
         let Some(timer) = &mut self.timer else {
             return false;
         };
         if timer.as_mut().poll(cx).is_pending() {
-            self.polled = true;
             return false;
         }
-        if !self.polled && self.progress.waits_on_client() {
+        let polls = self.progress.polls();
+        if polls == self.polls_seen && self.progress.waits_on_client() {
             return true;
         }
-        self.polled = false;
+        self.polls_seen = polls;
         let next = tokio::time::Instant::now() + self.limit;
         timer.as_mut().reset(next);
         // Registers this task with the re-armed timer.
@@ -179,7 +207,7 @@ impl Watch {
             let mut timer = Box::pin(tokio::time::sleep(self.limit));
             let _ = timer.as_mut().poll(cx);
             self.timer = Some(timer);
-            self.polled = false;
+            self.polls_seen = self.progress.polls();
         }
     }
 }
@@ -265,7 +293,7 @@ mod tests {
                 progress: Arc::clone(progress),
                 limit,
                 timer: None,
-                polled: false,
+                polls_seen: 0,
             }),
         };
         tokio::spawn(watched)
@@ -323,7 +351,7 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn a_stream_polled_within_each_limit_is_never_reset() {
+    async fn a_stream_whose_body_is_polled_within_each_limit_is_never_reset() {
         let progress = StreamProgress::new();
         progress.answered();
         let stream = Arc::new(Stream::default());
@@ -338,6 +366,22 @@ mod tests {
         }
         stream.finish();
         task.await.unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn wakes_without_a_body_poll_are_not_progress() {
+        // The attack: SETTINGS lending one byte of window and taking it
+        // back wake the stream's task, whose capacity check then finds
+        // nothing and never asks the body.
+        let progress = StreamProgress::new();
+        progress.answered();
+        let stream = Arc::new(Stream::default());
+        let task = spawn_watched(LIMIT, &progress, &stream);
+        for _ in 0..10 {
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            stream.wake();
+        }
+        assert!(task.is_finished(), "kept alive by wakes alone");
     }
 
     #[tokio::test]
