@@ -884,3 +884,47 @@ async fn an_http2_response_paused_by_the_upstream_within_its_route_idle_timeout_
         .to_bytes();
     assert_eq!(&body[..], b"piece 0\npiece 1\n");
 }
+
+/// Clients that stop reading must not stall others on a shared upstream
+/// HTTP/2 connection: their unread responses fill their streams' windows,
+/// and with hyper's defaults (2 MiB per stream, 5 MiB per connection) three
+/// such streams took the whole connection window, so every other client's
+/// response on it stopped until the watch reset them. The sidecar's
+/// upstream windows leave room for every stream the connection carries.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_that_stop_reading_do_not_stall_others_on_a_shared_upstream_connection() {
+    const STALLED: u32 = 5;
+    const VICTIM_BODY: usize = 4 * 1024 * 1024;
+    // An h2c app: every client's requests share one upstream connection.
+    let app = Upstream::start("app").await;
+    // A long limit: nothing is reset during the test.
+    let sidecar = sidecar(&app, &["--stream-idle-timeout", "60s"]).await;
+    let (_log, _writer) =
+        windowed_client(sidecar.inbound, 0, "/download?bytes=67108864", STALLED).await;
+    wait::until(
+        "the stalled clients' requests at the app",
+        Duration::from_secs(10),
+        || async { (app.requests() >= STALLED as usize).then_some(()) },
+    )
+    .await;
+    // Their responses fill whatever window the sidecar gives them upstream.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    let mut victim = h2c_client(sidecar.inbound).await;
+    let request = http::Request::get(format!("http://app/download?bytes={VICTIM_BODY}"))
+        .body(Empty::new())
+        .unwrap();
+    let fetched = tokio::time::timeout(Duration::from_secs(10), async {
+        let response = victim.send_request(request).await.expect("response head");
+        response
+            .into_body()
+            .collect()
+            .await
+            .map(|b| b.to_bytes().len())
+    })
+    .await;
+    assert!(
+        matches!(fetched, Ok(Ok(VICTIM_BODY))),
+        "another client's download stalled behind the ones not reading: {fetched:?}"
+    );
+}

@@ -104,6 +104,24 @@ pub const MAX_H2_PER_ENDPOINT: usize = 8;
 /// recommends that peers allow at least 100).
 const INITIAL_MAX_STREAMS: usize = 100;
 
+/// Streams one upstream HTTP/2 connection carries at most, whatever the
+/// peer allows: with the windows below, that many streams whose clients
+/// take nothing (their responses unread, their windows full) cannot take
+/// the whole connection window from the connection's other streams. Past
+/// it, requests go to another connection ([`MAX_H2_PER_ENDPOINT`]).
+const MAX_STREAMS_PER_H2: usize = 100;
+
+/// The receive window of each upstream HTTP/2 stream: how much of a
+/// response the sidecar takes ahead of its client. hyper's 2 MiB, with its
+/// 5 MiB per connection, let three clients that stopped reading stall every
+/// other response on a shared connection (found by an attack). 128 KiB
+/// still carries ~1 Gbit/s per stream at a 1 ms round trip.
+const H2_STREAM_WINDOW: u32 = 128 * 1024;
+
+/// The receive window of an upstream HTTP/2 connection: every stream's
+/// window at once.
+const H2_CONNECTION_WINDOW: u32 = H2_STREAM_WINDOW * MAX_STREAMS_PER_H2 as u32;
+
 /// The caller's HTTP version on an mTLS hop (set by the outbound sidecar,
 /// read and removed by the inbound one).
 pub const ORIG_PROTO: HeaderName = HeaderName::from_static("x-meshlet-orig-proto");
@@ -185,7 +203,7 @@ impl H2Conn {
     }
 
     fn has_room(&self) -> bool {
-        self.streams.get() < (self.max_streams)()
+        self.streams.get() < (self.max_streams)().min(MAX_STREAMS_PER_H2)
     }
 }
 
@@ -659,7 +677,9 @@ impl ConnPool {
         let mut builder = http2::Builder::new(TokioExecutor::new());
         builder
             .timer(TokioTimer::new())
-            .initial_max_send_streams(initial);
+            .initial_max_send_streams(initial)
+            .initial_stream_window_size(H2_STREAM_WINDOW)
+            .initial_connection_window_size(H2_CONNECTION_WINDOW);
         let learned = Arc::clone(&set.learned_max);
         let (sender, max_streams) = match kind {
             H2Kind::Plain => {
