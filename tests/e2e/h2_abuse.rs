@@ -928,3 +928,64 @@ async fn clients_that_stop_reading_do_not_stall_others_on_a_shared_upstream_conn
         "another client's download stalled behind the ones not reading: {fetched:?}"
     );
 }
+
+/// Clients that stop reading cannot hold every stream an app's HTTP/2
+/// connections allow for the whole `--stream-idle-timeout`: once an
+/// endpoint's connections are all full (here 8 connections of 4 streams),
+/// a new request presses the streams that wait on their clients, which are
+/// reset within about a second, and the request goes through. Without it,
+/// the request waited behind them until its own timeout (found by an
+/// attack: nine connections of 100 such streams and every other request to
+/// the app waited 15 s for a 504).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_that_stop_reading_cannot_hold_every_upstream_stream_slot() {
+    const APP_STREAMS: u32 = 4;
+    const SLOTS: usize = 8 * APP_STREAMS as usize;
+    const STALLED: u32 = SLOTS as u32;
+    let app = Upstream::start_with_h2_streams("app", APP_STREAMS).await;
+    // A long limit: without pressure nothing would be reset in this test.
+    let sidecar = sidecar(&app, &["--stream-idle-timeout", "60s"]).await;
+    // A first request teaches the pool the app's limit, so that each new
+    // upstream connection takes exactly 4 streams (not the 100 assumed
+    // before an endpoint's first SETTINGS).
+    let mut victim = h2c_client(sidecar.inbound).await;
+    assert_eq!(well_behaved(&mut victim, 1).await.len(), 1);
+    let (log, _writer) =
+        windowed_client(sidecar.inbound, 0, "/download?bytes=1048576", STALLED).await;
+    wait::until(
+        "the stalled client's requests on every slot",
+        Duration::from_secs(10),
+        || async { (app.requests() > SLOTS && app.open_connections() >= 8).then_some(()) },
+    )
+    .await;
+    assert!(
+        log.lock().unwrap().resets.is_empty(),
+        "streams reset before any pressure"
+    );
+
+    let started = Instant::now();
+    let request = http::Request::get("http://app/download?bytes=65536")
+        .body(Empty::new())
+        .unwrap();
+    let fetched = tokio::time::timeout(Duration::from_secs(15), async {
+        let response = victim.send_request(request).await.expect("response head");
+        response
+            .into_body()
+            .collect()
+            .await
+            .map(|b| b.to_bytes().len())
+    })
+    .await;
+    assert!(
+        matches!(fetched, Ok(Ok(65536))),
+        "a request waited behind clients that do not read: {fetched:?}"
+    );
+    let waited = started.elapsed();
+    let resets = log.lock().unwrap().resets.len();
+    assert!(resets >= 1, "no stalled stream was reset");
+    // Pressed streams are judged over one second; the whole limit is 60 s.
+    assert!(
+        waited < Duration::from_secs(10),
+        "the request waited {waited:?} for a slot"
+    );
+}

@@ -66,16 +66,27 @@ impl Upstream {
     }
 
     pub async fn start_on(name: &str, addr: SocketAddr) -> Upstream {
-        Self::start_with(name, addr, false).await
+        Self::start_with(name, addr, Protocols::Both { h2_streams: None }).await
     }
 
     /// An app that speaks HTTP/1.1 only (an h2c preface is a protocol
     /// error to it, as to most HTTP/1.1 servers).
     pub async fn start_http1_only(name: &str) -> Upstream {
-        Self::start_with(name, SocketAddr::from(([127, 0, 0, 1], 0)), true).await
+        let loopback = SocketAddr::from(([127, 0, 0, 1], 0));
+        Self::start_with(name, loopback, Protocols::Http1Only).await
     }
 
-    async fn start_with(name: &str, addr: SocketAddr, http1_only: bool) -> Upstream {
+    /// An app whose HTTP/2 connections allow `streams` concurrent streams
+    /// (`SETTINGS_MAX_CONCURRENT_STREAMS`; hyper's default is 200).
+    pub async fn start_with_h2_streams(name: &str, streams: u32) -> Upstream {
+        let loopback = SocketAddr::from(([127, 0, 0, 1], 0));
+        let protocols = Protocols::Both {
+            h2_streams: Some(streams),
+        };
+        Self::start_with(name, loopback, protocols).await
+    }
+
+    async fn start_with(name: &str, addr: SocketAddr, protocols: Protocols) -> Upstream {
         let listener = TcpListener::bind(addr).await.expect("bind upstream");
         let addr = listener.local_addr().expect("local addr");
         let (stop, stopped) = watch::channel(false);
@@ -88,7 +99,7 @@ impl Upstream {
             healthy: Arc::new(AtomicBool::new(true)),
             health_probes: Arc::default(),
         };
-        let accept = tokio::spawn(accept_loop(listener, state.clone(), stopped, http1_only));
+        let accept = tokio::spawn(accept_loop(listener, state.clone(), stopped, protocols));
         Upstream {
             name: name.to_owned(),
             addr,
@@ -212,15 +223,32 @@ fn health(state: &State) -> Response<Body> {
         .expect("valid response")
 }
 
+/// What an app's connections speak.
+#[derive(Debug, Clone, Copy)]
+enum Protocols {
+    Http1Only,
+    /// HTTP/1.1 and h2c (prior knowledge), with hyper's stream limit
+    /// unless given.
+    Both {
+        h2_streams: Option<u32>,
+    },
+}
+
 async fn accept_loop(
     listener: TcpListener,
     state: State,
     stopped: watch::Receiver<bool>,
-    http1_only: bool,
+    protocols: Protocols,
 ) {
     let mut builder = auto::Builder::new(TokioExecutor::new());
-    if http1_only {
-        builder = builder.http1_only();
+    match protocols {
+        Protocols::Http1Only => builder = builder.http1_only(),
+        Protocols::Both {
+            h2_streams: Some(streams),
+        } => {
+            builder.http2().max_concurrent_streams(streams);
+        }
+        Protocols::Both { h2_streams: None } => {}
     }
     loop {
         let Ok((stream, _)) = listener.accept().await else {

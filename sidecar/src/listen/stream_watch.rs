@@ -40,6 +40,18 @@
 //! with a long upload that never wakes this task), the handler's deadlines
 //! apply (`--upstream-timeout`, `TimeoutPolicy request`), not this one.
 //!
+//! Under pressure: when every upstream HTTP/2 connection an endpoint may
+//! have is full (`upstream::pool`), the pool [`StreamProgress::press`]es the
+//! streams it carries that wait on their clients; a pressed stream is
+//! judged over [`PRESSED_LIMIT`] instead of the whole limit: reset if its
+//! body is not polled within it, back to the normal limit if it is. So
+//! clients that stop reading cannot keep an endpoint's every stream slot
+//! for the whole `--stream-idle-timeout` (found by an attack: nine
+//! connections of 100 such streams made every other request to the app
+//! wait until it timed out), while streams that move are never touched.
+//! Envoy's overload manager shortens its idle timeouts under pressure the
+//! same way.
+//!
 //! How the progress reaches the stream's task: hyper calls the service for
 //! a new stream and spawns the stream's task right after, on the same
 //! thread with nothing in between; the service leaves the progress in a
@@ -51,17 +63,23 @@
 use std::cell::Cell;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU32, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU8, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use futures_util::task::AtomicWaker;
 use tokio::time::Sleep;
 
 /// The largest data frame an HTTP/2 client's response body gives at once
 /// (larger ones are handed over in pieces): the grain at which its
 /// progress is seen. HTTP/2's default frame size.
 pub const PIECE: usize = 16 * 1024;
+
+/// How long a pressed stream (see the module docs) may go without its body
+/// being polled while it waits on its client. A client reading at least
+/// [`PIECE`] bytes per second keeps its streams under pressure too.
+pub const PRESSED_LIMIT: Duration = Duration::from_secs(1);
 
 /// How one HTTP/2 stream's response progresses; shared by the service
 /// (answered), the response body (each poll) and the stream's [`Watched`]
@@ -73,6 +91,10 @@ pub struct StreamProgress {
     /// Polls of the response body so far (each one: the frame before has
     /// left). Written by the body alone.
     polls: AtomicU32,
+    /// Set by [`StreamProgress::press`], taken by the stream's task.
+    pressed: AtomicBool,
+    /// The stream's task, woken by a press.
+    task: AtomicWaker,
 }
 
 /// The handler has not answered yet.
@@ -116,6 +138,18 @@ impl StreamProgress {
 
     fn answered_yet(&self) -> bool {
         self.state.load(Ordering::Relaxed) != HANDLING
+    }
+
+    /// Asks the stream's task to judge it over [`PRESSED_LIMIT`] from now
+    /// (its upstream is short of stream slots). Returns whether the stream
+    /// waits on its client at all (one that does not is left alone).
+    pub fn press(&self) -> bool {
+        if !self.waits_on_client() {
+            return false;
+        }
+        self.pressed.store(true, Ordering::Relaxed);
+        self.task.wake();
+        true
     }
 }
 
@@ -182,6 +216,10 @@ impl Watch {
     /// Called first in each poll: whether the response has waited on the
     /// client for a whole limit with its body not polled once.
     fn stalled(&mut self, cx: &mut Context<'_>) -> bool {
+        let pressed = &self.progress.pressed;
+        if pressed.load(Ordering::Relaxed) && pressed.swap(false, Ordering::Relaxed) {
+            self.pressed(cx);
+        }
         let Some(timer) = &mut self.timer else {
             return false;
         };
@@ -201,14 +239,36 @@ impl Watch {
     }
 
     /// After a poll that left the stream waiting: the timer starts once the
-    /// handler has answered.
+    /// handler has answered (and the task can be woken by a press).
     fn waiting(&mut self, cx: &mut Context<'_>) {
         if self.timer.is_none() && self.progress.answered_yet() {
-            let mut timer = Box::pin(tokio::time::sleep(self.limit));
-            let _ = timer.as_mut().poll(cx);
-            self.timer = Some(timer);
-            self.polls_seen = self.progress.polls();
+            self.progress.task.register(cx.waker());
+            self.arm(self.limit, cx);
         }
+    }
+
+    /// Pressed: the stream is judged over [`PRESSED_LIMIT`] from now, unless
+    /// its timer fires sooner anyway.
+    fn pressed(&mut self, cx: &mut Context<'_>) {
+        // A wake takes the waker: the next press needs it again.
+        self.progress.task.register(cx.waker());
+        let soon = tokio::time::Instant::now() + PRESSED_LIMIT.min(self.limit);
+        match &self.timer {
+            Some(timer) if timer.deadline() <= soon => {}
+            _ => self.arm(PRESSED_LIMIT.min(self.limit), cx),
+        }
+    }
+
+    /// (Re)starts the timer: it fires after `after`, and the stream is
+    /// judged by the body's polls from now.
+    fn arm(&mut self, after: Duration, cx: &mut Context<'_>) {
+        let deadline = tokio::time::Instant::now() + after;
+        let timer = self
+            .timer
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+        timer.as_mut().reset(deadline);
+        let _ = timer.as_mut().poll(cx);
+        self.polls_seen = self.progress.polls();
     }
 }
 
@@ -382,6 +442,53 @@ mod tests {
             stream.wake();
         }
         assert!(task.is_finished(), "kept alive by wakes alone");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_pressed_stream_is_judged_over_the_short_limit() {
+        let progress = StreamProgress::new();
+        let stream = Arc::new(Stream::default());
+        let task = spawn_watched(LIMIT, &progress, &stream);
+        progress.answered();
+        stream.wake();
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        assert!(progress.press(), "a stream waiting on its client");
+        tokio::time::sleep(PRESSED_LIMIT + Duration::from_millis(1)).await;
+        assert!(task.is_finished(), "not reset within the pressed limit");
+
+        // One whose body is polled within the short limit is kept, and
+        // judged over the whole limit again after it.
+        let reading = StreamProgress::new();
+        let stream = Arc::new(Stream::default());
+        let task = spawn_watched(LIMIT, &reading, &stream);
+        reading.answered();
+        stream.wake();
+        tokio::task::yield_now().await;
+        assert!(reading.press());
+        tokio::time::sleep(PRESSED_LIMIT / 2).await;
+        reading.body_polled(true);
+        stream.wake();
+        tokio::time::sleep(LIMIT - PRESSED_LIMIT).await;
+        assert!(!task.is_finished(), "reset although its body was polled");
+        tokio::time::sleep(LIMIT + PRESSED_LIMIT).await;
+        assert!(task.is_finished(), "stalled for two limits after its poll");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn streams_not_waiting_on_their_clients_are_not_pressed() {
+        let handling = StreamProgress::new();
+        assert!(!handling.press(), "the handler has not answered");
+        let upstream = StreamProgress::new();
+        upstream.answered();
+        upstream.body_polled(false);
+        assert!(!upstream.press(), "waits on the upstream");
+        let stream = Arc::new(Stream::default());
+        let task = spawn_watched(LIMIT, &upstream, &stream);
+        stream.wake();
+        tokio::time::sleep(3 * LIMIT).await;
+        assert!(!task.is_finished());
+        stream.finish();
+        task.await.unwrap();
     }
 
     #[tokio::test]

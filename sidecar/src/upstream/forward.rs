@@ -41,6 +41,7 @@ use tokio::time::Instant;
 use crate::body::{ProxyBody, StreamedBody};
 use crate::error::ProxyError;
 use crate::identity::tls::TlsFailure;
+use crate::listen::stream_watch::StreamProgress;
 use crate::policy::breaker::{BreakerPermit, MAX_PENDING_WAIT};
 use crate::policy::index::RoutePolicies;
 use crate::policy::outcome::Outcome;
@@ -83,6 +84,7 @@ pub async fn forward(
         target,
         policies,
         client: request.extensions().get::<ClientStreams>().cloned(),
+        progress: request.extensions().get::<Arc<StreamProgress>>().cloned(),
         idle_timeout: timeouts.and_then(|t| t.idle).or(limits.stream_idle_timeout),
         deadline,
     };
@@ -100,6 +102,10 @@ struct Send<'a> {
     /// The downstream connection's stream allowance (from the request's
     /// extensions; a retry's copy of the request gets it back).
     client: Option<ClientStreams>,
+    /// The HTTP/2 client stream's progress (from the request's extensions,
+    /// given back to a retry's copy like `client`): the upstream pool
+    /// presses it when short of streams (`stream_watch`).
+    progress: Option<Arc<StreamProgress>>,
     idle_timeout: Option<Duration>,
     /// The overall deadline for response headers and its duration.
     deadline: Option<(Instant, Duration)>,
@@ -170,6 +176,11 @@ impl Send<'_> {
         if let Some(client) = &self.client {
             if request.extensions().get::<ClientStreams>().is_none() {
                 request.extensions_mut().insert(client.clone());
+            }
+        }
+        if let Some(progress) = &self.progress {
+            if request.extensions().get::<Arc<StreamProgress>>().is_none() {
+                request.extensions_mut().insert(Arc::clone(progress));
             }
         }
         let subset = self.pick_subset();

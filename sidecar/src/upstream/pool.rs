@@ -69,7 +69,7 @@ use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Instant;
 
 use http::header::{self, HeaderName, HeaderValue};
@@ -87,6 +87,7 @@ use crate::body::{ProxyBody, StreamedBody};
 use crate::error::UpstreamFailure;
 use crate::identity::tls::{self, TlsFailure};
 use crate::identity::{Hop, WorkloadIdentity};
+use crate::listen::stream_watch::StreamProgress;
 use crate::settings::Limits;
 use crate::telemetry::metrics::PoolMetrics;
 use crate::upstream::h1_client;
@@ -216,6 +217,40 @@ struct H2Set {
     /// The stream limit the endpoint last announced (a new connection
     /// assumes it until its own SETTINGS arrive).
     learned_max: Arc<AtomicUsize>,
+    /// The watched client streams (HTTP/2 clients' `stream_watch`) whose
+    /// requests went on these connections: pressed when they are full.
+    watched: Mutex<WatchedStreams>,
+}
+
+/// The progress of client streams carried by an [`H2Set`], held weakly (a
+/// finished stream drops its progress); dead entries are pruned as the
+/// list grows.
+#[derive(Default)]
+struct WatchedStreams {
+    streams: Vec<Weak<StreamProgress>>,
+    /// The length at which dead entries are pruned next.
+    prune_at: usize,
+}
+
+impl WatchedStreams {
+    fn add(&mut self, progress: &Arc<StreamProgress>) {
+        if self.streams.len() >= self.prune_at {
+            self.streams.retain(|stream| stream.strong_count() > 0);
+            self.prune_at = (2 * self.streams.len()).max(64);
+        }
+        self.streams.push(Arc::downgrade(progress));
+    }
+
+    /// Presses every live stream that waits on its client; returns how
+    /// many.
+    fn press(&mut self) -> usize {
+        self.streams.retain(|stream| stream.strong_count() > 0);
+        self.streams
+            .iter()
+            .filter_map(Weak::upgrade)
+            .filter(|progress| progress.press())
+            .count()
+    }
 }
 
 impl H2Set {
@@ -224,7 +259,12 @@ impl H2Set {
             conns: Mutex::new(Vec::new()),
             connecting: tokio::sync::Mutex::new(()),
             learned_max: Arc::new(AtomicUsize::new(INITIAL_MAX_STREAMS)),
+            watched: Mutex::default(),
         }
+    }
+
+    fn watched(&self) -> std::sync::MutexGuard<'_, WatchedStreams> {
+        self.watched.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Arc<H2Conn>>> {
@@ -234,19 +274,23 @@ impl H2Set {
     /// A stream on the first open connection with room (the oldest first,
     /// so that extra connections fall idle when load drops), or with
     /// `or_least_loaded` and every connection slot taken, on the least
-    /// loaded open connection. Forgets closed connections.
-    fn take_stream(&self, or_least_loaded: bool) -> Option<(Arc<H2Conn>, InFlight)> {
+    /// loaded open connection (then the set is full: `true`). Forgets
+    /// closed connections.
+    fn take_stream(&self, or_least_loaded: bool) -> Option<(Arc<H2Conn>, InFlight, bool)> {
         let mut conns = self.lock();
         conns.retain(|c| !c.sender.is_closed());
-        let conn = match conns.iter().find(|c| c.open() && c.has_room()) {
-            Some(conn) => conn,
-            None if or_least_loaded && conns.len() >= MAX_H2_PER_ENDPOINT => conns
-                .iter()
-                .filter(|c| c.open())
-                .min_by_key(|c| c.streams.get())?,
+        let (conn, full) = match conns.iter().find(|c| c.open() && c.has_room()) {
+            Some(conn) => (conn, false),
+            None if or_least_loaded && conns.len() >= MAX_H2_PER_ENDPOINT => {
+                let least_loaded = conns
+                    .iter()
+                    .filter(|c| c.open())
+                    .min_by_key(|c| c.streams.get())?;
+                (least_loaded, true)
+            }
             None => return None,
         };
-        Some((Arc::clone(conn), conn.streams.start()))
+        Some((Arc::clone(conn), conn.streams.start(), full))
     }
 
     /// Adds a new connection and starts a stream on it.
@@ -566,6 +610,7 @@ impl ConnPool {
             }
             None => None,
         };
+        let progress = request.extensions().get::<Arc<StreamProgress>>().cloned();
         let mut resent = false;
         loop {
             let (conn, stream) = match self.h2_stream(kind).await {
@@ -581,6 +626,9 @@ impl ConnPool {
             let mut sender = conn.sender.clone();
             match sender.try_send_request(request).await {
                 Ok(response) => {
+                    if let Some(progress) = &progress {
+                        self.h2_set(kind).watched().add(progress);
+                    }
                     let slot = StreamSlot::new(stream, client);
                     return Ok((response.map(StreamedBody::from), Some(slot)));
                 }
@@ -625,12 +673,20 @@ impl ConnPool {
     /// connects while the others wait and then look again.
     async fn h2_stream(&self, kind: H2Kind<'_>) -> io::Result<(Arc<H2Conn>, InFlight)> {
         let set = self.h2_set(kind);
-        if let Some(found) = set.take_stream(false) {
-            return Ok(found);
+        if let Some((conn, stream, _)) = set.take_stream(false) {
+            return Ok((conn, stream));
         }
         let _connecting = set.connecting.lock().await;
-        if let Some(found) = set.take_stream(true) {
-            return Ok(found);
+        if let Some((conn, stream, full)) = set.take_stream(true) {
+            if full {
+                // Every stream slot is taken: the streams that wait on
+                // their clients get a short limit (`stream_watch`), so that
+                // clients not reading cannot hold them all.
+                let pressed = set.watched().press();
+                tracing::debug!(addr = %self.addr, pressed,
+                    "every upstream HTTP/2 stream slot taken; streams waiting on their clients pressed");
+            }
+            return Ok((conn, stream));
         }
         let conn = Box::pin(self.connect_h2(kind, set)).await?;
         Ok(set.add(conn))
