@@ -606,6 +606,21 @@ async fn windowed_client(
     Arc<std::sync::Mutex<StreamLog>>,
     Arc<tokio::sync::Mutex<tokio::net::tcp::OwnedWriteHalf>>,
 ) {
+    windowed_client_reopening(addr, initial_window, path, streams, false).await
+}
+
+/// [`windowed_client`] that, with `reopen`, opens a new stream for each one
+/// the server resets (a sustained attack).
+async fn windowed_client_reopening(
+    addr: SocketAddr,
+    initial_window: u32,
+    path: &str,
+    streams: u32,
+    reopen: bool,
+) -> (
+    Arc<std::sync::Mutex<StreamLog>>,
+    Arc<tokio::sync::Mutex<tokio::net::tcp::OwnedWriteHalf>>,
+) {
     let stream = TcpStream::connect(addr).await.expect("connect");
     let (mut reader, writer) = stream.into_split();
     let writer = Arc::new(tokio::sync::Mutex::new(writer));
@@ -624,6 +639,7 @@ async fn windowed_client(
     writer.lock().await.write_all(&opening).await.unwrap();
     let log = Arc::new(std::sync::Mutex::new(StreamLog::default()));
     let (seen, answers) = (Arc::clone(&log), Arc::clone(&writer));
+    let mut next_stream = 1 + 2 * streams;
     tokio::spawn(async move {
         let mut buf = Vec::new();
         let mut chunk = [0u8; 16 * 1024];
@@ -650,7 +666,9 @@ async fn windowed_client(
                     }
                     RST_STREAM => {
                         seen.lock().unwrap().resets.push((id, Instant::now()));
-                        None
+                        let again = frame(HEADERS, END_STREAM | END_HEADERS, next_stream, &block);
+                        next_stream += 2;
+                        reopen.then_some(again)
                     }
                     SETTINGS if flags & ACK == 0 => Some(frame(SETTINGS, ACK, 0, &[])),
                     PING if flags & ACK == 0 => Some(frame(PING, ACK, 0, &payload)),
@@ -988,4 +1006,54 @@ async fn clients_that_stop_reading_cannot_hold_every_upstream_stream_slot() {
         waited < Duration::from_secs(10),
         "the request waited {waited:?} for a slot"
     );
+}
+
+/// The same attack sustained: two clients that never read open a new
+/// stream for each one reset, more than there are slots. Every request of
+/// a client that reads is answered, none waits for its timeout: a request
+/// queued on a full connection keeps pressing while it waits, so streams
+/// that took the slots freed before it are judged too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sustained_attack_on_the_stream_slots_does_not_starve_a_client_that_reads() {
+    const APP_STREAMS: u32 = 4;
+    const REQUESTS: usize = 5;
+    let app = Upstream::start_with_h2_streams("app", APP_STREAMS).await;
+    let sidecar = sidecar(&app, &["--stream-idle-timeout", "60s"]).await;
+    let mut victim = h2c_client(sidecar.inbound).await;
+    assert_eq!(well_behaved(&mut victim, 1).await.len(), 1);
+    let path = "/download?bytes=1048576";
+    let (first, _w1) = windowed_client_reopening(sidecar.inbound, 0, path, 24, true).await;
+    let (second, _w2) = windowed_client_reopening(sidecar.inbound, 0, path, 24, true).await;
+    wait::until(
+        "the attack under way (streams reset and opened again)",
+        Duration::from_secs(10),
+        || async {
+            let resets = first.lock().unwrap().resets.len() + second.lock().unwrap().resets.len();
+            (resets >= 48).then_some(())
+        },
+    )
+    .await;
+
+    for n in 0..REQUESTS {
+        let started = Instant::now();
+        let request = http::Request::get("http://app/download?bytes=65536")
+            .body(Empty::new())
+            .unwrap();
+        let fetched = tokio::time::timeout(Duration::from_secs(12), async {
+            let response = victim.send_request(request).await.expect("response head");
+            let status = response.status();
+            let body = response
+                .into_body()
+                .collect()
+                .await
+                .map(|b| b.to_bytes().len());
+            (status, body)
+        })
+        .await;
+        assert!(
+            matches!(fetched, Ok((http::StatusCode::OK, Ok(65536)))),
+            "request {n} under a sustained attack: {fetched:?} after {:?}",
+            started.elapsed()
+        );
+    }
 }

@@ -87,7 +87,7 @@ use crate::body::{ProxyBody, StreamedBody};
 use crate::error::UpstreamFailure;
 use crate::identity::tls::{self, TlsFailure};
 use crate::identity::{Hop, WorkloadIdentity};
-use crate::listen::stream_watch::StreamProgress;
+use crate::listen::stream_watch::{StreamProgress, PRESSED_LIMIT};
 use crate::settings::Limits;
 use crate::telemetry::metrics::PoolMetrics;
 use crate::upstream::h1_client;
@@ -303,6 +303,12 @@ impl H2Set {
 
     fn open_connections(&self) -> usize {
         self.lock().iter().filter(|c| c.open()).count()
+    }
+
+    /// Every connection slot is taken and none has room.
+    fn full(&self) -> bool {
+        let conns = self.lock();
+        conns.len() >= MAX_H2_PER_ENDPOINT && !conns.iter().any(|c| c.open() && c.has_room())
     }
 
     /// Closes connections without streams beyond the first open one, and
@@ -613,7 +619,7 @@ impl ConnPool {
         let progress = request.extensions().get::<Arc<StreamProgress>>().cloned();
         let mut resent = false;
         loop {
-            let (conn, stream) = match self.h2_stream(kind).await {
+            let (conn, stream, full) = match self.h2_stream(kind).await {
                 Ok(found) => found,
                 Err(source) => {
                     return Err(SendError::Connect {
@@ -624,7 +630,13 @@ impl ConnPool {
             };
             let replay = if resent { None } else { replay_copy(&request) };
             let mut sender = conn.sender.clone();
-            match sender.try_send_request(request).await {
+            let sending = sender.try_send_request(request);
+            let sent = if full {
+                self.pressing_while(self.h2_set(kind), sending).await
+            } else {
+                sending.await
+            };
+            match sent {
                 Ok(response) => {
                     if let Some(progress) = &progress {
                         self.h2_set(kind).watched().add(progress);
@@ -671,10 +683,13 @@ impl ConnPool {
 
     /// A stream on a connection of `kind` with room; else one caller
     /// connects while the others wait and then look again.
-    async fn h2_stream(&self, kind: H2Kind<'_>) -> io::Result<(Arc<H2Conn>, InFlight)> {
+    /// `true` with it: every slot was taken (the stream waits in the
+    /// connection's queue), and the streams waiting on their clients were
+    /// pressed.
+    async fn h2_stream(&self, kind: H2Kind<'_>) -> io::Result<(Arc<H2Conn>, InFlight, bool)> {
         let set = self.h2_set(kind);
-        if let Some((conn, stream, _)) = set.take_stream(false) {
-            return Ok((conn, stream));
+        if let Some(found) = set.take_stream(false) {
+            return Ok(found);
         }
         let _connecting = set.connecting.lock().await;
         if let Some((conn, stream, full)) = set.take_stream(true) {
@@ -682,14 +697,34 @@ impl ConnPool {
                 // Every stream slot is taken: the streams that wait on
                 // their clients get a short limit (`stream_watch`), so that
                 // clients not reading cannot hold them all.
-                let pressed = set.watched().press();
-                tracing::debug!(addr = %self.addr, pressed,
-                    "every upstream HTTP/2 stream slot taken; streams waiting on their clients pressed");
+                self.press(set);
             }
-            return Ok((conn, stream));
+            return Ok((conn, stream, full));
         }
         let conn = Box::pin(self.connect_h2(kind, set)).await?;
-        Ok(set.add(conn))
+        let (conn, stream) = set.add(conn);
+        Ok((conn, stream, false))
+    }
+
+    fn press(&self, set: &H2Set) {
+        let pressed = set.watched().press();
+        tracing::debug!(addr = %self.addr, pressed,
+            "every upstream HTTP/2 stream slot taken; streams waiting on their clients pressed");
+    }
+
+    /// Awaits `sending`, a request queued on a full set: while the set
+    /// stays full, its streams waiting on their clients are pressed again
+    /// once per [`PRESSED_LIMIT`], so that streams which took the slots
+    /// the last press freed (queued before this one) are judged too.
+    async fn pressing_while<F: Future>(&self, set: &H2Set, sending: F) -> F::Output {
+        let mut sending = std::pin::pin!(sending);
+        loop {
+            match tokio::time::timeout(PRESSED_LIMIT, sending.as_mut()).await {
+                Ok(sent) => return sent,
+                Err(_) if set.full() => self.press(set),
+                Err(_) => {}
+            }
+        }
     }
 
     /// The mesh hop: HTTP/2 on the shared mTLS connections, or an upgrade
