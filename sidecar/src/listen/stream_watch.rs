@@ -42,7 +42,9 @@
 //!
 //! Under pressure: when every upstream HTTP/2 connection an endpoint may
 //! have is full (`upstream::pool`), the pool [`StreamProgress::press`]es the
-//! streams it carries that wait on their clients; a pressed stream is
+//! streams it carries that wait on their clients (at a new request, and
+//! once per [`PRESSED_LIMIT`] while that request waits and the connections
+//! stay full); a pressed stream is
 //! judged over [`PRESSED_LIMIT`] instead of the whole limit: reset if its
 //! body is not polled within it, back to the normal limit if it is. So
 //! clients that stop reading cannot keep an endpoint's every stream slot
