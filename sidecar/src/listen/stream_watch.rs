@@ -32,7 +32,10 @@
 //! fires once per limit: a stream whose response waited on the client and
 //! whose body was not polled since the last firing is reset, between one
 //! and two limits after its last progress. So a client keeps a stream by
-//! taking at least [`PIECE`] bytes of it per limit. Dropping the stream's
+//! taking one piece of it per limit: [`PIECE`] bytes, or less when the app
+//! sends smaller data frames (an attack held every slot by reading 100
+//! bytes per second of an app sending 100-byte frames; a known gap).
+//! Dropping the stream's
 //! task resets the stream (h2 sends `RST_STREAM` `CANCEL`) and drops its
 //! response body.
 //!
@@ -79,8 +82,8 @@ use tokio::time::Sleep;
 pub const PIECE: usize = 16 * 1024;
 
 /// How long a pressed stream (see the module docs) may go without its body
-/// being polled while it waits on its client. A client reading at least
-/// [`PIECE`] bytes per second keeps its streams under pressure too.
+/// being polled while it waits on its client. A client taking one piece
+/// (see the module docs) per second keeps its streams under pressure too.
 pub const PRESSED_LIMIT: Duration = Duration::from_secs(1);
 
 /// How one HTTP/2 stream's response progresses; shared by the service
