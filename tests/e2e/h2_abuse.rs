@@ -687,6 +687,32 @@ async fn windowed_client_reopening(
 const DATA: u8 = 0x0;
 const WINDOW_UPDATE: u8 = 0x8;
 
+/// An HTTP/1.1 app (one connection per stream in flight), a sidecar that
+/// resets streams waiting on their client for 1 s, and a client with a
+/// zero window whose `streams` 4 MiB downloads each hold an app connection
+/// (waited for).
+async fn zero_window_streams_at_an_http1_app(
+    streams: u32,
+) -> (
+    Upstream,
+    SidecarProcess,
+    Arc<std::sync::Mutex<StreamLog>>,
+    Arc<tokio::sync::Mutex<tokio::net::tcp::OwnedWriteHalf>>,
+) {
+    let app = Upstream::start_http1_only("app").await;
+    let args = ["--stream-idle-timeout", "1s", "--app-protocol", "http1"];
+    let sidecar = sidecar(&app, &args).await;
+    let (log, writer) =
+        windowed_client(sidecar.inbound, 0, "/download?bytes=4194304", streams).await;
+    wait::until(
+        "every stream's request at the app",
+        Duration::from_secs(10),
+        || async { (app.open_connections() >= streams as usize).then_some(()) },
+    )
+    .await;
+    (app, sidecar, log, writer)
+}
+
 /// The attack that held 314 of the app's connections: an h2c client that
 /// advertises a flow-control window of zero and never opens it, while it
 /// answers PINGs (so the connection is alive and its socket never stalls).
@@ -695,20 +721,7 @@ const WINDOW_UPDATE: u8 = 0x8;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn streams_of_a_client_that_never_opens_its_window_are_reset_and_release_the_app() {
     const STREAMS: u32 = 20;
-    // An HTTP/1.1 app: one connection per stream in flight.
-    let app = Upstream::start_http1_only("app").await;
-    let args = ["--stream-idle-timeout", "1s", "--app-protocol", "http1"];
-    let sidecar = sidecar(&app, &args).await;
-    let (log, _writer) =
-        windowed_client(sidecar.inbound, 0, "/download?bytes=4194304", STREAMS).await;
-
-    // Every stream reached the app and holds a connection to it.
-    wait::until(
-        "every stream's request at the app",
-        Duration::from_secs(10),
-        || async { (app.open_connections() >= STREAMS as usize).then_some(()) },
-    )
-    .await;
+    let (app, sidecar, log, _writer) = zero_window_streams_at_an_http1_app(STREAMS).await;
     let held = Instant::now();
 
     wait::until(
@@ -843,17 +856,7 @@ async fn streams_sharing_a_slowly_opened_connection_window_are_never_reset() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn windows_lent_and_taken_back_do_not_keep_stalled_streams() {
     const STREAMS: u32 = 10;
-    let app = Upstream::start_http1_only("app").await;
-    let args = ["--stream-idle-timeout", "1s", "--app-protocol", "http1"];
-    let sidecar = sidecar(&app, &args).await;
-    let (log, writer) =
-        windowed_client(sidecar.inbound, 0, "/download?bytes=4194304", STREAMS).await;
-    wait::until(
-        "every stream's request at the app",
-        Duration::from_secs(10),
-        || async { (app.open_connections() >= STREAMS as usize).then_some(()) },
-    )
-    .await;
+    let (app, _sidecar, log, writer) = zero_window_streams_at_an_http1_app(STREAMS).await;
     let mut toggle = frame(SETTINGS, 0, 0, &[0x00, 0x04, 0, 0, 0, 1]);
     toggle.extend(frame(SETTINGS, 0, 0, &[0x00, 0x04, 0, 0, 0, 0]));
     let released = wait::within(Duration::from_secs(8), || async {
