@@ -18,7 +18,7 @@
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 
 /// How many requests an endpoint has outstanding (an atomic, no lock).
 #[derive(Debug, Default)]
@@ -51,15 +51,36 @@ impl Drop for InFlight {
 /// one of its permits. Carried by the response body until its last byte.
 #[derive(Debug)]
 pub struct StreamSlot {
+    // Fields drop in this order: the count and the permit are released
+    // before a waiter is woken.
     _stream: InFlight,
     _client: Option<OwnedSemaphorePermit>,
+    _freed: Freed,
 }
 
 impl StreamSlot {
-    pub fn new(stream: InFlight, client: Option<OwnedSemaphorePermit>) -> Self {
+    /// `freed`: notified (one waiter) when the stream ends.
+    pub fn new(
+        stream: InFlight,
+        client: Option<OwnedSemaphorePermit>,
+        freed: Option<Arc<Notify>>,
+    ) -> Self {
         StreamSlot {
             _stream: stream,
             _client: client,
+            _freed: Freed(freed),
+        }
+    }
+}
+
+/// Wakes one caller waiting for a stream slot, when dropped.
+#[derive(Debug)]
+struct Freed(Option<Arc<Notify>>);
+
+impl Drop for Freed {
+    fn drop(&mut self) {
+        if let Some(freed) = &self.0 {
+            freed.notify_one();
         }
     }
 }

@@ -46,8 +46,9 @@
 //! than the peer's `SETTINGS_MAX_CONCURRENT_STREAMS` (our own count: hyper's
 //! h2 client would queue beyond the peer's limit) → else ONE caller opens a
 //! new connection while the others wait for it (no racing connects, at most
-//! [`MAX_H2_PER_ENDPOINT`] open; with all of them full, the least loaded
-//! takes the stream). The stream is counted until the response body ends
+//! [`MAX_H2_PER_ENDPOINT`] open; with all of them full, the caller waits
+//! for a stream to end anywhere in the set, in turn with other waiters, and
+//! presses the streams waiting on their clients, see `stream_watch`). The stream is counted until the response body ends
 //! ([`StreamSlot`], carried by the body). The peer's stream limit is read
 //! from hyper's connection object (shared with its task) at each checkout;
 //! a new connection starts from the limit the endpoint last announced.
@@ -220,6 +221,8 @@ struct H2Set {
     /// The watched client streams (HTTP/2 clients' `stream_watch`) whose
     /// requests went on these connections: pressed when they are full.
     watched: Mutex<WatchedStreams>,
+    /// Notified (one waiter at a time, in turn) when a stream ends.
+    freed: Arc<tokio::sync::Notify>,
 }
 
 /// The progress of client streams carried by an [`H2Set`], held weakly (a
@@ -260,6 +263,7 @@ impl H2Set {
             connecting: tokio::sync::Mutex::new(()),
             learned_max: Arc::new(AtomicUsize::new(INITIAL_MAX_STREAMS)),
             watched: Mutex::default(),
+            freed: Arc::default(),
         }
     }
 
@@ -272,25 +276,13 @@ impl H2Set {
     }
 
     /// A stream on the first open connection with room (the oldest first,
-    /// so that extra connections fall idle when load drops), or with
-    /// `or_least_loaded` and every connection slot taken, on the least
-    /// loaded open connection (then the set is full: `true`). Forgets
-    /// closed connections.
-    fn take_stream(&self, or_least_loaded: bool) -> Option<(Arc<H2Conn>, InFlight, bool)> {
+    /// so that extra connections fall idle when load drops). Forgets closed
+    /// connections.
+    fn take_stream(&self) -> Option<(Arc<H2Conn>, InFlight)> {
         let mut conns = self.lock();
         conns.retain(|c| !c.sender.is_closed());
-        let (conn, full) = match conns.iter().find(|c| c.open() && c.has_room()) {
-            Some(conn) => (conn, false),
-            None if or_least_loaded && conns.len() >= MAX_H2_PER_ENDPOINT => {
-                let least_loaded = conns
-                    .iter()
-                    .filter(|c| c.open())
-                    .min_by_key(|c| c.streams.get())?;
-                (least_loaded, true)
-            }
-            None => return None,
-        };
-        Some((Arc::clone(conn), conn.streams.start(), full))
+        let conn = conns.iter().find(|c| c.open() && c.has_room())?;
+        Some((Arc::clone(conn), conn.streams.start()))
     }
 
     /// Adds a new connection and starts a stream on it.
@@ -303,12 +295,6 @@ impl H2Set {
 
     fn open_connections(&self) -> usize {
         self.lock().iter().filter(|c| c.open()).count()
-    }
-
-    /// Every connection slot is taken and none has room.
-    fn full(&self) -> bool {
-        let conns = self.lock();
-        conns.len() >= MAX_H2_PER_ENDPOINT && !conns.iter().any(|c| c.open() && c.has_room())
     }
 
     /// Closes connections without streams beyond the first open one, and
@@ -619,7 +605,7 @@ impl ConnPool {
         let progress = request.extensions().get::<Arc<StreamProgress>>().cloned();
         let mut resent = false;
         loop {
-            let (conn, stream, full) = match self.h2_stream(kind).await {
+            let (conn, stream) = match self.h2_stream(kind).await {
                 Ok(found) => found,
                 Err(source) => {
                     return Err(SendError::Connect {
@@ -630,18 +616,13 @@ impl ConnPool {
             };
             let replay = if resent { None } else { replay_copy(&request) };
             let mut sender = conn.sender.clone();
-            let sending = sender.try_send_request(request);
-            let sent = if full {
-                self.pressing_while(self.h2_set(kind), sending).await
-            } else {
-                sending.await
-            };
-            match sent {
+            match sender.try_send_request(request).await {
                 Ok(response) => {
                     if let Some(progress) = &progress {
                         self.h2_set(kind).watched().add(progress);
                     }
-                    let slot = StreamSlot::new(stream, client);
+                    let slot =
+                        StreamSlot::new(stream, client, Some(Arc::clone(&self.h2_set(kind).freed)));
                     return Ok((response.map(StreamedBody::from), Some(slot)));
                 }
                 Err(mut err) => {
@@ -682,49 +663,48 @@ impl ConnPool {
     }
 
     /// A stream on a connection of `kind` with room; else one caller
-    /// connects while the others wait and then look again.
-    /// `true` with it: every slot was taken (the stream waits in the
-    /// connection's queue), and the streams waiting on their clients were
-    /// pressed.
-    async fn h2_stream(&self, kind: H2Kind<'_>) -> io::Result<(Arc<H2Conn>, InFlight, bool)> {
+    /// connects while the others wait and then look again. With every
+    /// connection slot taken and every connection full, the caller waits
+    /// for a stream to end anywhere in the set (woken in turn by
+    /// [`StreamSlot`]s as they end, and once per [`PRESSED_LIMIT`]), and
+    /// the streams waiting on their clients are pressed meanwhile
+    /// (`stream_watch`): clients not reading cannot hold every slot, and a
+    /// request never waits behind one connection's slow streams while
+    /// another has room. Bounded by the request's deadline (the caller's).
+    async fn h2_stream(&self, kind: H2Kind<'_>) -> io::Result<(Arc<H2Conn>, InFlight)> {
         let set = self.h2_set(kind);
-        if let Some(found) = set.take_stream(false) {
-            return Ok(found);
-        }
-        let _connecting = set.connecting.lock().await;
-        if let Some((conn, stream, full)) = set.take_stream(true) {
-            if full {
-                // Every stream slot is taken: the streams that wait on
-                // their clients get a short limit (`stream_watch`), so that
-                // clients not reading cannot hold them all.
-                self.press(set);
+        let mut pressed_at: Option<Instant> = None;
+        loop {
+            let freed = set.freed.notified();
+            let mut freed = std::pin::pin!(freed);
+            // Registered before the last look: a stream ending after it
+            // wakes this caller.
+            freed.as_mut().enable();
+            if let Some(found) = set.take_stream() {
+                return Ok(found);
             }
-            return Ok((conn, stream, full));
+            {
+                let _connecting = set.connecting.lock().await;
+                if let Some(found) = set.take_stream() {
+                    return Ok(found);
+                }
+                if set.lock().len() < MAX_H2_PER_ENDPOINT {
+                    let conn = Box::pin(self.connect_h2(kind, set)).await?;
+                    return Ok(set.add(conn));
+                }
+            }
+            if pressed_at.is_none_or(|at| at.elapsed() >= PRESSED_LIMIT) {
+                self.press(set);
+                pressed_at = Some(Instant::now());
+            }
+            let _ = tokio::time::timeout(PRESSED_LIMIT, freed).await;
         }
-        let conn = Box::pin(self.connect_h2(kind, set)).await?;
-        let (conn, stream) = set.add(conn);
-        Ok((conn, stream, false))
     }
 
     fn press(&self, set: &H2Set) {
         let pressed = set.watched().press();
         tracing::debug!(addr = %self.addr, pressed,
             "every upstream HTTP/2 stream slot taken; streams waiting on their clients pressed");
-    }
-
-    /// Awaits `sending`, a request queued on a full set: while the set
-    /// stays full, its streams waiting on their clients are pressed again
-    /// once per [`PRESSED_LIMIT`], so that streams which took the slots
-    /// the last press freed (queued before this one) are judged too.
-    async fn pressing_while<F: Future>(&self, set: &H2Set, sending: F) -> F::Output {
-        let mut sending = std::pin::pin!(sending);
-        loop {
-            match tokio::time::timeout(PRESSED_LIMIT, sending.as_mut()).await {
-                Ok(sent) => return sent,
-                Err(_) if set.full() => self.press(set),
-                Err(_) => {}
-            }
-        }
     }
 
     /// The mesh hop: HTTP/2 on the shared mTLS connections, or an upgrade
