@@ -1060,3 +1060,75 @@ async fn a_sustained_attack_on_the_stream_slots_does_not_starve_a_client_that_re
         );
     }
 }
+
+/// With every connection full, a request waits for a slot on any
+/// connection, not in the queue of one: here the oldest connection carries
+/// four streams whose client reads slowly but steadily (never reset) and
+/// the seven others zero-window streams. The press frees those seven; the
+/// request takes one of their slots within about a second. Before, it was
+/// queued on the least loaded connection (the oldest, a tie) behind the
+/// slow readers and answered 504 after 15 s (found by an attack).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_on_a_full_set_takes_the_first_slot_freed_on_any_connection() {
+    const APP_STREAMS: u32 = 4;
+    const STEP: u32 = 16 * 1024;
+    let app = Upstream::start_with_h2_streams("app", APP_STREAMS).await;
+    let sidecar = sidecar(&app, &["--stream-idle-timeout", "60s"]).await;
+    let mut victim = h2c_client(sidecar.inbound).await;
+    assert_eq!(well_behaved(&mut victim, 1).await.len(), 1);
+    // Four steady readers on the first (oldest) upstream connection.
+    let path = "/download?bytes=4194304";
+    let (readers, writer) = windowed_client(sidecar.inbound, STEP, path, APP_STREAMS).await;
+    let reading = tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(Duration::from_millis(250)).await;
+            let mut updates = frame(WINDOW_UPDATE, 0, 0, &(4 * STEP).to_be_bytes());
+            for stream in 0..APP_STREAMS {
+                updates.extend(frame(WINDOW_UPDATE, 0, 1 + 2 * stream, &STEP.to_be_bytes()));
+            }
+            if writer.lock().await.write_all(&updates).await.is_err() {
+                return;
+            }
+        }
+    });
+    wait::until(
+        "the readers' requests at the app",
+        Duration::from_secs(10),
+        || async { (app.requests() > APP_STREAMS as usize).then_some(()) },
+    )
+    .await;
+    // Zero-window streams on the seven other connections.
+    let stalled = 7 * APP_STREAMS;
+    let (_log, _w) = windowed_client(sidecar.inbound, 0, path, stalled).await;
+    wait::until("every slot taken", Duration::from_secs(10), || async {
+        let all = 1 + (APP_STREAMS + stalled) as usize;
+        (app.requests() >= all && app.open_connections() >= 8).then_some(())
+    })
+    .await;
+
+    let started = Instant::now();
+    let request = http::Request::get("http://app/download?bytes=65536")
+        .body(Empty::new())
+        .unwrap();
+    let fetched = tokio::time::timeout(Duration::from_secs(12), async {
+        let response = victim.send_request(request).await.expect("response head");
+        let status = response.status();
+        let body = response
+            .into_body()
+            .collect()
+            .await
+            .map(|b| b.to_bytes().len());
+        (status, body)
+    })
+    .await;
+    assert!(
+        matches!(fetched, Ok((http::StatusCode::OK, Ok(65536)))),
+        "{fetched:?} after {:?}",
+        started.elapsed()
+    );
+    assert!(
+        readers.lock().unwrap().resets.is_empty(),
+        "the steady readers were reset"
+    );
+    reading.abort();
+}
