@@ -687,6 +687,29 @@ async fn windowed_client_reopening(
 const DATA: u8 = 0x0;
 const WINDOW_UPDATE: u8 = 0x8;
 
+/// `/download?bytes=BYTES` on `client`: its status and body length, or
+/// `Err` when it took longer than `limit`.
+async fn download_within(
+    client: &mut hyper::client::conn::http2::SendRequest<Empty<Bytes>>,
+    bytes: usize,
+    limit: Duration,
+) -> Result<(http::StatusCode, Result<usize, hyper::Error>), tokio::time::error::Elapsed> {
+    let request = http::Request::get(format!("http://app/download?bytes={bytes}"))
+        .body(Empty::new())
+        .unwrap();
+    tokio::time::timeout(limit, async {
+        let response = client.send_request(request).await.expect("response head");
+        let status = response.status();
+        let body = response
+            .into_body()
+            .collect()
+            .await
+            .map(|b| b.to_bytes().len());
+        (status, body)
+    })
+    .await
+}
+
 /// An HTTP/1.1 app (one connection per stream in flight), a sidecar that
 /// resets streams waiting on their client for 1 s, and a client with a
 /// zero window whose `streams` 4 MiB downloads each hold an app connection
@@ -1039,20 +1062,7 @@ async fn a_sustained_attack_on_the_stream_slots_does_not_starve_a_client_that_re
 
     for n in 0..REQUESTS {
         let started = Instant::now();
-        let request = http::Request::get("http://app/download?bytes=65536")
-            .body(Empty::new())
-            .unwrap();
-        let fetched = tokio::time::timeout(Duration::from_secs(12), async {
-            let response = victim.send_request(request).await.expect("response head");
-            let status = response.status();
-            let body = response
-                .into_body()
-                .collect()
-                .await
-                .map(|b| b.to_bytes().len());
-            (status, body)
-        })
-        .await;
+        let fetched = download_within(&mut victim, 65536, Duration::from_secs(12)).await;
         assert!(
             matches!(fetched, Ok((http::StatusCode::OK, Ok(65536)))),
             "request {n} under a sustained attack: {fetched:?} after {:?}",
@@ -1107,20 +1117,7 @@ async fn a_request_on_a_full_set_takes_the_first_slot_freed_on_any_connection() 
     .await;
 
     let started = Instant::now();
-    let request = http::Request::get("http://app/download?bytes=65536")
-        .body(Empty::new())
-        .unwrap();
-    let fetched = tokio::time::timeout(Duration::from_secs(12), async {
-        let response = victim.send_request(request).await.expect("response head");
-        let status = response.status();
-        let body = response
-            .into_body()
-            .collect()
-            .await
-            .map(|b| b.to_bytes().len());
-        (status, body)
-    })
-    .await;
+    let fetched = download_within(&mut victim, 65536, Duration::from_secs(12)).await;
     assert!(
         matches!(fetched, Ok((http::StatusCode::OK, Ok(65536)))),
         "{fetched:?} after {:?}",
