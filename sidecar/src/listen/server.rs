@@ -375,7 +375,14 @@ impl<H: Handler> Shared<H> {
                 progress
             });
             async move {
-                let response = handler.handle(request, &client).instrument(span).await;
+                // `handle` does its synchronous part (admission) when
+                // called: inside the request's span too. Boxed: hyper
+                // moves this future whole, a box is one pointer.
+                let handling = {
+                    let _in_span = span.enter();
+                    Box::pin(handler.handle(request, &client))
+                };
+                let response = handling.instrument(span).await;
                 let response = response.map(|body| body.with_request_guard(answered));
                 Ok::<_, Infallible>(match progress {
                     None => response,

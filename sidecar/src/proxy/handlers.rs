@@ -37,6 +37,7 @@
 
 use std::borrow::Cow;
 use std::collections::HashMap;
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
@@ -169,12 +170,15 @@ impl Inbound {
         Arc::clone(target)
     }
 
-    async fn proxy(
+    /// Everything before the app is called: admission, then the request
+    /// as the app gets it. Synchronous, so that none of its intermediate
+    /// requests is kept in the request's future (see `handle`).
+    fn to_app(
         &self,
         request: Request<Incoming>,
         peer: &Peer,
         record: &mut RequestRecord,
-    ) -> Result<Response<ProxyBody>, ProxyError> {
+    ) -> Result<ToApp, ProxyError> {
         if request.method() == Method::CONNECT {
             return Err(ProxyError::MethodNotAllowed {
                 method: Method::CONNECT,
@@ -191,9 +195,12 @@ impl Inbound {
         add_forwarded(request.headers_mut(), &peer.ip_header, "http");
         set_source_headers(request.headers_mut(), caller.source_headers());
         record.inject_trace(request.headers_mut());
-        let no_policies = RoutePolicies::default();
-        let response = forward(&app, request, no_policies, &self.limits, record.trail()).await?;
-        Ok(finish(response, version, downstream_upgrade))
+        Ok(ToApp {
+            app,
+            request,
+            version,
+            downstream_upgrade,
+        })
     }
 
     /// Whether the request may reach the app, in the current snapshot
@@ -212,6 +219,16 @@ impl Inbound {
         };
         admit(&snapshot, request, peer, record, &admission)
     }
+}
+
+/// An admitted inbound request, ready for the app (no route policies:
+/// those of the own service were applied on admission).
+struct ToApp {
+    app: Arc<ServiceTarget>,
+    request: Request<ProxyBody>,
+    /// The client's HTTP version (the response goes back in it).
+    version: Version,
+    downstream_upgrade: Option<OnUpgrade>,
 }
 
 /// How [`admit`] judges a request: for which service, and whether
@@ -325,7 +342,16 @@ pub(super) fn normalize_path<B>(mut request: Request<B>) -> Result<Request<B>, P
 }
 
 impl Handler for Inbound {
-    async fn handle(&self, request: Request<Incoming>, peer: &Peer) -> Response<ProxyBody> {
+    /// A function returning an `async move` block, not an `async fn`, and
+    /// the work before the app is called done synchronously (`to_app`):
+    /// the future then holds the request once, not once per step, and
+    /// hyper moves that future with every request (ARCHITECTURE.md,
+    /// "Future sizes").
+    fn handle(
+        &self,
+        request: Request<Incoming>,
+        peer: &Peer,
+    ) -> impl Future<Output = Response<ProxyBody>> + Send {
         let mut record = RequestRecord::start(
             &request,
             peer.addr,
@@ -333,8 +359,26 @@ impl Handler for Inbound {
             &self.unrouted,
             &self.telemetry,
         );
-        let result = self.proxy(request, peer, &mut record).await;
-        answer(record, result, Direction::Inbound, &self.metrics)
+        let to_app = self.to_app(request, peer, &mut record);
+        async move {
+            // Sent from here, not from a method of `ToApp`: one future
+            // less to build and move.
+            let result = match to_app {
+                Ok(ToApp {
+                    app,
+                    request,
+                    version,
+                    downstream_upgrade,
+                }) => {
+                    let no_policies = RoutePolicies::default();
+                    forward(&app, request, no_policies, &self.limits, record.trail())
+                        .await
+                        .map(|response| finish(response, version, downstream_upgrade))
+                }
+                Err(refused) => Err(refused),
+            };
+            answer(record, result, Direction::Inbound, &self.metrics)
+        }
     }
 
     /// An opaque TCP connection (plaintext: `identity` is `None`; or the

@@ -31,6 +31,7 @@
 //! refused (`circuit_open`: every endpoint the subset allows is open;
 //! `overflow`) is counted once, marked on the trail, and sent.
 
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -57,42 +58,49 @@ use crate::upstream::target::ServiceTarget;
 /// Endpoints tried for one request before giving up on connect failures.
 const MAX_CONNECT_ATTEMPTS: usize = 3;
 
-pub async fn forward(
-    target: &ServiceTarget,
+/// (Written as a function returning an `async move` block rather than an
+/// `async fn`: an `async fn` keeps a second copy of its by-value arguments
+/// in its future, and every future above it embeds this one; see
+/// ARCHITECTURE.md, "Future sizes".)
+#[allow(clippy::manual_async_fn)] // an `async fn` would copy the request twice into its future
+pub fn forward<'a>(
+    target: &'a ServiceTarget,
     request: Request<ProxyBody>,
-    policies: RoutePolicies<'_>,
-    limits: &Limits,
-    trail: &mut Trail,
-) -> Result<Response<ProxyBody>, ProxyError> {
-    let timeouts = policies.timeouts;
-    let timeout = timeouts.and_then(|t| t.request).or(limits.upstream_timeout);
-    // The deadline runs from arrival: time spent waiting for a slot counts.
-    let deadline = timeout.map(|t| (Instant::now() + t, t));
-    // The policies' own waits are boxed: their futures would otherwise
-    // sit (unused) inside every request's future and be copied with it.
-    if let Some(fault) = policies.fault {
-        Box::pin(fault.apply(&target.name, deadline, trail)).await?;
-    }
-    let slot = match policies.breaker {
-        Some(breakers) => {
-            let wait = timeout.map_or(MAX_PENDING_WAIT, |t| t.min(MAX_PENDING_WAIT));
-            Box::pin(breakers.admit_or_note(&target.name, wait, trail)).await?
+    policies: RoutePolicies<'a>,
+    limits: &'a Limits,
+    trail: &'a mut Trail,
+) -> impl Future<Output = Result<Response<ProxyBody>, ProxyError>> + 'a {
+    async move {
+        let timeouts = policies.timeouts;
+        let timeout = timeouts.and_then(|t| t.request).or(limits.upstream_timeout);
+        // The deadline runs from arrival: time spent waiting for a slot counts.
+        let deadline = timeout.map(|t| (Instant::now() + t, t));
+        // The policies' own waits are boxed: their futures would otherwise
+        // sit (unused) inside every request's future and be copied with it.
+        if let Some(fault) = policies.fault {
+            Box::pin(fault.apply(&target.name, deadline, trail)).await?;
         }
-        None => None,
-    };
-    let send = Send {
-        target,
-        policies,
-        client: request.extensions().get::<ClientStreams>().cloned(),
-        progress: request.extensions().get::<Arc<StreamProgress>>().cloned(),
-        idle_timeout: timeouts.and_then(|t| t.idle).or(limits.stream_idle_timeout),
-        deadline,
-    };
-    let response = match policies.retry {
-        Some(retry) => Box::pin(send.with_retries(retry, request, trail)).await,
-        None => send.one_try(request, send.deadline, trail).await,
-    }?;
-    Ok(response.map(|body| body.with_slot(slot)))
+        let slot = match policies.breaker {
+            Some(breakers) => {
+                let wait = timeout.map_or(MAX_PENDING_WAIT, |t| t.min(MAX_PENDING_WAIT));
+                Box::pin(breakers.admit_or_note(&target.name, wait, trail)).await?
+            }
+            None => None,
+        };
+        let send = Send {
+            target,
+            policies,
+            client: request.extensions().get::<ClientStreams>().cloned(),
+            progress: request.extensions().get::<Arc<StreamProgress>>().cloned(),
+            idle_timeout: timeouts.and_then(|t| t.idle).or(limits.stream_idle_timeout),
+            deadline,
+        };
+        let response = match policies.retry {
+            Some(retry) => Box::pin(send.with_retries(retry, request, trail)).await,
+            None => send.one_try(request, send.deadline, trail).await,
+        }?;
+        Ok(response.map(|body| body.with_slot(slot)))
+    }
 }
 
 /// What every try of one request shares.
@@ -111,7 +119,7 @@ struct Send<'a> {
     deadline: Option<(Instant, Duration)>,
 }
 
-impl Send<'_> {
+impl<'a> Send<'a> {
     async fn with_retries(
         &self,
         retry: &RetryPolicy,
@@ -167,56 +175,59 @@ impl Send<'_> {
     /// unsent and goes to another endpoint (at most
     /// [`MAX_CONNECT_ATTEMPTS`]); with nothing sent, [`Send::nothing_sent`]
     /// says why.
-    async fn one_try(
-        &self,
+    #[allow(clippy::manual_async_fn)] // an `async fn` would copy the request twice into its future
+    fn one_try<'s>(
+        &'s self,
         mut request: Request<ProxyBody>,
         deadline: Option<(Instant, Duration)>,
-        trail: &mut Trail,
-    ) -> Result<Response<ProxyBody>, ProxyError> {
-        if let Some(client) = &self.client {
-            if request.extensions().get::<ClientStreams>().is_none() {
-                request.extensions_mut().insert(client.clone());
-            }
-        }
-        if let Some(progress) = &self.progress {
-            if request.extensions().get::<Arc<StreamProgress>>().is_none() {
-                request.extensions_mut().insert(Arc::clone(progress));
-            }
-        }
-        let subset = self.pick_subset();
-        let mut tried = Tried::default();
-        let mut last_refusal = None;
-        for _ in 0..MAX_CONNECT_ATTEMPTS {
-            let (endpoint, permit) = match self.admit(subset, &mut tried, trail) {
-                Admission::Admitted(endpoint, permit) => (endpoint, permit),
-                Admission::BreakerBusy => continue,
-                Admission::NoneLeft => break,
-            };
-            // Phase 3: send, within the try's deadline.
-            let in_flight = endpoint.start_request();
-            let awaiting = busy_poll::awaiting_response();
-            let sent = endpoint
-                .pool
-                .dispatch(request, deadline.map(|(at, _)| at))
-                .await;
-            drop(awaiting);
-            match self.record(sent, endpoint, permit, deadline) {
-                Sent::Answered(response, stream) => {
-                    let idle = self.idle_timeout;
-                    return Ok(response.map(|body| {
-                        ProxyBody::streamed(body, idle)
-                            .with_guard(in_flight)
-                            .with_stream(stream)
-                    }));
-                }
-                Sent::Failed(error) => return Err(error),
-                Sent::Refused { error, unsent } => {
-                    last_refusal = Some((endpoint.addr, error));
-                    request = *unsent;
+        trail: &'s mut Trail,
+    ) -> impl Future<Output = Result<Response<ProxyBody>, ProxyError>> + use<'a, 's> {
+        async move {
+            if let Some(client) = &self.client {
+                if request.extensions().get::<ClientStreams>().is_none() {
+                    request.extensions_mut().insert(client.clone());
                 }
             }
+            if let Some(progress) = &self.progress {
+                if request.extensions().get::<Arc<StreamProgress>>().is_none() {
+                    request.extensions_mut().insert(Arc::clone(progress));
+                }
+            }
+            let subset = self.pick_subset();
+            let mut tried = Tried::default();
+            let mut last_refusal = None;
+            for _ in 0..MAX_CONNECT_ATTEMPTS {
+                let (endpoint, permit) = match self.admit(subset, &mut tried, trail) {
+                    Admission::Admitted(endpoint, permit) => (endpoint, permit),
+                    Admission::BreakerBusy => continue,
+                    Admission::NoneLeft => break,
+                };
+                // Phase 3: send, within the try's deadline.
+                let in_flight = endpoint.start_request();
+                let awaiting = busy_poll::awaiting_response();
+                let sent = endpoint
+                    .pool
+                    .dispatch(request, deadline.map(|(at, _)| at))
+                    .await;
+                drop(awaiting);
+                match self.record(sent, endpoint, permit, deadline) {
+                    Sent::Answered(response, stream) => {
+                        let idle = self.idle_timeout;
+                        return Ok(response.map(|body| {
+                            ProxyBody::streamed(body, idle)
+                                .with_guard(in_flight)
+                                .with_stream(stream)
+                        }));
+                    }
+                    Sent::Failed(error) => return Err(error),
+                    Sent::Refused { error, unsent } => {
+                        last_refusal = Some((endpoint.addr, error));
+                        request = *unsent;
+                    }
+                }
+            }
+            Err(self.nothing_sent(subset, last_refusal))
         }
-        Err(self.nothing_sent(subset, last_refusal))
     }
 
     /// Whether endpoint `index`'s breaker (if any, and enforcing) lets a

@@ -433,43 +433,46 @@ impl ConnPool {
     /// request with a body), the HTTP/2 and the mTLS ones are boxed, so
     /// that every request's future (which hyper moves as a whole) does not
     /// carry their space.
-    pub async fn dispatch(
-        self: &Arc<Self>,
+    #[allow(clippy::manual_async_fn)] // an `async fn` would copy the request twice into its future
+    pub fn dispatch<'p>(
+        self: &'p Arc<Self>,
         mut request: Request<ProxyBody>,
         deadline: Option<tokio::time::Instant>,
-    ) -> Result<Answer, SendError> {
-        match &self.remote {
-            Remote::Mesh { local, identity } => match local.hop(Some(identity)) {
-                Hop::Mtls(identity) => {
-                    let sent = Box::pin(self.send_mtls(request, local, &identity));
-                    return within(deadline, sent)
-                        .await
-                        .unwrap_or(Err(SendError::TimedOut));
-                }
-                Hop::Expired(at) => {
-                    return Err(SendError::Connect {
-                        source: TlsFailure::expired(at),
-                        request: Box::new(request),
-                    })
-                }
-                Hop::Plain => {}
-            },
-            Remote::App(protocol) => for_app(&mut request, *protocol),
-            Remote::Plain => {}
-        }
-        if request.version() == Version::HTTP_2 {
-            let sent = Box::pin(self.send_h2(request, H2Kind::Plain));
-            within(deadline, sent)
-                .await
-                .unwrap_or(Err(SendError::TimedOut))
-        } else if h1_client::eligible(&request) {
-            // Times itself, with a timer of the connection's.
-            self.exchange_h1(request, deadline).await
-        } else {
-            let sent = Box::pin(self.send_h1(request));
-            within(deadline, sent)
-                .await
-                .unwrap_or(Err(SendError::TimedOut))
+    ) -> impl Future<Output = Result<Answer, SendError>> + Send + 'p {
+        async move {
+            match &self.remote {
+                Remote::Mesh { local, identity } => match local.hop(Some(identity)) {
+                    Hop::Mtls(identity) => {
+                        let sent = Box::pin(self.send_mtls(request, local, &identity));
+                        return within(deadline, sent)
+                            .await
+                            .unwrap_or(Err(SendError::TimedOut));
+                    }
+                    Hop::Expired(at) => {
+                        return Err(SendError::Connect {
+                            source: TlsFailure::expired(at),
+                            request: Box::new(request),
+                        })
+                    }
+                    Hop::Plain => {}
+                },
+                Remote::App(protocol) => for_app(&mut request, *protocol),
+                Remote::Plain => {}
+            }
+            if request.version() == Version::HTTP_2 {
+                let sent = Box::pin(self.send_h2(request, H2Kind::Plain));
+                within(deadline, sent)
+                    .await
+                    .unwrap_or(Err(SendError::TimedOut))
+            } else if h1_client::eligible(&request) {
+                // Times itself, with a timer of the connection's.
+                self.exchange_h1(request, deadline).await
+            } else {
+                let sent = Box::pin(self.send_h1(request));
+                within(deadline, sent)
+                    .await
+                    .unwrap_or(Err(SendError::TimedOut))
+            }
         }
     }
 
@@ -537,48 +540,51 @@ impl ConnPool {
     /// a new connection, if the request did not reach the upstream whole
     /// or its method is idempotent. The request is only read, so nothing
     /// needs copying for that.
-    async fn exchange_h1(
-        self: &Arc<Self>,
+    #[allow(clippy::manual_async_fn)] // an `async fn` would copy the request twice into its future
+    fn exchange_h1<'p>(
+        self: &'p Arc<Self>,
         request: Request<ProxyBody>,
         deadline: Option<tokio::time::Instant>,
-    ) -> Result<Answer, SendError> {
-        let mut resent = false;
-        loop {
-            let pooled = if resent {
-                None
-            } else {
-                self.direct.take(self.limits.idle_timeout)
-            };
-            let (conn, reused) = match pooled {
-                Some(conn) => (conn, true),
-                None => match within(deadline, Box::pin(self.connect_tcp())).await {
-                    Some(Ok(stream)) => {
-                        self.metrics.opened_http1.inc();
-                        (h1_client::Conn::new(QuickAck::new(stream)), false)
+    ) -> impl Future<Output = Result<Answer, SendError>> + 'p {
+        async move {
+            let mut resent = false;
+            loop {
+                let pooled = if resent {
+                    None
+                } else {
+                    self.direct.take(self.limits.idle_timeout)
+                };
+                let (conn, reused) = match pooled {
+                    Some(conn) => (conn, true),
+                    None => match within(deadline, Box::pin(self.connect_tcp())).await {
+                        Some(Ok(stream)) => {
+                            self.metrics.opened_http1.inc();
+                            (h1_client::Conn::new(QuickAck::new(stream)), false)
+                        }
+                        Some(Err(source)) => {
+                            return Err(SendError::Connect {
+                                source,
+                                request: Box::new(request),
+                            })
+                        }
+                        None => return Err(SendError::TimedOut),
+                    },
+                };
+                match h1_client::exchange(conn, &request, &self.direct, deadline).await {
+                    Ok(response) => return Ok((response.map(StreamedBody::from), None)),
+                    Err(h1_client::ExchangeError::TimedOut) => return Err(SendError::TimedOut),
+                    Err(error)
+                        if reused
+                            && error.unanswered()
+                            && (error.unsent() || request.method().is_idempotent()) =>
+                    {
+                        tracing::debug!(addr = %self.addr, %error,
+                            "pooled connection closed before answering; sending again on a new connection");
+                        self.metrics.resent_connection_closed.inc();
+                        resent = true;
                     }
-                    Some(Err(source)) => {
-                        return Err(SendError::Connect {
-                            source,
-                            request: Box::new(request),
-                        })
-                    }
-                    None => return Err(SendError::TimedOut),
-                },
-            };
-            match h1_client::exchange(conn, &request, &self.direct, deadline).await {
-                Ok(response) => return Ok((response.map(StreamedBody::from), None)),
-                Err(h1_client::ExchangeError::TimedOut) => return Err(SendError::TimedOut),
-                Err(error)
-                    if reused
-                        && error.unanswered()
-                        && (error.unsent() || request.method().is_idempotent()) =>
-                {
-                    tracing::debug!(addr = %self.addr, %error,
-                        "pooled connection closed before answering; sending again on a new connection");
-                    self.metrics.resent_connection_closed.inc();
-                    resent = true;
+                    Err(error) => return Err(SendError::Upstream(error.into())),
                 }
-                Err(error) => return Err(SendError::Upstream(error.into())),
             }
         }
     }
