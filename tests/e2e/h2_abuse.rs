@@ -1129,3 +1129,52 @@ async fn a_request_on_a_full_set_takes_the_first_slot_freed_on_any_connection() 
     );
     reading.abort();
 }
+
+/// Requests waiting for a slot are served in turn per client connection,
+/// not first come, first served: five clients that never read queue 100
+/// streams each on 32 slots (re-opening every stream reset), so that
+/// about 470 requests wait before a client that reads sends one. In turn,
+/// its request takes one of the next slots freed (the press frees the
+/// attackers' 32 each second or two); first come, first served, it waited
+/// behind every attacker request queued before it, ~15 press rounds, and
+/// was answered 504 after the 15 s upstream timeout (found by an attack:
+/// 150 such connections, p50 15.7 s).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_queued_behind_many_requests_of_others_is_served_in_its_turn() {
+    const APP_STREAMS: u32 = 4;
+    const SLOTS: usize = 8 * APP_STREAMS as usize;
+    const ATTACKERS: usize = 5;
+    const STREAMS: u32 = 100;
+    let app = Upstream::start_with_h2_streams("app", APP_STREAMS).await;
+    let sidecar = sidecar(&app, &["--stream-idle-timeout", "60s"]).await;
+    let mut victim = h2c_client(sidecar.inbound).await;
+    assert_eq!(well_behaved(&mut victim, 1).await.len(), 1);
+    let path = "/download?bytes=1048576";
+    let mut attackers = Vec::new();
+    for _ in 0..ATTACKERS {
+        attackers.push(windowed_client_reopening(sidecar.inbound, 0, path, STREAMS, true).await);
+    }
+    wait::until(
+        "every slot held by the attackers, and a first round of them reset",
+        Duration::from_secs(15),
+        || async {
+            let resets: usize = attackers
+                .iter()
+                .map(|(log, _)| log.lock().unwrap().resets.len())
+                .sum();
+            (app.open_connections() >= 8 && app.requests() > SLOTS && resets >= SLOTS).then_some(())
+        },
+    )
+    .await;
+
+    for n in 0..3 {
+        let started = Instant::now();
+        let fetched = download_within(&mut victim, 65536, Duration::from_secs(10)).await;
+        assert!(
+            matches!(fetched, Ok((http::StatusCode::OK, Ok(65536)))),
+            "request {n} behind ~{} waiting requests of others: {fetched:?} after {:?}",
+            ATTACKERS * STREAMS as usize - SLOTS,
+            started.elapsed()
+        );
+    }
+}

@@ -18,7 +18,9 @@
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
-use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+use crate::upstream::slot_queue::SlotQueue;
 
 /// How many requests an endpoint has outstanding (an atomic, no lock).
 #[derive(Debug, Default)]
@@ -59,28 +61,30 @@ pub struct StreamSlot {
 }
 
 impl StreamSlot {
-    /// `freed`: notified (one waiter) when the stream ends.
+    /// `queue`: told when the stream ends (it wakes the request next in
+    /// turn).
     pub fn new(
         stream: InFlight,
         client: Option<OwnedSemaphorePermit>,
-        freed: Option<Arc<Notify>>,
+        queue: Option<Arc<SlotQueue>>,
     ) -> Self {
         StreamSlot {
             _stream: stream,
             _client: client,
-            _freed: Freed(freed),
+            _freed: Freed(queue),
         }
     }
 }
 
-/// Wakes one caller waiting for a stream slot, when dropped.
+/// Hands the slot to the request waiting for one whose turn it is, when
+/// dropped.
 #[derive(Debug)]
-struct Freed(Option<Arc<Notify>>);
+struct Freed(Option<Arc<SlotQueue>>);
 
 impl Drop for Freed {
     fn drop(&mut self) {
-        if let Some(freed) = &self.0 {
-            freed.notify_one();
+        if let Some(queue) = &self.0 {
+            queue.freed();
         }
     }
 }

@@ -28,6 +28,9 @@
 //!   response head; the response body owns the connection and gives it
 //!   back to the pool at its end); requests with a body, upgrades and
 //!   CONNECT use hyper's client.
+//! - `slot_queue` — requests waiting for a stream on an endpoint's full
+//!   set of HTTP/2 connections, served in turn per client connection (a
+//!   freed stream wakes the oldest request of the client next in turn).
 //! - `quick_ack` — HTTP/1.1 upstream sockets send the ACK the kernel holds
 //!   when we have read a head and wait for the body (`TCP_QUICKACK`), so an
 //!   app with Nagle on that writes head and body apart is not stalled 40 ms
@@ -53,4 +56,5 @@ pub(crate) mod in_flight;
 pub(crate) mod mirror;
 pub(crate) mod pool;
 pub(crate) mod quick_ack;
+pub(crate) mod slot_queue;
 pub(crate) mod target;

@@ -94,6 +94,7 @@ use crate::telemetry::metrics::PoolMetrics;
 use crate::upstream::h1_client;
 use crate::upstream::in_flight::{ClientStreams, InFlight, InFlightCounter, StreamSlot};
 use crate::upstream::quick_ack::QuickAck;
+use crate::upstream::slot_queue::{self, Queued, SlotQueue};
 
 /// HTTP/1.1 connections kept per endpoint (busy or idle).
 const MAX_IDLE_PER_ENDPOINT: usize = 128;
@@ -221,8 +222,9 @@ struct H2Set {
     /// The watched client streams (HTTP/2 clients' `stream_watch`) whose
     /// requests went on these connections: pressed when they are full.
     watched: Mutex<WatchedStreams>,
-    /// Notified (one waiter at a time, in turn) when a stream ends.
-    freed: Arc<tokio::sync::Notify>,
+    /// Requests waiting for a slot while every connection is full, served
+    /// in turn per client; told by each `StreamSlot` that ends.
+    queue: Arc<SlotQueue>,
 }
 
 /// The progress of client streams carried by an [`H2Set`], held weakly (a
@@ -263,7 +265,7 @@ impl H2Set {
             connecting: tokio::sync::Mutex::new(()),
             learned_max: Arc::new(AtomicUsize::new(INITIAL_MAX_STREAMS)),
             watched: Mutex::default(),
-            freed: Arc::default(),
+            queue: Arc::default(),
         }
     }
 
@@ -283,6 +285,11 @@ impl H2Set {
         conns.retain(|c| !c.sender.is_closed());
         let conn = conns.iter().find(|c| c.open() && c.has_room())?;
         Some((Arc::clone(conn), conn.streams.start()))
+    }
+
+    /// Whether an open connection has room for a stream.
+    fn has_room(&self) -> bool {
+        self.lock().iter().any(|c| c.open() && c.has_room())
     }
 
     /// Adds a new connection and starts a stream on it.
@@ -598,6 +605,11 @@ impl ConnPool {
         mut request: Request<ProxyBody>,
         kind: H2Kind<'_>,
     ) -> Result<Answer, SendError> {
+        // Whose turn a request waits for when every slot is taken.
+        let client_id = request
+            .extensions()
+            .get::<ClientStreams>()
+            .map_or_else(slot_queue::own_client_id, ClientStreams::id);
         let client = match request.extensions().get::<ClientStreams>() {
             Some(client) => {
                 if client.available() == 0 {
@@ -611,7 +623,7 @@ impl ConnPool {
         let progress = request.extensions().get::<Arc<StreamProgress>>().cloned();
         let mut resent = false;
         loop {
-            let (conn, stream) = match self.h2_stream(kind).await {
+            let (conn, stream) = match self.h2_stream(kind, client_id).await {
                 Ok(found) => found,
                 Err(source) => {
                     return Err(SendError::Connect {
@@ -628,7 +640,7 @@ impl ConnPool {
                         self.h2_set(kind).watched().add(progress);
                     }
                     let slot =
-                        StreamSlot::new(stream, client, Some(Arc::clone(&self.h2_set(kind).freed)));
+                        StreamSlot::new(stream, client, Some(Arc::clone(&self.h2_set(kind).queue)));
                     return Ok((response.map(StreamedBody::from), Some(slot)));
                 }
                 Err(mut err) => {
@@ -670,40 +682,73 @@ impl ConnPool {
 
     /// A stream on a connection of `kind` with room; else one caller
     /// connects while the others wait and then look again. With every
-    /// connection slot taken and every connection full, the caller waits
-    /// for a stream to end anywhere in the set (woken in turn by
-    /// [`StreamSlot`]s as they end, and once per [`PRESSED_LIMIT`]), and
-    /// the streams waiting on their clients are pressed meanwhile
-    /// (`stream_watch`): clients not reading cannot hold every slot, and a
-    /// request never waits behind one connection's slow streams while
-    /// another has room. Bounded by the request's deadline (the caller's).
-    async fn h2_stream(&self, kind: H2Kind<'_>) -> io::Result<(Arc<H2Conn>, InFlight)> {
+    /// connection slot taken and every connection full, the caller queues
+    /// for a stream to end anywhere in the set (`slot_queue`: served in turn
+    /// per `client`, woken by [`StreamSlot`]s as they end), and the streams
+    /// waiting on their clients are pressed once per [`PRESSED_LIMIT`]
+    /// meanwhile (`stream_watch`): clients not reading cannot hold every
+    /// slot, a client with many waiting requests takes one slot per turn,
+    /// and a request never waits behind one connection's slow streams while
+    /// another has room. While requests wait, a newcomer queues behind them.
+    /// Bounded by the request's deadline (the caller's).
+    async fn h2_stream(
+        &self,
+        kind: H2Kind<'_>,
+        client: u64,
+    ) -> io::Result<(Arc<H2Conn>, InFlight)> {
         let set = self.h2_set(kind);
         let mut pressed_at: Option<Instant> = None;
+        let mut queued: Option<Queued> = None;
         loop {
-            let freed = set.freed.notified();
-            let mut freed = std::pin::pin!(freed);
-            // Registered before the last look: a stream ending after it
-            // wakes this caller.
-            freed.as_mut().enable();
-            if let Some(found) = set.take_stream() {
-                return Ok(found);
+            // A slot freed while requests wait is being handed to one of
+            // them: only a woken request, or one with nobody ahead, takes.
+            let may_take = match &queued {
+                Some(queued) => queued.woken(),
+                None => !set.queue.is_waiting(),
+            };
+            if may_take {
+                if let Some(found) = set.take_stream() {
+                    if let Some(queued) = queued {
+                        queued.served();
+                    }
+                    return Ok(found);
+                }
             }
             {
                 let _connecting = set.connecting.lock().await;
-                if let Some(found) = set.take_stream() {
-                    return Ok(found);
+                if may_take {
+                    if let Some(found) = set.take_stream() {
+                        if let Some(queued) = queued {
+                            queued.served();
+                        }
+                        return Ok(found);
+                    }
                 }
                 if set.lock().len() < MAX_H2_PER_ENDPOINT {
                     let conn = Box::pin(self.connect_h2(kind, set)).await?;
+                    if let Some(queued) = queued {
+                        queued.served();
+                    }
                     return Ok(set.add(conn));
                 }
+            }
+            let waiting = match queued.take() {
+                // Woken, but the slot was gone: first in turn again.
+                Some(woken) if woken.woken() => woken.again(),
+                Some(waiting) => waiting,
+                None => set.queue.join(client),
+            };
+            // A stream that ended between the last look and joining found
+            // nobody to hand its slot to.
+            if set.has_room() {
+                set.queue.freed();
             }
             if pressed_at.is_none_or(|at| at.elapsed() >= PRESSED_LIMIT) {
                 self.press(set);
                 pressed_at = Some(Instant::now());
             }
-            let _ = tokio::time::timeout(PRESSED_LIMIT, freed).await;
+            let _ = tokio::time::timeout(PRESSED_LIMIT, waiting.turn()).await;
+            queued = Some(waiting);
         }
     }
 
