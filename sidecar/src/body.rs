@@ -366,7 +366,7 @@ impl Body for ProxyBody {
         let this = &mut *self;
         if let Some(stream) = this.client_stream() {
             if let Some(piece) = stream.next_piece() {
-                stream.progress.body_polled(true);
+                stream.progress.body_polled(Some(piece.len()));
                 return Poll::Ready(Some(Ok(Frame::data(piece))));
             }
         }
@@ -411,11 +411,14 @@ impl Body for ProxyBody {
             Poll::Pending => {}
         }
         if let Some(stream) = this.client_stream() {
-            stream.progress.body_polled(polled.is_ready());
             if let Poll::Ready(Some(Ok(frame))) = polled {
                 // Counted whole above, handed over in pieces.
-                return Poll::Ready(Some(Ok(stream.first_piece(frame))));
+                let piece = stream.first_piece(frame);
+                let given = piece.data_ref().map_or(0, Bytes::len);
+                stream.progress.body_polled(Some(given));
+                return Poll::Ready(Some(Ok(piece)));
             }
+            stream.progress.body_polled(polled.is_ready().then_some(0));
         }
         polled
     }

@@ -1178,3 +1178,70 @@ async fn a_client_queued_behind_many_requests_of_others_is_served_in_its_turn() 
         );
     }
 }
+
+/// Under pressure, a stream's progress is bytes, not frames: a client that
+/// opens its windows by 100 bytes per second per stream, on an app that
+/// sends small frames (server-sent events, say), took a frame or more each
+/// second and so kept every slot while other requests waited until their
+/// timeout (found by an attack). Now a pressed stream must take 16 KiB in
+/// the pressed second, or catch up with its app, to be kept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_taking_small_frames_a_few_bytes_a_second_cannot_hold_every_slot() {
+    const APP_STREAMS: u32 = 4;
+    const SLOTS: u32 = 8 * APP_STREAMS;
+    const TRICKLE: u32 = 100;
+    let app = Upstream::start_with_h2_streams("app", APP_STREAMS).await;
+    let sidecar = sidecar(&app, &["--stream-idle-timeout", "60s"]).await;
+    let mut victim = h2c_client(sidecar.inbound).await;
+    assert_eq!(well_behaved(&mut victim, 1).await.len(), 1);
+    // Frames of ~10 bytes, as fast as the app's timer goes.
+    let path = "/drip?ms=0&pieces=10000000";
+    let (log, writer) = windowed_client(sidecar.inbound, TRICKLE, path, SLOTS).await;
+    let trickling = tokio::spawn(async move {
+        // Each stream's window opens by TRICKLE bytes per second, a
+        // quarter every 250 ms: a frame or more leaves in every second.
+        let quarter = TRICKLE / 4;
+        loop {
+            tokio::time::sleep(Duration::from_millis(250)).await;
+            let mut updates = frame(WINDOW_UPDATE, 0, 0, &(SLOTS * quarter).to_be_bytes());
+            for stream in 0..SLOTS {
+                updates.extend(frame(
+                    WINDOW_UPDATE,
+                    0,
+                    1 + 2 * stream,
+                    &quarter.to_be_bytes(),
+                ));
+            }
+            if writer.lock().await.write_all(&updates).await.is_err() {
+                return;
+            }
+        }
+    });
+    wait::until(
+        "every slot held by the trickling client",
+        Duration::from_secs(10),
+        || async { (app.requests() > SLOTS as usize && app.open_connections() >= 8).then_some(()) },
+    )
+    .await;
+    wait::until(
+        "the trickling streams taking frames",
+        Duration::from_secs(10),
+        || async { (log.lock().unwrap().data.len() >= SLOTS as usize).then_some(()) },
+    )
+    .await;
+
+    let started = Instant::now();
+    // Pressed streams are judged over one second (the previous build
+    // answered after ~9 s, when at all).
+    let fetched = download_within(&mut victim, 65536, Duration::from_secs(6)).await;
+    assert!(
+        matches!(fetched, Ok((http::StatusCode::OK, Ok(65536)))),
+        "a request waited behind streams taking 100 bytes a second: {fetched:?} after {:?}",
+        started.elapsed()
+    );
+    assert!(
+        !log.lock().unwrap().resets.is_empty(),
+        "no trickling stream was reset"
+    );
+    trickling.abort();
+}

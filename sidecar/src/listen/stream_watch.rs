@@ -33,8 +33,7 @@
 //! whose body was not polled since the last firing is reset, between one
 //! and two limits after its last progress. So a client keeps a stream by
 //! taking one piece of it per limit: [`PIECE`] bytes, or less when the app
-//! sends smaller data frames (an attack held every slot by reading 100
-//! bytes per second of an app sending 100-byte frames; a known gap).
+//! sends smaller data frames (under pressure, below, bytes count instead).
 //! Dropping the stream's
 //! task resets the stream (h2 sends `RST_STREAM` `CANCEL`) and drops its
 //! response body.
@@ -48,8 +47,12 @@
 //! streams it carries that wait on their clients (at a new request, and
 //! once per [`PRESSED_LIMIT`] while that request waits and the connections
 //! stay full); a pressed stream is
-//! judged over [`PRESSED_LIMIT`] instead of the whole limit: reset if its
-//! body is not polled within it, back to the normal limit if it is. So
+//! judged over [`PRESSED_LIMIT`] instead of the whole limit, and by bytes:
+//! reset unless [`PIECE`] bytes of it left within it or its response caught
+//! up with the upstream (a poll found no frame: the client takes whatever
+//! a slow app sends); back to the normal limit if it is kept. Counting
+//! polls there let a client keep every slot by taking 100 bytes a second
+//! of an app sending small frames (found by an attack). So
 //! clients that stop reading cannot keep an endpoint's every stream slot
 //! for the whole `--stream-idle-timeout` (found by an attack: nine
 //! connections of 100 such streams made every other request to the app
@@ -68,7 +71,7 @@
 use std::cell::Cell;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -94,8 +97,15 @@ pub struct StreamProgress {
     /// Which side the response waits on.
     state: AtomicU8,
     /// Polls of the response body so far (each one: the frame before has
-    /// left). Written by the body alone.
+    /// left). Written by the body alone, like the three below.
     polls: AtomicU32,
+    /// Bytes of the data frames that left (each counted at the next poll).
+    bytes_left: AtomicU64,
+    /// The size of the frame given at the last poll (waiting to leave).
+    given: AtomicU32,
+    /// Polls that found no frame: the response had caught up with the
+    /// upstream, so its client was keeping up then.
+    caught_up: AtomicU32,
     /// Set by [`StreamProgress::press`], taken by the stream's task.
     pressed: AtomicBool,
     /// The stream's task, woken by a press.
@@ -120,21 +130,36 @@ impl StreamProgress {
     }
 
     /// The response body was polled (the frame before it has left): it gave
-    /// a frame, which waits to be sent, or had none yet.
+    /// a frame of `given` bytes (a trailers frame: 0), which waits to be
+    /// sent, or had none yet (`None`).
     #[inline]
-    pub fn body_polled(&self, gave_a_frame: bool) {
-        let state = if gave_a_frame {
-            WAITING_ON_CLIENT
-        } else {
-            WAITING_ON_UPSTREAM
+    pub fn body_polled(&self, given: Option<usize>) {
+        let state = match given {
+            Some(_) => WAITING_ON_CLIENT,
+            None => {
+                bump(&self.caught_up);
+                WAITING_ON_UPSTREAM
+            }
         };
         self.state.store(state, Ordering::Relaxed);
-        let polls = self.polls.load(Ordering::Relaxed);
-        self.polls.store(polls.wrapping_add(1), Ordering::Relaxed);
+        bump(&self.polls);
+        let left = u64::from(self.given.load(Ordering::Relaxed));
+        let total = self.bytes_left.load(Ordering::Relaxed);
+        self.bytes_left.store(total + left, Ordering::Relaxed);
+        let given = given.map_or(0, |n| u32::try_from(n).unwrap_or(u32::MAX));
+        self.given.store(given, Ordering::Relaxed);
     }
 
     pub(crate) fn polls(&self) -> u32 {
         self.polls.load(Ordering::Relaxed)
+    }
+
+    /// Where the response stands, for a pressed stream's judgement.
+    fn moved(&self) -> Moved {
+        Moved {
+            bytes_left: self.bytes_left.load(Ordering::Relaxed),
+            caught_up: self.caught_up.load(Ordering::Relaxed),
+        }
     }
 
     fn waits_on_client(&self) -> bool {
@@ -155,6 +180,28 @@ impl StreamProgress {
         self.pressed.store(true, Ordering::Relaxed);
         self.task.wake();
         true
+    }
+}
+
+/// Adds one to a counter only its owner writes (no read-modify-write).
+#[inline]
+fn bump(counter: &AtomicU32) {
+    let n = counter.load(Ordering::Relaxed);
+    counter.store(n.wrapping_add(1), Ordering::Relaxed);
+}
+
+/// A snapshot of a response's movement: a pressed stream is kept if, since
+/// it was pressed, [`PIECE`] bytes of it left or it caught up with its
+/// upstream.
+#[derive(Debug, Clone, Copy, Default)]
+struct Moved {
+    bytes_left: u64,
+    caught_up: u32,
+}
+
+impl Moved {
+    fn enough_since(self, pressed: Moved) -> bool {
+        self.bytes_left - pressed.bytes_left >= PIECE as u64 || self.caught_up != pressed.caught_up
     }
 }
 
@@ -201,6 +248,7 @@ where
             limit,
             timer: None,
             polls_seen: 0,
+            pressed_at: None,
         });
         tokio::spawn(Watched { stream, watch });
     }
@@ -215,6 +263,8 @@ struct Watch {
     timer: Option<Pin<Box<Sleep>>>,
     /// The body's polls when the timer was last (re)armed.
     polls_seen: u32,
+    /// Pressed: how the response stood then (judged by bytes, not polls).
+    pressed_at: Option<Moved>,
 }
 
 impl Watch {
@@ -232,7 +282,12 @@ impl Watch {
             return false;
         }
         let polls = self.progress.polls();
-        if polls == self.polls_seen && self.progress.waits_on_client() {
+        let moved = match self.pressed_at.take() {
+            // Pressed: a piece's worth of bytes, or caught up.
+            Some(pressed) => self.progress.moved().enough_since(pressed),
+            None => polls != self.polls_seen,
+        };
+        if !moved && self.progress.waits_on_client() {
             return true;
         }
         self.polls_seen = polls;
@@ -260,7 +315,10 @@ impl Watch {
         let soon = tokio::time::Instant::now() + PRESSED_LIMIT.min(self.limit);
         match &self.timer {
             Some(timer) if timer.deadline() <= soon => {}
-            _ => self.arm(PRESSED_LIMIT.min(self.limit), cx),
+            _ => {
+                self.arm(PRESSED_LIMIT.min(self.limit), cx);
+                self.pressed_at = Some(self.progress.moved());
+            }
         }
     }
 
@@ -359,6 +417,7 @@ mod tests {
                 limit,
                 timer: None,
                 polls_seen: 0,
+                pressed_at: None,
             }),
         };
         tokio::spawn(watched)
@@ -396,7 +455,7 @@ mod tests {
         upstream.answered();
         body.wake();
         tokio::task::yield_now().await;
-        upstream.body_polled(false);
+        upstream.body_polled(None);
         tokio::time::sleep(6 * LIMIT).await;
         assert!(
             !waiting.is_finished(),
@@ -404,7 +463,7 @@ mod tests {
         );
 
         // And once the body gives a frame the client does not take, it is.
-        upstream.body_polled(true);
+        upstream.body_polled(Some(PIECE));
         body.wake();
         tokio::time::sleep(3 * LIMIT).await;
         assert!(
@@ -426,7 +485,7 @@ mod tests {
         for _ in 0..20 {
             tokio::time::sleep(Duration::from_secs(6)).await;
             assert!(!task.is_finished(), "reset while the client kept reading");
-            progress.body_polled(true);
+            progress.body_polled(Some(PIECE));
             stream.wake();
         }
         stream.finish();
@@ -471,12 +530,55 @@ mod tests {
         tokio::task::yield_now().await;
         assert!(reading.press());
         tokio::time::sleep(PRESSED_LIMIT / 2).await;
-        reading.body_polled(true);
+        reading.body_polled(Some(PIECE));
+        reading.body_polled(Some(PIECE));
         stream.wake();
         tokio::time::sleep(LIMIT - PRESSED_LIMIT).await;
         assert!(!task.is_finished(), "reset although its body was polled");
         tokio::time::sleep(LIMIT + PRESSED_LIMIT).await;
         assert!(task.is_finished(), "stalled for two limits after its poll");
+    }
+
+    /// Under pressure, progress is bytes: a client taking an app's small
+    /// frames one by one (1 KB/s) loses its stream; a client that keeps up
+    /// with a slow app (its response catches up with the upstream) keeps
+    /// it. (An attack held every slot by reading 100 bytes per second of
+    /// an app sending 100-byte frames.)
+    #[tokio::test(start_paused = true)]
+    async fn under_pressure_small_frames_taken_slowly_are_not_progress_but_keeping_up_is() {
+        let trickle = StreamProgress::new();
+        let stream = Arc::new(Stream::default());
+        let task = spawn_watched(LIMIT, &trickle, &stream);
+        trickle.answered();
+        stream.wake();
+        tokio::task::yield_now().await;
+        assert!(trickle.press());
+        for _ in 0..9 {
+            tokio::time::sleep(PRESSED_LIMIT / 10).await;
+            trickle.body_polled(Some(100));
+            stream.wake();
+        }
+        tokio::time::sleep(PRESSED_LIMIT / 10 + Duration::from_millis(1)).await;
+        assert!(
+            task.is_finished(),
+            "900 bytes in the pressed second kept the stream"
+        );
+
+        let keeping_up = StreamProgress::new();
+        let stream = Arc::new(Stream::default());
+        let task = spawn_watched(LIMIT, &keeping_up, &stream);
+        keeping_up.answered();
+        stream.wake();
+        tokio::task::yield_now().await;
+        assert!(keeping_up.press());
+        tokio::time::sleep(PRESSED_LIMIT / 2).await;
+        keeping_up.body_polled(None); // took everything the app had sent
+        keeping_up.body_polled(Some(100)); // the app's next frame, waiting
+        stream.wake();
+        tokio::time::sleep(PRESSED_LIMIT).await;
+        assert!(!task.is_finished(), "reset although it had caught up");
+        stream.finish();
+        task.await.unwrap();
     }
 
     #[tokio::test(start_paused = true)]
@@ -485,7 +587,7 @@ mod tests {
         assert!(!handling.press(), "the handler has not answered");
         let upstream = StreamProgress::new();
         upstream.answered();
-        upstream.body_polled(false);
+        upstream.body_polled(None);
         assert!(!upstream.press(), "waits on the upstream");
         let stream = Arc::new(Stream::default());
         let task = spawn_watched(LIMIT, &upstream, &stream);
