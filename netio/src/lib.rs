@@ -4,11 +4,12 @@
 //!
 //! - [`write_stall`] — a client that takes no response bytes for a limit
 //!   is cut off: its writes fail with `TimedOut`, judged by the bytes its
-//!   kernel acknowledged (`TCP_INFO`), so a slow steady reader is never cut.
+//!   kernel acknowledged (`TCP_INFO`), so a slow steady reader is never cut;
+//!   pressed (`StallPress`), a stalled client is judged over one second.
 //!
 //! A leaf crate: it knows sockets and tokio, nothing of HTTP, policies or
 //! the API; the arrows point into it only.
 
 pub mod write_stall;
 
-pub use write_stall::{WriteStall, WriteStallIo};
+pub use write_stall::{StallPress, WriteStall, WriteStallIo};

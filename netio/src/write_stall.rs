@@ -35,6 +35,16 @@
 //! kernel acknowledged its last byte (the clock's periods start when a
 //! write first stalls, not at that byte).
 //!
+//! Under pressure: the sidecar's upstream pool, when every HTTP/2 stream
+//! slot of an endpoint is taken, [`StallPress::press`]es the clients of the
+//! streams it carries (`WriteStall::press_handle`, through the request). A
+//! pressed clock that is running judges the connection over
+//! [`PRESSED_LIMIT`] from then, by bytes: cut unless the client
+//! acknowledged [`PRESSED_MIN_BYTES`] in it (or a write took bytes, which
+//! stops the clock). So HTTP/1.1 clients that stop reading large responses
+//! cannot hold every upstream stream slot for the whole limit (the same
+//! rule as the sidecar's `stream_watch` for HTTP/2 streams).
+//!
 //! Flow control inside HTTP/2 (a stream whose window the client never
 //! opens while it keeps reading the connection) is not a socket stall: the
 //! sidecar's `listen::stream_watch` resets such streams after the same limit.
@@ -43,8 +53,12 @@ use std::future::Future;
 use std::io;
 use std::os::fd::RawFd;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
+
+use futures_util::task::AtomicWaker;
 
 use nix::libc;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -118,6 +132,38 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for WriteStallIo<T> {
     }
 }
 
+/// How long a pressed clock (see the module docs) lets a stalled client
+/// go, and how many bytes it must acknowledge meanwhile to keep going.
+pub const PRESSED_LIMIT: Duration = Duration::from_secs(1);
+/// See [`PRESSED_LIMIT`]: one HTTP/2 data frame of the default size.
+pub const PRESSED_MIN_BYTES: u64 = 16 * 1024;
+
+/// A handle on a [`WriteStall`] clock for whoever may press it (shared;
+/// the clock sets `stalled` and registers its connection's task).
+#[derive(Debug, Default)]
+pub struct StallPress {
+    /// The clock runs: the client has bytes it does not take.
+    stalled: AtomicBool,
+    /// Set by [`StallPress::press`], taken by the clock.
+    pressed: AtomicBool,
+    /// The connection's task, woken by a press.
+    task: AtomicWaker,
+}
+
+impl StallPress {
+    /// Asks the clock to judge its stalled connection over
+    /// [`PRESSED_LIMIT`] from now. Returns whether it was stalled (one
+    /// that is not is left alone).
+    pub fn press(&self) -> bool {
+        if !self.stalled.load(Ordering::Relaxed) {
+            return false;
+        }
+        self.pressed.store(true, Ordering::Relaxed);
+        self.task.wake();
+        true
+    }
+}
+
 /// The write-stall clock of one client connection.
 #[derive(Debug)]
 pub struct WriteStall {
@@ -131,6 +177,10 @@ pub struct WriteStall {
     /// (re)started.
     stalled: Option<Option<u64>>,
     timer: Option<Pin<Box<Sleep>>>,
+    /// The current period is a pressed one (judged by
+    /// [`PRESSED_MIN_BYTES`]).
+    pressed: bool,
+    press: Arc<StallPress>,
 }
 
 impl WriteStall {
@@ -141,7 +191,14 @@ impl WriteStall {
             socket,
             stalled: None,
             timer: None,
+            pressed: false,
+            press: Arc::default(),
         }
+    }
+
+    /// The handle that presses this clock.
+    pub fn press_handle(&self) -> Arc<StallPress> {
+        Arc::clone(&self.press)
     }
 
     /// Passes on `polled`, the result of polling a write to the client: one
@@ -155,7 +212,10 @@ impl WriteStall {
     ) -> Poll<io::Result<usize>> {
         match polled {
             Poll::Ready(Ok(n)) if n > 0 => {
-                self.stalled = None;
+                if self.stalled.take().is_some() {
+                    self.press.stalled.store(false, Ordering::Relaxed);
+                    self.pressed = false;
+                }
                 polled
             }
             Poll::Ready(_) => polled,
@@ -186,6 +246,12 @@ impl WriteStall {
         };
         if self.stalled.is_none() {
             self.restart(limit);
+            self.press.stalled.store(true, Ordering::Relaxed);
+        }
+        self.press.task.register(cx.waker());
+        let pressed = &self.press.pressed;
+        if pressed.load(Ordering::Relaxed) && pressed.swap(false, Ordering::Relaxed) {
+            self.pressed_now(limit);
         }
         loop {
             let Some(timer) = self.timer.as_mut() else {
@@ -195,9 +261,19 @@ impl WriteStall {
                 return Poll::Pending;
             }
             let acked_at_start = self.stalled.flatten();
+            let enough = if self.pressed { PRESSED_MIN_BYTES } else { 1 };
             match (acked_at_start, self.socket.and_then(bytes_acked)) {
                 // The client took bytes meanwhile: reading, just slowly.
-                (Some(before), Some(now)) if now > before => self.restart(limit),
+                (Some(before), Some(now)) if now >= before + enough => {
+                    self.pressed = false;
+                    self.restart(limit);
+                }
+                _ if self.pressed => {
+                    return Poll::Ready(Err(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        format!("the client took under {PRESSED_MIN_BYTES} bytes in {PRESSED_LIMIT:?} while its upstream was short of streams"),
+                    )))
+                }
                 _ => {
                     return Poll::Ready(Err(io::Error::new(
                         io::ErrorKind::TimedOut,
@@ -205,6 +281,20 @@ impl WriteStall {
                     )))
                 }
             }
+        }
+    }
+
+    /// Pressed while running: the period ends [`PRESSED_LIMIT`] from now
+    /// (unless it ends sooner anyway) and is judged by bytes.
+    fn pressed_now(&mut self, limit: Duration) {
+        let short = PRESSED_LIMIT.min(limit);
+        let sooner = self
+            .timer
+            .as_ref()
+            .is_some_and(|timer| timer.deadline() <= Instant::now() + short);
+        if !sooner {
+            self.restart(short);
+            self.pressed = true;
         }
     }
 
@@ -311,6 +401,42 @@ mod tests {
             "the timer wakes the connection: the socket never will"
         );
         timed_out(stall.watch_write(&mut cx, pending()), "10s");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_pressed_stall_is_judged_over_a_second_and_a_clock_not_running_ignores_presses() {
+        let woken = Arc::new(CountingWaker(AtomicUsize::new(0)));
+        let waker = std::task::Waker::from(Arc::clone(&woken));
+        let mut cx = Context::from_waker(&waker);
+        let mut stall = WriteStall::new(Some(Duration::from_secs(60)), None);
+        let press = stall.press_handle();
+        assert!(!press.press(), "nothing stalled: nothing to press");
+        assert!(stall.watch_write(&mut cx, Poll::Ready(Ok(5))).is_ready());
+        assert!(!press.pressed.load(Ordering::Relaxed));
+
+        assert!(stall.watch_write(&mut cx, pending()).is_pending());
+        let before = woken.0.load(Ordering::SeqCst);
+        assert!(press.press(), "a stalled connection is pressed");
+        assert!(
+            woken.0.load(Ordering::SeqCst) > before,
+            "the press wakes the connection"
+        );
+        assert!(stall.watch_write(&mut cx, pending()).is_pending());
+        tokio::time::sleep(PRESSED_LIMIT + Duration::from_millis(1)).await;
+        timed_out(stall.watch_write(&mut cx, pending()), "short of streams");
+
+        // A write taking bytes within the pressed second stops the clock:
+        // back to the whole limit.
+        let mut stall = WriteStall::new(Some(Duration::from_secs(60)), None);
+        let press = stall.press_handle();
+        assert!(stall.watch_write(&mut cx, pending()).is_pending());
+        assert!(press.press());
+        assert!(stall.watch_write(&mut cx, pending()).is_pending());
+        assert!(stall.watch_write(&mut cx, Poll::Ready(Ok(5))).is_ready());
+        assert!(!press.press(), "no longer stalled");
+        assert!(stall.watch_write(&mut cx, pending()).is_pending());
+        tokio::time::sleep(Duration::from_secs(30)).await;
+        assert!(stall.watch_write(&mut cx, pending()).is_pending());
     }
 
     /// hyper flushes its (empty) buffer on every wake while a refusal's

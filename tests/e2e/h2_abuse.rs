@@ -1245,3 +1245,64 @@ async fn streams_taking_small_frames_a_few_bytes_a_second_cannot_hold_every_slot
     );
     trickling.abort();
 }
+
+/// HTTP/1.1 clients that stop reading large responses from an h2c app
+/// cannot hold every upstream stream slot either: when a request finds
+/// them all taken, the pool presses their connections' write-stall
+/// clocks, which then cut a client that acknowledged under 16 KiB in a
+/// second. Before, nothing pressed an HTTP/1.1 client: the slots stayed
+/// held for the whole `--stream-idle-timeout` (here 60 s) and other
+/// requests waited for their timeout (found by an attack: 32 such
+/// connections, every request 504).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http1_clients_that_stop_reading_cannot_hold_every_upstream_stream_slot() {
+    const SLOTS: usize = 8; // one stream per app connection, 8 connections
+    let app = Upstream::start_with_h2_streams("app", 1).await;
+    let args = ["--stream-idle-timeout", "60s", "--app-protocol", "h2c"];
+    let sidecar = sidecar(&app, &args).await;
+    // A first request teaches the pool the app's limit of one stream.
+    let first = meshlet_e2e::client::get(sidecar.inbound, "/")
+        .await
+        .expect("first request");
+    assert_eq!(first.status, 200);
+    // Clients that ask for 16 MiB each and never read: a small receive
+    // buffer, so that their connections stall at once.
+    let mut stalled = Vec::new();
+    for _ in 0..SLOTS {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.set_recv_buffer_size(4096).unwrap();
+        let mut stream = socket.connect(sidecar.inbound).await.expect("connect");
+        stream
+            .write_all(b"GET /download?bytes=16777216 HTTP/1.1\r\nhost: app\r\n\r\n")
+            .await
+            .unwrap();
+        stalled.push(stream);
+    }
+    wait::until(
+        "every slot taken by a client that does not read",
+        Duration::from_secs(10),
+        || async { (app.requests() > SLOTS && app.open_connections() >= SLOTS).then_some(()) },
+    )
+    .await;
+
+    let started = Instant::now();
+    let fetched = tokio::time::timeout(
+        Duration::from_secs(6),
+        meshlet_e2e::client::get(sidecar.inbound, "/download?bytes=65536"),
+    )
+    .await;
+    let body = match &fetched {
+        Ok(Ok(reply)) if reply.status == 200 => reply.body.len(),
+        _ => 0,
+    };
+    assert_eq!(
+        body,
+        65536,
+        "a request waited behind HTTP/1.1 clients that do not read: {:?} after {:?}",
+        fetched
+            .as_ref()
+            .map(|r| r.as_ref().map(|reply| reply.status)),
+        started.elapsed()
+    );
+    drop(stalled);
+}

@@ -62,7 +62,7 @@ use crate::listen::transparent::Interception;
 use crate::listen::tunnel;
 use crate::settings::Limits;
 use crate::telemetry::metrics::ListenerMetrics;
-use crate::upstream::in_flight::ClientStreams;
+use crate::upstream::in_flight::{ClientPress, ClientStreams, Pressable};
 
 /// What a listener does with each request.
 pub trait Handler: Clone + Send + Sync + 'static {
@@ -110,6 +110,11 @@ pub struct Peer {
     /// The workload identity the client proved with its certificate on an
     /// mTLS connection (`None`: plaintext, an unauthenticated caller).
     pub identity: Option<Arc<SpiffeId>>,
+    /// An HTTP/1.1 client connection's write-stall clock, for the handler
+    /// to put in a request that may go to an HTTP/2 upstream (the pool
+    /// presses it when short of streams). `None` on HTTP/2 connections
+    /// (each stream has its own) and without a limit.
+    pub press: Option<ClientPress>,
 }
 
 impl Peer {
@@ -126,6 +131,7 @@ impl Peer {
             original_dst: None,
             ip_header,
             identity: None,
+            press: None,
         }
     }
 }
@@ -344,7 +350,6 @@ impl<H: Handler> Shared<H> {
         // counts, not a clone of the handler (every metric handle in it)
         // and of the peer.
         let handler = Arc::new(self.handler.clone());
-        let client = Arc::new(client);
         let in_flight = Arc::new(InFlightRequests::default());
         let requests = Arc::clone(&in_flight);
         // An HTTP/2 client's allowance of streams on shared upstream HTTP/2
@@ -354,6 +359,11 @@ impl<H: Handler> Shared<H> {
         // A client that takes no response bytes is cut off; its TCP socket
         // (under any TLS) says whether it is reading at all.
         let clock = WriteStall::new(self.limits.stream_idle_timeout, Some(io.as_raw_fd()));
+        let mut client = client;
+        if !http2 && self.limits.stream_idle_timeout.is_some() {
+            client.press = Some(ClientPress(clock.press_handle()));
+        }
+        let client = Arc::new(client);
         let io = WriteStallIo::new(io, clock);
         // An HTTP/2 stream whose response waits on the client's flow
         // control is reset after the same limit (see `stream_watch`).
@@ -371,7 +381,9 @@ impl<H: Handler> Shared<H> {
             let progress = watch_streams.then(|| {
                 let progress = StreamProgress::new();
                 stream_watch::hand_over(Arc::clone(&progress));
-                request.extensions_mut().insert(Arc::clone(&progress));
+                request
+                    .extensions_mut()
+                    .insert(ClientPress(Arc::clone(&progress) as Arc<dyn Pressable>));
                 progress
             });
             async move {

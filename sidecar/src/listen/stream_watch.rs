@@ -79,6 +79,8 @@ use std::time::Duration;
 use futures_util::task::AtomicWaker;
 use tokio::time::Sleep;
 
+use crate::upstream::in_flight::Pressable;
+
 /// The largest data frame an HTTP/2 client's response body gives at once
 /// (larger ones are handed over in pieces): the grain at which its
 /// progress is seen. HTTP/2's default frame size.
@@ -202,6 +204,12 @@ struct Moved {
 impl Moved {
     fn enough_since(self, pressed: Moved) -> bool {
         self.bytes_left - pressed.bytes_left >= PIECE as u64 || self.caught_up != pressed.caught_up
+    }
+}
+
+impl Pressable for StreamProgress {
+    fn press(&self) -> bool {
+        StreamProgress::press(self)
     }
 }
 

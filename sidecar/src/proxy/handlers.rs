@@ -195,6 +195,7 @@ impl Inbound {
         add_forwarded(request.headers_mut(), &peer.ip_header, "http");
         set_source_headers(request.headers_mut(), caller.source_headers());
         record.inject_trace(request.headers_mut());
+        lend_press(&mut request, peer, &app);
         Ok(ToApp {
             app,
             request,
@@ -529,6 +530,7 @@ impl Outbound {
                     .send(mirror, &request, &self.limits, selected.rule.timeout);
             }
         }
+        lend_press(&mut request, peer, target);
         let mut response = forward(target, request, policies, &self.limits, record.trail()).await?;
         if let Some(selected) = &selected {
             selected.apply_response(&mut response);
@@ -598,6 +600,23 @@ pub(super) fn answer(
     match result {
         Ok(response) => record.respond(response),
         Err(err) => record.refused(err.reason(), refuse(err, direction, metrics)),
+    }
+}
+
+/// Puts an HTTP/1.1 client's write-stall clock (`Peer::press`) in a
+/// request that may travel on a shared upstream HTTP/2 connection (the
+/// mesh hop, an h2c app): the pool presses it when every stream slot is
+/// taken. Other requests skip the extension (an allocation).
+fn lend_press(request: &mut Request<ProxyBody>, peer: &Peer, target: &ServiceTarget) {
+    if let Some(press) = &peer.press {
+        if target
+            .balancer
+            .endpoints()
+            .iter()
+            .any(|e| e.pool.may_use_h2())
+        {
+            request.extensions_mut().insert(press.clone());
+        }
     }
 }
 

@@ -42,7 +42,6 @@ use tokio::time::Instant;
 use crate::body::{ProxyBody, StreamedBody};
 use crate::error::ProxyError;
 use crate::identity::tls::TlsFailure;
-use crate::listen::stream_watch::StreamProgress;
 use crate::policy::breaker::{BreakerPermit, MAX_PENDING_WAIT};
 use crate::policy::index::RoutePolicies;
 use crate::policy::outcome::Outcome;
@@ -51,7 +50,7 @@ use crate::settings::Limits;
 use crate::telemetry::trail::Trail;
 use crate::upstream::balance::{Endpoint, Tried};
 use crate::upstream::busy_poll;
-use crate::upstream::in_flight::{ClientStreams, StreamSlot};
+use crate::upstream::in_flight::{ClientPress, ClientStreams, StreamSlot};
 use crate::upstream::pool::{Answer, SendError};
 use crate::upstream::target::ServiceTarget;
 
@@ -91,7 +90,7 @@ pub fn forward<'a>(
             target,
             policies,
             client: request.extensions().get::<ClientStreams>().cloned(),
-            progress: request.extensions().get::<Arc<StreamProgress>>().cloned(),
+            press: request.extensions().get::<ClientPress>().cloned(),
             idle_timeout: timeouts.and_then(|t| t.idle).or(limits.stream_idle_timeout),
             deadline,
         };
@@ -110,10 +109,10 @@ struct Send<'a> {
     /// The downstream connection's stream allowance (from the request's
     /// extensions; a retry's copy of the request gets it back).
     client: Option<ClientStreams>,
-    /// The HTTP/2 client stream's progress (from the request's extensions,
-    /// given back to a retry's copy like `client`): the upstream pool
-    /// presses it when short of streams (`stream_watch`).
-    progress: Option<Arc<StreamProgress>>,
+    /// The client side the upstream pool presses when short of streams
+    /// (from the request's extensions, given back to a retry's copy like
+    /// `client`).
+    press: Option<ClientPress>,
     idle_timeout: Option<Duration>,
     /// The overall deadline for response headers and its duration.
     deadline: Option<(Instant, Duration)>,
@@ -188,9 +187,9 @@ impl<'a> Send<'a> {
                     request.extensions_mut().insert(client.clone());
                 }
             }
-            if let Some(progress) = &self.progress {
-                if request.extensions().get::<Arc<StreamProgress>>().is_none() {
-                    request.extensions_mut().insert(Arc::clone(progress));
+            if let Some(press) = &self.press {
+                if request.extensions().get::<ClientPress>().is_none() {
+                    request.extensions_mut().insert(press.clone());
                 }
             }
             let subset = self.pick_subset();

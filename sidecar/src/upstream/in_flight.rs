@@ -14,10 +14,15 @@
 //!   takes a permit before it opens a stream.
 //! - [`StreamSlot`]: one such stream (the connection's count and the
 //!   client's permit), held by the response body.
+//! - [`ClientPress`]: what the pool presses when every stream slot of an
+//!   endpoint is taken ([`Pressable`]: an HTTP/2 client's stream watch, an
+//!   HTTP/1.1 client connection's write-stall clock), in the request's
+//!   extensions.
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
+use meshlet_netio::StallPress;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::upstream::slot_queue::SlotQueue;
@@ -51,27 +56,39 @@ impl Drop for InFlight {
 /// One stream on a shared upstream HTTP/2 connection: counted on the
 /// connection and, for a downstream connection with an allowance, holding
 /// one of its permits. Carried by the response body until its last byte.
-#[derive(Debug)]
 pub struct StreamSlot {
     // Fields drop in this order: the count and the permit are released
     // before a waiter is woken.
     _stream: InFlight,
     _client: Option<OwnedSemaphorePermit>,
     _freed: Freed,
+    /// The request's client side, as the pool's set keeps it (weakly)
+    /// for pressing while the stream lasts.
+    _pressable: Option<Arc<dyn Pressable>>,
+}
+
+impl std::fmt::Debug for StreamSlot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StreamSlot")
+            .field("client", &self._client)
+            .finish_non_exhaustive()
+    }
 }
 
 impl StreamSlot {
     /// `queue`: told when the stream ends (it wakes the request next in
-    /// turn).
+    /// turn); `pressable`: kept as long as the stream.
     pub fn new(
         stream: InFlight,
         client: Option<OwnedSemaphorePermit>,
         queue: Option<Arc<SlotQueue>>,
+        pressable: Option<Arc<dyn Pressable>>,
     ) -> Self {
         StreamSlot {
             _stream: stream,
             _client: client,
             _freed: Freed(queue),
+            _pressable: pressable,
         }
     }
 }
@@ -86,6 +103,40 @@ impl Drop for Freed {
         if let Some(queue) = &self.0 {
             queue.freed();
         }
+    }
+}
+
+/// The client side of a request, which the upstream pool presses when it
+/// is short of HTTP/2 stream slots: judged over one second from then, and
+/// by bytes (see `stream_watch`, `meshlet_netio::write_stall`).
+pub trait Pressable: Send + Sync {
+    /// Presses it; returns whether it waits on its client at all (one that
+    /// does not is left alone).
+    fn press(&self) -> bool;
+}
+
+impl Pressable for ClientPress {
+    fn press(&self) -> bool {
+        self.0.press()
+    }
+}
+
+impl Pressable for StallPress {
+    fn press(&self) -> bool {
+        StallPress::press(self)
+    }
+}
+
+/// A request's [`Pressable`] client side, in its extensions: put there by
+/// the listener (an HTTP/2 client's stream) or by the handler (an HTTP/1.1
+/// client's connection, when the request may go to an HTTP/2 upstream),
+/// kept (weakly) by the pool's HTTP/2 set that carries the request.
+#[derive(Clone)]
+pub struct ClientPress(pub Arc<dyn Pressable>);
+
+impl std::fmt::Debug for ClientPress {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ClientPress")
     }
 }
 

@@ -88,11 +88,13 @@ use crate::body::{ProxyBody, StreamedBody};
 use crate::error::UpstreamFailure;
 use crate::identity::tls::{self, TlsFailure};
 use crate::identity::{Hop, WorkloadIdentity};
-use crate::listen::stream_watch::{StreamProgress, PRESSED_LIMIT};
+use crate::listen::stream_watch::PRESSED_LIMIT;
 use crate::settings::Limits;
 use crate::telemetry::metrics::PoolMetrics;
 use crate::upstream::h1_client;
-use crate::upstream::in_flight::{ClientStreams, InFlight, InFlightCounter, StreamSlot};
+use crate::upstream::in_flight::{
+    ClientPress, ClientStreams, InFlight, InFlightCounter, Pressable, StreamSlot,
+};
 use crate::upstream::quick_ack::QuickAck;
 use crate::upstream::slot_queue::{self, Queued, SlotQueue};
 
@@ -232,18 +234,18 @@ struct H2Set {
 /// list grows.
 #[derive(Default)]
 struct WatchedStreams {
-    streams: Vec<Weak<StreamProgress>>,
+    streams: Vec<Weak<dyn Pressable>>,
     /// The length at which dead entries are pruned next.
     prune_at: usize,
 }
 
 impl WatchedStreams {
-    fn add(&mut self, progress: &Arc<StreamProgress>) {
+    fn add(&mut self, pressable: &Arc<dyn Pressable>) {
         if self.streams.len() >= self.prune_at {
             self.streams.retain(|stream| stream.strong_count() > 0);
             self.prune_at = (2 * self.streams.len()).max(64);
         }
-        self.streams.push(Arc::downgrade(progress));
+        self.streams.push(Arc::downgrade(pressable));
     }
 
     /// Presses every live stream that waits on its client; returns how
@@ -391,6 +393,15 @@ impl ConnPool {
     }
 
     /// The protocol the local app declared (an app pool).
+    /// Whether requests may go on shared HTTP/2 connections here: the
+    /// mesh hop, or an app that speaks h2c.
+    pub fn may_use_h2(&self) -> bool {
+        matches!(
+            self.remote,
+            Remote::Mesh { .. } | Remote::App(Some(AppProtocol::H2c))
+        )
+    }
+
     pub fn app_protocol(&self) -> Option<AppProtocol> {
         match self.remote {
             Remote::App(protocol) => protocol,
@@ -620,7 +631,7 @@ impl ConnPool {
             }
             None => None,
         };
-        let progress = request.extensions().get::<Arc<StreamProgress>>().cloned();
+        let press = request.extensions().get::<ClientPress>().cloned();
         let mut resent = false;
         loop {
             let (conn, stream) = match self.h2_stream(kind, client_id).await {
@@ -636,11 +647,16 @@ impl ConnPool {
             let mut sender = conn.sender.clone();
             match sender.try_send_request(request).await {
                 Ok(response) => {
-                    if let Some(progress) = &progress {
-                        self.h2_set(kind).watched().add(progress);
-                    }
-                    let slot =
-                        StreamSlot::new(stream, client, Some(Arc::clone(&self.h2_set(kind).queue)));
+                    // One entry per stream (an HTTP/1.1 client's connection
+                    // press is shared by its requests): it dies with the
+                    // stream's slot.
+                    let pressable = press.as_ref().map(|press| {
+                        let entry: Arc<dyn Pressable> = Arc::new(press.clone());
+                        self.h2_set(kind).watched().add(&entry);
+                        entry
+                    });
+                    let queue = Some(Arc::clone(&self.h2_set(kind).queue));
+                    let slot = StreamSlot::new(stream, client, queue, pressable);
                     return Ok((response.map(StreamedBody::from), Some(slot)));
                 }
                 Err(mut err) => {
