@@ -51,7 +51,9 @@ impl Endpoint {
     }
 
     pub fn is_ejected(&self) -> bool {
-        self.ejected_until_ms.load(Ordering::Relaxed) > now_ms()
+        // Never ejected (0), the usual case: no clock read.
+        let until = self.ejected_until_ms.load(Ordering::Relaxed);
+        until != 0 && until > now_ms()
     }
 
     /// Marks the endpoint unusable for [`EJECTION`] (after a connect failure).

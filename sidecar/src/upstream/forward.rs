@@ -245,8 +245,8 @@ impl<'a> Send<'a> {
     /// skipped, like one without healthy endpoints: the others take its
     /// share.
     fn pick_subset(&self) -> Option<&[usize]> {
-        let now = std::time::Instant::now();
         self.policies.split.and_then(|split| {
+            let now = std::time::Instant::now();
             split.choose(|endpoints| endpoints.iter().any(|&i| self.breaker_admits(i, now)))
         })
     }
@@ -259,6 +259,16 @@ impl<'a> Send<'a> {
         tried: &mut Tried,
         trail: &mut Trail,
     ) -> Admission<'t> {
+        // The clock is read only when there are breakers to ask.
+        let Some(set) = self.policies.breaker else {
+            let allowed = |i: usize| in_subset(subset, i);
+            let Some((index, endpoint)) = self.target.balancer.pick_among(*tried, allowed) else {
+                return Admission::NoneLeft;
+            };
+            tried.insert(index);
+            trail.upstream = Some(endpoint.addr);
+            return Admission::Admitted(endpoint, None);
+        };
         let now = std::time::Instant::now();
         let allowed = |i: usize| in_subset(subset, i) && self.breaker_admits(i, now);
         let Some((index, endpoint)) = self.target.balancer.pick_among(*tried, allowed) else {
@@ -266,9 +276,6 @@ impl<'a> Send<'a> {
         };
         tried.insert(index);
         trail.upstream = Some(endpoint.addr);
-        let Some(set) = self.policies.breaker else {
-            return Admission::Admitted(endpoint, None);
-        };
         match set.breakers.get(index).map(|b| b.try_acquire(now)) {
             Some(Some(permit)) => Admission::Admitted(endpoint, Some(permit)),
             None => Admission::Admitted(endpoint, None),
