@@ -76,20 +76,28 @@ impl std::fmt::Debug for StreamSlot {
 }
 
 impl StreamSlot {
-    /// `queue`: told when the stream ends (it wakes the request next in
-    /// turn); `pressable`: kept as long as the stream.
-    pub fn new(
-        stream: InFlight,
-        client: Option<OwnedSemaphorePermit>,
-        queue: Option<Arc<SlotQueue>>,
-        pressable: Option<Arc<dyn Pressable>>,
-    ) -> Self {
+    /// A stream taken on a connection (its count): `queue` is told when
+    /// it ends (it wakes the request next in turn), also if the request
+    /// never gets an answer (cancelled, timed out, refused).
+    pub fn new(stream: InFlight, queue: Option<Arc<SlotQueue>>) -> Self {
         StreamSlot {
             _stream: stream,
-            _client: client,
+            _client: None,
             _freed: Freed(queue),
-            _pressable: pressable,
+            _pressable: None,
         }
+    }
+
+    /// The stream was answered: it also holds the client connection's
+    /// permit and the entry the pool presses (`pressable`) until it ends.
+    pub fn answered(
+        mut self,
+        client: Option<OwnedSemaphorePermit>,
+        pressable: Option<Arc<dyn Pressable>>,
+    ) -> Self {
+        self._client = client;
+        self._pressable = pressable;
+        self
     }
 }
 

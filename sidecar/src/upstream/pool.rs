@@ -621,7 +621,7 @@ impl ConnPool {
             .extensions()
             .get::<ClientStreams>()
             .map_or_else(slot_queue::own_client_id, ClientStreams::id);
-        let client = match request.extensions().get::<ClientStreams>() {
+        let mut client = match request.extensions().get::<ClientStreams>() {
             Some(client) => {
                 if client.available() == 0 {
                     tracing::debug!(addr = %self.addr, client = client.id(),
@@ -634,8 +634,14 @@ impl ConnPool {
         let press = request.extensions().get::<ClientPress>().cloned();
         let mut resent = false;
         loop {
-            let (conn, stream) = match self.h2_stream(kind, client_id).await {
-                Ok(found) => found,
+            let (conn, slot) = match self.h2_stream(kind, client_id).await {
+                // A slot from here on: however this try ends (an error, the
+                // request cancelled or timed out before the answer), the
+                // next request in turn is woken when it is dropped.
+                Ok((conn, stream)) => {
+                    let queue = Arc::clone(&self.h2_set(kind).queue);
+                    (conn, StreamSlot::new(stream, Some(queue)))
+                }
                 Err(source) => {
                     return Err(SendError::Connect {
                         source,
@@ -655,12 +661,11 @@ impl ConnPool {
                         self.h2_set(kind).watched().add(&entry);
                         entry
                     });
-                    let queue = Some(Arc::clone(&self.h2_set(kind).queue));
-                    let slot = StreamSlot::new(stream, client, queue, pressable);
+                    let slot = slot.answered(client.take(), pressable);
                     return Ok((response.map(StreamedBody::from), Some(slot)));
                 }
                 Err(mut err) => {
-                    drop(stream);
+                    drop(slot);
                     let unsent = err.take_message();
                     let refusal = h2_refusal(err.error(), unsent.is_some());
                     if refusal == Some(Refusal::GoAway) {
@@ -817,7 +822,18 @@ impl ConnPool {
             .timer(TokioTimer::new())
             .initial_max_send_streams(initial)
             .initial_stream_window_size(H2_STREAM_WINDOW)
-            .initial_connection_window_size(H2_CONNECTION_WINDOW);
+            .initial_connection_window_size(H2_CONNECTION_WINDOW)
+            // Streams our clients cancel are reset here; h2 remembers the
+            // last 50 for a second by default, answers frames still in
+            // flight for older ones as protocol errors, and after 1024 of
+            // those in the connection's life drops it with every other
+            // stream on it (an attack cancelling streams after their head
+            // got 903 requests of other clients answered 502). Remember a
+            // connection's worth of resets, and no lifetime cap: the peer
+            // is the app or an authenticated sidecar, and an error reset
+            // is one frame we send per frame it sent.
+            .max_concurrent_reset_streams(10 * MAX_STREAMS_PER_H2)
+            .max_local_error_reset_streams(None);
         let learned = Arc::clone(&set.learned_max);
         let (sender, max_streams) = match kind {
             H2Kind::Plain => {
@@ -1509,6 +1525,98 @@ mod tests {
             pool.metrics.resent_goaway.get(),
             pool.metrics.resent_connection_closed.get()
         );
+    }
+
+    /// Clients that cancel their streams right after the response head (the
+    /// upstream's data frames still in flight) do not cost other requests
+    /// their shared connection: h2's defaults remembered 50 resets for a
+    /// second and dropped the connection, with every stream on it, after
+    /// 1024 frames for forgotten ones (an attack got 903 requests of other
+    /// clients answered 502).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn streams_cancelled_after_their_head_do_not_cost_the_shared_connection() {
+        use hyper::server::conn::http2 as server;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let connections = Arc::new(AtomicUsize::new(0));
+        let opened = Arc::clone(&connections);
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                opened.fetch_add(1, Ordering::SeqCst);
+                // 4 MiB in 16 KiB frames: far more than a stream's window,
+                // so frames are in flight whenever a stream is reset.
+                let service = hyper::service::service_fn(|_: Request<Incoming>| async {
+                    let frames = futures_util::stream::iter((0..256).map(|_| {
+                        Ok::<_, std::convert::Infallible>(hyper::body::Frame::data(
+                            bytes::Bytes::from(vec![b'x'; 16 * 1024]),
+                        ))
+                    }));
+                    Ok::<_, std::convert::Infallible>(Response::new(
+                        http_body_util::StreamBody::new(frames),
+                    ))
+                });
+                tokio::spawn(
+                    server::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(stream), service),
+                );
+            }
+        });
+        let pool = pool(addr);
+        // 3000 streams, 50 at a time, each dropped with its head.
+        for _ in 0..60 {
+            let batch: Vec<_> = (0..50)
+                .map(|_| {
+                    let (pool, request) = (Arc::clone(&pool), h2_get(addr, "/big"));
+                    tokio::spawn(async move { pool.send(request).await.map(|r| r.status()) })
+                })
+                .collect();
+            for task in batch {
+                assert_eq!(task.await.unwrap().expect("sent"), 200);
+            }
+        }
+        assert_eq!(
+            connections.load(Ordering::SeqCst),
+            1,
+            "the shared connection was dropped for the cancelled streams"
+        );
+    }
+
+    /// A request that gives its slot up before the answer (cancelled, timed
+    /// out) wakes the next request in turn at once. Before, only an answered
+    /// stream's `StreamSlot` did, and the waiter found the slot on its own
+    /// one-second tick (found by an attack).
+    #[tokio::test]
+    async fn a_slot_given_up_before_its_answer_goes_to_the_next_request_at_once() {
+        let release = Arc::new(tokio::sync::Notify::new());
+        let (addr, seen) = stalling_upstream(1, Arc::clone(&release)).await;
+        let pool = pool(addr);
+        // Teaches the pool the upstream's limit of one stream.
+        assert_eq!(send_ok(&pool, h2_get(addr, "/fast")).await, "ok");
+        let stalled: Vec<_> = (0..MAX_H2_PER_ENDPOINT)
+            .map(|_| {
+                let (pool, request) = (Arc::clone(&pool), h2_get(addr, "/stall"));
+                tokio::spawn(async move { send_ok(&pool, request).await })
+            })
+            .collect();
+        eventually("every slot taken by a request awaiting its answer", || {
+            seen.requests.load(Ordering::SeqCst) == 1 + MAX_H2_PER_ENDPOINT
+        })
+        .await;
+        let waiting = {
+            let pool = Arc::clone(&pool);
+            tokio::spawn(async move { send_ok(&pool, h2_get(addr, "/fast")).await })
+        };
+        eventually("the request queued", || pool.h2.queue.is_waiting()).await;
+        stalled[0].abort();
+        let answered = tokio::time::timeout(std::time::Duration::from_millis(500), waiting).await;
+        assert!(
+            matches!(&answered, Ok(Ok(body)) if body == "ok"),
+            "the slot given up woke nobody: {answered:?} (a waiter looks again after 1 s)"
+        );
+        release.notify_waiters();
+        for task in stalled.into_iter().skip(1) {
+            assert_eq!(task.await.unwrap(), "ok");
+        }
     }
 
     #[tokio::test]

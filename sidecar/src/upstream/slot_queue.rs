@@ -3,6 +3,10 @@
 //! (`pool::H2Set`) queues requests here, and each [`StreamSlot`] that ends
 //! (`in_flight`) hands its slot on through [`SlotQueue::freed`].
 //!
+//! A slot is a [`StreamSlot`] from the moment a request takes a stream: it
+//! is freed when the response ends, and also when the request never gets
+//! an answer (cancelled, timed out, refused).
+//!
 //! How a slot flows: when every connection of the set carries its limit of
 //! streams, a request joins the queue under its client (the downstream
 //! connection's `ClientStreams` id, or an id of its own). A stream that
@@ -63,8 +67,8 @@ struct Ticket {
 }
 
 impl Ticket {
+    /// Wakes the waiting task (marked woken already, under the lock).
     fn wake(&self) {
-        self.woken.store(true, Ordering::Release);
         self.task.wake();
     }
 }
@@ -113,7 +117,10 @@ impl SlotQueue {
 
 impl QueueState {
     /// Takes the oldest request of the client whose turn it is off the
-    /// queue; that client's next request (if any) waits for its next turn.
+    /// queue, marked woken (under the lock: a request dropped at the same
+    /// time on another thread then sees it was handed the slot and passes
+    /// it on); that client's next request (if any) waits for its next
+    /// turn. The caller wakes its task.
     fn next_in_turn(&mut self) -> Option<Arc<Ticket>> {
         let client = self.turns.pop_front()?;
         let requests = self.waiting.get_mut(&client)?;
@@ -124,6 +131,7 @@ impl QueueState {
             self.turns.push_back(client);
         }
         self.len -= 1;
+        ticket.woken.store(true, Ordering::Release);
         Some(ticket)
     }
 
