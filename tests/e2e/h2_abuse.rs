@@ -710,6 +710,22 @@ async fn download_within(
     .await
 }
 
+/// A 64 KiB download on `victim` answered 200 in full within `limit`;
+/// panics naming `what`, the outcome and the time it took otherwise.
+async fn assert_answered_within(
+    victim: &mut hyper::client::conn::http2::SendRequest<Empty<Bytes>>,
+    limit: Duration,
+    what: &str,
+) {
+    let started = Instant::now();
+    let fetched = download_within(victim, 65536, limit).await;
+    assert!(
+        matches!(fetched, Ok((http::StatusCode::OK, Ok(65536)))),
+        "{what}: {fetched:?} after {:?}",
+        started.elapsed()
+    );
+}
+
 /// An HTTP/1.1 app (one connection per stream in flight), a sidecar that
 /// resets streams waiting on their client for 1 s, and a client with a
 /// zero window whose `streams` 4 MiB downloads each hold an app connection
@@ -1061,13 +1077,8 @@ async fn a_sustained_attack_on_the_stream_slots_does_not_starve_a_client_that_re
     .await;
 
     for n in 0..REQUESTS {
-        let started = Instant::now();
-        let fetched = download_within(&mut victim, 65536, Duration::from_secs(12)).await;
-        assert!(
-            matches!(fetched, Ok((http::StatusCode::OK, Ok(65536)))),
-            "request {n} under a sustained attack: {fetched:?} after {:?}",
-            started.elapsed()
-        );
+        let what = format!("request {n} under a sustained attack");
+        assert_answered_within(&mut victim, Duration::from_secs(12), &what).await;
     }
 }
 
@@ -1116,13 +1127,8 @@ async fn a_request_on_a_full_set_takes_the_first_slot_freed_on_any_connection() 
     })
     .await;
 
-    let started = Instant::now();
-    let fetched = download_within(&mut victim, 65536, Duration::from_secs(12)).await;
-    assert!(
-        matches!(fetched, Ok((http::StatusCode::OK, Ok(65536)))),
-        "{fetched:?} after {:?}",
-        started.elapsed()
-    );
+    let what = "a request on a full set";
+    assert_answered_within(&mut victim, Duration::from_secs(12), what).await;
     assert!(
         readers.lock().unwrap().resets.is_empty(),
         "the steady readers were reset"
@@ -1168,14 +1174,9 @@ async fn a_client_queued_behind_many_requests_of_others_is_served_in_its_turn() 
     .await;
 
     for n in 0..3 {
-        let started = Instant::now();
-        let fetched = download_within(&mut victim, 65536, Duration::from_secs(10)).await;
-        assert!(
-            matches!(fetched, Ok((http::StatusCode::OK, Ok(65536)))),
-            "request {n} behind ~{} waiting requests of others: {fetched:?} after {:?}",
-            ATTACKERS * STREAMS as usize - SLOTS,
-            started.elapsed()
-        );
+        let waiting = ATTACKERS * STREAMS as usize - SLOTS;
+        let what = format!("request {n} behind ~{waiting} waiting requests of others");
+        assert_answered_within(&mut victim, Duration::from_secs(10), &what).await;
     }
 }
 
@@ -1230,15 +1231,10 @@ async fn streams_taking_small_frames_a_few_bytes_a_second_cannot_hold_every_slot
     )
     .await;
 
-    let started = Instant::now();
     // Pressed streams are judged over one second (the previous build
     // answered after ~9 s, when at all).
-    let fetched = download_within(&mut victim, 65536, Duration::from_secs(6)).await;
-    assert!(
-        matches!(fetched, Ok((http::StatusCode::OK, Ok(65536)))),
-        "a request waited behind streams taking 100 bytes a second: {fetched:?} after {:?}",
-        started.elapsed()
-    );
+    let what = "a request behind streams taking 100 bytes a second";
+    assert_answered_within(&mut victim, Duration::from_secs(6), what).await;
     assert!(
         !log.lock().unwrap().resets.is_empty(),
         "no trickling stream was reset"
