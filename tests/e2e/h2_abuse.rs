@@ -710,6 +710,26 @@ async fn download_within(
     .await
 }
 
+/// An h2c app allowing `app_streams` streams per connection (so 8 × that
+/// upstream slots), a sidecar with a long limit (without pressure nothing
+/// would be reset in these tests), and a victim client whose first request
+/// has taught the pool the app's limit, so that each new upstream
+/// connection takes exactly `app_streams` streams (not the 100 assumed
+/// before an endpoint's first SETTINGS).
+async fn slots_of(
+    app_streams: u32,
+) -> (
+    Upstream,
+    SidecarProcess,
+    hyper::client::conn::http2::SendRequest<Empty<Bytes>>,
+) {
+    let app = Upstream::start_with_h2_streams("app", app_streams).await;
+    let sidecar = sidecar(&app, &["--stream-idle-timeout", "60s"]).await;
+    let mut victim = h2c_client(sidecar.inbound).await;
+    assert_eq!(well_behaved(&mut victim, 1).await.len(), 1);
+    (app, sidecar, victim)
+}
+
 /// A 64 KiB download on `victim` answered 200 in full within `limit`;
 /// panics naming `what`, the outcome and the time it took otherwise.
 async fn assert_answered_within(
@@ -1002,14 +1022,7 @@ async fn clients_that_stop_reading_cannot_hold_every_upstream_stream_slot() {
     const APP_STREAMS: u32 = 4;
     const SLOTS: usize = 8 * APP_STREAMS as usize;
     const STALLED: u32 = SLOTS as u32;
-    let app = Upstream::start_with_h2_streams("app", APP_STREAMS).await;
-    // A long limit: without pressure nothing would be reset in this test.
-    let sidecar = sidecar(&app, &["--stream-idle-timeout", "60s"]).await;
-    // A first request teaches the pool the app's limit, so that each new
-    // upstream connection takes exactly 4 streams (not the 100 assumed
-    // before an endpoint's first SETTINGS).
-    let mut victim = h2c_client(sidecar.inbound).await;
-    assert_eq!(well_behaved(&mut victim, 1).await.len(), 1);
+    let (app, sidecar, mut victim) = slots_of(APP_STREAMS).await;
     let (log, _writer) =
         windowed_client(sidecar.inbound, 0, "/download?bytes=1048576", STALLED).await;
     wait::until(
@@ -1059,10 +1072,7 @@ async fn clients_that_stop_reading_cannot_hold_every_upstream_stream_slot() {
 async fn a_sustained_attack_on_the_stream_slots_does_not_starve_a_client_that_reads() {
     const APP_STREAMS: u32 = 4;
     const REQUESTS: usize = 5;
-    let app = Upstream::start_with_h2_streams("app", APP_STREAMS).await;
-    let sidecar = sidecar(&app, &["--stream-idle-timeout", "60s"]).await;
-    let mut victim = h2c_client(sidecar.inbound).await;
-    assert_eq!(well_behaved(&mut victim, 1).await.len(), 1);
+    let (_app, sidecar, mut victim) = slots_of(APP_STREAMS).await;
     let path = "/download?bytes=1048576";
     let (first, _w1) = windowed_client_reopening(sidecar.inbound, 0, path, 24, true).await;
     let (second, _w2) = windowed_client_reopening(sidecar.inbound, 0, path, 24, true).await;
@@ -1093,10 +1103,7 @@ async fn a_sustained_attack_on_the_stream_slots_does_not_starve_a_client_that_re
 async fn a_request_on_a_full_set_takes_the_first_slot_freed_on_any_connection() {
     const APP_STREAMS: u32 = 4;
     const STEP: u32 = 16 * 1024;
-    let app = Upstream::start_with_h2_streams("app", APP_STREAMS).await;
-    let sidecar = sidecar(&app, &["--stream-idle-timeout", "60s"]).await;
-    let mut victim = h2c_client(sidecar.inbound).await;
-    assert_eq!(well_behaved(&mut victim, 1).await.len(), 1);
+    let (app, sidecar, mut victim) = slots_of(APP_STREAMS).await;
     // Four steady readers on the first (oldest) upstream connection.
     let path = "/download?bytes=4194304";
     let (readers, writer) = windowed_client(sidecar.inbound, STEP, path, APP_STREAMS).await;
@@ -1151,10 +1158,7 @@ async fn a_client_queued_behind_many_requests_of_others_is_served_in_its_turn() 
     const SLOTS: usize = 8 * APP_STREAMS as usize;
     const ATTACKERS: usize = 5;
     const STREAMS: u32 = 100;
-    let app = Upstream::start_with_h2_streams("app", APP_STREAMS).await;
-    let sidecar = sidecar(&app, &["--stream-idle-timeout", "60s"]).await;
-    let mut victim = h2c_client(sidecar.inbound).await;
-    assert_eq!(well_behaved(&mut victim, 1).await.len(), 1);
+    let (app, sidecar, mut victim) = slots_of(APP_STREAMS).await;
     let path = "/download?bytes=1048576";
     let mut attackers = Vec::new();
     for _ in 0..ATTACKERS {
@@ -1191,10 +1195,7 @@ async fn streams_taking_small_frames_a_few_bytes_a_second_cannot_hold_every_slot
     const APP_STREAMS: u32 = 4;
     const SLOTS: u32 = 8 * APP_STREAMS;
     const TRICKLE: u32 = 100;
-    let app = Upstream::start_with_h2_streams("app", APP_STREAMS).await;
-    let sidecar = sidecar(&app, &["--stream-idle-timeout", "60s"]).await;
-    let mut victim = h2c_client(sidecar.inbound).await;
-    assert_eq!(well_behaved(&mut victim, 1).await.len(), 1);
+    let (app, sidecar, mut victim) = slots_of(APP_STREAMS).await;
     // Frames of ~10 bytes, as fast as the app's timer goes.
     let path = "/drip?ms=0&pieces=10000000";
     let (log, writer) = windowed_client(sidecar.inbound, TRICKLE, path, SLOTS).await;

@@ -406,6 +406,22 @@ mod tests {
         }
     }
 
+    /// A watched stream answered, waiting on its client, and pressed.
+    async fn pressed_stream() -> (
+        Arc<StreamProgress>,
+        Arc<Stream>,
+        tokio::task::JoinHandle<()>,
+    ) {
+        let progress = StreamProgress::new();
+        let stream = Arc::new(Stream::default());
+        let task = spawn_watched(LIMIT, &progress, &stream);
+        progress.answered();
+        stream.wake();
+        tokio::task::yield_now().await;
+        assert!(progress.press(), "a stream waiting on its client");
+        (progress, stream, task)
+    }
+
     fn spawn_watched(
         limit: Duration,
         progress: &Arc<StreamProgress>,
@@ -530,13 +546,7 @@ mod tests {
 
         // One whose body is polled within the short limit is kept, and
         // judged over the whole limit again after it.
-        let reading = StreamProgress::new();
-        let stream = Arc::new(Stream::default());
-        let task = spawn_watched(LIMIT, &reading, &stream);
-        reading.answered();
-        stream.wake();
-        tokio::task::yield_now().await;
-        assert!(reading.press());
+        let (reading, stream, task) = pressed_stream().await;
         tokio::time::sleep(PRESSED_LIMIT / 2).await;
         reading.body_polled(Some(PIECE));
         reading.body_polled(Some(PIECE));
@@ -554,13 +564,7 @@ mod tests {
     /// an app sending 100-byte frames.)
     #[tokio::test(start_paused = true)]
     async fn under_pressure_small_frames_taken_slowly_are_not_progress_but_keeping_up_is() {
-        let trickle = StreamProgress::new();
-        let stream = Arc::new(Stream::default());
-        let task = spawn_watched(LIMIT, &trickle, &stream);
-        trickle.answered();
-        stream.wake();
-        tokio::task::yield_now().await;
-        assert!(trickle.press());
+        let (trickle, stream, task) = pressed_stream().await;
         for _ in 0..9 {
             tokio::time::sleep(PRESSED_LIMIT / 10).await;
             trickle.body_polled(Some(100));
@@ -572,13 +576,7 @@ mod tests {
             "900 bytes in the pressed second kept the stream"
         );
 
-        let keeping_up = StreamProgress::new();
-        let stream = Arc::new(Stream::default());
-        let task = spawn_watched(LIMIT, &keeping_up, &stream);
-        keeping_up.answered();
-        stream.wake();
-        tokio::task::yield_now().await;
-        assert!(keeping_up.press());
+        let (keeping_up, stream, task) = pressed_stream().await;
         tokio::time::sleep(PRESSED_LIMIT / 2).await;
         keeping_up.body_polled(None); // took everything the app had sent
         keeping_up.body_polled(Some(100)); // the app's next frame, waiting
