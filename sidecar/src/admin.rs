@@ -19,11 +19,10 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use http::{header, HeaderValue, Request, Response, StatusCode};
-use hyper::body::Incoming;
 use serde_json::json;
 use tokio::sync::watch;
 
-use crate::body::ProxyBody;
+use crate::body::{ProxyBody, StreamedBody};
 use crate::control::client::ControlClient;
 use crate::control::health::AppHealth;
 use crate::control::snapshot::SharedSnapshot;
@@ -114,7 +113,7 @@ impl Admin {
 }
 
 impl Handler for Admin {
-    async fn handle(&self, request: Request<Incoming>, _peer: &Peer) -> Response<ProxyBody> {
+    async fn handle(&self, request: Request<StreamedBody>, _peer: &Peer) -> Response<ProxyBody> {
         match request.uri().path() {
             "/live" => text(StatusCode::OK, "live\n"),
             "/started" => check(self.started(), "started\n"),

@@ -122,11 +122,15 @@ enum Kind {
 
 /// A body streamed from the other side: read by hyper (requests from
 /// clients, responses on hyper's client connections) or by our own
-/// HTTP/1.1 client (`upstream::h1_client`).
+/// HTTP/1.1 client (`upstream::h1_client`); or none at all, for a request
+/// our own HTTP/1.1 server read without a body (`listen::http1`).
 #[derive(Debug)]
 pub enum StreamedBody {
     Hyper(Incoming),
     Http1(ResponseBody),
+    /// No body: ended before it began, like hyper's for a request without
+    /// `Content-Length` or `Transfer-Encoding`.
+    None,
 }
 
 impl From<Incoming> for StreamedBody {
@@ -156,6 +160,7 @@ impl Body for StreamedBody {
             StreamedBody::Http1(body) => Pin::new(body)
                 .poll_frame(cx)
                 .map(|frame| frame.map(|f| f.map_err(BodyError::from))),
+            StreamedBody::None => Poll::Ready(None),
         }
     }
 
@@ -163,6 +168,7 @@ impl Body for StreamedBody {
         match self {
             StreamedBody::Hyper(body) => body.is_end_stream(),
             StreamedBody::Http1(body) => body.is_end_stream(),
+            StreamedBody::None => true,
         }
     }
 
@@ -170,6 +176,7 @@ impl Body for StreamedBody {
         match self {
             StreamedBody::Hyper(body) => body.size_hint(),
             StreamedBody::Http1(body) => body.size_hint(),
+            StreamedBody::None => SizeHint::with_exact(0),
         }
     }
 }

@@ -8,7 +8,6 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use http::{header, Request, Response, StatusCode, Version};
-use hyper::body::Incoming;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -34,7 +33,7 @@ struct Echo {
 }
 
 impl Handler for Echo {
-    async fn handle(&self, mut request: Request<Incoming>, peer: &Peer) -> Response<ProxyBody> {
+    async fn handle(&self, mut request: Request<StreamedBody>, peer: &Peer) -> Response<ProxyBody> {
         self.clients.lock().unwrap().insert(peer.addr);
         let seen = format!(
             "{:?} orig={} host={} uri={} identity={}",

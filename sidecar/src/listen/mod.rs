@@ -4,7 +4,8 @@
 //! ```text
 //! accept (server) ─► transparent listener: original destination (original_dst)
 //!                 ─► peek the first bytes (sniff): HTTP/1.1 | h2c | opaque TCP
-//!   HTTP/1.1 ─► WriteStallIo (netio) ─► FramingGuard (framing) ─► hyper http1 (upgrades) ─► Handler (proxy)
+//!   HTTP/1.1 ─► WriteStallIo (netio) ─► h1_server (requests without a body) ─────────────► Handler (proxy)
+//!                 └ first other request ─► FramingGuard (framing) ─► hyper http1 (upgrades) ─► Handler
 //!   h2c      ─► WriteStallIo (netio) ─► H2Guard (h2_guard) ─► hyper http2 ──────────────► Handler (proxy)
 //!   opaque   ─► Interception::splice (transparent) ─► tunnel::copy_both_ways
 //!   TLS (mesh hop, inbound with a certificate) ─► identity::tls::accept ─► Peer.identity
@@ -15,6 +16,10 @@
 //! - `server` — the accept loop of every listener, protocol choice,
 //!   graceful shutdown ([`server::Drain`]); one `connection` tracing span
 //!   per connection and one `request` span per request.
+//! - `h1_server` — our own HTTP/1.1 server for the common request (no
+//!   body, no upgrade, HTTP/1.1): reads, checks (what the framing guard
+//!   would refuse goes to it), answers, and hands the connection to the
+//!   guard and hyper at the first request that is anything else.
 //! - `framing` — the I/O wrapper that checks HTTP/1.1 message framing
 //!   before hyper sees a head (request smuggling, oversized heads).
 //! - `h2_guard` — the I/O wrapper that watches the frame headers an
@@ -46,6 +51,7 @@
 //! the handler does.
 
 pub(crate) mod framing;
+pub(crate) mod h1_server;
 pub(crate) mod h2_guard;
 pub(crate) mod original_dst;
 pub(crate) mod server;

@@ -4,9 +4,10 @@
 //!
 //! Per connection: on a transparent listener, the original destination
 //! (`original_dst`) → peek to tell HTTP/1.1 from h2c prior knowledge (and,
-//! transparent, from opaque TCP: `sniff`) → HTTP/1.1 goes through the
-//! [`FramingGuard`] (request-smuggling check) into hyper's http1 server with
-//! upgrades; h2c goes to hyper's http2 server; opaque TCP is spliced to
+//! transparent, from opaque TCP: `sniff`) → HTTP/1.1 is served by our own
+//! `h1_server` while its requests have no body (and no upgrade, `Expect`,
+//! `TE`), then through the [`FramingGuard`] (request-smuggling check) by
+//! hyper's http1 server with upgrades; h2c goes to hyper's http2 server; opaque TCP is spliced to
 //! its destination (`transparent`), unless the handler refuses plaintext
 //! TCP ([`Handler::admits_opaque`]). On a listener with the mesh hop
 //! ([`ListenerOptions::tls`]) a TLS ClientHello is accepted with
@@ -48,10 +49,11 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch};
 use tracing::Instrument;
 
-use crate::body::ProxyBody;
+use crate::body::{ProxyBody, StreamedBody};
 use crate::error::ProxyError;
 use crate::identity::tls;
 use crate::listen::framing::{FramingGuard, GuardConfig, InFlightRequests, RefusalAnswer};
+use crate::listen::h1_server::{self, Http1Limits, Served};
 use crate::listen::h2_guard::{self, CloseReason, FrameLimits, H2Guard, Tripped};
 use crate::listen::original_dst::original_destination;
 use crate::listen::sniff::{self, Listener, Protocol};
@@ -68,7 +70,7 @@ use crate::upstream::in_flight::{ClientPress, ClientStreams, Pressable};
 pub trait Handler: Clone + Send + Sync + 'static {
     fn handle(
         &self,
-        request: Request<Incoming>,
+        request: Request<StreamedBody>,
         peer: &Peer,
     ) -> impl Future<Output = Response<ProxyBody>> + Send;
 
@@ -368,42 +370,17 @@ impl<H: Handler> Shared<H> {
         // An HTTP/2 stream whose response waits on the client's flow
         // control is reset after the same limit (see `stream_watch`).
         let watch_streams = http2 && self.protocols.http2_streams.watches();
-        let service = service_fn(move |mut request: Request<Incoming>| {
-            if let Some(streams) = &streams {
-                request.extensions_mut().insert(streams.clone());
-            }
-            let (handler, client) = (Arc::clone(&handler), Arc::clone(&client));
-            let answered = requests.start();
-            let span = request_span(&request);
-            // The stream's progress goes to its task (the watch), to the
-            // response body (each poll) and, in the request, to the
-            // upstream pool (which presses it when short of streams).
-            let progress = watch_streams.then(|| {
-                let progress = StreamProgress::new();
-                stream_watch::hand_over(Arc::clone(&progress));
-                request
-                    .extensions_mut()
-                    .insert(ClientPress(Arc::clone(&progress) as Arc<dyn Pressable>));
-                progress
-            });
-            async move {
-                // `handle` does its synchronous part (admission) when
-                // called: inside the request's span too. Boxed: hyper
-                // moves this future whole, a box is one pointer.
-                let handling = {
-                    let _in_span = span.enter();
-                    Box::pin(handler.handle(request, &client))
-                };
-                let response = handling.instrument(span).await;
-                let response = response.map(|body| body.with_request_guard(answered));
-                Ok::<_, Infallible>(match progress {
-                    None => response,
-                    Some(progress) => {
-                        progress.answered();
-                        response.map(|body| body.reporting_to(progress))
-                    }
-                })
-            }
+        let respond = Arc::new(Respond {
+            handler,
+            client,
+            requests,
+            streams,
+            watch_streams,
+        });
+        let answer = Arc::clone(&respond);
+        let service = service_fn(move |request: Request<Incoming>| {
+            let answering = answer.call(request.map(StreamedBody::Hyper));
+            async move { Ok::<_, Infallible>(answering.await) }
         });
         if http2 {
             let tripped = Arc::new(Tripped::default());
@@ -429,11 +406,33 @@ impl<H: Handler> Shared<H> {
             }
             return Ok(());
         }
-        let guarded = TokioIo::new(FramingGuard::new(io, Arc::clone(&self.guard), in_flight));
+        // Our own server for the common request, hyper (under the framing
+        // guard) from the first other one on; see `h1_server`.
+        let limits = Http1Limits {
+            max_head: self.guard.max_head,
+            idle_timeout: self.guard.idle_timeout,
+        };
+        let served = h1_server::serve(
+            io,
+            |request| respond.call(request),
+            stop.clone(),
+            limits,
+            &in_flight,
+        )
+        .await;
+        let rest = match served {
+            Ok(Served::Closed) => return Ok(()),
+            Ok(Served::Handover(rest)) => rest,
+            Err(error) => {
+                tracing::debug!(%error, "HTTP/1.1 connection failed");
+                return Ok(());
+            }
+        };
+        let guarded = FramingGuard::new(rest, Arc::clone(&self.guard), in_flight);
         let connection = self
             .protocols
             .http1
-            .serve_connection(guarded, service)
+            .serve_connection(TokioIo::new(guarded), service)
             .with_upgrades();
         drive(connection, stop, |c| c.graceful_shutdown()).await
     }
@@ -577,6 +576,61 @@ impl<H: Handler> Shared<H> {
             _ => {
                 tracing::debug!("a TLS connection without a known ALPN protocol; closed");
                 Ok(())
+            }
+        }
+    }
+}
+
+/// Answers the requests of one client connection (hyper's or our own
+/// HTTP/1.1 server's): the handler inside the request's span, the
+/// connection's count of unanswered requests, and for an HTTP/2 client its
+/// stream allowance and the stream's progress watch.
+struct Respond<H> {
+    handler: Arc<H>,
+    client: Arc<Peer>,
+    requests: Arc<InFlightRequests>,
+    streams: Option<ClientStreams>,
+    watch_streams: bool,
+}
+
+impl<H: Handler> Respond<H> {
+    fn call(
+        &self,
+        mut request: Request<StreamedBody>,
+    ) -> impl Future<Output = Response<ProxyBody>> + Send + 'static {
+        if let Some(streams) = &self.streams {
+            request.extensions_mut().insert(streams.clone());
+        }
+        let (handler, client) = (Arc::clone(&self.handler), Arc::clone(&self.client));
+        let answered = self.requests.start();
+        let span = request_span(&request);
+        // The stream's progress goes to its task (the watch), to the
+        // response body (each poll) and, in the request, to the
+        // upstream pool (which presses it when short of streams).
+        let progress = self.watch_streams.then(|| {
+            let progress = StreamProgress::new();
+            stream_watch::hand_over(Arc::clone(&progress));
+            request
+                .extensions_mut()
+                .insert(ClientPress(Arc::clone(&progress) as Arc<dyn Pressable>));
+            progress
+        });
+        async move {
+            // `handle` does its synchronous part (admission) when
+            // called: inside the request's span too. Boxed: the server
+            // moves this future whole, a box is one pointer.
+            let handling = {
+                let _in_span = span.enter();
+                Box::pin(handler.handle(request, &client))
+            };
+            let response = handling.instrument(span).await;
+            let response = response.map(|body| body.with_request_guard(answered));
+            match progress {
+                None => response,
+                Some(progress) => {
+                    progress.answered();
+                    response.map(|body| body.reporting_to(progress))
+                }
             }
         }
     }
@@ -767,7 +821,11 @@ mod tests {
     struct Logs;
 
     impl Handler for Logs {
-        async fn handle(&self, _request: Request<Incoming>, _peer: &Peer) -> Response<ProxyBody> {
+        async fn handle(
+            &self,
+            _request: Request<StreamedBody>,
+            _peer: &Peer,
+        ) -> Response<ProxyBody> {
             tracing::debug!("handled");
             Response::new(ProxyBody::full("ok"))
         }
@@ -939,7 +997,11 @@ mod tests {
     struct Strict(bool);
 
     impl Handler for Strict {
-        async fn handle(&self, _request: Request<Incoming>, _peer: &Peer) -> Response<ProxyBody> {
+        async fn handle(
+            &self,
+            _request: Request<StreamedBody>,
+            _peer: &Peer,
+        ) -> Response<ProxyBody> {
             Response::new(ProxyBody::full("ok"))
         }
 

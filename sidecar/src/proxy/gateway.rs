@@ -37,9 +37,8 @@
 use std::sync::Arc;
 
 use http::{Method, Request, Response};
-use hyper::body::Incoming;
 
-use crate::body::ProxyBody;
+use crate::body::{ProxyBody, StreamedBody};
 use crate::control::snapshot::SharedSnapshot;
 use crate::error::ProxyError;
 use crate::listen::server::{Handler, Peer};
@@ -101,7 +100,7 @@ impl Gateway {
 
     async fn proxy(
         &self,
-        request: Request<Incoming>,
+        request: Request<StreamedBody>,
         peer: &Peer,
         record: &mut RequestRecord,
     ) -> Result<Response<ProxyBody>, ProxyError> {
@@ -164,7 +163,7 @@ impl Gateway {
         &self,
         target: &Arc<ServiceTarget>,
         selected: &Selected<'_>,
-        mut request: Request<Incoming>,
+        mut request: Request<StreamedBody>,
         peer: &Peer,
         record: &mut RequestRecord,
     ) -> Result<Response<ProxyBody>, ProxyError> {
@@ -218,7 +217,7 @@ impl Gateway {
 }
 
 impl Handler for Gateway {
-    async fn handle(&self, request: Request<Incoming>, peer: &Peer) -> Response<ProxyBody> {
+    async fn handle(&self, request: Request<StreamedBody>, peer: &Peer) -> Response<ProxyBody> {
         let mut record = RequestRecord::start(
             &request,
             peer.addr,

@@ -44,14 +44,13 @@ use std::sync::{Arc, Mutex};
 use http::header::{self, HeaderValue};
 use http::uri::{PathAndQuery, Uri};
 use http::{Method, Request, Response, StatusCode, Version};
-use hyper::body::Incoming;
 use hyper::upgrade::OnUpgrade;
 use meshlet_api::identity::SpiffeId;
 use meshlet_api::mesh::AppProtocol;
 use prometheus::IntCounter;
 use tokio::net::TcpStream;
 
-use crate::body::ProxyBody;
+use crate::body::{ProxyBody, StreamedBody};
 use crate::control::snapshot::{SharedSnapshot, Snapshot};
 use crate::error::ProxyError;
 use crate::listen::server::{Handler, Peer};
@@ -175,7 +174,7 @@ impl Inbound {
     /// requests is kept in the request's future (see `handle`).
     fn to_app(
         &self,
-        request: Request<Incoming>,
+        request: Request<StreamedBody>,
         peer: &Peer,
         record: &mut RequestRecord,
     ) -> Result<ToApp, ProxyError> {
@@ -350,7 +349,7 @@ impl Handler for Inbound {
     /// "Future sizes").
     fn handle(
         &self,
-        request: Request<Incoming>,
+        request: Request<StreamedBody>,
         peer: &Peer,
     ) -> impl Future<Output = Response<ProxyBody>> + Send {
         let mut record = RequestRecord::start(
@@ -442,7 +441,7 @@ impl Outbound {
 
     async fn proxy(
         &self,
-        request: Request<Incoming>,
+        request: Request<StreamedBody>,
         peer: &Peer,
         record: &mut RequestRecord,
     ) -> Result<Response<ProxyBody>, ProxyError> {
@@ -542,7 +541,7 @@ impl Outbound {
     /// or the address itself), answer 200, then splice the bytes.
     async fn tunnel(
         &self,
-        mut request: Request<Incoming>,
+        mut request: Request<StreamedBody>,
         target: &ServiceTarget,
     ) -> Result<Response<ProxyBody>, ProxyError> {
         if request.version() != Version::HTTP_11 {
@@ -577,7 +576,7 @@ impl Outbound {
 }
 
 impl Handler for Outbound {
-    async fn handle(&self, request: Request<Incoming>, peer: &Peer) -> Response<ProxyBody> {
+    async fn handle(&self, request: Request<StreamedBody>, peer: &Peer) -> Response<ProxyBody> {
         let mut record = RequestRecord::start(
             &request,
             peer.addr,
@@ -627,7 +626,7 @@ fn lend_press(request: &mut Request<ProxyBody>, peer: &Peer, target: &ServiceTar
 /// (both sides: only the inbound sets them, as headers). Returns the client's pending upgrade if the request
 /// asks for one.
 pub(super) fn prepare(
-    mut request: Request<Incoming>,
+    mut request: Request<StreamedBody>,
     fallback_authority: Option<SocketAddr>,
     limits: &Limits,
     bytes: IntCounter,
@@ -759,6 +758,7 @@ mod tests {
 
     use arc_swap::ArcSwap;
     use http_body_util::BodyExt;
+    use hyper::body::Incoming;
     use hyper_util::rt::TokioIo;
     use meshlet_api::mesh::MeshState;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -807,7 +807,7 @@ mod tests {
     struct Verified(Inbound, Option<Arc<SpiffeId>>);
 
     impl Handler for Verified {
-        async fn handle(&self, request: Request<Incoming>, peer: &Peer) -> Response<ProxyBody> {
+        async fn handle(&self, request: Request<StreamedBody>, peer: &Peer) -> Response<ProxyBody> {
             let peer = Peer {
                 identity: self.1.clone(),
                 ..peer.clone()

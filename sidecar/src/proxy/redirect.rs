@@ -12,9 +12,8 @@
 //! (`active_connections{direction="redirect"}` counts its connections).
 
 use http::{header, HeaderValue, Request, Response, StatusCode};
-use hyper::body::Incoming;
 
-use crate::body::ProxyBody;
+use crate::body::{ProxyBody, StreamedBody};
 use crate::error::ProxyError;
 use crate::listen::server::{Handler, Peer};
 use crate::proxy::route::Authority;
@@ -51,7 +50,7 @@ impl Redirect {
 }
 
 impl Handler for Redirect {
-    async fn handle(&self, request: Request<Incoming>, _peer: &Peer) -> Response<ProxyBody> {
+    async fn handle(&self, request: Request<StreamedBody>, _peer: &Peer) -> Response<ProxyBody> {
         let location = self
             .location(&request)
             .and_then(|l| HeaderValue::try_from(l).ok());

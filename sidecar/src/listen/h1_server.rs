@@ -1,0 +1,1190 @@
+//! Our own HTTP/1.1 server connection for the common request; hyper's for
+//! everything else.
+//!
+//! Most requests through a mesh are HTTP/1.1 without a body (`GET`,
+//! `HEAD`, `DELETE`...), and for them hyper's server costs more than the
+//! work needs: its dispatcher, a second parse of a head the framing guard
+//! has already scanned, and its encoder (issue 17 measured hyper's server
+//! at ~13 % of the sidecar's instructions per request). [`serve`] reads
+//! such requests itself, hands them to the handler as `Request<StreamedBody>`
+//! (body [`StreamedBody::None`]) and writes the responses, and hands the
+//! connection to hyper at the first request that is anything else: a body,
+//! `Expect`, an upgrade or `CONNECT`, trailers asked for (`TE`), HTTP/1.0,
+//! or a head it cannot take apart. The bytes read so far go along in a
+//! [`Rewind`], so hyper sees the connection as if it had read it from the
+//! start of that request; from then on the connection is hyper's.
+//!
+//! Flow per request: bytes come through the framing guard (which has
+//! already refused smuggling, oversized or malformed heads, and times out
+//! slow heads and idle connections) → [`parse`] (httparse) → the
+//! handler's future, raced against the client's socket (an end of input
+//! cancels the request, as hyper does) → [`encode_head`] → the body's
+//! frames, coalesced with the head into one write when they are ready →
+//! next request, or close.
+//!
+//! What goes out follows hyper's server byte for byte where a client could
+//! tell: the status line (a custom reason phrase from
+//! [`hyper::ext::ReasonPhrase`]), `content-length` or `transfer-encoding:
+//! chunked` chosen the same way, no body for `HEAD`, 204 and 304,
+//! `connection: close` when the connection will close, and a `date` field
+//! when the response has none.
+
+use std::future::{poll_fn, Future};
+use std::io::{self, IoSlice, Write as _};
+use std::mem::MaybeUninit;
+use std::pin::{pin, Pin};
+use std::task::{Context, Poll};
+use std::time::SystemTime;
+
+use bytes::{Bytes, BytesMut};
+use http::header::{self, HeaderName, HeaderValue};
+use http::{HeaderMap, Method, Request, Response, StatusCode, Uri, Version};
+use http_body::Body;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::sync::watch;
+use tokio::time::{Duration, Instant, Sleep};
+
+use crate::body::{ProxyBody, StreamedBody};
+use crate::listen::framing::{valid_host, InFlightRequests};
+use crate::listen::stop::StopWatch;
+
+/// Header fields a head may have for [`parse`] (hyper's default limit).
+const MAX_HEADERS: usize = 100;
+
+/// Bytes of pipelined requests buffered while one is answered; beyond it
+/// the socket is not read until the answer is out.
+const READ_AHEAD: usize = 64 * 1024;
+
+/// A data frame at least this large is written from its own buffer rather
+/// than copied behind the head or a chunk size line.
+const COPY_LIMIT: usize = 8 * 1024;
+
+/// How a connection left [`serve`].
+pub enum Served<T> {
+    /// Closed (by either side, or at shutdown).
+    Closed,
+    /// A request [`serve`] does not answer itself; hyper goes on from it.
+    Handover(Rewind<T>),
+}
+
+/// What [`serve`] enforces itself (the framing guard's limits, for the
+/// requests it takes).
+#[derive(Debug, Clone, Copy)]
+pub struct Http1Limits {
+    /// Longest head taken; a longer one goes to the guard, which refuses it.
+    pub max_head: usize,
+    /// Time a connection may wait for its next request with none in flight.
+    pub idle_timeout: Duration,
+}
+
+/// Serves the connection `io` until it closes or needs hyper; see the
+/// module docs. `respond` answers one request; `stop` asks for a graceful
+/// close (the request being answered finishes first, with `connection:
+/// close`). `in_flight` counts the connection's unanswered requests (its
+/// responses' bodies hold them), for the idle limit.
+pub async fn serve<T, R, F>(
+    mut io: T,
+    respond: R,
+    stop: watch::Receiver<bool>,
+    limits: Http1Limits,
+    in_flight: &InFlightRequests,
+) -> io::Result<Served<T>>
+where
+    T: AsyncRead + AsyncWrite + Unpin,
+    R: Fn(Request<StreamedBody>) -> F,
+    F: Future<Output = Response<ProxyBody>>,
+{
+    let mut stop = StopWatch::new(stop);
+    let mut stopping = false;
+    let mut idle = IdleTimer::new(limits.idle_timeout);
+    let mut input = BytesMut::new();
+    let mut fields = Vec::new();
+    let mut out = Vec::new();
+    loop {
+        let (request, asked) = loop {
+            match parse(&mut input, &mut fields, limits.max_head) {
+                Parsed::Request(request, asked) => break (request, asked),
+                // Part of a head: the guard times the rest of it.
+                Parsed::Partial if !input.is_empty() => {
+                    return Ok(Served::Handover(Rewind::new(input.freeze(), io)))
+                }
+                Parsed::Partial => {}
+                Parsed::Other => return Ok(Served::Handover(Rewind::new(input.freeze(), io))),
+            }
+            let read = poll_fn(|cx| {
+                if !stopping && stop.poll_stopped(cx).is_ready() {
+                    stopping = true;
+                }
+                if stopping {
+                    return Poll::Ready(None);
+                }
+                match read_more(&mut io, &mut input, cx) {
+                    Poll::Pending if idle.expired(in_flight, cx) => {
+                        tracing::debug!("client connection idle for the idle timeout, closing it");
+                        Poll::Ready(None)
+                    }
+                    Poll::Pending => Poll::Pending,
+                    Poll::Ready(read) => Poll::Ready(Some(read)),
+                }
+            })
+            .await;
+            match read {
+                None | Some(Ok(0)) => return close(io).await,
+                Some(Ok(_)) => {}
+                Some(Err(error)) => return Err(error),
+            }
+        };
+
+        // The answer, while watching the client: its end of input cancels
+        // the request (hyper's behaviour); pipelined bytes are kept.
+        let answering = pin!(respond(request));
+        let response =
+            watching_client(answering, &mut io, &mut input, &mut stop, &mut stopping).await?;
+        let Some(response) = response else {
+            return Ok(Served::Closed); // the client is gone
+        };
+
+        let keep_alive = asked.keep_alive && !stopping;
+        let (parts, body) = response.into_parts();
+        let (encoder, keep_alive) = encode_head(&mut out, parts, &body, &asked, keep_alive);
+        let complete = write_body(&mut io, &mut out, body, encoder, &mut input).await?;
+        if !(complete && keep_alive) {
+            return close(io).await;
+        }
+    }
+}
+
+/// The client idle limit between requests, the way the framing guard
+/// keeps it: armed once, and when it fires it checks how long the
+/// connection has really been idle (its last answer, from
+/// [`InFlightRequests`]) and re-arms for then; so a request costs no timer
+/// registration.
+struct IdleTimer {
+    limit: Duration,
+    opened: Instant,
+    sleep: Option<Pin<Box<Sleep>>>,
+}
+
+impl IdleTimer {
+    fn new(limit: Duration) -> Self {
+        IdleTimer {
+            limit,
+            opened: Instant::now(),
+            sleep: None,
+        }
+    }
+
+    /// True once no request has been in flight for the limit; else `cx`
+    /// is woken when it next may be.
+    fn expired(&mut self, in_flight: &InFlightRequests, cx: &mut Context<'_>) -> bool {
+        let Some(sleep) = &mut self.sleep else {
+            let mut sleep = Box::pin(tokio::time::sleep(self.limit));
+            // Registers the waker; a fresh deadline is pending.
+            let _ = sleep.as_mut().poll(cx);
+            self.sleep = Some(sleep);
+            return false;
+        };
+        while sleep.as_mut().poll(cx).is_ready() {
+            let now = Instant::now();
+            let deadline = match in_flight.idle_since(self.opened) {
+                Some(since) if since + self.limit <= now => return true,
+                Some(since) => since + self.limit,
+                None => now + self.limit,
+            };
+            sleep.as_mut().reset(deadline);
+        }
+        false
+    }
+}
+
+/// Shuts the connection down (after the framing guard's refusal, if it
+/// refused something) and reports it closed.
+async fn close<T: AsyncWrite + Unpin>(mut io: T) -> io::Result<Served<T>> {
+    let _ = io.shutdown().await;
+    Ok(Served::Closed)
+}
+
+/// Reads what the socket has into `input` (growing it as needed).
+fn read_more<T: AsyncRead + Unpin>(
+    io: &mut T,
+    input: &mut BytesMut,
+    cx: &mut Context<'_>,
+) -> Poll<io::Result<usize>> {
+    if input.capacity() - input.len() < 1024 {
+        input.reserve(4096);
+    }
+    tokio_util::io::poll_read_buf(Pin::new(io), cx, input)
+}
+
+/// Polls `answering` to its response; meanwhile reads pipelined bytes
+/// into `input` (up to [`READ_AHEAD`]) and notes a stop. `None`: the client
+/// ended its input (the answer is dropped, cancelling it).
+async fn watching_client<T, F>(
+    mut answering: Pin<&mut F>,
+    io: &mut T,
+    input: &mut BytesMut,
+    stop: &mut StopWatch,
+    stopping: &mut bool,
+) -> io::Result<Option<Response<ProxyBody>>>
+where
+    T: AsyncRead + Unpin,
+    F: Future<Output = Response<ProxyBody>>,
+{
+    poll_fn(|cx| {
+        // The stop first: an answer ready in the same wake-up then says
+        // `connection: close`.
+        if !*stopping && stop.poll_stopped(cx).is_ready() {
+            *stopping = true;
+        }
+        if let Poll::Ready(response) = answering.as_mut().poll(cx) {
+            return Poll::Ready(Ok(Some(response)));
+        }
+        match watch_client(io, input, cx) {
+            Poll::Ready(Ok(())) => Poll::Ready(Ok(None)),
+            Poll::Ready(Err(error)) => Poll::Ready(Err(error)),
+            Poll::Pending => Poll::Pending,
+        }
+    })
+    .await
+}
+
+/// `Ready(Ok)` once the client has ended its input; reads what it sends
+/// meanwhile into `input`, up to [`READ_AHEAD`].
+fn watch_client<T: AsyncRead + Unpin>(
+    io: &mut T,
+    input: &mut BytesMut,
+    cx: &mut Context<'_>,
+) -> Poll<io::Result<()>> {
+    while input.len() < READ_AHEAD {
+        match read_more(io, input, cx) {
+            Poll::Ready(Ok(0)) => return Poll::Ready(Ok(())),
+            Poll::Ready(Ok(_)) => continue,
+            Poll::Ready(Err(error)) => return Poll::Ready(Err(error)),
+            Poll::Pending => break,
+        }
+    }
+    Poll::Pending
+}
+
+/// What the client's head asked of the answer.
+#[derive(Debug, Clone, Copy)]
+struct Asked {
+    /// `HEAD`: the answer has no body.
+    head: bool,
+    /// No `Connection: close`.
+    keep_alive: bool,
+}
+
+// Returned once per request and taken apart at once: a box would be an
+// allocation per request.
+#[allow(clippy::large_enum_variant)]
+enum Parsed {
+    Request(Request<StreamedBody>, Asked),
+    /// Not a whole head yet.
+    Partial,
+    /// A request for hyper (see the module docs).
+    Other,
+}
+
+/// Room for the fields the proxy adds to a request (forwarding, tracing,
+/// identity) without growing its header map.
+const ADDED_FIELDS: usize = 8;
+
+/// Takes the next request's head off `input` if it is one [`serve`]
+/// answers itself; leaves `input` alone otherwise.
+/// `fields` is room for the field positions, reused from one request to
+/// the next.
+fn parse(
+    input: &mut BytesMut,
+    fields: &mut Vec<(HeaderName, usize, usize)>,
+    max_head: usize,
+) -> Parsed {
+    if input.is_empty() {
+        return Parsed::Partial;
+    }
+    let mut slots = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
+    let mut head = httparse::Request::new(&mut []);
+    let len = match httparse::ParserConfig::default()
+        .parse_request_with_uninit_headers(&mut head, input, &mut slots)
+    {
+        // Over the limit: the guard refuses it (431 or 414).
+        Ok(httparse::Status::Complete(len)) if len > max_head => return Parsed::Other,
+        Ok(httparse::Status::Complete(len)) => len,
+        Ok(httparse::Status::Partial) if input.len() > max_head => return Parsed::Other,
+        Ok(httparse::Status::Partial) => return Parsed::Partial,
+        Err(_) => return Parsed::Other,
+    };
+    if head.version != Some(1) {
+        return Parsed::Other;
+    }
+    let Some(method) = head
+        .method
+        .and_then(|m| Method::from_bytes(m.as_bytes()).ok())
+    else {
+        return Parsed::Other;
+    };
+    if method == Method::CONNECT {
+        return Parsed::Other;
+    }
+    let Some(path) = head.path else {
+        return Parsed::Other;
+    };
+    let base = input.as_ptr() as usize;
+    let path_at = path.as_ptr() as usize - base;
+    let path_range = path_at..path_at + path.len();
+    let mut keep_alive = true;
+    let mut hosts = 0;
+    // Names now; values as slices of the head once it is split off.
+    fields.clear();
+    for field in head.headers.iter() {
+        let Ok(name) = HeaderName::from_bytes(field.name.as_bytes()) else {
+            return Parsed::Other;
+        };
+        match name {
+            header::CONTENT_LENGTH if field.value != b"0" => return Parsed::Other,
+            header::TRANSFER_ENCODING | header::EXPECT | header::UPGRADE | header::TE => {
+                return Parsed::Other
+            }
+            header::CONNECTION if has_token(field.value, b"close") => keep_alive = false,
+            // RFC 9112 §3.2: one valid Host at most; the guard refuses
+            // others (400).
+            header::HOST if hosts > 0 || !valid_host(field.value) => return Parsed::Other,
+            header::HOST => hosts += 1,
+            _ => {}
+        }
+        let at = field.value.as_ptr() as usize - base;
+        fields.push((name, at, at + field.value.len()));
+    }
+    let head = input.split_to(len).freeze();
+    let Ok(uri) = Uri::from_maybe_shared(head.slice(path_range)) else {
+        return put_back(head, input);
+    };
+    let mut headers = HeaderMap::with_capacity(fields.len() + ADDED_FIELDS);
+    for (name, start, end) in fields.drain(..) {
+        let Ok(value) = HeaderValue::from_maybe_shared(head.slice(start..end)) else {
+            return put_back(head, input);
+        };
+        headers.append(name, value);
+    }
+    let asked = Asked {
+        head: method == Method::HEAD,
+        keep_alive,
+    };
+    let mut request = Request::new(StreamedBody::None);
+    *request.method_mut() = method;
+    *request.uri_mut() = uri;
+    *request.version_mut() = Version::HTTP_11;
+    *request.headers_mut() = headers;
+    Parsed::Request(request, asked)
+}
+
+/// How many bytes of `stream` [`parse`] takes as the next request, if it
+/// takes one (for the framing guard's property test).
+#[cfg(test)]
+pub(crate) fn takes(stream: &[u8], max_head: usize) -> Option<usize> {
+    let mut input = BytesMut::from(stream);
+    match parse(&mut input, &mut Vec::new(), max_head) {
+        Parsed::Request(..) => Some(stream.len() - input.len()),
+        Parsed::Partial | Parsed::Other => None,
+    }
+}
+
+/// A head found unfit only once split off `input`: put back in front of
+/// it, for hyper.
+fn put_back(head: Bytes, input: &mut BytesMut) -> Parsed {
+    let mut whole = BytesMut::with_capacity(head.len() + input.len());
+    whole.extend_from_slice(&head);
+    whole.extend_from_slice(input);
+    *input = whole;
+    Parsed::Other
+}
+
+/// Whether the comma-separated `value` has `token` (ASCII case-insensitive).
+fn has_token(value: &[u8], token: &[u8]) -> bool {
+    value
+        .split(|&b| b == b',')
+        .any(|item| item.trim_ascii().eq_ignore_ascii_case(token))
+}
+
+/// How the body goes out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Encoder {
+    /// Exactly this many bytes still to send.
+    Length(u64),
+    Chunked,
+    /// Until the connection closes.
+    UntilClose,
+}
+
+/// Writes the status line and the fields of a response into `out` and
+/// says how its body goes out and whether the connection stays open after
+/// it, the way hyper's server does (see the module docs).
+fn encode_head(
+    out: &mut Vec<u8>,
+    mut parts: http::response::Parts,
+    body: &ProxyBody,
+    asked: &Asked,
+    keep_alive: bool,
+) -> (Encoder, bool) {
+    let mut keep_alive = keep_alive;
+    if parts.status.is_informational() {
+        // Not a final answer; hyper sends a 500 instead.
+        parts.status = StatusCode::INTERNAL_SERVER_ERROR;
+        parts.headers.clear();
+        keep_alive = false;
+    }
+    let status = parts.status;
+    let http10 = parts.version == Version::HTTP_10;
+    let can_body =
+        !(asked.head || status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED);
+    let can_length = !(status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED);
+    let can_chunk = can_body && !http10;
+    // hyper's view of the body: none, a known length, or unknown.
+    let length = if body.is_end_stream() {
+        Some(0)
+    } else {
+        body.size_hint().exact()
+    };
+
+    let reason = parts.extensions.get::<hyper::ext::ReasonPhrase>();
+    if !http10 && status == StatusCode::OK && reason.is_none() {
+        out.extend_from_slice(b"HTTP/1.1 200 OK\r\n");
+    } else {
+        out.extend_from_slice(if http10 { b"HTTP/1.0 " } else { b"HTTP/1.1 " });
+        out.extend_from_slice(status.as_str().as_bytes());
+        out.push(b' ');
+        match reason {
+            Some(reason) => out.extend_from_slice(reason.as_bytes()),
+            None => out.extend_from_slice(status.canonical_reason().unwrap_or("<none>").as_bytes()),
+        }
+        out.extend_from_slice(b"\r\n");
+    }
+
+    let mut encoder = None;
+    let mut wrote_date = false;
+    let mut has_connection = false;
+    // The fields hyper joins into one line: the line left open, to be
+    // continued by the next value of the same name.
+    let mut open = Open::None;
+    let mut previous: Option<&HeaderName> = None;
+    for (name, value) in parts.headers.iter() {
+        let same = previous == Some(name);
+        previous = Some(name);
+        if !same {
+            open.end(out);
+        }
+        let value = value.as_bytes();
+        match *name {
+            header::CONTENT_LENGTH => {
+                if same || encoder.is_some() || !can_length {
+                    continue;
+                }
+                let declared = std::str::from_utf8(value)
+                    .ok()
+                    .and_then(|text| text.trim().parse::<u64>().ok());
+                match (length, declared) {
+                    // An empty body: the implicit `content-length: 0` below
+                    // (kept as sent for HEAD).
+                    (Some(0), _) if !asked.head => continue,
+                    (Some(known), _) => encoder = Some(Encoder::Length(known)),
+                    (None, Some(declared)) => encoder = Some(Encoder::Length(declared)),
+                    // Not a length: framed by the body instead.
+                    (None, None) => continue,
+                }
+                field(out, b"content-length", value);
+            }
+            header::TRANSFER_ENCODING => {
+                if !can_chunk || (!same && encoder.is_some()) {
+                    continue;
+                }
+                open.continue_or_start(out, b"transfer-encoding", value, same);
+                open = Open::Chunked {
+                    last_chunked: is_chunked(value),
+                };
+                encoder = Some(Encoder::Chunked);
+            }
+            header::CONNECTION => {
+                has_connection = true;
+                if has_token(value, b"close") {
+                    keep_alive = false;
+                }
+                open.continue_or_start(out, b"connection", value, same);
+                open = Open::Line;
+            }
+            header::TRAILER => {
+                if can_chunk {
+                    open.continue_or_start(out, b"trailer", value, same);
+                    open = Open::Line;
+                }
+            }
+            _ => {
+                if *name == header::DATE {
+                    wrote_date = true;
+                }
+                field(out, name.as_str().as_bytes(), value);
+            }
+        }
+    }
+    open.end(out);
+
+    let mut encoder = match encoder {
+        Some(encoder) => encoder,
+        None => match length {
+            None if can_chunk => {
+                out.extend_from_slice(b"transfer-encoding: chunked\r\n");
+                Encoder::Chunked
+            }
+            None => Encoder::UntilClose,
+            Some(0) => {
+                if can_length && !asked.head {
+                    out.extend_from_slice(b"content-length: 0\r\n");
+                }
+                Encoder::Length(0)
+            }
+            Some(known) => {
+                if can_length {
+                    // Writing into a Vec cannot fail.
+                    let _ = write!(out, "content-length: {known}\r\n");
+                }
+                Encoder::Length(known)
+            }
+        },
+    };
+    if !can_body {
+        encoder = Encoder::Length(0);
+    }
+    if encoder == Encoder::UntilClose {
+        keep_alive = false;
+    }
+    if !keep_alive && !has_connection && !http10 {
+        out.extend_from_slice(b"connection: close\r\n");
+    }
+    if !wrote_date {
+        out.extend_from_slice(b"date: ");
+        date::extend(out);
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+    (encoder, keep_alive)
+}
+
+/// `name: value\r\n`.
+fn field(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
+    out.extend_from_slice(name);
+    out.extend_from_slice(b": ");
+    out.extend_from_slice(value);
+    out.extend_from_slice(b"\r\n");
+}
+
+/// A field line [`encode_head`] has begun and not ended: the values of
+/// one name it joins with `, ` (as hyper does for the fields it reads).
+#[derive(Debug, Clone, Copy)]
+enum Open {
+    None,
+    Line,
+    /// `transfer-encoding`: ends with `, chunked` unless its last value
+    /// already does.
+    Chunked {
+        last_chunked: bool,
+    },
+}
+
+impl Open {
+    /// `value` joined to the open line (`same`: of the same name), or a
+    /// new line for it.
+    fn continue_or_start(self, out: &mut Vec<u8>, name: &[u8], value: &[u8], same: bool) {
+        if same && !matches!(self, Open::None) {
+            out.extend_from_slice(b", ");
+        } else {
+            out.extend_from_slice(name);
+            out.extend_from_slice(b": ");
+        }
+        out.extend_from_slice(value);
+    }
+
+    fn end(&mut self, out: &mut Vec<u8>) {
+        match *self {
+            Open::None => return,
+            Open::Line | Open::Chunked { last_chunked: true } => {}
+            Open::Chunked {
+                last_chunked: false,
+            } => out.extend_from_slice(b", chunked"),
+        }
+        out.extend_from_slice(b"\r\n");
+        *self = Open::None;
+    }
+}
+
+/// Whether a `Transfer-Encoding` value ends with `chunked`.
+fn is_chunked(value: &[u8]) -> bool {
+    value
+        .rsplit(|&b| b == b',')
+        .next()
+        .is_some_and(|last| last.trim_ascii().eq_ignore_ascii_case(b"chunked"))
+}
+
+/// Sends `out` (the head) and then the body as `encoder` frames it,
+/// coalescing what is ready into one write. `Ok(false)`: the body could not
+/// be sent whole (it failed, or did not match its length); the connection
+/// must close. The client's pipelined bytes keep going into `input` while
+/// the body waits on the upstream, and its end of input stops the body.
+async fn write_body<T>(
+    io: &mut T,
+    out: &mut Vec<u8>,
+    body: ProxyBody,
+    encoder: Encoder,
+    input: &mut BytesMut,
+) -> io::Result<bool>
+where
+    T: AsyncRead + AsyncWrite + Unpin,
+{
+    let mut encoder = encoder;
+    if encoder == Encoder::Length(0) {
+        drop(body);
+        let sent = write_all(io, out, &[]).await;
+        out.clear();
+        sent?;
+        io.flush().await?;
+        return Ok(true);
+    }
+    let mut body = pin!(body);
+    let complete = loop {
+        let frame = match poll_fn(|cx| Poll::Ready(body.as_mut().poll_frame(cx))).await {
+            Poll::Ready(frame) => frame,
+            Poll::Pending => {
+                // Nothing more yet: what is ready goes out, then wait.
+                let sent = write_all(io, out, &[]).await;
+                out.clear();
+                sent?;
+                io.flush().await?;
+                let waited = poll_fn(|cx| {
+                    if let Poll::Ready(frame) = body.as_mut().poll_frame(cx) {
+                        return Poll::Ready(Ok(frame));
+                    }
+                    match watch_client(io, input, cx) {
+                        Poll::Ready(Ok(())) => Poll::Ready(Err(None)),
+                        Poll::Ready(Err(error)) => Poll::Ready(Err(Some(error))),
+                        Poll::Pending => Poll::Pending,
+                    }
+                })
+                .await;
+                match waited {
+                    Ok(frame) => frame,
+                    Err(None) => return Ok(false), // the client is gone
+                    Err(Some(error)) => return Err(error),
+                }
+            }
+        };
+        let data = match frame {
+            None => break true,
+            Some(Err(error)) => {
+                tracing::debug!(%error, "response body failed; closing the connection");
+                break false;
+            }
+            Some(Ok(frame)) => match frame.into_data() {
+                Ok(data) => data,
+                // Trailers: not asked for (a `TE: trailers` request goes
+                // to hyper), so not sent.
+                Err(_) => continue,
+            },
+        };
+        if data.is_empty() {
+            continue;
+        }
+        match &mut encoder {
+            Encoder::Length(left) => {
+                if data.len() as u64 > *left {
+                    tracing::debug!("response body longer than its content-length; closing");
+                    break false;
+                }
+                *left -= data.len() as u64;
+                send(io, out, &data).await?;
+            }
+            Encoder::Chunked => {
+                write!(out, "{:x}\r\n", data.len())?;
+                send(io, out, &data).await?;
+                out.extend_from_slice(b"\r\n");
+            }
+            Encoder::UntilClose => send(io, out, &data).await?,
+        }
+    };
+    let complete = complete
+        && match encoder {
+            Encoder::Length(left) => left == 0,
+            Encoder::Chunked => {
+                out.extend_from_slice(b"0\r\n\r\n");
+                true
+            }
+            Encoder::UntilClose => false,
+        };
+    let sent = write_all(io, out, &[]).await;
+    out.clear();
+    sent?;
+    io.flush().await?;
+    Ok(complete)
+}
+
+/// Puts `data` after what `out` holds: copied if small, else written
+/// together with it (one vectored write) and `out` emptied.
+async fn send<T: AsyncWrite + Unpin>(
+    io: &mut T,
+    out: &mut Vec<u8>,
+    data: &Bytes,
+) -> io::Result<()> {
+    if data.len() < COPY_LIMIT {
+        out.extend_from_slice(data);
+        return Ok(());
+    }
+    let sent = write_all(io, out, data).await;
+    out.clear();
+    sent
+}
+
+/// Writes `first` then `second` whole, vectored.
+async fn write_all<T: AsyncWrite + Unpin>(
+    io: &mut T,
+    first: &[u8],
+    second: &[u8],
+) -> io::Result<()> {
+    let (mut first, mut second) = (first, second);
+    while !first.is_empty() || !second.is_empty() {
+        let n = poll_fn(|cx| {
+            if first.is_empty() {
+                Pin::new(&mut *io).poll_write(cx, second)
+            } else if second.is_empty() {
+                Pin::new(&mut *io).poll_write(cx, first)
+            } else {
+                Pin::new(&mut *io)
+                    .poll_write_vectored(cx, &[IoSlice::new(first), IoSlice::new(second)])
+            }
+        })
+        .await?;
+        if n == 0 {
+            return Err(io::ErrorKind::WriteZero.into());
+        }
+        if n >= first.len() {
+            second = &second[n - first.len()..];
+            first = &[];
+        } else {
+            first = &first[n..];
+        }
+    }
+    Ok(())
+}
+
+/// The `date` field's value, formatted once a second.
+mod date {
+    use std::cell::RefCell;
+
+    use super::SystemTime;
+
+    thread_local! {
+        static CACHED: RefCell<(u64, Vec<u8>)> = const { RefCell::new((0, Vec::new())) };
+    }
+
+    /// Appends the current date (RFC 9110 IMF-fixdate) to `out`.
+    pub(super) fn extend(out: &mut Vec<u8>) {
+        let now = SystemTime::now();
+        let second = now
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |since| since.as_secs());
+        CACHED.with(|cached| {
+            let mut cached = cached.borrow_mut();
+            if cached.0 != second || cached.1.is_empty() {
+                cached.0 = second;
+                cached.1.clear();
+                cached
+                    .1
+                    .extend_from_slice(httpdate::fmt_http_date(now).as_bytes());
+            }
+            out.extend_from_slice(&cached.1);
+        });
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A connection with bytes already read from it put back in front.
+    pub struct Rewind<T> {
+        prefix: Bytes,
+        #[pin]
+        inner: T,
+    }
+}
+
+impl<T> Rewind<T> {
+    fn new(prefix: Bytes, inner: T) -> Self {
+        Rewind { prefix, inner }
+    }
+}
+
+impl<T: AsyncRead> AsyncRead for Rewind<T> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.project();
+        if !this.prefix.is_empty() {
+            let n = this.prefix.len().min(buf.remaining());
+            buf.put_slice(&this.prefix.split_to(n));
+            return Poll::Ready(Ok(()));
+        }
+        this.inner.poll_read(cx, buf)
+    }
+}
+
+impl<T: AsyncWrite> AsyncWrite for Rewind<T> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        self.project().inner.poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        self.project().inner.poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.project().inner.poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.project().inner.poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+
+    use tokio::io::{AsyncReadExt, DuplexStream};
+
+    use super::*;
+
+    /// Runs [`serve`] on one end of an in-memory connection with `respond`;
+    /// the other end, the stop sender and the server's task are returned.
+    fn serving<R, F>(
+        respond: R,
+    ) -> (
+        DuplexStream,
+        watch::Sender<bool>,
+        tokio::task::JoinHandle<io::Result<Served<DuplexStream>>>,
+    )
+    where
+        R: Fn(Request<StreamedBody>) -> F + Send + Sync + 'static,
+        F: Future<Output = Response<ProxyBody>> + Send + 'static,
+    {
+        let (client, server) = tokio::io::duplex(64 * 1024);
+        let (stop, stopped) = watch::channel(false);
+        let limits = Http1Limits {
+            max_head: 8 * 1024,
+            idle_timeout: Duration::from_secs(60),
+        };
+        let task = tokio::spawn(async move {
+            // Each answer counts as in flight until its body is sent, as the
+            // listener's do.
+            let in_flight = Arc::new(InFlightRequests::default());
+            let counted = |request| {
+                let answered = in_flight.start();
+                let answering = respond(request);
+                async move {
+                    answering
+                        .await
+                        .map(|body| body.with_request_guard(answered))
+                }
+            };
+            serve(server, counted, stopped, limits, &in_flight).await
+        });
+        (client, stop, task)
+    }
+
+    /// Answers with the request's method and path.
+    async fn echo(request: Request<StreamedBody>) -> Response<ProxyBody> {
+        let text = format!("{} {}", request.method(), request.uri());
+        let mut response = Response::new(ProxyBody::full(text));
+        response.headers_mut().insert(
+            header::DATE,
+            HeaderValue::from_static("Thu, 03 Dec 2026 10:00:00 GMT"),
+        );
+        response
+    }
+
+    /// Reads from `client` until `want` responses' ends (`\r\n\r\n` plus
+    /// a body of the content-length) have arrived; returns all of it.
+    async fn read_until(client: &mut DuplexStream, needle: &str) -> String {
+        let mut got = Vec::new();
+        let mut chunk = [0u8; 4096];
+        tokio::time::timeout(Duration::from_secs(5), async {
+            while !String::from_utf8_lossy(&got).contains(needle) {
+                let n = client.read(&mut chunk).await.unwrap();
+                assert!(
+                    n > 0,
+                    "closed before {needle:?}; got {:?}",
+                    String::from_utf8_lossy(&got)
+                );
+                got.extend_from_slice(&chunk[..n]);
+            }
+        })
+        .await
+        .unwrap_or_else(|_| panic!("no {needle:?}; got {:?}", String::from_utf8_lossy(&got)));
+        String::from_utf8(got).unwrap()
+    }
+
+    #[tokio::test]
+    async fn pipelined_requests_are_answered_in_order_on_one_connection() {
+        let (mut client, _stop, _task) = serving(echo);
+        client
+            .write_all(b"GET /one HTTP/1.1\r\nHost: a\r\n\r\nHEAD /two HTTP/1.1\r\nHost: a\r\n\r\nDELETE /three HTTP/1.1\r\nHost: a\r\ncontent-length: 0\r\n\r\n")
+            .await
+            .unwrap();
+        let got = read_until(&mut client, "DELETE /three").await;
+        let date = "date: Thu, 03 Dec 2026 10:00:00 GMT\r\n";
+        assert_eq!(
+            got,
+            format!(
+                "HTTP/1.1 200 OK\r\n{date}content-length: 8\r\n\r\nGET /one\
+                 HTTP/1.1 200 OK\r\n{date}content-length: 9\r\n\r\n\
+                 HTTP/1.1 200 OK\r\n{date}content-length: 13\r\n\r\nDELETE /three"
+            ),
+            "HEAD gets the length and no body"
+        );
+    }
+
+    #[tokio::test]
+    async fn connection_close_is_answered_with_close_and_the_connection_ends() {
+        let (mut client, _stop, task) = serving(echo);
+        client
+            .write_all(b"GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let mut got = String::new();
+        client.read_to_string(&mut got).await.unwrap();
+        assert!(got.contains("\r\nconnection: close\r\n"), "{got}");
+        assert!(got.ends_with("\r\n\r\nGET /"), "{got}");
+        assert!(matches!(task.await.unwrap(), Ok(Served::Closed)));
+    }
+
+    #[tokio::test]
+    async fn a_request_with_a_body_goes_to_hyper_with_every_byte_not_yet_answered() {
+        let (mut client, _stop, task) = serving(echo);
+        let rest = b"POST /b HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\n\r\nhello";
+        let mut sent = b"GET /a HTTP/1.1\r\nHost: a\r\n\r\n".to_vec();
+        sent.extend_from_slice(rest);
+        client.write_all(&sent).await.unwrap();
+        read_until(&mut client, "GET /a").await;
+        let Ok(Served::Handover(mut rewind)) = task.await.unwrap() else {
+            panic!("not handed over");
+        };
+        let mut handed = vec![0u8; rest.len()];
+        rewind.read_exact(&mut handed).await.unwrap();
+        assert_eq!(handed, rest);
+    }
+
+    #[tokio::test]
+    async fn requests_the_fast_path_does_not_take_are_handed_over_untouched() {
+        for head in [
+            "GET / HTTP/1.0\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: a\r\nExpect: 100-continue\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: a\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: a\r\nTE: trailers\r\n\r\n",
+            "CONNECT a:443 HTTP/1.1\r\nHost: a:443\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: a\r\nX-Bad: \x01\r\n\r\n",
+            // What the framing guard refuses: two Hosts, a bad one, a
+            // head over the limit; and what it times: a head not whole.
+            "GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: a@b\r\n\r\n",
+            &format!(
+                "GET / HTTP/1.1\r\nHost: a\r\nX-Long: {}\r\n\r\n",
+                "x".repeat(8192)
+            ),
+            "GET / HTTP/1.1\r\nHost: a\r\n",
+            "GET / HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\n\r\nhello",
+        ] {
+            let (mut client, _stop, task) = serving(echo);
+            client.write_all(head.as_bytes()).await.unwrap();
+            let Ok(Served::Handover(mut rewind)) = task.await.unwrap() else {
+                panic!("{head:?} not handed over");
+            };
+            let mut handed = vec![0u8; head.len()];
+            rewind.read_exact(&mut handed).await.unwrap();
+            assert_eq!(handed, head.as_bytes(), "{head:?}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_client_that_leaves_cancels_its_request() {
+        let dropped = Arc::new(AtomicUsize::new(0));
+        struct CountDrop(Arc<AtomicUsize>);
+        impl Drop for CountDrop {
+            fn drop(&mut self) {
+                self.0.fetch_add(1, Ordering::SeqCst);
+            }
+        }
+        let seen = Arc::clone(&dropped);
+        let (mut client, _stop, task) = serving(move |_| {
+            let guard = CountDrop(Arc::clone(&seen));
+            async move {
+                let _guard = guard;
+                std::future::pending::<Response<ProxyBody>>().await
+            }
+        });
+        client
+            .write_all(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+            .await
+            .unwrap();
+        client.shutdown().await.unwrap();
+        let served = tokio::time::timeout(Duration::from_secs(5), task)
+            .await
+            .unwrap();
+        assert!(matches!(served.unwrap(), Ok(Served::Closed)));
+        assert_eq!(
+            dropped.load(Ordering::SeqCst),
+            1,
+            "the handler's future was dropped"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_stop_closes_an_idle_connection_and_ends_a_busy_one_after_its_answer() {
+        let (_client, stop, task) = serving(echo);
+        stop.send(true).unwrap();
+        let served = tokio::time::timeout(Duration::from_secs(5), task)
+            .await
+            .unwrap();
+        assert!(matches!(served.unwrap(), Ok(Served::Closed)));
+
+        let (answer, answered) = tokio::sync::oneshot::channel::<()>();
+        let answered = Arc::new(tokio::sync::Mutex::new(Some(answered)));
+        let (mut client, stop, task) = serving(move |request| {
+            let answered = Arc::clone(&answered);
+            async move {
+                let wait = answered.lock().await.take().unwrap();
+                let _ = wait.await;
+                echo(request).await
+            }
+        });
+        client
+            .write_all(b"GET /busy HTTP/1.1\r\nHost: a\r\n\r\n")
+            .await
+            .unwrap();
+        tokio::task::yield_now().await;
+        stop.send(true).unwrap();
+        answer.send(()).unwrap();
+        let mut got = String::new();
+        client.read_to_string(&mut got).await.unwrap();
+        assert!(got.contains("\r\nconnection: close\r\n"), "{got}");
+        assert!(got.ends_with("GET /busy"), "{got}");
+        assert!(matches!(task.await.unwrap(), Ok(Served::Closed)));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_connection_idle_for_the_limit_is_closed() {
+        let (mut client, _stop, task) = serving(echo);
+        client
+            .write_all(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+            .await
+            .unwrap();
+        read_until(&mut client, "GET /").await;
+        tokio::time::sleep(Duration::from_secs(30)).await;
+        assert!(!task.is_finished(), "closed before the idle limit");
+        client
+            .write_all(b"GET /again HTTP/1.1\r\nHost: a\r\n\r\n")
+            .await
+            .unwrap();
+        read_until(&mut client, "GET /again").await;
+        tokio::time::sleep(Duration::from_secs(59)).await;
+        assert!(
+            !task.is_finished(),
+            "the second request did not count as activity"
+        );
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let served = tokio::time::timeout(Duration::from_secs(1), task)
+            .await
+            .unwrap();
+        assert!(matches!(served.unwrap(), Ok(Served::Closed)));
+    }
+
+    /// The head [`encode_head`] writes for `response` to a GET (or HEAD).
+    fn head_of(response: Response<ProxyBody>, head: bool) -> (String, Encoder, bool) {
+        let mut out = Vec::new();
+        let (parts, body) = response.into_parts();
+        let asked = Asked {
+            head,
+            keep_alive: true,
+        };
+        let (encoder, keep_alive) = encode_head(&mut out, parts, &body, &asked, true);
+        (String::from_utf8(out).unwrap(), encoder, keep_alive)
+    }
+
+    #[test]
+    fn heads_are_framed_the_way_hyper_frames_them() {
+        let dated = |mut response: Response<ProxyBody>| {
+            response
+                .headers_mut()
+                .insert(header::DATE, HeaderValue::from_static("x"));
+            response
+        };
+        // An empty 204: no length at all.
+        let mut no_content = Response::new(ProxyBody::empty());
+        *no_content.status_mut() = StatusCode::NO_CONTENT;
+        let (head, encoder, _) = head_of(dated(no_content), false);
+        assert_eq!(head, "HTTP/1.1 204 No Content\r\ndate: x\r\n\r\n");
+        assert_eq!(encoder, Encoder::Length(0));
+
+        // A declared transfer-encoding is completed with chunked, values
+        // of one name are joined, and close is honoured.
+        let response = Response::builder()
+            .header(header::TRANSFER_ENCODING, "gzip")
+            .header(header::CONNECTION, "x-hop")
+            .header(header::CONNECTION, "close")
+            .header("x-multi", "1")
+            .header("x-multi", "2")
+            .body(ProxyBody::full("abc"))
+            .unwrap();
+        let (head, encoder, keep_alive) = head_of(dated(response), false);
+        assert_eq!(
+            head,
+            "HTTP/1.1 200 OK\r\ntransfer-encoding: gzip, chunked\r\nconnection: x-hop, close\r\n\
+             x-multi: 1\r\nx-multi: 2\r\ndate: x\r\n\r\n"
+        );
+        assert_eq!((encoder, keep_alive), (Encoder::Chunked, false));
+
+        // A custom reason phrase, and a date added when there is none.
+        let mut teapot = Response::new(ProxyBody::full("t"));
+        *teapot.status_mut() = StatusCode::IM_A_TEAPOT;
+        teapot
+            .extensions_mut()
+            .insert(hyper::ext::ReasonPhrase::from_static(b"Short And Stout"));
+        let (head, encoder, _) = head_of(teapot, false);
+        assert!(
+            head.starts_with("HTTP/1.1 418 Short And Stout\r\ncontent-length: 1\r\ndate: "),
+            "{head}"
+        );
+        assert!(head.ends_with(" GMT\r\n\r\n"), "{head}");
+        assert_eq!(encoder, Encoder::Length(1));
+
+        // HEAD keeps the declared length and sends no body.
+        let response = Response::builder()
+            .header(header::CONTENT_LENGTH, "42")
+            .body(ProxyBody::empty())
+            .unwrap();
+        let (head, encoder, _) = head_of(dated(response), true);
+        assert_eq!(
+            head,
+            "HTTP/1.1 200 OK\r\ncontent-length: 42\r\ndate: x\r\n\r\n"
+        );
+        assert_eq!(encoder, Encoder::Length(0));
+    }
+}
