@@ -145,6 +145,9 @@ pub struct FramingGuard<T> {
     /// incomplete, so a head that arrives in one read costs no timer.
     head_timer: Option<Pin<Box<Sleep>>>,
     head_timer_armed: bool,
+    /// When the first head's first byte came, if before the guard was
+    /// made (`h1_server` hands it a head it has begun to read).
+    head_started: Option<Instant>,
     /// Wakes the connection to check its idleness; see [`Self::idle_expired`].
     idle_timer: Option<Pin<Box<Sleep>>>,
     /// When the connection was accepted (idle since then if no request came).
@@ -219,10 +222,20 @@ impl<T> FramingGuard<T> {
             refusal: None,
             head_timer: None,
             head_timer_armed: false,
+            head_started: None,
             idle_timer: None,
             opened: Instant::now(),
             in_flight,
         }
+    }
+}
+
+impl<T> FramingGuard<T> {
+    /// Times the first head from `started` (its first byte, read before
+    /// the guard was made) rather than from when the guard sees it.
+    pub fn head_started_at(mut self, started: Option<Instant>) -> Self {
+        self.head_started = started;
+        self
     }
 }
 
@@ -317,7 +330,8 @@ impl<T> FramingGuard<T> {
         }
         if !self.head_timer_armed {
             self.head_timer_armed = true;
-            let deadline = Instant::now() + self.config.head_timeout;
+            let started = self.head_started.take().unwrap_or_else(Instant::now);
+            let deadline = started + self.config.head_timeout;
             match &mut self.head_timer {
                 Some(timer) => timer.as_mut().reset(deadline),
                 None => self.head_timer = Some(Box::pin(tokio::time::sleep_until(deadline))),
@@ -907,6 +921,27 @@ mod tests {
         // And stays ended, even if the client sends more.
         client.write_all(head).await.unwrap();
         assert_eq!(guard.read(&mut buf).await.unwrap(), 0);
+    }
+
+    /// A head whose first byte came before the guard was made (read by
+    /// `h1_server`) is timed from that byte.
+    #[tokio::test(start_paused = true)]
+    async fn a_head_begun_before_the_guard_is_timed_from_its_first_byte() {
+        let (mut client, server) = tokio::io::duplex(1024);
+        let started = Instant::now();
+        tokio::time::sleep(Duration::from_millis(800)).await;
+        let in_flight = Arc::new(InFlightRequests::default());
+        let mut guard = FramingGuard::new(server, guard_config(Duration::from_secs(60)), in_flight)
+            .head_started_at(Some(started));
+        client.write_all(b"GET / HTTP/1.1\r\nHo").await.unwrap();
+        let mut buf = [0u8; 256];
+        let read = guard.read(&mut buf).await;
+        assert_eq!(read.unwrap_err().kind(), io::ErrorKind::TimedOut);
+        assert_eq!(
+            started.elapsed(),
+            Duration::from_secs(1),
+            "the head timeout, from its first byte"
+        );
     }
 
     /// A client that never reads the guard's refusal is cut off after the

@@ -64,7 +64,9 @@ pub enum Served<T> {
     /// Closed (by either side, or at shutdown).
     Closed,
     /// A request [`serve`] does not answer itself; hyper goes on from it.
-    Handover(Rewind<T>),
+    /// With when the first byte of its head came, if it has begun (the
+    /// framing guard times the head from then).
+    Handover(Rewind<T>, Option<Instant>),
 }
 
 /// What [`serve`] enforces itself (the framing guard's limits, for the
@@ -75,6 +77,8 @@ pub struct Http1Limits {
     pub max_head: usize,
     /// Time a connection may wait for its next request with none in flight.
     pub idle_timeout: Duration,
+    /// Time from a head's first byte to its end.
+    pub head_timeout: Duration,
 }
 
 /// Serves the connection `io` until it closes or needs hyper; see the
@@ -97,19 +101,26 @@ where
     let mut stop = StopWatch::new(stop);
     let mut stopping = false;
     let mut idle = IdleTimer::new(limits.idle_timeout);
-    let mut input = BytesMut::new();
+    let mut client = ClientInput::default();
     let mut fields = Vec::new();
     let mut out = Vec::new();
     loop {
         let (request, asked) = loop {
-            match parse(&mut input, &mut fields, limits.max_head) {
-                Parsed::Request(request, asked) => break (request, asked),
-                // Part of a head: the guard times the rest of it.
-                Parsed::Partial if !input.is_empty() => {
-                    return Ok(Served::Handover(Rewind::new(input.freeze(), io)))
+            let parsed = parse(&mut client.input, &mut fields, limits.max_head);
+            if let Parsed::Request(..) = parsed {
+                if client.head.late(limits.head_timeout) {
+                    tracing::debug!("request head not received within the header read timeout");
+                    return close(io).await;
                 }
+            }
+            match parsed {
+                Parsed::Request(request, asked) => break (request, asked),
+                // The client has ended its input after the requests it sent.
+                Parsed::Partial if client.ended => return close(io).await,
+                // Part of a head: the guard times the rest of it.
+                Parsed::Partial if !client.input.is_empty() => return Ok(client.hand_over(io)),
                 Parsed::Partial => {}
-                Parsed::Other => return Ok(Served::Handover(Rewind::new(input.freeze(), io))),
+                Parsed::Other => return Ok(client.hand_over(io)),
             }
             let read = poll_fn(|cx| {
                 if !stopping && stop.poll_stopped(cx).is_ready() {
@@ -118,7 +129,7 @@ where
                 if stopping {
                     return Poll::Ready(None);
                 }
-                match read_more(&mut io, &mut input, cx) {
+                match read_more(&mut io, &mut client.input, cx) {
                     Poll::Pending if idle.expired(in_flight, cx) => {
                         tracing::debug!("client connection idle for the idle timeout, closing it");
                         Poll::Ready(None)
@@ -130,16 +141,22 @@ where
             .await;
             match read {
                 None | Some(Ok(0)) => return close(io).await,
-                Some(Ok(_)) => {}
+                Some(Ok(_)) => client.head.arrived(&client.input),
                 Some(Err(error)) => return Err(error),
             }
         };
+        // What is left may be the next head: it is timed from now.
+        client.head = HeadClock::default();
+        if !client.input.is_empty() {
+            client.head.arrived(&client.input);
+        }
 
         // The answer, while watching the client: its end of input cancels
-        // the request (hyper's behaviour); pipelined bytes are kept.
+        // the request (hyper's behaviour) unless it sent more requests
+        // first; pipelined bytes are kept.
         let answering = pin!(respond(request));
         let response =
-            watching_client(answering, &mut io, &mut input, &mut stop, &mut stopping).await?;
+            watching_client(answering, &mut io, &mut client, &mut stop, &mut stopping).await?;
         let Some(response) = response else {
             return Ok(Served::Closed); // the client is gone
         };
@@ -147,11 +164,72 @@ where
         let keep_alive = asked.keep_alive && !stopping;
         let (parts, body) = response.into_parts();
         let (encoder, keep_alive) = encode_head(&mut out, parts, &body, &asked, keep_alive);
-        let complete = write_body(&mut io, &mut out, body, encoder, &mut input).await?;
+        let complete = write_body(&mut io, &mut out, body, encoder, &mut client).await?;
         if !(complete && keep_alive) {
             return close(io).await;
         }
     }
+}
+
+/// What a connection has read from its client and not yet served.
+#[derive(Default)]
+struct ClientInput {
+    /// Bytes read, not yet taken as requests.
+    input: BytesMut,
+    /// The client has ended its input (half-closed) after `input`.
+    ended: bool,
+    /// When the next head began arriving.
+    head: HeadClock,
+}
+
+impl ClientInput {
+    /// The rest of the connection, for the guard and hyper.
+    fn hand_over<T>(self, io: T) -> Served<T> {
+        Served::Handover(Rewind::new(self.input.freeze(), io), self.head.first_byte)
+    }
+}
+
+/// When the next request's head began to arrive and when it was whole,
+/// as far as reads tell (the framing guard's slowloris limit, for heads
+/// read while another request is answered).
+#[derive(Debug, Default, Clone, Copy)]
+struct HeadClock {
+    first_byte: Option<Instant>,
+    whole_at: Option<Instant>,
+}
+
+impl HeadClock {
+    /// Notes a read that left `input` (not empty) waiting to be parsed.
+    fn arrived(&mut self, input: &[u8]) {
+        if self.whole_at.is_some() {
+            return;
+        }
+        let now = Instant::now();
+        self.first_byte.get_or_insert(now);
+        if head_is_whole(input) {
+            self.whole_at = Some(now);
+        }
+    }
+
+    /// Whether the head, whole now, took longer than `limit`.
+    fn late(&self, limit: Duration) -> bool {
+        match self.first_byte {
+            None => false,
+            Some(first) => self.whole_at.unwrap_or_else(Instant::now) - first > limit,
+        }
+    }
+}
+
+/// Whether `input` starts with a whole head (or something that is not one:
+/// either way there is nothing more to wait for).
+fn head_is_whole(input: &[u8]) -> bool {
+    let mut slots = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
+    let mut head = httparse::Request::new(&mut []);
+    !matches!(
+        httparse::ParserConfig::default()
+            .parse_request_with_uninit_headers(&mut head, input, &mut slots),
+        Ok(httparse::Status::Partial)
+    )
 }
 
 /// The client idle limit between requests, the way the framing guard
@@ -217,12 +295,13 @@ fn read_more<T: AsyncRead + Unpin>(
 }
 
 /// Polls `answering` to its response; meanwhile reads pipelined bytes
-/// into `input` (up to [`READ_AHEAD`]) and notes a stop. `None`: the client
-/// ended its input (the answer is dropped, cancelling it).
+/// into the client's input (up to [`READ_AHEAD`]) and notes a stop. `None`:
+/// the client ended its input with no other request sent (the answer is
+/// dropped, cancelling it).
 async fn watching_client<T, F>(
     mut answering: Pin<&mut F>,
     io: &mut T,
-    input: &mut BytesMut,
+    client: &mut ClientInput,
     stop: &mut StopWatch,
     stopping: &mut bool,
 ) -> io::Result<Option<Response<ProxyBody>>>
@@ -239,7 +318,7 @@ where
         if let Poll::Ready(response) = answering.as_mut().poll(cx) {
             return Poll::Ready(Ok(Some(response)));
         }
-        match watch_client(io, input, cx) {
+        match watch_client(io, client, cx) {
             Poll::Ready(Ok(())) => Poll::Ready(Ok(None)),
             Poll::Ready(Err(error)) => Poll::Ready(Err(error)),
             Poll::Pending => Poll::Pending,
@@ -248,17 +327,20 @@ where
     .await
 }
 
-/// `Ready(Ok)` once the client has ended its input; reads what it sends
-/// meanwhile into `input`, up to [`READ_AHEAD`].
+/// `Ready(Ok)` once the client has ended its input without sending
+/// anything more; reads what it sends meanwhile into its input, up to
+/// [`READ_AHEAD`]. A client that ends its input after more requests
+/// (pipelined, then half-closed) has them answered first (`ended`).
 fn watch_client<T: AsyncRead + Unpin>(
     io: &mut T,
-    input: &mut BytesMut,
+    client: &mut ClientInput,
     cx: &mut Context<'_>,
 ) -> Poll<io::Result<()>> {
-    while input.len() < READ_AHEAD {
-        match read_more(io, input, cx) {
-            Poll::Ready(Ok(0)) => return Poll::Ready(Ok(())),
-            Poll::Ready(Ok(_)) => continue,
+    while !client.ended && client.input.len() < READ_AHEAD {
+        match read_more(io, &mut client.input, cx) {
+            Poll::Ready(Ok(0)) if client.input.is_empty() => return Poll::Ready(Ok(())),
+            Poll::Ready(Ok(0)) => client.ended = true,
+            Poll::Ready(Ok(_)) => client.head.arrived(&client.input),
             Poll::Ready(Err(error)) => return Poll::Ready(Err(error)),
             Poll::Pending => break,
         }
@@ -334,6 +416,7 @@ fn parse(
     let path_range = path_at..path_at + path.len();
     let mut keep_alive = true;
     let mut hosts = 0;
+    let mut lengths = 0;
     // Names now; values as slices of the head once it is split off.
     fields.clear();
     for field in head.headers.iter() {
@@ -341,7 +424,9 @@ fn parse(
             return Parsed::Other;
         };
         match name {
-            header::CONTENT_LENGTH if field.value != b"0" => return Parsed::Other,
+            // One `Content-Length: 0` at most (hyper merges repeats).
+            header::CONTENT_LENGTH if field.value != b"0" || lengths > 0 => return Parsed::Other,
+            header::CONTENT_LENGTH => lengths += 1,
             header::TRANSFER_ENCODING | header::EXPECT | header::UPGRADE | header::TE => {
                 return Parsed::Other
             }
@@ -476,7 +561,9 @@ fn encode_head(
         let value = value.as_bytes();
         match *name {
             header::CONTENT_LENGTH => {
-                if same || encoder.is_some() || !can_length {
+                // Kept for HEAD and 304 (the length the representation
+                // has), as hyper does; a 204 has none (RFC 9110 §8.6).
+                if same || encoder.is_some() || status == StatusCode::NO_CONTENT {
                     continue;
                 }
                 let declared = std::str::from_utf8(value)
@@ -626,14 +713,15 @@ fn is_chunked(value: &[u8]) -> bool {
 /// Sends `out` (the head) and then the body as `encoder` frames it,
 /// coalescing what is ready into one write. `Ok(false)`: the body could not
 /// be sent whole (it failed, or did not match its length); the connection
-/// must close. The client's pipelined bytes keep going into `input` while
-/// the body waits on the upstream, and its end of input stops the body.
+/// must close. The client's pipelined bytes keep going into its input while
+/// the body waits on the upstream, and its end of input (with no other
+/// request sent) stops the body.
 async fn write_body<T>(
     io: &mut T,
     out: &mut Vec<u8>,
     body: ProxyBody,
     encoder: Encoder,
-    input: &mut BytesMut,
+    client: &mut ClientInput,
 ) -> io::Result<bool>
 where
     T: AsyncRead + AsyncWrite + Unpin,
@@ -661,7 +749,7 @@ where
                     if let Poll::Ready(frame) = body.as_mut().poll_frame(cx) {
                         return Poll::Ready(Ok(frame));
                     }
-                    match watch_client(io, input, cx) {
+                    match watch_client(io, client, cx) {
                         Poll::Ready(Ok(())) => Poll::Ready(Err(None)),
                         Poll::Ready(Err(error)) => Poll::Ready(Err(Some(error))),
                         Poll::Pending => Poll::Pending,
@@ -701,7 +789,7 @@ where
                 send(io, out, &data).await?;
             }
             Encoder::Chunked => {
-                write!(out, "{:x}\r\n", data.len())?;
+                write!(out, "{:X}\r\n", data.len())?;
                 send(io, out, &data).await?;
                 out.extend_from_slice(b"\r\n");
             }
@@ -890,6 +978,7 @@ mod tests {
         let limits = Http1Limits {
             max_head: 8 * 1024,
             idle_timeout: Duration::from_secs(60),
+            head_timeout: Duration::from_secs(2),
         };
         let task = tokio::spawn(async move {
             // Each answer counts as in flight until its body is sent, as the
@@ -983,7 +1072,7 @@ mod tests {
         sent.extend_from_slice(rest);
         client.write_all(&sent).await.unwrap();
         read_until(&mut client, "GET /a").await;
-        let Ok(Served::Handover(mut rewind)) = task.await.unwrap() else {
+        let Ok(Served::Handover(mut rewind, _)) = task.await.unwrap() else {
             panic!("not handed over");
         };
         let mut handed = vec![0u8; rest.len()];
@@ -1011,10 +1100,12 @@ mod tests {
             ),
             "GET / HTTP/1.1\r\nHost: a\r\n",
             "GET / HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\n\r\nhello",
+            // hyper forwards one of two equal lengths; so does it.
+            "GET / HTTP/1.1\r\nHost: a\r\nContent-Length: 0\r\nContent-Length: 0\r\n\r\n",
         ] {
             let (mut client, _stop, task) = serving(echo);
             client.write_all(head.as_bytes()).await.unwrap();
-            let Ok(Served::Handover(mut rewind)) = task.await.unwrap() else {
+            let Ok(Served::Handover(mut rewind, _)) = task.await.unwrap() else {
                 panic!("{head:?} not handed over");
             };
             let mut handed = vec![0u8; head.len()];
@@ -1087,6 +1178,70 @@ mod tests {
         assert!(got.contains("\r\nconnection: close\r\n"), "{got}");
         assert!(got.ends_with("GET /busy"), "{got}");
         assert!(matches!(task.await.unwrap(), Ok(Served::Closed)));
+    }
+
+    /// Found by an attack: a client that pipelines requests and then
+    /// ends its input (`nc -N`, batch scripts) got none of them answered.
+    #[tokio::test]
+    async fn requests_sent_before_the_client_ends_its_input_are_all_answered() {
+        let (mut client, _stop, task) = serving(echo);
+        client
+            .write_all(b"GET /1 HTTP/1.1\r\nHost: a\r\n\r\nGET /2 HTTP/1.1\r\nHost: a\r\n\r\nGET /3 HTTP/1.1\r\nHost: a\r\n\r\n")
+            .await
+            .unwrap();
+        client.shutdown().await.unwrap();
+        let mut got = String::new();
+        client.read_to_string(&mut got).await.unwrap();
+        assert_eq!(got.matches("HTTP/1.1 200 OK").count(), 3, "{got}");
+        assert!(got.ends_with("GET /3"), "{got}");
+        assert!(matches!(task.await.unwrap(), Ok(Served::Closed)));
+    }
+
+    /// Found by an attack: a head read while another request was answered
+    /// was not timed (slowloris through a slow upstream).
+    #[tokio::test(start_paused = true)]
+    async fn a_head_that_arrives_slowly_during_a_slow_answer_is_timed_out() {
+        let slow = |request: Request<StreamedBody>| async move {
+            if request.uri().path() == "/slow" {
+                tokio::time::sleep(Duration::from_secs(5)).await;
+            }
+            echo(request).await
+        };
+        // Whole after 3 s of its first byte, during the 5 s answer: the
+        // limit is 2 s, so the connection ends after the first answer.
+        let (mut client, _stop, task) = serving(slow);
+        client
+            .write_all(b"GET /slow HTTP/1.1\r\nHost: a\r\n\r\nGET /next HTTP/1.1\r\n")
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        client.write_all(b"Host: a\r\n\r\n").await.unwrap();
+        let mut got = String::new();
+        client.read_to_string(&mut got).await.unwrap();
+        assert!(got.ends_with("GET /slow"), "{got}");
+        assert!(matches!(task.await.unwrap(), Ok(Served::Closed)));
+
+        // Whole within 1 s of its first byte: answered after the first.
+        let (mut client, _stop, _task) = serving(slow);
+        client
+            .write_all(b"GET /slow HTTP/1.1\r\nHost: a\r\n\r\nGET /next HTTP/1.1\r\n")
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        client.write_all(b"Host: a\r\n\r\n").await.unwrap();
+        read_until(&mut client, "GET /next").await;
+
+        // Never whole: handed over with the time of its first byte.
+        let (mut client, _stop, task) = serving(slow);
+        let begun = tokio::time::Instant::now();
+        client
+            .write_all(b"GET /slow HTTP/1.1\r\nHost: a\r\n\r\nGET /next HTTP/1.1\r\n")
+            .await
+            .unwrap();
+        let Ok(Served::Handover(_, Some(started))) = task.await.unwrap() else {
+            panic!("not handed over with its start");
+        };
+        assert_eq!(started, begun);
     }
 
     #[tokio::test(start_paused = true)]

@@ -411,6 +411,7 @@ impl<H: Handler> Shared<H> {
         let limits = Http1Limits {
             max_head: self.guard.max_head,
             idle_timeout: self.guard.idle_timeout,
+            head_timeout: self.guard.head_timeout,
         };
         let served = h1_server::serve(
             io,
@@ -420,15 +421,16 @@ impl<H: Handler> Shared<H> {
             &in_flight,
         )
         .await;
-        let rest = match served {
+        let (rest, head_started) = match served {
             Ok(Served::Closed) => return Ok(()),
-            Ok(Served::Handover(rest)) => rest,
+            Ok(Served::Handover(rest, head_started)) => (rest, head_started),
             Err(error) => {
                 tracing::debug!(%error, "HTTP/1.1 connection failed");
                 return Ok(());
             }
         };
-        let guarded = FramingGuard::new(rest, Arc::clone(&self.guard), in_flight);
+        let guarded = FramingGuard::new(rest, Arc::clone(&self.guard), in_flight)
+            .head_started_at(head_started);
         let connection = self
             .protocols
             .http1
