@@ -141,7 +141,9 @@ where
             .await;
             match read {
                 None | Some(Ok(0)) => return close(io).await,
-                Some(Ok(_)) => client.head.arrived(&client.input),
+                // A head read here is parsed at once (whole) or handed
+                // over (begun now): no clock needed.
+                Some(Ok(_)) => {}
                 Some(Err(error)) => return Err(error),
             }
         };
@@ -185,7 +187,11 @@ struct ClientInput {
 impl ClientInput {
     /// The rest of the connection, for the guard and hyper.
     fn hand_over<T>(self, io: T) -> Served<T> {
-        Served::Handover(Rewind::new(self.input.freeze(), io), self.head.first_byte)
+        let begun = match self.head.first_byte {
+            None if !self.input.is_empty() => Some(Instant::now()),
+            begun => begun,
+        };
+        Served::Handover(Rewind::new(self.input.freeze(), io), begun)
     }
 }
 
