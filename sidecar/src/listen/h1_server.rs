@@ -2,25 +2,31 @@
 //! everything else.
 //!
 //! Most requests through a mesh are HTTP/1.1 without a body (`GET`,
-//! `HEAD`, `DELETE`...), and for them hyper's server costs more than the
-//! work needs: its dispatcher, a second parse of a head the framing guard
-//! has already scanned, and its encoder (issue 17 measured hyper's server
-//! at ~13 % of the sidecar's instructions per request). [`serve`] reads
-//! such requests itself, hands them to the handler as `Request<StreamedBody>`
-//! (body [`StreamedBody::None`]) and writes the responses, and hands the
-//! connection to hyper at the first request that is anything else: a body,
-//! `Expect`, an upgrade or `CONNECT`, trailers asked for (`TE`), HTTP/1.0,
-//! or a head it cannot take apart. The bytes read so far go along in a
-//! [`Rewind`], so hyper sees the connection as if it had read it from the
-//! start of that request; from then on the connection is hyper's.
+//! `HEAD`, `DELETE`...), and for them hyper's server, behind the framing
+//! guard, cost more than the work needs: the guard's parse of each head,
+//! hyper's dispatcher, its second parse and its encoder (issue 17 measured
+//! them at ~5.4k of 28.3k instructions per request). [`serve`] reads the
+//! socket itself, parses each head once, hands such requests to the
+//! handler as `Request<StreamedBody>` (body [`StreamedBody::None`]) and
+//! writes the responses. At the first request that is anything else — a
+//! body, `Expect`, an upgrade or `CONNECT`, trailers asked for (`TE`),
+//! HTTP/1.0, a head not whole in what was read, or one the framing guard
+//! would refuse (a second or invalid `Host`, a head over the limit, bad
+//! syntax) — it hands the connection, with the bytes read so far in a
+//! [`Rewind`] and the time the head began, to a fresh framing guard and
+//! hyper (`server.rs`), which see it as if they had read it from the start
+//! of that request; from then on the connection is theirs. The framing
+//! guard's property tests check that every head [`parse`] takes is one the
+//! guard clears, whole and at the same length, as a message without a body.
 //!
-//! Flow per request: bytes come through the framing guard (which has
-//! already refused smuggling, oversized or malformed heads, and times out
-//! slow heads and idle connections) → [`parse`] (httparse) → the
-//! handler's future, raced against the client's socket (an end of input
-//! cancels the request, as hyper does) → [`encode_head`] → the body's
+//! Flow per request: socket → [`parse`] (httparse; the guard's checks for
+//! heads without a body) → the handler's future, raced against the
+//! client's socket (pipelined bytes are kept and the next head is timed
+//! from its first byte, [`HeadClock`]; an end of input with nothing else
+//! sent cancels the request, as hyper does) → [`encode_head`] → the body's
 //! frames, coalesced with the head into one write when they are ready →
-//! next request, or close.
+//! next request, or close. Between requests the client idle limit runs on
+//! a lazy timer ([`IdleTimer`], as the guard's).
 //!
 //! What goes out follows hyper's server byte for byte where a client could
 //! tell: the status line (a custom reason phrase from
