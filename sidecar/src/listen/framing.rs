@@ -127,6 +127,56 @@ impl Drop for RequestGuard {
     }
 }
 
+/// The client idle limit between requests: true once no request of the
+/// connection has been in flight for the limit (the guard's, and
+/// `h1_server`'s before a handover).
+///
+/// The timer is lazy: armed once, it is not moved when a request comes and
+/// goes (that would be a timer registration and removal per request); when
+/// it fires it checks whether the connection has really been idle that
+/// long ([`InFlightRequests::idle_since`]), and if not re-arms for when it
+/// would be (or for one limit later while a request is in flight). So a
+/// connection's timer fires at most about once per idle limit.
+#[derive(Debug)]
+pub(crate) struct IdleTimer {
+    limit: Duration,
+    /// When the connection was accepted (idle since then if no request came).
+    opened: Instant,
+    sleep: Option<Pin<Box<Sleep>>>,
+}
+
+impl IdleTimer {
+    pub(crate) fn new(limit: Duration) -> Self {
+        IdleTimer {
+            limit,
+            opened: Instant::now(),
+            sleep: None,
+        }
+    }
+
+    /// True once no request has been in flight for the limit; else `cx`
+    /// is woken when it next may be.
+    pub(crate) fn expired(&mut self, in_flight: &InFlightRequests, cx: &mut Context<'_>) -> bool {
+        let Some(sleep) = &mut self.sleep else {
+            let mut sleep = Box::pin(tokio::time::sleep(self.limit));
+            // Registers the waker; a fresh deadline in the future is pending.
+            let _ = sleep.as_mut().poll(cx);
+            self.sleep = Some(sleep);
+            return false;
+        };
+        while sleep.as_mut().poll(cx).is_ready() {
+            let now = Instant::now();
+            let deadline = match in_flight.idle_since(self.opened) {
+                Some(since) if since + self.limit <= now => return true,
+                Some(since) => since + self.limit,
+                None => now + self.limit,
+            };
+            sleep.as_mut().reset(deadline);
+        }
+        false
+    }
+}
+
 /// Wraps a server-side connection; see the module docs.
 #[derive(Debug)]
 pub struct FramingGuard<T> {
@@ -149,9 +199,7 @@ pub struct FramingGuard<T> {
     /// made (`h1_server` hands it a head it has begun to read).
     head_started: Option<Instant>,
     /// Wakes the connection to check its idleness; see [`Self::idle_expired`].
-    idle_timer: Option<Pin<Box<Sleep>>>,
-    /// When the connection was accepted (idle since then if no request came).
-    opened: Instant,
+    idle: IdleTimer,
     in_flight: Arc<InFlightRequests>,
 }
 
@@ -212,6 +260,7 @@ impl GuardConfig {
 
 impl<T> FramingGuard<T> {
     pub fn new(inner: T, config: Arc<GuardConfig>, in_flight: Arc<InFlightRequests>) -> Self {
+        let idle = IdleTimer::new(config.idle_timeout);
         FramingGuard {
             inner,
             buf: Vec::new(),
@@ -223,8 +272,7 @@ impl<T> FramingGuard<T> {
             head_timer: None,
             head_timer_armed: false,
             head_started: None,
-            idle_timer: None,
-            opened: Instant::now(),
+            idle,
             in_flight,
         }
     }
@@ -343,37 +391,13 @@ impl<T> FramingGuard<T> {
     }
 
     /// True once no request has been in flight and no byte of a next one
-    /// has arrived for the idle timeout. Called only when the socket has
-    /// nothing to read.
-    ///
-    /// The timer is lazy: armed once, it is not moved when a request comes
-    /// and goes (that would be a timer registration and removal per
-    /// request); when it fires it checks whether the connection has really
-    /// been idle that long, and if not re-arms for when it would be (or for
-    /// one idle timeout later while a request is in flight). So a
-    /// connection's timer fires at most about once per idle timeout.
+    /// has arrived for the idle timeout (see [`IdleTimer`]). Called only
+    /// when the socket has nothing to read.
     fn idle_expired(&mut self, cx: &mut Context<'_>) -> bool {
         if self.scanner.state != State::Head || self.start < self.end {
             return false; // a head or a body is arriving: not idle
         }
-        let Some(timer) = &mut self.idle_timer else {
-            let deadline = Instant::now() + self.config.idle_timeout;
-            let mut timer = Box::pin(tokio::time::sleep_until(deadline));
-            // Registers the waker; a fresh deadline in the future is pending.
-            let _ = timer.as_mut().poll(cx);
-            self.idle_timer = Some(timer);
-            return false;
-        };
-        while timer.as_mut().poll(cx).is_ready() {
-            let now = Instant::now();
-            let deadline = match self.in_flight.idle_since(self.opened) {
-                Some(since) if since + self.config.idle_timeout <= now => return true,
-                Some(since) => since + self.config.idle_timeout,
-                None => now + self.config.idle_timeout,
-            };
-            timer.as_mut().reset(deadline);
-        }
-        false
+        self.idle.expired(&self.in_flight, cx)
     }
 
     /// Ensures free space after `end`: move pending bytes to the front, or

@@ -26,7 +26,7 @@
 //! sent cancels the request, as hyper does) → [`encode_head`] → the body's
 //! frames, coalesced with the head into one write when they are ready →
 //! next request, or close. Between requests the client idle limit runs on
-//! a lazy timer ([`IdleTimer`], as the guard's).
+//! the guard's lazy timer ([`IdleTimer`]).
 //!
 //! What goes out follows hyper's server byte for byte where a client could
 //! tell: the status line (a custom reason phrase from
@@ -48,10 +48,10 @@ use http::{HeaderMap, Method, Request, Response, StatusCode, Uri, Version};
 use http_body::Body;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::sync::watch;
-use tokio::time::{Duration, Instant, Sleep};
+use tokio::time::{Duration, Instant};
 
 use crate::body::{ProxyBody, StreamedBody};
-use crate::listen::framing::{valid_host, InFlightRequests};
+use crate::listen::framing::{valid_host, IdleTimer, InFlightRequests};
 use crate::listen::stop::StopWatch;
 
 /// Header fields a head may have for [`parse`] (hyper's default limit).
@@ -242,49 +242,6 @@ fn head_is_whole(input: &[u8]) -> bool {
             .parse_request_with_uninit_headers(&mut head, input, &mut slots),
         Ok(httparse::Status::Partial)
     )
-}
-
-/// The client idle limit between requests, the way the framing guard
-/// keeps it: armed once, and when it fires it checks how long the
-/// connection has really been idle (its last answer, from
-/// [`InFlightRequests`]) and re-arms for then; so a request costs no timer
-/// registration.
-struct IdleTimer {
-    limit: Duration,
-    opened: Instant,
-    sleep: Option<Pin<Box<Sleep>>>,
-}
-
-impl IdleTimer {
-    fn new(limit: Duration) -> Self {
-        IdleTimer {
-            limit,
-            opened: Instant::now(),
-            sleep: None,
-        }
-    }
-
-    /// True once no request has been in flight for the limit; else `cx`
-    /// is woken when it next may be.
-    fn expired(&mut self, in_flight: &InFlightRequests, cx: &mut Context<'_>) -> bool {
-        let Some(sleep) = &mut self.sleep else {
-            let mut sleep = Box::pin(tokio::time::sleep(self.limit));
-            // Registers the waker; a fresh deadline is pending.
-            let _ = sleep.as_mut().poll(cx);
-            self.sleep = Some(sleep);
-            return false;
-        };
-        while sleep.as_mut().poll(cx).is_ready() {
-            let now = Instant::now();
-            let deadline = match in_flight.idle_since(self.opened) {
-                Some(since) if since + self.limit <= now => return true,
-                Some(since) => since + self.limit,
-                None => now + self.limit,
-            };
-            sleep.as_mut().reset(deadline);
-        }
-        false
-    }
 }
 
 /// Shuts the connection down (after the framing guard's refusal, if it
@@ -1170,9 +1127,11 @@ mod tests {
 
         let (answer, answered) = tokio::sync::oneshot::channel::<()>();
         let answered = Arc::new(tokio::sync::Mutex::new(Some(answered)));
+        let (started, mut handling) = tokio::sync::mpsc::unbounded_channel::<()>();
         let (mut client, stop, task) = serving(move |request| {
-            let answered = Arc::clone(&answered);
+            let (answered, started) = (Arc::clone(&answered), started.clone());
             async move {
+                let _ = started.send(());
                 let wait = answered.lock().await.take().unwrap();
                 let _ = wait.await;
                 echo(request).await
@@ -1182,7 +1141,7 @@ mod tests {
             .write_all(b"GET /busy HTTP/1.1\r\nHost: a\r\n\r\n")
             .await
             .unwrap();
-        tokio::task::yield_now().await;
+        handling.recv().await.unwrap(); // the request is being answered
         stop.send(true).unwrap();
         answer.send(()).unwrap();
         let mut got = String::new();
