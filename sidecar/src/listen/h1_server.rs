@@ -999,6 +999,18 @@ mod tests {
         String::from_utf8(got).unwrap()
     }
 
+    /// Everything the server sends until it closes the connection, once
+    /// [`serve`] has ended with it closed.
+    async fn answers_until_closed(
+        client: &mut DuplexStream,
+        task: tokio::task::JoinHandle<io::Result<Served<DuplexStream>>>,
+    ) -> String {
+        let mut got = String::new();
+        client.read_to_string(&mut got).await.unwrap();
+        assert!(matches!(task.await.unwrap(), Ok(Served::Closed)), "{got}");
+        got
+    }
+
     #[tokio::test]
     async fn pipelined_requests_are_answered_in_order_on_one_connection() {
         let (mut client, _stop, _task) = serving(echo);
@@ -1026,11 +1038,9 @@ mod tests {
             .write_all(b"GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
             .await
             .unwrap();
-        let mut got = String::new();
-        client.read_to_string(&mut got).await.unwrap();
+        let got = answers_until_closed(&mut client, task).await;
         assert!(got.contains("\r\nconnection: close\r\n"), "{got}");
         assert!(got.ends_with("\r\n\r\nGET /"), "{got}");
-        assert!(matches!(task.await.unwrap(), Ok(Served::Closed)));
     }
 
     #[tokio::test]
@@ -1144,11 +1154,9 @@ mod tests {
         handling.recv().await.unwrap(); // the request is being answered
         stop.send(true).unwrap();
         answer.send(()).unwrap();
-        let mut got = String::new();
-        client.read_to_string(&mut got).await.unwrap();
+        let got = answers_until_closed(&mut client, task).await;
         assert!(got.contains("\r\nconnection: close\r\n"), "{got}");
         assert!(got.ends_with("GET /busy"), "{got}");
-        assert!(matches!(task.await.unwrap(), Ok(Served::Closed)));
     }
 
     /// Found by an attack: a client that pipelines requests and then
@@ -1161,11 +1169,9 @@ mod tests {
             .await
             .unwrap();
         client.shutdown().await.unwrap();
-        let mut got = String::new();
-        client.read_to_string(&mut got).await.unwrap();
+        let got = answers_until_closed(&mut client, task).await;
         assert_eq!(got.matches("HTTP/1.1 200 OK").count(), 3, "{got}");
         assert!(got.ends_with("GET /3"), "{got}");
-        assert!(matches!(task.await.unwrap(), Ok(Served::Closed)));
     }
 
     /// Found by an attack: a head read while another request was answered
@@ -1187,10 +1193,8 @@ mod tests {
             .unwrap();
         tokio::time::sleep(Duration::from_secs(3)).await;
         client.write_all(b"Host: a\r\n\r\n").await.unwrap();
-        let mut got = String::new();
-        client.read_to_string(&mut got).await.unwrap();
+        let got = answers_until_closed(&mut client, task).await;
         assert!(got.ends_with("GET /slow"), "{got}");
-        assert!(matches!(task.await.unwrap(), Ok(Served::Closed)));
 
         // Whole within 1 s of its first byte: answered after the first.
         let (mut client, _stop, _task) = serving(slow);
