@@ -30,6 +30,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::header::HeaderName;
+use http::Response;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use prometheus::IntCounter;
@@ -41,6 +42,7 @@ use crate::listen::stream_watch::{StreamProgress, PIECE};
 use crate::telemetry::observe::{CarriesRecord, RequestRecord};
 use crate::upstream::h1_client::ResponseBody;
 use crate::upstream::in_flight::{InFlight, StreamSlot};
+use crate::upstream::response_fields::ResponseFields;
 
 #[derive(Debug)]
 pub struct ProxyBody {
@@ -246,6 +248,29 @@ impl ProxyBody {
 
     pub fn empty() -> Self {
         Self::of(Kind::Empty)
+    }
+
+    /// The upstream response's header fields this body carries as lines
+    /// (a plain HTTP/1.1 head; see `upstream::response_fields`), which
+    /// `listen::h1_server` writes as they are.
+    pub fn response_fields(&self) -> Option<&ResponseFields> {
+        match &self.kind {
+            Kind::Streamed(StreamedBody::Http1(body), _) => body.response_fields(),
+            _ => None,
+        }
+    }
+
+    /// Puts the header fields a response body carries as lines back into
+    /// the response's map: for every way out but our own HTTP/1.1 server,
+    /// and before the fields are read or edited.
+    pub fn restore_fields(response: &mut Response<ProxyBody>) {
+        let lines = match &mut response.body_mut().kind {
+            Kind::Streamed(StreamedBody::Http1(body), _) => body.take_response_fields(),
+            _ => None,
+        };
+        if let Some(lines) = lines {
+            lines.restore_into(response.headers_mut());
+        }
     }
 
     pub fn full(bytes: impl Into<Bytes>) -> Self {

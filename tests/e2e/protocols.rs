@@ -309,3 +309,168 @@ async fn a_response_that_stalls_mid_body_is_cut_off_after_the_stream_idle_timeou
     // The sidecar is fine afterwards.
     assert_eq!(client::get(sidecar.inbound, "/").await.unwrap().status, 200);
 }
+
+/// What the raw app below answers to every request: the fields a client
+/// must get (some twice, in mixed case) among hop-by-hop ones it must not.
+const RAW_APP_RESPONSE: &[u8] = b"HTTP/1.1 200 OK\r\nServer: raw-app\r\nDate: Sat, 05 Dec 2026 12:00:00 GMT\r\nSet-Cookie: a=1\r\nContent-Length: 5\r\nX-App: One\r\nKeep-Alive: timeout=5\r\nSet-Cookie: b=2\r\nConnection: keep-alive\r\nProxy-Authenticate: Basic\r\n\r\ndone!";
+
+/// An HTTP/1.1 app on loopback that answers every request (its body read
+/// by `Content-Length`) with `RAW_APP_RESPONSE`, keeping connections open.
+async fn raw_app() -> std::net::SocketAddr {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                loop {
+                    let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
+                        match stream.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        }
+                        continue;
+                    };
+                    let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+                    let length: usize = head
+                        .lines()
+                        .find_map(|l| l.strip_prefix("content-length:"))
+                        .map_or(0, |v| v.trim().parse().unwrap());
+                    while buf.len() < end + 4 + length {
+                        match stream.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        }
+                    }
+                    buf.drain(..end + 4 + length);
+                    if stream.write_all(RAW_APP_RESPONSE).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// The fields of one raw HTTP/1.1 response (names in lower case, in
+/// order) and whether every name arrived in lower case.
+fn raw_fields(response: &str) -> (Vec<(String, String)>, bool) {
+    let head = response.split("\r\n\r\n").next().unwrap();
+    let mut lower = true;
+    let fields = head
+        .lines()
+        .skip(1)
+        .map(|line| {
+            let (name, value) = line.split_once(':').unwrap();
+            lower &= name == name.to_ascii_lowercase();
+            (name.to_ascii_lowercase(), value.trim().to_owned())
+        })
+        .collect();
+    (fields, lower)
+}
+
+/// The upstream's end-to-end fields, whatever the client and whichever
+/// server answers it: our own HTTP/1.1 server (which writes a plain head's
+/// fields as they came, without a header map), hyper after a request with
+/// a body took the connection over, and hyper's HTTP/2 server; and a
+/// route's response header edit applies to them.
+#[tokio::test]
+async fn an_apps_response_fields_reach_every_kind_of_client() {
+    let app = raw_app().await;
+    let orders = Sidecar::builder("orders", app.port())
+        .arg("--app-protocol")
+        .arg("http1")
+        .start()
+        .await;
+    let want = |get: &dyn Fn(&str) -> Vec<String>| {
+        assert_eq!(get("server"), ["raw-app"]);
+        assert_eq!(
+            get("date"),
+            ["Sat, 05 Dec 2026 12:00:00 GMT"],
+            "the app's date, once"
+        );
+        assert_eq!(get("set-cookie"), ["a=1", "b=2"]);
+        assert_eq!(get("x-app"), ["One"]);
+        for gone in ["keep-alive", "proxy-authenticate"] {
+            assert!(get(gone).is_empty(), "{gone} is hop-by-hop");
+        }
+    };
+
+    // HTTP/1.1: a GET (our server), then a POST with a body (hyper from
+    // then on), then a GET on the same connection (hyper).
+    let mut conn = RawConnection::open(orders.inbound).await;
+    for request in [
+        &b"GET /a HTTP/1.1\r\nHost: orders\r\n\r\n"[..],
+        b"POST /b HTTP/1.1\r\nHost: orders\r\nContent-Length: 2\r\n\r\nhi",
+        b"GET /c HTTP/1.1\r\nHost: orders\r\n\r\n",
+    ] {
+        conn.send(request).await;
+        let response = conn.read_until("done!", Duration::from_secs(10)).await;
+        let (fields, lower_case) = raw_fields(&response);
+        assert!(lower_case, "{response}");
+        want(&|name: &str| {
+            fields
+                .iter()
+                .filter(|(n, _)| n == name)
+                .map(|(_, v)| v.clone())
+                .collect()
+        });
+        let lengths: Vec<_> = fields
+            .iter()
+            .filter(|(n, _)| n == "content-length")
+            .collect();
+        assert_eq!(lengths.len(), 1, "{response}");
+        assert_eq!(lengths[0].1, "5");
+        assert!(response.ends_with("\r\n\r\ndone!"), "{response}");
+    }
+
+    let values = |reply: &client::Reply| {
+        let headers = reply.headers.clone();
+        move |name: &str| -> Vec<String> {
+            headers
+                .get_all(name)
+                .iter()
+                .map(|v| v.to_str().unwrap().to_owned())
+                .collect()
+        }
+    };
+    let reply = client::send_h2(orders.inbound, get("http://orders/d"))
+        .await
+        .unwrap();
+    assert_eq!(
+        (reply.status.as_u16(), reply.text().as_str()),
+        (200, "done!")
+    );
+    want(&values(&reply));
+
+    // A caller whose route edits the response: `orders` is the app itself
+    // (no sidecar, plain HTTP/1.1 from the caller's outbound side).
+    let config = meshlet_e2e::config::service("orders", &[(app, "v1")])
+        + &meshlet_e2e::config::doc(
+            "Route",
+            "orders-edit",
+            "parentRefs: [{service: orders}]\nrules:\n  - backends: [{service: orders}]\n    filters:\n      - responseHeaderModifier: {set: [{name: x-app, value: Two}], remove: [server]}\n",
+        );
+    let frontend_app = Upstream::start("frontend").await;
+    let frontend = Sidecar::builder("frontend", frontend_app.port())
+        .config(&config)
+        .start()
+        .await;
+    for _ in 0..2 {
+        let reply = client::send(frontend.outbound, get("http://orders/e"))
+            .await
+            .unwrap();
+        assert_eq!(
+            (reply.status.as_u16(), reply.text().as_str()),
+            (200, "done!")
+        );
+        let get = values(&reply);
+        assert_eq!(get("x-app"), ["Two"], "{:?}", reply.headers);
+        assert!(get("server").is_empty(), "{:?}", reply.headers);
+        assert_eq!(get("set-cookie"), ["a=1", "b=2"]);
+        assert_eq!(get("date"), ["Sat, 05 Dec 2026 12:00:00 GMT"]);
+    }
+}

@@ -481,7 +481,8 @@ fn encode_head(
     keep_alive: bool,
 ) -> (Encoder, bool) {
     let mut keep_alive = keep_alive;
-    if parts.status.is_informational() {
+    let informational = parts.status.is_informational();
+    if informational {
         // Not a final answer; hyper sends a 500 instead.
         parts.status = StatusCode::INTERNAL_SERVER_ERROR;
         parts.headers.clear();
@@ -582,6 +583,14 @@ fn encode_head(
         }
     }
     open.end(out);
+    // An upstream's plain head: its fields as the lines to write (the
+    // map holds only what the sidecar added; see `response_fields`).
+    if let Some(lines) = body.response_fields() {
+        if !informational {
+            out.extend_from_slice(lines.lines());
+            wrote_date |= lines.has_date();
+        }
+    }
 
     let mut encoder = match encoder {
         Some(encoder) => encoder,
@@ -599,8 +608,9 @@ fn encode_head(
             }
             Some(known) => {
                 if can_length {
-                    // Writing into a Vec cannot fail.
-                    let _ = write!(out, "content-length: {known}\r\n");
+                    out.extend_from_slice(b"content-length: ");
+                    out.extend_from_slice(itoa::Buffer::new().format(known).as_bytes());
+                    out.extend_from_slice(b"\r\n");
                 }
                 Encoder::Length(known)
             }

@@ -380,7 +380,12 @@ impl<H: Handler> Shared<H> {
         let answer = Arc::clone(&respond);
         let service = service_fn(move |request: Request<Incoming>| {
             let answering = answer.call(request.map(StreamedBody::Hyper));
-            async move { Ok::<_, Infallible>(answering.await) }
+            async move {
+                // hyper writes the header map alone.
+                let mut response = answering.await;
+                ProxyBody::restore_fields(&mut response);
+                Ok::<_, Infallible>(response)
+            }
         });
         if http2 {
             let tripped = Arc::new(Tripped::default());

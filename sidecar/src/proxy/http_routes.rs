@@ -921,8 +921,9 @@ impl<'a> Selected<'a> {
     }
 
     /// The rule's response filter: header edits.
-    pub fn apply_response<B>(&self, response: &mut Response<B>) {
+    pub fn apply_response(&self, response: &mut Response<ProxyBody>) {
         if let Some(edit) = &self.rule.response_headers {
+            ProxyBody::restore_fields(response);
             edit.apply(response.headers_mut());
         }
     }

@@ -60,6 +60,7 @@ use tokio::io::AsyncWrite;
 use tokio::time::Sleep;
 
 use crate::upstream::quick_ack::QuickAck;
+use crate::upstream::response_fields::{FieldKind, ResponseFields};
 
 /// Header fields accepted in a response head (hyper's default).
 const MAX_HEADERS: usize = 100;
@@ -100,6 +101,13 @@ pub struct Conn {
     /// see [`Conn::poll_deadline`]. Created by the first exchange with a
     /// deadline, kept for the connection's life.
     deadline_timer: Option<Pin<Box<Sleep>>>,
+    /// The response being read lets the connection carry another request.
+    /// Here, like the next field, rather than in `ResponseBody`: every
+    /// byte of a response body is copied each time a response moves.
+    keep_alive: bool,
+    /// Chunk extension bytes of the response being read (bounded like
+    /// hyper's).
+    extension_bytes: usize,
 }
 
 /// A reused request head buffer larger than this is given back.
@@ -117,6 +125,8 @@ impl Conn {
             fields: Vec::new(),
             last_used: Instant::now(),
             deadline_timer: None,
+            keep_alive: false,
+            extension_bytes: 0,
         })
     }
 
@@ -384,7 +394,11 @@ pub async fn exchange<B>(
     loop {
         if !conn.buf.is_empty() {
             got_bytes = true;
-            if let Some(parsed) = parse_head(&mut conn.buf, &mut conn.fields)? {
+            if let Some(parsed) = parse_head(
+                &mut conn.buf,
+                &mut conn.fields,
+                request.method() != Method::HEAD,
+            )? {
                 return respond(parsed, request.method(), conn, idle);
             }
             if conn.buf.len() > MAX_HEAD_BYTES {
@@ -428,7 +442,10 @@ struct ParsedHead {
     status: StatusCode,
     version: Version,
     reason: Option<Bytes>,
+    /// Empty when the fields are kept as `lines`.
     headers: HeaderMap,
+    /// A plain head's fields (see `response_fields`).
+    lines: Option<ResponseFields>,
     framing: FramingFields,
 }
 
@@ -443,38 +460,49 @@ struct FramingFields {
     content_length: Option<Result<u64, ()>>,
     connection_close: bool,
     connection_keep_alive: bool,
+    /// A `Connection` field names other fields (hop-by-hop too).
+    connection_names_others: bool,
+    trailer: bool,
 }
 
 impl FramingFields {
-    /// Notes a field of the head; returns whether it goes into the
-    /// response's header map. A `Connection` field of only `close` and
-    /// `keep-alive` is about this connection alone: acted on here and not
-    /// kept (the proxy would remove it as hop-by-hop anyway; a field that
-    /// names others is kept, so the proxy removes those too).
-    fn see(&mut self, name: &HeaderName, value: &[u8]) -> bool {
-        if *name == header::CONTENT_LENGTH {
-            self.content_length = Some(match self.content_length {
-                None => content_length(value, None),
-                Some(Ok(earlier)) => content_length(value, Some(earlier)),
-                Some(Err(())) => Err(()),
-            });
-        } else if *name == header::TRANSFER_ENCODING {
-            // The last field's last coding is the last coding.
-            let last = value.rsplit(|&b| b == b',').next().unwrap_or_default();
-            self.transfer_encoding = Some(last.trim_ascii().eq_ignore_ascii_case(b"chunked"));
-        } else if *name == header::CONNECTION {
-            let mut names_others = false;
-            for token in value.split(|&b| b == b',') {
-                let token = token.trim_ascii();
-                let close = token.eq_ignore_ascii_case(b"close");
-                let keep_alive = token.eq_ignore_ascii_case(b"keep-alive");
-                self.connection_close |= close;
-                self.connection_keep_alive |= keep_alive;
-                names_others |= !(close || keep_alive || token.is_empty());
+    /// Notes a field of the head.
+    fn see(&mut self, kind: FieldKind, value: &[u8]) {
+        match kind {
+            FieldKind::ContentLength => {
+                self.content_length = Some(match self.content_length {
+                    None => content_length(value, None),
+                    Some(Ok(earlier)) => content_length(value, Some(earlier)),
+                    Some(Err(())) => Err(()),
+                });
             }
-            return names_others;
+            FieldKind::TransferEncoding => {
+                // The last field's last coding is the last coding.
+                let last = value.rsplit(|&b| b == b',').next().unwrap_or_default();
+                self.transfer_encoding = Some(last.trim_ascii().eq_ignore_ascii_case(b"chunked"));
+            }
+            FieldKind::Connection => {
+                for token in value.split(|&b| b == b',') {
+                    match connection_option(token) {
+                        Some(ConnectionOption::Close) => self.connection_close = true,
+                        Some(ConnectionOption::KeepAlive) => self.connection_keep_alive = true,
+                        Some(ConnectionOption::Nothing) => {}
+                        None => self.connection_names_others = true,
+                    }
+                }
+            }
+            FieldKind::Trailer => self.trailer = true,
+            FieldKind::Date | FieldKind::HopByHop | FieldKind::Other => {}
         }
-        true
+    }
+
+    /// Whether the fields leave the client's server nothing to decide
+    /// beyond the body's length (see `response_fields`).
+    fn plain(&self) -> bool {
+        matches!(self.content_length, Some(Ok(_)))
+            && self.transfer_encoding.is_none()
+            && !self.trailer
+            && !self.connection_names_others
     }
 
     /// Whether the connection may carry another request after this response
@@ -484,12 +512,48 @@ impl FramingFields {
     }
 }
 
+/// Whether a `Connection` value names fields other than `close` and
+/// `keep-alive`. One that does not is about this connection alone: acted
+/// on here and not put into the response's map (the proxy would remove it
+/// as hop-by-hop anyway; one that names others is kept, so the proxy
+/// removes those too).
+fn names_others(value: &[u8]) -> bool {
+    value
+        .split(|&b| b == b',')
+        .any(|token| connection_option(token).is_none())
+}
+
+/// What one element of a `Connection` list says about the connection:
+/// `None` for a field name (an empty element says nothing either).
+fn connection_option(token: &[u8]) -> Option<ConnectionOption> {
+    let token = token.trim_ascii();
+    if token.eq_ignore_ascii_case(b"keep-alive") {
+        Some(ConnectionOption::KeepAlive)
+    } else if token.eq_ignore_ascii_case(b"close") {
+        Some(ConnectionOption::Close)
+    } else if token.is_empty() {
+        Some(ConnectionOption::Nothing)
+    } else {
+        None
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ConnectionOption {
+    Close,
+    KeepAlive,
+    Nothing,
+}
+
 /// Parses (and removes) one response head at the start of `buf`;
 /// informational (1xx but 101) heads are removed and skipped. `None`: not
-/// complete yet.
+/// complete yet. A plain head's fields become lines (see
+/// `response_fields`) when `lines_allowed` (not for an answer to HEAD,
+/// whose `Content-Length` is kept as sent).
 fn parse_head(
     buf: &mut BytesMut,
     spans: &mut Vec<(HeaderName, usize, usize)>,
+    lines_allowed: bool,
 ) -> Result<Option<ParsedHead>, ExchangeError> {
     loop {
         let mut fields = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
@@ -518,15 +582,39 @@ fn parse_head(
             .reason
             .filter(|reason| Some(*reason) != status.canonical_reason())
             .map(|reason| Bytes::copy_from_slice(reason.as_bytes()));
+        let mut framing = FramingFields::default();
+        let mut kinds = [FieldKind::Other; MAX_HEADERS];
+        for (field, kind) in response.headers.iter().zip(kinds.iter_mut()) {
+            *kind = FieldKind::of(field.name.as_bytes());
+            framing.see(*kind, field.value);
+        }
+        let plain = lines_allowed && framing.plain() && !matches!(code, 101 | 204 | 304);
+        if plain {
+            let lines = ResponseFields::encode(
+                response
+                    .headers
+                    .iter()
+                    .zip(kinds)
+                    .map(|(field, kind)| (field.name.as_bytes(), field.value, kind)),
+            );
+            let _ = buf.split_to(len);
+            return Ok(Some(ParsedHead {
+                status,
+                version,
+                reason,
+                headers: HeaderMap::new(),
+                lines: Some(lines),
+                framing,
+            }));
+        }
         // Names now (they are copied or static); values as slices of the
         // head once it is split off the buffer.
         let base = buf.as_ptr() as usize;
         spans.clear();
-        let mut framing = FramingFields::default();
         for field in response.headers.iter() {
             let name = HeaderName::from_bytes(field.name.as_bytes())
                 .map_err(|_| ExchangeError::InvalidHead("invalid header name"))?;
-            if !framing.see(&name, field.value) {
+            if name == header::CONNECTION && !names_others(field.value) {
                 continue;
             }
             let start = field.value.as_ptr() as usize - base;
@@ -544,6 +632,7 @@ fn parse_head(
             version,
             reason,
             headers,
+            lines: None,
             framing,
         }));
     }
@@ -561,6 +650,7 @@ fn respond(
         version,
         reason,
         headers,
+        lines,
         framing: fields,
     } = head;
     if status == StatusCode::SWITCHING_PROTOCOLS {
@@ -598,12 +688,14 @@ fn respond(
         keep_alive = false;
         Framing::UntilClose
     };
+    let mut conn = conn;
+    conn.keep_alive = keep_alive;
+    conn.extension_bytes = 0;
     let mut body = ResponseBody {
         conn: Some(conn),
         framing,
-        keep_alive,
         idle: Arc::clone(idle),
-        extension_bytes: 0,
+        lines,
     };
     if matches!(body.framing, Framing::Length(0)) {
         body.finish();
@@ -690,21 +782,30 @@ pub struct ResponseBody {
     /// `None` once given back (or dropped).
     conn: Option<Box<Conn>>,
     framing: Framing,
-    /// The response lets the connection carry another request.
-    keep_alive: bool,
     /// Where the connection goes back to.
     idle: Arc<IdleConns>,
-    /// Chunk extension bytes seen so far (bounded like hyper's).
-    extension_bytes: usize,
+    /// The response's header fields, for a plain head (its `HeaderMap` is
+    /// empty then; see `response_fields`).
+    lines: Option<ResponseFields>,
 }
 
 impl ResponseBody {
+    /// The response's header fields as lines, if its head was plain.
+    pub fn response_fields(&self) -> Option<&ResponseFields> {
+        self.lines.as_ref()
+    }
+
+    /// Takes the lines out (to put them into the response's map).
+    pub fn take_response_fields(&mut self) -> Option<ResponseFields> {
+        self.lines.take()
+    }
+
     /// The body has ended: the connection goes back to the pool if it can
     /// carry another request and nothing beyond the response arrived.
     fn finish(&mut self) {
         self.framing = Framing::Done;
         if let Some(conn) = self.conn.take() {
-            if self.keep_alive && conn.buf.is_empty() {
+            if conn.keep_alive && conn.buf.is_empty() {
                 self.idle.keep(conn);
             }
         }
@@ -718,16 +819,15 @@ impl ResponseBody {
 
     /// The next frame from what is buffered.
     fn decode(&mut self) -> Decoded {
-        let ResponseBody {
-            conn,
-            framing,
-            extension_bytes,
-            ..
-        } = self;
+        let ResponseBody { conn, framing, .. } = self;
         let Some(conn) = conn.as_mut() else {
             return Decoded::End;
         };
-        let buf = &mut conn.buf;
+        let Conn {
+            buf,
+            extension_bytes,
+            ..
+        } = &mut **conn;
         let (decoded, ended) = match framing {
             Framing::Done => (Decoded::End, false),
             Framing::Length(0) => (Decoded::End, true),
@@ -1413,7 +1513,7 @@ mod tests {
         let lengths = |values: &[&str]| {
             let mut fields = FramingFields::default();
             for v in values {
-                fields.see(&header::CONTENT_LENGTH, v.as_bytes());
+                fields.see(FieldKind::ContentLength, v.as_bytes());
             }
             fields.content_length.and_then(Result::ok)
         };
@@ -1436,7 +1536,7 @@ mod tests {
         let fields = |pairs: &[(HeaderName, &str)]| {
             let mut fields = FramingFields::default();
             for (name, value) in pairs {
-                fields.see(name, value.as_bytes());
+                fields.see(FieldKind::of(name.as_str().as_bytes()), value.as_bytes());
             }
             fields
         };
@@ -1461,10 +1561,148 @@ mod tests {
         assert!(!closing.keep_alive(Version::HTTP_11), "close wins");
 
         // Connection options alone are consumed; a field naming another
-        // field stays in the map for the proxy's hop-by-hop removal.
-        let mut fields = FramingFields::default();
-        assert!(!fields.see(&conn, b" Keep-Alive ,close"));
-        assert!(fields.see(&conn, b"keep-alive, x-private"));
-        assert!(fields.see(&header::CONTENT_TYPE, b"text/plain"));
+        // field stays in the map for the proxy's hop-by-hop removal (and
+        // makes the head not plain).
+        assert!(!names_others(b" Keep-Alive ,close"));
+        assert!(names_others(b"keep-alive, x-private"));
+        let length = (header::CONTENT_LENGTH, "2");
+        assert!(fields(&[(conn.clone(), "close"), length.clone()]).plain());
+        assert!(!fields(&[(conn, "x-private"), length.clone()]).plain());
+        assert!(!fields(&[(header::TRAILER, "x-sum"), length.clone()]).plain());
+        assert!(!fields(&[(header::TRANSFER_ENCODING, "gzip"), length]).plain());
+        assert!(!fields(&[]).plain(), "no length: read to the close");
+    }
+
+    mod properties {
+        use std::collections::BTreeMap;
+
+        use proptest::prelude::*;
+
+        use super::*;
+        use crate::proxy::headers::strip_hop_by_hop;
+
+        /// Names of every kind, in mixed case, and random tokens.
+        fn name() -> impl Strategy<Value = String> {
+            prop_oneof![
+                prop::sample::select(vec![
+                    "Server",
+                    "date",
+                    "DATE",
+                    "Set-Cookie",
+                    "x-a",
+                    "X-A",
+                    "content-type",
+                    "Keep-Alive",
+                    "TE",
+                    "Upgrade",
+                    "proxy-connection",
+                    "Proxy-Authenticate",
+                    "proxy-authorization",
+                    "Connection",
+                    "Trailer",
+                    "Transfer-Encoding",
+                    "x-te",
+                    "connections",
+                ])
+                .prop_map(str::to_owned),
+                "[!#$%&'*+.^_`|~0-9A-Za-z-]{1,12}",
+            ]
+        }
+
+        /// Values httparse takes (trimmed), obs-text included; lists of
+        /// connection options too.
+        fn value() -> impl Strategy<Value = Vec<u8>> {
+            prop_oneof![
+                prop::sample::select(vec![
+                    "close",
+                    "keep-alive",
+                    "Keep-Alive, close",
+                    "x-a",
+                    "chunked",
+                    ""
+                ])
+                .prop_map(|v| v.as_bytes().to_vec()),
+                prop::collection::vec(
+                    prop_oneof![0x21u8..=0x7e, 0x80u8..=0xff, Just(b' '), Just(b'\t')],
+                    0..20
+                )
+                .prop_map(|mut v| {
+                    while v.first().is_some_and(|b| matches!(b, b' ' | b'\t')) {
+                        v.remove(0);
+                    }
+                    while v.last().is_some_and(|b| matches!(b, b' ' | b'\t')) {
+                        v.pop();
+                    }
+                    v
+                }),
+            ]
+        }
+
+        fn by_name(headers: &HeaderMap) -> BTreeMap<String, Vec<Vec<u8>>> {
+            let mut named: BTreeMap<String, Vec<Vec<u8>>> = BTreeMap::new();
+            for (name, value) in headers {
+                named
+                    .entry(name.as_str().to_owned())
+                    .or_default()
+                    .push(value.as_bytes().to_vec());
+            }
+            named
+        }
+
+        proptest! {
+            #![proptest_config(crate::testing::proptest_config(2_000))]
+
+            /// A head taken as lines gives the client the same fields as
+            /// the map the proxy forwarded before (hop-by-hop fields
+            /// removed, the length written from the body): every head
+            /// that can be plain is, and the lines always go back into a
+            /// map whole.
+            #[test]
+            fn a_plain_heads_lines_are_the_fields_the_proxy_forwards(
+                fields in prop::collection::vec((name(), value()), 0..10),
+                length in 0u64..1000,
+                status in prop::sample::select(vec![200u16, 201, 204, 304, 404, 503]),
+            ) {
+                let mut head = format!("HTTP/1.1 {status} X\r\n").into_bytes();
+                for (name, value) in &fields {
+                    head.extend_from_slice(name.as_bytes());
+                    head.extend_from_slice(b": ");
+                    head.extend_from_slice(value);
+                    head.extend_from_slice(b"\r\n");
+                }
+                head.extend_from_slice(format!("Content-Length: {length}\r\n\r\n").as_bytes());
+                let parse = |lines_allowed| {
+                    let mut buf = BytesMut::from(&head[..]);
+                    parse_head(&mut buf, &mut Vec::new(), lines_allowed)
+                };
+                let Ok(Some(as_map)) = parse(false) else {
+                    // An invalid length (a field above said otherwise).
+                    prop_assert!(parse(true).is_err());
+                    return Ok(());
+                };
+                let as_lines = parse(true).unwrap().unwrap();
+                let kind = |k| fields.iter().any(|(n, _)| FieldKind::of(n.as_bytes()) == k);
+                let names_other_fields = fields.iter().any(|(n, v)| {
+                    FieldKind::of(n.as_bytes()) == FieldKind::Connection && names_others(v)
+                });
+                let may_be_plain = !(kind(FieldKind::TransferEncoding)
+                    || kind(FieldKind::Trailer)
+                    || names_other_fields
+                    || matches!(status, 204 | 304));
+                prop_assert_eq!(as_lines.lines.is_some(), may_be_plain);
+                let Some(lines) = as_lines.lines else {
+                    return Ok(());
+                };
+                prop_assert!(as_lines.headers.is_empty());
+                let has_date = lines.has_date();
+                let mut restored = HeaderMap::new();
+                lines.restore_into(&mut restored);
+                let mut forwarded = as_map.headers;
+                strip_hop_by_hop(&mut forwarded, false);
+                forwarded.remove(header::CONTENT_LENGTH);
+                prop_assert_eq!(by_name(&restored), by_name(&forwarded));
+                prop_assert_eq!(has_date, forwarded.contains_key(header::DATE));
+            }
+        }
     }
 }

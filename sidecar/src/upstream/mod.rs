@@ -28,6 +28,8 @@
 //!   response head; the response body owns the connection and gives it
 //!   back to the pool at its end); requests with a body, upgrades and
 //!   CONNECT use hyper's client.
+//! - `response_fields` — a plain HTTP/1.1 response head's fields kept as
+//!   the lines the client gets (no `HeaderMap` unless something needs one).
 //! - `slot_queue` — requests waiting for a stream on an endpoint's full
 //!   set of HTTP/2 connections, served in turn per client connection (a
 //!   freed stream wakes the oldest request of the client next in turn).
@@ -56,5 +58,6 @@ pub(crate) mod in_flight;
 pub(crate) mod mirror;
 pub(crate) mod pool;
 pub(crate) mod quick_ack;
+pub mod response_fields;
 pub(crate) mod slot_queue;
 pub(crate) mod target;

@@ -381,7 +381,7 @@ fn filters_rewrite_and_edit_headers() {
             assert_eq!(added, ["1", "2"]);
             let mut response = Response::builder()
                 .header("server", "app")
-                .body(())
+                .body(ProxyBody::empty())
                 .unwrap();
             selected.apply_response(&mut response);
             assert_eq!(response.headers()["x-served"], "r");
