@@ -33,7 +33,9 @@
 //! [`hyper::ext::ReasonPhrase`]), `content-length` or `transfer-encoding:
 //! chunked` chosen the same way, no body for `HEAD`, 204 and 304,
 //! `connection: close` when the connection will close, and a `date` field
-//! when the response has none.
+//! when the response has none. An upstream's plain response head comes as
+//! lines (`upstream::response_fields`), written after the map's fields (the
+//! sidecar's own) instead of through a map; its length is the body's.
 
 use std::future::{poll_fn, Future};
 use std::io::{self, IoSlice, Write as _};

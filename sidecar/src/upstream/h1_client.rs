@@ -18,7 +18,8 @@
 //! client decides it (1xx skipped, 101 refused, HEAD/204/304 without body,
 //! `Transfer-Encoding` chunked or else read to close, one valid
 //! `Content-Length`, else read to close), chunked bodies with trailers
-//! ([`Chunked`]).
+//! ([`Chunked`]). A plain head's fields are not put into a `HeaderMap` but
+//! kept as the lines the client gets (`upstream::response_fields`).
 //!
 //! ```text
 //! pool::send_h1 ─► exchange(conn, request)
