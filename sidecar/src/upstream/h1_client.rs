@@ -464,6 +464,8 @@ struct FramingFields {
     /// A `Connection` field names other fields (hop-by-hop too).
     connection_names_others: bool,
     trailer: bool,
+    /// A field no plain head has (`TE`, a name too long for a map).
+    not_plain: bool,
 }
 
 impl FramingFields {
@@ -493,6 +495,7 @@ impl FramingFields {
                 }
             }
             FieldKind::Trailer => self.trailer = true,
+            FieldKind::Te | FieldKind::TooLong => self.not_plain = true,
             FieldKind::Date | FieldKind::HopByHop | FieldKind::Other => {}
         }
     }
@@ -504,6 +507,7 @@ impl FramingFields {
             && self.transfer_encoding.is_none()
             && !self.trailer
             && !self.connection_names_others
+            && !self.not_plain
     }
 
     /// Whether the connection may carry another request after this response
@@ -1312,6 +1316,10 @@ mod tests {
 
     #[tokio::test]
     async fn broken_heads_are_upstream_failures() {
+        let mut long_name_head = b"HTTP/1.1 200 OK\r\nx-before: 1\r\n".to_vec();
+        long_name_head.extend(std::iter::repeat_n(b'm', 65_536));
+        long_name_head.extend_from_slice(b": v\r\ncontent-length: 2\r\n\r\nok");
+        let long_name_head: &'static [u8] = Box::leak(long_name_head.into_boxed_slice());
         for reply in [
             &b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\ncontent-length: 3\r\n\r\nok"[..],
             b"HTTP/1.1 200 OK\r\ncontent-length: +2\r\n\r\nok",
@@ -1319,6 +1327,9 @@ mod tests {
             b"HTTP/1.0 200 OK\r\ntransfer-encoding: chunked\r\n\r\n0\r\n\r\n",
             b"HTTP/1.1 200 OK\r\nbad header\r\n\r\n",
             b"SSH-2.0-OpenSSH\r\n\r\n",
+            // A name longer than a header map takes (the attack on the
+            // response lines found it forwarded by them).
+            long_name_head,
         ] {
             let (addr, _) = scripted(vec![Step::Reply(vec![reply])]).await;
             let error = exchange_error(pool(addr).send(get("/")).await);
@@ -1620,7 +1631,9 @@ mod tests {
                     "Keep-Alive, close",
                     "x-a",
                     "chunked",
-                    ""
+                    "",
+                    "trailers",
+                    "gzip, trailers",
                 ])
                 .prop_map(|v| v.as_bytes().to_vec()),
                 prop::collection::vec(
@@ -1688,6 +1701,7 @@ mod tests {
                 });
                 let may_be_plain = !(kind(FieldKind::TransferEncoding)
                     || kind(FieldKind::Trailer)
+                    || kind(FieldKind::Te)
                     || names_other_fields
                     || matches!(status, 204 | 304));
                 prop_assert_eq!(as_lines.lines.is_some(), may_be_plain);

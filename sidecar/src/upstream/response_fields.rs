@@ -41,10 +41,19 @@ pub(crate) enum FieldKind {
     Trailer,
     Date,
     /// Removed before forwarding (`proxy::headers`' hop-by-hop list, less
-    /// `Connection` and `Transfer-Encoding` above).
+    /// `Connection`, `Transfer-Encoding` and `TE`).
     HopByHop,
+    /// `TE`: the proxy's hop-by-hop rule keeps a `TE: trailers`, so a head
+    /// with one is not plain (the map decides, as before).
+    Te,
+    /// A name `HeaderName` refuses (longer than 64 KiB - 1; httparse has
+    /// no limit): the head is not plain, and the map refuses it as before.
+    TooLong,
     Other,
 }
+
+/// The longest name `HeaderName` takes.
+const MAX_NAME: usize = 65_535;
 
 impl FieldKind {
     pub(crate) fn of(name: &[u8]) -> FieldKind {
@@ -53,7 +62,7 @@ impl FieldKind {
         // once 0x20 is set (and only `-` gives `-`).
         let is = |known: &[u8]| name.iter().zip(known).all(|(&b, &k)| b | 0x20 == k);
         match name.len() {
-            2 if is(b"te") => FieldKind::HopByHop,
+            2 if is(b"te") => FieldKind::Te,
             4 if is(b"date") => FieldKind::Date,
             7 if is(b"trailer") => FieldKind::Trailer,
             7 if is(b"upgrade") => FieldKind::HopByHop,
@@ -64,6 +73,7 @@ impl FieldKind {
             17 if is(b"transfer-encoding") => FieldKind::TransferEncoding,
             18 if is(b"proxy-authenticate") => FieldKind::HopByHop,
             19 if is(b"proxy-authorization") => FieldKind::HopByHop,
+            len if len > MAX_NAME => FieldKind::TooLong,
             _ => FieldKind::Other,
         }
     }
@@ -124,8 +134,9 @@ impl ResponseFields {
     }
 
     /// Appends the fields to `headers` (values share the lines' buffer).
-    /// A field the map would refuse is skipped; none is, since httparse
-    /// accepts the same names and values (see the tests).
+    /// A field the map would refuse is skipped; none is: httparse accepts
+    /// the same bytes in names and values, and a head with a name longer
+    /// than the map takes is not plain (see the tests).
     pub fn restore_into(self, headers: &mut HeaderMap) {
         let mut at = 0;
         let lines = Bytes::from(self.lines);
@@ -157,8 +168,8 @@ mod tests {
     #[test]
     fn kinds_agree_with_the_hop_by_hop_rule() {
         // Every name `strip_hop_by_hop` removes from a response is one the
-        // lines leave out (Connection and TE lead plain heads elsewhere or
-        // are left out too), in any case; other names are kept.
+        // lines leave out, in any case; other names are kept (`TE`, which
+        // it keeps as `TE: trailers`, makes a head not plain).
         for name in [
             "connection",
             "Proxy-Connection",
@@ -174,6 +185,9 @@ mod tests {
             "content-type",
             "trailer",
         ] {
+            if FieldKind::of(name.as_bytes()) == FieldKind::Te {
+                continue;
+            }
             let mut map = HeaderMap::new();
             map.insert(
                 HeaderName::from_bytes(name.as_bytes()).unwrap(),
@@ -201,7 +215,11 @@ mod tests {
         assert_eq!(FieldKind::of(b"content-lengthy"), FieldKind::Other);
         assert_eq!(FieldKind::of(b"DaTe"), FieldKind::Date);
         assert_eq!(FieldKind::of(b"dat"), FieldKind::Other);
-        assert_eq!(FieldKind::of(b"Te"), FieldKind::HopByHop);
+        assert_eq!(FieldKind::of(b"Te"), FieldKind::Te);
+        assert_eq!(FieldKind::of(&[b'a'; MAX_NAME]), FieldKind::Other);
+        assert_eq!(FieldKind::of(&[b'a'; MAX_NAME + 1]), FieldKind::TooLong);
+        assert!(HeaderName::from_bytes(&[b'a'; MAX_NAME]).is_ok());
+        assert!(HeaderName::from_bytes(&[b'a'; MAX_NAME + 1]).is_err());
         assert_eq!(FieldKind::of(b"t\x05"), FieldKind::Other);
         assert_eq!(FieldKind::of(b"Connection"), FieldKind::Connection);
         assert_eq!(FieldKind::of(b"keep_alive"), FieldKind::Other);
