@@ -616,13 +616,18 @@ mkdir -p "$OUT_DIR"
 log "written to $RESULTS"
 
 # ------------------------------------------------------------------ chart --
-# Three panels: throughput against nginx (same hops), added latency at c=1,
+# Three panels: throughput against nginx (same hops; the sidecar rows of
+# one hop as paired medians when there were pairs), added latency at c=1,
 # and the Nagle app's added p50.
 {
-    for name in haproxy sidecar baseline hop2-plain hop2-mtls; do
+    for name in haproxy sidecar policies baseline hop2-plain hop2-mtls; do
         [[ -n "${RPS[$name]:-}" ]] || continue
         case $name in hop2-*) peer=hop2-nginx ;; *) peer=nginx ;; esac
-        printf '"%s" %s\n' "${LABEL[$name]}" "$(ratio "${RPS[$name]}" "${RPS[$peer]}")"
+        if ((PAIRS > 0)) && [[ " ${PAIRED[*]} " == *" $name "* ]]; then
+            printf '"%s (paired)" %s\n' "${LABEL[$name]}" "$(paired_median "$name" PAIR_RPS)"
+        else
+            printf '"%s" %s\n' "${LABEL[$name]}" "$(ratio "${RPS[$name]}" "${RPS[$peer]}")"
+        fi
     done
 } >"$TMP/tput.dat"
 {
