@@ -84,7 +84,7 @@
 # skewed), the control plane at scale (tests/bench/control-plane-scale.sh's
 # fragment, when that script exists) and the parameters.
 #
-# Usage: bash tests/bench/all.sh            (~3 minutes with the defaults)
+# Usage: bash tests/bench/all.sh            (~5 minutes with the defaults)
 #   BENCH_DURATION=5s   each throughput and latency run
 #   BENCH_WARMUP=1s     warm-up per row
 #   BENCH_CONNS=32      connections of the throughput runs
