@@ -110,7 +110,8 @@ impl Gateway {
                 listener: "gateway",
             });
         }
-        let request = normalize_path(request)?;
+        let mut request = request;
+        normalize_path(&mut request)?;
         let snapshot = self.snapshot.load_full();
         let admission = Admission {
             service: self.metrics.service(),
