@@ -174,7 +174,7 @@ impl Inbound {
     /// requests is kept in the request's future (see `handle`).
     fn to_app(
         &self,
-        request: Request<StreamedBody>,
+        mut request: Request<StreamedBody>,
         peer: &Peer,
         record: &mut RequestRecord,
     ) -> Result<ToApp, ProxyError> {
@@ -184,7 +184,6 @@ impl Inbound {
                 listener: "inbound",
             });
         }
-        let mut request = request;
         normalize_path(&mut request)?;
         let caller = self.admit(&request, peer, record)?;
         let version = request.version();

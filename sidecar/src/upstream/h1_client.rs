@@ -53,7 +53,7 @@ use std::sync::{Arc, Mutex};
 use std::task::{ready, Context, Poll};
 use std::time::{Duration, Instant};
 
-use bytes::{Bytes, BytesMut};
+use bytes::{Buf, Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Version};
 use http_body::{Body, Frame, SizeHint};
@@ -575,7 +575,7 @@ fn parse_head(
         let status = StatusCode::from_u16(code)
             .map_err(|_| ExchangeError::InvalidHead("invalid status code"))?;
         if status.is_informational() && code != 101 {
-            let _ = buf.split_to(len);
+            buf.advance(len);
             continue;
         }
         let version = if response.version == Some(0) {
@@ -602,7 +602,7 @@ fn parse_head(
                     .zip(kinds)
                     .map(|(field, kind)| (field.name.as_bytes(), field.value, kind)),
             );
-            let _ = buf.split_to(len);
+            buf.advance(len);
             return Ok(Some(ParsedHead {
                 status,
                 version,
