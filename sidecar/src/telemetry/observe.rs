@@ -450,20 +450,6 @@ mod tests {
         assert_eq!(route.duration.get_sample_count(), 3);
     }
 
-    /// A `Write` the test reads back.
-    #[derive(Clone, Default)]
-    struct Lines(Arc<std::sync::Mutex<Vec<u8>>>);
-
-    impl std::io::Write for Lines {
-        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-            self.0.lock().unwrap().extend_from_slice(buf);
-            Ok(buf.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
-
     /// The caller and the refusing policy reach the access log (they are
     /// kept with the record's detail, which exists only when something
     /// will read them).
@@ -471,7 +457,7 @@ mod tests {
     fn the_access_log_names_the_caller_and_the_refusing_policy() {
         let metrics = Metrics::new("orders");
         let route = metrics.route(Direction::Inbound, "orders", "/");
-        let lines = Lines::default();
+        let lines = crate::telemetry::access_log::tests::Shared::default();
         let telemetry = Arc::new(Telemetry {
             access_log: Some(AccessLog::spawn_to(
                 lines.clone(),
