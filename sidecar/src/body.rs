@@ -40,7 +40,7 @@ use tokio::time::{Instant, Sleep};
 use crate::listen::framing::RequestGuard;
 use crate::listen::stream_watch::{StreamProgress, PIECE};
 use crate::telemetry::observe::{CarriesRecord, RequestRecord};
-use crate::upstream::h1_client::ResponseBody;
+use crate::upstream::h1_client::{KnownBody, ResponseBody};
 use crate::upstream::in_flight::{InFlight, StreamSlot};
 use crate::upstream::response_fields::ResponseFields;
 
@@ -124,8 +124,9 @@ enum Kind {
 
 /// A body streamed from the other side: read by hyper (requests from
 /// clients, responses on hyper's client connections) or by our own
-/// HTTP/1.1 client (`upstream::h1_client`); or none at all, for a request
-/// our own HTTP/1.1 server read without a body (`listen::http1`).
+/// HTTP/1.1 client (`upstream::h1_client`); or, for a request our own
+/// HTTP/1.1 server read (`listen::h1_server`), none at all or one read
+/// whole together with its head.
 #[derive(Debug)]
 pub enum StreamedBody {
     Hyper(Incoming),
@@ -133,6 +134,10 @@ pub enum StreamedBody {
     /// No body: ended before it began, like hyper's for a request without
     /// `Content-Length` or `Transfer-Encoding`.
     None,
+    /// A `Content-Length` body that arrived whole with its head; one data
+    /// frame (empty once polled). [`ProxyBody::streamed`] makes it a body
+    /// the mesh holds in full.
+    Whole(Bytes),
 }
 
 impl From<Incoming> for StreamedBody {
@@ -163,6 +168,8 @@ impl Body for StreamedBody {
                 .poll_frame(cx)
                 .map(|frame| frame.map(|f| f.map_err(BodyError::from))),
             StreamedBody::None => Poll::Ready(None),
+            StreamedBody::Whole(bytes) if bytes.is_empty() => Poll::Ready(None),
+            StreamedBody::Whole(bytes) => Poll::Ready(Some(Ok(Frame::data(std::mem::take(bytes))))),
         }
     }
 
@@ -171,6 +178,7 @@ impl Body for StreamedBody {
             StreamedBody::Hyper(body) => body.is_end_stream(),
             StreamedBody::Http1(body) => body.is_end_stream(),
             StreamedBody::None => true,
+            StreamedBody::Whole(bytes) => bytes.is_empty(),
         }
     }
 
@@ -179,6 +187,7 @@ impl Body for StreamedBody {
             StreamedBody::Hyper(body) => body.size_hint(),
             StreamedBody::Http1(body) => body.size_hint(),
             StreamedBody::None => SizeHint::with_exact(0),
+            StreamedBody::Whole(bytes) => SizeHint::with_exact(bytes.len() as u64),
         }
     }
 }
@@ -278,9 +287,16 @@ impl ProxyBody {
     }
 
     /// A body streamed from the other side; with `idle_timeout`, it fails
-    /// if no data arrives for that long.
+    /// if no data arrives for that long. A body read whole with its head
+    /// ([`StreamedBody::Whole`]) is held in full instead: nothing to wait
+    /// for, and it can be sent again ([`ProxyBody::replay_copy`]) or
+    /// written with its head ([`KnownBody::known_data`]).
     pub fn streamed(body: impl Into<StreamedBody>, idle_timeout: Option<Duration>) -> Self {
-        let body = body.into();
+        let body = match body.into() {
+            StreamedBody::Whole(bytes) if bytes.is_empty() => return Self::empty(),
+            StreamedBody::Whole(bytes) => return Self::full(bytes),
+            body => body,
+        };
         let timer = idle_timeout.map(|timeout| IdleTimer {
             timeout,
             sleep: None,
@@ -324,6 +340,17 @@ impl ProxyBody {
             strip_trailers: self.strip_trailers,
             guards: None,
         })
+    }
+
+    /// Counts `len` data bytes sent from [`KnownBody::known_data`] on the
+    /// body's byte counters, as polling them would have.
+    pub fn count_sent(&self, len: usize) {
+        if len == 0 {
+            return;
+        }
+        for bytes in [&self.bytes, &self.more_bytes].into_iter().flatten() {
+            bytes.inc_by(len as u64);
+        }
     }
 
     /// Holds a concurrency slot until the body has been fully sent.
@@ -378,6 +405,24 @@ impl ProxyBody {
             Some(_) => self.more_bytes = Some(bytes),
         }
         self
+    }
+}
+
+/// Every byte of a (request) body, when the mesh knows them all without
+/// polling: empty, a streamed body already at its end, or one held in full
+/// (read whole with its head, or a retry's buffered body). `None` while
+/// data may still come. Whoever sends these bytes instead of polling the
+/// body counts them ([`ProxyBody::count_sent`]).
+impl KnownBody for ProxyBody {
+    fn known_data(&self) -> Option<&[u8]> {
+        match &self.kind {
+            Kind::Empty => Some(&[]),
+            Kind::Full(Some(bytes)) => Some(bytes),
+            // Already handed over by a poll.
+            Kind::Full(None) => None,
+            Kind::Streamed(body, _) if body.is_end_stream() => Some(&[]),
+            Kind::Streamed(..) => None,
+        }
     }
 }
 

@@ -78,6 +78,10 @@
 # each, the order rotated every time; the ratio of each run to the nginx
 # run of its own pair, for req/s and for CPU per request, median and range
 # over the pairs. Goal 1 is judged on the paired median when there is one.
+# Each pair also has nginx and the sidecar answering a POST with a
+# BENCH_POST_BYTES body (default 256, sent with its head, as API clients
+# do), each run against the POST run of nginx in its pair: a body must not
+# cost the sidecar more than it costs nginx.
 #
 # Then the goals of issue 17 (met / MISSED), the other processes' CPU during
 # the runs (on a shared machine: over BENCH_OTHER_CPU_LIMIT % the numbers are
@@ -91,6 +95,7 @@
 #   BENCH_ROUNDS=1      repeat all rows, interleaved; medians shown
 #   BENCH_PAIRS=8       paired throughput runs for goal 1 (0: none; see below)
 #   BENCH_PAIR_DURATION=2s  each run of a pair
+#   BENCH_POST_BYTES=256    the body of the paired POST runs (0: no POST runs)
 #   BENCH_SIDECAR_BASELINE=PATH  also measure this sidecar build (e.g. main's,
 #                       or one without a change) in the one-hop and Nagle rows
 #   BENCH_BIN_DIR=DIR   sidecar, control-plane, meshctl from DIR (no build)
@@ -456,16 +461,28 @@ done
 # Paired throughput (see the header): ratios to the nginx run of each pair.
 PAIRS="${BENCH_PAIRS:-8}"
 PAIR_DURATION="${BENCH_PAIR_DURATION:-2s}"
+POST_BYTES="${BENCH_POST_BYTES:-256}"
 PAIRED=(sidecar policies ${BASELINE:+baseline})
+POSTED=()
+if ((POST_BYTES > 0)); then
+    POSTED=(nginx-post sidecar-post)
+    cat - "$TMP/report.lua" >"$TMP/post.lua" <<EOF
+wrk.method = "POST"
+wrk.body = string.rep("x", $POST_BYTES)
+wrk.headers["Content-Type"] = "application/json"
+EOF
+fi
 declare -A PAIR_RPS PAIR_CPU
-# pair_run NAME N: one throughput run of NAME for pair N.
+# pair_run NAME N: one throughput run of NAME for pair N (NAME-post: NAME's
+# proxy answering POSTs).
 # shellcheck disable=SC2034 # PAIR_RPS, PAIR_CPU: read through `paired`'s nameref
 pair_run() {
-    local name=$1 n=$2 out="$TMP/pair-$1-$2.out" t0 t1 req dur
+    local name=$1 n=$2 out="$TMP/pair-$1-$2.out" t0 t1 req dur row=${1%-post} script=report.lua
+    [[ $name != *-post ]] || script=post.lua
     local -a procs=()
-    read -r -a procs <<<"${ROW_PROCS[$name]}"
+    read -r -a procs <<<"${ROW_PROCS[$row]}"
     t0=$(ticks "${procs[@]}")
-    run_wrk "$out" -t1 -c"$CONNS" -d"$PAIR_DURATION" -s "$TMP/report.lua" "http://127.0.0.1:${ROW_PORT[$name]}/"
+    run_wrk "$out" -t1 -c"$CONNS" -d"$PAIR_DURATION" -s "$TMP/$script" "http://127.0.0.1:${ROW_PORT[$row]}/"
     t1=$(ticks "${procs[@]}")
     req=$(field "$out" requests)
     dur=$(field "$out" duration_us)
@@ -473,18 +490,19 @@ pair_run() {
     PAIR_CPU[$name,$n]=$(awk -v t=$((t1 - t0)) -v hz="$CLK_TCK" -v r="$req" 'BEGIN { printf "%.2f", t / hz * 1e6 / r }')
 }
 for ((n = 1; n <= PAIRS; n++)); do
-    members=(nginx "${PAIRED[@]}")
+    members=(nginx "${PAIRED[@]}" "${POSTED[@]}")
     shift_by=$((n % ${#members[@]}))
     order=("${members[@]:shift_by}" "${members[@]:0:shift_by}")
     log "pair $n: ${order[*]}, -t1 -c$CONNS -d$PAIR_DURATION each"
     for name in "${order[@]}"; do pair_run "$name" "$n"; done
 done
-# paired NAME ARRAY: "median [min-max]" of NAME's ratio to nginx over the pairs.
+# paired NAME ARRAY [REFERENCE]: "median [min-max]" of NAME's ratio to
+# REFERENCE (default nginx) over the pairs.
 paired() {
     local -n arr=$2
-    local n
+    local n reference=${3:-nginx}
     for ((n = 1; n <= PAIRS; n++)); do
-        awk -v a="${arr[$1,$n]}" -v b="${arr[nginx,$n]}" 'BEGIN { if (b > 0) printf "%.4f\n", a / b }'
+        awk -v a="${arr[$1,$n]}" -v b="${arr[$reference,$n]}" 'BEGIN { if (b > 0) printf "%.4f\n", a / b }'
     done | sort -g | awk '{ v[NR] = $1 } END { if (NR == 0) { print "n/a"; exit } m = (NR % 2 ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2); printf "%.2f [%.2f-%.2f]", m, v[1], v[NR] }'
 }
 paired_median() { paired "$1" "$2" | cut -d' ' -f1; }
@@ -573,7 +591,11 @@ ge() { awk -v a="$1" -v b="$2" 'BEGIN { print (a >= b) }'; }
 le() { awk -v a="$1" -v b="$2" 'BEGIN { print (a <= b) }'; }
 mtls_rss=$(awk -v a="${RSS_PEAK[mtls-a]}" -v b="${RSS_PEAK[mtls-b]}" 'BEGIN { print (a > b ? a : b) }')
 if ((PAIRS > 0)); then
-    goal1="$(check "$(ge "$(paired_median policies PAIR_RPS)" 1)") (paired over $PAIRS pairs, median [range] of each run / its pair's nginx run: req/s $(paired policies PAIR_RPS)x, CPU per request $(paired policies PAIR_CPU)x; without policies $(paired sidecar PAIR_RPS)x and $(paired sidecar PAIR_CPU)x${BASELINE:+; baseline build $(paired baseline PAIR_RPS)x and $(paired baseline PAIR_CPU)x}. Medians of the rounds: $(ratio "${RPS[policies]}" "${RPS[nginx]}")x; two hops with policies $(ratio "${RPS[hop2-pol]}" "${RPS[hop2-nginx]}")x two nginx hops)"
+    POST_PAIRED=""
+    if ((POST_BYTES > 0)); then
+        POST_PAIRED="; POST with a ${POST_BYTES}-byte body, against nginx's POST runs: $(paired sidecar-post PAIR_RPS nginx-post)x and $(paired sidecar-post PAIR_CPU nginx-post)x"
+    fi
+    goal1="$(check "$(ge "$(paired_median policies PAIR_RPS)" 1)") (paired over $PAIRS pairs, median [range] of each run / its pair's nginx run: req/s $(paired policies PAIR_RPS)x, CPU per request $(paired policies PAIR_CPU)x; without policies $(paired sidecar PAIR_RPS)x and $(paired sidecar PAIR_CPU)x${BASELINE:+; baseline build $(paired baseline PAIR_RPS)x and $(paired baseline PAIR_CPU)x}${POST_PAIRED}. Medians of the rounds: $(ratio "${RPS[policies]}" "${RPS[nginx]}")x; two hops with policies $(ratio "${RPS[hop2-pol]}" "${RPS[hop2-nginx]}")x two nginx hops)"
 else
     goal1="$(check "$(ge "${RPS[policies]}" "${RPS[nginx]}")") ($(ratio "${RPS[policies]}" "${RPS[nginx]}")x; without policies $(ratio "${RPS[sidecar]}" "${RPS[nginx]}")x; two hops with policies $(ratio "${RPS[hop2-pol]}" "${RPS[hop2-nginx]}")x two nginx hops)"
 fi

@@ -384,8 +384,9 @@ fn raw_fields(response: &str) -> (Vec<(String, String)>, bool) {
 
 /// The upstream's end-to-end fields, whatever the client and whichever
 /// server answers it: our own HTTP/1.1 server (which writes a plain head's
-/// fields as they came, without a header map), hyper after a request with
-/// a body took the connection over, and hyper's HTTP/2 server; and a
+/// fields as they came, without a header map), hyper after a request
+/// asking for trailers took the connection over, and hyper's HTTP/2
+/// server; and a
 /// route's response header edit applies to them.
 #[tokio::test]
 async fn an_apps_response_fields_reach_every_kind_of_client() {
@@ -409,12 +410,14 @@ async fn an_apps_response_fields_reach_every_kind_of_client() {
         }
     };
 
-    // HTTP/1.1: a GET (our server), then a POST with a body (hyper from
-    // then on), then a GET on the same connection (hyper).
+    // HTTP/1.1: a GET and a POST with its body (our server), then a GET
+    // asking for trailers (hyper from then on), then a GET on the same
+    // connection (hyper).
     let mut conn = RawConnection::open(orders.inbound).await;
     for request in [
         &b"GET /a HTTP/1.1\r\nHost: orders\r\n\r\n"[..],
         b"POST /b HTTP/1.1\r\nHost: orders\r\nContent-Length: 2\r\n\r\nhi",
+        b"GET /b HTTP/1.1\r\nHost: orders\r\nTE: trailers\r\n\r\n",
         b"GET /c HTTP/1.1\r\nHost: orders\r\n\r\n",
     ] {
         conn.send(request).await;
@@ -477,4 +480,79 @@ async fn an_apps_response_fields_reach_every_kind_of_client() {
         assert_eq!(get("set-cookie"), ["a=1", "b=2"]);
         assert_eq!(get("date"), ["Sat, 05 Dec 2026 12:00:00 GMT"]);
     }
+}
+
+/// Request bodies reach the app byte for byte whichever server reads them:
+/// our own HTTP/1.1 server (a sized body that came whole with its head),
+/// or hyper (a body split over writes, chunked, or larger than is read
+/// ahead), before and after a connection passes to hyper, pipelined or
+/// not, one hop (inbound) and two (outbound, then inbound); and the
+/// request bytes are counted once, exactly.
+#[tokio::test]
+async fn request_bodies_reach_the_app_whole_whichever_server_reads_them() {
+    let mesh = mesh().await;
+    let body = |n: usize, seed: u8| -> String {
+        (0..n)
+            .map(|i| char::from(b'a' + (i as u8).wrapping_add(seed) % 26))
+            .collect()
+    };
+    let posted = |path: &str, body: &str| {
+        format!(
+            "POST {path} HTTP/1.1\r\nHost: orders\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+    };
+    let mut sent_bytes = 0;
+    for entry in [mesh.orders.inbound, mesh.frontend.outbound] {
+        let mut conn = RawConnection::open(entry).await;
+        // Whole with its head, one after the other, a bodiless one between.
+        for (n, seed) in [(5, 0), (1, 1), (3000, 2)] {
+            let sent = body(n, seed);
+            conn.send(posted("/echo", &sent).as_bytes()).await;
+            let reply = conn.read_response(Duration::from_secs(10)).await;
+            assert!(reply.starts_with("HTTP/1.1 200 OK\r\n"), "{reply}");
+            assert!(reply.ends_with(&format!("\r\n\r\n{sent}")), "{n}: {reply}");
+            sent_bytes += n;
+            conn.send(b"GET / HTTP/1.1\r\nHost: orders\r\n\r\n").await;
+            assert!(conn.read_response(Duration::from_secs(10)).await.ends_with("hello from orders"));
+        }
+        // Pipelined: two bodies and a bodiless request in one write.
+        let (first, second) = (body(700, 3), body(20, 4));
+        let pipelined = posted("/echo", &first)
+            + &posted("/upload", &second)
+            + "GET / HTTP/1.1\r\nHost: orders\r\n\r\n";
+        conn.send(pipelined.as_bytes()).await;
+        assert!(conn.read_response(Duration::from_secs(10)).await.ends_with(&first));
+        assert!(conn.read_response(Duration::from_secs(10)).await.ends_with("\r\n\r\n20"));
+        assert!(conn.read_response(Duration::from_secs(10)).await.ends_with("hello from orders"));
+        sent_bytes += 720;
+        // A body split over two writes, then one larger than is read
+        // ahead, then a chunked one; then a whole one again (hyper's by now).
+        let split = body(1000, 5);
+        let request = posted("/echo", &split);
+        let (start, end) = request.split_at(request.len() - 400);
+        conn.send(start.as_bytes()).await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        conn.send(end.as_bytes()).await;
+        assert!(conn.read_response(Duration::from_secs(10)).await.ends_with(&split));
+        let large = body(100_000, 6);
+        conn.send(posted("/upload", &large).as_bytes()).await;
+        assert!(conn.read_response(Duration::from_secs(10)).await.ends_with("\r\n\r\n100000"));
+        conn.send(b"POST /echo HTTP/1.1\r\nHost: orders\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n").await;
+        assert!(conn.read_response(Duration::from_secs(10)).await.ends_with("\r\n\r\nabcde"));
+        let last = body(10, 7);
+        conn.send(posted("/echo", &last).as_bytes()).await;
+        assert!(conn.read_response(Duration::from_secs(10)).await.ends_with(&last));
+        sent_bytes += 1000 + 100_000 + 5 + 10;
+    }
+    // The inbound sidecar saw every request body once (both entries end
+    // there); the frontend's outbound side the second entry's.
+    let inbound = meshlet_e2e::metrics::Scrape::of(mesh.orders.admin)
+        .await
+        .sum("request_bytes_total", &[("direction", "inbound")]);
+    assert_eq!(inbound as usize, sent_bytes, "inbound request bytes");
+    let outbound = meshlet_e2e::metrics::Scrape::of(mesh.frontend.admin)
+        .await
+        .sum("request_bytes_total", &[("direction", "outbound")]);
+    assert_eq!(outbound as usize, sent_bytes / 2, "outbound request bytes");
 }

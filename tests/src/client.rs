@@ -191,6 +191,29 @@ impl RawConnection {
         self.stream.write_all(bytes).await.expect("write");
     }
 
+    /// The next whole HTTP/1.1 response (a `content-length` or chunked
+    /// body; none for 204 and 304) as text, its head as it came and its
+    /// body decoded (trailers dropped). What arrived after it is kept for
+    /// the next call. Panics after `patience`, on close, or on a response
+    /// framed otherwise.
+    pub async fn read_response(&mut self, patience: Duration) -> String {
+        let deadline = Instant::now() + patience;
+        loop {
+            if let Some((len, text)) = whole_response(&self.received) {
+                self.received.drain(..len);
+                return text;
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            let mut buf = [0u8; 16 * 1024];
+            let so_far = String::from_utf8_lossy(&self.received).into_owned();
+            match tokio::time::timeout(left, self.stream.read(&mut buf)).await {
+                Ok(Ok(0)) | Ok(Err(_)) => panic!("connection closed in a response: {so_far}"),
+                Ok(Ok(n)) => self.received.extend_from_slice(&buf[..n]),
+                Err(_) => panic!("no whole response within {patience:?}: {so_far}"),
+            }
+        }
+    }
+
     /// Reads until `needle` has arrived (counting only what arrived since
     /// the last call), or panics after `patience` or on close.
     pub async fn read_until(&mut self, needle: &str, patience: Duration) -> String {
@@ -228,4 +251,53 @@ impl RawConnection {
             }
         }
     }
+}
+
+/// The length of the whole response at the start of `bytes` and its text
+/// (head, then the decoded body), or `None` if it has not all arrived.
+fn whole_response(bytes: &[u8]) -> Option<(usize, String)> {
+    let end = bytes.windows(4).position(|w| w == b"\r\n\r\n")? + 4;
+    let head = String::from_utf8_lossy(&bytes[..end]).into_owned();
+    let lower = head.to_ascii_lowercase();
+    let field = |name: &str| {
+        lower
+            .lines()
+            .find_map(|l| l.strip_prefix(name).map(|v| v.trim().to_owned()))
+    };
+    let bodiless = lower.starts_with("http/1.1 204") || lower.starts_with("http/1.1 304");
+    if field("transfer-encoding:").is_some_and(|v| v.ends_with("chunked")) && !bodiless {
+        let mut at = end;
+        let mut body = Vec::new();
+        loop {
+            let line_end = bytes[at..].windows(2).position(|w| w == b"\r\n")? + at;
+            let size_text = String::from_utf8_lossy(&bytes[at..line_end]);
+            let size_text = size_text.split(';').next().unwrap().trim().to_owned();
+            let size = usize::from_str_radix(&size_text, 16)
+                .unwrap_or_else(|_| panic!("bad chunk size {size_text:?}: {head}"));
+            at = line_end + 2;
+            if size == 0 {
+                // Trailers (if any), then an empty line.
+                let rest = bytes[at..].windows(2).position(|w| w == b"\r\n")?;
+                if rest == 0 {
+                    at += 2;
+                } else {
+                    at += bytes[at..].windows(4).position(|w| w == b"\r\n\r\n")? + 4;
+                }
+                let text = head + &String::from_utf8_lossy(&body);
+                return Some((at, text));
+            }
+            if bytes.len() < at + size + 2 {
+                return None;
+            }
+            body.extend_from_slice(&bytes[at..at + size]);
+            at += size + 2;
+        }
+    }
+    let length = match field("content-length:") {
+        Some(v) if !bodiless => v.parse::<usize>().expect("a content-length"),
+        _ if bodiless => 0,
+        _ => panic!("a response framed by neither length nor chunks: {head}"),
+    };
+    let whole = end + length;
+    (bytes.len() >= whole).then(|| (whole, String::from_utf8_lossy(&bytes[..whole]).into_owned()))
 }

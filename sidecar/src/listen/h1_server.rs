@@ -2,25 +2,31 @@
 //! everything else.
 //!
 //! Most requests through a mesh are HTTP/1.1 without a body (`GET`,
-//! `HEAD`, `DELETE`...), and for them hyper's server, behind the framing
-//! guard, cost more than the work needs: the guard's parse of each head,
-//! hyper's dispatcher, its second parse and its encoder (issue 17 measured
-//! them at ~5.4k of 28.3k instructions per request). [`serve`] reads the
-//! socket itself, parses each head once, hands such requests to the
-//! handler as `Request<StreamedBody>` (body [`StreamedBody::None`]) and
-//! writes the responses. At the first request that is anything else — a
-//! body, `Expect`, an upgrade or `CONNECT`, trailers asked for (`TE`),
-//! HTTP/1.0, a head not whole in what was read, or one the framing guard
-//! would refuse (a second or invalid `Host`, a head over the limit, bad
-//! syntax) — it hands the connection, with the bytes read so far in a
-//! [`Rewind`] and the time the head began, to a fresh framing guard and
-//! hyper (`server.rs`), which see it as if they had read it from the start
-//! of that request; from then on the connection is theirs. The framing
-//! guard's property tests check that every head [`parse`] takes is one the
-//! guard clears, whole and at the same length, as a message without a body.
+//! `HEAD`, `DELETE`...) or with a small one that arrives with its head
+//! (an API's `POST` of some JSON), and for them hyper's server, behind the
+//! framing guard, cost more than the work needs: the guard's parse of each
+//! head, hyper's dispatcher, its second parse and its encoder (issue 17
+//! measured them at ~5.4k of 28.3k instructions per request). [`serve`]
+//! reads the socket itself, parses each head once, hands such requests to
+//! the handler as `Request<StreamedBody>` (body [`StreamedBody::None`], or
+//! [`StreamedBody::Whole`] for a `Content-Length` body of at most
+//! [`MAX_WHOLE_BODY`] already read whole with the head) and writes the
+//! responses. At the first request that is anything else — a body not
+//! all there yet, chunked or larger, `Expect`, an upgrade or `CONNECT`,
+//! trailers asked for (`TE`), HTTP/1.0, a head not whole in what was
+//! read, or one the framing guard would refuse (a second or invalid
+//! `Host`, a second `Content-Length`, a head over the limit, bad syntax)
+//! — it hands the connection, with the bytes read so far in a [`Rewind`]
+//! and the time the head began, to a fresh framing guard and hyper
+//! (`server.rs`), which see it as if they had read it from the start of
+//! that request; from then on the connection is theirs. The framing
+//! guard's property tests check that every message [`parse`] takes is one
+//! the guard clears whole, at the same length, ending on a message
+//! boundary.
 //!
 //! Flow per request: socket → [`parse`] (httparse; the guard's checks for
-//! heads without a body) → the handler's future, raced against the
+//! the heads it takes; the body, if any, sliced off the same buffer) →
+//! the handler's future, raced against the
 //! client's socket (pipelined bytes are kept and the next head is timed
 //! from its first byte, [`HeadClock`]; an end of input with nothing else
 //! sent cancels the request, as hyper does) → [`encode_head`] → the body's
@@ -62,6 +68,10 @@ const MAX_HEADERS: usize = 100;
 /// Bytes of pipelined requests buffered while one is answered; beyond it
 /// the socket is not read until the answer is out.
 const READ_AHEAD: usize = 64 * 1024;
+
+/// Largest request body [`parse`] takes, when it arrived whole with its
+/// head (no more than is read ahead anyway).
+const MAX_WHOLE_BODY: usize = READ_AHEAD;
 
 /// A data frame at least this large is written from its own buffer rather
 /// than copied behind the head or a chunk size line.
@@ -387,7 +397,7 @@ fn parse(
     let path_range = path_at..path_at + path.len();
     let mut keep_alive = true;
     let mut hosts = 0;
-    let mut lengths = 0;
+    let mut length = None;
     // Names now; values as slices of the head once it is split off.
     fields.clear();
     for field in head.headers.iter() {
@@ -395,9 +405,13 @@ fn parse(
             return Parsed::Other;
         };
         match name {
-            // One `Content-Length: 0` at most (hyper merges repeats).
-            header::CONTENT_LENGTH if field.value != b"0" || lengths > 0 => return Parsed::Other,
-            header::CONTENT_LENGTH => lengths += 1,
+            // One `Content-Length` at most (hyper merges equal repeats;
+            // the guard takes them), of 1*DIGIT (RFC 9110 §8.6).
+            header::CONTENT_LENGTH if length.is_some() => return Parsed::Other,
+            header::CONTENT_LENGTH => match body_length(field.value) {
+                Some(declared) => length = Some(declared),
+                None => return Parsed::Other,
+            },
             header::TRANSFER_ENCODING | header::EXPECT | header::UPGRADE | header::TE => {
                 return Parsed::Other
             }
@@ -411,22 +425,32 @@ fn parse(
         let at = field.value.as_ptr() as usize - base;
         fields.push((name, at, at + field.value.len()));
     }
-    let head = input.split_to(len).freeze();
-    let Ok(uri) = Uri::from_maybe_shared(head.slice(path_range)) else {
-        return put_back(head, input);
+    // A body is taken only when it is all there, and not larger than what
+    // is read ahead anyway: then it costs no wait and no memory more.
+    let length = length.unwrap_or(0);
+    if input.len() - len < length {
+        return Parsed::Other;
+    }
+    let message = input.split_to(len + length).freeze();
+    let Ok(uri) = Uri::from_maybe_shared(message.slice(path_range)) else {
+        return put_back(message, input);
     };
     let mut headers = HeaderMap::with_capacity(fields.len() + ADDED_FIELDS);
     for (name, start, end) in fields.drain(..) {
-        let Ok(value) = HeaderValue::from_maybe_shared(head.slice(start..end)) else {
-            return put_back(head, input);
+        let Ok(value) = HeaderValue::from_maybe_shared(message.slice(start..end)) else {
+            return put_back(message, input);
         };
         headers.append(name, value);
     }
+    let body = match length {
+        0 => StreamedBody::None,
+        _ => StreamedBody::Whole(message.slice(len..)),
+    };
     let asked = Asked {
         head: method == Method::HEAD,
         keep_alive,
     };
-    let mut request = Request::new(StreamedBody::None);
+    let mut request = Request::new(body);
     *request.method_mut() = method;
     *request.uri_mut() = uri;
     *request.version_mut() = Version::HTTP_11;
@@ -445,11 +469,27 @@ pub(crate) fn takes(stream: &[u8], max_head: usize) -> Option<usize> {
     }
 }
 
-/// A head found unfit only once split off `input`: put back in front of
-/// it, for hyper.
-fn put_back(head: Bytes, input: &mut BytesMut) -> Parsed {
-    let mut whole = BytesMut::with_capacity(head.len() + input.len());
-    whole.extend_from_slice(&head);
+/// The value of a `Content-Length` field [`parse`] takes: 1*DIGIT (as the
+/// framing guard wants it) of at most [`MAX_WHOLE_BODY`]. Anything else,
+/// valid or not, is for the guard and hyper.
+fn body_length(value: &[u8]) -> Option<usize> {
+    // Enough digits for the limit, with room for a few leading zeros.
+    if value.is_empty() || value.len() > 12 || !value.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    let length = value
+        .iter()
+        .fold(0u64, |n, digit| n * 10 + u64::from(digit - b'0'));
+    usize::try_from(length)
+        .ok()
+        .filter(|&length| length <= MAX_WHOLE_BODY)
+}
+
+/// A message found unfit only once split off `input`: put back in front
+/// of it, for hyper.
+fn put_back(message: Bytes, input: &mut BytesMut) -> Parsed {
+    let mut whole = BytesMut::with_capacity(message.len() + input.len());
+    whole.extend_from_slice(&message);
     whole.extend_from_slice(input);
     *input = whole;
     Parsed::Other
@@ -1055,10 +1095,56 @@ mod tests {
         assert!(got.ends_with("\r\n\r\nGET /"), "{got}");
     }
 
+    /// Answers with the request's method, path and body.
+    async fn echo_body(request: Request<StreamedBody>) -> Response<ProxyBody> {
+        use http_body_util::BodyExt;
+        let line = format!("{} {} ", request.method(), request.uri());
+        let body = request.into_body().collect().await.unwrap().to_bytes();
+        let mut text = line.into_bytes();
+        text.extend_from_slice(&body);
+        let mut response = Response::new(ProxyBody::full(text));
+        response.headers_mut().insert(
+            header::DATE,
+            HeaderValue::from_static("Thu, 03 Dec 2026 10:00:00 GMT"),
+        );
+        response
+    }
+
     #[tokio::test]
-    async fn a_request_with_a_body_goes_to_hyper_with_every_byte_not_yet_answered() {
+    async fn sized_bodies_read_whole_with_their_heads_are_answered_here_in_order() {
+        let (mut client, _stop, task) = serving(echo_body);
+        client
+            .write_all(
+                b"POST /one HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\n\r\nhello\
+                  GET /two HTTP/1.1\r\nHost: a\r\n\r\n\
+                  PUT /three HTTP/1.1\r\nHost: a\r\ncontent-length: 0011\r\n\r\nGET /x HTTP\
+                  POST /four HTTP/1.1\r\nHost: a\r\nContent-Length: 0\r\n\r\n",
+            )
+            .await
+            .unwrap();
+        let got = read_until(&mut client, "POST /four ").await;
+        let date = "date: Thu, 03 Dec 2026 10:00:00 GMT\r\n";
+        assert_eq!(
+            got,
+            format!(
+                "HTTP/1.1 200 OK\r\n{date}content-length: 15\r\n\r\nPOST /one hello\
+                 HTTP/1.1 200 OK\r\n{date}content-length: 9\r\n\r\nGET /two \
+                 HTTP/1.1 200 OK\r\n{date}content-length: 22\r\n\r\nPUT /three GET /x HTTP\
+                 HTTP/1.1 200 OK\r\n{date}content-length: 11\r\n\r\nPOST /four "
+            ),
+            "each body is its own, and the bytes after it are the next request"
+        );
+        drop(client);
+        assert!(
+            matches!(task.await.unwrap(), Ok(Served::Closed)),
+            "the connection stayed ours"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_body_not_all_there_goes_to_hyper_with_every_byte_not_yet_answered() {
         let (mut client, _stop, task) = serving(echo);
-        let rest = b"POST /b HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\n\r\nhello";
+        let rest = b"POST /b HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\n\r\nhel";
         let mut sent = b"GET /a HTTP/1.1\r\nHost: a\r\n\r\n".to_vec();
         sent.extend_from_slice(rest);
         client.write_all(&sent).await.unwrap();
@@ -1090,9 +1176,16 @@ mod tests {
                 "x".repeat(8192)
             ),
             "GET / HTTP/1.1\r\nHost: a\r\n",
-            "GET / HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\n\r\nhello",
-            // hyper forwards one of two equal lengths; so does it.
+            // A body not all there yet, or larger than is read ahead.
+            "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\n\r\nhell",
+            "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 65537\r\n\r\nhello",
+            // Lengths the guard refuses or reads: not 1*DIGIT, too many
+            // digits, two (hyper forwards one of two equal lengths).
+            "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: +5\r\n\r\nhello",
+            "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 0000000000005\r\n\r\nhello",
             "GET / HTTP/1.1\r\nHost: a\r\nContent-Length: 0\r\nContent-Length: 0\r\n\r\n",
+            "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nContent-Length: 5\r\n\r\nhello",
+            "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\nhello",
         ] {
             let (mut client, _stop, task) = serving(echo);
             client.write_all(head.as_bytes()).await.unwrap();

@@ -1,5 +1,7 @@
 //! The HTTP/1.1 exchange with an upstream, driven from the request's own
-//! task, for requests without a body (most reads: GET, HEAD, DELETE ...).
+//! task, for requests without a body (most reads: GET, HEAD, DELETE ...)
+//! or with one the proxy holds in full (a small `POST` our server read
+//! whole with its head, a retry's buffered body): [`eligible`].
 //!
 //! Why not hyper's client here: hyper runs each upstream connection as a
 //! task of its own, and a request travels to it through a channel and its
@@ -10,8 +12,8 @@
 //! the sidecar's instructions per request. Here the request's task writes
 //! the head, reads the response head and hands the connection to the
 //! response body, which reads the rest and puts the connection back into
-//! the pool at the body's end. Requests with a body, upgrades and CONNECT
-//! keep using hyper's client (`pool::send_h1`).
+//! the pool at the body's end. Requests whose body is still streaming,
+//! upgrades and CONNECT keep using hyper's client (`pool::send_h1`).
 //!
 //! What is parsed where: the response head with `httparse` (the same
 //! parser hyper uses); its framing per RFC 9112 §6.3 exactly as hyper's
@@ -22,8 +24,8 @@
 //! kept as the lines the client gets (`upstream::response_fields`).
 //!
 //! ```text
-//! pool::send_h1 ─► exchange(conn, request)
-//!   write head ─► read until the head parses (1xx skipped) ─► Response
+//! pool::exchange_h1 ─► exchange(conn, request)
+//!   write head (+ body) ─► read until the head parses (1xx skipped) ─► Response
 //!   ResponseBody::poll_frame ─► data / trailers from the buffer, reads more
 //!   at the end: connection reusable and nothing left over ─► pool (idle)
 //! ```
@@ -114,6 +116,10 @@ pub struct Conn {
 /// A reused request head buffer larger than this is given back.
 const KEEP_HEAD_BUFFER: usize = 8 * 1024;
 
+/// A request body up to this long is copied behind its head (one write);
+/// a longer one is written from its own buffer after it.
+const COPY_BODY_LIMIT: usize = 8 * 1024;
+
 impl Conn {
     /// A connection, boxed for its whole life: it moves between the pool,
     /// the exchange and the response body, a pointer each time.
@@ -192,15 +198,22 @@ impl Conn {
         Poll::Pending
     }
 
-    /// Writes the request head, unless `deadline` passes first.
-    fn poll_write_head(
+    /// Writes the request head (`head`, with a short body copied behind
+    /// it) and then `body`, unless `deadline` passes first.
+    fn poll_write_request(
         &mut self,
         cx: &mut Context<'_>,
+        body: &[u8],
         written: &mut usize,
         deadline: Option<tokio::time::Instant>,
     ) -> Poll<Result<(), ExchangeError>> {
-        while *written < self.head.len() {
-            match Pin::new(&mut self.io).poll_write(cx, &self.head[*written..]) {
+        let head = self.head.len();
+        while *written < head + body.len() {
+            let rest = match self.head.get(*written..) {
+                Some(rest) if !rest.is_empty() => rest,
+                _ => &body[*written - head..],
+            };
+            match Pin::new(&mut self.io).poll_write(cx, rest) {
                 Poll::Ready(Ok(0)) => {
                     return Poll::Ready(Err(ExchangeError::Write(io::ErrorKind::WriteZero.into())))
                 }
@@ -350,44 +363,61 @@ impl ExchangeError {
     }
 }
 
+/// A request body whose every byte is known without polling it (the
+/// proxy's body: empty, or held in full), so that [`exchange`] writes it
+/// with the head.
+pub trait KnownBody {
+    /// The body's bytes; `None` while data may still come.
+    fn known_data(&self) -> Option<&[u8]>;
+}
+
 /// Whether `request` goes through [`exchange`]: HTTP/1.x in origin form,
-/// no body (and no framing header announcing one), no upgrade, not
-/// CONNECT, no `Expect`.
-pub fn eligible<B: Body>(request: &Request<B>) -> bool {
+/// a body known in full (most often none) whose length every
+/// `Content-Length` field states (none needed for no body), no
+/// `Transfer-Encoding`, no upgrade, not CONNECT, no `Expect`.
+pub fn eligible<B: KnownBody>(request: &Request<B>) -> bool {
     let uri = request.uri();
-    if !request.body().is_end_stream()
-        || request.method() == Method::CONNECT
+    let Some(data) = request.body().known_data() else {
+        return false;
+    };
+    if request.method() == Method::CONNECT
         || request.version() == Version::HTTP_2
         || uri.scheme().is_some()
         || uri.path_and_query().is_none()
     {
         return false;
     }
-    !request.headers().keys().any(|name| {
-        name == header::UPGRADE
-            || name == header::TRANSFER_ENCODING
-            || name == header::EXPECT
-            || (name == header::CONTENT_LENGTH
-                && request
-                    .headers()
-                    .get_all(header::CONTENT_LENGTH)
-                    .iter()
-                    .any(|v| v.as_bytes() != b"0"))
-    })
+    let headers = request.headers();
+    let mut length = itoa::Buffer::new();
+    let length = length.format(data.len()).as_bytes();
+    let mut lengths = headers.get_all(header::CONTENT_LENGTH).iter().peekable();
+    if lengths.peek().is_none() && !data.is_empty() {
+        return false;
+    }
+    lengths.all(|value| value.as_bytes() == length)
+        && !headers.keys().any(|name| {
+            name == header::UPGRADE || name == header::TRANSFER_ENCODING || name == header::EXPECT
+        })
 }
 
-/// Sends `request` (see [`eligible`]) on `conn` and reads the response
-/// head. The response body reads the rest and gives `conn` back to `idle`
-/// when the connection can carry another request.
-pub async fn exchange<B>(
+/// Sends `request` (see [`eligible`]) on `conn`, its body (if any) with
+/// the head, and reads the response head. The response body reads the
+/// rest and gives `conn` back to `idle` when the connection can carry
+/// another request.
+pub async fn exchange<B: KnownBody>(
     mut conn: Box<Conn>,
     request: &Request<B>,
     idle: &Arc<IdleConns>,
     deadline: Option<tokio::time::Instant>,
 ) -> Result<Response<ResponseBody>, ExchangeError> {
     encode_head(request, &mut conn.head);
+    let mut body = request.body().known_data().unwrap_or_default();
+    if body.len() <= COPY_BODY_LIMIT {
+        conn.head.extend_from_slice(body);
+        body = &[];
+    }
     let mut written = 0;
-    std::future::poll_fn(|cx| conn.poll_write_head(cx, &mut written, deadline)).await?;
+    std::future::poll_fn(|cx| conn.poll_write_request(cx, body, &mut written, deadline)).await?;
     if conn.head.capacity() > KEEP_HEAD_BUFFER {
         conn.head = Vec::new();
     }
@@ -1446,13 +1476,149 @@ mod tests {
         assert_eq!(connections.load(Ordering::SeqCst), 1, "not sent again");
     }
 
+    /// Requests an upstream read (each whole, as read), and its
+    /// connections.
+    #[derive(Default)]
+    struct Recorded {
+        requests: Mutex<Vec<Vec<u8>>>,
+        connections: AtomicUsize,
+    }
+
+    /// An upstream that reads requests framed by `content-length` (none:
+    /// no body), keeps each as read and answers `ok` on the same
+    /// connection; the request numbered `close_at` (from 0, over all
+    /// connections) it reads whole and then closes its connection without
+    /// answering.
+    async fn recording(close_at: Option<usize>) -> (SocketAddr, Arc<Recorded>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let seen = Arc::new(Recorded::default());
+        let record = Arc::clone(&seen);
+        tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                record.connections.fetch_add(1, Ordering::SeqCst);
+                let record = Arc::clone(&record);
+                tokio::spawn(async move {
+                    let mut input = Vec::new();
+                    let mut buf = vec![0u8; 64 * 1024];
+                    loop {
+                        let whole = loop {
+                            if let Some(end) = input.windows(4).position(|w| w == b"\r\n\r\n") {
+                                let head = String::from_utf8_lossy(&input[..end]).to_lowercase();
+                                let length = head
+                                    .lines()
+                                    .find_map(|l| l.strip_prefix("content-length: "))
+                                    .map_or(0, |v| v.trim().parse::<usize>().unwrap());
+                                if input.len() >= end + 4 + length {
+                                    break end + 4 + length;
+                                }
+                            }
+                            match stream.read(&mut buf).await {
+                                Ok(0) | Err(_) => return,
+                                Ok(n) => input.extend_from_slice(&buf[..n]),
+                            }
+                        };
+                        let request: Vec<u8> = input.drain(..whole).collect();
+                        let closing = {
+                            let mut seen = record.requests.lock().unwrap();
+                            seen.push(request);
+                            close_at == Some(seen.len() - 1)
+                        };
+                        if closing {
+                            return;
+                        }
+                        let ok = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+                        if stream.write_all(ok).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        (addr, seen)
+    }
+
+    #[tokio::test]
+    async fn a_body_known_in_full_goes_out_after_its_head_and_is_counted_once() {
+        // Copied behind the head, at the copy limit, and written after it.
+        for size in [5, COPY_BODY_LIMIT, COPY_BODY_LIMIT + 1, 200_000] {
+            let (addr, seen) = recording(None).await;
+            let pool = pool(addr);
+            let data: Bytes = (0..size).map(|i| b'a' + (i % 26) as u8).collect();
+            let counted = prometheus::IntCounter::new("sent", "sent").unwrap();
+            for _ in 0..2 {
+                let request = Request::post("/orders")
+                    .header("host", "orders")
+                    .header("content-length", size.to_string())
+                    .body(ProxyBody::full(data.clone()).counting(counted.clone()))
+                    .unwrap();
+                assert!(eligible(&request));
+                assert_eq!(fetch(&pool, request).await.1, "ok");
+            }
+            let head =
+                format!("POST /orders HTTP/1.1\r\nhost: orders\r\ncontent-length: {size}\r\n\r\n");
+            let mut want = head.into_bytes();
+            want.extend_from_slice(&data);
+            let requests = seen.requests.lock().unwrap();
+            assert_eq!(requests.len(), 2, "{size}");
+            assert!(
+                requests.iter().all(|got| *got == want),
+                "{size}: the request as sent"
+            );
+            let connections = seen.connections.load(Ordering::SeqCst);
+            assert_eq!(connections, 1, "{size}: one connection, kept");
+            assert_eq!(
+                counted.get(),
+                2 * size as u64,
+                "{size}: counted once per request"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn a_body_known_in_full_is_sent_again_only_for_an_idempotent_method() {
+        for (method, sent) in [(Method::PUT, 2), (Method::POST, 1)] {
+            // The second request finds the first one's connection in the
+            // pool, and the upstream closes it having read it whole.
+            let (addr, seen) = recording(Some(1)).await;
+            let pool = pool(addr);
+            assert_eq!(fetch(&pool, get("/warm")).await.1, "ok");
+            let request = Request::builder()
+                .method(method.clone())
+                .uri("/orders/7")
+                .header("content-length", "4")
+                .body(ProxyBody::full("data"))
+                .unwrap();
+            let answer = pool.send(request).await;
+            let requests = seen.requests.lock().unwrap();
+            assert_eq!(requests.len(), 1 + sent, "{method}");
+            assert!(
+                requests[1..].iter().all(|r| r.ends_with(b"\r\n\r\ndata")),
+                "{method}"
+            );
+            assert_eq!(
+                answer.is_ok(),
+                sent == 2,
+                "{method}: answered on a new connection"
+            );
+            assert_eq!(seen.connections.load(Ordering::SeqCst), sent, "{method}");
+        }
+    }
+
     #[test]
-    fn only_bodiless_origin_form_requests_take_this_client() {
+    fn only_origin_form_requests_with_a_body_known_in_full_take_this_client() {
         let with = |name: &str, value: &str| {
             Request::get("/")
                 .header(name, value)
                 .body(ProxyBody::empty())
                 .unwrap()
+        };
+        let post = |lengths: &[&str]| {
+            let mut request = Request::post("/");
+            for length in lengths {
+                request = request.header("content-length", *length);
+            }
+            request.body(ProxyBody::full("abc")).unwrap()
         };
         assert!(eligible(&get("/a?b=c")));
         assert!(eligible(&with("content-length", "0")));
@@ -1460,9 +1626,18 @@ mod tests {
         assert!(!eligible(&with("transfer-encoding", "chunked")));
         assert!(!eligible(&with("expect", "100-continue")));
         assert!(!eligible(&with("content-length", "3")));
-        assert!(!eligible(
-            &Request::post("/").body(ProxyBody::full("abc")).unwrap()
-        ));
+        assert!(eligible(&post(&["3"])));
+        assert!(eligible(&post(&["3", "3"])));
+        // The head must state the body's length, as the body is.
+        assert!(!eligible(&post(&[])));
+        assert!(!eligible(&post(&["4"])));
+        assert!(!eligible(&post(&["3", "4"])));
+        assert!(!eligible(&post(&["03"])));
+        // A body some of which has been handed over is not known in full.
+        let mut polled = post(&["3"]);
+        let first = std::pin::pin!(polled.body_mut().frame());
+        assert!(futures_util::FutureExt::now_or_never(first).is_some());
+        assert!(!eligible(&polled));
         assert!(!eligible(&get("http://orders/absolute")));
         let connect = Request::connect("orders:80")
             .body(ProxyBody::empty())

@@ -29,12 +29,13 @@
 //! `connection_closed`); each connection opened in
 //! `meshlet_upstream_connections_opened_total{protocol}`.
 //!
-//! Flow (HTTP/1.1 without a request body, most requests): `exchange_h1` →
-//! take an idle connection of our own client (or connect) →
-//! `h1_client::exchange` from this task; the response body gives the
-//! connection back to the idle list when it has been read whole.
+//! Flow (HTTP/1.1 without a request body or with one held in full, most
+//! requests): `exchange_h1` → take an idle connection of our own client
+//! (or connect) → `h1_client::exchange` from this task; the response body
+//! gives the connection back to the idle list when it has been read whole.
 //!
-//! Flow (HTTP/1.1 with a body, or an upgrade): `send_h1` → take a ready
+//! Flow (HTTP/1.1 with a body still streaming, or an upgrade): `send_h1` →
+//! take a ready
 //! hyper h1 connection (or connect) → send → keep the connection in the
 //! pool at once; it becomes ready again when its response has been read,
 //! and only ready connections are handed out.
@@ -91,7 +92,7 @@ use crate::identity::{Hop, WorkloadIdentity};
 use crate::listen::stream_watch::PRESSED_LIMIT;
 use crate::settings::Limits;
 use crate::telemetry::metrics::PoolMetrics;
-use crate::upstream::h1_client;
+use crate::upstream::h1_client::{self, KnownBody};
 use crate::upstream::in_flight::{
     ClientPress, ClientStreams, InFlight, InFlightCounter, Pressable, StreamSlot,
 };
@@ -446,9 +447,9 @@ impl ConnPool {
     /// ([`SendError::TimedOut`]); `exchange_h1` keeps it with its
     /// connection's lazy timer, the other exchanges under `timeout_at`.
     ///
-    /// Only the exchange of a request without a body (`exchange_h1`, the
-    /// common case) is part of this future; hyper's HTTP/1.1 exchange (a
-    /// request with a body), the HTTP/2 and the mTLS ones are boxed, so
+    /// Only our own HTTP/1.1 exchange (`exchange_h1`, the common case) is
+    /// part of this future; hyper's HTTP/1.1 exchange (a request whose
+    /// body is still streaming), the HTTP/2 and the mTLS ones are boxed, so
     /// that every request's future (which hyper moves as a whole) does not
     /// carry their space.
     #[allow(clippy::manual_async_fn)] // an `async fn` would copy the request twice into its future
@@ -494,7 +495,8 @@ impl ConnPool {
         }
     }
 
-    /// HTTP/1.1 with a request body (or an upgrade), by hyper's client, on a
+    /// HTTP/1.1 with a request body still streaming (or an upgrade), by
+    /// hyper's client, on a
     /// pooled keep-alive connection (or a new one). A pooled
     /// connection that was closed before it answered: once more on a new
     /// connection, if the request came back or can be replayed.
@@ -552,7 +554,8 @@ impl ConnPool {
         }
     }
 
-    /// HTTP/1.1 without a request body, by our own client from this task
+    /// HTTP/1.1 without a request body or with one held in full (written
+    /// with the head, counted once answered), by our own client from this task
     /// (`h1_client`) on an idle connection of its own (or a new one). A
     /// pooled connection that was closed before it answered: once more on
     /// a new connection, if the request did not reach the upstream whole
@@ -589,7 +592,12 @@ impl ConnPool {
                     },
                 };
                 match h1_client::exchange(conn, &request, &self.direct, deadline).await {
-                    Ok(response) => return Ok((response.map(StreamedBody::from), None)),
+                    Ok(response) => {
+                        // Its body went out with the head, not polled.
+                        let sent = request.body().known_data().map_or(0, <[u8]>::len);
+                        request.body().count_sent(sent);
+                        return Ok((response.map(StreamedBody::from), None));
+                    }
                     Err(h1_client::ExchangeError::TimedOut) => return Err(SendError::TimedOut),
                     Err(error)
                         if reused
