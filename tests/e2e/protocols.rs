@@ -514,7 +514,10 @@ async fn request_bodies_reach_the_app_whole_whichever_server_reads_them() {
             assert!(reply.ends_with(&format!("\r\n\r\n{sent}")), "{n}: {reply}");
             sent_bytes += n;
             conn.send(b"GET / HTTP/1.1\r\nHost: orders\r\n\r\n").await;
-            assert!(conn.read_response(Duration::from_secs(10)).await.ends_with("hello from orders"));
+            assert!(conn
+                .read_response(Duration::from_secs(10))
+                .await
+                .ends_with("hello from orders"));
         }
         // Pipelined: two bodies and a bodiless request in one write.
         let (first, second) = (body(700, 3), body(20, 4));
@@ -522,9 +525,18 @@ async fn request_bodies_reach_the_app_whole_whichever_server_reads_them() {
             + &posted("/upload", &second)
             + "GET / HTTP/1.1\r\nHost: orders\r\n\r\n";
         conn.send(pipelined.as_bytes()).await;
-        assert!(conn.read_response(Duration::from_secs(10)).await.ends_with(&first));
-        assert!(conn.read_response(Duration::from_secs(10)).await.ends_with("\r\n\r\n20"));
-        assert!(conn.read_response(Duration::from_secs(10)).await.ends_with("hello from orders"));
+        assert!(conn
+            .read_response(Duration::from_secs(10))
+            .await
+            .ends_with(&first));
+        assert!(conn
+            .read_response(Duration::from_secs(10))
+            .await
+            .ends_with("\r\n\r\n20"));
+        assert!(conn
+            .read_response(Duration::from_secs(10))
+            .await
+            .ends_with("hello from orders"));
         sent_bytes += 720;
         // A body split over two writes, then one larger than is read
         // ahead, then a chunked one; then a whole one again (hyper's by now).
@@ -534,15 +546,27 @@ async fn request_bodies_reach_the_app_whole_whichever_server_reads_them() {
         conn.send(start.as_bytes()).await;
         tokio::time::sleep(Duration::from_millis(50)).await;
         conn.send(end.as_bytes()).await;
-        assert!(conn.read_response(Duration::from_secs(10)).await.ends_with(&split));
+        assert!(conn
+            .read_response(Duration::from_secs(10))
+            .await
+            .ends_with(&split));
         let large = body(100_000, 6);
         conn.send(posted("/upload", &large).as_bytes()).await;
-        assert!(conn.read_response(Duration::from_secs(10)).await.ends_with("\r\n\r\n100000"));
+        assert!(conn
+            .read_response(Duration::from_secs(10))
+            .await
+            .ends_with("\r\n\r\n100000"));
         conn.send(b"POST /echo HTTP/1.1\r\nHost: orders\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n").await;
-        assert!(conn.read_response(Duration::from_secs(10)).await.ends_with("\r\n\r\nabcde"));
+        assert!(conn
+            .read_response(Duration::from_secs(10))
+            .await
+            .ends_with("\r\n\r\nabcde"));
         let last = body(10, 7);
         conn.send(posted("/echo", &last).as_bytes()).await;
-        assert!(conn.read_response(Duration::from_secs(10)).await.ends_with(&last));
+        assert!(conn
+            .read_response(Duration::from_secs(10))
+            .await
+            .ends_with(&last));
         sent_bytes += 1000 + 100_000 + 5 + 10;
     }
     // The inbound sidecar saw every request body once (both entries end

@@ -10,9 +10,10 @@
 //! reads the socket itself, parses each head once, hands such requests to
 //! the handler as `Request<StreamedBody>` (body [`StreamedBody::None`], or
 //! [`StreamedBody::Whole`] for a `Content-Length` body of at most
-//! [`MAX_WHOLE_BODY`] already read whole with the head) and writes the
-//! responses. At the first request that is anything else — a body not
-//! all there yet, chunked or larger, `Expect`, an upgrade or `CONNECT`,
+//! [`MAX_WHOLE_BODY`] that the socket already has whole with the head)
+//! and writes the responses. At the first request that is anything else —
+//! a body not all arrived yet, chunked or larger, `Expect`, an upgrade or
+//! `CONNECT`,
 //! trailers asked for (`TE`), HTTP/1.0, a head not whole in what was
 //! read, or one the framing guard would refuse (a second or invalid
 //! `Host`, a second `Content-Length`, a head over the limit, bad syntax)
@@ -138,7 +139,12 @@ where
                 // Part of a head: the guard times the rest of it.
                 Parsed::Partial if !client.input.is_empty() => return Ok(client.hand_over(io)),
                 Parsed::Partial => {}
-                Parsed::Other => return Ok(client.hand_over(io)),
+                // The rest of the body may be in the socket already (it
+                // came in more than one read's worth): no waiting for it.
+                Parsed::BodyToCome(whole) if read_ready(&mut io, &mut client.input, whole) => {
+                    continue
+                }
+                Parsed::BodyToCome(_) | Parsed::Other => return Ok(client.hand_over(io)),
             }
             let read = poll_fn(|cx| {
                 if !stopping && stop.poll_stopped(cx).is_ready() {
@@ -275,6 +281,22 @@ fn read_more<T: AsyncRead + Unpin>(
     tokio_util::io::poll_read_buf(Pin::new(io), cx, input)
 }
 
+/// Reads what the socket has at once, without waiting, until `input`
+/// holds `whole` bytes; whether it got there. (Polled with a waker that
+/// does nothing: when the socket has no more, whoever reads it next
+/// registers its own.)
+fn read_ready<T: AsyncRead + Unpin>(io: &mut T, input: &mut BytesMut, whole: usize) -> bool {
+    input.reserve(whole.saturating_sub(input.len()));
+    let mut cx = Context::from_waker(std::task::Waker::noop());
+    while input.len() < whole {
+        match tokio_util::io::poll_read_buf(Pin::new(&mut *io), &mut cx, input) {
+            Poll::Ready(Ok(n)) if n > 0 => {}
+            _ => return false,
+        }
+    }
+    true
+}
+
 /// Polls `answering` to its response; meanwhile reads pipelined bytes
 /// into the client's input (up to [`READ_AHEAD`]) and notes a stop. `None`:
 /// the client ended its input with no other request sent (the answer is
@@ -345,6 +367,9 @@ enum Parsed {
     Request(Request<StreamedBody>, Asked),
     /// Not a whole head yet.
     Partial,
+    /// A whole head whose body [`parse`] would take, not all read yet:
+    /// the message is this long.
+    BodyToCome(usize),
     /// A request for hyper (see the module docs).
     Other,
 }
@@ -429,7 +454,7 @@ fn parse(
     // is read ahead anyway: then it costs no wait and no memory more.
     let length = length.unwrap_or(0);
     if input.len() - len < length {
-        return Parsed::Other;
+        return Parsed::BodyToCome(len + length);
     }
     let message = input.split_to(len + length).freeze();
     let Ok(uri) = Uri::from_maybe_shared(message.slice(path_range)) else {
@@ -465,7 +490,7 @@ pub(crate) fn takes(stream: &[u8], max_head: usize) -> Option<usize> {
     let mut input = BytesMut::from(stream);
     match parse(&mut input, &mut Vec::new(), max_head) {
         Parsed::Request(..) => Some(stream.len() - input.len()),
-        Parsed::Partial | Parsed::Other => None,
+        Parsed::Partial | Parsed::BodyToCome(_) | Parsed::Other => None,
     }
 }
 
@@ -1138,6 +1163,28 @@ mod tests {
         assert!(
             matches!(task.await.unwrap(), Ok(Served::Closed)),
             "the connection stayed ours"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_body_longer_than_a_read_is_taken_when_the_socket_has_it_all() {
+        let (mut client, _stop, task) = serving(echo_body);
+        let body = "b".repeat(40 * 1024) + "end";
+        let request = format!(
+            "PUT /big HTTP/1.1\r\nHost: a\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        client.write_all(request.as_bytes()).await.unwrap();
+        let got = read_until(&mut client, "bend").await;
+        assert!(got.starts_with("HTTP/1.1 200 OK\r\n"), "{}", &got[..100]);
+        assert!(
+            got.ends_with(&format!("\r\n\r\nPUT /big {body}")),
+            "the body whole"
+        );
+        drop(client);
+        assert!(
+            matches!(task.await.unwrap(), Ok(Served::Closed)),
+            "answered here, not handed over"
         );
     }
 
