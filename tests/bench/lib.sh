@@ -610,13 +610,13 @@ EOF
 }
 
 # scenario_flags SCENARIO: the extra sidecar flags of a profiling scenario
-# (inbound: none; policies, outbound: the policies and the span sink;
+# (inbound, post: none; policies, outbound: the policies and the span sink;
 # row-policies: all.sh's four policies of the one-hop "+ policies" row) into
 # SCENARIO_FLAGS.
 # shellcheck disable=SC2034 # used by the scripts that source this file
 scenario_flags() {
     case "$1" in
-        inbound) SCENARIO_FLAGS=() ;;
+        inbound | post) SCENARIO_FLAGS=() ;;
         policies | outbound)
             SCENARIO_FLAGS=(--config "$TMP/policies.yaml"
                 --trace-endpoint "http://127.0.0.1:$UP_PORT/v1/traces")

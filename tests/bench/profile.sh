@@ -27,6 +27,8 @@
 #             over OTLP/HTTP to the upstream's /v1/traces sink
 #   outbound  h2load -> sidecar outbound (Host: app) -> app, the service `app`
 #             under a CircuitBreakerPolicy, a RetryPolicy and a TimeoutPolicy
+#   post      h2load -> sidecar inbound -> app as inbound, each request a
+#             POST with a 256-byte body (sent with its head)
 #   row-policies  h2load -> sidecar inbound -> app with exactly all.sh's
 #             "sidecar + policies" row (issue 17's goal 1): rate limit,
 #             breaker, retry and timeout for the own service, default
@@ -89,12 +91,16 @@ sidecar_args() {
 
 # load SCENARIO IN OUT N: N keep-alive requests through the scenario's listener.
 load() {
-    local scenario=$1 in=$2 out=$3 n=$4 port=$2 host=()
+    local scenario=$1 in=$2 out=$3 n=$4 port=$2 host=() data=()
     if [[ "$scenario" == outbound ]]; then
         port=$out
         host=(-H ":authority: app")
     fi
-    h2load --h1 -n "$n" -c "$PCONNS" -m 1 "${host[@]}" "http://127.0.0.1:$port/" >"$TMP/h2load.out" 2>&1 ||
+    if [[ "$scenario" == post ]]; then
+        [[ -f "$TMP/post-body" ]] || head -c 256 /dev/zero | tr '\0' x >"$TMP/post-body"
+        data=(-d "$TMP/post-body")
+    fi
+    h2load --h1 -n "$n" -c "$PCONNS" -m 1 "${host[@]}" "${data[@]}" "http://127.0.0.1:$port/" >"$TMP/h2load.out" 2>&1 ||
         { cat "$TMP/h2load.out" >&2; die "h2load failed"; }
     grep -q "succeeded, 0 failed, 0 errored" "$TMP/h2load.out" ||
         grep -q "$n succeeded" "$TMP/h2load.out" ||

@@ -387,17 +387,25 @@ pub fn eligible<B: KnownBody>(request: &Request<B>) -> bool {
     {
         return false;
     }
+    // The names first (most requests have no length to check).
     let headers = request.headers();
-    let mut length = itoa::Buffer::new();
-    let length = length.format(data.len()).as_bytes();
-    let mut lengths = headers.get_all(header::CONTENT_LENGTH).iter().peekable();
-    if lengths.peek().is_none() && !data.is_empty() {
-        return false;
+    let mut stated = false;
+    for name in headers.keys() {
+        match *name {
+            header::UPGRADE | header::TRANSFER_ENCODING | header::EXPECT => return false,
+            header::CONTENT_LENGTH => stated = true,
+            _ => {}
+        }
     }
-    lengths.all(|value| value.as_bytes() == length)
-        && !headers.keys().any(|name| {
-            name == header::UPGRADE || name == header::TRANSFER_ENCODING || name == header::EXPECT
-        })
+    if !stated {
+        return data.is_empty();
+    }
+    let mut digits = itoa::Buffer::new();
+    let length = digits.format(data.len()).as_bytes();
+    headers
+        .get_all(header::CONTENT_LENGTH)
+        .iter()
+        .all(|value| value.as_bytes() == length)
 }
 
 /// Sends `request` (see [`eligible`]) on `conn`, its body (if any) with
