@@ -326,6 +326,23 @@ impl ProxyBody {
     /// for a streamed body with data still to come. The copy counts its
     /// bytes and strips trailers like the original; it carries no guards.
     pub fn replay_copy(&self) -> Option<ProxyBody> {
+        let mut copy = self.known_copy()?;
+        copy.bytes = self.bytes.clone();
+        copy.more_bytes = self.more_bytes.clone();
+        Some(copy)
+    }
+
+    /// A copy of this (request) body for another request (a mirror's),
+    /// when every byte of it is known (as [`ProxyBody::replay_copy`]); it
+    /// counts its bytes nowhere, since they are not the original
+    /// request's, and carries no guards.
+    pub fn uncounted_copy(&self) -> Option<ProxyBody> {
+        self.known_copy()
+    }
+
+    /// The known bytes of this body in a new body without counters or
+    /// guards.
+    fn known_copy(&self) -> Option<ProxyBody> {
         let kind = match &self.kind {
             Kind::Empty => Kind::Empty,
             Kind::Full(Some(bytes)) => Kind::Full(Some(bytes.clone())),
@@ -335,22 +352,11 @@ impl ProxyBody {
         };
         Some(ProxyBody {
             kind,
-            bytes: self.bytes.clone(),
-            more_bytes: self.more_bytes.clone(),
+            bytes: None,
+            more_bytes: None,
             strip_trailers: self.strip_trailers,
             guards: None,
         })
-    }
-
-    /// Counts `len` data bytes sent from [`KnownBody::known_data`] on the
-    /// body's byte counters, as polling them would have.
-    pub fn count_sent(&self, len: usize) {
-        if len == 0 {
-            return;
-        }
-        for bytes in [&self.bytes, &self.more_bytes].into_iter().flatten() {
-            bytes.inc_by(len as u64);
-        }
     }
 
     /// Holds a concurrency slot until the body has been fully sent.
@@ -412,7 +418,7 @@ impl ProxyBody {
 /// polling: empty, a streamed body already at its end, or one held in full
 /// (read whole with its head, or a retry's buffered body). `None` while
 /// data may still come. Whoever sends these bytes instead of polling the
-/// body counts them ([`ProxyBody::count_sent`]).
+/// body counts them ([`KnownBody::count_sent`]).
 impl KnownBody for ProxyBody {
     fn known_data(&self) -> Option<&[u8]> {
         match &self.kind {
@@ -422,6 +428,15 @@ impl KnownBody for ProxyBody {
             Kind::Full(None) => None,
             Kind::Streamed(body, _) if body.is_end_stream() => Some(&[]),
             Kind::Streamed(..) => None,
+        }
+    }
+
+    fn count_sent(&self, len: usize) {
+        if len == 0 {
+            return;
+        }
+        for bytes in [&self.bytes, &self.more_bytes].into_iter().flatten() {
+            bytes.inc_by(len as u64);
         }
     }
 }

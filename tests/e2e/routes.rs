@@ -223,6 +223,41 @@ async fn mirror_100_percent_the_mirror_receives_every_request() {
     .await;
 }
 
+/// A POST whose body came whole with its head is mirrored with its body
+/// (held in full), and the caller's request bytes count it once: the
+/// copy's bytes are not the caller's.
+#[tokio::test]
+async fn a_mirrored_body_reaches_the_mirror_and_is_counted_once() {
+    let mesh = mesh(&orders_route(
+        "orders-mirror",
+        "  - backends: [{service: orders, labels: {version: v1}}]\n    filters: [{requestMirror: {service: shadow, percent: 100}}]\n",
+    ))
+    .await;
+    let mut conn = meshlet_e2e::client::RawConnection::open(mesh.frontend.outbound).await;
+    let body = "m".repeat(1000);
+    for _ in 0..10 {
+        let post = format!(
+            "POST /upload HTTP/1.1\r\nHost: orders\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        conn.send(post.as_bytes()).await;
+        let reply = conn.read_response(Duration::from_secs(10)).await;
+        assert!(reply.ends_with("\r\n\r\n1000"), "{reply}");
+    }
+    wait::until(
+        "every copy at the mirror",
+        Duration::from_secs(10),
+        || async { (mesh.shadow.requests() == 10).then_some(()) },
+    )
+    .await;
+    let scrape = Scrape::of(mesh.frontend.admin).await;
+    assert_eq!(
+        scrape.sum("request_bytes_total", &[("destination", "orders")]),
+        10_000.0,
+        "the caller's bytes, once"
+    );
+}
+
 /// A keep-alive HTTP/1.1 connection to a sidecar's outbound listener.
 struct KeepAlive {
     sender: hyper::client::conn::http1::SendRequest<Full<Bytes>>,

@@ -369,6 +369,10 @@ impl ExchangeError {
 pub trait KnownBody {
     /// The body's bytes; `None` while data may still come.
     fn known_data(&self) -> Option<&[u8]>;
+
+    /// Counts `len` of its bytes as sent (on the body's byte counters, as
+    /// polling them would have).
+    fn count_sent(&self, len: usize);
 }
 
 /// Whether `request` goes through [`exchange`]: HTTP/1.x in origin form,
@@ -409,7 +413,9 @@ pub fn eligible<B: KnownBody>(request: &Request<B>) -> bool {
 }
 
 /// Sends `request` (see [`eligible`]) on `conn`, its body (if any) with
-/// the head, and reads the response head. The response body reads the
+/// the head (counted once written whole: a resend counts again, as a
+/// replayed body polled by hyper's client does), and reads the response
+/// head. The response body reads the
 /// rest and gives `conn` back to `idle` when the connection can carry
 /// another request.
 pub async fn exchange<B: KnownBody>(
@@ -420,12 +426,14 @@ pub async fn exchange<B: KnownBody>(
 ) -> Result<Response<ResponseBody>, ExchangeError> {
     encode_head(request, &mut conn.head);
     let mut body = request.body().known_data().unwrap_or_default();
+    let body_len = body.len();
     if body.len() <= COPY_BODY_LIMIT {
         conn.head.extend_from_slice(body);
         body = &[];
     }
     let mut written = 0;
     std::future::poll_fn(|cx| conn.poll_write_request(cx, body, &mut written, deadline)).await?;
+    request.body().count_sent(body_len);
     if conn.head.capacity() > KEEP_HEAD_BUFFER {
         conn.head = Vec::new();
     }
@@ -1583,6 +1591,8 @@ mod tests {
         }
     }
 
+    /// Counted as written: a resend again, a body the upstream read and
+    /// never answered too.
     #[tokio::test]
     async fn a_body_known_in_full_is_sent_again_only_for_an_idempotent_method() {
         for (method, sent) in [(Method::PUT, 2), (Method::POST, 1)] {
@@ -1591,11 +1601,12 @@ mod tests {
             let (addr, seen) = recording(Some(1)).await;
             let pool = pool(addr);
             assert_eq!(fetch(&pool, get("/warm")).await.1, "ok");
+            let counted = prometheus::IntCounter::new("sent", "sent").unwrap();
             let request = Request::builder()
                 .method(method.clone())
                 .uri("/orders/7")
                 .header("content-length", "4")
-                .body(ProxyBody::full("data"))
+                .body(ProxyBody::full("data").counting(counted.clone()))
                 .unwrap();
             let answer = pool.send(request).await;
             let requests = seen.requests.lock().unwrap();
@@ -1610,6 +1621,11 @@ mod tests {
                 "{method}: answered on a new connection"
             );
             assert_eq!(seen.connections.load(Ordering::SeqCst), sent, "{method}");
+            assert_eq!(
+                counted.get(),
+                4 * sent as u64,
+                "{method}: counted as written"
+            );
         }
     }
 

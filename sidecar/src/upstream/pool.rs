@@ -92,7 +92,7 @@ use crate::identity::{Hop, WorkloadIdentity};
 use crate::listen::stream_watch::PRESSED_LIMIT;
 use crate::settings::Limits;
 use crate::telemetry::metrics::PoolMetrics;
-use crate::upstream::h1_client::{self, KnownBody};
+use crate::upstream::h1_client;
 use crate::upstream::in_flight::{
     ClientPress, ClientStreams, InFlight, InFlightCounter, Pressable, StreamSlot,
 };
@@ -555,7 +555,7 @@ impl ConnPool {
     }
 
     /// HTTP/1.1 without a request body or with one held in full (written
-    /// with the head, counted once answered), by our own client from this task
+    /// with the head), by our own client from this task
     /// (`h1_client`) on an idle connection of its own (or a new one). A
     /// pooled connection that was closed before it answered: once more on
     /// a new connection, if the request did not reach the upstream whole
@@ -592,12 +592,7 @@ impl ConnPool {
                     },
                 };
                 match h1_client::exchange(conn, &request, &self.direct, deadline).await {
-                    Ok(response) => {
-                        // Its body went out with the head, not polled.
-                        let sent = request.body().known_data().map_or(0, <[u8]>::len);
-                        request.body().count_sent(sent);
-                        return Ok((response.map(StreamedBody::from), None));
-                    }
+                    Ok(response) => return Ok((response.map(StreamedBody::from), None)),
                     Err(h1_client::ExchangeError::TimedOut) => return Err(SendError::TimedOut),
                     Err(error)
                         if reused
