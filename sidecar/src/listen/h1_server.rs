@@ -30,7 +30,10 @@
 //! the handler's future, raced against the
 //! client's socket (pipelined bytes are kept and the next head is timed
 //! from its first byte, [`HeadClock`]; an end of input with nothing else
-//! sent cancels the request, as hyper does) → [`encode_head`] → the body's
+//! sent cancels the request, as hyper does — but it is seen only after the
+//! handler's first poll, so a request whose client shuts its side right
+//! behind it has usually reached the app already, where hyper, reading
+//! ahead, had usually cancelled it first) → [`encode_head`] → the body's
 //! frames, coalesced with the head into one write when they are ready →
 //! next request, or close. Between requests the client idle limit runs on
 //! the guard's lazy timer ([`IdleTimer`]).
