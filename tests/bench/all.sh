@@ -80,8 +80,9 @@
 # over the pairs. Goal 1 is judged on the paired median when there is one.
 # Each pair also has nginx and the sidecar answering a POST with a
 # BENCH_POST_BYTES body (default 256, sent with its head, as API clients
-# do), each run against the POST run of nginx in its pair: a body must not
-# cost the sidecar more than it costs nginx.
+# do; and the baseline build's, when set), each run against the POST run
+# of nginx in its pair: a body must not cost the sidecar more than it
+# costs nginx.
 #
 # Then the goals of issue 17 (met / MISSED), the other processes' CPU during
 # the runs (on a shared machine: over BENCH_OTHER_CPU_LIMIT % the numbers are
@@ -465,7 +466,7 @@ POST_BYTES="${BENCH_POST_BYTES:-256}"
 PAIRED=(sidecar policies ${BASELINE:+baseline})
 POSTED=()
 if ((POST_BYTES > 0)); then
-    POSTED=(nginx-post sidecar-post)
+    POSTED=(nginx-post sidecar-post ${BASELINE:+baseline-post})
     cat - "$TMP/report.lua" >"$TMP/post.lua" <<EOF
 wrk.method = "POST"
 wrk.body = string.rep("x", $POST_BYTES)
@@ -593,7 +594,7 @@ mtls_rss=$(awk -v a="${RSS_PEAK[mtls-a]}" -v b="${RSS_PEAK[mtls-b]}" 'BEGIN { pr
 if ((PAIRS > 0)); then
     POST_PAIRED=""
     if ((POST_BYTES > 0)); then
-        POST_PAIRED="; POST with a ${POST_BYTES}-byte body, against nginx's POST runs: $(paired sidecar-post PAIR_RPS nginx-post)x and $(paired sidecar-post PAIR_CPU nginx-post)x"
+        POST_PAIRED="; POST with a ${POST_BYTES}-byte body, against nginx's POST runs: $(paired sidecar-post PAIR_RPS nginx-post)x and $(paired sidecar-post PAIR_CPU nginx-post)x${BASELINE:+ (baseline build $(paired baseline-post PAIR_RPS nginx-post)x and $(paired baseline-post PAIR_CPU nginx-post)x)}"
     fi
     goal1="$(check "$(ge "$(paired_median policies PAIR_RPS)" 1)") (paired over $PAIRS pairs, median [range] of each run / its pair's nginx run: req/s $(paired policies PAIR_RPS)x, CPU per request $(paired policies PAIR_CPU)x; without policies $(paired sidecar PAIR_RPS)x and $(paired sidecar PAIR_CPU)x${BASELINE:+; baseline build $(paired baseline PAIR_RPS)x and $(paired baseline PAIR_CPU)x}${POST_PAIRED}. Medians of the rounds: $(ratio "${RPS[policies]}" "${RPS[nginx]}")x; two hops with policies $(ratio "${RPS[hop2-pol]}" "${RPS[hop2-nginx]}")x two nginx hops)"
 else
