@@ -506,7 +506,7 @@ paired() {
         awk -v a="${arr[$1,$n]}" -v b="${arr[$reference,$n]}" 'BEGIN { if (b > 0) printf "%.4f\n", a / b }'
     done | sort -g | awk '{ v[NR] = $1 } END { if (NR == 0) { print "n/a"; exit } m = (NR % 2 ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2); printf "%.2f [%.2f-%.2f]", m, v[1], v[NR] }'
 }
-paired_median() { paired "$1" "$2" | cut -d' ' -f1; }
+paired_median() { paired "$@" | cut -d' ' -f1; }
 
 kill "$SAMPLER_PID" 2>/dev/null || true
 wait "$SAMPLER_PID" 2>/dev/null || true
@@ -640,7 +640,8 @@ log "written to $RESULTS"
 
 # ------------------------------------------------------------------ chart --
 # Three panels: throughput against nginx (same hops; the sidecar rows of
-# one hop as paired medians when there were pairs), added latency at c=1,
+# one hop as paired medians when there were pairs, and the paired POST
+# runs against nginx's POST runs), added latency at c=1,
 # and the Nagle app's added p50.
 {
     for name in haproxy sidecar policies baseline hop2-plain hop2-mtls; do
@@ -652,6 +653,13 @@ log "written to $RESULTS"
             printf '"%s" %s\n' "${LABEL[$name]}" "$(ratio "${RPS[$name]}" "${RPS[$peer]}")"
         fi
     done
+    if ((PAIRS > 0)); then
+        for name in "${POSTED[@]}"; do
+            [[ $name != nginx-post ]] || continue
+            printf '"%s, POST %s B (paired)" %s\n' "${LABEL[${name%-post}]}" "$POST_BYTES" \
+                "$(paired_median "$name" PAIR_RPS nginx-post)"
+        done
+    fi
 } >"$TMP/tput.dat"
 {
     for name in nginx haproxy sidecar baseline busy-poll hop2-nginx hop2-plain hop2-mtls; do
