@@ -10,9 +10,10 @@
 //! reads the socket itself, parses each head once, hands such requests to
 //! the handler as `Request<StreamedBody>` (body [`StreamedBody::None`], or
 //! [`StreamedBody::Whole`] for a `Content-Length` body of at most
-//! [`MAX_WHOLE_BODY`] that the socket already has whole with the head)
-//! and writes the responses. At the first request that is anything else —
-//! a body not all arrived yet, chunked or larger, `Expect`, an upgrade or
+//! [`MAX_WHOLE_BODY`] read whole: what the socket has with the head, and
+//! the rest within the header read timeout) and writes the responses. At
+//! the first request that is anything else — a body not whole within the
+//! header read timeout, chunked or larger, `Expect`, an upgrade or
 //! `CONNECT`,
 //! trailers asked for (`TE`), HTTP/1.0, a head not whole in what was
 //! read, or one the framing guard would refuse (a second or invalid
@@ -142,12 +143,22 @@ where
                 // Part of a head: the guard times the rest of it.
                 Parsed::Partial if !client.input.is_empty() => return Ok(client.hand_over(io)),
                 Parsed::Partial => {}
-                // The rest of the body may be in the socket already (it
-                // came in more than one read's worth): no waiting for it.
-                Parsed::BodyToCome(whole) if read_ready(&mut io, &mut client.input, whole) => {
-                    continue
+                // The rest of the body: what the socket has at once (it
+                // came in more than one read's worth), else what comes
+                // within the header read timeout; then hyper takes it over.
+                Parsed::BodyToCome(whole) => {
+                    if read_ready(&mut io, &mut client.input, whole) {
+                        continue;
+                    }
+                    let until =
+                        client.head.first_byte.unwrap_or_else(Instant::now) + limits.head_timeout;
+                    if wait_for_body(&mut io, &mut client.input, whole, until).await {
+                        continue;
+                    }
+                    tracing::debug!("request body not whole within the header read timeout, handing it to hyper");
+                    return Ok(client.hand_over(io));
                 }
-                Parsed::BodyToCome(_) | Parsed::Other => return Ok(client.hand_over(io)),
+                Parsed::Other => return Ok(client.hand_over(io)),
             }
             let read = poll_fn(|cx| {
                 if !stopping && stop.poll_stopped(cx).is_ready() {
@@ -300,6 +311,32 @@ fn read_ready<T: AsyncRead + Unpin>(io: &mut T, input: &mut BytesMut, whole: usi
     true
 }
 
+/// Reads into `input` until it holds `whole` bytes; `false` if `until`
+/// passes first or the client ends its input or fails (hyper then reads
+/// what is left, and sees the same).
+async fn wait_for_body<T: AsyncRead + Unpin>(
+    io: &mut T,
+    input: &mut BytesMut,
+    whole: usize,
+    until: Instant,
+) -> bool {
+    let mut deadline = pin!(tokio::time::sleep_until(until));
+    poll_fn(|cx| loop {
+        if input.len() >= whole {
+            return Poll::Ready(true);
+        }
+        if deadline.as_mut().poll(cx).is_ready() {
+            return Poll::Ready(false);
+        }
+        match tokio_util::io::poll_read_buf(Pin::new(&mut *io), cx, input) {
+            Poll::Ready(Ok(n)) if n > 0 => {}
+            Poll::Ready(_) => return Poll::Ready(false),
+            Poll::Pending => return Poll::Pending,
+        }
+    })
+    .await
+}
+
 /// Polls `answering` to its response; meanwhile reads pipelined bytes
 /// into the client's input (up to [`READ_AHEAD`]) and notes a stop. `None`:
 /// the client ended its input with no other request sent (the answer is
@@ -371,7 +408,8 @@ enum Parsed {
     /// Not a whole head yet.
     Partial,
     /// A whole head whose body [`parse`] would take, not all read yet:
-    /// the message is this long.
+    /// the message is this long (the body is waited for, within the
+    /// header read timeout).
     BodyToCome(usize),
     /// A request for hyper (see the module docs).
     Other,
@@ -1191,6 +1229,33 @@ mod tests {
         );
     }
 
+    #[tokio::test]
+    async fn a_body_that_comes_after_its_head_within_the_head_timeout_is_taken_here() {
+        let (mut client, _stop, task) = serving(echo_body);
+        client
+            .write_all(b"POST /late HTTP/1.1\r\nHost: a\r\nContent-Length: 10\r\n\r\nfirst")
+            .await
+            .unwrap();
+        // Until the rest comes, nothing is answered and nothing handed over.
+        let mut early = [0u8; 1];
+        let waited =
+            tokio::time::timeout(Duration::from_millis(200), client.read(&mut early)).await;
+        assert!(
+            waited.is_err(),
+            "answered or closed before the body was whole"
+        );
+        assert!(!task.is_finished(), "handed over before the head timeout");
+        client.write_all(b"-rest").await.unwrap();
+        let got = read_until(&mut client, "first-rest").await;
+        assert!(got.ends_with("\r\n\r\nPOST /late first-rest"), "{got}");
+        drop(client);
+        assert!(
+            matches!(task.await.unwrap(), Ok(Served::Closed)),
+            "answered here, not handed over"
+        );
+    }
+
+    /// (After the head timeout, 2 s here, from when the head came.)
     #[tokio::test]
     async fn a_body_not_all_there_goes_to_hyper_with_every_byte_not_yet_answered() {
         let (mut client, _stop, task) = serving(echo);
