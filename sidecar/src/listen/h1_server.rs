@@ -14,9 +14,8 @@
 //! the rest within the header read timeout) and writes the responses. At
 //! the first request that is anything else — a body not whole within the
 //! header read timeout, chunked or larger, `Expect`, an upgrade or
-//! `CONNECT`,
-//! trailers asked for (`TE`), HTTP/1.0, a head not whole in what was
-//! read, or one the framing guard would refuse (a second or invalid
+//! `CONNECT`, trailers asked for (`TE`), HTTP/1.0, a head not whole in
+//! what was read, or one the framing guard would refuse (a second or invalid
 //! `Host`, a second `Content-Length`, a head over the limit, bad syntax)
 //! — it hands the connection, with the bytes read so far in a [`Rewind`]
 //! and the time the head began, to a fresh framing guard and hyper
@@ -74,8 +73,8 @@ const MAX_HEADERS: usize = 100;
 /// the socket is not read until the answer is out.
 const READ_AHEAD: usize = 64 * 1024;
 
-/// Largest request body [`parse`] takes, when it arrived whole with its
-/// head (no more than is read ahead anyway).
+/// Largest request body [`parse`] takes (read whole with its head; no
+/// more than is read ahead anyway).
 const MAX_WHOLE_BODY: usize = READ_AHEAD;
 
 /// A data frame at least this large is written from its own buffer rather
@@ -491,8 +490,8 @@ fn parse(
         let at = field.value.as_ptr() as usize - base;
         fields.push((name, at, at + field.value.len()));
     }
-    // A body is taken only when it is all there, and not larger than what
-    // is read ahead anyway: then it costs no wait and no memory more.
+    // A body (at most what is read ahead anyway) is taken once it is all
+    // there; until then the caller reads or waits for the rest.
     let length = length.unwrap_or(0);
     if input.len() - len < length {
         return Parsed::BodyToCome(len + length);
@@ -1087,13 +1086,30 @@ mod tests {
 
     /// Answers with the request's method and path.
     async fn echo(request: Request<StreamedBody>) -> Response<ProxyBody> {
-        let text = format!("{} {}", request.method(), request.uri());
+        dated(format!("{} {}", request.method(), request.uri()).into_bytes())
+    }
+
+    /// A 200 with `text` and a fixed `date`.
+    fn dated(text: Vec<u8>) -> Response<ProxyBody> {
         let mut response = Response::new(ProxyBody::full(text));
         response.headers_mut().insert(
             header::DATE,
             HeaderValue::from_static("Thu, 03 Dec 2026 10:00:00 GMT"),
         );
         response
+    }
+
+    /// Ends the client's side and checks that [`serve`] answered every
+    /// request itself: it ends `Closed`, never handing over.
+    async fn closes_without_handing_over(
+        client: DuplexStream,
+        task: tokio::task::JoinHandle<io::Result<Served<DuplexStream>>>,
+    ) {
+        drop(client);
+        assert!(
+            matches!(task.await.unwrap(), Ok(Served::Closed)),
+            "handed over to hyper"
+        );
     }
 
     /// Reads from `client` until `want` responses' ends (`\r\n\r\n` plus
@@ -1168,12 +1184,7 @@ mod tests {
         let body = request.into_body().collect().await.unwrap().to_bytes();
         let mut text = line.into_bytes();
         text.extend_from_slice(&body);
-        let mut response = Response::new(ProxyBody::full(text));
-        response.headers_mut().insert(
-            header::DATE,
-            HeaderValue::from_static("Thu, 03 Dec 2026 10:00:00 GMT"),
-        );
-        response
+        dated(text)
     }
 
     #[tokio::test]
@@ -1200,11 +1211,7 @@ mod tests {
             ),
             "each body is its own, and the bytes after it are the next request"
         );
-        drop(client);
-        assert!(
-            matches!(task.await.unwrap(), Ok(Served::Closed)),
-            "the connection stayed ours"
-        );
+        closes_without_handing_over(client, task).await;
     }
 
     #[tokio::test]
@@ -1222,11 +1229,7 @@ mod tests {
             got.ends_with(&format!("\r\n\r\nPUT /big {body}")),
             "the body whole"
         );
-        drop(client);
-        assert!(
-            matches!(task.await.unwrap(), Ok(Served::Closed)),
-            "answered here, not handed over"
-        );
+        closes_without_handing_over(client, task).await;
     }
 
     #[tokio::test]
@@ -1248,11 +1251,7 @@ mod tests {
         client.write_all(b"-rest").await.unwrap();
         let got = read_until(&mut client, "first-rest").await;
         assert!(got.ends_with("\r\n\r\nPOST /late first-rest"), "{got}");
-        drop(client);
-        assert!(
-            matches!(task.await.unwrap(), Ok(Served::Closed)),
-            "answered here, not handed over"
-        );
+        closes_without_handing_over(client, task).await;
     }
 
     /// (After the head timeout, 2 s here, from when the head came.)
