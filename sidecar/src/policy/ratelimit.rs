@@ -28,11 +28,14 @@
 //! recently seen half when full. Keys are stored as 64-bit hashes (SipHash
 //! with a random per-limiter seed, so collisions cannot be aimed at): a
 //! client sending huge header values costs the same few bytes per key as
-//! any other.
+//! any other. The map uses those hashes as they are (hashing them again
+//! would add nothing), and the one key of `key: service` is hashed once,
+//! when the limiter is made: a request under a service-wide limit costs a
+//! lock and one map lookup.
 
 use std::collections::hash_map::RandomState;
 use std::collections::HashMap;
-use std::hash::BuildHasher;
+use std::hash::{BuildHasher, BuildHasherDefault, Hasher};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -99,9 +102,12 @@ pub struct RateLimiter {
     /// Healthy instances sharing a `global` limit (1 for `local`).
     share: AtomicU32,
     /// Per-key state, keyed by the hash of the key's text.
-    keys: Mutex<HashMap<u64, KeyState>>,
+    keys: Mutex<KeyMap>,
     /// Seeds the key hash.
     hasher: RandomState,
+    /// The hash of the empty key (`key: service`, and callers without a
+    /// key of their own), computed once.
+    empty_key: u64,
     /// `rate_limited_total{service, policy, endpoint}`, resolved at
     /// snapshot build; the request path counts each refusal on it.
     pub refused: IntCounter,
@@ -110,6 +116,31 @@ pub struct RateLimiter {
     /// request it admits, so a dry-run limiter counts exactly what an
     /// enforcing one would refuse for the same traffic.
     pub dry_run: Option<WouldRefuse>,
+}
+
+/// Per-key state by the key's (already seeded, uniform) 64-bit hash.
+type KeyMap = HashMap<u64, KeyState, BuildHasherDefault<HashIsKey>>;
+
+/// A `Hasher` for keys that are hashes already: the key itself.
+#[derive(Debug, Default)]
+struct HashIsKey(u64);
+
+impl Hasher for HashIsKey {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        // Only `u64` keys are hashed here (`write_u64`); fold anything
+        // else in so the hasher stays correct if that ever changes.
+        for &b in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(b);
+        }
+    }
+
+    fn write_u64(&mut self, key: u64) {
+        self.0 = key;
+    }
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -145,13 +176,15 @@ impl RateLimiter {
         healthy_instances: usize,
         refused: IntCounter,
     ) -> Self {
+        let hasher = RandomState::new();
         let limiter = RateLimiter {
             name,
             route: spec.route.clone().unwrap_or_default(),
             spec,
             share: AtomicU32::new(1),
-            keys: Mutex::new(HashMap::new()),
-            hasher: RandomState::new(),
+            keys: Mutex::new(KeyMap::default()),
+            empty_key: hasher.hash_one(""),
+            hasher,
             refused,
             dry_run: None,
         };
@@ -219,28 +252,25 @@ impl RateLimiter {
     /// Takes one request for `key` at `now`: `Ok(remaining)` or the refusal.
     pub fn check(&self, key: &str, now: Instant) -> Result<u64, Box<Refusal>> {
         let effective = self.effective();
-        let key = self.hasher.hash_one(key);
+        let key = self.key_hash(key);
         let mut keys = self.keys.lock().unwrap_or_else(|p| p.into_inner());
-        if !keys.contains_key(&key) && keys.len() >= MAX_KEYS {
+        if keys.len() >= MAX_KEYS && !keys.contains_key(&key) {
             evict_oldest_half(&mut keys);
         }
-        let state = match keys.get_mut(&key) {
-            Some(state) => state,
-            None => keys.entry(key).or_insert(KeyState {
-                last_seen: now,
-                algo: match effective {
-                    Effective::Bucket { capacity, .. } => AlgoState::Bucket {
-                        tokens: capacity,
-                        refilled: now,
-                    },
-                    Effective::Window { .. } => AlgoState::Window {
-                        start: now,
-                        current: 0,
-                        previous: 0,
-                    },
+        let state = keys.entry(key).or_insert_with(|| KeyState {
+            last_seen: now,
+            algo: match effective {
+                Effective::Bucket { capacity, .. } => AlgoState::Bucket {
+                    tokens: capacity,
+                    refilled: now,
                 },
-            }),
-        };
+                Effective::Window { .. } => AlgoState::Window {
+                    start: now,
+                    current: 0,
+                    previous: 0,
+                },
+            },
+        });
         state.last_seen = now;
         let decision = take(&mut state.algo, effective, now);
         drop(keys);
@@ -253,6 +283,15 @@ impl RateLimiter {
                 retry_after_secs: ceil_secs(retry_after),
             })
         })
+    }
+
+    /// The seeded hash `keys` holds `key`'s state under.
+    fn key_hash(&self, key: &str) -> u64 {
+        if key.is_empty() {
+            self.empty_key
+        } else {
+            self.hasher.hash_one(key)
+        }
     }
 
     /// `q` and `w` of the `RateLimit-Policy` header for this instance.
@@ -269,7 +308,7 @@ impl RateLimiter {
     pub fn to_json(&self) -> serde_json::Value {
         let keys = self.keys.lock().unwrap_or_else(|p| p.into_inner());
         let (quota, window) = self.quota_and_window();
-        let service_key = keys.get(&self.hasher.hash_one("")).map(|s| match s.algo {
+        let service_key = keys.get(&self.empty_key).map(|s| match s.algo {
             AlgoState::Bucket { tokens, .. } => serde_json::json!({"tokens": tokens}),
             AlgoState::Window {
                 current, previous, ..
@@ -374,7 +413,7 @@ fn ceil_secs(d: Duration) -> u64 {
     secs.max(1)
 }
 
-fn evict_oldest_half(keys: &mut HashMap<u64, KeyState>) {
+fn evict_oldest_half(keys: &mut KeyMap) {
     let mut seen: Vec<Instant> = keys.values().map(|s| s.last_seen).collect();
     let middle = seen.len() / 2;
     let (_, cutoff, _) = seen.select_nth_unstable(middle);

@@ -171,6 +171,11 @@ impl RequestRecord {
         }
     }
 
+    /// When the request arrived (read once, when the record started).
+    pub fn started(&self) -> Instant {
+        self.started
+    }
+
     /// The caller's verified identity and service (inbound), for the span
     /// and the access log.
     pub fn set_source(&mut self, identity: &Arc<str>, service: &Arc<str>) {

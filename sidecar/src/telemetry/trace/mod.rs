@@ -49,7 +49,9 @@ pub struct Hop {
     tracestate: Option<HeaderValue>,
     /// The context came in B3 headers, to be replaced by W3C.
     from_b3: bool,
-    started_unix_nanos: u64,
+    /// When the request arrived. The span's wall-clock start is derived
+    /// from it when the span is finished (now minus the time since), so
+    /// an unsampled request never reads the wall clock.
     started: Instant,
 }
 
@@ -78,7 +80,6 @@ impl Hop {
             random,
             tracestate,
             from_b3,
-            started_unix_nanos: unix_nanos(SystemTime::now() - started.elapsed()),
             started,
         }
     }
@@ -113,15 +114,15 @@ impl Hop {
             return None;
         }
         let elapsed = self.started.elapsed();
+        let end_unix_nanos = unix_nanos(SystemTime::now());
         Some(SpanRecord {
             trace_id: self.trace_id,
             span_id: self.span_id,
             parent: self.parent,
             tracestate: self.tracestate,
-            start_unix_nanos: self.started_unix_nanos,
-            end_unix_nanos: self
-                .started_unix_nanos
-                .saturating_add(u64::try_from(elapsed.as_nanos()).unwrap_or(u64::MAX)),
+            start_unix_nanos: end_unix_nanos
+                .saturating_sub(u64::try_from(elapsed.as_nanos()).unwrap_or(u64::MAX)),
+            end_unix_nanos,
             details,
         })
     }
