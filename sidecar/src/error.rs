@@ -24,10 +24,33 @@ pub const REASON_HEADER: &str = "x-meshlet-reason";
 /// on one of hyper's client connections, or of our own HTTP/1.1 client.
 #[derive(Debug, thiserror::Error)]
 pub enum UpstreamFailure {
-    #[error(transparent)]
+    /// hyper's own message names only the kind ("http2 error"); the
+    /// causes under it say what happened, so the message carries them.
+    #[error("{}", with_causes(.0))]
     Hyper(#[from] hyper::Error),
+    /// An HTTP/2 request to a local app that did not declare its protocol
+    /// (so it got the caller's) broke HTTP/2's framing at once: the app
+    /// most likely speaks HTTP/1.1 only. The message says what to set.
+    #[error("{}; the app answered something that is not HTTP/2 (it gets HTTP/2 because the caller used it and no --app-protocol is set): if it speaks HTTP/1.1 only, start the sidecar with --app-protocol http1", with_causes(.0))]
+    AppNotHttp2(hyper::Error),
     #[error(transparent)]
     Http1(#[from] crate::upstream::h1_client::ExchangeError),
+}
+
+/// `error`'s message followed by each of its causes' (`a: b: c`), each
+/// one left out when the one before already ends with it.
+fn with_causes(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut cause = error.source();
+    while let Some(next) = cause {
+        let said = next.to_string();
+        if !text.ends_with(&said) {
+            text.push_str(": ");
+            text.push_str(&said);
+        }
+        cause = next.source();
+    }
+    text
 }
 
 impl UpstreamFailure {

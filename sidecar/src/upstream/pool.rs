@@ -480,9 +480,13 @@ impl ConnPool {
             }
             if request.version() == Version::HTTP_2 {
                 let sent = Box::pin(self.send_h2(request, H2Kind::Plain));
-                within(deadline, sent)
+                let sent = within(deadline, sent)
                     .await
-                    .unwrap_or(Err(SendError::TimedOut))
+                    .unwrap_or(Err(SendError::TimedOut));
+                match self.remote {
+                    Remote::App(None) => sent.map_err(app_not_http2),
+                    _ => sent,
+                }
             } else if h1_client::eligible(&request) {
                 // Times itself, with a timer of the connection's.
                 self.exchange_h1(request, deadline).await
@@ -1099,9 +1103,34 @@ fn h2_refusal(error: &hyper::Error, handed_back: bool) -> Option<Refusal> {
     }
 }
 
-/// Whether an HTTP/1.1 exchange failed because the connection closed
-/// before the response: end of stream while waiting for it, or the
-/// `future`'s output, or `None` if `deadline` passes first.
+/// A failed HTTP/2 exchange with a local app that declared no protocol,
+/// told apart when the app broke HTTP/2's framing (this side ended the
+/// connection with `FRAME_SIZE_ERROR` or `PROTOCOL_ERROR`): what an
+/// HTTP/1.1 server's answer to the connection preface (`HTTP/1.1 400
+/// ...` read as a frame) gives. An app that closes without answering
+/// stays an ordinary failure.
+fn app_not_http2(error: SendError) -> SendError {
+    match error {
+        SendError::Upstream(UpstreamFailure::Hyper(error)) if broke_h2_framing(&error) => {
+            SendError::Upstream(UpstreamFailure::AppNotHttp2(error))
+        }
+        other => other,
+    }
+}
+
+fn broke_h2_framing(error: &hyper::Error) -> bool {
+    let h2 = std::error::Error::source(error).and_then(|e| e.downcast_ref::<h2::Error>());
+    h2.is_some_and(|e| {
+        e.is_go_away()
+            && e.is_library()
+            && matches!(
+                e.reason(),
+                Some(h2::Reason::FRAME_SIZE_ERROR | h2::Reason::PROTOCOL_ERROR)
+            )
+    })
+}
+
+/// The `future`'s output, or `None` if `deadline` passes first.
 async fn within<F: Future>(deadline: Option<tokio::time::Instant>, future: F) -> Option<F::Output> {
     match deadline {
         Some(at) => tokio::time::timeout_at(at, future).await.ok(),
@@ -1109,6 +1138,8 @@ async fn within<F: Future>(deadline: Option<tokio::time::Instant>, future: F) ->
     }
 }
 
+/// Whether an HTTP/1.1 exchange failed because the connection closed
+/// before the response: end of stream while waiting for it, or a
 /// connection reset or broken.
 fn closed_before_response(error: &hyper::Error) -> bool {
     if error.is_incomplete_message() {
@@ -1267,6 +1298,57 @@ mod tests {
         assert_eq!(upstream.requests(), 5);
         assert_eq!(upstream.connections(), 1, "one connection, reused");
         assert_eq!(pool.pooled_connections(), 1);
+    }
+
+    /// An app that speaks only HTTP/1.1 and answers anything with a 400.
+    async fn http1_only_app() -> SocketAddr {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let mut buf = [0u8; 1024];
+                    let _ = tokio::io::AsyncReadExt::read(&mut stream, &mut buf).await;
+                    let answer = b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\nconnection: close\r\n\r\n";
+                    let _ = tokio::io::AsyncWriteExt::write_all(&mut stream, answer).await;
+                });
+            }
+        });
+        addr
+    }
+
+    #[tokio::test]
+    async fn http2_to_an_app_that_speaks_only_http1_says_which_flag_to_set() {
+        let addr = http1_only_app().await;
+        let mut request = get("/");
+        *request.version_mut() = Version::HTTP_2;
+        *request.uri_mut() = format!("http://{addr}/").parse().unwrap();
+        let undeclared =
+            ConnPool::with_remote(addr, Arc::new(Limits::default()), Remote::App(None));
+        let error = undeclared.send(request).await.expect_err("not HTTP/2");
+        let SendError::Upstream(failure) = error else {
+            panic!("{error:?}");
+        };
+        let message = failure.to_string();
+        assert!(message.contains("--app-protocol http1"), "{message}");
+        assert!(message.contains("frame with invalid size"), "{message}");
+
+        // Declared h2c: the operator chose it; the failure is told as it is.
+        let mut request = get("/");
+        *request.version_mut() = Version::HTTP_2;
+        *request.uri_mut() = format!("http://{addr}/").parse().unwrap();
+        let declared = ConnPool::with_remote(
+            addr,
+            Arc::new(Limits::default()),
+            Remote::App(Some(AppProtocol::H2c)),
+        );
+        let error = declared.send(request).await.expect_err("not HTTP/2");
+        let SendError::Upstream(failure) = error else {
+            panic!("{error:?}");
+        };
+        let message = failure.to_string();
+        assert!(!message.contains("--app-protocol"), "{message}");
+        assert!(message.starts_with("http2 error: "), "{message}");
     }
 
     #[tokio::test]
