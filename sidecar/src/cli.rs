@@ -226,6 +226,12 @@ pub struct Args {
     #[arg(long, env = "MESHLET_BUSY_POLL", default_value = "0s", value_parser = parse_duration)]
     pub busy_poll: Duration,
 
+    /// Above this much resident memory (MiB), give the memory freed after
+    /// a burst back to the system every 10 s (glibc keeps it otherwise;
+    /// 0 = never).
+    #[arg(long, env = "MESHLET_TRIM_MEMORY_ABOVE_MIB", default_value_t = 32)]
+    pub trim_memory_above_mib: u64,
+
     /// Log format (filter with RUST_LOG, e.g. RUST_LOG=debug).
     #[arg(long, env = "MESHLET_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
@@ -358,6 +364,7 @@ impl Args {
             admin_addr: SocketAddr::new(self.admin_ip, self.admin_port),
             drain_timeout: self.drain_timeout,
             busy_poll: self.busy_poll,
+            trim_memory_above_bytes: self.trim_memory_above_mib.saturating_mul(1 << 20),
             limits: self.limits(),
         })
     }

@@ -43,6 +43,7 @@ pub mod error;
 pub(crate) mod identity;
 pub mod iptables;
 pub(crate) mod listen;
+pub(crate) mod memory;
 pub(crate) mod policy;
 pub(crate) mod proxy;
 pub mod settings;
@@ -416,6 +417,7 @@ impl Shared {
             metrics.clone(),
         ));
         spawn_idle_sweep(&app, snapshot, &router, limits.idle_timeout, stop.clone());
+        memory::spawn(settings.trim_memory_above_bytes, stop.clone());
         let inbound = proxy::handlers::Inbound::new(
             app,
             Arc::clone(snapshot),

@@ -55,6 +55,9 @@ pub struct Settings {
     /// blocking while a response is awaited (zero: never; `upstream::busy_poll`).
     #[serde(with = "humantime_serde_compat")]
     pub busy_poll: Duration,
+    /// `--trim-memory-above-mib` in bytes: above this resident memory,
+    /// memory freed after a burst is given back (zero: never; `memory`).
+    pub trim_memory_above_bytes: u64,
     pub limits: Limits,
     /// `None` runs standalone from `--config`.
     pub control_plane: Option<ControlPlaneSettings>,

@@ -10,6 +10,10 @@
 //! flood is not something an HTTP/2 library will send (its state machine
 //! ends every header block), and raw frames let the test pace the attack
 //! exactly; the HPACK needed is a few static-table bytes.
+//!
+//! Also here: after a burst of 2000 HTTP/2 requests in flight at once,
+//! the sidecar gives the memory back (`--trim-memory-above-mib`; glibc
+//! kept it at the burst's peak before).
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -1302,4 +1306,89 @@ async fn http1_clients_that_stop_reading_cannot_hold_every_upstream_stream_slot(
         started.elapsed()
     );
     drop(stalled);
+}
+
+/// Lifts this test process's open-file limit to its hard limit (the
+/// sidecar it starts inherits it): a burst of 2000 requests needs ~2000
+/// sockets here (the app's side) and ~2000 in the sidecar.
+fn raise_open_file_limit() {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE).expect("getrlimit");
+    if soft < hard {
+        setrlimit(Resource::RLIMIT_NOFILE, hard, hard).expect("setrlimit");
+    }
+}
+
+/// After a burst of HTTP/2 requests the sidecar gives the memory the burst
+/// took back to the system (glibc would keep it: the resident memory used
+/// to stay at the burst's peak for good), and still answers.
+#[tokio::test]
+async fn the_memory_a_burst_took_is_given_back() {
+    const CONNECTIONS: usize = 20;
+    const STREAMS: usize = 100;
+    raise_open_file_limit();
+    let app = Upstream::start("app").await;
+    let sidecar = sidecar(
+        &app,
+        &[
+            "--app-protocol",
+            "http1",
+            "--trim-memory-above-mib",
+            "16",
+            // The app accepts 2000 connections at once more slowly
+            // than the default 1 s allows (SYNs retried).
+            "--connect-timeout",
+            "10s",
+        ],
+    )
+    .await;
+    let idle = sidecar.rss_bytes();
+
+    // CONNECTIONS × STREAMS requests in flight at once, each held 500 ms
+    // by the app: as many upstream connections and request states.
+    let mut burst = tokio::task::JoinSet::new();
+    for _ in 0..CONNECTIONS {
+        let client = h2c_client(sidecar.inbound).await;
+        for _ in 0..STREAMS {
+            let mut client = client.clone();
+            burst.spawn(async move {
+                let request = http::Request::get("http://app/slow?ms=500")
+                    .body(Empty::new())
+                    .unwrap();
+                let response = client.send_request(request).await.expect("burst request");
+                let status = response.status();
+                let body = response.into_body().collect().await.expect("body");
+                (status, body.to_bytes())
+            });
+        }
+    }
+    while let Some(answer) = burst.join_next().await {
+        let (status, body) = answer.expect("burst task");
+        assert_eq!(status, 200, "{body:?}");
+    }
+    let peak = sidecar.peak_rss_bytes();
+    let taken = peak.saturating_sub(idle);
+    assert!(
+        taken >= 12 << 20,
+        "the burst took only {} KiB above the idle {} KiB: too small to judge by",
+        taken >> 10,
+        idle >> 10
+    );
+
+    // At least half of what the burst took comes back, within a few checks.
+    let limit = idle + taken / 2;
+    let given_back = wait::within(Duration::from_secs(45), || async {
+        (sidecar.rss_bytes() <= limit).then_some(())
+    })
+    .await;
+    assert!(
+        given_back.is_some(),
+        "resident memory still {} KiB 45 s after a burst (idle {} KiB, peak {} KiB): \
+         the freed memory was not given back",
+        sidecar.rss_bytes() >> 10,
+        idle >> 10,
+        peak >> 10
+    );
+    let mut client = h2c_client(sidecar.inbound).await;
+    assert_eq!(well_behaved(&mut client, 3).await.len(), 3);
 }
