@@ -245,8 +245,9 @@ struct Shared {
 }
 
 /// Start: builds the first snapshot, the request path's handlers and the
-/// background tasks (config reloader, idle sweep, span export, health
-/// prober, control-plane client), then serves the three listeners.
+/// background tasks (config reloader, memory trimming, idle sweep, span
+/// export, health prober, control-plane client), then serves the three
+/// listeners.
 fn start(
     settings: Settings,
     initial: InitialConfig,
@@ -279,6 +280,7 @@ fn start(
         Arc::clone(limits),
         metrics.clone(),
     );
+    memory::spawn(settings.trim_memory_above_bytes, stop_rx.clone());
     let (flush_spans, flush_spans_rx) = watch::channel(false);
     let (telemetry, span_export) = start_telemetry(settings, snapshot, metrics, flush_spans_rx);
     let (inbound, outbound) = shared.handlers(&listeners, Arc::clone(&telemetry), &stop_rx);
@@ -417,7 +419,6 @@ impl Shared {
             metrics.clone(),
         ));
         spawn_idle_sweep(&app, snapshot, &router, limits.idle_timeout, stop.clone());
-        memory::spawn(settings.trim_memory_above_bytes, stop.clone());
         let inbound = proxy::handlers::Inbound::new(
             app,
             Arc::clone(snapshot),
