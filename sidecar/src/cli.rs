@@ -226,10 +226,10 @@ pub struct Args {
     #[arg(long, env = "MESHLET_BUSY_POLL", default_value = "0s", value_parser = parse_duration)]
     pub busy_poll: Duration,
 
-    /// Above this much resident memory (MiB), give the memory freed after
-    /// a burst back to the system every 10 s (glibc keeps it otherwise;
-    /// 0 = never).
-    #[arg(long, env = "MESHLET_TRIM_MEMORY_ABOVE_MIB", default_value_t = 32)]
+    /// Above this much heap memory (anonymous resident, MiB), give the
+    /// memory freed after a burst back to the system, checked every 10 s
+    /// (glibc keeps it otherwise; 0 = never).
+    #[arg(long, env = "MESHLET_TRIM_MEMORY_ABOVE_MIB", default_value_t = 16)]
     pub trim_memory_above_mib: u64,
 
     /// Log format (filter with RUST_LOG, e.g. RUST_LOG=debug).

@@ -55,7 +55,7 @@ pub struct Settings {
     /// blocking while a response is awaited (zero: never; `upstream::busy_poll`).
     #[serde(with = "humantime_serde_compat")]
     pub busy_poll: Duration,
-    /// `--trim-memory-above-mib` in bytes: above this resident memory,
+    /// `--trim-memory-above-mib` in bytes: above this anonymous memory,
     /// memory freed after a burst is given back (zero: never; `memory`).
     pub trim_memory_above_bytes: u64,
     pub limits: Limits,

@@ -1334,7 +1334,7 @@ async fn the_memory_a_burst_took_is_given_back() {
             "--app-protocol",
             "http1",
             "--trim-memory-above-mib",
-            "16",
+            "8",
             // The app accepts 2000 connections at once more slowly
             // than the default 1 s allows (SYNs retried).
             "--connect-timeout",
