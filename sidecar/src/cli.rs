@@ -229,7 +229,7 @@ pub struct Args {
     /// Above this much heap memory (anonymous resident, MiB), give the
     /// memory freed after a burst back to the system, checked every 10 s
     /// (glibc keeps it otherwise; 0 = never).
-    #[arg(long, env = "MESHLET_TRIM_MEMORY_ABOVE_MIB", default_value_t = 16)]
+    #[arg(long, env = "MESHLET_TRIM_MEMORY_ABOVE_MIB", default_value_t = 32)]
     pub trim_memory_above_mib: u64,
 
     /// Log format (filter with RUST_LOG, e.g. RUST_LOG=debug).
