@@ -8,7 +8,7 @@
 //! Measured on this repository's benchmark machine (a sidecar in front of
 //! nginx): 2000 concurrent HTTP/1.1 clients left 65 MiB resident, 1000
 //! HTTP/2 clients with 10 streams each 145–165 MiB, an attack with
-//! connection churn (issue 16's notes) 2.4 GB; `malloc_trim(0)` brought
+//! connection churn (an earlier attack) 2.4 GB; `malloc_trim(0)` brought
 //! the 145 MiB back to 16 MiB. A container's memory limit counts all of
 //! it, so one burst could get the pod killed later.
 //!
