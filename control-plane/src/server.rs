@@ -257,6 +257,12 @@ pub struct Settings {
     /// `meshctl inject --no-native-sidecar`).
     #[arg(long, env = "MESHLET_INJECT_NO_NATIVE_SIDECAR")]
     pub inject_no_native_sidecar: bool,
+    /// Above this much heap memory (anonymous resident, MiB), give the
+    /// memory freed after a burst (e.g. every sidecar reconnecting at once)
+    /// back to the system, checked every 10 s (glibc keeps it otherwise;
+    /// 0 = never).
+    #[arg(long, env = "MESHLET_TRIM_MEMORY_ABOVE_MIB", default_value_t = 64)]
+    pub trim_memory_above_mib: u64,
 }
 
 impl Settings {
@@ -487,6 +493,10 @@ pub async fn run(
         "control plane ready"
     );
     let shutdown = stopped;
+    meshlet_netio::memory::spawn(
+        settings.trim_memory_above_mib.saturating_mul(1 << 20),
+        shutdown.clone(),
+    );
     let reaper = tokio::spawn(controller.clone().run_reaper(shutdown.clone()));
     // etcd: other replicas' revisions, owners and tokens.
     let ca_follower = workload.clone();

@@ -314,8 +314,8 @@ impl WriteStall {
 /// (`tcpi_bytes_acked`, Linux 4.1 and later); `None` if the kernel does not
 /// say (not a TCP socket, an older kernel).
 ///
-/// One of the workspace's two `unsafe`s (the other: the sidecar's
-/// `memory::trim`): neither nix nor rustix wraps
+/// One of the workspace's two `unsafe`s (the other: `memory::trim`):
+/// neither nix nor rustix wraps
 /// `TCP_INFO`, and nothing else tells whether a client is reading.
 #[allow(unsafe_code)]
 fn bytes_acked(socket: RawFd) -> Option<u64> {

@@ -43,7 +43,6 @@ pub mod error;
 pub(crate) mod identity;
 pub mod iptables;
 pub(crate) mod listen;
-pub(crate) mod memory;
 pub(crate) mod policy;
 pub(crate) mod proxy;
 pub mod settings;
@@ -280,7 +279,7 @@ fn start(
         Arc::clone(limits),
         metrics.clone(),
     );
-    memory::spawn(settings.trim_memory_above_bytes, stop_rx.clone());
+    meshlet_netio::memory::spawn(settings.trim_memory_above_bytes, stop_rx.clone());
     let (flush_spans, flush_spans_rx) = watch::channel(false);
     let (telemetry, span_export) = start_telemetry(settings, snapshot, metrics, flush_spans_rx);
     let (inbound, outbound) = shared.handlers(&listeners, Arc::clone(&telemetry), &stop_rx);

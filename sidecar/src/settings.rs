@@ -56,7 +56,8 @@ pub struct Settings {
     #[serde(with = "humantime_serde_compat")]
     pub busy_poll: Duration,
     /// `--trim-memory-above-mib` in bytes: above this anonymous memory,
-    /// memory freed after a burst is given back (zero: never; `memory`).
+    /// memory freed after a burst is given back (zero: never;
+    /// `meshlet_netio::memory`).
     pub trim_memory_above_bytes: u64,
     pub limits: Limits,
     /// `None` runs standalone from `--config`.

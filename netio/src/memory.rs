@@ -3,14 +3,17 @@
 //! Why: glibc's allocator keeps what the process frees in its heap for
 //! later, and returns to the kernel only the free memory at the very top
 //! of the heap. After a burst of connections the heap's free memory is
-//! scattered between live allocations, so the sidecar's resident memory
-//! stays where the burst took it although it uses ~10 MiB again.
+//! scattered between live allocations, so a server's resident memory
+//! stays where the burst took it although it uses little again.
 //! Measured on this repository's benchmark machine (a sidecar in front of
 //! nginx): 2000 concurrent HTTP/1.1 clients left 65 MiB resident, 1000
 //! HTTP/2 clients with 10 streams each 145–165 MiB, an attack with
 //! connection churn (an earlier attack) 2.4 GB; `malloc_trim(0)` brought
 //! the 145 MiB back to 16 MiB. A container's memory limit counts all of
 //! it, so one burst could get the pod killed later.
+//!
+//! The sidecar and the control plane both start it (`--trim-memory-above-mib`
+//! of either binary).
 //!
 //! What: [`spawn`] starts a task that reads the process's anonymous
 //! resident memory (resident minus file-backed pages such as the binary's
@@ -35,8 +38,8 @@
 //! gave back 64 MiB or more is logged at info, others at debug.
 //!
 //! `malloc_trim` is glibc's; elsewhere (musl, other systems) nothing is
-//! started. Its call is the workspace's second `unsafe` (an FFI call with
-//! no preconditions; see [`trim`]).
+//! started. Its call is one of the workspace's two `unsafe`s (an FFI call
+//! with no preconditions; see [`trim`]).
 
 use std::time::{Duration, Instant};
 
