@@ -29,18 +29,6 @@ use tokio::net::TcpStream;
 /// The contract's message after a dropped change.
 const CLOSED_BEFORE_ANSWER: &str = "the request was sent; the control plane closed the connection before answering; check `meshctl history`";
 
-/// Raises this test process's open-file soft limit to its hard limit (it
-/// holds 1100 connections); returns the soft limit in force.
-fn raise_own_fd_limit() -> u64 {
-    use nix::sys::resource::{getrlimit, setrlimit, Resource};
-    let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE).expect("getrlimit");
-    if soft < hard {
-        setrlimit(Resource::RLIMIT_NOFILE, hard, hard).expect("setrlimit");
-        return hard;
-    }
-    soft
-}
-
 /// A scrape's value of an unlabelled metric.
 fn metric(text: &str, name: &str) -> Option<f64> {
     text.lines()
@@ -99,7 +87,7 @@ async fn instance_ids(cp: &ControlPlaneProcess, services: &[&str]) -> Vec<String
 async fn a_starved_control_plane_keeps_every_instance_and_traffic_flows() {
     const FLOOD: usize = 1100;
     const TTL: Duration = Duration::from_secs(5);
-    let own = raise_own_fd_limit();
+    let own = meshlet_e2e::process::raise_open_file_limit();
     assert!(
         own >= FLOOD as u64 + 512,
         "this test needs an open-file hard limit above {} (have {own})",
@@ -314,7 +302,7 @@ async fn proven_idle_connection(
 async fn proven_idle_connections_past_the_fd_limit_do_not_lock_heartbeats_out() {
     const FLOOD: usize = 1100;
     const TTL: Duration = Duration::from_secs(5);
-    let own = raise_own_fd_limit();
+    let own = meshlet_e2e::process::raise_open_file_limit();
     assert!(own >= FLOOD as u64 + 512, "open-file limit {own} too low");
     let (_dir, cp, _orders_app, orders, _frontend_app, frontend) =
         two_services_under_1024_fds().await;

@@ -1308,17 +1308,6 @@ async fn http1_clients_that_stop_reading_cannot_hold_every_upstream_stream_slot(
     drop(stalled);
 }
 
-/// Lifts this test process's open-file limit to its hard limit (the
-/// sidecar it starts inherits it): a burst of 2000 requests needs ~2000
-/// sockets here (the app's side) and ~2000 in the sidecar.
-fn raise_open_file_limit() {
-    use nix::sys::resource::{getrlimit, setrlimit, Resource};
-    let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE).expect("getrlimit");
-    if soft < hard {
-        setrlimit(Resource::RLIMIT_NOFILE, hard, hard).expect("setrlimit");
-    }
-}
-
 /// After a burst of HTTP/2 requests the sidecar gives the memory the burst
 /// took back to the system (glibc would keep it: the resident memory used
 /// to stay at the burst's peak for good), and still answers.
@@ -1326,7 +1315,9 @@ fn raise_open_file_limit() {
 async fn the_memory_a_burst_took_is_given_back() {
     const CONNECTIONS: usize = 20;
     const STREAMS: usize = 100;
-    raise_open_file_limit();
+    // A burst of 2000 requests needs ~2000 sockets here (the app's side)
+    // and ~2000 in the sidecar, which inherits the limit.
+    meshlet_e2e::process::raise_open_file_limit();
     let app = Upstream::start("app").await;
     let sidecar = sidecar(
         &app,

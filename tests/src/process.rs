@@ -646,3 +646,17 @@ impl admin::Listening for SidecarProcess {
         self.admin
     }
 }
+
+/// Raises this test process's open-file soft limit to its hard limit (the
+/// processes it starts inherit it: tests that hold a thousand connections
+/// need it on machines whose soft limit is 1024); returns the soft limit
+/// in force.
+pub fn raise_open_file_limit() -> u64 {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE).expect("getrlimit");
+    if soft < hard {
+        setrlimit(Resource::RLIMIT_NOFILE, hard, hard).expect("setrlimit");
+        return hard;
+    }
+    soft
+}
