@@ -1321,16 +1321,7 @@ async fn the_memory_a_burst_took_is_given_back() {
     let app = Upstream::start("app").await;
     let sidecar = sidecar(
         &app,
-        &[
-            "--app-protocol",
-            "http1",
-            "--trim-memory-above-mib",
-            "8",
-            // The app accepts 2000 connections at once more slowly
-            // than the default 1 s allows (SYNs retried).
-            "--connect-timeout",
-            "10s",
-        ],
+        &["--app-protocol", "http1", "--trim-memory-above-mib", "8"],
     )
     .await;
     let idle = sidecar.rss_bytes();

@@ -51,6 +51,7 @@ use std::future::Future;
 use std::io;
 use std::mem::MaybeUninit;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{ready, Context, Poll};
 use std::time::{Duration, Instant};
@@ -111,6 +112,15 @@ pub struct Conn {
     /// Chunk extension bytes of the response being read (bounded like
     /// hyper's).
     extension_bytes: usize,
+    /// The endpoint's count of open connections, less one when this one
+    /// is dropped (closed).
+    open: Arc<AtomicUsize>,
+}
+
+impl Drop for Conn {
+    fn drop(&mut self) {
+        self.open.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// A reused request head buffer larger than this is given back.
@@ -121,9 +131,11 @@ const KEEP_HEAD_BUFFER: usize = 8 * 1024;
 const COPY_BODY_LIMIT: usize = 8 * 1024;
 
 impl Conn {
-    /// A connection, boxed for its whole life: it moves between the pool,
-    /// the exchange and the response body, a pointer each time.
-    pub fn new(io: QuickAck) -> Box<Conn> {
+    /// A connection to the endpoint whose idle list is `idle`, boxed for
+    /// its whole life: it moves between the pool, the exchange and the
+    /// response body, a pointer each time.
+    pub fn new(io: QuickAck, idle: &IdleConns) -> Box<Conn> {
+        idle.open.fetch_add(1, Ordering::Relaxed);
         Box::new(Conn {
             io,
             buf: BytesMut::new(),
@@ -134,6 +146,7 @@ impl Conn {
             deadline_timer: None,
             keep_alive: false,
             extension_bytes: 0,
+            open: Arc::clone(&idle.open),
         })
     }
 
@@ -254,7 +267,9 @@ impl Conn {
 }
 
 /// An endpoint's idle connections (busy ones are owned by the response
-/// body reading from them), at most `max`.
+/// body reading from them), at most `max`. A request waiting for a
+/// connection to be established can take one given back meanwhile
+/// ([`IdleConns::given_back`]).
 #[derive(Debug)]
 pub struct IdleConns {
     // Boxed on purpose: a connection keeps its one allocation while it
@@ -262,6 +277,11 @@ pub struct IdleConns {
     #[allow(clippy::vec_box)]
     conns: Mutex<Vec<Box<Conn>>>,
     max: usize,
+    /// Notified once per connection kept; with nobody waiting it holds one
+    /// notification, so a waiter that registers late still looks.
+    kept: tokio::sync::Notify,
+    /// Connections open to the endpoint, idle or busy.
+    open: Arc<AtomicUsize>,
 }
 
 impl IdleConns {
@@ -269,7 +289,24 @@ impl IdleConns {
         Arc::new(IdleConns {
             conns: Mutex::new(Vec::new()),
             max,
+            kept: tokio::sync::Notify::new(),
+            open: Arc::new(AtomicUsize::new(0)),
         })
+    }
+
+    /// Connections open to the endpoint and carrying a request now (one
+    /// of them may be given back soon).
+    pub fn busy(&self) -> usize {
+        let open = self.open.load(Ordering::Relaxed);
+        open.saturating_sub(self.len())
+    }
+
+    /// Completes when a connection may have been kept since the last
+    /// [`IdleConns::take`] (waiters in turn, first come first served); the
+    /// connection may be gone again by then, so the waiter takes and, if
+    /// that finds none, waits again.
+    pub fn given_back(&self) -> tokio::sync::futures::Notified<'_> {
+        self.kept.notified()
     }
 
     #[allow(clippy::vec_box)]
@@ -289,12 +326,15 @@ impl IdleConns {
         None
     }
 
-    /// Keeps a connection whose response has been read whole.
-    fn keep(&self, mut conn: Box<Conn>) {
+    /// Keeps a connection whose response has been read whole, or one just
+    /// established for a request that took another meanwhile.
+    pub fn keep(&self, mut conn: Box<Conn>) {
         conn.last_used = Instant::now();
         let mut conns = self.lock();
         if conns.len() < self.max {
             conns.push(conn);
+            drop(conns);
+            self.kept.notify_one();
         }
     }
 

@@ -31,8 +31,11 @@
 //!
 //! Flow (HTTP/1.1 without a request body or with one held in full, most
 //! requests): `exchange_h1` → take an idle connection of our own client
-//! (or connect) → `h1_client::exchange` from this task; the response body
-//! gives the connection back to the idle list when it has been read whole.
+//! (or connect, and take instead a connection another request gives back
+//! first: `connect_or_given_back`, which also keeps a burst beyond the
+//! app's accept queue from failing at the connect timeout) →
+//! `h1_client::exchange` from this task; the response body gives the
+//! connection back to the idle list when it has been read whole.
 //!
 //! Flow (HTTP/1.1 with a body still streaming, or an upgrade): `send_h1` →
 //! take a ready
@@ -581,19 +584,20 @@ impl ConnPool {
                 };
                 let (conn, reused) = match pooled {
                     Some(conn) => (conn, true),
-                    None => match within(deadline, Box::pin(self.connect_tcp())).await {
-                        Some(Ok(stream)) => {
-                            self.metrics.opened_http1.inc();
-                            (h1_client::Conn::new(QuickAck::new(stream)), false)
+                    // Boxed: the connect's state would otherwise grow this
+                    // future, which every request moves.
+                    None => {
+                        match within(deadline, Box::pin(self.connect_or_given_back(resent))).await {
+                            Some(Ok(taken)) => taken,
+                            Some(Err(source)) => {
+                                return Err(SendError::Connect {
+                                    source,
+                                    request: Box::new(request),
+                                })
+                            }
+                            None => return Err(SendError::TimedOut),
                         }
-                        Some(Err(source)) => {
-                            return Err(SendError::Connect {
-                                source,
-                                request: Box::new(request),
-                            })
-                        }
-                        None => return Err(SendError::TimedOut),
-                    },
+                    }
                 };
                 match h1_client::exchange(conn, &request, &self.direct, deadline).await {
                     Ok(response) => return Ok((response.map(StreamedBody::from), None)),
@@ -609,6 +613,70 @@ impl ConnPool {
                         resent = true;
                     }
                     Err(error) => return Err(SendError::Upstream(error.into())),
+                }
+            }
+        }
+    }
+
+    /// A connection for `exchange_h1` (and whether it is a reused one):
+    /// a new one, or, unless the request must go on a `fresh` one, one
+    /// that another request gives back meanwhile, whichever comes first.
+    ///
+    /// Why: a burst can need more connections than the app accepts at
+    /// once. A connect whose SYN the app's full accept queue dropped is
+    /// tried again by the kernel only after 1 s (RFC 6298's initial
+    /// timeout), when the default connect timeout has already ended it,
+    /// while the connections that did get in come back as soon as the app
+    /// answers. So a connect that times out while other connections to the
+    /// endpoint are busy (the app is alive, only behind) is started again
+    /// and the request keeps waiting for either, within its own deadline;
+    /// with none busy, the timeout is an error as before. A connect that
+    /// loses the race goes on in a task of its own and adds its connection
+    /// to the idle list for the next request.
+    async fn connect_or_given_back(
+        self: &Arc<Self>,
+        fresh: bool,
+    ) -> io::Result<(Box<h1_client::Conn>, bool)> {
+        let connect = |pool: Arc<Self>| {
+            Box::pin(async move {
+                let stream = pool.connect_tcp().await?;
+                pool.metrics.opened_http1.inc();
+                Ok::<_, io::Error>(h1_client::Conn::new(QuickAck::new(stream), &pool.direct))
+            })
+        };
+        let mut connecting = connect(Arc::clone(self));
+        if fresh {
+            return Ok((connecting.await?, false));
+        }
+        loop {
+            tokio::select! {
+                biased;
+                connected = &mut connecting => match connected {
+                    Ok(conn) => return Ok((conn, false)),
+                    Err(error)
+                        if error.kind() == io::ErrorKind::TimedOut && self.direct.busy() > 0 =>
+                    {
+                        tracing::debug!(addr = %self.addr, busy = self.direct.busy(),
+                            "connect timed out while the endpoint is busy (accept queue full?); \
+                             connecting again and waiting for a connection to come back");
+                        connecting = connect(Arc::clone(self));
+                    }
+                    Err(error) => return Err(error),
+                },
+                () = self.direct.given_back() => {
+                    let Some(conn) = self.direct.take(self.limits.idle_timeout) else {
+                        continue;
+                    };
+                    let idle = Arc::clone(&self.direct);
+                    let addr = self.addr;
+                    tokio::spawn(async move {
+                        match connecting.await {
+                            Ok(conn) => idle.keep(conn),
+                            Err(error) => tracing::debug!(%addr, %error,
+                                "connect no request waits for any more failed"),
+                        }
+                    });
+                    return Ok((conn, true));
                 }
             }
         }
