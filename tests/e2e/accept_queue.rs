@@ -12,6 +12,8 @@
 //! - A burst of [`BURST`] concurrent requests is answered 200 every time,
 //!   on fewer upstream connections than requests (waiting requests took
 //!   the connections others gave back).
+//! - A burst of [`UPLOADS`] streamed (chunked) uploads, which take
+//!   hyper's client, is answered 200 too.
 //! - An app that accepts nothing still fails fast: with no connection of
 //!   the endpoint busy, a connect that times out is a 502 at the connect
 //!   timeout, not a wait for the upstream timeout.
@@ -22,8 +24,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::Response;
-use http_body_util::Full;
+use std::convert::Infallible;
+
+use http::{Request, Response};
+use http_body_util::{BodyExt, Full, StreamBody};
+use hyper::body::{Frame, Incoming};
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
@@ -33,10 +38,55 @@ use tokio::net::{TcpListener, TcpSocket, TcpStream};
 
 /// Concurrent requests in the burst (one client connection each).
 const BURST: usize = 60;
+/// Streamed (chunked) uploads in the second burst: they go through
+/// hyper's client, which has no connection to take from another request
+/// while its connect waits, only a connect started again.
+const UPLOADS: usize = 10;
 /// How long the app takes to answer a request.
 const SERVICE_TIME: Duration = Duration::from_millis(40);
 /// The app's pause after each accept (a busy single accept loop).
 const ACCEPT_PAUSE: Duration = Duration::from_millis(20);
+
+/// Sends `requests` concurrently to `addr`, each on its own connection;
+/// returns the failures as `status body` lines.
+async fn burst(
+    addr: SocketAddr,
+    requests: usize,
+    request: fn() -> Request<StreamBody<Upload>>,
+) -> Vec<String> {
+    let mut burst = tokio::task::JoinSet::new();
+    for _ in 0..requests {
+        burst.spawn(client::send(addr, request()));
+    }
+    let mut failures = Vec::new();
+    while let Some(reply) = burst.join_next().await {
+        let reply = reply.expect("burst task").expect("the sidecar answers");
+        if reply.status != 200 {
+            failures.push(format!("{} {}", reply.status, reply.text().trim()));
+        }
+    }
+    failures
+}
+
+/// A request body of one frame, or none.
+type Upload = futures_util::stream::Iter<std::vec::IntoIter<Result<Frame<Bytes>, Infallible>>>;
+
+fn get() -> Request<StreamBody<Upload>> {
+    Request::get("/burst")
+        .header("host", "app")
+        .body(StreamBody::new(futures_util::stream::iter(Vec::new())))
+        .unwrap()
+}
+
+/// A `POST` whose length is not stated: sent chunked, so the sidecar
+/// streams it.
+fn chunked_upload() -> Request<StreamBody<Upload>> {
+    let frame = Ok(Frame::data(Bytes::from_static(b"upload")));
+    Request::post("/upload")
+        .header("host", "app")
+        .body(StreamBody::new(futures_util::stream::iter(vec![frame])))
+        .unwrap()
+}
 
 /// A listener on loopback with an accept queue of `backlog`, not accepting.
 fn small_backlog_listener(backlog: u32) -> TcpListener {
@@ -59,7 +109,8 @@ fn start_slow_acceptor() -> (SocketAddr, Arc<AtomicUsize>) {
         while let Ok((stream, _)) = listener.accept().await {
             counted.fetch_add(1, Ordering::Relaxed);
             tokio::spawn(async move {
-                let service = service_fn(|_request| async {
+                let service = service_fn(|request: Request<Incoming>| async {
+                    request.into_body().collect().await?;
                     tokio::time::sleep(SERVICE_TIME).await;
                     Ok::<_, hyper::Error>(Response::new(Full::new(Bytes::from_static(b"ok"))))
                 });
@@ -78,18 +129,7 @@ async fn a_burst_beyond_the_apps_accept_queue_is_served_not_failed() {
     let (app, accepted) = start_slow_acceptor();
     let sidecar = SidecarProcess::builder("app", app.port()).start().await;
 
-    let mut burst = tokio::task::JoinSet::new();
-    for _ in 0..BURST {
-        let inbound = sidecar.inbound;
-        burst.spawn(async move { client::get(inbound, "/burst").await });
-    }
-    let mut failures = Vec::new();
-    while let Some(reply) = burst.join_next().await {
-        let reply = reply.expect("burst task").expect("the sidecar answers");
-        if reply.status != 200 {
-            failures.push(format!("{} {}", reply.status, reply.text().trim()));
-        }
-    }
+    let failures = burst(sidecar.inbound, BURST, get).await;
     assert!(
         failures.is_empty(),
         "{} of {BURST} requests failed (the app accepted {} connections): {:?}",
@@ -105,6 +145,20 @@ async fn a_burst_beyond_the_apps_accept_queue_is_served_not_failed() {
         opened < BURST as f64,
         "{opened} upstream connections for {BURST} requests: the requests that \
          waited for a connection did not take the ones given back"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_of_streamed_uploads_beyond_the_apps_accept_queue_is_served() {
+    let (app, accepted) = start_slow_acceptor();
+    let sidecar = SidecarProcess::builder("app", app.port()).start().await;
+    let failures = burst(sidecar.inbound, UPLOADS, chunked_upload).await;
+    assert!(
+        failures.is_empty(),
+        "{} of {UPLOADS} uploads failed (the app accepted {} connections): {:?}",
+        failures.len(),
+        accepted.load(Ordering::Relaxed),
+        &failures[..failures.len().min(3)]
     );
 }
 

@@ -51,7 +51,6 @@ use std::future::Future;
 use std::io;
 use std::mem::MaybeUninit;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{ready, Context, Poll};
 use std::time::{Duration, Instant};
@@ -63,6 +62,7 @@ use http_body::{Body, Frame, SizeHint};
 use tokio::io::AsyncWrite;
 use tokio::time::Sleep;
 
+use crate::upstream::in_flight::{InFlight, InFlightCounter};
 use crate::upstream::quick_ack::QuickAck;
 use crate::upstream::response_fields::{FieldKind, ResponseFields};
 
@@ -112,15 +112,9 @@ pub struct Conn {
     /// Chunk extension bytes of the response being read (bounded like
     /// hyper's).
     extension_bytes: usize,
-    /// The endpoint's count of open connections, less one when this one
-    /// is dropped (closed).
-    open: Arc<AtomicUsize>,
-}
-
-impl Drop for Conn {
-    fn drop(&mut self) {
-        self.open.fetch_sub(1, Ordering::Relaxed);
-    }
+    /// Counted among the endpoint's open connections until dropped
+    /// (closed).
+    _open: InFlight,
 }
 
 /// A reused request head buffer larger than this is given back.
@@ -135,7 +129,6 @@ impl Conn {
     /// its whole life: it moves between the pool, the exchange and the
     /// response body, a pointer each time.
     pub fn new(io: QuickAck, idle: &IdleConns) -> Box<Conn> {
-        idle.open.fetch_add(1, Ordering::Relaxed);
         Box::new(Conn {
             io,
             buf: BytesMut::new(),
@@ -146,7 +139,7 @@ impl Conn {
             deadline_timer: None,
             keep_alive: false,
             extension_bytes: 0,
-            open: Arc::clone(&idle.open),
+            _open: idle.open.start(),
         })
     }
 
@@ -281,7 +274,7 @@ pub struct IdleConns {
     /// notification, so a waiter that registers late still looks.
     kept: tokio::sync::Notify,
     /// Connections open to the endpoint, idle or busy.
-    open: Arc<AtomicUsize>,
+    open: InFlightCounter,
 }
 
 impl IdleConns {
@@ -290,15 +283,14 @@ impl IdleConns {
             conns: Mutex::new(Vec::new()),
             max,
             kept: tokio::sync::Notify::new(),
-            open: Arc::new(AtomicUsize::new(0)),
+            open: InFlightCounter::default(),
         })
     }
 
     /// Connections open to the endpoint and carrying a request now (one
     /// of them may be given back soon).
     pub fn busy(&self) -> usize {
-        let open = self.open.load(Ordering::Relaxed);
-        open.saturating_sub(self.len())
+        self.open.get().saturating_sub(self.len())
     }
 
     /// Completes when a connection may have been kept since the last

@@ -336,6 +336,9 @@ pub struct ConnPool {
     remote: Remote,
     metrics: PoolMetrics,
     http1: Mutex<Vec<PooledConn>>,
+    /// hyper HTTP/1.1 connections open (their tasks running), pooled or
+    /// out with a request.
+    http1_open: InFlightCounter,
     /// Idle connections of our own HTTP/1.1 client.
     direct: Arc<h1_client::IdleConns>,
     /// h2c connections.
@@ -378,6 +381,7 @@ impl ConnPool {
             remote,
             metrics,
             http1: Mutex::new(Vec::new()),
+            http1_open: InFlightCounter::default(),
             direct: h1_client::IdleConns::new(MAX_IDLE_PER_ENDPOINT),
             h2: H2Set::new(),
             mtls: H2Set::new(),
@@ -504,7 +508,9 @@ impl ConnPool {
 
     /// HTTP/1.1 with a request body still streaming (or an upgrade), by
     /// hyper's client, on a
-    /// pooled keep-alive connection (or a new one). A pooled
+    /// pooled keep-alive connection (or a new one; a connect that timed out
+    /// while the endpoint is [`behind`](ConnPool::behind): a ready
+    /// connection or a new connect again). A pooled
     /// connection that was closed before it answered: once more on a new
     /// connection, if the request came back or can be replayed.
     async fn send_h1(
@@ -519,6 +525,9 @@ impl ConnPool {
                 Some(sender) => (sender, true),
                 None => match Box::pin(self.connect_h1()).await {
                     Ok(sender) => (sender, false),
+                    // Take a connection that became ready meanwhile, or
+                    // connect again (within the caller's deadline).
+                    Err(source) if self.behind(&source) => continue,
                     Err(source) => {
                         return Err(SendError::Connect {
                             source,
@@ -628,9 +637,10 @@ impl ConnPool {
     /// timeout), when the default connect timeout has already ended it,
     /// while the connections that did get in come back as soon as the app
     /// answers. So a connect that times out while other connections to the
-    /// endpoint are busy (the app is alive, only behind) is started again
-    /// and the request keeps waiting for either, within its own deadline;
-    /// with none busy, the timeout is an error as before. A connect that
+    /// endpoint are busy (the app is alive, only behind: [`ConnPool::behind`])
+    /// is started again and the request keeps waiting for either, within
+    /// its own deadline; with none busy, the timeout is an error as
+    /// before. A connect that
     /// loses the race goes on in a task of its own and adds its connection
     /// to the idle list for the next request.
     async fn connect_or_given_back(
@@ -653,12 +663,7 @@ impl ConnPool {
                 biased;
                 connected = &mut connecting => match connected {
                     Ok(conn) => return Ok((conn, false)),
-                    Err(error)
-                        if error.kind() == io::ErrorKind::TimedOut && self.direct.busy() > 0 =>
-                    {
-                        tracing::debug!(addr = %self.addr, busy = self.direct.busy(),
-                            "connect timed out while the endpoint is busy (accept queue full?); \
-                             connecting again and waiting for a connection to come back");
+                    Err(error) if self.behind(&error) => {
                         connecting = connect(Arc::clone(self));
                     }
                     Err(error) => return Err(error),
@@ -1066,6 +1071,25 @@ impl ConnPool {
         Ok(stream)
     }
 
+    /// Whether a connect that failed with `error` is worth starting again:
+    /// it timed out while the app is alive and only behind in accepting
+    /// (its accept queue full): connections of our own client are busy
+    /// (one given back wakes a waiter), or hyper's client has connections
+    /// open (busy, or ready again: hyper does not say when, so the caller
+    /// looks for a ready one first). The caller's deadline bounds the
+    /// attempts.
+    fn behind(&self, error: &io::Error) -> bool {
+        if error.kind() != io::ErrorKind::TimedOut {
+            return false;
+        }
+        let behind = self.http1_open.get() > 0 || self.direct.busy() > 0;
+        if behind {
+            tracing::debug!(addr = %self.addr,
+                "connect timed out while the endpoint is busy (accept queue full?); connecting again");
+        }
+        behind
+    }
+
     async fn connect_h1(&self) -> io::Result<http1::SendRequest<ProxyBody>> {
         let stream = QuickAck::new(self.connect_tcp().await?);
         let (sender, conn) = http1::Builder::new()
@@ -1074,7 +1098,9 @@ impl ConnPool {
             .map_err(io::Error::other)?;
         self.metrics.opened_http1.inc();
         let addr = self.addr;
+        let open = self.http1_open.start();
         tokio::spawn(async move {
+            let _open = open;
             if let Err(err) = conn.with_upgrades().await {
                 tracing::debug!(%addr, error = %err, "upstream http/1 connection ended with an error");
             }
