@@ -636,8 +636,9 @@ impl ConnPool {
     /// tried again by the kernel only after 1 s (RFC 6298's initial
     /// timeout), when the default connect timeout has already ended it,
     /// while the connections that did get in come back as soon as the app
-    /// answers. So a connect that times out while other connections to the
-    /// endpoint are busy (the app is alive, only behind: [`ConnPool::behind`])
+    /// answers. So a connect to the local app that times out while other
+    /// connections to it are busy (the app is alive, only behind:
+    /// [`ConnPool::behind`])
     /// is started again and the request keeps waiting for either, within
     /// its own deadline; with none busy, the timeout is an error as
     /// before. A connect that
@@ -1072,14 +1073,16 @@ impl ConnPool {
     }
 
     /// Whether a connect that failed with `error` is worth starting again:
-    /// it timed out while the app is alive and only behind in accepting
-    /// (its accept queue full): connections of our own client are busy
-    /// (one given back wakes a waiter), or hyper's client has connections
-    /// open (busy, or ready again: hyper does not say when, so the caller
-    /// looks for a ready one first). The caller's deadline bounds the
-    /// attempts.
+    /// it timed out to the local app while the app is alive and only behind
+    /// in accepting (its accept queue full): connections of our own client
+    /// are busy (one given back wakes a waiter), or hyper's client has
+    /// connections open (busy, or ready again: hyper does not say when, so
+    /// the caller looks for a ready one first). The caller's deadline
+    /// bounds the attempts. Never for another endpoint: there a timed-out
+    /// connect may be a dead host whose connections hang, and the request
+    /// should go to another endpoint (`forward` tries up to 3) at once.
     fn behind(&self, error: &io::Error) -> bool {
-        if error.kind() != io::ErrorKind::TimedOut {
+        if error.kind() != io::ErrorKind::TimedOut || !matches!(self.remote, Remote::App(_)) {
             return false;
         }
         let behind = self.http1_open.get() > 0 || self.direct.busy() > 0;
@@ -1380,6 +1383,71 @@ mod tests {
         let response = pool.send(request).await.expect("sent");
         assert_eq!(response.status(), 200);
         text(response).await
+    }
+
+    /// A listener with an accept queue of one that accepts exactly one
+    /// connection and never answers on it, then nothing: once the pool's
+    /// first request is under way (busy) and the test has filled the queue
+    /// with two connections of its own, every SYN is dropped.
+    async fn behind_forever() -> (SocketAddr, Vec<tokio::net::TcpStream>, Arc<AtomicUsize>) {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let listener = socket.listen(1).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let counted = Arc::clone(&accepted);
+        tokio::spawn(async move {
+            let (stream, _) = listener.accept().await.unwrap();
+            counted.fetch_add(1, Ordering::SeqCst);
+            // Held open, unanswered, while the listener lives.
+            let _held = stream;
+            std::future::pending::<()>().await;
+        });
+        (addr, Vec::new(), accepted)
+    }
+
+    /// `remote`'s pool with a 200 ms connect timeout: a first request made
+    /// busy forever, then a second one sent with a 1.5 s deadline.
+    async fn second_request_while_busy(remote: Remote) -> Result<Answer, SendError> {
+        let (addr, mut fillers, accepted) = behind_forever().await;
+        let limits = Limits {
+            connect_timeout: std::time::Duration::from_millis(200),
+            ..Limits::default()
+        };
+        let pool = ConnPool::with_remote(addr, Arc::new(limits), remote);
+        let first = Arc::clone(&pool);
+        tokio::spawn(async move { first.dispatch(get("/"), None).await });
+        let deadline = Instant::now() + std::time::Duration::from_secs(5);
+        while accepted.load(Ordering::SeqCst) == 0 || pool.direct.busy() == 0 {
+            assert!(
+                Instant::now() < deadline,
+                "the first request never got busy"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+        for _ in 0..2 {
+            fillers.push(tokio::net::TcpStream::connect(addr).await.unwrap());
+        }
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_millis(1500);
+        pool.dispatch(get("/"), Some(deadline)).await
+    }
+
+    #[tokio::test]
+    async fn the_app_behind_in_accepting_is_waited_for_another_endpoint_is_not() {
+        // The local app: its connect timing out while a request is busy
+        // means a full accept queue; the request waits, within its deadline.
+        match second_request_while_busy(Remote::App(None)).await {
+            Err(SendError::TimedOut) => {}
+            other => panic!("the app's request should wait for its deadline: {other:?}"),
+        }
+        // Another endpoint: the same is what a dead host looks like; the
+        // request fails at the connect timeout, for another endpoint.
+        match second_request_while_busy(Remote::Plain).await {
+            Err(SendError::Connect { source, .. }) => {
+                assert_eq!(source.kind(), io::ErrorKind::TimedOut, "{source}")
+            }
+            other => panic!("another endpoint's request should fail at once: {other:?}"),
+        }
     }
 
     #[tokio::test]
