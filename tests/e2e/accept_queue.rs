@@ -14,9 +14,10 @@
 //!   the connections others gave back).
 //! - A burst of [`UPLOADS`] streamed (chunked) uploads, which take
 //!   hyper's client, is answered 200 too.
-//! - An app that accepts nothing still fails fast: with no connection of
-//!   the endpoint busy, a connect that times out is a 502 at the connect
-//!   timeout, not a wait for the upstream timeout.
+//! - An app that accepts nothing still fails fast: it answered nothing, so
+//!   a connect that times out is a 502 at the connect timeout, not a wait
+//!   for the upstream timeout. (A hung app that answered just before, and
+//!   another endpoint than the local app: unit tests in `upstream::pool`.)
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};

@@ -51,6 +51,7 @@ use std::future::Future;
 use std::io;
 use std::mem::MaybeUninit;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{ready, Context, Poll};
 use std::time::{Duration, Instant};
@@ -62,7 +63,6 @@ use http_body::{Body, Frame, SizeHint};
 use tokio::io::AsyncWrite;
 use tokio::time::Sleep;
 
-use crate::upstream::in_flight::{InFlight, InFlightCounter};
 use crate::upstream::quick_ack::QuickAck;
 use crate::upstream::response_fields::{FieldKind, ResponseFields};
 
@@ -112,9 +112,6 @@ pub struct Conn {
     /// Chunk extension bytes of the response being read (bounded like
     /// hyper's).
     extension_bytes: usize,
-    /// Counted among the endpoint's open connections until dropped
-    /// (closed).
-    _open: InFlight,
 }
 
 /// A reused request head buffer larger than this is given back.
@@ -125,10 +122,9 @@ const KEEP_HEAD_BUFFER: usize = 8 * 1024;
 const COPY_BODY_LIMIT: usize = 8 * 1024;
 
 impl Conn {
-    /// A connection to the endpoint whose idle list is `idle`, boxed for
-    /// its whole life: it moves between the pool, the exchange and the
-    /// response body, a pointer each time.
-    pub fn new(io: QuickAck, idle: &IdleConns) -> Box<Conn> {
+    /// A connection, boxed for its whole life: it moves between the pool,
+    /// the exchange and the response body, a pointer each time.
+    pub fn new(io: QuickAck) -> Box<Conn> {
         Box::new(Conn {
             io,
             buf: BytesMut::new(),
@@ -139,7 +135,6 @@ impl Conn {
             deadline_timer: None,
             keep_alive: false,
             extension_bytes: 0,
-            _open: idle.open.start(),
         })
     }
 
@@ -273,8 +268,10 @@ pub struct IdleConns {
     /// Notified once per connection kept; with nobody waiting it holds one
     /// notification, so a waiter that registers late still looks.
     kept: tokio::sync::Notify,
-    /// Connections open to the endpoint, idle or busy.
-    open: InFlightCounter,
+    /// When a connection was last kept (an answer read whole), in
+    /// nanoseconds after `epoch`; 0: never.
+    last_kept: AtomicU64,
+    epoch: Instant,
 }
 
 impl IdleConns {
@@ -283,14 +280,29 @@ impl IdleConns {
             conns: Mutex::new(Vec::new()),
             max,
             kept: tokio::sync::Notify::new(),
-            open: InFlightCounter::default(),
+            last_kept: AtomicU64::new(0),
+            epoch: Instant::now(),
         })
     }
 
-    /// Connections open to the endpoint and carrying a request now (one
-    /// of them may be given back soon).
-    pub fn busy(&self) -> usize {
-        self.open.get().saturating_sub(self.len())
+    /// Notes that the endpoint answered a request `at` (a connection kept
+    /// does so by itself; hyper's client's answers are noted by the pool).
+    pub fn answered(&self, at: Instant) {
+        let since = at.saturating_duration_since(self.epoch).as_nanos() as u64;
+        self.last_kept.store(since.max(1), Ordering::Relaxed);
+    }
+
+    /// Whether the endpoint answered a request within the last `window`.
+    pub fn answered_within(&self, window: Duration) -> bool {
+        match self.last_kept.load(Ordering::Relaxed) {
+            0 => false,
+            at => {
+                self.epoch
+                    .elapsed()
+                    .saturating_sub(Duration::from_nanos(at))
+                    <= window
+            }
+        }
     }
 
     /// Completes when a connection may have been kept since the last
@@ -318,10 +330,18 @@ impl IdleConns {
         None
     }
 
-    /// Keeps a connection whose response has been read whole, or one just
-    /// established for a request that took another meanwhile.
-    pub fn keep(&self, mut conn: Box<Conn>) {
-        conn.last_used = Instant::now();
+    /// Keeps a connection whose response has been read whole: the endpoint
+    /// [`answered`](IdleConns::answered) too.
+    fn keep_answered(&self, conn: Box<Conn>) {
+        let now = Instant::now();
+        self.answered(now);
+        self.keep(conn, now);
+    }
+
+    /// Keeps a connection, idle since `now` (also one just established
+    /// for a request that took another meanwhile).
+    pub fn keep(&self, mut conn: Box<Conn>, now: Instant) {
+        conn.last_used = now;
         let mut conns = self.lock();
         if conns.len() < self.max {
             conns.push(conn);
@@ -889,7 +909,7 @@ impl ResponseBody {
         self.framing = Framing::Done;
         if let Some(conn) = self.conn.take() {
             if conn.keep_alive && conn.buf.is_empty() {
-                self.idle.keep(conn);
+                self.idle.keep_answered(conn);
             }
         }
     }

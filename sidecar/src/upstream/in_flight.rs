@@ -5,11 +5,9 @@
 //! of them needs another's module.
 //!
 //! - [`InFlightCounter`] / [`InFlight`]: an endpoint's outstanding
-//!   requests (the balancer's load), the streams open on one upstream
+//!   requests (the balancer's load), and the streams open on one upstream
 //!   HTTP/2 connection (the pool's, to open another connection when the
-//!   peer's `MAX_CONCURRENT_STREAMS` is reached), and an endpoint's open
-//!   HTTP/1.1 connections (the pool's, to tell an app that is behind in
-//!   accepting from one that accepts nothing).
+//!   peer's `MAX_CONCURRENT_STREAMS` is reached).
 //! - [`ClientStreams`]: one downstream connection's allowance of streams on
 //!   shared upstream HTTP/2 connections (`--upstream-streams-per-client`),
 //!   put in each of its requests' extensions by the listener; the pool

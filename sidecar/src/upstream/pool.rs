@@ -336,9 +336,6 @@ pub struct ConnPool {
     remote: Remote,
     metrics: PoolMetrics,
     http1: Mutex<Vec<PooledConn>>,
-    /// hyper HTTP/1.1 connections open (their tasks running), pooled or
-    /// out with a request.
-    http1_open: InFlightCounter,
     /// Idle connections of our own HTTP/1.1 client.
     direct: Arc<h1_client::IdleConns>,
     /// h2c connections.
@@ -381,7 +378,6 @@ impl ConnPool {
             remote,
             metrics,
             http1: Mutex::new(Vec::new()),
-            http1_open: InFlightCounter::default(),
             direct: h1_client::IdleConns::new(MAX_IDLE_PER_ENDPOINT),
             h2: H2Set::new(),
             mtls: H2Set::new(),
@@ -636,14 +632,12 @@ impl ConnPool {
     /// tried again by the kernel only after 1 s (RFC 6298's initial
     /// timeout), when the default connect timeout has already ended it,
     /// while the connections that did get in come back as soon as the app
-    /// answers. So a connect to the local app that times out while other
-    /// connections to it are busy (the app is alive, only behind:
-    /// [`ConnPool::behind`])
-    /// is started again and the request keeps waiting for either, within
-    /// its own deadline; with none busy, the timeout is an error as
-    /// before. A connect that
-    /// loses the race goes on in a task of its own and adds its connection
-    /// to the idle list for the next request.
+    /// answers. So a connect to the local app that times out while the app
+    /// answers others (it is alive, only behind: [`ConnPool::behind`]) is
+    /// started again and the request keeps waiting for either, within its
+    /// own deadline; otherwise the timeout is an error as before. A connect
+    /// that loses the race goes on in a task of its own and adds its
+    /// connection to the idle list for the next request.
     async fn connect_or_given_back(
         self: &Arc<Self>,
         fresh: bool,
@@ -652,7 +646,7 @@ impl ConnPool {
             Box::pin(async move {
                 let stream = pool.connect_tcp().await?;
                 pool.metrics.opened_http1.inc();
-                Ok::<_, io::Error>(h1_client::Conn::new(QuickAck::new(stream), &pool.direct))
+                Ok::<_, io::Error>(h1_client::Conn::new(QuickAck::new(stream)))
             })
         };
         let mut connecting = connect(Arc::clone(self));
@@ -677,7 +671,7 @@ impl ConnPool {
                     let addr = self.addr;
                     tokio::spawn(async move {
                         match connecting.await {
-                            Ok(conn) => idle.keep(conn),
+                            Ok(conn) => idle.keep(conn, Instant::now()),
                             Err(error) => tracing::debug!(%addr, %error,
                                 "connect no request waits for any more failed"),
                         }
@@ -1048,11 +1042,14 @@ impl ConnPool {
     /// signals it); `take_ready` only hands out ready ones. This costs no task
     /// per request, unlike waiting for readiness in a spawned task.
     fn keep(&self, sender: http1::SendRequest<ProxyBody>) {
+        let now = Instant::now();
+        // The app answered (for `behind`).
+        self.direct.answered(now);
         if let Ok(mut conns) = self.http1.lock() {
             if conns.len() < MAX_IDLE_PER_ENDPOINT {
                 conns.push(PooledConn {
                     sender,
-                    last_used: Instant::now(),
+                    last_used: now,
                 });
             }
         }
@@ -1073,22 +1070,24 @@ impl ConnPool {
     }
 
     /// Whether a connect that failed with `error` is worth starting again:
-    /// it timed out to the local app while the app is alive and only behind
-    /// in accepting (its accept queue full): connections of our own client
-    /// are busy (one given back wakes a waiter), or hyper's client has
-    /// connections open (busy, or ready again: hyper does not say when, so
-    /// the caller looks for a ready one first). The caller's deadline
-    /// bounds the attempts. Never for another endpoint: there a timed-out
-    /// connect may be a dead host whose connections hang, and the request
-    /// should go to another endpoint (`forward` tries up to 3) at once.
+    /// it timed out to the local app while the app is alive and only
+    /// behind in accepting (its accept queue full), which is what an app
+    /// that answered a request within the last connect timeout and drops
+    /// SYNs now looks like. An app that answered nothing for that long is
+    /// hung or overloaded for good: the timeout is an error (502 at once,
+    /// as before), and so it is after at most one more connect timeout
+    /// once an app stops answering. The caller's deadline bounds the
+    /// attempts. Never for another endpoint: there a timed-out connect may
+    /// be a dead host whose connections hang, and the request should go to
+    /// another endpoint (`forward` tries up to 3) at once.
     fn behind(&self, error: &io::Error) -> bool {
         if error.kind() != io::ErrorKind::TimedOut || !matches!(self.remote, Remote::App(_)) {
             return false;
         }
-        let behind = self.http1_open.get() > 0 || self.direct.busy() > 0;
+        let behind = self.direct.answered_within(self.limits.connect_timeout);
         if behind {
             tracing::debug!(addr = %self.addr,
-                "connect timed out while the endpoint is busy (accept queue full?); connecting again");
+                "connect to the app timed out while it answers others (accept queue full?); connecting again");
         }
         behind
     }
@@ -1101,9 +1100,7 @@ impl ConnPool {
             .map_err(io::Error::other)?;
         self.metrics.opened_http1.inc();
         let addr = self.addr;
-        let open = self.http1_open.start();
         tokio::spawn(async move {
-            let _open = open;
             if let Err(err) = conn.with_upgrades().await {
                 tracing::debug!(%addr, error = %err, "upstream http/1 connection ended with an error");
             }
@@ -1385,69 +1382,123 @@ mod tests {
         text(response).await
     }
 
-    /// A listener with an accept queue of one that accepts exactly one
-    /// connection and never answers on it, then nothing: once the pool's
-    /// first request is under way (busy) and the test has filled the queue
-    /// with two connections of its own, every SYN is dropped.
-    async fn behind_forever() -> (SocketAddr, Vec<tokio::net::TcpStream>, Arc<AtomicUsize>) {
+    /// An app listening with an accept queue of one that accepts exactly
+    /// one connection and answers each request on it `answer_after` it
+    /// arrived (`None`: never). Returns its address and, once that
+    /// connection is accepted, two connections of the test's own that fill
+    /// the queue, so that every SYN after is dropped.
+    async fn one_connection_app(
+        answer_after: Option<std::time::Duration>,
+    ) -> (SocketAddr, tokio::sync::oneshot::Receiver<()>) {
         let socket = tokio::net::TcpSocket::new_v4().unwrap();
         socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
         let listener = socket.listen(1).unwrap();
         let addr = listener.local_addr().unwrap();
-        let accepted = Arc::new(AtomicUsize::new(0));
-        let counted = Arc::clone(&accepted);
+        let (accepted, on_accept) = tokio::sync::oneshot::channel();
         tokio::spawn(async move {
-            let (stream, _) = listener.accept().await.unwrap();
-            counted.fetch_add(1, Ordering::SeqCst);
-            // Held open, unanswered, while the listener lives.
-            let _held = stream;
-            std::future::pending::<()>().await;
+            let (mut stream, _) = listener.accept().await.unwrap();
+            let _ = accepted.send(());
+            let _listening = listener;
+            let mut head = Vec::new();
+            let mut buf = [0u8; 1024];
+            loop {
+                match tokio::io::AsyncReadExt::read(&mut stream, &mut buf).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => head.extend_from_slice(&buf[..n]),
+                }
+                while let Some(end) = head.windows(4).position(|w| w == b"\r\n\r\n") {
+                    head.drain(..end + 4);
+                    let Some(after) = answer_after else {
+                        std::future::pending::<()>().await;
+                        return;
+                    };
+                    tokio::time::sleep(after).await;
+                    let answer = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+                    if tokio::io::AsyncWriteExt::write_all(&mut stream, answer)
+                        .await
+                        .is_err()
+                    {
+                        return;
+                    }
+                }
+            }
         });
-        (addr, Vec::new(), accepted)
+        (addr, on_accept)
     }
 
-    /// `remote`'s pool with a 200 ms connect timeout: a first request made
-    /// busy forever, then a second one sent with a 1.5 s deadline.
-    async fn second_request_while_busy(remote: Remote) -> Result<Answer, SendError> {
-        let (addr, mut fillers, accepted) = behind_forever().await;
+    /// `remote`'s pool with a 200 ms connect timeout to a
+    /// [`one_connection_app`]: a first request on the one connection, the
+    /// queue filled, then two more requests at once with a 2 s deadline;
+    /// their outcomes (the body, or the error).
+    async fn two_more_while_the_queue_is_full(
+        remote: Remote,
+        answer_after: Option<std::time::Duration>,
+    ) -> Vec<Result<String, SendError>> {
+        let (addr, accepted) = one_connection_app(answer_after).await;
         let limits = Limits {
             connect_timeout: std::time::Duration::from_millis(200),
             ..Limits::default()
         };
         let pool = ConnPool::with_remote(addr, Arc::new(limits), remote);
         let first = Arc::clone(&pool);
-        tokio::spawn(async move { first.dispatch(get("/"), None).await });
-        let deadline = Instant::now() + std::time::Duration::from_secs(5);
-        while accepted.load(Ordering::SeqCst) == 0 || pool.direct.busy() == 0 {
-            assert!(
-                Instant::now() < deadline,
-                "the first request never got busy"
-            );
-            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
-        }
+        tokio::spawn(async move {
+            if let Ok(response) = first.send(get("/")).await {
+                text(response).await;
+            }
+        });
+        accepted
+            .await
+            .expect("the app accepts the first connection");
+        let mut fillers = Vec::new();
         for _ in 0..2 {
             fillers.push(tokio::net::TcpStream::connect(addr).await.unwrap());
         }
-        let deadline = tokio::time::Instant::now() + std::time::Duration::from_millis(1500);
-        pool.dispatch(get("/"), Some(deadline)).await
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(2);
+        let more = (0..2).map(|_| {
+            let pool = Arc::clone(&pool);
+            tokio::spawn(async move {
+                let (response, _) = pool.dispatch(get("/"), Some(deadline)).await?;
+                Ok(text(response).await)
+            })
+        });
+        let mut outcomes = Vec::new();
+        for request in more.collect::<Vec<_>>() {
+            outcomes.push(request.await.unwrap());
+        }
+        outcomes
+    }
+
+    fn timed_out_connect(outcome: &Result<String, SendError>) -> bool {
+        matches!(outcome, Err(SendError::Connect { source, .. })
+            if source.kind() == io::ErrorKind::TimedOut)
     }
 
     #[tokio::test]
-    async fn the_app_behind_in_accepting_is_waited_for_another_endpoint_is_not() {
-        // The local app: its connect timing out while a request is busy
-        // means a full accept queue; the request waits, within its deadline.
-        match second_request_while_busy(Remote::App(None)).await {
-            Err(SendError::TimedOut) => {}
-            other => panic!("the app's request should wait for its deadline: {other:?}"),
+    async fn an_answering_app_behind_in_accepting_is_waited_for_within_the_deadline() {
+        // One connection answering every 150 ms: one of the two requests
+        // takes it when the first gives it back; the other's connect times
+        // out at 200 ms while the app answers, so it waits for the next.
+        let ms150 = Some(std::time::Duration::from_millis(150));
+        let outcomes = two_more_while_the_queue_is_full(Remote::App(None), ms150).await;
+        for outcome in &outcomes {
+            assert_eq!(
+                outcome.as_ref().ok().map(String::as_str),
+                Some("ok"),
+                "{outcome:?}"
+            );
         }
-        // Another endpoint: the same is what a dead host looks like; the
-        // request fails at the connect timeout, for another endpoint.
-        match second_request_while_busy(Remote::Plain).await {
-            Err(SendError::Connect { source, .. }) => {
-                assert_eq!(source.kind(), io::ErrorKind::TimedOut, "{source}")
-            }
-            other => panic!("another endpoint's request should fail at once: {other:?}"),
-        }
+        // Another endpoint: the same looks like a dead host; the request
+        // fails at the connect timeout, for the next endpoint.
+        let outcomes = two_more_while_the_queue_is_full(Remote::Plain, ms150).await;
+        assert!(outcomes.iter().any(timed_out_connect), "{outcomes:?}");
+    }
+
+    #[tokio::test]
+    async fn a_hung_app_still_fails_at_the_connect_timeout() {
+        // The app holds its one request unanswered: nothing says it is
+        // alive, so the queue it does not drain fails the others at once.
+        let outcomes = two_more_while_the_queue_is_full(Remote::App(None), None).await;
+        assert!(outcomes.iter().all(timed_out_connect), "{outcomes:?}");
     }
 
     #[tokio::test]
