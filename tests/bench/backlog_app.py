@@ -1,0 +1,39 @@
+"""An app with a small accept queue, for tests/bench/accept_queue.sh.
+
+Python's threading HTTP server as many apps run it: HTTP/1.1 keep-alive,
+one thread per connection, listen backlog BACKLOG (the standard library's
+default is 5), every request answered `ok` after SLEEP_MS.
+
+Usage: python3 backlog_app.py PORT [SLEEP_MS] [BACKLOG]
+"""
+
+import http.server
+import sys
+import time
+
+PORT = int(sys.argv[1])
+SLEEP = float(sys.argv[2]) / 1000 if len(sys.argv) > 2 else 0.02
+BACKLOG = int(sys.argv[3]) if len(sys.argv) > 3 else 5
+
+
+class Handler(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def do_GET(self):
+        time.sleep(SLEEP)
+        body = b"ok\n"
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+class Server(http.server.ThreadingHTTPServer):
+    request_queue_size = BACKLOG
+    daemon_threads = True
+
+
+Server(("127.0.0.1", PORT), Handler).serve_forever()
