@@ -1384,9 +1384,9 @@ mod tests {
 
     /// An app listening with an accept queue of one that accepts exactly
     /// one connection and answers each request on it `answer_after` it
-    /// arrived (`None`: never). Returns its address and, once that
-    /// connection is accepted, two connections of the test's own that fill
-    /// the queue, so that every SYN after is dropped.
+    /// arrived (`None`: never). Returns its address and what says that the
+    /// connection was accepted (after which two connections of the test's
+    /// own fill the queue, and every SYN after is dropped).
     async fn one_connection_app(
         answer_after: Option<std::time::Duration>,
     ) -> (SocketAddr, tokio::sync::oneshot::Receiver<()>) {
