@@ -161,6 +161,15 @@ async fn a_burst_of_streamed_uploads_beyond_the_apps_accept_queue_is_served() {
         accepted.load(Ordering::Relaxed),
         &failures[..failures.len().min(3)]
     );
+    // Uploads have no connection to take from another request: those
+    // whose SYN was dropped connected again, and the operator can see why.
+    let started_again = Scrape::of(sidecar.admin)
+        .await
+        .sum("meshlet_app_accept_queue_full_total", &[]);
+    assert!(
+        started_again >= 1.0,
+        "meshlet_app_accept_queue_full_total is {started_again} after a burst that overflowed the queue"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

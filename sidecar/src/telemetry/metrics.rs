@@ -119,6 +119,9 @@ pub struct PoolMetrics {
     pub opened_h2c: IntCounter,
     /// `...{protocol="mtls"}`.
     pub opened_mtls: IntCounter,
+    /// `meshlet_app_accept_queue_full_total`: connects to the local app
+    /// that timed out while it answered other requests, started again.
+    pub app_accept_queue_full: IntCounter,
 }
 
 impl PoolMetrics {
@@ -133,7 +136,12 @@ impl PoolMetrics {
             "Upstream connections opened by the sidecar's pools, by protocol",
             &["protocol"],
         );
+        let app_accept_queue_full = r.counter(
+            "meshlet_app_accept_queue_full_total",
+            "Connects to the local app that timed out while it answered other requests (its listen backlog overflowed and dropped the SYN), started again",
+        );
         PoolMetrics {
+            app_accept_queue_full,
             resent_goaway: resends.with_label_values(&["goaway"]),
             resent_refused_stream: resends.with_label_values(&["refused_stream"]),
             resent_connection_closed: resends.with_label_values(&["connection_closed"]),
@@ -154,6 +162,7 @@ impl PoolMetrics {
             opened_http1: counter("opened_http1"),
             opened_h2c: counter("opened_h2c"),
             opened_mtls: counter("opened_mtls"),
+            app_accept_queue_full: counter("app_accept_queue_full"),
         }
     }
 }

@@ -1086,6 +1086,7 @@ impl ConnPool {
         }
         let behind = self.direct.answered_within(self.limits.connect_timeout);
         if behind {
+            self.metrics.app_accept_queue_full.inc();
             tracing::debug!(addr = %self.addr,
                 "connect to the app timed out while it answers others (accept queue full?); connecting again");
         }
