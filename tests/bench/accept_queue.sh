@@ -96,16 +96,7 @@ done
 
 start_app
 free_port NGINX_PORT
-start_nginx nginx "$NGINX_PORT" '
-        location / {
-            proxy_pass http://app;
-            proxy_http_version 1.1;
-            proxy_set_header Connection "";
-        }' "
-    upstream app {
-        server 127.0.0.1:$APP_PORT;
-        keepalive 64;
-    }"
+start_nginx_proxy nginx "$NGINX_PORT" "$APP_PORT"
 rows+=("$(burst nginx "$NGINX_PORT")")
 
 table=$(printf '%s\n' "${rows[@]}" | md_table)

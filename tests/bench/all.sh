@@ -181,17 +181,7 @@ wait_http "http://127.0.0.1:$NAGLE_PORT/" "$NAGLE_PID" "the Nagle app"
 # nginx_proxy NAME PORT UPSTREAM_PORT: an nginx proxy with an upstream
 # keep-alive pool, on the proxy core.
 nginx_proxy() {
-    start_nginx "$1" "$2" '
-        location / {
-            proxy_pass http://app;
-            proxy_http_version 1.1;
-            proxy_set_header Connection "";
-        }' "
-    upstream app {
-        server 127.0.0.1:$3;
-        keepalive 64;
-        keepalive_requests 1000000;
-    }"
+    start_nginx_proxy "$1" "$2" "$3"
     local var="${1^^}_PID"
     pin "$PROXY_CORE" "${!var}"
 }

@@ -212,6 +212,23 @@ EOF
     printf -v "${name^^}_PID" '%s' "$pid"
 }
 
+# start_nginx_proxy NAME PORT UPSTREAM_PORT: start_nginx as a reverse proxy
+# to 127.0.0.1:UPSTREAM_PORT with an upstream keep-alive pool of 64 (HTTP/1.1
+# to the upstream, as the sidecar). Sets NAME_PID.
+start_nginx_proxy() {
+    start_nginx "$1" "$2" '
+        location / {
+            proxy_pass http://app;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+        }' "
+    upstream app {
+        server 127.0.0.1:$3;
+        keepalive 64;
+        keepalive_requests 1000000;
+    }"
+}
+
 # start_sidecar NAME BINARY APP_PORT INBOUND_PORT OUTBOUND_PORT ADMIN_PORT [ARGS...]:
 # a sidecar (service `bench` unless ARGS has --service; standalone unless ARGS
 # has --config or --control-plane) with its output in $TMP/NAME.log, waited

@@ -111,17 +111,7 @@ start_nginx upstream "$UP_PORT" '
         location / { return 200 "ok\n"; }'
 
 log "peer nginx proxy on 127.0.0.1:$PEER_PORT"
-start_nginx peer "$PEER_PORT" '
-        location / {
-            proxy_pass http://app;
-            proxy_http_version 1.1;
-            proxy_set_header Connection "";
-        }' "
-    upstream app {
-        server 127.0.0.1:$UP_PORT;
-        keepalive 64;
-        keepalive_requests 1000000;
-    }"
+start_nginx_proxy peer "$PEER_PORT" "$UP_PORT"
 
 log "sidecar: inbound 127.0.0.1:$IN_PORT -> app $UP_PORT, admin $ADMIN_PORT"
 start_sidecar sidecar "$SIDECAR" "$UP_PORT" "$IN_PORT" "$OUT_PORT" "$ADMIN_PORT"

@@ -96,17 +96,7 @@ for target in $TARGETS; do
     case "$target" in
         nginx)
             free_port PEER_PORT
-            start_nginx peer "$PEER_PORT" '
-        location / {
-            proxy_pass http://app;
-            proxy_http_version 1.1;
-            proxy_set_header Connection "";
-        }' "
-    upstream app {
-        server 127.0.0.1:$UP_PORT;
-        keepalive 64;
-        keepalive_requests 1000000;
-    }"
+            start_nginx_proxy peer "$PEER_PORT" "$UP_PORT"
             worker=$(pgrep -P "$PEER_PID" | head -n1)
             log "nginx (worker $worker)"
             count "$worker" "$PEER_PORT"

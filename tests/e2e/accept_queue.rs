@@ -125,20 +125,28 @@ fn start_slow_acceptor() -> (SocketAddr, Arc<AtomicUsize>) {
     (addr, accepted)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_burst_beyond_the_apps_accept_queue_is_served_not_failed() {
+/// A sidecar with its defaults in front of a [`start_slow_acceptor`] app,
+/// after a burst of `requests` made by `request`, every one answered 200.
+async fn served_burst(
+    requests: usize,
+    request: fn() -> Request<StreamBody<Upload>>,
+) -> SidecarProcess {
     let (app, accepted) = start_slow_acceptor();
     let sidecar = SidecarProcess::builder("app", app.port()).start().await;
-
-    let failures = burst(sidecar.inbound, BURST, get).await;
+    let failures = burst(sidecar.inbound, requests, request).await;
     assert!(
         failures.is_empty(),
-        "{} of {BURST} requests failed (the app accepted {} connections): {:?}",
+        "{} of {requests} requests failed (the app accepted {} connections): {:?}",
         failures.len(),
         accepted.load(Ordering::Relaxed),
         &failures[..failures.len().min(3)]
     );
+    sidecar
+}
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_beyond_the_apps_accept_queue_is_served_not_failed() {
+    let sidecar = served_burst(BURST, get).await;
     let opened = Scrape::of(sidecar.admin)
         .await
         .sum("meshlet_upstream_connections_opened_total", &[]);
@@ -151,16 +159,7 @@ async fn a_burst_beyond_the_apps_accept_queue_is_served_not_failed() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_burst_of_streamed_uploads_beyond_the_apps_accept_queue_is_served() {
-    let (app, accepted) = start_slow_acceptor();
-    let sidecar = SidecarProcess::builder("app", app.port()).start().await;
-    let failures = burst(sidecar.inbound, UPLOADS, chunked_upload).await;
-    assert!(
-        failures.is_empty(),
-        "{} of {UPLOADS} uploads failed (the app accepted {} connections): {:?}",
-        failures.len(),
-        accepted.load(Ordering::Relaxed),
-        &failures[..failures.len().min(3)]
-    );
+    let sidecar = served_burst(UPLOADS, chunked_upload).await;
     // Uploads have no connection to take from another request: those
     // whose SYN was dropped connected again, and the operator can see why.
     let started_again = Scrape::of(sidecar.admin)
