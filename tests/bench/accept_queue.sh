@@ -16,7 +16,7 @@
 #   nginx         h2load -> nginx (1 worker, upstream keepalive 64, default
 #                 proxy_connect_timeout 60 s) -> app
 #
-# Usage: tests/bench/accept_queue.sh [SIDECAR]   (default target/release/sidecar)
+# Usage: tests/bench/accept_queue.sh [SIDECAR]   (default target/dist/sidecar)
 #   ACCEPT_CLIENTS=200 ACCEPT_REQUESTS=2000 ACCEPT_BACKLOG=5 ACCEPT_SLEEP_MS=20
 #   ACCEPT_BASELINE=/path/to/older/sidecar
 # Output: a markdown table on stdout and in target/bench/accept_queue.md.
@@ -31,9 +31,9 @@ CLIENTS="${ACCEPT_CLIENTS:-200}"
 REQUESTS="${ACCEPT_REQUESTS:-2000}"
 BACKLOG="${ACCEPT_BACKLOG:-5}"
 SLEEP_MS="${ACCEPT_SLEEP_MS:-20}"
-BIN="${1:-$ROOT/target/release/sidecar}"
+BIN="${1:-$DIST_SIDECAR}"
 BASELINE="${ACCEPT_BASELINE:-}"
-[[ -x "$BIN" ]] || die "$BIN is not an executable"
+need_sidecar "$BIN"
 [[ -z "$BASELINE" || -x "$BASELINE" ]] || die "$BASELINE is not an executable"
 
 install_deps h2load:nghttp2-client python3:python3

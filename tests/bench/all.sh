@@ -12,7 +12,7 @@
 #     direct                   wrk -> app
 #     nginx                    wrk -> nginx (1 worker, upstream keepalive 64) -> app
 #     haproxy                  wrk -> haproxy (nbthread 1, http-reuse always) -> app
-#     sidecar                  wrk -> sidecar inbound -> app (target/release/sidecar,
+#     sidecar                  wrk -> sidecar inbound -> app (target/dist/sidecar,
 #                              defaults: metrics on, tracing on, no control plane)
 #     sidecar (baseline)       the same with BENCH_SIDECAR_BASELINE, when set
 #     sidecar, --busy-poll     the same with --busy-poll 200us (polls for a
@@ -99,7 +99,8 @@
 #   BENCH_POST_BYTES=256    the body of the paired POST runs (0: no POST runs)
 #   BENCH_SIDECAR_BASELINE=PATH  also measure this sidecar build (e.g. main's,
 #                       or one without a change) in the one-hop and Nagle rows
-#   BENCH_BIN_DIR=DIR   sidecar, control-plane, meshctl from DIR (no build)
+#   BENCH_BIN_DIR=DIR   sidecar, control-plane, meshctl from DIR (no build;
+#                       default: build_bins, the sidecar from target/dist)
 #   BENCH_PIN=0         no CPU pinning
 #   BENCH_CP_SCALE=0    skip tests/bench/control-plane-scale.sh
 #   BENCH_OTHER_CPU_LIMIT=10  BENCH_KEEP=1   as in run.sh
@@ -132,6 +133,7 @@ else
     BIN_DIR="$ROOT/target/release"
 fi
 SIDECAR="$BIN_DIR/sidecar"
+[[ -n "${BENCH_BIN_DIR:-}" ]] || SIDECAR="$DIST_SIDECAR"
 for bin in "$SIDECAR" "$BIN_DIR/control-plane" "$BIN_DIR/meshctl" ${BASELINE:+"$BASELINE"}; do
     [[ -x "$bin" ]] || die "$bin is not an executable"
 done

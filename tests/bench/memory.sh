@@ -16,7 +16,7 @@
 # refuses upstream connections, in both runs alike; the last column says
 # how many were answered 2xx.
 #
-# Usage: tests/bench/memory.sh [SIDECAR]   (default target/release/sidecar)
+# Usage: tests/bench/memory.sh [SIDECAR]   (default target/dist/sidecar)
 #   MEMORY_CLIENTS=1000 MEMORY_STREAMS=10 MEMORY_REQUESTS=50000 MEMORY_SETTLE=25
 # Output: a markdown table on stdout and in target/bench/memory.md.
 set -euo pipefail
@@ -30,8 +30,8 @@ CLIENTS="${MEMORY_CLIENTS:-1000}"
 STREAMS="${MEMORY_STREAMS:-10}"
 REQUESTS="${MEMORY_REQUESTS:-50000}"
 SETTLE="${MEMORY_SETTLE:-25}"
-BIN="${1:-$ROOT/target/release/sidecar}"
-[[ -x "$BIN" ]] || die "$BIN is not an executable"
+BIN="${1:-$DIST_SIDECAR}"
+need_sidecar "$BIN"
 
 install_deps h2load:nghttp2-client
 make_tmp

@@ -91,8 +91,8 @@
 # Usage: tests/bench/mtls.sh
 #   BENCH_ROUNDS=3      rounds of the interleaved targets; medians shown
 #   BENCH_BIN_DIR=DIR   take sidecar, control-plane and meshctl from DIR
-#                       instead of building (default: cargo build --release
-#                       --bins, then target/release)
+#                       instead of building (default: build_bins, then the
+#                       sidecar from target/dist, the others from target/release)
 #   BENCH_MTLS_WAIT=20  seconds to wait for the first TLS handshake on B
 #   BENCH_DURATION=10s BENCH_RATE=1000 BENCH_THREADS=1 BENCH_CONNS=32
 #   BENCH_LAT_CONNS=16 BENCH_WARMUP=2s BENCH_OTHER_CPU_LIMIT=10 BENCH_KEEP=1
@@ -124,6 +124,7 @@ else
     BIN_DIR="$ROOT/target/release"
 fi
 SIDECAR="$BIN_DIR/sidecar"
+[[ -n "${BENCH_BIN_DIR:-}" ]] || SIDECAR="$DIST_SIDECAR"
 CONTROL_PLANE="$BIN_DIR/control-plane"
 MESHCTL="$BIN_DIR/meshctl"
 for bin in "$SIDECAR" "$CONTROL_PLANE" "$MESHCTL"; do

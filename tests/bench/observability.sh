@@ -12,7 +12,7 @@
 #                    no tracing flags: e.g. a build from before the
 #                    observability work (optional)
 #
-# Each target is its own target/release/sidecar process (standalone: service
+# Each target is its own target/dist/sidecar process (standalone: service
 # `bench`, no config, no control plane), driven through its inbound listener.
 # No TracingPolicy exists, so `on` samples every request (ratio 1.0): each
 # proxied request is a span, batch-exported over OTLP/HTTP.
@@ -73,7 +73,7 @@
 #   BENCH_BASELINE=PATH another sidecar binary, run as a fourth target without
 #                       tracing flags (it may predate them)
 #   BENCH_SIDECAR=PATH  the sidecar binary for off/on/hung (default
-#                       target/release/sidecar, built by this script)
+#                       target/dist/sidecar, built by this script)
 #   BENCH_DURATION=10s BENCH_RATE=1000 BENCH_THREADS=1 BENCH_CONNS=32
 #   BENCH_LAT_CONNS=16 BENCH_WARMUP=2s BENCH_OTHER_CPU_LIMIT=10 BENCH_KEEP=1
 #                       as in run.sh
@@ -84,7 +84,7 @@ SCRIPT_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 ROOT="$(cd "$SCRIPT_DIR/../.." && pwd)"
 
 ROUNDS="${BENCH_ROUNDS:-3}"
-SIDECAR="${BENCH_SIDECAR:-$ROOT/target/release/sidecar}"
+SIDECAR="${BENCH_SIDECAR:-$ROOT/target/dist/sidecar}"
 BASELINE="${BENCH_BASELINE:-}"
 # The helpers shared with run.sh and the other BENCH_* settings; installs the
 # cleanup trap that stops every process started here.

@@ -15,7 +15,7 @@
 #   syscalls/req system calls per request (strace -c -f on the native run;
 #                only with PROFILE_STRACE=1, it slows the run down).
 #
-# Each sidecar binary given (default target/release/sidecar) is measured in
+# Each sidecar binary given (default target/dist/sidecar) is measured in
 # each scenario, one after the other, against the same upstream nginx (1
 # worker, `200 ok\n` from memory):
 #
@@ -69,8 +69,8 @@ ANNOTATE="${PROFILE_ANNOTATE:-0}"
 STRACE="${PROFILE_STRACE:-0}"
 
 BINS=("$@")
-[[ ${#BINS[@]} -gt 0 ]] || BINS=("$ROOT/target/release/sidecar")
-for b in "${BINS[@]}"; do [[ -x "$b" ]] || die "$b is not an executable"; done
+[[ ${#BINS[@]} -gt 0 ]] || BINS=("$DIST_SIDECAR")
+for b in "${BINS[@]}"; do need_sidecar "$b"; done
 
 deps=(h2load:nghttp2-client)
 [[ "$CALLGRIND" == 1 ]] && deps+=(valgrind:valgrind)

@@ -4,7 +4,7 @@
 # What it measures, in one run, on loopback only (127.0.0.1):
 #
 #   direct   wrk -> upstream                      (baseline: the app alone)
-#   sidecar  wrk -> sidecar inbound -> upstream   (target/release/sidecar)
+#   sidecar  wrk -> sidecar inbound -> upstream   (target/dist/sidecar)
 #   nginx    wrk -> nginx proxy     -> upstream   (peer: 1 worker, keep-alive
 #                                                  upstream pool of 64)
 #
@@ -61,7 +61,7 @@
 #   BENCH_THREADS=1 BENCH_CONNS=32   wrk threads / connections, throughput
 #   BENCH_LAT_CONNS=16  connections of the latency runs
 #   BENCH_WARMUP=2s     warm-up per target
-#   BENCH_SIDECAR=PATH  the sidecar binary to measure (default target/release/sidecar),
+#   BENCH_SIDECAR=PATH  the sidecar binary to measure (default target/dist/sidecar),
 #                       e.g. an older build, to compare two versions against nginx
 #   BENCH_ROUNDS=1      repeat the three targets this many times, interleaved
 #                       (direct, sidecar, nginx, direct, ...); the table shows
@@ -77,7 +77,7 @@ SCRIPT_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 ROOT="$(cd "$SCRIPT_DIR/../.." && pwd)"
 
 ROUNDS="${BENCH_ROUNDS:-1}"
-SIDECAR="${BENCH_SIDECAR:-$ROOT/target/release/sidecar}"
+SIDECAR="${BENCH_SIDECAR:-$ROOT/target/dist/sidecar}"
 # The helpers shared with observability.sh (wrk runs, nginx, RSS and CPU
 # sampling, the table) and the other BENCH_* settings; installs the cleanup
 # trap that stops every process started here.

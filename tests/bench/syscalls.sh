@@ -23,7 +23,7 @@
 # SYSCALLS_REQUESTS keep-alive HTTP/1.1 requests from h2load (SYSCALLS_CONNS
 # connections, one request in flight on each) while perf counts.
 #
-# Usage: tests/bench/syscalls.sh [SIDECAR...]   (default target/release/sidecar)
+# Usage: tests/bench/syscalls.sh [SIDECAR...]   (default target/dist/sidecar)
 #   SYSCALLS_REQUESTS=20000  SYSCALLS_WARMUP=2000  SYSCALLS_CONNS=32
 #   SYSCALLS_TARGETS="nginx inbound policies outbound"
 # Output: a markdown table (calls per request by kind) on stdout and in
@@ -43,8 +43,8 @@ KINDS=(read write readv writev recvfrom sendto recvmsg sendmsg epoll_wait epoll_
     epoll_ctl futex setsockopt getsockopt brk accept4 connect close)
 
 BINS=("$@")
-[[ ${#BINS[@]} -gt 0 ]] || BINS=("$ROOT/target/release/sidecar")
-for b in "${BINS[@]}"; do [[ -x "$b" ]] || die "$b is not an executable"; done
+[[ ${#BINS[@]} -gt 0 ]] || BINS=("$DIST_SIDECAR")
+for b in "${BINS[@]}"; do need_sidecar "$b"; done
 
 install_deps h2load:nghttp2-client perf:linux-perf
 make_tmp
