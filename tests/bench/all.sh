@@ -76,8 +76,9 @@
 # So after the rounds, BENCH_PAIRS times: nginx, the sidecar, the sidecar
 # with policies (and the baseline build) back to back, BENCH_PAIR_DURATION
 # each, the order rotated every time; the ratio of each run to the nginx
-# run of its own pair, for req/s and for CPU per request, median and range
-# over the pairs. Goal 1 is judged on the paired median when there is one.
+# run of its own pair, for req/s and for CPU per request (and its user-space
+# part alone, which moves least between runs), median and range over the
+# pairs. Goal 1 is judged on the paired median when there is one.
 # Each pair also has nginx and the sidecar answering a POST with a
 # BENCH_POST_BYTES body (default 256, sent with its head, as API clients
 # do; and the baseline build's, when set), each run against the POST run
@@ -346,6 +347,15 @@ ticks() {
     done
     echo "$sum"
 }
+# user_ticks PIDS...: their utime alone, in clock ticks.
+user_ticks() {
+    local p f sum=0
+    for p in "$@"; do
+        read -r -a f 2>/dev/null <"/proc/$p/stat" || continue
+        sum=$((sum + f[13]))
+    done
+    echo "$sum"
+}
 
 # curl_lat OUT URL N: N GETs one after another, each on a new connection
 # (`Connection: close`; wrk counts the server's closes as socket errors), as
@@ -465,22 +475,27 @@ wrk.body = string.rep("x", $POST_BYTES)
 wrk.headers["Content-Type"] = "application/json"
 EOF
 fi
-declare -A PAIR_RPS PAIR_CPU
+declare -A PAIR_RPS PAIR_CPU PAIR_USER
 # pair_run NAME N: one throughput run of NAME for pair N (NAME-post: NAME's
-# proxy answering POSTs).
-# shellcheck disable=SC2034 # PAIR_RPS, PAIR_CPU: read through `paired`'s nameref
+# proxy answering POSTs). PAIR_USER is the user-space part of PAIR_CPU: the
+# kernel's part (TCP on loopback, ~3/4 of it) moves with the VM's state from
+# run to run, the proxy's own code much less.
+# shellcheck disable=SC2034 # PAIR_*: read through `paired`'s nameref
 pair_run() {
-    local name=$1 n=$2 out="$TMP/pair-$1-$2.out" t0 t1 req dur row=${1%-post} script=report.lua
+    local name=$1 n=$2 out="$TMP/pair-$1-$2.out" t0 t1 u0 u1 req dur row=${1%-post} script=report.lua
     [[ $name != *-post ]] || script=post.lua
     local -a procs=()
     read -r -a procs <<<"${ROW_PROCS[$row]}"
     t0=$(ticks "${procs[@]}")
+    u0=$(user_ticks "${procs[@]}")
     run_wrk "$out" -t1 -c"$CONNS" -d"$PAIR_DURATION" -s "$TMP/$script" "http://127.0.0.1:${ROW_PORT[$row]}/"
     t1=$(ticks "${procs[@]}")
+    u1=$(user_ticks "${procs[@]}")
     req=$(field "$out" requests)
     dur=$(field "$out" duration_us)
     PAIR_RPS[$name,$n]=$(awk -v r="$req" -v d="$dur" 'BEGIN { printf "%.0f", r / (d / 1e6) }')
     PAIR_CPU[$name,$n]=$(awk -v t=$((t1 - t0)) -v hz="$CLK_TCK" -v r="$req" 'BEGIN { printf "%.2f", t / hz * 1e6 / r }')
+    PAIR_USER[$name,$n]=$(awk -v t=$((u1 - u0)) -v hz="$CLK_TCK" -v r="$req" 'BEGIN { printf "%.2f", t / hz * 1e6 / r }')
 }
 for ((n = 1; n <= PAIRS; n++)); do
     members=(nginx "${PAIRED[@]}" "${POSTED[@]}")
@@ -588,7 +603,7 @@ if ((PAIRS > 0)); then
     if ((POST_BYTES > 0)); then
         POST_PAIRED="; POST with a ${POST_BYTES}-byte body, against nginx's POST runs: $(paired sidecar-post PAIR_RPS nginx-post)x and $(paired sidecar-post PAIR_CPU nginx-post)x${BASELINE:+ (baseline build $(paired baseline-post PAIR_RPS nginx-post)x and $(paired baseline-post PAIR_CPU nginx-post)x)}"
     fi
-    goal1="$(check "$(ge "$(paired_median policies PAIR_RPS)" 1)") (paired over $PAIRS pairs, median [range] of each run / its pair's nginx run: req/s $(paired policies PAIR_RPS)x, CPU per request $(paired policies PAIR_CPU)x; without policies $(paired sidecar PAIR_RPS)x and $(paired sidecar PAIR_CPU)x${BASELINE:+; baseline build $(paired baseline PAIR_RPS)x and $(paired baseline PAIR_CPU)x}${POST_PAIRED}. Medians of the rounds: $(ratio "${RPS[policies]}" "${RPS[nginx]}")x; two hops with policies $(ratio "${RPS[hop2-pol]}" "${RPS[hop2-nginx]}")x two nginx hops)"
+    goal1="$(check "$(ge "$(paired_median policies PAIR_RPS)" 1)") (paired over $PAIRS pairs, median [range] of each run / its pair's nginx run: req/s $(paired policies PAIR_RPS)x, CPU per request $(paired policies PAIR_CPU)x (user space alone $(paired policies PAIR_USER)x); without policies $(paired sidecar PAIR_RPS)x and $(paired sidecar PAIR_CPU)x${BASELINE:+; baseline build $(paired baseline PAIR_RPS)x and $(paired baseline PAIR_CPU)x (user space $(paired baseline PAIR_USER)x)}${POST_PAIRED}. Medians of the rounds: $(ratio "${RPS[policies]}" "${RPS[nginx]}")x; two hops with policies $(ratio "${RPS[hop2-pol]}" "${RPS[hop2-nginx]}")x two nginx hops)"
 else
     goal1="$(check "$(ge "${RPS[policies]}" "${RPS[nginx]}")") ($(ratio "${RPS[policies]}" "${RPS[nginx]}")x; without policies $(ratio "${RPS[sidecar]}" "${RPS[nginx]}")x; two hops with policies $(ratio "${RPS[hop2-pol]}" "${RPS[hop2-nginx]}")x two nginx hops)"
 fi
