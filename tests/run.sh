@@ -7,7 +7,10 @@
 #   2. build every binary once (release), then run every test against them:
 #      unit tests in each crate, end-to-end tests in tests/e2e/ (sidecars
 #      and control planes in-process or as the real binaries, on loopback)
-#   3. the local demo (examples/demo.sh) as a smoke test of README command (1)
+#   3. the sidecar as it ships (the `dist` profile: fat LTO, what the images
+#      and benchmarks use) built too, and the end-to-end tests of its HTTP
+#      paths run again against it
+#   4. the local demo (examples/demo.sh) as a smoke test of README command (1)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -95,8 +98,22 @@ cargo build --workspace --bins --release
 step "unit and end-to-end tests"
 # Includes the 60 s soak (tests/soak; MESHLET_SOAK_SECS=600 for the long one).
 test_log=$(mktemp)
-trap 'rm -f "$test_log"' EXIT
+dist_bins=$(mktemp -d)
+trap 'rm -rf "$test_log" "$dist_bins"' EXIT
 cargo test --workspace --release 2>&1 | tee "$test_log"
+
+step "the shipped sidecar (dist profile) through the HTTP end-to-end tests"
+# Whole-program optimisation changes no behaviour on paper; this checks the
+# build people deploy, not only the one the tests above ran. The other
+# binaries stay the release ones (MESHLET_BIN_DIR: one directory for all).
+cargo build --profile dist -p meshlet-sidecar --bin sidecar
+for bin in target/release/*; do
+    if [[ -f $bin && -x $bin ]]; then ln -s "$PWD/$bin" "$dist_bins/"; fi
+done
+ln -sf "$PWD/target/dist/sidecar" "$dist_bins/sidecar"
+MESHLET_BIN_DIR=$dist_bins cargo test --release -p meshlet-e2e \
+    --test protocols --test malformed --test policies --test routes --test gateway \
+    --test streaming --test upstream_h2 --test nagle 2>&1 | tee -a "$test_log"
 # Totals over every test binary (cargo prints one "test result" per binary).
 read -r passed failed < <(awk '/^test result:/ { p += $4; f += $6 } END { print p + 0, f + 0 }' "$test_log")
 
