@@ -19,6 +19,8 @@
 # Usage: tests/bench/accept_queue.sh [SIDECAR]   (default target/dist/sidecar)
 #   ACCEPT_CLIENTS=200 ACCEPT_REQUESTS=2000 ACCEPT_BACKLOG=5 ACCEPT_SLEEP_MS=20
 #   ACCEPT_BASELINE=/path/to/older/sidecar
+#   ACCEPT_CLOSE=1   the app answers every request with `Connection: close`
+#                    (every request needs a new connection)
 # Output: a markdown table on stdout and in target/bench/accept_queue.md.
 set -euo pipefail
 
@@ -33,6 +35,8 @@ BACKLOG="${ACCEPT_BACKLOG:-5}"
 SLEEP_MS="${ACCEPT_SLEEP_MS:-20}"
 BIN="${1:-$DIST_SIDECAR}"
 BASELINE="${ACCEPT_BASELINE:-}"
+CLOSE=""
+[[ "${ACCEPT_CLOSE:-0}" != 1 ]] || CLOSE=1
 need_sidecar "$BIN"
 [[ -z "$BASELINE" || -x "$BASELINE" ]] || die "$BASELINE is not an executable"
 
@@ -43,7 +47,7 @@ mkdir -p "$OUT_DIR"
 # start_app: a fresh app on APP_PORT (its pid in APP_PID).
 start_app() {
     free_port APP_PORT
-    python3 "$SCRIPT_DIR/backlog_app.py" "$APP_PORT" "$SLEEP_MS" "$BACKLOG" &
+    python3 "$SCRIPT_DIR/backlog_app.py" "$APP_PORT" "$SLEEP_MS" "$BACKLOG" ${CLOSE:+close} &
     APP_PID=$!
     PIDS+=("$APP_PID")
     wait_http "http://127.0.0.1:$APP_PORT/" "$APP_PID" "app"
@@ -100,7 +104,7 @@ start_nginx_proxy nginx "$NGINX_PORT" "$APP_PORT"
 rows+=("$(burst nginx "$NGINX_PORT")")
 
 table=$(printf '%s\n' "${rows[@]}" | md_table)
-params="h2load --h1 -c$CLIENTS -n$REQUESTS, cold; app: Python ThreadingHTTPServer, backlog $BACKLOG, ${SLEEP_MS} ms per request; $(nproc) cores, $(uname -r); $BIN${BASELINE:+, baseline $BASELINE}"
+params="h2load --h1 -c$CLIENTS -n$REQUESTS, cold; app: Python ThreadingHTTPServer, backlog $BACKLOG, ${SLEEP_MS} ms per request${CLOSE:+, Connection: close}; $(nproc) cores, $(uname -r); $BIN${BASELINE:+, baseline $BASELINE}"
 printf '\n%s\n\n%s\n' "$table" "$params"
 {
     echo "# a burst beyond the app's accept queue"

@@ -905,11 +905,15 @@ impl ResponseBody {
 
     /// The body has ended: the connection goes back to the pool if it can
     /// carry another request and nothing beyond the response arrived.
+    /// Either way the endpoint answered (an app that closes every
+    /// connection answers too: `ConnPool::behind` asks).
     fn finish(&mut self) {
         self.framing = Framing::Done;
         if let Some(conn) = self.conn.take() {
             if conn.keep_alive && conn.buf.is_empty() {
                 self.idle.keep_answered(conn);
+            } else {
+                self.idle.answered(Instant::now());
             }
         }
     }

@@ -1494,6 +1494,80 @@ mod tests {
         assert!(outcomes.iter().any(timed_out_connect), "{outcomes:?}");
     }
 
+    /// An app with an accept queue of one that serves one connection at a
+    /// time: reads a head, answers it `answer_after` with `connection:
+    /// close`, closes, then accepts the next.
+    async fn closing_app(answer_after: std::time::Duration) -> SocketAddr {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let listener = socket.listen(1).unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                let mut head = Vec::new();
+                let mut buf = [0u8; 1024];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match tokio::io::AsyncReadExt::read(&mut stream, &mut buf).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                // A connection given up by its client before it was
+                // accepted has no head: on to the next.
+                if head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    tokio::time::sleep(answer_after).await;
+                    let answer =
+                        b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok";
+                    let _ = tokio::io::AsyncWriteExt::write_all(&mut stream, answer).await;
+                }
+            }
+        });
+        addr
+    }
+
+    /// Five requests at once with a 3 s deadline through `remote`'s pool
+    /// (200 ms connect timeout) to a [`closing_app`] answering in 150 ms.
+    async fn five_at_once_to_a_closing_app(remote: Remote) -> Vec<Result<String, SendError>> {
+        let addr = closing_app(std::time::Duration::from_millis(150)).await;
+        let limits = Limits {
+            connect_timeout: std::time::Duration::from_millis(200),
+            ..Limits::default()
+        };
+        let pool = ConnPool::with_remote(addr, Arc::new(limits), remote);
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(3);
+        let requests = (0..5).map(|_| {
+            let pool = Arc::clone(&pool);
+            tokio::spawn(async move {
+                let (response, _) = pool.dispatch(get("/"), Some(deadline)).await?;
+                Ok(text(response).await)
+            })
+        });
+        let mut outcomes = Vec::new();
+        for request in requests.collect::<Vec<_>>() {
+            outcomes.push(request.await.unwrap());
+        }
+        outcomes
+    }
+
+    #[tokio::test]
+    async fn an_app_closing_every_connection_is_waited_for_too_while_it_answers() {
+        // Each request needs a connection of its own: the app takes one,
+        // its queue two, the kernel drops the other SYNs. Their connects
+        // time out at 200 ms while the app answers (every 150 ms, each
+        // answer with `connection: close`), so they are started again.
+        let outcomes = five_at_once_to_a_closing_app(Remote::App(None)).await;
+        for outcome in &outcomes {
+            assert_eq!(
+                outcome.as_ref().ok().map(String::as_str),
+                Some("ok"),
+                "{outcome:?}"
+            );
+        }
+        // Another endpoint: a dropped SYN looks like a dead host there.
+        let outcomes = five_at_once_to_a_closing_app(Remote::Plain).await;
+        assert!(outcomes.iter().any(timed_out_connect), "{outcomes:?}");
+    }
+
     #[tokio::test]
     async fn a_hung_app_still_fails_at_the_connect_timeout() {
         // The app holds its one request unanswered: nothing says it is
