@@ -1454,16 +1454,27 @@ mod tests {
         for _ in 0..2 {
             fillers.push(tokio::net::TcpStream::connect(addr).await.unwrap());
         }
-        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(2);
-        let more = (0..2).map(|_| {
-            let pool = Arc::clone(&pool);
+        at_once(&pool, 2, std::time::Duration::from_secs(2)).await
+    }
+
+    /// `count` GET requests sent through `pool` at once, each with the
+    /// same deadline `within` from now; their outcomes (the body, or the
+    /// error), in order.
+    async fn at_once(
+        pool: &Arc<ConnPool>,
+        count: usize,
+        within: std::time::Duration,
+    ) -> Vec<Result<String, SendError>> {
+        let deadline = tokio::time::Instant::now() + within;
+        let requests = (0..count).map(|_| {
+            let pool = Arc::clone(pool);
             tokio::spawn(async move {
                 let (response, _) = pool.dispatch(get("/"), Some(deadline)).await?;
                 Ok(text(response).await)
             })
         });
         let mut outcomes = Vec::new();
-        for request in more.collect::<Vec<_>>() {
+        for request in requests.collect::<Vec<_>>() {
             outcomes.push(request.await.unwrap());
         }
         outcomes
@@ -1534,19 +1545,7 @@ mod tests {
             ..Limits::default()
         };
         let pool = ConnPool::with_remote(addr, Arc::new(limits), remote);
-        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(3);
-        let requests = (0..5).map(|_| {
-            let pool = Arc::clone(&pool);
-            tokio::spawn(async move {
-                let (response, _) = pool.dispatch(get("/"), Some(deadline)).await?;
-                Ok(text(response).await)
-            })
-        });
-        let mut outcomes = Vec::new();
-        for request in requests.collect::<Vec<_>>() {
-            outcomes.push(request.await.unwrap());
-        }
-        outcomes
+        at_once(&pool, 5, std::time::Duration::from_secs(3)).await
     }
 
     #[tokio::test]
