@@ -415,6 +415,11 @@ meshctl diff -f "$POLICIES" 2>&1 | sed 's/^/     /' || true
 run_shown meshctl apply -f "$POLICIES" || bad "meshctl apply failed"
 wait_until "frontend's sidecar has the traffic split" 5 \
   bash -c "curl -fsS http://127.0.0.1:18020/config_dump | grep -q orders-canary"
+# Both subsets must have a healthy endpoint before counting: the split
+# skips a subset without one (orders v2 was failed, killed and restarted
+# above, and the registry came back from disk, so its health may lag).
+wait_until "both of the split's subsets have a healthy endpoint" 10 \
+  bash -c "curl -fsS http://127.0.0.1:18020/config_dump | jq -e '[.. | objects | select(.name? == \"orders-canary\") | .subsets[]? | .healthyEndpoints] | length == 2 and all(. >= 1)'"
 
 # count_versions N: N calls from frontend's sidecar to orders; prints "v1 count, v2 count".
 count_versions() {
