@@ -338,21 +338,14 @@ sample_rss "${sampler_args[@]}" &
 SAMPLER_PID=$!
 
 # --------------------------------------------------------------- the runs --
-# ticks PIDS...: their utime + stime, in clock ticks.
+# ticks [--user] PIDS...: their utime + stime (--user: utime alone), in
+# clock ticks.
 ticks() {
-    local p f sum=0
+    local p f sum=0 system=1
+    [[ $1 != --user ]] || { system=0; shift; }
     for p in "$@"; do
         read -r -a f 2>/dev/null <"/proc/$p/stat" || continue
-        sum=$((sum + f[13] + f[14]))
-    done
-    echo "$sum"
-}
-# user_ticks PIDS...: their utime alone, in clock ticks.
-user_ticks() {
-    local p f sum=0
-    for p in "$@"; do
-        read -r -a f 2>/dev/null <"/proc/$p/stat" || continue
-        sum=$((sum + f[13]))
+        sum=$((sum + f[13] + system * f[14]))
     done
     echo "$sum"
 }
@@ -487,10 +480,10 @@ pair_run() {
     local -a procs=()
     read -r -a procs <<<"${ROW_PROCS[$row]}"
     t0=$(ticks "${procs[@]}")
-    u0=$(user_ticks "${procs[@]}")
+    u0=$(ticks --user "${procs[@]}")
     run_wrk "$out" -t1 -c"$CONNS" -d"$PAIR_DURATION" -s "$TMP/$script" "http://127.0.0.1:${ROW_PORT[$row]}/"
     t1=$(ticks "${procs[@]}")
-    u1=$(user_ticks "${procs[@]}")
+    u1=$(ticks --user "${procs[@]}")
     req=$(field "$out" requests)
     dur=$(field "$out" duration_us)
     PAIR_RPS[$name,$n]=$(awk -v r="$req" -v d="$dur" 'BEGIN { printf "%.0f", r / (d / 1e6) }')
