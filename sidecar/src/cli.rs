@@ -219,10 +219,10 @@ pub struct Args {
     #[arg(long, env = "MESHLET_WORKER_THREADS", default_value_t = 1)]
     pub worker_threads: usize,
 
-    /// While a request awaits its response, poll the sockets without
-    /// blocking for up to this long (adaptive; 0 = never), so that a quick
-    /// response is read without waking an idle CPU. Single-threaded
-    /// runtime only.
+    /// While a request awaits its response, or a kept-alive client its
+    /// next request, poll the sockets without blocking for up to this long
+    /// (adaptive; 0 = never), so that a quick response or request is read
+    /// without waking an idle CPU. Single-threaded runtime only.
     #[arg(long, env = "MESHLET_BUSY_POLL", default_value = "0s", value_parser = parse_duration)]
     pub busy_poll: Duration,
 
@@ -334,7 +334,8 @@ impl Args {
         if self.busy_poll > MAX_BUSY_POLL {
             return Err(StartupError::Usage(format!(
                 "--busy-poll {}: at most {} (it is how long the sidecar may poll instead of sleeping \
-                 while a response is awaited; a few hundred microseconds is the useful range)",
+                 while a response or a next request is awaited; a few hundred microseconds is the useful \
+                 range)",
                 humantime::format_duration(self.busy_poll),
                 humantime::format_duration(MAX_BUSY_POLL),
             )));

@@ -1,8 +1,9 @@
 //! `--busy-poll` (issue 17, goal 2): while a request waits for its
-//! response, the sidecar polls its sockets instead of sleeping, so that a
-//! quick response is read without waking an idle CPU; and it stops doing
-//! so for an app whose responses take longer than the window, so a slow
-//! app does not make its sidecar burn CPU.
+//! response, or a kept-alive client connection for its next request, the
+//! sidecar polls its sockets instead of sleeping, so that a quick response
+//! or request is read without waking an idle CPU; and it stops doing so
+//! for an app whose responses, or a client whose pauses, take longer than
+//! the window, so neither makes its sidecar burn CPU.
 //!
 //! What a user can check, and what these tests assert through the real
 //! sidecar process: every response arrives intact either way, the spins
@@ -15,6 +16,7 @@
 
 use std::time::Duration;
 
+use meshlet_e2e::client::RawConnection;
 use meshlet_e2e::metrics::Scrape;
 use meshlet_e2e::upstream::Upstream;
 use meshlet_e2e::SidecarProcess;
@@ -97,5 +99,60 @@ async fn behind_a_slow_app_the_sidecar_stops_spinning_after_the_first_miss() {
         spent < 0.05,
         "{spent:.3} s spent spinning for {REQUESTS} requests to an app that takes 100 ms \
          (window 10 ms): at most about one window is expected"
+    );
+}
+
+/// `REQUESTS` GETs one after another on one kept-alive connection, with
+/// `pause` between a response and the next request.
+async fn kept_alive_requests(sidecar: &SidecarProcess, pause: Duration) {
+    let mut client = RawConnection::open(sidecar.inbound).await;
+    for i in 0..REQUESTS {
+        if i > 0 {
+            tokio::time::sleep(pause).await;
+        }
+        client
+            .send(b"GET / HTTP/1.1\r\nhost: localhost\r\n\r\n")
+            .await;
+        let response = client.read_response(Duration::from_secs(10)).await;
+        assert!(
+            response.starts_with("HTTP/1.1 200"),
+            "request {i} on a kept-alive connection: {response}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_kept_alive_client_s_next_request_is_polled_for_too() {
+    let (_app, sidecar) = started("next-request-app", "50ms").await;
+    let before = spins(&sidecar).await;
+    kept_alive_requests(&sidecar, Duration::from_millis(20)).await;
+    let after = spins(&sidecar).await;
+    let spent = after.seconds - before.seconds;
+    // Polling only for the responses (~1 ms each on loopback) would spend
+    // ~12 ms; polling through each 20 ms pause too, ~230 ms.
+    let pauses = (REQUESTS - 1) as f64 * 0.020;
+    assert!(
+        spent >= pauses / 2.0,
+        "{spent:.3} s spent polling over {REQUESTS} requests 20 ms apart on one kept-alive \
+         connection (window 50 ms): the sidecar slept between a response and the next \
+         request"
+    );
+}
+
+#[tokio::test]
+async fn a_client_that_pauses_longer_than_the_window_is_not_polled_for() {
+    let (_app, sidecar) = started("pausing-client-app", "10ms").await;
+    let before = spins(&sidecar).await;
+    kept_alive_requests(&sidecar, Duration::from_millis(100)).await;
+    let after = spins(&sidecar).await;
+    let spent = after.seconds - before.seconds;
+    // The first pause (100 ms, counted as 16 windows) moves the average
+    // wait for a next request over the 10 ms window: one miss of 10 ms,
+    // then no more polling between requests. Polling through every pause
+    // would be 11 misses and ~110 ms.
+    assert!(
+        spent < 0.05,
+        "{spent:.3} s spent polling for {REQUESTS} requests 100 ms apart on one kept-alive \
+         connection (window 10 ms): the sidecar keeps spinning for a client that pauses"
     );
 }

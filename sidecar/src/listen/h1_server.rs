@@ -65,6 +65,7 @@ use tokio::time::{Duration, Instant};
 use crate::body::{ProxyBody, StreamedBody};
 use crate::listen::framing::{valid_host, IdleTimer, InFlightRequests};
 use crate::listen::stop::StopWatch;
+use crate::upstream::busy_poll;
 
 /// Header fields a head may have for [`parse`] (hyper's default limit).
 const MAX_HEADERS: usize = 100;
@@ -159,6 +160,9 @@ where
                 }
                 Parsed::Other => return Ok(client.hand_over(io)),
             }
+            // `--busy-poll`: a client that sends its next request right
+            // after our answer is read without a wake-up.
+            let awaiting = busy_poll::awaiting_next_request();
             let read = poll_fn(|cx| {
                 if !stopping && stop.poll_stopped(cx).is_ready() {
                     stopping = true;
@@ -176,6 +180,7 @@ where
                 }
             })
             .await;
+            drop(awaiting);
             match read {
                 None | Some(Ok(0)) => return close(io).await,
                 // A head read here is parsed at once (whole) or handed

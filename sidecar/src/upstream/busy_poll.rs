@@ -1,4 +1,4 @@
-//! Busy polling for a response that is about to arrive.
+//! Busy polling for a response, or a next request, that is about to arrive.
 //!
 //! Why: between writing a request upstream and reading the response, a
 //! sidecar has nothing to do, so its runtime blocks in `epoll_wait` and the
@@ -7,36 +7,46 @@
 //! is the largest part of a proxy hop's latency: an idle vCPU halts, and an
 //! interrupt to a halted vCPU passes through the hypervisor (measured on the
 //! 2-core benchmark VM: a proxy hop adds ~140 µs at p50 for nginx and the
-//! sidecar alike, where the proxies' own work is ~20 µs). Linux's
-//! `busy_poll` does the same for NIC queues; it cannot help loopback or
-//! veth traffic, which is what a sidecar talks to.
+//! sidecar alike, where the proxies' own work is ~20 µs). The same holds
+//! between writing a response to a kept-alive client and reading its next
+//! request: a client that sends one request after the other wakes the
+//! sidecar's CPU twice per request. Linux's `busy_poll` does the same for
+//! NIC queues; it cannot help loopback or veth traffic, which is what a
+//! sidecar talks to.
 //!
-//! What: while at least one request waits for its response head, the
-//! single-threaded runtime keeps polling its sockets (`epoll_wait` with a
-//! zero timeout) instead of blocking, for up to a *window* (`--busy-poll`)
-//! since the last progress. A response that arrives within
-//! the window is read without a wake-up.
+//! What: while at least one request waits for its response head, or one
+//! kept-alive client connection of the sidecar's own HTTP/1.1 server waits
+//! for its next request, the single-threaded runtime keeps polling its
+//! sockets (`epoll_wait` with a zero timeout) instead of blocking, for up
+//! to a *window* (`--busy-poll`) since the last progress. A response or a
+//! request that arrives within the window is read without a wake-up.
 //!
 //! Cost, and how it is bounded: spinning burns CPU that blocking would
-//! not, but only while a response is awaited, only when responses usually
-//! come within the window, and never longer than the window without
-//! progress. Every guard measures how long its response took; the spinner
-//! runs only while the moving average of those waits (the last ~8) is
+//! not, but only while something is awaited, only when it usually comes
+//! within the window, and never longer than the window without progress.
+//! Every guard measures how long its wait took, and each [`Wait`] kind
+//! keeps its own moving average (the last ~8 waits; a wait counts at most
+//! 16 windows, so that one long idle connection is forgotten after a few
+//! quick ones); the spinner runs only for the kinds whose average is
 //! within the window. A sidecar in front of a slower app, or a second hop
-//! further away, so stops spinning after a few responses and blocks as
-//! before; an idle sidecar never spins. `meshlet_busy_poll_seconds_total`
-//! counts the time spent spinning, `meshlet_busy_poll_total{outcome}` the
-//! spins.
+//! further away, so stops spinning for responses after a few of them, and
+//! one whose clients pause between requests (a client at a fixed rate, a
+//! pool of idle connections) stops spinning for requests; an idle sidecar
+//! never spins. `meshlet_busy_poll_seconds_total` counts the time spent
+//! spinning, `meshlet_busy_poll_total{outcome}` the spins.
 //!
 //! How: one spinner task per process ([`start`]). The forwarder holds an
 //! [`Awaiting`] guard from sending a request until its response head (or
-//! failure) arrives ([`awaiting_response`]); creating one wakes the spinner
-//! if it sleeps. The spinner yields to the runtime in a loop; tokio's
+//! failure) arrives ([`awaiting_response`]), the HTTP/1.1 server one while
+//! a kept-alive connection reads for its next request
+//! ([`awaiting_next_request`]); creating one wakes the spinner if it
+//! sleeps. The spinner yields to the runtime in a loop; tokio's
 //! current-thread scheduler, holding a yielded task, polls its I/O driver
 //! without blocking, then runs every task an event made ready (the
-//! response's), then the spinner again. The spinner stops when nothing is
-//! awaited any more (caught) or when the window passed without progress
-//! (missed), then sleeps until the next request goes out.
+//! response's), then the spinner again. The spinner stops when nothing
+//! worth spinning for is awaited any more (caught) or when the window
+//! passed without progress (missed), then sleeps until the next guard is
+//! created.
 //!
 //! Only the single-threaded runtime (`--worker-threads 1`, the default)
 //! spins: with several workers a woken worker's task may run anywhere.
@@ -50,10 +60,45 @@ use tokio::time::Instant;
 
 use crate::telemetry::metrics::BusyPollMetrics;
 
-/// Shared between the forwarders' guards and the spinner task.
-struct State {
-    /// Requests waiting for their response head.
+/// What an [`Awaiting`] guard waits for; each kind keeps its own count and
+/// moving average.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Wait {
+    /// A request sent upstream, for its response head.
+    Response,
+    /// A kept-alive client connection, for its next request.
+    NextRequest,
+}
+
+impl Wait {
+    const ALL: [Wait; 2] = [Wait::Response, Wait::NextRequest];
+
+    fn waits(self) -> &'static Waits {
+        &STATE.waits[self as usize]
+    }
+}
+
+/// The guards of one [`Wait`] kind.
+struct Waits {
+    /// Guards alive.
     awaiting: AtomicUsize,
+    /// Moving average of their waits, in nanoseconds.
+    average_wait_ns: AtomicU64,
+}
+
+impl Waits {
+    const fn new() -> Waits {
+        Waits {
+            awaiting: AtomicUsize::new(0),
+            average_wait_ns: AtomicU64::new(0),
+        }
+    }
+}
+
+/// Shared between the guards and the spinner task.
+struct State {
+    /// Indexed by [`Wait`].
+    waits: [Waits; 2],
     /// Bumped by every guard created or dropped: progress the spinner sees.
     progress: AtomicU64,
     /// The spinner waits on `wake` (a guard must notify it).
@@ -61,34 +106,47 @@ struct State {
     wake: Notify,
     /// The configured window in nanoseconds (0: no spinner).
     window_ns: AtomicU64,
-    /// Moving average of the waits for a response head, in nanoseconds.
-    average_wait_ns: AtomicU64,
 }
 
 static STATE: State = State {
-    awaiting: AtomicUsize::new(0),
+    waits: [Waits::new(), Waits::new()],
     progress: AtomicU64::new(0),
     sleeping: AtomicBool::new(false),
     wake: Notify::const_new(),
     window_ns: AtomicU64::new(0),
-    average_wait_ns: AtomicU64::new(0),
 };
 
 impl State {
-    /// Whether responses usually come within the window.
-    fn worth_spinning(&self) -> bool {
+    /// Whether waits of `kind` usually end within the window.
+    fn worth_spinning(&self, kind: Wait) -> bool {
         let window = self.window_ns.load(Ordering::Relaxed);
-        window > 0 && self.average_wait_ns.load(Ordering::Relaxed) <= window
+        window > 0 && kind.waits().average_wait_ns.load(Ordering::Relaxed) <= window
     }
 
-    /// Folds one wait into the moving average (weight 1/8; under several
-    /// threads an update may be lost, which only slows the average).
-    fn record_wait(&self, wait: Duration) {
-        let wait = u64::try_from(wait.as_nanos()).unwrap_or(u64::MAX);
-        let average = self.average_wait_ns.load(Ordering::Relaxed);
-        self.average_wait_ns
-            .store(moving_average(average, wait), Ordering::Relaxed);
+    /// Whether a guard of a kind worth spinning for is alive.
+    fn spinning_pays(&self) -> bool {
+        Wait::ALL.into_iter().any(|kind| {
+            kind.waits().awaiting.load(Ordering::Relaxed) > 0 && self.worth_spinning(kind)
+        })
     }
+
+    /// Folds one wait into its kind's moving average (weight 1/8; under
+    /// several threads an update may be lost, which only slows the
+    /// average). A wait counts at most 16 windows: enough to lift any
+    /// average over the window at once (from 0 to twice the window), short enough to be forgotten after
+    /// a few quick waits.
+    fn record_wait(&self, kind: Wait, wait: Duration) {
+        let sample = sample_ns(wait, self.window_ns.load(Ordering::Relaxed));
+        let average = &kind.waits().average_wait_ns;
+        let next = moving_average(average.load(Ordering::Relaxed), sample);
+        average.store(next, Ordering::Relaxed);
+    }
+}
+
+/// What a wait counts in the average: its length, at most 16 windows.
+fn sample_ns(wait: Duration, window_ns: u64) -> u64 {
+    let wait = u64::try_from(wait.as_nanos()).unwrap_or(u64::MAX);
+    wait.min(window_ns.saturating_mul(16))
 }
 
 /// The next moving average after `sample`: 7/8 of the old plus 1/8 of it.
@@ -99,33 +157,44 @@ fn moving_average(average: u64, sample: u64) -> u64 {
 /// Set once by [`start`]: without it the guards only count.
 static STARTED: OnceLock<()> = OnceLock::new();
 
-/// Held while a request waits for its response head (see the module docs);
-/// `None` inside when no spinner runs (nothing to measure for).
+/// Held while a request waits for its response head, or a client
+/// connection for its next request (see the module docs); without a
+/// spinner it holds nothing (nothing to measure for).
 #[must_use = "the spinner polls only while the guard lives"]
-pub struct Awaiting(Option<Instant>);
+pub struct Awaiting(Option<(Wait, Instant)>);
 
 /// Marks one request as waiting for its response head until the guard is
 /// dropped; wakes the spinner if it sleeps and spinning is worth it.
 pub fn awaiting_response() -> Awaiting {
+    awaiting(Wait::Response)
+}
+
+/// Marks one kept-alive client connection as waiting for its next request
+/// until the guard is dropped (as [`awaiting_response`]).
+pub fn awaiting_next_request() -> Awaiting {
+    awaiting(Wait::NextRequest)
+}
+
+fn awaiting(kind: Wait) -> Awaiting {
     if STARTED.get().is_none() {
         return Awaiting(None);
     }
-    STATE.awaiting.fetch_add(1, Ordering::Relaxed);
+    kind.waits().awaiting.fetch_add(1, Ordering::Relaxed);
     STATE.progress.fetch_add(1, Ordering::Relaxed);
-    if STATE.worth_spinning()
+    if STATE.worth_spinning(kind)
         && STATE.sleeping.load(Ordering::Relaxed)
         && STATE.sleeping.swap(false, Ordering::AcqRel)
     {
         STATE.wake.notify_one();
     }
-    Awaiting(Some(Instant::now()))
+    Awaiting(Some((kind, Instant::now())))
 }
 
 impl Drop for Awaiting {
     fn drop(&mut self) {
-        if let Some(since) = self.0 {
-            STATE.record_wait(since.elapsed());
-            STATE.awaiting.fetch_sub(1, Ordering::Relaxed);
+        if let Some((kind, since)) = self.0 {
+            STATE.record_wait(kind, since.elapsed());
+            kind.waits().awaiting.fetch_sub(1, Ordering::Relaxed);
             STATE.progress.fetch_add(1, Ordering::Relaxed);
         }
     }
@@ -146,7 +215,7 @@ pub fn start(window: Duration, metrics: BusyPollMetrics) {
 /// What one spin ended with.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Outcome {
-    /// Nothing is awaited any more.
+    /// Nothing worth spinning for is awaited any more.
     Caught,
     /// The window passed without progress.
     Missed,
@@ -162,8 +231,8 @@ async fn spin(window: Duration, metrics: BusyPollMetrics) {
             Outcome::Caught => metrics.caught.inc(),
             Outcome::Missed => {
                 metrics.missed.inc();
-                // Requests still wait: sleep until the next one goes out
-                // rather than spin again for the slow ones.
+                // Guards are still alive: sleep until the next one is
+                // created rather than spin again for the slow ones.
                 park().await;
             }
         }
@@ -177,7 +246,7 @@ async fn spin_once(window: Duration) -> Outcome {
     let mut since = Instant::now();
     loop {
         tokio::task::yield_now().await;
-        if STATE.awaiting.load(Ordering::Relaxed) == 0 {
+        if !STATE.spinning_pays() {
             return Outcome::Caught;
         }
         let now = Instant::now();
@@ -191,10 +260,10 @@ async fn spin_once(window: Duration) -> Outcome {
     }
 }
 
-/// Returns once at least one request awaits its response and responses
-/// usually come within the window.
+/// Returns once a guard is alive whose kind usually ends its wait within
+/// the window.
 async fn sleep_until_worth_it() {
-    while STATE.awaiting.load(Ordering::Relaxed) == 0 || !STATE.worth_spinning() {
+    while !STATE.spinning_pays() {
         park().await;
     }
 }
@@ -224,5 +293,34 @@ mod tests {
             average = moving_average(average, 80_000);
         }
         assert!(average < 90_000, "{average}");
+    }
+
+    #[test]
+    fn a_connection_idle_for_a_minute_stops_the_spinning_once_and_is_forgotten_soon() {
+        let window = 200_000; // 200 µs
+        let quick = sample_ns(Duration::from_micros(60), window);
+        let mut average = 0;
+        for _ in 0..40 {
+            average = moving_average(average, quick);
+        }
+        assert!(
+            average <= window,
+            "quick waits are worth spinning for: {average}"
+        );
+        average = moving_average(average, sample_ns(Duration::from_secs(60), window));
+        assert!(
+            average > window,
+            "a long wait stops the spinning at once: {average}"
+        );
+        let mut quick_waits = 0;
+        while average > window {
+            average = moving_average(average, quick);
+            quick_waits += 1;
+        }
+        // Uncapped, 60 s would take ~90 quick waits to be forgotten.
+        assert!(
+            quick_waits <= 12,
+            "{quick_waits} quick waits to forget one idle minute"
+        );
     }
 }
