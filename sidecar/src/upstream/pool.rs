@@ -105,6 +105,10 @@ use crate::upstream::slot_queue::{self, Queued, SlotQueue};
 /// HTTP/1.1 connections kept per endpoint (busy or idle).
 const MAX_IDLE_PER_ENDPOINT: usize = 128;
 
+/// How long a connect to the local app, while the app answers others, may
+/// stay pending before it is started again (see `ConnPool::connect_tcp`).
+const FIRST_SYN_AGAIN_AFTER: std::time::Duration = std::time::Duration::from_millis(50);
+
 /// HTTP/2 connections open at once per endpoint and kind (h2c, mTLS).
 pub const MAX_H2_PER_ENDPOINT: usize = 8;
 
@@ -1055,18 +1059,50 @@ impl ConnPool {
         }
     }
 
+    /// Connects within the connect timeout. To the local app, a connect
+    /// still pending after [`FIRST_SYN_AGAIN_AFTER`] (then after twice as
+    /// long each time) is started again if the app answers others by then:
+    /// on loopback or a pod's veth a handshake completes at once unless the
+    /// app's full accept queue dropped the SYN, and the kernel would send
+    /// it again only after 1 s (RFC 6298's initial timeout), while the app,
+    /// answering, frees room in its queue every few milliseconds.
+    /// Elsewhere, or while the app answers nothing, one connect waits the
+    /// whole timeout as before.
     async fn connect_tcp(&self) -> io::Result<TcpStream> {
-        let stream =
-            tokio::time::timeout(self.limits.connect_timeout, TcpStream::connect(self.addr))
-                .await
-                .map_err(|_| {
-                    io::Error::new(
+        let timeout = self.limits.connect_timeout;
+        let deadline = tokio::time::Instant::now() + timeout;
+        let local_app = matches!(self.remote, Remote::App(_));
+        let mut again_after = FIRST_SYN_AGAIN_AFTER;
+        let mut connect = Box::pin(TcpStream::connect(self.addr));
+        loop {
+            let look_at = if local_app {
+                deadline.min(tokio::time::Instant::now() + again_after)
+            } else {
+                deadline
+            };
+            // The connect is polled before the timer: a handshake that has
+            // completed is never given up because the runtime was late.
+            match tokio::time::timeout_at(look_at, &mut connect).await {
+                Ok(stream) => {
+                    let stream = stream?;
+                    stream.set_nodelay(true)?;
+                    return Ok(stream);
+                }
+                Err(_) if look_at < deadline => {
+                    if self.direct.answered_within(timeout) {
+                        self.metrics.app_accept_queue_full.inc();
+                        connect = Box::pin(TcpStream::connect(self.addr));
+                    }
+                    again_after = again_after.saturating_mul(2);
+                }
+                Err(_) => {
+                    return Err(io::Error::new(
                         io::ErrorKind::TimedOut,
-                        format!("connect timed out after {:?}", self.limits.connect_timeout),
-                    )
-                })??;
-        stream.set_nodelay(true)?;
-        Ok(stream)
+                        format!("connect timed out after {timeout:?}"),
+                    ))
+                }
+            }
+        }
     }
 
     /// Whether a connect that failed with `error` is worth starting again:
@@ -1565,6 +1601,33 @@ mod tests {
         // Another endpoint: a dropped SYN looks like a dead host there.
         let outcomes = five_at_once_to_a_closing_app(Remote::Plain).await;
         assert!(outcomes.iter().any(timed_out_connect), "{outcomes:?}");
+    }
+
+    #[tokio::test]
+    async fn a_dropped_syn_to_an_answering_app_is_sent_again_before_the_kernel_would() {
+        // Five requests at once to an app that answers one connection at a
+        // time every 30 ms with `connection: close`: the kernel drops the
+        // SYNs that find its queue (two) full and would send them again
+        // only after 1 s, past the requests' 900 ms deadline; the connect
+        // timeout (5 s) is not what ends them.
+        let addr = closing_app(std::time::Duration::from_millis(30)).await;
+        let limits = Limits {
+            connect_timeout: std::time::Duration::from_secs(5),
+            ..Limits::default()
+        };
+        let pool = ConnPool::with_remote(addr, Arc::new(limits), Remote::App(None));
+        let outcomes = at_once(&pool, 5, std::time::Duration::from_millis(900)).await;
+        for outcome in &outcomes {
+            assert_eq!(
+                outcome.as_ref().ok().map(String::as_str),
+                Some("ok"),
+                "{outcome:?}"
+            );
+        }
+        assert!(
+            pool.metrics.app_accept_queue_full.get() >= 1,
+            "no connect was started again"
+        );
     }
 
     #[tokio::test]
