@@ -342,7 +342,7 @@ SAMPLER_PID=$!
 # clock ticks.
 ticks() {
     local p f sum=0 system=1
-    [[ $1 != --user ]] || { system=0; shift; }
+    [[ ${1:-} != --user ]] || { system=0; shift; }
     for p in "$@"; do
         read -r -a f 2>/dev/null <"/proc/$p/stat" || continue
         sum=$((sum + f[13] + system * f[14]))
