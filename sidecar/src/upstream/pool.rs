@@ -33,7 +33,9 @@
 //! requests): `exchange_h1` → take an idle connection of our own client
 //! (or connect, and take instead a connection another request gives back
 //! first: `connect_or_given_back`, which also keeps a burst beyond the
-//! app's accept queue from failing at the connect timeout) →
+//! app's accept queue from failing at the connect timeout, while
+//! `connect_tcp` sends a dropped SYN to the app again sooner than the
+//! kernel would) →
 //! `h1_client::exchange` from this task; the response body gives the
 //! connection back to the idle list when it has been read whole.
 //!
