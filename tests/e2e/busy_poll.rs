@@ -121,13 +121,21 @@ async fn kept_alive_requests(sidecar: &SidecarProcess, pause: Duration) {
     }
 }
 
+/// Seconds a sidecar with busy-poll `window` spent polling over
+/// [`kept_alive_requests`] with `pause` between them.
+async fn polled_over_kept_alive_requests(name: &str, window: &str, pause: Duration) -> f64 {
+    let (_app, sidecar) = started(name, window).await;
+    let before = spins(&sidecar).await;
+    kept_alive_requests(&sidecar, pause).await;
+    let after = spins(&sidecar).await;
+    after.seconds - before.seconds
+}
+
 #[tokio::test]
 async fn a_kept_alive_client_s_next_request_is_polled_for_too() {
-    let (_app, sidecar) = started("next-request-app", "50ms").await;
-    let before = spins(&sidecar).await;
-    kept_alive_requests(&sidecar, Duration::from_millis(20)).await;
-    let after = spins(&sidecar).await;
-    let spent = after.seconds - before.seconds;
+    let spent =
+        polled_over_kept_alive_requests("next-request-app", "50ms", Duration::from_millis(20))
+            .await;
     // Polling only for the responses (~1 ms each on loopback) would spend
     // ~12 ms; polling through each 20 ms pause too, ~230 ms.
     let pauses = (REQUESTS - 1) as f64 * 0.020;
@@ -141,15 +149,13 @@ async fn a_kept_alive_client_s_next_request_is_polled_for_too() {
 
 #[tokio::test]
 async fn a_client_that_pauses_longer_than_the_window_is_not_polled_for() {
-    let (_app, sidecar) = started("pausing-client-app", "10ms").await;
-    let before = spins(&sidecar).await;
-    kept_alive_requests(&sidecar, Duration::from_millis(100)).await;
-    let after = spins(&sidecar).await;
-    let spent = after.seconds - before.seconds;
-    // The first pause (100 ms, counted as 16 windows) moves the average
-    // wait for a next request over the 10 ms window: one miss of 10 ms,
-    // then no more polling between requests. Polling through every pause
-    // would be 11 misses and ~110 ms.
+    let spent =
+        polled_over_kept_alive_requests("pausing-client-app", "10ms", Duration::from_millis(100))
+            .await;
+    // The first pause (100 ms) moves the average wait for a next request
+    // (100 ms / 8 = 12.5 ms) over the 10 ms window: one miss of 10 ms, then
+    // no more polling between requests. Polling through every pause would
+    // be 11 misses and ~110 ms.
     assert!(
         spent < 0.05,
         "{spent:.3} s spent polling for {REQUESTS} requests 100 ms apart on one kept-alive \
