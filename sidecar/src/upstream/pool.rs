@@ -1075,7 +1075,7 @@ impl ConnPool {
         let deadline = tokio::time::Instant::now() + timeout;
         let local_app = matches!(self.remote, Remote::App(_));
         let mut again_after = FIRST_SYN_AGAIN_AFTER;
-        let mut connect = Box::pin(TcpStream::connect(self.addr));
+        let mut connect = std::pin::pin!(TcpStream::connect(self.addr));
         loop {
             let look_at = if local_app {
                 deadline.min(tokio::time::Instant::now() + again_after)
@@ -1084,7 +1084,7 @@ impl ConnPool {
             };
             // The connect is polled before the timer: a handshake that has
             // completed is never given up because the runtime was late.
-            match tokio::time::timeout_at(look_at, &mut connect).await {
+            match tokio::time::timeout_at(look_at, connect.as_mut()).await {
                 Ok(stream) => {
                     let stream = stream?;
                     stream.set_nodelay(true)?;
@@ -1093,7 +1093,7 @@ impl ConnPool {
                 Err(_) if look_at < deadline => {
                     if self.direct.answered_within(timeout) {
                         self.metrics.app_accept_queue_full.inc();
-                        connect = Box::pin(TcpStream::connect(self.addr));
+                        connect.set(TcpStream::connect(self.addr));
                     }
                     again_after = again_after.saturating_mul(2);
                 }
