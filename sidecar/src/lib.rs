@@ -38,6 +38,7 @@
 pub(crate) mod admin;
 pub(crate) mod body;
 pub mod cli;
+pub(crate) mod clock;
 pub(crate) mod control;
 pub mod error;
 pub(crate) mod identity;

@@ -62,6 +62,8 @@ use prometheus::IntCounter;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::{Instant, Sleep};
 
+use crate::clock;
+
 /// Initial size of the per-connection buffer used while looking for a head
 /// (most heads are far smaller; it grows for larger ones, up to the limit).
 const READ_CHUNK: usize = 4 * 1024;
@@ -118,7 +120,7 @@ impl Drop for RequestGuard {
     fn drop(&mut self) {
         if self.0.count.fetch_sub(1, Ordering::AcqRel) == 1 {
             if let Ok(mut at) = self.0.went_idle.lock() {
-                *at = Some(Instant::now());
+                *at = Some(clock::now());
             }
             if let Some(waker) = self.0.waiting_reader.lock().ok().and_then(|mut w| w.take()) {
                 waker.wake();

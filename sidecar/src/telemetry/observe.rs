@@ -32,6 +32,7 @@ use std::time::{Instant, SystemTime};
 use http::{HeaderMap, Method, Request, Response, Uri, Version};
 use prometheus::IntCounter;
 
+use crate::clock;
 use crate::telemetry::access_log::{AccessLog, AccessRecord};
 use crate::telemetry::direction::Direction;
 use crate::telemetry::route_metrics::{MethodLabel, RouteMetrics};
@@ -130,7 +131,7 @@ impl RequestRecord {
         route: &Arc<RouteMetrics>,
         telemetry: &Arc<Telemetry>,
     ) -> Self {
-        let started = Instant::now();
+        let started = clock::now_std();
         let hop = telemetry.tracing.then(|| {
             Hop::start(request.headers(), started, || {
                 trace::sample((telemetry.sampling_ratio.0)())
@@ -243,7 +244,7 @@ impl RequestRecord {
 
     /// Records the completed request (from `Drop`, so exactly once).
     fn finish(&mut self) {
-        let elapsed = self.started.elapsed();
+        let elapsed = clock::now_std().saturating_duration_since(self.started);
         let status = self.status.unwrap_or(0);
         self.route.count(self.method, status, elapsed);
         let Some(detail) = self.detail.take() else {

@@ -40,6 +40,7 @@ use http::{Request, Response};
 use tokio::time::Instant;
 
 use crate::body::{ProxyBody, StreamedBody};
+use crate::clock;
 use crate::error::ProxyError;
 use crate::identity::tls::TlsFailure;
 use crate::policy::breaker::{BreakerPermit, MAX_PENDING_WAIT};
@@ -73,7 +74,7 @@ pub fn forward<'a>(
         let timeouts = policies.timeouts;
         let timeout = timeouts.and_then(|t| t.request).or(limits.upstream_timeout);
         // The deadline runs from arrival: time spent waiting for a slot counts.
-        let deadline = timeout.map(|t| (Instant::now() + t, t));
+        let deadline = timeout.map(|t| (clock::now() + t, t));
         // The policies' own waits are boxed: their futures would otherwise
         // sit (unused) inside every request's future and be copied with it.
         if let Some(fault) = policies.fault {

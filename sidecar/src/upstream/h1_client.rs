@@ -63,6 +63,7 @@ use http_body::{Body, Frame, SizeHint};
 use tokio::io::AsyncWrite;
 use tokio::time::Sleep;
 
+use crate::clock;
 use crate::upstream::quick_ack::QuickAck;
 use crate::upstream::response_fields::{FieldKind, ResponseFields};
 
@@ -323,7 +324,8 @@ impl IdleConns {
     pub fn take(&self, idle_timeout: Duration) -> Option<Box<Conn>> {
         let mut conns = self.lock();
         while let Some(conn) = conns.pop() {
-            if conn.last_used.elapsed() < idle_timeout && conn.still_open() {
+            let idle = clock::now_std().saturating_duration_since(conn.last_used);
+            if idle < idle_timeout && conn.still_open() {
                 return Some(conn);
             }
         }
@@ -333,7 +335,7 @@ impl IdleConns {
     /// Keeps a connection whose response has been read whole: the endpoint
     /// [`answered`](IdleConns::answered) too.
     fn keep_answered(&self, conn: Box<Conn>) {
-        let now = Instant::now();
+        let now = clock::now_std();
         self.answered(now);
         self.keep(conn, now);
     }
@@ -913,7 +915,7 @@ impl ResponseBody {
             if conn.keep_alive && conn.buf.is_empty() {
                 self.idle.keep_answered(conn);
             } else {
-                self.idle.answered(Instant::now());
+                self.idle.answered(clock::now_std());
             }
         }
     }
