@@ -25,8 +25,10 @@
 //!
 //! Flow: `listen::server::serve` spawns each connection as
 //! `Stamped::new(..)`; `telemetry::observe` (arrival, duration),
-//! `upstream::forward` (deadline), `upstream::h1_client` (idle checks and
-//! marks) and `listen::framing` (the connection's idle mark) call [`now`].
+//! `upstream::forward` (deadline; the retry budget's first stamp, the
+//! breakers' and the split's checks), `policy::breaker` (an outcome's
+//! time), `upstream::h1_client` (idle checks and marks) and
+//! `listen::framing` (the connection's idle mark) call [`now`].
 
 use std::cell::Cell;
 use std::future::Future;

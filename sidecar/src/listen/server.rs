@@ -350,7 +350,13 @@ impl<H: Handler> Shared<H> {
         stop: watch::Receiver<bool>,
     ) -> Result<(), hyper::Error>
     where
-        I: tokio::io::AsyncRead + tokio::io::AsyncWrite + AsRawFd + Unpin + Send + 'static,
+        I: tokio::io::AsyncRead
+            + tokio::io::AsyncWrite
+            + AsRawFd
+            + AnswerPlacement
+            + Unpin
+            + Send
+            + 'static,
     {
         // Shared by the connection's requests: each takes two reference
         // counts, not a clone of the handler (every metric handle in it)
@@ -424,7 +430,7 @@ impl<H: Handler> Shared<H> {
         };
         let served = h1_server::serve(
             io,
-            |request| respond.call_in_place(request),
+            |request| I::answer(&respond, request),
             stop.clone(),
             limits,
             &in_flight,
@@ -625,10 +631,10 @@ impl<H: Handler> Respond<H> {
         }
     }
 
-    /// For our own HTTP/1.1 server, which pins the future where it is
-    /// and never moves it: the handler's future inside, without the box
-    /// (an allocation and a free of ~2.7 KiB and a copy of it less per
-    /// request).
+    /// For our own HTTP/1.1 server on plain TCP, which pins the future
+    /// where it is and never moves it: the handler's future inside,
+    /// without the box (an allocation and a free of ~2.7 KiB and a copy
+    /// of it less per request; see [`AnswerPlacement`]).
     fn call_in_place(
         &self,
         request: Request<StreamedBody>,
@@ -644,7 +650,7 @@ impl<H: Handler> Respond<H> {
                 progress,
             } = started;
             // Pinned where it is built and polled there inside the span
-            // (`instrument` or `into_future` would each move it once more).
+            // (`instrument` and `into_future` would each move it once more).
             let in_span = span.enter();
             let mut handling = pin!(handler.handle(request, &client));
             drop(in_span);
@@ -684,6 +690,39 @@ impl<H: Handler> Respond<H> {
             span,
             progress,
         }
+    }
+}
+
+/// Where the own HTTP/1.1 server keeps the handler's future (~2.7 KiB)
+/// while it answers a request on a connection over this I/O: inside the
+/// connection's future, or boxed. Inside saves an allocation, a free and
+/// a copy of it per request, but makes the connection's future larger for
+/// its whole life, idle or not. A plain TCP connection's future stays
+/// smaller than a TLS one's with it inside, so a connection task (sized
+/// for the largest) does not grow: plain TCP keeps it inside, TLS boxes
+/// it.
+trait AnswerPlacement {
+    fn answer<H: Handler>(
+        respond: &Respond<H>,
+        request: Request<StreamedBody>,
+    ) -> impl Future<Output = Response<ProxyBody>> + Send + 'static;
+}
+
+impl AnswerPlacement for TcpStream {
+    fn answer<H: Handler>(
+        respond: &Respond<H>,
+        request: Request<StreamedBody>,
+    ) -> impl Future<Output = Response<ProxyBody>> + Send + 'static {
+        respond.call_in_place(request)
+    }
+}
+
+impl AnswerPlacement for tokio_rustls::server::TlsStream<TcpStream> {
+    fn answer<H: Handler>(
+        respond: &Respond<H>,
+        request: Request<StreamedBody>,
+    ) -> impl Future<Output = Response<ProxyBody>> + Send + 'static {
+        respond.call(request)
     }
 }
 

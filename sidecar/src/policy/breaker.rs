@@ -41,6 +41,7 @@ use std::time::{Duration, Instant};
 use meshlet_api::policy::{CircuitBreakerSpec, FailureKind, RouteMatch};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
+use crate::clock;
 use crate::error::ProxyError;
 use crate::policy::dry_run::WouldRefuse;
 use crate::policy::outcome::Outcome;
@@ -342,7 +343,7 @@ impl BreakerPermit {
     pub fn record(mut self, outcome: Outcome) {
         self.done = true;
         let failed = outcome.is_any(&self.breaker.failure_on);
-        self.breaker.record(failed, self.trial, Instant::now());
+        self.breaker.record(failed, self.trial, clock::now_std());
     }
 
     #[cfg(test)]

@@ -126,7 +126,7 @@ impl<'a> Send<'a> {
         request: Request<ProxyBody>,
         trail: &mut Trail,
     ) -> Result<Response<ProxyBody>, ProxyError> {
-        retry.budget.record_request(std::time::Instant::now());
+        retry.budget.record_request(clock::now_std());
         let replay = match retry.replayable(request, self.deadline).await {
             Ok(replay) => replay,
             Err(NotReplayable::Stream(request)) => {
@@ -247,7 +247,7 @@ impl<'a> Send<'a> {
     /// share.
     fn pick_subset(&self) -> Option<&[usize]> {
         self.policies.split.and_then(|split| {
-            let now = std::time::Instant::now();
+            let now = clock::now_std();
             split.choose(|endpoints| endpoints.iter().any(|&i| self.breaker_admits(i, now)))
         })
     }
@@ -270,7 +270,7 @@ impl<'a> Send<'a> {
             trail.upstream = Some(endpoint.addr);
             return Admission::Admitted(endpoint, None);
         };
-        let now = std::time::Instant::now();
+        let now = clock::now_std();
         let allowed = |i: usize| in_subset(subset, i) && self.breaker_admits(i, now);
         let Some((index, endpoint)) = self.target.balancer.pick_among(*tried, allowed) else {
             return Admission::NoneLeft;
