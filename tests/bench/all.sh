@@ -12,9 +12,12 @@
 #     direct                   wrk -> app
 #     nginx                    wrk -> nginx (1 worker, upstream keepalive 64) -> app
 #     haproxy                  wrk -> haproxy (nbthread 1, http-reuse always) -> app
-#     sidecar                  wrk -> sidecar inbound -> app (target/dist/sidecar,
-#                              defaults: metrics on, tracing on, no control plane)
-#     sidecar (baseline)       the same with BENCH_SIDECAR_BASELINE, when set
+#     sidecar                  wrk -> sidecar inbound -> app (the PGO build of
+#                              tests/bench/pgo.sh, target/pgo/sidecar; defaults:
+#                              metrics on, tracing on, no control plane)
+#     sidecar (baseline)       the same with the baseline build: the dist build
+#                              without PGO (target/dist/sidecar), or
+#                              BENCH_SIDECAR_BASELINE when set
 #     sidecar, --busy-poll     the same with --busy-poll 200us (polls for a
 #                              response instead of sleeping: lower latency at
 #                              c=1 for more CPU; off by default)
@@ -98,10 +101,15 @@
 #   BENCH_PAIRS=8       paired throughput runs for goal 1 (0: none; see below)
 #   BENCH_PAIR_DURATION=2s  each run of a pair
 #   BENCH_POST_BYTES=256    the body of the paired POST runs (0: no POST runs)
-#   BENCH_SIDECAR_BASELINE=PATH  also measure this sidecar build (e.g. main's,
-#                       or one without a change) in the one-hop and Nagle rows
-#   BENCH_BIN_DIR=DIR   sidecar, control-plane, meshctl from DIR (no build;
-#                       default: build_bins, the sidecar from target/dist)
+#   BENCH_PGO=1         measure the sidecar built with profile-guided
+#                       optimisation (tests/bench/pgo.sh, ~8 min more to
+#                       build) and the dist build without it as the baseline;
+#                       0: the dist build, no baseline unless given
+#   BENCH_SIDECAR_BASELINE=PATH  measure this sidecar build (e.g. main's, or
+#                       one without a change) as the baseline in the one-hop
+#                       and Nagle rows and the pairs
+#   BENCH_BIN_DIR=DIR   sidecar, control-plane, meshctl from DIR (no build,
+#                       no PGO; default: build_bins, then pgo.sh)
 #   BENCH_PIN=0         no CPU pinning
 #   BENCH_CP_SCALE=0    skip tests/bench/control-plane-scale.sh
 #   BENCH_OTHER_CPU_LIMIT=10  BENCH_KEEP=1   as in run.sh
@@ -134,7 +142,15 @@ else
     BIN_DIR="$ROOT/target/release"
 fi
 SIDECAR="$BIN_DIR/sidecar"
-[[ -n "${BENCH_BIN_DIR:-}" ]] || SIDECAR="$DIST_SIDECAR"
+if [[ -z "${BENCH_BIN_DIR:-}" ]]; then
+    SIDECAR="$DIST_SIDECAR"
+    if [[ "${BENCH_PGO:-1}" == 1 ]]; then
+        # The build measured is the PGO one; the same code without PGO is the
+        # baseline, so every run shows what PGO buys.
+        SIDECAR=$(PGO_SKIP_BUILD=1 bash "$SCRIPT_DIR/pgo.sh")
+        BASELINE="${BASELINE:-$DIST_SIDECAR}"
+    fi
+fi
 for bin in "$SIDECAR" "$BIN_DIR/control-plane" "$BIN_DIR/meshctl" ${BASELINE:+"$BASELINE"}; do
     [[ -x "$bin" ]] || die "$bin is not an executable"
 done

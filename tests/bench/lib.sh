@@ -27,7 +27,7 @@ NGINX=/usr/sbin/nginx
 # The command prefix wrk runs under (all.sh: `taskset -c 0`, the client's core).
 CLIENT_PIN=()
 # shellcheck disable=SC2034 # used by the scripts that source this file
-OUT_DIR="$ROOT/target/bench"
+OUT_DIR="${BENCH_OUT_DIR:-$ROOT/target/bench}"
 
 log() { printf '[bench] %s\n' "$*" >&2; }
 die() { printf '[bench] ERROR: %s\n' "$*" >&2; exit 1; }
