@@ -49,9 +49,9 @@
 # BENCH_DURATION) and, for the one- and two-hop rows, an open-loop run at a
 # fixed BENCH_RATE (default 1000 req/s, wrk -c BENCH_LAT_CONNS with lib.sh's
 # paced script). The proxies' CPU (utime + stime from /proc/PID/stat, all
-# their processes) is read around the throughput and the fixed-rate runs. The sidecars' VmRSS is
-# sampled during the whole run (each idles while the others run: the peak
-# is its peak under its own load). B's meshlet_tls_handshakes_total is read
+# their processes) is read around the throughput and the fixed-rate runs. The sidecars' peak RSS
+# is their VmHWM after the runs (each idles while the others run: the peak
+# is its peak under its own load, or at start-up if that was higher). B's meshlet_tls_handshakes_total is read
 # around the mTLS runs.
 #
 # How to read the table:
@@ -348,10 +348,11 @@ add_row hop2-pol "two hops: sidecars, plaintext + policies, tracing on" "${SC_OU
 
 collect_our_pids
 LOAD_BEFORE=$(cut -d' ' -f1 /proc/loadavg)
-sampler_args=()
-for name in "${!SC_PID[@]}"; do sampler_args+=("${SC_PID[$name]}" "$TMP/rss-$name"); done
-sample_rss "${sampler_args[@]}" &
-SAMPLER_PID=$!
+# Peak RSS is the kernel's high-water mark (VmHWM), read after the runs. No
+# sampler runs during them: a loop reading /proc/PID/status every 0.2 s (a
+# `sleep` process each time) stretched every proxy's c=1 p99 from ~0.2-0.5 ms
+# to ~1.2-1.6 ms (all.sh with and without it, 2026-12-06), and its largest
+# sample can never exceed VmHWM anyway.
 
 # --------------------------------------------------------------- the runs --
 # ticks [--user] PIDS...: their utime + stime (--user: utime alone), in
@@ -524,15 +525,10 @@ paired() {
 }
 paired_median() { paired "$@" | cut -d' ' -f1; }
 
-kill "$SAMPLER_PID" 2>/dev/null || true
-wait "$SAMPLER_PID" 2>/dev/null || true
-SAMPLER_PID=""
 declare -A RSS_PEAK
 for name in "${!SC_PID[@]}"; do
     kill -0 "${SC_PID[$name]}" 2>/dev/null || die "sidecar $name exited during the benchmark"
-    sampled=$(cat "$TMP/rss-$name" 2>/dev/null || echo 0)
-    hwm=$(status_kb "${SC_PID[$name]}" VmHWM)
-    RSS_PEAK[$name]=$((sampled > hwm ? sampled : hwm))
+    RSS_PEAK[$name]=$(status_kb "${SC_PID[$name]}" VmHWM)
 done
 LOAD_AFTER=$(cut -d' ' -f1 /proc/loadavg)
 

@@ -11,7 +11,7 @@
 #
 # Every process a script starts goes into PIDS (start_nginx and start_sidecar
 # do it); the EXIT trap stops them all (TERM, then KILL after 5s), also the
-# wrk run and RSS sampler in progress, on success, failure and Ctrl-C alike,
+# wrk run in progress, on success, failure and Ctrl-C alike,
 # and removes $TMP (kept with BENCH_KEEP=1; on failure the tails of the logs
 # in it are printed first).
 #
@@ -36,13 +36,11 @@ die() { printf '[bench] ERROR: %s\n' "$*" >&2; exit 1; }
 TMP=""
 PIDS=()         # the services: upstreams, peers, sidecars, ...
 WRK_PID=""      # the wrk run in progress, if any
-SAMPLER_PID=""  # the RSS sampler, while it runs
 cleanup() {
     local rc=$?
     trap - EXIT INT TERM
     local pid
     [[ -z "$WRK_PID" ]] || PIDS+=("$WRK_PID")
-    [[ -z "$SAMPLER_PID" ]] || PIDS+=("$SAMPLER_PID")
     for pid in "${PIDS[@]}"; do
         kill -TERM "$pid" 2>/dev/null || true
     done
@@ -332,29 +330,6 @@ run_wrk() {
 field() { sed -n "s/^RESULT .*\b$2=\([0-9]*\).*/\1/p" "$1"; }
 
 # ------------------------------------------------------------ measuring --
-# RSS sampler: sample_rss PID FILE [PID FILE...] samples each PID's VmRSS every
-# 0.2s while any of them runs, the peak (kB) of each kept in its FILE.
-sample_rss() {
-    local -a args=("$@")
-    local -A peak=()
-    local i pid file alive key val _
-    while :; do
-        alive=0
-        for ((i = 0; i + 1 < ${#args[@]}; i += 2)); do
-            pid=${args[i]} file=${args[i + 1]}
-            kill -0 "$pid" 2>/dev/null || continue
-            alive=1
-            while read -r key val _; do
-                if [[ $key == VmRSS: ]]; then
-                    if ((val > ${peak[$pid]:-0})); then peak[$pid]=$val; echo "$val" >"$file"; fi
-                    break
-                fi
-            done <"/proc/$pid/status" 2>/dev/null || true
-        done
-        ((alive)) || break
-        sleep 0.2
-    done
-}
 status_kb() { awk -v k="$2:" '$1 == k { print $2 }' "/proc/$1/status"; }
 
 # Interference check. This machine has 2 cores and the load fills them, so any
@@ -373,7 +348,7 @@ cpu_mark() {
     read -r _c u n sy _i _w irq sirq st _ </proc/stat
     CPU_MARK_ALL=$((u + n + sy + irq + sirq + st))
     CPU_MARK_OURS=0
-    for p in "${OUR_PIDS[@]}" ${SAMPLER_PID:+"$SAMPLER_PID"}; do
+    for p in "${OUR_PIDS[@]}"; do
         read -r -a f 2>/dev/null <"/proc/$p/stat" || continue # gone: skip it
         CPU_MARK_OURS=$((CPU_MARK_OURS + f[13] + f[14] + f[15] + f[16]))
     done

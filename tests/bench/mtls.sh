@@ -52,8 +52,8 @@
 # difference is the handshakes that run caused. During the whole benchmark a
 # sampler reads each B's active_connections{direction="inbound"} gauge and
 # counts the established sockets on B's inbound port (ss), keeping the peaks.
-# Every sidecar's VmRSS is sampled from /proc/PID/status (each idles while the
-# other mesh runs) and its VmHWM is read after.
+# Every sidecar's peak RSS is its VmHWM, read after the runs (no RSS sampler:
+# its wake-ups stretched the p99s, see all.sh).
 #
 # How to read the output:
 #   req/s          median over the rounds of the closed-loop runs.
@@ -67,7 +67,7 @@
 #                  mTLS hop adds to a request crossing both sidecars.
 #   errors         socket errors + responses with status >= 400 over the
 #                  target's runs (a non-zero value makes its row meaningless).
-#   RSS MiB A / B  peak: max(sampled VmRSS, VmHWM) of sidecar A and sidecar B.
+#   RSS MiB A / B  peak: VmHWM of sidecar A and sidecar B.
 #   requests sent  all requests the target got (warm-ups and checks included).
 #   TLS handshakes the handshakes B's inbound completed during the target's
 #                  runs (sum of the per-run deltas of the counter) and per 1000
@@ -256,7 +256,10 @@ done
 # the peaks go to $TMP/conns-TARGET as `GAUGE SOCKETS`. Runs until the cleanup
 # (it is in PIDS); its CPU, with its short-lived curl and ss, counts as this
 # benchmark's own (OUR_PIDS, added after collect_our_pids, which would take
-# those short-lived children too).
+# those short-lived children too). Its wake-ups (a curl, an ss per target every
+# 0.25 s) stretch the latency runs' p99 of both targets alike, as the RSS
+# sampler did in all.sh (~0.3 -> ~1.3 ms): compare this script's p99s with
+# each other only, and all.sh's (which has no sampler) for the absolute tail.
 sample_conns() {
     local -A peak_g=() peak_s=()
     local t g s
@@ -280,12 +283,6 @@ OUR_PIDS+=("$!")
 # -------------------------------------------------------------- the runs --
 LOAD_BEFORE=$(cut -d' ' -f1 /proc/loadavg)
 
-sampler_args=()
-for t in "${TARGETS[@]}"; do
-    sampler_args+=("${A_PID[$t]}" "$TMP/rss-a-$t" "${B_PID[$t]}" "$TMP/rss-b-$t")
-done
-sample_rss "${sampler_args[@]}" &
-SAMPLER_PID=$!
 
 declare -A HS_SUM HS_RUNS
 for ((round = 1; round <= ROUNDS; round++)); do
@@ -307,18 +304,13 @@ for ((round = 1; round <= ROUNDS; round++)); do
     done
 done
 
-kill "$SAMPLER_PID" 2>/dev/null || true
-wait "$SAMPLER_PID" 2>/dev/null || true
-SAMPLER_PID=""
 declare -A RSS_A RSS_B CONNS_G CONNS_S
 for t in "${TARGETS[@]}"; do
     for side in A B; do
         pid_var="${side}_PID[$t]"
         pid=${!pid_var}
         kill -0 "$pid" 2>/dev/null || die "sidecar $side of $t exited during the benchmark"
-        sampled=$(cat "$TMP/rss-${side,,}-$t" 2>/dev/null || echo 0)
-        hwm=$(status_kb "$pid" VmHWM)
-        printf -v "RSS_${side}[$t]" '%s' $((sampled > hwm ? sampled : hwm))
+        printf -v "RSS_${side}[$t]" '%s' "$(status_kb "$pid" VmHWM)"
     done
     read -r "CONNS_G[$t]" "CONNS_S[$t]" <"$TMP/conns-$t" 2>/dev/null || { CONNS_G[$t]=n/a CONNS_S[$t]=n/a; }
 done

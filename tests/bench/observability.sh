@@ -37,9 +37,9 @@
 #      BENCH_DURATION -> p50 / p99.
 # After each run of a sidecar its /metrics is scraped for
 # meshlet_spans_exported_total and meshlet_spans_dropped_total (summed over
-# labels; `n/a` when the sidecar has no such metric). Every sidecar's VmRSS is
-# sampled from /proc/PID/status during the whole benchmark (each idles while
-# the others run) and its VmHWM is read after.
+# labels; `n/a` when the sidecar has no such metric). Every sidecar's peak RSS
+# is its VmHWM, read after the runs (no RSS sampler: its wake-ups stretched
+# the p99s, see all.sh).
 #
 # How to read the output:
 #   req/s          median over the rounds of the closed-loop runs.
@@ -52,7 +52,7 @@
 #                  off (the request path never waits for the collector).
 #   errors         socket errors + responses with status >= 400 over the
 #                  target's runs (a non-zero value makes its row meaningless).
-#   RSS MiB        peak: max(sampled VmRSS, VmHWM) of that sidecar process;
+#   RSS MiB        peak: VmHWM of that sidecar process;
 #                  (idle): its VmRSS once ready, before any load.
 #   requests sent  all requests the target got (warm-ups included).
 #   spans exported / dropped   the counters after the last round plus 1s (one
@@ -200,11 +200,6 @@ span_counters() {
 # -------------------------------------------------------------- the runs --
 LOAD_BEFORE=$(cut -d' ' -f1 /proc/loadavg)
 
-# One sampler for all sidecars: each one's peak VmRSS into $TMP/rss-TARGET.
-sampler_args=()
-for t in "${TARGETS[@]}"; do sampler_args+=("${SC_PID[$t]}" "$TMP/rss-$t"); done
-sample_rss "${sampler_args[@]}" &
-SAMPLER_PID=$!
 
 declare -A SPANS_RUNS SENT
 for ((round = 1; round <= ROUNDS; round++)); do
@@ -225,14 +220,9 @@ for t in "${TARGETS[@]}"; do
     read -r "EXPORTED[$t]" "DROPPED[$t]" < <(span_counters "$t" "$TMP/$t-final-metrics.txt")
 done
 
-kill "$SAMPLER_PID" 2>/dev/null || true
-wait "$SAMPLER_PID" 2>/dev/null || true
-SAMPLER_PID=""
 for t in "${TARGETS[@]}"; do
     kill -0 "${SC_PID[$t]}" 2>/dev/null || die "sidecar $t exited during the benchmark"
-    sampled=$(cat "$TMP/rss-$t" 2>/dev/null || echo 0)
-    hwm=$(status_kb "${SC_PID[$t]}" VmHWM)
-    RSS_PEAK[$t]=$((sampled > hwm ? sampled : hwm))
+    RSS_PEAK[$t]=$(status_kb "${SC_PID[$t]}" VmHWM)
 done
 LOAD_AFTER=$(cut -d' ' -f1 /proc/loadavg)
 
