@@ -49,9 +49,9 @@
 #      wrk Lua script as in run.sh) over BENCH_LAT_CONNS connections for
 #      BENCH_DURATION -> p50 / p99.
 # B's meshlet_tls_handshakes_total is read before and after each run; the
-# difference is the handshakes that run caused. During the whole benchmark a
-# sampler reads each B's active_connections{direction="inbound"} gauge and
-# counts the established sockets on B's inbound port (ss), keeping the peaks.
+# difference is the handshakes that run caused. After each target's runs B's
+# active_connections{direction="inbound"} gauge is read and the established
+# sockets on B's inbound port counted (ss); the largest over the rounds is kept.
 # Every sidecar's peak RSS is its VmHWM, read after the runs (no RSS sampler:
 # its wake-ups stretched the p99s, see all.sh).
 #
@@ -76,8 +76,8 @@
 #                  connects or reconnects, not one per request or per client
 #                  connection). plain: 0, or n/a when the build has no such
 #                  metric. n/a for mtls: the build has no mTLS (see above).
-#   B inbound conns  peak during the benchmark of B's open inbound
-#                  connections: the active_connections gauge (n/a if the build
+#   B inbound conns  B's open inbound connections after the target's runs
+#                  (largest over the rounds): the active_connections gauge (n/a if the build
 #                  has none) / established sockets on B's inbound port (ss).
 #                  plain: up to BENCH_CONNS (A's HTTP/1.1 pool); mtls: 1
 #                  (A's single h2 connection) whatever the client concurrency.
@@ -251,34 +251,26 @@ for t in "${TARGETS[@]}"; do
     RSS_IDLE_B[$t]=$(status_kb "${B_PID[$t]}" VmRSS)
 done
 
-# Connection sampler: every 0.25s, per target, B's active_connections
-# {direction="inbound"} gauge and the established sockets on B's inbound port;
-# the peaks go to $TMP/conns-TARGET as `GAUGE SOCKETS`. Runs until the cleanup
-# (it is in PIDS); its CPU, with its short-lived curl and ss, counts as this
-# benchmark's own (OUR_PIDS, added after collect_our_pids, which would take
-# those short-lived children too). Its wake-ups (a curl, an ss per target every
-# 0.25 s) stretch the latency runs' p99 of both targets alike, as the RSS
-# sampler did in all.sh (~0.3 -> ~1.3 ms): compare this script's p99s with
-# each other only, and all.sh's (which has no sampler) for the absolute tail.
-sample_conns() {
-    local -A peak_g=() peak_s=()
-    local t g s
-    while :; do
-        for t in "${TARGETS[@]}"; do
-            g=$(metric "${B_ADMIN[$t]}" active_connections 'direction="inbound"')
-            s=$(ss -Htn state established "( sport = :${B_IN[$t]} )" 2>/dev/null | wc -l)
-            if [[ "$g" != n/a ]] && ((g > ${peak_g[$t]:--1})); then peak_g[$t]=$g; fi
-            if ((s > ${peak_s[$t]:-0})); then peak_s[$t]=$s; fi
-            echo "${peak_g[$t]:-n/a} ${peak_s[$t]:-0}" >"$TMP/conns-$t.tmp"
-            mv -f "$TMP/conns-$t.tmp" "$TMP/conns-$t"
-        done
-        sleep 0.25
-    done
+# read_conns TARGET: B's active_connections{direction="inbound"} gauge and the
+# established sockets on B's inbound port, read right after the target's runs
+# (A's pooled connections to B stay open for the pool's idle timeout, so this
+# is what the runs opened), the largest over the rounds kept in CONNS_G and
+# CONNS_S. Read between runs, never during one: a sampler that ran curl and ss
+# every 0.25 s stretched the latency runs' p99s (as all.sh's RSS sampler did).
+declare -A CONNS_G CONNS_S
+read_conns() {
+    local t=$1 g s
+    g=$(metric "${B_ADMIN[$t]}" active_connections 'direction="inbound"')
+    s=$(ss -Htn state established "( sport = :${B_IN[$t]} )" 2>/dev/null | wc -l)
+    if [[ "$g" == n/a ]]; then
+        CONNS_G[$t]=n/a
+    elif [[ "${CONNS_G[$t]:-}" != n/a ]] && ((g > ${CONNS_G[$t]:--1})); then
+        CONNS_G[$t]=$g
+    fi
+    ((s > ${CONNS_S[$t]:-0})) || s=${CONNS_S[$t]:-0}
+    CONNS_S[$t]=$s
 }
 collect_our_pids
-sample_conns &
-PIDS+=("$!")
-OUR_PIDS+=("$!")
 
 # -------------------------------------------------------------- the runs --
 LOAD_BEFORE=$(cut -d' ' -f1 /proc/loadavg)
@@ -290,6 +282,7 @@ for ((round = 1; round <= ROUNDS; round++)); do
         before=$(handshakes "$t")
         bench "$t" "${A_OUT[$t]}" "$round" b
         after=$(handshakes "$t")
+        read_conns "$t"
         if [[ "$before" == n/a || "$after" == n/a ]]; then
             delta=n/a
             HS_SUM[$t]=n/a
@@ -304,7 +297,7 @@ for ((round = 1; round <= ROUNDS; round++)); do
     done
 done
 
-declare -A RSS_A RSS_B CONNS_G CONNS_S
+declare -A RSS_A RSS_B
 for t in "${TARGETS[@]}"; do
     for side in A B; do
         pid_var="${side}_PID[$t]"
@@ -312,7 +305,6 @@ for t in "${TARGETS[@]}"; do
         kill -0 "$pid" 2>/dev/null || die "sidecar $side of $t exited during the benchmark"
         printf -v "RSS_${side}[$t]" '%s' "$(status_kb "$pid" VmHWM)"
     done
-    read -r "CONNS_G[$t]" "CONNS_S[$t]" <"$TMP/conns-$t" 2>/dev/null || { CONNS_G[$t]=n/a CONNS_S[$t]=n/a; }
 done
 kill -0 "$CP_PID" 2>/dev/null || die "the control plane exited during the benchmark"
 LOAD_AFTER=$(cut -d' ' -f1 /proc/loadavg)
@@ -332,7 +324,7 @@ hs_cells() { # hs_cells TARGET: `HANDSHAKES|PER 1000`
         echo "${HS_SUM[$t]}|$(awk -v h="${HS_SUM[$t]}" -v r="${REQS[$t]}" 'BEGIN { printf "%.3f", h / r * 1000 }')"
     fi
 }
-rows=("target|req/s|ratio to plain|p50 ms|p99 ms|p50 vs plain|p99 vs plain|errors|RSS MiB A / B peak|requests sent|TLS handshakes on B|handshakes per 1000 requests|B inbound conns peak (gauge / sockets)")
+rows=("target|req/s|ratio to plain|p50 ms|p99 ms|p50 vs plain|p99 vs plain|errors|RSS MiB A / B peak|requests sent|TLS handshakes on B|handshakes per 1000 requests|B inbound conns after the runs (gauge / sockets)")
 for t in "${TARGETS[@]}"; do
     rows+=("${LABEL[$t]}|${RPS[$t]}|$(ratio "${RPS[$t]}" "${RPS[plain]}")|$(ms "${P50[$t]}")|$(ms "${P99[$t]}")|$(added "${P50[$t]}" "${P50[plain]}")|$(added "${P99[$t]}" "${P99[plain]}")|${ERRS[$t]}|$(mib "${RSS_A[$t]}") / $(mib "${RSS_B[$t]}")|${REQS[$t]}|$(hs_cells "$t")|${CONNS_G[$t]} / ${CONNS_S[$t]}")
 done
