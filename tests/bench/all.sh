@@ -49,10 +49,11 @@
 # BENCH_DURATION) and, for the one- and two-hop rows, an open-loop run at a
 # fixed BENCH_RATE (default 1000 req/s, wrk -c BENCH_LAT_CONNS with lib.sh's
 # paced script). The proxies' CPU (utime + stime from /proc/PID/stat, all
-# their processes) is read around the throughput and the fixed-rate runs. The sidecars' peak RSS
-# is their VmHWM after the runs (each idles while the others run: the peak
-# is its peak under its own load, or at start-up if that was higher). B's meshlet_tls_handshakes_total is read
-# around the mTLS runs.
+# their processes) is read around the throughput and the fixed-rate runs.
+# The sidecars' peak RSS is their VmHWM after the runs (each idles while the
+# others run: the peak is its peak under its own load, or at start-up if
+# that was higher). B's meshlet_tls_handshakes_total is read around the
+# mTLS runs.
 #
 # How to read the table:
 #   req/s            closed-loop throughput, -t1 -c32 (Nagle rows: the c=1 rate)

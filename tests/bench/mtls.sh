@@ -77,8 +77,9 @@
 #                  connection). plain: 0, or n/a when the build has no such
 #                  metric. n/a for mtls: the build has no mTLS (see above).
 #   B inbound conns  B's open inbound connections after the target's runs
-#                  (largest over the rounds): the active_connections gauge (n/a if the build
-#                  has none) / established sockets on B's inbound port (ss).
+#                  (largest over the rounds): the active_connections gauge
+#                  (n/a if the build has none) / established sockets on B's
+#                  inbound port (ss).
 #                  plain: up to BENCH_CONNS (A's HTTP/1.1 pool); mtls: 1
 #                  (A's single h2 connection) whatever the client concurrency.
 # Under the table: the mTLS cost line (ratio, per-round ratios, added
@@ -262,9 +263,9 @@ read_conns() {
     local t=$1 g s
     g=$(metric "${B_ADMIN[$t]}" active_connections 'direction="inbound"')
     s=$(ss -Htn state established "( sport = :${B_IN[$t]} )" 2>/dev/null | wc -l)
-    if [[ "$g" == n/a ]]; then
+    if [[ "$g" == n/a || "${CONNS_G[$t]:-}" == n/a ]]; then
         CONNS_G[$t]=n/a
-    elif [[ "${CONNS_G[$t]:-}" != n/a ]] && ((g > ${CONNS_G[$t]:--1})); then
+    elif ((g > ${CONNS_G[$t]:--1})); then
         CONNS_G[$t]=$g
     fi
     ((s > ${CONNS_S[$t]:-0})) || s=${CONNS_S[$t]:-0}
@@ -274,7 +275,6 @@ collect_our_pids
 
 # -------------------------------------------------------------- the runs --
 LOAD_BEFORE=$(cut -d' ' -f1 /proc/loadavg)
-
 
 declare -A HS_SUM HS_RUNS
 for ((round = 1; round <= ROUNDS; round++)); do

@@ -200,7 +200,6 @@ span_counters() {
 # -------------------------------------------------------------- the runs --
 LOAD_BEFORE=$(cut -d' ' -f1 /proc/loadavg)
 
-
 declare -A SPANS_RUNS SENT
 for ((round = 1; round <= ROUNDS; round++)); do
     for t in "${TARGETS[@]}"; do
