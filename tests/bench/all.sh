@@ -12,6 +12,10 @@
 #     direct                   wrk -> app
 #     nginx                    wrk -> nginx (1 worker, upstream keepalive 64) -> app
 #     haproxy                  wrk -> haproxy (nbthread 1, http-reuse always) -> app
+#     haproxy, busy-polling    the same with HAProxy's `busy-polling` (its
+#                              pollers never sleep: the production proxy's own
+#                              answer to VM wake-up latency, the baseline for
+#                              the sidecar's --busy-poll)
 #     sidecar                  wrk -> sidecar inbound -> app (the PGO build of
 #                              tests/bench/pgo.sh, target/pgo/sidecar; defaults:
 #                              metrics on, tracing on, no control plane)
@@ -21,6 +25,9 @@
 #     sidecar, --busy-poll     the same with --busy-poll 200us (polls for a
 #                              response instead of sleeping: lower latency at
 #                              c=1 for more CPU; off by default)
+#     sidecar, --busy-poll 2ms the same with a window longer than the gap
+#                              between requests at BENCH_RATE: it polls all
+#                              through the fixed-rate run, and not when idle
 #     sidecar + policies       the same with a RateLimitPolicy (a bucket too big
 #                              to refuse), a CircuitBreakerPolicy, a RetryPolicy
 #                              and a TimeoutPolicy for its service (--config);
@@ -64,6 +71,8 @@
 #   added p50/p99    minus the baseline's: one hop and two hops against
 #                    direct, Nagle rows against "direct, new connections"
 #   CPU us/req       the proxies' CPU time per request in the throughput run
+#   CPU us/req at c=1  the same in the c=1 latency run (a proxy that polls
+#                    instead of sleeping spends its waits here)
 #   at N/s           the fixed-rate run: added p50 / p99 against direct's, and
 #                    the proxies' CPU per request at that rate (they idle
 #                    between requests: waking up is part of the cost)
@@ -234,6 +243,21 @@ PIDS+=("$HAPROXY_PID")
 wait_http "http://127.0.0.1:$HAPROXY_PORT/" "$HAPROXY_PID" haproxy
 pin "$PROXY_CORE" "$HAPROXY_PID"
 
+# The same haproxy with `busy-polling` (global): it never sleeps in its
+# poller, whether anything is awaited or not.
+free_port HAPROXY_BP_PORT
+sed -e "s/^    nbthread 1$/    nbthread 1\n    busy-polling/" -e "s/127.0.0.1:$HAPROXY_PORT$/127.0.0.1:$HAPROXY_BP_PORT/" \
+    "$TMP/haproxy.cfg" >"$TMP/haproxy-bp.cfg"
+grep -q '^    busy-polling$' "$TMP/haproxy-bp.cfg" || die "haproxy-bp.cfg lacks busy-polling"
+haproxy -db -f "$TMP/haproxy-bp.cfg" >"$TMP/haproxy-bp.log" 2>&1 &
+HAPROXY_BP_PID=$!
+PIDS+=("$HAPROXY_BP_PID")
+wait_http "http://127.0.0.1:$HAPROXY_BP_PORT/" "$HAPROXY_BP_PID" "haproxy (busy-polling)"
+pin "$PROXY_CORE" "$HAPROXY_BP_PID"
+# It would take the proxy core from every other row: paused (SIGSTOP) but
+# for its own runs (measure and idle_cpu resume it).
+kill -STOP "$HAPROXY_BP_PID"
+
 # sidecar NAME BINARY APP_PORT [ARGS...]: a sidecar in front of APP_PORT on
 # the proxy core. Sets SC_IN[NAME], SC_OUT[NAME], SC_ADMIN[NAME], SC_PID[NAME].
 declare -A SC_IN SC_OUT SC_ADMIN SC_PID RSS_IDLE
@@ -254,6 +278,7 @@ policies bench >"$TMP/one-hop-policies.yaml"
 sidecar policies "$SIDECAR" "$APP_PORT" --config "$TMP/one-hop-policies.yaml"
 [[ -z "$BASELINE" ]] || sidecar baseline "$BASELINE" "$APP_PORT"
 sidecar busy-poll "$SIDECAR" "$APP_PORT" --busy-poll 200us
+sidecar busy-poll-2ms "$SIDECAR" "$APP_PORT" --busy-poll 2ms
 
 log "Nagle: nginx and sidecar(s) in front of the Python app"
 free_port NAGLE_NGINX_PORT
@@ -334,10 +359,12 @@ nginx_procs() { local v="${1^^}_PID"; echo "${!v} $(pgrep -P "${!v}" | tr '\n' '
 add_row direct "direct" "$APP_PORT" full ""
 add_row nginx "nginx, 1 worker, upstream keepalive" "$NGINX_PORT" full "$(nginx_procs nginx)"
 add_row haproxy "haproxy, 1 thread" "$HAPROXY_PORT" full "$HAPROXY_PID"
+add_row haproxy-bp "haproxy, 1 thread, busy-polling" "$HAPROXY_BP_PORT" full "$HAPROXY_BP_PID"
 add_row sidecar "sidecar inbound -> app" "${SC_IN[sidecar]}" full "${SC_PID[sidecar]}"
 [[ -z "$BASELINE" ]] || add_row baseline "sidecar inbound -> app (baseline build)" "${SC_IN[baseline]}" full "${SC_PID[baseline]}"
 add_row policies "sidecar + policies (rate limit, breaker, retry, timeout)" "${SC_IN[policies]}" full "${SC_PID[policies]}"
 add_row busy-poll "sidecar inbound -> app, --busy-poll 200us" "${SC_IN[busy-poll]}" full "${SC_PID[busy-poll]}"
+add_row busy-poll-2ms "sidecar inbound -> app, --busy-poll 2ms" "${SC_IN[busy-poll-2ms]}" full "${SC_PID[busy-poll-2ms]}"
 add_row nagle-direct "Nagle app: direct, new connection per request" "$NAGLE_PORT" latency ""
 ROW_CLOSE[nagle-direct]=1
 add_row nagle-direct-ka "Nagle app: direct, kept alive" "$NAGLE_PORT" latency ""
@@ -391,9 +418,19 @@ curl_lat() {
 }
 CLOSE_REQUESTS="${BENCH_CLOSE_REQUESTS:-300}"
 
-declare -A RPS P50 P99 ERRS OTHER CPU HS P50R P99R CPUR
+# resume NAME / pause NAME: the paused busy-polling haproxy runs only for
+# its own row; other rows: nothing.
+resume() { [[ $1 != haproxy-bp ]] || kill -CONT "$HAPROXY_BP_PID"; }
+pause() { [[ $1 != haproxy-bp ]] || kill -STOP "$HAPROXY_BP_PID"; }
+
+declare -A RPS P50 P99 ERRS OTHER CPU CPU1 HS P50R P99R CPUR
 # measure NAME ROUND: the row's runs; results in the arrays above [NAME,ROUND].
 measure() {
+    resume "$1"
+    measure_row "$@"
+    pause "$1"
+}
+measure_row() {
     local name=$1 round=$2 tag="$1-r$2" url="http://127.0.0.1:${ROW_PORT[$1]}/"
     local -a hdr=() procs=()
     read -r -a procs <<<"${ROW_PROCS[$name]}"
@@ -401,7 +438,7 @@ measure() {
     local body
     body=$(curl -fsS --max-time 2 "${hdr[@]}" "$url") || die "$name: GET $url failed"
     [[ "$body" == ok ]] || die "$name: GET $url answered '$body', expected 'ok'"
-    local hs_before="" errs=0 sent=1 t0 t1 other_max=0 f
+    local hs_before="" errs=0 sent=1 t0 t1 other_max=0 f req dur
     [[ "$name" != hop2-mtls ]] || hs_before=$(handshakes)
     if [[ -n "${ROW_CLOSE[$name]:-}" ]]; then
         curl_lat "$TMP/$tag-warmup.out" "$url" 20
@@ -418,7 +455,6 @@ measure() {
         other_cpu_pct
         other_max=$OTHER_CPU
         t1=$(ticks "${procs[@]}")
-        local req dur
         req=$(field "$TMP/$tag-tput.out" requests)
         dur=$(field "$TMP/$tag-tput.out" duration_us)
         sent=$((sent + req))
@@ -426,6 +462,7 @@ measure() {
         CPU[$name,$round]=$(awk -v t=$((t1 - t0)) -v hz="$CLK_TCK" -v r="$req" 'BEGIN { printf "%.1f", t / hz * 1e6 / r }')
     fi
     log "$tag: latency, -t1 -c1 -d$DURATION"
+    t0=$(ticks "${procs[@]}")
     cpu_mark
     if [[ -n "${ROW_CLOSE[$name]:-}" ]]; then
         curl_lat "$TMP/$tag-lat.out" "$url" "$CLOSE_REQUESTS"
@@ -437,7 +474,14 @@ measure() {
     OTHER[$name,$round]=$other_max
     P50[$name,$round]=$(field "$TMP/$tag-lat.out" p50_us)
     P99[$name,$round]=$(field "$TMP/$tag-lat.out" p99_us)
-    sent=$((sent + $(field "$TMP/$tag-lat.out" requests)))
+    req=$(field "$TMP/$tag-lat.out" requests)
+    sent=$((sent + req))
+    # CPU per request at c=1: a proxy that polls instead of sleeping spends
+    # its idle time between the requests here.
+    CPU1[$name,$round]=n/a
+    if [[ -n "${ROW_PROCS[$name]}" ]]; then
+        CPU1[$name,$round]=$(awk -v t=$(($(ticks "${procs[@]}") - t0)) -v hz="$CLK_TCK" -v r="$req" 'BEGIN { printf "%.1f", t / hz * 1e6 / r }')
+    fi
     P50R[$name,$round]=n/a P99R[$name,$round]=n/a CPUR[$name,$round]=n/a
     if [[ ${ROW_KIND[$name]} == full ]]; then
         # Open loop: a fixed rate whatever the answers take (no coordinated
@@ -472,6 +516,23 @@ measure() {
 START=$SECONDS
 for ((round = 1; round <= ROUNDS; round++)); do
     for name in "${ROWS[@]}"; do measure "$name" "$round"; done
+done
+
+# Idle CPU: what a proxy spends with no traffic at all, over IDLE_SECONDS
+# after the runs (a poller that never sleeps shows here; one that polls
+# only while something is awaited does not).
+IDLE_SECONDS=3
+declare -A IDLE_CPU
+IDLE_ROWS=(nginx haproxy haproxy-bp sidecar busy-poll busy-poll-2ms)
+for name in "${IDLE_ROWS[@]}"; do
+    read -r -a procs <<<"${ROW_PROCS[$name]}"
+    resume "$name"
+    t0=$(ticks "${procs[@]}")
+    sleep "$IDLE_SECONDS"
+    t1=$(ticks "${procs[@]}")
+    pause "$name"
+    IDLE_CPU[$name]=$(awk -v t=$((t1 - t0)) -v hz="$CLK_TCK" -v s="$IDLE_SECONDS" 'BEGIN { printf "%.0f", t / hz / s * 100 }')
+    log "$name: ${IDLE_CPU[$name]}% of a core while idle"
 done
 
 # Paired throughput (see the header): ratios to the nginx run of each pair.
@@ -541,11 +602,11 @@ med_of() { # med_of ARRAY NAME
     local vals=() r
     for ((r = 1; r <= ROUNDS; r++)); do vals+=("${arr[$2,$r]}"); done
     local fmt="%.0f"
-    case $1 in CPU | CPUR) fmt="%.1f" ;; HS) fmt="%.3f" ;; esac
+    case $1 in CPU | CPU1 | CPUR) fmt="%.1f" ;; HS) fmt="%.3f" ;; esac
     if [[ "${vals[0]}" == n/a ]]; then echo n/a; else printf '%s\n' "${vals[@]}" | sort -g | awk -v f="$fmt" '{ a[NR] = $1 } END { printf f "\n", (NR % 2 ? a[(NR + 1) / 2] : (a[NR / 2] + a[NR / 2 + 1]) / 2) }'; fi
 }
 for name in "${ROWS[@]}"; do
-    for a in RPS P50 P99 CPU HS P50R P99R CPUR; do
+    for a in RPS P50 P99 CPU CPU1 HS P50R P99R CPUR; do
         printf -v "${a}[$name]" '%s' "$(med_of "$a" "$name")"
     done
     e=0 o=0
@@ -566,9 +627,9 @@ rss_cell() { # rss_cell SIDECAR...: idle / peak MiB (the larger over the sidecar
     done
     echo "$(mib "$i") / $(mib "$p")"
 }
-declare -A RSS_OF=([sidecar]="sidecar" [baseline]="baseline" [policies]="policies" [busy-poll]="busy-poll" [nagle-sidecar]="nagle-sidecar"
+declare -A RSS_OF=([sidecar]="sidecar" [baseline]="baseline" [policies]="policies" [busy-poll]="busy-poll" [busy-poll-2ms]="busy-poll-2ms" [nagle-sidecar]="nagle-sidecar"
     [nagle-baseline]="nagle-baseline" [hop2-plain]="plain-a plain-b" [hop2-mtls]="mtls-a mtls-b" [hop2-pol]="pol-a pol-b")
-rows=("path|req/s|x direct|x nginx|p50 ms|p99 ms|added p50 us|added p99 us|CPU us/req|added p50 / p99 us at $RATE/s|CPU us/req at $RATE/s|RSS MiB idle / load|TLS hs/1k req|errors")
+rows=("path|req/s|x direct|x nginx|p50 ms|p99 ms|added p50 us|added p99 us|CPU us/req|CPU us/req at c=1|added p50 / p99 us at $RATE/s|CPU us/req at $RATE/s|RSS MiB idle / load|TLS hs/1k req|errors")
 for name in "${ROWS[@]}"; do
     case $name in
         nagle-*) base=nagle-direct peer=nagle-nginx ;;
@@ -598,7 +659,9 @@ for name in "${ROWS[@]}"; do
     [[ $hs != n/a ]] || hs=–
     rps=${RPS[$name]}
     [[ $name != nagle-* ]] || rps="($rps)"
-    rows+=("${LABEL[$name]}|$rps|$x_direct|$x_nginx|$(ms "${P50[$name]}")|$(ms "${P99[$name]}")|$add50|$add99|$cpu|$at_rate|$cpu_rate|$rss|$hs|${ERRS[$name]}")
+    cpu1=${CPU1[$name]}
+    [[ $cpu1 != n/a ]] || cpu1=–
+    rows+=("${LABEL[$name]}|$rps|$x_direct|$x_nginx|$(ms "${P50[$name]}")|$(ms "${P99[$name]}")|$add50|$add99|$cpu|$cpu1|$at_rate|$cpu_rate|$rss|$hs|${ERRS[$name]}")
 done
 table=$(printf '%s\n' "${rows[@]}" | md_table)
 
@@ -615,9 +678,23 @@ if ((PAIRS > 0)); then
 else
     goal1="$(check "$(ge "${RPS[policies]}" "${RPS[nginx]}")") ($(ratio "${RPS[policies]}" "${RPS[nginx]}")x; without policies $(ratio "${RPS[sidecar]}" "${RPS[nginx]}")x; two hops with policies $(ratio "${RPS[hop2-pol]}" "${RPS[hop2-nginx]}")x two nginx hops)"
 fi
+# goal2 NAME: met / MISSED for goal 2 on row NAME, then its four added
+# latencies as ratios of nginx's (c=1 p50 and p99, fixed-rate p50 and p99)
+# and its CPU per request at the fixed rate, and idle when measured.
+goal2() {
+    local n=$1 ok=1 v
+    local -a r=(
+        "$(ratio "$((P50[$n] - P50[direct]))" "$((P50[nginx] - P50[direct]))")"
+        "$(ratio "$((P99[$n] - P99[direct]))" "$((P99[nginx] - P99[direct]))")"
+        "$(ratio "$((P50R[$n] - P50R[direct]))" "$((P50R[nginx] - P50R[direct]))")"
+        "$(ratio "$((P99R[$n] - P99R[direct]))" "$((P99R[nginx] - P99R[direct]))")"
+    )
+    for v in "${r[@]}"; do [[ $v != n/a && $(le "$v" 0.8) == 1 ]] || ok=0; done
+    echo "$(check "$ok") (c=1 ${r[0]}x / ${r[1]}x, at $RATE/s ${r[2]}x / ${r[3]}x; CPU ${CPUR[$n]} us/req at $RATE/s${IDLE_CPU[$n]:+, ${IDLE_CPU[$n]}% of a core idle})"
+}
 goals=(
     "1. throughput >= 1.0x nginx (one hop, metrics + tracing + policies): $goal1"
-    "2. added latency <= 0.8x nginx's at c=1: p50 $(check "$(le "$((P50[sidecar] - P50[direct]))" "$(awk -v n="$((P50[nginx] - P50[direct]))" 'BEGIN { print 0.8 * n }')")"), p99 $(check "$(le "$((P99[sidecar] - P99[direct]))" "$(awk -v n="$((P99[nginx] - P99[direct]))" 'BEGIN { print 0.8 * n }')")") (added p50 $(ratio "$((P50[sidecar] - P50[direct]))" "$((P50[nginx] - P50[direct]))")x nginx's; with --busy-poll 200us $(ratio "$((P50[busy-poll] - P50[direct]))" "$((P50[nginx] - P50[direct]))")x, p99 $(ratio "$((P99[busy-poll] - P99[direct]))" "$((P99[nginx] - P99[direct]))")x); at a fixed $RATE req/s: added p50 $(ratio "$((P50R[sidecar] - P50R[direct]))" "$((P50R[nginx] - P50R[direct]))")x nginx's, p99 $(ratio "$((P99R[sidecar] - P99R[direct]))" "$((P99R[nginx] - P99R[direct]))")x (with --busy-poll 200us $(ratio "$((P50R[busy-poll] - P50R[direct]))" "$((P50R[nginx] - P50R[direct]))")x, $(ratio "$((P99R[busy-poll] - P99R[direct]))" "$((P99R[nginx] - P99R[direct]))")x; CPU us/req ${CPUR[busy-poll]} vs ${CPUR[sidecar]} without)"
+    "2. added latency <= 0.8x nginx's, p50 and p99, at c=1 and at $RATE req/s: sidecar (default) $(goal2 sidecar); sidecar --busy-poll 200us $(goal2 busy-poll); sidecar --busy-poll 2ms (a window over the gap between requests at $RATE/s) $(goal2 busy-poll-2ms); for comparison haproxy with its own busy-polling $(goal2 haproxy-bp), nginx (CPU ${CPUR[nginx]} us/req at $RATE/s, ${IDLE_CPU[nginx]}% idle)"
     "3. Nagle app: added p50 within 1 ms of direct through the sidecar: $(check "$(le "$((${P50[nagle-sidecar]} - ${P50[nagle-direct]}))" 1000)") ($(ms "$((${P50[nagle-sidecar]} - ${P50[nagle-direct]}))") ms; nginx $(ms "$((${P50[nagle-nginx]} - ${P50[nagle-direct]}))") ms)"
     "4. two hops, mTLS: $(ratio "${RPS[hop2-mtls]}" "${RPS[hop2-nginx]}")x two nginx hops' throughput (plaintext $(ratio "${RPS[hop2-plain]}" "${RPS[hop2-nginx]}")x), ${HS[hop2-mtls]} TLS handshakes per 1000 requests"
     "5. RSS <= 15 MiB under load with mTLS on: $(check "$(le "$mtls_rss" $((15 * 1024)))") ($(mib "$mtls_rss") MiB peak, larger of A and B)"
@@ -677,7 +754,7 @@ log "written to $RESULTS"
     fi
 } >"$TMP/tput.dat"
 {
-    for name in nginx haproxy sidecar baseline busy-poll hop2-nginx hop2-plain hop2-mtls; do
+    for name in nginx haproxy haproxy-bp sidecar baseline busy-poll busy-poll-2ms hop2-nginx hop2-plain hop2-mtls; do
         [[ -n "${RPS[$name]:-}" ]] || continue
         printf '"%s" %s %s\n' "${LABEL[$name]}" $((P50[$name] - P50[direct])) $((P99[$name] - P99[direct]))
     done

@@ -42,7 +42,9 @@ cleanup() {
     local pid
     [[ -z "$WRK_PID" ]] || PIDS+=("$WRK_PID")
     for pid in "${PIDS[@]}"; do
+        # CONT: a process a script paused (SIGSTOP) acts on TERM only then.
         kill -TERM "$pid" 2>/dev/null || true
+        kill -CONT "$pid" 2>/dev/null || true
     done
     for pid in "${PIDS[@]}"; do
         # Give each process a moment to exit, then force it.

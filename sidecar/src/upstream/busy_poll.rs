@@ -28,12 +28,23 @@
 //! keeps its own moving average (the last ~8 waits; a wait counts at most
 //! 16 windows, so that one long idle connection is forgotten after a few
 //! quick ones); the spinner runs only for the kinds whose average is
-//! within the window. A sidecar in front of a slower app, or a second hop
-//! further away, so stops spinning for responses after a few of them, and
-//! one whose clients pause between requests (a client at a fixed rate, a
-//! pool of idle connections) stops spinning for requests; an idle sidecar
-//! never spins. `meshlet_busy_poll_seconds_total` counts the time spent
-//! spinning, `meshlet_busy_poll_total{outcome}` the spins.
+//! within the window. For a next request the wait that counts is not the
+//! connection's own but the time since the sidecar's previous arrival (the
+//! last guard of any kind dropped: a response head or a request came in),
+//! because a spin catches the next request on any connection: clients at
+//! a fixed rate spread over many connections (each connection quiet for a
+//! while, the sidecar not) are polled for when their requests come within
+//! the window of the previous arrival, and a new connection whose request
+//! is already there when it is read does not pass for a quick one. A
+//! sidecar in
+//! front of a slower app, or a second hop further away, so stops spinning
+//! for responses after a few of them, and one whose clients pause between
+//! requests longer than the window stops spinning for requests; an idle
+//! sidecar never spins. `meshlet_busy_poll_seconds_total` counts the time
+//! spent spinning, `meshlet_busy_poll_total{outcome}` the spins. A kind
+//! is not spun for before one of its waits has been seen to end within the
+//! window (the averages start just above it): a pool of new connections
+//! that stay quiet costs no spin at all.
 //!
 //! How: one spinner task per process ([`start`]). The forwarder holds an
 //! [`Awaiting`] guard from sending a request until its response head (or
@@ -82,7 +93,8 @@ impl Wait {
 struct Waits {
     /// Guards alive.
     awaiting: AtomicUsize,
-    /// Moving average of their waits, in nanoseconds.
+    /// Moving average of their waits, in nanoseconds (from just above the
+    /// window: see [`start`]).
     average_wait_ns: AtomicU64,
 }
 
@@ -101,6 +113,9 @@ struct State {
     waits: [Waits; 2],
     /// Bumped by every guard created or dropped: progress the spinner sees.
     progress: AtomicU64,
+    /// When the last guard of any kind was dropped (an arrival), in
+    /// nanoseconds since [`clock_base`] (0: none yet).
+    last_arrival_ns: AtomicU64,
     /// The spinner waits on `wake` (a guard must notify it).
     sleeping: AtomicBool,
     wake: Notify,
@@ -111,6 +126,7 @@ struct State {
 static STATE: State = State {
     waits: [Waits::new(), Waits::new()],
     progress: AtomicU64::new(0),
+    last_arrival_ns: AtomicU64::new(0),
     sleeping: AtomicBool::new(false),
     wake: Notify::const_new(),
     window_ns: AtomicU64::new(0),
@@ -193,11 +209,41 @@ fn awaiting(kind: Wait) -> Awaiting {
 impl Drop for Awaiting {
     fn drop(&mut self) {
         if let Some((kind, since)) = self.0 {
-            STATE.record_wait(kind, since.elapsed());
+            let since_previous_arrival = mark_arrival();
+            let wait = match kind {
+                Wait::Response => since.elapsed(),
+                Wait::NextRequest => since_previous_arrival,
+            };
+            STATE.record_wait(kind, wait);
             kind.waits().awaiting.fetch_sub(1, Ordering::Relaxed);
             STATE.progress.fetch_add(1, Ordering::Relaxed);
         }
     }
+}
+
+/// The process's clock for [`State::last_arrival_ns`]: set by
+/// [`start`], before any guard counts.
+static CLOCK_BASE: OnceLock<Instant> = OnceLock::new();
+
+fn clock_base() -> Instant {
+    *CLOCK_BASE.get_or_init(Instant::now)
+}
+
+/// Marks now as the latest arrival; returns the time since the previous
+/// one (the first: unbounded).
+fn mark_arrival() -> Duration {
+    let now = u64::try_from(clock_base().elapsed().as_nanos()).unwrap_or(u64::MAX);
+    // 0 stands for "none yet"; an arrival in the clock's first nanosecond is 1.
+    let previous = STATE.last_arrival_ns.swap(now.max(1), Ordering::Relaxed);
+    gap_since(previous, now)
+}
+
+/// The gap between a previous mark (0: none) and `now`, in nanoseconds.
+fn gap_since(previous_ns: u64, now_ns: u64) -> Duration {
+    if previous_ns == 0 {
+        return Duration::MAX;
+    }
+    Duration::from_nanos(now_ns.saturating_sub(previous_ns))
 }
 
 /// Spawns the spinner on the current (single-threaded) runtime with the
@@ -208,6 +254,12 @@ pub fn start(window: Duration, metrics: BusyPollMetrics) {
     }
     let window_ns = u64::try_from(window.as_nanos()).unwrap_or(u64::MAX);
     STATE.window_ns.store(window_ns, Ordering::Relaxed);
+    for kind in Wait::ALL {
+        kind.waits()
+            .average_wait_ns
+            .store(window_ns.saturating_add(1), Ordering::Relaxed);
+    }
+    clock_base();
     tokio::spawn(spin(window, metrics));
     let _ = STARTED.set(());
 }
@@ -293,6 +345,25 @@ mod tests {
             average = moving_average(average, 80_000);
         }
         assert!(average < 90_000, "{average}");
+    }
+
+    #[test]
+    fn one_quick_wait_brings_an_average_that_starts_just_above_the_window_within_it() {
+        let window = 200_000;
+        let start = window + 1;
+        assert!(start > window, "not spun for before any wait");
+        let after_one = moving_average(start, sample_ns(Duration::from_micros(60), window));
+        assert!(after_one <= window, "{after_one}");
+        let after_a_slow_one = moving_average(start, sample_ns(Duration::from_millis(1), window));
+        assert!(after_a_slow_one > window, "{after_a_slow_one}");
+    }
+
+    #[test]
+    fn the_first_arrival_has_no_gap_to_count_and_later_ones_the_time_between() {
+        assert_eq!(gap_since(0, 5_000), Duration::MAX);
+        assert_eq!(gap_since(1_000, 5_000), Duration::from_nanos(4_000));
+        // Marks from several threads may land out of order: never negative.
+        assert_eq!(gap_since(6_000, 5_000), Duration::ZERO);
     }
 
     #[test]
