@@ -209,9 +209,11 @@ fn awaiting(kind: Wait) -> Awaiting {
 impl Drop for Awaiting {
     fn drop(&mut self) {
         if let Some((kind, since)) = self.0 {
-            let since_previous_arrival = mark_arrival();
+            // One clock read for both.
+            let now = Instant::now();
+            let since_previous_arrival = mark_arrival(now);
             let wait = match kind {
-                Wait::Response => since.elapsed(),
+                Wait::Response => now.duration_since(since),
                 Wait::NextRequest => since_previous_arrival,
             };
             STATE.record_wait(kind, wait);
@@ -229,10 +231,10 @@ fn clock_base() -> Instant {
     *CLOCK_BASE.get_or_init(Instant::now)
 }
 
-/// Marks now as the latest arrival; returns the time since the previous
+/// Marks `now` as the latest arrival; returns the time since the previous
 /// one (the first: unbounded).
-fn mark_arrival() -> Duration {
-    let now = u64::try_from(clock_base().elapsed().as_nanos()).unwrap_or(u64::MAX);
+fn mark_arrival(now: Instant) -> Duration {
+    let now = u64::try_from(now.duration_since(clock_base()).as_nanos()).unwrap_or(u64::MAX);
     // 0 stands for "none yet"; an arrival in the clock's first nanosecond is 1.
     let previous = STATE.last_arrival_ns.swap(now.max(1), Ordering::Relaxed);
     gap_since(previous, now)
