@@ -219,13 +219,13 @@ impl BusyPollMetrics {
         let seconds = r.add(
             Counter::new(
                 "meshlet_busy_poll_seconds_total",
-                "Time the sidecar spent polling its sockets without blocking while a response was awaited (--busy-poll)",
+                "Time the sidecar spent polling its sockets without blocking while a response or a next request was awaited (--busy-poll)",
             )
             .expect("valid metric"),
         );
         let spins = r.counter_vec(
             "meshlet_busy_poll_total",
-            "Busy-poll spins by outcome: caught (every awaited response came within the window) or missed (the window passed)",
+            "Busy-poll spins by outcome: caught (nothing worth polling for was awaited any more) or missed (the window passed without an arrival)",
             &["outcome"],
         );
         BusyPollMetrics {
