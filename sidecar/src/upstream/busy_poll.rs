@@ -36,11 +36,10 @@
 //! while, the sidecar not) are polled for when their requests come within
 //! the window of the previous arrival, and a new connection whose request
 //! is already there when it is read does not pass for a quick one. A
-//! sidecar in
-//! front of a slower app, or a second hop further away, so stops spinning
-//! for responses after a few of them, and one whose clients pause between
-//! requests longer than the window stops spinning for requests; an idle
-//! sidecar never spins. `meshlet_busy_poll_seconds_total` counts the time
+//! sidecar in front of a slower app, or a second hop further away, so
+//! stops spinning for responses after a few of them, and one whose clients
+//! pause between requests longer than the window stops spinning for
+//! requests; an idle sidecar never spins. `meshlet_busy_poll_seconds_total` counts the time
 //! spent spinning, `meshlet_busy_poll_total{outcome}` the spins. A kind
 //! is not spun for before one of its waits has been seen to end within the
 //! window (the averages start just above it): a pool of new connections
@@ -159,6 +158,12 @@ impl State {
     }
 }
 
+/// Every kind's average before its first wait: just above the window, so
+/// that nothing is polled for before a wait of that kind ended within it.
+fn starting_average(window_ns: u64) -> u64 {
+    window_ns.saturating_add(1)
+}
+
 /// What a wait counts in the average: its length, at most 16 windows.
 fn sample_ns(wait: Duration, window_ns: u64) -> u64 {
     let wait = u64::try_from(wait.as_nanos()).unwrap_or(u64::MAX);
@@ -259,7 +264,7 @@ pub fn start(window: Duration, metrics: BusyPollMetrics) {
     for kind in Wait::ALL {
         kind.waits()
             .average_wait_ns
-            .store(window_ns.saturating_add(1), Ordering::Relaxed);
+            .store(starting_average(window_ns), Ordering::Relaxed);
     }
     clock_base();
     tokio::spawn(spin(window, metrics));
@@ -352,8 +357,8 @@ mod tests {
     #[test]
     fn one_quick_wait_brings_an_average_that_starts_just_above_the_window_within_it() {
         let window = 200_000;
-        let start = window + 1;
-        assert!(start > window, "not spun for before any wait");
+        let start = starting_average(window);
+        assert!(start > window, "polled for before any wait: {start}");
         let after_one = moving_average(start, sample_ns(Duration::from_micros(60), window));
         assert!(after_one <= window, "{after_one}");
         let after_a_slow_one = moving_average(start, sample_ns(Duration::from_millis(1), window));
