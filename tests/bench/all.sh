@@ -103,8 +103,8 @@
 # skewed), the control plane at scale (tests/bench/control-plane-scale.sh's
 # fragment, when that script exists) and the parameters.
 #
-# Usage: bash tests/bench/all.sh    (~25 minutes from scratch on 2 cores:
-#                                    the builds with PGO ~10, the rows ~13 with
+# Usage: bash tests/bench/all.sh    (~27 minutes from scratch on 2 cores:
+#                                    the builds with PGO ~10, the rows ~15 with
 #                                    3 rounds and 12 pairs, the control plane ~5)
 #   BENCH_DURATION=5s   each throughput and latency run
 #   BENCH_WARMUP=1s     warm-up per row
