@@ -233,7 +233,7 @@ async fn requests_spread_over_connections_further_apart_than_the_window_are_not_
     // the responses are polled for (each caught within ~1 ms). Polling
     // through every pause would miss once per pause: 23 misses (~230 ms
     // spent); taking a new connection's request, already there when it is
-    // read, for a quick one missed 7 (the first round).
+    // read, for a quick one missed 8 (the old build, in the first round).
     let pool = Pool {
         requests: 24,
         connections: 8,
