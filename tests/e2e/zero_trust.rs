@@ -389,6 +389,12 @@ fn traffic(
     })
 }
 
+/// The last `lines` lines of a log, for an assertion message.
+fn tail(log: &str, lines: usize) -> String {
+    let all: Vec<&str> = log.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
+
 #[tokio::test]
 async fn certificates_renew_and_the_ca_rotates_under_traffic_without_a_failed_request() {
     let mut mesh = Mesh::start(&["--workload-cert-ttl", "30s"]).await;
@@ -405,7 +411,13 @@ async fn certificates_renew_and_the_ca_rotates_under_traffic_without_a_failed_re
     let started = Instant::now();
     while started.elapsed() < Duration::from_secs(180) {
         if let (Some(seen), _) = mtls::handshake(inbound, ca.roots(), Some(&probe), &["h2"]).await {
-            assert_eq!(seen.chain, Ok(()), "b's certificate is always valid");
+            assert_eq!(
+                seen.chain,
+                Ok(()),
+                "b's certificate is always valid; b's log:\n{}\ncontrol plane's log:\n{}",
+                tail(&mesh.sidecar(b).log_text(), 40),
+                tail(&mesh.cp.log_text(), 40)
+            );
             serials.lock().unwrap().insert(seen.serial);
         }
         tokio::time::sleep(Duration::from_secs(2)).await;
@@ -466,6 +478,7 @@ async fn an_expired_certificate_is_refused_with_a_reason() {
     mesh.wait_mtls(a, "b", "a").await;
     let ca = TestCa::load(&mesh.cp.data_dir);
     mesh.cp.kill9().await;
+    let killed = Instant::now();
 
     let a_out = mesh.sidecar(a).outbound;
     let refused = wait::until(
@@ -506,6 +519,22 @@ async fn an_expired_certificate_is_refused_with_a_reason() {
             .to_lowercase()
             .contains("expired"),
         "{expired:?}"
+    );
+
+    // An expired certificate is an outage: the sidecars keep asking every
+    // few seconds, so the mesh is back soon after the control plane, even
+    // after 40 s without it (an uncapped backoff would be at 30 s by then).
+    tokio::time::sleep_until((killed + Duration::from_secs(40)).into()).await;
+    mesh.cp.restart().await;
+    let recovered = wait::within(Duration::from_secs(15), || async move {
+        let reply = client::get_uri(a_out, "http://b/").await.ok()?;
+        (reply.status == 200).then_some(())
+    })
+    .await;
+    assert!(
+        recovered.is_some(),
+        "a does not reach b 15 s after the control plane is back; a's log:\n{}",
+        tail(&mesh.sidecar(a).log_text(), 30)
     );
 }
 

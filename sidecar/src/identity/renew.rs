@@ -9,11 +9,22 @@
 //!
 //! The task: first request at once; then renew at 2/3 of the lifetime
 //! ±10 % (jitter, so a fleet started together does not renew together);
-//! a failure retries with exponential backoff from 1 s to 30 s while the
-//! current certificate stays in use (after it expires too: peers then
-//! refuse it, and our outbound answers `certificate_expired`). A bundle
-//! whose signing root did not sign the current leaf wakes the task at
-//! once (after 0–1 s of jitter).
+//! a failure retries with exponential backoff from 1 s (±20 % jitter)
+//! while the current certificate stays in use (after it expires too: peers
+//! then refuse it, and our outbound answers `certificate_expired`). The
+//! backoff is capped at a tenth of the leaf's lifetime (1–30 s) while it
+//! is valid, never waits past its expiry, and at 5 s once it has expired
+//! (or before the first one): without a valid certificate every mesh hop
+//! fails, so the task keeps asking often and is back within seconds of
+//! the control plane. A bundle whose signing root did not sign the current
+//! leaf wakes the task at once (after 0–1 s of jitter).
+//!
+//! Certificates expire by the wall clock, sleeps run on the monotonic one,
+//! and the two part when a VM is suspended or its clock is stepped. So
+//! [`Schedule`] keeps the next attempt as a wall-clock time and the task
+//! sleeps towards it in slices of at most a tenth of the lifetime (1–60 s),
+//! looking at the wall clock after each: a clock that jumped past the
+//! renewal time is noticed within a slice, not a lifetime later.
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -31,6 +42,13 @@ use crate::identity::workload::{from_unix_ms, CertificateSource, Leaf, WorkloadI
 
 const BACKOFF_FIRST: Duration = Duration::from_secs(1);
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
+/// The longest wait between two attempts once the certificate expired.
+const EXPIRED_RETRY_MAX: Duration = Duration::from_secs(5);
+/// The shortest wait before asking again when a leaf is about to expire.
+const LAST_MOMENT: Duration = Duration::from_millis(100);
+/// Bounds of the slice the task sleeps before looking at the wall clock.
+const SLICE_MIN: Duration = Duration::from_secs(1);
+const SLICE_MAX: Duration = Duration::from_secs(60);
 
 /// A fresh key and its CSR (PEM).
 pub fn key_and_csr(common_name: &str) -> Result<(KeyPair, String), String> {
@@ -80,14 +98,90 @@ pub fn leaf_of(reply: &CertificateReply, key: &KeyPair) -> Result<Leaf, String> 
 /// clock skew), which must not make a short-lived leaf look mostly spent.
 pub fn renewal_time(leaf: &Leaf) -> SystemTime {
     let issued = leaf.not_before.max(leaf.received);
-    let lifetime = leaf.not_after.duration_since(issued).unwrap_or_default();
     let fraction = 2.0 / 3.0 * (0.9 + 0.2 * fastrand::f64());
-    issued + lifetime.mul_f64(fraction)
+    issued + lifetime(leaf).mul_f64(fraction)
 }
 
 /// The shortest pause between two renewals (a leaf whose renewal time has
 /// passed must not make the task spin).
 const MIN_RENEWAL_PAUSE: Duration = Duration::from_secs(1);
+
+/// How long `leaf` is valid from when it was issued (see [`renewal_time`]).
+fn lifetime(leaf: &Leaf) -> Duration {
+    let issued = leaf.not_before.max(leaf.received);
+    leaf.not_after.duration_since(issued).unwrap_or_default()
+}
+
+/// When the renewal task acts next, as a wall-clock time (see the module
+/// doc), and the backoff of a failing control plane.
+#[derive(Debug)]
+pub(crate) struct Schedule {
+    next: SystemTime,
+    backoff: Duration,
+    failing: bool,
+}
+
+impl Schedule {
+    /// The first attempt: at once.
+    pub(crate) fn start(now: SystemTime) -> Schedule {
+        Schedule {
+            next: now,
+            backoff: BACKOFF_FIRST,
+            failing: false,
+        }
+    }
+
+    /// How long to sleep before looking at the clock again; `None` when
+    /// the next attempt is due. A slice is a tenth of `leaf`'s lifetime
+    /// (1–60 s; 1 s without a leaf).
+    pub(crate) fn sleep(&self, leaf: Option<&Leaf>, now: SystemTime) -> Option<Duration> {
+        let left = self
+            .next
+            .duration_since(now)
+            .ok()
+            .filter(|left| !left.is_zero())?;
+        let slice = leaf.map_or(SLICE_MIN, |leaf| {
+            (lifetime(leaf) / 10).clamp(SLICE_MIN, SLICE_MAX)
+        });
+        Some(left.min(slice))
+    }
+
+    /// A renewal installed `leaf`: the next one at its renewal time.
+    pub(crate) fn succeeded(&mut self, leaf: &Leaf, now: SystemTime) {
+        self.failing = false;
+        self.backoff = BACKOFF_FIRST;
+        self.next = renewal_time(leaf).max(now + MIN_RENEWAL_PAUSE);
+    }
+
+    /// A request failed while `leaf` (if any) is current: the next attempt
+    /// after the backoff, capped as the module doc says. Returns the wait
+    /// and whether this is the first failure of a run.
+    pub(crate) fn failed(&mut self, leaf: Option<&Leaf>, now: SystemTime) -> (Duration, bool) {
+        let jittered = self.backoff.mul_f64(0.8 + 0.4 * fastrand::f64());
+        let left = leaf.and_then(|leaf| {
+            let left = leaf.not_after.duration_since(now).ok()?;
+            (!left.is_zero()).then_some((leaf, left))
+        });
+        let wait = match left {
+            Some((leaf, left)) => {
+                let cap = (lifetime(leaf) / 10).clamp(BACKOFF_FIRST, BACKOFF_MAX);
+                jittered.min(cap).min(left.max(LAST_MOMENT))
+            }
+            // No valid certificate: every mesh hop fails meanwhile.
+            None => jittered.min(EXPIRED_RETRY_MAX),
+        };
+        let first = !self.failing;
+        self.failing = true;
+        self.backoff = (self.backoff * 2).min(BACKOFF_MAX);
+        self.next = now + wait;
+        (wait, first)
+    }
+
+    /// Whether the last attempt failed.
+    pub(crate) fn failing(&self) -> bool {
+        self.failing
+    }
+}
 
 impl WorkloadIdentity {
     /// One request for a certificate; installs it and its bundle.
@@ -123,16 +217,18 @@ pub fn spawn(
     mut stop: watch::Receiver<bool>,
 ) {
     tokio::spawn(async move {
-        let mut backoff = BACKOFF_FIRST;
-        let mut failing = false;
-        let mut next = Duration::ZERO;
+        let mut schedule = Schedule::start(SystemTime::now());
         loop {
-            let woken = tokio::select! {
-                _ = tokio::time::sleep(next) => false,
-                _ = identity.renew_now.notified() => true,
-                _ = stop.wait_for(|stop| *stop) => return,
-            };
-            if woken {
+            let leaf = identity.leaf();
+            if let Some(slice) = schedule.sleep(leaf.as_deref(), SystemTime::now()) {
+                let woken = tokio::select! {
+                    _ = tokio::time::sleep(slice) => false,
+                    _ = identity.renew_now.notified() => true,
+                    _ = stop.wait_for(|stop| *stop) => return,
+                };
+                if !woken {
+                    continue;
+                }
                 // A rotation reaches every sidecar at once: spread them.
                 tokio::time::sleep(Duration::from_millis(fastrand::u64(..1000))).await;
             }
@@ -141,40 +237,28 @@ pub fn spawn(
                 _ = stop.wait_for(|stop| *stop) => return,
             };
             identity.first_attempt.send_replace(true);
-            match result {
-                Ok(()) => {
-                    if failing {
+            let leaf = identity.leaf();
+            match (result, leaf) {
+                (Ok(()), Some(leaf)) => {
+                    if schedule.failing() {
                         tracing::info!("workload certificate renewed again");
                     }
-                    failing = false;
-                    backoff = BACKOFF_FIRST;
-                    next = identity.leaf().map_or(BACKOFF_FIRST, |leaf| {
-                        renewal_time(&leaf)
-                            .duration_since(SystemTime::now())
-                            .unwrap_or_default()
-                            .max(MIN_RENEWAL_PAUSE)
-                    });
+                    schedule.succeeded(&leaf, SystemTime::now());
                 }
-                Err(error) => {
+                (result, leaf) => {
+                    let error = result
+                        .err()
+                        .unwrap_or_else(|| "no certificate installed".into());
                     identity.metrics.failures.inc();
-                    let expires = identity
-                        .leaf()
+                    let (wait, first) = schedule.failed(leaf.as_deref(), SystemTime::now());
+                    let expires = leaf
                         .map(|leaf| humantime::format_rfc3339_seconds(leaf.not_after).to_string());
-                    if failing {
-                        tracing::debug!(%error, "workload certificate request failed again");
-                    } else {
-                        tracing::warn!(%error, current_expires = ?expires,
+                    if first {
+                        tracing::warn!(%error, current_expires = ?expires, retry_in = ?wait,
                             "cannot get a workload certificate; keeping the current one (if any) and retrying");
+                    } else {
+                        tracing::debug!(%error, retry_in = ?wait, "workload certificate request failed again");
                     }
-                    failing = true;
-                    // Never past the current certificate's expiry.
-                    let until_expiry = identity
-                        .leaf()
-                        .and_then(|leaf| leaf.not_after.duration_since(SystemTime::now()).ok());
-                    next = until_expiry.map_or(backoff, |left| {
-                        backoff.min(left.max(Duration::from_millis(100)))
-                    });
-                    backoff = (backoff * 2).min(BACKOFF_MAX);
                 }
             }
         }
