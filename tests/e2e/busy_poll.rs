@@ -53,14 +53,40 @@ struct Spins {
     caught: f64,
     missed: f64,
     seconds: f64,
+    /// `meshlet_busy_poll_arrivals_total`: [response, next request], each
+    /// [read after sleeping, read while polling].
+    arrivals: [[f64; 2]; 2],
+}
+
+impl Spins {
+    /// Arrivals of `kind` since `before`: (read while polling, after sleeping).
+    fn arrived_since(&self, before: &Spins, kind: Kind) -> (f64, f64) {
+        let (now, then) = (self.arrivals[kind as usize], before.arrivals[kind as usize]);
+        (now[1] - then[1], now[0] - then[0])
+    }
+}
+
+#[derive(Clone, Copy)]
+enum Kind {
+    Response = 0,
+    NextRequest = 1,
 }
 
 async fn spins(sidecar: &SidecarProcess) -> Spins {
     let scrape = Scrape::of(sidecar.admin).await;
+    let arrivals = |kind| {
+        ["false", "true"].map(|polled| {
+            scrape.sum(
+                "meshlet_busy_poll_arrivals_total",
+                &[("kind", kind), ("polled", polled)],
+            )
+        })
+    };
     Spins {
         caught: scrape.sum("meshlet_busy_poll_total", &[("outcome", "caught")]),
         missed: scrape.sum("meshlet_busy_poll_total", &[("outcome", "missed")]),
         seconds: scrape.sum("meshlet_busy_poll_seconds_total", &[]),
+        arrivals: [arrivals("response"), arrivals("next_request")],
     }
 }
 
@@ -83,6 +109,17 @@ async fn a_quick_response_is_caught_by_polling_and_arrives_intact() {
         after.missed - before.missed
     );
     assert!(after.seconds > before.seconds, "no time spent polling");
+    let (polled, slept) = after.arrived_since(&before, Kind::Response);
+    assert_eq!(
+        polled + slept,
+        REQUESTS as f64,
+        "every response is counted once"
+    );
+    assert!(
+        polled >= (REQUESTS / 2) as f64,
+        "meshlet_busy_poll_arrivals_total counts {polled} responses read while polling \
+         and {slept} after sleeping, where the spins caught {caught}"
+    );
 }
 
 #[tokio::test]
@@ -92,6 +129,12 @@ async fn behind_a_slow_app_the_sidecar_stops_spinning_after_the_first_miss() {
     let before = spins(&sidecar).await;
     sequential_requests(&sidecar).await;
     let after = spins(&sidecar).await;
+    let (polled, slept) = after.arrived_since(&before, Kind::Response);
+    assert_eq!(
+        (polled, slept),
+        (0.0, REQUESTS as f64),
+        "responses of a 100 ms app read (while polling, after sleeping)"
+    );
     let missed = after.missed - before.missed;
     let spent = after.seconds - before.seconds;
     // The first slow response moves the average wait (100 ms / 8 = 12.5
@@ -163,19 +206,30 @@ async fn kept_alive_requests(sidecar: &SidecarProcess, pool: &Pool) {
 }
 
 /// What a sidecar with busy-poll `window` spent polling over
-/// [`kept_alive_requests`]: seconds, and spins that missed.
-async fn polled_over_kept_alive_requests(name: &str, window: &str, pool: &Pool) -> (f64, f64) {
+/// [`kept_alive_requests`]: seconds, spins that missed, and the next
+/// requests read while polling.
+async fn polled_over_kept_alive_requests(name: &str, window: &str, pool: &Pool) -> (f64, f64, f64) {
     let (_app, sidecar) = started(name, window).await;
     let before = spins(&sidecar).await;
     kept_alive_requests(&sidecar, pool).await;
     let after = spins(&sidecar).await;
-    (after.seconds - before.seconds, after.missed - before.missed)
+    let (polled, _) = after.arrived_since(&before, Kind::NextRequest);
+    (
+        after.seconds - before.seconds,
+        after.missed - before.missed,
+        polled,
+    )
 }
 
 #[tokio::test]
 async fn a_kept_alive_client_s_next_request_is_polled_for_too() {
     let pool = Pool::one_connection(Duration::from_millis(20));
-    let (spent, _) = polled_over_kept_alive_requests("next-request-app", "50ms", &pool).await;
+    let (spent, _, polled) =
+        polled_over_kept_alive_requests("next-request-app", "50ms", &pool).await;
+    assert!(
+        polled >= (REQUESTS / 2) as f64,
+        "{polled} of {REQUESTS} next requests 20 ms apart read while polling (window 50 ms)"
+    );
     // Polling only for the responses (~1 ms each on loopback) would spend
     // ~12 ms; polling through each 20 ms pause too, ~230 ms.
     assert!(
@@ -189,7 +243,12 @@ async fn a_kept_alive_client_s_next_request_is_polled_for_too() {
 #[tokio::test]
 async fn a_client_that_pauses_longer_than_the_window_is_not_polled_for() {
     let pool = Pool::one_connection(Duration::from_millis(100));
-    let (spent, _) = polled_over_kept_alive_requests("pausing-client-app", "10ms", &pool).await;
+    let (spent, _, polled) =
+        polled_over_kept_alive_requests("pausing-client-app", "10ms", &pool).await;
+    assert_eq!(
+        polled, 0.0,
+        "next requests 100 ms apart read while polling (window 10 ms)"
+    );
     // The first pause (100 ms) moves the average wait for a next request
     // (100 ms / 8 = 12.5 ms) over the 10 ms window: one miss of 10 ms, then
     // no more polling between requests. Polling through every pause would
@@ -215,7 +274,7 @@ async fn requests_spread_over_connections_are_polled_for_when_they_come_within_t
         connections: 8,
         pause: Duration::from_millis(20),
     };
-    let (spent, _) = polled_over_kept_alive_requests("pooled-client-app", "30ms", &pool).await;
+    let (spent, _, _) = polled_over_kept_alive_requests("pooled-client-app", "30ms", &pool).await;
     assert!(
         spent >= pool.pauses() / 2.0,
         "{spent:.3} s spent polling over {} requests 20 ms apart on {} kept-alive \
@@ -239,7 +298,8 @@ async fn requests_spread_over_connections_further_apart_than_the_window_are_not_
         connections: 8,
         pause: Duration::from_millis(100),
     };
-    let (spent, missed) = polled_over_kept_alive_requests("sparse-pool-app", "10ms", &pool).await;
+    let (spent, missed, _) =
+        polled_over_kept_alive_requests("sparse-pool-app", "10ms", &pool).await;
     assert!(
         missed <= 2.0,
         "{missed} spins missed ({spent:.3} s spent) over {} requests 100 ms apart on {} \

@@ -205,13 +205,17 @@ pub struct Metrics {
     busy_poll: BusyPollMetrics,
 }
 
-/// `meshlet_busy_poll_seconds_total` and `meshlet_busy_poll_total{outcome}`
-/// (`upstream::busy_poll`): what spinning for responses costs and catches.
+/// `meshlet_busy_poll_seconds_total`, `meshlet_busy_poll_total{outcome}`
+/// and `meshlet_busy_poll_arrivals_total{kind,polled}`
+/// (`upstream::busy_poll`): what spinning costs and what it catches.
 #[derive(Debug, Clone)]
 pub struct BusyPollMetrics {
     pub seconds: Counter,
     pub caught: IntCounter,
     pub missed: IntCounter,
+    /// Indexed by `[kind][polled]`: kind 0 a response head, 1 a next
+    /// request; polled 0 read after the sidecar slept, 1 while it polled.
+    pub arrivals: [[IntCounter; 2]; 2],
 }
 
 impl BusyPollMetrics {
@@ -228,10 +232,18 @@ impl BusyPollMetrics {
             "Busy-poll spins by outcome: caught (nothing worth polling for was awaited any more) or missed (the window passed without an arrival)",
             &["outcome"],
         );
+        let arrivals = r.counter_vec(
+            "meshlet_busy_poll_arrivals_total",
+            "Awaited arrivals while --busy-poll is on, by kind (response: an upstream response head; next_request: a kept-alive client's next request) and polled (true: read while the sidecar was polling, without a wake-up; false: read after it slept)",
+            &["kind", "polled"],
+        );
+        let arrivals_of =
+            |kind| ["false", "true"].map(|polled| arrivals.with_label_values(&[kind, polled]));
         BusyPollMetrics {
             seconds,
             caught: spins.with_label_values(&["caught"]),
             missed: spins.with_label_values(&["missed"]),
+            arrivals: [arrivals_of("response"), arrivals_of("next_request")],
         }
     }
 }

@@ -39,8 +39,11 @@
 //! sidecar in front of a slower app, or a second hop further away, so
 //! stops spinning for responses after a few of them, and one whose clients
 //! pause between requests longer than the window stops spinning for
-//! requests; an idle sidecar never spins. `meshlet_busy_poll_seconds_total` counts the time
-//! spent spinning, `meshlet_busy_poll_total{outcome}` the spins. A kind
+//! requests; an idle sidecar never spins. `meshlet_busy_poll_seconds_total`
+//! counts the time spent spinning, `meshlet_busy_poll_total{outcome}` the
+//! spins, and `meshlet_busy_poll_arrivals_total{kind,polled}` each awaited
+//! arrival by whether it was read during a spin (no wake-up) or after the
+//! sidecar slept: per kind, how much of the traffic the polling covers. A kind
 //! is not spun for before one of its waits has been seen to end within the
 //! window (the averages start just above it): a pool of new connections
 //! that stay quiet costs no spin at all.
@@ -117,6 +120,9 @@ struct State {
     last_arrival_ns: AtomicU64,
     /// The spinner waits on `wake` (a guard must notify it).
     sleeping: AtomicBool,
+    /// The spinner is inside a spin: an arrival now is read without a
+    /// wake-up.
+    spinning: AtomicBool,
     wake: Notify,
     /// The configured window in nanoseconds (0: no spinner).
     window_ns: AtomicU64,
@@ -127,6 +133,7 @@ static STATE: State = State {
     progress: AtomicU64::new(0),
     last_arrival_ns: AtomicU64::new(0),
     sleeping: AtomicBool::new(false),
+    spinning: AtomicBool::new(false),
     wake: Notify::const_new(),
     window_ns: AtomicU64::new(0),
 };
@@ -175,8 +182,9 @@ fn moving_average(average: u64, sample: u64) -> u64 {
     average - average / 8 + sample / 8
 }
 
-/// Set once by [`start`]: without it the guards only count.
-static STARTED: OnceLock<()> = OnceLock::new();
+/// Set once by [`start`] (the arrivals' counters): without it the guards
+/// hold nothing.
+static STARTED: OnceLock<BusyPollMetrics> = OnceLock::new();
 
 /// Held while a request waits for its response head, or a client
 /// connection for its next request (see the module docs); without a
@@ -222,6 +230,10 @@ impl Drop for Awaiting {
                 Wait::NextRequest => since_previous_arrival,
             };
             STATE.record_wait(kind, wait);
+            if let Some(metrics) = STARTED.get() {
+                let polled = STATE.spinning.load(Ordering::Relaxed);
+                metrics.arrivals[kind as usize][usize::from(polled)].inc();
+            }
             kind.waits().awaiting.fetch_sub(1, Ordering::Relaxed);
             STATE.progress.fetch_add(1, Ordering::Relaxed);
         }
@@ -267,8 +279,8 @@ pub fn start(window: Duration, metrics: BusyPollMetrics) {
             .store(starting_average(window_ns), Ordering::Relaxed);
     }
     clock_base();
+    let _ = STARTED.set(metrics.clone());
     tokio::spawn(spin(window, metrics));
-    let _ = STARTED.set(());
 }
 
 /// What one spin ended with.
@@ -284,7 +296,9 @@ async fn spin(window: Duration, metrics: BusyPollMetrics) {
     loop {
         sleep_until_worth_it().await;
         let began = Instant::now();
+        STATE.spinning.store(true, Ordering::Relaxed);
         let outcome = spin_once(window).await;
+        STATE.spinning.store(false, Ordering::Relaxed);
         metrics.seconds.inc_by(began.elapsed().as_secs_f64());
         match outcome {
             Outcome::Caught => metrics.caught.inc(),
