@@ -18,6 +18,10 @@
 
 use std::time::Duration;
 
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::client::conn::http2;
+use hyper_util::rt::{TokioExecutor, TokioIo};
 use meshlet_e2e::client::RawConnection;
 use meshlet_e2e::metrics::Scrape;
 use meshlet_e2e::upstream::Upstream;
@@ -237,6 +241,42 @@ async fn a_kept_alive_client_s_next_request_is_polled_for_too() {
         "{spent:.3} s spent polling over {REQUESTS} requests 20 ms apart on one kept-alive \
          connection (window 50 ms): the sidecar slept between a response and the next \
          request"
+    );
+}
+
+#[tokio::test]
+async fn an_http2_client_s_next_request_is_polled_for_too() {
+    // One h2c connection (as another sidecar's mesh hop holds one), a
+    // request every 20 ms: the sidecar polls for the next HEADERS frame
+    // through the pauses, as for a kept-alive HTTP/1.1 client.
+    let (_app, sidecar) = started("h2-next-request-app", "50ms").await;
+    let stream = tokio::net::TcpStream::connect(sidecar.inbound)
+        .await
+        .unwrap();
+    let (mut sender, connection) = http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    let before = spins(&sidecar).await;
+    for i in 0..REQUESTS {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let request = http::Request::get("http://h2-next-request-app/")
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        let response = sender
+            .send_request(request)
+            .await
+            .unwrap_or_else(|e| panic!("request {i} over h2c failed: {e}"));
+        assert_eq!(response.status(), 200, "request {i}");
+        response.into_body().collect().await.unwrap();
+    }
+    let after = spins(&sidecar).await;
+    let (polled, slept) = after.arrived_since(&before, Kind::NextRequest);
+    assert!(
+        polled >= (REQUESTS / 2) as f64,
+        "{polled} of {REQUESTS} requests 20 ms apart on one h2c connection read while polling \
+         ({slept} after sleeping; window 50 ms): the sidecar slept between an HTTP/2 client's \
+         requests"
     );
 }
 

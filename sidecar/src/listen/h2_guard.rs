@@ -33,6 +33,13 @@
 //! [`ABUSE_GRACE`]. Windows are fixed one-second windows per connection
 //! (at most twice the limit can pass across a window boundary), which is
 //! enough to separate a flood (thousands per second) from any client.
+//!
+//! `--busy-poll` (`upstream::busy_poll`): the guard also sees when the
+//! connection waits for a request. From a read that finds nothing until
+//! the next `HEADERS` frame it holds a next-request guard, so the sidecar
+//! polls for an HTTP/2 client's next request (an h2c client, or another
+//! sidecar over the mesh hop) as it does for a kept-alive HTTP/1.1
+//! client's.
 
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
@@ -42,6 +49,8 @@ use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::Notify;
+
+use crate::upstream::busy_poll;
 
 /// How long an abusive connection's in-flight streams may still run after
 /// the GOAWAY before the connection is dropped.
@@ -161,6 +170,8 @@ pub struct FrameObserver {
     continuations: Option<u32>,
     resets: Rate,
     control: Rate,
+    /// A `HEADERS` frame began since [`FrameObserver::take_headers_seen`].
+    headers_seen: bool,
 }
 
 impl FrameObserver {
@@ -174,7 +185,14 @@ impl FrameObserver {
             continuations: None,
             resets: Rate::default(),
             control: Rate::default(),
+            headers_seen: false,
         }
+    }
+
+    /// Whether a `HEADERS` frame (a new request, or a request's trailers)
+    /// began since the last call.
+    pub fn take_headers_seen(&mut self) -> bool {
+        std::mem::take(&mut self.headers_seen)
     }
 
     /// Whether a header block (HEADERS or PUSH_PROMISE without
@@ -249,6 +267,7 @@ impl FrameObserver {
     ) -> Option<CloseReason> {
         match kind {
             HEADERS | PUSH_PROMISE => {
+                self.headers_seen |= kind == HEADERS;
                 self.continuations = (flags & END_HEADERS == 0).then_some(0);
             }
             CONTINUATION => {
@@ -316,11 +335,22 @@ impl Tripped {
 }
 
 /// Wraps the I/O of an HTTP/2 server connection; see the module docs.
-#[derive(Debug)]
 pub struct H2Guard<T> {
     inner: T,
     observer: FrameObserver,
     tripped: Arc<Tripped>,
+    /// `--busy-poll`: held from a read that found nothing until a
+    /// `HEADERS` frame arrives (the connection waits for a request).
+    awaiting: Option<busy_poll::Awaiting>,
+}
+
+impl<T> std::fmt::Debug for H2Guard<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("H2Guard")
+            .field("observer", &self.observer)
+            .field("awaiting", &self.awaiting.is_some())
+            .finish_non_exhaustive()
+    }
 }
 
 impl<T> H2Guard<T> {
@@ -329,6 +359,7 @@ impl<T> H2Guard<T> {
             inner,
             observer: FrameObserver::new(limits),
             tripped,
+            awaiting: None,
         }
     }
 }
@@ -345,11 +376,22 @@ impl<T: AsyncRead + Unpin> AsyncRead for H2Guard<T> {
             return Poll::Pending;
         }
         let before = buf.filled().len();
-        std::task::ready!(Pin::new(&mut this.inner).poll_read(cx, buf))?;
+        let read = Pin::new(&mut this.inner).poll_read(cx, buf);
+        if read.is_pending() {
+            if this.awaiting.is_none() {
+                this.awaiting = Some(busy_poll::awaiting_next_request());
+            }
+            return Poll::Pending;
+        }
+        std::task::ready!(read)?;
         let was_in_block = this.observer.in_header_block();
         let result = this
             .observer
             .observe(&buf.filled()[before..], &mut Instant::now);
+        if this.observer.take_headers_seen() {
+            // A request arrived: the wait for it ends here.
+            this.awaiting = None;
+        }
         if this.observer.in_header_block() != was_in_block {
             this.tripped
                 .in_header_block

@@ -15,8 +15,9 @@
 //! sidecar talks to.
 //!
 //! What: while at least one request waits for its response head, or one
-//! kept-alive client connection of the sidecar's own HTTP/1.1 server waits
-//! for its next request, the single-threaded runtime keeps polling its
+//! client connection waits for its next request (a kept-alive HTTP/1.1
+//! connection of the sidecar's own server, or an HTTP/2 connection between
+//! requests: h2c, the mesh hop), the single-threaded runtime keeps polling its
 //! sockets (`epoll_wait` with a zero timeout) instead of blocking, for up
 //! to a *window* (`--busy-poll`) since the last progress. A response or a
 //! request that arrives within the window is read without a wake-up.
@@ -51,8 +52,10 @@
 //! How: one spinner task per process ([`start`]). The forwarder holds an
 //! [`Awaiting`] guard from sending a request until its response head (or
 //! failure) arrives ([`awaiting_response`]), the HTTP/1.1 server one while
-//! a kept-alive connection reads for its next request
-//! ([`awaiting_next_request`]); creating one wakes the spinner if it
+//! a kept-alive connection reads for its next request, and
+//! `listen::h2_guard` one on an HTTP/2 connection from a read that found
+//! nothing until the next `HEADERS` frame ([`awaiting_next_request`]);
+//! creating one wakes the spinner if it
 //! sleeps. The spinner yields to the runtime in a loop; tokio's
 //! current-thread scheduler, holding a yielded task, polls its I/O driver
 //! without blocking, then runs every task an event made ready (the
