@@ -47,6 +47,10 @@
 #                              inbound -> app; A knows b from --config; HTTP/1.1 hop
 #     sidecars, mTLS           the same with both registered with a control
 #                              plane: mTLS + HTTP/2 hop (as mtls.sh)
+#     sidecars, mTLS,          the mTLS hops with --busy-poll 2ms on the
+#       --busy-poll 2ms        inbound sidecar only (its next requests come
+#                              over HTTP/2), and on both (services c -> d,
+#                              e -> f; Host: d, f)
 #     sidecars, plaintext +    the plaintext hops with the four policies for b:
 #       policies               breaker, retry and timeout on A's outbound, the
 #                              rate limit on B's inbound, tracing on
@@ -328,6 +332,21 @@ sidecar mtls-b "$SIDECAR" "$APP_PORT" "${flags[@]}" --tracing off
 mapfile -t flags < <(cp_flags a)
 sidecar mtls-a "$SIDECAR" "$APP_PORT" "${flags[@]}" --tracing off
 
+# The same mTLS hop with --busy-poll 2ms: c -> d with it on the inbound
+# sidecar only (d: its next requests arrive over the HTTP/2 hop, its
+# responses from the app), e -> f with it on both. All four share the proxy
+# core with the other sidecars, as the plain mtls pair does.
+log "two hops: sidecars, mTLS, --busy-poll 2ms (inbound only; both)"
+for s in c d e f; do sidecar_token "$BIN_DIR/meshctl" "$s"; done
+mapfile -t flags < <(cp_flags d)
+sidecar bpin-b "$SIDECAR" "$APP_PORT" "${flags[@]}" --tracing off --busy-poll 2ms
+mapfile -t flags < <(cp_flags c)
+sidecar bpin-a "$SIDECAR" "$APP_PORT" "${flags[@]}" --tracing off
+mapfile -t flags < <(cp_flags f)
+sidecar bp-b "$SIDECAR" "$APP_PORT" "${flags[@]}" --tracing off --busy-poll 2ms
+mapfile -t flags < <(cp_flags e)
+sidecar bp-a "$SIDECAR" "$APP_PORT" "${flags[@]}" --tracing off --busy-poll 2ms
+
 # wait_route PORT HOST NAME: until a GET with Host: HOST answers 200 (30s).
 wait_route() {
     local code=""
@@ -341,17 +360,26 @@ wait_route() {
 wait_route "${SC_OUT[plain-a]}" b "plain: sidecar A"
 wait_route "${SC_OUT[pol-a]}" b "policies: sidecar A"
 wait_route "${SC_OUT[mtls-a]}" b "mtls: sidecar A"
+wait_route "${SC_OUT[bpin-a]}" d "mtls, busy-poll on the inbound: sidecar A"
+wait_route "${SC_OUT[bp-a]}" f "mtls, busy-poll on both: sidecar A"
 # The hop must be mTLS before the runs: B counts a completed handshake.
 handshakes() { metric "${SC_ADMIN[mtls-b]}" meshlet_tls_handshakes_total 'direction="inbound"'; }
-hs=n/a
-for _ in $(seq 100); do
-    hs=$(handshakes)
-    [[ "$hs" == n/a || "$hs" == 0 ]] || break
-    curl -s -o /dev/null --max-time 1 -H 'Host: b' "http://127.0.0.1:${SC_OUT[mtls-a]}/" || true
-    sleep 0.2
-done
-[[ "$hs" != n/a && "$hs" != 0 ]] || die "B's inbound counted no TLS handshake in 20s: the hop is not mTLS (see $TMP/mtls-a.log)"
-log "mtls: B's inbound completed $hs TLS handshake(s)"
+# wait_mtls_hop A B HOST: until sidecar B's inbound counts a completed TLS
+# handshake (20 s), sending GETs with Host: HOST through sidecar A.
+wait_mtls_hop() {
+    local hs=n/a
+    for _ in $(seq 100); do
+        hs=$(metric "${SC_ADMIN[$2]}" meshlet_tls_handshakes_total 'direction="inbound"')
+        [[ "$hs" == n/a || "$hs" == 0 ]] || break
+        curl -s -o /dev/null --max-time 1 -H "Host: $3" "http://127.0.0.1:${SC_OUT[$1]}/" || true
+        sleep 0.2
+    done
+    [[ "$hs" != n/a && "$hs" != 0 ]] || die "$2's inbound counted no TLS handshake in 20s: the hop is not mTLS (see $TMP/$1.log)"
+    log "$1 -> $2: $2's inbound completed $hs TLS handshake(s)"
+}
+wait_mtls_hop mtls-a mtls-b b
+wait_mtls_hop bpin-a bpin-b d
+wait_mtls_hop bp-a bp-b f
 
 for name in "${!SC_PID[@]}"; do RSS_IDLE[$name]=$(status_kb "${SC_PID[$name]}" VmRSS); done
 
@@ -374,6 +402,8 @@ add_row nagle-nginx "Nagle app: via nginx" "$NAGLE_NGINX_PORT" latency "$(nginx_
 add_row hop2-nginx "two hops: nginx -> nginx" "$HOP_A_PORT" full "$(nginx_procs hop_a) $(nginx_procs hop_b)"
 add_row hop2-plain "two hops: sidecars, plaintext" "${SC_OUT[plain-a]}" full "${SC_PID[plain-a]} ${SC_PID[plain-b]}" b
 add_row hop2-mtls "two hops: sidecars, mTLS" "${SC_OUT[mtls-a]}" full "${SC_PID[mtls-a]} ${SC_PID[mtls-b]}" b
+add_row hop2-mtls-bpin "two hops: sidecars, mTLS, --busy-poll 2ms on the inbound" "${SC_OUT[bpin-a]}" full "${SC_PID[bpin-a]} ${SC_PID[bpin-b]}" d
+add_row hop2-mtls-bp "two hops: sidecars, mTLS, --busy-poll 2ms on both" "${SC_OUT[bp-a]}" full "${SC_PID[bp-a]} ${SC_PID[bp-b]}" f
 add_row hop2-pol "two hops: sidecars, plaintext + policies, tracing on" "${SC_OUT[pol-a]}" full "${SC_PID[pol-a]} ${SC_PID[pol-b]}" b
 
 collect_our_pids
@@ -692,11 +722,18 @@ goal2() {
     for v in "${r[@]}"; do [[ $v != n/a && $(le "$v" 0.8) == 1 ]] || ok=0; done
     echo "$(check "$ok") (c=1 ${r[0]}x / ${r[1]}x, at $RATE/s ${r[2]}x / ${r[3]}x; CPU ${CPUR[$n]} us/req at $RATE/s${IDLE_CPU[$n]:+, ${IDLE_CPU[$n]}% of a core idle})"
 }
+# hop2_latency NAME: two-hop row NAME's added latencies as ratios of two
+# nginx hops' (c=1 p50 and p99, fixed-rate p50 and p99), and its CPU per
+# request at the fixed rate.
+hop2_latency() {
+    local n=$1 base=hop2-nginx
+    echo "$(ratio "$((P50[$n] - P50[direct]))" "$((P50[$base] - P50[direct]))")x / $(ratio "$((P99[$n] - P99[direct]))" "$((P99[$base] - P99[direct]))")x, $(ratio "$((P50R[$n] - P50R[direct]))" "$((P50R[$base] - P50R[direct]))")x / $(ratio "$((P99R[$n] - P99R[direct]))" "$((P99R[$base] - P99R[direct]))")x; ${CPUR[$n]} us/req"
+}
 goals=(
     "1. throughput >= 1.0x nginx (one hop, metrics + tracing + policies): $goal1"
     "2. added latency <= 0.8x nginx's, p50 and p99, at c=1 and at $RATE req/s: sidecar (default) $(goal2 sidecar); sidecar --busy-poll 200us $(goal2 busy-poll); sidecar --busy-poll 2ms (a window over the gap between requests at $RATE/s) $(goal2 busy-poll-2ms); for comparison haproxy with its own busy-polling $(goal2 haproxy-bp), nginx (CPU ${CPUR[nginx]} us/req at $RATE/s, ${IDLE_CPU[nginx]}% idle)"
     "3. Nagle app: added p50 within 1 ms of direct through the sidecar: $(check "$(le "$((${P50[nagle-sidecar]} - ${P50[nagle-direct]}))" 1000)") ($(ms "$((${P50[nagle-sidecar]} - ${P50[nagle-direct]}))") ms; nginx $(ms "$((${P50[nagle-nginx]} - ${P50[nagle-direct]}))") ms)"
-    "4. two hops, mTLS: $(ratio "${RPS[hop2-mtls]}" "${RPS[hop2-nginx]}")x two nginx hops' throughput (plaintext $(ratio "${RPS[hop2-plain]}" "${RPS[hop2-nginx]}")x), ${HS[hop2-mtls]} TLS handshakes per 1000 requests"
+    "4. two hops, mTLS: $(ratio "${RPS[hop2-mtls]}" "${RPS[hop2-nginx]}")x two nginx hops' throughput (plaintext $(ratio "${RPS[hop2-plain]}" "${RPS[hop2-nginx]}")x), ${HS[hop2-mtls]} TLS handshakes per 1000 requests; added latency against two nginx hops' (c=1 p50 / p99, at $RATE/s p50 / p99; CPU us/req at $RATE/s): mTLS $(hop2_latency hop2-mtls), --busy-poll 2ms on the inbound $(hop2_latency hop2-mtls-bpin), on both $(hop2_latency hop2-mtls-bp)"
     "5. RSS <= 15 MiB under load with mTLS on: $(check "$(le "$mtls_rss" $((15 * 1024)))") ($(mib "$mtls_rss") MiB peak, larger of A and B)"
 )
 other_line=$(other_cpu_line "${ROWS[@]}")
@@ -754,7 +791,7 @@ log "written to $RESULTS"
     fi
 } >"$TMP/tput.dat"
 {
-    for name in nginx haproxy haproxy-bp sidecar baseline busy-poll busy-poll-2ms hop2-nginx hop2-plain hop2-mtls; do
+    for name in nginx haproxy haproxy-bp sidecar baseline busy-poll busy-poll-2ms hop2-nginx hop2-plain hop2-mtls hop2-mtls-bpin hop2-mtls-bp; do
         [[ -n "${RPS[$name]:-}" ]] || continue
         printf '"%s" %s %s\n' "${LABEL[$name]}" $((P50[$name] - P50[direct])) $((P99[$name] - P99[direct]))
     done
