@@ -21,13 +21,14 @@
 //!
 //! Certificates expire by the wall clock, sleeps run on the monotonic one,
 //! and the two part when a VM is suspended or its clock is stepped. So
-//! [`Schedule`] keeps the next attempt as a wall-clock time and the task
-//! sleeps towards it in slices of at most a tenth of the lifetime (1–60 s),
-//! looking at the wall clock after each: a clock that jumped past the
-//! renewal time is noticed within a slice, not a lifetime later.
+//! [`Schedule`] keeps the next attempt on both clocks and acts at
+//! whichever comes first; the task sleeps towards it in slices of at most
+//! a tenth of the lifetime (1–60 s), looking at both after each: a wall
+//! clock that jumped past the renewal time is noticed within a slice, not
+//! a lifetime later, and one stepped back does not delay the attempt.
 
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use meshlet_api::mesh::{CertificateReply, CertificateRequest};
 use rcgen::{CertificateParams, DnType, KeyPair, PKCS_ECDSA_P256_SHA256};
@@ -112,34 +113,56 @@ fn lifetime(leaf: &Leaf) -> Duration {
     leaf.not_after.duration_since(issued).unwrap_or_default()
 }
 
-/// When the renewal task acts next, as a wall-clock time (see the module
-/// doc), and the backoff of a failing control plane.
+/// A reading of both clocks.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Now {
+    pub wall: SystemTime,
+    pub mono: Instant,
+}
+
+impl Now {
+    pub(crate) fn read() -> Now {
+        Now {
+            wall: SystemTime::now(),
+            mono: Instant::now(),
+        }
+    }
+}
+
+/// When the renewal task acts next, on both clocks (see the module doc),
+/// and the backoff of a failing control plane.
 #[derive(Debug)]
 pub(crate) struct Schedule {
     next: SystemTime,
+    next_mono: Instant,
     backoff: Duration,
     failing: bool,
 }
 
 impl Schedule {
     /// The first attempt: at once.
-    pub(crate) fn start(now: SystemTime) -> Schedule {
+    pub(crate) fn start(now: Now) -> Schedule {
         Schedule {
-            next: now,
+            next: now.wall,
+            next_mono: now.mono,
             backoff: BACKOFF_FIRST,
             failing: false,
         }
     }
 
-    /// How long to sleep before looking at the clock again; `None` when
-    /// the next attempt is due. A slice is a tenth of `leaf`'s lifetime
-    /// (1–60 s; 1 s without a leaf).
-    pub(crate) fn sleep(&self, leaf: Option<&Leaf>, now: SystemTime) -> Option<Duration> {
-        let left = self
-            .next
-            .duration_since(now)
-            .ok()
-            .filter(|left| !left.is_zero())?;
+    /// The next attempt `wait` after `now` on both clocks.
+    fn plan(&mut self, now: Now, wait: Duration) {
+        self.next = now.wall + wait;
+        self.next_mono = now.mono + wait;
+    }
+
+    /// How long to sleep before looking at the clocks again; `None` when
+    /// the next attempt is due by either. A slice is a tenth of `leaf`'s
+    /// lifetime (1–60 s; 1 s without a leaf).
+    pub(crate) fn sleep(&self, leaf: Option<&Leaf>, now: Now) -> Option<Duration> {
+        let by_wall = self.next.duration_since(now.wall).unwrap_or_default();
+        let by_mono = self.next_mono.saturating_duration_since(now.mono);
+        let left = Some(by_wall.min(by_mono)).filter(|left| !left.is_zero())?;
         let slice = leaf.map_or(SLICE_MIN, |leaf| {
             (lifetime(leaf) / 10).clamp(SLICE_MIN, SLICE_MAX)
         });
@@ -147,19 +170,23 @@ impl Schedule {
     }
 
     /// A renewal installed `leaf`: the next one at its renewal time.
-    pub(crate) fn succeeded(&mut self, leaf: &Leaf, now: SystemTime) {
+    pub(crate) fn succeeded(&mut self, leaf: &Leaf, now: Now) {
         self.failing = false;
         self.backoff = BACKOFF_FIRST;
-        self.next = renewal_time(leaf).max(now + MIN_RENEWAL_PAUSE);
+        let wait = renewal_time(leaf)
+            .duration_since(now.wall)
+            .unwrap_or_default()
+            .max(MIN_RENEWAL_PAUSE);
+        self.plan(now, wait);
     }
 
     /// A request failed while `leaf` (if any) is current: the next attempt
     /// after the backoff, capped as the module doc says. Returns the wait
     /// and whether this is the first failure of a run.
-    pub(crate) fn failed(&mut self, leaf: Option<&Leaf>, now: SystemTime) -> (Duration, bool) {
+    pub(crate) fn failed(&mut self, leaf: Option<&Leaf>, now: Now) -> (Duration, bool) {
         let jittered = self.backoff.mul_f64(0.8 + 0.4 * fastrand::f64());
         let left = leaf.and_then(|leaf| {
-            let left = leaf.not_after.duration_since(now).ok()?;
+            let left = leaf.not_after.duration_since(now.wall).ok()?;
             (!left.is_zero()).then_some((leaf, left))
         });
         let wait = match left {
@@ -173,7 +200,7 @@ impl Schedule {
         let first = !self.failing;
         self.failing = true;
         self.backoff = (self.backoff * 2).min(BACKOFF_MAX);
-        self.next = now + wait;
+        self.plan(now, wait);
         (wait, first)
     }
 
@@ -217,10 +244,10 @@ pub fn spawn(
     mut stop: watch::Receiver<bool>,
 ) {
     tokio::spawn(async move {
-        let mut schedule = Schedule::start(SystemTime::now());
+        let mut schedule = Schedule::start(Now::read());
         loop {
             let leaf = identity.leaf();
-            if let Some(slice) = schedule.sleep(leaf.as_deref(), SystemTime::now()) {
+            if let Some(slice) = schedule.sleep(leaf.as_deref(), Now::read()) {
                 let woken = tokio::select! {
                     _ = tokio::time::sleep(slice) => false,
                     _ = identity.renew_now.notified() => true,
@@ -243,14 +270,14 @@ pub fn spawn(
                     if schedule.failing() {
                         tracing::info!("workload certificate renewed again");
                     }
-                    schedule.succeeded(&leaf, SystemTime::now());
+                    schedule.succeeded(&leaf, Now::read());
                 }
                 (result, leaf) => {
                     let error = result
                         .err()
                         .unwrap_or_else(|| "no certificate installed".into());
                     identity.metrics.failures.inc();
-                    let (wait, first) = schedule.failed(leaf.as_deref(), SystemTime::now());
+                    let (wait, first) = schedule.failed(leaf.as_deref(), Now::read());
                     let expires = leaf
                         .map(|leaf| humantime::format_rfc3339_seconds(leaf.not_after).to_string());
                     if first {

@@ -14,7 +14,7 @@ use tokio::sync::watch;
 
 use crate::body::{ProxyBody, StreamedBody};
 use crate::error::ProxyError;
-use crate::identity::renew::{key_and_csr, leaf_of, renewal_time, Schedule};
+use crate::identity::renew::{key_and_csr, leaf_of, renewal_time, Now, Schedule};
 use crate::identity::testing::{identity_for, spiffe, TestCa, TestSource};
 use crate::identity::tls::{Acceptor, TlsFailure};
 use crate::identity::workload::Leaf;
@@ -481,31 +481,47 @@ fn leaf_received(ca: &TestCa, received: SystemTime, lifetime: Duration) -> Leaf 
     }
 }
 
+/// `base` with both clocks `after` later.
+fn later(base: Now, after: Duration) -> Now {
+    Now {
+        wall: base.wall + after,
+        mono: base.mono + after,
+    }
+}
+
 #[test]
-fn the_renewal_task_looks_at_the_wall_clock_at_least_every_tenth_of_a_lifetime() {
+fn the_renewal_task_looks_at_both_clocks_at_least_every_tenth_of_a_lifetime() {
     let ca = TestCa::new("mesh root");
-    let t0 = SystemTime::now();
-    let short = leaf_received(&ca, t0, Duration::from_secs(30));
+    let t0 = Now::read();
+    let short = leaf_received(&ca, t0.wall, Duration::from_secs(30));
     let mut schedule = Schedule::start(t0);
     assert_eq!(schedule.sleep(None, t0), None, "the first request at once");
     schedule.succeeded(&short, t0);
     // Due at 18-22 s; the task sleeps 3 s at a time (a tenth of 30 s,
-    // less what the certificate's whole-second times round off).
+    // less what the certificate's millisecond times round off).
     let slice = schedule.sleep(Some(&short), t0).unwrap();
     assert!(
         slice > Duration::from_millis(2900) && slice <= Duration::from_secs(3),
         "{slice:?}"
     );
-    let before_due = t0 + Duration::from_secs(17);
+    let before_due = later(t0, Duration::from_secs(17));
     assert!(schedule.sleep(Some(&short), before_due).unwrap() <= Duration::from_secs(3));
     // The wall clock jumped 25 s (a suspended VM, a stepped clock) while
     // the monotonic sleep ran 3 s: the next look renews.
-    assert_eq!(
-        schedule.sleep(Some(&short), t0 + Duration::from_secs(25)),
-        None
-    );
+    let jumped = Now {
+        wall: t0.wall + Duration::from_secs(25),
+        mono: t0.mono + Duration::from_secs(3),
+    };
+    assert_eq!(schedule.sleep(Some(&short), jumped), None);
+    // The wall clock stepped back an hour: the monotonic clock still says
+    // when, 25 s on.
+    let stepped_back = Now {
+        wall: t0.wall - Duration::from_secs(3600),
+        mono: t0.mono + Duration::from_secs(25),
+    };
+    assert_eq!(schedule.sleep(Some(&short), stepped_back), None);
     // A day-long leaf: a look a minute (the bound), not every 2.4 hours.
-    let day = leaf_received(&ca, t0, Duration::from_secs(86_400));
+    let day = leaf_received(&ca, t0.wall, Duration::from_secs(86_400));
     schedule.succeeded(&day, t0);
     assert_eq!(
         schedule.sleep(Some(&day), t0),
@@ -516,24 +532,24 @@ fn the_renewal_task_looks_at_the_wall_clock_at_least_every_tenth_of_a_lifetime()
 #[test]
 fn a_failing_control_plane_is_asked_again_within_seconds_once_the_certificate_expired() {
     let ca = TestCa::new("mesh root");
-    let t0 = SystemTime::now();
-    let leaf = leaf_received(&ca, t0, Duration::from_secs(30));
+    let t0 = Now::read();
+    let leaf = leaf_received(&ca, t0.wall, Duration::from_secs(30));
     let mut schedule = Schedule::start(t0);
     schedule.succeeded(&leaf, t0);
     // Valid: the backoff grows to a tenth of the lifetime (3 s) and never
     // waits past the expiry.
-    let mut now = t0 + Duration::from_secs(20);
+    let mut now = later(t0, Duration::from_secs(20));
     let mut waits = Vec::new();
-    while now < leaf.not_after {
+    while now.wall < leaf.not_after {
         let (wait, first) = schedule.failed(Some(&leaf), now);
         assert_eq!(first, waits.is_empty(), "only the first failure warns");
         assert!(wait <= Duration::from_secs(3), "{waits:?} then {wait:?}");
         assert!(
-            now + wait <= leaf.not_after,
+            now.wall + wait <= leaf.not_after,
             "past the expiry: {wait:?} at {now:?}"
         );
         waits.push(wait);
-        now += wait;
+        now = later(now, wait);
     }
     assert!(
         waits[0] >= Duration::from_millis(800) && waits[0] <= Duration::from_millis(1200),
@@ -542,16 +558,16 @@ fn a_failing_control_plane_is_asked_again_within_seconds_once_the_certificate_ex
     // Expired: the backoff keeps doubling (to 30 s) but the waits stay at
     // 5 s at most, for as long as the outage lasts.
     for _ in 0..10 {
-        now += Duration::from_secs(5);
+        now = later(now, Duration::from_secs(5));
         let (wait, _) = schedule.failed(Some(&leaf), now);
         assert!(wait <= Duration::from_secs(5), "{wait:?}");
         let slice = schedule.sleep(Some(&leaf), now).unwrap();
         assert!(slice <= wait.min(Duration::from_secs(3)), "{slice:?}");
     }
     // A success starts the backoff over.
-    let renewed = leaf_received(&ca, now, Duration::from_secs(30));
+    let renewed = leaf_received(&ca, now.wall, Duration::from_secs(30));
     schedule.succeeded(&renewed, now);
-    let (wait, first) = schedule.failed(Some(&renewed), now + Duration::from_secs(20));
+    let (wait, first) = schedule.failed(Some(&renewed), later(now, Duration::from_secs(20)));
     assert!(first);
     assert!(wait <= Duration::from_millis(1200), "{wait:?}");
     // Without any certificate, as when expired: 5 s at most.

@@ -74,6 +74,8 @@ const READ_CHUNK: usize = 4 * 1024;
 #[derive(Debug, Default)]
 pub struct InFlightRequests {
     count: AtomicUsize,
+    /// Requests started since the connection opened.
+    started: AtomicUsize,
     waiting_reader: Mutex<Option<Waker>>,
     /// When the count last went to zero (`None`: not since the connection
     /// opened); HTTP/2's idle limit reads it (`h2_guard`).
@@ -84,8 +86,25 @@ impl InFlightRequests {
     /// Counts one request until the returned guard is dropped (with the
     /// response body, once sent).
     pub fn start(self: &Arc<Self>) -> RequestGuard {
+        self.started.fetch_add(1, Ordering::Relaxed);
         self.count.fetch_add(1, Ordering::AcqRel);
         RequestGuard(Arc::clone(self))
+    }
+
+    /// Requests started since the connection opened.
+    pub fn started(&self) -> usize {
+        self.started.load(Ordering::Relaxed)
+    }
+
+    /// True if none is in flight and at least `started` requests have been
+    /// started (so all of them answered); otherwise registers `cx` to be
+    /// woken when the last one in flight is answered.
+    pub(crate) fn all_answered_or_wake_later(&self, started: usize, cx: &Context<'_>) -> bool {
+        if let Ok(mut slot) = self.waiting_reader.lock() {
+            *slot = Some(cx.waker().clone());
+        }
+        // After the waker is stored: a request that ends now wakes it.
+        self.count.load(Ordering::Acquire) == 0 && self.started() >= started
     }
 
     /// `None` while a request is in flight; else since when none has been

@@ -180,7 +180,11 @@ where
                 }
             })
             .await;
-            drop(awaiting);
+            match read {
+                Some(Ok(read)) if read > 0 => drop(awaiting),
+                // Closed, idle, stopping or failed: nothing arrived.
+                _ => awaiting.cancel(),
+            }
             match read {
                 None | Some(Ok(0)) => return close(io).await,
                 // A head read here is parsed at once (whole) or handed

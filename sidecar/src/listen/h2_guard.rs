@@ -35,11 +35,15 @@
 //! enough to separate a flood (thousands per second) from any client.
 //!
 //! `--busy-poll` (`upstream::busy_poll`): the guard also sees when the
-//! connection waits for a request. From a read that finds nothing until
-//! the next `HEADERS` frame it holds a next-request guard, so the sidecar
-//! polls for an HTTP/2 client's next request (an h2c client, or another
-//! sidecar over the mesh hop) as it does for a kept-alive HTTP/1.1
-//! client's.
+//! connection waits for a request. From a read that finds nothing while
+//! no request of the connection is in flight (its last response sent)
+//! until the next `HEADERS` frame it holds a next-request guard, so the
+//! sidecar polls for an HTTP/2 client's next request (an h2c client, or
+//! another sidecar over the mesh hop) as it does for a kept-alive
+//! HTTP/1.1 client's. A read that finds nothing while requests are in
+//! flight asks to be woken when the last one ends, to start the guard
+//! then; a connection that closes while waiting cancels its guard (no
+//! arrival counted).
 
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
@@ -50,6 +54,7 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::Notify;
 
+use crate::listen::framing::InFlightRequests;
 use crate::upstream::busy_poll;
 
 /// How long an abusive connection's in-flight streams may still run after
@@ -339,9 +344,24 @@ pub struct H2Guard<T> {
     inner: T,
     observer: FrameObserver,
     tripped: Arc<Tripped>,
-    /// `--busy-poll`: held from a read that found nothing until a
-    /// `HEADERS` frame arrives (the connection waits for a request).
+    /// The connection's requests in flight (a next request is awaited
+    /// only when none is).
+    in_flight: Arc<InFlightRequests>,
+    /// Requests started when the last `HEADERS` frame arrived, plus one:
+    /// until that many have started and none is in flight, the request of
+    /// that frame (hyper starts it after this read) is still to answer.
+    answered_after: usize,
+    /// `--busy-poll`: held from a read that found nothing with no request
+    /// in flight until a `HEADERS` frame arrives.
     awaiting: Option<busy_poll::Awaiting>,
+}
+
+impl<T> Drop for H2Guard<T> {
+    fn drop(&mut self) {
+        if let Some(awaiting) = self.awaiting.take() {
+            awaiting.cancel();
+        }
+    }
 }
 
 impl<T> std::fmt::Debug for H2Guard<T> {
@@ -354,12 +374,32 @@ impl<T> std::fmt::Debug for H2Guard<T> {
 }
 
 impl<T> H2Guard<T> {
-    pub fn new(inner: T, limits: FrameLimits, tripped: Arc<Tripped>) -> Self {
+    pub fn new(
+        inner: T,
+        limits: FrameLimits,
+        tripped: Arc<Tripped>,
+        in_flight: Arc<InFlightRequests>,
+    ) -> Self {
         H2Guard {
             inner,
             observer: FrameObserver::new(limits),
             tripped,
+            in_flight,
+            answered_after: 0,
             awaiting: None,
+        }
+    }
+
+    /// A read found nothing: with busy polling on and no request in
+    /// flight, the connection now waits for its next request.
+    fn nothing_to_read(&mut self, cx: &Context<'_>) {
+        if self.awaiting.is_none()
+            && busy_poll::enabled()
+            && self
+                .in_flight
+                .all_answered_or_wake_later(self.answered_after, cx)
+        {
+            self.awaiting = Some(busy_poll::awaiting_next_request());
         }
     }
 }
@@ -378,9 +418,7 @@ impl<T: AsyncRead + Unpin> AsyncRead for H2Guard<T> {
         let before = buf.filled().len();
         let read = Pin::new(&mut this.inner).poll_read(cx, buf);
         if read.is_pending() {
-            if this.awaiting.is_none() {
-                this.awaiting = Some(busy_poll::awaiting_next_request());
-            }
+            this.nothing_to_read(cx);
             return Poll::Pending;
         }
         std::task::ready!(read)?;
@@ -391,6 +429,7 @@ impl<T: AsyncRead + Unpin> AsyncRead for H2Guard<T> {
         if this.observer.take_headers_seen() {
             // A request arrived: the wait for it ends here.
             this.awaiting = None;
+            this.answered_after = this.in_flight.started() + 1;
         }
         if this.observer.in_header_block() != was_in_block {
             this.tripped
@@ -671,7 +710,12 @@ mod tests {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let (mut client, server) = tokio::io::duplex(1 << 16);
         let tripped = Arc::new(Tripped::default());
-        let mut guard = H2Guard::new(server, limits(2, 0, 0), Arc::clone(&tripped));
+        let mut guard = H2Guard::new(
+            server,
+            limits(2, 0, 0),
+            Arc::clone(&tripped),
+            Arc::default(),
+        );
         let mut stream = PREFACE.to_vec();
         stream.extend(resets(3));
         client.write_all(&stream).await.unwrap();

@@ -399,7 +399,12 @@ impl<H: Handler> Shared<H> {
         });
         if http2 {
             let tripped = Arc::new(Tripped::default());
-            let guarded = H2Guard::new(io, self.protocols.h2_frames, Arc::clone(&tripped));
+            let guarded = H2Guard::new(
+                io,
+                self.protocols.h2_frames,
+                Arc::clone(&tripped),
+                Arc::clone(&in_flight),
+            );
             let connection = self
                 .protocols
                 .http2

@@ -54,7 +54,9 @@
 //! failure) arrives ([`awaiting_response`]), the HTTP/1.1 server one while
 //! a kept-alive connection reads for its next request, and
 //! `listen::h2_guard` one on an HTTP/2 connection from a read that found
-//! nothing until the next `HEADERS` frame ([`awaiting_next_request`]);
+//! nothing with no request in flight until the next `HEADERS` frame
+//! ([`awaiting_next_request`]; a connection that closes instead cancels
+//! its guard, [`Awaiting::cancel`]: no arrival to count);
 //! creating one wakes the spinner if it
 //! sleeps. The spinner yields to the runtime in a loop; tokio's
 //! current-thread scheduler, holding a yielded task, polls its I/O driver
@@ -195,6 +197,11 @@ static STARTED: OnceLock<BusyPollMetrics> = OnceLock::new();
 #[must_use = "the spinner polls only while the guard lives"]
 pub struct Awaiting(Option<(Wait, Instant)>);
 
+/// Whether busy polling is on (the spinner started).
+pub fn enabled() -> bool {
+    STARTED.get().is_some()
+}
+
 /// Marks one request as waiting for its response head until the guard is
 /// dropped; wakes the spinner if it sleeps and spinning is worth it.
 pub fn awaiting_response() -> Awaiting {
@@ -220,6 +227,18 @@ fn awaiting(kind: Wait) -> Awaiting {
         STATE.wake.notify_one();
     }
     Awaiting(Some((kind, Instant::now())))
+}
+
+impl Awaiting {
+    /// Ends the wait without an arrival (the connection closed, the
+    /// request was cancelled): the guard stops counting as alive, and
+    /// neither the averages nor the arrivals count it.
+    pub fn cancel(mut self) {
+        if let Some((kind, _)) = self.0.take() {
+            kind.waits().awaiting.fetch_sub(1, Ordering::Relaxed);
+            STATE.progress.fetch_add(1, Ordering::Relaxed);
+        }
+    }
 }
 
 impl Drop for Awaiting {
