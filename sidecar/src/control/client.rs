@@ -220,16 +220,35 @@ impl ControlClient {
         request: CertificateRequest,
     ) -> Result<CertificateReply, ControlError> {
         let body = serde_json::to_vec(&request).expect("serializable");
-        let (client, authority) = self.target();
-        let reply = call(
-            &client,
-            &authority,
-            Method::POST,
-            paths::CERTIFICATES,
-            Some(body),
-            CALL_TIMEOUT,
-        )
-        .await?;
+        // A replica that does not answer is failed over at once, as the
+        // watch does (once per failure, whoever notices): a sidecar that
+        // starts while the first replica of its list is down gets its
+        // first certificate from the next one before it registers, so
+        // peers that learn of it can reach it over mTLS at once. An
+        // answer (any status) is the control plane's word and is final.
+        let mut tries_left = self.replicas().len();
+        let reply = loop {
+            let endpoint = self.replicas().current();
+            let client = endpoint.client(&self.cp.client);
+            let result = call(
+                &client,
+                &endpoint.authority,
+                Method::POST,
+                paths::CERTIFICATES,
+                Some(body.clone()),
+                CALL_TIMEOUT,
+            )
+            .await;
+            tries_left = tries_left.saturating_sub(1);
+            match result {
+                Err(error) if error.status().is_none() && tries_left > 0 => {
+                    tracing::debug!(control_plane = %endpoint.describe(), %error,
+                        "certificate request failed; trying the next replica");
+                    self.fail_over(&endpoint).await;
+                }
+                result => break result?,
+            }
+        };
         serde_json::from_slice(&reply).map_err(|source| ControlError::Decode {
             what: "certificate reply",
             source,
