@@ -254,19 +254,38 @@ async fn a_kept_alive_client_s_next_request_is_polled_for_too() {
     );
 }
 
+/// One h2c (prior knowledge) connection to `sidecar`'s inbound listener.
+async fn h2c_connection(sidecar: &SidecarProcess) -> http2::SendRequest<Full<Bytes>> {
+    let stream = tokio::net::TcpStream::connect(sidecar.inbound)
+        .await
+        .unwrap();
+    let (sender, connection) = http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    sender
+}
+
+/// GET `http://HOST/` over `sender`; must be a 200 from the app (request `i`).
+async fn h2c_get(sender: &mut http2::SendRequest<Full<Bytes>>, host: &str, i: usize) {
+    let request = http::Request::get(format!("http://{host}/"))
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let response = sender
+        .send_request(request)
+        .await
+        .unwrap_or_else(|e| panic!("request {i} over h2c failed: {e}"));
+    assert_eq!(response.status(), 200, "request {i}");
+    response.into_body().collect().await.unwrap();
+}
+
 #[tokio::test]
 async fn an_http2_client_s_next_request_is_polled_for_too() {
     // One h2c connection (as another sidecar's mesh hop holds one), a
     // request every 20 ms: the sidecar polls for the next HEADERS frame
     // through the pauses, as for a kept-alive HTTP/1.1 client.
     let (_app, sidecar) = started("h2-next-request-app", "50ms").await;
-    let stream = tokio::net::TcpStream::connect(sidecar.inbound)
-        .await
-        .unwrap();
-    let (mut sender, connection) = http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
-        .await
-        .unwrap();
-    tokio::spawn(connection);
+    let mut sender = h2c_connection(&sidecar).await;
     // The first half is not counted (the averages learn the pace).
     let mut before = None;
     for i in 0..2 * REQUESTS {
@@ -274,15 +293,7 @@ async fn an_http2_client_s_next_request_is_polled_for_too() {
             before = Some(spins(&sidecar).await);
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
-        let request = http::Request::get("http://h2-next-request-app/")
-            .body(Full::new(Bytes::new()))
-            .unwrap();
-        let response = sender
-            .send_request(request)
-            .await
-            .unwrap_or_else(|e| panic!("request {i} over h2c failed: {e}"));
-        assert_eq!(response.status(), 200, "request {i}");
-        response.into_body().collect().await.unwrap();
+        h2c_get(&mut sender, "h2-next-request-app", i).await;
     }
     let after = spins(&sidecar).await;
     let (polled, slept) = after.arrived_since(&before.unwrap(), Kind::NextRequest);
@@ -302,24 +313,10 @@ async fn an_http2_client_of_a_slow_app_is_not_polled_for_while_its_request_is_an
     // window for every request.
     let (app, sidecar) = started("h2-slow-app", "10ms").await;
     app.set_delay(Duration::from_millis(100));
-    let stream = tokio::net::TcpStream::connect(sidecar.inbound)
-        .await
-        .unwrap();
-    let (mut sender, connection) = http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
-        .await
-        .unwrap();
-    tokio::spawn(connection);
+    let mut sender = h2c_connection(&sidecar).await;
     let before = spins(&sidecar).await;
     for i in 0..REQUESTS {
-        let request = http::Request::get("http://h2-slow-app/")
-            .body(Full::new(Bytes::new()))
-            .unwrap();
-        let response = sender
-            .send_request(request)
-            .await
-            .unwrap_or_else(|e| panic!("request {i} over h2c failed: {e}"));
-        assert_eq!(response.status(), 200, "request {i}");
-        response.into_body().collect().await.unwrap();
+        h2c_get(&mut sender, "h2-slow-app", i).await;
     }
     let after = spins(&sidecar).await;
     let (missed, spent) = (after.missed - before.missed, after.seconds - before.seconds);
