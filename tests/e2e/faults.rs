@@ -20,7 +20,7 @@ use meshlet_e2e::client::{self, Reply};
 use meshlet_e2e::config::{doc, service, standalone};
 use meshlet_e2e::inprocess::{ControlPlane, Sidecar};
 use meshlet_e2e::metrics::Scrape;
-use meshlet_e2e::{meshctl, wait, TempDir, Upstream};
+use meshlet_e2e::{meshctl, stats, wait, TempDir, Upstream};
 
 async fn get(addr: SocketAddr, uri: &str) -> Reply {
     client::get_uri(addr, uri).await.expect("an answer")
@@ -33,38 +33,6 @@ async fn inbound(addr: SocketAddr, path: &str) -> Reply {
         .body(Full::new(Bytes::new()))
         .expect("valid request");
     client::send(addr, request).await.expect("an answer")
-}
-
-/// `n` calls of `uri` through `outbound`, `lanes` at a time: each reply
-/// with how long it took.
-async fn calls(outbound: SocketAddr, uri: &str, n: usize, lanes: usize) -> Vec<(Reply, Duration)> {
-    let tasks: Vec<_> = (0..lanes)
-        .map(|lane| {
-            let uri = uri.to_owned();
-            let count = n / lanes + usize::from(lane < n % lanes);
-            tokio::spawn(async move {
-                let mut replies = Vec::with_capacity(count);
-                for _ in 0..count {
-                    let started = Instant::now();
-                    let reply = get(outbound, &uri).await;
-                    replies.push((reply, started.elapsed()));
-                }
-                replies
-            })
-        })
-        .collect();
-    let mut all = Vec::with_capacity(n);
-    for task in tasks {
-        all.extend(task.await.expect("lane finished"));
-    }
-    all
-}
-
-/// Whether `count` of `n` is within `sigmas` binomial standard deviations
-/// of `p`.
-fn within_sigmas(count: usize, n: usize, p: f64, sigmas: f64) -> bool {
-    let sigma = (n as f64 * p * (1.0 - p)).sqrt();
-    (count as f64 - n as f64 * p).abs() <= sigmas * sigma
 }
 
 // ---------------------------------------------------------------- faults
@@ -81,13 +49,13 @@ async fn a_200ms_delay_at_50_percent_slows_about_half_the_requests() {
     let (_frontend, sidecar) = standalone("frontend", &config).await;
 
     // Outside the match: never delayed (the baseline).
-    let baseline = calls(sidecar.outbound, "http://orders/other/1", 100, 20).await;
+    let baseline = client::get_many(sidecar.outbound, "http://orders/other/1", 100, 20).await;
     let slow_baseline = baseline
         .iter()
         .filter(|(_, took)| *took >= Duration::from_millis(200))
         .count();
     let n = 400;
-    let replies = calls(sidecar.outbound, "http://orders/api/items", n, 40).await;
+    let replies = client::get_many(sidecar.outbound, "http://orders/api/items", n, 40).await;
     assert!(replies.iter().all(|(r, _)| r.status == 200));
     let slowed = replies
         .iter()
@@ -107,7 +75,10 @@ async fn a_200ms_delay_at_50_percent_slows_about_half_the_requests() {
     );
     assert_eq!(slow_baseline, 0, "unmatched requests are not delayed");
     // sigma = 10: 4.5 sigma either side.
-    assert!(within_sigmas(slowed, n, 0.5, 4.5), "{slowed} of {n} slowed");
+    assert!(
+        stats::within_sigmas(slowed, n, 0.5, 4.5),
+        "{slowed} of {n} slowed"
+    );
     // Every delayed request was slowed by at least the delay; a request
     // not delayed is not that slow (the baseline) — at most a stray one
     // under load.
@@ -141,7 +112,7 @@ async fn a_503_abort_at_10_percent_is_10_percent_and_never_reaches_the_upstream(
 
     // sigma = sqrt(0.1 · 0.9 / 3000) = 0.55 %: ±3 % is 5.5 sigma.
     let n = 3000;
-    let replies = calls(sidecar.outbound, "http://orders/", n, 50).await;
+    let replies = client::get_many(sidecar.outbound, "http://orders/", n, 50).await;
     let aborted: Vec<&Reply> = replies
         .iter()
         .map(|(r, _)| r)

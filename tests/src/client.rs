@@ -22,6 +22,37 @@ pub type Error = Box<dyn std::error::Error + Send + Sync>;
 /// A fully read response (meshlet's own client's).
 pub use meshlet_client::Reply;
 
+/// `n` GETs of `uri` through the sidecar listener `addr`, `lanes` at a
+/// time (each lane one request after another): every reply with how long
+/// it took. A request without an answer fails the test.
+pub async fn get_many(
+    addr: SocketAddr,
+    uri: &str,
+    n: usize,
+    lanes: usize,
+) -> Vec<(Reply, Duration)> {
+    let tasks: Vec<_> = (0..lanes)
+        .map(|lane| {
+            let uri = uri.to_owned();
+            let count = n / lanes + usize::from(lane < n % lanes);
+            tokio::spawn(async move {
+                let mut replies = Vec::with_capacity(count);
+                for _ in 0..count {
+                    let started = Instant::now();
+                    let reply = get_uri(addr, &uri).await.expect("an answer");
+                    replies.push((reply, started.elapsed()));
+                }
+                replies
+            })
+        })
+        .collect();
+    let mut all = Vec::with_capacity(n);
+    for task in tasks {
+        all.extend(task.await.expect("lane finished"));
+    }
+    all
+}
+
 /// `GET path` over HTTP/1.1 to `addr`.
 pub async fn get(addr: SocketAddr, path: &str) -> Result<Reply, Error> {
     let request = Request::get(path)

@@ -93,6 +93,7 @@ pub mod mtls;
 pub mod netns;
 pub mod process;
 pub mod scale;
+pub mod stats;
 pub mod traffic;
 pub mod upstream;
 pub mod wait;
