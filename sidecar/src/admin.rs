@@ -113,6 +113,9 @@ impl Admin {
 }
 
 impl Handler for Admin {
+    // Scrapes and probes come seconds apart.
+    const POLLS_FOR_NEXT_REQUEST: bool = false;
+
     async fn handle(&self, request: Request<StreamedBody>, _peer: &Peer) -> Response<ProxyBody> {
         match request.uri().path() {
             "/live" => text(StatusCode::OK, "live\n"),

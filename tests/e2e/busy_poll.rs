@@ -396,3 +396,37 @@ async fn requests_spread_over_connections_further_apart_than_the_window_are_not_
         pool.connections
     );
 }
+
+#[tokio::test]
+async fn the_admin_listener_s_kept_alive_clients_are_not_polled_for() {
+    // A scraper or prober keeps its connection to the admin listener and
+    // comes back seconds later: polling after each answer would spend a
+    // window and count an arrival that is not traffic. Here a client
+    // 20 ms apart, which on the inbound listener is polled for (the
+    // tests above), gets nothing of it on the admin listener.
+    let (_app, sidecar) = started("admin-client-app", "50ms").await;
+    let before = spins(&sidecar).await;
+    let mut client = RawConnection::open(sidecar.admin).await;
+    for i in 0..REQUESTS {
+        if i > 0 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        client
+            .send(b"GET /live HTTP/1.1\r\nhost: localhost\r\n\r\n")
+            .await;
+        let response = client.read_response(Duration::from_secs(10)).await;
+        assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+    }
+    let after = spins(&sidecar).await;
+    let (polled, slept) = after.arrived_since(&before, Kind::NextRequest);
+    assert_eq!(
+        (polled, slept),
+        (0.0, 0.0),
+        "next requests on the admin listener counted as arrivals (polled, after sleeping)"
+    );
+    let spent = after.seconds - before.seconds;
+    assert_eq!(
+        spent, 0.0,
+        "{spent:.3} s spent polling for {REQUESTS} probes 20 ms apart on the admin listener"
+    );
+}

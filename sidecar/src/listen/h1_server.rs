@@ -102,6 +102,9 @@ pub struct Http1Limits {
     pub idle_timeout: Duration,
     /// Time from a head's first byte to its end.
     pub head_timeout: Duration,
+    /// With `--busy-poll`: whether the next request of a kept-alive client
+    /// is polled for (see [`crate::listen::server::Handler`]).
+    pub polls_for_next_request: bool,
 }
 
 /// Serves the connection `io` until it closes or needs hyper; see the
@@ -162,7 +165,9 @@ where
             }
             // `--busy-poll`: a client that sends its next request right
             // after our answer is read without a wake-up.
-            let awaiting = busy_poll::awaiting_next_request();
+            let awaiting = limits
+                .polls_for_next_request
+                .then(busy_poll::awaiting_next_request);
             let read = poll_fn(|cx| {
                 if !stopping && stop.poll_stopped(cx).is_ready() {
                     stopping = true;
@@ -183,7 +188,11 @@ where
             match read {
                 Some(Ok(read)) if read > 0 => drop(awaiting),
                 // Closed, idle, stopping or failed: nothing arrived.
-                _ => awaiting.cancel(),
+                _ => {
+                    if let Some(awaiting) = awaiting {
+                        awaiting.cancel();
+                    }
+                }
             }
             match read {
                 None | Some(Ok(0)) => return close(io).await,
@@ -1074,6 +1083,7 @@ mod tests {
             max_head: 8 * 1024,
             idle_timeout: Duration::from_secs(60),
             head_timeout: Duration::from_secs(2),
+            polls_for_next_request: true,
         };
         let task = tokio::spawn(async move {
             // Each answer counts as in flight until its body is sent, as the

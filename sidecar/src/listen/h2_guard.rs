@@ -354,6 +354,9 @@ pub struct H2Guard<T> {
     /// `--busy-poll`: held from a read that found nothing with no request
     /// in flight until a `HEADERS` frame arrives.
     awaiting: Option<busy_poll::Awaiting>,
+    /// Whether next requests are polled for at all (not on the admin
+    /// listener).
+    polls_for_next_requests: bool,
 }
 
 impl<T> Drop for H2Guard<T> {
@@ -387,13 +390,23 @@ impl<T> H2Guard<T> {
             in_flight,
             answered_after: 0,
             awaiting: None,
+            polls_for_next_requests: true,
         }
+    }
+
+    /// With `--busy-poll`: whether the client's next request is polled for
+    /// once every request is answered (see
+    /// [`crate::listen::server::Handler`]); yes unless told.
+    pub fn polls_for_next_requests(mut self, polls: bool) -> Self {
+        self.polls_for_next_requests = polls;
+        self
     }
 
     /// A read found nothing: with busy polling on and no request in
     /// flight, the connection now waits for its next request.
     fn nothing_to_read(&mut self, cx: &Context<'_>) {
         if self.awaiting.is_none()
+            && self.polls_for_next_requests
             && busy_poll::enabled()
             && self
                 .in_flight

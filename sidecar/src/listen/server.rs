@@ -87,6 +87,12 @@ pub trait Handler: Clone + Send + Sync + 'static {
         let _ = identity;
         true
     }
+
+    /// With `--busy-poll`: whether a kept-alive client's next request is
+    /// polled for after each answer. The proxy listeners say yes; the
+    /// admin listener no (scrapes and probes come seconds apart: polling
+    /// after each would only spend a window and count a miss).
+    const POLLS_FOR_NEXT_REQUEST: bool = true;
 }
 
 /// What a listener does besides HTTP: transparent interception, and the
@@ -404,7 +410,8 @@ impl<H: Handler> Shared<H> {
                 self.protocols.h2_frames,
                 Arc::clone(&tripped),
                 Arc::clone(&in_flight),
-            );
+            )
+            .polls_for_next_requests(H::POLLS_FOR_NEXT_REQUEST);
             let connection = self
                 .protocols
                 .http2
@@ -432,6 +439,7 @@ impl<H: Handler> Shared<H> {
             max_head: self.guard.max_head,
             idle_timeout: self.guard.idle_timeout,
             head_timeout: self.guard.head_timeout,
+            polls_for_next_request: H::POLLS_FOR_NEXT_REQUEST,
         };
         let served = h1_server::serve(
             io,

@@ -50,6 +50,9 @@ impl Redirect {
 }
 
 impl Handler for Redirect {
+    // A redirected client goes on over HTTPS, not on this connection.
+    const POLLS_FOR_NEXT_REQUEST: bool = false;
+
     async fn handle(&self, request: Request<StreamedBody>, _peer: &Peer) -> Response<ProxyBody> {
         let location = self
             .location(&request)
