@@ -430,3 +430,25 @@ async fn the_admin_listener_s_kept_alive_clients_are_not_polled_for() {
         "{spent:.3} s spent polling for {REQUESTS} probes 20 ms apart on the admin listener"
     );
 }
+
+#[tokio::test]
+async fn a_failed_forward_is_not_counted_as_a_response() {
+    // With the app gone every forward fails (connection refused, a 502):
+    // no response arrived, so none is counted and no wait is averaged.
+    let (app, sidecar) = started("gone-app", "50ms").await;
+    app.kill();
+    let before = spins(&sidecar).await;
+    for i in 0..REQUESTS {
+        let reply = meshlet_e2e::client::get(sidecar.inbound, "/")
+            .await
+            .unwrap_or_else(|e| panic!("request {i}: no answer from the sidecar: {e}"));
+        assert_eq!(reply.status, 502, "request {i}: {reply:?}");
+    }
+    let after = spins(&sidecar).await;
+    let (polled, slept) = after.arrived_since(&before, Kind::Response);
+    assert_eq!(
+        (polled, slept),
+        (0.0, 0.0),
+        "failed forwards counted as response arrivals (polled, after sleeping)"
+    );
+}

@@ -209,7 +209,12 @@ impl<'a> Send<'a> {
                     .pool
                     .dispatch(request, deadline.map(|(at, _)| at))
                     .await;
-                drop(awaiting);
+                // A failure (refused, reset, timed out) is not a response:
+                // neither the average wait nor the arrivals count it.
+                match &sent {
+                    Ok(_) => drop(awaiting),
+                    Err(_) => awaiting.cancel(),
+                }
                 match self.record(sent, endpoint, permit, deadline) {
                     Sent::Answered(response, stream) => {
                         let idle = self.idle_timeout;
