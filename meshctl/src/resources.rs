@@ -265,7 +265,9 @@ pub fn would_refuse_text(rate: &WouldRefuseRate) -> String {
     };
     let window = if covered == 60.0 {
         "the last minute".to_owned()
-    } else if covered >= 1.0 {
+    } else if covered >= 10.0 {
+        // Whole seconds: the rate times the window is still the count
+        // within 5 %. Below 10 s a rounded second would be up to 40 % off.
         format!("the last {covered:.0}s")
     } else {
         format!("the last {covered:.1}s")
@@ -570,6 +572,18 @@ mod would_refuse_tests {
             "{text}"
         );
         assert!(text.contains("dry run"), "{text}");
+        // Within the first seconds the window keeps a decimal: 14.3/s over
+        // "1s" would say 14 were refused instead of 20.
+        info.would_refuse = Some(WouldRefuseRate {
+            per_second: 20.0 / 1.4,
+            rate_window_secs: 1.4,
+            total: 20,
+        });
+        let text = describe_resource_text(&info, 0);
+        assert!(
+            text.contains("\nWould refuse:  14.3/s over the last 1.4s, 20 in the last 5m\n"),
+            "{text}"
+        );
         info.would_refuse = None;
         assert!(!describe_resource_text(&info, 0).contains("Would refuse"));
     }

@@ -121,9 +121,14 @@ async fn killed_endpoint_costs_at_most_the_in_flight_requests() {
         worker.await.unwrap();
     }
     let failed = failed.load(Ordering::SeqCst);
+    // The requests in flight at the kill may fail, and at most one more
+    // per worker: one written to a pooled connection the kill had closed
+    // before the sidecar saw it close (sent, so not retried without a
+    // policy).
     assert!(
-        failed <= WORKERS,
-        "{failed} requests failed; at most the {WORKERS} in flight may"
+        failed <= 2 * WORKERS,
+        "{failed} requests failed; at most the {WORKERS} in flight and {WORKERS} on closed \
+         pooled connections may"
     );
     assert_eq!(ok.load(Ordering::SeqCst) + failed, WORKERS * PER_WORKER);
     assert_eq!(

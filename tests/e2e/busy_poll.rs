@@ -350,23 +350,24 @@ async fn a_client_that_pauses_longer_than_the_window_is_not_polled_for() {
 #[tokio::test]
 async fn requests_spread_over_connections_are_polled_for_when_they_come_within_the_window() {
     // A client at a fixed rate over a pool: 8 connections in turn, one
-    // request every 20 ms. Each connection waits ~160 ms for its next
-    // request, beyond the 30 ms window, but the sidecar receives one every
-    // 20 ms, within it: the next request on any connection is what a spin
-    // catches, so from the second round on (a connection's first request
-    // is read with it) it polls through the pauses (~460 ms of 620).
-    // Counting each connection's own wait would stop after a few (~200 ms).
+    // request every 10 ms. Each connection waits ~80 ms for its next
+    // request, beyond the 50 ms window, but the sidecar receives one every
+    // 10 ms, well within it (a late wake-up of the client on a busy
+    // machine stays within it too): the next request on any connection is
+    // what a spin catches, so from the second round on (a connection's
+    // first request is read with it) it polls through the pauses (~230 ms
+    // of 310). Counting each connection's own wait would never poll.
     let pool = Pool {
         requests: 32,
         connections: 8,
-        pause: Duration::from_millis(20),
+        pause: Duration::from_millis(10),
     };
     let (spent, _, _) =
-        polled_over_kept_alive_requests("pooled-client-app", "30ms", &pool, false).await;
+        polled_over_kept_alive_requests("pooled-client-app", "50ms", &pool, false).await;
     assert!(
         spent >= pool.pauses() / 2.0,
-        "{spent:.3} s spent polling over {} requests 20 ms apart on {} kept-alive \
-         connections in turn (window 30 ms, {:.3} s of pauses): the sidecar slept between \
+        "{spent:.3} s spent polling over {} requests 10 ms apart on {} kept-alive \
+         connections in turn (window 50 ms, {:.3} s of pauses): the sidecar slept between \
          requests that came within the window of each other",
         pool.requests,
         pool.connections,

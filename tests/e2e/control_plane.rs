@@ -283,7 +283,7 @@ async fn instances_register_expire_after_kill_and_follow_their_health() {
     frontend.sidecar.wait_ready(Duration::from_secs(5)).await;
 
     // Traffic through the frontend's sidecar reaches all three.
-    call_many(&frontend.sidecar, "orders", 30).await;
+    call_many(&frontend.sidecar, "orders", 60).await;
     for instance in &orders {
         assert!(
             instance.app.requests() > 0,
@@ -322,7 +322,7 @@ async fn instances_register_expire_after_kill_and_follow_their_health() {
     println!("unhealthy instance removed from every sidecar after {took:?}");
     orders[0].app.set_healthy(true);
     converged(&sidecars, "orders", &all_orders, Duration::from_secs(2)).await;
-    call_many(&frontend.sidecar, "orders", 30).await;
+    call_many(&frontend.sidecar, "orders", 60).await;
     assert!(
         orders[0].app.requests() > before,
         "healthy again, gets traffic"
@@ -595,7 +595,7 @@ async fn sigterm_deregisters_at_once_and_pushes_keep_connections() {
     let slow = {
         let outbound = frontend.sidecar.outbound;
         tokio::spawn(async move {
-            client::get_uri(outbound, "http://orders/slow?ms=4000")
+            client::get_uri(outbound, "http://orders/slow?ms=8000")
                 .await
                 .expect("slow answer")
         })
@@ -607,7 +607,7 @@ async fn sigterm_deregisters_at_once_and_pushes_keep_connections() {
     );
     let reply = slow.await.unwrap();
     assert_eq!(reply.status, 200, "{}", reply.text());
-    call_many(&frontend.sidecar, "orders", 30).await;
+    call_many(&frontend.sidecar, "orders", 60).await;
     for (instance, before) in orders.iter().zip(&pooled) {
         // One more connection at most: the slow request held one busy.
         assert!(

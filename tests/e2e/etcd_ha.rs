@@ -20,7 +20,9 @@
 //!   replica that returns still tells every sidecar the dead instance is
 //!   gone, and the living ones (registered again) lose no request;
 //! - a SIGKILLed sidecar's instance leaves every replica's registry within
-//!   TTL + 1 s (its etcd lease ends, no replica is a leader);
+//!   TTL + 2 s (its etcd lease ends, no replica is a leader; etcd looks for
+//!   expired leases every 500 ms, then commits the revoke on three members
+//!   sharing one disk);
 //! - one etcd member down: applies work; two down: an apply fails quickly
 //!   with a clear error, sidecars keep routing; members back: nothing
 //!   lost, applies work again;
@@ -240,7 +242,7 @@ async fn a_change_through_one_replica_reaches_sidecars_of_the_others_within_a_se
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_killed_sidecar_leaves_every_replica_within_ttl_plus_a_second() {
+async fn a_killed_sidecar_leaves_every_replica_within_ttl_plus_two_seconds() {
     let etcd = EtcdCluster::start(3).await;
     let dir = TempDir::new();
     let cps = replicas(&dir, &etcd, "/mesh-b").await;
@@ -260,7 +262,7 @@ async fn a_killed_sidecar_leaves_every_replica_within_ttl_plus_a_second() {
     .await;
     orders.signal(nix::sys::signal::Signal::SIGKILL);
     let killed = Instant::now();
-    let gone = wait::within(TTL + Duration::from_secs(1), || async {
+    let gone = wait::within(TTL + Duration::from_secs(2), || async {
         for cp in &cps {
             if !instance_ids(cp, "orders").await.is_empty() {
                 return None;
@@ -269,6 +271,10 @@ async fn a_killed_sidecar_leaves_every_replica_within_ttl_plus_a_second() {
         Some(())
     })
     .await;
+    eprintln!(
+        "killed sidecar's instance gone from every replica: {gone:?}, {:?} after the SIGKILL",
+        killed.elapsed()
+    );
     let mut left = Vec::new();
     for cp in &cps {
         left.push(instance_ids(cp, "orders").await);

@@ -156,15 +156,22 @@ async fn sidecars_fail_over_to_the_next_replica_and_resume_without_a_snapshot() 
     a.kill9().await;
     let b = ControlPlaneProcess::start_at(b_addr, &data, &args).await;
     let b_serving = Instant::now();
+    // The sidecars' backoff between failed replicas grows with the time
+    // they found none (200 ms doubling every second failure, at most 5 s):
+    // it stays below the time without a replica, so they find B within
+    // that time plus a second, and within 2 s when B came back at once.
+    let down = b_serving - killed;
+    let patience =
+        (down + Duration::from_secs(1)).clamp(Duration::from_secs(2), Duration::from_secs(6));
     for sidecar in sidecars {
-        let watching_b = wait::within(Duration::from_secs(2), || async {
+        let watching_b = wait::within(patience, || async {
             let status = control_status(sidecar).await;
             (status["current"] == b.url() && status["connected"] == true).then_some(())
         })
         .await;
         assert!(
             watching_b.is_some(),
-            "not watching B 2 s after it started serving: {}\n{}",
+            "not watching B {patience:?} after it started serving ({down:?} after the kill): {}\n{}",
             control_status(sidecar).await,
             sidecar.log_text()
         );

@@ -48,42 +48,51 @@ async fn a_200ms_delay_at_50_percent_slows_about_half_the_requests() {
         );
     let (_frontend, sidecar) = standalone("frontend", &config).await;
 
-    // Outside the match: never delayed (the baseline).
+    // Outside the match: never delayed (the baseline). The sidecar's own
+    // count says so exactly; the caller's clock only roughly (a stalled
+    // machine slows every request in flight at once).
     let baseline = client::get_many(sidecar.outbound, "http://orders/other/1", 100, 20).await;
     let slow_baseline = baseline
         .iter()
         .filter(|(_, took)| *took >= Duration::from_millis(200))
         .count();
-    let n = 400;
-    let replies = client::get_many(sidecar.outbound, "http://orders/api/items", n, 40).await;
+    let delays = |scrape: Scrape| {
+        scrape.sum(
+            "meshlet_faults_injected_total",
+            &[
+                ("policy", "orders-delay"),
+                ("kind", "delay"),
+                ("service", "orders"),
+            ],
+        )
+    };
+    let injected_outside = delays(Scrape::of(sidecar.admin).await);
+    let n = 800;
+    let replies = client::get_many(sidecar.outbound, "http://orders/api/items", n, 80).await;
     assert!(replies.iter().all(|(r, _)| r.status == 200));
     let slowed = replies
         .iter()
         .filter(|(_, took)| *took >= Duration::from_millis(200))
         .count();
-    let scrape = Scrape::of(sidecar.admin).await;
-    let injected = scrape.sum(
-        "meshlet_faults_injected_total",
-        &[
-            ("policy", "orders-delay"),
-            ("kind", "delay"),
-            ("service", "orders"),
-        ],
-    );
+    let injected = delays(Scrape::of(sidecar.admin).await) as usize;
     println!(
         "delay 200ms at 50%: {slowed} of {n} took ≥ 200 ms ({injected} delays injected); baseline: {slow_baseline} of 100"
     );
-    assert_eq!(slow_baseline, 0, "unmatched requests are not delayed");
-    // sigma = 10: 4.5 sigma either side.
+    assert_eq!(injected_outside, 0.0, "unmatched requests are not delayed");
     assert!(
-        stats::within_sigmas(slowed, n, 0.5, 4.5),
-        "{slowed} of {n} slowed"
+        slow_baseline <= 5,
+        "{slow_baseline} of 100 unmatched requests took ≥ 200 ms"
     );
-    // Every delayed request was slowed by at least the delay; a request
-    // not delayed is not that slow (the baseline) — at most a stray one
-    // under load.
+    // The draws: sigma = 14 of 800, 5 sigmas either side (41 %–59 %).
     assert!(
-        (injected as usize) <= slowed && slowed <= injected as usize + 2,
+        stats::within_sigmas(injected, n, 0.5, 5.0),
+        "{injected} of {n} delayed"
+    );
+    // Every delayed request was slowed by at least the delay, as its
+    // caller sees it; a request not delayed is not that slow, but for a
+    // few caught in a stall of a shared machine.
+    assert!(
+        injected <= slowed && slowed <= injected + n / 50,
         "{slowed} slowed, {injected} delays injected"
     );
     assert_eq!(

@@ -425,14 +425,16 @@ async fn breaker_opens_after_5_failures_refuses_fast_then_half_opens_and_closes(
         median(latencies.clone()),
         latencies.iter().max().unwrap()
     );
-    // Measured by the client, connection set-up included; the sidecar's
-    // own refusal takes microseconds (see the printed median).
+    // Measured by the client, connection set-up to the sidecar process
+    // included; the sidecar's own refusal takes microseconds (see the
+    // printed median). The bounds are far above what a shared 2-core CI
+    // machine adds, and far below any wait on an upstream or a timeout.
     assert!(
-        median(latencies.clone()) < Duration::from_millis(2),
+        median(latencies.clone()) < Duration::from_millis(20),
         "{latencies:?}"
     );
     assert!(
-        latencies.iter().all(|l| *l < Duration::from_millis(100)),
+        latencies.iter().all(|l| *l < Duration::from_millis(500)),
         "{latencies:?}"
     );
     assert_eq!(orders.requests(), seen, "the upstream saw none of them");
@@ -522,8 +524,9 @@ async fn retries_raise_the_success_rate_and_the_budget_caps_extra_load() {
     assert_eq!(reply.status, 500);
     assert_eq!(orders.requests(), 4, "POST tried once");
 
-    // 50% failing upstream, two tries: ~75% succeed.
-    let n = 400;
+    // 50% failing upstream, two tries: ~75% succeed (5 sigmas of 1000:
+    // 68 %–82 %; without retries it would be 50 %).
+    let n = 1000;
     let mut ok = 0;
     for _ in 0..n {
         if call(&sidecar, "http://orders/flaky?percent=50")
@@ -540,7 +543,10 @@ async fn retries_raise_the_success_rate_and_the_budget_caps_extra_load() {
         "50% failing upstream, attempts 2: {ok}/{n} succeeded ({:.1}%), upstream saw {upstream} requests",
         rate * 100.0
     );
-    assert!((0.65..=0.85).contains(&rate), "success rate {rate}");
+    assert!(
+        stats::within_sigmas(ok as usize, n as usize, 0.75, 5.0),
+        "success rate {rate}"
+    );
 
     // 100% failing upstream: the budget allows 20% + 1/s × 10 s.
     let before = orders.requests();

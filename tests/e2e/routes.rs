@@ -296,7 +296,8 @@ fn percentile(samples: &mut [Duration], p: f64) -> Duration {
 
 /// The same route with and without a mirror to a service that never
 /// answers, measured side by side in one run (alternating requests, one
-/// keep-alive connection each): the caller's p99 moves by less than 1 ms.
+/// keep-alive connection each): the caller's p50 and p99 stay within
+/// noise of the route without one, and no request waits for its copy.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hanging_mirror_does_not_slow_the_caller() {
     const REQUESTS: usize = 1000;
@@ -363,11 +364,28 @@ async fn a_hanging_mirror_does_not_slow_the_caller() {
         "copies did reach the hanging mirror"
     );
     assert!(skipped > 0.0, "beyond 64 in flight, copies are skipped");
+    // A caller that waited for its copy would wait the hour the mirror
+    // hangs; one slowed by the copies
+    // in flight would move the whole distribution. Each p99 is the 10th
+    // slowest of 1000 on a shared machine, so their gap alone is noise
+    // of a few ms: the bound is a ratio with a floor, and the worst
+    // request must stay far from a hang.
     assert!(
-        p99.0 < p99.1 + Duration::from_millis(1),
+        p99.0 <= p99.1 * 2 + Duration::from_millis(10),
         "p99 with a hanging mirror {:?}, without {:?}",
         p99.0,
         p99.1
+    );
+    let worst = with_times.iter().max().copied().unwrap_or_default();
+    assert!(
+        worst < Duration::from_secs(1),
+        "slowest request with a hanging mirror {worst:?}"
+    );
+    assert!(
+        p50.0 <= p50.1 * 2 + Duration::from_millis(1),
+        "p50 with a hanging mirror {:?}, without {:?}",
+        p50.0,
+        p50.1
     );
 }
 

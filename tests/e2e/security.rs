@@ -509,6 +509,15 @@ async fn a_thousand_slowloris_connections_do_not_slow_meshctl_down() {
     let dir = TempDir::new();
     let cp = control_plane(&dir).await;
     cp.apply(&dir.path, "policy.yaml", POLICY).await;
+    // Before the attack: what a `meshctl get services` costs on this
+    // machine (the process's start, TLS, the request), the best of three.
+    let mut unloaded = Duration::MAX;
+    for _ in 0..3 {
+        let started = Instant::now();
+        let out = meshctl(&cp, &["get", "services"]).await;
+        assert!(out.success(), "{out:?}");
+        unloaded = unloaded.min(started.elapsed());
+    }
     let access = CpAccess::clone(&cp);
     let attack = tokio::spawn(async move { slowloris(&access, 1000).await });
     // Measure while the crowd is growing and once it is all there.
@@ -533,7 +542,11 @@ async fn a_thousand_slowloris_connections_do_not_slow_meshctl_down() {
         assert!(out.success(), "{out:?}");
         worst = worst.max(took);
     }
-    println!("slowest meshctl get services: {worst:?}");
-    assert!(worst < Duration::from_secs(1), "meshctl took {worst:?}");
+    println!("slowest meshctl get services: {worst:?} (before the attack: {unloaded:?})");
+    // Starved by the crowd, a request would wait for the header read
+    // timeout (seconds) or a free connection slot; a shared CI machine
+    // slows a process start by a multiple of its unloaded time.
+    let bound = Duration::from_secs(1).max(unloaded * 5);
+    assert!(worst < bound, "meshctl took {worst:?} (bound {bound:?})");
     drop(held);
 }
