@@ -46,7 +46,18 @@ command -v etcd >/dev/null || need_apt+=(etcd-server etcd-client)
 if ((${#need_apt[@]})); then
     step "installing ${need_apt[*]}"
     export DEBIAN_FRONTEND=noninteractive
-    apt-get update -qq && apt-get install -y -qq "${need_apt[@]}" >/dev/null
+    # The suite needs these packages' programs, not their daemons: nginx,
+    # prometheus and etcd would otherwise start as services and load the
+    # machine while timing-sensitive tests run. A policy-rc.d saying no
+    # (exit 101) keeps them stopped, for this install only.
+    rc_policy=
+    if [[ ! -e /usr/sbin/policy-rc.d ]]; then
+        printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d && chmod +x /usr/sbin/policy-rc.d && rc_policy=1
+    fi
+    apt_status=0
+    { apt-get update -qq && apt-get install -y -qq "${need_apt[@]}" >/dev/null; } || apt_status=$?
+    [[ -z $rc_policy ]] || rm -f /usr/sbin/policy-rc.d
+    ((apt_status == 0)) || exit "$apt_status"
 fi
 
 # Kubernetes manifest checks (tests/e2e/manifests.rs): strict schema

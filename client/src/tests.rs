@@ -133,7 +133,9 @@ async fn an_unresolvable_authority_is_a_resolve_error() {
 async fn send_returns_at_the_head_and_fetch_times_out_on_a_stalled_body() {
     // The head promises 10 bytes; 2 arrive, then nothing.
     const STALLED: &[u8] = b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nhi";
-    let client = Client::new().timeout(Duration::from_millis(300));
+    // Long enough for connect and head on a busy machine; the stalled body
+    // (the server lingers 30 s) is what times out.
+    let client = Client::new().timeout(Duration::from_secs(2));
 
     let (authority, _head) = serve_once(STALLED, Duration::from_secs(30)).await;
     let response = client.send(&authority, get(&authority, "/")).await.unwrap();

@@ -537,14 +537,13 @@ mod tests {
 
     #[tokio::test]
     async fn several_unreachable_servers_are_each_named_with_their_cause() {
-        let port = || {
-            std::net::TcpListener::bind("127.0.0.1:0")
-                .unwrap()
-                .local_addr()
-                .unwrap()
-                .port()
-        };
-        let (a, b) = (port(), port());
+        // Two free ports, both bound while the second is chosen (else the
+        // kernel may hand out the first again), then closed: refused.
+        let bind = || std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let (first, second) = (bind(), bind());
+        let port = |l: &std::net::TcpListener| l.local_addr().unwrap().port();
+        let (a, b) = (port(&first), port(&second));
+        drop((first, second));
         let dir = std::env::temp_dir().join(format!("meshctl-ca2-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let ca = dir.join("ca.crt");

@@ -1266,6 +1266,10 @@ mod tests {
         .await;
         let dir = tempfile::tempdir().unwrap();
         let client = client_for(&authority, dir.path());
+        // Confirm after 2 s + 1 s: the push that ends the hold comes 300 ms
+        // after the empty one, so a busy machine cannot let the
+        // confirmation come first.
+        client.heartbeat_ms.store(2000, Ordering::Relaxed);
         let (_stop, stopped) = watch::channel(false);
         client.spawn_watch(MeshState::default(), stopped);
         eventually("the empty push held", || {
@@ -1280,7 +1284,7 @@ mod tests {
         assert!(has_orders(&client));
         // No resync was needed: past the confirmation delay, still one
         // connection and orders still there.
-        tokio::time::sleep(Duration::from_millis(1500)).await;
+        tokio::time::sleep(Duration::from_millis(3500)).await;
         assert_eq!(seen.lock().unwrap().len(), 1);
         assert!(has_orders(&client));
     }

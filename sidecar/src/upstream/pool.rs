@@ -1608,11 +1608,13 @@ mod tests {
     #[tokio::test]
     async fn a_dropped_syn_to_an_answering_app_is_sent_again_before_the_kernel_would() {
         // Five requests at once to an app that answers one connection at a
-        // time every 30 ms with `connection: close`: the kernel drops the
+        // time every 10 ms with `connection: close`: the kernel drops the
         // SYNs that find its queue (two) full and would send them again
         // only after 1 s, past the requests' 900 ms deadline; the connect
-        // timeout (5 s) is not what ends them.
-        let addr = closing_app(std::time::Duration::from_millis(30)).await;
+        // timeout (5 s) is not what ends them. Restarted at 50 ms, they
+        // are answered within ~100 ms: the deadline leaves a busy machine
+        // most of a second.
+        let addr = closing_app(std::time::Duration::from_millis(10)).await;
         let limits = Limits {
             connect_timeout: std::time::Duration::from_secs(5),
             ..Limits::default()
@@ -2045,7 +2047,10 @@ mod tests {
         };
         eventually("the request queued", || pool.h2.queue.is_waiting()).await;
         stalled[0].abort();
-        let answered = tokio::time::timeout(std::time::Duration::from_millis(500), waiting).await;
+        // Woken at once it is answered within milliseconds; left to the
+        // tick, ~1 s after it queued. 800 ms tells the two apart with room
+        // for a busy machine.
+        let answered = tokio::time::timeout(std::time::Duration::from_millis(800), waiting).await;
         assert!(
             matches!(&answered, Ok(Ok(body)) if body == "ok"),
             "the slot given up woke nobody: {answered:?} (a waiter looks again after 1 s)"
