@@ -50,13 +50,20 @@ if ((${#need_apt[@]})); then
     # prometheus and etcd would otherwise start as services and load the
     # machine while timing-sensitive tests run. A policy-rc.d saying no
     # (exit 101) keeps them stopped, for this install only.
+    # (The services stay enabled: a reboot starts them.)
     rc_policy=
+    trap '[[ -z $rc_policy ]] || rm -f /usr/sbin/policy-rc.d' EXIT
+    trap 'exit 130' INT TERM
     if [[ ! -e /usr/sbin/policy-rc.d ]]; then
-        printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d && chmod +x /usr/sbin/policy-rc.d && rc_policy=1
+        rc_policy=1
+        printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d
+        chmod +x /usr/sbin/policy-rc.d
     fi
     apt_status=0
     { apt-get update -qq && apt-get install -y -qq "${need_apt[@]}" >/dev/null; } || apt_status=$?
     [[ -z $rc_policy ]] || rm -f /usr/sbin/policy-rc.d
+    rc_policy=
+    trap - EXIT INT TERM
     ((apt_status == 0)) || exit "$apt_status"
 fi
 

@@ -267,7 +267,8 @@ pub fn would_refuse_text(rate: &WouldRefuseRate) -> String {
         "the last minute".to_owned()
     } else if covered >= 10.0 {
         // Whole seconds: the rate times the window is still the count
-        // within 5 %. Below 10 s a rounded second would be up to 40 % off.
+        // within 5 %. Below 10 s a rounded second would be up to a third
+        // off (1.5 s shown as 1s or 2s).
         format!("the last {covered:.0}s")
     } else {
         format!("the last {covered:.1}s")

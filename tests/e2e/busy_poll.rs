@@ -453,3 +453,38 @@ async fn a_failed_forward_is_not_counted_as_a_response() {
         "failed forwards counted as response arrivals (polled, after sleeping)"
     );
 }
+
+#[tokio::test]
+async fn a_forward_abandoned_by_its_client_is_not_counted_as_a_response() {
+    // The client asks for a 1 s answer and goes away after the app got the
+    // request: the sidecar drops the forward, and no response arrived.
+    let (app, sidecar) = started("abandoned-app", "50ms").await;
+    let before = spins(&sidecar).await;
+    let mut client = RawConnection::open(sidecar.inbound).await;
+    client
+        .send(b"GET /slow?ms=1000 HTTP/1.1\r\nhost: localhost\r\n\r\n")
+        .await;
+    meshlet_e2e::wait::until(
+        "the app has the request",
+        Duration::from_secs(10),
+        || async { (app.requests() == 1).then_some(()) },
+    )
+    .await;
+    drop(client);
+    // The sidecar saw the client go: its connection is closed, the
+    // forward with it.
+    Scrape::wait_for(
+        sidecar.admin,
+        "active_connections",
+        &[("direction", "inbound")],
+        0.0,
+    )
+    .await;
+    let after = spins(&sidecar).await;
+    let (polled, slept) = after.arrived_since(&before, Kind::Response);
+    assert_eq!(
+        (polled, slept),
+        (0.0, 0.0),
+        "an abandoned forward counted as a response arrival (polled, after sleeping)"
+    );
+}

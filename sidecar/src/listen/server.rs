@@ -89,9 +89,11 @@ pub trait Handler: Clone + Send + Sync + 'static {
     }
 
     /// With `--busy-poll`: whether a kept-alive client's next request is
-    /// polled for after each answer. The proxy listeners say yes; the
-    /// admin listener no (scrapes and probes come seconds apart: polling
-    /// after each would only spend a window and count a miss).
+    /// polled for after each answer. The proxy listeners (and the
+    /// gateway) say yes; the admin listener no (scrapes and probes come
+    /// seconds apart: polling after each would only spend a window and
+    /// count a miss), nor the gateway's HTTPS redirect (its client goes
+    /// on over HTTPS).
     const POLLS_FOR_NEXT_REQUEST: bool = true;
 }
 

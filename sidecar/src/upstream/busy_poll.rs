@@ -49,14 +49,17 @@
 //! window (the averages start just above it): a pool of new connections
 //! that stay quiet costs no spin at all.
 //!
-//! How: one spinner task per process ([`start`]). The forwarder holds an
-//! [`Awaiting`] guard from sending a request until its response head (or
-//! failure) arrives ([`awaiting_response`]), the HTTP/1.1 server one while
+//! How: one spinner task per process ([`start`]). The forwarder holds a
+//! guard from sending a request until its response head arrives
+//! ([`awaiting_response`]; a failed or abandoned forward cancels it), the
+//! HTTP/1.1 server one while
 //! a kept-alive connection reads for its next request, and
 //! `listen::h2_guard` one on an HTTP/2 connection from a read that found
 //! nothing with no request in flight until the next `HEADERS` frame
 //! ([`awaiting_next_request`]; a connection that closes instead cancels
-//! its guard, [`Awaiting::cancel`]: no arrival to count);
+//! its guard, [`Awaiting::cancel`]: no arrival to count). Only the proxy
+//! listeners await next requests: the admin listener's scrapes and probes
+//! and the gateway's HTTPS redirect do not (`Handler::POLLS_FOR_NEXT_REQUEST`);
 //! creating one wakes the spinner if it
 //! sleeps. The spinner yields to the runtime in a loop; tokio's
 //! current-thread scheduler, holding a yielded task, polls its I/O driver
@@ -202,10 +205,34 @@ pub fn enabled() -> bool {
     STARTED.get().is_some()
 }
 
-/// Marks one request as waiting for its response head until the guard is
-/// dropped; wakes the spinner if it sleeps and spinning is worth it.
-pub fn awaiting_response() -> Awaiting {
-    awaiting(Wait::Response)
+/// Marks one request as waiting for its response head until
+/// [`ResponseAwaited::arrived`]; wakes the spinner if it sleeps and
+/// spinning is worth it. Dropped without it (the send failed, or the
+/// client went away and the forward was dropped), the wait is cancelled.
+pub fn awaiting_response() -> ResponseAwaited {
+    ResponseAwaited(Some(awaiting(Wait::Response)))
+}
+
+/// A request's wait for its response head: counts as an arrival only when
+/// told ([`ResponseAwaited::arrived`]); dropped otherwise, it cancels
+/// ([`Awaiting::cancel`]), so a failed or abandoned forward is neither an
+/// arrival nor a sample in the average.
+#[must_use = "the spinner polls only while the guard lives"]
+pub struct ResponseAwaited(Option<Awaiting>);
+
+impl ResponseAwaited {
+    /// The response head arrived.
+    pub fn arrived(mut self) {
+        drop(self.0.take());
+    }
+}
+
+impl Drop for ResponseAwaited {
+    fn drop(&mut self) {
+        if let Some(awaiting) = self.0.take() {
+            awaiting.cancel();
+        }
+    }
 }
 
 /// Marks one kept-alive client connection as waiting for its next request

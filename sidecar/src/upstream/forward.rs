@@ -210,10 +210,12 @@ impl<'a> Send<'a> {
                     .dispatch(request, deadline.map(|(at, _)| at))
                     .await;
                 // A failure (refused, reset, timed out) is not a response:
-                // neither the average wait nor the arrivals count it.
-                match &sent {
-                    Ok(_) => drop(awaiting),
-                    Err(_) => awaiting.cancel(),
+                // neither the average wait nor the arrivals count it (nor
+                // a forward dropped here because its client went away).
+                if sent.is_ok() {
+                    awaiting.arrived();
+                } else {
+                    drop(awaiting);
                 }
                 match self.record(sent, endpoint, permit, deadline) {
                     Sent::Answered(response, stream) => {
