@@ -550,41 +550,38 @@ mod would_refuse_tests {
         let mut info = ResourceInfo {
             resource,
             last_change: None,
-            would_refuse: Some(WouldRefuseRate {
-                per_second: 12.34,
-                rate_window_secs: 60.0,
-                total: 740,
-            }),
+            would_refuse: None,
         };
-        let text = describe_resource_text(&info, 0);
-        assert!(
-            text.contains("\nWould refuse:  12.3/s over the last minute, 740 in the last 5m\n"),
-            "{text}"
-        );
-        // Right after the start, the rate is over what the reports cover.
-        info.would_refuse = Some(WouldRefuseRate {
-            per_second: 2.0,
-            rate_window_secs: 10.0,
-            total: 20,
-        });
-        let text = describe_resource_text(&info, 0);
-        assert!(
-            text.contains("\nWould refuse:  2.0/s over the last 10s, 20 in the last 5m\n"),
-            "{text}"
-        );
-        assert!(text.contains("dry run"), "{text}");
-        // Within the first seconds the window keeps a decimal: 14.3/s over
-        // "1s" would say 14 were refused instead of 20.
-        info.would_refuse = Some(WouldRefuseRate {
-            per_second: 20.0 / 1.4,
-            rate_window_secs: 1.4,
-            total: 20,
-        });
-        let text = describe_resource_text(&info, 0);
-        assert!(
-            text.contains("\nWould refuse:  14.3/s over the last 1.4s, 20 in the last 5m\n"),
-            "{text}"
-        );
+        for (per_second, rate_window_secs, total, shown) in [
+            (
+                12.34,
+                60.0,
+                740,
+                "12.3/s over the last minute, 740 in the last 5m",
+            ),
+            // Right after the start, the rate is over what the reports cover.
+            (2.0, 10.0, 20, "2.0/s over the last 10s, 20 in the last 5m"),
+            // Within the first seconds the window keeps a decimal: 14.3/s
+            // over "1s" would say 14 were refused instead of 20.
+            (
+                20.0 / 1.4,
+                1.4,
+                20,
+                "14.3/s over the last 1.4s, 20 in the last 5m",
+            ),
+        ] {
+            info.would_refuse = Some(WouldRefuseRate {
+                per_second,
+                rate_window_secs,
+                total,
+            });
+            let text = describe_resource_text(&info, 0);
+            assert!(
+                text.contains(&format!("\nWould refuse:  {shown}\n")),
+                "{text}"
+            );
+            assert!(text.contains("dry run"), "{text}");
+        }
         info.would_refuse = None;
         assert!(!describe_resource_text(&info, 0).contains("Would refuse"));
     }
