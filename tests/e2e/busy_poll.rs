@@ -68,6 +68,16 @@ impl Spins {
         let (now, then) = (self.arrivals[kind as usize], before.arrivals[kind as usize]);
         (now[1] - then[1], now[0] - then[0])
     }
+
+    /// No arrival of `kind` since `before`, read while polling or after
+    /// sleeping; `what` says which ones would have been wrongly counted.
+    fn assert_none_arrived_since(&self, before: &Spins, kind: Kind, what: &str) {
+        assert_eq!(
+            self.arrived_since(before, kind),
+            (0.0, 0.0),
+            "{what} counted as arrivals (polled, after sleeping)"
+        );
+    }
 }
 
 #[derive(Clone, Copy)]
@@ -419,11 +429,10 @@ async fn the_admin_listener_s_kept_alive_clients_are_not_polled_for() {
         assert!(response.starts_with("HTTP/1.1 200"), "{response}");
     }
     let after = spins(&sidecar).await;
-    let (polled, slept) = after.arrived_since(&before, Kind::NextRequest);
-    assert_eq!(
-        (polled, slept),
-        (0.0, 0.0),
-        "next requests on the admin listener counted as arrivals (polled, after sleeping)"
+    after.assert_none_arrived_since(
+        &before,
+        Kind::NextRequest,
+        "next requests on the admin listener",
     );
     let spent = after.seconds - before.seconds;
     assert_eq!(
@@ -446,12 +455,7 @@ async fn a_failed_forward_is_not_counted_as_a_response() {
         assert_eq!(reply.status, 502, "request {i}: {reply:?}");
     }
     let after = spins(&sidecar).await;
-    let (polled, slept) = after.arrived_since(&before, Kind::Response);
-    assert_eq!(
-        (polled, slept),
-        (0.0, 0.0),
-        "failed forwards counted as response arrivals (polled, after sleeping)"
-    );
+    after.assert_none_arrived_since(&before, Kind::Response, "failed forwards");
 }
 
 #[tokio::test]
@@ -481,10 +485,5 @@ async fn a_forward_abandoned_by_its_client_is_not_counted_as_a_response() {
     )
     .await;
     let after = spins(&sidecar).await;
-    let (polled, slept) = after.arrived_since(&before, Kind::Response);
-    assert_eq!(
-        (polled, slept),
-        (0.0, 0.0),
-        "an abandoned forward counted as a response arrival (polled, after sleeping)"
-    );
+    after.assert_none_arrived_since(&before, Kind::Response, "an abandoned forward's response");
 }
